@@ -1,0 +1,43 @@
+//! Types shared by the eBPF probes and the agent. Everything here crosses the kernel boundary, so
+//! every struct is `#[repr(C)]` with explicit padding and a compile-time size/offset assert.
+#![cfg_attr(not(feature = "user"), no_std)]
+
+pub mod libc;
+pub mod loss;
+
+/// Names of the maps the probe defines; the agent looks them up by these names.
+pub mod map_names {
+    pub const PENDING: &str = "PENDING";
+    pub const LIVE: &str = "LIVE";
+    pub const SITES: &str = "SITES";
+    pub const STACKS: &str = "STACKS";
+    pub const LOST: &str = "LOST";
+    pub const OVERFLOW: &str = "OVERFLOW";
+    pub const EVENTS: &str = "EVENTS";
+}
+
+/// Names of the probe's global configuration variables (set with `EbpfLoader::override_global`).
+pub mod globals {
+    /// Process (tgid) traced; 0 traces every process the probes are attached to.
+    pub const TARGET_TGID: &str = "TARGET_TGID";
+    /// Bit set of [`crate::config`] flags.
+    pub const FLAGS: &str = "FLAGS";
+}
+
+pub mod config {
+    /// Capture user stacks with `bpf_get_stackid`.
+    pub const FLAG_STACKS: u32 = 1 << 0;
+}
+
+/// Default capacities; each is overridable on the command line.
+pub mod capacity {
+    pub const PENDING: u32 = 16_384;
+    pub const LIVE: u32 = 1 << 20;
+    pub const SITES: u32 = 65_536;
+    pub const STACKS: u32 = 16_384;
+    /// Ring buffer size in bytes (a power of two multiple of the page size).
+    pub const EVENTS_BYTES: u32 = 1 << 20;
+}
+
+/// Maximum user stack depth kept by the stack map (the kernel's limit is 127).
+pub const MAX_STACK_DEPTH: usize = 64;

@@ -1,0 +1,337 @@
+//! The libc allocation API: ids, probe cookies, and the map keys/values the probes fill.
+
+/// One libc allocation function. The discriminant is the id carried in probe cookies and keys.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(PartialOrd, Ord))]
+pub enum Api {
+    Malloc = 0,
+    Calloc = 1,
+    Realloc = 2,
+    Reallocarray = 3,
+    Free = 4,
+    PosixMemalign = 5,
+    AlignedAlloc = 6,
+    Memalign = 7,
+    Valloc = 8,
+    Pvalloc = 9,
+}
+
+pub const API_COUNT: usize = 10;
+
+/// Probe cookie: API id in the low byte, and in the next byte how many bytes the stack pointer
+/// has moved between the function's entry and the probed instruction (the probe may sit after
+/// `push` instructions; see `agent/src/target/placement.rs`). The return address of the call
+/// is at `[rsp + delta]`.
+pub mod cookie {
+    pub const fn encode(api: u32, sp_delta: u32) -> u64 {
+        (api as u64 & 0xff) | ((sp_delta as u64 & 0xff) << 8)
+    }
+    pub const fn api(cookie: u64) -> u32 {
+        (cookie & 0xff) as u32
+    }
+    pub const fn sp_delta(cookie: u64) -> u64 {
+        (cookie >> 8) & 0xff
+    }
+}
+
+/// A call in flight on one thread, keyed by `pid_tgid`. Set at the outermost API entry; while it
+/// exists, nested API entries on that thread (glibc's realloc calling malloc, memalign relaying to
+/// malloc, …) are libc's own and are not counted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pending {
+    /// Stack pointer at the function's entry (return address slot).
+    pub entry_sp: u64,
+    /// Requested size in bytes (for calloc/reallocarray the product, saturated).
+    pub size: u64,
+    /// realloc/reallocarray: the old pointer; posix_memalign: `memptr`.
+    pub arg_ptr: u64,
+    /// Return address of the call (the immediate caller).
+    pub ret_addr: u64,
+    pub stack_id: i32,
+    pub api: u32,
+}
+
+/// Per-site key: one row per (process, API, user stack, immediate caller).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(PartialOrd, Ord))]
+pub struct SiteKey {
+    pub tgid: u32,
+    pub api: u32,
+    /// Stack map id, or a negative value when no stack was captured (see [`NO_STACK`]).
+    pub stack_id: i32,
+    pub _pad: u32,
+    pub ret_addr: u64,
+}
+
+/// `stack_id` when stacks are disabled or the capture failed (the loss is counted).
+pub const NO_STACK: i32 = -1;
+
+/// Per-site counters, per CPU; the agent sums the CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SiteStats {
+    /// Calls made (successful or not).
+    pub calls: u64,
+    /// Bytes requested by those calls.
+    pub bytes: u64,
+    /// Calls that returned NULL / an error.
+    pub failed: u64,
+    /// Allocations from this site entered into the live table.
+    pub tracked: u64,
+    pub tracked_bytes: u64,
+    /// Of those, how many were freed (or moved by realloc) since, and their bytes.
+    pub freed: u64,
+    pub freed_bytes: u64,
+}
+
+/// Key of the live-allocation table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LiveKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub addr: u64,
+}
+
+/// An outstanding allocation: enough to find its site again and age it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LiveAlloc {
+    pub size: u64,
+    /// `bpf_ktime_get_ns()` at allocation (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    pub site: SiteKey,
+}
+
+/// Per-API totals of calls that could not get a site row (site table full), per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Overflow {
+    pub calls: u64,
+    pub bytes: u64,
+}
+
+/// Kinds of ring-buffer records.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A site row was created: symbolize it while the process is alive.
+    NewSite = 1,
+}
+
+/// Common header of every ring-buffer record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    pub kind: u32,
+    pub tgid: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NewSiteEvent {
+    pub header: EventHeader,
+    pub site: SiteKey,
+}
+
+const _: () = {
+    use core::mem::{offset_of, size_of};
+    assert!(size_of::<Pending>() == 40);
+    assert!(offset_of!(Pending, stack_id) == 32);
+    assert!(offset_of!(Pending, api) == 36);
+    assert!(size_of::<SiteKey>() == 24);
+    assert!(offset_of!(SiteKey, stack_id) == 8);
+    assert!(offset_of!(SiteKey, ret_addr) == 16);
+    assert!(size_of::<SiteStats>() == 56);
+    assert!(offset_of!(SiteStats, freed_bytes) == 48);
+    assert!(size_of::<LiveKey>() == 16);
+    assert!(offset_of!(LiveKey, addr) == 8);
+    assert!(size_of::<LiveAlloc>() == 40);
+    assert!(offset_of!(LiveAlloc, site) == 16);
+    assert!(size_of::<Overflow>() == 16);
+    assert!(size_of::<EventHeader>() == 8);
+    assert!(size_of::<NewSiteEvent>() == 32);
+    assert!(offset_of!(NewSiteEvent, site) == 8);
+};
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: all of these are #[repr(C)] plain integers with explicit padding fields.
+    unsafe impl aya::Pod for Pending {}
+    unsafe impl aya::Pod for SiteKey {}
+    unsafe impl aya::Pod for SiteStats {}
+    unsafe impl aya::Pod for LiveKey {}
+    unsafe impl aya::Pod for LiveAlloc {}
+    unsafe impl aya::Pod for Overflow {}
+    unsafe impl aya::Pod for EventHeader {}
+    unsafe impl aya::Pod for NewSiteEvent {}
+
+    #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+    pub enum DecodeError {
+        #[error("unknown libc API id {0}")]
+        UnknownApi(u32),
+        #[error("unknown event kind {0}")]
+        UnknownKind(u32),
+        #[error("event record of {got} bytes, expected at least {want}")]
+        Short { got: usize, want: usize },
+    }
+
+    impl Api {
+        pub const ALL: [Api; API_COUNT] = [
+            Api::Malloc,
+            Api::Calloc,
+            Api::Realloc,
+            Api::Reallocarray,
+            Api::Free,
+            Api::PosixMemalign,
+            Api::AlignedAlloc,
+            Api::Memalign,
+            Api::Valloc,
+            Api::Pvalloc,
+        ];
+
+        /// The libc symbol, also the name used in JSON keys and metric labels.
+        pub const fn symbol(self) -> &'static str {
+            match self {
+                Api::Malloc => "malloc",
+                Api::Calloc => "calloc",
+                Api::Realloc => "realloc",
+                Api::Reallocarray => "reallocarray",
+                Api::Free => "free",
+                Api::PosixMemalign => "posix_memalign",
+                Api::AlignedAlloc => "aligned_alloc",
+                Api::Memalign => "memalign",
+                Api::Valloc => "valloc",
+                Api::Pvalloc => "pvalloc",
+            }
+        }
+
+        /// Whether the probe needs the return value (the new pointer) of this call.
+        pub const fn needs_return(self) -> bool {
+            !matches!(self, Api::Free)
+        }
+    }
+
+    impl TryFrom<u32> for Api {
+        type Error = DecodeError;
+        fn try_from(v: u32) -> Result<Self, Self::Error> {
+            Api::ALL
+                .get(v as usize)
+                .copied()
+                .ok_or(DecodeError::UnknownApi(v))
+        }
+    }
+
+    impl TryFrom<u32> for EventKind {
+        type Error = DecodeError;
+        fn try_from(v: u32) -> Result<Self, Self::Error> {
+            match v {
+                1 => Ok(EventKind::NewSite),
+                other => Err(DecodeError::UnknownKind(other)),
+            }
+        }
+    }
+
+    /// A decoded ring-buffer record.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Event {
+        NewSite(SiteKey),
+    }
+
+    impl TryFrom<&[u8]> for Event {
+        type Error = DecodeError;
+        fn try_from(buf: &[u8]) -> Result<Self, Self::Error> {
+            let header: EventHeader = read(buf)?;
+            match EventKind::try_from(header.kind)? {
+                EventKind::NewSite => {
+                    let ev: NewSiteEvent = read(buf)?;
+                    Api::try_from(ev.site.api)?;
+                    Ok(Event::NewSite(ev.site))
+                }
+            }
+        }
+    }
+
+    /// Copies a `T` out of the front of `buf` (ring-buffer records carry no alignment promise).
+    fn read<T: aya::Pod>(buf: &[u8]) -> Result<T, DecodeError> {
+        let want = size_of::<T>();
+        if buf.len() < want {
+            return Err(DecodeError::Short {
+                got: buf.len(),
+                want,
+            });
+        }
+        // SAFETY: T is Pod (any bit pattern is valid) and buf holds at least size_of::<T>() bytes.
+        Ok(unsafe { core::ptr::read_unaligned(buf.as_ptr().cast::<T>()) })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn bytes_of<T: aya::Pod>(v: &T) -> Vec<u8> {
+            // SAFETY: T is Pod, so viewing it as bytes is sound.
+            unsafe {
+                core::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()).to_vec()
+            }
+        }
+
+        #[test]
+        fn api_ids_round_trip() {
+            for api in Api::ALL {
+                assert_eq!(Api::try_from(api as u32), Ok(api));
+            }
+            assert_eq!(Api::try_from(10), Err(DecodeError::UnknownApi(10)));
+        }
+
+        #[test]
+        fn cookie_round_trip() {
+            let c = cookie::encode(Api::PosixMemalign as u32, 24);
+            assert_eq!(cookie::api(c), 5);
+            assert_eq!(cookie::sp_delta(c), 24);
+        }
+
+        #[test]
+        fn decodes_new_site() {
+            let site = SiteKey {
+                tgid: 42,
+                api: Api::Calloc as u32,
+                stack_id: 7,
+                _pad: 0,
+                ret_addr: 0xdead_beef,
+            };
+            let ev = NewSiteEvent {
+                header: EventHeader {
+                    kind: EventKind::NewSite as u32,
+                    tgid: 42,
+                },
+                site,
+            };
+            let buf = bytes_of(&ev);
+            assert_eq!(Event::try_from(buf.as_slice()), Ok(Event::NewSite(site)));
+            assert!(matches!(
+                Event::try_from(&buf[..12]),
+                Err(DecodeError::Short { got: 12, want: 32 })
+            ));
+            let mut bad = buf.clone();
+            bad[0] = 9;
+            assert_eq!(
+                Event::try_from(bad.as_slice()),
+                Err(DecodeError::UnknownKind(9))
+            );
+            let mut bad_api = buf;
+            bad_api[12] = 200;
+            assert_eq!(
+                Event::try_from(bad_api.as_slice()),
+                Err(DecodeError::UnknownApi(200))
+            );
+        }
+    }
+}
+#[cfg(feature = "user")]
+pub use user::{DecodeError, Event};

@@ -1,0 +1,71 @@
+//! Why events can be lost. Each cause has a slot in the `LOST` per-CPU array; the agent reports
+//! every non-zero slot, so nothing is dropped silently.
+
+/// Index into the `LOST` array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(PartialOrd, Ord))]
+pub enum LossCause {
+    /// The per-thread in-flight table was full: the call was not counted.
+    PendingFull = 0,
+    /// The live-allocation table was full: the allocation is counted but cannot be matched with
+    /// its free, so live bytes under-count.
+    LiveFull = 1,
+    /// The call-site table was full: the call is counted in the per-API overflow row without a
+    /// site.
+    SitesFull = 2,
+    /// `bpf_get_stackid` found another stack in the bucket (`-EEXIST`): the site keeps only its
+    /// immediate caller.
+    StackCollision = 3,
+    /// `bpf_get_stackid` failed for another reason (e.g. unreadable user memory).
+    StackError = 4,
+    /// The ring buffer had no room for a new-site notification: that site is symbolized late,
+    /// or not at all if the process is gone by then.
+    RingbufFull = 5,
+    /// A return probe fired without a matching entry (e.g. attached mid-call).
+    OrphanReturn = 6,
+}
+
+pub const LOSS_CAUSES: usize = 7;
+
+#[cfg(feature = "user")]
+mod user {
+    use super::LossCause;
+
+    impl LossCause {
+        pub const ALL: [LossCause; super::LOSS_CAUSES] = [
+            LossCause::PendingFull,
+            LossCause::LiveFull,
+            LossCause::SitesFull,
+            LossCause::StackCollision,
+            LossCause::StackError,
+            LossCause::RingbufFull,
+            LossCause::OrphanReturn,
+        ];
+
+        /// Stable name used in JSON and metrics labels.
+        pub const fn name(self) -> &'static str {
+            match self {
+                LossCause::PendingFull => "pending_full",
+                LossCause::LiveFull => "live_map_full",
+                LossCause::SitesFull => "site_map_full",
+                LossCause::StackCollision => "stack_collision",
+                LossCause::StackError => "stack_error",
+                LossCause::RingbufFull => "ringbuf_full",
+                LossCause::OrphanReturn => "orphan_return",
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn all_is_in_index_order() {
+            for (i, c) in LossCause::ALL.iter().enumerate() {
+                assert_eq!(*c as usize, i);
+            }
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! Uprobes on the libc allocation API.
+//!
+//! One entry program and one return program serve every function; the attach cookie says which
+//! function fired and how far the stack pointer moved before the probed instruction. Calls are
+//! counted at entry; the return probe only settles the outcome (new pointer, failure) and the
+//! live table, so a lost return never loses a count.
+
+use allocwatch_common::{
+    config::FLAG_STACKS,
+    libc::{Api, LiveAlloc, LiveKey, NO_STACK, Pending, SiteKey, cookie},
+    loss::LossCause,
+};
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_ANY, BPF_F_USER_STACK},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+        generated::bpf_get_attach_cookie,
+    },
+    macros::{uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext, tracing::StackIdContext as _},
+};
+
+use crate::maps::{FLAGS, LIVE, PENDING, STACKS, TARGET_TGID, count_call, lost, site_row};
+
+const EEXIST: i32 = -17;
+
+#[uprobe(multi)]
+pub fn libc_entry(ctx: ProbeContext) -> u32 {
+    on_entry(&ctx);
+    0
+}
+
+#[uretprobe(multi)]
+pub fn libc_return(ctx: RetProbeContext) -> u32 {
+    on_return(&ctx);
+    0
+}
+
+#[inline(always)]
+fn traced(tgid: u32) -> bool {
+    let target = TARGET_TGID.load();
+    target == 0 || target == tgid
+}
+
+#[inline(always)]
+fn on_entry(ctx: &ProbeContext) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if !traced(tgid) {
+        return;
+    }
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let api_id = cookie::api(cookie);
+    // SAFETY: regs points at the probed task's saved registers.
+    let regs = unsafe { &*ctx.regs };
+    let entry_sp = regs.rsp + cookie::sp_delta(cookie);
+
+    if let Some(p) = PENDING.get_ptr(&pid_tgid) {
+        // SAFETY: map value pointer from a successful lookup.
+        let outer_sp = unsafe { (*p).entry_sp };
+        if entry_sp < outer_sp {
+            // Called from inside an API call of this thread: libc's own relay, not the program's.
+            return;
+        }
+        // The outer call never returned (longjmp, attach mid-call): drop the stale marker.
+        lost(LossCause::OrphanReturn);
+    }
+
+    // SAFETY: reading the traced task's own stack; failure yields 0.
+    let ret_addr = unsafe { bpf_probe_read_user(entry_sp as *const u64) }.unwrap_or(0);
+    let stack_id = if FLAGS.load() & FLAG_STACKS != 0 {
+        match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
+            Ok(id) => id as i32,
+            Err(e) => {
+                lost(if e == EEXIST {
+                    LossCause::StackCollision
+                } else {
+                    LossCause::StackError
+                });
+                NO_STACK
+            }
+        }
+    } else {
+        NO_STACK
+    };
+
+    let a0: u64 = ctx.arg(0).unwrap_or(0);
+    let a1: u64 = ctx.arg(1).unwrap_or(0);
+    let a2: u64 = ctx.arg(2).unwrap_or(0);
+    let (size, arg_ptr) = match api_id {
+        x if x == Api::Malloc as u32 => (a0, 0),
+        x if x == Api::Calloc as u32 => (mul_sat(a0, a1), 0),
+        x if x == Api::Realloc as u32 => (a1, a0),
+        x if x == Api::Reallocarray as u32 => (mul_sat(a1, a2), a0),
+        x if x == Api::Free as u32 => (0, a0),
+        x if x == Api::PosixMemalign as u32 => (a2, a0),
+        x if x == Api::AlignedAlloc as u32 || x == Api::Memalign as u32 => (a1, 0),
+        x if x == Api::Valloc as u32 || x == Api::Pvalloc as u32 => (a0, 0),
+        _ => return,
+    };
+    let site = SiteKey {
+        tgid,
+        api: api_id,
+        stack_id,
+        _pad: 0,
+        ret_addr,
+    };
+
+    if api_id == Api::Free as u32 {
+        let freed = if arg_ptr != 0 { untrack(tgid, arg_ptr) } else { 0 };
+        count_call(&site, freed);
+        return;
+    }
+
+    count_call(&site, size);
+    let pending = Pending {
+        entry_sp,
+        size,
+        arg_ptr,
+        ret_addr,
+        stack_id,
+        api: api_id,
+    };
+    if PENDING.insert(&pid_tgid, &pending, BPF_ANY as u64).is_err() {
+        lost(LossCause::PendingFull);
+    }
+}
+
+#[inline(always)]
+fn on_return(ctx: &RetProbeContext) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if !traced(tgid) {
+        return;
+    }
+    let Some(p) = PENDING.get_ptr(&pid_tgid) else {
+        return;
+    };
+    // SAFETY: map value pointer from a successful lookup; copied before the delete.
+    let p: Pending = unsafe { *p };
+    // SAFETY: regs points at the task's registers after the `ret`.
+    let regs = unsafe { &*ctx.regs };
+    if regs.rsp != p.entry_sp + 8 {
+        // A nested libc-internal call returning inside the outer call.
+        return;
+    }
+    let _ = PENDING.remove(&pid_tgid);
+
+    let rv = regs.rax;
+    let api = p.api;
+    let new_ptr = if api == Api::PosixMemalign as u32 {
+        if rv as u32 == 0 {
+            // SAFETY: memptr was checked by libc before it returned 0.
+            unsafe { bpf_probe_read_user(p.arg_ptr as *const u64) }.unwrap_or(0)
+        } else {
+            0
+        }
+    } else {
+        rv
+    };
+    let site = SiteKey {
+        tgid,
+        api,
+        stack_id: p.stack_id,
+        _pad: 0,
+        ret_addr: p.ret_addr,
+    };
+
+    let is_realloc = api == Api::Realloc as u32 || api == Api::Reallocarray as u32;
+    if is_realloc && p.arg_ptr != 0 && (new_ptr != 0 || p.size == 0) {
+        // The old block is gone: moved, resized in place (same address, re-entered below), or
+        // freed by realloc(p, 0).
+        untrack(tgid, p.arg_ptr);
+    }
+    if new_ptr == 0 {
+        let freed_by_realloc = is_realloc && p.arg_ptr != 0 && p.size == 0;
+        if !freed_by_realloc && let Some(row) = site_row(&site) {
+            // SAFETY: per-CPU value of this CPU.
+            unsafe { (*row).failed += 1 };
+        }
+        return;
+    }
+    let key = LiveKey {
+        tgid,
+        _pad: 0,
+        addr: new_ptr,
+    };
+    let alloc = LiveAlloc {
+        size: p.size,
+        // SAFETY: plain helper call.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        site,
+    };
+    if LIVE.insert(&key, &alloc, BPF_ANY as u64).is_err() {
+        lost(LossCause::LiveFull);
+        return;
+    }
+    if let Some(row) = site_row(&site) {
+        // SAFETY: per-CPU value of this CPU.
+        unsafe {
+            (*row).tracked += 1;
+            (*row).tracked_bytes += p.size;
+        }
+    }
+}
+
+/// `a * b`, saturated. Written with 32-bit halves: LLVM turns the usual overflow checks into a
+/// 128-bit multiply (`__multi3`), which BPF lacks.
+#[inline(always)]
+fn mul_sat(a: u64, b: u64) -> u64 {
+    let (a_hi, a_lo, b_hi, b_lo) = (a >> 32, a & 0xffff_ffff, b >> 32, b & 0xffff_ffff);
+    if a_hi != 0 && b_hi != 0 {
+        return u64::MAX;
+    }
+    // At most one of the cross terms is non-zero, and it must fit in 32 bits.
+    let cross = a_hi * b_lo + a_lo * b_hi;
+    if cross > 0xffff_ffff {
+        return u64::MAX;
+    }
+    (cross << 32).saturating_add(a_lo * b_lo)
+}
+
+/// Removes `addr` from the live table and credits its site; returns its size (0 if unknown).
+#[inline(always)]
+fn untrack(tgid: u32, addr: u64) -> u64 {
+    let key = LiveKey {
+        tgid,
+        _pad: 0,
+        addr,
+    };
+    let Some(a) = LIVE.get_ptr(&key) else {
+        return 0;
+    };
+    // SAFETY: map value pointer from a successful lookup; copied before the delete.
+    let a: LiveAlloc = unsafe { *a };
+    if LIVE.remove(&key).is_err() {
+        // A concurrent free of the same pointer already took it.
+        return 0;
+    }
+    if let Some(row) = crate::maps::SITES.get_ptr_mut(&a.site) {
+        // SAFETY: per-CPU value of this CPU.
+        unsafe {
+            (*row).freed += 1;
+            (*row).freed_bytes += a.size;
+        }
+    }
+    a.size
+}

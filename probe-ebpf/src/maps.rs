@@ -1,0 +1,102 @@
+//! Every map and global of the probe, with the helpers that count into them.
+
+use allocwatch_common::{
+    capacity,
+    libc::{
+        API_COUNT, EventHeader, EventKind, LiveAlloc, LiveKey, NewSiteEvent, Overflow, Pending,
+        SiteKey, SiteStats,
+    },
+    loss::{LOSS_CAUSES, LossCause},
+};
+use aya_ebpf::{
+    Global,
+    bindings::BPF_NOEXIST,
+    macros::map,
+    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
+};
+
+/// Traced process (tgid); 0 = every process the probes are attached to.
+#[unsafe(no_mangle)]
+pub static TARGET_TGID: Global<u32> = Global::new(0);
+/// `allocwatch_common::config` flags.
+#[unsafe(no_mangle)]
+pub static FLAGS: Global<u32> = Global::new(0);
+
+#[map]
+pub static PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(capacity::PENDING, 0);
+#[map]
+pub static LIVE: HashMap<LiveKey, LiveAlloc> = HashMap::with_max_entries(capacity::LIVE, 0);
+#[map]
+pub static SITES: PerCpuHashMap<SiteKey, SiteStats> =
+    PerCpuHashMap::with_max_entries(capacity::SITES, 0);
+#[map]
+pub static STACKS: StackTrace = StackTrace::with_max_entries(capacity::STACKS, 0);
+#[map]
+pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_CAUSES as u32, 0);
+#[map]
+pub static OVERFLOW: PerCpuArray<Overflow> = PerCpuArray::with_max_entries(API_COUNT as u32, 0);
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
+
+#[inline(always)]
+pub fn lost(cause: LossCause) {
+    if let Some(slot) = LOST.get_ptr_mut(cause as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Finds or creates the row of `key`; a new row is announced on the ring buffer so the agent
+/// symbolizes it while the process is still alive. Returns `None` (counted) when the table is
+/// full; the call then lands in the per-API overflow row.
+#[inline(always)]
+pub fn site_row(key: &SiteKey) -> Option<*mut SiteStats> {
+    if let Some(row) = SITES.get_ptr_mut(key) {
+        return Some(row);
+    }
+    match SITES.insert(key, &SiteStats::default(), BPF_NOEXIST as u64) {
+        Ok(()) => announce(key),
+        // Another CPU created it between our lookup and insert: it announced it.
+        Err(e) if e == -17 => {}
+        Err(_) => {
+            lost(LossCause::SitesFull);
+            return None;
+        }
+    }
+    SITES.get_ptr_mut(key)
+}
+
+/// Counts one call of `key.api` with `bytes` at its site (or in the overflow row).
+#[inline(always)]
+pub fn count_call(key: &SiteKey, bytes: u64) {
+    match site_row(key) {
+        // SAFETY: per-CPU value of this CPU.
+        Some(row) => unsafe {
+            (*row).calls += 1;
+            (*row).bytes += bytes;
+        },
+        None => {
+            if let Some(o) = OVERFLOW.get_ptr_mut(key.api) {
+                // SAFETY: per-CPU slot of this CPU.
+                unsafe {
+                    (*o).calls += 1;
+                    (*o).bytes += bytes;
+                }
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn announce(key: &SiteKey) {
+    let ev = NewSiteEvent {
+        header: EventHeader {
+            kind: EventKind::NewSite as u32,
+            tgid: key.tgid,
+        },
+        site: *key,
+    };
+    if EVENTS.output(&ev, 0).is_err() {
+        lost(LossCause::RingbufFull);
+    }
+}
