@@ -1,0 +1,1 @@
+//! Symbolization of user stacks on one long-lived thread (blazesym).
