@@ -41,3 +41,6 @@ pub mod capacity {
 
 /// Maximum user stack depth kept by the stack map (the kernel's limit is 127).
 pub const MAX_STACK_DEPTH: usize = 64;
+
+#[cfg(feature = "user")]
+pub use libc::{DecodeError, Event};

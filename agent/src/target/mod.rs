@@ -1,0 +1,84 @@
+//! Which process and which files to probe: /proc parsing, ELF symbols, probe placement.
+//!
+//! - [`maps`]: `/proc/<pid>/maps` parsing.
+//! - [`elf`]: symbols, virtual address → file offset, function bytes, dynamic section.
+//! - [`placement`]: where in a function's entry block a uprobe is cheapest and still correct.
+//! - [`libc`]: the libc (or static executable) that provides `malloc` for a process or a
+//!   command, and the probe list for it.
+
+pub mod elf;
+pub mod libc;
+pub mod maps;
+pub mod placement;
+
+pub use libc::{ProbePoint, for_command as libc_for_command, for_pid as libc_for_pid};
+
+use std::io;
+use std::path::PathBuf;
+
+/// Everything that can go wrong while finding what to probe.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("no such process: {pid}")]
+    NoSuchProcess { pid: u32 },
+    #[error("cannot read process {pid}'s memory map (needs root or CAP_SYS_PTRACE): {source}")]
+    ProcessAccess {
+        pid: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{}: line {line}: malformed maps entry: {text:?}", path.display())]
+    BadMaps {
+        path: PathBuf,
+        line: usize,
+        text: String,
+    },
+    #[error("{}: not a usable x86-64 ELF file: {reason}", path.display())]
+    BadElf { path: PathBuf, reason: String },
+    #[error("{}: {reason}", path.display())]
+    BadLdCache { path: PathBuf, reason: String },
+    #[error("process {pid} ({comm}) does not use a libc allocator (no malloc in its mapped files)")]
+    ProcessNoLibc { pid: u32, comm: String },
+    #[error(
+        "process {pid} ({comm}): cannot open {display_path} as the process sees it \
+         (tried {})", tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    MappedFileUnavailable {
+        pid: u32,
+        comm: String,
+        display_path: String,
+        tried: Vec<PathBuf>,
+    },
+    #[error("{}: defines malloc but not {symbol}", path.display())]
+    MissingSymbol { path: PathBuf, symbol: &'static str },
+    #[error("{command}: command not found")]
+    CommandNotFound { command: String },
+    #[error("{}: not an executable file", path.display())]
+    NotExecutable { path: PathBuf },
+    #[error("{}: statically linked without malloc: nothing to probe", path.display())]
+    StaticNoMalloc { path: PathBuf },
+    #[error("{}: no libc found (searched for {wanted})", path.display())]
+    LibcNotFound { path: PathBuf, wanted: String },
+}
+
+impl TargetError {
+    fn io(path: impl Into<PathBuf>, source: io::Error) -> Self {
+        TargetError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    fn bad_elf(path: impl Into<PathBuf>, reason: impl ToString) -> Self {
+        TargetError::BadElf {
+            path: path.into(),
+            reason: reason.to_string(),
+        }
+    }
+}
