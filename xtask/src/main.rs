@@ -1,1 +1,103 @@
-fn main() {}
+//! Project tasks: `./x setup | build | run | fixtures | lint | test`. `./x` installs the pinned
+//! toolchain and then runs this binary; everything else a fresh machine needs is installed here.
+
+mod agent;
+mod cmd;
+mod fixtures;
+mod lint;
+mod paths;
+mod setup;
+mod test;
+
+use std::{ffi::OsString, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "allocwatch project tasks (run through ./x)")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build and tests need (idempotent): bpf-linker into
+    /// ~/.cache/allocwatch, tracefs mount, apt packages (gcc, binutils, bpftrace).
+    Setup,
+    /// Build target/release/allocwatch (installs bpf-linker first if needed).
+    Build,
+    /// Build, then run target/release/allocwatch with ARGS (needs root).
+    Run {
+        /// Arguments for allocwatch, e.g. `top -- ./server`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Compile fixtures/c/*.c into target/fixtures/ (only those whose source changed).
+    Fixtures,
+    /// rustfmt check and clippy (host crates and the BPF probe) with warnings denied.
+    Lint,
+    /// The whole suite as root: setup, lint, build, fixtures, then `cargo test --workspace`.
+    Test {
+        /// Extra arguments for `cargo test`: `./x test -- NAME` filters tests,
+        /// `./x test -- -- --nocapture` passes `--nocapture` to the test binaries.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+}
+
+/// Errors end as one line per cause on stderr and exit code 1 (no backtrace: the failing
+/// command has already printed its own output).
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match paths::Paths::discover().and_then(|paths| dispatch(&paths, cli.task)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("x: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(paths: &paths::Paths, task: Task) -> anyhow::Result<()> {
+    match task {
+        Task::Setup => setup::all(paths),
+        Task::Build => agent::build(paths).map(|bin| println!("{}", bin.display())),
+        Task::Run { args } => agent::run(paths, &args),
+        Task::Fixtures => fixtures::build(paths).map(|dir| println!("{}", dir.display())),
+        Task::Lint => lint::all(paths),
+        Task::Test { args } => test::all(paths, &args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    // Dev-dependencies of tests/libc.rs; named here so cargo's unused-dependency lint, which
+    // also checks this unit-test target, stays quiet.
+    use libc as _;
+    use serde_json as _;
+
+    use super::*;
+
+    fn run_args(argv: &[&str]) -> Vec<OsString> {
+        match Cli::try_parse_from(argv).expect("parses").task {
+            Task::Run { args } => args,
+            _ => panic!("not a run task"),
+        }
+    }
+
+    #[test]
+    fn run_passes_everything_after_the_separator() {
+        let want: Vec<OsString> = ["top", "--", "./server", "--port", "8"]
+            .map(OsString::from)
+            .to_vec();
+        let with_separator = ["x", "run", "--", "top", "--", "./server", "--port", "8"];
+        assert_eq!(run_args(&with_separator), want);
+        let without = ["x", "run", "top", "--", "./server", "--port", "8"];
+        assert_eq!(run_args(&without), want);
+        assert_eq!(
+            run_args(&["x", "run", "--", "--help"]),
+            ["--help"].map(OsString::from)
+        );
+    }
+}

@@ -1,0 +1,62 @@
+//! C fixtures: fixtures/c/NAME.c -> target/fixtures/NAME.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::SystemTime,
+};
+
+use anyhow::{Context as _, anyhow};
+
+use crate::{cmd, paths::Paths};
+
+/// Frame pointers so allocwatch's stack walk reaches `main`; -O1 so the fixture has to defeat a
+/// real optimizer (see the comment at the top of libc_fixture.c); -g for file:line.
+const CFLAGS: &[&str] = &["-O1", "-g", "-fno-omit-frame-pointer", "-Wall", "-Wextra"];
+
+/// Compiles every fixture whose binary is missing or older than its source; returns the output
+/// directory.
+pub fn build(paths: &Paths) -> anyhow::Result<PathBuf> {
+    let src_dir = paths.root.join("fixtures/c");
+    let out_dir = paths.fixtures_out();
+    fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    for src in c_sources(&src_dir)? {
+        let stem = src
+            .file_stem()
+            .ok_or_else(|| anyhow!("no file name: {}", src.display()))?;
+        let out = out_dir.join(stem);
+        if is_stale(&src, &out)? {
+            cmd::run(
+                Command::new("gcc")
+                    .args(CFLAGS)
+                    .arg("-o")
+                    .arg(&out)
+                    .arg(&src),
+            )?;
+        }
+    }
+    Ok(out_dir)
+}
+
+fn c_sources(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut sources: Vec<PathBuf> = fs::read_dir(dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .filter_map(|e| Some(e.ok()?.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "c"))
+        .collect();
+    sources.sort();
+    Ok(sources)
+}
+
+fn is_stale(src: &Path, out: &Path) -> anyhow::Result<bool> {
+    let modified = |p: &Path| -> anyhow::Result<SystemTime> {
+        fs::metadata(p)
+            .and_then(|m| m.modified())
+            .with_context(|| format!("reading the mtime of {}", p.display()))
+    };
+    if !out.exists() {
+        return Ok(true);
+    }
+    Ok(modified(src)? > modified(out)?)
+}

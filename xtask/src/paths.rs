@@ -1,0 +1,91 @@
+//! Where things live: the repository, its pinned toolchain, and the per-user tool cache.
+
+use std::{
+    env, fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, anyhow};
+
+pub struct Paths {
+    /// Repository root (the workspace).
+    pub root: PathBuf,
+    /// The toolchain pinned in rust-toolchain.toml, e.g. `nightly-2026-10-29`.
+    pub channel: String,
+    /// `~/.cache/allocwatch`: bpf-linker and the LLVM it links against. Outside `target/` so
+    /// `cargo clean` keeps it (bpf-linker's rpath points into it).
+    pub cache: PathBuf,
+}
+
+impl Paths {
+    /// Locates the repository from this crate's manifest and puts the tool cache on PATH.
+    pub fn discover() -> anyhow::Result<Self> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .ok_or_else(|| anyhow!("xtask has no parent directory"))?
+            .to_path_buf();
+        let channel = pinned_channel(&root.join("rust-toolchain.toml"))?;
+        let home = env::var_os("HOME").ok_or_else(|| anyhow!("HOME is not set"))?;
+        let cache = PathBuf::from(home).join(".cache/allocwatch");
+        let paths = Self {
+            root,
+            channel,
+            cache,
+        };
+        paths.put_tools_on_path()?;
+        Ok(paths)
+    }
+
+    pub fn tools_bin(&self) -> PathBuf {
+        self.cache.join("tools/bin")
+    }
+
+    pub fn target(&self) -> PathBuf {
+        self.root.join("target")
+    }
+
+    pub fn allocwatch_bin(&self) -> PathBuf {
+        self.target().join("release/allocwatch")
+    }
+
+    pub fn fixtures_out(&self) -> PathBuf {
+        self.target().join("fixtures")
+    }
+
+    /// agent/build.rs (aya-build) and probe-ebpf/build.rs look bpf-linker up on PATH.
+    fn put_tools_on_path(&self) -> anyhow::Result<()> {
+        let tools = self.tools_bin();
+        let old = env::var_os("PATH").unwrap_or_default();
+        if env::split_paths(&old).any(|p| p == tools) {
+            return Ok(());
+        }
+        let new = env::join_paths(std::iter::once(tools).chain(env::split_paths(&old)))
+            .context("joining PATH")?;
+        // SAFETY: called from main before any thread is spawned.
+        unsafe { env::set_var("PATH", new) };
+        Ok(())
+    }
+}
+
+/// Reads `channel = "…"` from rust-toolchain.toml (the one place that names the toolchain).
+fn pinned_channel(file: &Path) -> anyhow::Result<String> {
+    let text = fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("channel"))
+        .filter_map(|rest| rest.split('"').nth(1))
+        .map(str::to_owned)
+        .next()
+        .ok_or_else(|| anyhow!("no channel in {}", file.display()))
+}
+
+/// True when running with effective uid 0 (read from /proc to stay free of `unsafe`).
+pub fn is_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|ids| ids.split_whitespace().nth(1).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}

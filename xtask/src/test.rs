@@ -1,0 +1,89 @@
+//! `./x test`: the whole suite. Integration tests (xtask/tests/) run the release binary against
+//! real uprobes, so this needs root.
+
+use std::{
+    ffi::OsString,
+    io::{BufRead as _, BufReader},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{agent, cmd, fixtures, lint, paths::Paths, setup};
+
+pub fn all(paths: &Paths, extra: &[OsString]) -> anyhow::Result<()> {
+    if !crate::paths::is_root() {
+        bail!(
+            "./x test must run as root: the integration tests load eBPF programs and attach \
+             uprobes to libc (rerun as root, e.g. `sudo ./x test`)"
+        );
+    }
+    setup::all(paths)?;
+    lint::all(paths)?;
+    let bin = agent::build(paths)?;
+    let fixtures = fixtures::build(paths)?;
+    let mut cargo = cmd::cargo(paths);
+    cargo
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "probe-ebpf",
+            "--no-fail-fast",
+        ])
+        .args(extra)
+        .env("ALLOCWATCH_BIN", &bin)
+        .env("ALLOCWATCH_FIXTURES", &fixtures);
+    let summary = run_teeing(&mut cargo)?;
+    println!("\n==== test summary ====");
+    for line in &summary.lines {
+        println!("{line}");
+    }
+    if !summary.success {
+        bail!("cargo test failed (see the FAILED lines above)");
+    }
+    Ok(())
+}
+
+struct Summary {
+    /// `Running …`, `test result: …`, `… FAILED` and `error: …` lines, in order.
+    lines: Vec<String>,
+    success: bool,
+}
+
+/// Runs `cmd` with stdout and stderr merged into one pipe (so lines keep their order), echoing
+/// everything and keeping the lines that make a summary.
+fn run_teeing(cmd: &mut Command) -> anyhow::Result<Summary> {
+    eprintln!("+ {}", cmd::show(cmd));
+    let (reader, writer) = std::io::pipe().context("creating a pipe")?;
+    cmd.stdout(writer.try_clone().context("duplicating a pipe")?)
+        .stderr(writer);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting `{}`", cmd::show(cmd)))?;
+    // Drop our copies of the write end (held by `cmd`), or the read below never ends.
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut lines = Vec::new();
+    for line in BufReader::new(reader).lines() {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        if is_summary_line(&line) {
+            lines.push(line);
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    Ok(Summary {
+        lines,
+        success: status.success(),
+    })
+}
+
+fn is_summary_line(line: &str) -> bool {
+    let t = line.trim_start();
+    t.starts_with("Running ")
+        || t.starts_with("error: ")
+        || t.starts_with("Doc-tests ")
+        || t.starts_with("test result:")
+        || (t.starts_with("test ") && t.ends_with("FAILED"))
+}

@@ -1,0 +1,1250 @@
+//! End-to-end tests of `allocwatch top` / `allocwatch leaks` against the C fixture
+//! (fixtures/c/libc_fixture.c), with real uprobes. `./x test` runs them as root and sets
+//! `ALLOCWATCH_BIN` (target/release/allocwatch) and `ALLOCWATCH_FIXTURES` (target/fixtures).
+//!
+//! The tests share system state (uprobes on libc, tracefs, the BPF object id space), so each one
+//! holds [`serial`] for its whole run, whatever `--test-threads` says.
+//!
+//! # Expected numbers, and what an independent peer (bpftrace) sees
+//!
+//! allocwatch counts the program's own calls: the outermost allocation-API call on a thread.
+//! bpftrace (uprobes at every API's offset 0, filtered on the fixture's pid) counts every entry,
+//! including glibc 2.36's internal relays, and on this machine showed for `libc_fixture run`:
+//!
+//! | probe          | bpftrace | program-level | why they differ                                   |
+//! |----------------|---------:|--------------:|---------------------------------------------------|
+//! | malloc         |       12 |             7 | +3 realloc(NULL, 64) → malloc, +2 reallocarray → realloc → malloc |
+//! | realloc        |        8 |             6 | +2 reallocarray(NULL, 8, 16) → realloc            |
+//! | memalign       |        5 |             2 | same address as aligned_alloc: both probes fire on each of the 5 calls |
+//! | aligned_alloc  |        5 |             3 | (same)                                            |
+//! | others         |    equal |         equal | calloc 5, reallocarray 2, posix_memalign 4, valloc 2, pvalloc 1, free 17 |
+//!
+//! bpftrace's malloc sum(arg0) = 1148 = 7×100 + 3×64 + 2×128. Every hit had a fixture function
+//! on its stack: nothing before `main` (ld.so uses its own allocator until libc is relocated, and
+//! this fixture makes it call none) and nothing at exit (no stdio buffers) calls libc's malloc.
+//! `fixture_raw_calls_match_bpftrace` re-checks this table on every run.
+//! memalign (64-byte alignment) does not relay to malloc: glibc only does that for alignments
+//! ≤ 16. Debian's libc.so.6 defines `memalign` and `aligned_alloc` at one address (check with
+//! `nm -D`), so allocwatch reports them under one name and says so in `aliases`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    env, fs,
+    io::{BufRead as _, BufReader, Read as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        mpsc::{self, Receiver, RecvTimeoutError},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+// ---------------------------------------------------------------------------------------------
+// What libc_fixture's `run` mode does (keep in sync with fixtures/c/libc_fixture.c).
+
+/// Per API, program-level calls and bytes requested, before folding aliases.
+const API_TOTALS: &[(&str, u64, u64)] = &[
+    // fx_malloc: 7 × malloc(100) = 700.
+    ("malloc", 7, 700),
+    // fx_calloc: 5 × calloc(4, 25) = 5 × 100 = 500.
+    ("calloc", 5, 500),
+    // fx_realloc: 3 × realloc(NULL, 64) + 3 × realloc(p, 256) = 192 + 768 = 960.
+    ("realloc", 6, 960),
+    // fx_reallocarray: 2 × reallocarray(NULL, 8, 16) = 2 × 128 = 256.
+    ("reallocarray", 2, 256),
+    // fx_posix_memalign: 4 × posix_memalign(&p, 64, 200) = 800.
+    ("posix_memalign", 4, 800),
+    // fx_aligned_alloc: 3 × aligned_alloc(64, 128) = 384.
+    ("aligned_alloc", 3, 384),
+    // fx_memalign: 2 × memalign(64, 96) = 192 (reported under aligned_alloc where aliased).
+    ("memalign", 2, 192),
+    // fx_valloc: 2 × valloc(1000) = 2000.
+    ("valloc", 2, 2000),
+    // fx_pvalloc: 1 × pvalloc(5000) = 5000 (requested; glibc rounds it up to a page).
+    ("pvalloc", 1, 5000),
+    // fx_free_some: 3 malloc blocks (3 × 100) + 5 calloc (5 × 100) + 3 realloc'ed (3 × 256)
+    // + 4 posix_memalign (4 × 200) + 1 aligned_alloc (128) + free(NULL) (0)
+    // = 17 calls, 300 + 500 + 768 + 800 + 128 = 2496 bytes of tracked allocations freed.
+    ("free", 17, 2496),
+];
+
+/// Live at exit: malloc 4 × 100 + reallocarray 2 × 128 + aligned_alloc 2 × 128 + memalign 2 × 96
+/// + valloc 2 × 1000 + pvalloc 1 × 5000 = 400 + 256 + 256 + 192 + 2000 + 5000 = 8104 bytes.
+const LIVE_BYTES: u64 = 8104;
+/// 4 + 2 + 2 + 2 + 2 + 1 = 13 (calloc, realloc and posix_memalign blocks are all freed; the
+/// three 64-byte realloc blocks were moved to 256 by the second realloc of each).
+const LIVE_ALLOCATIONS: u64 = 13;
+
+/// One call site of the fixture: the API as the program calls it (before alias folding) and
+/// the fx_ function that calls it (frame 0). fx_realloc has two call sites, fx_free_some ten
+/// (gcc unrolls the short loops): the test sums the sites of one (API, frame 0 function).
+struct Site {
+    function: &'static str,
+    api: &'static str,
+    calls: u64,
+    bytes: u64,
+    live_bytes: u64,
+    live_allocations: u64,
+}
+
+const fn site(
+    function: &'static str,
+    api: &'static str,
+    (calls, bytes): (u64, u64),
+    (live_allocations, live_bytes): (u64, u64),
+) -> Site {
+    Site {
+        function,
+        api,
+        calls,
+        bytes,
+        live_bytes,
+        live_allocations,
+    }
+}
+
+/// Per site: (calls, bytes) and (live allocations, live bytes) at exit.
+const SITES: &[Site] = &[
+    site("fx_malloc", "malloc", (7, 700), (4, 400)),
+    site("fx_calloc", "calloc", (5, 500), (0, 0)),
+    site("fx_realloc", "realloc", (6, 960), (0, 0)),
+    site("fx_reallocarray", "reallocarray", (2, 256), (2, 256)),
+    site("fx_posix_memalign", "posix_memalign", (4, 800), (0, 0)),
+    site("fx_aligned_alloc", "aligned_alloc", (3, 384), (2, 256)),
+    site("fx_memalign", "memalign", (2, 192), (2, 192)),
+    site("fx_valloc", "valloc", (2, 2000), (2, 2000)),
+    site("fx_pvalloc", "pvalloc", (1, 5000), (1, 5000)),
+    // Live numbers of a free site mean nothing: not checked.
+    site("fx_free_some", "free", (17, 2496), (0, 0)),
+];
+
+/// Every libc API allocwatch traces.
+const APIS: &[&str] = &[
+    "malloc",
+    "calloc",
+    "realloc",
+    "reallocarray",
+    "free",
+    "posix_memalign",
+    "aligned_alloc",
+    "memalign",
+    "valloc",
+    "pvalloc",
+];
+
+/// The `loop` mode's block size: malloc(48) then free, every millisecond.
+const LOOP_BLOCK: u64 = 48;
+
+const LOSS_KEYS: &[&str] = &[
+    "pending_full",
+    "live_map_full",
+    "site_map_full",
+    "stack_collision",
+    "stack_error",
+    "ringbuf_full",
+    "orphan_return",
+    "symbolize_process_gone",
+];
+
+const TRACING_PREFIX: &str = "allocwatch: tracing pid ";
+const ERROR_PREFIX: &str = "allocwatch: error: ";
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+#[test]
+fn expected_tables_agree() {
+    for &(api, calls, bytes) in API_TOTALS {
+        let (c, b) = SITES
+            .iter()
+            .filter(|s| s.api == api)
+            .fold((0, 0), |(c, b), s| (c + s.calls, b + s.bytes));
+        assert_eq!(
+            (c, b),
+            (calls, bytes),
+            "SITES and API_TOTALS disagree on {api}"
+        );
+    }
+    let live = SITES.iter().filter(|s| s.api != "free");
+    assert_eq!(live.clone().map(|s| s.live_bytes).sum::<u64>(), LIVE_BYTES);
+    assert_eq!(
+        live.map(|s| s.live_allocations).sum::<u64>(),
+        LIVE_ALLOCATIONS
+    );
+    assert_eq!(API_TOTALS.len(), APIS.len());
+}
+
+/// (a) `top -- fixture run`: exact per-API and per-site numbers, frames down to `main`.
+#[test]
+fn top_command_exact_counts() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    let out = env.temp_file("top-command.json");
+    let mut aw = Allocwatch::spawn(
+        &env,
+        &[
+            "top",
+            "--json",
+            "-o",
+            path_str(&out),
+            "--",
+            path_str(&env.fixture),
+            "run",
+        ],
+    );
+    let pid = aw.wait_tracing_pid(Duration::from_secs(30));
+    let status = aw.wait_exit(Duration::from_secs(60));
+    aw.assert_success(status);
+    let report = read_json(&out);
+    assert_eq!(report["version"], 1, "report version\n{report:#}");
+    let processes = array(&report, "processes");
+    assert_eq!(processes.len(), 1, "one process traced\n{report:#}");
+    let proc = &processes[0];
+    assert_eq!(
+        u64_at(proc, "pid"),
+        u64::from(pid),
+        "pid of the tracing line"
+    );
+    assert_eq!(proc["exit_code"], 0, "exit code of the fixture\n{proc:#}");
+    check_fixture_top(proc);
+}
+
+/// (b) `leaks --min-age 0s -- fixture run`: what stays live, grouped by the allocating function.
+/// The report goes to stdout here (no `-o`).
+#[test]
+fn leaks_command_exact_counts() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    let mut aw = Allocwatch::spawn_with_stdout(
+        &env,
+        &[
+            "leaks",
+            "--min-age",
+            "0s",
+            "--json",
+            "--",
+            path_str(&env.fixture),
+            "run",
+        ],
+    );
+    aw.wait_tracing_pid(Duration::from_secs(30));
+    let status = aw.wait_exit(Duration::from_secs(60));
+    aw.assert_success(status);
+    let stdout = aw.stdout();
+    let report: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("leaks --json stdout is not JSON ({e}):\n{stdout}"));
+    assert_eq!(report["version"], 1);
+    assert_eq!(
+        report["min_age_seconds"].as_f64(),
+        Some(0.0),
+        "min_age_seconds\n{report:#}"
+    );
+    let processes = array(&report, "processes");
+    assert_eq!(processes.len(), 1, "one process traced\n{report:#}");
+    let proc = &processes[0];
+    assert_eq!(proc["comm"], "libc_fixture");
+    assert_eq!(
+        u64_at(proc, "live_bytes"),
+        LIVE_BYTES,
+        "live_bytes\n{proc:#}"
+    );
+    assert_eq!(u64_at(proc, "live_allocations"), LIVE_ALLOCATIONS);
+    assert_no_loss(proc);
+
+    let aliases = aliases_of(proc);
+    let mut got: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
+    for leak in array(proc, "leaks") {
+        let key = (str_at(leak, "api").to_owned(), frame0_function(leak));
+        let e = got.entry(key).or_default();
+        e.0 += u64_at(leak, "count");
+        e.1 += u64_at(leak, "bytes");
+        let age = leak["oldest_age_seconds"].as_f64();
+        assert!(
+            age.is_some_and(|a| a >= 0.0),
+            "oldest_age_seconds\n{leak:#}"
+        );
+        assert_frames_reach_main(leak);
+    }
+    let want: BTreeMap<(String, String), (u64, u64)> = SITES
+        .iter()
+        .filter(|s| s.api != "free" && s.live_allocations > 0)
+        .map(|s| {
+            let key = (fold(&aliases, s.api), s.function.to_owned());
+            (key, (s.live_allocations, s.live_bytes))
+        })
+        .collect();
+    assert_eq!(
+        got, want,
+        "leaks per (api, frame 0 function): (count, bytes)\n{proc:#}"
+    );
+}
+
+/// (c) `top --pid` on a running process: attach, then let it work; allocwatch ends by itself
+/// when the process exits.
+#[test]
+fn top_pid_exact_counts() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    let mut fixture = Fixture::spawn(&env, "wait-run", "ready");
+    let pid = fixture.pid;
+    let out = env.temp_file("top-pid.json");
+    let mut aw = Allocwatch::spawn(
+        &env,
+        &[
+            "top",
+            "--json",
+            "-o",
+            path_str(&out),
+            "--pid",
+            &pid.to_string(),
+        ],
+    );
+    assert_eq!(
+        aw.wait_tracing_pid(Duration::from_secs(30)),
+        pid,
+        "traced pid"
+    );
+    signal(pid, libc::SIGUSR1);
+    // Reap the fixture as a shell would (a zombie still has a /proc entry).
+    let fixture_status = fixture.wait_exit(Duration::from_secs(30));
+    assert!(
+        fixture_status.success(),
+        "fixture wait-run failed: {fixture_status}"
+    );
+    let status = aw.wait_exit(Duration::from_secs(15));
+    aw.assert_success(status);
+    let report = read_json(&out);
+    let proc = process_by_pid(&report, pid);
+    assert!(
+        proc["exit_code"].is_null() || proc["exit_code"] == 0,
+        "exit_code of a process that exited with 0\n{proc:#}"
+    );
+    check_fixture_top(proc);
+}
+
+/// (d) A pid that does not exist: one error line, exit code 1.
+#[test]
+fn missing_pid_is_one_error_line() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    let pid = dead_pid();
+    assert_single_error(&env, &["top", "--pid", &pid.to_string()]);
+    assert_single_error(&env, &["leaks", "--pid", &pid.to_string()]);
+}
+
+/// (d) A command that cannot be started: one error line, exit code 1.
+#[test]
+fn missing_command_is_one_error_line() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    assert_single_error(&env, &["top", "--", "/nonexistent/allocwatch-test-command"]);
+}
+
+/// (e) SIGINT detaches cleanly: exit 0, a final report, the target keeps running, and every BPF
+/// program, link and map allocwatch held is gone from the kernel afterwards.
+#[test]
+fn sigint_detaches_and_leaves_nothing() {
+    detach_on_signal(libc::SIGINT);
+}
+
+/// (e) The same with SIGTERM.
+#[test]
+fn sigterm_detaches_and_leaves_nothing() {
+    detach_on_signal(libc::SIGTERM);
+}
+
+/// (f) The traced command is SIGKILLed mid-trace: allocwatch still reports and exits 0.
+#[test]
+fn target_killed_mid_trace() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    let out = env.temp_file("top-killed.json");
+    let mut aw = Allocwatch::spawn(
+        &env,
+        &[
+            "top",
+            "--json",
+            "-o",
+            path_str(&out),
+            "--",
+            path_str(&env.fixture),
+            "loop",
+        ],
+    );
+    let pid = aw.wait_tracing_pid(Duration::from_secs(30));
+    thread::sleep(Duration::from_millis(500));
+    signal(pid, libc::SIGKILL);
+    let status = aw.wait_exit(Duration::from_secs(15));
+    aw.assert_success(status);
+    let report = read_json(&out);
+    let proc = process_by_pid(&report, pid);
+    assert_eq!(
+        proc["exited"], true,
+        "killed target must be reported as exited\n{proc:#}"
+    );
+    assert_ne!(
+        proc["exit_code"], 0,
+        "a SIGKILLed process did not exit with 0\n{proc:#}"
+    );
+    check_loop_counts(proc);
+}
+
+/// The fixture's raw libc entries, counted by bpftrace, match the table at the top of this file:
+/// proof that the fixture does what the expected numbers assume, independent of allocwatch.
+#[test]
+fn fixture_raw_calls_match_bpftrace() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    let libc = libc_path();
+    let probes = APIS
+        .iter()
+        .map(|api| format!("uprobe:{}:{api}", libc.display()))
+        .collect::<Vec<_>>()
+        .join(",");
+    // One action for all probes: bpftrace 0.17 fails to load two programs on one function.
+    // @bytes is sum(arg0): meaningful for malloc only.
+    let script =
+        format!("{probes} /pid == cpid/ {{ @calls[probe] = count(); @bytes[probe] = sum(arg0); }}");
+    let command = format!("{} run", env.fixture.display());
+    let out = Command::new("bpftrace")
+        .args(["-f", "json", "-e", &script, "-c", &command])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run bpftrace ({e}): ./x setup installs it"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bpftrace failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut calls: BTreeMap<String, u64> = BTreeMap::new();
+    let mut malloc_bytes = None;
+    for line in stdout.lines().filter(|l| l.starts_with('{')) {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        if let Some(map) = v["data"]["@calls"].as_object() {
+            for (probe, n) in map {
+                let api = probe.rsplit(':').next().unwrap_or_default();
+                calls.insert(api.to_owned(), n.as_u64().unwrap_or_default());
+            }
+        }
+        if let Some(map) = v["data"]["@bytes"].as_object() {
+            malloc_bytes = map
+                .iter()
+                .find(|(probe, _)| probe.ends_with(":malloc"))
+                .and_then(|(_, n)| n.as_u64());
+        }
+    }
+    // Program-level counts plus glibc's relays (see the table at the top of this file).
+    let mut want: BTreeMap<String, u64> = API_TOTALS
+        .iter()
+        .map(|&(api, calls, _)| (api.to_owned(), calls))
+        .collect();
+    *want.get_mut("malloc").unwrap() += 3 + 2;
+    *want.get_mut("realloc").unwrap() += 2;
+    // Probes at one address all fire on each call to any of the names.
+    for group in address_groups(&libc) {
+        let sum: u64 = group.iter().map(|api| want[api]).sum();
+        for api in &group {
+            want.insert(api.clone(), sum);
+        }
+    }
+    assert_eq!(
+        calls, want,
+        "bpftrace's raw uprobe hits on the fixture\n{stdout}"
+    );
+    // 7 × 100 from fx_malloc + 3 × 64 via realloc + 2 × 128 via reallocarray.
+    assert_eq!(
+        malloc_bytes,
+        Some(700 + 192 + 256),
+        "malloc sum(arg0)\n{stdout}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks shared by the tests
+
+/// The whole `top` report of one `libc_fixture run` process.
+fn check_fixture_top(proc: &Value) {
+    assert_eq!(proc["comm"], "libc_fixture", "comm\n{proc:#}");
+    assert!(
+        str_at(proc, "exe").ends_with("/libc_fixture"),
+        "exe\n{proc:#}"
+    );
+    assert_eq!(proc["exited"], true, "exited\n{proc:#}");
+    assert!(
+        str_at(proc, "libc").ends_with("/libc.so.6"),
+        "libc\n{proc:#}"
+    );
+    let aliases = aliases_of(proc);
+    check_aliases(&aliases, Path::new(str_at(proc, "libc")));
+
+    // Per API, aliases folded into the name they are reported under.
+    let mut want: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for &(api, calls, bytes) in API_TOTALS {
+        let e = want.entry(fold(&aliases, api)).or_default();
+        e.0 += calls;
+        e.1 += bytes;
+    }
+    for (api, (calls, bytes)) in &want {
+        assert_eq!(u64_at(&proc["calls"], api), *calls, "calls.{api}\n{proc:#}");
+        assert_eq!(u64_at(&proc["bytes"], api), *bytes, "bytes.{api}\n{proc:#}");
+        assert_eq!(u64_at(&proc["failed"], api), 0, "failed.{api}\n{proc:#}");
+    }
+    for alias in aliases.keys() {
+        for table in ["calls", "bytes"] {
+            let v = &proc[table][alias];
+            assert!(
+                v.is_null() || *v == 0,
+                "{table}.{alias} is an alias: must be 0 or absent"
+            );
+        }
+    }
+    assert_eq!(
+        u64_at(proc, "live_bytes"),
+        LIVE_BYTES,
+        "live_bytes\n{proc:#}"
+    );
+    assert_eq!(
+        u64_at(proc, "live_allocations"),
+        LIVE_ALLOCATIONS,
+        "live_allocations"
+    );
+    assert_no_loss(proc);
+    check_fixture_sites(proc, &aliases);
+}
+
+/// Sites summed per (api, frame 0 function) must be exactly [`SITES`]: nothing else in the
+/// process allocates (see the bpftrace table at the top).
+fn check_fixture_sites(proc: &Value, aliases: &BTreeMap<String, String>) {
+    #[derive(Debug, Default, PartialEq)]
+    struct Sum {
+        calls: u64,
+        bytes: u64,
+        failed: u64,
+        live_bytes: u64,
+        live_allocations: u64,
+    }
+    let mut got: BTreeMap<(String, String), Sum> = BTreeMap::new();
+    for s in array(proc, "sites") {
+        let api = str_at(s, "api");
+        let e = got.entry((api.to_owned(), frame0_function(s))).or_default();
+        e.calls += u64_at(s, "calls");
+        e.bytes += u64_at(s, "bytes");
+        e.failed += u64_at(s, "failed");
+        if api != "free" {
+            e.live_bytes += u64_at(s, "live_bytes");
+            e.live_allocations += u64_at(s, "live_allocations");
+        }
+        check_frame0_location(s);
+        assert_frames_reach_main(s);
+    }
+    let want: BTreeMap<(String, String), Sum> = SITES
+        .iter()
+        .map(|s| {
+            let free = s.api == "free";
+            let sum = Sum {
+                calls: s.calls,
+                bytes: s.bytes,
+                failed: 0,
+                live_bytes: if free { 0 } else { s.live_bytes },
+                live_allocations: if free { 0 } else { s.live_allocations },
+            };
+            ((fold(aliases, s.api), s.function.to_owned()), sum)
+        })
+        .collect();
+    assert_eq!(got, want, "sites per (api, frame 0 function)\n{proc:#}");
+}
+
+/// The `loop` fixture's report after it was stopped at an arbitrary point.
+fn check_loop_counts(proc: &Value) {
+    assert_eq!(proc["comm"], "libc_fixture", "comm\n{proc:#}");
+    let mallocs = u64_at(&proc["calls"], "malloc");
+    let frees = u64_at(&proc["calls"], "free");
+    assert!(
+        mallocs >= 10,
+        "traced ≥ 0.5 s of a ~1 kHz loop: {mallocs} mallocs\n{proc:#}"
+    );
+    assert!(
+        mallocs.abs_diff(frees) <= 1,
+        "malloc {mallocs} vs free {frees}"
+    );
+    assert_eq!(u64_at(&proc["bytes"], "malloc"), mallocs * LOOP_BLOCK);
+    let live = u64_at(proc, "live_allocations");
+    assert!(
+        live <= 1,
+        "at most the block between malloc and free is live: {live}"
+    );
+    assert_eq!(
+        u64_at(proc, "live_bytes"),
+        live * LOOP_BLOCK,
+        "live_bytes\n{proc:#}"
+    );
+    let loop_sites: BTreeSet<String> = array(proc, "sites")
+        .iter()
+        .filter(|s| frame0_function(s) == "fx_loop")
+        .map(|s| str_at(s, "api").to_owned())
+        .collect();
+    let want = BTreeSet::from(["free".to_owned(), "malloc".to_owned()]);
+    assert_eq!(loop_sites, want, "APIs called from fx_loop\n{proc:#}");
+}
+
+fn detach_on_signal(sig: libc::c_int) {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    let before = KernelState::snapshot();
+    let mut fixture = Fixture::spawn(&env, "loop", "loop");
+    let pid = fixture.pid;
+    let out = env.temp_file(&format!("top-signal-{sig}.json"));
+    let mut aw = Allocwatch::spawn(
+        &env,
+        &[
+            "top",
+            "--json",
+            "-o",
+            path_str(&out),
+            "--pid",
+            &pid.to_string(),
+        ],
+    );
+    assert_eq!(
+        aw.wait_tracing_pid(Duration::from_secs(30)),
+        pid,
+        "traced pid"
+    );
+    thread::sleep(Duration::from_millis(500));
+    let held = BpfIds::held_by(aw.child.id());
+    assert!(
+        !held.progs.is_empty(),
+        "allocwatch holds no BPF program while tracing: {held:?}"
+    );
+    signal(aw.child.id(), sig);
+    let status = aw.wait_exit(Duration::from_secs(5));
+    aw.assert_success(status);
+    assert!(
+        fixture.child.try_wait().ok().flatten().is_none(),
+        "allocwatch must leave a --pid target running"
+    );
+    let report = read_json(&out);
+    let proc = process_by_pid(&report, pid);
+    assert_eq!(
+        proc["exited"], false,
+        "the loop fixture is still running\n{proc:#}"
+    );
+    check_loop_counts(proc);
+    held.assert_all_gone(Duration::from_secs(3));
+    KernelState::snapshot().assert_nothing_added(&before);
+    signal(pid, libc::SIGKILL);
+    fixture.wait_exit(Duration::from_secs(5));
+}
+
+fn assert_single_error(env: &TestEnv, args: &[&str]) {
+    let out = Command::new(&env.bin)
+        .args(args)
+        // A user's RUST_BACKTRACE=1 (set on these machines) must not turn errors into traces.
+        .env("RUST_BACKTRACE", "1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", env.bin.display()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "exit code of `allocwatch {}`\n{stderr}",
+        args.join(" ")
+    );
+    assert_no_crash(&stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "exactly one stderr line for `allocwatch {}`:\n{stderr}",
+        args.join(" ")
+    );
+    assert!(
+        lines[0].starts_with(ERROR_PREFIX),
+        "error line format: {:?}",
+        lines[0]
+    );
+}
+
+fn assert_no_crash(stderr: &str) {
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("stack backtrace"),
+        "allocwatch crashed:\n{stderr}"
+    );
+}
+
+fn assert_no_loss(proc: &Value) {
+    for key in LOSS_KEYS {
+        assert_eq!(u64_at(&proc["lost"], key), 0, "lost.{key}\n{proc:#}");
+    }
+}
+
+/// Frame 0 is the fixture's own code, with file:line from its DWARF.
+fn check_frame0_location(site: &Value) {
+    let f = &array(site, "frames")[0];
+    assert!(
+        str_at(f, "file").ends_with("libc_fixture.c"),
+        "frame 0 file\n{site:#}"
+    );
+    assert!(u64_at(f, "line") > 0, "frame 0 line\n{site:#}");
+    assert!(
+        str_at(f, "module").ends_with("/libc_fixture"),
+        "frame 0 module\n{site:#}"
+    );
+}
+
+fn assert_frames_reach_main(site: &Value) {
+    let found = array(site, "frames")
+        .iter()
+        .any(|f| f["function"] == "main");
+    assert!(
+        found,
+        "no `main` in the frames (frame-pointer walk cut short?)\n{site:#}"
+    );
+}
+
+fn frame0_function(site: &Value) -> String {
+    let frames = array(site, "frames");
+    assert!(!frames.is_empty(), "site without frames\n{site:#}");
+    str_at(&frames[0], "function").to_owned()
+}
+
+/// The `aliases` object: alias name -> the name its calls are reported under.
+fn aliases_of(proc: &Value) -> BTreeMap<String, String> {
+    proc["aliases"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no aliases object\n{proc:#}"))
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.as_str().expect("alias target is a string").to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn fold(aliases: &BTreeMap<String, String>, api: &str) -> String {
+    aliases.get(api).map_or(api, String::as_str).to_owned()
+}
+
+/// `aliases` must describe exactly the APIs that share an address in `libc` (from `nm -D`, an
+/// independent reading of the same ELF).
+fn check_aliases(aliases: &BTreeMap<String, String>, libc: &Path) {
+    for group in address_groups(libc) {
+        let targets: BTreeSet<String> = group.iter().map(|a| fold(aliases, a)).collect();
+        assert_eq!(
+            targets.len(),
+            1,
+            "{group:?} share an address: one name expected, {aliases:?}"
+        );
+        let target = targets.first().unwrap();
+        assert!(group.contains(target), "{target} is not in {group:?}");
+        assert!(
+            !aliases.contains_key(target),
+            "alias target {target} is itself an alias"
+        );
+    }
+    let grouped: BTreeSet<String> = address_groups(libc).into_iter().flatten().collect();
+    for alias in aliases.keys() {
+        assert!(
+            grouped.contains(alias),
+            "{alias} is reported as an alias but has its own address"
+        );
+    }
+}
+
+/// Sets of traced APIs defined at one address in `libc` (groups of two or more).
+fn address_groups(libc: &Path) -> Vec<Vec<String>> {
+    let out = Command::new("nm")
+        .args(["-D", "--defined-only"])
+        .arg(libc)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run nm ({e}): ./x setup installs binutils"));
+    assert!(out.status.success(), "nm -D {} failed", libc.display());
+    let mut by_addr: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let mut cols = line.split_whitespace();
+        let (Some(addr), Some(_kind), Some(sym)) = (cols.next(), cols.next(), cols.next()) else {
+            continue;
+        };
+        // `memalign@@GLIBC_2.2.5`: only the default version.
+        let Some((name, _)) = sym.split_once("@@") else {
+            continue;
+        };
+        if APIS.contains(&name) {
+            by_addr
+                .entry(addr.to_owned())
+                .or_default()
+                .insert(name.to_owned());
+        }
+    }
+    by_addr
+        .into_values()
+        .filter(|g| g.len() > 1)
+        .map(|g| g.into_iter().collect())
+        .collect()
+}
+
+/// The libc.so.6 this test process maps (the fixture uses the same one).
+fn libc_path() -> PathBuf {
+    let maps = fs::read_to_string("/proc/self/maps").expect("reading /proc/self/maps");
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.ends_with("/libc.so.6"))
+        .map(PathBuf::from)
+        .expect("this test process maps no libc.so.6")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Leftover detection
+
+/// BPF object ids a process holds open (from /proc/PID/fdinfo of its bpf-prog/-link/-map fds).
+#[derive(Debug, Default)]
+struct BpfIds {
+    progs: BTreeSet<u32>,
+    links: BTreeSet<u32>,
+    maps: BTreeSet<u32>,
+}
+
+/// bpf(2) commands that open an object by id: they fail with ENOENT once it is freed.
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+
+impl BpfIds {
+    fn held_by(pid: u32) -> Self {
+        let mut ids = Self::default();
+        let fd_dir = format!("/proc/{pid}/fd");
+        for entry in fs::read_dir(&fd_dir).unwrap_or_else(|e| panic!("{fd_dir}: {e}")) {
+            let Ok(entry) = entry else { continue };
+            let Ok(target) = fs::read_link(entry.path()) else {
+                continue;
+            };
+            if !target.to_string_lossy().starts_with("anon_inode:bpf-") {
+                continue;
+            }
+            let info = format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy());
+            let Ok(text) = fs::read_to_string(&info) else {
+                continue;
+            };
+            for line in text.lines() {
+                let mut kv = line.split(':');
+                let (Some(k), Some(v)) = (kv.next(), kv.next()) else {
+                    continue;
+                };
+                let Ok(id) = v.trim().parse::<u32>() else {
+                    continue;
+                };
+                match k {
+                    "prog_id" => ids.progs.insert(id),
+                    "link_id" => ids.links.insert(id),
+                    "map_id" => ids.maps.insert(id),
+                    _ => false,
+                };
+            }
+        }
+        ids
+    }
+
+    /// Every object must be freed by the kernel: nothing stays attached, pinned or held.
+    /// Freeing is deferred (RCU), hence the retries.
+    fn assert_all_gone(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let left: Vec<String> = [
+                (BPF_PROG_GET_FD_BY_ID, "prog", &self.progs),
+                (BPF_LINK_GET_FD_BY_ID, "link", &self.links),
+                (BPF_MAP_GET_FD_BY_ID, "map", &self.maps),
+            ]
+            .into_iter()
+            .flat_map(|(cmd, kind, ids)| {
+                ids.iter()
+                    .filter(move |&&id| bpf_object_exists(cmd, id))
+                    .map(move |id| format!("{kind} {id}"))
+            })
+            .collect();
+            if left.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "BPF objects left after allocwatch exited: {left:?}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn bpf_object_exists(cmd: libc::c_long, id: u32) -> bool {
+    // union bpf_attr for *_GET_FD_BY_ID: { u32 id; u32 next_id; u32 open_flags; }
+    let mut attr = [id, 0, 0, 0];
+    // SAFETY: attr is a valid, writable bpf_attr prefix of the size passed.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), size_of_val(&attr)) };
+    if fd >= 0 {
+        // SAFETY: fd was just returned to us and is closed once.
+        unsafe { libc::close(fd as libc::c_int) };
+        return true;
+    }
+    let err = std::io::Error::last_os_error();
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::ENOENT),
+        "bpf({cmd}, id {id}): {err}"
+    );
+    false
+}
+
+/// System-wide places where a tracer could leave something behind.
+struct KernelState {
+    uprobe_events: BTreeSet<String>,
+    bpffs: BTreeSet<String>,
+}
+
+impl KernelState {
+    fn snapshot() -> Self {
+        let uprobe_events = fs::read_to_string("/sys/kernel/tracing/uprobe_events")
+            .expect("reading /sys/kernel/tracing/uprobe_events (./x setup mounts tracefs)")
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        let bpffs = fs::read_dir("/sys/fs/bpf")
+            .map(|d| {
+                d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            uprobe_events,
+            bpffs,
+        }
+    }
+
+    fn assert_nothing_added(&self, before: &Self) {
+        let events: Vec<_> = self
+            .uprobe_events
+            .difference(&before.uprobe_events)
+            .collect();
+        assert!(
+            events.is_empty(),
+            "uprobe_events entries left behind: {events:?}"
+        );
+        let pins: Vec<_> = self.bpffs.difference(&before.bpffs).collect();
+        assert!(pins.is_empty(), "/sys/fs/bpf entries left behind: {pins:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+
+struct TestEnv {
+    bin: PathBuf,
+    fixture: PathBuf,
+}
+
+impl TestEnv {
+    /// None (after a loud message) when ALLOCWATCH_BIN is unset: plain `cargo test` without
+    /// `./x test`. Panics on anything else that is missing.
+    fn get() -> Option<Self> {
+        let Some(bin) = env::var_os("ALLOCWATCH_BIN") else {
+            eprintln!(
+                "\n*** SKIPPED: ALLOCWATCH_BIN is not set. These tests need root and the built \
+                 binary and fixtures: run `./x test`. ***\n"
+            );
+            return None;
+        };
+        let bin = PathBuf::from(bin);
+        assert!(
+            bin.is_file(),
+            "ALLOCWATCH_BIN={} does not exist",
+            bin.display()
+        );
+        let fixtures = env::var_os("ALLOCWATCH_FIXTURES")
+            .map(PathBuf::from)
+            .expect("ALLOCWATCH_FIXTURES is not set (./x test sets it)");
+        let fixture = fixtures.join("libc_fixture");
+        assert!(
+            fixture.is_file(),
+            "{} missing: run ./x fixtures",
+            fixture.display()
+        );
+        Some(Self { bin, fixture })
+    }
+
+    fn temp_file(&self, name: &str) -> PathBuf {
+        let path = env::temp_dir().join(format!("allocwatch-test-{}-{name}", std::process::id()));
+        let _ = fs::remove_file(&path);
+        path
+    }
+}
+
+/// Serializes the tests of this file (uprobes and BPF ids are system-wide state).
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Lines of a child's pipe, read on a thread: kept for messages, and sent as they arrive.
+struct Lines {
+    all: Arc<Mutex<Vec<String>>>,
+    rx: Receiver<String>,
+}
+
+impl Lines {
+    fn follow(pipe: impl std::io::Read + Send + 'static) -> Self {
+        let all = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let keep = Arc::clone(&all);
+        thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                keep.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        Self { all, rx }
+    }
+
+    /// The first line starting with `prefix` (panics after `timeout`).
+    fn wait_for(&self, prefix: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) if line.starts_with(prefix) => return line,
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "no line starting with {prefix:?} within {timeout:?}:\n{}",
+                    self.text()
+                ),
+                Err(RecvTimeoutError::Disconnected) => panic!(
+                    "the process closed stderr (exited?) before a line starting with \
+                     {prefix:?}:\n{}",
+                    self.text()
+                ),
+            }
+        }
+    }
+
+    fn text(&self) -> String {
+        self.all.lock().unwrap().join("\n")
+    }
+}
+
+struct Allocwatch {
+    child: Child,
+    stderr: Lines,
+    stdout: Option<thread::JoinHandle<String>>,
+    args: String,
+}
+
+impl Allocwatch {
+    fn spawn(env: &TestEnv, args: &[&str]) -> Self {
+        Self::start(env, args, false)
+    }
+
+    fn spawn_with_stdout(env: &TestEnv, args: &[&str]) -> Self {
+        Self::start(env, args, true)
+    }
+
+    fn start(env: &TestEnv, args: &[&str], capture_stdout: bool) -> Self {
+        let mut child = Command::new(&env.bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(if capture_stdout {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", env.bin.display()));
+        let stderr = Lines::follow(child.stderr.take().unwrap());
+        let stdout = child.stdout.take().map(|mut pipe| {
+            thread::spawn(move || {
+                let mut s = String::new();
+                let _ = pipe.read_to_string(&mut s);
+                s
+            })
+        });
+        Self {
+            child,
+            stderr,
+            stdout,
+            args: args.join(" "),
+        }
+    }
+
+    /// Waits for `allocwatch: tracing pid N` and returns N.
+    fn wait_tracing_pid(&mut self, timeout: Duration) -> u32 {
+        let line = self.stderr.wait_for(TRACING_PREFIX, timeout);
+        let rest = &line[TRACING_PREFIX.len()..];
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits
+            .parse()
+            .unwrap_or_else(|_| panic!("no pid in the tracing line {line:?}"))
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        wait_child(&mut self.child, timeout).unwrap_or_else(|| {
+            panic!(
+                "`allocwatch {}` still running after {timeout:?} (killed):\n{}",
+                self.args,
+                self.stderr.text()
+            )
+        })
+    }
+
+    fn assert_success(&self, status: ExitStatus) {
+        // Let the reader thread drain the pipe.
+        thread::sleep(Duration::from_millis(50));
+        let stderr = self.stderr.text();
+        assert!(
+            status.success(),
+            "`allocwatch {}` failed: {status}\n{stderr}",
+            self.args
+        );
+        assert_no_crash(&stderr);
+    }
+
+    fn stdout(&mut self) -> String {
+        self.stdout
+            .take()
+            .expect("stdout was not captured")
+            .join()
+            .expect("stdout reader")
+    }
+}
+
+impl Drop for Allocwatch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The fixture started directly by the test (for --pid mode).
+struct Fixture {
+    child: Child,
+    pid: u32,
+    _stderr: Lines,
+}
+
+impl Fixture {
+    /// Starts `libc_fixture MODE` and waits for its `WORD <pid>` line on stderr.
+    fn spawn(env: &TestEnv, mode: &str, word: &str) -> Self {
+        let mut child = Command::new(&env.fixture)
+            .arg(mode)
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", env.fixture.display()));
+        let stderr = Lines::follow(child.stderr.take().unwrap());
+        let line = stderr.wait_for(&format!("{word} "), Duration::from_secs(10));
+        let pid = child.id();
+        assert_eq!(line, format!("{word} {pid}"), "fixture's ready line");
+        Self {
+            child,
+            pid,
+            _stderr: stderr,
+        }
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        wait_child(&mut self.child, timeout)
+            .unwrap_or_else(|| panic!("fixture still running after {timeout:?} (killed)"))
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls until `child` exits; kills it and returns None after `timeout`.
+fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("waitpid") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(pid, sig) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {sig}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// A pid that exists no more: a reaped child's (not reused this soon: pids are allocated
+/// cyclically).
+fn dead_pid() -> u32 {
+    let mut child = Command::new("true").spawn().expect("spawning true");
+    child.wait().expect("waiting for true");
+    let pid = child.id();
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "pid {pid} reused already"
+    );
+    pid
+}
+
+// ---------------------------------------------------------------------------------------------
+// JSON access with messages that show the document
+
+fn read_json(path: &Path) -> Value {
+    let text = fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("report {} not written: {e}", path.display()));
+    let _ = fs::remove_file(path);
+    serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("report {} is not JSON ({e}):\n{text}", path.display()))
+}
+
+fn process_by_pid(report: &Value, pid: u32) -> &Value {
+    array(report, "processes")
+        .iter()
+        .find(|p| p["pid"] == pid)
+        .unwrap_or_else(|| panic!("no process {pid} in the report\n{report:#}"))
+}
+
+fn array<'a>(v: &'a Value, key: &str) -> &'a Vec<Value> {
+    v[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("`{key}` is not an array in\n{v:#}"))
+}
+
+fn u64_at(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("`{key}` is not an unsigned integer in\n{v:#}"))
+}
+
+fn str_at<'a>(v: &'a Value, key: &str) -> &'a str {
+    v[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("`{key}` is not a string in\n{v:#}"))
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
