@@ -1,1 +1,378 @@
 //! Symbolization of user stacks on one long-lived thread (blazesym).
+//!
+//! blazesym's `Symbolizer` is not `Send`, so one thread owns it and serves requests from a
+//! channel; [`SymbolizerHandle`] is the cheap, cloneable way in. Processes are described by
+//! our own snapshot of their executable mappings (see `maps.rs` for why blazesym's process
+//! cache is not enough), and each address is symbolized by file offset in the mapped ELF file,
+//! so addresses stay resolvable after the process exits.
+
+mod maps;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::{HashMap, hash_map::Entry},
+    fs::File,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    panic::{self, AssertUnwindSafe},
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
+};
+
+use blazesym::symbolize::{
+    CodeInfo, Input, Sym, Symbolized, Symbolizer,
+    source::{Elf, Source},
+};
+use serde::Serialize;
+
+/// One source-level frame. An address inside inlined code yields several frames, innermost
+/// first, all with the same `address`/`module`/`offset`: that is how a reader expects the
+/// stack, and each frame carries the line within its own function.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Frame {
+    pub function: Option<String>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    /// Path of the ELF file as the process sees it.
+    pub module: Option<String>,
+    /// File offset of `address` within `module`.
+    pub offset: Option<u64>,
+    pub address: u64,
+}
+
+impl Frame {
+    /// A frame known only by its address.
+    pub fn unknown(address: u64) -> Self {
+        Self {
+            function: None,
+            file: None,
+            line: None,
+            module: None,
+            offset: None,
+            address,
+        }
+    }
+}
+
+/// Failures by cause, counted once per address and process (results are cached), except
+/// `process_gone`, which is counted on every refused request since nothing is cached for it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SymbolizeStats {
+    /// Maps unavailable (process exited before it was noted).
+    pub process_gone: u64,
+    /// Address in no executable file mapping.
+    pub unknown_address: u64,
+    /// Address in a mapping, but no symbol found for it.
+    pub no_symbol: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SymbolizeError {
+    #[error("process {0} exited before its memory map could be read")]
+    ProcessGone(u32),
+    #[error("the symbolizer thread is not running")]
+    Stopped,
+}
+
+impl SymbolizeError {
+    pub fn is_process_gone(&self) -> bool {
+        matches!(self, Self::ProcessGone(_))
+    }
+}
+
+type Reply = Box<dyn FnOnce(Result<Vec<Frame>, SymbolizeError>) + Send>;
+
+enum Request {
+    Note(u32, Vec<maps::RawMapping>),
+    Symbolize {
+        pid: u32,
+        addrs: Vec<u64>,
+        reply: Reply,
+    },
+}
+
+#[derive(Default)]
+struct Counters {
+    process_gone: AtomicU64,
+    unknown_address: AtomicU64,
+    no_symbol: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, n: usize) {
+    counter.fetch_add(n as u64, Ordering::Relaxed);
+}
+
+/// Handle to the symbolizer thread; the thread exits when the last handle is dropped.
+#[derive(Clone)]
+pub struct SymbolizerHandle {
+    tx: mpsc::Sender<Request>,
+    counters: Arc<Counters>,
+}
+
+impl SymbolizerHandle {
+    pub fn spawn() -> Self {
+        let (tx, rx) = mpsc::channel();
+        let counters = Arc::new(Counters::default());
+        let worker_counters = Arc::clone(&counters);
+        let spawned = std::thread::Builder::new()
+            .name("symbolizer".into())
+            .spawn(move || Worker::new(worker_counters).run(rx));
+        // Without the thread the receiver is gone and every request reports `Stopped`.
+        if let Err(err) = spawned {
+            log::error!("cannot start the symbolizer thread: {err}");
+        }
+        Self { tx, counters }
+    }
+
+    /// Snapshots the executable mappings of `pid` and opens their files now, on the caller's
+    /// thread (a /proc read and a few opens), so a short-lived process cannot exit while the
+    /// request waits behind a slow symbolization. Call it when a process is first seen and
+    /// again after it execs; it replaces the earlier snapshot.
+    pub fn note_process(&self, pid: u32) {
+        match maps::snapshot(pid) {
+            // A send error means the thread is gone; symbolize() reports that.
+            Ok(maps) => drop(self.tx.send(Request::Note(pid, maps))),
+            Err(err) => log::debug!("pid {pid}: cannot read maps: {err}"),
+        }
+    }
+
+    /// Symbolizes return addresses of `pid`, in order; each address gives one frame or, inside
+    /// inlined code, several (innermost first). Unresolvable addresses still give a frame
+    /// (module and offset when in a known mapping). Blocks.
+    pub fn symbolize(&self, pid: u32, addrs: Vec<u64>) -> Result<Vec<Frame>, SymbolizeError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let reply: Reply = Box::new(move |frames| drop(tx.send(frames)));
+        self.tx
+            .send(Request::Symbolize { pid, addrs, reply })
+            .map_err(|_| SymbolizeError::Stopped)?;
+        rx.recv().map_err(|_| SymbolizeError::Stopped)?
+    }
+
+    /// [`Self::symbolize`] without blocking the async runtime while a cold file is parsed.
+    pub async fn symbolize_async(
+        &self,
+        pid: u32,
+        addrs: Vec<u64>,
+    ) -> Result<Vec<Frame>, SymbolizeError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let reply: Reply = Box::new(move |frames| drop(tx.send(frames)));
+        self.tx
+            .send(Request::Symbolize { pid, addrs, reply })
+            .map_err(|_| SymbolizeError::Stopped)?;
+        rx.await.map_err(|_| SymbolizeError::Stopped)?
+    }
+
+    pub fn stats(&self) -> SymbolizeStats {
+        let c = &*self.counters;
+        SymbolizeStats {
+            process_gone: c.process_gone.load(Ordering::Relaxed),
+            unknown_address: c.unknown_address.load(Ordering::Relaxed),
+            no_symbol: c.no_symbol.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// An executable mapping of a noted process.
+struct Mapping {
+    start: u64,
+    end: u64,
+    offset: u64,
+    module: String,
+    /// Where blazesym can read the file (an fd of ours), if it could be opened.
+    elf: Option<PathBuf>,
+}
+
+struct Process {
+    maps: Vec<Mapping>,
+    /// Frames per return address.
+    frames: HashMap<u64, Vec<Frame>>,
+}
+
+impl Process {
+    /// Takes a newer snapshot, keeping cached results whose mapping is unchanged (an exec or a
+    /// library reloaded elsewhere invalidates the rest).
+    fn update(&mut self, maps: Vec<Mapping>) {
+        let old = std::mem::replace(&mut self.maps, maps);
+        let new = &self.maps;
+        self.frames.retain(|&a, _| {
+            let (o, n) = (find(&old, a), find(new, a));
+            o.map(|m| (m.start, m.offset, &m.module)) == n.map(|m| (m.start, m.offset, &m.module))
+        });
+    }
+}
+
+struct Worker {
+    symbolizer: Symbolizer,
+    processes: HashMap<u32, Process>,
+    /// One open descriptor per distinct file (dev, inode), shared by every process mapping it.
+    files: HashMap<(u64, u64), File>,
+    counters: Arc<Counters>,
+}
+
+impl Worker {
+    fn new(counters: Arc<Counters>) -> Self {
+        Self {
+            symbolizer: Symbolizer::new(),
+            processes: HashMap::new(),
+            files: HashMap::new(),
+            counters,
+        }
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Request>) {
+        while let Ok(req) = rx.recv() {
+            match req {
+                Request::Note(pid, maps) => self.note(pid, maps),
+                Request::Symbolize { pid, addrs, reply } => reply(self.symbolize(pid, &addrs)),
+            }
+        }
+    }
+
+    fn note(&mut self, pid: u32, raw: Vec<maps::RawMapping>) {
+        let maps = mappings(raw, &mut self.files);
+        match self.processes.entry(pid) {
+            Entry::Occupied(entry) => entry.into_mut().update(maps),
+            Entry::Vacant(entry) => {
+                entry.insert(Process {
+                    maps,
+                    frames: HashMap::new(),
+                });
+            }
+        }
+    }
+
+    fn symbolize(&mut self, pid: u32, addrs: &[u64]) -> Result<Vec<Frame>, SymbolizeError> {
+        let Self {
+            symbolizer,
+            processes,
+            files,
+            counters,
+        } = self;
+        let process = match processes.entry(pid) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            // Not noted: snapshot it now, if it still exists.
+            Entry::Vacant(entry) => match maps::snapshot(pid) {
+                Ok(raw) => entry.insert(Process {
+                    maps: mappings(raw, files),
+                    frames: HashMap::new(),
+                }),
+                Err(err) => {
+                    log::debug!("pid {pid}: cannot read maps: {err}");
+                    bump(&counters.process_gone, addrs.len());
+                    return Err(SymbolizeError::ProcessGone(pid));
+                }
+            },
+        };
+        // Libraries mapped after the snapshot (by ld.so after an early note, or dlopen) would
+        // otherwise stay unknown: re-read the maps while the process is still there.
+        let missed = |a: &u64| !process.frames.contains_key(a) && find(&process.maps, *a).is_none();
+        if addrs.iter().any(missed)
+            && let Ok(raw) = maps::snapshot(pid)
+        {
+            process.update(mappings(raw, files));
+        }
+        let mut out = Vec::with_capacity(addrs.len());
+        for &addr in addrs {
+            let frames = process
+                .frames
+                .entry(addr)
+                .or_insert_with(|| resolve(symbolizer, &process.maps, addr, counters));
+            out.extend_from_slice(frames);
+        }
+        Ok(out)
+    }
+}
+
+/// Our view of a snapshot, sorted by start address.
+fn mappings(raw: Vec<maps::RawMapping>, files: &mut HashMap<(u64, u64), File>) -> Vec<Mapping> {
+    let mut maps: Vec<Mapping> = raw
+        .into_iter()
+        .map(|m| Mapping {
+            start: m.start,
+            end: m.end,
+            offset: m.offset,
+            elf: m.file.and_then(|file| adopt(files, file)),
+            module: m.module,
+        })
+        .collect();
+    maps.sort_unstable_by_key(|m| m.start);
+    maps
+}
+
+/// Keeps `file` open (or an already open descriptor of the same file) and returns the path
+/// through which blazesym can read it.
+fn adopt(files: &mut HashMap<(u64, u64), File>, file: File) -> Option<PathBuf> {
+    let meta = file
+        .metadata()
+        .inspect_err(|err| log::debug!("fstat of a mapped file: {err}"))
+        .ok()?;
+    let kept = files.entry((meta.dev(), meta.ino())).or_insert(file);
+    Some(PathBuf::from(format!("/proc/self/fd/{}", kept.as_raw_fd())))
+}
+
+/// The mapping holding return address `addr`, i.e. the call instruction before it.
+fn find(maps: &[Mapping], addr: u64) -> Option<&Mapping> {
+    let lookup = addr.checked_sub(1)?;
+    let i = maps.partition_point(|m| m.start <= lookup).checked_sub(1)?;
+    maps.get(i).filter(|m| lookup < m.end)
+}
+
+/// Symbolizes one return address: the lookup uses `addr - 1` so that the line is the call's
+/// line, not the one after it.
+fn resolve(
+    symbolizer: &Symbolizer,
+    maps: &[Mapping],
+    addr: u64,
+    counters: &Counters,
+) -> Vec<Frame> {
+    let Some(mapping) = find(maps, addr) else {
+        bump(&counters.unknown_address, 1);
+        return vec![Frame::unknown(addr)];
+    };
+    let file_offset = |a: u64| (a - mapping.start).wrapping_add(mapping.offset);
+    let frame = Frame {
+        module: Some(mapping.module.clone()),
+        offset: Some(file_offset(addr)),
+        ..Frame::unknown(addr)
+    };
+    let Some(elf) = &mapping.elf else {
+        bump(&counters.no_symbol, 1);
+        return vec![frame];
+    };
+    let source = Source::from(Elf::new(elf));
+    let input = Input::FileOffset(file_offset(addr - 1));
+    // A malformed file must cost one frame, not the thread every later request relies on.
+    let result = panic::catch_unwind(AssertUnwindSafe(|| {
+        symbolizer.symbolize_single(&source, input)
+    }));
+    let failure = match result {
+        Ok(Ok(Symbolized::Sym(sym))) => return frames_of(&sym, &frame),
+        Ok(Ok(Symbolized::Unknown(reason))) => reason.to_string(),
+        Ok(Err(err)) => err.to_string(),
+        Err(_) => "blazesym panicked".to_owned(),
+    };
+    log::debug!("{addr:#x} in {}: {failure}", mapping.module);
+    bump(&counters.no_symbol, 1);
+    vec![frame]
+}
+
+/// blazesym lists inlined callees outermost first, each with the location inside itself, and
+/// `sym.code_info` is the location inside the outermost function; we emit innermost first.
+fn frames_of(sym: &Sym<'_>, base: &Frame) -> Vec<Frame> {
+    let located = |function: &str, info: Option<&CodeInfo<'_>>| Frame {
+        function: Some(function.to_owned()),
+        file: info.map(|i| i.to_path().to_string_lossy().into_owned()),
+        line: info.and_then(|i| i.line),
+        ..base.clone()
+    };
+    sym.inlined
+        .iter()
+        .rev()
+        .map(|f| located(&f.name, f.code_info.as_ref()))
+        .chain([located(&sym.name, sym.code_info.as_deref())])
+        .collect()
+}

@@ -1,0 +1,54 @@
+//! Snapshot of a process's executable mappings, taken while it is alive.
+//!
+//! blazesym's own `cache::Process` keeps the VMAs but opens the ELF files lazily through
+//! `/proc/<pid>/map_files/…`, which is gone once the process exits (measured: "failed to stat
+//! /proc/<pid>/map_files/…" after exit). So the snapshot opens each file right away; the open
+//! descriptor keeps the file reachable (even if deleted or inside a container's mount namespace).
+
+use std::fs::File;
+
+use crate::target::{
+    TargetError,
+    maps::{MapEntry, read_maps},
+};
+
+/// One executable mapping of `/proc/<pid>/maps`.
+pub(super) struct RawMapping {
+    pub start: u64,
+    pub end: u64,
+    /// File offset of `start`.
+    pub offset: u64,
+    /// Path as the process sees it (or a pseudo name such as `[vdso]`).
+    pub module: String,
+    /// The mapped file, opened now; `None` for pseudo mappings or when opening failed.
+    pub file: Option<File>,
+}
+
+/// Reads the executable mappings of `pid` and opens their files. Anonymous executable memory
+/// (JIT code) is skipped: without a backing file there is nothing to name.
+pub(super) fn snapshot(pid: u32) -> Result<Vec<RawMapping>, TargetError> {
+    Ok(read_maps(pid)?
+        .into_iter()
+        .filter(|m| m.perms.exec)
+        .filter_map(|m| {
+            let module = m.path.clone()?;
+            let file = m.is_file().then(|| open(pid, &m, &module)).flatten();
+            Some(RawMapping {
+                start: m.start,
+                end: m.end,
+                offset: m.offset,
+                module,
+                file,
+            })
+        })
+        .collect())
+}
+
+/// map_files names the exact mapped inode (survives replacement and deletion) but needs
+/// CAP_SYS_ADMIN; the root/ path still resolves through the process's mount namespace.
+fn open(pid: u32, m: &MapEntry, path: &str) -> Option<File> {
+    File::open(format!("/proc/{pid}/map_files/{}", m.map_files_name()))
+        .or_else(|_| File::open(format!("/proc/{pid}/root{path}")))
+        .inspect_err(|err| log::debug!("pid {pid}: cannot open {path}: {err}"))
+        .ok()
+}
