@@ -1,6 +1,8 @@
 use std::{fs, path::Path};
 
 use anyhow::{Context as _, anyhow};
+// Listed as a build-dependency only so that cargo rebuilds the agent when the probe changes.
+use probe_ebpf as _;
 
 /// Builds the probe crate for bpfel-unknown-none with the toolchain pinned in
 /// rust-toolchain.toml, the one place that names it (`AYA_BUILD_SKIP=1` skips the probe build
@@ -22,7 +24,9 @@ fn main() -> anyhow::Result<()> {
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "probe-ebpf",
-            root_dir: probe_dir.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?,
+            root_dir: probe_dir
+                .to_str()
+                .ok_or_else(|| anyhow!("non-UTF-8 path"))?,
             ..Default::default()
         }],
         aya_build::Toolchain::Custom(channel),

@@ -1,19 +1,61 @@
-//! allocwatch: which call sites allocate, leak and grow memory. Wiring only.
+//! allocwatch: which call sites allocate, leak and grow memory. Wiring only: parse the command
+//! line, run the subcommand, turn any error into one line on stderr and exit code 1.
 
+mod aggregate;
+mod cli;
+mod collect;
+mod k8s;
+mod launch;
+mod preflight;
+mod probes;
+mod report;
+mod session;
 mod symbolize;
 mod target;
 
-fn main() {
-    let mut ebpf = aya::Ebpf::load(aya::include_bytes_aligned!(concat!(
-        env!("OUT_DIR"),
-        "/allocwatch"
-    )))
-    .unwrap();
-    for name in ["libc_entry", "libc_return"] {
-        let p: &mut aya::programs::UProbe = ebpf.program_mut(name).unwrap().try_into().unwrap();
-        match p.load() {
-            Ok(()) => println!("{name} loaded"),
-            Err(e) => println!("{name}: {e:?}"),
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+use crate::{
+    cli::{Cli, Command},
+    session::View,
+};
+
+fn main() -> ExitCode {
+    // A bug must still end in one line, not a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("allocwatch: internal error: {info}");
+    }));
+    let cli = Cli::parse();
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| {
+            rt.block_on(async {
+                match cli.command {
+                    Command::Top(a) => {
+                        session::run(
+                            View::Top {
+                                interval: a.interval,
+                            },
+                            a.common,
+                        )
+                        .await
+                    }
+                    Command::Leaks(a) => {
+                        session::run(View::Leaks { min_age: a.min_age }, a.common).await
+                    }
+                }
+            })
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("allocwatch: error: {msg}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -60,8 +60,9 @@ fn on_entry(ctx: &ProbeContext) {
     if let Some(p) = PENDING.get_ptr(&pid_tgid) {
         // SAFETY: map value pointer from a successful lookup.
         let outer_sp = unsafe { (*p).entry_sp };
-        if entry_sp < outer_sp {
-            // Called from inside an API call of this thread: libc's own relay, not the program's.
+        if entry_sp <= outer_sp {
+            // Called from inside an API call of this thread (deeper, or a tail call at the same
+            // depth): libc's own relay, not the program's.
             return;
         }
         // The outer call never returned (longjmp, attach mid-call): drop the stale marker.
@@ -109,7 +110,11 @@ fn on_entry(ctx: &ProbeContext) {
     };
 
     if api_id == Api::Free as u32 {
-        let freed = if arg_ptr != 0 { untrack(tgid, arg_ptr) } else { 0 };
+        let freed = if arg_ptr != 0 {
+            untrack(tgid, arg_ptr)
+        } else {
+            0
+        };
         count_call(&site, freed);
         return;
     }

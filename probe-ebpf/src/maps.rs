@@ -57,7 +57,7 @@ pub fn site_row(key: &SiteKey) -> Option<*mut SiteStats> {
     match SITES.insert(key, &SiteStats::default(), BPF_NOEXIST as u64) {
         Ok(()) => announce(key),
         // Another CPU created it between our lookup and insert: it announced it.
-        Err(e) if e == -17 => {}
+        Err(-17) => {}
         Err(_) => {
             lost(LossCause::SitesFull);
             return None;

@@ -142,7 +142,8 @@ impl SymbolizerHandle {
 
     /// Symbolizes return addresses of `pid`, in order; each address gives one frame or, inside
     /// inlined code, several (innermost first). Unresolvable addresses still give a frame
-    /// (module and offset when in a known mapping). Blocks.
+    /// (module and offset when in a known mapping). Blocks (the agent uses the async variant).
+    #[cfg(test)]
     pub fn symbolize(&self, pid: u32, addrs: Vec<u64>) -> Result<Vec<Frame>, SymbolizeError> {
         let (tx, rx) = mpsc::sync_channel(1);
         let reply: Reply = Box::new(move |frames| drop(tx.send(frames)));

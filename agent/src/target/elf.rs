@@ -297,11 +297,6 @@ fn read_dynamic<'a>(
     info
 }
 
-/// Whether the executable at `path` is dynamically linked (has `PT_INTERP`). Reads headers only.
-pub fn is_dynamic(path: impl AsRef<Path>) -> Result<bool, TargetError> {
-    Ok(ElfFile::parse(path.as_ref(), false)?.is_dynamic())
-}
-
 /// `DT_NEEDED`, `DT_RUNPATH`, `DT_RPATH` and `DT_SONAME` of the file at `path`.
 pub fn dynamic_info(path: impl AsRef<Path>) -> Result<DynamicInfo, TargetError> {
     Ok(ElfFile::parse(path.as_ref(), false)?.dynamic)
@@ -390,7 +385,7 @@ pub(crate) mod tests {
         std::fs::write(&path, test_elf(Some("/lib64/ld-linux-x86-64.so.2"), &[])).unwrap();
         let f = ElfFile::open(&path).unwrap();
         assert_eq!(f.interpreter(), Some("/lib64/ld-linux-x86-64.so.2"));
-        assert!(is_dynamic(&path).unwrap());
+        assert!(ElfFile::open(&path).unwrap().is_dynamic());
         assert!(is_x86_64_elf(&path));
         assert_eq!(f.vaddr_to_file_offset(0x401000), Some(0x1000));
         assert_eq!(f.vaddr_to_file_offset(0x4010ff), Some(0x10ff));
@@ -452,7 +447,7 @@ pub(crate) mod tests {
     #[test]
     fn own_executable_is_dynamic_and_needs_libc() {
         let exe = std::fs::read_link("/proc/self/exe").unwrap();
-        assert!(is_dynamic(&exe).unwrap());
+        assert!(ElfFile::open(&exe).unwrap().is_dynamic());
         let info = dynamic_info(&exe).unwrap();
         assert!(
             info.needed.iter().any(|n| n.starts_with("libc.so")),

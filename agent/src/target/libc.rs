@@ -387,9 +387,9 @@ fn find_libc(exe: &ElfFile, env: &SearchEnv) -> Result<PathBuf, TargetError> {
     {
         return Ok(PathBuf::from(interp));
     }
-    let cache = fs::read(&env.ld_cache)
-        .ok()
-        .and_then(|buf| LdCache::parse(&buf).ok())
+    // Like ld.so, carry on without a missing or unreadable cache: the default dirs remain.
+    let cache = LdCache::read(&env.ld_cache)
+        .inspect_err(|e| log::debug!("{e}"))
         .unwrap_or_default();
     let ld_library_path: Vec<PathBuf> = env
         .ld_library_path

@@ -1,0 +1,137 @@
+//! Reading what the probes recorded: per-CPU site counters, the live table, loss counters,
+//! stacks, and the ring buffer of new-site notifications. Validation and decoding happen here;
+//! nothing above this module sees raw map types.
+
+use std::collections::BTreeMap;
+
+use allocwatch_common::{
+    Event,
+    libc::{API_COUNT, LiveAlloc, LiveKey, Overflow, SiteKey, SiteStats},
+    loss::{LOSS_CAUSES, LossCause},
+    map_names,
+};
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf, StackTraceMap},
+};
+use thiserror::Error;
+
+use crate::aggregate::sum_stats;
+
+#[derive(Debug, Error)]
+pub enum CollectError {
+    #[error("probe map {0} is missing")]
+    MissingMap(&'static str),
+    #[error("reading probe map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> CollectError {
+    move |source| CollectError::Map { name, source }
+}
+
+/// Site rows of `tgid` (all processes when `None`), per-CPU values summed.
+pub fn sites(ebpf: &Ebpf, tgid: Option<u32>) -> Result<BTreeMap<SiteKey, SiteStats>, CollectError> {
+    let name = map_names::SITES;
+    let map = ebpf.map(name).ok_or(CollectError::MissingMap(name))?;
+    let map: PerCpuHashMap<_, SiteKey, SiteStats> =
+        PerCpuHashMap::try_from(map).map_err(map_err(name))?;
+    let mut out = BTreeMap::new();
+    for item in map.iter() {
+        let (key, values) = match item {
+            Ok(kv) => kv,
+            // A key deleted between iteration steps; nothing to count.
+            Err(MapError::KeyNotFound) => continue,
+            Err(e) => return Err(map_err(name)(e)),
+        };
+        if tgid.is_some_and(|t| t != key.tgid) {
+            continue;
+        }
+        out.insert(key, sum_stats(values.iter()));
+    }
+    Ok(out)
+}
+
+/// Outstanding allocations of `tgid` (all processes when `None`).
+pub fn live(ebpf: &Ebpf, tgid: Option<u32>) -> Result<Vec<(LiveKey, LiveAlloc)>, CollectError> {
+    let name = map_names::LIVE;
+    let map = ebpf.map(name).ok_or(CollectError::MissingMap(name))?;
+    let map: HashMap<_, LiveKey, LiveAlloc> = HashMap::try_from(map).map_err(map_err(name))?;
+    let mut out = Vec::new();
+    for item in map.iter() {
+        let (key, value) = match item {
+            Ok(kv) => kv,
+            Err(MapError::KeyNotFound) => continue,
+            Err(e) => return Err(map_err(name)(e)),
+        };
+        if tgid.is_none_or(|t| t == key.tgid) {
+            out.push((key, value));
+        }
+    }
+    Ok(out)
+}
+
+/// Loss counters by cause, summed over CPUs.
+pub fn lost(ebpf: &Ebpf) -> Result<BTreeMap<LossCause, u64>, CollectError> {
+    let name = map_names::LOST;
+    let map = ebpf.map(name).ok_or(CollectError::MissingMap(name))?;
+    let map: PerCpuArray<_, u64> = PerCpuArray::try_from(map).map_err(map_err(name))?;
+    let mut out = BTreeMap::new();
+    for (i, cause) in LossCause::ALL.iter().enumerate().take(LOSS_CAUSES) {
+        let values = map.get(&(i as u32), 0).map_err(map_err(name))?;
+        out.insert(*cause, values.iter().sum());
+    }
+    Ok(out)
+}
+
+/// Calls that found the site table full, per API id.
+pub fn overflow(ebpf: &Ebpf) -> Result<[Overflow; API_COUNT], CollectError> {
+    let name = map_names::OVERFLOW;
+    let map = ebpf.map(name).ok_or(CollectError::MissingMap(name))?;
+    let map: PerCpuArray<_, Overflow> = PerCpuArray::try_from(map).map_err(map_err(name))?;
+    let mut out = [Overflow::default(); API_COUNT];
+    for (i, slot) in out.iter_mut().enumerate() {
+        for v in map.get(&(i as u32), 0).map_err(map_err(name))?.iter() {
+            slot.calls += v.calls;
+            slot.bytes += v.bytes;
+        }
+    }
+    Ok(out)
+}
+
+/// The user stack `id` as instruction pointers, innermost first; empty if it was evicted.
+pub fn stack(ebpf: &Ebpf, id: i32) -> Result<Vec<u64>, CollectError> {
+    if id < 0 {
+        return Ok(Vec::new());
+    }
+    let name = map_names::STACKS;
+    let map = ebpf.map(name).ok_or(CollectError::MissingMap(name))?;
+    let map: StackTraceMap<_> = StackTraceMap::try_from(map).map_err(map_err(name))?;
+    match map.get(&(id as u32), 0) {
+        Ok(trace) => Ok(trace.frames().iter().map(|f| f.ip).collect()),
+        Err(MapError::KeyNotFound) => Ok(Vec::new()),
+        Err(e) => Err(map_err(name)(e)),
+    }
+}
+
+/// Takes the ring buffer out of the object so it can be polled on its own.
+pub fn take_events(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>, CollectError> {
+    let name = map_names::EVENTS;
+    let map = ebpf.take_map(name).ok_or(CollectError::MissingMap(name))?;
+    RingBuf::try_from(map).map_err(map_err(name))
+}
+
+/// Drains every record ready in `ring`. Records that fail validation are counted, not guessed at.
+pub fn drain(ring: &mut RingBuf<MapData>, out: &mut Vec<Event>) -> u64 {
+    let mut bad = 0;
+    while let Some(item) = ring.next() {
+        match Event::try_from(&*item) {
+            Ok(ev) => out.push(ev),
+            Err(_) => bad += 1,
+        }
+    }
+    bad
+}

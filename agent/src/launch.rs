@@ -1,0 +1,182 @@
+//! Starting the traced command so that probes are attached before its first instruction.
+//!
+//! `std::process::Command::spawn` returns only after `exec`, too late to attach. So the child is
+//! forked by hand and parked on a pipe: the agent attaches its probes to the child's pid (the
+//! kernel keeps a pid-scoped uprobe across `exec`), then releases it to `execvp`.
+
+use std::{
+    ffi::{CString, OsStr},
+    io,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+};
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum LaunchError {
+    #[error("empty command")]
+    Empty,
+    #[error("command argument contains a NUL byte")]
+    Nul,
+    #[error("cannot start {cmd}: {source}")]
+    Fork { cmd: String, source: io::Error },
+    #[error("cannot run {cmd}: {source}")]
+    Exec { cmd: String, source: io::Error },
+}
+
+/// A forked child waiting to `exec` the command.
+#[derive(Debug)]
+pub struct Parked {
+    pid: u32,
+    cmd: String,
+    go: Option<OwnedFd>,
+    exec_status: OwnedFd,
+}
+
+/// Forks a child that waits until [`Parked::release`] and then execs `argv` (searched in PATH).
+pub fn park(argv: &[String]) -> Result<Parked, LaunchError> {
+    let cmd = argv.first().ok_or(LaunchError::Empty)?.clone();
+    // Everything the child needs is allocated before fork: between fork and exec only
+    // async-signal-safe calls are allowed.
+    let c_argv = argv
+        .iter()
+        .map(|a| CString::new(OsStr::new(a).as_bytes()).map_err(|_| LaunchError::Nul))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut ptrs: Vec<*const libc::c_char> = c_argv.iter().map(|a| a.as_ptr()).collect();
+    ptrs.push(std::ptr::null());
+
+    let fork_err = |source| LaunchError::Fork {
+        cmd: cmd.clone(),
+        source,
+    };
+    let (go_r, go_w) = pipe().map_err(fork_err)?;
+    let (st_r, st_w) = pipe().map_err(fork_err)?;
+
+    // SAFETY: the child only calls async-signal-safe functions (close, read, execvp, write,
+    // _exit) on memory prepared above.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(fork_err(io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        // SAFETY: see above.
+        unsafe {
+            libc::close(go_w.as_raw_fd());
+            libc::close(st_r.as_raw_fd());
+            let mut b = 0u8;
+            if libc::read(go_r.as_raw_fd(), (&raw mut b).cast(), 1) == 1 {
+                libc::execvp(ptrs[0], ptrs.as_ptr());
+                let errno = *libc::__errno_location();
+                let bytes = errno.to_ne_bytes();
+                libc::write(st_w.as_raw_fd(), bytes.as_ptr().cast(), bytes.len());
+            }
+            libc::_exit(127);
+        }
+    }
+    drop(go_r);
+    drop(st_w);
+    Ok(Parked {
+        pid: pid as u32,
+        cmd,
+        go: Some(go_w),
+        exec_status: st_r,
+    })
+}
+
+impl Parked {
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Lets the child exec; returns once the exec succeeded or failed.
+    pub fn release(mut self) -> Result<u32, LaunchError> {
+        let go = self.go.take().expect("released once");
+        // SAFETY: writing one byte from a valid buffer to an owned fd.
+        unsafe { libc::write(go.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+        drop(go);
+        // The status pipe is close-on-exec: EOF means the exec succeeded, 4 bytes are its errno.
+        let mut buf = [0u8; 4];
+        let n = loop {
+            // SAFETY: reading into a valid 4-byte buffer from an owned fd.
+            let n = unsafe {
+                libc::read(
+                    self.exec_status.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                )
+            };
+            if n >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                break n;
+            }
+        };
+        if n == 4 {
+            reap(self.pid);
+            return Err(LaunchError::Exec {
+                cmd: self.cmd.clone(),
+                source: io::Error::from_raw_os_error(i32::from_ne_bytes(buf)),
+            });
+        }
+        Ok(self.pid)
+    }
+}
+
+impl Drop for Parked {
+    /// A child never released (attach failed) exits without running the command.
+    fn drop(&mut self) {
+        if self.go.take().is_some() {
+            reap(self.pid);
+        }
+    }
+}
+
+fn reap(pid: u32) {
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid as i32, &mut status, 0) };
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid 2-element array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 returned two fresh fds we now own.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_after_release() {
+        let parked = park(&["true".to_string()]).unwrap();
+        let pid = parked.pid();
+        assert_eq!(parked.release().unwrap(), pid);
+        let mut status = 0;
+        // SAFETY: our child.
+        unsafe { libc::waitpid(pid as i32, &mut status, 0) };
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+    }
+
+    #[test]
+    fn exec_failure_is_reported() {
+        let parked = park(&["/nonexistent/allocwatch-test".to_string()]).unwrap();
+        let err = parked.release().unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("cannot run /nonexistent/allocwatch-test: No such file"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn dropped_child_does_not_run() {
+        let parked = park(&["false".to_string()]).unwrap();
+        drop(parked);
+    }
+}

@@ -1,0 +1,101 @@
+//! What a tracing session reports, independent of how it is rendered (text or JSON).
+
+pub mod json;
+pub mod text;
+
+use std::collections::BTreeMap;
+
+use allocwatch_common::libc::{Api, SiteStats};
+
+use crate::{
+    aggregate::Totals,
+    symbolize::{Frame, SymbolizeStats},
+};
+
+/// Identity and fate of a traced process.
+#[derive(Clone, Debug, Default)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub comm: String,
+    pub exe: String,
+    pub exited: bool,
+    /// Exit status when the agent launched the process (or it was killed by a signal: 128+n).
+    pub exit_code: Option<i32>,
+    /// The libc file probed, as the process sees it.
+    pub libc: String,
+    /// API symbols that are the same function as another: (alias, counted under).
+    pub aliases: Vec<(Api, Api)>,
+}
+
+/// One call site: an API and the symbolized call chain that reached it.
+#[derive(Clone, Debug)]
+pub struct Site {
+    pub api: Api,
+    pub frames: Vec<Frame>,
+    pub stats: SiteStats,
+}
+
+/// The `top` report of one process.
+#[derive(Clone, Debug)]
+pub struct TopReport {
+    pub info: ProcessInfo,
+    pub elapsed_secs: f64,
+    pub totals: Totals,
+    /// Loss counters by cause name, all causes present.
+    pub lost: BTreeMap<&'static str, u64>,
+    /// Sites ranked by bytes (allocation sites first, then free sites).
+    pub sites: Vec<Site>,
+    /// Addresses the symbolizer could not name, by cause (all processes of the session).
+    pub symbolization: SymbolizeStats,
+}
+
+/// Outstanding allocations of one site.
+#[derive(Clone, Debug)]
+pub struct Leak {
+    pub api: Api,
+    pub frames: Vec<Frame>,
+    pub count: u64,
+    pub bytes: u64,
+    pub oldest_age_secs: f64,
+}
+
+/// The `leaks` report of one process.
+#[derive(Clone, Debug)]
+pub struct LeaksReport {
+    pub info: ProcessInfo,
+    pub min_age_secs: f64,
+    pub live_allocations: u64,
+    pub live_bytes: u64,
+    pub lost: BTreeMap<&'static str, u64>,
+    pub leaks: Vec<Leak>,
+    pub symbolization: SymbolizeStats,
+}
+
+/// `1536` → `1.5 KiB`.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_are_human() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(5 << 30), "5.0 GiB");
+    }
+}

@@ -1,0 +1,208 @@
+//! Human-readable views of `top` and `leaks`.
+
+use std::fmt::Write as _;
+
+use allocwatch_common::libc::Api;
+
+use super::{LeaksReport, Site, TopReport, human_bytes};
+use crate::{aggregate::live_of, symbolize::Frame};
+
+/// How many caller frames are printed under a site.
+const CALLERS_SHOWN: usize = 4;
+
+/// `fx_malloc (libc_fixture.c:12)`, `libfoo.so+0x1a2b`, or the raw address.
+pub fn frame(f: &Frame) -> String {
+    let file = f.file.as_deref().map(|p| p.rsplit('/').next().unwrap_or(p));
+    match (&f.function, file, f.line) {
+        (Some(func), Some(file), Some(line)) => format!("{func} ({file}:{line})"),
+        (Some(func), _, _) => match &f.module {
+            Some(m) => format!("{func} [{}]", m.rsplit('/').next().unwrap_or(m)),
+            None => func.clone(),
+        },
+        (None, _, _) => match (&f.module, f.offset) {
+            (Some(m), Some(off)) => format!("{}+{off:#x}", m.rsplit('/').next().unwrap_or(m)),
+            _ => format!("{:#x}", f.address),
+        },
+    }
+}
+
+fn site_lines(out: &mut String, frames: &[Frame], indent: usize) {
+    match frames.split_first() {
+        None => out.push_str("(no stack)\n"),
+        Some((first, callers)) => {
+            out.push_str(&frame(first));
+            out.push('\n');
+            for f in callers.iter().take(CALLERS_SHOWN) {
+                let _ = writeln!(out, "{:indent$}<- {}", "", frame(f));
+            }
+            if callers.len() > CALLERS_SHOWN {
+                let _ = writeln!(
+                    out,
+                    "{:indent$}   … {} more",
+                    "",
+                    callers.len() - CALLERS_SHOWN
+                );
+            }
+        }
+    }
+}
+
+fn header(out: &mut String, r: &TopReport) {
+    let i = &r.info;
+    let state = if i.exited {
+        match i.exit_code {
+            Some(c) => format!("exited ({c})"),
+            None => "exited".to_string(),
+        }
+    } else {
+        "running".to_string()
+    };
+    let _ = writeln!(
+        out,
+        "allocwatch top — pid {} ({}) {state}, {:.1}s traced, libc {}",
+        i.pid, i.comm, r.elapsed_secs, i.libc
+    );
+    let mut calls = String::new();
+    for api in Api::ALL {
+        let n = r.totals.calls[api as usize];
+        if n > 0 {
+            let _ = write!(
+                calls,
+                " {} {n} ({})",
+                api.symbol(),
+                human_bytes(r.totals.bytes[api as usize])
+            );
+        }
+    }
+    if calls.is_empty() {
+        calls.push_str(" none yet");
+    }
+    let _ = writeln!(out, "calls:{calls}");
+    let _ = writeln!(
+        out,
+        "live: {} allocations, {}",
+        r.totals.live_allocations,
+        human_bytes(r.totals.live_bytes)
+    );
+    for (alias, canon) in &i.aliases {
+        let _ = writeln!(
+            out,
+            "note: {} is the same function as {} in this libc; counted as {}",
+            alias.symbol(),
+            canon.symbol(),
+            canon.symbol()
+        );
+    }
+    lost_line(out, &r.lost);
+}
+
+fn lost_line(out: &mut String, lost: &std::collections::BTreeMap<&'static str, u64>) {
+    let nonzero: Vec<String> = lost
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    if !nonzero.is_empty() {
+        let _ = writeln!(out, "LOST: {}", nonzero.join(", "));
+    }
+}
+
+fn table(out: &mut String, title: &str, sites: &[&Site]) {
+    let _ = writeln!(out, "\n{title}");
+    let _ = writeln!(
+        out,
+        "{:>10} {:>8} {:>10} {:<14} SITE",
+        "BYTES", "CALLS", "LIVE", "API"
+    );
+    for s in sites {
+        let (_, live) = live_of(&s.stats);
+        let _ = write!(
+            out,
+            "{:>10} {:>8} {:>10} {:<14} ",
+            human_bytes(s.stats.bytes),
+            s.stats.calls,
+            human_bytes(live),
+            s.api.symbol()
+        );
+        site_lines(out, &s.frames, 45);
+    }
+}
+
+pub fn top(r: &TopReport, k: usize) -> String {
+    let mut out = String::new();
+    header(&mut out, r);
+    let allocs: Vec<&Site> = r.sites.iter().filter(|s| s.api != Api::Free).collect();
+    let mut by_bytes = allocs.clone();
+    by_bytes.sort_by_key(|s| std::cmp::Reverse(s.stats.bytes));
+    by_bytes.truncate(k);
+    table(&mut out, "TOP SITES BY BYTES", &by_bytes);
+    let mut by_calls = allocs;
+    by_calls.sort_by_key(|s| std::cmp::Reverse(s.stats.calls));
+    by_calls.truncate(k);
+    table(&mut out, "TOP SITES BY CALLS", &by_calls);
+    out
+}
+
+pub fn leaks(r: &LeaksReport, k: usize) -> String {
+    let mut out = String::new();
+    let shown: u64 = r.leaks.iter().map(|l| l.count).sum();
+    let shown_bytes: u64 = r.leaks.iter().map(|l| l.bytes).sum();
+    let _ = writeln!(
+        out,
+        "allocwatch leaks — pid {} ({}): {shown} allocations, {} outstanding for at least {:.1}s \
+         (all live: {}, {})",
+        r.info.pid,
+        r.info.comm,
+        human_bytes(shown_bytes),
+        r.min_age_secs,
+        r.live_allocations,
+        human_bytes(r.live_bytes)
+    );
+    lost_line(&mut out, &r.lost);
+    let _ = writeln!(
+        out,
+        "{:>10} {:>8} {:>9} {:<14} SITE",
+        "BYTES", "COUNT", "OLDEST", "API"
+    );
+    for l in r.leaks.iter().take(k) {
+        let _ = write!(
+            out,
+            "{:>10} {:>8} {:>8.1}s {:<14} ",
+            human_bytes(l.bytes),
+            l.count,
+            l.oldest_age_secs,
+            l.api.symbol()
+        );
+        site_lines(&mut out, &l.frames, 44);
+    }
+    if r.leaks.len() > k {
+        let _ = writeln!(out, "… {} more sites (raise --top)", r.leaks.len() - k);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(function: Option<&str>, file: Option<&str>, line: Option<u32>) -> Frame {
+        Frame {
+            function: function.map(String::from),
+            file: file.map(String::from),
+            line,
+            module: Some("/usr/lib/libx.so".into()),
+            offset: Some(0x1a2b),
+            address: 0x7f00_0000_1a2b,
+        }
+    }
+
+    #[test]
+    fn frames_render_with_best_available_detail() {
+        assert_eq!(
+            frame(&f(Some("fx_malloc"), Some("/src/fx.c"), Some(12))),
+            "fx_malloc (fx.c:12)"
+        );
+        assert_eq!(frame(&f(Some("g"), None, None)), "g [libx.so]");
+        assert_eq!(frame(&f(None, None, None)), "libx.so+0x1a2b");
+    }
+}
