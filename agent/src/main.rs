@@ -4,6 +4,7 @@
 mod aggregate;
 mod cli;
 mod collect;
+mod gort;
 mod k8s;
 mod launch;
 mod preflight;
