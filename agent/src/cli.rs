@@ -21,6 +21,15 @@ pub enum Command {
     Top(TopArgs),
     /// Outstanding allocations older than --min-age, grouped by stack.
     Leaks(LeaksArgs),
+    /// Go maps that grew, largest first: growth count, size, bytes and the site of their
+    /// first growth.
+    Maps(MapsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MapsArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
 }
 
 #[derive(Debug, Args)]
@@ -70,6 +79,10 @@ pub struct CommonArgs {
     /// Do not capture user stacks (sites are then identified by their immediate caller only).
     #[arg(long)]
     pub no_stacks: bool,
+    /// Go programs: trace growth and GC only, not every heap allocation (`runtime.mallocgc`
+    /// fires for each one; this mode costs the least).
+    #[arg(long)]
+    pub no_go_malloc: bool,
     #[command(flatten)]
     pub capacity: CapacityArgs,
 }

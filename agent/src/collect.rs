@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use allocwatch_common::{
     Event,
+    go::{GoHistKey, GoHistVal},
     libc::{API_COUNT, LiveAlloc, LiveKey, Overflow, SiteKey, SiteStats},
     loss::{LOSS_CAUSES, LossCause},
     map_names,
@@ -98,6 +99,33 @@ pub fn overflow(ebpf: &Ebpf) -> Result<[Overflow; API_COUNT], CollectError> {
             slot.calls += v.calls;
             slot.bytes += v.bytes;
         }
+    }
+    Ok(out)
+}
+
+/// The `mallocgc` size histogram of `tgid`: log2 bucket → (count, bytes), CPUs summed.
+pub fn go_hist(ebpf: &Ebpf, tgid: u32) -> Result<BTreeMap<u32, GoHistVal>, CollectError> {
+    let name = map_names::GO_HIST;
+    let map = ebpf.map(name).ok_or(CollectError::MissingMap(name))?;
+    let map: PerCpuHashMap<_, GoHistKey, GoHistVal> =
+        PerCpuHashMap::try_from(map).map_err(map_err(name))?;
+    let mut out = BTreeMap::new();
+    for item in map.iter() {
+        let (key, values) = match item {
+            Ok(kv) => kv,
+            Err(MapError::KeyNotFound) => continue,
+            Err(e) => return Err(map_err(name)(e)),
+        };
+        if key.tgid != tgid {
+            continue;
+        }
+        let v = values
+            .iter()
+            .fold(GoHistVal::default(), |acc, v| GoHistVal {
+                count: acc.count + v.count,
+                bytes: acc.bytes + v.bytes,
+            });
+        out.insert(key.bucket, v);
     }
     Ok(out)
 }

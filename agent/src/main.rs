@@ -5,6 +5,7 @@ mod aggregate;
 mod cli;
 mod collect;
 mod gort;
+mod gostate;
 mod k8s;
 mod launch;
 mod preflight;
@@ -48,6 +49,7 @@ fn main() -> ExitCode {
                     Command::Leaks(a) => {
                         session::run(View::Leaks { min_age: a.min_age }, a.common).await
                     }
+                    Command::Maps(a) => session::run(View::Maps, a.common).await,
                 }
             })
         });

@@ -2,9 +2,15 @@
 
 use std::{num::NonZeroU32, path::Path};
 
-use allocwatch_common::{config, globals, libc::cookie, map_names};
+use allocwatch_common::{
+    config, globals,
+    go::{self, GO_SPECS_MAX, GoProc, GoSpec},
+    libc::cookie,
+    map_names,
+};
 use aya::{
     Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapError},
     programs::{
         ProgramError, UProbe,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
@@ -12,25 +18,34 @@ use aya::{
 };
 use thiserror::Error;
 
-use crate::{cli::CapacityArgs, target::ProbePoint};
+use crate::{
+    cli::CapacityArgs,
+    target::{ProbePoint, go::GoProbe},
+};
 
 /// The compiled probe object, built by agent/build.rs.
 static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/allocwatch"));
 
 const LIBC_ENTRY: &str = "libc_entry";
 const LIBC_RETURN: &str = "libc_return";
+const GO_ENTRY: &str = "go_entry";
 
 #[derive(Debug, Error)]
 pub enum ProbeError {
     #[error("cannot load the eBPF programs: {0}")]
     Load(#[from] aya::EbpfError),
-    #[error("the kernel rejected the {program} program: {source}")]
+    #[error("the kernel rejected the {program} program: {}", brief(error))]
     Program {
         program: &'static str,
-        source: ProgramError,
+        // Not a `#[source]`: its Display carries the whole verifier log.
+        error: ProgramError,
     },
     #[error("cannot attach uprobes to {path}: {source}")]
     Attach { path: String, source: ProgramError },
+    #[error("cannot configure the Go probes: {0}")]
+    GoConfig(#[from] MapError),
+    #[error("more than {GO_SPECS_MAX} Go functions probed at once")]
+    TooManyGoSpecs,
 }
 
 /// Load-time settings of the probe.
@@ -46,6 +61,8 @@ pub struct ProbeConfig {
 pub struct Probes {
     pub ebpf: Ebpf,
     attached_points: usize,
+    /// Next free slot of the GO_SPECS array.
+    next_spec: u32,
 }
 
 impl Probes {
@@ -60,14 +77,15 @@ impl Probes {
             .map_max_entries(map_names::STACKS, cfg.capacity.max_stacks)
             .map_max_entries(map_names::PENDING, cfg.capacity.max_pending)
             .load(PROBE_OBJECT)?;
-        for program in [LIBC_ENTRY, LIBC_RETURN] {
+        for program in [LIBC_ENTRY, LIBC_RETURN, GO_ENTRY] {
             uprobe(&mut ebpf, program)?
                 .load()
-                .map_err(|source| ProbeError::Program { program, source })?;
+                .map_err(|error| ProbeError::Program { program, error })?;
         }
         Ok(Self {
             ebpf,
             attached_points: 0,
+            next_spec: 0,
         })
     }
 
@@ -103,8 +121,110 @@ impl Probes {
         Ok(())
     }
 
+    /// Attaches the Go entry program at every probe site of a Go binary, each with its own
+    /// capture spec.
+    pub fn attach_go(
+        &mut self,
+        file: &Path,
+        probes: &[GoProbe],
+        pid: Option<NonZeroU32>,
+    ) -> Result<(), ProbeError> {
+        if probes.is_empty() {
+            return Ok(());
+        }
+        let first = self.next_spec;
+        let end = first
+            .checked_add(probes.len() as u32)
+            .filter(|&e| e <= GO_SPECS_MAX)
+            .ok_or(ProbeError::TooManyGoSpecs)?;
+        {
+            let map = self
+                .ebpf
+                .map_mut(map_names::GO_SPECS)
+                .ok_or(MapError::InvalidName {
+                    name: map_names::GO_SPECS.into(),
+                })?;
+            let mut specs: Array<_, GoSpec> = Array::try_from(map)?;
+            for (i, p) in probes.iter().enumerate() {
+                specs.set(first + i as u32, &p.spec, 0)?;
+            }
+        }
+        self.next_spec = end;
+        for p in probes {
+            log::debug!(
+                "{} {:?}: offset {:#x}, sp delta {}, {}",
+                p.symbol,
+                p.role,
+                p.file_offset,
+                p.sp_delta,
+                if p.emulated {
+                    "emulated"
+                } else {
+                    "single-stepped"
+                }
+            );
+        }
+        let points: Vec<UProbeAttachPoint<'_>> = probes
+            .iter()
+            .enumerate()
+            .map(|(i, p)| UProbeAttachPoint {
+                location: UProbeAttachLocation::AbsoluteOffset(p.file_offset),
+                cookie: Some(go::cookie::encode(first + i as u32, p.sp_delta)),
+            })
+            .collect();
+        let scope = pid.map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
+        uprobe(&mut self.ebpf, GO_ENTRY)?
+            .attach(points, file, scope)
+            .map_err(|source| ProbeError::Attach {
+                path: file.display().to_string(),
+                source,
+            })?;
+        self.attached_points += probes.len();
+        Ok(())
+    }
+
+    /// Tells the probe where `runtime.mallocgc` lives in process `tgid`.
+    pub fn set_go_process(&mut self, tgid: u32, proc: GoProc) -> Result<(), ProbeError> {
+        let map = self
+            .ebpf
+            .map_mut(map_names::GO_PROCS)
+            .ok_or(MapError::InvalidName {
+                name: map_names::GO_PROCS.into(),
+            })?;
+        let mut procs: HashMap<_, u32, GoProc> = HashMap::try_from(map)?;
+        procs.insert(&tgid, &proc, 0)?;
+        Ok(())
+    }
+
     pub fn attached_points(&self) -> usize {
         self.attached_points
+    }
+}
+
+/// One line for a load error: the verifier's log is hundreds of lines; its last statement says
+/// why (the full log is for developers: `bpftool prog load` reproduces it).
+fn brief(e: &ProgramError) -> String {
+    match e {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            let why = log
+                .split(['\n', ';'])
+                .map(str::trim)
+                .rev()
+                .find(|l| {
+                    !l.is_empty()
+                        && !l.starts_with("verification time")
+                        && !l.starts_with("processed ")
+                        && !l.starts_with("stack depth")
+                })
+                .unwrap_or("");
+            let why: String = why.chars().take(200).collect();
+            format!("{io_error}: {why}")
+        }
+        other => other.to_string(),
     }
 }
 
@@ -118,10 +238,10 @@ fn attach_point(p: &ProbePoint) -> UProbeAttachPoint<'static> {
 fn uprobe<'a>(ebpf: &'a mut Ebpf, program: &'static str) -> Result<&'a mut UProbe, ProbeError> {
     let missing = || ProbeError::Program {
         program,
-        source: ProgramError::UnexpectedProgramType,
+        error: ProgramError::UnexpectedProgramType,
     };
     ebpf.program_mut(program)
         .ok_or_else(missing)?
         .try_into()
-        .map_err(|source| ProbeError::Program { program, source })
+        .map_err(|error| ProbeError::Program { program, error })
 }

@@ -1,17 +1,19 @@
 //! One tracing session: resolve the target, attach, follow it until it exits (or the duration
-//! ends, or Ctrl-C/SIGTERM), then report. `top` and `leaks` differ only in their views.
+//! ends, or Ctrl-C/SIGTERM), then report. `top`, `leaks` and `maps` differ only in their views.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet, hash_map::Entry},
     fs,
     io::{IsTerminal as _, Write as _},
     num::NonZeroU32,
     os::fd::{FromRawFd as _, OwnedFd},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use allocwatch_common::{
     Event,
+    go::GoProc,
     libc::{Api, SiteKey},
     loss::LossCause,
 };
@@ -24,11 +26,23 @@ use tokio::{
 use crate::{
     aggregate::{self, call_chain},
     cli::CommonArgs,
-    collect, launch, preflight,
+    collect,
+    gort::versions::MapImpl,
+    gostate::{GoSiteKey, GoState, Pauses},
+    launch::{self, Parked},
+    preflight,
     probes::{ProbeConfig, Probes},
-    report::{self, Leak, LeaksReport, ProcessInfo, Site, TopReport},
+    report::{
+        self, GoMap, GoReport, GoSite, Leak, LeaksReport, PauseSummary, ProcessInfo, Site,
+        TopReport,
+    },
     symbolize::{Frame, SymbolizerHandle},
-    target::{self, maps::DevInode},
+    target::{
+        self, TargetError,
+        go::GoTarget,
+        libc::LibcTarget,
+        maps::{DevInode, read_maps},
+    },
 };
 
 /// What the session shows.
@@ -36,6 +50,7 @@ use crate::{
 pub enum View {
     Top { interval: Duration },
     Leaks { min_age: Duration },
+    Maps,
 }
 
 /// Why the session ended.
@@ -46,20 +61,75 @@ enum End {
     Signal(i32),
 }
 
-pub async fn run(view: View, args: CommonArgs) -> anyhow::Result<()> {
-    preflight::check()?;
-    let symbolizer = SymbolizerHandle::spawn();
+/// The process to trace and the files to probe in it.
+struct Target {
+    pid: NonZeroU32,
+    parked: Option<Parked>,
+    libc: Option<LibcTarget>,
+    go: Option<GoTarget>,
+}
 
-    // Resolve everything that can fail on bad input before touching the kernel.
-    let (pid, parked, libc) = match args.pid {
-        Some(pid) => (pid, None, target::libc_for_pid(pid.get())?),
+/// Resolves everything that can fail on bad input before touching the kernel. A Go program
+/// without cgo has no libc: it is traced through its runtime only.
+fn resolve(args: &CommonArgs) -> anyhow::Result<Target> {
+    let no_libc = |e: &TargetError| {
+        matches!(
+            e,
+            TargetError::ProcessNoLibc { .. }
+                | TargetError::StaticNoMalloc { .. }
+                | TargetError::LibcNotFound { .. }
+        )
+    };
+    let with_malloc = !args.no_go_malloc;
+    match args.pid {
+        Some(pid) => {
+            let libc = target::libc_for_pid(pid.get());
+            if let Err(e @ TargetError::NoSuchProcess { .. }) = libc {
+                return Err(e.into());
+            }
+            let exe = PathBuf::from(format!("/proc/{pid}/exe"));
+            let go = target::go::for_exe(&exe, with_malloc)?;
+            let libc = match libc {
+                Ok(l) => Some(l),
+                Err(e) if go.is_some() && no_libc(&e) => None,
+                Err(e) => return Err(e.into()),
+            };
+            Ok(Target {
+                pid,
+                parked: None,
+                libc,
+                go,
+            })
+        }
         None => {
-            let libc = target::libc_for_command(&args.command[0])?;
+            let exe = target::libc::resolve_program(&args.command[0])?;
+            let go = target::go::for_exe(&exe, with_malloc)?;
+            let libc = match target::libc_for_command(&args.command[0]) {
+                Ok(l) => Some(l),
+                Err(e) if go.is_some() && no_libc(&e) => None,
+                Err(e) => return Err(e.into()),
+            };
             let parked = launch::park(&args.command)?;
             let pid = NonZeroU32::new(parked.pid()).context("fork returned pid 0")?;
-            (pid, Some(parked), libc)
+            Ok(Target {
+                pid,
+                parked: Some(parked),
+                libc,
+                go,
+            })
         }
-    };
+    }
+}
+
+pub async fn run(view: View, args: CommonArgs) -> anyhow::Result<()> {
+    preflight::check()?;
+    let target = resolve(&args)?;
+    let Target {
+        pid,
+        parked,
+        libc,
+        go,
+    } = target;
     let launched = parked.is_some();
     let pidfd = pidfd_open(pid.get())
         .with_context(|| format!("process {pid} does not exist (or exited already)"))?;
@@ -69,35 +139,79 @@ pub async fn run(view: View, args: CommonArgs) -> anyhow::Result<()> {
         stacks: !args.no_stacks,
         capacity: args.capacity,
     })?;
-    probes.attach_libc(&libc.path, &libc.probes, Some(pid))?;
+    if let Some(libc) = &libc {
+        probes.attach_libc(&libc.path, &libc.probes, Some(pid))?;
+    }
+    if let Some(go) = &go {
+        probes.attach_go(&go.path, &go.probes, Some(pid))?;
+        if let (Some((start, end)), false) = (go.mallocgc, go.pie) {
+            probes.set_go_process(
+                pid.get(),
+                GoProc {
+                    mallocgc_start: start,
+                    mallocgc_end: end,
+                },
+            )?;
+        }
+    }
     let ring = collect::take_events(&mut probes.ebpf)?;
     // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the ring buffer.
     let mut ring = unsafe { AsyncFd::register(ring) }.map_err(std::io::Error::from)?;
     if let Some(parked) = parked {
         parked.release()?;
     }
-    let mut frames = FrameCache::default();
+    let symbolizer = SymbolizerHandle::spawn();
     if launched {
         // The command maps its libraries after exec; snapshot its mappings as soon as the probed
-        // libc is among them, so that even a command that exits within milliseconds is named.
-        note_when_mapped(&symbolizer, pid.get(), libc.dev_inode);
+        // file is among them, so that even a command that exits within milliseconds is named.
+        let mut files: Vec<DevInode> = libc.iter().map(|l| l.dev_inode).collect();
+        if let Some(g) = &go
+            && let Ok(meta) = fs::metadata(&g.path)
+        {
+            files.push(DevInode::from_metadata(&meta));
+        }
+        note_when_mapped(&symbolizer, pid.get(), &files);
     } else {
         symbolizer.note_process(pid.get());
     }
-    frames.noted.insert(pid.get());
-    let started = Instant::now();
-    let mut info = ProcessInfo {
-        pid: pid.get(),
-        libc: libc.display_path.clone(),
-        aliases: libc.aliases.clone(),
-        ..Default::default()
+    if let Some(go) = go.as_ref().filter(|g| g.pie) {
+        set_pie_mallocgc(&mut probes, pid.get(), go)?;
+    }
+
+    let mut tracer = Tracer {
+        probes,
+        symbolizer,
+        frames: FrameCache::default(),
+        info: ProcessInfo {
+            pid: pid.get(),
+            libc: libc
+                .as_ref()
+                .map_or_else(String::new, |l| l.display_path.clone()),
+            aliases: libc.as_ref().map(|l| l.aliases.clone()).unwrap_or_default(),
+            ..Default::default()
+        },
+        go: go.as_ref().map(GoState::new),
+        go_target: go,
+        started: Instant::now(),
+        top_k: args.top,
     };
-    refresh_identity(&mut info);
+    tracer.frames.noted.insert(pid.get());
+    refresh_identity(&mut tracer.info);
+    let mut what = Vec::new();
+    if !tracer.info.libc.is_empty() {
+        what.push(tracer.info.libc.clone());
+    }
+    if let Some(g) = &tracer.go_target {
+        what.push(format!("Go {} runtime", g.version.raw));
+        for w in &g.warnings {
+            eprintln!("allocwatch: warning: {w}");
+        }
+    }
     eprintln!(
         "allocwatch: tracing pid {pid} ({}): {} probes on {}",
-        info.comm,
-        probes.attached_points(),
-        info.libc
+        tracer.info.comm,
+        tracer.probes.attached_points(),
+        what.join(" and ")
     );
 
     // SAFETY: an OwnedFd keeps its fd open and unchanged while the AsyncFd owns it.
@@ -120,14 +234,14 @@ pub async fn run(view: View, args: CommonArgs) -> anyhow::Result<()> {
                 let mut guard = guard?;
                 bad_records += collect::drain(guard.get_inner_mut(), &mut events);
                 guard.clear_ready();
-                frames.resolve_events(&probes, &symbolizer, &mut info, &mut events).await?;
+                tracer.handle(&mut events).await?;
             }
             _ = pidfd.readable_mut() => break End::Exited,
             _ = sleep_until(deadline) => break End::Duration,
             _ = sigint.recv() => break End::Signal(libc::SIGINT),
             _ = sigterm.recv() => break End::Signal(libc::SIGTERM),
             _ = tick.tick(), if live_interval.is_some() => {
-                let r = top_report(&probes, &symbolizer, &mut frames, &info, started).await?;
+                let r = tracer.top_report().await?;
                 let mut out = std::io::stdout().lock();
                 if out.is_terminal() {
                     write!(out, "\x1b[2J\x1b[H")?;
@@ -157,32 +271,38 @@ pub async fn run(view: View, args: CommonArgs) -> anyhow::Result<()> {
         }
     }
     if launched {
-        info.exit_code = reap(pid.get());
-        info.exited = info.exit_code.is_some();
+        tracer.info.exit_code = reap(pid.get());
+        tracer.info.exited = tracer.info.exit_code.is_some();
     } else {
-        info.exited = end == End::Exited || !process_alive(pid.get());
+        tracer.info.exited = end == End::Exited || !process_alive(pid.get());
     }
 
-    // Final drain: notifications emitted just before the exit.
+    // Final drain: records emitted just before the exit.
     bad_records += collect::drain(ring.get_mut(), &mut events);
-    frames
-        .resolve_events(&probes, &symbolizer, &mut info, &mut events)
-        .await?;
+    tracer.handle(&mut events).await?;
     if bad_records > 0 {
         eprintln!("allocwatch: warning: {bad_records} malformed ring-buffer records ignored");
     }
 
     let rendered = match view {
         View::Top { .. } => {
-            let r = top_report(&probes, &symbolizer, &mut frames, &info, started).await?;
+            let r = tracer.top_report().await?;
             if args.json {
                 report::json::top(&[r])?
             } else {
                 report::text::top(&r, args.top)
             }
         }
+        View::Maps => {
+            let r = tracer.top_report().await?;
+            if args.json {
+                report::json::top(&[r])?
+            } else {
+                report::text::maps(&r, args.top)
+            }
+        }
         View::Leaks { min_age } => {
-            let r = leaks_report(&probes, &symbolizer, &mut frames, &info, min_age).await?;
+            let r = tracer.leaks_report(min_age).await?;
             if args.json {
                 report::json::leaks(&[r])?
             } else {
@@ -191,7 +311,7 @@ pub async fn run(view: View, args: CommonArgs) -> anyhow::Result<()> {
         }
     };
     // Detach before writing: the report must not wait on the traced process.
-    drop(probes);
+    drop(tracer);
     match &args.output {
         Some(path) => fs::write(path, rendered + "\n")
             .with_context(|| format!("cannot write {}", path.display()))?,
@@ -200,158 +320,352 @@ pub async fn run(view: View, args: CommonArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// For a position-independent Go binary, `runtime.mallocgc`'s runtime range is known once the
+/// executable is mapped.
+fn set_pie_mallocgc(probes: &mut Probes, pid: u32, go: &GoTarget) -> anyhow::Result<()> {
+    let Some((start, end)) = go.mallocgc else {
+        return Ok(());
+    };
+    let exe = fs::metadata(&go.path).with_context(|| go.path.display().to_string())?;
+    let id = DevInode::from_metadata(&exe);
+    // Go PIE binaries start with a PT_LOAD of vaddr 0 at file offset 0: the base of that
+    // mapping is the load bias.
+    let base = read_maps(pid)?
+        .into_iter()
+        .find(|m| m.dev_inode == id && m.offset == 0)
+        .map(|m| m.start);
+    if let Some(base) = base {
+        probes.set_go_process(
+            pid,
+            GoProc {
+                mallocgc_start: base + start,
+                mallocgc_end: base + end,
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// The state of a session after attaching.
+struct Tracer {
+    probes: Probes,
+    symbolizer: SymbolizerHandle,
+    frames: FrameCache,
+    info: ProcessInfo,
+    go: Option<GoState>,
+    go_target: Option<GoTarget>,
+    started: Instant,
+    top_k: usize,
+}
+
+impl Tracer {
+    async fn handle(&mut self, events: &mut Vec<Event>) -> anyhow::Result<()> {
+        for ev in events.drain(..) {
+            let (tgid, stack_id, ret_addr) = match ev {
+                Event::NewSite(site) => (site.tgid, site.stack_id, site.ret_addr),
+                Event::Go(g) => {
+                    if let Some(state) = &mut self.go {
+                        state.record(&g);
+                    }
+                    (g.header.tgid, g.stack_id, g.ret_addr)
+                }
+            };
+            if self.frames.noted.insert(tgid) {
+                self.symbolizer.note_process(tgid);
+                refresh_identity(&mut self.info);
+            }
+            // Symbolize now, while the process is alive.
+            self.frames
+                .frames(&self.probes, &self.symbolizer, tgid, stack_id, ret_addr)
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn lost(&self) -> anyhow::Result<BTreeMap<&'static str, u64>> {
+        let mut lost: BTreeMap<&'static str, u64> = collect::lost(&self.probes.ebpf)?
+            .into_iter()
+            .map(|(cause, n): (LossCause, u64)| (cause.name(), n))
+            .collect();
+        lost.insert("symbolize_process_gone", self.frames.process_gone);
+        if let Some(go) = &self.go {
+            lost.insert("go_map_instances_untracked", go.maps_untracked);
+        }
+        Ok(lost)
+    }
+
+    async fn top_report(&mut self) -> anyhow::Result<TopReport> {
+        let pid = self.info.pid;
+        let rows = collect::sites(&self.probes.ebpf, Some(pid))?;
+        let overflow = collect::overflow(&self.probes.ebpf)?;
+        let totals = aggregate::totals(rows.iter(), &overflow);
+        let mut chains = Vec::with_capacity(rows.len());
+        for (key, stats) in &rows {
+            chains.push(Site {
+                api: Api::try_from(key.api)?,
+                frames: self.site_frames(key).await?,
+                stats: *stats,
+            });
+        }
+        let mut sites = merge_by_source(
+            chains,
+            |s| s.api as u32,
+            |a, b| {
+                a.stats = aggregate::sum_stats([a.stats, b.stats].iter());
+            },
+        );
+        // Allocation sites by bytes first, then free sites by calls.
+        sites.sort_by_key(|s| {
+            (
+                s.api == Api::Free,
+                std::cmp::Reverse(s.stats.bytes),
+                std::cmp::Reverse(s.stats.calls),
+            )
+        });
+        let go = self.go_report().await?;
+        Ok(TopReport {
+            info: self.info.clone(),
+            elapsed_secs: self.started.elapsed().as_secs_f64(),
+            totals,
+            lost: self.lost()?,
+            sites,
+            symbolization: self.symbolizer.stats(),
+            go,
+        })
+    }
+
+    async fn site_frames(&mut self, key: &SiteKey) -> anyhow::Result<Vec<Frame>> {
+        self.frames
+            .frames(
+                &self.probes,
+                &self.symbolizer,
+                key.tgid,
+                key.stack_id,
+                key.ret_addr,
+            )
+            .await
+    }
+
+    async fn go_report(&mut self) -> anyhow::Result<Option<GoReport>> {
+        let Some(state) = &self.go else {
+            return Ok(None);
+        };
+        let pid = self.info.pid;
+        let mut site_keys: Vec<(GoSiteKey, u64, u64)> = state
+            .sites
+            .iter()
+            .map(|(k, c)| (*k, c.count, c.bytes))
+            .collect();
+        site_keys.sort();
+        let maps: Vec<_> = state
+            .top_maps(self.top_k.max(1) * 10)
+            .into_iter()
+            .cloned()
+            .collect();
+        let mut report = GoReport {
+            version: state.version.clone(),
+            map_impl: if state.swiss { "swiss" } else { "buckets" },
+            map_grows: state.map_grows.clone(),
+            map_grow_bytes: state.map_grow_bytes,
+            slice_grows: state.slice_grows,
+            slice_grow_bytes: state.slice_grow_bytes,
+            slice_moves: state.slice_moves.count,
+            slice_move_bytes: state.slice_moves.bytes,
+            large_allocs: state.large_allocs.count,
+            large_alloc_bytes: state.large_allocs.bytes,
+            gc_starts: state.gc_starts,
+            gc_cycles: state.gc_cycles,
+            gc_pauses: pause_summary(&state.gc_pauses),
+            stw_pauses: pause_summary(&state.stw_pauses),
+            maps_tracked: state.maps.len() as u64,
+            maps_untracked: state.maps_untracked,
+            measured: self.go_target.as_ref().is_some_and(|g| g.measured),
+            warnings: self
+                .go_target
+                .as_ref()
+                .map(|g| g.warnings.clone())
+                .unwrap_or_default(),
+            ..GoReport::default()
+        };
+        report.alloc_sizes = collect::go_hist(&self.probes.ebpf, pid)?
+            .into_iter()
+            .map(|(bucket, v)| (1u64 << bucket, v.count, v.bytes))
+            .collect();
+        let mut sites = Vec::with_capacity(site_keys.len());
+        for (key, count, bytes) in site_keys {
+            sites.push(GoSite {
+                kind: key.kind.name(),
+                frames: self
+                    .frames
+                    .frames(
+                        &self.probes,
+                        &self.symbolizer,
+                        pid,
+                        key.stack_id,
+                        key.ret_addr,
+                    )
+                    .await?,
+                count,
+                bytes,
+            });
+        }
+        let mut sites = merge_by_source(
+            sites,
+            |s| s.kind.as_ptr() as u32,
+            |a, b| {
+                a.count += b.count;
+                a.bytes += b.bytes;
+            },
+        );
+        sites.sort_by_key(|s| (std::cmp::Reverse(s.bytes), std::cmp::Reverse(s.count)));
+        report.sites = sites;
+        for m in maps {
+            let frames = match m.first_site {
+                Some(k) => {
+                    self.frames
+                        .frames(&self.probes, &self.symbolizer, pid, k.stack_id, k.ret_addr)
+                        .await?
+                }
+                None => Vec::new(),
+            };
+            report.maps.push(GoMap {
+                ptr: m.ptr,
+                grows: m.grows,
+                by_kind: m.by_kind.clone(),
+                bytes: m.bytes,
+                size_class: m.size_class,
+                dir_len: m.dir_len,
+                len_at_last_grow: m.len_at_last_grow,
+                frames,
+            });
+        }
+        if self
+            .go_target
+            .as_ref()
+            .is_some_and(|g| g.maps == MapImpl::Buckets)
+        {
+            report.map_impl = "buckets";
+        }
+        Ok(Some(report))
+    }
+
+    async fn leaks_report(&mut self, min_age: Duration) -> anyhow::Result<LeaksReport> {
+        let live = collect::live(&self.probes.ebpf, Some(self.info.pid))?;
+        let now = monotonic_ns();
+        let groups = aggregate::leaks(&live, now, min_age.as_nanos() as u64);
+        let mut leaks = Vec::with_capacity(groups.len());
+        for g in &groups {
+            leaks.push(Leak {
+                api: Api::try_from(g.site.api)?,
+                frames: self.site_frames(&g.site).await?,
+                count: g.count,
+                bytes: g.bytes,
+                oldest_age_secs: g.oldest_age_ns as f64 / 1e9,
+            });
+        }
+        Ok(LeaksReport {
+            info: self.info.clone(),
+            min_age_secs: min_age.as_secs_f64(),
+            live_allocations: live.len() as u64,
+            live_bytes: live.iter().map(|(_, a)| a.size).sum(),
+            lost: self.lost()?,
+            leaks,
+            symbolization: self.symbolizer.stats(),
+        })
+    }
+}
+
+/// Rows whose call chains symbolize to the same source (call instructions the compiler
+/// duplicated, e.g. in unrolled loops) become one row for the reader. `class` separates rows
+/// that must not merge (different APIs or kinds).
+fn merge_by_source<T: Clone + HasFrames>(
+    rows: Vec<T>,
+    class: impl Fn(&T) -> u32,
+    merge: impl Fn(&mut T, &T),
+) -> Vec<T> {
+    let mut out: Vec<T> = Vec::with_capacity(rows.len());
+    let mut index: HashMap<(u32, Vec<SourceFrame<'_>>), usize> = HashMap::new();
+    for row in &rows {
+        let key = (
+            class(row),
+            row.frames().iter().map(SourceFrame::of).collect(),
+        );
+        match index.entry(key) {
+            Entry::Occupied(e) => merge(&mut out[*e.get()], row),
+            Entry::Vacant(e) => {
+                e.insert(out.len());
+                out.push(row.clone());
+            }
+        }
+    }
+    out
+}
+
+trait HasFrames {
+    fn frames(&self) -> &[Frame];
+}
+
+impl HasFrames for Site {
+    fn frames(&self) -> &[Frame] {
+        &self.frames
+    }
+}
+
+impl HasFrames for GoSite {
+    fn frames(&self) -> &[Frame] {
+        &self.frames
+    }
+}
+
+fn pause_summary(p: &Pauses) -> PauseSummary {
+    PauseSummary {
+        count: p.count,
+        sum: p.sum_ns as f64 / 1e9,
+        max: p.max_ns as f64 / 1e9,
+        buckets: p
+            .hist
+            .iter()
+            .map(|(&b, &n)| ((1u64 << (b + 1)) as f64 / 1e9, n))
+            .collect(),
+    }
+}
+
 /// Symbolized call chains by (process, stack, caller), filled while the process is alive.
 #[derive(Default)]
 struct FrameCache {
     chains: HashMap<(u32, i32, u64), Vec<Frame>>,
-    /// Processes whose mappings were snapshotted after their first event (a launched command
-    /// maps its libraries only after exec, after the session's first snapshot).
+    /// Processes whose mappings were snapshotted.
     noted: HashSet<u32>,
     /// Chains that could not be symbolized because the process was gone.
     process_gone: u64,
 }
 
 impl FrameCache {
-    async fn resolve_events(
-        &mut self,
-        probes: &Probes,
-        symbolizer: &SymbolizerHandle,
-        info: &mut ProcessInfo,
-        events: &mut Vec<Event>,
-    ) -> anyhow::Result<()> {
-        for ev in events.drain(..) {
-            match ev {
-                Event::NewSite(site) => {
-                    if self.noted.insert(site.tgid) {
-                        symbolizer.note_process(site.tgid);
-                        refresh_identity(info);
-                    }
-                    self.frames(probes, symbolizer, &site).await?;
-                }
-            }
-        }
-        Ok(())
-    }
-
     async fn frames(
         &mut self,
         probes: &Probes,
         symbolizer: &SymbolizerHandle,
-        site: &SiteKey,
+        tgid: u32,
+        stack_id: i32,
+        ret_addr: u64,
     ) -> anyhow::Result<Vec<Frame>> {
-        let key = (site.tgid, site.stack_id, site.ret_addr);
+        let key = (tgid, stack_id, ret_addr);
         if let Some(f) = self.chains.get(&key) {
             return Ok(f.clone());
         }
-        let stack = collect::stack(&probes.ebpf, site.stack_id)?;
-        let chain = call_chain(site.ret_addr, &stack);
-        let frames = match symbolizer.symbolize_async(site.tgid, chain.clone()).await {
+        let stack = collect::stack(&probes.ebpf, stack_id)?;
+        let chain = call_chain(ret_addr, &stack);
+        let frames = match symbolizer.symbolize_async(tgid, chain.clone()).await {
             Ok(frames) => frames,
             Err(e) if e.is_process_gone() => {
                 self.process_gone += 1;
                 chain.iter().map(|&a| Frame::unknown(a)).collect()
             }
-            Err(e) => return Err(anyhow!("symbolizing pid {}: {e}", site.tgid)),
+            Err(e) => return Err(anyhow!("symbolizing pid {tgid}: {e}")),
         };
         self.chains.insert(key, frames.clone());
         Ok(frames)
     }
-}
-
-fn lost_map(
-    probes: &Probes,
-    frames: &FrameCache,
-) -> anyhow::Result<std::collections::BTreeMap<&'static str, u64>> {
-    let mut lost: std::collections::BTreeMap<&'static str, u64> = collect::lost(&probes.ebpf)?
-        .into_iter()
-        .map(|(cause, n): (LossCause, u64)| (cause.name(), n))
-        .collect();
-    lost.insert("symbolize_process_gone", frames.process_gone);
-    Ok(lost)
-}
-
-async fn top_report(
-    probes: &Probes,
-    symbolizer: &SymbolizerHandle,
-    frames: &mut FrameCache,
-    info: &ProcessInfo,
-    started: Instant,
-) -> anyhow::Result<TopReport> {
-    let rows = collect::sites(&probes.ebpf, Some(info.pid))?;
-    let overflow = collect::overflow(&probes.ebpf)?;
-    let totals = aggregate::totals(rows.iter(), &overflow);
-    let mut sites: Vec<Site> = Vec::with_capacity(rows.len());
-    let mut by_source: HashMap<(Api, Vec<SourceFrame<'_>>), usize> = HashMap::new();
-    let mut chains = Vec::with_capacity(rows.len());
-    for (key, stats) in &rows {
-        let site = Site {
-            api: Api::try_from(key.api)?,
-            frames: frames.frames(probes, symbolizer, key).await?,
-            stats: *stats,
-        };
-        chains.push(site);
-    }
-    // Call instructions the compiler duplicated (unrolled loops) symbolize to the same source
-    // chain: one site for the reader.
-    for site in &chains {
-        match by_source.entry((site.api, site.frames.iter().map(SourceFrame::of).collect())) {
-            std::collections::hash_map::Entry::Occupied(e) => {
-                let existing = &mut sites[*e.get()];
-                existing.stats = aggregate::sum_stats([existing.stats, site.stats].iter());
-            }
-            std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(sites.len());
-                sites.push(site.clone());
-            }
-        }
-    }
-    // Allocation sites by bytes first, then free sites by calls.
-    sites.sort_by_key(|s| {
-        (
-            s.api == Api::Free,
-            std::cmp::Reverse(s.stats.bytes),
-            std::cmp::Reverse(s.stats.calls),
-        )
-    });
-    Ok(TopReport {
-        info: info.clone(),
-        elapsed_secs: started.elapsed().as_secs_f64(),
-        totals,
-        lost: lost_map(probes, frames)?,
-        sites,
-        symbolization: symbolizer.stats(),
-    })
-}
-
-async fn leaks_report(
-    probes: &Probes,
-    symbolizer: &SymbolizerHandle,
-    frames: &mut FrameCache,
-    info: &ProcessInfo,
-    min_age: Duration,
-) -> anyhow::Result<LeaksReport> {
-    let live = collect::live(&probes.ebpf, Some(info.pid))?;
-    let now = monotonic_ns();
-    let groups = aggregate::leaks(&live, now, min_age.as_nanos() as u64);
-    let mut leaks = Vec::with_capacity(groups.len());
-    for g in &groups {
-        leaks.push(Leak {
-            api: Api::try_from(g.site.api)?,
-            frames: frames.frames(probes, symbolizer, &g.site).await?,
-            count: g.count,
-            bytes: g.bytes,
-            oldest_age_secs: g.oldest_age_ns as f64 / 1e9,
-        });
-    }
-    Ok(LeaksReport {
-        info: info.clone(),
-        min_age_secs: min_age.as_secs_f64(),
-        live_allocations: live.len() as u64,
-        live_bytes: live.iter().map(|(_, a)| a.size).sum(),
-        lost: lost_map(probes, frames)?,
-        leaks,
-        symbolization: symbolizer.stats(),
-    })
 }
 
 /// A frame as the reader sees it: function, file and line when symbolized, else the address.
@@ -422,16 +736,17 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Polls the maps of a freshly exec'd process until `libc` is mapped (ld.so maps every needed
-/// library before running any of them), for at most 100 ms or until the process is gone.
+/// Polls the maps of a freshly exec'd process until the probed `files` are mapped (ld.so maps
+/// every needed library before running any of them), for at most 100 ms or until the process
+/// is gone.
 ///
 /// This blocks on purpose, with a short sleep: a small program can map libc, run and exit
 /// within a millisecond, finer than the async timer.
-fn note_when_mapped(symbolizer: &SymbolizerHandle, pid: u32, libc: DevInode) {
+fn note_when_mapped(symbolizer: &SymbolizerHandle, pid: u32, files: &[DevInode]) {
     let deadline = Instant::now() + Duration::from_millis(100);
     while Instant::now() < deadline {
-        match target::maps::read_maps(pid) {
-            Ok(maps) if maps.iter().any(|m| m.dev_inode == libc) => break,
+        match read_maps(pid) {
+            Ok(maps) if files.iter().all(|f| maps.iter().any(|m| m.dev_inode == *f)) => break,
             // A zombie has no mappings left: nothing more to wait for.
             Ok(maps) if maps.is_empty() => return,
             Ok(_) => std::thread::sleep(Duration::from_micros(20)),

@@ -2,6 +2,7 @@
 //! every struct is `#[repr(C)]` with explicit padding and a compile-time size/offset assert.
 #![cfg_attr(not(feature = "user"), no_std)]
 
+pub mod go;
 pub mod libc;
 pub mod loss;
 
@@ -14,6 +15,10 @@ pub mod map_names {
     pub const LOST: &str = "LOST";
     pub const OVERFLOW: &str = "OVERFLOW";
     pub const EVENTS: &str = "EVENTS";
+    pub const GO_SPECS: &str = "GO_SPECS";
+    pub const GO_PROCS: &str = "GO_PROCS";
+    pub const GO_STW: &str = "GO_STW";
+    pub const GO_HIST: &str = "GO_HIST";
 }
 
 /// Names of the probe's global configuration variables (set with `EbpfLoader::override_global`).

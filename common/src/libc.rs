@@ -120,6 +120,8 @@ pub struct Overflow {
 pub enum EventKind {
     /// A site row was created: symbolize it while the process is alive.
     NewSite = 1,
+    /// A Go runtime event ([`crate::go::GoEvent`]).
+    Go = 2,
 }
 
 /// Common header of every ring-buffer record.
@@ -177,6 +179,8 @@ mod user {
         UnknownApi(u32),
         #[error("unknown event kind {0}")]
         UnknownKind(u32),
+        #[error("unknown Go role {0}")]
+        UnknownRole(u32),
         #[error("event record of {got} bytes, expected at least {want}")]
         Short { got: usize, want: usize },
     }
@@ -232,6 +236,7 @@ mod user {
         fn try_from(v: u32) -> Result<Self, Self::Error> {
             match v {
                 1 => Ok(EventKind::NewSite),
+                2 => Ok(EventKind::Go),
                 other => Err(DecodeError::UnknownKind(other)),
             }
         }
@@ -241,6 +246,7 @@ mod user {
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum Event {
         NewSite(SiteKey),
+        Go(crate::go::GoEvent),
     }
 
     impl TryFrom<&[u8]> for Event {
@@ -252,6 +258,11 @@ mod user {
                     let ev: NewSiteEvent = read(buf)?;
                     Api::try_from(ev.site.api)?;
                     Ok(Event::NewSite(ev.site))
+                }
+                EventKind::Go => {
+                    let ev: crate::go::GoEvent = read(buf)?;
+                    crate::go::GoRole::try_from(ev.role)?;
+                    Ok(Event::Go(ev))
                 }
             }
         }

@@ -24,9 +24,12 @@ pub enum LossCause {
     RingbufFull = 5,
     /// A return probe fired without a matching entry (e.g. attached mid-call).
     OrphanReturn = 6,
+    /// The Go allocation-size histogram table was full: that allocation is not in the
+    /// histogram.
+    GoHistFull = 7,
 }
 
-pub const LOSS_CAUSES: usize = 7;
+pub const LOSS_CAUSES: usize = 8;
 
 #[cfg(feature = "user")]
 mod user {
@@ -41,6 +44,7 @@ mod user {
             LossCause::StackError,
             LossCause::RingbufFull,
             LossCause::OrphanReturn,
+            LossCause::GoHistFull,
         ];
 
         /// Stable name used in JSON and metrics labels.
@@ -53,6 +57,7 @@ mod user {
                 LossCause::StackError => "stack_error",
                 LossCause::RingbufFull => "ringbuf_full",
                 LossCause::OrphanReturn => "orphan_return",
+                LossCause::GoHistFull => "go_hist_full",
             }
         }
     }

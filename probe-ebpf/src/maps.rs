@@ -2,6 +2,7 @@
 
 use allocwatch_common::{
     capacity,
+    go::{GO_HIST_BUCKETS, GO_SPECS_MAX, GoHistKey, GoHistVal, GoProc, GoSpec, StwState},
     libc::{
         API_COUNT, EventHeader, EventKind, LiveAlloc, LiveKey, NewSiteEvent, Overflow, Pending,
         SiteKey, SiteStats,
@@ -12,7 +13,7 @@ use aya_ebpf::{
     Global,
     bindings::BPF_NOEXIST,
     macros::map,
-    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
 };
 
 /// Traced process (tgid); 0 = every process the probes are attached to.
@@ -37,6 +38,17 @@ pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_CAUSES as
 pub static OVERFLOW: PerCpuArray<Overflow> = PerCpuArray::with_max_entries(API_COUNT as u32, 0);
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
+
+/// How to read each probed Go function (index = the cookie's spec number).
+#[map]
+pub static GO_SPECS: Array<GoSpec> = Array::with_max_entries(GO_SPECS_MAX, 0);
+#[map]
+pub static GO_PROCS: HashMap<u32, GoProc> = HashMap::with_max_entries(4096, 0);
+#[map]
+pub static GO_STW: HashMap<u32, StwState> = HashMap::with_max_entries(4096, 0);
+#[map]
+pub static GO_HIST: PerCpuHashMap<GoHistKey, GoHistVal> =
+    PerCpuHashMap::with_max_entries(256 * GO_HIST_BUCKETS, 0);
 
 #[inline(always)]
 pub fn lost(cause: LossCause) {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use allocwatch_common::libc::Api;
 use serde::Serialize;
 
-use super::{Leak, LeaksReport, ProcessInfo, Site, TopReport};
+use super::{GoReport, Leak, LeaksReport, PauseSummary, ProcessInfo, Site, TopReport};
 use crate::{
     aggregate::live_of,
     symbolize::{Frame, SymbolizeStats},
@@ -63,6 +63,150 @@ struct TopProcess<'a> {
     lost: &'a BTreeMap<&'static str, u64>,
     symbolization: SymbolizeStats,
     sites: Vec<JsonSite<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    go: Option<JsonGo<'a>>,
+}
+
+#[derive(Serialize)]
+struct JsonGo<'a> {
+    version: &'a str,
+    map_impl: &'static str,
+    map_grows: JsonGrows<'a>,
+    map_grow_bytes: u64,
+    slice_grows: u64,
+    slice_grow_bytes: u64,
+    slice_moves_to_heap: u64,
+    slice_move_bytes: u64,
+    large_allocs: u64,
+    large_alloc_bytes: u64,
+    gc_starts: u64,
+    gc_cycles: u64,
+    gc_pause_seconds: JsonPauses<'a>,
+    stw_pause_seconds: JsonPauses<'a>,
+    alloc_sizes: Vec<JsonBucket>,
+    sites: Vec<JsonGoSite<'a>>,
+    maps: Vec<JsonGoMap<'a>>,
+    maps_tracked: u64,
+    maps_untracked: u64,
+    /// Whether allocwatch's knowledge of this Go release was measured on real binaries.
+    runtime_measured: bool,
+    warnings: &'a [String],
+}
+
+#[derive(Serialize)]
+struct JsonGrows<'a> {
+    total: u64,
+    by_kind: &'a BTreeMap<&'static str, u64>,
+}
+
+#[derive(Serialize)]
+struct JsonPauses<'a> {
+    sum: f64,
+    count: u64,
+    max: f64,
+    /// (upper bound in seconds, pauses in that log2 bucket)
+    buckets: &'a [(f64, u64)],
+}
+
+impl<'a> From<&'a PauseSummary> for JsonPauses<'a> {
+    fn from(p: &'a PauseSummary) -> Self {
+        Self {
+            sum: p.sum,
+            count: p.count,
+            max: p.max,
+            buckets: &p.buckets,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct JsonBucket {
+    /// Sizes in `[min_bytes, 2 * min_bytes)`.
+    min_bytes: u64,
+    count: u64,
+    bytes: u64,
+}
+
+#[derive(Serialize)]
+struct JsonGoSite<'a> {
+    kind: &'static str,
+    frames: &'a [Frame],
+    count: u64,
+    bytes: u64,
+}
+
+#[derive(Serialize)]
+struct JsonGoMap<'a> {
+    address: u64,
+    grows: u64,
+    by_kind: &'a BTreeMap<&'static str, u64>,
+    bytes: u64,
+    /// Bucket maps: B; swiss maps: the largest table capacity.
+    size_class: u64,
+    directory_len: u64,
+    len_at_last_grow: u64,
+    first_grown_at: &'a [Frame],
+}
+
+impl<'a> From<&'a GoReport> for JsonGo<'a> {
+    fn from(g: &'a GoReport) -> Self {
+        Self {
+            version: &g.version,
+            map_impl: g.map_impl,
+            map_grows: JsonGrows {
+                total: g.map_grows.values().sum(),
+                by_kind: &g.map_grows,
+            },
+            map_grow_bytes: g.map_grow_bytes,
+            slice_grows: g.slice_grows,
+            slice_grow_bytes: g.slice_grow_bytes,
+            slice_moves_to_heap: g.slice_moves,
+            slice_move_bytes: g.slice_move_bytes,
+            large_allocs: g.large_allocs,
+            large_alloc_bytes: g.large_alloc_bytes,
+            gc_starts: g.gc_starts,
+            gc_cycles: g.gc_cycles,
+            gc_pause_seconds: (&g.gc_pauses).into(),
+            stw_pause_seconds: (&g.stw_pauses).into(),
+            alloc_sizes: g
+                .alloc_sizes
+                .iter()
+                .map(|&(min_bytes, count, bytes)| JsonBucket {
+                    min_bytes,
+                    count,
+                    bytes,
+                })
+                .collect(),
+            sites: g
+                .sites
+                .iter()
+                .map(|s| JsonGoSite {
+                    kind: s.kind,
+                    frames: &s.frames,
+                    count: s.count,
+                    bytes: s.bytes,
+                })
+                .collect(),
+            maps: g
+                .maps
+                .iter()
+                .map(|m| JsonGoMap {
+                    address: m.ptr,
+                    grows: m.grows,
+                    by_kind: &m.by_kind,
+                    bytes: m.bytes,
+                    size_class: m.size_class,
+                    directory_len: m.dir_len,
+                    len_at_last_grow: m.len_at_last_grow,
+                    first_grown_at: &m.frames,
+                })
+                .collect(),
+            maps_tracked: g.maps_tracked,
+            maps_untracked: g.maps_untracked,
+            runtime_measured: g.measured,
+            warnings: &g.warnings,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -144,6 +288,7 @@ pub fn top(reports: &[TopReport]) -> serde_json::Result<String> {
             lost: &r.lost,
             symbolization: r.symbolization,
             sites: r.sites.iter().map(Into::into).collect(),
+            go: r.go.as_ref().map(Into::into),
         })
         .collect();
     serde_json::to_string_pretty(&Document {

@@ -47,6 +47,70 @@ pub struct TopReport {
     pub sites: Vec<Site>,
     /// Addresses the symbolizer could not name, by cause (all processes of the session).
     pub symbolization: SymbolizeStats,
+    pub go: Option<GoReport>,
+}
+
+/// A Go growth or large-allocation site.
+#[derive(Clone, Debug)]
+pub struct GoSite {
+    pub kind: &'static str,
+    pub frames: Vec<Frame>,
+    pub count: u64,
+    pub bytes: u64,
+}
+
+/// One Go map instance that grew.
+#[derive(Clone, Debug)]
+pub struct GoMap {
+    pub ptr: u64,
+    pub grows: u64,
+    pub by_kind: BTreeMap<&'static str, u64>,
+    pub bytes: u64,
+    /// Old maps: B (2^B buckets); swiss maps: largest table capacity.
+    pub size_class: u64,
+    pub dir_len: u64,
+    pub len_at_last_grow: u64,
+    /// Call chain of its first growth seen.
+    pub frames: Vec<Frame>,
+}
+
+/// Pause statistics in seconds.
+#[derive(Clone, Debug, Default)]
+pub struct PauseSummary {
+    pub count: u64,
+    pub sum: f64,
+    pub max: f64,
+    /// (upper bound in seconds, pauses in that log2 bucket).
+    pub buckets: Vec<(f64, u64)>,
+}
+
+/// What the Go probes saw in one process.
+#[derive(Clone, Debug, Default)]
+pub struct GoReport {
+    pub version: String,
+    /// "swiss" or "buckets".
+    pub map_impl: &'static str,
+    pub map_grows: BTreeMap<&'static str, u64>,
+    pub map_grow_bytes: u64,
+    pub slice_grows: u64,
+    pub slice_grow_bytes: u64,
+    pub slice_moves: u64,
+    pub slice_move_bytes: u64,
+    pub large_allocs: u64,
+    pub large_alloc_bytes: u64,
+    pub gc_starts: u64,
+    pub gc_cycles: u64,
+    pub gc_pauses: PauseSummary,
+    pub stw_pauses: PauseSummary,
+    /// mallocgc request sizes: (log2 bucket lower bound in bytes, count, bytes).
+    pub alloc_sizes: Vec<(u64, u64, u64)>,
+    pub sites: Vec<GoSite>,
+    pub maps: Vec<GoMap>,
+    pub maps_tracked: u64,
+    pub maps_untracked: u64,
+    /// Whether this Go release's runtime knowledge was measured on real binaries.
+    pub measured: bool,
+    pub warnings: Vec<String>,
 }
 
 /// Outstanding allocations of one site.

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use allocwatch_common::libc::Api;
 
-use super::{LeaksReport, Site, TopReport, human_bytes};
+use super::{GoReport, LeaksReport, PauseSummary, Site, TopReport, human_bytes};
 use crate::{aggregate::live_of, symbolize::Frame};
 
 /// How many caller frames are printed under a site.
@@ -140,6 +140,124 @@ pub fn top(r: &TopReport, k: usize) -> String {
     by_calls.sort_by_key(|s| std::cmp::Reverse(s.stats.calls));
     by_calls.truncate(k);
     table(&mut out, "TOP SITES BY CALLS", &by_calls);
+    if let Some(go) = &r.go {
+        go_section(&mut out, go, k);
+    }
+    out
+}
+
+fn pauses(p: &PauseSummary) -> String {
+    if p.count == 0 {
+        return "none".into();
+    }
+    format!(
+        "{} pauses, total {:.3} ms, max {:.3} ms",
+        p.count,
+        p.sum * 1e3,
+        p.max * 1e3
+    )
+}
+
+fn go_section(out: &mut String, go: &GoReport, k: usize) {
+    let grows: Vec<String> = go
+        .map_grows
+        .iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    let _ = writeln!(out, "\nGO {} ({} maps)", go.version, go.map_impl);
+    for w in &go.warnings {
+        let _ = writeln!(out, "warning: {w}");
+    }
+    let _ = writeln!(
+        out,
+        "map grows: {} ({}), {} allocated",
+        go.map_grows.values().sum::<u64>(),
+        if grows.is_empty() {
+            "none".to_string()
+        } else {
+            grows.join(", ")
+        },
+        human_bytes(go.map_grow_bytes)
+    );
+    let _ = writeln!(
+        out,
+        "slice grows: {}, {} allocated",
+        go.slice_grows,
+        human_bytes(go.slice_grow_bytes)
+    );
+    let _ = writeln!(
+        out,
+        "GC: {} cycles; GC stop-the-world: {}; all stop-the-world: {}",
+        go.gc_cycles,
+        pauses(&go.gc_pauses),
+        pauses(&go.stw_pauses)
+    );
+    if go.large_allocs > 0 {
+        let _ = writeln!(
+            out,
+            "large allocations (>= 32 KiB): {}, {}",
+            go.large_allocs,
+            human_bytes(go.large_alloc_bytes)
+        );
+    }
+    let _ = writeln!(out, "\nTOP GO GROWTH SITES");
+    let _ = writeln!(out, "{:>10} {:>8} {:<12} SITE", "BYTES", "COUNT", "KIND");
+    for s in go.sites.iter().take(k) {
+        let _ = write!(
+            out,
+            "{:>10} {:>8} {:<12} ",
+            human_bytes(s.bytes),
+            s.count,
+            s.kind
+        );
+        site_lines(out, &s.frames, 32);
+    }
+}
+
+/// The `maps` view: Go map instances that grew, largest first.
+pub fn maps(r: &TopReport, k: usize) -> String {
+    let mut out = String::new();
+    let Some(go) = &r.go else {
+        let _ = writeln!(
+            out,
+            "allocwatch maps — pid {} ({}) is not a Go program",
+            r.info.pid, r.info.comm
+        );
+        return out;
+    };
+    let _ = writeln!(
+        out,
+        "allocwatch maps — pid {} ({}) Go {} ({} maps): {} maps grew, {} grows, {}",
+        r.info.pid,
+        r.info.comm,
+        go.version,
+        go.map_impl,
+        go.maps_tracked,
+        go.map_grows.values().sum::<u64>(),
+        human_bytes(go.map_grow_bytes)
+    );
+    let _ = writeln!(
+        out,
+        "{:>10} {:>6} {:>9} {:>10} {:<18} FIRST GROWN AT",
+        "BYTES", "GROWS", "SIZE", "LEN", "MAP"
+    );
+    for m in go.maps.iter().take(k) {
+        let size = if go.map_impl == "swiss" {
+            format!("{}x{}", m.dir_len.max(1), m.size_class)
+        } else {
+            format!("B={}", m.size_class)
+        };
+        let _ = write!(
+            out,
+            "{:>10} {:>6} {:>9} {:>10} {:<18} ",
+            human_bytes(m.bytes),
+            m.grows,
+            size,
+            m.len_at_last_grow,
+            format!("{:#x}", m.ptr)
+        );
+        site_lines(&mut out, &m.frames, 60);
+    }
     out
 }
 

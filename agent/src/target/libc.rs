@@ -264,6 +264,11 @@ struct SearchEnv {
     ld_cache: PathBuf,
 }
 
+/// The executable `program` names, searched in `PATH` like `execvp` (scripts not followed).
+pub fn resolve_program(program: impl AsRef<OsStr>) -> Result<PathBuf, TargetError> {
+    find_executable(program.as_ref(), std::env::var_os("PATH").as_deref())
+}
+
 fn command_target(program: &OsStr, env: &SearchEnv) -> Result<LibcTarget, TargetError> {
     let mut exe = find_executable(program, env.path.as_deref())?;
     // `#!` scripts: the interpreter is what allocates (bounded like the kernel's recursion).

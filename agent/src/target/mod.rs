@@ -7,6 +7,7 @@
 //!   command, and the probe list for it.
 
 pub mod elf;
+pub mod go;
 pub mod libc;
 pub mod maps;
 pub mod placement;

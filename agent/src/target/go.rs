@@ -1,0 +1,391 @@
+//! Which Go runtime functions of a binary to probe, where, and how to read their arguments.
+//!
+//! The per-version knowledge (symbols, registers, field offsets) lives in
+//! `crate::gort::versions`; this module binds it to one binary: finds each function through
+//! `.gopclntab` (so stripped binaries work), places the probe after the stack-bound check
+//! (`placement.rs`), finds the `ret` instructions where the end of a call matters, and turns
+//! the table's arguments into the probe's capture spec.
+
+use std::path::{Path, PathBuf};
+
+use allocwatch_common::go::{Capture, GO_SPEC_STACK, GO_VALUES, GoRole, GoSpec, reg};
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Register};
+
+use super::{
+    TargetError,
+    elf::{ElfFile, Symbol},
+    placement::{self, Request},
+};
+use crate::gort::{
+    buildinfo::{self, GoVersion},
+    pclntab::Pclntab,
+    versions::{self, MapImpl, Reg, Resolved, Role, RuntimeFunc, Unsupported},
+};
+
+/// Longest function body disassembled to find `ret`s (startTheWorldWithSema is ~1 KiB).
+const MAX_FUNC_BYTES: u64 = 64 << 10;
+
+/// A Go binary and the probes to put in it.
+#[derive(Clone, Debug)]
+pub struct GoTarget {
+    /// Path the agent opens and attaches to.
+    pub path: PathBuf,
+    pub version: GoVersion,
+    pub maps: MapImpl,
+    /// Whether this Go release's table rows were measured on real binaries.
+    pub measured: bool,
+    pub probes: Vec<GoProbe>,
+    /// Virtual address range of `runtime.mallocgc` (specialized mallocs called from it are not
+    /// counted twice).
+    pub mallocgc: Option<(u64, u64)>,
+    /// Position-independent (ET_DYN): runtime addresses are the virtual addresses plus the
+    /// load base, known only once the process has mapped the file.
+    pub pie: bool,
+    /// Before Go 1.21 a stop-the-world carries no reason; the GC's stops return into these
+    /// address ranges (`runtime.systemstack`, measured on go1.19.8), every other stop does not.
+    pub gc_stop_callers: Vec<(u64, u64)>,
+    /// What is not traced on this binary and why (unknown version, missing symbols).
+    pub warnings: Vec<String>,
+}
+
+/// One probe site in a Go binary.
+#[derive(Clone, Debug)]
+pub struct GoProbe {
+    pub role: GoRole,
+    pub symbol: String,
+    pub file_offset: u64,
+    pub sp_delta: u32,
+    pub emulated: bool,
+    pub spec: GoSpec,
+    /// The table row, for decoding (constants, version-specific meaning).
+    pub func: &'static RuntimeFunc,
+}
+
+/// What the tracer needs from a Go binary, or `None` if `path` is not a Go program.
+pub fn for_exe(path: &Path, with_malloc: bool) -> Result<Option<GoTarget>, TargetError> {
+    let bad = |e: crate::gort::GoError| TargetError::BadElf {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    };
+    let Some(version) = buildinfo::go_version(path).map_err(bad)? else {
+        return Ok(None);
+    };
+    let mut warnings = Vec::new();
+    let lookup = match versions::lookup(&version) {
+        Ok(l) => l,
+        Err(Unsupported::TooNew { safe, .. }) => {
+            warnings.push(format!(
+                "{}: only GC pauses are traced",
+                Unsupported::TooNew {
+                    version: version.raw.clone(),
+                    safe: Vec::new()
+                }
+            ));
+            versions::Lookup {
+                maps: versions::map_impl(&version),
+                funcs: safe,
+                measured: false,
+            }
+        }
+        Err(e) => {
+            warnings.push(format!("{e}: the Go runtime is not traced"));
+            return Ok(Some(GoTarget {
+                path: path.to_owned(),
+                maps: versions::map_impl(&version),
+                version,
+                measured: false,
+                probes: Vec::new(),
+                mallocgc: None,
+                pie: false,
+                gc_stop_callers: Vec::new(),
+                warnings,
+            }));
+        }
+    };
+    let tab = Pclntab::open(path)
+        .map_err(bad)?
+        .ok_or_else(|| TargetError::BadElf {
+            path: path.to_owned(),
+            reason: "Go binary without .gopclntab".into(),
+        })?;
+    let resolved = match lookup.resolve(&version, &tab) {
+        Ok(r) => r,
+        Err(e) => {
+            warnings.push(format!("{e}: the Go runtime is not traced"));
+            Vec::new()
+        }
+    };
+    let elf = ElfFile::open(path)?;
+    let mut probes = Vec::new();
+    let mut mallocgc = None;
+    for r in &resolved {
+        if r.func.role == Role::Malloc {
+            mallocgc = Some((r.entry, r.end));
+        }
+        let malloc = matches!(r.func.role, Role::Malloc | Role::MallocSpecialized);
+        if malloc && !with_malloc {
+            continue;
+        }
+        probes.extend(place_function(&elf, r)?);
+    }
+    let gc_stop_callers = if version.at_least(1, 21) {
+        Vec::new()
+    } else {
+        tab.find_function("runtime.systemstack")
+            .map(|f| vec![(f.entry, f.end)])
+            .unwrap_or_default()
+    };
+    Ok(Some(GoTarget {
+        path: path.to_owned(),
+        maps: lookup.maps,
+        measured: lookup.measured,
+        version,
+        probes,
+        mallocgc,
+        pie: is_pie(path)?,
+        gc_stop_callers,
+        warnings,
+    }))
+}
+
+/// Whether the ELF header says ET_DYN (e_type at offset 16, little endian).
+fn is_pie(path: &Path) -> Result<bool, TargetError> {
+    use std::io::Read as _;
+    let mut head = [0u8; 18];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .map_err(|source| TargetError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(u16::from_le_bytes([head[16], head[17]]) == 3)
+}
+
+/// The probe sites of one resolved function: its entry (after the stack check), or its `ret`s
+/// for the end of a stop-the-world.
+fn place_function(elf: &ElfFile, r: &Resolved) -> Result<Vec<GoProbe>, TargetError> {
+    let sym = Symbol {
+        address: r.entry,
+        size: r.end.saturating_sub(r.entry),
+    };
+    let code = elf.function_code(sym, MAX_FUNC_BYTES)?;
+    let offset_of = |vaddr: u64| {
+        elf.vaddr_to_file_offset(vaddr)
+            .ok_or_else(|| TargetError::BadElf {
+                path: elf.path().to_owned(),
+                reason: format!("{} at {vaddr:#x} is in no loadable segment", r.symbol),
+            })
+    };
+    let probe = |role: GoRole, vaddr: u64, sp_delta: u32, emulated: bool| {
+        Ok(GoProbe {
+            role,
+            symbol: r.symbol.clone(),
+            file_offset: offset_of(vaddr)?,
+            sp_delta,
+            emulated,
+            spec: spec_for(role, r.func),
+            func: r.func,
+        })
+    };
+    if r.func.role == Role::StartTheWorld {
+        return ret_addresses(&code, r.entry)
+            .into_iter()
+            .map(|a| probe(GoRole::StartTheWorldRet, a, 0, false))
+            .collect();
+    }
+    let Some(role) = go_role(r.func.role) else {
+        return Ok(Vec::new());
+    };
+    let needed: Vec<Register> = r.func.args.iter().map(|a| register(a.reg)).collect();
+    let p = placement::place(
+        &code,
+        r.entry,
+        &Request {
+            needed: &needed,
+            with_return: false,
+            skip_stack_check: true,
+        },
+    );
+    Ok(vec![probe(
+        role,
+        r.entry + p.offset_in_function,
+        p.sp_delta,
+        p.emulated,
+    )?])
+}
+
+/// Addresses of the `ret` instructions of a function body.
+pub fn ret_addresses(code: &[u8], address: u64) -> Vec<u64> {
+    let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
+    let mut out = Vec::new();
+    while decoder.can_decode() {
+        let instr = decoder.decode();
+        if instr.is_invalid() {
+            break;
+        }
+        if instr.flow_control() == FlowControl::Return {
+            out.push(instr.ip());
+        }
+    }
+    out
+}
+
+fn go_role(role: Role) -> Option<GoRole> {
+    Some(match role {
+        Role::MapHashGrow => GoRole::MapHashGrow,
+        Role::MapGrowToSmall => GoRole::MapGrowToSmall,
+        Role::MapGrowToTable => GoRole::MapGrowToTable,
+        Role::MapTableGrow => GoRole::MapTableGrow,
+        Role::MapTableSplit => GoRole::MapTableSplit,
+        Role::MapDirectoryGrow => GoRole::MapDirectoryGrow,
+        Role::SliceGrow => GoRole::SliceGrow,
+        Role::SliceMoveToHeap => GoRole::SliceMoveToHeap,
+        Role::Malloc => GoRole::Malloc,
+        Role::MallocSpecialized => GoRole::MallocSpecialized,
+        Role::GcStart => GoRole::GcStart,
+        Role::StopTheWorld => GoRole::StopTheWorld,
+        Role::StartTheWorld => return None,
+    })
+}
+
+fn register(r: Reg) -> Register {
+    match r {
+        Reg::Rax => Register::RAX,
+        Reg::Rbx => Register::RBX,
+        Reg::Rcx => Register::RCX,
+        Reg::Rdi => Register::RDI,
+        Reg::Rsi => Register::RSI,
+    }
+}
+
+fn reg_id(r: Reg) -> u8 {
+    match r {
+        Reg::Rax => reg::RAX,
+        Reg::Rbx => reg::RBX,
+        Reg::Rcx => reg::RCX,
+        Reg::Rdi => reg::RDI,
+        Reg::Rsi => reg::RSI,
+    }
+}
+
+/// The values each role's events carry, in order: names of the table row's arguments or
+/// fields. The agent decodes events by these positions (`crate::gostate`).
+pub fn value_names(role: GoRole) -> &'static [&'static str] {
+    match role {
+        GoRole::MapHashGrow => &["h", "count", "B", "flags", "bucketsize", "noverflow"],
+        GoRole::MapGrowToSmall | GoRole::MapGrowToTable => {
+            &["m", "used", "dirLen", "globalDepth", "groupSize"]
+        }
+        GoRole::MapTableGrow => &["m", "t", "capacity", "newCapacity", "used", "groupSize"],
+        GoRole::MapTableSplit => &["m", "t", "capacity", "localDepth", "groupSize", "mapUsed"],
+        GoRole::MapDirectoryGrow => &["m", "globalDepth", "dirLen", "oldLocalDepth"],
+        GoRole::SliceGrow => &["newLen", "oldCap", "elemSize", "ptrBytes", "oldPtr"],
+        GoRole::SliceMoveToHeap => &["len", "cap", "elemSize"],
+        GoRole::Malloc | GoRole::MallocSpecialized => &["size"],
+        GoRole::GcStart => &["triggerKind"],
+        GoRole::StopTheWorld => &["reason"],
+        // Filled by the probe itself: pause ns, stop reason, stop's return address.
+        GoRole::StartTheWorldRet => &[],
+    }
+}
+
+/// `_type.PtrBytes`: zero for pointer-free element types (abi.Type, Go 1.17 … 1.27).
+const PTR_BYTES_OFFSET: u32 = 8;
+
+/// The capture spec of `role` from the table row: each value is an argument register or a
+/// field loaded through one.
+fn spec_for(role: GoRole, func: &RuntimeFunc) -> GoSpec {
+    let mut spec = GoSpec {
+        role: role as u32,
+        flags: if stacks_for(role) { GO_SPEC_STACK } else { 0 },
+        ..GoSpec::default()
+    };
+    for (slot, name) in spec
+        .captures
+        .iter_mut()
+        .zip(value_names(role).iter())
+        .take(GO_VALUES)
+    {
+        *slot = capture_for(func, name).unwrap_or_default();
+    }
+    spec
+}
+
+fn capture_for(func: &RuntimeFunc, name: &str) -> Option<Capture> {
+    let by_arg = |n: &str| func.args.iter().find(|a| a.name == n);
+    if let Some(a) = by_arg(name) {
+        return Some(Capture {
+            reg: reg_id(a.reg),
+            size: a.size,
+            ..Capture::default()
+        });
+    }
+    if let Some(f) = func.fields.iter().find(|f| f.name == name) {
+        let base = by_arg(f.base)?;
+        return Some(Capture {
+            reg: reg_id(base.reg),
+            size: f.size,
+            deref: 1,
+            _pad: 0,
+            offset: u32::from(f.offset),
+        });
+    }
+    // Element pointerfulness decides growslice's size-class rounding (malloc headers).
+    if name == "ptrBytes" {
+        let et = by_arg("et")?;
+        return Some(Capture {
+            reg: reg_id(et.reg),
+            size: 8,
+            deref: 1,
+            _pad: 0,
+            offset: PTR_BYTES_OFFSET,
+        });
+    }
+    None
+}
+
+/// Growth events carry stacks (their sites are the point); GC events do not.
+fn stacks_for(role: GoRole) -> bool {
+    !matches!(
+        role,
+        GoRole::GcStart | GoRole::StopTheWorld | GoRole::StartTheWorldRet
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_rets() {
+        // push rbp; mov rbp,rsp; ret; nop; pop rbp; ret
+        let code = [0x55, 0x48, 0x89, 0xe5, 0xc3, 0x90, 0x5d, 0xc3];
+        assert_eq!(ret_addresses(&code, 0x1000), vec![0x1004, 0x1007]);
+    }
+
+    #[test]
+    fn every_role_value_is_in_some_row() {
+        for f in versions::TABLE {
+            let Some(role) = go_role(f.role) else {
+                continue;
+            };
+            for name in value_names(role) {
+                // Optional names (e.g. oldPtr, noverflow) may be absent in old rows; the ones
+                // decoding depends on must be there.
+                let essential = matches!(
+                    (role, *name),
+                    (GoRole::MapHashGrow, "h" | "count" | "B" | "bucketsize")
+                        | (
+                            GoRole::SliceGrow,
+                            "newLen" | "oldCap" | "elemSize" | "ptrBytes"
+                        )
+                        | (GoRole::MapTableGrow, "m" | "capacity" | "newCapacity")
+                        | (GoRole::Malloc, "size")
+                );
+                if essential {
+                    assert!(capture_for(f, name).is_some(), "{} lacks {name}", f.source);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! Entry-only uprobes on the Go runtime: map and slice growth, heap allocation sizes, GC
+//! stop-the-world pauses.
+//!
+//! Never a uretprobe here: Go moves goroutine stacks and a rewritten return address crashes
+//! the program. Where the end of a call matters (the end of a pause), the agent probes the
+//! function's `ret` instructions instead, as plain uprobes.
+
+use allocwatch_common::{
+    go::{
+        GO_HIST_BUCKETS, GO_LARGE_ALLOC, GO_SPEC_STACK, GO_VALUES, GoEvent, GoHistKey, GoHistVal,
+        GoRole, GoSpec, StwState, cookie, reg,
+    },
+    libc::{EventHeader, EventKind, NO_STACK},
+    loss::LossCause,
+};
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_ANY, BPF_F_USER_STACK, BPF_NOEXIST, pt_regs},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+        generated::bpf_get_attach_cookie,
+    },
+    macros::uprobe,
+    programs::{ProbeContext, tracing::StackIdContext as _},
+};
+
+use crate::maps::{EVENTS, GO_HIST, GO_PROCS, GO_SPECS, GO_STW, STACKS, TARGET_TGID, lost};
+
+const EEXIST: i32 = -17;
+
+#[uprobe(multi)]
+pub fn go_entry(ctx: ProbeContext) -> u32 {
+    on_go(&ctx);
+    0
+}
+
+#[inline(always)]
+fn on_go(ctx: &ProbeContext) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let target = TARGET_TGID.load();
+    if target != 0 && target != tgid {
+        return;
+    }
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let Some(spec) = GO_SPECS.get(cookie::spec(cookie)) else {
+        return;
+    };
+    // SAFETY: regs points at the probed task's saved registers.
+    let regs = unsafe { &*ctx.regs };
+    let sp = regs.rsp + cookie::sp_delta(cookie);
+    // SAFETY: reading the traced task's own stack; failure yields 0.
+    let ret_addr = unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0);
+
+    let role = spec.role;
+    if role == GoRole::Malloc as u32 || role == GoRole::MallocSpecialized as u32 {
+        on_malloc(ctx, spec, regs, tgid, pid_tgid, ret_addr);
+        return;
+    }
+    if role == GoRole::StopTheWorld as u32 {
+        let state = StwState {
+            // SAFETY: plain helper call.
+            ts_ns: unsafe { bpf_ktime_get_ns() },
+            reason: capture(&arg_regs(regs), spec, 0),
+            ret_addr,
+        };
+        let _ = GO_STW.insert(&tgid, &state, BPF_ANY as u64);
+        return;
+    }
+    let mut values = [0u64; GO_VALUES];
+    if role == GoRole::StartTheWorldRet as u32 {
+        let Some(stw) = GO_STW.get_ptr(&tgid) else {
+            return;
+        };
+        // SAFETY: map value pointer from a successful lookup; copied before the delete.
+        let stw: StwState = unsafe { *stw };
+        let _ = GO_STW.remove(&tgid);
+        // SAFETY: plain helper call.
+        values[0] = unsafe { bpf_ktime_get_ns() }.saturating_sub(stw.ts_ns);
+        values[1] = stw.reason;
+        values[2] = stw.ret_addr;
+    } else {
+        let args = arg_regs(regs);
+        for (i, v) in values.iter_mut().enumerate() {
+            *v = capture(&args, spec, i);
+        }
+    }
+    emit(ctx, spec, regs, tgid, pid_tgid, ret_addr, values);
+}
+
+/// `mallocgc` and the size-specialized mallocs: a size histogram in the kernel, and large
+/// objects streamed with their stack.
+#[inline(always)]
+fn on_malloc(
+    ctx: &ProbeContext,
+    spec: &GoSpec,
+    regs: &pt_regs,
+    tgid: u32,
+    pid_tgid: u64,
+    ret_addr: u64,
+) {
+    if spec.role == GoRole::MallocSpecialized as u32
+        && let Some(p) = GO_PROCS.get_ptr(&tgid)
+    {
+        // SAFETY: map value pointer from a successful lookup.
+        let (start, end) = unsafe { ((*p).mallocgc_start, (*p).mallocgc_end) };
+        if ret_addr >= start && ret_addr < end {
+            // Called by mallocgc itself, whose entry already counted this allocation.
+            return;
+        }
+    }
+    let size = capture(&arg_regs(regs), spec, 0);
+    let key = GoHistKey {
+        tgid,
+        bucket: log2_bucket(size),
+    };
+    match GO_HIST.get_ptr_mut(&key) {
+        // SAFETY: per-CPU value of this CPU.
+        Some(h) => unsafe {
+            (*h).count += 1;
+            (*h).bytes += size;
+        },
+        None => {
+            let init = GoHistVal {
+                count: 1,
+                bytes: size,
+            };
+            if GO_HIST.insert(&key, &init, BPF_NOEXIST as u64).is_err() {
+                lost(LossCause::GoHistFull);
+            }
+        }
+    }
+    if size >= GO_LARGE_ALLOC {
+        let mut values = [0u64; GO_VALUES];
+        values[0] = size;
+        emit(ctx, spec, regs, tgid, pid_tgid, ret_addr, values);
+    }
+}
+
+#[inline(always)]
+fn emit(
+    ctx: &ProbeContext,
+    spec: &GoSpec,
+    regs: &pt_regs,
+    tgid: u32,
+    pid_tgid: u64,
+    ret_addr: u64,
+    values: [u64; GO_VALUES],
+) {
+    let stack_id = if spec.flags & GO_SPEC_STACK != 0 {
+        match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
+            Ok(id) => id as i32,
+            Err(e) => {
+                lost(if e == EEXIST {
+                    LossCause::StackCollision
+                } else {
+                    LossCause::StackError
+                });
+                NO_STACK
+            }
+        }
+    } else {
+        NO_STACK
+    };
+    let ev = GoEvent {
+        header: EventHeader {
+            kind: EventKind::Go as u32,
+            tgid,
+        },
+        role: spec.role,
+        tid: pid_tgid as u32,
+        // SAFETY: plain helper call.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        goroutine: regs.r14,
+        ret_addr,
+        stack_id,
+        _pad: 0,
+        values,
+    };
+    if EVENTS.output(&ev, 0).is_err() {
+        lost(LossCause::RingbufFull);
+    }
+}
+
+/// The argument registers ABIInternal uses, loaded once with constant offsets: the verifier
+/// rejects loads through a context pointer that was offset at run time.
+#[inline(always)]
+fn arg_regs(regs: &pt_regs) -> [u64; 9] {
+    // SAFETY: volatile reads of fields of the valid pt_regs snapshot.
+    unsafe {
+        [
+            core::ptr::read_volatile(&regs.rax),
+            core::ptr::read_volatile(&regs.rbx),
+            core::ptr::read_volatile(&regs.rcx),
+            core::ptr::read_volatile(&regs.rdi),
+            core::ptr::read_volatile(&regs.rsi),
+            core::ptr::read_volatile(&regs.r8),
+            core::ptr::read_volatile(&regs.r9),
+            core::ptr::read_volatile(&regs.r10),
+            core::ptr::read_volatile(&regs.r11),
+        ]
+    }
+}
+
+/// Value `i` of the spec: a register, or a field loaded through one.
+#[inline(always)]
+fn capture(args: &[u64; 9], spec: &GoSpec, i: usize) -> u64 {
+    let Some(c) = spec.captures.get(i) else {
+        return 0;
+    };
+    if c.reg == reg::NONE {
+        return 0;
+    }
+    let Some(&base) = args.get(usize::from(c.reg) - 1) else {
+        return 0;
+    };
+    let raw = if c.deref != 0 {
+        // SAFETY: reading the traced task's memory; a fault yields 0.
+        unsafe { bpf_probe_read_user((base + c.offset as u64) as *const u64) }.unwrap_or(0)
+    } else {
+        base
+    };
+    match c.size {
+        1 => raw & 0xff,
+        2 => raw & 0xffff,
+        4 => raw & 0xffff_ffff,
+        _ => raw,
+    }
+}
+
+/// `floor(log2(size))`, capped to the histogram's last bucket; 0 for sizes 0 and 1.
+#[inline(always)]
+fn log2_bucket(size: u64) -> u32 {
+    let b = 63 - (size | 1).leading_zeros();
+    if b >= GO_HIST_BUCKETS {
+        GO_HIST_BUCKETS - 1
+    } else {
+        b
+    }
+}
