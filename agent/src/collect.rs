@@ -103,9 +103,12 @@ pub fn overflow(ebpf: &Ebpf) -> Result<[Overflow; API_COUNT], CollectError> {
     Ok(out)
 }
 
-/// The `mallocgc` size histogram of `tgid`: log2 bucket → (count, bytes), CPUs summed.
-pub fn go_hist(ebpf: &Ebpf, tgid: u32) -> Result<BTreeMap<u32, GoHistVal>, CollectError> {
-    let name = map_names::GO_HIST;
+/// A size histogram (`map_names::GO_HIST` or `LIBC_HIST`) of every process: (tgid, log2
+/// bucket) → (count, bytes), CPUs summed.
+pub fn hist(
+    ebpf: &Ebpf,
+    name: &'static str,
+) -> Result<BTreeMap<(u32, u32), GoHistVal>, CollectError> {
     let map = ebpf.map(name).ok_or(CollectError::MissingMap(name))?;
     let map: PerCpuHashMap<_, GoHistKey, GoHistVal> =
         PerCpuHashMap::try_from(map).map_err(map_err(name))?;
@@ -116,16 +119,13 @@ pub fn go_hist(ebpf: &Ebpf, tgid: u32) -> Result<BTreeMap<u32, GoHistVal>, Colle
             Err(MapError::KeyNotFound) => continue,
             Err(e) => return Err(map_err(name)(e)),
         };
-        if key.tgid != tgid {
-            continue;
-        }
         let v = values
             .iter()
             .fold(GoHistVal::default(), |acc, v| GoHistVal {
                 count: acc.count + v.count,
                 bytes: acc.bytes + v.bytes,
             });
-        out.insert(key.bucket, v);
+        out.insert((key.tgid, key.bucket), v);
     }
     Ok(out)
 }

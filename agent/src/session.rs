@@ -16,6 +16,7 @@ use allocwatch_common::{
     go::GoProc,
     libc::{Api, SiteKey},
     loss::LossCause,
+    map_names,
 };
 use anyhow::{Context as _, anyhow};
 use tokio::{
@@ -487,9 +488,10 @@ impl Tracer {
                 .unwrap_or_default(),
             ..GoReport::default()
         };
-        report.alloc_sizes = collect::go_hist(&self.probes.ebpf, pid)?
+        report.alloc_sizes = collect::hist(&self.probes.ebpf, map_names::GO_HIST)?
             .into_iter()
-            .map(|(bucket, v)| (1u64 << bucket, v.count, v.bytes))
+            .filter(|((tgid, _), _)| *tgid == pid)
+            .map(|((_, bucket), v)| (1u64 << bucket, v.count, v.bytes))
             .collect();
         let mut sites = Vec::with_capacity(site_keys.len());
         for (key, count, bytes) in site_keys {

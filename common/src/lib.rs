@@ -19,6 +19,7 @@ pub mod map_names {
     pub const GO_PROCS: &str = "GO_PROCS";
     pub const GO_STW: &str = "GO_STW";
     pub const GO_HIST: &str = "GO_HIST";
+    pub const LIBC_HIST: &str = "LIBC_HIST";
 }
 
 /// Names of the probe's global configuration variables (set with `EbpfLoader::override_global`).

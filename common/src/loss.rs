@@ -24,9 +24,9 @@ pub enum LossCause {
     RingbufFull = 5,
     /// A return probe fired without a matching entry (e.g. attached mid-call).
     OrphanReturn = 6,
-    /// The Go allocation-size histogram table was full: that allocation is not in the
-    /// histogram.
-    GoHistFull = 7,
+    /// An allocation-size histogram table (libc or Go) was full: that allocation is counted
+    /// but not in the histogram.
+    HistFull = 7,
 }
 
 pub const LOSS_CAUSES: usize = 8;
@@ -44,7 +44,7 @@ mod user {
             LossCause::StackError,
             LossCause::RingbufFull,
             LossCause::OrphanReturn,
-            LossCause::GoHistFull,
+            LossCause::HistFull,
         ];
 
         /// Stable name used in JSON and metrics labels.
@@ -57,7 +57,7 @@ mod user {
                 LossCause::StackError => "stack_error",
                 LossCause::RingbufFull => "ringbuf_full",
                 LossCause::OrphanReturn => "orphan_return",
-                LossCause::GoHistFull => "go_hist_full",
+                LossCause::HistFull => "size_histogram_full",
             }
         }
     }

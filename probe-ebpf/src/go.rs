@@ -7,15 +7,14 @@
 
 use allocwatch_common::{
     go::{
-        GO_HIST_BUCKETS, GO_LARGE_ALLOC, GO_SPEC_STACK, GO_VALUES, GoEvent, GoHistKey, GoHistVal,
-        GoRole, GoSpec, StwState, cookie, reg,
+        GO_LARGE_ALLOC, GO_SPEC_STACK, GO_VALUES, GoEvent, GoRole, GoSpec, StwState, cookie, reg,
     },
     libc::{EventHeader, EventKind, NO_STACK},
     loss::LossCause,
 };
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_ANY, BPF_F_USER_STACK, BPF_NOEXIST, pt_regs},
+    bindings::{BPF_ANY, BPF_F_USER_STACK, pt_regs},
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
         generated::bpf_get_attach_cookie,
@@ -24,7 +23,9 @@ use aya_ebpf::{
     programs::{ProbeContext, tracing::StackIdContext as _},
 };
 
-use crate::maps::{EVENTS, GO_HIST, GO_PROCS, GO_SPECS, GO_STW, STACKS, TARGET_TGID, lost};
+use crate::maps::{
+    EVENTS, GO_HIST, GO_PROCS, GO_SPECS, GO_STW, STACKS, TARGET_TGID, hist_add, lost,
+};
 
 const EEXIST: i32 = -17;
 
@@ -111,26 +112,7 @@ fn on_malloc(
         }
     }
     let size = capture(&arg_regs(regs), spec, 0);
-    let key = GoHistKey {
-        tgid,
-        bucket: log2_bucket(size),
-    };
-    match GO_HIST.get_ptr_mut(&key) {
-        // SAFETY: per-CPU value of this CPU.
-        Some(h) => unsafe {
-            (*h).count += 1;
-            (*h).bytes += size;
-        },
-        None => {
-            let init = GoHistVal {
-                count: 1,
-                bytes: size,
-            };
-            if GO_HIST.insert(&key, &init, BPF_NOEXIST as u64).is_err() {
-                lost(LossCause::GoHistFull);
-            }
-        }
-    }
+    hist_add(&GO_HIST, tgid, size);
     if size >= GO_LARGE_ALLOC {
         let mut values = [0u64; GO_VALUES];
         values[0] = size;
@@ -226,16 +208,5 @@ fn capture(args: &[u64; 9], spec: &GoSpec, i: usize) -> u64 {
         2 => raw & 0xffff,
         4 => raw & 0xffff_ffff,
         _ => raw,
-    }
-}
-
-/// `floor(log2(size))`, capped to the histogram's last bucket; 0 for sizes 0 and 1.
-#[inline(always)]
-fn log2_bucket(size: u64) -> u32 {
-    let b = 63 - (size | 1).leading_zeros();
-    if b >= GO_HIST_BUCKETS {
-        GO_HIST_BUCKETS - 1
-    } else {
-        b
     }
 }

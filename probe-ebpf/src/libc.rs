@@ -21,7 +21,9 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext, tracing::StackIdContext as _},
 };
 
-use crate::maps::{FLAGS, LIVE, PENDING, STACKS, TARGET_TGID, count_call, lost, site_row};
+use crate::maps::{
+    FLAGS, LIBC_HIST, LIVE, PENDING, STACKS, TARGET_TGID, count_call, hist_add, lost, site_row,
+};
 
 const EEXIST: i32 = -17;
 
@@ -120,6 +122,7 @@ fn on_entry(ctx: &ProbeContext) {
     }
 
     count_call(&site, size);
+    hist_add(&LIBC_HIST, tgid, size);
     let pending = Pending {
         entry_sp,
         size,

@@ -49,6 +49,40 @@ pub static GO_STW: HashMap<u32, StwState> = HashMap::with_max_entries(4096, 0);
 #[map]
 pub static GO_HIST: PerCpuHashMap<GoHistKey, GoHistVal> =
     PerCpuHashMap::with_max_entries(256 * GO_HIST_BUCKETS, 0);
+/// Request sizes of the libc malloc family, same layout as `GO_HIST`.
+#[map]
+pub static LIBC_HIST: PerCpuHashMap<GoHistKey, GoHistVal> =
+    PerCpuHashMap::with_max_entries(256 * GO_HIST_BUCKETS, 0);
+
+/// Adds one request of `size` bytes to `tgid`'s log2 size histogram in `map`.
+#[inline(always)]
+pub fn hist_add(map: &PerCpuHashMap<GoHistKey, GoHistVal>, tgid: u32, size: u64) {
+    let b = 63 - (size | 1).leading_zeros();
+    let key = GoHistKey {
+        tgid,
+        bucket: if b >= GO_HIST_BUCKETS {
+            GO_HIST_BUCKETS - 1
+        } else {
+            b
+        },
+    };
+    match map.get_ptr_mut(&key) {
+        // SAFETY: per-CPU value of this CPU.
+        Some(h) => unsafe {
+            (*h).count += 1;
+            (*h).bytes += size;
+        },
+        None => {
+            let init = GoHistVal {
+                count: 1,
+                bytes: size,
+            };
+            if map.insert(&key, &init, BPF_NOEXIST as u64).is_err() {
+                lost(LossCause::HistFull);
+            }
+        }
+    }
+}
 
 #[inline(always)]
 pub fn lost(cause: LossCause) {
