@@ -4,13 +4,16 @@
 //! channel; [`SymbolizerHandle`] is the cheap, cloneable way in. Processes are described by
 //! our own snapshot of their executable mappings (see `maps.rs` for why blazesym's process
 //! cache is not enough), and each address is symbolized by file offset in the mapped ELF file,
-//! so addresses stay resolvable after the process exits.
+//! so addresses stay resolvable after the process exits. Go code is named from the binary's
+//! `.gopclntab` instead (see `go.rs`), which blazesym cannot read.
 
+mod go;
 mod maps;
 #[cfg(test)]
 mod tests;
 
 use std::{
+    cell::OnceCell,
     collections::{HashMap, hash_map::Entry},
     fs::File,
     os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
@@ -183,8 +186,54 @@ struct Mapping {
     end: u64,
     offset: u64,
     module: String,
-    /// Where blazesym can read the file (an fd of ours), if it could be opened.
-    elf: Option<PathBuf>,
+    /// The mapped file in `Worker::files`, if it could be opened.
+    elf: Option<FileKey>,
+}
+
+/// (device, inode): one file however many processes map it, under whatever path.
+type FileKey = (u64, u64);
+
+/// A mapped file we keep open, with what was learnt about it.
+struct OpenFile {
+    /// Keeps the file readable after every process mapping it has exited.
+    _file: File,
+    /// `/proc/self/fd/…` of `_file`: where blazesym and the Go reader read it.
+    path: PathBuf,
+    /// Its Go symbol table, read at the first address symbolized in it; `None` when it is not
+    /// Go (or its table is unreadable, then blazesym does what it can).
+    go: OnceCell<Option<go::GoFile>>,
+}
+
+impl OpenFile {
+    fn new(file: File) -> Self {
+        Self {
+            path: PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())),
+            _file: file,
+            go: OnceCell::new(),
+        }
+    }
+
+    fn go(&self, module: &str) -> Option<&go::GoFile> {
+        self.go
+            .get_or_init(|| {
+                // Parses untrusted binaries: as for blazesym below, a bad one costs its
+                // symbols, not the thread.
+                let path = &self.path;
+                let opened = panic::catch_unwind(|| go::GoFile::open(path));
+                match opened {
+                    Ok(Ok(go)) => go,
+                    Ok(Err(err)) => {
+                        log::warn!("{module}: cannot read its Go symbol table: {err}");
+                        None
+                    }
+                    Err(_) => {
+                        log::warn!("{module}: reading its Go symbol table panicked");
+                        None
+                    }
+                }
+            })
+            .as_ref()
+    }
 }
 
 struct Process {
@@ -209,8 +258,8 @@ impl Process {
 struct Worker {
     symbolizer: Symbolizer,
     processes: HashMap<u32, Process>,
-    /// One open descriptor per distinct file (dev, inode), shared by every process mapping it.
-    files: HashMap<(u64, u64), File>,
+    /// One open descriptor per distinct file, shared by every process mapping it.
+    files: HashMap<FileKey, OpenFile>,
     counters: Arc<Counters>,
 }
 
@@ -281,7 +330,7 @@ impl Worker {
             let frames = process
                 .frames
                 .entry(addr)
-                .or_insert_with(|| resolve(symbolizer, &process.maps, addr, counters));
+                .or_insert_with(|| resolve(symbolizer, files, &process.maps, addr, counters));
             out.extend_from_slice(frames);
         }
         Ok(out)
@@ -289,7 +338,7 @@ impl Worker {
 }
 
 /// Our view of a snapshot, sorted by start address.
-fn mappings(raw: Vec<maps::RawMapping>, files: &mut HashMap<(u64, u64), File>) -> Vec<Mapping> {
+fn mappings(raw: Vec<maps::RawMapping>, files: &mut HashMap<FileKey, OpenFile>) -> Vec<Mapping> {
     let mut maps: Vec<Mapping> = raw
         .into_iter()
         .map(|m| Mapping {
@@ -304,15 +353,15 @@ fn mappings(raw: Vec<maps::RawMapping>, files: &mut HashMap<(u64, u64), File>) -
     maps
 }
 
-/// Keeps `file` open (or an already open descriptor of the same file) and returns the path
-/// through which blazesym can read it.
-fn adopt(files: &mut HashMap<(u64, u64), File>, file: File) -> Option<PathBuf> {
+/// Keeps `file` open unless the same file already is, and returns its key in `files`.
+fn adopt(files: &mut HashMap<FileKey, OpenFile>, file: File) -> Option<FileKey> {
     let meta = file
         .metadata()
         .inspect_err(|err| log::debug!("fstat of a mapped file: {err}"))
         .ok()?;
-    let kept = files.entry((meta.dev(), meta.ino())).or_insert(file);
-    Some(PathBuf::from(format!("/proc/self/fd/{}", kept.as_raw_fd())))
+    let key = (meta.dev(), meta.ino());
+    files.entry(key).or_insert_with(|| OpenFile::new(file));
+    Some(key)
 }
 
 /// The mapping holding return address `addr`, i.e. the call instruction before it.
@@ -326,6 +375,7 @@ fn find(maps: &[Mapping], addr: u64) -> Option<&Mapping> {
 /// line, not the one after it.
 fn resolve(
     symbolizer: &Symbolizer,
+    files: &HashMap<FileKey, OpenFile>,
     maps: &[Mapping],
     addr: u64,
     counters: &Counters,
@@ -340,12 +390,23 @@ fn resolve(
         offset: Some(file_offset(addr)),
         ..Frame::unknown(addr)
     };
-    let Some(elf) = &mapping.elf else {
+    let Some(elf) = mapping.elf.and_then(|key| files.get(&key)) else {
         bump(&counters.no_symbol, 1);
         return vec![frame];
     };
-    let source = Source::from(Elf::new(elf));
-    let input = Input::FileOffset(file_offset(addr - 1));
+    let lookup = file_offset(addr - 1);
+    // Go code by the Go table first, for stripped and unstripped binaries alike; addresses
+    // outside it (cgo's C code) fall through to blazesym.
+    if let Some(loc) = elf.go(&mapping.module).and_then(|go| go.lookup(lookup)) {
+        return vec![Frame {
+            function: Some(loc.function),
+            file: loc.file,
+            line: loc.line,
+            ..frame
+        }];
+    }
+    let source = Source::from(Elf::new(&elf.path));
+    let input = Input::FileOffset(lookup);
     // A malformed file must cost one frame, not the thread every later request relies on.
     let result = panic::catch_unwind(AssertUnwindSafe(|| {
         symbolizer.symbolize_single(&source, input)

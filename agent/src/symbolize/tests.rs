@@ -249,3 +249,465 @@ async fn async_variant_and_shutdown() {
     drop(s);
     assert!(clone.symbolize(pid, vec![1]).is_ok());
 }
+
+// Go binaries, named through `.gopclntab`: the growth fixture built by every Go toolchain the
+// setup installs, plain and stripped, non-PIE and PIE. Without those toolchains these tests
+// fail, never pass by testing nothing.
+
+struct GoToolchain {
+    version: String,
+    goroot: PathBuf,
+    go: PathBuf,
+}
+
+fn allocwatch_cache() -> PathBuf {
+    if let Some(dir) = std::env::var_os("ALLOCWATCH_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").expect("HOME is not set");
+    Path::new(&home).join(".cache/allocwatch")
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The toolchains `./x setup` lists in `$cache/go/toolchains.tsv` (xtask/src/go.rs).
+fn go_toolchains() -> Vec<GoToolchain> {
+    let manifest = allocwatch_cache().join("go/toolchains.tsv");
+    let text = std::fs::read_to_string(&manifest).unwrap_or_else(|e| {
+        panic!(
+            "Go toolchains missing ({}: {e}): run ./x setup first",
+            manifest.display()
+        )
+    });
+    let list: Vec<GoToolchain> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let cols: Vec<&str> = line.split('\t').collect();
+            assert_eq!(cols.len(), 3, "{}: bad line {line:?}", manifest.display());
+            let tc = GoToolchain {
+                version: cols[0].to_owned(),
+                goroot: PathBuf::from(cols[1]),
+                go: PathBuf::from(cols[2]),
+            };
+            assert!(
+                tc.go.exists(),
+                "Go toolchain {} missing: run ./x setup",
+                tc.go.display()
+            );
+            tc
+        })
+        .collect();
+    assert!(
+        !list.is_empty(),
+        "no Go toolchain in {}: run ./x setup",
+        manifest.display()
+    );
+    list
+}
+
+/// Builds the growth fixture (as the gort tests do, under names of our own so both test
+/// modules can build at the same time) unless the output is newer than its sources.
+fn build_growth(tc: &GoToolchain, stripped: bool, pie: bool) -> PathBuf {
+    let src = repo().join("fixtures/go/growth");
+    let dir = repo().join("target/gofixtures");
+    std::fs::create_dir_all(&dir).unwrap();
+    let suffix = match (pie, stripped) {
+        (false, false) => "",
+        (false, true) => "-stripped",
+        (true, false) => "-pie",
+        (true, true) => "-pie-stripped",
+    };
+    let out = dir.join(format!("symbolize-growth-{}{suffix}", tc.version));
+    let newest_source = std::fs::read_dir(&src)
+        .unwrap()
+        .filter_map(|e| e.ok()?.metadata().ok()?.modified().ok())
+        .max()
+        .unwrap();
+    if std::fs::metadata(&out)
+        .and_then(|m| m.modified())
+        .is_ok_and(|built| built > newest_source)
+    {
+        return out;
+    }
+    let tmp = dir.join(format!(
+        "symbolize-growth-{}{suffix}.{}.tmp",
+        tc.version,
+        std::process::id()
+    ));
+    let cache = allocwatch_cache();
+    let mut cmd = Command::new(&tc.go);
+    cmd.current_dir(&src)
+        .env("GOROOT", &tc.goroot)
+        .env("GOTOOLCHAIN", "local")
+        .env("GOFLAGS", "-mod=mod")
+        .env("GOCACHE", cache.join("go-build").join(&tc.version))
+        .env("GOPATH", cache.join("gopath"))
+        .env("CGO_ENABLED", "0")
+        .env_remove("GOEXPERIMENT")
+        .args(["build", "-buildvcs=false", "-o"])
+        .arg(&tmp);
+    if stripped {
+        cmd.arg("-ldflags=-s -w");
+    }
+    if pie {
+        cmd.arg("-buildmode=pie");
+    }
+    let status = cmd.arg(".").status().expect("run go build");
+    assert!(status.success(), "go {} build failed", tc.version);
+    std::fs::rename(&tmp, &out).unwrap();
+    out
+}
+
+/// Where function `name` lies in the file, from the symbol table of an unstripped binary.
+struct GoSymbol {
+    size: u64,
+    file_offset: u64,
+}
+
+fn go_symbol(elf: &object::File<'_>, name: &str) -> GoSymbol {
+    use object::ObjectSegment as _;
+    let sym = elf
+        .symbols()
+        .find(|s| s.name() == Ok(name))
+        .unwrap_or_else(|| panic!("{name} not in the symbol table"));
+    let (vaddr, size) = (sym.address(), sym.size());
+    assert!(size > 0, "{name} has no size");
+    let file_offset = elf
+        .segments()
+        .find_map(|s| {
+            let (offset, filesz) = s.file_range();
+            let skip = vaddr.checked_sub(s.address())?;
+            (skip < filesz).then_some(offset + skip)
+        })
+        .unwrap_or_else(|| panic!("{name} is in no segment"));
+    GoSymbol { size, file_offset }
+}
+
+/// Starts `exe`, stopped by ptrace right after execve has mapped it: no Go code has run, so
+/// it cannot exit (or finish) before it is noted, however loaded the machine is.
+fn spawn_stopped(exe: &Path) -> std::process::Child {
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = Command::new(exe);
+    cmd.arg("noop")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: the closure runs between fork and exec and only makes one syscall.
+    unsafe {
+        cmd.pre_exec(|| {
+            let null = std::ptr::null_mut::<libc::c_void>();
+            if libc::ptrace(libc::PTRACE_TRACEME, 0, null, null) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("spawn Go fixture");
+    let pid = i32::try_from(child.id()).unwrap();
+    let mut status = 0;
+    // SAFETY: plain waitpid on our own child.
+    let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert!(
+        waited == pid && libc::WIFSTOPPED(status),
+        "{} did not stop at exec: {status:#x}",
+        exe.display()
+    );
+    child
+}
+
+/// Start of the mapping of `exe` in `pid` that holds file offset `offset`, and that
+/// mapping's file offset.
+fn mapping_of(pid: u32, exe: &Path, offset: u64) -> (u64, u64) {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let exe = exe.to_str().unwrap();
+    maps.lines()
+        .filter(|l| l.ends_with(exe))
+        .find_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            let (start, end) = cols[0].split_once('-')?;
+            let start = u64::from_str_radix(start, 16).ok()?;
+            let end = u64::from_str_radix(end, 16).ok()?;
+            let map_offset = u64::from_str_radix(cols[2], 16).ok()?;
+            (offset >= map_offset && offset - map_offset < end - start)
+                .then_some((start, map_offset))
+        })
+        .unwrap_or_else(|| panic!("offset {offset:#x} of {exe} not mapped in {pid}:\n{maps}"))
+}
+
+/// What a frame says about the source, without where it was found.
+fn source_of(f: &Frame) -> (Option<&str>, Option<&str>, Option<u32>) {
+    (f.function.as_deref(), f.file.as_deref(), f.line)
+}
+
+#[test]
+fn go_binaries_are_named_by_pclntab_stripped_or_not() {
+    let decl = {
+        let src = std::fs::read_to_string(repo().join("fixtures/go/growth/main.go")).unwrap();
+        let line = src
+            .lines()
+            .position(|l| l.starts_with("func fillMapBig("))
+            .expect("func fillMapBig in main.go");
+        u32::try_from(line + 1).unwrap()
+    };
+    for tc in go_toolchains() {
+        for pie in [false, true] {
+            let plain = build_growth(&tc, false, pie);
+            let stripped = build_growth(&tc, true, pie);
+            let data = std::fs::read(&plain).unwrap();
+            let elf = object::File::parse(&*data).unwrap();
+            let targets = [
+                go_symbol(&elf, "main.fillMapBig"),
+                go_symbol(&elf, "runtime.growslice"),
+            ];
+            let mut by_binary = Vec::new();
+            for exe in [&plain, &stripped] {
+                let what = format!("Go {} {}", tc.version, exe.display());
+                let exe = exe.canonicalize().unwrap();
+                let s = SymbolizerHandle::spawn();
+                let mut child = spawn_stopped(&exe);
+                let pid = child.id();
+                s.note_process(pid);
+                // Runtime address = mapping start + distance from the mapping's file offset:
+                // the same for PIE (random base) and fixed-address executables.
+                let runtime: Vec<u64> = targets
+                    .iter()
+                    .map(|t| {
+                        let (start, map_offset) = mapping_of(pid, &exe, t.file_offset);
+                        start + (t.file_offset - map_offset)
+                    })
+                    .collect();
+                let _ = child.kill();
+                let _ = child.wait();
+                assert!(!Path::new(&format!("/proc/{pid}")).exists(), "{what}");
+
+                // Every return address inside each function, i.e. lookups at [entry, end).
+                let addrs: Vec<u64> = targets
+                    .iter()
+                    .zip(&runtime)
+                    .flat_map(|(t, &at)| (1..=t.size).map(move |i| at + i))
+                    .collect();
+                let t = Instant::now();
+                let first = s.symbolize(pid, vec![addrs[0]]).unwrap();
+                let first_time = t.elapsed();
+                let t = Instant::now();
+                let frames = s.symbolize(pid, addrs.clone()).unwrap();
+                let batch_time = t.elapsed();
+                eprintln!(
+                    "{what}: first symbolization {first_time:?}, then {} addresses in \
+                     {batch_time:?}",
+                    addrs.len()
+                );
+                assert_eq!(first[..], frames[..1], "{what}");
+                // No inline expansion for Go: exactly one frame per address.
+                assert_eq!(frames.len(), addrs.len(), "{what}");
+                assert_eq!(s.stats(), SymbolizeStats::default(), "{what}");
+
+                let module = exe.to_str().unwrap();
+                let (map_frames, slice_frames) = frames.split_at(targets[0].size as usize);
+                for (f, &addr) in frames.iter().zip(&addrs) {
+                    assert_eq!(f.address, addr, "{what}");
+                    assert_eq!(f.module.as_deref(), Some(module), "{what}");
+                }
+                for (i, f) in map_frames.iter().enumerate() {
+                    assert_eq!(f.offset, Some(targets[0].file_offset + i as u64 + 1));
+                    assert_eq!(
+                        f.function.as_deref(),
+                        Some("main.fillMapBig"),
+                        "{what} {f:?}"
+                    );
+                    let file = f.file.as_deref().unwrap_or_default();
+                    assert!(file.ends_with("fixtures/go/growth/main.go"), "{what} {f:?}");
+                    let line = f.line.unwrap_or_default();
+                    assert!(
+                        (decl..decl + 8).contains(&line),
+                        "{what} {f:?}, decl {decl}"
+                    );
+                }
+                // Code inlined into growslice has its own file: check names everywhere, the
+                // file and line at the entry.
+                assert!(
+                    slice_frames
+                        .iter()
+                        .all(|f| f.function.as_deref() == Some("runtime.growslice")),
+                    "{what}: {slice_frames:#?}"
+                );
+                let entry = &slice_frames[0];
+                assert!(
+                    entry
+                        .file
+                        .as_deref()
+                        .unwrap_or_default()
+                        .ends_with("runtime/slice.go"),
+                    "{what} {entry:?}"
+                );
+                assert!(entry.line.is_some(), "{what} {entry:?}");
+                by_binary.push(frames);
+            }
+            // The same frames whether stripped or not: the unstripped binary's symbols and
+            // DWARF are not used for Go code.
+            let [plain_frames, stripped_frames] = &by_binary[..] else {
+                unreachable!()
+            };
+            assert_eq!(
+                plain_frames.iter().map(source_of).collect::<Vec<_>>(),
+                stripped_frames.iter().map(source_of).collect::<Vec<_>>(),
+                "Go {} pie={pie}",
+                tc.version
+            );
+        }
+    }
+}
+
+/// The cost of the first symbolization in a Go binary is reading its pclntab (and ELF
+/// headers); measured on the largest Go binary at hand, the go command, against what
+/// blazesym takes for the same file (DWARF/ELF symbols, when present).
+#[test]
+fn go_table_cost_on_a_large_binary() {
+    let toolchains = go_toolchains();
+    for tc in &toolchains {
+        let size = std::fs::metadata(&tc.go).unwrap().len();
+        let t = Instant::now();
+        let go = go::GoFile::open(&tc.go)
+            .unwrap()
+            .expect("the go command is Go");
+        let open = t.elapsed();
+        // An offset in its text: the entry of main.main, through the table itself.
+        let data = std::fs::read(&tc.go).unwrap();
+        let elf = object::File::parse(&*data).unwrap();
+        let text = elf.section_by_name(".text").expect(".text");
+        let (text_offset, _) = object::ObjectSection::file_range(&text).unwrap();
+        let probe = text_offset + 0x100;
+        let t = Instant::now();
+        let loc = go.lookup(probe).expect("a function at the start of text");
+        let lookup = t.elapsed();
+
+        let symbolizer = Symbolizer::new();
+        let source = Source::from(Elf::new(&tc.go));
+        let t = Instant::now();
+        let blaze = symbolizer.symbolize_single(&source, Input::FileOffset(probe));
+        let blaze_time = t.elapsed();
+        let blaze_name = match blaze {
+            Ok(Symbolized::Sym(sym)) => sym.name.into_owned(),
+            other => format!("{other:?}"),
+        };
+        eprintln!(
+            "go {} ({} MB): pclntab first use {open:?}, lookup {lookup:?} → {}; blazesym \
+             first use {blaze_time:?} → {blaze_name}",
+            tc.version,
+            size >> 20,
+            loc.function
+        );
+        // Generous for debug builds on a loaded machine: guards against decoding the whole
+        // table up front, not a benchmark.
+        assert!(open < Duration::from_secs(2), "{open:?}");
+    }
+    // Every other file pays for finding out it is not Go: its section headers are read.
+    for path in [
+        std::env::current_exe().unwrap(),
+        PathBuf::from("/proc/self/exe"),
+    ] {
+        let t = Instant::now();
+        assert!(go::GoFile::open(&path).unwrap().is_none());
+        eprintln!("{}: not Go, found in {:?}", path.display(), t.elapsed());
+    }
+}
+
+/// A cgo program: Go code is named by the pclntab, the C code linked into the same
+/// executable falls through to blazesym.
+const CGO_MAIN: &str = r#"package main
+
+/*
+#include <unistd.h>
+__attribute__((noinline)) int allocwatch_c_leaf(int x) { return x * 3 + (int)getpid(); }
+*/
+import "C"
+
+import "fmt"
+
+//go:noinline
+func goCaller() int { return int(C.allocwatch_c_leaf(2)) }
+
+func main() { fmt.Println(goCaller()) }
+"#;
+
+#[test]
+fn cgo_binary_mixes_pclntab_and_blazesym() {
+    for tc in go_toolchains() {
+        let dir = std::env::temp_dir().join(format!(
+            "allocwatch-symbolize-{}-cgo-{}",
+            std::process::id(),
+            tc.version
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("main.go"), CGO_MAIN).unwrap();
+        std::fs::write(dir.join("go.mod"), "module cgotest\n\ngo 1.19\n").unwrap();
+        let exe = dir.join("cgotest");
+        let cache = allocwatch_cache();
+        let out = Command::new(&tc.go)
+            .current_dir(&dir)
+            .env("GOROOT", &tc.goroot)
+            .env("GOTOOLCHAIN", "local")
+            .env("GOFLAGS", "-mod=mod")
+            .env("GOCACHE", cache.join("go-build").join(&tc.version))
+            .env("GOPATH", cache.join("gopath"))
+            .env("CGO_ENABLED", "1")
+            .env_remove("GOEXPERIMENT")
+            .args(["build", "-buildvcs=false", "-o"])
+            .arg(&exe)
+            .arg(".")
+            .output()
+            .expect("run go build");
+        assert!(
+            out.status.success(),
+            "go {} cgo build failed (gcc missing? run ./x setup): {}",
+            tc.version,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let data = std::fs::read(&exe).unwrap();
+        let elf = object::File::parse(&*data).unwrap();
+        let targets = [
+            go_symbol(&elf, "main.goCaller"),
+            go_symbol(&elf, "allocwatch_c_leaf"),
+        ];
+        let exe = exe.canonicalize().unwrap();
+        let s = SymbolizerHandle::spawn();
+        let mut child = spawn_stopped(&exe);
+        let pid = child.id();
+        s.note_process(pid);
+        let addrs: Vec<u64> = targets
+            .iter()
+            .map(|t| {
+                let (start, map_offset) = mapping_of(pid, &exe, t.file_offset);
+                start + (t.file_offset - map_offset) + 1
+            })
+            .collect();
+        let _ = child.kill();
+        let _ = child.wait();
+        let frames = s.symbolize(pid, addrs).unwrap();
+        let what = format!("Go {} cgo", tc.version);
+        let go_frame = &frames[0];
+        assert_eq!(
+            go_frame.function.as_deref(),
+            Some("main.goCaller"),
+            "{what} {frames:#?}"
+        );
+        assert!(
+            go_frame
+                .file
+                .as_deref()
+                .unwrap_or_default()
+                .ends_with("/main.go"),
+            "{what} {go_frame:?}"
+        );
+        let c_frame = frames.last().unwrap();
+        assert_eq!(
+            c_frame.function.as_deref(),
+            Some("allocwatch_c_leaf"),
+            "{what} {frames:#?}"
+        );
+        assert_eq!(s.stats(), SymbolizeStats::default(), "{what}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
