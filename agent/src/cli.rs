@@ -10,12 +10,18 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "allocwatch", version, about, long_about = None)]
 pub struct Cli {
+    /// Without a subcommand allocwatch runs as the node agent (`allocwatch agent`).
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Node agent: trace every selected process, serve /metrics, /healthz and profiles.
+    Agent(AgentArgs),
+    /// Configuration file helpers.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Hot allocation sites by bytes and by calls, refreshed every interval; a final summary when
     /// the target exits or the duration ends.
     Top(TopArgs),
@@ -24,6 +30,53 @@ pub enum Command {
     /// Go maps that grew, largest first: growth count, size, bytes and the site of their
     /// first growth.
     Maps(MapsArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print a complete configuration file with every key at its default.
+    PrintDefault,
+}
+
+/// Flags of the agent; each overrides the same key of the config file.
+#[derive(Debug, Args, Default)]
+pub struct AgentArgs {
+    /// TOML configuration file (see `allocwatch config print-default`).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address of /metrics, /healthz and /debug/pprof/* [default: 0.0.0.0:9464].
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Keep the series of an exited process this long (e.g. 10m).
+    #[arg(long, value_parser = parse_duration)]
+    pub ttl: Option<Duration>,
+    /// Call sites per process identity with their own series; the rest are site="other".
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Trace only processes whose comm matches (regex; repeatable).
+    #[arg(long, value_name = "REGEX")]
+    pub comm: Vec<String>,
+    /// Trace only processes whose executable path matches (regex; repeatable).
+    #[arg(long, value_name = "REGEX")]
+    pub exe: Vec<String>,
+    /// Trace only processes whose cgroup path matches (regex; repeatable).
+    #[arg(long, value_name = "REGEX")]
+    pub cgroup: Vec<String>,
+    /// Trace only processes of pods in matching Kubernetes namespaces (regex; repeatable).
+    #[arg(long, value_name = "REGEX")]
+    pub k8s_namespace: Vec<String>,
+    /// Never trace processes whose comm matches (regex; repeatable).
+    #[arg(long, value_name = "REGEX")]
+    pub exclude_comm: Vec<String>,
+    /// Never trace processes whose executable path matches (regex; repeatable).
+    #[arg(long, value_name = "REGEX")]
+    pub exclude_exe: Vec<String>,
+    /// Trace every Go heap allocation (mallocgc) too: a probe hit per allocation.
+    #[arg(long)]
+    pub go_malloc: bool,
+    /// Serve /debug/pprof/allocs and /debug/pprof/heap.
+    #[arg(long)]
+    pub pprof: bool,
 }
 
 #[derive(Debug, Args)]
@@ -152,17 +205,34 @@ mod tests {
     }
 
     #[test]
+    fn no_subcommand_means_agent() {
+        assert!(
+            Cli::try_parse_from(["allocwatch"])
+                .unwrap()
+                .command
+                .is_none()
+        );
+        let cli =
+            Cli::try_parse_from(["allocwatch", "agent", "--comm", "^api$", "--ttl", "5m"]).unwrap();
+        let Some(Command::Agent(a)) = cli.command else {
+            panic!("expected agent")
+        };
+        assert_eq!(a.comm, ["^api$"]);
+        assert_eq!(a.ttl, Some(Duration::from_secs(300)));
+    }
+
+    #[test]
     fn target_is_required_and_exclusive() {
         assert!(Cli::try_parse_from(["allocwatch", "top"]).is_err());
         assert!(Cli::try_parse_from(["allocwatch", "top", "--pid", "1", "--", "ls"]).is_err());
         let cli = Cli::try_parse_from(["allocwatch", "top", "--", "ls", "-l"]).unwrap();
-        let Command::Top(top) = cli.command else {
+        let Some(Command::Top(top)) = cli.command else {
             panic!("expected top")
         };
         assert_eq!(top.common.command, ["ls", "-l"]);
         let cli =
             Cli::try_parse_from(["allocwatch", "leaks", "--pid", "42", "--min-age", "0s"]).unwrap();
-        let Command::Leaks(leaks) = cli.command else {
+        let Some(Command::Leaks(leaks)) = cli.command else {
             panic!("expected leaks")
         };
         assert_eq!(leaks.common.pid.map(NonZeroU32::get), Some(42));

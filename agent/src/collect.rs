@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use allocwatch_common::{
     Event,
-    go::{GoHistKey, GoHistVal},
+    go::{GoHistKey, GoHistVal, GoProc, StwState},
     libc::{API_COUNT, LiveAlloc, LiveKey, Overflow, SiteKey, SiteStats},
     loss::{LOSS_CAUSES, LossCause},
     map_names,
@@ -143,6 +143,66 @@ pub fn stack(ebpf: &Ebpf, id: i32) -> Result<Vec<u64>, CollectError> {
         Err(MapError::KeyNotFound) => Ok(Vec::new()),
         Err(e) => Err(map_err(name)(e)),
     }
+}
+
+/// Deletes every row of process `tgid` from the per-process maps (it exited and its series
+/// expired); returns how many rows went.
+pub fn forget(ebpf: &mut Ebpf, tgid: u32) -> Result<usize, CollectError> {
+    let mut removed = 0;
+    {
+        let name = map_names::SITES;
+        let map = ebpf.map_mut(name).ok_or(CollectError::MissingMap(name))?;
+        let mut map: PerCpuHashMap<_, SiteKey, SiteStats> =
+            PerCpuHashMap::try_from(map).map_err(map_err(name))?;
+        let keys: Vec<SiteKey> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == tgid)
+            .collect();
+        for k in keys {
+            removed += usize::from(map.remove(&k).is_ok());
+        }
+    }
+    {
+        let name = map_names::LIVE;
+        let map = ebpf.map_mut(name).ok_or(CollectError::MissingMap(name))?;
+        let mut map: HashMap<_, LiveKey, LiveAlloc> =
+            HashMap::try_from(map).map_err(map_err(name))?;
+        let keys: Vec<LiveKey> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == tgid)
+            .collect();
+        for k in keys {
+            removed += usize::from(map.remove(&k).is_ok());
+        }
+    }
+    for name in [map_names::GO_HIST, map_names::LIBC_HIST] {
+        let map = ebpf.map_mut(name).ok_or(CollectError::MissingMap(name))?;
+        let mut map: PerCpuHashMap<_, GoHistKey, GoHistVal> =
+            PerCpuHashMap::try_from(map).map_err(map_err(name))?;
+        let keys: Vec<GoHistKey> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == tgid)
+            .collect();
+        for k in keys {
+            removed += usize::from(map.remove(&k).is_ok());
+        }
+    }
+    {
+        let name = map_names::GO_PROCS;
+        let map = ebpf.map_mut(name).ok_or(CollectError::MissingMap(name))?;
+        let mut map: HashMap<_, u32, GoProc> = HashMap::try_from(map).map_err(map_err(name))?;
+        removed += usize::from(map.remove(&tgid).is_ok());
+    }
+    {
+        let name = map_names::GO_STW;
+        let map = ebpf.map_mut(name).ok_or(CollectError::MissingMap(name))?;
+        let mut map: HashMap<_, u32, StwState> = HashMap::try_from(map).map_err(map_err(name))?;
+        removed += usize::from(map.remove(&tgid).is_ok());
+    }
+    Ok(removed)
 }
 
 /// Takes the ring buffer out of the object so it can be polled on its own.

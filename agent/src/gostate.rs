@@ -9,7 +9,8 @@ use allocwatch_common::go::{GoEvent, GoRole};
 use crate::{
     gort::{
         buildinfo::GoVersion,
-        versions::{MapImpl, RuntimeFunc},
+        growth::{self, TypeInfo},
+        versions::MapImpl,
     },
     target::go::GoTarget,
 };
@@ -109,14 +110,13 @@ pub struct GoState {
     pub sites: HashMap<GoSiteKey, Count>,
     pub maps: HashMap<u64, MapInstance>,
     pub maps_untracked: u64,
-    /// Events whose role this binary was not probed for (should stay 0).
+    /// Events that could not be decoded for this Go version (should stay 0).
     pub unexpected: u64,
     /// Before Go 1.21 stops carry no reason: GC stops return into these ranges.
     gc_stop_callers: Vec<(u64, u64)>,
     /// GC pauses seen on versions without reasons (two per cycle).
     reasonless_gc_pauses: u64,
     version_parsed: Option<GoVersion>,
-    funcs: HashMap<GoRole, &'static RuntimeFunc>,
 }
 
 impl GoState {
@@ -126,7 +126,6 @@ impl GoState {
             swiss: target.maps == MapImpl::Swiss,
             gc_stop_callers: target.gc_stop_callers.clone(),
             version_parsed: Some(target.version.clone()),
-            funcs: target.probes.iter().map(|p| (p.role, p.func)).collect(),
             ..Self::default()
         }
     }
@@ -144,110 +143,155 @@ impl GoState {
         };
         match role {
             GoRole::MapHashGrow => {
-                let (ptr, count, b, bucketsize) = (v[0], v[1], v[2] as u8, v[4]);
-                let Some(doubles) = self
-                    .funcs
-                    .get(&role)
-                    .and_then(|f| f.hash_grow_doubles(count, b))
-                else {
-                    self.unexpected += 1;
+                let (ptr, count, b) = (v[0], v[1], v[2] as u8);
+                let bucket = TypeInfo {
+                    size: v[4],
+                    has_pointers: v[5] != 0,
+                };
+                let Some(g) = self.growth(|ver| growth::hash_grow(count, b, bucket, ver)) else {
                     return;
                 };
-                let new_b = if doubles { b + 1 } else { b };
-                let bytes = growth::bucket_array_bytes(bucketsize, new_b);
-                let kind = if doubles { "double" } else { "same_size" };
                 // A map whose B went down is a new map at a reused address.
                 let fresh = self
                     .maps
                     .get(&ptr)
                     .is_some_and(|m| u64::from(b) < m.size_class);
-                self.map_grow(ptr, kind, bytes, site(GoSiteKind::MapGrow), fresh, |m| {
-                    m.size_class = u64::from(new_b);
-                    m.len_at_last_grow = count;
-                });
-            }
-            GoRole::MapGrowToSmall => {
-                let (ptr, group) = (v[0], v[4]);
-                // The first group: always a new map (or a cleared one starting over).
-                self.map_grow(ptr, "small", group, site(GoSiteKind::MapGrow), true, |m| {
-                    m.size_class = 8;
-                    m.dir_len = 0;
-                });
-            }
-            GoRole::MapGrowToTable => {
-                let (ptr, used, group) = (v[0], v[1], v[4]);
+                let new_b = g.new_b;
                 self.map_grow(
                     ptr,
-                    "to_table",
-                    growth::swiss_table_bytes(16, group),
+                    g.kind.as_str(),
+                    g.heap.requested,
+                    site(GoSiteKind::MapGrow),
+                    fresh,
+                    |m| {
+                        m.size_class = u64::from(new_b);
+                        m.len_at_last_grow = count;
+                    },
+                );
+            }
+            GoRole::MapGrowToSmall => {
+                let (ptr, group) = (v[0], group_type(v[4], v[5]));
+                let Some(g) = self.growth(|ver| growth::swiss_grow_to_small(group, ver)) else {
+                    return;
+                };
+                // The first group: always a new map (or a cleared one starting over).
+                self.map_grow(
+                    ptr,
+                    g.kind.as_str(),
+                    g.heap.requested,
+                    site(GoSiteKind::MapGrow),
+                    true,
+                    |m| {
+                        m.size_class = g.new_size;
+                        m.dir_len = 0;
+                    },
+                );
+            }
+            GoRole::MapGrowToTable => {
+                let (ptr, used, group) = (v[0], v[1], group_type(v[4], v[5]));
+                let Some(g) = self.growth(|ver| growth::swiss_grow_to_table(group, ver)) else {
+                    return;
+                };
+                self.map_grow(
+                    ptr,
+                    g.kind.as_str(),
+                    g.heap.requested,
                     site(GoSiteKind::MapGrow),
                     false,
                     |m| {
-                        m.size_class = 16;
+                        m.size_class = g.new_size;
                         m.dir_len = 1;
                         m.len_at_last_grow = used;
                     },
                 );
             }
             GoRole::MapTableGrow => {
-                let (ptr, new_cap, used, group) = (v[0], v[3], v[4], v[5]);
+                let (ptr, old_cap, new_cap, used) = (v[0], v[1] as u16, v[2] as u16, v[3]);
+                let group = group_type(v[4], v[5]);
+                let Some(g) =
+                    self.growth(|ver| growth::swiss_table_grow(old_cap, new_cap, group, ver))
+                else {
+                    return;
+                };
                 self.map_grow(
                     ptr,
-                    "grow",
-                    growth::swiss_table_bytes(new_cap, group),
+                    g.kind.as_str(),
+                    g.heap.requested,
                     site(GoSiteKind::MapGrow),
                     false,
                     |m| {
-                        m.size_class = m.size_class.max(new_cap);
+                        m.size_class = m.size_class.max(g.new_size);
                         m.len_at_last_grow = m.len_at_last_grow.max(used);
                     },
                 );
             }
             GoRole::MapTableSplit => {
-                let (ptr, cap, group, map_used) = (v[0], v[2], v[4], v[5]);
+                let (ptr, group, map_used) = (v[0], group_type(v[3], v[5]), v[4]);
+                let Some(g) = self.growth(|ver| growth::swiss_table_split(group, ver)) else {
+                    return;
+                };
                 self.map_grow(
                     ptr,
-                    "split",
-                    2 * growth::swiss_table_bytes(cap, group),
+                    g.kind.as_str(),
+                    g.heap.requested,
                     site(GoSiteKind::MapGrow),
                     false,
                     |m| {
-                        m.size_class = m.size_class.max(cap);
+                        m.size_class = m.size_class.max(g.old_size);
                         m.len_at_last_grow = map_used;
                     },
                 );
             }
             GoRole::MapDirectoryGrow => {
                 let (ptr, global_depth, dir_len, old_local) = (v[0], v[1], v[2], v[3]);
-                if old_local == global_depth {
-                    self.map_grow(
-                        ptr,
-                        "dir_grow",
-                        2 * dir_len * 8,
-                        site(GoSiteKind::MapGrow),
-                        false,
-                        |m| m.dir_len = 2 * dir_len,
-                    );
-                }
-            }
-            GoRole::SliceGrow => {
-                let (new_len, old_cap, elem, ptr_bytes) = (v[0], v[1], v[2], v[3]);
-                let Some(version) = &self.version_parsed else {
+                let Some(Some(g)) = self.growth(|ver| {
+                    growth::swiss_install_split(old_local as u8, global_depth as u8, dir_len, ver)
+                }) else {
                     return;
                 };
-                let g = growth::grow_slice(version, old_cap, new_len, elem, ptr_bytes != 0);
+                self.map_grow(
+                    ptr,
+                    g.kind.as_str(),
+                    g.heap.requested,
+                    site(GoSiteKind::MapGrow),
+                    false,
+                    |m| {
+                        m.dir_len = g.new_size;
+                    },
+                );
+            }
+            GoRole::SliceGrow => {
+                let (new_len, old_cap) = (v[0], v[1]);
+                let elem = TypeInfo {
+                    size: v[2],
+                    has_pointers: v[3] != 0,
+                };
+                let Some(g) = self.growth(|ver| growth::growslice(old_cap, new_len, elem, ver))
+                else {
+                    return;
+                };
                 self.slice_grows += 1;
-                self.slice_grow_bytes += g.bytes;
+                self.slice_grow_bytes += g.heap.requested;
                 let s = self.sites.entry(site(GoSiteKind::SliceGrow)).or_default();
                 s.count += 1;
-                s.bytes += g.bytes;
+                s.bytes += g.heap.requested;
             }
             GoRole::SliceMoveToHeap => {
-                let (len, cap, elem) = (v[0], v[1], v[2]);
-                if len > 0 {
-                    self.slice_moves.count += 1;
-                    self.slice_moves.bytes += cap.max(len).saturating_mul(elem);
+                // NoCap variants have no cap argument (captured as 0); NoScan variants have
+                // no element type (pointer-free).
+                let (len, cap) = (v[0], (v[1] != 0).then_some(v[1]));
+                let elem = TypeInfo {
+                    size: v[2],
+                    has_pointers: v[3] != 0,
+                };
+                if len == 0 {
+                    return;
                 }
+                let Some(g) = self.growth(|ver| growth::move_slice(len, cap, elem, ver)) else {
+                    return;
+                };
+                self.slice_moves.count += 1;
+                self.slice_moves.bytes += g.heap.requested;
             }
             GoRole::Malloc | GoRole::MallocSpecialized => {
                 let size = v[0];
@@ -287,6 +331,16 @@ impl GoState {
                 }
             }
         }
+    }
+
+    /// Runs a growth computation for this process's Go version; a failure (an event this
+    /// version cannot produce) is counted, not guessed at.
+    fn growth<T, E>(&mut self, f: impl FnOnce(&GoVersion) -> Result<T, E>) -> Option<T> {
+        let r = self.version_parsed.as_ref().and_then(|v| f(v).ok());
+        if r.is_none() {
+            self.unexpected += 1;
+        }
+        r
     }
 
     fn map_grow(
@@ -330,28 +384,10 @@ impl GoState {
     }
 }
 
-/// TEMPORARY until gort::growth lands (no size-class rounding).
-mod growth {
-    use crate::gort::buildinfo::GoVersion;
-    pub struct Growth {
-        pub bytes: u64,
-    }
-    pub fn bucket_array_bytes(bucketsize: u64, b: u8) -> u64 {
-        bucketsize << b
-    }
-    pub fn swiss_table_bytes(cap: u64, group: u64) -> u64 {
-        cap / 8 * group
-    }
-    pub fn grow_slice(_v: &GoVersion, old_cap: u64, new_len: u64, elem: u64, _p: bool) -> Growth {
-        let new_cap = if new_len > 2 * old_cap {
-            new_len
-        } else if old_cap < 256 {
-            2 * old_cap
-        } else {
-            old_cap + (old_cap + 768) / 4
-        };
-        Growth {
-            bytes: new_cap * elem,
-        }
+/// The group type of a swiss map from its captured size and pointer bytes.
+fn group_type(size: u64, ptr_bytes: u64) -> TypeInfo {
+    TypeInfo {
+        size,
+        has_pointers: ptr_bytes != 0,
     }
 }

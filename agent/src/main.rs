@@ -4,6 +4,9 @@
 mod aggregate;
 mod cli;
 mod collect;
+mod config;
+mod daemon;
+mod frames;
 mod gort;
 mod gostate;
 mod k8s;
@@ -11,6 +14,7 @@ mod launch;
 mod preflight;
 mod probes;
 mod report;
+mod serve;
 mod session;
 mod symbolize;
 mod target;
@@ -20,9 +24,29 @@ use std::process::ExitCode;
 use clap::Parser as _;
 
 use crate::{
-    cli::{Cli, Command},
+    cli::{AgentArgs, Cli, Command, ConfigCommand},
     session::View,
 };
+
+/// The agent: config file, then flags on top.
+async fn agent(a: AgentArgs) -> anyhow::Result<()> {
+    let mut cfg = config::load(a.config.as_deref())?;
+    cfg.apply(config::Overrides {
+        listen: a.listen,
+        ttl: a.ttl,
+        top_k: a.top_k,
+        comm: a.comm,
+        exe: a.exe,
+        cgroup: a.cgroup,
+        k8s_namespace: a.k8s_namespace,
+        exclude_comm: a.exclude_comm,
+        exclude_exe: a.exclude_exe,
+        go_malloc: a.go_malloc.then_some(true),
+        pprof: a.pprof.then_some(true),
+        ..config::Overrides::default()
+    })?;
+    daemon::run(cfg).await
+}
 
 fn main() -> ExitCode {
     // A bug must still end in one line, not a backtrace.
@@ -36,7 +60,12 @@ fn main() -> ExitCode {
         .map_err(anyhow::Error::from)
         .and_then(|rt| {
             rt.block_on(async {
-                match cli.command {
+                match cli.command.unwrap_or(Command::Agent(AgentArgs::default())) {
+                    Command::Agent(a) => agent(a).await,
+                    Command::Config(ConfigCommand::PrintDefault) => {
+                        print!("{}", config::print_default());
+                        Ok(())
+                    }
                     Command::Top(a) => {
                         session::run(
                             View::Top {

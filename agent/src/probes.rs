@@ -51,15 +51,29 @@ pub enum ProbeError {
 /// Load-time settings of the probe.
 #[derive(Clone, Copy, Debug)]
 pub struct ProbeConfig {
-    /// Only this process is traced; `None` traces every process the probes are attached to.
+    /// Only this process is traced; `None` traces every process the probes are attached to,
+    /// narrowed by `filter`.
     pub tgid: Option<NonZeroU32>,
+    pub filter: Filter,
     pub stacks: bool,
     pub capacity: CapacityArgs,
+}
+
+/// How the `TGIDS` map narrows tracing when no single process is targeted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Filter {
+    /// Every process that runs a probed file.
+    None,
+    /// Only the processes the agent added.
+    Allow,
+    /// All but the processes the agent added (itself, exclusions).
+    Deny,
 }
 
 /// The loaded probe object and its attachments; dropping it detaches everything.
 pub struct Probes {
     pub ebpf: Ebpf,
+    filter: Filter,
     attached_points: usize,
     /// Next free slot of the GO_SPECS array.
     next_spec: u32,
@@ -68,7 +82,12 @@ pub struct Probes {
 impl Probes {
     pub fn load(cfg: &ProbeConfig) -> Result<Self, ProbeError> {
         let tgid = cfg.tgid.map_or(0, NonZeroU32::get);
-        let flags = if cfg.stacks { config::FLAG_STACKS } else { 0 };
+        let mut flags = if cfg.stacks { config::FLAG_STACKS } else { 0 };
+        flags |= match cfg.filter {
+            Filter::None => 0,
+            Filter::Allow => config::FLAG_ALLOWLIST,
+            Filter::Deny => config::FLAG_DENYLIST,
+        };
         let mut ebpf = EbpfLoader::new()
             .override_global(globals::TARGET_TGID, &tgid, true)
             .override_global(globals::FLAGS, &flags, true)
@@ -84,6 +103,7 @@ impl Probes {
         }
         Ok(Self {
             ebpf,
+            filter: cfg.filter,
             attached_points: 0,
             next_spec: 0,
         })
@@ -180,6 +200,34 @@ impl Probes {
                 source,
             })?;
         self.attached_points += probes.len();
+        Ok(())
+    }
+
+    pub fn is_allowlist(&self) -> bool {
+        self.filter == Filter::Allow
+    }
+
+    pub fn is_denylist(&self) -> bool {
+        self.filter == Filter::Deny
+    }
+
+    /// Adds `tgid` to (or removes it from) the allow/denylist.
+    pub fn set_listed(&mut self, tgid: u32, listed: bool) -> Result<(), ProbeError> {
+        let map = self
+            .ebpf
+            .map_mut(map_names::TGIDS)
+            .ok_or(MapError::InvalidName {
+                name: map_names::TGIDS.into(),
+            })?;
+        let mut tgids: HashMap<_, u32, u8> = HashMap::try_from(map)?;
+        if listed {
+            tgids.insert(&tgid, &1, 0)?;
+        } else {
+            match tgids.remove(&tgid) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(())
     }
 

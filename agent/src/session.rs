@@ -2,7 +2,7 @@
 //! ends, or Ctrl-C/SIGTERM), then report. `top`, `leaks` and `maps` differ only in their views.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet, hash_map::Entry},
+    collections::{BTreeMap, HashMap, hash_map::Entry},
     fs,
     io::{IsTerminal as _, Write as _},
     num::NonZeroU32,
@@ -18,21 +18,22 @@ use allocwatch_common::{
     loss::LossCause,
     map_names,
 };
-use anyhow::{Context as _, anyhow};
+use anyhow::Context as _;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
 };
 
 use crate::{
-    aggregate::{self, call_chain},
+    aggregate,
     cli::CommonArgs,
     collect,
+    frames::FrameCache,
     gort::versions::MapImpl,
     gostate::{GoSiteKey, GoState, Pauses},
     launch::{self, Parked},
     preflight,
-    probes::{ProbeConfig, Probes},
+    probes::{Filter, ProbeConfig, Probes},
     report::{
         self, GoMap, GoReport, GoSite, Leak, LeaksReport, PauseSummary, ProcessInfo, Site,
         TopReport,
@@ -40,7 +41,7 @@ use crate::{
     symbolize::{Frame, SymbolizerHandle},
     target::{
         self, TargetError,
-        go::GoTarget,
+        go::{GoProbeSet, GoTarget},
         libc::LibcTarget,
         maps::{DevInode, read_maps},
     },
@@ -81,7 +82,11 @@ fn resolve(args: &CommonArgs) -> anyhow::Result<Target> {
                 | TargetError::LibcNotFound { .. }
         )
     };
-    let with_malloc = !args.no_go_malloc;
+    let go_probes = GoProbeSet {
+        growth: true,
+        malloc: !args.no_go_malloc,
+        gc: true,
+    };
     match args.pid {
         Some(pid) => {
             let libc = target::libc_for_pid(pid.get());
@@ -89,7 +94,7 @@ fn resolve(args: &CommonArgs) -> anyhow::Result<Target> {
                 return Err(e.into());
             }
             let exe = PathBuf::from(format!("/proc/{pid}/exe"));
-            let go = target::go::for_exe(&exe, with_malloc)?;
+            let go = target::go::for_exe(&exe, go_probes)?;
             let libc = match libc {
                 Ok(l) => Some(l),
                 Err(e) if go.is_some() && no_libc(&e) => None,
@@ -104,7 +109,7 @@ fn resolve(args: &CommonArgs) -> anyhow::Result<Target> {
         }
         None => {
             let exe = target::libc::resolve_program(&args.command[0])?;
-            let go = target::go::for_exe(&exe, with_malloc)?;
+            let go = target::go::for_exe(&exe, go_probes)?;
             let libc = match target::libc_for_command(&args.command[0]) {
                 Ok(l) => Some(l),
                 Err(e) if go.is_some() && no_libc(&e) => None,
@@ -137,6 +142,7 @@ pub async fn run(view: View, args: CommonArgs) -> anyhow::Result<()> {
 
     let mut probes = Probes::load(&ProbeConfig {
         tgid: Some(pid),
+        filter: Filter::None,
         stacks: !args.no_stacks,
         capacity: args.capacity,
     })?;
@@ -363,7 +369,7 @@ impl Tracer {
     async fn handle(&mut self, events: &mut Vec<Event>) -> anyhow::Result<()> {
         for ev in events.drain(..) {
             let (tgid, stack_id, ret_addr) = match ev {
-                Event::NewSite(site) => (site.tgid, site.stack_id, site.ret_addr),
+                Event::NewSite(site, _) => (site.tgid, site.stack_id, site.ret_addr),
                 Event::Go(g) => {
                     if let Some(state) = &mut self.go {
                         state.record(&g);
@@ -629,44 +635,6 @@ fn pause_summary(p: &Pauses) -> PauseSummary {
             .iter()
             .map(|(&b, &n)| ((1u64 << (b + 1)) as f64 / 1e9, n))
             .collect(),
-    }
-}
-
-/// Symbolized call chains by (process, stack, caller), filled while the process is alive.
-#[derive(Default)]
-struct FrameCache {
-    chains: HashMap<(u32, i32, u64), Vec<Frame>>,
-    /// Processes whose mappings were snapshotted.
-    noted: HashSet<u32>,
-    /// Chains that could not be symbolized because the process was gone.
-    process_gone: u64,
-}
-
-impl FrameCache {
-    async fn frames(
-        &mut self,
-        probes: &Probes,
-        symbolizer: &SymbolizerHandle,
-        tgid: u32,
-        stack_id: i32,
-        ret_addr: u64,
-    ) -> anyhow::Result<Vec<Frame>> {
-        let key = (tgid, stack_id, ret_addr);
-        if let Some(f) = self.chains.get(&key) {
-            return Ok(f.clone());
-        }
-        let stack = collect::stack(&probes.ebpf, stack_id)?;
-        let chain = call_chain(ret_addr, &stack);
-        let frames = match symbolizer.symbolize_async(tgid, chain.clone()).await {
-            Ok(frames) => frames,
-            Err(e) if e.is_process_gone() => {
-                self.process_gone += 1;
-                chain.iter().map(|&a| Frame::unknown(a)).collect()
-            }
-            Err(e) => return Err(anyhow!("symbolizing pid {tgid}: {e}")),
-        };
-        self.chains.insert(key, frames.clone());
-        Ok(frames)
     }
 }
 

@@ -56,15 +56,16 @@ pub mod reg {
     pub const R11: u8 = 9;
 }
 
-/// One captured value: a register, or a field loaded through a register (`*(reg + offset)`),
-/// truncated to `size` bytes (1, 2, 4 or 8).
+/// One captured value: a register (`deref` 0), a field loaded through a register
+/// (`*(reg + offset)`, `deref` 1), or a field of a struct a field points to
+/// (`*(*(reg + offset) + offset2)`, `deref` 2), truncated to `size` bytes (1, 2, 4 or 8).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Capture {
     pub reg: u8,
     pub size: u8,
     pub deref: u8,
-    pub _pad: u8,
+    pub offset2: u8,
     pub offset: u32,
 }
 

@@ -20,6 +20,7 @@ pub mod map_names {
     pub const GO_STW: &str = "GO_STW";
     pub const GO_HIST: &str = "GO_HIST";
     pub const LIBC_HIST: &str = "LIBC_HIST";
+    pub const TGIDS: &str = "TGIDS";
 }
 
 /// Names of the probe's global configuration variables (set with `EbpfLoader::override_global`).
@@ -33,11 +34,17 @@ pub mod globals {
 pub mod config {
     /// Capture user stacks with `bpf_get_stackid`.
     pub const FLAG_STACKS: u32 = 1 << 0;
+    /// Only processes in the `TGIDS` map are traced.
+    pub const FLAG_ALLOWLIST: u32 = 1 << 1;
+    /// Processes in the `TGIDS` map are not traced (the agent itself, exclusions).
+    pub const FLAG_DENYLIST: u32 = 1 << 2;
 }
 
 /// Default capacities; each is overridable on the command line.
 pub mod capacity {
     pub const PENDING: u32 = 16_384;
+    /// Processes in the agent's allow/denylist.
+    pub const TGIDS: u32 = 65_536;
     pub const LIVE: u32 = 1 << 20;
     pub const SITES: u32 = 65_536;
     pub const STACKS: u32 = 16_384;

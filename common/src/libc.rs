@@ -137,6 +137,8 @@ pub struct EventHeader {
 pub struct NewSiteEvent {
     pub header: EventHeader,
     pub site: SiteKey,
+    /// The thread's comm: names a process that exits before the agent reads /proc.
+    pub comm: [u8; 16],
 }
 
 const _: () = {
@@ -155,7 +157,8 @@ const _: () = {
     assert!(offset_of!(LiveAlloc, site) == 16);
     assert!(size_of::<Overflow>() == 16);
     assert!(size_of::<EventHeader>() == 8);
-    assert!(size_of::<NewSiteEvent>() == 32);
+    assert!(size_of::<NewSiteEvent>() == 48);
+    assert!(offset_of!(NewSiteEvent, comm) == 32);
     assert!(offset_of!(NewSiteEvent, site) == 8);
 };
 
@@ -245,7 +248,7 @@ mod user {
     /// A decoded ring-buffer record.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum Event {
-        NewSite(SiteKey),
+        NewSite(SiteKey, [u8; 16]),
         Go(crate::go::GoEvent),
     }
 
@@ -257,7 +260,7 @@ mod user {
                 EventKind::NewSite => {
                     let ev: NewSiteEvent = read(buf)?;
                     Api::try_from(ev.site.api)?;
-                    Ok(Event::NewSite(ev.site))
+                    Ok(Event::NewSite(ev.site, ev.comm))
                 }
                 EventKind::Go => {
                     let ev: crate::go::GoEvent = read(buf)?;
@@ -322,12 +325,16 @@ mod user {
                     tgid: 42,
                 },
                 site,
+                comm: *b"fixture\0\0\0\0\0\0\0\0\0",
             };
             let buf = bytes_of(&ev);
-            assert_eq!(Event::try_from(buf.as_slice()), Ok(Event::NewSite(site)));
+            assert_eq!(
+                Event::try_from(buf.as_slice()),
+                Ok(Event::NewSite(site, *b"fixture\0\0\0\0\0\0\0\0\0"))
+            );
             assert!(matches!(
                 Event::try_from(&buf[..12]),
-                Err(DecodeError::Short { got: 12, want: 32 })
+                Err(DecodeError::Short { got: 12, want: 48 })
             ));
             let mut bad = buf.clone();
             bad[0] = 9;

@@ -23,9 +23,7 @@ use aya_ebpf::{
     programs::{ProbeContext, tracing::StackIdContext as _},
 };
 
-use crate::maps::{
-    EVENTS, GO_HIST, GO_PROCS, GO_SPECS, GO_STW, STACKS, TARGET_TGID, hist_add, lost,
-};
+use crate::maps::{EVENTS, GO_HIST, GO_PROCS, GO_SPECS, GO_STW, STACKS, hist_add, lost, traced};
 
 const EEXIST: i32 = -17;
 
@@ -39,8 +37,7 @@ pub fn go_entry(ctx: ProbeContext) -> u32 {
 fn on_go(ctx: &ProbeContext) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    let target = TARGET_TGID.load();
-    if target != 0 && target != tgid {
+    if !traced(tgid) {
         return;
     }
     // SAFETY: the context pointer is valid for the program's lifetime.
@@ -197,12 +194,15 @@ fn capture(args: &[u64; 9], spec: &GoSpec, i: usize) -> u64 {
     let Some(&base) = args.get(usize::from(c.reg) - 1) else {
         return 0;
     };
-    let raw = if c.deref != 0 {
+    let mut raw = base;
+    if c.deref >= 1 {
         // SAFETY: reading the traced task's memory; a fault yields 0.
-        unsafe { bpf_probe_read_user((base + c.offset as u64) as *const u64) }.unwrap_or(0)
-    } else {
-        base
-    };
+        raw = unsafe { bpf_probe_read_user((raw + c.offset as u64) as *const u64) }.unwrap_or(0);
+    }
+    if c.deref >= 2 && raw != 0 {
+        // SAFETY: as above.
+        raw = unsafe { bpf_probe_read_user((raw + c.offset2 as u64) as *const u64) }.unwrap_or(0);
+    }
     match c.size {
         1 => raw & 0xff,
         2 => raw & 0xffff,

@@ -22,7 +22,7 @@ use aya_ebpf::{
 };
 
 use crate::maps::{
-    FLAGS, LIBC_HIST, LIVE, PENDING, STACKS, TARGET_TGID, count_call, hist_add, lost, site_row,
+    FLAGS, LIBC_HIST, LIVE, PENDING, STACKS, count_call, hist_add, lost, site_row, traced,
 };
 
 const EEXIST: i32 = -17;
@@ -37,12 +37,6 @@ pub fn libc_entry(ctx: ProbeContext) -> u32 {
 pub fn libc_return(ctx: RetProbeContext) -> u32 {
     on_return(&ctx);
     0
-}
-
-#[inline(always)]
-fn traced(tgid: u32) -> bool {
-    let target = TARGET_TGID.load();
-    target == 0 || target == tgid
 }
 
 #[inline(always)]

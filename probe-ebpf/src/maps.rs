@@ -2,6 +2,7 @@
 
 use allocwatch_common::{
     capacity,
+    config::{FLAG_ALLOWLIST, FLAG_DENYLIST},
     go::{GO_HIST_BUCKETS, GO_SPECS_MAX, GoHistKey, GoHistVal, GoProc, GoSpec, StwState},
     libc::{
         API_COUNT, EventHeader, EventKind, LiveAlloc, LiveKey, NewSiteEvent, Overflow, Pending,
@@ -12,6 +13,7 @@ use allocwatch_common::{
 use aya_ebpf::{
     Global,
     bindings::BPF_NOEXIST,
+    helpers::bpf_get_current_comm,
     macros::map,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
 };
@@ -22,6 +24,28 @@ pub static TARGET_TGID: Global<u32> = Global::new(0);
 /// `allocwatch_common::config` flags.
 #[unsafe(no_mangle)]
 pub static FLAGS: Global<u32> = Global::new(0);
+
+/// Processes named by the agent (`config::FLAG_ALLOWLIST` / `FLAG_DENYLIST`).
+#[map]
+pub static TGIDS: HashMap<u32, u8> = HashMap::with_max_entries(capacity::TGIDS, 0);
+
+/// Whether events of `tgid` are recorded: the one traced process, or every process the probes
+/// are attached to, narrowed by the agent's allow- or denylist.
+#[inline(always)]
+pub fn traced(tgid: u32) -> bool {
+    let target = TARGET_TGID.load();
+    if target != 0 {
+        return target == tgid;
+    }
+    let flags = FLAGS.load();
+    if flags & FLAG_ALLOWLIST != 0 {
+        TGIDS.get_ptr(&tgid).is_some()
+    } else if flags & FLAG_DENYLIST != 0 {
+        TGIDS.get_ptr(&tgid).is_none()
+    } else {
+        true
+    }
+}
 
 #[map]
 pub static PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(capacity::PENDING, 0);
@@ -141,6 +165,7 @@ fn announce(key: &SiteKey) {
             tgid: key.tgid,
         },
         site: *key,
+        comm: bpf_get_current_comm().unwrap_or_default(),
     };
     if EVENTS.output(&ev, 0).is_err() {
         lost(LossCause::RingbufFull);

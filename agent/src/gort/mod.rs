@@ -13,6 +13,7 @@
 #![allow(dead_code, reason = "wired into the Go probes by the lead")]
 
 pub mod buildinfo;
+pub mod growth;
 mod image;
 pub mod pclntab;
 pub mod versions;

@@ -1,6 +1,8 @@
 //! What a tracing session reports, independent of how it is rendered (text or JSON).
 
+pub mod flame;
 pub mod json;
+pub mod pprof;
 pub mod text;
 
 use std::collections::BTreeMap;

@@ -57,12 +57,31 @@ pub struct GoProbe {
     pub sp_delta: u32,
     pub emulated: bool,
     pub spec: GoSpec,
-    /// The table row, for decoding (constants, version-specific meaning).
-    pub func: &'static RuntimeFunc,
+}
+
+/// Which groups of Go runtime functions to probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GoProbeSet {
+    /// Map and slice growth.
+    pub growth: bool,
+    /// Every heap allocation (`mallocgc`): a probe hit per allocation, the costly part.
+    pub malloc: bool,
+    /// GC cycles and stop-the-world pauses.
+    pub gc: bool,
+}
+
+impl GoProbeSet {
+    fn wants(&self, role: Role) -> bool {
+        match role {
+            Role::Malloc | Role::MallocSpecialized => self.malloc,
+            Role::GcStart | Role::StopTheWorld | Role::StartTheWorld => self.gc,
+            _ => self.growth,
+        }
+    }
 }
 
 /// What the tracer needs from a Go binary, or `None` if `path` is not a Go program.
-pub fn for_exe(path: &Path, with_malloc: bool) -> Result<Option<GoTarget>, TargetError> {
+pub fn for_exe(path: &Path, set: GoProbeSet) -> Result<Option<GoTarget>, TargetError> {
     let bad = |e: crate::gort::GoError| TargetError::BadElf {
         path: path.to_owned(),
         reason: e.to_string(),
@@ -122,8 +141,7 @@ pub fn for_exe(path: &Path, with_malloc: bool) -> Result<Option<GoTarget>, Targe
         if r.func.role == Role::Malloc {
             mallocgc = Some((r.entry, r.end));
         }
-        let malloc = matches!(r.func.role, Role::Malloc | Role::MallocSpecialized);
-        if malloc && !with_malloc {
+        if !set.wants(r.func.role) {
             continue;
         }
         probes.extend(place_function(&elf, r)?);
@@ -184,7 +202,6 @@ fn place_function(elf: &ElfFile, r: &Resolved) -> Result<Vec<GoProbe>, TargetErr
             sp_delta,
             emulated,
             spec: spec_for(role, r.func),
-            func: r.func,
         })
     };
     if r.func.role == Role::StartTheWorld {
@@ -272,15 +289,34 @@ fn reg_id(r: Reg) -> u8 {
 /// fields. The agent decodes events by these positions (`crate::gostate`).
 pub fn value_names(role: GoRole) -> &'static [&'static str] {
     match role {
-        GoRole::MapHashGrow => &["h", "count", "B", "flags", "bucketsize", "noverflow"],
-        GoRole::MapGrowToSmall | GoRole::MapGrowToTable => {
-            &["m", "used", "dirLen", "globalDepth", "groupSize"]
-        }
-        GoRole::MapTableGrow => &["m", "t", "capacity", "newCapacity", "used", "groupSize"],
-        GoRole::MapTableSplit => &["m", "t", "capacity", "localDepth", "groupSize", "mapUsed"],
+        GoRole::MapHashGrow => &["h", "count", "B", "flags", "bucketsize", "bucketPtrBytes"],
+        GoRole::MapGrowToSmall | GoRole::MapGrowToTable => &[
+            "m",
+            "used",
+            "dirLen",
+            "globalDepth",
+            "groupSize",
+            "groupPtrBytes",
+        ],
+        GoRole::MapTableGrow => &[
+            "m",
+            "capacity",
+            "newCapacity",
+            "used",
+            "groupSize",
+            "groupPtrBytes",
+        ],
+        GoRole::MapTableSplit => &[
+            "m",
+            "capacity",
+            "localDepth",
+            "groupSize",
+            "mapUsed",
+            "groupPtrBytes",
+        ],
         GoRole::MapDirectoryGrow => &["m", "globalDepth", "dirLen", "oldLocalDepth"],
         GoRole::SliceGrow => &["newLen", "oldCap", "elemSize", "ptrBytes", "oldPtr"],
-        GoRole::SliceMoveToHeap => &["len", "cap", "elemSize"],
+        GoRole::SliceMoveToHeap => &["len", "cap", "elemSize", "ptrBytes"],
         GoRole::Malloc | GoRole::MallocSpecialized => &["size"],
         GoRole::GcStart => &["triggerKind"],
         GoRole::StopTheWorld => &["reason"],
@@ -289,8 +325,7 @@ pub fn value_names(role: GoRole) -> &'static [&'static str] {
     }
 }
 
-/// `_type.PtrBytes`: zero for pointer-free element types (abi.Type, Go 1.17 … 1.27).
-const PTR_BYTES_OFFSET: u32 = 8;
+use crate::gort::growth::{MAP_TYPE_BUCKET_OFFSET, TYPE_PTR_BYTES_OFFSET};
 
 /// The capture spec of `role` from the table row: each value is an argument register or a
 /// field loaded through one.
@@ -326,22 +361,37 @@ fn capture_for(func: &RuntimeFunc, name: &str) -> Option<Capture> {
             reg: reg_id(base.reg),
             size: f.size,
             deref: 1,
-            _pad: 0,
+            offset2: 0,
             offset: u32::from(f.offset),
         });
     }
-    // Element pointerfulness decides growslice's size-class rounding (malloc headers).
-    if name == "ptrBytes" {
-        let et = by_arg("et")?;
-        return Some(Capture {
-            reg: reg_id(et.reg),
-            size: 8,
-            deref: 1,
-            _pad: 0,
-            offset: PTR_BYTES_OFFSET,
-        });
+    // Pointerfulness of the element, bucket or group type decides the size-class rounding
+    // (malloc headers since Go 1.22): `_type.PtrBytes` of the element type, or of the type
+    // the map type's bucket/group field points to.
+    match name {
+        "ptrBytes" => {
+            let et = by_arg("et")?;
+            Some(Capture {
+                reg: reg_id(et.reg),
+                size: 8,
+                deref: 1,
+                offset2: 0,
+                offset: u32::from(TYPE_PTR_BYTES_OFFSET),
+            })
+        }
+        // Old maps: `t *maptype`; swiss maps: `typ *MapType` (`t` is the table there).
+        "bucketPtrBytes" | "groupPtrBytes" => {
+            let t = by_arg(if name == "bucketPtrBytes" { "t" } else { "typ" })?;
+            Some(Capture {
+                reg: reg_id(t.reg),
+                size: 8,
+                deref: 2,
+                offset2: TYPE_PTR_BYTES_OFFSET as u8,
+                offset: u32::from(MAP_TYPE_BUCKET_OFFSET),
+            })
+        }
+        _ => None,
     }
-    None
 }
 
 /// Growth events carry stacks (their sites are the point); GC events do not.

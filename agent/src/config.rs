@@ -1,0 +1,546 @@
+//! The agent's config file (TOML), layered under command-line flags: defaults, then the file,
+//! then [`Overrides`] from the flags. `allocwatch config print-default` prints
+//! [`print_default`], a complete, commented file with every key at its default; the
+//! Kubernetes ConfigMap (`deploy/kustomize/base/configmap.yaml`) uses exactly the same keys.
+
+#![allow(
+    dead_code,
+    reason = "wired into `allocwatch agent` and `top` by the daemon work of issue 4; remove then"
+)]
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use allocwatch_common::capacity;
+use serde::{Deserialize, Deserializer};
+
+use crate::cli::parse_duration;
+
+/// All interfaces, port 9464: the port the DaemonSet exposes as `metrics` (also the port
+/// OpenTelemetry's Prometheus exporters default to, so scrape configs often expect it).
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED), 9464);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("config key {key}: invalid regular expression: {source}")]
+    Regex {
+        key: String,
+        source: Box<regex::Error>,
+    },
+    #[error("config key {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+/// The whole configuration. Every field has a default, so an empty file is valid; unknown
+/// keys are errors (a typo must not silently fall back to a default).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where `/metrics`, `/healthz` and (when enabled) `/debug/pprof/*` are served.
+    pub listen: SocketAddr,
+    /// Series of an exited process are dropped this long after it exits.
+    #[serde(deserialize_with = "duration")]
+    pub ttl: Duration,
+    /// Call sites per process identity with their own series; the rest are `site="other"`.
+    pub top_k: usize,
+    /// Hard cap on all `allocwatch_site_*` series of the agent.
+    pub max_site_series: usize,
+    pub select: Select,
+    pub capacity: Capacity,
+    pub go: Go,
+    pub pprof: Pprof,
+    pub kubernetes: Kubernetes,
+}
+
+/// Which processes are traced. Every entry is a regular expression, matched anywhere in the
+/// value unless anchored (`^…$`). Empty include lists include everything; excludes win.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Select {
+    /// `/proc/<pid>/comm`.
+    pub comm: Vec<String>,
+    /// Executable path (`/proc/<pid>/exe` as the process sees it).
+    pub exe: Vec<String>,
+    /// cgroup path (the v2 line, or any v1 line, of `/proc/<pid>/cgroup`).
+    pub cgroup: Vec<String>,
+    /// Kubernetes namespace of the process' pod (processes outside pods never match).
+    pub k8s_namespace: Vec<String>,
+    pub exclude_comm: Vec<String>,
+    pub exclude_exe: Vec<String>,
+    pub exclude_cgroup: Vec<String>,
+    pub exclude_k8s_namespace: Vec<String>,
+}
+
+/// Kernel map capacities (see `allocwatch_common::capacity`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Capacity {
+    pub max_live: u32,
+    pub max_sites: u32,
+    pub max_stacks: u32,
+    pub max_pending: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Capacity {
+            max_live: capacity::LIVE,
+            max_sites: capacity::SITES,
+            max_stacks: capacity::STACKS,
+            max_pending: capacity::PENDING,
+        }
+    }
+}
+
+/// Go runtime probes of Go processes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Go {
+    /// Map growth (hashGrow / swiss-map grow paths) and slice growth (growslice).
+    pub growth: bool,
+    /// Every heap allocation (mallocgc): one probe hit per Go allocation, so off by default.
+    pub malloc: bool,
+    /// GC cycles and stop-the-world pauses.
+    pub gc: bool,
+}
+
+impl Default for Go {
+    fn default() -> Self {
+        Go {
+            growth: true,
+            malloc: false,
+            gc: true,
+        }
+    }
+}
+
+/// `/debug/pprof/allocs` and `/debug/pprof/heap` on the listen address.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Pprof {
+    pub enabled: bool,
+}
+
+/// Pod names from the API server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Kubernetes {
+    pub enabled: bool,
+}
+
+impl Default for Kubernetes {
+    fn default() -> Self {
+        Kubernetes { enabled: true }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: DEFAULT_LISTEN,
+            ttl: Duration::from_secs(600),
+            top_k: 10,
+            max_site_series: 5000,
+            select: Select::default(),
+            capacity: Capacity::default(),
+            go: Go::default(),
+            pprof: Pprof::default(),
+            kubernetes: Kubernetes::default(),
+        }
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+/// Values given on the command line; `None` (or an empty list) keeps the file's value.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub ttl: Option<Duration>,
+    pub top_k: Option<usize>,
+    pub max_site_series: Option<usize>,
+    pub comm: Vec<String>,
+    pub exe: Vec<String>,
+    pub cgroup: Vec<String>,
+    pub k8s_namespace: Vec<String>,
+    pub exclude_comm: Vec<String>,
+    pub exclude_exe: Vec<String>,
+    pub exclude_cgroup: Vec<String>,
+    pub exclude_k8s_namespace: Vec<String>,
+    pub max_live: Option<u32>,
+    pub max_sites: Option<u32>,
+    pub max_stacks: Option<u32>,
+    pub max_pending: Option<u32>,
+    pub go_growth: Option<bool>,
+    pub go_malloc: Option<bool>,
+    pub go_gc: Option<bool>,
+    pub pprof: Option<bool>,
+    pub kubernetes: Option<bool>,
+}
+
+/// Reads the config file (defaults without one) and validates it.
+pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+    let Some(path) = path else {
+        return Ok(Config::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Config::parse(&text).map_err(|e| match e {
+        ConfigError::Parse { source, .. } => ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        },
+        other => other,
+    })
+}
+
+impl Config {
+    /// Parses and validates a config file's text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<text>"),
+            source: Box::new(e),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Puts the command line's values over the file's, then validates the result.
+    pub fn apply(&mut self, o: Overrides) -> Result<(), ConfigError> {
+        fn set<T>(slot: &mut T, v: Option<T>) {
+            if let Some(v) = v {
+                *slot = v;
+            }
+        }
+        fn list(slot: &mut Vec<String>, v: Vec<String>) {
+            if !v.is_empty() {
+                *slot = v;
+            }
+        }
+        set(&mut self.listen, o.listen);
+        set(&mut self.ttl, o.ttl);
+        set(&mut self.top_k, o.top_k);
+        set(&mut self.max_site_series, o.max_site_series);
+        let s = &mut self.select;
+        list(&mut s.comm, o.comm);
+        list(&mut s.exe, o.exe);
+        list(&mut s.cgroup, o.cgroup);
+        list(&mut s.k8s_namespace, o.k8s_namespace);
+        list(&mut s.exclude_comm, o.exclude_comm);
+        list(&mut s.exclude_exe, o.exclude_exe);
+        list(&mut s.exclude_cgroup, o.exclude_cgroup);
+        list(&mut s.exclude_k8s_namespace, o.exclude_k8s_namespace);
+        let c = &mut self.capacity;
+        set(&mut c.max_live, o.max_live);
+        set(&mut c.max_sites, o.max_sites);
+        set(&mut c.max_stacks, o.max_stacks);
+        set(&mut c.max_pending, o.max_pending);
+        set(&mut self.go.growth, o.go_growth);
+        set(&mut self.go.malloc, o.go_malloc);
+        set(&mut self.go.gc, o.go_gc);
+        set(&mut self.pprof.enabled, o.pprof);
+        set(&mut self.kubernetes.enabled, o.kubernetes);
+        self.validate()
+    }
+
+    /// Checks what the types cannot: regexes compile, capacities are non-zero.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.select;
+        for (key, patterns) in [
+            ("select.comm", &s.comm),
+            ("select.exe", &s.exe),
+            ("select.cgroup", &s.cgroup),
+            ("select.k8s_namespace", &s.k8s_namespace),
+            ("select.exclude_comm", &s.exclude_comm),
+            ("select.exclude_exe", &s.exclude_exe),
+            ("select.exclude_cgroup", &s.exclude_cgroup),
+            ("select.exclude_k8s_namespace", &s.exclude_k8s_namespace),
+        ] {
+            for (i, p) in patterns.iter().enumerate() {
+                regex::Regex::new(p).map_err(|e| ConfigError::Regex {
+                    key: format!("{key}[{i}]"),
+                    source: Box::new(e),
+                })?;
+            }
+        }
+        let c = &self.capacity;
+        for (key, v) in [
+            ("capacity.max_live", c.max_live),
+            ("capacity.max_sites", c.max_sites),
+            ("capacity.max_stacks", c.max_stacks),
+            ("capacity.max_pending", c.max_pending),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: "a kernel map needs at least one entry".to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `["a", "b"]` for a TOML array of strings.
+fn toml_list(v: &[String]) -> String {
+    let items: Vec<String> = v
+        .iter()
+        .map(|s| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"")))
+        .collect();
+    format!("[{}]", items.join(", "))
+}
+
+/// `1h`, `10m` or `30s`: the largest unit that divides the duration (milliseconds otherwise).
+fn duration_text(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        0 => "0s".to_string(),
+        _ if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        _ if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        _ if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        _ => format!("{ms}ms"),
+    }
+}
+
+/// The default configuration as a commented TOML file (`allocwatch config print-default`).
+pub fn print_default() -> String {
+    let c = Config::default();
+    let s = &c.select;
+    format!(
+        r#"# allocwatch agent configuration. Flags given on the command line override these values.
+
+# Where /metrics and /healthz are served (and /debug/pprof/* when enabled). The default, all
+# interfaces on port 9464, is the DaemonSet's `metrics` port.
+listen = "{listen}"
+
+# Series of an exited process are dropped this long after it exits (units: ms, s, m, h).
+ttl = "{ttl}"
+
+# Call-site labels: only the top K sites of each process identity (namespace, pod, container,
+# comm, exe) by recently allocated bytes get their own series; the rest are summed into
+# site="other".
+top_k = {top_k}
+
+# Hard cap on all allocwatch_site_* series of this agent (4 series per site).
+max_site_series = {max_site_series}
+
+[select]
+# Regular expressions (matched anywhere unless anchored with ^ and $). Empty include lists
+# trace every process on the node; a process matching an exclude list is never traced.
+comm = {comm}
+exe = {exe}
+cgroup = {cgroup}
+k8s_namespace = {k8s_namespace}
+exclude_comm = {exclude_comm}
+exclude_exe = {exclude_exe}
+exclude_cgroup = {exclude_cgroup}
+exclude_k8s_namespace = {exclude_k8s_namespace}
+
+[capacity]
+# Kernel map sizes; every drop caused by a full map is counted in allocwatch_events_lost_total.
+max_live = {max_live}
+max_sites = {max_sites}
+max_stacks = {max_stacks}
+max_pending = {max_pending}
+
+[go]
+# Go processes: map and slice growth, every heap allocation (mallocgc: one probe hit per
+# allocation, costly), GC cycles and stop-the-world pauses.
+growth = {growth}
+malloc = {malloc}
+gc = {gc}
+
+[pprof]
+# Serve /debug/pprof/allocs and /debug/pprof/heap (gzipped pprof protobuf) on `listen`.
+enabled = {pprof}
+
+[kubernetes]
+# Name namespace/pod/container from the API server (this node's pods only, watched).
+# Off, or without a cluster, those labels stay empty.
+enabled = {kubernetes}
+"#,
+        listen = c.listen,
+        ttl = duration_text(c.ttl),
+        top_k = c.top_k,
+        max_site_series = c.max_site_series,
+        comm = toml_list(&s.comm),
+        exe = toml_list(&s.exe),
+        cgroup = toml_list(&s.cgroup),
+        k8s_namespace = toml_list(&s.k8s_namespace),
+        exclude_comm = toml_list(&s.exclude_comm),
+        exclude_exe = toml_list(&s.exclude_exe),
+        exclude_cgroup = toml_list(&s.exclude_cgroup),
+        exclude_k8s_namespace = toml_list(&s.exclude_k8s_namespace),
+        max_live = c.capacity.max_live,
+        max_sites = c.capacity.max_sites,
+        max_stacks = c.capacity.max_stacks,
+        max_pending = c.capacity.max_pending,
+        growth = c.go.growth,
+        malloc = c.go.malloc,
+        gc = c.go.gc,
+        pprof = c.pprof.enabled,
+        kubernetes = c.kubernetes.enabled,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// Dotted paths of every key of a TOML document.
+    fn keys(text: &str) -> BTreeSet<String> {
+        fn walk(prefix: &str, t: &toml::Table, out: &mut BTreeSet<String>) {
+            for (k, v) in t {
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                match v {
+                    toml::Value::Table(inner) => walk(&path, inner, out),
+                    _ => {
+                        out.insert(path);
+                    }
+                }
+            }
+        }
+        let table: toml::Table = toml::from_str(text).unwrap();
+        let mut out = BTreeSet::new();
+        walk("", &table, &mut out);
+        out
+    }
+
+    /// The `config.toml` block of the ConfigMap, de-indented.
+    fn configmap_toml() -> String {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kustomize/base/configmap.yaml");
+        let yaml = std::fs::read_to_string(&path).unwrap();
+        let mut lines = yaml.lines().skip_while(|l| l.trim() != "config.toml: |");
+        assert!(
+            lines.next().is_some(),
+            "no config.toml block in {}",
+            path.display()
+        );
+        let mut out = String::new();
+        for l in lines {
+            if !l.trim().is_empty() && !l.starts_with("    ") {
+                break;
+            }
+            out.push_str(l.strip_prefix("    ").unwrap_or(""));
+            out.push('\n');
+        }
+        out
+    }
+
+    #[test]
+    fn print_default_round_trips() {
+        let text = print_default();
+        assert_eq!(Config::parse(&text).unwrap(), Config::default());
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+        assert_eq!(load(None).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn configmap_has_exactly_the_default_keys() {
+        let cm = configmap_toml();
+        assert_eq!(keys(&cm), keys(&print_default()));
+        let cfg = Config::parse(&cm).unwrap();
+        assert_eq!(cfg.listen, DEFAULT_LISTEN);
+    }
+
+    #[test]
+    fn file_values_and_flags_layer() {
+        let mut cfg = Config::parse(
+            r#"
+            listen = "127.0.0.1:9999"
+            ttl = "90s"
+            top_k = 3
+            [select]
+            comm = ["^nginx$"]
+            exclude_comm = ["^sh$"]
+            [go]
+            malloc = true
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.listen, "127.0.0.1:9999".parse().unwrap());
+        assert_eq!(cfg.ttl, Duration::from_secs(90));
+        assert_eq!(cfg.top_k, 3);
+        assert!(cfg.go.malloc && cfg.go.growth);
+        assert_eq!(cfg.capacity, Capacity::default());
+        cfg.apply(Overrides {
+            top_k: Some(7),
+            comm: vec!["^redis".into()],
+            pprof: Some(true),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(cfg.top_k, 7);
+        assert_eq!(cfg.select.comm, ["^redis"]);
+        assert_eq!(
+            cfg.select.exclude_comm,
+            ["^sh$"],
+            "an empty flag list keeps the file's"
+        );
+        assert!(cfg.pprof.enabled);
+        assert_eq!(cfg.listen, "127.0.0.1:9999".parse().unwrap());
+    }
+
+    #[test]
+    fn bad_input_is_an_error_not_a_panic() {
+        let cases = [
+            ("top_kk = 3", "unknown field"),
+            ("ttl = \"5 parsecs\"", "invalid duration"),
+            ("ttl = 5", "invalid type"),
+            ("listen = \"nowhere\"", "invalid socket address"),
+            ("[select]\ncomm = [\"(\"]", "select.comm[0]"),
+            ("[capacity]\nmax_live = 0", "capacity.max_live"),
+            ("[capacity]\nmax_live = -1", "invalid value"),
+            ("top_k = ", "string values must be quoted"),
+        ];
+        for (text, want) in cases {
+            let err = Config::parse(text).unwrap_err().to_string();
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
+        let err = load(Some(Path::new("/nonexistent/allocwatch.toml"))).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+        let mut cfg = Config::default();
+        let err = cfg
+            .apply(Overrides {
+                exclude_exe: vec!["[".into()],
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("select.exclude_exe[0]"), "{err}");
+    }
+
+    #[test]
+    fn durations_print_in_their_largest_unit() {
+        assert_eq!(duration_text(Duration::from_secs(600)), "10m");
+        assert_eq!(duration_text(Duration::from_secs(7200)), "2h");
+        assert_eq!(duration_text(Duration::from_secs(45)), "45s");
+        assert_eq!(duration_text(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(duration_text(Duration::ZERO), "0s");
+    }
+}

@@ -1,0 +1,179 @@
+//! `allocwatch agent`: trace every (selected) process of the node and export what the CLI
+//! shows as Prometheus metrics and pprof profiles, with bounded cost and cardinality.
+//!
+//! One loop owns the probes: it drains the ring buffer, rescans /proc, and answers snapshot
+//! requests from the HTTP server over a channel (so the server never touches kernel maps).
+
+mod registry;
+mod select;
+mod snapshot;
+
+use std::{sync::Arc, time::Duration};
+
+use allocwatch_common::Event;
+use anyhow::Context as _;
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, oneshot},
+};
+
+use self::{registry::Registry, select::Selector, snapshot::LoopStats};
+use crate::{
+    cli::CapacityArgs,
+    collect,
+    config::Config,
+    frames::FrameCache,
+    preflight,
+    probes::{Filter, ProbeConfig, Probes},
+    serve::{
+        self, ServeConfig,
+        model::{ProcessSnapshot, SelfStats, SnapshotSource},
+    },
+    symbolize::SymbolizerHandle,
+    target::go::GoProbeSet,
+};
+
+/// New processes are found within this (the issue asks for one second).
+const SCAN_INTERVAL: Duration = Duration::from_millis(500);
+
+type Reply = oneshot::Sender<(Vec<ProcessSnapshot>, SelfStats)>;
+
+/// The server's view of the daemon: a request over a channel, answered by the loop.
+struct ChannelSource {
+    tx: mpsc::Sender<Reply>,
+}
+
+impl SnapshotSource for ChannelSource {
+    fn snapshot(&self) -> (Vec<ProcessSnapshot>, SelfStats) {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.blocking_send(reply).is_err() {
+            return Default::default();
+        }
+        rx.blocking_recv().unwrap_or_default()
+    }
+}
+
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    preflight::check()?;
+    let selector = Selector::new(&cfg.select)?;
+    let filter = if selector.is_allowlist() {
+        Filter::Allow
+    } else {
+        Filter::Deny
+    };
+    let capacity = CapacityArgs {
+        max_live: cfg.capacity.max_live,
+        max_sites: cfg.capacity.max_sites,
+        max_stacks: cfg.capacity.max_stacks,
+        max_pending: cfg.capacity.max_pending,
+    };
+    let mut probes = Probes::load(&ProbeConfig {
+        tgid: None,
+        filter,
+        stacks: true,
+        capacity,
+    })?;
+    if filter == Filter::Deny {
+        // Our own allocations must not be traced (each event we handle would allocate more).
+        probes.set_listed(std::process::id(), true)?;
+    }
+    let ring = collect::take_events(&mut probes.ebpf)?;
+    // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the ring buffer.
+    let mut ring = unsafe { AsyncFd::register(ring) }.map_err(std::io::Error::from)?;
+    let symbolizer = SymbolizerHandle::spawn();
+    let mut frames = FrameCache::default();
+    let go_probes = GoProbeSet {
+        growth: cfg.go.growth,
+        malloc: cfg.go.malloc,
+        gc: cfg.go.gc,
+    };
+    let mut registry = Registry::new(selector, go_probes, cfg.ttl);
+
+    let (tx, mut requests) = mpsc::channel::<Reply>(8);
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    // Bind before announcing anything: a taken port is a startup error, not a later one.
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let server = tokio::spawn(serve::serve_on(
+        listener,
+        Arc::new(ChannelSource { tx }),
+        ServeConfig::from_config(&cfg),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let mut server = std::pin::pin!(server);
+
+    registry.scan(&mut probes, &symbolizer, &mut frames);
+    eprintln!(
+        "allocwatch: agent serving on http://{}/metrics: {} processes, {} probes",
+        cfg.listen,
+        registry.procs.len(),
+        registry.probes_attached
+    );
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut scan = tokio::time::interval(SCAN_INTERVAL);
+    let mut stats = LoopStats::default();
+    let mut events = Vec::new();
+    let result: anyhow::Result<()> = loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                stats.malformed_records += collect::drain(guard.get_inner_mut(), &mut events);
+                guard.clear_ready();
+                stats.events_processed += events.len() as u64;
+                handle(&mut events, &mut registry, &mut probes, &symbolizer);
+            }
+            _ = scan.tick() => registry.scan(&mut probes, &symbolizer, &mut frames),
+            Some(reply) = requests.recv() => {
+                let snap = snapshot::build(
+                    &probes, &registry, &mut frames, &symbolizer, stats, capacity.max_sites, cfg.top_k,
+                ).await?;
+                let _ = reply.send(snap);
+            }
+            r = &mut server => {
+                break match r {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e.into()),
+                    Err(e) => Err(anyhow::anyhow!("HTTP server task: {e}")),
+                };
+            }
+            _ = sigint.recv() => break Ok(()),
+            _ = sigterm.recv() => break Ok(()),
+        }
+    };
+    let _ = stop_tx.send(());
+    // Detach before waiting on the server.
+    drop(probes);
+    if !server.is_finished() {
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut server).await;
+    }
+    result.context("agent")
+}
+
+/// Events only register processes (so short-lived ones are named while they exist) and feed
+/// the Go state; symbolization waits for a scrape, and only for the sites it exports.
+fn handle(
+    events: &mut Vec<Event>,
+    registry: &mut Registry,
+    probes: &mut Probes,
+    symbolizer: &SymbolizerHandle,
+) {
+    for ev in events.drain(..) {
+        match ev {
+            Event::NewSite(site, comm) => {
+                registry.ensure_seen(site.tgid, &comm, probes, symbolizer)
+            }
+            Event::Go(g) => {
+                let tgid = g.header.tgid;
+                registry.ensure(tgid, probes, symbolizer);
+                if let Some(go) = registry.procs.get_mut(&tgid).and_then(|p| p.go.as_mut()) {
+                    go.record(&g);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,375 @@
+//! The processes the daemon traces: discovery from /proc, selection, attaching once per
+//! distinct file (device + inode), exit and expiry.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fs,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use allocwatch_common::go::GoProc;
+
+use super::select::{Candidate, Selector};
+use crate::{
+    collect,
+    frames::FrameCache,
+    gostate::GoState,
+    k8s::{cgroup, pods::PodCache},
+    probes::Probes,
+    serve::model::ProcessLabels,
+    symbolize::SymbolizerHandle,
+    target::{
+        self,
+        go::{GoProbeSet, GoTarget},
+        maps::{DevInode, read_maps},
+    },
+};
+
+/// One traced process.
+pub struct Proc {
+    pub labels: ProcessLabels,
+    /// Start time (clock ticks since boot, /proc/<pid>/stat field 22): tells pid reuse apart.
+    pub start_time: u64,
+    pub exited_at: Option<Instant>,
+    pub go: Option<GoState>,
+}
+
+/// A probed file and whether attaching it worked.
+enum Attached {
+    Libc,
+    Go(Arc<GoTarget>),
+    /// Not a Go program (remembered so it is not parsed again).
+    NotGo,
+    Failed,
+}
+
+pub struct Registry {
+    selector: Selector,
+    go_probes: GoProbeSet,
+    ttl: Duration,
+    pub procs: HashMap<u32, Proc>,
+    /// Processes looked at and not selected (pid, start time).
+    ignored: HashSet<(u32, u64)>,
+    libc_files: HashMap<DevInode, Attached>,
+    exe_files: HashMap<DevInode, Attached>,
+    pub attach_failures: BTreeMap<String, u64>,
+    pub probes_attached: u64,
+    pub pods: PodCache,
+    self_pid: u32,
+}
+
+impl Registry {
+    pub fn new(selector: Selector, go_probes: GoProbeSet, ttl: Duration) -> Self {
+        Self {
+            selector,
+            go_probes,
+            ttl,
+            procs: HashMap::new(),
+            ignored: HashSet::new(),
+            libc_files: HashMap::new(),
+            exe_files: HashMap::new(),
+            attach_failures: BTreeMap::new(),
+            probes_attached: 0,
+            pods: PodCache::new(),
+            self_pid: std::process::id(),
+        }
+    }
+
+    /// One pass over /proc: new processes are examined (and attached), vanished ones marked
+    /// exited, expired ones forgotten (here and in the kernel maps).
+    pub fn scan(
+        &mut self,
+        probes: &mut Probes,
+        symbolizer: &SymbolizerHandle,
+        frames: &mut FrameCache,
+    ) {
+        let now = Instant::now();
+        let mut seen = HashSet::new();
+        if let Ok(dir) = fs::read_dir("/proc") {
+            for entry in dir.flatten() {
+                let Some(pid) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|s| s.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                seen.insert(pid);
+                self.ensure(pid, probes, symbolizer);
+            }
+        }
+        for (pid, p) in &mut self.procs {
+            if p.exited_at.is_none() && !seen.contains(pid) {
+                p.exited_at = Some(now);
+                if probes.is_allowlist() {
+                    let _ = probes.set_listed(*pid, false);
+                }
+            }
+        }
+        let expired: Vec<u32> = self
+            .procs
+            .iter()
+            .filter(|(_, p)| {
+                p.exited_at
+                    .is_some_and(|t| now.duration_since(t) >= self.ttl)
+            })
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in expired {
+            self.procs.remove(&pid);
+            frames.forget(pid);
+            if let Err(e) = collect::forget(&mut probes.ebpf, pid) {
+                log::warn!("forgetting pid {pid}: {e}");
+            }
+        }
+        self.ignored.retain(|(pid, _)| seen.contains(pid));
+    }
+
+    /// Like [`Self::ensure`] for a process known from its events: one that already exited is
+    /// still registered (as exited), named by the comm the probe recorded, so its counts are
+    /// exported with a name instead of vanishing.
+    pub fn ensure_seen(
+        &mut self,
+        pid: u32,
+        comm: &[u8; 16],
+        probes: &mut Probes,
+        symbolizer: &SymbolizerHandle,
+    ) {
+        if self.procs.contains_key(&pid) {
+            return;
+        }
+        self.ensure(pid, probes, symbolizer);
+        if self.procs.contains_key(&pid) || start_time(pid).is_some() || pid == self.self_pid {
+            return;
+        }
+        let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+        let comm = String::from_utf8_lossy(&comm[..len]).into_owned();
+        let candidate = Candidate {
+            comm: &comm,
+            ..Candidate::default()
+        };
+        if !self.selector.selects(&candidate) {
+            return;
+        }
+        self.procs.insert(
+            pid,
+            Proc {
+                labels: ProcessLabels {
+                    comm,
+                    ..ProcessLabels::default()
+                },
+                start_time: 0,
+                exited_at: Some(Instant::now()),
+                go: None,
+            },
+        );
+    }
+
+    /// Registers `pid` if it is new (or a new process under a reused pid) and selected.
+    pub fn ensure(&mut self, pid: u32, probes: &mut Probes, symbolizer: &SymbolizerHandle) {
+        if pid == self.self_pid {
+            return;
+        }
+        let Some(start_time) = start_time(pid) else {
+            return;
+        };
+        if let Some(p) = self.procs.get(&pid) {
+            if p.start_time == start_time {
+                return;
+            }
+            // The pid was reused: the old process is gone.
+            self.procs.remove(&pid);
+        }
+        if self.ignored.contains(&(pid, start_time)) {
+            return;
+        }
+        // Kernel threads have no executable.
+        let Ok(exe) = fs::read_link(format!("/proc/{pid}/exe")) else {
+            self.ignored.insert((pid, start_time));
+            return;
+        };
+        let exe = exe.display().to_string();
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|s| s.trim_end().to_string())
+            .unwrap_or_default();
+        let cgroup_text = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        let container = cgroup::parse(&cgroup_text);
+        let pod = self.pods.lookup(&container);
+        let cgroup_path = cgroup_text
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .or_else(|| {
+                cgroup_text
+                    .lines()
+                    .next()
+                    .and_then(|l| l.splitn(3, ':').nth(2))
+            })
+            .unwrap_or("");
+        let candidate = Candidate {
+            comm: &comm,
+            exe: &exe,
+            cgroup: cgroup_path,
+            namespace: pod.as_ref().map(|p| p.namespace.as_str()),
+        };
+        if !self.selector.selects(&candidate) {
+            self.ignored.insert((pid, start_time));
+            if probes.is_denylist() {
+                let _ = probes.set_listed(pid, true);
+            }
+            return;
+        }
+        let go = self.attach(pid, probes);
+        if probes.is_allowlist() {
+            let _ = probes.set_listed(pid, true);
+        }
+        symbolizer.note_process(pid);
+        let labels = ProcessLabels {
+            namespace: pod
+                .as_ref()
+                .map(|p| p.namespace.clone())
+                .unwrap_or_default(),
+            pod: pod.as_ref().map(|p| p.pod.clone()).unwrap_or_default(),
+            container: pod
+                .as_ref()
+                .and_then(|p| p.container_name.clone())
+                .unwrap_or_default(),
+            comm,
+            exe,
+        };
+        self.procs.insert(
+            pid,
+            Proc {
+                labels,
+                start_time,
+                exited_at: None,
+                go: go.as_deref().map(GoState::new),
+            },
+        );
+    }
+
+    /// Attaches the files `pid` runs that are not probed yet: its libc, and its executable
+    /// when it is a Go program. Returns its Go target, if any.
+    fn attach(&mut self, pid: u32, probes: &mut Probes) -> Option<Arc<GoTarget>> {
+        if let Ok(libc) = target::libc_for_pid(pid)
+            && !self.libc_files.contains_key(&libc.dev_inode)
+        {
+            let state = match probes.attach_libc(&libc.path, &libc.probes, None) {
+                Ok(()) => {
+                    self.probes_attached += libc.probes.len() as u64;
+                    Attached::Libc
+                }
+                Err(e) => {
+                    *self
+                        .attach_failures
+                        .entry(reason(&e.to_string()))
+                        .or_default() += 1;
+                    log::warn!("attaching {}: {e}", libc.display_path);
+                    Attached::Failed
+                }
+            };
+            self.libc_files.insert(libc.dev_inode, state);
+        }
+        let exe = PathBuf::from(format!("/proc/{pid}/exe"));
+        let id = fs::metadata(&exe)
+            .ok()
+            .map(|m| DevInode::from_metadata(&m))?;
+        if !self.exe_files.contains_key(&id) {
+            let state = match target::go::for_exe(&exe, self.go_probes) {
+                Ok(Some(go)) => {
+                    // The kernel resolves the path to the inode at attach time: the probes stay
+                    // when this pid exits, for every process running the same file.
+                    let go = Arc::new(go);
+                    match probes.attach_go(&exe, &go.probes, None) {
+                        Ok(()) => {
+                            self.probes_attached += go.probes.len() as u64;
+                            Attached::Go(go)
+                        }
+                        Err(e) => {
+                            *self
+                                .attach_failures
+                                .entry(reason(&e.to_string()))
+                                .or_default() += 1;
+                            Attached::Failed
+                        }
+                    }
+                }
+                Ok(None) => Attached::NotGo,
+                Err(e) => {
+                    *self
+                        .attach_failures
+                        .entry(reason(&e.to_string()))
+                        .or_default() += 1;
+                    Attached::Failed
+                }
+            };
+            self.exe_files.insert(id, state);
+        }
+        let Some(Attached::Go(go)) = self.exe_files.get(&id) else {
+            return None;
+        };
+        let go = Arc::clone(go);
+        if let Some((start, end)) = go.mallocgc {
+            let bias = if go.pie { load_bias(pid, id) } else { Some(0) };
+            if let Some(bias) = bias {
+                let _ = probes.set_go_process(
+                    pid,
+                    GoProc {
+                        mallocgc_start: start + bias,
+                        mallocgc_end: end + bias,
+                    },
+                );
+            }
+        }
+        Some(go)
+    }
+}
+
+/// A short, bounded label value for an attach failure (the error's first clause).
+fn reason(msg: &str) -> String {
+    msg.split(": ")
+        .last()
+        .unwrap_or(msg)
+        .chars()
+        .take(60)
+        .collect()
+}
+
+/// Field 22 of /proc/<pid>/stat (after the parenthesised comm, which may contain spaces).
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+/// Load bias of a PIE executable: the start of its mapping at file offset 0.
+fn load_bias(pid: u32, id: DevInode) -> Option<u64> {
+    read_maps(pid)
+        .ok()?
+        .into_iter()
+        .find(|m| m.dev_inode == id && m.offset == 0)
+        .map(|m| m.start)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_of_self() {
+        let t = start_time(std::process::id()).unwrap();
+        assert!(t > 0);
+        assert_eq!(start_time(std::process::id()), Some(t));
+        assert_eq!(start_time(0x7fff_fff0), None);
+    }
+
+    #[test]
+    fn failure_reasons_are_short() {
+        assert_eq!(
+            reason("cannot attach uprobes to /x: Operation not permitted"),
+            "Operation not permitted"
+        );
+        assert!(reason(&"x".repeat(500)).len() <= 60);
+    }
+}

@@ -1,0 +1,65 @@
+//! Symbolized call chains of sites, cached per (process, stack, caller). Filled when a site is
+//! first seen, while its process is still alive; shared by the CLI sessions and the daemon.
+
+use std::collections::{HashMap, HashSet};
+
+use anyhow::anyhow;
+
+use crate::{
+    aggregate::call_chain,
+    collect,
+    probes::Probes,
+    symbolize::{Frame, SymbolizerHandle},
+};
+
+/// Symbolized call chains by (process, stack, caller), filled while the process is alive.
+#[derive(Default)]
+pub struct FrameCache {
+    chains: HashMap<(u32, i32, u64), Vec<Frame>>,
+    /// Processes whose mappings were snapshotted.
+    pub noted: HashSet<u32>,
+    /// Chains that could not be symbolized because the process was gone.
+    pub process_gone: u64,
+}
+
+impl FrameCache {
+    /// A chain already symbolized, without waiting.
+    pub fn cached(&self, tgid: u32, stack_id: i32, ret_addr: u64) -> Option<&[Frame]> {
+        self.chains
+            .get(&(tgid, stack_id, ret_addr))
+            .map(Vec::as_slice)
+    }
+
+    /// Drops everything about an exited process whose series expired.
+    pub fn forget(&mut self, tgid: u32) {
+        self.chains.retain(|&(t, _, _), _| t != tgid);
+        self.noted.remove(&tgid);
+    }
+
+    /// The symbolized call chain of a site, innermost first; symbolized on first use.
+    pub async fn frames(
+        &mut self,
+        probes: &Probes,
+        symbolizer: &SymbolizerHandle,
+        tgid: u32,
+        stack_id: i32,
+        ret_addr: u64,
+    ) -> anyhow::Result<Vec<Frame>> {
+        let key = (tgid, stack_id, ret_addr);
+        if let Some(f) = self.chains.get(&key) {
+            return Ok(f.clone());
+        }
+        let stack = collect::stack(&probes.ebpf, stack_id)?;
+        let chain = call_chain(ret_addr, &stack);
+        let frames = match symbolizer.symbolize_async(tgid, chain.clone()).await {
+            Ok(frames) => frames,
+            Err(e) if e.is_process_gone() => {
+                self.process_gone += 1;
+                chain.iter().map(|&a| Frame::unknown(a)).collect()
+            }
+            Err(e) => return Err(anyhow!("symbolizing pid {tgid}: {e}")),
+        };
+        self.chains.insert(key, frames.clone());
+        Ok(frames)
+    }
+}

@@ -1,0 +1,626 @@
+//! pprof profiles (gzipped `profile.proto`) of call sites, readable by `go tool pprof`.
+//!
+//! Sample types, in this order (Go's heap profile first, then Go growth as its own types):
+//! `alloc_objects/count`, `alloc_space/bytes`, `inuse_objects/count`, `inuse_space/bytes`,
+//! `map_grows/count`, `map_grow_space/bytes`, `slice_grows/count`, `slice_grow_space/bytes`.
+//! malloc-family sites and Go's `alloc` (mallocgc) sites fill the first four; `map_grow` and
+//! `slice_grow` sites the last four; `free` sites are not allocations and are left out.
+//!
+//! Each sample is one site of one process, labelled `pid` (number), `comm`, `kind` and, inside
+//! Kubernetes, `namespace`/`pod`/`container` (for `-tagfocus`). Every frame gets a function,
+//! so pprof never tries to symbolize: an address the symbolizer could not name is called
+//! `module+0xoffset` (or its hex address), as in the text report.
+
+#![allow(
+    dead_code,
+    reason = "wired into `allocwatch agent` and `top` by the daemon work of issue 4; remove then"
+)]
+
+use std::{
+    collections::HashMap,
+    io::Write as _,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use flate2::{Compression, write::GzEncoder};
+use libdd_profiling_protobuf::prost_impls::{
+    Function, Label, Line, Location, Mapping, Message as _, Profile, Sample, ValueType,
+};
+
+use crate::{
+    serve::model::{ProcessSnapshot, SiteSnapshot},
+    symbolize::Frame,
+};
+
+/// `(type, unit)` of each sample value, in value order.
+pub const SAMPLE_TYPES: [(&str, &str); 8] = [
+    ("alloc_objects", "count"),
+    ("alloc_space", "bytes"),
+    ("inuse_objects", "count"),
+    ("inuse_space", "bytes"),
+    ("map_grows", "count"),
+    ("map_grow_space", "bytes"),
+    ("slice_grows", "count"),
+    ("slice_grow_space", "bytes"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum PprofError {
+    #[error("compressing the profile: {0}")]
+    Gzip(#[from] std::io::Error),
+}
+
+/// Which sample type pprof shows when none is chosen with `-sample_index`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DefaultSample {
+    /// `/debug/pprof/allocs`: everything allocated.
+    AllocSpace,
+    /// `/debug/pprof/heap`: what is still allocated.
+    InuseSpace,
+}
+
+impl DefaultSample {
+    fn type_name(self) -> &'static str {
+        match self {
+            DefaultSample::AllocSpace => "alloc_space",
+            DefaultSample::InuseSpace => "inuse_space",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct ProfileOptions {
+    pub default_sample: DefaultSample,
+    /// Wall time the profile covers (a delta profile), if any.
+    pub duration: Option<Duration>,
+    /// When the profile was taken.
+    pub time: SystemTime,
+}
+
+impl ProfileOptions {
+    pub fn new(default_sample: DefaultSample) -> Self {
+        ProfileOptions {
+            default_sample,
+            duration: None,
+            time: SystemTime::now(),
+        }
+    }
+}
+
+/// The eight values of a site, by [`SAMPLE_TYPES`] index; `None` for sites that are no
+/// allocation (`free`).
+fn values(s: &SiteSnapshot) -> Option<[i64; 8]> {
+    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let mut v = [0i64; 8];
+    match s.kind {
+        "free" => return None,
+        "map_grow" => {
+            v[4] = n(s.calls);
+            v[5] = n(s.bytes);
+        }
+        "slice_grow" => {
+            v[6] = n(s.calls);
+            v[7] = n(s.bytes);
+        }
+        // The malloc family and Go's mallocgc (`alloc`); an unknown kind is an allocation too.
+        _ => {
+            v[0] = n(s.calls);
+            v[1] = n(s.bytes);
+            v[2] = n(s.live_allocations);
+            v[3] = n(s.live_bytes);
+        }
+    }
+    Some(v)
+}
+
+/// A frame's function name: its symbol, else `module+0xoffset`, else its address.
+pub fn function_name(f: &Frame) -> String {
+    if let Some(func) = &f.function {
+        return func.clone();
+    }
+    match (&f.module, f.offset) {
+        (Some(m), Some(off)) => format!("{}+{off:#x}", m.rsplit('/').next().unwrap_or(m)),
+        _ => format!("{:#x}", f.address),
+    }
+}
+
+#[derive(Default)]
+struct Builder {
+    strings: Vec<String>,
+    string_ids: HashMap<String, i64>,
+    functions: Vec<Function>,
+    function_ids: HashMap<(i64, i64), u64>,
+    mappings: Vec<Mapping>,
+    mapping_ids: HashMap<(u32, String), u64>,
+    locations: Vec<Location>,
+    location_ids: HashMap<(u32, u64, Vec<u64>), u64>,
+}
+
+impl Builder {
+    fn new() -> Self {
+        let mut b = Builder::default();
+        // The string table starts with "" (index 0 means "unset").
+        b.string("");
+        b
+    }
+
+    fn string(&mut self, s: &str) -> i64 {
+        if let Some(&i) = self.string_ids.get(s) {
+            return i;
+        }
+        let i = self.strings.len() as i64;
+        self.strings.push(s.to_string());
+        self.string_ids.insert(s.to_string(), i);
+        i
+    }
+
+    fn function(&mut self, f: &Frame) -> u64 {
+        let name = self.string(&function_name(f));
+        let file = f.file.as_deref().map_or(0, |p| self.string(p));
+        if let Some(&id) = self.function_ids.get(&(name, file)) {
+            return id;
+        }
+        let id = self.functions.len() as u64 + 1;
+        self.functions.push(Function {
+            id,
+            name,
+            system_name: name,
+            filename: file,
+        });
+        self.function_ids.insert((name, file), id);
+        id
+    }
+
+    /// One mapping per module of a process. The range is derived from the frames' file
+    /// offsets (address − offset is where the file's start is mapped).
+    fn mapping(&mut self, pid: u32, f: &Frame) -> u64 {
+        let Some(module) = &f.module else {
+            return 0;
+        };
+        let start = f
+            .offset
+            .map_or(f.address, |off| f.address.saturating_sub(off));
+        let limit = f.address.saturating_add(1);
+        let key = (pid, module.clone());
+        if let Some(&id) = self.mapping_ids.get(&key) {
+            let m = &mut self.mappings[id as usize - 1];
+            m.memory_start = m.memory_start.min(start);
+            m.memory_limit = m.memory_limit.max(limit);
+            return id;
+        }
+        let filename = self.string(module);
+        let id = self.mappings.len() as u64 + 1;
+        self.mappings.push(Mapping {
+            id,
+            memory_start: start,
+            memory_limit: limit,
+            file_offset: 0,
+            filename,
+            build_id: 0,
+            has_functions: true,
+            has_filenames: true,
+            has_line_numbers: true,
+            has_inline_frames: true,
+        });
+        self.mapping_ids.insert(key, id);
+        id
+    }
+
+    /// One location per address of a process: the frames sharing it are the inlined chain,
+    /// innermost first, which is pprof's order of `Location.line` too.
+    fn location(&mut self, pid: u32, group: &[Frame]) -> u64 {
+        let first = &group[0];
+        let lines: Vec<u64> = group.iter().map(|f| self.function(f)).collect();
+        let key = (pid, first.address, lines.clone());
+        if let Some(&id) = self.location_ids.get(&key) {
+            return id;
+        }
+        let mapping_id = self.mapping(pid, first);
+        let id = self.locations.len() as u64 + 1;
+        self.locations.push(Location {
+            id,
+            mapping_id,
+            address: first.address,
+            lines: lines
+                .iter()
+                .zip(group)
+                .map(|(&function_id, f)| Line {
+                    function_id,
+                    line: i64::from(f.line.unwrap_or(0)),
+                })
+                .collect(),
+            is_folded: false,
+        });
+        self.location_ids.insert(key, id);
+        id
+    }
+
+    fn stack(&mut self, pid: u32, frames: &[Frame]) -> Vec<u64> {
+        if frames.is_empty() {
+            let none = Frame {
+                function: Some("(no stack)".to_string()),
+                ..Frame::unknown(0)
+            };
+            return vec![self.location(pid, std::slice::from_ref(&none))];
+        }
+        frames
+            .chunk_by(|a, b| a.address == b.address && a.module == b.module)
+            .map(|group| self.location(pid, group))
+            .collect()
+    }
+
+    fn str_label(&mut self, key: &str, value: &str) -> Label {
+        Label {
+            key: self.string(key),
+            str: self.string(value),
+            num: 0,
+            num_unit: 0,
+        }
+    }
+}
+
+/// The profile message of the sites of `procs`.
+pub fn build(procs: &[ProcessSnapshot], opts: &ProfileOptions) -> Profile {
+    let mut b = Builder::new();
+    let sample_types: Vec<ValueType> = SAMPLE_TYPES
+        .iter()
+        .map(|(t, u)| ValueType {
+            r#type: b.string(t),
+            unit: b.string(u),
+        })
+        .collect();
+    let mut samples = Vec::new();
+    let mut comment = Vec::new();
+    for p in procs {
+        let l = &p.labels;
+        comment.push(b.string(&format!("pid {} comm {} exe {}", p.pid, l.comm, l.exe)));
+        for s in &p.sites {
+            let Some(v) = values(s) else { continue };
+            if v.iter().all(|&x| x == 0) {
+                continue;
+            }
+            let location_ids = b.stack(p.pid, &s.frames);
+            let mut labels = vec![
+                Label {
+                    key: b.string("pid"),
+                    str: 0,
+                    num: i64::from(p.pid),
+                    num_unit: 0,
+                },
+                b.str_label("comm", &l.comm),
+                b.str_label("kind", s.kind),
+            ];
+            for (k, val) in [
+                ("namespace", &l.namespace),
+                ("pod", &l.pod),
+                ("container", &l.container),
+            ] {
+                if !val.is_empty() {
+                    labels.push(b.str_label(k, val));
+                }
+            }
+            samples.push(Sample {
+                location_ids,
+                values: v.to_vec(),
+                labels,
+            });
+        }
+    }
+    let time_nanos = opts
+        .time
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+    let duration_nanos = opts
+        .duration
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+    let period_type = Some(ValueType {
+        r#type: b.string("space"),
+        unit: b.string("bytes"),
+    });
+    let default_sample_type = b.string(opts.default_sample.type_name());
+    Profile {
+        sample_types,
+        samples,
+        mappings: b.mappings,
+        locations: b.locations,
+        functions: b.functions,
+        string_table: b.strings,
+        drop_frames: 0,
+        keep_frames: 0,
+        time_nanos,
+        duration_nanos,
+        period_type,
+        // Every event is recorded: nothing to scale.
+        period: 1,
+        comment,
+        default_sample_type,
+    }
+}
+
+/// The gzipped profile of the sites of `procs`, as `go tool pprof` and `/debug/pprof` serve it.
+pub fn encode(procs: &[ProcessSnapshot], opts: &ProfileOptions) -> Result<Vec<u8>, PprofError> {
+    let raw = build(procs, opts).encode_to_vec();
+    let mut gz = GzEncoder::new(
+        Vec::with_capacity(raw.len() / 4 + 64),
+        Compression::default(),
+    );
+    gz.write_all(&raw)?;
+    Ok(gz.finish()?)
+}
+
+/// What happened between two snapshots: calls and bytes of each site minus its earlier
+/// values (sites are matched by pid, kind and frames); live values are those of `after`.
+/// Processes only in `before` are left out; those only in `after` count in full.
+pub fn delta(after: &[ProcessSnapshot], before: &[ProcessSnapshot]) -> Vec<ProcessSnapshot> {
+    let earlier: HashMap<u32, &ProcessSnapshot> = before.iter().map(|p| (p.pid, p)).collect();
+    after
+        .iter()
+        .map(|p| {
+            let mut p = p.clone();
+            // The same pid with other labels is another process: nothing to subtract.
+            if let Some(b) = earlier.get(&p.pid).filter(|b| b.labels == p.labels) {
+                // The source keys sites by stack, so kind and addresses identify a site.
+                let key = |s: &SiteSnapshot| -> (&'static str, Vec<u64>) {
+                    (s.kind, s.frames.iter().map(|f| f.address).collect())
+                };
+                let old: HashMap<(&str, Vec<u64>), (u64, u64)> = b
+                    .sites
+                    .iter()
+                    .map(|s| (key(s), (s.calls, s.bytes)))
+                    .collect();
+                for s in &mut p.sites {
+                    if let Some(&(calls, bytes)) = old.get(&key(s)) {
+                        s.calls = s.calls.saturating_sub(calls);
+                        s.bytes = s.bytes.saturating_sub(bytes);
+                    }
+                }
+            }
+            p
+        })
+        .collect()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::{path::PathBuf, process::Command};
+
+    use flate2::read::GzDecoder;
+
+    use super::*;
+    use crate::serve::model::ProcessLabels;
+
+    fn frame(function: &str, file: &str, line: u32, address: u64) -> Frame {
+        Frame {
+            function: Some(function.to_string()),
+            file: Some(file.to_string()),
+            line: Some(line),
+            module: Some("/usr/bin/fixture".to_string()),
+            offset: Some(address - 0x40_0000),
+            address,
+        }
+    }
+
+    fn site(
+        kind: &'static str,
+        frames: Vec<Frame>,
+        calls: u64,
+        bytes: u64,
+        live: u64,
+    ) -> SiteSnapshot {
+        SiteSnapshot {
+            kind,
+            frames,
+            calls,
+            bytes,
+            live_allocations: live,
+            live_bytes: live * 100,
+        }
+    }
+
+    fn fixture() -> Vec<ProcessSnapshot> {
+        let main = frame("main", "main.c", 40, 0x40_1000);
+        let make_buf = frame("make_buffer", "buf.c", 12, 0x40_2000);
+        // Inlined into make_buffer at the same address.
+        let inlined = frame("grow_inline", "buf.c", 7, 0x40_2000);
+        let go_fn = frame("main.fill", "fill.go", 22, 0x40_3000);
+        let unknown = Frame {
+            module: Some("/lib/libfoo.so".to_string()),
+            offset: Some(0x1a2b),
+            ..Frame::unknown(0x7f00_0000_1a2b)
+        };
+        vec![ProcessSnapshot {
+            pid: 42,
+            labels: ProcessLabels {
+                comm: "fixture".into(),
+                exe: "/usr/bin/fixture".into(),
+                pod: "web-1".into(),
+                ..Default::default()
+            },
+            sites: vec![
+                site(
+                    "malloc",
+                    vec![inlined, make_buf.clone(), main.clone()],
+                    10,
+                    40_960,
+                    3,
+                ),
+                site("calloc", vec![main.clone()], 5, 500, 0),
+                site("free", vec![make_buf, main.clone()], 7, 0, 0),
+                site("map_grow", vec![go_fn.clone(), main.clone()], 4, 8_192, 0),
+                site("slice_grow", vec![go_fn, main.clone()], 6, 3_000, 0),
+                site("malloc", vec![unknown, main], 1, 1_000_000, 1),
+            ],
+            ..Default::default()
+        }]
+    }
+
+    fn decode(gz: &[u8]) -> Profile {
+        let mut raw = Vec::new();
+        std::io::Read::read_to_end(&mut GzDecoder::new(gz), &mut raw).unwrap();
+        Profile::decode(raw.as_slice()).unwrap()
+    }
+
+    #[test]
+    fn profile_round_trips() {
+        let opts = ProfileOptions::new(DefaultSample::InuseSpace);
+        let p = decode(&encode(&fixture(), &opts).unwrap());
+        let s = |i: i64| p.string_table[i as usize].as_str();
+        let types: Vec<(&str, &str)> = p
+            .sample_types
+            .iter()
+            .map(|t| (s(t.r#type), s(t.unit)))
+            .collect();
+        assert_eq!(types, SAMPLE_TYPES);
+        assert_eq!(s(p.default_sample_type), "inuse_space");
+        // `free` is left out.
+        assert_eq!(p.samples.len(), 5);
+        let total = |i: usize| p.samples.iter().map(|x| x.values[i]).sum::<i64>();
+        assert_eq!(total(0), 16);
+        assert_eq!(total(1), 1_041_460);
+        assert_eq!(total(2), 4);
+        assert_eq!(total(4), 4);
+        assert_eq!(total(5), 8_192);
+        assert_eq!(total(7), 3_000);
+        // The inlined pair is one location with two lines, innermost first.
+        let first = &p.samples[0];
+        let loc = &p.locations[first.location_ids[0] as usize - 1];
+        let names: Vec<&str> = loc
+            .lines
+            .iter()
+            .map(|l| s(p.functions[l.function_id as usize - 1].name))
+            .collect();
+        assert_eq!(names, ["grow_inline", "make_buffer"]);
+        assert_eq!(first.location_ids.len(), 2);
+        // Unnamed frames are named after their module and offset.
+        assert!(p.string_table.iter().any(|x| x == "libfoo.so+0x1a2b"));
+        let labels: Vec<(&str, String)> = first
+            .labels
+            .iter()
+            .map(|l| {
+                let v = if l.str != 0 {
+                    s(l.str).to_string()
+                } else {
+                    l.num.to_string()
+                };
+                (s(l.key), v)
+            })
+            .collect();
+        assert_eq!(
+            labels,
+            [
+                ("pid", "42".to_string()),
+                ("comm", "fixture".to_string()),
+                ("kind", "malloc".to_string()),
+                ("pod", "web-1".to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn delta_subtracts_matching_sites() {
+        let before = fixture();
+        let mut after = fixture();
+        after[0].sites[0].calls += 2;
+        after[0].sites[0].bytes += 8192;
+        let d = delta(&after, &before);
+        assert_eq!(d[0].sites[0].calls, 2);
+        assert_eq!(d[0].sites[0].bytes, 8192);
+        assert_eq!(
+            d[0].sites[0].live_allocations, 3,
+            "live values are the later ones"
+        );
+        assert_eq!(d[0].sites[1].calls, 0);
+        // Another process under the same pid: nothing subtracted.
+        after[0].labels.comm = "other".into();
+        assert_eq!(delta(&after, &before)[0].sites[1].calls, 5);
+    }
+
+    #[test]
+    fn empty_profile_is_valid() {
+        let p = decode(&encode(&[], &ProfileOptions::new(DefaultSample::AllocSpace)).unwrap());
+        assert!(p.samples.is_empty());
+        assert_eq!(p.sample_types.len(), SAMPLE_TYPES.len());
+    }
+
+    /// A Go toolchain cached by `./x setup` (DESIGN.md §2).
+    pub(crate) fn cached_go() -> Option<(PathBuf, PathBuf)> {
+        let home = std::env::var_os("HOME")?;
+        let dir = PathBuf::from(home).join(".cache/allocwatch/go");
+        let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path().join("go")))
+            .filter(|root| root.join("bin/go").is_file())
+            .collect();
+        found.sort();
+        let root = found.pop()?;
+        Some((root.join("bin/go"), root))
+    }
+
+    /// `go tool pprof -top` of a profile (a file or a URL), with the given extra arguments.
+    pub(crate) fn pprof_top(source: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> String {
+        let Some((go, root)) = cached_go() else {
+            panic!(
+                "no Go toolchain in ~/.cache/allocwatch/go: run ./x setup (it caches the Go \
+                 toolchains the tests use)"
+            );
+        };
+        let out = Command::new(&go)
+            .env("GOROOT", &root)
+            .env("GOTOOLCHAIN", "local")
+            // pprof keeps a copy of fetched profiles in $PPROF_TMPDIR (default ~/pprof).
+            .env(
+                "PPROF_TMPDIR",
+                std::env::temp_dir().join("allocwatch-pprof-tmp"),
+            )
+            .args(["tool", "pprof", "-top", "-nodecount=100"])
+            .args(args)
+            .arg(source)
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", go.display()));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "go tool pprof failed: {}\n{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
+    #[test]
+    fn go_tool_pprof_reads_it() {
+        let dir = std::env::temp_dir().join(format!("allocwatch-pprof-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("allocs.pb.gz");
+        let opts = ProfileOptions::new(DefaultSample::AllocSpace);
+        std::fs::write(&file, encode(&fixture(), &opts).unwrap()).unwrap();
+
+        let top = pprof_top(&file, &["-sample_index=alloc_space", "-unit=B"]);
+        // Total of alloc_space: 40960 + 500 + 1000000 bytes.
+        assert!(top.contains("of 1041460B total"), "{top}");
+        for f in ["grow_inline", "main", "libfoo.so+0x1a2b"] {
+            assert!(top.contains(f), "{f} missing in\n{top}");
+        }
+        let top = pprof_top(&file, &["-sample_index=alloc_objects"]);
+        assert!(top.contains("of 16 total"), "{top}");
+        let top = pprof_top(&file, &["-sample_index=map_grow_space", "-unit=B"]);
+        assert!(
+            top.contains("of 8192B total") && top.contains("main.fill"),
+            "{top}"
+        );
+        let top = pprof_top(&file, &["-sample_index=slice_grows"]);
+        assert!(
+            top.contains("of 6 total") && top.contains("main.fill"),
+            "{top}"
+        );
+        let top = pprof_top(
+            &file,
+            &[
+                "-sample_index=inuse_space",
+                "-unit=B",
+                "-tagfocus=pod=web-1",
+            ],
+        );
+        assert!(top.contains("of 400B total"), "{top}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

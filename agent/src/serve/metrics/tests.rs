@@ -1,0 +1,862 @@
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    process::Command,
+};
+
+use super::*;
+use crate::serve::model::GoSnapshot;
+
+fn frame(function: &str) -> Frame {
+    Frame {
+        function: Some(function.to_string()),
+        ..Frame::unknown(0x1000)
+    }
+}
+
+fn site(kind: &'static str, stack: &[&str], calls: u64, bytes: u64) -> SiteSnapshot {
+    SiteSnapshot {
+        kind,
+        frames: stack.iter().map(|f| frame(f)).collect(),
+        calls,
+        bytes,
+        live_allocations: 0,
+        live_bytes: 0,
+    }
+}
+
+fn web_labels() -> ProcessLabels {
+    ProcessLabels {
+        namespace: "shop".into(),
+        pod: "web-1".into(),
+        container: "app".into(),
+        comm: "web".into(),
+        exe: "/app/web".into(),
+    }
+}
+
+fn cfg() -> MetricsConfig {
+    MetricsConfig {
+        ttl: Duration::from_secs(60),
+        top_k: 10,
+        max_site_series: 1000,
+    }
+}
+
+/// Two replicas of `web` in one container and a Go process outside Kubernetes.
+fn small_model() -> (Vec<ProcessSnapshot>, SelfStats) {
+    let a = ProcessSnapshot {
+        pid: 10,
+        labels: web_labels(),
+        calls: BTreeMap::from([("malloc", 3), ("calloc", 1)]),
+        bytes: BTreeMap::from([("malloc", 300), ("calloc", 64)]),
+        frees: 2,
+        live_bytes: 100,
+        live_allocations: 1,
+        alloc_sizes: Histogram {
+            buckets: vec![(64.0, 1), (128.0, 3)],
+            sum: 364.0,
+            count: 4,
+        },
+        sites: vec![
+            SiteSnapshot {
+                live_allocations: 1,
+                live_bytes: 100,
+                ..site("malloc", &["make_buf", "main"], 3, 300)
+            },
+            site("calloc", &["zero", "main"], 1, 64),
+        ],
+        ..Default::default()
+    };
+    let b = ProcessSnapshot {
+        pid: 11,
+        labels: web_labels(),
+        calls: BTreeMap::from([("malloc", 1), ("calloc", 0)]),
+        bytes: BTreeMap::from([("malloc", 1000), ("calloc", 0)]),
+        alloc_sizes: Histogram {
+            buckets: vec![(1024.0, 1)],
+            sum: 1000.0,
+            count: 1,
+        },
+        sites: vec![site("malloc", &["make_buf", "main", "_start"], 1, 1000)],
+        ..Default::default()
+    };
+    let go = ProcessSnapshot {
+        pid: 20,
+        labels: ProcessLabels {
+            comm: "api".into(),
+            exe: "/bin/api".into(),
+            ..Default::default()
+        },
+        lost: BTreeMap::from([("ringbuf_full", 1)]),
+        sites: vec![
+            site("map_grow", &["main.fill", "main.main"], 2, 4096),
+            site("slice_grow", &["main.fill", "main.main"], 5, 2048),
+        ],
+        go: Some(GoSnapshot {
+            version: "go1.25.5".into(),
+            map_grows: BTreeMap::from([("double", 2), ("same_size", 0)]),
+            map_grow_bytes: 4096,
+            slice_grows: 5,
+            slice_grow_bytes: 2048,
+            gc_cycles: 3,
+            gc_pauses: Histogram {
+                buckets: vec![(0.001, 2), (0.01, 1)],
+                sum: 0.0125,
+                count: 3,
+            },
+            alloc_sizes: Histogram::default(),
+        }),
+        ..Default::default()
+    };
+    let stats = SelfStats {
+        probes_attached: 12,
+        attach_failures: BTreeMap::from([("ENOENT".to_string(), 1)]),
+        events_processed: 100,
+        events_lost: BTreeMap::from([("ringbuf_full", 1), ("live_map_full", 0)]),
+        map_fill: BTreeMap::from([("live", 0.25)]),
+        symbolization_failures: BTreeMap::from([("no_symbol", 2)]),
+    };
+    (vec![a, b, go], stats)
+}
+
+/// The exposition without the (timing-dependent) scrape duration.
+fn render(e: &mut Exporter, procs: &[ProcessSnapshot], stats: &SelfStats, now: Instant) -> String {
+    let out = e.render(procs, stats, now, now).unwrap();
+    out.lines()
+        .filter(|l| !l.starts_with("allocwatch_scrape_duration_seconds "))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+const WEB: &str = r#"namespace="shop",pod="web-1",container="app",comm="web",exe="/app/web""#;
+const API: &str = r#"namespace="",pod="",container="",comm="api",exe="/bin/api""#;
+
+#[test]
+fn exact_output_for_a_small_model() {
+    let (procs, stats) = small_model();
+    let mut e = Exporter::new(cfg());
+    let got = render(&mut e, &procs, &stats, Instant::now());
+    let want = r#"# HELP allocwatch_processes Running traced processes with these labels (their series are summed).
+# TYPE allocwatch_processes gauge
+allocwatch_processes{API} 1
+allocwatch_processes{WEB} 2
+# HELP allocwatch_alloc_calls_total Malloc-family calls by API.
+# TYPE allocwatch_alloc_calls_total counter
+allocwatch_alloc_calls_total{WEB,api="calloc"} 1
+allocwatch_alloc_calls_total{WEB,api="malloc"} 4
+# HELP allocwatch_alloc_bytes_total Bytes requested from the malloc family, by API.
+# TYPE allocwatch_alloc_bytes_total counter
+allocwatch_alloc_bytes_total{WEB,api="calloc"} 64
+allocwatch_alloc_bytes_total{WEB,api="malloc"} 1300
+# HELP allocwatch_free_calls_total Calls to free.
+# TYPE allocwatch_free_calls_total counter
+allocwatch_free_calls_total{API} 0
+allocwatch_free_calls_total{WEB} 2
+# HELP allocwatch_live_bytes Bytes of outstanding malloc-family allocations of running processes.
+# TYPE allocwatch_live_bytes gauge
+allocwatch_live_bytes{API} 0
+allocwatch_live_bytes{WEB} 100
+# HELP allocwatch_live_allocations Outstanding malloc-family allocations of running processes.
+# TYPE allocwatch_live_allocations gauge
+allocwatch_live_allocations{API} 0
+allocwatch_live_allocations{WEB} 1
+# HELP allocwatch_alloc_size_bytes Malloc-family request sizes.
+# TYPE allocwatch_alloc_size_bytes histogram
+allocwatch_alloc_size_bytes_bucket{API,le="+Inf"} 0
+allocwatch_alloc_size_bytes_sum{API} 0
+allocwatch_alloc_size_bytes_count{API} 0
+allocwatch_alloc_size_bytes_bucket{WEB,le="64"} 1
+allocwatch_alloc_size_bytes_bucket{WEB,le="128"} 4
+allocwatch_alloc_size_bytes_bucket{WEB,le="1024"} 5
+allocwatch_alloc_size_bytes_bucket{WEB,le="+Inf"} 5
+allocwatch_alloc_size_bytes_sum{WEB} 1364
+allocwatch_alloc_size_bytes_count{WEB} 5
+# HELP allocwatch_process_events_lost_total Events of these processes lost, by cause (where the loss is attributable).
+# TYPE allocwatch_process_events_lost_total counter
+allocwatch_process_events_lost_total{API,cause="ringbuf_full"} 1
+# HELP allocwatch_go_info Go version of traced Go processes (always 1).
+# TYPE allocwatch_go_info gauge
+allocwatch_go_info{API,version="go1.25.5"} 1
+# HELP allocwatch_go_map_grows_total Go map growths by kind.
+# TYPE allocwatch_go_map_grows_total counter
+allocwatch_go_map_grows_total{API,kind="double"} 2
+allocwatch_go_map_grows_total{API,kind="same_size"} 0
+# HELP allocwatch_go_map_grow_bytes_total Bytes of new storage allocated by Go map growths.
+# TYPE allocwatch_go_map_grow_bytes_total counter
+allocwatch_go_map_grow_bytes_total{API} 4096
+# HELP allocwatch_go_slice_grows_total Go slice growths (runtime.growslice).
+# TYPE allocwatch_go_slice_grows_total counter
+allocwatch_go_slice_grows_total{API} 5
+# HELP allocwatch_go_slice_grow_bytes_total Bytes of new backing arrays allocated by Go slice growths.
+# TYPE allocwatch_go_slice_grow_bytes_total counter
+allocwatch_go_slice_grow_bytes_total{API} 2048
+# HELP allocwatch_go_gc_cycles_total Go garbage collection cycles started.
+# TYPE allocwatch_go_gc_cycles_total counter
+allocwatch_go_gc_cycles_total{API} 3
+# HELP allocwatch_go_gc_pause_seconds Go stop-the-world GC pauses.
+# TYPE allocwatch_go_gc_pause_seconds histogram
+allocwatch_go_gc_pause_seconds_bucket{API,le="0.001"} 2
+allocwatch_go_gc_pause_seconds_bucket{API,le="0.01"} 3
+allocwatch_go_gc_pause_seconds_bucket{API,le="+Inf"} 3
+allocwatch_go_gc_pause_seconds_sum{API} 0.0125
+allocwatch_go_gc_pause_seconds_count{API} 3
+# HELP allocwatch_go_alloc_size_bytes Go heap allocation sizes (runtime.mallocgc).
+# TYPE allocwatch_go_alloc_size_bytes histogram
+allocwatch_go_alloc_size_bytes_bucket{API,le="+Inf"} 0
+allocwatch_go_alloc_size_bytes_sum{API} 0
+allocwatch_go_alloc_size_bytes_count{API} 0
+# HELP allocwatch_site_alloc_calls_total Calls by call site (top sites per process identity; the rest in site="other").
+# TYPE allocwatch_site_alloc_calls_total counter
+allocwatch_site_alloc_calls_total{API,site="main.fill ← main.main",kind="map_grow"} 2
+allocwatch_site_alloc_calls_total{API,site="main.fill ← main.main",kind="slice_grow"} 5
+allocwatch_site_alloc_calls_total{WEB,site="zero ← main",kind="calloc"} 1
+allocwatch_site_alloc_calls_total{WEB,site="make_buf ← main",kind="malloc"} 4
+# HELP allocwatch_site_alloc_bytes_total Bytes by call site (top sites per process identity; the rest in site="other").
+# TYPE allocwatch_site_alloc_bytes_total counter
+allocwatch_site_alloc_bytes_total{API,site="main.fill ← main.main",kind="map_grow"} 4096
+allocwatch_site_alloc_bytes_total{API,site="main.fill ← main.main",kind="slice_grow"} 2048
+allocwatch_site_alloc_bytes_total{WEB,site="zero ← main",kind="calloc"} 64
+allocwatch_site_alloc_bytes_total{WEB,site="make_buf ← main",kind="malloc"} 1300
+# HELP allocwatch_site_live_allocations Outstanding allocations by call site.
+# TYPE allocwatch_site_live_allocations gauge
+allocwatch_site_live_allocations{API,site="main.fill ← main.main",kind="map_grow"} 0
+allocwatch_site_live_allocations{API,site="main.fill ← main.main",kind="slice_grow"} 0
+allocwatch_site_live_allocations{WEB,site="zero ← main",kind="calloc"} 0
+allocwatch_site_live_allocations{WEB,site="make_buf ← main",kind="malloc"} 1
+# HELP allocwatch_site_live_bytes Bytes of outstanding allocations by call site.
+# TYPE allocwatch_site_live_bytes gauge
+allocwatch_site_live_bytes{API,site="main.fill ← main.main",kind="map_grow"} 0
+allocwatch_site_live_bytes{API,site="main.fill ← main.main",kind="slice_grow"} 0
+allocwatch_site_live_bytes{WEB,site="zero ← main",kind="calloc"} 0
+allocwatch_site_live_bytes{WEB,site="make_buf ← main",kind="malloc"} 100
+# HELP allocwatch_probes_attached Probes (uprobe links) attached.
+# TYPE allocwatch_probes_attached gauge
+allocwatch_probes_attached 12
+# HELP allocwatch_attach_failures_total Failed probe attachments by reason.
+# TYPE allocwatch_attach_failures_total counter
+allocwatch_attach_failures_total{reason="ENOENT"} 1
+# HELP allocwatch_events_processed_total Events read from the kernel.
+# TYPE allocwatch_events_processed_total counter
+allocwatch_events_processed_total 100
+# HELP allocwatch_events_lost_total Events lost by cause, all processes (counts are low while this rises).
+# TYPE allocwatch_events_lost_total counter
+allocwatch_events_lost_total{cause="live_map_full"} 0
+allocwatch_events_lost_total{cause="ringbuf_full"} 1
+# HELP allocwatch_map_fill_ratio Fill level of each kernel map (1 = full: new entries are dropped).
+# TYPE allocwatch_map_fill_ratio gauge
+allocwatch_map_fill_ratio{map="live"} 0.25
+# HELP allocwatch_symbolization_failures_total Addresses that could not be named, by cause.
+# TYPE allocwatch_symbolization_failures_total counter
+allocwatch_symbolization_failures_total{cause="no_symbol"} 2
+# HELP allocwatch_call_site_series allocwatch_site_* series exported at this scrape.
+# TYPE allocwatch_call_site_series gauge
+allocwatch_call_site_series 16
+# HELP allocwatch_call_site_series_limit Configured cap on allocwatch_site_* series (max_site_series).
+# TYPE allocwatch_call_site_series_limit gauge
+allocwatch_call_site_series_limit 1000
+# HELP allocwatch_scrape_duration_seconds Time this scrape took to snapshot and render, up to this line.
+# TYPE allocwatch_scrape_duration_seconds gauge
+"#
+    .replace("{API}", &format!("{{{API}}}"))
+    .replace("{WEB}", &format!("{{{WEB}}}"))
+    .replace("{API,", &format!("{{{API},"))
+    .replace("{WEB,", &format!("{{{WEB},"));
+    if got != want {
+        // A line diff is easier to read than two 100-line strings.
+        for (i, (g, w)) in got.lines().zip(want.lines()).enumerate() {
+            assert_eq!(g, w, "first difference at line {}", i + 1);
+        }
+        assert_eq!(got.lines().count(), want.lines().count(), "{got}");
+    }
+}
+
+/// Every sample of an exposition: `name{labels}` → value.
+fn samples(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').unwrap();
+            (k.to_string(), v.parse().unwrap())
+        })
+        .collect()
+}
+
+fn is_counter(series: &str) -> bool {
+    let name = series.split('{').next().unwrap();
+    name.ends_with("_total")
+        || name.ends_with("_bucket")
+        || name.ends_with("_count")
+        || name.ends_with("_sum")
+}
+
+/// Counters present in both expositions did not go down.
+fn assert_monotonic(before: &str, after: &str) {
+    let (b, a) = (samples(before), samples(after));
+    for (k, v) in &b {
+        if let Some(w) = a.get(k)
+            && is_counter(k)
+        {
+            assert!(w >= v, "{k} went down: {v} -> {w}");
+        }
+    }
+}
+
+#[test]
+fn exited_process_keeps_counting_until_ttl_then_folds() {
+    let (mut procs, stats) = small_model();
+    let t0 = Instant::now();
+    let mut e = Exporter::new(cfg());
+    let first = render(&mut e, &procs, &stats, t0);
+    let calls = |text: &str| {
+        samples(text)
+            .get(&format!(
+                "allocwatch_alloc_calls_total{{{WEB},api=\"malloc\"}}"
+            ))
+            .copied()
+    };
+    assert_eq!(calls(&first), Some(4.0));
+
+    // pid 11 exits: its counts stay, it no longer runs and holds no memory.
+    procs[1].exited_at = Some(t0 + Duration::from_secs(1));
+    procs[0].calls.insert("malloc", 5);
+    let t1 = t0 + Duration::from_secs(10);
+    let second = render(&mut e, &procs, &stats, t1);
+    assert_monotonic(&first, &second);
+    assert_eq!(calls(&second), Some(6.0));
+    assert!(second.contains(&format!("allocwatch_processes{{{WEB}}} 1\n")));
+
+    // Past its TTL pid 11 is forgotten, but the identity lives on in pid 10: still 6.
+    let t2 = t0 + Duration::from_secs(62);
+    let third = render(&mut e, &procs, &stats, t2);
+    assert_monotonic(&second, &third);
+    assert_eq!(calls(&third), Some(6.0));
+    let site_series = format!(
+        "allocwatch_site_alloc_bytes_total{{{WEB},site=\"make_buf ← main\",kind=\"malloc\"}}"
+    );
+    assert_eq!(samples(&third).get(&site_series), Some(&1300.0));
+
+    // pid 10's number is reused by another process (its counters start again): no reset.
+    procs.remove(1);
+    procs[0].calls.insert("malloc", 1);
+    procs[0].bytes.insert("malloc", 8);
+    procs[0].sites = vec![site("malloc", &["make_buf", "main"], 1, 8)];
+    let fourth = render(&mut e, &procs, &stats, t2 + Duration::from_secs(1));
+    assert_monotonic(&third, &fourth);
+    assert_eq!(calls(&fourth), Some(7.0));
+    assert_eq!(samples(&fourth).get(&site_series), Some(&1308.0));
+}
+
+#[test]
+fn series_expire_after_ttl() {
+    let (mut procs, stats) = small_model();
+    let t0 = Instant::now();
+    let mut e = Exporter::new(cfg());
+    let has_web = |text: &str| text.contains("comm=\"web\"");
+    let has_api = |text: &str| text.contains("comm=\"api\"");
+
+    // Both web replicas exit.
+    procs[0].exited_at = Some(t0);
+    procs[1].exited_at = Some(t0);
+    let out = render(&mut e, &procs, &stats, t0 + Duration::from_secs(30));
+    assert!(has_web(&out) && has_api(&out));
+    assert!(out.contains(&format!("allocwatch_live_bytes{{{WEB}}} 0\n")));
+    assert!(out.contains(&format!("allocwatch_processes{{{WEB}}} 0\n")));
+    // The Go process vanishes from the source without an exit time: kept for the TTL, frozen.
+    procs.truncate(2);
+    let out = render(&mut e, &procs, &stats, t0 + Duration::from_secs(40));
+    assert!(has_api(&out), "a vanished process is kept for the TTL");
+    assert!(out.contains(&format!("allocwatch_go_slice_grows_total{{{API}}} 5\n")));
+    assert!(out.contains(&format!("allocwatch_processes{{{API}}} 0\n")));
+
+    // 60 s after the exits the web series are gone, the Go ones 60 s after they vanished.
+    let out = render(&mut e, &procs, &stats, t0 + Duration::from_secs(60));
+    assert!(!has_web(&out) && has_api(&out), "{out}");
+    let out = render(&mut e, &procs, &stats, t0 + Duration::from_secs(99));
+    assert!(has_api(&out), "{out}");
+    let out = render(&mut e, &procs, &stats, t0 + Duration::from_secs(100));
+    assert!(!has_web(&out) && !has_api(&out), "{out}");
+    assert!(out.contains("allocwatch_call_site_series 0\n"));
+    assert!(
+        e.ids.is_empty() && e.pids.is_empty(),
+        "all state is dropped"
+    );
+}
+
+#[test]
+fn labels_that_change_move_the_process() {
+    let (mut procs, stats) = small_model();
+    let t0 = Instant::now();
+    let mut e = Exporter::new(cfg());
+    procs.truncate(1);
+    procs[0].labels.pod.clear();
+    procs[0].labels.namespace.clear();
+    procs[0].labels.container.clear();
+    render(&mut e, &procs, &stats, t0);
+    // Pod metadata arrives later: the process now counts under its full labels, and the
+    // old identity's series are frozen until they expire.
+    procs[0].labels = web_labels();
+    let out = render(&mut e, &procs, &stats, t0 + Duration::from_secs(1));
+    assert!(out.contains(&format!(
+        "allocwatch_alloc_calls_total{{{WEB},api=\"malloc\"}} 3\n"
+    )));
+    let bare = r#"namespace="",pod="",container="",comm="web",exe="/app/web""#;
+    assert!(out.contains(&format!(
+        "allocwatch_alloc_calls_total{{{bare},api=\"malloc\"}} 3\n"
+    )));
+    assert!(out.contains(&format!("allocwatch_processes{{{bare}}} 0\n")));
+    let out = render(&mut e, &procs, &stats, t0 + Duration::from_secs(61));
+    assert!(!out.contains(bare));
+}
+
+/// A deterministic pseudo-random sequence (no dependency for tests).
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+}
+
+/// `n_procs` processes (distinct identities unless `replicas`) with `n_sites` malloc sites
+/// each and a few calloc and Go growth sites.
+fn many(n_procs: u32, n_sites: usize, replicas: u32) -> Vec<ProcessSnapshot> {
+    (0..n_procs)
+        .map(|i| {
+            let sites: Vec<SiteSnapshot> = (0..n_sites)
+                .map(|j| {
+                    let kind = match j % 10 {
+                        0 => "calloc",
+                        1 => "map_grow",
+                        _ => "malloc",
+                    };
+                    site(
+                        kind,
+                        &[&format!("fn{j}"), "main"],
+                        1 + j as u64,
+                        100 * (1 + j as u64),
+                    )
+                })
+                .collect();
+            let mut p = ProcessSnapshot {
+                pid: 1000 + i,
+                labels: ProcessLabels {
+                    comm: format!("proc{}", i / replicas),
+                    exe: "/bin/x".into(),
+                    ..Default::default()
+                },
+                sites,
+                ..Default::default()
+            };
+            for s in &p.sites {
+                *p.calls.entry(s.kind).or_default() += s.calls;
+                *p.bytes.entry(s.kind).or_default() += s.bytes;
+            }
+            p
+        })
+        .collect()
+}
+
+/// Lets some sites of some processes allocate more, some exit, some pids be reused.
+fn evolve(procs: &mut [ProcessSnapshot], rng: &mut Lcg, now: Instant, round: u64) {
+    for p in procs.iter_mut() {
+        if p.exited_at.is_some() {
+            continue;
+        }
+        for _ in 0..20 {
+            let n = p.sites.len() as u64;
+            let s = &mut p.sites[(rng.next() % n) as usize];
+            let add = rng.next() % 100_000;
+            s.calls += 1;
+            s.bytes += add;
+            s.live_allocations = rng.next() % 5;
+            s.live_bytes = s.live_allocations * 64;
+            *p.calls.entry(s.kind).or_default() += 1;
+            *p.bytes.entry(s.kind).or_default() += add;
+        }
+        if rng.next() % 20 == 0 {
+            p.exited_at = Some(now);
+        }
+    }
+    // Now and then a pid is reused by a fresh process of the same program.
+    if round % 3 == 0 {
+        let i = (rng.next() % procs.len() as u64) as usize;
+        let fresh = many(1, 30, 1).remove(0);
+        let old = &mut procs[i];
+        let mut fresh = ProcessSnapshot {
+            pid: old.pid,
+            labels: old.labels.clone(),
+            ..fresh
+        };
+        fresh.exited_at = None;
+        *old = fresh;
+    }
+}
+
+fn site_series(text: &str) -> usize {
+    text.lines()
+        .filter(|l| l.starts_with("allocwatch_site_"))
+        .count()
+}
+
+#[test]
+fn cardinality_cap_holds_with_50_processes_of_1000_sites() {
+    let mut procs = many(50, 1000, 1);
+    let stats = SelfStats::default();
+    let mut rng = Lcg(7);
+    let t0 = Instant::now();
+    for (cap, top_k) in [(1000, 10), (100_000, 10), (3, 10), (100_000, 0)] {
+        let mut e = Exporter::new(MetricsConfig {
+            ttl: Duration::from_secs(60),
+            top_k,
+            max_site_series: cap,
+        });
+        let mut prev = String::new();
+        for round in 0..4u64 {
+            let now = t0 + Duration::from_secs(round * 5);
+            let started = Instant::now();
+            let out = render(&mut e, &procs, &stats, now);
+            let took = started.elapsed();
+            let n = site_series(&out);
+            assert!(n <= cap, "cap {cap}: {n} site series");
+            assert!(out.contains(&format!("allocwatch_call_site_series {n}\n")));
+            // Per identity at most top_k sites besides the `other` rows (one per kind).
+            let per_id = out
+                .lines()
+                .filter(|l| {
+                    l.starts_with("allocwatch_site_alloc_bytes_total{")
+                        && l.contains("comm=\"proc7\"")
+                })
+                .filter(|l| !l.contains("site=\"other\""))
+                .count();
+            assert!(per_id <= top_k, "{per_id} sites for proc7");
+            if cap == 100_000 && top_k == 10 {
+                assert_eq!(per_id, 10, "a generous cap gives every identity its top 10");
+            }
+            assert_monotonic(&prev, &out);
+            assert!(took < Duration::from_secs(5), "render took {took:?}");
+            prev = out;
+            evolve(&mut procs, &mut rng, now, round);
+        }
+    }
+}
+
+/// Summing an identity's site series over `site` gives the total of its sites of that kind,
+/// whichever sites hold their own series, across exits and pid reuse.
+#[test]
+fn site_series_add_up_and_never_go_down() {
+    let mut procs = many(12, 60, 3);
+    let stats = SelfStats::default();
+    let mut rng = Lcg(42);
+    let t0 = Instant::now();
+    let mut e = Exporter::new(MetricsConfig {
+        ttl: Duration::from_secs(1000),
+        top_k: 4,
+        max_site_series: 100_000,
+    });
+    let mut prev = String::new();
+    for round in 0..25u64 {
+        let now = t0 + Duration::from_secs(round);
+        let out = render(&mut e, &procs, &stats, now);
+        assert_monotonic(&prev, &out);
+        let s = samples(&out);
+        for id in 0..4 {
+            let comm = format!("comm=\"proc{id}\"");
+            let sum_of = |prefix: &str, kind: &str| -> f64 {
+                s.iter()
+                    .filter(|(k, _)| {
+                        k.starts_with(prefix)
+                            && k.contains(&comm)
+                            && k.contains(&format!("kind=\"{kind}\""))
+                    })
+                    .map(|(_, v)| v)
+                    .sum()
+            };
+            // Core series count the same events as the sites here (every call has a site).
+            let api = |kind: &str| -> f64 {
+                s.iter()
+                    .filter(|(k, _)| {
+                        k.starts_with("allocwatch_alloc_bytes_total{")
+                            && k.contains(&comm)
+                            && k.contains(&format!("api=\"{kind}\""))
+                    })
+                    .map(|(_, v)| v)
+                    .sum()
+            };
+            for kind in ["malloc", "calloc"] {
+                assert_eq!(
+                    sum_of("allocwatch_site_alloc_bytes_total{", kind),
+                    api(kind),
+                    "round {round} proc{id} {kind}"
+                );
+            }
+        }
+        prev = out;
+        evolve(&mut procs, &mut rng, now, round);
+    }
+}
+
+#[test]
+fn a_new_hot_site_takes_over_a_cold_one() {
+    let labels = web_labels();
+    let mk = |hot: u64| ProcessSnapshot {
+        pid: 1,
+        labels: labels.clone(),
+        sites: vec![
+            site("malloc", &["cold"], 1, 1000),
+            site("malloc", &["warm"], 1, 500),
+            site("malloc", &["hot"], 1, hot),
+        ],
+        ..Default::default()
+    };
+    let mut e = Exporter::new(MetricsConfig {
+        ttl: Duration::from_secs(60),
+        top_k: 2,
+        max_site_series: 1000,
+    });
+    let t0 = Instant::now();
+    let stats = SelfStats::default();
+    let out = render(&mut e, &[mk(10)], &stats, t0);
+    let bytes = |text: &str, s: &str| {
+        samples(text)
+            .get(&format!(
+                "allocwatch_site_alloc_bytes_total{{{WEB},site=\"{s}\",kind=\"malloc\"}}"
+            ))
+            .copied()
+    };
+    assert_eq!(bytes(&out, "cold"), Some(1000.0));
+    assert_eq!(bytes(&out, "warm"), Some(500.0));
+    assert_eq!(bytes(&out, "other"), Some(10.0));
+    // `hot` allocates 1 MB: it takes the weakest site's series; `warm` moves into `other`.
+    let out2 = render(
+        &mut e,
+        &[mk(1_000_010)],
+        &stats,
+        t0 + Duration::from_secs(1),
+    );
+    assert_monotonic(&out, &out2);
+    assert_eq!(bytes(&out2, "cold"), Some(1000.0));
+    assert_eq!(bytes(&out2, "warm"), None);
+    // `hot` takes its whole history out of `other`, which gets `warm`'s: nothing goes down.
+    assert_eq!(bytes(&out2, "hot"), Some(1_000_010.0));
+    assert_eq!(bytes(&out2, "other"), Some(500.0));
+    // No flapping: `warm` allocating a little does not take the series back.
+    let mut p = mk(1_000_010);
+    p.sites[1].bytes += 100;
+    let out3 = render(&mut e, &[p], &stats, t0 + Duration::from_secs(2));
+    assert_eq!(bytes(&out3, "hot"), Some(1_000_010.0));
+    assert_eq!(bytes(&out3, "other"), Some(600.0));
+}
+
+#[test]
+fn site_labels() {
+    assert_eq!(site_label(&[]), "(no stack)");
+    assert_eq!(site_label(&[frame("a")]), "a");
+    assert_eq!(site_label(&[frame("a"), frame("b"), frame("c")]), "a ← b");
+    assert_eq!(site_label(&[frame("other")]), "other ← ?");
+    let unknown = Frame {
+        module: Some("/lib/x86_64-linux-gnu/libc.so.6".into()),
+        offset: Some(0x2a),
+        ..Frame::unknown(0x7f00)
+    };
+    assert_eq!(
+        site_label(&[unknown, Frame::unknown(0xbeef)]),
+        "libc.so.6+0x2a ← 0xbeef"
+    );
+    let long = "é".repeat(400);
+    let l = site_label(&[frame(&long)]);
+    assert!(l.len() <= MAX_SITE_LABEL && l.ends_with('…'));
+}
+
+#[test]
+fn odd_input_does_not_panic() {
+    let mut p = small_model().0.remove(0);
+    p.alloc_sizes = Histogram {
+        buckets: vec![
+            (f64::NAN, 3),
+            (f64::INFINITY, 2),
+            (-1.0, 1),
+            (8.0, u64::MAX),
+        ],
+        sum: f64::NAN,
+        count: 1,
+    };
+    p.calls.insert("malloc", u64::MAX);
+    let dup = p.clone();
+    p.exited_at = Some(Instant::now() + Duration::from_secs(3600));
+    let label = "quote\" backslash\\ newline\n".to_string();
+    p.labels.pod = label;
+    let mut e = Exporter::new(cfg());
+    let out = render(&mut e, &[p, dup], &SelfStats::default(), Instant::now());
+    assert!(
+        out.contains(r#"pod="quote\" backslash\\ newline\n""#),
+        "{out}"
+    );
+    parse_back(&out);
+}
+
+/// prometheus-parse (an independent parser) reads every sample back with its labels.
+fn parse_back(text: &str) -> prometheus_parse::Scrape {
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    prometheus_parse::Scrape::parse(lines).unwrap()
+}
+
+#[test]
+fn exposition_parses_back() {
+    let (procs, stats) = small_model();
+    let mut e = Exporter::new(cfg());
+    let text = e
+        .render(&procs, &stats, Instant::now(), Instant::now())
+        .unwrap();
+    let scrape = parse_back(&text);
+    let find = |metric: &str, label: (&str, &str)| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == metric && s.labels.get(label.0) == Some(label.1))
+            .map(|s| s.value.clone())
+    };
+    assert!(matches!(
+        find("allocwatch_alloc_bytes_total", ("api", "malloc")),
+        Some(prometheus_parse::Value::Counter(v)) if v == 1300.0
+    ));
+    assert!(matches!(
+        find("allocwatch_live_bytes", ("pod", "web-1")),
+        Some(prometheus_parse::Value::Gauge(v)) if v == 100.0
+    ));
+    match find("allocwatch_go_gc_pause_seconds", ("comm", "api")) {
+        Some(prometheus_parse::Value::Histogram(buckets)) => {
+            let counts: Vec<(f64, f64)> = buckets.iter().map(|b| (b.less_than, b.count)).collect();
+            assert_eq!(counts, [(0.001, 2.0), (0.01, 3.0), (f64::INFINITY, 3.0)]);
+        }
+        other => panic!("gc pause histogram: {other:?}"),
+    }
+    let site = scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == "allocwatch_site_alloc_bytes_total"
+                && s.labels.get("kind") == Some("malloc")
+        })
+        .unwrap();
+    assert_eq!(site.labels.get("site"), Some("make_buf ← main"));
+    for s in &scrape.samples {
+        assert!(s.labels.get("pid").is_none(), "no pid label: {s:?}");
+    }
+}
+
+/// `promtool check metrics` (Debian's prometheus package) lints the exposition: names, units,
+/// `_total` suffixes, histogram shape.
+#[test]
+fn promtool_check_metrics() {
+    let promtool = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("promtool"))
+            .find(|p| p.is_file())
+    });
+    let Some(promtool) = promtool else {
+        eprintln!("skipped: promtool not installed (apt-get install prometheus)");
+        return;
+    };
+    let (procs, stats) = small_model();
+    let mut e = Exporter::new(cfg());
+    let text = e
+        .render(&procs, &stats, Instant::now(), Instant::now())
+        .unwrap();
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every family the exporter can write is in deploy/README.md's metrics table and vice versa
+/// (`deploy/check.sh` checks the alerts and dashboard against that table).
+#[test]
+fn readme_table_lists_exactly_the_exported_metrics() {
+    let (mut procs, mut stats) = small_model();
+    // Make every optional family appear.
+    procs[0].lost.insert("pending_full", 0);
+    stats.attach_failures.insert("EPERM".into(), 0);
+    let mut e = Exporter::new(cfg());
+    let text = e
+        .render(&procs, &stats, Instant::now(), Instant::now())
+        .unwrap();
+    let exported: BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .map(String::from)
+        .collect();
+    let readme = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/README.md"),
+    )
+    .unwrap();
+    let documented: BTreeSet<String> = readme
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `allocwatch_"))
+        .filter_map(|l| l.split('`').next())
+        .map(|name| format!("allocwatch_{name}"))
+        .collect();
+    assert_eq!(exported, documented);
+}
+
+/// Over the cap the largest identities keep their sites; the smallest lose them first.
+#[test]
+fn the_cap_serves_the_largest_identities_first() {
+    let proc_of = |pid: u32, comm: &str, scale: u64| ProcessSnapshot {
+        pid,
+        labels: ProcessLabels {
+            comm: comm.into(),
+            ..Default::default()
+        },
+        sites: (1..=5)
+            .map(|j| site("malloc", &[&format!("f{j}")], 1, j * scale))
+            .collect(),
+        ..Default::default()
+    };
+    let procs = vec![
+        proc_of(1, "small", 1),
+        proc_of(2, "big", 1000),
+        proc_of(3, "mid", 100),
+    ];
+    let mut e = Exporter::new(MetricsConfig {
+        ttl: Duration::from_secs(60),
+        top_k: 2,
+        max_site_series: 4 * SITE_FAMILIES,
+    });
+    let out = render(&mut e, &procs, &SelfStats::default(), Instant::now());
+    let sites = |comm: &str| -> Vec<String> {
+        out.lines()
+            .filter(|l| {
+                l.starts_with("allocwatch_site_alloc_bytes_total{")
+                    && l.contains(&format!("comm=\"{comm}\""))
+            })
+            .map(|l| l.split("site=\"").nth(1).unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        sites("big"),
+        [
+            "f4\",kind=\"malloc\"} 4000",
+            "f5\",kind=\"malloc\"} 5000",
+            "other\",kind=\"malloc\"} 6000"
+        ]
+    );
+    assert_eq!(sites("mid"), ["other\",kind=\"malloc\"} 1500"]);
+    assert!(sites("small").is_empty());
+    assert_eq!(site_series(&out), 4 * SITE_FAMILIES);
+}

@@ -1,0 +1,287 @@
+//! The agent's HTTP side: `GET /metrics` (Prometheus text format), `GET /healthz`, and when
+//! enabled `GET /debug/pprof/allocs` and `GET /debug/pprof/heap` (gzipped pprof protobuf).
+//!
+//! Profiles take `pid=N` and/or `pod=NAME` (optionally `namespace=NS`) to pick processes —
+//! without them, every traced process of the node — and `seconds=N` for a delta profile:
+//! calls and bytes of the next N seconds only (at most [`MAX_PROFILE_SECONDS`]), as Go's
+//! `net/http/pprof` does. `allocs` defaults to `alloc_space`, `heap` to `inuse_space`; both
+//! carry every sample type (see `report::pprof`).
+
+#![allow(
+    dead_code,
+    reason = "wired into `allocwatch agent` and `top` by the daemon work of issue 4; remove then"
+)]
+
+pub mod metrics;
+pub mod model;
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Router,
+    extract::{Query, State},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use serde::Deserialize;
+use tokio::{net::TcpListener, sync::watch};
+
+use self::{
+    metrics::{Exporter, MetricsConfig},
+    model::{ProcessSnapshot, SnapshotSource},
+};
+use crate::{
+    config::Config,
+    report::pprof::{self, DefaultSample, ProfileOptions},
+};
+
+/// Longest delta profile (`seconds=`), so a request cannot hold a connection for hours.
+pub const MAX_PROFILE_SECONDS: u64 = 300;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("HTTP server failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// What the server needs from the configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServeConfig {
+    pub metrics: MetricsConfig,
+    /// Serve `/debug/pprof/*`.
+    pub pprof: bool,
+}
+
+impl ServeConfig {
+    pub fn from_config(c: &Config) -> Self {
+        ServeConfig {
+            metrics: MetricsConfig {
+                ttl: c.ttl,
+                top_k: c.top_k,
+                max_site_series: c.max_site_series,
+            },
+            pprof: c.pprof.enabled,
+        }
+    }
+}
+
+struct AppState {
+    source: Arc<dyn SnapshotSource>,
+    exporter: Mutex<Exporter>,
+    /// Becomes true at shutdown: cuts delta profiles short.
+    stopping: watch::Receiver<bool>,
+}
+
+/// Binds `listen` and serves until `shutdown` completes.
+pub async fn serve(
+    listen: SocketAddr,
+    source: Arc<dyn SnapshotSource>,
+    cfg: ServeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: listen,
+            source,
+        })?;
+    serve_on(listener, source, cfg, shutdown).await
+}
+
+/// Serves on an already bound listener (tests bind port 0 and read the port back).
+pub async fn serve_on(
+    listener: TcpListener,
+    source: Arc<dyn SnapshotSource>,
+    cfg: ServeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let (stop_tx, stopping) = watch::channel(false);
+    let state = Arc::new(AppState {
+        source,
+        exporter: Mutex::new(Exporter::new(cfg.metrics)),
+        stopping,
+    });
+    let mut app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(|| async { "ok\n" }));
+    if cfg.pprof {
+        app = app
+            .route("/debug/pprof/allocs", get(allocs_handler))
+            .route("/debug/pprof/heap", get(heap_handler));
+    }
+    let app = app.with_state(state);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(ServeError::Serve)
+}
+
+fn text(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+async fn metrics_handler(State(state): State<Arc<AppState>>) -> Response {
+    let started = Instant::now();
+    // Snapshotting may take the daemon's locks and rendering is proportional to the series:
+    // neither belongs on the async workers.
+    let rendered = tokio::task::spawn_blocking(move || {
+        let (procs, stats) = state.source.snapshot();
+        // A panic while holding the lock cannot leave the exporter half-updated in a way that
+        // breaks the format, so a poisoned lock is still usable.
+        let mut exporter = state
+            .exporter
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        exporter.render(&procs, &stats, Instant::now(), started)
+    })
+    .await;
+    match rendered {
+        Ok(Ok(body)) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+            body,
+        )
+            .into_response(),
+        Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("rendering metrics failed: {e}\n"),
+        ),
+    }
+}
+
+/// Query of the profile endpoints.
+#[derive(Debug, Default, Deserialize)]
+struct ProfileQuery {
+    pid: Option<u32>,
+    pod: Option<String>,
+    namespace: Option<String>,
+    seconds: Option<u64>,
+}
+
+impl ProfileQuery {
+    fn matches(&self, p: &ProcessSnapshot) -> bool {
+        self.pid.is_none_or(|pid| p.pid == pid)
+            && self.pod.as_deref().is_none_or(|pod| p.labels.pod == pod)
+            && self
+                .namespace
+                .as_deref()
+                .is_none_or(|ns| p.labels.namespace == ns)
+    }
+}
+
+async fn allocs_handler(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<ProfileQuery>,
+) -> Response {
+    profile(state, q, DefaultSample::AllocSpace).await
+}
+
+async fn heap_handler(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<ProfileQuery>,
+) -> Response {
+    profile(state, q, DefaultSample::InuseSpace).await
+}
+
+async fn snapshot(state: &Arc<AppState>, q: &Arc<ProfileQuery>) -> Option<Vec<ProcessSnapshot>> {
+    let (state, q) = (Arc::clone(state), Arc::clone(q));
+    tokio::task::spawn_blocking(move || {
+        let (procs, _) = state.source.snapshot();
+        procs.into_iter().filter(|p| q.matches(p)).collect()
+    })
+    .await
+    .ok()
+}
+
+fn no_match() -> Response {
+    text(
+        StatusCode::NOT_FOUND,
+        "no traced process matches the query\n".to_string(),
+    )
+}
+
+async fn profile(state: Arc<AppState>, q: ProfileQuery, default_sample: DefaultSample) -> Response {
+    let seconds = q.seconds.unwrap_or(0);
+    if seconds > MAX_PROFILE_SECONDS {
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!("seconds={seconds} is more than {MAX_PROFILE_SECONDS}\n"),
+        );
+    }
+    let q = Arc::new(q);
+    let Some(mut procs) = snapshot(&state, &q).await else {
+        return text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "taking a snapshot failed\n".to_string(),
+        );
+    };
+    if procs.is_empty() {
+        return no_match();
+    }
+    let mut opts = ProfileOptions::new(default_sample);
+    if seconds > 0 {
+        let mut stopping = state.stopping.clone();
+        let window = Duration::from_secs(seconds);
+        tokio::select! {
+            () = tokio::time::sleep(window) => {}
+            _ = stopping.wait_for(|s| *s) => {
+                return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".to_string());
+            }
+        }
+        let Some(after) = snapshot(&state, &q).await else {
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "taking a snapshot failed\n".to_string(),
+            );
+        };
+        procs = pprof::delta(&after, &procs);
+        opts.duration = Some(window);
+    }
+    // Every matching process may have exited (and been forgotten) during the window.
+    if procs.is_empty() {
+        return no_match();
+    }
+    match tokio::task::spawn_blocking(move || pprof::encode(&procs, &opts)).await {
+        Ok(Ok(body)) => (
+            StatusCode::OK,
+            [
+                (header::CONTENT_TYPE, "application/octet-stream"),
+                (
+                    header::CONTENT_DISPOSITION,
+                    "attachment; filename=\"profile.pb.gz\"",
+                ),
+            ],
+            body,
+        )
+            .into_response(),
+        Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding the profile failed: {e}\n"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests;

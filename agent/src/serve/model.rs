@@ -1,0 +1,115 @@
+//! What the daemon hands to the export side: one snapshot of every traced process and of the
+//! agent itself. This is the contract between the tracing loop (which fills it) and
+//! `/metrics`, the pprof endpoints and the flamegraph writer (which only read it).
+//!
+//! Every counter here is cumulative since the process was first traced and must never go down
+//! for the same pid; the exporter keeps Prometheus counters monotonic across process exits and
+//! pid reuse on top of that (see `metrics.rs`).
+
+use std::{collections::BTreeMap, time::Instant};
+
+use crate::symbolize::Frame;
+
+/// Who a process is, as Prometheus sees it. Processes with equal labels are summed into one
+/// set of series (two replicas of a binary in one container are one identity).
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ProcessLabels {
+    /// Kubernetes namespace, pod and container name; empty outside Kubernetes.
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+    /// `/proc/<pid>/comm`.
+    pub comm: String,
+    /// Executable path as the process sees it.
+    pub exe: String,
+}
+
+/// One call site of one process: an allocation API (or Go growth kind) and the symbolized
+/// call chain, innermost frame first.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SiteSnapshot {
+    /// `"malloc"`, `"calloc"`, … or `"free"` for libc; `"map_grow"`, `"slice_grow"`, `"alloc"`
+    /// (mallocgc) for Go.
+    pub kind: &'static str,
+    pub frames: Vec<Frame>,
+    pub calls: u64,
+    pub bytes: u64,
+    pub live_allocations: u64,
+    pub live_bytes: u64,
+}
+
+/// What the Go probes saw in one process.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GoSnapshot {
+    /// Go version from `.go.buildinfo`, e.g. `go1.25.5`.
+    pub version: String,
+    /// Map growths by kind: `double`, `same_size`, `small`, `to_table`, `grow`, `split`,
+    /// `dir_grow`.
+    pub map_grows: BTreeMap<&'static str, u64>,
+    pub map_grow_bytes: u64,
+    pub slice_grows: u64,
+    pub slice_grow_bytes: u64,
+    pub gc_cycles: u64,
+    /// Stop-the-world pauses, seconds.
+    pub gc_pauses: Histogram,
+    /// `mallocgc` request sizes, bytes.
+    pub alloc_sizes: Histogram,
+}
+
+/// A histogram as the probes produce it (cumulative over time, like every counter here).
+///
+/// `buckets` holds `(upper bound, count of observations in this bucket only)` — per-bucket,
+/// *not* cumulative — in ascending order of bound; observations above the last bound are
+/// `count - Σ buckets`. Per-bucket counts make histograms with different bounds mergeable.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Histogram {
+    pub buckets: Vec<(f64, u64)>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+/// One traced process.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ProcessSnapshot {
+    pub pid: u32,
+    pub labels: ProcessLabels,
+    /// Malloc-family calls and requested bytes by API symbol (`malloc`, `calloc`, …).
+    pub calls: BTreeMap<&'static str, u64>,
+    pub bytes: BTreeMap<&'static str, u64>,
+    pub frees: u64,
+    pub live_bytes: u64,
+    pub live_allocations: u64,
+    /// libc malloc-family request sizes, bytes.
+    pub alloc_sizes: Histogram,
+    /// Events of this process lost, by cause.
+    pub lost: BTreeMap<&'static str, u64>,
+    pub sites: Vec<SiteSnapshot>,
+    pub go: Option<GoSnapshot>,
+    /// When the process exited; its series are dropped `ttl` after this.
+    pub exited_at: Option<Instant>,
+}
+
+/// The agent's own health.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SelfStats {
+    pub probes_attached: u64,
+    /// Failed attachments by reason.
+    pub attach_failures: BTreeMap<String, u64>,
+    pub events_processed: u64,
+    /// Events lost by cause, all processes.
+    pub events_lost: BTreeMap<&'static str, u64>,
+    /// Fill level (0..=1) of each kernel map, by map name.
+    pub map_fill: BTreeMap<&'static str, f64>,
+    /// Addresses that could not be named, by cause.
+    pub symbolization_failures: BTreeMap<&'static str, u64>,
+}
+
+/// Where the exporter gets its data. Called once per scrape or profile request, from a
+/// blocking thread: it may take locks, but should copy and return quickly.
+///
+/// Keep an exited process listed (with `exited_at`) until its TTL has passed; the exporter
+/// drops it then, and also copes with a source that drops it earlier (its series are then kept
+/// frozen for the TTL). Once dropped, a pid may come back only as a new process.
+pub trait SnapshotSource: Send + Sync + 'static {
+    fn snapshot(&self) -> (Vec<ProcessSnapshot>, SelfStats);
+}
