@@ -92,6 +92,12 @@ pub struct TopArgs {
     /// How often the live view is refreshed.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub interval: Duration,
+    /// Also write a flamegraph (SVG) of the allocation sites, weighted by bytes.
+    #[arg(long, value_name = "FILE")]
+    pub flamegraph: Option<PathBuf>,
+    /// Also write a pprof profile (gzipped protobuf, for `go tool pprof`).
+    #[arg(long, value_name = "FILE")]
+    pub pprof: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -101,6 +107,9 @@ pub struct LeaksArgs {
     /// Only report allocations at least this old.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub min_age: Duration,
+    /// Also write a flamegraph (SVG) of the outstanding bytes by stack.
+    #[arg(long, value_name = "FILE")]
+    pub flamegraph: Option<PathBuf>,
 }
 
 /// What to trace, for how long, and where the report goes.
@@ -138,6 +147,11 @@ pub struct CommonArgs {
     pub no_go_malloc: bool,
     #[command(flatten)]
     pub capacity: CapacityArgs,
+    /// What the libc probes record: `full` (calls, bytes, failures, outstanding allocations,
+    /// user stacks), `stacks-off` (full without stacks), `count` (entry probes only: calls
+    /// and bytes per API and immediate caller; cheapest), `count-stacks` (count with stacks).
+    #[arg(long, value_enum, default_value_t = crate::probes::Mode::Full)]
+    pub mode: crate::probes::Mode,
 }
 
 /// Kernel map capacities. Every drop caused by a full map is counted and reported.

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use allocwatch_common::{
-    Event,
+    Event, MAX_STACK_DEPTH,
     go::{GoHistKey, GoHistVal, GoProc, StwState},
     libc::{API_COUNT, LiveAlloc, LiveKey, Overflow, SiteKey, SiteStats},
     loss::{LOSS_CAUSES, LossCause},
@@ -13,7 +13,7 @@ use allocwatch_common::{
 };
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf, StackTraceMap},
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use thiserror::Error;
 
@@ -130,78 +130,58 @@ pub fn hist(
     Ok(out)
 }
 
-/// The user stack `id` as instruction pointers, innermost first; empty if it was evicted.
+/// The user stack `id` as instruction pointers, innermost first; empty if unknown.
 pub fn stack(ebpf: &Ebpf, id: i32) -> Result<Vec<u64>, CollectError> {
     if id < 0 {
         return Ok(Vec::new());
     }
     let name = map_names::STACKS;
     let map = ebpf.map(name).ok_or(CollectError::MissingMap(name))?;
-    let map: StackTraceMap<_> = StackTraceMap::try_from(map).map_err(map_err(name))?;
+    let map: HashMap<_, u32, [u64; MAX_STACK_DEPTH]> =
+        HashMap::try_from(map).map_err(map_err(name))?;
     match map.get(&(id as u32), 0) {
-        Ok(trace) => Ok(trace.frames().iter().map(|f| f.ip).collect()),
+        Ok(frames) => Ok(frames.iter().copied().take_while(|&ip| ip != 0).collect()),
         Err(MapError::KeyNotFound) => Ok(Vec::new()),
         Err(e) => Err(map_err(name)(e)),
     }
 }
 
+/// Removes the keys of an aya hash map (plain or per-CPU) that match `pred`; how many went.
+macro_rules! remove_where {
+    ($map:expr, $pred:expr) => {{
+        let keys: Vec<_> = $map.keys().filter_map(Result::ok).filter($pred).collect();
+        keys.iter().filter(|k| $map.remove(k).is_ok()).count()
+    }};
+}
+
 /// Deletes every row of process `tgid` from the per-process maps (it exited and its series
 /// expired); returns how many rows went.
 pub fn forget(ebpf: &mut Ebpf, tgid: u32) -> Result<usize, CollectError> {
+    fn get<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Map, CollectError> {
+        ebpf.map_mut(name).ok_or(CollectError::MissingMap(name))
+    }
     let mut removed = 0;
-    {
-        let name = map_names::SITES;
-        let map = ebpf.map_mut(name).ok_or(CollectError::MissingMap(name))?;
-        let mut map: PerCpuHashMap<_, SiteKey, SiteStats> =
-            PerCpuHashMap::try_from(map).map_err(map_err(name))?;
-        let keys: Vec<SiteKey> = map
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.tgid == tgid)
-            .collect();
-        for k in keys {
-            removed += usize::from(map.remove(&k).is_ok());
-        }
-    }
-    {
-        let name = map_names::LIVE;
-        let map = ebpf.map_mut(name).ok_or(CollectError::MissingMap(name))?;
-        let mut map: HashMap<_, LiveKey, LiveAlloc> =
-            HashMap::try_from(map).map_err(map_err(name))?;
-        let keys: Vec<LiveKey> = map
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.tgid == tgid)
-            .collect();
-        for k in keys {
-            removed += usize::from(map.remove(&k).is_ok());
-        }
-    }
+    let name = map_names::SITES;
+    let mut sites: PerCpuHashMap<_, SiteKey, SiteStats> =
+        PerCpuHashMap::try_from(get(ebpf, name)?).map_err(map_err(name))?;
+    removed += remove_where!(sites, |k: &SiteKey| k.tgid == tgid);
+    let name = map_names::LIVE;
+    let mut live: HashMap<_, LiveKey, LiveAlloc> =
+        HashMap::try_from(get(ebpf, name)?).map_err(map_err(name))?;
+    removed += remove_where!(live, |k: &LiveKey| k.tgid == tgid);
     for name in [map_names::GO_HIST, map_names::LIBC_HIST] {
-        let map = ebpf.map_mut(name).ok_or(CollectError::MissingMap(name))?;
-        let mut map: PerCpuHashMap<_, GoHistKey, GoHistVal> =
-            PerCpuHashMap::try_from(map).map_err(map_err(name))?;
-        let keys: Vec<GoHistKey> = map
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.tgid == tgid)
-            .collect();
-        for k in keys {
-            removed += usize::from(map.remove(&k).is_ok());
-        }
+        let mut hist: PerCpuHashMap<_, GoHistKey, GoHistVal> =
+            PerCpuHashMap::try_from(get(ebpf, name)?).map_err(map_err(name))?;
+        removed += remove_where!(hist, |k: &GoHistKey| k.tgid == tgid);
     }
-    {
-        let name = map_names::GO_PROCS;
-        let map = ebpf.map_mut(name).ok_or(CollectError::MissingMap(name))?;
-        let mut map: HashMap<_, u32, GoProc> = HashMap::try_from(map).map_err(map_err(name))?;
-        removed += usize::from(map.remove(&tgid).is_ok());
-    }
-    {
-        let name = map_names::GO_STW;
-        let map = ebpf.map_mut(name).ok_or(CollectError::MissingMap(name))?;
-        let mut map: HashMap<_, u32, StwState> = HashMap::try_from(map).map_err(map_err(name))?;
-        removed += usize::from(map.remove(&tgid).is_ok());
-    }
+    let name = map_names::GO_PROCS;
+    let mut procs: HashMap<_, u32, GoProc> =
+        HashMap::try_from(get(ebpf, name)?).map_err(map_err(name))?;
+    removed += usize::from(procs.remove(&tgid).is_ok());
+    let name = map_names::GO_STW;
+    let mut stw: HashMap<_, u32, StwState> =
+        HashMap::try_from(get(ebpf, name)?).map_err(map_err(name))?;
+    removed += usize::from(stw.remove(&tgid).is_ok());
     Ok(removed)
 }
 

@@ -3,11 +3,6 @@
 //! [`print_default`], a complete, commented file with every key at its default; the
 //! Kubernetes ConfigMap (`deploy/kustomize/base/configmap.yaml`) uses exactly the same keys.
 
-#![allow(
-    dead_code,
-    reason = "wired into `allocwatch agent` and `top` by the daemon work of issue 4; remove then"
-)]
-
 use std::{
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -26,17 +21,17 @@ pub const DEFAULT_LISTEN: SocketAddr =
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("reading config file {path}: {source}")]
+    #[error("reading config file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("config file {path}: {source}")]
+    #[error("config file {path}")]
     Parse {
         path: PathBuf,
         source: Box<toml::de::Error>,
     },
-    #[error("config key {key}: invalid regular expression: {source}")]
+    #[error("config key {key}: invalid regular expression")]
     Regex {
         key: String,
         source: Box<regex::Error>,

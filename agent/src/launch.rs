@@ -3,6 +3,11 @@
 //! `std::process::Command::spawn` returns only after `exec`, too late to attach. So the child is
 //! forked by hand and parked on a pipe: the agent attaches its probes to the child's pid (the
 //! kernel keeps a pid-scoped uprobe across `exec`), then releases it to `execvp`.
+//!
+//! The child also asks to be traced (`PTRACE_TRACEME`) so that the kernel stops it right after a
+//! successful exec, before its first instruction: the agent snapshots its executable mapping
+//! there (a short command can otherwise exit before the agent gets the CPU back), then detaches
+//! and the command runs untraced by ptrace from then on.
 
 use std::{
     ffi::{CString, OsStr},
@@ -67,7 +72,9 @@ pub fn park(argv: &[String]) -> Result<Parked, LaunchError> {
             libc::close(go_w.as_raw_fd());
             libc::close(st_r.as_raw_fd());
             let mut b = 0u8;
-            if libc::read(go_r.as_raw_fd(), (&raw mut b).cast(), 1) == 1 {
+            if libc::read(go_r.as_raw_fd(), (&raw mut b).cast(), 1) == 1
+                && libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) == 0
+            {
                 libc::execvp(ptrs[0], ptrs.as_ptr());
                 let errno = *libc::__errno_location();
                 let bytes = errno.to_ne_bytes();
@@ -91,8 +98,9 @@ impl Parked {
         self.pid
     }
 
-    /// Lets the child exec; returns once the exec succeeded or failed.
-    pub fn release(mut self) -> Result<u32, LaunchError> {
+    /// Lets the child exec; returns once the exec succeeded (the child is then stopped right
+    /// after it: see [`Stopped`]) or failed.
+    pub fn release(mut self) -> Result<Stopped, LaunchError> {
         let go = self.go.take().expect("released once");
         // SAFETY: writing one byte from a valid buffer to an owned fd.
         unsafe { libc::write(go.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
@@ -119,7 +127,54 @@ impl Parked {
                 source: io::Error::from_raw_os_error(i32::from_ne_bytes(buf)),
             });
         }
-        Ok(self.pid)
+        // The exec succeeded: wait for the stop it causes in a traced child.
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        let r = unsafe { libc::waitpid(self.pid as i32, &mut status, 0) };
+        if r != self.pid as i32 || !libc::WIFSTOPPED(status) {
+            // Killed before its first instruction; the session reports its exit.
+            return Ok(Stopped {
+                pid: self.pid,
+                stopped: false,
+            });
+        }
+        Ok(Stopped {
+            pid: self.pid,
+            stopped: true,
+        })
+    }
+}
+
+/// A launched command stopped right after its exec: its executable is mapped, nothing of it
+/// has run. Dropping it (or [`Stopped::resume`]) lets it run.
+#[derive(Debug)]
+pub struct Stopped {
+    pid: u32,
+    stopped: bool,
+}
+
+impl Stopped {
+    #[cfg(test)]
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Detaches (ptrace) and lets the command run.
+    pub fn resume(mut self) {
+        self.detach();
+    }
+
+    fn detach(&mut self) {
+        if std::mem::take(&mut self.stopped) {
+            // SAFETY: detaching our own stopped tracee, with no signal to deliver.
+            unsafe { libc::ptrace(libc::PTRACE_DETACH, self.pid as i32, 0, 0) };
+        }
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        self.detach();
     }
 }
 
@@ -156,7 +211,12 @@ mod tests {
     fn runs_after_release() {
         let parked = park(&["true".to_string()]).unwrap();
         let pid = parked.pid();
-        assert_eq!(parked.release().unwrap(), pid);
+        let stopped = parked.release().unwrap();
+        assert_eq!(stopped.pid(), pid);
+        // Stopped after exec: the executable is mapped.
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+        assert!(maps.contains("/true"), "{maps}");
+        stopped.resume();
         let mut status = 0;
         // SAFETY: our child.
         unsafe { libc::waitpid(pid as i32, &mut status, 0) };

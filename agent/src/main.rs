@@ -70,13 +70,22 @@ fn main() -> ExitCode {
                         session::run(
                             View::Top {
                                 interval: a.interval,
+                                flamegraph: a.flamegraph,
+                                pprof: a.pprof,
                             },
                             a.common,
                         )
                         .await
                     }
                     Command::Leaks(a) => {
-                        session::run(View::Leaks { min_age: a.min_age }, a.common).await
+                        session::run(
+                            View::Leaks {
+                                min_age: a.min_age,
+                                flamegraph: a.flamegraph,
+                            },
+                            a.common,
+                        )
+                        .await
                     }
                     Command::Maps(a) => session::run(View::Maps, a.common).await,
                 }

@@ -5,7 +5,7 @@ use std::{num::NonZeroU32, path::Path};
 use allocwatch_common::{
     config, globals,
     go::{self, GO_SPECS_MAX, GoProc, GoSpec},
-    libc::cookie,
+    libc::{API_COUNT, Api, LIBC_FILE_RANGES, LIBC_FILES_MAX, LibcFile, cookie},
     map_names,
 };
 use aya::{
@@ -16,11 +16,12 @@ use aya::{
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
     },
 };
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind};
 use thiserror::Error;
 
 use crate::{
     cli::CapacityArgs,
-    target::{ProbePoint, go::GoProbe},
+    target::{ProbePoint, elf::ElfFile, go::GoProbe},
 };
 
 /// The compiled probe object, built by agent/build.rs.
@@ -28,7 +29,54 @@ static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 
 const LIBC_ENTRY: &str = "libc_entry";
 const LIBC_RETURN: &str = "libc_return";
+const LIBC_COUNT: &str = "libc_count";
+const LIBC_FLOOR: &str = "libc_floor";
+const LIBC_FLOOR_RETURN: &str = "libc_floor_return";
 const GO_ENTRY: &str = "go_entry";
+
+/// What the libc probes record (`--mode`). Costs per call are measured in BENCHMARKS.md.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Entry and return probes: calls, bytes and failures per call site with its user stack,
+    /// and every outstanding allocation (`leaks`, live bytes).
+    #[default]
+    Full,
+    /// `full` without user stacks: sites are told apart by their immediate caller only.
+    StacksOff,
+    /// Entry probes only: calls and bytes requested per API and immediate caller. No return
+    /// probe, so no live table, no failed calls, and `free` counts calls but not bytes.
+    Count,
+    /// `count` with user stacks.
+    CountStacks,
+    /// Benchmark only: empty entry programs at the sites `count` uses.
+    #[value(hide = true)]
+    Floor,
+    /// Benchmark only: empty entry and return programs at the sites `full` uses.
+    #[value(hide = true)]
+    FloorReturn,
+}
+
+impl Mode {
+    /// Whether this mode captures user stacks (unless `--no-stacks`).
+    pub fn stacks(self) -> bool {
+        matches!(self, Mode::Full | Mode::CountStacks)
+    }
+
+    /// Whether outstanding allocations are tracked (a return probe reads the new pointer).
+    pub fn tracks_live(self) -> bool {
+        matches!(self, Mode::Full | Mode::StacksOff)
+    }
+
+    /// (entry program, return program) of the libc probes.
+    fn libc_programs(self) -> (&'static str, Option<&'static str>) {
+        match self {
+            Mode::Full | Mode::StacksOff => (LIBC_ENTRY, Some(LIBC_RETURN)),
+            Mode::Count | Mode::CountStacks => (LIBC_COUNT, None),
+            Mode::Floor => (LIBC_FLOOR, None),
+            Mode::FloorReturn => (LIBC_FLOOR, Some(LIBC_FLOOR_RETURN)),
+        }
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum ProbeError {
@@ -74,13 +122,23 @@ pub enum Filter {
 pub struct Probes {
     pub ebpf: Ebpf,
     filter: Filter,
+    mode: Mode,
     attached_points: usize,
     /// Next free slot of the GO_SPECS array.
     next_spec: u32,
+    /// Next free slot of the LIBC_FILES array (count mode).
+    next_file: u32,
 }
 
 impl Probes {
+    /// Loads the probes in [`Mode::Full`].
     pub fn load(cfg: &ProbeConfig) -> Result<Self, ProbeError> {
+        Self::load_mode(cfg, Mode::Full)
+    }
+
+    /// Loads the Go programs and the libc programs of `mode` (only those: each load runs the
+    /// verifier).
+    pub fn load_mode(cfg: &ProbeConfig, mode: Mode) -> Result<Self, ProbeError> {
         let tgid = cfg.tgid.map_or(0, NonZeroU32::get);
         let mut flags = if cfg.stacks { config::FLAG_STACKS } else { 0 };
         flags |= match cfg.filter {
@@ -88,6 +146,11 @@ impl Probes {
             Filter::Allow => config::FLAG_ALLOWLIST,
             Filter::Deny => config::FLAG_DENYLIST,
         };
+        // TEMPORARY experiment knobs.
+        flags |= std::env::var("ALLOCWATCH_XFLAGS")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0);
         let mut ebpf = EbpfLoader::new()
             .override_global(globals::TARGET_TGID, &tgid, true)
             .override_global(globals::FLAGS, &flags, true)
@@ -95,8 +158,10 @@ impl Probes {
             .map_max_entries(map_names::SITES, cfg.capacity.max_sites)
             .map_max_entries(map_names::STACKS, cfg.capacity.max_stacks)
             .map_max_entries(map_names::PENDING, cfg.capacity.max_pending)
+            .map_max_entries(map_names::LAST_ENTRY, cfg.capacity.max_pending)
             .load(PROBE_OBJECT)?;
-        for program in [LIBC_ENTRY, LIBC_RETURN, GO_ENTRY] {
+        let (entry, ret) = mode.libc_programs();
+        for program in [Some(entry), ret, Some(GO_ENTRY)].into_iter().flatten() {
             uprobe(&mut ebpf, program)?
                 .load()
                 .map_err(|error| ProbeError::Program { program, error })?;
@@ -104,14 +169,19 @@ impl Probes {
         Ok(Self {
             ebpf,
             filter: cfg.filter,
+            mode,
             attached_points: 0,
             next_spec: 0,
+            next_file: 0,
         })
     }
 
-    /// Attaches the entry program to every point of `file` and the return program to those that
-    /// need the returned pointer. Scoped to `pid` when given (the kernel then only plants the
-    /// breakpoints in that process).
+    /// Attaches the mode's entry program to every point of `file` and its return program (if
+    /// any) to those that need the returned pointer. Scoped to `pid` when given (the kernel then
+    /// only plants the breakpoints in that process).
+    ///
+    /// Every mode uses the same sites (placed for a return probe: no earlier instruction moves
+    /// RSP), so the floor and each mode are measured at identical addresses.
     pub fn attach_libc(
         &mut self,
         file: &Path,
@@ -123,22 +193,63 @@ impl Probes {
             path: file.display().to_string(),
             source,
         };
-        let entry: Vec<UProbeAttachPoint<'_>> = points.iter().map(attach_point).collect();
+        let (entry_program, ret_program) = self.mode.libc_programs();
+        let entry: Vec<UProbeAttachPoint<'_>> = if entry_program == LIBC_COUNT {
+            let layout = self.count_layout(file, points)?;
+            points
+                .iter()
+                .map(|p| UProbeAttachPoint {
+                    location: UProbeAttachLocation::AbsoluteOffset(p.file_offset),
+                    cookie: Some(layout.cookie(p)),
+                })
+                .collect()
+        } else {
+            points.iter().map(attach_point).collect()
+        };
         let ret: Vec<UProbeAttachPoint<'_>> = points
             .iter()
             .filter(|p| p.with_return)
             .map(attach_point)
             .collect();
-        uprobe(&mut self.ebpf, LIBC_ENTRY)?
+        uprobe(&mut self.ebpf, entry_program)?
             .attach(entry, file, scope)
             .map_err(attach_err)?;
-        if !ret.is_empty() {
-            uprobe(&mut self.ebpf, LIBC_RETURN)?
+        if let Some(ret_program) = ret_program
+            && !ret.is_empty()
+        {
+            uprobe(&mut self.ebpf, ret_program)?
                 .attach(ret, file, scope)
                 .map_err(attach_err)?;
         }
         self.attached_points += points.len();
         Ok(())
+    }
+
+    /// Count mode's view of `file`: which API functions may tail-jump, and (in a free
+    /// `LIBC_FILES` slot) where they all are, so the probe can tell libc's relays from the
+    /// program's calls without a return probe. Without a slot or a readable ELF the rules
+    /// degrade (documented in BENCHMARKS.md / README), they never fail the attach.
+    fn count_layout(
+        &mut self,
+        file: &Path,
+        points: &[ProbePoint],
+    ) -> Result<CountLayout, ProbeError> {
+        let Ok(elf) = ElfFile::open(file) else {
+            return Ok(CountLayout::unknown());
+        };
+        let layout = CountLayout::of(&elf, points, self.next_file);
+        if layout.slot != cookie::NO_FILE {
+            let map = self
+                .ebpf
+                .map_mut(map_names::LIBC_FILES)
+                .ok_or(MapError::InvalidName {
+                    name: map_names::LIBC_FILES.into(),
+                })?;
+            let mut files: Array<_, LibcFile> = Array::try_from(map)?;
+            files.set(layout.slot, &layout.file, 0)?;
+            self.next_file += 1;
+        }
+        Ok(layout)
     }
 
     /// Attaches the Go entry program at every probe site of a Go binary, each with its own
@@ -276,6 +387,189 @@ fn brief(e: &ProgramError) -> String {
     }
 }
 
+/// What count mode knows about one probed libc file.
+struct CountLayout {
+    /// Slot in `LIBC_FILES`, or [`cookie::NO_FILE`].
+    slot: u32,
+    file: LibcFile,
+    /// Per API id: the APIs its function may tail-jump into (bit = API id).
+    relay_masks: [u32; API_COUNT],
+}
+
+impl CountLayout {
+    /// The APIs some function may tail-jump into.
+    fn relay_targets(&self) -> u32 {
+        self.relay_masks.iter().fold(0, |acc, m| acc | m)
+    }
+}
+
+/// Every API may relay to every other: what count mode assumes without the code.
+const ALL_APIS: u32 = (1 << API_COUNT) - 1;
+
+impl CountLayout {
+    fn unknown() -> Self {
+        Self {
+            slot: cookie::NO_FILE,
+            file: LibcFile::default(),
+            relay_masks: std::array::from_fn(|api| ALL_APIS & !(1 << api)),
+        }
+    }
+
+    fn of(elf: &ElfFile, points: &[ProbePoint], next_slot: u32) -> Self {
+        let mut layout = Self::unknown();
+        let got = got_slots(elf.path());
+        // Entry address → the API its probe reports (the canonical one of an alias group).
+        let mut entries: Vec<(u64, Api)> = Vec::new();
+        let mut syms = Vec::new();
+        for api in Api::ALL {
+            let Some(sym) = elf.symbol(api.symbol()) else {
+                continue;
+            };
+            if !entries.iter().any(|&(a, _)| a == sym.address) {
+                entries.push((sym.address, api));
+            }
+            syms.push((api, sym));
+        }
+        let mut ranges = Vec::new();
+        let mut bias = None;
+        let mut consistent = true;
+        for &(api, sym) in &syms {
+            let code = elf.function_code(sym, sym.size).unwrap_or_default();
+            if sym.size > 0 && code.len() as u64 == sym.size {
+                // A jump back to its own entry is a loop, not a relay.
+                layout.relay_masks[api as usize] =
+                    tail_jump_targets(elf, &code, sym.address, &entries, got.as_deref())
+                        & !(1 << api as u32);
+            }
+            let Some(start) = elf.vaddr_to_file_offset(sym.address) else {
+                consistent = false;
+                continue;
+            };
+            // The probe turns return addresses into file offsets with one bias: every range
+            // must share it (one text segment), and fit the map's 32-bit offsets.
+            let b = sym.address.wrapping_sub(start);
+            consistent &= *bias.get_or_insert(b) == b;
+            match (u32::try_from(start), u32::try_from(start + sym.size)) {
+                (Ok(s), Ok(e)) if sym.size > 0 => ranges.push([s, e]),
+                _ => consistent = false,
+            }
+        }
+        ranges.sort();
+        ranges.dedup();
+        consistent &= ranges.len() <= LIBC_FILE_RANGES
+            && points.iter().all(|p| u32::try_from(p.file_offset).is_ok());
+        if consistent && next_slot < LIBC_FILES_MAX {
+            layout.slot = next_slot;
+            for (slot, r) in layout.file.ranges.iter_mut().zip(ranges) {
+                *slot = r;
+            }
+        }
+        for (api, mask) in Api::ALL.iter().zip(layout.relay_masks) {
+            if mask != 0 && syms.iter().any(|(a, _)| a == api) {
+                log::debug!(
+                    "count mode: {} may tail-jump into {mask:#05x}",
+                    api.symbol()
+                );
+            }
+        }
+        layout
+    }
+
+    fn cookie(&self, p: &ProbePoint) -> u64 {
+        cookie::encode_count(
+            p.api as u32,
+            p.sp_delta,
+            self.relay_targets() & (1 << p.api as u32) != 0,
+            self.relay_masks[p.api as usize],
+            self.slot,
+            u32::try_from(p.file_offset).unwrap_or(0),
+        )
+    }
+}
+
+/// The APIs a function (its whole `code`, loaded at `start`) may tail-jump into: a jump to an
+/// API's entry (`entries`), or to a PLT stub whose GOT slot is bound to one (`got`), names that
+/// API; an indirect jump, or any stub when the relocations are unknown, may reach any of them.
+fn tail_jump_targets(
+    elf: &ElfFile,
+    code: &[u8],
+    start: u64,
+    entries: &[(u64, Api)],
+    got: Option<&[(u64, u64)]>,
+) -> u32 {
+    let end = start + code.len() as u64;
+    let entry_api = |addr: u64| {
+        entries
+            .iter()
+            .find(|&&(a, _)| a == addr)
+            .map(|&(_, api)| api)
+    };
+    let mut mask = 0;
+    let mut decoder = Decoder::with_ip(64, code, start, DecoderOptions::NONE);
+    while decoder.can_decode() {
+        let instr = decoder.decode();
+        match instr.flow_control() {
+            FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch => {
+                let target = instr.near_branch_target();
+                if (start..end).contains(&target) {
+                    continue;
+                }
+                if let Some(api) = entry_api(target) {
+                    mask |= 1 << api as u32;
+                } else if let Some(slot) = jump_stub_slot(elf, target) {
+                    mask |= match got {
+                        None => ALL_APIS,
+                        Some(got) => got
+                            .iter()
+                            .find(|&&(s, _)| s == slot)
+                            .and_then(|&(_, addr)| entry_api(addr))
+                            .map_or(0, |api| 1 << api as u32),
+                    };
+                }
+            }
+            FlowControl::IndirectBranch => mask |= ALL_APIS,
+            _ => {}
+        }
+    }
+    mask
+}
+
+/// The GOT slot a stub at `vaddr` jumps through, when it starts (after an optional `endbr64`)
+/// with `jmp [rip + disp]`, as PLT entries do.
+fn jump_stub_slot(elf: &ElfFile, vaddr: u64) -> Option<u64> {
+    let code = elf.read_at_vaddr(vaddr, 16).ok()?;
+    let mut decoder = Decoder::with_ip(64, &code, vaddr, DecoderOptions::NONE);
+    let mut instr = decoder.decode();
+    if instr.mnemonic() == Mnemonic::Endbr64 {
+        instr = decoder.decode();
+    }
+    (instr.flow_control() == FlowControl::IndirectBranch
+        && instr.op0_kind() == OpKind::Memory
+        && instr.is_ip_rel_memory_operand())
+    .then(|| instr.ip_rel_memory_address())
+}
+
+/// Every GOT slot bound by a dynamic relocation to a symbol the file defines: (slot, the
+/// symbol's address). `None` when the file or its relocations cannot be read.
+fn got_slots(path: &Path) -> Option<Vec<(u64, u64)>> {
+    use object::{Object as _, ObjectSymbol as _, ObjectSymbolTable as _, RelocationTarget};
+    let data = std::fs::read(path).ok()?;
+    let file = object::File::parse(&*data).ok()?;
+    let symbols = file.dynamic_symbol_table()?;
+    let relocations = file.dynamic_relocations()?;
+    Some(
+        relocations
+            .filter_map(|(slot, rel)| match rel.target() {
+                RelocationTarget::Symbol(index) => {
+                    let sym = symbols.symbol_by_index(index).ok()?;
+                    (!sym.is_undefined()).then(|| (slot, sym.address()))
+                }
+                _ => None,
+            })
+            .collect(),
+    )
+}
+
 fn attach_point(p: &ProbePoint) -> UProbeAttachPoint<'static> {
     UProbeAttachPoint {
         location: UProbeAttachLocation::AbsoluteOffset(p.file_offset),
@@ -292,4 +586,53 @@ fn uprobe<'a>(ebpf: &'a mut Ebpf, program: &'static str) -> Result<&'a mut UProb
         .ok_or_else(missing)?
         .try_into()
         .map_err(|error| ProbeError::Program { program, error })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::target::libc::probe_points;
+
+    /// Count mode's view of the machine's glibc (skipped where there is none): the relays
+    /// between API functions found by disassembly, and one range per distinct function.
+    #[test]
+    fn count_layout_of_system_glibc() {
+        let Some(path) = ["/usr/lib/x86_64-linux-gnu/libc.so.6", "/lib64/libc.so.6"]
+            .into_iter()
+            .find(|p| Path::new(p).is_file())
+        else {
+            return;
+        };
+        let elf = ElfFile::open(path).unwrap();
+        let (points, aliases) = probe_points(&elf).unwrap();
+        let layout = CountLayout::of(&elf, &points, 0);
+        assert_eq!(layout.slot, 0);
+        let mask = |api: Api| layout.relay_masks[api as usize];
+        let bit = |api: Api| 1u32 << api as u32;
+        // The leaves relay to nothing; no function relays to itself.
+        assert_eq!(mask(Api::Malloc), 0);
+        assert_eq!(mask(Api::Free), 0);
+        for api in Api::ALL {
+            assert_eq!(mask(api) & bit(api), 0, "{api:?}");
+        }
+        // glibc 2.36: realloc(NULL, n) tail-jumps into malloc; reallocarray into realloc through
+        // the PLT (resolved through its GOT relocation); nothing else relays by a tail jump.
+        assert_eq!(mask(Api::Realloc), bit(Api::Malloc));
+        assert_eq!(mask(Api::Reallocarray), bit(Api::Realloc));
+        assert_eq!(layout.relay_targets(), bit(Api::Malloc) | bit(Api::Realloc));
+        let distinct = Api::ALL.len() - aliases.len();
+        let used = layout.file.ranges.iter().filter(|r| r[1] > r[0]).count();
+        assert_eq!(used, distinct);
+        for p in &points {
+            let off = u32::try_from(p.file_offset).unwrap();
+            assert!(
+                layout.file.ranges.iter().any(|r| r[0] <= off && off < r[1]),
+                "{:?} probe outside its function",
+                p.api
+            );
+        }
+        let c = layout.cookie(&points[0]);
+        assert_eq!(cookie::api(c), points[0].api as u32);
+        assert_eq!(cookie::probe_offset(c), points[0].file_offset);
+    }
 }

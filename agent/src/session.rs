@@ -48,10 +48,18 @@ use crate::{
 };
 
 /// What the session shows.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum View {
-    Top { interval: Duration },
-    Leaks { min_age: Duration },
+    Top {
+        interval: Duration,
+        /// Extra outputs written at the end.
+        flamegraph: Option<PathBuf>,
+        pprof: Option<PathBuf>,
+    },
+    Leaks {
+        min_age: Duration,
+        flamegraph: Option<PathBuf>,
+    },
     Maps,
 }
 
@@ -66,6 +74,8 @@ enum End {
 /// The process to trace and the files to probe in it.
 struct Target {
     pid: NonZeroU32,
+    /// The executable (for a launched command: the resolved program).
+    exe: PathBuf,
     parked: Option<Parked>,
     libc: Option<LibcTarget>,
     go: Option<GoTarget>,
@@ -102,6 +112,7 @@ fn resolve(args: &CommonArgs) -> anyhow::Result<Target> {
             };
             Ok(Target {
                 pid,
+                exe,
                 parked: None,
                 libc,
                 go,
@@ -119,6 +130,7 @@ fn resolve(args: &CommonArgs) -> anyhow::Result<Target> {
             let pid = NonZeroU32::new(parked.pid()).context("fork returned pid 0")?;
             Ok(Target {
                 pid,
+                exe,
                 parked: Some(parked),
                 libc,
                 go,
@@ -128,10 +140,14 @@ fn resolve(args: &CommonArgs) -> anyhow::Result<Target> {
 }
 
 pub async fn run(view: View, args: CommonArgs) -> anyhow::Result<()> {
+    if matches!(view, View::Leaks { .. }) && !args.mode.tracks_live() {
+        anyhow::bail!("leaks needs outstanding allocations: use --mode full or stacks-off");
+    }
     preflight::check()?;
     let target = resolve(&args)?;
     let Target {
         pid,
+        exe: exe_path,
         parked,
         libc,
         go,
@@ -140,12 +156,15 @@ pub async fn run(view: View, args: CommonArgs) -> anyhow::Result<()> {
     let pidfd = pidfd_open(pid.get())
         .with_context(|| format!("process {pid} does not exist (or exited already)"))?;
 
-    let mut probes = Probes::load(&ProbeConfig {
-        tgid: Some(pid),
-        filter: Filter::None,
-        stacks: !args.no_stacks,
-        capacity: args.capacity,
-    })?;
+    let mut probes = Probes::load_mode(
+        &ProbeConfig {
+            tgid: Some(pid),
+            filter: Filter::None,
+            stacks: args.mode.stacks() && !args.no_stacks,
+            capacity: args.capacity,
+        },
+        args.mode,
+    )?;
     if let Some(libc) = &libc {
         probes.attach_libc(&libc.path, &libc.probes, Some(pid))?;
     }
@@ -164,19 +183,23 @@ pub async fn run(view: View, args: CommonArgs) -> anyhow::Result<()> {
     let ring = collect::take_events(&mut probes.ebpf)?;
     // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the ring buffer.
     let mut ring = unsafe { AsyncFd::register(ring) }.map_err(std::io::Error::from)?;
-    if let Some(parked) = parked {
-        parked.release()?;
-    }
+    // Started before the command runs: the first snapshot of a short command must not wait
+    // for a thread to start.
     let symbolizer = SymbolizerHandle::spawn();
+    if let Some(parked) = parked {
+        // Stopped right after exec: note its executable before it can run (and exit).
+        let stopped = parked.release()?;
+        symbolizer.note_process(pid.get());
+        stopped.resume();
+    }
     if launched {
         // The command maps its libraries after exec; snapshot its mappings as soon as the probed
         // file is among them, so that even a command that exits within milliseconds is named.
-        let mut files: Vec<DevInode> = libc.iter().map(|l| l.dev_inode).collect();
-        if let Some(g) = &go
-            && let Ok(meta) = fs::metadata(&g.path)
-        {
+        let mut files = Vec::new();
+        if let Ok(meta) = fs::metadata(&exe_path) {
             files.push(DevInode::from_metadata(&meta));
         }
+        files.extend(libc.iter().map(|l| l.dev_inode));
         note_when_mapped(&symbolizer, pid.get(), &files);
     } else {
         symbolizer.note_process(pid.get());
@@ -227,7 +250,7 @@ pub async fn run(view: View, args: CommonArgs) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let live_interval = match view {
-        View::Top { interval } if !args.json && args.output.is_none() => Some(interval),
+        View::Top { interval, .. } if !args.json && args.output.is_none() => Some(interval),
         _ => None,
     };
     let mut tick = tokio::time::interval(live_interval.unwrap_or(Duration::from_secs(3600)));
@@ -291,9 +314,12 @@ pub async fn run(view: View, args: CommonArgs) -> anyhow::Result<()> {
         eprintln!("allocwatch: warning: {bad_records} malformed ring-buffer records ignored");
     }
 
-    let rendered = match view {
-        View::Top { .. } => {
+    let rendered = match &view {
+        View::Top {
+            flamegraph, pprof, ..
+        } => {
             let r = tracer.top_report().await?;
+            export_profiles(&r, flamegraph.as_deref(), pprof.as_deref())?;
             if args.json {
                 report::json::top(&[r])?
             } else {
@@ -308,8 +334,30 @@ pub async fn run(view: View, args: CommonArgs) -> anyhow::Result<()> {
                 report::text::maps(&r, args.top)
             }
         }
-        View::Leaks { min_age } => {
-            let r = tracer.leaks_report(min_age).await?;
+        View::Leaks {
+            min_age,
+            flamegraph,
+        } => {
+            let r = tracer.leaks_report(*min_age).await?;
+            if let Some(path) = flamegraph {
+                let sites: Vec<_> = r
+                    .leaks
+                    .iter()
+                    .map(|l| crate::serve::model::SiteSnapshot {
+                        kind: l.api.symbol(),
+                        frames: l.frames.clone(),
+                        calls: l.count,
+                        bytes: l.bytes,
+                        live_allocations: l.count,
+                        live_bytes: l.bytes,
+                    })
+                    .collect();
+                let title = format!(
+                    "allocwatch: {} (pid {}) outstanding bytes by stack",
+                    r.info.comm, r.info.pid
+                );
+                write_flamegraph(path, &sites, report::flame::FlameWeight::LiveBytes, &title)?;
+            }
             if args.json {
                 report::json::leaks(&[r])?
             } else {
@@ -325,6 +373,70 @@ pub async fn run(view: View, args: CommonArgs) -> anyhow::Result<()> {
         None => println!("{rendered}"),
     }
     Ok(())
+}
+
+/// Writes `--flamegraph` and `--pprof` from the final report.
+fn export_profiles(
+    r: &TopReport,
+    flamegraph: Option<&std::path::Path>,
+    pprof: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    if flamegraph.is_none() && pprof.is_none() {
+        return Ok(());
+    }
+    let snap = report::snapshot_of(r);
+    if let Some(path) = flamegraph {
+        let file =
+            fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
+        let title = format!(
+            "allocwatch: {} (pid {}) bytes by site",
+            r.info.comm, r.info.pid
+        );
+        match report::flame::write_sites_svg(
+            &snap.sites,
+            report::flame::FlameWeight::Bytes,
+            &title,
+            std::io::BufWriter::new(file),
+        ) {
+            Ok(()) => {}
+            Err(report::flame::FlameError::Empty(_)) => {
+                eprintln!(
+                    "allocwatch: warning: no allocation sites: {} is empty",
+                    path.display()
+                );
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot write {}", path.display())),
+        }
+    }
+    if let Some(path) = pprof {
+        let bytes = report::pprof::encode(
+            std::slice::from_ref(&snap),
+            &report::pprof::ProfileOptions::new(report::pprof::DefaultSample::AllocSpace),
+        )?;
+        fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn write_flamegraph(
+    path: &std::path::Path,
+    sites: &[crate::serve::model::SiteSnapshot],
+    weight: report::flame::FlameWeight,
+    title: &str,
+) -> anyhow::Result<()> {
+    let file =
+        fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
+    match report::flame::write_sites_svg(sites, weight, title, std::io::BufWriter::new(file)) {
+        Ok(()) => Ok(()),
+        Err(report::flame::FlameError::Empty(_)) => {
+            eprintln!(
+                "allocwatch: warning: nothing to draw: {} is empty",
+                path.display()
+            );
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot write {}", path.display())),
+    }
 }
 
 /// For a position-independent Go binary, `runtime.mallocgc`'s runtime range is known once the
@@ -674,6 +786,17 @@ fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// Whether `pid` is gone or a zombie (state Z or X in /proc/<pid>/stat).
+fn has_exited(pid: u32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].trim_start().chars().next());
+    matches!(state, None | Some('Z' | 'X'))
+}
+
 fn process_alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks existence.
     unsafe { libc::kill(pid as i32, 0) == 0 }
@@ -706,24 +829,47 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Polls the maps of a freshly exec'd process until the probed `files` are mapped (ld.so maps
-/// every needed library before running any of them), for at most 100 ms or until the process
-/// is gone.
+/// Snapshots a freshly exec'd process's mappings for the symbolizer as soon as each of `files`
+/// (in order: the executable, then the probed libc) is mapped, for at most 100 ms or until the
+/// process is gone. The executable is mapped within the execve call itself; libc follows when
+/// ld.so loads it. Noting after each keeps the program's own frames nameable even if a very
+/// short command exits before libc is seen.
 ///
-/// This blocks on purpose, with a short sleep: a small program can map libc, run and exit
-/// within a millisecond, finer than the async timer.
+/// This blocks and spins on purpose: a small program can map libc, run and exit within a
+/// millisecond, finer than any timer.
 fn note_when_mapped(symbolizer: &SymbolizerHandle, pid: u32, files: &[DevInode]) {
     let deadline = Instant::now() + Duration::from_millis(100);
-    while Instant::now() < deadline {
+    let mut noted = 0;
+    while noted < files.len() && Instant::now() < deadline {
         match read_maps(pid) {
-            Ok(maps) if files.iter().all(|f| maps.iter().any(|m| m.dev_inode == *f)) => break,
-            // A zombie has no mappings left: nothing more to wait for.
-            Ok(maps) if maps.is_empty() => return,
-            Ok(_) => std::thread::sleep(Duration::from_micros(20)),
+            // No mappings: in the middle of execve (the new, still empty address space), or a
+            // zombie with nothing left to read.
+            Ok(maps) if maps.is_empty() => {
+                if has_exited(pid) {
+                    return;
+                }
+                std::thread::yield_now();
+            }
+            Ok(maps) => {
+                let mapped = files
+                    .iter()
+                    .take_while(|f| maps.iter().any(|m| m.dev_inode == **f))
+                    .count();
+                if mapped > noted {
+                    symbolizer.note_process(pid);
+                    noted = mapped;
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+            // Reading the maps of a task in the middle of execve fails transiently.
+            Err(_) if !has_exited(pid) => std::thread::yield_now(),
             Err(_) => return,
         }
     }
-    symbolizer.note_process(pid);
+    if noted < files.len() {
+        symbolizer.note_process(pid);
+    }
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

@@ -21,6 +21,8 @@ pub mod map_names {
     pub const GO_HIST: &str = "GO_HIST";
     pub const LIBC_HIST: &str = "LIBC_HIST";
     pub const TGIDS: &str = "TGIDS";
+    pub const LAST_ENTRY: &str = "LAST_ENTRY";
+    pub const LIBC_FILES: &str = "LIBC_FILES";
 }
 
 /// Names of the probe's global configuration variables (set with `EbpfLoader::override_global`).
@@ -47,7 +49,7 @@ pub mod capacity {
     pub const TGIDS: u32 = 65_536;
     pub const LIVE: u32 = 1 << 20;
     pub const SITES: u32 = 65_536;
-    pub const STACKS: u32 = 16_384;
+    pub const STACKS: u32 = 32_768;
     /// Ring buffer size in bytes (a power of two multiple of the page size).
     pub const EVENTS_BYTES: u32 = 1 << 20;
 }

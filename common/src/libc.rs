@@ -19,20 +19,89 @@ pub enum Api {
 
 pub const API_COUNT: usize = 10;
 
-/// Probe cookie: API id in the low byte, and in the next byte how many bytes the stack pointer
+/// Probe cookie: API id in the low 7 bits, and in the next byte how many bytes the stack pointer
 /// has moved between the function's entry and the probed instruction (the probe may sit after
 /// `push` instructions; see `agent/src/target/placement.rs`). The return address of the call
 /// is at `[rsp + delta]`.
+///
+/// Count mode (entry probes only) adds what it needs to recognize libc's own relays without a
+/// return probe: bit 7 ([`RELAY_TARGET`](cookie::RELAY_TARGET)), some API function of the file
+/// may tail-jump into this one; bits 16–25, the APIs this function may tail-jump into (bit = API
+/// id); bits
+/// 26–31, the probed file's slot in the `LIBC_FILES` array ([`NO_FILE`](cookie::NO_FILE):
+/// none); bits 32–63, the probed instruction's file offset, which turns a return address into a
+/// file offset of the same file (`ret - rip + offset`).
 pub mod cookie {
+    /// Count mode: some API function of the file may tail-jump into this one.
+    pub const RELAY_TARGET: u64 = 1 << 7;
+    /// File slot meaning "no `LIBC_FILES` entry": return addresses are not classified.
+    pub const NO_FILE: u32 = 0x3f;
+
     pub const fn encode(api: u32, sp_delta: u32) -> u64 {
-        (api as u64 & 0xff) | ((sp_delta as u64 & 0xff) << 8)
+        (api as u64 & 0x7f) | ((sp_delta as u64 & 0xff) << 8)
+    }
+    /// [`encode`] plus count mode's fields.
+    pub const fn encode_count(
+        api: u32,
+        sp_delta: u32,
+        relay_target: bool,
+        relay_mask: u32,
+        file_slot: u32,
+        probe_offset: u32,
+    ) -> u64 {
+        encode(api, sp_delta)
+            | if relay_target { RELAY_TARGET } else { 0 }
+            | ((relay_mask as u64 & 0x3ff) << 16)
+            | ((file_slot as u64 & 0x3f) << 26)
+            | ((probe_offset as u64) << 32)
     }
     pub const fn api(cookie: u64) -> u32 {
-        (cookie & 0xff) as u32
+        (cookie & 0x7f) as u32
+    }
+    pub const fn is_relay_target(cookie: u64) -> bool {
+        cookie & RELAY_TARGET != 0
     }
     pub const fn sp_delta(cookie: u64) -> u64 {
         (cookie >> 8) & 0xff
     }
+    /// Bit `1 << api` set: this function may tail-jump into `api`'s entry.
+    pub const fn relay_mask(cookie: u64) -> u32 {
+        ((cookie >> 16) & 0x3ff) as u32
+    }
+    pub const fn file_slot(cookie: u64) -> u32 {
+        ((cookie >> 26) & 0x3f) as u32
+    }
+    pub const fn probe_offset(cookie: u64) -> u64 {
+        cookie >> 32
+    }
+}
+
+/// Capacity of the `LIBC_FILES` array: distinct libc files count mode classifies return
+/// addresses in (more files are still traced, without that rule).
+pub const LIBC_FILES_MAX: u32 = cookie::NO_FILE;
+/// API functions per file in [`LibcFile`].
+pub const LIBC_FILE_RANGES: usize = API_COUNT;
+
+/// Count mode: where a libc file's allocation-API functions are, as file offsets `[start, end)`.
+/// A call whose return address lies in one of them was made by the API itself (glibc's realloc
+/// calling malloc or free): libc's own relay, not the program's call. Unused slots are `[0, 0)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LibcFile {
+    pub ranges: [[u32; 2]; LIBC_FILE_RANGES],
+}
+
+/// Count mode: the last counted API entry of a thread (LRU map keyed by `pid_tgid`). A tail-jump
+/// relay (glibc's `reallocarray` → `realloc` → `malloc`) enters the next API with the stack
+/// pointer and return address of the outer call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LastEntry {
+    pub entry_sp: u64,
+    pub ret_addr: u64,
+    pub api: u32,
+    /// The APIs the outer API may relay to by a tail jump ([`cookie::relay_mask`]).
+    pub relay_mask: u32,
 }
 
 /// A call in flight on one thread, keyed by `pid_tgid`. Set at the outermost API entry; while it
@@ -158,6 +227,9 @@ const _: () = {
     assert!(size_of::<Overflow>() == 16);
     assert!(size_of::<EventHeader>() == 8);
     assert!(size_of::<NewSiteEvent>() == 48);
+    assert!(size_of::<LibcFile>() == 8 * LIBC_FILE_RANGES);
+    assert!(size_of::<LastEntry>() == 24);
+    assert!(offset_of!(LastEntry, api) == 16);
     assert!(offset_of!(NewSiteEvent, comm) == 32);
     assert!(offset_of!(NewSiteEvent, site) == 8);
 };
@@ -175,6 +247,8 @@ mod user {
     unsafe impl aya::Pod for Overflow {}
     unsafe impl aya::Pod for EventHeader {}
     unsafe impl aya::Pod for NewSiteEvent {}
+    unsafe impl aya::Pod for LibcFile {}
+    unsafe impl aya::Pod for LastEntry {}
 
     #[derive(Debug, thiserror::Error, PartialEq, Eq)]
     pub enum DecodeError {
@@ -308,6 +382,20 @@ mod user {
             let c = cookie::encode(Api::PosixMemalign as u32, 24);
             assert_eq!(cookie::api(c), 5);
             assert_eq!(cookie::sp_delta(c), 24);
+            assert_eq!(cookie::relay_mask(c), 0);
+            let c = cookie::encode_count(Api::Realloc as u32, 8, true, 0x3ff, 62, 0xffff_ffff);
+            assert_eq!(cookie::api(c), Api::Realloc as u32);
+            assert!(cookie::is_relay_target(c));
+            assert_eq!(cookie::sp_delta(c), 8);
+            assert_eq!(cookie::relay_mask(c), 0x3ff);
+            assert_eq!(cookie::file_slot(c), 62);
+            assert_eq!(cookie::probe_offset(c), 0xffff_ffff);
+            let c = cookie::encode_count(Api::Free as u32, 0, false, 1, cookie::NO_FILE, 0x26030);
+            assert_eq!(cookie::api(c), Api::Free as u32);
+            assert!(!cookie::is_relay_target(c));
+            assert_eq!(cookie::relay_mask(c), 1);
+            assert_eq!(cookie::file_slot(c), cookie::NO_FILE);
+            assert_eq!(cookie::probe_offset(c), 0x26030);
         }
 
         #[test]

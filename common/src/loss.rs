@@ -14,10 +14,10 @@ pub enum LossCause {
     /// The call-site table was full: the call is counted in the per-API overflow row without a
     /// site.
     SitesFull = 2,
-    /// `bpf_get_stackid` found another stack in the bucket (`-EEXIST`): the site keeps only its
-    /// immediate caller.
+    /// Another stack already has this stack's id (a 31-bit hash of its frames): the site keeps
+    /// only its immediate caller.
     StackCollision = 3,
-    /// `bpf_get_stackid` failed for another reason (e.g. unreadable user memory).
+    /// The user stack could not be read.
     StackError = 4,
     /// The ring buffer had no room for a new-site notification: that site is symbolized late,
     /// or not at all if the process is gone by then.
@@ -27,9 +27,11 @@ pub enum LossCause {
     /// An allocation-size histogram table (libc or Go) was full: that allocation is counted
     /// but not in the histogram.
     HistFull = 7,
+    /// The stack table was full: the site keeps only its immediate caller.
+    StackMapFull = 8,
 }
 
-pub const LOSS_CAUSES: usize = 8;
+pub const LOSS_CAUSES: usize = 9;
 
 #[cfg(feature = "user")]
 mod user {
@@ -45,6 +47,7 @@ mod user {
             LossCause::RingbufFull,
             LossCause::OrphanReturn,
             LossCause::HistFull,
+            LossCause::StackMapFull,
         ];
 
         /// Stable name used in JSON and metrics labels.
@@ -58,6 +61,7 @@ mod user {
                 LossCause::RingbufFull => "ringbuf_full",
                 LossCause::OrphanReturn => "orphan_return",
                 LossCause::HistFull => "size_histogram_full",
+                LossCause::StackMapFull => "stack_map_full",
             }
         }
     }

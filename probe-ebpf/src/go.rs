@@ -14,18 +14,18 @@ use allocwatch_common::{
 };
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_ANY, BPF_F_USER_STACK, pt_regs},
+    bindings::{BPF_ANY, pt_regs},
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
         generated::bpf_get_attach_cookie,
     },
     macros::uprobe,
-    programs::{ProbeContext, tracing::StackIdContext as _},
+    programs::ProbeContext,
 };
 
-use crate::maps::{EVENTS, GO_HIST, GO_PROCS, GO_SPECS, GO_STW, STACKS, hist_add, lost, traced};
-
-const EEXIST: i32 = -17;
+use crate::maps::{
+    EVENTS, GO_HIST, GO_PROCS, GO_SPECS, GO_STW, capture_stack, hist_add, lost, traced,
+};
 
 #[uprobe(multi)]
 pub fn go_entry(ctx: ProbeContext) -> u32 {
@@ -128,17 +128,7 @@ fn emit(
     values: [u64; GO_VALUES],
 ) {
     let stack_id = if spec.flags & GO_SPEC_STACK != 0 {
-        match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
-            Ok(id) => id as i32,
-            Err(e) => {
-                lost(if e == EEXIST {
-                    LossCause::StackCollision
-                } else {
-                    LossCause::StackError
-                });
-                NO_STACK
-            }
-        }
+        capture_stack(ctx)
     } else {
         NO_STACK
     };
@@ -157,7 +147,8 @@ fn emit(
         _pad: 0,
         values,
     };
-    if EVENTS.output(&ev, 0).is_err() {
+    let wake = if crate::maps::FLAGS.load() & (1 << 18) != 0 { 1 } else { 0 };
+    if EVENTS.output(&ev, wake).is_err() {
         lost(LossCause::RingbufFull);
     }
 }

@@ -1,31 +1,36 @@
-//! Uprobes on the libc allocation API.
+//! Uprobes on the libc allocation API, one set of programs per mode (`agent/src/probes.rs`
+//! picks them):
 //!
-//! One entry program and one return program serve every function; the attach cookie says which
-//! function fired and how far the stack pointer moved before the probed instruction. Calls are
-//! counted at entry; the return probe only settles the outcome (new pointer, failure) and the
-//! live table, so a lost return never loses a count.
+//! - full (`libc_entry` + `libc_return`): the attach cookie says which function fired and how
+//!   far the stack pointer moved before the probed instruction. Calls are counted at entry; the
+//!   return probe only settles the outcome (new pointer, failure) and the live table, so a lost
+//!   return never loses a count. A per-thread in-flight marker (`PENDING`) keeps libc's own
+//!   relays from counting twice.
+//! - count (`libc_count`): entry only, no live table. Relays are recognized without a return
+//!   probe (see [`on_count`]).
+//! - floor (`libc_floor`, `libc_floor_return`): empty programs at the same sites, the cost of
+//!   the uprobe itself that every mode is measured against (`./x bench`).
 
 use allocwatch_common::{
     config::FLAG_STACKS,
-    libc::{Api, LiveAlloc, LiveKey, NO_STACK, Pending, SiteKey, cookie},
+    libc::{Api, LastEntry, LiveAlloc, LiveKey, NO_STACK, Pending, SiteKey, cookie},
     loss::LossCause,
 };
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_ANY, BPF_F_USER_STACK},
+    bindings::BPF_ANY,
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
         generated::bpf_get_attach_cookie,
     },
     macros::{uprobe, uretprobe},
-    programs::{ProbeContext, RetProbeContext, tracing::StackIdContext as _},
+    programs::{ProbeContext, RetProbeContext},
 };
 
 use crate::maps::{
-    FLAGS, LIBC_HIST, LIVE, PENDING, STACKS, count_call, hist_add, lost, site_row, traced,
+    FLAGS, LAST_ENTRY, LIBC_FILES, LIBC_HIST, LIVE, PENDING, capture_stack, count_call, hist_add,
+    lost, site_row, traced,
 };
-
-const EEXIST: i32 = -17;
 
 #[uprobe(multi)]
 pub fn libc_entry(ctx: ProbeContext) -> u32 {
@@ -37,6 +42,154 @@ pub fn libc_entry(ctx: ProbeContext) -> u32 {
 pub fn libc_return(ctx: RetProbeContext) -> u32 {
     on_return(&ctx);
     0
+}
+
+#[uprobe(multi)]
+pub fn libc_count(ctx: ProbeContext) -> u32 {
+    on_count(&ctx);
+    0
+}
+
+/// The floor: an empty program at the sites of the entry programs.
+#[uprobe(multi)]
+pub fn libc_floor(_ctx: ProbeContext) -> u32 {
+    0
+}
+
+/// The floor of the return probe.
+#[uretprobe(multi)]
+pub fn libc_floor_return(_ctx: RetProbeContext) -> u32 {
+    0
+}
+
+/// Count mode: calls and bytes per (process, API, immediate caller[, stack]), from the entry
+/// probe alone. Without a return probe nothing says when a call ends, so libc's own relays are
+/// recognized by two rules instead of the in-flight marker:
+///
+/// 1. Nested call: the return address lies inside one of the probed file's API functions
+///    (glibc's realloc calls malloc or free): the API called itself. The cookie carries the
+///    probed instruction's file offset, so `ret - rip + offset` is the return address as a
+///    file offset of the same file, compared with the file's API ranges (`LIBC_FILES`).
+/// 2. Tail jump: the entry has the stack pointer and return address of the thread's last
+///    counted entry, and that entry's function may tail-jump into this API (its relay mask,
+///    found by disassembly: glibc's reallocarray → realloc → malloc re-enter with the outer
+///    call's frame).
+#[inline(always)]
+fn on_count(ctx: &ProbeContext) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if !traced(tgid) {
+        return;
+    }
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let api_id = cookie::api(cookie);
+    // SAFETY: regs points at the probed task's saved registers.
+    let regs = unsafe { &*ctx.regs };
+    let entry_sp = regs.rsp + cookie::sp_delta(cookie);
+    // SAFETY: reading the traced task's own stack; failure yields 0.
+    let ret_addr = unsafe { bpf_probe_read_user(entry_sp as *const u64) }.unwrap_or(0);
+
+    let xf = FLAGS.load();
+    if xf & (1 << 10) == 0
+        && let Some(file) = LIBC_FILES.get(cookie::file_slot(cookie))
+    {
+        // A uprobe reports the probed instruction's address in rip.
+        let ret_off = ret_addr
+            .wrapping_sub(regs.rip)
+            .wrapping_add(cookie::probe_offset(cookie));
+        for r in &file.ranges {
+            if ret_off >= u64::from(r[0]) && ret_off < u64::from(r[1]) {
+                return;
+            }
+        }
+    }
+    // Rule 2 touches the thread's record only where it can matter: an API some function
+    // tail-jumps into checks it, an API that may tail-jump writes it (leaves such as free do
+    // neither).
+    let relay_mask = cookie::relay_mask(cookie);
+    let target = cookie::is_relay_target(cookie);
+    if (target || relay_mask != 0) && xf & (1 << 9) == 0 {
+        let entry = LastEntry {
+            entry_sp,
+            ret_addr,
+            api: api_id,
+            relay_mask,
+        };
+        match LAST_ENTRY.get_ptr_mut(&pid_tgid) {
+            Some(last) => {
+                // SAFETY: map value pointer from a successful lookup; only this thread writes it.
+                unsafe {
+                    if target
+                        && (*last).entry_sp == entry_sp
+                        && (*last).ret_addr == ret_addr
+                        && (*last).api != api_id
+                        && ((*last).relay_mask >> (api_id & 31)) & 1 != 0
+                    {
+                        // Relays chain (reallocarray → realloc → malloc): the frame may now
+                        // also reach what this API relays to.
+                        (*last).relay_mask |= relay_mask;
+                        return;
+                    }
+                    // Replaced even by a non-relaying API: the record is the last entry.
+                    *last = entry;
+                }
+            }
+            None if relay_mask != 0 => {
+                // An LRU map makes room; a failure only weakens rule 2 for this thread.
+                let _ = LAST_ENTRY.insert(&pid_tgid, &entry, BPF_ANY as u64);
+            }
+            None => {}
+        }
+    }
+
+    let Some((size, _)) = request(ctx, api_id) else {
+        return;
+    };
+    let site = SiteKey {
+        tgid,
+        api: api_id,
+        stack_id: stack_id(ctx),
+        _pad: 0,
+        ret_addr,
+    };
+    if xf & (1 << 12) == 0 {
+        count_call(&site, size);
+    }
+}
+
+#[inline(always)]
+fn xf2() -> u32 {
+    FLAGS.load()
+}
+
+/// The user stack id when stacks are on (a failure is counted and yields [`NO_STACK`]).
+#[inline(always)]
+fn stack_id(ctx: &ProbeContext) -> i32 {
+    if FLAGS.load() & FLAG_STACKS == 0 {
+        return NO_STACK;
+    }
+    capture_stack(ctx)
+}
+
+/// (bytes requested, pointer argument) of a call of `api_id`: realloc's old block, free's block,
+/// posix_memalign's `memptr`. `None` for an unknown id.
+#[inline(always)]
+fn request(ctx: &ProbeContext, api_id: u32) -> Option<(u64, u64)> {
+    let a0: u64 = ctx.arg(0).unwrap_or(0);
+    let a1: u64 = ctx.arg(1).unwrap_or(0);
+    let a2: u64 = ctx.arg(2).unwrap_or(0);
+    Some(match api_id {
+        x if x == Api::Malloc as u32 => (a0, 0),
+        x if x == Api::Calloc as u32 => (mul_sat(a0, a1), 0),
+        x if x == Api::Realloc as u32 => (a1, a0),
+        x if x == Api::Reallocarray as u32 => (mul_sat(a1, a2), a0),
+        x if x == Api::Free as u32 => (0, a0),
+        x if x == Api::PosixMemalign as u32 => (a2, a0),
+        x if x == Api::AlignedAlloc as u32 || x == Api::Memalign as u32 => (a1, 0),
+        x if x == Api::Valloc as u32 || x == Api::Pvalloc as u32 => (a0, 0),
+        _ => return None,
+    })
 }
 
 #[inline(always)]
@@ -67,35 +220,9 @@ fn on_entry(ctx: &ProbeContext) {
 
     // SAFETY: reading the traced task's own stack; failure yields 0.
     let ret_addr = unsafe { bpf_probe_read_user(entry_sp as *const u64) }.unwrap_or(0);
-    let stack_id = if FLAGS.load() & FLAG_STACKS != 0 {
-        match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
-            Ok(id) => id as i32,
-            Err(e) => {
-                lost(if e == EEXIST {
-                    LossCause::StackCollision
-                } else {
-                    LossCause::StackError
-                });
-                NO_STACK
-            }
-        }
-    } else {
-        NO_STACK
-    };
-
-    let a0: u64 = ctx.arg(0).unwrap_or(0);
-    let a1: u64 = ctx.arg(1).unwrap_or(0);
-    let a2: u64 = ctx.arg(2).unwrap_or(0);
-    let (size, arg_ptr) = match api_id {
-        x if x == Api::Malloc as u32 => (a0, 0),
-        x if x == Api::Calloc as u32 => (mul_sat(a0, a1), 0),
-        x if x == Api::Realloc as u32 => (a1, a0),
-        x if x == Api::Reallocarray as u32 => (mul_sat(a1, a2), a0),
-        x if x == Api::Free as u32 => (0, a0),
-        x if x == Api::PosixMemalign as u32 => (a2, a0),
-        x if x == Api::AlignedAlloc as u32 || x == Api::Memalign as u32 => (a1, 0),
-        x if x == Api::Valloc as u32 || x == Api::Pvalloc as u32 => (a0, 0),
-        _ => return,
+    let stack_id = stack_id(ctx);
+    let Some((size, arg_ptr)) = request(ctx, api_id) else {
+        return;
     };
     let site = SiteKey {
         tgid,
@@ -116,7 +243,9 @@ fn on_entry(ctx: &ProbeContext) {
     }
 
     count_call(&site, size);
-    hist_add(&LIBC_HIST, tgid, size);
+    if xf2() & (1 << 15) == 0 {
+        hist_add(&LIBC_HIST, tgid, size);
+    }
     let pending = Pending {
         entry_sp,
         size,
@@ -178,7 +307,10 @@ fn on_return(ctx: &RetProbeContext) {
     }
     if new_ptr == 0 {
         let freed_by_realloc = is_realloc && p.arg_ptr != 0 && p.size == 0;
-        if !freed_by_realloc && let Some(row) = site_row(&site) {
+        if !freed_by_realloc
+            && xf2() & (1 << 13) == 0
+            && let Some(row) = site_row(&site)
+        {
             // SAFETY: per-CPU value of this CPU.
             unsafe { (*row).failed += 1 };
         }
@@ -199,7 +331,9 @@ fn on_return(ctx: &RetProbeContext) {
         lost(LossCause::LiveFull);
         return;
     }
-    if let Some(row) = site_row(&site) {
+    if xf2() & (1 << 13) == 0
+        && let Some(row) = site_row(&site)
+    {
         // SAFETY: per-CPU value of this CPU.
         unsafe {
             (*row).tracked += 1;
@@ -241,7 +375,9 @@ fn untrack(tgid: u32, addr: u64) -> u64 {
         // A concurrent free of the same pointer already took it.
         return 0;
     }
-    if let Some(row) = crate::maps::SITES.get_ptr_mut(&a.site) {
+    if xf2() & (1 << 14) == 0
+        && let Some(row) = crate::maps::SITES.get_ptr_mut(&a.site)
+    {
         // SAFETY: per-CPU value of this CPU.
         unsafe {
             (*row).freed += 1;

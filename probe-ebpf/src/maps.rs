@@ -1,21 +1,21 @@
 //! Every map and global of the probe, with the helpers that count into them.
 
 use allocwatch_common::{
-    capacity,
+    MAX_STACK_DEPTH, capacity,
     config::{FLAG_ALLOWLIST, FLAG_DENYLIST},
     go::{GO_HIST_BUCKETS, GO_SPECS_MAX, GoHistKey, GoHistVal, GoProc, GoSpec, StwState},
     libc::{
-        API_COUNT, EventHeader, EventKind, LiveAlloc, LiveKey, NewSiteEvent, Overflow, Pending,
-        SiteKey, SiteStats,
+        API_COUNT, EventHeader, EventKind, LIBC_FILES_MAX, LastEntry, LibcFile, LiveAlloc, LiveKey,
+        NO_STACK, NewSiteEvent, Overflow, Pending, SiteKey, SiteStats,
     },
     loss::{LOSS_CAUSES, LossCause},
 };
 use aya_ebpf::{
-    Global,
-    bindings::BPF_NOEXIST,
-    helpers::bpf_get_current_comm,
+    EbpfContext, Global,
+    bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
+    helpers::{bpf_get_current_comm, generated::bpf_get_stack},
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 
 /// Traced process (tgid); 0 = every process the probes are attached to.
@@ -49,13 +49,104 @@ pub fn traced(tgid: u32) -> bool {
 
 #[map]
 pub static PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(capacity::PENDING, 0);
+/// Count mode: each thread's last counted entry. LRU, because nothing removes the entry of a
+/// thread that exits; a relay follows its outer entry at once, so that entry is never the
+/// least recently used.
+#[map]
+pub static LAST_ENTRY: LruHashMap<u64, LastEntry> =
+    LruHashMap::with_max_entries(capacity::PENDING, 0);
+/// Count mode: the API functions of each probed libc file (index = the cookie's file slot).
+#[map]
+pub static LIBC_FILES: Array<LibcFile> = Array::with_max_entries(LIBC_FILES_MAX, 0);
 #[map]
 pub static LIVE: HashMap<LiveKey, LiveAlloc> = HashMap::with_max_entries(capacity::LIVE, 0);
 #[map]
 pub static SITES: PerCpuHashMap<SiteKey, SiteStats> =
     PerCpuHashMap::with_max_entries(capacity::SITES, 0);
+/// User stacks by id: the id is a 31-bit hash of the frames, and a different stack that lands
+/// on a taken id is counted as a collision (`bpf_get_stackid`'s table collides as soon as two
+/// stacks share a bucket, which a busy node does within seconds; a hash of the whole stack
+/// practically never does).
 #[map]
-pub static STACKS: StackTrace = StackTrace::with_max_entries(capacity::STACKS, 0);
+pub static STACKS: HashMap<u32, [u64; MAX_STACK_DEPTH]> =
+    HashMap::with_max_entries(capacity::STACKS, 0);
+/// Scratch space for one stack per CPU (too large for the BPF stack).
+#[map]
+static STACK_SCRATCH: PerCpuArray<[u64; MAX_STACK_DEPTH]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Captures the current user stack into `STACKS` and returns its id, or [`NO_STACK`] with the
+/// failure counted (collision, table full, unreadable stack).
+#[inline(always)]
+pub fn capture_stack<C: EbpfContext>(ctx: &C) -> i32 {
+    let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
+        return NO_STACK;
+    };
+    // SAFETY: the per-CPU scratch slot, exactly `size_of` bytes; the helper zero-fills what the
+    // stack does not use.
+    let n = unsafe {
+        bpf_get_stack(
+            ctx.as_ptr(),
+            buf.cast(),
+            if FLAGS.load() & (1 << 16) != 0 {
+                128
+            } else {
+                size_of::<[u64; MAX_STACK_DEPTH]>() as u32
+            },
+            BPF_F_USER_STACK as u64,
+        )
+    };
+    if n <= 0 {
+        lost(LossCause::StackError);
+        return NO_STACK;
+    }
+    if FLAGS.load() & (1 << 17) != 0 {
+        return 1;
+    }
+    // SAFETY: the scratch slot is ours on this CPU for the program's run.
+    let frames = unsafe { &*buf };
+    // Only the frames the helper wrote (it zero-fills the rest): a stack is typically a handful
+    // of frames, and hashing or comparing all MAX_STACK_DEPTH slots cost ~150 ns per call
+    // (measured, BENCHMARKS.md).
+    let len = (n as usize / size_of::<u64>()).min(MAX_STACK_DEPTH);
+    // FNV-1a over the frames.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ len as u64;
+    for (i, f) in frames.iter().enumerate() {
+        if i >= len {
+            break;
+        }
+        h = (h ^ *f).wrapping_mul(0x0100_0000_01b3);
+    }
+    let id = ((h ^ (h >> 32)) & 0x7fff_ffff) as u32;
+    if let Some(existing) = STACKS.get_ptr(&id) {
+        // SAFETY: map value pointer from a successful lookup.
+        let existing = unsafe { &*existing };
+        // Equal when the first `len` frames match and the stored stack ends there too.
+        let mut same = true;
+        for (i, (a, b)) in existing.iter().zip(frames.iter()).enumerate() {
+            if i >= len {
+                same = *a == 0;
+                break;
+            }
+            if a != b {
+                same = false;
+                break;
+            }
+        }
+        if same {
+            return id as i32;
+        }
+        lost(LossCause::StackCollision);
+        return NO_STACK;
+    }
+    match STACKS.insert(&id, frames, BPF_NOEXIST as u64) {
+        // Another CPU stored the same id first: the same stack, almost surely.
+        Ok(()) | Err(-17) => id as i32,
+        Err(_) => {
+            lost(LossCause::StackMapFull);
+            NO_STACK
+        }
+    }
+}
 #[map]
 pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_CAUSES as u32, 0);
 #[map]

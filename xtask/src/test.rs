@@ -20,6 +20,10 @@ pub fn all(paths: &Paths, extra: &[OsString]) -> anyhow::Result<()> {
     }
     setup::all(paths)?;
     lint::all(paths)?;
+    // deploy/: manifests against the Kubernetes schemas, the DaemonSet's security posture,
+    // alert rules (promtool check + unit tests), dashboard queries.
+    cmd::run(Command::new("bash").arg(paths.root.join("deploy/check.sh")))
+        .context("deploy/check.sh")?;
     let bin = agent::build(paths)?;
     let fixtures = fixtures::build(paths)?;
     let mut cargo = cmd::cargo(paths);
@@ -33,7 +37,9 @@ pub fn all(paths: &Paths, extra: &[OsString]) -> anyhow::Result<()> {
         ])
         .args(extra)
         .env("ALLOCWATCH_BIN", &bin)
-        .env("ALLOCWATCH_FIXTURES", &fixtures);
+        .env("ALLOCWATCH_FIXTURES", &fixtures.c)
+        .env("ALLOCWATCH_GO_FIXTURES", &fixtures.go)
+        .env("ALLOCWATCH_GO_TOOLCHAINS", &fixtures.go_toolchains);
     let summary = run_teeing(&mut cargo)?;
     println!("\n==== test summary ====");
     for line in &summary.lines {

@@ -393,6 +393,52 @@ fn target_killed_mid_trace() {
     check_loop_counts(proc);
 }
 
+/// (g) `top --mode count` / `count-stacks -- fixture run`: entry probes only, no return probe
+/// and no in-flight marker, yet the same exact calls and bytes per API and per site as `full`.
+/// glibc's relays in this fixture (realloc(NULL) → malloc and reallocarray → realloc → malloc
+/// tail jumps) are recognized by their frame (same stack pointer and return address as the outer
+/// call). The documented differences of count mode: `free` bytes are unknown (0), no failures
+/// and no live allocations are reported (no return value is seen).
+#[test]
+fn count_modes_exact_counts() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    for (mode, stacks) in [("count", false), ("count-stacks", true)] {
+        let out = env.temp_file(&format!("top-{mode}.json"));
+        let mut aw = Allocwatch::spawn(
+            &env,
+            &[
+                "top",
+                "--mode",
+                mode,
+                "--json",
+                "-o",
+                path_str(&out),
+                "--",
+                path_str(&env.fixture),
+                "run",
+            ],
+        );
+        let pid = aw.wait_tracing_pid(Duration::from_secs(30));
+        let status = aw.wait_exit(Duration::from_secs(60));
+        aw.assert_success(status);
+        let report = read_json(&out);
+        let proc = process_by_pid(&report, pid);
+        assert_eq!(proc["exit_code"], 0, "exit code of the fixture\n{proc:#}");
+        check_fixture_count(proc, stacks);
+    }
+}
+
+/// `leaks` needs the live table, which count mode does not keep: a usage error, not an empty
+/// report.
+#[test]
+fn leaks_refuses_count_mode() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    let fixture = env.fixture.display().to_string();
+    assert_single_error(&env, &["leaks", "--mode", "count", "--", &fixture, "run"]);
+}
+
 /// The fixture's raw libc entries, counted by bpftrace, match the table at the top of this file:
 /// proof that the fixture does what the expected numbers assume, independent of allocwatch.
 #[test]
@@ -516,6 +562,57 @@ fn check_fixture_top(proc: &Value) {
     );
     assert_no_loss(proc);
     check_fixture_sites(proc, &aliases);
+}
+
+/// A `top --mode count[-stacks]` report of one `libc_fixture run` process: [`API_TOTALS`] and
+/// [`SITES`] exactly, except that count mode cannot know free bytes, failures or live blocks.
+fn check_fixture_count(proc: &Value, stacks: bool) {
+    assert_eq!(proc["comm"], "libc_fixture", "comm\n{proc:#}");
+    let aliases = aliases_of(proc);
+    let mut want: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for &(api, calls, bytes) in API_TOTALS {
+        let e = want.entry(fold(&aliases, api)).or_default();
+        e.0 += calls;
+        e.1 += if api == "free" { 0 } else { bytes };
+    }
+    for (api, (calls, bytes)) in &want {
+        assert_eq!(u64_at(&proc["calls"], api), *calls, "calls.{api}\n{proc:#}");
+        assert_eq!(u64_at(&proc["bytes"], api), *bytes, "bytes.{api}\n{proc:#}");
+        assert_eq!(u64_at(&proc["failed"], api), 0, "failed.{api}\n{proc:#}");
+    }
+    assert_eq!(u64_at(proc, "live_bytes"), 0, "live_bytes\n{proc:#}");
+    assert_eq!(u64_at(proc, "live_allocations"), 0, "live_allocations");
+    assert_no_loss(proc);
+
+    let mut got: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
+    for s in array(proc, "sites") {
+        let e = got
+            .entry((str_at(s, "api").to_owned(), frame0_function(s)))
+            .or_default();
+        e.0 += u64_at(s, "calls");
+        e.1 += u64_at(s, "bytes");
+        check_frame0_location(s);
+        if stacks {
+            assert_frames_reach_main(s);
+        } else {
+            assert_eq!(
+                array(s, "frames").len(),
+                1,
+                "no stacks: frame 0 only\n{s:#}"
+            );
+        }
+    }
+    let want: BTreeMap<(String, String), (u64, u64)> = SITES
+        .iter()
+        .map(|s| {
+            let bytes = if s.api == "free" { 0 } else { s.bytes };
+            (
+                (fold(&aliases, s.api), s.function.to_owned()),
+                (s.calls, bytes),
+            )
+        })
+        .collect();
+    assert_eq!(got, want, "sites per (api, frame 0 function)\n{proc:#}");
 }
 
 /// Sites summed per (api, frame 0 function) must be exactly [`SITES`]: nothing else in the

@@ -24,7 +24,7 @@ use crate::{
     collect,
     config::Config,
     frames::FrameCache,
-    preflight,
+    k8s, preflight,
     probes::{Filter, ProbeConfig, Probes},
     serve::{
         self, ServeConfig,
@@ -93,9 +93,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let (tx, mut requests) = mpsc::channel::<Reply>(8);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     // Bind before announcing anything: a taken port is a startup error, not a later one.
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let listener = serve::bind(cfg.listen).await?;
     let server = tokio::spawn(serve::serve_on(
         listener,
         Arc::new(ChannelSource { tx }),
@@ -106,6 +104,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     ));
     let mut server = std::pin::pin!(server);
 
+    let (pod_tx, mut pod_updates) = mpsc::channel(256);
+    if cfg.kubernetes.enabled && k8s::watch::in_cluster() {
+        let node = std::env::var("NODE_NAME").ok();
+        tokio::spawn(k8s::watch::watch_pods(node, pod_tx));
+    } else {
+        drop(pod_tx);
+    }
     registry.scan(&mut probes, &symbolizer, &mut frames);
     eprintln!(
         "allocwatch: agent serving on http://{}/metrics: {} processes, {} probes",
@@ -128,6 +133,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 handle(&mut events, &mut registry, &mut probes, &symbolizer);
             }
             _ = scan.tick() => registry.scan(&mut probes, &symbolizer, &mut frames),
+            Some(update) = pod_updates.recv() => registry.apply_pod(update),
             Some(reply) = requests.recv() => {
                 let snap = snapshot::build(
                     &probes, &registry, &mut frames, &symbolizer, stats, capacity.max_sites, cfg.top_k,

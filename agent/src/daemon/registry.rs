@@ -16,7 +16,7 @@ use crate::{
     collect,
     frames::FrameCache,
     gostate::GoState,
-    k8s::{cgroup, pods::PodCache},
+    k8s::{cgroup, pods::PodCache, watch::PodUpdate},
     probes::Probes,
     serve::model::ProcessLabels,
     symbolize::SymbolizerHandle,
@@ -30,6 +30,8 @@ use crate::{
 /// One traced process.
 pub struct Proc {
     pub labels: ProcessLabels,
+    /// Container and pod from its cgroup, to name it when pod metadata arrives.
+    pub container: cgroup::ContainerRef,
     /// Start time (clock ticks since boot, /proc/<pid>/stat field 22): tells pid reuse apart.
     pub start_time: u64,
     pub exited_at: Option<Instant>,
@@ -97,6 +99,7 @@ impl Registry {
                     continue;
                 };
                 seen.insert(pid);
+                self.notice_exec(pid);
                 self.ensure(pid, probes, symbolizer);
             }
         }
@@ -127,6 +130,28 @@ impl Registry {
         self.ignored.retain(|(pid, _)| seen.contains(pid));
     }
 
+    /// Applies a pod change from the API and renames the processes it concerns.
+    pub fn apply_pod(&mut self, update: PodUpdate) {
+        match update {
+            PodUpdate::Upsert(pod) => {
+                if let Err(e) = self.pods.upsert(&pod) {
+                    log::debug!("ignoring a pod: {e}");
+                }
+            }
+            PodUpdate::Remove(uid) => self.pods.remove(&uid),
+        }
+        for p in self.procs.values_mut() {
+            if p.container.is_empty() {
+                continue;
+            }
+            if let Some(meta) = self.pods.lookup(&p.container) {
+                p.labels.namespace = meta.namespace;
+                p.labels.pod = meta.pod;
+                p.labels.container = meta.container_name.unwrap_or_default();
+            }
+        }
+    }
+
     /// Like [`Self::ensure`] for a process known from its events: one that already exited is
     /// still registered (as exited), named by the comm the probe recorded, so its counts are
     /// exported with a name instead of vanishing.
@@ -141,7 +166,8 @@ impl Registry {
             return;
         }
         self.ensure(pid, probes, symbolizer);
-        if self.procs.contains_key(&pid) || start_time(pid).is_some() || pid == self.self_pid {
+        let gone = start_time(pid).is_none() || is_zombie(pid);
+        if self.procs.contains_key(&pid) || !gone || pid == self.self_pid {
             return;
         }
         let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
@@ -160,11 +186,30 @@ impl Registry {
                     comm,
                     ..ProcessLabels::default()
                 },
-                start_time: 0,
+                container: cgroup::ContainerRef::default(),
+                // A zombie still has its start time: later scans must see the same process.
+                start_time: start_time(pid).unwrap_or(0),
                 exited_at: Some(Instant::now()),
                 go: None,
             },
         );
+    }
+
+    /// A registered, running process whose executable changed has called `exec` (a container's
+    /// `runc init` becoming its entrypoint): it is registered again under its new identity.
+    /// Counts made before this scan stay with the old identity (see README limitations).
+    fn notice_exec(&mut self, pid: u32) {
+        let Some(p) = self.procs.get(&pid) else {
+            return;
+        };
+        if p.exited_at.is_some() || p.labels.exe.is_empty() {
+            return;
+        }
+        if let Ok(exe) = fs::read_link(format!("/proc/{pid}/exe"))
+            && exe.display().to_string() != p.labels.exe
+        {
+            self.procs.remove(&pid);
+        }
     }
 
     /// Registers `pid` if it is new (or a new process under a reused pid) and selected.
@@ -185,9 +230,12 @@ impl Registry {
         if self.ignored.contains(&(pid, start_time)) {
             return;
         }
-        // Kernel threads have no executable.
         let Ok(exe) = fs::read_link(format!("/proc/{pid}/exe")) else {
-            self.ignored.insert((pid, start_time));
+            // Kernel threads have no executable; a process that already exited (a zombie) has
+            // none left either, but its events still name it (`ensure_seen`).
+            if !is_zombie(pid) {
+                self.ignored.insert((pid, start_time));
+            }
             return;
         };
         let exe = exe.display().to_string();
@@ -242,6 +290,7 @@ impl Registry {
             pid,
             Proc {
                 labels,
+                container,
                 start_time,
                 exited_at: None,
                 go: go.as_deref().map(GoState::new),
@@ -334,6 +383,17 @@ fn reason(msg: &str) -> String {
         .chars()
         .take(60)
         .collect()
+}
+
+/// Whether `pid` has exited but is not reaped yet (state Z).
+fn is_zombie(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let i = s.rfind(')')?;
+            s[i + 1..].trim_start().chars().next()
+        })
+        == Some('Z')
 }
 
 /// Field 22 of /proc/<pid>/stat (after the parenthesised comm, which may contain spaces).

@@ -40,6 +40,7 @@ pub async fn build(
     let go_hist = collect::hist(&probes.ebpf, map_names::GO_HIST)?;
     let no_overflow = [Overflow::default(); API_COUNT];
     let mut out = Vec::with_capacity(registry.procs.len());
+    let mut budget = SYMBOLIZE_PER_SCRAPE.max(top_k);
     for (&pid, p) in &registry.procs {
         let rows: Vec<_> = sites.range(pid_range(pid)).collect();
         let totals = aggregate::totals(rows.iter().copied(), &no_overflow);
@@ -59,22 +60,19 @@ pub async fn build(
                 snap.bytes.insert(api.symbol(), totals.bytes[api as usize]);
             }
         }
-        // Only the sites that can get their own series are worth symbolizing now (the
-        // exporter ranks by bytes); the rest are summed into site="other".
+        // Largest first, so the symbolization budget goes where series are likely.
         let mut ranked = rows.clone();
         ranked.sort_by_key(|(_, s)| std::cmp::Reverse(s.bytes));
-        for (i, (key, stats)) in ranked.into_iter().enumerate() {
+        for (key, stats) in ranked {
             let (live_allocations, live_bytes) = live_of(stats);
-            let frames = if i < top_k {
-                frames
-                    .frames(probes, symbolizer, pid, key.stack_id, key.ret_addr)
-                    .await?
-            } else {
-                frames
-                    .cached(pid, key.stack_id, key.ret_addr)
-                    .map(<[_]>::to_vec)
-                    .unwrap_or_default()
-            };
+            let frames = site_frames(
+                frames,
+                probes,
+                symbolizer,
+                &mut budget,
+                (pid, key.stack_id, key.ret_addr),
+            )
+            .await?;
             snap.sites.push(SiteSnapshot {
                 kind: Api::try_from(key.api).map_or("unknown", Api::symbol),
                 frames,
@@ -87,14 +85,15 @@ pub async fn build(
         if let Some(go) = &p.go {
             let mut ranked: Vec<_> = go.sites.iter().collect();
             ranked.sort_by_key(|(_, c)| std::cmp::Reverse(c.bytes));
-            for (i, (key, c)) in ranked.into_iter().enumerate() {
-                let frames = if i < top_k {
-                    frames
-                        .frames(probes, symbolizer, pid, key.stack_id, key.ret_addr)
-                        .await?
-                } else {
-                    Vec::new()
-                };
+            for (key, c) in ranked {
+                let frames = site_frames(
+                    frames,
+                    probes,
+                    symbolizer,
+                    &mut budget,
+                    (pid, key.stack_id, key.ret_addr),
+                )
+                .await?;
                 snap.sites.push(SiteSnapshot {
                     kind: key.kind.name(),
                     frames,
@@ -137,6 +136,31 @@ pub async fn build(
         .symbolization_failures
         .insert("no_symbol", sym.no_symbol);
     Ok((out, self_stats))
+}
+
+/// New call chains symbolized per scrape (each costs microseconds to milliseconds); the rest
+/// wait for the next scrape, named by their caller's address meanwhile.
+const SYMBOLIZE_PER_SCRAPE: usize = 2_000;
+
+/// A site's frames: cached, symbolized within the budget, or (budget spent) just the return
+/// address, so that an unnamed site is never mistaken for one without a stack.
+async fn site_frames(
+    frames: &mut FrameCache,
+    probes: &Probes,
+    symbolizer: &SymbolizerHandle,
+    budget: &mut usize,
+    (pid, stack_id, ret_addr): (u32, i32, u64),
+) -> anyhow::Result<Vec<crate::symbolize::Frame>> {
+    if let Some(f) = frames.cached(pid, stack_id, ret_addr) {
+        return Ok(f.to_vec());
+    }
+    if *budget == 0 {
+        return Ok(vec![crate::symbolize::Frame::unknown(ret_addr)]);
+    }
+    *budget -= 1;
+    frames
+        .frames(probes, symbolizer, pid, stack_id, ret_addr)
+        .await
 }
 
 /// Site keys sort by tgid first: the rows of one process are one range.

@@ -20,9 +20,10 @@
 //! CRI-O's and Podman's monitor scopes (`crio-conmon-<id>.scope`, `libpod-conmon-<id>.scope`) are
 //! runtime overhead, not the container, so they yield no container id.
 
+use std::{borrow::Cow, fmt};
+#[cfg(test)]
 use std::{
-    borrow::Cow,
-    fmt, io,
+    io,
     path::{Path, PathBuf},
 };
 
@@ -95,6 +96,7 @@ impl ContainerRef {
 }
 
 #[derive(Debug, thiserror::Error)]
+#[cfg(test)]
 pub enum CgroupError {
     #[error("cannot read {}: {source}", path.display())]
     Read { path: PathBuf, source: io::Error },
@@ -102,6 +104,7 @@ pub enum CgroupError {
 
 /// Reads and parses `<proc_root>/<pid>/cgroup`. A process that has exited gives a `Read` error
 /// whose source is `NotFound`.
+#[cfg(test)]
 pub fn read(proc_root: &Path, pid: u32) -> Result<ContainerRef, CgroupError> {
     let path = proc_root.join(pid.to_string()).join("cgroup");
     // Cgroup names are bytes; a non-UTF-8 name cannot be a runtime's, so lossy is enough.

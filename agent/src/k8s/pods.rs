@@ -176,10 +176,12 @@ impl PodCache {
         }
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.pods.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.pods.is_empty()
     }

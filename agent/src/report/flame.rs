@@ -4,11 +4,6 @@
 //! growth kind) as a `[kind]` frame on top, so the same call chain reaching `malloc` and
 //! `calloc` shows as two towers.
 
-#![allow(
-    dead_code,
-    reason = "wired into `allocwatch agent` and `top` by the daemon work of issue 4; remove then"
-)]
-
 use std::{collections::BTreeMap, io::Write};
 
 use inferno::flamegraph::{self, Options};

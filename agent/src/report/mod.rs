@@ -153,6 +153,55 @@ pub fn human_bytes(b: u64) -> String {
     }
 }
 
+/// The report as the export model, for the pprof and flamegraph writers.
+pub fn snapshot_of(r: &TopReport) -> crate::serve::model::ProcessSnapshot {
+    use crate::serve::model::{ProcessLabels, ProcessSnapshot, SiteSnapshot};
+    let mut snap = ProcessSnapshot {
+        pid: r.info.pid,
+        labels: ProcessLabels {
+            comm: r.info.comm.clone(),
+            exe: r.info.exe.clone(),
+            ..ProcessLabels::default()
+        },
+        frees: r.totals.calls[Api::Free as usize],
+        live_bytes: r.totals.live_bytes,
+        live_allocations: r.totals.live_allocations,
+        ..ProcessSnapshot::default()
+    };
+    for api in Api::ALL {
+        if api != Api::Free {
+            snap.calls
+                .insert(api.symbol(), r.totals.calls[api as usize]);
+            snap.bytes
+                .insert(api.symbol(), r.totals.bytes[api as usize]);
+        }
+    }
+    for s in &r.sites {
+        let (live_allocations, live_bytes) = crate::aggregate::live_of(&s.stats);
+        snap.sites.push(SiteSnapshot {
+            kind: s.api.symbol(),
+            frames: s.frames.clone(),
+            calls: s.stats.calls,
+            bytes: s.stats.bytes,
+            live_allocations,
+            live_bytes,
+        });
+    }
+    if let Some(go) = &r.go {
+        for s in &go.sites {
+            snap.sites.push(SiteSnapshot {
+                kind: s.kind,
+                frames: s.frames.clone(),
+                calls: s.count,
+                bytes: s.bytes,
+                live_allocations: 0,
+                live_bytes: 0,
+            });
+        }
+    }
+    snap
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,11 +11,6 @@
 //! so pprof never tries to symbolize: an address the symbolizer could not name is called
 //! `module+0xoffset` (or its hex address), as in the text report.
 
-#![allow(
-    dead_code,
-    reason = "wired into `allocwatch agent` and `top` by the daemon work of issue 4; remove then"
-)]
-
 use std::{
     collections::HashMap,
     io::Write as _,

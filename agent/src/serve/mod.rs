@@ -7,11 +7,6 @@
 //! `net/http/pprof` does. `allocs` defaults to `alloc_space`, `heap` to `inuse_space`; both
 //! carry every sample type (see `report::pprof`).
 
-#![allow(
-    dead_code,
-    reason = "wired into `allocwatch agent` and `top` by the daemon work of issue 4; remove then"
-)]
-
 pub mod metrics;
 pub mod model;
 
@@ -46,7 +41,8 @@ pub const MAX_PROFILE_SECONDS: u64 = 300;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot listen on {addr}: {source}")]
+    // The io error is the source: `{:#}` chains append it once.
+    #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
@@ -83,20 +79,25 @@ struct AppState {
     stopping: watch::Receiver<bool>,
 }
 
+/// Binds `listen` (separate from serving, so a taken port fails at startup).
+pub async fn bind(listen: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: listen,
+            source,
+        })
+}
+
 /// Binds `listen` and serves until `shutdown` completes.
+#[cfg(test)]
 pub async fn serve(
     listen: SocketAddr,
     source: Arc<dyn SnapshotSource>,
     cfg: ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: listen,
-            source,
-        })?;
-    serve_on(listener, source, cfg, shutdown).await
+    serve_on(bind(listen).await?, source, cfg, shutdown).await
 }
 
 /// Serves on an already bound listener (tests bind port 0 and read the port back).

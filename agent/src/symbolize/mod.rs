@@ -137,9 +137,13 @@ impl SymbolizerHandle {
     /// again after it execs; it replaces the earlier snapshot.
     pub fn note_process(&self, pid: u32) {
         match maps::snapshot(pid) {
+            // An exited process (a zombie) has no mappings: keep the last snapshot.
+            Ok(maps) if maps.is_empty() => {}
             // A send error means the thread is gone; symbolize() reports that.
             Ok(maps) => drop(self.tx.send(Request::Note(pid, maps))),
-            Err(err) => log::debug!("pid {pid}: cannot read maps: {err}"),
+            Err(err) => {
+                log::debug!("pid {pid}: cannot read maps: {err}")
+            }
         }
     }
 
@@ -320,8 +324,11 @@ impl Worker {
         // Libraries mapped after the snapshot (by ld.so after an early note, or dlopen) would
         // otherwise stay unknown: re-read the maps while the process is still there.
         let missed = |a: &u64| !process.frames.contains_key(a) && find(&process.maps, *a).is_none();
+        // A process that has exited (a zombie) reads as no mappings at all: keep what was
+        // noted while it lived rather than wiping it.
         if addrs.iter().any(missed)
             && let Ok(raw) = maps::snapshot(pid)
+            && !raw.is_empty()
         {
             process.update(mappings(raw, files));
         }

@@ -1,0 +1,2563 @@
+//! End-to-end tests of the node agent (`allocwatch agent`, issue 4) over HTTP: the real binary,
+//! real uprobes, real fixtures, and independent readers of what it serves (`prometheus-parse`
+//! for /metrics, `go tool pprof` for the profiles, the `toml` crate for the config file).
+//! `./x test` runs them as root and sets `ALLOCWATCH_BIN`, `ALLOCWATCH_FIXTURES` (the C fixture),
+//! `ALLOCWATCH_GO_FIXTURES` and `ALLOCWATCH_GO_TOOLCHAINS` (`$cache/go/toolchains.tsv`).
+//!
+//! Every test starts one agent on a free loopback port (`--listen 127.0.0.1:PORT`), waits until
+//! `/healthz` answers, and ends it with SIGTERM: it must exit 0 within a few seconds, without a
+//! crash, and leave no BPF program, link or map behind (nor tracefs/bpffs entries).
+//!
+//! The agent traces every process of the machine (deny-list mode), so a fixture is found by its
+//! identity labels (`comm`, `exe`), never by pid. Each test runs its own *copy* of a fixture in a
+//! fresh directory: the `exe` label is then unique to the test, and a fixture run by someone else
+//! on this shared machine (or by another test file) can never be summed into the same series.
+//! Fixtures are spawned directly (`std::process::Command`, i.e. `posix_spawn`), not through a
+//! shell: a shell's forked child allocates under the same pid before its `exec`.
+//!
+//! The tests share system state (uprobes on libc, the BPF id space, the machine's two cores), so
+//! each one holds [`serial`] for its whole run.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    env, fs,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    os::unix::fs::PermissionsExt as _,
+    panic::{self, AssertUnwindSafe},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, ExitStatus, Stdio},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU32, Ordering},
+        mpsc::{self, Receiver, RecvTimeoutError},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use prometheus_parse::{Sample, Scrape, Value as PromValue};
+use serde_json::Value;
+
+// ---------------------------------------------------------------------------------------------
+// What libc_fixture's `run` mode does (copied from xtask/tests/libc.rs, which checks these
+// numbers against bpftrace; keep both in sync with fixtures/c/libc_fixture.c).
+
+/// Per API, program-level calls and bytes requested, before folding aliases.
+const API_TOTALS: &[(&str, u64, u64)] = &[
+    // fx_malloc: 7 × malloc(100) = 700.
+    ("malloc", 7, 700),
+    // fx_calloc: 5 × calloc(4, 25) = 5 × 100 = 500.
+    ("calloc", 5, 500),
+    // fx_realloc: 3 × realloc(NULL, 64) + 3 × realloc(p, 256) = 192 + 768 = 960.
+    ("realloc", 6, 960),
+    // fx_reallocarray: 2 × reallocarray(NULL, 8, 16) = 2 × 128 = 256.
+    ("reallocarray", 2, 256),
+    // fx_posix_memalign: 4 × posix_memalign(&p, 64, 200) = 800.
+    ("posix_memalign", 4, 800),
+    // fx_aligned_alloc: 3 × aligned_alloc(64, 128) = 384.
+    ("aligned_alloc", 3, 384),
+    // fx_memalign: 2 × memalign(64, 96) = 192 (reported under aligned_alloc where aliased).
+    ("memalign", 2, 192),
+    // fx_valloc: 2 × valloc(1000) = 2000.
+    ("valloc", 2, 2000),
+    // fx_pvalloc: 1 × pvalloc(5000) = 5000 (requested; glibc rounds it up to a page).
+    ("pvalloc", 1, 5000),
+    // fx_free_some: 17 calls, 2496 bytes of tracked allocations freed.
+    ("free", 17, 2496),
+];
+
+/// Per call site: the fx_ function that calls the API (frame 0; its caller is always fx_work),
+/// the API as the program calls it (before alias folding), calls and bytes. fx_realloc and
+/// fx_free_some have several call sites each (gcc unrolls short loops), all with one label.
+const SITES: &[(&str, &str, u64, u64)] = &[
+    ("fx_malloc", "malloc", 7, 700),
+    ("fx_calloc", "calloc", 5, 500),
+    ("fx_realloc", "realloc", 6, 960),
+    ("fx_reallocarray", "reallocarray", 2, 256),
+    ("fx_posix_memalign", "posix_memalign", 4, 800),
+    ("fx_aligned_alloc", "aligned_alloc", 3, 384),
+    ("fx_memalign", "memalign", 2, 192),
+    ("fx_valloc", "valloc", 2, 2000),
+    ("fx_pvalloc", "pvalloc", 1, 5000),
+    ("fx_free_some", "free", 17, 2496),
+];
+
+/// Every libc API allocwatch traces.
+const APIS: &[&str] = &[
+    "malloc",
+    "calloc",
+    "realloc",
+    "reallocarray",
+    "free",
+    "posix_memalign",
+    "aligned_alloc",
+    "memalign",
+    "valloc",
+    "pvalloc",
+];
+
+/// The `loop` mode's block size: malloc(48) then free, every millisecond.
+const LOOP_BLOCK: u64 = 48;
+
+// ---------------------------------------------------------------------------------------------
+// What fixtures/go/growth does (see xtask/tests/go.rs for the derivations).
+
+/// Old (bucket) maps: fillMapBig's 70,000 inserts make exactly 14 hashGrow calls (Go's load
+/// factor; DESIGN.md §3, checked against bpftrace by go.rs).
+const OLD_MAP_BIG_DOUBLINGS: u64 = 14;
+/// Swiss maps: fillMapBig's first table (16 slots) is rehashed to double it up to 1024 slots:
+/// 16 → 32 → … → 1024 is 6 `(*table).grow` calls, then the table splits.
+const SWISS_MAP_BIG_GROWS: u64 = 6;
+
+/// Label names a pid or a stack id would hide in (DESIGN.md §6: never a pid or a raw stack id
+/// as a label).
+const FORBIDDEN_LABELS: &[&str] = &["pid", "tgid", "stack", "stack_id"];
+
+const ERROR_PREFIX: &str = "allocwatch: error: ";
+const SERVING_PREFIX: &str = "allocwatch: agent serving on ";
+
+/// The issue: "New processes are picked up within one second".
+const DISCOVERY_LIMIT: Duration = Duration::from_secs(1);
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+/// Exact counters of a short-lived process (`libc_fixture run`, alive for well under a
+/// millisecond) over HTTP, under its identity labels.
+#[test]
+fn exact_counters_over_http() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    let scratch = Scratch::new("exact");
+    let fixture = scratch.copy(&env.fixture, "libc_fixture");
+    let id = Identity::of(&fixture);
+    let mut agent = Agent::start(&env, &[]);
+
+    let status = run_fixture(&fixture, "run");
+    assert!(status.success(), "libc_fixture run failed: {status}");
+    let Some(m) = agent.try_scrape_until(Duration::from_secs(10), |m| {
+        m.has(&id, "allocwatch_free_calls_total")
+    }) else {
+        let m = agent.scrape();
+        // Say whether the counts at least are right under an identity without exe.
+        let no_exe = Identity {
+            comm: id.comm.clone(),
+            exe: String::new(),
+        };
+        let counts = if m.has(&no_exe, "allocwatch_free_calls_total") {
+            match panic::catch_unwind(AssertUnwindSafe(|| {
+                check_fixture_totals(&m, &no_exe, &env.alias_groups);
+            })) {
+                Ok(()) => "its counts are exact, but under exe=\"\"".to_owned(),
+                Err(e) => format!("under exe=\"\": {}", panic_text(&*e)),
+            }
+        } else {
+            "no series with exe=\"\" either".to_owned()
+        };
+        panic!(
+            "no series of {id} within 10 s of its exit ({counts}); series with comm=\"{}\" \
+             (any exe):\n{}\nagent's own counters: {}",
+            id.comm,
+            m.lines_with_comm(&id.comm),
+            m.self_stats()
+        );
+    };
+    check_fixture_totals(&m, &id, &env.alias_groups);
+    // Gauges count running processes only: once the agent has seen the exit, nothing is live.
+    let m = agent.scrape_until("the fixture's exit", Duration::from_secs(5), |m| {
+        m.value(&id, "allocwatch_processes", &[]) == Some(0.0)
+    });
+    check_fixture_totals(&m, &id, &env.alias_groups);
+    for gauge in ["allocwatch_live_bytes", "allocwatch_live_allocations"] {
+        assert_eq!(
+            m.value(&id, gauge, &[]),
+            Some(0.0),
+            "{gauge} of an exited process\n{}",
+            m.lines_of(&id)
+        );
+    }
+    m.assert_conventions();
+    agent.stop();
+}
+
+/// A process the agent finds by its /proc scan before it allocates (`wait-run`): found within a
+/// second, all counters zero until it works, then exactly the fixture's numbers.
+#[test]
+fn exact_counters_of_a_process_found_by_scan() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    let scratch = Scratch::new("scan");
+    let fixture = scratch.copy(&env.fixture, "libc_fixture");
+    let id = Identity::of(&fixture);
+    let mut agent = Agent::start(&env, &[]);
+    run_wait_run_fixture(&agent, &fixture, &id, &env.alias_groups);
+    agent.stop();
+}
+
+/// `--ttl 2s`: the series of an exited process stay (and do not go down) within the TTL, and
+/// every one of them is gone once it has passed.
+#[test]
+fn series_expire_after_ttl() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    let scratch = Scratch::new("ttl");
+    let fixture = scratch.copy(&env.fixture, "libc_fixture");
+    let id = Identity::of(&fixture);
+    let mut agent = Agent::start(&env, &["--ttl", "2s"]);
+
+    let mut fx = Fixture::spawn(&fixture, "wait-run", "ready");
+    agent.wait_for_identity(&id, fx.started);
+    signal(fx.pid, libc::SIGUSR1);
+    let status = fx.wait_exit(Duration::from_secs(10));
+    let exited = Instant::now();
+    assert!(status.success(), "fixture wait-run failed: {status}");
+
+    let first = agent.scrape_until("the fixture's final counts", Duration::from_secs(2), |m| {
+        m.value(&id, "allocwatch_free_calls_total", &[]) == Some(17.0)
+    });
+    check_fixture_totals(&first, &id, &env.alias_groups);
+    // Well within the TTL (2 s after the exit is noticed, ≤ 0.5 s after it happens).
+    sleep_until(exited + Duration::from_millis(1200));
+    let within = agent.scrape();
+    assert!(
+        within.has(&id, "allocwatch_free_calls_total"),
+        "series gone {:?} after the exit, before the 2 s TTL\n{}",
+        exited.elapsed(),
+        within.lines_of(&id)
+    );
+    check_fixture_totals(&within, &id, &env.alias_groups);
+    // TTL, plus the scan interval (the exit is noticed within 0.5 s), plus slack.
+    sleep_until(exited + Duration::from_millis(3500));
+    let after = agent.scrape();
+    let left = after.lines_of(&id);
+    assert!(
+        left.is_empty(),
+        "series of a process that exited {:?} ago are still exported with --ttl 2s:\n{left}",
+        exited.elapsed()
+    );
+    agent.stop();
+}
+
+/// `--top-k 3` with the fixture's 10 call sites: per identity at most 3 sites with their own
+/// series (plus one `site="other"` per kind), and the sites of a kind always sum to the
+/// identity's total of that kind. Checked for every identity on the machine too.
+#[test]
+fn site_cardinality_is_bounded() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    let scratch = Scratch::new("topk");
+    let fixture = scratch.copy(&env.fixture, "libc_fixture");
+    let id = Identity::of(&fixture);
+    let mut agent = Agent::start(&env, &["--top-k", "3"]);
+
+    let mut fx = Fixture::spawn(&fixture, "wait-run", "ready");
+    agent.wait_for_identity(&id, fx.started);
+    signal(fx.pid, libc::SIGUSR1);
+    let status = fx.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "fixture wait-run failed: {status}");
+    let m = agent.scrape_until("the fixture's final counts", Duration::from_secs(3), |m| {
+        m.value(&id, "allocwatch_free_calls_total", &[]) == Some(17.0)
+    });
+    check_fixture_totals(&m, &id, &env.alias_groups);
+    // Sites are (re)chosen at each scrape: check two in a row.
+    for m in [m, agent.scrape()] {
+        check_site_bounds(&m, 3);
+        let sites = m.sites(&id);
+        let mut want: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for &(api, calls, bytes) in API_TOTALS {
+            let e = want
+                .entry(canonical(&env.alias_groups, &m, &id, api))
+                .or_default();
+            e.0 += calls;
+            e.1 += bytes;
+        }
+        let got: BTreeMap<String, (u64, u64)> =
+            sites
+                .iter()
+                .fold(BTreeMap::new(), |mut acc, ((kind, _), v)| {
+                    let e: &mut (u64, u64) = acc.entry(kind.clone()).or_default();
+                    e.0 += v.calls;
+                    e.1 += v.bytes;
+                    acc
+                });
+        assert_eq!(
+            got,
+            want,
+            "Σ over site of allocwatch_site_alloc_{{calls,bytes}}_total per kind (calls, bytes) \
+             vs the fixture's totals\n{}",
+            m.lines_of(&id)
+        );
+        let named = sites.keys().filter(|(_, site)| site != "other").count();
+        assert!(
+            named <= 3,
+            "{named} sites with their own series with --top-k 3\n{}",
+            m.lines_of(&id)
+        );
+        assert!(
+            named >= 1,
+            "no site has its own series (--top-k 3, 10 sites)\n{}",
+            m.lines_of(&id)
+        );
+    }
+    agent.stop();
+}
+
+/// `--pprof`: `/debug/pprof/allocs?pid=` serves a gzipped profile that `go tool pprof` reads,
+/// with the fixture's functions and their exact totals; a running `loop` fixture's profile
+/// shows fx_loop; bad queries get 404/400.
+#[test]
+fn pprof_profiles_read_by_go_tool_pprof() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    let go = newest_go_toolchain();
+    let scratch = Scratch::new("pprof");
+    let fixture = scratch.copy(&env.fixture, "libc_fixture");
+    let id = Identity::of(&fixture);
+    let mut agent = Agent::start(&env, &["--pprof"]);
+
+    // The loop fixture first: it allocates while this test reads the other profiles.
+    let looping = scratch.copy(&env.fixture, "loop_fixture");
+    let loop_fx = Fixture::spawn(&looping, "loop", "loop");
+
+    let mut fx = Fixture::spawn(&fixture, "wait-run", "ready");
+    agent.wait_for_identity(&id, fx.started);
+    signal(fx.pid, libc::SIGUSR1);
+    let status = fx.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "fixture wait-run failed: {status}");
+    agent.scrape_until("the fixture's final counts", Duration::from_secs(3), |m| {
+        m.value(&id, "allocwatch_free_calls_total", &[]) == Some(17.0)
+    });
+
+    let profile = agent.profile(&format!("/debug/pprof/allocs?pid={}", fx.pid));
+    let file = scratch.path.join("allocs.pb.gz");
+    fs::write(&file, &profile).expect("writing the profile");
+    let mut failures = Vec::new();
+    let space = go.pprof_top(&file, &["-sample_index=alloc_space", "-unit=B"]);
+    let objects = go.pprof_top(&file, &["-sample_index=alloc_objects"]);
+    // free is not an allocation: it has no place in an allocation profile.
+    let allocs = SITES.iter().filter(|s| s.1 != "free");
+    let total_bytes: u64 = allocs.clone().map(|s| s.3).sum();
+    let total_calls: u64 = allocs.clone().map(|s| s.2).sum();
+    for (top, unit, total) in [(&space, "B", total_bytes), (&objects, "", total_calls)] {
+        let want = format!("of {total}{unit} total");
+        if !top.text.contains(&want) {
+            failures.push(format!("{}: no `{want}`", top.index));
+        }
+    }
+    for &(function, api, calls, bytes) in allocs {
+        for (top, want) in [(&space, bytes), (&objects, calls)] {
+            let got = top.flat(function);
+            if got != Some(want) {
+                failures.push(format!(
+                    "{}: flat of {function} ({api}) {got:?}, want {want}",
+                    top.index
+                ));
+            }
+        }
+    }
+    // Frames come from a frame-pointer walk that reaches main (as in `top`'s report).
+    for (top, total) in [(&space, total_bytes), (&objects, total_calls)] {
+        for function in ["fx_work", "main"] {
+            if top.cum(function) != Some(total) {
+                failures.push(format!(
+                    "{}: cum of {function} {:?}, want {total} (every sample's stack passes \
+                     through it)",
+                    top.index,
+                    top.cum(function),
+                ));
+            }
+        }
+    }
+    if !failures.is_empty() {
+        failures.push(format!(
+            "go tool pprof -top of the wait-run fixture:\n{}\n{}",
+            space.text, objects.text
+        ));
+    }
+
+    // The running loop fixture: fx_loop allocates 48 bytes per malloc.
+    let loop_profile = agent.profile(&format!("/debug/pprof/allocs?pid={}", loop_fx.pid));
+    let loop_file = scratch.path.join("loop.pb.gz");
+    fs::write(&loop_file, &loop_profile).expect("writing the profile");
+    let top = go.pprof_top(&loop_file, &["-sample_index=alloc_space", "-unit=B"]);
+    match top.flat("fx_loop") {
+        Some(b) if b > 0 && b % LOOP_BLOCK == 0 => {}
+        other => failures.push(format!(
+            "fx_loop's alloc_space {other:?}: want a positive multiple of {LOOP_BLOCK}\n{}",
+            top.text
+        )),
+    }
+    let heap = agent.get(&format!("/debug/pprof/heap?pid={}", loop_fx.pid));
+    if heap.status != 200 || !heap.body.starts_with(&[0x1f, 0x8b]) {
+        failures.push(format!(
+            "/debug/pprof/heap?pid={}: status {}, not a gzip body",
+            loop_fx.pid, heap.status
+        ));
+    }
+    let dead = dead_pid();
+    for (query, want) in [
+        (format!("/debug/pprof/allocs?pid={dead}"), 404),
+        ("/debug/pprof/allocs?seconds=100000".to_owned(), 400),
+    ] {
+        let r = agent.get(&query);
+        if r.status != want {
+            failures.push(format!(
+                "GET {query}: status {}, want {want}: {}",
+                r.status,
+                String::from_utf8_lossy(&r.body)
+            ));
+        }
+    }
+    drop(loop_fx);
+    agent.stop();
+    assert!(
+        failures.is_empty(),
+        "profile checks failed:\n{}",
+        failures.join("\n")
+    );
+}
+
+/// `allocwatch config print-default` is a TOML file the agent accepts (`--config FILE`, here
+/// with only its listen address changed, so the agent must take it from the file); bad files and
+/// bad flags are one error line naming the key, exit code 1.
+#[test]
+fn config_file_default_and_bad_configs() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    let scratch = Scratch::new("config");
+    let out = Command::new(&env.bin)
+        .args(["config", "print-default"])
+        .output()
+        .expect("running allocwatch config print-default");
+    let text = String::from_utf8(out.stdout).expect("print-default prints UTF-8");
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "config print-default: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table: toml::Table = toml::from_str(&text)
+        .unwrap_or_else(|e| panic!("print-default is not TOML ({e}):\n{text}"));
+    for key in ["listen", "ttl", "top_k", "max_site_series"] {
+        assert!(
+            table.contains_key(key),
+            "no `{key}` in print-default\n{text}"
+        );
+    }
+    for section in ["select", "capacity", "go", "pprof", "kubernetes"] {
+        assert!(
+            table.get(section).is_some_and(toml::Value::is_table),
+            "no [{section}] table in print-default\n{text}"
+        );
+    }
+    let default_listen = table["listen"].as_str().expect("listen is a string");
+
+    let port = free_port();
+    let listen_line = format!("listen = \"{default_listen}\"");
+    assert_eq!(
+        text.matches(&listen_line).count(),
+        1,
+        "one `{listen_line}` line in print-default"
+    );
+    let file = scratch.path.join("allocwatch.toml");
+    fs::write(
+        &file,
+        text.replace(&listen_line, &format!("listen = \"127.0.0.1:{port}\"")),
+    )
+    .expect("writing the config file");
+    let mut agent = Agent::start_on(&env, port, &["agent", "--config", path_str(&file)]);
+    agent.scrape().assert_conventions();
+    agent.stop();
+
+    let write = |name: &str, text: &str| {
+        let path = scratch.path.join(name);
+        fs::write(&path, text).expect("writing a config file");
+        path
+    };
+    let unknown = write("unknown-key.toml", "top_kk = 3\n");
+    let regex = write("bad-regex.toml", "[select]\ncomm = [\"(\"]\n");
+    let ttl = write("bad-ttl.toml", "ttl = \"5 parsecs\"\n");
+    let missing = scratch.path.join("missing.toml");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let cases: [(Vec<&str>, &str, &str); 5] = [
+        (
+            vec!["agent", "--config", path_str(&unknown), "--listen", &listen],
+            "top_kk",
+            "unknown field `top_kk`",
+        ),
+        (
+            vec!["agent", "--config", path_str(&regex), "--listen", &listen],
+            "select.comm[0]",
+            "unclosed group",
+        ),
+        (
+            vec!["agent", "--config", path_str(&ttl), "--listen", &listen],
+            "ttl",
+            "invalid duration",
+        ),
+        (
+            vec!["agent", "--config", path_str(&missing), "--listen", &listen],
+            "missing.toml",
+            "No such file or directory",
+        ),
+        (
+            vec!["agent", "--exclude-comm", "[", "--listen", &listen],
+            "select.exclude_comm[0]",
+            "unclosed character class",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (args, names, cause) in &cases {
+        if let Err(e) = panic::catch_unwind(AssertUnwindSafe(|| {
+            let line = assert_single_error(&env, args, Duration::from_secs(30));
+            assert!(
+                line.contains(names),
+                "the error line does not name {names:?}: {line:?}"
+            );
+            assert_eq!(
+                line.matches(cause).count(),
+                1,
+                "the error line should say {cause:?} once: {line:?}"
+            );
+        })) {
+            failures.push(format!(
+                "`allocwatch {}`: {}",
+                args.join(" "),
+                panic_text(&*e)
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} bad-config case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// A listen address already in use: one error line on stderr, exit 1, no backtrace, nothing left
+/// in the kernel. An address that does not parse is a usage error (exit 2).
+#[test]
+fn taken_port_is_one_error_line() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    let before = KernelState::snapshot();
+    let taken = TcpListener::bind("127.0.0.1:0").expect("binding a port");
+    let addr = taken.local_addr().expect("local address").to_string();
+    let line = assert_single_error(&env, &["agent", "--listen", &addr], Duration::from_secs(30));
+    assert!(
+        line.contains(&format!("cannot listen on {addr}")) && line.contains("in use"),
+        "error line for a taken port: {line:?}"
+    );
+    drop(taken);
+    KernelState::snapshot().assert_nothing_added(&before);
+
+    let out = Command::new(&env.bin)
+        .args(["agent", "--listen", "nowhere"])
+        .env("RUST_BACKTRACE", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running allocwatch");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "--listen nowhere\n{stderr}");
+    assert!(
+        stderr.contains("--listen"),
+        "usage error names the flag:\n{stderr}"
+    );
+}
+
+/// With exactly the capabilities the DaemonSet grants (deploy/kustomize/base/daemonset.yaml,
+/// limited to what this machine can grant at all), and no_new_privs as there, the agent starts,
+/// serves, and counts a fixture exactly.
+#[test]
+fn runs_with_exactly_the_daemonset_capabilities() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    let granted = daemonset_capabilities();
+    let own_bounding = own_status_mask("CapBnd");
+    let grantable: Vec<&(String, u32)> = granted
+        .iter()
+        .filter(|(_, bit)| own_bounding & (1 << bit) != 0)
+        .collect();
+    for (name, _) in granted.iter().filter(|c| !grantable.contains(c)) {
+        eprintln!(
+            "note: CAP_{name} is not in this test's own bounding set: the agent runs without it"
+        );
+    }
+    let mask: u64 = grantable.iter().map(|(_, bit)| 1u64 << bit).sum();
+    let caps = grantable
+        .iter()
+        .map(|(name, _)| format!("+{}", name.to_lowercase()))
+        .collect::<Vec<_>>()
+        .join(",");
+    let scratch = Scratch::new("caps");
+    let fixture = scratch.copy(&env.fixture, "libc_fixture");
+    let id = Identity::of(&fixture);
+
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--inh-caps=-all",
+        "--ambient-caps=-all",
+        &format!("--bounding-set=-all,{caps}"),
+        "--no-new-privs",
+        "--",
+    ])
+    .arg(&env.bin)
+    .args(["agent", "--listen", &listen]);
+    let mut agent = Agent::spawn(
+        cmd,
+        port,
+        &format!("(setpriv {caps}) agent --listen {listen}"),
+    );
+    agent.wait_ready();
+    let pid = agent.child.id();
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("agent's status");
+    let field = |name: &str| status_mask(&status, name);
+    assert_eq!(
+        (field("CapEff"), field("CapPrm"), field("CapBnd")),
+        (mask, mask, mask),
+        "the agent's effective/permitted/bounding capabilities (want {caps})\n{status}"
+    );
+    assert_eq!((field("CapInh"), field("CapAmb")), (0, 0), "{status}");
+    assert!(
+        status.lines().any(|l| l == "NoNewPrivs:\t1"),
+        "no_new_privs\n{status}"
+    );
+    run_wait_run_fixture(&agent, &fixture, &id, &env.alias_groups);
+    agent.stop();
+}
+
+/// A process the agent saw before it called `exec` (here a copy of dash waiting on stdin, then
+/// `exec libc_fixture run`; in a cluster, every container starts as `runc init` and execs its
+/// entrypoint) must afterwards be exported under its new identity.
+///
+/// Known failure, kept as the specification of the fix: the agent counts per pid and does not
+/// see `exec` yet (it needs an exec generation in the kernel's keys; see README limitations).
+#[test]
+#[ignore = "known bug: the agent does not split a process's identity at exec"]
+fn exec_after_discovery_takes_the_new_identity() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    let scratch = Scratch::new("exec");
+    let fixture = scratch.copy(&env.fixture, "libc_fixture");
+    let shell = scratch.copy(Path::new("/usr/bin/dash"), "aw-exec-shell");
+    let (fx_id, sh_id) = (Identity::of(&fixture), Identity::of(&shell));
+    let mut agent = Agent::start(&env, &[]);
+
+    let started = Instant::now();
+    let mut child = Command::new(&shell)
+        .args(["-c", "read x; exec \"$0\" run"])
+        .arg(&fixture)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", shell.display()));
+    let mut stdin: ChildStdin = child.stdin.take().expect("stdin");
+    agent.wait_for_identity(&sh_id, started);
+    stdin.write_all(b"go\n").expect("writing to the shell");
+    drop(stdin);
+    let status = wait_child(&mut child, Duration::from_secs(10)).expect("shell + fixture exit");
+    assert!(status.success(), "exec'd fixture failed: {status}");
+    let found = agent.try_scrape_until(Duration::from_secs(5), |m| {
+        m.has(&fx_id, "allocwatch_free_calls_total")
+    });
+    let m = agent.scrape();
+    agent.stop();
+    assert!(
+        found.is_some(),
+        "no series with the exec'd program's identity {fx_id}: its calls stayed under the \
+         identity the process had before exec.\nseries of the shell identity {sh_id}:\n{}",
+        m.core_lines_of(&sh_id)
+    );
+    // The shell's own allocations before exec share the pid: the fixture's numbers are a floor.
+    let m = found.expect("checked");
+    let free = m.value(&fx_id, "allocwatch_free_calls_total", &[]);
+    assert!(
+        free.is_some_and(|f| f >= 17.0),
+        "allocwatch_free_calls_total of the exec'd fixture: {free:?}, want ≥ 17\n{}",
+        m.lines_of(&fx_id)
+    );
+}
+
+/// Call sites are named after the fixture's functions (`site="fx_malloc ← fx_work"`, the
+/// innermost two frames), with the exact numbers of each, both for a process found by the scan
+/// and for one that lived less than a millisecond and was gone before the first scrape.
+#[test]
+fn sites_are_named_after_the_fixture_functions() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    let scratch = Scratch::new("sites");
+    let scanned = scratch.copy(&env.fixture, "libc_fixture");
+    let short = scratch.copy(&env.fixture, "short_fixture");
+    let (scanned_id, short_id) = (Identity::of(&scanned), Identity::of(&short));
+    let mut agent = Agent::start(&env, &[]);
+
+    let mut fx = Fixture::spawn(&scanned, "wait-run", "ready");
+    agent.wait_for_identity(&scanned_id, fx.started);
+    signal(fx.pid, libc::SIGUSR1);
+    let status = fx.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "fixture wait-run failed: {status}");
+    let status = run_fixture(&short, "run");
+    assert!(status.success(), "fixture run failed: {status}");
+    // The short-lived process may be exported without its exe label (a bug of its own, see
+    // exact_counters_over_http): its comm is unique to this test, so take it either way.
+    let short_no_exe = Identity {
+        comm: short_id.comm.clone(),
+        exe: String::new(),
+    };
+    let done =
+        |m: &Metrics, id: &Identity| m.value(id, "allocwatch_free_calls_total", &[]) == Some(17.0);
+    let m = agent.scrape_until("both fixtures' counts", Duration::from_secs(10), |m| {
+        done(m, &scanned_id) && (done(m, &short_id) || done(m, &short_no_exe))
+    });
+    let short_id = if done(&m, &short_id) {
+        short_id
+    } else {
+        short_no_exe
+    };
+    let stats = m.self_stats();
+    agent.stop();
+
+    let mut failures = Vec::new();
+    for (what, id) in [("found by scan", &scanned_id), ("short-lived", &short_id)] {
+        let want: BTreeMap<(String, String), (u64, u64)> = SITES
+            .iter()
+            .map(|&(function, api, calls, bytes)| {
+                let kind = canonical(&env.alias_groups, &m, id, api);
+                ((kind, format!("{function} ← fx_work")), (calls, bytes))
+            })
+            .collect();
+        let got: BTreeMap<(String, String), (u64, u64)> = m
+            .sites(id)
+            .into_iter()
+            .filter(|(_, v)| v.calls > 0 || v.bytes > 0)
+            .map(|(k, v)| (k, (v.calls, v.bytes)))
+            .collect();
+        if got != want {
+            let show = |s: &BTreeMap<(String, String), (u64, u64)>| {
+                s.iter()
+                    .map(|((kind, site), (c, b))| format!("  {kind:<15} {site:<32} {c:>3} {b:>5}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            failures.push(format!(
+                "[{what}] site series (kind, site, calls, bytes):\n{}\nwant:\n{}",
+                show(&got),
+                show(&want)
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{}\n\nthe agent's own counters: {stats}",
+        failures.join("\n\n")
+    );
+}
+
+/// Go growth and GC of the newest Go (swiss maps) and the newest old-map build, `map_big ints
+/// gc`: map grows by kind and their bytes equal what `allocwatch top --json` reports for the
+/// same binary (deterministic for this fixture: fillMapBig's 14 doublings on old maps, 6 table
+/// grows then 127 splits on swiss maps), slice grows at least the capacities the fixture saw,
+/// GC cycles = the fixture's NumGC, two stop-the-world pauses per cycle.
+///
+/// Go programs are found by the /proc scan only (they do not call libc), and their probes are
+/// attached per file: a run that ends before the next scan (≈ 0.15 s here) is not traced at
+/// all. So the test first starts a *hard link* of each build (same inode, other name, so other
+/// identity labels), stopped right after exec, until the agent attached it; the measured run is
+/// then traced from its first instruction.
+#[test]
+fn go_growth_matches_top() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    let scratch = Scratch::new("go");
+    let builds = go_builds();
+    let modes = ["map_big", "ints", "gc"];
+    struct Run {
+        build: GoBuild,
+        path: PathBuf,
+        warm: PathBuf,
+        reference: Value,
+    }
+    // The reference first, with no agent running.
+    let runs: Vec<Run> = builds
+        .into_iter()
+        .map(|build| {
+            let path = scratch.copy(&build.path, &build.name);
+            let warm = scratch.path.join(format!("warm-{}", build.version));
+            fs::hard_link(&path, &warm).expect("hard link of the fixture");
+            let reference = top_json(&env, &scratch, &path, &modes);
+            Run {
+                build,
+                path,
+                warm,
+                reference,
+            }
+        })
+        .collect();
+
+    let mut agent = Agent::start(&env, &[]);
+    // Stopped right after exec: the scan finds them and attaches to their file, and they burn no
+    // CPU meanwhile (SIGKILL ends them stopped).
+    let warmers: Vec<Fixture> = runs
+        .iter()
+        .map(|r| {
+            let w = Fixture::spawn_quiet(&r.warm, &["gc"; 2000]);
+            signal(w.pid, libc::SIGSTOP);
+            w
+        })
+        .collect();
+    for (r, w) in runs.iter().zip(&warmers) {
+        let id = Identity::of(&r.warm);
+        let (found, _) = agent.discover(&id, "allocwatch_go_info", w.started);
+        eprintln!(
+            "{}: Go probes attached ({id} has allocwatch_go_info) {found:.1?} after its start",
+            r.build.name
+        );
+    }
+    drop(warmers);
+
+    let mut failures = Vec::new();
+    for r in &runs {
+        if let Err(e) = panic::catch_unwind(AssertUnwindSafe(|| {
+            check_go_run(&agent, &r.path, &modes, &r.build, &r.reference);
+        })) {
+            failures.push(format!("=== {}\n{}", r.build.name, panic_text(&*e)));
+        }
+    }
+    agent.stop();
+    assert!(
+        failures.is_empty(),
+        "{} Go build(s) failed:\n\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+}
+
+/// The issue: new processes are picked up within one second. A Go program is found by the /proc
+/// scan only; it must have its Go series (attached and labelled) within a second of its start.
+#[test]
+fn go_program_is_picked_up_within_one_second() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    let scratch = Scratch::new("gofind");
+    let build = go_builds().pop().expect("a Go build");
+    let path = scratch.copy(&build.path, &build.name);
+    let id = Identity::of(&path);
+    let mut agent = Agent::start(&env, &[]);
+    let fx = Fixture::spawn_quiet(&path, &["gc"; 2000]);
+    let (found, last_miss) = agent.discover(&id, "allocwatch_go_info", fx.started);
+    eprintln!("{id}: allocwatch_go_info found by a scrape started {found:.2?} after its start");
+    drop(fx);
+    agent.stop();
+    assert!(
+        last_miss.is_none_or(|t| t < DISCOVERY_LIMIT),
+        "a scrape started {:.2?} after the Go program started still had no allocwatch_go_info \
+         for it (found at {found:.2?}); the issue asks for new processes within one second",
+        last_miss.unwrap_or_default()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks shared by the tests
+
+/// Per-API counters, free calls and the size histogram of one `libc_fixture run`.
+fn check_fixture_totals(m: &Metrics, id: &Identity, groups: &[Vec<String>]) {
+    m.assert_parsed_completely(id);
+    // Calls and bytes per API, summed over each set of aliases (names at one libc address: a
+    // uprobe cannot tell them apart, so all their calls go to one of them, the others are 0).
+    for class in alias_classes(groups) {
+        let (mut want_calls, mut want_bytes) = (0u64, 0u64);
+        for &(api, calls, bytes) in API_TOTALS
+            .iter()
+            .filter(|a| class.contains(&a.0.to_owned()))
+        {
+            if api != "free" {
+                want_calls += calls;
+                want_bytes += bytes;
+            }
+        }
+        if class == ["free"] {
+            continue;
+        }
+        let mut nonzero = Vec::new();
+        let (mut calls, mut bytes) = (0u64, 0u64);
+        for api in &class {
+            let c = m.counter(id, "allocwatch_alloc_calls_total", &[("api", api.as_str())]);
+            let b = m.counter(id, "allocwatch_alloc_bytes_total", &[("api", api.as_str())]);
+            if c > 0 || b > 0 {
+                nonzero.push(api.clone());
+            }
+            calls += c;
+            bytes += b;
+        }
+        assert_eq!(
+            (calls, bytes),
+            (want_calls, want_bytes),
+            "allocwatch_alloc_{{calls,bytes}}_total for api in {class:?}\n{}",
+            m.lines_of(id)
+        );
+        assert!(
+            nonzero.len() <= 1,
+            "aliases {class:?} share one address: their calls belong under one name, not \
+             {nonzero:?}\n{}",
+            m.lines_of(id)
+        );
+    }
+    assert_eq!(
+        m.counter(id, "allocwatch_free_calls_total", &[]),
+        17,
+        "allocwatch_free_calls_total\n{}",
+        m.lines_of(id)
+    );
+    // One observation per allocation call, of its requested size.
+    let allocs = API_TOTALS.iter().filter(|a| a.0 != "free");
+    let (calls, bytes) = allocs.fold((0, 0), |(c, b), a| (c + a.1, b + a.2));
+    let h = m.histogram(id, "allocwatch_alloc_size_bytes");
+    assert_eq!(
+        (h.count, h.sum),
+        (calls as f64, bytes as f64),
+        "allocwatch_alloc_size_bytes count and sum\n{}",
+        m.lines_of(id)
+    );
+}
+
+/// `wait-run`: found by the scan within a second with zero counters, then exact after its work.
+fn run_wait_run_fixture(agent: &Agent, fixture: &Path, id: &Identity, groups: &[Vec<String>]) {
+    let mut fx = Fixture::spawn(fixture, "wait-run", "ready");
+    let m = agent.wait_for_identity(id, fx.started);
+    assert_eq!(
+        m.value(id, "allocwatch_processes", &[]),
+        Some(1.0),
+        "allocwatch_processes of the waiting fixture\n{}",
+        m.lines_of(id)
+    );
+    for family in [
+        "allocwatch_alloc_calls_total",
+        "allocwatch_free_calls_total",
+    ] {
+        let n: f64 = m.of(id, family).iter().map(|s| value(s)).sum();
+        assert_eq!(
+            n,
+            0.0,
+            "{family} before the fixture works\n{}",
+            m.lines_of(id)
+        );
+    }
+    signal(fx.pid, libc::SIGUSR1);
+    let status = fx.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "fixture wait-run failed: {status}");
+    let m = agent.scrape();
+    check_fixture_totals(&m, id, groups);
+    m.assert_conventions();
+}
+
+/// Per identity at most `top_k` sites with their own series, the same label sets in all four
+/// site families, and the self-reported series count right.
+fn check_site_bounds(m: &Metrics, top_k: usize) {
+    let families = [
+        "allocwatch_site_alloc_calls_total",
+        "allocwatch_site_alloc_bytes_total",
+        "allocwatch_site_live_allocations",
+        "allocwatch_site_live_bytes",
+    ];
+    let mut sets: Vec<BTreeSet<(Identity, String, String)>> = Vec::new();
+    for family in families {
+        let set: BTreeSet<(Identity, String, String)> = m
+            .samples
+            .iter()
+            .filter(|s| s.metric == family)
+            .map(|s| {
+                (
+                    Identity::from_labels(s),
+                    s.labels.get("kind").unwrap_or_default().to_owned(),
+                    s.labels.get("site").unwrap_or_default().to_owned(),
+                )
+            })
+            .collect();
+        sets.push(set);
+    }
+    for (family, set) in families.iter().zip(&sets).skip(1) {
+        assert_eq!(
+            set, &sets[0],
+            "{family} has other label sets than {}",
+            families[0]
+        );
+    }
+    let mut named: BTreeMap<&Identity, usize> = BTreeMap::new();
+    for (id, _, site) in &sets[0] {
+        if site != "other" {
+            *named.entry(id).or_default() += 1;
+        }
+    }
+    let over: Vec<String> = named
+        .iter()
+        .filter(|(_, n)| **n > top_k)
+        .map(|(id, n)| format!("{id}: {n}"))
+        .collect();
+    assert!(
+        over.is_empty(),
+        "identities with more than --top-k {top_k} sites with their own series: {over:?}"
+    );
+    let total_site_samples = m
+        .samples
+        .iter()
+        .filter(|s| families.contains(&s.metric.as_str()))
+        .count();
+    let reported = m.global("allocwatch_call_site_series");
+    let limit = m.global("allocwatch_call_site_series_limit");
+    assert_eq!(
+        reported, total_site_samples as f64,
+        "allocwatch_call_site_series vs the site series in the same scrape"
+    );
+    assert!(
+        reported <= limit,
+        "{reported} site series over the limit {limit}"
+    );
+}
+
+/// One Go build under the agent vs its reference `top` report.
+fn check_go_run(agent: &Agent, path: &Path, modes: &[&str], build: &GoBuild, reference: &Value) {
+    let id = Identity::of(path);
+    let out = Command::new(path)
+        .args(modes)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{} failed: {}\n{stdout}",
+        path.display(),
+        out.status
+    );
+    let numgc = number_after(&stdout, "numgc=");
+    let caps = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("ints caps="))
+        .unwrap_or_else(|| panic!("no `ints caps=` line in\n{stdout}"))
+        .split(',')
+        .count() as u64;
+    assert!(caps >= 19, "appendInts saw {caps} capacities\n{stdout}");
+    // Go events reach the agent through its ring buffer: wait until the counts stop moving.
+    agent.scrape_until(
+        &format!("allocwatch_go_gc_cycles_total of {id}"),
+        Duration::from_secs(10),
+        |m| m.has(&id, "allocwatch_go_gc_cycles_total"),
+    );
+    let m = agent.scrape_stable(&id);
+    let go = &reference["go"];
+    let summary = || format!("{}\nreference (top --json):\n{go:#}", m.lines_of(&id));
+
+    let want_kinds: BTreeMap<String, u64> = go["map_grows"]["by_kind"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no go.map_grows.by_kind in the top report\n{go:#}"))
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_u64().expect("count")))
+        .filter(|(_, v)| *v > 0)
+        .collect();
+    let got_kinds: BTreeMap<String, u64> = m
+        .of(&id, "allocwatch_go_map_grows_total")
+        .iter()
+        .map(|s| {
+            let kind = s.labels.get("kind").unwrap_or_default().to_owned();
+            (kind, value(s) as u64)
+        })
+        .filter(|(_, v)| *v > 0)
+        .collect();
+    assert_eq!(
+        got_kinds,
+        want_kinds,
+        "allocwatch_go_map_grows_total by kind (left) vs top's map_grows.by_kind (right)\n{}",
+        summary()
+    );
+    if build.old_maps() {
+        let doubles = got_kinds.get("double").copied().unwrap_or(0);
+        assert!(
+            doubles >= OLD_MAP_BIG_DOUBLINGS,
+            "old maps: {doubles} doublings, fillMapBig alone makes {OLD_MAP_BIG_DOUBLINGS}\n{}",
+            summary()
+        );
+    } else {
+        assert_eq!(
+            got_kinds.get("grow").copied(),
+            Some(SWISS_MAP_BIG_GROWS),
+            "swiss maps: table grows (fillMapBig's table from 16 to 1024 slots)\n{}",
+            summary()
+        );
+    }
+    assert_eq!(
+        m.counter(&id, "allocwatch_go_map_grow_bytes_total", &[]),
+        go["map_grow_bytes"].as_u64().expect("map_grow_bytes"),
+        "allocwatch_go_map_grow_bytes_total vs top's map_grow_bytes\n{}",
+        summary()
+    );
+    let slices = m.counter(&id, "allocwatch_go_slice_grows_total", &[]);
+    assert!(
+        slices >= caps,
+        "allocwatch_go_slice_grows_total {slices}: appendInts alone grew {caps} times\n{}",
+        summary()
+    );
+    assert!(
+        m.counter(&id, "allocwatch_go_slice_grow_bytes_total", &[]) > 0,
+        "allocwatch_go_slice_grow_bytes_total\n{}",
+        summary()
+    );
+    assert_eq!(
+        m.counter(&id, "allocwatch_go_gc_cycles_total", &[]),
+        numgc,
+        "allocwatch_go_gc_cycles_total vs the fixture's NumGC\n{}",
+        summary()
+    );
+    let pauses = m.histogram(&id, "allocwatch_go_gc_pause_seconds");
+    assert_eq!(
+        pauses.count,
+        (2 * numgc) as f64,
+        "allocwatch_go_gc_pause_seconds_count: two stop-the-world phases per cycle\n{}",
+        summary()
+    );
+    assert!(pauses.sum > 0.0, "GC pauses take time\n{}", summary());
+    let version = format!("go{}", build.version);
+    assert_eq!(
+        m.value(&id, "allocwatch_go_info", &[("version", &version)]),
+        Some(1.0),
+        "allocwatch_go_info{{version=\"{version}\"}}\n{}",
+        summary()
+    );
+    m.assert_conventions();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The agent
+
+/// One running `allocwatch agent`.
+struct Agent {
+    child: Child,
+    stderr: Lines,
+    port: u16,
+    what: String,
+    before: KernelState,
+    stopped: bool,
+}
+
+impl Agent {
+    /// `allocwatch agent --listen 127.0.0.1:PORT ARGS…`, ready.
+    fn start(env: &TestEnv, args: &[&str]) -> Self {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut all = vec!["agent", "--listen", &listen];
+        all.extend_from_slice(args);
+        Self::start_on(env, port, &all)
+    }
+
+    /// `allocwatch ARGS…`, which must serve on `port`, ready.
+    fn start_on(env: &TestEnv, port: u16, args: &[&str]) -> Self {
+        let mut cmd = Command::new(&env.bin);
+        cmd.args(args);
+        let mut agent = Self::spawn(cmd, port, &args.join(" "));
+        agent.wait_ready();
+        agent
+    }
+
+    fn spawn(mut cmd: Command, port: u16, what: &str) -> Self {
+        let before = KernelState::snapshot();
+        let mut child = cmd
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start `{what}`: {e}"));
+        let stderr = Lines::follow(child.stderr.take().expect("stderr"));
+        Self {
+            child,
+            stderr,
+            port,
+            what: what.to_owned(),
+            before,
+            stopped: false,
+        }
+    }
+
+    /// Until `/healthz` answers `ok` (the agent has scanned /proc and attached by then).
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waitpid") {
+                thread::sleep(Duration::from_millis(50));
+                panic!(
+                    "`allocwatch {}` exited ({status}) before serving:\n{}",
+                    self.what,
+                    self.stderr.text()
+                );
+            }
+            if let Ok(r) = try_get(self.port, "/healthz") {
+                assert_eq!(
+                    (r.status, String::from_utf8_lossy(&r.body).trim()),
+                    (200, "ok"),
+                    "/healthz"
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "`allocwatch {}` does not answer /healthz after 60 s:\n{}",
+                self.what,
+                self.stderr.text()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        let line = self.stderr.wait_for(SERVING_PREFIX, Duration::from_secs(5));
+        assert!(
+            line.contains(&format!("127.0.0.1:{}", self.port)),
+            "the serving line names another address: {line:?}"
+        );
+    }
+
+    fn get(&self, path: &str) -> Response {
+        try_get(self.port, path)
+            .unwrap_or_else(|e| panic!("GET {path}: {e}\nagent stderr:\n{}", self.stderr.text()))
+    }
+
+    fn scrape(&self) -> Metrics {
+        let r = self.get("/metrics");
+        assert_eq!(
+            r.status,
+            200,
+            "/metrics: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let ct = r.header("content-type").unwrap_or_default();
+        assert!(
+            ct.starts_with("text/plain") && ct.contains("version=0.0.4"),
+            "/metrics content type {ct:?}"
+        );
+        Metrics::parse(String::from_utf8(r.body).expect("/metrics is UTF-8"))
+    }
+
+    fn try_scrape_until(
+        &self,
+        timeout: Duration,
+        ok: impl Fn(&Metrics) -> bool,
+    ) -> Option<Metrics> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let m = self.scrape();
+            if ok(&m) {
+                return Some(m);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn scrape_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        ok: impl Fn(&Metrics) -> bool,
+    ) -> Metrics {
+        self.try_scrape_until(timeout, ok).unwrap_or_else(|| {
+            panic!(
+                "no {what} in /metrics within {timeout:?}\nagent stderr:\n{}",
+                self.stderr.text()
+            )
+        })
+    }
+
+    /// Scrapes until the series of `id` are the same in two scrapes 300 ms apart.
+    fn scrape_stable(&self, id: &Identity) -> Metrics {
+        let mut last = self.scrape();
+        for _ in 0..20 {
+            thread::sleep(Duration::from_millis(300));
+            let m = self.scrape();
+            if m.lines_of(id) == last.lines_of(id) {
+                return m;
+            }
+            last = m;
+        }
+        panic!("the series of {id} keep changing:\n{}", last.lines_of(id))
+    }
+
+    /// Scrapes until `family` has a series of `id`. Returns when it was found and the start of
+    /// the last scrape that did not have it, both relative to `started`.
+    fn discover(
+        &self,
+        id: &Identity,
+        family: &str,
+        started: Instant,
+    ) -> (Duration, Option<Duration>) {
+        let mut last_miss = None;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let at = started.elapsed();
+            let m = self.scrape();
+            if m.has(id, family) {
+                return (at, last_miss);
+            }
+            last_miss = Some(at);
+            assert!(
+                Instant::now() < deadline,
+                "no {family} of {id} within 30 s\nagent stderr:\n{}",
+                self.stderr.text()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Until the agent lists `id` (it was started at `started`); it must be found within a second
+    /// (the issue's limit: a scrape that starts later must have it). Returns that scrape.
+    fn wait_for_identity(&self, id: &Identity, started: Instant) -> Metrics {
+        let (found, last_miss) = self.discover(id, "allocwatch_processes", started);
+        assert!(
+            last_miss.is_none_or(|t| t < DISCOVERY_LIMIT),
+            "{id} was still unknown to a scrape started {:.2?} after the process (found at \
+             {found:.2?}); the issue asks for new processes within one second",
+            last_miss.unwrap_or_default()
+        );
+        self.scrape()
+    }
+
+    /// A profile endpoint's body: 200 and gzip.
+    fn profile(&self, path: &str) -> Vec<u8> {
+        let r = self.get(path);
+        assert_eq!(
+            r.status,
+            200,
+            "GET {path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert!(
+            r.body.starts_with(&[0x1f, 0x8b]),
+            "GET {path}: not gzip ({} bytes)",
+            r.body.len()
+        );
+        r.body
+    }
+
+    /// SIGTERM: exit 0 within 5 s, no crash on stderr, and every BPF object it held freed.
+    fn stop(&mut self) {
+        let pid = self.child.id();
+        let held = BpfIds::held_by(pid);
+        // Uprobes are attached through perf events (or BPF links): either way an attached probe
+        // holds its program, so programs that are freed afterwards prove nothing stays attached.
+        assert!(
+            !held.progs.is_empty(),
+            "the agent holds no BPF programs while running: {held:?}"
+        );
+        signal(pid, libc::SIGTERM);
+        let started = Instant::now();
+        let status = wait_child(&mut self.child, Duration::from_secs(5));
+        self.stopped = true;
+        thread::sleep(Duration::from_millis(50));
+        let stderr = self.stderr.text();
+        let status = status.unwrap_or_else(|| {
+            panic!(
+                "`allocwatch {}` still running 5 s after SIGTERM (killed):\n{stderr}",
+                self.what
+            )
+        });
+        assert!(
+            status.success(),
+            "`allocwatch {}` exited with {status} after SIGTERM (in {:.1?}):\n{stderr}",
+            self.what,
+            started.elapsed()
+        );
+        assert_no_crash(&stderr);
+        held.assert_all_gone(Duration::from_secs(3));
+        KernelState::snapshot().assert_nothing_added(&self.before);
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if !self.stopped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// /metrics
+
+/// A process identity as the series label it (namespace, pod and container are empty here).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Identity {
+    comm: String,
+    exe: String,
+}
+
+impl Identity {
+    /// Of a program started from `path`: comm is its file name cut to 15 bytes (TASK_COMM_LEN).
+    fn of(path: &Path) -> Self {
+        let name = path.file_name().expect("file name").to_string_lossy();
+        Self {
+            comm: name.chars().take(15).collect(),
+            exe: path_str(path).to_owned(),
+        }
+    }
+
+    fn from_labels(s: &Sample) -> Self {
+        Self {
+            comm: s.labels.get("comm").unwrap_or_default().to_owned(),
+            exe: s.labels.get("exe").unwrap_or_default().to_owned(),
+        }
+    }
+
+    fn matches(&self, s: &Sample) -> bool {
+        s.labels.get("comm") == Some(self.comm.as_str())
+            && s.labels.get("exe") == Some(self.exe.as_str())
+    }
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{{comm=\"{}\", exe=\"{}\"}}", self.comm, self.exe)
+    }
+}
+
+/// A parsed `/metrics` body (prometheus-parse, an implementation of the text format independent
+/// of the agent's encoder), with the text for messages.
+struct Metrics {
+    text: String,
+    samples: Vec<Sample>,
+}
+
+#[derive(Debug, Default)]
+struct HistogramValue {
+    count: f64,
+    sum: f64,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct SiteValue {
+    calls: u64,
+    bytes: u64,
+}
+
+impl Metrics {
+    fn parse(text: String) -> Self {
+        let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+            .unwrap_or_else(|e| panic!("/metrics does not parse: {e}\n{text}"));
+        Self {
+            text,
+            samples: scrape.samples,
+        }
+    }
+
+    /// Samples of `family` (exact name; `NAME_sum`/`NAME_count` for histograms) of `id`.
+    fn of(&self, id: &Identity, family: &str) -> Vec<&Sample> {
+        self.samples
+            .iter()
+            .filter(|s| s.metric == family && id.matches(s))
+            .collect()
+    }
+
+    fn has(&self, id: &Identity, family: &str) -> bool {
+        !self.of(id, family).is_empty()
+    }
+
+    /// The one sample of `family` of `id` with the `extra` labels, if any.
+    fn value(&self, id: &Identity, family: &str, extra: &[(&str, &str)]) -> Option<f64> {
+        let found: Vec<&Sample> = self
+            .of(id, family)
+            .into_iter()
+            .filter(|s| extra.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .collect();
+        assert!(
+            found.len() <= 1,
+            "{} samples of {family}{extra:?} for {id}\n{}",
+            found.len(),
+            self.lines_of(id)
+        );
+        found.first().map(|s| value(s))
+    }
+
+    /// A counter that must exist, as an integer.
+    fn counter(&self, id: &Identity, family: &str, extra: &[(&str, &str)]) -> u64 {
+        let v = self
+            .value(id, family, extra)
+            .unwrap_or_else(|| panic!("no {family}{extra:?} for {id}\n{}", self.lines_of(id)));
+        assert!(
+            v >= 0.0 && v.fract() == 0.0,
+            "{family}{extra:?} of {id} is not a count: {v}"
+        );
+        v as u64
+    }
+
+    /// A series without identity labels (the agent's own).
+    fn global(&self, family: &str) -> f64 {
+        let found: Vec<&Sample> = self.samples.iter().filter(|s| s.metric == family).collect();
+        assert_eq!(found.len(), 1, "one {family} sample");
+        value(found[0])
+    }
+
+    fn histogram(&self, id: &Identity, name: &str) -> HistogramValue {
+        let one = |family: String| {
+            self.value(id, &family, &[])
+                .unwrap_or_else(|| panic!("no {family} of {id}\n{}", self.lines_of(id)))
+        };
+        let count = one(format!("{name}_count"));
+        let sum = one(format!("{name}_sum"));
+        let buckets: Vec<(f64, f64)> = self
+            .of(id, name)
+            .iter()
+            .flat_map(|s| match &s.value {
+                PromValue::Histogram(b) => {
+                    b.iter().map(|b| (b.less_than, b.count)).collect::<Vec<_>>()
+                }
+                other => panic!("{name} is not a histogram: {other:?}"),
+            })
+            .collect();
+        let mut sorted = buckets.clone();
+        sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
+        assert!(
+            sorted.windows(2).all(|w| w[0].1 <= w[1].1),
+            "{name} buckets of {id} are not cumulative: {sorted:?}"
+        );
+        assert_eq!(
+            sorted.last().map(|b| (b.0, b.1)),
+            Some((f64::INFINITY, count)),
+            "{name}: the +Inf bucket must equal _count"
+        );
+        HistogramValue { count, sum }
+    }
+
+    /// `allocwatch_site_*` of `id`: calls and bytes by (kind, site).
+    fn sites(&self, id: &Identity) -> BTreeMap<(String, String), SiteValue> {
+        let mut out: BTreeMap<(String, String), SiteValue> = BTreeMap::new();
+        for (family, bytes) in [
+            ("allocwatch_site_alloc_calls_total", false),
+            ("allocwatch_site_alloc_bytes_total", true),
+        ] {
+            for s in self.of(id, family) {
+                let key = (
+                    s.labels.get("kind").unwrap_or_default().to_owned(),
+                    s.labels.get("site").unwrap_or_default().to_owned(),
+                );
+                let e = out.entry(key).or_default();
+                let v = value(s) as u64;
+                if bytes {
+                    e.bytes += v;
+                } else {
+                    e.calls += v;
+                }
+            }
+        }
+        out
+    }
+
+    /// The raw lines of `id` (empty when it has none).
+    fn lines_of(&self, id: &Identity) -> String {
+        let comm = format!("comm=\"{}\"", id.comm);
+        let exe = format!("exe=\"{}\"", id.exe);
+        self.text
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.contains(&comm) && l.contains(&exe))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// [`Self::lines_of`] without histogram buckets and call sites.
+    fn core_lines_of(&self, id: &Identity) -> String {
+        self.lines_of(id)
+            .lines()
+            .filter(|l| !l.contains("_bucket{") && !l.starts_with("allocwatch_site_"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The raw lines of any identity with this comm (empty when there is none).
+    fn lines_with_comm(&self, comm: &str) -> String {
+        let needle = format!("comm=\"{comm}\"");
+        self.text
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.contains(&needle))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The agent's own counters (loss, symbolization, attach) in one line, for messages.
+    fn self_stats(&self) -> String {
+        self.text
+            .lines()
+            .filter(|l| {
+                l.starts_with("allocwatch_events_lost_total")
+                    || l.starts_with("allocwatch_symbolization_failures_total")
+                    || l.starts_with("allocwatch_attach_failures_total")
+                    || l.starts_with("allocwatch_map_fill_ratio")
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// Every line of `id` was understood by the parser: the text and the parse agree.
+    fn assert_parsed_completely(&self, id: &Identity) {
+        let raw = self.lines_of(id).lines().count();
+        let parsed: usize = self
+            .samples
+            .iter()
+            .filter(|s| id.matches(s))
+            .map(|s| match &s.value {
+                PromValue::Histogram(b) => b.len(),
+                _ => 1,
+            })
+            .sum();
+        assert_eq!(
+            parsed,
+            raw,
+            "prometheus-parse read {parsed} of the {raw} lines of {id}\n{}",
+            self.lines_of(id)
+        );
+    }
+
+    /// DESIGN.md §6 on the whole scrape: the `allocwatch_` prefix, counters end in `_total`,
+    /// no pid or stack-id labels.
+    fn assert_conventions(&self) {
+        let mut types: BTreeMap<&str, &str> = BTreeMap::new();
+        for line in self.text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let mut it = rest.split_whitespace();
+                if let (Some(name), Some(ty)) = (it.next(), it.next()) {
+                    types.insert(name, ty);
+                }
+            }
+        }
+        assert!(!types.is_empty(), "no # TYPE lines in /metrics");
+        for (name, ty) in &types {
+            assert!(
+                name.starts_with("allocwatch_"),
+                "{name}: no allocwatch_ prefix"
+            );
+            assert_eq!(
+                *ty == "counter",
+                name.ends_with("_total"),
+                "{name} is a {ty}: counters, and only counters, end in _total"
+            );
+        }
+        for s in &self.samples {
+            for label in FORBIDDEN_LABELS {
+                assert!(
+                    s.labels.get(label).is_none(),
+                    "{} has a `{label}` label (DESIGN.md §6: never pids or stack ids)",
+                    s.metric
+                );
+            }
+        }
+    }
+}
+
+fn value(s: &Sample) -> f64 {
+    match &s.value {
+        PromValue::Counter(v) | PromValue::Gauge(v) | PromValue::Untyped(v) => *v,
+        other => panic!("{}: not a single value: {other:?}", s.metric),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP (a minimal HTTP/1.1 client: one request per connection)
+
+struct Response {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Response {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn try_get(port: u16, path: &str) -> std::io::Result<Response> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no end of the response head"))?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut body = raw[split + 4..].to_vec();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {status_line:?}")))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let r = Response {
+        status,
+        headers,
+        body: Vec::new(),
+    };
+    if r.header("transfer-encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+    {
+        body = dechunk(&body)?;
+    } else if let Some(len) = r
+        .header("content-length")
+        .and_then(|v| v.parse::<usize>().ok())
+        && body.len() != len
+    {
+        return Err(std::io::Error::other(format!(
+            "content-length {len}, got {} bytes",
+            body.len()
+        )));
+    }
+    Ok(Response { body, ..r })
+}
+
+fn dechunk(mut data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let end = data
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or_else(|| std::io::Error::other("bad chunk"))?;
+        let size_text = String::from_utf8_lossy(&data[..end]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| std::io::Error::other(format!("bad chunk size {size_text:?}")))?;
+        data = &data[end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if data.len() < size + 2 {
+            return Err(std::io::Error::other("truncated chunk"));
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
+}
+
+/// A port nothing listens on right now (the kernel's pick for port 0).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding port 0")
+        .port()
+}
+
+// ---------------------------------------------------------------------------------------------
+// pprof
+
+struct GoToolchain {
+    version: String,
+    goroot: PathBuf,
+    go: PathBuf,
+}
+
+/// `go tool pprof -top` output, by function: (flat, cum) in the unit of the index shown.
+struct PprofTop {
+    index: String,
+    text: String,
+    rows: BTreeMap<String, (u64, u64)>,
+}
+
+impl PprofTop {
+    fn flat(&self, function: &str) -> Option<u64> {
+        self.rows.get(function).map(|r| r.0)
+    }
+
+    fn cum(&self, function: &str) -> Option<u64> {
+        self.rows.get(function).map(|r| r.1)
+    }
+}
+
+impl GoToolchain {
+    fn pprof_top(&self, file: &Path, args: &[&str]) -> PprofTop {
+        let out = Command::new(&self.go)
+            .env("GOROOT", &self.goroot)
+            .env("GOTOOLCHAIN", "local")
+            .env("PPROF_TMPDIR", file.parent().expect("profile directory"))
+            .args(["tool", "pprof", "-top", "-nodecount=1000"])
+            .args(args)
+            .arg(file)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("running {} tool pprof: {e}", self.go.display()));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "go tool pprof (Go {}) cannot read the profile: {}\n{text}",
+            self.version,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // `      700B  6.49% 85.88%       700B  6.49%  fx_malloc`
+        let number = |s: &str| s.trim_end_matches('B').parse::<u64>().ok();
+        let rows = text
+            .lines()
+            .filter_map(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                if cols.len() < 6 || !cols[1].ends_with('%') {
+                    return None;
+                }
+                Some((cols[5..].join(" "), (number(cols[0])?, number(cols[3])?)))
+            })
+            .collect();
+        PprofTop {
+            index: args
+                .iter()
+                .find_map(|a| a.strip_prefix("-sample_index="))
+                .unwrap_or("default")
+                .to_owned(),
+            text,
+            rows,
+        }
+    }
+}
+
+/// The toolchains of `$ALLOCWATCH_GO_TOOLCHAINS` (default `~/.cache/allocwatch/go/
+/// toolchains.tsv`), `version<TAB>goroot<TAB>go` per line.
+fn go_toolchains() -> Vec<GoToolchain> {
+    let manifest = env::var_os("ALLOCWATCH_GO_TOOLCHAINS")
+        .map(PathBuf::from)
+        .or_else(|| {
+            env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/allocwatch/go/toolchains.tsv"))
+        })
+        .expect("ALLOCWATCH_GO_TOOLCHAINS is not set (./x test sets it)");
+    let text = fs::read_to_string(&manifest)
+        .unwrap_or_else(|e| panic!("{}: {e} (./x setup writes it)", manifest.display()));
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let cols: Vec<&str> = line.split('\t').collect();
+            assert_eq!(cols.len(), 3, "{}: bad line {line:?}", manifest.display());
+            let tc = GoToolchain {
+                version: cols[0].to_owned(),
+                goroot: PathBuf::from(cols[1]),
+                go: PathBuf::from(cols[2]),
+            };
+            assert!(
+                tc.go.is_file(),
+                "{} is listed but missing: run ./x setup",
+                tc.go.display()
+            );
+            tc
+        })
+        .collect()
+}
+
+fn newest_go_toolchain() -> GoToolchain {
+    go_toolchains()
+        .into_iter()
+        .max_by_key(|t| version_key(&t.version))
+        .expect("no Go toolchain: run ./x setup")
+}
+
+fn version_key(v: &str) -> Vec<u32> {
+    v.split('.').map(|p| p.parse().unwrap_or(0)).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Go fixtures
+
+struct GoBuild {
+    version: String,
+    /// `growth-1.27.3`
+    name: String,
+    path: PathBuf,
+}
+
+impl GoBuild {
+    /// Bucket maps: Go ≤ 1.23 (this test uses no GOEXPERIMENT=noswissmap build).
+    fn old_maps(&self) -> bool {
+        version_key(&self.version).get(1).copied().unwrap_or(0) <= 23
+    }
+}
+
+/// The newest old-map build and the newest build of all (swiss maps), plain (not stripped, not
+/// PIE), oldest first.
+fn go_builds() -> Vec<GoBuild> {
+    let dir = env::var_os("ALLOCWATCH_GO_FIXTURES")
+        .map(PathBuf::from)
+        .expect("ALLOCWATCH_GO_FIXTURES is not set (./x test sets it)");
+    let mut versions: Vec<String> = go_toolchains().into_iter().map(|t| t.version).collect();
+    versions.sort_by_key(|v| version_key(v));
+    let old = versions
+        .iter()
+        .rev()
+        .find(|v| version_key(v).get(1).is_some_and(|&m| m <= 23))
+        .expect("no Go toolchain with old maps (≤ 1.23)");
+    let new = versions.last().expect("a Go toolchain");
+    assert!(
+        version_key(new).get(1).is_some_and(|&m| m >= 24),
+        "the newest Go toolchain {new} has no swiss maps"
+    );
+    [old, new]
+        .into_iter()
+        .map(|v| {
+            let name = format!("growth-{v}");
+            let path = dir.join(&name);
+            assert!(
+                path.is_file(),
+                "{} missing: run ./x fixtures",
+                path.display()
+            );
+            GoBuild {
+                version: v.clone(),
+                name,
+                path,
+            }
+        })
+        .collect()
+}
+
+/// `allocwatch top --json -- PATH MODES…`: the report's one process.
+fn top_json(env: &TestEnv, scratch: &Scratch, path: &Path, modes: &[&str]) -> Value {
+    let out_file = scratch.path.join("top.json");
+    let mut args = vec![
+        "top",
+        "--json",
+        "-o",
+        path_str(&out_file),
+        "--",
+        path_str(path),
+    ];
+    args.extend_from_slice(modes);
+    let out = Command::new(&env.bin)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .output()
+        .expect("running allocwatch top");
+    assert!(
+        out.status.success(),
+        "`allocwatch {}` failed: {}\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = fs::read_to_string(&out_file).expect("top's report");
+    let report: Value = serde_json::from_str(&text).expect("top's report is JSON");
+    let processes = report["processes"].as_array().expect("processes");
+    assert_eq!(
+        processes.len(),
+        1,
+        "one process in top's report\n{report:#}"
+    );
+    assert!(
+        processes[0]["go"].is_object(),
+        "no go object in top's report\n{report:#}"
+    );
+    processes[0].clone()
+}
+
+fn number_after(text: &str, key: &str) -> u64 {
+    let at = text
+        .find(key)
+        .unwrap_or_else(|| panic!("no {key} in\n{text}"));
+    text[at + key.len()..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap_or_else(|_| panic!("no number after {key} in\n{text}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Capabilities
+
+/// `capabilities.add` of the agent container in the DaemonSet, as (NAME, bit).
+fn daemonset_capabilities() -> Vec<(String, u32)> {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kustomize/base/daemonset.yaml");
+    let yaml = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut lines = yaml.lines().skip_while(|l| l.trim() != "capabilities:");
+    assert!(
+        lines.next().is_some(),
+        "no capabilities in {}",
+        path.display()
+    );
+    let names: Vec<String> = lines
+        .skip_while(|l| l.trim() != "add:")
+        .skip(1)
+        .map(str::trim)
+        .take_while(|l| l.starts_with("- "))
+        .map(|l| l.trim_start_matches("- ").trim().to_owned())
+        .collect();
+    assert!(
+        !names.is_empty(),
+        "no capabilities.add list in {}",
+        path.display()
+    );
+    // linux/capability.h
+    let bits: BTreeMap<&str, u32> = [
+        ("DAC_OVERRIDE", 1),
+        ("DAC_READ_SEARCH", 2),
+        ("KILL", 5),
+        ("NET_ADMIN", 12),
+        ("IPC_LOCK", 14),
+        ("SYS_CHROOT", 18),
+        ("SYS_PTRACE", 19),
+        ("SYS_ADMIN", 21),
+        ("SYS_RESOURCE", 24),
+        ("SYSLOG", 34),
+        ("PERFMON", 38),
+        ("BPF", 39),
+        ("CHECKPOINT_RESTORE", 40),
+    ]
+    .into_iter()
+    .collect();
+    names
+        .into_iter()
+        .map(|n| {
+            let bit = *bits
+                .get(n.as_str())
+                .unwrap_or_else(|| panic!("capability {n} of the DaemonSet: add it to this table"));
+            (n, bit)
+        })
+        .collect()
+}
+
+fn own_status_mask(field: &str) -> u64 {
+    let status = fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status_mask(&status, field)
+}
+
+fn status_mask(status: &str, field: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or_else(|| panic!("no {field} in\n{status}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// libc aliases
+
+/// Sets of traced APIs defined at one address in the libc this test maps (groups of two or
+/// more; Debian's glibc: aligned_alloc = memalign), from `nm -D`.
+fn address_groups(libc: &Path) -> Vec<Vec<String>> {
+    let out = Command::new("nm")
+        .args(["-D", "--defined-only"])
+        .arg(libc)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run nm ({e}): ./x setup installs binutils"));
+    assert!(out.status.success(), "nm -D {} failed", libc.display());
+    let mut by_addr: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let mut cols = line.split_whitespace();
+        let (Some(addr), Some(_kind), Some(sym)) = (cols.next(), cols.next(), cols.next()) else {
+            continue;
+        };
+        let Some((name, _)) = sym.split_once("@@") else {
+            continue;
+        };
+        if APIS.contains(&name) {
+            by_addr
+                .entry(addr.to_owned())
+                .or_default()
+                .insert(name.to_owned());
+        }
+    }
+    by_addr
+        .into_values()
+        .filter(|g| g.len() > 1)
+        .map(|g| g.into_iter().collect())
+        .collect()
+}
+
+/// Every API in one class: its alias group, or itself.
+fn alias_classes(groups: &[Vec<String>]) -> Vec<Vec<String>> {
+    let mut out: Vec<Vec<String>> = groups.to_vec();
+    for api in APIS {
+        if !groups.iter().any(|g| g.iter().any(|a| a == api)) {
+            out.push(vec![(*api).to_owned()]);
+        }
+    }
+    out
+}
+
+/// The name the agent reports `api`'s calls under: for an aliased API, the member of its group
+/// with non-zero calls in `m`.
+fn canonical(groups: &[Vec<String>], m: &Metrics, id: &Identity, api: &str) -> String {
+    let Some(group) = groups.iter().find(|g| g.iter().any(|a| a == api)) else {
+        return api.to_owned();
+    };
+    group
+        .iter()
+        .find(|a| {
+            m.value(id, "allocwatch_alloc_calls_total", &[("api", a.as_str())])
+                .is_some_and(|v| v > 0.0)
+        })
+        .cloned()
+        .unwrap_or_else(|| api.to_owned())
+}
+
+fn libc_path() -> PathBuf {
+    let maps = fs::read_to_string("/proc/self/maps").expect("reading /proc/self/maps");
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.ends_with("/libc.so.6"))
+        .map(PathBuf::from)
+        .expect("this test process maps no libc.so.6")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Leftover detection (as in xtask/tests/libc.rs)
+
+/// BPF object ids a process holds open (from /proc/PID/fdinfo of its bpf-prog/-link/-map fds).
+#[derive(Debug, Default)]
+struct BpfIds {
+    progs: BTreeSet<u32>,
+    links: BTreeSet<u32>,
+    maps: BTreeSet<u32>,
+}
+
+/// bpf(2) commands that open an object by id: they fail with ENOENT once it is freed.
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+
+impl BpfIds {
+    fn held_by(pid: u32) -> Self {
+        let mut ids = Self::default();
+        let fd_dir = format!("/proc/{pid}/fd");
+        for entry in fs::read_dir(&fd_dir).unwrap_or_else(|e| panic!("{fd_dir}: {e}")) {
+            let Ok(entry) = entry else { continue };
+            let Ok(target) = fs::read_link(entry.path()) else {
+                continue;
+            };
+            if !target.to_string_lossy().starts_with("anon_inode:bpf-") {
+                continue;
+            }
+            let info = format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy());
+            let Ok(text) = fs::read_to_string(&info) else {
+                continue;
+            };
+            for line in text.lines() {
+                let mut kv = line.split(':');
+                let (Some(k), Some(v)) = (kv.next(), kv.next()) else {
+                    continue;
+                };
+                let Ok(id) = v.trim().parse::<u32>() else {
+                    continue;
+                };
+                match k {
+                    "prog_id" => ids.progs.insert(id),
+                    "link_id" => ids.links.insert(id),
+                    "map_id" => ids.maps.insert(id),
+                    _ => false,
+                };
+            }
+        }
+        ids
+    }
+
+    /// Every object must be freed by the kernel: nothing stays attached, pinned or held.
+    /// Freeing is deferred (RCU), hence the retries.
+    fn assert_all_gone(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let left: Vec<String> = [
+                (BPF_PROG_GET_FD_BY_ID, "prog", &self.progs),
+                (BPF_LINK_GET_FD_BY_ID, "link", &self.links),
+                (BPF_MAP_GET_FD_BY_ID, "map", &self.maps),
+            ]
+            .into_iter()
+            .flat_map(|(cmd, kind, ids)| {
+                ids.iter()
+                    .filter(move |&&id| bpf_object_exists(cmd, id))
+                    .map(move |id| format!("{kind} {id}"))
+            })
+            .collect();
+            if left.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "BPF objects left after the agent exited: {left:?}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn bpf_object_exists(cmd: libc::c_long, id: u32) -> bool {
+    // union bpf_attr for *_GET_FD_BY_ID: { u32 id; u32 next_id; u32 open_flags; }
+    let mut attr = [id, 0, 0, 0];
+    // SAFETY: attr is a valid, writable bpf_attr prefix of the size passed.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), size_of_val(&attr)) };
+    if fd >= 0 {
+        // SAFETY: fd was just returned to us and is closed once.
+        unsafe { libc::close(fd as libc::c_int) };
+        return true;
+    }
+    let err = std::io::Error::last_os_error();
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::ENOENT),
+        "bpf({cmd}, id {id}): {err}"
+    );
+    false
+}
+
+/// System-wide places where a tracer could leave something behind.
+struct KernelState {
+    uprobe_events: BTreeSet<String>,
+    bpffs: BTreeSet<String>,
+}
+
+impl KernelState {
+    fn snapshot() -> Self {
+        let uprobe_events = fs::read_to_string("/sys/kernel/tracing/uprobe_events")
+            .expect("reading /sys/kernel/tracing/uprobe_events (./x setup mounts tracefs)")
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        let bpffs = fs::read_dir("/sys/fs/bpf")
+            .map(|d| {
+                d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            uprobe_events,
+            bpffs,
+        }
+    }
+
+    fn assert_nothing_added(&self, before: &Self) {
+        let events: Vec<_> = self
+            .uprobe_events
+            .difference(&before.uprobe_events)
+            .collect();
+        assert!(
+            events.is_empty(),
+            "uprobe_events entries left behind: {events:?}"
+        );
+        let pins: Vec<_> = self.bpffs.difference(&before.bpffs).collect();
+        assert!(pins.is_empty(), "/sys/fs/bpf entries left behind: {pins:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes and files
+
+struct TestEnv {
+    bin: PathBuf,
+    fixture: PathBuf,
+    alias_groups: Vec<Vec<String>>,
+}
+
+impl TestEnv {
+    /// None (after a loud message) when ALLOCWATCH_BIN is unset: plain `cargo test` without
+    /// `./x test`. Panics on anything else that is missing.
+    fn get() -> Option<Self> {
+        let Some(bin) = env::var_os("ALLOCWATCH_BIN") else {
+            eprintln!(
+                "\n*** SKIPPED: ALLOCWATCH_BIN is not set. These tests need root and the built \
+                 binary and fixtures: run `./x test`. ***\n"
+            );
+            return None;
+        };
+        let bin = PathBuf::from(bin);
+        assert!(
+            bin.is_file(),
+            "ALLOCWATCH_BIN={} does not exist",
+            bin.display()
+        );
+        let fixtures = env::var_os("ALLOCWATCH_FIXTURES")
+            .map(PathBuf::from)
+            .expect("ALLOCWATCH_FIXTURES is not set (./x test sets it)");
+        let fixture = fixtures.join("libc_fixture");
+        assert!(
+            fixture.is_file(),
+            "{} missing: run ./x fixtures",
+            fixture.display()
+        );
+        Some(Self {
+            bin,
+            fixture,
+            alias_groups: address_groups(&libc_path()),
+        })
+    }
+}
+
+/// Serializes the tests of this file (uprobes and BPF ids are system-wide state).
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A fresh directory of one test (removed at the end): fixture copies get unique `exe` labels.
+struct Scratch {
+    path: PathBuf,
+}
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let path = env::temp_dir().join(format!(
+            "allocwatch-agenttest-{}-{}-{name}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        // The canonical path: it is what /proc/PID/exe (the `exe` label) shows.
+        let path = path.canonicalize().expect("canonical temp dir");
+        Self { path }
+    }
+
+    /// An executable copy of `src` named `name` in this directory.
+    fn copy(&self, src: &Path, name: &str) -> PathBuf {
+        let dst = self.path.join(name);
+        fs::copy(src, &dst).unwrap_or_else(|e| panic!("copying {}: {e}", src.display()));
+        fs::set_permissions(&dst, fs::Permissions::from_mode(0o755)).expect("chmod");
+        dst
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Lines of a child's pipe, read on a thread: kept for messages, and sent as they arrive.
+struct Lines {
+    all: Arc<Mutex<Vec<String>>>,
+    rx: Receiver<String>,
+}
+
+impl Lines {
+    fn follow(pipe: impl std::io::Read + Send + 'static) -> Self {
+        let all = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let keep = Arc::clone(&all);
+        thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                keep.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        Self { all, rx }
+    }
+
+    /// The first line starting with `prefix` (panics after `timeout`).
+    fn wait_for(&self, prefix: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) if line.starts_with(prefix) => return line,
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "no line starting with {prefix:?} within {timeout:?}:\n{}",
+                    self.text()
+                ),
+                Err(RecvTimeoutError::Disconnected) => panic!(
+                    "the process closed stderr (exited?) before a line starting with \
+                     {prefix:?}:\n{}",
+                    self.text()
+                ),
+            }
+        }
+    }
+
+    fn text(&self) -> String {
+        self.all.lock().unwrap().join("\n")
+    }
+}
+
+/// A fixture started directly by the test (no shell).
+struct Fixture {
+    child: Child,
+    pid: u32,
+    started: Instant,
+    _stderr: Option<Lines>,
+}
+
+impl Fixture {
+    /// Starts `FIXTURE MODE` and waits for its `WORD <pid>` line on stderr.
+    fn spawn(path: &Path, mode: &str, word: &str) -> Self {
+        let started = Instant::now();
+        let mut child = Command::new(path)
+            .arg(mode)
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", path.display()));
+        let stderr = Lines::follow(child.stderr.take().unwrap());
+        let line = stderr.wait_for(&format!("{word} "), Duration::from_secs(10));
+        let pid = child.id();
+        assert_eq!(line, format!("{word} {pid}"), "fixture's ready line");
+        Self {
+            child,
+            pid,
+            started,
+            _stderr: Some(stderr),
+        }
+    }
+
+    /// Starts `PROGRAM ARGS…` with its output discarded.
+    fn spawn_quiet(path: &Path, args: &[&str]) -> Self {
+        let started = Instant::now();
+        let child = Command::new(path)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", path.display()));
+        Self {
+            pid: child.id(),
+            child,
+            started,
+            _stderr: None,
+        }
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        wait_child(&mut self.child, timeout)
+            .unwrap_or_else(|| panic!("fixture still running after {timeout:?} (killed)"))
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `FIXTURE MODE` to its end (reaped at once, as a shell would).
+fn run_fixture(path: &Path, mode: &str) -> ExitStatus {
+    Command::new(path)
+        .arg(mode)
+        .stdin(Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()))
+}
+
+/// Runs `allocwatch ARGS…`, which must fail: exit 1 within `timeout`, exactly one stderr line
+/// `allocwatch: error: …`, no backtrace even with RUST_BACKTRACE=1. Returns the line.
+fn assert_single_error(env: &TestEnv, args: &[&str], timeout: Duration) -> String {
+    let mut child = Command::new(&env.bin)
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", env.bin.display()));
+    let mut pipe = child.stderr.take().expect("stderr");
+    let reader = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = pipe.read_to_string(&mut s);
+        s
+    });
+    let status = wait_child(&mut child, timeout);
+    let stderr = reader.join().expect("stderr reader");
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "`allocwatch {}` still running after {timeout:?} (killed):\n{stderr}",
+            args.join(" ")
+        )
+    });
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "exit code of `allocwatch {}`\n{stderr}",
+        args.join(" ")
+    );
+    assert_no_crash(&stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "exactly one stderr line for `allocwatch {}`:\n{stderr}",
+        args.join(" ")
+    );
+    assert!(
+        lines[0].starts_with(ERROR_PREFIX),
+        "error line format: {:?}",
+        lines[0]
+    );
+    lines[0].to_owned()
+}
+
+fn assert_no_crash(stderr: &str) {
+    assert!(
+        !stderr.contains("panicked")
+            && !stderr.contains("internal error")
+            && !stderr.contains("stack backtrace"),
+        "allocwatch crashed:\n{stderr}"
+    );
+}
+
+/// Polls until `child` exits; kills it and returns None after `timeout`.
+fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("waitpid") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(pid, sig) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {sig}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// A pid that exists no more: a reaped child's (not reused this soon: pids are allocated
+/// cyclically).
+fn dead_pid() -> u32 {
+    let mut child = Command::new("true").spawn().expect("spawning true");
+    child.wait().expect("waiting for true");
+    let pid = child.id();
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "pid {pid} reused already"
+    );
+    pid
+}
+
+fn sleep_until(t: Instant) {
+    thread::sleep(t.saturating_duration_since(Instant::now()));
+}
+
+fn panic_text(e: &(dyn std::any::Any + Send)) -> String {
+    e.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "(non-string panic)".to_owned())
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}

@@ -1,0 +1,1823 @@
+//! End-to-end tests of allocwatch's Go runtime tracing against `fixtures/go/growth`, built by
+//! every Go toolchain of the setup, plain and stripped (`-ldflags=-s -w`), and with
+//! `GOEXPERIMENT=noswissmap` where that exists (`./x fixtures`:
+//! `target/gofixtures/growth-<version>[-noswissmap][-stripped]`, see xtask/src/go.rs). `./x test`
+//! runs them as root and sets `ALLOCWATCH_BIN`, `ALLOCWATCH_GO_FIXTURES` (that directory) and
+//! `ALLOCWATCH_GO_TOOLCHAINS` (`$cache/go/toolchains.tsv`).
+//!
+//! Every test runs over the whole matrix and reports every build that fails, not only the
+//! first. Expected numbers never come from allocwatch itself:
+//!
+//! - Go's own rules, computed here: old maps grow when `overLoadFactor(count+1, B)` holds
+//!   ([`old_map_grows`]); a swiss map's first table holds 16 slots and doubles up to 1024.
+//! - The fixture's own output: the capacities its append loops saw (`ints caps=…`), NumGC, the
+//!   number and size of its large allocations.
+//! - bpftrace attached in the same run (swiss-map splits and directory growth depend on the
+//!   per-run hash seed; every allocator entry for the allocation-size histogram), see [`Peer`].
+//!   bpftrace probes a function's first instruction, which one call executes again whenever its
+//!   stack check fails (the morestack stub at the function's end calls `runtime.morestack`,
+//!   which re-runs the function from its entry after growing the stack or after a preemption
+//!   request). So the peer also probes `runtime.morestack` and subtracts the calls made from
+//!   inside a probed function: entries − retries = calls, with no race (an earlier version that
+//!   compared SP with `g.stackguard0` at the entry over-counted about one run in ten: a
+//!   preemption request can land between the probe and the check). Stripped binaries have no
+//!   symbols for bpftrace: their probes go on file offsets, from the unstripped twin's
+//!   `go tool nm`, checked against the stripped binary's own `.gopclntab` through
+//!   `go tool addr2line`. bpftrace filters by `comm` (its `-p` does not restrict uprobes), so
+//!   each run uses a copy of the fixture under a unique name.
+//!
+//! The tests share system state (uprobes, the BPF id space, the machine's two cores), so each one
+//! holds [`serial`] for its whole run.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    env,
+    ffi::OsStr,
+    fmt::Write as _,
+    fs,
+    io::{BufRead as _, BufReader, Read, Write as _},
+    panic::{self, AssertUnwindSafe},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU32, Ordering},
+        mpsc::{self, Receiver, RecvTimeoutError},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+// ---------------------------------------------------------------------------------------------
+// What fixtures/go/growth does (keep in sync with fixtures/go/growth/main.go).
+
+/// `map_big`: fillMapBig inserts this many distinct int keys into `make(map[int]int)`.
+const MAP_BIG_KEYS: u64 = 70_000;
+/// `map_huge` prints this (the `--pid` test runs it over and over).
+const MAP_HUGE_LINE: &str = "map_huge len=430000";
+/// Every mode but `gc`: its NumGC counts the automatic collections the earlier modes caused,
+/// which vary from run to run. `gc` alone runs only forced collections and prints a fixed count.
+const ALL_BUT_GC: &[&str] = &[
+    "map_small",
+    "map_big",
+    "map_huge",
+    "set",
+    "ints",
+    "structs",
+    "bytes",
+    "ptrs",
+    "nodes",
+    "big",
+    "noop",
+];
+
+/// A large allocation, as the issue defines it: ≥ 32 KiB.
+const LARGE_ALLOC: u64 = 32 << 10;
+
+/// Old maps: 8 slots per bucket (`bucketCnt`, `abi.MapBucketCount`).
+const BUCKET_SLOTS: u64 = 8;
+/// Swiss maps: `growToTable` makes a table of `2 * abi.SwissMapGroupSlots` = 16 slots, `rehash`
+/// doubles it while the result is ≤ `maxTableCapacity` = 1024, and splits it after that
+/// (internal/runtime/maps/map.go, table.go, Go 1.24–1.27).
+const SWISS_FIRST_TABLE: u64 = 16;
+const SWISS_MAX_TABLE: u64 = 1024;
+
+/// Swiss-map growth functions (internal/runtime/maps, Go 1.24–1.27), the kind allocwatch
+/// reports for each (also the name of the bpftrace map that counts them, keyed by the `*Map`
+/// grown), and the bpftrace action. Arguments follow ABIInternal (receiver first; RAX, RBX,
+/// RCX, RDI, …):
+/// `(m *Map).growToSmall(typ)`, `(m *Map).growToTable(typ)`: m in RAX;
+/// `(t *table).grow(typ, m, newCapacity)`, `(t *table).split(typ, m)`: m in RCX;
+/// `(m *Map).installTableSplit(old, left, right *table)`: m in RAX, old in RBX; it grows the
+/// directory when `old.localDepth == m.globalDepth` (table.localDepth is the uint8 at offset 6:
+/// used, capacity, growthLeft are uint16 before it; Map.globalDepth the uint8 at offset 32, after
+/// used u64, seed, dirPtr, dirLen).
+const SWISS_PROBES: &[(&str, &str, &str)] = &[
+    (
+        "internal/runtime/maps.(*Map).growToSmall",
+        "small",
+        r#"@small{sfx}[reg("ax")] = count();"#,
+    ),
+    (
+        "internal/runtime/maps.(*Map).growToTable",
+        "to_table",
+        r#"@to_table{sfx}[reg("ax")] = count();"#,
+    ),
+    (
+        "internal/runtime/maps.(*table).grow",
+        "grow",
+        r#"@grow{sfx}[reg("cx")] = count();"#,
+    ),
+    (
+        "internal/runtime/maps.(*table).split",
+        "split",
+        r#"@split{sfx}[reg("cx")] = count();"#,
+    ),
+    (
+        "internal/runtime/maps.(*Map).installTableSplit",
+        "dir_grow",
+        r#"if (*(uint8 *)uptr(reg("bx") + 6) == *(uint8 *)uptr(reg("ax") + 32)) { @dir_grow{sfx}[reg("ax")] = count(); }"#,
+    ),
+];
+
+const TRACING_PREFIX: &str = "allocwatch: tracing pid ";
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+#[test]
+fn old_map_model_matches_measured_growth() {
+    // DESIGN.md §3, measured with bpftrace on hashGrow: 100k inserts into make(map[int]int) give
+    // exactly 14 hashGrow calls, (count, B) = (8,0), (13,1), (26,2), (52,3), …
+    let grows = old_map_grows(100_000, LoadFactor::DEFAULT);
+    assert_eq!(grows.len(), 14);
+    assert_eq!(&grows[..4], &[(8, 0), (13, 1), (26, 2), (52, 3)]);
+    // The fixture's comment: 70,000 keys end at B=14, the last grow at count 53,248 (49,152
+    // with Go 1.21's load factor of 6).
+    let big = old_map_grows(MAP_BIG_KEYS, LoadFactor::DEFAULT);
+    assert_eq!((big.len(), big.last().copied()), (14, Some((53_248, 13))));
+    let go121 = old_map_grows(MAP_BIG_KEYS, LoadFactor::for_version("1.21.13"));
+    assert_eq!(go121.last().copied(), Some((49_152, 13)));
+    // map_huge: past 6.5 × 2^16 = 425,984 keys, the 2^16 → 2^17 grow is the 17th.
+    assert_eq!(
+        old_map_grows(430_000, LoadFactor::DEFAULT).len(),
+        17,
+        "map_huge"
+    );
+}
+
+/// Tracing changes nothing the program prints, nor its exit status.
+#[test]
+fn output_unchanged_by_tracing() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    env.for_each_build(
+        |_| true,
+        |b| {
+            for modes in [ALL_BUT_GC, &["gc"]] {
+                let plain = run_untraced(&b.path, modes);
+                let traced = trace(&env, &b.path, modes);
+                assert_eq!(
+                    traced.stdout,
+                    plain.stdout,
+                    "stdout of `{} {}` traced (left) vs untraced (right)",
+                    b.name,
+                    modes.join(" ")
+                );
+                assert_eq!(
+                    traced.process["exit_code"],
+                    plain.status.code().map_or(Value::Null, Value::from),
+                    "exit code traced (report) vs untraced ({})\n{}",
+                    plain.status,
+                    traced.summary()
+                );
+            }
+        },
+    );
+}
+
+/// `map_big`, old (bucket) maps: exactly the hashGrow calls Go's load factor gives for 70,000
+/// inserts, attributed to main.fillMapBig, on one map instance that ends at B = 14.
+#[test]
+fn old_map_growth_exact() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    env.for_each_build(
+        |b| b.old_maps(),
+        |b| {
+            let model = old_map_grows(MAP_BIG_KEYS, LoadFactor::for_version(&b.version));
+            let (last_count, last_b) = *model.last().expect("the map grows");
+            let grows = model.len() as u64;
+            let final_b = u64::from(last_b) + 1;
+            let t = trace(&env, &b.path, &["map_big"]);
+            t.assert_no_loss();
+            let go = t.go();
+            assert_eq!(go["map_impl"], "buckets", "map_impl\n{}", t.summary());
+            let sites = t.sites_through("map_grow", "main.fillMapBig");
+            assert_eq!(
+                sites.iter().map(|s| u64_at(s, "count")).sum::<u64>(),
+                grows,
+                "map_grow count of the sites through main.fillMapBig (Go's rule: {model:?})\n{}",
+                t.summary()
+            );
+            let map = t.single_map_first_grown_at("main.fillMapBig");
+            assert_eq!(
+                by_kind(map),
+                BTreeMap::from([("double".to_owned(), grows)]),
+                "by_kind of the fillMapBig map\n{}",
+                t.summary()
+            );
+            assert_eq!(u64_at(map, "grows"), grows, "grows\n{}", t.summary());
+            assert_eq!(
+                u64_at(map, "size_class"),
+                final_b,
+                "size_class (B) of the fillMapBig map\n{}",
+                t.summary()
+            );
+            assert_eq!(
+                u64_at(map, "len_at_last_grow"),
+                last_count,
+                "len_at_last_grow: the map's count at its last hashGrow\n{}",
+                t.summary()
+            );
+        },
+    );
+}
+
+/// `map_big`, swiss maps: per kind, exactly what bpftrace counts on the growth functions for the
+/// same map in the same run, and what Go's table sizes give for the seed-independent kinds.
+#[test]
+fn swiss_map_growth_matches_bpftrace() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    env.for_each_build(
+        |b| !b.old_maps(),
+        |b| {
+            let copy = UniqueCopy::of(b);
+            let counted: Vec<Counted> = SWISS_PROBES
+                .iter()
+                .map(|&(function, _, action)| Counted {
+                    function: function.to_owned(),
+                    cond: "1".to_owned(),
+                    action: action.to_owned(),
+                })
+                .collect();
+            let peer = Peer::start(&env, b, &copy, &counted);
+            let t = trace(&env, &copy.path, &["map_big"]);
+            let peer = peer.finish();
+            t.assert_no_loss();
+            assert_eq!(t.go()["map_impl"], "swiss", "map_impl\n{}", t.summary());
+            let map = t.single_map_first_grown_at("main.fillMapBig");
+            let address = u64_at(map, "address").to_string();
+            let want: BTreeMap<String, u64> = SWISS_PROBES
+                .iter()
+                .filter_map(|&(_, kind, _)| {
+                    let n = peer.count(kind, &address);
+                    (n > 0).then(|| (kind.to_owned(), n))
+                })
+                .collect();
+            let got = by_kind(map);
+            assert_eq!(
+                got,
+                want,
+                "by_kind of the fillMapBig map (left) vs bpftrace's counts for map {address} \
+                 (right)\n{}\nbpftrace:\n{}",
+                t.summary(),
+                peer.raw
+            );
+            // The seed-independent kinds, from the table sizes (this also checks the peer).
+            let table_grows = u64::from((SWISS_MAX_TABLE / SWISS_FIRST_TABLE).ilog2());
+            for (kind, n) in [("small", 1), ("to_table", 1), ("grow", table_grows)] {
+                assert_eq!(
+                    want.get(kind).copied().unwrap_or(0),
+                    n,
+                    "bpftrace's {kind} count for a map filled from empty to {MAP_BIG_KEYS} keys\n{}",
+                    peer.raw
+                );
+            }
+            let total: u64 = want.values().sum();
+            assert_eq!(u64_at(map, "grows"), total, "grows\n{}", t.summary());
+            let sites = t.sites_through("map_grow", "main.fillMapBig");
+            assert_eq!(
+                sites.iter().map(|s| u64_at(s, "count")).sum::<u64>(),
+                total,
+                "map_grow count of the sites through main.fillMapBig\n{}",
+                t.summary()
+            );
+            assert_eq!(
+                u64_at(map, "size_class"),
+                SWISS_MAX_TABLE,
+                "size_class: the largest table capacity\n{}",
+                t.summary()
+            );
+            let dir_grows = want.get("dir_grow").copied().unwrap_or(0);
+            assert_eq!(
+                u64_at(map, "directory_len"),
+                1 << dir_grows,
+                "directory_len after {dir_grows} directory doublings from 1\n{}",
+                t.summary()
+            );
+        },
+    );
+}
+
+/// `ints`: appendInts appends 10,000 ints to a nil slice. Every new capacity the loop saw (the
+/// fixture prints them) is one growslice call from main.appendInts, allocating cap × 8 bytes;
+/// those of ≥ 32 KiB are also large allocations from growslice called by main.appendInts.
+#[test]
+fn slice_growth_exact() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    env.for_each_build(
+        |_| true,
+        |b| {
+            let t = trace(&env, &b.path, &["ints"]);
+            t.assert_no_loss();
+            let caps = printed_caps(&t.stdout, "ints");
+            // Measured on every version in the matrix: 19 growths (1, 2, 4, … 512, then the
+            // 1.25× rule with size-class rounding up to 12,288).
+            assert_eq!(caps.len(), 19, "ints caps printed by the fixture: {caps:?}");
+            let sites = t.sites_at("slice_grow", "main.appendInts");
+            let count: u64 = sites.iter().map(|s| u64_at(s, "count")).sum();
+            let bytes: u64 = sites.iter().map(|s| u64_at(s, "bytes")).sum();
+            let want_bytes: u64 = caps.iter().map(|c| c * 8).sum();
+            assert_eq!(
+                (count, bytes),
+                (caps.len() as u64, want_bytes),
+                "slice_grow (count, bytes) at main.appendInts vs the fixture's capacities \
+                 {caps:?} × 8 bytes\n{}",
+                t.summary()
+            );
+            let large: Vec<u64> = caps
+                .iter()
+                .map(|c| c * 8)
+                .filter(|&b| b >= LARGE_ALLOC)
+                .collect();
+            let allocs = t.sites_through("alloc", "main.appendInts");
+            assert_eq!(
+                (
+                    allocs.iter().map(|s| u64_at(s, "count")).sum::<u64>(),
+                    allocs.iter().map(|s| u64_at(s, "bytes")).sum::<u64>()
+                ),
+                (large.len() as u64, large.iter().sum::<u64>()),
+                "large allocations through main.appendInts (count, bytes): the backing arrays \
+                 {large:?}\n{}",
+                t.summary()
+            );
+        },
+    );
+}
+
+/// Stripped builds name the same functions through `.gopclntab`: the stacks of the fixture's
+/// growth and allocation sites are the same, frame by frame, as in the unstripped build.
+#[test]
+fn stripped_builds_name_the_same_functions() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    const SITES: &[(&str, &str)] = &[
+        ("map_grow", "main.fillMapBig"),
+        ("slice_grow", "main.appendInts"),
+        ("alloc", "main.bigAlloc"),
+    ];
+    env.for_each_build(
+        |b| b.stripped,
+        |b| {
+            let stacks = |path: &Path| {
+                let t = trace(&env, path, &["map_big", "ints", "big"]);
+                SITES
+                    .iter()
+                    .map(|&(kind, function)| {
+                        let set: BTreeSet<Vec<String>> = t
+                            .sites_through(kind, function)
+                            .iter()
+                            .map(|s| functions(s))
+                            .collect();
+                        assert!(
+                            !set.is_empty(),
+                            "no {kind} site through {function} in {}\n{}",
+                            path.display(),
+                            t.summary()
+                        );
+                        for stack in &set {
+                            assert!(
+                                stack
+                                    .iter()
+                                    .all(|f| f.contains('.') && !f.starts_with("0x")),
+                                "unnamed frame in a {kind} stack of {}: {stack:?}",
+                                path.display()
+                            );
+                        }
+                        ((kind, function), set)
+                    })
+                    .collect::<BTreeMap<_, _>>()
+            };
+            let stripped = stacks(&b.path);
+            let plain = stacks(&b.twin);
+            assert_eq!(
+                stripped,
+                plain,
+                "stacks (function names) of the fixture's sites: {} (left) vs {} (right)",
+                b.name,
+                b.twin.display()
+            );
+        },
+    );
+}
+
+/// `gc`: 20 forced collections with the collector otherwise off. Each cycle has two
+/// stop-the-world phases (sweep termination, mark termination).
+#[test]
+fn gc_cycles_and_pauses() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    env.for_each_build(
+        |_| true,
+        |b| {
+            let t = trace(&env, &b.path, &["gc"]);
+            t.assert_no_loss();
+            let line = t
+                .stdout
+                .lines()
+                .find(|l| l.starts_with("gc cycles="))
+                .unwrap_or_else(|| panic!("no `gc cycles=` line in\n{}", t.stdout));
+            let numgc: u64 = field(line, "numgc")
+                .parse()
+                .unwrap_or_else(|_| panic!("numgc in {line:?}"));
+            assert!(numgc >= 20, "the fixture forces 20 collections: {line:?}");
+            let go = t.go();
+            assert_eq!(
+                u64_at(go, "gc_cycles"),
+                numgc,
+                "gc_cycles vs the fixture's NumGC ({line:?})\n{}",
+                t.summary()
+            );
+            let gc = &go["gc_pause_seconds"];
+            let stw = &go["stw_pause_seconds"];
+            assert_eq!(
+                u64_at(gc, "count"),
+                2 * numgc,
+                "gc_pause_seconds.count: two STW phases per cycle\n{}",
+                t.summary()
+            );
+            assert!(
+                u64_at(stw, "count") >= u64_at(gc, "count"),
+                "every GC pause is a stop-the-world pause\n{}",
+                t.summary()
+            );
+            for (name, p) in [("gc_pause_seconds", gc), ("stw_pause_seconds", stw)] {
+                let (sum, max) = (f64_at(p, "sum"), f64_at(p, "max"));
+                assert!(
+                    sum > 0.0 && max > 0.0 && max <= sum,
+                    "{name}: sum {sum}, max {max}\n{}",
+                    t.summary()
+                );
+                let in_buckets: u64 = p["buckets"]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("{name}.buckets\n{}", t.summary()))
+                    .iter()
+                    .map(|b| b[1].as_u64().expect("bucket count"))
+                    .sum();
+                assert_eq!(
+                    in_buckets,
+                    u64_at(p, "count"),
+                    "{name}: histogram total vs count"
+                );
+            }
+        },
+    );
+}
+
+/// `big`: bigAlloc makes 8 allocations of 64 KiB. They are the program's only large
+/// allocations, reported with their stack; and the allocation-size histogram has exactly the
+/// calls bpftrace sees entering the runtime's allocator (mallocgc, and from Go 1.27 the
+/// size-specialized `mallocgc*` functions the compiler calls directly).
+#[test]
+fn allocations_exact() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    env.for_each_build(
+        |_| true,
+        |b| {
+            let copy = UniqueCopy::of(b);
+            // Calls from inside the allocator family (mallocgc → mallocgcSmallNoScanSC2, slow
+            // paths, …) are the same allocation again: count only entries from outside it.
+            let family = env
+                .symbols(b)
+                .merged_ranges(|n| n.starts_with("runtime.mallocgc"));
+            let outside = family
+                .iter()
+                .map(|(start, end)| format!("($ra < {start:#x} || $ra >= {end:#x})"))
+                .collect::<Vec<_>>()
+                .join(" && ");
+            // mallocgc(0) returns &zerobase: not an allocation.
+            let action = r#"$s = reg("ax"); if ($s > 0) { @h{sfx} = hist($s); @bytes{sfx} = sum($s); if ($s >= 32768) { @large{sfx} = count(); @large_bytes{sfx} = sum($s); } }"#;
+            let entries = malloc_entries(b, &env.symbols(b));
+            let counted: Vec<Counted> = entries
+                .iter()
+                .map(|function| Counted {
+                    function: function.clone(),
+                    cond: outside.clone(),
+                    action: action.to_owned(),
+                })
+                .collect();
+            let peer = Peer::start(&env, b, &copy, &counted);
+            let t = trace(&env, &copy.path, &["big"]);
+            let peer = peer.finish();
+            t.assert_no_loss();
+            let go = t.go();
+
+            let line = t
+                .stdout
+                .lines()
+                .find(|l| l.starts_with("big count="))
+                .unwrap_or_else(|| panic!("no `big count=` line in\n{}", t.stdout));
+            let count: u64 = field(line, "count").parse().expect("big count");
+            let bytes: u64 = field(line, "bytes").parse().expect("big bytes");
+            assert!(
+                count > 0 && bytes / count >= LARGE_ALLOC,
+                "the fixture's big allocations are large: {line:?}"
+            );
+            let big = t.sites_through("alloc", "main.bigAlloc");
+            assert_eq!(
+                (
+                    big.iter().map(|s| u64_at(s, "count")).sum::<u64>(),
+                    big.iter().map(|s| u64_at(s, "bytes")).sum::<u64>()
+                ),
+                (count, bytes),
+                "alloc sites through main.bigAlloc (count, bytes) vs the fixture's {line:?}\n{}",
+                t.summary()
+            );
+            assert_eq!(
+                (u64_at(go, "large_allocs"), u64_at(go, "large_alloc_bytes")),
+                (count, bytes),
+                "large_allocs, large_alloc_bytes: the fixture's are the only ones ({line:?})\n{}",
+                t.summary()
+            );
+            assert_eq!(
+                (peer.count("large", ""), peer.count("large_bytes", "")),
+                (count, bytes),
+                "bpftrace's large allocations vs the fixture's {line:?}\n{}",
+                peer.raw
+            );
+
+            let got: Vec<(u64, u64)> = go["alloc_sizes"]
+                .as_array()
+                .unwrap_or_else(|| panic!("alloc_sizes\n{}", t.summary()))
+                .iter()
+                .map(|b| (u64_at(b, "min_bytes"), u64_at(b, "count")))
+                .filter(|&(_, n)| n > 0)
+                .collect();
+            assert!(!got.is_empty(), "empty alloc_sizes\n{}", t.summary());
+            let got_bytes: u64 = go["alloc_sizes"]
+                .as_array()
+                .expect("alloc_sizes")
+                .iter()
+                .map(|b| u64_at(b, "bytes"))
+                .sum();
+            let want = peer.hist("h");
+            assert_eq!(
+                got,
+                want,
+                "alloc_sizes (min_bytes, count) vs bpftrace's hist of the sizes entering {entries:?}\n{}",
+                peer.raw
+            );
+            assert_eq!(
+                got_bytes,
+                peer.count("bytes", ""),
+                "alloc_sizes bytes vs bpftrace's sum"
+            );
+        },
+    );
+}
+
+/// `--pid` on a running Go program: it keeps running while probes come and go, exits normally
+/// with unchanged output, and allocwatch then ends by itself with exit code 0.
+#[test]
+fn pid_attach_survives_program_exit() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    env.for_each_build(
+        |_| true,
+        |b| {
+            // Enough repetitions of map_huge (tens of ms each, growth and GC all the way) to
+            // run ≈ 1.5 s untraced: allocwatch attaches in a fraction of that.
+            let once = {
+                let start = Instant::now();
+                let out = run_untraced(&b.path, &["map_huge"]);
+                assert_eq!(out.stdout, format!("{MAP_HUGE_LINE}\n"));
+                start.elapsed()
+            };
+            let reps = (1500 / once.as_millis().max(1)).clamp(4, 100) as usize;
+            let modes = vec!["map_huge"; reps];
+            let mut fixture = KillOnDrop(
+                Command::new(&b.path)
+                    .args(&modes)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("cannot start {}: {e}", b.path.display())),
+            );
+            let pid = fixture.0.id();
+            let fixture_out = read_all(fixture.0.stdout.take().unwrap());
+            let fixture_err = read_all(fixture.0.stderr.take().unwrap());
+            let out = temp_file("pid.json");
+            let mut aw = Allocwatch::spawn(
+                &env,
+                &[
+                    "top",
+                    "--json",
+                    "-o",
+                    path_str(&out),
+                    "--pid",
+                    &pid.to_string(),
+                ],
+            );
+            assert_eq!(aw.wait_tracing_pid(Duration::from_secs(30)), pid);
+            assert!(
+                fixture.0.try_wait().expect("waitpid").is_none(),
+                "{} finished {reps} × map_huge before allocwatch attached: nothing tested",
+                b.name
+            );
+            let status = wait_child(&mut fixture.0, Duration::from_secs(120))
+                .unwrap_or_else(|| panic!("{} still running after 120 s (killed)", b.name));
+            let stdout = fixture_out.join().expect("stdout reader");
+            let stderr = fixture_err.join().expect("stderr reader");
+            assert!(
+                status.success(),
+                "{} exited with {status} while traced:\n{stderr}",
+                b.name
+            );
+            assert_eq!(
+                stdout,
+                format!("{MAP_HUGE_LINE}\n").repeat(reps),
+                "output of the traced program"
+            );
+            let aw_status = aw.wait_exit(Duration::from_secs(15));
+            aw.assert_success(aw_status);
+            let report = read_json(&out);
+            let proc = array(&report, "processes")
+                .iter()
+                .find(|p| p["pid"] == pid)
+                .unwrap_or_else(|| panic!("no process {pid} in\n{report:#}"));
+            assert_eq!(proc["exited"], true, "exited");
+            assert!(
+                proc["exit_code"].is_null() || proc["exit_code"] == 0,
+                "exit_code of a process that exited with 0: {}",
+                proc["exit_code"]
+            );
+            let version = proc["go"]["version"].as_str().unwrap_or_default();
+            assert!(
+                version.starts_with(&format!("go{}", b.version)),
+                "go.version {version:?} for Go {}",
+                b.version
+            );
+        },
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Go's rules
+
+/// Old maps' load factor, `loadFactorNum / loadFactorDen` in runtime/map.go.
+#[derive(Clone, Copy, Debug)]
+struct LoadFactor {
+    num: u64,
+    den: u64,
+}
+
+impl LoadFactor {
+    /// 13/2 = 6.5 entries per bucket.
+    const DEFAULT: Self = Self { num: 13, den: 2 };
+
+    /// Go 1.21's constants came out as 6 per bucket (an integer-division slip fixed in 1.22;
+    /// the fixture's comment records its 49,152-key last grow).
+    fn for_version(version: &str) -> Self {
+        if minor(version) == 21 {
+            Self { num: 12, den: 2 }
+        } else {
+            Self::DEFAULT
+        }
+    }
+}
+
+/// The hashGrow calls of `keys` distinct inserts into `make(map[K]V)` (B = 0, no hint), as
+/// (count, old B): mapassign grows when `overLoadFactor(h.count+1, h.B)` (runtime/map.go:
+/// `count > bucketCnt && count > loadFactorNum*(bucketShift(B)/loadFactorDen)`, in integer
+/// arithmetic). Evacuation ends long before the next threshold, so no grow is skipped for
+/// "already growing"; sequential int keys make no same-size grows.
+fn old_map_grows(keys: u64, lf: LoadFactor) -> Vec<(u64, u8)> {
+    let over = |count: u64, b: u8| count > BUCKET_SLOTS && count > lf.num * ((1u64 << b) / lf.den);
+    let mut b = 0u8;
+    let mut grows = Vec::new();
+    for count in 0..keys {
+        if over(count + 1, b) {
+            grows.push((count, b));
+            b += 1;
+        }
+    }
+    grows
+}
+
+fn minor(version: &str) -> u32 {
+    version
+        .strip_prefix("1.")
+        .and_then(|r| r.split('.').next())
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("Go version {version:?}"))
+}
+
+/// The capacities the fixture printed as `MODE caps=1,2,4,…`.
+fn printed_caps(stdout: &str, mode: &str) -> Vec<u64> {
+    let prefix = format!("{mode} caps=");
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| {
+            panic!("the fixture printed no `{prefix}…` line (fixtures/go/growth):\n{stdout}")
+        });
+    assert!(!line.contains("..."), "capacity trace truncated: {line}");
+    line.split(',')
+        .map(|c| c.parse().unwrap_or_else(|_| panic!("cap {c:?} in {line}")))
+        .collect()
+}
+
+/// `value` of `key=value` in a line of the fixture.
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+}
+
+/// The allocator entry points of `b`'s runtime: `runtime.mallocgc*` functions whose first
+/// parameter is the size (from the toolchain's own runtime sources) that exist in the binary.
+fn malloc_entries(b: &Build, symbols: &Symbols) -> Vec<String> {
+    let dir = b.tc.goroot.join("src/runtime");
+    let mut names = BTreeSet::new();
+    for entry in fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.expect("dir entry").path();
+        let file = path.file_name().and_then(OsStr::to_str).unwrap_or_default();
+        if !file.ends_with(".go") || file.ends_with("_test.go") {
+            continue;
+        }
+        let text = fs::read_to_string(&path).expect("runtime source");
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("func mallocgc") {
+                let (suffix, params) = rest.split_once('(').unwrap_or_default();
+                if params.starts_with("size uintptr") {
+                    names.insert(format!("runtime.mallocgc{suffix}"));
+                }
+            }
+        }
+    }
+    assert!(
+        names.contains("runtime.mallocgc"),
+        "no `func mallocgc(size uintptr` in {}",
+        dir.display()
+    );
+    // Functions that were inlined everywhere have no symbol (and cannot be called).
+    names
+        .into_iter()
+        .filter(|n| symbols.by_name.contains_key(n))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The matrix
+
+struct Toolchain {
+    version: String,
+    goroot: PathBuf,
+    go: PathBuf,
+}
+
+impl Toolchain {
+    /// `go tool TOOL ARGS…` of this toolchain, hermetic like xtask/src/go.rs.
+    fn tool(&self, tool: &str) -> Command {
+        let mut cmd = Command::new(&self.go);
+        cmd.env("GOROOT", &self.goroot)
+            .env("GOTOOLCHAIN", "local")
+            .env_remove("GOEXPERIMENT")
+            .args(["tool", tool]);
+        cmd
+    }
+}
+
+/// One fixture binary.
+struct Build {
+    tc: Arc<Toolchain>,
+    version: String,
+    /// `growth-1.25.5-noswissmap-stripped`
+    name: String,
+    path: PathBuf,
+    stripped: bool,
+    noswissmap: bool,
+    /// The same build unstripped (itself when not stripped): symbols for bpftrace and objdump.
+    twin: PathBuf,
+}
+
+impl Build {
+    /// Bucket maps: Go ≤ 1.23, or a swiss-map Go built with `GOEXPERIMENT=noswissmap`.
+    fn old_maps(&self) -> bool {
+        minor(&self.version) <= 23 || self.noswissmap
+    }
+}
+
+struct TestEnv {
+    bin: PathBuf,
+    builds: Vec<Build>,
+    symbols: Mutex<BTreeMap<PathBuf, Arc<Symbols>>>,
+}
+
+impl TestEnv {
+    /// None (after a loud message) when ALLOCWATCH_BIN is unset: plain `cargo test` without
+    /// `./x test`. Panics on anything else that is missing.
+    fn get() -> Option<Self> {
+        let Some(bin) = env::var_os("ALLOCWATCH_BIN") else {
+            eprintln!(
+                "\n*** SKIPPED: ALLOCWATCH_BIN is not set. These tests need root, the built \
+                 binary, the Go toolchains and the Go fixtures: run `./x test`. ***\n"
+            );
+            return None;
+        };
+        let bin = PathBuf::from(bin);
+        assert!(
+            bin.is_file(),
+            "ALLOCWATCH_BIN={} does not exist",
+            bin.display()
+        );
+        let var = |name: &str| {
+            env::var_os(name)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| panic!("{name} is not set (./x test sets it)"))
+        };
+        let dir = var("ALLOCWATCH_GO_FIXTURES");
+        let toolchains = read_toolchains(&var("ALLOCWATCH_GO_TOOLCHAINS"));
+        let mut builds = Vec::new();
+        for tc in toolchains {
+            let tc = Arc::new(tc);
+            // The variants xtask/src/go.rs `variants` builds.
+            let experiments: &[bool] = if matches!(minor(&tc.version), 24 | 25) {
+                &[false, true]
+            } else {
+                &[false]
+            };
+            for &noswissmap in experiments {
+                let base = format!(
+                    "growth-{}{}",
+                    tc.version,
+                    if noswissmap { "-noswissmap" } else { "" }
+                );
+                let twin = dir.join(&base);
+                for stripped in [false, true] {
+                    let name = format!("{base}{}", if stripped { "-stripped" } else { "" });
+                    let path = dir.join(&name);
+                    assert!(
+                        path.is_file(),
+                        "{} missing: run ./x fixtures",
+                        path.display()
+                    );
+                    builds.push(Build {
+                        tc: Arc::clone(&tc),
+                        version: tc.version.clone(),
+                        name,
+                        path,
+                        stripped,
+                        noswissmap,
+                        twin: twin.clone(),
+                    });
+                }
+            }
+        }
+        Some(Self {
+            bin,
+            builds,
+            symbols: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// Runs `check` on every build that `select` keeps; fails with every failing build's
+    /// message once all have run.
+    fn for_each_build(&self, select: impl Fn(&Build) -> bool, check: impl Fn(&Build)) {
+        let mut failures = Vec::new();
+        let mut ran = 0;
+        for b in self.builds.iter().filter(|b| select(b)) {
+            ran += 1;
+            let start = Instant::now();
+            match panic::catch_unwind(AssertUnwindSafe(|| check(b))) {
+                Ok(()) => eprintln!("ok: {} ({:.1?})", b.name, start.elapsed()),
+                Err(e) => {
+                    let msg = e
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                        .unwrap_or_else(|| "(non-string panic)".to_owned());
+                    eprintln!("FAILED: {} ({:.1?})", b.name, start.elapsed());
+                    failures.push(format!("=== {}\n{msg}", b.name));
+                }
+            }
+        }
+        assert!(ran > 0, "no fixture build to test");
+        assert!(
+            failures.is_empty(),
+            "{} of {ran} builds failed:\n\n{}",
+            failures.len(),
+            failures.join("\n\n")
+        );
+    }
+
+    /// `go tool nm` of `b`'s unstripped twin (cached).
+    fn symbols(&self, b: &Build) -> Arc<Symbols> {
+        let mut cache = self.symbols.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(
+            cache
+                .entry(b.twin.clone())
+                .or_insert_with(|| Arc::new(Symbols::of(&b.tc, &b.twin))),
+        )
+    }
+}
+
+/// `$cache/go/toolchains.tsv`: `version<TAB>goroot<TAB>go` per line (xtask/src/go.rs).
+fn read_toolchains(manifest: &Path) -> Vec<Toolchain> {
+    let text = fs::read_to_string(manifest)
+        .unwrap_or_else(|e| panic!("{}: {e} (./x setup writes it)", manifest.display()));
+    let list: Vec<Toolchain> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let cols: Vec<&str> = line.split('\t').collect();
+            assert_eq!(cols.len(), 3, "{}: bad line {line:?}", manifest.display());
+            let tc = Toolchain {
+                version: cols[0].to_owned(),
+                goroot: PathBuf::from(cols[1]),
+                go: PathBuf::from(cols[2]),
+            };
+            assert!(
+                tc.go.is_file(),
+                "{} is listed but missing: run ./x setup",
+                tc.go.display()
+            );
+            tc
+        })
+        .collect();
+    // The matrix the issue asks for: Debian's 1.19, old maps, swiss maps, size-specialized malloc.
+    for (what, minors) in [
+        ("1.19", &[19][..]),
+        ("1.23", &[23]),
+        ("1.24 or 1.25", &[24, 25]),
+        ("1.27", &[27]),
+    ] {
+        assert!(
+            list.iter().any(|t| minors.contains(&minor(&t.version))),
+            "no Go {what} toolchain in {}: rerun ./x setup",
+            manifest.display()
+        );
+    }
+    list
+}
+
+/// Serializes the tests of this file (uprobes and BPF ids are system-wide state).
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Symbols and probe sites for bpftrace
+
+/// Text symbols of an unstripped binary: `go tool nm -size` (address, size, kind, name).
+struct Symbols {
+    by_name: BTreeMap<String, (u64, u64)>,
+}
+
+impl Symbols {
+    fn of(tc: &Toolchain, bin: &Path) -> Self {
+        let out = tc
+            .tool("nm")
+            .arg("-size")
+            .arg(bin)
+            .output()
+            .expect("go tool nm");
+        assert!(
+            out.status.success(),
+            "go tool nm -size {}: {}",
+            bin.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut by_name = BTreeMap::new();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() < 4 || !matches!(cols[2], "T" | "t") {
+                continue;
+            }
+            let (Ok(addr), Ok(size)) = (u64::from_str_radix(cols[0], 16), cols[1].parse()) else {
+                continue;
+            };
+            by_name.insert(cols[3..].join(" "), (addr, size));
+        }
+        assert!(!by_name.is_empty(), "no text symbols in {}", bin.display());
+        Self { by_name }
+    }
+
+    fn range(&self, name: &str) -> (u64, u64) {
+        let &(addr, size) = self
+            .by_name
+            .get(name)
+            .unwrap_or_else(|| panic!("no symbol {name}"));
+        (addr, addr + size)
+    }
+
+    /// The address ranges [start, end) covered by the functions `wanted` selects, neighbours
+    /// merged when no other function starts between them.
+    fn merged_ranges(&self, wanted: impl Fn(&str) -> bool) -> Vec<(u64, u64)> {
+        let mut all: Vec<(u64, u64, bool)> = self
+            .by_name
+            .iter()
+            .map(|(n, &(a, s))| (a, a + s, wanted(n)))
+            .collect();
+        all.sort_unstable();
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        let mut extend = false;
+        for (start, end, wanted) in all {
+            match (wanted, ranges.last_mut()) {
+                (true, Some(last)) if extend => last.1 = last.1.max(end),
+                (true, _) => ranges.push((start, end)),
+                // Zero-size symbols (labels) do not separate two functions.
+                (false, _) if start == end => continue,
+                (false, _) => {}
+            }
+            extend = wanted;
+        }
+        ranges
+    }
+}
+
+/// One function the peer counts: on each call that gets past the function's stack check and
+/// satisfies `cond` (which may use `$ra`, the function's return address), bpftrace runs
+/// `action` with `{sfx}` = "" at the entry; the same with `{sfx}` = "_retry" at a failed stack
+/// check (from `runtime.morestack`, whose caller is the function's morestack stub, with the
+/// function's arguments still in their registers).
+struct Counted {
+    function: String,
+    cond: String,
+    action: String,
+}
+
+/// The function that a failed stack check calls (through `morestack_noctxt`, a jump): NOSPLIT,
+/// so its first instruction runs once per call. ELF and `go tool nm` name it with the `.abi0`
+/// suffix of assembly functions.
+const MORESTACK: &str = "runtime.morestack.abi0";
+
+/// bpftrace counting [`Counted`] functions of one fixture copy; [`Peer::finish`] gives the
+/// counts (entries minus retries, see the file's comment).
+struct Peer {
+    bpftrace: Bpftrace,
+}
+
+impl Peer {
+    fn start(env: &TestEnv, b: &Build, copy: &UniqueCopy, counted: &[Counted]) -> Self {
+        let symbols = env.symbols(b);
+        let mut names: Vec<&str> = counted.iter().map(|c| c.function.as_str()).collect();
+        names.push(MORESTACK);
+        let (specs, by_offset) = probe_specs(b, copy, &symbols, &names);
+        let comm = &copy.comm;
+        let mut script = String::new();
+        for (c, spec) in counted.iter().zip(&specs) {
+            let action = c.action.replace("{sfx}", "");
+            let _ = writeln!(
+                script,
+                r#"{spec} /comm == "{comm}"/ {{ $ra = *(uint64 *)uptr(reg("sp")); if ({}) {{ {action} }} }}"#,
+                c.cond
+            );
+        }
+        // At runtime.morestack: [SP] returns into the stub of the function whose check failed,
+        // [SP + 8] is that function's own return address. Functions sharing a condition and an
+        // action are tested as merged address ranges.
+        let mut groups: BTreeMap<(&str, String), Vec<&str>> = BTreeMap::new();
+        for c in counted {
+            groups
+                .entry((c.cond.as_str(), c.action.replace("{sfx}", "_retry")))
+                .or_default()
+                .push(c.function.as_str());
+        }
+        let mut retries = String::new();
+        for ((cond, action), functions) in &groups {
+            let inside = symbols
+                .merged_ranges(|n| functions.contains(&n))
+                .iter()
+                .map(|(start, end)| format!("($stub >= {start:#x} && $stub < {end:#x})"))
+                .collect::<Vec<_>>()
+                .join(" || ");
+            let _ = write!(retries, " if (({inside}) && {cond}) {{ {action} }}");
+        }
+        let _ = writeln!(
+            script,
+            r#"{} /comm == "{comm}"/ {{ $stub = *(uint64 *)uptr(reg("sp")); $ra = *(uint64 *)uptr(reg("sp") + 8);{retries} }}"#,
+            specs.last().expect("morestack spec")
+        );
+        for c in counted {
+            let (start, end) = symbols.range(&c.function);
+            assert!(start < end, "{}: empty symbol", c.function);
+        }
+        Self {
+            bpftrace: Bpftrace::start(&script, by_offset),
+        }
+    }
+
+    fn finish(self) -> PeerOutput {
+        self.bpftrace.finish()
+    }
+}
+
+/// bpftrace probe specs for `names` in `copy` (a copy of `b`): `uprobe:PATH:"name"`, or for a
+/// stripped build `uprobe:PATH:0xFILEOFFSET` (then bpftrace needs `--unsafe`: the second value).
+fn probe_specs(
+    b: &Build,
+    copy: &UniqueCopy,
+    symbols: &Symbols,
+    names: &[&str],
+) -> (Vec<String>, bool) {
+    let path = copy.path.display();
+    if !b.stripped {
+        let specs = names
+            .iter()
+            .map(|n| format!("uprobe:{path}:\"{n}\""))
+            .collect();
+        return (specs, false);
+    }
+    let addrs: Vec<u64> = names.iter().map(|n| symbols.range(n).0).collect();
+    check_pclntab_names(&b.tc, &b.path, names, &addrs);
+    let image = fs::read(&copy.path).expect("reading the fixture copy");
+    let specs = addrs
+        .iter()
+        .map(|&a| format!("uprobe:{path}:{:#x}", file_offset(&image, a)))
+        .collect();
+    (specs, true)
+}
+
+/// The stripped binary's own `.gopclntab` (read by Go's `addr2line`) must name each address as
+/// the function that starts there: then the unstripped twin's addresses hold for it.
+fn check_pclntab_names(tc: &Toolchain, stripped: &Path, names: &[&str], addrs: &[u64]) {
+    let mut child = tc
+        .tool("addr2line")
+        .arg(stripped)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("go tool addr2line");
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        for a in addrs {
+            writeln!(stdin, "{a:#x}\n{:#x}", a - 1).expect("writing to addr2line");
+        }
+    }
+    let out = child.wait_with_output().expect("go tool addr2line");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Two lines per address: function, file:line.
+    let funcs: Vec<&str> = text.lines().step_by(2).collect();
+    for (i, full) in names.iter().enumerate() {
+        // The pclntab names an assembly function `x` where the symbol table says `x.abi0`.
+        let name = &full.strip_suffix(".abi0").unwrap_or(full);
+        let (at, before) = (funcs.get(2 * i), funcs.get(2 * i + 1));
+        assert!(
+            at == Some(name) && before != Some(name),
+            "{}: addr2line names {:#x} {at:?} and the byte before it {before:?}, expected the \
+             start of {name}",
+            stripped.display(),
+            addrs[i]
+        );
+    }
+}
+
+/// The file offset of virtual address `vaddr` in an ELF64 little-endian executable (from the
+/// executable PT_LOAD segment's program header).
+fn file_offset(image: &[u8], vaddr: u64) -> u64 {
+    let u16_at = |o: usize| u64::from(u16::from_le_bytes(image[o..o + 2].try_into().unwrap()));
+    let u32_at = |o: usize| u32::from_le_bytes(image[o..o + 4].try_into().unwrap());
+    let u64_at = |o: usize| u64::from_le_bytes(image[o..o + 8].try_into().unwrap());
+    assert_eq!(&image[..5], b"\x7fELF\x02", "not an ELF64 file");
+    let (phoff, phentsize, phnum) = (u64_at(0x20), u16_at(0x36), u16_at(0x38));
+    for i in 0..phnum {
+        let ph = usize::try_from(phoff + i * phentsize).unwrap();
+        let (p_type, p_flags) = (u32_at(ph), u32_at(ph + 4));
+        let (p_offset, p_vaddr, p_filesz) = (u64_at(ph + 8), u64_at(ph + 16), u64_at(ph + 32));
+        // PT_LOAD, PF_X
+        if p_type == 1 && p_flags & 1 != 0 && (p_vaddr..p_vaddr + p_filesz).contains(&vaddr) {
+            return vaddr - p_vaddr + p_offset;
+        }
+    }
+    panic!("{vaddr:#x} is in no executable segment");
+}
+
+/// A copy of a fixture under a name of its own: its `comm` (≤ 15 characters, so the whole name)
+/// tells its threads apart from every other process for bpftrace's filter.
+struct UniqueCopy {
+    path: PathBuf,
+    comm: String,
+}
+
+impl UniqueCopy {
+    fn of(b: &Build) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let comm = format!(
+            "gw{}x{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        assert!(comm.len() <= 15, "comm {comm} too long");
+        let dir = env::temp_dir().join(format!("allocwatch-gotest-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("creating the fixture copy directory");
+        let path = dir.join(&comm);
+        fs::copy(&b.path, &path)
+            .unwrap_or_else(|e| panic!("copying {} to {}: {e}", b.path.display(), path.display()));
+        Self { path, comm }
+    }
+}
+
+impl Drop for UniqueCopy {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+        if let Some(dir) = self.path.parent() {
+            let _ = fs::remove_dir(dir);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// bpftrace
+
+/// bpftrace running a script until [`Bpftrace::finish`].
+struct Bpftrace {
+    child: Child,
+    stdout: Lines,
+    stderr: Option<thread::JoinHandle<String>>,
+}
+
+/// bpftrace's maps (`@name[key] = value`, scalars under key "") and histograms at exit.
+struct PeerOutput {
+    maps: BTreeMap<String, BTreeMap<String, u64>>,
+    hists: BTreeMap<String, Vec<(u64, u64)>>,
+    raw: String,
+}
+
+impl PeerOutput {
+    /// `@map[key]` minus `@map_retry[key]`: the calls that got past the stack check.
+    fn count(&self, map: &str, key: &str) -> u64 {
+        let get = |m: &str| {
+            self.maps
+                .get(m)
+                .and_then(|m| m.get(key))
+                .copied()
+                .unwrap_or(0)
+        };
+        let (entries, retries) = (get(map), get(&format!("{map}_retry")));
+        entries
+            .checked_sub(retries)
+            .unwrap_or_else(|| panic!("@{map}[{key}]: {retries} retries of {entries} entries"))
+    }
+
+    /// Non-empty buckets as (min, count) of `@name` minus `@name_retry`.
+    fn hist(&self, name: &str) -> Vec<(u64, u64)> {
+        let mut buckets: BTreeMap<u64, u64> = self
+            .hists
+            .get(name)
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect();
+        for (min, n) in self
+            .hists
+            .get(&format!("{name}_retry"))
+            .into_iter()
+            .flatten()
+        {
+            let e = buckets.entry(*min).or_default();
+            *e = e
+                .checked_sub(*n)
+                .unwrap_or_else(|| panic!("@{name}: more retries than entries at {min}"));
+        }
+        buckets.into_iter().filter(|&(_, n)| n > 0).collect()
+    }
+}
+
+impl Bpftrace {
+    /// Starts bpftrace and waits until its probes are attached.
+    fn start(script: &str, by_offset: bool) -> Self {
+        let mut cmd = Command::new("bpftrace");
+        cmd.args(["-f", "json"]);
+        if by_offset {
+            // Offsets into stripped binaries: bpftrace cannot check them (each was checked
+            // against the function's start above).
+            cmd.arg("--unsafe");
+        }
+        let mut child = cmd
+            .args(["-e", script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run bpftrace ({e}): ./x setup installs it"));
+        let stdout = Lines::follow(child.stdout.take().unwrap());
+        let stderr = Some(read_all(child.stderr.take().unwrap()));
+        let mut peer = Self {
+            child,
+            stdout,
+            stderr,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match peer
+                .stdout
+                .rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(line) if line.contains("\"attached_probes\"") => return peer,
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = peer.child.kill();
+                    let _ = peer.child.wait();
+                    panic!(
+                        "bpftrace did not attach ({e:?}):\n{}\n{}\nscript:\n{script}",
+                        peer.stdout.text(),
+                        peer.stderr_text()
+                    );
+                }
+            }
+        }
+    }
+
+    fn stderr_text(&mut self) -> String {
+        self.stderr
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    /// SIGINT (bpftrace prints its maps), then the maps.
+    fn finish(mut self) -> PeerOutput {
+        signal(self.child.id(), libc::SIGINT);
+        let status = wait_child(&mut self.child, Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("bpftrace did not exit after SIGINT"));
+        let stderr = self.stderr_text();
+        // bpftrace has exited: read its stdout to the end (the reader disconnects at EOF).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Err(RecvTimeoutError::Disconnected) =
+                self.stdout.rx.recv_timeout(Duration::from_millis(100))
+            {
+                break;
+            }
+        }
+        let raw = self.stdout.text();
+        assert!(
+            status.success(),
+            "bpftrace failed ({status}):\n{raw}\n{stderr}"
+        );
+        let mut out = PeerOutput {
+            maps: BTreeMap::new(),
+            hists: BTreeMap::new(),
+            raw: raw.clone(),
+        };
+        for line in raw.lines().filter(|l| l.starts_with('{')) {
+            let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            let Some(data) = v["data"].as_object() else {
+                continue;
+            };
+            for (name, value) in data {
+                let name = name.trim_start_matches('@').to_owned();
+                match v["type"].as_str() {
+                    Some("map") => {
+                        let entries = out.maps.entry(name).or_default();
+                        match value {
+                            Value::Object(keys) => {
+                                for (k, n) in keys {
+                                    entries.insert(k.clone(), n.as_u64().unwrap_or_default());
+                                }
+                            }
+                            n => {
+                                entries.insert(String::new(), n.as_u64().unwrap_or_default());
+                            }
+                        }
+                    }
+                    Some("hist") => {
+                        let buckets = value
+                            .as_array()
+                            .unwrap_or_else(|| panic!("hist {line}"))
+                            .iter()
+                            .map(|b| (u64_at(b, "min"), u64_at(b, "count")))
+                            .filter(|&(_, n)| n > 0)
+                            .collect();
+                        out.hists.insert(name, buckets);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Bpftrace {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+
+struct Untraced {
+    stdout: String,
+    status: ExitStatus,
+}
+
+fn run_untraced(bin: &Path, modes: &[&str]) -> Untraced {
+    let out = Command::new(bin)
+        .args(modes)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
+    Untraced {
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        status: out.status,
+    }
+}
+
+/// One `allocwatch top --json -o F -- FIXTURE MODES…` run.
+struct Traced {
+    /// The fixture's stdout (allocwatch writes its report to F).
+    stdout: String,
+    /// The process's entry in the report.
+    process: Value,
+}
+
+/// Runs the fixture under allocwatch and returns its output and its report; allocwatch must exit
+/// 0 without a crash and report exactly this one process, as a Go program.
+fn trace(env: &TestEnv, bin: &Path, modes: &[&str]) -> Traced {
+    let out = temp_file("top.json");
+    let mut args = vec!["top", "--json", "-o", path_str(&out), "--", path_str(bin)];
+    args.extend_from_slice(modes);
+    let mut aw = Allocwatch::spawn(env, &args);
+    let pid = aw.wait_tracing_pid(Duration::from_secs(30));
+    let status = aw.wait_exit(Duration::from_secs(120));
+    aw.assert_success(status);
+    let stdout = aw.stdout();
+    let report = read_json(&out);
+    let processes = array(&report, "processes");
+    assert_eq!(processes.len(), 1, "one process traced\n{report:#}");
+    let process = processes[0].clone();
+    assert_eq!(u64_at(&process, "pid"), u64::from(pid), "pid");
+    assert_eq!(process["exited"], true, "exited");
+    assert!(
+        process["go"].is_object(),
+        "no `go` object for a Go program:\n{process:#}"
+    );
+    Traced { stdout, process }
+}
+
+impl Traced {
+    fn go(&self) -> &Value {
+        &self.process["go"]
+    }
+
+    fn sites(&self) -> &Vec<Value> {
+        array(self.go(), "sites")
+    }
+
+    /// Sites of `kind` whose first frame outside the runtime is `function`.
+    fn sites_through(&self, kind: &str, function: &str) -> Vec<&Value> {
+        self.sites()
+            .iter()
+            .filter(|s| s["kind"] == kind && first_user_function(s).as_deref() == Some(function))
+            .collect()
+    }
+
+    /// Sites of `kind` whose frame 0 is `function`.
+    fn sites_at(&self, kind: &str, function: &str) -> Vec<&Value> {
+        self.sites()
+            .iter()
+            .filter(|s| {
+                s["kind"] == kind && functions(s).first().map(String::as_str) == Some(function)
+            })
+            .collect()
+    }
+
+    /// The one map instance whose first growth came through `function`.
+    fn single_map_first_grown_at(&self, function: &str) -> &Value {
+        let maps: Vec<&Value> = array(self.go(), "maps")
+            .iter()
+            .filter(|m| {
+                frame_functions(&m["first_grown_at"])
+                    .iter()
+                    .any(|f| f == function)
+            })
+            .collect();
+        assert_eq!(
+            maps.len(),
+            1,
+            "map instances first grown through {function}\n{}",
+            self.summary()
+        );
+        maps[0]
+    }
+
+    fn assert_no_loss(&self) {
+        let lost = &self.process["lost"];
+        let nonzero: Vec<String> = lost
+            .as_object()
+            .unwrap_or_else(|| panic!("no `lost` object\n{}", self.summary()))
+            .iter()
+            .filter(|(_, n)| n.as_u64() != Some(0))
+            .map(|(k, n)| format!("{k}={n}"))
+            .collect();
+        assert!(
+            nonzero.is_empty(),
+            "events lost ({}): every count below would be a lower bound\n{}",
+            nonzero.join(", "),
+            self.summary()
+        );
+    }
+
+    /// The report's `go` object without its long lists, and the fixture's own sites and maps
+    /// (function names only): enough to see what went wrong.
+    fn summary(&self) -> String {
+        let go = self.go();
+        let mut s = String::new();
+        if let Some(obj) = go.as_object() {
+            for (k, v) in obj {
+                if !matches!(k.as_str(), "sites" | "maps" | "alloc_sizes") {
+                    let _ = writeln!(s, "  {k}: {v}");
+                }
+            }
+        }
+        let _ = writeln!(s, "  alloc_sizes: {}", go["alloc_sizes"]);
+        let _ = writeln!(s, "  sites through main.*:");
+        for site in self.sites() {
+            if first_user_function(site).is_some_and(|f| f.starts_with("main.")) {
+                let _ = writeln!(
+                    s,
+                    "    {} count={} bytes={} {:?}",
+                    site["kind"],
+                    site["count"],
+                    site["bytes"],
+                    functions(site)
+                );
+            }
+        }
+        let unnamed: Vec<&Value> = self
+            .sites()
+            .iter()
+            .filter(|site| functions(site).iter().any(|f| f == "?"))
+            .collect();
+        if let Some(first) = unnamed.first() {
+            let _ = writeln!(
+                s,
+                "  {} sites with unnamed frames, e.g. {} {:?} (symbolization: {}, lost: {})",
+                unnamed.len(),
+                first["kind"],
+                first["frames"].as_array().map(|f| &f[..f.len().min(2)]),
+                self.process["symbolization"],
+                self.process["lost"]
+            );
+        }
+        let _ = writeln!(s, "  maps:");
+        for m in go["maps"].as_array().into_iter().flatten() {
+            let mut m2 = m.clone();
+            m2["first_grown_at"] = Value::from(frame_functions(&m["first_grown_at"]));
+            let _ = writeln!(s, "    {m2}");
+        }
+        let _ = write!(s, "  fixture stdout:\n{}", self.stdout);
+        s
+    }
+}
+
+/// Lines of a child's pipe, read on a thread: kept for messages, and sent as they arrive.
+struct Lines {
+    all: Arc<Mutex<Vec<String>>>,
+    rx: Receiver<String>,
+}
+
+impl Lines {
+    fn follow(pipe: impl Read + Send + 'static) -> Self {
+        let all = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let keep = Arc::clone(&all);
+        thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                keep.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        Self { all, rx }
+    }
+
+    /// The first line starting with `prefix` (panics after `timeout`).
+    fn wait_for(&self, prefix: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) if line.starts_with(prefix) => return line,
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "no line starting with {prefix:?} within {timeout:?}:\n{}",
+                    self.text()
+                ),
+                Err(RecvTimeoutError::Disconnected) => panic!(
+                    "the process closed stderr (exited?) before a line starting with \
+                     {prefix:?}:\n{}",
+                    self.text()
+                ),
+            }
+        }
+    }
+
+    fn text(&self) -> String {
+        self.all.lock().unwrap().join("\n")
+    }
+}
+
+fn read_all(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut s = String::new();
+        let _ = pipe.read_to_string(&mut s);
+        s
+    })
+}
+
+struct Allocwatch {
+    child: Child,
+    stderr: Lines,
+    stdout: Option<thread::JoinHandle<String>>,
+    args: String,
+}
+
+impl Allocwatch {
+    fn spawn(env: &TestEnv, args: &[&str]) -> Self {
+        let mut child = Command::new(&env.bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", env.bin.display()));
+        let stderr = Lines::follow(child.stderr.take().unwrap());
+        let stdout = Some(read_all(child.stdout.take().unwrap()));
+        Self {
+            child,
+            stderr,
+            stdout,
+            args: args.join(" "),
+        }
+    }
+
+    /// Waits for `allocwatch: tracing pid N` and returns N.
+    fn wait_tracing_pid(&mut self, timeout: Duration) -> u32 {
+        let line = self.stderr.wait_for(TRACING_PREFIX, timeout);
+        let rest = &line[TRACING_PREFIX.len()..];
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits
+            .parse()
+            .unwrap_or_else(|_| panic!("no pid in the tracing line {line:?}"))
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        wait_child(&mut self.child, timeout).unwrap_or_else(|| {
+            panic!(
+                "`allocwatch {}` still running after {timeout:?} (killed):\n{}",
+                self.args,
+                self.stderr.text()
+            )
+        })
+    }
+
+    fn assert_success(&self, status: ExitStatus) {
+        // Let the reader thread drain the pipe.
+        thread::sleep(Duration::from_millis(50));
+        let stderr = self.stderr.text();
+        assert!(
+            status.success(),
+            "`allocwatch {}` failed: {status}\n{stderr}",
+            self.args
+        );
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("stack backtrace"),
+            "allocwatch crashed:\n{stderr}"
+        );
+    }
+
+    /// Everything written to stdout (by the traced command: the report goes to `-o`).
+    fn stdout(&mut self) -> String {
+        self.stdout
+            .take()
+            .expect("stdout taken twice")
+            .join()
+            .expect("stdout reader")
+    }
+}
+
+impl Drop for Allocwatch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A process the test started directly: killed and reaped if the test fails first (`kill` on
+/// a child already reaped sends nothing).
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls until `child` exits; kills it and returns None after `timeout`.
+fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("waitpid") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(pid, sig) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {sig}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+fn temp_file(name: &str) -> PathBuf {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let path = env::temp_dir().join(format!(
+        "allocwatch-gotest-{}-{}-{name}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = fs::remove_file(&path);
+    path
+}
+
+// ---------------------------------------------------------------------------------------------
+// JSON access with messages that show the document
+
+fn read_json(path: &Path) -> Value {
+    let text = fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("report {} not written: {e}", path.display()));
+    let _ = fs::remove_file(path);
+    serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("report {} is not JSON ({e}):\n{text}", path.display()))
+}
+
+fn array<'a>(v: &'a Value, key: &str) -> &'a Vec<Value> {
+    v[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("`{key}` is not an array in\n{v:#}"))
+}
+
+fn u64_at(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("`{key}` is not an unsigned integer in\n{v:#}"))
+}
+
+fn f64_at(v: &Value, key: &str) -> f64 {
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("`{key}` is not a number in\n{v:#}"))
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+/// Function names of a frame list ("?" where a frame has none).
+fn frame_functions(frames: &Value) -> Vec<String> {
+    frames
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|f| f["function"].as_str().unwrap_or("?").to_owned())
+        .collect()
+}
+
+/// Function names of a site's frames, innermost first.
+fn functions(site: &Value) -> Vec<String> {
+    frame_functions(&site["frames"])
+}
+
+/// The innermost frame outside the Go runtime: the code that made the runtime grow something.
+fn first_user_function(site: &Value) -> Option<String> {
+    functions(site)
+        .into_iter()
+        .find(|f| !f.starts_with("runtime.") && !f.starts_with("internal/runtime/"))
+}
+
+/// A map instance's `by_kind` as owned pairs, zero counts left out.
+fn by_kind(map: &Value) -> BTreeMap<String, u64> {
+    map["by_kind"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no by_kind in {map:#}"))
+        .iter()
+        .map(|(k, n)| (k.clone(), n.as_u64().expect("by_kind count")))
+        .filter(|&(_, n)| n > 0)
+        .collect()
+}
