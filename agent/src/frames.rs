@@ -5,6 +5,9 @@ use std::collections::{HashMap, HashSet};
 
 use anyhow::anyhow;
 
+/// Raw stacks kept in userspace (each up to 64 frames).
+const MAX_RAW_STACKS: usize = 200_000;
+
 use crate::{
     aggregate::call_chain,
     collect,
@@ -20,6 +23,10 @@ pub struct FrameCache {
     pub noted: HashSet<u32>,
     /// Chains that could not be symbolized because the process was gone.
     pub process_gone: u64,
+    /// Raw stacks copied out of the kernel's LRU table when their site was first seen.
+    raw: HashMap<i32, Vec<u64>>,
+    /// Stack ids no longer in the kernel table when read (evicted): the chain keeps its caller.
+    pub stacks_evicted: u64,
 }
 
 impl FrameCache {
@@ -36,6 +43,22 @@ impl FrameCache {
         self.noted.remove(&tgid);
     }
 
+    /// Copies stack `id` out of the kernel table now, before the LRU table can evict it.
+    pub fn remember_stack(&mut self, probes: &Probes, id: i32) -> anyhow::Result<()> {
+        if id < 0 || self.raw.contains_key(&id) {
+            return Ok(());
+        }
+        // Bounded: past this, stacks are re-read from the table as needed.
+        if self.raw.len() >= MAX_RAW_STACKS {
+            self.raw.clear();
+        }
+        let stack = collect::stack(&probes.ebpf, id)?;
+        if !stack.is_empty() {
+            self.raw.insert(id, stack);
+        }
+        Ok(())
+    }
+
     /// The symbolized call chain of a site, innermost first; symbolized on first use.
     pub async fn frames(
         &mut self,
@@ -49,7 +72,13 @@ impl FrameCache {
         if let Some(f) = self.chains.get(&key) {
             return Ok(f.clone());
         }
-        let stack = collect::stack(&probes.ebpf, stack_id)?;
+        let stack = match self.raw.get(&stack_id) {
+            Some(s) => s.clone(),
+            None => collect::stack(&probes.ebpf, stack_id)?,
+        };
+        if stack_id >= 0 && stack.is_empty() {
+            self.stacks_evicted += 1;
+        }
         let chain = call_chain(ret_addr, &stack);
         let frames = match symbolizer.symbolize_async(tgid, chain.clone()).await {
             Ok(frames) => frames,

@@ -2,6 +2,8 @@
 //! line, run the subcommand, turn any error into one line on stderr and exit code 1.
 
 mod aggregate;
+#[cfg(test)]
+mod bench;
 mod cli;
 mod collect;
 mod config;

@@ -12,7 +12,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapError},
     programs::{
-        ProgramError, UProbe,
+        ProgramError, TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
     },
 };
@@ -146,11 +146,6 @@ impl Probes {
             Filter::Allow => config::FLAG_ALLOWLIST,
             Filter::Deny => config::FLAG_DENYLIST,
         };
-        // TEMPORARY experiment knobs.
-        flags |= std::env::var("ALLOCWATCH_XFLAGS")
-            .ok()
-            .and_then(|v| v.parse::<u32>().ok())
-            .unwrap_or(0);
         let mut ebpf = EbpfLoader::new()
             .override_global(globals::TARGET_TGID, &tgid, true)
             .override_global(globals::FLAGS, &flags, true)
@@ -320,6 +315,34 @@ impl Probes {
 
     pub fn is_denylist(&self) -> bool {
         self.filter == Filter::Deny
+    }
+
+    /// Attaches the `sched:sched_process_exec` tracepoint (the agent's exec events).
+    pub fn attach_exec(&mut self) -> Result<(), ProbeError> {
+        const PROGRAM: &str = "sched_process_exec";
+        let program: &mut TracePoint = self
+            .ebpf
+            .program_mut(PROGRAM)
+            .ok_or(ProbeError::Program {
+                program: PROGRAM,
+                error: ProgramError::UnexpectedProgramType,
+            })?
+            .try_into()
+            .map_err(|error| ProbeError::Program {
+                program: PROGRAM,
+                error,
+            })?;
+        program.load().map_err(|error| ProbeError::Program {
+            program: PROGRAM,
+            error,
+        })?;
+        program
+            .attach("sched", "sched_process_exec")
+            .map_err(|error| ProbeError::Program {
+                program: PROGRAM,
+                error,
+            })?;
+        Ok(())
     }
 
     /// Adds `tgid` to (or removes it from) the allow/denylist.

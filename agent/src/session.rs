@@ -481,6 +481,8 @@ impl Tracer {
     async fn handle(&mut self, events: &mut Vec<Event>) -> anyhow::Result<()> {
         for ev in events.drain(..) {
             let (tgid, stack_id, ret_addr) = match ev {
+                // Only the agent attaches the exec tracepoint.
+                Event::Exec(..) => continue,
                 Event::NewSite(site, _) => (site.tgid, site.stack_id, site.ret_addr),
                 Event::Go(g) => {
                     if let Some(state) = &mut self.go {

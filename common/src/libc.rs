@@ -191,6 +191,22 @@ pub enum EventKind {
     NewSite = 1,
     /// A Go runtime event ([`crate::go::GoEvent`]).
     Go = 2,
+    /// A process called `exec` ([`ExecEvent`]).
+    Exec = 3,
+}
+
+/// Longest executable path an [`ExecEvent`] carries (longer ones are cut).
+pub const EXEC_PATH_MAX: usize = 256;
+
+/// `sched_process_exec`: which program a process became. Names a process that exits before
+/// the agent reads /proc, and tells the agent its identity changed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExecEvent {
+    pub header: EventHeader,
+    pub comm: [u8; 16],
+    /// The path given to `execve`, NUL-terminated.
+    pub filename: [u8; EXEC_PATH_MAX],
 }
 
 /// Common header of every ring-buffer record.
@@ -231,6 +247,8 @@ const _: () = {
     assert!(size_of::<LastEntry>() == 24);
     assert!(offset_of!(LastEntry, api) == 16);
     assert!(offset_of!(NewSiteEvent, comm) == 32);
+    assert!(size_of::<ExecEvent>() == 280);
+    assert!(offset_of!(ExecEvent, filename) == 24);
     assert!(offset_of!(NewSiteEvent, site) == 8);
 };
 
@@ -247,6 +265,7 @@ mod user {
     unsafe impl aya::Pod for Overflow {}
     unsafe impl aya::Pod for EventHeader {}
     unsafe impl aya::Pod for NewSiteEvent {}
+    unsafe impl aya::Pod for ExecEvent {}
     unsafe impl aya::Pod for LibcFile {}
     unsafe impl aya::Pod for LastEntry {}
 
@@ -314,16 +333,19 @@ mod user {
             match v {
                 1 => Ok(EventKind::NewSite),
                 2 => Ok(EventKind::Go),
+                3 => Ok(EventKind::Exec),
                 other => Err(DecodeError::UnknownKind(other)),
             }
         }
     }
 
     /// A decoded ring-buffer record.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    #[derive(Clone, Debug, PartialEq, Eq)]
     pub enum Event {
         NewSite(SiteKey, [u8; 16]),
         Go(crate::go::GoEvent),
+        /// (tgid, comm, the exec'd path).
+        Exec(u32, [u8; 16], String),
     }
 
     impl TryFrom<&[u8]> for Event {
@@ -340,6 +362,16 @@ mod user {
                     let ev: crate::go::GoEvent = read(buf)?;
                     crate::go::GoRole::try_from(ev.role)?;
                     Ok(Event::Go(ev))
+                }
+                EventKind::Exec => {
+                    let ev: ExecEvent = read(buf)?;
+                    let len = ev
+                        .filename
+                        .iter()
+                        .position(|&b| b == 0)
+                        .unwrap_or(ev.filename.len());
+                    let path = String::from_utf8_lossy(&ev.filename[..len]).into_owned();
+                    Ok(Event::Exec(header.tgid, ev.comm, path))
                 }
             }
         }

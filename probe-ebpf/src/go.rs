@@ -147,8 +147,7 @@ fn emit(
         _pad: 0,
         values,
     };
-    let wake = if crate::maps::FLAGS.load() & (1 << 18) != 0 { 1 } else { 0 };
-    if EVENTS.output(&ev, wake).is_err() {
+    if EVENTS.output(&ev, crate::maps::batched_wakeup()).is_err() {
         lost(LossCause::RingbufFull);
     }
 }

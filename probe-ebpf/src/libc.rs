@@ -90,10 +90,7 @@ fn on_count(ctx: &ProbeContext) {
     // SAFETY: reading the traced task's own stack; failure yields 0.
     let ret_addr = unsafe { bpf_probe_read_user(entry_sp as *const u64) }.unwrap_or(0);
 
-    let xf = FLAGS.load();
-    if xf & (1 << 10) == 0
-        && let Some(file) = LIBC_FILES.get(cookie::file_slot(cookie))
-    {
+    if let Some(file) = LIBC_FILES.get(cookie::file_slot(cookie)) {
         // A uprobe reports the probed instruction's address in rip.
         let ret_off = ret_addr
             .wrapping_sub(regs.rip)
@@ -109,7 +106,7 @@ fn on_count(ctx: &ProbeContext) {
     // neither).
     let relay_mask = cookie::relay_mask(cookie);
     let target = cookie::is_relay_target(cookie);
-    if (target || relay_mask != 0) && xf & (1 << 9) == 0 {
+    if target || relay_mask != 0 {
         let entry = LastEntry {
             entry_sp,
             ret_addr,
@@ -153,14 +150,7 @@ fn on_count(ctx: &ProbeContext) {
         _pad: 0,
         ret_addr,
     };
-    if xf & (1 << 12) == 0 {
-        count_call(&site, size);
-    }
-}
-
-#[inline(always)]
-fn xf2() -> u32 {
-    FLAGS.load()
+    count_call(&site, size);
 }
 
 /// The user stack id when stacks are on (a failure is counted and yields [`NO_STACK`]).
@@ -243,9 +233,7 @@ fn on_entry(ctx: &ProbeContext) {
     }
 
     count_call(&site, size);
-    if xf2() & (1 << 15) == 0 {
-        hist_add(&LIBC_HIST, tgid, size);
-    }
+    hist_add(&LIBC_HIST, tgid, size);
     let pending = Pending {
         entry_sp,
         size,
@@ -307,10 +295,7 @@ fn on_return(ctx: &RetProbeContext) {
     }
     if new_ptr == 0 {
         let freed_by_realloc = is_realloc && p.arg_ptr != 0 && p.size == 0;
-        if !freed_by_realloc
-            && xf2() & (1 << 13) == 0
-            && let Some(row) = site_row(&site)
-        {
+        if !freed_by_realloc && let Some(row) = site_row(&site) {
             // SAFETY: per-CPU value of this CPU.
             unsafe { (*row).failed += 1 };
         }
@@ -331,9 +316,7 @@ fn on_return(ctx: &RetProbeContext) {
         lost(LossCause::LiveFull);
         return;
     }
-    if xf2() & (1 << 13) == 0
-        && let Some(row) = site_row(&site)
-    {
+    if let Some(row) = site_row(&site) {
         // SAFETY: per-CPU value of this CPU.
         unsafe {
             (*row).tracked += 1;
@@ -375,9 +358,7 @@ fn untrack(tgid: u32, addr: u64) -> u64 {
         // A concurrent free of the same pointer already took it.
         return 0;
     }
-    if xf2() & (1 << 14) == 0
-        && let Some(row) = crate::maps::SITES.get_ptr_mut(&a.site)
-    {
+    if let Some(row) = crate::maps::SITES.get_ptr_mut(&a.site) {
         // SAFETY: per-CPU value of this CPU.
         unsafe {
             (*row).freed += 1;

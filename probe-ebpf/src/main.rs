@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod exec;
 mod go;
 mod libc;
 mod maps;

@@ -13,6 +13,8 @@
 //! - `throughput`: probe hits per second with several producer threads, checked exact.
 //! - `footprint`: `allocwatch agent` RSS/CPU and time to attach with N fixture processes, and
 //!   its /metrics scrape latency.
+//! - `internals`: symbolization throughput and /metrics rendering with 10k and 100k series
+//!   (ignored tests in agent/src/bench.rs, built in release mode).
 
 use std::{
     collections::BTreeMap,
@@ -38,7 +40,7 @@ pub struct Args {
     /// malloc/free pairs per run of the C workload (2 calls each).
     #[arg(long, default_value_t = 10_000)]
     pub pairs: u64,
-    /// Run only these sections: probe, go, throughput, footprint (repeatable).
+    /// Run only these sections: probe, go, throughput, footprint, internals (repeatable).
     #[arg(long, value_name = "SECTION")]
     pub only: Vec<String>,
     /// Use this allocwatch binary instead of building one.
@@ -52,7 +54,7 @@ pub struct Args {
     pub out: Option<PathBuf>,
 }
 
-const SECTIONS: &[&str] = &["probe", "go", "throughput", "footprint"];
+const SECTIONS: &[&str] = &["probe", "go", "throughput", "footprint", "internals"];
 
 /// The libc API as bpftrace names it (allocwatch probes the same functions).
 const APIS: &[&str] = &[
@@ -112,6 +114,9 @@ pub fn run(paths: &Paths, args: &Args) -> anyhow::Result<()> {
     }
     if want("footprint") {
         md += &footprint_section(&bench, &args.procs)?;
+    }
+    if want("internals") {
+        md += &internals_section(paths)?;
     }
     let out = args
         .out
@@ -212,6 +217,69 @@ fn run_captured(cmd: &mut Command, limit: Duration, tmp: &Path) -> anyhow::Resul
         stderr: fs::read_to_string(&err_path)?,
         success: status.success(),
     })
+}
+
+/// Processes other than this one holding BPF programs or links (another tracer: its uprobes
+/// on libc would trap in every measured process, untraced ones included).
+fn foreign_bpf_holders() -> Vec<String> {
+    let me = std::process::id().to_string();
+    let mut out = Vec::new();
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let pid = p.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
+            continue;
+        }
+        let Ok(fds) = fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        let holds = fds.flatten().any(|fd| {
+            fs::read_link(fd.path()).is_ok_and(|l| {
+                let l = l.to_string_lossy();
+                l == "anon_inode:bpf_link" || l == "anon_inode:bpf-prog"
+            })
+        });
+        if holds {
+            let comm = fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+            out.push(format!("{pid} ({})", comm.trim()));
+        }
+    }
+    out
+}
+
+/// Waits (up to 10 minutes) until no other process holds BPF programs; returns how long.
+fn wait_for_no_tracers() -> Duration {
+    let started = Instant::now();
+    let mut said = false;
+    loop {
+        let holders = foreign_bpf_holders();
+        if holders.is_empty() || started.elapsed() > Duration::from_secs(600) {
+            if !holders.is_empty() {
+                eprintln!(
+                    "bench: warning: measuring while {} hold BPF programs",
+                    holders.join(", ")
+                );
+            }
+            return started.elapsed();
+        }
+        if !said {
+            eprintln!(
+                "bench: waiting for other tracers to finish: {}",
+                holders.join(", ")
+            );
+            said = true;
+        }
+        thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn load_average() -> f64 {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(f64::NAN)
 }
 
 /// `key=value` fields of the line starting with `prefix`.
@@ -463,6 +531,7 @@ fn bpftrace_scripts(libc: &str) -> Vec<Tracer> {
 
 /// One timed run of `alloc_bench ARGS` under `tracer`: the workload's ns.
 fn run_alloc_bench(b: &Bench, tracer: &Tracer, w: &Workload) -> anyhow::Result<f64> {
+    wait_for_no_tracers();
     let report = b.tmp.join("report.json");
     let mut cmd = match tracer {
         Tracer::Untraced => {
@@ -485,7 +554,10 @@ fn run_alloc_bench(b: &Bench, tracer: &Tracer, w: &Workload) -> anyhow::Result<f
                 .chain(w.args.iter().cloned())
                 .collect::<Vec<_>>()
                 .join(" ");
-            c.args(["-e", script, "-c", &child]);
+            // As many keys as allocwatch's site table holds (bpftrace's default is 4,096: the
+            // live-allocation script would silently drop entries).
+            c.env("BPFTRACE_MAP_KEYS_MAX", "65536")
+                .args(["-e", script, "-c", &child]);
             c
         }
     };
@@ -584,7 +656,9 @@ fn probe_section(b: &Bench, pairs: u64) -> anyhow::Result<String> {
                 ns: Vec::new(),
             })
             .collect();
+        let mut loads = Vec::new();
         for rep in 0..b.reps {
+            loads.push(load_average());
             // Rotate the order so slow drifts of the machine spread over every configuration.
             for i in 0..tracers.len() {
                 let k = (i + rep) % tracers.len();
@@ -599,6 +673,14 @@ fn probe_section(b: &Bench, pairs: u64) -> anyhow::Result<String> {
             }
         }
         md += &probe_table(w, &rows);
+        md += &format!(
+            "1-minute load average at the start of each repetition: {}.\n\n",
+            loads
+                .iter()
+                .map(|l| format!("{l:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     Ok(md)
 }
@@ -686,6 +768,7 @@ fn go_section(paths: &Paths, b: &Bench, out_dir: &Path) -> anyhow::Result<String
         for rep in 0..b.reps {
             for i in 0..configs.len() {
                 let k = (i + rep) % configs.len();
+                wait_for_no_tracers();
                 let report = b.tmp.join("go-report.json");
                 let mut cmd = match configs[k].1 {
                     None => Command::new(&exe),
@@ -774,23 +857,25 @@ fn go_events(report: &Path) -> anyhow::Result<(u64, u64)> {
 fn throughput_section(b: &Bench, pairs: u64) -> anyhow::Result<String> {
     let mut md = String::from("## 3. Probe-hit throughput (in-kernel aggregation)\n\n");
     md += "allocwatch aggregates libc calls in per-CPU kernel maps: a probe hit is an \"event\" \
-           that never crosses to user space. `alloc_bench pairs N T` runs T producer threads; \
-           the count is checked exact against a run with N = 1 (same threads, same extra calls) \
+           that never crosses to user space. `alloc_bench pairs N T` runs T producer threads \
+           (N malloc/free pairs each, timed from a start barrier to the last join). Exact: the \
+           sites whose frame 0 is `bench_pairs` hold exactly T × N mallocs and T × N frees, \
            and every loss counter is 0.\n\n";
     md += "| configuration | threads | calls per run | hits/s: median (min–max) | ns per hit (wall) | exact |\n";
     md += "|---|---:|---:|---:|---:|---|\n";
     let n = pairs * 5;
-    for mode in ["floor", "count"] {
+    for mode in ["floor", "count", "full"] {
         for threads in [1u64, 2, 4] {
+            eprintln!("bench: throughput, {mode}, {threads} threads");
             let calls = 2 * n * threads;
             let mut rates = Vec::new();
-            let mut exact = "—".to_owned();
-            let baseline = if mode == "count" {
-                Some(count_calls(b, 1, threads)?)
+            let mut exact = if mode == "floor" {
+                "—".to_owned()
             } else {
-                None
+                "yes".to_owned()
             };
             for _ in 0..b.reps {
+                wait_for_no_tracers();
                 let report = b.tmp.join("tp-report.json");
                 let mut cmd = Command::new(&b.bin);
                 cmd.args(["top", "--mode", mode, "--json", "-o"])
@@ -806,16 +891,11 @@ fn throughput_section(b: &Bench, pairs: u64) -> anyhow::Result<String> {
                     .ok_or_else(|| anyhow!("no alloc_bench line:\n{}", done.stdout))?;
                 let ns = field_u64(&f, "ns")? as f64;
                 rates.push(calls as f64 / (ns / 1e9));
-                if let Some(base) = baseline {
-                    let got = report_calls(&report)?;
-                    let want = (base.0 + (n - 1) * threads, base.1 + (n - 1) * threads, 0);
-                    exact = if got == want {
-                        "yes".into()
-                    } else {
-                        format!("no: got {got:?}, want {want:?}")
-                    };
+                if mode != "floor" {
+                    let got = loop_calls(&report, "bench_pairs")?;
+                    let want = (n * threads, n * threads, 0);
                     if got != want {
-                        break;
+                        exact = format!("no: (malloc, free, lost) {got:?}, want {want:?}");
                     }
                 }
             }
@@ -832,33 +912,27 @@ fn throughput_section(b: &Bench, pairs: u64) -> anyhow::Result<String> {
     Ok(md)
 }
 
-/// (malloc calls, free calls, lost total) of a count-mode run of `alloc_bench pairs n threads`.
-fn count_calls(b: &Bench, n: u64, threads: u64) -> anyhow::Result<(u64, u64, u64)> {
-    let report = b.tmp.join("tp-base.json");
-    let mut cmd = Command::new(&b.bin);
-    cmd.args(["top", "--mode", "count", "--json", "-o"])
-        .arg(&report)
-        .arg("--")
-        .arg(&b.alloc_bench)
-        .args(["pairs", &n.to_string(), &threads.to_string()]);
-    let done = run_captured(&mut cmd, Duration::from_secs(120), &b.tmp)?;
-    if !done.success {
-        bail!("baseline run failed:\n{}", done.stderr);
-    }
-    report_calls(&report)
-}
-
-fn report_calls(report: &Path) -> anyhow::Result<(u64, u64, u64)> {
+/// (malloc calls, free calls) of the sites whose frame 0 is `function`, and the process's lost
+/// total, from a `top --json` report.
+fn loop_calls(report: &Path, function: &str) -> anyhow::Result<(u64, u64, u64)> {
     let v: serde_json::Value = serde_json::from_str(&fs::read_to_string(report)?)?;
     let p = &v["processes"][0];
     let lost: u64 = p["lost"].as_object().map_or(0, |o| {
         o.values().filter_map(serde_json::Value::as_u64).sum()
     });
-    Ok((
-        p["calls"]["malloc"].as_u64().unwrap_or(0),
-        p["calls"]["free"].as_u64().unwrap_or(0),
-        lost,
-    ))
+    let (mut mallocs, mut frees) = (0, 0);
+    for s in p["sites"].as_array().into_iter().flatten() {
+        if s["frames"][0]["function"] != function {
+            continue;
+        }
+        let calls = s["calls"].as_u64().unwrap_or(0);
+        match s["api"].as_str() {
+            Some("malloc") => mallocs += calls,
+            Some("free") => frees += calls,
+            _ => {}
+        }
+    }
+    Ok((mallocs, frees, lost))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -883,39 +957,43 @@ fn footprint_section(b: &Bench, counts: &[usize]) -> anyhow::Result<String> {
         md += "Not measured: target/fixtures/libc_fixture is missing (run `./x fixtures`).\n\n";
         return Ok(md);
     }
-    md += "`allocwatch agent --comm '^libc_fixture$'` with N `libc_fixture loop` processes \
-           (each: malloc(48) + free every millisecond, about 2,000 calls/s). Attach time: from \
-           the agent's start until its `allocwatch_processes` gauge reads N. RSS and CPU of the \
-           agent over 10 s of steady tracing; scrape latency: median of 20 GETs of /metrics.\n\n";
+    md += "`allocwatch agent --comm '^libc_fixture$'` (full mode, stacks) started after N \
+           `libc_fixture` processes: idle ones (`wait-run`: blocked in sigwait) and busy ones \
+           (`loop`: malloc(48) + free every millisecond, about 2,000 calls/s each). Time to \
+           attach: from the agent's start (BPF load and verification included) until its \
+           `allocwatch_processes` gauges sum to N. RSS and CPU of the agent over the next 10 s; \
+           scrape latency: 20 sequential GETs of /metrics on loopback.\n\n";
     md += "| processes | time to attach all | agent RSS, MiB | agent CPU, % of one core | /metrics series | /metrics bytes | scrape ms: median (max) |\n";
-    md += "|---:|---:|---:|---:|---:|---:|---:|\n";
-    for &n in counts {
-        eprintln!("bench: footprint with {n} processes");
-        match footprint_one(b, n) {
-            Ok(row) => md += &row,
-            Err(e) => {
-                md += &format!("| {n} | failed: {e:#} | | | | | |\n");
-                break;
-            }
+    md += "|---|---:|---:|---:|---:|---:|---:|\n";
+    let mut runs: Vec<(usize, &str)> = counts.iter().map(|&n| (n, "wait-run")).collect();
+    runs.extend(counts.iter().filter(|&&n| n <= 100).map(|&n| (n, "loop")));
+    for (n, mode) in runs {
+        eprintln!("bench: footprint with {n} {mode} processes");
+        let label = if mode == "loop" { "busy" } else { "idle" };
+        match footprint_one(b, n, mode) {
+            Ok(row) => md += &format!("| {n} {label} {row}\n"),
+            Err(e) => md += &format!("| {n} {label} | failed: {e:#} | | | | | |\n"),
         }
     }
     md.push('\n');
     Ok(md)
 }
 
-fn footprint_one(b: &Bench, n: usize) -> anyhow::Result<String> {
+/// One footprint row after the first cell: `| attach | rss | cpu | series | bytes | scrape |`.
+fn footprint_one(b: &Bench, n: usize, mode: &str) -> anyhow::Result<String> {
+    wait_for_no_tracers();
     let mut procs = KillOnDrop(Vec::new());
     for _ in 0..n {
         procs.0.push(
             Command::new(&b.libc_fixture)
-                .arg("loop")
+                .arg(mode)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()?,
         );
     }
-    thread::sleep(Duration::from_millis(200));
+    thread::sleep(Duration::from_millis(500));
     let port = 19464;
     let listen = format!("127.0.0.1:{port}");
     let started = Instant::now();
@@ -927,7 +1005,7 @@ fn footprint_one(b: &Bench, n: usize) -> anyhow::Result<String> {
         .spawn()?;
     let agent_pid = agent.id();
     let mut agent = KillOnDrop(vec![agent]);
-    let deadline = started + Duration::from_secs(60);
+    let deadline = started + Duration::from_secs(120);
     let attach = loop {
         if let Ok(body) = http_get(port, "/metrics")
             && gauge(&body, "allocwatch_processes").is_some_and(|v| v >= n as f64)
@@ -936,7 +1014,7 @@ fn footprint_one(b: &Bench, n: usize) -> anyhow::Result<String> {
         }
         if Instant::now() > deadline {
             bail!(
-                "the agent did not report {n} processes within 60 s: {}",
+                "the agent did not report {n} processes within 120 s: {}",
                 fs::read_to_string(b.tmp.join("agent.stderr")).unwrap_or_default()
             );
         }
@@ -965,12 +1043,85 @@ fn footprint_one(b: &Bench, n: usize) -> anyhow::Result<String> {
         let _ = a.wait();
     }
     Ok(format!(
-        "| {n} | {:.0} ms | {rss:.1} | {:.1} | {series} | {} | {:.1} ({max:.1}) |\n",
+        "| {:.0} ms | {rss:.1} | {:.1} | {series} | {} | {:.1} ({max:.1}) |",
         attach.as_secs_f64() * 1e3,
         cpu * 100.0,
         body.len(),
         median(&lat),
     ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Section 5/6: symbolization and /metrics rendering (agent internals).
+
+fn internals_section(paths: &Paths) -> anyhow::Result<String> {
+    eprintln!("bench: agent internals (release test build)");
+    let mut cargo = cmd::cargo(paths);
+    cargo.args([
+        "test",
+        "--release",
+        "-p",
+        "allocwatch",
+        "--bin",
+        "allocwatch",
+        "bench::",
+        "--",
+        "--ignored",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ]);
+    eprintln!("+ {}", cmd::show(&cargo));
+    let out = cargo.output().context("running the agent's benchmarks")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "the agent's benchmarks failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let lines = |name: &str| -> Vec<BTreeMap<String, String>> {
+        stdout
+            .lines()
+            .filter_map(|l| l.find(&format!("BENCH {name} ")).map(|i| &l[i..]))
+            .filter_map(|l| fields(l, "BENCH "))
+            .collect()
+    };
+    let get = |f: &BTreeMap<String, String>, k: &str| f.get(k).cloned().unwrap_or_default();
+    let mut md = String::from("## 5. Symbolization\n\n");
+    md += "The agent's symbolizer thread (blazesym behind a channel), asked by the test process \
+           about its own addresses: the first request (maps noted, the binary's symbol table \
+           parsed cold), then 8-frame stacks back to back for 2 s, all addresses seen before \
+           (warm cache) or new ones each time (binary already parsed). One request at a time: \
+           each includes a round trip to the symbolizer thread.\n\n";
+    md += "| binary | first request, ms | warm stacks/s | stacks/s, new addresses |\n|---|---:|---:|---:|\n";
+    for f in lines("symbolize") {
+        let mib = get(&f, "binary_bytes").parse::<f64>().unwrap_or(0.0) / 1048576.0;
+        md += &format!(
+            "| allocwatch test binary, {mib:.1} MiB (release, symbols, no DWARF) | {} | {} | {} |\n",
+            get(&f, "first_ms"),
+            get(&f, "warm_stacks_per_s"),
+            get(&f, "new_stacks_per_s"),
+        );
+    }
+    md += "\n## 6. /metrics rendering\n\n";
+    md += "The exporter's update and text encoding (what a scrape does after the loop hands over \
+           its snapshot) on a synthetic model: processes with their own identity, 5 APIs, a size \
+           histogram and 20 four-frame sites each. First render, then the median and max of 9.\n\n";
+    md += "| processes | series | response bytes | first render, ms | render ms: median (max) |\n|---:|---:|---:|---:|---:|\n";
+    for f in lines("metrics") {
+        md += &format!(
+            "| {} | {} | {} | {} | {} ({}) |\n",
+            get(&f, "processes"),
+            get(&f, "series"),
+            get(&f, "bytes"),
+            get(&f, "first_ms"),
+            get(&f, "median_ms"),
+            get(&f, "max_ms"),
+        );
+    }
+    md.push('\n');
+    Ok(md)
 }
 
 fn http_get(port: u16, path: &str) -> anyhow::Result<String> {

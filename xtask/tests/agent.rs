@@ -18,26 +18,29 @@
 //! The tests share system state (uprobes on libc, the BPF id space, the machine's two cores), so
 //! each one holds [`serial`] for its whole run.
 
+mod support;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     env, fs,
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{Read as _, Write as _},
     net::{TcpListener, TcpStream},
     os::unix::fs::PermissionsExt as _,
     panic::{self, AssertUnwindSafe},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, ExitStatus, Stdio},
-    sync::{
-        Arc, Mutex, MutexGuard,
-        atomic::{AtomicU32, Ordering},
-        mpsc::{self, Receiver, RecvTimeoutError},
-    },
+    sync::atomic::{AtomicU32, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
 use prometheus_parse::{Sample, Scrape, Value as PromValue};
 use serde_json::Value;
+use support::{
+    AllocwatchBin, BpfIds, Fixture, KernelState, Lines, address_groups, allocwatch_bin,
+    assert_no_crash, assert_single_error, dead_pid, libc_fixture, libc_path, panic_text, path_str,
+    serial, signal, wait_child,
+};
 
 // ---------------------------------------------------------------------------------------------
 // What libc_fixture's `run` mode does (copied from xtask/tests/libc.rs, which checks these
@@ -114,7 +117,6 @@ const SWISS_MAP_BIG_GROWS: u64 = 6;
 /// as a label).
 const FORBIDDEN_LABELS: &[&str] = &["pid", "tgid", "stack", "stack_id"];
 
-const ERROR_PREFIX: &str = "allocwatch: error: ";
 const SERVING_PREFIX: &str = "allocwatch: agent serving on ";
 
 /// The issue: "New processes are picked up within one second".
@@ -510,7 +512,7 @@ fn config_file_default_and_bad_configs() {
     let mut failures = Vec::new();
     for (args, names, cause) in &cases {
         if let Err(e) = panic::catch_unwind(AssertUnwindSafe(|| {
-            let line = assert_single_error(&env, args, Duration::from_secs(30));
+            let line = assert_single_error(&env, args);
             assert!(
                 line.contains(names),
                 "the error line does not name {names:?}: {line:?}"
@@ -545,7 +547,7 @@ fn taken_port_is_one_error_line() {
     let before = KernelState::snapshot();
     let taken = TcpListener::bind("127.0.0.1:0").expect("binding a port");
     let addr = taken.local_addr().expect("local address").to_string();
-    let line = assert_single_error(&env, &["agent", "--listen", &addr], Duration::from_secs(30));
+    let line = assert_single_error(&env, &["agent", "--listen", &addr]);
     assert!(
         line.contains(&format!("cannot listen on {addr}")) && line.contains("in use"),
         "error line for a taken port: {line:?}"
@@ -633,11 +635,7 @@ fn runs_with_exactly_the_daemonset_capabilities() {
 /// A process the agent saw before it called `exec` (here a copy of dash waiting on stdin, then
 /// `exec libc_fixture run`; in a cluster, every container starts as `runc init` and execs its
 /// entrypoint) must afterwards be exported under its new identity.
-///
-/// Known failure, kept as the specification of the fix: the agent counts per pid and does not
-/// see `exec` yet (it needs an exec generation in the kernel's keys; see README limitations).
 #[test]
-#[ignore = "known bug: the agent does not split a process's identity at exec"]
 fn exec_after_discovery_takes_the_new_identity() {
     let Some(env) = TestEnv::get() else { return };
     let _serial = serial();
@@ -1368,7 +1366,7 @@ impl Agent {
             started.elapsed()
         );
         assert_no_crash(&stderr);
-        held.assert_all_gone(Duration::from_secs(3));
+        held.assert_all_gone("the agent", Duration::from_secs(3));
         KernelState::snapshot().assert_nothing_added(&self.before);
     }
 }
@@ -2044,38 +2042,6 @@ fn status_mask(status: &str, field: &str) -> u64 {
 // ---------------------------------------------------------------------------------------------
 // libc aliases
 
-/// Sets of traced APIs defined at one address in the libc this test maps (groups of two or
-/// more; Debian's glibc: aligned_alloc = memalign), from `nm -D`.
-fn address_groups(libc: &Path) -> Vec<Vec<String>> {
-    let out = Command::new("nm")
-        .args(["-D", "--defined-only"])
-        .arg(libc)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run nm ({e}): ./x setup installs binutils"));
-    assert!(out.status.success(), "nm -D {} failed", libc.display());
-    let mut by_addr: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let mut cols = line.split_whitespace();
-        let (Some(addr), Some(_kind), Some(sym)) = (cols.next(), cols.next(), cols.next()) else {
-            continue;
-        };
-        let Some((name, _)) = sym.split_once("@@") else {
-            continue;
-        };
-        if APIS.contains(&name) {
-            by_addr
-                .entry(addr.to_owned())
-                .or_default()
-                .insert(name.to_owned());
-        }
-    }
-    by_addr
-        .into_values()
-        .filter(|g| g.len() > 1)
-        .map(|g| g.into_iter().collect())
-        .collect()
-}
-
 /// Every API in one class: its alias group, or itself.
 fn alias_classes(groups: &[Vec<String>]) -> Vec<Vec<String>> {
     let mut out: Vec<Vec<String>> = groups.to_vec();
@@ -2103,153 +2069,6 @@ fn canonical(groups: &[Vec<String>], m: &Metrics, id: &Identity, api: &str) -> S
         .unwrap_or_else(|| api.to_owned())
 }
 
-fn libc_path() -> PathBuf {
-    let maps = fs::read_to_string("/proc/self/maps").expect("reading /proc/self/maps");
-    maps.lines()
-        .filter_map(|l| l.split_whitespace().nth(5))
-        .find(|p| p.ends_with("/libc.so.6"))
-        .map(PathBuf::from)
-        .expect("this test process maps no libc.so.6")
-}
-
-// ---------------------------------------------------------------------------------------------
-// Leftover detection (as in xtask/tests/libc.rs)
-
-/// BPF object ids a process holds open (from /proc/PID/fdinfo of its bpf-prog/-link/-map fds).
-#[derive(Debug, Default)]
-struct BpfIds {
-    progs: BTreeSet<u32>,
-    links: BTreeSet<u32>,
-    maps: BTreeSet<u32>,
-}
-
-/// bpf(2) commands that open an object by id: they fail with ENOENT once it is freed.
-const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
-const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
-const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
-
-impl BpfIds {
-    fn held_by(pid: u32) -> Self {
-        let mut ids = Self::default();
-        let fd_dir = format!("/proc/{pid}/fd");
-        for entry in fs::read_dir(&fd_dir).unwrap_or_else(|e| panic!("{fd_dir}: {e}")) {
-            let Ok(entry) = entry else { continue };
-            let Ok(target) = fs::read_link(entry.path()) else {
-                continue;
-            };
-            if !target.to_string_lossy().starts_with("anon_inode:bpf-") {
-                continue;
-            }
-            let info = format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy());
-            let Ok(text) = fs::read_to_string(&info) else {
-                continue;
-            };
-            for line in text.lines() {
-                let mut kv = line.split(':');
-                let (Some(k), Some(v)) = (kv.next(), kv.next()) else {
-                    continue;
-                };
-                let Ok(id) = v.trim().parse::<u32>() else {
-                    continue;
-                };
-                match k {
-                    "prog_id" => ids.progs.insert(id),
-                    "link_id" => ids.links.insert(id),
-                    "map_id" => ids.maps.insert(id),
-                    _ => false,
-                };
-            }
-        }
-        ids
-    }
-
-    /// Every object must be freed by the kernel: nothing stays attached, pinned or held.
-    /// Freeing is deferred (RCU), hence the retries.
-    fn assert_all_gone(&self, within: Duration) {
-        let deadline = Instant::now() + within;
-        loop {
-            let left: Vec<String> = [
-                (BPF_PROG_GET_FD_BY_ID, "prog", &self.progs),
-                (BPF_LINK_GET_FD_BY_ID, "link", &self.links),
-                (BPF_MAP_GET_FD_BY_ID, "map", &self.maps),
-            ]
-            .into_iter()
-            .flat_map(|(cmd, kind, ids)| {
-                ids.iter()
-                    .filter(move |&&id| bpf_object_exists(cmd, id))
-                    .map(move |id| format!("{kind} {id}"))
-            })
-            .collect();
-            if left.is_empty() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "BPF objects left after the agent exited: {left:?}"
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-fn bpf_object_exists(cmd: libc::c_long, id: u32) -> bool {
-    // union bpf_attr for *_GET_FD_BY_ID: { u32 id; u32 next_id; u32 open_flags; }
-    let mut attr = [id, 0, 0, 0];
-    // SAFETY: attr is a valid, writable bpf_attr prefix of the size passed.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), size_of_val(&attr)) };
-    if fd >= 0 {
-        // SAFETY: fd was just returned to us and is closed once.
-        unsafe { libc::close(fd as libc::c_int) };
-        return true;
-    }
-    let err = std::io::Error::last_os_error();
-    assert_eq!(
-        err.raw_os_error(),
-        Some(libc::ENOENT),
-        "bpf({cmd}, id {id}): {err}"
-    );
-    false
-}
-
-/// System-wide places where a tracer could leave something behind.
-struct KernelState {
-    uprobe_events: BTreeSet<String>,
-    bpffs: BTreeSet<String>,
-}
-
-impl KernelState {
-    fn snapshot() -> Self {
-        let uprobe_events = fs::read_to_string("/sys/kernel/tracing/uprobe_events")
-            .expect("reading /sys/kernel/tracing/uprobe_events (./x setup mounts tracefs)")
-            .lines()
-            .map(str::to_owned)
-            .collect();
-        let bpffs = fs::read_dir("/sys/fs/bpf")
-            .map(|d| {
-                d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        Self {
-            uprobe_events,
-            bpffs,
-        }
-    }
-
-    fn assert_nothing_added(&self, before: &Self) {
-        let events: Vec<_> = self
-            .uprobe_events
-            .difference(&before.uprobe_events)
-            .collect();
-        assert!(
-            events.is_empty(),
-            "uprobe_events entries left behind: {events:?}"
-        );
-        let pins: Vec<_> = self.bpffs.difference(&before.bpffs).collect();
-        assert!(pins.is_empty(), "/sys/fs/bpf entries left behind: {pins:?}");
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Processes and files
 
@@ -2263,40 +2082,18 @@ impl TestEnv {
     /// None (after a loud message) when ALLOCWATCH_BIN is unset: plain `cargo test` without
     /// `./x test`. Panics on anything else that is missing.
     fn get() -> Option<Self> {
-        let Some(bin) = env::var_os("ALLOCWATCH_BIN") else {
-            eprintln!(
-                "\n*** SKIPPED: ALLOCWATCH_BIN is not set. These tests need root and the built \
-                 binary and fixtures: run `./x test`. ***\n"
-            );
-            return None;
-        };
-        let bin = PathBuf::from(bin);
-        assert!(
-            bin.is_file(),
-            "ALLOCWATCH_BIN={} does not exist",
-            bin.display()
-        );
-        let fixtures = env::var_os("ALLOCWATCH_FIXTURES")
-            .map(PathBuf::from)
-            .expect("ALLOCWATCH_FIXTURES is not set (./x test sets it)");
-        let fixture = fixtures.join("libc_fixture");
-        assert!(
-            fixture.is_file(),
-            "{} missing: run ./x fixtures",
-            fixture.display()
-        );
         Some(Self {
-            bin,
-            fixture,
-            alias_groups: address_groups(&libc_path()),
+            bin: allocwatch_bin("root and the built binary and fixtures")?,
+            fixture: libc_fixture(),
+            alias_groups: address_groups(&libc_path(), APIS),
         })
     }
 }
 
-/// Serializes the tests of this file (uprobes and BPF ids are system-wide state).
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+impl AllocwatchBin for TestEnv {
+    fn bin(&self) -> &Path {
+        &self.bin
+    }
 }
 
 /// A fresh directory of one test (removed at the end): fixture copies get unique `exe` labels.
@@ -2334,113 +2131,6 @@ impl Drop for Scratch {
     }
 }
 
-/// Lines of a child's pipe, read on a thread: kept for messages, and sent as they arrive.
-struct Lines {
-    all: Arc<Mutex<Vec<String>>>,
-    rx: Receiver<String>,
-}
-
-impl Lines {
-    fn follow(pipe: impl std::io::Read + Send + 'static) -> Self {
-        let all = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let keep = Arc::clone(&all);
-        thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                keep.lock().unwrap().push(line.clone());
-                let _ = tx.send(line);
-            }
-        });
-        Self { all, rx }
-    }
-
-    /// The first line starting with `prefix` (panics after `timeout`).
-    fn wait_for(&self, prefix: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(left) {
-                Ok(line) if line.starts_with(prefix) => return line,
-                Ok(_) => {}
-                Err(RecvTimeoutError::Timeout) => panic!(
-                    "no line starting with {prefix:?} within {timeout:?}:\n{}",
-                    self.text()
-                ),
-                Err(RecvTimeoutError::Disconnected) => panic!(
-                    "the process closed stderr (exited?) before a line starting with \
-                     {prefix:?}:\n{}",
-                    self.text()
-                ),
-            }
-        }
-    }
-
-    fn text(&self) -> String {
-        self.all.lock().unwrap().join("\n")
-    }
-}
-
-/// A fixture started directly by the test (no shell).
-struct Fixture {
-    child: Child,
-    pid: u32,
-    started: Instant,
-    _stderr: Option<Lines>,
-}
-
-impl Fixture {
-    /// Starts `FIXTURE MODE` and waits for its `WORD <pid>` line on stderr.
-    fn spawn(path: &Path, mode: &str, word: &str) -> Self {
-        let started = Instant::now();
-        let mut child = Command::new(path)
-            .arg(mode)
-            .stdin(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", path.display()));
-        let stderr = Lines::follow(child.stderr.take().unwrap());
-        let line = stderr.wait_for(&format!("{word} "), Duration::from_secs(10));
-        let pid = child.id();
-        assert_eq!(line, format!("{word} {pid}"), "fixture's ready line");
-        Self {
-            child,
-            pid,
-            started,
-            _stderr: Some(stderr),
-        }
-    }
-
-    /// Starts `PROGRAM ARGS…` with its output discarded.
-    fn spawn_quiet(path: &Path, args: &[&str]) -> Self {
-        let started = Instant::now();
-        let child = Command::new(path)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", path.display()));
-        Self {
-            pid: child.id(),
-            child,
-            started,
-            _stderr: None,
-        }
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        wait_child(&mut self.child, timeout)
-            .unwrap_or_else(|| panic!("fixture still running after {timeout:?} (killed)"))
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// `FIXTURE MODE` to its end (reaped at once, as a shell would).
 fn run_fixture(path: &Path, mode: &str) -> ExitStatus {
     Command::new(path)
@@ -2450,114 +2140,6 @@ fn run_fixture(path: &Path, mode: &str) -> ExitStatus {
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()))
 }
 
-/// Runs `allocwatch ARGS…`, which must fail: exit 1 within `timeout`, exactly one stderr line
-/// `allocwatch: error: …`, no backtrace even with RUST_BACKTRACE=1. Returns the line.
-fn assert_single_error(env: &TestEnv, args: &[&str], timeout: Duration) -> String {
-    let mut child = Command::new(&env.bin)
-        .args(args)
-        .env("RUST_BACKTRACE", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", env.bin.display()));
-    let mut pipe = child.stderr.take().expect("stderr");
-    let reader = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = pipe.read_to_string(&mut s);
-        s
-    });
-    let status = wait_child(&mut child, timeout);
-    let stderr = reader.join().expect("stderr reader");
-    let status = status.unwrap_or_else(|| {
-        panic!(
-            "`allocwatch {}` still running after {timeout:?} (killed):\n{stderr}",
-            args.join(" ")
-        )
-    });
-    assert_eq!(
-        status.code(),
-        Some(1),
-        "exit code of `allocwatch {}`\n{stderr}",
-        args.join(" ")
-    );
-    assert_no_crash(&stderr);
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "exactly one stderr line for `allocwatch {}`:\n{stderr}",
-        args.join(" ")
-    );
-    assert!(
-        lines[0].starts_with(ERROR_PREFIX),
-        "error line format: {:?}",
-        lines[0]
-    );
-    lines[0].to_owned()
-}
-
-fn assert_no_crash(stderr: &str) {
-    assert!(
-        !stderr.contains("panicked")
-            && !stderr.contains("internal error")
-            && !stderr.contains("stack backtrace"),
-        "allocwatch crashed:\n{stderr}"
-    );
-}
-
-/// Polls until `child` exits; kills it and returns None after `timeout`.
-fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().expect("waitpid") {
-            return Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn signal(pid: u32, sig: libc::c_int) {
-    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    let rc = unsafe { libc::kill(pid, sig) };
-    assert_eq!(
-        rc,
-        0,
-        "kill({pid}, {sig}): {}",
-        std::io::Error::last_os_error()
-    );
-}
-
-/// A pid that exists no more: a reaped child's (not reused this soon: pids are allocated
-/// cyclically).
-fn dead_pid() -> u32 {
-    let mut child = Command::new("true").spawn().expect("spawning true");
-    child.wait().expect("waiting for true");
-    let pid = child.id();
-    assert!(
-        !Path::new(&format!("/proc/{pid}")).exists(),
-        "pid {pid} reused already"
-    );
-    pid
-}
-
 fn sleep_until(t: Instant) {
     thread::sleep(t.saturating_duration_since(Instant::now()));
-}
-
-fn panic_text(e: &(dyn std::any::Any + Send)) -> String {
-    e.downcast_ref::<String>()
-        .cloned()
-        .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-        .unwrap_or_else(|| "(non-string panic)".to_owned())
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
 }

@@ -29,26 +29,32 @@
 //! The tests share system state (uprobes, the BPF id space, the machine's two cores), so each one
 //! holds [`serial`] for its whole run.
 
+mod support;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     env,
     ffi::OsStr,
     fmt::Write as _,
     fs,
-    io::{BufRead as _, BufReader, Read, Write as _},
+    io::Write as _,
     panic::{self, AssertUnwindSafe},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex,
         atomic::{AtomicU32, Ordering},
-        mpsc::{self, Receiver, RecvTimeoutError},
+        mpsc::RecvTimeoutError,
     },
     thread,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
+use support::{
+    Allocwatch, AllocwatchBin, Lines, allocwatch_bin, array, env_path, f64_at, panic_text,
+    path_str, read_all, read_json, serial, signal, temp_file, u64_at, wait_child,
+};
 
 // ---------------------------------------------------------------------------------------------
 // What fixtures/go/growth does (keep in sync with fixtures/go/growth/main.go).
@@ -121,8 +127,6 @@ const SWISS_PROBES: &[(&str, &str, &str)] = &[
         r#"if (*(uint8 *)uptr(reg("bx") + 6) == *(uint8 *)uptr(reg("ax") + 32)) { @dir_grow{sfx}[reg("ax")] = count(); }"#,
     ),
 ];
-
-const TRACING_PREFIX: &str = "allocwatch: tracing pid ";
 
 // ---------------------------------------------------------------------------------------------
 // Tests
@@ -604,7 +608,7 @@ fn pid_attach_survives_program_exit() {
             let fixture_out = read_all(fixture.0.stdout.take().unwrap());
             let fixture_err = read_all(fixture.0.stderr.take().unwrap());
             let out = temp_file("pid.json");
-            let mut aw = Allocwatch::spawn(
+            let mut aw = Allocwatch::spawn_with_stdout(
                 &env,
                 &[
                     "top",
@@ -815,26 +819,9 @@ impl TestEnv {
     /// None (after a loud message) when ALLOCWATCH_BIN is unset: plain `cargo test` without
     /// `./x test`. Panics on anything else that is missing.
     fn get() -> Option<Self> {
-        let Some(bin) = env::var_os("ALLOCWATCH_BIN") else {
-            eprintln!(
-                "\n*** SKIPPED: ALLOCWATCH_BIN is not set. These tests need root, the built \
-                 binary, the Go toolchains and the Go fixtures: run `./x test`. ***\n"
-            );
-            return None;
-        };
-        let bin = PathBuf::from(bin);
-        assert!(
-            bin.is_file(),
-            "ALLOCWATCH_BIN={} does not exist",
-            bin.display()
-        );
-        let var = |name: &str| {
-            env::var_os(name)
-                .map(PathBuf::from)
-                .unwrap_or_else(|| panic!("{name} is not set (./x test sets it)"))
-        };
-        let dir = var("ALLOCWATCH_GO_FIXTURES");
-        let toolchains = read_toolchains(&var("ALLOCWATCH_GO_TOOLCHAINS"));
+        let bin = allocwatch_bin("root, the built binary, the Go toolchains and the Go fixtures")?;
+        let dir = env_path("ALLOCWATCH_GO_FIXTURES");
+        let toolchains = read_toolchains(&env_path("ALLOCWATCH_GO_TOOLCHAINS"));
         let mut builds = Vec::new();
         for tc in toolchains {
             let tc = Arc::new(tc);
@@ -889,11 +876,7 @@ impl TestEnv {
             match panic::catch_unwind(AssertUnwindSafe(|| check(b))) {
                 Ok(()) => eprintln!("ok: {} ({:.1?})", b.name, start.elapsed()),
                 Err(e) => {
-                    let msg = e
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                        .unwrap_or_else(|| "(non-string panic)".to_owned());
+                    let msg = panic_text(&*e);
                     eprintln!("FAILED: {} ({:.1?})", b.name, start.elapsed());
                     failures.push(format!("=== {}\n{msg}", b.name));
                 }
@@ -916,6 +899,12 @@ impl TestEnv {
                 .entry(b.twin.clone())
                 .or_insert_with(|| Arc::new(Symbols::of(&b.tc, &b.twin))),
         )
+    }
+}
+
+impl AllocwatchBin for TestEnv {
+    fn bin(&self) -> &Path {
+        &self.bin
     }
 }
 
@@ -956,12 +945,6 @@ fn read_toolchains(manifest: &Path) -> Vec<Toolchain> {
         );
     }
     list
-}
-
-/// Serializes the tests of this file (uprobes and BPF ids are system-wide state).
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1440,7 +1423,7 @@ fn trace(env: &TestEnv, bin: &Path, modes: &[&str]) -> Traced {
     let out = temp_file("top.json");
     let mut args = vec!["top", "--json", "-o", path_str(&out), "--", path_str(bin)];
     args.extend_from_slice(modes);
-    let mut aw = Allocwatch::spawn(env, &args);
+    let mut aw = Allocwatch::spawn_with_stdout(env, &args);
     let pid = aw.wait_tracing_pid(Duration::from_secs(30));
     let status = aw.wait_exit(Duration::from_secs(120));
     aw.assert_success(status);
@@ -1574,138 +1557,6 @@ impl Traced {
     }
 }
 
-/// Lines of a child's pipe, read on a thread: kept for messages, and sent as they arrive.
-struct Lines {
-    all: Arc<Mutex<Vec<String>>>,
-    rx: Receiver<String>,
-}
-
-impl Lines {
-    fn follow(pipe: impl Read + Send + 'static) -> Self {
-        let all = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let keep = Arc::clone(&all);
-        thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                keep.lock().unwrap().push(line.clone());
-                let _ = tx.send(line);
-            }
-        });
-        Self { all, rx }
-    }
-
-    /// The first line starting with `prefix` (panics after `timeout`).
-    fn wait_for(&self, prefix: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(left) {
-                Ok(line) if line.starts_with(prefix) => return line,
-                Ok(_) => {}
-                Err(RecvTimeoutError::Timeout) => panic!(
-                    "no line starting with {prefix:?} within {timeout:?}:\n{}",
-                    self.text()
-                ),
-                Err(RecvTimeoutError::Disconnected) => panic!(
-                    "the process closed stderr (exited?) before a line starting with \
-                     {prefix:?}:\n{}",
-                    self.text()
-                ),
-            }
-        }
-    }
-
-    fn text(&self) -> String {
-        self.all.lock().unwrap().join("\n")
-    }
-}
-
-fn read_all(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
-    thread::spawn(move || {
-        let mut s = String::new();
-        let _ = pipe.read_to_string(&mut s);
-        s
-    })
-}
-
-struct Allocwatch {
-    child: Child,
-    stderr: Lines,
-    stdout: Option<thread::JoinHandle<String>>,
-    args: String,
-}
-
-impl Allocwatch {
-    fn spawn(env: &TestEnv, args: &[&str]) -> Self {
-        let mut child = Command::new(&env.bin)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", env.bin.display()));
-        let stderr = Lines::follow(child.stderr.take().unwrap());
-        let stdout = Some(read_all(child.stdout.take().unwrap()));
-        Self {
-            child,
-            stderr,
-            stdout,
-            args: args.join(" "),
-        }
-    }
-
-    /// Waits for `allocwatch: tracing pid N` and returns N.
-    fn wait_tracing_pid(&mut self, timeout: Duration) -> u32 {
-        let line = self.stderr.wait_for(TRACING_PREFIX, timeout);
-        let rest = &line[TRACING_PREFIX.len()..];
-        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-        digits
-            .parse()
-            .unwrap_or_else(|_| panic!("no pid in the tracing line {line:?}"))
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        wait_child(&mut self.child, timeout).unwrap_or_else(|| {
-            panic!(
-                "`allocwatch {}` still running after {timeout:?} (killed):\n{}",
-                self.args,
-                self.stderr.text()
-            )
-        })
-    }
-
-    fn assert_success(&self, status: ExitStatus) {
-        // Let the reader thread drain the pipe.
-        thread::sleep(Duration::from_millis(50));
-        let stderr = self.stderr.text();
-        assert!(
-            status.success(),
-            "`allocwatch {}` failed: {status}\n{stderr}",
-            self.args
-        );
-        assert!(
-            !stderr.contains("panicked") && !stderr.contains("stack backtrace"),
-            "allocwatch crashed:\n{stderr}"
-        );
-    }
-
-    /// Everything written to stdout (by the traced command: the report goes to `-o`).
-    fn stdout(&mut self) -> String {
-        self.stdout
-            .take()
-            .expect("stdout taken twice")
-            .join()
-            .expect("stdout reader")
-    }
-}
-
-impl Drop for Allocwatch {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A process the test started directly: killed and reaped if the test fails first (`kill` on
 /// a child already reaped sends nothing).
 struct KillOnDrop(Child);
@@ -1717,77 +1568,8 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// Polls until `child` exits; kills it and returns None after `timeout`.
-fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().expect("waitpid") {
-            return Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn signal(pid: u32, sig: libc::c_int) {
-    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    let rc = unsafe { libc::kill(pid, sig) };
-    assert_eq!(
-        rc,
-        0,
-        "kill({pid}, {sig}): {}",
-        std::io::Error::last_os_error()
-    );
-}
-
-fn temp_file(name: &str) -> PathBuf {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let path = env::temp_dir().join(format!(
-        "allocwatch-gotest-{}-{}-{name}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = fs::remove_file(&path);
-    path
-}
-
 // ---------------------------------------------------------------------------------------------
 // JSON access with messages that show the document
-
-fn read_json(path: &Path) -> Value {
-    let text = fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("report {} not written: {e}", path.display()));
-    let _ = fs::remove_file(path);
-    serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("report {} is not JSON ({e}):\n{text}", path.display()))
-}
-
-fn array<'a>(v: &'a Value, key: &str) -> &'a Vec<Value> {
-    v[key]
-        .as_array()
-        .unwrap_or_else(|| panic!("`{key}` is not an array in\n{v:#}"))
-}
-
-fn u64_at(v: &Value, key: &str) -> u64 {
-    v[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("`{key}` is not an unsigned integer in\n{v:#}"))
-}
-
-fn f64_at(v: &Value, key: &str) -> f64 {
-    v[key]
-        .as_f64()
-        .unwrap_or_else(|| panic!("`{key}` is not a number in\n{v:#}"))
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
-}
 
 /// Function names of a frame list ("?" where a frame has none).
 fn frame_functions(frames: &Value) -> Vec<String> {

@@ -27,21 +27,22 @@
 //! ≤ 16. Debian's libc.so.6 defines `memalign` and `aligned_alloc` at one address (check with
 //! `nm -D`), so allocwatch reports them under one name and says so in `aliases`.
 
+mod support;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
-    env, fs,
-    io::{BufRead as _, BufReader, Read as _},
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
-    sync::{
-        Arc, Mutex, MutexGuard,
-        mpsc::{self, Receiver, RecvTimeoutError},
-    },
+    process::{Command, Stdio},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use serde_json::Value;
+use support::{
+    Allocwatch, AllocwatchBin, BpfIds, Fixture, KernelState, address_groups, allocwatch_bin, array,
+    assert_single_error, dead_pid, libc_fixture, libc_path, path_str, process_by_pid, read_json,
+    serial, signal, str_at, u64_at,
+};
 
 // ---------------------------------------------------------------------------------------------
 // What libc_fixture's `run` mode does (keep in sync with fixtures/c/libc_fixture.c).
@@ -149,9 +150,6 @@ const LOSS_KEYS: &[&str] = &[
     "orphan_return",
     "symbolize_process_gone",
 ];
-
-const TRACING_PREFIX: &str = "allocwatch: tracing pid ";
-const ERROR_PREFIX: &str = "allocwatch: error: ";
 
 // ---------------------------------------------------------------------------------------------
 // Tests
@@ -289,7 +287,7 @@ fn leaks_command_exact_counts() {
 fn top_pid_exact_counts() {
     let Some(env) = TestEnv::get() else { return };
     let _serial = serial();
-    let mut fixture = Fixture::spawn(&env, "wait-run", "ready");
+    let mut fixture = Fixture::spawn(&env.fixture, "wait-run", "ready");
     let pid = fixture.pid;
     let out = env.temp_file("top-pid.json");
     let mut aw = Allocwatch::spawn(
@@ -493,7 +491,7 @@ fn fixture_raw_calls_match_bpftrace() {
     *want.get_mut("malloc").unwrap() += 3 + 2;
     *want.get_mut("realloc").unwrap() += 2;
     // Probes at one address all fire on each call to any of the names.
-    for group in address_groups(&libc) {
+    for group in address_groups(&libc, APIS) {
         let sum: u64 = group.iter().map(|api| want[api]).sum();
         for api in &group {
             want.insert(api.clone(), sum);
@@ -694,7 +692,7 @@ fn detach_on_signal(sig: libc::c_int) {
     let Some(env) = TestEnv::get() else { return };
     let _serial = serial();
     let before = KernelState::snapshot();
-    let mut fixture = Fixture::spawn(&env, "loop", "loop");
+    let mut fixture = Fixture::spawn(&env.fixture, "loop", "loop");
     let pid = fixture.pid;
     let out = env.temp_file(&format!("top-signal-{sig}.json"));
     let mut aw = Allocwatch::spawn(
@@ -733,47 +731,10 @@ fn detach_on_signal(sig: libc::c_int) {
         "the loop fixture is still running\n{proc:#}"
     );
     check_loop_counts(proc);
-    held.assert_all_gone(Duration::from_secs(3));
+    held.assert_all_gone("allocwatch", Duration::from_secs(3));
     KernelState::snapshot().assert_nothing_added(&before);
     signal(pid, libc::SIGKILL);
     fixture.wait_exit(Duration::from_secs(5));
-}
-
-fn assert_single_error(env: &TestEnv, args: &[&str]) {
-    let out = Command::new(&env.bin)
-        .args(args)
-        // A user's RUST_BACKTRACE=1 (set on these machines) must not turn errors into traces.
-        .env("RUST_BACKTRACE", "1")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", env.bin.display()));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "exit code of `allocwatch {}`\n{stderr}",
-        args.join(" ")
-    );
-    assert_no_crash(&stderr);
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "exactly one stderr line for `allocwatch {}`:\n{stderr}",
-        args.join(" ")
-    );
-    assert!(
-        lines[0].starts_with(ERROR_PREFIX),
-        "error line format: {:?}",
-        lines[0]
-    );
-}
-
-fn assert_no_crash(stderr: &str) {
-    assert!(
-        !stderr.contains("panicked") && !stderr.contains("stack backtrace"),
-        "allocwatch crashed:\n{stderr}"
-    );
 }
 
 fn assert_no_loss(proc: &Value) {
@@ -834,7 +795,7 @@ fn fold(aliases: &BTreeMap<String, String>, api: &str) -> String {
 /// `aliases` must describe exactly the APIs that share an address in `libc` (from `nm -D`, an
 /// independent reading of the same ELF).
 fn check_aliases(aliases: &BTreeMap<String, String>, libc: &Path) {
-    for group in address_groups(libc) {
+    for group in address_groups(libc, APIS) {
         let targets: BTreeSet<String> = group.iter().map(|a| fold(aliases, a)).collect();
         assert_eq!(
             targets.len(),
@@ -848,192 +809,12 @@ fn check_aliases(aliases: &BTreeMap<String, String>, libc: &Path) {
             "alias target {target} is itself an alias"
         );
     }
-    let grouped: BTreeSet<String> = address_groups(libc).into_iter().flatten().collect();
+    let grouped: BTreeSet<String> = address_groups(libc, APIS).into_iter().flatten().collect();
     for alias in aliases.keys() {
         assert!(
             grouped.contains(alias),
             "{alias} is reported as an alias but has its own address"
         );
-    }
-}
-
-/// Sets of traced APIs defined at one address in `libc` (groups of two or more).
-fn address_groups(libc: &Path) -> Vec<Vec<String>> {
-    let out = Command::new("nm")
-        .args(["-D", "--defined-only"])
-        .arg(libc)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run nm ({e}): ./x setup installs binutils"));
-    assert!(out.status.success(), "nm -D {} failed", libc.display());
-    let mut by_addr: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let mut cols = line.split_whitespace();
-        let (Some(addr), Some(_kind), Some(sym)) = (cols.next(), cols.next(), cols.next()) else {
-            continue;
-        };
-        // `memalign@@GLIBC_2.2.5`: only the default version.
-        let Some((name, _)) = sym.split_once("@@") else {
-            continue;
-        };
-        if APIS.contains(&name) {
-            by_addr
-                .entry(addr.to_owned())
-                .or_default()
-                .insert(name.to_owned());
-        }
-    }
-    by_addr
-        .into_values()
-        .filter(|g| g.len() > 1)
-        .map(|g| g.into_iter().collect())
-        .collect()
-}
-
-/// The libc.so.6 this test process maps (the fixture uses the same one).
-fn libc_path() -> PathBuf {
-    let maps = fs::read_to_string("/proc/self/maps").expect("reading /proc/self/maps");
-    maps.lines()
-        .filter_map(|l| l.split_whitespace().nth(5))
-        .find(|p| p.ends_with("/libc.so.6"))
-        .map(PathBuf::from)
-        .expect("this test process maps no libc.so.6")
-}
-
-// ---------------------------------------------------------------------------------------------
-// Leftover detection
-
-/// BPF object ids a process holds open (from /proc/PID/fdinfo of its bpf-prog/-link/-map fds).
-#[derive(Debug, Default)]
-struct BpfIds {
-    progs: BTreeSet<u32>,
-    links: BTreeSet<u32>,
-    maps: BTreeSet<u32>,
-}
-
-/// bpf(2) commands that open an object by id: they fail with ENOENT once it is freed.
-const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
-const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
-const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
-
-impl BpfIds {
-    fn held_by(pid: u32) -> Self {
-        let mut ids = Self::default();
-        let fd_dir = format!("/proc/{pid}/fd");
-        for entry in fs::read_dir(&fd_dir).unwrap_or_else(|e| panic!("{fd_dir}: {e}")) {
-            let Ok(entry) = entry else { continue };
-            let Ok(target) = fs::read_link(entry.path()) else {
-                continue;
-            };
-            if !target.to_string_lossy().starts_with("anon_inode:bpf-") {
-                continue;
-            }
-            let info = format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy());
-            let Ok(text) = fs::read_to_string(&info) else {
-                continue;
-            };
-            for line in text.lines() {
-                let mut kv = line.split(':');
-                let (Some(k), Some(v)) = (kv.next(), kv.next()) else {
-                    continue;
-                };
-                let Ok(id) = v.trim().parse::<u32>() else {
-                    continue;
-                };
-                match k {
-                    "prog_id" => ids.progs.insert(id),
-                    "link_id" => ids.links.insert(id),
-                    "map_id" => ids.maps.insert(id),
-                    _ => false,
-                };
-            }
-        }
-        ids
-    }
-
-    /// Every object must be freed by the kernel: nothing stays attached, pinned or held.
-    /// Freeing is deferred (RCU), hence the retries.
-    fn assert_all_gone(&self, within: Duration) {
-        let deadline = Instant::now() + within;
-        loop {
-            let left: Vec<String> = [
-                (BPF_PROG_GET_FD_BY_ID, "prog", &self.progs),
-                (BPF_LINK_GET_FD_BY_ID, "link", &self.links),
-                (BPF_MAP_GET_FD_BY_ID, "map", &self.maps),
-            ]
-            .into_iter()
-            .flat_map(|(cmd, kind, ids)| {
-                ids.iter()
-                    .filter(move |&&id| bpf_object_exists(cmd, id))
-                    .map(move |id| format!("{kind} {id}"))
-            })
-            .collect();
-            if left.is_empty() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "BPF objects left after allocwatch exited: {left:?}"
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-fn bpf_object_exists(cmd: libc::c_long, id: u32) -> bool {
-    // union bpf_attr for *_GET_FD_BY_ID: { u32 id; u32 next_id; u32 open_flags; }
-    let mut attr = [id, 0, 0, 0];
-    // SAFETY: attr is a valid, writable bpf_attr prefix of the size passed.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), size_of_val(&attr)) };
-    if fd >= 0 {
-        // SAFETY: fd was just returned to us and is closed once.
-        unsafe { libc::close(fd as libc::c_int) };
-        return true;
-    }
-    let err = std::io::Error::last_os_error();
-    assert_eq!(
-        err.raw_os_error(),
-        Some(libc::ENOENT),
-        "bpf({cmd}, id {id}): {err}"
-    );
-    false
-}
-
-/// System-wide places where a tracer could leave something behind.
-struct KernelState {
-    uprobe_events: BTreeSet<String>,
-    bpffs: BTreeSet<String>,
-}
-
-impl KernelState {
-    fn snapshot() -> Self {
-        let uprobe_events = fs::read_to_string("/sys/kernel/tracing/uprobe_events")
-            .expect("reading /sys/kernel/tracing/uprobe_events (./x setup mounts tracefs)")
-            .lines()
-            .map(str::to_owned)
-            .collect();
-        let bpffs = fs::read_dir("/sys/fs/bpf")
-            .map(|d| {
-                d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        Self {
-            uprobe_events,
-            bpffs,
-        }
-    }
-
-    fn assert_nothing_added(&self, before: &Self) {
-        let events: Vec<_> = self
-            .uprobe_events
-            .difference(&before.uprobe_events)
-            .collect();
-        assert!(
-            events.is_empty(),
-            "uprobe_events entries left behind: {events:?}"
-        );
-        let pins: Vec<_> = self.bpffs.difference(&before.bpffs).collect();
-        assert!(pins.is_empty(), "/sys/fs/bpf entries left behind: {pins:?}");
     }
 }
 
@@ -1049,299 +830,19 @@ impl TestEnv {
     /// None (after a loud message) when ALLOCWATCH_BIN is unset: plain `cargo test` without
     /// `./x test`. Panics on anything else that is missing.
     fn get() -> Option<Self> {
-        let Some(bin) = env::var_os("ALLOCWATCH_BIN") else {
-            eprintln!(
-                "\n*** SKIPPED: ALLOCWATCH_BIN is not set. These tests need root and the built \
-                 binary and fixtures: run `./x test`. ***\n"
-            );
-            return None;
-        };
-        let bin = PathBuf::from(bin);
-        assert!(
-            bin.is_file(),
-            "ALLOCWATCH_BIN={} does not exist",
-            bin.display()
-        );
-        let fixtures = env::var_os("ALLOCWATCH_FIXTURES")
-            .map(PathBuf::from)
-            .expect("ALLOCWATCH_FIXTURES is not set (./x test sets it)");
-        let fixture = fixtures.join("libc_fixture");
-        assert!(
-            fixture.is_file(),
-            "{} missing: run ./x fixtures",
-            fixture.display()
-        );
-        Some(Self { bin, fixture })
-    }
-
-    fn temp_file(&self, name: &str) -> PathBuf {
-        let path = env::temp_dir().join(format!("allocwatch-test-{}-{name}", std::process::id()));
-        let _ = fs::remove_file(&path);
-        path
-    }
-}
-
-/// Serializes the tests of this file (uprobes and BPF ids are system-wide state).
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Lines of a child's pipe, read on a thread: kept for messages, and sent as they arrive.
-struct Lines {
-    all: Arc<Mutex<Vec<String>>>,
-    rx: Receiver<String>,
-}
-
-impl Lines {
-    fn follow(pipe: impl std::io::Read + Send + 'static) -> Self {
-        let all = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let keep = Arc::clone(&all);
-        thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                keep.lock().unwrap().push(line.clone());
-                let _ = tx.send(line);
-            }
-        });
-        Self { all, rx }
-    }
-
-    /// The first line starting with `prefix` (panics after `timeout`).
-    fn wait_for(&self, prefix: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(left) {
-                Ok(line) if line.starts_with(prefix) => return line,
-                Ok(_) => {}
-                Err(RecvTimeoutError::Timeout) => panic!(
-                    "no line starting with {prefix:?} within {timeout:?}:\n{}",
-                    self.text()
-                ),
-                Err(RecvTimeoutError::Disconnected) => panic!(
-                    "the process closed stderr (exited?) before a line starting with \
-                     {prefix:?}:\n{}",
-                    self.text()
-                ),
-            }
-        }
-    }
-
-    fn text(&self) -> String {
-        self.all.lock().unwrap().join("\n")
-    }
-}
-
-struct Allocwatch {
-    child: Child,
-    stderr: Lines,
-    stdout: Option<thread::JoinHandle<String>>,
-    args: String,
-}
-
-impl Allocwatch {
-    fn spawn(env: &TestEnv, args: &[&str]) -> Self {
-        Self::start(env, args, false)
-    }
-
-    fn spawn_with_stdout(env: &TestEnv, args: &[&str]) -> Self {
-        Self::start(env, args, true)
-    }
-
-    fn start(env: &TestEnv, args: &[&str], capture_stdout: bool) -> Self {
-        let mut child = Command::new(&env.bin)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(if capture_stdout {
-                Stdio::piped()
-            } else {
-                Stdio::inherit()
-            })
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", env.bin.display()));
-        let stderr = Lines::follow(child.stderr.take().unwrap());
-        let stdout = child.stdout.take().map(|mut pipe| {
-            thread::spawn(move || {
-                let mut s = String::new();
-                let _ = pipe.read_to_string(&mut s);
-                s
-            })
-        });
-        Self {
-            child,
-            stderr,
-            stdout,
-            args: args.join(" "),
-        }
-    }
-
-    /// Waits for `allocwatch: tracing pid N` and returns N.
-    fn wait_tracing_pid(&mut self, timeout: Duration) -> u32 {
-        let line = self.stderr.wait_for(TRACING_PREFIX, timeout);
-        let rest = &line[TRACING_PREFIX.len()..];
-        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-        digits
-            .parse()
-            .unwrap_or_else(|_| panic!("no pid in the tracing line {line:?}"))
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        wait_child(&mut self.child, timeout).unwrap_or_else(|| {
-            panic!(
-                "`allocwatch {}` still running after {timeout:?} (killed):\n{}",
-                self.args,
-                self.stderr.text()
-            )
+        Some(Self {
+            bin: allocwatch_bin("root and the built binary and fixtures")?,
+            fixture: libc_fixture(),
         })
     }
 
-    fn assert_success(&self, status: ExitStatus) {
-        // Let the reader thread drain the pipe.
-        thread::sleep(Duration::from_millis(50));
-        let stderr = self.stderr.text();
-        assert!(
-            status.success(),
-            "`allocwatch {}` failed: {status}\n{stderr}",
-            self.args
-        );
-        assert_no_crash(&stderr);
-    }
-
-    fn stdout(&mut self) -> String {
-        self.stdout
-            .take()
-            .expect("stdout was not captured")
-            .join()
-            .expect("stdout reader")
+    fn temp_file(&self, name: &str) -> PathBuf {
+        support::temp_file(name)
     }
 }
 
-impl Drop for Allocwatch {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl AllocwatchBin for TestEnv {
+    fn bin(&self) -> &Path {
+        &self.bin
     }
-}
-
-/// The fixture started directly by the test (for --pid mode).
-struct Fixture {
-    child: Child,
-    pid: u32,
-    _stderr: Lines,
-}
-
-impl Fixture {
-    /// Starts `libc_fixture MODE` and waits for its `WORD <pid>` line on stderr.
-    fn spawn(env: &TestEnv, mode: &str, word: &str) -> Self {
-        let mut child = Command::new(&env.fixture)
-            .arg(mode)
-            .stdin(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", env.fixture.display()));
-        let stderr = Lines::follow(child.stderr.take().unwrap());
-        let line = stderr.wait_for(&format!("{word} "), Duration::from_secs(10));
-        let pid = child.id();
-        assert_eq!(line, format!("{word} {pid}"), "fixture's ready line");
-        Self {
-            child,
-            pid,
-            _stderr: stderr,
-        }
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        wait_child(&mut self.child, timeout)
-            .unwrap_or_else(|| panic!("fixture still running after {timeout:?} (killed)"))
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Polls until `child` exits; kills it and returns None after `timeout`.
-fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().expect("waitpid") {
-            return Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn signal(pid: u32, sig: libc::c_int) {
-    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    let rc = unsafe { libc::kill(pid, sig) };
-    assert_eq!(
-        rc,
-        0,
-        "kill({pid}, {sig}): {}",
-        std::io::Error::last_os_error()
-    );
-}
-
-/// A pid that exists no more: a reaped child's (not reused this soon: pids are allocated
-/// cyclically).
-fn dead_pid() -> u32 {
-    let mut child = Command::new("true").spawn().expect("spawning true");
-    child.wait().expect("waiting for true");
-    let pid = child.id();
-    assert!(
-        !Path::new(&format!("/proc/{pid}")).exists(),
-        "pid {pid} reused already"
-    );
-    pid
-}
-
-// ---------------------------------------------------------------------------------------------
-// JSON access with messages that show the document
-
-fn read_json(path: &Path) -> Value {
-    let text = fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("report {} not written: {e}", path.display()));
-    let _ = fs::remove_file(path);
-    serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("report {} is not JSON ({e}):\n{text}", path.display()))
-}
-
-fn process_by_pid(report: &Value, pid: u32) -> &Value {
-    array(report, "processes")
-        .iter()
-        .find(|p| p["pid"] == pid)
-        .unwrap_or_else(|| panic!("no process {pid} in the report\n{report:#}"))
-}
-
-fn array<'a>(v: &'a Value, key: &str) -> &'a Vec<Value> {
-    v[key]
-        .as_array()
-        .unwrap_or_else(|| panic!("`{key}` is not an array in\n{v:#}"))
-}
-
-fn u64_at(v: &Value, key: &str) -> u64 {
-    v[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("`{key}` is not an unsigned integer in\n{v:#}"))
-}
-
-fn str_at<'a>(v: &'a Value, key: &str) -> &'a str {
-    v[key]
-        .as_str()
-        .unwrap_or_else(|| panic!("`{key}` is not a string in\n{v:#}"))
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
 }

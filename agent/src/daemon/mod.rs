@@ -104,6 +104,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     ));
     let mut server = std::pin::pin!(server);
 
+    // exec events: identities change at exec, and short-lived programs get their path.
+    if let Err(e) = probes.attach_exec() {
+        eprintln!(
+            "allocwatch: warning: {e}: processes are renamed after exec only by the /proc scan"
+        );
+        *registry
+            .attach_failures
+            .entry("exec_tracepoint".to_string())
+            .or_default() += 1;
+    }
     let (pod_tx, mut pod_updates) = mpsc::channel(256);
     if cfg.kubernetes.enabled && k8s::watch::in_cluster() {
         let node = std::env::var("NODE_NAME").ok();
@@ -130,7 +140,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 stats.malformed_records += collect::drain(guard.get_inner_mut(), &mut events);
                 guard.clear_ready();
                 stats.events_processed += events.len() as u64;
-                handle(&mut events, &mut registry, &mut probes, &symbolizer);
+                handle(&mut events, &mut registry, &mut probes, &symbolizer, &mut frames)?;
             }
             _ = scan.tick() => registry.scan(&mut probes, &symbolizer, &mut frames),
             Some(update) = pod_updates.recv() => registry.apply_pod(update),
@@ -167,9 +177,19 @@ fn handle(
     registry: &mut Registry,
     probes: &mut Probes,
     symbolizer: &SymbolizerHandle,
-) {
+    frames: &mut FrameCache,
+) -> anyhow::Result<()> {
     for ev in events.drain(..) {
+        // Copy the stack out before the kernel's LRU table can evict it.
+        match &ev {
+            Event::NewSite(site, _) => frames.remember_stack(probes, site.stack_id)?,
+            Event::Go(g) => frames.remember_stack(probes, g.stack_id)?,
+            Event::Exec(..) => {}
+        }
         match ev {
+            Event::Exec(tgid, comm, path) => {
+                registry.exec_seen(tgid, &comm, path, probes, symbolizer)
+            }
             Event::NewSite(site, comm) => {
                 registry.ensure_seen(site.tgid, &comm, probes, symbolizer)
             }
@@ -182,4 +202,5 @@ fn handle(
             }
         }
     }
+    Ok(())
 }

@@ -59,6 +59,9 @@ pub struct Registry {
     pub attach_failures: BTreeMap<String, u64>,
     pub probes_attached: u64,
     pub pods: PodCache,
+    /// The path each process last exec'd (from the exec tracepoint), for processes that exit
+    /// before /proc is read; dropped with the pid.
+    exec_paths: HashMap<u32, String>,
     self_pid: u32,
 }
 
@@ -75,6 +78,7 @@ impl Registry {
             attach_failures: BTreeMap::new(),
             probes_attached: 0,
             pods: PodCache::new(),
+            exec_paths: HashMap::new(),
             self_pid: std::process::id(),
         }
     }
@@ -99,7 +103,6 @@ impl Registry {
                     continue;
                 };
                 seen.insert(pid);
-                self.notice_exec(pid);
                 self.ensure(pid, probes, symbolizer);
             }
         }
@@ -128,6 +131,8 @@ impl Registry {
             }
         }
         self.ignored.retain(|(pid, _)| seen.contains(pid));
+        self.exec_paths
+            .retain(|pid, _| seen.contains(pid) || self.procs.contains_key(pid));
     }
 
     /// Applies a pod change from the API and renames the processes it concerns.
@@ -184,6 +189,7 @@ impl Registry {
             Proc {
                 labels: ProcessLabels {
                     comm,
+                    exe: self.exec_paths.get(&pid).cloned().unwrap_or_default(),
                     ..ProcessLabels::default()
                 },
                 container: cgroup::ContainerRef::default(),
@@ -195,21 +201,28 @@ impl Registry {
         );
     }
 
-    /// A registered, running process whose executable changed has called `exec` (a container's
-    /// `runc init` becoming its entrypoint): it is registered again under its new identity.
-    /// Counts made before this scan stay with the old identity (see README limitations).
-    fn notice_exec(&mut self, pid: u32) {
-        let Some(p) = self.procs.get(&pid) else {
-            return;
-        };
-        if p.exited_at.is_some() || p.labels.exe.is_empty() {
+    /// `pid` exec'd `path`: its identity is the new program's from now on (a process that was
+    /// skipped before may be selected now, and the other way round).
+    pub fn exec_seen(
+        &mut self,
+        pid: u32,
+        comm: &[u8; 16],
+        path: String,
+        probes: &mut Probes,
+        symbolizer: &SymbolizerHandle,
+    ) {
+        if pid == self.self_pid {
             return;
         }
-        if let Ok(exe) = fs::read_link(format!("/proc/{pid}/exe"))
-            && exe.display().to_string() != p.labels.exe
-        {
+        self.exec_paths.insert(pid, path);
+        if self.procs.get(&pid).is_some_and(|p| p.exited_at.is_none()) {
             self.procs.remove(&pid);
         }
+        self.ignored.retain(|(p, _)| *p != pid);
+        if probes.is_denylist() {
+            let _ = probes.set_listed(pid, false);
+        }
+        self.ensure_seen(pid, comm, probes, symbolizer);
     }
 
     /// Registers `pid` if it is new (or a new process under a reused pid) and selected.

@@ -60,16 +60,18 @@ pub async fn build(
                 snap.bytes.insert(api.symbol(), totals.bytes[api as usize]);
             }
         }
-        // Largest first, so the symbolization budget goes where series are likely.
+        // Largest first: each process's likely series are always named (its own top-K, with
+        // room for the exporter's different ranking); the shared budget covers the rest.
         let mut ranked = rows.clone();
         ranked.sort_by_key(|(_, s)| std::cmp::Reverse(s.bytes));
-        for (key, stats) in ranked {
+        for (i, (key, stats)) in ranked.into_iter().enumerate() {
             let (live_allocations, live_bytes) = live_of(stats);
+            let mut own = usize::MAX;
             let frames = site_frames(
                 frames,
                 probes,
                 symbolizer,
-                &mut budget,
+                if i < 4 * top_k { &mut own } else { &mut budget },
                 (pid, key.stack_id, key.ret_addr),
             )
             .await?;
@@ -85,12 +87,13 @@ pub async fn build(
         if let Some(go) = &p.go {
             let mut ranked: Vec<_> = go.sites.iter().collect();
             ranked.sort_by_key(|(_, c)| std::cmp::Reverse(c.bytes));
-            for (key, c) in ranked {
+            for (i, (key, c)) in ranked.into_iter().enumerate() {
+                let mut own = usize::MAX;
                 let frames = site_frames(
                     frames,
                     probes,
                     symbolizer,
-                    &mut budget,
+                    if i < 4 * top_k { &mut own } else { &mut budget },
                     (pid, key.stack_id, key.ret_addr),
                 )
                 .await?;
@@ -122,6 +125,9 @@ pub async fn build(
     self_stats
         .events_lost
         .insert("symbolize_process_gone", frames.process_gone);
+    self_stats
+        .events_lost
+        .insert("stack_evicted", frames.stacks_evicted);
     self_stats.map_fill.insert(
         map_names::SITES,
         sites.len() as f64 / f64::from(max_sites.max(1)),

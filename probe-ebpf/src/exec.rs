@@ -1,0 +1,51 @@
+//! `sched:sched_process_exec`: tells the node agent which program each process became, as it
+//! happens (a process can exec and exit before the agent reads /proc). Attached by the agent only.
+
+use allocwatch_common::{
+    libc::{EventHeader, EventKind, ExecEvent},
+    loss::LossCause,
+};
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+
+use crate::maps::{EVENTS, lost};
+
+/// Offset of the `__data_loc char[] filename` field in the tracepoint's record
+/// (/sys/kernel/tracing/events/sched/sched_process_exec/format, stable since 3.x).
+const FILENAME_LOC: usize = 8;
+
+#[tracepoint(category = "sched", name = "sched_process_exec")]
+pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
+    on_exec(&ctx);
+    0
+}
+
+#[inline(always)]
+fn on_exec(ctx: &TracePointContext) {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
+        lost(LossCause::RingbufFull);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` is our exclusive ring-buffer reservation of an ExecEvent; every field is
+    // written below before it is submitted (filename through the helper, NUL-terminated).
+    unsafe {
+        (*ev).header = EventHeader {
+            kind: EventKind::Exec as u32,
+            tgid,
+        };
+        (*ev).comm = bpf_get_current_comm().unwrap_or_default();
+        (*ev).filename[0] = 0;
+        // __data_loc: offset of the string in the record in the low 16 bits.
+        if let Ok(loc) = ctx.read_at::<u32>(FILENAME_LOC) {
+            let src = ctx.as_ptr().cast::<u8>().add((loc & 0xffff) as usize);
+            let _ = bpf_probe_read_kernel_str_bytes(src, &mut (*ev).filename);
+        }
+    }
+    entry.submit(0);
+}

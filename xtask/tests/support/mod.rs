@@ -1,0 +1,644 @@
+//! Helpers shared by the end-to-end tests xtask/tests/{libc,go,agent}.rs, each of which includes
+//! this file with `mod support;` (cargo builds no test crate of tests/support/mod.rs itself):
+//! finding the binary under test, running allocwatch and the fixtures, checking that a tracer
+//! left nothing behind in the kernel, and reading JSON reports with messages that show them.
+
+#![allow(
+    dead_code,
+    reason = "each test crate includes this module and uses a different subset of it"
+)]
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    env, fs,
+    io::{BufRead as _, BufReader, Read},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU32, Ordering},
+        mpsc::{self, Receiver, RecvTimeoutError},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// The line `allocwatch top`/`leaks` prints once its probes are attached.
+pub const TRACING_PREFIX: &str = "allocwatch: tracing pid ";
+/// The start of allocwatch's one error line.
+pub const ERROR_PREFIX: &str = "allocwatch: error: ";
+
+// ---------------------------------------------------------------------------------------------
+// Environment (set by `./x test`)
+
+/// A test crate's `TestEnv`, as far as the shared helpers need it.
+pub trait AllocwatchBin {
+    /// The allocwatch binary under test (`ALLOCWATCH_BIN`).
+    fn bin(&self) -> &Path;
+}
+
+/// `ALLOCWATCH_BIN`; None (after a loud message saying that the tests need `needs`) when it is
+/// unset: plain `cargo test` without `./x test`. Panics when it names no file.
+pub fn allocwatch_bin(needs: &str) -> Option<PathBuf> {
+    let Some(bin) = env::var_os("ALLOCWATCH_BIN") else {
+        eprintln!(
+            "\n*** SKIPPED: ALLOCWATCH_BIN is not set. These tests need {needs}: run `./x test`. \
+             ***\n"
+        );
+        return None;
+    };
+    let bin = PathBuf::from(bin);
+    assert!(
+        bin.is_file(),
+        "ALLOCWATCH_BIN={} does not exist",
+        bin.display()
+    );
+    Some(bin)
+}
+
+/// The path in the environment variable `name` (panics when it is unset).
+pub fn env_path(name: &str) -> PathBuf {
+    env::var_os(name)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("{name} is not set (./x test sets it)"))
+}
+
+/// `$ALLOCWATCH_FIXTURES/libc_fixture` (panics when it is missing).
+pub fn libc_fixture() -> PathBuf {
+    let fixture = env_path("ALLOCWATCH_FIXTURES").join("libc_fixture");
+    assert!(
+        fixture.is_file(),
+        "{} missing: run ./x fixtures",
+        fixture.display()
+    );
+    fixture
+}
+
+/// Serializes the tests of the including file (uprobes and BPF ids are system-wide state).
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A path for a file `name` in the temp dir, unique to this process and call (removed if it
+/// exists).
+pub fn temp_file(name: &str) -> PathBuf {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let path = env::temp_dir().join(format!(
+        "allocwatch-test-{}-{}-{name}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = fs::remove_file(&path);
+    path
+}
+
+// ---------------------------------------------------------------------------------------------
+// libc aliases
+
+/// The libc.so.6 this test process maps (the fixture uses the same one).
+pub fn libc_path() -> PathBuf {
+    let maps = fs::read_to_string("/proc/self/maps").expect("reading /proc/self/maps");
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.ends_with("/libc.so.6"))
+        .map(PathBuf::from)
+        .expect("this test process maps no libc.so.6")
+}
+
+/// Sets of `apis` defined at one address in `libc` (groups of two or more; Debian's glibc:
+/// aligned_alloc = memalign), from `nm -D`.
+pub fn address_groups(libc: &Path, apis: &[&str]) -> Vec<Vec<String>> {
+    let out = Command::new("nm")
+        .args(["-D", "--defined-only"])
+        .arg(libc)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run nm ({e}): ./x setup installs binutils"));
+    assert!(out.status.success(), "nm -D {} failed", libc.display());
+    let mut by_addr: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let mut cols = line.split_whitespace();
+        let (Some(addr), Some(_kind), Some(sym)) = (cols.next(), cols.next(), cols.next()) else {
+            continue;
+        };
+        // `memalign@@GLIBC_2.2.5`: only the default version.
+        let Some((name, _)) = sym.split_once("@@") else {
+            continue;
+        };
+        if apis.contains(&name) {
+            by_addr
+                .entry(addr.to_owned())
+                .or_default()
+                .insert(name.to_owned());
+        }
+    }
+    by_addr
+        .into_values()
+        .filter(|g| g.len() > 1)
+        .map(|g| g.into_iter().collect())
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Leftover detection
+
+/// BPF object ids a process holds open (from /proc/PID/fdinfo of its bpf-prog/-link/-map fds).
+#[derive(Debug, Default)]
+pub struct BpfIds {
+    pub progs: BTreeSet<u32>,
+    pub links: BTreeSet<u32>,
+    pub maps: BTreeSet<u32>,
+}
+
+/// bpf(2) commands that open an object by id: they fail with ENOENT once it is freed.
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+
+impl BpfIds {
+    pub fn held_by(pid: u32) -> Self {
+        let mut ids = Self::default();
+        let fd_dir = format!("/proc/{pid}/fd");
+        for entry in fs::read_dir(&fd_dir).unwrap_or_else(|e| panic!("{fd_dir}: {e}")) {
+            let Ok(entry) = entry else { continue };
+            let Ok(target) = fs::read_link(entry.path()) else {
+                continue;
+            };
+            if !target.to_string_lossy().starts_with("anon_inode:bpf-") {
+                continue;
+            }
+            let info = format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy());
+            let Ok(text) = fs::read_to_string(&info) else {
+                continue;
+            };
+            for line in text.lines() {
+                let mut kv = line.split(':');
+                let (Some(k), Some(v)) = (kv.next(), kv.next()) else {
+                    continue;
+                };
+                let Ok(id) = v.trim().parse::<u32>() else {
+                    continue;
+                };
+                match k {
+                    "prog_id" => ids.progs.insert(id),
+                    "link_id" => ids.links.insert(id),
+                    "map_id" => ids.maps.insert(id),
+                    _ => false,
+                };
+            }
+        }
+        ids
+    }
+
+    /// Every object must be freed by the kernel once `holder` (named in the message) exited:
+    /// nothing stays attached, pinned or held. Freeing is deferred (RCU), hence the retries.
+    pub fn assert_all_gone(&self, holder: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let left: Vec<String> = [
+                (BPF_PROG_GET_FD_BY_ID, "prog", &self.progs),
+                (BPF_LINK_GET_FD_BY_ID, "link", &self.links),
+                (BPF_MAP_GET_FD_BY_ID, "map", &self.maps),
+            ]
+            .into_iter()
+            .flat_map(|(cmd, kind, ids)| {
+                ids.iter()
+                    .filter(move |&&id| bpf_object_exists(cmd, id))
+                    .map(move |id| format!("{kind} {id}"))
+            })
+            .collect();
+            if left.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "BPF objects left after {holder} exited: {left:?}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn bpf_object_exists(cmd: libc::c_long, id: u32) -> bool {
+    // union bpf_attr for *_GET_FD_BY_ID: { u32 id; u32 next_id; u32 open_flags; }
+    let mut attr = [id, 0, 0, 0];
+    // SAFETY: attr is a valid, writable bpf_attr prefix of the size passed.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), size_of_val(&attr)) };
+    if fd >= 0 {
+        // SAFETY: fd was just returned to us and is closed once.
+        unsafe { libc::close(fd as libc::c_int) };
+        return true;
+    }
+    let err = std::io::Error::last_os_error();
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::ENOENT),
+        "bpf({cmd}, id {id}): {err}"
+    );
+    false
+}
+
+/// System-wide places where a tracer could leave something behind.
+pub struct KernelState {
+    pub uprobe_events: BTreeSet<String>,
+    pub bpffs: BTreeSet<String>,
+}
+
+impl KernelState {
+    pub fn snapshot() -> Self {
+        let uprobe_events = fs::read_to_string("/sys/kernel/tracing/uprobe_events")
+            .expect("reading /sys/kernel/tracing/uprobe_events (./x setup mounts tracefs)")
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        let bpffs = fs::read_dir("/sys/fs/bpf")
+            .map(|d| {
+                d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            uprobe_events,
+            bpffs,
+        }
+    }
+
+    pub fn assert_nothing_added(&self, before: &Self) {
+        let events: Vec<_> = self
+            .uprobe_events
+            .difference(&before.uprobe_events)
+            .collect();
+        assert!(
+            events.is_empty(),
+            "uprobe_events entries left behind: {events:?}"
+        );
+        let pins: Vec<_> = self.bpffs.difference(&before.bpffs).collect();
+        assert!(pins.is_empty(), "/sys/fs/bpf entries left behind: {pins:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+
+/// Lines of a child's pipe, read on a thread: kept for messages, and sent as they arrive.
+pub struct Lines {
+    all: Arc<Mutex<Vec<String>>>,
+    /// Each line as it arrives (disconnected at EOF).
+    pub rx: Receiver<String>,
+}
+
+impl Lines {
+    pub fn follow(pipe: impl Read + Send + 'static) -> Self {
+        let all = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let keep = Arc::clone(&all);
+        thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                keep.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        Self { all, rx }
+    }
+
+    /// The first line starting with `prefix` (panics after `timeout`).
+    pub fn wait_for(&self, prefix: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) if line.starts_with(prefix) => return line,
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "no line starting with {prefix:?} within {timeout:?}:\n{}",
+                    self.text()
+                ),
+                Err(RecvTimeoutError::Disconnected) => panic!(
+                    "the process closed stderr (exited?) before a line starting with \
+                     {prefix:?}:\n{}",
+                    self.text()
+                ),
+            }
+        }
+    }
+
+    pub fn text(&self) -> String {
+        self.all.lock().unwrap().join("\n")
+    }
+}
+
+/// All of a pipe, read on a thread.
+pub fn read_all(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut s = String::new();
+        let _ = pipe.read_to_string(&mut s);
+        s
+    })
+}
+
+/// `allocwatch ARGS…` (killed and reaped when dropped).
+pub struct Allocwatch {
+    pub child: Child,
+    pub stderr: Lines,
+    stdout: Option<thread::JoinHandle<String>>,
+    args: String,
+}
+
+impl Allocwatch {
+    /// With stdout inherited.
+    pub fn spawn(env: &impl AllocwatchBin, args: &[&str]) -> Self {
+        Self::start(env, args, false)
+    }
+
+    /// With stdout captured, for [`Self::stdout`].
+    pub fn spawn_with_stdout(env: &impl AllocwatchBin, args: &[&str]) -> Self {
+        Self::start(env, args, true)
+    }
+
+    fn start(env: &impl AllocwatchBin, args: &[&str], capture_stdout: bool) -> Self {
+        let bin = env.bin();
+        let mut child = Command::new(bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(if capture_stdout {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let stderr = Lines::follow(child.stderr.take().unwrap());
+        let stdout = child.stdout.take().map(read_all);
+        Self {
+            child,
+            stderr,
+            stdout,
+            args: args.join(" "),
+        }
+    }
+
+    /// Waits for `allocwatch: tracing pid N` and returns N.
+    pub fn wait_tracing_pid(&mut self, timeout: Duration) -> u32 {
+        let line = self.stderr.wait_for(TRACING_PREFIX, timeout);
+        let rest = &line[TRACING_PREFIX.len()..];
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits
+            .parse()
+            .unwrap_or_else(|_| panic!("no pid in the tracing line {line:?}"))
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        wait_child(&mut self.child, timeout).unwrap_or_else(|| {
+            panic!(
+                "`allocwatch {}` still running after {timeout:?} (killed):\n{}",
+                self.args,
+                self.stderr.text()
+            )
+        })
+    }
+
+    pub fn assert_success(&self, status: ExitStatus) {
+        // Let the reader thread drain the pipe.
+        thread::sleep(Duration::from_millis(50));
+        let stderr = self.stderr.text();
+        assert!(
+            status.success(),
+            "`allocwatch {}` failed: {status}\n{stderr}",
+            self.args
+        );
+        assert_no_crash(&stderr);
+    }
+
+    /// Everything written to stdout (by the traced command: the report goes to `-o`).
+    pub fn stdout(&mut self) -> String {
+        self.stdout
+            .take()
+            .expect("stdout was not captured")
+            .join()
+            .expect("stdout reader")
+    }
+}
+
+impl Drop for Allocwatch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fixture started directly by the test (no shell; killed and reaped when dropped).
+pub struct Fixture {
+    pub child: Child,
+    pub pid: u32,
+    pub started: Instant,
+    _stderr: Option<Lines>,
+}
+
+impl Fixture {
+    /// Starts `FIXTURE MODE` and waits for its `WORD <pid>` line on stderr.
+    pub fn spawn(path: &Path, mode: &str, word: &str) -> Self {
+        let started = Instant::now();
+        let mut child = Command::new(path)
+            .arg(mode)
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", path.display()));
+        let stderr = Lines::follow(child.stderr.take().unwrap());
+        let line = stderr.wait_for(&format!("{word} "), Duration::from_secs(10));
+        let pid = child.id();
+        assert_eq!(line, format!("{word} {pid}"), "fixture's ready line");
+        Self {
+            child,
+            pid,
+            started,
+            _stderr: Some(stderr),
+        }
+    }
+
+    /// Starts `PROGRAM ARGS…` with its output discarded.
+    pub fn spawn_quiet(path: &Path, args: &[&str]) -> Self {
+        let started = Instant::now();
+        let child = Command::new(path)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", path.display()));
+        Self {
+            pid: child.id(),
+            child,
+            started,
+            _stderr: None,
+        }
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        wait_child(&mut self.child, timeout)
+            .unwrap_or_else(|| panic!("fixture still running after {timeout:?} (killed)"))
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// How long an allocwatch run that must fail at once may take.
+const SINGLE_ERROR_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs `allocwatch ARGS…`, which must fail: exit 1 within 30 s, exactly one stderr line
+/// `allocwatch: error: …`, no backtrace even with RUST_BACKTRACE=1. Returns the line.
+pub fn assert_single_error(env: &impl AllocwatchBin, args: &[&str]) -> String {
+    let bin = env.bin();
+    let timeout = SINGLE_ERROR_TIMEOUT;
+    let mut child = Command::new(bin)
+        .args(args)
+        // A user's RUST_BACKTRACE=1 (set on these machines) must not turn errors into traces.
+        .env("RUST_BACKTRACE", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
+    let reader = read_all(child.stderr.take().expect("stderr"));
+    let status = wait_child(&mut child, timeout);
+    let stderr = reader.join().expect("stderr reader");
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "`allocwatch {}` still running after {timeout:?} (killed):\n{stderr}",
+            args.join(" ")
+        )
+    });
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "exit code of `allocwatch {}`\n{stderr}",
+        args.join(" ")
+    );
+    assert_no_crash(&stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "exactly one stderr line for `allocwatch {}`:\n{stderr}",
+        args.join(" ")
+    );
+    assert!(
+        lines[0].starts_with(ERROR_PREFIX),
+        "error line format: {:?}",
+        lines[0]
+    );
+    lines[0].to_owned()
+}
+
+pub fn assert_no_crash(stderr: &str) {
+    assert!(
+        !stderr.contains("panicked")
+            && !stderr.contains("internal error")
+            && !stderr.contains("stack backtrace"),
+        "allocwatch crashed:\n{stderr}"
+    );
+}
+
+/// Polls until `child` exits; kills it and returns None after `timeout`.
+pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("waitpid") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub fn signal(pid: u32, sig: libc::c_int) {
+    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(pid, sig) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {sig}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// A pid that exists no more: a reaped child's (not reused this soon: pids are allocated
+/// cyclically).
+pub fn dead_pid() -> u32 {
+    let mut child = Command::new("true").spawn().expect("spawning true");
+    child.wait().expect("waiting for true");
+    let pid = child.id();
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "pid {pid} reused already"
+    );
+    pid
+}
+
+/// The message of a caught panic.
+pub fn panic_text(e: &(dyn std::any::Any + Send)) -> String {
+    e.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "(non-string panic)".to_owned())
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+// ---------------------------------------------------------------------------------------------
+// JSON access with messages that show the document
+
+/// The JSON report at `path` (removed once read).
+pub fn read_json(path: &Path) -> Value {
+    let text = fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("report {} not written: {e}", path.display()));
+    let _ = fs::remove_file(path);
+    serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("report {} is not JSON ({e}):\n{text}", path.display()))
+}
+
+pub fn process_by_pid(report: &Value, pid: u32) -> &Value {
+    array(report, "processes")
+        .iter()
+        .find(|p| p["pid"] == pid)
+        .unwrap_or_else(|| panic!("no process {pid} in the report\n{report:#}"))
+}
+
+pub fn array<'a>(v: &'a Value, key: &str) -> &'a Vec<Value> {
+    v[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("`{key}` is not an array in\n{v:#}"))
+}
+
+pub fn u64_at(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("`{key}` is not an unsigned integer in\n{v:#}"))
+}
+
+pub fn f64_at(v: &Value, key: &str) -> f64 {
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("`{key}` is not a number in\n{v:#}"))
+}
+
+pub fn str_at<'a>(v: &'a Value, key: &str) -> &'a str {
+    v[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("`{key}` is not a string in\n{v:#}"))
+}
