@@ -195,7 +195,9 @@ fn handle(
             }
             Event::Go(g) => {
                 let tgid = g.header.tgid;
-                registry.ensure(tgid, probes, symbolizer);
+                if !registry.procs.contains_key(&tgid) {
+                    registry.ensure(tgid, probes, symbolizer);
+                }
                 if let Some(go) = registry.procs.get_mut(&tgid).and_then(|p| p.go.as_mut()) {
                     go.record(&g);
                 }

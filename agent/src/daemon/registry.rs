@@ -54,6 +54,8 @@ pub struct Registry {
     pub procs: HashMap<u32, Proc>,
     /// Processes looked at and not selected (pid, start time).
     ignored: HashSet<(u32, u64)>,
+    /// The pids of `ignored`, for the event path (no /proc read per event).
+    ignored_pids: HashSet<u32>,
     libc_files: HashMap<DevInode, Attached>,
     exe_files: HashMap<DevInode, Attached>,
     pub attach_failures: BTreeMap<String, u64>,
@@ -73,6 +75,7 @@ impl Registry {
             ttl,
             procs: HashMap::new(),
             ignored: HashSet::new(),
+            ignored_pids: HashSet::new(),
             libc_files: HashMap::new(),
             exe_files: HashMap::new(),
             attach_failures: BTreeMap::new(),
@@ -131,6 +134,7 @@ impl Registry {
             }
         }
         self.ignored.retain(|(pid, _)| seen.contains(pid));
+        self.ignored_pids = self.ignored.iter().map(|(pid, _)| *pid).collect();
         self.exec_paths
             .retain(|pid, _| seen.contains(pid) || self.procs.contains_key(pid));
     }
@@ -167,7 +171,8 @@ impl Registry {
         probes: &mut Probes,
         symbolizer: &SymbolizerHandle,
     ) {
-        if self.procs.contains_key(&pid) {
+        // Events come by the thousand on a busy node: known processes cost no /proc read.
+        if self.procs.contains_key(&pid) || self.ignored_pids.contains(&pid) {
             return;
         }
         self.ensure(pid, probes, symbolizer);
@@ -214,11 +219,13 @@ impl Registry {
         if pid == self.self_pid {
             return;
         }
+
         self.exec_paths.insert(pid, path);
         if self.procs.get(&pid).is_some_and(|p| p.exited_at.is_none()) {
             self.procs.remove(&pid);
         }
         self.ignored.retain(|(p, _)| *p != pid);
+        self.ignored_pids.remove(&pid);
         if probes.is_denylist() {
             let _ = probes.set_listed(pid, false);
         }
@@ -247,7 +254,10 @@ impl Registry {
             // Kernel threads have no executable; a process that already exited (a zombie) has
             // none left either, but its events still name it (`ensure_seen`).
             if !is_zombie(pid) {
-                self.ignored.insert((pid, start_time));
+                {
+                    self.ignored.insert((pid, start_time));
+                    self.ignored_pids.insert(pid);
+                }
             }
             return;
         };
@@ -275,13 +285,17 @@ impl Registry {
             namespace: pod.as_ref().map(|p| p.namespace.as_str()),
         };
         if !self.selector.selects(&candidate) {
-            self.ignored.insert((pid, start_time));
+            {
+                self.ignored.insert((pid, start_time));
+                self.ignored_pids.insert(pid);
+            }
             if probes.is_denylist() {
                 let _ = probes.set_listed(pid, true);
             }
             return;
         }
         let go = self.attach(pid, probes);
+
         if probes.is_allowlist() {
             let _ = probes.set_listed(pid, true);
         }
