@@ -514,8 +514,18 @@ mod tests {
             ("[capacity]\nmax_live = -1", "invalid value"),
             ("top_k = ", "string values must be quoted"),
         ];
+        // What the user sees: the error and its sources, as `main` prints them.
+        let chain = |e: &ConfigError| {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(e);
+            while let Some(s) = src {
+                msg = format!("{msg}: {s}");
+                src = s.source();
+            }
+            msg
+        };
         for (text, want) in cases {
-            let err = Config::parse(text).unwrap_err().to_string();
+            let err = chain(&Config::parse(text).unwrap_err());
             assert!(err.contains(want), "{text:?}: {err}");
         }
         let err = load(Some(Path::new("/nonexistent/allocwatch.toml"))).unwrap_err();
