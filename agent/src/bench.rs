@@ -153,6 +153,12 @@ fn bench_symbolize() {
     let frames = sym.symbolize(pid, stack.clone()).expect("symbolizes");
     let first_ms = t.elapsed().as_secs_f64() * 1e3;
     assert!(frames.iter().any(|f| f.function.is_some()), "{frames:?}");
+    // libc, with its DWARF from a debug link when the distribution's debug package is there.
+    let malloc_ret = libc::malloc as *const () as u64 + 5;
+    let t = Instant::now();
+    let libc_frames = sym.symbolize(pid, vec![malloc_ret]).expect("symbolizes");
+    let libc_first_ms = t.elapsed().as_secs_f64() * 1e3;
+    let libc_line = libc_frames.first().and_then(|f| f.line).is_some();
 
     let run = Duration::from_secs(2);
     let t = Instant::now();
@@ -179,7 +185,7 @@ fn bench_symbolize() {
     }
     let new_per_s = cold as f64 / t.elapsed().as_secs_f64();
     println!(
-        "BENCH symbolize binary_bytes={exe_bytes} first_ms={first_ms:.1} warm_stacks_per_s={warm_per_s:.0} new_stacks_per_s={new_per_s:.0} frames_per_stack={}",
+        "BENCH symbolize binary_bytes={exe_bytes} first_ms={first_ms:.1} warm_stacks_per_s={warm_per_s:.0} new_stacks_per_s={new_per_s:.0} frames_per_stack={} libc_first_ms={libc_first_ms:.1} libc_dwarf={libc_line}",
         stack.len()
     );
 }

@@ -12,7 +12,9 @@ use allocwatch_common::{
 };
 use aya_ebpf::{
     EbpfContext, Global,
-    bindings::{BPF_F_USER_STACK, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_NO_WAKEUP},
+    bindings::{
+        BPF_F_USER_STACK, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+    },
     helpers::{bpf_get_current_comm, bpf_ktime_get_ns, generated::bpf_get_stack},
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -173,8 +175,9 @@ pub fn batched_wakeup() -> u64 {
     if due || EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BACKLOG {
         // SAFETY: as above.
         unsafe { *last = now };
-        // Adaptive: the kernel wakes the agent if it is waiting.
-        0
+        // Forced: the kernel's adaptive wakeup only fires when the agent has read everything
+        // before this record, which is never the case after a record without wakeup.
+        BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64
     }
@@ -218,8 +221,18 @@ pub fn hist_add(map: &PerCpuHashMap<GoHistKey, GoHistVal>, tgid: u32, size: u64)
                 count: 1,
                 bytes: size,
             };
-            if map.insert(&key, &init, BPF_NOEXIST as u64).is_err() {
-                lost(LossCause::HistFull);
+            match map.insert(&key, &init, BPF_NOEXIST as u64) {
+                Ok(()) => {}
+                // Another CPU created the row between our lookup and insert: count in ours.
+                Err(-17) => match map.get_ptr_mut(&key) {
+                    // SAFETY: per-CPU value of this CPU.
+                    Some(h) => unsafe {
+                        (*h).count += 1;
+                        (*h).bytes += size;
+                    },
+                    None => lost(LossCause::HistFull),
+                },
+                Err(_) => lost(LossCause::HistFull),
             }
         }
     }

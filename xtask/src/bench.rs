@@ -776,8 +776,9 @@ fn go_section(paths: &Paths, b: &Bench, out_dir: &Path) -> anyhow::Result<String
     let src = paths.root.join("fixtures/bench/gogrowth");
     md += "Workload `fixtures/bench/gogrowth` (100 rounds of a 10,000-key map and two 10,000-element \
            slices built from empty); time measured by the program around its loop. Growth events \
-           and mallocgc hits are allocwatch's own counts from the same runs.\n\n";
-    md += "| Go | configuration | run time, ms: median (min–max) | slowdown | growth events | mallocgc hits | µs per event |\n";
+           and mallocgc hits are allocwatch's own counts from the same runs (every run checked: \
+           zero loss, exit code 0).\n\n";
+    md += "| Go | configuration | run time, ms: median (min–max) | slowdown: medians (mins) | growth events | mallocgc hits | µs per event |\n";
     md += "|---|---|---:|---:|---:|---:|---:|\n";
     for tc in picks {
         let exe = out_dir.join(format!("gogrowth-{}", tc.version));
@@ -827,6 +828,7 @@ fn go_section(paths: &Paths, b: &Bench, out_dir: &Path) -> anyhow::Result<String
             }
         }
         let base = median(&times[0]);
+        let base_min = min_max(&times[0]).0;
         for (k, (name, _)) in configs.iter().enumerate() {
             let ms: Vec<f64> = times[k].iter().map(|n| n / 1e6).collect();
             let m = median(&times[k]);
@@ -840,7 +842,11 @@ fn go_section(paths: &Paths, b: &Bench, out_dir: &Path) -> anyhow::Result<String
             let slowdown = if k == 0 {
                 "—".to_owned()
             } else {
-                format!("{:+.1} %", (m / base - 1.0) * 100.0)
+                format!(
+                    "{:+.1} % ({:+.1} %)",
+                    (m / base - 1.0) * 100.0,
+                    (min_max(&times[k]).0 / base_min - 1.0) * 100.0
+                )
             };
             let n = |x: u64| {
                 if k == 0 {
@@ -863,10 +869,18 @@ fn go_section(paths: &Paths, b: &Bench, out_dir: &Path) -> anyhow::Result<String
     Ok(md)
 }
 
-/// (growth events, mallocgc hits) of a `top --json` report of a Go program.
+/// (growth events, mallocgc hits) of a `top --json` report of a Go program; an error if any
+/// event was lost or the program did not exit with 0.
 fn go_events(report: &Path) -> anyhow::Result<(u64, u64)> {
+    target_exited_ok(report)?;
     let v: serde_json::Value = serde_json::from_str(&fs::read_to_string(report)?)?;
-    let g = &v["processes"][0]["go"];
+    let p = &v["processes"][0];
+    for (cause, n) in p["lost"].as_object().into_iter().flatten() {
+        if n.as_u64().unwrap_or(0) != 0 {
+            bail!("Go workload: lost {cause} = {n}");
+        }
+    }
+    let g = &p["go"];
     let growth = g["map_grows"]["total"].as_u64().unwrap_or(0)
         + g["slice_grows"].as_u64().unwrap_or(0)
         + g["slice_moves"].as_u64().unwrap_or(0);
@@ -1118,8 +1132,10 @@ fn internals_section(paths: &Paths) -> anyhow::Result<String> {
     md += "The agent's symbolizer thread (blazesym behind a channel), asked by the test process \
            about its own addresses: the first request (maps noted, the binary's symbol table \
            parsed cold), then 8-frame stacks back to back for 2 s, all addresses seen before \
-           (warm cache) or new ones each time (binary already parsed). One request at a time: \
-           each includes a round trip to the symbolizer thread.\n\n";
+           (warm cache) or new ones each time (binary already parsed); then the first request \
+           for an address in libc (its DWARF through the debug link when the distribution's \
+           debug package is installed). One request at a time: each includes a round trip to \
+           the symbolizer thread.\n\n";
     md += "| binary | first request, ms | warm stacks/s | stacks/s, new addresses |\n|---|---:|---:|---:|\n";
     for f in lines("symbolize") {
         let mib = get(&f, "binary_bytes").parse::<f64>().unwrap_or(0.0) / 1048576.0;
@@ -1128,6 +1144,15 @@ fn internals_section(paths: &Paths) -> anyhow::Result<String> {
             get(&f, "first_ms"),
             get(&f, "warm_stacks_per_s"),
             get(&f, "new_stacks_per_s"),
+        );
+        let dwarf = if get(&f, "libc_dwarf") == "true" {
+            "with DWARF through its debug link"
+        } else {
+            "symbols only (no debug package)"
+        };
+        md += &format!(
+            "| libc.so.6, {dwarf} | {} | | |\n",
+            get(&f, "libc_first_ms")
         );
     }
     md += "\n## 6. /metrics rendering\n\n";

@@ -398,7 +398,6 @@ fn target_killed_mid_trace() {
 /// call). The documented differences of count mode: `free` bytes are unknown (0), no failures
 /// and no live allocations are reported (no return value is seen).
 #[test]
-#[ignore = "known bug (see the closing note): count mode over-counts malloc in some runs; being fixed with the benchmark work (issue 5)"]
 fn count_modes_exact_counts() {
     let Some(env) = TestEnv::get() else { return };
     let _serial = serial();

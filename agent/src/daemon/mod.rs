@@ -142,9 +142,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 stats.events_processed += events.len() as u64;
                 handle(&mut events, &mut registry, &mut probes, &symbolizer, &mut frames)?;
             }
-            _ = scan.tick() => registry.scan(&mut probes, &symbolizer, &mut frames),
+            _ = scan.tick() => {
+                // The probe batches wakeups for frequent records (Go events): the last records
+                // of a burst wait for the next wakeup, so read them here at the latest.
+                stats.malformed_records += collect::drain(ring.get_mut(), &mut events);
+                stats.events_processed += events.len() as u64;
+                handle(&mut events, &mut registry, &mut probes, &symbolizer, &mut frames)?;
+                registry.scan(&mut probes, &symbolizer, &mut frames)
+            }
             Some(update) = pod_updates.recv() => registry.apply_pod(update),
             Some(reply) = requests.recv() => {
+                // Everything recorded so far is in the scrape, woken or not.
+                stats.malformed_records += collect::drain(ring.get_mut(), &mut events);
+                stats.events_processed += events.len() as u64;
+                handle(&mut events, &mut registry, &mut probes, &symbolizer, &mut frames)?;
                 let snap = snapshot::build(
                     &probes, &registry, &mut frames, &symbolizer, stats, capacity.max_sites, cfg.top_k,
                 ).await?;
