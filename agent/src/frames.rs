@@ -48,15 +48,38 @@ impl FrameCache {
         if id < 0 || self.raw.contains_key(&id) {
             return Ok(());
         }
+        let stack = collect::stack(&probes.ebpf, id)?;
+        self.keep(id, stack);
+        Ok(())
+    }
+
+    /// Keeps the frames of stack `id` that a new-site event carried; without them (stacks
+    /// off, or the kernel had already lost the stack) the stack is read from the table.
+    pub fn remember_event_stack(
+        &mut self,
+        probes: &Probes,
+        id: i32,
+        frames: Vec<u64>,
+    ) -> anyhow::Result<()> {
+        if id < 0 || self.raw.contains_key(&id) {
+            return Ok(());
+        }
+        if frames.is_empty() {
+            return self.remember_stack(probes, id);
+        }
+        self.keep(id, frames);
+        Ok(())
+    }
+
+    fn keep(&mut self, id: i32, stack: Vec<u64>) {
+        if stack.is_empty() {
+            return;
+        }
         // Bounded: past this, stacks are re-read from the table as needed.
         if self.raw.len() >= MAX_RAW_STACKS {
             self.raw.clear();
         }
-        let stack = collect::stack(&probes.ebpf, id)?;
-        if !stack.is_empty() {
-            self.raw.insert(id, stack);
-        }
-        Ok(())
+        self.raw.insert(id, stack);
     }
 
     /// The symbolized call chain of a site, innermost first; symbolized on first use.

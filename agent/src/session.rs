@@ -186,10 +186,20 @@ pub async fn run(view: View, args: CommonArgs) -> anyhow::Result<()> {
     // Started before the command runs: the first snapshot of a short command must not wait
     // for a thread to start.
     let symbolizer = SymbolizerHandle::spawn();
+    let mut info = ProcessInfo {
+        pid: pid.get(),
+        libc: libc
+            .as_ref()
+            .map_or_else(String::new, |l| l.display_path.clone()),
+        aliases: libc.as_ref().map(|l| l.aliases.clone()).unwrap_or_default(),
+        ..Default::default()
+    };
     if let Some(parked) = parked {
-        // Stopped right after exec: note its executable before it can run (and exit).
+        // Stopped right after exec: note its executable and identity before it can run (and
+        // exit; /proc/PID/exe of an exited process cannot be read).
         let stopped = parked.release()?;
         symbolizer.note_process(pid.get());
+        refresh_identity(&mut info);
         stopped.resume();
     }
     if launched {
@@ -212,14 +222,7 @@ pub async fn run(view: View, args: CommonArgs) -> anyhow::Result<()> {
         probes,
         symbolizer,
         frames: FrameCache::default(),
-        info: ProcessInfo {
-            pid: pid.get(),
-            libc: libc
-                .as_ref()
-                .map_or_else(String::new, |l| l.display_path.clone()),
-            aliases: libc.as_ref().map(|l| l.aliases.clone()).unwrap_or_default(),
-            ..Default::default()
-        },
+        info,
         go: go.as_ref().map(GoState::new),
         go_target: go,
         started: Instant::now(),
@@ -483,7 +486,11 @@ impl Tracer {
             let (tgid, stack_id, ret_addr) = match ev {
                 // Only the agent attaches the exec tracepoint.
                 Event::Exec(..) => continue,
-                Event::NewSite(site, _) => (site.tgid, site.stack_id, site.ret_addr),
+                Event::NewSite(site, _, stack) => {
+                    self.frames
+                        .remember_event_stack(&self.probes, site.stack_id, stack)?;
+                    (site.tgid, site.stack_id, site.ret_addr)
+                }
                 Event::Go(g) => {
                     if let Some(state) = &mut self.go {
                         state.record(&g);

@@ -218,12 +218,16 @@ pub struct EventHeader {
 }
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NewSiteEvent {
     pub header: EventHeader,
     pub site: SiteKey,
     /// The thread's comm: names a process that exits before the agent reads /proc.
     pub comm: [u8; 16],
+    /// The site's user stack (`site.stack_id`), zero-filled past its last frame; all zero when
+    /// stacks are off or the stack was gone. Carried here because the kernel's stack table is
+    /// LRU: on a busy node a stack could be evicted before the agent read it by id.
+    pub frames: [u64; crate::MAX_STACK_DEPTH],
 }
 
 const _: () = {
@@ -242,7 +246,8 @@ const _: () = {
     assert!(offset_of!(LiveAlloc, site) == 16);
     assert!(size_of::<Overflow>() == 16);
     assert!(size_of::<EventHeader>() == 8);
-    assert!(size_of::<NewSiteEvent>() == 48);
+    assert!(size_of::<NewSiteEvent>() == 48 + 8 * crate::MAX_STACK_DEPTH);
+    assert!(offset_of!(NewSiteEvent, frames) == 48);
     assert!(size_of::<LibcFile>() == 8 * LIBC_FILE_RANGES);
     assert!(size_of::<LastEntry>() == 24);
     assert!(offset_of!(LastEntry, api) == 16);
@@ -342,7 +347,9 @@ mod user {
     /// A decoded ring-buffer record.
     #[derive(Clone, Debug, PartialEq, Eq)]
     pub enum Event {
-        NewSite(SiteKey, [u8; 16]),
+        /// A new site, its thread's comm and its user stack (innermost first; empty when the
+        /// event carried none).
+        NewSite(SiteKey, [u8; 16], Vec<u64>),
         Go(crate::go::GoEvent),
         /// (tgid, comm, the exec'd path).
         Exec(u32, [u8; 16], String),
@@ -356,7 +363,13 @@ mod user {
                 EventKind::NewSite => {
                     let ev: NewSiteEvent = read(buf)?;
                     Api::try_from(ev.site.api)?;
-                    Ok(Event::NewSite(ev.site, ev.comm))
+                    let stack = ev
+                        .frames
+                        .iter()
+                        .copied()
+                        .take_while(|&ip| ip != 0)
+                        .collect();
+                    Ok(Event::NewSite(ev.site, ev.comm, stack))
                 }
                 EventKind::Go => {
                     let ev: crate::go::GoEvent = read(buf)?;
@@ -446,15 +459,31 @@ mod user {
                 },
                 site,
                 comm: *b"fixture\0\0\0\0\0\0\0\0\0",
+                frames: [0; crate::MAX_STACK_DEPTH],
             };
+            let mut ev_with_stack = ev;
+            ev_with_stack.frames[..3].copy_from_slice(&[0x401000, 0x401234, 0x7f00_0000_1000]);
             let buf = bytes_of(&ev);
             assert_eq!(
                 Event::try_from(buf.as_slice()),
-                Ok(Event::NewSite(site, *b"fixture\0\0\0\0\0\0\0\0\0"))
+                Ok(Event::NewSite(
+                    site,
+                    *b"fixture\0\0\0\0\0\0\0\0\0",
+                    Vec::new()
+                ))
+            );
+            // The stack ends at its first zero frame.
+            assert_eq!(
+                Event::try_from(bytes_of(&ev_with_stack).as_slice()),
+                Ok(Event::NewSite(
+                    site,
+                    *b"fixture\0\0\0\0\0\0\0\0\0",
+                    vec![0x401000, 0x401234, 0x7f00_0000_1000]
+                ))
             );
             assert!(matches!(
                 Event::try_from(&buf[..12]),
-                Err(DecodeError::Short { got: 12, want: 48 })
+                Err(DecodeError::Short { got: 12, want: 560 })
             ));
             let mut bad = buf.clone();
             bad[0] = 9;

@@ -289,15 +289,25 @@ pub fn count_call(key: &SiteKey, bytes: u64) {
 
 #[inline(always)]
 fn announce(key: &SiteKey) {
-    let ev = NewSiteEvent {
-        header: EventHeader {
+    let Some(mut slot) = EVENTS.reserve::<NewSiteEvent>(0) else {
+        lost(LossCause::RingbufFull);
+        return;
+    };
+    let ev = slot.as_mut_ptr();
+    // SAFETY: `ev` points at a reserved record of exactly this type, written before submit.
+    unsafe {
+        (*ev).header = EventHeader {
             kind: EventKind::NewSite as u32,
             tgid: key.tgid,
-        },
-        site: *key,
-        comm: bpf_get_current_comm().unwrap_or_default(),
-    };
-    if EVENTS.output(&ev, 0).is_err() {
-        lost(LossCause::RingbufFull);
+        };
+        (*ev).site = *key;
+        (*ev).comm = bpf_get_current_comm().unwrap_or_default();
+        // The stack travels with the event: the LRU table may evict it before the agent reads
+        // it by id on a busy node. A site is new once, so the copy is rare.
+        match STACKS.get_ptr(&(key.stack_id as u32)) {
+            Some(frames) if key.stack_id != NO_STACK => (*ev).frames = *frames,
+            _ => (*ev).frames = [0; MAX_STACK_DEPTH],
+        }
     }
+    slot.submit(0);
 }

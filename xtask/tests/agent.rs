@@ -38,8 +38,8 @@ use prometheus_parse::{Sample, Scrape, Value as PromValue};
 use serde_json::Value;
 use support::{
     AllocwatchBin, BpfIds, Fixture, KernelState, Lines, address_groups, allocwatch_bin,
-    assert_no_crash, assert_single_error, dead_pid, libc_fixture, libc_path, panic_text, path_str,
-    serial, signal, wait_child,
+    assert_no_crash, assert_single_error, libc_fixture, libc_path, panic_text, path_str, serial,
+    signal, wait_child,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -309,7 +309,6 @@ fn site_cardinality_is_bounded() {
 /// with the fixture's functions and their exact totals; a running `loop` fixture's profile
 /// shows fx_loop; bad queries get 404/400.
 #[test]
-#[ignore = "known bug (see the closing note): on a busy node a site's stack can be missing at scrape time, so profile stacks lose their callers"]
 fn pprof_profiles_read_by_go_tool_pprof() {
     let Some(env) = TestEnv::get() else { return };
     let _serial = serial();
@@ -398,9 +397,16 @@ fn pprof_profiles_read_by_go_tool_pprof() {
             loop_fx.pid, heap.status
         ));
     }
-    let dead = dead_pid();
+    // Not `dead_pid()`: the agent traces the whole node, so a process that ran and exited
+    // (even `true`) has a profile until its series expire. Above pid_max no process ever ran.
+    let pid_max: u32 = fs::read_to_string("/proc/sys/kernel/pid_max")
+        .expect("reading pid_max")
+        .trim()
+        .parse()
+        .expect("pid_max is a number");
+    let never = pid_max + 1;
     for (query, want) in [
-        (format!("/debug/pprof/allocs?pid={dead}"), 404),
+        (format!("/debug/pprof/allocs?pid={never}"), 404),
         ("/debug/pprof/allocs?seconds=100000".to_owned(), 400),
     ] {
         let r = agent.get(&query);
@@ -685,7 +691,6 @@ fn exec_after_discovery_takes_the_new_identity() {
 /// innermost two frames), with the exact numbers of each, both for a process found by the scan
 /// and for one that lived less than a millisecond and was gone before the first scrape.
 #[test]
-#[ignore = "known bug (see the closing note): on a busy node a site's stack can be missing at scrape time (site named by its caller only)"]
 fn sites_are_named_after_the_fixture_functions() {
     let Some(env) = TestEnv::get() else { return };
     let _serial = serial();
@@ -769,7 +774,6 @@ fn sites_are_named_after_the_fixture_functions() {
 /// identity labels), stopped right after exec, until the agent attached it; the measured run is
 /// then traced from its first instruction.
 #[test]
-#[ignore = "known bug (see the closing note): on a loaded machine the agent registers a short Go run late and misses its first growth/GC events"]
 fn go_growth_matches_top() {
     let Some(env) = TestEnv::get() else { return };
     let _serial = serial();

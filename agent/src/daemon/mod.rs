@@ -191,20 +191,17 @@ fn handle(
     frames: &mut FrameCache,
 ) -> anyhow::Result<()> {
     for ev in events.drain(..) {
-        // Copy the stack out before the kernel's LRU table can evict it.
-        match &ev {
-            Event::NewSite(site, _) => frames.remember_stack(probes, site.stack_id)?,
-            Event::Go(g) => frames.remember_stack(probes, g.stack_id)?,
-            Event::Exec(..) => {}
-        }
         match ev {
             Event::Exec(tgid, comm, path) => {
                 registry.exec_seen(tgid, &comm, path, probes, symbolizer)
             }
-            Event::NewSite(site, comm) => {
+            Event::NewSite(site, comm, stack) => {
+                frames.remember_event_stack(probes, site.stack_id, stack)?;
                 registry.ensure_seen(site.tgid, &comm, probes, symbolizer)
             }
             Event::Go(g) => {
+                // Copy the stack out before the kernel's LRU table can evict it.
+                frames.remember_stack(probes, g.stack_id)?;
                 let tgid = g.header.tgid;
                 if !registry.procs.contains_key(&tgid) {
                     registry.ensure(tgid, probes, symbolizer);
