@@ -91,6 +91,7 @@ fn bench_metrics_render() {
         ttl: Duration::from_secs(600),
         top_k: SITES_PER_PROCESS,
         max_site_series: usize::MAX,
+        live: true,
     };
     let stats = SelfStats::default();
     let now = Instant::now();

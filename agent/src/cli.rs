@@ -74,6 +74,11 @@ pub struct AgentArgs {
     /// Trace every Go heap allocation (mallocgc) too: a probe hit per allocation.
     #[arg(long)]
     pub go_malloc: bool,
+    /// What the libc probes record [default: full]: `full`, `stacks-off`, `count`,
+    /// `count-stacks` (see `allocwatch top --help`; the count modes export no live gauges,
+    /// size histogram or heap profile).
+    #[arg(long, value_enum)]
+    pub mode: Option<crate::probes::Mode>,
     /// Serve /debug/pprof/allocs and /debug/pprof/heap.
     #[arg(long)]
     pub pprof: bool,

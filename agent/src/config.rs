@@ -12,7 +12,7 @@ use std::{
 use allocwatch_common::capacity;
 use serde::{Deserialize, Deserializer};
 
-use crate::cli::parse_duration;
+use crate::{cli::parse_duration, probes::Mode};
 
 /// All interfaces, port 9464: the port the DaemonSet exposes as `metrics` (also the port
 /// OpenTelemetry's Prometheus exporters default to, so scrape configs often expect it).
@@ -54,6 +54,10 @@ pub struct Config {
     pub top_k: usize,
     /// Hard cap on all `allocwatch_site_*` series of the agent.
     pub max_site_series: usize,
+    /// What the libc probes record (`full`, `stacks-off`, `count`, `count-stacks`; costs in
+    /// BENCHMARKS.md).
+    #[serde(deserialize_with = "probe_mode")]
+    pub mode: Mode,
     pub select: Select,
     pub capacity: Capacity,
     pub go: Go,
@@ -150,6 +154,7 @@ impl Default for Config {
             ttl: Duration::from_secs(600),
             top_k: 10,
             max_site_series: 5000,
+            mode: Mode::Full,
             select: Select::default(),
             capacity: Capacity::default(),
             go: Go::default(),
@@ -164,6 +169,18 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     parse_duration(&s).map_err(serde::de::Error::custom)
 }
 
+/// A `--mode` value; the benchmark-only floor modes are refused.
+fn probe_mode<'de, D: Deserializer<'de>>(d: D) -> Result<Mode, D::Error> {
+    let s = String::deserialize(d)?;
+    match <Mode as clap::ValueEnum>::from_str(&s, false) {
+        Ok(m) if m.is_public() => Ok(m),
+        _ => Err(serde::de::Error::custom(format!(
+            "unknown mode `{s}`: expected one of {}",
+            Mode::public_names().join(", ")
+        ))),
+    }
+}
+
 /// Values given on the command line; `None` (or an empty list) keeps the file's value.
 #[derive(Clone, Debug, Default)]
 pub struct Overrides {
@@ -171,6 +188,7 @@ pub struct Overrides {
     pub ttl: Option<Duration>,
     pub top_k: Option<usize>,
     pub max_site_series: Option<usize>,
+    pub mode: Option<Mode>,
     pub comm: Vec<String>,
     pub exe: Vec<String>,
     pub cgroup: Vec<String>,
@@ -235,6 +253,7 @@ impl Config {
         set(&mut self.ttl, o.ttl);
         set(&mut self.top_k, o.top_k);
         set(&mut self.max_site_series, o.max_site_series);
+        set(&mut self.mode, o.mode);
         let s = &mut self.select;
         list(&mut s.comm, o.comm);
         list(&mut s.exe, o.exe);
@@ -338,6 +357,15 @@ top_k = {top_k}
 # Hard cap on all allocwatch_site_* series of this agent (4 series per site).
 max_site_series = {max_site_series}
 
+# What the libc probes record, from most to least costly per call (BENCHMARKS.md):
+#   full          calls, bytes, failures per call site with its user stack; outstanding
+#                 allocations (allocwatch_live_*, /debug/pprof/heap); request-size histogram
+#   stacks-off    full without user stacks (sites by immediate caller)
+#   count-stacks  entry probes only: calls and bytes per call site with its user stack
+#   count         entry probes only: calls and bytes per API and immediate caller (cheapest)
+# The count modes export no live gauges, size histogram or heap profile, and no free bytes.
+mode = "{mode}"
+
 [select]
 # Regular expressions (matched anywhere unless anchored with ^ and $). Empty include lists
 # trace every process on the node; a process matching an exclude list is never traced.
@@ -377,6 +405,7 @@ enabled = {kubernetes}
         ttl = duration_text(c.ttl),
         top_k = c.top_k,
         max_site_series = c.max_site_series,
+        mode = c.mode.name(),
         comm = toml_list(&s.comm),
         exe = toml_list(&s.exe),
         cgroup = toml_list(&s.cgroup),
@@ -513,6 +542,12 @@ mod tests {
             ("[capacity]\nmax_live = 0", "capacity.max_live"),
             ("[capacity]\nmax_live = -1", "invalid value"),
             ("top_k = ", "string values must be quoted"),
+            (
+                "mode = \"cheap\"",
+                "unknown mode `cheap`: expected one of full, stacks-off",
+            ),
+            // The benchmark's empty programs are not a way to run the agent.
+            ("mode = \"floor\"", "unknown mode `floor`"),
         ];
         // What the user sees: the error and its sources, as `main` prints them.
         let chain = |e: &ConfigError| {
@@ -538,6 +573,25 @@ mod tests {
             })
             .unwrap_err();
         assert!(err.to_string().contains("select.exclude_exe[0]"), "{err}");
+    }
+
+    #[test]
+    fn mode_from_file_and_flag() {
+        assert_eq!(Config::default().mode, Mode::Full);
+        let mut cfg = Config::parse("mode = \"count-stacks\"").unwrap();
+        assert_eq!(cfg.mode, Mode::CountStacks);
+        cfg.apply(Overrides::default()).unwrap();
+        assert_eq!(cfg.mode, Mode::CountStacks, "no flag keeps the file's mode");
+        cfg.apply(Overrides {
+            mode: Some(Mode::Count),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(cfg.mode, Mode::Count);
+        for m in Mode::public_names() {
+            let cfg = Config::parse(&format!("mode = \"{m}\"")).unwrap();
+            assert_eq!(cfg.mode.name(), m);
+        }
     }
 
     #[test]

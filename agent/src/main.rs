@@ -37,6 +37,7 @@ async fn agent(a: AgentArgs) -> anyhow::Result<()> {
         listen: a.listen,
         ttl: a.ttl,
         top_k: a.top_k,
+        mode: a.mode,
         comm: a.comm,
         exe: a.exe,
         cgroup: a.cgroup,

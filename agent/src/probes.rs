@@ -57,6 +57,32 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// The modes a user chooses from (the floors are the benchmark's).
+    pub fn is_public(self) -> bool {
+        !matches!(self, Mode::Floor | Mode::FloorReturn)
+    }
+
+    /// Names of the public modes, as `--mode` and the config file spell them.
+    pub fn public_names() -> Vec<&'static str> {
+        <Mode as clap::ValueEnum>::value_variants()
+            .iter()
+            .filter(|m| m.is_public())
+            .map(|m| m.name())
+            .collect()
+    }
+
+    /// The name `--mode` and the config file use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Full => "full",
+            Mode::StacksOff => "stacks-off",
+            Mode::Count => "count",
+            Mode::CountStacks => "count-stacks",
+            Mode::Floor => "floor",
+            Mode::FloorReturn => "floor-return",
+        }
+    }
+
     /// Whether this mode captures user stacks (unless `--no-stacks`).
     pub fn stacks(self) -> bool {
         matches!(self, Mode::Full | Mode::CountStacks)
@@ -131,11 +157,6 @@ pub struct Probes {
 }
 
 impl Probes {
-    /// Loads the probes in [`Mode::Full`].
-    pub fn load(cfg: &ProbeConfig) -> Result<Self, ProbeError> {
-        Self::load_mode(cfg, Mode::Full)
-    }
-
     /// Loads the Go programs and the libc programs of `mode` (only those: each load runs the
     /// verifier).
     pub fn load_mode(cfg: &ProbeConfig, mode: Mode) -> Result<Self, ProbeError> {

@@ -183,6 +183,54 @@ fn exact_counters_over_http() {
     agent.stop();
 }
 
+/// `--mode count` (entry probes only, the cheapest): the same exact calls, bytes and frees;
+/// no live gauges, size histogram or heap profile, which this mode cannot know (absent, not 0).
+#[test]
+fn count_mode_exact_counters_without_live_series() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    let scratch = Scratch::new("count");
+    let fixture = scratch.copy(&env.fixture, "libc_fixture");
+    let id = Identity::of(&fixture);
+    let mut agent = Agent::start(&env, &["--mode", "count", "--pprof"]);
+    let mut fx = Fixture::spawn(&fixture, "wait-run", "ready");
+    agent.wait_for_identity(&id, fx.started);
+    signal(fx.pid, libc::SIGUSR1);
+    let status = fx.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "fixture wait-run failed: {status}");
+    let m = agent.scrape_until("the fixture's final counts", Duration::from_secs(3), |m| {
+        m.value(&id, "allocwatch_free_calls_total", &[]) == Some(17.0)
+    });
+    check_fixture_calls(&m, &id, &env.alias_groups);
+    for family in [
+        "allocwatch_live_bytes",
+        "allocwatch_live_allocations",
+        "allocwatch_alloc_size_bytes",
+        "allocwatch_site_live_bytes",
+        "allocwatch_site_live_allocations",
+    ] {
+        assert!(
+            m.of(&id, family).is_empty() && !m.text.contains(&format!("# TYPE {family} ")),
+            "count mode exports {family}\n{}",
+            m.lines_of(&id)
+        );
+    }
+    assert!(
+        !m.of(&id, "allocwatch_site_alloc_calls_total").is_empty(),
+        "count mode still has per-site series\n{}",
+        m.lines_of(&id)
+    );
+    let heap = agent.get(&format!("/debug/pprof/heap?pid={}", fx.pid));
+    assert_eq!(heap.status, 404, "count mode has no in-use profile");
+    let allocs = agent.get(&format!("/debug/pprof/allocs?pid={}", fx.pid));
+    assert_eq!(
+        allocs.status, 200,
+        "count mode serves the allocation profile"
+    );
+    m.assert_conventions();
+    agent.stop();
+}
+
 /// A process the agent finds by its /proc scan before it allocates (`wait-run`): found within a
 /// second, all counters zero until it works, then exactly the fixture's numbers.
 #[test]
@@ -870,6 +918,21 @@ fn go_program_is_picked_up_within_one_second() {
 
 /// Per-API counters, free calls and the size histogram of one `libc_fixture run`.
 fn check_fixture_totals(m: &Metrics, id: &Identity, groups: &[Vec<String>]) {
+    check_fixture_calls(m, id, groups);
+    // One observation per allocation call, of its requested size.
+    let allocs = API_TOTALS.iter().filter(|a| a.0 != "free");
+    let (calls, bytes) = allocs.fold((0, 0), |(c, b), a| (c + a.1, b + a.2));
+    let h = m.histogram(id, "allocwatch_alloc_size_bytes");
+    assert_eq!(
+        (h.count, h.sum),
+        (calls as f64, bytes as f64),
+        "allocwatch_alloc_size_bytes count and sum\n{}",
+        m.lines_of(id)
+    );
+}
+
+/// The fixture's calls and bytes per API and its frees: what every probe mode counts.
+fn check_fixture_calls(m: &Metrics, id: &Identity, groups: &[Vec<String>]) {
     m.assert_parsed_completely(id);
     // Calls and bytes per API, summed over each set of aliases (names at one libc address: a
     // uprobe cannot tell them apart, so all their calls go to one of them, the others are 0).
@@ -915,16 +978,6 @@ fn check_fixture_totals(m: &Metrics, id: &Identity, groups: &[Vec<String>]) {
         m.counter(id, "allocwatch_free_calls_total", &[]),
         17,
         "allocwatch_free_calls_total\n{}",
-        m.lines_of(id)
-    );
-    // One observation per allocation call, of its requested size.
-    let allocs = API_TOTALS.iter().filter(|a| a.0 != "free");
-    let (calls, bytes) = allocs.fold((0, 0), |(c, b), a| (c + a.1, b + a.2));
-    let h = m.histogram(id, "allocwatch_alloc_size_bytes");
-    assert_eq!(
-        (h.count, h.sum),
-        (calls as f64, bytes as f64),
-        "allocwatch_alloc_size_bytes count and sum\n{}",
         m.lines_of(id)
     );
 }

@@ -68,12 +68,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         max_stacks: cfg.capacity.max_stacks,
         max_pending: cfg.capacity.max_pending,
     };
-    let mut probes = Probes::load(&ProbeConfig {
-        tgid: None,
-        filter,
-        stacks: true,
-        capacity,
-    })?;
+    let mut probes = Probes::load_mode(
+        &ProbeConfig {
+            tgid: None,
+            filter,
+            stacks: cfg.mode.stacks(),
+            capacity,
+        },
+        cfg.mode,
+    )?;
     if filter == Filter::Deny {
         // Our own allocations must not be traced (each event we handle would allocate more).
         probes.set_listed(std::process::id(), true)?;

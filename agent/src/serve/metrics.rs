@@ -77,6 +77,10 @@ pub struct MetricsConfig {
     pub top_k: usize,
     /// Hard cap on the number of `allocwatch_site_*` series, over all identities.
     pub max_site_series: usize,
+    /// The probes track outstanding allocations and request sizes (modes `full` and
+    /// `stacks-off`); otherwise the live gauges and the size histogram are not exported (they
+    /// would read 0, which is a claim, not a lack of data).
+    pub live: bool,
 }
 
 /// One histogram bound, stored as its bit pattern so that it can key a map.
@@ -930,14 +934,16 @@ impl Exporter {
             "Malloc-family request sizes.",
             MetricType::HISTOGRAM,
         );
-        for (id, t) in &totals {
-            live_b.gauge(&id.labels, &[], id.live.bytes as f64);
-            live_a.gauge(&id.labels, &[], id.live.allocations as f64);
-            sizes.histogram(&id.labels, t, Hist::AllocSize);
+        if self.cfg.live {
+            for (id, t) in &totals {
+                live_b.gauge(&id.labels, &[], id.live.bytes as f64);
+                live_a.gauge(&id.labels, &[], id.live.allocations as f64);
+                sizes.histogram(&id.labels, t, Hist::AllocSize);
+            }
+            live_b.push_to(&mut out);
+            live_a.push_to(&mut out);
+            sizes.push_to(&mut out);
         }
-        live_b.push_to(&mut out);
-        live_a.push_to(&mut out);
-        sizes.push_to(&mut out);
         lost.push_to(&mut out);
 
         let mut info = Family::new(
@@ -1028,11 +1034,18 @@ impl Exporter {
                 let extra = [("site", &*r.site), ("kind", r.kind)];
                 s_calls.counter(&id.labels, &extra, r.value.calls);
                 s_bytes.counter(&id.labels, &extra, r.value.bytes);
-                s_live_a.gauge(&id.labels, &extra, r.live.allocations as f64);
-                s_live_b.gauge(&id.labels, &extra, r.live.bytes as f64);
+                if self.cfg.live {
+                    s_live_a.gauge(&id.labels, &extra, r.live.allocations as f64);
+                    s_live_b.gauge(&id.labels, &extra, r.live.bytes as f64);
+                }
             }
         }
-        for f in [s_calls, s_bytes, s_live_a, s_live_b] {
+        let site_families = if self.cfg.live {
+            vec![s_calls, s_bytes, s_live_a, s_live_b]
+        } else {
+            vec![s_calls, s_bytes]
+        };
+        for f in site_families {
             f.push_to(&mut out);
         }
         out

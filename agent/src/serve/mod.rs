@@ -66,6 +66,7 @@ impl ServeConfig {
                 ttl: c.ttl,
                 top_k: c.top_k,
                 max_site_series: c.max_site_series,
+                live: c.mode.tracks_live(),
             },
             pprof: c.pprof.enabled,
         }
@@ -117,9 +118,11 @@ pub async fn serve_on(
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }));
     if cfg.pprof {
-        app = app
-            .route("/debug/pprof/allocs", get(allocs_handler))
-            .route("/debug/pprof/heap", get(heap_handler));
+        app = app.route("/debug/pprof/allocs", get(allocs_handler));
+        // The in-use profile needs the live table (modes `full` and `stacks-off`).
+        if cfg.metrics.live {
+            app = app.route("/debug/pprof/heap", get(heap_handler));
+        }
     }
     let app = app.with_state(state);
     let shutdown = async move {

@@ -79,6 +79,7 @@ impl Server {
                 ttl: Duration::from_secs(60),
                 top_k: 10,
                 max_site_series: 100,
+                live: true,
             },
             pprof,
         };

@@ -39,6 +39,7 @@ fn cfg() -> MetricsConfig {
         ttl: Duration::from_secs(60),
         top_k: 10,
         max_site_series: 1000,
+        live: true,
     }
 }
 
@@ -513,6 +514,7 @@ fn cardinality_cap_holds_with_50_processes_of_1000_sites() {
             ttl: Duration::from_secs(60),
             top_k,
             max_site_series: cap,
+            live: true,
         });
         let mut prev = String::new();
         for round in 0..4u64 {
@@ -556,6 +558,7 @@ fn site_series_add_up_and_never_go_down() {
         ttl: Duration::from_secs(1000),
         top_k: 4,
         max_site_series: 100_000,
+        live: true,
     });
     let mut prev = String::new();
     for round in 0..25u64 {
@@ -616,6 +619,7 @@ fn a_new_hot_site_takes_over_a_cold_one() {
         ttl: Duration::from_secs(60),
         top_k: 2,
         max_site_series: 1000,
+        live: true,
     });
     let t0 = Instant::now();
     let stats = SelfStats::default();
@@ -837,6 +841,7 @@ fn the_cap_serves_the_largest_identities_first() {
         ttl: Duration::from_secs(60),
         top_k: 2,
         max_site_series: 4 * SITE_FAMILIES,
+        live: true,
     });
     let out = render(&mut e, &procs, &SelfStats::default(), Instant::now());
     let sites = |comm: &str| -> Vec<String> {
@@ -859,4 +864,46 @@ fn the_cap_serves_the_largest_identities_first() {
     assert_eq!(sites("mid"), ["other\",kind=\"malloc\"} 1500"]);
     assert!(sites("small").is_empty());
     assert_eq!(site_series(&out), 4 * SITE_FAMILIES);
+}
+
+#[test]
+fn count_modes_export_no_live_or_size_series() {
+    let (procs, stats) = small_model();
+    let now = Instant::now();
+    let mut full = Exporter::new(cfg());
+    let mut count = Exporter::new(MetricsConfig {
+        live: false,
+        ..cfg()
+    });
+    let with = samples(&render(&mut full, &procs, &stats, now));
+    let without = samples(&render(&mut count, &procs, &stats, now));
+    let families = [
+        "allocwatch_live_bytes",
+        "allocwatch_live_allocations",
+        "allocwatch_alloc_size_bytes_bucket",
+        "allocwatch_site_live_bytes",
+        "allocwatch_site_live_allocations",
+    ];
+    let has = |s: &BTreeMap<String, f64>, family: &str| {
+        s.keys().any(|k| k.starts_with(&format!("{family}{{")))
+    };
+    for family in families {
+        assert!(has(&with, family), "full mode exports {family}");
+        assert!(
+            !has(&without, family),
+            "count mode must not export {family}"
+        );
+    }
+    // Everything else is the same.
+    let rest = |s: &BTreeMap<String, f64>| -> BTreeMap<String, f64> {
+        s.iter()
+            .filter(|(k, _)| {
+                !families.iter().any(|f| k.starts_with(&format!("{f}{{")))
+                    && !k.starts_with("allocwatch_alloc_size_bytes")
+                    && !k.starts_with("allocwatch_scrape")
+            })
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    };
+    assert_eq!(rest(&with), rest(&without));
 }
