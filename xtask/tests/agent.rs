@@ -37,9 +37,9 @@ use std::{
 use prometheus_parse::{Sample, Scrape, Value as PromValue};
 use serde_json::Value;
 use support::{
-    AllocwatchBin, BpfIds, Fixture, KernelState, Lines, address_groups, allocwatch_bin,
-    assert_no_crash, assert_single_error, libc_fixture, libc_path, panic_text, path_str, serial,
-    signal, wait_child,
+    AllocwatchBin, BpfIds, Fixture, GoToolchain, KernelState, Lines, address_groups,
+    allocwatch_bin, assert_no_crash, assert_single_error, go_toolchains, libc_fixture, libc_path,
+    panic_text, path_str, serial, signal, version_key, wait_child,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -383,8 +383,8 @@ fn pprof_profiles_read_by_go_tool_pprof() {
     let file = scratch.path.join("allocs.pb.gz");
     fs::write(&file, &profile).expect("writing the profile");
     let mut failures = Vec::new();
-    let space = go.pprof_top(&file, &["-sample_index=alloc_space", "-unit=B"]);
-    let objects = go.pprof_top(&file, &["-sample_index=alloc_objects"]);
+    let space = pprof_top(&go, &file, &["-sample_index=alloc_space", "-unit=B"]);
+    let objects = pprof_top(&go, &file, &["-sample_index=alloc_objects"]);
     // free is not an allocation: it has no place in an allocation profile.
     let allocs = SITES.iter().filter(|s| s.1 != "free");
     let total_bytes: u64 = allocs.clone().map(|s| s.3).sum();
@@ -430,7 +430,7 @@ fn pprof_profiles_read_by_go_tool_pprof() {
     let loop_profile = agent.profile(&format!("/debug/pprof/allocs?pid={}", loop_fx.pid));
     let loop_file = scratch.path.join("loop.pb.gz");
     fs::write(&loop_file, &loop_profile).expect("writing the profile");
-    let top = go.pprof_top(&loop_file, &["-sample_index=alloc_space", "-unit=B"]);
+    let top = pprof_top(&go, &loop_file, &["-sample_index=alloc_space", "-unit=B"]);
     match top.flat("fx_loop") {
         Some(b) if b > 0 && b % LOOP_BLOCK == 0 => {}
         other => failures.push(format!(
@@ -1816,12 +1816,6 @@ fn free_port() -> u16 {
 // ---------------------------------------------------------------------------------------------
 // pprof
 
-struct GoToolchain {
-    version: String,
-    goroot: PathBuf,
-    go: PathBuf,
-}
-
 /// `go tool pprof -top` output, by function: (flat, cum) in the unit of the index shown.
 struct PprofTop {
     index: String,
@@ -1839,79 +1833,45 @@ impl PprofTop {
     }
 }
 
-impl GoToolchain {
-    fn pprof_top(&self, file: &Path, args: &[&str]) -> PprofTop {
-        let out = Command::new(&self.go)
-            .env("GOROOT", &self.goroot)
-            .env("GOTOOLCHAIN", "local")
-            .env("PPROF_TMPDIR", file.parent().expect("profile directory"))
-            .args(["tool", "pprof", "-top", "-nodecount=1000"])
-            .args(args)
-            .arg(file)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("running {} tool pprof: {e}", self.go.display()));
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "go tool pprof (Go {}) cannot read the profile: {}\n{text}",
-            self.version,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // `      700B  6.49% 85.88%       700B  6.49%  fx_malloc`
-        let number = |s: &str| s.trim_end_matches('B').parse::<u64>().ok();
-        let rows = text
-            .lines()
-            .filter_map(|l| {
-                let cols: Vec<&str> = l.split_whitespace().collect();
-                if cols.len() < 6 || !cols[1].ends_with('%') {
-                    return None;
-                }
-                Some((cols[5..].join(" "), (number(cols[0])?, number(cols[3])?)))
-            })
-            .collect();
-        PprofTop {
-            index: args
-                .iter()
-                .find_map(|a| a.strip_prefix("-sample_index="))
-                .unwrap_or("default")
-                .to_owned(),
-            text,
-            rows,
-        }
+/// `go tool pprof -top` of a profile file.
+fn pprof_top(go: &GoToolchain, file: &Path, args: &[&str]) -> PprofTop {
+    let out = go
+        .tool("pprof")
+        .env("PPROF_TMPDIR", file.parent().expect("profile directory"))
+        .args(["-top", "-nodecount=1000"])
+        .args(args)
+        .arg(file)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {} tool pprof: {e}", go.go.display()));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "go tool pprof (Go {}) cannot read the profile: {}\n{text}",
+        go.version,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // `      700B  6.49% 85.88%       700B  6.49%  fx_malloc`
+    let number = |s: &str| s.trim_end_matches('B').parse::<u64>().ok();
+    let rows = text
+        .lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            if cols.len() < 6 || !cols[1].ends_with('%') {
+                return None;
+            }
+            Some((cols[5..].join(" "), (number(cols[0])?, number(cols[3])?)))
+        })
+        .collect();
+    PprofTop {
+        index: args
+            .iter()
+            .find_map(|a| a.strip_prefix("-sample_index="))
+            .unwrap_or("default")
+            .to_owned(),
+        text,
+        rows,
     }
-}
-
-/// The toolchains of `$ALLOCWATCH_GO_TOOLCHAINS` (default `~/.cache/allocwatch/go/
-/// toolchains.tsv`), `version<TAB>goroot<TAB>go` per line.
-fn go_toolchains() -> Vec<GoToolchain> {
-    let manifest = env::var_os("ALLOCWATCH_GO_TOOLCHAINS")
-        .map(PathBuf::from)
-        .or_else(|| {
-            env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cache/allocwatch/go/toolchains.tsv"))
-        })
-        .expect("ALLOCWATCH_GO_TOOLCHAINS is not set (./x test sets it)");
-    let text = fs::read_to_string(&manifest)
-        .unwrap_or_else(|e| panic!("{}: {e} (./x setup writes it)", manifest.display()));
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|line| {
-            let cols: Vec<&str> = line.split('\t').collect();
-            assert_eq!(cols.len(), 3, "{}: bad line {line:?}", manifest.display());
-            let tc = GoToolchain {
-                version: cols[0].to_owned(),
-                goroot: PathBuf::from(cols[1]),
-                go: PathBuf::from(cols[2]),
-            };
-            assert!(
-                tc.go.is_file(),
-                "{} is listed but missing: run ./x setup",
-                tc.go.display()
-            );
-            tc
-        })
-        .collect()
 }
 
 fn newest_go_toolchain() -> GoToolchain {
@@ -1919,10 +1879,6 @@ fn newest_go_toolchain() -> GoToolchain {
         .into_iter()
         .max_by_key(|t| version_key(&t.version))
         .expect("no Go toolchain: run ./x setup")
-}
-
-fn version_key(v: &str) -> Vec<u32> {
-    v.split('.').map(|p| p.parse().unwrap_or(0)).collect()
 }
 
 // ---------------------------------------------------------------------------------------------

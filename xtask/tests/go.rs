@@ -52,8 +52,9 @@ use std::{
 
 use serde_json::Value;
 use support::{
-    Allocwatch, AllocwatchBin, Lines, allocwatch_bin, array, env_path, f64_at, panic_text,
-    path_str, read_all, read_json, serial, signal, temp_file, u64_at, wait_child,
+    Allocwatch, AllocwatchBin, GoToolchain, Lines, allocwatch_bin, array, env_path, f64_at,
+    go_toolchains, panic_text, path_str, read_all, read_json, serial, signal, temp_file, u64_at,
+    wait_child,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -771,27 +772,9 @@ fn malloc_entries(b: &Build, symbols: &Symbols) -> Vec<String> {
 // ---------------------------------------------------------------------------------------------
 // The matrix
 
-struct Toolchain {
-    version: String,
-    goroot: PathBuf,
-    go: PathBuf,
-}
-
-impl Toolchain {
-    /// `go tool TOOL ARGS…` of this toolchain, hermetic like xtask/src/go.rs.
-    fn tool(&self, tool: &str) -> Command {
-        let mut cmd = Command::new(&self.go);
-        cmd.env("GOROOT", &self.goroot)
-            .env("GOTOOLCHAIN", "local")
-            .env_remove("GOEXPERIMENT")
-            .args(["tool", tool]);
-        cmd
-    }
-}
-
 /// One fixture binary.
 struct Build {
-    tc: Arc<Toolchain>,
+    tc: Arc<GoToolchain>,
     version: String,
     /// `growth-1.25.5-noswissmap-stripped`
     name: String,
@@ -821,7 +804,7 @@ impl TestEnv {
     fn get() -> Option<Self> {
         let bin = allocwatch_bin("root, the built binary, the Go toolchains and the Go fixtures")?;
         let dir = env_path("ALLOCWATCH_GO_FIXTURES");
-        let toolchains = read_toolchains(&env_path("ALLOCWATCH_GO_TOOLCHAINS"));
+        let toolchains = read_toolchains();
         let mut builds = Vec::new();
         for tc in toolchains {
             let tc = Arc::new(tc);
@@ -908,29 +891,9 @@ impl AllocwatchBin for TestEnv {
     }
 }
 
-/// `$cache/go/toolchains.tsv`: `version<TAB>goroot<TAB>go` per line (xtask/src/go.rs).
-fn read_toolchains(manifest: &Path) -> Vec<Toolchain> {
-    let text = fs::read_to_string(manifest)
-        .unwrap_or_else(|e| panic!("{}: {e} (./x setup writes it)", manifest.display()));
-    let list: Vec<Toolchain> = text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|line| {
-            let cols: Vec<&str> = line.split('\t').collect();
-            assert_eq!(cols.len(), 3, "{}: bad line {line:?}", manifest.display());
-            let tc = Toolchain {
-                version: cols[0].to_owned(),
-                goroot: PathBuf::from(cols[1]),
-                go: PathBuf::from(cols[2]),
-            };
-            assert!(
-                tc.go.is_file(),
-                "{} is listed but missing: run ./x setup",
-                tc.go.display()
-            );
-            tc
-        })
-        .collect();
+/// The installed toolchains (`support::go_toolchains`), which must cover the matrix.
+fn read_toolchains() -> Vec<GoToolchain> {
+    let list = go_toolchains();
     // The matrix the issue asks for: Debian's 1.19, old maps, swiss maps, size-specialized malloc.
     for (what, minors) in [
         ("1.19", &[19][..]),
@@ -940,8 +903,7 @@ fn read_toolchains(manifest: &Path) -> Vec<Toolchain> {
     ] {
         assert!(
             list.iter().any(|t| minors.contains(&minor(&t.version))),
-            "no Go {what} toolchain in {}: rerun ./x setup",
-            manifest.display()
+            "no Go {what} toolchain installed: rerun ./x setup"
         );
     }
     list
@@ -956,7 +918,7 @@ struct Symbols {
 }
 
 impl Symbols {
-    fn of(tc: &Toolchain, bin: &Path) -> Self {
+    fn of(tc: &GoToolchain, bin: &Path) -> Self {
         let out = tc
             .tool("nm")
             .arg("-size")
@@ -1122,7 +1084,7 @@ fn probe_specs(
 
 /// The stripped binary's own `.gopclntab` (read by Go's `addr2line`) must name each address as
 /// the function that starts there: then the unstripped twin's addresses hold for it.
-fn check_pclntab_names(tc: &Toolchain, stripped: &Path, names: &[&str], addrs: &[u64]) {
+fn check_pclntab_names(tc: &GoToolchain, stripped: &Path, names: &[&str], addrs: &[u64]) {
     let mut child = tc
         .tool("addr2line")
         .arg(stripped)

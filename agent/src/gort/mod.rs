@@ -22,7 +22,7 @@ pub mod pclntab;
 pub mod versions;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::io;
 use std::path::PathBuf;

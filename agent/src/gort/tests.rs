@@ -1,7 +1,8 @@
 //! Tests against real Go binaries: the fixture `fixtures/go/growth` built, plain and stripped,
 //! by every Go toolchain the setup installs (`xtask/src/go.rs` writes their list to
 //! `$cache/go/toolchains.tsv`). Without those toolchains these tests fail: they must never
-//! pass by testing nothing.
+//! pass by testing nothing. The toolchain list, the `go` command and the fixture builds are
+//! shared with the symbolizer's tests.
 
 use std::collections::HashMap;
 use std::fs;
@@ -16,27 +17,27 @@ use super::versions::{self, Symbol};
 
 const FIXTURE_MODULE: &str = "allocwatch.test/growth";
 
-struct Toolchain {
-    version: String,
-    goroot: PathBuf,
-    go: PathBuf,
+pub(crate) struct Toolchain {
+    pub version: String,
+    pub goroot: PathBuf,
+    pub go: PathBuf,
 }
 
-struct Built {
-    tc: Toolchain,
-    plain: PathBuf,
-    stripped: PathBuf,
+pub(crate) struct Built {
+    pub tc: Toolchain,
+    pub plain: PathBuf,
+    pub stripped: PathBuf,
     /// `-buildmode=pie`: the pclntab moves to .data.rel.ro on older Go, moduledata words are
     /// relocated at load time.
-    pie: PathBuf,
-    pie_stripped: PathBuf,
+    pub pie: PathBuf,
+    pub pie_stripped: PathBuf,
 }
 
-fn repo() -> PathBuf {
+pub(crate) fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn cache() -> PathBuf {
+pub(crate) fn cache() -> PathBuf {
     if let Some(dir) = std::env::var_os("ALLOCWATCH_CACHE") {
         return PathBuf::from(dir);
     }
@@ -91,7 +92,9 @@ fn toolchains() -> Vec<Toolchain> {
     list
 }
 
-fn go_command(tc: &Toolchain) -> Command {
+/// `go` of `tc`, isolated from the environment (its own GOROOT, caches under the cache dir, no
+/// cgo: the caller sets CGO_ENABLED=1 where it wants it).
+pub(crate) fn go_command(tc: &Toolchain) -> Command {
     let mut cmd = Command::new(&tc.go);
     cmd.env("GOROOT", &tc.goroot)
         .env("GOTOOLCHAIN", "local")
@@ -143,8 +146,8 @@ fn build(tc: &Toolchain, out: &Path, stripped: bool, pie: bool) {
     fs::rename(&tmp, out).expect("rename fixture");
 }
 
-/// Every toolchain's fixture, plain and stripped, built once per test run.
-fn fixtures() -> &'static [Built] {
+/// Every toolchain's fixture, plain and stripped, PIE or not, built once per test run.
+pub(crate) fn fixtures() -> &'static [Built] {
     static BUILT: OnceLock<Vec<Built>> = OnceLock::new();
     BUILT.get_or_init(|| {
         let dir = repo().join("target/gofixtures");

@@ -254,112 +254,7 @@ async fn async_variant_and_shutdown() {
 // setup installs, plain and stripped, non-PIE and PIE. Without those toolchains these tests
 // fail, never pass by testing nothing.
 
-struct GoToolchain {
-    version: String,
-    goroot: PathBuf,
-    go: PathBuf,
-}
-
-fn allocwatch_cache() -> PathBuf {
-    if let Some(dir) = std::env::var_os("ALLOCWATCH_CACHE") {
-        return PathBuf::from(dir);
-    }
-    let home = std::env::var_os("HOME").expect("HOME is not set");
-    Path::new(&home).join(".cache/allocwatch")
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The toolchains `./x setup` lists in `$cache/go/toolchains.tsv` (xtask/src/go.rs).
-fn go_toolchains() -> Vec<GoToolchain> {
-    let manifest = allocwatch_cache().join("go/toolchains.tsv");
-    let text = std::fs::read_to_string(&manifest).unwrap_or_else(|e| {
-        panic!(
-            "Go toolchains missing ({}: {e}): run ./x setup first",
-            manifest.display()
-        )
-    });
-    let list: Vec<GoToolchain> = text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|line| {
-            let cols: Vec<&str> = line.split('\t').collect();
-            assert_eq!(cols.len(), 3, "{}: bad line {line:?}", manifest.display());
-            let tc = GoToolchain {
-                version: cols[0].to_owned(),
-                goroot: PathBuf::from(cols[1]),
-                go: PathBuf::from(cols[2]),
-            };
-            assert!(
-                tc.go.exists(),
-                "Go toolchain {} missing: run ./x setup",
-                tc.go.display()
-            );
-            tc
-        })
-        .collect();
-    assert!(
-        !list.is_empty(),
-        "no Go toolchain in {}: run ./x setup",
-        manifest.display()
-    );
-    list
-}
-
-/// Builds the growth fixture (as the gort tests do, under names of our own so both test
-/// modules can build at the same time) unless the output is newer than its sources.
-fn build_growth(tc: &GoToolchain, stripped: bool, pie: bool) -> PathBuf {
-    let src = repo().join("fixtures/go/growth");
-    let dir = repo().join("target/gofixtures");
-    std::fs::create_dir_all(&dir).unwrap();
-    let suffix = match (pie, stripped) {
-        (false, false) => "",
-        (false, true) => "-stripped",
-        (true, false) => "-pie",
-        (true, true) => "-pie-stripped",
-    };
-    let out = dir.join(format!("symbolize-growth-{}{suffix}", tc.version));
-    let newest_source = std::fs::read_dir(&src)
-        .unwrap()
-        .filter_map(|e| e.ok()?.metadata().ok()?.modified().ok())
-        .max()
-        .unwrap();
-    if std::fs::metadata(&out)
-        .and_then(|m| m.modified())
-        .is_ok_and(|built| built > newest_source)
-    {
-        return out;
-    }
-    let tmp = dir.join(format!(
-        "symbolize-growth-{}{suffix}.{}.tmp",
-        tc.version,
-        std::process::id()
-    ));
-    let cache = allocwatch_cache();
-    let mut cmd = Command::new(&tc.go);
-    cmd.current_dir(&src)
-        .env("GOROOT", &tc.goroot)
-        .env("GOTOOLCHAIN", "local")
-        .env("GOFLAGS", "-mod=mod")
-        .env("GOCACHE", cache.join("go-build").join(&tc.version))
-        .env("GOPATH", cache.join("gopath"))
-        .env("CGO_ENABLED", "0")
-        .env_remove("GOEXPERIMENT")
-        .args(["build", "-buildvcs=false", "-o"])
-        .arg(&tmp);
-    if stripped {
-        cmd.arg("-ldflags=-s -w");
-    }
-    if pie {
-        cmd.arg("-buildmode=pie");
-    }
-    let status = cmd.arg(".").status().expect("run go build");
-    assert!(status.success(), "go {} build failed", tc.version);
-    std::fs::rename(&tmp, &out).unwrap();
-    out
-}
+use crate::gort::tests::{fixtures, go_command, repo};
 
 /// Where function `name` lies in the file, from the symbol table of an unstripped binary.
 struct GoSymbol {
@@ -451,18 +346,22 @@ fn go_binaries_are_named_by_pclntab_stripped_or_not() {
             .expect("func fillMapBig in main.go");
         u32::try_from(line + 1).unwrap()
     };
-    for tc in go_toolchains() {
+    for built in fixtures() {
+        let tc = &built.tc;
         for pie in [false, true] {
-            let plain = build_growth(&tc, false, pie);
-            let stripped = build_growth(&tc, true, pie);
-            let data = std::fs::read(&plain).unwrap();
+            let (plain, stripped) = if pie {
+                (&built.pie, &built.pie_stripped)
+            } else {
+                (&built.plain, &built.stripped)
+            };
+            let data = std::fs::read(plain).unwrap();
             let elf = object::File::parse(&*data).unwrap();
             let targets = [
                 go_symbol(&elf, "main.fillMapBig"),
                 go_symbol(&elf, "runtime.growslice"),
             ];
             let mut by_binary = Vec::new();
-            for exe in [&plain, &stripped] {
+            for exe in [plain, stripped] {
                 let what = format!("Go {} {}", tc.version, exe.display());
                 let exe = exe.canonicalize().unwrap();
                 let s = SymbolizerHandle::spawn();
@@ -565,8 +464,7 @@ fn go_binaries_are_named_by_pclntab_stripped_or_not() {
 /// blazesym takes for the same file (DWARF/ELF symbols, when present).
 #[test]
 fn go_table_cost_on_a_large_binary() {
-    let toolchains = go_toolchains();
-    for tc in &toolchains {
+    for tc in fixtures().iter().map(|b| &b.tc) {
         let size = std::fs::metadata(&tc.go).unwrap().len();
         let t = Instant::now();
         let go = go::GoFile::open(&tc.go)
@@ -634,7 +532,7 @@ func main() { fmt.Println(goCaller()) }
 
 #[test]
 fn cgo_binary_mixes_pclntab_and_blazesym() {
-    for tc in go_toolchains() {
+    for tc in fixtures().iter().map(|b| &b.tc) {
         let dir = std::env::temp_dir().join(format!(
             "allocwatch-symbolize-{}-cgo-{}",
             std::process::id(),
@@ -644,16 +542,9 @@ fn cgo_binary_mixes_pclntab_and_blazesym() {
         std::fs::write(dir.join("main.go"), CGO_MAIN).unwrap();
         std::fs::write(dir.join("go.mod"), "module cgotest\n\ngo 1.19\n").unwrap();
         let exe = dir.join("cgotest");
-        let cache = allocwatch_cache();
-        let out = Command::new(&tc.go)
+        let out = go_command(tc)
             .current_dir(&dir)
-            .env("GOROOT", &tc.goroot)
-            .env("GOTOOLCHAIN", "local")
-            .env("GOFLAGS", "-mod=mod")
-            .env("GOCACHE", cache.join("go-build").join(&tc.version))
-            .env("GOPATH", cache.join("gopath"))
             .env("CGO_ENABLED", "1")
-            .env_remove("GOEXPERIMENT")
             .args(["build", "-buildvcs=false", "-o"])
             .arg(&exe)
             .arg(".")

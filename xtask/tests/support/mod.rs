@@ -642,3 +642,63 @@ pub fn str_at<'a>(v: &'a Value, key: &str) -> &'a str {
         .as_str()
         .unwrap_or_else(|| panic!("`{key}` is not a string in\n{v:#}"))
 }
+
+// ---------------------------------------------------------------------------------------------
+// Go toolchains
+
+/// One Go toolchain installed by `./x setup` (xtask/src/go.rs).
+pub struct GoToolchain {
+    pub version: String,
+    pub goroot: PathBuf,
+    pub go: PathBuf,
+}
+
+impl GoToolchain {
+    /// `go tool TOOL` of this toolchain, hermetic like xtask/src/go.rs.
+    pub fn tool(&self, tool: &str) -> Command {
+        let mut cmd = Command::new(&self.go);
+        cmd.env("GOROOT", &self.goroot)
+            .env("GOTOOLCHAIN", "local")
+            .env_remove("GOEXPERIMENT")
+            .args(["tool", tool]);
+        cmd
+    }
+}
+
+/// The toolchains of `$ALLOCWATCH_GO_TOOLCHAINS` (`$cache/go/toolchains.tsv`, written by
+/// xtask/src/go.rs): `version<TAB>goroot<TAB>go` per line, each of them present.
+pub fn go_toolchains() -> Vec<GoToolchain> {
+    let manifest = env_path("ALLOCWATCH_GO_TOOLCHAINS");
+    let text = fs::read_to_string(&manifest)
+        .unwrap_or_else(|e| panic!("{}: {e} (./x setup writes it)", manifest.display()));
+    let list: Vec<GoToolchain> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let cols: Vec<&str> = line.split('\t').collect();
+            assert_eq!(cols.len(), 3, "{}: bad line {line:?}", manifest.display());
+            let tc = GoToolchain {
+                version: cols[0].to_owned(),
+                goroot: PathBuf::from(cols[1]),
+                go: PathBuf::from(cols[2]),
+            };
+            assert!(
+                tc.go.is_file(),
+                "{} is listed but missing: run ./x setup",
+                tc.go.display()
+            );
+            tc
+        })
+        .collect();
+    assert!(
+        !list.is_empty(),
+        "no Go toolchain in {}: run ./x setup",
+        manifest.display()
+    );
+    list
+}
+
+/// `1.25.5` → `[1, 25, 5]`, for ordering versions.
+pub fn version_key(v: &str) -> Vec<u32> {
+    v.split('.').map(|p| p.parse().unwrap_or(0)).collect()
+}
