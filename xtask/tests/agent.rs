@@ -37,68 +37,10 @@ use std::{
 use prometheus_parse::{Sample, Scrape, Value as PromValue};
 use serde_json::Value;
 use support::{
-    AllocwatchBin, BpfIds, Fixture, GoToolchain, KernelState, Lines, address_groups,
-    allocwatch_bin, assert_no_crash, assert_single_error, go_toolchains, libc_fixture, libc_path,
-    panic_text, path_str, serial, signal, version_key, wait_child,
+    API_TOTALS, APIS, AllocwatchBin, BpfIds, Fixture, GoToolchain, KernelState, Lines, SITES, Site,
+    address_groups, allocwatch_bin, assert_no_crash, assert_single_error, go_toolchains,
+    libc_fixture, libc_path, panic_text, path_str, serial, signal, version_key, wait_child,
 };
-
-// ---------------------------------------------------------------------------------------------
-// What libc_fixture's `run` mode does (copied from xtask/tests/libc.rs, which checks these
-// numbers against bpftrace; keep both in sync with fixtures/c/libc_fixture.c).
-
-/// Per API, program-level calls and bytes requested, before folding aliases.
-const API_TOTALS: &[(&str, u64, u64)] = &[
-    // fx_malloc: 7 × malloc(100) = 700.
-    ("malloc", 7, 700),
-    // fx_calloc: 5 × calloc(4, 25) = 5 × 100 = 500.
-    ("calloc", 5, 500),
-    // fx_realloc: 3 × realloc(NULL, 64) + 3 × realloc(p, 256) = 192 + 768 = 960.
-    ("realloc", 6, 960),
-    // fx_reallocarray: 2 × reallocarray(NULL, 8, 16) = 2 × 128 = 256.
-    ("reallocarray", 2, 256),
-    // fx_posix_memalign: 4 × posix_memalign(&p, 64, 200) = 800.
-    ("posix_memalign", 4, 800),
-    // fx_aligned_alloc: 3 × aligned_alloc(64, 128) = 384.
-    ("aligned_alloc", 3, 384),
-    // fx_memalign: 2 × memalign(64, 96) = 192 (reported under aligned_alloc where aliased).
-    ("memalign", 2, 192),
-    // fx_valloc: 2 × valloc(1000) = 2000.
-    ("valloc", 2, 2000),
-    // fx_pvalloc: 1 × pvalloc(5000) = 5000 (requested; glibc rounds it up to a page).
-    ("pvalloc", 1, 5000),
-    // fx_free_some: 17 calls, 2496 bytes of tracked allocations freed.
-    ("free", 17, 2496),
-];
-
-/// Per call site: the fx_ function that calls the API (frame 0; its caller is always fx_work),
-/// the API as the program calls it (before alias folding), calls and bytes. fx_realloc and
-/// fx_free_some have several call sites each (gcc unrolls short loops), all with one label.
-const SITES: &[(&str, &str, u64, u64)] = &[
-    ("fx_malloc", "malloc", 7, 700),
-    ("fx_calloc", "calloc", 5, 500),
-    ("fx_realloc", "realloc", 6, 960),
-    ("fx_reallocarray", "reallocarray", 2, 256),
-    ("fx_posix_memalign", "posix_memalign", 4, 800),
-    ("fx_aligned_alloc", "aligned_alloc", 3, 384),
-    ("fx_memalign", "memalign", 2, 192),
-    ("fx_valloc", "valloc", 2, 2000),
-    ("fx_pvalloc", "pvalloc", 1, 5000),
-    ("fx_free_some", "free", 17, 2496),
-];
-
-/// Every libc API allocwatch traces.
-const APIS: &[&str] = &[
-    "malloc",
-    "calloc",
-    "realloc",
-    "reallocarray",
-    "free",
-    "posix_memalign",
-    "aligned_alloc",
-    "memalign",
-    "valloc",
-    "pvalloc",
-];
 
 /// The `loop` mode's block size: malloc(48) then free, every millisecond.
 const LOOP_BLOCK: u64 = 48;
@@ -386,16 +328,23 @@ fn pprof_profiles_read_by_go_tool_pprof() {
     let space = pprof_top(&go, &file, &["-sample_index=alloc_space", "-unit=B"]);
     let objects = pprof_top(&go, &file, &["-sample_index=alloc_objects"]);
     // free is not an allocation: it has no place in an allocation profile.
-    let allocs = SITES.iter().filter(|s| s.1 != "free");
-    let total_bytes: u64 = allocs.clone().map(|s| s.3).sum();
-    let total_calls: u64 = allocs.clone().map(|s| s.2).sum();
+    let allocs = SITES.iter().filter(|s| s.api != "free");
+    let total_bytes: u64 = allocs.clone().map(|s| s.bytes).sum();
+    let total_calls: u64 = allocs.clone().map(|s| s.calls).sum();
     for (top, unit, total) in [(&space, "B", total_bytes), (&objects, "", total_calls)] {
         let want = format!("of {total}{unit} total");
         if !top.text.contains(&want) {
             failures.push(format!("{}: no `{want}`", top.index));
         }
     }
-    for &(function, api, calls, bytes) in allocs {
+    for &Site {
+        function,
+        api,
+        calls,
+        bytes,
+        ..
+    } in allocs
+    {
         for (top, want) in [(&space, bytes), (&objects, calls)] {
             let got = top.flat(function);
             if got != Some(want) {
@@ -778,9 +727,12 @@ fn sites_are_named_after_the_fixture_functions() {
     for (what, id) in [("found by scan", &scanned_id), ("short-lived", &short_id)] {
         let want: BTreeMap<(String, String), (u64, u64)> = SITES
             .iter()
-            .map(|&(function, api, calls, bytes)| {
-                let kind = canonical(&env.alias_groups, &m, id, api);
-                ((kind, format!("{function} ← fx_work")), (calls, bytes))
+            .map(|s| {
+                let kind = canonical(&env.alias_groups, &m, id, s.api);
+                (
+                    (kind, format!("{} ← fx_work", s.function)),
+                    (s.calls, s.bytes),
+                )
             })
             .collect();
         let got: BTreeMap<(String, String), (u64, u64)> = m

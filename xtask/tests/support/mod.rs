@@ -702,3 +702,97 @@ pub fn go_toolchains() -> Vec<GoToolchain> {
 pub fn version_key(v: &str) -> Vec<u32> {
     v.split('.').map(|p| p.parse().unwrap_or(0)).collect()
 }
+
+// ---------------------------------------------------------------------------------------------
+// What libc_fixture's `run` mode does (keep in sync with fixtures/c/libc_fixture.c); the libc
+// tests check these numbers against bpftrace and `expected_tables_agree` checks they agree.
+
+/// Per API, program-level calls and bytes requested, before folding aliases.
+pub const API_TOTALS: &[(&str, u64, u64)] = &[
+    // fx_malloc: 7 × malloc(100) = 700.
+    ("malloc", 7, 700),
+    // fx_calloc: 5 × calloc(4, 25) = 5 × 100 = 500.
+    ("calloc", 5, 500),
+    // fx_realloc: 3 × realloc(NULL, 64) + 3 × realloc(p, 256) = 192 + 768 = 960.
+    ("realloc", 6, 960),
+    // fx_reallocarray: 2 × reallocarray(NULL, 8, 16) = 2 × 128 = 256.
+    ("reallocarray", 2, 256),
+    // fx_posix_memalign: 4 × posix_memalign(&p, 64, 200) = 800.
+    ("posix_memalign", 4, 800),
+    // fx_aligned_alloc: 3 × aligned_alloc(64, 128) = 384.
+    ("aligned_alloc", 3, 384),
+    // fx_memalign: 2 × memalign(64, 96) = 192 (reported under aligned_alloc where aliased).
+    ("memalign", 2, 192),
+    // fx_valloc: 2 × valloc(1000) = 2000.
+    ("valloc", 2, 2000),
+    // fx_pvalloc: 1 × pvalloc(5000) = 5000 (requested; glibc rounds it up to a page).
+    ("pvalloc", 1, 5000),
+    // fx_free_some: 3 malloc blocks (3 × 100) + 5 calloc (5 × 100) + 3 realloc'ed (3 × 256)
+    // + 4 posix_memalign (4 × 200) + 1 aligned_alloc (128) + free(NULL) (0)
+    // = 17 calls, 300 + 500 + 768 + 800 + 128 = 2496 bytes of tracked allocations freed.
+    ("free", 17, 2496),
+];
+
+/// Live at exit: malloc 4 × 100 + reallocarray 2 × 128 + aligned_alloc 2 × 128 + memalign 2 × 96
+/// + valloc 2 × 1000 + pvalloc 1 × 5000 = 400 + 256 + 256 + 192 + 2000 + 5000 = 8104 bytes.
+pub const LIVE_BYTES: u64 = 8104;
+/// 4 + 2 + 2 + 2 + 2 + 1 = 13 (calloc, realloc and posix_memalign blocks are all freed; the
+/// three 64-byte realloc blocks were moved to 256 by the second realloc of each).
+pub const LIVE_ALLOCATIONS: u64 = 13;
+
+/// One call site of the fixture: the API as the program calls it (before alias folding) and
+/// the fx_ function that calls it (frame 0). fx_realloc has two call sites, fx_free_some ten
+/// (gcc unrolls the short loops): the test sums the sites of one (API, frame 0 function).
+pub struct Site {
+    pub function: &'static str,
+    pub api: &'static str,
+    pub calls: u64,
+    pub bytes: u64,
+    pub live_bytes: u64,
+    pub live_allocations: u64,
+}
+
+pub const fn site(
+    function: &'static str,
+    api: &'static str,
+    (calls, bytes): (u64, u64),
+    (live_allocations, live_bytes): (u64, u64),
+) -> Site {
+    Site {
+        function,
+        api,
+        calls,
+        bytes,
+        live_bytes,
+        live_allocations,
+    }
+}
+
+/// Per site: (calls, bytes) and (live allocations, live bytes) at exit.
+pub const SITES: &[Site] = &[
+    site("fx_malloc", "malloc", (7, 700), (4, 400)),
+    site("fx_calloc", "calloc", (5, 500), (0, 0)),
+    site("fx_realloc", "realloc", (6, 960), (0, 0)),
+    site("fx_reallocarray", "reallocarray", (2, 256), (2, 256)),
+    site("fx_posix_memalign", "posix_memalign", (4, 800), (0, 0)),
+    site("fx_aligned_alloc", "aligned_alloc", (3, 384), (2, 256)),
+    site("fx_memalign", "memalign", (2, 192), (2, 192)),
+    site("fx_valloc", "valloc", (2, 2000), (2, 2000)),
+    site("fx_pvalloc", "pvalloc", (1, 5000), (1, 5000)),
+    // Live numbers of a free site mean nothing: not checked.
+    site("fx_free_some", "free", (17, 2496), (0, 0)),
+];
+
+/// Every libc API allocwatch traces.
+pub const APIS: &[&str] = &[
+    "malloc",
+    "calloc",
+    "realloc",
+    "reallocarray",
+    "free",
+    "posix_memalign",
+    "aligned_alloc",
+    "memalign",
+    "valloc",
+    "pvalloc",
+];
