@@ -88,19 +88,8 @@ fn expected_tables_agree() {
 fn top_command_exact_counts() {
     let Some(env) = TestEnv::get() else { return };
     let _serial = serial();
-    let out = env.temp_file("top-command.json");
-    let mut aw = Allocwatch::spawn(
-        &env,
-        &[
-            "top",
-            "--json",
-            "-o",
-            path_str(&out),
-            "--",
-            path_str(&env.fixture),
-            "run",
-        ],
-    );
+    let fixture = path_str(&env.fixture);
+    let (mut aw, out) = spawn_json(&env, "top-command", &["top"], &["--", fixture, "run"]);
     let pid = aw.wait_tracing_pid(Duration::from_secs(30));
     let status = aw.wait_exit(Duration::from_secs(60));
     aw.assert_success(status);
@@ -196,18 +185,7 @@ fn top_pid_exact_counts() {
     let _serial = serial();
     let mut fixture = Fixture::spawn(&env.fixture, "wait-run", "ready");
     let pid = fixture.pid;
-    let out = env.temp_file("top-pid.json");
-    let mut aw = Allocwatch::spawn(
-        &env,
-        &[
-            "top",
-            "--json",
-            "-o",
-            path_str(&out),
-            "--pid",
-            &pid.to_string(),
-        ],
-    );
+    let (mut aw, out) = spawn_json(&env, "top-pid", &["top"], &["--pid", &pid.to_string()]);
     assert_eq!(
         aw.wait_tracing_pid(Duration::from_secs(30)),
         pid,
@@ -267,19 +245,8 @@ fn sigterm_detaches_and_leaves_nothing() {
 fn target_killed_mid_trace() {
     let Some(env) = TestEnv::get() else { return };
     let _serial = serial();
-    let out = env.temp_file("top-killed.json");
-    let mut aw = Allocwatch::spawn(
-        &env,
-        &[
-            "top",
-            "--json",
-            "-o",
-            path_str(&out),
-            "--",
-            path_str(&env.fixture),
-            "loop",
-        ],
-    );
+    let fixture = path_str(&env.fixture);
+    let (mut aw, out) = spawn_json(&env, "top-killed", &["top"], &["--", fixture, "loop"]);
     let pid = aw.wait_tracing_pid(Duration::from_secs(30));
     thread::sleep(Duration::from_millis(500));
     signal(pid, libc::SIGKILL);
@@ -309,20 +276,11 @@ fn count_modes_exact_counts() {
     let Some(env) = TestEnv::get() else { return };
     let _serial = serial();
     for (mode, stacks) in [("count", false), ("count-stacks", true)] {
-        let out = env.temp_file(&format!("top-{mode}.json"));
-        let mut aw = Allocwatch::spawn(
+        let (mut aw, out) = spawn_json(
             &env,
-            &[
-                "top",
-                "--mode",
-                mode,
-                "--json",
-                "-o",
-                path_str(&out),
-                "--",
-                path_str(&env.fixture),
-                "run",
-            ],
+            &format!("top-{mode}"),
+            &["top", "--mode", mode],
+            &["--", path_str(&env.fixture), "run"],
         );
         let pid = aw.wait_tracing_pid(Duration::from_secs(30));
         let status = aw.wait_exit(Duration::from_secs(60));
@@ -601,17 +559,11 @@ fn detach_on_signal(sig: libc::c_int) {
     let before = KernelState::snapshot();
     let mut fixture = Fixture::spawn(&env.fixture, "loop", "loop");
     let pid = fixture.pid;
-    let out = env.temp_file(&format!("top-signal-{sig}.json"));
-    let mut aw = Allocwatch::spawn(
+    let (mut aw, out) = spawn_json(
         &env,
-        &[
-            "top",
-            "--json",
-            "-o",
-            path_str(&out),
-            "--pid",
-            &pid.to_string(),
-        ],
+        &format!("top-signal-{sig}"),
+        &["top"],
+        &["--pid", &pid.to_string()],
     );
     assert_eq!(
         aw.wait_tracing_pid(Duration::from_secs(30)),
@@ -642,6 +594,17 @@ fn detach_on_signal(sig: libc::c_int) {
     KernelState::snapshot().assert_nothing_added(&before);
     signal(pid, libc::SIGKILL);
     fixture.wait_exit(Duration::from_secs(5));
+}
+
+/// `allocwatch ARGS… --json -o FILE TARGET…` started (TARGET: `-- CMD…` or `--pid PID`),
+/// and FILE, a fresh temporary file named after `name`.
+fn spawn_json(env: &TestEnv, name: &str, args: &[&str], target: &[&str]) -> (Allocwatch, PathBuf) {
+    let out = env.temp_file(&format!("{name}.json"));
+    let mut all = args.to_vec();
+    all.extend(["--json", "-o", path_str(&out)]);
+    all.extend_from_slice(target);
+    let aw = Allocwatch::spawn(env, &all);
+    (aw, out)
 }
 
 fn assert_no_loss(proc: &Value) {
