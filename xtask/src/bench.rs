@@ -1016,7 +1016,88 @@ fn footprint_section(b: &Bench, counts: &[usize]) -> anyhow::Result<String> {
         }
     }
     md.push('\n');
+    if let Some(&n) = counts.iter().max() {
+        eprintln!("bench: {n} processes started while the agent runs");
+        md += "Processes started while the agent runs (issue 4: picked up within one second): the \
+               same agent, serving, with none of the fixtures yet; then N idle fixtures spawned back \
+               to back. *Visible*: from the last spawn until the `allocwatch_processes` gauges have \
+               grown by N; the slowest of the scrapes polled meanwhile (every 20 ms).\n\n";
+        md += "| processes | spawning them took | all visible after the last spawn | slowest scrape meanwhile |\n";
+        md += "|---:|---:|---:|---:|\n";
+        match pickup_one(b, n) {
+            Ok(row) => md += &format!("| {n} {row}\n"),
+            Err(e) => md += &format!("| {n} | failed: {e:#} | | |\n"),
+        }
+        md.push('\n');
+    }
     Ok(md)
+}
+
+/// One row of the pick-up table after the first cell: `| spawn | visible | slowest scrape |`.
+fn pickup_one(b: &Bench, n: usize) -> anyhow::Result<String> {
+    wait_for_no_tracers();
+    let port = 19464;
+    let listen = format!("127.0.0.1:{port}");
+    let agent = Command::new(&b.bin)
+        .args(["agent", "--listen", &listen, "--comm", "^libc_fixture$"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(b.tmp.join("agent.stderr"))?)
+        .spawn()?;
+    let agent_pid = agent.id();
+    let mut agent = KillOnDrop(vec![agent]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // Processes of other users of the machine may match too: count from what it sees now.
+    let base = loop {
+        if let Ok(body) = http_get(port, "/metrics") {
+            break gauge(&body, "allocwatch_processes").unwrap_or(0.0);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the agent did not serve within 120 s: {}",
+                fs::read_to_string(b.tmp.join("agent.stderr")).unwrap_or_default()
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let started = Instant::now();
+    let mut procs = KillOnDrop(Vec::new());
+    for _ in 0..n {
+        procs.0.push(
+            Command::new(&b.libc_fixture)
+                .arg("wait-run")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        );
+    }
+    let spawning = started.elapsed();
+    let last = Instant::now();
+    let mut slowest = Duration::ZERO;
+    let visible = loop {
+        let t = Instant::now();
+        let body = http_get(port, "/metrics")?;
+        slowest = slowest.max(t.elapsed());
+        if gauge(&body, "allocwatch_processes").is_some_and(|v| v >= base + n as f64) {
+            break last.elapsed();
+        }
+        if last.elapsed() > Duration::from_secs(60) {
+            bail!("the agent did not report the {n} new processes within 60 s");
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let _ = Command::new("kill").arg(agent_pid.to_string()).status();
+    if let Some(a) = agent.0.first_mut() {
+        let _ = a.wait();
+    }
+    drop(procs);
+    Ok(format!(
+        "| {:.0} ms | {:.0} ms | {:.0} ms |",
+        spawning.as_secs_f64() * 1e3,
+        visible.as_secs_f64() * 1e3,
+        slowest.as_secs_f64() * 1e3,
+    ))
 }
 
 /// One footprint row after the first cell: `| attach | rss | cpu | series | bytes | scrape |`.

@@ -23,7 +23,8 @@ use crate::{
     target::{
         self,
         go::{GoProbeSet, GoTarget},
-        maps::{DevInode, read_maps},
+        libc,
+        maps::{DevInode, MapEntry, read_maps},
     },
 };
 
@@ -57,6 +58,8 @@ pub struct Registry {
     /// The pids of `ignored`, for the event path (no /proc read per event).
     ignored_pids: HashSet<u32>,
     libc_files: HashMap<DevInode, Attached>,
+    /// What each mapped file is to the libc search, so each is parsed once for all processes.
+    files: libc::FileCache,
     exe_files: HashMap<DevInode, Attached>,
     pub attach_failures: BTreeMap<String, u64>,
     pub probes_attached: u64,
@@ -77,6 +80,7 @@ impl Registry {
             ignored: HashSet::new(),
             ignored_pids: HashSet::new(),
             libc_files: HashMap::new(),
+            files: libc::FileCache::default(),
             exe_files: HashMap::new(),
             attach_failures: BTreeMap::new(),
             probes_attached: 0,
@@ -294,12 +298,15 @@ impl Registry {
             }
             return;
         }
-        let go = self.attach(pid, probes);
+        // One read of the memory map serves the libc search, the Go load bias and the
+        // symbolizer's snapshot.
+        let maps = read_maps(pid).unwrap_or_default();
+        let go = self.attach(pid, &comm, &maps, probes);
 
         if probes.is_allowlist() {
             let _ = probes.set_listed(pid, true);
         }
-        symbolizer.note_process(pid);
+        symbolizer.note_maps(pid, &maps);
         let labels = ProcessLabels {
             namespace: pod
                 .as_ref()
@@ -327,8 +334,16 @@ impl Registry {
 
     /// Attaches the files `pid` runs that are not probed yet: its libc, and its executable
     /// when it is a Go program. Returns its Go target, if any.
-    fn attach(&mut self, pid: u32, probes: &mut Probes) -> Option<Arc<GoTarget>> {
-        if let Ok(libc) = target::libc_for_pid(pid)
+    fn attach(
+        &mut self,
+        pid: u32,
+        comm: &str,
+        maps: &[MapEntry],
+        probes: &mut Probes,
+    ) -> Option<Arc<GoTarget>> {
+        let exe = PathBuf::from(format!("/proc/{pid}/exe"));
+        let exe_id = fs::metadata(&exe).ok().map(|m| DevInode::from_metadata(&m));
+        if let Ok(libc) = libc::for_pid_cached(pid, comm, maps, exe_id, &mut self.files)
             && !self.libc_files.contains_key(&libc.dev_inode)
         {
             let state = match probes.attach_libc(&libc.path, &libc.probes, None) {
@@ -347,10 +362,7 @@ impl Registry {
             };
             self.libc_files.insert(libc.dev_inode, state);
         }
-        let exe = PathBuf::from(format!("/proc/{pid}/exe"));
-        let id = fs::metadata(&exe)
-            .ok()
-            .map(|m| DevInode::from_metadata(&m))?;
+        let id = exe_id?;
         if !self.exe_files.contains_key(&id) {
             let state = match target::go::for_exe(&exe, self.go_probes) {
                 Ok(Some(go)) => {
@@ -387,7 +399,7 @@ impl Registry {
         };
         let go = Arc::clone(go);
         if let Some((start, end)) = go.mallocgc {
-            let bias = if go.pie { load_bias(pid, id) } else { Some(0) };
+            let bias = if go.pie { load_bias(maps, id) } else { Some(0) };
             if let Some(bias) = bias {
                 let _ = probes.set_go_process(
                     pid,
@@ -431,10 +443,8 @@ fn start_time(pid: u32) -> Option<u64> {
 }
 
 /// Load bias of a PIE executable: the start of its mapping at file offset 0.
-fn load_bias(pid: u32, id: DevInode) -> Option<u64> {
-    read_maps(pid)
-        .ok()?
-        .into_iter()
+fn load_bias(maps: &[MapEntry], id: DevInode) -> Option<u64> {
+    maps.iter()
         .find(|m| m.dev_inode == id && m.offset == 0)
         .map(|m| m.start)
 }

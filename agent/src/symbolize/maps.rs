@@ -27,12 +27,16 @@ pub(super) struct RawMapping {
 /// Reads the executable mappings of `pid` and opens their files. Anonymous executable memory
 /// (JIT code) is skipped: without a backing file there is nothing to name.
 pub(super) fn snapshot(pid: u32) -> Result<Vec<RawMapping>, TargetError> {
-    Ok(read_maps(pid)?
-        .into_iter()
+    Ok(snapshot_of(pid, &read_maps(pid)?))
+}
+
+/// [`snapshot`] from maps the caller has just read.
+pub(super) fn snapshot_of(pid: u32, maps: &[MapEntry]) -> Vec<RawMapping> {
+    maps.iter()
         .filter(|m| m.perms.exec)
         .filter_map(|m| {
             let module = m.path.clone()?;
-            let file = m.is_file().then(|| open(pid, &m, &module)).flatten();
+            let file = m.is_file().then(|| open(pid, m, &module)).flatten();
             Some(RawMapping {
                 start: m.start,
                 end: m.end,
@@ -41,7 +45,7 @@ pub(super) fn snapshot(pid: u32) -> Result<Vec<RawMapping>, TargetError> {
                 file,
             })
         })
-        .collect())
+        .collect()
 }
 
 /// map_files names the exact mapped inode (survives replacement and deletion) but needs

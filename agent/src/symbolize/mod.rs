@@ -32,6 +32,8 @@ use blazesym::symbolize::{
 };
 use serde::Serialize;
 
+use crate::target::maps::MapEntry;
+
 /// One source-level frame. An address inside inlined code yields several frames, innermost
 /// first, all with the same `address`/`module`/`offset`: that is how a reader expects the
 /// stack, and each frame carries the line within its own function.
@@ -137,13 +139,23 @@ impl SymbolizerHandle {
     /// again after it execs; it replaces the earlier snapshot.
     pub fn note_process(&self, pid: u32) {
         match maps::snapshot(pid) {
-            // An exited process (a zombie) has no mappings: keep the last snapshot.
-            Ok(maps) if maps.is_empty() => {}
-            // A send error means the thread is gone; symbolize() reports that.
-            Ok(maps) => drop(self.tx.send(Request::Note(pid, maps))),
+            Ok(maps) => self.note(pid, maps),
             Err(err) => {
                 log::debug!("pid {pid}: cannot read maps: {err}")
             }
+        }
+    }
+
+    /// [`Self::note_process`] with `/proc/<pid>/maps` just read by the caller.
+    pub fn note_maps(&self, pid: u32, maps: &[MapEntry]) {
+        self.note(pid, maps::snapshot_of(pid, maps));
+    }
+
+    fn note(&self, pid: u32, maps: Vec<maps::RawMapping>) {
+        // An exited process (a zombie) has no mappings: keep the last snapshot.
+        if !maps.is_empty() {
+            // A send error means the thread is gone; symbolize() reports that.
+            drop(self.tx.send(Request::Note(pid, maps)));
         }
     }
 

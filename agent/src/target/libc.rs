@@ -6,12 +6,13 @@
 //! `ld-musl-x86_64.so.1`). Allocators interposed by `LD_PRELOAD` or linked as their own library
 //! (jemalloc, tcmalloc, mimalloc) are not looked for.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque, hash_map::Entry};
 use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use allocwatch_common::libc::Api;
 
@@ -136,8 +137,125 @@ pub fn for_pid(pid: u32) -> Result<LibcTarget, TargetError> {
     let exe_id = fs::metadata(format!("/proc/{pid}/exe"))
         .ok()
         .map(|m| DevInode::from_metadata(&m));
+    let target = for_pid_cached(pid, &comm, &maps, exe_id, &mut FileCache::default())?;
+    Ok(Arc::unwrap_or_clone(target))
+}
 
-    // One entry per mapped file, in priority order: the executable, libc-named files, others.
+/// [`for_pid`] for many processes: `maps` and `exe_id` (the identity of `/proc/<pid>/exe`) are
+/// read by the caller, and each file is examined only the first time any process maps it. A
+/// cached target keeps the paths of the process it was found in.
+pub fn for_pid_cached(
+    pid: u32,
+    comm: &str,
+    maps: &[MapEntry],
+    exe_id: Option<DevInode>,
+    cache: &mut FileCache,
+) -> Result<Arc<LibcTarget>, TargetError> {
+    search(maps, exe_id, cache, |entry| examine(pid, comm, entry)).map_err(|e| {
+        e.unwrap_or_else(|| TargetError::ProcessNoLibc {
+            pid,
+            comm: comm.to_owned(),
+        })
+    })
+}
+
+/// What the files already examined turned out to be, by identity (device + inode). A verdict
+/// depends only on the file's content, and parsing glibc's symbol table took ~11 ms per process
+/// here, for hundreds of processes sharing one libc.
+#[derive(Debug, Default)]
+pub struct FileCache {
+    files: HashMap<DevInode, Verdict>,
+}
+
+/// What one mapped file is to the search for `malloc`.
+#[derive(Debug)]
+enum Verdict {
+    /// It provides `malloc`: the probes to attach.
+    Malloc(Arc<LibcTarget>),
+    /// It defines `malloc` but cannot be probed (e.g. no `free`): the search stops here.
+    Unprobeable(FileError),
+    /// An ELF file without `malloc`.
+    NoMalloc,
+    /// Not a usable ELF file (fonts, locale archives and other data files are mapped too).
+    NotElf(FileError),
+}
+
+/// An error that depends only on a file's content, so it is remembered with the file.
+#[derive(Clone, Debug)]
+enum FileError {
+    BadElf { path: PathBuf, reason: String },
+    MissingSymbol { path: PathBuf, symbol: &'static str },
+}
+
+impl FileError {
+    /// `Err` when the error is not a property of the file (I/O: retried for a later process).
+    fn try_from_error(e: TargetError) -> Result<Self, TargetError> {
+        match e {
+            TargetError::BadElf { path, reason } => Ok(Self::BadElf { path, reason }),
+            TargetError::MissingSymbol { path, symbol } => Ok(Self::MissingSymbol { path, symbol }),
+            e => Err(e),
+        }
+    }
+
+    fn to_error(&self) -> TargetError {
+        match self.clone() {
+            Self::BadElf { path, reason } => TargetError::BadElf { path, reason },
+            Self::MissingSymbol { path, symbol } => TargetError::MissingSymbol { path, symbol },
+        }
+    }
+}
+
+/// Why one process's file could not be examined this time (not remembered).
+#[derive(Debug)]
+enum Unexamined {
+    /// No path to the mapped file could be opened (`MappedFileUnavailable`).
+    Path(TargetError),
+    /// The file could not be read as ELF.
+    Read(TargetError),
+    /// It defines `malloc` but its code could not be read: the search stops here.
+    Probes(TargetError),
+}
+
+/// Opens `entry`'s file as `pid` sees it and decides what it is.
+fn examine(pid: u32, comm: &str, entry: &MapEntry) -> Result<Verdict, Unexamined> {
+    let display = entry.path.clone().unwrap_or_default();
+    let path = open_mapped(pid, entry).map_err(|tried| {
+        Unexamined::Path(TargetError::MappedFileUnavailable {
+            pid,
+            comm: comm.to_owned(),
+            display_path: display.clone(),
+            tried,
+        })
+    })?;
+    let elf = match ElfFile::open(&path) {
+        Ok(elf) => elf,
+        Err(e) => {
+            return FileError::try_from_error(e)
+                .map(Verdict::NotElf)
+                .map_err(Unexamined::Read);
+        }
+    };
+    if elf.symbol("malloc").is_none() {
+        return Ok(Verdict::NoMalloc);
+    }
+    match target_from(&elf, display, entry.dev_inode) {
+        Ok(t) => Ok(Verdict::Malloc(Arc::new(t))),
+        Err(e) => FileError::try_from_error(e)
+            .map(Verdict::Unprobeable)
+            .map_err(Unexamined::Probes),
+    }
+}
+
+/// The search over a process's mapped files, in priority order: the executable, libc-named
+/// files, the others. `examine` is asked only about files not in `cache`. `Err(None)`: no file
+/// provides `malloc` and nothing failed that could have.
+fn search(
+    maps: &[MapEntry],
+    exe_id: Option<DevInode>,
+    cache: &mut FileCache,
+    mut examine: impl FnMut(&MapEntry) -> Result<Verdict, Unexamined>,
+) -> Result<Arc<LibcTarget>, Option<TargetError>> {
+    // One entry per mapped file.
     let mut seen = HashSet::new();
     let mut files: Vec<&MapEntry> = maps
         .iter()
@@ -157,41 +275,41 @@ pub fn for_pid(pid: u32) -> Result<LibcTarget, TargetError> {
     let mut first_error = None;
     for entry in files {
         let r = rank(entry);
-        let display = entry.path.clone().unwrap_or_default();
         // glibc's loader has no public malloc; skip it among the "others".
-        if r == 2 && basename(&display).starts_with("ld-linux") {
+        if r == 2 && basename(entry.path.as_deref().unwrap_or_default()).starts_with("ld-linux") {
             continue;
         }
-        let path = match open_mapped(pid, entry) {
-            Ok(p) => p,
-            Err(tried) => {
-                if r < 2 {
-                    first_error.get_or_insert(TargetError::MappedFileUnavailable {
-                        pid,
-                        comm: comm.clone(),
-                        display_path: display,
-                        tried,
-                    });
+        let verdict = match cache.files.entry(entry.dev_inode) {
+            Entry::Occupied(known) => known.into_mut(),
+            Entry::Vacant(new) => match examine(entry) {
+                Ok(v) => new.insert(v),
+                Err(Unexamined::Path(e)) => {
+                    if r < 2 {
+                        first_error.get_or_insert(e);
+                    }
+                    continue;
                 }
-                continue;
-            }
+                Err(Unexamined::Read(e)) => {
+                    if r == 1 {
+                        first_error.get_or_insert(e);
+                    }
+                    continue;
+                }
+                Err(Unexamined::Probes(e)) => return Err(Some(e)),
+            },
         };
-        let elf = match ElfFile::open(&path) {
-            Ok(e) => e,
-            // Fonts, locale archives and other data files are mapped too.
-            Err(e) => {
+        match verdict {
+            Verdict::Malloc(t) => return Ok(Arc::clone(t)),
+            Verdict::Unprobeable(e) => return Err(Some(e.to_error())),
+            Verdict::NoMalloc => {}
+            Verdict::NotElf(e) => {
                 if r == 1 {
-                    first_error.get_or_insert(e);
+                    first_error.get_or_insert_with(|| e.to_error());
                 }
-                continue;
             }
-        };
-        if elf.symbol("malloc").is_none() {
-            continue;
         }
-        return target_from(&elf, display, entry.dev_inode);
     }
-    Err(first_error.unwrap_or(TargetError::ProcessNoLibc { pid, comm }))
+    Err(first_error)
 }
 
 /// A path the agent can open that is the very file mapped in `entry` (same device and inode):
@@ -648,6 +766,129 @@ mod tests {
             assert_eq!(t.probes.len(), 9);
             assert_eq!(t.aliases, vec![(Api::Memalign, Api::AlignedAlloc)]);
             assert!(!t.probes.iter().any(|p| p.api == Api::Memalign));
+        }
+    }
+
+    fn entries(lines: &[&str]) -> Vec<MapEntry> {
+        lines.iter().map(|l| maps::parse_line(l).unwrap()).collect()
+    }
+
+    fn fake_target(inode: u64) -> Arc<LibcTarget> {
+        Arc::new(LibcTarget {
+            path: PathBuf::from("/lib/libc.so.6"),
+            display_path: "/lib/libc.so.6".into(),
+            dev_inode: DevInode {
+                major: 8,
+                minor: 1,
+                inode,
+            },
+            probes: Vec::new(),
+            aliases: Vec::new(),
+        })
+    }
+
+    /// A dynamically linked program: executable, libc (mapped several times), loader, a data
+    /// file.
+    const DYNAMIC: [&str; 6] = [
+        "55d000000000-55d000001000 r--p 00000000 08:01 100 /usr/bin/app",
+        "55d000001000-55d000002000 r-xp 00001000 08:01 100 /usr/bin/app",
+        "7f0000000000-7f0000028000 r--p 00000000 08:01 200 /usr/lib/x86_64-linux-gnu/libc.so.6",
+        "7f0000028000-7f000019d000 r-xp 00028000 08:01 200 /usr/lib/x86_64-linux-gnu/libc.so.6",
+        "7f0000200000-7f0000201000 r--p 00000000 08:01 300 /usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+        "7f0000300000-7f0000301000 r--s 00000000 08:01 400 /usr/share/fonts/a.ttf",
+    ];
+
+    const EXE: Option<DevInode> = Some(DevInode {
+        major: 8,
+        minor: 1,
+        inode: 100,
+    });
+
+    #[test]
+    fn search_examines_each_file_once_for_all_processes() {
+        let libc = fake_target(200);
+        let maps = entries(&DYNAMIC);
+        let mut cache = FileCache::default();
+        let mut examined = Vec::new();
+        for _ in 0..3 {
+            let found = search(&maps, EXE, &mut cache, |e| {
+                examined.push(e.dev_inode.inode);
+                Ok(match e.dev_inode.inode {
+                    100 => Verdict::NoMalloc,
+                    200 => Verdict::Malloc(Arc::clone(&libc)),
+                    other => panic!("inode {other} examined"),
+                })
+            });
+            assert!(Arc::ptr_eq(&found.unwrap(), &libc));
+        }
+        // The executable first, then libc; the search stops there.
+        assert_eq!(examined, [100, 200]);
+    }
+
+    #[test]
+    fn search_order_and_what_is_remembered() {
+        // A static executable with malloc wins over everything else.
+        let exe = fake_target(100);
+        let mut cache = FileCache::default();
+        let found = search(&entries(&DYNAMIC), EXE, &mut cache, |e| {
+            assert_eq!(e.dev_inode.inode, 100);
+            Ok(Verdict::Malloc(Arc::clone(&exe)))
+        });
+        assert!(Arc::ptr_eq(&found.unwrap(), &exe));
+
+        // No libc-named file: the others are tried, the loader is not.
+        let maps = entries(&[DYNAMIC[0], DYNAMIC[4], DYNAMIC[5]]);
+        let mut examined = Vec::new();
+        let found = search(&maps, EXE, &mut FileCache::default(), |e| {
+            examined.push(e.dev_inode.inode);
+            Ok(Verdict::NoMalloc)
+        });
+        assert!(matches!(found, Err(None)));
+        assert_eq!(examined, [100, 400]);
+
+        // A file that cannot be opened now is asked about again for the next process; a broken
+        // libc is remembered with its error.
+        let maps = entries(&DYNAMIC);
+        let mut cache = FileCache::default();
+        let mut examined = Vec::new();
+        for _ in 0..2 {
+            let found = search(&maps, EXE, &mut cache, |e| {
+                examined.push(e.dev_inode.inode);
+                match e.dev_inode.inode {
+                    100 => Err(Unexamined::Path(TargetError::NoSuchProcess { pid: 1 })),
+                    200 => Ok(Verdict::NotElf(FileError::BadElf {
+                        path: "/lib/libc.so.6".into(),
+                        reason: "truncated".into(),
+                    })),
+                    _ => Ok(Verdict::NoMalloc),
+                }
+            });
+            // The executable's error came first.
+            assert!(matches!(
+                found,
+                Err(Some(TargetError::NoSuchProcess { .. }))
+            ));
+        }
+        assert_eq!(examined, [100, 200, 400, 100]);
+
+        // Defines malloc but cannot be probed: the search ends with the file's error, also
+        // when it is remembered.
+        let mut cache = FileCache::default();
+        for _ in 0..2 {
+            let found = search(&maps, EXE, &mut cache, |e| {
+                Ok(match e.dev_inode.inode {
+                    200 => Verdict::Unprobeable(FileError::MissingSymbol {
+                        path: "/lib/libc.so.6".into(),
+                        symbol: "free",
+                    }),
+                    _ => Verdict::NoMalloc,
+                })
+            });
+            let err = found.unwrap_err().unwrap();
+            assert_eq!(
+                err.to_string(),
+                "/lib/libc.so.6: defines malloc but not free"
+            );
         }
     }
 
