@@ -43,6 +43,7 @@ fn process(i: usize) -> ProcessSnapshot {
     };
     ProcessSnapshot {
         pid: 1000 + i as u32,
+        image: 0,
         labels: ProcessLabels {
             namespace: format!("ns{}", i % 10),
             pod: format!("pod-{i}"),

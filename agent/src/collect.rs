@@ -2,7 +2,7 @@
 //! stacks, and the ring buffer of new-site notifications. Validation and decoding happen here;
 //! nothing above this module sees raw map types.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use allocwatch_common::{
     Event, MAX_STACK_DEPTH,
@@ -182,6 +182,27 @@ pub fn forget(ebpf: &mut Ebpf, tgid: u32) -> Result<usize, CollectError> {
     let mut stw: HashMap<_, u32, StwState> =
         HashMap::try_from(get(ebpf, name)?).map_err(map_err(name))?;
     removed += usize::from(stw.remove(&tgid).is_ok());
+    Ok(removed)
+}
+
+/// Deletes the site rows `keys` and the outstanding allocations made at them (a program image
+/// that ended at exec and whose series expired); how many rows went.
+pub fn forget_sites(ebpf: &mut Ebpf, keys: &HashSet<SiteKey>) -> Result<usize, CollectError> {
+    let name = map_names::SITES;
+    let map = ebpf.map_mut(name).ok_or(CollectError::MissingMap(name))?;
+    let mut sites: PerCpuHashMap<_, SiteKey, SiteStats> =
+        PerCpuHashMap::try_from(map).map_err(map_err(name))?;
+    let mut removed = keys.iter().filter(|k| sites.remove(k).is_ok()).count();
+    let name = map_names::LIVE;
+    let map = ebpf.map_mut(name).ok_or(CollectError::MissingMap(name))?;
+    let mut live: HashMap<_, LiveKey, LiveAlloc> = HashMap::try_from(map).map_err(map_err(name))?;
+    let stale: Vec<LiveKey> = live
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, a)| keys.contains(&a.site))
+        .map(|(k, _)| k)
+        .collect();
+    removed += stale.iter().filter(|k| live.remove(k).is_ok()).count();
     Ok(removed)
 }
 

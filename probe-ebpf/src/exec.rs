@@ -47,5 +47,7 @@ fn on_exec(ctx: &TracePointContext) {
             let _ = bpf_probe_read_kernel_str_bytes(src, &mut (*ev).filename);
         }
     }
-    entry.submit(0);
+    // Woken now: the agent must read the new program's maps before a short one exits (the
+    // kernel's adaptive wakeup does not fire while unwoken Go records wait in the ring).
+    entry.submit(aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP as u64);
 }

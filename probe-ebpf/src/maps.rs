@@ -309,5 +309,6 @@ fn announce(key: &SiteKey) {
             _ => (*ev).frames = [0; MAX_STACK_DEPTH],
         }
     }
-    slot.submit(0);
+    // Not the adaptive wakeup: it never fires after an unwoken record (Go events).
+    slot.submit(batched_wakeup());
 }

@@ -173,6 +173,45 @@ fn count_mode_exact_counters_without_live_series() {
     agent.stop();
 }
 
+/// A process that execs another program: what each program did stays with its own identity
+/// (a shell's work before `exec app` is not the app's). `libc_fixture exec-run NEXT` does the
+/// fixture's work, then execs a second copy of the fixture under another name, which does it
+/// again in the same pid: each identity has exactly the fixture's calls, bytes and frees, once.
+#[test]
+fn exec_leaves_the_old_programs_counts_with_its_identity() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    let scratch = Scratch::new("execsplit");
+    let first = scratch.copy(&env.fixture, "pre_exec_fx");
+    let second = scratch.copy(&env.fixture, "post_exec_fx");
+    let (first_id, second_id) = (Identity::of(&first), Identity::of(&second));
+    let mut agent = Agent::start(&env, &[]);
+    let status = Command::new(&first)
+        .args(["exec-run", path_str(&second)])
+        .stdin(Stdio::null())
+        .status()
+        .expect("running the exec-run fixture");
+    assert!(status.success(), "libc_fixture exec-run failed: {status}");
+    let done = |m: &Metrics| {
+        [&first_id, &second_id]
+            .iter()
+            .all(|id| m.value(id, "allocwatch_free_calls_total", &[]).is_some())
+    };
+    let Some(m) = agent.try_scrape_until(Duration::from_secs(10), done) else {
+        let m = agent.scrape();
+        panic!(
+            "no series of both {first_id} and {second_id} within 10 s; series of the fixture \
+             copies:\n{}\n{}",
+            m.lines_with_comm(&first_id.comm),
+            m.lines_with_comm(&second_id.comm)
+        );
+    };
+    check_fixture_calls(&m, &first_id, &env.alias_groups);
+    check_fixture_calls(&m, &second_id, &env.alias_groups);
+    m.assert_conventions();
+    agent.stop();
+}
+
 /// A process the agent finds by its /proc scan before it allocates (`wait-run`): found within a
 /// second, all counters zero until it works, then exactly the fixture's numbers.
 #[test]

@@ -200,6 +200,7 @@ fn handle(
             }
             Event::NewSite(site, comm, stack) => {
                 frames.remember_event_stack(probes, site.stack_id, stack)?;
+                registry.note_site(&site, &comm);
                 registry.ensure_seen(site.tgid, &comm, probes, symbolizer)
             }
             Event::Go(g) => {

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use allocwatch_common::go::GoProc;
+use allocwatch_common::{go::GoProc, libc::SiteKey};
 
 use super::select::{Candidate, Selector};
 use crate::{
@@ -37,6 +37,26 @@ pub struct Proc {
     pub start_time: u64,
     pub exited_at: Option<Instant>,
     pub go: Option<GoState>,
+}
+
+/// A program image of a process that ended at `exec`: an exited process of its own, under the
+/// identity it had. Its kernel rows are final (the address space that made them is gone) and
+/// are told apart from the next image's by the site keys it announced before the exec record
+/// (the ring buffer keeps one process's records in order).
+pub struct PastImage {
+    pub image: u32,
+    pub proc: Proc,
+    pub keys: HashSet<SiteKey>,
+    /// False for an image the selection skipped: its rows are only kept out of the next
+    /// image's.
+    pub exported: bool,
+}
+
+/// The site keys a process announced since its last exec, and the comm they were made under.
+#[derive(Default)]
+struct ImageSites {
+    comm: String,
+    keys: HashSet<SiteKey>,
 }
 
 /// A probed file and whether attaching it worked.
@@ -67,6 +87,12 @@ pub struct Registry {
     /// The path each process last exec'd (from the exec tracepoint), for processes that exit
     /// before /proc is read; dropped with the pid.
     exec_paths: HashMap<u32, String>,
+    /// Per pid: the sites of its current program image, from its new-site records.
+    image_sites: HashMap<u32, ImageSites>,
+    /// Per pid: its images that ended at exec, oldest first, until their TTL.
+    pub past: HashMap<u32, Vec<PastImage>>,
+    /// Per pid: the number of its current image (0 before its first exec).
+    images: HashMap<u32, u32>,
     self_pid: u32,
 }
 
@@ -86,6 +112,9 @@ impl Registry {
             probes_attached: 0,
             pods: PodCache::new(),
             exec_paths: HashMap::new(),
+            image_sites: HashMap::new(),
+            past: HashMap::new(),
+            images: HashMap::new(),
             self_pid: std::process::id(),
         }
     }
@@ -130,13 +159,31 @@ impl Registry {
             })
             .map(|(pid, _)| *pid)
             .collect();
+        for images in self.past.values_mut() {
+            images.retain(|i| {
+                let keep = i
+                    .proc
+                    .exited_at
+                    .is_none_or(|t| now.duration_since(t) < self.ttl);
+                if !keep && let Err(e) = collect::forget_sites(&mut probes.ebpf, &i.keys) {
+                    log::warn!("forgetting an exec'd image: {e}");
+                }
+                keep
+            });
+        }
+        self.past.retain(|_, images| !images.is_empty());
         for pid in expired {
             self.procs.remove(&pid);
+            self.past.remove(&pid);
+            self.images.remove(&pid);
+            self.image_sites.remove(&pid);
             frames.forget(pid);
             if let Err(e) = collect::forget(&mut probes.ebpf, pid) {
                 log::warn!("forgetting pid {pid}: {e}");
             }
         }
+        self.image_sites
+            .retain(|pid, _| seen.contains(pid) || self.procs.contains_key(pid));
         self.ignored.retain(|(pid, _)| seen.contains(pid));
         self.ignored_pids = self.ignored.iter().map(|(pid, _)| *pid).collect();
         self.exec_paths
@@ -184,8 +231,7 @@ impl Registry {
         if self.procs.contains_key(&pid) || !gone || pid == self.self_pid {
             return;
         }
-        let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-        let comm = String::from_utf8_lossy(&comm[..len]).into_owned();
+        let comm = comm_text(comm);
         let candidate = Candidate {
             comm: &comm,
             ..Candidate::default()
@@ -210,8 +256,34 @@ impl Registry {
         );
     }
 
+    /// A new-site record (records arrive in ring order): the process's current image made it.
+    pub fn note_site(&mut self, key: &SiteKey, comm: &[u8; 16]) {
+        if key.tgid == self.self_pid {
+            return;
+        }
+        let image = self.image_sites.entry(key.tgid).or_default();
+        if image.keys.is_empty() {
+            image.comm = comm_text(comm);
+        }
+        image.keys.insert(*key);
+    }
+
+    /// The number of `pid`'s current program image (0 before its first exec).
+    pub fn image_of(&self, pid: u32) -> u32 {
+        self.images.get(&pid).copied().unwrap_or(0)
+    }
+
+    /// Whether `key` was made by an earlier image of its process (one that ended at exec).
+    pub fn is_past_site(&self, key: &SiteKey) -> bool {
+        self.past
+            .get(&key.tgid)
+            .is_some_and(|images| images.iter().any(|i| i.keys.contains(key)))
+    }
+
     /// `pid` exec'd `path`: its identity is the new program's from now on (a process that was
-    /// skipped before may be selected now, and the other way round).
+    /// skipped before may be selected now, and the other way round). What its old image did
+    /// stays with the old identity, as an exited process of its own (a shell's work before
+    /// `exec app` is not the app's).
     pub fn exec_seen(
         &mut self,
         pid: u32,
@@ -224,16 +296,79 @@ impl Registry {
             return;
         }
 
-        self.exec_paths.insert(pid, path);
-        if self.procs.get(&pid).is_some_and(|p| p.exited_at.is_none()) {
-            self.procs.remove(&pid);
+        // The entry of this process: alive, marked exited by a scan that raced with the exec,
+        // or registered from its records after it was gone (the agent reads the ring later
+        // than the process runs); not that of an earlier process under the same pid.
+        let start = start_time(pid);
+        let old = if self.procs.get(&pid).is_some_and(|p| {
+            p.exited_at.is_none() || start.is_none_or(|s| s == p.start_time || p.start_time == 0)
+        }) {
+            self.procs.remove(&pid)
+        } else {
+            None
+        };
+        if let Some(sites) = self.image_sites.remove(&pid).filter(|s| !s.keys.is_empty()) {
+            self.end_image(pid, old, sites);
         }
+        self.exec_paths.insert(pid, path);
         self.ignored.retain(|(p, _)| *p != pid);
         self.ignored_pids.remove(&pid);
         if probes.is_denylist() {
             let _ = probes.set_listed(pid, false);
         }
         self.ensure_seen(pid, comm, probes, symbolizer);
+    }
+
+    /// Keeps `pid`'s image that just ended at exec as an exited process of its own.
+    fn end_image(&mut self, pid: u32, old: Option<Proc>, sites: ImageSites) {
+        let mut exported = true;
+        let proc = match old {
+            // Registered while the old program ran.
+            Some(p) if p.labels.comm == sites.comm => Proc {
+                exited_at: Some(Instant::now()),
+                ..p
+            },
+            // Registered only after it exec'd (/proc read late): its records name the old
+            // image; it is in the same cgroup.
+            Some(p) => Proc {
+                labels: ProcessLabels {
+                    comm: sites.comm,
+                    exe: self.exec_paths.get(&pid).cloned().unwrap_or_default(),
+                    ..p.labels
+                },
+                exited_at: Some(Instant::now()),
+                go: None,
+                ..p
+            },
+            None => {
+                let candidate = Candidate {
+                    comm: &sites.comm,
+                    ..Candidate::default()
+                };
+                exported = !self.ignored_pids.contains(&pid) && self.selector.selects(&candidate);
+                Proc {
+                    labels: ProcessLabels {
+                        comm: sites.comm,
+                        // The path of its own exec, when the agent saw one.
+                        exe: self.exec_paths.get(&pid).cloned().unwrap_or_default(),
+                        ..ProcessLabels::default()
+                    },
+                    container: cgroup::ContainerRef::default(),
+                    start_time: start_time(pid).unwrap_or(0),
+                    exited_at: Some(Instant::now()),
+                    go: None,
+                }
+            }
+        };
+        let number = self.images.entry(pid).or_insert(0);
+        let image = *number;
+        *number += 1;
+        self.past.entry(pid).or_default().push(PastImage {
+            image,
+            proc,
+            keys: sites.keys,
+            exported,
+        });
     }
 
     /// Registers `pid` if it is new (or a new process under a reused pid) and selected.
@@ -422,6 +557,12 @@ fn reason(msg: &str) -> String {
         .chars()
         .take(60)
         .collect()
+}
+
+/// A comm as the kernel records it (NUL-padded) as text.
+fn comm_text(comm: &[u8; 16]) -> String {
+    let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..len]).into_owned()
 }
 
 /// Whether `pid` has exited but is not reaped yet (state Z).

@@ -4,11 +4,11 @@ use std::collections::BTreeMap;
 
 use allocwatch_common::{
     go::GoHistVal,
-    libc::{API_COUNT, Api, Overflow},
+    libc::{API_COUNT, Api, Overflow, SiteKey, SiteStats},
     map_names,
 };
 
-use super::registry::Registry;
+use super::registry::{Proc, Registry};
 use crate::{
     aggregate::{self, live_of},
     collect,
@@ -38,78 +38,41 @@ pub async fn build(
     let sites = collect::sites(&probes.ebpf, None)?;
     let libc_hist = collect::hist(&probes.ebpf, map_names::LIBC_HIST)?;
     let go_hist = collect::hist(&probes.ebpf, map_names::GO_HIST)?;
-    let no_overflow = [Overflow::default(); API_COUNT];
     let mut out = Vec::with_capacity(registry.procs.len());
     let mut budget = SYMBOLIZE_PER_SCRAPE.max(top_k);
+    let mut ctx = Symbolize {
+        frames,
+        probes,
+        symbolizer,
+        budget: &mut budget,
+        top_k,
+    };
     for (&pid, p) in &registry.procs {
-        let rows: Vec<_> = sites.range(pid_range(pid)).collect();
-        let totals = aggregate::totals(rows.iter().copied(), &no_overflow);
-        let mut snap = ProcessSnapshot {
-            pid,
-            labels: p.labels.clone(),
-            frees: totals.calls[Api::Free as usize],
-            live_bytes: totals.live_bytes,
-            live_allocations: totals.live_allocations,
-            alloc_sizes: histogram(&libc_hist, pid, 1.0),
-            exited_at: p.exited_at,
-            ..ProcessSnapshot::default()
-        };
-        for api in Api::ALL {
-            if api != Api::Free {
-                snap.calls.insert(api.symbol(), totals.calls[api as usize]);
-                snap.bytes.insert(api.symbol(), totals.bytes[api as usize]);
-            }
-        }
-        // Largest first: each process's likely series are always named (its own top-K, with
-        // room for the exporter's different ranking); the shared budget covers the rest.
-        let mut ranked = rows.clone();
-        ranked.sort_by_key(|(_, s)| std::cmp::Reverse(s.bytes));
-        for (i, (key, stats)) in ranked.into_iter().enumerate() {
-            let (live_allocations, live_bytes) = live_of(stats);
-            let mut own = usize::MAX;
-            let frames = site_frames(
-                frames,
-                probes,
-                symbolizer,
-                if i < 4 * top_k { &mut own } else { &mut budget },
-                (pid, key.stack_id, key.ret_addr),
-            )
-            .await?;
-            snap.sites.push(SiteSnapshot {
-                kind: Api::try_from(key.api).map_or("unknown", Api::symbol),
-                frames,
-                calls: stats.calls,
-                bytes: stats.bytes,
-                live_allocations,
-                live_bytes,
-            });
-        }
-        if let Some(go) = &p.go {
-            let mut ranked: Vec<_> = go.sites.iter().collect();
-            ranked.sort_by_key(|(_, c)| std::cmp::Reverse(c.bytes));
-            for (i, (key, c)) in ranked.into_iter().enumerate() {
-                let mut own = usize::MAX;
-                let frames = site_frames(
-                    frames,
-                    probes,
-                    symbolizer,
-                    if i < 4 * top_k { &mut own } else { &mut budget },
-                    (pid, key.stack_id, key.ret_addr),
-                )
-                .await?;
-                snap.sites.push(SiteSnapshot {
-                    kind: key.kind.name(),
-                    frames,
-                    calls: c.count,
-                    bytes: c.bytes,
-                    live_allocations: 0,
-                    live_bytes: 0,
-                });
-            }
-            snap.go = Some(go_snapshot(go, histogram(&go_hist, pid, 1.0)));
-        }
-        out.push(snap);
+        // Rows an earlier program image of the pid made belong to that image.
+        let rows: Vec<_> = sites
+            .range(pid_range(pid))
+            .filter(|(k, _)| !registry.is_past_site(k))
+            .collect();
+        let hists = (
+            histogram(&libc_hist, pid, 1.0),
+            histogram(&go_hist, pid, 1.0),
+        );
+        let image = registry.image_of(pid);
+        out.push(process_snapshot(&mut ctx, (pid, image), p, &rows, hists).await?);
     }
+    for (&pid, images) in &registry.past {
+        for i in images.iter().filter(|i| i.exported) {
+            let rows: Vec<_> = sites
+                .range(pid_range(pid))
+                .filter(|(k, _)| i.keys.contains(k))
+                .collect();
+            // The size histograms are kept per pid, not per image: they stay with the
+            // current image.
+            let hists = (Histogram::default(), Histogram::default());
+            out.push(process_snapshot(&mut ctx, (pid, i.image), &i.proc, &rows, hists).await?);
+        }
+    }
+    let frames = ctx.frames;
     let lost = collect::lost(&probes.ebpf)?;
     let sym = symbolizer.stats();
     let mut self_stats = SelfStats {
@@ -144,34 +107,106 @@ pub async fn build(
     Ok((out, self_stats))
 }
 
+/// What naming a process's sites needs, with the scrape's shared symbolization budget.
+struct Symbolize<'a> {
+    frames: &'a mut FrameCache,
+    probes: &'a Probes,
+    symbolizer: &'a SymbolizerHandle,
+    budget: &'a mut usize,
+    top_k: usize,
+}
+
+/// The export model of one program image of a process: its libc rows (`rows`, already
+/// narrowed to the image), its Go state and its (libc, Go) size histograms.
+async fn process_snapshot(
+    ctx: &mut Symbolize<'_>,
+    (pid, image): (u32, u32),
+    p: &Proc,
+    rows: &[(&SiteKey, &SiteStats)],
+    (alloc_sizes, go_sizes): (Histogram, Histogram),
+) -> anyhow::Result<ProcessSnapshot> {
+    let no_overflow = [Overflow::default(); API_COUNT];
+    let totals = aggregate::totals(rows.iter().copied(), &no_overflow);
+    let mut snap = ProcessSnapshot {
+        pid,
+        image,
+        labels: p.labels.clone(),
+        frees: totals.calls[Api::Free as usize],
+        live_bytes: totals.live_bytes,
+        live_allocations: totals.live_allocations,
+        alloc_sizes,
+        exited_at: p.exited_at,
+        ..ProcessSnapshot::default()
+    };
+    for api in Api::ALL {
+        if api != Api::Free {
+            snap.calls.insert(api.symbol(), totals.calls[api as usize]);
+            snap.bytes.insert(api.symbol(), totals.bytes[api as usize]);
+        }
+    }
+    // Largest first: each process's likely series are always named (its own top-K, with
+    // room for the exporter's different ranking); the shared budget covers the rest.
+    let mut ranked = rows.to_vec();
+    ranked.sort_by_key(|(_, s)| std::cmp::Reverse(s.bytes));
+    for (i, (key, stats)) in ranked.into_iter().enumerate() {
+        let (live_allocations, live_bytes) = live_of(stats);
+        let frames = site_frames(ctx, i, (pid, key.stack_id, key.ret_addr)).await?;
+        snap.sites.push(SiteSnapshot {
+            kind: Api::try_from(key.api).map_or("unknown", Api::symbol),
+            frames,
+            calls: stats.calls,
+            bytes: stats.bytes,
+            live_allocations,
+            live_bytes,
+        });
+    }
+    if let Some(go) = &p.go {
+        let mut ranked: Vec<_> = go.sites.iter().collect();
+        ranked.sort_by_key(|(_, c)| std::cmp::Reverse(c.bytes));
+        for (i, (key, c)) in ranked.into_iter().enumerate() {
+            let frames = site_frames(ctx, i, (pid, key.stack_id, key.ret_addr)).await?;
+            snap.sites.push(SiteSnapshot {
+                kind: key.kind.name(),
+                frames,
+                calls: c.count,
+                bytes: c.bytes,
+                live_allocations: 0,
+                live_bytes: 0,
+            });
+        }
+        snap.go = Some(go_snapshot(go, go_sizes));
+    }
+    Ok(snap)
+}
+
 /// New call chains symbolized per scrape (each costs microseconds to milliseconds); the rest
 /// wait for the next scrape, named by their caller's address meanwhile.
 const SYMBOLIZE_PER_SCRAPE: usize = 2_000;
 
-/// A site's frames: cached, symbolized within the budget, or (budget spent) just the return
+/// A site's frames: cached, symbolized (the process's `rank`-th largest site: within its own
+/// top 4×K always, else within the scrape's budget), or (budget spent) just the return
 /// address, so that an unnamed site is never mistaken for one without a stack.
 async fn site_frames(
-    frames: &mut FrameCache,
-    probes: &Probes,
-    symbolizer: &SymbolizerHandle,
-    budget: &mut usize,
+    ctx: &mut Symbolize<'_>,
+    rank: usize,
     (pid, stack_id, ret_addr): (u32, i32, u64),
 ) -> anyhow::Result<Vec<crate::symbolize::Frame>> {
-    if let Some(f) = frames.cached(pid, stack_id, ret_addr) {
+    if let Some(f) = ctx.frames.cached(pid, stack_id, ret_addr) {
         return Ok(f.to_vec());
     }
-    if *budget == 0 {
-        return Ok(vec![crate::symbolize::Frame::unknown(ret_addr)]);
+    if rank >= 4 * ctx.top_k {
+        if *ctx.budget == 0 {
+            return Ok(vec![crate::symbolize::Frame::unknown(ret_addr)]);
+        }
+        *ctx.budget -= 1;
     }
-    *budget -= 1;
-    frames
-        .frames(probes, symbolizer, pid, stack_id, ret_addr)
+    ctx.frames
+        .frames(ctx.probes, ctx.symbolizer, pid, stack_id, ret_addr)
         .await
 }
 
 /// Site keys sort by tgid first: the rows of one process are one range.
-fn pid_range(pid: u32) -> std::ops::RangeInclusive<allocwatch_common::libc::SiteKey> {
-    use allocwatch_common::libc::SiteKey;
+fn pid_range(pid: u32) -> std::ops::RangeInclusive<SiteKey> {
     SiteKey {
         tgid: pid,
         api: 0,

@@ -646,7 +646,8 @@ fn sites_of(sites: &[SiteSnapshot]) -> HashMap<SiteKey, (Cv, Live)> {
 /// Turns successive snapshots into the exposition, keeping what monotonicity and expiry need.
 pub struct Exporter {
     cfg: MetricsConfig,
-    pids: HashMap<u32, PidState>,
+    /// By (pid, program image).
+    pids: HashMap<(u32, u32), PidState>,
     ids: BTreeMap<ProcessLabels, Identity>,
     /// `allocwatch_site_*` series in the last rendering.
     site_series: usize,
@@ -688,16 +689,16 @@ impl Exporter {
         for id in self.ids.values_mut() {
             id.begin_scrape();
         }
-        let mut seen: HashSet<u32> = HashSet::with_capacity(procs.len());
+        let mut seen: HashSet<(u32, u32)> = HashSet::with_capacity(procs.len());
         for p in procs {
-            // A duplicate pid is a source bug; the first entry wins.
-            if self.expired(p.exited_at, now) || !seen.insert(p.pid) {
+            // A duplicate (pid, image) is a source bug; the first entry wins.
+            if self.expired(p.exited_at, now) || !seen.insert((p.pid, p.image)) {
                 continue;
             }
             self.update_pid(p, now);
         }
         // Processes the source no longer lists, or whose TTL ran out, leave their identity.
-        let gone: Vec<u32> = self
+        let gone: Vec<(u32, u32)> = self
             .pids
             .keys()
             .filter(|pid| !seen.contains(pid))
@@ -735,7 +736,7 @@ impl Exporter {
         let cur = Counters::of(p);
         let cur_sites = sites_of(&p.sites);
         let mut last_sites: HashMap<SiteKey, Cv> = HashMap::new();
-        if let Some(old) = self.pids.remove(&p.pid) {
+        if let Some(old) = self.pids.remove(&(p.pid, p.image)) {
             if old.labels != p.labels || old.counters.decreased_in(&cur) {
                 // Another process under a reused pid, or one that moved to other labels: the
                 // old one leaves its identity with its final values.
@@ -791,7 +792,7 @@ impl Exporter {
             pid_sites.insert(key, v);
         }
         self.pids.insert(
-            p.pid,
+            (p.pid, p.image),
             PidState {
                 labels: p.labels.clone(),
                 counters: cur,

@@ -72,6 +72,9 @@ pub struct Histogram {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ProcessSnapshot {
     pub pid: u32,
+    /// Which program image of the pid: 0 until its first traced `exec`, then 1, 2, … Each
+    /// image is a process of its own to the exporter (its own identity and final counts).
+    pub image: u32,
     pub labels: ProcessLabels,
     /// Malloc-family calls and requested bytes by API symbol (`malloc`, `calloc`, …).
     pub calls: BTreeMap<&'static str, u64>,
