@@ -825,7 +825,8 @@ fn go_section(paths: &Paths, b: &Bench, out_dir: &Path) -> anyhow::Result<String
            growth-only run's event count).\n\n";
     md += "| Go | configuration | run time, ms: median (min–max) | slowdown: medians (mins) | added time × floor | growth events | mallocgc hits | µs per event |\n";
     md += "|---|---|---:|---:|---:|---:|---:|---:|\n";
-    for tc in picks {
+    let mut rates = Vec::new();
+    for &tc in &picks {
         let exe = out_dir.join(format!("gogrowth-{}", tc.version));
         go::build_fixture_with(tc, &src, &exe, false, None)?;
         // The floor: empty programs at exactly the instructions growth-only mode probes.
@@ -885,6 +886,8 @@ fn go_section(paths: &Paths, b: &Bench, out_dir: &Path) -> anyhow::Result<String
         let base = median(&times[0]);
         let base_min = min_max(&times[0]).0;
         let floor_added = median(&times[FLOOR]) - base;
+        // Growth events per second of the untraced workload, for the per-event table.
+        rates.push(events[GROWTH_ONLY].0 as f64 / (base / 1e9));
         for (k, (name, _)) in configs.iter().enumerate() {
             let ms: Vec<f64> = times[k].iter().map(|n| n / 1e6).collect();
             let m = median(&times[k]);
@@ -930,6 +933,118 @@ fn go_section(paths: &Paths, b: &Bench, out_dir: &Path) -> anyhow::Result<String
                 n(mallocs),
             );
         }
+    }
+    md.push('\n');
+    md += &go_event_cost(paths, b, out_dir, &picks, &rates)?;
+    Ok(md)
+}
+
+/// The cost of one growth event, measured where it dominates: `gostream count N 1` makes N
+/// growslice calls back to back (~18 ns each untraced), under the floor and growth-only mode.
+/// `rates`: growth events per second of the untraced gogrowth, per toolchain of `picks`.
+fn go_event_cost(
+    paths: &Paths,
+    b: &Bench,
+    out_dir: &Path,
+    picks: &[&go::GoToolchain],
+    rates: &[f64],
+) -> anyhow::Result<String> {
+    const N: u64 = 100_000;
+    let mut md = format!(
+        "Per growth event: `fixtures/bench/gostream count {N} 1` makes {N} growslice calls back \
+         to back in one goroutine (self-timed); *ns added per event* = (run time − median \
+         untraced) / {N}. *Predicted for gogrowth*: that cost times the growth events per second \
+         of the untraced gogrowth run above.\n\n"
+    );
+    md += "| Go | configuration | run time, ms: median (min–max) | ns added per event: median (min–max) | × floor | predicted slowdown of gogrowth |\n";
+    md += "|---|---|---:|---:|---:|---:|\n";
+    let src = paths.root.join("fixtures/bench/gostream");
+    for (tc, &rate) in picks.iter().zip(rates) {
+        let exe = out_dir.join(format!("gostream-{}", tc.version));
+        go::build_fixture_with(tc, &src, &exe, false, None)?;
+        let configs: [(&str, Option<&[&str]>); 3] = [
+            ("untraced", None),
+            (
+                "floor (`--mode floor --no-go-malloc`)",
+                Some(&["--mode", "floor", "--no-go-malloc"]),
+            ),
+            ("growth only (`--no-go-malloc`)", Some(&["--no-go-malloc"])),
+        ];
+        let mut times: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+        eprintln!("bench: Go growth event cost, Go {}", tc.version);
+        for rep in 0..b.reps {
+            for i in 0..configs.len() {
+                let k = (i + rep) % configs.len();
+                wait_for_no_tracers();
+                let report = b.tmp.join("go-report.json");
+                let mut cmd = match configs[k].1 {
+                    None => Command::new(&exe),
+                    Some(flags) => {
+                        let mut c = Command::new(&b.bin);
+                        c.args(["top", "--json", "-o"])
+                            .arg(&report)
+                            .args(flags)
+                            .arg("--")
+                            .arg(&exe);
+                        c
+                    }
+                };
+                cmd.args(["count", &N.to_string(), "1"]);
+                let done = run_captured(&mut cmd, Duration::from_secs(600), &b.tmp)?;
+                if !done.success {
+                    bail!("gostream under {} failed:\n{}", configs[k].0, done.stderr);
+                }
+                let f = fields(&done.stdout, "gostream ")
+                    .ok_or_else(|| anyhow!("no gostream line:\n{}", done.stdout))?;
+                if field_u64(&f, "events")? != N {
+                    bail!("gostream made {} events, expected {N}", f["events"]);
+                }
+                if configs[k].1.is_some() {
+                    let (growth, mallocs) = go_events(&report)?;
+                    let ok = if k == 1 {
+                        growth == 0 && mallocs == 0
+                    } else {
+                        // The runtime grows a few slices of its own.
+                        (N..N + 1000).contains(&growth)
+                    };
+                    if !ok {
+                        bail!("gostream under {}: {growth} growth events", configs[k].0);
+                    }
+                }
+                times[k].push(field_u64(&f, "ns")? as f64);
+            }
+        }
+        let base = median(&times[0]);
+        let added =
+            |k: usize| -> Vec<f64> { times[k].iter().map(|t| (t - base) / N as f64).collect() };
+        let floor = median(&added(1));
+        for (k, (name, _)) in configs.iter().enumerate() {
+            let ms: Vec<f64> = times[k].iter().map(|n| n / 1e6).collect();
+            let (cell, ratio, predicted) = if k == 0 {
+                (
+                    format!("{:.1} ns/event untraced", base / N as f64),
+                    "—".to_owned(),
+                    "—".to_owned(),
+                )
+            } else {
+                let a = added(k);
+                (
+                    format!("{:.0} ({})", median(&a), spread(&a, 0)),
+                    format!("{:.2}", median(&a) / floor),
+                    format!("{:+.1} %", median(&a) * rate / 1e9 * 100.0),
+                )
+            };
+            md += &format!(
+                "| {} | {name} | {:.2} ({}) | {cell} | {ratio} | {predicted} |\n",
+                tc.version,
+                median(&ms),
+                spread(&ms, 2),
+            );
+        }
+        md += &format!(
+            "| {} | (untraced gogrowth: {rate:.0} growth events/s) | | | | |\n",
+            tc.version
+        );
     }
     md.push('\n');
     Ok(md)
