@@ -1474,6 +1474,18 @@ fn lost_by_cause(body: &str) -> BTreeMap<String, f64> {
     out
 }
 
+/// Whether a `sites` process has blocked its signals: SIGTERM (15, bit 14 of `SigBlk`) is
+/// blocked by the same call as SIGUSR1, which `sigwait` unblocks while it waits.
+fn blocks_usr1(pid: u32) -> anyhow::Result<bool> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let mask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .ok_or_else(|| anyhow!("no SigBlk for {pid}"))?;
+    Ok(mask & (1 << 14) != 0)
+}
+
 fn signal(sig: &str, pids: &[u32]) -> anyhow::Result<()> {
     if pids.is_empty() {
         return Ok(());
@@ -1649,6 +1661,16 @@ fn metrics_one(b: &Bench, sites: &Path, n: usize, preload: Option<&str>) -> anyh
             sum_where(body, "allocwatch_processes", "comm=\"awsites_").unwrap_or(0.0) >= n as f64
         },
     )?;
+    // SIGUSR1 before the program blocks it would kill it.
+    let t = Instant::now();
+    for &pid in &pids {
+        while !blocks_usr1(pid)? {
+            if t.elapsed() > Duration::from_secs(30) {
+                bail!("process {pid} does not block SIGUSR1");
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
     signal("USR1", &pids)?;
     let want = n * SITES_PER_PROC * SITE_FAMILIES;
     let (_, until) = poll_metrics(
@@ -1749,7 +1771,7 @@ fn stream_section(
          *agent CPU*: utime + stime of the agent (/proc/PID/stat) from the start signal to the \
          scrape after the producer's exit, which includes the agent's idle work (the first row). \
          {reps} runs per rate, rates in rotating order; every run checked (the producer exited 0, \
-         delivered + lost = the producer's own count).\n\n",
+         delivered + lost ≥ the producer's own count; the runtime grows a few slices of its own).\n\n",
         tc.version
     );
     md += "| target rate, events/s | produced/s: median (min–max) | delivered/s: median | lost: total over runs (by cause) | agent CPU, % of one core: median | agent CPU s per million events: median (min–max) |\n";
@@ -1891,6 +1913,14 @@ fn stream_one(
             .spawn()?,
     ]);
     let pid = child.0[0].id();
+    // SIGUSR1 before the program's signal.Notify would be ignored (Go catches every signal).
+    let t = Instant::now();
+    while !fs::read_to_string(&out_path)?.starts_with("ready") {
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("gostream did not get ready within 30 s");
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
     let (before, _) = poll_metrics(
         port,
         Duration::from_millis(50),
