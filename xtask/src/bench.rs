@@ -58,11 +58,11 @@ pub struct Args {
     /// Process counts of the end-to-end /metrics section (each ~1,000 series).
     #[arg(long, default_value = "10,100", value_delimiter = ',')]
     pub metrics_procs: Vec<usize>,
-    /// Runs of the streaming section: RATE[/GOROUTINES] (events/s in total, 0 = unpaced;
-    /// 2 goroutines unless given).
+    /// Runs of the streaming section: RATE[/GOROUTINES][+HOGS] (events/s in total, 0 =
+    /// unpaced; 2 goroutines unless given; HOGS busy-loop processes beside the producer).
     #[arg(
         long,
-        default_value = "25000,50000,100000,200000,400000,0,0/1",
+        default_value = "25000,50000,100000,200000,400000,0,0/1,0+2",
         value_delimiter = ','
     )]
     pub stream_rates: Vec<String>,
@@ -277,6 +277,11 @@ fn run_captured(cmd: &mut Command, limit: Duration, tmp: &Path) -> anyhow::Resul
 /// Processes other than this one holding BPF programs or links (another tracer: its uprobes
 /// on libc would trap in every measured process, untraced ones included).
 fn foreign_bpf_holders() -> Vec<String> {
+    foreign_bpf_holders_except(&[])
+}
+
+/// [`foreign_bpf_holders`] not counting `ours` (e.g. the bench's own agent).
+fn foreign_bpf_holders_except(ours: &[u32]) -> Vec<String> {
     let me = std::process::id().to_string();
     let mut out = Vec::new();
     let Ok(procs) = fs::read_dir("/proc") else {
@@ -284,7 +289,10 @@ fn foreign_bpf_holders() -> Vec<String> {
     };
     for p in procs.flatten() {
         let pid = p.file_name().to_string_lossy().into_owned();
-        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
+        if !pid.bytes().all(|b| b.is_ascii_digit())
+            || pid == me
+            || ours.iter().any(|o| o.to_string() == pid)
+        {
             continue;
         }
         let Ok(fds) = fs::read_dir(p.path().join("fd")) else {
@@ -1733,14 +1741,15 @@ fn stream_section(
     rates: &[String],
     secs: f64,
 ) -> anyhow::Result<String> {
-    let rates: Vec<(u64, u32)> = rates
+    let rates: Vec<(u64, u32, u32)> = rates
         .iter()
         .map(|r| {
+            let (r, hogs) = r.split_once('+').unwrap_or((r, "0"));
             let (rate, g) = r.split_once('/').unwrap_or((r, "2"));
-            Ok((rate.parse()?, g.parse()?))
+            Ok((rate.parse()?, g.parse()?, hogs.parse()?))
         })
         .collect::<anyhow::Result<_>>()
-        .context("--stream-rates: RATE[/GOROUTINES]")?;
+        .context("--stream-rates: RATE[/GOROUTINES][+HOGS]")?;
     let mut md = String::from("## 8. Streaming path: Go events through the ring buffer\n\n");
     let toolchains = match go::ensure_toolchains(&paths.cache) {
         Ok(t) if !t.is_empty() => t,
@@ -1762,7 +1771,7 @@ fn stream_section(
     md += &format!(
         "Producer `fixtures/bench/gostream RATE {secs} GOROUTINES` (Go {}): GOROUTINES (2 unless \
          said) goroutines grow a nil `[]int` by one element RATE times per second in total (0: as \
-         fast as they can) for {secs} s; every growth is a `growslice` call, one ring-buffer record with its user \
+         fast as they can) for {secs} s (`+N`: N busy-loop shell processes compete for the CPUs); every growth is a `growslice` call, one ring-buffer record with its user \
          stack. Consumer: one `allocwatch agent --comm '^gostream'` (the DaemonSet's path; \
          default Go settings: growth and GC, no mallocgc) for the whole section; the producer \
          starts streaming once the agent has attached it (SIGUSR1). *Delivered*: the increase \
@@ -1814,10 +1823,18 @@ fn stream_section(
     for rep in 0..reps {
         for i in 0..rates.len() {
             let k = (i + rep) % rates.len();
-            let (rate, goroutines) = rates[k];
-            let r = stream_one(b, &exe, port, agent_pid, rate, goroutines, secs, &stderr)?;
+            let (rate, goroutines, hogs) = rates[k];
+            let r = stream_one(
+                b,
+                &exe,
+                port,
+                agent_pid,
+                (rate, goroutines, hogs),
+                secs,
+                &stderr,
+            )?;
             eprintln!(
-                "  rep {} rate {rate:>7}/{goroutines}: produced {:.0}/s, delivered {:.0}/s, lost {:?}, cpu {:.1} %",
+                "  rep {} rate {rate:>7}/{goroutines}+{hogs}: produced {:.0}/s, delivered {:.0}/s, lost {:?}, cpu {:.1} %",
                 rep + 1,
                 r.produced,
                 r.delivered,
@@ -1828,7 +1845,8 @@ fn stream_section(
         }
     }
     stop_agent(&mut agent);
-    for (k, &(rate, goroutines)) in rates.iter().enumerate() {
+    let mut notes = Vec::new();
+    for (k, &(rate, goroutines, hogs)) in rates.iter().enumerate() {
         let get = |f: fn(&StreamRun) -> f64| runs[k].iter().map(f).collect::<Vec<f64>>();
         let produced = get(|r| r.produced);
         let per_m = get(|r| r.cpu_per_m);
@@ -1862,6 +1880,22 @@ fn stream_section(
                 if goroutines == 1 { "" } else { "s" }
             )
         };
+        let with_foreign = runs[k].iter().filter(|r| !r.foreign.is_empty()).count();
+        if with_foreign > 0 {
+            let who: Vec<&str> = runs[k]
+                .iter()
+                .flat_map(|r| r.foreign.iter().map(String::as_str))
+                .collect();
+            notes.push(format!(
+                "rate {rate}/{goroutines}+{hogs}: {with_foreign} run(s) with other BPF holders present ({})",
+                who.join(", ")
+            ));
+        }
+        let g = if hogs > 0 {
+            format!("{g}, {hogs} busy loops beside")
+        } else {
+            g
+        };
         md += &format!(
             "| {rate}{g} | {:.0} ({}) | {:.0} | {lost} | {:.1} | {:.2} ({}) |\n",
             median(&produced),
@@ -1873,6 +1907,9 @@ fn stream_section(
         );
     }
     md.push('\n');
+    if !notes.is_empty() {
+        md += &format!("Other tracers were running: {}.\n\n", notes.join("; "));
+    }
     Ok(md)
 }
 
@@ -1888,16 +1925,18 @@ struct StreamRun {
     cpu_frac: f64,
     /// Agent CPU seconds per million delivered events.
     cpu_per_m: f64,
+    /// Other processes holding BPF programs during the run (their uprobes may trap in the
+    /// producer too).
+    foreign: Vec<String>,
 }
 
-#[allow(clippy::too_many_arguments)]
+/// `(rate, goroutines, hogs)`: `hogs` busy-loop processes compete for the CPUs during the run.
 fn stream_one(
     b: &Bench,
     exe: &Path,
     port: u16,
     agent_pid: u32,
-    rate: u64,
-    goroutines: u32,
+    (rate, goroutines, hogs): (u64, u32, u32),
     secs: f64,
     stderr: &Path,
 ) -> anyhow::Result<StreamRun> {
@@ -1931,6 +1970,17 @@ fn stream_one(
     )?;
     let grows0 = sum_where(&before, "allocwatch_go_slice_grows_total", COMM).unwrap_or(0.0);
     let lost0 = lost_by_cause(&before);
+    // The agent holds the section's own programs; anyone else's are noted with the run.
+    let mut foreign = foreign_bpf_holders_except(&[agent_pid]);
+    let mut busy = KillOnDrop(Vec::new());
+    for _ in 0..hogs {
+        busy.0.push(
+            Command::new("sh")
+                .args(["-c", "while :; do :; done"])
+                .stdin(Stdio::null())
+                .spawn()?,
+        );
+    }
     let cpu0 = cpu_ticks(agent_pid)?;
     let t0 = Instant::now();
     signal("USR1", &[pid])?;
@@ -1944,6 +1994,12 @@ fn stream_one(
         }
         thread::sleep(Duration::from_millis(10));
     };
+    drop(busy);
+    for f in foreign_bpf_holders_except(&[agent_pid]) {
+        if !foreign.contains(&f) {
+            foreign.push(f);
+        }
+    }
     let after = http_get(port, "/metrics")?;
     let cpu = (cpu_ticks(agent_pid)? - cpu0) as f64 / clock_ticks();
     let wall = t0.elapsed().as_secs_f64();
@@ -1979,5 +2035,6 @@ fn stream_one(
         } else {
             f64::NAN
         },
+        foreign,
     })
 }
