@@ -33,6 +33,7 @@ const LIBC_COUNT: &str = "libc_count";
 const LIBC_FLOOR: &str = "libc_floor";
 const LIBC_FLOOR_RETURN: &str = "libc_floor_return";
 const GO_ENTRY: &str = "go_entry";
+const GO_FLOOR: &str = "go_floor";
 
 /// What the libc probes record (`--mode`). Costs per call are measured in BENCHMARKS.md.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -48,10 +49,12 @@ pub enum Mode {
     Count,
     /// `count` with user stacks.
     CountStacks,
-    /// Benchmark only: empty entry programs at the sites `count` uses.
+    /// Benchmark only: empty entry programs at the sites `count` uses (and at the Go probes'
+    /// sites).
     #[value(hide = true)]
     Floor,
-    /// Benchmark only: empty entry and return programs at the sites `full` uses.
+    /// Benchmark only: empty entry and return programs at the sites `full` uses (and empty
+    /// entry programs at the Go probes' sites).
     #[value(hide = true)]
     FloorReturn,
 }
@@ -100,6 +103,14 @@ impl Mode {
             Mode::Count | Mode::CountStacks => (LIBC_COUNT, None),
             Mode::Floor => (LIBC_FLOOR, None),
             Mode::FloorReturn => (LIBC_FLOOR, Some(LIBC_FLOOR_RETURN)),
+        }
+    }
+
+    /// The program at every Go probe site.
+    fn go_program(self) -> &'static str {
+        match self {
+            Mode::Floor | Mode::FloorReturn => GO_FLOOR,
+            _ => GO_ENTRY,
         }
     }
 }
@@ -177,7 +188,10 @@ impl Probes {
             .map_max_entries(map_names::LAST_ENTRY, cfg.capacity.max_pending)
             .load(PROBE_OBJECT)?;
         let (entry, ret) = mode.libc_programs();
-        for program in [Some(entry), ret, Some(GO_ENTRY)].into_iter().flatten() {
+        for program in [Some(entry), ret, Some(mode.go_program())]
+            .into_iter()
+            .flatten()
+        {
             uprobe(&mut ebpf, program)?
                 .load()
                 .map_err(|error| ProbeError::Program { program, error })?;
@@ -320,7 +334,7 @@ impl Probes {
             })
             .collect();
         let scope = pid.map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
-        uprobe(&mut self.ebpf, GO_ENTRY)?
+        uprobe(&mut self.ebpf, self.mode.go_program())?
             .attach(points, file, scope)
             .map_err(|source| ProbeError::Attach {
                 path: file.display().to_string(),

@@ -33,6 +33,13 @@ pub fn go_entry(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// The floor of the Go probes: an empty program at the sites `go_entry` uses (benchmark only,
+/// `--mode floor`).
+#[uprobe(multi)]
+pub fn go_floor(_ctx: ProbeContext) -> u32 {
+    0
+}
+
 #[inline(always)]
 fn on_go(ctx: &ProbeContext) {
     let pid_tgid = bpf_get_current_pid_tgid();

@@ -15,6 +15,11 @@
 //!   its /metrics scrape latency.
 //! - `internals`: symbolization throughput and /metrics rendering with 10k and 100k series
 //!   (ignored tests in agent/src/bench.rs, built in release mode).
+//! - `metrics`: a real agent scraped over HTTP with ~10k and ~100k series from processes of
+//!   `fixtures/bench/sites.c` (one identity each), with the agent's own allocations through
+//!   glibc (probed) and through jemalloc (LD_PRELOAD, when installed).
+//! - `stream`: Go events streamed through the ring buffer at controlled rates by
+//!   `fixtures/bench/gostream` into an agent: delivered, lost, agent CPU per million events.
 
 use std::{
     collections::BTreeMap,
@@ -40,7 +45,8 @@ pub struct Args {
     /// malloc/free pairs per run of the C workload (2 calls each).
     #[arg(long, default_value_t = 10_000)]
     pub pairs: u64,
-    /// Run only these sections: probe, go, throughput, footprint, internals (repeatable).
+    /// Run only these sections: probe, go, throughput, footprint, internals, metrics, stream
+    /// (repeatable).
     #[arg(long, value_name = "SECTION")]
     pub only: Vec<String>,
     /// Use this allocwatch binary instead of building one.
@@ -49,12 +55,34 @@ pub struct Args {
     /// Processes traced in the footprint section (comma-separated counts).
     #[arg(long, default_value = "10,100,500", value_delimiter = ',')]
     pub procs: Vec<usize>,
+    /// Process counts of the end-to-end /metrics section (each ~1,000 series).
+    #[arg(long, default_value = "10,100", value_delimiter = ',')]
+    pub metrics_procs: Vec<usize>,
+    /// Runs of the streaming section: RATE[/GOROUTINES][+HOGS] (events/s in total, 0 =
+    /// unpaced; 2 goroutines unless given; HOGS busy-loop processes beside the producer).
+    #[arg(
+        long,
+        default_value = "25000,50000,100000,200000,400000,0,0/1,0+2",
+        value_delimiter = ','
+    )]
+    pub stream_rates: Vec<String>,
+    /// Seconds each streaming run lasts.
+    #[arg(long, default_value_t = 4.0)]
+    pub stream_secs: f64,
     /// Where the Markdown results go (also printed).
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
 }
 
-const SECTIONS: &[&str] = &["probe", "go", "throughput", "footprint", "internals"];
+const SECTIONS: &[&str] = &[
+    "probe",
+    "go",
+    "throughput",
+    "footprint",
+    "internals",
+    "metrics",
+    "stream",
+];
 
 /// The libc API as bpftrace names it (allocwatch probes the same functions).
 const APIS: &[&str] = &[
@@ -79,6 +107,9 @@ pub fn run(paths: &Paths, args: &Args) -> anyhow::Result<()> {
     }
     if args.reps == 0 || args.pairs == 0 {
         bail!("--reps and --pairs must be positive");
+    }
+    if !(args.stream_secs > 0.0 && args.stream_secs <= 600.0) {
+        bail!("--stream-secs must be in (0, 600]");
     }
     let want = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
     let bin = match &args.bin {
@@ -109,12 +140,24 @@ pub fn run(paths: &Paths, args: &Args) -> anyhow::Result<()> {
     md += &machine_facts(&bench)?;
     let mut failed = Vec::new();
     type Section<'a> = &'a dyn Fn() -> anyhow::Result<String>;
-    let sections: [(&str, Section<'_>); 5] = [
+    let sections: [(&str, Section<'_>); 7] = [
         ("probe", &|| probe_section(&bench, args.pairs)),
         ("go", &|| go_section(paths, &bench, &out_dir)),
         ("throughput", &|| throughput_section(&bench, args.pairs)),
         ("footprint", &|| footprint_section(&bench, &args.procs)),
         ("internals", &|| internals_section(paths)),
+        ("metrics", &|| {
+            metrics_section(paths, &bench, &args.metrics_procs)
+        }),
+        ("stream", &|| {
+            stream_section(
+                paths,
+                &bench,
+                &out_dir,
+                &args.stream_rates,
+                args.stream_secs,
+            )
+        }),
     ];
     for (name, section) in sections {
         if !want(name) {
@@ -234,6 +277,11 @@ fn run_captured(cmd: &mut Command, limit: Duration, tmp: &Path) -> anyhow::Resul
 /// Processes other than this one holding BPF programs or links (another tracer: its uprobes
 /// on libc would trap in every measured process, untraced ones included).
 fn foreign_bpf_holders() -> Vec<String> {
+    foreign_bpf_holders_except(&[])
+}
+
+/// [`foreign_bpf_holders`] not counting `ours` (e.g. the bench's own agent).
+fn foreign_bpf_holders_except(ours: &[u32]) -> Vec<String> {
     let me = std::process::id().to_string();
     let mut out = Vec::new();
     let Ok(procs) = fs::read_dir("/proc") else {
@@ -241,7 +289,10 @@ fn foreign_bpf_holders() -> Vec<String> {
     };
     for p in procs.flatten() {
         let pid = p.file_name().to_string_lossy().into_owned();
-        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
+        if !pid.bytes().all(|b| b.is_ascii_digit())
+            || pid == me
+            || ours.iter().any(|o| o.to_string() == pid)
+        {
             continue;
         }
         let Ok(fds) = fs::read_dir(p.path().join("fd")) else {
@@ -777,17 +828,27 @@ fn go_section(paths: &Paths, b: &Bench, out_dir: &Path) -> anyhow::Result<String
     md += "Workload `fixtures/bench/gogrowth` (100 rounds of a 10,000-key map and two 10,000-element \
            slices built from empty); time measured by the program around its loop. Growth events \
            and mallocgc hits are allocwatch's own counts from the same runs (every run checked: \
-           zero loss, exit code 0).\n\n";
-    md += "| Go | configuration | run time, ms: median (min–max) | slowdown: medians (mins) | growth events | mallocgc hits | µs per event |\n";
-    md += "|---|---|---:|---:|---:|---:|---:|\n";
-    for tc in picks {
+           zero loss, exit code 0). The floor is an empty program at exactly the instructions \
+           growth-only mode probes (it records nothing: its µs per event divides by the \
+           growth-only run's event count).\n\n";
+    md += "| Go | configuration | run time, ms: median (min–max) | slowdown: medians (mins) | added time × floor | growth events | mallocgc hits | µs per event |\n";
+    md += "|---|---|---:|---:|---:|---:|---:|---:|\n";
+    let mut rates = Vec::new();
+    for &tc in &picks {
         let exe = out_dir.join(format!("gogrowth-{}", tc.version));
         go::build_fixture_with(tc, &src, &exe, false, None)?;
-        let configs: [(&str, Option<&[&str]>); 3] = [
+        // The floor: empty programs at exactly the instructions growth-only mode probes.
+        let configs: [(&str, Option<&[&str]>); 4] = [
             ("untraced", None),
+            (
+                "floor (`--mode floor --no-go-malloc`)",
+                Some(&["--mode", "floor", "--no-go-malloc"]),
+            ),
             ("growth only (`--no-go-malloc`)", Some(&["--no-go-malloc"])),
             ("growth + mallocgc", Some(&[])),
         ];
+        const FLOOR: usize = 1;
+        const GROWTH_ONLY: usize = 2;
         let mut times: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
         let mut events: Vec<(u64, u64)> = vec![(0, 0); configs.len()];
         eprintln!("bench: Go growth cost, Go {}", tc.version);
@@ -824,16 +885,32 @@ fn go_section(paths: &Paths, b: &Bench, out_dir: &Path) -> anyhow::Result<String
                 times[k].push(ns);
                 if configs[k].1.is_some() {
                     events[k] = go_events(&report)?;
+                    if k == FLOOR && events[k] != (0, 0) {
+                        bail!("the floor recorded Go events: {:?}", events[k]);
+                    }
                 }
             }
         }
         let base = median(&times[0]);
         let base_min = min_max(&times[0]).0;
+        let floor_added = median(&times[FLOOR]) - base;
+        // Growth events per second of the untraced workload, for the per-event table.
+        rates.push(events[GROWTH_ONLY].0 as f64 / (base / 1e9));
         for (k, (name, _)) in configs.iter().enumerate() {
             let ms: Vec<f64> = times[k].iter().map(|n| n / 1e6).collect();
             let m = median(&times[k]);
             let (growth, mallocs) = events[k];
-            let hits = growth + mallocs;
+            // The floor records nothing: it fires at the growth-only run's sites.
+            let hits = if k == FLOOR {
+                events[GROWTH_ONLY].0
+            } else {
+                growth + mallocs
+            };
+            let vs_floor = if k <= FLOOR || floor_added <= 0.0 {
+                "—".to_owned()
+            } else {
+                format!("{:.2}", (m - base) / floor_added)
+            };
             let per_event = if k == 0 || hits == 0 {
                 "—".to_owned()
             } else {
@@ -849,14 +926,14 @@ fn go_section(paths: &Paths, b: &Bench, out_dir: &Path) -> anyhow::Result<String
                 )
             };
             let n = |x: u64| {
-                if k == 0 {
+                if k <= FLOOR {
                     "—".to_owned()
                 } else {
                     x.to_string()
                 }
             };
             md += &format!(
-                "| {} | {name} | {:.2} ({}) | {slowdown} | {} | {} | {per_event} |\n",
+                "| {} | {name} | {:.2} ({}) | {slowdown} | {vs_floor} | {} | {} | {per_event} |\n",
                 tc.version,
                 median(&ms),
                 spread(&ms, 2),
@@ -864,6 +941,118 @@ fn go_section(paths: &Paths, b: &Bench, out_dir: &Path) -> anyhow::Result<String
                 n(mallocs),
             );
         }
+    }
+    md.push('\n');
+    md += &go_event_cost(paths, b, out_dir, &picks, &rates)?;
+    Ok(md)
+}
+
+/// The cost of one growth event, measured where it dominates: `gostream count N 1` makes N
+/// growslice calls back to back (~18 ns each untraced), under the floor and growth-only mode.
+/// `rates`: growth events per second of the untraced gogrowth, per toolchain of `picks`.
+fn go_event_cost(
+    paths: &Paths,
+    b: &Bench,
+    out_dir: &Path,
+    picks: &[&go::GoToolchain],
+    rates: &[f64],
+) -> anyhow::Result<String> {
+    const N: u64 = 100_000;
+    let mut md = format!(
+        "Per growth event: `fixtures/bench/gostream count {N} 1` makes {N} growslice calls back \
+         to back in one goroutine (self-timed); *ns added per event* = (run time − median \
+         untraced) / {N}. *Predicted for gogrowth*: that cost times the growth events per second \
+         of the untraced gogrowth run above.\n\n"
+    );
+    md += "| Go | configuration | run time, ms: median (min–max) | ns added per event: median (min–max) | × floor | predicted slowdown of gogrowth |\n";
+    md += "|---|---|---:|---:|---:|---:|\n";
+    let src = paths.root.join("fixtures/bench/gostream");
+    for (tc, &rate) in picks.iter().zip(rates) {
+        let exe = out_dir.join(format!("gostream-{}", tc.version));
+        go::build_fixture_with(tc, &src, &exe, false, None)?;
+        let configs: [(&str, Option<&[&str]>); 3] = [
+            ("untraced", None),
+            (
+                "floor (`--mode floor --no-go-malloc`)",
+                Some(&["--mode", "floor", "--no-go-malloc"]),
+            ),
+            ("growth only (`--no-go-malloc`)", Some(&["--no-go-malloc"])),
+        ];
+        let mut times: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+        eprintln!("bench: Go growth event cost, Go {}", tc.version);
+        for rep in 0..b.reps {
+            for i in 0..configs.len() {
+                let k = (i + rep) % configs.len();
+                wait_for_no_tracers();
+                let report = b.tmp.join("go-report.json");
+                let mut cmd = match configs[k].1 {
+                    None => Command::new(&exe),
+                    Some(flags) => {
+                        let mut c = Command::new(&b.bin);
+                        c.args(["top", "--json", "-o"])
+                            .arg(&report)
+                            .args(flags)
+                            .arg("--")
+                            .arg(&exe);
+                        c
+                    }
+                };
+                cmd.args(["count", &N.to_string(), "1"]);
+                let done = run_captured(&mut cmd, Duration::from_secs(600), &b.tmp)?;
+                if !done.success {
+                    bail!("gostream under {} failed:\n{}", configs[k].0, done.stderr);
+                }
+                let f = fields(&done.stdout, "gostream ")
+                    .ok_or_else(|| anyhow!("no gostream line:\n{}", done.stdout))?;
+                if field_u64(&f, "events")? != N {
+                    bail!("gostream made {} events, expected {N}", f["events"]);
+                }
+                if configs[k].1.is_some() {
+                    let (growth, mallocs) = go_events(&report)?;
+                    let ok = if k == 1 {
+                        growth == 0 && mallocs == 0
+                    } else {
+                        // The runtime grows a few slices of its own.
+                        (N..N + 1000).contains(&growth)
+                    };
+                    if !ok {
+                        bail!("gostream under {}: {growth} growth events", configs[k].0);
+                    }
+                }
+                times[k].push(field_u64(&f, "ns")? as f64);
+            }
+        }
+        let base = median(&times[0]);
+        let added =
+            |k: usize| -> Vec<f64> { times[k].iter().map(|t| (t - base) / N as f64).collect() };
+        let floor = median(&added(1));
+        for (k, (name, _)) in configs.iter().enumerate() {
+            let ms: Vec<f64> = times[k].iter().map(|n| n / 1e6).collect();
+            let (cell, ratio, predicted) = if k == 0 {
+                (
+                    format!("{:.1} ns/event untraced", base / N as f64),
+                    "—".to_owned(),
+                    "—".to_owned(),
+                )
+            } else {
+                let a = added(k);
+                (
+                    format!("{:.0} ({})", median(&a), spread(&a, 0)),
+                    format!("{:.2}", median(&a) / floor),
+                    format!("{:+.1} %", median(&a) * rate / 1e9 * 100.0),
+                )
+            };
+            md += &format!(
+                "| {} | {name} | {:.2} ({}) | {cell} | {ratio} | {predicted} |\n",
+                tc.version,
+                median(&ms),
+                spread(&ms, 2),
+            );
+        }
+        md += &format!(
+            "| {} | (untraced gogrowth: {rate:.0} growth events/s) | | | | |\n",
+            tc.version
+        );
     }
     md.push('\n');
     Ok(md)
@@ -1115,7 +1304,7 @@ fn footprint_one(b: &Bench, n: usize, mode: &str) -> anyhow::Result<String> {
         );
     }
     thread::sleep(Duration::from_millis(500));
-    let port = 19464;
+    let port = free_port()?;
     let listen = format!("127.0.0.1:{port}");
     let started = Instant::now();
     let agent = Command::new(&b.bin)
@@ -1317,4 +1506,616 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| anyhow!("no VmRSS for {pid}"))
+}
+
+/// A loopback port nobody listens on now (other agents, e.g. of tests, may run beside us).
+fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+    Ok(l.local_addr()?.port())
+}
+
+/// The sum of the values of `name`'s series whose label set contains `label` (e.g.
+/// `comm="gostream"`; `""` for all). `None` without any.
+fn sum_where(body: &str, name: &str, label: &str) -> Option<f64> {
+    let values: Vec<f64> = body
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let (labels, rest) = match rest.strip_prefix('{') {
+                Some(r) => {
+                    let (labels, rest) = r.split_once('}')?;
+                    (labels, rest)
+                }
+                None => ("", rest),
+            };
+            if !labels.contains(label) {
+                return None;
+            }
+            rest.strip_prefix(' ')?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+/// `allocwatch_events_lost_total` by cause.
+fn lost_by_cause(body: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for l in body.lines() {
+        let Some(rest) = l.strip_prefix("allocwatch_events_lost_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.split_once('}') else {
+            continue;
+        };
+        let cause = labels
+            .split(',')
+            .find_map(|kv| kv.strip_prefix("cause=\""))
+            .map(|c| c.trim_end_matches('"').to_owned())
+            .unwrap_or_else(|| labels.to_owned());
+        if let Ok(v) = value.trim().parse::<f64>() {
+            *out.entry(cause).or_default() += v;
+        }
+    }
+    out
+}
+
+/// Whether a `sites` process has blocked its signals: SIGTERM (15, bit 14 of `SigBlk`) is
+/// blocked by the same call as SIGUSR1, which `sigwait` unblocks while it waits.
+fn blocks_usr1(pid: u32) -> anyhow::Result<bool> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let mask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .ok_or_else(|| anyhow!("no SigBlk for {pid}"))?;
+    Ok(mask & (1 << 14) != 0)
+}
+
+fn signal(sig: &str, pids: &[u32]) -> anyhow::Result<()> {
+    if pids.is_empty() {
+        return Ok(());
+    }
+    let mut cmd = Command::new("kill");
+    cmd.arg(format!("-{sig}"));
+    cmd.args(pids.iter().map(u32::to_string));
+    cmd::run(&mut cmd)
+}
+
+/// Polls /metrics until `ready` holds for the body (every `every`), up to `limit`.
+fn poll_metrics(
+    port: u16,
+    every: Duration,
+    limit: Duration,
+    what: &str,
+    stderr: &Path,
+    mut ready: impl FnMut(&str) -> bool,
+) -> anyhow::Result<(String, Duration)> {
+    let started = Instant::now();
+    loop {
+        if let Ok(body) = http_get(port, "/metrics")
+            && ready(&body)
+        {
+            return Ok((body, started.elapsed()));
+        }
+        if started.elapsed() > limit {
+            bail!(
+                "{what} within {limit:?}; agent stderr:\n{}",
+                fs::read_to_string(stderr).unwrap_or_default()
+            );
+        }
+        thread::sleep(every);
+    }
+}
+
+/// Stops the agent with SIGTERM (it detaches cleanly) and reaps it.
+fn stop_agent(agent: &mut KillOnDrop) {
+    for a in &mut agent.0 {
+        let _ = Command::new("kill").arg(a.id().to_string()).status();
+        let _ = a.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Section 7: /metrics end to end with 10k and 100k series.
+
+/// Sites of one `sites` process: 12 leaves × 10 callers, malloc and free each, plus stdio's
+/// buffer (`printf`).
+const SITES_PER_PROC: usize = 2 * 12 * 10 + 1;
+/// Series per site (`allocwatch_site_*` families).
+const SITE_FAMILIES: usize = 4;
+
+fn build_sites(paths: &Paths, out_dir: &Path) -> anyhow::Result<PathBuf> {
+    let src = paths.root.join("fixtures/bench/sites.c");
+    let out = out_dir.join("sites");
+    cmd::run(
+        Command::new("gcc")
+            .args([
+                "-O1",
+                "-g",
+                "-fno-omit-frame-pointer",
+                "-Wall",
+                "-Wextra",
+                "-o",
+            ])
+            .arg(&out)
+            .arg(&src),
+    )?;
+    Ok(out)
+}
+
+const JEMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
+
+fn metrics_section(paths: &Paths, b: &Bench, counts: &[usize]) -> anyhow::Result<String> {
+    let sites = build_sites(paths, &b.tmp)?;
+    let mut md = String::from("## 7. /metrics end to end with 10k and 100k series\n\n");
+    md += &format!(
+        "A real agent (`allocwatch agent --config FILE`: `top_k = 1000`, `max_site_series = \
+         1000000`, `comm = [\"^awsites_\"]`, `max_stacks = 65536`) traces N processes of \
+         `fixtures/bench/sites.c`, each started under its own name (a symlink `awsites_NNN`: \
+         one identity per process) with {SITES_PER_PROC} sites (12 leaf functions × 10 callers, \
+         malloc and free, and stdio's buffer) = {} `allocwatch_site_*` series per process. The \
+         processes make their calls once the agent has attached them (SIGUSR1), then wait. \
+         *Until exported*: from that signal until a scrape holds every site series (each site is \
+         symbolized once, then cached). Then sequential GETs of /metrics on loopback (20, or 10 \
+         above 20,000 series): latency as the client sees it, and the agent's own \
+         `allocwatch_scrape_duration_seconds` (snapshot of the kernel maps and the exporter's \
+         update, up to its self-metrics; the text encoding of the rest and HTTP come after). \
+         Checked: N processes reported, every site series present, every loss counter 0. With \
+         jemalloc: the same agent with `LD_PRELOAD={JEMALLOC}`, so that its own allocations do \
+         not go through the probed libc functions.\n\n",
+        SITES_PER_PROC * SITE_FAMILIES
+    );
+    md += "| processes | agent's allocator | series | site series | bytes | until exported, s | scrape ms: median (max) | agent's own timing, ms: median (max) | agent RSS, MiB |\n";
+    md += "|---:|---|---:|---:|---:|---:|---:|---:|---:|\n";
+    let mut allocators = vec![None];
+    if Path::new(JEMALLOC).is_file() {
+        allocators.push(Some(JEMALLOC));
+    } else {
+        eprintln!("bench: {JEMALLOC} missing: the jemalloc rows are left out");
+    }
+    for &n in counts {
+        for &pre in &allocators {
+            let label = if pre.is_some() {
+                "jemalloc (LD_PRELOAD)"
+            } else {
+                "glibc (traced)"
+            };
+            eprintln!("bench: /metrics end to end, {n} processes, {label}");
+            match metrics_one(b, &sites, n, pre) {
+                Ok(row) => md += &format!("| {n} | {label} {row}\n"),
+                Err(e) => {
+                    md += &format!("| {n} | {label} | failed: {e:#} | | | | | | |\n");
+                    eprintln!("bench: failed: {e:#}");
+                }
+            }
+        }
+    }
+    md.push('\n');
+    Ok(md)
+}
+
+/// One row after the first two cells.
+fn metrics_one(b: &Bench, sites: &Path, n: usize, preload: Option<&str>) -> anyhow::Result<String> {
+    wait_for_no_tracers();
+    let dir = b.tmp.join("sites-bin");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    let mut procs = KillOnDrop(Vec::new());
+    for i in 0..n {
+        let link = dir.join(format!("awsites_{i:03}"));
+        std::os::unix::fs::symlink(sites, &link)?;
+        procs.0.push(
+            Command::new(&link)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        );
+    }
+    let pids: Vec<u32> = procs.0.iter().map(Child::id).collect();
+    let port = free_port()?;
+    let config = b.tmp.join("metrics-agent.toml");
+    fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ntop_k = 1000\nmax_site_series = 1000000\n\
+             [select]\ncomm = [\"^awsites_\"]\n[capacity]\nmax_stacks = 65536\n\
+             [kubernetes]\nenabled = false\n"
+        ),
+    )?;
+    let stderr = b.tmp.join("agent.stderr");
+    let mut cmd = Command::new(&b.bin);
+    cmd.arg("agent")
+        .arg("--config")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&stderr)?);
+    if let Some(p) = preload {
+        cmd.env("LD_PRELOAD", p);
+    }
+    let mut agent = KillOnDrop(vec![cmd.spawn()?]);
+    let agent_pid = agent.0[0].id();
+    poll_metrics(
+        port,
+        Duration::from_millis(50),
+        Duration::from_secs(120),
+        &format!("the agent did not report {n} processes"),
+        &stderr,
+        |body| {
+            sum_where(body, "allocwatch_processes", "comm=\"awsites_").unwrap_or(0.0) >= n as f64
+        },
+    )?;
+    // SIGUSR1 before the program blocks it would kill it.
+    let t = Instant::now();
+    for &pid in &pids {
+        while !blocks_usr1(pid)? {
+            if t.elapsed() > Duration::from_secs(30) {
+                bail!("process {pid} does not block SIGUSR1");
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+    signal("USR1", &pids)?;
+    let want = n * SITES_PER_PROC * SITE_FAMILIES;
+    let (_, until) = poll_metrics(
+        port,
+        Duration::from_millis(200),
+        Duration::from_secs(300),
+        &format!("the agent did not export {want} site series"),
+        &stderr,
+        |body| gauge(body, "allocwatch_call_site_series").unwrap_or(0.0) >= want as f64,
+    )?;
+    let scrapes = if want > 20_000 { 10 } else { 20 };
+    let (mut lat, mut own) = (Vec::new(), Vec::new());
+    let mut body = String::new();
+    for _ in 0..scrapes {
+        let t = Instant::now();
+        body = http_get(port, "/metrics")?;
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+        own.push(gauge(&body, "allocwatch_scrape_duration_seconds").unwrap_or(f64::NAN) * 1e3);
+    }
+    let lost: Vec<String> = lost_by_cause(&body)
+        .into_iter()
+        .filter(|(_, v)| *v != 0.0)
+        .map(|(c, v)| format!("{c}={v}"))
+        .collect();
+    if !lost.is_empty() {
+        bail!("the agent lost events: {}", lost.join(", "));
+    }
+    let site_series = gauge(&body, "allocwatch_call_site_series").unwrap_or(0.0) as usize;
+    if site_series != want {
+        bail!("{site_series} site series, expected {want}");
+    }
+    let running = sum_where(&body, "allocwatch_processes", "comm=\"awsites_").unwrap_or(0.0);
+    if running != n as f64 {
+        bail!("{running} processes reported, expected {n}");
+    }
+    let series = body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .count();
+    let rss = rss_kib(agent_pid)? as f64 / 1024.0;
+    stop_agent(&mut agent);
+    Ok(format!(
+        "| {series} | {site_series} | {} | {:.1} | {:.1} ({:.1}) | {:.1} ({:.1}) | {rss:.1} |",
+        body.len(),
+        until.as_secs_f64(),
+        median(&lat),
+        min_max(&lat).1,
+        median(&own),
+        min_max(&own).1,
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Section 8: the streaming path (Go events through the ring buffer).
+
+fn stream_section(
+    paths: &Paths,
+    b: &Bench,
+    out_dir: &Path,
+    rates: &[String],
+    secs: f64,
+) -> anyhow::Result<String> {
+    let rates: Vec<(u64, u32, u32)> = rates
+        .iter()
+        .map(|r| {
+            let (r, hogs) = r.split_once('+').unwrap_or((r, "0"));
+            let (rate, g) = r.split_once('/').unwrap_or((r, "2"));
+            Ok((rate.parse()?, g.parse()?, hogs.parse()?))
+        })
+        .collect::<anyhow::Result<_>>()
+        .context("--stream-rates: RATE[/GOROUTINES][+HOGS]")?;
+    let mut md = String::from("## 8. Streaming path: Go events through the ring buffer\n\n");
+    let toolchains = match go::ensure_toolchains(&paths.cache) {
+        Ok(t) if !t.is_empty() => t,
+        Ok(_) | Err(_) => {
+            md += "Not measured: no Go toolchain (run `./x fixtures`, which installs them).\n\n";
+            return Ok(md);
+        }
+    };
+    let tc = &toolchains[toolchains.len() - 1];
+    let exe = out_dir.join(format!("gostream-{}", tc.version));
+    go::build_fixture_with(
+        tc,
+        &paths.root.join("fixtures/bench/gostream"),
+        &exe,
+        false,
+        None,
+    )?;
+    let reps = b.reps.min(3);
+    md += &format!(
+        "Producer `fixtures/bench/gostream RATE {secs} GOROUTINES` (Go {}): GOROUTINES (2 unless \
+         said) goroutines grow a nil `[]int` by one element RATE times per second in total (0: as \
+         fast as they can) for {secs} s (`+N`: N busy-loop shell processes compete for the CPUs); every growth is a `growslice` call, one ring-buffer record with its user \
+         stack. Consumer: one `allocwatch agent --comm '^gostream'` (the DaemonSet's path; \
+         default Go settings: growth and GC, no mallocgc) for the whole section; the producer \
+         starts streaming once the agent has attached it (SIGUSR1). *Delivered*: the increase \
+         of the producer's `allocwatch_go_slice_grows_total` over the run (after the \
+         scrape's drain); *lost*: the increase of `allocwatch_events_lost_total` (all causes); \
+         *agent CPU*: utime + stime of the agent (/proc/PID/stat) from the start signal to the \
+         scrape after the producer's exit, which includes the agent's idle work (the first row). \
+         {reps} runs per rate, rates in rotating order; every run checked (the producer exited 0, \
+         delivered + lost ≥ the producer's own count; the runtime grows a few slices of its own).\n\n",
+        tc.version
+    );
+    md += "| target rate, events/s | produced/s: median (min–max) | delivered/s: median | lost: total over runs (by cause) | agent CPU, % of one core: median | agent CPU s per million events: median (min–max) |\n";
+    md += "|---|---:|---:|---:|---:|---:|\n";
+
+    wait_for_no_tracers();
+    let port = free_port()?;
+    let listen = format!("127.0.0.1:{port}");
+    let stderr = b.tmp.join("agent.stderr");
+    let mut agent = KillOnDrop(vec![
+        Command::new(&b.bin)
+            .args(["agent", "--listen", &listen, "--comm", "^gostream"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&stderr)?)
+            .spawn()?,
+    ]);
+    let agent_pid = agent.0[0].id();
+    poll_metrics(
+        port,
+        Duration::from_millis(50),
+        Duration::from_secs(60),
+        "the agent did not serve /metrics",
+        &stderr,
+        |_| true,
+    )?;
+    let tick = clock_ticks();
+    // Idle: the agent with nothing to stream (its /proc scans), over the same time.
+    let idle = {
+        let c0 = cpu_ticks(agent_pid)?;
+        let t0 = Instant::now();
+        thread::sleep(Duration::from_secs_f64(secs));
+        (cpu_ticks(agent_pid)? - c0) as f64 / tick / t0.elapsed().as_secs_f64()
+    };
+    md += &format!(
+        "| idle (no producer) | — | — | — | {:.1} | — |\n",
+        idle * 100.0
+    );
+    let mut runs: Vec<Vec<StreamRun>> = rates.iter().map(|_| Vec::new()).collect();
+    for rep in 0..reps {
+        for i in 0..rates.len() {
+            let k = (i + rep) % rates.len();
+            let (rate, goroutines, hogs) = rates[k];
+            let r = stream_one(
+                b,
+                &exe,
+                port,
+                agent_pid,
+                (rate, goroutines, hogs),
+                secs,
+                &stderr,
+            )?;
+            eprintln!(
+                "  rep {} rate {rate:>7}/{goroutines}+{hogs}: produced {:.0}/s, delivered {:.0}/s, lost {:?}, cpu {:.1} %",
+                rep + 1,
+                r.produced,
+                r.delivered,
+                r.lost,
+                r.cpu_frac * 100.0
+            );
+            runs[k].push(r);
+        }
+    }
+    stop_agent(&mut agent);
+    let mut notes = Vec::new();
+    for (k, &(rate, goroutines, hogs)) in rates.iter().enumerate() {
+        let get = |f: fn(&StreamRun) -> f64| runs[k].iter().map(f).collect::<Vec<f64>>();
+        let produced = get(|r| r.produced);
+        let per_m = get(|r| r.cpu_per_m);
+        let mut lost: BTreeMap<&str, f64> = BTreeMap::new();
+        for r in &runs[k] {
+            for (c, v) in &r.lost {
+                *lost.entry(c).or_default() += v;
+            }
+        }
+        let total: f64 = lost.values().sum();
+        let lost = if total == 0.0 {
+            "0".to_owned()
+        } else {
+            let causes: Vec<String> = lost
+                .iter()
+                .filter(|(_, v)| **v != 0.0)
+                .map(|(c, v)| format!("{c} {v:.0}"))
+                .collect();
+            format!("{total:.0} ({})", causes.join(", "))
+        };
+        let rate = if rate == 0 {
+            "unpaced".to_owned()
+        } else {
+            rate.to_string()
+        };
+        let g = if goroutines == 2 {
+            String::new()
+        } else {
+            format!(
+                ", {goroutines} goroutine{}",
+                if goroutines == 1 { "" } else { "s" }
+            )
+        };
+        let with_foreign = runs[k].iter().filter(|r| !r.foreign.is_empty()).count();
+        if with_foreign > 0 {
+            let who: Vec<&str> = runs[k]
+                .iter()
+                .flat_map(|r| r.foreign.iter().map(String::as_str))
+                .collect();
+            notes.push(format!(
+                "rate {rate}/{goroutines}+{hogs}: {with_foreign} run(s) with other BPF holders present ({})",
+                who.join(", ")
+            ));
+        }
+        let g = if hogs > 0 {
+            format!("{g}, {hogs} busy loops beside")
+        } else {
+            g
+        };
+        md += &format!(
+            "| {rate}{g} | {:.0} ({}) | {:.0} | {lost} | {:.1} | {:.2} ({}) |\n",
+            median(&produced),
+            spread(&produced, 0),
+            median(&get(|r| r.delivered)),
+            median(&get(|r| r.cpu_frac)) * 100.0,
+            median(&per_m),
+            spread(&per_m, 2),
+        );
+    }
+    md.push('\n');
+    if !notes.is_empty() {
+        md += &format!("Other tracers were running: {}.\n\n", notes.join("; "));
+    }
+    Ok(md)
+}
+
+/// One producer run.
+struct StreamRun {
+    /// Events per second, the producer's count and time.
+    produced: f64,
+    /// Events per second the agent counted.
+    delivered: f64,
+    /// Loss counters' increase by cause (non-zero only).
+    lost: BTreeMap<String, f64>,
+    /// Agent CPU over the run, fraction of one core.
+    cpu_frac: f64,
+    /// Agent CPU seconds per million delivered events.
+    cpu_per_m: f64,
+    /// Other processes holding BPF programs during the run (their uprobes may trap in the
+    /// producer too).
+    foreign: Vec<String>,
+}
+
+/// `(rate, goroutines, hogs)`: `hogs` busy-loop processes compete for the CPUs during the run.
+fn stream_one(
+    b: &Bench,
+    exe: &Path,
+    port: u16,
+    agent_pid: u32,
+    (rate, goroutines, hogs): (u64, u32, u32),
+    secs: f64,
+    stderr: &Path,
+) -> anyhow::Result<StreamRun> {
+    // The executable is gostream-VERSION.
+    const COMM: &str = "comm=\"gostream";
+    let out_path = b.tmp.join("gostream.stdout");
+    let mut child = KillOnDrop(vec![
+        Command::new(exe)
+            .args([rate.to_string(), secs.to_string(), goroutines.to_string()])
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&out_path)?)
+            .stderr(Stdio::inherit())
+            .spawn()?,
+    ]);
+    let pid = child.0[0].id();
+    // SIGUSR1 before the program's signal.Notify would be ignored (Go catches every signal).
+    let t = Instant::now();
+    while !fs::read_to_string(&out_path)?.starts_with("ready") {
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("gostream did not get ready within 30 s");
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    let (before, _) = poll_metrics(
+        port,
+        Duration::from_millis(50),
+        Duration::from_secs(60),
+        "the agent did not attach gostream",
+        stderr,
+        |body| sum_where(body, "allocwatch_processes", COMM).unwrap_or(0.0) >= 1.0,
+    )?;
+    let grows0 = sum_where(&before, "allocwatch_go_slice_grows_total", COMM).unwrap_or(0.0);
+    let lost0 = lost_by_cause(&before);
+    // The agent holds the section's own programs; anyone else's are noted with the run.
+    let mut foreign = foreign_bpf_holders_except(&[agent_pid]);
+    let mut busy = KillOnDrop(Vec::new());
+    for _ in 0..hogs {
+        busy.0.push(
+            Command::new("sh")
+                .args(["-c", "while :; do :; done"])
+                .stdin(Stdio::null())
+                .spawn()?,
+        );
+    }
+    let cpu0 = cpu_ticks(agent_pid)?;
+    let t0 = Instant::now();
+    signal("USR1", &[pid])?;
+    let limit = Duration::from_secs_f64(secs + 60.0);
+    let status = loop {
+        if let Some(st) = child.0[0].try_wait()? {
+            break st;
+        }
+        if t0.elapsed() > limit {
+            bail!("gostream did not finish within {limit:?}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    drop(busy);
+    for f in foreign_bpf_holders_except(&[agent_pid]) {
+        if !foreign.contains(&f) {
+            foreign.push(f);
+        }
+    }
+    let after = http_get(port, "/metrics")?;
+    let cpu = (cpu_ticks(agent_pid)? - cpu0) as f64 / clock_ticks();
+    let wall = t0.elapsed().as_secs_f64();
+    if !status.success() {
+        bail!("gostream {rate} exited with {status}");
+    }
+    let out = fs::read_to_string(&out_path)?;
+    let f = fields(&out, "gostream ").ok_or_else(|| anyhow!("no gostream line: {out:?}"))?;
+    let (events, ns) = (field_u64(&f, "events")? as f64, field_u64(&f, "ns")? as f64);
+    let delivered =
+        sum_where(&after, "allocwatch_go_slice_grows_total", COMM).unwrap_or(0.0) - grows0;
+    let mut lost = lost_by_cause(&after);
+    for (c, v) in &mut lost {
+        *v -= lost0.get(c).copied().unwrap_or(0.0);
+    }
+    lost.retain(|_, v| *v != 0.0);
+    let lost_total: f64 = lost.values().sum();
+    // The runtime grows a few slices of its own (start-up, GC): a little more, never less,
+    // unless counted as lost.
+    if delivered + lost_total < events || delivered > events * 1.001 + 100.0 {
+        bail!(
+            "gostream {rate}: produced {events}, delivered {delivered}, lost {lost:?}: \
+             the counts do not add up"
+        );
+    }
+    Ok(StreamRun {
+        produced: events / (ns / 1e9),
+        delivered: delivered / (ns / 1e9),
+        lost,
+        cpu_frac: cpu / wall,
+        cpu_per_m: if delivered > 0.0 {
+            cpu / (delivered / 1e6)
+        } else {
+            f64::NAN
+        },
+        foreign,
+    })
 }
