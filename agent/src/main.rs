@@ -30,6 +30,12 @@ use crate::{
     session::View,
 };
 
+/// Not glibc's malloc: the agent probes glibc's allocation functions in every process on the
+/// node, its own included, so each of its allocations through glibc would trap into its own
+/// uprobes (BENCHMARKS.md, section 6).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The agent: config file, then flags on top.
 async fn agent(a: AgentArgs) -> anyhow::Result<()> {
     let mut cfg = config::load(a.config.as_deref())?;

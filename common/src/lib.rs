@@ -50,8 +50,10 @@ pub mod capacity {
     pub const LIVE: u32 = 1 << 20;
     pub const SITES: u32 = 65_536;
     pub const STACKS: u32 = 32_768;
-    /// Ring buffer size in bytes (a power of two multiple of the page size).
-    pub const EVENTS_BYTES: u32 = 1 << 20;
+    /// Ring buffer size in bytes (a power of two multiple of the page size). 4 MiB holds the
+    /// new-site records of ~100 processes starting at once (~24,000 sites with their stacks)
+    /// and ~40,000 Go events while the agent is not scheduled.
+    pub const EVENTS_BYTES: u32 = 4 << 20;
 }
 
 /// Maximum user stack depth kept by the stack map (the kernel's limit is 127).

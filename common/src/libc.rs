@@ -217,18 +217,33 @@ pub struct EventHeader {
     pub tgid: u32,
 }
 
+/// A new site, followed in its record by `nframes` frames ([`NewSiteRecord`]): the record is
+/// as long as the stack, so a burst of new sites (a process starting) fits the ring buffer.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NewSiteEvent {
     pub header: EventHeader,
     pub site: SiteKey,
     /// The thread's comm: names a process that exits before the agent reads /proc.
     pub comm: [u8; 16],
-    /// The site's user stack (`site.stack_id`), zero-filled past its last frame; all zero when
-    /// stacks are off or the stack was gone. Carried here because the kernel's stack table is
-    /// LRU: on a busy node a stack could be evicted before the agent read it by id.
+    /// Frames of the site's user stack (`site.stack_id`) that follow; 0 when stacks are off or
+    /// the stack was gone. The stack travels with the site because the kernel's stack table is
+    /// LRU: on a busy node it could be evicted before the agent read it by id.
+    pub nframes: u32,
+    pub _pad: u32,
+}
+
+/// The longest new-site record: the kernel builds it here and sends its first
+/// `NEW_SITE_FIXED + 8 * nframes` bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NewSiteRecord {
+    pub event: NewSiteEvent,
     pub frames: [u64; crate::MAX_STACK_DEPTH],
 }
+
+/// Bytes of a new-site record before its frames.
+pub const NEW_SITE_FIXED: usize = size_of::<NewSiteEvent>();
 
 const _: () = {
     use core::mem::{offset_of, size_of};
@@ -246,8 +261,10 @@ const _: () = {
     assert!(offset_of!(LiveAlloc, site) == 16);
     assert!(size_of::<Overflow>() == 16);
     assert!(size_of::<EventHeader>() == 8);
-    assert!(size_of::<NewSiteEvent>() == 48 + 8 * crate::MAX_STACK_DEPTH);
-    assert!(offset_of!(NewSiteEvent, frames) == 48);
+    assert!(size_of::<NewSiteEvent>() == 56);
+    assert!(offset_of!(NewSiteEvent, nframes) == 48);
+    assert!(offset_of!(NewSiteRecord, frames) == NEW_SITE_FIXED);
+    assert!(size_of::<NewSiteRecord>() == NEW_SITE_FIXED + 8 * crate::MAX_STACK_DEPTH);
     assert!(size_of::<LibcFile>() == 8 * LIBC_FILE_RANGES);
     assert!(size_of::<LastEntry>() == 24);
     assert!(offset_of!(LastEntry, api) == 16);
@@ -363,11 +380,17 @@ mod user {
                 EventKind::NewSite => {
                     let ev: NewSiteEvent = read(buf)?;
                     Api::try_from(ev.site.api)?;
-                    let stack = ev
-                        .frames
+                    let n = (ev.nframes as usize).min(crate::MAX_STACK_DEPTH);
+                    let want = NEW_SITE_FIXED + 8 * n;
+                    let frames = buf.get(NEW_SITE_FIXED..want).ok_or(DecodeError::Short {
+                        got: buf.len(),
+                        want,
+                    })?;
+                    let stack = frames
+                        .as_chunks::<8>()
+                        .0
                         .iter()
-                        .copied()
-                        .take_while(|&ip| ip != 0)
+                        .map(|b| u64::from_le_bytes(*b))
                         .collect();
                     Ok(Event::NewSite(ev.site, ev.comm, stack))
                 }
@@ -459,10 +482,9 @@ mod user {
                 },
                 site,
                 comm: *b"fixture\0\0\0\0\0\0\0\0\0",
-                frames: [0; crate::MAX_STACK_DEPTH],
+                nframes: 0,
+                _pad: 0,
             };
-            let mut ev_with_stack = ev;
-            ev_with_stack.frames[..3].copy_from_slice(&[0x401000, 0x401234, 0x7f00_0000_1000]);
             let buf = bytes_of(&ev);
             assert_eq!(
                 Event::try_from(buf.as_slice()),
@@ -472,18 +494,30 @@ mod user {
                     Vec::new()
                 ))
             );
-            // The stack ends at its first zero frame.
+            // The record is as long as its stack.
+            let stack = [0x401000u64, 0x401234, 0x7f00_0000_1000];
+            let mut with_stack = bytes_of(&NewSiteEvent { nframes: 3, ..ev });
+            for f in stack {
+                with_stack.extend_from_slice(&f.to_le_bytes());
+            }
             assert_eq!(
-                Event::try_from(bytes_of(&ev_with_stack).as_slice()),
+                Event::try_from(with_stack.as_slice()),
                 Ok(Event::NewSite(
                     site,
                     *b"fixture\0\0\0\0\0\0\0\0\0",
-                    vec![0x401000, 0x401234, 0x7f00_0000_1000]
+                    stack.to_vec()
                 ))
+            );
+            assert_eq!(
+                Event::try_from(&with_stack[..NEW_SITE_FIXED + 16]),
+                Err(DecodeError::Short {
+                    got: NEW_SITE_FIXED + 16,
+                    want: NEW_SITE_FIXED + 24
+                })
             );
             assert!(matches!(
                 Event::try_from(&buf[..12]),
-                Err(DecodeError::Short { got: 12, want: 560 })
+                Err(DecodeError::Short { got: 12, want: 56 })
             ));
             let mut bad = buf.clone();
             bad[0] = 9;

@@ -6,7 +6,7 @@ use allocwatch_common::{
     go::{GO_HIST_BUCKETS, GO_SPECS_MAX, GoHistKey, GoHistVal, GoProc, GoSpec, StwState},
     libc::{
         API_COUNT, EventHeader, EventKind, LIBC_FILES_MAX, LastEntry, LibcFile, LiveAlloc, LiveKey,
-        NO_STACK, NewSiteEvent, Overflow, Pending, SiteKey, SiteStats,
+        NEW_SITE_FIXED, NO_STACK, NewSiteRecord, Overflow, Pending, SiteKey, SiteStats,
     },
     loss::{LOSS_CAUSES, LossCause},
 };
@@ -287,28 +287,52 @@ pub fn count_call(key: &SiteKey, bytes: u64) {
     }
 }
 
+/// Where a new-site record is built (too large for the BPF stack).
+#[map]
+static NEW_SITE_SCRATCH: PerCpuArray<NewSiteRecord> = PerCpuArray::with_max_entries(1, 0);
+
 #[inline(always)]
 fn announce(key: &SiteKey) {
-    let Some(mut slot) = EVENTS.reserve::<NewSiteEvent>(0) else {
-        lost(LossCause::RingbufFull);
+    let Some(rec) = NEW_SITE_SCRATCH.get_ptr_mut(0) else {
         return;
     };
-    let ev = slot.as_mut_ptr();
-    // SAFETY: `ev` points at a reserved record of exactly this type, written before submit.
-    unsafe {
-        (*ev).header = EventHeader {
-            kind: EventKind::NewSite as u32,
-            tgid: key.tgid,
-        };
-        (*ev).site = *key;
-        (*ev).comm = bpf_get_current_comm().unwrap_or_default();
-        // The stack travels with the event: the LRU table may evict it before the agent reads
-        // it by id on a busy node. A site is new once, so the copy is rare.
-        match STACKS.get_ptr(&(key.stack_id as u32)) {
-            Some(frames) if key.stack_id != NO_STACK => (*ev).frames = *frames,
-            _ => (*ev).frames = [0; MAX_STACK_DEPTH],
+    // SAFETY: this CPU's scratch slot, ours for the program's run.
+    let rec = unsafe { &mut *rec };
+    rec.event.header = EventHeader {
+        kind: EventKind::NewSite as u32,
+        tgid: key.tgid,
+    };
+    rec.event.site = *key;
+    rec.event.comm = bpf_get_current_comm().unwrap_or_default();
+    // The stack travels with the site: the LRU table may evict it before the agent reads it by
+    // id on a busy node. Only its frames are sent (a site is new once, stacks are short).
+    let mut n = 0;
+    if key.stack_id != NO_STACK
+        && let Some(frames) = STACKS.get_ptr(&(key.stack_id as u32))
+    {
+        // SAFETY: map value pointer from a successful lookup.
+        let frames = unsafe { &*frames };
+        for (slot, &f) in rec.frames.iter_mut().zip(frames.iter()) {
+            if f == 0 {
+                break;
+            }
+            *slot = f;
+            n += 1;
         }
     }
+    rec.event.nframes = n as u32;
+    // SAFETY: the scratch record as bytes: plain integers, no padding.
+    let bytes = unsafe {
+        core::slice::from_raw_parts(
+            (rec as *const NewSiteRecord).cast::<u8>(),
+            size_of::<NewSiteRecord>(),
+        )
+    };
+    let Some(record) = bytes.get(..NEW_SITE_FIXED + 8 * n) else {
+        return;
+    };
     // Not the adaptive wakeup: it never fires after an unwoken record (Go events).
-    slot.submit(batched_wakeup());
+    if EVENTS.output(record, batched_wakeup()).is_err() {
+        lost(LossCause::RingbufFull);
+    }
 }
