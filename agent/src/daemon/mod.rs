@@ -57,11 +57,11 @@ impl SnapshotSource for ChannelSource {
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     preflight::check()?;
     let selector = Selector::new(&cfg.select)?;
-    let filter = if selector.is_allowlist() {
-        Filter::Allow
-    } else {
-        Filter::Deny
-    };
+    // Always a denylist, also when some include rule narrows the selection: the kernel records
+    // a new process from its first call, before the agent can have classified it (a selected
+    // program may live less than a millisecond); rejected processes are denied once classified
+    // and their rows deleted (`registry`).
+    let filter = Filter::Deny;
     let capacity = CapacityArgs {
         max_live: cfg.capacity.max_live,
         max_sites: cfg.capacity.max_sites,
@@ -77,10 +77,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         },
         cfg.mode,
     )?;
-    if filter == Filter::Deny {
-        // Our own allocations must not be traced (each event we handle would allocate more).
-        probes.set_listed(std::process::id(), true)?;
-    }
+    // Our own allocations must not be traced (each event we handle would allocate more).
+    probes.set_listed(std::process::id(), true)?;
     let ring = collect::take_events(&mut probes.ebpf)?;
     // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the ring buffer.
     let mut ring = unsafe { AsyncFd::register(ring) }.map_err(std::io::Error::from)?;
@@ -159,10 +157,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 stats.malformed_records += collect::drain(ring.get_mut(), &mut events);
                 stats.events_processed += events.len() as u64;
                 handle(&mut events, &mut registry, &mut probes, &symbolizer, &mut frames)?;
-                let snap = snapshot::build(
+                let (snap, unexported) = snapshot::build(
                     &probes, &registry, &mut frames, &symbolizer, stats, capacity.max_sites, cfg.top_k,
                 ).await?;
                 let _ = reply.send(snap);
+                // Rows whose announcement was lost (full ring buffer) or recorded while their
+                // process was being denied: deleted at the next scan once it is rejected or gone.
+                registry.unexported(unexported);
             }
             r = &mut server => {
                 break match r {
@@ -207,7 +208,7 @@ fn handle(
                 frames.remember_stack(probes, g.stack_id)?;
                 let tgid = g.header.tgid;
                 if !registry.procs.contains_key(&tgid) {
-                    registry.ensure(tgid, probes, symbolizer);
+                    registry.ensure_rows(tgid, probes, symbolizer);
                 }
                 if let Some(go) = registry.procs.get_mut(&tgid).and_then(|p| p.go.as_mut()) {
                     go.record(&g);
