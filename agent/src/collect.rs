@@ -154,34 +154,49 @@ macro_rules! remove_where {
     }};
 }
 
-/// Deletes every row of process `tgid` from the per-process maps (it exited and its series
-/// expired); returns how many rows went.
-pub fn forget(ebpf: &mut Ebpf, tgid: u32) -> Result<usize, CollectError> {
+/// Deletes every row of the processes `tgids` from the per-process maps (exited and expired,
+/// or not selected); returns how many rows went. One pass over each map for all of them (a
+/// pass costs a syscall per key of the map, whoever owns it). Site rows for which `keep` is
+/// true stay, with their outstanding allocations (an earlier program image's, still exported).
+pub fn forget_all(
+    ebpf: &mut Ebpf,
+    tgids: &HashSet<u32>,
+    keep: impl Fn(&SiteKey) -> bool,
+) -> Result<usize, CollectError> {
     fn get<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Map, CollectError> {
         ebpf.map_mut(name).ok_or(CollectError::MissingMap(name))
+    }
+    if tgids.is_empty() {
+        return Ok(0);
     }
     let mut removed = 0;
     let name = map_names::SITES;
     let mut sites: PerCpuHashMap<_, SiteKey, SiteStats> =
         PerCpuHashMap::try_from(get(ebpf, name)?).map_err(map_err(name))?;
-    removed += remove_where!(sites, |k: &SiteKey| k.tgid == tgid);
+    removed += remove_where!(sites, |k: &SiteKey| tgids.contains(&k.tgid) && !keep(k));
     let name = map_names::LIVE;
     let mut live: HashMap<_, LiveKey, LiveAlloc> =
         HashMap::try_from(get(ebpf, name)?).map_err(map_err(name))?;
-    removed += remove_where!(live, |k: &LiveKey| k.tgid == tgid);
+    let gone: Vec<LiveKey> = live
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, a)| tgids.contains(&k.tgid) && !keep(&a.site))
+        .map(|(k, _)| k)
+        .collect();
+    removed += gone.iter().filter(|k| live.remove(k).is_ok()).count();
     for name in [map_names::GO_HIST, map_names::LIBC_HIST] {
         let mut hist: PerCpuHashMap<_, GoHistKey, GoHistVal> =
             PerCpuHashMap::try_from(get(ebpf, name)?).map_err(map_err(name))?;
-        removed += remove_where!(hist, |k: &GoHistKey| k.tgid == tgid);
+        removed += remove_where!(hist, |k: &GoHistKey| tgids.contains(&k.tgid));
     }
     let name = map_names::GO_PROCS;
     let mut procs: HashMap<_, u32, GoProc> =
         HashMap::try_from(get(ebpf, name)?).map_err(map_err(name))?;
-    removed += usize::from(procs.remove(&tgid).is_ok());
+    removed += tgids.iter().filter(|t| procs.remove(t).is_ok()).count();
     let name = map_names::GO_STW;
     let mut stw: HashMap<_, u32, StwState> =
         HashMap::try_from(get(ebpf, name)?).map_err(map_err(name))?;
-    removed += usize::from(stw.remove(&tgid).is_ok());
+    removed += tgids.iter().filter(|t| stw.remove(t).is_ok()).count();
     Ok(removed)
 }
 
@@ -209,6 +224,13 @@ pub fn forget_sites(ebpf: &mut Ebpf, keys: &HashSet<SiteKey>) -> Result<usize, C
 /// Takes the ring buffer out of the object so it can be polled on its own.
 pub fn take_events(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>, CollectError> {
     let name = map_names::EVENTS;
+    let map = ebpf.take_map(name).ok_or(CollectError::MissingMap(name))?;
+    RingBuf::try_from(map).map_err(map_err(name))
+}
+
+/// Takes the ring of exec notifications (a pid per exec) out of the object.
+pub fn take_exec_notify(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>, CollectError> {
+    let name = map_names::EXEC_NOTIFY;
     let map = ebpf.take_map(name).ok_or(CollectError::MissingMap(name))?;
     RingBuf::try_from(map).map_err(map_err(name))
 }

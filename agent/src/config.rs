@@ -368,7 +368,8 @@ mode = "{mode}"
 
 [select]
 # Regular expressions (matched anywhere unless anchored with ^ and $). Empty include lists
-# trace every process on the node; a process matching an exclude list is never traced.
+# trace every process on the node; a process matching an exclude list is never traced. A
+# process that exits before the agent reads /proc matches only comm and exe rules.
 comm = {comm}
 exe = {exe}
 cgroup = {cgroup}

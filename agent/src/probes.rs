@@ -149,16 +149,13 @@ pub struct ProbeConfig {
 pub enum Filter {
     /// Every process that runs a probed file.
     None,
-    /// Only the processes the agent added.
-    Allow,
-    /// All but the processes the agent added (itself, exclusions).
+    /// All but the processes the agent added (itself, the processes its selection rejects).
     Deny,
 }
 
 /// The loaded probe object and its attachments; dropping it detaches everything.
 pub struct Probes {
     pub ebpf: Ebpf,
-    filter: Filter,
     mode: Mode,
     attached_points: usize,
     /// Next free slot of the GO_SPECS array.
@@ -175,7 +172,6 @@ impl Probes {
         let mut flags = if cfg.stacks { config::FLAG_STACKS } else { 0 };
         flags |= match cfg.filter {
             Filter::None => 0,
-            Filter::Allow => config::FLAG_ALLOWLIST,
             Filter::Deny => config::FLAG_DENYLIST,
         };
         let mut ebpf = EbpfLoader::new()
@@ -198,7 +194,6 @@ impl Probes {
         }
         Ok(Self {
             ebpf,
-            filter: cfg.filter,
             mode,
             attached_points: 0,
             next_spec: 0,
@@ -344,14 +339,6 @@ impl Probes {
         Ok(())
     }
 
-    pub fn is_allowlist(&self) -> bool {
-        self.filter == Filter::Allow
-    }
-
-    pub fn is_denylist(&self) -> bool {
-        self.filter == Filter::Deny
-    }
-
     /// Attaches the `sched:sched_process_exec` tracepoint (the agent's exec events).
     pub fn attach_exec(&mut self) -> Result<(), ProbeError> {
         const PROGRAM: &str = "sched_process_exec";
@@ -380,7 +367,7 @@ impl Probes {
         Ok(())
     }
 
-    /// Adds `tgid` to (or removes it from) the allow/denylist.
+    /// Adds `tgid` to (or removes it from) the denylist.
     pub fn set_listed(&mut self, tgid: u32, listed: bool) -> Result<(), ProbeError> {
         let map = self
             .ebpf

@@ -15,6 +15,7 @@ pub mod map_names {
     pub const LOST: &str = "LOST";
     pub const OVERFLOW: &str = "OVERFLOW";
     pub const EVENTS: &str = "EVENTS";
+    pub const EXEC_NOTIFY: &str = "EXEC_NOTIFY";
     pub const GO_SPECS: &str = "GO_SPECS";
     pub const GO_PROCS: &str = "GO_PROCS";
     pub const GO_STW: &str = "GO_STW";

@@ -2,6 +2,7 @@
 //! happens (a process can exec and exit before the agent reads /proc). Attached by the agent only.
 
 use allocwatch_common::{
+    config::FLAG_DENYLIST,
     libc::{EventHeader, EventKind, ExecEvent},
     loss::LossCause,
 };
@@ -12,7 +13,7 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
-use crate::maps::{EVENTS, lost};
+use crate::maps::{EVENTS, EXEC_NOTIFY, FLAGS, TGIDS, lost};
 
 /// Offset of the `__data_loc char[] filename` field in the tracepoint's record
 /// (/sys/kernel/tracing/events/sched/sched_process_exec/format, stable since 3.x).
@@ -27,6 +28,11 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn on_exec(ctx: &TracePointContext) {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // A process denied for the program it ran is a new program now: traced from its first
+    // call until the agent, told by this event, classifies it again.
+    if FLAGS.load() & FLAG_DENYLIST != 0 {
+        let _ = TGIDS.remove(&tgid);
+    }
     let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
         lost(LossCause::RingbufFull);
         return;
@@ -50,4 +56,6 @@ fn on_exec(ctx: &TracePointContext) {
     // Woken now: the agent must read the new program's maps before a short one exits (the
     // kernel's adaptive wakeup does not fire while unwoken Go records wait in the ring).
     entry.submit(aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP as u64);
+    // A lost notification only makes a short program's sites harder to name: not counted.
+    let _ = EXEC_NOTIFY.output(&tgid, aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP as u64);
 }

@@ -149,6 +149,10 @@ pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_CAUSES as
 pub static OVERFLOW: PerCpuArray<Overflow> = PerCpuArray::with_max_entries(API_COUNT as u32, 0);
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
+/// The pid of each exec, for the agent's snapshot thread: a program can be gone within a
+/// millisecond, and the agent's main loop may be busy (a scrape, a scan) when it execs.
+#[map]
+pub static EXEC_NOTIFY: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 /// Per CPU: when a record last woke the agent (`bpf_ktime_get_ns`).
 #[map]
 static LAST_WAKEUP: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

@@ -723,6 +723,118 @@ fn exec_after_discovery_takes_the_new_identity() {
     );
 }
 
+/// An include rule (`--comm`) selects a program that lives less than a millisecond: the kernel
+/// records every new process from its first call and the agent drops the ones its selection
+/// rejects, so `libc_fixture run` is counted exactly, while the same fixture under another name
+/// (run over and over, and a copy allocating every millisecond all along) appears in no scrape.
+#[test]
+fn comm_selection_counts_a_short_lived_process_exactly() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    let scratch = Scratch::new("select");
+    let selected = scratch.copy(&env.fixture, "aw_selected");
+    let rejected = scratch.copy(&env.fixture, "aw_rejected");
+    let id = Identity::of(&selected);
+    let mut agent = Agent::start(&env, &["--comm", "^aw_selected$"]);
+
+    let looping = Fixture::spawn(&rejected, "loop", "loop");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let runs = thread::spawn({
+        let (stop, rejected) = (stop.clone(), rejected.clone());
+        move || {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let status = run_fixture(&rejected, "run");
+                assert!(status.success(), "rejected fixture run failed: {status}");
+                n += 1;
+                thread::sleep(Duration::from_millis(5));
+            }
+            n
+        }
+    });
+    let started = Instant::now();
+    let mut ran = false;
+    let mut scrapes = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        let m = agent.scrape();
+        scrapes += 1;
+        let foreign = m.foreign_lines(&id.comm);
+        assert!(
+            foreign.is_empty(),
+            "scrape {scrapes} ({:.2?} in) exports processes the selection rejects:
+{foreign}",
+            started.elapsed()
+        );
+        if !ran && started.elapsed() > Duration::from_secs(1) {
+            let status = run_fixture(&selected, "run");
+            assert!(status.success(), "selected fixture run failed: {status}");
+            ran = true;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let rejected_runs = runs.join().expect("the rejected runs");
+    drop(looping);
+    assert!(rejected_runs > 10, "only {rejected_runs} rejected runs");
+    let m = agent.scrape_until(
+        "the selected fixture's counts",
+        Duration::from_secs(10),
+        |m| m.value(&id, "allocwatch_free_calls_total", &[]) == Some(17.0),
+    );
+    check_fixture_totals(&m, &id, &env.alias_groups);
+    let foreign = m.foreign_lines(&id.comm);
+    assert!(
+        foreign.is_empty(),
+        "the last scrape exports processes the selection rejects:\n{foreign}"
+    );
+    m.assert_conventions();
+    agent.stop();
+}
+
+/// A rejected program (a shell, denied in the kernel once classified) that execs a selected one
+/// (`exec libc_fixture run`): the probe clears the denial at exec, so the program it became is
+/// counted exactly from its first call, and nothing of the shell is exported.
+#[test]
+fn rejected_process_that_execs_a_selected_program_is_counted_exactly() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    let scratch = Scratch::new("selexec");
+    let fixture = scratch.copy(&env.fixture, "aw_selected");
+    let shell = scratch.copy(Path::new("/usr/bin/dash"), "aw-sel-shell");
+    let id = Identity::of(&fixture);
+    let mut agent = Agent::start(&env, &["--comm", "^aw_selected$"]);
+
+    let mut child = Command::new(&shell)
+        .args(["-c", "read x; exec \"$0\" run"])
+        .arg(&fixture)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", shell.display()));
+    let mut stdin: ChildStdin = child.stdin.take().expect("stdin");
+    // Classified (scans every 500 ms) and denied, and what it recorded deleted, by then.
+    thread::sleep(Duration::from_millis(1500));
+    stdin.write_all(b"go\n").expect("writing to the shell");
+    drop(stdin);
+    let status = wait_child(&mut child, Duration::from_secs(10)).expect("shell + fixture exit");
+    assert!(status.success(), "exec'd fixture failed: {status}");
+    let m = agent.scrape_until(
+        "the exec'd fixture's counts",
+        Duration::from_secs(10),
+        |m| {
+            m.value(&id, "allocwatch_free_calls_total", &[])
+                .is_some_and(|f| f >= 17.0)
+        },
+    );
+    check_fixture_totals(&m, &id, &env.alias_groups);
+    let foreign = m.foreign_lines(&id.comm);
+    assert!(
+        foreign.is_empty(),
+        "exports processes the selection rejects:\n{foreign}"
+    );
+    agent.stop();
+}
+
 /// Call sites are named after the fixture's functions (`site="fx_malloc ← fx_work"`, the
 /// innermost two frames), with the exact numbers of each, both for a process found by the scan
 /// and for one that lived less than a millisecond and was gone before the first scrape.
@@ -1627,6 +1739,16 @@ impl Metrics {
         self.text
             .lines()
             .filter(|l| !l.starts_with('#') && l.contains(&needle))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The lines of processes whose comm is not `comm` (empty when there is none).
+    fn foreign_lines(&self, comm: &str) -> String {
+        self.samples
+            .iter()
+            .filter(|s| s.labels.get("comm").is_some_and(|c| c != comm))
+            .map(|s| format!("{} {:?}", s.metric, s.labels))
             .collect::<Vec<_>>()
             .join("\n")
     }

@@ -4,6 +4,7 @@
 //! One loop owns the probes: it drains the ring buffer, rescans /proc, and answers snapshot
 //! requests from the HTTP server over a channel (so the server never touches kernel maps).
 
+mod exec_snapshots;
 mod registry;
 mod select;
 mod snapshot;
@@ -57,11 +58,11 @@ impl SnapshotSource for ChannelSource {
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     preflight::check()?;
     let selector = Selector::new(&cfg.select)?;
-    let filter = if selector.is_allowlist() {
-        Filter::Allow
-    } else {
-        Filter::Deny
-    };
+    // Always a denylist, also when some include rule narrows the selection: the kernel records
+    // a new process from its first call, before the agent can have classified it (a selected
+    // program may live less than a millisecond); rejected processes are denied once classified
+    // and their rows deleted (`registry`).
+    let filter = Filter::Deny;
     let capacity = CapacityArgs {
         max_live: cfg.capacity.max_live,
         max_sites: cfg.capacity.max_sites,
@@ -77,10 +78,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         },
         cfg.mode,
     )?;
-    if filter == Filter::Deny {
-        // Our own allocations must not be traced (each event we handle would allocate more).
-        probes.set_listed(std::process::id(), true)?;
-    }
+    // Our own allocations must not be traced (each event we handle would allocate more).
+    probes.set_listed(std::process::id(), true)?;
     let ring = collect::take_events(&mut probes.ebpf)?;
     // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the ring buffer.
     let mut ring = unsafe { AsyncFd::register(ring) }.map_err(std::io::Error::from)?;
@@ -107,6 +106,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     ));
     let mut server = std::pin::pin!(server);
 
+    // Maps of new programs are read on a thread of their own, the moment they exec.
+    let _exec_snapshots = collect::take_exec_notify(&mut probes.ebpf)
+        .map_err(anyhow::Error::from)
+        .and_then(|ring| Ok(exec_snapshots::spawn(ring, symbolizer.clone())?))
+        .inspect_err(|e| log::warn!("exec snapshots: {e}"))
+        .ok();
     // exec events: identities change at exec, and short-lived programs get their path.
     if let Err(e) = probes.attach_exec() {
         eprintln!(
@@ -159,10 +164,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 stats.malformed_records += collect::drain(ring.get_mut(), &mut events);
                 stats.events_processed += events.len() as u64;
                 handle(&mut events, &mut registry, &mut probes, &symbolizer, &mut frames)?;
-                let snap = snapshot::build(
+                let (snap, unexported) = snapshot::build(
                     &probes, &registry, &mut frames, &symbolizer, stats, capacity.max_sites, cfg.top_k,
                 ).await?;
                 let _ = reply.send(snap);
+                // Rows whose announcement was lost (full ring buffer) or recorded while their
+                // process was being denied: deleted at the next scan once it is rejected or gone.
+                registry.unexported(unexported);
             }
             r = &mut server => {
                 break match r {
@@ -208,7 +216,7 @@ fn handle(
                 frames.remember_stack(probes, g.stack_id)?;
                 let tgid = g.header.tgid;
                 if !registry.procs.contains_key(&tgid) {
-                    registry.ensure(tgid, probes, symbolizer);
+                    registry.ensure_rows(tgid, probes, symbolizer);
                 }
                 if let Some(go) = registry.procs.get_mut(&tgid).and_then(|p| p.go.as_mut()) {
                     go.record(&g);

@@ -1,5 +1,12 @@
 //! The processes the daemon traces: discovery from /proc, selection, attaching once per
 //! distinct file (device + inode), exit and expiry.
+//!
+//! The kernel filter is always a denylist: a process is recorded from its first call, before
+//! the agent has seen it, so that a selected program that lives less than a millisecond is
+//! counted exactly. A process the selection rejects is denied as soon as it is classified (at
+//! its exec event, its first new call site, or the /proc scan, whichever comes first), and what
+//! it recorded before that is deleted from the kernel maps. Only registered processes
+//! (`procs`) are exported, so an unclassified or rejected process's rows never reach a scrape.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -93,6 +100,12 @@ pub struct Registry {
     pub past: HashMap<u32, Vec<PastImage>>,
     /// Per pid: the number of its current image (0 before its first exec).
     images: HashMap<u32, u32>,
+    /// Rejected processes in the kernel's denylist (besides the agent itself); removed when
+    /// the process exits or execs.
+    denied: HashSet<u32>,
+    /// Processes that recorded rows and are not selected: their rows are deleted at the next
+    /// scan (one pass over the maps for all of them).
+    to_forget: HashSet<u32>,
     self_pid: u32,
 }
 
@@ -115,6 +128,8 @@ impl Registry {
             image_sites: HashMap::new(),
             past: HashMap::new(),
             images: HashMap::new(),
+            denied: HashSet::new(),
+            to_forget: HashSet::new(),
             self_pid: std::process::id(),
         }
     }
@@ -145,9 +160,6 @@ impl Registry {
         for (pid, p) in &mut self.procs {
             if p.exited_at.is_none() && !seen.contains(pid) {
                 p.exited_at = Some(now);
-                if probes.is_allowlist() {
-                    let _ = probes.set_listed(*pid, false);
-                }
             }
         }
         let expired: Vec<u32> = self
@@ -171,16 +183,20 @@ impl Registry {
                 keep
             });
         }
-        self.past.retain(|_, images| !images.is_empty());
+        let procs = &self.procs;
+        self.past.retain(|pid, images| {
+            let keep = !images.is_empty();
+            if !keep && !procs.contains_key(pid) {
+                frames.forget(*pid);
+            }
+            keep
+        });
         for pid in expired {
             self.procs.remove(&pid);
             self.past.remove(&pid);
             self.images.remove(&pid);
             self.image_sites.remove(&pid);
-            frames.forget(pid);
-            if let Err(e) = collect::forget(&mut probes.ebpf, pid) {
-                log::warn!("forgetting pid {pid}: {e}");
-            }
+            self.to_forget.insert(pid);
         }
         self.image_sites
             .retain(|pid, _| seen.contains(pid) || self.procs.contains_key(pid));
@@ -188,6 +204,76 @@ impl Registry {
         self.ignored_pids = self.ignored.iter().map(|(pid, _)| *pid).collect();
         self.exec_paths
             .retain(|pid, _| seen.contains(pid) || self.procs.contains_key(pid));
+        // Denied processes that exited: their entries make room (a reused pid starts traced).
+        let gone: Vec<u32> = self
+            .denied
+            .iter()
+            .copied()
+            .filter(|pid| !seen.contains(pid))
+            .collect();
+        for pid in gone {
+            self.undeny(pid, probes);
+        }
+        let pids = forgettable(&mut self.to_forget, &self.procs);
+        for &pid in &pids {
+            // An earlier image still exported keeps its named sites.
+            if !self.past.contains_key(&pid) {
+                frames.forget(pid);
+            }
+        }
+        let past = &self.past;
+        let is_past = |k: &SiteKey| {
+            past.get(&k.tgid)
+                .is_some_and(|images| images.iter().any(|i| i.keys.contains(k)))
+        };
+        if let Err(e) = collect::forget_all(&mut probes.ebpf, &pids, is_past) {
+            log::warn!("forgetting {} processes: {e}", pids.len());
+        }
+    }
+
+    /// Pids that have rows in the kernel maps and are not exported (from a scrape): those of
+    /// rejected or vanished processes are deleted at the next scan; those of running processes
+    /// not classified yet wait for the scan to classify them.
+    pub fn unexported(&mut self, pids: impl IntoIterator<Item = u32>) {
+        for pid in pids {
+            if self.procs.contains_key(&pid) {
+                continue;
+            }
+            if self.ignored_pids.contains(&pid) || start_time(pid).is_none() {
+                self.to_forget.insert(pid);
+            }
+        }
+    }
+
+    /// Entries of the kernel's denylist: the agent and the rejected processes.
+    pub fn denylist_len(&self) -> usize {
+        self.denied.len() + 1
+    }
+
+    /// Adds a rejected process to the kernel's denylist; a failure (a full map) is counted.
+    fn deny(&mut self, pid: u32, probes: &mut Probes) {
+        match probes.set_listed(pid, true) {
+            Ok(()) => {
+                self.denied.insert(pid);
+            }
+            Err(e) => {
+                // It stays traced: its rows are deleted as they are announced, never exported.
+                let why = if is_full(&e) {
+                    "denylist full".to_string()
+                } else {
+                    reason(&e.to_string())
+                };
+                log::warn!("denying pid {pid}: {e}");
+                *self.attach_failures.entry(why).or_default() += 1;
+            }
+        }
+    }
+
+    /// Takes `pid` off the denylist, if it is on it.
+    fn undeny(&mut self, pid: u32, probes: &mut Probes) {
+        if self.denied.remove(&pid) {
+            let _ = probes.set_listed(pid, false);
+        }
     }
 
     /// Applies a pod change from the API and renames the processes it concerns.
@@ -223,31 +309,58 @@ impl Registry {
         symbolizer: &SymbolizerHandle,
     ) {
         // Events come by the thousand on a busy node: known processes cost no /proc read.
-        if self.procs.contains_key(&pid) || self.ignored_pids.contains(&pid) {
+        if self.procs.contains_key(&pid) {
+            return;
+        }
+        if self.ignored_pids.contains(&pid) {
+            // Recorded before it was denied (or the denylist is full).
+            self.to_forget.insert(pid);
             return;
         }
         self.ensure(pid, probes, symbolizer);
-        let gone = start_time(pid).is_none() || is_zombie(pid);
-        if self.procs.contains_key(&pid) || !gone || pid == self.self_pid {
+        if self.procs.contains_key(&pid) || pid == self.self_pid {
             return;
         }
+        // It has rows: unless it is selected below, they go.
+        self.to_forget.insert(pid);
+        let gone = start_time(pid).is_none() || is_zombie(pid);
+        if !gone {
+            return;
+        }
+        // Exited before /proc was read: classified by what the probe saw (its comm, the path of
+        // its exec), and its cgroup if it is a zombie still; with the cgroup unknown, cgroup and
+        // namespace rules do not match it.
         let comm = comm_text(comm);
+        let exe = self.exec_paths.get(&pid).cloned().unwrap_or_default();
+        let cgroup_text = fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .ok()
+            .filter(|t| !t.is_empty());
+        let container = cgroup_text
+            .as_deref()
+            .map(cgroup::parse)
+            .unwrap_or_default();
+        let pod = cgroup_text
+            .as_ref()
+            .and_then(|_| self.pods.lookup(&container));
         let candidate = Candidate {
             comm: &comm,
-            ..Candidate::default()
+            exe: &exe,
+            cgroup: cgroup_text.as_deref().map(cgroup_path),
+            namespace: pod.as_ref().map(|p| p.namespace.as_str()),
         };
         if !self.selector.selects(&candidate) {
             return;
         }
+        self.to_forget.remove(&pid);
         self.procs.insert(
             pid,
             Proc {
                 labels: ProcessLabels {
                     comm,
-                    exe: self.exec_paths.get(&pid).cloned().unwrap_or_default(),
-                    ..ProcessLabels::default()
+                    exe,
+                    ..pod_labels(pod.as_ref())
                 },
-                container: cgroup::ContainerRef::default(),
+                container,
                 // A zombie still has its start time: later scans must see the same process.
                 start_time: start_time(pid).unwrap_or(0),
                 exited_at: Some(Instant::now()),
@@ -280,6 +393,17 @@ impl Registry {
             .is_some_and(|images| images.iter().any(|i| i.keys.contains(key)))
     }
 
+    /// Like [`Self::ensure`] for a process that recorded rows (a Go event, which names no comm):
+    /// unless it is selected, they go.
+    pub fn ensure_rows(&mut self, pid: u32, probes: &mut Probes, symbolizer: &SymbolizerHandle) {
+        if !self.ignored_pids.contains(&pid) {
+            self.ensure(pid, probes, symbolizer);
+        }
+        if !self.procs.contains_key(&pid) && pid != self.self_pid {
+            self.to_forget.insert(pid);
+        }
+    }
+
     /// `pid` exec'd `path`: its identity is the new program's from now on (a process that was
     /// skipped before may be selected now, and the other way round). What its old image did
     /// stays with the old identity, as an exited process of its own (a shell's work before
@@ -310,12 +434,14 @@ impl Registry {
         if let Some(sites) = self.image_sites.remove(&pid).filter(|s| !s.keys.is_empty()) {
             self.end_image(pid, old, sites);
         }
+        // What the new program records goes unless it is selected (the old image's stays,
+        // above): a pid that ends up registered is not forgotten.
+        self.to_forget.insert(pid);
         self.exec_paths.insert(pid, path);
         self.ignored.retain(|(p, _)| *p != pid);
         self.ignored_pids.remove(&pid);
-        if probes.is_denylist() {
-            let _ = probes.set_listed(pid, false);
-        }
+        // The probe took it off the denylist at exec already; this keeps the books.
+        self.undeny(pid, probes);
         self.ensure_seen(pid, comm, probes, symbolizer);
     }
 
@@ -383,8 +509,10 @@ impl Registry {
             if p.start_time == start_time {
                 return;
             }
-            // The pid was reused: the old process is gone.
+            // The pid was reused: the old process is gone, and its rows are mixed with the new
+            // one's from now on.
             self.procs.remove(&pid);
+            self.to_forget.insert(pid);
         }
         if self.ignored.contains(&(pid, start_time)) {
             return;
@@ -407,53 +535,45 @@ impl Registry {
         let cgroup_text = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
         let container = cgroup::parse(&cgroup_text);
         let pod = self.pods.lookup(&container);
-        let cgroup_path = cgroup_text
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .or_else(|| {
-                cgroup_text
-                    .lines()
-                    .next()
-                    .and_then(|l| l.splitn(3, ':').nth(2))
-            })
-            .unwrap_or("");
         let candidate = Candidate {
             comm: &comm,
             exe: &exe,
-            cgroup: cgroup_path,
+            cgroup: Some(cgroup_path(&cgroup_text)),
             namespace: pod.as_ref().map(|p| p.namespace.as_str()),
         };
         if !self.selector.selects(&candidate) {
-            {
-                self.ignored.insert((pid, start_time));
-                self.ignored_pids.insert(pid);
+            self.ignored.insert((pid, start_time));
+            self.ignored_pids.insert(pid);
+            self.deny(pid, probes);
+            // It may have exec'd between our reads and the denial (the probe clears the entry
+            // at exec, before we made it): then the exec event classifies it again, traced.
+            let same_program = fs::read_link(format!("/proc/{pid}/exe"))
+                .is_ok_and(|e| e.display().to_string() == exe)
+                && fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.trim_end() == comm);
+            if !same_program {
+                self.undeny(pid, probes);
+                self.ignored.remove(&(pid, start_time));
+                self.ignored_pids.remove(&pid);
             }
-            if probes.is_denylist() {
-                let _ = probes.set_listed(pid, true);
-            }
+            // Its libc is probed all the same (once per file): a selected program that starts
+            // later with this libc is then recorded from its first call, however briefly it
+            // lives. Denied processes still take the uprobe trap of each call, and nothing more.
+            let maps = read_maps(pid).unwrap_or_default();
+            self.attach(pid, &comm, &maps, probes, false);
             return;
         }
+        // A reused pid of a denied process that exited since the last scan.
+        self.undeny(pid, probes);
         // One read of the memory map serves the libc search, the Go load bias and the
         // symbolizer's snapshot.
         let maps = read_maps(pid).unwrap_or_default();
-        let go = self.attach(pid, &comm, &maps, probes);
-
-        if probes.is_allowlist() {
-            let _ = probes.set_listed(pid, true);
-        }
+        let go = self.attach(pid, &comm, &maps, probes, true);
         symbolizer.note_maps(pid, &maps);
         let labels = ProcessLabels {
-            namespace: pod
-                .as_ref()
-                .map(|p| p.namespace.clone())
-                .unwrap_or_default(),
-            pod: pod.as_ref().map(|p| p.pod.clone()).unwrap_or_default(),
-            container: pod
-                .as_ref()
-                .and_then(|p| p.container_name.clone())
-                .unwrap_or_default(),
             comm,
             exe,
+            ..pod_labels(pod.as_ref())
         };
         self.procs.insert(
             pid,
@@ -467,14 +587,15 @@ impl Registry {
         );
     }
 
-    /// Attaches the files `pid` runs that are not probed yet: its libc, and its executable
-    /// when it is a Go program. Returns its Go target, if any.
+    /// Attaches the files `pid` runs that are not probed yet: its libc, and (with `go`) its
+    /// executable when it is a Go program. Returns its Go target, if any.
     fn attach(
         &mut self,
         pid: u32,
         comm: &str,
         maps: &[MapEntry],
         probes: &mut Probes,
+        go: bool,
     ) -> Option<Arc<GoTarget>> {
         let exe = PathBuf::from(format!("/proc/{pid}/exe"));
         let exe_id = fs::metadata(&exe).ok().map(|m| DevInode::from_metadata(&m));
@@ -496,6 +617,9 @@ impl Registry {
                 }
             };
             self.libc_files.insert(libc.dev_inode, state);
+        }
+        if !go {
+            return None;
         }
         let id = exe_id?;
         if !self.exe_files.contains_key(&id) {
@@ -565,6 +689,50 @@ fn comm_text(comm: &[u8; 16]) -> String {
     String::from_utf8_lossy(&comm[..len]).into_owned()
 }
 
+/// Whether a map update failed because the map is full (E2BIG).
+fn is_full(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(::libc::E2BIG))
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Namespace, pod and container labels of a process in `pod` (empty outside pods).
+fn pod_labels(pod: Option<&crate::k8s::pods::PodMeta>) -> ProcessLabels {
+    ProcessLabels {
+        namespace: pod.map(|p| p.namespace.clone()).unwrap_or_default(),
+        pod: pod.map(|p| p.pod.clone()).unwrap_or_default(),
+        container: pod
+            .and_then(|p| p.container_name.clone())
+            .unwrap_or_default(),
+        ..ProcessLabels::default()
+    }
+}
+
+/// The cgroup path of /proc/<pid>/cgroup: the v2 line, else the first v1 hierarchy's.
+fn cgroup_path(text: &str) -> &str {
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .or_else(|| text.lines().next().and_then(|l| l.splitn(3, ':').nth(2)))
+        .unwrap_or("")
+}
+
+/// Takes the pids to forget out of `to_forget`: all but the registered ones (a pid reused by a
+/// selected process, whose rows are its own now).
+fn forgettable(to_forget: &mut HashSet<u32>, procs: &HashMap<u32, Proc>) -> HashSet<u32> {
+    to_forget
+        .drain()
+        .filter(|pid| !procs.contains_key(pid))
+        .collect()
+}
+
 /// Whether `pid` has exited but is not reaped yet (state Z).
 fn is_zombie(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -600,6 +768,56 @@ mod tests {
         assert!(t > 0);
         assert_eq!(start_time(std::process::id()), Some(t));
         assert_eq!(start_time(0x7fff_fff0), None);
+    }
+
+    #[test]
+    fn cgroup_path_prefers_the_v2_line() {
+        assert_eq!(cgroup_path("0::/kubepods.slice/a\n"), "/kubepods.slice/a");
+        assert_eq!(
+            cgroup_path("9:name=systemd:/x\n8:pids:/y\n0::/z\n"),
+            "/z",
+            "hybrid: the unified line"
+        );
+        assert_eq!(cgroup_path("4:memory:/docker/ab\n3:cpu:/c\n"), "/docker/ab");
+        assert_eq!(cgroup_path(""), "");
+    }
+
+    /// Rows of a pid that is registered again (reused by a selected process) are its own.
+    #[test]
+    fn registered_pids_are_not_forgotten() {
+        let mut to_forget = HashSet::from([1, 2, 3]);
+        let procs = HashMap::from([(
+            2,
+            Proc {
+                labels: ProcessLabels::default(),
+                container: cgroup::ContainerRef::default(),
+                start_time: 1,
+                exited_at: None,
+                go: None,
+            },
+        )]);
+        assert_eq!(forgettable(&mut to_forget, &procs), HashSet::from([1, 3]));
+        assert!(to_forget.is_empty());
+    }
+
+    #[test]
+    fn full_map_is_e2big_anywhere_in_the_chain() {
+        #[derive(Debug)]
+        struct Wrap(std::io::Error);
+        impl std::fmt::Display for Wrap {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("map update failed")
+            }
+        }
+        impl std::error::Error for Wrap {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e2big = Wrap(std::io::Error::from_raw_os_error(::libc::E2BIG));
+        assert!(is_full(&e2big));
+        let eperm = Wrap(std::io::Error::from_raw_os_error(::libc::EPERM));
+        assert!(!is_full(&eperm));
     }
 
     #[test]

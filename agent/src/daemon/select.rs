@@ -9,7 +9,8 @@ use crate::config::{ConfigError, Select};
 pub struct Candidate<'a> {
     pub comm: &'a str,
     pub exe: &'a str,
-    pub cgroup: &'a str,
+    /// Its cgroup path; `None` when it exited before the agent could read it.
+    pub cgroup: Option<&'a str>,
     /// Kubernetes namespace of its pod, when known.
     pub namespace: Option<&'a str>,
 }
@@ -54,11 +55,13 @@ impl Rules {
             && self.namespace.is_empty()
     }
 
-    /// Whether any rule matches (a process outside pods never matches a namespace rule).
+    /// Whether any rule matches (a process outside pods never matches a namespace rule, one
+    /// whose cgroup is unknown never matches a cgroup or namespace rule).
     fn any(&self, c: &Candidate<'_>) -> bool {
         self.comm.iter().any(|r| r.is_match(c.comm))
             || self.exe.iter().any(|r| r.is_match(c.exe))
-            || self.cgroup.iter().any(|r| r.is_match(c.cgroup))
+            || c.cgroup
+                .is_some_and(|cg| self.cgroup.iter().any(|r| r.is_match(cg)))
             || c.namespace
                 .is_some_and(|ns| self.namespace.iter().any(|r| r.is_match(ns)))
     }
@@ -84,11 +87,6 @@ impl Selector {
         })
     }
 
-    /// Whether only listed processes are traced (some include rule exists).
-    pub fn is_allowlist(&self) -> bool {
-        !self.include.is_empty()
-    }
-
     pub fn selects(&self, c: &Candidate<'_>) -> bool {
         (self.include.is_empty() || self.include.any(c)) && !self.exclude.any(c)
     }
@@ -108,7 +106,7 @@ mod tests {
         Candidate {
             comm,
             exe,
-            cgroup: "/kubepods.slice/x",
+            cgroup: Some("/kubepods.slice/x"),
             namespace: ns,
         }
     }
@@ -116,7 +114,6 @@ mod tests {
     #[test]
     fn empty_selects_everything_but_excludes() {
         let s = sel(|s| s.exclude_comm = vec!["^sshd$".into()]);
-        assert!(!s.is_allowlist());
         assert!(s.selects(&cand("nginx", "/usr/sbin/nginx", None)));
         assert!(!s.selects(&cand("sshd", "/usr/sbin/sshd", None)));
     }
@@ -127,11 +124,31 @@ mod tests {
             s.comm = vec!["^api$".into()];
             s.k8s_namespace = vec!["^prod$".into()];
         });
-        assert!(s.is_allowlist());
         assert!(s.selects(&cand("api", "/bin/api", None)));
         assert!(s.selects(&cand("worker", "/bin/w", Some("prod"))));
         assert!(!s.selects(&cand("worker", "/bin/w", Some("dev"))));
         assert!(!s.selects(&cand("worker", "/bin/w", None)));
+    }
+
+    /// A process that exited before its cgroup was read: only comm and exe can select it.
+    #[test]
+    fn unknown_cgroup_matches_no_cgroup_rule() {
+        let s = sel(|s| {
+            s.cgroup = vec![".*".into()];
+            s.comm = vec!["^api$".into()];
+        });
+        let gone = |comm| Candidate {
+            comm,
+            exe: "/bin/x",
+            cgroup: None,
+            namespace: None,
+        };
+        assert!(s.selects(&cand("worker", "/bin/w", None)));
+        assert!(!s.selects(&gone("worker")));
+        assert!(s.selects(&gone("api")));
+        let s = sel(|s| s.exclude_cgroup = vec![".*".into()]);
+        assert!(!s.selects(&cand("worker", "/bin/w", None)));
+        assert!(s.selects(&gone("worker")));
     }
 
     #[test]

@@ -34,7 +34,7 @@ pub async fn build(
     loop_stats: LoopStats,
     max_sites: u32,
     top_k: usize,
-) -> anyhow::Result<(Vec<ProcessSnapshot>, SelfStats)> {
+) -> anyhow::Result<((Vec<ProcessSnapshot>, SelfStats), Vec<u32>)> {
     let sites = collect::sites(&probes.ebpf, None)?;
     let libc_hist = collect::hist(&probes.ebpf, map_names::LIBC_HIST)?;
     let go_hist = collect::hist(&probes.ebpf, map_names::GO_HIST)?;
@@ -104,7 +104,22 @@ pub async fn build(
     self_stats
         .symbolization_failures
         .insert("no_symbol", sym.no_symbol);
-    Ok((out, self_stats))
+    self_stats.map_fill.insert(
+        map_names::TGIDS,
+        registry.denylist_len() as f64 / f64::from(allocwatch_common::capacity::TGIDS),
+    );
+    Ok(((out, self_stats), unexported(&sites, registry)))
+}
+
+/// Pids with rows in the site table that are not exported (not registered).
+fn unexported(sites: &BTreeMap<SiteKey, SiteStats>, registry: &Registry) -> Vec<u32> {
+    let mut pids: Vec<u32> = sites
+        .keys()
+        .map(|k| k.tgid)
+        .filter(|pid| !registry.procs.contains_key(pid))
+        .collect();
+    pids.dedup();
+    pids
 }
 
 /// What naming a process's sites needs, with the scrape's shared symbolization budget.
