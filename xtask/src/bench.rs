@@ -16,8 +16,8 @@
 //! - `internals`: symbolization throughput and /metrics rendering with 10k and 100k series
 //!   (ignored tests in agent/src/bench.rs, built in release mode).
 //! - `metrics`: a real agent scraped over HTTP with ~10k and ~100k series from processes of
-//!   `fixtures/bench/sites.c` (one identity each), with the agent's own allocations through
-//!   glibc (probed) and through jemalloc (LD_PRELOAD, when installed).
+//!   `fixtures/bench/sites.c` (one identity each), the agent's allocator run as deployed and
+//!   with its defaults.
 //! - `stream`: Go events streamed through the ring buffer at controlled rates by
 //!   `fixtures/bench/gostream` into an agent: delivered, lost, agent CPU per million events.
 
@@ -1229,6 +1229,7 @@ fn pickup_one(b: &Bench, n: usize) -> anyhow::Result<String> {
     let listen = format!("127.0.0.1:{port}");
     let agent = Command::new(&b.bin)
         .args(["agent", "--listen", &listen, "--comm", "^libc_fixture$"])
+        .env(DEPLOYED_ALLOCATOR.0, DEPLOYED_ALLOCATOR.1)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(fs::File::create(b.tmp.join("agent.stderr"))?)
@@ -1309,6 +1310,7 @@ fn footprint_one(b: &Bench, n: usize, mode: &str) -> anyhow::Result<String> {
     let started = Instant::now();
     let agent = Command::new(&b.bin)
         .args(["agent", "--listen", &listen, "--comm", "^libc_fixture$"])
+        .env(DEPLOYED_ALLOCATOR.0, DEPLOYED_ALLOCATOR.1)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(fs::File::create(b.tmp.join("agent.stderr"))?)
@@ -1647,7 +1649,18 @@ fn build_sites(paths: &Paths, out_dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(out)
 }
 
-const JEMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
+/// The agent's allocator setting in the image and the DaemonSet (deploy/Dockerfile).
+const DEPLOYED_ALLOCATOR: (&str, &str) = ("MIMALLOC_ARENA_EAGER_COMMIT", "0");
+
+/// How the agent's allocator (mimalloc, built in) is run: as the image and the DaemonSet run it
+/// (arena memory committed as it is used), and with mimalloc's defaults.
+const AGENT_ALLOCATOR: [(&str, Option<(&str, &str)>); 2] = [
+    (
+        "mimalloc, `MIMALLOC_ARENA_EAGER_COMMIT=0` (as deployed)",
+        Some(("MIMALLOC_ARENA_EAGER_COMMIT", "0")),
+    ),
+    ("mimalloc, defaults", None),
+];
 
 fn metrics_section(paths: &Paths, b: &Bench, counts: &[usize]) -> anyhow::Result<String> {
     let sites = build_sites(paths, &b.tmp)?;
@@ -1664,28 +1677,17 @@ fn metrics_section(paths: &Paths, b: &Bench, counts: &[usize]) -> anyhow::Result
          above 20,000 series): latency as the client sees it, and the agent's own \
          `allocwatch_scrape_duration_seconds` (snapshot of the kernel maps and the exporter's \
          update, up to its self-metrics; the text encoding of the rest and HTTP come after). \
-         Checked: N processes reported, every site series present, every loss counter 0. With \
-         jemalloc: the same agent with `LD_PRELOAD={JEMALLOC}`, so that its own allocations do \
-         not go through the probed libc functions.\n\n",
+         Checked: N processes reported, every site series present, every loss counter 0. The \
+         agent allocates with mimalloc, not the glibc malloc it probes; run as deployed and with \
+         mimalloc's defaults.\n\n",
         SITES_PER_PROC * SITE_FAMILIES
     );
     md += "| processes | agent's allocator | series | site series | bytes | until exported, s | scrape ms: median (max) | agent's own timing, ms: median (max) | agent RSS, MiB |\n";
     md += "|---:|---|---:|---:|---:|---:|---:|---:|---:|\n";
-    let mut allocators = vec![None];
-    if Path::new(JEMALLOC).is_file() {
-        allocators.push(Some(JEMALLOC));
-    } else {
-        eprintln!("bench: {JEMALLOC} missing: the jemalloc rows are left out");
-    }
     for &n in counts {
-        for &pre in &allocators {
-            let label = if pre.is_some() {
-                "jemalloc (LD_PRELOAD)"
-            } else {
-                "glibc (traced)"
-            };
+        for (label, env) in AGENT_ALLOCATOR {
             eprintln!("bench: /metrics end to end, {n} processes, {label}");
-            match metrics_one(b, &sites, n, pre) {
+            match metrics_one(b, &sites, n, env) {
                 Ok(row) => md += &format!("| {n} | {label} {row}\n"),
                 Err(e) => {
                     md += &format!("| {n} | {label} | failed: {e:#} | | | | | | |\n");
@@ -1699,7 +1701,12 @@ fn metrics_section(paths: &Paths, b: &Bench, counts: &[usize]) -> anyhow::Result
 }
 
 /// One row after the first two cells.
-fn metrics_one(b: &Bench, sites: &Path, n: usize, preload: Option<&str>) -> anyhow::Result<String> {
+fn metrics_one(
+    b: &Bench,
+    sites: &Path,
+    n: usize,
+    env: Option<(&str, &str)>,
+) -> anyhow::Result<String> {
     wait_for_no_tracers();
     let dir = b.tmp.join("sites-bin");
     let _ = fs::remove_dir_all(&dir);
@@ -1735,8 +1742,8 @@ fn metrics_one(b: &Bench, sites: &Path, n: usize, preload: Option<&str>) -> anyh
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(fs::File::create(&stderr)?);
-    if let Some(p) = preload {
-        cmd.env("LD_PRELOAD", p);
+    if let Some((k, v)) = env {
+        cmd.env(k, v);
     }
     let mut agent = KillOnDrop(vec![cmd.spawn()?]);
     let agent_pid = agent.0[0].id();
@@ -1874,6 +1881,7 @@ fn stream_section(
     let mut agent = KillOnDrop(vec![
         Command::new(&b.bin)
             .args(["agent", "--listen", &listen, "--comm", "^gostream"])
+            .env(DEPLOYED_ALLOCATOR.0, DEPLOYED_ALLOCATOR.1)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&stderr)?)
