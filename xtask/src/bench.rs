@@ -810,6 +810,22 @@ fn probe_table(w: &Workload, rows: &[Row]) -> String {
 // ---------------------------------------------------------------------------------------------
 // Section 2: Go growth cost.
 
+/// `exe` untraced (`flags` None), or under `allocwatch top --json -o REPORT FLAGS -- exe`.
+fn go_workload(b: &Bench, exe: &Path, flags: Option<&[&str]>, report: &Path) -> Command {
+    match flags {
+        None => Command::new(exe),
+        Some(flags) => {
+            let mut c = Command::new(&b.bin);
+            c.args(["top", "--json", "-o"])
+                .arg(report)
+                .args(flags)
+                .arg("--")
+                .arg(exe);
+            c
+        }
+    }
+}
+
 fn go_section(paths: &Paths, b: &Bench, out_dir: &Path) -> anyhow::Result<String> {
     let mut md = String::from("## 2. Go growth cost\n\n");
     let toolchains = match go::ensure_toolchains(&paths.cache) {
@@ -857,18 +873,7 @@ fn go_section(paths: &Paths, b: &Bench, out_dir: &Path) -> anyhow::Result<String
                 let k = (i + rep) % configs.len();
                 wait_for_no_tracers();
                 let report = b.tmp.join("go-report.json");
-                let mut cmd = match configs[k].1 {
-                    None => Command::new(&exe),
-                    Some(flags) => {
-                        let mut c = Command::new(&b.bin);
-                        c.args(["top", "--json", "-o"])
-                            .arg(&report)
-                            .args(flags)
-                            .arg("--")
-                            .arg(&exe);
-                        c
-                    }
-                };
+                let mut cmd = go_workload(b, &exe, configs[k].1, &report);
                 let done = run_captured(&mut cmd, Duration::from_secs(600), &b.tmp)?;
                 if !done.success {
                     bail!("gogrowth under {} failed:\n{}", configs[k].0, done.stderr);
@@ -985,18 +990,7 @@ fn go_event_cost(
                 let k = (i + rep) % configs.len();
                 wait_for_no_tracers();
                 let report = b.tmp.join("go-report.json");
-                let mut cmd = match configs[k].1 {
-                    None => Command::new(&exe),
-                    Some(flags) => {
-                        let mut c = Command::new(&b.bin);
-                        c.args(["top", "--json", "-o"])
-                            .arg(&report)
-                            .args(flags)
-                            .arg("--")
-                            .arg(&exe);
-                        c
-                    }
-                };
+                let mut cmd = go_workload(b, &exe, configs[k].1, &report);
                 cmd.args(["count", &N.to_string(), "1"]);
                 let done = run_captured(&mut cmd, Duration::from_secs(600), &b.tmp)?;
                 if !done.success {
