@@ -154,6 +154,27 @@ macro_rules! remove_where {
     }};
 }
 
+fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Map, CollectError> {
+    ebpf.map_mut(name).ok_or(CollectError::MissingMap(name))
+}
+
+/// Removes the outstanding allocations for which `pred` holds; how many went.
+fn remove_live_where(
+    ebpf: &mut Ebpf,
+    pred: impl Fn(&LiveKey, &LiveAlloc) -> bool,
+) -> Result<usize, CollectError> {
+    let name = map_names::LIVE;
+    let mut live: HashMap<_, LiveKey, LiveAlloc> =
+        HashMap::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
+    let gone: Vec<LiveKey> = live
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, a)| pred(k, a))
+        .map(|(k, _)| k)
+        .collect();
+    Ok(gone.iter().filter(|k| live.remove(k).is_ok()).count())
+}
+
 /// Deletes every row of the processes `tgids` from the per-process maps (exited and expired,
 /// or not selected); returns how many rows went. One pass over each map for all of them (a
 /// pass costs a syscall per key of the map, whoever owns it). Site rows for which `keep` is
@@ -163,39 +184,27 @@ pub fn forget_all(
     tgids: &HashSet<u32>,
     keep: impl Fn(&SiteKey) -> bool,
 ) -> Result<usize, CollectError> {
-    fn get<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Map, CollectError> {
-        ebpf.map_mut(name).ok_or(CollectError::MissingMap(name))
-    }
     if tgids.is_empty() {
         return Ok(0);
     }
     let mut removed = 0;
     let name = map_names::SITES;
     let mut sites: PerCpuHashMap<_, SiteKey, SiteStats> =
-        PerCpuHashMap::try_from(get(ebpf, name)?).map_err(map_err(name))?;
+        PerCpuHashMap::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
     removed += remove_where!(sites, |k: &SiteKey| tgids.contains(&k.tgid) && !keep(k));
-    let name = map_names::LIVE;
-    let mut live: HashMap<_, LiveKey, LiveAlloc> =
-        HashMap::try_from(get(ebpf, name)?).map_err(map_err(name))?;
-    let gone: Vec<LiveKey> = live
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(k, a)| tgids.contains(&k.tgid) && !keep(&a.site))
-        .map(|(k, _)| k)
-        .collect();
-    removed += gone.iter().filter(|k| live.remove(k).is_ok()).count();
+    removed += remove_live_where(ebpf, |k, a| tgids.contains(&k.tgid) && !keep(&a.site))?;
     for name in [map_names::GO_HIST, map_names::LIBC_HIST] {
         let mut hist: PerCpuHashMap<_, GoHistKey, GoHistVal> =
-            PerCpuHashMap::try_from(get(ebpf, name)?).map_err(map_err(name))?;
+            PerCpuHashMap::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
         removed += remove_where!(hist, |k: &GoHistKey| tgids.contains(&k.tgid));
     }
     let name = map_names::GO_PROCS;
     let mut procs: HashMap<_, u32, GoProc> =
-        HashMap::try_from(get(ebpf, name)?).map_err(map_err(name))?;
+        HashMap::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
     removed += tgids.iter().filter(|t| procs.remove(t).is_ok()).count();
     let name = map_names::GO_STW;
     let mut stw: HashMap<_, u32, StwState> =
-        HashMap::try_from(get(ebpf, name)?).map_err(map_err(name))?;
+        HashMap::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
     removed += tgids.iter().filter(|t| stw.remove(t).is_ok()).count();
     Ok(removed)
 }
@@ -204,21 +213,10 @@ pub fn forget_all(
 /// that ended at exec and whose series expired); how many rows went.
 pub fn forget_sites(ebpf: &mut Ebpf, keys: &HashSet<SiteKey>) -> Result<usize, CollectError> {
     let name = map_names::SITES;
-    let map = ebpf.map_mut(name).ok_or(CollectError::MissingMap(name))?;
     let mut sites: PerCpuHashMap<_, SiteKey, SiteStats> =
-        PerCpuHashMap::try_from(map).map_err(map_err(name))?;
-    let mut removed = keys.iter().filter(|k| sites.remove(k).is_ok()).count();
-    let name = map_names::LIVE;
-    let map = ebpf.map_mut(name).ok_or(CollectError::MissingMap(name))?;
-    let mut live: HashMap<_, LiveKey, LiveAlloc> = HashMap::try_from(map).map_err(map_err(name))?;
-    let stale: Vec<LiveKey> = live
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(_, a)| keys.contains(&a.site))
-        .map(|(k, _)| k)
-        .collect();
-    removed += stale.iter().filter(|k| live.remove(k).is_ok()).count();
-    Ok(removed)
+        PerCpuHashMap::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
+    let removed = keys.iter().filter(|k| sites.remove(k).is_ok()).count();
+    Ok(removed + remove_live_where(ebpf, |_, a| keys.contains(&a.site))?)
 }
 
 /// Takes the ring buffer out of the object so it can be polled on its own.

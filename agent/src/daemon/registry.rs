@@ -221,12 +221,7 @@ impl Registry {
                 frames.forget(pid);
             }
         }
-        let past = &self.past;
-        let is_past = |k: &SiteKey| {
-            past.get(&k.tgid)
-                .is_some_and(|images| images.iter().any(|i| i.keys.contains(k)))
-        };
-        if let Err(e) = collect::forget_all(&mut probes.ebpf, &pids, is_past) {
+        if let Err(e) = collect::forget_all(&mut probes.ebpf, &pids, |k| self.is_past_site(k)) {
             log::warn!("forgetting {} processes: {e}", pids.len());
         }
     }
