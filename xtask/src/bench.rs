@@ -810,6 +810,24 @@ fn probe_table(w: &Workload, rows: &[Row]) -> String {
 // ---------------------------------------------------------------------------------------------
 // Section 2: Go growth cost.
 
+/// The Go workload's configurations, as (label, `allocwatch top` flags; None: untraced):
+/// untraced, the floor (empty programs at exactly the instructions growth-only mode probes),
+/// growth only, and with `with_malloc` growth + mallocgc.
+fn go_configs(with_malloc: bool) -> Vec<(&'static str, Option<&'static [&'static str]>)> {
+    let mut configs: Vec<(&str, Option<&[&str]>)> = vec![
+        ("untraced", None),
+        (
+            "floor (`--mode floor --no-go-malloc`)",
+            Some(&["--mode", "floor", "--no-go-malloc"]),
+        ),
+        ("growth only (`--no-go-malloc`)", Some(&["--no-go-malloc"])),
+    ];
+    if with_malloc {
+        configs.push(("growth + mallocgc", Some(&[])));
+    }
+    configs
+}
+
 /// `exe` untraced (`flags` None), or under `allocwatch top --json -o REPORT FLAGS -- exe`.
 fn go_workload(b: &Bench, exe: &Path, flags: Option<&[&str]>, report: &Path) -> Command {
     match flags {
@@ -853,16 +871,7 @@ fn go_section(paths: &Paths, b: &Bench, out_dir: &Path) -> anyhow::Result<String
     for &tc in &picks {
         let exe = out_dir.join(format!("gogrowth-{}", tc.version));
         go::build_fixture_with(tc, &src, &exe, false, None)?;
-        // The floor: empty programs at exactly the instructions growth-only mode probes.
-        let configs: [(&str, Option<&[&str]>); 4] = [
-            ("untraced", None),
-            (
-                "floor (`--mode floor --no-go-malloc`)",
-                Some(&["--mode", "floor", "--no-go-malloc"]),
-            ),
-            ("growth only (`--no-go-malloc`)", Some(&["--no-go-malloc"])),
-            ("growth + mallocgc", Some(&[])),
-        ];
+        let configs = go_configs(true);
         const FLOOR: usize = 1;
         const GROWTH_ONLY: usize = 2;
         let mut times: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
@@ -975,14 +984,7 @@ fn go_event_cost(
     for (tc, &rate) in picks.iter().zip(rates) {
         let exe = out_dir.join(format!("gostream-{}", tc.version));
         go::build_fixture_with(tc, &src, &exe, false, None)?;
-        let configs: [(&str, Option<&[&str]>); 3] = [
-            ("untraced", None),
-            (
-                "floor (`--mode floor --no-go-malloc`)",
-                Some(&["--mode", "floor", "--no-go-malloc"]),
-            ),
-            ("growth only (`--no-go-malloc`)", Some(&["--no-go-malloc"])),
-        ];
+        let configs = go_configs(false);
         let mut times: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
         eprintln!("bench: Go growth event cost, Go {}", tc.version);
         for rep in 0..b.reps {
