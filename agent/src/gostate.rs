@@ -108,6 +108,8 @@ pub struct GoState {
     /// Every stop-the-world pause, GC or not (ReadMemStats, GOMAXPROCS, …).
     pub stw_pauses: Pauses,
     pub sites: HashMap<GoSiteKey, Count>,
+    /// Per kind: the sites folded away by [`Self::compact`].
+    pub sites_remainder: BTreeMap<GoSiteKind, Count>,
     pub maps: HashMap<u64, MapInstance>,
     pub maps_untracked: u64,
     /// Events that could not be decoded for this Go version (should stay 0).
@@ -128,6 +130,29 @@ impl GoState {
             version_parsed: Some(target.version.clone()),
             ..Self::default()
         }
+    }
+
+    /// For a process that exited: keeps the `keep` largest sites (by bytes, then count), folds
+    /// the rest into [`Self::sites_remainder`] and drops the map instances (only the CLI's
+    /// `maps` view shows them). Returns the keys folded away.
+    pub fn compact(&mut self, keep: usize) -> Vec<GoSiteKey> {
+        self.maps = HashMap::new();
+        if self.sites.len() <= keep {
+            return Vec::new();
+        }
+        let mut ranked: Vec<(GoSiteKey, Count)> = self.sites.drain().collect();
+        ranked.sort_by(|a, b| (b.1.bytes, b.1.count, a.0).cmp(&(a.1.bytes, a.1.count, b.0)));
+        let folded = ranked.split_off(keep);
+        self.sites = ranked.into_iter().collect();
+        folded
+            .into_iter()
+            .map(|(key, c)| {
+                let r = self.sites_remainder.entry(key.kind).or_default();
+                r.count += c.count;
+                r.bytes += c.bytes;
+                key
+            })
+            .collect()
     }
 
     pub fn record(&mut self, ev: &GoEvent) {

@@ -353,6 +353,7 @@ pub async fn run(view: View, args: CommonArgs) -> anyhow::Result<()> {
                         bytes: l.bytes,
                         live_allocations: l.count,
                         live_bytes: l.bytes,
+                        remainder: false,
                     })
                     .collect();
                 let title = format!(
@@ -487,8 +488,12 @@ impl Tracer {
                 // Only the agent attaches the exec tracepoint.
                 Event::Exec(..) => continue,
                 Event::NewSite(site, _, stack) => {
-                    self.frames
-                        .remember_event_stack(&self.probes, site.stack_id, stack)?;
+                    self.frames.remember_event_stack(
+                        &self.probes,
+                        site.tgid,
+                        site.stack_id,
+                        stack,
+                    )?;
                     (site.tgid, site.stack_id, site.ret_addr)
                 }
                 Event::Go(g) => {

@@ -18,9 +18,12 @@ use std::{
 
 use allocwatch_common::{go::GoProc, libc::SiteKey};
 
-use super::select::{Candidate, Selector};
+use super::{
+    retained::{RETAINED_SITES, Retained},
+    select::{Candidate, Selector},
+    sweep::{Fate, StepResult, Sweeper},
+};
 use crate::{
-    collect,
     frames::FrameCache,
     gostate::GoState,
     k8s::{cgroup, pods::PodCache, watch::PodUpdate},
@@ -44,6 +47,8 @@ pub struct Proc {
     pub start_time: u64,
     pub exited_at: Option<Instant>,
     pub go: Option<GoState>,
+    /// Its final rows once it is gone (harvested from the kernel maps).
+    pub retained: Retained,
 }
 
 /// A program image of a process that ended at `exec`: an exited process of its own, under the
@@ -57,6 +62,8 @@ pub struct PastImage {
     /// False for an image the selection skipped: its rows are only kept out of the next
     /// image's.
     pub exported: bool,
+    /// Its final rows, harvested from the kernel maps.
+    pub retained: Retained,
 }
 
 /// The site keys a process announced since its last exec, and the comm they were made under.
@@ -106,11 +113,15 @@ pub struct Registry {
     /// Processes that recorded rows and are not selected: their rows are deleted at the next
     /// scan (one pass over the maps for all of them).
     to_forget: HashSet<u32>,
+    /// Takes the rows of gone and rejected processes out of the kernel maps.
+    pub sweeper: Sweeper,
+    /// Site rows kept per gone process ([`RETAINED_SITES`] × `top_k`).
+    retain_sites: usize,
     self_pid: u32,
 }
 
 impl Registry {
-    pub fn new(selector: Selector, go_probes: GoProbeSet, ttl: Duration) -> Self {
+    pub fn new(selector: Selector, go_probes: GoProbeSet, ttl: Duration, top_k: usize) -> Self {
         Self {
             selector,
             go_probes,
@@ -130,12 +141,15 @@ impl Registry {
             images: HashMap::new(),
             denied: HashSet::new(),
             to_forget: HashSet::new(),
+            sweeper: Sweeper::default(),
+            retain_sites: RETAINED_SITES * top_k.max(1),
             self_pid: std::process::id(),
         }
     }
 
     /// One pass over /proc: new processes are examined (and attached), vanished ones marked
-    /// exited, expired ones forgotten (here and in the kernel maps).
+    /// exited (their rows are harvested from the kernel maps by the sweeper), expired ones
+    /// forgotten. Bounded: no kernel map is walked here.
     pub fn scan(
         &mut self,
         probes: &mut Probes,
@@ -160,6 +174,7 @@ impl Registry {
         for (pid, p) in &mut self.procs {
             if p.exited_at.is_none() && !seen.contains(pid) {
                 p.exited_at = Some(now);
+                self.sweeper.pid(*pid, Fate::Harvest);
             }
         }
         let expired: Vec<u32> = self
@@ -173,14 +188,9 @@ impl Registry {
             .collect();
         for images in self.past.values_mut() {
             images.retain(|i| {
-                let keep = i
-                    .proc
+                i.proc
                     .exited_at
-                    .is_none_or(|t| now.duration_since(t) < self.ttl);
-                if !keep && let Err(e) = collect::forget_sites(&mut probes.ebpf, &i.keys) {
-                    log::warn!("forgetting an exec'd image: {e}");
-                }
-                keep
+                    .is_none_or(|t| now.duration_since(t) < self.ttl)
             });
         }
         let procs = &self.procs;
@@ -188,6 +198,7 @@ impl Registry {
             let keep = !images.is_empty();
             if !keep && !procs.contains_key(pid) {
                 frames.forget(*pid);
+                symbolizer.forget(*pid);
             }
             keep
         });
@@ -196,7 +207,12 @@ impl Registry {
             self.past.remove(&pid);
             self.images.remove(&pid);
             self.image_sites.remove(&pid);
-            self.to_forget.insert(pid);
+            frames.forget(pid);
+            symbolizer.forget(pid);
+            // Expired before its harvest finished: what is left goes unread.
+            if self.sweeper.pending(pid) {
+                self.sweeper.pid(pid, Fate::Drop);
+            }
         }
         self.image_sites
             .retain(|pid, _| seen.contains(pid) || self.procs.contains_key(pid));
@@ -214,16 +230,95 @@ impl Registry {
         for pid in gone {
             self.undeny(pid, probes);
         }
-        let pids = forgettable(&mut self.to_forget, &self.procs);
-        for &pid in &pids {
+        for pid in forgettable(&mut self.to_forget, &self.procs) {
             // An earlier image still exported keeps its named sites.
             if !self.past.contains_key(&pid) {
                 frames.forget(pid);
+                symbolizer.forget(pid);
+            }
+            let fate = if seen.contains(&pid) {
+                Fate::Reject
+            } else {
+                Fate::Drop
+            };
+            self.sweeper.pid(pid, fate);
+        }
+    }
+
+    /// One bounded step of the sweeper; the rows it harvested go to their processes, and
+    /// those whose harvest is complete are cut down to what can be exported.
+    pub async fn sweep(
+        &mut self,
+        probes: &mut Probes,
+        frames: &mut FrameCache,
+        symbolizer: &SymbolizerHandle,
+        max_live: u32,
+    ) -> anyhow::Result<usize> {
+        let StepResult {
+            pids,
+            images,
+            done_pids,
+            done_images,
+            deleted,
+        } = self.sweeper.step(&mut probes.ebpf, max_live)?;
+        for (pid, h) in pids {
+            if let Some(p) = self.procs.get_mut(&pid).filter(|p| p.exited_at.is_some()) {
+                p.retained.absorb(h);
             }
         }
-        if let Err(e) = collect::forget_all(&mut probes.ebpf, &pids, |k| self.is_past_site(k)) {
-            log::warn!("forgetting {} processes: {e}", pids.len());
+        for ((pid, image), h) in images {
+            if let Some(i) = self.past_image_mut(pid, image) {
+                i.retained.absorb(h);
+            }
         }
+        let keep = self.retain_sites;
+        for pid in done_pids {
+            let Some(p) = self.procs.get_mut(&pid).filter(|p| p.exited_at.is_some()) else {
+                continue;
+            };
+            let folded = p.retained.compact(keep);
+            frames.forget_chains(pid, folded.iter().map(|k| (k.stack_id, k.ret_addr)));
+            if let Some(go) = &mut p.go {
+                let folded = go.compact(keep);
+                frames.forget_chains(pid, folded.iter().map(|k| (k.stack_id, k.ret_addr)));
+            }
+            // Name what is kept now, then let the symbolizer drop the process (an image of it
+            // still exported keeps it).
+            for (k, _) in &p.retained.rows {
+                frames
+                    .frames(probes, symbolizer, pid, k.stack_id, k.ret_addr)
+                    .await?;
+            }
+            if let Some(go) = &p.go {
+                for k in go.sites.keys() {
+                    frames
+                        .frames(probes, symbolizer, pid, k.stack_id, k.ret_addr)
+                        .await?;
+                }
+            }
+            if !self.past.contains_key(&pid) {
+                symbolizer.forget(pid);
+                frames.forget_raw(pid);
+            }
+        }
+        for (pid, image) in done_images {
+            let Some(i) = self.past_image_mut(pid, image) else {
+                continue;
+            };
+            let folded = i.retained.compact(keep);
+            frames.forget_chains(pid, folded.iter().map(|k| (k.stack_id, k.ret_addr)));
+            // None of its rows is in the kernel any more: a row made at the same key from now
+            // on is the running image's.
+            i.keys = HashSet::new();
+        }
+        Ok(deleted)
+    }
+
+    fn past_image_mut(&mut self, pid: u32, image: u32) -> Option<&mut PastImage> {
+        self.past
+            .get_mut(&pid)?
+            .iter_mut()
+            .find(|i| i.image == image)
     }
 
     /// Pids that have rows in the kernel maps and are not exported (from a scrape): those of
@@ -360,8 +455,10 @@ impl Registry {
                 start_time: start_time(pid).unwrap_or(0),
                 exited_at: Some(Instant::now()),
                 go: None,
+                retained: Retained::default(),
             },
         );
+        self.sweeper.pid(pid, Fate::Harvest);
     }
 
     /// A new-site record (records arrive in ring order): the process's current image made it.
@@ -478,17 +575,21 @@ impl Registry {
                     start_time: start_time(pid).unwrap_or(0),
                     exited_at: Some(Instant::now()),
                     go: None,
+                    retained: Retained::default(),
                 }
             }
         };
         let number = self.images.entry(pid).or_insert(0);
         let image = *number;
         *number += 1;
+        // Its rows are final: harvested (or, not exported, deleted) out of the kernel maps.
+        self.sweeper.image(pid, image, sites.keys.iter().copied());
         self.past.entry(pid).or_default().push(PastImage {
             image,
             proc,
             keys: sites.keys,
             exported,
+            retained: Retained::default(),
         });
     }
 
@@ -512,6 +613,8 @@ impl Registry {
         if self.ignored.contains(&(pid, start_time)) {
             return;
         }
+        // A new process under a pid whose rows are still being swept: they are its own now.
+        self.sweeper.cancel(pid);
         let Ok(exe) = fs::read_link(format!("/proc/{pid}/exe")) else {
             // Kernel threads have no executable; a process that already exited (a zombie) has
             // none left either, but its events still name it (`ensure_seen`).
@@ -578,6 +681,7 @@ impl Registry {
                 start_time,
                 exited_at: None,
                 go: go.as_deref().map(GoState::new),
+                retained: Retained::default(),
             },
         );
     }
@@ -789,6 +893,7 @@ mod tests {
                 start_time: 1,
                 exited_at: None,
                 go: None,
+                retained: Retained::default(),
             },
         )]);
         assert_eq!(forgettable(&mut to_forget, &procs), HashSet::from([1, 3]));

@@ -1,6 +1,9 @@
 //! Turning kernel maps and Go state into the export model (`serve::model`).
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 
 use allocwatch_common::{
     go::GoHistVal,
@@ -16,6 +19,7 @@ use crate::{
     gostate::{GoState, Pauses},
     probes::Probes,
     serve::model::{GoSnapshot, Histogram, ProcessSnapshot, SelfStats, SiteSnapshot},
+    symbolize::Frame,
     symbolize::SymbolizerHandle,
 };
 
@@ -46,30 +50,40 @@ pub async fn build(
         symbolizer,
         budget: &mut budget,
         top_k,
+        deadline: Instant::now() + SYMBOLIZE_TIME,
     };
+    // A process's rows are in the kernel maps while it runs and in `retained` once harvested
+    // (a row is in one place or the other, never both), so a snapshot takes both.
     for (&pid, p) in &registry.procs {
         // Rows an earlier program image of the pid made belong to that image.
-        let rows: Vec<_> = sites
+        let mut rows: Vec<(SiteKey, SiteStats)> = sites
             .range(pid_range(pid))
             .filter(|(k, _)| !registry.is_past_site(k))
+            .map(|(k, v)| (*k, *v))
             .collect();
+        rows.extend_from_slice(&p.retained.rows);
         let hists = (
-            histogram(&libc_hist, pid, 1.0),
-            histogram(&go_hist, pid, 1.0),
+            histogram(&libc_hist, &p.retained.libc_hist, pid, 1.0),
+            histogram(&go_hist, &p.retained.go_hist, pid, 1.0),
         );
-        let image = registry.image_of(pid);
-        out.push(process_snapshot(&mut ctx, (pid, image), p, &rows, hists).await?);
+        let image = (pid, registry.image_of(pid));
+        let rows = (&rows[..], &p.retained.remainder);
+        out.push(process_snapshot(&mut ctx, image, p, rows, hists).await?);
     }
     for (&pid, images) in &registry.past {
         for i in images.iter().filter(|i| i.exported) {
-            let rows: Vec<_> = sites
+            let mut rows: Vec<(SiteKey, SiteStats)> = sites
                 .range(pid_range(pid))
                 .filter(|(k, _)| i.keys.contains(k))
+                .map(|(k, v)| (*k, *v))
                 .collect();
+            rows.extend_from_slice(&i.retained.rows);
             // The size histograms are kept per pid, not per image: they stay with the
             // current image.
             let hists = (Histogram::default(), Histogram::default());
-            out.push(process_snapshot(&mut ctx, (pid, i.image), &i.proc, &rows, hists).await?);
+            let image = (pid, i.image);
+            let rows = (&rows[..], &i.retained.remainder);
+            out.push(process_snapshot(&mut ctx, image, &i.proc, rows, hists).await?);
         }
     }
     let frames = ctx.frames;
@@ -129,6 +143,8 @@ struct Symbolize<'a> {
     symbolizer: &'a SymbolizerHandle,
     budget: &'a mut usize,
     top_k: usize,
+    /// Symbolizing stops here; the rest waits for the next scrape.
+    deadline: Instant,
 }
 
 /// The export model of one program image of a process: its libc rows (`rows`, already
@@ -137,11 +153,25 @@ async fn process_snapshot(
     ctx: &mut Symbolize<'_>,
     (pid, image): (u32, u32),
     p: &Proc,
-    rows: &[(&SiteKey, &SiteStats)],
+    (rows, remainder): (&[(SiteKey, SiteStats)], &BTreeMap<u32, SiteStats>),
     (alloc_sizes, go_sizes): (Histogram, Histogram),
 ) -> anyhow::Result<ProcessSnapshot> {
     let no_overflow = [Overflow::default(); API_COUNT];
-    let totals = aggregate::totals(rows.iter().copied(), &no_overflow);
+    let remainder_rows: Vec<(SiteKey, SiteStats)> = remainder
+        .iter()
+        .map(|(&api, s)| {
+            let key = SiteKey {
+                tgid: pid,
+                api,
+                ..SiteKey::default()
+            };
+            (key, *s)
+        })
+        .collect();
+    let totals = aggregate::totals(
+        rows.iter().chain(&remainder_rows).map(|(k, s)| (k, s)),
+        &no_overflow,
+    );
     let mut snap = ProcessSnapshot {
         pid,
         image,
@@ -161,18 +191,29 @@ async fn process_snapshot(
     }
     // Largest first: each process's likely series are always named (its own top-K, with
     // room for the exporter's different ranking); the shared budget covers the rest.
-    let mut ranked = rows.to_vec();
+    let mut ranked: Vec<&(SiteKey, SiteStats)> = rows.iter().collect();
     ranked.sort_by_key(|(_, s)| std::cmp::Reverse(s.bytes));
     for (i, (key, stats)) in ranked.into_iter().enumerate() {
         let (live_allocations, live_bytes) = live_of(stats);
         let frames = site_frames(ctx, i, (pid, key.stack_id, key.ret_addr)).await?;
         snap.sites.push(SiteSnapshot {
             kind: Api::try_from(key.api).map_or("unknown", Api::symbol),
-            frames,
+            remainder: frames.is_none(),
+            frames: frames.unwrap_or_else(|| vec![Frame::unknown(key.ret_addr)]),
             calls: stats.calls,
             bytes: stats.bytes,
             live_allocations,
             live_bytes,
+        });
+    }
+    // Sites of a gone process that were folded away (`retained.rs`): no stack, `other`.
+    for (key, stats) in &remainder_rows {
+        snap.sites.push(SiteSnapshot {
+            kind: Api::try_from(key.api).map_or("unknown", Api::symbol),
+            calls: stats.calls,
+            bytes: stats.bytes,
+            remainder: true,
+            ..SiteSnapshot::default()
         });
     }
     if let Some(go) = &p.go {
@@ -182,11 +223,21 @@ async fn process_snapshot(
             let frames = site_frames(ctx, i, (pid, key.stack_id, key.ret_addr)).await?;
             snap.sites.push(SiteSnapshot {
                 kind: key.kind.name(),
-                frames,
+                remainder: frames.is_none(),
+                frames: frames.unwrap_or_else(|| vec![Frame::unknown(key.ret_addr)]),
                 calls: c.count,
                 bytes: c.bytes,
                 live_allocations: 0,
                 live_bytes: 0,
+            });
+        }
+        for (kind, c) in &go.sites_remainder {
+            snap.sites.push(SiteSnapshot {
+                kind: kind.name(),
+                calls: c.count,
+                bytes: c.bytes,
+                remainder: true,
+                ..SiteSnapshot::default()
             });
         }
         snap.go = Some(go_snapshot(go, go_sizes));
@@ -197,26 +248,38 @@ async fn process_snapshot(
 /// New call chains symbolized per scrape (each costs microseconds to milliseconds); the rest
 /// wait for the next scrape, named by their caller's address meanwhile.
 const SYMBOLIZE_PER_SCRAPE: usize = 2_000;
+/// Time a scrape may spend symbolizing (a cold file's DWARF can take long to parse): the
+/// scrape answers within it, and the chains not named yet are named at a later scrape.
+const SYMBOLIZE_TIME: Duration = Duration::from_millis(300);
 
 /// A site's frames: cached, symbolized (the process's `rank`-th largest site: within its own
-/// top 4×K always, else within the scrape's budget), or (budget spent) just the return
-/// address, so that an unnamed site is never mistaken for one without a stack.
+/// top 4×K always, else within the scrape's budget), or — budget or time spent — `None`: the
+/// site is then exported as part of `other` (named by its caller's address in profiles) until
+/// a later scrape names it, so that no series is ever labelled by a raw address.
 async fn site_frames(
     ctx: &mut Symbolize<'_>,
     rank: usize,
     (pid, stack_id, ret_addr): (u32, i32, u64),
-) -> anyhow::Result<Vec<crate::symbolize::Frame>> {
+) -> anyhow::Result<Option<Vec<Frame>>> {
     if let Some(f) = ctx.frames.cached(pid, stack_id, ret_addr) {
-        return Ok(f.to_vec());
+        return Ok(Some(f.to_vec()));
     }
     if rank >= 4 * ctx.top_k {
         if *ctx.budget == 0 {
-            return Ok(vec![crate::symbolize::Frame::unknown(ret_addr)]);
+            return Ok(None);
         }
         *ctx.budget -= 1;
     }
+    if Instant::now() >= ctx.deadline {
+        return Ok(None);
+    }
     ctx.frames
-        .frames(ctx.probes, ctx.symbolizer, pid, stack_id, ret_addr)
+        .frames_until(
+            ctx.probes,
+            ctx.symbolizer,
+            (pid, stack_id, ret_addr),
+            Some(ctx.deadline),
+        )
         .await
 }
 
@@ -238,10 +301,21 @@ fn pid_range(pid: u32) -> std::ops::RangeInclusive<SiteKey> {
 }
 
 /// A log2 histogram of one process as per-bucket counts with upper bounds (`scale` converts
-/// the unit).
-fn histogram(h: &BTreeMap<(u32, u32), GoHistVal>, pid: u32, scale: f64) -> Histogram {
-    let mut out = Histogram::default();
+/// the unit): its rows in the kernel map `h` plus those already harvested.
+fn histogram(
+    h: &BTreeMap<(u32, u32), GoHistVal>,
+    harvested: &BTreeMap<u32, GoHistVal>,
+    pid: u32,
+    scale: f64,
+) -> Histogram {
+    let mut merged = harvested.clone();
     for ((_, bucket), v) in h.range((pid, 0)..=(pid, u32::MAX)) {
+        let e = merged.entry(*bucket).or_default();
+        e.count += v.count;
+        e.bytes += v.bytes;
+    }
+    let mut out = Histogram::default();
+    for (bucket, v) in merged {
         let upper = (1u128 << (bucket + 1)) as f64 * scale;
         out.buckets.push((upper, v.count));
         out.count += v.count;
@@ -297,8 +371,19 @@ mod tests {
             },
         );
         h.insert((8, 4), GoHistVal { count: 9, bytes: 9 });
-        let x = histogram(&h, 7, 1.0);
+        let x = histogram(&h, &BTreeMap::new(), 7, 1.0);
         assert_eq!(x.buckets, vec![(32.0, 3), (2048.0, 1)]);
         assert_eq!((x.count, x.sum), (4, 1560.0));
+        // Harvested rows of the same process add up with the kernel's.
+        let harvested = BTreeMap::from([(
+            4,
+            GoHistVal {
+                count: 1,
+                bytes: 20,
+            },
+        )]);
+        let x = histogram(&h, &harvested, 7, 1.0);
+        assert_eq!(x.buckets, vec![(32.0, 4), (2048.0, 1)]);
+        assert_eq!((x.count, x.sum), (5, 1580.0));
     }
 }

@@ -185,6 +185,7 @@ pub fn snapshot_of(r: &TopReport) -> crate::serve::model::ProcessSnapshot {
             bytes: s.stats.bytes,
             live_allocations,
             live_bytes,
+            remainder: false,
         });
     }
     if let Some(go) = &r.go {
@@ -196,6 +197,7 @@ pub fn snapshot_of(r: &TopReport) -> crate::serve::model::ProcessSnapshot {
                 bytes: s.bytes,
                 live_allocations: 0,
                 live_bytes: 0,
+                remainder: false,
             });
         }
     }

@@ -230,13 +230,18 @@ impl Builder {
         id
     }
 
+    /// A one-frame stack of a pseudo function (no stack, sites folded away).
+    fn named(&mut self, pid: u32, name: &str) -> Vec<u64> {
+        let frame = Frame {
+            function: Some(name.to_string()),
+            ..Frame::unknown(0)
+        };
+        vec![self.location(pid, std::slice::from_ref(&frame))]
+    }
+
     fn stack(&mut self, pid: u32, frames: &[Frame]) -> Vec<u64> {
         if frames.is_empty() {
-            let none = Frame {
-                function: Some("(no stack)".to_string()),
-                ..Frame::unknown(0)
-            };
-            return vec![self.location(pid, std::slice::from_ref(&none))];
+            return self.named(pid, "(no stack)");
         }
         frames
             .chunk_by(|a, b| a.address == b.address && a.module == b.module)
@@ -274,7 +279,11 @@ pub fn build(procs: &[ProcessSnapshot], opts: &ProfileOptions) -> Profile {
             if v.iter().all(|&x| x == 0) {
                 continue;
             }
-            let location_ids = b.stack(p.pid, &s.frames);
+            let location_ids = if s.remainder && s.frames.is_empty() {
+                b.named(p.pid, "(other sites)")
+            } else {
+                b.stack(p.pid, &s.frames)
+            };
             let mut labels = vec![
                 Label {
                     key: b.string("pid"),

@@ -395,10 +395,15 @@ impl Identity {
         self.rows.clear();
     }
 
-    /// A site's values of a process that left (or whose site vanished) stay counted.
+    /// A site's values of a process that left stay counted.
     fn fold_site(&mut self, key: &SiteKey, v: Cv) {
         let slot = self.kind_carry.entry(key.kind).or_default();
         *slot = slot.add(v);
+        self.fold_sticky(key, v);
+    }
+
+    /// A sticky site keeps the values a process gave it.
+    fn fold_sticky(&mut self, key: &SiteKey, v: Cv) {
         if let Some(s) = self.sticky.get_mut(key) {
             s.carry = s.carry.add(v);
         }
@@ -530,7 +535,7 @@ impl Identity {
         let mut c: Vec<(SiteKey, Score)> = self
             .sites
             .keys()
-            .filter(|k| !self.sticky.contains_key(*k))
+            .filter(|k| !self.sticky.contains_key(*k) && &*k.site != OTHER_SITE)
             .map(|k| (k.clone(), self.score(k)))
             .filter(|(_, s)| !s.is_zero())
             .collect();
@@ -626,9 +631,16 @@ pub fn site_label(frames: &[Frame]) -> String {
 fn sites_of(sites: &[SiteSnapshot]) -> HashMap<SiteKey, (Cv, Live)> {
     let mut out: HashMap<SiteKey, (Cv, Live)> = HashMap::with_capacity(sites.len());
     for s in sites {
+        // A gone process's folded sites count toward its kind under `other` (a label no
+        // real site has), and never become a site of their own (see `challengers`).
+        let label = if s.remainder {
+            OTHER_SITE.to_string()
+        } else {
+            site_label(&s.frames)
+        };
         let key = SiteKey {
             kind: s.kind,
-            site: Arc::from(site_label(&s.frames)),
+            site: Arc::from(label),
         };
         let e = out.entry(key).or_default();
         e.0 = e.0.add(Cv {
@@ -751,11 +763,15 @@ impl Exporter {
             } else {
                 let id = self.ids.get_mut(&old.labels);
                 if let Some(id) = id {
-                    // A site that vanished or went down restarts; its old values stay counted.
+                    // A site that vanished or went down under a running process moved: to
+                    // another label (it was named since), or into the process's unnamed
+                    // part (`other`: not named yet, or folded away when it exited). Its
+                    // value is still in the process's sums, so only its own series keeps
+                    // what it exported.
                     for (key, &v) in &old.sites {
                         let now_v = cur_sites.get(key).map(|s| s.0).unwrap_or_default();
                         if now_v.calls < v.calls || now_v.bytes < v.bytes {
-                            id.fold_site(key, v);
+                            id.fold_sticky(key, v);
                         } else {
                             last_sites.insert(key.clone(), v);
                         }
@@ -1107,6 +1123,24 @@ impl Exporter {
         );
         for (cause, &n) in &s.symbolization_failures {
             f.counter(&[], &[("cause", cause)], n);
+        }
+        f.push_to(&mut out);
+
+        let mut f = Family::new(
+            "allocwatch_stale_scrapes_total",
+            "Scrapes answered with the previous snapshot because the tracer was busy.",
+            MetricType::COUNTER,
+        );
+        f.counter(&[], &[], s.stale_snapshots);
+        f.push_to(&mut out);
+
+        let mut f = Family::new(
+            "allocwatch_held_entries",
+            "What the agent holds in memory, by kind (bounded by its configuration).",
+            MetricType::GAUGE,
+        );
+        for (what, &n) in &s.held {
+            f.gauge(&[], &[("what", what)], n as f64);
         }
         f.push_to(&mut out);
 

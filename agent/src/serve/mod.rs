@@ -116,7 +116,7 @@ pub async fn serve_on(
     });
     let mut app = Router::new()
         .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(|| async { "ok\n" }));
+        .route("/healthz", get(healthz_handler));
     if cfg.pprof {
         app = app.route("/debug/pprof/allocs", get(allocs_handler));
         // The in-use profile needs the live table (modes `full` and `stacks-off`).
@@ -142,6 +142,15 @@ fn text(status: StatusCode, body: String) -> Response {
         body,
     )
         .into_response()
+}
+
+/// Answers from the source's own health check, never from a snapshot: a liveness probe must
+/// not wait behind a scrape.
+async fn healthz_handler(State(state): State<Arc<AppState>>) -> Response {
+    match state.source.health() {
+        Ok(()) => text(StatusCode::OK, "ok\n".to_string()),
+        Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+    }
 }
 
 async fn metrics_handler(State(state): State<Arc<AppState>>) -> Response {

@@ -36,6 +36,10 @@ pub struct SiteSnapshot {
     pub bytes: u64,
     pub live_allocations: u64,
     pub live_bytes: u64,
+    /// Not a site of its own in `/metrics`, counted in the kind's `site="other"`: the summed
+    /// sites of a gone process beyond those it keeps (no frames), or a site not named yet
+    /// (its caller's address as the only frame).
+    pub remainder: bool,
 }
 
 /// What the Go probes saw in one process.
@@ -105,6 +109,10 @@ pub struct SelfStats {
     pub map_fill: BTreeMap<&'static str, f64>,
     /// Addresses that could not be named, by cause.
     pub symbolization_failures: BTreeMap<&'static str, u64>,
+    /// Scrapes served from the last snapshot because the tracer did not answer in time.
+    pub stale_snapshots: u64,
+    /// What the agent holds in memory, by kind (processes, chains, …), for its own bounds.
+    pub held: BTreeMap<&'static str, u64>,
 }
 
 /// Where the exporter gets its data. Called once per scrape or profile request, from a
@@ -115,4 +123,9 @@ pub struct SelfStats {
 /// frozen for the TTL). Once dropped, a pid may come back only as a new process.
 pub trait SnapshotSource: Send + Sync + 'static {
     fn snapshot(&self) -> (Vec<ProcessSnapshot>, SelfStats);
+
+    /// `/healthz`: whether the source is working; the error says why not. Must not block.
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
 }

@@ -14,7 +14,7 @@ mod tests;
 
 use std::{
     cell::OnceCell,
-    collections::{HashMap, hash_map::Entry},
+    collections::{HashMap, HashSet, hash_map::Entry},
     fs::File,
     os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
     panic::{self, AssertUnwindSafe},
@@ -24,10 +24,12 @@ use std::{
         atomic::{AtomicU64, Ordering},
         mpsc,
     },
+    time::Instant,
 };
 
 use blazesym::symbolize::{
     CodeInfo, Input, Sym, Symbolized, Symbolizer,
+    evict::{self, Evict},
     source::{Elf, Source},
 };
 use serde::Serialize;
@@ -93,6 +95,11 @@ type Reply = Box<dyn FnOnce(Result<Vec<Frame>, SymbolizeError>) + Send>;
 
 enum Request {
     Note(u32, Vec<maps::RawMapping>),
+    /// The process is gone and named: drop what is kept for it.
+    Forget(u32),
+    /// Drop processes noted a while ago that are not in the set (noted at exec, then never
+    /// registered: rejected, or gone before the agent saw them).
+    Retain(HashSet<u32>),
     Symbolize {
         pid: u32,
         addrs: Vec<u64>,
@@ -105,7 +112,13 @@ struct Counters {
     process_gone: AtomicU64,
     unknown_address: AtomicU64,
     no_symbol: AtomicU64,
+    /// Gauges: processes noted and files held open.
+    processes: AtomicU64,
+    files: AtomicU64,
 }
+
+/// A noted process that nobody asked to keep is dropped this long after it was noted.
+pub const UNCLAIMED_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn bump(counter: &AtomicU64, n: usize) {
     counter.fetch_add(n as u64, Ordering::Relaxed);
@@ -149,6 +162,25 @@ impl SymbolizerHandle {
     /// [`Self::note_process`] with `/proc/<pid>/maps` just read by the caller.
     pub fn note_maps(&self, pid: u32, maps: &[MapEntry]) {
         self.note(pid, maps::snapshot_of(pid, maps));
+    }
+
+    /// Drops what is kept for `pid` (its mappings, cached frames, and the files only it maps).
+    pub fn forget(&self, pid: u32) {
+        drop(self.tx.send(Request::Forget(pid)));
+    }
+
+    /// Drops the processes noted more than [`UNCLAIMED_AFTER`] ago that are not in `pids`.
+    pub fn retain(&self, pids: HashSet<u32>) {
+        drop(self.tx.send(Request::Retain(pids)));
+    }
+
+    /// Processes and open files held by the symbolizer thread, for self-metrics.
+    pub fn held(&self) -> (u64, u64) {
+        let c = &*self.counters;
+        (
+            c.processes.load(Ordering::Relaxed),
+            c.files.load(Ordering::Relaxed),
+        )
     }
 
     fn note(&self, pid: u32, maps: Vec<maps::RawMapping>) {
@@ -256,6 +288,7 @@ struct Process {
     maps: Vec<Mapping>,
     /// Frames per return address.
     frames: HashMap<u64, Vec<Frame>>,
+    noted_at: Instant,
 }
 
 impl Process {
@@ -294,6 +327,55 @@ impl Worker {
             match req {
                 Request::Note(pid, maps) => self.note(pid, maps),
                 Request::Symbolize { pid, addrs, reply } => reply(self.symbolize(pid, &addrs)),
+                Request::Forget(pid) => {
+                    if let Some(p) = self.processes.remove(&pid) {
+                        self.release(&p.maps);
+                    }
+                }
+                Request::Retain(keep) => {
+                    let now = Instant::now();
+                    let drop: Vec<u32> = self
+                        .processes
+                        .iter()
+                        .filter(|(pid, p)| {
+                            !keep.contains(pid) && now.duration_since(p.noted_at) > UNCLAIMED_AFTER
+                        })
+                        .map(|(pid, _)| *pid)
+                        .collect();
+                    for pid in drop {
+                        if let Some(p) = self.processes.remove(&pid) {
+                            self.release(&p.maps);
+                        }
+                    }
+                }
+            }
+            self.counters
+                .processes
+                .store(self.processes.len() as u64, Ordering::Relaxed);
+            self.counters
+                .files
+                .store(self.files.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Closes the files of `maps` that no other process maps, and drops what blazesym cached
+    /// for them (its cache is keyed by path; ours are `/proc/self/fd/N`, reused after close).
+    fn release(&mut self, maps: &[Mapping]) {
+        let mut keys: Vec<FileKey> = maps.iter().filter_map(|m| m.elf).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        keys.retain(|k| {
+            !self
+                .processes
+                .values()
+                .any(|p| p.maps.iter().any(|m| m.elf == Some(*k)))
+        });
+        for k in keys {
+            if let Some(f) = self.files.remove(&k) {
+                let evict = Evict::from(evict::Elf::new(&f.path));
+                if let Err(e) = self.symbolizer.evict(&evict) {
+                    log::debug!("evicting {}: {e}", f.path.display());
+                }
             }
         }
     }
@@ -306,6 +388,7 @@ impl Worker {
                 entry.insert(Process {
                     maps,
                     frames: HashMap::new(),
+                    noted_at: Instant::now(),
                 });
             }
         }
@@ -325,6 +408,7 @@ impl Worker {
                 Ok(raw) => entry.insert(Process {
                     maps: mappings(raw, files),
                     frames: HashMap::new(),
+                    noted_at: Instant::now(),
                 }),
                 Err(err) => {
                     log::debug!("pid {pid}: cannot read maps: {err}");

@@ -1,0 +1,176 @@
+//! Reading what the probes recorded: per-CPU site counters, the live table, loss counters,
+//! stacks, and the ring buffer of new-site notifications. Validation and decoding happen here;
+//! nothing above this module sees raw map types. Whole maps are read in batches (`batch.rs`).
+
+use std::collections::BTreeMap;
+
+use allocwatch_common::{
+    Event, MAX_STACK_DEPTH,
+    go::{GoHistKey, GoHistVal},
+    libc::{API_COUNT, LiveAlloc, LiveKey, Overflow, SiteKey, SiteStats},
+    loss::{LOSS_CAUSES, LossCause},
+    map_names,
+};
+use aya::{
+    Ebpf,
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray, RingBuf},
+};
+use thiserror::Error;
+
+pub use self::batch::{BatchError, Cursor, RawMap};
+use crate::aggregate::sum_stats;
+
+mod batch;
+
+#[derive(Debug, Error)]
+pub enum CollectError {
+    #[error("probe map {0} is missing")]
+    MissingMap(&'static str),
+    #[error("reading probe map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> CollectError {
+    move |source| CollectError::Map { name, source }
+}
+
+/// Site rows of `tgid` (all processes when `None`), per-CPU values summed.
+pub fn sites(ebpf: &Ebpf, tgid: Option<u32>) -> Result<BTreeMap<SiteKey, SiteStats>, CollectError> {
+    let name = map_names::SITES;
+    let map = RawMap::of::<SiteKey, SiteStats>(map_ref(ebpf, name)?, name)?;
+    let mut out = BTreeMap::new();
+    map.scan(
+        &mut Cursor::default(),
+        usize::MAX,
+        |key: &SiteKey, values: &[SiteStats]| {
+            if tgid.is_none_or(|t| t == key.tgid) {
+                out.insert(*key, sum_stats(values.iter()));
+            }
+        },
+    )?;
+    Ok(out)
+}
+
+/// Outstanding allocations of `tgid` (all processes when `None`).
+pub fn live(ebpf: &Ebpf, tgid: Option<u32>) -> Result<Vec<(LiveKey, LiveAlloc)>, CollectError> {
+    let name = map_names::LIVE;
+    let map = RawMap::of::<LiveKey, LiveAlloc>(map_ref(ebpf, name)?, name)?;
+    let mut out = Vec::new();
+    map.scan(
+        &mut Cursor::default(),
+        usize::MAX,
+        |key: &LiveKey, v: &[LiveAlloc]| {
+            if tgid.is_none_or(|t| t == key.tgid) {
+                out.push((*key, v[0]));
+            }
+        },
+    )?;
+    Ok(out)
+}
+
+/// Loss counters by cause, summed over CPUs.
+pub fn lost(ebpf: &Ebpf) -> Result<BTreeMap<LossCause, u64>, CollectError> {
+    let name = map_names::LOST;
+    let map = ebpf.map(name).ok_or(CollectError::MissingMap(name))?;
+    let map: PerCpuArray<_, u64> = PerCpuArray::try_from(map).map_err(map_err(name))?;
+    let mut out = BTreeMap::new();
+    for (i, cause) in LossCause::ALL.iter().enumerate().take(LOSS_CAUSES) {
+        let values = map.get(&(i as u32), 0).map_err(map_err(name))?;
+        out.insert(*cause, values.iter().sum());
+    }
+    Ok(out)
+}
+
+/// Calls that found the site table full, per API id.
+pub fn overflow(ebpf: &Ebpf) -> Result<[Overflow; API_COUNT], CollectError> {
+    let name = map_names::OVERFLOW;
+    let map = ebpf.map(name).ok_or(CollectError::MissingMap(name))?;
+    let map: PerCpuArray<_, Overflow> = PerCpuArray::try_from(map).map_err(map_err(name))?;
+    let mut out = [Overflow::default(); API_COUNT];
+    for (i, slot) in out.iter_mut().enumerate() {
+        for v in map.get(&(i as u32), 0).map_err(map_err(name))?.iter() {
+            slot.calls += v.calls;
+            slot.bytes += v.bytes;
+        }
+    }
+    Ok(out)
+}
+
+/// A size histogram (`map_names::GO_HIST` or `LIBC_HIST`) of every process: (tgid, log2
+/// bucket) → (count, bytes), CPUs summed.
+pub fn hist(
+    ebpf: &Ebpf,
+    name: &'static str,
+) -> Result<BTreeMap<(u32, u32), GoHistVal>, CollectError> {
+    let map = RawMap::of::<GoHistKey, GoHistVal>(map_ref(ebpf, name)?, name)?;
+    let mut out = BTreeMap::new();
+    map.scan(
+        &mut Cursor::default(),
+        usize::MAX,
+        |key: &GoHistKey, values: &[GoHistVal]| {
+            out.insert((key.tgid, key.bucket), sum_hist(values));
+        },
+    )?;
+    Ok(out)
+}
+
+/// One histogram bucket's per-CPU values summed.
+pub fn sum_hist(values: &[GoHistVal]) -> GoHistVal {
+    values
+        .iter()
+        .fold(GoHistVal::default(), |acc, v| GoHistVal {
+            count: acc.count + v.count,
+            bytes: acc.bytes + v.bytes,
+        })
+}
+
+/// The user stack `id` as instruction pointers, innermost first; empty if unknown.
+pub fn stack(ebpf: &Ebpf, id: i32) -> Result<Vec<u64>, CollectError> {
+    if id < 0 {
+        return Ok(Vec::new());
+    }
+    let name = map_names::STACKS;
+    let map = ebpf.map(name).ok_or(CollectError::MissingMap(name))?;
+    let map: HashMap<_, u32, [u64; MAX_STACK_DEPTH]> =
+        HashMap::try_from(map).map_err(map_err(name))?;
+    match map.get(&(id as u32), 0) {
+        Ok(frames) => Ok(frames.iter().copied().take_while(|&ip| ip != 0).collect()),
+        Err(MapError::KeyNotFound) => Ok(Vec::new()),
+        Err(e) => Err(map_err(name)(e)),
+    }
+}
+
+pub fn map_ref<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a Map, CollectError> {
+    ebpf.map(name).ok_or(CollectError::MissingMap(name))
+}
+
+/// Takes the ring buffer out of the object so it can be polled on its own.
+pub fn take_events(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>, CollectError> {
+    let name = map_names::EVENTS;
+    let map = ebpf.take_map(name).ok_or(CollectError::MissingMap(name))?;
+    RingBuf::try_from(map).map_err(map_err(name))
+}
+
+/// Takes the ring of exec notifications (a pid per exec) out of the object.
+pub fn take_exec_notify(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>, CollectError> {
+    let name = map_names::EXEC_NOTIFY;
+    let map = ebpf.take_map(name).ok_or(CollectError::MissingMap(name))?;
+    RingBuf::try_from(map).map_err(map_err(name))
+}
+
+/// Drains every record ready in `ring`. Records that fail validation are counted, not guessed at.
+pub fn drain(ring: &mut RingBuf<MapData>, out: &mut Vec<Event>) -> u64 {
+    let mut bad = 0;
+    while let Some(item) = ring.next() {
+        match Event::try_from(&*item) {
+            Ok(ev) => out.push(ev),
+            Err(_) => bad += 1,
+        }
+    }
+    bad
+}

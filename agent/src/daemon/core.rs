@@ -1,0 +1,464 @@
+//! The tracer: the agent's thread that owns the probes. One loop drains the ring buffer,
+//! rescans /proc, sweeps gone processes' rows out of the kernel maps, watches the loss
+//! counters and answers snapshot requests. Every step is bounded (batched map reads, a budget
+//! per sweep step, a deadline for symbolizing during a scrape), so the loop comes round in
+//! milliseconds whatever the node does, and its heartbeat says so.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use allocwatch_common::{Event, loss::LossCause};
+use anyhow::Context as _;
+use tokio::{
+    io::unix::AsyncFd,
+    sync::{mpsc, oneshot, watch},
+};
+
+use super::{
+    Heartbeat, Reply, Snapshot, exec_snapshots, registry::Registry, select::Selector,
+    snapshot::LoopStats,
+};
+use crate::{
+    cli::CapacityArgs,
+    collect,
+    config::Config,
+    frames::FrameCache,
+    k8s::watch::PodUpdate,
+    probes::{Filter, ProbeConfig, Probes},
+    symbolize::SymbolizerHandle,
+    target::go::GoProbeSet,
+};
+
+/// New processes are found within this (the issue asks for one second).
+const SCAN_INTERVAL: Duration = Duration::from_millis(500);
+/// The loop's housekeeping step: drain, sweep a bounded slice, check losses.
+const TICK: Duration = Duration::from_millis(100);
+/// Loss counters are checked (and warned about) this often.
+const LOSS_CHECK: Duration = Duration::from_secs(5);
+/// The same loss cause is warned about at most this often.
+const LOSS_WARN_EVERY: Duration = Duration::from_secs(60);
+/// Kernel maps are counted for their fill gauges this often.
+const CENSUS_EVERY: Duration = Duration::from_secs(10);
+/// The symbolizer is told which processes still matter this often.
+const RETAIN_EVERY: Duration = Duration::from_secs(5);
+
+/// What the tracer thread needs; built on the agent's main thread.
+pub struct Tracer {
+    pub cfg: Config,
+    pub selector: Selector,
+    pub requests: mpsc::Receiver<Reply>,
+    pub pod_updates: mpsc::Receiver<PodUpdate>,
+    pub stop: watch::Receiver<bool>,
+    pub heartbeat: Arc<Heartbeat>,
+    /// The last snapshot built, served when a scrape cannot wait for a fresh one.
+    pub last: Arc<Mutex<Option<Snapshot>>>,
+}
+
+impl Tracer {
+    /// Runs the tracer on the calling thread until `stop`; `ready` gets the startup banner, or
+    /// the error that prevented startup.
+    pub fn run(self, ready: oneshot::Sender<anyhow::Result<String>>) -> anyhow::Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the tracer's runtime")?;
+        rt.block_on(self.run_async(ready))
+    }
+
+    async fn run_async(self, ready: oneshot::Sender<anyhow::Result<String>>) -> anyhow::Result<()> {
+        let Tracer {
+            cfg,
+            selector,
+            mut requests,
+            mut pod_updates,
+            mut stop,
+            heartbeat,
+            last,
+        } = self;
+        let mut state = match State::start(&cfg, selector) {
+            Ok(s) => s,
+            Err(e) => {
+                let msg = format!("{e:#}");
+                let _ = ready.send(Err(e));
+                return Err(anyhow::anyhow!(msg));
+            }
+        };
+        let ring = collect::take_events(&mut state.probes.ebpf)?;
+        // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the ring buffer.
+        let mut ring = unsafe { AsyncFd::register(ring) }.map_err(std::io::Error::from)?;
+        // Maps of new programs are read on a thread of their own, the moment they exec.
+        let _exec_snapshots = collect::take_exec_notify(&mut state.probes.ebpf)
+            .map_err(anyhow::Error::from)
+            .and_then(|r| Ok(exec_snapshots::spawn(r, state.symbolizer.clone())?))
+            .inspect_err(|e| eprintln!("allocwatch: warning: exec snapshots: {e}"))
+            .ok();
+        state
+            .registry
+            .scan(&mut state.probes, &state.symbolizer, &mut state.frames);
+        let _ = ready.send(Ok(format!(
+            "{} processes, {} probes",
+            state.registry.procs.len(),
+            state.registry.probes_attached
+        )));
+
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut events = Vec::new();
+        loop {
+            heartbeat.beat();
+            tokio::select! {
+                biased;
+                _ = stop.changed() => break,
+                Some(reply) = requests.recv() => {
+                    state.drain(ring.get_mut(), &mut events)?;
+                    let snap = state.snapshot().await?;
+                    *last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        Some(snap.clone());
+                    let _ = reply.try_send(snap);
+                }
+                guard = ring.readable_mut() => {
+                    let mut guard = guard?;
+                    state.drain(guard.get_inner_mut(), &mut events)?;
+                    guard.clear_ready();
+                }
+                _ = tick.tick() => {
+                    // The probe batches wakeups for frequent records (Go events): the last
+                    // records of a burst wait for the next wakeup, so read them here at the
+                    // latest.
+                    state.drain(ring.get_mut(), &mut events)?;
+                    state.housekeeping().await?;
+                }
+                Some(update) = pod_updates.recv() => state.registry.apply_pod(update),
+            }
+        }
+        // Dropping the probes detaches them.
+        drop(state);
+        Ok(())
+    }
+}
+
+/// Everything the loop owns.
+struct State {
+    probes: Probes,
+    registry: Registry,
+    frames: FrameCache,
+    symbolizer: SymbolizerHandle,
+    stats: LoopStats,
+    capacity: CapacityArgs,
+    top_k: usize,
+    next_scan: Instant,
+    next_retain: Instant,
+    losses: LossWatch,
+    /// Fill of the kernel maps not read at every scrape, from the last census.
+    fills: BTreeMap<&'static str, f64>,
+    next_census: Instant,
+}
+
+impl State {
+    fn start(cfg: &Config, selector: Selector) -> anyhow::Result<Self> {
+        // Always a denylist, also when some include rule narrows the selection: the kernel
+        // records a new process from its first call, before the agent can have classified it
+        // (a selected program may live less than a millisecond); rejected processes are denied
+        // once classified and their rows deleted (`registry`).
+        let capacity = CapacityArgs {
+            max_live: cfg.capacity.max_live,
+            max_sites: cfg.capacity.max_sites,
+            max_stacks: cfg.capacity.max_stacks,
+            max_pending: cfg.capacity.max_pending,
+        };
+        let mut probes = Probes::load_mode(
+            &ProbeConfig {
+                tgid: None,
+                filter: Filter::Deny,
+                stacks: cfg.mode.stacks(),
+                capacity,
+            },
+            cfg.mode,
+        )?;
+        // Our own allocations must not be traced (each event we handle would allocate more).
+        probes.set_listed(std::process::id(), true)?;
+        let go_probes = GoProbeSet {
+            growth: cfg.go.growth,
+            malloc: cfg.go.malloc,
+            gc: cfg.go.gc,
+        };
+        let mut registry = Registry::new(selector, go_probes, cfg.ttl, cfg.top_k);
+        // exec events: identities change at exec, and short-lived programs get their path.
+        if let Err(e) = probes.attach_exec() {
+            eprintln!(
+                "allocwatch: warning: {e}: processes are renamed after exec only by the /proc scan"
+            );
+            *registry
+                .attach_failures
+                .entry("exec_tracepoint".to_string())
+                .or_default() += 1;
+        }
+        let now = Instant::now();
+        Ok(Self {
+            probes,
+            registry,
+            frames: FrameCache::default(),
+            symbolizer: SymbolizerHandle::spawn(),
+            stats: LoopStats::default(),
+            capacity,
+            top_k: cfg.top_k,
+            next_scan: now + SCAN_INTERVAL,
+            next_retain: now + RETAIN_EVERY,
+            losses: LossWatch::default(),
+            fills: BTreeMap::new(),
+            next_census: now,
+        })
+    }
+
+    /// Reads every record ready in the ring and handles it.
+    fn drain(
+        &mut self,
+        ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+        events: &mut Vec<Event>,
+    ) -> anyhow::Result<()> {
+        self.stats.malformed_records += collect::drain(ring, events);
+        self.stats.events_processed += events.len() as u64;
+        self.handle(events)
+    }
+
+    /// Events only register processes (so short-lived ones are named while they exist) and
+    /// feed the Go state; symbolization waits for a scrape, and only for the sites it exports.
+    fn handle(&mut self, events: &mut Vec<Event>) -> anyhow::Result<()> {
+        let Self {
+            probes,
+            registry,
+            frames,
+            symbolizer,
+            ..
+        } = self;
+        for ev in events.drain(..) {
+            match ev {
+                Event::Exec(tgid, comm, path) => {
+                    registry.exec_seen(tgid, &comm, path, probes, symbolizer)
+                }
+                Event::NewSite(site, comm, stack) => {
+                    frames.remember_event_stack(probes, site.tgid, site.stack_id, stack)?;
+                    registry.note_site(&site, &comm);
+                    registry.ensure_seen(site.tgid, &comm, probes, symbolizer)
+                }
+                Event::Go(g) => {
+                    let tgid = g.header.tgid;
+                    // Copy the stack out before the kernel's LRU table can evict it.
+                    frames.remember_stack(probes, tgid, g.stack_id)?;
+                    if !registry.procs.contains_key(&tgid) {
+                        registry.ensure_rows(tgid, probes, symbolizer);
+                    }
+                    if let Some(go) = registry.procs.get_mut(&tgid).and_then(|p| p.go.as_mut()) {
+                        go.record(&g);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The periodic work, each part bounded.
+    async fn housekeeping(&mut self) -> anyhow::Result<()> {
+        let now = Instant::now();
+        if now >= self.next_scan {
+            self.registry
+                .scan(&mut self.probes, &self.symbolizer, &mut self.frames);
+            self.next_scan = now + SCAN_INTERVAL;
+        }
+        if now >= self.next_retain {
+            let keep: HashSet<u32> = self
+                .registry
+                .procs
+                .keys()
+                .chain(self.registry.past.keys())
+                .copied()
+                .collect();
+            self.symbolizer.retain(keep);
+            self.next_retain = now + RETAIN_EVERY;
+        }
+        self.registry
+            .sweep(
+                &mut self.probes,
+                &mut self.frames,
+                &self.symbolizer,
+                self.capacity.max_live,
+            )
+            .await?;
+        if now >= self.losses.next_check {
+            self.losses.check(&self.probes, &self.capacity)?;
+        }
+        if now >= self.next_census {
+            self.fills = census(&self.probes, &self.registry)?;
+            self.next_census = now + CENSUS_EVERY;
+        }
+        Ok(())
+    }
+
+    async fn snapshot(&mut self) -> anyhow::Result<Snapshot> {
+        let (mut snap, unexported) = super::snapshot::build(
+            &self.probes,
+            &self.registry,
+            &mut self.frames,
+            &self.symbolizer,
+            self.stats,
+            self.capacity.max_sites,
+            self.top_k,
+        )
+        .await?;
+        for (map, fill) in &self.fills {
+            snap.1.map_fill.entry(map).or_insert(*fill);
+        }
+        let (chains, raw) = self.frames.sizes();
+        let (sym_procs, sym_files) = self.symbolizer.held();
+        let held = &mut snap.1.held;
+        held.insert("processes", self.registry.procs.len() as u64);
+        held.insert(
+            "exec_images",
+            self.registry.past.values().map(|v| v.len() as u64).sum(),
+        );
+        held.insert("call_chains", chains as u64);
+        held.insert("raw_stacks", raw as u64);
+        held.insert("symbolizer_processes", sym_procs);
+        held.insert("symbolizer_files", sym_files);
+        // Rows whose announcement was lost (full ring buffer) or recorded while their process
+        // was being denied: deleted at the next scan once it is rejected or gone.
+        self.registry.unexported(unexported);
+        Ok(snap)
+    }
+}
+
+/// Fill levels of the kernel hash maps that a scrape does not read (entries / capacity). The
+/// LRU tables (stacks, last entries) are full by design and evict; they are left out.
+fn census(probes: &Probes, registry: &Registry) -> anyhow::Result<BTreeMap<&'static str, f64>> {
+    use allocwatch_common::{
+        go::{GoHistKey, GoHistVal, GoProc, StwState},
+        libc::Pending,
+        map_names,
+    };
+    let ebpf = &probes.ebpf;
+    let mut out = BTreeMap::new();
+    fn fill<K: aya::Pod, V: aya::Pod>(
+        ebpf: &aya::Ebpf,
+        name: &'static str,
+    ) -> Result<f64, collect::CollectError> {
+        let map = collect::RawMap::of::<K, V>(collect::map_ref(ebpf, name)?, name)?;
+        let mut n = 0usize;
+        map.scan(
+            &mut collect::Cursor::default(),
+            usize::MAX,
+            |_: &K, _: &[V]| n += 1,
+        )?;
+        Ok(n as f64 / f64::from(map.max_entries().max(1)))
+    }
+    out.insert(
+        map_names::PENDING,
+        fill::<u64, Pending>(ebpf, map_names::PENDING)?,
+    );
+    out.insert(
+        map_names::GO_PROCS,
+        fill::<u32, GoProc>(ebpf, map_names::GO_PROCS)?,
+    );
+    out.insert(
+        map_names::GO_STW,
+        fill::<u32, StwState>(ebpf, map_names::GO_STW)?,
+    );
+    for name in [map_names::LIBC_HIST, map_names::GO_HIST] {
+        out.insert(name, fill::<GoHistKey, GoHistVal>(ebpf, name)?);
+    }
+    let live_max = collect::RawMap::of::<
+        allocwatch_common::libc::LiveKey,
+        allocwatch_common::libc::LiveAlloc,
+    >(collect::map_ref(ebpf, map_names::LIVE)?, map_names::LIVE)?
+    .max_entries();
+    out.insert(
+        map_names::LIVE,
+        registry.sweeper.live_entries as f64 / f64::from(live_max.max(1)),
+    );
+    Ok(out)
+}
+
+/// Warns when a loss counter rises, naming what to change.
+struct LossWatch {
+    last: BTreeMap<LossCause, u64>,
+    warned: BTreeMap<LossCause, Instant>,
+    next_check: Instant,
+}
+
+impl Default for LossWatch {
+    fn default() -> Self {
+        Self {
+            last: BTreeMap::new(),
+            warned: BTreeMap::new(),
+            next_check: Instant::now() + LOSS_CHECK,
+        }
+    }
+}
+
+impl LossWatch {
+    fn check(&mut self, probes: &Probes, capacity: &CapacityArgs) -> anyhow::Result<()> {
+        self.next_check = Instant::now() + LOSS_CHECK;
+        let now = collect::lost(&probes.ebpf)?;
+        for (&cause, &n) in &now {
+            let before = self.last.get(&cause).copied().unwrap_or(0);
+            if n <= before {
+                continue;
+            }
+            let recent = self
+                .warned
+                .get(&cause)
+                .is_some_and(|t| t.elapsed() < LOSS_WARN_EVERY);
+            if !recent {
+                eprintln!(
+                    "allocwatch: warning: {} events lost ({}) in the last {} s: {}",
+                    n - before,
+                    cause.name(),
+                    LOSS_CHECK.as_secs(),
+                    remedy(cause, capacity)
+                );
+                self.warned.insert(cause, Instant::now());
+            }
+        }
+        self.last = now;
+        Ok(())
+    }
+}
+
+/// What to do about a loss cause, in the user's terms.
+fn remedy(cause: LossCause, c: &CapacityArgs) -> String {
+    match cause {
+        LossCause::PendingFull => format!(
+            "the in-flight call table is full; raise --max-pending (now {})",
+            c.max_pending
+        ),
+        LossCause::LiveFull => format!(
+            "the live-allocation table is full; raise --max-live (now {}) or use --mode \
+             count-stacks (no live tracking)",
+            c.max_live
+        ),
+        LossCause::SitesFull => format!(
+            "the call-site table is full; raise --max-sites (now {}) or narrow the selection \
+             (--comm, --exclude-comm, …)",
+            c.max_sites
+        ),
+        LossCause::StackMapFull => format!(
+            "the stack table is full; raise --max-stacks (now {})",
+            c.max_stacks
+        ),
+        LossCause::StackCollision => {
+            "two stacks hashed to the same id; the site keeps only its caller".to_string()
+        }
+        LossCause::StackError => "user stacks could not be read".to_string(),
+        LossCause::RingbufFull => "the event ring buffer overflowed: the agent was not \
+                                    scheduled in time (check its CPU limit)"
+            .to_string(),
+        LossCause::OrphanReturn => {
+            "returns without their entry (calls in flight when probes were attached)".to_string()
+        }
+        LossCause::HistFull => "the size-histogram table is full (too many processes at \
+                                 once); sizes of new processes are not histogrammed"
+            .to_string(),
+    }
+}
