@@ -70,6 +70,7 @@ fn process(i: usize) -> ProcessSnapshot {
                 bytes: 1000 + s as u64,
                 live_allocations: 1,
                 live_bytes: 100,
+                remainder: false,
             })
             .collect(),
         go: None,

@@ -319,6 +319,25 @@ impl<'a> RawMap<'a> {
         Ok(n)
     }
 
+    /// The values of `key` (one per CPU for per-CPU maps), or `None` if it is not in the map.
+    pub fn lookup<K: Pod, V: Pod>(&self, key: &K, out: &mut Vec<V>) -> Result<bool, BatchError> {
+        let mut vals = vec![0u8; self.stride()];
+        let mut attr = ElemAttr {
+            map_fd: self.fd.as_raw_fd() as u32,
+            key: std::ptr::from_ref(key) as u64,
+            value: vals.as_mut_ptr() as u64,
+            ..ElemAttr::default()
+        };
+        match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+            Ok(()) => {
+                decode_values(&vals, self.per_cpu, self.cpus, self.value_size, out);
+                Ok(true)
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(self.err("BPF_MAP_LOOKUP_ELEM")(e)),
+        }
+    }
+
     /// Deletes `keys` (those already gone are skipped); how many were deleted.
     pub fn delete<K: Pod>(&self, keys: &[K]) -> Result<usize, BatchError> {
         let mut deleted = 0;
@@ -390,7 +409,7 @@ mod tests {
 
     #[test]
     fn attrs_have_the_kernels_layout() {
-        assert_eq!(size_of::<BatchAttr>(), 48);
+        assert_eq!(size_of::<BatchAttr>(), 56);
         assert_eq!(std::mem::offset_of!(BatchAttr, count), 32);
         assert_eq!(std::mem::offset_of!(BatchAttr, map_fd), 36);
         assert_eq!(size_of::<ElemAttr>(), 32);

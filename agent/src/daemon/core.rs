@@ -135,7 +135,14 @@ impl Tracer {
             }
         }
         // Dropping the probes detaches them.
+        let t = Instant::now();
         drop(state);
+        if std::env::var_os("ALLOCWATCH_DEBUG_TIMING").is_some() {
+            eprintln!(
+                "allocwatch: debug: detaching took {:.1} ms",
+                t.elapsed().as_secs_f64() * 1e3
+            );
+        }
         Ok(())
     }
 }
@@ -263,10 +270,12 @@ impl State {
     /// The periodic work, each part bounded.
     async fn housekeeping(&mut self) -> anyhow::Result<()> {
         let now = Instant::now();
+        let mut sw = Stopwatch::new("housekeeping");
         if now >= self.next_scan {
             self.registry
                 .scan(&mut self.probes, &self.symbolizer, &mut self.frames);
             self.next_scan = now + SCAN_INTERVAL;
+            sw.lap("scan");
         }
         if now >= self.next_retain {
             let keep: HashSet<u32> = self
@@ -287,17 +296,21 @@ impl State {
                 self.capacity.max_live,
             )
             .await?;
+        sw.lap("sweep");
         if now >= self.losses.next_check {
             self.losses.check(&self.probes, &self.capacity)?;
         }
         if now >= self.next_census {
             self.fills = census(&self.probes, &self.registry)?;
             self.next_census = now + CENSUS_EVERY;
+            sw.lap("census");
         }
+        sw.done();
         Ok(())
     }
 
     async fn snapshot(&mut self) -> anyhow::Result<Snapshot> {
+        let sw = Stopwatch::new("snapshot");
         let (mut snap, unexported) = super::snapshot::build(
             &self.probes,
             &self.registry,
@@ -326,6 +339,7 @@ impl State {
         // Rows whose announcement was lost (full ring buffer) or recorded while their process
         // was being denied: deleted at the next scan once it is rejected or gone.
         self.registry.unexported(unexported);
+        sw.done();
         Ok(snap)
     }
 }
@@ -460,5 +474,51 @@ fn remedy(cause: LossCause, c: &CapacityArgs) -> String {
         LossCause::HistFull => "the size-histogram table is full (too many processes at \
                                  once); sizes of new processes are not histogrammed"
             .to_string(),
+    }
+}
+
+/// `ALLOCWATCH_DEBUG_TIMING=1`: steps of the loop that took long, with their parts, on
+/// stderr (how the soak's stalls are diagnosed).
+struct Stopwatch {
+    what: &'static str,
+    start: Instant,
+    last: Instant,
+    laps: Vec<(&'static str, Duration)>,
+}
+
+impl Stopwatch {
+    fn new(what: &'static str) -> Self {
+        let now = Instant::now();
+        Self {
+            what,
+            start: now,
+            last: now,
+            laps: Vec::new(),
+        }
+    }
+
+    fn lap(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.laps.push((name, now - self.last));
+        self.last = now;
+    }
+
+    fn done(self) {
+        let total = self.start.elapsed();
+        if total >= Duration::from_millis(20)
+            && std::env::var_os("ALLOCWATCH_DEBUG_TIMING").is_some()
+        {
+            let laps: Vec<String> = self
+                .laps
+                .iter()
+                .map(|(n, d)| format!("{n} {:.1} ms", d.as_secs_f64() * 1e3))
+                .collect();
+            eprintln!(
+                "allocwatch: debug: {} took {:.1} ms ({})",
+                self.what,
+                total.as_secs_f64() * 1e3,
+                laps.join(", ")
+            );
+        }
     }
 }

@@ -230,6 +230,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             Err(e) => Err(anyhow::anyhow!("HTTP server task: {e}")),
         },
     };
+    let stopping = Instant::now();
+    let debug = std::env::var_os("ALLOCWATCH_DEBUG_TIMING").is_some();
     let _ = stop_tx.send(true);
     let _ = server_stop.send(());
     // The tracer detaches the probes as it stops; a stuck one is not waited for (exiting
@@ -252,8 +254,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             std::process::exit(code);
         }
     }
+    if debug {
+        eprintln!(
+            "allocwatch: debug: tracer stopped after {:?}",
+            stopping.elapsed()
+        );
+    }
     if !server.is_finished() {
         let _ = tokio::time::timeout(Duration::from_millis(300), &mut server).await;
+    }
+    if debug {
+        eprintln!(
+            "allocwatch: debug: server stopped after {:?}",
+            stopping.elapsed()
+        );
     }
     result.context("agent")
 }

@@ -174,7 +174,8 @@ impl Registry {
         for (pid, p) in &mut self.procs {
             if p.exited_at.is_none() && !seen.contains(pid) {
                 p.exited_at = Some(now);
-                self.sweeper.pid(*pid, Fate::Harvest);
+                let keys = self.image_sites.remove(pid).unwrap_or_default().keys;
+                self.sweeper.pid(*pid, Fate::Harvest, keys);
             }
         }
         let expired: Vec<u32> = self
@@ -211,7 +212,7 @@ impl Registry {
             symbolizer.forget(pid);
             // Expired before its harvest finished: what is left goes unread.
             if self.sweeper.pending(pid) {
-                self.sweeper.pid(pid, Fate::Drop);
+                self.sweeper.pid(pid, Fate::Drop, []);
             }
         }
         self.image_sites
@@ -241,7 +242,8 @@ impl Registry {
             } else {
                 Fate::Drop
             };
-            self.sweeper.pid(pid, fate);
+            let keys = self.image_sites.remove(&pid).unwrap_or_default().keys;
+            self.sweeper.pid(pid, fate, keys);
         }
     }
 
@@ -282,8 +284,7 @@ impl Registry {
                 let folded = go.compact(keep);
                 frames.forget_chains(pid, folded.iter().map(|k| (k.stack_id, k.ret_addr)));
             }
-            // Name what is kept now, then let the symbolizer drop the process (an image of it
-            // still exported keeps it).
+            // Name what is kept now; the symbolizer then drops its per-address cache.
             for (k, _) in &p.retained.rows {
                 frames
                     .frames(probes, symbolizer, pid, k.stack_id, k.ret_addr)
@@ -296,10 +297,8 @@ impl Registry {
                         .await?;
                 }
             }
-            if !self.past.contains_key(&pid) {
-                symbolizer.forget(pid);
-                frames.forget_raw(pid);
-            }
+            symbolizer.compact(pid);
+            frames.forget_raw(pid);
         }
         for (pid, image) in done_images {
             let Some(i) = self.past_image_mut(pid, image) else {
@@ -458,12 +457,18 @@ impl Registry {
                 retained: Retained::default(),
             },
         );
-        self.sweeper.pid(pid, Fate::Harvest);
+        let keys = self.image_sites.remove(&pid).unwrap_or_default().keys;
+        self.sweeper.pid(pid, Fate::Harvest, keys);
     }
 
     /// A new-site record (records arrive in ring order): the process's current image made it.
     pub fn note_site(&mut self, key: &SiteKey, comm: &[u8; 16]) {
         if key.tgid == self.self_pid {
+            return;
+        }
+        // A row of a process whose rows are leaving the kernel (read late, or made by a
+        // rejected process still running): it goes the same way.
+        if self.sweeper.add_key(*key) {
             return;
         }
         let image = self.image_sites.entry(key.tgid).or_default();

@@ -39,9 +39,17 @@ pub async fn build(
     max_sites: u32,
     top_k: usize,
 ) -> anyhow::Result<((Vec<ProcessSnapshot>, SelfStats), Vec<u32>)> {
+    let t0 = Instant::now();
     let sites = collect::sites(&probes.ebpf, None)?;
     let libc_hist = collect::hist(&probes.ebpf, map_names::LIBC_HIST)?;
     let go_hist = collect::hist(&probes.ebpf, map_names::GO_HIST)?;
+    if std::env::var_os("ALLOCWATCH_DEBUG_TIMING").is_some() {
+        eprintln!(
+            "allocwatch: debug: reading {} site rows took {:.1} ms",
+            sites.len(),
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+    }
     let mut out = Vec::with_capacity(registry.procs.len());
     let mut budget = SYMBOLIZE_PER_SCRAPE.max(top_k);
     let mut ctx = Symbolize {
@@ -250,7 +258,7 @@ async fn process_snapshot(
 const SYMBOLIZE_PER_SCRAPE: usize = 2_000;
 /// Time a scrape may spend symbolizing (a cold file's DWARF can take long to parse): the
 /// scrape answers within it, and the chains not named yet are named at a later scrape.
-const SYMBOLIZE_TIME: Duration = Duration::from_millis(300);
+const SYMBOLIZE_TIME: Duration = Duration::from_millis(200);
 
 /// A site's frames: cached, symbolized (the process's `rank`-th largest site: within its own
 /// top 4×K always, else within the scrape's budget), or — budget or time spent — `None`: the

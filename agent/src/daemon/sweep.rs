@@ -1,5 +1,5 @@
-//! Taking the rows of processes that are gone out of the kernel maps, a bounded number of
-//! entries per step, so that the daemon loop never stalls on it.
+//! Taking the rows of processes that are gone out of the kernel maps, a bounded amount of
+//! work per step, so that the daemon loop never stalls on it.
 //!
 //! A process that exited (or a program image that ended at `exec`) leaves rows in the site
 //! table, the size histograms, the live-allocation table and the in-flight table. Its site and
@@ -10,18 +10,22 @@
 //! a million-entry live table then stopped the loop). Rows of processes the selection rejects
 //! are deleted the same way, without harvest.
 //!
-//! Each table is walked in passes with batch syscalls (`collect::RawMap`); a pid is done with a
-//! table once a pass that *started after* it was queued has finished. The live table is the
-//! largest and its rows of dead processes only take room, so its passes start at most every
-//! [`LIVE_PASS_EVERY`] (sooner when it fills up).
+//! The agent knows the key of every site row from its new-site record, so a process's rows
+//! are looked up and deleted by key ([`TARGET_BUDGET`] keys per step) — a few milliseconds for
+//! a `python3`, where walking a full 65k-row table took 50–90 ms on a loaded 2-CPU machine.
+//! Rows whose record was lost (a full ring buffer) are found by a *backstop* pass over the
+//! tables now and then, and the live-allocation table, whose keys (addresses) the agent never
+//! sees, by a pass every [`LIVE_PASS_EVERY`] (sooner when it fills up). Passes read in batches
+//! (`collect::RawMap`), a bounded number of entries per step; a pid is done with a table once a
+//! pass that *started after* it was queued has finished.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     time::{Duration, Instant},
 };
 
 use allocwatch_common::{
-    go::{GoHistKey, GoHistVal, GoProc, StwState},
+    go::{GO_HIST_BUCKETS, GoHistKey, GoHistVal, GoProc, StwState},
     libc::{LiveAlloc, LiveKey, Pending, SiteKey, SiteStats},
     map_names,
 };
@@ -32,15 +36,19 @@ use crate::{
     collect::{self, CollectError, Cursor, RawMap},
 };
 
-/// Entries each table's pass may visit per step (a batch syscall reads 4096).
-const STEP_BUDGET: usize = 64 * 1024;
-/// Live-table passes start at most this often while its fill is below [`LIVE_URGENT_FILL`].
-pub const LIVE_PASS_EVERY: Duration = Duration::from_secs(5);
+/// Site keys looked up and deleted per step.
+const TARGET_BUDGET: usize = 4 * 1024;
+/// Entries each pass may visit per step (a batch syscall reads 4096): ~10 ms on a loaded
+/// 2-CPU machine, so a step never holds the loop up for long.
+const PASS_BUDGET: usize = 16 * 1024;
+/// Live-table passes start at most this often (a pass over a few hundred thousand live
+/// allocations costs ~0.3 s of CPU on a loaded 2-CPU machine) ...
+pub const LIVE_PASS_EVERY: Duration = Duration::from_secs(30);
+/// ... or this often while the table is more than [`LIVE_URGENT_FILL`] full.
+const LIVE_URGENT_EVERY: Duration = Duration::from_secs(5);
 const LIVE_URGENT_FILL: f64 = 0.5;
-/// A live-table pass at least this often, to measure its fill.
-const LIVE_CENSUS_EVERY: Duration = Duration::from_secs(30);
-/// Harvest passes start at most this often (each one takes every pid queued since the last).
-const HARVEST_PASS_EVERY: Duration = Duration::from_millis(250);
+/// Backstop passes over the site, histogram and in-flight tables start at most this often.
+const BACKSTOP_EVERY: Duration = Duration::from_secs(20);
 
 /// What becomes of a gone process's rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,8 +78,8 @@ pub struct StepResult {
     pub pids: HashMap<u32, Harvest>,
     /// ... and by (pid, image) for program images that ended at exec.
     pub images: HashMap<(u32, u32), Harvest>,
-    /// Pids and images whose harvest is complete: every row they had is in this or an earlier
-    /// step's result.
+    /// Pids and images whose announced rows are all harvested: every such row is in this or
+    /// an earlier step's result (a row whose announcement was lost may still come later).
     pub done_pids: Vec<u32>,
     pub done_images: Vec<(u32, u32)>,
     /// Rows deleted from the kernel maps in this step.
@@ -87,6 +95,8 @@ struct Pass {
     /// Pids and images this pass is responsible for (queued before it started).
     pids: HashSet<u32>,
     images: HashSet<(u32, u32)>,
+    /// Queued for the next pass.
+    queue: (HashSet<u32>, HashSet<(u32, u32)>),
 }
 
 impl Pass {
@@ -94,16 +104,33 @@ impl Pass {
         self.cursors.is_some()
     }
 
-    fn start(&mut self, tables: usize, pids: HashSet<u32>, images: HashSet<(u32, u32)>) {
+    fn queued(&self) -> bool {
+        !self.queue.0.is_empty() || !self.queue.1.is_empty()
+    }
+
+    fn start(&mut self, tables: usize) {
         self.cursors = Some(vec![Cursor::default(); tables]);
         self.started = Some(Instant::now());
-        self.pids = pids;
-        self.images = images;
+        (self.pids, self.images) = std::mem::take(&mut self.queue);
     }
 
     fn due(&self, every: Duration) -> bool {
         self.started.is_none_or(|t| t.elapsed() >= every)
     }
+
+    fn needs_pid(&self, pid: u32) -> bool {
+        self.pids.contains(&pid) || self.queue.0.contains(&pid)
+    }
+
+    fn needs_image(&self, image: (u32, u32)) -> bool {
+        self.images.contains(&image) || self.queue.1.contains(&image)
+    }
+}
+
+/// Work queued by key: a process's or image's announced site rows.
+struct Target {
+    owner: Owner,
+    keys: Vec<SiteKey>,
 }
 
 /// The pids and images whose rows are to leave the kernel maps.
@@ -112,11 +139,11 @@ pub struct Sweeper {
     fates: HashMap<u32, Fate>,
     /// Site keys of program images that ended at exec, with their (pid, image).
     image_keys: HashMap<SiteKey, (u32, u32)>,
-    images: HashMap<(u32, u32), usize>,
-    /// Queued since the current harvest / live pass started.
-    harvest_queue: (HashSet<u32>, HashSet<(u32, u32)>),
-    live_queue: (HashSet<u32>, HashSet<(u32, u32)>),
-    harvest: Pass,
+    images: HashSet<(u32, u32)>,
+    targets: VecDeque<Target>,
+    /// Walks of the site, histogram and in-flight tables (rows never announced) ...
+    backstop: Pass,
+    /// ... and of the live-allocation table.
     live: Pass,
     /// Entries of the live table at the end of its last pass ...
     pub live_entries: usize,
@@ -125,37 +152,64 @@ pub struct Sweeper {
 }
 
 impl Sweeper {
-    /// Queues `pid`'s rows to leave the kernel maps (a later call with another fate wins: a
-    /// rejected process that exits becomes `Drop`).
-    pub fn pid(&mut self, pid: u32, fate: Fate) {
+    /// Queues `pid`'s rows to leave the kernel maps: `keys` are the site rows it announced
+    /// (looked up at once), the tables' passes catch the rest. A later call with another fate
+    /// wins (a rejected process that exits becomes `Drop`).
+    pub fn pid(&mut self, pid: u32, fate: Fate, keys: impl IntoIterator<Item = SiteKey>) {
         self.fates.insert(pid, fate);
-        self.harvest_queue.0.insert(pid);
-        self.live_queue.0.insert(pid);
+        self.targets.push_back(Target {
+            owner: Owner::Pid(pid),
+            keys: keys.into_iter().collect(),
+        });
+        self.backstop.queue.0.insert(pid);
+        self.live.queue.0.insert(pid);
+    }
+
+    /// Queues `key` if its pid's rows are leaving the kernel; whether it was.
+    pub fn add_key(&mut self, key: SiteKey) -> bool {
+        let pid = key.tgid;
+        if !self.fates.contains_key(&pid) {
+            return false;
+        }
+        match self
+            .targets
+            .iter_mut()
+            .rev()
+            .find(|t| t.owner == Owner::Pid(pid))
+        {
+            Some(t) => t.keys.push(key),
+            None => self.targets.push_back(Target {
+                owner: Owner::Pid(pid),
+                keys: vec![key],
+            }),
+        }
+        true
     }
 
     /// Queues the rows `keys` of `pid`'s program image `image`, which ended at exec.
     pub fn image(&mut self, pid: u32, image: u32, keys: impl IntoIterator<Item = SiteKey>) {
-        let mut n = 0;
-        for k in keys {
-            self.image_keys.insert(k, (pid, image));
-            n += 1;
+        let keys: Vec<SiteKey> = keys.into_iter().collect();
+        for k in &keys {
+            self.image_keys.insert(*k, (pid, image));
         }
-        self.images.insert((pid, image), n);
-        self.harvest_queue.1.insert((pid, image));
-        self.live_queue.1.insert((pid, image));
+        self.images.insert((pid, image));
+        self.targets.push_back(Target {
+            owner: Owner::Image((pid, image)),
+            keys,
+        });
+        self.backstop.queue.1.insert((pid, image));
+        self.live.queue.1.insert((pid, image));
     }
 
     /// A pid that is back (reused by a new process before its rows were swept): stop deleting
     /// rows under it; what is left of the old process mixes with the new one's.
     pub fn cancel(&mut self, pid: u32) {
         if self.fates.remove(&pid).is_some() {
-            for q in [
-                &mut self.harvest_queue.0,
-                &mut self.live_queue.0,
-                &mut self.harvest.pids,
-                &mut self.live.pids,
-            ] {
-                q.remove(&pid);
+            self.targets
+                .retain(|t| !matches!(t.owner, Owner::Pid(p) if p == pid));
+            for pass in [&mut self.backstop, &mut self.live] {
+                pass.pids.remove(&pid);
+                pass.queue.0.remove(&pid);
             }
         }
     }
@@ -165,68 +219,121 @@ impl Sweeper {
         self.fates.contains_key(&pid)
     }
 
-    /// One bounded step of the harvest and live passes.
+    /// One bounded step: queued keys first, then a slice of each pass that is due.
     pub fn step(&mut self, ebpf: &mut Ebpf, max_live: u32) -> Result<StepResult, CollectError> {
         let mut out = StepResult::default();
-        if !self.harvest.running()
-            && (!self.harvest_queue.0.is_empty() || !self.harvest_queue.1.is_empty())
-            && self.harvest.due(HARVEST_PASS_EVERY)
-        {
-            let (pids, images) = std::mem::take(&mut self.harvest_queue);
-            self.harvest.start(4, pids, images);
+        let t0 = Instant::now();
+        self.targeted(ebpf, &mut out)?;
+        let t1 = Instant::now();
+        if !self.backstop.running() && self.backstop.queued() && self.backstop.due(BACKSTOP_EVERY) {
+            self.backstop.start(4);
         }
         let urgent = self.live_entries as f64 >= LIVE_URGENT_FILL * f64::from(max_live.max(1));
-        let queued = !self.live_queue.0.is_empty() || !self.live_queue.1.is_empty();
-        // Without anything to delete, a pass now and then still measures the table's fill.
+        // Without anything to delete, the pass still measures the table's fill.
         if !self.live.running()
-            && ((queued && (urgent || self.live.due(LIVE_PASS_EVERY)))
-                || self.live.due(LIVE_CENSUS_EVERY))
+            && (self.live.due(LIVE_PASS_EVERY)
+                || (urgent && self.live.queued() && self.live.due(LIVE_URGENT_EVERY)))
         {
-            let (pids, images) = std::mem::take(&mut self.live_queue);
-            self.live.start(1, pids, images);
+            self.live.start(1);
         }
-        if self.harvest.running() {
-            self.harvest_step(ebpf, &mut out)?;
+        if self.backstop.running() {
+            self.backstop_step(ebpf, &mut out)?;
         }
+        let t2 = Instant::now();
         if self.live.running() {
             self.live_step(ebpf, &mut out)?;
+        }
+        if std::env::var_os("ALLOCWATCH_DEBUG_TIMING").is_some()
+            && t0.elapsed() > Duration::from_millis(20)
+        {
+            eprintln!(
+                "allocwatch: debug: sweep: targeted {:.1} ms ({} queued), backstop {:.1} ms, live {:.1} ms, deleted {}",
+                (t1 - t0).as_secs_f64() * 1e3,
+                self.targets.iter().map(|t| t.keys.len()).sum::<usize>(),
+                (t2 - t1).as_secs_f64() * 1e3,
+                t2.elapsed().as_secs_f64() * 1e3,
+                out.deleted
+            );
         }
         Ok(out)
     }
 
-    /// The owner of a site row to take out, if any: a queued pid, or a queued image's key.
-    /// An image's rows are its own even when the pid's later rows are dropped.
-    fn owner(&self, key: &SiteKey) -> Option<Owner> {
+    /// Looks up, harvests and deletes queued keys, up to [`TARGET_BUDGET`].
+    fn targeted(&mut self, ebpf: &mut Ebpf, out: &mut StepResult) -> Result<(), CollectError> {
+        let mut budget = TARGET_BUDGET;
+        while budget > 0 {
+            let Some(mut t) = self.targets.pop_front() else {
+                break;
+            };
+            let take = t.keys.len().min(budget);
+            let batch: Vec<SiteKey> = t.keys.drain(..take).collect();
+            budget -= take.max(1);
+            let fate = match t.owner {
+                Owner::Pid(pid) => self.fates.get(&pid).copied(),
+                Owner::Image(_) => Some(Fate::Harvest),
+            };
+            let name = map_names::SITES;
+            let map = RawMap::of::<SiteKey, SiteStats>(collect::map_ref(ebpf, name)?, name)?;
+            let mut values = Vec::new();
+            let mut found = Vec::with_capacity(batch.len());
+            for key in &batch {
+                if map.lookup(key, &mut values)? {
+                    found.push(*key);
+                    if fate == Some(Fate::Harvest) {
+                        out.harvest(t.owner)
+                            .rows
+                            .push((*key, sum_stats(values.iter())));
+                    }
+                }
+            }
+            out.deleted += map.delete(&found)?;
+            if !t.keys.is_empty() {
+                self.targets.push_front(t);
+                break;
+            }
+            // All its announced rows are out: the per-pid tables go now too.
+            match t.owner {
+                Owner::Pid(pid) => {
+                    out.deleted += delete_per_pid(ebpf, pid, fate, out)?;
+                    if fate == Some(Fate::Harvest) {
+                        out.done_pids.push(pid);
+                    }
+                }
+                Owner::Image(image) => out.done_images.push(image),
+            }
+        }
+        Ok(())
+    }
+
+    /// The owner of a site row to take out, if any: a queued image's key, else a queued pid
+    /// (an image's rows are its own even when the pid's later rows are dropped).
+    fn owner(&self, key: &SiteKey) -> Option<(Owner, Fate)> {
         if let Some(&i) = self.image_keys.get(key) {
-            return Some(Owner::Image(i));
+            return Some((Owner::Image(i), Fate::Harvest));
         }
         self.fates
             .get(&key.tgid)
-            .map(|&fate| Owner::Pid(key.tgid, fate))
+            .map(|&fate| (Owner::Pid(key.tgid), fate))
     }
 
-    fn harvest_step(&mut self, ebpf: &mut Ebpf, out: &mut StepResult) -> Result<(), CollectError> {
-        let Some(mut cursors) = self.harvest.cursors.take() else {
+    fn backstop_step(&mut self, ebpf: &mut Ebpf, out: &mut StepResult) -> Result<(), CollectError> {
+        let Some(mut cursors) = self.backstop.cursors.take() else {
             return Ok(());
         };
-        // Site rows: final values of the queued, then deleted.
-        let mut doomed: Vec<SiteKey> = Vec::new();
         {
             let name = map_names::SITES;
             let map = RawMap::of::<SiteKey, SiteStats>(collect::map_ref(ebpf, name)?, name)?;
+            let mut doomed: Vec<SiteKey> = Vec::new();
             map.scan(
                 &mut cursors[0],
-                STEP_BUDGET,
+                PASS_BUDGET,
                 |k: &SiteKey, v: &[SiteStats]| {
-                    let Some(owner) = self.owner(k) else { return };
+                    let Some((owner, fate)) = self.owner(k) else {
+                        return;
+                    };
                     doomed.push(*k);
-                    let row = (*k, sum_stats(v.iter()));
-                    match owner {
-                        Owner::Pid(pid, Fate::Harvest) => {
-                            out.pids.entry(pid).or_default().rows.push(row)
-                        }
-                        Owner::Pid(..) => {}
-                        Owner::Image(i) => out.images.entry(i).or_default().rows.push(row),
+                    if fate == Fate::Harvest {
+                        out.harvest(owner).rows.push((*k, sum_stats(v.iter())));
                     }
                 },
             )?;
@@ -238,14 +345,14 @@ impl Sweeper {
             let mut doomed: Vec<GoHistKey> = Vec::new();
             map.scan(
                 &mut cursors[slot],
-                STEP_BUDGET,
+                PASS_BUDGET,
                 |k: &GoHistKey, v: &[GoHistVal]| {
                     let Some(&fate) = self.fates.get(&k.tgid) else {
                         return;
                     };
                     doomed.push(*k);
                     if fate == Fate::Harvest {
-                        let h = out.pids.entry(k.tgid).or_default();
+                        let h = out.harvest(Owner::Pid(k.tgid));
                         let bucket = (k.bucket, collect::sum_hist(v));
                         if slot == 1 {
                             h.libc_hist.push(bucket);
@@ -257,12 +364,13 @@ impl Sweeper {
             )?;
             out.deleted += map.delete(&doomed)?;
         }
-        // Calls in flight when a process died never return.
+        // Calls in flight when a process died never return (their threads are unknown to us:
+        // found by a walk).
         {
             let name = map_names::PENDING;
             let map = RawMap::of::<u64, Pending>(collect::map_ref(ebpf, name)?, name)?;
             let mut doomed: Vec<u64> = Vec::new();
-            map.scan(&mut cursors[3], STEP_BUDGET, |k: &u64, _: &[Pending]| {
+            map.scan(&mut cursors[3], PASS_BUDGET, |k: &u64, _: &[Pending]| {
                 let tgid = (*k >> 32) as u32;
                 if self.fates.get(&tgid).is_some_and(|f| *f != Fate::Reject) {
                     doomed.push(*k);
@@ -271,20 +379,13 @@ impl Sweeper {
             out.deleted += map.delete(&doomed)?;
         }
         if !cursors.iter().all(Cursor::done) {
-            self.harvest.cursors = Some(cursors);
+            self.backstop.cursors = Some(cursors);
             return Ok(());
         }
-        // Pass complete: its pids' per-pid rows go, and they are done unless the live pass
-        // still owes them.
-        for pid in std::mem::take(&mut self.harvest.pids) {
-            out.deleted += delete_per_pid(ebpf, pid)?;
-            if self.fates.get(&pid) == Some(&Fate::Harvest) {
-                out.done_pids.push(pid);
-            }
+        for pid in std::mem::take(&mut self.backstop.pids) {
             self.retire_pid(pid);
         }
-        for image in std::mem::take(&mut self.harvest.images) {
-            out.done_images.push(image);
+        for image in std::mem::take(&mut self.backstop.images) {
             self.retire_image(image);
         }
         Ok(())
@@ -300,7 +401,7 @@ impl Sweeper {
         let mut seen = 0;
         map.scan(
             &mut cursors[0],
-            2 * STEP_BUDGET,
+            2 * PASS_BUDGET,
             |k: &LiveKey, a: &[LiveAlloc]| {
                 seen += 1;
                 if self.fates.contains_key(&k.tgid) || self.image_keys.contains_key(&a[0].site) {
@@ -325,44 +426,77 @@ impl Sweeper {
         Ok(())
     }
 
-    /// Forgets `pid` once neither pass nor queue needs it.
+    /// Forgets `pid` once no pass and no queued key needs it.
     fn retire_pid(&mut self, pid: u32) {
-        let needed = [
-            &self.harvest_queue.0,
-            &self.live_queue.0,
-            &self.harvest.pids,
-            &self.live.pids,
-        ]
-        .iter()
-        .any(|q| q.contains(&pid));
-        if !needed {
+        let targeted = self
+            .targets
+            .iter()
+            .any(|t| matches!(t.owner, Owner::Pid(p) if p == pid));
+        if !targeted && !self.backstop.needs_pid(pid) && !self.live.needs_pid(pid) {
             self.fates.remove(&pid);
         }
     }
 
     fn retire_image(&mut self, image: (u32, u32)) {
-        let needed = [
-            &self.harvest_queue.1,
-            &self.live_queue.1,
-            &self.harvest.images,
-            &self.live.images,
-        ]
-        .iter()
-        .any(|q| q.contains(&image));
-        if !needed && self.images.remove(&image).is_some() {
+        let targeted = self
+            .targets
+            .iter()
+            .any(|t| matches!(t.owner, Owner::Image(i) if i == image));
+        if !targeted
+            && !self.backstop.needs_image(image)
+            && !self.live.needs_image(image)
+            && self.images.remove(&image)
+        {
             self.image_keys.retain(|_, i| *i != image);
         }
     }
 }
 
+impl StepResult {
+    fn harvest(&mut self, owner: Owner) -> &mut Harvest {
+        match owner {
+            Owner::Pid(pid) => self.pids.entry(pid).or_default(),
+            Owner::Image(i) => self.images.entry(i).or_default(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Owner {
-    Pid(u32, Fate),
+    Pid(u32),
     Image((u32, u32)),
 }
 
-/// Rows keyed by the pid alone: the Go process table and stop-the-world state.
-fn delete_per_pid(ebpf: &mut Ebpf, pid: u32) -> Result<usize, CollectError> {
+/// Rows keyed by the pid: its size-histogram buckets (harvested), the Go process table and
+/// stop-the-world state.
+fn delete_per_pid(
+    ebpf: &mut Ebpf,
+    pid: u32,
+    fate: Option<Fate>,
+    out: &mut StepResult,
+) -> Result<usize, CollectError> {
     let mut n = 0;
+    let mut values = Vec::new();
+    for (libc, name) in [(true, map_names::LIBC_HIST), (false, map_names::GO_HIST)] {
+        let map = RawMap::of::<GoHistKey, GoHistVal>(collect::map_ref(ebpf, name)?, name)?;
+        let mut found = Vec::new();
+        for bucket in 0..GO_HIST_BUCKETS {
+            let key = GoHistKey { tgid: pid, bucket };
+            if map.lookup(&key, &mut values)? {
+                found.push(key);
+                if fate == Some(Fate::Harvest) {
+                    let h = out.harvest(Owner::Pid(pid));
+                    let v = (bucket, collect::sum_hist(&values));
+                    if libc {
+                        h.libc_hist.push(v);
+                    } else {
+                        h.go_hist.push(v);
+                    }
+                }
+            }
+        }
+        n += map.delete(&found)?;
+    }
     let name = map_names::GO_PROCS;
     n += RawMap::of::<u32, GoProc>(collect::map_ref(ebpf, name)?, name)?.delete(&[pid])?;
     let name = map_names::GO_STW;

@@ -136,6 +136,7 @@ mod tests {
             bytes,
             live_allocations: 0,
             live_bytes: 0,
+            remainder: false,
         };
         vec![
             s(

@@ -418,6 +418,7 @@ pub(crate) mod tests {
             bytes,
             live_allocations: live,
             live_bytes: live * 100,
+            remainder: false,
         }
     }
 

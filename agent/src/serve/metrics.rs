@@ -287,6 +287,8 @@ struct Sticky {
     base: Cv,
     /// Final values of processes that left while the site had its series.
     carry: Cv,
+    /// The value exported at the previous scrape.
+    last: Cv,
 }
 
 /// Moving averages of a site's calls and bytes per scrape.
@@ -503,6 +505,7 @@ impl Identity {
             Sticky {
                 base: agg.cur.sub(start),
                 carry: Cv::default(),
+                last: start,
             },
         );
     }
@@ -549,8 +552,49 @@ impl Identity {
             .fold(0u64, |acc, k| acc.saturating_add(k.total.bytes))
     }
 
+    /// A value that moved out of `other` into a site with its own series (a site named after
+    /// it was first exported unnamed) would count twice: `other` cannot go down. The site's
+    /// increase since the last scrape takes the difference instead (its base grows), as far
+    /// as it goes.
+    fn rebalance(&mut self) {
+        let kinds: Vec<&'static str> = self.kinds.keys().copied().collect();
+        for kind in kinds {
+            let k = self.kinds[kind];
+            let last = self.last_other.get(kind).copied().unwrap_or_default();
+            let mut deficit = last.sub(k.total.sub(k.sticky));
+            if deficit.is_zero() {
+                continue;
+            }
+            let mut keys: Vec<SiteKey> = self
+                .sticky
+                .keys()
+                .filter(|key| key.kind == kind)
+                .cloned()
+                .collect();
+            keys.sort();
+            let mut taken = Cv::default();
+            for key in keys {
+                let now = self.sticky_value(&key);
+                let Some(s) = self.sticky.get_mut(&key) else {
+                    continue;
+                };
+                let take = now.sub(s.last).min(deficit);
+                s.base = s.base.add(take);
+                deficit = deficit.sub(take);
+                taken = taken.add(take);
+                if deficit.is_zero() {
+                    break;
+                }
+            }
+            if let Some(k) = self.kinds.get_mut(kind) {
+                k.sticky = k.sticky.sub(taken);
+            }
+        }
+    }
+
     /// Fixes this scrape's site rows and remembers what `other` exported.
     fn finish_rows(&mut self) {
+        self.rebalance();
         let mut rows = Vec::new();
         let kinds: Vec<&'static str> = self.kinds.keys().copied().collect();
         for kind in kinds {
@@ -570,13 +614,18 @@ impl Identity {
                 });
             }
         }
-        if !self.suppressed {
-            for key in self.sticky.keys() {
+        let keys: Vec<SiteKey> = self.sticky.keys().cloned().collect();
+        for key in keys {
+            let value = self.sticky_value(&key);
+            if let Some(s) = self.sticky.get_mut(&key) {
+                s.last = value;
+            }
+            if !self.suppressed {
                 rows.push(SiteRow {
                     kind: key.kind,
                     site: Arc::clone(&key.site),
-                    value: self.sticky_value(key),
-                    live: self.site_live(key),
+                    value,
+                    live: self.site_live(&key),
                 });
             }
         }

@@ -54,6 +54,7 @@ fn process(pid: u32, pod: &str, bytes: u64) -> ProcessSnapshot {
             bytes,
             live_allocations: 1,
             live_bytes: 64,
+            remainder: false,
         }],
         ..Default::default()
     }

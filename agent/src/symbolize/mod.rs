@@ -97,6 +97,9 @@ enum Request {
     Note(u32, Vec<maps::RawMapping>),
     /// The process is gone and named: drop what is kept for it.
     Forget(u32),
+    /// The process is gone and its kept sites are named: drop the frames cached per address
+    /// (keep the mappings, for a late row).
+    Compact(u32),
     /// Drop processes noted a while ago that are not in the set (noted at exec, then never
     /// registered: rejected, or gone before the agent saw them).
     Retain(HashSet<u32>),
@@ -167,6 +170,11 @@ impl SymbolizerHandle {
     /// Drops what is kept for `pid` (its mappings, cached frames, and the files only it maps).
     pub fn forget(&self, pid: u32) {
         drop(self.tx.send(Request::Forget(pid)));
+    }
+
+    /// Drops the frames cached for `pid`'s addresses, keeping its mappings.
+    pub fn compact(&self, pid: u32) {
+        drop(self.tx.send(Request::Compact(pid)));
     }
 
     /// Drops the processes noted more than [`UNCLAIMED_AFTER`] ago that are not in `pids`.
@@ -327,6 +335,11 @@ impl Worker {
             match req {
                 Request::Note(pid, maps) => self.note(pid, maps),
                 Request::Symbolize { pid, addrs, reply } => reply(self.symbolize(pid, &addrs)),
+                Request::Compact(pid) => {
+                    if let Some(p) = self.processes.get_mut(&pid) {
+                        p.frames = HashMap::new();
+                    }
+                }
                 Request::Forget(pid) => {
                     if let Some(p) = self.processes.remove(&pid) {
                         self.release(&p.maps);

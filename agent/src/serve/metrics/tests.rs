@@ -21,6 +21,7 @@ fn site(kind: &'static str, stack: &[&str], calls: u64, bytes: u64) -> SiteSnaps
         bytes,
         live_allocations: 0,
         live_bytes: 0,
+        remainder: false,
     }
 }
 
@@ -116,6 +117,7 @@ fn small_model() -> (Vec<ProcessSnapshot>, SelfStats) {
         events_lost: BTreeMap::from([("ringbuf_full", 1), ("live_map_full", 0)]),
         map_fill: BTreeMap::from([("live", 0.25)]),
         symbolization_failures: BTreeMap::from([("no_symbol", 2)]),
+        ..SelfStats::default()
     };
     (vec![a, b, go], stats)
 }
@@ -249,6 +251,9 @@ allocwatch_map_fill_ratio{map="live"} 0.25
 # HELP allocwatch_symbolization_failures_total Addresses that could not be named, by cause.
 # TYPE allocwatch_symbolization_failures_total counter
 allocwatch_symbolization_failures_total{cause="no_symbol"} 2
+# HELP allocwatch_stale_scrapes_total Scrapes answered with the previous snapshot because the tracer was busy.
+# TYPE allocwatch_stale_scrapes_total counter
+allocwatch_stale_scrapes_total 0
 # HELP allocwatch_call_site_series allocwatch_site_* series exported at this scrape.
 # TYPE allocwatch_call_site_series gauge
 allocwatch_call_site_series 16
@@ -795,6 +800,7 @@ fn readme_table_lists_exactly_the_exported_metrics() {
     // Make every optional family appear.
     procs[0].lost.insert("pending_full", 0);
     stats.attach_failures.insert("EPERM".into(), 0);
+    stats.held.insert("processes", 0);
     let mut e = Exporter::new(cfg());
     let text = e
         .render(&procs, &stats, Instant::now(), Instant::now())
@@ -906,4 +912,66 @@ fn count_modes_export_no_live_or_size_series() {
             .collect()
     };
     assert_eq!(rest(&with), rest(&without));
+}
+
+/// A site first exported unnamed (part of `other`) and named at a later scrape, and an exited
+/// process whose sites are folded into its remainder: the value moves between rows of the
+/// process, so the site series still add up to the process's total, and none goes down.
+#[test]
+fn sites_moving_in_and_out_of_the_remainder_are_counted_once() {
+    let t0 = Instant::now();
+    let mut e = Exporter::new(cfg());
+    let stats = SelfStats::default();
+    let named = |calls, bytes| site("malloc", &["make_buf", "main"], calls, bytes);
+    let unnamed = |calls, bytes| SiteSnapshot {
+        frames: vec![Frame::unknown(0x5555_0000_1234)],
+        remainder: true,
+        ..site("malloc", &[], calls, bytes)
+    };
+    let proc_with = |sites: Vec<SiteSnapshot>, exited: bool| ProcessSnapshot {
+        pid: 10,
+        labels: web_labels(),
+        calls: BTreeMap::from([("malloc", sites.iter().map(|s| s.calls).sum())]),
+        bytes: BTreeMap::from([("malloc", sites.iter().map(|s| s.bytes).sum())]),
+        sites,
+        exited_at: exited.then_some(t0),
+        ..Default::default()
+    };
+    let site_sum = |text: &str| -> f64 {
+        samples(text)
+            .iter()
+            .filter(|(k, _)| {
+                k.starts_with("allocwatch_site_alloc_bytes_total{") && k.contains("kind=\"malloc\"")
+            })
+            .map(|(_, v)| v)
+            .sum()
+    };
+    let rounds = [
+        // Not named yet: the whole site is in `other`, never labelled by its address.
+        vec![unnamed(2, 200), named(1, 10)],
+        // Named now (and grown): the same value under its label.
+        vec![named(3, 300), site("malloc", &["other_fn", "main"], 1, 10)],
+        // Exited and compacted: the smaller site is folded into the remainder.
+        vec![
+            named(3, 300),
+            SiteSnapshot {
+                frames: Vec::new(),
+                ..unnamed(1, 10)
+            },
+        ],
+    ];
+    let mut prev = String::new();
+    for (i, sites) in rounds.into_iter().enumerate() {
+        let total: u64 = sites.iter().map(|s| s.bytes).sum();
+        let out = render(
+            &mut e,
+            &[proc_with(sites, i == 2)],
+            &stats,
+            t0 + Duration::from_secs(i as u64),
+        );
+        assert_monotonic(&prev, &out);
+        assert_eq!(site_sum(&out), total as f64, "round {i}:\n{out}");
+        assert!(!out.contains("0x5555"), "a raw address as a label:\n{out}");
+        prev = out;
+    }
 }
