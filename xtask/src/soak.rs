@@ -174,7 +174,7 @@ pub fn run(paths: &Paths, args: &Args) -> anyhow::Result<()> {
     };
     let mut churn = Churn::new(&c_program);
     let plan = schedule(duration, args.scrape_every);
-    let (end, scrapes, mut held, probes) = thread::scope(|s| {
+    let (end, (scrapes, mut held, skipped), probes) = thread::scope(|s| {
         let scraper = s.spawn(|| scrape_metrics(&shared, &plan));
         let prober = s.spawn(|| probe_healthz(&shared));
         let end = churn_loop(&shared, &mut agent, &mut churn, duration, &interrupted);
@@ -185,14 +185,14 @@ pub fn run(paths: &Paths, args: &Args) -> anyhow::Result<()> {
             // Unblocks requests in flight at once.
             agent.kill_and_reap();
         }
-        let (scrapes, held) = scraper
+        let scraped = scraper
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p));
         shared.stop.store(true, Ordering::SeqCst);
         let probes = prober
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p));
-        (end, scrapes, held, probes)
+        (end, scraped, probes)
     });
     churn.finish();
     let end = end?;
@@ -223,6 +223,7 @@ pub fn run(paths: &Paths, args: &Args) -> anyhow::Result<()> {
         client_timeout: CLIENT_TIMEOUT,
         probes,
         scrapes,
+        skipped_scrapes: skipped,
         stop,
         agent_held: held,
         agent_pid,
@@ -374,18 +375,33 @@ fn probe_healthz(sh: &Shared) -> Vec<Probe> {
 }
 
 /// The scrapes of `plan` (each with the agent's RSS and CPU time and the BPF objects it holds,
-/// read just before it) until the plan ends or the threads are told to stop.
-fn scrape_metrics(sh: &Shared, plan: &[Duration]) -> (Vec<Scrape>, kernel::Ids) {
+/// read just before it) until the plan ends or the threads are told to stop. A planned scrape
+/// whose successor is already due (an earlier one was still in flight) is skipped, not queued:
+/// the last one always runs. Returns the scrapes, what the agent held, and the skipped times.
+fn scrape_metrics(sh: &Shared, plan: &[Duration]) -> (Vec<Scrape>, kernel::Ids, Vec<Duration>) {
     let mut scrapes = Vec::new();
     let mut held = kernel::Ids::default();
-    for &planned in plan {
+    let mut skipped = Vec::new();
+    for (i, &planned) in plan.iter().enumerate() {
         if !sh.sleep_until(planned) {
             break;
         }
+        if plan.get(i + 1).is_some_and(|&next| sh.t0.elapsed() >= next) {
+            skipped.push(planned);
+            continue;
+        }
+        let at = sh.t0.elapsed();
         held.extend(kernel::held_by(sh.agent_pid));
         let rss_kib = rss_kib(sh.agent_pid).ok();
         let cpu_secs = cpu_ticks(sh.agent_pid).ok().map(|t| t as f64 / sh.ticks);
-        let at = sh.t0.elapsed();
+        let reads = sh.t0.elapsed() - at;
+        if reads > Duration::from_millis(500) {
+            // Seen while the agent was stuck: worth knowing, as it delays the scrape.
+            eprintln!(
+                "soak: reading the agent's /proc entries took {}",
+                report::fmt_latency(reads)
+            );
+        }
         let t = http::get(sh.port, "/metrics", CLIENT_TIMEOUT);
         let reading = failure(t.outcome).and_then(|body| {
             metrics::read(&body, STEADY_COMM).map_err(|e| Failure::Failed(format!("{e:#}")))
@@ -415,7 +431,7 @@ fn scrape_metrics(sh: &Shared, plan: &[Duration]) -> (Vec<Scrape>, kernel::Ids) 
             reading,
         });
     }
-    (scrapes, held)
+    (scrapes, held, skipped)
 }
 
 enum End {

@@ -51,6 +51,7 @@ fn passing() -> Run {
                 )
             })
             .collect(),
+        skipped_scrapes: Vec::new(),
         stop: Stop::Exited {
             after: MS(310),
             success: true,
@@ -154,9 +155,12 @@ fn the_issue_17_run_fails_every_agent_criterion() {
             "FAIL RSS at the end within 20 % of RSS after the first minute: 172.0 MiB at \
              t = 60 s, 324.0 MiB at t = 601 s (+88.4 %)",
             "FAIL no event lost, of any cause: 61.3 M lost by t = 571 s: site_map_full 37.9 M, \
-             live_map_full 22.6 M, ringbuf_full 806.0 k (later scrapes unanswered)",
+             live_map_full 22.6 M, ringbuf_full 806.0 k; unknown after that (later scrapes \
+             unanswered)",
             "FAIL SIGTERM: the agent exits (status 0) within 2 s: still running 10.0 s after \
              SIGTERM: killed with SIGKILL",
+            "FAIL workload: the steady allocator's calls (comm soak_steady) rose at every \
+             scrape: not seen at t = 601 s (/metrics unanswered)",
         ]
     );
     let table = table(
@@ -308,4 +312,27 @@ fn counts_and_latencies_read_well() {
     assert_eq!(fmt_latency(MS(3)), "3.0 ms");
     assert_eq!(fmt_latency(MS(660)), "660 ms");
     assert_eq!(fmt_latency(MS(1470)), "1.47 s");
+}
+
+/// Loss and the steady allocator must be seen at the end: an unanswered last scrape is not
+/// "no loss", and skipped scrapes are named.
+#[test]
+fn an_unanswered_last_scrape_leaves_loss_and_the_workload_unproven() {
+    let mut run = passing();
+    run.scrapes[12].reading = Err(Failure::TimedOut);
+    run.scrapes[12].latency = S(20);
+    run.skipped_scrapes = vec![S(110)];
+    let v = verdicts(&run);
+    assert!(!v[3].pass);
+    assert_eq!(
+        v[3].measured,
+        "0 lost by t = 110 s; unknown after that (later scrapes unanswered)"
+    );
+    assert!(!v[6].pass);
+    assert_eq!(v[6].measured, "not seen at t = 120 s (/metrics unanswered)");
+    assert_eq!(
+        v[1].measured,
+        "13 scrapes, slowest 20.00 s; first failure at t = 120 s; 1 unanswered within 20 s; 1 \
+         planned scrapes skipped (the one before still in flight)"
+    );
 }
