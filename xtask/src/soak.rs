@@ -142,21 +142,8 @@ pub fn run(paths: &Paths, args: &Args) -> anyhow::Result<()> {
         STEADY_COMM,
     )?;
     let port = free_port()?;
-    let listen = format!("127.0.0.1:{port}");
-    let mut agent_cmd = Command::new(&bin);
-    agent_cmd.args(["agent", "--listen", &listen]);
-    if let Some(ttl) = &args.ttl {
-        agent_cmd.args(["--ttl", ttl]);
-    }
     let agent_log = out_dir.join("agent.log");
-    let log = fs::File::create(&agent_log)
-        .with_context(|| format!("creating {}", agent_log.display()))?;
-    agent_cmd
-        .env(DEPLOYED_ALLOCATOR.0, DEPLOYED_ALLOCATOR.1)
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    eprintln!("+ {}", cmd::show(&agent_cmd));
-    let mut agent = Reaped::spawn(&mut agent_cmd, "allocwatch agent")?;
+    let mut agent = start_agent(&bin, port, args.ttl.as_deref(), &agent_log)?;
     let agent_pid = agent.pid();
     let started = wait_until_serving(&mut agent, port, &agent_log, &interrupted)?;
     eprintln!(
@@ -231,13 +218,8 @@ pub fn run(paths: &Paths, args: &Args) -> anyhow::Result<()> {
         churn: churn.record,
         steady_comm: STEADY_COMM,
     };
-    let verdicts = report::verdicts(&run);
-    let md = report::markdown(&run, &header(paths, args), &verdicts);
-    println!("{md}");
     let results = out_dir.join("results.md");
-    for file in std::iter::once(&results).chain(args.out.as_ref()) {
-        fs::write(file, &md).with_context(|| format!("writing {}", file.display()))?;
-    }
+    let verdicts = write_report(paths, args, &run, &results)?;
     eprintln!(
         "soak: report in {}, agent log in {}",
         results.display(),
@@ -257,6 +239,39 @@ pub fn run(paths: &Paths, args: &Args) -> anyhow::Result<()> {
         verdicts.len(),
         failed.join("\n")
     )
+}
+
+/// `allocwatch agent --listen 127.0.0.1:PORT [--ttl TTL]`, everything else at its default and
+/// the allocator setting of the image; its output goes to `log`.
+fn start_agent(bin: &Path, port: u16, ttl: Option<&str>, log: &Path) -> anyhow::Result<Reaped> {
+    let listen = format!("127.0.0.1:{port}");
+    let mut cmd = Command::new(bin);
+    cmd.args(["agent", "--listen", &listen]);
+    if let Some(ttl) = ttl {
+        cmd.args(["--ttl", ttl]);
+    }
+    let file = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    cmd.env(DEPLOYED_ALLOCATOR.0, DEPLOYED_ALLOCATOR.1)
+        .stdout(file.try_clone()?)
+        .stderr(file);
+    eprintln!("+ {}", cmd::show(&cmd));
+    Reaped::spawn(&mut cmd, "allocwatch agent")
+}
+
+/// Prints the report and writes it to `results` (and `--out`); returns the verdicts.
+fn write_report(
+    paths: &Paths,
+    args: &Args,
+    run: &report::Run,
+    results: &Path,
+) -> anyhow::Result<Vec<report::Verdict>> {
+    let verdicts = report::verdicts(run);
+    let md = report::markdown(run, &header(paths, args), &verdicts);
+    println!("{md}");
+    for file in std::iter::once(results).chain(args.out.as_deref()) {
+        fs::write(file, &md).with_context(|| format!("writing {}", file.display()))?;
+    }
+    Ok(verdicts)
 }
 
 /// Waits until the agent answers /healthz, then (up to 30 s) until the steady allocator, which

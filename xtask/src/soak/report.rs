@@ -303,7 +303,10 @@ fn sigterm(run: &Run) -> Verdict {
             status,
         } => (
             *after <= SIGTERM_LIMIT && *success,
-            format!("{status} {:.2} s after SIGTERM", after.as_secs_f64()),
+            format!(
+                "exited ({status}) {:.2} s after SIGTERM",
+                after.as_secs_f64()
+            ),
         ),
         Stop::Killed { waited } => (
             false,
@@ -331,12 +334,20 @@ fn kernel(run: &Run) -> Verdict {
     };
     let held = &run.agent_held;
     let mut measured = if left.is_empty() {
-        format!(
-            "nothing: the {} programs and {} links it held are gone, no `aya_{}_` uprobe event",
-            held.progs.len(),
-            held.links.len(),
-            run.agent_pid
-        )
+        let pid = run.agent_pid;
+        let (progs, links) = (held.progs.len(), held.links.len());
+        if progs + links == 0 {
+            // Nothing to follow: only new, unheld objects and uprobe events were looked for.
+            format!(
+                "nothing (it was not seen holding any BPF program or link); no `aya_{pid}_` \
+                 uprobe event"
+            )
+        } else {
+            format!(
+                "nothing: the {progs} programs and {links} links it held are gone, no \
+                 `aya_{pid}_` uprobe event"
+            )
+        }
     } else {
         let mut parts = Vec::new();
         if !left.ids.progs.is_empty() {
@@ -471,7 +482,8 @@ pub fn table(
     steady: &str,
 ) -> String {
     let mut md = format!(
-        "| t, s | agent RSS, MiB | /metrics | slowest /healthz since the last scrape | events lost | sample lines | map fill ratio | agent CPU, s | {steady} calls |\n\
+        "| t, s | agent RSS, MiB | /metrics | slowest /healthz since the last scrape | events \
+         lost | sample lines | map fill ratio | agent CPU, s | {steady} calls |\n\
          |---:|---:|---:|---:|---|---:|---|---:|---:|\n"
     );
     // Each row's /healthz cell: the probes that started after the previous scrape ended and

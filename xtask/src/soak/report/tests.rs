@@ -96,7 +96,10 @@ fn a_clean_run_passes_every_criterion() {
         "106.0 MiB at t = 60 s, 112.0 MiB at t = 120 s (+5.7 %)"
     );
     assert_eq!(v[3].measured, "0 lost by t = 120 s");
-    assert_eq!(v[4].measured, "exit status: 0 0.31 s after SIGTERM");
+    assert_eq!(
+        v[4].measured,
+        "exited (exit status: 0) 0.31 s after SIGTERM"
+    );
     assert_eq!(
         v[5].measured,
         "nothing: the 3 programs and 1 links it held are gone, no `aya_4242_` uprobe event"
