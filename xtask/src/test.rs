@@ -1,5 +1,6 @@
 //! `./x test`: the whole suite. Integration tests (xtask/tests/) run the release binary against
-//! real uprobes, so this needs root.
+//! real uprobes, so this needs root. Without cargo test arguments it ends with the short soak
+//! (issue 17: `./x soak --minutes 2 --ttl 20s --scrape-every 10s`).
 
 use std::{
     ffi::OsString,
@@ -9,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{agent, cmd, fixtures, lint, paths::Paths, setup};
+use crate::{agent, cmd, fixtures, lint, paths::Paths, setup, soak};
 
 pub fn all(paths: &Paths, extra: &[OsString]) -> anyhow::Result<()> {
     if !crate::paths::is_root() {
@@ -41,14 +42,29 @@ pub fn all(paths: &Paths, extra: &[OsString]) -> anyhow::Result<()> {
         .env("ALLOCWATCH_GO_FIXTURES", &fixtures.go)
         .env("ALLOCWATCH_GO_TOOLCHAINS", &fixtures.go_toolchains);
     let summary = run_teeing(&mut cargo)?;
+    // The soak runs after the tests even when some failed: both outcomes are reported.
+    let soak_args = soak::Args::short(bin);
+    let soak = extra
+        .is_empty()
+        .then(|| soak::run(paths, &soak_args).map_err(|e| format!("{e:#}")));
     println!("\n==== test summary ====");
     for line in &summary.lines {
         println!("{line}");
     }
-    if !summary.success {
-        bail!("cargo test failed (see the FAILED lines above)");
+    match &soak {
+        None => println!(
+            "soak: skipped (cargo test arguments were given: a filter or selection; \
+             run `./x soak` on its own)"
+        ),
+        Some(Ok(())) => println!("soak: passed (`{}`)", soak_args.command()),
+        Some(Err(e)) => println!("soak: FAILED: {e}"),
     }
-    Ok(())
+    match (summary.success, soak) {
+        (false, Some(Err(_))) => bail!("cargo test and the soak failed (see above)"),
+        (false, _) => bail!("cargo test failed (see the FAILED lines above)"),
+        (true, Some(Err(_))) => bail!("the soak failed (see its verdicts above)"),
+        _ => Ok(()),
+    }
 }
 
 struct Summary {
