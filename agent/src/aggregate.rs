@@ -125,7 +125,6 @@ mod tests {
             tgid: 1,
             api: api as u32,
             stack_id: 3,
-            _pad: 0,
             ret_addr: ret,
         }
     }

@@ -21,14 +21,14 @@ const MAX_RAW_STACKS: usize = 100_000;
 /// Symbolized call chains by (process, stack, caller), filled while the process is alive.
 #[derive(Default)]
 pub struct FrameCache {
-    chains: HashMap<u32, HashMap<(i32, u64), Vec<Frame>>>,
+    chains: HashMap<u32, HashMap<(i64, u64), Vec<Frame>>>,
     /// Processes whose mappings were snapshotted.
     pub noted: HashSet<u32>,
     /// Chains that could not be symbolized because the process was gone.
     pub process_gone: u64,
     /// Raw stacks copied out of the kernel's LRU table when their site was first seen, by
     /// process and stack id.
-    raw: HashMap<u32, HashMap<i32, Vec<u64>>>,
+    raw: HashMap<u32, HashMap<i64, Vec<u64>>>,
     raw_count: usize,
     /// Stack ids no longer in the kernel table when read (evicted): the chain keeps its caller.
     pub stacks_evicted: u64,
@@ -36,7 +36,7 @@ pub struct FrameCache {
 
 impl FrameCache {
     /// A chain already symbolized, without waiting.
-    pub fn cached(&self, tgid: u32, stack_id: i32, ret_addr: u64) -> Option<&[Frame]> {
+    pub fn cached(&self, tgid: u32, stack_id: i64, ret_addr: u64) -> Option<&[Frame]> {
         self.chains
             .get(&tgid)?
             .get(&(stack_id, ret_addr))
@@ -58,7 +58,7 @@ impl FrameCache {
     }
 
     /// Drops the chains of sites that will not be shown again.
-    pub fn forget_chains(&mut self, tgid: u32, sites: impl IntoIterator<Item = (i32, u64)>) {
+    pub fn forget_chains(&mut self, tgid: u32, sites: impl IntoIterator<Item = (i64, u64)>) {
         if let Some(c) = self.chains.get_mut(&tgid) {
             for s in sites {
                 c.remove(&s);
@@ -74,7 +74,7 @@ impl FrameCache {
 
     /// Copies stack `id` of `tgid` out of the kernel table now, before the LRU table can evict
     /// it.
-    pub fn remember_stack(&mut self, probes: &Probes, tgid: u32, id: i32) -> anyhow::Result<()> {
+    pub fn remember_stack(&mut self, probes: &Probes, tgid: u32, id: i64) -> anyhow::Result<()> {
         if id < 0 || self.raw_of(tgid, id).is_some() {
             return Ok(());
         }
@@ -89,7 +89,7 @@ impl FrameCache {
         &mut self,
         probes: &Probes,
         tgid: u32,
-        id: i32,
+        id: i64,
         frames: Vec<u64>,
     ) -> anyhow::Result<()> {
         if id < 0 || self.raw_of(tgid, id).is_some() {
@@ -102,11 +102,11 @@ impl FrameCache {
         Ok(())
     }
 
-    fn raw_of(&self, tgid: u32, id: i32) -> Option<&Vec<u64>> {
+    fn raw_of(&self, tgid: u32, id: i64) -> Option<&Vec<u64>> {
         self.raw.get(&tgid)?.get(&id)
     }
 
-    fn keep(&mut self, tgid: u32, id: i32, stack: Vec<u64>) {
+    fn keep(&mut self, tgid: u32, id: i64, stack: Vec<u64>) {
         if stack.is_empty() {
             return;
         }
@@ -132,7 +132,7 @@ impl FrameCache {
         probes: &Probes,
         symbolizer: &SymbolizerHandle,
         tgid: u32,
-        stack_id: i32,
+        stack_id: i64,
         ret_addr: u64,
     ) -> anyhow::Result<Vec<Frame>> {
         let chain = self
@@ -147,7 +147,7 @@ impl FrameCache {
         &mut self,
         probes: &Probes,
         symbolizer: &SymbolizerHandle,
-        (tgid, stack_id, ret_addr): (u32, i32, u64),
+        (tgid, stack_id, ret_addr): (u32, i64, u64),
         deadline: Option<std::time::Instant>,
     ) -> anyhow::Result<Option<Vec<Frame>>> {
         if let Some(f) = self.cached(tgid, stack_id, ret_addr) {

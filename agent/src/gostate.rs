@@ -44,7 +44,7 @@ impl GoSiteKind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct GoSiteKey {
     pub kind: GoSiteKind,
-    pub stack_id: i32,
+    pub stack_id: i64,
     pub ret_addr: u64,
 }
 

@@ -143,8 +143,7 @@ pub struct GoEvent {
     /// The goroutine (`g`, R14 under ABIInternal).
     pub goroutine: u64,
     pub ret_addr: u64,
-    pub stack_id: i32,
-    pub _pad: u32,
+    pub stack_id: i64,
     /// For `StartTheWorldRet`: [pause ns, stop reason, stop's return address, …].
     pub values: [u64; GO_VALUES],
 }

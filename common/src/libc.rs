@@ -118,8 +118,9 @@ pub struct Pending {
     pub arg_ptr: u64,
     /// Return address of the call (the immediate caller).
     pub ret_addr: u64,
-    pub stack_id: i32,
+    pub stack_id: i64,
     pub api: u32,
+    pub _pad: u32,
 }
 
 /// Per-site key: one row per (process, API, user stack, immediate caller).
@@ -129,14 +130,14 @@ pub struct Pending {
 pub struct SiteKey {
     pub tgid: u32,
     pub api: u32,
-    /// Stack map id, or a negative value when no stack was captured (see [`NO_STACK`]).
-    pub stack_id: i32,
-    pub _pad: u32,
+    /// Stack map id (a 63-bit hash of the frames: two different stacks practically never
+    /// share one), or a negative value when no stack was captured (see [`NO_STACK`]).
+    pub stack_id: i64,
     pub ret_addr: u64,
 }
 
 /// `stack_id` when stacks are disabled or the capture failed (the loss is counted).
-pub const NO_STACK: i32 = -1;
+pub const NO_STACK: i64 = -1;
 
 /// Per-site counters, per CPU; the agent sums the CPUs.
 #[repr(C)]
@@ -247,9 +248,9 @@ pub const NEW_SITE_FIXED: usize = size_of::<NewSiteEvent>();
 
 const _: () = {
     use core::mem::{offset_of, size_of};
-    assert!(size_of::<Pending>() == 40);
+    assert!(size_of::<Pending>() == 48);
     assert!(offset_of!(Pending, stack_id) == 32);
-    assert!(offset_of!(Pending, api) == 36);
+    assert!(offset_of!(Pending, api) == 40);
     assert!(size_of::<SiteKey>() == 24);
     assert!(offset_of!(SiteKey, stack_id) == 8);
     assert!(offset_of!(SiteKey, ret_addr) == 16);
@@ -472,7 +473,6 @@ mod user {
                 tgid: 42,
                 api: Api::Calloc as u32,
                 stack_id: 7,
-                _pad: 0,
                 ret_addr: 0xdead_beef,
             };
             let ev = NewSiteEvent {

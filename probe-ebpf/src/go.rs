@@ -151,7 +151,6 @@ fn emit(
         goroutine: regs.r14,
         ret_addr,
         stack_id,
-        _pad: 0,
         values,
     };
     if EVENTS.output(&ev, crate::maps::batched_wakeup()).is_err() {

@@ -147,7 +147,6 @@ fn on_count(ctx: &ProbeContext) {
         tgid,
         api: api_id,
         stack_id: stack_id(ctx),
-        _pad: 0,
         ret_addr,
     };
     count_call(&site, size);
@@ -155,7 +154,7 @@ fn on_count(ctx: &ProbeContext) {
 
 /// The user stack id when stacks are on (a failure is counted and yields [`NO_STACK`]).
 #[inline(always)]
-fn stack_id(ctx: &ProbeContext) -> i32 {
+fn stack_id(ctx: &ProbeContext) -> i64 {
     if FLAGS.load() & FLAG_STACKS == 0 {
         return NO_STACK;
     }
@@ -218,7 +217,6 @@ fn on_entry(ctx: &ProbeContext) {
         tgid,
         api: api_id,
         stack_id,
-        _pad: 0,
         ret_addr,
     };
 
@@ -241,6 +239,7 @@ fn on_entry(ctx: &ProbeContext) {
         ret_addr,
         stack_id,
         api: api_id,
+        _pad: 0,
     };
     if PENDING.insert(&pid_tgid, &pending, BPF_ANY as u64).is_err() {
         lost(LossCause::PendingFull);
@@ -283,7 +282,6 @@ fn on_return(ctx: &RetProbeContext) {
         tgid,
         api,
         stack_id: p.stack_id,
-        _pad: 0,
         ret_addr: p.ret_addr,
     };
 

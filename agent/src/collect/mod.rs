@@ -130,15 +130,15 @@ pub fn sum_hist(values: &[GoHistVal]) -> GoHistVal {
 }
 
 /// The user stack `id` as instruction pointers, innermost first; empty if unknown.
-pub fn stack(ebpf: &Ebpf, id: i32) -> Result<Vec<u64>, CollectError> {
+pub fn stack(ebpf: &Ebpf, id: i64) -> Result<Vec<u64>, CollectError> {
     if id < 0 {
         return Ok(Vec::new());
     }
     let name = map_names::STACKS;
     let map = ebpf.map(name).ok_or(CollectError::MissingMap(name))?;
-    let map: HashMap<_, u32, [u64; MAX_STACK_DEPTH]> =
+    let map: HashMap<_, u64, [u64; MAX_STACK_DEPTH]> =
         HashMap::try_from(map).map_err(map_err(name))?;
-    match map.get(&(id as u32), 0) {
+    match map.get(&(id as u64), 0) {
         Ok(frames) => Ok(frames.iter().copied().take_while(|&ip| ip != 0).collect()),
         Err(MapError::KeyNotFound) => Ok(Vec::new()),
         Err(e) => Err(map_err(name)(e)),

@@ -262,7 +262,11 @@ impl Registry {
             done_pids,
             done_images,
             deleted,
-        } = self.sweeper.step(&mut probes.ebpf, max_live)?;
+        } = {
+            let (procs, past, me) = (&self.procs, &self.past, self.self_pid);
+            let known = |pid: u32| pid == me || procs.contains_key(&pid) || past.contains_key(&pid);
+            self.sweeper.step(&mut probes.ebpf, max_live, &known)?
+        };
         for (pid, h) in pids {
             if let Some(p) = self.procs.get_mut(&pid).filter(|p| p.exited_at.is_some()) {
                 p.retained.absorb(h);

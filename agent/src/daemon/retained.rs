@@ -77,7 +77,7 @@ impl Retained {
 mod tests {
     use super::*;
 
-    fn row(stack_id: i32, api: u32, calls: u64, bytes: u64) -> (SiteKey, SiteStats) {
+    fn row(stack_id: i64, api: u32, calls: u64, bytes: u64) -> (SiteKey, SiteStats) {
         (
             SiteKey {
                 tgid: 7,
@@ -123,9 +123,9 @@ mod tests {
             ..Harvest::default()
         });
         let folded = r.compact(2);
-        let kept: Vec<i32> = r.rows.iter().map(|(k, _)| k.stack_id).collect();
+        let kept: Vec<i64> = r.rows.iter().map(|(k, _)| k.stack_id).collect();
         assert_eq!(kept, vec![2, 4]);
-        let mut folded: Vec<i32> = folded.iter().map(|k| k.stack_id).collect();
+        let mut folded: Vec<i64> = folded.iter().map(|k| k.stack_id).collect();
         folded.sort_unstable();
         assert_eq!(folded, vec![1, 3]);
         assert_eq!((r.remainder[&0].calls, r.remainder[&0].bytes), (1, 10));

@@ -267,7 +267,7 @@ const SYMBOLIZE_TIME: Duration = Duration::from_millis(200);
 async fn site_frames(
     ctx: &mut Symbolize<'_>,
     rank: usize,
-    (pid, stack_id, ret_addr): (u32, i32, u64),
+    (pid, stack_id, ret_addr): (u32, i64, u64),
 ) -> anyhow::Result<Option<Vec<Frame>>> {
     if let Some(f) = ctx.frames.cached(pid, stack_id, ret_addr) {
         return Ok(Some(f.to_vec()));
@@ -296,14 +296,12 @@ fn pid_range(pid: u32) -> std::ops::RangeInclusive<SiteKey> {
     SiteKey {
         tgid: pid,
         api: 0,
-        stack_id: i32::MIN,
-        _pad: 0,
+        stack_id: i64::MIN,
         ret_addr: 0,
     }..=SiteKey {
         tgid: pid,
         api: u32::MAX,
-        stack_id: i32::MAX,
-        _pad: u32::MAX,
+        stack_id: i64::MAX,
         ret_addr: u64::MAX,
     }
 }

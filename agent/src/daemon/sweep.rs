@@ -149,6 +149,50 @@ pub struct Sweeper {
     pub live_entries: usize,
     /// ... and counted so far in the current one.
     live_seen: usize,
+    orphans: Orphans,
+    /// Rows deleted as orphans, for the self-metrics.
+    pub orphan_rows: u64,
+}
+
+/// Which pids the registry knows (registered, or the agent itself); an unknown pid that is not
+/// running is an orphan.
+pub type Known<'a> = &'a dyn Fn(u32) -> bool;
+
+/// Pids with rows that the agent never registered and that are gone: a process whose every call
+/// overflowed the site table is never announced, and one that forks without exec is seen only
+/// by the /proc scan. Suspected at one backstop pass, deleted from the next on if still
+/// unknown: by then any record of theirs that was in the ring buffer has been read.
+#[derive(Default)]
+struct Orphans {
+    suspects: HashSet<u32>,
+    next: HashSet<u32>,
+    /// Whether a pid is gone, asked once per pid and step.
+    gone: HashMap<u32, bool>,
+}
+
+impl Orphans {
+    fn is_orphan(&mut self, pid: u32, known: Known<'_>) -> bool {
+        if known(pid) {
+            return false;
+        }
+        let gone = *self
+            .gone
+            .entry(pid)
+            .or_insert_with(|| !std::path::Path::new(&format!("/proc/{pid}")).exists());
+        if !gone {
+            return false;
+        }
+        self.next.insert(pid);
+        self.suspects.contains(&pid)
+    }
+
+    /// The rows of `rows` that belong to orphans.
+    fn of<K: Copy>(&mut self, rows: &[K], pid: impl Fn(&K) -> u32, known: Known<'_>) -> Vec<K> {
+        rows.iter()
+            .filter(|k| self.is_orphan(pid(k), known))
+            .copied()
+            .collect()
+    }
 }
 
 impl Sweeper {
@@ -220,12 +264,19 @@ impl Sweeper {
     }
 
     /// One bounded step: queued keys first, then a slice of each pass that is due.
-    pub fn step(&mut self, ebpf: &mut Ebpf, max_live: u32) -> Result<StepResult, CollectError> {
+    pub fn step(
+        &mut self,
+        ebpf: &mut Ebpf,
+        max_live: u32,
+        known: Known<'_>,
+    ) -> Result<StepResult, CollectError> {
         let mut out = StepResult::default();
+        self.orphans.gone.clear();
         let t0 = Instant::now();
         self.targeted(ebpf, &mut out)?;
         let t1 = Instant::now();
-        if !self.backstop.running() && self.backstop.queued() && self.backstop.due(BACKSTOP_EVERY) {
+        // Also with nothing queued: orphans are only found by these passes.
+        if !self.backstop.running() && self.backstop.due(BACKSTOP_EVERY) {
             self.backstop.start(4);
         }
         let urgent = self.live_entries as f64 >= LIVE_URGENT_FILL * f64::from(max_live.max(1));
@@ -237,11 +288,11 @@ impl Sweeper {
             self.live.start(1);
         }
         if self.backstop.running() {
-            self.backstop_step(ebpf, &mut out)?;
+            self.backstop_step(ebpf, &mut out, known)?;
         }
         let t2 = Instant::now();
         if self.live.running() {
-            self.live_step(ebpf, &mut out)?;
+            self.live_step(ebpf, &mut out, known)?;
         }
         if std::env::var_os("ALLOCWATCH_DEBUG_TIMING").is_some()
             && t0.elapsed() > Duration::from_millis(20)
@@ -316,7 +367,12 @@ impl Sweeper {
             .map(|&fate| (Owner::Pid(key.tgid), fate))
     }
 
-    fn backstop_step(&mut self, ebpf: &mut Ebpf, out: &mut StepResult) -> Result<(), CollectError> {
+    fn backstop_step(
+        &mut self,
+        ebpf: &mut Ebpf,
+        out: &mut StepResult,
+        known: Known<'_>,
+    ) -> Result<(), CollectError> {
         let Some(mut cursors) = self.backstop.cursors.take() else {
             return Ok(());
         };
@@ -324,11 +380,13 @@ impl Sweeper {
             let name = map_names::SITES;
             let map = RawMap::of::<SiteKey, SiteStats>(collect::map_ref(ebpf, name)?, name)?;
             let mut doomed: Vec<SiteKey> = Vec::new();
+            let mut others: Vec<SiteKey> = Vec::new();
             map.scan(
                 &mut cursors[0],
                 PASS_BUDGET,
                 |k: &SiteKey, v: &[SiteStats]| {
                     let Some((owner, fate)) = self.owner(k) else {
+                        others.push(*k);
                         return;
                     };
                     doomed.push(*k);
@@ -337,17 +395,22 @@ impl Sweeper {
                     }
                 },
             )?;
+            let orphans = self.orphans.of(&others, |k| k.tgid, known);
+            self.orphan_rows += orphans.len() as u64;
+            doomed.extend(orphans);
             out.deleted += map.delete(&doomed)?;
         }
         // Size histograms are per pid (an exec'd image's stay with the pid).
         for (slot, name) in [(1, map_names::LIBC_HIST), (2, map_names::GO_HIST)] {
             let map = RawMap::of::<GoHistKey, GoHistVal>(collect::map_ref(ebpf, name)?, name)?;
             let mut doomed: Vec<GoHistKey> = Vec::new();
+            let mut others: Vec<GoHistKey> = Vec::new();
             map.scan(
                 &mut cursors[slot],
                 PASS_BUDGET,
                 |k: &GoHistKey, v: &[GoHistVal]| {
                     let Some(&fate) = self.fates.get(&k.tgid) else {
+                        others.push(*k);
                         return;
                     };
                     doomed.push(*k);
@@ -362,6 +425,9 @@ impl Sweeper {
                     }
                 },
             )?;
+            let orphans = self.orphans.of(&others, |k| k.tgid, known);
+            self.orphan_rows += orphans.len() as u64;
+            doomed.extend(orphans);
             out.deleted += map.delete(&doomed)?;
         }
         // Calls in flight when a process died never return (their threads are unknown to us:
@@ -370,18 +436,24 @@ impl Sweeper {
             let name = map_names::PENDING;
             let map = RawMap::of::<u64, Pending>(collect::map_ref(ebpf, name)?, name)?;
             let mut doomed: Vec<u64> = Vec::new();
+            let mut others: Vec<u64> = Vec::new();
             map.scan(&mut cursors[3], PASS_BUDGET, |k: &u64, _: &[Pending]| {
                 let tgid = (*k >> 32) as u32;
-                if self.fates.get(&tgid).is_some_and(|f| *f != Fate::Reject) {
-                    doomed.push(*k);
+                match self.fates.get(&tgid) {
+                    Some(Fate::Reject) => {}
+                    Some(_) => doomed.push(*k),
+                    None => others.push(*k),
                 }
             })?;
+            let orphans = self.orphans.of(&others, |k| (*k >> 32) as u32, known);
+            doomed.extend(orphans);
             out.deleted += map.delete(&doomed)?;
         }
         if !cursors.iter().all(Cursor::done) {
             self.backstop.cursors = Some(cursors);
             return Ok(());
         }
+        self.orphans.suspects = std::mem::take(&mut self.orphans.next);
         for pid in std::mem::take(&mut self.backstop.pids) {
             self.retire_pid(pid);
         }
@@ -391,13 +463,19 @@ impl Sweeper {
         Ok(())
     }
 
-    fn live_step(&mut self, ebpf: &mut Ebpf, out: &mut StepResult) -> Result<(), CollectError> {
+    fn live_step(
+        &mut self,
+        ebpf: &mut Ebpf,
+        out: &mut StepResult,
+        known: Known<'_>,
+    ) -> Result<(), CollectError> {
         let Some(mut cursors) = self.live.cursors.take() else {
             return Ok(());
         };
         let name = map_names::LIVE;
         let map = RawMap::of::<LiveKey, LiveAlloc>(collect::map_ref(ebpf, name)?, name)?;
         let mut doomed: Vec<LiveKey> = Vec::new();
+        let mut others: Vec<LiveKey> = Vec::new();
         let mut seen = 0;
         map.scan(
             &mut cursors[0],
@@ -406,9 +484,14 @@ impl Sweeper {
                 seen += 1;
                 if self.fates.contains_key(&k.tgid) || self.image_keys.contains_key(&a[0].site) {
                     doomed.push(*k);
+                } else {
+                    others.push(*k);
                 }
             },
         )?;
+        let orphans = self.orphans.of(&others, |k| k.tgid, known);
+        self.orphan_rows += orphans.len() as u64;
+        doomed.extend(orphans);
         let deleted = map.delete(&doomed)?;
         out.deleted += deleted;
         self.live_seen += seen - deleted.min(seen);
