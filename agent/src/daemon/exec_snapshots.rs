@@ -5,12 +5,14 @@
 //! process's other records splits what the old and new program did.
 
 use std::{
+    collections::VecDeque,
     os::fd::AsRawFd as _,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
     thread,
+    time::{Duration, Instant},
 };
 
 use aya::maps::{MapData, RingBuf};
@@ -31,7 +33,17 @@ impl Drop for ExecSnapshots {
 /// How long the thread waits for a notification before it looks at its stop flag.
 const POLL_MS: i32 = 200;
 
-/// Starts the thread: for each pid in `ring`, the symbolizer notes its maps at once.
+/// After the snapshot at exec, the maps are read again this long after it: at exec only the
+/// program and ld.so are mapped, and a program that lives a few milliseconds is gone before a
+/// later read, taking the addresses of its libraries (libc's frames) with it.
+const RENOTE_AFTER: [Duration; 3] = [
+    Duration::from_millis(2),
+    Duration::from_millis(20),
+    Duration::from_millis(200),
+];
+
+/// Starts the thread: for each pid in `ring`, the symbolizer notes its maps at once, and again
+/// after each of [`RENOTE_AFTER`].
 pub fn spawn(
     mut ring: RingBuf<MapData>,
     symbolizer: SymbolizerHandle,
@@ -41,14 +53,30 @@ pub fn spawn(
     thread::Builder::new()
         .name("exec-snapshots".into())
         .spawn(move || {
+            // (when, pid, which re-read), in order of `when` (every pid gets the same delays).
+            let mut due: [VecDeque<(Instant, u32)>; RENOTE_AFTER.len()] = Default::default();
             while !flag.load(Ordering::Relaxed) {
+                let now = Instant::now();
+                for q in &mut due {
+                    while let Some(&(when, pid)) = q.front() {
+                        if when > now {
+                            break;
+                        }
+                        q.pop_front();
+                        symbolizer.note_process(pid);
+                    }
+                }
+                let next = due.iter().filter_map(|q| q.front()).map(|(w, _)| *w).min();
+                let timeout = next.map_or(POLL_MS, |w| {
+                    (w.saturating_duration_since(Instant::now()).as_millis() as i32).clamp(0, POLL_MS)
+                });
                 let mut pfd = libc::pollfd {
                     fd: ring.as_raw_fd(),
                     events: libc::POLLIN,
                     revents: 0,
                 };
                 // SAFETY: one valid pollfd for the duration of the call.
-                let n = unsafe { libc::poll(&mut pfd, 1, POLL_MS) };
+                let n = unsafe { libc::poll(&mut pfd, 1, timeout) };
                 if n < 0
                     && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
                 {
@@ -57,7 +85,12 @@ pub fn spawn(
                 }
                 while let Some(item) = ring.next() {
                     if let Some(pid) = item.get(..4).and_then(|b| b.try_into().ok()) {
-                        symbolizer.note_process(u32::from_ne_bytes(pid));
+                        let pid = u32::from_ne_bytes(pid);
+                        symbolizer.note_process(pid);
+                        let now = Instant::now();
+                        for (q, after) in due.iter_mut().zip(RENOTE_AFTER) {
+                            q.push_back((now + after, pid));
+                        }
                     }
                 }
             }

@@ -301,6 +301,14 @@ impl Registry {
                         .await?;
                 }
             }
+            // Its earlier images' rows too: their raw stacks go with the process's.
+            for i in self.past.get(&pid).into_iter().flatten() {
+                for (k, _) in &i.retained.rows {
+                    frames
+                        .frames(probes, symbolizer, pid, k.stack_id, k.ret_addr)
+                        .await?;
+                }
+            }
             symbolizer.compact(pid);
             frames.forget_raw(pid);
         }
@@ -310,6 +318,11 @@ impl Registry {
             };
             let folded = i.retained.compact(keep);
             frames.forget_chains(pid, folded.iter().map(|k| (k.stack_id, k.ret_addr)));
+            for (k, _) in &i.retained.rows {
+                frames
+                    .frames(probes, symbolizer, pid, k.stack_id, k.ret_addr)
+                    .await?;
+            }
             // None of its rows is in the kernel any more: a row made at the same key from now
             // on is the running image's.
             i.keys = HashSet::new();

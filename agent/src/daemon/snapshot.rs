@@ -107,12 +107,8 @@ pub async fn build(
     self_stats
         .events_lost
         .insert("malformed_record", loop_stats.malformed_records);
-    self_stats
-        .events_lost
-        .insert("symbolize_process_gone", frames.process_gone);
-    self_stats
-        .events_lost
-        .insert("stack_evicted", frames.stacks_evicted);
+    // Naming failures are not lost events (the counts are exact): they are symbolization
+    // failures, below.
     self_stats.map_fill.insert(
         map_names::SITES,
         sites.len() as f64 / f64::from(max_sites.max(1)),
@@ -126,6 +122,9 @@ pub async fn build(
     self_stats
         .symbolization_failures
         .insert("no_symbol", sym.no_symbol);
+    self_stats
+        .symbolization_failures
+        .insert("stack_evicted", frames.stacks_evicted);
     self_stats.map_fill.insert(
         map_names::TGIDS,
         registry.denylist_len() as f64 / f64::from(allocwatch_common::capacity::TGIDS),
