@@ -367,3 +367,28 @@ fn a_changed_file_is_read_again_and_a_broken_one_keeps_the_last() {
     std::fs::remove_file(&path).unwrap();
     assert!(Arc::ptr_eq(&second, &watch.current()));
 }
+
+/// The example in deploy/README.md is a valid file, and its hash (libxcrypt's, cost 10)
+/// verifies the password it names.
+#[tokio::test]
+async fn the_readme_example_loads() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/README.md"))
+            .unwrap();
+    let section = &readme[readme.find("### TLS and authentication").unwrap()..];
+    let start = section.find("```yaml\n").unwrap() + "```yaml\n".len();
+    let yaml = &section[start..start + section[start..].find("```").unwrap()];
+    let password = yaml
+        .split("(this one: \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the example names its password");
+    let pki = Pki::new();
+    let cfg = WebConfig::load(&pki.web_config(yaml)).unwrap();
+    assert_eq!(
+        cfg.summary(),
+        "TLS on, client certificates required, basic auth (1 user)"
+    );
+    assert!(cfg.authorized(Some(&basic("prometheus", password))).await);
+    assert!(!cfg.authorized(Some(&basic("prometheus", "wrong"))).await);
+}
