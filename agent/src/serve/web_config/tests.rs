@@ -292,12 +292,13 @@ fn basic(user: &str, password: &str) -> HeaderValue {
 #[tokio::test]
 async fn basic_auth_checks_bcrypt_hashes() {
     let dir = Scratch::new("web");
-    // A `$2y$` hash as htpasswd and Go write them (exporter-toolkit's "fakepassword"), and one
-    // of this crate's `$2b$`.
+    // A `$2y$` hash as htpasswd and Go write them (exporter-toolkit's of "fakepassword"), and
+    // one of this crate's `$2b$`.
+    const GO_HASH: &str = "$2y$10$QOauhQNbBCuQDKes6eFzPeMqBSjb7Mr5DUmpZ/VcEd00UAV/LDeSi";
     let ours = bcrypt::hash("s3cret:with colon", 4).unwrap();
     let cfg = WebConfig::load(&dir.write(
         "web.yml",
-        &format!("basic_auth_users:\n  go: '{FAKE_HASH}'\n  alice: '{ours}'\n"),
+        &format!("basic_auth_users:\n  go: '{GO_HASH}'\n  alice: '{ours}'\n"),
     ))
     .unwrap();
     assert_eq!(cfg.summary(), "TLS off, basic auth (2 users)");
@@ -319,8 +320,9 @@ async fn basic_auth_checks_bcrypt_hashes() {
         Some(basic("alice", "s3cret")),
         Some(basic("alice", "")),
         Some(basic("go", "s3cret:with colon")),
-        // An unknown user with the fake hash's own password.
+        // Unknown users, also with a password that some user's hash verifies.
         Some(basic("mallory", "fakepassword")),
+        Some(basic("mallory", "s3cret:with colon")),
         Some(HeaderValue::from_static("Bearer abc")),
         Some(HeaderValue::from_static("Basic !!!")),
         // No colon.
