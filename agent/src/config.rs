@@ -622,6 +622,8 @@ mod tests {
         assert_eq!(cfg.top_k, 3);
         assert!(cfg.go.malloc && cfg.go.growth);
         assert_eq!(cfg.capacity, Capacity::default());
+        assert_eq!(cfg.web_config, None);
+        assert_eq!(cfg.http, Http::default());
         cfg.apply(Overrides {
             top_k: Some(7),
             comm: vec!["^redis".into()],
@@ -657,6 +659,19 @@ mod tests {
             ),
             // The benchmark's empty programs are not a way to run the agent.
             ("mode = \"floor\"", "unknown mode `floor`"),
+            (
+                "[http]\nheader_timeout = \"0s\"",
+                "config key http.header_timeout: must be more than 0s",
+            ),
+            (
+                "[http]\nmax_connections = 0",
+                "config key http.max_connections: 0 is outside 1..=10000",
+            ),
+            ("[http]\nidle_timeout = 5", "invalid type"),
+            (
+                "web_config = \"/nonexistent/web.yml\"",
+                "reading web config /nonexistent/web.yml: No such file",
+            ),
         ];
         // What the user sees: the error and its sources, as `main` prints them.
         let chain = |e: &ConfigError| {
@@ -701,6 +716,36 @@ mod tests {
             let cfg = Config::parse(&format!("mode = \"{m}\"")).unwrap();
             assert_eq!(cfg.mode.name(), m);
         }
+    }
+
+    #[test]
+    fn http_limits_and_web_config_from_file_and_flag() {
+        let dir = std::env::temp_dir().join(format!("allocwatch-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let web = dir.join("web.yml");
+        std::fs::write(&web, "").unwrap();
+        let mut cfg = Config::parse(
+            "[http]\nheader_timeout = \"2s\"\nidle_timeout = \"1m\"\nmax_connections = 8\n",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.http,
+            Http {
+                header_timeout: Duration::from_secs(2),
+                idle_timeout: Duration::from_secs(60),
+                max_connections: 8,
+                ..Http::default()
+            }
+        );
+        cfg.apply(Overrides {
+            web_config: Some(web.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(cfg.web_config.as_deref(), Some(web.as_path()));
+        let from_file = Config::parse(&format!("web_config = \"{}\"", web.display())).unwrap();
+        assert_eq!(from_file.web_config, Some(web));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -241,7 +241,7 @@ struct Conns {
 impl Conns {
     /// Makes room for a new connection if the cap is reached: closes the one waiting longest
     /// (for a head, or idle). False if every connection is busy with a request.
-    fn make_room(&mut self, max: usize, epoch: Instant) -> bool {
+    fn make_room(&mut self, max: usize, epoch: Instant, warnings: &Warnings) -> bool {
         let open = self.clocks.values().filter(|c| c.get().0 != CLOSE).count();
         if open < max {
             return true;
@@ -255,6 +255,12 @@ impl Conns {
         match victim {
             Some((c, _)) => {
                 c.enter(epoch, CLOSE);
+                warnings.warn("evicted", |n| {
+                    format!(
+                        "HTTP: {n} waiting or idle connection(s) closed to make room: \
+                         {max} connections open (http.max_connections)"
+                    )
+                });
                 true
             }
             None => false,
@@ -281,18 +287,19 @@ impl Drop for Registered {
 /// Rate-limited warnings (one per kind per [`WARN_EVERY`], with the count since the last one).
 #[derive(Default)]
 struct Warnings {
-    last: Mutex<HashMap<&'static str, (Instant, u64)>>,
+    /// Per kind: when it was last printed, and how often it happened since.
+    last: Mutex<HashMap<&'static str, (Option<Instant>, u64)>>,
 }
 
 impl Warnings {
     fn warn(&self, kind: &'static str, what: impl FnOnce(u64) -> String) {
         let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
-        let entry = last.entry(kind).or_insert((now - WARN_EVERY, 0));
+        let entry = last.entry(kind).or_insert((None, 0));
         entry.1 += 1;
-        if now.duration_since(entry.0) >= WARN_EVERY {
+        if entry.0.is_none_or(|t| now.duration_since(t) >= WARN_EVERY) {
             eprintln!("allocwatch: warning: {}", what(entry.1));
-            *entry = (now, 0);
+            *entry = (Some(now), 0);
         }
     }
 }
@@ -335,7 +342,7 @@ pub async fn serve(
                 let max = server.limits.max_connections;
                 let (id, clock) = {
                     let mut c = conns.lock().unwrap_or_else(PoisonError::into_inner);
-                    if !c.make_room(max, epoch) {
+                    if !c.make_room(max, epoch, &warnings) {
                         warnings.warn("full", |n| format!(
                             "HTTP: {n} connection(s) refused: all {max} connections (http.\
                              max_connections) are busy with requests"

@@ -217,7 +217,10 @@ impl WebConfig {
             }
             let value = HeaderValue::from_str(value)
                 .map_err(|_| invalid(&key, format!("{value:?} is not a valid header value")))?;
-            headers.push((HeaderName::from_static(lower(canonical)), value));
+            // From the table, so always a valid name (lower-cased by `from_bytes`).
+            let name = HeaderName::from_bytes(canonical.as_bytes())
+                .map_err(|_| invalid(&key, "not a header name".to_string()))?;
+            headers.push((name, value));
         }
         let mut files = vec![path.to_path_buf()];
         let (tls, client_auth) = match &file.tls_server_config {
@@ -319,17 +322,6 @@ impl TlsText {
         ]
         .iter()
         .any(|s| !s.is_empty())
-    }
-}
-
-/// Header names are matched case-insensitively but `HeaderName::from_static` wants lower case.
-fn lower(name: &'static str) -> &'static str {
-    match name {
-        "Strict-Transport-Security" => "strict-transport-security",
-        "X-Content-Type-Options" => "x-content-type-options",
-        "X-Frame-Options" => "x-frame-options",
-        "X-XSS-Protection" => "x-xss-protection",
-        _ => "content-security-policy",
     }
 }
 
