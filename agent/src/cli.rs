@@ -47,6 +47,10 @@ pub struct AgentArgs {
     /// Address of /metrics, /healthz and /debug/pprof/* [default: 0.0.0.0:9464].
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<std::net::SocketAddr>,
+    /// TLS, client certificates and basic auth: a Prometheus exporter-toolkit web config file
+    /// (YAML, as node_exporter's --web.config.file; see deploy/README.md).
+    #[arg(long, value_name = "FILE")]
+    pub web_config: Option<PathBuf>,
     /// Keep the series of an exited process this long (e.g. 10m).
     #[arg(long, value_parser = parse_duration)]
     pub ttl: Option<Duration>,

@@ -12,7 +12,14 @@ use std::{
 use allocwatch_common::capacity;
 use serde::{Deserialize, Deserializer};
 
-use crate::{cli::parse_duration, probes::Mode};
+use crate::{
+    cli::parse_duration,
+    probes::Mode,
+    serve::{
+        http::Limits,
+        web_config::{WebConfig, WebConfigError},
+    },
+};
 
 /// All interfaces, port 9464: the port the DaemonSet exposes as `metrics` (also the port
 /// OpenTelemetry's Prometheus exporters default to, so scrape configs often expect it).
@@ -38,6 +45,8 @@ pub enum ConfigError {
     },
     #[error("config key {key}: {reason}")]
     Invalid { key: &'static str, reason: String },
+    #[error(transparent)]
+    WebConfig(#[from] WebConfigError),
 }
 
 /// The whole configuration. Every field has a default, so an empty file is valid; unknown
@@ -47,6 +56,11 @@ pub enum ConfigError {
 pub struct Config {
     /// Where `/metrics`, `/healthz` and (when enabled) `/debug/pprof/*` are served.
     pub listen: SocketAddr,
+    /// exporter-toolkit web config file (TLS, client certificates, basic auth); `""` in the
+    /// file: none.
+    #[serde(deserialize_with = "optional_path")]
+    pub web_config: Option<PathBuf>,
+    pub http: Http,
     /// Series of an exited process are dropped this long after it exits.
     #[serde(deserialize_with = "duration")]
     pub ttl: Duration,
@@ -134,6 +148,34 @@ pub struct Pprof {
     pub enabled: bool,
 }
 
+/// Limits of the HTTP server (`serve::http`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Http {
+    #[serde(deserialize_with = "duration")]
+    pub header_timeout: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub request_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        let l = Limits::default();
+        Http {
+            header_timeout: l.header_timeout,
+            idle_timeout: l.idle_timeout,
+            request_timeout: l.request_timeout,
+            max_connections: l.max_connections,
+        }
+    }
+}
+
+/// More connections than this is a typo, not a plan (each holds a file descriptor).
+const MAX_CONNECTIONS_LIMIT: usize = 10_000;
+
 /// Pod names from the API server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -151,6 +193,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: DEFAULT_LISTEN,
+            web_config: None,
+            http: Http::default(),
             ttl: Duration::from_secs(600),
             top_k: 10,
             max_site_series: 5000,
@@ -162,6 +206,12 @@ impl Default for Config {
             kubernetes: Kubernetes::default(),
         }
     }
+}
+
+/// A path; empty means none (TOML has no null).
+fn optional_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    let s = String::deserialize(d)?;
+    Ok((!s.is_empty()).then(|| PathBuf::from(s)))
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -185,6 +235,7 @@ fn probe_mode<'de, D: Deserializer<'de>>(d: D) -> Result<Mode, D::Error> {
 #[derive(Clone, Debug, Default)]
 pub struct Overrides {
     pub listen: Option<SocketAddr>,
+    pub web_config: Option<PathBuf>,
     pub ttl: Option<Duration>,
     pub top_k: Option<usize>,
     pub max_site_series: Option<usize>,
@@ -250,6 +301,9 @@ impl Config {
             }
         }
         set(&mut self.listen, o.listen);
+        if o.web_config.is_some() {
+            self.web_config = o.web_config;
+        }
         set(&mut self.ttl, o.ttl);
         set(&mut self.top_k, o.top_k);
         set(&mut self.max_site_series, o.max_site_series);
@@ -276,7 +330,8 @@ impl Config {
         self.validate()
     }
 
-    /// Checks what the types cannot: regexes compile, capacities are non-zero.
+    /// Checks what the types cannot: regexes compile, capacities are non-zero, limits are
+    /// sane, the web config file is valid (read here, before anything is attached).
     pub fn validate(&self) -> Result<(), ConfigError> {
         let s = &self.select;
         for (key, patterns) in [
@@ -309,6 +364,31 @@ impl Config {
                     reason: "a kernel map needs at least one entry".to_string(),
                 });
             }
+        }
+        let h = &self.http;
+        for (key, v) in [
+            ("http.header_timeout", h.header_timeout),
+            ("http.idle_timeout", h.idle_timeout),
+            ("http.request_timeout", h.request_timeout),
+        ] {
+            if v.is_zero() {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: "must be more than 0s".to_string(),
+                });
+            }
+        }
+        if !(1..=MAX_CONNECTIONS_LIMIT).contains(&h.max_connections) {
+            return Err(ConfigError::Invalid {
+                key: "http.max_connections",
+                reason: format!(
+                    "{} is outside 1..={MAX_CONNECTIONS_LIMIT}",
+                    h.max_connections
+                ),
+            });
+        }
+        if let Some(path) = &self.web_config {
+            WebConfig::load(path)?;
         }
         Ok(())
     }
@@ -345,6 +425,13 @@ pub fn print_default() -> String {
 # Where /metrics and /healthz are served (and /debug/pprof/* when enabled). The default, all
 # interfaces on port 9464, is the DaemonSet's `metrics` port.
 listen = "{listen}"
+
+# TLS and authentication: a Prometheus exporter-toolkit web config file, the format of
+# node_exporter's --web.config.file (YAML: tls_server_config with cert_file, key_file,
+# client_ca_file and client_auth_type = "RequireAndVerifyClientCert" for client certificates;
+# basic_auth_users with bcrypt hashes). Empty: plain HTTP, no authentication. With basic auth,
+# every path needs credentials, /healthz too (deploy/README.md: probes).
+web_config = "{web_config}"
 
 # Series of an exited process are dropped this long after it exits (units: ms, s, m, h).
 ttl = "{ttl}"
@@ -397,12 +484,33 @@ gc = {gc}
 # Serve /debug/pprof/allocs and /debug/pprof/heap (gzipped pprof protobuf) on `listen`.
 enabled = {pprof}
 
+[http]
+# Limits of the HTTP server (units: ms, s, m, h). A connection is closed without an answer if
+# its request head (and TLS handshake) is not complete header_timeout after it opened or sent
+# its first byte after a pause; a keep-alive connection is closed after idle_timeout without a
+# request; a request gets 503 if it is not answered within request_timeout (plus the window of
+# a delta profile). At max_connections, the connection that has waited longest for a request
+# head, or sat idle longest, is closed to make room for a new one.
+header_timeout = "{header_timeout}"
+idle_timeout = "{idle_timeout}"
+request_timeout = "{request_timeout}"
+max_connections = {max_connections}
+
 [kubernetes]
 # Name namespace/pod/container from the API server (this node's pods only, watched).
 # Off, or without a cluster, those labels stay empty.
 enabled = {kubernetes}
 "#,
         listen = c.listen,
+        web_config = c
+            .web_config
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        header_timeout = duration_text(c.http.header_timeout),
+        idle_timeout = duration_text(c.http.idle_timeout),
+        request_timeout = duration_text(c.http.request_timeout),
+        max_connections = c.http.max_connections,
         ttl = duration_text(c.ttl),
         top_k = c.top_k,
         max_site_series = c.max_site_series,
@@ -514,6 +622,8 @@ mod tests {
         assert_eq!(cfg.top_k, 3);
         assert!(cfg.go.malloc && cfg.go.growth);
         assert_eq!(cfg.capacity, Capacity::default());
+        assert_eq!(cfg.web_config, None);
+        assert_eq!(cfg.http, Http::default());
         cfg.apply(Overrides {
             top_k: Some(7),
             comm: vec!["^redis".into()],
@@ -549,6 +659,19 @@ mod tests {
             ),
             // The benchmark's empty programs are not a way to run the agent.
             ("mode = \"floor\"", "unknown mode `floor`"),
+            (
+                "[http]\nheader_timeout = \"0s\"",
+                "config key http.header_timeout: must be more than 0s",
+            ),
+            (
+                "[http]\nmax_connections = 0",
+                "config key http.max_connections: 0 is outside 1..=10000",
+            ),
+            ("[http]\nidle_timeout = 5", "invalid type"),
+            (
+                "web_config = \"/nonexistent/web.yml\"",
+                "reading web config /nonexistent/web.yml: No such file",
+            ),
         ];
         // What the user sees: the error and its sources, as `main` prints them.
         let chain = |e: &ConfigError| {
@@ -593,6 +716,36 @@ mod tests {
             let cfg = Config::parse(&format!("mode = \"{m}\"")).unwrap();
             assert_eq!(cfg.mode.name(), m);
         }
+    }
+
+    #[test]
+    fn http_limits_and_web_config_from_file_and_flag() {
+        let dir = std::env::temp_dir().join(format!("allocwatch-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let web = dir.join("web.yml");
+        std::fs::write(&web, "").unwrap();
+        let mut cfg = Config::parse(
+            "[http]\nheader_timeout = \"2s\"\nidle_timeout = \"1m\"\nmax_connections = 8\n",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.http,
+            Http {
+                header_timeout: Duration::from_secs(2),
+                idle_timeout: Duration::from_secs(60),
+                max_connections: 8,
+                ..Http::default()
+            }
+        );
+        cfg.apply(Overrides {
+            web_config: Some(web.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(cfg.web_config.as_deref(), Some(web.as_path()));
+        let from_file = Config::parse(&format!("web_config = \"{}\"", web.display())).unwrap();
+        assert_eq!(from_file.web_config, Some(web));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -41,6 +41,7 @@ async fn agent(a: AgentArgs) -> anyhow::Result<()> {
     let mut cfg = config::load(a.config.as_deref())?;
     cfg.apply(config::Overrides {
         listen: a.listen,
+        web_config: a.web_config,
         ttl: a.ttl,
         top_k: a.top_k,
         mode: a.mode,

@@ -612,6 +612,233 @@ fn taken_port_is_one_error_line() {
     );
 }
 
+/// The password of [`WEB_CONFIG_HASH`].
+const WEB_CONFIG_PASSWORD: &str = "scrape-me";
+/// bcrypt of [`WEB_CONFIG_PASSWORD`] (cost 5) by libxcrypt (Python's `crypt` module), not by
+/// the agent's bcrypt crate.
+const WEB_CONFIG_HASH: &str = "$2b$05$zYvO34dNduiXP3OnpmPG7uQofgkvng/wjthj9q0lto8sXAARctPIe";
+
+/// TLS with client certificates and basic auth from an exporter-toolkit web config
+/// (`--web-config`), scraped as Prometheus would: curl with the test CA, a client certificate
+/// and the password (certificates made by openssl). Exact fixture counts come through; a
+/// client without the password, without a certificate, or speaking plain HTTP gets nothing.
+/// A bad web config is one error line before anything is attached.
+#[test]
+fn tls_client_certificates_and_basic_auth() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    let scratch = Scratch::new("tls");
+    let dir = &scratch.path;
+    openssl_pki(dir);
+    let web = dir.join("web.yml");
+    fs::write(
+        &web,
+        format!(
+            "tls_server_config:\n  cert_file: server.pem\n  key_file: server.key\n  \
+             client_ca_file: ca.pem\n  client_auth_type: RequireAndVerifyClientCert\n\
+             basic_auth_users:\n  prometheus: '{WEB_CONFIG_HASH}'\n"
+        ),
+    )
+    .expect("writing the web config");
+
+    let before = KernelState::snapshot();
+    let bad = dir.join("bad.yml");
+    fs::write(
+        &bad,
+        "tls_server_config:\n  cert_file: missing.pem\n  key_file: server.key\n",
+    )
+    .expect("writing a web config");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let line = assert_single_error(
+        &env,
+        &["agent", "--listen", &listen, "--web-config", path_str(&bad)],
+    );
+    let missing = dir.join("missing.pem");
+    assert!(
+        line.contains("bad.yml: tls_server_config.cert_file")
+            && line.contains(path_str(&missing))
+            && line.contains("No such file"),
+        "error line for a missing certificate: {line:?}"
+    );
+    KernelState::snapshot().assert_nothing_added(&before);
+
+    let fixture = scratch.copy(&env.fixture, "libc_fixture");
+    let id = Identity::of(&fixture);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let args = ["agent", "--listen", &listen, "--web-config", path_str(&web)];
+    let mut cmd = Command::new(&env.bin);
+    cmd.args(args);
+    let mut agent = Agent::spawn(cmd, port, &args.join(" "));
+    let user = format!("prometheus:{WEB_CONFIG_PASSWORD}");
+    let trusted = ["--cert", "client.pem", "--key", "client.key", "-u", &user];
+    agent.wait_ready_with(|port| curl(dir, port, "/healthz", &trusted));
+    assert!(
+        agent
+            .stderr
+            .text()
+            .contains("TLS on, client certificates required, basic auth (1 user)"),
+        "no web config line on stderr:\n{}",
+        agent.stderr.text()
+    );
+
+    let status = run_fixture(&fixture, "run");
+    assert!(status.success(), "libc_fixture run failed: {status}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let m = loop {
+        let (code, body) = curl(dir, port, "/metrics", &trusted).expect("scrape over TLS");
+        assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+        let m = Metrics::parse(String::from_utf8(body).expect("/metrics is UTF-8"));
+        if m.has(&id, "allocwatch_free_calls_total") {
+            break m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no series of {id} over TLS within 10 s"
+        );
+        thread::sleep(Duration::from_millis(200));
+    };
+    check_fixture_totals(&m, &id, &env.alias_groups);
+    m.assert_conventions();
+
+    let wrong = "prometheus:wrong".to_owned();
+    for (what, args) in [
+        (
+            "no password",
+            vec!["--cert", "client.pem", "--key", "client.key"],
+        ),
+        (
+            "a wrong password",
+            vec!["--cert", "client.pem", "--key", "client.key", "-u", &wrong],
+        ),
+    ] {
+        let (code, _) = curl(dir, port, "/healthz", &args).expect(what);
+        assert_eq!(code, 401, "{what}");
+    }
+    let err = curl(dir, port, "/metrics", &["-u", &user])
+        .expect_err("no client certificate must get no HTTP answer");
+    assert!(err.to_string().contains("certificate required"), "{err}");
+    let plain = try_get(port, "/healthz");
+    assert!(
+        plain.is_err(),
+        "plain HTTP answered: {:?}",
+        plain.map(|r| r.status)
+    );
+    agent.stop();
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate (openssl, P-256) in `dir`:
+/// `ca.pem`, `server.{pem,key}`, `client.{pem,key}`.
+fn openssl_pki(dir: &Path) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("running openssl");
+        assert!(
+            out.status.success(),
+            "openssl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let key = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &key,
+            &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2"],
+            &["-subj", "/CN=allocwatch test CA"],
+        ]
+        .concat(),
+    );
+    for (name, ext) in [
+        (
+            "server",
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        ),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ] {
+        fs::write(dir.join(format!("{name}.ext")), ext).expect("writing an extension file");
+        let (k, csr, pem) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+        );
+        let subj = format!("/CN={name}");
+        openssl(
+            &[
+                &["req"][..],
+                &key,
+                &["-keyout", &k, "-out", &csr, "-subj", &subj],
+            ]
+            .concat(),
+        );
+        let ext = format!("{name}.ext");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ]);
+    }
+}
+
+/// `curl` over TLS with the test CA (run in `dir`, so its file names resolve): the HTTP status
+/// and body, or an error saying how curl failed when there was no HTTP answer.
+fn curl(dir: &Path, port: u16, path: &str, args: &[&str]) -> std::io::Result<(u16, Vec<u8>)> {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "30",
+            "--cacert",
+            "ca.pem",
+            "-w",
+            "\n%{http_code}",
+        ])
+        .args(args)
+        .arg(format!("https://127.0.0.1:{port}{path}"))
+        .current_dir(dir)
+        .output()?;
+    if !out.status.success() {
+        return Err(std::io::Error::other(format!(
+            "curl exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let mut body = out.stdout;
+    let split = body
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .ok_or_else(|| std::io::Error::other("no status from curl"))?;
+    let code = String::from_utf8_lossy(&body[split + 1..])
+        .trim()
+        .parse()
+        .map_err(|_| std::io::Error::other("bad status from curl"))?;
+    body.truncate(split);
+    Ok((code, body))
+}
+
 /// With exactly the capabilities the DaemonSet grants (deploy/kustomize/base/daemonset.yaml,
 /// limited to what this machine can grant at all), and no_new_privs as there, the agent starts,
 /// serves, and counts a fixture exactly.
@@ -1344,6 +1571,11 @@ impl Agent {
 
     /// Until `/healthz` answers `ok` (the agent has scanned /proc and attached by then).
     fn wait_ready(&mut self) {
+        self.wait_ready_with(|port| try_get(port, "/healthz").map(|r| (r.status, r.body)));
+    }
+
+    /// Until `healthz(port)` (a GET of /healthz) answers `ok`.
+    fn wait_ready_with(&mut self, healthz: impl Fn(u16) -> std::io::Result<(u16, Vec<u8>)>) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = self.child.try_wait().expect("waitpid") {
@@ -1354,9 +1586,9 @@ impl Agent {
                     self.stderr.text()
                 );
             }
-            if let Ok(r) = try_get(self.port, "/healthz") {
+            if let Ok((status, body)) = healthz(self.port) {
                 assert_eq!(
-                    (r.status, String::from_utf8_lossy(&r.body).trim()),
+                    (status, String::from_utf8_lossy(&body).trim()),
                     (200, "ok"),
                     "/healthz"
                 );

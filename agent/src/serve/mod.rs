@@ -6,13 +6,19 @@
 //! calls and bytes of the next N seconds only (at most [`MAX_PROFILE_SECONDS`]), as Go's
 //! `net/http/pprof` does. `allocs` defaults to `alloc_space`, `heap` to `inuse_space`; both
 //! carry every sample type (see `report::pprof`).
+//!
+//! Connections, their limits, TLS and basic auth are `http.rs` (with the web-config file of
+//! `web_config.rs`); this file holds the routes.
 
+pub mod http;
 pub mod metrics;
 pub mod model;
+pub mod web_config;
 
 use std::{
     future::Future,
     net::SocketAddr,
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -20,7 +26,7 @@ use std::{
 use axum::{
     Router,
     extract::{Query, State},
-    http::{StatusCode, header},
+    http::{StatusCode, Uri, header},
     response::{IntoResponse, Response},
     routing::get,
 };
@@ -28,8 +34,10 @@ use serde::Deserialize;
 use tokio::{net::TcpListener, sync::watch};
 
 use self::{
+    http::Limits,
     metrics::{Exporter, MetricsConfig},
     model::{ProcessSnapshot, SnapshotSource},
+    web_config::{WebConfigError, WebConfigWatch},
 };
 use crate::{
     config::Config,
@@ -47,16 +55,20 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("HTTP server failed: {0}")]
-    Serve(#[source] std::io::Error),
+    #[error(transparent)]
+    WebConfig(#[from] WebConfigError),
 }
 
 /// What the server needs from the configuration.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServeConfig {
     pub metrics: MetricsConfig,
     /// Serve `/debug/pprof/*`.
     pub pprof: bool,
+    /// Timeouts and the connection cap.
+    pub limits: Limits,
+    /// exporter-toolkit web config (TLS, basic auth); `None`: plain HTTP, no auth.
+    pub web_config: Option<PathBuf>,
 }
 
 impl ServeConfig {
@@ -69,6 +81,13 @@ impl ServeConfig {
                 live: c.mode.tracks_live(),
             },
             pprof: c.pprof.enabled,
+            limits: Limits {
+                header_timeout: c.http.header_timeout,
+                idle_timeout: c.http.idle_timeout,
+                request_timeout: c.http.request_timeout,
+                max_connections: c.http.max_connections,
+            },
+            web_config: c.web_config.clone(),
         }
     }
 }
@@ -108,6 +127,18 @@ pub async fn serve_on(
     cfg: ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let web = match &cfg.web_config {
+        Some(path) => {
+            let web = WebConfigWatch::load(path)?;
+            eprintln!(
+                "allocwatch: web config {}: {}",
+                path.display(),
+                web.current().summary()
+            );
+            Some(web)
+        }
+        None => None,
+    };
     let (stop_tx, stopping) = watch::channel(false);
     let state = Arc::new(AppState {
         source,
@@ -124,15 +155,33 @@ pub async fn serve_on(
             app = app.route("/debug/pprof/heap", get(heap_handler));
         }
     }
-    let app = app.with_state(state);
+    let server = http::Server {
+        router: app.with_state(state),
+        limits: cfg.limits,
+        web,
+        extra_time: profile_window,
+    };
     let shutdown = async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(ServeError::Serve)
+    http::serve(listener, server, shutdown).await;
+    Ok(())
+}
+
+/// A delta profile's `seconds=` window: time its request may take beyond the request timeout.
+fn profile_window(uri: &Uri) -> Duration {
+    if !uri.path().starts_with("/debug/pprof/") {
+        return Duration::ZERO;
+    }
+    let seconds = uri
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("seconds="))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    Duration::from_secs(seconds.min(MAX_PROFILE_SECONDS))
 }
 
 fn text(status: StatusCode, body: String) -> Response {

@@ -1,3 +1,7 @@
+//! Tests of the routes (`serve/mod.rs`): /metrics, /healthz and the profiles over real HTTP.
+//! The helpers here (a fake snapshot source, a server on 127.0.0.1:0, a response parser) also
+//! serve the connection tests of `http/tests.rs`.
+
 use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
@@ -15,7 +19,7 @@ use super::{
 use crate::{report::pprof::tests::pprof_top, symbolize::Frame};
 
 /// A source whose snapshot the test changes.
-struct Fake(Mutex<Vec<ProcessSnapshot>>);
+pub(super) struct Fake(pub Mutex<Vec<ProcessSnapshot>>);
 
 impl SnapshotSource for Fake {
     fn snapshot(&self) -> (Vec<ProcessSnapshot>, SelfStats) {
@@ -29,7 +33,7 @@ impl SnapshotSource for Fake {
     }
 }
 
-fn process(pid: u32, pod: &str, bytes: u64) -> ProcessSnapshot {
+pub(super) fn process(pid: u32, pod: &str, bytes: u64) -> ProcessSnapshot {
     let frame = |f: &str, address| Frame {
         function: Some(f.to_string()),
         ..Frame::unknown(address)
@@ -60,30 +64,40 @@ fn process(pid: u32, pod: &str, bytes: u64) -> ProcessSnapshot {
     }
 }
 
-struct Server {
-    addr: SocketAddr,
-    source: Arc<Fake>,
+pub(super) struct Server {
+    pub addr: SocketAddr,
+    pub source: Arc<Fake>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), ServeError>>,
 }
 
+/// The test servers' configuration: default limits, no web config.
+pub(super) fn config(pprof: bool) -> ServeConfig {
+    ServeConfig {
+        metrics: MetricsConfig {
+            ttl: Duration::from_secs(60),
+            top_k: 10,
+            max_site_series: 100,
+            live: true,
+        },
+        pprof,
+        limits: Limits::default(),
+        web_config: None,
+    }
+}
+
 impl Server {
     async fn start(pprof: bool) -> Server {
+        Self::start_with(config(pprof)).await
+    }
+
+    pub async fn start_with(cfg: ServeConfig) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let source = Arc::new(Fake(Mutex::new(vec![
             process(10, "web-1", 4096),
             process(11, "web-2", 100),
         ])));
-        let cfg = ServeConfig {
-            metrics: MetricsConfig {
-                ttl: Duration::from_secs(60),
-                top_k: 10,
-                max_site_series: 100,
-                live: true,
-            },
-            pprof,
-        };
         let (stop, stopped) = oneshot::channel::<()>();
         let src: Arc<dyn SnapshotSource> = source.clone();
         let task = tokio::spawn(serve_on(listener, src, cfg, async {
@@ -97,7 +111,7 @@ impl Server {
         }
     }
 
-    async fn shutdown(mut self) {
+    pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -105,20 +119,20 @@ impl Server {
     }
 }
 
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
+pub(super) struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
 }
 
 impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
-    fn text(&self) -> String {
+    pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 }
@@ -137,6 +151,11 @@ fn get_blocking(addr: SocketAddr, path: &str) -> Reply {
     s.write_all(req.as_bytes()).unwrap();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).unwrap();
+    parse_reply(&raw)
+}
+
+/// One whole HTTP/1.1 response (the body must be all of the rest, as with `Connection: close`).
+pub(super) fn parse_reply(raw: &[u8]) -> Reply {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
