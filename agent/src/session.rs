@@ -109,7 +109,7 @@ fn resolve(args: &CommonArgs) -> anyhow::Result<Target> {
                     e
                 }
             };
-            let libc = target::libc_for_pid(pid.get());
+            let libc = libc_when_loaded(pid.get());
             if let Err(e @ TargetError::NoSuchProcess { .. }) = libc {
                 return Err(gone(e.into()));
             }
@@ -146,6 +146,32 @@ fn resolve(args: &CommonArgs) -> anyhow::Result<Target> {
                 libc,
                 go,
             })
+        }
+    }
+}
+
+/// The libc of a running process. One that has just exec'd may not have mapped its libc yet
+/// (ld.so maps it within a few milliseconds): when its executable needs one, wait for it a
+/// little rather than call it a program without malloc.
+fn libc_when_loaded(pid: u32) -> Result<LibcTarget, TargetError> {
+    let first = target::libc_for_pid(pid);
+    if !matches!(first, Err(TargetError::ProcessNoLibc { .. })) {
+        return first;
+    }
+    let needs_libc = target::elf::dynamic_info(format!("/proc/{pid}/exe"))
+        .is_ok_and(|d| d.needed.iter().any(|n| n.starts_with("libc.")));
+    if !needs_libc {
+        return first;
+    }
+    let deadline = Instant::now() + Duration::from_millis(500);
+    loop {
+        std::thread::sleep(Duration::from_millis(2));
+        let again = target::libc_for_pid(pid);
+        if !matches!(again, Err(TargetError::ProcessNoLibc { .. }))
+            || Instant::now() >= deadline
+            || has_exited(pid)
+        {
+            return again;
         }
     }
 }

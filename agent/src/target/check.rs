@@ -36,6 +36,9 @@ pub fn process(pid: u32) -> Result<(), TargetError> {
         return Err(TargetError::Zombie { pid, comm });
     }
     if st.tgid != pid {
+        // The thread's own comm is its name; the user knows the process by the main thread's.
+        let comm = fs::read_to_string(format!("/proc/{}/comm", st.tgid))
+            .map_or(comm, |c| c.trim_end().to_string());
         return Err(TargetError::Thread {
             tid: pid,
             tgid: st.tgid,
