@@ -407,8 +407,8 @@ mod tests {
     fn bad_value_cases() -> Vec<Case> {
         let path =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../xtask/tests/cli/bad-values.trycmd");
-        let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let mut cases: Vec<Case> = Vec::new();
         let mut in_block = false;
         for line in text.lines() {
@@ -431,7 +431,11 @@ mod tests {
                 cases.last_mut().expect("a status after a command").status =
                     code.parse().expect("a numeric status");
             } else {
-                cases.last_mut().expect("output after a command").output.push(line.into());
+                cases
+                    .last_mut()
+                    .expect("output after a command")
+                    .output
+                    .push(line.into());
             }
         }
         cases
@@ -555,12 +559,19 @@ mod tests {
                         || case.output.len() != 1
                         || !matches(&case.output[0], &line)
                     {
-                        wrong.push(format!("{cmd}\n  now: ? 1 {line}\n  snapshot: ? {} {:?}", case.status, case.output));
+                        wrong.push(format!(
+                            "{cmd}\n  now: ? 1 {line}\n  snapshot: ? {} {:?}",
+                            case.status, case.output
+                        ));
                     }
                 }
                 Err(CliError::Clap(e)) => {
                     if case.status != e.exit_code() || e.exit_code() != 2 {
-                        wrong.push(format!("{cmd}: clap exits {}, snapshot {}", e.exit_code(), case.status));
+                        wrong.push(format!(
+                            "{cmd}: clap exits {}, snapshot {}",
+                            e.exit_code(),
+                            case.status
+                        ));
                     }
                 }
                 // Refused after parsing (a missing config file, a command not found): the
@@ -601,10 +612,9 @@ mod tests {
     /// some subcommand's.
     #[test]
     fn readme_flags_are_in_help() {
-        let readme = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"),
-        )
-        .unwrap();
+        let readme =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+                .unwrap();
         let root = Cli::command();
         let flags_of = |sub: &clap::Command| -> BTreeSet<String> {
             sub.get_arguments()
@@ -644,13 +654,22 @@ mod tests {
                 }
             }
         }
-        for flag in ["--exclude-cgroup", "--exclude-k8s-namespace", "--listen", "--mode"] {
+        for flag in [
+            "--exclude-cgroup",
+            "--exclude-k8s-namespace",
+            "--listen",
+            "--mode",
+        ] {
             assert!(
                 flags_of(root.find_subcommand("agent").unwrap()).contains(flag),
                 "agent --help lacks {flag}"
             );
         }
         assert!(checked > 20, "only {checked} README flags seen");
-        assert!(missing.is_empty(), "README flags not in --help:\n{}", missing.join("\n"));
+        assert!(
+            missing.is_empty(),
+            "README flags not in --help:\n{}",
+            missing.join("\n")
+        );
     }
 }

@@ -299,7 +299,8 @@ fn max_pending<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
 fn regexes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     let list = Vec::<String>::deserialize(d)?;
     for (i, p) in list.iter().enumerate() {
-        values::regex(p).map_err(|e| de::<D::Error>(ValueError::new(format!("[{i}] {p:?}: {e}"))))?;
+        values::regex(p)
+            .map_err(|e| de::<D::Error>(ValueError::new(format!("[{i}] {p:?}: {e}"))))?;
     }
     Ok(list)
 }
@@ -623,7 +624,11 @@ mod tests {
                  exited process must outlive a scrape",
                 "^^^^",
             ),
-            ("ttl = 5", "key ttl: invalid type: integer `5`, expected a string", "^"),
+            (
+                "ttl = 5",
+                "key ttl: invalid type: integer `5`, expected a string",
+                "^",
+            ),
             (
                 "listen = \"nowhere\"",
                 "key listen: \"nowhere\" has no port: expected HOST:PORT",
@@ -651,8 +656,16 @@ mod tests {
                 "key capacity.max_stacks: must be at most 524288: the kernel reserves memory",
                 "^",
             ),
-            ("top_k = 0", "key top_k: must be at least 1: 0 would give no call site", "^"),
-            ("top_k = ", "line 1, key top_k: string values must be quoted", "^"),
+            (
+                "top_k = 0",
+                "key top_k: must be at least 1: 0 would give no call site",
+                "^",
+            ),
+            (
+                "top_k = ",
+                "line 1, key top_k: string values must be quoted",
+                "^",
+            ),
             (
                 "mode = \"cheap\"",
                 "key mode: unknown mode `cheap`: expected one of full, stacks-off",
@@ -667,13 +680,18 @@ mod tests {
             assert!(!line.contains('\n'), "{text:?}: one line: {line}");
             assert!(line.contains(want), "{text:?}: {line}\nwant {want}");
             let p = err.pointer().unwrap();
-            assert!(p.contains(pointer), "{text:?}: pointer\n{p}\nwant\n{pointer}");
+            assert!(
+                p.contains(pointer),
+                "{text:?}: pointer\n{p}\nwant\n{pointer}"
+            );
         }
         let err = load(Some(Path::new("/nonexistent/allocwatch.toml"))).unwrap_err();
         assert!(matches!(err, ConfigError::Read { .. }), "{err}");
         assert!(err.pointer().is_none());
         assert_eq!(
-            Config::parse("max_site_series = 0").unwrap().max_site_series,
+            Config::parse("max_site_series = 0")
+                .unwrap()
+                .max_site_series,
             0,
             "0 exports no call-site series"
         );

@@ -69,10 +69,7 @@ pub fn check() -> Result<(), PreflightError> {
 /// Problems the agent can run with, each a warning line saying what to do about it.
 pub fn agent_warnings() -> Vec<String> {
     let mut out = Vec::new();
-    if !TRACEFS
-        .iter()
-        .any(|d| Path::new(d).join("events").is_dir())
-    {
+    if !TRACEFS.iter().any(|d| Path::new(d).join("events").is_dir()) {
         out.push(format!(
             "tracefs is not mounted (no {}/events): the agent cannot see execs as they happen; \
              mount it with `mount -t tracefs nodev {}` (in a pod: mount the host's {})",
@@ -204,6 +201,11 @@ mod tests {
             }
         );
         assert!(err.to_string().contains("ulimit -l unlimited"), "{err}");
-        assert_eq!(memlock("4.19.0", false, Some(8 << 20)).unwrap_err().to_string().contains("8192 KiB"), true);
+        assert!(
+            memlock("4.19.0", false, Some(8 << 20))
+                .unwrap_err()
+                .to_string()
+                .contains("8192 KiB")
+        );
     }
 }

@@ -190,8 +190,8 @@ pub async fn run(view: View, args: CommonArgs) -> anyhow::Result<()> {
         go,
     } = target;
     let launched = parked.is_some();
-    let pidfd = pidfd_open(pid.get())
-        .map_err(|_| TargetError::ExitedDuringAttach { pid: pid.get() })?;
+    let pidfd =
+        pidfd_open(pid.get()).map_err(|_| TargetError::ExitedDuringAttach { pid: pid.get() })?;
 
     let capacity = args.capacity;
     let mut probes = Probes::load_mode(

@@ -252,9 +252,8 @@ pub fn pid(s: &str) -> Result<std::num::NonZeroU32, ValueError> {
             "no process can have pid {n}: the largest pid is {max} (/proc/sys/kernel/pid_max)"
         )));
     }
-    std::num::NonZeroU32::new(n).ok_or_else(|| {
-        ValueError::new("pid 0 is not a process (it names the kernel's idle task)")
-    })
+    std::num::NonZeroU32::new(n)
+        .ok_or_else(|| ValueError::new("pid 0 is not a process (it names the kernel's idle task)"))
 }
 
 /// The kernel's `pid_max` (its largest possible value when unreadable).
@@ -424,7 +423,12 @@ mod tests {
     fn counts() {
         assert_eq!(count("10", &TOP), Ok(10));
         assert!(count("0", &TOP).unwrap_err().to_string().contains("0 rows"));
-        assert!(count("-1", &TOP).unwrap_err().to_string().contains("negative"));
+        assert!(
+            count("-1", &TOP)
+                .unwrap_err()
+                .to_string()
+                .contains("negative")
+        );
         assert!(count("ten", &TOP).is_err());
         assert_eq!(count("0", &MAX_SITE_SERIES), Ok(0));
         assert_eq!(
@@ -442,7 +446,12 @@ mod tests {
         assert_eq!(pid("42").unwrap().get(), 42);
         assert!(pid("0").unwrap_err().to_string().contains("idle task"));
         assert!(pid("x").is_err());
-        assert!(pid("4294967295").unwrap_err().to_string().contains("pid_max"));
+        assert!(
+            pid("4294967295")
+                .unwrap_err()
+                .to_string()
+                .contains("pid_max")
+        );
     }
 
     #[test]
@@ -454,12 +463,25 @@ mod tests {
         assert_eq!(listen("[::1]:9464").unwrap(), "[::1]:9464".parse().unwrap());
         let local = listen("localhost:9464").unwrap();
         assert!(local.ip().is_loopback() && local.port() == 9464, "{local}");
-        assert!(listen("nowhere").unwrap_err().to_string().contains("no port"));
+        assert!(
+            listen("nowhere")
+                .unwrap_err()
+                .to_string()
+                .contains("no port")
+        );
         assert!(listen("localhost:http").is_err());
-        assert!(listen("127.0.0.1:0").unwrap_err().to_string().contains("port 0"));
+        assert!(
+            listen("127.0.0.1:0")
+                .unwrap_err()
+                .to_string()
+                .contains("port 0")
+        );
         assert!(listen(":9464").is_err());
         let e = listen("no-such-host.invalid:9464").unwrap_err().to_string();
-        assert!(e.starts_with("cannot resolve \"no-such-host.invalid\""), "{e}");
+        assert!(
+            e.starts_with("cannot resolve \"no-such-host.invalid\""),
+            "{e}"
+        );
     }
 
     #[test]
@@ -474,16 +496,28 @@ mod tests {
     #[test]
     fn modes() {
         assert_eq!(public_mode("count"), Ok(Mode::Count));
-        assert!(public_mode("floor").unwrap_err().to_string().contains("unknown mode"));
+        assert!(
+            public_mode("floor")
+                .unwrap_err()
+                .to_string()
+                .contains("unknown mode")
+        );
     }
 
     #[test]
     fn output_files() {
         assert!(output_file("/tmp/allocwatch-report.json").is_ok());
         assert!(output_file("report.json").is_ok());
-        let e = output_file("/nonexistent/dir/x.json").unwrap_err().to_string();
+        let e = output_file("/nonexistent/dir/x.json")
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "directory /nonexistent/dir does not exist");
-        assert!(output_file("/tmp").unwrap_err().to_string().contains("directory"));
+        assert!(
+            output_file("/tmp")
+                .unwrap_err()
+                .to_string()
+                .contains("directory")
+        );
         assert!(output_file("/etc/passwd/x").is_err());
     }
 }

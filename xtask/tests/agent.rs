@@ -636,7 +636,12 @@ fn assert_config_error(env: &TestEnv, args: &[&str]) -> String {
         .output()
         .expect("running allocwatch");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "`allocwatch {}`\n{stderr}", args.join(" "));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "`allocwatch {}`\n{stderr}",
+        args.join(" ")
+    );
     assert_no_crash(&stderr);
     let lines: Vec<&str> = stderr.lines().collect();
     assert!(

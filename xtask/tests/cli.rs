@@ -50,10 +50,8 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "allocwatch-cli-{}-{name}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("allocwatch-cli-{}-{name}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("creating a scratch dir");
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
@@ -83,7 +81,12 @@ fn s(p: &Path) -> &str {
 fn refused(env: &TestEnv, args: &[&str], want: &str) {
     let before = KernelState::snapshot();
     let line = assert_single_error(env, args);
-    assert_eq!(line, want, "the error line of `allocwatch {}`", args.join(" "));
+    assert_eq!(
+        line,
+        want,
+        "the error line of `allocwatch {}`",
+        args.join(" ")
+    );
     KernelState::snapshot().assert_nothing_added(&before);
 }
 
@@ -113,7 +116,9 @@ fn kernel_thread() -> (u32, String) {
         let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue;
         };
-        let Some(close) = stat.rfind(')') else { continue };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
         let flags: u64 = stat[close + 1..]
             .split_whitespace()
             .nth(6)
@@ -152,8 +157,7 @@ fn pid_that_cannot_be_traced() {
     let mut child = Command::new("true").spawn().expect("spawning true");
     let zombie = child.id();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !fs::read_to_string(format!("/proc/{zombie}/stat")).is_ok_and(|s| s.contains(") Z "))
-    {
+    while !fs::read_to_string(format!("/proc/{zombie}/stat")).is_ok_and(|s| s.contains(") Z ")) {
         assert!(Instant::now() < deadline, "true did not exit");
         thread::sleep(Duration::from_millis(5));
     }
@@ -461,8 +465,13 @@ fn not_root_or_missing_capabilities() {
 fn http_get(port: u16, path: &str) -> String {
     use std::io::{Read as _, Write as _};
     let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connecting");
-    conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(conn, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut out = String::new();
     conn.read_to_string(&mut out).expect("reading the response");
     out
@@ -535,11 +544,12 @@ fn no_btf_and_no_tracefs() {
     let text = lines.text();
     assert!(status.success(), "agent: {status}\n{text}");
     assert!(
-        text.lines().next() == Some(
-            "allocwatch: warning: tracefs is not mounted (no /sys/kernel/tracing/events): the \
+        text.lines().next()
+            == Some(
+                "allocwatch: warning: tracefs is not mounted (no /sys/kernel/tracing/events): the \
              agent cannot see execs as they happen; mount it with `mount -t tracefs nodev \
              /sys/kernel/tracing` (in a pod: mount the host's /sys/kernel/tracing)"
-        ),
+            ),
         "{text}"
     );
     assert!(serving.contains(&port.to_string()), "{serving}");

@@ -136,7 +136,11 @@ fn elf64_extent(head: &[u8]) -> Option<u64> {
     if head.get(4) != Some(&2) || head.get(5) != Some(&1) {
         return None;
     }
-    let u16_at = |o: usize| Some(u64::from(u16::from_le_bytes(head.get(o..o + 2)?.try_into().ok()?)));
+    let u16_at = |o: usize| {
+        Some(u64::from(u16::from_le_bytes(
+            head.get(o..o + 2)?.try_into().ok()?,
+        )))
+    };
     let u64_at = |o: usize| Some(u64::from_le_bytes(head.get(o..o + 8)?.try_into().ok()?));
     // An ELF64 header is 64 bytes.
     if head.len() < 64 {
@@ -199,8 +203,7 @@ mod tests {
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let pid = child.id();
         for _ in 0..500 {
-            if fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
-            {
+            if fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z ")) {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(2));
@@ -228,10 +231,14 @@ mod tests {
         };
         program(&write("shebang", b"#!/bin/sh\necho hi\n")).unwrap();
         let err = program(&write("script", b"echo hi\n")).unwrap_err();
-        assert!(matches!(err, TargetError::ScriptWithoutShebang { .. }), "{err}");
+        assert!(
+            matches!(err, TargetError::ScriptWithoutShebang { .. }),
+            "{err}"
+        );
         let err = program(&write("bin", b"\x01\x02\x03\x04\x00rest")).unwrap_err();
         assert!(
-            err.to_string().ends_with("it starts with bytes 01 02 03 04)"),
+            err.to_string()
+                .ends_with("it starts with bytes 01 02 03 04)"),
             "{err}"
         );
         let true_bin = fs::read("/bin/true").unwrap();
@@ -242,7 +249,10 @@ mod tests {
             "{err}"
         );
         let err = program(&write("header", &true_bin[..20])).unwrap_err();
-        assert!(matches!(err, TargetError::TruncatedElf { need: 64, .. }), "{err}");
+        assert!(
+            matches!(err, TargetError::TruncatedElf { need: 64, .. }),
+            "{err}"
+        );
         fs::remove_dir_all(&dir).unwrap();
         assert_eq!(shown(Path::new("x.sh")), Path::new("./x.sh"));
         assert_eq!(shown(Path::new("/a/x.sh")), Path::new("/a/x.sh"));
