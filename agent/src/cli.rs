@@ -438,6 +438,12 @@ mod tests {
                     .push(line.into());
             }
         }
+        // A blank line separates one case's output from the next command.
+        for c in &mut cases {
+            while c.output.last().is_some_and(|l| l.is_empty()) {
+                c.output.pop();
+            }
+        }
         cases
     }
 
