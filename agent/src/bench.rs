@@ -133,7 +133,7 @@ fn addresses() -> Vec<u64> {
         bench_metrics_render as *const () as u64,
         process as *const () as u64,
         series as *const () as u64,
-        crate::cli::parse_duration as *const () as u64,
+        crate::values::parse_duration as *const () as u64,
         crate::target::placement::place as *const () as u64,
         crate::target::placement::is_emulated as *const () as u64,
         crate::serve::metrics::site_label as *const () as u64,

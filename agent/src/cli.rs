@@ -1,14 +1,26 @@
 //! Command-line interface (clap derive). Parsing only; behaviour lives in the modules it names.
 
-use std::{num::NonZeroU32, path::PathBuf, time::Duration};
+use std::{ffi::OsString, num::NonZeroU32, path::PathBuf, time::Duration};
 
 use allocwatch_common::capacity;
 use clap::{Args, Parser, Subcommand};
 
+use crate::values::{self, CountLimit, DurationLimit};
+
 /// Which call sites allocate, leak and grow memory — traced with eBPF uprobes, without touching
 /// the traced program.
 #[derive(Debug, Parser)]
-#[command(name = "allocwatch", version, about, long_about = None)]
+#[command(
+    name = "allocwatch",
+    version,
+    about,
+    long_about = None,
+    after_help = "Without a subcommand, allocwatch runs the node agent with its defaults \
+                  (`allocwatch agent`: every process of the node, /metrics on 0.0.0.0:9464).\n\
+                  Exit codes: 0 done; 1 error (one line `allocwatch: error: …`, also for a \
+                  flag value that makes no sense); 2 invalid command line (unknown flag, \
+                  missing value, flags that conflict)."
+)]
 pub struct Cli {
     /// Without a subcommand allocwatch runs as the node agent (`allocwatch agent`).
     #[command(subcommand)]
@@ -17,20 +29,28 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Node agent: trace every selected process, serve /metrics, /healthz and profiles.
+    /// Node agent (also what plain `allocwatch` runs): trace every selected process, serve
+    /// /metrics, /healthz and profiles on 0.0.0.0:9464.
     Agent(AgentArgs),
     /// Configuration file helpers.
     #[command(subcommand)]
     Config(ConfigCommand),
     /// Hot allocation sites by bytes and by calls, refreshed every interval; a final summary when
     /// the target exits or the duration ends.
+    #[command(override_usage = TARGET_USAGE.replace("SUB", "top"))]
     Top(TopArgs),
     /// Outstanding allocations older than --min-age, grouped by stack.
+    #[command(override_usage = TARGET_USAGE.replace("SUB", "leaks"))]
     Leaks(LeaksArgs),
     /// Go maps that grew, largest first: growth count, size, bytes and the site of their
     /// first growth.
+    #[command(override_usage = TARGET_USAGE.replace("SUB", "maps"))]
     Maps(MapsArgs),
 }
+
+/// Usage line of the subcommands that trace one target.
+const TARGET_USAGE: &str = "allocwatch SUB [OPTIONS] --pid <PID>\n       \
+                            allocwatch SUB [OPTIONS] -- <CMD>...";
 
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
@@ -44,44 +64,65 @@ pub struct AgentArgs {
     /// TOML configuration file (see `allocwatch config print-default`).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Address of /metrics, /healthz and /debug/pprof/* [default: 0.0.0.0:9464].
-    #[arg(long, value_name = "ADDR:PORT")]
+    /// Address of /metrics, /healthz and /debug/pprof/* [default: 0.0.0.0:9464]; a host name
+    /// (localhost:9464) is resolved at start.
+    #[arg(long, value_name = "HOST:PORT", value_parser = values::listen)]
     pub listen: Option<std::net::SocketAddr>,
     /// TLS, client certificates and basic auth: a Prometheus exporter-toolkit web config file
     /// (YAML, as node_exporter's --web.config.file; see deploy/README.md).
     #[arg(long, value_name = "FILE")]
     pub web_config: Option<PathBuf>,
-    /// Keep the series of an exited process this long (e.g. 10m).
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(
+        long,
+        value_name = "DURATION",
+        allow_hyphen_values = true,
+        value_parser = duration(values::TTL),
+        help = duration_help("Keep the series of an exited process this long [default: 10m]", &values::TTL),
+    )]
     pub ttl: Option<Duration>,
-    /// Call sites per process identity with their own series; the rest are site="other".
-    #[arg(long)]
+    #[arg(
+        long,
+        value_name = "N",
+        allow_hyphen_values = true,
+        value_parser = values::count_usize(values::TOP_K),
+        help = count_help(
+            "Call sites per process identity with their own series; the rest are site=\"other\" \
+             [default: 10]",
+            &values::TOP_K,
+        ),
+    )]
     pub top_k: Option<usize>,
     /// Trace only processes whose comm matches (regex; repeatable).
-    #[arg(long, value_name = "REGEX")]
+    #[arg(long, value_name = "REGEX", value_parser = values::regex)]
     pub comm: Vec<String>,
     /// Trace only processes whose executable path matches (regex; repeatable).
-    #[arg(long, value_name = "REGEX")]
+    #[arg(long, value_name = "REGEX", value_parser = values::regex)]
     pub exe: Vec<String>,
     /// Trace only processes whose cgroup path matches (regex; repeatable).
-    #[arg(long, value_name = "REGEX")]
+    #[arg(long, value_name = "REGEX", value_parser = values::regex)]
     pub cgroup: Vec<String>,
     /// Trace only processes of pods in matching Kubernetes namespaces (regex; repeatable).
-    #[arg(long, value_name = "REGEX")]
+    #[arg(long, value_name = "REGEX", value_parser = values::regex)]
     pub k8s_namespace: Vec<String>,
     /// Never trace processes whose comm matches (regex; repeatable).
-    #[arg(long, value_name = "REGEX")]
+    #[arg(long, value_name = "REGEX", value_parser = values::regex)]
     pub exclude_comm: Vec<String>,
     /// Never trace processes whose executable path matches (regex; repeatable).
-    #[arg(long, value_name = "REGEX")]
+    #[arg(long, value_name = "REGEX", value_parser = values::regex)]
     pub exclude_exe: Vec<String>,
+    /// Never trace processes whose cgroup path matches (regex; repeatable).
+    #[arg(long, value_name = "REGEX", value_parser = values::regex)]
+    pub exclude_cgroup: Vec<String>,
+    /// Never trace processes of pods in matching Kubernetes namespaces (regex; repeatable).
+    #[arg(long, value_name = "REGEX", value_parser = values::regex)]
+    pub exclude_k8s_namespace: Vec<String>,
     /// Trace every Go heap allocation (mallocgc) too: a probe hit per allocation.
     #[arg(long)]
     pub go_malloc: bool,
     /// What the libc probes record [default: full]: `full`, `stacks-off`, `count`,
     /// `count-stacks` (see `allocwatch top --help`; the count modes export no live gauges,
     /// size histogram or heap profile).
-    #[arg(long, value_enum)]
+    #[arg(long, value_name = "MODE", value_parser = values::public_mode)]
     pub mode: Option<crate::probes::Mode>,
     /// Serve /debug/pprof/allocs and /debug/pprof/heap.
     #[arg(long)]
@@ -98,14 +139,20 @@ pub struct MapsArgs {
 pub struct TopArgs {
     #[command(flatten)]
     pub common: CommonArgs,
-    /// How often the live view is refreshed.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "1s",
+        allow_hyphen_values = true,
+        value_parser = duration(values::INTERVAL),
+        help = duration_help("How often the live view is refreshed", &values::INTERVAL),
+    )]
     pub interval: Duration,
     /// Also write a flamegraph (SVG) of the allocation sites, weighted by bytes.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", value_parser = values::output_file)]
     pub flamegraph: Option<PathBuf>,
     /// Also write a pprof profile (gzipped protobuf, for `go tool pprof`).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", value_parser = values::output_file)]
     pub pprof: Option<PathBuf>,
 }
 
@@ -113,11 +160,20 @@ pub struct TopArgs {
 pub struct LeaksArgs {
     #[command(flatten)]
     pub common: CommonArgs,
-    /// Only report allocations at least this old.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "1s",
+        allow_hyphen_values = true,
+        value_parser = duration(values::MIN_AGE),
+        help = duration_help(
+            "Only report allocations at least this old (0s: every outstanding allocation)",
+            &values::MIN_AGE,
+        ),
+    )]
     pub min_age: Duration,
     /// Also write a flamegraph (SVG) of the outstanding bytes by stack.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", value_parser = values::output_file)]
     pub flamegraph: Option<PathBuf>,
 }
 
@@ -129,23 +185,38 @@ pub struct CommonArgs {
         long,
         short = 'p',
         conflicts_with = "command",
-        required_unless_present = "command"
+        allow_hyphen_values = true,
+        value_parser = values::pid
     )]
     pub pid: Option<NonZeroU32>,
     /// Run this command and trace it from its first instruction.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
-    /// Stop after this long (e.g. 30s, 5m); default: until the target exits or Ctrl-C.
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(
+        long,
+        value_name = "DURATION",
+        allow_hyphen_values = true,
+        value_parser = duration(values::SESSION),
+        help = duration_help(
+            "Stop after this long (e.g. 30s, 5m); default: until the target exits or Ctrl-C",
+            &values::SESSION,
+        ),
+    )]
     pub duration: Option<Duration>,
     /// Print the final report as JSON.
     #[arg(long)]
     pub json: bool,
     /// Write the final report to this file instead of standard output.
-    #[arg(long, short = 'o', value_name = "FILE")]
+    #[arg(long, short = 'o', value_name = "FILE", value_parser = values::output_file)]
     pub output: Option<PathBuf>,
-    /// Number of sites shown per table.
-    #[arg(long, default_value_t = 10)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value = "10",
+        allow_hyphen_values = true,
+        value_parser = values::count_usize(values::TOP),
+        help = count_help("Number of sites shown per table", &values::TOP),
+    )]
     pub top: usize,
     /// Do not capture user stacks (sites are then identified by their immediate caller only).
     #[arg(long)]
@@ -166,61 +237,121 @@ pub struct CommonArgs {
 /// Kernel map capacities. Every drop caused by a full map is counted and reported.
 #[derive(Debug, Args, Clone, Copy)]
 pub struct CapacityArgs {
-    /// Outstanding allocations tracked at once.
-    #[arg(long, default_value_t = capacity::LIVE)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = capacity::LIVE,
+        allow_hyphen_values = true,
+        value_parser = values::count_u32(values::MAX_LIVE),
+        help = count_help("Outstanding allocations tracked at once", &values::MAX_LIVE),
+    )]
     pub max_live: u32,
-    /// Distinct (process, API, stack) sites.
-    #[arg(long, default_value_t = capacity::SITES)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = capacity::SITES,
+        allow_hyphen_values = true,
+        value_parser = values::count_u32(values::MAX_SITES),
+        help = count_help("Distinct (process, API, stack) sites", &values::MAX_SITES),
+    )]
     pub max_sites: u32,
-    /// Distinct user stacks.
-    #[arg(long, default_value_t = capacity::STACKS)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = capacity::STACKS,
+        allow_hyphen_values = true,
+        value_parser = values::count_u32(values::MAX_STACKS),
+        help = count_help("Distinct user stacks", &values::MAX_STACKS),
+    )]
     pub max_stacks: u32,
-    /// Threads inside an allocation call at once.
-    #[arg(long, default_value_t = capacity::PENDING)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = capacity::PENDING,
+        allow_hyphen_values = true,
+        value_parser = values::count_u32(values::MAX_PENDING),
+        help = count_help("Threads inside an allocation call at once", &values::MAX_PENDING),
+    )]
     pub max_pending: u32,
 }
 
-/// Parses durations like `500ms`, `1s`, `2.5s`, `5m`, `1h`; a bare number is seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?} (examples: 500ms, 1s, 5m)"))?;
-    let secs = match unit {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => {
-            return Err(format!(
-                "invalid duration unit {unit:?} in {s:?} (use ms, s, m or h)"
-            ));
+/// A duration limit as a clap value parser.
+fn duration(limit: DurationLimit) -> impl Fn(&str) -> Result<Duration, values::ValueError> + Clone {
+    move |s| values::duration(s, &limit)
+}
+
+/// Help text with the allowed range, from the limit itself.
+fn duration_help(text: &str, limit: &DurationLimit) -> String {
+    format!(
+        "{text} (from {} to {})",
+        values::duration_text(limit.min),
+        values::duration_text(limit.max)
+    )
+}
+
+fn count_help(text: &str, limit: &CountLimit) -> String {
+    format!("{text} (from {} to {})", limit.min, limit.max)
+}
+
+/// Why a command line was not run.
+#[derive(Debug)]
+pub enum CliError {
+    /// `--help`, `--version`, or a malformed command line (unknown flag, missing value,
+    /// conflicting flags): clap prints it and exits with its code (0, or 2).
+    Clap(clap::Error),
+    /// A value that makes no sense, or no target: one line, exit code 1.
+    Value(String),
+}
+
+/// Parses the command line: values are checked here, once, by the parsers of [`values`].
+pub fn parse_from<I, T>(args: I) -> Result<Cli, CliError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = Cli::try_parse_from(args).map_err(|e| match e.kind() {
+        clap::error::ErrorKind::ValueValidation | clap::error::ErrorKind::InvalidValue => {
+            CliError::Value(one_line(&e))
         }
+        _ => CliError::Clap(e),
+    })?;
+    let (sub, common) = match &cli.command {
+        Some(Command::Top(a)) => ("top", &a.common),
+        Some(Command::Leaks(a)) => ("leaks", &a.common),
+        Some(Command::Maps(a)) => ("maps", &a.common),
+        _ => return Ok(cli),
     };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"))
+    if common.pid.is_none() && common.command.is_empty() {
+        return Err(CliError::Value(format!(
+            "no target: give --pid PID to trace a running process, or -- CMD [ARGS...] to run \
+             one (e.g. `allocwatch {sub} -- ./server`)"
+        )));
+    }
+    Ok(cli)
+}
+
+/// clap's message for a refused value (`invalid value 'X' for '--flag <V>': why`, possible
+/// values on the next line) as one line.
+fn one_line(e: &clap::Error) -> String {
+    e.render()
+        .to_string()
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("For more information") && !l.starts_with("Usage:")
+        })
+        .map(|l| l.strip_prefix("error: ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]
 mod tests {
+    use std::{collections::BTreeSet, path::Path};
+
     use clap::CommandFactory as _;
 
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_duration("1.5m"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
-        assert!(parse_duration("1x").is_err());
-        assert!(parse_duration("s").is_err());
-        assert!(parse_duration("-1s").is_err());
-    }
 
     #[test]
     fn cli_is_consistent() {
@@ -229,36 +360,326 @@ mod tests {
 
     #[test]
     fn no_subcommand_means_agent() {
-        assert!(
-            Cli::try_parse_from(["allocwatch"])
-                .unwrap()
-                .command
-                .is_none()
-        );
-        let cli =
-            Cli::try_parse_from(["allocwatch", "agent", "--comm", "^api$", "--ttl", "5m"]).unwrap();
+        assert!(parse_from(["allocwatch"]).unwrap().command.is_none());
+        let cli = parse_from(["allocwatch", "agent", "--comm", "^api$", "--ttl", "5m"]).unwrap();
         let Some(Command::Agent(a)) = cli.command else {
             panic!("expected agent")
         };
         assert_eq!(a.comm, ["^api$"]);
         assert_eq!(a.ttl, Some(Duration::from_secs(300)));
+        let cli = parse_from(["allocwatch", "agent", "--listen", "localhost:9464"]).unwrap();
+        let Some(Command::Agent(a)) = cli.command else {
+            panic!("expected agent")
+        };
+        assert!(a.listen.unwrap().ip().is_loopback());
     }
 
     #[test]
     fn target_is_required_and_exclusive() {
-        assert!(Cli::try_parse_from(["allocwatch", "top"]).is_err());
-        assert!(Cli::try_parse_from(["allocwatch", "top", "--pid", "1", "--", "ls"]).is_err());
-        let cli = Cli::try_parse_from(["allocwatch", "top", "--", "ls", "-l"]).unwrap();
+        let Err(CliError::Value(msg)) = parse_from(["allocwatch", "top"]) else {
+            panic!("no target must be refused")
+        };
+        assert!(msg.contains("--pid PID") && msg.contains("-- CMD"), "{msg}");
+        let Err(CliError::Clap(e)) = parse_from(["allocwatch", "top", "--pid", "1", "--", "ls"])
+        else {
+            panic!("--pid with a command must be refused")
+        };
+        assert_eq!(e.exit_code(), 2);
+        let cli = parse_from(["allocwatch", "top", "--", "ls", "-l"]).unwrap();
         let Some(Command::Top(top)) = cli.command else {
             panic!("expected top")
         };
         assert_eq!(top.common.command, ["ls", "-l"]);
-        let cli =
-            Cli::try_parse_from(["allocwatch", "leaks", "--pid", "42", "--min-age", "0s"]).unwrap();
+        let cli = parse_from(["allocwatch", "leaks", "--pid", "42", "--min-age", "0s"]).unwrap();
         let Some(Command::Leaks(leaks)) = cli.command else {
             panic!("expected leaks")
         };
         assert_eq!(leaks.common.pid.map(NonZeroU32::get), Some(42));
         assert_eq!(leaks.min_age, Duration::ZERO);
+    }
+
+    /// One case of the bad-value snapshot: the command line, the expected exit status and
+    /// output.
+    struct Case {
+        args: Vec<String>,
+        status: i32,
+        output: Vec<String>,
+    }
+
+    /// The cases of `xtask/tests/cli/bad-values.trycmd`, the snapshot that
+    /// `xtask/tests/cli.rs` runs against the real binary.
+    fn bad_value_cases() -> Vec<Case> {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../xtask/tests/cli/bad-values.trycmd");
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let mut cases: Vec<Case> = Vec::new();
+        let mut in_block = false;
+        for line in text.lines() {
+            if line.starts_with("```") {
+                in_block = !in_block;
+                continue;
+            }
+            if !in_block {
+                continue;
+            }
+            if let Some(cmd) = line.strip_prefix("$ ") {
+                let args = split_shell(cmd);
+                assert_eq!(args[0], "allocwatch", "{line}");
+                cases.push(Case {
+                    args,
+                    status: 0,
+                    output: Vec::new(),
+                });
+            } else if let Some(code) = line.strip_prefix("? ") {
+                cases.last_mut().expect("a status after a command").status =
+                    code.parse().expect("a numeric status");
+            } else {
+                cases
+                    .last_mut()
+                    .expect("output after a command")
+                    .output
+                    .push(line.into());
+            }
+        }
+        // A blank line separates one case's output from the next command.
+        for c in &mut cases {
+            while c.output.last().is_some_and(|l| l.is_empty()) {
+                c.output.pop();
+            }
+        }
+        cases
+    }
+
+    /// Words of a command line as the snapshot writes them (single quotes only).
+    fn split_shell(cmd: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut word = String::new();
+        let mut quoted = false;
+        let mut any = false;
+        for c in cmd.chars() {
+            match c {
+                '\'' => {
+                    quoted = !quoted;
+                    any = true;
+                }
+                ' ' if !quoted => {
+                    if any {
+                        out.push(std::mem::take(&mut word));
+                        any = false;
+                    }
+                }
+                c => {
+                    word.push(c);
+                    any = true;
+                }
+            }
+        }
+        if any {
+            out.push(word);
+        }
+        out
+    }
+
+    /// trycmd's `[..]`: anything within the line.
+    fn matches(pattern: &str, line: &str) -> bool {
+        let mut rest = line;
+        let parts: Vec<&str> = pattern.split("[..]").collect();
+        for (i, part) in parts.iter().enumerate() {
+            if i == 0 {
+                let Some(r) = rest.strip_prefix(part) else {
+                    return false;
+                };
+                rest = r;
+            } else if i == parts.len() - 1 {
+                return rest.ends_with(part);
+            } else {
+                let Some(at) = rest.find(part) else {
+                    return false;
+                };
+                rest = &rest[at + part.len()..];
+            }
+        }
+        rest.is_empty()
+    }
+
+    /// Every flag of every subcommand, from clap's own definition, has a bad-value case in
+    /// the snapshot, and each case is refused as the snapshot says: a value the parsers refuse
+    /// is one line and exit 1 (checked here in-process; `xtask/tests/cli.rs` runs the same
+    /// cases through the real binary), a malformed command line is clap's exit 2.
+    #[test]
+    fn every_flag_has_bad_values_refused_in_one_line() {
+        let cases = bad_value_cases();
+        let mut missing = Vec::new();
+        let mut walked = 0;
+        let root = Cli::command();
+        let mut subs: Vec<(String, &clap::Command)> = Vec::new();
+        for sub in root.get_subcommands() {
+            if sub.has_subcommands() {
+                for inner in sub.get_subcommands() {
+                    subs.push((format!("{} {}", sub.get_name(), inner.get_name()), inner));
+                }
+            } else {
+                subs.push((sub.get_name().to_string(), sub));
+            }
+        }
+        for (name, sub) in &subs {
+            let words: Vec<&str> = name.split(' ').collect();
+            for arg in sub.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                walked += 1;
+                let spellings: Vec<String> = match (arg.get_long(), arg.get_short()) {
+                    (Some(l), s) => std::iter::once(format!("--{l}"))
+                        .chain(s.map(|s| format!("-{s}")))
+                        .collect(),
+                    // The positional CMD: after `--`.
+                    (None, _) => vec!["--".to_string()],
+                };
+                let covered = cases.iter().any(|c| {
+                    c.args.len() > words.len()
+                        && c.args[1..=words.len()] == words[..]
+                        && c.args.iter().any(|a| {
+                            spellings
+                                .iter()
+                                .any(|s| a == s || a.starts_with(&format!("{s}=")))
+                        })
+                });
+                if !covered {
+                    missing.push(format!("allocwatch {name} {}", spellings[0]));
+                }
+            }
+        }
+        assert!(walked > 40, "walked only {walked} arguments");
+        assert!(
+            missing.is_empty(),
+            "no bad-value case in xtask/tests/cli/bad-values.trycmd for:\n{}",
+            missing.join("\n")
+        );
+
+        let mut wrong = Vec::new();
+        for case in &cases {
+            let cmd = case.args.join(" ");
+            match parse_from(&case.args) {
+                Err(CliError::Value(msg)) => {
+                    let line = format!("allocwatch: error: {msg}");
+                    if case.status != 1
+                        || case.output.len() != 1
+                        || !matches(&case.output[0], &line)
+                    {
+                        wrong.push(format!(
+                            "{cmd}\n  now: ? 1 {line}\n  snapshot: ? {} {:?}",
+                            case.status, case.output
+                        ));
+                    }
+                }
+                Err(CliError::Clap(e)) => {
+                    if case.status != e.exit_code() || e.exit_code() != 2 {
+                        wrong.push(format!(
+                            "{cmd}: clap exits {}, snapshot {}",
+                            e.exit_code(),
+                            case.status
+                        ));
+                    }
+                }
+                // Refused after parsing (a missing config file, a command not found): the
+                // real binary's run checks the line.
+                Ok(_) => {
+                    if case.status != 1
+                        || case.output.len() != 1
+                        || !case.output[0].starts_with("allocwatch: error: ")
+                    {
+                        wrong.push(format!("{cmd}: parses, so must fail later with one line"));
+                    }
+                }
+            }
+        }
+        assert!(wrong.is_empty(), "cases that differ:\n{}", wrong.join("\n"));
+    }
+
+    /// Each limit appears in its flag's help, from the same constant.
+    #[test]
+    fn help_shows_the_limits() {
+        let mut top = Cli::command();
+        let help = top
+            .find_subcommand_mut("top")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        for want in [
+            format!("(from 1 to {})", values::MAX_LIVE.max),
+            "(from 100ms to 1h)".to_string(),
+            format!("(from 1 to {})", values::TOP.max),
+        ] {
+            assert!(help.contains(&want), "{want} not in\n{help}");
+        }
+    }
+
+    /// Every flag the README shows with `allocwatch SUB` (its usage examples and the text
+    /// about them) is in that subcommand's --help; flags it names without a subcommand are in
+    /// some subcommand's.
+    #[test]
+    fn readme_flags_are_in_help() {
+        let readme =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+                .unwrap();
+        let root = Cli::command();
+        let flags_of = |sub: &clap::Command| -> BTreeSet<String> {
+            sub.get_arguments()
+                .filter_map(|a| a.get_long().map(|l| format!("--{l}")))
+                .chain(["--help".to_string()])
+                .collect()
+        };
+        let all: BTreeSet<String> = root.get_subcommands().flat_map(flags_of).collect();
+        let flag_re = regex::Regex::new(r"--[a-z][a-z0-9-]*").unwrap();
+        let mut missing = Vec::new();
+        let mut checked = 0;
+        for line in readme.lines() {
+            let sub = line
+                .split_whitespace()
+                .skip_while(|w| !w.trim_start_matches('`').starts_with("allocwatch"))
+                .nth(1)
+                .and_then(|w| root.find_subcommand(w.trim_matches('`')));
+            // What follows ` -- ` belongs to the traced command.
+            let ours = line.split(" -- ").next().unwrap_or(line);
+            for m in flag_re.find_iter(ours) {
+                let flag = m.as_str().trim_end_matches('-');
+                // Not ours: cargo's, bpftrace's, a toolchain's.
+                if ["--workspace", "--exclude", "--no-fail-fast", "--features"].contains(&flag)
+                    || line.contains("cargo ")
+                {
+                    continue;
+                }
+                checked += 1;
+                let ok = match sub {
+                    Some(sub) if line.trim_start().starts_with("allocwatch ") => {
+                        flags_of(sub).contains(flag)
+                    }
+                    _ => all.contains(flag),
+                };
+                if !ok {
+                    missing.push(format!("{flag} in README line: {line}"));
+                }
+            }
+        }
+        for flag in [
+            "--exclude-cgroup",
+            "--exclude-k8s-namespace",
+            "--listen",
+            "--mode",
+        ] {
+            assert!(
+                flags_of(root.find_subcommand("agent").unwrap()).contains(flag),
+                "agent --help lacks {flag}"
+            );
+        }
+        assert!(checked > 20, "only {checked} README flags seen");
+        assert!(
+            missing.is_empty(),
+            "README flags not in --help:\n{}",
+            missing.join("\n")
+        );
     }
 }

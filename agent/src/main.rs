@@ -1,5 +1,6 @@
 //! allocwatch: which call sites allocate, leak and grow memory. Wiring only: parse the command
-//! line, run the subcommand, turn any error into one line on stderr and exit code 1.
+//! line, run the subcommand, turn any error into one line on stderr and exit code 1 (a config
+//! file's error adds a pointer to the offending line).
 
 mod aggregate;
 #[cfg(test)]
@@ -20,13 +21,12 @@ mod serve;
 mod session;
 mod symbolize;
 mod target;
+mod values;
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
-
 use crate::{
-    cli::{AgentArgs, Cli, Command, ConfigCommand},
+    cli::{AgentArgs, CliError, Command, ConfigCommand},
     session::View,
 };
 
@@ -39,6 +39,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// The agent: config file, then flags on top.
 async fn agent(a: AgentArgs) -> anyhow::Result<()> {
     let mut cfg = config::load(a.config.as_deref())?;
+    // Refusals first (not root, …); then what the agent can run without.
+    preflight::check()?;
+    for w in preflight::agent_warnings() {
+        eprintln!("allocwatch: warning: {w}");
+    }
     cfg.apply(config::Overrides {
         listen: a.listen,
         web_config: a.web_config,
@@ -51,6 +56,8 @@ async fn agent(a: AgentArgs) -> anyhow::Result<()> {
         k8s_namespace: a.k8s_namespace,
         exclude_comm: a.exclude_comm,
         exclude_exe: a.exclude_exe,
+        exclude_cgroup: a.exclude_cgroup,
+        exclude_k8s_namespace: a.exclude_k8s_namespace,
         go_malloc: a.go_malloc.then_some(true),
         pprof: a.pprof.then_some(true),
         ..config::Overrides::default()
@@ -63,7 +70,15 @@ fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
         eprintln!("allocwatch: internal error: {info}");
     }));
-    let cli = Cli::parse();
+    let cli = match cli::parse_from(std::env::args_os()) {
+        Ok(cli) => cli,
+        // --help, --version, or a malformed command line: clap's message and code (0 or 2).
+        Err(CliError::Clap(e)) => e.exit(),
+        Err(CliError::Value(msg)) => {
+            eprintln!("allocwatch: error: {msg}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -106,6 +121,13 @@ fn main() -> ExitCode {
         Err(e) => {
             let msg = format!("{e:#}").replace('\n', " ");
             eprintln!("allocwatch: error: {msg}");
+            // A config file's error points at the offending line, under the one-line error.
+            if let Some(pointer) = e
+                .downcast_ref::<config::ConfigError>()
+                .and_then(config::ConfigError::pointer)
+            {
+                eprintln!("{pointer}");
+            }
             ExitCode::FAILURE
         }
     }

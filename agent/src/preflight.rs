@@ -5,18 +5,37 @@ use std::path::Path;
 
 use thiserror::Error;
 
-#[derive(Debug, Error)]
+#[derive(Debug, Error, PartialEq, Eq)]
 pub enum PreflightError {
-    #[error("allocwatch needs root, or the capabilities CAP_BPF, CAP_PERFMON and CAP_SYS_RESOURCE")]
-    NotPrivileged,
-    #[error("this kernel has no uprobe support (no {0}); it needs CONFIG_UPROBE_EVENTS=y")]
+    #[error(
+        "allocwatch needs root, or the capabilities CAP_BPF and CAP_PERFMON (this process lacks \
+         {missing}): run it as root (sudo allocwatch …), or grant them (`setcap \
+         cap_bpf,cap_perfmon,cap_sys_resource+ep` on the binary, or the container's \
+         capabilities)"
+    )]
+    NotPrivileged { missing: String },
+    #[error(
+        "this kernel has no uprobe support (no {0}): allocwatch needs a kernel built with \
+         CONFIG_UPROBES=y and CONFIG_UPROBE_EVENTS=y"
+    )]
     NoUprobes(&'static str),
-    #[error("this kernel exposes no BTF (no {0}); it needs CONFIG_DEBUG_INFO_BTF=y")]
+    #[error(
+        "this kernel exposes no BTF (no {0}): allocwatch needs a kernel built with \
+         CONFIG_DEBUG_INFO_BTF=y (in a container, the host's /sys/kernel/btf must be visible)"
+    )]
     NoBtf(&'static str),
+    #[error(
+        "the locked-memory limit is {limit_kib} KiB and this kernel ({kernel}, before 5.11) \
+         charges eBPF maps to it: raise it (`ulimit -l unlimited`, LimitMEMLOCK=infinity in a \
+         systemd unit), or grant CAP_SYS_RESOURCE so that allocwatch raises it itself"
+    )]
+    Memlock { limit_kib: u64, kernel: String },
 }
 
 const UPROBE_PMU: &str = "/sys/bus/event_source/devices/uprobe/type";
 const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+/// Where aya looks for tracefs (the exec tracepoint's id), in its order.
+const TRACEFS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 
 // Capability bit numbers from linux/capability.h.
 const CAP_SYS_ADMIN: u32 = 21;
@@ -26,19 +45,16 @@ const CAP_BPF: u32 = 39;
 
 pub fn check() -> Result<(), PreflightError> {
     let eff = effective_caps();
-    let has = |cap: u32| eff & (1 << cap) != 0;
-    let bpf_ok = has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON));
-    if !bpf_ok {
-        return Err(PreflightError::NotPrivileged);
-    }
+    privileges(eff)?;
     if !Path::new(UPROBE_PMU).exists() {
         return Err(PreflightError::NoUprobes(UPROBE_PMU));
     }
     if !Path::new(VMLINUX_BTF).exists() {
         return Err(PreflightError::NoBtf(VMLINUX_BTF));
     }
+    let has_sys_resource = eff & (1 << CAP_SYS_RESOURCE) != 0;
     // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; raising it is harmless after.
-    if has(CAP_SYS_RESOURCE) {
+    if has_sys_resource {
         let unlimited = libc::rlimit {
             rlim_cur: libc::RLIM_INFINITY,
             rlim_max: libc::RLIM_INFINITY,
@@ -46,7 +62,84 @@ pub fn check() -> Result<(), PreflightError> {
         // SAFETY: valid pointer to an rlimit struct.
         unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
     }
-    Ok(())
+    let release = kernel_release();
+    memlock(&release, has_sys_resource, memlock_limit())
+}
+
+/// Problems the agent can run with, each a warning line saying what to do about it.
+pub fn agent_warnings() -> Vec<String> {
+    let mut out = Vec::new();
+    if !TRACEFS.iter().any(|d| Path::new(d).join("events").is_dir()) {
+        out.push(format!(
+            "tracefs is not mounted (no {}/events): the agent cannot see execs as they happen; \
+             mount it with `mount -t tracefs nodev {}` (in a pod: mount the host's {})",
+            TRACEFS[0], TRACEFS[0], TRACEFS[0]
+        ));
+    }
+    out
+}
+
+/// Root (CAP_SYS_ADMIN), or CAP_BPF with CAP_PERFMON (uprobes are perf events).
+fn privileges(eff: u64) -> Result<(), PreflightError> {
+    let has = |cap: u32| eff & (1 << cap) != 0;
+    if has(CAP_SYS_ADMIN) {
+        return Ok(());
+    }
+    let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
+        .into_iter()
+        .filter(|&(cap, _)| !has(cap))
+        .map(|(_, name)| name)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(PreflightError::NotPrivileged {
+        missing: missing.join(" and "),
+    })
+}
+
+/// Before 5.11 every map counts against RLIMIT_MEMLOCK; the default maps need over 100 MiB,
+/// far above the usual 64 KiB or 8 MiB defaults. Without CAP_SYS_RESOURCE nothing can raise
+/// it here, so anything short of unlimited is refused with what to do.
+fn memlock(
+    release: &str,
+    has_sys_resource: bool,
+    limit: Option<u64>,
+) -> Result<(), PreflightError> {
+    let version: Vec<u32> = release
+        .split(|c: char| !c.is_ascii_digit())
+        .take(2)
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let before_5_11 = matches!(version.as_slice(), [major, minor] if (*major, *minor) < (5, 11));
+    match limit {
+        Some(bytes) if before_5_11 && !has_sys_resource => Err(PreflightError::Memlock {
+            limit_kib: bytes / 1024,
+            kernel: release.to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The soft RLIMIT_MEMLOCK in bytes; None when unlimited.
+fn memlock_limit() -> Option<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid pointer to an rlimit struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) } != 0
+        || r.rlim_cur == libc::RLIM_INFINITY
+    {
+        return None;
+    }
+    Some(r.rlim_cur)
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// The effective capability set of this process, from /proc/self/status.
@@ -73,5 +166,46 @@ mod tests {
         let status = "Name:\tx\nCapPrm:\t0000000000000000\nCapEff:\t000001ffffffffff\n";
         assert_eq!(parse_cap_eff(status), Some(0x1ff_ffff_ffff));
         assert_eq!(parse_cap_eff("Name: x\n"), None);
+    }
+
+    #[test]
+    fn privileges_name_what_is_missing() {
+        assert_eq!(privileges(1 << CAP_SYS_ADMIN), Ok(()));
+        assert_eq!(privileges((1 << CAP_BPF) | (1 << CAP_PERFMON)), Ok(()));
+        let err = privileges(1 << CAP_BPF).unwrap_err();
+        assert_eq!(
+            err,
+            PreflightError::NotPrivileged {
+                missing: "CAP_PERFMON".into()
+            }
+        );
+        let err = privileges(0).unwrap_err().to_string();
+        assert!(
+            err.contains("lacks CAP_BPF and CAP_PERFMON") && err.contains("sudo"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn memlock_matters_before_5_11_only() {
+        assert_eq!(memlock("6.18.44-fc-v1147", false, Some(65536)), Ok(()));
+        assert_eq!(memlock("5.11.0", false, Some(65536)), Ok(()));
+        assert_eq!(memlock("5.10.0-28-amd64", false, None), Ok(()));
+        assert_eq!(memlock("5.10.0-28-amd64", true, Some(65536)), Ok(()));
+        let err = memlock("5.10.0-28-amd64", false, Some(65536)).unwrap_err();
+        assert_eq!(
+            err,
+            PreflightError::Memlock {
+                limit_kib: 64,
+                kernel: "5.10.0-28-amd64".into()
+            }
+        );
+        assert!(err.to_string().contains("ulimit -l unlimited"), "{err}");
+        assert!(
+            memlock("4.19.0", false, Some(8 << 20))
+                .unwrap_err()
+                .to_string()
+                .contains("8192 KiB")
+        );
     }
 }

@@ -26,7 +26,7 @@ use tokio::{
 
 use crate::{
     aggregate,
-    cli::CommonArgs,
+    cli::{CapacityArgs, CommonArgs},
     collect,
     frames::FrameCache,
     gort::versions::MapImpl,
@@ -99,16 +99,26 @@ fn resolve(args: &CommonArgs) -> anyhow::Result<Target> {
     };
     match args.pid {
         Some(pid) => {
-            let libc = target::libc_for_pid(pid.get());
+            target::check::process(pid.get())?;
+            // A process that exits while it is being read fails in whatever read came next:
+            // say that it exited instead.
+            let gone = |e: anyhow::Error| {
+                if has_exited(pid.get()) {
+                    TargetError::ExitedDuringAttach { pid: pid.get() }.into()
+                } else {
+                    e
+                }
+            };
+            let libc = libc_when_loaded(pid.get());
             if let Err(e @ TargetError::NoSuchProcess { .. }) = libc {
-                return Err(e.into());
+                return Err(gone(e.into()));
             }
             let exe = PathBuf::from(format!("/proc/{pid}/exe"));
-            let go = target::go::for_exe(&exe, go_probes)?;
+            let go = target::go::for_exe(&exe, go_probes).map_err(|e| gone(e.into()))?;
             let libc = match libc {
                 Ok(l) => Some(l),
                 Err(e) if go.is_some() && no_libc(&e) => None,
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(gone(e.into())),
             };
             Ok(Target {
                 pid,
@@ -120,6 +130,7 @@ fn resolve(args: &CommonArgs) -> anyhow::Result<Target> {
         }
         None => {
             let exe = target::libc::resolve_program(&args.command[0])?;
+            target::check::program(&exe)?;
             let go = target::go::for_exe(&exe, go_probes)?;
             let libc = match target::libc_for_command(&args.command[0]) {
                 Ok(l) => Some(l),
@@ -139,6 +150,32 @@ fn resolve(args: &CommonArgs) -> anyhow::Result<Target> {
     }
 }
 
+/// The libc of a running process. One that has just exec'd may not have mapped its libc yet
+/// (ld.so maps it within a few milliseconds): when its executable needs one, wait for it a
+/// little rather than call it a program without malloc.
+fn libc_when_loaded(pid: u32) -> Result<LibcTarget, TargetError> {
+    let first = target::libc_for_pid(pid);
+    if !matches!(first, Err(TargetError::ProcessNoLibc { .. })) {
+        return first;
+    }
+    let needs_libc = target::elf::dynamic_info(format!("/proc/{pid}/exe"))
+        .is_ok_and(|d| d.needed.iter().any(|n| n.starts_with("libc.")));
+    if !needs_libc {
+        return first;
+    }
+    let deadline = Instant::now() + Duration::from_millis(500);
+    loop {
+        std::thread::sleep(Duration::from_millis(2));
+        let again = target::libc_for_pid(pid);
+        if !matches!(again, Err(TargetError::ProcessNoLibc { .. }))
+            || Instant::now() >= deadline
+            || has_exited(pid)
+        {
+            return again;
+        }
+    }
+}
+
 pub async fn run(view: View, args: CommonArgs) -> anyhow::Result<()> {
     if matches!(view, View::Leaks { .. }) && !args.mode.tracks_live() {
         anyhow::bail!("leaks needs outstanding allocations: use --mode full or stacks-off");
@@ -153,31 +190,48 @@ pub async fn run(view: View, args: CommonArgs) -> anyhow::Result<()> {
         go,
     } = target;
     let launched = parked.is_some();
-    let pidfd = pidfd_open(pid.get())
-        .with_context(|| format!("process {pid} does not exist (or exited already)"))?;
+    let pidfd =
+        pidfd_open(pid.get()).map_err(|_| TargetError::ExitedDuringAttach { pid: pid.get() })?;
 
+    let capacity = args.capacity;
     let mut probes = Probes::load_mode(
         &ProbeConfig {
             tgid: Some(pid),
             filter: Filter::None,
             stacks: args.mode.stacks() && !args.no_stacks,
-            capacity: args.capacity,
+            capacity,
         },
         args.mode,
-    )?;
+    )
+    .map_err(|e| explain_load_error(e, &capacity))?;
+    // A process that exits while the probes go in makes the attach fail with an errno that
+    // names nothing the user did: say what happened instead.
+    let exited = |e: anyhow::Error| {
+        if !launched && has_exited(pid.get()) {
+            TargetError::ExitedDuringAttach { pid: pid.get() }.into()
+        } else {
+            e
+        }
+    };
     if let Some(libc) = &libc {
-        probes.attach_libc(&libc.path, &libc.probes, Some(pid))?;
+        probes
+            .attach_libc(&libc.path, &libc.probes, Some(pid))
+            .map_err(|e| exited(e.into()))?;
     }
     if let Some(go) = &go {
-        probes.attach_go(&go.path, &go.probes, Some(pid))?;
+        probes
+            .attach_go(&go.path, &go.probes, Some(pid))
+            .map_err(|e| exited(e.into()))?;
         if let (Some((start, end)), false) = (go.mallocgc, go.pie) {
-            probes.set_go_process(
-                pid.get(),
-                GoProc {
-                    mallocgc_start: start,
-                    mallocgc_end: end,
-                },
-            )?;
+            probes
+                .set_go_process(
+                    pid.get(),
+                    GoProc {
+                        mallocgc_start: start,
+                        mallocgc_end: end,
+                    },
+                )
+                .map_err(|e| exited(e.into()))?;
         }
     }
     let ring = collect::take_events(&mut probes.ebpf)?;
@@ -215,7 +269,7 @@ pub async fn run(view: View, args: CommonArgs) -> anyhow::Result<()> {
         symbolizer.note_process(pid.get());
     }
     if let Some(go) = go.as_ref().filter(|g| g.pie) {
-        set_pie_mallocgc(&mut probes, pid.get(), go)?;
+        set_pie_mallocgc(&mut probes, pid.get(), go).map_err(exited)?;
     }
 
     let mut tracer = Tracer {
@@ -377,6 +431,27 @@ pub async fn run(view: View, args: CommonArgs) -> anyhow::Result<()> {
         None => println!("{rendered}"),
     }
     Ok(())
+}
+
+/// A map the kernel would not create (out of memory for the capacities asked) named with the
+/// flag that sizes it; any other load error as it is.
+fn explain_load_error(e: crate::probes::ProbeError, capacity: &CapacityArgs) -> anyhow::Error {
+    let errno = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+        .find_map(|e| e.downcast_ref::<std::io::Error>())
+        .and_then(std::io::Error::raw_os_error);
+    if matches!(errno, Some(libc::ENOMEM | libc::E2BIG)) {
+        anyhow::anyhow!(
+            "the kernel could not allocate the eBPF maps (--max-live {}, --max-sites {}, \
+             --max-stacks {}, --max-pending {}): {}; lower them",
+            capacity.max_live,
+            capacity.max_sites,
+            capacity.max_stacks,
+            capacity.max_pending,
+            std::io::Error::from_raw_os_error(errno.unwrap_or(libc::ENOMEM)),
+        )
+    } else {
+        e.into()
+    }
 }
 
 /// Writes `--flamegraph` and `--pprof` from the final report.

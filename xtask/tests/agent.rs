@@ -465,7 +465,8 @@ fn pprof_profiles_read_by_go_tool_pprof() {
 
 /// `allocwatch config print-default` is a TOML file the agent accepts (`--config FILE`, here
 /// with only its listen address changed, so the agent must take it from the file); bad files and
-/// bad flags are one error line naming the key, exit code 1.
+/// bad flags are one error line naming the key or flag (a file's error with a pointer to its line
+/// under it), exit code 1.
 #[test]
 fn config_file_default_and_bad_configs() {
     let Some(env) = TestEnv::get() else { return };
@@ -525,37 +526,48 @@ fn config_file_default_and_bad_configs() {
     let ttl = write("bad-ttl.toml", "ttl = \"5 parsecs\"\n");
     let missing = scratch.path.join("missing.toml");
     let listen = format!("127.0.0.1:{}", free_port());
-    let cases: [(Vec<&str>, &str, &str); 5] = [
+    // (args, what the line names, the cause it gives once, whether a pointer to the file's
+    // line follows)
+    let cases: [(Vec<&str>, &str, &str, bool); 5] = [
         (
             vec!["agent", "--config", path_str(&unknown), "--listen", &listen],
             "top_kk",
             "unknown field `top_kk`",
+            true,
         ),
         (
             vec!["agent", "--config", path_str(&regex), "--listen", &listen],
-            "select.comm[0]",
+            "line 2, key select.comm: [0]",
             "unclosed group",
+            true,
         ),
         (
             vec!["agent", "--config", path_str(&ttl), "--listen", &listen],
-            "ttl",
-            "invalid duration",
+            "key ttl",
+            "unknown unit \" parsecs\"",
+            true,
         ),
         (
             vec!["agent", "--config", path_str(&missing), "--listen", &listen],
             "missing.toml",
             "No such file or directory",
+            false,
         ),
         (
             vec!["agent", "--exclude-comm", "[", "--listen", &listen],
-            "select.exclude_comm[0]",
+            "'--exclude-comm <REGEX>'",
             "unclosed character class",
+            false,
         ),
     ];
     let mut failures = Vec::new();
-    for (args, names, cause) in &cases {
+    for (args, names, cause, pointer) in &cases {
         if let Err(e) = panic::catch_unwind(AssertUnwindSafe(|| {
-            let line = assert_single_error(&env, args);
+            let line = if *pointer {
+                assert_config_error(&env, args)
+            } else {
+                assert_single_error(&env, args)
+            };
             assert!(
                 line.contains(names),
                 "the error line does not name {names:?}: {line:?}"
@@ -582,7 +594,8 @@ fn config_file_default_and_bad_configs() {
 }
 
 /// A listen address already in use: one error line on stderr, exit 1, no backtrace, nothing left
-/// in the kernel. An address that does not parse is a usage error (exit 2).
+/// in the kernel. An address that does not parse is refused while parsing, in one line naming
+/// the flag (exit 1).
 #[test]
 fn taken_port_is_one_error_line() {
     let Some(env) = TestEnv::get() else { return };
@@ -605,10 +618,11 @@ fn taken_port_is_one_error_line() {
         .output()
         .expect("running allocwatch");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "--listen nowhere\n{stderr}");
-    assert!(
-        stderr.contains("--listen"),
-        "usage error names the flag:\n{stderr}"
+    assert_eq!(out.status.code(), Some(1), "--listen nowhere\n{stderr}");
+    assert_eq!(
+        stderr,
+        "allocwatch: error: invalid value 'nowhere' for '--listen <HOST:PORT>': \"nowhere\" has \
+         no port: expected HOST:PORT, e.g. 0.0.0.0:9464 or localhost:9464\n"
     );
 }
 
@@ -837,6 +851,35 @@ fn curl(dir: &Path, port: u16, path: &str, args: &[&str]) -> std::io::Result<(u1
         .map_err(|_| std::io::Error::other("bad status from curl"))?;
     body.truncate(split);
     Ok((code, body))
+}
+
+/// A config file's error: exit 1, the one-line error, then the file's line with a caret under
+/// the offending part (`  |`, `N | text`, `  | ^^^`). Returns the first line.
+fn assert_config_error(env: &TestEnv, args: &[&str]) -> String {
+    let out = Command::new(&env.bin)
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running allocwatch");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "`allocwatch {}`\n{stderr}",
+        args.join(" ")
+    );
+    assert_no_crash(&stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(
+        lines.len() == 4
+            && lines[0].starts_with("allocwatch: error: config file ")
+            && lines[1].trim_end().ends_with(" |")
+            && lines[2].contains(" | ")
+            && lines[3].trim_end().ends_with('^'),
+        "an error line and a pointer to the file's line:\n{stderr}"
+    );
+    lines[0].to_owned()
 }
 
 /// With exactly the capabilities the DaemonSet grants (deploy/kustomize/base/daemonset.yaml,

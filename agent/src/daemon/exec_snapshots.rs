@@ -68,7 +68,8 @@ pub fn spawn(
                 }
                 let next = due.iter().filter_map(|q| q.front()).map(|(w, _)| *w).min();
                 let timeout = next.map_or(POLL_MS, |w| {
-                    (w.saturating_duration_since(Instant::now()).as_millis() as i32).clamp(0, POLL_MS)
+                    (w.saturating_duration_since(Instant::now()).as_millis() as i32)
+                        .clamp(0, POLL_MS)
                 });
                 let mut pfd = libc::pollfd {
                     fd: ring.as_raw_fd(),

@@ -37,7 +37,7 @@ use tokio::{
 use self::select::Selector;
 use crate::{
     config::Config,
-    k8s, preflight,
+    k8s,
     serve::{
         self, ServeConfig,
         model::{ProcessSnapshot, SelfStats, SnapshotSource},
@@ -131,8 +131,8 @@ impl SnapshotSource for ChannelSource {
     }
 }
 
+/// Runs the agent (the caller has run the preflight checks).
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    preflight::check()?;
     let selector = Selector::new(&cfg.select)?;
     // Bind before loading anything: a taken port is a startup error, not a later one.
     let listener = serve::bind(cfg.listen).await?;

@@ -6,6 +6,7 @@
 //! - [`libc`]: the libc (or static executable) that provides `malloc` for a process or a
 //!   command, and the probe list for it.
 
+pub mod check;
 pub mod elf;
 pub mod go;
 pub mod libc;
@@ -22,6 +23,35 @@ use std::path::PathBuf;
 pub enum TargetError {
     #[error("no such process: {pid}")]
     NoSuchProcess { pid: u32 },
+    #[error(
+        "process {pid} ({comm}) is a kernel thread: it has no user-space memory and calls no \
+         malloc; give the pid of a user-space process"
+    )]
+    KernelThread { pid: u32, comm: String },
+    #[error(
+        "process {pid} ({comm}) is a zombie: it has exited and waits for its parent to reap it, \
+         so there is nothing left to trace"
+    )]
+    Zombie { pid: u32, comm: String },
+    #[error("{tid} is a thread of process {tgid} ({comm}): give --pid {tgid}")]
+    Thread { tid: u32, tgid: u32, comm: String },
+    #[error("process {pid} exited while allocwatch was attaching to it: nothing was traced")]
+    ExitedDuringAttach { pid: u32 },
+    #[error(
+        "{} is a script without a `#!` line: the kernel cannot run it; name its interpreter, \
+         e.g. `-- sh {}`", path.display(), check::shown(path).display()
+    )]
+    ScriptWithoutShebang { path: PathBuf },
+    #[error(
+        "{} is not a program the kernel can run (neither ELF nor a `#!` script: it starts with \
+         bytes {magic})", path.display()
+    )]
+    NotAProgram { path: PathBuf, magic: String },
+    #[error(
+        "{} is a truncated ELF file: it has {len} bytes, its headers describe {need}",
+        path.display()
+    )]
+    TruncatedElf { path: PathBuf, len: u64, need: u64 },
     #[error("cannot read process {pid}'s memory map (needs root or CAP_SYS_PTRACE): {source}")]
     ProcessAccess {
         pid: u32,
@@ -62,7 +92,10 @@ pub enum TargetError {
     CommandNotFound { command: String },
     #[error("{}: not an executable file", path.display())]
     NotExecutable { path: PathBuf },
-    #[error("{}: statically linked without malloc: nothing to probe", path.display())]
+    #[error(
+        "{} is statically linked without malloc: allocwatch traces libc's malloc family and the \
+         Go runtime, and this program has neither", path.display()
+    )]
     StaticNoMalloc { path: PathBuf },
     #[error("{}: no libc found (searched for {wanted})", path.display())]
     LibcNotFound { path: PathBuf, wanted: String },
