@@ -206,13 +206,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         },
     ));
     let mut server = std::pin::pin!(server);
+    // Handlers first: whoever reads the line below may signal at once.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
     eprintln!(
         "allocwatch: agent serving on http://{}/metrics: {banner}",
         cfg.listen
     );
-
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
     let mut tracer_done = false;
     let result: anyhow::Result<()> = tokio::select! {
         _ = sigint.recv() => Ok(()),
