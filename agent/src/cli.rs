@@ -646,8 +646,19 @@ mod tests {
             let ours = line.split(" -- ").next().unwrap_or(line);
             for m in flag_re.find_iter(ours) {
                 let flag = m.as_str().trim_end_matches('-');
-                // Not ours: cargo's, bpftrace's, a toolchain's.
-                if ["--workspace", "--exclude", "--no-fail-fast", "--features"].contains(&flag)
+                // Not ours: cargo's, bpftrace's, a toolchain's, node_exporter's
+                // (`--web.config.file`), the project's `./x soak`.
+                if [
+                    "--workspace",
+                    "--exclude",
+                    "--no-fail-fast",
+                    "--features",
+                    "--web",
+                    "--minutes",
+                    "--scrape-every",
+                    "--out",
+                ]
+                .contains(&flag)
                     || line.contains("cargo ")
                 {
                     continue;

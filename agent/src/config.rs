@@ -882,10 +882,9 @@ mod tests {
                 "reading web config /nonexistent/web.yml: No such file",
             ),
         ] {
-            let err = Config::parse(text)
-                .and_then(|c| c.validate())
-                .unwrap_err()
-                .to_string();
+            let err = Config::parse(text).and_then(|c| c.validate()).unwrap_err();
+            // As the agent prints it: the error and its causes on one line.
+            let err = format!("{:#}", anyhow::Error::from(err));
             assert!(!err.contains('\n'), "{text:?}: one line: {err}");
             assert!(err.contains(want), "{text:?}: {err}\nwant {want}");
         }
