@@ -65,7 +65,10 @@ fn process(i: usize) -> ProcessSnapshot {
         sites: (0..SITES_PER_PROCESS)
             .map(|s| SiteSnapshot {
                 kind: apis[s % apis.len()],
-                frames: (0..4).map(|d| frame(format!("fn_{i}_{s}_{d}"))).collect(),
+                frames: (0..4)
+                    .map(|d| frame(format!("fn_{i}_{s}_{d}")))
+                    .collect::<Vec<_>>()
+                    .into(),
                 calls: 10 + s as u64,
                 bytes: 1000 + s as u64,
                 live_allocations: 1,

@@ -2,8 +2,15 @@
 //! first seen, while its process is still alive; shared by the CLI sessions and the daemon.
 //! Everything here is per process and goes with it ([`FrameCache::forget`]), so a node's churn
 //! of short-lived processes does not grow it.
+//!
+//! For the agent, chains are made position-independent (each frame's address becomes its file
+//! offset in its module) and interned: every `python3` of a node shares one copy of each of its
+//! chains, where a copy per process cost ~100 KB per exited process kept for the TTL.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use anyhow::anyhow;
 
@@ -21,7 +28,9 @@ const MAX_RAW_STACKS: usize = 100_000;
 /// Symbolized call chains by (process, stack, caller), filled while the process is alive.
 #[derive(Default)]
 pub struct FrameCache {
-    chains: HashMap<u32, HashMap<(i64, u64), Vec<Frame>>>,
+    chains: HashMap<u32, HashMap<(i64, u64), Arc<[Frame]>>>,
+    /// Position-independent chains, shared by every process that has them (agent only).
+    interned: Option<HashSet<Arc<[Frame]>>>,
     /// Processes whose mappings were snapshotted.
     pub noted: HashSet<u32>,
     /// Chains that could not be symbolized because the process was gone.
@@ -35,12 +44,43 @@ pub struct FrameCache {
 }
 
 impl FrameCache {
+    /// A cache whose chains are position-independent and shared between processes (the
+    /// agent's: it names sites by module and offset, never by a randomized address).
+    pub fn interning() -> Self {
+        Self {
+            interned: Some(HashSet::new()),
+            ..Self::default()
+        }
+    }
+
     /// A chain already symbolized, without waiting.
-    pub fn cached(&self, tgid: u32, stack_id: i64, ret_addr: u64) -> Option<&[Frame]> {
-        self.chains
-            .get(&tgid)?
-            .get(&(stack_id, ret_addr))
-            .map(Vec::as_slice)
+    pub fn cached(&self, tgid: u32, stack_id: i64, ret_addr: u64) -> Option<&Arc<[Frame]>> {
+        self.chains.get(&tgid)?.get(&(stack_id, ret_addr))
+    }
+
+    /// Drops interned chains no process refers to any more.
+    pub fn purge(&mut self) {
+        if let Some(set) = &mut self.interned {
+            set.retain(|c| Arc::strong_count(c) > 1);
+        }
+    }
+
+    /// The shared copy of `frames` (made position-independent first), or `frames` itself.
+    fn intern(&mut self, mut frames: Vec<Frame>) -> Arc<[Frame]> {
+        let Some(set) = &mut self.interned else {
+            return frames.into();
+        };
+        for f in &mut frames {
+            if let Some(offset) = f.offset {
+                f.address = offset;
+            }
+        }
+        let chain: Arc<[Frame]> = frames.into();
+        if let Some(shared) = set.get(&chain) {
+            return Arc::clone(shared);
+        }
+        set.insert(Arc::clone(&chain));
+        chain
     }
 
     /// Drops everything about a process that is gone for good.
@@ -67,9 +107,13 @@ impl FrameCache {
         }
     }
 
-    /// Chains and raw stacks held, for the agent's self-metrics.
-    pub fn sizes(&self) -> (usize, usize) {
-        (self.chains.values().map(HashMap::len).sum(), self.raw_count)
+    /// Chains (per process, and distinct) and raw stacks held, for the agent's self-metrics.
+    pub fn sizes(&self) -> (usize, usize, usize) {
+        (
+            self.chains.values().map(HashMap::len).sum(),
+            self.interned.as_ref().map_or(0, HashSet::len),
+            self.raw_count,
+        )
     }
 
     /// Copies stack `id` of `tgid` out of the kernel table now, before the LRU table can evict
@@ -138,7 +182,7 @@ impl FrameCache {
         let chain = self
             .frames_until(probes, symbolizer, (tgid, stack_id, ret_addr), None)
             .await?;
-        Ok(chain.unwrap_or_default())
+        Ok(chain.map(|c| c.to_vec()).unwrap_or_default())
     }
 
     /// [`Self::frames`], or `None` if the symbolizer has not answered by `deadline` (a cold
@@ -149,9 +193,9 @@ impl FrameCache {
         symbolizer: &SymbolizerHandle,
         (tgid, stack_id, ret_addr): (u32, i64, u64),
         deadline: Option<std::time::Instant>,
-    ) -> anyhow::Result<Option<Vec<Frame>>> {
+    ) -> anyhow::Result<Option<Arc<[Frame]>>> {
         if let Some(f) = self.cached(tgid, stack_id, ret_addr) {
-            return Ok(Some(f.to_vec()));
+            return Ok(Some(Arc::clone(f)));
         }
         let stack = match self.raw_of(tgid, stack_id) {
             Some(s) => s.clone(),
@@ -177,10 +221,53 @@ impl FrameCache {
             }
             Err(e) => return Err(anyhow!("symbolizing pid {tgid}: {e}")),
         };
+        let frames = self.intern(frames);
         self.chains
             .entry(tgid)
             .or_default()
-            .insert((stack_id, ret_addr), frames.clone());
+            .insert((stack_id, ret_addr), Arc::clone(&frames));
         Ok(Some(frames))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(function: &str, module: &str, offset: u64, address: u64) -> Frame {
+        Frame {
+            function: Some(function.into()),
+            module: Some(module.into()),
+            offset: Some(offset),
+            ..Frame::unknown(address)
+        }
+    }
+
+    /// Two processes of one program, at randomized addresses: one shared, position-independent
+    /// chain; an unnamed frame without a module keeps its address (it identifies nothing else).
+    #[test]
+    fn agent_chains_are_interned_by_module_and_offset() {
+        let mut cache = FrameCache::interning();
+        let a = cache.intern(vec![
+            frame("leaf", "/bin/app", 0x1010, 0x5555_0000_1010),
+            Frame::unknown(0x7fff_0000),
+        ]);
+        let b = cache.intern(vec![
+            frame("leaf", "/bin/app", 0x1010, 0x6666_0000_1010),
+            Frame::unknown(0x7fff_0000),
+        ]);
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(a[0].address, 0x1010);
+        assert_eq!(a[1].address, 0x7fff_0000);
+        let c = cache.intern(vec![frame("other", "/bin/app", 0x2020, 0x5555_0000_2020)]);
+        assert!(!Arc::ptr_eq(&a, &c));
+        assert_eq!(cache.sizes().1, 2);
+        drop((a, b, c));
+        cache.purge();
+        assert_eq!(cache.sizes().1, 0, "unreferenced chains are dropped");
+        // The CLI's cache keeps real addresses.
+        let mut cli = FrameCache::default();
+        let d = cli.intern(vec![frame("leaf", "/bin/app", 0x1010, 0x5555_0000_1010)]);
+        assert_eq!(d[0].address, 0x5555_0000_1010);
     }
 }

@@ -402,7 +402,7 @@ pub async fn run(view: View, args: CommonArgs) -> anyhow::Result<()> {
                     .iter()
                     .map(|l| crate::serve::model::SiteSnapshot {
                         kind: l.api.symbol(),
-                        frames: l.frames.clone(),
+                        frames: l.frames.clone().into(),
                         calls: l.count,
                         bytes: l.bytes,
                         live_allocations: l.count,

@@ -122,6 +122,20 @@ fn exact_counters_over_http() {
         );
     }
     m.assert_conventions();
+    // Once it is seen gone, its rows leave the kernel maps for the agent's memory (harvest,
+    // then compaction): the same numbers, call for call, site by site.
+    let sites = |m: &Metrics| {
+        m.lines_of(&id)
+            .lines()
+            .filter(|l| l.starts_with("allocwatch_site_"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let before = sites(&m);
+    thread::sleep(Duration::from_secs(2));
+    let m = agent.scrape();
+    check_fixture_totals(&m, &id, &env.alias_groups);
+    assert_eq!(sites(&m), before, "site series changed after the harvest");
     agent.stop();
 }
 

@@ -6,7 +6,7 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, MutexGuard, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -18,8 +18,8 @@ use tokio::{
 };
 
 use super::{
-    Heartbeat, Reply, Snapshot, exec_snapshots, registry::Registry, select::Selector,
-    snapshot::LoopStats,
+    Heartbeat, LastAnswers, Request, Snapshot, exec_snapshots, registry::Registry,
+    select::Selector, snapshot::LoopStats,
 };
 use crate::{
     cli::CapacityArgs,
@@ -28,6 +28,7 @@ use crate::{
     frames::FrameCache,
     k8s::watch::PodUpdate,
     probes::{Filter, ProbeConfig, Probes},
+    serve::{ServeConfig, metrics::Exporter},
     symbolize::SymbolizerHandle,
     target::go::GoProbeSet,
 };
@@ -44,17 +45,20 @@ const LOSS_WARN_EVERY: Duration = Duration::from_secs(60);
 const CENSUS_EVERY: Duration = Duration::from_secs(10);
 /// The symbolizer is told which processes still matter this often.
 const RETAIN_EVERY: Duration = Duration::from_secs(5);
+/// A gone process's own detail (its snapshot, its profile) is kept at most this long after its
+/// exit; then it departs into its identity's sums, which `/metrics` keeps for the TTL.
+const DETAIL_KEPT: Duration = Duration::from_secs(60);
 
 /// What the tracer thread needs; built on the agent's main thread.
 pub struct Tracer {
     pub cfg: Config,
     pub selector: Selector,
-    pub requests: mpsc::Receiver<Reply>,
+    pub requests: mpsc::Receiver<Request>,
     pub pod_updates: mpsc::Receiver<PodUpdate>,
     pub stop: watch::Receiver<bool>,
     pub heartbeat: Arc<Heartbeat>,
-    /// The last snapshot built, served when a scrape cannot wait for a fresh one.
-    pub last: Arc<Mutex<Option<Snapshot>>>,
+    /// What was last answered, served when a request cannot wait for a fresh answer.
+    pub last: Arc<LastAnswers>,
 }
 
 impl Tracer {
@@ -112,12 +116,23 @@ impl Tracer {
             tokio::select! {
                 biased;
                 _ = stop.changed() => break,
-                Some(reply) = requests.recv() => {
+                Some(req) = requests.recv() => {
                     state.drain(ring.get_mut(), &mut events)?;
-                    let snap = state.snapshot().await?;
-                    *last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-                        Some(snap.clone());
-                    let _ = reply.try_send(snap);
+                    let mut snap = state.snapshot().await?;
+                    snap.1.stale_snapshots = last.stale.load(Ordering::Relaxed);
+                    match req {
+                        Request::Snapshot(reply) => {
+                            *lock(&last.snapshot) = Some(snap.clone());
+                            let _ = reply.try_send(snap);
+                        }
+                        Request::Metrics(started, reply) => {
+                            let text = state.exporter.render(&snap.0, &snap.1, Instant::now(), started);
+                            if let Ok(t) = &text {
+                                *lock(&last.metrics) = Some(t.clone());
+                            }
+                            let _ = reply.try_send(text);
+                        }
+                    }
                 }
                 guard = ring.readable_mut() => {
                     let mut guard = guard?;
@@ -162,6 +177,12 @@ struct State {
     /// Fill of the kernel maps not read at every scrape, from the last census.
     fills: BTreeMap<&'static str, f64>,
     next_census: Instant,
+    /// `/metrics`: kept here, next to the processes, so that a gone process leaves its
+    /// identity with its final values as soon as it departs.
+    exporter: Exporter,
+    /// How long a gone process's detail is kept (profiles of it, its own snapshot) before it
+    /// departs into its identity's sums: the TTL, at most [`DETAIL_KEPT`].
+    keep_detail: Duration,
 }
 
 impl State {
@@ -207,7 +228,7 @@ impl State {
         Ok(Self {
             probes,
             registry,
-            frames: FrameCache::default(),
+            frames: FrameCache::interning(),
             symbolizer: SymbolizerHandle::spawn(),
             stats: LoopStats::default(),
             capacity,
@@ -217,6 +238,8 @@ impl State {
             losses: LossWatch::default(),
             fills: BTreeMap::new(),
             next_census: now,
+            exporter: Exporter::new(ServeConfig::from_config(cfg).metrics),
+            keep_detail: cfg.ttl.min(DETAIL_KEPT),
         })
     }
 
@@ -276,6 +299,8 @@ impl State {
                 .scan(&mut self.probes, &self.symbolizer, &mut self.frames);
             self.next_scan = now + SCAN_INTERVAL;
             sw.lap("scan");
+            self.depart(now).await?;
+            sw.lap("depart");
         }
         if now >= self.next_retain {
             let keep: HashSet<u32> = self
@@ -286,6 +311,7 @@ impl State {
                 .copied()
                 .collect();
             self.symbolizer.retain(keep);
+            self.frames.purge();
             self.next_retain = now + RETAIN_EVERY;
         }
         self.registry
@@ -309,6 +335,28 @@ impl State {
         Ok(())
     }
 
+    /// Gone processes whose detail has been kept long enough leave for their identity's sums.
+    async fn depart(&mut self, now: Instant) -> anyhow::Result<()> {
+        for d in self.registry.departures(now, self.keep_detail) {
+            if d.exported
+                && let Some(snap) = super::snapshot::departing(
+                    &self.probes,
+                    &self.registry,
+                    &mut self.frames,
+                    &self.symbolizer,
+                    self.top_k,
+                    (d.pid, d.image),
+                )
+                .await?
+            {
+                self.exporter.depart(&snap, d.exited_at);
+            }
+            self.registry
+                .remove_departed(&d, &mut self.frames, &self.symbolizer);
+        }
+        Ok(())
+    }
+
     async fn snapshot(&mut self) -> anyhow::Result<Snapshot> {
         let sw = Stopwatch::new("snapshot");
         let (mut snap, unexported) = super::snapshot::build(
@@ -324,7 +372,7 @@ impl State {
         for (map, fill) in &self.fills {
             snap.1.map_fill.entry(map).or_insert(*fill);
         }
-        let (chains, raw) = self.frames.sizes();
+        let (chains, distinct, raw) = self.frames.sizes();
         let (sym_procs, sym_files) = self.symbolizer.held();
         let held = &mut snap.1.held;
         held.insert("processes", self.registry.procs.len() as u64);
@@ -333,6 +381,7 @@ impl State {
             self.registry.past.values().map(|v| v.len() as u64).sum(),
         );
         held.insert("call_chains", chains as u64);
+        held.insert("distinct_call_chains", distinct as u64);
         held.insert("raw_stacks", raw as u64);
         held.insert("symbolizer_processes", sym_procs);
         held.insert("symbolizer_files", sym_files);
@@ -521,4 +570,9 @@ impl Stopwatch {
             );
         }
     }
+}
+
+/// A lock whose holder panicked is still usable here: the answers are replaced whole.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -40,6 +40,7 @@ use crate::{
     k8s,
     serve::{
         self, ServeConfig,
+        metrics::MetricsError,
         model::{ProcessSnapshot, SelfStats, SnapshotSource},
     },
 };
@@ -52,7 +53,23 @@ const STALL_LIMIT: Duration = Duration::from_secs(30);
 const STOP_GRACE: Duration = Duration::from_millis(1500);
 
 type Snapshot = (Vec<ProcessSnapshot>, SelfStats);
-type Reply = std_mpsc::SyncSender<Snapshot>;
+
+/// What the server asks the tracer for.
+pub enum Request {
+    /// Every traced process, for a profile.
+    Snapshot(std_mpsc::SyncSender<Snapshot>),
+    /// `/metrics`, rendered by the tracer's exporter; the scrape began at the `Instant`.
+    Metrics(Instant, std_mpsc::SyncSender<Result<String, MetricsError>>),
+}
+
+/// What the tracer last answered, served when it does not answer in time.
+#[derive(Default)]
+pub struct LastAnswers {
+    pub snapshot: Mutex<Option<Snapshot>>,
+    pub metrics: Mutex<Option<String>>,
+    /// Requests answered from here (rendered into the next exposition).
+    pub stale: AtomicU64,
+}
 
 /// When the tracer last went round its loop (ms since `start`).
 pub struct Heartbeat {
@@ -80,42 +97,44 @@ impl Heartbeat {
 }
 
 /// The server's view of the tracer: a request over a channel, answered by the tracer's loop,
-/// or the last snapshot it published when it does not answer in time.
+/// or what it last answered when it does not answer in time.
 struct ChannelSource {
-    tx: mpsc::Sender<Reply>,
-    last: Arc<Mutex<Option<Snapshot>>>,
+    tx: mpsc::Sender<Request>,
+    last: Arc<LastAnswers>,
     heartbeat: Arc<Heartbeat>,
-    stale: AtomicU64,
 }
 
 impl ChannelSource {
-    fn last(&self) -> Snapshot {
-        let mut snap = self
-            .last
-            .lock()
+    /// Sends `req` and waits for its answer, up to [`SNAPSHOT_WAIT`].
+    fn ask<T: Send>(&self, req: Request, rx: std_mpsc::Receiver<T>) -> Option<T> {
+        // A full queue means the tracer is behind already: do not add to it.
+        self.tx.try_send(req).ok()?;
+        rx.recv_timeout(SNAPSHOT_WAIT).ok()
+    }
+
+    fn stale<T: Clone>(&self, last: &Mutex<Option<T>>) -> Option<T> {
+        self.last.stale.fetch_add(1, Ordering::Relaxed);
+        last.lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
-            .unwrap_or_default();
-        let stale = self.stale.fetch_add(1, Ordering::Relaxed) + 1;
-        snap.1.stale_snapshots = stale;
-        snap
     }
 }
 
 impl SnapshotSource for ChannelSource {
     fn snapshot(&self) -> Snapshot {
         let (reply, rx) = std_mpsc::sync_channel(1);
-        // A full queue means the tracer is behind already: do not add to it.
-        if self.tx.try_send(reply).is_err() {
-            return self.last();
-        }
-        match rx.recv_timeout(SNAPSHOT_WAIT) {
-            Ok(mut snap) => {
-                snap.1.stale_snapshots = self.stale.load(Ordering::Relaxed);
-                snap
-            }
-            Err(_) => self.last(),
-        }
+        self.ask(Request::Snapshot(reply), rx)
+            .or_else(|| self.stale(&self.last.snapshot))
+            .unwrap_or_default()
+    }
+
+    fn metrics(&self, started: Instant) -> Option<Result<String, MetricsError>> {
+        let (reply, rx) = std_mpsc::sync_channel(1);
+        let answer = self
+            .ask(Request::Metrics(started, reply), rx)
+            .or_else(|| self.stale(&self.last.metrics).map(Ok))
+            .unwrap_or(Err(MetricsError::NotReady));
+        Some(answer)
     }
 
     fn health(&self) -> Result<(), String> {
@@ -137,13 +156,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     // Bind before loading anything: a taken port is a startup error, not a later one.
     let listener = serve::bind(cfg.listen).await?;
 
-    let (tx, requests) = mpsc::channel::<Reply>(8);
+    let (tx, requests) = mpsc::channel::<Request>(8);
     let (stop_tx, stop_rx) = watch::channel(false);
     let (ready_tx, ready_rx) = oneshot::channel::<anyhow::Result<String>>();
     let (done_tx, done_rx) = oneshot::channel::<anyhow::Result<()>>();
     let (pod_tx, pod_updates) = mpsc::channel(256);
     let heartbeat = Arc::new(Heartbeat::new());
-    let last = Arc::new(Mutex::new(None));
+    let last = Arc::new(LastAnswers::default());
 
     let tracer = core::Tracer {
         cfg: cfg.clone(),
@@ -195,7 +214,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tx,
         last,
         heartbeat,
-        stale: AtomicU64::new(0),
     });
     let server = tokio::spawn(serve::serve_on(
         listener,

@@ -73,6 +73,16 @@ struct ImageSites {
     keys: HashSet<SiteKey>,
 }
 
+/// A gone process (`image` `None`) or exec'd program image due to leave the registry.
+#[derive(Clone, Copy, Debug)]
+pub struct Departure {
+    pub pid: u32,
+    pub image: Option<u32>,
+    /// False for an image the selection skipped: it leaves without a trace.
+    pub exported: bool,
+    pub exited_at: Instant,
+}
+
 /// A probed file and whether attaching it worked.
 enum Attached {
     Libc,
@@ -328,6 +338,65 @@ impl Registry {
             i.keys = HashSet::new();
         }
         Ok(deleted)
+    }
+
+    /// Gone processes and exec'd images whose harvest is complete and that exited at least
+    /// `after` ago: due to leave with their final values (`Exporter::depart`), so that the
+    /// agent keeps no per-process detail of a node's churn for the whole TTL. Images not
+    /// exported are listed too (to be dropped).
+    pub fn departures(&self, now: Instant, after: Duration) -> Vec<Departure> {
+        let due = |p: &Proc| p.exited_at.is_some_and(|t| now.duration_since(t) >= after);
+        let mut out: Vec<Departure> = self
+            .procs
+            .iter()
+            .filter(|(_, p)| due(p) && p.retained.complete)
+            .map(|(&pid, p)| Departure {
+                pid,
+                image: None,
+                exported: true,
+                exited_at: p.exited_at.unwrap_or(now),
+            })
+            .collect();
+        for (&pid, images) in &self.past {
+            for i in images {
+                if due(&i.proc) && (i.retained.complete || !i.exported) {
+                    out.push(Departure {
+                        pid,
+                        image: Some(i.image),
+                        exported: i.exported,
+                        exited_at: i.proc.exited_at.unwrap_or(now),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Forgets a departed process or image.
+    pub fn remove_departed(
+        &mut self,
+        d: &Departure,
+        frames: &mut FrameCache,
+        symbolizer: &SymbolizerHandle,
+    ) {
+        match d.image {
+            None => {
+                self.procs.remove(&d.pid);
+                self.image_sites.remove(&d.pid);
+            }
+            Some(n) => {
+                if let Some(v) = self.past.get_mut(&d.pid) {
+                    v.retain(|i| i.image != n);
+                    if v.is_empty() {
+                        self.past.remove(&d.pid);
+                    }
+                }
+            }
+        }
+        if !self.procs.contains_key(&d.pid) && !self.past.contains_key(&d.pid) {
+            frames.forget(d.pid);
+            symbolizer.forget(d.pid);
+        }
     }
 
     fn past_image_mut(&mut self, pid: u32, image: u32) -> Option<&mut PastImage> {

@@ -2,6 +2,7 @@
 
 use std::{
     collections::BTreeMap,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -132,6 +133,59 @@ pub async fn build(
     Ok(((out, self_stats), unexported(&sites, registry)))
 }
 
+/// The final snapshot of a gone process (`image` `None`) or of a program image of it that
+/// ended at exec, from what was harvested of it, for the exporter's [`depart`].
+///
+/// [`depart`]: crate::serve::metrics::Exporter::depart
+pub async fn departing(
+    probes: &Probes,
+    registry: &Registry,
+    frames: &mut FrameCache,
+    symbolizer: &SymbolizerHandle,
+    top_k: usize,
+    (pid, image): (u32, Option<u32>),
+) -> anyhow::Result<Option<ProcessSnapshot>> {
+    let mut budget = SYMBOLIZE_PER_SCRAPE.max(top_k);
+    let mut ctx = Symbolize {
+        frames,
+        probes,
+        symbolizer,
+        budget: &mut budget,
+        top_k,
+        deadline: Instant::now() + SYMBOLIZE_TIME,
+    };
+    let (proc, retained, number) = match image {
+        None => {
+            let Some(p) = registry.procs.get(&pid) else {
+                return Ok(None);
+            };
+            (p, &p.retained, registry.image_of(pid))
+        }
+        Some(n) => {
+            let Some(i) = registry
+                .past
+                .get(&pid)
+                .and_then(|v| v.iter().find(|i| i.image == n))
+            else {
+                return Ok(None);
+            };
+            (&i.proc, &i.retained, n)
+        }
+    };
+    let hists = if image.is_none() {
+        let none = BTreeMap::new();
+        (
+            histogram(&none, &retained.libc_hist, pid, 1.0),
+            histogram(&none, &retained.go_hist, pid, 1.0),
+        )
+    } else {
+        (Histogram::default(), Histogram::default())
+    };
+    let rows = (&retained.rows[..], &retained.remainder);
+    let snap = process_snapshot(&mut ctx, (pid, number), proc, rows, hists).await?;
+    Ok(Some(snap))
+}
+
 /// Pids with rows in the site table that are not exported (not registered).
 fn unexported(sites: &BTreeMap<SiteKey, SiteStats>, registry: &Registry) -> Vec<u32> {
     let mut pids: Vec<u32> = sites
@@ -206,7 +260,7 @@ async fn process_snapshot(
         snap.sites.push(SiteSnapshot {
             kind: Api::try_from(key.api).map_or("unknown", Api::symbol),
             remainder: frames.is_none(),
-            frames: frames.unwrap_or_else(|| vec![Frame::unknown(key.ret_addr)]),
+            frames: frames.unwrap_or_else(|| Arc::from([Frame::unknown(key.ret_addr)])),
             calls: stats.calls,
             bytes: stats.bytes,
             live_allocations,
@@ -231,7 +285,7 @@ async fn process_snapshot(
             snap.sites.push(SiteSnapshot {
                 kind: key.kind.name(),
                 remainder: frames.is_none(),
-                frames: frames.unwrap_or_else(|| vec![Frame::unknown(key.ret_addr)]),
+                frames: frames.unwrap_or_else(|| Arc::from([Frame::unknown(key.ret_addr)])),
                 calls: c.count,
                 bytes: c.bytes,
                 live_allocations: 0,
@@ -267,9 +321,9 @@ async fn site_frames(
     ctx: &mut Symbolize<'_>,
     rank: usize,
     (pid, stack_id, ret_addr): (u32, i64, u64),
-) -> anyhow::Result<Option<Vec<Frame>>> {
+) -> anyhow::Result<Option<Arc<[Frame]>>> {
     if let Some(f) = ctx.frames.cached(pid, stack_id, ret_addr) {
-        return Ok(Some(f.to_vec()));
+        return Ok(Some(Arc::clone(f)));
     }
     if rank >= 4 * ctx.top_k {
         if *ctx.budget == 0 {

@@ -57,8 +57,9 @@ pub enum Fate {
     Harvest,
     /// Exited, not exported: deleted.
     Drop,
-    /// Running but not selected: its rows are deleted; its in-flight calls are left alone
-    /// (their returns must still find them).
+    /// Running but not selected: the site rows it announced are deleted, nothing else. The
+    /// passes leave it alone: it may exec a selected program at any time, whose rows must not
+    /// go before the agent has read that exec (and cancelled this).
     Reject,
 }
 
@@ -205,8 +206,15 @@ impl Sweeper {
             owner: Owner::Pid(pid),
             keys: keys.into_iter().collect(),
         });
-        self.backstop.queue.0.insert(pid);
-        self.live.queue.0.insert(pid);
+        if fate != Fate::Reject {
+            self.backstop.queue.0.insert(pid);
+            self.live.queue.0.insert(pid);
+        }
+    }
+
+    /// The fate of `pid` if the passes are to take its rows (not for a rejected process).
+    fn swept(&self, pid: u32) -> Option<Fate> {
+        self.fates.get(&pid).copied().filter(|f| *f != Fate::Reject)
     }
 
     /// Queues `key` if its pid's rows are leaving the kernel; whether it was.
@@ -345,6 +353,10 @@ impl Sweeper {
             // All its announced rows are out: the per-pid tables go now too.
             match t.owner {
                 Owner::Pid(pid) => {
+                    if fate == Some(Fate::Reject) {
+                        self.retire_pid(pid);
+                        continue;
+                    }
                     out.deleted += delete_per_pid(ebpf, pid, fate, out)?;
                     if fate == Some(Fate::Harvest) {
                         out.done_pids.push(pid);
@@ -362,9 +374,8 @@ impl Sweeper {
         if let Some(&i) = self.image_keys.get(key) {
             return Some((Owner::Image(i), Fate::Harvest));
         }
-        self.fates
-            .get(&key.tgid)
-            .map(|&fate| (Owner::Pid(key.tgid), fate))
+        self.swept(key.tgid)
+            .map(|fate| (Owner::Pid(key.tgid), fate))
     }
 
     fn backstop_step(
@@ -409,7 +420,7 @@ impl Sweeper {
                 &mut cursors[slot],
                 PASS_BUDGET,
                 |k: &GoHistKey, v: &[GoHistVal]| {
-                    let Some(&fate) = self.fates.get(&k.tgid) else {
+                    let Some(fate) = self.swept(k.tgid) else {
                         others.push(*k);
                         return;
                     };
@@ -482,7 +493,7 @@ impl Sweeper {
             2 * PASS_BUDGET,
             |k: &LiveKey, a: &[LiveAlloc]| {
                 seen += 1;
-                if self.fates.contains_key(&k.tgid) || self.image_keys.contains_key(&a[0].site) {
+                if self.swept(k.tgid).is_some() || self.image_keys.contains_key(&a[0].site) {
                     doomed.push(*k);
                 } else {
                     others.push(*k);

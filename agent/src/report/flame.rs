@@ -131,7 +131,7 @@ mod tests {
     fn sites() -> Vec<SiteSnapshot> {
         let s = |kind, frames: Vec<Frame>, bytes| SiteSnapshot {
             kind,
-            frames,
+            frames: frames.into(),
             calls: 1,
             bytes,
             live_allocations: 0,

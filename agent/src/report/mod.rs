@@ -180,7 +180,7 @@ pub fn snapshot_of(r: &TopReport) -> crate::serve::model::ProcessSnapshot {
         let (live_allocations, live_bytes) = crate::aggregate::live_of(&s.stats);
         snap.sites.push(SiteSnapshot {
             kind: s.api.symbol(),
-            frames: s.frames.clone(),
+            frames: s.frames.clone().into(),
             calls: s.stats.calls,
             bytes: s.stats.bytes,
             live_allocations,
@@ -192,7 +192,7 @@ pub fn snapshot_of(r: &TopReport) -> crate::serve::model::ProcessSnapshot {
         for s in &go.sites {
             snap.sites.push(SiteSnapshot {
                 kind: s.kind,
-                frames: s.frames.clone(),
+                frames: s.frames.clone().into(),
                 calls: s.count,
                 bytes: s.bytes,
                 live_allocations: 0,

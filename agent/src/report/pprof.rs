@@ -413,7 +413,7 @@ pub(crate) mod tests {
     ) -> SiteSnapshot {
         SiteSnapshot {
             kind,
-            frames,
+            frames: frames.into(),
             calls,
             bytes,
             live_allocations: live,

@@ -66,6 +66,8 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 pub enum MetricsError {
     #[error("encoding the metrics text: {0}")]
     Encode(#[from] prometheus::Error),
+    #[error("the agent is still starting (no metrics rendered yet); try again")]
+    NotReady,
 }
 
 /// Cardinality and expiry settings.
@@ -740,6 +742,42 @@ impl Exporter {
         let mut out = String::new();
         TextEncoder::new().encode_utf8(&families, &mut out)?;
         Ok(out)
+    }
+
+    /// A process (program image) that is gone for good leaves with its final values: the
+    /// source lists it no more (it keeps no per-process detail for the TTL, so a node's churn
+    /// costs it nothing), its values stay in its identity's sums, and the identity's series
+    /// expire `ttl` after `at` unless another of its processes runs.
+    pub fn depart(&mut self, p: &ProcessSnapshot, at: Instant) {
+        let fin = PidState {
+            labels: p.labels.clone(),
+            counters: Counters::of(p),
+            sites: sites_of(&p.sites)
+                .into_iter()
+                .map(|(k, (v, _))| (k, v))
+                .collect(),
+            exited_at: p.exited_at,
+        };
+        if let Some(old) = self.pids.remove(&(p.pid, p.image)) {
+            if let Some(id) = self.ids.get_mut(&old.labels) {
+                if old.labels == fin.labels {
+                    // As at a scrape: a site that went into `other` keeps its own series'
+                    // value.
+                    for (key, &v) in &old.sites {
+                        let now_v = fin.sites.get(key).copied().unwrap_or_default();
+                        if now_v.calls < v.calls || now_v.bytes < v.bytes {
+                            id.fold_sticky(key, v);
+                        }
+                    }
+                } else {
+                    id.depart(&old, at);
+                }
+            }
+        }
+        self.ids
+            .entry(fin.labels.clone())
+            .or_insert_with(|| Identity::new(&fin.labels))
+            .depart(&fin, at);
     }
 
     fn expired(&self, exited_at: Option<Instant>, now: Instant) -> bool {

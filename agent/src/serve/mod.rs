@@ -207,6 +207,9 @@ async fn metrics_handler(State(state): State<Arc<AppState>>) -> Response {
     // Snapshotting may take the daemon's locks and rendering is proportional to the series:
     // neither belongs on the async workers.
     let rendered = tokio::task::spawn_blocking(move || {
+        if let Some(body) = state.source.metrics(started) {
+            return body;
+        }
         let (procs, stats) = state.source.snapshot();
         // A panic while holding the lock cannot leave the exporter half-updated in a way that
         // breaks the format, so a poisoned lock is still usable.

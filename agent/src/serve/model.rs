@@ -6,7 +6,7 @@
 //! for the same pid; the exporter keeps Prometheus counters monotonic across process exits and
 //! pid reuse on top of that (see `metrics.rs`).
 
-use std::{collections::BTreeMap, time::Instant};
+use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use crate::symbolize::Frame;
 
@@ -31,7 +31,8 @@ pub struct SiteSnapshot {
     /// `"malloc"`, `"calloc"`, … or `"free"` for libc; `"map_grow"`, `"slice_grow"`, `"alloc"`
     /// (mallocgc) for Go.
     pub kind: &'static str,
-    pub frames: Vec<Frame>,
+    /// Shared (`Arc`): the agent's chains are interned, and a snapshot copies none.
+    pub frames: Arc<[Frame]>,
     pub calls: u64,
     pub bytes: u64,
     pub live_allocations: u64,
@@ -127,5 +128,16 @@ pub trait SnapshotSource: Send + Sync + 'static {
     /// `/healthz`: whether the source is working; the error says why not. Must not block.
     fn health(&self) -> Result<(), String> {
         Ok(())
+    }
+
+    /// `/metrics` rendered by the source itself (the daemon keeps the exporter next to its
+    /// processes, so that a process leaves its identity with its final values at once);
+    /// `None`: the server renders [`Self::snapshot`] with an exporter of its own.
+    /// `started` is when the scrape began.
+    fn metrics(
+        &self,
+        _started: Instant,
+    ) -> Option<Result<String, crate::serve::metrics::MetricsError>> {
+        None
     }
 }

@@ -53,7 +53,7 @@ pub(super) fn process(pid: u32, pod: &str, bytes: u64) -> ProcessSnapshot {
         live_allocations: 1,
         sites: vec![SiteSnapshot {
             kind: "malloc",
-            frames: vec![frame("make_buffer", 0x2000), frame("serve_request", 0x1000)],
+            frames: vec![frame("make_buffer", 0x2000), frame("serve_request", 0x1000)].into(),
             calls: 2,
             bytes,
             live_allocations: 1,

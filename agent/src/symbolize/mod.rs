@@ -39,7 +39,7 @@ use crate::target::maps::MapEntry;
 /// One source-level frame. An address inside inlined code yields several frames, innermost
 /// first, all with the same `address`/`module`/`offset`: that is how a reader expects the
 /// stack, and each frame carries the line within its own function.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct Frame {
     pub function: Option<String>,
     pub file: Option<String>,

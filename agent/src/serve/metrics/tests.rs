@@ -16,7 +16,7 @@ fn frame(function: &str) -> Frame {
 fn site(kind: &'static str, stack: &[&str], calls: u64, bytes: u64) -> SiteSnapshot {
     SiteSnapshot {
         kind,
-        frames: stack.iter().map(|f| frame(f)).collect(),
+        frames: stack.iter().map(|f| frame(f)).collect::<Vec<_>>().into(),
         calls,
         bytes,
         live_allocations: 0,
@@ -924,7 +924,7 @@ fn sites_moving_in_and_out_of_the_remainder_are_counted_once() {
     let stats = SelfStats::default();
     let named = |calls, bytes| site("malloc", &["make_buf", "main"], calls, bytes);
     let unnamed = |calls, bytes| SiteSnapshot {
-        frames: vec![Frame::unknown(0x5555_0000_1234)],
+        frames: vec![Frame::unknown(0x5555_0000_1234)].into(),
         remainder: true,
         ..site("malloc", &[], calls, bytes)
     };
@@ -955,7 +955,7 @@ fn sites_moving_in_and_out_of_the_remainder_are_counted_once() {
         vec![
             named(3, 300),
             SiteSnapshot {
-                frames: Vec::new(),
+                frames: Vec::new().into(),
                 ..unnamed(1, 10)
             },
         ],
