@@ -41,7 +41,16 @@ pub struct FrameCache {
     raw_count: usize,
     /// Stack ids no longer in the kernel table when read (evicted): the chain keeps its caller.
     pub stacks_evicted: u64,
+    /// Sites to name in the background, oldest first (agent only): named while their process
+    /// lives, and before a scrape needs them.
+    queue: std::collections::VecDeque<(u32, i64, u64)>,
+    /// What `queue` holds (a Go site streams an event per growth).
+    queued: HashSet<(u32, i64, u64)>,
 }
+
+/// Sites waiting to be named at most; past it the oldest wait for a scrape or their process's
+/// exit instead.
+const MAX_QUEUED: usize = 100_000;
 
 impl FrameCache {
     /// A cache whose chains are position-independent and shared between processes (the
@@ -83,9 +92,61 @@ impl FrameCache {
         chain
     }
 
+    /// Queues a new site to be named in the background ([`Self::name_queued`]).
+    pub fn queue(&mut self, tgid: u32, stack_id: i64, ret_addr: u64) {
+        let site = (tgid, stack_id, ret_addr);
+        if self.interned.is_none()
+            || self.queued.contains(&site)
+            || self.cached(tgid, stack_id, ret_addr).is_some()
+        {
+            return;
+        }
+        if self.queue.len() >= MAX_QUEUED
+            && let Some(old) = self.queue.pop_front()
+        {
+            self.queued.remove(&old);
+        }
+        self.queue.push_back(site);
+        self.queued.insert(site);
+    }
+
+    /// Names queued sites until `deadline`; how many were named.
+    pub async fn name_queued(
+        &mut self,
+        probes: &Probes,
+        symbolizer: &SymbolizerHandle,
+        deadline: std::time::Instant,
+    ) -> anyhow::Result<usize> {
+        let mut named = 0;
+        while std::time::Instant::now() < deadline {
+            let Some(site) = self.queue.pop_front() else {
+                break;
+            };
+            self.queued.remove(&site);
+            if self.cached(site.0, site.1, site.2).is_some() {
+                continue;
+            }
+            match self
+                .frames_until(probes, symbolizer, site, Some(deadline))
+                .await?
+            {
+                Some(_) => named += 1,
+                // Out of time: first in line next time.
+                None => {
+                    self.queue.push_front(site);
+                    self.queued.insert(site);
+                    break;
+                }
+            }
+        }
+        Ok(named)
+    }
+
     /// Drops everything about a process that is gone for good.
     pub fn forget(&mut self, tgid: u32) {
         self.chains.remove(&tgid);
+        self.queue.retain(|(t, _, _)| *t != tgid);
+        self.queued.retain(|(t, _, _)| *t != tgid);
         self.noted.remove(&tgid);
         self.forget_raw(tgid);
     }

@@ -43,11 +43,14 @@ const LOSS_CHECK: Duration = Duration::from_secs(5);
 const LOSS_WARN_EVERY: Duration = Duration::from_secs(60);
 /// Kernel maps are counted for their fill gauges this often.
 const CENSUS_EVERY: Duration = Duration::from_secs(10);
+/// Time per tick spent naming new sites in the background.
+const NAMING_SLICE: Duration = Duration::from_millis(20);
 /// The symbolizer is told which processes still matter this often.
 const RETAIN_EVERY: Duration = Duration::from_secs(5);
 /// A gone process's own detail (its snapshot, its profile) is kept at most this long after its
-/// exit; then it departs into its identity's sums, which `/metrics` keeps for the TTL.
-const DETAIL_KEPT: Duration = Duration::from_secs(60);
+/// exit (one or two scrapes); then it departs into its identity's sums, which `/metrics` keeps
+/// for the TTL.
+const DETAIL_KEPT: Duration = Duration::from_secs(30);
 
 /// What the tracer thread needs; built on the agent's main thread.
 pub struct Tracer {
@@ -271,6 +274,7 @@ impl State {
                 }
                 Event::NewSite(site, comm, stack) => {
                     frames.remember_event_stack(probes, site.tgid, site.stack_id, stack)?;
+                    frames.queue(site.tgid, site.stack_id, site.ret_addr);
                     registry.note_site(&site, &comm);
                     registry.ensure_seen(site.tgid, &comm, probes, symbolizer)
                 }
@@ -278,6 +282,7 @@ impl State {
                     let tgid = g.header.tgid;
                     // Copy the stack out before the kernel's LRU table can evict it.
                     frames.remember_stack(probes, tgid, g.stack_id)?;
+                    frames.queue(tgid, g.stack_id, g.ret_addr);
                     if !registry.procs.contains_key(&tgid) {
                         registry.ensure_rows(tgid, probes, symbolizer);
                     }
@@ -323,6 +328,15 @@ impl State {
             )
             .await?;
         sw.lap("sweep");
+        // New sites are named while their processes live, a slice of each tick.
+        self.frames
+            .name_queued(
+                &self.probes,
+                &self.symbolizer,
+                Instant::now() + NAMING_SLICE,
+            )
+            .await?;
+        sw.lap("naming");
         if now >= self.losses.next_check {
             self.losses.check(&self.probes, &self.capacity)?;
         }

@@ -679,20 +679,42 @@ pub fn site_label(frames: &[Frame]) -> String {
     s
 }
 
-fn sites_of(sites: &[SiteSnapshot]) -> HashMap<SiteKey, (Cv, Live)> {
+/// Site labels by call chain: the agent's chains are shared (interned), so each label is
+/// made once, not once per process and scrape.
+#[derive(Default)]
+struct Labels(HashMap<usize, (std::sync::Weak<[Frame]>, Arc<str>)>);
+
+impl Labels {
+    fn of(&mut self, frames: &Arc<[Frame]>) -> Arc<str> {
+        let key = Arc::as_ptr(frames).cast::<Frame>() as usize;
+        if let Some((weak, label)) = self.0.get(&key)
+            && weak.upgrade().is_some_and(|f| Arc::ptr_eq(&f, frames))
+        {
+            return Arc::clone(label);
+        }
+        let label: Arc<str> = Arc::from(site_label(frames));
+        self.0
+            .insert(key, (Arc::downgrade(frames), Arc::clone(&label)));
+        label
+    }
+
+    /// Drops the labels of chains nobody holds any more.
+    fn purge(&mut self) {
+        self.0.retain(|_, (weak, _)| weak.strong_count() > 0);
+    }
+}
+
+fn sites_of(sites: &[SiteSnapshot], labels: &mut Labels) -> HashMap<SiteKey, (Cv, Live)> {
     let mut out: HashMap<SiteKey, (Cv, Live)> = HashMap::with_capacity(sites.len());
     for s in sites {
         // A gone process's folded sites count toward its kind under `other` (a label no
         // real site has), and never become a site of their own (see `challengers`).
-        let label = if s.remainder {
-            OTHER_SITE.to_string()
+        let site = if s.remainder {
+            Arc::from(OTHER_SITE)
         } else {
-            site_label(&s.frames)
+            labels.of(&s.frames)
         };
-        let key = SiteKey {
-            kind: s.kind,
-            site: Arc::from(label),
-        };
+        let key = SiteKey { kind: s.kind, site };
         let e = out.entry(key).or_default();
         e.0 = e.0.add(Cv {
             calls: s.calls,
@@ -714,6 +736,7 @@ pub struct Exporter {
     ids: BTreeMap<ProcessLabels, Identity>,
     /// `allocwatch_site_*` series in the last rendering.
     site_series: usize,
+    labels: Labels,
 }
 
 impl Exporter {
@@ -723,6 +746,7 @@ impl Exporter {
             pids: HashMap::new(),
             ids: BTreeMap::new(),
             site_series: 0,
+            labels: Labels::default(),
         }
     }
 
@@ -737,6 +761,7 @@ impl Exporter {
         scrape_started: Instant,
     ) -> Result<String, MetricsError> {
         self.update(procs, now);
+        self.labels.purge();
         let mut families = self.process_families();
         families.extend(self.self_families(stats, scrape_started.elapsed()));
         let mut out = String::new();
@@ -752,7 +777,7 @@ impl Exporter {
         let fin = PidState {
             labels: p.labels.clone(),
             counters: Counters::of(p),
-            sites: sites_of(&p.sites)
+            sites: sites_of(&p.sites, &mut self.labels)
                 .into_iter()
                 .map(|(k, (v, _))| (k, v))
                 .collect(),
@@ -833,7 +858,7 @@ impl Exporter {
 
     fn update_pid(&mut self, p: &ProcessSnapshot, now: Instant) {
         let cur = Counters::of(p);
-        let cur_sites = sites_of(&p.sites);
+        let cur_sites = sites_of(&p.sites, &mut self.labels);
         let mut last_sites: HashMap<SiteKey, Cv> = HashMap::new();
         if let Some(old) = self.pids.remove(&(p.pid, p.image)) {
             if old.labels != p.labels || old.counters.decreased_in(&cur) {
