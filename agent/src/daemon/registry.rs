@@ -298,7 +298,7 @@ impl Registry {
                 let folded = go.compact(keep);
                 frames.forget_chains(pid, folded.iter().map(|k| (k.stack_id, k.ret_addr)));
             }
-            // Name what is kept now; the symbolizer then drops its per-address cache.
+            // Name what is kept now, while the raw stacks are at hand.
             for (k, _) in &p.retained.rows {
                 frames
                     .frames(probes, symbolizer, pid, k.stack_id, k.ret_addr)
@@ -319,7 +319,6 @@ impl Registry {
                         .await?;
                 }
             }
-            symbolizer.compact(pid);
             frames.forget_raw(pid);
         }
         for (pid, image) in done_images {

@@ -65,8 +65,8 @@ impl Frame {
     }
 }
 
-/// Failures by cause, counted once per address and process (results are cached), except
-/// `process_gone`, which is counted on every refused request since nothing is cached for it.
+/// Failures by cause: `no_symbol` once per file offset (results are cached per file), the
+/// others on every request (nothing is cached for them).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct SymbolizeStats {
     /// Maps unavailable (process exited before it was noted).
@@ -97,9 +97,6 @@ enum Request {
     Note(u32, Vec<maps::RawMapping>),
     /// The process is gone and named: drop what is kept for it.
     Forget(u32),
-    /// The process is gone and its kept sites are named: drop the frames cached per address
-    /// (keep the mappings, for a late row).
-    Compact(u32),
     /// Drop processes noted a while ago that are not in the set (noted at exec, then never
     /// registered: rejected, or gone before the agent saw them).
     Retain(HashSet<u32>),
@@ -170,11 +167,6 @@ impl SymbolizerHandle {
     /// Drops what is kept for `pid` (its mappings, cached frames, and the files only it maps).
     pub fn forget(&self, pid: u32) {
         drop(self.tx.send(Request::Forget(pid)));
-    }
-
-    /// Drops the frames cached for `pid`'s addresses, keeping its mappings.
-    pub fn compact(&self, pid: u32) {
-        drop(self.tx.send(Request::Compact(pid)));
     }
 
     /// Drops the processes noted more than [`UNCLAIMED_AFTER`] ago that are not in `pids`.
@@ -258,7 +250,13 @@ struct OpenFile {
     /// Its Go symbol table, read at the first address symbolized in it; `None` when it is not
     /// Go (or its table is unreadable, then blazesym does what it can).
     go: OnceCell<Option<go::GoFile>>,
+    /// Frames by file offset (of the call instruction), for every process that maps the file:
+    /// a node's hundred `python3`s are named once, not once each.
+    frames: std::cell::RefCell<HashMap<u64, Vec<Frame>>>,
 }
+
+/// Offsets whose frames a file keeps at most; past it the cache starts over.
+const MAX_CACHED_OFFSETS: usize = 500_000;
 
 impl OpenFile {
     fn new(file: File) -> Self {
@@ -266,6 +264,7 @@ impl OpenFile {
             path: PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())),
             _file: file,
             go: OnceCell::new(),
+            frames: std::cell::RefCell::new(HashMap::new()),
         }
     }
 
@@ -292,23 +291,16 @@ impl OpenFile {
     }
 }
 
+/// A noted process: its mappings (frames are cached per file, see [`OpenFile::frames`]).
 struct Process {
     maps: Vec<Mapping>,
-    /// Frames per return address.
-    frames: HashMap<u64, Vec<Frame>>,
     noted_at: Instant,
 }
 
 impl Process {
-    /// Takes a newer snapshot, keeping cached results whose mapping is unchanged (an exec or a
-    /// library reloaded elsewhere invalidates the rest).
+    /// Takes a newer snapshot (after exec, or with libraries mapped since).
     fn update(&mut self, maps: Vec<Mapping>) {
-        let old = std::mem::replace(&mut self.maps, maps);
-        let new = &self.maps;
-        self.frames.retain(|&a, _| {
-            let (o, n) = (find(&old, a), find(new, a));
-            o.map(|m| (m.start, m.offset, &m.module)) == n.map(|m| (m.start, m.offset, &m.module))
-        });
+        self.maps = maps;
     }
 }
 
@@ -335,11 +327,6 @@ impl Worker {
             match req {
                 Request::Note(pid, maps) => self.note(pid, maps),
                 Request::Symbolize { pid, addrs, reply } => reply(self.symbolize(pid, &addrs)),
-                Request::Compact(pid) => {
-                    if let Some(p) = self.processes.get_mut(&pid) {
-                        p.frames = HashMap::new();
-                    }
-                }
                 Request::Forget(pid) => {
                     if let Some(p) = self.processes.remove(&pid) {
                         self.release(&p.maps);
@@ -400,7 +387,6 @@ impl Worker {
             Entry::Vacant(entry) => {
                 entry.insert(Process {
                     maps,
-                    frames: HashMap::new(),
                     noted_at: Instant::now(),
                 });
             }
@@ -420,7 +406,6 @@ impl Worker {
             Entry::Vacant(entry) => match maps::snapshot(pid) {
                 Ok(raw) => entry.insert(Process {
                     maps: mappings(raw, files),
-                    frames: HashMap::new(),
                     noted_at: Instant::now(),
                 }),
                 Err(err) => {
@@ -432,7 +417,7 @@ impl Worker {
         };
         // Libraries mapped after the snapshot (by ld.so after an early note, or dlopen) would
         // otherwise stay unknown: re-read the maps while the process is still there.
-        let missed = |a: &u64| !process.frames.contains_key(a) && find(&process.maps, *a).is_none();
+        let missed = |a: &u64| find(&process.maps, *a).is_none();
         // A process that has exited (a zombie) reads as no mappings at all: keep what was
         // noted while it lived rather than wiping it.
         if addrs.iter().any(missed)
@@ -443,11 +428,7 @@ impl Worker {
         }
         let mut out = Vec::with_capacity(addrs.len());
         for &addr in addrs {
-            let frames = process
-                .frames
-                .entry(addr)
-                .or_insert_with(|| resolve(symbolizer, files, &process.maps, addr, counters));
-            out.extend_from_slice(frames);
+            out.extend(resolve(symbolizer, files, &process.maps, addr, counters));
         }
         Ok(out)
     }
@@ -511,6 +492,36 @@ fn resolve(
         return vec![frame];
     };
     let lookup = file_offset(addr - 1);
+    if let Some(cached) = elf.frames.borrow().get(&lookup) {
+        return cached
+            .iter()
+            .map(|f| Frame {
+                module: frame.module.clone(),
+                address: addr,
+                ..f.clone()
+            })
+            .collect();
+    }
+    let frames = resolve_in(symbolizer, elf, mapping, &frame, lookup, counters);
+    let mut cache = elf.frames.borrow_mut();
+    if cache.len() >= MAX_CACHED_OFFSETS {
+        cache.clear();
+    }
+    cache.insert(lookup, frames.clone());
+    frames
+}
+
+/// The frames at file offset `lookup` of `elf` (a fresh lookup, cached by the caller).
+fn resolve_in(
+    symbolizer: &Symbolizer,
+    elf: &OpenFile,
+    mapping: &Mapping,
+    frame: &Frame,
+    lookup: u64,
+    counters: &Counters,
+) -> Vec<Frame> {
+    let frame = frame.clone();
+    let addr = frame.address;
     // Go code by the Go table first, for stripped and unstripped binaries alike; addresses
     // outside it (cgo's C code) fall through to blazesym.
     if let Some(loc) = elf.go(&mapping.module).and_then(|go| go.lookup(lookup)) {
