@@ -25,10 +25,13 @@ use crate::{
 /// the kernel's table again when needed (where an evicted one is counted).
 const MAX_RAW_STACKS: usize = 100_000;
 
+/// One process's chains by (stack id, caller).
+type Chains = HashMap<(i64, u64), Arc<[Frame]>>;
+
 /// Symbolized call chains by (process, stack, caller), filled while the process is alive.
 #[derive(Default)]
 pub struct FrameCache {
-    chains: HashMap<u32, HashMap<(i64, u64), Arc<[Frame]>>>,
+    chains: HashMap<u32, Chains>,
     /// Position-independent chains, shared by every process that has them (agent only).
     interned: Option<HashSet<Arc<[Frame]>>>,
     /// Processes whose mappings were snapshotted.

@@ -682,7 +682,10 @@ pub fn site_label(frames: &[Frame]) -> String {
 /// Site labels by call chain: the agent's chains are shared (interned), so each label is
 /// made once, not once per process and scrape.
 #[derive(Default)]
-struct Labels(HashMap<usize, (std::sync::Weak<[Frame]>, Arc<str>)>);
+struct Labels(HashMap<usize, LabelOf>);
+
+/// A chain (weakly: the label goes when the chain does) and its label.
+type LabelOf = (std::sync::Weak<[Frame]>, Arc<str>);
 
 impl Labels {
     fn of(&mut self, frames: &Arc<[Frame]>) -> Arc<str> {
@@ -783,20 +786,19 @@ impl Exporter {
                 .collect(),
             exited_at: p.exited_at,
         };
-        if let Some(old) = self.pids.remove(&(p.pid, p.image)) {
-            if let Some(id) = self.ids.get_mut(&old.labels) {
-                if old.labels == fin.labels {
-                    // As at a scrape: a site that went into `other` keeps its own series'
-                    // value.
-                    for (key, &v) in &old.sites {
-                        let now_v = fin.sites.get(key).copied().unwrap_or_default();
-                        if now_v.calls < v.calls || now_v.bytes < v.bytes {
-                            id.fold_sticky(key, v);
-                        }
+        if let Some(old) = self.pids.remove(&(p.pid, p.image))
+            && let Some(id) = self.ids.get_mut(&old.labels)
+        {
+            if old.labels == fin.labels {
+                // As at a scrape: a site that went into `other` keeps its own series' value.
+                for (key, &v) in &old.sites {
+                    let now_v = fin.sites.get(key).copied().unwrap_or_default();
+                    if now_v.calls < v.calls || now_v.bytes < v.bytes {
+                        id.fold_sticky(key, v);
                     }
-                } else {
-                    id.depart(&old, at);
                 }
+            } else {
+                id.depart(&old, at);
             }
         }
         self.ids
