@@ -184,8 +184,10 @@ impl Registry {
         for (pid, p) in &mut self.procs {
             if p.exited_at.is_none() && !seen.contains(pid) {
                 p.exited_at = Some(now);
-                let keys = self.image_sites.remove(pid).unwrap_or_default().keys;
-                self.sweeper.pid(*pid, Fate::Harvest, keys);
+                // The keys stay noted: an exec read late still splits them off (`exec_seen`).
+                let keys = self.image_sites.get(pid).map(|s| s.keys.clone());
+                self.sweeper
+                    .pid(*pid, Fate::Harvest, keys.unwrap_or_default());
             }
         }
         let expired: Vec<u32> = self
@@ -542,8 +544,10 @@ impl Registry {
                 retained: Retained::default(),
             },
         );
-        let keys = self.image_sites.remove(&pid).unwrap_or_default().keys;
-        self.sweeper.pid(pid, Fate::Harvest, keys);
+        // The keys stay noted: its exec may still be in the ring (`exec_seen`).
+        let keys = self.image_sites.get(&pid).map(|s| s.keys.clone());
+        self.sweeper
+            .pid(pid, Fate::Harvest, keys.unwrap_or_default());
     }
 
     /// A new-site record (records arrive in ring order): the process's current image made it.
@@ -552,10 +556,8 @@ impl Registry {
             return;
         }
         // A row of a process whose rows are leaving the kernel (read late, or made by a
-        // rejected process still running): it goes the same way.
-        if self.sweeper.add_key(*key) {
-            return;
-        }
+        // rejected process still running) goes the same way.
+        self.sweeper.add_key(*key);
         let image = self.image_sites.entry(key.tgid).or_default();
         if image.keys.is_empty() {
             image.comm = comm_text(comm);
@@ -628,8 +630,14 @@ impl Registry {
     }
 
     /// Keeps `pid`'s image that just ended at exec as an exited process of its own.
-    fn end_image(&mut self, pid: u32, old: Option<Proc>, sites: ImageSites) {
+    fn end_image(&mut self, pid: u32, mut old: Option<Proc>, sites: ImageSites) {
         let mut exported = true;
+        // Rows harvested before the exec was read (the process was gone by then) were made
+        // by this image: every record of the old image precedes the exec's in the ring.
+        let retained = old
+            .as_mut()
+            .map(|p| std::mem::take(&mut p.retained))
+            .unwrap_or_default();
         let proc = match old {
             // Registered while the old program ran.
             Some(p) if p.labels.comm == sites.comm => Proc {
@@ -679,7 +687,7 @@ impl Registry {
             proc,
             keys: sites.keys,
             exported,
-            retained: Retained::default(),
+            retained,
         });
     }
 

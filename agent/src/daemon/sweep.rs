@@ -338,8 +338,14 @@ impl Sweeper {
             for key in &batch {
                 if map.lookup(key, &mut values)? {
                     found.push(*key);
+                    // A key queued with its pid may have turned out to be an exec'd image's
+                    // (its exec read since): the image's.
+                    let (owner, fate) = match self.image_keys.get(key) {
+                        Some(&i) => (Owner::Image(i), Some(Fate::Harvest)),
+                        None => (t.owner, fate),
+                    };
                     if fate == Some(Fate::Harvest) {
-                        out.harvest(t.owner)
+                        out.harvest(owner)
                             .rows
                             .push((*key, sum_stats(values.iter())));
                     }
@@ -353,11 +359,11 @@ impl Sweeper {
             // All its announced rows are out: the per-pid tables go now too.
             match t.owner {
                 Owner::Pid(pid) => {
+                    out.deleted += delete_per_pid(ebpf, pid, fate, out)?;
                     if fate == Some(Fate::Reject) {
                         self.retire_pid(pid);
                         continue;
                     }
-                    out.deleted += delete_per_pid(ebpf, pid, fate, out)?;
                     if fate == Some(Fate::Harvest) {
                         out.done_pids.push(pid);
                     }
