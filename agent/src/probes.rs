@@ -387,6 +387,19 @@ impl Probes {
         Ok(())
     }
 
+    /// Rows with a stack one process may create in the call-site table; 0 = no limit.
+    pub fn set_site_limit(&mut self, limit: u32) -> Result<(), ProbeError> {
+        let map = self
+            .ebpf
+            .map_mut(map_names::SITE_LIMIT)
+            .ok_or(MapError::InvalidName {
+                name: map_names::SITE_LIMIT.into(),
+            })?;
+        let mut slot: Array<_, u32> = Array::try_from(map)?;
+        slot.set(0, &limit, 0)?;
+        Ok(())
+    }
+
     /// Tells the probe where `runtime.mallocgc` lives in process `tgid`.
     pub fn set_go_process(&mut self, tgid: u32, proc: GoProc) -> Result<(), ProbeError> {
         let map = self

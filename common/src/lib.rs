@@ -24,6 +24,9 @@ pub mod map_names {
     pub const TGIDS: &str = "TGIDS";
     pub const LAST_ENTRY: &str = "LAST_ENTRY";
     pub const LIBC_FILES: &str = "LIBC_FILES";
+    pub const SITE_BUDGET: &str = "SITE_BUDGET";
+    pub const SITE_LIMIT: &str = "SITE_LIMIT";
+    pub const SITE_ROWS: &str = "SITE_ROWS";
 }
 
 /// Names of the probe's global configuration variables (set with `EbpfLoader::override_global`).

@@ -29,9 +29,14 @@ pub enum LossCause {
     HistFull = 7,
     /// The stack table was full: the site keeps only its immediate caller.
     StackMapFull = 8,
+    /// The process already had its share of the call-site table (`SITES_PER_PROCESS` rows with a
+    /// stack): the call is counted exactly at its immediate caller, without the rest of its
+    /// stack. Keeps one process with endless distinct stacks (a program without frame pointers
+    /// yields garbage chains) from filling the table for every other process.
+    StackBudget = 9,
 }
 
-pub const LOSS_CAUSES: usize = 9;
+pub const LOSS_CAUSES: usize = 10;
 
 #[cfg(feature = "user")]
 mod user {
@@ -48,6 +53,7 @@ mod user {
             LossCause::OrphanReturn,
             LossCause::HistFull,
             LossCause::StackMapFull,
+            LossCause::StackBudget,
         ];
 
         /// Stable name used in JSON and metrics labels.
@@ -62,6 +68,7 @@ mod user {
                 LossCause::OrphanReturn => "orphan_return",
                 LossCause::HistFull => "size_histogram_full",
                 LossCause::StackMapFull => "stack_map_full",
+                LossCause::StackBudget => "stack_budget",
             }
         }
     }

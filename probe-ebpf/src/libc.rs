@@ -143,13 +143,13 @@ fn on_count(ctx: &ProbeContext) {
     let Some((size, _)) = request(ctx, api_id) else {
         return;
     };
-    let site = SiteKey {
+    let mut site = SiteKey {
         tgid,
         api: api_id,
         stack_id: stack_id(ctx),
         ret_addr,
     };
-    count_call(&site, size);
+    count_call(&mut site, size);
 }
 
 /// The user stack id when stacks are on (a failure is counted and yields [`NO_STACK`]).
@@ -213,7 +213,7 @@ fn on_entry(ctx: &ProbeContext) {
     let Some((size, arg_ptr)) = request(ctx, api_id) else {
         return;
     };
-    let site = SiteKey {
+    let mut site = SiteKey {
         tgid,
         api: api_id,
         stack_id,
@@ -226,18 +226,19 @@ fn on_entry(ctx: &ProbeContext) {
         } else {
             0
         };
-        count_call(&site, freed);
+        count_call(&mut site, freed);
         return;
     }
 
-    count_call(&site, size);
+    count_call(&mut site, size);
     hist_add(&LIBC_HIST, tgid, size);
     let pending = Pending {
         entry_sp,
         size,
         arg_ptr,
         ret_addr,
-        stack_id,
+        // The row counted in: without its stack when the process is past its budget.
+        stack_id: site.stack_id,
         api: api_id,
         _pad: 0,
     };
@@ -278,7 +279,7 @@ fn on_return(ctx: &RetProbeContext) {
     } else {
         rv
     };
-    let site = SiteKey {
+    let mut site = SiteKey {
         tgid,
         api,
         stack_id: p.stack_id,
@@ -293,7 +294,7 @@ fn on_return(ctx: &RetProbeContext) {
     }
     if new_ptr == 0 {
         let freed_by_realloc = is_realloc && p.arg_ptr != 0 && p.size == 0;
-        if !freed_by_realloc && let Some(row) = site_row(&site) {
+        if !freed_by_realloc && let Some(row) = site_row(&mut site) {
             // SAFETY: per-CPU value of this CPU.
             unsafe { (*row).failed += 1 };
         }
@@ -304,6 +305,9 @@ fn on_return(ctx: &RetProbeContext) {
         _pad: 0,
         addr: new_ptr,
     };
+    // The row first: should it have to be made again, it may be made without its stack, and
+    // the live entry must name the row its free will credit.
+    let row = site_row(&mut site);
     let alloc = LiveAlloc {
         size: p.size,
         // SAFETY: plain helper call.
@@ -314,7 +318,7 @@ fn on_return(ctx: &RetProbeContext) {
         lost(LossCause::LiveFull);
         return;
     }
-    if let Some(row) = site_row(&site) {
+    if let Some(row) = row {
         // SAFETY: per-CPU value of this CPU.
         unsafe {
             (*row).tracked += 1;

@@ -65,6 +65,19 @@ pub static LIVE: HashMap<LiveKey, LiveAlloc> = HashMap::with_max_entries(capacit
 #[map]
 pub static SITES: PerCpuHashMap<SiteKey, SiteStats> =
     PerCpuHashMap::with_max_entries(capacity::SITES, 0);
+/// Rows with a stack created in `SITES` per process (tgid), counted always, so that a limit set
+/// later applies at once. Only touched when a site is new; the agent deletes a process's entry
+/// with its rows.
+#[map]
+pub static SITE_BUDGET: HashMap<u32, u32> = HashMap::with_max_entries(capacity::TGIDS, 0);
+/// Slot 0: rows with a stack one process may create in `SITES`; 0 = no limit. Set by the agent
+/// while the table is under pressure.
+#[map]
+pub static SITE_LIMIT: Array<u32> = Array::with_max_entries(1, 0);
+/// Rows ever created in `SITES` (per CPU): with its own count of the rows it deleted, the agent
+/// follows the table's fill between its censuses without walking it.
+#[map]
+pub static SITE_ROWS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// User stacks by id: the id is a 63-bit hash of the frames, and a different stack that lands
 /// on a taken id is counted as a collision (`bpf_get_stackid`'s table collides as soon as two
 /// stacks share a bucket, which a busy node does within seconds; 31-bit ids still collided
@@ -255,15 +268,34 @@ pub fn lost(cause: LossCause) {
 }
 
 /// Finds or creates the row of `key`; a new row is announced on the ring buffer so the agent
-/// symbolizes it while the process is still alive. Returns `None` (counted) when the table is
-/// full; the call then lands in the per-API overflow row.
+/// symbolizes it while the process is still alive. A process past its budget of rows with a
+/// stack gets a row for its immediate caller instead (`key.stack_id` becomes [`NO_STACK`], so
+/// that the caller records the row it really counted in). Returns `None` (counted) when the
+/// table is full; the call then lands in the per-API overflow row.
 #[inline(always)]
-pub fn site_row(key: &SiteKey) -> Option<*mut SiteStats> {
+pub fn site_row(key: &mut SiteKey) -> Option<*mut SiteStats> {
     if let Some(row) = SITES.get_ptr_mut(key) {
         return Some(row);
     }
+    let with_stack = key.stack_id != NO_STACK;
+    if with_stack && over_budget(key.tgid) {
+        lost(LossCause::StackBudget);
+        key.stack_id = NO_STACK;
+        if let Some(row) = SITES.get_ptr_mut(key) {
+            return Some(row);
+        }
+    }
     match SITES.insert(key, &SiteStats::default(), BPF_NOEXIST as u64) {
-        Ok(()) => announce(key),
+        Ok(()) => {
+            if let Some(n) = SITE_ROWS.get_ptr_mut(0) {
+                // SAFETY: per-CPU slot of this CPU.
+                unsafe { *n += 1 };
+            }
+            if key.stack_id != NO_STACK {
+                charge_budget(key.tgid);
+            }
+            announce(key)
+        }
         // Another CPU created it between our lookup and insert: it announced it.
         Err(-17) => {}
         Err(_) => {
@@ -274,9 +306,37 @@ pub fn site_row(key: &SiteKey) -> Option<*mut SiteStats> {
     SITES.get_ptr_mut(key)
 }
 
-/// Counts one call of `key.api` with `bytes` at its site (or in the overflow row).
+/// Whether `tgid` has created all the rows with a stack it may.
 #[inline(always)]
-pub fn count_call(key: &SiteKey, bytes: u64) {
+fn over_budget(tgid: u32) -> bool {
+    let limit = SITE_LIMIT.get(0).copied().unwrap_or(0);
+    if limit == 0 {
+        return false;
+    }
+    // SAFETY: map value pointer from a successful lookup.
+    SITE_BUDGET
+        .get_ptr(&tgid)
+        .is_some_and(|n| unsafe { *n } >= limit)
+}
+
+/// Counts a new row with a stack against `tgid`'s budget. Not atomic: two CPUs creating rows
+/// at once may count one; the budget is a bound on the table's share, not an exact figure.
+#[inline(always)]
+fn charge_budget(tgid: u32) {
+    match SITE_BUDGET.get_ptr_mut(&tgid) {
+        // SAFETY: map value pointer from a successful lookup.
+        Some(n) => unsafe { *n += 1 },
+        // A full budget table leaves the process unbounded (SITES still bounds it).
+        None => {
+            let _ = SITE_BUDGET.insert(&tgid, &1, BPF_NOEXIST as u64);
+        }
+    }
+}
+
+/// Counts one call of `key.api` with `bytes` at its site (or in the overflow row); `key` is
+/// left naming the row counted in (see [`site_row`]).
+#[inline(always)]
+pub fn count_call(key: &mut SiteKey, bytes: u64) {
     match site_row(key) {
         // SAFETY: per-CPU value of this CPU.
         Some(row) => unsafe {

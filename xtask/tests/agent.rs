@@ -348,6 +348,114 @@ fn site_cardinality_is_bounded() {
     agent.stop();
 }
 
+/// Once the call-site table is half full, one process may create only 1/32 of its rows with a
+/// stack (512 of 16,384): four processes holding 2,048 rows each bring the pressure, then another
+/// one's 1,024 distinct stacks (malloc + free each) go past its share, and every call is still
+/// counted exactly, the later ones at their immediate caller; `stack_budget` counts those.
+#[test]
+fn site_share_under_pressure_keeps_counts_exact() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    let scratch = Scratch::new("budget");
+    let fixture = scratch.copy(&env.fixture, "aw_budget");
+    let id = Identity::of(&fixture);
+    let config = scratch.path.join("budget.toml");
+    fs::write(&config, "[capacity]\nmax_sites = 16384\n").expect("write the config");
+    let mut agent = Agent::start(
+        &env,
+        &["--comm", "^aw_budget$", "--config", path_str(&config)],
+    );
+    let budget_lost = |m: &Metrics| {
+        m.samples
+            .iter()
+            .find(|s| {
+                s.metric == "allocwatch_events_lost_total"
+                    && s.labels.get("cause") == Some("stack_budget")
+            })
+            .map_or(0, |s| value(s) as u64)
+    };
+    // Paths per fixture process (2^10), holders, and the share of 16,384.
+    const N: u64 = 1024;
+    const HOLDERS: u64 = 4;
+    const SHARE: u64 = 512;
+    const BLOCK: u64 = 32;
+    let mut holders: Vec<Fixture> = (0..HOLDERS)
+        .map(|_| Fixture::spawn(&fixture, "stacks-wait", "ready"))
+        .collect();
+    let line = agent.stderr.wait_for(
+        "allocwatch: warning: the call-site table holds",
+        Duration::from_secs(10),
+    );
+    assert!(
+        line.contains("each process keeps at most 512 sites with their stack"),
+        "{line}"
+    );
+    let before = budget_lost(&agent.scrape());
+    let status = Command::new(&fixture)
+        .args(["stacks", &N.to_string()])
+        .stdin(Stdio::null())
+        .status()
+        .expect("run the fixture");
+    assert!(status.success(), "fixture stacks failed: {status}");
+    let all = (HOLDERS + 1) * N;
+    let m = agent.scrape_until("every fixture's frees", Duration::from_secs(10), |m| {
+        m.value(&id, "allocwatch_free_calls_total", &[]) == Some(all as f64)
+    });
+    let during = budget_lost(&m) - before;
+    for holder in &mut holders {
+        signal(holder.pid, libc::SIGUSR1);
+        let exit = holder.wait_exit(Duration::from_secs(10));
+        assert!(exit.success(), "fixture stacks-wait failed: {exit}");
+    }
+    // The identity's sums: every process's mallocs and frees, whatever their rows.
+    let m = agent.scrape();
+    assert_eq!(
+        (
+            m.counter(&id, "allocwatch_alloc_calls_total", &[("api", "malloc")]),
+            m.counter(&id, "allocwatch_alloc_bytes_total", &[("api", "malloc")]),
+            m.counter(&id, "allocwatch_free_calls_total", &[]),
+        ),
+        (all, all * BLOCK, all),
+        "malloc calls and bytes, free calls\n{}",
+        m.lines_of(&id)
+    );
+    let by_site = m
+        .sites(&id)
+        .into_iter()
+        .filter(|((kind, _), _)| kind == "malloc")
+        .fold((0, 0), |(c, b), (_, v)| (c + v.calls, b + v.bytes));
+    assert_eq!(
+        by_site,
+        (all, all * BLOCK),
+        "Σ over sites of the malloc site series (calls, bytes)\n{}",
+        m.lines_of(&id)
+    );
+    // The last process: 2N calls at 2N distinct stacks, at most SHARE of them with a row of
+    // their own (a few more if two CPUs created rows at once: the share is not atomic).
+    assert!(
+        during >= 2 * N - SHARE - 8,
+        "stack_budget rose by {during} while the last process ran, want at least {} ({})",
+        2 * N - SHARE - 8,
+        m.self_stats()
+    );
+    let full = m
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == "allocwatch_events_lost_total"
+                && s.labels.get("cause") == Some("site_map_full")
+        })
+        .map_or(0.0, value);
+    assert_eq!(
+        full,
+        0.0,
+        "the table itself never filled ({})",
+        m.self_stats()
+    );
+    m.assert_conventions();
+    agent.stop();
+}
+
 /// `--pprof`: `/debug/pprof/allocs?pid=` serves a gzipped profile that `go tool pprof` reads,
 /// with the fixture's functions and their exact totals; a running `loop` fixture's profile
 /// shows fx_loop; bad queries get 404/400.

@@ -86,6 +86,14 @@ pub fn lost(ebpf: &Ebpf) -> Result<BTreeMap<LossCause, u64>, CollectError> {
     Ok(out)
 }
 
+/// Rows the probe ever created in the site table (all CPUs).
+pub fn site_rows_created(ebpf: &Ebpf) -> Result<u64, CollectError> {
+    let name = map_names::SITE_ROWS;
+    let map = ebpf.map(name).ok_or(CollectError::MissingMap(name))?;
+    let map: PerCpuArray<_, u64> = PerCpuArray::try_from(map).map_err(map_err(name))?;
+    Ok(map.get(&0, 0).map_err(map_err(name))?.iter().sum())
+}
+
 /// Calls that found the site table full, per API id.
 pub fn overflow(ebpf: &Ebpf) -> Result<[Overflow; API_COUNT], CollectError> {
     let name = map_names::OVERFLOW;

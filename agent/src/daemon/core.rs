@@ -18,8 +18,11 @@ use tokio::{
 };
 
 use super::{
-    Heartbeat, LastAnswers, Request, Snapshot, exec_snapshots, registry::Registry,
-    select::Selector, snapshot::LoopStats,
+    Heartbeat, LastAnswers, Request, Snapshot, exec_snapshots,
+    pressure::{self, SitePressure},
+    registry::Registry,
+    select::Selector,
+    snapshot::LoopStats,
 };
 use crate::{
     cli::CapacityArgs,
@@ -186,6 +189,8 @@ struct State {
     /// How long a gone process's detail is kept (profiles of it, its own snapshot) before it
     /// departs into its identity's sums: the TTL, at most [`DETAIL_KEPT`].
     keep_detail: Duration,
+    /// The site table's share per process under pressure.
+    pressure: SitePressure,
 }
 
 impl State {
@@ -243,6 +248,7 @@ impl State {
             next_census: now,
             exporter: Exporter::new(ServeConfig::from_config(cfg).metrics),
             keep_detail: cfg.ttl.min(DETAIL_KEPT),
+            pressure: SitePressure::new(cfg.capacity.max_sites),
         })
     }
 
@@ -340,10 +346,17 @@ impl State {
         if now >= self.losses.next_check {
             self.losses.check(&self.probes, &self.capacity)?;
         }
-        if now >= self.next_census {
+        let change = if now >= self.next_census {
             self.fills = census(&self.probes, &self.registry)?;
             self.next_census = now + CENSUS_EVERY;
+            let rows = site_rows(&self.probes)?;
             sw.lap("census");
+            self.pressure.census(rows, &mut self.probes)?
+        } else {
+            self.pressure.tick(&mut self.probes)?
+        };
+        if let Some(change) = change {
+            eprintln!("allocwatch: warning: {change}");
         }
         sw.done();
         Ok(())
@@ -445,6 +458,10 @@ fn census(probes: &Probes, registry: &Registry) -> anyhow::Result<BTreeMap<&'sta
     for name in [map_names::LIBC_HIST, map_names::GO_HIST] {
         out.insert(name, fill::<GoHistKey, GoHistVal>(ebpf, name)?);
     }
+    out.insert(
+        map_names::SITE_BUDGET,
+        fill::<u32, u32>(ebpf, map_names::SITE_BUDGET)?,
+    );
     let live_max = collect::RawMap::of::<
         allocwatch_common::libc::LiveKey,
         allocwatch_common::libc::LiveAlloc,
@@ -455,6 +472,23 @@ fn census(probes: &Probes, registry: &Registry) -> anyhow::Result<BTreeMap<&'sta
         registry.sweeper.live_entries as f64 / f64::from(live_max.max(1)),
     );
     Ok(out)
+}
+
+/// Rows in the call-site table now.
+fn site_rows(probes: &Probes) -> anyhow::Result<u64> {
+    use allocwatch_common::{
+        libc::{SiteKey, SiteStats},
+        map_names::SITES,
+    };
+    let map =
+        collect::RawMap::of::<SiteKey, SiteStats>(collect::map_ref(&probes.ebpf, SITES)?, SITES)?;
+    let mut n = 0u64;
+    map.scan(
+        &mut collect::Cursor::default(),
+        usize::MAX,
+        |_: &SiteKey, _: &[SiteStats]| n += 1,
+    )?;
+    Ok(n)
 }
 
 /// Warns when a loss counter rises, naming what to change.
@@ -507,22 +541,34 @@ impl LossWatch {
 fn remedy(cause: LossCause, c: &CapacityArgs) -> String {
     match cause {
         LossCause::PendingFull => format!(
-            "the in-flight call table is full; raise --max-pending (now {})",
+            "the in-flight call table is full; raise capacity.max_pending in the config file \
+             (now {})",
             c.max_pending
         ),
         LossCause::LiveFull => format!(
-            "the live-allocation table is full; raise --max-live (now {}) or use --mode \
+            "the live-allocation table is full; raise capacity.max_live in the config file \
+             (now {}) or use --mode \
              count-stacks (no live tracking)",
             c.max_live
         ),
         LossCause::SitesFull => format!(
-            "the call-site table is full; raise --max-sites (now {}) or narrow the selection \
+            "the call-site table is full; raise capacity.max_sites in the config file \
+             (now {}) or narrow the selection \
              (--comm, --exclude-comm, …)",
             c.max_sites
         ),
         LossCause::StackMapFull => format!(
-            "the stack table is full; raise --max-stacks (now {})",
+            "the stack table is full; raise capacity.max_stacks in the config file \
+             (now {})",
             c.max_stacks
+        ),
+        LossCause::StackBudget => format!(
+            "the call-site table is half full and a process made more distinct stacks than its \
+             share ({} rows, 1/{} of capacity.max_sites; code without frame pointers yields \
+             garbage stacks); its new sites keep only their immediate caller, counts stay \
+             exact; raise capacity.max_sites in the config file for a larger share",
+            c.max_sites / pressure::SHARE,
+            pressure::SHARE
         ),
         LossCause::StackCollision => {
             "two stacks hashed to the same id; the site keeps only its caller".to_string()

@@ -13,6 +13,7 @@
 
 mod core;
 mod exec_snapshots;
+mod pressure;
 mod registry;
 mod retained;
 mod select;

@@ -285,7 +285,7 @@ impl Sweeper {
         let t1 = Instant::now();
         // Also with nothing queued: orphans are only found by these passes.
         if !self.backstop.running() && self.backstop.due(BACKSTOP_EVERY) {
-            self.backstop.start(4);
+            self.backstop.start(5);
         }
         let urgent = self.live_entries as f64 >= LIVE_URGENT_FILL * f64::from(max_live.max(1));
         // Without anything to delete, the pass still measures the table's fill.
@@ -466,6 +466,24 @@ impl Sweeper {
             doomed.extend(orphans);
             out.deleted += map.delete(&doomed)?;
         }
+        // Site budgets of processes whose rows went without a targeted sweep.
+        {
+            let name = map_names::SITE_BUDGET;
+            let map = RawMap::of::<u32, u32>(collect::map_ref(ebpf, name)?, name)?;
+            let mut doomed: Vec<u32> = Vec::new();
+            let mut others: Vec<u32> = Vec::new();
+            map.scan(
+                &mut cursors[4],
+                PASS_BUDGET,
+                |k: &u32, _: &[u32]| match self.fates.get(k) {
+                    Some(Fate::Reject) => {}
+                    Some(_) => doomed.push(*k),
+                    None => others.push(*k),
+                },
+            )?;
+            doomed.extend(self.orphans.of(&others, |k| *k, known));
+            out.deleted += map.delete(&doomed)?;
+        }
         if !cursors.iter().all(Cursor::done) {
             self.backstop.cursors = Some(cursors);
             return Ok(());
@@ -599,6 +617,8 @@ fn delete_per_pid(
     }
     let name = map_names::GO_PROCS;
     n += RawMap::of::<u32, GoProc>(collect::map_ref(ebpf, name)?, name)?.delete(&[pid])?;
+    let name = map_names::SITE_BUDGET;
+    n += RawMap::of::<u32, u32>(collect::map_ref(ebpf, name)?, name)?.delete(&[pid])?;
     let name = map_names::GO_STW;
     n += RawMap::of::<u32, StwState>(collect::map_ref(ebpf, name)?, name)?.delete(&[pid])?;
     Ok(n)

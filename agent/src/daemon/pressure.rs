@@ -1,0 +1,139 @@
+//! Sharing the call-site table among the node's processes. While the table is under half full
+//! every process keeps every stack; past that, each may create at most 1/[`SHARE`] of its rows
+//! with a stack, and its further sites keep only their immediate caller (`stack_budget`). One
+//! long-running program without frame pointers (a shell, Debian's python3) makes endless
+//! garbage stacks: without a share it filled the table within a minute and every other process
+//! lost its per-site figures.
+
+use crate::{collect, probes::Probes};
+
+/// Under pressure, one process may create this fraction of the table's rows with a stack.
+pub const SHARE: u32 = 32;
+
+/// Fill (numerator / DENOM of the capacity) at which the shares start ...
+const ON: u64 = 4;
+/// ... and below which (at a census) they are lifted.
+const OFF: u64 = 3;
+const DENOM: u64 = 8;
+
+/// Follows the site table's fill between censuses and sets the probe's per-process limit.
+pub struct SitePressure {
+    capacity: u64,
+    /// Rows counted at the last census, and the probe's creation counter then.
+    rows_at_census: u64,
+    created_at_census: u64,
+    limited: bool,
+}
+
+/// A change of the limit, for the log.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Change {
+    Limited { rows: u64, per_process: u32 },
+    Lifted { rows: u64 },
+}
+
+impl SitePressure {
+    pub fn new(capacity: u32) -> Self {
+        Self {
+            capacity: u64::from(capacity),
+            rows_at_census: 0,
+            created_at_census: 0,
+            limited: false,
+        }
+    }
+
+    /// Rows one process may create with a stack while the table is under pressure.
+    pub fn per_process(&self) -> u32 {
+        (self.capacity / u64::from(SHARE)).max(1) as u32
+    }
+
+    /// Every tick: the rows now are at most those of the census plus those created since
+    /// (deletions are not counted: the estimate errs toward limiting early).
+    pub fn tick(&mut self, probes: &mut Probes) -> anyhow::Result<Option<Change>> {
+        if self.limited {
+            return Ok(None);
+        }
+        let created = collect::site_rows_created(&probes.ebpf)?;
+        let rows = self.rows_at_census + created.saturating_sub(self.created_at_census);
+        self.decide(rows, probes)
+    }
+
+    /// At each census, with the rows really in the table.
+    pub fn census(&mut self, rows: u64, probes: &mut Probes) -> anyhow::Result<Option<Change>> {
+        self.rows_at_census = rows;
+        self.created_at_census = collect::site_rows_created(&probes.ebpf)?;
+        self.decide(rows, probes)
+    }
+
+    fn decide(&mut self, rows: u64, probes: &mut Probes) -> anyhow::Result<Option<Change>> {
+        match want(self.limited, rows, self.capacity) {
+            Some(true) => {
+                probes.set_site_limit(self.per_process())?;
+                self.limited = true;
+                Ok(Some(Change::Limited {
+                    rows,
+                    per_process: self.per_process(),
+                }))
+            }
+            Some(false) => {
+                probes.set_site_limit(0)?;
+                self.limited = false;
+                Ok(Some(Change::Lifted { rows }))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+/// Whether to limit (`Some(true)`), lift (`Some(false)`) or leave the limit as it is.
+fn want(limited: bool, rows: u64, capacity: u64) -> Option<bool> {
+    if !limited && rows * DENOM >= capacity * ON {
+        Some(true)
+    } else if limited && rows * DENOM < capacity * OFF {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Change::Limited { rows, per_process } => write!(
+                f,
+                "the call-site table holds {rows} rows (half full or more): from now on each \
+                 process keeps at most {per_process} sites with their stack, later sites keep \
+                 their immediate caller (lost cause stack_budget; counts stay exact)"
+            ),
+            Change::Lifted { rows } => write!(
+                f,
+                "the call-site table is down to {rows} rows: every process keeps every stack \
+                 again"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_at_half_and_lifts_below_three_eighths() {
+        let cap = 65_536;
+        assert_eq!(want(false, 32_767, cap), None);
+        assert_eq!(want(false, 32_768, cap), Some(true));
+        assert_eq!(want(true, 32_768, cap), None);
+        // Between the two thresholds nothing changes either way.
+        assert_eq!(want(true, 24_576, cap), None);
+        assert_eq!(want(false, 24_576, cap), None);
+        assert_eq!(want(true, 24_575, cap), Some(false));
+    }
+
+    #[test]
+    fn a_tiny_table_still_allows_a_row() {
+        let p = SitePressure::new(8);
+        assert_eq!(p.per_process(), 1);
+        assert_eq!(SitePressure::new(65_536).per_process(), 2048);
+    }
+}
