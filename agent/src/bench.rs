@@ -1,6 +1,7 @@
 //! Micro-benchmarks of agent internals for `./x bench` (BENCHMARKS.md, sections 5 and 6).
-//! Ignored tests, run by `xtask/src/bench.rs` with `--ignored --nocapture` on a release build;
-//! each prints `BENCH <name> key=value …` lines that the harness turns into tables.
+//! Ignored tests, run by `xtask/src/bench/internals.rs` with `--ignored --nocapture` on a
+//! release build; each prints `BENCH <name> key=value …` lines that the harness turns into
+//! tables.
 
 use std::{
     collections::BTreeMap,

@@ -15,6 +15,8 @@ mod gostate;
 mod k8s;
 mod launch;
 mod preflight;
+#[cfg(test)]
+mod probe_tests;
 mod probes;
 mod report;
 mod serve;

@@ -537,8 +537,8 @@ impl CountLayout {
         cookie::encode_count(
             p.api as u32,
             p.sp_delta,
-            self.relay_targets() & (1 << p.api as u32) != 0,
-            self.relay_masks[p.api as usize],
+            u64::from(self.relay_targets()),
+            u64::from(self.relay_masks[p.api as usize]),
             self.slot,
             u32::try_from(p.file_offset).unwrap_or(0),
         )
