@@ -354,7 +354,7 @@ fn site_cardinality_is_bounded() {
 /// counted exactly, the later ones at their immediate caller; `stack_budget` counts those.
 #[test]
 fn site_share_under_pressure_keeps_counts_exact() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     let scratch = Scratch::new("budget");
     let fixture = scratch.copy(&env.fixture, "aw_budget");
