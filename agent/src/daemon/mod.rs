@@ -37,7 +37,7 @@ use tokio::{
 use self::select::Selector;
 use crate::{
     config::Config,
-    k8s,
+    k8s, privilege,
     serve::{
         self, ServeConfig,
         metrics::MetricsError,
@@ -153,6 +153,10 @@ impl SnapshotSource for ChannelSource {
 /// Runs the agent (the caller has run the preflight checks).
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let selector = Selector::new(&cfg.select)?;
+    // Whether privileges can be dropped after startup is checked before anything is loaded.
+    let privileges = (!cfg.keep_privileges)
+        .then(privilege::Plan::check)
+        .transpose()?;
     // Bind before loading anything: a taken port is a startup error, not a later one.
     let listener = serve::bind(cfg.listen).await?;
 
@@ -202,6 +206,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             };
         }
     };
+
+    // Probes loaded and attached: from here on the agent runs as an unprivileged user.
+    if let Some(plan) = privileges {
+        let dropped = plan.apply().context("dropping privileges after startup")?;
+        eprintln!("allocwatch: {dropped}");
+    }
 
     if cfg.kubernetes.enabled && k8s::watch::in_cluster() {
         let node = std::env::var("NODE_NAME").ok();
