@@ -207,6 +207,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     };
 
+    // Read while still root: a TLS key may be readable by root alone.
+    let serve_cfg = ServeConfig::from_config(&cfg);
+    let web = serve::load_web_config(&serve_cfg)?;
     // Probes loaded and attached: from here on the agent runs as an unprivileged user.
     if let Some(plan) = privileges {
         let dropped = plan.apply().context("dropping privileges after startup")?;
@@ -225,14 +228,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         last,
         heartbeat,
     });
-    let server = tokio::spawn(serve::serve_on(
-        listener,
-        source,
-        ServeConfig::from_config(&cfg),
-        async {
-            let _ = server_stopped.await;
-        },
-    ));
+    let server = tokio::spawn(serve::serve_with(listener, source, serve_cfg, web, async {
+        let _ = server_stopped.await;
+    }));
     let mut server = std::pin::pin!(server);
     // Handlers first: whoever reads the line below may signal at once.
     let mut sigint = signal(SignalKind::interrupt())?;
