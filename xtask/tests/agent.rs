@@ -934,6 +934,16 @@ fn runs_with_exactly_the_daemonset_capabilities() {
         .find(|l| l.starts_with("allocwatch: running as user 65532"))
         .unwrap_or_else(|| panic!("no line about the dropped privileges:\n{stderr}"))
         .to_owned();
+    // Under load the first scrapes can find no rendered metrics yet (500, "still starting"):
+    // a startup matter of its own, not this test's.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while try_get(agent.port, "/metrics").map(|r| r.status).ok() != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "no /metrics within 30 s of /healthz"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
     let keep = steady_state_capabilities();
     let pid = agent.child.id();
     let tasks: Vec<String> = fs::read_dir(format!("/proc/{pid}/task"))
