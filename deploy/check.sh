@@ -219,6 +219,9 @@ need(not pod.get("hostNetwork"), "hostNetwork must be off")
 need(not pod.get("hostIPC"), "hostIPC must be off")
 need(pod.get("serviceAccountName") == "allocwatch", "serviceAccountName")
 pod_sc = pod.get("securityContext", {})
+# The agent becomes group 65532 after startup (agent/src/privilege.rs): fsGroup gives it the
+# projected service-account token, which is root's and 0600 otherwise.
+need(pod_sc.get("fsGroup") == 65532, f"pod securityContext.fsGroup must be 65532, is {pod_sc.get('fsGroup')}")
 need(any(t.get("operator") == "Exists" and not t.get("key") for t in pod.get("tolerations", [])),
      "tolerations must include operator: Exists (all nodes)")
 
@@ -232,7 +235,9 @@ for c in containers:
     need(sc.get("privileged") is False, f"{name}: privileged must be false")
     need(sc.get("allowPrivilegeEscalation") is False, f"{name}: allowPrivilegeEscalation must be false")
     need(sc.get("readOnlyRootFilesystem") is True, f"{name}: readOnlyRootFilesystem must be true")
-    need(sc.get("runAsUser") == 0, f"{name}: runAsUser must be 0 (capabilities are effective only for root)")
+    need(sc.get("runAsUser") == 0, f"{name}: runAsUser must be 0 (capabilities are effective only for root; the agent drops to 65532 itself)")
+    for cap in ("SETUID", "SETGID", "SETPCAP", "SYS_PTRACE"):
+        need(cap in sc.get("capabilities", {}).get("add", []), f"{name}: {cap} is needed to drop privileges after startup")
     caps = sc.get("capabilities", {})
     need(caps.get("drop") == ["ALL"], f"{name}: capabilities.drop must be [ALL], is {caps.get('drop')}")
     added = caps.get("add", [])
@@ -260,6 +265,7 @@ for c in containers:
 agent = pod["containers"][0]
 args = agent.get("args", [])
 need(args[:1] == ["agent"], f"args must start with the agent subcommand: {args}")
+need("--keep-privileges" not in args, "the agent must drop its privileges after startup (no --keep-privileges)")
 def flag(f):
     return args[args.index(f) + 1] if f in args and args.index(f) + 1 < len(args) else None
 listen = flag("--listen")
@@ -277,6 +283,7 @@ if cm_mount:
     try:
         cfg = tomllib.loads(cm["data"][key])
         need(cfg.get("listen", "").rsplit(":", 1)[-1] == str(port), "config.toml listen port differs from the DaemonSet's")
+        need(cfg.get("keep_privileges") is False, "config.toml must have keep_privileges = false")
     except (KeyError, TypeError, tomllib.TOMLDecodeError) as e:
         need(False, f"config {key} in ConfigMap {cm_name}: {e}")
 

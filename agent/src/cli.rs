@@ -127,6 +127,10 @@ pub struct AgentArgs {
     /// Serve /debug/pprof/allocs and /debug/pprof/heap.
     #[arg(long)]
     pub pprof: bool,
+    /// Keep the user and capabilities the agent started with (by default it becomes user 65532
+    /// with only what it still needs once its probes are attached).
+    #[arg(long)]
+    pub keep_privileges: bool,
 }
 
 #[derive(Debug, Args)]

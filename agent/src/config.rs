@@ -150,6 +150,9 @@ pub struct Config {
     pub go: Go,
     pub pprof: Pprof,
     pub kubernetes: Kubernetes,
+    /// Keep running as the user and with the capabilities the agent started with, instead of
+    /// becoming user 65532 with only CAP_SYS_PTRACE once its probes are attached (`privilege`).
+    pub keep_privileges: bool,
 }
 
 /// Which processes are traced. Every entry is a regular expression, matched anywhere in the
@@ -289,6 +292,7 @@ impl Default for Config {
             go: Go::default(),
             pprof: Pprof::default(),
             kubernetes: Kubernetes::default(),
+            keep_privileges: false,
         }
     }
 }
@@ -393,6 +397,7 @@ pub struct Overrides {
     pub go_gc: Option<bool>,
     pub pprof: Option<bool>,
     pub kubernetes: Option<bool>,
+    pub keep_privileges: Option<bool>,
 }
 
 /// Reads the config file (defaults without one); every value is checked while parsing.
@@ -457,6 +462,7 @@ impl Config {
         set(&mut self.go.gc, o.go_gc);
         set(&mut self.pprof.enabled, o.pprof);
         set(&mut self.kubernetes.enabled, o.kubernetes);
+        set(&mut self.keep_privileges, o.keep_privileges);
         self.validate()
     }
 
@@ -539,6 +545,11 @@ max_site_series = {max_site_series}
 # The count modes export no live gauges, size histogram or heap profile, and no free bytes.
 mode = "{mode}"
 
+# Once its probes are attached, the agent becomes user and group 65532 and keeps only the
+# capabilities it still needs (CAP_SYS_PTRACE on Linux >= 6.6; deploy/README.md, "Required
+# capabilities"), with no_new_privs. true: keep the user and capabilities it started with.
+keep_privileges = {keep_privileges}
+
 [select]
 # Regular expressions (matched anywhere unless anchored with ^ and $). Empty include lists
 # trace every process on the node; a process matching an exclude list is never traced. A
@@ -618,6 +629,7 @@ enabled = {kubernetes}
         gc = c.go.gc,
         pprof = c.pprof.enabled,
         kubernetes = c.kubernetes.enabled,
+        keep_privileges = c.keep_privileges,
     )
 }
 

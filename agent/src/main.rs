@@ -15,6 +15,7 @@ mod gostate;
 mod k8s;
 mod launch;
 mod preflight;
+mod privilege;
 #[cfg(test)]
 mod probe_tests;
 mod probes;
@@ -62,6 +63,7 @@ async fn agent(a: AgentArgs) -> anyhow::Result<()> {
         exclude_k8s_namespace: a.exclude_k8s_namespace,
         go_malloc: a.go_malloc.then_some(true),
         pprof: a.pprof.then_some(true),
+        keep_privileges: a.keep_privileges.then_some(true),
         ..config::Overrides::default()
     })?;
     daemon::run(cfg).await

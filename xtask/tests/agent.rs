@@ -1004,66 +1004,246 @@ fn assert_config_error(env: &TestEnv, args: &[&str]) -> String {
     lines[0].to_owned()
 }
 
-/// With exactly the capabilities the DaemonSet grants (deploy/kustomize/base/daemonset.yaml,
-/// limited to what this machine can grant at all), and no_new_privs as there, the agent starts,
-/// serves, and counts a fixture exactly.
+/// With exactly the capabilities the DaemonSet grants (deploy/kustomize/base/daemonset.yaml),
+/// as root and with no_new_privs as there, the agent starts, then drops to user 65532 with only
+/// the steady state's capabilities in every thread, and still works: it counts a C fixture
+/// exactly and attaches to a Go program it sees after the drop (new uprobes on a new file),
+/// whose map growth it counts exactly.
 #[test]
 fn runs_with_exactly_the_daemonset_capabilities() {
     let env = TestEnv::get();
     let _serial = serial();
     let granted = daemonset_capabilities();
-    let own_bounding = own_status_mask("CapBnd");
-    let grantable: Vec<&(String, u32)> = granted
-        .iter()
-        .filter(|(_, bit)| own_bounding & (1 << bit) != 0)
-        .collect();
-    for (name, _) in granted.iter().filter(|c| !grantable.contains(c)) {
-        eprintln!(
-            "note: CAP_{name} is not in this test's own bounding set: the agent runs without it"
-        );
-    }
-    let mask: u64 = grantable.iter().map(|(_, bit)| 1u64 << bit).sum();
-    let caps = grantable
-        .iter()
-        .map(|(name, _)| format!("+{}", name.to_lowercase()))
-        .collect::<Vec<_>>()
-        .join(",");
+    let caps = setpriv_caps(&granted);
     let scratch = Scratch::new("caps");
     let fixture = scratch.copy(&env.fixture, "libc_fixture");
     let id = Identity::of(&fixture);
+    let build = go_builds().pop().expect("a Go build");
+    let go = scratch.copy(&build.path, &build.name);
+    let go_warm = scratch.path.join(format!("warm-{}", build.version));
+    fs::hard_link(&go, &go_warm).expect("hard link of the Go fixture");
 
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let mut cmd = Command::new("setpriv");
-    cmd.args([
-        "--inh-caps=-all",
-        "--ambient-caps=-all",
-        &format!("--bounding-set=-all,{caps}"),
-        "--no-new-privs",
-        "--",
-    ])
-    .arg(&env.bin)
-    .args(["agent", "--listen", &listen]);
+    // Only this test's programs are kept: on a machine busy compiling, the call-site table of
+    // an agent that keeps every process fills up (site_map_full), which is not what this tests.
+    let exe = format!("^{}/", scratch.path.display());
+    let args = ["agent", "--listen", &listen, "--exe", &exe];
     let mut agent = Agent::spawn(
-        cmd,
+        setpriv(&env, &caps, &args),
+        port,
+        &format!("(setpriv {caps}) {}", args.join(" ")),
+    );
+    agent.wait_ready();
+    // Printed before the serving line, which wait_ready waited for.
+    let stderr = agent.stderr.text();
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("allocwatch: running as user 65532"))
+        .unwrap_or_else(|| panic!("no line about the dropped privileges:\n{stderr}"))
+        .to_owned();
+    // Under load the first scrapes can find no rendered metrics yet (500, "still starting"):
+    // a startup matter of its own, not this test's.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while try_get(agent.port, "/metrics").map(|r| r.status).ok() != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "no /metrics within 30 s of /healthz"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let keep = steady_state_capabilities();
+    let pid = agent.child.id();
+    let tasks: Vec<String> = fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the agent's tasks")
+        .map(|e| e.expect("task").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(tasks.len() >= 3, "the agent's threads: {tasks:?}");
+    // The process (its main thread, what `ps` and /proc/<pid>/status show) and every thread.
+    for status_path in std::iter::once(format!("/proc/{pid}/status"))
+        .chain(tasks.iter().map(|t| format!("/proc/{pid}/task/{t}/status")))
+    {
+        let status = fs::read_to_string(&status_path).expect("the agent's status");
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}:\t")))
+                .unwrap_or_else(|| panic!("no {name} in {status_path}:\n{status}"))
+        };
+        assert_eq!(
+            (field("Uid"), field("Gid"), field("Groups").trim()),
+            (
+                "65532\t65532\t65532\t65532",
+                "65532\t65532\t65532\t65532",
+                ""
+            ),
+            "{status_path}: user, group and groups after startup\n{status}"
+        );
+        assert_eq!(
+            (
+                status_mask(&status, "CapPrm"),
+                status_mask(&status, "CapEff"),
+                status_mask(&status, "CapBnd")
+            ),
+            (keep, keep, keep),
+            "{status_path}: permitted/effective/bounding capabilities after startup (want \
+             {keep:#x})\n{status}"
+        );
+        assert_eq!(
+            (
+                status_mask(&status, "CapInh"),
+                status_mask(&status, "CapAmb")
+            ),
+            (0, 0),
+            "{status_path}\n{status}"
+        );
+        assert_eq!(field("NoNewPrivs"), "1", "{status_path}\n{status}");
+    }
+    let kept = if keep == 1 << 19 {
+        "CAP_SYS_PTRACE in all"
+    } else {
+        "CAP_SYS_PTRACE"
+    };
+    assert!(line.contains(kept), "{line}");
+    run_wait_run_fixture(&agent, &fixture, &id, &env.alias_groups);
+
+    // A Go program seen after the drop: its file gets uprobes of its own now. A hard link
+    // (same inode) stopped right after exec is attached first; the measured run follows.
+    let warm = Fixture::spawn_quiet(&go_warm, &["gc"; 2000]);
+    signal(warm.pid, libc::SIGSTOP);
+    agent.discover(&Identity::of(&go_warm), "allocwatch_go_info", warm.started);
+    drop(warm);
+    let go_id = Identity::of(&go);
+    let out = Command::new(&go)
+        .arg("map_big")
+        .stdin(Stdio::null())
+        .output()
+        .expect("the Go fixture");
+    assert!(out.status.success(), "{}: {}", go.display(), out.status);
+    let want = if build.old_maps() {
+        ("double", OLD_MAP_BIG_DOUBLINGS)
+    } else {
+        ("grow", SWISS_MAP_BIG_GROWS)
+    };
+    agent.scrape_until(
+        &format!("allocwatch_go_map_grows_total of {go_id}"),
+        Duration::from_secs(10),
+        |m| m.has(&go_id, "allocwatch_go_map_grows_total"),
+    );
+    let m = agent.scrape_stable(&go_id);
+    assert_eq!(
+        m.counter(&go_id, "allocwatch_go_map_grows_total", &[("kind", want.0)]),
+        want.1,
+        "map_big's map growth ({}) counted by the unprivileged agent\n{}",
+        want.0,
+        m.lines_of(&go_id)
+    );
+    m.assert_conventions();
+    agent.stop();
+}
+
+/// Without one of the capabilities the agent needs (the DaemonSet's list minus one), it refuses
+/// to start: one error line naming the capability, exit status 1, nothing loaded. Without
+/// CAP_SYS_RESOURCE, needed only before Linux 5.11, it starts here.
+#[test]
+fn a_missing_capability_is_one_error_line() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    let granted = daemonset_capabilities();
+    let before = KernelState::snapshot();
+    for (missing, _) in &granted {
+        let rest: Vec<(String, u32)> = granted
+            .iter()
+            .filter(|(n, _)| n != missing)
+            .cloned()
+            .collect();
+        let caps = setpriv_caps(&rest);
+        if missing == "SYS_RESOURCE" {
+            continue; // started below
+        }
+        let listen = format!("127.0.0.1:{}", free_port());
+        let out = setpriv(&env, &caps, &["agent", "--listen", &listen])
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .output()
+            .expect("setpriv");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "without CAP_{missing}:\n{stderr}"
+        );
+        assert_no_crash(&stderr);
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "without CAP_{missing}: one line\n{stderr}");
+        assert!(
+            lines[0].starts_with("allocwatch: error: ")
+                && lines[0].contains(&format!("CAP_{missing}")),
+            "without CAP_{missing}: the line must name it: {}",
+            lines[0]
+        );
+    }
+    KernelState::snapshot().assert_nothing_added(&before);
+
+    let rest: Vec<(String, u32)> = granted
+        .iter()
+        .filter(|(n, _)| n != "SYS_RESOURCE")
+        .cloned()
+        .collect();
+    let caps = setpriv_caps(&rest);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut agent = Agent::spawn(
+        setpriv(&env, &caps, &["agent", "--listen", &listen]),
         port,
         &format!("(setpriv {caps}) agent --listen {listen}"),
     );
     agent.wait_ready();
+    agent.stop();
+}
+
+/// `--keep-privileges`: the agent keeps the user and capabilities it started with (the opt-out).
+#[test]
+fn keep_privileges_keeps_root_and_the_capabilities() {
+    let Some(env) = TestEnv::get() else { return };
+    let _serial = serial();
+    let granted = daemonset_capabilities();
+    let caps = setpriv_caps(&granted);
+    let own_bounding = own_status_mask("CapBnd");
+    let mask: u64 = granted
+        .iter()
+        .map(|(_, bit)| 1u64 << bit)
+        .filter(|b| own_bounding & b != 0)
+        .sum();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut agent = Agent::spawn(
+        setpriv(
+            &env,
+            &caps,
+            &["agent", "--keep-privileges", "--listen", &listen],
+        ),
+        port,
+        &format!("(setpriv {caps}) agent --keep-privileges --listen {listen}"),
+    );
+    agent.wait_ready();
     let pid = agent.child.id();
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("agent's status");
-    let field = |name: &str| status_mask(&status, name);
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("the agent's status");
+    assert!(status.lines().any(|l| l == "Uid:\t0\t0\t0\t0"), "{status}");
     assert_eq!(
-        (field("CapEff"), field("CapPrm"), field("CapBnd")),
+        (
+            status_mask(&status, "CapEff"),
+            status_mask(&status, "CapPrm"),
+            status_mask(&status, "CapBnd")
+        ),
         (mask, mask, mask),
         "the agent's effective/permitted/bounding capabilities (want {caps})\n{status}"
     );
-    assert_eq!((field("CapInh"), field("CapAmb")), (0, 0), "{status}");
     assert!(
-        status.lines().any(|l| l == "NoNewPrivs:\t1"),
-        "no_new_privs\n{status}"
+        !agent.stderr.text().contains("running as user"),
+        "{}",
+        agent.stderr.text()
     );
-    run_wait_run_fixture(&agent, &fixture, &id, &env.alias_groups);
     agent.stop();
 }
 
@@ -2515,6 +2695,7 @@ fn daemonset_capabilities() -> Vec<(String, u32)> {
         .skip_while(|l| l.trim() != "add:")
         .skip(1)
         .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
         .take_while(|l| l.starts_with("- "))
         .map(|l| l.trim_start_matches("- ").trim().to_owned())
         .collect();
@@ -2526,6 +2707,9 @@ fn daemonset_capabilities() -> Vec<(String, u32)> {
     // linux/capability.h
     let bits: BTreeMap<&str, u32> = [
         ("DAC_OVERRIDE", 1),
+        ("SETGID", 6),
+        ("SETUID", 7),
+        ("SETPCAP", 8),
         ("DAC_READ_SEARCH", 2),
         ("KILL", 5),
         ("NET_ADMIN", 12),
@@ -2550,6 +2734,58 @@ fn daemonset_capabilities() -> Vec<(String, u32)> {
             (n, bit)
         })
         .collect()
+}
+
+/// What the agent keeps after startup on this kernel (agent/src/privilege.rs): CAP_SYS_PTRACE,
+/// plus CAP_PERFMON before 6.6 (no uprobe_multi links) and CAP_BPF before 6.5.
+fn steady_state_capabilities() -> u64 {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    let v = version_key(release.trim());
+    let version = (
+        v.first().copied().unwrap_or(0),
+        v.get(1).copied().unwrap_or(0),
+    );
+    let mut keep = 1u64 << 19;
+    if version < (6, 6) {
+        keep |= 1 << 38;
+    }
+    if version < (6, 5) {
+        keep |= 1 << 39;
+    }
+    keep
+}
+
+/// `+bpf,+perfmon,…` for setpriv: the capabilities this test process can grant at all (a note for
+/// the others).
+fn setpriv_caps(granted: &[(String, u32)]) -> String {
+    let own_bounding = own_status_mask("CapBnd");
+    let mut out = Vec::new();
+    for (name, bit) in granted {
+        if own_bounding & (1 << bit) == 0 {
+            eprintln!(
+                "note: CAP_{name} is not in this test's own bounding set: the agent runs without it"
+            );
+        } else {
+            out.push(format!("+{}", name.to_lowercase()));
+        }
+    }
+    out.join(",")
+}
+
+/// `allocwatch ARGS` as root with exactly `caps` (`+name,…`) and no_new_privs, as the
+/// DaemonSet's securityContext runs it.
+fn setpriv(env: &TestEnv, caps: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--inh-caps=-all",
+        "--ambient-caps=-all",
+        &format!("--bounding-set=-all,{caps}"),
+        "--no-new-privs",
+        "--",
+    ])
+    .arg(&env.bin)
+    .args(args);
+    cmd
 }
 
 fn own_status_mask(field: &str) -> u64 {

@@ -38,7 +38,7 @@ use tokio::{
 use self::select::Selector;
 use crate::{
     config::Config,
-    k8s,
+    k8s, privilege,
     serve::{
         self, ServeConfig,
         metrics::MetricsError,
@@ -154,6 +154,10 @@ impl SnapshotSource for ChannelSource {
 /// Runs the agent (the caller has run the preflight checks).
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let selector = Selector::new(&cfg.select)?;
+    // Whether privileges can be dropped after startup is checked before anything is loaded.
+    let privileges = (!cfg.keep_privileges)
+        .then(privilege::Plan::check)
+        .transpose()?;
     // Bind before loading anything: a taken port is a startup error, not a later one.
     let listener = serve::bind(cfg.listen).await?;
 
@@ -204,6 +208,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     };
 
+    // Read while still root: a TLS key may be readable by root alone.
+    let serve_cfg = ServeConfig::from_config(&cfg);
+    let web = serve::load_web_config(&serve_cfg)?;
+    // Probes loaded and attached: from here on the agent runs as an unprivileged user.
+    if let Some(plan) = privileges {
+        let dropped = plan.apply().context("dropping privileges after startup")?;
+        eprintln!("allocwatch: {dropped}");
+    }
+
     if cfg.kubernetes.enabled && k8s::watch::in_cluster() {
         let node = std::env::var("NODE_NAME").ok();
         tokio::spawn(k8s::watch::watch_pods(node, pod_tx));
@@ -216,14 +229,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         last,
         heartbeat,
     });
-    let server = tokio::spawn(serve::serve_on(
-        listener,
-        source,
-        ServeConfig::from_config(&cfg),
-        async {
-            let _ = server_stopped.await;
-        },
-    ));
+    let server = tokio::spawn(serve::serve_with(listener, source, serve_cfg, web, async {
+        let _ = server_stopped.await;
+    }));
     let mut server = std::pin::pin!(server);
     // Handlers first: whoever reads the line below may signal at once.
     let mut sigint = signal(SignalKind::interrupt())?;

@@ -121,24 +121,40 @@ pub async fn serve(
 }
 
 /// Serves on an already bound listener (tests bind port 0 and read the port back).
+#[cfg(test)]
 pub async fn serve_on(
     listener: TcpListener,
     source: Arc<dyn SnapshotSource>,
     cfg: ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let web = match &cfg.web_config {
-        Some(path) => {
-            let web = WebConfigWatch::load(path)?;
-            eprintln!(
-                "allocwatch: web config {}: {}",
-                path.display(),
-                web.current().summary()
-            );
-            Some(web)
-        }
-        None => None,
+    let web = load_web_config(&cfg)?;
+    serve_with(listener, source, cfg, web, shutdown).await
+}
+
+/// Reads the web config and the files it names (the agent does so before it drops root: a
+/// key file may be root's alone).
+pub fn load_web_config(cfg: &ServeConfig) -> Result<Option<WebConfigWatch>, ServeError> {
+    let Some(path) = &cfg.web_config else {
+        return Ok(None);
     };
+    let web = WebConfigWatch::load(path)?;
+    eprintln!(
+        "allocwatch: web config {}: {}",
+        path.display(),
+        web.current().summary()
+    );
+    Ok(Some(web))
+}
+
+/// [`serve_on`] with the web config already read ([`load_web_config`]).
+pub async fn serve_with(
+    listener: TcpListener,
+    source: Arc<dyn SnapshotSource>,
+    cfg: ServeConfig,
+    web: Option<WebConfigWatch>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     let (stop_tx, stopping) = watch::channel(false);
     let state = Arc::new(AppState {
         source,
