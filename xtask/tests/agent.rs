@@ -1147,7 +1147,7 @@ fn runs_with_exactly_the_daemonset_capabilities() {
 /// CAP_SYS_RESOURCE, needed only before Linux 5.11, it starts here.
 #[test]
 fn a_missing_capability_is_one_error_line() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     let granted = daemonset_capabilities();
     let before = KernelState::snapshot();
@@ -1205,7 +1205,7 @@ fn a_missing_capability_is_one_error_line() {
 /// `--keep-privileges`: the agent keeps the user and capabilities it started with (the opt-out).
 #[test]
 fn keep_privileges_keeps_root_and_the_capabilities() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     let granted = daemonset_capabilities();
     let caps = setpriv_caps(&granted);
