@@ -11,14 +11,11 @@ use allocwatch_common::{
     loss::{LOSS_CAUSES, LossCause},
     map_names,
 };
-use aya::{
-    Ebpf,
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray, RingBuf},
-};
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, RingBuf};
 use thiserror::Error;
 
 pub use self::batch::{BatchError, Cursor, RawMap};
-use crate::aggregate::sum_stats;
+use crate::{aggregate::sum_stats, probes::Probes};
 
 mod batch;
 
@@ -40,9 +37,12 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> CollectError {
 }
 
 /// Site rows of `tgid` (all processes when `None`), per-CPU values summed.
-pub fn sites(ebpf: &Ebpf, tgid: Option<u32>) -> Result<BTreeMap<SiteKey, SiteStats>, CollectError> {
+pub fn sites(
+    probes: &Probes,
+    tgid: Option<u32>,
+) -> Result<BTreeMap<SiteKey, SiteStats>, CollectError> {
     let name = map_names::SITES;
-    let map = RawMap::of::<SiteKey, SiteStats>(map_ref(ebpf, name)?, name)?;
+    let map = RawMap::of::<SiteKey, SiteStats>(map_ref(probes, name)?, name)?;
     let mut out = BTreeMap::new();
     map.scan(
         &mut Cursor::default(),
@@ -57,9 +57,9 @@ pub fn sites(ebpf: &Ebpf, tgid: Option<u32>) -> Result<BTreeMap<SiteKey, SiteSta
 }
 
 /// Outstanding allocations of `tgid` (all processes when `None`).
-pub fn live(ebpf: &Ebpf, tgid: Option<u32>) -> Result<Vec<(LiveKey, LiveAlloc)>, CollectError> {
+pub fn live(probes: &Probes, tgid: Option<u32>) -> Result<Vec<(LiveKey, LiveAlloc)>, CollectError> {
     let name = map_names::LIVE;
-    let map = RawMap::of::<LiveKey, LiveAlloc>(map_ref(ebpf, name)?, name)?;
+    let map = RawMap::of::<LiveKey, LiveAlloc>(map_ref(probes, name)?, name)?;
     let mut out = Vec::new();
     map.scan(
         &mut Cursor::default(),
@@ -74,9 +74,9 @@ pub fn live(ebpf: &Ebpf, tgid: Option<u32>) -> Result<Vec<(LiveKey, LiveAlloc)>,
 }
 
 /// Loss counters by cause, summed over CPUs.
-pub fn lost(ebpf: &Ebpf) -> Result<BTreeMap<LossCause, u64>, CollectError> {
+pub fn lost(probes: &Probes) -> Result<BTreeMap<LossCause, u64>, CollectError> {
     let name = map_names::LOST;
-    let map = ebpf.map(name).ok_or(CollectError::MissingMap(name))?;
+    let map = probes.map(name).ok_or(CollectError::MissingMap(name))?;
     let map: PerCpuArray<_, u64> = PerCpuArray::try_from(map).map_err(map_err(name))?;
     let mut out = BTreeMap::new();
     for (i, cause) in LossCause::ALL.iter().enumerate().take(LOSS_CAUSES) {
@@ -87,9 +87,9 @@ pub fn lost(ebpf: &Ebpf) -> Result<BTreeMap<LossCause, u64>, CollectError> {
 }
 
 /// Calls that found the site table full, per API id.
-pub fn overflow(ebpf: &Ebpf) -> Result<[Overflow; API_COUNT], CollectError> {
+pub fn overflow(probes: &Probes) -> Result<[Overflow; API_COUNT], CollectError> {
     let name = map_names::OVERFLOW;
-    let map = ebpf.map(name).ok_or(CollectError::MissingMap(name))?;
+    let map = probes.map(name).ok_or(CollectError::MissingMap(name))?;
     let map: PerCpuArray<_, Overflow> = PerCpuArray::try_from(map).map_err(map_err(name))?;
     let mut out = [Overflow::default(); API_COUNT];
     for (i, slot) in out.iter_mut().enumerate() {
@@ -104,10 +104,10 @@ pub fn overflow(ebpf: &Ebpf) -> Result<[Overflow; API_COUNT], CollectError> {
 /// A size histogram (`map_names::GO_HIST` or `LIBC_HIST`) of every process: (tgid, log2
 /// bucket) → (count, bytes), CPUs summed.
 pub fn hist(
-    ebpf: &Ebpf,
+    probes: &Probes,
     name: &'static str,
 ) -> Result<BTreeMap<(u32, u32), GoHistVal>, CollectError> {
-    let map = RawMap::of::<GoHistKey, GoHistVal>(map_ref(ebpf, name)?, name)?;
+    let map = RawMap::of::<GoHistKey, GoHistVal>(map_ref(probes, name)?, name)?;
     let mut out = BTreeMap::new();
     map.scan(
         &mut Cursor::default(),
@@ -130,12 +130,12 @@ pub fn sum_hist(values: &[GoHistVal]) -> GoHistVal {
 }
 
 /// The user stack `id` as instruction pointers, innermost first; empty if unknown.
-pub fn stack(ebpf: &Ebpf, id: i64) -> Result<Vec<u64>, CollectError> {
+pub fn stack(probes: &Probes, id: i64) -> Result<Vec<u64>, CollectError> {
     if id < 0 {
         return Ok(Vec::new());
     }
     let name = map_names::STACKS;
-    let map = ebpf.map(name).ok_or(CollectError::MissingMap(name))?;
+    let map = probes.map(name).ok_or(CollectError::MissingMap(name))?;
     let map: HashMap<_, u64, [u64; MAX_STACK_DEPTH]> =
         HashMap::try_from(map).map_err(map_err(name))?;
     match map.get(&(id as u64), 0) {
@@ -145,21 +145,25 @@ pub fn stack(ebpf: &Ebpf, id: i64) -> Result<Vec<u64>, CollectError> {
     }
 }
 
-pub fn map_ref<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a Map, CollectError> {
-    ebpf.map(name).ok_or(CollectError::MissingMap(name))
+pub fn map_ref<'a>(probes: &'a Probes, name: &'static str) -> Result<&'a Map, CollectError> {
+    probes.map(name).ok_or(CollectError::MissingMap(name))
 }
 
 /// Takes the ring buffer out of the object so it can be polled on its own.
-pub fn take_events(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>, CollectError> {
+pub fn take_events(probes: &mut Probes) -> Result<RingBuf<MapData>, CollectError> {
     let name = map_names::EVENTS;
-    let map = ebpf.take_map(name).ok_or(CollectError::MissingMap(name))?;
+    let map = probes
+        .take_map(name)
+        .ok_or(CollectError::MissingMap(name))?;
     RingBuf::try_from(map).map_err(map_err(name))
 }
 
 /// Takes the ring of exec notifications (a pid per exec) out of the object.
-pub fn take_exec_notify(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>, CollectError> {
+pub fn take_exec_notify(probes: &mut Probes) -> Result<RingBuf<MapData>, CollectError> {
     let name = map_names::EXEC_NOTIFY;
-    let map = ebpf.take_map(name).ok_or(CollectError::MissingMap(name))?;
+    let map = probes
+        .take_map(name)
+        .ok_or(CollectError::MissingMap(name))?;
     RingBuf::try_from(map).map_err(map_err(name))
 }
 
