@@ -405,6 +405,38 @@ for where, e in exprs + alert_exprs:
         else:
             need(name == "up", f"{where}: unexpected metric or function {name!r}")
 
+# The table's types and labels (the exporter's family specs, agent/src/serve/metrics/families.rs,
+# which a unit test keeps equal to the table): rate-like functions only over counters (or a
+# histogram's series), and label matchers only on labels the family has.
+IDENTITY = {"namespace", "pod", "container", "comm", "exe"}
+TARGET = {"instance", "job"}
+families = {}
+for m in re.finditer(r"^\| `(allocwatch_[a-z0-9_]+)` \| (counter|gauge|histogram)( \(agent\))? \|([^|]*)\|", readme, re.M):
+    own = set(re.findall(r"`([a-z_]+)`", m.group(4)))
+    families[m.group(1)] = (m.group(2), own | TARGET | (set() if m.group(3) else IDENTITY))
+need(set(families) == documented, "README metrics table: a row without a type")
+def family_of(name):
+    if name in families:
+        return name, ""
+    base = re.sub(r"_(bucket|sum|count)$", "", name)
+    if families.get(base, ("",))[0] == "histogram":
+        return base, name[len(base):]
+    return None, None
+for where, e in exprs + alert_exprs:
+    for m in re.finditer(r"\b(rate|irate|increase)\(\s*(allocwatch_[a-z0-9_]+)", e):
+        fam, part = family_of(m.group(2))
+        if fam:
+            kind = families[fam][0]
+            need(kind == "counter" or (kind == "histogram" and part),
+                 f"{where}: {m.group(1)}() over {m.group(2)}, a {kind}")
+    for m in re.finditer(r"\b(allocwatch_[a-z0-9_]+)\s*\{([^}]*)\}", e):
+        fam, part = family_of(m.group(1))
+        if not fam:
+            continue
+        allowed = families[fam][1] | ({"le"} if part == "_bucket" else set())
+        for label in re.findall(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)", m.group(2)):
+            need(label in allowed, f"{where}: {m.group(1)} has no label {label!r}")
+
 # Compile every query with promtool: as recording rules, Grafana's variables substituted.
 def concrete(e):
     e = e.replace("$__rate_interval", "5m").replace("$__interval", "1m").replace("$__range", "1h")

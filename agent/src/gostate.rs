@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use allocwatch_common::go::{GoEvent, GoRole};
+use allocwatch_common::{event::GoEvent, go::GoRole};
 
 use crate::{
     gort::{
@@ -328,7 +328,7 @@ impl GoState {
             }
             GoRole::GcStart => self.gc_starts += 1,
             GoRole::StopTheWorld => self.unexpected += 1,
-            GoRole::StartTheWorldRet => {
+            GoRole::StartTheWorld => {
                 let (ns, reason, stop_ret) = (v[0], v[1], v[2]);
                 self.stw_pauses.add(ns);
                 let has_reasons = self

@@ -16,6 +16,8 @@ mod k8s;
 mod launch;
 mod pipeline;
 mod preflight;
+#[cfg(test)]
+mod probe_tests;
 mod probes;
 mod procfs;
 mod report;

@@ -4,7 +4,7 @@
 //! kernel's LRU table can evict it, and its site queued to be named while its process lives;
 //! what else a record means is the consumer's ([`Handler`]).
 
-use allocwatch_common::{Event, go::GoEvent, libc::SiteKey};
+use allocwatch_common::{Event, event::GoEvent, libc::SiteKey};
 use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 

@@ -583,8 +583,8 @@ impl CountLayout {
         cookie::encode_count(
             p.api as u32,
             p.sp_delta,
-            self.relays.targets() & (1 << p.api as u32) != 0,
-            self.relays.masks[p.api as usize],
+            u64::from(self.relays.targets()),
+            u64::from(self.relays.masks[p.api as usize]),
             self.slot,
             u32::try_from(p.file_offset).unwrap_or(0),
         )

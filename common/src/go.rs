@@ -6,28 +6,79 @@
 //! the spec. The probe copies the values into a [`GoEvent`]; the agent interprets them with
 //! the per-version table in `agent/src/gort/versions.rs`.
 
-/// What a probed runtime function means. Discriminants are part of the cookie.
+/// What a traced runtime function tells us: one enum for the per-version table
+/// (`agent/src/gort/versions.rs`), the probe placement (`agent/src/target/go.rs`), the probe and
+/// the decoder. Discriminants are the ids in [`GoSpec::role`] and event records.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "user", derive(PartialOrd, Ord))]
 pub enum GoRole {
+    /// Old (bucket) maps: `runtime.hashGrow`, a doubling or a same-size grow.
     MapHashGrow = 0,
+    /// Swiss maps: first group of a small map allocated.
     MapGrowToSmall = 1,
+    /// Swiss maps: the 8-slot small map became a 16-slot table.
     MapGrowToTable = 2,
+    /// Swiss maps: one table doubled its capacity (≤ 1024 slots).
     MapTableGrow = 3,
+    /// Swiss maps: a full 1024-slot table split in two.
     MapTableSplit = 4,
+    /// Swiss maps: a split installed; the directory doubles when the old table's local depth
+    /// equals the map's global depth.
     MapDirectoryGrow = 5,
     SliceGrow = 6,
+    /// Go ≥ 1.26: an append-built slice moved from its stack buffer to the heap when it
+    /// escapes (`moveSlice*`); a heap allocation for a slice that grew without `growslice`.
     SliceMoveToHeap = 7,
     Malloc = 8,
+    /// Size-specialized allocation entry points the compiler may call directly.
     MallocSpecialized = 9,
     GcStart = 10,
     StopTheWorld = 11,
-    /// A `ret` instruction of `startTheWorldWithSema`: the end of a stop-the-world pause.
-    StartTheWorldRet = 12,
+    /// `startTheWorldWithSema`, probed on its `ret` instructions (never with a uretprobe): the
+    /// end of a stop-the-world pause.
+    StartTheWorld = 12,
 }
 
 pub const GO_ROLES: usize = 13;
+
+impl GoRole {
+    pub const ALL: [GoRole; GO_ROLES] = [
+        GoRole::MapHashGrow,
+        GoRole::MapGrowToSmall,
+        GoRole::MapGrowToTable,
+        GoRole::MapTableGrow,
+        GoRole::MapTableSplit,
+        GoRole::MapDirectoryGrow,
+        GoRole::SliceGrow,
+        GoRole::SliceMoveToHeap,
+        GoRole::Malloc,
+        GoRole::MallocSpecialized,
+        GoRole::GcStart,
+        GoRole::StopTheWorld,
+        GoRole::StartTheWorld,
+    ];
+
+    /// The role of a raw id, `None` for an unknown one (a plain match: no table load in BPF).
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            0 => GoRole::MapHashGrow,
+            1 => GoRole::MapGrowToSmall,
+            2 => GoRole::MapGrowToTable,
+            3 => GoRole::MapTableGrow,
+            4 => GoRole::MapTableSplit,
+            5 => GoRole::MapDirectoryGrow,
+            6 => GoRole::SliceGrow,
+            7 => GoRole::SliceMoveToHeap,
+            8 => GoRole::Malloc,
+            9 => GoRole::MallocSpecialized,
+            10 => GoRole::GcStart,
+            11 => GoRole::StopTheWorld,
+            12 => GoRole::StartTheWorld,
+            _ => return None,
+        })
+    }
+}
 
 /// Values captured per event.
 pub const GO_VALUES: usize = 6;
@@ -42,18 +93,34 @@ pub const GO_LARGE_ALLOC: u64 = 32 << 10;
 /// (bucket 0 also holds size 0).
 pub const GO_HIST_BUCKETS: u32 = 48;
 
-/// Register numbers used in [`Capture::reg`] (0 = nothing captured).
+/// An integer argument register of Go's ABIInternal on amd64, in argument order (RAX, RBX, RCX,
+/// RDI, RSI, R8, R9, R10, R11; cmd/compile/abi-internal.md). The discriminant is the number
+/// in [`Capture::reg`]: argument index + 1, 0 ([`reg::NONE`]) being "nothing captured".
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GoReg {
+    Rax = 1,
+    Rbx = 2,
+    Rcx = 3,
+    Rdi = 4,
+    Rsi = 5,
+    R8 = 6,
+    R9 = 7,
+    R10 = 8,
+    R11 = 9,
+}
+
+impl GoReg {
+    /// Position in the argument order (0 for RAX).
+    pub const fn arg_index(self) -> usize {
+        self as usize - 1
+    }
+}
+
+/// [`Capture::reg`] values that are not a register.
 pub mod reg {
+    /// Nothing captured.
     pub const NONE: u8 = 0;
-    pub const RAX: u8 = 1;
-    pub const RBX: u8 = 2;
-    pub const RCX: u8 = 3;
-    pub const RDI: u8 = 4;
-    pub const RSI: u8 = 5;
-    pub const R8: u8 = 6;
-    pub const R9: u8 = 7;
-    pub const R10: u8 = 8;
-    pub const R11: u8 = 9;
 }
 
 /// One captured value: a register (`deref` 0), a field loaded through a register
@@ -132,22 +199,6 @@ pub struct GoHistVal {
     pub bytes: u64,
 }
 
-/// A streamed Go runtime event.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct GoEvent {
-    pub header: crate::libc::EventHeader,
-    pub role: u32,
-    pub tid: u32,
-    pub ts_ns: u64,
-    /// The goroutine (`g`, R14 under ABIInternal).
-    pub goroutine: u64,
-    pub ret_addr: u64,
-    pub stack_id: i64,
-    /// For `StartTheWorldRet`: [pause ns, stop reason, stop's return address, …].
-    pub values: [u64; GO_VALUES],
-}
-
 const _: () = {
     use core::mem::{offset_of, size_of};
     assert!(size_of::<Capture>() == 8);
@@ -158,16 +209,11 @@ const _: () = {
     assert!(size_of::<StwState>() == 24);
     assert!(size_of::<GoHistKey>() == 8);
     assert!(size_of::<GoHistVal>() == 16);
-    assert!(size_of::<GoEvent>() == 96);
-    assert!(offset_of!(GoEvent, ts_ns) == 16);
-    assert!(offset_of!(GoEvent, stack_id) == 40);
-    assert!(offset_of!(GoEvent, values) == 48);
 };
 
 #[cfg(feature = "user")]
 mod user {
     use super::*;
-    use crate::libc::DecodeError;
 
     // SAFETY: #[repr(C)] plain integers with explicit padding.
     unsafe impl aya::Pod for Capture {}
@@ -176,52 +222,26 @@ mod user {
     unsafe impl aya::Pod for StwState {}
     unsafe impl aya::Pod for GoHistKey {}
     unsafe impl aya::Pod for GoHistVal {}
-    unsafe impl aya::Pod for GoEvent {}
+}
 
-    impl GoRole {
-        pub const ALL: [GoRole; GO_ROLES] = [
-            GoRole::MapHashGrow,
-            GoRole::MapGrowToSmall,
-            GoRole::MapGrowToTable,
-            GoRole::MapTableGrow,
-            GoRole::MapTableSplit,
-            GoRole::MapDirectoryGrow,
-            GoRole::SliceGrow,
-            GoRole::SliceMoveToHeap,
-            GoRole::Malloc,
-            GoRole::MallocSpecialized,
-            GoRole::GcStart,
-            GoRole::StopTheWorld,
-            GoRole::StartTheWorldRet,
-        ];
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_and_registers() {
+        for r in GoRole::ALL {
+            assert_eq!(GoRole::from_u32(r as u32), Some(r));
+        }
+        assert_eq!(GoRole::from_u32(GO_ROLES as u32), None);
+        assert_eq!(GoReg::Rax as u8, 1);
+        assert_eq!(GoReg::R11.arg_index(), 8);
+        assert_ne!(GoReg::Rax as u8, reg::NONE);
     }
 
-    impl TryFrom<u32> for GoRole {
-        type Error = DecodeError;
-        fn try_from(v: u32) -> Result<Self, Self::Error> {
-            GoRole::ALL
-                .get(v as usize)
-                .copied()
-                .ok_or(DecodeError::UnknownRole(v))
-        }
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        #[test]
-        fn roles_round_trip() {
-            for r in GoRole::ALL {
-                assert_eq!(GoRole::try_from(r as u32), Ok(r));
-            }
-            assert_eq!(GoRole::try_from(99), Err(DecodeError::UnknownRole(99)));
-        }
-
-        #[test]
-        fn cookie_round_trip() {
-            let c = cookie::encode(1023, 8);
-            assert_eq!((cookie::spec(c), cookie::sp_delta(c)), (1023, 8));
-        }
+    #[test]
+    fn cookie_round_trip() {
+        let c = cookie::encode(1023, 8);
+        assert_eq!((cookie::spec(c), cookie::sp_delta(c)), (1023, 8));
     }
 }

@@ -2,6 +2,7 @@
 //! every struct is `#[repr(C)]` with explicit padding and a compile-time size/offset assert.
 #![cfg_attr(not(feature = "user"), no_std)]
 
+pub mod event;
 pub mod go;
 pub mod libc;
 pub mod loss;
@@ -57,8 +58,15 @@ pub mod capacity {
     pub const EVENTS_BYTES: u32 = 4 << 20;
 }
 
+/// Kernel error numbers the probes test for (BPF helpers return them negated).
+pub mod errno {
+    /// `bpf_map_update_elem(…, BPF_NOEXIST)` on a key that exists: another CPU (or an earlier
+    /// call) inserted it first.
+    pub const EEXIST: i32 = 17;
+}
+
 /// Maximum user stack depth kept by the stack map (the kernel's limit is 127).
 pub const MAX_STACK_DEPTH: usize = 64;
 
 #[cfg(feature = "user")]
-pub use libc::{DecodeError, Event};
+pub use event::{DecodeError, Event};

@@ -19,60 +19,165 @@ pub enum Api {
 
 pub const API_COUNT: usize = 10;
 
-/// Probe cookie: API id in the low 7 bits, and in the next byte how many bytes the stack pointer
-/// has moved between the function's entry and the probed instruction (the probe may sit after
-/// `push` instructions; see `agent/src/target/placement.rs`). The return address of the call
-/// is at `[rsp + delta]`.
+impl Api {
+    pub const ALL: [Api; API_COUNT] = [
+        Api::Malloc,
+        Api::Calloc,
+        Api::Realloc,
+        Api::Reallocarray,
+        Api::Free,
+        Api::PosixMemalign,
+        Api::AlignedAlloc,
+        Api::Memalign,
+        Api::Valloc,
+        Api::Pvalloc,
+    ];
+
+    /// The API of a raw id (cookie, key), `None` for an unknown one (a plain match: no table
+    /// load in BPF).
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            0 => Api::Malloc,
+            1 => Api::Calloc,
+            2 => Api::Realloc,
+            3 => Api::Reallocarray,
+            4 => Api::Free,
+            5 => Api::PosixMemalign,
+            6 => Api::AlignedAlloc,
+            7 => Api::Memalign,
+            8 => Api::Valloc,
+            9 => Api::Pvalloc,
+            _ => return None,
+        })
+    }
+
+    /// The libc symbol, also the name used in JSON keys and metric labels.
+    pub const fn symbol(self) -> &'static str {
+        match self {
+            Api::Malloc => "malloc",
+            Api::Calloc => "calloc",
+            Api::Realloc => "realloc",
+            Api::Reallocarray => "reallocarray",
+            Api::Free => "free",
+            Api::PosixMemalign => "posix_memalign",
+            Api::AlignedAlloc => "aligned_alloc",
+            Api::Memalign => "memalign",
+            Api::Valloc => "valloc",
+            Api::Pvalloc => "pvalloc",
+        }
+    }
+
+    /// Whether the probe needs the return value (the new pointer) of this call.
+    pub const fn needs_return(self) -> bool {
+        !matches!(self, Api::Free)
+    }
+}
+
+/// The attach cookie of a libc probe (64 bits). Full mode uses the API id and the stack-pointer
+/// delta; count mode (entry probes only) adds what it needs to recognize an allocator's own
+/// relays without a return probe (`on_count` in `probe-ebpf/src/libc.rs`).
 ///
-/// Count mode (entry probes only) adds what it needs to recognize libc's own relays without a
-/// return probe: bit 7 ([`RELAY_TARGET`](cookie::RELAY_TARGET)), some API function of the file
-/// may tail-jump into this one; bits 16–25, the APIs this function may tail-jump into (bit = API
-/// id); bits
-/// 26–31, the probed file's slot in the `LIBC_FILES` array ([`NO_FILE`](cookie::NO_FILE):
-/// none); bits 32–63, the probed instruction's file offset, which turns a return address into a
-/// file offset of the same file (`ret - rip + offset`).
+/// | bits | field | limit |
+/// |---|---|---|
+/// | 0–7 | API id ([`Api`]; room for other allocators' entry points) | 256 ids |
+/// | 8–15 | bytes RSP moved between the function's entry and the probed instruction: the return address is at `[rsp + delta]` (`agent/src/target/placement.rs`) | 255 bytes |
+/// | 16–18 | this function's relay-target index in its file (0: no function of the file tail-jumps into it) | 7 indices |
+/// | 19–25 | relay mask: bit `index - 1` set, this function may tail-jump into relay target `index` | 7 indices |
+/// | 26–31 | the file's slot in the `LIBC_FILES` array ([`NO_FILE`](cookie::NO_FILE): none) | 63 files |
+/// | 32–63 | the probed instruction's file offset: `ret - rip + offset` turns a return address into a file offset of the same file | 4 GiB |
+///
+/// Relay targets are numbered per file (in API id order), not by API id, so an allocator with
+/// many entry points (jemalloc's `mallocx`, `rallocx`, `sdallocx`, …) fits as long as at most 7
+/// of them are jumped into; glibc has 2 (`malloc`, `realloc`). Beyond 7, the 7th index is
+/// shared by the rest: a relay into one of them is then also assumed into the others, which
+/// errs toward recognizing a relay, as count mode does for a file whose code it cannot read.
+/// The encoder takes the file's relay structure as masks over API ids (bit = id), so only API
+/// ids below 64 can take part in relays.
 pub mod cookie {
-    /// Count mode: some API function of the file may tail-jump into this one.
-    pub const RELAY_TARGET: u64 = 1 << 7;
     /// File slot meaning "no `LIBC_FILES` entry": return addresses are not classified.
     pub const NO_FILE: u32 = 0x3f;
+    /// Relay-target indices a cookie can name; further targets share the last one.
+    pub const RELAY_INDICES: u32 = 7;
 
+    const API_BITS: u64 = 0xff;
+    const SP_SHIFT: u32 = 8;
+    const TARGET_SHIFT: u32 = 16;
+    const TARGET_BITS: u64 = 0x7;
+    const MASK_SHIFT: u32 = 19;
+    const MASK_BITS: u64 = 0x7f;
+    const FILE_SHIFT: u32 = 26;
+    const OFFSET_SHIFT: u32 = 32;
+
+    /// Full mode's cookie: the API id and the stack-pointer delta.
     pub const fn encode(api: u32, sp_delta: u32) -> u64 {
-        (api as u64 & 0x7f) | ((sp_delta as u64 & 0xff) << 8)
+        (api as u64 & API_BITS) | ((sp_delta as u64 & 0xff) << SP_SHIFT)
     }
-    /// [`encode`] plus count mode's fields.
+
+    /// The relay-target index (1 ..= [`RELAY_INDICES`]) of API id `api` among the file's
+    /// relay targets `targets` (bit = API id), 0 when `api` is not one of them.
+    pub const fn relay_index(targets: u64, api: u32) -> u32 {
+        if api >= 64 || (targets >> api) & 1 == 0 {
+            return 0;
+        }
+        let rank = (targets & ((1u64 << api) - 1)).count_ones() + 1;
+        if rank > RELAY_INDICES {
+            RELAY_INDICES
+        } else {
+            rank
+        }
+    }
+
+    /// [`encode`] plus count mode's fields. `targets`: the APIs of the file that some API
+    /// function of it may tail-jump into; `relay_mask`: those this one may tail-jump into
+    /// (both bit = API id).
     pub const fn encode_count(
         api: u32,
         sp_delta: u32,
-        relay_target: bool,
-        relay_mask: u32,
+        targets: u64,
+        relay_mask: u64,
         file_slot: u32,
         probe_offset: u32,
     ) -> u64 {
+        let mut mask = 0u64;
+        let mut id = 0;
+        while id < 64 {
+            let index = relay_index(targets, id);
+            if (relay_mask >> id) & 1 != 0 && index != 0 {
+                mask |= 1 << (index - 1);
+            }
+            id += 1;
+        }
         encode(api, sp_delta)
-            | if relay_target { RELAY_TARGET } else { 0 }
-            | ((relay_mask as u64 & 0x3ff) << 16)
-            | ((file_slot as u64 & 0x3f) << 26)
-            | ((probe_offset as u64) << 32)
+            | ((relay_index(targets, api) as u64 & TARGET_BITS) << TARGET_SHIFT)
+            | ((mask & MASK_BITS) << MASK_SHIFT)
+            | ((file_slot as u64 & 0x3f) << FILE_SHIFT)
+            | ((probe_offset as u64) << OFFSET_SHIFT)
     }
+
     pub const fn api(cookie: u64) -> u32 {
-        (cookie & 0x7f) as u32
-    }
-    pub const fn is_relay_target(cookie: u64) -> bool {
-        cookie & RELAY_TARGET != 0
+        (cookie & API_BITS) as u32
     }
     pub const fn sp_delta(cookie: u64) -> u64 {
-        (cookie >> 8) & 0xff
+        (cookie >> SP_SHIFT) & 0xff
     }
-    /// Bit `1 << api` set: this function may tail-jump into `api`'s entry.
+    /// This function's relay-target index in its file (1 ..= [`RELAY_INDICES`]), 0 if nothing
+    /// tail-jumps into it.
+    pub const fn target_index(cookie: u64) -> u32 {
+        ((cookie >> TARGET_SHIFT) & TARGET_BITS) as u32
+    }
+    /// Bit `index - 1` set: this function may tail-jump into relay target `index`.
     pub const fn relay_mask(cookie: u64) -> u32 {
-        ((cookie >> 16) & 0x3ff) as u32
+        ((cookie >> MASK_SHIFT) & MASK_BITS) as u32
+    }
+    /// Whether a function with `relay_mask` may tail-jump into the one with `target_index`.
+    pub const fn may_relay_to(relay_mask: u32, target_index: u32) -> bool {
+        target_index != 0 && (relay_mask >> (target_index - 1)) & 1 != 0
     }
     pub const fn file_slot(cookie: u64) -> u32 {
-        ((cookie >> 26) & 0x3f) as u32
+        ((cookie >> FILE_SHIFT) & 0x3f) as u32
     }
     pub const fn probe_offset(cookie: u64) -> u64 {
-        cookie >> 32
+        cookie >> OFFSET_SHIFT
     }
 }
 
@@ -100,7 +205,7 @@ pub struct LastEntry {
     pub entry_sp: u64,
     pub ret_addr: u64,
     pub api: u32,
-    /// The APIs the outer API may relay to by a tail jump ([`cookie::relay_mask`]).
+    /// The relay targets the outer API may tail-jump into ([`cookie::relay_mask`]).
     pub relay_mask: u32,
 }
 
@@ -184,68 +289,6 @@ pub struct Overflow {
     pub bytes: u64,
 }
 
-/// Kinds of ring-buffer records.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EventKind {
-    /// A site row was created: symbolize it while the process is alive.
-    NewSite = 1,
-    /// A Go runtime event ([`crate::go::GoEvent`]).
-    Go = 2,
-    /// A process called `exec` ([`ExecEvent`]).
-    Exec = 3,
-}
-
-/// Longest executable path an [`ExecEvent`] carries (longer ones are cut).
-pub const EXEC_PATH_MAX: usize = 256;
-
-/// `sched_process_exec`: which program a process became. Names a process that exits before
-/// the agent reads /proc, and tells the agent its identity changed.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ExecEvent {
-    pub header: EventHeader,
-    pub comm: [u8; 16],
-    /// The path given to `execve`, NUL-terminated.
-    pub filename: [u8; EXEC_PATH_MAX],
-}
-
-/// Common header of every ring-buffer record.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct EventHeader {
-    pub kind: u32,
-    pub tgid: u32,
-}
-
-/// A new site, followed in its record by `nframes` frames ([`NewSiteRecord`]): the record is
-/// as long as the stack, so a burst of new sites (a process starting) fits the ring buffer.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct NewSiteEvent {
-    pub header: EventHeader,
-    pub site: SiteKey,
-    /// The thread's comm: names a process that exits before the agent reads /proc.
-    pub comm: [u8; 16],
-    /// Frames of the site's user stack (`site.stack_id`) that follow; 0 when stacks are off or
-    /// the stack was gone. The stack travels with the site because the kernel's stack table is
-    /// LRU: on a busy node it could be evicted before the agent read it by id.
-    pub nframes: u32,
-    pub _pad: u32,
-}
-
-/// The longest new-site record: the kernel builds it here and sends its first
-/// `NEW_SITE_FIXED + 8 * nframes` bytes.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct NewSiteRecord {
-    pub event: NewSiteEvent,
-    pub frames: [u64; crate::MAX_STACK_DEPTH],
-}
-
-/// Bytes of a new-site record before its frames.
-pub const NEW_SITE_FIXED: usize = size_of::<NewSiteEvent>();
-
 const _: () = {
     use core::mem::{offset_of, size_of};
     assert!(size_of::<Pending>() == 48);
@@ -261,18 +304,9 @@ const _: () = {
     assert!(size_of::<LiveAlloc>() == 40);
     assert!(offset_of!(LiveAlloc, site) == 16);
     assert!(size_of::<Overflow>() == 16);
-    assert!(size_of::<EventHeader>() == 8);
-    assert!(size_of::<NewSiteEvent>() == 56);
-    assert!(offset_of!(NewSiteEvent, nframes) == 48);
-    assert!(offset_of!(NewSiteRecord, frames) == NEW_SITE_FIXED);
-    assert!(size_of::<NewSiteRecord>() == NEW_SITE_FIXED + 8 * crate::MAX_STACK_DEPTH);
     assert!(size_of::<LibcFile>() == 8 * LIBC_FILE_RANGES);
     assert!(size_of::<LastEntry>() == 24);
     assert!(offset_of!(LastEntry, api) == 16);
-    assert!(offset_of!(NewSiteEvent, comm) == 32);
-    assert!(size_of::<ExecEvent>() == 280);
-    assert!(offset_of!(ExecEvent, filename) == 24);
-    assert!(offset_of!(NewSiteEvent, site) == 8);
 };
 
 #[cfg(feature = "user")]
@@ -286,253 +320,99 @@ mod user {
     unsafe impl aya::Pod for LiveKey {}
     unsafe impl aya::Pod for LiveAlloc {}
     unsafe impl aya::Pod for Overflow {}
-    unsafe impl aya::Pod for EventHeader {}
-    unsafe impl aya::Pod for NewSiteEvent {}
-    unsafe impl aya::Pod for ExecEvent {}
     unsafe impl aya::Pod for LibcFile {}
     unsafe impl aya::Pod for LastEntry {}
+}
 
-    #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-    pub enum DecodeError {
-        #[error("unknown libc API id {0}")]
-        UnknownApi(u32),
-        #[error("unknown event kind {0}")]
-        UnknownKind(u32),
-        #[error("unknown Go role {0}")]
-        UnknownRole(u32),
-        #[error("event record of {got} bytes, expected at least {want}")]
-        Short { got: usize, want: usize },
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_ids_round_trip() {
+        for api in Api::ALL {
+            assert_eq!(Api::from_u32(api as u32), Some(api));
+        }
+        assert_eq!(Api::from_u32(API_COUNT as u32), None);
     }
 
-    impl Api {
-        pub const ALL: [Api; API_COUNT] = [
-            Api::Malloc,
-            Api::Calloc,
-            Api::Realloc,
-            Api::Reallocarray,
-            Api::Free,
-            Api::PosixMemalign,
-            Api::AlignedAlloc,
-            Api::Memalign,
-            Api::Valloc,
-            Api::Pvalloc,
-        ];
-
-        /// The libc symbol, also the name used in JSON keys and metric labels.
-        pub const fn symbol(self) -> &'static str {
-            match self {
-                Api::Malloc => "malloc",
-                Api::Calloc => "calloc",
-                Api::Realloc => "realloc",
-                Api::Reallocarray => "reallocarray",
-                Api::Free => "free",
-                Api::PosixMemalign => "posix_memalign",
-                Api::AlignedAlloc => "aligned_alloc",
-                Api::Memalign => "memalign",
-                Api::Valloc => "valloc",
-                Api::Pvalloc => "pvalloc",
-            }
-        }
-
-        /// Whether the probe needs the return value (the new pointer) of this call.
-        pub const fn needs_return(self) -> bool {
-            !matches!(self, Api::Free)
-        }
+    #[test]
+    fn cookie_fields_round_trip() {
+        let c = cookie::encode(Api::PosixMemalign as u32, 24);
+        assert_eq!(cookie::api(c), 5);
+        assert_eq!(cookie::sp_delta(c), 24);
+        assert_eq!(cookie::target_index(c), 0);
+        assert_eq!(cookie::relay_mask(c), 0);
+        // The widest values of every field, side by side.
+        let c = cookie::encode_count(0xff, 0xff, 1 << 63, 1 << 63, 62, 0xffff_ffff);
+        assert_eq!(cookie::api(c), 0xff);
+        assert_eq!(cookie::sp_delta(c), 0xff);
+        assert_eq!(
+            cookie::target_index(c),
+            0,
+            "ids ≥ 64 take no part in relays"
+        );
+        assert_eq!(cookie::file_slot(c), 62);
+        assert_eq!(cookie::probe_offset(c), 0xffff_ffff);
+        let c = cookie::encode_count(Api::Free as u32, 0, 0, 0, cookie::NO_FILE, 0x26030);
+        assert_eq!(cookie::api(c), Api::Free as u32);
+        assert_eq!(cookie::file_slot(c), cookie::NO_FILE);
+        assert_eq!(cookie::probe_offset(c), 0x26030);
     }
 
-    impl TryFrom<u32> for Api {
-        type Error = DecodeError;
-        fn try_from(v: u32) -> Result<Self, Self::Error> {
-            Api::ALL
-                .get(v as usize)
-                .copied()
-                .ok_or(DecodeError::UnknownApi(v))
-        }
+    /// glibc: reallocarray → realloc → malloc. Targets are malloc and realloc (indices 1 and
+    /// 2, in id order); each relay is recognized, nothing else is.
+    #[test]
+    fn glibc_relays() {
+        let bit = |a: Api| 1u64 << a as u32;
+        let targets = bit(Api::Malloc) | bit(Api::Realloc);
+        let c = |a: Api, mask: u64| cookie::encode_count(a as u32, 8, targets, mask, 0, 0x1000);
+        let malloc = c(Api::Malloc, 0);
+        let realloc = c(Api::Realloc, bit(Api::Malloc));
+        let reallocarray = c(Api::Reallocarray, bit(Api::Realloc));
+        let free = c(Api::Free, 0);
+        assert_eq!(cookie::target_index(malloc), 1);
+        assert_eq!(cookie::target_index(realloc), 2);
+        assert_eq!(cookie::target_index(reallocarray), 0);
+        assert_eq!(cookie::target_index(free), 0);
+        let relays = |from: u64, to: u64| {
+            cookie::may_relay_to(cookie::relay_mask(from), cookie::target_index(to))
+        };
+        assert!(relays(realloc, malloc));
+        assert!(relays(reallocarray, realloc));
+        assert!(!relays(reallocarray, malloc));
+        assert!(!relays(malloc, realloc));
+        assert!(!relays(free, malloc));
+        assert!(!relays(realloc, free));
+        assert_eq!(cookie::sp_delta(realloc), 8);
     }
 
-    impl TryFrom<u32> for EventKind {
-        type Error = DecodeError;
-        fn try_from(v: u32) -> Result<Self, Self::Error> {
-            match v {
-                1 => Ok(EventKind::NewSite),
-                2 => Ok(EventKind::Go),
-                3 => Ok(EventKind::Exec),
-                other => Err(DecodeError::UnknownKind(other)),
-            }
+    /// An allocator with more jump targets than indices (ids 10.. as another allocator's entry
+    /// points): the first six keep their own index, the rest share the seventh, so a relay
+    /// into any of them is assumed into all of them (never missed).
+    #[test]
+    fn more_targets_than_indices_share_the_last() {
+        let targets: u64 = (10..20).map(|id| 1u64 << id).sum();
+        for (i, id) in (10..16).enumerate() {
+            assert_eq!(cookie::relay_index(targets, id), i as u32 + 1);
         }
-    }
-
-    /// A decoded ring-buffer record.
-    #[derive(Clone, Debug, PartialEq, Eq)]
-    pub enum Event {
-        /// A new site, its thread's comm and its user stack (innermost first; empty when the
-        /// event carried none).
-        NewSite(SiteKey, [u8; 16], Vec<u64>),
-        Go(crate::go::GoEvent),
-        /// (tgid, comm, the exec'd path).
-        Exec(u32, [u8; 16], String),
-    }
-
-    impl TryFrom<&[u8]> for Event {
-        type Error = DecodeError;
-        fn try_from(buf: &[u8]) -> Result<Self, Self::Error> {
-            let header: EventHeader = read(buf)?;
-            match EventKind::try_from(header.kind)? {
-                EventKind::NewSite => {
-                    let ev: NewSiteEvent = read(buf)?;
-                    Api::try_from(ev.site.api)?;
-                    let n = (ev.nframes as usize).min(crate::MAX_STACK_DEPTH);
-                    let want = NEW_SITE_FIXED + 8 * n;
-                    let frames = buf.get(NEW_SITE_FIXED..want).ok_or(DecodeError::Short {
-                        got: buf.len(),
-                        want,
-                    })?;
-                    let stack = frames
-                        .as_chunks::<8>()
-                        .0
-                        .iter()
-                        .map(|b| u64::from_le_bytes(*b))
-                        .collect();
-                    Ok(Event::NewSite(ev.site, ev.comm, stack))
-                }
-                EventKind::Go => {
-                    let ev: crate::go::GoEvent = read(buf)?;
-                    crate::go::GoRole::try_from(ev.role)?;
-                    Ok(Event::Go(ev))
-                }
-                EventKind::Exec => {
-                    let ev: ExecEvent = read(buf)?;
-                    let len = ev
-                        .filename
-                        .iter()
-                        .position(|&b| b == 0)
-                        .unwrap_or(ev.filename.len());
-                    let path = String::from_utf8_lossy(&ev.filename[..len]).into_owned();
-                    Ok(Event::Exec(header.tgid, ev.comm, path))
-                }
-            }
+        for id in 16..20 {
+            assert_eq!(cookie::relay_index(targets, id), cookie::RELAY_INDICES);
         }
-    }
-
-    /// Copies a `T` out of the front of `buf` (ring-buffer records carry no alignment promise).
-    fn read<T: aya::Pod>(buf: &[u8]) -> Result<T, DecodeError> {
-        let want = size_of::<T>();
-        if buf.len() < want {
-            return Err(DecodeError::Short {
-                got: buf.len(),
-                want,
-            });
-        }
-        // SAFETY: T is Pod (any bit pattern is valid) and buf holds at least size_of::<T>() bytes.
-        Ok(unsafe { core::ptr::read_unaligned(buf.as_ptr().cast::<T>()) })
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        fn bytes_of<T: aya::Pod>(v: &T) -> Vec<u8> {
-            // SAFETY: T is Pod, so viewing it as bytes is sound.
-            unsafe {
-                core::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()).to_vec()
-            }
-        }
-
-        #[test]
-        fn api_ids_round_trip() {
-            for api in Api::ALL {
-                assert_eq!(Api::try_from(api as u32), Ok(api));
-            }
-            assert_eq!(Api::try_from(10), Err(DecodeError::UnknownApi(10)));
-        }
-
-        #[test]
-        fn cookie_round_trip() {
-            let c = cookie::encode(Api::PosixMemalign as u32, 24);
-            assert_eq!(cookie::api(c), 5);
-            assert_eq!(cookie::sp_delta(c), 24);
-            assert_eq!(cookie::relay_mask(c), 0);
-            let c = cookie::encode_count(Api::Realloc as u32, 8, true, 0x3ff, 62, 0xffff_ffff);
-            assert_eq!(cookie::api(c), Api::Realloc as u32);
-            assert!(cookie::is_relay_target(c));
-            assert_eq!(cookie::sp_delta(c), 8);
-            assert_eq!(cookie::relay_mask(c), 0x3ff);
-            assert_eq!(cookie::file_slot(c), 62);
-            assert_eq!(cookie::probe_offset(c), 0xffff_ffff);
-            let c = cookie::encode_count(Api::Free as u32, 0, false, 1, cookie::NO_FILE, 0x26030);
-            assert_eq!(cookie::api(c), Api::Free as u32);
-            assert!(!cookie::is_relay_target(c));
-            assert_eq!(cookie::relay_mask(c), 1);
-            assert_eq!(cookie::file_slot(c), cookie::NO_FILE);
-            assert_eq!(cookie::probe_offset(c), 0x26030);
-        }
-
-        #[test]
-        fn decodes_new_site() {
-            let site = SiteKey {
-                tgid: 42,
-                api: Api::Calloc as u32,
-                stack_id: 7,
-                ret_addr: 0xdead_beef,
-            };
-            let ev = NewSiteEvent {
-                header: EventHeader {
-                    kind: EventKind::NewSite as u32,
-                    tgid: 42,
-                },
-                site,
-                comm: *b"fixture\0\0\0\0\0\0\0\0\0",
-                nframes: 0,
-                _pad: 0,
-            };
-            let buf = bytes_of(&ev);
-            assert_eq!(
-                Event::try_from(buf.as_slice()),
-                Ok(Event::NewSite(
-                    site,
-                    *b"fixture\0\0\0\0\0\0\0\0\0",
-                    Vec::new()
-                ))
-            );
-            // The record is as long as its stack.
-            let stack = [0x401000u64, 0x401234, 0x7f00_0000_1000];
-            let mut with_stack = bytes_of(&NewSiteEvent { nframes: 3, ..ev });
-            for f in stack {
-                with_stack.extend_from_slice(&f.to_le_bytes());
-            }
-            assert_eq!(
-                Event::try_from(with_stack.as_slice()),
-                Ok(Event::NewSite(
-                    site,
-                    *b"fixture\0\0\0\0\0\0\0\0\0",
-                    stack.to_vec()
-                ))
-            );
-            assert_eq!(
-                Event::try_from(&with_stack[..NEW_SITE_FIXED + 16]),
-                Err(DecodeError::Short {
-                    got: NEW_SITE_FIXED + 16,
-                    want: NEW_SITE_FIXED + 24
-                })
-            );
-            assert!(matches!(
-                Event::try_from(&buf[..12]),
-                Err(DecodeError::Short { got: 12, want: 56 })
-            ));
-            let mut bad = buf.clone();
-            bad[0] = 9;
-            assert_eq!(
-                Event::try_from(bad.as_slice()),
-                Err(DecodeError::UnknownKind(9))
-            );
-            let mut bad_api = buf;
-            bad_api[12] = 200;
-            assert_eq!(
-                Event::try_from(bad_api.as_slice()),
-                Err(DecodeError::UnknownApi(200))
-            );
-        }
+        assert_eq!(cookie::relay_index(targets, 9), 0);
+        let into_17 = cookie::encode_count(30, 0, targets, 1 << 17, 1, 0);
+        let c18 = cookie::encode_count(18, 0, targets, 0, 1, 0);
+        let c12 = cookie::encode_count(12, 0, targets, 0, 1, 0);
+        assert!(cookie::may_relay_to(
+            cookie::relay_mask(into_17),
+            cookie::target_index(c18)
+        ));
+        assert!(!cookie::may_relay_to(
+            cookie::relay_mask(into_17),
+            cookie::target_index(c12)
+        ));
+        // Every target at once (count mode's assumption for a file it cannot read).
+        let all = cookie::encode_count(30, 0, targets, targets, 1, 0);
+        assert_eq!(cookie::relay_mask(all), 0x7f);
     }
 }
-#[cfg(feature = "user")]
-pub use user::{DecodeError, Event};

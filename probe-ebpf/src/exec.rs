@@ -3,7 +3,7 @@
 
 use allocwatch_common::{
     config::FLAG_DENYLIST,
-    libc::{EventHeader, EventKind, ExecEvent},
+    event::{EventHeader, EventKind, ExecEvent},
     loss::LossCause,
 };
 use aya_ebpf::{

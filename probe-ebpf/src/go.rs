@@ -6,10 +6,9 @@
 //! function's `ret` instructions instead, as plain uprobes.
 
 use allocwatch_common::{
-    go::{
-        GO_LARGE_ALLOC, GO_SPEC_STACK, GO_VALUES, GoEvent, GoRole, GoSpec, StwState, cookie, reg,
-    },
-    libc::{EventHeader, EventKind, NO_STACK},
+    event::{EventHeader, EventKind, GoEvent},
+    go::{GO_LARGE_ALLOC, GO_SPEC_STACK, GO_VALUES, GoRole, GoSpec, StwState, cookie, reg},
+    libc::NO_STACK,
     loss::LossCause,
 };
 use aya_ebpf::{
@@ -58,37 +57,42 @@ fn on_go(ctx: &ProbeContext) {
     // SAFETY: reading the traced task's own stack; failure yields 0.
     let ret_addr = unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0);
 
-    let role = spec.role;
-    if role == GoRole::Malloc as u32 || role == GoRole::MallocSpecialized as u32 {
-        on_malloc(ctx, spec, regs, tgid, pid_tgid, ret_addr);
+    let Some(role) = GoRole::from_u32(spec.role) else {
         return;
-    }
-    if role == GoRole::StopTheWorld as u32 {
-        let state = StwState {
-            // SAFETY: plain helper call.
-            ts_ns: unsafe { bpf_ktime_get_ns() },
-            reason: capture(&arg_regs(regs), spec, 0),
-            ret_addr,
-        };
-        let _ = GO_STW.insert(&tgid, &state, BPF_ANY as u64);
-        return;
-    }
+    };
     let mut values = [0u64; GO_VALUES];
-    if role == GoRole::StartTheWorldRet as u32 {
-        let Some(stw) = GO_STW.get_ptr(&tgid) else {
+    match role {
+        GoRole::Malloc | GoRole::MallocSpecialized => {
+            on_malloc(ctx, spec, role, regs, tgid, pid_tgid, ret_addr);
             return;
-        };
-        // SAFETY: map value pointer from a successful lookup; copied before the delete.
-        let stw: StwState = unsafe { *stw };
-        let _ = GO_STW.remove(&tgid);
-        // SAFETY: plain helper call.
-        values[0] = unsafe { bpf_ktime_get_ns() }.saturating_sub(stw.ts_ns);
-        values[1] = stw.reason;
-        values[2] = stw.ret_addr;
-    } else {
-        let args = arg_regs(regs);
-        for (i, v) in values.iter_mut().enumerate() {
-            *v = capture(&args, spec, i);
+        }
+        GoRole::StopTheWorld => {
+            let state = StwState {
+                // SAFETY: plain helper call.
+                ts_ns: unsafe { bpf_ktime_get_ns() },
+                reason: capture(&arg_regs(regs), spec, 0),
+                ret_addr,
+            };
+            let _ = GO_STW.insert(&tgid, &state, BPF_ANY as u64);
+            return;
+        }
+        GoRole::StartTheWorld => {
+            let Some(stw) = GO_STW.get_ptr(&tgid) else {
+                return;
+            };
+            // SAFETY: map value pointer from a successful lookup; copied before the delete.
+            let stw: StwState = unsafe { *stw };
+            let _ = GO_STW.remove(&tgid);
+            // SAFETY: plain helper call.
+            values[0] = unsafe { bpf_ktime_get_ns() }.saturating_sub(stw.ts_ns);
+            values[1] = stw.reason;
+            values[2] = stw.ret_addr;
+        }
+        _ => {
+            let args = arg_regs(regs);
+            for (i, v) in values.iter_mut().enumerate() {
+                *v = capture(&args, spec, i);
+            }
         }
     }
     emit(ctx, spec, regs, tgid, pid_tgid, ret_addr, values);
@@ -100,12 +104,13 @@ fn on_go(ctx: &ProbeContext) {
 fn on_malloc(
     ctx: &ProbeContext,
     spec: &GoSpec,
+    role: GoRole,
     regs: &pt_regs,
     tgid: u32,
     pid_tgid: u64,
     ret_addr: u64,
 ) {
-    if spec.role == GoRole::MallocSpecialized as u32
+    if role == GoRole::MallocSpecialized
         && let Some(p) = GO_PROCS.get_ptr(&tgid)
     {
         // SAFETY: map value pointer from a successful lookup.
@@ -184,6 +189,7 @@ fn capture(args: &[u64; 9], spec: &GoSpec, i: usize) -> u64 {
     let Some(c) = spec.captures.get(i) else {
         return 0;
     };
+    // `reg` is a `GoReg` (argument index + 1) or `reg::NONE`.
     if c.reg == reg::NONE {
         return 0;
     }

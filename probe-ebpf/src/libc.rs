@@ -105,8 +105,8 @@ fn on_count(ctx: &ProbeContext) {
     // tail-jumps into checks it, an API that may tail-jump writes it (leaves such as free do
     // neither).
     let relay_mask = cookie::relay_mask(cookie);
-    let target = cookie::is_relay_target(cookie);
-    if target || relay_mask != 0 {
+    let target = cookie::target_index(cookie);
+    if target != 0 || relay_mask != 0 {
         let entry = LastEntry {
             entry_sp,
             ret_addr,
@@ -117,11 +117,10 @@ fn on_count(ctx: &ProbeContext) {
             Some(last) => {
                 // SAFETY: map value pointer from a successful lookup; only this thread writes it.
                 unsafe {
-                    if target
-                        && (*last).entry_sp == entry_sp
+                    if (*last).entry_sp == entry_sp
                         && (*last).ret_addr == ret_addr
                         && (*last).api != api_id
-                        && ((*last).relay_mask >> (api_id & 31)) & 1 != 0
+                        && cookie::may_relay_to((*last).relay_mask, target)
                     {
                         // Relays chain (reallocarray → realloc → malloc): the frame may now
                         // also reach what this API relays to.
@@ -140,9 +139,10 @@ fn on_count(ctx: &ProbeContext) {
         }
     }
 
-    let Some((size, _)) = request(ctx, api_id) else {
+    let Some(api) = Api::from_u32(api_id) else {
         return;
     };
+    let (size, _) = request(ctx, api);
     let site = SiteKey {
         tgid,
         api: api_id,
@@ -161,24 +161,23 @@ fn stack_id(ctx: &ProbeContext) -> i64 {
     capture_stack(ctx)
 }
 
-/// (bytes requested, pointer argument) of a call of `api_id`: realloc's old block, free's block,
-/// posix_memalign's `memptr`. `None` for an unknown id.
+/// (bytes requested, pointer argument) of a call of `api`: realloc's old block, free's block,
+/// posix_memalign's `memptr`.
 #[inline(always)]
-fn request(ctx: &ProbeContext, api_id: u32) -> Option<(u64, u64)> {
+fn request(ctx: &ProbeContext, api: Api) -> (u64, u64) {
     let a0: u64 = ctx.arg(0).unwrap_or(0);
     let a1: u64 = ctx.arg(1).unwrap_or(0);
     let a2: u64 = ctx.arg(2).unwrap_or(0);
-    Some(match api_id {
-        x if x == Api::Malloc as u32 => (a0, 0),
-        x if x == Api::Calloc as u32 => (mul_sat(a0, a1), 0),
-        x if x == Api::Realloc as u32 => (a1, a0),
-        x if x == Api::Reallocarray as u32 => (mul_sat(a1, a2), a0),
-        x if x == Api::Free as u32 => (0, a0),
-        x if x == Api::PosixMemalign as u32 => (a2, a0),
-        x if x == Api::AlignedAlloc as u32 || x == Api::Memalign as u32 => (a1, 0),
-        x if x == Api::Valloc as u32 || x == Api::Pvalloc as u32 => (a0, 0),
-        _ => return None,
-    })
+    match api {
+        Api::Malloc => (a0, 0),
+        Api::Calloc => (mul_sat(a0, a1), 0),
+        Api::Realloc => (a1, a0),
+        Api::Reallocarray => (mul_sat(a1, a2), a0),
+        Api::Free => (0, a0),
+        Api::PosixMemalign => (a2, a0),
+        Api::AlignedAlloc | Api::Memalign => (a1, 0),
+        Api::Valloc | Api::Pvalloc => (a0, 0),
+    }
 }
 
 #[inline(always)]
@@ -210,9 +209,10 @@ fn on_entry(ctx: &ProbeContext) {
     // SAFETY: reading the traced task's own stack; failure yields 0.
     let ret_addr = unsafe { bpf_probe_read_user(entry_sp as *const u64) }.unwrap_or(0);
     let stack_id = stack_id(ctx);
-    let Some((size, arg_ptr)) = request(ctx, api_id) else {
+    let Some(api) = Api::from_u32(api_id) else {
         return;
     };
+    let (size, arg_ptr) = request(ctx, api);
     let site = SiteKey {
         tgid,
         api: api_id,
@@ -220,7 +220,7 @@ fn on_entry(ctx: &ProbeContext) {
         ret_addr,
     };
 
-    if api_id == Api::Free as u32 {
+    if api == Api::Free {
         let freed = if arg_ptr != 0 {
             untrack(tgid, arg_ptr)
         } else {
@@ -267,8 +267,8 @@ fn on_return(ctx: &RetProbeContext) {
     let _ = PENDING.remove(&pid_tgid);
 
     let rv = regs.rax;
-    let api = p.api;
-    let new_ptr = if api == Api::PosixMemalign as u32 {
+    let api = Api::from_u32(p.api);
+    let new_ptr = if api == Some(Api::PosixMemalign) {
         if rv as u32 == 0 {
             // SAFETY: memptr was checked by libc before it returned 0.
             unsafe { bpf_probe_read_user(p.arg_ptr as *const u64) }.unwrap_or(0)
@@ -280,12 +280,12 @@ fn on_return(ctx: &RetProbeContext) {
     };
     let site = SiteKey {
         tgid,
-        api,
+        api: p.api,
         stack_id: p.stack_id,
         ret_addr: p.ret_addr,
     };
 
-    let is_realloc = api == Api::Realloc as u32 || api == Api::Reallocarray as u32;
+    let is_realloc = matches!(api, Some(Api::Realloc | Api::Reallocarray));
     if is_realloc && p.arg_ptr != 0 && (new_ptr != 0 || p.size == 0) {
         // The old block is gone: moved, resized in place (same address, re-entered below), or
         // freed by realloc(p, 0).

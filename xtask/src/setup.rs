@@ -10,7 +10,11 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail};
 
-use crate::{cmd, paths::Paths};
+use crate::{
+    cmd,
+    host::{dpkg_installed, require_root},
+    paths::Paths,
+};
 
 /// bpf-linker release built into the cache. Its LLVM feature follows the pinned rustc.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -157,17 +161,4 @@ pub fn apt_packages() -> anyhow::Result<()> {
     };
     cmd::run(apt().args(["update", "-qq"]))?;
     cmd::run(apt().args(["install", "-y", "-qq"]).args(&missing))
-}
-
-fn dpkg_installed(package: &str) -> bool {
-    cmd::stdout_if_ok(Command::new("dpkg-query").args(["-W", "-f=${db:Status-Abbrev}", package]))
-        .is_some_and(|s| s.starts_with("ii"))
-}
-
-pub fn require_root(what: &str) -> anyhow::Result<()> {
-    if crate::paths::is_root() {
-        Ok(())
-    } else {
-        bail!("need root to {what}: rerun as root (e.g. `sudo ./x …`)")
-    }
 }

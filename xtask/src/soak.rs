@@ -30,7 +30,7 @@ use report::{Failure, Probe, Scrape, Stop};
 
 use crate::{
     agent::{self, DEPLOYED_ALLOCATOR},
-    cmd, fixtures,
+    cmd, fixtures, host,
     paths::Paths,
     procs::{clock_ticks, cpu_ticks, free_port, rss_kib},
     setup,
@@ -98,7 +98,7 @@ const PYTHON: &str = "d = {i: str(i) * 8 for i in range(20000)}; l = sorted(d.va
                       assert len(l) == 20000";
 
 pub fn run(paths: &Paths, args: &Args) -> anyhow::Result<()> {
-    setup::require_root("run ./x soak (the agent loads eBPF programs and attaches uprobes)")?;
+    host::require_root("run ./x soak (the agent loads eBPF programs and attaches uprobes)")?;
     let duration = Duration::from_secs(u64::from(args.minutes) * 60);
     if args.scrape_every < Duration::from_secs(1) || args.scrape_every > duration {
         bail!("--scrape-every must be between 1s and the soak's length ({duration:?})");

@@ -13,7 +13,7 @@ use anyhow::{Context as _, bail};
 use crate::{agent, cmd, fixtures, lint, paths::Paths, setup, soak};
 
 pub fn all(paths: &Paths, extra: &[OsString]) -> anyhow::Result<()> {
-    if !crate::paths::is_root() {
+    if !crate::host::is_root() {
         bail!(
             "./x test must run as root: the integration tests load eBPF programs and attach \
              uprobes to libc (rerun as root, e.g. `sudo ./x test`)"

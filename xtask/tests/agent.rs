@@ -71,7 +71,7 @@ const DISCOVERY_LIMIT: Duration = Duration::from_secs(1);
 /// millisecond) over HTTP, under its identity labels.
 #[test]
 fn exact_counters_over_http() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     let scratch = Scratch::new("exact");
     let fixture = scratch.copy(&env.fixture, "libc_fixture");
@@ -143,7 +143,7 @@ fn exact_counters_over_http() {
 /// no live gauges, size histogram or heap profile, which this mode cannot know (absent, not 0).
 #[test]
 fn count_mode_exact_counters_without_live_series() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     let scratch = Scratch::new("count");
     let fixture = scratch.copy(&env.fixture, "libc_fixture");
@@ -193,7 +193,7 @@ fn count_mode_exact_counters_without_live_series() {
 /// again in the same pid: each identity has exactly the fixture's calls, bytes and frees, once.
 #[test]
 fn exec_leaves_the_old_programs_counts_with_its_identity() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     let scratch = Scratch::new("execsplit");
     let first = scratch.copy(&env.fixture, "pre_exec_fx");
@@ -230,7 +230,7 @@ fn exec_leaves_the_old_programs_counts_with_its_identity() {
 /// second, all counters zero until it works, then exactly the fixture's numbers.
 #[test]
 fn exact_counters_of_a_process_found_by_scan() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     let scratch = Scratch::new("scan");
     let fixture = scratch.copy(&env.fixture, "libc_fixture");
@@ -244,7 +244,7 @@ fn exact_counters_of_a_process_found_by_scan() {
 /// every one of them is gone once it has passed.
 #[test]
 fn series_expire_after_ttl() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     let scratch = Scratch::new("ttl");
     let fixture = scratch.copy(&env.fixture, "libc_fixture");
@@ -289,7 +289,7 @@ fn series_expire_after_ttl() {
 /// identity's total of that kind. Checked for every identity on the machine too.
 #[test]
 fn site_cardinality_is_bounded() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     let scratch = Scratch::new("topk");
     let fixture = scratch.copy(&env.fixture, "libc_fixture");
@@ -353,7 +353,7 @@ fn site_cardinality_is_bounded() {
 /// shows fx_loop; bad queries get 404/400.
 #[test]
 fn pprof_profiles_read_by_go_tool_pprof() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     let go = newest_go_toolchain();
     let scratch = Scratch::new("pprof");
@@ -483,7 +483,7 @@ fn pprof_profiles_read_by_go_tool_pprof() {
 /// under it), exit code 1.
 #[test]
 fn config_file_default_and_bad_configs() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     let scratch = Scratch::new("config");
     let out = Command::new(&env.bin)
@@ -612,7 +612,7 @@ fn config_file_default_and_bad_configs() {
 /// the flag (exit 1).
 #[test]
 fn taken_port_is_one_error_line() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     let before = KernelState::snapshot();
     let taken = TcpListener::bind("127.0.0.1:0").expect("binding a port");
@@ -653,7 +653,7 @@ const WEB_CONFIG_HASH: &str = "$2b$05$zYvO34dNduiXP3OnpmPG7uQofgkvng/wjthj9q0lto
 /// A bad web config is one error line before anything is attached.
 #[test]
 fn tls_client_certificates_and_basic_auth() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     let scratch = Scratch::new("tls");
     let dir = &scratch.path;
@@ -901,7 +901,7 @@ fn assert_config_error(env: &TestEnv, args: &[&str]) -> String {
 /// serves, and counts a fixture exactly.
 #[test]
 fn runs_with_exactly_the_daemonset_capabilities() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     let granted = daemonset_capabilities();
     let own_bounding = own_status_mask("CapBnd");
@@ -964,7 +964,7 @@ fn runs_with_exactly_the_daemonset_capabilities() {
 /// entrypoint) must afterwards be exported under its new identity.
 #[test]
 fn exec_after_discovery_takes_the_new_identity() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     let scratch = Scratch::new("exec");
     let fixture = scratch.copy(&env.fixture, "libc_fixture");
@@ -1013,7 +1013,7 @@ fn exec_after_discovery_takes_the_new_identity() {
 /// (run over and over, and a copy allocating every millisecond all along) appears in no scrape.
 #[test]
 fn comm_selection_counts_a_short_lived_process_exactly() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     let scratch = Scratch::new("select");
     let selected = scratch.copy(&env.fixture, "aw_selected");
@@ -1080,7 +1080,7 @@ fn comm_selection_counts_a_short_lived_process_exactly() {
 /// counted exactly from its first call, and nothing of the shell is exported.
 #[test]
 fn rejected_process_that_execs_a_selected_program_is_counted_exactly() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     let scratch = Scratch::new("selexec");
     let fixture = scratch.copy(&env.fixture, "aw_selected");
@@ -1124,7 +1124,7 @@ fn rejected_process_that_execs_a_selected_program_is_counted_exactly() {
 /// and for one that lived less than a millisecond and was gone before the first scrape.
 #[test]
 fn sites_are_named_after_the_fixture_functions() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     let scratch = Scratch::new("sites");
     let scanned = scratch.copy(&env.fixture, "libc_fixture");
@@ -1210,7 +1210,7 @@ fn sites_are_named_after_the_fixture_functions() {
 /// then traced from its first instruction.
 #[test]
 fn go_growth_matches_top() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     let scratch = Scratch::new("go");
     let builds = go_builds();
@@ -1280,7 +1280,7 @@ fn go_growth_matches_top() {
 /// scan only; it must have its Go series (attached and labelled) within a second of its start.
 #[test]
 fn go_program_is_picked_up_within_one_second() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     let scratch = Scratch::new("gofind");
     let build = go_builds().pop().expect("a Go build");
@@ -2497,14 +2497,14 @@ struct TestEnv {
 }
 
 impl TestEnv {
-    /// None (after a loud message) when ALLOCWATCH_BIN is unset: plain `cargo test` without
-    /// `./x test`. Panics on anything else that is missing.
-    fn get() -> Option<Self> {
-        Some(Self {
-            bin: allocwatch_bin("root and the built binary and fixtures")?,
+    /// Panics when anything the tests need is missing (`ALLOCWATCH_BIN` unset: plain `cargo
+    /// test` without `./x test`): these tests must run, never pass by skipping.
+    fn get() -> Self {
+        Self {
+            bin: allocwatch_bin("root and the built binary and fixtures"),
             fixture: libc_fixture(),
             alias_groups: address_groups(&libc_path(), APIS),
-        })
+        }
     }
 }
 

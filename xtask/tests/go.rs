@@ -156,7 +156,7 @@ fn old_map_model_matches_measured_growth() {
 /// Tracing changes nothing the program prints, nor its exit status.
 #[test]
 fn output_unchanged_by_tracing() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     env.for_each_build(
         |_| true,
@@ -187,7 +187,7 @@ fn output_unchanged_by_tracing() {
 /// inserts, attributed to main.fillMapBig, on one map instance that ends at B = 14.
 #[test]
 fn old_map_growth_exact() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     env.for_each_build(
         |b| b.old_maps(),
@@ -235,7 +235,7 @@ fn old_map_growth_exact() {
 /// same map in the same run, and what Go's table sizes give for the seed-independent kinds.
 #[test]
 fn swiss_map_growth_matches_bpftrace() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     env.for_each_build(
         |b| !b.old_maps(),
@@ -313,7 +313,7 @@ fn swiss_map_growth_matches_bpftrace() {
 /// those of ≥ 32 KiB are also large allocations from growslice called by main.appendInts.
 #[test]
 fn slice_growth_exact() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     env.for_each_build(
         |_| true,
@@ -359,7 +359,7 @@ fn slice_growth_exact() {
 /// growth and allocation sites are the same, frame by frame, as in the unstripped build.
 #[test]
 fn stripped_builds_name_the_same_functions() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     const SITES: &[(&str, &str)] = &[
         ("map_grow", "main.fillMapBig"),
@@ -415,7 +415,7 @@ fn stripped_builds_name_the_same_functions() {
 /// stop-the-world phases (sweep termination, mark termination).
 #[test]
 fn gc_cycles_and_pauses() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     env.for_each_build(
         |_| true,
@@ -480,7 +480,7 @@ fn gc_cycles_and_pauses() {
 /// size-specialized `mallocgc*` functions the compiler calls directly).
 #[test]
 fn allocations_exact() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     env.for_each_build(
         |_| true,
@@ -581,7 +581,7 @@ fn allocations_exact() {
 /// with unchanged output, and allocwatch then ends by itself with exit code 0.
 #[test]
 fn pid_attach_survives_program_exit() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     env.for_each_build(
         |_| true,
@@ -799,10 +799,10 @@ struct TestEnv {
 }
 
 impl TestEnv {
-    /// None (after a loud message) when ALLOCWATCH_BIN is unset: plain `cargo test` without
-    /// `./x test`. Panics on anything else that is missing.
-    fn get() -> Option<Self> {
-        let bin = allocwatch_bin("root, the built binary, the Go toolchains and the Go fixtures")?;
+    /// Panics when anything the tests need is missing (`ALLOCWATCH_BIN` unset: plain `cargo
+    /// test` without `./x test`): these tests must run, never pass by skipping.
+    fn get() -> Self {
+        let bin = allocwatch_bin("root, the built binary, the Go toolchains and the Go fixtures");
         let dir = env_path("ALLOCWATCH_GO_FIXTURES");
         let toolchains = read_toolchains();
         let mut builds = Vec::new();
@@ -841,11 +841,11 @@ impl TestEnv {
                 }
             }
         }
-        Some(Self {
+        Self {
             bin,
             builds,
             symbols: Mutex::new(BTreeMap::new()),
-        })
+        }
     }
 
     /// Runs `check` on every build that `select` keeps; fails with every failing build's

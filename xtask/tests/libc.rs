@@ -86,7 +86,7 @@ fn expected_tables_agree() {
 /// (a) `top -- fixture run`: exact per-API and per-site numbers, frames down to `main`.
 #[test]
 fn top_command_exact_counts() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     let fixture = path_str(&env.fixture);
     let (mut aw, out) = spawn_json(&env, "top-command", &["top"], &["--", fixture, "run"]);
@@ -111,7 +111,7 @@ fn top_command_exact_counts() {
 /// The report goes to stdout here (no `-o`).
 #[test]
 fn leaks_command_exact_counts() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     let mut aw = Allocwatch::spawn_with_stdout(
         &env,
@@ -181,7 +181,7 @@ fn leaks_command_exact_counts() {
 /// when the process exits.
 #[test]
 fn top_pid_exact_counts() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     let mut fixture = Fixture::spawn(&env.fixture, "wait-run", "ready");
     let pid = fixture.pid;
@@ -212,7 +212,7 @@ fn top_pid_exact_counts() {
 /// (d) A pid that does not exist: one error line, exit code 1.
 #[test]
 fn missing_pid_is_one_error_line() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     let pid = dead_pid();
     assert_single_error(&env, &["top", "--pid", &pid.to_string()]);
@@ -222,7 +222,7 @@ fn missing_pid_is_one_error_line() {
 /// (d) A command that cannot be started: one error line, exit code 1.
 #[test]
 fn missing_command_is_one_error_line() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     assert_single_error(&env, &["top", "--", "/nonexistent/allocwatch-test-command"]);
 }
@@ -243,7 +243,7 @@ fn sigterm_detaches_and_leaves_nothing() {
 /// (f) The traced command is SIGKILLed mid-trace: allocwatch still reports and exits 0.
 #[test]
 fn target_killed_mid_trace() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     let fixture = path_str(&env.fixture);
     let (mut aw, out) = spawn_json(&env, "top-killed", &["top"], &["--", fixture, "loop"]);
@@ -273,7 +273,7 @@ fn target_killed_mid_trace() {
 /// and no live allocations are reported (no return value is seen).
 #[test]
 fn count_modes_exact_counts() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     for (mode, stacks) in [("count", false), ("count-stacks", true)] {
         let (mut aw, out) = spawn_json(
@@ -296,7 +296,7 @@ fn count_modes_exact_counts() {
 /// report.
 #[test]
 fn leaks_refuses_count_mode() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     let fixture = env.fixture.display().to_string();
     assert_single_error(&env, &["leaks", "--mode", "count", "--", &fixture, "run"]);
@@ -306,7 +306,7 @@ fn leaks_refuses_count_mode() {
 /// proof that the fixture does what the expected numbers assume, independent of allocwatch.
 #[test]
 fn fixture_raw_calls_match_bpftrace() {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     let libc = libc_path();
     let probes = APIS
@@ -554,7 +554,7 @@ fn check_loop_counts(proc: &Value) {
 }
 
 fn detach_on_signal(sig: libc::c_int) {
-    let Some(env) = TestEnv::get() else { return };
+    let env = TestEnv::get();
     let _serial = serial();
     let before = KernelState::snapshot();
     let mut fixture = Fixture::spawn(&env.fixture, "loop", "loop");
@@ -697,13 +697,13 @@ struct TestEnv {
 }
 
 impl TestEnv {
-    /// None (after a loud message) when ALLOCWATCH_BIN is unset: plain `cargo test` without
-    /// `./x test`. Panics on anything else that is missing.
-    fn get() -> Option<Self> {
-        Some(Self {
-            bin: allocwatch_bin("root and the built binary and fixtures")?,
+    /// Panics when anything the tests need is missing (`ALLOCWATCH_BIN` unset: plain `cargo
+    /// test` without `./x test`): these tests must run, never pass by skipping.
+    fn get() -> Self {
+        Self {
+            bin: allocwatch_bin("root and the built binary and fixtures"),
             fixture: libc_fixture(),
-        })
+        }
     }
 
     fn temp_file(&self, name: &str) -> PathBuf {

@@ -11,7 +11,10 @@ use allocwatch_common::{
     loss::{LOSS_CAUSES, LossCause},
     map_names,
 };
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, RingBuf};
+use aya::{
+    Ebpf,
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray, RingBuf},
+};
 use thiserror::Error;
 
 pub use self::batch::{BatchError, Cursor, RawMap};
@@ -32,13 +35,40 @@ pub enum CollectError {
     Batch(#[from] BatchError),
 }
 
+/// What the maps are read from: the loaded probes (the probe-level tests read a bare object).
+pub trait MapSource {
+    fn map(&self, name: &str) -> Option<&Map>;
+    /// Takes a map out (a ring buffer polled on its own).
+    fn take_map(&mut self, name: &str) -> Option<Map>;
+}
+
+impl MapSource for Probes {
+    fn map(&self, name: &str) -> Option<&Map> {
+        Probes::map(self, name)
+    }
+
+    fn take_map(&mut self, name: &str) -> Option<Map> {
+        Probes::take_map(self, name)
+    }
+}
+
+impl MapSource for Ebpf {
+    fn map(&self, name: &str) -> Option<&Map> {
+        Ebpf::map(self, name)
+    }
+
+    fn take_map(&mut self, name: &str) -> Option<Map> {
+        Ebpf::take_map(self, name)
+    }
+}
+
 fn map_err(name: &'static str) -> impl Fn(MapError) -> CollectError {
     move |source| CollectError::Map { name, source }
 }
 
 /// Site rows of `tgid` (all processes when `None`), per-CPU values summed.
 pub fn sites(
-    probes: &Probes,
+    probes: &impl MapSource,
     tgid: Option<u32>,
 ) -> Result<BTreeMap<SiteKey, SiteStats>, CollectError> {
     let name = map_names::SITES;
@@ -57,7 +87,10 @@ pub fn sites(
 }
 
 /// Outstanding allocations of `tgid` (all processes when `None`).
-pub fn live(probes: &Probes, tgid: Option<u32>) -> Result<Vec<(LiveKey, LiveAlloc)>, CollectError> {
+pub fn live(
+    probes: &impl MapSource,
+    tgid: Option<u32>,
+) -> Result<Vec<(LiveKey, LiveAlloc)>, CollectError> {
     let name = map_names::LIVE;
     let map = RawMap::of::<LiveKey, LiveAlloc>(map_ref(probes, name)?, name)?;
     let mut out = Vec::new();
@@ -74,7 +107,7 @@ pub fn live(probes: &Probes, tgid: Option<u32>) -> Result<Vec<(LiveKey, LiveAllo
 }
 
 /// Loss counters by cause, summed over CPUs.
-pub fn lost(probes: &Probes) -> Result<BTreeMap<LossCause, u64>, CollectError> {
+pub fn lost(probes: &impl MapSource) -> Result<BTreeMap<LossCause, u64>, CollectError> {
     let name = map_names::LOST;
     let map = probes.map(name).ok_or(CollectError::MissingMap(name))?;
     let map: PerCpuArray<_, u64> = PerCpuArray::try_from(map).map_err(map_err(name))?;
@@ -87,7 +120,7 @@ pub fn lost(probes: &Probes) -> Result<BTreeMap<LossCause, u64>, CollectError> {
 }
 
 /// Calls that found the site table full, per API id.
-pub fn overflow(probes: &Probes) -> Result<[Overflow; API_COUNT], CollectError> {
+pub fn overflow(probes: &impl MapSource) -> Result<[Overflow; API_COUNT], CollectError> {
     let name = map_names::OVERFLOW;
     let map = probes.map(name).ok_or(CollectError::MissingMap(name))?;
     let map: PerCpuArray<_, Overflow> = PerCpuArray::try_from(map).map_err(map_err(name))?;
@@ -104,7 +137,7 @@ pub fn overflow(probes: &Probes) -> Result<[Overflow; API_COUNT], CollectError> 
 /// A size histogram (`map_names::GO_HIST` or `LIBC_HIST`) of every process: (tgid, log2
 /// bucket) → (count, bytes), CPUs summed.
 pub fn hist(
-    probes: &Probes,
+    probes: &impl MapSource,
     name: &'static str,
 ) -> Result<BTreeMap<(u32, u32), GoHistVal>, CollectError> {
     let map = RawMap::of::<GoHistKey, GoHistVal>(map_ref(probes, name)?, name)?;
@@ -130,7 +163,7 @@ pub fn sum_hist(values: &[GoHistVal]) -> GoHistVal {
 }
 
 /// The user stack `id` as instruction pointers, innermost first; empty if unknown.
-pub fn stack(probes: &Probes, id: i64) -> Result<Vec<u64>, CollectError> {
+pub fn stack(probes: &impl MapSource, id: i64) -> Result<Vec<u64>, CollectError> {
     if id < 0 {
         return Ok(Vec::new());
     }
@@ -145,12 +178,15 @@ pub fn stack(probes: &Probes, id: i64) -> Result<Vec<u64>, CollectError> {
     }
 }
 
-pub fn map_ref<'a>(probes: &'a Probes, name: &'static str) -> Result<&'a Map, CollectError> {
+pub fn map_ref<'a>(
+    probes: &'a impl MapSource,
+    name: &'static str,
+) -> Result<&'a Map, CollectError> {
     probes.map(name).ok_or(CollectError::MissingMap(name))
 }
 
 /// Takes the ring buffer out of the object so it can be polled on its own.
-pub fn take_events(probes: &mut Probes) -> Result<RingBuf<MapData>, CollectError> {
+pub fn take_events(probes: &mut impl MapSource) -> Result<RingBuf<MapData>, CollectError> {
     let name = map_names::EVENTS;
     let map = probes
         .take_map(name)
@@ -159,7 +195,7 @@ pub fn take_events(probes: &mut Probes) -> Result<RingBuf<MapData>, CollectError
 }
 
 /// Takes the ring of exec notifications (a pid per exec) out of the object.
-pub fn take_exec_notify(probes: &mut Probes) -> Result<RingBuf<MapData>, CollectError> {
+pub fn take_exec_notify(probes: &mut impl MapSource) -> Result<RingBuf<MapData>, CollectError> {
     let name = map_names::EXEC_NOTIFY;
     let map = probes
         .take_map(name)

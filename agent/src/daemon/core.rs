@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use allocwatch_common::{go::GoEvent, libc::SiteKey, loss::LossCause};
+use allocwatch_common::{event::GoEvent, libc::SiteKey, loss::LossCause};
 use anyhow::Context as _;
 use tokio::sync::{mpsc, oneshot, watch};
 

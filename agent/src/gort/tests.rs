@@ -11,6 +11,8 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
+use allocwatch_common::go::GoRole;
+
 use super::buildinfo::{go_version, read_build_info};
 use super::pclntab::{Pclntab, TextSource};
 use super::versions::{self, Symbol};
@@ -348,7 +350,7 @@ fn check_entries(b: &Built, plain_bin: &Path, stripped_bin: &Path) {
     // Go 1.27 links the size-specialized mallocs into every program.
     let specialized = resolved
         .iter()
-        .filter(|r| r.func.role == versions::Role::MallocSpecialized);
+        .filter(|r| r.func.role == GoRole::MallocSpecialized);
     assert_eq!(specialized.count() > 0, version.at_least(1, 27), "{what}");
 }
 

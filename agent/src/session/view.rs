@@ -9,7 +9,7 @@ use std::{
 };
 
 use allocwatch_common::{
-    go::GoEvent,
+    event::GoEvent,
     libc::{Api, SiteKey},
     loss::LossCause,
     map_names,

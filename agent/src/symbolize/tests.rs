@@ -115,8 +115,8 @@ struct Child {
 }
 
 impl Child {
-    /// `None` when gcc is unavailable.
-    fn start(name: &str) -> Option<Self> {
+    /// Panics when gcc is unavailable (`./x setup` installs it).
+    fn start(name: &str) -> Self {
         let dir = std::env::temp_dir().join(format!(
             "allocwatch-symbolize-{}-{name}",
             std::process::id()
@@ -130,10 +130,10 @@ impl Child {
             .arg(&exe)
             .arg(&src)
             .status();
-        if !status.as_ref().is_ok_and(|s| s.success()) {
-            eprintln!("skipping: gcc unavailable ({status:?})");
-            return None;
-        }
+        assert!(
+            status.as_ref().is_ok_and(|s| s.success()),
+            "gcc failed ({status:?}): `./x setup` installs it"
+        );
         let data = std::fs::read(&exe).unwrap();
         let elf = object::File::parse(&*data).unwrap();
         let main_vaddr = elf
@@ -159,13 +159,13 @@ impl Child {
                 line.and_then(|l| u64::from_str_radix(l.split('-').next()?, 16).ok())
             })
             .unwrap();
-        Some(Self {
+        Self {
             process,
             dir,
             exe,
             main: base + main_vaddr,
             main_offset: main_vaddr,
-        })
+        }
     }
 
     fn pid(&self) -> u32 {
@@ -196,9 +196,7 @@ impl Drop for Child {
 
 #[test]
 fn short_lived_process_after_exit() {
-    let Some(mut child) = Child::start("exit") else {
-        return;
-    };
+    let mut child = Child::start("exit");
     let pid = child.pid();
     let s = SymbolizerHandle::spawn();
     let t = Instant::now();
@@ -217,9 +215,7 @@ fn short_lived_process_after_exit() {
 
 #[test]
 fn mappings_after_the_note_are_picked_up() {
-    let Some(mut child) = Child::start("late") else {
-        return;
-    };
+    let mut child = Child::start("late");
     let pid = child.pid();
     let mut worker = Worker::new(Arc::default());
     // As if noted before the loader mapped anything.

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use allocwatch_common::go::{Capture, GO_SPEC_STACK, GO_VALUES, GoRole, GoSpec, reg};
+use allocwatch_common::go::{Capture, GO_SPEC_STACK, GO_VALUES, GoReg, GoRole, GoSpec};
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Register};
 
 use super::{
@@ -19,7 +19,7 @@ use super::{
 use crate::gort::{
     buildinfo::{self, GoVersion},
     pclntab::Pclntab,
-    versions::{self, MapImpl, Reg, Resolved, Role, RuntimeFunc, Unsupported},
+    versions::{self, MapImpl, Resolved, RuntimeFunc, Unsupported},
 };
 
 /// Longest function body disassembled to find `ret`s (startTheWorldWithSema is ~1 KiB).
@@ -71,10 +71,10 @@ pub struct GoProbeSet {
 }
 
 impl GoProbeSet {
-    fn wants(&self, role: Role) -> bool {
+    fn wants(&self, role: GoRole) -> bool {
         match role {
-            Role::Malloc | Role::MallocSpecialized => self.malloc,
-            Role::GcStart | Role::StopTheWorld | Role::StartTheWorld => self.gc,
+            GoRole::Malloc | GoRole::MallocSpecialized => self.malloc,
+            GoRole::GcStart | GoRole::StopTheWorld | GoRole::StartTheWorld => self.gc,
             _ => self.growth,
         }
     }
@@ -138,7 +138,7 @@ pub fn for_exe(path: &Path, set: GoProbeSet) -> Result<Option<GoTarget>, TargetE
     let mut probes = Vec::new();
     let mut mallocgc = None;
     for r in &resolved {
-        if r.func.role == Role::Malloc {
+        if r.func.role == GoRole::Malloc {
             mallocgc = Some((r.entry, r.end));
         }
         if !set.wants(r.func.role) {
@@ -204,15 +204,13 @@ fn place_function(elf: &ElfFile, r: &Resolved) -> Result<Vec<GoProbe>, TargetErr
             spec: spec_for(role, r.func),
         })
     };
-    if r.func.role == Role::StartTheWorld {
+    let role = r.func.role;
+    if role == GoRole::StartTheWorld {
         return ret_addresses(&code, r.entry)
             .into_iter()
-            .map(|a| probe(GoRole::StartTheWorldRet, a, 0, false))
+            .map(|a| probe(role, a, 0, false))
             .collect();
     }
-    let Some(role) = go_role(r.func.role) else {
-        return Ok(Vec::new());
-    };
     let needed: Vec<Register> = r.func.args.iter().map(|a| register(a.reg)).collect();
     let p = placement::place(
         &code,
@@ -247,41 +245,17 @@ pub fn ret_addresses(code: &[u8], address: u64) -> Vec<u64> {
     out
 }
 
-fn go_role(role: Role) -> Option<GoRole> {
-    Some(match role {
-        Role::MapHashGrow => GoRole::MapHashGrow,
-        Role::MapGrowToSmall => GoRole::MapGrowToSmall,
-        Role::MapGrowToTable => GoRole::MapGrowToTable,
-        Role::MapTableGrow => GoRole::MapTableGrow,
-        Role::MapTableSplit => GoRole::MapTableSplit,
-        Role::MapDirectoryGrow => GoRole::MapDirectoryGrow,
-        Role::SliceGrow => GoRole::SliceGrow,
-        Role::SliceMoveToHeap => GoRole::SliceMoveToHeap,
-        Role::Malloc => GoRole::Malloc,
-        Role::MallocSpecialized => GoRole::MallocSpecialized,
-        Role::GcStart => GoRole::GcStart,
-        Role::StopTheWorld => GoRole::StopTheWorld,
-        Role::StartTheWorld => return None,
-    })
-}
-
-fn register(r: Reg) -> Register {
+fn register(r: GoReg) -> Register {
     match r {
-        Reg::Rax => Register::RAX,
-        Reg::Rbx => Register::RBX,
-        Reg::Rcx => Register::RCX,
-        Reg::Rdi => Register::RDI,
-        Reg::Rsi => Register::RSI,
-    }
-}
-
-fn reg_id(r: Reg) -> u8 {
-    match r {
-        Reg::Rax => reg::RAX,
-        Reg::Rbx => reg::RBX,
-        Reg::Rcx => reg::RCX,
-        Reg::Rdi => reg::RDI,
-        Reg::Rsi => reg::RSI,
+        GoReg::Rax => Register::RAX,
+        GoReg::Rbx => Register::RBX,
+        GoReg::Rcx => Register::RCX,
+        GoReg::Rdi => Register::RDI,
+        GoReg::Rsi => Register::RSI,
+        GoReg::R8 => Register::R8,
+        GoReg::R9 => Register::R9,
+        GoReg::R10 => Register::R10,
+        GoReg::R11 => Register::R11,
     }
 }
 
@@ -321,7 +295,7 @@ pub fn value_names(role: GoRole) -> &'static [&'static str] {
         GoRole::GcStart => &["triggerKind"],
         GoRole::StopTheWorld => &["reason"],
         // Filled by the probe itself: pause ns, stop reason, stop's return address.
-        GoRole::StartTheWorldRet => &[],
+        GoRole::StartTheWorld => &[],
     }
 }
 
@@ -350,7 +324,7 @@ fn capture_for(func: &RuntimeFunc, name: &str) -> Option<Capture> {
     let by_arg = |n: &str| func.args.iter().find(|a| a.name == n);
     if let Some(a) = by_arg(name) {
         return Some(Capture {
-            reg: reg_id(a.reg),
+            reg: a.reg as u8,
             size: a.size,
             ..Capture::default()
         });
@@ -358,7 +332,7 @@ fn capture_for(func: &RuntimeFunc, name: &str) -> Option<Capture> {
     if let Some(f) = func.fields.iter().find(|f| f.name == name) {
         let base = by_arg(f.base)?;
         return Some(Capture {
-            reg: reg_id(base.reg),
+            reg: base.reg as u8,
             size: f.size,
             deref: 1,
             offset2: 0,
@@ -372,7 +346,7 @@ fn capture_for(func: &RuntimeFunc, name: &str) -> Option<Capture> {
         "ptrBytes" => {
             let et = by_arg("et")?;
             Some(Capture {
-                reg: reg_id(et.reg),
+                reg: et.reg as u8,
                 size: 8,
                 deref: 1,
                 offset2: 0,
@@ -383,7 +357,7 @@ fn capture_for(func: &RuntimeFunc, name: &str) -> Option<Capture> {
         "bucketPtrBytes" | "groupPtrBytes" => {
             let t = by_arg(if name == "bucketPtrBytes" { "t" } else { "typ" })?;
             Some(Capture {
-                reg: reg_id(t.reg),
+                reg: t.reg as u8,
                 size: 8,
                 deref: 2,
                 offset2: TYPE_PTR_BYTES_OFFSET as u8,
@@ -398,7 +372,7 @@ fn capture_for(func: &RuntimeFunc, name: &str) -> Option<Capture> {
 fn stacks_for(role: GoRole) -> bool {
     !matches!(
         role,
-        GoRole::GcStart | GoRole::StopTheWorld | GoRole::StartTheWorldRet
+        GoRole::GcStart | GoRole::StopTheWorld | GoRole::StartTheWorld
     )
 }
 
@@ -416,9 +390,7 @@ mod tests {
     #[test]
     fn every_role_value_is_in_some_row() {
         for f in versions::TABLE {
-            let Some(role) = go_role(f.role) else {
-                continue;
-            };
+            let role = f.role;
             for name in value_names(role) {
                 // Optional names (e.g. oldPtr, noverflow) may be absent in old rows; the ones
                 // decoding depends on must be there.

@@ -39,23 +39,21 @@ pub trait AllocwatchBin {
     fn bin(&self) -> &Path;
 }
 
-/// `ALLOCWATCH_BIN`; None (after a loud message saying that the tests need `needs`) when it is
-/// unset: plain `cargo test` without `./x test`. Panics when it names no file.
-pub fn allocwatch_bin(needs: &str) -> Option<PathBuf> {
-    let Some(bin) = env::var_os("ALLOCWATCH_BIN") else {
-        eprintln!(
-            "\n*** SKIPPED: ALLOCWATCH_BIN is not set. These tests need {needs}: run `./x test`. \
-             ***\n"
-        );
-        return None;
-    };
-    let bin = PathBuf::from(bin);
+/// `ALLOCWATCH_BIN`: the binary under test. Panics, saying what the tests need (`needs`),
+/// when it is unset (plain `cargo test` without `./x test`) or names no file: these tests must
+/// run, never pass by skipping.
+pub fn allocwatch_bin(needs: &str) -> PathBuf {
+    let bin = env::var_os("ALLOCWATCH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            panic!("ALLOCWATCH_BIN is not set: these tests need {needs}; run them with `./x test`")
+        });
     assert!(
         bin.is_file(),
         "ALLOCWATCH_BIN={} does not exist",
         bin.display()
     );
-    Some(bin)
+    bin
 }
 
 /// The path in the environment variable `name` (panics when it is unset).

@@ -4,7 +4,8 @@ use std::{
 };
 
 use super::*;
-use crate::serve::model::GoSnapshot;
+use crate::serve::model::{GoSnapshot, Histogram, SiteSnapshot};
+use crate::symbolize::Frame;
 
 fn frame(function: &str) -> Frame {
     Frame {
@@ -766,10 +767,9 @@ fn promtool_check_metrics() {
             .map(|dir| dir.join("promtool"))
             .find(|p| p.is_file())
     });
-    let Some(promtool) = promtool else {
-        eprintln!("skipped: promtool not installed (apt-get install prometheus)");
-        return;
-    };
+    let promtool = promtool.expect(
+        "promtool is not installed: `./x test` installs it (deploy/check.sh: Debian's prometheus)",
+    );
     let (procs, stats) = small_model();
     let mut e = Exporter::new(cfg());
     let text = e
@@ -792,10 +792,43 @@ fn promtool_check_metrics() {
     );
 }
 
-/// Every family the exporter can write is in deploy/README.md's metrics table and vice versa
-/// (`deploy/check.sh` checks the alerts and dashboard against that table).
+/// deploy/README.md's metrics table (what `deploy/check.sh` checks the alerts and dashboard
+/// against) is the family specs, row by row: name, type (agent families marked), labels.
 #[test]
-fn readme_table_lists_exactly_the_exported_metrics() {
+fn readme_table_is_the_family_specs() {
+    let readme = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/README.md"),
+    )
+    .unwrap();
+    let documented: Vec<String> = readme
+        .lines()
+        .filter(|l| l.starts_with("| `allocwatch_"))
+        .map(String::from)
+        .collect();
+    let from_specs: Vec<String> = FAMILIES
+        .iter()
+        .map(|f| {
+            let kind = match f.scope {
+                Scope::Process => f.kind.as_str().to_string(),
+                Scope::Agent => format!("{} (agent)", f.kind.as_str()),
+            };
+            let labels: Vec<String> = f.labels.iter().map(|l| format!("`{l}`")).collect();
+            let labels = if labels.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", labels.join(", "))
+            };
+            format!("| `{}` | {kind} |{labels} |", f.name)
+        })
+        .collect();
+    assert_eq!(documented, from_specs);
+}
+
+/// The exporter writes every family of the specs (given data for each), in their order, with
+/// their help and type, and each series with exactly the identity labels (process families)
+/// and the spec's labels.
+#[test]
+fn exported_families_follow_their_specs() {
     let (mut procs, mut stats) = small_model();
     // Make every optional family appear.
     procs[0].lost.insert("pending_full", 0);
@@ -805,23 +838,52 @@ fn readme_table_lists_exactly_the_exported_metrics() {
     let text = e
         .render(&procs, &stats, Instant::now(), Instant::now())
         .unwrap();
-    let exported: BTreeSet<String> = text
+    let exported: Vec<&str> = text
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
         .filter_map(|l| l.split(' ').next())
-        .map(String::from)
         .collect();
-    let readme = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/README.md"),
-    )
-    .unwrap();
-    let documented: BTreeSet<String> = readme
-        .lines()
-        .filter_map(|l| l.strip_prefix("| `allocwatch_"))
-        .filter_map(|l| l.split('`').next())
-        .map(|name| format!("allocwatch_{name}"))
-        .collect();
-    assert_eq!(exported, documented);
+    let names: Vec<&str> = FAMILIES.iter().map(|f| f.name).collect();
+    assert_eq!(exported, names);
+    const IDENTITY: [&str; 5] = ["namespace", "pod", "container", "comm", "exe"];
+    let parsed = parse_back(&text);
+    for f in FAMILIES {
+        assert!(
+            text.contains(&format!("# HELP {} {}\n", f.name, f.help)),
+            "{}: help",
+            f.name
+        );
+        assert!(
+            text.contains(&format!("# TYPE {} {}\n", f.name, f.kind.as_str())),
+            "{}: type",
+            f.name
+        );
+        let mut want: BTreeSet<&str> = f.labels.iter().copied().collect();
+        if f.scope == Scope::Process {
+            want.extend(IDENTITY);
+        }
+        let samples: Vec<_> = parsed
+            .samples
+            .iter()
+            .filter(|s| {
+                s.metric == f.name
+                    || (f.kind == MetricKind::Histogram
+                        && s.metric
+                            .strip_prefix(f.name)
+                            .is_some_and(|rest| ["_bucket", "_sum", "_count"].contains(&rest)))
+            })
+            .collect();
+        assert!(!samples.is_empty(), "{}: no samples", f.name);
+        for s in samples {
+            let got: BTreeSet<&str> = s
+                .labels
+                .keys()
+                .map(String::as_str)
+                .filter(|&l| l != "le")
+                .collect();
+            assert_eq!(got, want, "{}: labels of {:?}", f.name, s.labels);
+        }
+    }
 }
 
 /// Over the cap the largest identities keep their sites; the smallest lose them first.

@@ -1,0 +1,263 @@
+//! The libc (or static executable) a command not yet run will allocate through: `PATH` like
+//! `execvp`, `#!` scripts followed to their interpreter, and ld.so's library search.
+
+use std::collections::{HashSet, VecDeque};
+use std::ffi::{OsStr, OsString};
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use super::{LdCache, LibcTarget, basename, is_libc_name, target_from};
+use crate::target::TargetError;
+use crate::target::elf::{self, ElfFile};
+use crate::target::maps::DevInode;
+
+/// The libc (or static executable) that `program` will allocate through once exec'd, with
+/// `PATH` and `LD_LIBRARY_PATH` taken from our environment (the child inherits it).
+pub fn for_command(program: impl AsRef<OsStr>) -> Result<LibcTarget, TargetError> {
+    let env = SearchEnv {
+        path: std::env::var_os("PATH"),
+        ld_library_path: std::env::var_os("LD_LIBRARY_PATH"),
+        ld_cache: PathBuf::from(LD_CACHE),
+    };
+    command_target(program.as_ref(), &env)
+}
+
+pub(super) const LD_CACHE: &str = "/etc/ld.so.cache";
+
+/// Default library directories of the x86-64 loader (Debian multiarch first).
+const DEFAULT_LIB_DIRS: [&str; 6] = [
+    "/lib/x86_64-linux-gnu",
+    "/usr/lib/x86_64-linux-gnu",
+    "/lib64",
+    "/usr/lib64",
+    "/lib",
+    "/usr/lib",
+];
+
+pub(super) struct SearchEnv {
+    pub(super) path: Option<OsString>,
+    pub(super) ld_library_path: Option<OsString>,
+    pub(super) ld_cache: PathBuf,
+}
+
+/// The executable `program` names, searched in `PATH` like `execvp` (scripts not followed).
+pub fn resolve_program(program: impl AsRef<OsStr>) -> Result<PathBuf, TargetError> {
+    find_executable(program.as_ref(), std::env::var_os("PATH").as_deref())
+}
+
+pub(super) fn command_target(program: &OsStr, env: &SearchEnv) -> Result<LibcTarget, TargetError> {
+    let mut exe = find_executable(program, env.path.as_deref())?;
+    // `#!` scripts: the interpreter is what allocates (bounded like the kernel's recursion).
+    for _ in 0..4 {
+        match shebang_interpreter(&exe) {
+            Some(interp) => exe = find_executable(interp.as_os_str(), None)?,
+            None => break,
+        }
+    }
+    let elf = ElfFile::open(&exe)?;
+    if elf.symbol("malloc").is_some() {
+        return target_from_path(&elf);
+    }
+    if !elf.is_dynamic() {
+        return Err(TargetError::StaticNoMalloc { path: exe });
+    }
+    let libc = find_libc(&elf, env)?;
+    let libc_elf = ElfFile::open(&libc)?;
+    if libc_elf.symbol("malloc").is_none() {
+        return Err(TargetError::LibcNotFound {
+            path: exe,
+            wanted: format!("malloc in {}", libc.display()),
+        });
+    }
+    target_from_path(&libc_elf)
+}
+
+fn target_from_path(elf: &ElfFile) -> Result<LibcTarget, TargetError> {
+    let meta = fs::metadata(elf.path()).map_err(|e| TargetError::io(elf.path(), e))?;
+    target_from(
+        elf,
+        elf.path().to_string_lossy().into_owned(),
+        DevInode::from_metadata(&meta),
+    )
+}
+
+/// `execvp`'s search: a name with a slash is used as is; otherwise each `PATH` entry in turn
+/// (empty entries mean the current directory; unset `PATH` means `/bin:/usr/bin`).
+fn find_executable(program: &OsStr, path_env: Option<&OsStr>) -> Result<PathBuf, TargetError> {
+    let not_found = || TargetError::CommandNotFound {
+        command: program.to_string_lossy().into_owned(),
+    };
+    if program.is_empty() {
+        return Err(not_found());
+    }
+    if program.as_bytes().contains(&b'/') {
+        let p = PathBuf::from(program);
+        return match fs::metadata(&p) {
+            Ok(m) if is_executable_file(&m) => Ok(p),
+            Ok(_) => Err(TargetError::NotExecutable { path: p }),
+            Err(_) => Err(not_found()),
+        };
+    }
+    let path_env = path_env.unwrap_or(OsStr::new("/bin:/usr/bin"));
+    let mut not_executable = None;
+    for dir in path_env.as_bytes().split(|&b| b == b':') {
+        let dir = if dir.is_empty() {
+            Path::new(".")
+        } else {
+            Path::new(OsStr::from_bytes(dir))
+        };
+        let candidate = dir.join(program);
+        match fs::metadata(&candidate) {
+            Ok(m) if is_executable_file(&m) => return Ok(candidate),
+            Ok(m) if m.is_file() => {
+                not_executable.get_or_insert(candidate);
+            }
+            _ => {}
+        }
+    }
+    Err(not_executable.map_or_else(not_found, |path| TargetError::NotExecutable { path }))
+}
+
+fn is_executable_file(meta: &fs::Metadata) -> bool {
+    meta.is_file() && meta.permissions().mode() & 0o111 != 0
+}
+
+/// The interpreter of a `#!` script, if `path` is one.
+fn shebang_interpreter(path: &Path) -> Option<PathBuf> {
+    use std::io::Read;
+    let mut head = [0u8; 256];
+    let n = fs::File::open(path).ok()?.read(&mut head).ok()?;
+    let line = head[..n].strip_prefix(b"#!")?;
+    let line = &line[..line.iter().position(|&b| b == b'\n')?];
+    let interp = line
+        .split(|b| *b == b' ' || *b == b'\t')
+        .find(|w| !w.is_empty())?;
+    Some(PathBuf::from(OsStr::from_bytes(interp)))
+}
+
+/// A loaded object during the dependency walk: where its `$ORIGIN` is and its search paths.
+struct Loader {
+    origin: PathBuf,
+    info: elf::DynamicInfo,
+}
+
+impl Loader {
+    fn new(path: &Path, info: elf::DynamicInfo) -> Self {
+        // ld.so expands $ORIGIN to the directory of the object's real path.
+        let real = fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+        let origin = real.parent().unwrap_or(Path::new("/")).to_owned();
+        Loader { origin, info }
+    }
+
+    fn expand(&self, dirs: &[String]) -> Vec<PathBuf> {
+        let origin = self.origin.to_string_lossy();
+        dirs.iter()
+            .map(|d| PathBuf::from(d.replace("${ORIGIN}", &origin).replace("$ORIGIN", &origin)))
+            .collect()
+    }
+}
+
+/// Finds the libc a dynamic executable will load: musl's loader when that is the interpreter,
+/// else the first `DT_NEEDED` libc in breadth-first (load) order, each name searched the way
+/// ld.so does: `DT_RPATH` (of the needing object, then of the executable, when the needing
+/// object has no `DT_RUNPATH`), `LD_LIBRARY_PATH`, `DT_RUNPATH`, `/etc/ld.so.cache`, default
+/// directories.
+fn find_libc(exe: &ElfFile, env: &SearchEnv) -> Result<PathBuf, TargetError> {
+    if let Some(interp) = exe.interpreter()
+        && basename(interp).starts_with("ld-musl-")
+    {
+        return Ok(PathBuf::from(interp));
+    }
+    // Like ld.so, carry on without a missing or unreadable cache: the default dirs remain.
+    let cache = LdCache::read(&env.ld_cache)
+        .inspect_err(|e| log::debug!("{e}"))
+        .unwrap_or_default();
+    let ld_library_path: Vec<PathBuf> = env
+        .ld_library_path
+        .as_deref()
+        .map(|v| {
+            v.as_bytes()
+                .split(|&b| b == b':' || b == b';')
+                .map(|d| match d {
+                    b"" => PathBuf::from("."),
+                    d => PathBuf::from(OsStr::from_bytes(d)),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+
+    let exe_loader = Loader::new(exe.path(), exe.dynamic().clone());
+    let exe_rpath = if exe_loader.info.runpath.is_empty() {
+        exe_loader.expand(&exe_loader.info.rpath)
+    } else {
+        Vec::new()
+    };
+    let mut loaders = vec![exe_loader];
+    let mut queue: VecDeque<(String, usize)> = loaders[0]
+        .info
+        .needed
+        .iter()
+        .map(|n| (n.clone(), 0))
+        .collect();
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut wanted = Vec::new();
+    while let Some((name, by)) = queue.pop_front() {
+        if !seen.insert(name.clone()) || seen.len() > 512 {
+            continue;
+        }
+        let loader = &loaders[by];
+        let mut dirs = Vec::new();
+        if loader.info.runpath.is_empty() {
+            dirs.extend(loader.expand(&loader.info.rpath));
+            if by != 0 {
+                dirs.extend(exe_rpath.iter().cloned());
+            }
+        }
+        dirs.extend(ld_library_path.iter().cloned());
+        dirs.extend(loader.expand(&loader.info.runpath));
+        let found = search_library(&name, &dirs, &cache);
+        if is_libc_name(&name) {
+            wanted.push(name.clone());
+            if let Some(path) = found {
+                return Ok(path);
+            }
+            continue;
+        }
+        // Not libc: look through its own dependencies (libc may be needed only indirectly).
+        if let Some(path) = found
+            && let Ok(info) = elf::dynamic_info(&path)
+        {
+            let index = loaders.len();
+            queue.extend(info.needed.iter().map(|n| (n.clone(), index)));
+            loaders.push(Loader::new(&path, info));
+        }
+    }
+    Err(TargetError::LibcNotFound {
+        path: exe.path().to_owned(),
+        wanted: if wanted.is_empty() {
+            "a libc.so.* among its DT_NEEDED libraries".to_owned()
+        } else {
+            wanted.join(", ")
+        },
+    })
+}
+
+fn search_library(name: &str, dirs: &[PathBuf], cache: &LdCache) -> Option<PathBuf> {
+    if name.contains('/') {
+        let p = PathBuf::from(name);
+        return elf::is_x86_64_elf(&p).then_some(p);
+    }
+    let from_dirs = |dirs: &mut dyn Iterator<Item = &Path>| {
+        dirs.map(|d| d.join(name)).find(|p| elf::is_x86_64_elf(p))
+    };
+    from_dirs(&mut dirs.iter().map(PathBuf::as_path))
+        .or_else(|| {
+            cache
+                .lookup(name)
+                .map(PathBuf::from)
+                .filter(|p| elf::is_x86_64_elf(p))
+        })
+        .or_else(|| from_dirs(&mut DEFAULT_LIB_DIRS.iter().map(Path::new)))
+}

@@ -1,0 +1,527 @@
+//! Tests of the libc search: mapped-file search, command resolution, ld.so.cache.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use super::command::{LD_CACHE, SearchEnv, command_target};
+use super::ld_cache::{CACHE_MAGIC_NEW, CACHE_MAGIC_OLD, CACHE_NEW_ENTRY, CACHE_NEW_HEADER};
+use super::process::{FileError, Unexamined, Verdict, search};
+use super::*;
+use crate::target::maps::{self, MapEntry};
+
+fn is_glibc(elf: &ElfFile) -> bool {
+    elf.symbol("gnu_get_libc_version").is_some()
+}
+
+/// Checks a target against the libc this test binary itself runs on.
+fn check_own_libc(t: &LibcTarget) {
+    let libc = elf::tests::own_libc().expect("test binary maps a libc");
+    assert_eq!(t.display_path, libc.to_str().unwrap());
+    let elf = ElfFile::open(&t.path).unwrap();
+    assert_eq!(
+        DevInode::from_metadata(&fs::metadata(&t.path).unwrap()),
+        t.dev_inode
+    );
+    let present: Vec<Api> = Api::ALL
+        .into_iter()
+        .filter(|a| elf.symbol(a.symbol()).is_some())
+        .collect();
+    assert_eq!(t.probes.len() + t.aliases.len(), present.len());
+    for p in &t.probes {
+        assert_eq!(p.with_return, p.api.needs_return(), "{:?}", p.api);
+        if p.with_return {
+            assert_eq!(p.sp_delta, 0, "{:?}", p.api);
+        }
+    }
+    if !is_glibc(&elf) {
+        return;
+    }
+    let free = t.probes.iter().find(|p| p.api == Api::Free).unwrap();
+    let free_sym = elf.symbol("free").unwrap();
+    assert_eq!(
+        free.file_offset,
+        elf.vaddr_to_file_offset(free_sym.address).unwrap() + 3,
+        "free: probe on the je after test %rdi,%rdi"
+    );
+    assert!(free.emulated);
+    let malloc = t.probes.iter().find(|p| p.api == Api::Malloc).unwrap();
+    assert_eq!(
+        malloc.file_offset,
+        elf.vaddr_to_file_offset(elf.symbol("malloc").unwrap().address)
+            .unwrap()
+    );
+    if elf.symbol("aligned_alloc") == elf.symbol("memalign") {
+        // Debian 12's glibc 2.36: 10 APIs, 9 functions.
+        assert_eq!(present.len(), 10);
+        assert_eq!(t.probes.len(), 9);
+        assert_eq!(t.aliases, vec![(Api::Memalign, Api::AlignedAlloc)]);
+        assert!(!t.probes.iter().any(|p| p.api == Api::Memalign));
+    }
+}
+
+fn entries(lines: &[&str]) -> Vec<MapEntry> {
+    lines.iter().map(|l| maps::parse_line(l).unwrap()).collect()
+}
+
+fn fake_target(inode: u64) -> Arc<LibcTarget> {
+    Arc::new(LibcTarget {
+        path: PathBuf::from("/lib/libc.so.6"),
+        display_path: "/lib/libc.so.6".into(),
+        dev_inode: DevInode {
+            major: 8,
+            minor: 1,
+            inode,
+        },
+        probes: Vec::new(),
+        aliases: Vec::new(),
+    })
+}
+
+/// A dynamically linked program: executable, libc (mapped several times), loader, a data
+/// file.
+const DYNAMIC: [&str; 6] = [
+    "55d000000000-55d000001000 r--p 00000000 08:01 100 /usr/bin/app",
+    "55d000001000-55d000002000 r-xp 00001000 08:01 100 /usr/bin/app",
+    "7f0000000000-7f0000028000 r--p 00000000 08:01 200 /usr/lib/x86_64-linux-gnu/libc.so.6",
+    "7f0000028000-7f000019d000 r-xp 00028000 08:01 200 /usr/lib/x86_64-linux-gnu/libc.so.6",
+    "7f0000200000-7f0000201000 r--p 00000000 08:01 300 /usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+    "7f0000300000-7f0000301000 r--s 00000000 08:01 400 /usr/share/fonts/a.ttf",
+];
+
+const EXE: Option<DevInode> = Some(DevInode {
+    major: 8,
+    minor: 1,
+    inode: 100,
+});
+
+#[test]
+fn search_examines_each_file_once_for_all_processes() {
+    let libc = fake_target(200);
+    let maps = entries(&DYNAMIC);
+    let mut cache = FileCache::default();
+    let mut examined = Vec::new();
+    for _ in 0..3 {
+        let found = search(&maps, EXE, &mut cache, |e| {
+            examined.push(e.dev_inode.inode);
+            Ok(match e.dev_inode.inode {
+                100 => Verdict::NoMalloc,
+                200 => Verdict::Malloc(Arc::clone(&libc)),
+                other => panic!("inode {other} examined"),
+            })
+        });
+        assert!(Arc::ptr_eq(&found.unwrap(), &libc));
+    }
+    // The executable first, then libc; the search stops there.
+    assert_eq!(examined, [100, 200]);
+}
+
+#[test]
+fn search_order_and_what_is_remembered() {
+    // A static executable with malloc wins over everything else.
+    let exe = fake_target(100);
+    let mut cache = FileCache::default();
+    let found = search(&entries(&DYNAMIC), EXE, &mut cache, |e| {
+        assert_eq!(e.dev_inode.inode, 100);
+        Ok(Verdict::Malloc(Arc::clone(&exe)))
+    });
+    assert!(Arc::ptr_eq(&found.unwrap(), &exe));
+
+    // No libc-named file: the others are tried, the loader is not.
+    let maps = entries(&[DYNAMIC[0], DYNAMIC[4], DYNAMIC[5]]);
+    let mut examined = Vec::new();
+    let found = search(&maps, EXE, &mut FileCache::default(), |e| {
+        examined.push(e.dev_inode.inode);
+        Ok(Verdict::NoMalloc)
+    });
+    assert!(matches!(found, Err(None)));
+    assert_eq!(examined, [100, 400]);
+
+    // A file that cannot be opened now is asked about again for the next process; a broken
+    // libc is remembered with its error.
+    let maps = entries(&DYNAMIC);
+    let mut cache = FileCache::default();
+    let mut examined = Vec::new();
+    for _ in 0..2 {
+        let found = search(&maps, EXE, &mut cache, |e| {
+            examined.push(e.dev_inode.inode);
+            match e.dev_inode.inode {
+                100 => Err(Unexamined::Path(TargetError::NoSuchProcess { pid: 1 })),
+                200 => Ok(Verdict::NotElf(FileError::BadElf {
+                    path: "/lib/libc.so.6".into(),
+                    reason: "truncated".into(),
+                })),
+                _ => Ok(Verdict::NoMalloc),
+            }
+        });
+        // The executable's error came first.
+        assert!(matches!(
+            found,
+            Err(Some(TargetError::NoSuchProcess { .. }))
+        ));
+    }
+    assert_eq!(examined, [100, 200, 400, 100]);
+
+    // Defines malloc but cannot be probed: the search ends with the file's error, also
+    // when it is remembered.
+    let mut cache = FileCache::default();
+    for _ in 0..2 {
+        let found = search(&maps, EXE, &mut cache, |e| {
+            Ok(match e.dev_inode.inode {
+                200 => Verdict::Unprobeable(FileError::MissingSymbol {
+                    path: "/lib/libc.so.6".into(),
+                    symbol: "free",
+                }),
+                _ => Verdict::NoMalloc,
+            })
+        });
+        let err = found.unwrap_err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            "/lib/libc.so.6: defines malloc but not free"
+        );
+    }
+}
+
+#[test]
+fn own_process() {
+    let t = for_pid(std::process::id()).unwrap();
+    check_own_libc(&t);
+    // Same mount namespace: the plain path is used, not /proc/<pid>/root.
+    assert_eq!(t.path, PathBuf::from(&t.display_path));
+}
+
+#[test]
+fn child_process_and_missing_process() {
+    let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+    // The child may still be in exec: wait until it maps its libc.
+    let mut result = for_pid(child.id());
+    for _ in 0..100 {
+        if result.is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        result = for_pid(child.id());
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let t = result.unwrap();
+    assert_eq!(t.dev_inode, for_pid(std::process::id()).unwrap().dev_inode);
+    assert!(matches!(
+        for_pid(u32::MAX),
+        Err(TargetError::NoSuchProcess { .. })
+    ));
+}
+
+/// A process in another mount namespace where libc is a different file (as in a container)
+/// is traced through its own libc, via /proc/<pid>/root, and through map_files once that
+/// file is deleted. Needs root (unshare, mount).
+#[test]
+fn other_mount_namespace_uses_its_own_libc() {
+    let dir = TempDir::new("mntns");
+    let own = elf::tests::own_libc().unwrap();
+    let copy = dir.0.join("libc.so.6");
+    fs::copy(&own, &copy).unwrap();
+    let script = format!(
+        "mount --bind {} {} && exec sleep 30",
+        copy.display(),
+        own.display()
+    );
+    let mut child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("unshare (util-linux) runs");
+    let pid = child.id();
+    let mut found = None;
+    for _ in 0..300 {
+        if let Ok(t) = for_pid(pid)
+            && t.path.starts_with("/proc")
+        {
+            found = Some(t);
+            break;
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let Some(t) = found else {
+        let _ = child.kill();
+        child.wait().unwrap();
+        panic!("unshare/mount did not run (this test needs root, as `./x test` runs it)");
+    };
+    let copy_id = DevInode::from_metadata(&fs::metadata(&copy).unwrap());
+    assert_eq!(t.dev_inode, copy_id);
+    assert_eq!(
+        t.path,
+        Path::new(&format!("/proc/{pid}/root")).join(t.display_path.trim_start_matches('/'))
+    );
+
+    // Deleted (as after an upgrade): only map_files still reaches the mapped file.
+    fs::remove_file(&copy).unwrap();
+    let deleted = for_pid(pid);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deleted = deleted.unwrap();
+    assert!(
+        deleted.path.starts_with(format!("/proc/{pid}/map_files/")),
+        "{}",
+        deleted.path.display()
+    );
+    assert_eq!(deleted.dev_inode, copy_id);
+    assert_eq!(deleted.display_path, t.display_path);
+    assert_eq!(deleted.probes, t.probes);
+}
+
+#[test]
+fn process_without_libc() {
+    let dir = TempDir::new("nolibc");
+    let exe = dir.0.join("pause-forever");
+    // mov $34,%eax (pause); syscall; jmp back
+    let code = [0xb8, 0x22, 0x00, 0x00, 0x00, 0x0f, 0x05, 0xeb, 0xf7];
+    fs::write(&exe, elf::tests::test_elf(None, &code)).unwrap();
+    fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).unwrap();
+    let mut child = Command::new(&exe)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run files from {} (noexec?): {e}", dir.0.display()));
+    let pid = child.id();
+    let mut result = for_pid(pid);
+    for _ in 0..100 {
+        if fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|c| c.trim() == "pause-forever")
+        {
+            result = for_pid(pid);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let err = result.unwrap_err();
+    assert!(
+        matches!(&err, TargetError::ProcessNoLibc { comm, .. } if comm == "pause-forever"),
+        "{err}"
+    );
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "process {pid} (pause-forever) does not use a libc allocator (no malloc in its mapped files)"
+        )
+    );
+    // The same file as a command: static, no malloc.
+    assert!(matches!(
+        for_command(&exe),
+        Err(TargetError::StaticNoMalloc { .. })
+    ));
+}
+
+#[test]
+fn command_from_path() {
+    let t = for_command("sleep").unwrap();
+    let own = for_pid(std::process::id()).unwrap();
+    assert_eq!(t.dev_inode, own.dev_inode);
+    assert_eq!(t.probes, own.probes);
+    assert_eq!(t.aliases, own.aliases);
+}
+
+#[test]
+fn command_errors_and_scripts() {
+    assert!(matches!(
+        for_command("allocwatch-no-such-command-xyz"),
+        Err(TargetError::CommandNotFound { .. })
+    ));
+    assert!(matches!(
+        for_command("./no/such/file"),
+        Err(TargetError::CommandNotFound { .. })
+    ));
+    let dir = TempDir::new("cmd");
+    let plain = dir.0.join("plain");
+    fs::write(&plain, b"not executable").unwrap();
+    assert!(matches!(
+        for_command(&plain),
+        Err(TargetError::NotExecutable { .. })
+    ));
+    let env = SearchEnv {
+        path: Some(dir.0.as_os_str().to_owned()),
+        ld_library_path: None,
+        ld_cache: LD_CACHE.into(),
+    };
+    assert!(matches!(
+        command_target(OsStr::new("plain"), &env),
+        Err(TargetError::NotExecutable { .. })
+    ));
+    // A script allocates through its interpreter.
+    let script = dir.0.join("script");
+    fs::write(&script, b"#!/bin/sh -e\necho hi\n").unwrap();
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    let t = command_target(OsStr::new("script"), &env).unwrap();
+    assert_eq!(t.dev_inode, for_pid(std::process::id()).unwrap().dev_inode);
+}
+
+/// gcc-built fixtures (gcc and a static libc: `./x setup` installs them).
+#[test]
+fn compiled_fixtures() {
+    let dir = TempDir::new("gcc");
+    let src = dir.0.join("main.c");
+    fs::write(
+        &src,
+        b"#include <stdlib.h>\nint main(int c, char **v) { free(malloc(c)); return v == 0; }\n",
+    )
+    .unwrap();
+    let gcc = |args: &[&OsStr]| {
+        Command::new("gcc")
+            .args(args)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+
+    // Static: the executable is the target.
+    let stat = dir.0.join("static");
+    assert!(
+        gcc(&[
+            "-O1".as_ref(),
+            "-static".as_ref(),
+            src.as_os_str(),
+            "-o".as_ref(),
+            stat.as_os_str(),
+        ]),
+        "gcc -static failed (gcc and libc6-dev: `./x setup` installs them)"
+    );
+    let t = for_command(&stat).unwrap();
+    assert_eq!(t.path, stat);
+    assert!(t.probes.iter().any(|p| p.api == Api::Malloc));
+    assert!(t.probes.iter().any(|p| p.api == Api::Free));
+
+    // Dynamic with DT_RUNPATH=$ORIGIN/lib holding a copy of libc: the copy is found first.
+    let own = elf::tests::own_libc().unwrap();
+    let lib = dir.0.join("lib");
+    fs::create_dir_all(&lib).unwrap();
+    fs::copy(&own, lib.join(own.file_name().unwrap())).unwrap();
+    let dynamic = dir.0.join("dynamic");
+    assert!(
+        gcc(&[
+            src.as_os_str(),
+            "-Wl,--enable-new-dtags,-rpath,$ORIGIN/lib".as_ref(),
+            "-o".as_ref(),
+            dynamic.as_os_str(),
+        ]),
+        "gcc failed (`./x setup` installs it)"
+    );
+    let t = for_command(&dynamic).unwrap();
+    assert_eq!(t.path, lib.join(own.file_name().unwrap()));
+    // LD_LIBRARY_PATH comes before DT_RUNPATH.
+    let sys = own.parent().unwrap();
+    let env = SearchEnv {
+        path: None,
+        ld_library_path: Some(sys.as_os_str().to_owned()),
+        ld_cache: LD_CACHE.into(),
+    };
+    let t = command_target(dynamic.as_os_str(), &env).unwrap();
+    assert_eq!(t.path, sys.join(own.file_name().unwrap()));
+}
+
+/// Builds a new-format cache: (flags, name, path, hwcap) entries.
+fn build_cache(entries: &[(i32, &str, &str, u64)]) -> Vec<u8> {
+    let mut strings = Vec::new();
+    let table = CACHE_NEW_HEADER + entries.len() * CACHE_NEW_ENTRY;
+    let mut offsets = Vec::new();
+    for (_, name, path, _) in entries {
+        let k = table + strings.len();
+        strings.extend_from_slice(name.as_bytes());
+        strings.push(0);
+        let v = table + strings.len();
+        strings.extend_from_slice(path.as_bytes());
+        strings.push(0);
+        offsets.push((k as u32, v as u32));
+    }
+    let mut b = Vec::new();
+    b.extend_from_slice(CACHE_MAGIC_NEW);
+    b.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    b.extend_from_slice(&(strings.len() as u32).to_le_bytes());
+    b.extend_from_slice(&[2, 0, 0, 0]); // flags: little-endian
+    b.extend_from_slice(&[0; 16]); // extension offset, unused
+    assert_eq!(b.len(), CACHE_NEW_HEADER);
+    for ((flags, _, _, hwcap), (k, v)) in entries.iter().zip(offsets) {
+        b.extend_from_slice(&flags.to_le_bytes());
+        b.extend_from_slice(&k.to_le_bytes());
+        b.extend_from_slice(&v.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&hwcap.to_le_bytes());
+    }
+    b.extend_from_slice(&strings);
+    b
+}
+
+#[test]
+fn ld_cache_constructed() {
+    let buf = build_cache(&[
+        (0x0003, "libc.so.6", "/lib/i386-linux-gnu/libc.so.6", 0),
+        (
+            0x0303,
+            "libfoo.so.1",
+            "/opt/hwcaps/x86-64-v3/libfoo.so.1",
+            1 << 62,
+        ),
+        (0x0303, "libc.so.6", "/lib/x86_64-linux-gnu/libc.so.6", 0),
+        (0x0303, "libfoo.so.1", "/opt/libfoo.so.1", 0),
+        (0x0803, "libbar.so", "/libx32/libbar.so", 0),
+    ]);
+    let cache = LdCache::parse(&buf).unwrap();
+    assert_eq!(cache.entries.len(), 5);
+    assert_eq!(
+        cache.lookup("libc.so.6"),
+        Some("/lib/x86_64-linux-gnu/libc.so.6")
+    );
+    assert_eq!(cache.lookup("libfoo.so.1"), Some("/opt/libfoo.so.1"));
+    assert_eq!(cache.lookup("libbar.so"), None, "x32 only");
+    assert_eq!(cache.lookup("libnone.so"), None);
+
+    // After an old-format block (nlibs = 1, 16 + 12 bytes, aligned to 32).
+    let mut old = Vec::new();
+    old.extend_from_slice(CACHE_MAGIC_OLD);
+    old.push(0);
+    old.extend_from_slice(&1u32.to_le_bytes());
+    old.extend_from_slice(&[0; 12]);
+    old.resize(32, 0);
+    old.extend_from_slice(&buf);
+    assert_eq!(LdCache::parse(&old).unwrap(), cache);
+
+    assert!(LdCache::parse(b"garbage").is_err());
+    assert!(LdCache::parse(&buf[..CACHE_NEW_HEADER + 10]).is_err());
+    let mut bad = buf.clone();
+    bad[CACHE_NEW_HEADER + 4..CACHE_NEW_HEADER + 8].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(LdCache::parse(&bad).is_err());
+    let mut huge = buf;
+    huge[20..24].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(LdCache::parse(&huge).is_err());
+}
+
+#[test]
+fn ld_cache_real() {
+    let cache = LdCache::read(LD_CACHE).unwrap();
+    assert!(!cache.entries.is_empty());
+    let libc = cache.lookup("libc.so.6").expect("libc.so.6 in the cache");
+    assert!(elf::is_x86_64_elf(libc));
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("allocwatch-libc-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,357 @@
+//! Ring-buffer records: the common header, the record kinds, each record's layout, and (with
+//! the `user` feature) their validated decoding. The kinds, APIs and Go roles convert from
+//! their raw ids with `const fn`s usable by the probes too, so both sides match on enums.
+//!
+//! Dependencies point one way: this module uses [`crate::libc`] and [`crate::go`], which use
+//! nothing of each other or of this module.
+
+use crate::go::GO_VALUES;
+use crate::libc::SiteKey;
+
+/// Kinds of ring-buffer records.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A site row was created: symbolize it while the process is alive ([`NewSiteEvent`]).
+    NewSite = 1,
+    /// A Go runtime event ([`GoEvent`]).
+    Go = 2,
+    /// A process called `exec` ([`ExecEvent`]).
+    Exec = 3,
+}
+
+impl EventKind {
+    /// The kind of a raw header id, `None` for an unknown one.
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(EventKind::NewSite),
+            2 => Some(EventKind::Go),
+            3 => Some(EventKind::Exec),
+            _ => None,
+        }
+    }
+}
+
+/// Common header of every ring-buffer record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    pub kind: u32,
+    pub tgid: u32,
+}
+
+/// Longest executable path an [`ExecEvent`] carries (longer ones are cut).
+pub const EXEC_PATH_MAX: usize = 256;
+
+/// `sched_process_exec`: which program a process became. Names a process that exits before
+/// the agent reads /proc, and tells the agent its identity changed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExecEvent {
+    pub header: EventHeader,
+    pub comm: [u8; 16],
+    /// The path given to `execve`, NUL-terminated.
+    pub filename: [u8; EXEC_PATH_MAX],
+}
+
+/// A new site, followed in its record by `nframes` frames ([`NewSiteRecord`]): the record is
+/// as long as the stack, so a burst of new sites (a process starting) fits the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NewSiteEvent {
+    pub header: EventHeader,
+    pub site: SiteKey,
+    /// The thread's comm: names a process that exits before the agent reads /proc.
+    pub comm: [u8; 16],
+    /// Frames of the site's user stack (`site.stack_id`) that follow; 0 when stacks are off or
+    /// the stack was gone. The stack travels with the site because the kernel's stack table is
+    /// LRU: on a busy node it could be evicted before the agent read it by id.
+    pub nframes: u32,
+    pub _pad: u32,
+}
+
+/// The longest new-site record: the kernel builds it here and sends its first
+/// `NEW_SITE_FIXED + 8 * nframes` bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NewSiteRecord {
+    pub event: NewSiteEvent,
+    pub frames: [u64; crate::MAX_STACK_DEPTH],
+}
+
+/// Bytes of a new-site record before its frames.
+pub const NEW_SITE_FIXED: usize = size_of::<NewSiteEvent>();
+
+/// A streamed Go runtime event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GoEvent {
+    pub header: EventHeader,
+    /// A [`crate::go::GoRole`] id.
+    pub role: u32,
+    pub tid: u32,
+    pub ts_ns: u64,
+    /// The goroutine (`g`, R14 under ABIInternal).
+    pub goroutine: u64,
+    pub ret_addr: u64,
+    pub stack_id: i64,
+    /// For `StartTheWorld`: [pause ns, stop reason, stop's return address, …].
+    pub values: [u64; GO_VALUES],
+}
+
+const _: () = {
+    use core::mem::{offset_of, size_of};
+    assert!(size_of::<EventHeader>() == 8);
+    assert!(size_of::<NewSiteEvent>() == 56);
+    assert!(offset_of!(NewSiteEvent, site) == 8);
+    assert!(offset_of!(NewSiteEvent, comm) == 32);
+    assert!(offset_of!(NewSiteEvent, nframes) == 48);
+    assert!(offset_of!(NewSiteRecord, frames) == NEW_SITE_FIXED);
+    assert!(size_of::<NewSiteRecord>() == NEW_SITE_FIXED + 8 * crate::MAX_STACK_DEPTH);
+    assert!(size_of::<ExecEvent>() == 280);
+    assert!(offset_of!(ExecEvent, filename) == 24);
+    assert!(size_of::<GoEvent>() == 96);
+    assert!(offset_of!(GoEvent, ts_ns) == 16);
+    assert!(offset_of!(GoEvent, stack_id) == 40);
+    assert!(offset_of!(GoEvent, values) == 48);
+};
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    use crate::go::GoRole;
+    use crate::libc::Api;
+
+    // SAFETY: all of these are #[repr(C)] plain integers with explicit padding fields.
+    unsafe impl aya::Pod for EventHeader {}
+    unsafe impl aya::Pod for NewSiteEvent {}
+    unsafe impl aya::Pod for ExecEvent {}
+    unsafe impl aya::Pod for GoEvent {}
+
+    #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+    pub enum DecodeError {
+        #[error("unknown libc API id {0}")]
+        UnknownApi(u32),
+        #[error("unknown event kind {0}")]
+        UnknownKind(u32),
+        #[error("unknown Go role {0}")]
+        UnknownRole(u32),
+        #[error("event record of {got} bytes, expected at least {want}")]
+        Short { got: usize, want: usize },
+    }
+
+    impl TryFrom<u32> for Api {
+        type Error = DecodeError;
+        fn try_from(v: u32) -> Result<Self, Self::Error> {
+            Api::from_u32(v).ok_or(DecodeError::UnknownApi(v))
+        }
+    }
+
+    impl TryFrom<u32> for GoRole {
+        type Error = DecodeError;
+        fn try_from(v: u32) -> Result<Self, Self::Error> {
+            GoRole::from_u32(v).ok_or(DecodeError::UnknownRole(v))
+        }
+    }
+
+    impl TryFrom<u32> for EventKind {
+        type Error = DecodeError;
+        fn try_from(v: u32) -> Result<Self, Self::Error> {
+            EventKind::from_u32(v).ok_or(DecodeError::UnknownKind(v))
+        }
+    }
+
+    /// A decoded ring-buffer record.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub enum Event {
+        /// A new site, its thread's comm and its user stack (innermost first; empty when the
+        /// event carried none).
+        NewSite(SiteKey, [u8; 16], Vec<u64>),
+        Go(GoEvent),
+        /// (tgid, comm, the exec'd path).
+        Exec(u32, [u8; 16], String),
+    }
+
+    impl TryFrom<&[u8]> for Event {
+        type Error = DecodeError;
+        fn try_from(buf: &[u8]) -> Result<Self, Self::Error> {
+            let header: EventHeader = read(buf)?;
+            match EventKind::try_from(header.kind)? {
+                EventKind::NewSite => {
+                    let ev: NewSiteEvent = read(buf)?;
+                    Api::try_from(ev.site.api)?;
+                    let n = (ev.nframes as usize).min(crate::MAX_STACK_DEPTH);
+                    let want = NEW_SITE_FIXED + 8 * n;
+                    let frames = buf.get(NEW_SITE_FIXED..want).ok_or(DecodeError::Short {
+                        got: buf.len(),
+                        want,
+                    })?;
+                    let stack = frames
+                        .as_chunks::<8>()
+                        .0
+                        .iter()
+                        .map(|b| u64::from_le_bytes(*b))
+                        .collect();
+                    Ok(Event::NewSite(ev.site, ev.comm, stack))
+                }
+                EventKind::Go => {
+                    let ev: GoEvent = read(buf)?;
+                    GoRole::try_from(ev.role)?;
+                    Ok(Event::Go(ev))
+                }
+                EventKind::Exec => {
+                    let ev: ExecEvent = read(buf)?;
+                    let len = ev
+                        .filename
+                        .iter()
+                        .position(|&b| b == 0)
+                        .unwrap_or(ev.filename.len());
+                    let path = String::from_utf8_lossy(&ev.filename[..len]).into_owned();
+                    Ok(Event::Exec(header.tgid, ev.comm, path))
+                }
+            }
+        }
+    }
+
+    /// Copies a `T` out of the front of `buf` (ring-buffer records carry no alignment promise).
+    fn read<T: aya::Pod>(buf: &[u8]) -> Result<T, DecodeError> {
+        let want = size_of::<T>();
+        if buf.len() < want {
+            return Err(DecodeError::Short {
+                got: buf.len(),
+                want,
+            });
+        }
+        // SAFETY: T is Pod (any bit pattern is valid) and buf holds at least size_of::<T>() bytes.
+        Ok(unsafe { core::ptr::read_unaligned(buf.as_ptr().cast::<T>()) })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn bytes_of<T: aya::Pod>(v: &T) -> Vec<u8> {
+            // SAFETY: T is Pod, so viewing it as bytes is sound.
+            unsafe {
+                core::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()).to_vec()
+            }
+        }
+
+        #[test]
+        fn ids_round_trip() {
+            for api in Api::ALL {
+                assert_eq!(Api::try_from(api as u32), Ok(api));
+            }
+            assert_eq!(Api::try_from(10), Err(DecodeError::UnknownApi(10)));
+            for r in GoRole::ALL {
+                assert_eq!(GoRole::try_from(r as u32), Ok(r));
+            }
+            assert_eq!(GoRole::try_from(99), Err(DecodeError::UnknownRole(99)));
+            for k in [EventKind::NewSite, EventKind::Go, EventKind::Exec] {
+                assert_eq!(EventKind::try_from(k as u32), Ok(k));
+            }
+            assert_eq!(EventKind::try_from(0), Err(DecodeError::UnknownKind(0)));
+        }
+
+        #[test]
+        fn decodes_new_site() {
+            let site = SiteKey {
+                tgid: 42,
+                api: Api::Calloc as u32,
+                stack_id: 7,
+                ret_addr: 0xdead_beef,
+            };
+            let ev = NewSiteEvent {
+                header: EventHeader {
+                    kind: EventKind::NewSite as u32,
+                    tgid: 42,
+                },
+                site,
+                comm: *b"fixture\0\0\0\0\0\0\0\0\0",
+                nframes: 0,
+                _pad: 0,
+            };
+            let buf = bytes_of(&ev);
+            assert_eq!(
+                Event::try_from(buf.as_slice()),
+                Ok(Event::NewSite(
+                    site,
+                    *b"fixture\0\0\0\0\0\0\0\0\0",
+                    Vec::new()
+                ))
+            );
+            // The record is as long as its stack.
+            let stack = [0x401000u64, 0x401234, 0x7f00_0000_1000];
+            let mut with_stack = bytes_of(&NewSiteEvent { nframes: 3, ..ev });
+            for f in stack {
+                with_stack.extend_from_slice(&f.to_le_bytes());
+            }
+            assert_eq!(
+                Event::try_from(with_stack.as_slice()),
+                Ok(Event::NewSite(
+                    site,
+                    *b"fixture\0\0\0\0\0\0\0\0\0",
+                    stack.to_vec()
+                ))
+            );
+            assert_eq!(
+                Event::try_from(&with_stack[..NEW_SITE_FIXED + 16]),
+                Err(DecodeError::Short {
+                    got: NEW_SITE_FIXED + 16,
+                    want: NEW_SITE_FIXED + 24
+                })
+            );
+            assert!(matches!(
+                Event::try_from(&buf[..12]),
+                Err(DecodeError::Short { got: 12, want: 56 })
+            ));
+            let mut bad = buf.clone();
+            bad[0] = 9;
+            assert_eq!(
+                Event::try_from(bad.as_slice()),
+                Err(DecodeError::UnknownKind(9))
+            );
+            let mut bad_api = buf;
+            bad_api[12] = 200;
+            assert_eq!(
+                Event::try_from(bad_api.as_slice()),
+                Err(DecodeError::UnknownApi(200))
+            );
+        }
+
+        #[test]
+        fn decodes_go_and_exec() {
+            let ev = GoEvent {
+                header: EventHeader {
+                    kind: EventKind::Go as u32,
+                    tgid: 7,
+                },
+                role: GoRole::SliceGrow as u32,
+                values: [1, 2, 3, 4, 5, 6],
+                ..GoEvent::default()
+            };
+            assert_eq!(Event::try_from(bytes_of(&ev).as_slice()), Ok(Event::Go(ev)));
+            let bad = GoEvent { role: 99, ..ev };
+            assert_eq!(
+                Event::try_from(bytes_of(&bad).as_slice()),
+                Err(DecodeError::UnknownRole(99))
+            );
+            let mut filename = [0u8; EXEC_PATH_MAX];
+            filename[..9].copy_from_slice(b"/bin/true");
+            let exec = ExecEvent {
+                header: EventHeader {
+                    kind: EventKind::Exec as u32,
+                    tgid: 8,
+                },
+                comm: *b"true\0\0\0\0\0\0\0\0\0\0\0\0",
+                filename,
+            };
+            assert_eq!(
+                Event::try_from(bytes_of(&exec).as_slice()),
+                Ok(Event::Exec(8, exec.comm, "/bin/true".into()))
+            );
+        }
+    }
+}
+#[cfg(feature = "user")]
+pub use user::{DecodeError, Event};
