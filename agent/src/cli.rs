@@ -5,7 +5,10 @@ use std::{ffi::OsString, num::NonZeroU32, path::PathBuf, time::Duration};
 use allocwatch_common::capacity;
 use clap::{Args, Parser, Subcommand};
 
-use crate::values::{self, CountLimit, DurationLimit};
+use crate::{
+    probes::{Capacity, Mode},
+    values::{self, CountLimit, DurationLimit},
+};
 
 /// Which call sites allocate, leak and grow memory — traced with eBPF uprobes, without touching
 /// the traced program.
@@ -123,7 +126,7 @@ pub struct AgentArgs {
     /// `count-stacks` (see `allocwatch top --help`; the count modes export no live gauges,
     /// size histogram or heap profile).
     #[arg(long, value_name = "MODE", value_parser = values::public_mode)]
-    pub mode: Option<crate::probes::Mode>,
+    pub mode: Option<Mode>,
     /// Serve /debug/pprof/allocs and /debug/pprof/heap.
     #[arg(long)]
     pub pprof: bool,
@@ -234,11 +237,12 @@ pub struct CommonArgs {
     /// What the libc probes record: `full` (calls, bytes, failures, outstanding allocations,
     /// user stacks), `stacks-off` (full without stacks), `count` (entry probes only: calls
     /// and bytes per API and immediate caller; cheapest), `count-stacks` (count with stacks).
-    #[arg(long, value_enum, default_value_t = crate::probes::Mode::Full)]
-    pub mode: crate::probes::Mode,
+    #[arg(long, value_parser = values::mode_parser(), default_value = "full")]
+    pub mode: Mode,
 }
 
-/// Kernel map capacities. Every drop caused by a full map is counted and reported.
+/// The flags of [`Capacity`], the probes' kernel map capacities. Every drop caused by a full
+/// map is counted and reported.
 #[derive(Debug, Args, Clone, Copy)]
 pub struct CapacityArgs {
     #[arg(
@@ -277,6 +281,17 @@ pub struct CapacityArgs {
         help = count_help("Threads inside an allocation call at once", &values::MAX_PENDING),
     )]
     pub max_pending: u32,
+}
+
+impl From<CapacityArgs> for Capacity {
+    fn from(a: CapacityArgs) -> Capacity {
+        Capacity {
+            max_live: a.max_live,
+            max_sites: a.max_sites,
+            max_stacks: a.max_stacks,
+            max_pending: a.max_pending,
+        }
+    }
 }
 
 /// A duration limit as a clap value parser.

@@ -9,11 +9,10 @@ use std::{
     time::Duration,
 };
 
-use allocwatch_common::capacity;
 use serde::{Deserialize, Deserializer};
 
 use crate::{
-    probes::Mode,
+    probes::{Capacity, Mode},
     serve::{
         http::Limits,
         web_config::{WebConfig, WebConfigError},
@@ -146,6 +145,7 @@ pub struct Config {
     #[serde(deserialize_with = "probe_mode")]
     pub mode: Mode,
     pub select: Select,
+    #[serde(deserialize_with = "capacity")]
     pub capacity: Capacity,
     pub go: Go,
     pub pprof: Pprof,
@@ -182,29 +182,46 @@ pub struct Select {
     pub exclude_k8s_namespace: Vec<String>,
 }
 
-/// Kernel map capacities (see `allocwatch_common::capacity`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+/// The keys of `[capacity]`, parsed into the probes' [`Capacity`] (each value checked like its
+/// flag).
+#[derive(Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct Capacity {
+struct CapacityKeys {
     #[serde(deserialize_with = "max_live")]
-    pub max_live: u32,
+    max_live: u32,
     #[serde(deserialize_with = "max_sites")]
-    pub max_sites: u32,
+    max_sites: u32,
     #[serde(deserialize_with = "max_stacks")]
-    pub max_stacks: u32,
+    max_stacks: u32,
     #[serde(deserialize_with = "max_pending")]
-    pub max_pending: u32,
+    max_pending: u32,
 }
 
-impl Default for Capacity {
+impl Default for CapacityKeys {
     fn default() -> Self {
-        Capacity {
-            max_live: capacity::LIVE,
-            max_sites: capacity::SITES,
-            max_stacks: capacity::STACKS,
-            max_pending: capacity::PENDING,
+        let Capacity {
+            max_live,
+            max_sites,
+            max_stacks,
+            max_pending,
+        } = Capacity::default();
+        CapacityKeys {
+            max_live,
+            max_sites,
+            max_stacks,
+            max_pending,
         }
     }
+}
+
+fn capacity<'de, D: Deserializer<'de>>(d: D) -> Result<Capacity, D::Error> {
+    let k = CapacityKeys::deserialize(d)?;
+    Ok(Capacity {
+        max_live: k.max_live,
+        max_sites: k.max_sites,
+        max_stacks: k.max_stacks,
+        max_pending: k.max_pending,
+    })
 }
 
 /// Go runtime probes of Go processes.
@@ -388,10 +405,6 @@ pub struct Overrides {
     pub exclude_exe: Vec<String>,
     pub exclude_cgroup: Vec<String>,
     pub exclude_k8s_namespace: Vec<String>,
-    pub max_live: Option<u32>,
-    pub max_sites: Option<u32>,
-    pub max_stacks: Option<u32>,
-    pub max_pending: Option<u32>,
     pub go_growth: Option<bool>,
     pub go_malloc: Option<bool>,
     pub go_gc: Option<bool>,
@@ -452,11 +465,6 @@ impl Config {
         list(&mut s.exclude_exe, o.exclude_exe);
         list(&mut s.exclude_cgroup, o.exclude_cgroup);
         list(&mut s.exclude_k8s_namespace, o.exclude_k8s_namespace);
-        let c = &mut self.capacity;
-        set(&mut c.max_live, o.max_live);
-        set(&mut c.max_sites, o.max_sites);
-        set(&mut c.max_stacks, o.max_stacks);
-        set(&mut c.max_pending, o.max_pending);
         set(&mut self.go.growth, o.go_growth);
         set(&mut self.go.malloc, o.go_malloc);
         set(&mut self.go.gc, o.go_gc);

@@ -44,8 +44,8 @@ pub struct FrameCache {
     raw_count: usize,
     /// Stack ids no longer in the kernel table when read (evicted): the chain keeps its caller.
     pub stacks_evicted: u64,
-    /// Sites to name in the background, oldest first (agent only): named while their process
-    /// lives, and before a scrape needs them.
+    /// Sites to name, oldest first: named while their process lives (the agent's in the
+    /// background, before a scrape needs them; a session's as soon as they come).
     queue: std::collections::VecDeque<(u32, i64, u64)>,
     /// What `queue` holds (a Go site streams an event per growth).
     queued: HashSet<(u32, i64, u64)>,
@@ -98,10 +98,7 @@ impl FrameCache {
     /// Queues a new site to be named in the background ([`Self::name_queued`]).
     pub fn queue(&mut self, tgid: u32, stack_id: i64, ret_addr: u64) {
         let site = (tgid, stack_id, ret_addr);
-        if self.interned.is_none()
-            || self.queued.contains(&site)
-            || self.cached(tgid, stack_id, ret_addr).is_some()
-        {
+        if self.queued.contains(&site) || self.cached(tgid, stack_id, ret_addr).is_some() {
             return;
         }
         if self.queue.len() >= MAX_QUEUED
@@ -113,15 +110,15 @@ impl FrameCache {
         self.queued.insert(site);
     }
 
-    /// Names queued sites until `deadline`; how many were named.
+    /// Names queued sites until `deadline` (all of them without); how many were named.
     pub async fn name_queued(
         &mut self,
         probes: &Probes,
         symbolizer: &SymbolizerHandle,
-        deadline: std::time::Instant,
+        deadline: Option<std::time::Instant>,
     ) -> anyhow::Result<usize> {
         let mut named = 0;
-        while std::time::Instant::now() < deadline {
+        while deadline.is_none_or(|d| std::time::Instant::now() < d) {
             let Some(site) = self.queue.pop_front() else {
                 break;
             };
@@ -130,7 +127,7 @@ impl FrameCache {
                 continue;
             }
             match self
-                .frames_until(probes, symbolizer, site, Some(deadline))
+                .frames_until(probes, symbolizer, site, deadline)
                 .await?
             {
                 Some(_) => named += 1,
@@ -186,7 +183,7 @@ impl FrameCache {
         if id < 0 || self.raw_of(tgid, id).is_some() {
             return Ok(());
         }
-        let stack = collect::stack(&probes.ebpf, id)?;
+        let stack = collect::stack(probes, id)?;
         self.keep(tgid, id, stack);
         Ok(())
     }
@@ -263,7 +260,7 @@ impl FrameCache {
         }
         let stack = match self.raw_of(tgid, stack_id) {
             Some(s) => s.clone(),
-            None => collect::stack(&probes.ebpf, stack_id)?,
+            None => collect::stack(probes, stack_id)?,
         };
         if stack_id >= 0 && stack.is_empty() {
             self.stacks_evicted += 1;

@@ -14,11 +14,13 @@ mod gort;
 mod gostate;
 mod k8s;
 mod launch;
+mod pipeline;
 mod preflight;
 mod privilege;
 #[cfg(test)]
 mod probe_tests;
 mod probes;
+mod procfs;
 mod report;
 mod serve;
 mod session;

@@ -3,25 +3,27 @@
 use std::{num::NonZeroU32, path::Path};
 
 use allocwatch_common::{
-    config, globals,
+    capacity, config, globals,
     go::{self, GO_SPECS_MAX, GoProc, GoSpec},
-    libc::{API_COUNT, Api, LIBC_FILE_RANGES, LIBC_FILES_MAX, LibcFile, cookie},
+    libc::{LIBC_FILES_MAX, LibcFile, cookie},
     map_names,
 };
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapError},
+    maps::{Array, HashMap, Map, MapError},
     programs::{
         ProgramError, TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
     },
 };
-use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind};
 use thiserror::Error;
 
-use crate::{
-    cli::CapacityArgs,
-    target::{ProbePoint, elf::ElfFile, go::GoProbe},
+use crate::target::{
+    ProbePoint,
+    elf::ElfFile,
+    go::GoProbe,
+    registry::{AttachFailure, Attacher, Target},
+    relays::Relays,
 };
 
 /// The compiled probe object, built by agent/build.rs.
@@ -36,7 +38,7 @@ const GO_ENTRY: &str = "go_entry";
 const GO_FLOOR: &str = "go_floor";
 
 /// What the libc probes record (`--mode`). Costs per call are measured in BENCHMARKS.md.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Mode {
     /// Entry and return probes: calls, bytes and failures per call site with its user stack,
     /// and every outstanding allocation (`leaks`, live bytes).
@@ -51,15 +53,55 @@ pub enum Mode {
     CountStacks,
     /// Benchmark only: empty entry programs at the sites `count` uses (and at the Go probes'
     /// sites).
-    #[value(hide = true)]
     Floor,
     /// Benchmark only: empty entry and return programs at the sites `full` uses (and empty
     /// entry programs at the Go probes' sites).
-    #[value(hide = true)]
     FloorReturn,
 }
 
 impl Mode {
+    /// Every mode, in the order `--help` lists them.
+    pub const ALL: [Mode; 6] = [
+        Mode::Full,
+        Mode::StacksOff,
+        Mode::Count,
+        Mode::CountStacks,
+        Mode::Floor,
+        Mode::FloorReturn,
+    ];
+
+    /// The mode `--mode` and the config file call `name`.
+    pub fn from_name(name: &str) -> Option<Mode> {
+        Self::ALL.into_iter().find(|m| m.name() == name)
+    }
+
+    /// What the mode records, for `--help`.
+    pub fn help(self) -> &'static str {
+        match self {
+            Mode::Full => {
+                "Entry and return probes: calls, bytes and failures per call site with its user \
+                 stack, and every outstanding allocation (`leaks`, live bytes)"
+            }
+            Mode::StacksOff => {
+                "`full` without user stacks: sites are told apart by their immediate caller only"
+            }
+            Mode::Count => {
+                "Entry probes only: calls and bytes requested per API and immediate caller. No \
+                 return probe, so no live table, no failed calls, and `free` counts calls but not \
+                 bytes"
+            }
+            Mode::CountStacks => "`count` with user stacks",
+            Mode::Floor => {
+                "Benchmark only: empty entry programs at the sites `count` uses (and at the Go \
+                 probes' sites)"
+            }
+            Mode::FloorReturn => {
+                "Benchmark only: empty entry and return programs at the sites `full` uses (and \
+                 empty entry programs at the Go probes' sites)"
+            }
+        }
+    }
+
     /// The modes a user chooses from (the floors are the benchmark's).
     pub fn is_public(self) -> bool {
         !matches!(self, Mode::Floor | Mode::FloorReturn)
@@ -67,7 +109,7 @@ impl Mode {
 
     /// Names of the public modes, as `--mode` and the config file spell them.
     pub fn public_names() -> Vec<&'static str> {
-        <Mode as clap::ValueEnum>::value_variants()
+        Self::ALL
             .iter()
             .filter(|m| m.is_public())
             .map(|m| m.name())
@@ -133,6 +175,30 @@ pub enum ProbeError {
     TooManyGoSpecs,
 }
 
+/// Kernel map capacities. Every drop caused by a full map is counted and reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// Outstanding allocations tracked at once.
+    pub max_live: u32,
+    /// Distinct (process, API, stack) sites.
+    pub max_sites: u32,
+    /// Distinct user stacks.
+    pub max_stacks: u32,
+    /// Threads inside an allocation call at once.
+    pub max_pending: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Capacity {
+            max_live: capacity::LIVE,
+            max_sites: capacity::SITES,
+            max_stacks: capacity::STACKS,
+            max_pending: capacity::PENDING,
+        }
+    }
+}
+
 /// Load-time settings of the probe.
 #[derive(Clone, Copy, Debug)]
 pub struct ProbeConfig {
@@ -141,7 +207,7 @@ pub struct ProbeConfig {
     pub tgid: Option<NonZeroU32>,
     pub filter: Filter,
     pub stacks: bool,
-    pub capacity: CapacityArgs,
+    pub capacity: Capacity,
 }
 
 /// How the `TGIDS` map narrows tracing when no single process is targeted.
@@ -155,7 +221,7 @@ pub enum Filter {
 
 /// The loaded probe object and its attachments; dropping it detaches everything.
 pub struct Probes {
-    pub ebpf: Ebpf,
+    ebpf: Ebpf,
     mode: Mode,
     attached_points: usize,
     /// Next free slot of the GO_SPECS array.
@@ -416,6 +482,54 @@ impl Probes {
     pub fn attached_points(&self) -> usize {
         self.attached_points
     }
+
+    /// A map of the probe object, for `collect` to read.
+    pub fn map(&self, name: &str) -> Option<&Map> {
+        self.ebpf.map(name)
+    }
+
+    /// Takes a map out of the object (a ring buffer polled on its own).
+    pub fn take_map(&mut self, name: &str) -> Option<Map> {
+        self.ebpf.take_map(name)
+    }
+}
+
+impl Attacher for Probes {
+    type Error = ProbeError;
+
+    fn attach_file(
+        &mut self,
+        target: &Target,
+        scope: Option<NonZeroU32>,
+    ) -> Result<usize, ProbeError> {
+        match target {
+            Target::Libc(t) => {
+                self.attach_libc(&t.path, &t.probes, scope)?;
+                Ok(t.probes.len())
+            }
+            Target::Go(t) => {
+                self.attach_go(&t.path, &t.probes, scope)?;
+                Ok(t.probes.len())
+            }
+        }
+    }
+
+    fn set_mallocgc(&mut self, pid: u32, (start, end): (u64, u64)) -> Result<(), ProbeError> {
+        self.set_go_process(
+            pid,
+            GoProc {
+                mallocgc_start: start,
+                mallocgc_end: end,
+            },
+        )
+    }
+
+    fn failure(e: &ProbeError) -> AttachFailure {
+        match e {
+            ProbeError::TooManyGoSpecs => AttachFailure::TooManyGoFunctions,
+            e => AttachFailure::of(e),
+        }
+    }
 }
 
 /// One line for a load error: the verifier's log is hundreds of lines; its last statement says
@@ -450,84 +564,29 @@ struct CountLayout {
     /// Slot in `LIBC_FILES`, or [`cookie::NO_FILE`].
     slot: u32,
     file: LibcFile,
-    /// Per API id: the APIs its function may tail-jump into (bit = API id).
-    relay_masks: [u32; API_COUNT],
+    relays: Relays,
 }
-
-impl CountLayout {
-    /// The APIs some function may tail-jump into.
-    fn relay_targets(&self) -> u32 {
-        self.relay_masks.iter().fold(0, |acc, m| acc | m)
-    }
-}
-
-/// Every API may relay to every other: what count mode assumes without the code.
-const ALL_APIS: u32 = (1 << API_COUNT) - 1;
 
 impl CountLayout {
     fn unknown() -> Self {
         Self {
             slot: cookie::NO_FILE,
             file: LibcFile::default(),
-            relay_masks: std::array::from_fn(|api| ALL_APIS & !(1 << api)),
+            relays: Relays::unknown(),
         }
     }
 
     fn of(elf: &ElfFile, points: &[ProbePoint], next_slot: u32) -> Self {
-        let mut layout = Self::unknown();
-        let got = got_slots(elf.path());
-        // Entry address → the API its probe reports (the canonical one of an alias group).
-        let mut entries: Vec<(u64, Api)> = Vec::new();
-        let mut syms = Vec::new();
-        for api in Api::ALL {
-            let Some(sym) = elf.symbol(api.symbol()) else {
-                continue;
-            };
-            if !entries.iter().any(|&(a, _)| a == sym.address) {
-                entries.push((sym.address, api));
-            }
-            syms.push((api, sym));
-        }
-        let mut ranges = Vec::new();
-        let mut bias = None;
-        let mut consistent = true;
-        for &(api, sym) in &syms {
-            let code = elf.function_code(sym, sym.size).unwrap_or_default();
-            if sym.size > 0 && code.len() as u64 == sym.size {
-                // A jump back to its own entry is a loop, not a relay.
-                layout.relay_masks[api as usize] =
-                    tail_jump_targets(elf, &code, sym.address, &entries, got.as_deref())
-                        & !(1 << api as u32);
-            }
-            let Some(start) = elf.vaddr_to_file_offset(sym.address) else {
-                consistent = false;
-                continue;
-            };
-            // The probe turns return addresses into file offsets with one bias: every range
-            // must share it (one text segment), and fit the map's 32-bit offsets.
-            let b = sym.address.wrapping_sub(start);
-            consistent &= *bias.get_or_insert(b) == b;
-            match (u32::try_from(start), u32::try_from(start + sym.size)) {
-                (Ok(s), Ok(e)) if sym.size > 0 => ranges.push([s, e]),
-                _ => consistent = false,
-            }
-        }
-        ranges.sort();
-        ranges.dedup();
-        consistent &= ranges.len() <= LIBC_FILE_RANGES
-            && points.iter().all(|p| u32::try_from(p.file_offset).is_ok());
-        if consistent && next_slot < LIBC_FILES_MAX {
+        let mut layout = Self {
+            relays: Relays::of(elf, points),
+            ..Self::unknown()
+        };
+        if let Some(ranges) = &layout.relays.ranges
+            && next_slot < LIBC_FILES_MAX
+        {
             layout.slot = next_slot;
             for (slot, r) in layout.file.ranges.iter_mut().zip(ranges) {
-                *slot = r;
-            }
-        }
-        for (api, mask) in Api::ALL.iter().zip(layout.relay_masks) {
-            if mask != 0 && syms.iter().any(|(a, _)| a == api) {
-                log::debug!(
-                    "count mode: {} may tail-jump into {mask:#05x}",
-                    api.symbol()
-                );
+                *slot = *r;
             }
         }
         layout
@@ -537,95 +596,12 @@ impl CountLayout {
         cookie::encode_count(
             p.api as u32,
             p.sp_delta,
-            u64::from(self.relay_targets()),
-            u64::from(self.relay_masks[p.api as usize]),
+            u64::from(self.relays.targets()),
+            u64::from(self.relays.masks[p.api as usize]),
             self.slot,
             u32::try_from(p.file_offset).unwrap_or(0),
         )
     }
-}
-
-/// The APIs a function (its whole `code`, loaded at `start`) may tail-jump into: a jump to an
-/// API's entry (`entries`), or to a PLT stub whose GOT slot is bound to one (`got`), names that
-/// API; an indirect jump, or any stub when the relocations are unknown, may reach any of them.
-fn tail_jump_targets(
-    elf: &ElfFile,
-    code: &[u8],
-    start: u64,
-    entries: &[(u64, Api)],
-    got: Option<&[(u64, u64)]>,
-) -> u32 {
-    let end = start + code.len() as u64;
-    let entry_api = |addr: u64| {
-        entries
-            .iter()
-            .find(|&&(a, _)| a == addr)
-            .map(|&(_, api)| api)
-    };
-    let mut mask = 0;
-    let mut decoder = Decoder::with_ip(64, code, start, DecoderOptions::NONE);
-    while decoder.can_decode() {
-        let instr = decoder.decode();
-        match instr.flow_control() {
-            FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch => {
-                let target = instr.near_branch_target();
-                if (start..end).contains(&target) {
-                    continue;
-                }
-                if let Some(api) = entry_api(target) {
-                    mask |= 1 << api as u32;
-                } else if let Some(slot) = jump_stub_slot(elf, target) {
-                    mask |= match got {
-                        None => ALL_APIS,
-                        Some(got) => got
-                            .iter()
-                            .find(|&&(s, _)| s == slot)
-                            .and_then(|&(_, addr)| entry_api(addr))
-                            .map_or(0, |api| 1 << api as u32),
-                    };
-                }
-            }
-            FlowControl::IndirectBranch => mask |= ALL_APIS,
-            _ => {}
-        }
-    }
-    mask
-}
-
-/// The GOT slot a stub at `vaddr` jumps through, when it starts (after an optional `endbr64`)
-/// with `jmp [rip + disp]`, as PLT entries do.
-fn jump_stub_slot(elf: &ElfFile, vaddr: u64) -> Option<u64> {
-    let code = elf.read_at_vaddr(vaddr, 16).ok()?;
-    let mut decoder = Decoder::with_ip(64, &code, vaddr, DecoderOptions::NONE);
-    let mut instr = decoder.decode();
-    if instr.mnemonic() == Mnemonic::Endbr64 {
-        instr = decoder.decode();
-    }
-    (instr.flow_control() == FlowControl::IndirectBranch
-        && instr.op0_kind() == OpKind::Memory
-        && instr.is_ip_rel_memory_operand())
-    .then(|| instr.ip_rel_memory_address())
-}
-
-/// Every GOT slot bound by a dynamic relocation to a symbol the file defines: (slot, the
-/// symbol's address). `None` when the file or its relocations cannot be read.
-fn got_slots(path: &Path) -> Option<Vec<(u64, u64)>> {
-    use object::{Object as _, ObjectSymbol as _, ObjectSymbolTable as _, RelocationTarget};
-    let data = std::fs::read(path).ok()?;
-    let file = object::File::parse(&*data).ok()?;
-    let symbols = file.dynamic_symbol_table()?;
-    let relocations = file.dynamic_relocations()?;
-    Some(
-        relocations
-            .filter_map(|(slot, rel)| match rel.target() {
-                RelocationTarget::Symbol(index) => {
-                    let sym = symbols.symbol_by_index(index).ok()?;
-                    (!sym.is_undefined()).then(|| (slot, sym.address()))
-                }
-                _ => None,
-            })
-            .collect(),
-    )
 }
 
 fn attach_point(p: &ProbePoint) -> UProbeAttachPoint<'static> {
@@ -648,6 +624,8 @@ fn uprobe<'a>(ebpf: &'a mut Ebpf, program: &'static str) -> Result<&'a mut UProb
 
 #[cfg(test)]
 mod tests {
+    use allocwatch_common::libc::Api;
+
     use super::*;
     use crate::target::libc::probe_points;
 
@@ -665,7 +643,7 @@ mod tests {
         let (points, aliases) = probe_points(&elf).unwrap();
         let layout = CountLayout::of(&elf, &points, 0);
         assert_eq!(layout.slot, 0);
-        let mask = |api: Api| layout.relay_masks[api as usize];
+        let mask = |api: Api| layout.relays.masks[api as usize];
         let bit = |api: Api| 1u32 << api as u32;
         // The leaves relay to nothing; no function relays to itself.
         assert_eq!(mask(Api::Malloc), 0);
@@ -677,7 +655,10 @@ mod tests {
         // the PLT (resolved through its GOT relocation); nothing else relays by a tail jump.
         assert_eq!(mask(Api::Realloc), bit(Api::Malloc));
         assert_eq!(mask(Api::Reallocarray), bit(Api::Realloc));
-        assert_eq!(layout.relay_targets(), bit(Api::Malloc) | bit(Api::Realloc));
+        assert_eq!(
+            layout.relays.targets(),
+            bit(Api::Malloc) | bit(Api::Realloc)
+        );
         let distinct = Api::ALL.len() - aliases.len();
         let used = layout.file.ranges.iter().filter(|r| r[1] > r[0]).count();
         assert_eq!(used, distinct);

@@ -328,10 +328,23 @@ pub fn listen(s: &str) -> Result<SocketAddr, ValueError> {
     Ok(addr)
 }
 
+/// `--mode` of the CLI sessions: every mode with its help, the benchmark-only floor modes
+/// hidden.
+pub fn mode_parser() -> impl clap::builder::TypedValueParser<Value = Mode> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser as _};
+    PossibleValuesParser::new(Mode::ALL.map(|m| {
+        PossibleValue::new(m.name())
+            .help(m.help())
+            .hide(!m.is_public())
+    }))
+    // Only the names above get here.
+    .map(|name| Mode::from_name(&name).unwrap_or_default())
+}
+
 /// A `--mode` of the agent: the benchmark-only floor modes are refused.
 pub fn public_mode(s: &str) -> Result<Mode, ValueError> {
-    match <Mode as clap::ValueEnum>::from_str(s, false) {
-        Ok(m) if m.is_public() => Ok(m),
+    match Mode::from_name(s) {
+        Some(m) if m.is_public() => Ok(m),
         _ => Err(ValueError::new(format!(
             "unknown mode `{s}`: expected one of {}",
             Mode::public_names().join(", ")

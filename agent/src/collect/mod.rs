@@ -18,7 +18,7 @@ use aya::{
 use thiserror::Error;
 
 pub use self::batch::{BatchError, Cursor, RawMap};
-use crate::aggregate::sum_stats;
+use crate::{aggregate::sum_stats, probes::Probes};
 
 mod batch;
 
@@ -35,14 +35,44 @@ pub enum CollectError {
     Batch(#[from] BatchError),
 }
 
+/// What the maps are read from: the loaded probes (the probe-level tests read a bare object).
+pub trait MapSource {
+    fn map(&self, name: &str) -> Option<&Map>;
+    /// Takes a map out (a ring buffer polled on its own).
+    fn take_map(&mut self, name: &str) -> Option<Map>;
+}
+
+impl MapSource for Probes {
+    fn map(&self, name: &str) -> Option<&Map> {
+        Probes::map(self, name)
+    }
+
+    fn take_map(&mut self, name: &str) -> Option<Map> {
+        Probes::take_map(self, name)
+    }
+}
+
+impl MapSource for Ebpf {
+    fn map(&self, name: &str) -> Option<&Map> {
+        Ebpf::map(self, name)
+    }
+
+    fn take_map(&mut self, name: &str) -> Option<Map> {
+        Ebpf::take_map(self, name)
+    }
+}
+
 fn map_err(name: &'static str) -> impl Fn(MapError) -> CollectError {
     move |source| CollectError::Map { name, source }
 }
 
 /// Site rows of `tgid` (all processes when `None`), per-CPU values summed.
-pub fn sites(ebpf: &Ebpf, tgid: Option<u32>) -> Result<BTreeMap<SiteKey, SiteStats>, CollectError> {
+pub fn sites(
+    probes: &impl MapSource,
+    tgid: Option<u32>,
+) -> Result<BTreeMap<SiteKey, SiteStats>, CollectError> {
     let name = map_names::SITES;
-    let map = RawMap::of::<SiteKey, SiteStats>(map_ref(ebpf, name)?, name)?;
+    let map = RawMap::of::<SiteKey, SiteStats>(map_ref(probes, name)?, name)?;
     let mut out = BTreeMap::new();
     map.scan(
         &mut Cursor::default(),
@@ -57,9 +87,12 @@ pub fn sites(ebpf: &Ebpf, tgid: Option<u32>) -> Result<BTreeMap<SiteKey, SiteSta
 }
 
 /// Outstanding allocations of `tgid` (all processes when `None`).
-pub fn live(ebpf: &Ebpf, tgid: Option<u32>) -> Result<Vec<(LiveKey, LiveAlloc)>, CollectError> {
+pub fn live(
+    probes: &impl MapSource,
+    tgid: Option<u32>,
+) -> Result<Vec<(LiveKey, LiveAlloc)>, CollectError> {
     let name = map_names::LIVE;
-    let map = RawMap::of::<LiveKey, LiveAlloc>(map_ref(ebpf, name)?, name)?;
+    let map = RawMap::of::<LiveKey, LiveAlloc>(map_ref(probes, name)?, name)?;
     let mut out = Vec::new();
     map.scan(
         &mut Cursor::default(),
@@ -74,9 +107,9 @@ pub fn live(ebpf: &Ebpf, tgid: Option<u32>) -> Result<Vec<(LiveKey, LiveAlloc)>,
 }
 
 /// Loss counters by cause, summed over CPUs.
-pub fn lost(ebpf: &Ebpf) -> Result<BTreeMap<LossCause, u64>, CollectError> {
+pub fn lost(probes: &impl MapSource) -> Result<BTreeMap<LossCause, u64>, CollectError> {
     let name = map_names::LOST;
-    let map = ebpf.map(name).ok_or(CollectError::MissingMap(name))?;
+    let map = probes.map(name).ok_or(CollectError::MissingMap(name))?;
     let map: PerCpuArray<_, u64> = PerCpuArray::try_from(map).map_err(map_err(name))?;
     let mut out = BTreeMap::new();
     for (i, cause) in LossCause::ALL.iter().enumerate().take(LOSS_CAUSES) {
@@ -87,17 +120,17 @@ pub fn lost(ebpf: &Ebpf) -> Result<BTreeMap<LossCause, u64>, CollectError> {
 }
 
 /// Rows the probe ever created in the site table (all CPUs).
-pub fn site_rows_created(ebpf: &Ebpf) -> Result<u64, CollectError> {
+pub fn site_rows_created(probes: &impl MapSource) -> Result<u64, CollectError> {
     let name = map_names::SITE_ROWS;
-    let map = ebpf.map(name).ok_or(CollectError::MissingMap(name))?;
+    let map = probes.map(name).ok_or(CollectError::MissingMap(name))?;
     let map: PerCpuArray<_, u64> = PerCpuArray::try_from(map).map_err(map_err(name))?;
     Ok(map.get(&0, 0).map_err(map_err(name))?.iter().sum())
 }
 
 /// Calls that found the site table full, per API id.
-pub fn overflow(ebpf: &Ebpf) -> Result<[Overflow; API_COUNT], CollectError> {
+pub fn overflow(probes: &impl MapSource) -> Result<[Overflow; API_COUNT], CollectError> {
     let name = map_names::OVERFLOW;
-    let map = ebpf.map(name).ok_or(CollectError::MissingMap(name))?;
+    let map = probes.map(name).ok_or(CollectError::MissingMap(name))?;
     let map: PerCpuArray<_, Overflow> = PerCpuArray::try_from(map).map_err(map_err(name))?;
     let mut out = [Overflow::default(); API_COUNT];
     for (i, slot) in out.iter_mut().enumerate() {
@@ -112,10 +145,10 @@ pub fn overflow(ebpf: &Ebpf) -> Result<[Overflow; API_COUNT], CollectError> {
 /// A size histogram (`map_names::GO_HIST` or `LIBC_HIST`) of every process: (tgid, log2
 /// bucket) → (count, bytes), CPUs summed.
 pub fn hist(
-    ebpf: &Ebpf,
+    probes: &impl MapSource,
     name: &'static str,
 ) -> Result<BTreeMap<(u32, u32), GoHistVal>, CollectError> {
-    let map = RawMap::of::<GoHistKey, GoHistVal>(map_ref(ebpf, name)?, name)?;
+    let map = RawMap::of::<GoHistKey, GoHistVal>(map_ref(probes, name)?, name)?;
     let mut out = BTreeMap::new();
     map.scan(
         &mut Cursor::default(),
@@ -138,12 +171,12 @@ pub fn sum_hist(values: &[GoHistVal]) -> GoHistVal {
 }
 
 /// The user stack `id` as instruction pointers, innermost first; empty if unknown.
-pub fn stack(ebpf: &Ebpf, id: i64) -> Result<Vec<u64>, CollectError> {
+pub fn stack(probes: &impl MapSource, id: i64) -> Result<Vec<u64>, CollectError> {
     if id < 0 {
         return Ok(Vec::new());
     }
     let name = map_names::STACKS;
-    let map = ebpf.map(name).ok_or(CollectError::MissingMap(name))?;
+    let map = probes.map(name).ok_or(CollectError::MissingMap(name))?;
     let map: HashMap<_, u64, [u64; MAX_STACK_DEPTH]> =
         HashMap::try_from(map).map_err(map_err(name))?;
     match map.get(&(id as u64), 0) {
@@ -153,21 +186,28 @@ pub fn stack(ebpf: &Ebpf, id: i64) -> Result<Vec<u64>, CollectError> {
     }
 }
 
-pub fn map_ref<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a Map, CollectError> {
-    ebpf.map(name).ok_or(CollectError::MissingMap(name))
+pub fn map_ref<'a>(
+    probes: &'a impl MapSource,
+    name: &'static str,
+) -> Result<&'a Map, CollectError> {
+    probes.map(name).ok_or(CollectError::MissingMap(name))
 }
 
 /// Takes the ring buffer out of the object so it can be polled on its own.
-pub fn take_events(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>, CollectError> {
+pub fn take_events(probes: &mut impl MapSource) -> Result<RingBuf<MapData>, CollectError> {
     let name = map_names::EVENTS;
-    let map = ebpf.take_map(name).ok_or(CollectError::MissingMap(name))?;
+    let map = probes
+        .take_map(name)
+        .ok_or(CollectError::MissingMap(name))?;
     RingBuf::try_from(map).map_err(map_err(name))
 }
 
 /// Takes the ring of exec notifications (a pid per exec) out of the object.
-pub fn take_exec_notify(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>, CollectError> {
+pub fn take_exec_notify(probes: &mut impl MapSource) -> Result<RingBuf<MapData>, CollectError> {
     let name = map_names::EXEC_NOTIFY;
-    let map = ebpf.take_map(name).ok_or(CollectError::MissingMap(name))?;
+    let map = probes
+        .take_map(name)
+        .ok_or(CollectError::MissingMap(name))?;
     RingBuf::try_from(map).map_err(map_err(name))
 }
 

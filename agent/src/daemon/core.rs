@@ -10,30 +10,26 @@ use std::{
     time::{Duration, Instant},
 };
 
-use allocwatch_common::{Event, loss::LossCause};
+use allocwatch_common::{event::GoEvent, libc::SiteKey, loss::LossCause};
 use anyhow::Context as _;
-use tokio::{
-    io::unix::AsyncFd,
-    sync::{mpsc, oneshot, watch},
-};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
     Heartbeat, LastAnswers, Request, Snapshot, exec_snapshots,
     pressure::{self, SitePressure},
     registry::Registry,
     select::Selector,
-    snapshot::LoopStats,
 };
 use crate::{
-    cli::CapacityArgs,
     collect,
     config::Config,
     frames::FrameCache,
     k8s::watch::PodUpdate,
-    probes::{Filter, ProbeConfig, Probes},
+    pipeline::{Handler, Parts, Pipeline},
+    probes::{Capacity, Filter, ProbeConfig, Probes},
     serve::{ServeConfig, metrics::Exporter},
     symbolize::SymbolizerHandle,
-    target::go::GoProbeSet,
+    target::{go::GoProbeSet, registry::AttachFailure},
 };
 
 /// New processes are found within this (the issue asks for one second).
@@ -96,34 +92,33 @@ impl Tracer {
                 return Err(anyhow::anyhow!(msg));
             }
         };
-        let ring = collect::take_events(&mut state.probes.ebpf)?;
-        // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the ring buffer.
-        let mut ring = unsafe { AsyncFd::register(ring) }.map_err(std::io::Error::from)?;
         // Maps of new programs are read on a thread of their own, the moment they exec.
-        let _exec_snapshots = collect::take_exec_notify(&mut state.probes.ebpf)
+        let _exec_snapshots = collect::take_exec_notify(&mut state.pipe.parts.probes)
             .map_err(anyhow::Error::from)
-            .and_then(|r| Ok(exec_snapshots::spawn(r, state.symbolizer.clone())?))
+            .and_then(|r| {
+                Ok(exec_snapshots::spawn(
+                    r,
+                    state.pipe.parts.symbolizer.clone(),
+                )?)
+            })
             .inspect_err(|e| eprintln!("allocwatch: warning: exec snapshots: {e}"))
             .ok();
-        state
-            .registry
-            .scan(&mut state.probes, &state.symbolizer, &mut state.frames);
+        state.scan();
         let _ = ready.send(Ok(format!(
             "{} processes, {} probes",
             state.registry.procs.len(),
-            state.registry.probes_attached
+            state.registry.targets.points_attached
         )));
 
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut events = Vec::new();
         loop {
             heartbeat.beat();
             tokio::select! {
                 biased;
                 _ = stop.changed() => break,
                 Some(req) = requests.recv() => {
-                    state.drain(ring.get_mut(), &mut events)?;
+                    state.drain()?;
                     let mut snap = state.snapshot().await?;
                     snap.1.stale_snapshots = last.stale.load(Ordering::Relaxed);
                     match req {
@@ -140,16 +135,15 @@ impl Tracer {
                         }
                     }
                 }
-                guard = ring.readable_mut() => {
-                    let mut guard = guard?;
-                    state.drain(guard.get_inner_mut(), &mut events)?;
-                    guard.clear_ready();
+                ready = state.pipe.readable() => {
+                    ready?;
+                    state.drain()?;
                 }
                 _ = tick.tick() => {
                     // The probe batches wakeups for frequent records (Go events): the last
                     // records of a burst wait for the next wakeup, so read them here at the
                     // latest.
-                    state.drain(ring.get_mut(), &mut events)?;
+                    state.drain()?;
                     state.housekeeping().await?;
                 }
                 Some(update) = pod_updates.recv() => state.registry.apply_pod(update),
@@ -170,12 +164,10 @@ impl Tracer {
 
 /// Everything the loop owns.
 struct State {
-    probes: Probes,
+    /// The probes, their ring buffer and the sites named from it.
+    pipe: Pipeline,
     registry: Registry,
-    frames: FrameCache,
-    symbolizer: SymbolizerHandle,
-    stats: LoopStats,
-    capacity: CapacityArgs,
+    capacity: Capacity,
     top_k: usize,
     next_scan: Instant,
     next_retain: Instant,
@@ -199,12 +191,7 @@ impl State {
         // records a new process from its first call, before the agent can have classified it
         // (a selected program may live less than a millisecond); rejected processes are denied
         // once classified and their rows deleted (`registry`).
-        let capacity = CapacityArgs {
-            max_live: cfg.capacity.max_live,
-            max_sites: cfg.capacity.max_sites,
-            max_stacks: cfg.capacity.max_stacks,
-            max_pending: cfg.capacity.max_pending,
-        };
+        let capacity = cfg.capacity;
         let mut probes = Probes::load_mode(
             &ProbeConfig {
                 tgid: None,
@@ -227,18 +214,12 @@ impl State {
             eprintln!(
                 "allocwatch: warning: {e}: processes are renamed after exec only by the /proc scan"
             );
-            *registry
-                .attach_failures
-                .entry("exec_tracepoint".to_string())
-                .or_default() += 1;
+            registry.targets.failed(AttachFailure::ExecTracepoint);
         }
         let now = Instant::now();
         Ok(Self {
-            probes,
+            pipe: Pipeline::new(probes, FrameCache::interning(), SymbolizerHandle::spawn())?,
             registry,
-            frames: FrameCache::interning(),
-            symbolizer: SymbolizerHandle::spawn(),
-            stats: LoopStats::default(),
             capacity,
             top_k: cfg.top_k,
             next_scan: now + SCAN_INTERVAL,
@@ -253,52 +234,18 @@ impl State {
     }
 
     /// Reads every record ready in the ring and handles it.
-    fn drain(
-        &mut self,
-        ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
-        events: &mut Vec<Event>,
-    ) -> anyhow::Result<()> {
-        self.stats.malformed_records += collect::drain(ring, events);
-        self.stats.events_processed += events.len() as u64;
-        self.handle(events)
+    fn drain(&mut self) -> anyhow::Result<()> {
+        self.pipe.drain(&mut self.registry)
     }
 
-    /// Events only register processes (so short-lived ones are named while they exist) and
-    /// feed the Go state; symbolization waits for a scrape, and only for the sites it exports.
-    fn handle(&mut self, events: &mut Vec<Event>) -> anyhow::Result<()> {
-        let Self {
+    /// One pass over /proc (`Registry::scan`).
+    fn scan(&mut self) {
+        let Parts {
             probes,
-            registry,
             frames,
             symbolizer,
-            ..
-        } = self;
-        for ev in events.drain(..) {
-            match ev {
-                Event::Exec(tgid, comm, path) => {
-                    registry.exec_seen(tgid, &comm, path, probes, symbolizer)
-                }
-                Event::NewSite(site, comm, stack) => {
-                    frames.remember_event_stack(probes, site.tgid, site.stack_id, stack)?;
-                    frames.queue(site.tgid, site.stack_id, site.ret_addr);
-                    registry.note_site(&site, &comm);
-                    registry.ensure_seen(site.tgid, &comm, probes, symbolizer)
-                }
-                Event::Go(g) => {
-                    let tgid = g.header.tgid;
-                    // Copy the stack out before the kernel's LRU table can evict it.
-                    frames.remember_stack(probes, tgid, g.stack_id)?;
-                    frames.queue(tgid, g.stack_id, g.ret_addr);
-                    if !registry.procs.contains_key(&tgid) {
-                        registry.ensure_rows(tgid, probes, symbolizer);
-                    }
-                    if let Some(go) = registry.procs.get_mut(&tgid).and_then(|p| p.go.as_mut()) {
-                        go.record(&g);
-                    }
-                }
-            }
-        }
-        Ok(())
+        } = &mut self.pipe.parts;
+        self.registry.scan(probes, symbolizer, frames);
     }
 
     /// The periodic work, each part bounded.
@@ -306,8 +253,7 @@ impl State {
         let now = Instant::now();
         let mut sw = Stopwatch::new("housekeeping");
         if now >= self.next_scan {
-            self.registry
-                .scan(&mut self.probes, &self.symbolizer, &mut self.frames);
+            self.scan();
             self.next_scan = now + SCAN_INTERVAL;
             sw.lap("scan");
             self.depart(now).await?;
@@ -321,39 +267,35 @@ impl State {
                 .chain(self.registry.past.keys())
                 .copied()
                 .collect();
-            self.symbolizer.retain(keep);
-            self.frames.purge();
+            self.pipe.parts.symbolizer.retain(keep);
+            self.pipe.parts.frames.purge();
             self.next_retain = now + RETAIN_EVERY;
         }
+        let Parts {
+            probes,
+            frames,
+            symbolizer,
+        } = &mut self.pipe.parts;
         self.registry
-            .sweep(
-                &mut self.probes,
-                &mut self.frames,
-                &self.symbolizer,
-                self.capacity.max_live,
-            )
+            .sweep(probes, frames, symbolizer, self.capacity.max_live)
             .await?;
         sw.lap("sweep");
         // New sites are named while their processes live, a slice of each tick.
-        self.frames
-            .name_queued(
-                &self.probes,
-                &self.symbolizer,
-                Instant::now() + NAMING_SLICE,
-            )
+        self.pipe
+            .name_queued(Some(Instant::now() + NAMING_SLICE))
             .await?;
         sw.lap("naming");
         if now >= self.losses.next_check {
-            self.losses.check(&self.probes, &self.capacity)?;
+            self.losses.check(&self.pipe.parts.probes, &self.capacity)?;
         }
         let change = if now >= self.next_census {
-            self.fills = census(&self.probes, &self.registry)?;
+            self.fills = census(&self.pipe.parts.probes, &self.registry)?;
             self.next_census = now + CENSUS_EVERY;
-            let rows = site_rows(&self.probes)?;
+            let rows = site_rows(&self.pipe.parts.probes)?;
             sw.lap("census");
-            self.pressure.census(rows, &mut self.probes)?
+            self.pressure.census(rows, &mut self.pipe.parts.probes)?
         } else {
-            self.pressure.tick(&mut self.probes)?
+            self.pressure.tick(&mut self.pipe.parts.probes)?
         };
         if let Some(change) = change {
             eprintln!("allocwatch: warning: {change}");
@@ -364,13 +306,18 @@ impl State {
 
     /// Gone processes whose detail has been kept long enough leave for their identity's sums.
     async fn depart(&mut self, now: Instant) -> anyhow::Result<()> {
+        let Parts {
+            probes,
+            frames,
+            symbolizer,
+        } = &mut self.pipe.parts;
         for d in self.registry.departures(now, self.keep_detail) {
             if d.exported
                 && let Some(snap) = super::snapshot::departing(
-                    &self.probes,
+                    probes,
                     &self.registry,
-                    &mut self.frames,
-                    &self.symbolizer,
+                    frames,
+                    symbolizer,
                     self.top_k,
                     (d.pid, d.image),
                 )
@@ -378,20 +325,24 @@ impl State {
             {
                 self.exporter.depart(&snap, d.exited_at);
             }
-            self.registry
-                .remove_departed(&d, &mut self.frames, &self.symbolizer);
+            self.registry.remove_departed(&d, frames, symbolizer);
         }
         Ok(())
     }
 
     async fn snapshot(&mut self) -> anyhow::Result<Snapshot> {
         let sw = Stopwatch::new("snapshot");
+        let Parts {
+            probes,
+            frames,
+            symbolizer,
+        } = &mut self.pipe.parts;
         let (mut snap, unexported) = super::snapshot::build(
-            &self.probes,
+            probes,
             &self.registry,
-            &mut self.frames,
-            &self.symbolizer,
-            self.stats,
+            frames,
+            symbolizer,
+            self.pipe.stats,
             self.capacity.max_sites,
             self.top_k,
         )
@@ -399,8 +350,8 @@ impl State {
         for (map, fill) in &self.fills {
             snap.1.map_fill.entry(map).or_insert(*fill);
         }
-        let (chains, distinct, raw) = self.frames.sizes();
-        let (sym_procs, sym_files) = self.symbolizer.held();
+        let (chains, distinct, raw) = self.pipe.parts.frames.sizes();
+        let (sym_procs, sym_files) = self.pipe.parts.symbolizer.held();
         let held = &mut snap.1.held;
         held.insert("processes", self.registry.procs.len() as u64);
         held.insert(
@@ -420,6 +371,29 @@ impl State {
     }
 }
 
+/// Events only register processes (so short-lived ones are named while they exist) and
+/// feed the Go state; sites are named in the background and at a scrape.
+impl Handler for Registry {
+    fn exec(&mut self, parts: &mut Parts, tgid: u32, comm: &[u8; 16], path: String) {
+        self.exec_seen(tgid, comm, path, &mut parts.probes, &parts.symbolizer);
+    }
+
+    fn new_site(&mut self, parts: &mut Parts, site: &SiteKey, comm: &[u8; 16]) {
+        self.note_site(site, comm);
+        self.ensure_seen(site.tgid, comm, &mut parts.probes, &parts.symbolizer);
+    }
+
+    fn go(&mut self, parts: &mut Parts, event: &GoEvent) {
+        let tgid = event.header.tgid;
+        if !self.procs.contains_key(&tgid) {
+            self.ensure_rows(tgid, &mut parts.probes, &parts.symbolizer);
+        }
+        if let Some(go) = self.procs.get_mut(&tgid).and_then(|p| p.go.as_mut()) {
+            go.record(event);
+        }
+    }
+}
+
 /// Fill levels of the kernel hash maps that a scrape does not read (entries / capacity). The
 /// LRU tables (stacks, last entries) are full by design and evict; they are left out.
 fn census(probes: &Probes, registry: &Registry) -> anyhow::Result<BTreeMap<&'static str, f64>> {
@@ -428,13 +402,12 @@ fn census(probes: &Probes, registry: &Registry) -> anyhow::Result<BTreeMap<&'sta
         libc::Pending,
         map_names,
     };
-    let ebpf = &probes.ebpf;
     let mut out = BTreeMap::new();
     fn fill<K: aya::Pod, V: aya::Pod>(
-        ebpf: &aya::Ebpf,
+        probes: &Probes,
         name: &'static str,
     ) -> Result<f64, collect::CollectError> {
-        let map = collect::RawMap::of::<K, V>(collect::map_ref(ebpf, name)?, name)?;
+        let map = collect::RawMap::of::<K, V>(collect::map_ref(probes, name)?, name)?;
         let mut n = 0usize;
         map.scan(
             &mut collect::Cursor::default(),
@@ -445,27 +418,27 @@ fn census(probes: &Probes, registry: &Registry) -> anyhow::Result<BTreeMap<&'sta
     }
     out.insert(
         map_names::PENDING,
-        fill::<u64, Pending>(ebpf, map_names::PENDING)?,
+        fill::<u64, Pending>(probes, map_names::PENDING)?,
     );
     out.insert(
         map_names::GO_PROCS,
-        fill::<u32, GoProc>(ebpf, map_names::GO_PROCS)?,
+        fill::<u32, GoProc>(probes, map_names::GO_PROCS)?,
     );
     out.insert(
         map_names::GO_STW,
-        fill::<u32, StwState>(ebpf, map_names::GO_STW)?,
+        fill::<u32, StwState>(probes, map_names::GO_STW)?,
     );
     for name in [map_names::LIBC_HIST, map_names::GO_HIST] {
-        out.insert(name, fill::<GoHistKey, GoHistVal>(ebpf, name)?);
+        out.insert(name, fill::<GoHistKey, GoHistVal>(probes, name)?);
     }
     out.insert(
         map_names::SITE_BUDGET,
-        fill::<u32, u32>(ebpf, map_names::SITE_BUDGET)?,
+        fill::<u32, u32>(probes, map_names::SITE_BUDGET)?,
     );
     let live_max = collect::RawMap::of::<
         allocwatch_common::libc::LiveKey,
         allocwatch_common::libc::LiveAlloc,
-    >(collect::map_ref(ebpf, map_names::LIVE)?, map_names::LIVE)?
+    >(collect::map_ref(probes, map_names::LIVE)?, map_names::LIVE)?
     .max_entries();
     out.insert(
         map_names::LIVE,
@@ -480,8 +453,7 @@ fn site_rows(probes: &Probes) -> anyhow::Result<u64> {
         libc::{SiteKey, SiteStats},
         map_names::SITES,
     };
-    let map =
-        collect::RawMap::of::<SiteKey, SiteStats>(collect::map_ref(&probes.ebpf, SITES)?, SITES)?;
+    let map = collect::RawMap::of::<SiteKey, SiteStats>(collect::map_ref(probes, SITES)?, SITES)?;
     let mut n = 0u64;
     map.scan(
         &mut collect::Cursor::default(),
@@ -509,9 +481,9 @@ impl Default for LossWatch {
 }
 
 impl LossWatch {
-    fn check(&mut self, probes: &Probes, capacity: &CapacityArgs) -> anyhow::Result<()> {
+    fn check(&mut self, probes: &Probes, capacity: &Capacity) -> anyhow::Result<()> {
         self.next_check = Instant::now() + LOSS_CHECK;
-        let now = collect::lost(&probes.ebpf)?;
+        let now = collect::lost(probes)?;
         for (&cause, &n) in &now {
             let before = self.last.get(&cause).copied().unwrap_or(0);
             if n <= before {
@@ -538,7 +510,7 @@ impl LossWatch {
 }
 
 /// What to do about a loss cause, in the user's terms.
-fn remedy(cause: LossCause, c: &CapacityArgs) -> String {
+fn remedy(cause: LossCause, c: &Capacity) -> String {
     match cause {
         LossCause::PendingFull => format!(
             "the in-flight call table is full; raise capacity.max_pending in the config file \

@@ -53,7 +53,7 @@ impl SitePressure {
         if self.limited {
             return Ok(None);
         }
-        let created = collect::site_rows_created(&probes.ebpf)?;
+        let created = collect::site_rows_created(probes)?;
         let rows = self.rows_at_census + created.saturating_sub(self.created_at_census);
         self.decide(rows, probes)
     }
@@ -61,7 +61,7 @@ impl SitePressure {
     /// At each census, with the rows really in the table.
     pub fn census(&mut self, rows: u64, probes: &mut Probes) -> anyhow::Result<Option<Change>> {
         self.rows_at_census = rows;
-        self.created_at_census = collect::site_rows_created(&probes.ebpf)?;
+        self.created_at_census = collect::site_rows_created(probes)?;
         self.decide(rows, probes)
     }
 

@@ -9,14 +9,13 @@
 //! (`procs`) are exported, so an unclassified or rejected process's rows never reach a scrape.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{HashMap, HashSet},
     fs,
-    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use allocwatch_common::{go::GoProc, libc::SiteKey};
+use allocwatch_common::libc::SiteKey;
 
 use super::{
     retained::{RETAINED_SITES, Retained},
@@ -28,13 +27,13 @@ use crate::{
     gostate::GoState,
     k8s::{cgroup, pods::PodCache, watch::PodUpdate},
     probes::Probes,
+    procfs,
     serve::model::ProcessLabels,
     symbolize::SymbolizerHandle,
     target::{
-        self,
         go::{GoProbeSet, GoTarget},
-        libc,
-        maps::{DevInode, MapEntry, read_maps},
+        maps::{MapEntry, read_maps},
+        registry::{AttachFailure, Attacher as _, Kind, LOADERS, ProcessFiles, Target, Targets},
     },
 };
 
@@ -83,30 +82,16 @@ pub struct Departure {
     pub exited_at: Instant,
 }
 
-/// A probed file and whether attaching it worked.
-enum Attached {
-    Libc,
-    Go(Arc<GoTarget>),
-    /// Not a Go program (remembered so it is not parsed again).
-    NotGo,
-    Failed,
-}
-
 pub struct Registry {
     selector: Selector,
-    go_probes: GoProbeSet,
     ttl: Duration,
     pub procs: HashMap<u32, Proc>,
     /// Processes looked at and not selected (pid, start time).
     ignored: HashSet<(u32, u64)>,
     /// The pids of `ignored`, for the event path (no /proc read per event).
     ignored_pids: HashSet<u32>,
-    libc_files: HashMap<DevInode, Attached>,
-    /// What each mapped file is to the libc search, so each is parsed once for all processes.
-    files: libc::FileCache,
-    exe_files: HashMap<DevInode, Attached>,
-    pub attach_failures: BTreeMap<String, u64>,
-    pub probes_attached: u64,
+    /// The files probed, each analysed and attached once for all processes.
+    pub targets: Targets,
     pub pods: PodCache,
     /// The path each process last exec'd (from the exec tracepoint), for processes that exit
     /// before /proc is read; dropped with the pid.
@@ -134,16 +119,11 @@ impl Registry {
     pub fn new(selector: Selector, go_probes: GoProbeSet, ttl: Duration, top_k: usize) -> Self {
         Self {
             selector,
-            go_probes,
             ttl,
             procs: HashMap::new(),
             ignored: HashSet::new(),
             ignored_pids: HashSet::new(),
-            libc_files: HashMap::new(),
-            files: libc::FileCache::default(),
-            exe_files: HashMap::new(),
-            attach_failures: BTreeMap::new(),
-            probes_attached: 0,
+            targets: Targets::new(go_probes, None),
             pods: PodCache::new(),
             exec_paths: HashMap::new(),
             image_sites: HashMap::new(),
@@ -277,7 +257,7 @@ impl Registry {
         } = {
             let (procs, past, me) = (&self.procs, &self.past, self.self_pid);
             let known = |pid: u32| pid == me || procs.contains_key(&pid) || past.contains_key(&pid);
-            self.sweeper.step(&mut probes.ebpf, max_live, &known)?
+            self.sweeper.step(probes, max_live, &known)?
         };
         for (pid, h) in pids {
             if let Some(p) = self.procs.get_mut(&pid).filter(|p| p.exited_at.is_some()) {
@@ -415,7 +395,7 @@ impl Registry {
             if self.procs.contains_key(&pid) {
                 continue;
             }
-            if self.ignored_pids.contains(&pid) || start_time(pid).is_none() {
+            if self.ignored_pids.contains(&pid) || procfs::start_time(pid).is_none() {
                 self.to_forget.insert(pid);
             }
         }
@@ -434,13 +414,12 @@ impl Registry {
             }
             Err(e) => {
                 // It stays traced: its rows are deleted as they are announced, never exported.
-                let why = if is_full(&e) {
-                    "denylist full".to_string()
-                } else {
-                    reason(&e.to_string())
+                let why = match Probes::failure(&e) {
+                    f if f.is_full() => AttachFailure::DenylistFull,
+                    f => f,
                 };
                 log::warn!("denying pid {pid}: {e}");
-                *self.attach_failures.entry(why).or_default() += 1;
+                self.targets.failed(why);
             }
         }
     }
@@ -499,7 +478,7 @@ impl Registry {
         }
         // It has rows: unless it is selected below, they go.
         self.to_forget.insert(pid);
-        let gone = start_time(pid).is_none() || is_zombie(pid);
+        let gone = procfs::start_time(pid).is_none() || procfs::is_zombie(pid);
         if !gone {
             return;
         }
@@ -508,9 +487,7 @@ impl Registry {
         // namespace rules do not match it.
         let comm = comm_text(comm);
         let exe = self.exec_paths.get(&pid).cloned().unwrap_or_default();
-        let cgroup_text = fs::read_to_string(format!("/proc/{pid}/cgroup"))
-            .ok()
-            .filter(|t| !t.is_empty());
+        let cgroup_text = procfs::cgroup(pid).filter(|t| !t.is_empty());
         let container = cgroup_text
             .as_deref()
             .map(cgroup::parse)
@@ -538,7 +515,7 @@ impl Registry {
                 },
                 container,
                 // A zombie still has its start time: later scans must see the same process.
-                start_time: start_time(pid).unwrap_or(0),
+                start_time: procfs::start_time(pid).unwrap_or(0),
                 exited_at: Some(Instant::now()),
                 go: None,
                 retained: Retained::default(),
@@ -607,7 +584,7 @@ impl Registry {
         // The entry of this process: alive, marked exited by a scan that raced with the exec,
         // or registered from its records after it was gone (the agent reads the ring later
         // than the process runs); not that of an earlier process under the same pid.
-        let start = start_time(pid);
+        let start = procfs::start_time(pid);
         let old = if self.procs.get(&pid).is_some_and(|p| {
             p.exited_at.is_none() || start.is_none_or(|s| s == p.start_time || p.start_time == 0)
         }) {
@@ -670,7 +647,7 @@ impl Registry {
                         ..ProcessLabels::default()
                     },
                     container: cgroup::ContainerRef::default(),
-                    start_time: start_time(pid).unwrap_or(0),
+                    start_time: procfs::start_time(pid).unwrap_or(0),
                     exited_at: Some(Instant::now()),
                     go: None,
                     retained: Retained::default(),
@@ -696,7 +673,7 @@ impl Registry {
         if pid == self.self_pid {
             return;
         }
-        let Some(start_time) = start_time(pid) else {
+        let Some(start_time) = procfs::start_time(pid) else {
             return;
         };
         if let Some(p) = self.procs.get(&pid) {
@@ -713,10 +690,10 @@ impl Registry {
         }
         // A new process under a pid whose rows are still being swept: they are its own now.
         self.sweeper.cancel(pid);
-        let Ok(exe) = fs::read_link(format!("/proc/{pid}/exe")) else {
+        let Ok(exe) = procfs::exe(pid) else {
             // Kernel threads have no executable; a process that already exited (a zombie) has
             // none left either, but its events still name it (`ensure_seen`).
-            if !is_zombie(pid) {
+            if !procfs::is_zombie(pid) {
                 {
                     self.ignored.insert((pid, start_time));
                     self.ignored_pids.insert(pid);
@@ -725,10 +702,8 @@ impl Registry {
             return;
         };
         let exe = exe.display().to_string();
-        let comm = fs::read_to_string(format!("/proc/{pid}/comm"))
-            .map(|s| s.trim_end().to_string())
-            .unwrap_or_default();
-        let cgroup_text = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        let comm = procfs::comm(pid).unwrap_or_default();
+        let cgroup_text = procfs::cgroup(pid).unwrap_or_default();
         let container = cgroup::parse(&cgroup_text);
         let pod = self.pods.lookup(&container);
         let candidate = Candidate {
@@ -743,10 +718,8 @@ impl Registry {
             self.deny(pid, probes);
             // It may have exec'd between our reads and the denial (the probe clears the entry
             // at exec, before we made it): then the exec event classifies it again, traced.
-            let same_program = fs::read_link(format!("/proc/{pid}/exe"))
-                .is_ok_and(|e| e.display().to_string() == exe)
-                && fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .is_ok_and(|c| c.trim_end() == comm);
+            let same_program = procfs::exe(pid).is_ok_and(|e| e.display().to_string() == exe)
+                && procfs::comm(pid).is_some_and(|c| c == comm);
             if !same_program {
                 self.undeny(pid, probes);
                 self.ignored.remove(&(pid, start_time));
@@ -794,111 +767,22 @@ impl Registry {
         probes: &mut Probes,
         go: bool,
     ) -> Option<Arc<GoTarget>> {
-        let exe = PathBuf::from(format!("/proc/{pid}/exe"));
-        let exe_id = fs::metadata(&exe).ok().map(|m| DevInode::from_metadata(&m));
-        if let Ok(libc) = libc::for_pid_cached(pid, comm, maps, exe_id, &mut self.files)
-            && !self.libc_files.contains_key(&libc.dev_inode)
-        {
-            let state = match probes.attach_libc(&libc.path, &libc.probes, None) {
-                Ok(()) => {
-                    self.probes_attached += libc.probes.len() as u64;
-                    Attached::Libc
-                }
-                Err(e) => {
-                    *self
-                        .attach_failures
-                        .entry(reason(&e.to_string()))
-                        .or_default() += 1;
-                    log::warn!("attaching {}: {e}", libc.display_path);
-                    Attached::Failed
-                }
-            };
-            self.libc_files.insert(libc.dev_inode, state);
-        }
-        if !go {
-            return None;
-        }
-        let id = exe_id?;
-        if !self.exe_files.contains_key(&id) {
-            let state = match target::go::for_exe(&exe, self.go_probes) {
-                Ok(Some(go)) => {
-                    // The kernel resolves the path to the inode at attach time: the probes stay
-                    // when this pid exits, for every process running the same file.
-                    let go = Arc::new(go);
-                    match probes.attach_go(&exe, &go.probes, None) {
-                        Ok(()) => {
-                            self.probes_attached += go.probes.len() as u64;
-                            Attached::Go(go)
-                        }
-                        Err(e) => {
-                            *self
-                                .attach_failures
-                                .entry(reason(&e.to_string()))
-                                .or_default() += 1;
-                            Attached::Failed
-                        }
-                    }
-                }
-                Ok(None) => Attached::NotGo,
-                Err(e) => {
-                    *self
-                        .attach_failures
-                        .entry(reason(&e.to_string()))
-                        .or_default() += 1;
-                    Attached::Failed
-                }
-            };
-            self.exe_files.insert(id, state);
-        }
-        let Some(Attached::Go(go)) = self.exe_files.get(&id) else {
-            return None;
-        };
-        let go = Arc::clone(go);
-        if let Some((start, end)) = go.mallocgc {
-            let bias = if go.pie { load_bias(maps, id) } else { Some(0) };
-            if let Some(bias) = bias {
-                let _ = probes.set_go_process(
-                    pid,
-                    GoProc {
-                        mallocgc_start: start + bias,
-                        mallocgc_end: end + bias,
-                    },
-                );
-            }
-        }
-        Some(go)
+        let kinds: &[Kind] = if go { &LOADERS } else { &[Kind::Libc] };
+        let proc = ProcessFiles { pid, comm, maps };
+        self.targets
+            .attach_process(probes, &proc, kinds)
+            .into_iter()
+            .find_map(|t| match t {
+                Target::Go(g) => Some(g),
+                Target::Libc(_) => None,
+            })
     }
-}
-
-/// A short, bounded label value for an attach failure (the error's first clause).
-fn reason(msg: &str) -> String {
-    msg.split(": ")
-        .last()
-        .unwrap_or(msg)
-        .chars()
-        .take(60)
-        .collect()
 }
 
 /// A comm as the kernel records it (NUL-padded) as text.
 fn comm_text(comm: &[u8; 16]) -> String {
     let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
     String::from_utf8_lossy(&comm[..len]).into_owned()
-}
-
-/// Whether a map update failed because the map is full (E2BIG).
-fn is_full(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if err
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.raw_os_error() == Some(::libc::E2BIG))
-        {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
 }
 
 /// Namespace, pod and container labels of a process in `pod` (empty outside pods).
@@ -930,42 +814,9 @@ fn forgettable(to_forget: &mut HashSet<u32>, procs: &HashMap<u32, Proc>) -> Hash
         .collect()
 }
 
-/// Whether `pid` has exited but is not reaped yet (state Z).
-fn is_zombie(pid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let i = s.rfind(')')?;
-            s[i + 1..].trim_start().chars().next()
-        })
-        == Some('Z')
-}
-
-/// Field 22 of /proc/<pid>/stat (after the parenthesised comm, which may contain spaces).
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split(' ').nth(19)?.parse().ok()
-}
-
-/// Load bias of a PIE executable: the start of its mapping at file offset 0.
-fn load_bias(maps: &[MapEntry], id: DevInode) -> Option<u64> {
-    maps.iter()
-        .find(|m| m.dev_inode == id && m.offset == 0)
-        .map(|m| m.start)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn start_time_of_self() {
-        let t = start_time(std::process::id()).unwrap();
-        assert!(t > 0);
-        assert_eq!(start_time(std::process::id()), Some(t));
-        assert_eq!(start_time(0x7fff_fff0), None);
-    }
 
     #[test]
     fn cgroup_path_prefers_the_v2_line() {
@@ -996,34 +847,5 @@ mod tests {
         )]);
         assert_eq!(forgettable(&mut to_forget, &procs), HashSet::from([1, 3]));
         assert!(to_forget.is_empty());
-    }
-
-    #[test]
-    fn full_map_is_e2big_anywhere_in_the_chain() {
-        #[derive(Debug)]
-        struct Wrap(std::io::Error);
-        impl std::fmt::Display for Wrap {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("map update failed")
-            }
-        }
-        impl std::error::Error for Wrap {
-            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-                Some(&self.0)
-            }
-        }
-        let e2big = Wrap(std::io::Error::from_raw_os_error(::libc::E2BIG));
-        assert!(is_full(&e2big));
-        let eperm = Wrap(std::io::Error::from_raw_os_error(::libc::EPERM));
-        assert!(!is_full(&eperm));
-    }
-
-    #[test]
-    fn failure_reasons_are_short() {
-        assert_eq!(
-            reason("cannot attach uprobes to /x: Operation not permitted"),
-            "Operation not permitted"
-        );
-        assert!(reason(&"x".repeat(500)).len() <= 60);
     }
 }

@@ -18,18 +18,12 @@ use crate::{
     collect,
     frames::FrameCache,
     gostate::{GoState, Pauses},
+    pipeline::LoopStats,
     probes::Probes,
     serve::model::{GoSnapshot, Histogram, ProcessSnapshot, SelfStats, SiteSnapshot},
     symbolize::Frame,
     symbolize::SymbolizerHandle,
 };
-
-/// Counters the daemon loop keeps about itself.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct LoopStats {
-    pub events_processed: u64,
-    pub malformed_records: u64,
-}
 
 pub async fn build(
     probes: &Probes,
@@ -41,9 +35,9 @@ pub async fn build(
     top_k: usize,
 ) -> anyhow::Result<((Vec<ProcessSnapshot>, SelfStats), Vec<u32>)> {
     let t0 = Instant::now();
-    let sites = collect::sites(&probes.ebpf, None)?;
-    let libc_hist = collect::hist(&probes.ebpf, map_names::LIBC_HIST)?;
-    let go_hist = collect::hist(&probes.ebpf, map_names::GO_HIST)?;
+    let sites = collect::sites(probes, None)?;
+    let libc_hist = collect::hist(probes, map_names::LIBC_HIST)?;
+    let go_hist = collect::hist(probes, map_names::GO_HIST)?;
     if std::env::var_os("ALLOCWATCH_DEBUG_TIMING").is_some() {
         eprintln!(
             "allocwatch: debug: reading {} site rows took {:.1} ms",
@@ -96,11 +90,16 @@ pub async fn build(
         }
     }
     let frames = ctx.frames;
-    let lost = collect::lost(&probes.ebpf)?;
+    let lost = collect::lost(probes)?;
     let sym = symbolizer.stats();
     let mut self_stats = SelfStats {
-        probes_attached: registry.probes_attached,
-        attach_failures: registry.attach_failures.clone(),
+        probes_attached: registry.targets.points_attached,
+        attach_failures: registry
+            .targets
+            .failures
+            .iter()
+            .map(|(f, n)| (f.label(), *n))
+            .collect(),
         events_processed: loop_stats.events_processed,
         events_lost: lost.iter().map(|(c, n)| (c.name(), *n)).collect(),
         ..SelfStats::default()

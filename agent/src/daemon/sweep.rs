@@ -29,11 +29,11 @@ use allocwatch_common::{
     libc::{LiveAlloc, LiveKey, Pending, SiteKey, SiteStats},
     map_names,
 };
-use aya::Ebpf;
 
 use crate::{
     aggregate::sum_stats,
     collect::{self, CollectError, Cursor, RawMap},
+    probes::Probes,
 };
 
 /// Site keys looked up and deleted per step.
@@ -274,14 +274,14 @@ impl Sweeper {
     /// One bounded step: queued keys first, then a slice of each pass that is due.
     pub fn step(
         &mut self,
-        ebpf: &mut Ebpf,
+        probes: &Probes,
         max_live: u32,
         known: Known<'_>,
     ) -> Result<StepResult, CollectError> {
         let mut out = StepResult::default();
         self.orphans.gone.clear();
         let t0 = Instant::now();
-        self.targeted(ebpf, &mut out)?;
+        self.targeted(probes, &mut out)?;
         let t1 = Instant::now();
         // Also with nothing queued: orphans are only found by these passes.
         if !self.backstop.running() && self.backstop.due(BACKSTOP_EVERY) {
@@ -296,11 +296,11 @@ impl Sweeper {
             self.live.start(1);
         }
         if self.backstop.running() {
-            self.backstop_step(ebpf, &mut out, known)?;
+            self.backstop_step(probes, &mut out, known)?;
         }
         let t2 = Instant::now();
         if self.live.running() {
-            self.live_step(ebpf, &mut out, known)?;
+            self.live_step(probes, &mut out, known)?;
         }
         if std::env::var_os("ALLOCWATCH_DEBUG_TIMING").is_some()
             && t0.elapsed() > Duration::from_millis(20)
@@ -318,7 +318,7 @@ impl Sweeper {
     }
 
     /// Looks up, harvests and deletes queued keys, up to [`TARGET_BUDGET`].
-    fn targeted(&mut self, ebpf: &mut Ebpf, out: &mut StepResult) -> Result<(), CollectError> {
+    fn targeted(&mut self, probes: &Probes, out: &mut StepResult) -> Result<(), CollectError> {
         let mut budget = TARGET_BUDGET;
         while budget > 0 {
             let Some(mut t) = self.targets.pop_front() else {
@@ -332,7 +332,7 @@ impl Sweeper {
                 Owner::Image(_) => Some(Fate::Harvest),
             };
             let name = map_names::SITES;
-            let map = RawMap::of::<SiteKey, SiteStats>(collect::map_ref(ebpf, name)?, name)?;
+            let map = RawMap::of::<SiteKey, SiteStats>(collect::map_ref(probes, name)?, name)?;
             let mut values = Vec::new();
             let mut found = Vec::with_capacity(batch.len());
             for key in &batch {
@@ -359,7 +359,7 @@ impl Sweeper {
             // All its announced rows are out: the per-pid tables go now too.
             match t.owner {
                 Owner::Pid(pid) => {
-                    out.deleted += delete_per_pid(ebpf, pid, fate, out)?;
+                    out.deleted += delete_per_pid(probes, pid, fate, out)?;
                     if fate == Some(Fate::Reject) {
                         self.retire_pid(pid);
                         continue;
@@ -386,7 +386,7 @@ impl Sweeper {
 
     fn backstop_step(
         &mut self,
-        ebpf: &mut Ebpf,
+        probes: &Probes,
         out: &mut StepResult,
         known: Known<'_>,
     ) -> Result<(), CollectError> {
@@ -395,7 +395,7 @@ impl Sweeper {
         };
         {
             let name = map_names::SITES;
-            let map = RawMap::of::<SiteKey, SiteStats>(collect::map_ref(ebpf, name)?, name)?;
+            let map = RawMap::of::<SiteKey, SiteStats>(collect::map_ref(probes, name)?, name)?;
             let mut doomed: Vec<SiteKey> = Vec::new();
             let mut others: Vec<SiteKey> = Vec::new();
             map.scan(
@@ -419,7 +419,7 @@ impl Sweeper {
         }
         // Size histograms are per pid (an exec'd image's stay with the pid).
         for (slot, name) in [(1, map_names::LIBC_HIST), (2, map_names::GO_HIST)] {
-            let map = RawMap::of::<GoHistKey, GoHistVal>(collect::map_ref(ebpf, name)?, name)?;
+            let map = RawMap::of::<GoHistKey, GoHistVal>(collect::map_ref(probes, name)?, name)?;
             let mut doomed: Vec<GoHistKey> = Vec::new();
             let mut others: Vec<GoHistKey> = Vec::new();
             map.scan(
@@ -451,7 +451,7 @@ impl Sweeper {
         // found by a walk).
         {
             let name = map_names::PENDING;
-            let map = RawMap::of::<u64, Pending>(collect::map_ref(ebpf, name)?, name)?;
+            let map = RawMap::of::<u64, Pending>(collect::map_ref(probes, name)?, name)?;
             let mut doomed: Vec<u64> = Vec::new();
             let mut others: Vec<u64> = Vec::new();
             map.scan(&mut cursors[3], PASS_BUDGET, |k: &u64, _: &[Pending]| {
@@ -469,7 +469,7 @@ impl Sweeper {
         // Site budgets of processes whose rows went without a targeted sweep.
         {
             let name = map_names::SITE_BUDGET;
-            let map = RawMap::of::<u32, u32>(collect::map_ref(ebpf, name)?, name)?;
+            let map = RawMap::of::<u32, u32>(collect::map_ref(probes, name)?, name)?;
             let mut doomed: Vec<u32> = Vec::new();
             let mut others: Vec<u32> = Vec::new();
             map.scan(
@@ -500,7 +500,7 @@ impl Sweeper {
 
     fn live_step(
         &mut self,
-        ebpf: &mut Ebpf,
+        probes: &Probes,
         out: &mut StepResult,
         known: Known<'_>,
     ) -> Result<(), CollectError> {
@@ -508,7 +508,7 @@ impl Sweeper {
             return Ok(());
         };
         let name = map_names::LIVE;
-        let map = RawMap::of::<LiveKey, LiveAlloc>(collect::map_ref(ebpf, name)?, name)?;
+        let map = RawMap::of::<LiveKey, LiveAlloc>(collect::map_ref(probes, name)?, name)?;
         let mut doomed: Vec<LiveKey> = Vec::new();
         let mut others: Vec<LiveKey> = Vec::new();
         let mut seen = 0;
@@ -588,7 +588,7 @@ enum Owner {
 /// Rows keyed by the pid: its size-histogram buckets (harvested), the Go process table and
 /// stop-the-world state.
 fn delete_per_pid(
-    ebpf: &mut Ebpf,
+    probes: &Probes,
     pid: u32,
     fate: Option<Fate>,
     out: &mut StepResult,
@@ -596,7 +596,7 @@ fn delete_per_pid(
     let mut n = 0;
     let mut values = Vec::new();
     for (libc, name) in [(true, map_names::LIBC_HIST), (false, map_names::GO_HIST)] {
-        let map = RawMap::of::<GoHistKey, GoHistVal>(collect::map_ref(ebpf, name)?, name)?;
+        let map = RawMap::of::<GoHistKey, GoHistVal>(collect::map_ref(probes, name)?, name)?;
         let mut found = Vec::new();
         for bucket in 0..GO_HIST_BUCKETS {
             let key = GoHistKey { tgid: pid, bucket };
@@ -616,10 +616,10 @@ fn delete_per_pid(
         n += map.delete(&found)?;
     }
     let name = map_names::GO_PROCS;
-    n += RawMap::of::<u32, GoProc>(collect::map_ref(ebpf, name)?, name)?.delete(&[pid])?;
+    n += RawMap::of::<u32, GoProc>(collect::map_ref(probes, name)?, name)?.delete(&[pid])?;
     let name = map_names::SITE_BUDGET;
-    n += RawMap::of::<u32, u32>(collect::map_ref(ebpf, name)?, name)?.delete(&[pid])?;
+    n += RawMap::of::<u32, u32>(collect::map_ref(probes, name)?, name)?.delete(&[pid])?;
     let name = map_names::GO_STW;
-    n += RawMap::of::<u32, StwState>(collect::map_ref(ebpf, name)?, name)?.delete(&[pid])?;
+    n += RawMap::of::<u32, StwState>(collect::map_ref(probes, name)?, name)?.delete(&[pid])?;
     Ok(n)
 }

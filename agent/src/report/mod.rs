@@ -1,5 +1,6 @@
 //! What a tracing session reports, independent of how it is rendered (text or JSON).
 
+pub mod files;
 pub mod flame;
 pub mod json;
 pub mod pprof;

@@ -9,66 +9,30 @@ use std::{
 };
 
 use super::TargetError;
-
-/// `PF_KTHREAD` in the flags field of `/proc/PID/stat` (include/linux/sched.h).
-const PF_KTHREAD: u64 = 0x0020_0000;
-
-/// What `/proc/PID/stat` and `/proc/PID/status` say about a pid.
-#[derive(Debug, PartialEq, Eq)]
-struct ProcState {
-    comm: String,
-    state: char,
-    flags: u64,
-    tgid: u32,
-}
+use crate::procfs;
 
 /// Refuses a `--pid` that names no user-space process allocwatch can trace.
 pub fn process(pid: u32) -> Result<(), TargetError> {
     let gone = || TargetError::NoSuchProcess { pid };
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|_| gone())?;
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).map_err(|_| gone())?;
-    let st = parse(&stat, &status).ok_or_else(gone)?;
+    let st = procfs::stat(pid).ok_or_else(gone)?;
+    let tgid = procfs::tgid(pid).ok_or_else(gone)?;
     let comm = st.comm.clone();
-    if st.flags & PF_KTHREAD != 0 {
+    if st.flags & procfs::PF_KTHREAD != 0 {
         return Err(TargetError::KernelThread { pid, comm });
     }
-    if matches!(st.state, 'Z' | 'X') {
+    if st.exited() {
         return Err(TargetError::Zombie { pid, comm });
     }
-    if st.tgid != pid {
+    if tgid != pid {
         // The thread's own comm is its name; the user knows the process by the main thread's.
-        let comm = fs::read_to_string(format!("/proc/{}/comm", st.tgid))
-            .map_or(comm, |c| c.trim_end().to_string());
+        let comm = procfs::comm(tgid).unwrap_or(comm);
         return Err(TargetError::Thread {
             tid: pid,
-            tgid: st.tgid,
+            tgid,
             comm,
         });
     }
     Ok(())
-}
-
-fn parse(stat: &str, status: &str) -> Option<ProcState> {
-    // `pid (comm) S ppid …`: comm may hold spaces and parentheses, so split at the last `)`.
-    let open = stat.find('(')?;
-    let close = stat.rfind(')')?;
-    let comm = stat.get(open + 1..close)?.to_string();
-    let mut fields = stat[close + 1..].split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    // After the state: ppid, pgrp, session, tty_nr, tpgid, then flags.
-    let flags = fields.nth(5)?.parse().ok()?;
-    let tgid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Tgid:"))?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(ProcState {
-        comm,
-        state,
-        flags,
-        tgid,
-    })
 }
 
 /// Refuses a command (already found in `PATH`) that the kernel cannot run as a program: a
@@ -168,20 +132,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_stat() {
-        let stat = "2 (kthreadd) S 0 0 0 0 -1 2129984 0 0 0 0 0 0 0 0 20 0 1 0 3 0 0";
-        let st = parse(stat, "Name:\tkthreadd\nTgid:\t2\n").unwrap();
-        assert_eq!(st.comm, "kthreadd");
-        assert_eq!(st.state, 'S');
-        assert_eq!(st.flags, 2_129_984);
-        assert!(st.flags & PF_KTHREAD != 0);
-        let odd = "77 (a) b (c) Z 1 77 77 0 -1 4194560 0";
-        let st = parse(odd, "Tgid:\t77\n").unwrap();
-        assert_eq!((st.comm.as_str(), st.state), ("a) b (c", 'Z'));
-        assert_eq!(parse("garbage", "Tgid: 1"), None);
-    }
-
-    #[test]
     fn processes() {
         let me = std::process::id();
         process(me).unwrap();
@@ -203,7 +153,7 @@ mod tests {
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let pid = child.id();
         for _ in 0..500 {
-            if fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z ")) {
+            if procfs::is_zombie(pid) {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(2));

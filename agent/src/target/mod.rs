@@ -5,6 +5,11 @@
 //! - [`placement`]: where in a function's entry block a uprobe is cheapest and still correct.
 //! - [`libc`]: the libc (or static executable) that provides `malloc` for a process or a
 //!   command, and the probe list for it.
+//! - [`go`]: the Go runtime functions of a binary to probe.
+//! - [`relays`]: count mode's view of a libc file (which allocator functions tail-jump into
+//!   which), by disassembly.
+//! - [`registry`]: every kind of target in one list; each file analysed and attached once, then
+//!   a per-process step with its load bias.
 
 pub mod check;
 pub mod elf;
@@ -12,6 +17,8 @@ pub mod go;
 pub mod libc;
 pub mod maps;
 pub mod placement;
+pub mod registry;
+pub mod relays;
 
 pub use libc::{ProbePoint, for_command as libc_for_command, for_pid as libc_for_pid};
 

@@ -1,0 +1,57 @@
+//! The files a session writes: the report (or standard output), a flamegraph SVG, a pprof
+//! profile. Each format is written here and nowhere else.
+
+use std::{fs, path::Path};
+
+use anyhow::Context as _;
+
+use super::{
+    flame::{self, FlameError, FlameWeight},
+    pprof,
+};
+use crate::serve::model::{ProcessSnapshot, SiteSnapshot};
+
+/// Writes the rendered report to `output`, or prints it.
+pub fn write_report(output: Option<&Path>, rendered: String) -> anyhow::Result<()> {
+    match output {
+        Some(path) => fs::write(path, rendered + "\n")
+            .with_context(|| format!("cannot write {}", path.display())),
+        None => {
+            println!("{rendered}");
+            Ok(())
+        }
+    }
+}
+
+/// Writes the flamegraph of `sites`; with nothing to draw, warns that the file is empty
+/// (`nothing` says what there was none of).
+pub fn write_flamegraph(
+    path: &Path,
+    sites: &[SiteSnapshot],
+    weight: FlameWeight,
+    title: &str,
+    nothing: &str,
+) -> anyhow::Result<()> {
+    let file =
+        fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
+    match flame::write_sites_svg(sites, weight, title, std::io::BufWriter::new(file)) {
+        Ok(()) => Ok(()),
+        Err(FlameError::Empty(_)) => {
+            eprintln!(
+                "allocwatch: warning: {nothing}: {} is empty",
+                path.display()
+            );
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot write {}", path.display())),
+    }
+}
+
+/// Writes a pprof profile of `snap` (allocated bytes by default).
+pub fn write_pprof(path: &Path, snap: &ProcessSnapshot) -> anyhow::Result<()> {
+    let bytes = pprof::encode(
+        std::slice::from_ref(snap),
+        &pprof::ProfileOptions::new(pprof::DefaultSample::AllocSpace),
+    )?;
+    fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+}

@@ -1,0 +1,384 @@
+//! One tracing session: resolve the target, attach, follow it until it exits (or the duration
+//! ends, or Ctrl-C/SIGTERM), then report. `top`, `leaks` and `maps` differ only in their views.
+//!
+//! - `resolve.rs`: the process and its files, attached through the target registry;
+//! - `view.rs`: the session's state and its reports.
+//!
+//! Records flow through the pipeline the agent uses too (`crate::pipeline`).
+
+mod resolve;
+mod view;
+
+use std::{
+    fs,
+    io::{IsTerminal as _, Write as _},
+    num::NonZeroU32,
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+};
+
+use self::view::{Tracer, Watched, refresh_identity};
+use crate::{
+    cli::CommonArgs,
+    frames::FrameCache,
+    gostate::GoState,
+    pipeline::Pipeline,
+    preflight,
+    probes::{Capacity, Filter, ProbeConfig, Probes},
+    procfs,
+    report::{
+        self, LeaksReport, ProcessInfo, TopReport,
+        files::{write_flamegraph, write_pprof, write_report},
+        flame::FlameWeight,
+    },
+    serve::model::SiteSnapshot,
+    symbolize::SymbolizerHandle,
+    target::{TargetError, maps::DevInode},
+};
+
+/// What the session shows.
+#[derive(Clone, Debug)]
+pub enum View {
+    Top {
+        interval: Duration,
+        /// Extra outputs written at the end.
+        flamegraph: Option<PathBuf>,
+        pprof: Option<PathBuf>,
+    },
+    Leaks {
+        min_age: Duration,
+        flamegraph: Option<PathBuf>,
+    },
+    Maps,
+}
+
+/// Why the session ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    Exited,
+    Duration,
+    Signal(i32),
+}
+
+pub async fn run(view: View, args: CommonArgs) -> anyhow::Result<()> {
+    if matches!(view, View::Leaks { .. }) && !args.mode.tracks_live() {
+        anyhow::bail!("leaks needs outstanding allocations: use --mode full or stacks-off");
+    }
+    preflight::check()?;
+    let resolved = resolve::resolve(&args)?;
+    let pid = resolved.pid;
+    let launched = resolved.parked.is_some();
+    let (mut tracer, pidfd) = start(resolved, &args)?;
+    // SAFETY: an OwnedFd keeps its fd open and unchanged while the AsyncFd owns it.
+    let mut pidfd = unsafe { AsyncFd::register(pidfd) }.map_err(std::io::Error::from)?;
+    let end = follow(&mut tracer, &mut pidfd, &view, &args).await?;
+    finish(&mut tracer.watched.info, &mut pidfd, end, launched, pid).await;
+
+    // Final drain: records emitted just before the exit.
+    tracer.drain().await?;
+    let bad_records = tracer.pipe.stats.malformed_records;
+    if bad_records > 0 {
+        eprintln!("allocwatch: warning: {bad_records} malformed ring-buffer records ignored");
+    }
+    let rendered = render(&mut tracer, &view, &args).await?;
+    // Detach before writing: the report must not wait on the traced process.
+    drop(tracer);
+    write_report(args.output.as_deref(), rendered)
+}
+
+/// Loads and attaches the probes, lets a launched command run, and notes the process for the
+/// symbolizer; the pidfd that says when it exits.
+fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer, OwnedFd)> {
+    let pid = r.pid;
+    let launched = r.parked.is_some();
+    let pidfd = procfs::pidfd_open(pid.get())
+        .map_err(|_| TargetError::ExitedDuringAttach { pid: pid.get() })?;
+    let capacity = Capacity::from(args.capacity);
+    let mut probes = Probes::load_mode(
+        &ProbeConfig {
+            tgid: Some(pid),
+            filter: Filter::None,
+            stacks: args.mode.stacks() && !args.no_stacks,
+            capacity,
+        },
+        args.mode,
+    )
+    .map_err(|e| resolve::explain_load_error(e, &capacity))?;
+    // A process that exits while the probes go in makes the attach fail with an errno that
+    // names nothing the user did: say what happened instead.
+    let exited = |e: anyhow::Error| {
+        if launched {
+            e
+        } else {
+            resolve::exited_instead(pid.get(), e)
+        }
+    };
+    resolve::attach(&mut probes, &r, resolve::go_probes(args)).map_err(|e| exited(e.into()))?;
+    // Started before the command runs: the first snapshot of a short command must not wait
+    // for a thread to start.
+    let mut pipe = Pipeline::new(probes, FrameCache::default(), SymbolizerHandle::spawn())?;
+    let mut info = ProcessInfo {
+        pid: pid.get(),
+        libc: r
+            .libc
+            .as_ref()
+            .map_or_else(String::new, |l| l.display_path.clone()),
+        aliases: r
+            .libc
+            .as_ref()
+            .map(|l| l.aliases.clone())
+            .unwrap_or_default(),
+        ..Default::default()
+    };
+    let parts = &mut pipe.parts;
+    if let Some(parked) = r.parked.take() {
+        // Stopped right after exec: note its executable and identity before it can run (and
+        // exit; /proc/PID/exe of an exited process cannot be read).
+        let stopped = parked.release()?;
+        parts.symbolizer.note_process(pid.get());
+        refresh_identity(&mut info);
+        stopped.resume();
+        // The command maps its libraries after exec; snapshot its mappings as soon as the
+        // probed file is among them, so that even a command that exits within milliseconds
+        // is named.
+        let mut files = Vec::new();
+        if let Ok(meta) = fs::metadata(&r.exe) {
+            files.push(DevInode::from_metadata(&meta));
+        }
+        files.extend(r.libc.iter().map(|l| l.dev_inode));
+        resolve::note_when_mapped(&parts.symbolizer, pid.get(), &files);
+    } else {
+        parts.symbolizer.note_process(pid.get());
+    }
+    resolve::attach_mapped(&mut parts.probes, &r).map_err(exited)?;
+    parts.frames.noted.insert(pid.get());
+    let mut tracer = Tracer {
+        pipe,
+        watched: Watched {
+            info,
+            go: r.go.as_deref().map(GoState::new),
+        },
+        go_target: r.go,
+        started: Instant::now(),
+        top_k: args.top,
+    };
+    refresh_identity(&mut tracer.watched.info);
+    banner(&tracer);
+    Ok((tracer, pidfd))
+}
+
+/// What is traced, on stderr (and what is not, as warnings).
+fn banner(tracer: &Tracer) {
+    let info = &tracer.watched.info;
+    let mut what = Vec::new();
+    if !info.libc.is_empty() {
+        what.push(info.libc.clone());
+    }
+    if let Some(g) = &tracer.go_target {
+        what.push(format!("Go {} runtime", g.version.raw));
+        for w in &g.warnings {
+            eprintln!("allocwatch: warning: {w}");
+        }
+    }
+    eprintln!(
+        "allocwatch: tracing pid {} ({}): {} probes on {}",
+        info.pid,
+        info.comm,
+        tracer.pipe.parts.probes.attached_points(),
+        what.join(" and ")
+    );
+}
+
+/// Handles records until the process exits, the duration ends or a signal comes; `top`
+/// without `--json` or `--output` redraws its table every interval meanwhile.
+async fn follow(
+    tracer: &mut Tracer,
+    pidfd: &mut AsyncFd<OwnedFd>,
+    view: &View,
+    args: &CommonArgs,
+) -> anyhow::Result<End> {
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
+    let live_interval = match view {
+        View::Top { interval, .. } if !args.json && args.output.is_none() => Some(*interval),
+        _ => None,
+    };
+    let mut tick = tokio::time::interval(live_interval.unwrap_or(Duration::from_secs(3600)));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            ready = tracer.pipe.readable() => {
+                ready?;
+                tracer.drain().await?;
+            }
+            _ = pidfd.readable_mut() => return Ok(End::Exited),
+            _ = sleep_until(deadline) => return Ok(End::Duration),
+            _ = sigint.recv() => return Ok(End::Signal(libc::SIGINT)),
+            _ = sigterm.recv() => return Ok(End::Signal(libc::SIGTERM)),
+            _ = tick.tick(), if live_interval.is_some() => {
+                let r = tracer.top_report().await?;
+                let mut out = std::io::stdout().lock();
+                if out.is_terminal() {
+                    write!(out, "\x1b[2J\x1b[H")?;
+                }
+                writeln!(out, "{}", report::text::top(&r, args.top))?;
+            }
+        }
+    }
+}
+
+/// A launched command is ours: when the session ends first (duration, Ctrl-C, SIGTERM) it
+/// gets the signal (SIGTERM for the duration), its last calls are still counted, and it is
+/// not left running behind us. Notes how the process ended.
+async fn finish(
+    info: &mut ProcessInfo,
+    pidfd: &mut AsyncFd<OwnedFd>,
+    end: End,
+    launched: bool,
+    pid: NonZeroU32,
+) {
+    if launched && end != End::Exited {
+        let sig = match end {
+            End::Signal(sig) => sig,
+            _ => libc::SIGTERM,
+        };
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(pid.get() as i32, sig) };
+        if tokio::time::timeout(Duration::from_secs(5), pidfd.readable_mut())
+            .await
+            .is_err()
+        {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid.get() as i32, libc::SIGKILL) };
+            let _ = pidfd.readable_mut().await;
+        }
+    }
+    if launched {
+        info.exit_code = reap(pid.get());
+        info.exited = info.exit_code.is_some();
+    } else {
+        info.exited = end == End::Exited || !procfs::alive(pid.get());
+    }
+}
+
+/// The final report in the view's format, and its extra files.
+async fn render(tracer: &mut Tracer, view: &View, args: &CommonArgs) -> anyhow::Result<String> {
+    Ok(match view {
+        View::Top {
+            flamegraph, pprof, ..
+        } => {
+            let r = tracer.top_report().await?;
+            export_profiles(&r, flamegraph.as_deref(), pprof.as_deref())?;
+            if args.json {
+                report::json::top(&[r])?
+            } else {
+                report::text::top(&r, args.top)
+            }
+        }
+        View::Maps => {
+            let r = tracer.top_report().await?;
+            if args.json {
+                report::json::top(&[r])?
+            } else {
+                report::text::maps(&r, args.top)
+            }
+        }
+        View::Leaks {
+            min_age,
+            flamegraph,
+        } => {
+            let r = tracer.leaks_report(*min_age).await?;
+            if let Some(path) = flamegraph {
+                leaks_flamegraph(&r, path)?;
+            }
+            if args.json {
+                report::json::leaks(&[r])?
+            } else {
+                report::text::leaks(&r, args.top)
+            }
+        }
+    })
+}
+
+/// Writes `--flamegraph` and `--pprof` from the final report.
+fn export_profiles(
+    r: &TopReport,
+    flamegraph: Option<&Path>,
+    pprof: Option<&Path>,
+) -> anyhow::Result<()> {
+    if flamegraph.is_none() && pprof.is_none() {
+        return Ok(());
+    }
+    let snap = report::snapshot_of(r);
+    if let Some(path) = flamegraph {
+        let title = format!(
+            "allocwatch: {} (pid {}) bytes by site",
+            r.info.comm, r.info.pid
+        );
+        let weight = FlameWeight::Bytes;
+        write_flamegraph(path, &snap.sites, weight, &title, "no allocation sites")?;
+    }
+    if let Some(path) = pprof {
+        write_pprof(path, &snap)?;
+    }
+    Ok(())
+}
+
+/// `leaks --flamegraph`: the outstanding bytes by stack.
+fn leaks_flamegraph(r: &LeaksReport, path: &Path) -> anyhow::Result<()> {
+    let sites: Vec<_> = r
+        .leaks
+        .iter()
+        .map(|l| SiteSnapshot {
+            kind: l.api.symbol(),
+            frames: l.frames.clone().into(),
+            calls: l.count,
+            bytes: l.bytes,
+            live_allocations: l.count,
+            live_bytes: l.bytes,
+            remainder: false,
+        })
+        .collect();
+    let title = format!(
+        "allocwatch: {} (pid {}) outstanding bytes by stack",
+        r.info.comm, r.info.pid
+    );
+    write_flamegraph(
+        path,
+        &sites,
+        FlameWeight::LiveBytes,
+        &title,
+        "nothing to draw",
+    )
+}
+
+/// Waits for our launched child; its exit code, or 128+signal.
+fn reap(pid: u32) -> Option<i32> {
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    let r = unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) };
+    if r <= 0 {
+        return None;
+    }
+    if libc::WIFEXITED(status) {
+        Some(libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        Some(128 + libc::WTERMSIG(status))
+    } else {
+        None
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,362 @@
+//! A session's state after attaching and its views of it: the `top`, `maps` and `leaks`
+//! reports of the one traced process, built from the kernel maps, the Go state and the named
+//! call chains.
+
+use std::{
+    collections::{BTreeMap, HashMap, hash_map::Entry},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use allocwatch_common::{
+    event::GoEvent,
+    libc::{Api, SiteKey},
+    loss::LossCause,
+    map_names,
+};
+
+use crate::{
+    aggregate, collect,
+    gort::versions::MapImpl,
+    gostate::{GoSiteKey, GoState, Pauses},
+    pipeline::{Handler, Parts, Pipeline},
+    procfs,
+    report::{
+        GoMap, GoReport, GoSite, Leak, LeaksReport, PauseSummary, ProcessInfo, Site, TopReport,
+    },
+    symbolize::Frame,
+    target::go::GoTarget,
+};
+
+/// The state of a session after attaching.
+pub struct Tracer {
+    pub pipe: Pipeline,
+    pub watched: Watched,
+    pub go_target: Option<Arc<GoTarget>>,
+    pub started: Instant,
+    pub top_k: usize,
+}
+
+/// What the records say about the traced process beyond its sites.
+pub struct Watched {
+    pub info: ProcessInfo,
+    pub go: Option<GoState>,
+}
+
+impl Watched {
+    /// A process seen for the first time: its mappings are noted for the symbolizer, and its
+    /// identity read again (after exec they name the command).
+    fn seen(&mut self, parts: &mut Parts, tgid: u32) {
+        if parts.frames.noted.insert(tgid) {
+            parts.symbolizer.note_process(tgid);
+            refresh_identity(&mut self.info);
+        }
+    }
+}
+
+impl Handler for Watched {
+    fn new_site(&mut self, parts: &mut Parts, site: &SiteKey, _comm: &[u8; 16]) {
+        self.seen(parts, site.tgid);
+    }
+
+    fn go(&mut self, parts: &mut Parts, event: &GoEvent) {
+        if let Some(state) = &mut self.go {
+            state.record(event);
+        }
+        self.seen(parts, event.header.tgid);
+    }
+}
+
+/// The named call chain of a site.
+async fn chain(
+    parts: &mut Parts,
+    tgid: u32,
+    stack_id: i64,
+    ret_addr: u64,
+) -> anyhow::Result<Vec<Frame>> {
+    let Parts {
+        probes,
+        frames,
+        symbolizer,
+    } = parts;
+    frames
+        .frames(probes, symbolizer, tgid, stack_id, ret_addr)
+        .await
+}
+
+impl Tracer {
+    /// Reads and handles every record ready, then names the new sites now, while their
+    /// process is alive.
+    pub async fn drain(&mut self) -> anyhow::Result<()> {
+        self.pipe.drain(&mut self.watched)?;
+        self.pipe.name_queued(None).await?;
+        Ok(())
+    }
+
+    pub fn lost(&self) -> anyhow::Result<BTreeMap<&'static str, u64>> {
+        let mut lost: BTreeMap<&'static str, u64> = collect::lost(&self.pipe.parts.probes)?
+            .into_iter()
+            .map(|(cause, n): (LossCause, u64)| (cause.name(), n))
+            .collect();
+        lost.insert(
+            "symbolize_process_gone",
+            self.pipe.parts.frames.process_gone,
+        );
+        if let Some(go) = &self.watched.go {
+            lost.insert("go_map_instances_untracked", go.maps_untracked);
+        }
+        Ok(lost)
+    }
+
+    pub async fn top_report(&mut self) -> anyhow::Result<TopReport> {
+        let pid = self.watched.info.pid;
+        let rows = collect::sites(&self.pipe.parts.probes, Some(pid))?;
+        let overflow = collect::overflow(&self.pipe.parts.probes)?;
+        let totals = aggregate::totals(rows.iter(), &overflow);
+        let mut chains = Vec::with_capacity(rows.len());
+        for (key, stats) in &rows {
+            chains.push(Site {
+                api: Api::try_from(key.api)?,
+                frames: self.site_frames(key).await?,
+                stats: *stats,
+            });
+        }
+        let mut sites = merge_by_source(
+            chains,
+            |s| s.api as u32,
+            |a, b| {
+                a.stats = aggregate::sum_stats([a.stats, b.stats].iter());
+            },
+        );
+        // Allocation sites by bytes first, then free sites by calls.
+        sites.sort_by_key(|s| {
+            (
+                s.api == Api::Free,
+                std::cmp::Reverse(s.stats.bytes),
+                std::cmp::Reverse(s.stats.calls),
+            )
+        });
+        let go = self.go_report().await?;
+        Ok(TopReport {
+            info: self.watched.info.clone(),
+            elapsed_secs: self.started.elapsed().as_secs_f64(),
+            totals,
+            lost: self.lost()?,
+            sites,
+            symbolization: self.pipe.parts.symbolizer.stats(),
+            go,
+        })
+    }
+
+    async fn site_frames(&mut self, key: &SiteKey) -> anyhow::Result<Vec<Frame>> {
+        chain(&mut self.pipe.parts, key.tgid, key.stack_id, key.ret_addr).await
+    }
+
+    async fn go_report(&mut self) -> anyhow::Result<Option<GoReport>> {
+        let Some(state) = &self.watched.go else {
+            return Ok(None);
+        };
+        let pid = self.watched.info.pid;
+        let mut site_keys: Vec<(GoSiteKey, u64, u64)> = state
+            .sites
+            .iter()
+            .map(|(k, c)| (*k, c.count, c.bytes))
+            .collect();
+        site_keys.sort();
+        let maps: Vec<_> = state
+            .top_maps(self.top_k.max(1) * 10)
+            .into_iter()
+            .cloned()
+            .collect();
+        let mut report = go_summary(state, self.go_target.as_deref());
+        report.alloc_sizes = collect::hist(&self.pipe.parts.probes, map_names::GO_HIST)?
+            .into_iter()
+            .filter(|((tgid, _), _)| *tgid == pid)
+            .map(|((_, bucket), v)| (1u64 << bucket, v.count, v.bytes))
+            .collect();
+        let mut sites = Vec::with_capacity(site_keys.len());
+        for (key, count, bytes) in site_keys {
+            sites.push(GoSite {
+                kind: key.kind.name(),
+                frames: chain(&mut self.pipe.parts, pid, key.stack_id, key.ret_addr).await?,
+                count,
+                bytes,
+            });
+        }
+        let mut sites = merge_by_source(
+            sites,
+            |s| s.kind.as_ptr() as u32,
+            |a, b| {
+                a.count += b.count;
+                a.bytes += b.bytes;
+            },
+        );
+        sites.sort_by_key(|s| (std::cmp::Reverse(s.bytes), std::cmp::Reverse(s.count)));
+        report.sites = sites;
+        for m in maps {
+            let frames = match m.first_site {
+                Some(k) => chain(&mut self.pipe.parts, pid, k.stack_id, k.ret_addr).await?,
+                None => Vec::new(),
+            };
+            report.maps.push(GoMap {
+                ptr: m.ptr,
+                grows: m.grows,
+                by_kind: m.by_kind.clone(),
+                bytes: m.bytes,
+                size_class: m.size_class,
+                dir_len: m.dir_len,
+                len_at_last_grow: m.len_at_last_grow,
+                frames,
+            });
+        }
+        if self
+            .go_target
+            .as_ref()
+            .is_some_and(|g| g.maps == MapImpl::Buckets)
+        {
+            report.map_impl = "buckets";
+        }
+        Ok(Some(report))
+    }
+
+    pub async fn leaks_report(&mut self, min_age: Duration) -> anyhow::Result<LeaksReport> {
+        let live = collect::live(&self.pipe.parts.probes, Some(self.watched.info.pid))?;
+        let now = monotonic_ns();
+        let groups = aggregate::leaks(&live, now, min_age.as_nanos() as u64);
+        let mut leaks = Vec::with_capacity(groups.len());
+        for g in &groups {
+            leaks.push(Leak {
+                api: Api::try_from(g.site.api)?,
+                frames: self.site_frames(&g.site).await?,
+                count: g.count,
+                bytes: g.bytes,
+                oldest_age_secs: g.oldest_age_ns as f64 / 1e9,
+            });
+        }
+        Ok(LeaksReport {
+            info: self.watched.info.clone(),
+            min_age_secs: min_age.as_secs_f64(),
+            live_allocations: live.len() as u64,
+            live_bytes: live.iter().map(|(_, a)| a.size).sum(),
+            lost: self.lost()?,
+            leaks,
+            symbolization: self.pipe.parts.symbolizer.stats(),
+        })
+    }
+}
+
+/// The counts of a Go report (its sites and maps are named by the caller).
+fn go_summary(state: &GoState, target: Option<&GoTarget>) -> GoReport {
+    GoReport {
+        version: state.version.clone(),
+        map_impl: if state.swiss { "swiss" } else { "buckets" },
+        map_grows: state.map_grows.clone(),
+        map_grow_bytes: state.map_grow_bytes,
+        slice_grows: state.slice_grows,
+        slice_grow_bytes: state.slice_grow_bytes,
+        slice_moves: state.slice_moves.count,
+        slice_move_bytes: state.slice_moves.bytes,
+        large_allocs: state.large_allocs.count,
+        large_alloc_bytes: state.large_allocs.bytes,
+        gc_starts: state.gc_starts,
+        gc_cycles: state.gc_cycles,
+        gc_pauses: pause_summary(&state.gc_pauses),
+        stw_pauses: pause_summary(&state.stw_pauses),
+        maps_tracked: state.maps.len() as u64,
+        maps_untracked: state.maps_untracked,
+        measured: target.is_some_and(|g| g.measured),
+        warnings: target.map(|g| g.warnings.clone()).unwrap_or_default(),
+        ..GoReport::default()
+    }
+}
+
+/// Rows whose call chains symbolize to the same source (call instructions the compiler
+/// duplicated, e.g. in unrolled loops) become one row for the reader. `class` separates rows
+/// that must not merge (different APIs or kinds).
+fn merge_by_source<T: Clone + HasFrames>(
+    rows: Vec<T>,
+    class: impl Fn(&T) -> u32,
+    merge: impl Fn(&mut T, &T),
+) -> Vec<T> {
+    let mut out: Vec<T> = Vec::with_capacity(rows.len());
+    let mut index: HashMap<(u32, Vec<SourceFrame<'_>>), usize> = HashMap::new();
+    for row in &rows {
+        let key = (
+            class(row),
+            row.frames().iter().map(SourceFrame::of).collect(),
+        );
+        match index.entry(key) {
+            Entry::Occupied(e) => merge(&mut out[*e.get()], row),
+            Entry::Vacant(e) => {
+                e.insert(out.len());
+                out.push(row.clone());
+            }
+        }
+    }
+    out
+}
+
+trait HasFrames {
+    fn frames(&self) -> &[Frame];
+}
+
+impl HasFrames for Site {
+    fn frames(&self) -> &[Frame] {
+        &self.frames
+    }
+}
+
+impl HasFrames for GoSite {
+    fn frames(&self) -> &[Frame] {
+        &self.frames
+    }
+}
+
+fn pause_summary(p: &Pauses) -> PauseSummary {
+    PauseSummary {
+        count: p.count,
+        sum: p.sum_ns as f64 / 1e9,
+        max: p.max_ns as f64 / 1e9,
+        buckets: p
+            .hist
+            .iter()
+            .map(|(&b, &n)| ((1u64 << (b + 1)) as f64 / 1e9, n))
+            .collect(),
+    }
+}
+
+/// A frame as the reader sees it: function, file and line when symbolized, else the address.
+#[derive(PartialEq, Eq, Hash)]
+enum SourceFrame<'a> {
+    Named(&'a str, Option<&'a str>, Option<u32>),
+    Address(u64),
+}
+
+impl<'a> SourceFrame<'a> {
+    fn of(f: &'a Frame) -> Self {
+        match &f.function {
+            Some(func) => Self::Named(func, f.file.as_deref(), f.line),
+            None => Self::Address(f.address),
+        }
+    }
+}
+
+/// Reads comm and exe while the process is alive (after exec they name the command).
+pub fn refresh_identity(info: &mut ProcessInfo) {
+    if let Some(comm) = procfs::comm(info.pid) {
+        info.comm = comm;
+    }
+    if let Ok(exe) = procfs::exe(info.pid) {
+        info.exe = exe.display().to_string();
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid timespec pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

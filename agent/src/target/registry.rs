@@ -1,0 +1,485 @@
+//! The target registry: one list of loaders, one per kind of file allocwatch probes (libc —
+//! glibc and musl —, the Go runtime). Each loader analyses a file once per file identity
+//! (device + inode) and the registry attaches its probes once per file; then a per-process
+//! step tells the probes where the file is loaded in each process (its load bias). The CLI
+//! session and the agent both attach through here.
+//!
+//! A new kind (jemalloc, tcmalloc, unwind tables) is a [`Kind`], a [`Target`] variant with
+//! its analysis, and its arms in [`Targets::find`], [`Attacher`] and [`Target::in_process`].
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io,
+    num::NonZeroU32,
+    path::Path,
+    sync::Arc,
+};
+
+use super::{
+    TargetError,
+    go::{self, GoProbeSet, GoTarget},
+    libc::{self, LibcTarget},
+    maps::{DevInode, MapEntry},
+};
+
+/// The kinds of target, in the order a process's files are looked at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// The file that provides `malloc` (libc, or a static executable).
+    Libc,
+    /// A Go executable's runtime.
+    Go,
+}
+
+/// Every loader, in order.
+pub const LOADERS: [Kind; 2] = [Kind::Libc, Kind::Go];
+
+/// One file's analysis by its loader: what to probe in it.
+#[derive(Clone, Debug)]
+pub enum Target {
+    Libc(Arc<LibcTarget>),
+    Go(Arc<GoTarget>),
+}
+
+/// What the registry needs from the loaded probe object.
+pub trait Attacher {
+    type Error: std::error::Error + 'static;
+    /// Attaches a file's probes (for one process only, or for every process that maps it);
+    /// the number of probe points.
+    fn attach_file(
+        &mut self,
+        target: &Target,
+        scope: Option<NonZeroU32>,
+    ) -> Result<usize, Self::Error>;
+    /// Tells the Go probes where `runtime.mallocgc` runs in process `pid`.
+    fn set_mallocgc(&mut self, pid: u32, range: (u64, u64)) -> Result<(), Self::Error>;
+    /// What kind of failure `e` is.
+    fn failure(e: &Self::Error) -> AttachFailure {
+        AttachFailure::of(e)
+    }
+}
+
+impl Target {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Target::Libc(_) => Kind::Libc,
+            Target::Go(_) => Kind::Go,
+        }
+    }
+
+    /// The file the probes attach to.
+    pub fn path(&self) -> &Path {
+        match self {
+            Target::Libc(t) => &t.path,
+            Target::Go(t) => &t.path,
+        }
+    }
+
+    /// Whether the per-process step needs the process's memory map: its addresses are known
+    /// only once the file is mapped (a position-independent Go binary's `mallocgc`).
+    pub fn needs_maps(&self) -> bool {
+        match self {
+            Target::Libc(_) => false,
+            Target::Go(g) => g.pie && g.mallocgc.is_some(),
+        }
+    }
+
+    /// The per-process step: tells the probes what depends on where `id` (this file) is loaded
+    /// in `pid`, whose memory map is `maps` (unread when [`Self::needs_maps`] is false).
+    /// Whether it was done (false: the file is not mapped yet).
+    pub fn in_process<A: Attacher>(
+        &self,
+        probes: &mut A,
+        pid: u32,
+        id: DevInode,
+        maps: &[MapEntry],
+    ) -> Result<bool, A::Error> {
+        match self {
+            Target::Libc(_) => Ok(true),
+            Target::Go(g) => {
+                let Some((start, end)) = g.mallocgc else {
+                    return Ok(true);
+                };
+                let bias = if g.pie { load_bias(maps, id) } else { Some(0) };
+                let Some(bias) = bias else {
+                    return Ok(false);
+                };
+                probes.set_mallocgc(pid, (start + bias, end + bias))?;
+                Ok(true)
+            }
+        }
+    }
+}
+
+/// A target with the identity of its file (uprobes attach to an inode).
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    pub id: DevInode,
+    pub target: Target,
+}
+
+impl Loaded {
+    /// [`Target::in_process`] for this file.
+    pub fn in_process<A: Attacher>(
+        &self,
+        probes: &mut A,
+        pid: u32,
+        maps: &[MapEntry],
+    ) -> Result<bool, A::Error> {
+        self.target.in_process(probes, pid, self.id, maps)
+    }
+}
+
+/// Load bias of a position-independent executable in a process: Go PIE binaries start with a
+/// PT_LOAD of vaddr 0 at file offset 0, so the start of that mapping is the bias.
+pub fn load_bias(maps: &[MapEntry], id: DevInode) -> Option<u64> {
+    maps.iter()
+        .find(|m| m.dev_inode == id && m.offset == 0)
+        .map(|m| m.start)
+}
+
+/// Why a file's probes were not attached: the `reason` of `allocwatch_attach_failures_total`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum AttachFailure {
+    /// The kernel refused, with this errno.
+    Os(i32),
+    /// The file could not be analysed (not the ELF or Go binary it looked like).
+    BadFile,
+    /// More Go functions than the probe's spec table holds.
+    TooManyGoFunctions,
+    /// The kernel's denylist is full: a rejected process stays traced (its rows are deleted).
+    DenylistFull,
+    /// The exec tracepoint could not be attached.
+    ExecTracepoint,
+    /// Anything else.
+    Other,
+}
+
+impl AttachFailure {
+    /// The errno anywhere in `e`'s chain of causes, else [`Self::Other`].
+    pub fn of(e: &(dyn std::error::Error + 'static)) -> Self {
+        std::iter::successors(Some(e), |e| e.source())
+            .find_map(|e| e.downcast_ref::<io::Error>()?.raw_os_error())
+            .map_or(Self::Other, Self::Os)
+    }
+
+    /// A target that could not be analysed.
+    pub fn of_target(e: &TargetError) -> Self {
+        match e {
+            TargetError::BadElf { .. } | TargetError::MissingSymbol { .. } => Self::BadFile,
+            e => Self::of(e),
+        }
+    }
+
+    /// Whether the kernel said the map is full (E2BIG on update).
+    pub fn is_full(&self) -> bool {
+        *self == Self::Os(::libc::E2BIG)
+    }
+
+    /// The label value: short and bounded.
+    pub fn label(&self) -> String {
+        match self {
+            Self::Os(errno) => io::Error::from_raw_os_error(*errno).to_string(),
+            Self::BadFile => "unreadable file".into(),
+            Self::TooManyGoFunctions => "too many Go functions".into(),
+            Self::DenylistFull => "denylist full".into(),
+            Self::ExecTracepoint => "exec_tracepoint".into(),
+            Self::Other => "other".into(),
+        }
+    }
+}
+
+/// What one file turned out to be to one loader.
+enum FileState {
+    Attached(Target),
+    /// Not a file of this kind (remembered so it is not parsed again).
+    NotOfKind,
+    Failed,
+}
+
+/// The files of one process, as the registry looks at them.
+pub struct ProcessFiles<'a> {
+    pub pid: u32,
+    pub comm: &'a str,
+    pub maps: &'a [MapEntry],
+}
+
+/// Every file attached so far, by kind and identity; each is analysed and attached once.
+pub struct Targets {
+    /// One process only (the CLI), or every process that maps a probed file (the agent).
+    scope: Option<NonZeroU32>,
+    go_probes: GoProbeSet,
+    /// What each mapped file is to the libc search, so each is parsed once for all processes.
+    libc_search: libc::FileCache,
+    files: HashMap<(Kind, DevInode), FileState>,
+    /// Probe points attached.
+    pub points_attached: u64,
+    pub failures: BTreeMap<AttachFailure, u64>,
+}
+
+impl Targets {
+    pub fn new(go_probes: GoProbeSet, scope: Option<NonZeroU32>) -> Self {
+        Self {
+            scope,
+            go_probes,
+            libc_search: libc::FileCache::default(),
+            files: HashMap::new(),
+            points_attached: 0,
+            failures: BTreeMap::new(),
+        }
+    }
+
+    /// Counts a failure.
+    pub fn failed(&mut self, why: AttachFailure) {
+        *self.failures.entry(why).or_default() += 1;
+    }
+
+    /// Attaches a file the caller analysed (the CLI's resolved target); an error is the
+    /// caller's to report.
+    pub fn attach<A: Attacher>(&mut self, probes: &mut A, file: &Loaded) -> Result<(), A::Error> {
+        let n = probes.attach_file(&file.target, self.scope)?;
+        self.points_attached += n as u64;
+        self.files.insert(
+            (file.target.kind(), file.id),
+            FileState::Attached(file.target.clone()),
+        );
+        Ok(())
+    }
+
+    /// The agent's step for one process: finds the files of the `kinds` it runs, attaches
+    /// those not probed yet (failures are counted, not returned), and does its per-process
+    /// step. What was found, by kind.
+    pub fn attach_process<A: Attacher>(
+        &mut self,
+        probes: &mut A,
+        proc: &ProcessFiles<'_>,
+        kinds: &[Kind],
+    ) -> Vec<Target> {
+        let exe_id = std::fs::metadata(crate::procfs::exe_link(proc.pid))
+            .ok()
+            .map(|m| DevInode::from_metadata(&m));
+        let mut found = Vec::new();
+        for &kind in kinds {
+            let Some(id) = self.find(probes, kind, proc, exe_id) else {
+                continue;
+            };
+            let Some(FileState::Attached(target)) = self.files.get(&(kind, id)) else {
+                continue;
+            };
+            let target = target.clone();
+            // The process may be gone already, or the probe's table full: it is then traced
+            // without the per-process detail (the kernel counts what it could not record).
+            let _ = target.in_process(probes, proc.pid, id, proc.maps);
+            found.push(target);
+        }
+        found
+    }
+
+    /// The file of `kind` that `proc` runs, analysed and attached if it is new.
+    fn find<A: Attacher>(
+        &mut self,
+        probes: &mut A,
+        kind: Kind,
+        proc: &ProcessFiles<'_>,
+        exe_id: Option<DevInode>,
+    ) -> Option<DevInode> {
+        let (id, analysed) = match kind {
+            Kind::Libc => {
+                // A process without libc (a static Go program, a process gone meanwhile) is
+                // no failure: there is nothing of this kind to probe.
+                let libc = libc::for_pid_cached(
+                    proc.pid,
+                    proc.comm,
+                    proc.maps,
+                    exe_id,
+                    &mut self.libc_search,
+                )
+                .ok()?;
+                if self.files.contains_key(&(kind, libc.dev_inode)) {
+                    return Some(libc.dev_inode);
+                }
+                (libc.dev_inode, Ok(Some(Target::Libc(libc))))
+            }
+            Kind::Go => {
+                let id = exe_id?;
+                if self.files.contains_key(&(kind, id)) {
+                    return Some(id);
+                }
+                let exe = crate::procfs::exe_link(proc.pid);
+                let go = go::for_exe(&exe, self.go_probes)
+                    // The kernel resolves the path to the inode at attach time: the probes
+                    // stay when this pid exits, for every process running the same file.
+                    .map(|g| g.map(|g| Target::Go(Arc::new(g))));
+                (id, go)
+            }
+        };
+        let state = match analysed {
+            Ok(Some(target)) => match probes.attach_file(&target, self.scope) {
+                Ok(n) => {
+                    self.points_attached += n as u64;
+                    FileState::Attached(target)
+                }
+                Err(e) => {
+                    log::warn!("attaching {}: {e}", target.path().display());
+                    self.failed(A::failure(&e));
+                    FileState::Failed
+                }
+            },
+            Ok(None) => FileState::NotOfKind,
+            Err(e) => {
+                log::warn!("analysing pid {}'s {kind:?} file: {e}", proc.pid);
+                self.failed(AttachFailure::of_target(&e));
+                FileState::Failed
+            }
+        };
+        self.files.insert((kind, id), state);
+        Some(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_kinds_from_error_chains() {
+        #[derive(Debug)]
+        struct Wrap(io::Error);
+        impl std::fmt::Display for Wrap {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("map update failed")
+            }
+        }
+        impl std::error::Error for Wrap {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e2big = AttachFailure::of(&Wrap(io::Error::from_raw_os_error(::libc::E2BIG)));
+        assert_eq!(e2big, AttachFailure::Os(::libc::E2BIG));
+        assert!(e2big.is_full());
+        let eperm = AttachFailure::of(&Wrap(io::Error::from_raw_os_error(::libc::EPERM)));
+        assert!(!eperm.is_full());
+        assert_eq!(eperm.label(), "Operation not permitted (os error 1)");
+        assert_eq!(AttachFailure::of(&std::fmt::Error), AttachFailure::Other);
+        let bad = TargetError::BadElf {
+            path: "/x".into(),
+            reason: "no .gopclntab".into(),
+        };
+        assert_eq!(AttachFailure::of_target(&bad), AttachFailure::BadFile);
+        for f in [
+            AttachFailure::Os(::libc::ENOENT),
+            AttachFailure::BadFile,
+            AttachFailure::TooManyGoFunctions,
+            AttachFailure::DenylistFull,
+            AttachFailure::ExecTracepoint,
+            AttachFailure::Other,
+        ] {
+            assert!(f.label().len() <= 60, "{f:?}");
+        }
+    }
+
+    /// Records what it is asked to attach; fails with `errno` when given.
+    #[derive(Default)]
+    struct Recorder {
+        files: Vec<std::path::PathBuf>,
+        mallocgc: Vec<(u32, (u64, u64))>,
+        errno: Option<i32>,
+    }
+
+    impl Attacher for Recorder {
+        type Error = io::Error;
+
+        fn attach_file(
+            &mut self,
+            target: &Target,
+            _scope: Option<NonZeroU32>,
+        ) -> Result<usize, io::Error> {
+            if let Some(errno) = self.errno {
+                return Err(io::Error::from_raw_os_error(errno));
+            }
+            self.files.push(target.path().to_owned());
+            Ok(match target {
+                Target::Libc(t) => t.probes.len(),
+                Target::Go(t) => t.probes.len(),
+            })
+        }
+
+        fn set_mallocgc(&mut self, pid: u32, range: (u64, u64)) -> Result<(), io::Error> {
+            self.mallocgc.push((pid, range));
+            Ok(())
+        }
+    }
+
+    /// This test process's own libc, found through the registry: attached once however many
+    /// processes run it; a failure is counted once and not retried for the same file.
+    #[test]
+    fn each_file_is_attached_once() {
+        let pid = std::process::id();
+        let maps = super::super::maps::read_maps(pid).unwrap();
+        let proc = ProcessFiles {
+            pid,
+            comm: "test",
+            maps: &maps,
+        };
+        let set = GoProbeSet {
+            growth: true,
+            malloc: true,
+            gc: true,
+        };
+        let mut targets = Targets::new(set, None);
+        let mut probes = Recorder::default();
+        let found = targets.attach_process(&mut probes, &proc, &LOADERS);
+        assert_eq!(found.len(), 1, "libc only: this test binary is not Go");
+        assert_eq!(found[0].kind(), Kind::Libc);
+        assert_eq!(probes.files.len(), 1);
+        let points = targets.points_attached;
+        assert!(points >= 2, "at least malloc and free");
+        let again = targets.attach_process(&mut probes, &proc, &LOADERS);
+        assert_eq!(again.len(), 1);
+        assert_eq!(probes.files.len(), 1, "not attached twice");
+        assert_eq!(targets.points_attached, points);
+        assert!(targets.failures.is_empty());
+
+        let mut failing = Recorder {
+            errno: Some(::libc::EPERM),
+            ..Recorder::default()
+        };
+        let mut targets = Targets::new(set, None);
+        assert!(
+            targets
+                .attach_process(&mut failing, &proc, &LOADERS)
+                .is_empty()
+        );
+        assert!(
+            targets
+                .attach_process(&mut failing, &proc, &LOADERS)
+                .is_empty()
+        );
+        assert_eq!(
+            targets.failures,
+            BTreeMap::from([(AttachFailure::Os(::libc::EPERM), 1)])
+        );
+        assert_eq!(targets.points_attached, 0);
+    }
+
+    fn mapping(start: u64, offset: u64, inode: u64) -> MapEntry {
+        let line = format!(
+            "{start:x}-{:x} r--p {offset:08x} 08:01 {inode} /bin/x",
+            start + 0x1000
+        );
+        super::super::maps::parse_line(&line).unwrap()
+    }
+
+    #[test]
+    fn load_bias_is_the_mapping_at_offset_zero() {
+        let maps = [
+            mapping(0x5555_0000_1000, 0x1000, 7),
+            mapping(0x5555_0000_0000, 0, 7),
+            mapping(0x7000_0000_0000, 0, 8),
+        ];
+        let id = maps[0].dev_inode;
+        assert_eq!(load_bias(&maps, id), Some(0x5555_0000_0000));
+        assert_eq!(load_bias(&maps[..1], id), None);
+    }
+}

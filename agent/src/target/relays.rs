@@ -1,0 +1,178 @@
+//! Count mode's view of a libc file: which allocator functions may tail-jump into which
+//! (x86 disassembly of each function; PLT stubs resolved through the GOT's dynamic
+//! relocations), and the file ranges of those functions, so that the probe can tell libc's own
+//! relays from the program's calls without a return probe.
+
+use std::path::Path;
+
+use allocwatch_common::libc::{API_COUNT, Api, LIBC_FILE_RANGES};
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind};
+
+use super::{ProbePoint, elf::ElfFile};
+
+/// Every API may relay to every other: what count mode assumes without the code.
+pub const ALL_APIS: u32 = (1 << API_COUNT) - 1;
+
+/// The relays between the API functions of one file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Relays {
+    /// Per API id: the APIs its function may tail-jump into (bit = API id).
+    pub masks: [u32; API_COUNT],
+    /// File ranges of the API functions (sorted, distinct), when the probe can use them: one
+    /// bias for all (one text segment), 32-bit offsets, few enough for its map entry.
+    pub ranges: Option<Vec<[u32; 2]>>,
+}
+
+impl Relays {
+    /// Without the code: every API may relay to every other.
+    pub fn unknown() -> Self {
+        Self {
+            masks: std::array::from_fn(|api| ALL_APIS & !(1 << api)),
+            ranges: None,
+        }
+    }
+
+    /// The APIs some function may tail-jump into.
+    pub fn targets(&self) -> u32 {
+        self.masks.iter().fold(0, |acc, m| acc | m)
+    }
+
+    /// Disassembles the API functions of `elf` (whose probes are `points`).
+    pub fn of(elf: &ElfFile, points: &[ProbePoint]) -> Self {
+        let mut relays = Self::unknown();
+        let got = got_slots(elf.path());
+        // Entry address → the API its probe reports (the canonical one of an alias group).
+        let mut entries: Vec<(u64, Api)> = Vec::new();
+        let mut syms = Vec::new();
+        for api in Api::ALL {
+            let Some(sym) = elf.symbol(api.symbol()) else {
+                continue;
+            };
+            if !entries.iter().any(|&(a, _)| a == sym.address) {
+                entries.push((sym.address, api));
+            }
+            syms.push((api, sym));
+        }
+        let mut ranges = Vec::new();
+        let mut bias = None;
+        let mut consistent = true;
+        for &(api, sym) in &syms {
+            let code = elf.function_code(sym, sym.size).unwrap_or_default();
+            if sym.size > 0 && code.len() as u64 == sym.size {
+                // A jump back to its own entry is a loop, not a relay.
+                relays.masks[api as usize] =
+                    tail_jump_targets(elf, &code, sym.address, &entries, got.as_deref())
+                        & !(1 << api as u32);
+            }
+            let Some(start) = elf.vaddr_to_file_offset(sym.address) else {
+                consistent = false;
+                continue;
+            };
+            // The probe turns return addresses into file offsets with one bias: every range
+            // must share it (one text segment), and fit the map's 32-bit offsets.
+            let b = sym.address.wrapping_sub(start);
+            consistent &= *bias.get_or_insert(b) == b;
+            match (u32::try_from(start), u32::try_from(start + sym.size)) {
+                (Ok(s), Ok(e)) if sym.size > 0 => ranges.push([s, e]),
+                _ => consistent = false,
+            }
+        }
+        ranges.sort();
+        ranges.dedup();
+        consistent &= ranges.len() <= LIBC_FILE_RANGES
+            && points.iter().all(|p| u32::try_from(p.file_offset).is_ok());
+        relays.ranges = consistent.then_some(ranges);
+        for (api, mask) in Api::ALL.iter().zip(relays.masks) {
+            if mask != 0 && syms.iter().any(|(a, _)| a == api) {
+                log::debug!(
+                    "count mode: {} may tail-jump into {mask:#05x}",
+                    api.symbol()
+                );
+            }
+        }
+        relays
+    }
+}
+
+/// The APIs a function (its whole `code`, loaded at `start`) may tail-jump into: a jump to an
+/// API's entry (`entries`), or to a PLT stub whose GOT slot is bound to one (`got`), names that
+/// API; an indirect jump, or any stub when the relocations are unknown, may reach any of them.
+fn tail_jump_targets(
+    elf: &ElfFile,
+    code: &[u8],
+    start: u64,
+    entries: &[(u64, Api)],
+    got: Option<&[(u64, u64)]>,
+) -> u32 {
+    let end = start + code.len() as u64;
+    let entry_api = |addr: u64| {
+        entries
+            .iter()
+            .find(|&&(a, _)| a == addr)
+            .map(|&(_, api)| api)
+    };
+    let mut mask = 0;
+    let mut decoder = Decoder::with_ip(64, code, start, DecoderOptions::NONE);
+    while decoder.can_decode() {
+        let instr = decoder.decode();
+        match instr.flow_control() {
+            FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch => {
+                let target = instr.near_branch_target();
+                if (start..end).contains(&target) {
+                    continue;
+                }
+                if let Some(api) = entry_api(target) {
+                    mask |= 1 << api as u32;
+                } else if let Some(slot) = jump_stub_slot(elf, target) {
+                    mask |= match got {
+                        None => ALL_APIS,
+                        Some(got) => got
+                            .iter()
+                            .find(|&&(s, _)| s == slot)
+                            .and_then(|&(_, addr)| entry_api(addr))
+                            .map_or(0, |api| 1 << api as u32),
+                    };
+                }
+            }
+            FlowControl::IndirectBranch => mask |= ALL_APIS,
+            _ => {}
+        }
+    }
+    mask
+}
+
+/// The GOT slot a stub at `vaddr` jumps through, when it starts (after an optional `endbr64`)
+/// with `jmp [rip + disp]`, as PLT entries do.
+fn jump_stub_slot(elf: &ElfFile, vaddr: u64) -> Option<u64> {
+    let code = elf.read_at_vaddr(vaddr, 16).ok()?;
+    let mut decoder = Decoder::with_ip(64, &code, vaddr, DecoderOptions::NONE);
+    let mut instr = decoder.decode();
+    if instr.mnemonic() == Mnemonic::Endbr64 {
+        instr = decoder.decode();
+    }
+    (instr.flow_control() == FlowControl::IndirectBranch
+        && instr.op0_kind() == OpKind::Memory
+        && instr.is_ip_rel_memory_operand())
+    .then(|| instr.ip_rel_memory_address())
+}
+
+/// Every GOT slot bound by a dynamic relocation to a symbol the file defines: (slot, the
+/// symbol's address). `None` when the file or its relocations cannot be read.
+fn got_slots(path: &Path) -> Option<Vec<(u64, u64)>> {
+    use object::{Object as _, ObjectSymbol as _, ObjectSymbolTable as _, RelocationTarget};
+    let data = std::fs::read(path).ok()?;
+    let file = object::File::parse(&*data).ok()?;
+    let symbols = file.dynamic_symbol_table()?;
+    let relocations = file.dynamic_relocations()?;
+    Some(
+        relocations
+            .filter_map(|(slot, rel)| match rel.target() {
+                RelocationTarget::Symbol(index) => {
+                    let sym = symbols.symbol_by_index(index).ok()?;
+                    (!sym.is_undefined()).then(|| (slot, sym.address()))
+                }
+                _ => None,
+            })
+            .collect(),
+    )
+}
