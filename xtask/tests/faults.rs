@@ -827,6 +827,9 @@ fn signals_detach_within_one_second() {
 /// A traced Go program whose file is replaced (a new file renamed over it) while it runs: the
 /// running process keeps being counted (its probes are on the old inode), a process of the new
 /// file is attached and counted too, each exactly (per map_big: the growth `top` measured).
+/// Each file is first run by a warm-up process until the agent has attached its probes, so that
+/// the measured process is counted from its first instruction (a program that begins its work
+/// before the agent has attached its file is counted from the attach on only).
 #[test]
 fn binary_replaced_while_traced() {
     let env = TestEnv::get();
@@ -839,7 +842,6 @@ fn binary_replaced_while_traced() {
     let two = env.go_map_grows(&path, 2);
     let per_call = diff(&two, &one);
     let base = diff(&one, &per_call);
-    let calls = 40;
     let expected = |n: u64| -> BTreeMap<String, u64> {
         per_call
             .iter()
@@ -847,8 +849,31 @@ fn binary_replaced_while_traced() {
             .filter(|(_, v)| *v > 0)
             .collect()
     };
+    let calls = 40;
 
     let mut agent = Agent::start(&env, SELECT_AW);
+    // Attaches the probes of the file at `path` now; returns the identity's growth so far.
+    let warm = |agent: &Agent, what: &str| {
+        let probes = agent.scrape().global("allocwatch_probes_attached", &[]);
+        // Long enough for the agent to find it (a Go program that exits within milliseconds
+        // is gone before the agent reads its executable: see the report).
+        let mut warm = Command::new(&path)
+            .args(std::iter::repeat_n("map_huge", 20))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("starting the Go fixture");
+        agent.scrape_until(what, Duration::from_secs(10), |m| {
+            m.global("allocwatch_probes_attached", &[]) > probes
+        });
+        let _ = warm.kill();
+        let _ = warm.wait();
+        agent.scrape_until("the warm-up's exit", Duration::from_secs(10), |m| {
+            m.value(&id, "allocwatch_processes", &[]) == Some(0.0)
+        });
+        agent.scrape_stable_grows(&id)
+    };
+    let before = warm(&agent, "the probes of the first file");
     let modes: Vec<String> = std::iter::repeat_n("map_big".to_owned(), calls).collect();
     let mut old = Command::new(&path)
         .args(&modes)
@@ -857,44 +882,47 @@ fn binary_replaced_while_traced() {
         .spawn()
         .expect("starting the Go fixture");
     agent.scrape_until("the running Go program", Duration::from_secs(10), |m| {
-        m.sum(&id, "allocwatch_go_map_grows_total", &[]) > 0
+        m.go_map_grows(&id) != before
     });
     let fresh = scratch.path.join("aw_replaced.new");
     fs::copy(&env.go_fixture, &fresh).expect("copying the new file");
     fs::rename(&fresh, &path).expect("renaming the new file over the old");
     let status = wait_child(&mut old, Duration::from_secs(60)).expect("the old process's exit");
     assert!(status.success(), "the replaced program: {status}");
-    let want_old = expected(calls as u64);
-    let m = agent.scrape_until("the old process's growth", Duration::from_secs(10), |m| {
+    agent.scrape_until("the old process's exit", Duration::from_secs(10), |m| {
         m.value(&id, "allocwatch_processes", &[]) == Some(0.0)
-            && m.go_map_grows(&id) == want_old
     });
-    drop(m);
-    let status = run(&path, &["map_big"]);
-    assert!(status.success(), "the new program: {status}");
-    let want: BTreeMap<String, u64> = want_old
-        .iter()
-        .map(|(k, v)| (k.clone(), v + expected(1).get(k).copied().unwrap_or(0)))
-        .collect();
-    let m = agent
-        .try_scrape_until(Duration::from_secs(10), |m| m.go_map_grows(&id) == want)
-        .unwrap_or_else(|| {
-            let m = agent.scrape();
-            panic!(
-                "map grows of {id}: want {want:?} ({calls} map_big before the file was replaced \
-                 + 1 after), got {:?}\n{}",
-                m.go_map_grows(&id),
-                m.lines_of(&id)
-            )
-        });
-    drop(m);
+    let after_old = agent.scrape_stable_grows(&id);
+    assert_eq!(
+        diff(&after_old, &before),
+        with_zeros(&expected(calls as u64), &after_old),
+        "map grows of the process whose file was replaced ({calls} map_big; top: one map_big \
+         {one:?}, two {two:?})"
+    );
+
+    let before = warm(&agent, "the probes of the file renamed over it");
+    assert!(run(&path, &["map_big"]).success(), "the new file's program");
+    let after_new = agent.scrape_stable_grows(&id);
+    assert_eq!(
+        diff(&after_new, &before),
+        with_zeros(&expected(1), &after_new),
+        "map grows of a process of the new file (one map_big)"
+    );
     agent.stop();
+}
+
+/// `want` with a 0 for every kind of `like` it lacks (diffs keep zero entries).
+fn with_zeros(want: &BTreeMap<String, u64>, like: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    let mut out: BTreeMap<String, u64> = like.keys().map(|k| (k.clone(), 0)).collect();
+    out.extend(want.iter().map(|(k, v)| (k.clone(), *v)));
+    out
 }
 
 /// "A libc upgrade": a copy of libc in a directory on LD_LIBRARY_PATH is replaced by rename
 /// while a process maps it. The process's calls are still counted (its old inode stays mapped)
 /// by an agent that was running, by one started after the rename, and by `top --pid` attached
-/// after it; a process started afterwards uses the new file and is counted too.
+/// after it; processes started afterwards use the new file and are counted too (the first one
+/// once the agent has attached the new file).
 #[test]
 fn libc_replaced_under_a_running_process() {
     let env = TestEnv::get();
@@ -929,16 +957,32 @@ fn libc_replaced_under_a_running_process() {
     });
     upgrade();
     assert_maps(old.pid, &libc, true);
-    let status = run_env(&new_fx, &["run"], &ld_path);
-    assert!(status.success(), "the new process: {status}");
+    // The first process of the new file waits until the agent has found it and attached the
+    // new file's probes: one that ran before that could not be counted (see the report).
+    let probes = agent.scrape().global("allocwatch_probes_attached", &[]);
+    let mut new = Gated::spawn(&new_fx, &["wait-run".to_owned()], &ld_path);
+    new.stderr.wait_for("ready ", Duration::from_secs(10));
+    assert_maps(new.pid, &libc, false);
+    agent.scrape_until("the new libc's probes", Duration::from_secs(5), |m| {
+        m.value(&new_id, "allocwatch_processes", &[]) == Some(1.0)
+            && m.global("allocwatch_probes_attached", &[]) > probes
+    });
+    signal(new.pid, libc::SIGUSR1);
+    assert!(new.wait(Duration::from_secs(10)).success());
     signal(old.pid, libc::SIGUSR1);
     assert!(old.wait(Duration::from_secs(10)).success());
+    // Later processes of the new file, however short, are counted from their first call.
+    let status = run_env(&new_fx, &["run"], &ld_path);
+    assert!(status.success(), "a later process of the new libc: {status}");
     let m = agent.scrape_until("both processes' counts", Duration::from_secs(10), |m| {
         m.sum(&old_id, "allocwatch_free_calls_total", &[]) >= RUN_FREES
             && m.sum(&new_id, "allocwatch_free_calls_total", &[]) >= RUN_FREES
     });
     env.check_run_totals(&m, &old_id, 1);
-    env.check_run_totals(&m, &new_id, 1);
+    let m = agent.scrape_until("the new libc's processes", Duration::from_secs(10), |m| {
+        m.sum(&new_id, "allocwatch_free_calls_total", &[]) >= 2 * RUN_FREES
+    });
+    env.check_run_totals(&m, &new_id, 2);
     agent.stop();
 
     // An agent started after the upgrade, and top --pid attached after it: the process maps a
@@ -1364,12 +1408,29 @@ impl Agent {
 
     fn scrape_until(&self, what: &str, timeout: Duration, ok: impl Fn(&Metrics) -> bool) -> Metrics {
         self.try_scrape_until(timeout, ok).unwrap_or_else(|| {
+            let m = self.scrape();
             panic!(
-                "no {what} in /metrics within {timeout:?}\n{}\nagent stderr:\n{}",
-                self.scrape().self_stats(),
+                "no {what} in /metrics within {timeout:?}\nseries of the tests' programs:\n{}\n\
+                 {}\nagent stderr:\n{}",
+                m.aw_lines(),
+                m.self_stats(),
                 self.stderr.text()
             )
         })
+    }
+
+    /// The Go map growth of `id` once two scrapes 300 ms apart agree.
+    fn scrape_stable_grows(&self, id: &Identity) -> BTreeMap<String, u64> {
+        let mut last = self.scrape().go_map_grows(id);
+        for _ in 0..30 {
+            thread::sleep(Duration::from_millis(300));
+            let now = self.scrape().go_map_grows(id);
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+        panic!("the map growth of {id} keeps changing: {last:?}")
     }
 
     fn stop(&mut self) {
@@ -1575,6 +1636,15 @@ impl Metrics {
             .lines()
             .filter(|l| !l.starts_with('#') && l.contains(&comm) && l.contains(&exe))
             .filter(|l| !l.contains("_bucket{"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Series of the tests' fixture copies (comm `aw_…`), without histogram buckets.
+    fn aw_lines(&self) -> String {
+        self.text
+            .lines()
+            .filter(|l| l.contains("comm=\"aw_") && !l.contains("_bucket{"))
             .collect::<Vec<_>>()
             .join("\n")
     }
