@@ -92,6 +92,9 @@ enum Attached {
     Failed,
 }
 
+/// Scans that look again for the libc of a process registered before it was mapped.
+const LIBC_RETRIES: u8 = 4;
+
 pub struct Registry {
     selector: Selector,
     go_probes: GoProbeSet,
@@ -105,6 +108,10 @@ pub struct Registry {
     /// What each mapped file is to the libc search, so each is parsed once for all processes.
     files: libc::FileCache,
     exe_files: HashMap<DevInode, Attached>,
+    /// Processes whose memory map showed no libc when they were registered (an exec is read
+    /// before ld.so has mapped the libraries): looked at again by the next scans, up to
+    /// [`LIBC_RETRIES`] times, so that a libc file never seen before gets its probes.
+    libc_retry: HashMap<u32, u8>,
     pub attach_failures: BTreeMap<String, u64>,
     pub probes_attached: u64,
     pub pods: PodCache,
@@ -142,6 +149,7 @@ impl Registry {
             libc_files: HashMap::new(),
             files: libc::FileCache::default(),
             exe_files: HashMap::new(),
+            libc_retry: HashMap::new(),
             attach_failures: BTreeMap::new(),
             probes_attached: 0,
             pods: PodCache::new(),
@@ -181,6 +189,7 @@ impl Registry {
                 self.ensure(pid, probes, symbolizer);
             }
         }
+        self.retry_libc(&seen, probes);
         for (pid, p) in &mut self.procs {
             if p.exited_at.is_none() && !seen.contains(pid) {
                 p.exited_at = Some(now);
@@ -784,6 +793,23 @@ impl Registry {
         );
     }
 
+    /// Looks again for the libc of the processes that had none mapped when they were
+    /// registered (see `libc_retry`).
+    fn retry_libc(&mut self, alive: &HashSet<u32>, probes: &mut Probes) {
+        let pids: Vec<u32> = self.libc_retry.keys().copied().collect();
+        for pid in pids {
+            if !alive.contains(&pid) {
+                self.libc_retry.remove(&pid);
+                continue;
+            }
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map(|s| s.trim_end().to_string())
+                .unwrap_or_default();
+            let maps = read_maps(pid).unwrap_or_default();
+            self.attach(pid, &comm, &maps, probes, false);
+        }
+    }
+
     /// Attaches the files `pid` runs that are not probed yet: its libc, and (with `go`) its
     /// executable when it is a Go program. Returns its Go target, if any.
     fn attach(
@@ -796,7 +822,18 @@ impl Registry {
     ) -> Option<Arc<GoTarget>> {
         let exe = PathBuf::from(format!("/proc/{pid}/exe"));
         let exe_id = fs::metadata(&exe).ok().map(|m| DevInode::from_metadata(&m));
-        if let Ok(libc) = libc::for_pid_cached(pid, comm, maps, exe_id, &mut self.files)
+        let found = libc::for_pid_cached(pid, comm, maps, exe_id, &mut self.files);
+        if found.is_ok() {
+            self.libc_retry.remove(&pid);
+        } else {
+            let tries = self.libc_retry.entry(pid).or_default();
+            *tries += 1;
+            if *tries > LIBC_RETRIES {
+                // A static program, or one that never maps a libc: nothing to attach.
+                self.libc_retry.remove(&pid);
+            }
+        }
+        if let Ok(libc) = found
             && !self.libc_files.contains_key(&libc.dev_inode)
         {
             let state = match probes.attach_libc(&libc.path, &libc.probes, None) {
