@@ -48,9 +48,9 @@ use std::{
 use prometheus_parse::{Sample, Scrape, Value as PromValue};
 use serde_json::Value;
 use support::{
-    API_TOTALS, APIS, Allocwatch, AllocwatchBin, BpfIds, KernelState, Lines, address_groups,
-    array, assert_no_crash, env_path, go_toolchains, libc_path, path_str, process_by_pid,
-    read_json, serial, signal, str_at, u64_at, version_key, wait_child,
+    API_TOTALS, APIS, Allocwatch, AllocwatchBin, BpfIds, KernelState, Lines, address_groups, array,
+    assert_no_crash, env_path, go_toolchains, libc_path, path_str, process_by_pid, read_json,
+    serial, signal, str_at, u64_at, version_key, wait_child,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -289,8 +289,14 @@ fn top_counts_site_and_live_table_losses() {
     let _serial = serial();
     let proc = env.top_run(&["--max-sites", "4"]);
     env.check_run_totals_json(&proc);
-    let site_calls: u64 = array(&proc, "sites").iter().map(|s| u64_at(s, "calls")).sum();
-    let site_bytes: u64 = array(&proc, "sites").iter().map(|s| u64_at(s, "bytes")).sum();
+    let site_calls: u64 = array(&proc, "sites")
+        .iter()
+        .map(|s| u64_at(s, "calls"))
+        .sum();
+    let site_bytes: u64 = array(&proc, "sites")
+        .iter()
+        .map(|s| u64_at(s, "bytes"))
+        .sum();
     let lost = u64_at(&proc["lost"], "site_map_full");
     assert_eq!(
         (site_calls, site_bytes),
@@ -344,8 +350,7 @@ fn top_stack_table_of_one_loses_nothing() {
             .filter_map(|f| f["function"].as_str())
             .collect();
         assert!(
-            functions.first().is_some_and(|f| f.starts_with("fx_"))
-                && functions.contains(&"main"),
+            functions.first().is_some_and(|f| f.starts_with("fx_")) && functions.contains(&"main"),
             "a site's chain from an fx_ function down to main\n{site:#}"
         );
     }
@@ -383,10 +388,7 @@ fn top_counts_pending_and_orphan_losses() {
         );
         let lost = &proc["lost"];
         assert_eq!(
-            (
-                u64_at(lost, "pending_full"),
-                u64_at(lost, "orphan_return")
-            ),
+            (u64_at(lost, "pending_full"), u64_at(lost, "orphan_return")),
             (pending_full, 1),
             "pending_full and orphan_return ({args:?})\n{proc:#}"
         );
@@ -503,7 +505,10 @@ fn agent_counts_site_and_live_table_losses() {
     // Capacities are config-file keys for the agent.
     let config = scratch.path.join("tiny.toml");
     fs::write(&config, "[capacity]\nmax_sites = 4\nmax_live = 5\n").expect("writing config");
-    let agent = Agent::start(&env, &["--comm", "^aw_loss_", "--config", path_str(&config)]);
+    let agent = Agent::start(
+        &env,
+        &["--comm", "^aw_loss_", "--config", path_str(&config)],
+    );
     let sites_id = Identity::of(&sites_fx);
     lossy_window(&agent, "site_map_full", RUN_CALLS, |agent| {
         let before = agent.scrape().calls_of(&sites_id);
@@ -519,15 +524,28 @@ fn agent_counts_site_and_live_table_losses() {
     let keep_id = Identity::of(&keep_fx);
     let produced = 20;
     lossy_window(&agent, "live_map_full", produced, |agent| {
-        let mut fx = Gated::spawn(&keep_fx, &["gate-keep".to_owned(), produced.to_string()], &[]);
-        agent.scrape_until("the keep fixture", Duration::from_secs(5), |m| {
+        let mut fx = Gated::spawn(
+            &keep_fx,
+            &["gate-keep".to_owned(), produced.to_string()],
+            &[],
+        );
+        let m = agent.scrape_until("the keep fixture", Duration::from_secs(5), |m| {
             m.value(&keep_id, "allocwatch_processes", &[]) == Some(1.0)
         });
+        // The identity sums the windows' processes.
+        let before = m.sum(
+            &keep_id,
+            "allocwatch_alloc_calls_total",
+            &[("api", "malloc")],
+        );
         fx.open_gate();
         fx.stderr.wait_for("kept", Duration::from_secs(10));
         let m = agent.scrape_until("the kept blocks", Duration::from_secs(5), |m| {
-            m.value(&keep_id, "allocwatch_alloc_calls_total", &[("api", "malloc")])
-                == Some(produced as f64)
+            m.sum(
+                &keep_id,
+                "allocwatch_alloc_calls_total",
+                &[("api", "malloc")],
+            ) == before + produced
         });
         let live = m.value(&keep_id, "allocwatch_live_allocations", &[]);
         let live_bytes = m.value(&keep_id, "allocwatch_live_bytes", &[]);
@@ -553,9 +571,13 @@ fn agent_counts_site_and_live_table_losses() {
 fn lossy_window(agent: &Agent, cause: &str, produced: u64, window: impl Fn(&Agent) -> u64) {
     let mut tries = Vec::new();
     for _ in 0..WINDOWS {
-        let lost0 = agent.scrape().global("allocwatch_events_lost_total", &[("cause", cause)]);
+        let lost0 = agent
+            .scrape()
+            .global("allocwatch_events_lost_total", &[("cause", cause)]);
         let seen = window(agent);
-        let lost1 = agent.scrape().global("allocwatch_events_lost_total", &[("cause", cause)]);
+        let lost1 = agent
+            .scrape()
+            .global("allocwatch_events_lost_total", &[("cause", cause)]);
         let lost = (lost1 - lost0) as u64;
         assert!(
             seen + lost >= produced,
@@ -611,12 +633,19 @@ fn agent_target_killed_mid_trace() {
         "bytes of {id}"
     );
     for gauge in ["allocwatch_live_allocations", "allocwatch_live_bytes"] {
-        assert_eq!(m.value(&id, gauge, &[]), Some(0.0), "{gauge} of a killed process");
+        assert_eq!(
+            m.value(&id, gauge, &[]),
+            Some(0.0),
+            "{gauge} of a killed process"
+        );
     }
     // Its rows leave the kernel tables for the agent's memory: the same numbers afterwards.
     thread::sleep(Duration::from_secs(2));
     let later = agent.scrape();
-    for family in ["allocwatch_alloc_calls_total", "allocwatch_free_calls_total"] {
+    for family in [
+        "allocwatch_alloc_calls_total",
+        "allocwatch_free_calls_total",
+    ] {
         assert_eq!(
             later.sum(&id, family, &[]),
             m.sum(&id, family, &[]),
@@ -644,7 +673,10 @@ fn agent_counts_forked_and_execed_children() {
     let (parent_id, child_id) = (Identity::of(&parent), Identity::of(&child));
     let mut agent = Agent::start(&env, SELECT_AW);
     let children = 3;
-    let status = run(&parent, &["fork-exec", path_str(&child), &children.to_string()]);
+    let status = run(
+        &parent,
+        &["fork-exec", path_str(&child), &children.to_string()],
+    );
     assert!(status.success(), "fork-exec: {status}");
     let m = agent.scrape_until("the children's counts", Duration::from_secs(10), |m| {
         m.sum(&child_id, "allocwatch_free_calls_total", &[]) >= children * RUN_FREES
@@ -653,13 +685,22 @@ fn agent_counts_forked_and_execed_children() {
     env.check_run_totals(&m, &child_id, children);
     let parent_calls = (
         m.sum(&parent_id, "allocwatch_alloc_calls_total", &[]),
-        m.sum(&parent_id, "allocwatch_alloc_calls_total", &[("api", "malloc")]),
+        m.sum(
+            &parent_id,
+            "allocwatch_alloc_calls_total",
+            &[("api", "malloc")],
+        ),
         m.sum(&parent_id, "allocwatch_alloc_bytes_total", &[]),
         m.sum(&parent_id, "allocwatch_free_calls_total", &[]),
     );
     assert_eq!(
         parent_calls,
-        (PARENT_MALLOCS, PARENT_MALLOCS, PARENT_MALLOC_BYTES, PARENT_FREES),
+        (
+            PARENT_MALLOCS,
+            PARENT_MALLOCS,
+            PARENT_MALLOC_BYTES,
+            PARENT_FREES
+        ),
         "the parent's calls (all, malloc), bytes and frees\n{}",
         m.lines_of(&parent_id)
     );
@@ -700,9 +741,11 @@ fn agent_thousand_short_lived_processes() {
     }
     let took = started.elapsed();
     let want = 100;
-    let m = agent.scrape_until("the selected processes' counts", Duration::from_secs(20), |m| {
-        m.sum(&id, "allocwatch_free_calls_total", &[]) >= want * RUN_FREES
-    });
+    let m = agent.scrape_until(
+        "the selected processes' counts",
+        Duration::from_secs(20),
+        |m| m.sum(&id, "allocwatch_free_calls_total", &[]) >= want * RUN_FREES,
+    );
     env.check_run_totals(&m, &id, want);
     let foreign = m.foreign_lines(&id.comm);
     assert!(
@@ -732,7 +775,10 @@ fn agent_sigkill_and_restart() {
     env.check_run_totals(&m, &id, 1);
     let pid = first.child.id();
     let held = BpfIds::held_by(pid);
-    assert!(!held.progs.is_empty(), "the agent holds no programs: {held:?}");
+    assert!(
+        !held.progs.is_empty(),
+        "the agent holds no programs: {held:?}"
+    );
     // Its uprobes are BPF links (uprobe_multi): bpftool lists them while it runs.
     let links = bpftool_ids(&["link", "show"]);
     assert!(
@@ -753,8 +799,14 @@ fn agent_sigkill_and_restart() {
         ("link", bpftool_ids(&["link", "show"]), &held.links),
         ("map", bpftool_ids(&["map", "show"]), &held.maps),
     ] {
-        let left: Vec<&u32> = held.iter().filter(|i| ids.contains(&u64::from(**i))).collect();
-        assert!(left.is_empty(), "bpftool {what} show lists the dead agent's {left:?}");
+        let left: Vec<&u32> = held
+            .iter()
+            .filter(|i| ids.contains(&u64::from(**i)))
+            .collect();
+        assert!(
+            left.is_empty(),
+            "bpftool {what} show lists the dead agent's {left:?}"
+        );
     }
     let attached: Vec<Value> = bpftool_perf()
         .into_iter()
@@ -973,7 +1025,10 @@ fn libc_replaced_under_a_running_process() {
     assert!(old.wait(Duration::from_secs(10)).success());
     // Later processes of the new file, however short, are counted from their first call.
     let status = run_env(&new_fx, &["run"], &ld_path);
-    assert!(status.success(), "a later process of the new libc: {status}");
+    assert!(
+        status.success(),
+        "a later process of the new libc: {status}"
+    );
     let m = agent.scrape_until("both processes' counts", Duration::from_secs(10), |m| {
         m.sum(&old_id, "allocwatch_free_calls_total", &[]) >= RUN_FREES
             && m.sum(&new_id, "allocwatch_free_calls_total", &[]) >= RUN_FREES
@@ -1038,7 +1093,11 @@ fn sites_of(proc: &Value, function: &str, api: &str) -> (u64, u64, u64, u64) {
     array(proc, "sites")
         .iter()
         .filter(|s| str_at(s, "api") == api)
-        .filter(|s| array(s, "frames").first().is_some_and(|f| f["function"] == function))
+        .filter(|s| {
+            array(s, "frames")
+                .first()
+                .is_some_and(|f| f["function"] == function)
+        })
         .fold((0, 0, 0, 0), |acc, s| {
             (
                 acc.0 + u64_at(s, "calls"),
@@ -1084,7 +1143,10 @@ fn diff(a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>) -> BTreeMap<String
 }
 
 fn lines(bytes: &[u8]) -> Vec<String> {
-    String::from_utf8_lossy(bytes).lines().map(str::to_owned).collect()
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
 
 /// `bpftool -j ARGS…`, parsed.
@@ -1370,7 +1432,9 @@ impl Agent {
             );
             thread::sleep(Duration::from_millis(50));
         }
-        agent.stderr.wait_for(SERVING_PREFIX, Duration::from_secs(5));
+        agent
+            .stderr
+            .wait_for(SERVING_PREFIX, Duration::from_secs(5));
         agent
     }
 
@@ -1392,7 +1456,11 @@ impl Agent {
         }
     }
 
-    fn try_scrape_until(&self, timeout: Duration, ok: impl Fn(&Metrics) -> bool) -> Option<Metrics> {
+    fn try_scrape_until(
+        &self,
+        timeout: Duration,
+        ok: impl Fn(&Metrics) -> bool,
+    ) -> Option<Metrics> {
         let deadline = Instant::now() + timeout;
         loop {
             let m = self.scrape();
@@ -1406,7 +1474,12 @@ impl Agent {
         }
     }
 
-    fn scrape_until(&self, what: &str, timeout: Duration, ok: impl Fn(&Metrics) -> bool) -> Metrics {
+    fn scrape_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        ok: impl Fn(&Metrics) -> bool,
+    ) -> Metrics {
         self.try_scrape_until(timeout, ok).unwrap_or_else(|| {
             let m = self.scrape();
             panic!(
@@ -1442,7 +1515,10 @@ impl Agent {
     fn stop_within(&mut self, sig: libc::c_int, limit: Duration) {
         let pid = self.child.id();
         let held = BpfIds::held_by(pid);
-        assert!(!held.progs.is_empty(), "the agent holds no BPF programs: {held:?}");
+        assert!(
+            !held.progs.is_empty(),
+            "the agent holds no BPF programs: {held:?}"
+        );
         let t = Instant::now();
         signal(pid, sig);
         let status = wait_child(&mut self.child, limit + Duration::from_secs(5));
@@ -1631,7 +1707,10 @@ impl Metrics {
     }
 
     fn lines_of(&self, id: &Identity) -> String {
-        let (comm, exe) = (format!("comm=\"{}\"", id.comm), format!("exe=\"{}\"", id.exe));
+        let (comm, exe) = (
+            format!("comm=\"{}\"", id.comm),
+            format!("exe=\"{}\"", id.exe),
+        );
         self.text
             .lines()
             .filter(|l| !l.starts_with('#') && l.contains(&comm) && l.contains(&exe))
