@@ -28,8 +28,8 @@ use aya_ebpf::{
 };
 
 use crate::maps::{
-    FLAGS, LAST_ENTRY, LIBC_FILES, LIBC_HIST, LIVE, PENDING, capture_stack, count_call, hist_add,
-    lost, site_row, traced,
+    FLAGS, LAST_ENTRY, LIBC_FILES, LIBC_HIST, LIVE, PENDING, SITES, capture_stack, count_call,
+    hist_add, lost, traced,
 };
 
 #[uprobe(multi)]
@@ -202,8 +202,10 @@ fn on_entry(ctx: &ProbeContext) {
             // depth): libc's own relay, not the program's.
             return;
         }
-        // The outer call never returned (longjmp, attach mid-call): drop the stale marker.
+        // The outer call never returned (longjmp, attach mid-call): drop the stale marker, so
+        // that it is counted once, not again at each later call that does not replace it (free).
         lost(LossCause::OrphanReturn);
+        let _ = PENDING.remove(&pid_tgid);
     }
 
     // SAFETY: reading the traced task's own stack; failure yields 0.
@@ -279,7 +281,7 @@ fn on_return(ctx: &RetProbeContext) {
     } else {
         rv
     };
-    let mut site = SiteKey {
+    let site = SiteKey {
         tgid,
         api: p.api,
         stack_id: p.stack_id,
@@ -292,9 +294,11 @@ fn on_return(ctx: &RetProbeContext) {
         // freed by realloc(p, 0).
         untrack(tgid, p.arg_ptr);
     }
+    // The entry made the site's row, or counted the call as lost (`SitesFull`) when the table
+    // was full: the return only looks the row up, so one call is never lost twice.
     if new_ptr == 0 {
         let freed_by_realloc = is_realloc && p.arg_ptr != 0 && p.size == 0;
-        if !freed_by_realloc && let Some(row) = site_row(&mut site) {
+        if !freed_by_realloc && let Some(row) = SITES.get_ptr_mut(&site) {
             // SAFETY: per-CPU value of this CPU.
             unsafe { (*row).failed += 1 };
         }
@@ -305,9 +309,6 @@ fn on_return(ctx: &RetProbeContext) {
         _pad: 0,
         addr: new_ptr,
     };
-    // The row first: should it have to be made again, it may be made without its stack, and
-    // the live entry must name the row its free will credit.
-    let row = site_row(&mut site);
     let alloc = LiveAlloc {
         size: p.size,
         // SAFETY: plain helper call.
@@ -318,7 +319,7 @@ fn on_return(ctx: &RetProbeContext) {
         lost(LossCause::LiveFull);
         return;
     }
-    if let Some(row) = row {
+    if let Some(row) = SITES.get_ptr_mut(&site) {
         // SAFETY: per-CPU value of this CPU.
         unsafe {
             (*row).tracked += 1;
@@ -360,7 +361,7 @@ fn untrack(tgid: u32, addr: u64) -> u64 {
         // A concurrent free of the same pointer already took it.
         return 0;
     }
-    if let Some(row) = crate::maps::SITES.get_ptr_mut(&a.site) {
+    if let Some(row) = SITES.get_ptr_mut(&a.site) {
         // SAFETY: per-CPU value of this CPU.
         unsafe {
             (*row).freed += 1;

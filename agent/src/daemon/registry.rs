@@ -82,6 +82,9 @@ pub struct Departure {
     pub exited_at: Instant,
 }
 
+/// Scans that look again for the libc of a process registered before it was mapped.
+const LIBC_RETRIES: u8 = 4;
+
 pub struct Registry {
     selector: Selector,
     ttl: Duration,
@@ -92,6 +95,10 @@ pub struct Registry {
     ignored_pids: HashSet<u32>,
     /// The files probed, each analysed and attached once for all processes.
     pub targets: Targets,
+    /// Processes whose memory map showed no libc when they were registered (an exec is read
+    /// before ld.so has mapped the libraries): looked at again by the next scans, up to
+    /// [`LIBC_RETRIES`] times, so that a libc file never seen before gets its probes.
+    libc_retry: HashMap<u32, u8>,
     pub pods: PodCache,
     /// The path each process last exec'd (from the exec tracepoint), for processes that exit
     /// before /proc is read; dropped with the pid.
@@ -124,6 +131,7 @@ impl Registry {
             ignored: HashSet::new(),
             ignored_pids: HashSet::new(),
             targets: Targets::new(go_probes, None),
+            libc_retry: HashMap::new(),
             pods: PodCache::new(),
             exec_paths: HashMap::new(),
             image_sites: HashMap::new(),
@@ -161,6 +169,7 @@ impl Registry {
                 self.ensure(pid, probes, symbolizer);
             }
         }
+        self.retry_libc(&seen, probes);
         for (pid, p) in &mut self.procs {
             if p.exited_at.is_none() && !seen.contains(pid) {
                 p.exited_at = Some(now);
@@ -757,6 +766,23 @@ impl Registry {
         );
     }
 
+    /// Looks again for the libc of the processes that had none mapped when they were
+    /// registered (see `libc_retry`).
+    fn retry_libc(&mut self, alive: &HashSet<u32>, probes: &mut Probes) {
+        let pids: Vec<u32> = self.libc_retry.keys().copied().collect();
+        for pid in pids {
+            if !alive.contains(&pid) {
+                self.libc_retry.remove(&pid);
+                continue;
+            }
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map(|s| s.trim_end().to_string())
+                .unwrap_or_default();
+            let maps = read_maps(pid).unwrap_or_default();
+            self.attach(pid, &comm, &maps, probes, false);
+        }
+    }
+
     /// Attaches the files `pid` runs that are not probed yet: its libc, and (with `go`) its
     /// executable when it is a Go program. Returns its Go target, if any.
     fn attach(
@@ -769,13 +795,21 @@ impl Registry {
     ) -> Option<Arc<GoTarget>> {
         let kinds: &[Kind] = if go { &LOADERS } else { &[Kind::Libc] };
         let proc = ProcessFiles { pid, comm, maps };
-        self.targets
-            .attach_process(probes, &proc, kinds)
-            .into_iter()
-            .find_map(|t| match t {
-                Target::Go(g) => Some(g),
-                Target::Libc(_) => None,
-            })
+        let found = self.targets.attach_process(probes, &proc, kinds);
+        if found.iter().any(|t| matches!(t, Target::Libc(_))) {
+            self.libc_retry.remove(&pid);
+        } else {
+            let tries = self.libc_retry.entry(pid).or_default();
+            *tries += 1;
+            if *tries > LIBC_RETRIES {
+                // A static program, or one that never maps a libc: nothing to attach.
+                self.libc_retry.remove(&pid);
+            }
+        }
+        found.into_iter().find_map(|t| match t {
+            Target::Go(g) => Some(g),
+            Target::Libc(_) => None,
+        })
     }
 }
 

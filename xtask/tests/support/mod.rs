@@ -142,7 +142,8 @@ pub fn address_groups(libc: &Path, apis: &[&str]) -> Vec<Vec<String>> {
 // ---------------------------------------------------------------------------------------------
 // Leftover detection
 
-/// BPF object ids a process holds open (from /proc/PID/fdinfo of its bpf-prog/-link/-map fds).
+/// BPF object ids a process holds open (from /proc/PID/fdinfo of its `bpf-prog`, `bpf-map` and
+/// `bpf_link` fds: links are spelled with an underscore).
 #[derive(Debug, Default)]
 pub struct BpfIds {
     pub progs: BTreeSet<u32>,
@@ -164,7 +165,7 @@ impl BpfIds {
             let Ok(target) = fs::read_link(entry.path()) else {
                 continue;
             };
-            if !target.to_string_lossy().starts_with("anon_inode:bpf-") {
+            if !target.to_string_lossy().starts_with("anon_inode:bpf") {
                 continue;
             }
             let info = format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy());
