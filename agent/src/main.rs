@@ -2,32 +2,12 @@
 //! line, run the subcommand, turn any error into one line on stderr and exit code 1 (a config
 //! file's error adds a pointer to the offending line).
 
-mod aggregate;
-#[cfg(test)]
-mod bench;
-mod cli;
-mod collect;
-mod config;
-mod daemon;
-mod frames;
-mod gort;
-mod gostate;
-mod k8s;
-mod launch;
-mod preflight;
-mod probes;
-mod report;
-mod serve;
-mod session;
-mod symbolize;
-mod target;
-mod values;
-
 use std::process::ExitCode;
 
-use crate::{
-    cli::{AgentArgs, CliError, Command, ConfigCommand},
-    session::View,
+use allocwatch::{
+    cli::{self, AgentArgs, CliError, Command, ConfigCommand},
+    config, daemon, preflight,
+    session::{self, View},
 };
 
 /// Not glibc's malloc: the agent probes glibc's allocation functions in every process on the
