@@ -25,6 +25,10 @@ pub struct Cli {
     /// Without a subcommand allocwatch runs as the node agent (`allocwatch agent`).
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// What is logged on stderr: off, error, warn, info, debug, trace [default: warn, or as
+    /// RUST_LOG says]; debug also says why a probe dropped or skipped an event.
+    #[arg(long, global = true, value_name = "LEVEL", value_parser = values::log_level)]
+    pub log_level: Option<log::LevelFilter>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -14,6 +14,7 @@ pub mod gostate;
 pub mod k8s;
 pub mod launch;
 pub mod preflight;
+pub mod probe_log;
 pub mod probes;
 pub mod report;
 pub mod serve;

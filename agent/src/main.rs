@@ -45,6 +45,37 @@ async fn agent(a: AgentArgs) -> anyhow::Result<()> {
     daemon::run(cfg).await
 }
 
+/// The stderr logger: `--log-level`, else `RUST_LOG`, else warn. Lines read like the tool's
+/// own (`allocwatch: warning: …`); debug and trace lines name their module (`probe`: the
+/// probes' records).
+fn init_logger(flag: Option<log::LevelFilter>) {
+    let mut b = env_logger::Builder::new();
+    b.filter_level(log::LevelFilter::Warn);
+    if let Ok(spec) = std::env::var("RUST_LOG") {
+        b.parse_filters(&spec);
+    }
+    if let Some(level) = flag {
+        b.filter_level(level);
+    }
+    b.format(|out, r| {
+        use std::io::Write as _;
+        let level = match r.level() {
+            log::Level::Error => "error",
+            log::Level::Warn => "warning",
+            log::Level::Info => "info",
+            log::Level::Debug => "debug",
+            log::Level::Trace => "trace",
+        };
+        if r.level() >= log::Level::Debug {
+            writeln!(out, "allocwatch: {level}: {}: {}", r.target(), r.args())
+        } else {
+            writeln!(out, "allocwatch: {level}: {}", r.args())
+        }
+    });
+    // Only this call installs a logger.
+    let _ = b.try_init();
+}
+
 fn main() -> ExitCode {
     // A bug must still end in one line, not a backtrace.
     std::panic::set_hook(Box::new(|info| {
@@ -59,6 +90,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    init_logger(cli.log_level);
     let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -33,6 +33,23 @@ pub enum LossCause {
 
 pub const LOSS_CAUSES: usize = 9;
 
+impl LossCause {
+    /// Stable name used in JSON and metrics labels, and in the probes' debug log.
+    pub const fn name(self) -> &'static str {
+        match self {
+            LossCause::PendingFull => "pending_full",
+            LossCause::LiveFull => "live_map_full",
+            LossCause::SitesFull => "site_map_full",
+            LossCause::StackCollision => "stack_collision",
+            LossCause::StackError => "stack_error",
+            LossCause::RingbufFull => "ringbuf_full",
+            LossCause::OrphanReturn => "orphan_return",
+            LossCause::HistFull => "size_histogram_full",
+            LossCause::StackMapFull => "stack_map_full",
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     use super::LossCause;
@@ -49,21 +66,6 @@ mod user {
             LossCause::HistFull,
             LossCause::StackMapFull,
         ];
-
-        /// Stable name used in JSON and metrics labels.
-        pub const fn name(self) -> &'static str {
-            match self {
-                LossCause::PendingFull => "pending_full",
-                LossCause::LiveFull => "live_map_full",
-                LossCause::SitesFull => "site_map_full",
-                LossCause::StackCollision => "stack_collision",
-                LossCause::StackError => "stack_error",
-                LossCause::RingbufFull => "ringbuf_full",
-                LossCause::OrphanReturn => "orphan_return",
-                LossCause::HistFull => "size_histogram_full",
-                LossCause::StackMapFull => "stack_map_full",
-            }
-        }
     }
 
     #[cfg(test)]
