@@ -397,6 +397,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn log_levels() {
+        assert_eq!(log_level("debug"), Ok(log::LevelFilter::Debug));
+        assert_eq!(log_level("WARN"), Ok(log::LevelFilter::Warn));
+        assert_eq!(log_level("off"), Ok(log::LevelFilter::Off));
+        let e = log_level("loud").unwrap_err();
+        assert!(e.to_string().contains("unknown level `loud`"), "{e}");
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
