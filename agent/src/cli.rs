@@ -629,7 +629,9 @@ mod tests {
         let readme =
             std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
                 .unwrap();
-        let root = Cli::command();
+        // Built: global flags (`--log-level`) are then listed by every subcommand.
+        let mut root = Cli::command();
+        root.build();
         let flags_of = |sub: &clap::Command| -> BTreeSet<String> {
             sub.get_arguments()
                 .filter_map(|a| a.get_long().map(|l| format!("--{l}")))
@@ -651,7 +653,7 @@ mod tests {
             for m in flag_re.find_iter(ours) {
                 let flag = m.as_str().trim_end_matches('-');
                 // Not ours: cargo's, bpftrace's, a toolchain's, node_exporter's
-                // (`--web.config.file`), the project's `./x soak`.
+                // (`--web.config.file`), the project's `./x soak` and `./x fuzz`.
                 if [
                     "--workspace",
                     "--exclude",
@@ -661,6 +663,7 @@ mod tests {
                     "--minutes",
                     "--scrape-every",
                     "--out",
+                    "--seconds",
                 ]
                 .contains(&flag)
                     || line.contains("cargo ")
