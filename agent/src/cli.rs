@@ -28,6 +28,10 @@ pub struct Cli {
     /// Without a subcommand allocwatch runs as the node agent (`allocwatch agent`).
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// What is logged on stderr: off, error, warn, info, debug, trace [default: warn, or as
+    /// RUST_LOG says]; debug also says why a probe dropped or skipped an event.
+    #[arg(long, global = true, value_name = "LEVEL", value_parser = values::log_level)]
+    pub log_level: Option<log::LevelFilter>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -644,7 +648,9 @@ mod tests {
         let readme =
             std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
                 .unwrap();
-        let root = Cli::command();
+        // Built: global flags (`--log-level`) are then listed by every subcommand.
+        let mut root = Cli::command();
+        root.build();
         let flags_of = |sub: &clap::Command| -> BTreeSet<String> {
             sub.get_arguments()
                 .filter_map(|a| a.get_long().map(|l| format!("--{l}")))
@@ -666,7 +672,7 @@ mod tests {
             for m in flag_re.find_iter(ours) {
                 let flag = m.as_str().trim_end_matches('-');
                 // Not ours: cargo's, bpftrace's, a toolchain's, node_exporter's
-                // (`--web.config.file`), the project's `./x soak`.
+                // (`--web.config.file`), the project's `./x soak` and `./x fuzz`.
                 if [
                     "--workspace",
                     "--exclude",
@@ -676,6 +682,7 @@ mod tests {
                     "--minutes",
                     "--scrape-every",
                     "--out",
+                    "--seconds",
                 ]
                 .contains(&flag)
                     || line.contains("cargo ")

@@ -2,37 +2,12 @@
 //! line, run the subcommand, turn any error into one line on stderr and exit code 1 (a config
 //! file's error adds a pointer to the offending line).
 
-mod aggregate;
-#[cfg(test)]
-mod bench;
-mod cli;
-mod collect;
-mod config;
-mod daemon;
-mod frames;
-mod gort;
-mod gostate;
-mod k8s;
-mod launch;
-mod pipeline;
-mod preflight;
-mod privilege;
-#[cfg(test)]
-mod probe_tests;
-mod probes;
-mod procfs;
-mod report;
-mod serve;
-mod session;
-mod symbolize;
-mod target;
-mod values;
-
 use std::process::ExitCode;
 
-use crate::{
-    cli::{AgentArgs, CliError, Command, ConfigCommand},
-    session::View,
+use allocwatch::{
+    cli::{self, AgentArgs, CliError, Command, ConfigCommand},
+    config, daemon, preflight,
+    session::{self, View},
 };
 
 /// Not glibc's malloc: the agent probes glibc's allocation functions in every process on the
@@ -71,6 +46,37 @@ async fn agent(a: AgentArgs) -> anyhow::Result<()> {
     daemon::run(cfg).await
 }
 
+/// The stderr logger: `--log-level`, else `RUST_LOG`, else warn. Lines read like the tool's
+/// own (`allocwatch: warning: …`); debug and trace lines name their module (`probe`: the
+/// probes' records).
+fn init_logger(flag: Option<log::LevelFilter>) {
+    let mut b = env_logger::Builder::new();
+    b.filter_level(log::LevelFilter::Warn);
+    if let Ok(spec) = std::env::var("RUST_LOG") {
+        b.parse_filters(&spec);
+    }
+    if let Some(level) = flag {
+        b.filter_level(level);
+    }
+    b.format(|out, r| {
+        use std::io::Write as _;
+        let level = match r.level() {
+            log::Level::Error => "error",
+            log::Level::Warn => "warning",
+            log::Level::Info => "info",
+            log::Level::Debug => "debug",
+            log::Level::Trace => "trace",
+        };
+        if r.level() >= log::Level::Debug {
+            writeln!(out, "allocwatch: {level}: {}: {}", r.target(), r.args())
+        } else {
+            writeln!(out, "allocwatch: {level}: {}", r.args())
+        }
+    });
+    // Only this call installs a logger.
+    let _ = b.try_init();
+}
+
 fn main() -> ExitCode {
     // A bug must still end in one line, not a backtrace.
     std::panic::set_hook(Box::new(|info| {
@@ -85,6 +91,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    init_logger(cli.log_level);
     let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -221,6 +221,9 @@ pub enum Filter {
 
 /// The loaded probe object and its attachments; dropping it detaches everything.
 pub struct Probes {
+    /// The probes' debug log while it is on; dropped before `ebpf` (declared first), whose
+    /// ring buffer it reads.
+    _log: Option<crate::probe_log::Reader>,
     ebpf: Ebpf,
     mode: Mode,
     attached_points: usize,
@@ -243,6 +246,8 @@ impl Probes {
         let mut ebpf = EbpfLoader::new()
             .override_global(globals::TARGET_TGID, &tgid, true)
             .override_global(globals::FLAGS, &flags, true)
+            // Below debug, the verifier drops the probes' logging paths.
+            .override_global(aya_log::LEVEL, &crate::probe_log::level(), false)
             .map_max_entries(map_names::LIVE, cfg.capacity.max_live)
             .map_max_entries(map_names::SITES, cfg.capacity.max_sites)
             .map_max_entries(map_names::STACKS, cfg.capacity.max_stacks)
@@ -258,7 +263,10 @@ impl Probes {
                 .load()
                 .map_err(|error| ProbeError::Program { program, error })?;
         }
+        // After the programs are loaded: the reader takes the log's ring buffer map.
+        let log = crate::probe_log::start(&mut ebpf);
         Ok(Self {
+            _log: log,
             ebpf,
             mode,
             attached_points: 0,

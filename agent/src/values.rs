@@ -352,6 +352,15 @@ pub fn public_mode(s: &str) -> Result<Mode, ValueError> {
     }
 }
 
+/// `--log-level`: a level of the `log` crate, any case.
+pub fn log_level(s: &str) -> Result<log::LevelFilter, ValueError> {
+    s.parse().map_err(|_| {
+        ValueError::new(format!(
+            "unknown level `{s}`: expected one of off, error, warn, info, debug, trace"
+        ))
+    })
+}
+
 /// A file allocwatch writes at the end of a session: checked before tracing starts, so that a
 /// long run is not lost at the end for a missing directory.
 pub fn output_file(s: &str) -> Result<PathBuf, ValueError> {
@@ -399,6 +408,15 @@ pub fn output_file(s: &str) -> Result<PathBuf, ValueError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_levels() {
+        assert_eq!(log_level("debug"), Ok(log::LevelFilter::Debug));
+        assert_eq!(log_level("WARN"), Ok(log::LevelFilter::Warn));
+        assert_eq!(log_level("off"), Ok(log::LevelFilter::Off));
+        let e = log_level("loud").unwrap_err();
+        assert!(e.to_string().contains("unknown level `loud`"), "{e}");
+    }
 
     #[test]
     fn durations() {

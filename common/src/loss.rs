@@ -29,14 +29,32 @@ pub enum LossCause {
     HistFull = 7,
     /// The stack table was full: the site keeps only its immediate caller.
     StackMapFull = 8,
-    /// The process already had its share of the call-site table (`SITES_PER_PROCESS` rows with a
-    /// stack): the call is counted exactly at its immediate caller, without the rest of its
+    /// The process already had its share of the call-site table (rows with a stack, while the
+    /// table is under pressure): the call is counted exactly at its immediate caller, without the rest of its
     /// stack. Keeps one process with endless distinct stacks (a program without frame pointers
     /// yields garbage chains) from filling the table for every other process.
     StackBudget = 9,
 }
 
 pub const LOSS_CAUSES: usize = 10;
+
+impl LossCause {
+    /// Stable name used in JSON and metrics labels, and in the probes' debug log.
+    pub const fn name(self) -> &'static str {
+        match self {
+            LossCause::PendingFull => "pending_full",
+            LossCause::LiveFull => "live_map_full",
+            LossCause::SitesFull => "site_map_full",
+            LossCause::StackCollision => "stack_collision",
+            LossCause::StackError => "stack_error",
+            LossCause::RingbufFull => "ringbuf_full",
+            LossCause::OrphanReturn => "orphan_return",
+            LossCause::HistFull => "size_histogram_full",
+            LossCause::StackMapFull => "stack_map_full",
+            LossCause::StackBudget => "stack_budget",
+        }
+    }
+}
 
 #[cfg(feature = "user")]
 mod user {
@@ -55,22 +73,6 @@ mod user {
             LossCause::StackMapFull,
             LossCause::StackBudget,
         ];
-
-        /// Stable name used in JSON and metrics labels.
-        pub const fn name(self) -> &'static str {
-            match self {
-                LossCause::PendingFull => "pending_full",
-                LossCause::LiveFull => "live_map_full",
-                LossCause::SitesFull => "site_map_full",
-                LossCause::StackCollision => "stack_collision",
-                LossCause::StackError => "stack_error",
-                LossCause::RingbufFull => "ringbuf_full",
-                LossCause::OrphanReturn => "orphan_return",
-                LossCause::HistFull => "size_histogram_full",
-                LossCause::StackMapFull => "stack_map_full",
-                LossCause::StackBudget => "stack_budget",
-            }
-        }
     }
 
     #[cfg(test)]

@@ -23,7 +23,7 @@ use aya_ebpf::{
 };
 
 use crate::maps::{
-    EVENTS, GO_HIST, GO_PROCS, GO_SPECS, GO_STW, capture_stack, hist_add, lost, traced,
+    EVENTS, GO_HIST, GO_PROCS, GO_SPECS, GO_STW, capture_stack, hist_add, lost, traced, why,
 };
 
 #[uprobe(multi)]
@@ -49,13 +49,29 @@ fn on_go(ctx: &ProbeContext) {
     // SAFETY: the context pointer is valid for the program's lifetime.
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
     let Some(spec) = GO_SPECS.get(cookie::spec(cookie)) else {
+        why!(
+            "pid {}: no Go spec {}: event skipped",
+            tgid,
+            cookie::spec(cookie)
+        );
         return;
     };
     // SAFETY: regs points at the probed task's saved registers.
     let regs = unsafe { &*ctx.regs };
     let sp = regs.rsp + cookie::sp_delta(cookie);
-    // SAFETY: reading the traced task's own stack; failure yields 0.
-    let ret_addr = unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0);
+    // SAFETY: reading the traced task's own stack; a fault is an error, not a crash.
+    let ret_addr = match unsafe { bpf_probe_read_user(sp as *const u64) } {
+        Ok(addr) => addr,
+        Err(e) => {
+            why!(
+                "pid {}: Go return address at {:x} unreadable ({})",
+                tgid,
+                sp,
+                e
+            );
+            0
+        }
+    };
 
     let Some(role) = GoRole::from_u32(spec.role) else {
         return;
@@ -73,11 +89,20 @@ fn on_go(ctx: &ProbeContext) {
                 reason: capture(&arg_regs(regs), spec, 0),
                 ret_addr,
             };
-            let _ = GO_STW.insert(&tgid, &state, BPF_ANY as u64);
+            if GO_STW.insert(&tgid, &state, BPF_ANY as u64).is_err() {
+                why!(
+                    "pid {}: GO_STW full: this stop-the-world pause goes unmeasured",
+                    tgid
+                );
+            }
             return;
         }
         GoRole::StartTheWorld => {
             let Some(stw) = GO_STW.get_ptr(&tgid) else {
+                why!(
+                    "pid {}: the world restarted without a recorded stop: pause skipped",
+                    tgid
+                );
                 return;
             };
             // SAFETY: map value pointer from a successful lookup; copied before the delete.

@@ -29,7 +29,7 @@ use aya_ebpf::{
 
 use crate::maps::{
     FLAGS, LAST_ENTRY, LIBC_FILES, LIBC_HIST, LIVE, PENDING, SITES, capture_stack, count_call,
-    hist_add, lost, traced,
+    hist_add, lost, traced, why,
 };
 
 #[uprobe(multi)]
@@ -87,8 +87,7 @@ fn on_count(ctx: &ProbeContext) {
     // SAFETY: regs points at the probed task's saved registers.
     let regs = unsafe { &*ctx.regs };
     let entry_sp = regs.rsp + cookie::sp_delta(cookie);
-    // SAFETY: reading the traced task's own stack; failure yields 0.
-    let ret_addr = unsafe { bpf_probe_read_user(entry_sp as *const u64) }.unwrap_or(0);
+    let ret_addr = return_address(tgid, entry_sp);
 
     if let Some(file) = LIBC_FILES.get(cookie::file_slot(cookie)) {
         // A uprobe reports the probed instruction's address in rip.
@@ -133,13 +132,26 @@ fn on_count(ctx: &ProbeContext) {
             }
             None if relay_mask != 0 => {
                 // An LRU map makes room; a failure only weakens rule 2 for this thread.
-                let _ = LAST_ENTRY.insert(&pid_tgid, &entry, BPF_ANY as u64);
+                if LAST_ENTRY
+                    .insert(&pid_tgid, &entry, BPF_ANY as u64)
+                    .is_err()
+                {
+                    why!(
+                        "pid {}: LAST_ENTRY insert failed: a relay may count twice",
+                        tgid
+                    );
+                }
             }
             None => {}
         }
     }
 
     let Some(api) = Api::from_u32(api_id) else {
+        why!(
+            "pid {}: unknown API id {} in the attach cookie: call skipped",
+            tgid,
+            api_id
+        );
         return;
     };
     let (size, _) = request(ctx, api);
@@ -204,14 +216,24 @@ fn on_entry(ctx: &ProbeContext) {
         }
         // The outer call never returned (longjmp, attach mid-call): drop the stale marker, so
         // that it is counted once, not again at each later call that does not replace it (free).
+        why!(
+            "pid {}: API {} entered above a call that never returned (longjmp, or attached \
+             mid-call): its marker dropped",
+            tgid,
+            api_id
+        );
         lost(LossCause::OrphanReturn);
         let _ = PENDING.remove(&pid_tgid);
     }
 
-    // SAFETY: reading the traced task's own stack; failure yields 0.
-    let ret_addr = unsafe { bpf_probe_read_user(entry_sp as *const u64) }.unwrap_or(0);
+    let ret_addr = return_address(tgid, entry_sp);
     let stack_id = stack_id(ctx);
     let Some(api) = Api::from_u32(api_id) else {
+        why!(
+            "pid {}: unknown API id {} in the attach cookie: call skipped",
+            tgid,
+            api_id
+        );
         return;
     };
     let (size, arg_ptr) = request(ctx, api);
@@ -324,6 +346,25 @@ fn on_return(ctx: &RetProbeContext) {
         unsafe {
             (*row).tracked += 1;
             (*row).tracked_bytes += p.size;
+        }
+    }
+}
+
+/// The return address at `entry_sp` (the caller that makes the site); 0, said in the debug
+/// log, when the traced task's stack cannot be read.
+#[inline(always)]
+fn return_address(tgid: u32, entry_sp: u64) -> u64 {
+    // SAFETY: reading the traced task's own stack; a fault is an error, not a crash.
+    match unsafe { bpf_probe_read_user(entry_sp as *const u64) } {
+        Ok(addr) => addr,
+        Err(e) => {
+            why!(
+                "pid {}: return address at {:x} unreadable ({}): site without its caller",
+                tgid,
+                entry_sp,
+                e
+            );
+            0
         }
     }
 }

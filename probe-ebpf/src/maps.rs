@@ -1,4 +1,5 @@
-//! Every map and global of the probe, with the helpers that count into them.
+//! Every map and global of the probe, with the helpers that count into them, and [`why!`],
+//! the debug log of the rare paths.
 
 use allocwatch_common::{
     MAX_STACK_DEPTH, capacity,
@@ -17,10 +18,30 @@ use aya_ebpf::{
     bindings::{
         BPF_F_USER_STACK, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
     },
-    helpers::{bpf_get_current_comm, bpf_ktime_get_ns, generated::bpf_get_stack},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_get_stack,
+    },
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
+
+/// Says why a probe dropped or skipped an event (aya-log, debug level; the agent prints it with
+/// `--log-level debug` or `RUST_LOG=debug`). Only on rare paths: the agent sets aya-log's level
+/// at load time, and below debug the verifier removes these branches as dead code, so the hot
+/// path pays nothing. aya-log-ebpf 0.3 writes to its own ring buffer and ignores the context
+/// argument, so helpers without a context log too.
+macro_rules! why {
+    ($($arg:tt)+) => {
+        aya_log_ebpf::debug!(&(), target: "probe", $($arg)+)
+    };
+}
+pub(crate) use why;
+
+/// The current process (tgid), for log lines.
+#[inline(always)]
+pub fn current_tgid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
 
 /// Traced process (tgid); 0 = every process the probes are attached to.
 #[unsafe(no_mangle)]
@@ -113,6 +134,11 @@ pub fn capture_stack<C: EbpfContext>(ctx: &C) -> i64 {
         )
     };
     if n <= 0 {
+        why!(
+            "pid {}: user stack unwind failed (bpf_get_stack: {})",
+            current_tgid(),
+            n
+        );
         lost(LossCause::StackError);
         return NO_STACK;
     }
@@ -264,12 +290,14 @@ pub fn hist_add(map: &PerCpuHashMap<GoHistKey, GoHistVal>, tgid: u32, size: u64)
     }
 }
 
+/// Counts one event lost to `cause` (and says so in the debug log).
 #[inline(always)]
 pub fn lost(cause: LossCause) {
     if let Some(slot) = LOST.get_ptr_mut(cause as u32) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
         unsafe { *slot += 1 };
     }
+    why!("pid {}: event lost: {}", current_tgid(), cause.name());
 }
 
 /// Finds or creates the row of `key`; a new row is announced on the ring buffer so the agent

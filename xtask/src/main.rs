@@ -5,7 +5,9 @@
 mod agent;
 mod bench;
 mod cmd;
+mod deny;
 mod fixtures;
+mod fuzz;
 mod go;
 mod host;
 mod lint;
@@ -52,7 +54,17 @@ enum Task {
     /// /healthz and /metrics timed throughout, SIGTERM, leftovers in the kernel; PASS/FAIL per
     /// criterion and a Markdown table (target/soak/results.md).
     Soak(soak::Args),
-    /// The whole suite as root: setup, lint, build, fixtures, then `cargo test --workspace`.
+    /// Fuzz the parsers of outside data (fuzz/): every target, or those named, for --seconds
+    /// each (cargo-fuzz; `./x test` runs each for a few seconds).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+        /// Targets to run (`cargo fuzz list`); all when none is given.
+        targets: Vec<String>,
+    },
+    /// The whole suite as root: setup, lint, cargo deny, build, fixtures, `cargo test
+    /// --workspace`, a short fuzzing run, the short soak.
     Test {
         /// Extra arguments for `cargo test`: `./x test -- NAME` filters tests,
         /// `./x test -- -- --nocapture` passes `--nocapture` to the test binaries.
@@ -85,6 +97,13 @@ fn dispatch(paths: &paths::Paths, task: Task) -> anyhow::Result<()> {
         }),
         Task::Lint => lint::all(paths),
         Task::Test { args } => test::all(paths, &args),
+        Task::Fuzz { seconds, targets } => match fuzz::run(paths, seconds, &targets)? {
+            fuzz::Outcome::Passed { targets, seconds } => {
+                println!("fuzz: {targets} target(s), {seconds} s each: no crash");
+                Ok(())
+            }
+            fuzz::Outcome::Skipped(why) => anyhow::bail!("fuzzing cannot run: {why}"),
+        },
         Task::Bench(args) => bench::run(paths, &args),
         Task::Soak(args) => soak::run(paths, &args),
     }

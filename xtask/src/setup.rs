@@ -26,9 +26,19 @@ const APT_PACKAGES: &[&str] = &["gcc", "binutils", "bpftrace", "bpftool"];
 
 const TRACEFS: &str = "/sys/kernel/tracing";
 
+/// cargo-fuzz: `./x test` runs the fuzz targets of fuzz/ with it (`./x fuzz` for longer).
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// cargo-deny: advisories, licenses, duplicate versions and sources (deny.toml) in `./x test`.
+pub const CARGO_DENY_VERSION: &str = "0.20.2";
+
 /// Everything: build tools, tracefs, apt packages, the Go toolchains of the Go fixtures.
 pub fn all(paths: &Paths) -> anyhow::Result<()> {
     build_tools(paths)?;
+    cargo_tool(paths, "cargo-deny", CARGO_DENY_VERSION)?;
+    // The fuzzing step says why it is skipped when cargo-fuzz is missing: not a reason to stop.
+    if let Err(e) = cargo_tool(paths, "cargo-fuzz", CARGO_FUZZ_VERSION) {
+        eprintln!("x: warning: cargo-fuzz {CARGO_FUZZ_VERSION} could not be installed: {e:#}");
+    }
     tracefs()?;
     // Before the Go toolchains: Debian's Go 1.19 then installs from a fresh package index.
     apt_packages()?;
@@ -117,6 +127,28 @@ fn link_llvm(llvm: &NightlyLlvm, prefix: &Path) -> anyhow::Result<()> {
         symlink(&target, &link).with_context(|| format!("linking {}", link.display()))?;
     }
     Ok(())
+}
+
+/// `cargo install KRATE --version VERSION` into the tool cache, unless that version is there
+/// (`cargo-x --version` prints `cargo-x VERSION`).
+fn cargo_tool(paths: &Paths, krate: &str, version: &str) -> anyhow::Result<()> {
+    let installed = cmd::stdout_if_ok(Command::new(paths.tools_bin().join(krate)).arg("--version"));
+    if installed.is_some_and(|v| v.split_whitespace().nth(1) == Some(version)) {
+        return Ok(());
+    }
+    cmd::run(
+        cmd::cargo(paths)
+            .args([
+                "install",
+                krate,
+                "--force",
+                "--locked",
+                "--version",
+                version,
+            ])
+            .arg("--root")
+            .arg(paths.cache.join("tools")),
+    )
 }
 
 fn bpf_linker_ok(paths: &Paths) -> bool {

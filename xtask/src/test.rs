@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{agent, cmd, fixtures, lint, paths::Paths, setup, soak};
+use crate::{agent, cmd, deny, fixtures, fuzz, lint, paths::Paths, setup, soak};
 
 pub fn all(paths: &Paths, extra: &[OsString]) -> anyhow::Result<()> {
     if !crate::host::is_root() {
@@ -21,6 +21,7 @@ pub fn all(paths: &Paths, extra: &[OsString]) -> anyhow::Result<()> {
     }
     setup::all(paths)?;
     lint::all(paths)?;
+    let deny = deny::check(paths)?;
     // deploy/: manifests against the Kubernetes schemas, the DaemonSet's security posture,
     // alert rules (promtool check + unit tests), dashboard queries.
     cmd::run(Command::new("bash").arg(paths.root.join("deploy/check.sh")))
@@ -34,6 +35,9 @@ pub fn all(paths: &Paths, extra: &[OsString]) -> anyhow::Result<()> {
             "--workspace",
             "--exclude",
             "probe-ebpf",
+            // Built by cargo-fuzz (below), with its own runtime.
+            "--exclude",
+            "allocwatch-fuzz",
             "--no-fail-fast",
         ])
         .args(extra)
@@ -42,6 +46,10 @@ pub fn all(paths: &Paths, extra: &[OsString]) -> anyhow::Result<()> {
         .env("ALLOCWATCH_GO_FIXTURES", &fixtures.go)
         .env("ALLOCWATCH_GO_TOOLCHAINS", &fixtures.go_toolchains);
     let summary = run_teeing(&mut cargo)?;
+    // A few seconds per fuzz target, after the tests; not with a test filter (as the soak).
+    let fuzzed = extra
+        .is_empty()
+        .then(|| fuzz::run(paths, fuzz::SHORT_SECONDS, &[]).map_err(|e| format!("{e:#}")));
     // The soak runs after the tests even when some failed: both outcomes are reported.
     let soak_args = soak::Args::short(bin);
     let soak = extra
@@ -51,6 +59,15 @@ pub fn all(paths: &Paths, extra: &[OsString]) -> anyhow::Result<()> {
     for line in &summary.lines {
         println!("{line}");
     }
+    println!("{deny}");
+    match &fuzzed {
+        None => println!("fuzz: skipped (cargo test arguments were given; run `./x fuzz`)"),
+        Some(Ok(fuzz::Outcome::Passed { targets, seconds })) => {
+            println!("fuzz: passed ({targets} targets, {seconds} s each, no crash)")
+        }
+        Some(Ok(fuzz::Outcome::Skipped(why))) => println!("fuzz: SKIPPED: {why}"),
+        Some(Err(e)) => println!("fuzz: FAILED: {e}"),
+    }
     match &soak {
         None => println!(
             "soak: skipped (cargo test arguments were given: a filter or selection; \
@@ -59,12 +76,20 @@ pub fn all(paths: &Paths, extra: &[OsString]) -> anyhow::Result<()> {
         Some(Ok(())) => println!("soak: passed (`{}`)", soak_args.command()),
         Some(Err(e)) => println!("soak: FAILED: {e}"),
     }
-    match (summary.success, soak) {
-        (false, Some(Err(_))) => bail!("cargo test and the soak failed (see above)"),
-        (false, _) => bail!("cargo test failed (see the FAILED lines above)"),
-        (true, Some(Err(_))) => bail!("the soak failed (see its verdicts above)"),
-        _ => Ok(()),
+    let mut failed = Vec::new();
+    if !summary.success {
+        failed.push("cargo test (see the FAILED lines above)");
     }
+    if matches!(fuzzed, Some(Err(_))) {
+        failed.push("fuzzing (see the fuzz line above)");
+    }
+    if matches!(soak, Some(Err(_))) {
+        failed.push("the soak (see its verdicts above)");
+    }
+    if !failed.is_empty() {
+        bail!("failed: {}", failed.join(", "));
+    }
+    Ok(())
 }
 
 struct Summary {

@@ -292,6 +292,40 @@ fn count_modes_exact_counts() {
     }
 }
 
+/// `--log-level debug` shows the probes' own log (aya-log): with a call-site table of one row,
+/// every call the probes could not give a site is one line saying so, exactly as many as the
+/// report's `lost.site_map_full`. At the default level the same run logs none of it (the
+/// probes are loaded with their log off).
+#[test]
+fn probe_debug_log_says_why_events_were_lost() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    for debug in [true, false] {
+        let mut args = vec!["top", "--max-sites", "1"];
+        if debug {
+            args.extend(["--log-level", "debug"]);
+        }
+        let name = format!("top-log-debug-{debug}");
+        let (mut aw, out) = spawn_json(&env, &name, &args, &["--", path_str(&env.fixture), "run"]);
+        let pid = aw.wait_tracing_pid(Duration::from_secs(30));
+        let status = aw.wait_exit(Duration::from_secs(60));
+        aw.assert_success(status);
+        let report = read_json(&out);
+        let proc = process_by_pid(&report, pid);
+        let lost = u64_at(&proc["lost"], "site_map_full");
+        assert!(lost > 0, "a one-row site table must lose sites\n{proc:#}");
+        let stderr = aw.stderr.text();
+        let want = format!("allocwatch: debug: probe: pid {pid}: event lost: site_map_full");
+        let said = stderr.lines().filter(|l| *l == want).count() as u64;
+        let probe_lines = stderr.lines().filter(|l| l.contains(": probe: ")).count();
+        if debug {
+            assert_eq!(said, lost, "one debug line per lost site\n{stderr}");
+        } else {
+            assert_eq!(probe_lines, 0, "no probe log below debug\n{stderr}");
+        }
+    }
+}
+
 /// `leaks` needs the live table, which count mode does not keep: a usage error, not an empty
 /// report.
 #[test]

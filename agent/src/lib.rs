@@ -1,0 +1,29 @@
+//! allocwatch as a library: every module of the tool. The binary (`main.rs`) is the wiring; the
+//! fuzz targets (`fuzz/`) call the parsers of outside data directly.
+
+pub mod aggregate;
+#[cfg(test)]
+mod bench;
+pub mod cli;
+pub mod collect;
+pub mod config;
+pub mod daemon;
+pub mod frames;
+pub mod gort;
+pub mod gostate;
+pub mod k8s;
+pub mod launch;
+pub mod pipeline;
+pub mod preflight;
+pub mod privilege;
+pub mod probe_log;
+#[cfg(test)]
+mod probe_tests;
+pub mod probes;
+pub mod procfs;
+pub mod report;
+pub mod serve;
+pub mod session;
+pub mod symbolize;
+pub mod target;
+pub mod values;
