@@ -22,11 +22,11 @@ pub fn check(paths: &Paths) -> anyhow::Result<String> {
     );
     let advisories = match fetched {
         Ok(()) => {
-            cmd::run(deny(paths).args(["check", "--disable-fetch", "advisories"]))?;
+            cmd::run(deny(paths).args(["--offline", "check", "advisories"]))?;
             "advisories checked against a fresh copy of the RustSec database".to_string()
         }
-        Err(e) if advisory_db().is_some_and(|d| d.is_dir()) => {
-            cmd::run(deny(paths).args(["check", "--disable-fetch", "advisories"]))?;
+        Err(e) if advisory_db().is_some_and(|d| has_database(&d)) => {
+            cmd::run(deny(paths).args(["--offline", "check", "advisories"]))?;
             format!(
                 "advisories checked against the copy of an earlier fetch in {} (fetching failed: \
                  {e:#})",
@@ -47,6 +47,12 @@ fn deny(paths: &Paths) -> Command {
     let mut c = cmd::cargo(paths);
     c.args(["deny", "--all-features"]);
     c
+}
+
+/// Whether `dir` holds a fetched database (a failed clone leaves only a lock file there).
+fn has_database(dir: &std::path::Path) -> bool {
+    std::fs::read_dir(dir)
+        .is_ok_and(|entries| entries.flatten().any(|e| e.path().join("crates").is_dir()))
 }
 
 /// Where cargo-deny keeps advisory databases by default (deny.toml does not move it).

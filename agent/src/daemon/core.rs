@@ -291,11 +291,10 @@ impl State {
         let change = if now >= self.next_census {
             self.fills = census(&self.pipe.parts.probes, &self.registry)?;
             self.next_census = now + CENSUS_EVERY;
-            let rows = site_rows(&self.pipe.parts.probes)?;
             sw.lap("census");
-            self.pressure.census(rows, &mut self.pipe.parts.probes)?
+            self.pressure.census(&mut self.pipe.parts.probes)?
         } else {
-            self.pressure.tick(&mut self.pipe.parts.probes)?
+            self.pressure.tick(&mut self.pipe.parts.probes, now)?
         };
         if let Some(change) = change {
             eprintln!("allocwatch: warning: {change}");
@@ -445,22 +444,6 @@ fn census(probes: &Probes, registry: &Registry) -> anyhow::Result<BTreeMap<&'sta
         registry.sweeper.live_entries as f64 / f64::from(live_max.max(1)),
     );
     Ok(out)
-}
-
-/// Rows in the call-site table now.
-fn site_rows(probes: &Probes) -> anyhow::Result<u64> {
-    use allocwatch_common::{
-        libc::{SiteKey, SiteStats},
-        map_names::SITES,
-    };
-    let map = collect::RawMap::of::<SiteKey, SiteStats>(collect::map_ref(probes, SITES)?, SITES)?;
-    let mut n = 0u64;
-    map.scan(
-        &mut collect::Cursor::default(),
-        usize::MAX,
-        |_: &SiteKey, _: &[SiteStats]| n += 1,
-    )?;
-    Ok(n)
 }
 
 /// Warns when a loss counter rises, naming what to change.

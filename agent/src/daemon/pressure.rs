@@ -5,7 +5,18 @@
 //! garbage stacks: without a share it filled the table within a minute and every other process
 //! lost its per-site figures.
 
+use std::time::{Duration, Instant};
+
+use allocwatch_common::{
+    libc::{SiteKey, SiteStats},
+    map_names::SITES,
+};
+
 use crate::{collect, probes::Probes};
+
+/// An estimate past the threshold is checked by counting the table at most this often (a
+/// churn of short-lived processes creates rows faster than a census, and their rows go soon).
+const RECOUNT_EVERY: Duration = Duration::from_secs(1);
 
 /// Under pressure, one process may create this fraction of the table's rows with a stack.
 pub const SHARE: u32 = 32;
@@ -23,6 +34,7 @@ pub struct SitePressure {
     rows_at_census: u64,
     created_at_census: u64,
     limited: bool,
+    last_count: Option<Instant>,
 }
 
 /// A change of the limit, for the log.
@@ -39,6 +51,7 @@ impl SitePressure {
             rows_at_census: 0,
             created_at_census: 0,
             limited: false,
+            last_count: None,
         }
     }
 
@@ -47,21 +60,31 @@ impl SitePressure {
         (self.capacity / u64::from(SHARE)).max(1) as u32
     }
 
-    /// Every tick: the rows now are at most those of the census plus those created since
-    /// (deletions are not counted: the estimate errs toward limiting early).
-    pub fn tick(&mut self, probes: &mut Probes) -> anyhow::Result<Option<Change>> {
+    /// Every tick: the rows now are at most those of the last count plus those created since
+    /// (deletions are not seen); an estimate past the threshold is checked by counting.
+    pub fn tick(&mut self, probes: &mut Probes, now: Instant) -> anyhow::Result<Option<Change>> {
         if self.limited {
             return Ok(None);
         }
         let created = collect::site_rows_created(probes)?;
         let rows = self.rows_at_census + created.saturating_sub(self.created_at_census);
-        self.decide(rows, probes)
+        if want(false, rows, self.capacity) != Some(true)
+            || self
+                .last_count
+                .is_some_and(|t| now.saturating_duration_since(t) < RECOUNT_EVERY)
+        {
+            return Ok(None);
+        }
+        self.last_count = Some(now);
+        self.census(probes)
     }
 
-    /// At each census, with the rows really in the table.
-    pub fn census(&mut self, rows: u64, probes: &mut Probes) -> anyhow::Result<Option<Change>> {
-        self.rows_at_census = rows;
+    /// Counts the rows really in the table and decides on them (every census, and when the
+    /// estimate says so).
+    pub fn census(&mut self, probes: &mut Probes) -> anyhow::Result<Option<Change>> {
         self.created_at_census = collect::site_rows_created(probes)?;
+        let rows = count_rows(probes)?;
+        self.rows_at_census = rows;
         self.decide(rows, probes)
     }
 
@@ -83,6 +106,18 @@ impl SitePressure {
             None => Ok(None),
         }
     }
+}
+
+/// Rows in the call-site table now.
+fn count_rows(probes: &Probes) -> anyhow::Result<u64> {
+    let map = collect::RawMap::of::<SiteKey, SiteStats>(collect::map_ref(probes, SITES)?, SITES)?;
+    let mut n = 0u64;
+    map.scan(
+        &mut collect::Cursor::default(),
+        usize::MAX,
+        |_: &SiteKey, _: &[SiteStats]| n += 1,
+    )?;
+    Ok(n)
 }
 
 /// Whether to limit (`Some(true)`), lift (`Some(false)`) or leave the limit as it is.
