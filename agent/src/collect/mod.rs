@@ -119,6 +119,17 @@ pub fn lost(probes: &impl MapSource) -> Result<BTreeMap<LossCause, u64>, Collect
     Ok(out)
 }
 
+/// Rows in map `name` now, and its capacity (one batched walk).
+pub fn count_rows<K: aya::Pod, V: aya::Pod>(
+    probes: &impl MapSource,
+    name: &'static str,
+) -> Result<(u64, u32), CollectError> {
+    let map = RawMap::of::<K, V>(map_ref(probes, name)?, name)?;
+    let mut n = 0u64;
+    map.scan(&mut Cursor::default(), usize::MAX, |_: &K, _: &[V]| n += 1)?;
+    Ok((n, map.max_entries()))
+}
+
 /// Rows the probe ever created in the site table (all CPUs).
 pub fn site_rows_created(probes: &impl MapSource) -> Result<u64, CollectError> {
     let name = map_names::SITE_ROWS;

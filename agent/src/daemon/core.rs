@@ -406,14 +406,8 @@ fn census(probes: &Probes, registry: &Registry) -> anyhow::Result<BTreeMap<&'sta
         probes: &Probes,
         name: &'static str,
     ) -> Result<f64, collect::CollectError> {
-        let map = collect::RawMap::of::<K, V>(collect::map_ref(probes, name)?, name)?;
-        let mut n = 0usize;
-        map.scan(
-            &mut collect::Cursor::default(),
-            usize::MAX,
-            |_: &K, _: &[V]| n += 1,
-        )?;
-        Ok(n as f64 / f64::from(map.max_entries().max(1)))
+        let (n, max) = collect::count_rows::<K, V>(probes, name)?;
+        Ok(n as f64 / f64::from(max.max(1)))
     }
     out.insert(
         map_names::PENDING,

@@ -83,7 +83,7 @@ impl SitePressure {
     /// estimate says so).
     pub fn census(&mut self, probes: &mut Probes) -> anyhow::Result<Option<Change>> {
         self.created_at_census = collect::site_rows_created(probes)?;
-        let rows = count_rows(probes)?;
+        let (rows, _) = collect::count_rows::<SiteKey, SiteStats>(probes, SITES)?;
         self.rows_at_census = rows;
         self.decide(rows, probes)
     }
@@ -106,18 +106,6 @@ impl SitePressure {
             None => Ok(None),
         }
     }
-}
-
-/// Rows in the call-site table now.
-fn count_rows(probes: &Probes) -> anyhow::Result<u64> {
-    let map = collect::RawMap::of::<SiteKey, SiteStats>(collect::map_ref(probes, SITES)?, SITES)?;
-    let mut n = 0u64;
-    map.scan(
-        &mut collect::Cursor::default(),
-        usize::MAX,
-        |_: &SiteKey, _: &[SiteStats]| n += 1,
-    )?;
-    Ok(n)
 }
 
 /// Whether to limit (`Some(true)`), lift (`Some(false)`) or leave the limit as it is.
