@@ -441,17 +441,36 @@ impl Probes {
         Ok(())
     }
 
-    /// Adds `tgid` to (or removes it from) the denylist.
-    pub fn set_listed(&mut self, tgid: u32, listed: bool) -> Result<(), ProbeError> {
+    /// The exec stamp of `tgid` (0: no exec since the probes loaded). Read it *before* what
+    /// a denial is decided on: a denial made with it stops applying at the process's next
+    /// exec, however late the agent reads that exec.
+    pub fn exec_stamp(&self, tgid: u32) -> Result<u64, ProbeError> {
+        let map = self
+            .ebpf
+            .map(map_names::EXEC_STAMPS)
+            .ok_or(MapError::InvalidName {
+                name: map_names::EXEC_STAMPS.into(),
+            })?;
+        let stamps: HashMap<_, u32, u64> = HashMap::try_from(map)?;
+        match stamps.get(&tgid, 0) {
+            Ok(stamp) => Ok(stamp),
+            Err(MapError::KeyNotFound) => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Puts `tgid` on the denylist for the program of exec stamp `stamp`
+    /// ([`Self::exec_stamp`]), or takes it off (`None`).
+    pub fn set_listed(&mut self, tgid: u32, stamp: Option<u64>) -> Result<(), ProbeError> {
         let map = self
             .ebpf
             .map_mut(map_names::TGIDS)
             .ok_or(MapError::InvalidName {
                 name: map_names::TGIDS.into(),
             })?;
-        let mut tgids: HashMap<_, u32, u8> = HashMap::try_from(map)?;
-        if listed {
-            tgids.insert(&tgid, &1, 0)?;
+        let mut tgids: HashMap<_, u32, u64> = HashMap::try_from(map)?;
+        if let Some(stamp) = stamp {
+            tgids.insert(&tgid, &stamp, 0)?;
         } else {
             match tgids.remove(&tgid) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}

@@ -10,6 +10,8 @@ use std::{
 
 /// `PF_KTHREAD` in the flags field of `/proc/PID/stat` (include/linux/sched.h).
 pub const PF_KTHREAD: u64 = 0x0020_0000;
+/// `PF_EXITING`: in `do_exit`, its memory (and so `/proc/PID/exe`) possibly released already.
+pub const PF_EXITING: u64 = 0x0000_0004;
 
 /// The fields of `/proc/<pid>/stat` allocwatch reads.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,6 +29,11 @@ impl Stat {
     /// Gone for good or waiting to be reaped.
     pub fn exited(&self) -> bool {
         matches!(self.state, 'Z' | 'X')
+    }
+
+    /// Exited, or on its way out (nothing of it can be read any more, its records can).
+    pub fn ending(&self) -> bool {
+        self.exited() || self.flags & PF_EXITING != 0
     }
 }
 
@@ -63,6 +70,16 @@ pub fn has_exited(pid: u32) -> bool {
 /// Whether `pid` has exited but is not reaped yet (state Z).
 pub fn is_zombie(pid: u32) -> bool {
     stat(pid).is_some_and(|s| s.state == 'Z')
+}
+
+/// Whether `pid` is gone, a zombie, or exiting ([`Stat::ending`]).
+pub fn is_ending(pid: u32) -> bool {
+    stat(pid).is_none_or(|s| s.ending())
+}
+
+/// Whether `pid` is a kernel thread (no executable, never allocates through libc).
+pub fn is_kernel_thread(pid: u32) -> bool {
+    stat(pid).is_some_and(|s| s.flags & PF_KTHREAD != 0)
 }
 
 /// The start time of `pid` (field 22 of its stat line), `None` when it is gone.

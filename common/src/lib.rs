@@ -23,6 +23,7 @@ pub mod map_names {
     pub const GO_HIST: &str = "GO_HIST";
     pub const LIBC_HIST: &str = "LIBC_HIST";
     pub const TGIDS: &str = "TGIDS";
+    pub const EXEC_STAMPS: &str = "EXEC_STAMPS";
     pub const LAST_ENTRY: &str = "LAST_ENTRY";
     pub const LIBC_FILES: &str = "LIBC_FILES";
     pub const SITE_BUDGET: &str = "SITE_BUDGET";
@@ -41,16 +42,16 @@ pub mod globals {
 pub mod config {
     /// Capture user stacks with `bpf_get_stackid`.
     pub const FLAG_STACKS: u32 = 1 << 0;
-    /// Only processes in the `TGIDS` map are traced.
-    pub const FLAG_ALLOWLIST: u32 = 1 << 1;
-    /// Processes in the `TGIDS` map are not traced (the agent itself, exclusions).
+    /// Processes in the `TGIDS` map are not traced (the agent itself, exclusions), unless
+    /// they exec'd since they were listed (`EXEC_STAMPS`). (Bit 1 was an allowlist nobody
+    /// used.)
     pub const FLAG_DENYLIST: u32 = 1 << 2;
 }
 
 /// Default capacities; each is overridable on the command line.
 pub mod capacity {
     pub const PENDING: u32 = 16_384;
-    /// Processes in the agent's allow/denylist.
+    /// Processes in the agent's denylist; exec stamps kept.
     pub const TGIDS: u32 = 65_536;
     pub const LIVE: u32 = 1 << 20;
     pub const SITES: u32 = 65_536;

@@ -8,12 +8,15 @@ use allocwatch_common::{
 };
 use aya_ebpf::{
     EbpfContext as _,
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        bpf_probe_read_kernel_str_bytes,
+    },
     macros::tracepoint,
     programs::TracePointContext,
 };
 
-use crate::maps::{EVENTS, EXEC_NOTIFY, FLAGS, TGIDS, lost};
+use crate::maps::{EVENTS, EXEC_NOTIFY, EXEC_STAMPS, FLAGS, TGIDS, lost};
 
 /// Offset of the `__data_loc char[] filename` field in the tracepoint's record
 /// (/sys/kernel/tracing/events/sched/sched_process_exec/format, stable since 3.x).
@@ -31,6 +34,12 @@ fn on_exec(ctx: &TracePointContext) {
     // A process denied for the program it ran is a new program now: traced from its first
     // call until the agent, told by this event, classifies it again.
     if FLAGS.load() & FLAG_DENYLIST != 0 {
+        // The new stamp first: a denial the agent is about to write for the old program
+        // carries the old stamp and so no longer applies (see EXEC_STAMPS). An LRU insert
+        // does not fail for want of room.
+        // SAFETY: a helper without arguments.
+        let now = unsafe { bpf_ktime_get_ns() };
+        let _ = EXEC_STAMPS.insert(&tgid, &now, 0);
         let _ = TGIDS.remove(&tgid);
     }
     let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {

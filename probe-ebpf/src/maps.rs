@@ -3,7 +3,7 @@
 
 use allocwatch_common::{
     MAX_STACK_DEPTH, capacity,
-    config::{FLAG_ALLOWLIST, FLAG_DENYLIST},
+    config::FLAG_DENYLIST,
     errno::EEXIST,
     event::{EventHeader, EventKind, NEW_SITE_FIXED, NewSiteRecord},
     go::{GO_HIST_BUCKETS, GO_SPECS_MAX, GoHistKey, GoHistVal, GoProc, GoSpec, StwState},
@@ -50,12 +50,29 @@ pub static TARGET_TGID: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 pub static FLAGS: Global<u32> = Global::new(0);
 
-/// Processes named by the agent (`config::FLAG_ALLOWLIST` / `FLAG_DENYLIST`).
 /// What a `BPF_NOEXIST` insert returns when the key is already there.
 const KEY_EXISTS: i32 = -EEXIST;
 
+/// The agent's denylist (`config::FLAG_DENYLIST`): tgid → the exec stamp of the program the
+/// agent rejected (see [`EXEC_STAMPS`]).
 #[map]
-pub static TGIDS: HashMap<u32, u8> = HashMap::with_max_entries(capacity::TGIDS, 0);
+pub static TGIDS: HashMap<u32, u64> = HashMap::with_max_entries(capacity::TGIDS, 0);
+/// tgid → `bpf_ktime_get_ns()` at its last exec (absent: no exec since the probes loaded,
+/// stamp 0). The agent reads a process's stamp *before* its /proc files and denies it with
+/// that stamp: a denial decided on what the process ran before an exec the agent has not
+/// read yet no longer matches, so the new program is traced from its first call rather than
+/// lost until the agent catches up. LRU: nothing deletes the stamps of exited processes, and
+/// an evicted stamp only makes a denied process traced again (its rows are then deleted by
+/// the agent, never exported).
+#[map]
+pub static EXEC_STAMPS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(capacity::TGIDS, 0);
+
+/// The exec stamp of `tgid` (0: none since the probes loaded).
+#[inline(always)]
+pub fn exec_stamp(tgid: u32) -> u64 {
+    // SAFETY: a plain u64 value, read once.
+    unsafe { EXEC_STAMPS.get(&tgid) }.copied().unwrap_or(0)
+}
 
 /// Whether events of `tgid` are recorded: the one traced process, or every process the probes
 /// are attached to, narrowed by the agent's allow- or denylist.
@@ -65,13 +82,14 @@ pub fn traced(tgid: u32) -> bool {
     if target != 0 {
         return target == tgid;
     }
-    let flags = FLAGS.load();
-    if flags & FLAG_ALLOWLIST != 0 {
-        TGIDS.get_ptr(&tgid).is_some()
-    } else if flags & FLAG_DENYLIST != 0 {
-        TGIDS.get_ptr(&tgid).is_none()
-    } else {
-        true
+    if FLAGS.load() & FLAG_DENYLIST == 0 {
+        return true;
+    }
+    // SAFETY: a plain u64 value, read once.
+    match unsafe { TGIDS.get(&tgid) } {
+        None => true,
+        // Denied for the program it ran then, or exec'd since: traced.
+        Some(&stamp) => exec_stamp(tgid) != stamp,
     }
 }
 

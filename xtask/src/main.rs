@@ -13,6 +13,7 @@ mod host;
 mod lint;
 mod paths;
 mod procs;
+mod promtext;
 mod setup;
 mod soak;
 mod test;

@@ -45,8 +45,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use prometheus_parse::{Sample, Scrape, Value as PromValue};
 use serde_json::Value;
+use support::promtext::{Sample, Scrape, Value as PromValue};
 use support::{
     API_TOTALS, APIS, Allocwatch, AllocwatchBin, BpfIds, KernelState, Lines, address_groups, array,
     assert_no_crash, env_path, go_toolchains, libc_path, path_str, process_by_pid, read_json,
@@ -1632,7 +1632,7 @@ impl std::fmt::Display for Identity {
     }
 }
 
-/// A parsed `/metrics` (prometheus-parse), with its text for messages.
+/// A parsed `/metrics` (xtask's strict promtext reader), with its text for messages.
 struct Metrics {
     text: String,
     samples: Vec<Sample>,
@@ -1640,8 +1640,8 @@ struct Metrics {
 
 impl Metrics {
     fn parse(text: String) -> Self {
-        let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
-            .unwrap_or_else(|e| panic!("/metrics does not parse: {e}\n{text}"));
+        let scrape =
+            Scrape::parse(&text).unwrap_or_else(|e| panic!("/metrics does not parse: {e}\n{text}"));
         Self {
             text,
             samples: scrape.samples,

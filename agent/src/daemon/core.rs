@@ -202,7 +202,8 @@ impl State {
             cfg.mode,
         )?;
         // Our own allocations must not be traced (each event we handle would allocate more).
-        probes.set_listed(std::process::id(), true)?;
+        let me = std::process::id();
+        probes.set_listed(me, Some(probes.exec_stamp(me)?))?;
         let go_probes = GoProbeSet {
             growth: cfg.go.growth,
             malloc: cfg.go.malloc,

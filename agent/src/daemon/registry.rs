@@ -243,6 +243,7 @@ impl Registry {
             } else {
                 Fate::Drop
             };
+            log::debug!("pid {pid}: its rows go ({fate:?})");
             let keys = self.image_sites.remove(&pid).unwrap_or_default().keys;
             self.sweeper.pid(pid, fate, keys);
         }
@@ -405,6 +406,7 @@ impl Registry {
                 continue;
             }
             if self.ignored_pids.contains(&pid) || procfs::start_time(pid).is_none() {
+                log::debug!("pid {pid}: rows of a rejected or gone process not registered");
                 self.to_forget.insert(pid);
             }
         }
@@ -415,9 +417,10 @@ impl Registry {
         self.denied.len() + 1
     }
 
-    /// Adds a rejected process to the kernel's denylist; a failure (a full map) is counted.
-    fn deny(&mut self, pid: u32, probes: &mut Probes) {
-        match probes.set_listed(pid, true) {
+    /// Adds a rejected process to the kernel's denylist for the program of exec stamp
+    /// `stamp`; a failure (a full map) is counted.
+    fn deny(&mut self, pid: u32, stamp: u64, probes: &mut Probes) {
+        match probes.set_listed(pid, Some(stamp)) {
             Ok(()) => {
                 self.denied.insert(pid);
             }
@@ -436,7 +439,7 @@ impl Registry {
     /// Takes `pid` off the denylist, if it is on it.
     fn undeny(&mut self, pid: u32, probes: &mut Probes) {
         if self.denied.remove(&pid) {
-            let _ = probes.set_listed(pid, false);
+            let _ = probes.set_listed(pid, None);
         }
     }
 
@@ -487,7 +490,7 @@ impl Registry {
         }
         // It has rows: unless it is selected below, they go.
         self.to_forget.insert(pid);
-        let gone = procfs::start_time(pid).is_none() || procfs::is_zombie(pid);
+        let gone = procfs::is_ending(pid);
         if !gone {
             return;
         }
@@ -511,8 +514,10 @@ impl Registry {
             namespace: pod.as_ref().map(|p| p.namespace.as_str()),
         };
         if !self.selector.selects(&candidate) {
+            log::debug!("pid {pid}: gone, rejected by its records (comm {comm:?}, exe {exe:?})");
             return;
         }
+        log::debug!("pid {pid}: gone, selected by its records (comm {comm:?}, exe {exe:?})");
         self.to_forget.remove(&pid);
         self.procs.insert(
             pid,
@@ -589,6 +594,7 @@ impl Registry {
         if pid == self.self_pid {
             return;
         }
+        log::debug!("pid {pid}: exec of {path:?}");
 
         // The entry of this process: alive, marked exited by a scan that raced with the exec,
         // or registered from its records after it was gone (the agent reads the ring later
@@ -699,14 +705,22 @@ impl Registry {
         }
         // A new process under a pid whose rows are still being swept: they are its own now.
         self.sweeper.cancel(pid);
+        // Before anything the decision rests on: an exec after this read makes a denial
+        // below stale in the kernel, and the exec's event classifies the new program.
+        let stamp = match probes.exec_stamp(pid) {
+            Ok(stamp) => Some(stamp),
+            Err(e) => {
+                log::warn!("exec stamp of pid {pid}: {e}");
+                None
+            }
+        };
         let Ok(exe) = procfs::exe(pid) else {
-            // Kernel threads have no executable; a process that already exited (a zombie) has
-            // none left either, but its events still name it (`ensure_seen`).
-            if !procfs::is_zombie(pid) {
-                {
-                    self.ignored.insert((pid, start_time));
-                    self.ignored_pids.insert(pid);
-                }
+            // Kernel threads have no executable; a process that is exiting (its memory gone
+            // before it is a zombie) has none left either, but its records still name it
+            // (`ensure_seen`): ignoring it would drop them.
+            if procfs::is_kernel_thread(pid) {
+                self.ignored.insert((pid, start_time));
+                self.ignored_pids.insert(pid);
             }
             return;
         };
@@ -722,17 +736,12 @@ impl Registry {
             namespace: pod.as_ref().map(|p| p.namespace.as_str()),
         };
         if !self.selector.selects(&candidate) {
+            log::debug!("pid {pid}: rejected (comm {comm:?}, exe {exe:?})");
             self.ignored.insert((pid, start_time));
             self.ignored_pids.insert(pid);
-            self.deny(pid, probes);
-            // It may have exec'd between our reads and the denial (the probe clears the entry
-            // at exec, before we made it): then the exec event classifies it again, traced.
-            let same_program = procfs::exe(pid).is_ok_and(|e| e.display().to_string() == exe)
-                && procfs::comm(pid).is_some_and(|c| c == comm);
-            if !same_program {
-                self.undeny(pid, probes);
-                self.ignored.remove(&(pid, start_time));
-                self.ignored_pids.remove(&pid);
+            // Without its stamp it stays traced: its rows are deleted as they are announced.
+            if let Some(stamp) = stamp {
+                self.deny(pid, stamp, probes);
             }
             // Its libc is probed all the same (once per file): a selected program that starts
             // later with this libc is then recorded from its first call, however briefly it
@@ -748,6 +757,7 @@ impl Registry {
         let maps = read_maps(pid).unwrap_or_default();
         let go = self.attach(pid, &comm, &maps, probes, true);
         symbolizer.note_maps(pid, &maps);
+        log::debug!("pid {pid}: selected (comm {comm:?}, exe {exe:?})");
         let labels = ProcessLabels {
             comm,
             exe,

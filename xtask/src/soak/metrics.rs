@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::promtext::{Scrape, Value};
 use anyhow::bail;
-use prometheus_parse::{Scrape, Value};
 
 /// One scrape's figures.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -42,7 +42,7 @@ pub fn read(body: &str, steady_comm: &str) -> anyhow::Result<Reading> {
         .lines()
         .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
         .count();
-    let scrape = Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))?;
+    let scrape = Scrape::parse(body)?;
     let mut r = Reading {
         sample_lines,
         ..Reading::default()
@@ -51,7 +51,7 @@ pub fn read(body: &str, steady_comm: &str) -> anyhow::Result<Reading> {
     for s in &scrape.samples {
         let value = match s.value {
             Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
-            Value::Histogram(_) | Value::Summary(_) => continue,
+            Value::Histogram(_) => continue,
         };
         match s.metric.as_str() {
             "allocwatch_events_lost_total" => {

@@ -25,6 +25,10 @@ use std::{
 
 use serde_json::Value;
 
+/// The strict Prometheus text reader the soak uses too.
+#[path = "../../src/promtext.rs"]
+pub mod promtext;
+
 /// The line `allocwatch top`/`leaks` prints once its probes are attached.
 pub const TRACING_PREFIX: &str = "allocwatch: tracing pid ";
 /// The start of allocwatch's one error line.

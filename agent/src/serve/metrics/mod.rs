@@ -249,7 +249,10 @@ impl Exporter {
                     for (key, &v) in &old.sites {
                         let now_v = cur_sites.get(key).map(|s| s.0).unwrap_or_default();
                         if now_v.calls < v.calls || now_v.bytes < v.bytes {
-                            id.fold_sticky(key, v);
+                            // Only what left: the rest is still in `now_v` (a label shared by
+                            // several stacks, some of them folded away at exit).
+                            id.fold_sticky(key, v.sub(now_v));
+                            last_sites.insert(key.clone(), now_v.min(v));
                         } else {
                             last_sites.insert(key.clone(), v);
                         }

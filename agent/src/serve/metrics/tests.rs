@@ -705,14 +705,23 @@ fn odd_input_does_not_panic() {
         out.contains(r#"pod="quote\" backslash\\ newline\n""#),
         "{out}"
     );
-    parse_back(&out);
+    let back = parse_back(&out);
+    assert!(
+        back.samples
+            .iter()
+            .any(|s| s.labels.get("pod") == Some("quote\" backslash\\ newline\n")),
+        "the escaped label does not read back\n{out}"
+    );
 }
 
-/// prometheus-parse (an independent parser) reads every sample back with its labels.
-fn parse_back(text: &str) -> prometheus_parse::Scrape {
-    let lines = text.lines().map(|l| Ok(l.to_string()));
-    prometheus_parse::Scrape::parse(lines).unwrap()
+/// The strict reader of the text format the integration tests use (an implementation
+/// independent of the exporter's encoder) reads every sample back with its labels.
+fn parse_back(text: &str) -> promtext::Scrape {
+    promtext::Scrape::parse(text).unwrap_or_else(|e| panic!("{e}\n{text}"))
 }
+
+#[path = "../../../../xtask/src/promtext.rs"]
+mod promtext;
 
 #[test]
 fn exposition_parses_back() {
@@ -731,14 +740,14 @@ fn exposition_parses_back() {
     };
     assert!(matches!(
         find("allocwatch_alloc_bytes_total", ("api", "malloc")),
-        Some(prometheus_parse::Value::Counter(v)) if v == 1300.0
+        Some(promtext::Value::Counter(v)) if v == 1300.0
     ));
     assert!(matches!(
         find("allocwatch_live_bytes", ("pod", "web-1")),
-        Some(prometheus_parse::Value::Gauge(v)) if v == 100.0
+        Some(promtext::Value::Gauge(v)) if v == 100.0
     ));
     match find("allocwatch_go_gc_pause_seconds", ("comm", "api")) {
-        Some(prometheus_parse::Value::Histogram(buckets)) => {
+        Some(promtext::Value::Histogram(buckets)) => {
             let counts: Vec<(f64, f64)> = buckets.iter().map(|b| (b.less_than, b.count)).collect();
             assert_eq!(counts, [(0.001, 2.0), (0.01, 3.0), (f64::INFINITY, 3.0)]);
         }
@@ -1034,6 +1043,59 @@ fn sites_moving_in_and_out_of_the_remainder_are_counted_once() {
         assert_monotonic(&prev, &out);
         assert_eq!(site_sum(&out), total as f64, "round {i}:\n{out}");
         assert!(!out.contains("0x5555"), "a raw address as a label:\n{out}");
+        prev = out;
+    }
+}
+
+/// Two stacks under one label (`make_buf ← main` from two deeper callers), and at exit one of
+/// them folded into the process's remainder: the label's series keeps its value, not its value
+/// twice (found by the agent test `site_cardinality_is_bounded`: 28 frees exported for 17).
+#[test]
+fn a_label_partly_folded_away_at_exit_is_counted_once() {
+    let t0 = Instant::now();
+    let mut e = Exporter::new(cfg());
+    let stats = SelfStats::default();
+    let deep =
+        |caller: &str, calls, bytes| site("free", &["make_buf", "main", caller], calls, bytes);
+    let proc_with = |sites: Vec<SiteSnapshot>, exited: bool| ProcessSnapshot {
+        pid: 10,
+        labels: web_labels(),
+        calls: BTreeMap::from([("free", sites.iter().map(|s| s.calls).sum())]),
+        bytes: BTreeMap::from([("free", sites.iter().map(|s| s.bytes).sum())]),
+        sites,
+        exited_at: exited.then_some(t0),
+        ..Default::default()
+    };
+    let rounds = [
+        vec![deep("a", 11, 1100), deep("b", 6, 600)],
+        vec![
+            deep("a", 11, 1100),
+            SiteSnapshot {
+                frames: Vec::new().into(),
+                remainder: true,
+                ..deep("b", 6, 600)
+            },
+        ],
+    ];
+    let mut prev = String::new();
+    for (i, sites) in rounds.into_iter().enumerate() {
+        let out = render(
+            &mut e,
+            &[proc_with(sites, i == 1)],
+            &stats,
+            t0 + Duration::from_secs(i as u64),
+        );
+        assert_monotonic(&prev, &out);
+        let calls: f64 = samples(&out)
+            .iter()
+            .filter(|(k, _)| k.starts_with("allocwatch_site_alloc_calls_total{"))
+            .map(|(_, v)| v)
+            .sum();
+        assert_eq!(calls, 17.0, "round {i}:\n{out}");
+        assert!(
+            out.contains("site=\"make_buf ← main\",kind=\"free\"} 17"),
+            "round {i}:\n{out}"
+        );
         prev = out;
     }
 }
