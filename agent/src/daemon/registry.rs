@@ -806,11 +806,16 @@ impl Registry {
         let kinds: &[Kind] = if go { &LOADERS } else { &[Kind::Libc] };
         let proc = ProcessFiles { pid, comm, maps };
         let found = self.targets.attach_process(probes, &proc, kinds);
-        if found.iter().any(|t| matches!(t, Target::Libc(_))) {
+        if let Some(libc) = found.iter().find_map(|t| match t {
+            Target::Libc(l) => Some(l),
+            Target::Go(_) => None,
+        }) {
+            log::debug!("pid {pid}: libc {}", libc.path.display());
             self.libc_retry.remove(&pid);
         } else {
             let tries = self.libc_retry.entry(pid).or_default();
             *tries += 1;
+            log::debug!("pid {pid}: no libc mapped yet (look {tries})");
             if *tries > LIBC_RETRIES {
                 // A static program, or one that never maps a libc: nothing to attach.
                 self.libc_retry.remove(&pid);
