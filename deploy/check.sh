@@ -236,7 +236,7 @@ for c in containers:
     need(sc.get("allowPrivilegeEscalation") is False, f"{name}: allowPrivilegeEscalation must be false")
     need(sc.get("readOnlyRootFilesystem") is True, f"{name}: readOnlyRootFilesystem must be true")
     need(sc.get("runAsUser") == 0, f"{name}: runAsUser must be 0 (capabilities are effective only for root; the agent drops to 65532 itself)")
-    for cap in ("SETUID", "SETGID", "SETPCAP", "SYS_PTRACE", "CHECKPOINT_RESTORE"):
+    for cap in ("SETUID", "SETGID", "SETPCAP", "SYS_PTRACE"):
         need(cap in sc.get("capabilities", {}).get("add", []), f"{name}: {cap} is needed to drop privileges after startup")
     caps = sc.get("capabilities", {})
     need(caps.get("drop") == ["ALL"], f"{name}: capabilities.drop must be [ALL], is {caps.get('drop')}")

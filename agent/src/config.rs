@@ -151,7 +151,7 @@ pub struct Config {
     pub pprof: Pprof,
     pub kubernetes: Kubernetes,
     /// Keep running as the user and with the capabilities the agent started with, instead of
-    /// becoming user 65532 with only CAP_SYS_PTRACE and CAP_CHECKPOINT_RESTORE once its probes are attached (`privilege`).
+    /// becoming user 65532 with only CAP_SYS_PTRACE once its probes are attached (`privilege`).
     pub keep_privileges: bool,
 }
 
@@ -554,8 +554,7 @@ max_site_series = {max_site_series}
 mode = "{mode}"
 
 # Once its probes are attached, the agent becomes user and group 65532 and keeps only the
-# capabilities it still needs (CAP_SYS_PTRACE and CAP_CHECKPOINT_RESTORE on Linux >= 6.6;
-# deploy/README.md, "Required
+# capabilities it still needs (CAP_SYS_PTRACE on Linux >= 6.6; deploy/README.md, "Required
 # capabilities"), with no_new_privs. true: keep the user and capabilities it started with.
 keep_privileges = {keep_privileges}
 

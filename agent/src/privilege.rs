@@ -8,10 +8,7 @@
 //!   CAP_BPF (maps, program load), CAP_PERFMON (tracing program load), tracefs as root (the exec
 //!   tracepoint's id), CAP_SYS_PTRACE (/proc of other users' processes);
 //! - steady state: CAP_SYS_PTRACE to open `/proc/<pid>/{maps,exe,root/…}` of processes of other
-//!   users (every process, once the agent is not root) — it cannot be dropped;
-//!   CAP_CHECKPOINT_RESTORE (Linux ≥ 5.9) for `/proc/<pid>/map_files/`, the only way to the very
-//!   inode a process maps once that file was replaced on disk (a library upgraded under running
-//!   processes: probes on the new file never fire in them); CAP_PERFMON where
+//!   users (every process, once the agent is not root) — it cannot be dropped; CAP_PERFMON where
 //!   new attachments go through `perf_event_open` (no uprobe_multi links before Linux 6.6); CAP_BPF
 //!   where every bpf() command needs it (before 6.5 with unprivileged BPF disabled). On newer
 //!   kernels map reads, map updates and uprobe_multi links work on the descriptors the agent
@@ -45,11 +42,10 @@ const CAP_SYS_ADMIN: u32 = 21;
 const CAP_SYS_RESOURCE: u32 = 24;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
-const CAP_CHECKPOINT_RESTORE: u32 = 40;
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
 /// Every capability the agent may hold at some point, with why (for error lines and the log).
-const NAMES: [(u32, &str); 9] = [
+const NAMES: [(u32, &str); 8] = [
     (CAP_SETGID, "CAP_SETGID"),
     (CAP_SETUID, "CAP_SETUID"),
     (CAP_SETPCAP, "CAP_SETPCAP"),
@@ -58,7 +54,6 @@ const NAMES: [(u32, &str); 9] = [
     (CAP_SYS_RESOURCE, "CAP_SYS_RESOURCE"),
     (CAP_PERFMON, "CAP_PERFMON"),
     (CAP_BPF, "CAP_BPF"),
-    (CAP_CHECKPOINT_RESTORE, "CAP_CHECKPOINT_RESTORE"),
 ];
 
 /// What dropping needs at startup beyond what preflight checks (CAP_BPF, CAP_PERFMON), and why.
@@ -78,10 +73,6 @@ const NEEDED_TO_DROP: [(u32, &str); 4] = [
         "to drop the capabilities it no longer needs from its bounding set after startup",
     ),
 ];
-
-/// Why CAP_CHECKPOINT_RESTORE is kept (where the kernel has it).
-const MAP_FILES_WHY: &str = "to open /proc/<pid>/map_files/, the only way to the very file a \
-    process maps once it was replaced on disk (a library upgraded under running processes)";
 
 /// How long the threads get to answer one broadcast (each answers within microseconds unless
 /// the machine is starved).
@@ -167,20 +158,10 @@ impl Plan {
                 why,
             });
         }
-        // Kernels before 5.9 have no such capability: map_files needs CAP_SYS_ADMIN there,
-        // which the agent does not keep (a replaced file is then probed in its new version).
-        if last_cap >= CAP_CHECKPOINT_RESTORE && eff & bit(CAP_CHECKPOINT_RESTORE) == 0 {
-            return Err(PrivilegeError::Missing {
-                name: name(CAP_CHECKPOINT_RESTORE),
-                why: MAP_FILES_WHY,
-            });
-        }
         let release = read("/proc/sys/kernel/osrelease")?;
-        let mut keep = steady_state(kernel_version(&release));
-        if last_cap >= CAP_CHECKPOINT_RESTORE {
-            keep |= bit(CAP_CHECKPOINT_RESTORE);
-        }
-        Ok(Plan { keep })
+        Ok(Plan {
+            keep: steady_state(kernel_version(&release)),
+        })
     }
 
     /// Becomes [`UID`]/[`GID`] and keeps only [`Plan::keep`] in every thread. On an error the

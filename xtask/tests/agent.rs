@@ -1099,8 +1099,8 @@ fn runs_with_exactly_the_daemonset_capabilities() {
         );
         assert_eq!(field("NoNewPrivs"), "1", "{status_path}\n{status}");
     }
-    let kept = if keep == (1 << 19) | (1 << 40) {
-        "CAP_SYS_PTRACE, CAP_CHECKPOINT_RESTORE in all"
+    let kept = if keep == 1 << 19 {
+        "CAP_SYS_PTRACE in all"
     } else {
         "CAP_SYS_PTRACE"
     };
@@ -2736,8 +2736,8 @@ fn daemonset_capabilities() -> Vec<(String, u32)> {
         .collect()
 }
 
-/// What the agent keeps after startup on this kernel (agent/src/privilege.rs): CAP_SYS_PTRACE and
-/// CAP_CHECKPOINT_RESTORE (from 5.9), plus CAP_PERFMON before 6.6 (no uprobe_multi links) and CAP_BPF before 6.5.
+/// What the agent keeps after startup on this kernel (agent/src/privilege.rs): CAP_SYS_PTRACE,
+/// plus CAP_PERFMON before 6.6 (no uprobe_multi links) and CAP_BPF before 6.5.
 fn steady_state_capabilities() -> u64 {
     let release = fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
     let v = version_key(release.trim());
@@ -2746,14 +2746,6 @@ fn steady_state_capabilities() -> u64 {
         v.get(1).copied().unwrap_or(0),
     );
     let mut keep = 1u64 << 19;
-    // CAP_CHECKPOINT_RESTORE, where the kernel has it (5.9).
-    let last_cap: u32 = fs::read_to_string("/proc/sys/kernel/cap_last_cap")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0);
-    if last_cap >= 40 {
-        keep |= 1 << 40;
-    }
     if version < (6, 6) {
         keep |= 1 << 38;
     }

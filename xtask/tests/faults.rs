@@ -972,7 +972,7 @@ fn with_zeros(want: &BTreeMap<String, u64>, like: &BTreeMap<String, u64>) -> BTr
 
 /// "A libc upgrade": a copy of libc in a directory on LD_LIBRARY_PATH is replaced by rename
 /// while a process maps it. The process's calls are still counted (its old inode stays mapped)
-/// by an agent that was running, by one started after the rename, and by `top --pid` attached
+/// by an agent that was running (and had attached it), by one started after the rename, and by `top --pid` attached
 /// after it; processes started afterwards use the new file and are counted too (the first one
 /// once the agent has attached the new file).
 #[test]
@@ -999,14 +999,23 @@ fn libc_replaced_under_a_running_process() {
         Identity::of(&late_fx),
     );
 
-    // An agent running before and after the upgrade.
+    // An agent running before and after the upgrade. The upgrade waits until the agent has
+    // attached the copy the process maps: after its privilege drop the agent cannot reach a
+    // file replaced before it looked (/proc/<pid>/map_files is its owner's only), which it
+    // counts as attach failure "mapped file replaced" (deploy/README.md).
     let mut agent = Agent::start(&env, SELECT_AW);
+    let probes = agent.scrape().global("allocwatch_probes_attached", &[]);
     let mut old = Gated::spawn(&old_fx, &["wait-run".to_owned()], &ld_path);
     old.stderr.wait_for("ready ", Duration::from_secs(10));
     assert_maps(old.pid, &libc, false);
-    agent.scrape_until("the waiting process", Duration::from_secs(5), |m| {
-        m.value(&old_id, "allocwatch_processes", &[]) == Some(1.0)
-    });
+    agent.scrape_until(
+        "the waiting process and its libc's probes",
+        Duration::from_secs(5),
+        |m| {
+            m.value(&old_id, "allocwatch_processes", &[]) == Some(1.0)
+                && m.global("allocwatch_probes_attached", &[]) > probes
+        },
+    );
     upgrade();
     assert_maps(old.pid, &libc, true);
     // The first process of the new file waits until the agent has found it and attached the

@@ -819,6 +819,15 @@ impl Registry {
             if *tries > LIBC_RETRIES {
                 // A static program, or one that never maps a libc: nothing to attach.
                 self.libc_retry.remove(&pid);
+                if self.targets.take_libc_unreachable(pid) {
+                    log::warn!(
+                        "pid {pid} ({comm}): its libc was replaced on disk before the agent \
+                         could probe it, and the file it still maps is out of reach after the \
+                         privilege drop (/proc/{pid}/map_files): its calls are not counted \
+                         (--keep-privileges reaches it)"
+                    );
+                    self.targets.failed(AttachFailure::MappedFileReplaced);
+                }
             }
         }
         found.into_iter().find_map(|t| match t {

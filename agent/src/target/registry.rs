@@ -8,7 +8,7 @@
 //! its analysis, and its arms in [`Targets::find`], [`Attacher`] and [`Target::in_process`].
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     io,
     num::NonZeroU32,
     path::Path,
@@ -151,6 +151,9 @@ pub enum AttachFailure {
     DenylistFull,
     /// The exec tracepoint could not be attached.
     ExecTracepoint,
+    /// A process's libc was replaced on disk before its probes could be placed, and the
+    /// file it maps is out of the agent's reach (`/proc/<pid>/map_files` after the drop).
+    MappedFileReplaced,
     /// Anything else.
     Other,
 }
@@ -184,6 +187,7 @@ impl AttachFailure {
             Self::TooManyGoFunctions => "too many Go functions".into(),
             Self::DenylistFull => "denylist full".into(),
             Self::ExecTracepoint => "exec_tracepoint".into(),
+            Self::MappedFileReplaced => "mapped file replaced".into(),
             Self::Other => "other".into(),
         }
     }
@@ -215,6 +219,8 @@ pub struct Targets {
     /// Probe points attached.
     pub points_attached: u64,
     pub failures: BTreeMap<AttachFailure, u64>,
+    /// Processes whose last libc search found the mapped file out of reach.
+    libc_unreachable: HashSet<u32>,
 }
 
 impl Targets {
@@ -226,7 +232,14 @@ impl Targets {
             files: HashMap::new(),
             points_attached: 0,
             failures: BTreeMap::new(),
+            libc_unreachable: HashSet::new(),
         }
+    }
+
+    /// Whether `pid`'s last libc search failed because the file it maps was out of reach
+    /// (forgotten by this call).
+    pub fn take_libc_unreachable(&mut self, pid: u32) -> bool {
+        self.libc_unreachable.remove(&pid)
     }
 
     /// Counts a failure.
@@ -294,6 +307,15 @@ impl Targets {
                     exe_id,
                     &mut self.libc_search,
                 )
+                .inspect(|_| {
+                    self.libc_unreachable.remove(&proc.pid);
+                })
+                .inspect_err(|e| {
+                    log::debug!("pid {}: no libc: {e}", proc.pid);
+                    if matches!(e, TargetError::MappedFileUnavailable { .. }) {
+                        self.libc_unreachable.insert(proc.pid);
+                    }
+                })
                 .ok()?;
                 if self.files.contains_key(&(kind, libc.dev_inode)) {
                     return Some(libc.dev_inode);
