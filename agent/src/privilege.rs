@@ -6,7 +6,8 @@
 //! What each phase needs (measured on Linux 6.18, kernel sources for older kernels):
 //! - startup: CAP_SYS_RESOURCE (RLIMIT_MEMLOCK, kernels before 5.11; raised in preflight),
 //!   CAP_BPF (maps, program load), CAP_PERFMON (tracing program load), tracefs as root (the exec
-//!   tracepoint's id), CAP_SYS_PTRACE (/proc of other users' processes);
+//!   tracepoint's id), CAP_SYS_PTRACE (/proc of other users' processes), CAP_SYS_NICE
+//!   (optional: the exec-snapshot thread's real-time priority, `daemon::exec_snapshots`);
 //! - steady state: CAP_SYS_PTRACE to open `/proc/<pid>/{maps,exe,root/…}` of processes of other
 //!   users (every process, once the agent is not root) — it cannot be dropped; CAP_PERFMON where
 //!   new attachments go through `perf_event_open` (no uprobe_multi links before Linux 6.6); CAP_BPF
