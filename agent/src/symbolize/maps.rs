@@ -9,7 +9,7 @@ use std::fs::File;
 
 use crate::target::{
     TargetError,
-    maps::{MapEntry, read_maps},
+    maps::{DevInode, MapEntry, read_maps},
 };
 
 /// One executable mapping of `/proc/<pid>/maps`.
@@ -48,11 +48,22 @@ pub(super) fn snapshot_of(pid: u32, maps: &[MapEntry]) -> Vec<RawMapping> {
         .collect()
 }
 
-/// map_files names the exact mapped inode (survives replacement and deletion) but needs
-/// CAP_SYS_ADMIN; the root/ path still resolves through the process's mount namespace.
+/// The very file mapped in `m` (same device and inode), by the first way that reaches it:
+/// map_files names the exact mapped inode (survives replacement and deletion) but is out of
+/// reach after the privilege drop; the root/ path resolves through the process's mount
+/// namespace while the process lives; the plain path in ours needs neither, and still opens
+/// once the process has exited (a program that lives a millisecond is often gone by the time
+/// its maps, read at exec, are opened), so it is tried whenever it is the same file.
 fn open(pid: u32, m: &MapEntry, path: &str) -> Option<File> {
+    let same_file = |f: File| {
+        f.metadata()
+            .is_ok_and(|meta| DevInode::from_metadata(&meta) == m.dev_inode)
+            .then_some(f)
+            .ok_or_else(|| std::io::Error::other("another file under that path"))
+    };
     File::open(format!("/proc/{pid}/map_files/{}", m.map_files_name()))
-        .or_else(|_| File::open(format!("/proc/{pid}/root{path}")))
+        .or_else(|_| File::open(format!("/proc/{pid}/root{path}")).and_then(same_file))
+        .or_else(|_| File::open(path).and_then(same_file))
         .inspect_err(|err| log::debug!("pid {pid}: cannot open {path}: {err}"))
         .ok()
 }
