@@ -34,22 +34,19 @@ mod support;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    env, fs,
-    io::{Read as _, Write as _},
-    net::{TcpListener, TcpStream},
-    os::unix::fs::PermissionsExt as _,
+    fs,
+    io::Write as _,
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, ExitStatus, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
-use support::promtext::{Sample, Scrape, Value as PromValue};
+use support::agent::{Agent, Identity, Metrics};
 use support::{
-    API_TOTALS, APIS, Allocwatch, AllocwatchBin, BpfIds, KernelState, Lines, address_groups, array,
-    assert_no_crash, env_path, go_toolchains, libc_path, path_str, process_by_pid, read_json,
+    API_TOTALS, APIS, Allocwatch, AllocwatchBin, BpfIds, KernelState, Lines, Scratch,
+    address_groups, array, env_path, go_toolchains, libc_path, path_str, process_by_pid, read_json,
     serial, signal, str_at, u64_at, version_key, wait_child,
 };
 
@@ -106,8 +103,6 @@ const WINDOWS: usize = 6;
 
 /// What the issue allows for SIGTERM/SIGINT to detach.
 const DETACH_LIMIT: Duration = Duration::from_secs(1);
-
-const SERVING_PREFIX: &str = "allocwatch: agent serving on ";
 
 /// The agents of the exact tests trace only the tests' fixture copies (all named `aw_…`): on a
 /// shared machine, other programs (compilers) can fill the node-wide site table, and calls that
@@ -573,11 +568,11 @@ fn lossy_window(agent: &Agent, cause: &str, produced: u64, window: impl Fn(&Agen
     for _ in 0..WINDOWS {
         let lost0 = agent
             .scrape()
-            .global("allocwatch_events_lost_total", &[("cause", cause)]);
+            .global_sum("allocwatch_events_lost_total", &[("cause", cause)]);
         let seen = window(agent);
         let lost1 = agent
             .scrape()
-            .global("allocwatch_events_lost_total", &[("cause", cause)]);
+            .global_sum("allocwatch_events_lost_total", &[("cause", cause)]);
         let lost = (lost1 - lost0) as u64;
         assert!(
             seen + lost >= produced,
@@ -906,7 +901,7 @@ fn binary_replaced_while_traced() {
     let mut agent = Agent::start(&env, SELECT_AW);
     // Attaches the probes of the file at `path` now; returns the identity's growth so far.
     let warm = |agent: &Agent, what: &str| {
-        let probes = agent.scrape().global("allocwatch_probes_attached", &[]);
+        let probes = agent.scrape().global_sum("allocwatch_probes_attached", &[]);
         // Long enough for the agent to find it (a Go program that exits within milliseconds
         // is gone before the agent reads its executable: see the report).
         let mut warm = Command::new(&path)
@@ -916,7 +911,7 @@ fn binary_replaced_while_traced() {
             .spawn()
             .expect("starting the Go fixture");
         agent.scrape_until(what, Duration::from_secs(10), |m| {
-            m.global("allocwatch_probes_attached", &[]) > probes
+            m.global_sum("allocwatch_probes_attached", &[]) > probes
         });
         let _ = warm.kill();
         let _ = warm.wait();
@@ -1004,7 +999,7 @@ fn libc_replaced_under_a_running_process() {
     // file replaced before it looked (/proc/<pid>/map_files is its owner's only), which it
     // counts as attach failure "mapped file replaced" (deploy/README.md).
     let mut agent = Agent::start(&env, SELECT_AW);
-    let probes = agent.scrape().global("allocwatch_probes_attached", &[]);
+    let probes = agent.scrape().global_sum("allocwatch_probes_attached", &[]);
     let mut old = Gated::spawn(&old_fx, &["wait-run".to_owned()], &ld_path);
     old.stderr.wait_for("ready ", Duration::from_secs(10));
     assert_maps(old.pid, &libc, false);
@@ -1013,20 +1008,20 @@ fn libc_replaced_under_a_running_process() {
         Duration::from_secs(5),
         |m| {
             m.value(&old_id, "allocwatch_processes", &[]) == Some(1.0)
-                && m.global("allocwatch_probes_attached", &[]) > probes
+                && m.global_sum("allocwatch_probes_attached", &[]) > probes
         },
     );
     upgrade();
     assert_maps(old.pid, &libc, true);
     // The first process of the new file waits until the agent has found it and attached the
     // new file's probes: one that ran before that could not be counted (see the report).
-    let probes = agent.scrape().global("allocwatch_probes_attached", &[]);
+    let probes = agent.scrape().global_sum("allocwatch_probes_attached", &[]);
     let mut new = Gated::spawn(&new_fx, &["wait-run".to_owned()], &ld_path);
     new.stderr.wait_for("ready ", Duration::from_secs(10));
     assert_maps(new.pid, &libc, false);
     agent.scrape_until("the new libc's probes", Duration::from_secs(5), |m| {
         m.value(&new_id, "allocwatch_processes", &[]) == Some(1.0)
-            && m.global("allocwatch_probes_attached", &[]) > probes
+            && m.global_sum("allocwatch_probes_attached", &[]) > probes
     });
     signal(new.pid, libc::SIGUSR1);
     assert!(new.wait(Duration::from_secs(10)).success());
@@ -1389,386 +1384,6 @@ fn run_env(path: &Path, args: &[&str], env: &[(&str, String)]) -> ExitStatus {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The agent
-
-struct Agent {
-    child: Child,
-    stderr: Lines,
-    port: u16,
-    before: KernelState,
-    stopped: bool,
-}
-
-impl Agent {
-    /// `allocwatch agent --listen 127.0.0.1:PORT ARGS…`, answering `/healthz`.
-    fn start(env: &TestEnv, args: &[&str]) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("binding port 0")
-            .port();
-        let before = KernelState::snapshot();
-        let mut child = Command::new(&env.bin)
-            .args(["agent", "--listen", &format!("127.0.0.1:{port}")])
-            .args(args)
-            .env("RUST_BACKTRACE", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting the agent");
-        let stderr = Lines::follow(child.stderr.take().expect("stderr"));
-        let mut agent = Self {
-            child,
-            stderr,
-            port,
-            before,
-            stopped: false,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while get(port, "/healthz").is_err() {
-            if let Some(status) = agent.child.try_wait().expect("waitpid") {
-                agent.stopped = true;
-                thread::sleep(Duration::from_millis(50));
-                panic!(
-                    "the agent exited ({status}) before serving:\n{}",
-                    agent.stderr.text()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the agent does not answer after 60 s:\n{}",
-                agent.stderr.text()
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-        agent
-            .stderr
-            .wait_for(SERVING_PREFIX, Duration::from_secs(5));
-        agent
-    }
-
-    fn scrape(&self) -> Metrics {
-        // A scrape the busy tracer cannot answer in time before it rendered anything is a 503/500
-        // "still starting": Prometheus would scrape again, and so does this.
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let (status, body) = get(self.port, "/metrics").unwrap_or_else(|e| {
-                panic!("GET /metrics: {e}\nagent stderr:\n{}", self.stderr.text())
-            });
-            let text = String::from_utf8(body).expect("/metrics is UTF-8");
-            if status != 200 && text.contains("still starting") && Instant::now() < deadline {
-                thread::sleep(Duration::from_millis(200));
-                continue;
-            }
-            assert_eq!(status, 200, "/metrics: {text}");
-            return Metrics::parse(text);
-        }
-    }
-
-    fn try_scrape_until(
-        &self,
-        timeout: Duration,
-        ok: impl Fn(&Metrics) -> bool,
-    ) -> Option<Metrics> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let m = self.scrape();
-            if ok(&m) {
-                return Some(m);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn scrape_until(
-        &self,
-        what: &str,
-        timeout: Duration,
-        ok: impl Fn(&Metrics) -> bool,
-    ) -> Metrics {
-        self.try_scrape_until(timeout, ok).unwrap_or_else(|| {
-            let m = self.scrape();
-            panic!(
-                "no {what} in /metrics within {timeout:?}\nseries of the tests' programs:\n{}\n\
-                 {}\nagent stderr:\n{}",
-                m.aw_lines(),
-                m.self_stats(),
-                self.stderr.text()
-            )
-        })
-    }
-
-    /// The Go map growth of `id` once two scrapes 300 ms apart agree.
-    fn scrape_stable_grows(&self, id: &Identity) -> BTreeMap<String, u64> {
-        let mut last = self.scrape().go_map_grows(id);
-        for _ in 0..30 {
-            thread::sleep(Duration::from_millis(300));
-            let now = self.scrape().go_map_grows(id);
-            if now == last {
-                return now;
-            }
-            last = now;
-        }
-        panic!("the map growth of {id} keeps changing: {last:?}")
-    }
-
-    fn stop(&mut self) {
-        self.stop_within(libc::SIGTERM, Duration::from_secs(5));
-    }
-
-    /// `sig`: exit 0 within `limit`, no crash, every BPF object freed within `limit` of the
-    /// signal, nothing left in tracefs or bpffs.
-    fn stop_within(&mut self, sig: libc::c_int, limit: Duration) {
-        let pid = self.child.id();
-        let held = BpfIds::held_by(pid);
-        assert!(
-            !held.progs.is_empty(),
-            "the agent holds no BPF programs: {held:?}"
-        );
-        let t = Instant::now();
-        signal(pid, sig);
-        let status = wait_child(&mut self.child, limit + Duration::from_secs(5));
-        let took = t.elapsed();
-        self.stopped = true;
-        thread::sleep(Duration::from_millis(50));
-        let stderr = self.stderr.text();
-        let status = status.unwrap_or_else(|| panic!("the agent ignored signal {sig}:\n{stderr}"));
-        assert!(
-            status.success(),
-            "the agent exited with {status} after signal {sig}:\n{stderr}"
-        );
-        assert_no_crash(&stderr);
-        assert!(
-            took <= limit,
-            "the agent took {took:.2?} to exit after signal {sig} (limit {limit:?}):\n{stderr}"
-        );
-        held.assert_all_gone("the agent", limit.saturating_sub(took));
-        KernelState::snapshot().assert_nothing_added(&self.before);
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if !self.stopped {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// A GET on loopback (one request per connection, `Connection: close`, no chunking expected
-/// from the agent's fixed-length answers): (status, body).
-fn get(port: u16, path: &str) -> std::io::Result<(u16, Vec<u8>)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other("no end of the response head"))?;
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad head {head:?}")))?;
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    let body = raw[split + 4..].to_vec();
-    Ok((status, if chunked { dechunk(&body)? } else { body }))
-}
-
-fn dechunk(mut data: &[u8]) -> std::io::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let end = data
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or_else(|| std::io::Error::other("bad chunk"))?;
-        let size_text = String::from_utf8_lossy(&data[..end]);
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|_| std::io::Error::other(format!("bad chunk size {size_text:?}")))?;
-        data = &data[end + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        if data.len() < size + 2 {
-            return Err(std::io::Error::other("truncated chunk"));
-        }
-        out.extend_from_slice(&data[..size]);
-        data = &data[size + 2..];
-    }
-}
-
-/// A process identity as the agent labels it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Identity {
-    comm: String,
-    exe: String,
-}
-
-impl Identity {
-    /// Of a program started from `path`: comm is its file name cut to 15 bytes.
-    fn of(path: &Path) -> Self {
-        let name = path.file_name().expect("file name").to_string_lossy();
-        Self {
-            comm: name.chars().take(15).collect(),
-            exe: path_str(path).to_owned(),
-        }
-    }
-
-    fn matches(&self, s: &Sample) -> bool {
-        s.labels.get("comm") == Some(self.comm.as_str())
-            && s.labels.get("exe") == Some(self.exe.as_str())
-    }
-}
-
-impl std::fmt::Display for Identity {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{{comm=\"{}\", exe=\"{}\"}}", self.comm, self.exe)
-    }
-}
-
-/// A parsed `/metrics` (xtask's strict promtext reader), with its text for messages.
-struct Metrics {
-    text: String,
-    samples: Vec<Sample>,
-}
-
-impl Metrics {
-    fn parse(text: String) -> Self {
-        let scrape =
-            Scrape::parse(&text).unwrap_or_else(|e| panic!("/metrics does not parse: {e}\n{text}"));
-        Self {
-            text,
-            samples: scrape.samples,
-        }
-    }
-
-    fn of(&self, id: &Identity, family: &str) -> Vec<&Sample> {
-        self.samples
-            .iter()
-            .filter(|s| s.metric == family && id.matches(s))
-            .collect()
-    }
-
-    /// The one sample of `family` of `id` with the `extra` labels, if any.
-    fn value(&self, id: &Identity, family: &str, extra: &[(&str, &str)]) -> Option<f64> {
-        let found: Vec<f64> = self
-            .of(id, family)
-            .into_iter()
-            .filter(|s| extra.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-            .map(value)
-            .collect();
-        assert!(found.len() <= 1, "several {family}{extra:?} of {id}");
-        found.first().copied()
-    }
-
-    /// The sum of the samples of `family` of `id` with the `extra` labels (0 when none).
-    fn sum(&self, id: &Identity, family: &str, extra: &[(&str, &str)]) -> u64 {
-        self.of(id, family)
-            .into_iter()
-            .filter(|s| extra.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-            .map(|s| {
-                let v = value(s);
-                assert!(v >= 0.0 && v.fract() == 0.0, "{family} of {id}: {v}");
-                v as u64
-            })
-            .sum()
-    }
-
-    /// Every allocation and free call of `id`.
-    fn calls_of(&self, id: &Identity) -> u64 {
-        self.sum(id, "allocwatch_alloc_calls_total", &[])
-            + self.sum(id, "allocwatch_free_calls_total", &[])
-    }
-
-    /// A series of the agent's own (no identity labels); 0 when absent.
-    fn global(&self, family: &str, extra: &[(&str, &str)]) -> f64 {
-        self.samples
-            .iter()
-            .filter(|s| s.metric == family && s.labels.get("comm").is_none())
-            .filter(|s| extra.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-            .map(value)
-            .sum()
-    }
-
-    fn go_map_grows(&self, id: &Identity) -> BTreeMap<String, u64> {
-        self.of(id, "allocwatch_go_map_grows_total")
-            .iter()
-            .map(|s| {
-                (
-                    s.labels.get("kind").unwrap_or_default().to_owned(),
-                    value(s) as u64,
-                )
-            })
-            .filter(|(_, v)| *v > 0)
-            .collect()
-    }
-
-    fn lines_of(&self, id: &Identity) -> String {
-        let (comm, exe) = (
-            format!("comm=\"{}\"", id.comm),
-            format!("exe=\"{}\"", id.exe),
-        );
-        self.text
-            .lines()
-            .filter(|l| !l.starts_with('#') && l.contains(&comm) && l.contains(&exe))
-            .filter(|l| !l.contains("_bucket{"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    /// Series of the tests' fixture copies (comm `aw_…`), without histogram buckets.
-    fn aw_lines(&self) -> String {
-        self.text
-            .lines()
-            .filter(|l| l.contains("comm=\"aw_") && !l.contains("_bucket{"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    /// Series of processes whose comm is not `comm`.
-    fn foreign_lines(&self, comm: &str) -> String {
-        self.samples
-            .iter()
-            .filter(|s| s.labels.get("comm").is_some_and(|c| c != comm))
-            .map(|s| format!("{} {:?}", s.metric, s.labels))
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    /// The agent's loss, symbolization and fill series, for messages.
-    fn self_stats(&self) -> String {
-        self.text
-            .lines()
-            .filter(|l| {
-                l.starts_with("allocwatch_events_lost_total")
-                    || l.starts_with("allocwatch_map_fill_ratio")
-                    || l.starts_with("allocwatch_attach_failures_total")
-            })
-            .collect::<Vec<_>>()
-            .join("; ")
-    }
-}
-
-fn value(s: &Sample) -> f64 {
-    match &s.value {
-        PromValue::Counter(v) | PromValue::Gauge(v) | PromValue::Untyped(v) => *v,
-        other => panic!("{}: not a single value: {other:?}", s.metric),
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Environment
 
 struct TestEnv {
@@ -1935,39 +1550,5 @@ impl TestEnv {
 impl AllocwatchBin for TestEnv {
     fn bin(&self) -> &Path {
         &self.bin
-    }
-}
-
-/// A fresh directory of one test (removed at the end): fixture copies get unique `exe` labels.
-struct Scratch {
-    path: PathBuf,
-}
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let path = env::temp_dir().join(format!(
-            "allocwatch-faults-{}-{}-{name}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        // The canonical path: what /proc/PID/exe (the `exe` label) shows.
-        let path = path.canonicalize().expect("canonical temp dir");
-        Self { path }
-    }
-
-    fn copy(&self, src: &Path, name: &str) -> PathBuf {
-        let dst = self.path.join(name);
-        fs::copy(src, &dst).unwrap_or_else(|e| panic!("copying {}: {e}", src.display()));
-        fs::set_permissions(&dst, fs::Permissions::from_mode(0o755)).expect("chmod");
-        dst
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.path);
     }
 }

@@ -1,5 +1,5 @@
-//! Sharing the call-site table among the node's processes. While the table is under half full
-//! every process keeps every stack; past that, each may create at most 1/[`SHARE`] of its rows
+//! Sharing the call-site table among the node's processes. While the table is under three
+//! quarters full every process keeps every stack; past that, each may create at most 1/[`SHARE`] of its rows
 //! with a stack, and its further sites keep only their immediate caller (`stack_budget`). One
 //! long-running program without frame pointers (a shell, Debian's python3) makes endless
 //! garbage stacks: without a share it filled the table within a minute and every other process
@@ -22,9 +22,14 @@ const RECOUNT_EVERY: Duration = Duration::from_secs(1);
 pub const SHARE: u32 = 32;
 
 /// Fill (numerator / DENOM of the capacity) at which the shares start ...
-const ON: u64 = 4;
+///
+/// Three quarters, not half: a churn of short-lived programs without frame pointers (the soak's
+/// python3 one-liners) passed half the default table in bursts that the sweeper clears within
+/// seconds, and each burst cost the next programs their stacks; a quarter of the table is still
+/// left to everyone else when one runaway process is limited.
+const ON: u64 = 6;
 /// ... and below which (at a census) they are lifted.
-const OFF: u64 = 3;
+const OFF: u64 = 4;
 const DENOM: u64 = 8;
 
 /// Follows the site table's fill between censuses and sets the probe's per-process limit.
@@ -124,7 +129,7 @@ impl std::fmt::Display for Change {
         match self {
             Change::Limited { rows, per_process } => write!(
                 f,
-                "the call-site table holds {rows} rows (half full or more): from now on each \
+                "the call-site table holds {rows} rows (three quarters full or more): from now on each \
                  process keeps at most {per_process} sites with their stack, later sites keep \
                  their immediate caller (lost cause stack_budget; counts stay exact)"
             ),
@@ -142,15 +147,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn limits_at_half_and_lifts_below_three_eighths() {
+    fn limits_at_three_quarters_and_lifts_below_half() {
         let cap = 65_536;
-        assert_eq!(want(false, 32_767, cap), None);
-        assert_eq!(want(false, 32_768, cap), Some(true));
-        assert_eq!(want(true, 32_768, cap), None);
+        assert_eq!(want(false, 49_151, cap), None);
+        assert_eq!(want(false, 49_152, cap), Some(true));
+        assert_eq!(want(true, 49_152, cap), None);
         // Between the two thresholds nothing changes either way.
-        assert_eq!(want(true, 24_576, cap), None);
-        assert_eq!(want(false, 24_576, cap), None);
-        assert_eq!(want(true, 24_575, cap), Some(false));
+        assert_eq!(want(true, 32_768, cap), None);
+        assert_eq!(want(false, 32_768, cap), None);
+        assert_eq!(want(true, 32_767, cap), Some(false));
     }
 
     #[test]

@@ -819,7 +819,12 @@ impl Registry {
             if *tries > LIBC_RETRIES {
                 // A static program, or one that never maps a libc: nothing to attach.
                 self.libc_retry.remove(&pid);
-                if self.targets.take_libc_unreachable(pid) {
+                // Replaced: a file it maps is deleted (renamed over), and it still runs (an
+                // exiting process's files are out of reach too, and that is no failure).
+                let replaced = maps
+                    .iter()
+                    .any(|m| m.deleted && m.perms.exec && m.is_file());
+                if self.targets.take_libc_unreachable(pid) && replaced && !procfs::is_ending(pid) {
                     log::warn!(
                         "pid {pid} ({comm}): its libc was replaced on disk before the agent \
                          could probe it, and the file it still maps is out of reach after the \

@@ -236,7 +236,7 @@ impl Targets {
         }
     }
 
-    /// Whether `pid`'s last libc search failed because the file it maps was out of reach
+    /// Whether `pid`'s last libc search failed because a file it maps was out of reach
     /// (forgotten by this call).
     pub fn take_libc_unreachable(&mut self, pid: u32) -> bool {
         self.libc_unreachable.remove(&pid)
@@ -307,16 +307,13 @@ impl Targets {
                     exe_id,
                     &mut self.libc_search,
                 )
-                .inspect(|_| {
-                    self.libc_unreachable.remove(&proc.pid);
-                })
-                .inspect_err(|e| {
-                    log::debug!("pid {}: no libc: {e}", proc.pid);
-                    if matches!(e, TargetError::MappedFileUnavailable { .. }) {
-                        self.libc_unreachable.insert(proc.pid);
-                    }
-                })
-                .ok()?;
+                .inspect_err(|e| log::debug!("pid {}: no libc: {e}", proc.pid));
+                // Only this look counts: an earlier one may have raced with an exit.
+                self.libc_unreachable.remove(&proc.pid);
+                if let Err(TargetError::MappedFileUnavailable { .. }) = &libc {
+                    self.libc_unreachable.insert(proc.pid);
+                }
+                let libc = libc.ok()?;
                 if self.files.contains_key(&(kind, libc.dev_inode)) {
                     return Some(libc.dev_inode);
                 }

@@ -29,6 +29,8 @@ use serde_json::Value;
 #[path = "../../src/promtext.rs"]
 pub mod promtext;
 
+pub mod agent;
+
 /// The line `allocwatch top`/`leaks` prints once its probes are attached.
 pub const TRACING_PREFIX: &str = "allocwatch: tracing pid ";
 /// The start of allocwatch's one error line.
@@ -799,3 +801,41 @@ pub const APIS: &[&str] = &[
     "valloc",
     "pvalloc",
 ];
+
+/// A fresh directory of one test (removed at the end), `$TMPDIR/allocwatch-CRATE-PID-N-NAME`:
+/// fixture copies get unique `exe` labels.
+pub struct Scratch {
+    pub path: PathBuf,
+}
+
+impl Scratch {
+    pub fn new(name: &str) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let path = env::temp_dir().join(format!(
+            "allocwatch-{}-{}-{}-{name}",
+            env!("CARGO_CRATE_NAME"),
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        // The canonical path: it is what /proc/PID/exe (the `exe` label) shows.
+        let path = path.canonicalize().expect("canonical temp dir");
+        Self { path }
+    }
+
+    /// An executable copy of `src` named `name` in this directory.
+    pub fn copy(&self, src: &Path, name: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dst = self.path.join(name);
+        fs::copy(src, &dst).unwrap_or_else(|e| panic!("copying {}: {e}", src.display()));
+        fs::set_permissions(&dst, fs::Permissions::from_mode(0o755)).expect("chmod");
+        dst
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
