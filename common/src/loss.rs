@@ -6,7 +6,9 @@
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "user", derive(PartialOrd, Ord))]
 pub enum LossCause {
-    /// The per-thread in-flight table was full: the call was not counted.
+    /// The per-thread in-flight table was full: the call is counted (at its entry), but its
+    /// return is not seen, so its block is not entered in the live table (live bytes
+    /// under-count) and a failure is not counted as failed.
     PendingFull = 0,
     /// The live-allocation table was full: the allocation is counted but cannot be matched with
     /// its free, so live bytes under-count.
@@ -22,7 +24,10 @@ pub enum LossCause {
     /// The ring buffer had no room for a new-site notification: that site is symbolized late,
     /// or not at all if the process is gone by then.
     RingbufFull = 5,
-    /// A return probe fired without a matching entry (e.g. attached mid-call).
+    /// A call entered above an outer call of the same thread that never returned (a longjmp out
+    /// of a callback, or probes attached mid-call): the outer call, counted at its entry, loses
+    /// its return (its block is not entered in the live table). A return without any entry is
+    /// not counted: it has nothing to lose.
     OrphanReturn = 6,
     /// An allocation-size histogram table (libc or Go) was full: that allocation is counted
     /// but not in the histogram.

@@ -385,10 +385,11 @@ impl Worker {
         match self.processes.entry(pid) {
             Entry::Occupied(entry) => entry.into_mut().update(maps),
             Entry::Vacant(entry) => {
-                entry.insert(Process {
+                let p = entry.insert(Process {
                     maps,
                     noted_at: Instant::now(),
                 });
+                warm(&self.symbolizer, &self.files, &p.maps);
             }
         }
     }
@@ -432,6 +433,39 @@ impl Worker {
         }
         Ok(out)
     }
+}
+
+/// Parses the symbols of a newly noted process's executable now, off the scrape's path: a
+/// scrape names chains within `SYMBOLIZE_TIME` (daemon/snapshot.rs) and a cold file (DWARF) can
+/// take longer than that on a busy node, and the sites of a program that has already exited
+/// would then be exported in `other` for good (a counter's value cannot move to a site named
+/// later). Once per file: later lookups hit blazesym's cache.
+fn warm(symbolizer: &Symbolizer, files: &HashMap<FileKey, OpenFile>, maps: &[Mapping]) {
+    // The first file mapping is the executable (the kernel maps it first, at its lowest address
+    // for a non-PIE and first in /proc/PID/maps order for a PIE's load segment).
+    let Some(mapping) = maps.iter().find(|m| m.elf.is_some()) else {
+        return;
+    };
+    let Some(elf) = mapping.elf.and_then(|k| files.get(&k)) else {
+        return;
+    };
+    if !elf.frames.borrow().is_empty() {
+        return;
+    }
+    let frame = Frame {
+        module: Some(mapping.module.clone()),
+        offset: Some(mapping.offset),
+        ..Frame::unknown(mapping.start)
+    };
+    // Not counted: a warm-up, not a request.
+    let _ = resolve_in(
+        symbolizer,
+        elf,
+        mapping,
+        &frame,
+        mapping.offset,
+        &Counters::default(),
+    );
 }
 
 /// Our view of a snapshot, sorted by start address.
