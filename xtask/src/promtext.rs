@@ -10,10 +10,11 @@
 
 #![allow(
     dead_code,
-    reason = "shared by the soak, the integration tests and the agent's unit tests, each using a part"
+    reason = "shared by the soak, the integration tests and the agent's unit tests, each using \
+              a part"
 )]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// One series (a histogram's buckets together).
 #[derive(Clone, Debug, PartialEq)]
@@ -44,10 +45,6 @@ pub struct Labels(BTreeMap<String, String>);
 impl Labels {
     pub fn get(&self, name: &str) -> Option<&str> {
         self.0.get(name).map(String::as_str)
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
-        self.0.iter()
     }
 
     pub fn keys(&self) -> impl Iterator<Item = &String> {
@@ -93,7 +90,7 @@ impl Scrape {
         let mut samples = Vec::new();
         // Histogram series by (family, labels without `le`): index into `samples`.
         let mut hist: HashMap<(String, Labels), usize> = HashMap::new();
-        let mut seen: std::collections::HashSet<(String, Labels)> = Default::default();
+        let mut seen: HashSet<(String, Labels)> = HashSet::new();
         for (i, raw) in body.lines().enumerate() {
             let err = |what: String| ParseError { line: i + 1, what };
             let line = raw.trim();

@@ -1,6 +1,7 @@
 //! End-to-end tests of the node agent (`allocwatch agent`, issue 4) over HTTP: the real binary,
 //! real uprobes, real fixtures, and independent readers of what it serves (`promtext`, a strict
-//! reader of the text format, for /metrics, `go tool pprof` for the profiles, the `toml` crate for the config file).
+//! reader of the text format, for /metrics, `go tool pprof` for the profiles, the `toml` crate
+//! for the config file).
 //! `./x test` runs them as root and sets `ALLOCWATCH_BIN`, `ALLOCWATCH_FIXTURES` (the C fixture),
 //! `ALLOCWATCH_GO_FIXTURES` and `ALLOCWATCH_GO_TOOLCHAINS` (`$cache/go/toolchains.tsv`).
 //!
@@ -339,9 +340,9 @@ fn site_cardinality_is_bounded() {
 }
 
 /// Once the call-site table is three quarters full, one process may create only 1/32 of its rows
-/// with a stack (512 of 16,384): six processes holding 2,048 rows each bring the pressure, then another
-/// one's 1,024 distinct stacks (malloc + free each) go past its share, and every call is still
-/// counted exactly, the later ones at their immediate caller; `stack_budget` counts those.
+/// with a stack (512 of 16,384): six processes holding 2,048 rows each bring the pressure, then
+/// another one's 1,024 distinct stacks (malloc + free each) go past its share, and every call is
+/// still counted exactly, the later ones at their immediate caller; `stack_budget` counts those.
 #[test]
 fn site_share_under_pressure_keeps_counts_exact() {
     let env = TestEnv::get();

@@ -967,9 +967,9 @@ fn with_zeros(want: &BTreeMap<String, u64>, like: &BTreeMap<String, u64>) -> BTr
 
 /// "A libc upgrade": a copy of libc in a directory on LD_LIBRARY_PATH is replaced by rename
 /// while a process maps it. The process's calls are still counted (its old inode stays mapped)
-/// by an agent that was running (and had attached it), by one started after the rename, and by `top --pid` attached
-/// after it; processes started afterwards use the new file and are counted too (the first one
-/// once the agent has attached the new file).
+/// by an agent that was running (and had attached it), by one started after the rename, and by
+/// `top --pid` attached after it; processes started afterwards use the new file and are counted
+/// too (the first one once the agent has attached the new file).
 #[test]
 fn libc_replaced_under_a_running_process() {
     let env = TestEnv::get();

@@ -514,9 +514,9 @@ fn remedy(cause: LossCause, c: &Capacity) -> String {
         ),
         LossCause::StackBudget => format!(
             "the call-site table is three quarters full and a process made more distinct stacks \
-             than its share ({} rows, 1/{} of capacity.max_sites; code without frame pointers yields \
-             garbage stacks); its new sites keep only their immediate caller, counts stay \
-             exact; raise capacity.max_sites in the config file for a larger share",
+             than its share ({} rows, 1/{} of capacity.max_sites; code without frame pointers \
+             yields garbage stacks); its new sites keep only their immediate caller, counts \
+             stay exact; raise capacity.max_sites in the config file for a larger share",
             c.max_sites / pressure::SHARE,
             pressure::SHARE
         ),

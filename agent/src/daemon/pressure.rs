@@ -1,6 +1,7 @@
 //! Sharing the call-site table among the node's processes. While the table is under three
-//! quarters full every process keeps every stack; past that, each may create at most 1/[`SHARE`] of its rows
-//! with a stack, and its further sites keep only their immediate caller (`stack_budget`). One
+//! quarters full every process keeps every stack; past that, each may create at most
+//! 1/[`SHARE`] of its rows with a stack, and its further sites keep only their immediate caller
+//! (`stack_budget`). One
 //! long-running program without frame pointers (a shell, Debian's python3) makes endless
 //! garbage stacks: without a share it filled the table within a minute and every other process
 //! lost its per-site figures.
@@ -129,9 +130,9 @@ impl std::fmt::Display for Change {
         match self {
             Change::Limited { rows, per_process } => write!(
                 f,
-                "the call-site table holds {rows} rows (three quarters full or more): from now on each \
-                 process keeps at most {per_process} sites with their stack, later sites keep \
-                 their immediate caller (lost cause stack_budget; counts stay exact)"
+                "the call-site table holds {rows} rows (three quarters full or more): from now \
+                 on each process keeps at most {per_process} sites with their stack, later \
+                 sites keep their immediate caller (lost cause stack_budget; counts stay exact)"
             ),
             Change::Lifted { rows } => write!(
                 f,

@@ -443,29 +443,19 @@ impl Worker {
 fn warm(symbolizer: &Symbolizer, files: &HashMap<FileKey, OpenFile>, maps: &[Mapping]) {
     // The first file mapping is the executable (the kernel maps it first, at its lowest address
     // for a non-PIE and first in /proc/PID/maps order for a PIE's load segment).
-    let Some(mapping) = maps.iter().find(|m| m.elf.is_some()) else {
+    let Some(exe) = maps.iter().find(|m| m.elf.is_some()) else {
         return;
     };
-    let Some(elf) = mapping.elf.and_then(|k| files.get(&k)) else {
-        return;
-    };
-    if !elf.frames.borrow().is_empty() {
-        return;
+    // A file with a cached frame is parsed already. `resolve` looks up `addr - 1`: the
+    // mapping's first byte, cached, so the next process of this file skips this.
+    let cold = exe
+        .elf
+        .and_then(|k| files.get(&k))
+        .is_some_and(|f| f.frames.borrow().is_empty());
+    if cold {
+        // Not counted: a warm-up, not a request.
+        let _ = resolve(symbolizer, files, maps, exe.start + 1, &Counters::default());
     }
-    let frame = Frame {
-        module: Some(mapping.module.clone()),
-        offset: Some(mapping.offset),
-        ..Frame::unknown(mapping.start)
-    };
-    // Not counted: a warm-up, not a request.
-    let _ = resolve_in(
-        symbolizer,
-        elf,
-        mapping,
-        &frame,
-        mapping.offset,
-        &Counters::default(),
-    );
 }
 
 /// Our view of a snapshot, sorted by start address.

@@ -363,8 +363,8 @@ impl std::fmt::Display for Identity {
     }
 }
 
-/// A parsed `/metrics` body (xtask's strict promtext reader, an implementation of the text format independent
-/// of the agent's encoder), with the text for messages.
+/// A parsed `/metrics` body (xtask's strict promtext reader, an implementation of the text
+/// format independent of the agent's encoder), with the text for messages.
 pub struct Metrics {
     pub text: String,
     pub samples: Vec<Sample>,
