@@ -183,6 +183,102 @@ fn output_unchanged_by_tracing() {
     );
 }
 
+/// A Go newer than the version table (the newest build with its version patched to go1.99.x:
+/// same length, so the build info still parses): only what is safe without knowing the
+/// runtime's layout is traced (GC cycles and pauses, exact), one warning says so, no growth is
+/// read, and the program prints and exits as it does untraced.
+#[test]
+fn unknown_newer_go_traces_only_gc_pauses() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let b = env
+        .builds
+        .iter()
+        .filter(|b| !b.stripped && !b.noswissmap)
+        .max_by_key(|b| minor(&b.version))
+        .expect("a Go build");
+    let minor_digits = minor(&b.version).to_string().len();
+    // "1.27.3" -> "1.99.3"
+    let patched = format!(
+        "1.{}{}",
+        "9".repeat(minor_digits),
+        &b.version[2 + minor_digits..]
+    );
+    let bytes = fs::read(&b.path).unwrap_or_else(|e| panic!("{}: {e}", b.path.display()));
+    let (from, to) = (format!("go{}", b.version), format!("go{patched}"));
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut rest = &bytes[..];
+    let mut replaced = 0;
+    while let Some(i) = rest.windows(from.len()).position(|w| w == from.as_bytes()) {
+        out.extend_from_slice(&rest[..i]);
+        out.extend_from_slice(to.as_bytes());
+        rest = &rest[i + from.len()..];
+        replaced += 1;
+    }
+    out.extend_from_slice(rest);
+    assert!(replaced > 0, "{from} not found in {}", b.path.display());
+    let bin = temp_file(&format!("growth-{patched}"));
+    fs::write(&bin, &out).expect("writing the patched fixture");
+    fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+
+    let warning = format!(
+        "allocwatch: warning: Go {to} is newer than the newest runtime this allocwatch knows"
+    );
+    for modes in [&["map_big", "ints", "structs"][..], &["gc"]] {
+        let plain = run_untraced(&bin, modes);
+        let t = trace(&env, &bin, modes);
+        assert_eq!(
+            t.stdout, plain.stdout,
+            "stdout traced vs untraced ({modes:?})"
+        );
+        assert_eq!(
+            t.process["exit_code"],
+            plain.status.code().map_or(Value::Null, Value::from),
+            "exit code traced vs untraced"
+        );
+        let warned: Vec<&str> = t
+            .stderr
+            .lines()
+            .filter(|l| l.starts_with(&warning))
+            .collect();
+        assert_eq!(warned.len(), 1, "one warning `{warning}…` in\n{}", t.stderr);
+        assert_eq!(
+            warned[0].matches("only GC pauses are traced").count(),
+            1,
+            "the warning says once what is traced: {}",
+            warned[0]
+        );
+        let go = t.go();
+        assert_eq!(go["version"], Value::from(to.clone()), "{}", t.summary());
+        assert_eq!(go["runtime_measured"], false, "{}", t.summary());
+        for zero in ["slice_grows", "large_allocs", "map_grow_bytes"] {
+            assert_eq!(
+                u64_at(go, zero),
+                0,
+                "{zero}: growth is not read\n{}",
+                t.summary()
+            );
+        }
+        assert!(t.sites().is_empty(), "no growth sites\n{}", t.summary());
+        if modes == ["gc"] {
+            let line = t
+                .stdout
+                .lines()
+                .find(|l| l.starts_with("gc cycles="))
+                .unwrap_or_else(|| panic!("no `gc cycles=` line in\n{}", t.stdout));
+            let numgc = field(line, "numgc").parse::<u64>().expect("numgc");
+            assert_eq!(u64_at(go, "gc_cycles"), numgc, "GC cycles\n{}", t.summary());
+            assert_eq!(
+                u64_at(&go["gc_pause_seconds"], "count"),
+                2 * numgc,
+                "two STW phases per cycle\n{}",
+                t.summary()
+            );
+        }
+    }
+    let _ = fs::remove_file(&bin);
+}
+
 /// `map_big`, old (bucket) maps: exactly the hashGrow calls Go's load factor gives for 70,000
 /// inserts, attributed to main.fillMapBig, on one map instance that ends at B = 14.
 #[test]
@@ -1375,6 +1471,8 @@ fn run_untraced(bin: &Path, modes: &[&str]) -> Untraced {
 struct Traced {
     /// The fixture's stdout (allocwatch writes its report to F).
     stdout: String,
+    /// allocwatch's stderr and the fixture's (they share it).
+    stderr: String,
     /// The process's entry in the report.
     process: Value,
 }
@@ -1390,6 +1488,7 @@ fn trace(env: &TestEnv, bin: &Path, modes: &[&str]) -> Traced {
     let status = aw.wait_exit(Duration::from_secs(120));
     aw.assert_success(status);
     let stdout = aw.stdout();
+    let stderr = aw.stderr.text();
     let report = read_json(&out);
     let processes = array(&report, "processes");
     assert_eq!(processes.len(), 1, "one process traced\n{report:#}");
@@ -1400,7 +1499,11 @@ fn trace(env: &TestEnv, bin: &Path, modes: &[&str]) -> Traced {
         process["go"].is_object(),
         "no `go` object for a Go program:\n{process:#}"
     );
-    Traced { stdout, process }
+    Traced {
+        stdout,
+        stderr,
+        process,
+    }
 }
 
 impl Traced {

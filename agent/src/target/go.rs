@@ -92,33 +92,30 @@ pub fn for_exe(path: &Path, set: GoProbeSet) -> Result<Option<GoTarget>, TargetE
     let mut warnings = Vec::new();
     let lookup = match versions::lookup(&version) {
         Ok(l) => l,
-        Err(Unsupported::TooNew { safe, .. }) => {
-            warnings.push(format!(
-                "{}: only GC pauses are traced",
-                Unsupported::TooNew {
-                    version: version.raw.clone(),
-                    safe: Vec::new()
-                }
-            ));
+        Err(e) => {
+            let why = e.to_string();
+            // An unknown newer version keeps the rows that are safe as counts and timestamps
+            // (the error's text says so); anything else traces nothing of the runtime.
+            let Unsupported::TooNew { safe, .. } = e else {
+                warnings.push(format!("{why}: the Go runtime is not traced"));
+                return Ok(Some(GoTarget {
+                    path: path.to_owned(),
+                    maps: versions::map_impl(&version),
+                    version,
+                    measured: false,
+                    probes: Vec::new(),
+                    mallocgc: None,
+                    pie: false,
+                    gc_stop_callers: Vec::new(),
+                    warnings,
+                }));
+            };
+            warnings.push(why);
             versions::Lookup {
                 maps: versions::map_impl(&version),
                 funcs: safe,
                 measured: false,
             }
-        }
-        Err(e) => {
-            warnings.push(format!("{e}: the Go runtime is not traced"));
-            return Ok(Some(GoTarget {
-                path: path.to_owned(),
-                maps: versions::map_impl(&version),
-                version,
-                measured: false,
-                probes: Vec::new(),
-                mallocgc: None,
-                pie: false,
-                gc_stop_callers: Vec::new(),
-                warnings,
-            }));
         }
     };
     let tab = Pclntab::open(path)
