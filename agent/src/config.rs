@@ -14,7 +14,9 @@ use serde::{Deserialize, Deserializer};
 use crate::{
     probes::{Capacity, Mode},
     serve::{
+        ServeConfig,
         http::Limits,
+        metrics::MetricsConfig,
         web_config::{WebConfig, WebConfigError},
     },
     values::{self, CountLimit, ValueError},
@@ -472,6 +474,26 @@ impl Config {
         set(&mut self.kubernetes.enabled, o.kubernetes);
         set(&mut self.keep_privileges, o.keep_privileges);
         self.validate()
+    }
+
+    /// What the HTTP server and the exporter take from the configuration.
+    pub fn serve_config(&self) -> ServeConfig {
+        ServeConfig {
+            metrics: MetricsConfig {
+                ttl: self.ttl,
+                top_k: self.top_k,
+                max_site_series: self.max_site_series,
+                live: self.mode.tracks_live(),
+            },
+            pprof: self.pprof.enabled,
+            limits: Limits {
+                header_timeout: self.http.header_timeout,
+                idle_timeout: self.http.idle_timeout,
+                request_timeout: self.http.request_timeout,
+                max_connections: self.http.max_connections,
+            },
+            web_config: self.web_config.clone(),
+        }
     }
 
     /// Checks what the value parsers (`values`) do not: the HTTP limits are sane and the web

@@ -26,9 +26,9 @@ use crate::{
     frames::FrameCache,
     gostate::GoState,
     k8s::{cgroup, pods::PodCache, watch::PodUpdate},
+    model::ProcessLabels,
     probes::Probes,
     procfs,
-    serve::model::ProcessLabels,
     symbolize::SymbolizerHandle,
     target::{
         go::{GoProbeSet, GoTarget},
