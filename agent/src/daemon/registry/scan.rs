@@ -10,7 +10,10 @@ use std::{
 
 use super::{Proc, Registry};
 use crate::{
-    daemon::sweep::{Fate, StepResult},
+    daemon::{
+        retained::Retained,
+        sweep::{Fate, StepResult},
+    },
     frames::FrameCache,
     probes::Probes,
     symbolize::SymbolizerHandle,
@@ -225,29 +228,18 @@ impl Registry {
         let Some(p) = self.procs.get_mut(&pid).filter(|p| p.exited_at.is_some()) else {
             return Ok(());
         };
-        let folded = p.retained.compact(keep);
-        frames.forget_chains(pid, folded.iter().map(|k| (k.stack_id, k.ret_addr)));
+        fold(&mut p.retained, keep, pid, frames);
         if let Some(go) = &mut p.go {
             let folded = go.compact(keep);
             frames.forget_chains(pid, folded.iter().map(|k| (k.stack_id, k.ret_addr)));
         }
-        let libc = p
-            .retained
-            .rows
-            .iter()
-            .map(|(k, _)| (k.stack_id, k.ret_addr));
-        name_chains(frames, probes, symbolizer, pid, libc).await?;
+        name_chains(frames, probes, symbolizer, pid, chains(&p.retained)).await?;
         if let Some(go) = &p.go {
             let go = go.sites.keys().map(|k| (k.stack_id, k.ret_addr));
             name_chains(frames, probes, symbolizer, pid, go).await?;
         }
         for i in self.past.get(&pid).into_iter().flatten() {
-            let rows = i
-                .retained
-                .rows
-                .iter()
-                .map(|(k, _)| (k.stack_id, k.ret_addr));
-            name_chains(frames, probes, symbolizer, pid, rows).await?;
+            name_chains(frames, probes, symbolizer, pid, chains(&i.retained)).await?;
         }
         frames.forget_raw(pid);
         Ok(())
@@ -266,19 +258,25 @@ impl Registry {
         let Some(i) = self.past_image_mut(pid, image) else {
             return Ok(());
         };
-        let folded = i.retained.compact(keep);
-        frames.forget_chains(pid, folded.iter().map(|k| (k.stack_id, k.ret_addr)));
-        let rows = i
-            .retained
-            .rows
-            .iter()
-            .map(|(k, _)| (k.stack_id, k.ret_addr));
-        name_chains(frames, probes, symbolizer, pid, rows).await?;
+        fold(&mut i.retained, keep, pid, frames);
+        name_chains(frames, probes, symbolizer, pid, chains(&i.retained)).await?;
         // None of its rows is in the kernel any more: a row made at the same key from now on
         // is the running image's.
         i.keys = HashSet::new();
         Ok(())
     }
+}
+
+/// Cuts `retained` down to its `keep` largest rows; the chains of those folded away are
+/// forgotten.
+fn fold(retained: &mut Retained, keep: usize, pid: u32, frames: &mut FrameCache) {
+    let folded = retained.compact(keep);
+    frames.forget_chains(pid, folded.iter().map(|k| (k.stack_id, k.ret_addr)));
+}
+
+/// The (stack id, return address) of each row of `retained`.
+fn chains(retained: &Retained) -> impl Iterator<Item = (i64, u64)> + '_ {
+    retained.rows.iter().map(|(k, _)| (k.stack_id, k.ret_addr))
 }
 
 /// Names (and caches) the call chains of `pid`'s rows, given as (stack id, return address).
@@ -309,7 +307,7 @@ fn forgettable(to_forget: &mut HashSet<u32>, procs: &HashMap<u32, Proc>) -> Hash
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{daemon::retained::Retained, k8s::cgroup, model::ProcessLabels};
+    use crate::{k8s::cgroup, model::ProcessLabels};
 
     /// Rows of a pid that is registered again (reused by a selected process) are its own.
     #[test]
