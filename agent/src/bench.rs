@@ -10,10 +10,8 @@ use std::{
 };
 
 use crate::{
-    serve::{
-        metrics::{Exporter, MetricsConfig},
-        model::{Histogram, ProcessLabels, ProcessSnapshot, SelfStats, SiteSnapshot},
-    },
+    model::{Histogram, ProcessLabels, ProcessSnapshot, SelfStats, SiteSnapshot},
+    serve::metrics::{Exporter, MetricsConfig},
     symbolize::{Frame, SymbolizerHandle},
 };
 

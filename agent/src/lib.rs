@@ -13,6 +13,7 @@ pub mod gort;
 pub mod gostate;
 pub mod k8s;
 pub mod launch;
+pub mod model;
 pub mod pipeline;
 pub mod preflight;
 pub mod privilege;

@@ -10,12 +10,9 @@ use std::{
     time::Duration,
 };
 
-use allocwatch::serve::{
-    ServeConfig,
-    http::Limits,
-    metrics::MetricsConfig,
-    model::{ProcessLabels, ProcessSnapshot, SelfStats, SnapshotSource},
-    serve_with,
+use allocwatch::{
+    model::{ProcessLabels, ProcessSnapshot, SelfStats},
+    serve::{ServeConfig, SnapshotSource, http::Limits, metrics::MetricsConfig, serve_with},
 };
 use libfuzzer_sys::fuzz_target;
 

@@ -40,18 +40,20 @@ pub fn build(paths: &Paths) -> anyhow::Result<Built> {
 /// real optimizer (see the comment at the top of libc_fixture.c); -g for file:line.
 const CFLAGS: &[&str] = &["-O1", "-g", "-fno-omit-frame-pointer", "-Wall", "-Wextra"];
 
-/// Compiles every C fixture whose binary is missing or older than its source; returns the
-/// output directory.
+/// Compiles every C fixture whose binary is missing or older than its source or a shared
+/// header (fixtures/c/*.h); returns the output directory.
 fn build_c(paths: &Paths) -> anyhow::Result<PathBuf> {
     let src_dir = paths.root.join("fixtures/c");
     let out_dir = paths.fixtures_out();
     fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    for src in c_sources(&src_dir)? {
+    let headers = files_ending(&src_dir, "h")?;
+    for src in files_ending(&src_dir, "c")? {
         let stem = src
             .file_stem()
             .ok_or_else(|| anyhow!("no file name: {}", src.display()))?;
         let out = out_dir.join(stem);
-        if is_stale(&src, &out)? {
+        let inputs = std::iter::once(&src).chain(&headers);
+        if is_stale(inputs, &out)? {
             cmd::run(
                 Command::new("gcc")
                     .args(CFLAGS)
@@ -64,17 +66,19 @@ fn build_c(paths: &Paths) -> anyhow::Result<PathBuf> {
     Ok(out_dir)
 }
 
-fn c_sources(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+/// The files of `dir` with extension `ext`, sorted.
+fn files_ending(dir: &Path, ext: &str) -> anyhow::Result<Vec<PathBuf>> {
     let mut sources: Vec<PathBuf> = fs::read_dir(dir)
         .with_context(|| format!("listing {}", dir.display()))?
         .filter_map(|e| Some(e.ok()?.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "c"))
+        .filter(|p| p.extension().is_some_and(|e| e == ext))
         .collect();
     sources.sort();
     Ok(sources)
 }
 
-fn is_stale(src: &Path, out: &Path) -> anyhow::Result<bool> {
+/// Whether `out` is missing or older than one of `inputs`.
+fn is_stale<'a>(inputs: impl IntoIterator<Item = &'a PathBuf>, out: &Path) -> anyhow::Result<bool> {
     let modified = |p: &Path| -> anyhow::Result<SystemTime> {
         fs::metadata(p)
             .and_then(|m| m.modified())
@@ -83,5 +87,11 @@ fn is_stale(src: &Path, out: &Path) -> anyhow::Result<bool> {
     if !out.exists() {
         return Ok(true);
     }
-    Ok(modified(src)? > modified(out)?)
+    let built = modified(out)?;
+    for input in inputs {
+        if modified(input)? > built {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }

@@ -27,7 +27,7 @@ use crate::{
     k8s::watch::PodUpdate,
     pipeline::{Handler, Parts, Pipeline},
     probes::{Capacity, Filter, ProbeConfig, Probes},
-    serve::{ServeConfig, metrics::Exporter},
+    serve::metrics::Exporter,
     symbolize::SymbolizerHandle,
     target::{go::GoProbeSet, registry::AttachFailure},
 };
@@ -228,7 +228,7 @@ impl State {
             losses: LossWatch::default(),
             fills: BTreeMap::new(),
             next_census: now,
-            exporter: Exporter::new(ServeConfig::from_config(cfg).metrics),
+            exporter: Exporter::new(cfg.serve_config().metrics),
             keep_detail: cfg.ttl.min(DETAIL_KEPT),
             pressure: SitePressure::new(cfg.capacity.max_sites),
         })

@@ -38,12 +38,10 @@ use tokio::{
 use self::select::Selector;
 use crate::{
     config::Config,
-    k8s, privilege,
-    serve::{
-        self, ServeConfig,
-        metrics::MetricsError,
-        model::{ProcessSnapshot, SelfStats, SnapshotSource},
-    },
+    k8s,
+    model::{ProcessSnapshot, SelfStats},
+    privilege,
+    serve::{self, SnapshotSource, metrics::MetricsError},
 };
 
 /// How long a scrape waits for a fresh snapshot before it serves the last one.
@@ -209,7 +207,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
 
     // Read while still root: a TLS key may be readable by root alone.
-    let serve_cfg = ServeConfig::from_config(&cfg);
+    let serve_cfg = cfg.serve_config();
     let web = serve::load_web_config(&serve_cfg)?;
     // Probes loaded and attached: from here on the agent runs as an unprivileged user.
     if let Some(plan) = privileges {

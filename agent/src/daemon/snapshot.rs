@@ -1,4 +1,4 @@
-//! Turning kernel maps and Go state into the export model (`serve::model`).
+//! Turning kernel maps and Go state into the export model (`model`).
 
 use std::{
     collections::BTreeMap,
@@ -18,9 +18,9 @@ use crate::{
     collect,
     frames::FrameCache,
     gostate::{GoState, Pauses},
+    model::{GoSnapshot, Histogram, ProcessSnapshot, SelfStats, SiteSnapshot},
     pipeline::LoopStats,
     probes::Probes,
-    serve::model::{GoSnapshot, Histogram, ProcessSnapshot, SelfStats, SiteSnapshot},
     symbolize::Frame,
     symbolize::SymbolizerHandle,
 };

@@ -9,7 +9,7 @@ use super::{
     flame::{self, FlameError, FlameWeight},
     pprof,
 };
-use crate::serve::model::{ProcessSnapshot, SiteSnapshot};
+use crate::model::{ProcessSnapshot, SiteSnapshot};
 
 /// Writes the rendered report to `output`, or prints it.
 pub fn write_report(output: Option<&Path>, rendered: String) -> anyhow::Result<()> {

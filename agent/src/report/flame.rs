@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, io::Write};
 use inferno::flamegraph::{self, Options};
 
 use super::pprof::function_name;
-use crate::{serve::model::SiteSnapshot, symbolize::Frame};
+use crate::{model::SiteSnapshot, symbolize::Frame};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FlameError {

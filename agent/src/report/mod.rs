@@ -155,8 +155,8 @@ pub fn human_bytes(b: u64) -> String {
 }
 
 /// The report as the export model, for the pprof and flamegraph writers.
-pub fn snapshot_of(r: &TopReport) -> crate::serve::model::ProcessSnapshot {
-    use crate::serve::model::{ProcessLabels, ProcessSnapshot, SiteSnapshot};
+pub fn snapshot_of(r: &TopReport) -> crate::model::ProcessSnapshot {
+    use crate::model::{ProcessLabels, ProcessSnapshot, SiteSnapshot};
     let mut snap = ProcessSnapshot {
         pid: r.info.pid,
         labels: ProcessLabels {

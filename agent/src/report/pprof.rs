@@ -23,7 +23,7 @@ use libdd_profiling_protobuf::prost_impls::{
 };
 
 use crate::{
-    serve::model::{ProcessSnapshot, SiteSnapshot},
+    model::{ProcessSnapshot, SiteSnapshot},
     symbolize::Frame,
 };
 
@@ -391,7 +391,7 @@ pub(crate) mod tests {
     use flate2::read::GzDecoder;
 
     use super::*;
-    use crate::serve::model::ProcessLabels;
+    use crate::model::ProcessLabels;
 
     fn frame(function: &str, file: &str, line: u32, address: u64) -> Frame {
         Frame {

@@ -12,7 +12,6 @@
 
 pub mod http;
 pub mod metrics;
-pub mod model;
 pub mod web_config;
 
 use std::{
@@ -35,12 +34,11 @@ use tokio::{net::TcpListener, sync::watch};
 
 use self::{
     http::Limits,
-    metrics::{Exporter, MetricsConfig},
-    model::{ProcessSnapshot, SnapshotSource},
+    metrics::{Exporter, MetricsConfig, MetricsError},
     web_config::{WebConfigError, WebConfigWatch},
 };
 use crate::{
-    config::Config,
+    model::{ProcessSnapshot, SelfStats},
     report::pprof::{self, DefaultSample, ProfileOptions},
 };
 
@@ -59,7 +57,8 @@ pub enum ServeError {
     WebConfig(#[from] WebConfigError),
 }
 
-/// What the server needs from the configuration.
+/// What the server needs from the configuration (`Config::serve_config` builds it: the server
+/// knows nothing of the config file).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServeConfig {
     pub metrics: MetricsConfig,
@@ -71,24 +70,26 @@ pub struct ServeConfig {
     pub web_config: Option<PathBuf>,
 }
 
-impl ServeConfig {
-    pub fn from_config(c: &Config) -> Self {
-        ServeConfig {
-            metrics: MetricsConfig {
-                ttl: c.ttl,
-                top_k: c.top_k,
-                max_site_series: c.max_site_series,
-                live: c.mode.tracks_live(),
-            },
-            pprof: c.pprof.enabled,
-            limits: Limits {
-                header_timeout: c.http.header_timeout,
-                idle_timeout: c.http.idle_timeout,
-                request_timeout: c.http.request_timeout,
-                max_connections: c.http.max_connections,
-            },
-            web_config: c.web_config.clone(),
-        }
+/// Where the exporter gets its data. Called once per scrape or profile request, from a
+/// blocking thread: it may take locks, but should copy and return quickly.
+///
+/// Keep an exited process listed (with `exited_at`) until its TTL has passed; the exporter
+/// drops it then, and also copes with a source that drops it earlier (its series are then kept
+/// frozen for the TTL). Once dropped, a pid may come back only as a new process.
+pub trait SnapshotSource: Send + Sync + 'static {
+    fn snapshot(&self) -> (Vec<ProcessSnapshot>, SelfStats);
+
+    /// `/healthz`: whether the source is working; the error says why not. Must not block.
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// `/metrics` rendered by the source itself (the daemon keeps the exporter next to its
+    /// processes, so that a process leaves its identity with its final values at once);
+    /// `None`: the server renders [`Self::snapshot`] with an exporter of its own.
+    /// `started` is when the scrape began.
+    fn metrics(&self, _started: Instant) -> Option<Result<String, MetricsError>> {
+        None
     }
 }
 

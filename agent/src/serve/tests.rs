@@ -12,11 +12,12 @@ use flate2::read::GzDecoder;
 use libdd_profiling_protobuf::prost_impls::{Message as _, Profile};
 use tokio::{sync::oneshot, task::JoinHandle};
 
-use super::{
-    model::{ProcessLabels, SelfStats, SiteSnapshot},
-    *,
+use super::*;
+use crate::{
+    model::{ProcessLabels, SiteSnapshot},
+    report::pprof::tests::pprof_top,
+    symbolize::Frame,
 };
-use crate::{report::pprof::tests::pprof_top, symbolize::Frame};
 
 /// A source whose snapshot the test changes.
 pub(super) struct Fake(pub Mutex<Vec<ProcessSnapshot>>);
@@ -307,7 +308,7 @@ async fn bind_failure_is_an_error() {
     let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = taken.local_addr().unwrap();
     let src: Arc<dyn SnapshotSource> = Arc::new(Fake(Mutex::new(Vec::new())));
-    let cfg = ServeConfig::from_config(&Config::default());
+    let cfg = config(false);
     let err = serve(addr, src, cfg, async {}).await.unwrap_err();
     assert!(matches!(err, ServeError::Bind { .. }), "{err}");
 }

@@ -28,6 +28,7 @@ use crate::{
     cli::CommonArgs,
     frames::FrameCache,
     gostate::GoState,
+    model::SiteSnapshot,
     pipeline::Pipeline,
     preflight,
     probes::{Capacity, Filter, ProbeConfig, Probes},
@@ -37,7 +38,6 @@ use crate::{
         files::{write_flamegraph, write_pprof, write_report},
         flame::FlameWeight,
     },
-    serve::model::SiteSnapshot,
     symbolize::SymbolizerHandle,
     target::{TargetError, maps::DevInode},
 };

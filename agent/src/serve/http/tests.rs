@@ -20,10 +20,9 @@ use tokio::{
 };
 
 use super::Limits;
+use crate::model::{ProcessSnapshot, SelfStats};
 use crate::serve::{
-    ServeConfig, ServeError,
-    model::{ProcessSnapshot, SelfStats, SnapshotSource},
-    serve_on,
+    ServeConfig, ServeError, SnapshotSource, serve_on,
     tests::{Reply, config, parse_reply, process},
     web_config::tests::{Pki, Scratch},
 };

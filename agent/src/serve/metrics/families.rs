@@ -10,7 +10,7 @@ use prometheus::proto::{self, LabelPair, Metric, MetricFamily, MetricType};
 use super::Exporter;
 use super::identity::{Counters, Hist, Identity, Key};
 use super::labels::label;
-use crate::serve::model::SelfStats;
+use crate::model::SelfStats;
 
 /// A family's Prometheus type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -12,7 +12,7 @@ use prometheus::proto::LabelPair;
 
 use super::labels::identity_labels;
 use super::{HYSTERESIS, OTHER_SITE, SCORE_DECAY};
-use crate::serve::model::{Histogram, ProcessLabels, ProcessSnapshot};
+use crate::model::{Histogram, ProcessLabels, ProcessSnapshot};
 
 /// One histogram bound, stored as its bit pattern so that it can key a map.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]

@@ -6,8 +6,11 @@ use prometheus::proto::LabelPair;
 
 use super::identity::{CallsBytes, Live, SiteKey};
 use super::{MAX_SITE_LABEL, OTHER_SITE};
-use crate::serve::model::{ProcessLabels, SiteSnapshot};
-use crate::{report::pprof::function_name, symbolize::Frame};
+use crate::{
+    model::{ProcessLabels, SiteSnapshot},
+    report::pprof::function_name,
+    symbolize::Frame,
+};
 
 /// The identity labels in output order.
 pub(super) fn identity_labels(l: &ProcessLabels) -> Vec<LabelPair> {

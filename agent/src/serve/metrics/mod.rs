@@ -51,7 +51,7 @@ use prometheus::TextEncoder;
 
 use self::identity::{CallsBytes, Counters, Identity, Live, PidState, SiteKey, update_scores};
 use self::labels::{Labels, sites_of};
-use super::model::{ProcessLabels, ProcessSnapshot, SelfStats};
+use crate::model::{ProcessLabels, ProcessSnapshot, SelfStats};
 
 /// The `allocwatch_site_*` families; one site label set costs one series in each.
 pub const SITE_FAMILIES: usize = 4;

@@ -4,7 +4,7 @@ use std::{
 };
 
 use super::*;
-use crate::serve::model::{GoSnapshot, Histogram, SiteSnapshot};
+use crate::model::{GoSnapshot, Histogram, SiteSnapshot};
 use crate::symbolize::Frame;
 
 fn frame(function: &str) -> Frame {

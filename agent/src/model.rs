@@ -1,10 +1,11 @@
-//! What the daemon hands to the export side: one snapshot of every traced process and of the
-//! agent itself. This is the contract between the tracing loop (which fills it) and
-//! `/metrics`, the pprof endpoints and the flamegraph writer (which only read it).
+//! The snapshot model: what the daemon and `top` hand to the export side, one snapshot of
+//! every traced process and of the agent itself. This is the contract between the tracing loop
+//! (which fills it) and `/metrics`, the pprof endpoints and the report files (`serve`,
+//! `report`: both only read it, so it lives apart from either).
 //!
 //! Every counter here is cumulative since the process was first traced and must never go down
 //! for the same pid; the exporter keeps Prometheus counters monotonic across process exits and
-//! pid reuse on top of that (see `metrics.rs`).
+//! pid reuse on top of that (see `serve/metrics`).
 
 use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
@@ -114,30 +115,4 @@ pub struct SelfStats {
     pub stale_snapshots: u64,
     /// What the agent holds in memory, by kind (processes, chains, …), for its own bounds.
     pub held: BTreeMap<&'static str, u64>,
-}
-
-/// Where the exporter gets its data. Called once per scrape or profile request, from a
-/// blocking thread: it may take locks, but should copy and return quickly.
-///
-/// Keep an exited process listed (with `exited_at`) until its TTL has passed; the exporter
-/// drops it then, and also copes with a source that drops it earlier (its series are then kept
-/// frozen for the TTL). Once dropped, a pid may come back only as a new process.
-pub trait SnapshotSource: Send + Sync + 'static {
-    fn snapshot(&self) -> (Vec<ProcessSnapshot>, SelfStats);
-
-    /// `/healthz`: whether the source is working; the error says why not. Must not block.
-    fn health(&self) -> Result<(), String> {
-        Ok(())
-    }
-
-    /// `/metrics` rendered by the source itself (the daemon keeps the exporter next to its
-    /// processes, so that a process leaves its identity with its final values at once);
-    /// `None`: the server renders [`Self::snapshot`] with an exporter of its own.
-    /// `started` is when the scrape began.
-    fn metrics(
-        &self,
-        _started: Instant,
-    ) -> Option<Result<String, crate::serve::metrics::MetricsError>> {
-        None
-    }
 }
