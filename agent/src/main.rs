@@ -118,6 +118,7 @@ fn main() -> ExitCode {
                     Command::Leaks(a) => {
                         session::run(
                             View::Leaks {
+                                interval: a.interval,
                                 min_age: a.min_age,
                                 flamegraph: a.flamegraph,
                             },
