@@ -11,7 +11,7 @@ mod view;
 
 use std::{
     fs,
-    io::{IsTerminal as _, Write as _},
+    io::IsTerminal as _,
     num::NonZeroU32,
     os::fd::OwnedFd,
     path::{Path, PathBuf},
@@ -34,7 +34,7 @@ use crate::{
     procfs,
     report::{
         self, LeaksReport, ProcessInfo, TopReport,
-        files::{write_flamegraph, write_pprof, write_report},
+        files::{print_stdout, write_flamegraph, write_pprof, write_report},
         flame::FlameWeight,
     },
     serve::model::SiteSnapshot,
@@ -234,11 +234,8 @@ async fn follow(
                     }
                     _ => report::text::top(&tracer.top_report().await?, args.top),
                 };
-                let mut out = std::io::stdout().lock();
-                if out.is_terminal() {
-                    write!(out, "\x1b[2J\x1b[H")?;
-                }
-                writeln!(out, "{text}")?;
+                let clear = if std::io::stdout().is_terminal() { "\x1b[2J\x1b[H" } else { "" };
+                print_stdout(&format!("{clear}{text}\n"))?;
             }
         }
     }
