@@ -75,6 +75,7 @@ fn process(i: usize) -> ProcessSnapshot {
                 remainder: false,
             })
             .collect(),
+        without_libc: false,
         go: None,
         exited_at: None,
     }

@@ -46,7 +46,8 @@ pub enum Command {
     /// the target exits or the duration ends.
     #[command(override_usage = TARGET_USAGE.replace("SUB", "top"))]
     Top(TopArgs),
-    /// Outstanding allocations older than --min-age, grouped by stack.
+    /// Outstanding allocations older than --min-age, grouped by stack, refreshed every interval;
+    /// a final report when the target exits or the duration ends
     #[command(override_usage = TARGET_USAGE.replace("SUB", "leaks"))]
     Leaks(LeaksArgs),
     /// Go maps that grew, largest first: growth count, size, bytes and the site of their
@@ -171,6 +172,15 @@ pub struct TopArgs {
 pub struct LeaksArgs {
     #[command(flatten)]
     pub common: CommonArgs,
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "1s",
+        allow_hyphen_values = true,
+        value_parser = duration(values::INTERVAL),
+        help = duration_help("How often the live view is refreshed", &values::INTERVAL),
+    )]
+    pub interval: Duration,
     #[arg(
         long,
         value_name = "DURATION",

@@ -35,7 +35,7 @@ impl GoSiteKind {
         match self {
             GoSiteKind::MapGrow => "map_grow",
             GoSiteKind::SliceGrow => "slice_grow",
-            GoSiteKind::Alloc => "alloc",
+            GoSiteKind::Alloc => "large_alloc",
         }
     }
 }
@@ -114,6 +114,9 @@ pub struct GoState {
     pub maps_untracked: u64,
     /// Events that could not be decoded for this Go version (should stay 0).
     pub unexpected: u64,
+    /// `runtime.mallocgc` is probed (`--go-malloc`, and the version has the probe): without
+    /// it there is no allocation-size histogram.
+    pub malloc_probed: bool,
     /// Before Go 1.21 stops carry no reason: GC stops return into these ranges.
     gc_stop_callers: Vec<(u64, u64)>,
     /// GC pauses seen on versions without reasons (two per cycle).
@@ -128,6 +131,7 @@ impl GoState {
             swiss: target.maps == MapImpl::Swiss,
             gc_stop_callers: target.gc_stop_callers.clone(),
             version_parsed: Some(target.version.clone()),
+            malloc_probed: target.probes.iter().any(|p| p.role == GoRole::Malloc),
             ..Self::default()
         }
     }

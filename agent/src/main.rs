@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use allocwatch::{
     cli::{self, AgentArgs, CliError, Command, ConfigCommand},
-    config, daemon, preflight,
+    config, daemon, preflight, report,
     session::{self, View},
 };
 
@@ -101,8 +101,7 @@ fn main() -> ExitCode {
                 match cli.command.unwrap_or(Command::Agent(AgentArgs::default())) {
                     Command::Agent(a) => agent(a).await,
                     Command::Config(ConfigCommand::PrintDefault) => {
-                        print!("{}", config::print_default());
-                        Ok(())
+                        report::files::print_stdout(&config::print_default())
                     }
                     Command::Top(a) => {
                         session::run(
@@ -118,6 +117,7 @@ fn main() -> ExitCode {
                     Command::Leaks(a) => {
                         session::run(
                             View::Leaks {
+                                interval: a.interval,
                                 min_age: a.min_age,
                                 flamegraph: a.flamegraph,
                             },

@@ -29,8 +29,8 @@ pub struct ProcessLabels {
 /// call chain, innermost frame first.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SiteSnapshot {
-    /// `"malloc"`, `"calloc"`, … or `"free"` for libc; `"map_grow"`, `"slice_grow"`, `"alloc"`
-    /// (mallocgc) for Go.
+    /// `"malloc"`, `"calloc"`, … or `"free"` for libc; `"map_grow"`, `"slice_grow"`,
+    /// `"large_alloc"` (mallocgc of 32 KiB or more) for Go.
     pub kind: &'static str,
     /// Shared (`Arc`): the agent's chains are interned, and a snapshot copies none.
     pub frames: Arc<[Frame]>,
@@ -58,8 +58,10 @@ pub struct GoSnapshot {
     pub gc_cycles: u64,
     /// Stop-the-world pauses, seconds.
     pub gc_pauses: Histogram,
-    /// `mallocgc` request sizes, bytes.
-    pub alloc_sizes: Histogram,
+    /// `mallocgc` request sizes, bytes; `None` when `mallocgc` is not probed (`--go-malloc`
+    /// off, or a Go release without that probe): an empty histogram would claim "no
+    /// allocations".
+    pub alloc_sizes: Option<Histogram>,
 }
 
 /// A histogram as the probes produce it (cumulative over time, like every counter here).
@@ -82,7 +84,9 @@ pub struct ProcessSnapshot {
     /// image is a process of its own to the exporter (its own identity and final counts).
     pub image: u32,
     pub labels: ProcessLabels,
-    /// Malloc-family calls and requested bytes by API symbol (`malloc`, `calloc`, …).
+    /// Malloc-family calls and requested bytes by API symbol (`malloc`, `calloc`, …): the
+    /// APIs its libc has under their own address (an alias such as `memalign`, counted as
+    /// `aligned_alloc`, is not listed), and any API with calls.
     pub calls: BTreeMap<&'static str, u64>,
     pub bytes: BTreeMap<&'static str, u64>,
     pub frees: u64,
@@ -93,6 +97,10 @@ pub struct ProcessSnapshot {
     /// Events of this process lost, by cause.
     pub lost: BTreeMap<&'static str, u64>,
     pub sites: Vec<SiteSnapshot>,
+    /// No libc is known in this process (a static Go program) and it made no malloc-family
+    /// call: its libc series (`frees`, `live_*`, `alloc_sizes`) could only be zero and are
+    /// not exported.
+    pub without_libc: bool,
     pub go: Option<GoSnapshot>,
     /// When the process exited; its series are dropped `ttl` after this.
     pub exited_at: Option<Instant>,

@@ -113,6 +113,15 @@ fn exact_counters_over_http() {
         );
     }
     m.assert_conventions();
+    // The agent never reports itself (its pid is denied in the kernel before any probe).
+    let own_exe = fs::canonicalize(&env.bin).expect("the agent binary's path");
+    let own: Vec<&str> = m
+        .samples
+        .iter()
+        .filter(|s| s.labels.get("exe") == Some(path_str(&own_exe)))
+        .map(|s| s.metric.as_str())
+        .collect();
+    assert!(own.is_empty(), "the agent's own series: {own:?}");
     // Once it is seen gone, its rows leave the kernel maps for the agent's memory (harvest,
     // then compaction): the same numbers, call for call, site by site.
     let sites = |m: &Metrics| {
@@ -276,8 +285,8 @@ fn series_expire_after_ttl() {
 }
 
 /// `--top-k 3` with the fixture's 10 call sites: per identity at most 3 sites with their own
-/// series (plus one `site="other"` per kind), and the sites of a kind always sum to the
-/// identity's total of that kind. Checked for every identity on the machine too.
+/// series (plus one `site="other"` per api), and the sites of an api always sum to the
+/// identity's total of that api. Checked for every identity on the machine too.
 #[test]
 fn site_cardinality_is_bounded() {
     let env = TestEnv::get();
@@ -301,7 +310,8 @@ fn site_cardinality_is_bounded() {
         check_site_bounds(&m, 3);
         let sites = m.sites(&id);
         let mut want: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-        for &(api, calls, bytes) in API_TOTALS {
+        // `free` is no allocation: it has no site series.
+        for &(api, calls, bytes) in API_TOTALS.iter().filter(|a| a.0 != "free") {
             let e = want
                 .entry(canonical(&env.alias_groups, &m, &id, api))
                 .or_default();
@@ -311,8 +321,8 @@ fn site_cardinality_is_bounded() {
         let got: BTreeMap<String, (u64, u64)> =
             sites
                 .iter()
-                .fold(BTreeMap::new(), |mut acc, ((kind, _), v)| {
-                    let e: &mut (u64, u64) = acc.entry(kind.clone()).or_default();
+                .fold(BTreeMap::new(), |mut acc, ((api, _), v)| {
+                    let e: &mut (u64, u64) = acc.entry(api.clone()).or_default();
                     e.0 += v.calls;
                     e.1 += v.bytes;
                     acc
@@ -320,7 +330,7 @@ fn site_cardinality_is_bounded() {
         assert_eq!(
             got,
             want,
-            "Σ over site of allocwatch_site_alloc_{{calls,bytes}}_total per kind (calls, bytes) \
+            "Σ over site of allocwatch_site_alloc_{{calls,bytes}}_total per api (calls, bytes) \
              vs the fixture's totals\n{}",
             m.lines_of(&id)
         );
@@ -413,7 +423,7 @@ fn site_share_under_pressure_keeps_counts_exact() {
     let by_site = m
         .sites(&id)
         .into_iter()
-        .filter(|((kind, _), _)| kind == "malloc")
+        .filter(|((api, _), _)| api == "malloc")
         .fold((0, 0), |(c, b), (_, v)| (c + v.calls, b + v.bytes));
     assert_eq!(
         by_site,
@@ -449,7 +459,8 @@ fn site_share_under_pressure_keeps_counts_exact() {
 
 /// `--pprof`: `/debug/pprof/allocs?pid=` serves a gzipped profile that `go tool pprof` reads,
 /// with the fixture's functions and their exact totals; a running `loop` fixture's profile
-/// shows fx_loop; bad queries get 404/400.
+/// shows fx_loop; the node's profile has a short header; `/debug/pprof/` lists the profiles;
+/// bad queries get 404/400.
 #[test]
 fn pprof_profiles_read_by_go_tool_pprof() {
     let env = TestEnv::get();
@@ -538,6 +549,35 @@ fn pprof_profiles_read_by_go_tool_pprof() {
             "fx_loop's alloc_space {other:?}: want a positive multiple of {LOOP_BLOCK}\n{}",
             top.text
         )),
+    }
+    // The node's profile (every process): a header, not one line per process, and no
+    // `File:` of whichever process came first.
+    let node_file = scratch.path.join("node.pb.gz");
+    fs::write(&node_file, agent.profile("/debug/pprof/allocs")).expect("writing the profile");
+    let node = pprof_top(&go, &node_file, &["-sample_index=alloc_space", "-unit=B"]);
+    let header: Vec<&str> = node
+        .text
+        .lines()
+        .take_while(|l| !l.trim_start().starts_with("flat"))
+        .collect();
+    let processes = header
+        .iter()
+        .filter(|l| l.ends_with(" processes (sample labels pid and comm tell them apart)"))
+        .count();
+    if header.len() > 6 || processes != 1 || header.iter().any(|l| l.starts_with("File:")) {
+        failures.push(format!(
+            "the node profile's header: want one line saying how many processes, no File:\n{}",
+            header.join("\n")
+        ));
+    }
+    // An index of the profiles, as Go's net/http/pprof serves one.
+    let index = agent.get("/debug/pprof/");
+    let html = String::from_utf8_lossy(&index.body);
+    if index.status != 200
+        || !html.contains("<a href=\"allocs\">allocs</a>")
+        || !html.contains("<a href=\"heap\">heap</a>")
+    {
+        failures.push(format!("GET /debug/pprof/: {}\n{html}", index.status));
     }
     let heap = agent.get(&format!("/debug/pprof/heap?pid={}", loop_fx.pid));
     if heap.status != 200 || !heap.body.starts_with(&[0x1f, 0x8b]) {
@@ -1399,9 +1439,11 @@ fn rejected_process_that_execs_a_selected_program_is_counted_exactly() {
     agent.stop();
 }
 
-/// Call sites are named after the fixture's functions (`site="fx_malloc ← fx_work"`, the
-/// innermost two frames), with the exact numbers of each, both for a process found by the scan
-/// and for one that lived less than a millisecond and was gone before the first scrape.
+/// Call sites are named after the fixture's functions (`site="fx_malloc <- fx_work"`, the
+/// innermost two frames; `free` has no site series), with the exact numbers of each, both for
+/// two processes found by the scan and for one that lived less than a millisecond and was gone
+/// before the first scrape. The two found by the scan run one program (one identity) at two
+/// address-space layouts: each site is one series, with the sum of both.
 #[test]
 fn sites_are_named_after_the_fixture_functions() {
     let env = TestEnv::get();
@@ -1412,11 +1454,19 @@ fn sites_are_named_after_the_fixture_functions() {
     let (scanned_id, short_id) = (Identity::of(&scanned), Identity::of(&short));
     let mut agent = Agent::start(&env, &[]);
 
-    let mut fx = Fixture::spawn(&scanned, "wait-run", "ready");
-    agent.wait_for_identity(&scanned_id, fx.started);
-    signal(fx.pid, libc::SIGUSR1);
-    let status = fx.wait_exit(Duration::from_secs(10));
-    assert!(status.success(), "fixture wait-run failed: {status}");
+    let mut fxs = [
+        Fixture::spawn(&scanned, "wait-run", "ready"),
+        Fixture::spawn(&scanned, "wait-run", "ready"),
+    ];
+    agent.wait_for_identity(&scanned_id, fxs[0].started);
+    agent.scrape_until("both processes found", DISCOVERY_LIMIT, |m| {
+        m.value(&scanned_id, "allocwatch_processes", &[]) == Some(2.0)
+    });
+    for fx in &mut fxs {
+        signal(fx.pid, libc::SIGUSR1);
+        let status = fx.wait_exit(Duration::from_secs(10));
+        assert!(status.success(), "fixture wait-run failed: {status}");
+    }
     let status = run_fixture(&short, "run");
     assert!(status.success(), "fixture run failed: {status}");
     // The short-lived process may be exported without its exe label (a bug of its own, see
@@ -1425,12 +1475,13 @@ fn sites_are_named_after_the_fixture_functions() {
         comm: short_id.comm.clone(),
         exe: String::new(),
     };
-    let done =
-        |m: &Metrics, id: &Identity| m.value(id, "allocwatch_free_calls_total", &[]) == Some(17.0);
-    let m = agent.scrape_until("both fixtures' counts", Duration::from_secs(10), |m| {
-        done(m, &scanned_id) && (done(m, &short_id) || done(m, &short_no_exe))
+    let done = |m: &Metrics, id: &Identity, runs: f64| {
+        m.value(id, "allocwatch_free_calls_total", &[]) == Some(17.0 * runs)
+    };
+    let m = agent.scrape_until("the fixtures' counts", Duration::from_secs(10), |m| {
+        done(m, &scanned_id, 2.0) && (done(m, &short_id, 1.0) || done(m, &short_no_exe, 1.0))
     });
-    let short_id = if done(&m, &short_id) {
+    let short_id = if done(&m, &short_id, 1.0) {
         short_id
     } else {
         short_no_exe
@@ -1439,14 +1490,18 @@ fn sites_are_named_after_the_fixture_functions() {
     agent.stop();
 
     let mut failures = Vec::new();
-    for (what, id) in [("found by scan", &scanned_id), ("short-lived", &short_id)] {
+    for (what, id, runs) in [
+        ("found by scan, two processes", &scanned_id, 2),
+        ("short-lived", &short_id, 1),
+    ] {
         let want: BTreeMap<(String, String), (u64, u64)> = SITES
             .iter()
+            .filter(|s| s.api != "free")
             .map(|s| {
-                let kind = canonical(&env.alias_groups, &m, id, s.api);
+                let api = canonical(&env.alias_groups, &m, id, s.api);
                 (
-                    (kind, format!("{} ← fx_work", s.function)),
-                    (s.calls, s.bytes),
+                    (api, format!("{} <- fx_work", s.function)),
+                    (s.calls * runs, s.bytes * runs),
                 )
             })
             .collect();
@@ -1459,12 +1514,12 @@ fn sites_are_named_after_the_fixture_functions() {
         if got != want {
             let show = |s: &BTreeMap<(String, String), (u64, u64)>| {
                 s.iter()
-                    .map(|((kind, site), (c, b))| format!("  {kind:<15} {site:<32} {c:>3} {b:>5}"))
+                    .map(|((api, site), (c, b))| format!("  {api:<15} {site:<32} {c:>3} {b:>5}"))
                     .collect::<Vec<_>>()
                     .join("\n")
             };
             failures.push(format!(
-                "[{what}] site series (kind, site, calls, bytes):\n{}\nwant:\n{}",
+                "[{what}] site series (api, site, calls, bytes):\n{}\nwant:\n{}",
                 show(&got),
                 show(&want)
             ));
@@ -1618,16 +1673,33 @@ fn check_fixture_calls(m: &Metrics, id: &Identity, groups: &[Vec<String>]) {
             continue;
         }
         let mut nonzero = Vec::new();
+        let mut exported = Vec::new();
         let (mut calls, mut bytes) = (0u64, 0u64);
         for api in &class {
-            let c = m.counter(id, "allocwatch_alloc_calls_total", &[("api", api.as_str())]);
-            let b = m.counter(id, "allocwatch_alloc_bytes_total", &[("api", api.as_str())]);
+            let labels = [("api", api.as_str())];
+            if m.value(id, "allocwatch_alloc_calls_total", &labels)
+                .is_some()
+            {
+                exported.push(api.clone());
+            }
+            // Absent for an alias (checked below): 0.
+            let count = |family| m.value(id, family, &labels).map_or(0, |v| v as u64);
+            let (c, b) = (
+                count("allocwatch_alloc_calls_total"),
+                count("allocwatch_alloc_bytes_total"),
+            );
             if c > 0 || b > 0 {
                 nonzero.push(api.clone());
             }
             calls += c;
             bytes += b;
         }
+        // An alias has no series of its own: it could only be 0.
+        assert!(
+            exported.len() <= 1 && (want_calls == 0 || exported.len() == 1),
+            "aliases {class:?}: one series under one name, got {exported:?}\n{}",
+            m.lines_of(id)
+        );
         assert_eq!(
             (calls, bytes),
             (want_calls, want_bytes),
@@ -1697,7 +1769,7 @@ fn check_site_bounds(m: &Metrics, top_k: usize) {
             .map(|s| {
                 (
                     Identity::from_labels(s),
-                    s.labels.get("kind").unwrap_or_default().to_owned(),
+                    s.labels.get("api").unwrap_or_default().to_owned(),
                     s.labels.get("site").unwrap_or_default().to_owned(),
                 )
             })

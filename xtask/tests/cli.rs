@@ -332,6 +332,39 @@ fn command_that_is_not_a_program() {
     );
 }
 
+/// Output read by a reader that stops early (`allocwatch maps … | head`): allocwatch finishes
+/// its work and exits 0 without a word, as a Unix filter does, instead of panicking on the
+/// broken pipe.
+#[test]
+fn a_reader_that_goes_away_is_no_error() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    for args in [
+        &["config", "print-default"][..],
+        &["top", "--", "/bin/true"],
+        &["leaks", "--interval", "100ms", "--", "sleep", "0.5"],
+    ] {
+        let mut child = Command::new(&env.bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running allocwatch");
+        // The read end closed before anything is written.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("waiting for allocwatch");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_no_crash(&stderr);
+        assert!(
+            out.status.success() && !stderr.contains("error"),
+            "allocwatch {}: {}\n{stderr}",
+            args.join(" "),
+            out.status
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Config files
 

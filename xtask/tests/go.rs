@@ -436,7 +436,7 @@ fn slice_growth_exact() {
                 .map(|c| c * 8)
                 .filter(|&b| b >= LARGE_ALLOC)
                 .collect();
-            let allocs = t.sites_through("alloc", "main.appendInts");
+            let allocs = t.sites_through("large_alloc", "main.appendInts");
             assert_eq!(
                 (
                     allocs.iter().map(|s| u64_at(s, "count")).sum::<u64>(),
@@ -460,7 +460,7 @@ fn stripped_builds_name_the_same_functions() {
     const SITES: &[(&str, &str)] = &[
         ("map_grow", "main.fillMapBig"),
         ("slice_grow", "main.appendInts"),
-        ("alloc", "main.bigAlloc"),
+        ("large_alloc", "main.bigAlloc"),
     ];
     env.for_each_build(
         |b| b.stripped,
@@ -620,7 +620,7 @@ fn allocations_exact() {
                 count > 0 && bytes / count >= LARGE_ALLOC,
                 "the fixture's big allocations are large: {line:?}"
             );
-            let big = t.sites_through("alloc", "main.bigAlloc");
+            let big = t.sites_through("large_alloc", "main.bigAlloc");
             assert_eq!(
                 (
                     big.iter().map(|s| u64_at(s, "count")).sum::<u64>(),

@@ -40,7 +40,7 @@ use std::{
 use serde_json::Value;
 use support::{
     API_TOTALS, APIS, Allocwatch, AllocwatchBin, BpfIds, Fixture, KernelState, LIVE_ALLOCATIONS,
-    LIVE_BYTES, SITES, address_groups, allocwatch_bin, array, assert_single_error, dead_pid,
+    LIVE_BYTES, Lines, SITES, address_groups, allocwatch_bin, array, assert_single_error, dead_pid,
     libc_fixture, libc_path, path_str, process_by_pid, read_json, serial, signal, str_at, u64_at,
 };
 
@@ -328,6 +328,93 @@ fn probe_debug_log_says_why_events_were_lost() {
 
 /// `leaks` needs the live table, which count mode does not keep: a usage error, not an empty
 /// report.
+/// `leaks` shows the outstanding allocations as it goes (every `--interval`), not only at the
+/// end: the fixture's 13 allocations appear in a table while it still runs, holding them.
+#[test]
+fn leaks_shows_outstanding_allocations_as_it_goes() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let mut fx = Fixture::spawn(&env.fixture, "wait-run-wait", "ready");
+    let pid = fx.pid.to_string();
+    let mut aw = KillOnDrop(
+        Command::new(&env.bin)
+            .args([
+                "leaks",
+                "--min-age",
+                "0s",
+                "--interval",
+                "200ms",
+                "--pid",
+                &pid,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting allocwatch leaks"),
+    );
+    let stderr = Lines::follow(aw.0.stderr.take().unwrap());
+    let stdout = Lines::follow(aw.0.stdout.take().unwrap());
+    stderr.wait_for("allocwatch: tracing pid ", Duration::from_secs(30));
+    let header = format!("allocwatch leaks — pid {pid} (libc_fixture): ");
+    // A table before the fixture works: nothing outstanding of its own yet.
+    let before = stdout.wait_for(&header, Duration::from_secs(10));
+    assert!(
+        before.starts_with(&format!("{header}0 allocations")),
+        "{before}"
+    );
+    signal(fx.pid, libc::SIGUSR1);
+    // The next tables, while the fixture holds its allocations (it waits for a second signal).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let want = format!("{header}{LIVE_ALLOCATIONS} allocations, ");
+    loop {
+        let line = stdout.wait_for(
+            &header,
+            deadline.saturating_duration_since(std::time::Instant::now()),
+        );
+        if line.starts_with(&want) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no live table with {LIVE_ALLOCATIONS} allocations:\n{}",
+            stdout.text()
+        );
+    }
+    assert!(
+        aw.0.try_wait().expect("allocwatch's status").is_none(),
+        "allocwatch ended before the fixture did"
+    );
+    signal(fx.pid, libc::SIGUSR1);
+    let status = fx.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "fixture: {status}");
+    let status = support::wait_child(&mut aw.0, Duration::from_secs(30)).expect("allocwatch ends");
+    assert!(
+        status.success(),
+        "allocwatch leaks: {status}\n{}",
+        stderr.text()
+    );
+    // The final report, after the live tables, has the same allocations.
+    thread::sleep(Duration::from_millis(50));
+    let text = stdout.text();
+    let last = text
+        .lines()
+        .rfind(|l| l.starts_with(&header))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(last.starts_with(&want), "final report: {last}\n{text}");
+}
+
+/// A child killed and reaped when dropped (a failed assertion must not leave a tracer running).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn leaks_refuses_count_mode() {
     let env = TestEnv::get();

@@ -243,12 +243,18 @@ async fn process_snapshot(
         exited_at: p.exited_at,
         ..ProcessSnapshot::default()
     };
+    // The APIs its libc probes under their own address, and any with calls: an alias
+    // (`memalign` at `aligned_alloc`'s address) or a program without libc could only show 0.
+    let called = |api: Api| totals.calls[api as usize] > 0 || totals.bytes[api as usize] > 0;
+    let probed = |api: Api| p.libc_apis.as_ref().is_some_and(|a| a.contains(&api));
     for api in Api::ALL {
-        if api != Api::Free {
+        if api != Api::Free && (probed(api) || called(api)) {
             snap.calls.insert(api.symbol(), totals.calls[api as usize]);
             snap.bytes.insert(api.symbol(), totals.bytes[api as usize]);
         }
     }
+    snap.without_libc =
+        p.libc_apis.is_none() && !Api::ALL.into_iter().any(called) && totals.live_allocations == 0;
     // Largest first: each process's likely series are always named (its own top-K, with
     // room for the exporter's different ranking); the shared budget covers the rest.
     let mut ranked: Vec<&(SiteKey, SiteStats)> = rows.iter().collect();
@@ -403,7 +409,7 @@ fn go_snapshot(go: &GoState, alloc_sizes: Histogram) -> GoSnapshot {
         slice_grow_bytes: go.slice_grow_bytes,
         gc_cycles: go.gc_cycles,
         gc_pauses: pause_histogram(&go.gc_pauses),
-        alloc_sizes,
+        alloc_sizes: go.malloc_probed.then_some(alloc_sizes),
     }
 }
 

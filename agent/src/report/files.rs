@@ -1,7 +1,7 @@
 //! The files a session writes: the report (or standard output), a flamegraph SVG, a pprof
 //! profile. Each format is written here and nowhere else.
 
-use std::{fs, path::Path};
+use std::{fs, io::Write as _, path::Path};
 
 use anyhow::Context as _;
 
@@ -16,10 +16,17 @@ pub fn write_report(output: Option<&Path>, rendered: String) -> anyhow::Result<(
     match output {
         Some(path) => fs::write(path, rendered + "\n")
             .with_context(|| format!("cannot write {}", path.display())),
-        None => {
-            println!("{rendered}");
-            Ok(())
-        }
+        None => print_stdout(&(rendered + "\n")),
+    }
+}
+
+/// Writes `text` to standard output. A reader that has gone (`allocwatch maps … | head`) is
+/// no error: what it did not read was not wanted (`println!` would panic instead).
+pub fn print_stdout(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.context("writing to standard output"),
     }
 }
 

@@ -2,11 +2,21 @@
 //!
 //! Sample types, in this order (Go's heap profile first, then Go growth as its own types):
 //! `alloc_objects/count`, `alloc_space/bytes`, `inuse_objects/count`, `inuse_space/bytes`,
-//! `map_grows/count`, `map_grow_space/bytes`, `slice_grows/count`, `slice_grow_space/bytes`.
-//! malloc-family sites and Go's `alloc` (mallocgc) sites fill the first four; `map_grow` and
-//! `slice_grow` sites the last four; `free` sites are not allocations and are left out.
+//! `map_grows/count`, `map_grow_space/bytes`, `slice_grows/count`, `slice_grow_space/bytes`,
+//! `go_large_allocs/count`, `go_large_alloc_space/bytes`. malloc-family sites fill the first
+//! four; `map_grow` and `slice_grow` sites the next four; Go's `large_alloc` sites (heap
+//! allocations of 32 KiB or more, the only Go allocations with stacks) the last two, under
+//! names that say so: in `alloc_space` a Go developer would read them as the whole heap
+//! profile. `free` sites are not allocations and are left out. A profile whose `alloc_space`
+//! is empty but has large Go allocations (a Go program without cgo) shows
+//! `go_large_alloc_space` by default instead.
 //!
-//! Each sample is one site of one process, labelled `pid` (number), `comm`, `kind` and, inside
+//! One process's profile says which program it is (`File:` in `go tool pprof`, its first
+//! mapping) and has one comment naming it; a profile of several processes (the node's) has
+//! neither a `File:` (no process stands for the others) nor a comment per process: one comment
+//! says how many there are, and the samples' `pid`/`comm` labels tell them apart.
+//!
+//! Each sample is one site of one process, labelled `pid` (number), `comm`, `api` and, inside
 //! Kubernetes, `namespace`/`pod`/`container` (for `-tagfocus`). Every frame gets a function,
 //! so pprof never tries to symbolize: an address the symbolizer could not name is called
 //! `module+0xoffset` (or its hex address), as in the text report.
@@ -28,7 +38,7 @@ use crate::{
 };
 
 /// `(type, unit)` of each sample value, in value order.
-pub const SAMPLE_TYPES: [(&str, &str); 8] = [
+pub const SAMPLE_TYPES: [(&str, &str); 10] = [
     ("alloc_objects", "count"),
     ("alloc_space", "bytes"),
     ("inuse_objects", "count"),
@@ -37,7 +47,13 @@ pub const SAMPLE_TYPES: [(&str, &str); 8] = [
     ("map_grow_space", "bytes"),
     ("slice_grows", "count"),
     ("slice_grow_space", "bytes"),
+    ("go_large_allocs", "count"),
+    ("go_large_alloc_space", "bytes"),
 ];
+
+/// Index in [`SAMPLE_TYPES`] of `alloc_space` and of `go_large_alloc_space`.
+const ALLOC_SPACE: usize = 1;
+const GO_LARGE_ALLOC_SPACE: usize = 9;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PprofError {
@@ -82,11 +98,11 @@ impl ProfileOptions {
     }
 }
 
-/// The eight values of a site, by [`SAMPLE_TYPES`] index; `None` for sites that are no
-/// allocation (`free`).
-fn values(s: &SiteSnapshot) -> Option<[i64; 8]> {
+/// The values of a site, by [`SAMPLE_TYPES`] index; `None` for sites that are no allocation
+/// (`free`).
+fn values(s: &SiteSnapshot) -> Option<[i64; SAMPLE_TYPES.len()]> {
     let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-    let mut v = [0i64; 8];
+    let mut v = [0i64; SAMPLE_TYPES.len()];
     match s.kind {
         "free" => return None,
         "map_grow" => {
@@ -97,7 +113,11 @@ fn values(s: &SiteSnapshot) -> Option<[i64; 8]> {
             v[6] = n(s.calls);
             v[7] = n(s.bytes);
         }
-        // The malloc family and Go's mallocgc (`alloc`); an unknown kind is an allocation too.
+        "large_alloc" => {
+            v[8] = n(s.calls);
+            v[9] = n(s.bytes);
+        }
+        // The malloc family; an unknown kind is an allocation too.
         _ => {
             v[0] = n(s.calls);
             v[1] = n(s.bytes);
@@ -179,10 +199,18 @@ impl Builder {
         let key = (pid, module.clone());
         if let Some(&id) = self.mapping_ids.get(&key) {
             let m = &mut self.mappings[id as usize - 1];
+            // A mapping made before any of its frames ([`Self::first_mapping`]) has no range.
+            if m.memory_limit == 0 {
+                m.memory_start = start;
+            }
             m.memory_start = m.memory_start.min(start);
             m.memory_limit = m.memory_limit.max(limit);
             return id;
         }
+        self.new_mapping(pid, module, start, limit)
+    }
+
+    fn new_mapping(&mut self, pid: u32, module: &str, start: u64, limit: u64) -> u64 {
         let filename = self.string(module);
         let id = self.mappings.len() as u64 + 1;
         self.mappings.push(Mapping {
@@ -197,8 +225,25 @@ impl Builder {
             has_line_numbers: true,
             has_inline_frames: true,
         });
-        self.mapping_ids.insert(key, id);
+        self.mapping_ids.insert((pid, module.to_string()), id);
         id
+    }
+
+    /// Mapping 1, which `go tool pprof` reports as the profile's `File:`: the executable of a
+    /// one-process profile; for several processes one without a file (no `File:` line), as no
+    /// process's program stands for the node.
+    fn first_mapping(&mut self, procs: &[ProcessSnapshot]) {
+        match procs {
+            [] => {}
+            [one] if !one.labels.exe.is_empty() => {
+                self.new_mapping(one.pid, &one.labels.exe, 0, 0);
+            }
+            [_] => {}
+            _ => {
+                // Keyed by no real pid's module: frames never land in it.
+                self.new_mapping(u32::MAX, "", 0, 0);
+            }
+        }
     }
 
     /// One location per address of a process: the frames sharing it are the inlined chain,
@@ -270,10 +315,20 @@ pub fn build(procs: &[ProcessSnapshot], opts: &ProfileOptions) -> Profile {
         })
         .collect();
     let mut samples = Vec::new();
-    let mut comment = Vec::new();
+    b.first_mapping(procs);
+    let comment = match procs {
+        [] => Vec::new(),
+        [p] => vec![b.string(&format!(
+            "pid {} comm {} exe {}",
+            p.pid, p.labels.comm, p.labels.exe
+        ))],
+        _ => vec![b.string(&format!(
+            "{} processes (sample labels pid and comm tell them apart)",
+            procs.len()
+        ))],
+    };
     for p in procs {
         let l = &p.labels;
-        comment.push(b.string(&format!("pid {} comm {} exe {}", p.pid, l.comm, l.exe)));
         for s in &p.sites {
             let Some(v) = values(s) else { continue };
             if v.iter().all(|&x| x == 0) {
@@ -292,7 +347,7 @@ pub fn build(procs: &[ProcessSnapshot], opts: &ProfileOptions) -> Profile {
                     num_unit: 0,
                 },
                 b.str_label("comm", &l.comm),
-                b.str_label("kind", s.kind),
+                b.str_label("api", s.kind),
             ];
             for (k, val) in [
                 ("namespace", &l.namespace),
@@ -321,7 +376,16 @@ pub fn build(procs: &[ProcessSnapshot], opts: &ProfileOptions) -> Profile {
         r#type: b.string("space"),
         unit: b.string("bytes"),
     });
-    let default_sample_type = b.string(opts.default_sample.type_name());
+    let total = |i: usize| samples.iter().map(|s: &Sample| s.values[i]).sum::<i64>();
+    let default_type = if opts.default_sample == DefaultSample::AllocSpace
+        && total(ALLOC_SPACE) == 0
+        && total(GO_LARGE_ALLOC_SPACE) > 0
+    {
+        SAMPLE_TYPES[GO_LARGE_ALLOC_SPACE].0
+    } else {
+        opts.default_sample.type_name()
+    };
+    let default_sample_type = b.string(default_type);
     Profile {
         sample_types,
         samples,
@@ -515,9 +579,86 @@ pub(crate) mod tests {
             [
                 ("pid", "42".to_string()),
                 ("comm", "fixture".to_string()),
-                ("kind", "malloc".to_string()),
+                ("api", "malloc".to_string()),
                 ("pod", "web-1".to_string())
             ]
+        );
+    }
+
+    /// One process: `File:` is its executable, one comment names it. Several: no `File:` (no
+    /// process stands for the node), one comment for all of them.
+    #[test]
+    fn header_names_one_process_or_counts_several() {
+        let opts = ProfileOptions::new(DefaultSample::AllocSpace);
+        let one = build(&fixture(), &opts);
+        let file = |p: &Profile| p.string_table[p.mappings[0].filename as usize].clone();
+        let comments = |p: &Profile| -> Vec<String> {
+            p.comment
+                .iter()
+                .map(|&i| p.string_table[i as usize].clone())
+                .collect()
+        };
+        assert_eq!(file(&one), "/usr/bin/fixture");
+        assert_eq!(comments(&one), ["pid 42 comm fixture exe /usr/bin/fixture"]);
+        // The executable's frames use that mapping, with their range.
+        let exe_maps = one
+            .mappings
+            .iter()
+            .filter(|m| file_of(&one, m) == "/usr/bin/fixture");
+        assert_eq!(exe_maps.clone().count(), 1);
+        assert!(
+            exe_maps
+                .clone()
+                .all(|m| m.memory_start == 0x40_0000 && m.memory_limit > 0)
+        );
+
+        let mut procs: Vec<ProcessSnapshot> = (0..3)
+            .map(|i| {
+                let mut p = fixture().remove(0);
+                p.pid = 42 + i;
+                p
+            })
+            .collect();
+        procs[1].labels.comm = "steady".into();
+        let node = build(&procs, &opts);
+        assert_eq!(file(&node), "");
+        assert_eq!(
+            comments(&node),
+            ["3 processes (sample labels pid and comm tell them apart)"]
+        );
+        let dir = std::env::temp_dir().join(format!("allocwatch-node-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("node.pb.gz");
+        std::fs::write(&path, encode(&procs, &opts).unwrap()).unwrap();
+        let top = pprof_top(&path, &["-unit=B"]);
+        std::fs::remove_dir_all(&dir).ok();
+        assert!(!top.contains("File:") && !top.contains("pid 4"), "{top}");
+        assert!(top.contains("of 3124380B total"), "{top}");
+    }
+
+    fn file_of<'a>(p: &'a Profile, m: &Mapping) -> &'a str {
+        &p.string_table[m.filename as usize]
+    }
+
+    /// Go's large allocations are their own sample types, never in `alloc_space`; a profile
+    /// with nothing else shows them by default.
+    #[test]
+    fn go_large_allocations_are_named_as_such() {
+        let go_fn = frame("main.bigAlloc", "big.go", 9, 0x40_3000);
+        let mut procs = fixture();
+        procs[0].sites = vec![site("large_alloc", vec![go_fn], 2, 65_536, 0)];
+        let p = build(&procs, &ProfileOptions::new(DefaultSample::AllocSpace));
+        let s = |i: i64| p.string_table[i as usize].as_str();
+        assert_eq!(s(p.default_sample_type), "go_large_alloc_space");
+        let i = |name: &str| SAMPLE_TYPES.iter().position(|t| t.0 == name).unwrap();
+        assert_eq!(p.samples[0].values[i("go_large_alloc_space")], 65_536);
+        assert_eq!(p.samples[0].values[i("go_large_allocs")], 2);
+        assert_eq!(p.samples[0].values[i("alloc_space")], 0);
+        // With malloc-family allocations too, `alloc_space` stays the default.
+        let mixed = build(&fixture(), &ProfileOptions::new(DefaultSample::AllocSpace));
+        assert_eq!(
+            mixed.string_table[mixed.default_sample_type as usize],
+            "alloc_space"
         );
     }
 

@@ -26,14 +26,36 @@ pub fn frame(f: &Frame) -> String {
     }
 }
 
+/// Whether `f` is code inlined into `next` (the frame after it in a stack): the symbolizer
+/// gives an inlined chain as several named frames at one address.
+fn inlined_into(f: &Frame, next: Option<&Frame>) -> bool {
+    next.is_some_and(|n| {
+        n.address == f.address
+            && n.module == f.module
+            && f.function.is_some()
+            && n.function.is_some()
+    })
+}
+
+/// `frame(f)`, marked `(inlined)` when it is inlined into the next frame: the next line is then
+/// the function its code sits in, not a call.
+fn frame_in_stack(frames: &[Frame], i: usize) -> String {
+    let f = &frames[i];
+    if inlined_into(f, frames.get(i + 1)) {
+        format!("{} (inlined)", frame(f))
+    } else {
+        frame(f)
+    }
+}
+
 fn site_lines(out: &mut String, frames: &[Frame], indent: usize) {
     match frames.split_first() {
         None => out.push_str("(no stack)\n"),
-        Some((first, callers)) => {
-            out.push_str(&frame(first));
+        Some((_, callers)) => {
+            out.push_str(&frame_in_stack(frames, 0));
             out.push('\n');
-            for f in callers.iter().take(CALLERS_SHOWN) {
-                let _ = writeln!(out, "{:indent$}<- {}", "", frame(f));
+            for i in 1..=callers.len().min(CALLERS_SHOWN) {
+                let _ = writeln!(out, "{:indent$}<- {}", "", frame_in_stack(frames, i));
             }
             if callers.len() > CALLERS_SHOWN {
                 let _ = writeln!(
@@ -200,7 +222,11 @@ fn go_section(out: &mut String, go: &GoReport, k: usize) {
             human_bytes(go.large_alloc_bytes)
         );
     }
-    let _ = writeln!(out, "\nTOP GO GROWTH SITES");
+    // `large_alloc` rows are allocations of 32 KiB or more only: the title says so.
+    let _ = writeln!(
+        out,
+        "\nTOP GO GROWTH AND LARGE (>= 32 KiB) ALLOCATION SITES"
+    );
     let _ = writeln!(out, "{:>10} {:>8} {:<12} SITE", "BYTES", "COUNT", "KIND");
     for s in go.sites.iter().take(k) {
         let _ = write!(
@@ -239,7 +265,7 @@ pub fn maps(r: &TopReport, k: usize) -> String {
     let _ = writeln!(
         out,
         "{:>10} {:>6} {:>9} {:>10} {:<18} FIRST GROWN AT",
-        "BYTES", "GROWS", "SIZE", "LEN", "MAP"
+        "BYTES", "GROWS", "SIZE", "LEN@GROW", "MAP"
     );
     for m in go.maps.iter().take(k) {
         let size = if go.map_impl == "swiss" {
@@ -322,5 +348,28 @@ mod tests {
         );
         assert_eq!(frame(&f(Some("g"), None, None)), "g [libx.so]");
         assert_eq!(frame(&f(None, None, None)), "libx.so+0x1a2b");
+    }
+
+    /// An inlined chain (frames sharing one address) reads as inlined code, not as calls.
+    #[test]
+    fn inlined_frames_are_marked() {
+        let at = |function: &str, line: u32, address: u64| Frame {
+            address,
+            ..f(Some(function), Some("/src/buf.c"), Some(line))
+        };
+        let frames = [
+            at("grow_inline", 7, 0x1000),
+            at("make_buffer", 20, 0x1000),
+            at("main", 31, 0x2000),
+            Frame::unknown(0x3000),
+            Frame::unknown(0x3000),
+        ];
+        let mut out = String::new();
+        site_lines(&mut out, &frames, 2);
+        assert_eq!(
+            out,
+            "grow_inline (buf.c:7) (inlined)\n  <- make_buffer (buf.c:20)\n  <- main (buf.c:31)\n  \
+             <- 0x3000\n  <- 0x3000\n"
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! The agent's HTTP side: `GET /metrics` (Prometheus text format), `GET /healthz`, and when
-//! enabled `GET /debug/pprof/allocs` and `GET /debug/pprof/heap` (gzipped pprof protobuf).
+//! enabled `GET /debug/pprof/allocs` and `GET /debug/pprof/heap` (gzipped pprof protobuf),
+//! listed by an index page at `GET /debug/pprof/` as Go's `net/http/pprof` has one.
 //!
 //! Profiles take `pid=N` and/or `pod=NAME` (optionally `namespace=NS`) to pick processes —
 //! without them, every traced process of the node — and `seconds=N` for a delta profile:
@@ -26,7 +27,7 @@ use axum::{
     Router,
     extract::{Query, State},
     http::{StatusCode, Uri, header},
-    response::{IntoResponse, Response},
+    response::{IntoResponse, Redirect, Response},
     routing::get,
 };
 use serde::Deserialize;
@@ -168,9 +169,20 @@ pub async fn serve_with(
     if cfg.pprof {
         app = app.route("/debug/pprof/allocs", get(allocs_handler));
         // The in-use profile needs the live table (modes `full` and `stacks-off`).
-        if cfg.metrics.live {
+        let heap = cfg.metrics.live;
+        if heap {
             app = app.route("/debug/pprof/heap", get(heap_handler));
         }
+        // The index's links are relative: without the slash they would miss.
+        app = app
+            .route(
+                "/debug/pprof/",
+                get(move || async move { pprof_index(heap) }),
+            )
+            .route(
+                "/debug/pprof",
+                get(|| async { Redirect::permanent("/debug/pprof/") }),
+            );
     }
     let server = http::Server {
         router: app.with_state(state),
@@ -250,6 +262,46 @@ async fn metrics_handler(State(state): State<Arc<AppState>>) -> Response {
             format!("rendering metrics failed: {e}\n"),
         ),
     }
+}
+
+/// `/debug/pprof/`: the profiles this agent serves, with what they hold and how to query them
+/// (Go's index lists its profiles the same way).
+fn pprof_index(heap: bool) -> Response {
+    let mut rows = vec![(
+        "allocs",
+        "Every allocation since each process was first traced, by call site: malloc-family \
+         calls and bytes (alloc_objects, alloc_space), Go map and slice growth, and Go heap \
+         allocations of 32 KiB or more (go_large_allocs, go_large_alloc_space)",
+    )];
+    if heap {
+        rows.push((
+            "heap",
+            "The same, shown as what is still allocated (inuse_objects, inuse_space: outstanding \
+             malloc-family allocations by call site)",
+        ));
+    }
+    let mut body = String::from(
+        "<html>\n<head><title>/debug/pprof/</title></head>\n<body>\n/debug/pprof/<br>\n<br>\n\
+         Types of profiles available:\n<table>\n<thead><td>Profile</td><td>Description</td></thead>\n",
+    );
+    for (name, what) in rows {
+        body.push_str(&format!(
+            "<tr><td><a href=\"{name}\">{name}</a></td><td>{what}</td></tr>\n"
+        ));
+    }
+    body.push_str(&format!(
+        "</table>\n<p>Every traced process of the node by default; <code>pid=N</code>, \
+         <code>pod=NAME</code> and <code>namespace=NS</code> pick processes, \
+         <code>seconds=N</code> (at most {MAX_PROFILE_SECONDS}) profiles the next N seconds \
+         only.</p>\n<p>Read one with <code>go tool pprof http://HOST:PORT/debug/pprof/allocs\
+         </code>.</p>\n</body>\n</html>\n"
+    ));
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        body,
+    )
+        .into_response()
 }
 
 /// Query of the profile endpoints.

@@ -243,6 +243,7 @@ async fn healthz_and_metrics() {
 
     // Profiles are off unless enabled.
     assert_eq!(get(server.addr, "/debug/pprof/heap").await.status, 404);
+    assert_eq!(get(server.addr, "/debug/pprof/").await.status, 404);
     assert_eq!(get(server.addr, "/nope").await.status, 404);
     server.shutdown().await;
 }
@@ -267,6 +268,23 @@ async fn profiles() {
     let one = profile(&get(server.addr, "/debug/pprof/allocs?pid=10").await);
     assert_eq!(total(&one, "alloc_space"), 4096);
 
+    // The index lists both profiles, with links that resolve against /debug/pprof/.
+    let r = get(server.addr, "/debug/pprof/").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("text/html; charset=utf-8"));
+    let html = r.text();
+    for want in [
+        "<a href=\"allocs\">allocs</a>",
+        "<a href=\"heap\">heap</a>",
+        "seconds=N",
+    ] {
+        assert!(html.contains(want), "{want} not in\n{html}");
+    }
+    let r = get(server.addr, "/debug/pprof").await;
+    assert_eq!(
+        (r.status, r.header("location")),
+        (308, Some("/debug/pprof/"))
+    );
     let r = get(server.addr, "/debug/pprof/allocs?pid=999").await;
     assert_eq!(r.status, 404, "{}", r.text());
     let r = get(server.addr, "/debug/pprof/allocs?pid=abc").await;

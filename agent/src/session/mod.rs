@@ -11,7 +11,7 @@ mod view;
 
 use std::{
     fs,
-    io::{IsTerminal as _, Write as _},
+    io::IsTerminal as _,
     num::NonZeroU32,
     os::fd::OwnedFd,
     path::{Path, PathBuf},
@@ -35,7 +35,7 @@ use crate::{
     procfs,
     report::{
         self, LeaksReport, ProcessInfo, TopReport,
-        files::{write_flamegraph, write_pprof, write_report},
+        files::{print_stdout, write_flamegraph, write_pprof, write_report},
         flame::FlameWeight,
     },
     symbolize::SymbolizerHandle,
@@ -52,6 +52,7 @@ pub enum View {
         pprof: Option<PathBuf>,
     },
     Leaks {
+        interval: Duration,
         min_age: Duration,
         flamegraph: Option<PathBuf>,
     },
@@ -195,8 +196,8 @@ fn banner(tracer: &Tracer) {
     );
 }
 
-/// Handles records until the process exits, the duration ends or a signal comes; `top`
-/// without `--json` or `--output` redraws its table every interval meanwhile.
+/// Handles records until the process exits, the duration ends or a signal comes; `top` and
+/// `leaks` without `--json` or `--output` redraw their table every interval meanwhile.
 async fn follow(
     tracer: &mut Tracer,
     pidfd: &mut AsyncFd<OwnedFd>,
@@ -207,7 +208,11 @@ async fn follow(
     let mut sigterm = signal(SignalKind::terminate())?;
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let live_interval = match view {
-        View::Top { interval, .. } if !args.json && args.output.is_none() => Some(*interval),
+        View::Top { interval, .. } | View::Leaks { interval, .. }
+            if !args.json && args.output.is_none() =>
+        {
+            Some(*interval)
+        }
         _ => None,
     };
     let mut tick = tokio::time::interval(live_interval.unwrap_or(Duration::from_secs(3600)));
@@ -223,12 +228,14 @@ async fn follow(
             _ = sigint.recv() => return Ok(End::Signal(libc::SIGINT)),
             _ = sigterm.recv() => return Ok(End::Signal(libc::SIGTERM)),
             _ = tick.tick(), if live_interval.is_some() => {
-                let r = tracer.top_report().await?;
-                let mut out = std::io::stdout().lock();
-                if out.is_terminal() {
-                    write!(out, "\x1b[2J\x1b[H")?;
-                }
-                writeln!(out, "{}", report::text::top(&r, args.top))?;
+                let text = match view {
+                    View::Leaks { min_age, .. } => {
+                        report::text::leaks(&tracer.leaks_report(*min_age).await?, args.top)
+                    }
+                    _ => report::text::top(&tracer.top_report().await?, args.top),
+                };
+                let clear = if std::io::stdout().is_terminal() { "\x1b[2J\x1b[H" } else { "" };
+                print_stdout(&format!("{clear}{text}\n"))?;
             }
         }
     }
@@ -293,6 +300,7 @@ async fn render(tracer: &mut Tracer, view: &View, args: &CommonArgs) -> anyhow::
         View::Leaks {
             min_age,
             flamegraph,
+            ..
         } => {
             let r = tracer.leaks_report(*min_age).await?;
             if let Some(path) = flamegraph {

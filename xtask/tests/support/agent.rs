@@ -523,7 +523,7 @@ impl Metrics {
         HistogramValue { count, sum }
     }
 
-    /// `allocwatch_site_*` of `id`: calls and bytes by (kind, site).
+    /// `allocwatch_site_*` of `id`: calls and bytes by (api, site).
     pub fn sites(&self, id: &Identity) -> BTreeMap<(String, String), SiteValue> {
         let mut out: BTreeMap<(String, String), SiteValue> = BTreeMap::new();
         for (family, bytes) in [
@@ -532,7 +532,7 @@ impl Metrics {
         ] {
             for s in self.of(id, family) {
                 let key = (
-                    s.labels.get("kind").unwrap_or_default().to_owned(),
+                    s.labels.get("api").unwrap_or_default().to_owned(),
                     s.labels.get("site").unwrap_or_default().to_owned(),
                 );
                 let e = out.entry(key).or_default();
@@ -622,7 +622,7 @@ impl Metrics {
     }
 
     /// DESIGN.md §6 on the whole scrape: the `allocwatch_` prefix, counters end in `_total`,
-    /// no pid or stack-id labels.
+    /// no pid or stack-id labels, ASCII `site` labels; and `promtool check metrics` passes.
     pub fn assert_conventions(&self) {
         let mut types: BTreeMap<&str, &str> = BTreeMap::new();
         for line in self.text.lines() {
@@ -646,6 +646,14 @@ impl Metrics {
             );
         }
         for s in &self.samples {
+            // Typed as printed by the CLI, in any PromQL matcher: ASCII.
+            if let Some(site) = s.labels.get("site") {
+                assert!(
+                    site.is_ascii(),
+                    "{}: site label {site:?} is not ASCII",
+                    s.metric
+                );
+            }
             for label in FORBIDDEN_LABELS {
                 assert!(
                     s.labels.get(label).is_none(),
@@ -654,7 +662,33 @@ impl Metrics {
                 );
             }
         }
+        promtool_check_metrics(&self.text);
     }
+}
+
+/// `promtool check metrics` (Debian's prometheus package, installed by deploy/check.sh) on a
+/// real scrape: names, units, help, types.
+pub fn promtool_check_metrics(text: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running promtool (`./x test` installs it through deploy/check.sh)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .expect("writing the scrape to promtool");
+    let out = child.wait_with_output().expect("promtool check metrics");
+    assert!(
+        out.status.success(),
+        "promtool check metrics on a scrape:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 pub fn value(s: &Sample) -> f64 {

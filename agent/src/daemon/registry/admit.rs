@@ -4,6 +4,8 @@
 
 use std::{collections::HashSet, fs, sync::Arc, time::Instant};
 
+use allocwatch_common::libc::Api;
+
 use super::{LIBC_RETRIES, Proc, Registry, comm_text};
 use crate::{
     daemon::{retained::Retained, select::Candidate, sweep::Fate},
@@ -152,7 +154,7 @@ impl Registry {
         // One read of the memory map serves the libc search, the Go load bias and the
         // symbolizer's snapshot.
         let maps = read_maps(pid).unwrap_or_default();
-        let go = self.attach(pid, &comm, &maps, probes, true);
+        let (go, libc_apis) = self.attach(pid, &comm, &maps, probes, true);
         symbolizer.note_maps(pid, &maps);
         log::debug!("pid {pid}: selected (comm {comm:?}, exe {exe:?})");
         let labels = ProcessLabels {
@@ -168,6 +170,7 @@ impl Registry {
                 start_time,
                 exited_at: None,
                 go: go.as_deref().map(GoState::new),
+                libc_apis,
                 retained: Retained::default(),
             },
         );
@@ -243,6 +246,7 @@ impl Registry {
                 start_time: procfs::start_time(pid).unwrap_or(0),
                 exited_at: Some(Instant::now()),
                 go: None,
+                libc_apis: None,
                 retained: Retained::default(),
             },
         );
@@ -307,7 +311,8 @@ impl Registry {
     }
 
     /// Attaches the files `pid` runs that are not probed yet: its libc, and (with `go`) its
-    /// executable when it is a Go program. Returns its Go target, if any.
+    /// executable when it is a Go program. Returns its Go target and its libc's APIs, if any
+    /// (and notes the APIs on the process when it is registered already).
     fn attach(
         &mut self,
         pid: u32,
@@ -315,16 +320,21 @@ impl Registry {
         maps: &[MapEntry],
         probes: &mut Probes,
         go: bool,
-    ) -> Option<Arc<GoTarget>> {
+    ) -> (Option<Arc<GoTarget>>, Option<Vec<Api>>) {
         let kinds: &[Kind] = if go { &LOADERS } else { &[Kind::Libc] };
         let proc = ProcessFiles { pid, comm, maps };
         let found = self.targets.attach_process(probes, &proc, kinds);
+        let mut libc_apis = None;
         if let Some(libc) = found.iter().find_map(|t| match t {
             Target::Libc(l) => Some(l),
             Target::Go(_) => None,
         }) {
             log::debug!("pid {pid}: libc {}", libc.path.display());
             self.libc_retry.remove(&pid);
+            libc_apis = Some(libc.probes.iter().map(|p| p.api).collect::<Vec<_>>());
+            if let Some(p) = self.procs.get_mut(&pid) {
+                p.libc_apis.clone_from(&libc_apis);
+            }
         } else {
             let tries = self.libc_retry.entry(pid).or_default();
             *tries += 1;
@@ -348,10 +358,11 @@ impl Registry {
                 }
             }
         }
-        found.into_iter().find_map(|t| match t {
+        let go = found.into_iter().find_map(|t| match t {
             Target::Go(g) => Some(g),
             Target::Libc(_) => None,
-        })
+        });
+        (go, libc_apis)
     }
 }
 

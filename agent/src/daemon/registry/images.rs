@@ -111,6 +111,7 @@ impl Registry {
                 },
                 exited_at: Some(Instant::now()),
                 go: None,
+                libc_apis: None,
                 ..p
             },
             None => {
@@ -130,6 +131,7 @@ impl Registry {
                     start_time: procfs::start_time(pid).unwrap_or(0),
                     exited_at: Some(Instant::now()),
                     go: None,
+                    libc_apis: None,
                     retained: Retained::default(),
                 }
             }

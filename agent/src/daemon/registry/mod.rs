@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use allocwatch_common::libc::SiteKey;
+use allocwatch_common::libc::{Api, SiteKey};
 
 use super::{
     retained::{RETAINED_SITES, Retained},
@@ -47,6 +47,9 @@ pub struct Proc {
     pub start_time: u64,
     pub exited_at: Option<Instant>,
     pub go: Option<GoState>,
+    /// The APIs its libc probes under their own address (not the aliases counted as another
+    /// API); `None` while no libc is known (a static Go program, or not mapped yet).
+    pub libc_apis: Option<Vec<Api>>,
     /// Its final rows once it is gone (harvested from the kernel maps).
     pub retained: Retained,
 }

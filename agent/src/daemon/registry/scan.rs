@@ -321,6 +321,7 @@ mod tests {
                 start_time: 1,
                 exited_at: None,
                 go: None,
+                libc_apis: None,
                 retained: Retained::default(),
             },
         )]);

@@ -193,28 +193,28 @@ pub const SITE_ALLOC_CALLS: FamilySpec = spec(
     "allocwatch_site_alloc_calls_total",
     MetricKind::Counter,
     Scope::Process,
-    &["site", "kind"],
+    &["site", "api"],
     "Calls by call site (top sites per process identity; the rest in site=\"other\").",
 );
 pub const SITE_ALLOC_BYTES: FamilySpec = spec(
     "allocwatch_site_alloc_bytes_total",
     MetricKind::Counter,
     Scope::Process,
-    &["site", "kind"],
+    &["site", "api"],
     "Bytes by call site (top sites per process identity; the rest in site=\"other\").",
 );
 pub const SITE_LIVE_ALLOCATIONS: FamilySpec = spec(
     "allocwatch_site_live_allocations",
     MetricKind::Gauge,
     Scope::Process,
-    &["site", "kind"],
+    &["site", "api"],
     "Outstanding allocations by call site.",
 );
 pub const SITE_LIVE_BYTES: FamilySpec = spec(
     "allocwatch_site_live_bytes",
     MetricKind::Gauge,
     Scope::Process,
-    &["site", "kind"],
+    &["site", "api"],
     "Bytes of outstanding allocations by call site.",
 );
 pub const PROBES_ATTACHED: FamilySpec = spec(
@@ -377,7 +377,8 @@ impl Exporter {
             let mut live_b = Family::new(&LIVE_BYTES);
             let mut live_a = Family::new(&LIVE_ALLOCATIONS);
             let mut sizes = Family::new(&ALLOC_SIZE);
-            for (id, t) in &totals {
+            // Identities with a libc: a static Go program's would only be zero.
+            for (id, t) in totals.iter().filter(|(_, t)| t.has(Key::Frees)) {
                 live_b.gauge(&id.labels, &[], id.live.bytes as f64);
                 live_a.gauge(&id.labels, &[], id.live.allocations as f64);
                 sizes.histogram(&id.labels, t, Hist::AllocSize);
@@ -408,7 +409,11 @@ impl Exporter {
             slice_bytes.counter(&id.labels, &[], t.get(Key::SliceGrowBytes));
             cycles.counter(&id.labels, &[], t.get(Key::GcCycles));
             pauses.histogram(&id.labels, t, Hist::GoPause);
-            go_sizes.histogram(&id.labels, t, Hist::GoAllocSize);
+            // Only where mallocgc is probed: otherwise an empty histogram would claim "no
+            // allocations".
+            if t.has(Key::Count(Hist::GoAllocSize)) {
+                go_sizes.histogram(&id.labels, t, Hist::GoAllocSize);
+            }
         }
         for f in [
             info,

@@ -59,11 +59,13 @@ impl Counters {
         for (&api, &n) in &p.bytes {
             c.ints.insert(Key::Bytes(api), n);
         }
-        c.ints.insert(Key::Frees, p.frees);
+        if !p.without_libc {
+            c.ints.insert(Key::Frees, p.frees);
+            c.histogram(Hist::AllocSize, &p.alloc_sizes);
+        }
         for (&cause, &n) in &p.lost {
             c.ints.insert(Key::Lost(cause), n);
         }
-        c.histogram(Hist::AllocSize, &p.alloc_sizes);
         if let Some(go) = &p.go {
             for (&kind, &n) in &go.map_grows {
                 c.ints.insert(Key::MapGrows(kind), n);
@@ -73,7 +75,9 @@ impl Counters {
             c.ints.insert(Key::SliceGrowBytes, go.slice_grow_bytes);
             c.ints.insert(Key::GcCycles, go.gc_cycles);
             c.histogram(Hist::GoPause, &go.gc_pauses);
-            c.histogram(Hist::GoAllocSize, &go.alloc_sizes);
+            if let Some(sizes) = &go.alloc_sizes {
+                c.histogram(Hist::GoAllocSize, sizes);
+            }
         }
         c
     }
@@ -117,6 +121,10 @@ impl Counters {
                 .sums
                 .iter()
                 .any(|(k, &v)| cur.sums.get(k).copied().unwrap_or(0.0) < v)
+    }
+
+    pub(super) fn has(&self, k: Key) -> bool {
+        self.ints.contains_key(&k)
     }
 
     pub(super) fn get(&self, k: Key) -> u64 {

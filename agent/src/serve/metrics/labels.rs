@@ -33,26 +33,68 @@ pub(super) fn label(name: &str, value: &str) -> LabelPair {
     lp
 }
 
-/// `fn ← caller` from the innermost two frames (`(no stack)` without frames). Never equal to
-/// [`OTHER_SITE`], and at most [`MAX_SITE_LABEL`] bytes.
+/// `fn <- caller` from the innermost two frames, the way the CLI prints a stack (`(no stack)`
+/// without frames). ASCII, so that a PromQL matcher can be typed; never equal to
+/// [`OTHER_SITE`], and at most [`MAX_SITE_LABEL`] bytes. Each frame is a short key
+/// ([`frame_key`]): the full stack is in the pprof profiles.
 pub fn site_label(frames: &[Frame]) -> String {
     let mut s = match frames {
         [] => "(no stack)".to_string(),
-        [only] => function_name(only),
-        [first, caller, ..] => format!("{} ← {}", function_name(first), function_name(caller)),
+        [only] => frame_key(only),
+        [first, caller, ..] => format!("{} <- {}", frame_key(first), frame_key(caller)),
     };
     if s == OTHER_SITE {
-        s.push_str(" ← ?");
+        s.push_str(" <- ?");
     }
     if s.len() > MAX_SITE_LABEL {
-        let mut cut = MAX_SITE_LABEL - '…'.len_utf8();
+        let mut cut = MAX_SITE_LABEL - "...".len();
         while !s.is_char_boundary(cut) {
             cut -= 1;
         }
         s.truncate(cut);
-        s.push('…');
+        s.push_str("...");
     }
     s
+}
+
+/// A frame as a label holds it: its function with generic arguments left out
+/// (`Vec<...>::push`, `main.Map[...]`), else `module+0xoffset`; a frame known only by its
+/// address is `?`, because the address differs in every process (ASLR) and would make each
+/// process a series of its own.
+fn frame_key(f: &Frame) -> String {
+    match (&f.function, &f.module, f.offset) {
+        (Some(func), _, _) => without_generic_args(func),
+        (None, Some(_), Some(_)) => function_name(f),
+        _ => "?".to_string(),
+    }
+}
+
+/// `name` with what is inside each outermost `<…>` or `[…]` replaced by `...`: template and
+/// generic arguments make names of unbounded length (and a series per instantiation). A name
+/// whose brackets do not balance (`operator<`) is kept as it is.
+fn without_generic_args(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    let mut depth = 0usize;
+    for c in name.chars() {
+        match c {
+            '<' | '[' => {
+                if depth == 0 {
+                    out.push(c);
+                    out.push_str("...");
+                }
+                depth += 1;
+            }
+            '>' | ']' if depth > 0 => {
+                depth -= 1;
+                if depth == 0 {
+                    out.push(c);
+                }
+            }
+            _ if depth == 0 => out.push(c),
+            _ => {}
+        }
+    }
+    if depth == 0 { out } else { name.to_string() }
 }
 
 /// Site labels by call chain: the agent's chains are shared (interned), so each label is
@@ -89,6 +131,11 @@ pub(super) fn sites_of(
 ) -> HashMap<SiteKey, (CallsBytes, Live)> {
     let mut out: HashMap<SiteKey, (CallsBytes, Live)> = HashMap::with_capacity(sites.len());
     for s in sites {
+        // `free` is no allocation: the site families are the allocating call sites (a
+        // process's frees are `allocwatch_free_calls_total`).
+        if s.kind == "free" {
+            continue;
+        }
         // A gone process's folded sites count toward its kind under `other` (a label no
         // real site has), and never become a site of their own (see `challengers`).
         let site = if s.remainder {

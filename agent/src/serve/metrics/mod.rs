@@ -14,17 +14,17 @@
 //! * **Expiry.** An identity's series disappear once none of its processes is running or
 //!   within `ttl` of leaving (exit time, or the scrape at which the source stopped listing it).
 //!   If the identity comes back later its counters start again from the new processes' values.
-//! * **Call sites** (`allocwatch_site_*{site="fn ← caller", kind}`) exist for at most `top_k`
-//!   sites per identity, ranked by recently allocated bytes (a per-scrape moving average), the
-//!   rest summed into `site="other"` per kind; and the total number of `allocwatch_site_*`
-//!   series never exceeds `max_site_series` (each site is one series in each of the
-//!   [`SITE_FAMILIES`] families). A site keeps its series until a challenger allocates at
+//! * **Call sites** (`allocwatch_site_*{site="fn <- caller", api}`) exist for at most `top_k`
+//!   allocating sites per identity (`free` has none), ranked by recently allocated bytes (a
+//!   per-scrape moving average), the rest summed into `site="other"` per `api`; and the
+//!   total number of `allocwatch_site_*` series never exceeds `max_site_series` (each site is
+//!   one series in each of the [`SITE_FAMILIES`] families). A site keeps its series until a challenger allocates at
 //!   least twice as fast (hysteresis, so sites do not flap), the identity expires, or the
 //!   global cap forces the lowest-ranked sites out. To keep every site series monotonic, a
 //!   site's counter starts with as much of its history as can be taken out of `other`
 //!   without `other` going below what it already exported (all of it for a new identity or a
-//!   site new since the last scrape); on eviction its value moves into `other`. Summing a
-//!   kind's site series over `site` always gives the identity's total for that kind as seen
+//!   site new since the last scrape); on eviction its value moves into `other`. Summing an
+//!   api's site series over `site` always gives the identity's total for that api as seen
 //!   through call sites. Under the cap, identities are served largest first (bytes allocated
 //!   through sites): one that does not fit loses its weakest sites, and those whose `other`
 //!   rows alone do not fit get no site series (their core series still count everything).
@@ -69,7 +69,7 @@ const SCORE_DECAY: f64 = 0.5;
 const HYSTERESIS: f64 = 2.0;
 
 /// The `/metrics` text format's content type (the format `prometheus::TextEncoder` writes).
-// Site labels hold non-ASCII (`←`): say UTF-8 explicitly.
+// Label values may hold non-ASCII (a comm, a path, a symbol): say UTF-8 explicitly.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 #[derive(Debug, thiserror::Error)]

@@ -91,6 +91,8 @@ fn small_model() -> (Vec<ProcessSnapshot>, SelfStats) {
             ..Default::default()
         },
         lost: BTreeMap::from([("ringbuf_full", 1)]),
+        // A static Go program: no libc series.
+        without_libc: true,
         sites: vec![
             site("map_grow", &["main.fill", "main.main"], 2, 4096),
             site("slice_grow", &["main.fill", "main.main"], 5, 2048),
@@ -107,7 +109,8 @@ fn small_model() -> (Vec<ProcessSnapshot>, SelfStats) {
                 sum: 0.0125,
                 count: 3,
             },
-            alloc_sizes: Histogram::default(),
+            // mallocgc not probed (the agent's default): no size histogram.
+            alloc_sizes: None,
         }),
         ..Default::default()
     };
@@ -154,21 +157,15 @@ allocwatch_alloc_bytes_total{WEB,api="calloc"} 64
 allocwatch_alloc_bytes_total{WEB,api="malloc"} 1300
 # HELP allocwatch_free_calls_total Calls to free.
 # TYPE allocwatch_free_calls_total counter
-allocwatch_free_calls_total{API} 0
 allocwatch_free_calls_total{WEB} 2
 # HELP allocwatch_live_bytes Bytes of outstanding malloc-family allocations of running processes.
 # TYPE allocwatch_live_bytes gauge
-allocwatch_live_bytes{API} 0
 allocwatch_live_bytes{WEB} 100
 # HELP allocwatch_live_allocations Outstanding malloc-family allocations of running processes.
 # TYPE allocwatch_live_allocations gauge
-allocwatch_live_allocations{API} 0
 allocwatch_live_allocations{WEB} 1
 # HELP allocwatch_alloc_size_bytes Malloc-family request sizes.
 # TYPE allocwatch_alloc_size_bytes histogram
-allocwatch_alloc_size_bytes_bucket{API,le="+Inf"} 0
-allocwatch_alloc_size_bytes_sum{API} 0
-allocwatch_alloc_size_bytes_count{API} 0
 allocwatch_alloc_size_bytes_bucket{WEB,le="64"} 1
 allocwatch_alloc_size_bytes_bucket{WEB,le="128"} 4
 allocwatch_alloc_size_bytes_bucket{WEB,le="1024"} 5
@@ -204,35 +201,30 @@ allocwatch_go_gc_pause_seconds_bucket{API,le="0.01"} 3
 allocwatch_go_gc_pause_seconds_bucket{API,le="+Inf"} 3
 allocwatch_go_gc_pause_seconds_sum{API} 0.0125
 allocwatch_go_gc_pause_seconds_count{API} 3
-# HELP allocwatch_go_alloc_size_bytes Go heap allocation sizes (runtime.mallocgc).
-# TYPE allocwatch_go_alloc_size_bytes histogram
-allocwatch_go_alloc_size_bytes_bucket{API,le="+Inf"} 0
-allocwatch_go_alloc_size_bytes_sum{API} 0
-allocwatch_go_alloc_size_bytes_count{API} 0
 # HELP allocwatch_site_alloc_calls_total Calls by call site (top sites per process identity; the rest in site="other").
 # TYPE allocwatch_site_alloc_calls_total counter
-allocwatch_site_alloc_calls_total{API,site="main.fill ← main.main",kind="map_grow"} 2
-allocwatch_site_alloc_calls_total{API,site="main.fill ← main.main",kind="slice_grow"} 5
-allocwatch_site_alloc_calls_total{WEB,site="zero ← main",kind="calloc"} 1
-allocwatch_site_alloc_calls_total{WEB,site="make_buf ← main",kind="malloc"} 4
+allocwatch_site_alloc_calls_total{API,site="main.fill <- main.main",api="map_grow"} 2
+allocwatch_site_alloc_calls_total{API,site="main.fill <- main.main",api="slice_grow"} 5
+allocwatch_site_alloc_calls_total{WEB,site="zero <- main",api="calloc"} 1
+allocwatch_site_alloc_calls_total{WEB,site="make_buf <- main",api="malloc"} 4
 # HELP allocwatch_site_alloc_bytes_total Bytes by call site (top sites per process identity; the rest in site="other").
 # TYPE allocwatch_site_alloc_bytes_total counter
-allocwatch_site_alloc_bytes_total{API,site="main.fill ← main.main",kind="map_grow"} 4096
-allocwatch_site_alloc_bytes_total{API,site="main.fill ← main.main",kind="slice_grow"} 2048
-allocwatch_site_alloc_bytes_total{WEB,site="zero ← main",kind="calloc"} 64
-allocwatch_site_alloc_bytes_total{WEB,site="make_buf ← main",kind="malloc"} 1300
+allocwatch_site_alloc_bytes_total{API,site="main.fill <- main.main",api="map_grow"} 4096
+allocwatch_site_alloc_bytes_total{API,site="main.fill <- main.main",api="slice_grow"} 2048
+allocwatch_site_alloc_bytes_total{WEB,site="zero <- main",api="calloc"} 64
+allocwatch_site_alloc_bytes_total{WEB,site="make_buf <- main",api="malloc"} 1300
 # HELP allocwatch_site_live_allocations Outstanding allocations by call site.
 # TYPE allocwatch_site_live_allocations gauge
-allocwatch_site_live_allocations{API,site="main.fill ← main.main",kind="map_grow"} 0
-allocwatch_site_live_allocations{API,site="main.fill ← main.main",kind="slice_grow"} 0
-allocwatch_site_live_allocations{WEB,site="zero ← main",kind="calloc"} 0
-allocwatch_site_live_allocations{WEB,site="make_buf ← main",kind="malloc"} 1
+allocwatch_site_live_allocations{API,site="main.fill <- main.main",api="map_grow"} 0
+allocwatch_site_live_allocations{API,site="main.fill <- main.main",api="slice_grow"} 0
+allocwatch_site_live_allocations{WEB,site="zero <- main",api="calloc"} 0
+allocwatch_site_live_allocations{WEB,site="make_buf <- main",api="malloc"} 1
 # HELP allocwatch_site_live_bytes Bytes of outstanding allocations by call site.
 # TYPE allocwatch_site_live_bytes gauge
-allocwatch_site_live_bytes{API,site="main.fill ← main.main",kind="map_grow"} 0
-allocwatch_site_live_bytes{API,site="main.fill ← main.main",kind="slice_grow"} 0
-allocwatch_site_live_bytes{WEB,site="zero ← main",kind="calloc"} 0
-allocwatch_site_live_bytes{WEB,site="make_buf ← main",kind="malloc"} 100
+allocwatch_site_live_bytes{API,site="main.fill <- main.main",api="map_grow"} 0
+allocwatch_site_live_bytes{API,site="main.fill <- main.main",api="slice_grow"} 0
+allocwatch_site_live_bytes{WEB,site="zero <- main",api="calloc"} 0
+allocwatch_site_live_bytes{WEB,site="make_buf <- main",api="malloc"} 100
 # HELP allocwatch_probes_attached Probes (uprobe links) attached.
 # TYPE allocwatch_probes_attached gauge
 allocwatch_probes_attached 12
@@ -338,7 +330,7 @@ fn exited_process_keeps_counting_until_ttl_then_folds() {
     assert_monotonic(&second, &third);
     assert_eq!(calls(&third), Some(6.0));
     let site_series = format!(
-        "allocwatch_site_alloc_bytes_total{{{WEB},site=\"make_buf ← main\",kind=\"malloc\"}}"
+        "allocwatch_site_alloc_bytes_total{{{WEB},site=\"make_buf <- main\",api=\"malloc\"}}"
     );
     assert_eq!(samples(&third).get(&site_series), Some(&1300.0));
 
@@ -579,7 +571,7 @@ fn site_series_add_up_and_never_go_down() {
                     .filter(|(k, _)| {
                         k.starts_with(prefix)
                             && k.contains(&comm)
-                            && k.contains(&format!("kind=\"{kind}\""))
+                            && k.contains(&format!("api=\"{kind}\""))
                     })
                     .map(|(_, v)| v)
                     .sum()
@@ -633,7 +625,7 @@ fn a_new_hot_site_takes_over_a_cold_one() {
     let bytes = |text: &str, s: &str| {
         samples(text)
             .get(&format!(
-                "allocwatch_site_alloc_bytes_total{{{WEB},site=\"{s}\",kind=\"malloc\"}}"
+                "allocwatch_site_alloc_bytes_total{{{WEB},site=\"{s}\",api=\"malloc\"}}"
             ))
             .copied()
     };
@@ -665,20 +657,180 @@ fn a_new_hot_site_takes_over_a_cold_one() {
 fn site_labels() {
     assert_eq!(site_label(&[]), "(no stack)");
     assert_eq!(site_label(&[frame("a")]), "a");
-    assert_eq!(site_label(&[frame("a"), frame("b"), frame("c")]), "a ← b");
-    assert_eq!(site_label(&[frame("other")]), "other ← ?");
+    assert_eq!(site_label(&[frame("a"), frame("b"), frame("c")]), "a <- b");
+    assert_eq!(site_label(&[frame("other")]), "other <- ?");
     let unknown = Frame {
         module: Some("/lib/x86_64-linux-gnu/libc.so.6".into()),
         offset: Some(0x2a),
         ..Frame::unknown(0x7f00)
     };
+    // An address alone differs in every process (ASLR): it is no part of a label.
     assert_eq!(
-        site_label(&[unknown, Frame::unknown(0xbeef)]),
-        "libc.so.6+0x2a ← 0xbeef"
+        site_label(&[unknown, Frame::unknown(0x5585_c2ac_ec8e)]),
+        "libc.so.6+0x2a <- ?"
+    );
+    // Generic and template arguments left out; brackets that do not pair are kept.
+    assert_eq!(
+        site_label(&[
+            frame(
+                "std::vector<std::pair<int, int>, std::allocator<std::pair<int, int> > >::_M_realloc_insert<int const&>"
+            ),
+            frame("main.Cache[go.shape.string,go.shape.int].Put"),
+        ]),
+        "std::vector<...>::_M_realloc_insert<...> <- main.Cache[...].Put"
+    );
+    assert_eq!(
+        site_label(&[frame("<alloc::vec::Vec<u8> as core::clone::Clone>::clone")]),
+        "<...>::clone"
+    );
+    assert_eq!(
+        site_label(&[frame("operator<"), frame("main.(*T).m")]),
+        "operator< <- main.(*T).m"
     );
     let long = "é".repeat(400);
     let l = site_label(&[frame(&long)]);
-    assert!(l.len() <= MAX_SITE_LABEL && l.ends_with('…'));
+    assert!(l.len() <= MAX_SITE_LABEL && l.ends_with("..."), "{l}");
+    for l in [site_label(&[frame("a"), frame("b")]), l] {
+        assert!(!l.contains('←') && !l.contains('…'), "{l}");
+    }
+}
+
+/// Two processes of one identity whose stacks differ below the two innermost frames, and a
+/// third whose caller is known only by its (randomized) address: each site is one series.
+#[test]
+fn one_call_site_in_several_processes_is_one_series() {
+    let p = |pid: u32, stack: &[&str], addr: u64| ProcessSnapshot {
+        pid,
+        labels: web_labels(),
+        sites: vec![SiteSnapshot {
+            frames: stack
+                .iter()
+                .map(|f| frame(f))
+                .chain([Frame::unknown(addr)])
+                .collect::<Vec<_>>()
+                .into(),
+            ..site("malloc", &[], 2, 200)
+        }],
+        ..Default::default()
+    };
+    let procs = [
+        p(10, &["make_buf", "main"], 0x5585_0000_1000),
+        p(11, &["make_buf", "main", "_start"], 0x55aa_0000_1000),
+        p(12, &["xmalloc"], 0x5585_c2ac_ec8e),
+        p(13, &["xmalloc"], 0x55ff_c2ac_ec8e),
+    ];
+    let mut e = Exporter::new(cfg());
+    let out = render(&mut e, &procs, &SelfStats::default(), Instant::now());
+    let sites: Vec<(String, f64)> = samples(&out)
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("allocwatch_site_alloc_calls_total{"))
+        .collect();
+    let series = |site: &str| {
+        format!("allocwatch_site_alloc_calls_total{{{WEB},site=\"{site}\",api=\"malloc\"}}")
+    };
+    assert_eq!(
+        sites,
+        [
+            (series("make_buf <- main"), 4.0),
+            (series("xmalloc <- ?"), 4.0)
+        ],
+        "{out}"
+    );
+}
+
+/// Series that could only be zero are left out: the libc series of a program without libc,
+/// the Go size histogram where mallocgc is not probed. A Go program with cgo (a libc) and
+/// mallocgc probed has both.
+#[test]
+fn series_that_could_only_be_zero_are_left_out() {
+    let go = |pid: u32, comm: &str, without_libc: bool, sizes: Option<Histogram>| ProcessSnapshot {
+        pid,
+        labels: ProcessLabels {
+            comm: comm.into(),
+            ..Default::default()
+        },
+        without_libc,
+        go: Some(GoSnapshot {
+            version: "go1.27.3".into(),
+            alloc_sizes: sizes,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let sizes = Histogram {
+        buckets: vec![(16.0, 2)],
+        sum: 24.0,
+        count: 2,
+    };
+    let procs = [
+        go(1, "static", true, None),
+        go(2, "cgo", false, Some(sizes)),
+    ];
+    let mut e = Exporter::new(cfg());
+    let out = render(&mut e, &procs, &SelfStats::default(), Instant::now());
+    let families_of = |comm: &str| -> BTreeSet<String> {
+        samples(&out)
+            .into_keys()
+            .filter(|k| k.contains(&format!("comm=\"{comm}\"")))
+            .map(|k| k.split('{').next().unwrap().to_string())
+            .collect()
+    };
+    let libc = [
+        "allocwatch_free_calls_total",
+        "allocwatch_live_bytes",
+        "allocwatch_live_allocations",
+        "allocwatch_alloc_size_bytes_count",
+    ];
+    let static_go = families_of("static");
+    let cgo = families_of("cgo");
+    for f in libc {
+        assert!(!static_go.contains(f), "{f} of a static Go program\n{out}");
+        assert!(
+            cgo.contains(f),
+            "no {f} for a Go program with a libc\n{out}"
+        );
+    }
+    assert!(
+        !static_go.contains("allocwatch_go_alloc_size_bytes_count"),
+        "{out}"
+    );
+    assert!(
+        cgo.contains("allocwatch_go_alloc_size_bytes_count"),
+        "{out}"
+    );
+    assert!(static_go.contains("allocwatch_go_gc_cycles_total"), "{out}");
+}
+
+/// `free` is no allocation: its sites have no series in `allocwatch_site_alloc_*`.
+#[test]
+fn free_sites_are_not_allocation_sites() {
+    let p = ProcessSnapshot {
+        pid: 10,
+        labels: web_labels(),
+        calls: BTreeMap::from([("malloc", 3)]),
+        bytes: BTreeMap::from([("malloc", 300)]),
+        frees: 3,
+        sites: vec![
+            site("malloc", &["make_buf", "main"], 3, 300),
+            site("free", &["drop_buf", "main"], 3, 300),
+        ],
+        ..Default::default()
+    };
+    let mut e = Exporter::new(cfg());
+    let out = render(&mut e, &[p], &SelfStats::default(), Instant::now());
+    let site_lines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("allocwatch_site_"))
+        .collect();
+    assert_eq!(site_lines.len(), 4, "{out}");
+    assert!(
+        site_lines.iter().all(|l| l.contains(r#"api="malloc""#)),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("allocwatch_free_calls_total{{{WEB}}} 3")),
+        "{out}"
+    );
 }
 
 #[test]
@@ -757,11 +909,10 @@ fn exposition_parses_back() {
         .samples
         .iter()
         .find(|s| {
-            s.metric == "allocwatch_site_alloc_bytes_total"
-                && s.labels.get("kind") == Some("malloc")
+            s.metric == "allocwatch_site_alloc_bytes_total" && s.labels.get("api") == Some("malloc")
         })
         .unwrap();
-    assert_eq!(site.labels.get("site"), Some("make_buf ← main"));
+    assert_eq!(site.labels.get("site"), Some("make_buf <- main"));
     for s in &scrape.samples {
         assert!(s.labels.get("pid").is_none(), "no pid label: {s:?}");
     }
@@ -841,6 +992,7 @@ fn exported_families_follow_their_specs() {
     let (mut procs, mut stats) = small_model();
     // Make every optional family appear.
     procs[0].lost.insert("pending_full", 0);
+    procs[2].go.as_mut().unwrap().alloc_sizes = Some(Histogram::default());
     stats.attach_failures.insert("EPERM".into(), 0);
     stats.held.insert("processes", 0);
     let mut e = Exporter::new(cfg());
@@ -933,12 +1085,12 @@ fn the_cap_serves_the_largest_identities_first() {
     assert_eq!(
         sites("big"),
         [
-            "f4\",kind=\"malloc\"} 4000",
-            "f5\",kind=\"malloc\"} 5000",
-            "other\",kind=\"malloc\"} 6000"
+            "f4\",api=\"malloc\"} 4000",
+            "f5\",api=\"malloc\"} 5000",
+            "other\",api=\"malloc\"} 6000"
         ]
     );
-    assert_eq!(sites("mid"), ["other\",kind=\"malloc\"} 1500"]);
+    assert_eq!(sites("mid"), ["other\",api=\"malloc\"} 1500"]);
     assert!(sites("small").is_empty());
     assert_eq!(site_series(&out), 4 * SITE_FAMILIES);
 }
@@ -1012,7 +1164,7 @@ fn sites_moving_in_and_out_of_the_remainder_are_counted_once() {
         samples(text)
             .iter()
             .filter(|(k, _)| {
-                k.starts_with("allocwatch_site_alloc_bytes_total{") && k.contains("kind=\"malloc\"")
+                k.starts_with("allocwatch_site_alloc_bytes_total{") && k.contains("api=\"malloc\"")
             })
             .map(|(_, v)| v)
             .sum()
@@ -1047,7 +1199,7 @@ fn sites_moving_in_and_out_of_the_remainder_are_counted_once() {
     }
 }
 
-/// Two stacks under one label (`make_buf ← main` from two deeper callers), and at exit one of
+/// Two stacks under one label (`make_buf <- main` from two deeper callers), and at exit one of
 /// them folded into the process's remainder: the label's series keeps its value, not its value
 /// twice (found by the agent test `site_cardinality_is_bounded`: 28 frees exported for 17).
 #[test]
@@ -1056,12 +1208,12 @@ fn a_label_partly_folded_away_at_exit_is_counted_once() {
     let mut e = Exporter::new(cfg());
     let stats = SelfStats::default();
     let deep =
-        |caller: &str, calls, bytes| site("free", &["make_buf", "main", caller], calls, bytes);
+        |caller: &str, calls, bytes| site("malloc", &["make_buf", "main", caller], calls, bytes);
     let proc_with = |sites: Vec<SiteSnapshot>, exited: bool| ProcessSnapshot {
         pid: 10,
         labels: web_labels(),
-        calls: BTreeMap::from([("free", sites.iter().map(|s| s.calls).sum())]),
-        bytes: BTreeMap::from([("free", sites.iter().map(|s| s.bytes).sum())]),
+        calls: BTreeMap::from([("malloc", sites.iter().map(|s| s.calls).sum())]),
+        bytes: BTreeMap::from([("malloc", sites.iter().map(|s| s.bytes).sum())]),
         sites,
         exited_at: exited.then_some(t0),
         ..Default::default()
@@ -1093,7 +1245,7 @@ fn a_label_partly_folded_away_at_exit_is_counted_once() {
             .sum();
         assert_eq!(calls, 17.0, "round {i}:\n{out}");
         assert!(
-            out.contains("site=\"make_buf ← main\",kind=\"free\"} 17"),
+            out.contains("site=\"make_buf <- main\",api=\"malloc\"} 17"),
             "round {i}:\n{out}"
         );
         prev = out;
