@@ -144,6 +144,9 @@ pub struct Config {
     /// BENCHMARKS.md).
     #[serde(deserialize_with = "probe_mode")]
     pub mode: Mode,
+    /// Mean bytes between sampled calls (stack walked, block tracked); 0: every call.
+    #[serde(deserialize_with = "sample_bytes")]
+    pub sample_bytes: u64,
     pub select: Select,
     #[serde(deserialize_with = "capacity")]
     pub capacity: Capacity,
@@ -304,6 +307,7 @@ impl Default for Config {
             top_k: 10,
             max_site_series: 5000,
             mode: Mode::Full,
+            sample_bytes: 0,
             select: Select::default(),
             capacity: Capacity::default(),
             go: Go::default(),
@@ -370,6 +374,10 @@ fn max_stacks<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     count(d, &values::MAX_STACKS).map(|n| n as u32)
 }
 
+fn sample_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    count(d, &values::SAMPLE_BYTES)
+}
+
 fn max_pending<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     count(d, &values::MAX_PENDING).map(|n| n as u32)
 }
@@ -397,6 +405,7 @@ pub struct Overrides {
     pub top_k: Option<usize>,
     pub max_site_series: Option<usize>,
     pub mode: Option<Mode>,
+    pub sample_bytes: Option<u64>,
     pub comm: Vec<String>,
     pub exe: Vec<String>,
     pub cgroup: Vec<String>,
@@ -456,6 +465,7 @@ impl Config {
         set(&mut self.top_k, o.top_k);
         set(&mut self.max_site_series, o.max_site_series);
         set(&mut self.mode, o.mode);
+        set(&mut self.sample_bytes, o.sample_bytes);
         let s = &mut self.select;
         list(&mut s.comm, o.comm);
         list(&mut s.exe, o.exe);
@@ -553,6 +563,12 @@ max_site_series = {max_site_series}
 # The count modes export no live gauges, size histogram or heap profile, and no free bytes.
 mode = "{mode}"
 
+# Sampling: the stack of one call per sample_bytes bytes allocated on average (Poisson, as Go's
+# heap profile) is walked and, in full and stacks-off, its block tracked; every call is still
+# counted by API and immediate caller. Per-site series, live gauges and profiles are then
+# estimates, scaled as pprof scales Go's (README: "Sampling"). 0: every call.
+sample_bytes = {sample_bytes}
+
 # Once its probes are attached, the agent becomes user and group 65532 and keeps only the
 # capabilities it still needs (CAP_SYS_PTRACE on Linux >= 6.6; deploy/README.md, "Required
 # capabilities"), with no_new_privs. true: keep the user and capabilities it started with.
@@ -620,6 +636,7 @@ enabled = {kubernetes}
         top_k = c.top_k,
         max_site_series = c.max_site_series,
         mode = c.mode.name(),
+        sample_bytes = c.sample_bytes,
         comm = toml_list(&s.comm),
         exe = toml_list(&s.exe),
         cgroup = toml_list(&s.cgroup),
@@ -858,6 +875,31 @@ mod tests {
             let cfg = Config::parse(&format!("mode = \"{m}\"")).unwrap();
             assert_eq!(cfg.mode.name(), m);
         }
+    }
+
+    #[test]
+    fn sample_bytes_from_file_and_flag() {
+        assert_eq!(Config::default().sample_bytes, 0);
+        let mut cfg = Config::parse("sample_bytes = 524288").unwrap();
+        assert_eq!(cfg.sample_bytes, 512 << 10);
+        cfg.apply(Overrides::default()).unwrap();
+        assert_eq!(
+            cfg.sample_bytes,
+            512 << 10,
+            "no flag keeps the file's value"
+        );
+        cfg.apply(Overrides {
+            sample_bytes: Some(0),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(cfg.sample_bytes, 0);
+        let e = Config::parse("sample_bytes = -1").unwrap_err().to_string();
+        assert!(e.contains("must be at least 0"), "{e}");
+        let e = Config::parse("sample_bytes = 1099511627777")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("must be at most 1099511627776"), "{e}");
     }
 
     #[test]

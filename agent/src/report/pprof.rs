@@ -70,6 +70,9 @@ pub struct ProfileOptions {
     pub duration: Option<Duration>,
     /// When the profile was taken.
     pub time: SystemTime,
+    /// Mean bytes between sampled calls: per-site values are then estimates, scaled as pprof
+    /// scales Go's heap profile (0: every call recorded).
+    pub sample_bytes: u64,
 }
 
 impl ProfileOptions {
@@ -78,6 +81,7 @@ impl ProfileOptions {
             default_sample,
             duration: None,
             time: SystemTime::now(),
+            sample_bytes: 0,
         }
     }
 }
@@ -271,6 +275,13 @@ pub fn build(procs: &[ProcessSnapshot], opts: &ProfileOptions) -> Profile {
         .collect();
     let mut samples = Vec::new();
     let mut comment = Vec::new();
+    if opts.sample_bytes > 0 {
+        comment.push(b.string(&format!(
+            "sampled: one call per {} bytes on average (Poisson); per-stack values are \
+             estimates, scaled as Go's heap profile (1/(1-exp(-avg/{})))",
+            opts.sample_bytes, opts.sample_bytes
+        )));
+    }
     for p in procs {
         let l = &p.labels;
         comment.push(b.string(&format!("pid {} comm {} exe {}", p.pid, l.comm, l.exe)));
@@ -334,8 +345,9 @@ pub fn build(procs: &[ProcessSnapshot], opts: &ProfileOptions) -> Profile {
         time_nanos,
         duration_nanos,
         period_type,
-        // Every event is recorded: nothing to scale.
-        period: 1,
+        // Go's heap profile gives its sampling rate here; 1: every event recorded. The values
+        // are already scaled either way.
+        period: i64::try_from(opts.sample_bytes.max(1)).unwrap_or(i64::MAX),
         comment,
         default_sample_type,
     }
