@@ -357,9 +357,7 @@ impl State {
             frames,
             symbolizer,
             self.pipe.stats,
-            self.capacity.max_sites,
-            self.top_k,
-            self.sampling,
+            (self.capacity.max_sites, self.top_k, self.sampling),
         )
         .await?;
         for (map, fill) in &self.fills {

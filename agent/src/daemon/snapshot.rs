@@ -31,9 +31,7 @@ pub async fn build(
     frames: &mut FrameCache,
     symbolizer: &SymbolizerHandle,
     loop_stats: LoopStats,
-    max_sites: u32,
-    top_k: usize,
-    sampling: Sampling,
+    (max_sites, top_k, sampling): (u32, usize, Sampling),
 ) -> anyhow::Result<((Vec<ProcessSnapshot>, SelfStats), Vec<u32>)> {
     let t0 = Instant::now();
     let sites = collect::sites(probes, None)?;

@@ -477,6 +477,30 @@ pub(crate) mod tests {
         Profile::decode(raw.as_slice()).unwrap()
     }
 
+    /// A sampled profile says so (a comment naming the mean) and carries the mean as its
+    /// period, as Go's heap profile carries MemProfileRate; an exact one has period 1.
+    #[test]
+    fn sampled_profile_says_so() {
+        let mut opts = ProfileOptions::new(DefaultSample::AllocSpace);
+        let p = decode(&encode(&fixture(), &opts).unwrap());
+        assert_eq!(p.period, 1);
+        assert!(!p.string_table.iter().any(|x| x.starts_with("sampled")));
+        opts.sample_bytes = 512 << 10;
+        let p = decode(&encode(&fixture(), &opts).unwrap());
+        assert_eq!(p.period, 512 << 10);
+        let comments: Vec<&str> = p
+            .comment
+            .iter()
+            .map(|&i| p.string_table[i as usize].as_str())
+            .collect();
+        assert!(
+            comments
+                .iter()
+                .any(|c| c.starts_with("sampled: one call per 524288 bytes")),
+            "{comments:?}"
+        );
+    }
+
     #[test]
     fn profile_round_trips() {
         let opts = ProfileOptions::new(DefaultSample::InuseSpace);
