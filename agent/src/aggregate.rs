@@ -3,7 +3,78 @@
 
 use std::collections::BTreeMap;
 
-use allocwatch_common::libc::{API_COUNT, Api, LiveAlloc, LiveKey, Overflow, SiteKey, SiteStats};
+use allocwatch_common::libc::{
+    API_COUNT, Api, LiveAlloc, LiveKey, NO_STACK, Overflow, SiteKey, SiteStats,
+};
+
+/// How the probes sampled (`--sample-bytes`, `allocwatch_common::sample`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sampling {
+    /// Mean bytes between sampled calls; 0: every call was recorded (nothing to scale).
+    pub bytes: u64,
+    /// Whether sampled calls got their stack (then rows with a stack hold the samples, and
+    /// rows without one the other calls of the same caller).
+    pub stacks: bool,
+}
+
+impl Sampling {
+    pub fn on(self) -> bool {
+        self.bytes > 0
+    }
+
+    /// Whether a site row of `key` is shown as a site. With stacks sampled, an allocating
+    /// caller's row without a stack holds the calls that were not sampled: they are in the
+    /// exact totals (and the per-caller figures), and the sampled rows, scaled, stand for
+    /// them per stack. `free` is never sampled: its rows are exact, per caller.
+    pub fn shows(self, key: &SiteKey) -> bool {
+        !(self.on() && self.stacks && key.stack_id == NO_STACK && key.api != Api::Free as u32)
+    }
+
+    /// A row's figures as reported: with sampling, a row with a stack holds samples, scaled
+    /// (calls, bytes, failures); every row's outstanding allocations are samples, scaled
+    /// (returned as `tracked`, with `freed` 0, so [`live_of`] reads the estimate). Without
+    /// sampling, the row itself.
+    pub fn estimate(self, key: &SiteKey, s: &SiteStats) -> SiteStats {
+        if !self.on() {
+            return *s;
+        }
+        let mut out = *s;
+        if key.stack_id != NO_STACK {
+            let (calls, bytes) = scale(s.calls, s.bytes, self.bytes);
+            out.calls = calls;
+            out.bytes = bytes;
+            out.failed = if s.calls == 0 {
+                0
+            } else {
+                (s.failed as f64 * calls as f64 / s.calls as f64) as u64
+            };
+        }
+        let (n, b) = live_of(s);
+        let (n, b) = scale(n, b, self.bytes);
+        out.tracked = n;
+        out.tracked_bytes = b;
+        out.freed = 0;
+        out.freed_bytes = 0;
+        out
+    }
+}
+
+/// pprof's estimate of what `count` sampled calls of `bytes` in all stand for, sampled with a
+/// mean of `rate` bytes between samples (Go's `scaleHeapSample`, runtime/pprof/protomem.go):
+/// a call of the bucket's average size `a` is sampled with probability `1 - exp(-a/rate)`, so
+/// both figures are divided by it. Exact for a bucket of equal sizes; for mixed sizes it
+/// uses the average, as pprof does. `rate` ≤ 1: nothing to scale (every call was sampled).
+pub fn scale(count: u64, bytes: u64, rate: u64) -> (u64, u64) {
+    if count == 0 || bytes == 0 {
+        return (0, 0);
+    }
+    if rate <= 1 {
+        return (count, bytes);
+    }
+    let avg = bytes as f64 / count as f64;
+    let s = 1.0 / (1.0 - (-avg / rate as f64).exp());
+    ((count as f64 * s) as u64, (bytes as f64 * s) as u64)
+}
 
 /// Sums one site's per-CPU values. `freed` may be counted on another CPU than `tracked`, so only
 /// the sums are meaningful.
@@ -55,10 +126,13 @@ pub struct Totals {
     pub live_bytes: u64,
 }
 
-/// Totals of the given site rows (one process) plus the rows that found the site table full.
+/// Totals of the given site rows (one process) plus the rows that found the site table full:
+/// calls, bytes and failures exact (every call is counted, sampled or not), outstanding
+/// allocations estimated from the samples when `sampling` is on.
 pub fn totals<'a>(
     sites: impl Iterator<Item = (&'a SiteKey, &'a SiteStats)>,
     overflow: &[Overflow; API_COUNT],
+    sampling: Sampling,
 ) -> Totals {
     let mut t = Totals::default();
     for (key, s) in sites {
@@ -68,7 +142,7 @@ pub fn totals<'a>(
         t.calls[i] += s.calls;
         t.bytes[i] += s.bytes;
         t.failed[i] += s.failed;
-        let (n, b) = live_of(s);
+        let (n, b) = live_of(&sampling.estimate(key, s));
         t.live_allocations += n;
         t.live_bytes += b;
     }
@@ -183,7 +257,7 @@ mod tests {
             calls: 2,
             bytes: 20,
         };
-        let t = totals(sites.iter(), &overflow);
+        let t = totals(sites.iter(), &overflow, Sampling::default());
         assert_eq!(t.calls[Api::Malloc as usize], 8);
         assert_eq!(t.bytes[Api::Malloc as usize], 705);
         assert_eq!(t.calls[Api::Calloc as usize], 2);
@@ -191,6 +265,89 @@ mod tests {
         assert_eq!(t.calls[Api::Free as usize], 4);
         assert_eq!(t.live_allocations, 7);
         assert_eq!(t.live_bytes, 700);
+    }
+
+    /// Go's scaleHeapSample: 1/(1 - exp(-avg/rate)) on both figures.
+    #[test]
+    fn scale_as_pprof() {
+        assert_eq!(scale(0, 0, 512), (0, 0));
+        assert_eq!(scale(3, 0, 512), (0, 0));
+        assert_eq!(scale(10, 1000, 0), (10, 1000));
+        assert_eq!(scale(10, 1000, 1), (10, 1000));
+        // avg = rate: p = 1 - 1/e = 0.632…, scale 1.582.
+        assert_eq!(scale(1000, 512_000, 512), (1581, 809_972));
+        // Large blocks are sampled almost surely: barely scaled.
+        assert_eq!(scale(4, 64 << 20, 512 << 10), (4, 64 << 20));
+        // Small blocks: about rate/avg.
+        let (n, b) = scale(100, 1600, 512 << 10);
+        assert_eq!(n, 3_276_850);
+        assert_eq!(b, 52_429_600);
+    }
+
+    /// The samples of a known population, scaled, give the population back within the
+    /// binomial's spread (the model the integration test's bound comes from).
+    #[test]
+    fn scaled_samples_estimate_the_population() {
+        let rate = 512u64;
+        for size in [16u64, 256, 512, 4096] {
+            let n = 100_000u64;
+            let p = 1.0 - (-(size as f64) / rate as f64).exp();
+            // The expected sample count.
+            let k = (n as f64 * p).round() as u64;
+            let (calls, bytes) = scale(k, k * size, rate);
+            assert!(
+                (calls as f64 / n as f64 - 1.0).abs() < 1e-3,
+                "{size}: {calls}"
+            );
+            assert_eq!(bytes / size, calls);
+        }
+    }
+
+    /// Sampled rows (with a stack) are scaled, the callers' rows of unsampled calls are not
+    /// shown as sites, free rows are; outstanding allocations are always scaled.
+    #[test]
+    fn sampling_estimates_and_shows() {
+        let on = Sampling {
+            bytes: 512,
+            stacks: true,
+        };
+        let sampled = key(Api::Malloc, 1);
+        let rest = SiteKey {
+            stack_id: NO_STACK,
+            ..sampled
+        };
+        let free = SiteKey {
+            api: Api::Free as u32,
+            ..rest
+        };
+        assert!(on.shows(&sampled) && on.shows(&free) && !on.shows(&rest));
+        assert!(
+            Sampling {
+                stacks: false,
+                ..on
+            }
+            .shows(&rest)
+        );
+        assert!(Sampling::default().shows(&rest));
+        let s = SiteStats {
+            failed: 10,
+            freed: 500,
+            freed_bytes: 256_000,
+            ..stats(1000, 512_000, 1000, 512_000)
+        };
+        let e = on.estimate(&sampled, &s);
+        assert_eq!((e.calls, e.bytes, e.failed), (1581, 809_972, 15));
+        assert_eq!(live_of(&e), scale(500, 256_000, 512));
+        let e = on.estimate(&rest, &s);
+        assert_eq!((e.calls, e.bytes, e.failed), (1000, 512_000, 10));
+        assert_eq!(live_of(&e), scale(500, 256_000, 512));
+        assert_eq!(Sampling::default().estimate(&rest, &s), s);
+        // Totals: calls and bytes exact, live scaled.
+        let rows = BTreeMap::from([(sampled, s), (rest, stats(7, 700, 0, 0))]);
+        let t = totals(rows.iter(), &[Overflow::default(); API_COUNT], on);
+        assert_eq!(t.calls[Api::Malloc as usize], 1007);
+        assert_eq!(t.bytes[Api::Malloc as usize], 512_700);
+        assert_eq!(t.live_allocations, scale(500, 256_000, 512).0);
     }
 
     #[test]

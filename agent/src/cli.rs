@@ -132,6 +132,12 @@ pub struct AgentArgs {
     /// size histogram or heap profile).
     #[arg(long, value_name = "MODE", value_parser = values::public_mode)]
     pub mode: Option<Mode>,
+    /// Walk the stack of (and, in the full modes, track the block of) one call per N bytes
+    /// allocated on average (Poisson, as Go's heap profile); every call is still counted by
+    /// API and immediate caller, and per-stack figures are scaled estimates [default: 0:
+    /// every call]
+    #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = values::sample_bytes)]
+    pub sample_bytes: Option<u64>,
     /// Serve /debug/pprof/allocs and /debug/pprof/heap.
     #[arg(long)]
     pub pprof: bool,
@@ -253,6 +259,18 @@ pub struct CommonArgs {
     /// and bytes per API and immediate caller; cheapest), `count-stacks` (count with stacks).
     #[arg(long, value_parser = values::mode_parser(), default_value = "full")]
     pub mode: Mode,
+    /// Walk the stack of (and, in the full modes, track the block of) one call per N bytes
+    /// allocated on average (Poisson, as Go's heap profile; 0: every call). Every call is
+    /// still counted exactly by API and immediate caller; per-stack figures, live bytes and
+    /// `leaks` become estimates, scaled as pprof scales Go's heap profiles.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        allow_hyphen_values = true,
+        value_parser = values::sample_bytes
+    )]
+    pub sample_bytes: u64,
 }
 
 /// The flags of [`Capacity`], the probes' kernel map capacities. Every drop caused by a full

@@ -30,6 +30,7 @@ async fn agent(a: AgentArgs) -> anyhow::Result<()> {
         ttl: a.ttl,
         top_k: a.top_k,
         mode: a.mode,
+        sample_bytes: a.sample_bytes,
         comm: a.comm,
         exe: a.exe,
         cgroup: a.cgroup,

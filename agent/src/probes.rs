@@ -133,6 +133,12 @@ impl Mode {
         matches!(self, Mode::Full | Mode::CountStacks)
     }
 
+    /// Whether `--sample-bytes` has anything to sample: stacks (when `stacks` allows them) or
+    /// outstanding allocations.
+    pub fn samples(self, stacks: bool) -> bool {
+        (self.stacks() && stacks) || self.tracks_live()
+    }
+
     /// Whether outstanding allocations are tracked (a return probe reads the new pointer).
     pub fn tracks_live(self) -> bool {
         matches!(self, Mode::Full | Mode::StacksOff)
@@ -207,6 +213,10 @@ pub struct ProbeConfig {
     pub tgid: Option<NonZeroU32>,
     pub filter: Filter,
     pub stacks: bool,
+    /// Mean bytes between sampled calls (`--sample-bytes`; 0: every call). Only sampled
+    /// calls have their stack walked and (full modes) their block tracked; every call is
+    /// counted by API and immediate caller.
+    pub sample_bytes: u64,
     pub capacity: Capacity,
 }
 
@@ -246,6 +256,7 @@ impl Probes {
         let mut ebpf = EbpfLoader::new()
             .override_global(globals::TARGET_TGID, &tgid, true)
             .override_global(globals::FLAGS, &flags, true)
+            .override_global(globals::SAMPLE_BYTES, &cfg.sample_bytes, true)
             // Below debug, the verifier drops the probes' logging paths.
             .override_global(aya_log::LEVEL, &crate::probe_log::level(), false)
             .map_max_entries(map_names::LIVE, cfg.capacity.max_live)

@@ -172,6 +172,19 @@ pub const MAX_SITE_SERIES: CountLimit = CountLimit {
     why_max: "more series than any Prometheus server can hold",
 };
 
+/// `--sample-bytes` / `sample_bytes`: mean bytes between sampled calls; 0 samples every call.
+pub const SAMPLE_BYTES: CountLimit = CountLimit {
+    min: 0,
+    max: allocwatch_common::sample::MAX_MEAN,
+    why_min: "",
+    why_max: "the probe's fixed-point draw holds means up to 1 TiB",
+};
+
+/// `--sample-bytes` as a clap value parser.
+pub fn sample_bytes(s: &str) -> Result<u64, ValueError> {
+    count(s, &SAMPLE_BYTES)
+}
+
 /// A kernel map's capacity: the kernel reserves memory for every entry when it creates the map
 /// (it cannot be grown later), so an absurd value either fails or takes the node's memory.
 /// Maxima are 16 times the defaults (LIVE: 16 Mi entries, about 1.7 GiB of kernel memory,

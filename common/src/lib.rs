@@ -1,11 +1,12 @@
 //! Types shared by the eBPF probes and the agent. Everything here crosses the kernel boundary, so
 //! every struct is `#[repr(C)]` with explicit padding and a compile-time size/offset assert.
-#![cfg_attr(not(feature = "user"), no_std)]
+#![cfg_attr(not(any(feature = "user", test)), no_std)]
 
 pub mod event;
 pub mod go;
 pub mod libc;
 pub mod loss;
+pub mod sample;
 
 /// Names of the maps the probe defines; the agent looks them up by these names.
 pub mod map_names {
@@ -37,6 +38,8 @@ pub mod globals {
     pub const TARGET_TGID: &str = "TARGET_TGID";
     /// Bit set of [`crate::config`] flags.
     pub const FLAGS: &str = "FLAGS";
+    /// Mean bytes between sampled calls (u64; 0: every call is sampled, see [`crate::sample`]).
+    pub const SAMPLE_BYTES: &str = "SAMPLE_BYTES";
 }
 
 pub mod config {

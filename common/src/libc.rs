@@ -225,7 +225,8 @@ pub struct Pending {
     pub ret_addr: u64,
     pub stack_id: i64,
     pub api: u32,
-    pub _pad: u32,
+    /// 1 when the call was sampled (its block goes into the live table), else 0.
+    pub sampled: u32,
 }
 
 /// Per-site key: one row per (process, API, user stack, immediate caller).

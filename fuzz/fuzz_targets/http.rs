@@ -57,6 +57,7 @@ static SERVER: LazyLock<SocketAddr> = LazyLock::new(|| {
                     live: true,
                 },
                 pprof: true,
+                sample_bytes: 0,
                 // Short: an input that stops mid-head must not hold the run for 10 s.
                 limits: Limits {
                     header_timeout: Duration::from_millis(500),

@@ -10,6 +10,13 @@
 //!   probe (see [`on_count`]).
 //! - floor (`libc_floor`, `libc_floor_return`): empty programs at the same sites, the cost of
 //!   the uprobe itself that every mode is measured against (`./x bench`).
+//!
+//! Sampling (`SAMPLE_BYTES` > 0, `maps::sampled`): every call is still counted, by API and
+//! immediate caller; only a call chosen by bytes (Poisson, mean `SAMPLE_BYTES`) has its stack
+//! walked (its row carries the stack id; the others count in the caller's row, `NO_STACK`)
+//! and, in full mode, its block tracked in the live table. `free` has no size: it is never
+//! sampled, counted per caller without bytes (a sampled block it frees still leaves the live
+//! table and credits its allocating row).
 
 use allocwatch_common::{
     config::FLAG_STACKS,
@@ -29,7 +36,7 @@ use aya_ebpf::{
 
 use crate::maps::{
     FLAGS, LAST_ENTRY, LIBC_FILES, LIBC_HIST, LIVE, PENDING, SITES, capture_stack, count_call,
-    hist_add, lost, traced, why,
+    hist_add, lost, sampled, sampling, traced, why,
 };
 
 #[uprobe(multi)]
@@ -155,19 +162,32 @@ fn on_count(ctx: &ProbeContext) {
         return;
     };
     let (size, _) = request(ctx, api);
+    // Nothing but the stack is sampled here: without stacks the draw is skipped.
+    let stack_id = if stacks_on() && sampled(size, api != Api::Free) {
+        capture_stack(ctx)
+    } else {
+        NO_STACK
+    };
     let mut site = SiteKey {
         tgid,
         api: api_id,
-        stack_id: stack_id(ctx),
+        stack_id,
         ret_addr,
     };
     count_call(&mut site, size);
 }
 
-/// The user stack id when stacks are on (a failure is counted and yields [`NO_STACK`]).
+/// Whether user stacks are captured (`FLAG_STACKS`).
 #[inline(always)]
-fn stack_id(ctx: &ProbeContext) -> i64 {
-    if FLAGS.load() & FLAG_STACKS == 0 {
+fn stacks_on() -> bool {
+    FLAGS.load() & FLAG_STACKS != 0
+}
+
+/// The user stack id of a sampled call when stacks are on (a failure is counted and yields
+/// [`NO_STACK`]).
+#[inline(always)]
+fn stack_id(ctx: &ProbeContext, sampled: bool) -> i64 {
+    if !sampled || !stacks_on() {
         return NO_STACK;
     }
     capture_stack(ctx)
@@ -227,7 +247,6 @@ fn on_entry(ctx: &ProbeContext) {
     }
 
     let ret_addr = return_address(tgid, entry_sp);
-    let stack_id = stack_id(ctx);
     let Some(api) = Api::from_u32(api_id) else {
         why!(
             "pid {}: unknown API id {} in the attach cookie: call skipped",
@@ -237,6 +256,8 @@ fn on_entry(ctx: &ProbeContext) {
         return;
     };
     let (size, arg_ptr) = request(ctx, api);
+    let sampled = sampled(size, api != Api::Free);
+    let stack_id = stack_id(ctx, sampled);
     let mut site = SiteKey {
         tgid,
         api: api_id,
@@ -250,7 +271,9 @@ fn on_entry(ctx: &ProbeContext) {
         } else {
             0
         };
-        count_call(&mut site, freed);
+        // Sampling: only sampled blocks are in the live table, so the freed bytes would be a
+        // sample's; free then counts calls without bytes (as count mode does).
+        count_call(&mut site, if sampling() { 0 } else { freed });
         return;
     }
 
@@ -264,7 +287,7 @@ fn on_entry(ctx: &ProbeContext) {
         // The row counted in: without its stack when the process is past its budget.
         stack_id: site.stack_id,
         api: api_id,
-        _pad: 0,
+        sampled: u32::from(sampled),
     };
     if PENDING.insert(&pid_tgid, &pending, BPF_ANY as u64).is_err() {
         lost(LossCause::PendingFull);
@@ -324,6 +347,10 @@ fn on_return(ctx: &RetProbeContext) {
             // SAFETY: per-CPU value of this CPU.
             unsafe { (*row).failed += 1 };
         }
+        return;
+    }
+    if p.sampled == 0 {
+        // Sampling: only sampled blocks are tracked (the agent scales them).
         return;
     }
     let key = LiveKey {

@@ -12,6 +12,7 @@ use allocwatch_common::{
         Pending, SiteKey, SiteStats,
     },
     loss::{LOSS_CAUSES, LossCause},
+    sample,
 };
 use aya_ebpf::{
     EbpfContext, Global,
@@ -19,7 +20,8 @@ use aya_ebpf::{
         BPF_F_USER_STACK, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
     },
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_get_stack,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns,
+        generated::bpf_get_stack,
     },
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -49,6 +51,42 @@ pub static TARGET_TGID: Global<u32> = Global::new(0);
 /// `allocwatch_common::config` flags.
 #[unsafe(no_mangle)]
 pub static FLAGS: Global<u32> = Global::new(0);
+
+/// Mean bytes between sampled calls (`allocwatch_common::sample`); 0: every call is sampled.
+#[unsafe(no_mangle)]
+pub static SAMPLE_BYTES: Global<u64> = Global::new(0);
+
+/// Per CPU: bytes left until the next sampled call (0: none drawn yet). One counter for every
+/// process on the CPU: the exponential interval is memoryless, so each call is still sampled
+/// with probability 1 - exp(-size/mean) whoever made the calls before it.
+#[map]
+static SAMPLE_LEFT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Whether a call of `size` bytes is sampled: its stack is walked and its block tracked. Every
+/// call when sampling is off; never a call without a size (free) when it is on.
+#[inline(always)]
+pub fn sampled(size: u64, has_size: bool) -> bool {
+    let mean = SAMPLE_BYTES.load();
+    if mean == 0 {
+        return true;
+    }
+    if !has_size {
+        return false;
+    }
+    let Some(left) = SAMPLE_LEFT.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot, ours for the program's run.
+    let left = unsafe { &mut *left };
+    // SAFETY: plain helper call.
+    sample::step(left, size, mean, || unsafe { bpf_get_prandom_u32() })
+}
+
+/// Whether calls are sampled (`SAMPLE_BYTES` set).
+#[inline(always)]
+pub fn sampling() -> bool {
+    SAMPLE_BYTES.load() != 0
+}
 
 /// What a `BPF_NOEXIST` insert returns when the key is already there.
 const KEY_EXISTS: i32 = -EEXIST;

@@ -37,9 +37,10 @@ use std::{
 use serde_json::Value;
 use support::agent::{Agent, DISCOVERY_LIMIT, Identity, Metrics, free_port, try_get, value};
 use support::{
-    API_TOTALS, APIS, AllocwatchBin, Fixture, GoToolchain, KernelState, SITES, Scratch, Site,
-    address_groups, allocwatch_bin, assert_no_crash, assert_single_error, go_toolchains,
-    libc_fixture, libc_path, panic_text, path_str, serial, signal, version_key, wait_child,
+    API_TOTALS, APIS, AllocwatchBin, Fixture, GoToolchain, KernelState, SAMPLE_RATE, SAMPLE_SITES,
+    SITES, Scratch, Site, address_groups, allocwatch_bin, assert_no_crash, assert_single_error,
+    go_toolchains, libc_fixture, libc_path, panic_text, path_str, sample_bound, serial, signal,
+    version_key, wait_child,
 };
 
 /// The `loop` mode's block size: malloc(48) then free, every millisecond.
@@ -136,6 +137,96 @@ fn exact_counters_over_http() {
     let m = agent.scrape();
     check_fixture_totals(&m, &id, &env.alias_groups);
     assert_eq!(sites(&m), before, "site series changed after the harvest");
+    agent.stop();
+}
+
+/// `--sample-bytes` in the agent (`libc_fixture sample`): per-API counters exact, call for
+/// call; each site's series an estimate within the Poisson model's bound of what the fixture
+/// did (`support::sample_bound`), free sites exact per caller.
+#[test]
+fn sampled_sites_estimated_totals_exact() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let scratch = Scratch::new("sampled");
+    let fixture = scratch.copy(&env.fixture, "libc_fixture");
+    let id = Identity::of(&fixture);
+    let rate = SAMPLE_RATE.to_string();
+    let mut agent = Agent::start(&env, &["--sample-bytes", &rate]);
+    // Found (and its executable read) before it allocates, so its sites are named as they
+    // appear: a site first exported in `other` keeps its value there.
+    let mut fx = Fixture::spawn(&fixture, "sample-wait", "ready");
+    agent.wait_for_identity(&id, fx.started);
+    signal(fx.pid, libc::SIGUSR1);
+    let status = fx.wait_exit(Duration::from_secs(10));
+    assert!(
+        status.success(),
+        "libc_fixture sample-wait failed: {status}"
+    );
+    let m = agent.scrape_until("the fixture's final counts", Duration::from_secs(10), |m| {
+        m.value(&id, "allocwatch_free_calls_total", &[]) == Some(20_000.0)
+    });
+    let mut calls: BTreeMap<&str, f64> = BTreeMap::new();
+    let mut bytes: BTreeMap<&str, f64> = BTreeMap::new();
+    // Per kind, the bound is the sum of its sites' (each estimated on its own).
+    let mut slack: BTreeMap<&str, f64> = BTreeMap::new();
+    for &(func, api, n, size, _) in SAMPLE_SITES {
+        let exact = (n * size) as f64;
+        *calls.entry(api).or_default() += n as f64;
+        *bytes.entry(api).or_default() += exact;
+        let bound = sample_bound(n, size, SAMPLE_RATE);
+        *slack.entry(api).or_default() += bound * exact;
+        // A site named after its first export keeps that value in `other` (the exporter's
+        // monotonicity); a named site with a value is checked on its own.
+        let site = format!("{func} <- main");
+        let labels = [("site", site.as_str()), ("api", api)];
+        let est = m
+            .value(&id, "allocwatch_site_alloc_bytes_total", &labels)
+            .unwrap_or(0.0);
+        assert!(
+            est == 0.0 || (est / exact - 1.0).abs() <= bound,
+            "{site}: {est} bytes estimated, {exact} exact, bound {:.1} %\n{}",
+            bound * 100.0,
+            m.lines_of(&id)
+        );
+    }
+    for (api, exact) in &bytes {
+        let est: f64 = m
+            .of(&id, "allocwatch_site_alloc_bytes_total")
+            .iter()
+            .filter(|s| s.labels.get("api") == Some(*api))
+            .map(|s| value(s))
+            .sum();
+        assert!(
+            (est - exact).abs() <= slack[api],
+            "{api}: sites sum to {est} bytes, {exact} exact ± {}\n{}",
+            slack[api],
+            m.lines_of(&id)
+        );
+    }
+    for (api, n) in &calls {
+        let api_label = [("api", *api)];
+        assert_eq!(
+            m.value(&id, "allocwatch_alloc_calls_total", &api_label),
+            Some(*n),
+            "{api} calls\n{}",
+            m.lines_of(&id)
+        );
+        assert_eq!(
+            m.value(&id, "allocwatch_alloc_bytes_total", &api_label),
+            Some(bytes[api]),
+            "{api} bytes"
+        );
+    }
+    // free is never sampled: every call counted (the scrape waited for all 20,000), and it
+    // has no site series (free is no allocation).
+    assert!(
+        m.of(&id, "allocwatch_site_alloc_calls_total")
+            .iter()
+            .all(|s| s.labels.get("api") != Some("free")),
+        "free site series\n{}",
+        m.lines_of(&id)
+    );
+    m.assert_conventions();
     agent.stop();
 }
 

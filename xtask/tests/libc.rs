@@ -40,8 +40,9 @@ use std::{
 use serde_json::Value;
 use support::{
     API_TOTALS, APIS, Allocwatch, AllocwatchBin, BpfIds, Fixture, KernelState, LIVE_ALLOCATIONS,
-    LIVE_BYTES, Lines, SITES, address_groups, allocwatch_bin, array, assert_single_error, dead_pid,
-    libc_fixture, libc_path, path_str, process_by_pid, read_json, serial, signal, str_at, u64_at,
+    LIVE_BYTES, Lines, SAMPLE_RATE, SAMPLE_SITES, SITES, address_groups, allocwatch_bin, array,
+    assert_single_error, dead_pid, libc_fixture, libc_path, path_str, process_by_pid, read_json,
+    sample_bound, serial, signal, str_at, u64_at,
 };
 
 /// The `loop` mode's block size: malloc(48) then free, every millisecond.
@@ -290,6 +291,121 @@ fn count_modes_exact_counts() {
         assert_eq!(proc["exit_code"], 0, "exit code of the fixture\n{proc:#}");
         check_fixture_count(proc, stacks);
     }
+}
+
+/// Sampling (`--sample-bytes`) on `libc_fixture sample`, in `full` and `count-stacks`, on
+/// the same run: every call still counted exactly (per API, per immediate caller), and each
+/// stack's scaled figures within the Poisson model's bound of the exact ones.
+#[test]
+fn sampled_top_estimates() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let rate = SAMPLE_RATE.to_string();
+    for (mode, live) in [("full", true), ("count-stacks", false)] {
+        let (mut aw, out) = spawn_json(
+            &env,
+            &format!("top-sampled-{mode}"),
+            &["top", "--mode", mode, "--sample-bytes", &rate],
+            &["--", path_str(&env.fixture), "sample"],
+        );
+        let pid = aw.wait_tracing_pid(Duration::from_secs(30));
+        let status = aw.wait_exit(Duration::from_secs(60));
+        aw.assert_success(status);
+        let report = read_json(&out);
+        let proc = process_by_pid(&report, pid);
+        assert_eq!(proc["exit_code"], 0, "exit code of the fixture\n{proc:#}");
+        check_sampled(proc, live);
+    }
+}
+
+fn check_sampled(proc: &Value, live: bool) {
+    assert_no_loss(proc);
+    assert_eq!(u64_at(proc, "sample_bytes"), SAMPLE_RATE, "{proc:#}");
+    // Per API, exact: call for call what the fixture did.
+    let mut want_calls: BTreeMap<&str, u64> = APIS.iter().map(|a| (*a, 0)).collect();
+    let mut want_bytes = want_calls.clone();
+    for &(_, api, n, size, _) in SAMPLE_SITES {
+        *want_calls.get_mut(api).unwrap() += n;
+        *want_bytes.get_mut(api).unwrap() += n * size;
+    }
+    want_calls.insert("free", 20_000);
+    for api in APIS {
+        assert_eq!(
+            u64_at(&proc["calls"], api),
+            want_calls[api],
+            "calls.{api}\n{proc:#}"
+        );
+        if *api != "free" {
+            assert_eq!(u64_at(&proc["bytes"], api), want_bytes[api], "bytes.{api}");
+        }
+    }
+    let sites = array(proc, "sites");
+    let callers = array(proc, "callers");
+    let of = |list: &'static str, rows: &Vec<Value>, func: &str, api: &str| -> Vec<Value> {
+        let found: Vec<Value> = rows
+            .iter()
+            .filter(|r| r["api"] == api && frame0_function(r) == func)
+            .cloned()
+            .collect();
+        assert_eq!(found.len(), 1, "one {api} {list} row in {func}\n{proc:#}");
+        found
+    };
+    let (mut live_est, mut live_exact, mut live_slack) = (0.0, 0.0, 0.0);
+    for &(func, api, n, size, stays) in SAMPLE_SITES {
+        // Per immediate caller, exact.
+        let c = &of("callers", callers, func, api)[0];
+        assert_eq!(
+            (u64_at(c, "calls"), u64_at(c, "bytes")),
+            (n, n * size),
+            "{c:#}"
+        );
+        // Per stack, estimated from what was sampled.
+        let s = &of("sites", sites, func, api)[0];
+        assert_frames_reach_main(s);
+        let (k, kb) = (u64_at(s, "sampled_calls"), u64_at(s, "sampled_bytes"));
+        assert!(
+            k > 0 && k <= n && kb == k * size,
+            "samples of {func}\n{s:#}"
+        );
+        let bound = sample_bound(n, size, SAMPLE_RATE);
+        let exact = (n * size) as f64;
+        let est = u64_at(s, "bytes") as f64;
+        assert!(
+            (est / exact - 1.0).abs() <= bound,
+            "{func}: {est} bytes estimated, {exact} exact, bound {:.1} %\n{s:#}",
+            bound * 100.0
+        );
+        let calls = u64_at(s, "calls") as f64;
+        assert!(
+            (calls / n as f64 - 1.0).abs() <= bound,
+            "{func} calls\n{s:#}"
+        );
+        let live_bytes = u64_at(s, "live_bytes") as f64;
+        if live && stays {
+            assert!(
+                (live_bytes / exact - 1.0).abs() <= bound,
+                "{func}: {live_bytes} live bytes estimated, {exact} exact\n{s:#}"
+            );
+            live_est += live_bytes;
+            live_exact += exact;
+            live_slack += bound * exact;
+        } else {
+            assert_eq!(live_bytes, 0.0, "{func} live bytes\n{s:#}");
+        }
+    }
+    // free is never sampled: its rows are exact per caller, without bytes.
+    let f = &of("sites", sites, "fx_sample_small", "free")[0];
+    assert_eq!(
+        (u64_at(f, "calls"), u64_at(f, "bytes")),
+        (20_000, 0),
+        "{f:#}"
+    );
+    let total = u64_at(proc, "live_bytes") as f64;
+    assert!(
+        (total - live_exact).abs() <= live_slack,
+        "live_bytes {total}, exact {live_exact} ± {live_slack}"
+    );
+    assert_eq!(total, live_est, "live_bytes is the sum of the sites'");
 }
 
 /// `--log-level debug` shows the probes' own log (aya-log): with a call-site table of one row,

@@ -106,6 +106,10 @@ fn max_stacks<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     count(d, &values::MAX_STACKS).map(|n| n as u32)
 }
 
+pub(super) fn sample_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    count(d, &values::SAMPLE_BYTES)
+}
+
 fn max_pending<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     count(d, &values::MAX_PENDING).map(|n| n as u32)
 }

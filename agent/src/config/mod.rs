@@ -54,6 +54,9 @@ pub struct Config {
     /// BENCHMARKS.md).
     #[serde(deserialize_with = "de::probe_mode")]
     pub mode: Mode,
+    /// Mean bytes between sampled calls (stack walked, block tracked); 0: every call.
+    #[serde(deserialize_with = "de::sample_bytes")]
+    pub sample_bytes: u64,
     pub select: Select,
     #[serde(deserialize_with = "de::capacity")]
     pub capacity: Capacity,
@@ -172,6 +175,7 @@ impl Default for Config {
             top_k: 10,
             max_site_series: 5000,
             mode: Mode::Full,
+            sample_bytes: 0,
             select: Select::default(),
             capacity: Capacity::default(),
             go: Go::default(),
@@ -191,6 +195,7 @@ pub struct Overrides {
     pub top_k: Option<usize>,
     pub max_site_series: Option<usize>,
     pub mode: Option<Mode>,
+    pub sample_bytes: Option<u64>,
     pub comm: Vec<String>,
     pub exe: Vec<String>,
     pub cgroup: Vec<String>,
@@ -250,6 +255,7 @@ impl Config {
         set(&mut self.top_k, o.top_k);
         set(&mut self.max_site_series, o.max_site_series);
         set(&mut self.mode, o.mode);
+        set(&mut self.sample_bytes, o.sample_bytes);
         let s = &mut self.select;
         list(&mut s.comm, o.comm);
         list(&mut s.exe, o.exe);
@@ -278,6 +284,7 @@ impl Config {
                 live: self.mode.tracks_live(),
             },
             pprof: self.pprof.enabled,
+            sample_bytes: self.sample_bytes,
             limits: Limits {
                 header_timeout: self.http.header_timeout,
                 idle_timeout: self.http.idle_timeout,

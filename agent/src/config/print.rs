@@ -51,6 +51,12 @@ max_site_series = {max_site_series}
 # The count modes export no live gauges, size histogram or heap profile, and no free bytes.
 mode = "{mode}"
 
+# Sampling: the stack of one call per sample_bytes bytes allocated on average (Poisson, as Go's
+# heap profile) is walked and, in full and stacks-off, its block tracked; every call is still
+# counted by API and immediate caller. Per-site series, live gauges and profiles are then
+# estimates, scaled as pprof scales Go's (README: "Sampling"). 0: every call.
+sample_bytes = {sample_bytes}
+
 # Once its probes are attached, the agent becomes user and group 65532 and keeps only the
 # capabilities it still needs (CAP_SYS_PTRACE on Linux >= 6.6; deploy/README.md, "Required
 # capabilities"), with no_new_privs. true: keep the user and capabilities it started with.
@@ -118,6 +124,7 @@ enabled = {kubernetes}
         top_k = c.top_k,
         max_site_series = c.max_site_series,
         mode = c.mode.name(),
+        sample_bytes = c.sample_bytes,
         comm = toml_list(&s.comm),
         exe = toml_list(&s.exe),
         cgroup = toml_list(&s.cgroup),

@@ -219,6 +219,31 @@ fn mode_from_file_and_flag() {
 }
 
 #[test]
+fn sample_bytes_from_file_and_flag() {
+    assert_eq!(Config::default().sample_bytes, 0);
+    let mut cfg = Config::parse("sample_bytes = 524288").unwrap();
+    assert_eq!(cfg.sample_bytes, 512 << 10);
+    cfg.apply(Overrides::default()).unwrap();
+    assert_eq!(
+        cfg.sample_bytes,
+        512 << 10,
+        "no flag keeps the file's value"
+    );
+    cfg.apply(Overrides {
+        sample_bytes: Some(0),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(cfg.sample_bytes, 0);
+    let e = Config::parse("sample_bytes = -1").unwrap_err().to_string();
+    assert!(e.contains("must be at least 0"), "{e}");
+    let e = Config::parse("sample_bytes = 1099511627777")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("must be at most 1099511627776"), "{e}");
+}
+
+#[test]
 fn http_limits_and_web_config_from_file_and_flag() {
     let dir = std::env::temp_dir().join(format!("allocwatch-config-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -21,6 +21,7 @@ use super::{
     select::Selector,
 };
 use crate::{
+    aggregate::Sampling,
     collect,
     config::Config,
     frames::FrameCache,
@@ -169,6 +170,7 @@ struct State {
     registry: Registry,
     capacity: Capacity,
     top_k: usize,
+    sampling: Sampling,
     next_scan: Instant,
     next_retain: Instant,
     losses: LossWatch,
@@ -192,11 +194,18 @@ impl State {
         // (a selected program may live less than a millisecond); rejected processes are denied
         // once classified and their rows deleted (`registry`).
         let capacity = cfg.capacity;
+        if cfg.sample_bytes > 0 && !cfg.mode.samples(true) {
+            anyhow::bail!(
+                "sample_bytes samples stacks and outstanding allocations: mode {} records neither",
+                cfg.mode.name()
+            );
+        }
         let mut probes = Probes::load_mode(
             &ProbeConfig {
                 tgid: None,
                 filter: Filter::Deny,
                 stacks: cfg.mode.stacks(),
+                sample_bytes: cfg.sample_bytes,
                 capacity,
             },
             cfg.mode,
@@ -223,6 +232,10 @@ impl State {
             registry,
             capacity,
             top_k: cfg.top_k,
+            sampling: Sampling {
+                bytes: cfg.sample_bytes,
+                stacks: cfg.mode.stacks(),
+            },
             next_scan: now + SCAN_INTERVAL,
             next_retain: now + RETAIN_EVERY,
             losses: LossWatch::default(),
@@ -319,6 +332,7 @@ impl State {
                     frames,
                     symbolizer,
                     self.top_k,
+                    self.sampling,
                     (d.pid, d.image),
                 )
                 .await?
@@ -343,8 +357,7 @@ impl State {
             frames,
             symbolizer,
             self.pipe.stats,
-            self.capacity.max_sites,
-            self.top_k,
+            (self.capacity.max_sites, self.top_k, self.sampling),
         )
         .await?;
         for (map, fill) in &self.fills {

@@ -8,13 +8,13 @@ use std::{
 
 use allocwatch_common::{
     go::GoHistVal,
-    libc::{API_COUNT, Api, Overflow, SiteKey, SiteStats},
+    libc::{API_COUNT, Api, NO_STACK, Overflow, SiteKey, SiteStats},
     map_names,
 };
 
 use super::registry::{Proc, Registry};
 use crate::{
-    aggregate::{self, live_of},
+    aggregate::{self, Sampling, live_of},
     collect,
     frames::FrameCache,
     gostate::{GoState, Pauses},
@@ -31,8 +31,7 @@ pub async fn build(
     frames: &mut FrameCache,
     symbolizer: &SymbolizerHandle,
     loop_stats: LoopStats,
-    max_sites: u32,
-    top_k: usize,
+    (max_sites, top_k, sampling): (u32, usize, Sampling),
 ) -> anyhow::Result<((Vec<ProcessSnapshot>, SelfStats), Vec<u32>)> {
     let t0 = Instant::now();
     let sites = collect::sites(probes, None)?;
@@ -54,6 +53,7 @@ pub async fn build(
         budget: &mut budget,
         top_k,
         deadline: Instant::now() + SYMBOLIZE_TIME,
+        sampling,
     };
     // A process's rows are in the kernel maps while it runs and in `retained` once harvested
     // (a row is in one place or the other, never both), so a snapshot takes both.
@@ -142,6 +142,7 @@ pub async fn departing(
     frames: &mut FrameCache,
     symbolizer: &SymbolizerHandle,
     top_k: usize,
+    sampling: Sampling,
     (pid, image): (u32, Option<u32>),
 ) -> anyhow::Result<Option<ProcessSnapshot>> {
     let mut budget = SYMBOLIZE_PER_SCRAPE.max(top_k);
@@ -152,6 +153,7 @@ pub async fn departing(
         budget: &mut budget,
         top_k,
         deadline: Instant::now() + SYMBOLIZE_TIME,
+        sampling,
     };
     let (proc, retained, number) = match image {
         None => {
@@ -205,6 +207,8 @@ struct Symbolize<'a> {
     top_k: usize,
     /// Symbolizing stops here; the rest waits for the next scrape.
     deadline: Instant,
+    /// How the probes sampled: which rows are sites, and their figures scaled.
+    sampling: Sampling,
 }
 
 /// The export model of one program image of a process: its libc rows (`rows`, already
@@ -220,17 +224,21 @@ async fn process_snapshot(
     let remainder_rows: Vec<(SiteKey, SiteStats)> = remainder
         .iter()
         .map(|(&api, s)| {
+            // Exact sums of folded rows, sampled or not: never scaled as a sample.
             let key = SiteKey {
                 tgid: pid,
                 api,
+                stack_id: NO_STACK,
                 ..SiteKey::default()
             };
             (key, *s)
         })
         .collect();
+    let sampling = ctx.sampling;
     let totals = aggregate::totals(
         rows.iter().chain(&remainder_rows).map(|(k, s)| (k, s)),
         &no_overflow,
+        sampling,
     );
     let mut snap = ProcessSnapshot {
         pid,
@@ -257,9 +265,14 @@ async fn process_snapshot(
         p.libc_apis.is_none() && !Api::ALL.into_iter().any(called) && totals.live_allocations == 0;
     // Largest first: each process's likely series are always named (its own top-K, with
     // room for the exporter's different ranking); the shared budget covers the rest.
-    let mut ranked: Vec<&(SiteKey, SiteStats)> = rows.iter().collect();
+    // With sampled stacks, the sampled rows scaled stand for their callers' other calls.
+    let mut ranked: Vec<(SiteKey, SiteStats)> = rows
+        .iter()
+        .filter(|(k, _)| sampling.shows(k))
+        .map(|(k, s)| (*k, sampling.estimate(k, s)))
+        .collect();
     ranked.sort_by_key(|(_, s)| std::cmp::Reverse(s.bytes));
-    for (i, (key, stats)) in ranked.into_iter().enumerate() {
+    for (i, (key, stats)) in ranked.iter().enumerate() {
         let (live_allocations, live_bytes) = live_of(stats);
         let frames = site_frames(ctx, i, (pid, key.stack_id, key.ret_addr)).await?;
         snap.sites.push(SiteSnapshot {

@@ -54,11 +54,11 @@ pub fn write_flamegraph(
     }
 }
 
-/// Writes a pprof profile of `snap` (allocated bytes by default).
-pub fn write_pprof(path: &Path, snap: &ProcessSnapshot) -> anyhow::Result<()> {
-    let bytes = pprof::encode(
-        std::slice::from_ref(snap),
-        &pprof::ProfileOptions::new(pprof::DefaultSample::AllocSpace),
-    )?;
+/// Writes a pprof profile of `snap` (allocated bytes by default); `sample_bytes`: how the
+/// probes sampled (0: not at all), said in the profile.
+pub fn write_pprof(path: &Path, snap: &ProcessSnapshot, sample_bytes: u64) -> anyhow::Result<()> {
+    let mut opts = pprof::ProfileOptions::new(pprof::DefaultSample::AllocSpace);
+    opts.sample_bytes = sample_bytes;
+    let bytes = pprof::encode(std::slice::from_ref(snap), &opts)?;
     fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use allocwatch_common::libc::Api;
 use serde::Serialize;
 
-use super::{GoReport, Leak, LeaksReport, PauseSummary, ProcessInfo, Site, TopReport};
+use super::{Caller, GoReport, Leak, LeaksReport, PauseSummary, ProcessInfo, Site, TopReport};
 use crate::{
     aggregate::live_of,
     symbolize::{Frame, SymbolizeStats},
@@ -62,9 +62,35 @@ struct TopProcess<'a> {
     live_allocations: u64,
     lost: &'a BTreeMap<&'static str, u64>,
     symbolization: SymbolizeStats,
+    /// Mean bytes between sampled calls; 0: every call recorded, nothing estimated.
+    sample_bytes: u64,
     sites: Vec<JsonSite<'a>>,
+    /// With sampled stacks: exact figures per API and immediate caller.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    callers: Vec<JsonCaller<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     go: Option<JsonGo<'a>>,
+}
+
+#[derive(Serialize)]
+struct JsonCaller<'a> {
+    api: &'static str,
+    frames: &'a [Frame],
+    calls: u64,
+    bytes: u64,
+    failed: u64,
+}
+
+impl<'a> From<&'a Caller> for JsonCaller<'a> {
+    fn from(c: &'a Caller) -> Self {
+        Self {
+            api: c.api.symbol(),
+            frames: &c.frames,
+            calls: c.calls,
+            bytes: c.bytes,
+            failed: c.failed,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -218,6 +244,12 @@ struct JsonSite<'a> {
     failed: u64,
     live_bytes: u64,
     live_allocations: u64,
+    /// With sampling: the calls and bytes sampled at this stack, which `calls` and `bytes`
+    /// estimate the whole of.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sampled_calls: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sampled_bytes: Option<u64>,
 }
 
 impl<'a> From<&'a Site> for JsonSite<'a> {
@@ -231,6 +263,8 @@ impl<'a> From<&'a Site> for JsonSite<'a> {
             failed: s.stats.failed,
             live_bytes,
             live_allocations,
+            sampled_calls: s.sampled.map(|x| x.0),
+            sampled_bytes: s.sampled.map(|x| x.1),
         }
     }
 }
@@ -243,6 +277,8 @@ struct LeaksProcess<'a> {
     live_allocations: u64,
     lost: &'a BTreeMap<&'static str, u64>,
     symbolization: SymbolizeStats,
+    /// Mean bytes between sampled calls: counts and bytes are then estimates (0: exact).
+    sample_bytes: u64,
     leaks: Vec<JsonLeak<'a>>,
 }
 
@@ -287,7 +323,9 @@ pub fn top(reports: &[TopReport]) -> serde_json::Result<String> {
             live_allocations: r.totals.live_allocations,
             lost: &r.lost,
             symbolization: r.symbolization,
+            sample_bytes: r.sample_bytes,
             sites: r.sites.iter().map(Into::into).collect(),
+            callers: r.callers.iter().map(Into::into).collect(),
             go: r.go.as_ref().map(Into::into),
         })
         .collect();
@@ -308,6 +346,7 @@ pub fn leaks(reports: &[LeaksReport]) -> serde_json::Result<String> {
             live_allocations: r.live_allocations,
             lost: &r.lost,
             symbolization: r.symbolization,
+            sample_bytes: r.sample_bytes,
             leaks: r.leaks.iter().map(Into::into).collect(),
         })
         .collect();

@@ -35,7 +35,21 @@ pub struct ProcessInfo {
 pub struct Site {
     pub api: Api,
     pub frames: Vec<Frame>,
+    /// As reported: with sampling, estimates (`aggregate::Sampling::estimate`).
     pub stats: SiteStats,
+    /// With sampling: the (calls, bytes) actually sampled at this stack, which `stats`
+    /// scales; `None` when the figures are exact.
+    pub sampled: Option<(u64, u64)>,
+}
+
+/// With sampled stacks: the exact figures of one immediate caller (every call counted).
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub api: Api,
+    pub frames: Vec<Frame>,
+    pub calls: u64,
+    pub bytes: u64,
+    pub failed: u64,
 }
 
 /// The `top` report of one process.
@@ -46,8 +60,13 @@ pub struct TopReport {
     pub totals: Totals,
     /// Loss counters by cause name, all causes present.
     pub lost: BTreeMap<&'static str, u64>,
+    /// Mean bytes between sampled calls (0: every call recorded, nothing estimated).
+    pub sample_bytes: u64,
     /// Sites ranked by bytes (allocation sites first, then free sites).
     pub sites: Vec<Site>,
+    /// With sampled stacks: exact calls and bytes per API and immediate caller, ranked as
+    /// `sites`; empty otherwise (the sites are then exact per caller or per stack).
+    pub callers: Vec<Caller>,
     /// Addresses the symbolizer could not name, by cause (all processes of the session).
     pub symbolization: SymbolizeStats,
     pub go: Option<GoReport>,
@@ -131,6 +150,8 @@ pub struct Leak {
 pub struct LeaksReport {
     pub info: ProcessInfo,
     pub min_age_secs: f64,
+    /// Mean bytes between sampled calls: counts and bytes are then estimates (0: exact).
+    pub sample_bytes: u64,
     pub live_allocations: u64,
     pub live_bytes: u64,
     pub lost: BTreeMap<&'static str, u64>,

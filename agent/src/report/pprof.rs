@@ -86,6 +86,9 @@ pub struct ProfileOptions {
     pub duration: Option<Duration>,
     /// When the profile was taken.
     pub time: SystemTime,
+    /// Mean bytes between sampled calls: per-site values are then estimates, scaled as pprof
+    /// scales Go's heap profile (0: every call recorded).
+    pub sample_bytes: u64,
 }
 
 impl ProfileOptions {
@@ -94,6 +97,7 @@ impl ProfileOptions {
             default_sample,
             duration: None,
             time: SystemTime::now(),
+            sample_bytes: 0,
         }
     }
 }
@@ -316,7 +320,7 @@ pub fn build(procs: &[ProcessSnapshot], opts: &ProfileOptions) -> Profile {
         .collect();
     let mut samples = Vec::new();
     b.first_mapping(procs);
-    let comment = match procs {
+    let mut comment = match procs {
         [] => Vec::new(),
         [p] => vec![b.string(&format!(
             "pid {} comm {} exe {}",
@@ -327,6 +331,13 @@ pub fn build(procs: &[ProcessSnapshot], opts: &ProfileOptions) -> Profile {
             procs.len()
         ))],
     };
+    if opts.sample_bytes > 0 {
+        comment.push(b.string(&format!(
+            "sampled: one call per {} bytes on average (Poisson); per-stack values are \
+             estimates, scaled as Go's heap profile (1/(1-exp(-avg/{})))",
+            opts.sample_bytes, opts.sample_bytes
+        )));
+    }
     for p in procs {
         let l = &p.labels;
         for s in &p.sites {
@@ -398,8 +409,9 @@ pub fn build(procs: &[ProcessSnapshot], opts: &ProfileOptions) -> Profile {
         time_nanos,
         duration_nanos,
         period_type,
-        // Every event is recorded: nothing to scale.
-        period: 1,
+        // Go's heap profile gives its sampling rate here; 1: every event recorded. The values
+        // are already scaled either way.
+        period: i64::try_from(opts.sample_bytes.max(1)).unwrap_or(i64::MAX),
         comment,
         default_sample_type,
     }
@@ -527,6 +539,30 @@ pub(crate) mod tests {
         let mut raw = Vec::new();
         std::io::Read::read_to_end(&mut GzDecoder::new(gz), &mut raw).unwrap();
         Profile::decode(raw.as_slice()).unwrap()
+    }
+
+    /// A sampled profile says so (a comment naming the mean) and carries the mean as its
+    /// period, as Go's heap profile carries MemProfileRate; an exact one has period 1.
+    #[test]
+    fn sampled_profile_says_so() {
+        let mut opts = ProfileOptions::new(DefaultSample::AllocSpace);
+        let p = decode(&encode(&fixture(), &opts).unwrap());
+        assert_eq!(p.period, 1);
+        assert!(!p.string_table.iter().any(|x| x.starts_with("sampled")));
+        opts.sample_bytes = 512 << 10;
+        let p = decode(&encode(&fixture(), &opts).unwrap());
+        assert_eq!(p.period, 512 << 10);
+        let comments: Vec<&str> = p
+            .comment
+            .iter()
+            .map(|&i| p.string_table[i as usize].as_str())
+            .collect();
+        assert!(
+            comments
+                .iter()
+                .any(|c| c.starts_with("sampled: one call per 524288 bytes")),
+            "{comments:?}"
+        );
     }
 
     #[test]

@@ -102,10 +102,16 @@ fn header(out: &mut String, r: &TopReport) {
     let _ = writeln!(out, "calls:{calls}");
     let _ = writeln!(
         out,
-        "live: {} allocations, {}",
+        "live: {} allocations, {}{}",
         r.totals.live_allocations,
-        human_bytes(r.totals.live_bytes)
+        human_bytes(r.totals.live_bytes),
+        if r.sample_bytes > 0 {
+            " (estimated)"
+        } else {
+            ""
+        }
     );
+    sampling_note(out, r.sample_bytes);
     for (alias, canon) in &i.aliases {
         let _ = writeln!(
             out,
@@ -116,6 +122,18 @@ fn header(out: &mut String, r: &TopReport) {
         );
     }
     lost_line(out, &r.lost);
+}
+
+/// Says that per-site figures are estimates (calls above are exact either way).
+fn sampling_note(out: &mut String, sample_bytes: u64) {
+    if sample_bytes > 0 {
+        let _ = writeln!(
+            out,
+            "sampled: one call per {} on average; per-stack figures and live bytes are \
+             estimates (scaled as pprof), calls and bytes above are exact",
+            human_bytes(sample_bytes)
+        );
+    }
 }
 
 fn lost_line(out: &mut String, lost: &std::collections::BTreeMap<&'static str, u64>) {
@@ -302,6 +320,14 @@ pub fn leaks(r: &LeaksReport, k: usize) -> String {
         r.live_allocations,
         human_bytes(r.live_bytes)
     );
+    if r.sample_bytes > 0 {
+        let _ = writeln!(
+            out,
+            "sampled: one allocation per {} on average is tracked; counts and bytes are \
+             estimates (scaled as pprof)",
+            human_bytes(r.sample_bytes)
+        );
+    }
     lost_line(&mut out, &r.lost);
     let _ = writeln!(
         out,

@@ -65,6 +65,8 @@ pub struct ServeConfig {
     pub metrics: MetricsConfig,
     /// Serve `/debug/pprof/*`.
     pub pprof: bool,
+    /// Mean bytes between sampled calls (profiles say their values are estimates); 0: none.
+    pub sample_bytes: u64,
     /// Timeouts and the connection cap.
     pub limits: Limits,
     /// exporter-toolkit web config (TLS, basic auth); `None`: plain HTTP, no auth.
@@ -99,6 +101,7 @@ struct AppState {
     exporter: Mutex<Exporter>,
     /// Becomes true at shutdown: cuts delta profiles short.
     stopping: watch::Receiver<bool>,
+    sample_bytes: u64,
 }
 
 /// Binds `listen` (separate from serving, so a taken port fails at startup).
@@ -162,6 +165,7 @@ pub async fn serve_with(
         source,
         exporter: Mutex::new(Exporter::new(cfg.metrics)),
         stopping,
+        sample_bytes: cfg.sample_bytes,
     });
     let mut app = Router::new()
         .route("/metrics", get(metrics_handler))
@@ -374,6 +378,7 @@ async fn profile(state: Arc<AppState>, q: ProfileQuery, default_sample: DefaultS
         return no_match();
     }
     let mut opts = ProfileOptions::new(default_sample);
+    opts.sample_bytes = state.sample_bytes;
     if seconds > 0 {
         let mut stopping = state.stopping.clone();
         let window = Duration::from_secs(seconds);

@@ -82,6 +82,7 @@ pub(super) fn config(pprof: bool) -> ServeConfig {
             live: true,
         },
         pprof,
+        sample_bytes: 0,
         limits: Limits::default(),
         web_config: None,
     }

@@ -25,6 +25,7 @@ use tokio::{
 
 use self::view::{Tracer, Watched, refresh_identity};
 use crate::{
+    aggregate::Sampling,
     cli::CommonArgs,
     frames::FrameCache,
     gostate::GoState,
@@ -71,6 +72,17 @@ pub async fn run(view: View, args: CommonArgs) -> anyhow::Result<()> {
     if matches!(view, View::Leaks { .. }) && !args.mode.tracks_live() {
         anyhow::bail!("leaks needs outstanding allocations: use --mode full or stacks-off");
     }
+    if args.sample_bytes > 0 && !args.mode.samples(!args.no_stacks) {
+        anyhow::bail!(
+            "--sample-bytes samples stacks and outstanding allocations: --mode {} {} neither",
+            args.mode.name(),
+            if args.no_stacks {
+                "with --no-stacks records"
+            } else {
+                "records"
+            }
+        );
+    }
     preflight::check()?;
     let resolved = resolve::resolve(&args)?;
     let pid = resolved.pid;
@@ -106,6 +118,7 @@ fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer,
             tgid: Some(pid),
             filter: Filter::None,
             stacks: args.mode.stacks() && !args.no_stacks,
+            sample_bytes: args.sample_bytes,
             capacity,
         },
         args.mode,
@@ -168,6 +181,10 @@ fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer,
         go_target: r.go,
         started: Instant::now(),
         top_k: args.top,
+        sampling: Sampling {
+            bytes: args.sample_bytes,
+            stacks: args.mode.stacks() && !args.no_stacks,
+        },
     };
     refresh_identity(&mut tracer.watched.info);
     banner(&tracer);
@@ -334,7 +351,7 @@ fn export_profiles(
         write_flamegraph(path, &snap.sites, weight, &title, "no allocation sites")?;
     }
     if let Some(path) = pprof {
-        write_pprof(path, &snap)?;
+        write_pprof(path, &snap, r.sample_bytes)?;
     }
     Ok(())
 }

@@ -10,19 +10,22 @@ use std::{
 
 use allocwatch_common::{
     event::GoEvent,
-    libc::{Api, SiteKey},
+    libc::{Api, NO_STACK, SiteKey, SiteStats},
     loss::LossCause,
     map_names,
 };
 
 use crate::{
-    aggregate, collect,
+    aggregate,
+    aggregate::Sampling,
+    collect,
     gort::versions::MapImpl,
     gostate::{GoSiteKey, GoState, Pauses},
     pipeline::{Handler, Parts, Pipeline},
     procfs,
     report::{
-        GoMap, GoReport, GoSite, Leak, LeaksReport, PauseSummary, ProcessInfo, Site, TopReport,
+        Caller, GoMap, GoReport, GoSite, Leak, LeaksReport, PauseSummary, ProcessInfo, Site,
+        TopReport,
     },
     symbolize::Frame,
     target::go::GoTarget,
@@ -35,6 +38,7 @@ pub struct Tracer {
     pub go_target: Option<Arc<GoTarget>>,
     pub started: Instant,
     pub top_k: usize,
+    pub sampling: Sampling,
 }
 
 /// What the records say about the traced process beyond its sites.
@@ -112,13 +116,16 @@ impl Tracer {
         let pid = self.watched.info.pid;
         let rows = collect::sites(&self.pipe.parts.probes, Some(pid))?;
         let overflow = collect::overflow(&self.pipe.parts.probes)?;
-        let totals = aggregate::totals(rows.iter(), &overflow);
+        let sampling = self.sampling;
+        let totals = aggregate::totals(rows.iter(), &overflow, sampling);
         let mut chains = Vec::with_capacity(rows.len());
-        for (key, stats) in &rows {
+        for (key, stats) in rows.iter().filter(|(k, _)| sampling.shows(k)) {
+            let estimated = sampling.on() && key.stack_id != NO_STACK;
             chains.push(Site {
                 api: Api::try_from(key.api)?,
                 frames: self.site_frames(key).await?,
-                stats: *stats,
+                stats: sampling.estimate(key, stats),
+                sampled: estimated.then_some((stats.calls, stats.bytes)),
             });
         }
         let mut sites = merge_by_source(
@@ -126,6 +133,9 @@ impl Tracer {
             |s| s.api as u32,
             |a, b| {
                 a.stats = aggregate::sum_stats([a.stats, b.stats].iter());
+                if let (Some(x), Some(y)) = (&mut a.sampled, b.sampled) {
+                    *x = (x.0 + y.0, x.1 + y.1);
+                }
             },
         );
         // Allocation sites by bytes first, then free sites by calls.
@@ -136,16 +146,64 @@ impl Tracer {
                 std::cmp::Reverse(s.stats.calls),
             )
         });
+        let callers = if sampling.on() && sampling.stacks {
+            self.callers(&rows).await?
+        } else {
+            Vec::new()
+        };
         let go = self.go_report().await?;
         Ok(TopReport {
             info: self.watched.info.clone(),
             elapsed_secs: self.started.elapsed().as_secs_f64(),
             totals,
             lost: self.lost()?,
+            sample_bytes: sampling.bytes,
             sites,
+            callers,
             symbolization: self.pipe.parts.symbolizer.stats(),
             go,
         })
+    }
+
+    /// Exact calls and bytes per API and immediate caller: the sum of a caller's rows, the
+    /// sampled (with a stack) and the others.
+    async fn callers(
+        &mut self,
+        rows: &BTreeMap<SiteKey, SiteStats>,
+    ) -> anyhow::Result<Vec<Caller>> {
+        let mut by_caller: BTreeMap<(u32, u64), SiteStats> = BTreeMap::new();
+        for (key, stats) in rows {
+            let sum = by_caller.entry((key.api, key.ret_addr)).or_default();
+            *sum = aggregate::sum_stats([*sum, *stats].iter());
+        }
+        let pid = self.watched.info.pid;
+        let mut out = Vec::with_capacity(by_caller.len());
+        for ((api, ret_addr), s) in by_caller {
+            out.push(Caller {
+                api: Api::try_from(api)?,
+                frames: chain(&mut self.pipe.parts, pid, NO_STACK, ret_addr).await?,
+                calls: s.calls,
+                bytes: s.bytes,
+                failed: s.failed,
+            });
+        }
+        let mut out = merge_by_source(
+            out,
+            |c| c.api as u32,
+            |a, b| {
+                a.calls += b.calls;
+                a.bytes += b.bytes;
+                a.failed += b.failed;
+            },
+        );
+        out.sort_by_key(|c| {
+            (
+                c.api == Api::Free,
+                std::cmp::Reverse(c.bytes),
+                std::cmp::Reverse(c.calls),
+            )
+        });
+        Ok(out)
     }
 
     async fn site_frames(&mut self, key: &SiteKey) -> anyhow::Result<Vec<Frame>> {
@@ -223,21 +281,30 @@ impl Tracer {
         let live = collect::live(&self.pipe.parts.probes, Some(self.watched.info.pid))?;
         let now = monotonic_ns();
         let groups = aggregate::leaks(&live, now, min_age.as_nanos() as u64);
+        let rate = self.sampling.bytes;
         let mut leaks = Vec::with_capacity(groups.len());
         for g in &groups {
+            // With sampling the live table holds sampled blocks: each site's scaled (as the
+            // in-use figures of Go's heap profile).
+            let (count, bytes) = aggregate::scale(g.count, g.bytes, rate);
             leaks.push(Leak {
                 api: Api::try_from(g.site.api)?,
                 frames: self.site_frames(&g.site).await?,
-                count: g.count,
-                bytes: g.bytes,
+                count,
+                bytes,
                 oldest_age_secs: g.oldest_age_ns as f64 / 1e9,
             });
         }
+        let (live_allocations, live_bytes) = aggregate::leaks(&live, now, 0)
+            .iter()
+            .map(|g| aggregate::scale(g.count, g.bytes, rate))
+            .fold((0, 0), |(n, b), (gn, gb)| (n + gn, b + gb));
         Ok(LeaksReport {
             info: self.watched.info.clone(),
             min_age_secs: min_age.as_secs_f64(),
-            live_allocations: live.len() as u64,
-            live_bytes: live.iter().map(|(_, a)| a.size).sum(),
+            sample_bytes: rate,
+            live_allocations,
+            live_bytes,
             lost: self.lost()?,
             leaks,
             symbolization: self.pipe.parts.symbolizer.stats(),
@@ -301,6 +368,12 @@ trait HasFrames {
 }
 
 impl HasFrames for Site {
+    fn frames(&self) -> &[Frame] {
+        &self.frames
+    }
+}
+
+impl HasFrames for Caller {
     fn frames(&self) -> &[Frame] {
         &self.frames
     }

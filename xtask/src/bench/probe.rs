@@ -7,6 +7,8 @@ pub(super) enum Tracer {
     Untraced,
     /// `allocwatch top --mode MODE`.
     Allocwatch(&'static str),
+    /// `allocwatch top --mode MODE --sample-bytes N`.
+    Sampled(&'static str, u64),
     /// A bpftrace script (its name in the table, the script).
     Bpftrace(&'static str, String),
 }
@@ -16,6 +18,7 @@ impl Tracer {
         match self {
             Tracer::Untraced => "untraced".into(),
             Tracer::Allocwatch(m) => format!("allocwatch {m}"),
+            Tracer::Sampled(m, n) => format!("allocwatch {m} --sample-bytes {n}"),
             Tracer::Bpftrace(n, _) => format!("bpftrace {n}"),
         }
     }
@@ -137,13 +140,13 @@ pub(super) fn run_alloc_bench(b: &Bench, tracer: &Tracer, w: &Workload) -> anyho
             c.args(&w.args);
             c
         }
-        Tracer::Allocwatch(mode) => {
+        Tracer::Allocwatch(mode) | Tracer::Sampled(mode, _) => {
             let mut c = Command::new(&b.bin);
-            c.args(["top", "--mode", mode, "--json", "-o"])
-                .arg(&report)
-                .arg("--")
-                .arg(&b.alloc_bench)
-                .args(&w.args);
+            c.args(["top", "--mode", mode, "--json", "-o"]).arg(&report);
+            if let Tracer::Sampled(_, n) = tracer {
+                c.args(["--sample-bytes", &n.to_string()]);
+            }
+            c.arg("--").arg(&b.alloc_bench).args(&w.args);
             c
         }
         Tracer::Bpftrace(_, script) => {
@@ -169,7 +172,7 @@ pub(super) fn run_alloc_bench(b: &Bench, tracer: &Tracer, w: &Workload) -> anyho
             done.stderr
         );
     }
-    if let Tracer::Allocwatch(_) = tracer {
+    if let Tracer::Allocwatch(_) | Tracer::Sampled(..) = tracer {
         target_exited_ok(&report)?;
     }
     let f = fields(&done.stdout, "alloc_bench ")
@@ -181,7 +184,7 @@ pub(super) fn run_alloc_bench(b: &Bench, tracer: &Tracer, w: &Workload) -> anyho
             w.calls
         );
     }
-    if let Tracer::Allocwatch(mode) = tracer
+    if let Tracer::Allocwatch(mode) | Tracer::Sampled(mode, _) = tracer
         && !mode.starts_with("floor")
     {
         check_exact(&report, mode, w)?;
@@ -241,6 +244,10 @@ pub(super) fn probe_section(b: &Bench, pairs: u64) -> anyhow::Result<String> {
         Tracer::Allocwatch("count-stacks"),
         Tracer::Allocwatch("stacks-off"),
         Tracer::Allocwatch("full"),
+        // Go's default mean (512 KiB), and a mean that samples ~1 call in 30 of this workload.
+        Tracer::Sampled("count-stacks", 512 << 10),
+        Tracer::Sampled("full", 512 << 10),
+        Tracer::Sampled("full", 4096),
     ];
     tracers.extend(bpftrace_scripts(&libc));
     let workloads = [
