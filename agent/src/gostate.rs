@@ -10,6 +10,7 @@ use crate::{
     gort::{
         buildinfo::GoVersion,
         growth::{self, TypeInfo},
+        live::{self, Known, Live, Memory, Read},
         versions::MapImpl,
     },
     target::go::GoTarget,
@@ -21,6 +22,49 @@ const STW_GC_SWEEP_TERM: u64 = 2;
 
 /// Map instances tracked at once per process; beyond it new maps are counted, not kept.
 pub const MAX_MAP_INSTANCES: usize = 100_000;
+/// Map headers read per refresh, the largest maps first (one `process_vm_readv` for a bucket
+/// map, two plus one per table for a swiss map).
+pub const MAX_MAP_READS: usize = 10_000;
+
+/// When a map is called bloated or growing (`allocwatch maps`, `--json` `verdict`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verdicts {
+    /// Bloated: fewer than 1/`bloat_load_divisor` of its slots used…
+    pub bloat_load_divisor: u64,
+    /// …while its buckets or tables hold more than this.
+    pub bloat_min_bytes: u64,
+    /// Growing: its length rose at this many reads in a row, with a growth among them.
+    pub growing_reads: u32,
+}
+
+impl Default for Verdicts {
+    fn default() -> Self {
+        Self {
+            bloat_load_divisor: 8,
+            bloat_min_bytes: 1 << 20,
+            growing_reads: 3,
+        }
+    }
+}
+
+/// A verdict on one map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Verdict {
+    /// Its length keeps rising, and it keeps growing: a leak suspect.
+    Growing,
+    /// Far emptier than what it grew to hold: memory kept after deletes (Go never shrinks a
+    /// map); rebuilding it (copy to a new map) returns the memory.
+    Bloated,
+}
+
+impl Verdict {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Verdict::Growing => "growing",
+            Verdict::Bloated => "bloated",
+        }
+    }
+}
 
 /// Kinds of Go sites.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -69,6 +113,46 @@ pub struct MapInstance {
     /// Elements at the last growth.
     pub len_at_last_grow: u64,
     pub first_site: Option<GoSiteKey>,
+    /// Bytes of one bucket (bucket maps) or group (swiss maps), from its growth events.
+    pub unit_bytes: u64,
+    /// Read from the process at the last refresh (`None` before the first good read).
+    pub live: Option<Live>,
+    /// The largest length seen: at a growth or a read.
+    pub len_max: u64,
+    /// Reads in a row at which its length rose, and its grow count when that streak began.
+    pub rising_reads: u32,
+    pub grows_at_streak_start: u64,
+}
+
+impl MapInstance {
+    /// Slots in use, 0..=1 (`None` before a read).
+    pub fn load(&self) -> Option<f64> {
+        self.live
+            .filter(|l| l.slots > 0)
+            .map(|l| l.len as f64 / l.slots as f64)
+    }
+
+    pub fn verdict(&self, v: &Verdicts) -> Option<Verdict> {
+        let live = self.live?;
+        if self.rising_reads >= v.growing_reads && self.grows > self.grows_at_streak_start {
+            return Some(Verdict::Growing);
+        }
+        (live.bytes > v.bloat_min_bytes
+            && live.len.saturating_mul(v.bloat_load_divisor) < live.slots)
+            .then_some(Verdict::Bloated)
+    }
+
+    fn read_done(&mut self, l: Live) {
+        let rose = self.live.is_some_and(|prev| l.len > prev.len);
+        if rose {
+            self.rising_reads += 1;
+        } else {
+            self.rising_reads = 0;
+            self.grows_at_streak_start = self.grows;
+        }
+        self.len_max = self.len_max.max(l.len);
+        self.live = Some(l);
+    }
 }
 
 /// Pause statistics, in nanoseconds, with a log2 histogram.
@@ -112,6 +196,8 @@ pub struct GoState {
     pub sites_remainder: BTreeMap<GoSiteKind, Count>,
     pub maps: HashMap<u64, MapInstance>,
     pub maps_untracked: u64,
+    /// Maps dropped because a read found them gone (freed, or their memory reused).
+    pub maps_gone: u64,
     /// Events that could not be decoded for this Go version (should stay 0).
     pub unexpected: u64,
     /// Before Go 1.21 stops carry no reason: GC stops return into these ranges.
@@ -191,6 +277,7 @@ impl GoState {
                     |m| {
                         m.size_class = u64::from(new_b);
                         m.len_at_last_grow = count;
+                        m.unit_bytes = bucket.size;
                     },
                 );
             }
@@ -209,6 +296,7 @@ impl GoState {
                     |m| {
                         m.size_class = g.new_size;
                         m.dir_len = 0;
+                        m.unit_bytes = group.size;
                     },
                 );
             }
@@ -227,6 +315,7 @@ impl GoState {
                         m.size_class = g.new_size;
                         m.dir_len = 1;
                         m.len_at_last_grow = used;
+                        m.unit_bytes = group.size;
                     },
                 );
             }
@@ -247,6 +336,7 @@ impl GoState {
                     |m| {
                         m.size_class = m.size_class.max(g.new_size);
                         m.len_at_last_grow = m.len_at_last_grow.max(used);
+                        m.unit_bytes = group.size;
                     },
                 );
             }
@@ -264,6 +354,7 @@ impl GoState {
                     |m| {
                         m.size_class = m.size_class.max(g.old_size);
                         m.len_at_last_grow = map_used;
+                        m.unit_bytes = group.size;
                     },
                 );
             }
@@ -398,6 +489,49 @@ impl GoState {
         *m.by_kind.entry(kind).or_default() += 1;
         m.bytes += bytes;
         update(m);
+        m.len_max = m.len_max.max(m.len_at_last_grow);
+    }
+
+    /// Reads the length and size of the largest [`MAX_MAP_READS`] maps from the process; a
+    /// map that is not there any more (freed, its memory reused) is dropped.
+    pub fn refresh_maps(&mut self, mem: &impl Memory) {
+        let mut order: Vec<(u64, u64)> = self.maps.values().map(|m| (m.bytes, m.ptr)).collect();
+        if order.len() > MAX_MAP_READS {
+            order.select_nth_unstable_by(MAX_MAP_READS, |a, b| b.cmp(a));
+            order.truncate(MAX_MAP_READS);
+        }
+        for (_, ptr) in order {
+            let Some(m) = self.maps.get_mut(&ptr) else {
+                continue;
+            };
+            let known = Known {
+                unit_bytes: m.unit_bytes,
+                size_class: m.size_class,
+                slots: m.live.map_or(0, |l| l.slots),
+            };
+            let read = if self.swiss {
+                live::read_swiss(mem, ptr, known)
+            } else {
+                live::read_buckets(mem, ptr, known)
+            };
+            let read = match read {
+                Ok(r) => r,
+                Err(e) => {
+                    // The process itself cannot be read (it exited): keep what was read last.
+                    log::debug!("map reads stopped: {e}");
+                    return;
+                }
+            };
+            match read {
+                Read::Live(l) => m.read_done(l),
+                Read::Torn => {}
+                Read::Gone(why) => {
+                    log::debug!("map {ptr:#x} dropped: {why}");
+                    self.maps.remove(&ptr);
+                    self.maps_gone += 1;
+                }
+            }
+        }
     }
 
     /// Map instances ranked by bytes grown, then by grow count.
