@@ -25,6 +25,9 @@ pub const MAX_MAP_INSTANCES: usize = 100_000;
 /// Map headers read per refresh, the largest maps first (one `process_vm_readv` for a bucket
 /// map, two plus one per table for a swiss map).
 pub const MAX_MAP_READS: usize = 10_000;
+/// A map still smaller than its last growth event after this many reads (seconds) is not that
+/// map any more: a growth takes microseconds.
+const MAX_BEHIND_READS: u32 = 3;
 
 /// When a map is called bloated or growing (`allocwatch maps`, `--json` `verdict`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,6 +125,8 @@ pub struct MapInstance {
     /// Reads in a row at which its length rose, and its grow count when that streak began.
     pub rising_reads: u32,
     pub grows_at_streak_start: u64,
+    /// Reads in a row that found it behind its last growth ([`Read::Behind`]).
+    pub behind_reads: u32,
 }
 
 impl MapInstance {
@@ -523,8 +528,17 @@ impl GoState {
                 }
             };
             match read {
-                Read::Live(l) => m.read_done(l),
+                Read::Live(l) => {
+                    m.behind_reads = 0;
+                    m.read_done(l);
+                }
                 Read::Torn => {}
+                Read::Behind if m.behind_reads < MAX_BEHIND_READS => m.behind_reads += 1,
+                Read::Behind => {
+                    log::debug!("map {ptr:#x} dropped: still smaller than its last growth");
+                    self.maps.remove(&ptr);
+                    self.maps_gone += 1;
+                }
                 Read::Gone(why) => {
                     log::debug!("map {ptr:#x} dropped: {why}");
                     self.maps.remove(&ptr);

@@ -72,6 +72,10 @@ pub enum Read {
     /// The map changed while it was read (a writer between the header and the tables): try
     /// again at the next refresh.
     Torn,
+    /// One step smaller than its last growth event said: the growth is still under way (the
+    /// probe fires at the growth function's entry, before the header changes), or the map
+    /// is gone; the caller decides after a few reads.
+    Behind,
 }
 
 /// What the growth probes (and earlier reads) know of a map, to tell it from a stranger.
@@ -126,6 +130,9 @@ fn buckets_header(buf: &[u8], known: Known) -> Read {
     let buckets = u64_at(buf, h.storage);
     if b > MAX_LOG2_BUCKETS || buckets == 0 {
         return Read::Gone(format!("implausible header (B {b}, buckets {buckets:#x})"));
+    }
+    if u64::from(b) + 1 == known.size_class {
+        return Read::Behind;
     }
     if u64::from(b) < known.size_class {
         return Read::Gone(format!(
@@ -215,6 +222,9 @@ pub fn read_swiss(mem: &impl Memory, ptr: u64, known: Known) -> io::Result<Read>
     if used != len {
         // A writer moved between the header and the tables.
         return Ok(Read::Torn);
+    }
+    if largest * 2 == known.size_class && slots >= known.slots {
+        return Ok(Read::Behind);
     }
     // Tables split into tables of their own capacity and never shrink.
     if largest < known.size_class || slots < known.slots {
@@ -311,12 +321,15 @@ mod tests {
     #[test]
     fn a_bucket_map_smaller_than_it_grew_is_another_map() {
         let mut m = Fake::default();
-        m.put(0x1000, hmap(3, 0, 0x9000));
+        m.put(0x1000, hmap(3, 13, 0x9000));
         let known = Known {
             unit_bytes: BUCKET,
             size_class: 14,
             slots: 0,
         };
+        // The growth event came before hashGrow set the new B.
+        assert_eq!(read_buckets(&m, 0x1000, known).unwrap(), Read::Behind);
+        m.put(0x1000, hmap(3, 0, 0x9000));
         assert!(matches!(
             read_buckets(&m, 0x1000, known).unwrap(),
             Read::Gone(_)
