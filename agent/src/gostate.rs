@@ -564,3 +564,103 @@ fn group_type(size: u64, ptr_bytes: u64) -> TypeInfo {
         has_pointers: ptr_bytes != 0,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{cell::RefCell, io};
+
+    use super::*;
+
+    /// One bucket map header at 0x1000, whose count and B the test sets between reads.
+    struct OneMap(RefCell<(u64, u8)>);
+
+    impl Memory for OneMap {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+            if addr != 0x1000 {
+                return Err(io::Error::from_raw_os_error(libc::EFAULT));
+            }
+            let (count, b) = *self.0.borrow();
+            let mut h = [0u8; 48];
+            h[0..8].copy_from_slice(&count.to_le_bytes());
+            h[9] = b;
+            h[16..24].copy_from_slice(&0x9000u64.to_le_bytes());
+            buf.copy_from_slice(&h[..buf.len()]);
+            Ok(())
+        }
+    }
+
+    fn state_with_map(b: u8) -> GoState {
+        let mut s = GoState::default();
+        s.maps.insert(
+            0x1000,
+            MapInstance {
+                ptr: 0x1000,
+                grows: 1,
+                size_class: u64::from(b),
+                unit_bytes: 144,
+                ..MapInstance::default()
+            },
+        );
+        s
+    }
+
+    #[test]
+    fn a_map_rising_at_every_read_while_growing_is_growing_and_stops_being_so() {
+        let v = Verdicts::default();
+        let mut s = state_with_map(10);
+        let mem = OneMap(RefCell::new((1000, 10)));
+        for len in [1000, 2000, 3000, 4000] {
+            mem.0.borrow_mut().0 = len;
+            s.refresh_maps(&mem);
+            if len == 2000 {
+                s.maps.get_mut(&0x1000).unwrap().grows += 1;
+            }
+        }
+        let m = &s.maps[&0x1000];
+        assert_eq!((m.live.unwrap().len, m.len_max), (4000, 4000));
+        assert_eq!(m.verdict(&v), Some(Verdict::Growing));
+        // A read at the same length ends the streak.
+        s.refresh_maps(&mem);
+        assert_eq!(s.maps[&0x1000].verdict(&v), None);
+    }
+
+    #[test]
+    fn a_map_emptied_after_growing_large_is_bloated() {
+        let v = Verdicts::default();
+        let mut s = state_with_map(14);
+        let mem = OneMap(RefCell::new((100_000, 14)));
+        s.refresh_maps(&mem);
+        assert_eq!(s.maps[&0x1000].verdict(&v), None);
+        mem.0.borrow_mut().0 = 1000;
+        s.refresh_maps(&mem);
+        let m = &s.maps[&0x1000];
+        assert_eq!((m.live.unwrap().len, m.len_max), (1000, 100_000));
+        assert_eq!(m.live.unwrap().bytes, 144 << 14);
+        assert_eq!(m.verdict(&v), Some(Verdict::Bloated));
+        // Under 1 MiB held: not worth a verdict.
+        let mut small = state_with_map(8);
+        let mem = OneMap(RefCell::new((10, 8)));
+        small.refresh_maps(&mem);
+        assert_eq!(small.maps[&0x1000].verdict(&v), None);
+    }
+
+    #[test]
+    fn a_map_behind_its_growth_for_three_reads_is_dropped_and_a_freed_one_at_once() {
+        let mut s = state_with_map(14);
+        let mem = OneMap(RefCell::new((50_000, 13)));
+        for _ in 0..MAX_BEHIND_READS {
+            s.refresh_maps(&mem);
+            assert!(
+                s.maps.contains_key(&0x1000),
+                "a growth may still be under way"
+            );
+        }
+        s.refresh_maps(&mem);
+        assert!(s.maps.is_empty());
+        assert_eq!(s.maps_gone, 1);
+        let mut s = state_with_map(14);
+        let mem = OneMap(RefCell::new((3, 0)));
+        s.refresh_maps(&mem);
+        assert!(s.maps.is_empty(), "B 0 where B 14 was: another map");
+    }
+}
