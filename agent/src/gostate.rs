@@ -2,7 +2,10 @@
 //! growth, large allocations, GC cycles and stop-the-world pauses. Pure decoding and
 //! aggregation of [`GoEvent`]s; unit-tested without root.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    cmp::Ordering,
+    collections::{BTreeMap, HashMap},
+};
 
 use allocwatch_common::{event::GoEvent, go::GoRole};
 
@@ -36,7 +39,8 @@ pub struct Verdicts {
     pub bloat_load_divisor: u64,
     /// …while its buckets or tables hold more than this.
     pub bloat_min_bytes: u64,
-    /// Growing: its length rose at this many reads in a row, with a growth among them.
+    /// Growing: its length rose at this many reads without falling, the last rise fewer than
+    /// this many reads ago, with a growth since the rises began.
     pub growing_reads: u32,
 }
 
@@ -122,9 +126,11 @@ pub struct MapInstance {
     pub live: Option<Live>,
     /// The largest length seen: at a growth or a read.
     pub len_max: u64,
-    /// Reads in a row at which its length rose, and its grow count when that streak began.
+    /// Reads at which its length rose since it last fell (or was first read), its grow count
+    /// when that streak began, and reads since the last rise.
     pub rising_reads: u32,
     pub grows_at_streak_start: u64,
+    pub flat_reads: u32,
     /// Reads in a row that found it behind its last growth ([`Read::Behind`]).
     pub behind_reads: u32,
 }
@@ -139,7 +145,10 @@ impl MapInstance {
 
     pub fn verdict(&self, v: &Verdicts) -> Option<Verdict> {
         let live = self.live?;
-        if self.rising_reads >= v.growing_reads && self.grows > self.grows_at_streak_start {
+        if self.rising_reads >= v.growing_reads
+            && self.flat_reads < v.growing_reads
+            && self.grows > self.grows_at_streak_start
+        {
             return Some(Verdict::Growing);
         }
         (live.bytes > v.bloat_min_bytes
@@ -148,12 +157,19 @@ impl MapInstance {
     }
 
     fn read_done(&mut self, l: Live) {
-        let rose = self.live.is_some_and(|prev| l.len > prev.len);
-        if rose {
-            self.rising_reads += 1;
-        } else {
-            self.rising_reads = 0;
-            self.grows_at_streak_start = self.grows;
+        // A busy program does not add to its map between every two reads: a read at the same
+        // length pauses the streak, a shorter map ends it.
+        match self.live.map(|prev| l.len.cmp(&prev.len)) {
+            Some(Ordering::Greater) => {
+                self.rising_reads += 1;
+                self.flat_reads = 0;
+            }
+            Some(Ordering::Equal) => self.flat_reads += 1,
+            Some(Ordering::Less) | None => {
+                self.rising_reads = 0;
+                self.flat_reads = 0;
+                self.grows_at_streak_start = self.grows;
+            }
         }
         self.len_max = self.len_max.max(l.len);
         self.live = Some(l);
@@ -619,7 +635,16 @@ mod tests {
         let m = &s.maps[&0x1000];
         assert_eq!((m.live.unwrap().len, m.len_max), (4000, 4000));
         assert_eq!(m.verdict(&v), Some(Verdict::Growing));
-        // A read at the same length ends the streak.
+        // Reads at the same length pause the streak; three of them end it, as does a fall.
+        s.refresh_maps(&mem);
+        s.refresh_maps(&mem);
+        assert_eq!(s.maps[&0x1000].verdict(&v), Some(Verdict::Growing));
+        s.refresh_maps(&mem);
+        assert_eq!(s.maps[&0x1000].verdict(&v), None);
+        mem.0.borrow_mut().0 = 5000;
+        s.refresh_maps(&mem);
+        assert_eq!(s.maps[&0x1000].verdict(&v), Some(Verdict::Growing));
+        mem.0.borrow_mut().0 = 4000;
         s.refresh_maps(&mem);
         assert_eq!(s.maps[&0x1000].verdict(&v), None);
     }
