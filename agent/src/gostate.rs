@@ -2,7 +2,10 @@
 //! growth, large allocations, GC cycles and stop-the-world pauses. Pure decoding and
 //! aggregation of [`GoEvent`]s; unit-tested without root.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    cmp::Ordering,
+    collections::{BTreeMap, HashMap},
+};
 
 use allocwatch_common::{event::GoEvent, go::GoRole};
 
@@ -10,6 +13,7 @@ use crate::{
     gort::{
         buildinfo::GoVersion,
         growth::{self, TypeInfo},
+        live::{self, Known, Live, Memory, Read},
         versions::MapImpl,
     },
     target::go::GoTarget,
@@ -21,6 +25,53 @@ const STW_GC_SWEEP_TERM: u64 = 2;
 
 /// Map instances tracked at once per process; beyond it new maps are counted, not kept.
 pub const MAX_MAP_INSTANCES: usize = 100_000;
+/// Map headers read per refresh, the largest maps first (one `process_vm_readv` for a bucket
+/// map, two plus one per table for a swiss map).
+pub const MAX_MAP_READS: usize = 10_000;
+/// A map still smaller than its last growth event after this many reads (seconds) is not that
+/// map any more: a growth takes microseconds.
+const MAX_BEHIND_READS: u32 = 3;
+
+/// When a map is called bloated or growing (`allocwatch maps`, `--json` `verdict`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verdicts {
+    /// Bloated: fewer than 1/`bloat_load_divisor` of its slots used…
+    pub bloat_load_divisor: u64,
+    /// …while its buckets or tables hold more than this.
+    pub bloat_min_bytes: u64,
+    /// Growing: its length rose at this many reads without falling, the last rise fewer than
+    /// this many reads ago, with a growth since the rises began.
+    pub growing_reads: u32,
+}
+
+impl Default for Verdicts {
+    fn default() -> Self {
+        Self {
+            bloat_load_divisor: 8,
+            bloat_min_bytes: 1 << 20,
+            growing_reads: 3,
+        }
+    }
+}
+
+/// A verdict on one map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Verdict {
+    /// Its length keeps rising, and it keeps growing: a leak suspect.
+    Growing,
+    /// Far emptier than what it grew to hold: memory kept after deletes (Go never shrinks a
+    /// map); rebuilding it (copy to a new map) returns the memory.
+    Bloated,
+}
+
+impl Verdict {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Verdict::Growing => "growing",
+            Verdict::Bloated => "bloated",
+        }
+    }
+}
 
 /// Kinds of Go sites.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -69,6 +120,60 @@ pub struct MapInstance {
     /// Elements at the last growth.
     pub len_at_last_grow: u64,
     pub first_site: Option<GoSiteKey>,
+    /// Bytes of one bucket (bucket maps) or group (swiss maps), from its growth events.
+    pub unit_bytes: u64,
+    /// Read from the process at the last refresh (`None` before the first good read).
+    pub live: Option<Live>,
+    /// The largest length seen: at a growth or a read.
+    pub len_max: u64,
+    /// Reads at which its length rose since it last fell (or was first read), its grow count
+    /// when that streak began, and reads since the last rise.
+    pub rising_reads: u32,
+    pub grows_at_streak_start: u64,
+    pub flat_reads: u32,
+    /// Reads in a row that found it behind its last growth ([`Read::Behind`]).
+    pub behind_reads: u32,
+}
+
+impl MapInstance {
+    /// Slots in use, 0..=1 (`None` before a read).
+    pub fn load(&self) -> Option<f64> {
+        self.live
+            .filter(|l| l.slots > 0)
+            .map(|l| l.len as f64 / l.slots as f64)
+    }
+
+    pub fn verdict(&self, v: &Verdicts) -> Option<Verdict> {
+        let live = self.live?;
+        if self.rising_reads >= v.growing_reads
+            && self.flat_reads < v.growing_reads
+            && self.grows > self.grows_at_streak_start
+        {
+            return Some(Verdict::Growing);
+        }
+        (live.bytes > v.bloat_min_bytes
+            && live.len.saturating_mul(v.bloat_load_divisor) < live.slots)
+            .then_some(Verdict::Bloated)
+    }
+
+    fn read_done(&mut self, l: Live) {
+        // A busy program does not add to its map between every two reads: a read at the same
+        // length pauses the streak, a shorter map ends it.
+        match self.live.map(|prev| l.len.cmp(&prev.len)) {
+            Some(Ordering::Greater) => {
+                self.rising_reads += 1;
+                self.flat_reads = 0;
+            }
+            Some(Ordering::Equal) => self.flat_reads += 1,
+            Some(Ordering::Less) | None => {
+                self.rising_reads = 0;
+                self.flat_reads = 0;
+                self.grows_at_streak_start = self.grows;
+            }
+        }
+        self.len_max = self.len_max.max(l.len);
+        self.live = Some(l);
+    }
 }
 
 /// Pause statistics, in nanoseconds, with a log2 histogram.
@@ -112,6 +217,8 @@ pub struct GoState {
     pub sites_remainder: BTreeMap<GoSiteKind, Count>,
     pub maps: HashMap<u64, MapInstance>,
     pub maps_untracked: u64,
+    /// Maps dropped because a read found them gone (freed, or their memory reused).
+    pub maps_gone: u64,
     /// Events that could not be decoded for this Go version (should stay 0).
     pub unexpected: u64,
     /// `runtime.mallocgc` is probed (`--go-malloc`, and the version has the probe): without
@@ -195,6 +302,7 @@ impl GoState {
                     |m| {
                         m.size_class = u64::from(new_b);
                         m.len_at_last_grow = count;
+                        m.unit_bytes = bucket.size;
                     },
                 );
             }
@@ -213,6 +321,7 @@ impl GoState {
                     |m| {
                         m.size_class = g.new_size;
                         m.dir_len = 0;
+                        m.unit_bytes = group.size;
                     },
                 );
             }
@@ -231,6 +340,7 @@ impl GoState {
                         m.size_class = g.new_size;
                         m.dir_len = 1;
                         m.len_at_last_grow = used;
+                        m.unit_bytes = group.size;
                     },
                 );
             }
@@ -251,6 +361,7 @@ impl GoState {
                     |m| {
                         m.size_class = m.size_class.max(g.new_size);
                         m.len_at_last_grow = m.len_at_last_grow.max(used);
+                        m.unit_bytes = group.size;
                     },
                 );
             }
@@ -268,6 +379,7 @@ impl GoState {
                     |m| {
                         m.size_class = m.size_class.max(g.old_size);
                         m.len_at_last_grow = map_used;
+                        m.unit_bytes = group.size;
                     },
                 );
             }
@@ -402,6 +514,58 @@ impl GoState {
         *m.by_kind.entry(kind).or_default() += 1;
         m.bytes += bytes;
         update(m);
+        m.len_max = m.len_max.max(m.len_at_last_grow);
+    }
+
+    /// Reads the length and size of the largest [`MAX_MAP_READS`] maps from the process; a
+    /// map that is not there any more (freed, its memory reused) is dropped.
+    pub fn refresh_maps(&mut self, mem: &impl Memory) {
+        let mut order: Vec<(u64, u64)> = self.maps.values().map(|m| (m.bytes, m.ptr)).collect();
+        if order.len() > MAX_MAP_READS {
+            order.select_nth_unstable_by(MAX_MAP_READS, |a, b| b.cmp(a));
+            order.truncate(MAX_MAP_READS);
+        }
+        for (_, ptr) in order {
+            let Some(m) = self.maps.get_mut(&ptr) else {
+                continue;
+            };
+            let known = Known {
+                unit_bytes: m.unit_bytes,
+                size_class: m.size_class,
+                slots: m.live.map_or(0, |l| l.slots),
+            };
+            let read = if self.swiss {
+                live::read_swiss(mem, ptr, known)
+            } else {
+                live::read_buckets(mem, ptr, known)
+            };
+            let read = match read {
+                Ok(r) => r,
+                Err(e) => {
+                    // The process itself cannot be read (it exited): keep what was read last.
+                    log::debug!("map reads stopped: {e}");
+                    return;
+                }
+            };
+            match read {
+                Read::Live(l) => {
+                    m.behind_reads = 0;
+                    m.read_done(l);
+                }
+                Read::Torn => {}
+                Read::Behind if m.behind_reads < MAX_BEHIND_READS => m.behind_reads += 1,
+                Read::Behind => {
+                    log::debug!("map {ptr:#x} dropped: still smaller than its last growth");
+                    self.maps.remove(&ptr);
+                    self.maps_gone += 1;
+                }
+                Read::Gone(why) => {
+                    log::debug!("map {ptr:#x} dropped: {why}");
+                    self.maps.remove(&ptr);
+                    self.maps_gone += 1;
+                }
+            }
+        }
     }
 
     /// Map instances ranked by bytes grown, then by grow count.
@@ -418,5 +582,114 @@ fn group_type(size: u64, ptr_bytes: u64) -> TypeInfo {
     TypeInfo {
         size,
         has_pointers: ptr_bytes != 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{cell::RefCell, io};
+
+    use super::*;
+
+    /// One bucket map header at 0x1000, whose count and B the test sets between reads.
+    struct OneMap(RefCell<(u64, u8)>);
+
+    impl Memory for OneMap {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+            if addr != 0x1000 {
+                return Err(io::Error::from_raw_os_error(libc::EFAULT));
+            }
+            let (count, b) = *self.0.borrow();
+            let mut h = [0u8; 48];
+            h[0..8].copy_from_slice(&count.to_le_bytes());
+            h[9] = b;
+            h[16..24].copy_from_slice(&0x9000u64.to_le_bytes());
+            buf.copy_from_slice(&h[..buf.len()]);
+            Ok(())
+        }
+    }
+
+    fn state_with_map(b: u8) -> GoState {
+        let mut s = GoState::default();
+        s.maps.insert(
+            0x1000,
+            MapInstance {
+                ptr: 0x1000,
+                grows: 1,
+                size_class: u64::from(b),
+                unit_bytes: 144,
+                ..MapInstance::default()
+            },
+        );
+        s
+    }
+
+    #[test]
+    fn a_map_rising_at_every_read_while_growing_is_growing_and_stops_being_so() {
+        let v = Verdicts::default();
+        let mut s = state_with_map(10);
+        let mem = OneMap(RefCell::new((1000, 10)));
+        for len in [1000, 2000, 3000, 4000] {
+            mem.0.borrow_mut().0 = len;
+            s.refresh_maps(&mem);
+            if len == 2000 {
+                s.maps.get_mut(&0x1000).unwrap().grows += 1;
+            }
+        }
+        let m = &s.maps[&0x1000];
+        assert_eq!((m.live.unwrap().len, m.len_max), (4000, 4000));
+        assert_eq!(m.verdict(&v), Some(Verdict::Growing));
+        // Reads at the same length pause the streak; three of them end it, as does a fall.
+        s.refresh_maps(&mem);
+        s.refresh_maps(&mem);
+        assert_eq!(s.maps[&0x1000].verdict(&v), Some(Verdict::Growing));
+        s.refresh_maps(&mem);
+        assert_eq!(s.maps[&0x1000].verdict(&v), None);
+        mem.0.borrow_mut().0 = 5000;
+        s.refresh_maps(&mem);
+        assert_eq!(s.maps[&0x1000].verdict(&v), Some(Verdict::Growing));
+        mem.0.borrow_mut().0 = 4000;
+        s.refresh_maps(&mem);
+        assert_eq!(s.maps[&0x1000].verdict(&v), None);
+    }
+
+    #[test]
+    fn a_map_emptied_after_growing_large_is_bloated() {
+        let v = Verdicts::default();
+        let mut s = state_with_map(14);
+        let mem = OneMap(RefCell::new((100_000, 14)));
+        s.refresh_maps(&mem);
+        assert_eq!(s.maps[&0x1000].verdict(&v), None);
+        mem.0.borrow_mut().0 = 1000;
+        s.refresh_maps(&mem);
+        let m = &s.maps[&0x1000];
+        assert_eq!((m.live.unwrap().len, m.len_max), (1000, 100_000));
+        assert_eq!(m.live.unwrap().bytes, 144 << 14);
+        assert_eq!(m.verdict(&v), Some(Verdict::Bloated));
+        // Under 1 MiB held: not worth a verdict.
+        let mut small = state_with_map(8);
+        let mem = OneMap(RefCell::new((10, 8)));
+        small.refresh_maps(&mem);
+        assert_eq!(small.maps[&0x1000].verdict(&v), None);
+    }
+
+    #[test]
+    fn a_map_behind_its_growth_for_three_reads_is_dropped_and_a_freed_one_at_once() {
+        let mut s = state_with_map(14);
+        let mem = OneMap(RefCell::new((50_000, 13)));
+        for _ in 0..MAX_BEHIND_READS {
+            s.refresh_maps(&mem);
+            assert!(
+                s.maps.contains_key(&0x1000),
+                "a growth may still be under way"
+            );
+        }
+        s.refresh_maps(&mem);
+        assert!(s.maps.is_empty());
+        assert_eq!(s.maps_gone, 1);
+        let mut s = state_with_map(14);
+        let mem = OneMap(RefCell::new((3, 0)));
+        s.refresh_maps(&mem);
+        assert!(s.maps.is_empty(), "B 0 where B 14 was: another map");
     }
 }

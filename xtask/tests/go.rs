@@ -62,6 +62,11 @@ use support::{
 
 /// `map_big`: fillMapBig inserts this many distinct int keys into `make(map[int]int)`.
 const MAP_BIG_KEYS: u64 = 70_000;
+/// `bloat`: fillBloat fills a map to this many keys, then deletes all but `BLOAT_KEEP`.
+const BLOAT_KEYS: u64 = 100_000;
+const BLOAT_KEEP: u64 = 1_000;
+/// `dedup`: fillDedup's set ends with this many keys.
+const DEDUP_KEYS: u64 = 100_000;
 /// `map_huge` prints this (the `--pid` test runs it over and over).
 const MAP_HUGE_LINE: &str = "map_huge len=430000";
 /// Every mode but `gc`: its NumGC counts the automatic collections the earlier modes caused,
@@ -277,6 +282,97 @@ fn unknown_newer_go_traces_only_gc_pauses() {
         }
     }
     let _ = fs::remove_file(&bin);
+}
+
+/// Maps read while the program lives (issue 13): `bloat` fills a map to 100,000 keys, lets it
+/// be read, deletes all but 1,000 and lets it be read again; `dedup` is a set that grows at
+/// every read. The bloated map's length now and at its largest are exact, its slots follow
+/// Go's rules, and each map gets its verdict and no other map any.
+#[test]
+fn map_length_and_verdicts_read_live() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let newest = env
+        .builds
+        .iter()
+        .map(|b| minor(&b.version))
+        .max()
+        .expect("a Go build");
+    env.for_each_build(
+        |b| b.noswissmap || minor(&b.version) == newest,
+        |b| {
+            let t = trace(&env, &b.path, &["bloat", "dedup"]);
+            // What it prints untraced (no run of its own: it sleeps 6 s).
+            assert_eq!(
+                t.stdout,
+                format!(
+                    "bloat full len={BLOAT_KEYS}\nbloat emptied len={BLOAT_KEEP}\n\
+                     dedup len={DEDUP_KEYS}\n"
+                ),
+                "stdout traced"
+            );
+            t.assert_no_loss();
+            let maps = array(t.go(), "maps");
+            let of = |function: &str| -> &Value {
+                let found: Vec<&Value> = maps
+                    .iter()
+                    .filter(|m| {
+                        frame_functions(&m["first_grown_at"])
+                            .iter()
+                            .any(|f| f == function)
+                    })
+                    .collect();
+                let seen: Vec<(Value, Vec<String>)> = maps
+                    .iter()
+                    .map(|m| (m["len"].clone(), frame_functions(&m["first_grown_at"])))
+                    .collect();
+                assert_eq!(
+                    found.len(),
+                    1,
+                    "one map first grown in {function}; maps: {seen:?}\n{}",
+                    t.summary()
+                );
+                found[0]
+            };
+            let bloat = of("main.fillBloat");
+            assert_eq!(u64_at(bloat, "len"), BLOAT_KEEP, "len now\n{bloat:#}");
+            assert_eq!(u64_at(bloat, "len_max"), BLOAT_KEYS, "len_max\n{bloat:#}");
+            assert_eq!(bloat["verdict"], "bloated", "{bloat:#}");
+            let capacity = u64_at(bloat, "capacity");
+            if b.old_maps() {
+                // The B of the last hashGrow Go's load factor gives for 100,000 inserts.
+                let model = old_map_grows(BLOAT_KEYS, LoadFactor::for_version(&b.version));
+                let final_b = model.last().expect("the map grows").1 + 1;
+                assert_eq!(capacity, BUCKET_SLOTS << final_b, "slots\n{bloat:#}");
+                assert_eq!(u64_at(bloat, "size_class"), u64::from(final_b), "{bloat:#}");
+            } else {
+                // Tables split only at their largest capacity (1,024 slots), at most 7/8 full.
+                assert_eq!(capacity % 1024, 0, "whole tables of 1,024 slots\n{bloat:#}");
+                assert!(
+                    capacity * 7 >= BLOAT_KEYS * 8,
+                    "7/8 load at most\n{bloat:#}"
+                );
+                assert!(
+                    capacity <= u64_at(bloat, "directory_len") * 1024,
+                    "no more tables than directory entries\n{bloat:#}"
+                );
+            }
+            let dedup = of("main.fillDedup");
+            assert_eq!(dedup["verdict"], "growing", "{dedup:#}");
+            let len = u64_at(dedup, "len");
+            assert!(
+                len > 0 && len <= DEDUP_KEYS && u64_at(dedup, "len_max") >= len,
+                "{dedup:#}"
+            );
+            let others: Vec<&Value> = maps
+                .iter()
+                .filter(|m| {
+                    !m["verdict"].is_null() && !std::ptr::eq(*m, bloat) && !std::ptr::eq(*m, dedup)
+                })
+                .collect();
+            assert!(others.is_empty(), "verdicts on other maps: {others:#?}");
+        },
+    );
 }
 
 /// `map_big`, old (bucket) maps: exactly the hashGrow calls Go's load factor gives for 70,000

@@ -5,6 +5,7 @@
 //! - [`buildinfo`]: the Go version (and main module) from `.go.buildinfo`.
 //! - [`pclntab`]: `.gopclntab`, the runtime's own PC → function/file/line table, present even
 //!   in stripped binaries.
+//! - [`live`]: a map's length and size now, read from the traced process's memory.
 //! - [`versions`]: the one table of per-version runtime knowledge, each row with its source.
 //!
 //! These read untrusted binaries: every offset is bounds-checked and a malformed file is an
@@ -18,6 +19,7 @@
 pub mod buildinfo;
 pub mod growth;
 mod image;
+pub mod live;
 pub mod pclntab;
 pub mod versions;
 

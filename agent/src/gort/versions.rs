@@ -151,6 +151,60 @@ const HASHGROW_CONSTS_GO121: &[(&str, u64)] = &[
     ("sameSizeGrow", 8),
 ];
 
+/// Where a live map's header says how full it is, read from the traced process's memory on
+/// each refresh (`gort::live`). The same in every version this table knows, per
+/// implementation; sources as for [`HMAP_FIELDS`] (runtime/map.go `hmap`, go1.19.8 to
+/// go1.25.5 noswissmap) and [`SWISS_MAP_FIELDS`] / [`SWISS_TABLE_FIELDS`]
+/// (internal/runtime/maps/map.go `Map`, table.go `table`, go1.24.11 to go1.27.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapHeader {
+    /// Bytes read at the map pointer.
+    pub header_len: usize,
+    /// Elements: `hmap.count` (int) or `Map.used` (uint64).
+    pub len: usize,
+    /// Bucket maps: `hmap.B` (u8); the bucket array has 2^B buckets of `bucketCnt` slots.
+    pub log2_buckets: usize,
+    /// Bucket maps: `hmap.buckets`; swiss maps: `Map.dirPtr` (a group when `dirLen` is 0, else
+    /// the directory of table pointers).
+    pub storage: usize,
+    /// Swiss maps: `Map.dirLen` (int) and `Map.globalDepth` (u8).
+    pub dir_len: usize,
+    pub global_depth: usize,
+    /// Swiss `table`: `used` u16 @0 and `capacity` u16 @2.
+    pub table_used: usize,
+    pub table_capacity: usize,
+    /// Slots per bucket (`bucketCnt`) or per group (`abi.SwissMapGroupSlots`).
+    pub slots_per_unit: u64,
+    /// Swiss: a table's largest capacity (`maxTableCapacity`).
+    pub max_table_capacity: u64,
+}
+
+pub const HMAP_HEADER: MapHeader = MapHeader {
+    header_len: 24,
+    len: 0,
+    log2_buckets: 9,
+    storage: 16,
+    dir_len: 0,
+    global_depth: 0,
+    table_used: 0,
+    table_capacity: 0,
+    slots_per_unit: 8,
+    max_table_capacity: 0,
+};
+
+pub const SWISS_HEADER: MapHeader = MapHeader {
+    header_len: 33,
+    len: 0,
+    log2_buckets: 0,
+    storage: 16,
+    dir_len: 24,
+    global_depth: 32,
+    table_used: 0,
+    table_capacity: 2,
+    slots_per_unit: 8,
+    max_table_capacity: 1024,
+};
+
 const SWISS_MAP_ARGS: &[Arg] = &[arg("m", GoReg::Rax, 8), arg("typ", GoReg::Rbx, 8)];
 /// `Map`: used u64 @0, seed @8, dirPtr @16, dirLen @24, globalDepth u8 @32; `MapType`:
 /// abi.Type (48 bytes), Key, Elem, Group, Hasher, GroupSize uintptr @80.

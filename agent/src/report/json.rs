@@ -171,6 +171,17 @@ struct JsonGoMap<'a> {
     size_class: u64,
     directory_len: u64,
     len_at_last_grow: u64,
+    /// Read from the process at the last refresh (null: never read).
+    len: Option<u64>,
+    /// The largest length seen, at a growth or a read.
+    len_max: u64,
+    /// Slots of its buckets or tables now.
+    capacity: Option<u64>,
+    /// Bytes its buckets or tables (and directory) hold now.
+    bytes_held: Option<u64>,
+    load: Option<f64>,
+    /// "growing", "bloated" or null.
+    verdict: Option<&'static str>,
     first_grown_at: &'a [Frame],
 }
 
@@ -224,6 +235,12 @@ impl<'a> From<&'a GoReport> for JsonGo<'a> {
                     size_class: m.size_class,
                     directory_len: m.dir_len,
                     len_at_last_grow: m.len_at_last_grow,
+                    len: m.live.map(|l| l.len),
+                    len_max: m.len_max,
+                    capacity: m.live.map(|l| l.slots),
+                    bytes_held: m.live.map(|l| l.bytes),
+                    load: m.load,
+                    verdict: m.verdict,
                     first_grown_at: &m.frames,
                 })
                 .collect(),

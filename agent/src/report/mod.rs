@@ -12,6 +12,7 @@ use allocwatch_common::libc::{Api, SiteStats};
 
 use crate::{
     aggregate::Totals,
+    gort::live::Live,
     symbolize::{Frame, SymbolizeStats},
 };
 
@@ -92,6 +93,14 @@ pub struct GoMap {
     pub size_class: u64,
     pub dir_len: u64,
     pub len_at_last_grow: u64,
+    /// Read from the process at the last refresh (`None`: never read).
+    pub live: Option<Live>,
+    /// The largest length seen, at a growth or a read.
+    pub len_max: u64,
+    /// len / slots at the last read.
+    pub load: Option<f64>,
+    /// "growing", "bloated" or none (`gostate::Verdicts`).
+    pub verdict: Option<&'static str>,
     /// Call chain of its first growth seen.
     pub frames: Vec<Frame>,
 }

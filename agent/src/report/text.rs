@@ -280,10 +280,34 @@ pub fn maps(r: &TopReport, k: usize) -> String {
         go.map_grows.values().sum::<u64>(),
         human_bytes(go.map_grow_bytes)
     );
+    let bloated = go
+        .maps
+        .iter()
+        .filter(|m| m.verdict == Some("bloated"))
+        .count();
+    let growing = go
+        .maps
+        .iter()
+        .filter(|m| m.verdict == Some("growing"))
+        .count();
+    if growing > 0 {
+        let _ = writeln!(
+            out,
+            "{growing} growing: its length keeps rising and it keeps growing (a leak suspect: \
+             are entries ever deleted?)"
+        );
+    }
+    if bloated > 0 {
+        let _ = writeln!(
+            out,
+            "{bloated} bloated: under 1/8 full and holding over 1 MiB (Go never shrinks a map: \
+             copy the live entries into a new map and drop the old one)"
+        );
+    }
     let _ = writeln!(
         out,
-        "{:>10} {:>6} {:>9} {:>10} {:<18} FIRST GROWN AT",
-        "BYTES", "GROWS", "SIZE", "LEN@GROW", "MAP"
+        "{:<8} {:>9} {:>9} {:>9} {:>5} {:>9} {:>6} {:>9} {:>9} {:<14} FIRST GROWN AT",
+        "VERDICT", "LEN", "LEN MAX", "SLOTS", "LOAD", "HELD", "GROWS", "GROWN", "SIZE", "MAP"
     );
     for m in go.maps.iter().take(k) {
         let size = if go.map_impl == "swiss" {
@@ -291,16 +315,29 @@ pub fn maps(r: &TopReport, k: usize) -> String {
         } else {
             format!("B={}", m.size_class)
         };
+        let dash = || "-".to_string();
         let _ = write!(
             out,
-            "{:>10} {:>6} {:>9} {:>10} {:<18} ",
-            human_bytes(m.bytes),
+            "{:<8} {:>9} {:>9} {:>9} {:>5} {:>9} {:>6} {:>9} {:>9} {:<14} ",
+            m.verdict.unwrap_or("-"),
+            m.live.map_or_else(dash, |l| l.len.to_string()),
+            m.len_max,
+            m.live.map_or_else(dash, |l| l.slots.to_string()),
+            m.load.map_or_else(dash, |l| format!("{:.0}%", l * 100.0)),
+            m.live.map_or_else(dash, |l| human_bytes(l.bytes)),
             m.grows,
+            human_bytes(m.bytes),
             size,
-            m.len_at_last_grow,
             format!("{:#x}", m.ptr)
         );
         site_lines(&mut out, &m.frames, 60);
+    }
+    if go.maps.iter().any(|m| m.live.is_none()) {
+        let _ = writeln!(
+            out,
+            "(LEN, SLOTS, LOAD and HELD are read from the process every second; `-`: not read \
+             before it exited. LEN MAX also counts the length at each growth.)"
+        );
     }
     out
 }

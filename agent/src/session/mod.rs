@@ -213,6 +213,9 @@ fn banner(tracer: &Tracer) {
     );
 }
 
+/// How often a Go program's maps are read (`gort::live`).
+const MAP_READ_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Handles records until the process exits, the duration ends or a signal comes; `top` and
 /// `leaks` without `--json` or `--output` redraw their table every interval meanwhile.
 async fn follow(
@@ -234,6 +237,11 @@ async fn follow(
     };
     let mut tick = tokio::time::interval(live_interval.unwrap_or(Duration::from_secs(3600)));
     tick.tick().await;
+    // Go maps' lengths are read from the process while it lives (after it exits its last
+    // reads stand).
+    let reads_maps = tracer.watched.go.is_some();
+    let mut map_tick = tokio::time::interval(MAP_READ_INTERVAL);
+    map_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             ready = tracer.pipe.readable() => {
@@ -244,6 +252,7 @@ async fn follow(
             _ = sleep_until(deadline) => return Ok(End::Duration),
             _ = sigint.recv() => return Ok(End::Signal(libc::SIGINT)),
             _ = sigterm.recv() => return Ok(End::Signal(libc::SIGTERM)),
+            _ = map_tick.tick(), if reads_maps => tracer.refresh_maps(),
             _ = tick.tick(), if live_interval.is_some() => {
                 let text = match view {
                     View::Leaks { min_age, .. } => {

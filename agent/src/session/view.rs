@@ -19,8 +19,9 @@ use crate::{
     aggregate,
     aggregate::Sampling,
     collect,
+    gort::live::ProcessMemory,
     gort::versions::MapImpl,
-    gostate::{GoSiteKey, GoState, Pauses},
+    gostate::{GoSiteKey, GoState, Pauses, Verdict, Verdicts},
     pipeline::{Handler, Parts, Pipeline},
     procfs,
     report::{
@@ -206,6 +207,14 @@ impl Tracer {
         Ok(out)
     }
 
+    /// Reads the length and size of the traced process's Go maps (see `gort::live`).
+    pub fn refresh_maps(&mut self) {
+        let pid = self.watched.info.pid;
+        if let Some(go) = &mut self.watched.go {
+            go.refresh_maps(&ProcessMemory { pid });
+        }
+    }
+
     async fn site_frames(&mut self, key: &SiteKey) -> anyhow::Result<Vec<Frame>> {
         chain(&mut self.pipe.parts, key.tgid, key.stack_id, key.ret_addr).await
     }
@@ -264,9 +273,17 @@ impl Tracer {
                 size_class: m.size_class,
                 dir_len: m.dir_len,
                 len_at_last_grow: m.len_at_last_grow,
+                live: m.live,
+                len_max: m.len_max,
+                load: m.load(),
+                verdict: m.verdict(&Verdicts::default()).map(Verdict::name),
                 frames,
             });
         }
+        // The verdicts first (growing, then bloated), each by bytes grown as before.
+        report
+            .maps
+            .sort_by_key(|m| m.verdict.map_or(2, |v| u8::from(v != "growing")));
         if self
             .go_target
             .as_ref()
