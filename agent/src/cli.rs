@@ -153,10 +153,9 @@ pub struct MapsArgs {
     pub common: CommonArgs,
 }
 
+/// `--interval` of the views that redraw while they trace (`top`, `leaks`).
 #[derive(Debug, Args)]
-pub struct TopArgs {
-    #[command(flatten)]
-    pub common: CommonArgs,
+pub struct Refresh {
     #[arg(
         long,
         value_name = "DURATION",
@@ -166,6 +165,14 @@ pub struct TopArgs {
         help = duration_help("How often the live view is refreshed", &values::INTERVAL),
     )]
     pub interval: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub refresh: Refresh,
     /// Also write a flamegraph (SVG) of the allocation sites, weighted by bytes.
     #[arg(long, value_name = "FILE", value_parser = values::output_file)]
     pub flamegraph: Option<PathBuf>,
@@ -178,15 +185,8 @@ pub struct TopArgs {
 pub struct LeaksArgs {
     #[command(flatten)]
     pub common: CommonArgs,
-    #[arg(
-        long,
-        value_name = "DURATION",
-        default_value = "1s",
-        allow_hyphen_values = true,
-        value_parser = duration(values::INTERVAL),
-        help = duration_help("How often the live view is refreshed", &values::INTERVAL),
-    )]
-    pub interval: Duration,
+    #[command(flatten)]
+    pub refresh: Refresh,
     #[arg(
         long,
         value_name = "DURATION",

@@ -107,7 +107,7 @@ fn main() -> ExitCode {
                     Command::Top(a) => {
                         session::run(
                             View::Top {
-                                interval: a.interval,
+                                interval: a.refresh.interval,
                                 flamegraph: a.flamegraph,
                                 pprof: a.pprof,
                             },
@@ -118,7 +118,7 @@ fn main() -> ExitCode {
                     Command::Leaks(a) => {
                         session::run(
                             View::Leaks {
-                                interval: a.interval,
+                                interval: a.refresh.interval,
                                 min_age: a.min_age,
                                 flamegraph: a.flamegraph,
                             },

@@ -196,12 +196,7 @@ fn output_unchanged_by_tracing() {
 fn unknown_newer_go_traces_only_gc_pauses() {
     let env = TestEnv::get();
     let _serial = serial();
-    let b = env
-        .builds
-        .iter()
-        .filter(|b| !b.stripped && !b.noswissmap)
-        .max_by_key(|b| minor(&b.version))
-        .expect("a Go build");
+    let b = env.newest();
     let minor_digits = minor(&b.version).to_string().len();
     // "1.27.3" -> "1.99.3"
     let patched = format!(
@@ -292,12 +287,7 @@ fn unknown_newer_go_traces_only_gc_pauses() {
 fn map_length_and_verdicts_read_live() {
     let env = TestEnv::get();
     let _serial = serial();
-    let newest = env
-        .builds
-        .iter()
-        .map(|b| minor(&b.version))
-        .max()
-        .expect("a Go build");
+    let newest = minor(&env.newest().version);
     env.for_each_build(
         |b| b.noswissmap || minor(&b.version) == newest,
         |b| {
@@ -1038,6 +1028,15 @@ impl TestEnv {
             builds,
             symbols: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// The newest toolchain's plain build (not stripped, its default maps).
+    fn newest(&self) -> &Build {
+        self.builds
+            .iter()
+            .filter(|b| !b.stripped && !b.noswissmap)
+            .max_by_key(|b| minor(&b.version))
+            .expect("a Go build")
     }
 
     /// Runs `check` on every build that `select` keeps; fails with every failing build's

@@ -277,19 +277,14 @@ fn count_modes_exact_counts() {
     let env = TestEnv::get();
     let _serial = serial();
     for (mode, stacks) in [("count", false), ("count-stacks", true)] {
-        let (mut aw, out) = spawn_json(
+        let (_, _, proc) = run_json(
             &env,
             &format!("top-{mode}"),
             &["top", "--mode", mode],
             &["--", path_str(&env.fixture), "run"],
         );
-        let pid = aw.wait_tracing_pid(Duration::from_secs(30));
-        let status = aw.wait_exit(Duration::from_secs(60));
-        aw.assert_success(status);
-        let report = read_json(&out);
-        let proc = process_by_pid(&report, pid);
         assert_eq!(proc["exit_code"], 0, "exit code of the fixture\n{proc:#}");
-        check_fixture_count(proc, stacks);
+        check_fixture_count(&proc, stacks);
     }
 }
 
@@ -302,19 +297,14 @@ fn sampled_top_estimates() {
     let _serial = serial();
     let rate = SAMPLE_RATE.to_string();
     for (mode, live) in [("full", true), ("count-stacks", false)] {
-        let (mut aw, out) = spawn_json(
+        let (_, _, proc) = run_json(
             &env,
             &format!("top-sampled-{mode}"),
             &["top", "--mode", mode, "--sample-bytes", &rate],
             &["--", path_str(&env.fixture), "sample"],
         );
-        let pid = aw.wait_tracing_pid(Duration::from_secs(30));
-        let status = aw.wait_exit(Duration::from_secs(60));
-        aw.assert_success(status);
-        let report = read_json(&out);
-        let proc = process_by_pid(&report, pid);
         assert_eq!(proc["exit_code"], 0, "exit code of the fixture\n{proc:#}");
-        check_sampled(proc, live);
+        check_sampled(&proc, live);
     }
 }
 
@@ -422,12 +412,7 @@ fn probe_debug_log_says_why_events_were_lost() {
             args.extend(["--log-level", "debug"]);
         }
         let name = format!("top-log-debug-{debug}");
-        let (mut aw, out) = spawn_json(&env, &name, &args, &["--", path_str(&env.fixture), "run"]);
-        let pid = aw.wait_tracing_pid(Duration::from_secs(30));
-        let status = aw.wait_exit(Duration::from_secs(60));
-        aw.assert_success(status);
-        let report = read_json(&out);
-        let proc = process_by_pid(&report, pid);
+        let (aw, pid, proc) = run_json(&env, &name, &args, &["--", path_str(&env.fixture), "run"]);
         let lost = u64_at(&proc["lost"], "site_map_full");
         assert!(lost > 0, "a one-row site table must lose sites\n{proc:#}");
         let stderr = aw.stderr.text();
@@ -442,8 +427,6 @@ fn probe_debug_log_says_why_events_were_lost() {
     }
 }
 
-/// `leaks` needs the live table, which count mode does not keep: a usage error, not an empty
-/// report.
 /// `leaks` shows the outstanding allocations as it goes (every `--interval`), not only at the
 /// end: the fixture's 13 allocations appear in a table while it still runs, holding them.
 #[test]
@@ -531,6 +514,8 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// `leaks` needs the live table, which count mode does not keep: a usage error, not an empty
+/// report.
 #[test]
 fn leaks_refuses_count_mode() {
     let env = TestEnv::get();
@@ -835,6 +820,18 @@ fn detach_on_signal(sig: libc::c_int) {
 
 /// `allocwatch ARGS… --json -o FILE TARGET…` started (TARGET: `-- CMD…` or `--pid PID`),
 /// and FILE, a fresh temporary file named after `name`.
+/// Runs `allocwatch ARGS --json -o FILE TARGET` until the target exits on its own (allocwatch
+/// must exit 0): allocwatch (for its stderr), the traced pid and that process's report.
+fn run_json(env: &TestEnv, name: &str, args: &[&str], target: &[&str]) -> (Allocwatch, u32, Value) {
+    let (mut aw, out) = spawn_json(env, name, args, target);
+    let pid = aw.wait_tracing_pid(Duration::from_secs(30));
+    let status = aw.wait_exit(Duration::from_secs(60));
+    aw.assert_success(status);
+    let report = read_json(&out);
+    let proc = process_by_pid(&report, pid).clone();
+    (aw, pid, proc)
+}
+
 fn spawn_json(env: &TestEnv, name: &str, args: &[&str], target: &[&str]) -> (Allocwatch, PathBuf) {
     let out = env.temp_file(&format!("{name}.json"));
     let mut all = args.to_vec();
