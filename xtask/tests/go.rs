@@ -292,7 +292,7 @@ fn map_length_and_verdicts_read_live() {
         |b| b.noswissmap || minor(&b.version) == newest,
         |b| {
             let t = trace(&env, &b.path, &["bloat", "dedup"]);
-            // What it prints untraced (no run of its own: it sleeps 6 s).
+            // What it prints untraced (no run of its own: it sleeps 14 s).
             assert_eq!(
                 t.stdout,
                 format!(
