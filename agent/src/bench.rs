@@ -73,6 +73,7 @@ fn process(i: usize) -> ProcessSnapshot {
                 live_allocations: 1,
                 live_bytes: 100,
                 remainder: false,
+                pending: false,
             })
             .collect(),
         without_libc: false,

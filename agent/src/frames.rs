@@ -10,6 +10,7 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
+    time::{Duration, Instant},
 };
 
 use anyhow::anyhow;
@@ -49,6 +50,8 @@ pub struct FrameCache {
     queue: std::collections::VecDeque<(u32, i64, u64)>,
     /// What `queue` holds (a Go site streams an event per growth).
     queued: HashSet<(u32, i64, u64)>,
+    /// Sites a scrape ran out of time to name, by process: since when (see [`Self::late_for`]).
+    late: HashMap<u32, HashMap<(i64, u64), Instant>>,
 }
 
 /// Sites waiting to be named at most; past it the oldest wait for a scrape or their process's
@@ -115,10 +118,10 @@ impl FrameCache {
         &mut self,
         probes: &Probes,
         symbolizer: &SymbolizerHandle,
-        deadline: Option<std::time::Instant>,
+        deadline: Option<Instant>,
     ) -> anyhow::Result<usize> {
         let mut named = 0;
-        while deadline.is_none_or(|d| std::time::Instant::now() < d) {
+        while deadline.is_none_or(|d| Instant::now() < d) {
             let Some(site) = self.queue.pop_front() else {
                 break;
             };
@@ -148,7 +151,25 @@ impl FrameCache {
         self.queue.retain(|(t, _, _)| *t != tgid);
         self.queued.retain(|(t, _, _)| *t != tgid);
         self.noted.remove(&tgid);
+        self.late.remove(&tgid);
         self.forget_raw(tgid);
+    }
+
+    /// How long a site not named yet has been waiting since a scrape first ran out of time
+    /// for it (zero the first time): a young one is held back from `/metrics`, not exported
+    /// unnamed for good.
+    pub fn late_for(
+        &mut self,
+        (tgid, stack_id, ret_addr): (u32, i64, u64),
+        now: Instant,
+    ) -> Duration {
+        let since = *self
+            .late
+            .entry(tgid)
+            .or_default()
+            .entry((stack_id, ret_addr))
+            .or_insert(now);
+        now.saturating_duration_since(since)
     }
 
     /// Drops the raw stacks of a process whose chains are all symbolized (or never will be).
@@ -166,6 +187,12 @@ impl FrameCache {
             }
             c.shrink_to_fit();
         }
+    }
+
+    /// Sites a scrape had no time to name that are still not named (held back from
+    /// `/metrics` for a while, then in `other`).
+    pub fn late_sites(&self) -> usize {
+        self.late.values().map(HashMap::len).sum()
     }
 
     /// Chains (per process, and distinct) and raw stacks held, for the agent's self-metrics.
@@ -253,7 +280,7 @@ impl FrameCache {
         probes: &Probes,
         symbolizer: &SymbolizerHandle,
         (tgid, stack_id, ret_addr): (u32, i64, u64),
-        deadline: Option<std::time::Instant>,
+        deadline: Option<Instant>,
     ) -> anyhow::Result<Option<Arc<[Frame]>>> {
         if let Some(f) = self.cached(tgid, stack_id, ret_addr) {
             return Ok(Some(Arc::clone(f)));
@@ -287,6 +314,12 @@ impl FrameCache {
             .entry(tgid)
             .or_default()
             .insert((stack_id, ret_addr), Arc::clone(&frames));
+        if let Some(late) = self.late.get_mut(&tgid) {
+            late.remove(&(stack_id, ret_addr));
+            if late.is_empty() {
+                self.late.remove(&tgid);
+            }
+        }
         Ok(Some(frames))
     }
 }

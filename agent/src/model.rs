@@ -42,6 +42,11 @@ pub struct SiteSnapshot {
     /// sites of a gone process beyond those it keeps (no frames), or a site not named yet
     /// (its caller's address as the only frame).
     pub remainder: bool,
+    /// Not named yet, but soon (its naming ran out of the scrape's time while the site is
+    /// young): `/metrics` leaves it out until a later scrape names it, since a value once
+    /// exported in `other` can never leave it. Always with `remainder` (profiles show it by
+    /// its caller's address meanwhile).
+    pub pending: bool,
 }
 
 /// What the Go probes saw in one process.

@@ -374,6 +374,7 @@ impl State {
         held.insert("call_chains", chains as u64);
         held.insert("distinct_call_chains", distinct as u64);
         held.insert("raw_stacks", raw as u64);
+        held.insert("late_sites", self.pipe.parts.frames.late_sites() as u64);
         held.insert("symbolizer_processes", sym_procs);
         held.insert("symbolizer_files", sym_files);
         // Rows whose announcement was lost (full ring buffer) or recorded while their process

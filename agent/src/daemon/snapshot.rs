@@ -54,6 +54,7 @@ pub async fn build(
         top_k,
         deadline: Instant::now() + SYMBOLIZE_TIME,
         sampling,
+        hold_back: true,
     };
     // A process's rows are in the kernel maps while it runs and in `retained` once harvested
     // (a row is in one place or the other, never both), so a snapshot takes both.
@@ -154,6 +155,7 @@ pub async fn departing(
         top_k,
         deadline: Instant::now() + SYMBOLIZE_TIME,
         sampling,
+        hold_back: false,
     };
     let (proc, retained, number) = match image {
         None => {
@@ -209,6 +211,18 @@ struct Symbolize<'a> {
     deadline: Instant,
     /// How the probes sampled: which rows are sites, and their figures scaled.
     sampling: Sampling,
+    /// Whether a young site this scrape had no time to name is held back ([`HOLD_BACK`]);
+    /// not in a process's final snapshot, which has no later scrape.
+    hold_back: bool,
+}
+
+/// What naming a site came to.
+enum Naming {
+    Named(Arc<[Frame]>),
+    /// The scrape's time ran out: named at a later scrape or in the background.
+    Late,
+    /// Beyond the process's own top sites, and the scrape's budget spent.
+    OverBudget,
 }
 
 /// The export model of one program image of a process: its libc rows (`rows`, already
@@ -274,15 +288,15 @@ async fn process_snapshot(
     ranked.sort_by_key(|(_, s)| std::cmp::Reverse(s.bytes));
     for (i, (key, stats)) in ranked.iter().enumerate() {
         let (live_allocations, live_bytes) = live_of(stats);
-        let frames = site_frames(ctx, i, (pid, key.stack_id, key.ret_addr)).await?;
+        let site = (pid, key.stack_id, key.ret_addr);
+        let naming = site_frames(ctx, i, site).await?;
         snap.sites.push(SiteSnapshot {
             kind: Api::try_from(key.api).map_or("unknown", Api::symbol),
-            remainder: frames.is_none(),
-            frames: frames.unwrap_or_else(|| Arc::from([Frame::unknown(key.ret_addr)])),
             calls: stats.calls,
             bytes: stats.bytes,
             live_allocations,
             live_bytes,
+            ..ctx.named(naming, site)
         });
     }
     // Sites of a gone process that were folded away (`retained.rs`): no stack, `other`.
@@ -299,15 +313,13 @@ async fn process_snapshot(
         let mut ranked: Vec<_> = go.sites.iter().collect();
         ranked.sort_by_key(|(_, c)| std::cmp::Reverse(c.bytes));
         for (i, (key, c)) in ranked.into_iter().enumerate() {
-            let frames = site_frames(ctx, i, (pid, key.stack_id, key.ret_addr)).await?;
+            let site = (pid, key.stack_id, key.ret_addr);
+            let naming = site_frames(ctx, i, site).await?;
             snap.sites.push(SiteSnapshot {
                 kind: key.kind.name(),
-                remainder: frames.is_none(),
-                frames: frames.unwrap_or_else(|| Arc::from([Frame::unknown(key.ret_addr)])),
                 calls: c.count,
                 bytes: c.bytes,
-                live_allocations: 0,
-                live_bytes: 0,
+                ..ctx.named(naming, site)
             });
         }
         for (kind, c) in &go.sites_remainder {
@@ -331,35 +343,67 @@ const SYMBOLIZE_PER_SCRAPE: usize = 2_000;
 /// scrape answers within it, and the chains not named yet are named at a later scrape.
 const SYMBOLIZE_TIME: Duration = Duration::from_millis(200);
 
-/// A site's frames: cached, symbolized (the process's `rank`-th largest site: within its own
-/// top 4×K always, else within the scrape's budget), or — budget or time spent — `None`: the
-/// site is then exported as part of `other` (named by its caller's address in profiles) until
-/// a later scrape names it, so that no series is ever labelled by a raw address.
+/// How long a site not named for lack of time may be held back from `/metrics` (its value
+/// only in the process's totals meanwhile) before it is exported in `other` for good. The
+/// background naming and the next scrapes name it well within this unless the node is
+/// starved for CPU for that long.
+const HOLD_BACK: Duration = Duration::from_secs(30);
+
+impl Symbolize<'_> {
+    /// A site's frames and how `/metrics` takes it: named; held back while young and late;
+    /// else in `other` (named by its caller's address in profiles) so that no series is ever
+    /// labelled by a raw address.
+    fn named(&mut self, naming: Naming, site: (u32, i64, u64)) -> SiteSnapshot {
+        let unnamed = || Arc::from([Frame::unknown(site.2)]);
+        match naming {
+            Naming::Named(frames) => SiteSnapshot {
+                frames,
+                ..SiteSnapshot::default()
+            },
+            Naming::Late => SiteSnapshot {
+                frames: unnamed(),
+                remainder: true,
+                pending: self.hold_back && self.frames.late_for(site, Instant::now()) < HOLD_BACK,
+                ..SiteSnapshot::default()
+            },
+            Naming::OverBudget => SiteSnapshot {
+                frames: unnamed(),
+                remainder: true,
+                ..SiteSnapshot::default()
+            },
+        }
+    }
+}
+
+/// A site's frames: cached or symbolized (the process's `rank`-th largest site: within its
+/// own top 4×K always, else within the scrape's budget) within the scrape's time.
 async fn site_frames(
     ctx: &mut Symbolize<'_>,
     rank: usize,
     (pid, stack_id, ret_addr): (u32, i64, u64),
-) -> anyhow::Result<Option<Arc<[Frame]>>> {
+) -> anyhow::Result<Naming> {
     if let Some(f) = ctx.frames.cached(pid, stack_id, ret_addr) {
-        return Ok(Some(Arc::clone(f)));
+        return Ok(Naming::Named(Arc::clone(f)));
     }
     if rank >= 4 * ctx.top_k {
         if *ctx.budget == 0 {
-            return Ok(None);
+            return Ok(Naming::OverBudget);
         }
         *ctx.budget -= 1;
     }
     if Instant::now() >= ctx.deadline {
-        return Ok(None);
+        return Ok(Naming::Late);
     }
-    ctx.frames
+    let named = ctx
+        .frames
         .frames_until(
             ctx.probes,
             ctx.symbolizer,
             (pid, stack_id, ret_addr),
             Some(ctx.deadline),
         )
-        .await
+        .await?;
+    Ok(named.map_or(Naming::Late, Naming::Named))
 }
 
 /// Site keys sort by tgid first: the rows of one process are one range.

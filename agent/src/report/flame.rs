@@ -137,6 +137,7 @@ mod tests {
             live_allocations: 0,
             live_bytes: 0,
             remainder: false,
+            pending: false,
         };
         vec![
             s(

@@ -217,6 +217,7 @@ pub fn snapshot_of(r: &TopReport) -> crate::model::ProcessSnapshot {
             live_allocations,
             live_bytes,
             remainder: false,
+            pending: false,
         });
     }
     if let Some(go) = &r.go {
@@ -229,6 +230,7 @@ pub fn snapshot_of(r: &TopReport) -> crate::model::ProcessSnapshot {
                 live_allocations: 0,
                 live_bytes: 0,
                 remainder: false,
+                pending: false,
             });
         }
     }

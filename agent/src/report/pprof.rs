@@ -495,6 +495,7 @@ pub(crate) mod tests {
             live_allocations: live,
             live_bytes: live * 100,
             remainder: false,
+            pending: false,
         }
     }
 

@@ -60,6 +60,7 @@ pub(super) fn process(pid: u32, pod: &str, bytes: u64) -> ProcessSnapshot {
             live_allocations: 1,
             live_bytes: 64,
             remainder: false,
+            pending: false,
         }],
         ..Default::default()
     }

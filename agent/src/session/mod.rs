@@ -378,6 +378,7 @@ fn leaks_flamegraph(r: &LeaksReport, path: &Path) -> anyhow::Result<()> {
             live_allocations: l.count,
             live_bytes: l.bytes,
             remainder: false,
+            pending: false,
         })
         .collect();
     let title = format!(

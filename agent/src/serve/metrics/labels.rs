@@ -136,6 +136,10 @@ pub(super) fn sites_of(
         if s.kind == "free" {
             continue;
         }
+        // Not named yet: counted when it is (see `SiteSnapshot::pending`).
+        if s.pending {
+            continue;
+        }
         // A gone process's folded sites count toward its kind under `other` (a label no
         // real site has), and never become a site of their own (see `challengers`).
         let site = if s.remainder {

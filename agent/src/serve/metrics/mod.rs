@@ -25,7 +25,9 @@
 //!   without `other` going below what it already exported (all of it for a new identity or a
 //!   site new since the last scrape); on eviction its value moves into `other`. Summing an
 //!   api's site series over `site` always gives the identity's total for that api as seen
-//!   through call sites. Under the cap, identities are served largest first (bytes allocated
+//!   through call sites, except for sites not named yet: a site whose naming ran out of a
+//!   scrape's time is left out (for up to 30 s) rather than put in `other` for good, so
+//!   the sum may lag the total for a few scrapes. Under the cap, identities are served largest first (bytes allocated
 //!   through sites): one that does not fit loses its weakest sites, and those whose `other`
 //!   rows alone do not fit get no site series (their core series still count everything).
 //!

@@ -23,6 +23,7 @@ fn site(kind: &'static str, stack: &[&str], calls: u64, bytes: u64) -> SiteSnaps
         live_allocations: 0,
         live_bytes: 0,
         remainder: false,
+        pending: false,
     }
 }
 
@@ -1197,6 +1198,80 @@ fn sites_moving_in_and_out_of_the_remainder_are_counted_once() {
         assert!(!out.contains("0x5555"), "a raw address as a label:\n{out}");
         prev = out;
     }
+}
+
+/// A site whose naming ran late (`pending`) is left out, not put in `other`: when it is named
+/// at a later scrape its whole value is under its own label and `other` stays empty (in
+/// `other`, the value could never have left: counters do not go down). The process's totals
+/// count it all along.
+#[test]
+fn a_pending_site_is_held_back_until_named() {
+    let t0 = Instant::now();
+    let mut e = Exporter::new(cfg());
+    let stats = SelfStats::default();
+    let pending = SiteSnapshot {
+        frames: vec![Frame::unknown(0x5555_0000_1234)].into(),
+        remainder: true,
+        pending: true,
+        ..site("malloc", &[], 2, 200)
+    };
+    let proc_with = |sites: Vec<SiteSnapshot>| ProcessSnapshot {
+        pid: 10,
+        labels: web_labels(),
+        calls: BTreeMap::from([("malloc", sites.iter().map(|s| s.calls).sum())]),
+        bytes: BTreeMap::from([("malloc", sites.iter().map(|s| s.bytes).sum())]),
+        sites,
+        ..Default::default()
+    };
+    let first = render(
+        &mut e,
+        &[proc_with(vec![
+            pending,
+            site("malloc", &["other_fn", "main"], 1, 10),
+        ])],
+        &stats,
+        t0,
+    );
+    assert!(
+        first
+            .lines()
+            .any(|l| l.starts_with("allocwatch_alloc_bytes_total{")
+                && l.ends_with("api=\"malloc\"} 210")),
+        "the totals count the pending site:\n{first}"
+    );
+    assert!(
+        !first
+            .lines()
+            .any(|l| l.contains("site=\"other\"") && !l.starts_with('#')),
+        "{first}"
+    );
+    assert!(
+        !first.contains("0x5555"),
+        "a raw address as a label:\n{first}"
+    );
+    let second = render(
+        &mut e,
+        &[proc_with(vec![
+            site("malloc", &["make_buf", "main"], 2, 200),
+            site("malloc", &["other_fn", "main"], 1, 10),
+        ])],
+        &stats,
+        t0 + Duration::from_secs(1),
+    );
+    assert_monotonic(&first, &second);
+    assert!(
+        second
+            .lines()
+            .any(|l| l.starts_with("allocwatch_site_alloc_bytes_total{")
+                && l.ends_with("site=\"make_buf <- main\",api=\"malloc\"} 200")),
+        "named with its whole value:\n{second}"
+    );
+    assert!(
+        !second
+            .lines()
+            .any(|l| l.contains("site=\"other\"") && !l.starts_with('#')),
+        "{second}"
+    );
 }
 
 /// Two stacks under one label (`make_buf <- main` from two deeper callers), and at exit one of
