@@ -517,13 +517,14 @@ impl GoState {
         m.len_max = m.len_max.max(m.len_at_last_grow);
     }
 
-    /// Reads the length and size of the largest [`MAX_MAP_READS`] maps from the process; a
-    /// map that is not there any more (freed, its memory reused) is dropped.
-    pub fn refresh_maps(&mut self, mem: &impl Memory) {
+    /// Reads the length and size of the largest `limit` maps (by bytes their growth
+    /// allocated) from the process; a map that is not there any more (freed, its memory
+    /// reused) is dropped.
+    pub fn refresh_maps(&mut self, mem: &impl Memory, limit: usize) {
         let mut order: Vec<(u64, u64)> = self.maps.values().map(|m| (m.bytes, m.ptr)).collect();
-        if order.len() > MAX_MAP_READS {
-            order.select_nth_unstable_by(MAX_MAP_READS, |a, b| b.cmp(a));
-            order.truncate(MAX_MAP_READS);
+        if order.len() > limit {
+            order.select_nth_unstable_by(limit, |a, b| b.cmp(a));
+            order.truncate(limit);
         }
         for (_, ptr) in order {
             let Some(m) = self.maps.get_mut(&ptr) else {
@@ -631,7 +632,7 @@ mod tests {
         let mem = OneMap(RefCell::new((1000, 10)));
         for len in [1000, 2000, 3000, 4000] {
             mem.0.borrow_mut().0 = len;
-            s.refresh_maps(&mem);
+            s.refresh_maps(&mem, MAX_MAP_READS);
             if len == 2000 {
                 s.maps.get_mut(&0x1000).unwrap().grows += 1;
             }
@@ -640,16 +641,16 @@ mod tests {
         assert_eq!((m.live.unwrap().len, m.len_max), (4000, 4000));
         assert_eq!(m.verdict(&v), Some(Verdict::Growing));
         // Reads at the same length pause the streak; three of them end it, as does a fall.
-        s.refresh_maps(&mem);
-        s.refresh_maps(&mem);
+        s.refresh_maps(&mem, MAX_MAP_READS);
+        s.refresh_maps(&mem, MAX_MAP_READS);
         assert_eq!(s.maps[&0x1000].verdict(&v), Some(Verdict::Growing));
-        s.refresh_maps(&mem);
+        s.refresh_maps(&mem, MAX_MAP_READS);
         assert_eq!(s.maps[&0x1000].verdict(&v), None);
         mem.0.borrow_mut().0 = 5000;
-        s.refresh_maps(&mem);
+        s.refresh_maps(&mem, MAX_MAP_READS);
         assert_eq!(s.maps[&0x1000].verdict(&v), Some(Verdict::Growing));
         mem.0.borrow_mut().0 = 4000;
-        s.refresh_maps(&mem);
+        s.refresh_maps(&mem, MAX_MAP_READS);
         assert_eq!(s.maps[&0x1000].verdict(&v), None);
     }
 
@@ -658,10 +659,10 @@ mod tests {
         let v = Verdicts::default();
         let mut s = state_with_map(14);
         let mem = OneMap(RefCell::new((100_000, 14)));
-        s.refresh_maps(&mem);
+        s.refresh_maps(&mem, MAX_MAP_READS);
         assert_eq!(s.maps[&0x1000].verdict(&v), None);
         mem.0.borrow_mut().0 = 1000;
-        s.refresh_maps(&mem);
+        s.refresh_maps(&mem, MAX_MAP_READS);
         let m = &s.maps[&0x1000];
         assert_eq!((m.live.unwrap().len, m.len_max), (1000, 100_000));
         assert_eq!(m.live.unwrap().bytes, 144 << 14);
@@ -669,7 +670,7 @@ mod tests {
         // Under 1 MiB held: not worth a verdict.
         let mut small = state_with_map(8);
         let mem = OneMap(RefCell::new((10, 8)));
-        small.refresh_maps(&mem);
+        small.refresh_maps(&mem, MAX_MAP_READS);
         assert_eq!(small.maps[&0x1000].verdict(&v), None);
     }
 
@@ -678,18 +679,18 @@ mod tests {
         let mut s = state_with_map(14);
         let mem = OneMap(RefCell::new((50_000, 13)));
         for _ in 0..MAX_BEHIND_READS {
-            s.refresh_maps(&mem);
+            s.refresh_maps(&mem, MAX_MAP_READS);
             assert!(
                 s.maps.contains_key(&0x1000),
                 "a growth may still be under way"
             );
         }
-        s.refresh_maps(&mem);
+        s.refresh_maps(&mem, MAX_MAP_READS);
         assert!(s.maps.is_empty());
         assert_eq!(s.maps_gone, 1);
         let mut s = state_with_map(14);
         let mem = OneMap(RefCell::new((3, 0)));
-        s.refresh_maps(&mem);
+        s.refresh_maps(&mem, MAX_MAP_READS);
         assert!(s.maps.is_empty(), "B 0 where B 14 was: another map");
     }
 }

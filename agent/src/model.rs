@@ -9,7 +9,7 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
-use crate::symbolize::Frame;
+use crate::{gostate::Verdict, symbolize::Frame};
 
 /// Who a process is, as Prometheus sees it. Processes with equal labels are summed into one
 /// set of series (two replicas of a binary in one container are one identity).
@@ -67,6 +67,23 @@ pub struct GoSnapshot {
     /// off, or a Go release without that probe): an empty histogram would claim "no
     /// allocations".
     pub alloc_sizes: Option<Histogram>,
+    /// The maps read from the running process at the last refresh, named by the site of
+    /// their first growth (a map whose site is not named yet is left out until it is).
+    pub maps: Vec<GoMapSnapshot>,
+}
+
+/// One Go map as last read from its process (`gort::live`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GoMapSnapshot {
+    /// Where it first grew, innermost frame first.
+    pub frames: Arc<[Frame]>,
+    /// Elements.
+    pub len: u64,
+    /// Slots of its buckets or tables.
+    pub slots: u64,
+    /// Bytes its buckets or tables (and directory) hold.
+    pub bytes: u64,
+    pub verdict: Option<Verdict>,
 }
 
 /// A histogram as the probes produce it (cumulative over time, like every counter here).

@@ -60,6 +60,8 @@ const OLD_MAP_BIG_DOUBLINGS: u64 = 14;
 /// Swiss maps: fillMapBig's first table (16 slots) is rehashed to double it up to 1024 slots:
 /// 16 → 32 → … → 1024 is 6 `(*table).grow` calls, then the table splits.
 const SWISS_MAP_BIG_GROWS: u64 = 6;
+/// `bloat`: fillBloat fills a map to 100,000 keys, then deletes all but these.
+const BLOAT_KEEP: u64 = 1_000;
 
 // ---------------------------------------------------------------------------------------------
 // Tests
@@ -1739,6 +1741,111 @@ fn go_growth_matches_top() {
         failures.len(),
         failures.join("\n\n")
     );
+}
+
+/// Go maps read live by the agent (issue 13), on the newest swiss-map and old-map builds:
+/// `bloat dedup` fills a map to 100,000 keys and keeps 1,000 (bloated: its gauges say 1,000
+/// elements, more than 1 MiB held, under 1/8 full, `verdict="bloated"`), then a set grows for
+/// 8 s (`verdict="growing"`), each under the site of its first growth; once the program has
+/// exited its identity has no map series (an exited process holds no map).
+#[test]
+fn go_map_gauges_and_verdicts() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let scratch = Scratch::new("gomaps");
+    let mut agent = Agent::start(&env, &[]);
+    let mut failures = Vec::new();
+    for build in go_builds() {
+        let path = scratch.copy(&build.path, &build.name);
+        let warm = scratch.path.join(format!("warm-{}", build.version));
+        fs::hard_link(&path, &warm).expect("hard link of the fixture");
+        // Attached to the file before the measured run starts (see go_growth_matches_top).
+        let w = Fixture::spawn_quiet(&warm, &["gc"; 2000]);
+        signal(w.pid, libc::SIGSTOP);
+        agent.discover(&Identity::of(&warm), "allocwatch_go_info", w.started);
+        drop(w);
+        let id = Identity::of(&path);
+        let mut fx = Fixture::spawn_quiet(&path, &["bloat", "dedup"]);
+        let site_of = |m: &Metrics, family: &str, function: &str| -> Vec<(String, f64)> {
+            m.of(&id, family)
+                .into_iter()
+                .filter(|s| s.labels.get("site").is_some_and(|l| l.contains(function)))
+                .map(|s| {
+                    let verdict = s.labels.get("verdict").unwrap_or_default();
+                    (verdict.to_owned(), value(s))
+                })
+                .collect()
+        };
+        // The bloated state lasts from the deletes to the exit (≈ 11 s), the growing one the
+        // 8 s of the set's growth: watch the whole run.
+        let (mut bloated, mut growing) = (None, None);
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while Instant::now() < deadline
+            && !(bloated.is_some() && growing.is_some())
+            && fx.child.try_wait().ok().flatten().is_none()
+        {
+            let m = agent.scrape();
+            let flagged = |f: &str, v: &str| {
+                site_of(&m, "allocwatch_go_maps_flagged", f).contains(&(v.to_owned(), 1.0))
+            };
+            if bloated.is_none() && flagged("main.fillBloat", "bloated") {
+                bloated = Some((
+                    site_of(&m, "allocwatch_go_map_len", "main.fillBloat"),
+                    site_of(&m, "allocwatch_go_map_bytes", "main.fillBloat"),
+                    site_of(&m, "allocwatch_go_map_load_ratio", "main.fillBloat"),
+                    m.lines_of(&id),
+                ));
+            }
+            if growing.is_none() && flagged("main.fillDedup", "growing") {
+                growing = Some(m.lines_of(&id));
+            }
+            thread::sleep(Duration::from_millis(250));
+        }
+        let status = fx.wait_exit(Duration::from_secs(60));
+        let mut fail = |what: String| failures.push(format!("=== {}: {what}", build.name));
+        if !status.success() {
+            fail(format!("the fixture failed: {status}"));
+        }
+        match bloated {
+            None => fail(format!(
+                "no scrape had the fillBloat map flagged bloated\n{}",
+                agent.scrape().lines_of(&id)
+            )),
+            Some((len, bytes, load, lines)) => {
+                let one = |v: &[(String, f64)]| (v.len() == 1).then(|| v[0].1);
+                let ok = one(&len) == Some(BLOAT_KEEP as f64)
+                    && one(&bytes).is_some_and(|b| b > f64::from(1 << 20))
+                    && one(&load).is_some_and(|l| l < 1.0 / 8.0);
+                if !ok {
+                    fail(format!(
+                        "the bloated map: want len {BLOAT_KEEP}, > 1 MiB, load < 1/8\n{lines}"
+                    ));
+                }
+            }
+        }
+        if growing.is_none() {
+            fail("no scrape had the fillDedup set flagged growing".to_owned());
+        }
+        let gone = agent.scrape_until("the fixture's exit", Duration::from_secs(10), |m| {
+            m.value(&id, "allocwatch_processes", &[]) == Some(0.0)
+        });
+        let left: Vec<String> = [
+            "allocwatch_go_map_len",
+            "allocwatch_go_map_bytes",
+            "allocwatch_go_map_load_ratio",
+            "allocwatch_go_maps_flagged",
+        ]
+        .iter()
+        .filter(|f| !gone.of(&id, f).is_empty())
+        .map(|f| (*f).to_owned())
+        .collect();
+        if !left.is_empty() {
+            fail(format!("map series of an exited process: {left:?}"));
+        }
+    }
+    agent.scrape().assert_conventions();
+    agent.stop();
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
 /// The issue: new processes are picked up within one second. A Go program is found by the /proc

@@ -45,6 +45,12 @@ const LOSS_WARN_EVERY: Duration = Duration::from_secs(60);
 const CENSUS_EVERY: Duration = Duration::from_secs(10);
 /// Time per tick spent naming new sites in the background.
 const NAMING_SLICE: Duration = Duration::from_millis(20);
+/// Go maps are read from their processes this often (the verdicts count reads: see
+/// `gostate::Verdicts`, whose thresholds assume about one read a second).
+const MAP_READ_EVERY: Duration = Duration::from_secs(1);
+/// Maps read per Go process at each read, the largest by their growth's bytes: what the
+/// exporter can show (its top sites) with room, at a few microseconds a map.
+const MAP_READS: usize = 64;
 /// The symbolizer is told which processes still matter this often.
 const RETAIN_EVERY: Duration = Duration::from_secs(5);
 /// A gone process's own detail (its snapshot, its profile) is kept at most this long after its
@@ -177,6 +183,7 @@ struct State {
     /// Fill of the kernel maps not read at every scrape, from the last census.
     fills: BTreeMap<&'static str, f64>,
     next_census: Instant,
+    next_map_read: Instant,
     /// `/metrics`: kept here, next to the processes, so that a gone process leaves its
     /// identity with its final values as soon as it departs.
     exporter: Exporter,
@@ -241,6 +248,7 @@ impl State {
             losses: LossWatch::default(),
             fills: BTreeMap::new(),
             next_census: now,
+            next_map_read: now + MAP_READ_EVERY,
             exporter: Exporter::new(cfg.serve_config().metrics),
             keep_detail: cfg.ttl.min(DETAIL_KEPT),
             pressure: SitePressure::new(cfg.capacity.max_sites),
@@ -272,6 +280,11 @@ impl State {
             sw.lap("scan");
             self.depart(now).await?;
             sw.lap("depart");
+        }
+        if now >= self.next_map_read {
+            self.registry.read_go_maps(MAP_READS);
+            self.next_map_read = now + MAP_READ_EVERY;
+            sw.lap("go maps");
         }
         if now >= self.next_retain {
             let keep: HashSet<u32> = self

@@ -17,8 +17,8 @@ use crate::{
     aggregate::{self, Sampling, live_of},
     collect,
     frames::FrameCache,
-    gostate::{GoState, Pauses},
-    model::{GoSnapshot, Histogram, ProcessSnapshot, SelfStats, SiteSnapshot},
+    gostate::{GoState, Pauses, Verdicts},
+    model::{GoMapSnapshot, GoSnapshot, Histogram, ProcessSnapshot, SelfStats, SiteSnapshot},
     pipeline::LoopStats,
     probes::Probes,
     symbolize::Frame,
@@ -331,9 +331,45 @@ async fn process_snapshot(
                 ..SiteSnapshot::default()
             });
         }
-        snap.go = Some(go_snapshot(go, go_sizes));
+        let mut go_snap = go_snapshot(go, go_sizes);
+        // An exited process holds no map.
+        if p.exited_at.is_none() {
+            go_snap.maps = go_maps(ctx, pid, go).await?;
+        }
+        snap.go = Some(go_snap);
     }
     Ok(snap)
+}
+
+/// The maps read from `pid` at the last refresh, largest first, named by their first growth's
+/// site; one whose site is not named yet is left out until it is.
+async fn go_maps(
+    ctx: &mut Symbolize<'_>,
+    pid: u32,
+    go: &GoState,
+) -> anyhow::Result<Vec<GoMapSnapshot>> {
+    let mut read: Vec<_> = go
+        .maps
+        .values()
+        .filter_map(|m| Some((m, m.live?, m.first_site?)))
+        .collect();
+    read.sort_by_key(|(m, live, _)| (std::cmp::Reverse(live.bytes), m.ptr));
+    let mut out = Vec::with_capacity(read.len());
+    for (rank, (m, live, site)) in read.into_iter().enumerate() {
+        let Naming::Named(frames) =
+            site_frames(ctx, rank, (pid, site.stack_id, site.ret_addr)).await?
+        else {
+            continue;
+        };
+        out.push(GoMapSnapshot {
+            frames,
+            len: live.len,
+            slots: live.slots,
+            bytes: live.bytes,
+            verdict: m.verdict(&Verdicts::default()),
+        });
+    }
+    Ok(out)
 }
 
 /// New call chains symbolized per scrape (each costs microseconds to milliseconds); the rest
@@ -467,6 +503,7 @@ fn go_snapshot(go: &GoState, alloc_sizes: Histogram) -> GoSnapshot {
         gc_cycles: go.gc_cycles,
         gc_pauses: pause_histogram(&go.gc_pauses),
         alloc_sizes: go.malloc_probed.then_some(alloc_sizes),
+        maps: Vec::new(),
     }
 }
 

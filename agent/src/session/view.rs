@@ -211,7 +211,7 @@ impl Tracer {
     pub fn refresh_maps(&mut self) {
         let pid = self.watched.info.pid;
         if let Some(go) = &mut self.watched.go {
-            go.refresh_maps(&ProcessMemory { pid });
+            go.refresh_maps(&ProcessMemory { pid }, crate::gostate::MAX_MAP_READS);
         }
     }
 

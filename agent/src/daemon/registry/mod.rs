@@ -30,6 +30,7 @@ use super::{
 };
 use crate::{
     frames::FrameCache,
+    gort::live::ProcessMemory,
     gostate::GoState,
     k8s::{cgroup, pods::PodCache, watch::PodUpdate},
     model::ProcessLabels,
@@ -226,6 +227,19 @@ impl Registry {
             if self.ignored_pids.contains(&pid) || procfs::start_time(pid).is_none() {
                 log::debug!("pid {pid}: rows of a rejected or gone process not registered");
                 self.to_forget.insert(pid);
+            }
+        }
+    }
+
+    /// Reads the largest `limit` Go maps of each running Go process (their length and size,
+    /// for the map gauges and verdicts).
+    pub fn read_go_maps(&mut self, limit: usize) {
+        for (&pid, p) in &mut self.procs {
+            if p.exited_at.is_some() {
+                continue;
+            }
+            if let Some(go) = p.go.as_mut().filter(|g| !g.maps.is_empty()) {
+                go.refresh_maps(&ProcessMemory { pid }, limit);
             }
         }
     }

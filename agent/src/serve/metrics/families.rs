@@ -10,7 +10,7 @@ use prometheus::proto::{self, LabelPair, Metric, MetricFamily, MetricType};
 use super::Exporter;
 use super::identity::{Counters, Hist, Identity, Key};
 use super::labels::label;
-use crate::model::SelfStats;
+use crate::{gostate::Verdict, model::SelfStats};
 
 /// A family's Prometheus type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -189,6 +189,34 @@ pub const GO_ALLOC_SIZE: FamilySpec = spec(
     &[],
     "Go heap allocation sizes (runtime.mallocgc).",
 );
+pub const GO_MAP_LEN: FamilySpec = spec(
+    "allocwatch_go_map_len",
+    MetricKind::Gauge,
+    Scope::Process,
+    &["site"],
+    "Elements in the live Go maps first grown at this call site (running processes; top sites by bytes held).",
+);
+pub const GO_MAP_BYTES: FamilySpec = spec(
+    "allocwatch_go_map_bytes",
+    MetricKind::Gauge,
+    Scope::Process,
+    &["site"],
+    "Bytes held by the buckets or tables of those maps.",
+);
+pub const GO_MAP_LOAD: FamilySpec = spec(
+    "allocwatch_go_map_load_ratio",
+    MetricKind::Gauge,
+    Scope::Process,
+    &["site"],
+    "Elements per slot of those maps (Go never shrinks a map: far below 1 after deletes is memory kept).",
+);
+pub const GO_MAPS_FLAGGED: FamilySpec = spec(
+    "allocwatch_go_maps_flagged",
+    MetricKind::Gauge,
+    Scope::Process,
+    &["site", "verdict"],
+    "Those maps judged growing (length rising while it grows) or bloated (under 1/8 full, over 1 MiB).",
+);
 pub const SITE_ALLOC_CALLS: FamilySpec = spec(
     "allocwatch_site_alloc_calls_total",
     MetricKind::Counter,
@@ -298,7 +326,7 @@ pub const SCRAPE_DURATION: FamilySpec = spec(
 /// Every family, in exposition order: what the tests check deploy/README.md's table and the
 /// exposition against (the exporter names each family it renders directly).
 #[cfg(test)]
-pub const FAMILIES: [&FamilySpec; 31] = [
+pub const FAMILIES: [&FamilySpec; 35] = [
     &PROCESSES,
     &ALLOC_CALLS,
     &ALLOC_BYTES,
@@ -315,6 +343,10 @@ pub const FAMILIES: [&FamilySpec; 31] = [
     &GO_GC_CYCLES,
     &GO_GC_PAUSE,
     &GO_ALLOC_SIZE,
+    &GO_MAP_LEN,
+    &GO_MAP_BYTES,
+    &GO_MAP_LOAD,
+    &GO_MAPS_FLAGGED,
     &SITE_ALLOC_CALLS,
     &SITE_ALLOC_BYTES,
     &SITE_LIVE_ALLOCATIONS,
@@ -425,6 +457,29 @@ impl Exporter {
             pauses,
             go_sizes,
         ] {
+            f.push_to(&mut out);
+        }
+
+        // Maps: the identity's top sites by bytes held; a verdict's series only where a map
+        // has it (an alert tests for presence).
+        let [mut len, mut held, mut load, mut flagged] =
+            [&GO_MAP_LEN, &GO_MAP_BYTES, &GO_MAP_LOAD, &GO_MAPS_FLAGGED].map(Family::new);
+        for id in self.ids.values() {
+            for (site, m) in id.top_maps(self.cfg.top_k) {
+                len.gauge(&id.labels, &[site], m.len as f64);
+                held.gauge(&id.labels, &[site], m.bytes as f64);
+                if m.slots > 0 {
+                    load.gauge(&id.labels, &[site], m.len as f64 / m.slots as f64);
+                }
+                for (verdict, n) in [(Verdict::Growing, m.growing), (Verdict::Bloated, m.bloated)] {
+                    let verdict = verdict.name();
+                    if n > 0 {
+                        flagged.gauge(&id.labels, &[site, verdict], n as f64);
+                    }
+                }
+            }
+        }
+        for f in [len, held, load, flagged] {
             f.push_to(&mut out);
         }
 

@@ -269,6 +269,16 @@ pub(super) struct KindAgg {
     pub(super) other_live: Live,
 }
 
+/// The live Go maps of an identity's running processes first grown at one site, summed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct MapAgg {
+    pub(super) len: u64,
+    pub(super) slots: u64,
+    pub(super) bytes: u64,
+    pub(super) growing: u64,
+    pub(super) bloated: u64,
+}
+
 /// One rendered site row.
 pub(super) struct SiteRow {
     pub(super) kind: &'static str,
@@ -300,6 +310,8 @@ pub(super) struct Identity {
     pub(super) kinds: BTreeMap<&'static str, KindAgg>,
     pub(super) suppressed: bool,
     pub(super) rows: Vec<SiteRow>,
+    /// Go maps by the site label of their first growth (running processes, this scrape).
+    pub(super) go_maps: HashMap<Arc<str>, MapAgg>,
 }
 
 impl Identity {
@@ -321,6 +333,7 @@ impl Identity {
             kinds: BTreeMap::new(),
             suppressed: false,
             rows: Vec::new(),
+            go_maps: HashMap::new(),
         }
     }
 
@@ -334,6 +347,15 @@ impl Identity {
         self.kinds.clear();
         self.suppressed = false;
         self.rows.clear();
+        self.go_maps.clear();
+    }
+
+    /// The `top_k` map sites holding the most bytes, largest first.
+    pub(super) fn top_maps(&self, top_k: usize) -> Vec<(&Arc<str>, &MapAgg)> {
+        let mut m: Vec<(&Arc<str>, &MapAgg)> = self.go_maps.iter().collect();
+        m.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes).then_with(|| a.0.cmp(b.0)));
+        m.truncate(top_k);
+        m
     }
 
     /// A site's values of a process that left stay counted.

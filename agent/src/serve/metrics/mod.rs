@@ -53,6 +53,7 @@ use prometheus::TextEncoder;
 
 use self::identity::{CallsBytes, Counters, Identity, Live, PidState, SiteKey, update_scores};
 use self::labels::{Labels, sites_of};
+use crate::gostate::Verdict;
 use crate::model::{ProcessLabels, ProcessSnapshot, SelfStats};
 
 /// The `allocwatch_site_*` families; one site label set costs one series in each.
@@ -278,6 +279,18 @@ impl Exporter {
         }
         if let Some(go) = &p.go {
             id.go_versions.insert(go.version.clone());
+            // Maps of running processes only: an exited one holds none.
+            for m in go.maps.iter().filter(|_| running) {
+                let a = id.go_maps.entry(self.labels.of(&m.frames)).or_default();
+                a.len += m.len;
+                a.slots += m.slots;
+                a.bytes += m.bytes;
+                match m.verdict {
+                    Some(Verdict::Growing) => a.growing += 1,
+                    Some(Verdict::Bloated) => a.bloated += 1,
+                    None => {}
+                }
+            }
         }
         let mut pid_sites = HashMap::with_capacity(cur_sites.len());
         for (key, (v, live)) in cur_sites {

@@ -112,6 +112,13 @@ fn small_model() -> (Vec<ProcessSnapshot>, SelfStats) {
             },
             // mallocgc not probed (the agent's default): no size histogram.
             alloc_sizes: None,
+            maps: vec![crate::model::GoMapSnapshot {
+                frames: site("map_grow", &["main.fill", "main.main"], 0, 0).frames,
+                len: 100,
+                slots: 131_072,
+                bytes: 5 << 20,
+                verdict: Some(Verdict::Bloated),
+            }],
         }),
         ..Default::default()
     };
@@ -202,6 +209,18 @@ allocwatch_go_gc_pause_seconds_bucket{API,le="0.01"} 3
 allocwatch_go_gc_pause_seconds_bucket{API,le="+Inf"} 3
 allocwatch_go_gc_pause_seconds_sum{API} 0.0125
 allocwatch_go_gc_pause_seconds_count{API} 3
+# HELP allocwatch_go_map_len Elements in the live Go maps first grown at this call site (running processes; top sites by bytes held).
+# TYPE allocwatch_go_map_len gauge
+allocwatch_go_map_len{API,site="main.fill <- main.main"} 100
+# HELP allocwatch_go_map_bytes Bytes held by the buckets or tables of those maps.
+# TYPE allocwatch_go_map_bytes gauge
+allocwatch_go_map_bytes{API,site="main.fill <- main.main"} 5242880
+# HELP allocwatch_go_map_load_ratio Elements per slot of those maps (Go never shrinks a map: far below 1 after deletes is memory kept).
+# TYPE allocwatch_go_map_load_ratio gauge
+allocwatch_go_map_load_ratio{API,site="main.fill <- main.main"} 0.000762939453125
+# HELP allocwatch_go_maps_flagged Those maps judged growing (length rising while it grows) or bloated (under 1/8 full, over 1 MiB).
+# TYPE allocwatch_go_maps_flagged gauge
+allocwatch_go_maps_flagged{API,site="main.fill <- main.main",verdict="bloated"} 1
 # HELP allocwatch_site_alloc_calls_total Calls by call site (top sites per process identity; the rest in site="other").
 # TYPE allocwatch_site_alloc_calls_total counter
 allocwatch_site_alloc_calls_total{API,site="main.fill <- main.main",api="map_grow"} 2
@@ -1198,6 +1217,105 @@ fn sites_moving_in_and_out_of_the_remainder_are_counted_once() {
         assert!(!out.contains("0x5555"), "a raw address as a label:\n{out}");
         prev = out;
     }
+}
+
+/// Go maps: per identity and site of first growth, the sums of its running processes' maps
+/// (two maps at one site are one series), the top `top_k` sites by bytes held, a verdict's
+/// series only where a map has it, and nothing from an exited process (it holds no map).
+#[test]
+fn go_maps_by_site_of_running_processes() {
+    use crate::gostate::Verdict;
+    use crate::model::GoMapSnapshot;
+    let map = |f: &str, len, slots, bytes, verdict| GoMapSnapshot {
+        frames: site("map_grow", &[f, "main.main"], 0, 0).frames,
+        len,
+        slots,
+        bytes,
+        verdict,
+    };
+    let go = |pid, maps: Vec<GoMapSnapshot>, exited: bool| ProcessSnapshot {
+        pid,
+        labels: web_labels(),
+        without_libc: true,
+        exited_at: exited.then(Instant::now),
+        go: Some(GoSnapshot {
+            version: "go1.27.3".into(),
+            maps,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let procs = [
+        go(
+            1,
+            vec![
+                map("main.dedup", 1000, 2048, 1 << 20, Some(Verdict::Growing)),
+                map("main.small", 3, 8, 200, None),
+                map("main.bloat", 1000, 131_072, 5 << 20, Some(Verdict::Bloated)),
+            ],
+            false,
+        ),
+        go(2, vec![map("main.dedup", 24, 32, 1024, None)], false),
+        go(3, vec![map("main.gone", 9, 16, 1 << 30, None)], true),
+    ];
+    let mut e = Exporter::new(MetricsConfig { top_k: 2, ..cfg() });
+    let out = render(&mut e, &procs, &SelfStats::default(), Instant::now());
+    let got: BTreeMap<String, f64> = samples(&out)
+        .into_iter()
+        .filter(|(k, _)| {
+            [
+                "allocwatch_go_map_len{",
+                "allocwatch_go_map_bytes{",
+                "allocwatch_go_map_load_ratio{",
+                "allocwatch_go_maps_flagged{",
+            ]
+            .iter()
+            .any(|f| k.starts_with(f))
+        })
+        .map(|(k, v)| {
+            let (name, rest) = k.split_once('{').expect("labels");
+            let site = rest
+                .split("site=\"")
+                .nth(1)
+                .expect("site")
+                .split('"')
+                .next();
+            let verdict = rest.split("verdict=\"").nth(1).map(|v| v.split('"').next());
+            (format!("{name} {} {verdict:?}", site.expect("site")), v)
+        })
+        .collect();
+    let want: BTreeMap<String, f64> = [
+        ("allocwatch_go_map_len main.bloat <- main.main None", 1000.0),
+        (
+            "allocwatch_go_map_bytes main.bloat <- main.main None",
+            f64::from(5 << 20),
+        ),
+        (
+            "allocwatch_go_map_load_ratio main.bloat <- main.main None",
+            1000.0 / 131_072.0,
+        ),
+        (
+            "allocwatch_go_maps_flagged main.bloat <- main.main Some(Some(\"bloated\"))",
+            1.0,
+        ),
+        ("allocwatch_go_map_len main.dedup <- main.main None", 1024.0),
+        (
+            "allocwatch_go_map_bytes main.dedup <- main.main None",
+            f64::from((1 << 20) + 1024),
+        ),
+        (
+            "allocwatch_go_map_load_ratio main.dedup <- main.main None",
+            1024.0 / 2080.0,
+        ),
+        (
+            "allocwatch_go_maps_flagged main.dedup <- main.main Some(Some(\"growing\"))",
+            1.0,
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    assert_eq!(got, want, "{out}");
 }
 
 /// A site whose naming ran late (`pending`) is left out, not put in `other`: when it is named
