@@ -134,8 +134,8 @@ pub struct AgentArgs {
     pub mode: Option<Mode>,
     /// Walk the stack of (and, in the full modes, track the block of) one call per N bytes
     /// allocated on average (Poisson, as Go's heap profile); every call is still counted by
-    /// API and immediate caller, and per-stack figures are scaled estimates [default: 0:
-    /// every call]
+    /// API and immediate caller, and per-stack figures are scaled estimates; 0: every call
+    /// [default: 524288 (512 KiB) in the modes with stacks or a live table, 0 in count]
     #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = values::sample_bytes)]
     pub sample_bytes: Option<u64>,
     /// Serve /debug/pprof/allocs and /debug/pprof/heap.

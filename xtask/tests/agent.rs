@@ -250,6 +250,62 @@ fn sampled_sites_estimated_totals_exact() {
     agent.stop();
 }
 
+/// The agent's default (no `--sample-bytes`, `full`): one call per 512 KiB sampled, said on
+/// its startup line; the per-API counters stay exact call for call, and the sites are still
+/// there, as estimates (at 512 KiB the fixture's 2.6 MB make too few samples for a bound worth
+/// checking: `sampled_sites_estimated_totals_exact` checks the estimates at 512 bytes).
+#[test]
+fn agent_samples_by_default() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let scratch = Scratch::new("defsample");
+    let fixture = scratch.copy(&env.fixture, "libc_fixture");
+    let id = Identity::of(&fixture);
+    let mut agent = Agent::start_as_configured(&env, &[]);
+    // Read by `start` already (it waits for this line).
+    let stderr = agent.stderr.text();
+    let banner = stderr
+        .lines()
+        .find(|l| l.contains("agent serving on"))
+        .unwrap_or_default();
+    assert!(
+        banner.contains("one call per 524288 bytes allocated sampled"),
+        "the startup line does not say the agent samples: {banner}"
+    );
+    let mut fx = Fixture::spawn(&fixture, "sample-wait", "ready");
+    agent.wait_for_identity(&id, fx.started);
+    signal(fx.pid, libc::SIGUSR1);
+    let status = fx.wait_exit(Duration::from_secs(10));
+    assert!(
+        status.success(),
+        "libc_fixture sample-wait failed: {status}"
+    );
+    let m = agent.scrape_until("the fixture's final counts", SITES_NAMED, |m| {
+        m.value(&id, "allocwatch_free_calls_total", &[]) == Some(20_000.0)
+            && !m.of(&id, "allocwatch_site_alloc_bytes_total").is_empty()
+    });
+    let mut want: BTreeMap<&str, (f64, f64)> = BTreeMap::new();
+    for &(_, api, n, size, _) in SAMPLE_SITES {
+        let e = want.entry(api).or_default();
+        e.0 += n as f64;
+        e.1 += (n * size) as f64;
+    }
+    for (api, (calls, bytes)) in want {
+        let label = [("api", api)];
+        assert_eq!(
+            (
+                m.value(&id, "allocwatch_alloc_calls_total", &label),
+                m.value(&id, "allocwatch_alloc_bytes_total", &label)
+            ),
+            (Some(calls), Some(bytes)),
+            "{api} calls and bytes\n{}",
+            m.lines_of(&id)
+        );
+    }
+    m.assert_conventions();
+    agent.stop();
+}
+
 /// `--mode count` (entry probes only, the cheapest): the same exact calls, bytes and frees;
 /// no live gauges, size histogram or heap profile, which this mode cannot know (absent, not 0).
 #[test]

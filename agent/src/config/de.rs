@@ -106,8 +106,8 @@ fn max_stacks<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     count(d, &values::MAX_STACKS).map(|n| n as u32)
 }
 
-pub(super) fn sample_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    count(d, &values::SAMPLE_BYTES)
+pub(super) fn sample_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    count(d, &values::SAMPLE_BYTES).map(Some)
 }
 
 fn max_pending<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {

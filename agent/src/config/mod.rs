@@ -30,6 +30,9 @@ pub const DEFAULT_LISTEN: SocketAddr =
 
 /// The whole configuration. Every field has a default, so an empty file is valid; unknown
 /// keys are errors (a typo must not silently fall back to a default).
+/// The agent's sampling mean when the configuration sets none (as Go's heap profile).
+pub const DEFAULT_SAMPLE_BYTES: u64 = 512 << 10;
+
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -54,9 +57,10 @@ pub struct Config {
     /// BENCHMARKS.md).
     #[serde(deserialize_with = "de::probe_mode")]
     pub mode: Mode,
-    /// Mean bytes between sampled calls (stack walked, block tracked); 0: every call.
+    /// Mean bytes between sampled calls (stack walked, block tracked); 0: every call; unset:
+    /// [`DEFAULT_SAMPLE_BYTES`] where the mode samples ([`Config::sample_bytes`]).
     #[serde(deserialize_with = "de::sample_bytes")]
-    pub sample_bytes: u64,
+    pub sample_bytes: Option<u64>,
     pub select: Select,
     #[serde(deserialize_with = "de::capacity")]
     pub capacity: Capacity,
@@ -175,7 +179,7 @@ impl Default for Config {
             top_k: 10,
             max_site_series: 5000,
             mode: Mode::Full,
-            sample_bytes: 0,
+            sample_bytes: None,
             select: Select::default(),
             capacity: Capacity::default(),
             go: Go::default(),
@@ -255,7 +259,9 @@ impl Config {
         set(&mut self.top_k, o.top_k);
         set(&mut self.max_site_series, o.max_site_series);
         set(&mut self.mode, o.mode);
-        set(&mut self.sample_bytes, o.sample_bytes);
+        if o.sample_bytes.is_some() {
+            self.sample_bytes = o.sample_bytes;
+        }
         let s = &mut self.select;
         list(&mut s.comm, o.comm);
         list(&mut s.exe, o.exe);
@@ -274,6 +280,17 @@ impl Config {
         self.validate()
     }
 
+    /// Mean bytes between sampled calls: as set, else Go's 512 KiB where the mode has stacks
+    /// or a live table to sample (a node-wide agent pays the stack walk and the live record on
+    /// one call in a few hundred; BENCHMARKS.md, "Sampling"), else 0.
+    pub fn sample_bytes(&self) -> u64 {
+        self.sample_bytes.unwrap_or(if self.mode.samples(true) {
+            DEFAULT_SAMPLE_BYTES
+        } else {
+            0
+        })
+    }
+
     /// What the HTTP server and the exporter take from the configuration.
     pub fn serve_config(&self) -> ServeConfig {
         ServeConfig {
@@ -284,7 +301,7 @@ impl Config {
                 live: self.mode.tracks_live(),
             },
             pprof: self.pprof.enabled,
-            sample_bytes: self.sample_bytes,
+            sample_bytes: self.sample_bytes(),
             limits: Limits {
                 header_timeout: self.http.header_timeout,
                 idle_timeout: self.http.idle_timeout,

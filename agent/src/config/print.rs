@@ -54,8 +54,10 @@ mode = "{mode}"
 # Sampling: the stack of one call per sample_bytes bytes allocated on average (Poisson, as Go's
 # heap profile) is walked and, in full and stacks-off, its block tracked; every call is still
 # counted by API and immediate caller. Per-site series, live gauges and profiles are then
-# estimates, scaled as pprof scales Go's (README: "Sampling"). 0: every call.
-sample_bytes = {sample_bytes}
+# estimates, scaled as pprof scales Go's (README: "Sampling"). 0: every call (exact per-site
+# figures, at 2-4x the probe cost: BENCHMARKS.md). Unset: 524288 (512 KiB) in the modes with
+# stacks or a live table, 0 in count.
+{sample_bytes}
 
 # Once its probes are attached, the agent becomes user and group 65532 and keeps only the
 # capabilities it still needs (CAP_SYS_PTRACE on Linux >= 6.6; deploy/README.md, "Required
@@ -124,7 +126,10 @@ enabled = {kubernetes}
         top_k = c.top_k,
         max_site_series = c.max_site_series,
         mode = c.mode.name(),
-        sample_bytes = c.sample_bytes,
+        sample_bytes = c.sample_bytes.map_or_else(
+            || format!("# sample_bytes = {}", c.sample_bytes()),
+            |n| format!("sample_bytes = {n}")
+        ),
         comm = toml_list(&s.comm),
         exe = toml_list(&s.exe),
         cgroup = toml_list(&s.cgroup),

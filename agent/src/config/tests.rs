@@ -220,21 +220,20 @@ fn mode_from_file_and_flag() {
 
 #[test]
 fn sample_bytes_from_file_and_flag() {
-    assert_eq!(Config::default().sample_bytes, 0);
-    let mut cfg = Config::parse("sample_bytes = 524288").unwrap();
-    assert_eq!(cfg.sample_bytes, 512 << 10);
+    // Unset: Go's 512 KiB where the mode samples, 0 in count (nothing to sample).
+    assert_eq!(Config::default().sample_bytes(), 512 << 10);
+    let count = Config::parse("mode = \"count\"").unwrap();
+    assert_eq!(count.sample_bytes(), 0);
+    let mut cfg = Config::parse("sample_bytes = 4096").unwrap();
+    assert_eq!(cfg.sample_bytes(), 4096);
     cfg.apply(Overrides::default()).unwrap();
-    assert_eq!(
-        cfg.sample_bytes,
-        512 << 10,
-        "no flag keeps the file's value"
-    );
+    assert_eq!(cfg.sample_bytes(), 4096, "no flag keeps the file's value");
     cfg.apply(Overrides {
         sample_bytes: Some(0),
         ..Default::default()
     })
     .unwrap();
-    assert_eq!(cfg.sample_bytes, 0);
+    assert_eq!(cfg.sample_bytes(), 0);
     let e = Config::parse("sample_bytes = -1").unwrap_err().to_string();
     assert!(e.contains("must be at least 0"), "{e}");
     let e = Config::parse("sample_bytes = 1099511627777")

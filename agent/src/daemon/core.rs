@@ -111,8 +111,15 @@ impl Tracer {
             .inspect_err(|e| eprintln!("allocwatch: warning: exec snapshots: {e}"))
             .ok();
         state.scan();
+        // Sampled figures are estimates: say so where the operator looks first.
+        let sampling = match state.sampling.bytes {
+            0 => String::new(),
+            n => {
+                format!(", one call per {n} bytes allocated sampled (--sample-bytes 0: every call)")
+            }
+        };
         let _ = ready.send(Ok(format!(
-            "{} processes, {} probes",
+            "{} processes, {} probes{sampling}",
             state.registry.procs.len(),
             state.registry.targets.points_attached
         )));
@@ -201,7 +208,7 @@ impl State {
         // (a selected program may live less than a millisecond); rejected processes are denied
         // once classified and their rows deleted (`registry`).
         let capacity = cfg.capacity;
-        if cfg.sample_bytes > 0 && !cfg.mode.samples(true) {
+        if cfg.sample_bytes() > 0 && !cfg.mode.samples(true) {
             anyhow::bail!(
                 "sample_bytes samples stacks and outstanding allocations: mode {} records neither",
                 cfg.mode.name()
@@ -212,7 +219,7 @@ impl State {
                 tgid: None,
                 filter: Filter::Deny,
                 stacks: cfg.mode.stacks(),
-                sample_bytes: cfg.sample_bytes,
+                sample_bytes: cfg.sample_bytes(),
                 capacity,
             },
             cfg.mode,
@@ -240,7 +247,7 @@ impl State {
             capacity,
             top_k: cfg.top_k,
             sampling: Sampling {
-                bytes: cfg.sample_bytes,
+                bytes: cfg.sample_bytes(),
                 stacks: cfg.mode.stacks(),
             },
             next_scan: now + SCAN_INTERVAL,

@@ -39,8 +39,20 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// `allocwatch agent --listen 127.0.0.1:PORT ARGS…`, ready.
+    /// `allocwatch agent --listen 127.0.0.1:PORT ARGS…`, ready; with `--sample-bytes 0`
+    /// unless `args` choose: these tests count every site call for call (the agent's
+    /// default samples: `sampled_sites_estimated_totals_exact`, `agent_samples_by_default`).
     pub fn start(env: &impl AllocwatchBin, args: &[&str]) -> Self {
+        let exact: &[&str] = if args.contains(&"--sample-bytes") {
+            &[]
+        } else {
+            &["--sample-bytes", "0"]
+        };
+        Self::start_as_configured(env, &[exact, args].concat())
+    }
+
+    /// `allocwatch agent --listen 127.0.0.1:PORT ARGS…` with the agent's own defaults, ready.
+    pub fn start_as_configured(env: &impl AllocwatchBin, args: &[&str]) -> Self {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let mut all = vec!["agent", "--listen", &listen];
