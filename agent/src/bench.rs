@@ -196,3 +196,89 @@ fn bench_symbolize() {
         stack.len()
     );
 }
+
+/// Cost of the live map reads (issue 13): `GoState::refresh_maps` over 1,000 maps whose headers
+/// (and, for swiss maps, directories and table headers) are laid out in this process's memory
+/// as the Go runtime lays them out, read through `process_vm_readv` as the agent reads a
+/// traced program (so every read is the real system call). Old maps: one 24-byte read per map;
+/// swiss maps with 4 tables: the header, the directory and 4 table headers (6 reads).
+#[test]
+#[ignore = "benchmark: run by ./x bench"]
+fn bench_go_map_refresh() {
+    use crate::gort::{
+        live::ProcessMemory,
+        versions::{HMAP_HEADER, SWISS_HEADER},
+    };
+    use crate::gostate::{GoState, MAX_MAP_READS, MapInstance};
+    const MAPS: usize = 1_000;
+    let pid = std::process::id();
+    for swiss in [false, true] {
+        // Boxed so that the addresses stay put; kept alive until the reads are done.
+        let mut memory: Vec<Box<[u8]>> = Vec::new();
+        let mut state = GoState::default();
+        state.swiss = swiss;
+        for i in 0..MAPS {
+            let mut header = vec![0u8; 40].into_boxed_slice();
+            let size_class = if swiss {
+                let h = &SWISS_HEADER;
+                let mut tables = Vec::new();
+                for _ in 0..4 {
+                    let mut t = vec![0u8; 8].into_boxed_slice();
+                    t[h.table_used..h.table_used + 2].copy_from_slice(&512u16.to_le_bytes());
+                    t[h.table_capacity..h.table_capacity + 2]
+                        .copy_from_slice(&1024u16.to_le_bytes());
+                    tables.push(t.as_ptr() as u64);
+                    memory.push(t);
+                }
+                let dir: Vec<u8> = tables.iter().flat_map(|t| t.to_le_bytes()).collect();
+                let dir = dir.into_boxed_slice();
+                header[h.len..h.len + 8].copy_from_slice(&2048u64.to_le_bytes());
+                header[h.storage..h.storage + 8]
+                    .copy_from_slice(&(dir.as_ptr() as u64).to_le_bytes());
+                header[h.dir_len..h.dir_len + 8].copy_from_slice(&4u64.to_le_bytes());
+                header[h.global_depth] = 2;
+                memory.push(dir);
+                1024
+            } else {
+                let h = &HMAP_HEADER;
+                header[h.len..h.len + 8].copy_from_slice(&3000u64.to_le_bytes());
+                header[h.log2_buckets] = 10;
+                header[h.storage..h.storage + 8].copy_from_slice(&0x1000u64.to_le_bytes());
+                10
+            };
+            let ptr = header.as_ptr() as u64;
+            memory.push(header);
+            state.maps.insert(
+                ptr,
+                MapInstance {
+                    ptr,
+                    bytes: 1 + i as u64,
+                    size_class,
+                    unit_bytes: 208,
+                    ..MapInstance::default()
+                },
+            );
+        }
+        let mem = ProcessMemory { pid };
+        state.refresh_maps(&mem, MAX_MAP_READS);
+        let read = state.maps.values().filter(|m| m.live.is_some()).count();
+        assert_eq!(read, MAPS, "every fake map reads as live");
+        let mut times = Vec::new();
+        for _ in 0..51 {
+            let t = Instant::now();
+            state.refresh_maps(&mem, MAX_MAP_READS);
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let max = times.iter().copied().fold(0.0, f64::max);
+        println!(
+            "BENCH maprefresh kind={} maps={MAPS} median_ms={:.3} max_ms={max:.3}",
+            if swiss {
+                "swiss,4-tables-each"
+            } else {
+                "buckets"
+            },
+            median(&mut times),
+        );
+        black_box(memory);
+    }
+}
