@@ -162,14 +162,7 @@ fn sampled_sites_estimated_totals_exact() {
     let mut agent = Agent::start(&env, &["--sample-bytes", &rate]);
     // Found (and its executable read) before it allocates, so its sites are named as they
     // appear: a site first exported in `other` keeps its value there.
-    let mut fx = Fixture::spawn(&fixture, "sample-wait", "ready");
-    agent.wait_for_identity(&id, fx.started);
-    signal(fx.pid, libc::SIGUSR1);
-    let status = fx.wait_exit(Duration::from_secs(10));
-    assert!(
-        status.success(),
-        "libc_fixture sample-wait failed: {status}"
-    );
+    agent.run_found(&fixture, "sample-wait");
     let mut calls: BTreeMap<&str, f64> = BTreeMap::new();
     let mut bytes: BTreeMap<&str, f64> = BTreeMap::new();
     // Per kind, the bound is the sum of its sites' (each estimated on its own).
@@ -272,14 +265,7 @@ fn agent_samples_by_default() {
         banner.contains("one call per 524288 bytes allocated sampled"),
         "the startup line does not say the agent samples: {banner}"
     );
-    let mut fx = Fixture::spawn(&fixture, "sample-wait", "ready");
-    agent.wait_for_identity(&id, fx.started);
-    signal(fx.pid, libc::SIGUSR1);
-    let status = fx.wait_exit(Duration::from_secs(10));
-    assert!(
-        status.success(),
-        "libc_fixture sample-wait failed: {status}"
-    );
+    agent.run_found(&fixture, "sample-wait");
     let m = agent.scrape_until("the fixture's final counts", SITES_NAMED, |m| {
         m.value(&id, "allocwatch_free_calls_total", &[]) == Some(20_000.0)
             && !m.of(&id, "allocwatch_site_alloc_bytes_total").is_empty()
@@ -316,11 +302,7 @@ fn count_mode_exact_counters_without_live_series() {
     let fixture = scratch.copy(&env.fixture, "libc_fixture");
     let id = Identity::of(&fixture);
     let mut agent = Agent::start(&env, &["--mode", "count", "--pprof"]);
-    let mut fx = Fixture::spawn(&fixture, "wait-run", "ready");
-    agent.wait_for_identity(&id, fx.started);
-    signal(fx.pid, libc::SIGUSR1);
-    let status = fx.wait_exit(Duration::from_secs(10));
-    assert!(status.success(), "fixture wait-run failed: {status}");
+    let fx = agent.run_found(&fixture, "wait-run");
     let m = agent.scrape_until("the fixture's final counts", Duration::from_secs(3), |m| {
         m.value(&id, "allocwatch_free_calls_total", &[]) == Some(17.0)
     });
@@ -418,12 +400,8 @@ fn series_expire_after_ttl() {
     let id = Identity::of(&fixture);
     let mut agent = Agent::start(&env, &["--ttl", "2s"]);
 
-    let mut fx = Fixture::spawn(&fixture, "wait-run", "ready");
-    agent.wait_for_identity(&id, fx.started);
-    signal(fx.pid, libc::SIGUSR1);
-    let status = fx.wait_exit(Duration::from_secs(10));
+    agent.run_found(&fixture, "wait-run");
     let exited = Instant::now();
-    assert!(status.success(), "fixture wait-run failed: {status}");
 
     let first = agent.scrape_until("the fixture's final counts", Duration::from_secs(2), |m| {
         m.value(&id, "allocwatch_free_calls_total", &[]) == Some(17.0)
@@ -463,11 +441,7 @@ fn site_cardinality_is_bounded() {
     let id = Identity::of(&fixture);
     let mut agent = Agent::start(&env, &["--top-k", "3"]);
 
-    let mut fx = Fixture::spawn(&fixture, "wait-run", "ready");
-    agent.wait_for_identity(&id, fx.started);
-    signal(fx.pid, libc::SIGUSR1);
-    let status = fx.wait_exit(Duration::from_secs(10));
-    assert!(status.success(), "fixture wait-run failed: {status}");
+    agent.run_found(&fixture, "wait-run");
     let m = agent.scrape_until(
         "the fixture's final counts, sites named",
         SITES_NAMED,
@@ -650,11 +624,7 @@ fn pprof_profiles_read_by_go_tool_pprof() {
     let looping = scratch.copy(&env.fixture, "loop_fixture");
     let loop_fx = Fixture::spawn(&looping, "loop", "loop");
 
-    let mut fx = Fixture::spawn(&fixture, "wait-run", "ready");
-    agent.wait_for_identity(&id, fx.started);
-    signal(fx.pid, libc::SIGUSR1);
-    let status = fx.wait_exit(Duration::from_secs(10));
-    assert!(status.success(), "fixture wait-run failed: {status}");
+    let fx = agent.run_found(&fixture, "wait-run");
     agent.scrape_until("the fixture's final counts", Duration::from_secs(3), |m| {
         m.value(&id, "allocwatch_free_calls_total", &[]) == Some(17.0)
     });

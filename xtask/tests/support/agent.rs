@@ -14,7 +14,8 @@ use std::{
 
 use super::promtext::{Sample, Scrape, Value as PromValue};
 use super::{
-    AllocwatchBin, BpfIds, KernelState, Lines, assert_no_crash, path_str, signal, wait_child,
+    AllocwatchBin, BpfIds, Fixture, KernelState, Lines, assert_no_crash, path_str, signal,
+    wait_child,
 };
 
 /// The agent's line once it serves.
@@ -234,6 +235,18 @@ impl Agent {
             );
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Runs `FIXTURE MODE`, a mode that says `ready PID` and waits for SIGUSR1: let go once the
+    /// agent lists it (so its executable is read before it allocates and its sites are named as
+    /// they appear), and waited for; it must succeed. The exited fixture (its `pid`).
+    pub fn run_found(&self, fixture: &Path, mode: &str) -> Fixture {
+        let mut fx = Fixture::spawn(fixture, mode, "ready");
+        self.wait_for_identity(&Identity::of(fixture), fx.started);
+        signal(fx.pid, libc::SIGUSR1);
+        let status = fx.wait_exit(Duration::from_secs(10));
+        assert!(status.success(), "fixture {mode} failed: {status}");
+        fx
     }
 
     /// Until the agent lists `id` (it was started at `started`); it must be found within a second

@@ -1341,6 +1341,14 @@ fn a_pending_site_is_held_back_until_named() {
         sites,
         ..Default::default()
     };
+    // Whether a series (not a HELP line) is `site="other"`; the value of one series.
+    let has_other = |text: &str| samples(text).keys().any(|k| k.contains("site=\"other\""));
+    let value_of = |text: &str, name: &str, tail: &str| {
+        samples(text)
+            .into_iter()
+            .find(|(k, _)| k.starts_with(name) && k.ends_with(tail))
+            .map(|(_, v)| v)
+    };
     let first = render(
         &mut e,
         &[proc_with(vec![
@@ -1350,19 +1358,12 @@ fn a_pending_site_is_held_back_until_named() {
         &stats,
         t0,
     );
-    assert!(
-        first
-            .lines()
-            .any(|l| l.starts_with("allocwatch_alloc_bytes_total{")
-                && l.ends_with("api=\"malloc\"} 210")),
+    assert_eq!(
+        value_of(&first, "allocwatch_alloc_bytes_total{", "api=\"malloc\"}"),
+        Some(210.0),
         "the totals count the pending site:\n{first}"
     );
-    assert!(
-        !first
-            .lines()
-            .any(|l| l.contains("site=\"other\"") && !l.starts_with('#')),
-        "{first}"
-    );
+    assert!(!has_other(&first), "{first}");
     assert!(
         !first.contains("0x5555"),
         "a raw address as a label:\n{first}"
@@ -1377,19 +1378,16 @@ fn a_pending_site_is_held_back_until_named() {
         t0 + Duration::from_secs(1),
     );
     assert_monotonic(&first, &second);
-    assert!(
-        second
-            .lines()
-            .any(|l| l.starts_with("allocwatch_site_alloc_bytes_total{")
-                && l.ends_with("site=\"make_buf <- main\",api=\"malloc\"} 200")),
+    assert_eq!(
+        value_of(
+            &second,
+            "allocwatch_site_alloc_bytes_total{",
+            "site=\"make_buf <- main\",api=\"malloc\"}"
+        ),
+        Some(200.0),
         "named with its whole value:\n{second}"
     );
-    assert!(
-        !second
-            .lines()
-            .any(|l| l.contains("site=\"other\"") && !l.starts_with('#')),
-        "{second}"
-    );
+    assert!(!has_other(&second), "{second}");
 }
 
 /// Two stacks under one label (`make_buf <- main` from two deeper callers), and at exit one of
