@@ -112,18 +112,52 @@ fn run_teeing(cmd: &mut Command) -> anyhow::Result<Summary> {
     cmd.stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     let mut lines = Vec::new();
+    let mut filter = SummaryFilter::default();
     for line in BufReader::new(reader).lines() {
         let line = line.context("reading cargo test output")?;
         println!("{line}");
-        if is_summary_line(&line) {
-            lines.push(line);
-        }
+        lines.extend(filter.keep(&line));
     }
     let status = child.wait().context("waiting for cargo test")?;
     Ok(Summary {
         lines,
         success: status.success(),
     })
+}
+
+/// Picks the summary's lines out of cargo test's output: the result lines and the first lines of
+/// each panic's message (CI shows only the summary's tail, and a failure that cannot be read there
+/// cannot be diagnosed).
+#[derive(Default)]
+struct SummaryFilter {
+    /// Lines of the current panic's message still to keep.
+    panic_left: usize,
+}
+
+impl SummaryFilter {
+    /// At most this many lines of each panic's message, each clipped to `CLIP` characters (JSON
+    /// dumps in messages are long).
+    const PANIC_LINES: usize = 16;
+    const CLIP: usize = 400;
+
+    fn keep(&mut self, line: &str) -> Option<String> {
+        if line.contains("' panicked at ") {
+            self.panic_left = Self::PANIC_LINES;
+        } else if line.starts_with("stack backtrace:")
+            || line.starts_with("note: ")
+            || line.starts_with("---- ")
+        {
+            self.panic_left = 0;
+        }
+        if self.panic_left > 0 {
+            self.panic_left -= 1;
+            return Some(match line.char_indices().nth(Self::CLIP) {
+                Some((at, _)) => format!("{}…", &line[..at]),
+                None => line.to_owned(),
+            });
+        }
+        is_summary_line(line).then(|| line.to_owned())
+    }
 }
 
 fn is_summary_line(line: &str) -> bool {
@@ -133,4 +167,49 @@ fn is_summary_line(line: &str) -> bool {
         || t.starts_with("Doc-tests ")
         || t.starts_with("test result:")
         || (t.starts_with("test ") && t.ends_with("FAILED"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SummaryFilter;
+
+    #[test]
+    fn summary_keeps_results_and_panic_messages() {
+        let long = "x".repeat(1000);
+        let output = [
+            "     Running tests/faults.rs (target/debug/faults-1)",
+            "running 2 tests",
+            "test a ... ok",
+            "test b ... FAILED",
+            "---- b stdout ----",
+            "thread 'b' panicked at xtask/tests/faults.rs:157:9:",
+            "assertion `left == right` failed: stdout differs",
+            &long,
+            "stack backtrace:",
+            "   0: __rustc::rust_begin_unwind",
+            "test result: FAILED. 1 passed; 1 failed",
+        ];
+        let mut filter = SummaryFilter::default();
+        let kept: Vec<String> = output.iter().filter_map(|l| filter.keep(l)).collect();
+        assert_eq!(kept.len(), 6, "{kept:#?}");
+        assert_eq!(kept[0], output[0]);
+        assert_eq!(kept[1], "test b ... FAILED");
+        assert_eq!(kept[2], output[5]);
+        assert_eq!(kept[3], output[6]);
+        assert_eq!(kept[4].chars().count(), SummaryFilter::CLIP + 1);
+        assert_eq!(kept[5], output[10]);
+    }
+
+    #[test]
+    fn summary_keeps_at_most_sixteen_lines_of_a_panic() {
+        let mut filter = SummaryFilter::default();
+        let mut kept = filter
+            .keep("thread 'main' panicked at src/x.rs:1:1:")
+            .into_iter()
+            .count();
+        kept += (0..100)
+            .filter_map(|i| filter.keep(&format!("line {i}")))
+            .count();
+        assert_eq!(kept, SummaryFilter::PANIC_LINES);
+    }
 }
