@@ -453,7 +453,7 @@ fn leaks_shows_outstanding_allocations_as_it_goes() {
             .expect("starting allocwatch leaks"),
     );
     let stderr = Lines::follow(aw.0.stderr.take().unwrap());
-    let stdout = Lines::follow(aw.0.stdout.take().unwrap());
+    let mut stdout = Lines::follow(aw.0.stdout.take().unwrap());
     stderr.wait_for("allocwatch: tracing pid ", Duration::from_secs(30));
     let header = format!("allocwatch leaks — pid {pid} (libc_fixture): ");
     // A table before the fixture works: nothing outstanding of its own yet.
@@ -494,7 +494,7 @@ fn leaks_shows_outstanding_allocations_as_it_goes() {
         stderr.text()
     );
     // The final report, after the live tables, has the same allocations.
-    thread::sleep(Duration::from_millis(50));
+    stdout.wait_closed(support::PIPE_DRAIN);
     let text = stdout.text();
     let last = text
         .lines()

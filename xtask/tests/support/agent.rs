@@ -300,7 +300,9 @@ impl Agent {
         let status = wait_child(&mut self.child, limit + Duration::from_secs(5));
         let took = t.elapsed();
         self.stopped = true;
-        thread::sleep(Duration::from_millis(50));
+        if status.is_some() {
+            self.stderr.wait_closed(super::PIPE_DRAIN);
+        }
         let stderr = self.stderr.text();
         let status = status.unwrap_or_else(|| {
             panic!(

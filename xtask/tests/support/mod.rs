@@ -292,6 +292,7 @@ pub struct Lines {
     all: Arc<Mutex<Vec<String>>>,
     /// Each line as it arrives (disconnected at EOF).
     pub rx: Receiver<String>,
+    reader: Option<thread::JoinHandle<()>>,
 }
 
 impl Lines {
@@ -299,13 +300,35 @@ impl Lines {
         let all = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel();
         let keep = Arc::clone(&all);
-        thread::spawn(move || {
+        let reader = thread::spawn(move || {
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                 keep.lock().unwrap().push(line.clone());
                 let _ = tx.send(line);
             }
         });
-        Self { all, rx }
+        Self {
+            all,
+            rx,
+            reader: Some(reader),
+        }
+    }
+
+    /// Waits until every writer has closed the pipe and all of it has been read, at most
+    /// `timeout` (a process that exited may have left a child holding the pipe). A fixed sleep
+    /// after the writer's exit is not enough: under load the reader thread lags behind, and a
+    /// line read too early is a test that fails only on busy machines.
+    pub fn wait_closed(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.reader.as_ref().is_some_and(|r| !r.is_finished()) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        true
     }
 
     /// The first line starting with `prefix` (panics after `timeout`).
@@ -342,6 +365,9 @@ pub fn read_all(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<Stri
         s
     })
 }
+
+/// How long a pipe may stay open after its writer exited (a child it started may hold it).
+pub const PIPE_DRAIN: Duration = Duration::from_secs(10);
 
 /// `allocwatch ARGS…` (killed and reaped when dropped).
 pub struct Allocwatch {
@@ -405,9 +431,8 @@ impl Allocwatch {
         })
     }
 
-    pub fn assert_success(&self, status: ExitStatus) {
-        // Let the reader thread drain the pipe.
-        thread::sleep(Duration::from_millis(50));
+    pub fn assert_success(&mut self, status: ExitStatus) {
+        self.stderr.wait_closed(PIPE_DRAIN);
         let stderr = self.stderr.text();
         assert!(
             status.success(),
