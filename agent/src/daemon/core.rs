@@ -131,6 +131,17 @@ impl Tracer {
             tokio::select! {
                 biased;
                 _ = stop.changed() => break,
+                // Before requests and records: scrapes that each take longer than the time
+                // between them (a slow snapshot under load), or a ring that is never empty,
+                // must not starve the scan, the sweep, the naming and the map reads. The
+                // step is bounded, so a request waits at most one of them.
+                _ = tick.tick() => {
+                    // The probe batches wakeups for frequent records (Go events): the last
+                    // records of a burst wait for the next wakeup, so read them here at the
+                    // latest.
+                    state.drain()?;
+                    state.housekeeping().await?;
+                }
                 Some(req) = requests.recv() => {
                     state.drain()?;
                     let mut snap = state.snapshot().await?;
@@ -152,13 +163,6 @@ impl Tracer {
                 ready = state.pipe.readable() => {
                     ready?;
                     state.drain()?;
-                }
-                _ = tick.tick() => {
-                    // The probe batches wakeups for frequent records (Go events): the last
-                    // records of a burst wait for the next wakeup, so read them here at the
-                    // latest.
-                    state.drain()?;
-                    state.housekeeping().await?;
                 }
                 Some(update) = pod_updates.recv() => state.registry.apply_pod(update),
             }
