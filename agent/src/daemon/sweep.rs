@@ -351,6 +351,13 @@ impl Sweeper {
                     }
                 }
             }
+            if !found.is_empty() {
+                log::debug!(
+                    "{:?}: {} announced rows out ({fate:?})",
+                    t.owner,
+                    found.len()
+                );
+            }
             out.deleted += map.delete(&found)?;
             if !t.keys.is_empty() {
                 self.targets.push_front(t);
@@ -414,6 +421,18 @@ impl Sweeper {
             )?;
             let orphans = self.orphans.of(&others, |k| k.tgid, known);
             self.orphan_rows += orphans.len() as u64;
+            if log::log_enabled!(log::Level::Debug) {
+                let mut by_pid: HashMap<u32, usize> = HashMap::new();
+                for k in &doomed {
+                    *by_pid.entry(k.tgid).or_default() += 1;
+                }
+                for k in &orphans {
+                    log::debug!("pid {}: orphan site row out", k.tgid);
+                }
+                for (pid, n) in by_pid {
+                    log::debug!("pid {pid}: {n} site rows out by the backstop pass");
+                }
+            }
             doomed.extend(orphans);
             out.deleted += map.delete(&doomed)?;
         }

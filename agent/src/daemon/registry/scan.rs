@@ -67,6 +67,7 @@ impl Registry {
         for (pid, p) in &mut self.procs {
             if p.exited_at.is_none() && !seen.contains(pid) {
                 p.exited_at = Some(now);
+                log::debug!("pid {pid}: exited, its rows to be harvested");
                 // The keys stay noted: an exec read late still splits them off (`exec_seen`).
                 let keys = self.image_sites.get(pid).map(|s| s.keys.clone());
                 self.sweeper
@@ -197,7 +198,13 @@ impl Registry {
         };
         for (pid, h) in pids {
             if let Some(p) = self.procs.get_mut(&pid).filter(|p| p.exited_at.is_some()) {
+                log::debug!("pid {pid}: {} rows harvested", h.rows.len());
                 p.retained.absorb(h);
+            } else if !h.rows.is_empty() {
+                log::debug!(
+                    "pid {pid}: {} harvested rows dropped (no exited process)",
+                    h.rows.len()
+                );
             }
         }
         for ((pid, image), h) in images {
