@@ -114,6 +114,8 @@ struct JsonGo<'a> {
     maps: Vec<JsonGoMap<'a>>,
     maps_tracked: u64,
     maps_untracked: u64,
+    /// Map instances dropped because their memory no longer holds that map (freed and reused).
+    maps_dropped: u64,
     /// Whether allocwatch's knowledge of this Go release was measured on real binaries.
     runtime_measured: bool,
     warnings: &'a [String],
@@ -246,6 +248,7 @@ impl<'a> From<&'a GoReport> for JsonGo<'a> {
                 .collect(),
             maps_tracked: g.maps_tracked,
             maps_untracked: g.maps_untracked,
+            maps_dropped: g.maps_dropped,
             runtime_measured: g.measured,
             warnings: &g.warnings,
         }

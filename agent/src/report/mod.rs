@@ -139,6 +139,8 @@ pub struct GoReport {
     pub maps: Vec<GoMap>,
     pub maps_tracked: u64,
     pub maps_untracked: u64,
+    /// Map instances read as no longer there (freed, their memory reused) and dropped.
+    pub maps_dropped: u64,
     /// Whether this Go release's runtime knowledge was measured on real binaries.
     pub measured: bool,
     pub warnings: Vec<String>,

@@ -280,6 +280,13 @@ pub fn maps(r: &TopReport, k: usize) -> String {
         go.map_grows.values().sum::<u64>(),
         human_bytes(go.map_grow_bytes)
     );
+    if go.maps_dropped > 0 {
+        let _ = writeln!(
+            out,
+            "{} more grew and were freed since (their memory holds other data now): not shown",
+            go.maps_dropped
+        );
+    }
     let bloated = go
         .maps
         .iter()

@@ -348,6 +348,7 @@ fn go_summary(state: &GoState, target: Option<&GoTarget>) -> GoReport {
         stw_pauses: pause_summary(&state.stw_pauses),
         maps_tracked: state.maps.len() as u64,
         maps_untracked: state.maps_untracked,
+        maps_dropped: state.maps_gone,
         measured: target.is_some_and(|g| g.measured),
         warnings: target.map(|g| g.warnings.clone()).unwrap_or_default(),
         ..GoReport::default()
