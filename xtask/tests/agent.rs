@@ -29,7 +29,10 @@ use std::{
     panic::{self, AssertUnwindSafe},
     path::{Path, PathBuf},
     process::{ChildStdin, Command, ExitStatus, Stdio},
-    sync::atomic::Ordering,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -386,6 +389,51 @@ fn exact_counters_of_a_process_found_by_scan() {
     let id = Identity::of(&fixture);
     let mut agent = Agent::start(&env, &[]);
     run_wait_run_fixture(&agent, &fixture, &id, &env.alias_groups);
+    agent.stop();
+}
+
+/// Scrapes back to back (three clients that never pause, as several Prometheus replicas or a
+/// user's `watch curl` can) do not starve the agent's own work: a process that exits is still
+/// noticed by the /proc scan and its final counts exported within seconds.
+#[test]
+fn back_to_back_scrapes_do_not_starve_the_scan() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let scratch = Scratch::new("hammer");
+    let fixture = scratch.copy(&env.fixture, "hammered_fx");
+    let id = Identity::of(&fixture);
+    let mut agent = Agent::start(&env, &[]);
+    let mut fx = Fixture::spawn(&fixture, "wait-run", "ready");
+    agent.wait_for_identity(&id, fx.started);
+    let stop = Arc::new(AtomicBool::new(false));
+    let port = agent.port;
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = try_get(port, "/metrics");
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_secs(1));
+    signal(fx.pid, libc::SIGUSR1);
+    let status = fx.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "fixture wait-run failed: {status}");
+    let exited = Instant::now();
+    // The scan runs every 500 ms: well within 10 s however busy the machine.
+    let m = agent.scrape_until("the fixture's exit", Duration::from_secs(10), |m| {
+        m.value(&id, "allocwatch_processes", &[]) == Some(0.0)
+    });
+    let noticed = exited.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let scrapes: u64 = clients.into_iter().map(|c| c.join().unwrap_or(0)).sum();
+    check_fixture_totals(&m, &id, &env.alias_groups);
+    eprintln!("exit noticed after {noticed:?} under {scrapes} back-to-back scrapes");
     agent.stop();
 }
 
@@ -1497,7 +1545,7 @@ fn comm_selection_counts_a_short_lived_process_exactly() {
     let mut agent = Agent::start(&env, &["--comm", "^aw_selected$"]);
 
     let looping = Fixture::spawn(&rejected, "loop", "loop");
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
     let runs = thread::spawn({
         let (stop, rejected) = (stop.clone(), rejected.clone());
         move || {
@@ -1870,8 +1918,15 @@ fn go_map_gauges_and_verdicts() {
         }
     }
     agent.scrape().assert_conventions();
+    let stderr = agent.stderr.text();
     agent.stop();
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    let tail: Vec<&str> = stderr.lines().rev().take(60).collect();
+    assert!(
+        failures.is_empty(),
+        "{}\nagent stderr (last lines):\n{}",
+        failures.join("\n\n"),
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    );
 }
 
 /// The issue: new processes are picked up within one second. A Go program is found by the /proc
