@@ -39,7 +39,8 @@ ttl = "{ttl}"
 # site="other".
 top_k = {top_k}
 
-# Hard cap on all allocwatch_site_* series of this agent (4 series per site).
+# Hard cap on the series with a site label (4 per call site, 2 to 5 per Go map site;
+# call sites are served first).
 max_site_series = {max_site_series}
 
 # What the libc probes record, from most to least costly per call (BENCHMARKS.md):

@@ -388,7 +388,7 @@ impl State {
             snap.1.map_fill.entry(map).or_insert(*fill);
         }
         let (chains, distinct, raw) = self.pipe.parts.frames.sizes();
-        let (sym_procs, sym_files) = self.pipe.parts.symbolizer.held();
+        let (sym_procs, sym_files, sym_queued) = self.pipe.parts.symbolizer.held();
         let held = &mut snap.1.held;
         held.insert("processes", self.registry.procs.len() as u64);
         held.insert(
@@ -399,8 +399,10 @@ impl State {
         held.insert("distinct_call_chains", distinct as u64);
         held.insert("raw_stacks", raw as u64);
         held.insert("late_sites", self.pipe.parts.frames.late_sites() as u64);
+        held.insert("naming_queue", self.pipe.parts.frames.queued() as u64);
         held.insert("symbolizer_processes", sym_procs);
         held.insert("symbolizer_files", sym_files);
+        held.insert("symbolizer_queue", sym_queued);
         // Rows whose announcement was lost (full ring buffer) or recorded while their process
         // was being denied: deleted at the next scan once it is rejected or gone.
         self.registry.unexported(unexported);

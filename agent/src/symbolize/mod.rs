@@ -115,6 +115,9 @@ struct Counters {
     /// Gauges: processes noted and files held open.
     processes: AtomicU64,
     files: AtomicU64,
+    /// Requests sent and not yet handled: a queue that keeps growing means the thread cannot
+    /// keep up (every new site then waits behind it).
+    queued: AtomicU64,
 }
 
 /// A noted process that nobody asked to keep is dropped this long after it was noted.
@@ -132,6 +135,15 @@ pub struct SymbolizerHandle {
 }
 
 impl SymbolizerHandle {
+    /// Every request goes through here, so that the queue gauge counts it.
+    fn send(&self, req: Request) -> Result<(), SymbolizeError> {
+        self.counters.queued.fetch_add(1, Ordering::Relaxed);
+        self.tx.send(req).map_err(|_| {
+            self.counters.queued.fetch_sub(1, Ordering::Relaxed);
+            SymbolizeError::Stopped
+        })
+    }
+
     pub fn spawn() -> Self {
         let (tx, rx) = mpsc::channel();
         let counters = Arc::new(Counters::default());
@@ -166,20 +178,22 @@ impl SymbolizerHandle {
 
     /// Drops what is kept for `pid` (its mappings, cached frames, and the files only it maps).
     pub fn forget(&self, pid: u32) {
-        drop(self.tx.send(Request::Forget(pid)));
+        drop(self.send(Request::Forget(pid)));
     }
 
     /// Drops the processes noted more than [`UNCLAIMED_AFTER`] ago that are not in `pids`.
     pub fn retain(&self, pids: HashSet<u32>) {
-        drop(self.tx.send(Request::Retain(pids)));
+        drop(self.send(Request::Retain(pids)));
     }
 
-    /// Processes and open files held by the symbolizer thread, for self-metrics.
-    pub fn held(&self) -> (u64, u64) {
+    /// Processes and open files held by the symbolizer thread, and requests waiting for it,
+    /// for self-metrics.
+    pub fn held(&self) -> (u64, u64, u64) {
         let c = &*self.counters;
         (
             c.processes.load(Ordering::Relaxed),
             c.files.load(Ordering::Relaxed),
+            c.queued.load(Ordering::Relaxed),
         )
     }
 
@@ -187,7 +201,7 @@ impl SymbolizerHandle {
         // An exited process (a zombie) has no mappings: keep the last snapshot.
         if !maps.is_empty() {
             // A send error means the thread is gone; symbolize() reports that.
-            drop(self.tx.send(Request::Note(pid, maps)));
+            drop(self.send(Request::Note(pid, maps)));
         }
     }
 
@@ -198,9 +212,7 @@ impl SymbolizerHandle {
     pub fn symbolize(&self, pid: u32, addrs: Vec<u64>) -> Result<Vec<Frame>, SymbolizeError> {
         let (tx, rx) = mpsc::sync_channel(1);
         let reply: Reply = Box::new(move |frames| drop(tx.send(frames)));
-        self.tx
-            .send(Request::Symbolize { pid, addrs, reply })
-            .map_err(|_| SymbolizeError::Stopped)?;
+        self.send(Request::Symbolize { pid, addrs, reply })?;
         rx.recv().map_err(|_| SymbolizeError::Stopped)?
     }
 
@@ -212,9 +224,7 @@ impl SymbolizerHandle {
     ) -> Result<Vec<Frame>, SymbolizeError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let reply: Reply = Box::new(move |frames| drop(tx.send(frames)));
-        self.tx
-            .send(Request::Symbolize { pid, addrs, reply })
-            .map_err(|_| SymbolizeError::Stopped)?;
+        self.send(Request::Symbolize { pid, addrs, reply })?;
         rx.await.map_err(|_| SymbolizeError::Stopped)?
     }
 
@@ -324,9 +334,29 @@ impl Worker {
 
     fn run(mut self, rx: mpsc::Receiver<Request>) {
         while let Ok(req) = rx.recv() {
+            self.counters.queued.fetch_sub(1, Ordering::Relaxed);
             match req {
-                Request::Note(pid, maps) => self.note(pid, maps),
-                Request::Symbolize { pid, addrs, reply } => reply(self.symbolize(pid, &addrs)),
+                Request::Note(pid, maps) => {
+                    let started = Instant::now();
+                    self.note(pid, maps);
+                    slow(started, || format!("noting pid {pid}"));
+                }
+                Request::Symbolize { pid, addrs, reply } => {
+                    let started = Instant::now();
+                    let result = self.symbolize(pid, &addrs);
+                    slow(started, || {
+                        let module = result
+                            .as_ref()
+                            .ok()
+                            .and_then(|f| f.iter().find_map(|f| f.module.clone()));
+                        format!(
+                            "{} addresses of pid {pid} (in {})",
+                            addrs.len(),
+                            module.as_deref().unwrap_or("?")
+                        )
+                    });
+                    reply(result);
+                }
                 Request::Forget(pid) => {
                     if let Some(p) = self.processes.remove(&pid) {
                         self.release(&p.maps);
@@ -432,6 +462,17 @@ impl Worker {
             out.extend(resolve(symbolizer, files, &process.maps, addr, counters));
         }
         Ok(out)
+    }
+}
+
+/// A request that held the thread this long delays every site queued behind it: worth a
+/// debug line saying what it was.
+const SLOW_REQUEST: std::time::Duration = std::time::Duration::from_millis(100);
+
+fn slow(started: Instant, what: impl FnOnce() -> String) {
+    let took = started.elapsed();
+    if took >= SLOW_REQUEST {
+        log::debug!("symbolizer: {} took {took:.0?}", what());
     }
 }
 

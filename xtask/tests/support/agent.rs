@@ -4,6 +4,7 @@
 
 use std::{
     collections::BTreeMap,
+    fs,
     io::{Read as _, Write as _},
     net::{TcpListener, TcpStream},
     path::Path,
@@ -79,7 +80,11 @@ impl Agent {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start `{what}`: {e}"));
-        let stderr = Lines::follow(child.stderr.take().expect("stderr"));
+        let pipe = child.stderr.take().expect("stderr");
+        let stderr = match agent_log(child.id()) {
+            Some(log) => Lines::follow_into(pipe, log),
+            None => Lines::follow(pipe),
+        };
         Self {
             child,
             stderr,
@@ -838,4 +843,19 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("binding port 0")
         .port()
+}
+
+/// With `ALLOCWATCH_TEST_AGENT_LOGS=DIR`, each agent's whole stderr also goes to
+/// `DIR/TEST-PID.log`: a failure under load can then be read with the agent's debug log
+/// (`RUST_LOG`), not only the lines a test prints.
+fn agent_log(pid: u32) -> Option<fs::File> {
+    let dir = std::env::var_os("ALLOCWATCH_TEST_AGENT_LOGS")?;
+    let test = thread::current()
+        .name()
+        .unwrap_or("agent")
+        .replace("::", "-");
+    let path = Path::new(&dir).join(format!("{test}-{pid}.log"));
+    fs::File::create(&path)
+        .inspect_err(|e| eprintln!("cannot create {}: {e}", path.display()))
+        .ok()
 }

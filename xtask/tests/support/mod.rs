@@ -297,11 +297,24 @@ pub struct Lines {
 
 impl Lines {
     pub fn follow(pipe: impl Read + Send + 'static) -> Self {
+        Self::follow_with(pipe, None)
+    }
+
+    /// [`Self::follow`], each line also written to `copy`.
+    pub fn follow_into(pipe: impl Read + Send + 'static, copy: fs::File) -> Self {
+        Self::follow_with(pipe, Some(copy))
+    }
+
+    fn follow_with(pipe: impl Read + Send + 'static, mut copy: Option<fs::File>) -> Self {
         let all = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel();
         let keep = Arc::clone(&all);
         let reader = thread::spawn(move || {
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if let Some(f) = copy.as_mut() {
+                    use std::io::Write as _;
+                    let _ = writeln!(f, "{line}");
+                }
                 keep.lock().unwrap().push(line.clone());
                 let _ = tx.send(line);
             }

@@ -240,6 +240,11 @@ impl Registry {
             }
             if let Some(go) = p.go.as_mut().filter(|g| !g.maps.is_empty()) {
                 go.refresh_maps(&ProcessMemory { pid }, limit);
+                log::debug!(
+                    "pid {pid}: {} Go maps known, {} read live",
+                    go.maps.len(),
+                    go.maps.values().filter(|m| m.live.is_some()).count()
+                );
             }
         }
     }

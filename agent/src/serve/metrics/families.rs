@@ -306,14 +306,14 @@ pub const CALL_SITE_SERIES: FamilySpec = spec(
     MetricKind::Gauge,
     Scope::Agent,
     &[],
-    "allocwatch_site_* series exported at this scrape.",
+    "Series labelled by call site exported at this scrape (allocwatch_site_*, allocwatch_go_map_* and allocwatch_go_maps_flagged).",
 );
 pub const CALL_SITE_SERIES_LIMIT: FamilySpec = spec(
     "allocwatch_call_site_series_limit",
     MetricKind::Gauge,
     Scope::Agent,
     &[],
-    "Configured cap on allocwatch_site_* series (max_site_series).",
+    "Configured cap on the series labelled by call site (max_site_series).",
 );
 pub const SCRAPE_DURATION: FamilySpec = spec(
     "allocwatch_scrape_duration_seconds",
@@ -465,7 +465,7 @@ impl Exporter {
         let [mut len, mut held, mut load, mut flagged] =
             [&GO_MAP_LEN, &GO_MAP_BYTES, &GO_MAP_LOAD, &GO_MAPS_FLAGGED].map(Family::new);
         for id in self.ids.values() {
-            for (site, m) in id.top_maps(self.cfg.top_k) {
+            for (site, m) in &id.map_rows {
                 len.gauge(&id.labels, &[site], m.len as f64);
                 held.gauge(&id.labels, &[site], m.bytes as f64);
                 if m.slots > 0 {

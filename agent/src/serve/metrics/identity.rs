@@ -279,6 +279,16 @@ pub(super) struct MapAgg {
     pub(super) bloated: u64,
 }
 
+impl MapAgg {
+    /// Series this site's maps take: length and bytes always, load where slots are known, one
+    /// per verdict held.
+    pub(super) fn series(&self) -> usize {
+        2 + usize::from(self.slots > 0)
+            + usize::from(self.growing > 0)
+            + usize::from(self.bloated > 0)
+    }
+}
+
 /// One rendered site row.
 pub(super) struct SiteRow {
     pub(super) kind: &'static str,
@@ -312,6 +322,9 @@ pub(super) struct Identity {
     pub(super) rows: Vec<SiteRow>,
     /// Go maps by the site label of their first growth (running processes, this scrape).
     pub(super) go_maps: HashMap<Arc<str>, MapAgg>,
+    /// The map sites exported at this scrape (within `top_k` and the series cap), largest
+    /// first.
+    pub(super) map_rows: Vec<(Arc<str>, MapAgg)>,
 }
 
 impl Identity {
@@ -334,6 +347,7 @@ impl Identity {
             suppressed: false,
             rows: Vec::new(),
             go_maps: HashMap::new(),
+            map_rows: Vec::new(),
         }
     }
 
@@ -348,6 +362,7 @@ impl Identity {
         self.suppressed = false;
         self.rows.clear();
         self.go_maps.clear();
+        self.map_rows.clear();
     }
 
     /// The `top_k` map sites holding the most bytes, largest first.
@@ -356,6 +371,11 @@ impl Identity {
         m.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes).then_with(|| a.0.cmp(b.0)));
         m.truncate(top_k);
         m
+    }
+
+    /// Bytes held by the identity's live maps.
+    pub(super) fn map_bytes(&self) -> u64 {
+        self.go_maps.values().map(|m| m.bytes).sum()
     }
 
     /// A site's values of a process that left stay counted.

@@ -30,6 +30,9 @@
 //!   the sum may lag the total for a few scrapes. Under the cap, identities are served largest first (bytes allocated
 //!   through sites): one that does not fit loses its weakest sites, and those whose `other`
 //!   rows alone do not fit get no site series (their core series still count everything).
+//!   The Go map gauges (`allocwatch_go_map_*`, `allocwatch_go_maps_flagged`, also by `site`)
+//!   count against the same cap, served after the call sites: at most `top_k` map sites per
+//!   identity, identities holding the most map bytes first, with what the call sites left.
 //!
 //! The families themselves (name, help, type, labels) are data: `families.rs`.
 
@@ -46,12 +49,15 @@ pub use labels::site_label;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use prometheus::TextEncoder;
 
-use self::identity::{CallsBytes, Counters, Identity, Live, PidState, SiteKey, update_scores};
+use self::identity::{
+    CallsBytes, Counters, Identity, Live, MapAgg, PidState, SiteKey, update_scores,
+};
 use self::labels::{Labels, sites_of};
 use crate::gostate::Verdict;
 use crate::model::{ProcessLabels, ProcessSnapshot, SelfStats};
@@ -223,6 +229,38 @@ impl Exporter {
             n += id.rows.len();
         }
         self.site_series = n * SITE_FAMILIES;
+        self.site_series +=
+            self.select_maps(self.cfg.max_site_series.saturating_sub(self.site_series));
+    }
+
+    /// Chooses the map sites exported, within `top_k` per identity and the `budget` of series
+    /// the call sites left: identities holding the most map bytes first, each site whole or
+    /// not at all. Gauges, so unlike call sites nothing has to be carried for those left out.
+    /// Returns the series taken.
+    fn select_maps(&mut self, budget: usize) -> usize {
+        let mut order: Vec<(u64, &ProcessLabels)> =
+            self.ids.iter().map(|(l, id)| (id.map_bytes(), l)).collect();
+        order.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+        let order: Vec<ProcessLabels> = order.into_iter().map(|(_, l)| l.clone()).collect();
+        let mut used = 0;
+        for labels in &order {
+            let Some(id) = self.ids.get_mut(labels) else {
+                continue;
+            };
+            let rows: Vec<(Arc<str>, MapAgg)> = id
+                .top_maps(self.cfg.top_k)
+                .into_iter()
+                .map(|(site, m)| (Arc::clone(site), *m))
+                .collect();
+            for (site, m) in rows {
+                if used + m.series() > budget {
+                    break;
+                }
+                used += m.series();
+                id.map_rows.push((site, m));
+            }
+        }
+        used
     }
 
     fn update_pid(&mut self, p: &ProcessSnapshot, now: Instant) {

@@ -7,6 +7,8 @@
 //! offset in its module) and interned: every `python3` of a node shares one copy of each of its
 //! chains, where a copy per process cost ~100 KB per exited process kept for the TTL.
 
+mod queue;
+
 use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
@@ -45,17 +47,16 @@ pub struct FrameCache {
     raw_count: usize,
     /// Stack ids no longer in the kernel table when read (evicted): the chain keeps its caller.
     pub stacks_evicted: u64,
-    /// Sites to name, oldest first: named while their process lives (the agent's in the
-    /// background, before a scrape needs them; a session's as soon as they come).
-    queue: std::collections::VecDeque<(u32, i64, u64)>,
-    /// What `queue` holds (a Go site streams an event per growth).
-    queued: HashSet<(u32, i64, u64)>,
+    /// Sites to name, oldest first per process, processes in turn: named while their process
+    /// lives (the agent's in the background, before a scrape needs them; a session's as soon
+    /// as they come).
+    queue: queue::NamingQueue,
     /// Sites a scrape ran out of time to name, by process: since when (see [`Self::late_for`]).
     late: HashMap<u32, HashMap<(i64, u64), Instant>>,
 }
 
-/// Sites waiting to be named at most; past it the oldest wait for a scrape or their process's
-/// exit instead.
+/// Sites waiting to be named at most; past it the oldest of the process with most waiting
+/// wait for a scrape or their process's exit instead.
 const MAX_QUEUED: usize = 100_000;
 
 impl FrameCache {
@@ -98,19 +99,18 @@ impl FrameCache {
         chain
     }
 
+    /// Sites waiting to be named.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
     /// Queues a new site to be named in the background ([`Self::name_queued`]).
     pub fn queue(&mut self, tgid: u32, stack_id: i64, ret_addr: u64) {
         let site = (tgid, stack_id, ret_addr);
-        if self.queued.contains(&site) || self.cached(tgid, stack_id, ret_addr).is_some() {
+        if self.queue.contains(&site) || self.cached(tgid, stack_id, ret_addr).is_some() {
             return;
         }
-        if self.queue.len() >= MAX_QUEUED
-            && let Some(old) = self.queue.pop_front()
-        {
-            self.queued.remove(&old);
-        }
-        self.queue.push_back(site);
-        self.queued.insert(site);
+        self.queue.push_back(site, MAX_QUEUED);
     }
 
     /// Names queued sites until `deadline` (all of them without); how many were named.
@@ -122,10 +122,9 @@ impl FrameCache {
     ) -> anyhow::Result<usize> {
         let mut named = 0;
         while deadline.is_none_or(|d| Instant::now() < d) {
-            let Some(site) = self.queue.pop_front() else {
+            let Some(site) = self.queue.pop() else {
                 break;
             };
-            self.queued.remove(&site);
             if self.cached(site.0, site.1, site.2).is_some() {
                 continue;
             }
@@ -137,7 +136,6 @@ impl FrameCache {
                 // Out of time: first in line next time.
                 None => {
                     self.queue.push_front(site);
-                    self.queued.insert(site);
                     break;
                 }
             }
@@ -148,8 +146,7 @@ impl FrameCache {
     /// Drops everything about a process that is gone for good.
     pub fn forget(&mut self, tgid: u32) {
         self.chains.remove(&tgid);
-        self.queue.retain(|(t, _, _)| *t != tgid);
-        self.queued.retain(|(t, _, _)| *t != tgid);
+        self.queue.forget(tgid);
         self.noted.remove(&tgid);
         self.late.remove(&tgid);
         self.forget_raw(tgid);
