@@ -2116,10 +2116,20 @@ fn check_site_bounds(m: &Metrics, top_k: usize) {
         over.is_empty(),
         "identities with more than --top-k {top_k} sites with their own series: {over:?}"
     );
+    // Go map series (of any Go program on the machine: a `go build` beside the suite) take
+    // from the same cap.
+    let map_families = [
+        "allocwatch_go_map_len",
+        "allocwatch_go_map_bytes",
+        "allocwatch_go_map_load_ratio",
+        "allocwatch_go_maps_flagged",
+    ];
     let total_site_samples = m
         .samples
         .iter()
-        .filter(|s| families.contains(&s.metric.as_str()))
+        .filter(|s| {
+            families.contains(&s.metric.as_str()) || map_families.contains(&s.metric.as_str())
+        })
         .count();
     let reported = m.global("allocwatch_call_site_series");
     let limit = m.global("allocwatch_call_site_series_limit");
