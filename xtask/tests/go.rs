@@ -831,45 +831,67 @@ fn pid_attach_survives_program_exit() {
         |_| true,
         |b| {
             // Enough repetitions of map_huge (tens of ms each, growth and GC all the way) to
-            // run ≈ 1.5 s untraced: allocwatch attaches in a fraction of that.
+            // run ≈ 1.5 s untraced: allocwatch attaches in a fraction of that on a quiet
+            // machine. Under load attaching can take longer than the program lives (allocwatch
+            // then says so and exits 1, rightly): the attempt is repeated with a longer run.
             let once = {
                 let start = Instant::now();
                 let out = run_untraced(&b.path, &["map_huge"]);
                 assert_eq!(out.stdout, format!("{MAP_HUGE_LINE}\n"));
                 start.elapsed()
             };
-            let reps = (1500 / once.as_millis().max(1)).clamp(4, 100) as usize;
-            let modes = vec!["map_huge"; reps];
-            let mut fixture = KillOnDrop(
-                Command::new(&b.path)
-                    .args(&modes)
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .unwrap_or_else(|e| panic!("cannot start {}: {e}", b.path.display())),
-            );
-            let pid = fixture.0.id();
-            let fixture_out = read_all(fixture.0.stdout.take().unwrap());
-            let fixture_err = read_all(fixture.0.stderr.take().unwrap());
-            let out = temp_file("pid.json");
-            let mut aw = Allocwatch::spawn_with_stdout(
-                &env,
-                &[
-                    "top",
-                    "--json",
-                    "-o",
-                    path_str(&out),
-                    "--pid",
-                    &pid.to_string(),
-                ],
-            );
-            assert_eq!(aw.wait_tracing_pid(Duration::from_secs(30)), pid);
-            assert!(
-                fixture.0.try_wait().expect("waitpid").is_none(),
-                "{} finished {reps} × map_huge before allocwatch attached: nothing tested",
-                b.name
-            );
+            let mut attempt = None;
+            for target_ms in [1_500u128, 4_000, 10_000, 25_000] {
+                let reps = (target_ms / once.as_millis().max(1)).clamp(4, 2_000) as usize;
+                let modes = vec!["map_huge"; reps];
+                let mut fixture = KillOnDrop(
+                    Command::new(&b.path)
+                        .args(&modes)
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::piped())
+                        .stderr(Stdio::piped())
+                        .spawn()
+                        .unwrap_or_else(|e| panic!("cannot start {}: {e}", b.path.display())),
+                );
+                let pid = fixture.0.id();
+                let fixture_out = read_all(fixture.0.stdout.take().unwrap());
+                let fixture_err = read_all(fixture.0.stderr.take().unwrap());
+                let out = temp_file("pid.json");
+                let mut aw = Allocwatch::spawn_with_stdout(
+                    &env,
+                    &[
+                        "top",
+                        "--json",
+                        "-o",
+                        path_str(&out),
+                        "--pid",
+                        &pid.to_string(),
+                    ],
+                );
+                match aw.try_wait_tracing_pid(Duration::from_secs(30)) {
+                    Ok(p) => {
+                        assert_eq!(p, pid);
+                        if fixture.0.try_wait().expect("waitpid").is_none() {
+                            attempt = Some((fixture, fixture_out, fixture_err, out, aw, pid, reps));
+                            break;
+                        }
+                    }
+                    Err(e) if e.contains("exited while allocwatch was attaching") => {}
+                    Err(e) => panic!("{e}"),
+                }
+                eprintln!(
+                    "{}: {reps} × map_huge ({target_ms} ms untraced) ended before allocwatch \
+                     attached: again, longer",
+                    b.name
+                );
+            }
+            let Some((mut fixture, fixture_out, fixture_err, out, mut aw, pid, reps)) = attempt
+            else {
+                panic!(
+                    "{}: every run ended before allocwatch attached: nothing tested",
+                    b.name
+                );
+            };
             let status = wait_child(&mut fixture.0, Duration::from_secs(120))
                 .unwrap_or_else(|| panic!("{} still running after 120 s (killed)", b.name));
             let stdout = fixture_out.join().expect("stdout reader");

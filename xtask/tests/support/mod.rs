@@ -346,21 +346,31 @@ impl Lines {
 
     /// The first line starting with `prefix` (panics after `timeout`).
     pub fn wait_for(&self, prefix: &str, timeout: Duration) -> String {
+        self.try_wait_for(prefix, timeout)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The first line starting with `prefix`, or why there was none (all lines so far).
+    pub fn try_wait_for(&self, prefix: &str, timeout: Duration) -> Result<String, String> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(left) {
-                Ok(line) if line.starts_with(prefix) => return line,
+                Ok(line) if line.starts_with(prefix) => return Ok(line),
                 Ok(_) => {}
-                Err(RecvTimeoutError::Timeout) => panic!(
-                    "no line starting with {prefix:?} within {timeout:?}:\n{}",
-                    self.text()
-                ),
-                Err(RecvTimeoutError::Disconnected) => panic!(
-                    "the process closed stderr (exited?) before a line starting with \
-                     {prefix:?}:\n{}",
-                    self.text()
-                ),
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(format!(
+                        "no line starting with {prefix:?} within {timeout:?}:\n{}",
+                        self.text()
+                    ));
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(format!(
+                        "the process closed stderr (exited?) before a line starting with \
+                         {prefix:?}:\n{}",
+                        self.text()
+                    ));
+                }
             }
         }
     }
@@ -426,12 +436,18 @@ impl Allocwatch {
 
     /// Waits for `allocwatch: tracing pid N` and returns N.
     pub fn wait_tracing_pid(&mut self, timeout: Duration) -> u32 {
-        let line = self.stderr.wait_for(TRACING_PREFIX, timeout);
+        self.try_wait_tracing_pid(timeout)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`Self::wait_tracing_pid`], with the stderr so far when there was no such line.
+    pub fn try_wait_tracing_pid(&mut self, timeout: Duration) -> Result<u32, String> {
+        let line = self.stderr.try_wait_for(TRACING_PREFIX, timeout)?;
         let rest = &line[TRACING_PREFIX.len()..];
         let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
         digits
             .parse()
-            .unwrap_or_else(|_| panic!("no pid in the tracing line {line:?}"))
+            .map_err(|_| format!("no pid in the tracing line {line:?}"))
     }
 
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
