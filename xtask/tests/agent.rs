@@ -1609,7 +1609,23 @@ fn rejected_process_that_execs_a_selected_program_is_counted_exactly() {
     let fixture = scratch.copy(&env.fixture, "aw_selected");
     let shell = scratch.copy(Path::new("/usr/bin/dash"), "aw-sel-shell");
     let id = Identity::of(&fixture);
-    let mut agent = Agent::start(&env, &["--comm", "^aw_selected$"]);
+    // With the registry's debug log: this test failed twice in many runs (the exec'd program
+    // registered with no counts), cause not found; the log of its pid is printed if it fails.
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let args = [
+        "agent",
+        "--listen",
+        &listen,
+        "--sample-bytes",
+        "0",
+        "--comm",
+        "^aw_selected$",
+    ];
+    let mut cmd = Command::new(env.bin());
+    cmd.args(args).env("RUST_LOG", "allocwatch::daemon=debug");
+    let mut agent = Agent::spawn(cmd, port, &args.join(" "));
+    agent.wait_ready();
 
     let mut child = Command::new(&shell)
         .args(["-c", "read x; exec \"$0\" run"])
@@ -1623,16 +1639,33 @@ fn rejected_process_that_execs_a_selected_program_is_counted_exactly() {
     thread::sleep(Duration::from_millis(1500));
     stdin.write_all(b"go\n").expect("writing to the shell");
     drop(stdin);
+    let pid = child.id();
     let status = wait_child(&mut child, Duration::from_secs(10)).expect("shell + fixture exit");
     assert!(status.success(), "exec'd fixture failed: {status}");
-    let m = agent.scrape_until(
-        "the exec'd fixture's counts",
-        Duration::from_secs(10),
-        |m| {
+    let m = agent
+        .try_scrape_until(Duration::from_secs(10), |m| {
             m.value(&id, "allocwatch_free_calls_total", &[])
                 .is_some_and(|f| f >= 17.0)
-        },
-    );
+        })
+        .unwrap_or_else(|| {
+            let m = agent.scrape();
+            let text = agent.stderr.text();
+            let about: Vec<&str> = text
+                .lines()
+                .filter(|l| {
+                    l.contains(&format!("pid {pid}:"))
+                        || l.contains(&format!("Pid({pid})"))
+                        || !l.contains("debug")
+                })
+                .collect();
+            panic!(
+                "no counts of the exec'd fixture (pid {pid}) in /metrics within 10 s\n{}\n{}\n\
+                 agent stderr about pid {pid}, and its other lines:\n{}",
+                m.test_lines(),
+                m.self_stats(),
+                about.join("\n")
+            )
+        });
     check_fixture_totals(&m, &id, &env.alias_groups);
     let foreign = m.foreign_lines(&id.comm);
     assert!(
