@@ -1376,6 +1376,58 @@ fn runs_with_exactly_the_daemonset_capabilities() {
     agent.stop();
 }
 
+/// A Go program that has run and exited before the agent reads its exec (an agent behind on a
+/// busy node; here held with SIGSTOP while the program runs) keeps its map growth: it is
+/// registered from its records with its file's Go state, and every growth it recorded is
+/// counted (it was dropped before: found under load, `runs_with_exactly_the_daemonset_capabilities`).
+#[test]
+fn go_program_gone_before_its_exec_is_read_keeps_its_growth() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let scratch = Scratch::new("gonebefore");
+    let build = go_builds().pop().expect("a Go build");
+    let go = scratch.copy(&build.path, &build.name);
+    let go_warm = scratch.path.join(format!("warm-{}", build.version));
+    fs::hard_link(&go, &go_warm).expect("hard link of the Go fixture");
+    let exe = format!("^{}/", scratch.path.display());
+    let mut agent = Agent::start(&env, &["--exe", &exe]);
+    // Its file attached first (see runs_with_exactly_the_daemonset_capabilities).
+    let warm = Fixture::spawn_quiet(&go_warm, &["gc"; 2000]);
+    signal(warm.pid, libc::SIGSTOP);
+    agent.discover(&Identity::of(&go_warm), "allocwatch_go_info", warm.started);
+    drop(warm);
+    let go_id = Identity::of(&go);
+    let agent_pid = agent.child.id();
+    signal(agent_pid, libc::SIGSTOP);
+    let out = Command::new(&go)
+        .arg("map_big")
+        .stdin(Stdio::null())
+        .output();
+    signal(agent_pid, libc::SIGCONT);
+    let out = out.expect("the Go fixture");
+    assert!(out.status.success(), "{}: {}", go.display(), out.status);
+    let want = if build.old_maps() {
+        ("double", OLD_MAP_BIG_DOUBLINGS)
+    } else {
+        ("grow", SWISS_MAP_BIG_GROWS)
+    };
+    agent.scrape_until(
+        &format!("allocwatch_go_map_grows_total of {go_id}"),
+        Duration::from_secs(10),
+        |m| m.has(&go_id, "allocwatch_go_map_grows_total"),
+    );
+    let m = agent.scrape_stable(&go_id);
+    assert_eq!(
+        m.counter(&go_id, "allocwatch_go_map_grows_total", &[("kind", want.0)]),
+        want.1,
+        "map_big's map growth ({}) of a program gone before the agent read its exec\n{}",
+        want.0,
+        m.lines_of(&go_id)
+    );
+    m.assert_conventions();
+    agent.stop();
+}
+
 /// Without one of the capabilities the agent needs (the DaemonSet's list minus one), it refuses
 /// to start: one error line naming the capability, exit status 1, nothing loaded. Without
 /// CAP_SYS_RESOURCE, needed only before Linux 5.11, and CAP_SYS_NICE, optional (a warning), it

@@ -242,6 +242,14 @@ impl Targets {
         self.libc_unreachable.remove(&pid)
     }
 
+    /// The Go target attached for the file `id`, if that file is a probed Go executable.
+    pub fn go_target(&self, id: DevInode) -> Option<Arc<GoTarget>> {
+        match self.files.get(&(Kind::Go, id)) {
+            Some(FileState::Attached(Target::Go(g))) => Some(g.clone()),
+            _ => None,
+        }
+    }
+
     /// Counts a failure.
     pub fn failed(&mut self, why: AttachFailure) {
         *self.failures.entry(why).or_default() += 1;

@@ -2,7 +2,7 @@
 //! whether the selection takes it (registered) or not (ignored and denied in the kernel), and
 //! attaching the files it runs.
 
-use std::{collections::HashSet, fs, sync::Arc, time::Instant};
+use std::{collections::HashSet, fs, path::Path, sync::Arc, time::Instant};
 
 use allocwatch_common::libc::Api;
 
@@ -17,7 +17,7 @@ use crate::{
     symbolize::SymbolizerHandle,
     target::{
         go::GoTarget,
-        maps::{MapEntry, read_maps},
+        maps::{DevInode, MapEntry, read_maps},
         registry::{AttachFailure, Attacher as _, Kind, LOADERS, ProcessFiles, Target},
     },
 };
@@ -231,7 +231,19 @@ impl Registry {
             log::debug!("pid {pid}: gone, rejected by its records (comm {comm:?}, exe {exe:?})");
             return;
         }
-        log::debug!("pid {pid}: gone, selected by its records (comm {comm:?}, exe {exe:?})");
+        // A Go program that ran through before its exec was read: its file was probed (its
+        // events are coming), so its Go state is that file's; without it the growth it
+        // recorded would be dropped. Only an absolute exec path names the file for sure (a
+        // relative one was resolved in the process's directory).
+        let go = Path::new(&exe)
+            .is_absolute()
+            .then(|| fs::metadata(&exe).ok())
+            .flatten()
+            .and_then(|m| self.targets.go_target(DevInode::from_metadata(&m)));
+        log::debug!(
+            "pid {pid}: gone, selected by its records (comm {comm:?}, exe {exe:?}, Go {})",
+            go.is_some()
+        );
         self.to_forget.remove(&pid);
         self.procs.insert(
             pid,
@@ -245,7 +257,7 @@ impl Registry {
                 // A zombie still has its start time: later scans must see the same process.
                 start_time: procfs::start_time(pid).unwrap_or(0),
                 exited_at: Some(Instant::now()),
-                go: None,
+                go: go.as_deref().map(GoState::new),
                 libc_apis: None,
                 retained: Retained::default(),
             },
