@@ -478,7 +478,9 @@ impl Pclntab {
             let call = self.inlined_call(gofunc, tree, index)?;
             frames.push(located(self.inlined_name(call.name_off)?, at)?);
             // The caller's position: an instruction of the physical function.
-            let parent = func.entry.checked_add(u64::try_from(call.parent_pc).ok()?)?;
+            let parent = func
+                .entry
+                .checked_add(u64::try_from(call.parent_pc).ok()?)?;
             if parent >= func.end {
                 return None;
             }
@@ -551,7 +553,9 @@ impl Pclntab {
     /// The function name at `name_off` in funcnametab, which must be the start of a name (the
     /// names are NUL-terminated back to back): a misread tree gives no name, not a wrong one.
     fn inlined_name(&self, name_off: i32) -> Option<&str> {
-        let at = self.funcnametab.checked_add(usize::try_from(name_off).ok()?)?;
+        let at = self
+            .funcnametab
+            .checked_add(usize::try_from(name_off).ok()?)?;
         if name_off > 0 && *self.data.get(at - 1)? != 0 {
             return None;
         }
@@ -718,11 +722,7 @@ fn text_start(
 /// Words of the runtime's `moduledata` read from the file (as many as its section holds, up
 /// to [`MODULEDATA_MAX_WORDS`]), found as the data word that points at the pclntab header
 /// followed by the funcnametab slice.
-fn find_moduledata(
-    image: &Image,
-    pcln_addr: u64,
-    h: &Header,
-) -> Result<Option<Vec<u64>>, GoError> {
+fn find_moduledata(image: &Image, pcln_addr: u64, h: &Header) -> Result<Option<Vec<u64>>, GoError> {
     // firstmoduledata is in .noptrdata up to Go 1.25 and in its own .go.module section since
     // Go 1.26 (measured here: go1.25.5 vs go1.26.6, go1.27.3). PIE binaries carry the
     // link-time values in the file too (plus a RELATIVE relocation); should a linker leave
@@ -1054,30 +1054,35 @@ mod tests {
             put_field(&mut d, at as u64);
         }
         put_field(&mut d, entry_of(0x60));
-        let func = |entry: u64,
-                    name: &str,
-                    pcfile: u32,
-                    pcln: u32,
-                    pcdata: &[u32],
-                    funcdata: &[u32]| {
-            let mut f = Vec::new();
-            if format == Format::Go116 {
-                f.extend_from_slice(&entry_of(entry).to_le_bytes());
-            } else {
-                f.extend_from_slice(&le32(entry as u32));
-            }
-            for v in [name_off[name], 0, 0, 0, pcfile, pcln, pcdata.len() as u32, 0] {
-                f.extend_from_slice(&le32(v));
-            }
-            if format == Format::Go120 {
-                f.extend_from_slice(&le32(9)); // startLine
-            }
-            f.extend_from_slice(&[0, 0, 0, funcdata.len() as u8]);
-            for v in pcdata.iter().chain(funcdata) {
-                f.extend_from_slice(&le32(*v));
-            }
-            f
-        };
+        let func =
+            |entry: u64, name: &str, pcfile: u32, pcln: u32, pcdata: &[u32], funcdata: &[u32]| {
+                let mut f = Vec::new();
+                if format == Format::Go116 {
+                    f.extend_from_slice(&entry_of(entry).to_le_bytes());
+                } else {
+                    f.extend_from_slice(&le32(entry as u32));
+                }
+                for v in [
+                    name_off[name],
+                    0,
+                    0,
+                    0,
+                    pcfile,
+                    pcln,
+                    pcdata.len() as u32,
+                    0,
+                ] {
+                    f.extend_from_slice(&le32(v));
+                }
+                if format == Format::Go120 {
+                    f.extend_from_slice(&le32(9)); // startLine
+                }
+                f.extend_from_slice(&[0, 0, 0, funcdata.len() as u8]);
+                for v in pcdata.iter().chain(funcdata) {
+                    f.extend_from_slice(&le32(*v));
+                }
+                f
+            };
         let mut outer = func(
             0,
             "main.outer",
@@ -1195,10 +1200,7 @@ mod tests {
             assert!(matches!(t.inlines(), Inlines::Unavailable(_)));
             if format == Format::Go116 {
                 t.set_gofunc(GoFunc::Bytes(gofunc));
-                assert_eq!(
-                    t.inlines(),
-                    Inlines::Unavailable(GO116_INLINES.to_owned())
-                );
+                assert_eq!(t.inlines(), Inlines::Unavailable(GO116_INLINES.to_owned()));
             }
             for off in 0..0x60 {
                 let pc = TEXT + off;
