@@ -4,7 +4,7 @@
 //! pass by testing nothing. The toolchain list, the `go` command and the fixture builds are
 //! shared with the symbolizer's tests.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -381,19 +381,51 @@ fn indexes_a_large_go_binary_quickly() {
     );
 }
 
-/// Every fixture build, plain, stripped and PIE, has inline trees the reader can follow.
+/// The line of main.go whose trimmed text is `text` (exactly one).
+fn source_line(text: &str) -> u32 {
+    let src = fs::read_to_string(repo().join("fixtures/go/growth/main.go")).expect("main.go");
+    let at: Vec<usize> = src
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.trim() == text)
+        .map(|(i, _)| i + 1)
+        .collect();
+    assert_eq!(at.len(), 1, "{text:?} in main.go");
+    u32::try_from(at[0]).expect("line")
+}
+
+/// Every fixture build, plain, stripped and PIE, has inline trees the reader can follow: the
+/// fixture's pushInlined, inlined into appendInlined, is its own frame there.
 #[test]
 fn inline_trees_are_read_in_every_build() {
     use super::pclntab::Inlines;
+    let append = source_line("return append(s, v)");
+    let call = source_line("s = pushInlined(s, i)");
     for b in fixtures() {
         for bin in [&b.plain, &b.stripped, &b.pie, &b.pie_stripped] {
+            let what = format!("Go {} {}", b.tc.version, bin.display());
             let tab = Pclntab::open(bin).expect("read").expect("pclntab");
-            assert_eq!(
-                tab.inlines(),
-                Inlines::Expanded,
-                "Go {} {}",
-                b.tc.version,
-                bin.display()
+            assert_eq!(tab.inlines(), Inlines::Expanded, "{what}");
+            let f = tab
+                .find_function("main.appendInlined")
+                .expect("appendInlined");
+            let chains: BTreeSet<Vec<(String, u32)>> = (f.entry..f.end)
+                .map(|pc| {
+                    tab.frames(pc)
+                        .into_iter()
+                        .map(|l| (l.function, l.line.unwrap_or(0)))
+                        .collect()
+                })
+                .filter(|c: &Vec<_>| c.len() > 1)
+                .collect();
+            let want = vec![
+                ("main.pushInlined".to_owned(), append),
+                ("main.appendInlined".to_owned(), call),
+            ];
+            assert!(chains.contains(&want), "{what}: {chains:#?}");
+            assert!(
+                tab.find_function("main.pushInlined").is_none(),
+                "{what}: pushInlined was not inlined everywhere"
             );
         }
     }
