@@ -1284,4 +1284,26 @@ mod tests {
             assert_eq!(moduledata_gofunc_word(minor), None, "go1.{minor}");
         }
     }
+
+    /// The fuzz seeds are real tables in the fuzz target's input format (text start, gofunc
+    /// offset, table; fuzz/fuzz_targets/pclntab.rs), one per inline-tree layout: the fixture's
+    /// pushInlined, inlined into appendInlined, expands there.
+    #[test]
+    fn fuzz_seeds_expand_the_fixture_inlined_call() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/pclntab");
+        for (seed, format) in [("go1.19.8", Format::Go118), ("go1.27.3", Format::Go120)] {
+            let data = std::fs::read(dir.join(seed)).expect("seed");
+            let text = u64::from_le_bytes(data[..8].try_into().unwrap());
+            let gofunc = u32::from_le_bytes(data[8..12].try_into().unwrap());
+            let mut t = Pclntab::parse(Path::new(seed), data[12..].to_vec(), text).unwrap();
+            assert_eq!(t.format(), format, "{seed}");
+            t.set_gofunc(GoFunc::InTable(gofunc as usize));
+            let f = t.find_function("main.appendInlined").expect("appendInlined");
+            let expanded = (f.entry..f.end).any(|pc| {
+                let names: Vec<String> = t.frames(pc).into_iter().map(|l| l.function).collect();
+                names == ["main.pushInlined", "main.appendInlined"]
+            });
+            assert!(expanded, "{seed}: no PC of appendInlined in pushInlined");
+        }
+    }
 }
