@@ -24,7 +24,13 @@ fuzz_target!(|data: &[u8]| {
     if gofunc != u32::MAX {
         tab.set_gofunc(GoFunc::InTable(gofunc as usize));
     }
-    let _ = (tab.format(), tab.len(), tab.is_empty(), tab.text_source(), tab.inlines());
+    let _ = (
+        tab.format(),
+        tab.len(),
+        tab.is_empty(),
+        tab.text_source(),
+        tab.inlines(),
+    );
     // Lookups the symbolizer makes: each function's entry and last byte, and a few PCs around;
     // inline expansion at PCs spread over each function.
     for f in tab.functions().take(64) {

@@ -1298,7 +1298,9 @@ mod tests {
             let mut t = Pclntab::parse(Path::new(seed), data[12..].to_vec(), text).unwrap();
             assert_eq!(t.format(), format, "{seed}");
             t.set_gofunc(GoFunc::InTable(gofunc as usize));
-            let f = t.find_function("main.appendInlined").expect("appendInlined");
+            let f = t
+                .find_function("main.appendInlined")
+                .expect("appendInlined");
             let expanded = (f.entry..f.end).any(|pc| {
                 let names: Vec<String> = t.frames(pc).into_iter().map(|l| l.function).collect();
                 names == ["main.pushInlined", "main.appendInlined"]
