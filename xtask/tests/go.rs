@@ -655,8 +655,8 @@ fn inlined_growth_site_names_the_inlined_function() {
                     (Value::from("main.appendInlined"), Value::from(call_line)),
                     "frame 1 of {site:#}"
                 );
-                for i in 0..2 {
-                    let file = frames[i]["file"].as_str().unwrap_or_default();
+                for f in &frames[..2] {
+                    let file = f["file"].as_str().unwrap_or_default();
                     assert!(file.ends_with("fixtures/go/growth/main.go"), "{site:#}");
                 }
                 // One return address, two source frames.

@@ -701,10 +701,9 @@ fn text_start(
     moduledata: Option<&[u64]>,
     h: &Header,
 ) -> Result<(u64, TextSource), GoError> {
-    if let Some(&text) = moduledata.and_then(|m| m.get(MODULEDATA_TEXT_WORD)) {
-        if text != 0 {
-            return Ok((text, TextSource::Moduledata));
-        }
+    let text = moduledata.and_then(|m| m.get(MODULEDATA_TEXT_WORD).copied());
+    if let Some(text) = text.filter(|&t| t != 0) {
+        return Ok((text, TextSource::Moduledata));
     }
     let header_text = h.words[2];
     if header_text != 0 {
