@@ -84,6 +84,7 @@ const ALL_BUT_GC: &[&str] = &[
     "bytes",
     "ptrs",
     "nodes",
+    "inlined",
     "big",
     "noop",
 ];
@@ -593,6 +594,90 @@ fn slice_growth_exact() {
                 (large.len() as u64, large.iter().sum::<u64>()),
                 "large allocations through main.appendInts (count, bytes): the backing arrays \
                  {large:?}\n{}",
+                t.summary()
+            );
+        },
+    );
+}
+
+/// `inlined`: appendInlined appends 10,000 ints through pushInlined, which the compiler inlines
+/// into it (every Go of the matrix: `go build -gcflags=-m` says "inlining call to
+/// pushInlined"). Each growth is a growslice call from appendInlined's code, inside the inlined
+/// pushInlined: its site names pushInlined as its own frame, at the append's line, above
+/// appendInlined at the call's line, both at the one return address (Go's inline tree read from
+/// `.gopclntab`, so stripped builds too). Count and bytes are the fixture's own capacities.
+#[test]
+fn inlined_growth_site_names_the_inlined_function() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let src = fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/go/growth/main.go"),
+    )
+    .expect("fixtures/go/growth/main.go");
+    let line_of = |text: &str| {
+        let lines: Vec<&str> = src.lines().collect();
+        let at: Vec<usize> = (0..lines.len())
+            .filter(|&i| lines[i].trim() == text)
+            .collect();
+        assert_eq!(at.len(), 1, "one line {text:?} in main.go");
+        u64::try_from(at[0] + 1).unwrap()
+    };
+    let append_line = line_of("return append(s, v)");
+    let call_line = line_of("s = pushInlined(s, i)");
+    let newest = minor(&env.newest().version);
+    env.for_each_build(
+        |b| !b.noswissmap && (minor(&b.version) == 23 || minor(&b.version) == newest),
+        |b| {
+            let t = trace(&env, &b.path, &["inlined"]);
+            t.assert_no_loss();
+            let caps = printed_caps(&t.stdout, "inlined");
+            assert_eq!(
+                caps.len(),
+                19,
+                "inlined caps printed by the fixture: {caps:?}"
+            );
+            let sites = t.sites_at("slice_grow", "main.pushInlined");
+            assert!(
+                !sites.is_empty(),
+                "no slice_grow site at main.pushInlined\n{}",
+                t.summary()
+            );
+            for site in &sites {
+                let frames = array(site, "frames");
+                let at = |i: usize, key: &str| frames[i][key].clone();
+                assert_eq!(
+                    (at(0, "function"), at(0, "line")),
+                    (Value::from("main.pushInlined"), Value::from(append_line)),
+                    "frame 0 of {site:#}"
+                );
+                assert_eq!(
+                    (at(1, "function"), at(1, "line")),
+                    (Value::from("main.appendInlined"), Value::from(call_line)),
+                    "frame 1 of {site:#}"
+                );
+                for f in &frames[..2] {
+                    let file = f["file"].as_str().unwrap_or_default();
+                    assert!(file.ends_with("fixtures/go/growth/main.go"), "{site:#}");
+                }
+                // One return address, two source frames.
+                assert_eq!(at(0, "address"), at(1, "address"), "{site:#}");
+                assert!(at(0, "address").as_u64().is_some(), "{site:#}");
+            }
+            // Every growth of the loop went through the inlined frame, none is left to the
+            // caller alone.
+            let count: u64 = sites.iter().map(|s| u64_at(s, "count")).sum();
+            let bytes: u64 = sites.iter().map(|s| u64_at(s, "bytes")).sum();
+            let want_bytes: u64 = caps.iter().map(|c| c * 8).sum();
+            assert_eq!(
+                (count, bytes),
+                (caps.len() as u64, want_bytes),
+                "slice_grow (count, bytes) at main.pushInlined vs the fixture's capacities \
+                 {caps:?} × 8 bytes\n{}",
+                t.summary()
+            );
+            assert!(
+                t.sites_at("slice_grow", "main.appendInlined").is_empty(),
+                "a growth named after the caller without its inlined frame\n{}",
                 t.summary()
             );
         },

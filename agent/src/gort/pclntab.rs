@@ -17,9 +17,30 @@
 //!   pairs; a file number indexes the function's compilation unit in cutab, which gives the
 //!   offset of a NUL-terminated name in filetab.
 //!
-//! Inlined frames (the `InlTree` funcdata) are not expanded: a PC inside inlined code is named
-//! after the function it was inlined into, with the inlined code's own file and line, as
-//! `debug/gosym` does.
+//! Inlined calls: [`Pclntab::lookup`] names a PC inside inlined code after the function it was
+//! inlined into, with the inlined code's own file and line (as `debug/gosym` does);
+//! [`Pclntab::frames`] expands the inline tree the way the runtime's tracebacks do
+//! (runtime/symtabinl.go `newInlineUnwinder`, go1.21 … go1.27; the same loop is in
+//! runtime/traceback.go and symtab.go of go1.18/go1.19):
+//! - the `_func`'s `PCDATA_InlTreeIndex` (= 2) pc-value table gives, for a PC, the index of its
+//!   innermost inlined call in the function's inline tree, or -1 outside inlined code;
+//! - the tree is the function's `FUNCDATA_InlTree` (= 3): the u32 funcdata offsets follow the
+//!   `npcdata` u32 pcdata offsets right after the fixed part of `_func` (40 bytes for Go
+//!   1.18/1.19, 44 from Go 1.20, which added `startLine`; `nfuncdata` is its last byte), and
+//!   are relative to `moduledata.gofunc` (`^0`: none);
+//! - an entry (`inlinedCall`) names the inlined function (`nameOff` into funcnametab) and gives
+//!   `parentPc`, the offset from the function's entry of an instruction whose position is the
+//!   call site: the caller's frame is the same lookup at `entry + parentPc`, until the index
+//!   is -1, which is the physical function. Every frame's file and line are the pcfile/pcln
+//!   values at its PC. Layout: Go 1.18/1.19 `{parent i16, funcID u8, _ u8, file i32, line i32,
+//!   func_ i32, parentPc i32}` (20 bytes, runtime/symtab.go go1.19.8); from Go 1.20
+//!   `{funcID u8, _ [3]u8, nameOff i32, parentPc i32, startLine i32}` (16 bytes,
+//!   runtime/symtabinl.go go1.23.9, go1.25.5, go1.26.6, go1.27.3).
+//!
+//! Where a tree cannot be read with confidence ([`Inlines::Unavailable`]: Go 1.16/1.17 tables,
+//! whose funcdata are pointers; no moduledata; a Go version whose moduledata layout was not
+//! read; an entry out of bounds), `frames` gives the one frame `lookup` gives: a missing
+//! inlined frame, never a wrong one.
 
 use std::path::{Path, PathBuf};
 
@@ -37,13 +58,66 @@ const MAGIC_GO120: u32 = 0xffff_fff1;
 const FIELD_NAME_OFF: usize = 1;
 const FIELD_PCFILE: usize = 5;
 const FIELD_PCLN: usize = 6;
+const FIELD_NPCDATA: usize = 7;
 const FIELD_CU_OFFSET: usize = 8;
+
+const GO116_INLINES: &str = "Go 1.16/1.17 tables keep their inline trees behind pointers";
+
+/// The fields of an `inlinedCall` that the expansion uses.
+#[derive(Clone, Copy, Debug)]
+struct InlinedCall {
+    name_off: i32,
+    parent_pc: i32,
+}
 
 /// Offset of `text` in the runtime's `moduledata`, in pointers: pcHeader, six slices
 /// (funcnametab, cutab, filetab, pctab, pclntable, ftab), findfunctab, minpc, maxpc
 /// (runtime/symtab.go, unchanged go1.16 … go1.27).
 const MODULEDATA_TEXT_WORD: usize = 1 + 6 * 3 + 3;
 const MODULEDATA_FUNCNAMETAB_WORD: usize = 1;
+
+/// Offset of `gofunc` (the base of funcdata offsets) in `moduledata`, in pointers, for Go
+/// (major, minor); `None` where the layout was not read. After `text`: etext, noptrdata,
+/// enoptrdata, data, edata, bss, ebss, noptrbss, enoptrbss, then
+/// - go1.18/1.19: end, gcdata, gcbss, types, etypes, rodata, gofunc (runtime/symtab.go
+///   go1.19.8; go1.18 as go1.18rc1's, quoted by github.com/Aoi-hosizora/ahlib xreflect);
+/// - go1.20 … go1.26: covctrs, ecovctrs before end (go1.23.9, go1.25.5, go1.26.6, which adds
+///   epclntab after gofunc; go1.20 as quoted by github.com/bytedance/sonic loader);
+/// - go1.27: types, typedesclen, etypes, itaboffset, itabsize, rodata, gofunc (go1.27.3).
+fn moduledata_gofunc_word(minor: u32) -> Option<usize> {
+    match minor {
+        18 | 19 => Some(MODULEDATA_TEXT_WORD + 16),
+        20..=26 => Some(MODULEDATA_TEXT_WORD + 18),
+        27 => Some(MODULEDATA_TEXT_WORD + 21),
+        _ => None,
+    }
+}
+
+/// `PCDATA_InlTreeIndex` and `FUNCDATA_InlTree` (runtime/symtab.go go1.19.8,
+/// internal/abi/symtab.go go1.23.9 … go1.27.3).
+const PCDATA_INL_TREE_INDEX: usize = 2;
+const FUNCDATA_INL_TREE: usize = 3;
+/// Inlined calls followed at most at one PC: the compiler's trees are far shallower, and a
+/// corrupt table whose parent PCs loop must end.
+const MAX_INLINE_DEPTH: usize = 100;
+
+/// Whether [`Pclntab::frames`] can expand inlined calls, and why not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Inlines {
+    Expanded,
+    /// Every PC gives one frame, as [`Pclntab::lookup`].
+    Unavailable(String),
+}
+
+/// Where the inline trees are: the bytes from `moduledata.gofunc` on. Go 1.27 puts `go:func.*`
+/// inside `.gopclntab`; earlier versions in `.rodata`.
+#[derive(Debug)]
+pub enum GoFunc {
+    /// At this offset of the table's own bytes.
+    InTable(usize),
+    /// From `gofunc` to the end of the section holding it.
+    Bytes(Vec<u8>),
+}
 
 /// Where the text start of a Go ≥ 1.18 table came from (see [`text_start`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,6 +176,8 @@ pub struct Pclntab {
     functab: usize,
     /// Bytes per function-table field: 4 (Go ≥ 1.18) or the pointer size.
     field: usize,
+    /// The inline trees, when they can be read (see [`Inlines`]).
+    gofunc: Result<GoFunc, String>,
 }
 
 /// The numbers read from the header, before `text_start` is decided.
@@ -133,15 +209,23 @@ impl Pclntab {
         };
         let data = image.section_data(section)?;
         let header = Self::header(&image.path, &data)?;
+        let moduledata = match header.format {
+            Format::Go116 => None,
+            Format::Go118 | Format::Go120 => find_moduledata(image, section.addr, &header)?,
+        };
         let (text_start, source) = match header.format {
             Format::Go116 => (0, TextSource::Absolute),
-            Format::Go118 | Format::Go120 => text_start(image, section.addr, &header)?,
+            Format::Go118 | Format::Go120 => text_start(image, moduledata.as_deref(), &header)?,
         };
-        Self::build(image.path.clone(), data, header, text_start, source).map(Some)
+        let gofunc = gofunc(image, section, &header, moduledata.as_deref());
+        let mut tab = Self::build(image.path.clone(), data, header, text_start, source)?;
+        tab.gofunc = gofunc;
+        Ok(Some(tab))
     }
 
     /// Parses a pclntab already in memory; `text_start` is the address function offsets are
-    /// relative to (Go ≥ 1.18; ignored for Go 1.16/1.17, whose entries are absolute).
+    /// relative to (Go ≥ 1.18; ignored for Go 1.16/1.17, whose entries are absolute). Inlined
+    /// calls are not expanded until [`Self::set_gofunc`] says where the trees are.
     pub fn parse(path: &Path, data: Vec<u8>, text_start: u64) -> Result<Self, GoError> {
         let header = Self::header(path, &data)?;
         let source = match header.format {
@@ -259,7 +343,25 @@ impl Pclntab {
             pctab,
             functab,
             field,
+            gofunc: Err("where the inline trees are (moduledata.gofunc) is not known".into()),
         })
+    }
+
+    /// Where `moduledata.gofunc` is, so that [`Self::frames`] expands inlined calls. Go
+    /// 1.16/1.17 tables keep their funcdata elsewhere: they ignore it.
+    pub fn set_gofunc(&mut self, gofunc: GoFunc) {
+        self.gofunc = match self.format {
+            Format::Go116 => Err(GO116_INLINES.into()),
+            Format::Go118 | Format::Go120 => Ok(gofunc),
+        };
+    }
+
+    /// Whether [`Self::frames`] expands inlined calls.
+    pub fn inlines(&self) -> Inlines {
+        match &self.gofunc {
+            Ok(_) => Inlines::Expanded,
+            Err(why) => Inlines::Unavailable(why.clone()),
+        }
     }
 
     pub fn format(&self) -> Format {
@@ -322,6 +424,142 @@ impl Pclntab {
             file: file.map(str::to_owned),
             line,
         })
+    }
+
+    /// The source frames at `pc`, innermost first: one per inlined call it is inside, each
+    /// named after the inlined function with its own file and line, then the physical function
+    /// (whose `entry` every frame carries). Empty when no function contains `pc`. For a return
+    /// address, pass `pc - 1`. Where the inline tree cannot be read, the one frame of
+    /// [`Self::lookup`].
+    pub fn frames(&self, pc: u64) -> Vec<Location> {
+        let Some(i) = self.index_of(pc) else {
+            return Vec::new();
+        };
+        match self.expand(i, pc) {
+            Some(frames) => frames,
+            None => self.lookup(pc).into_iter().collect(),
+        }
+    }
+
+    /// [`Self::frames`] for `pc` in function `i`; `None` when anything on the way is malformed.
+    fn expand(&self, i: usize, pc: u64) -> Option<Vec<Location>> {
+        let gofunc = self.gofunc.as_ref().ok()?;
+        let func = self.function(i)?;
+        let base = self.func_data(i)?;
+        let located = |name: &str, at: u64| {
+            let file = self
+                .pcvalue(self.func_field(base, FIELD_PCFILE)?, func.entry, at)
+                .and_then(|fno| self.file_name(base, fno));
+            let line = self
+                .pcvalue(self.func_field(base, FIELD_PCLN)?, func.entry, at)
+                .and_then(|l| u32::try_from(l).ok());
+            Some(Location {
+                function: name.to_owned(),
+                entry: func.entry,
+                file: file.map(str::to_owned),
+                line,
+            })
+        };
+        let Some(tree) = self.funcdata(base, FUNCDATA_INL_TREE) else {
+            return Some(vec![located(func.name, pc)?]);
+        };
+        let index_table = self.pcdata(base, PCDATA_INL_TREE_INDEX);
+        let mut frames = Vec::new();
+        let mut at = pc;
+        for _ in 0..MAX_INLINE_DEPTH {
+            // A missing table or a PC it does not cover is -1, as the runtime's pcvalue says.
+            let index = index_table
+                .and_then(|t| self.pcvalue(t, func.entry, at))
+                .unwrap_or(-1);
+            let Ok(index) = usize::try_from(index) else {
+                frames.push(located(func.name, at)?);
+                return Some(frames);
+            };
+            let call = self.inlined_call(gofunc, tree, index)?;
+            frames.push(located(self.inlined_name(call.name_off)?, at)?);
+            // The caller's position: an instruction of the physical function.
+            let parent = func
+                .entry
+                .checked_add(u64::try_from(call.parent_pc).ok()?)?;
+            if parent >= func.end {
+                return None;
+            }
+            at = parent;
+        }
+        None
+    }
+
+    /// Offset in pctab of pc-value table `n` of the `_func` at `base` (`None`: it has none).
+    fn pcdata(&self, base: usize, n: usize) -> Option<u32> {
+        let npcdata = self.func_field(base, FIELD_NPCDATA)? as usize;
+        if n >= npcdata {
+            return None;
+        }
+        let at = base
+            .checked_add(self.func_fixed_size())?
+            .checked_add(n.checked_mul(4)?)?;
+        self.u32_at(at).filter(|&off| off != 0)
+    }
+
+    /// Offset from `gofunc` of funcdata `n` of the `_func` at `base` (`None`: it has none).
+    fn funcdata(&self, base: usize, n: usize) -> Option<u32> {
+        let fixed = self.func_fixed_size();
+        let nfuncdata = usize::from(*self.data.get(base.checked_add(fixed - 1)?)?);
+        if n >= nfuncdata {
+            return None;
+        }
+        let npcdata = self.func_field(base, FIELD_NPCDATA)? as usize;
+        let at = base
+            .checked_add(fixed)?
+            .checked_add(npcdata.checked_add(n)?.checked_mul(4)?)?;
+        self.u32_at(at).filter(|&off| off != u32::MAX)
+    }
+
+    /// Bytes of `_func` before its pcdata offsets (runtime2.go `_func`): Go 1.20 added
+    /// `startLine`.
+    fn func_fixed_size(&self) -> usize {
+        match self.format {
+            Format::Go120 => 44,
+            Format::Go118 | Format::Go116 => 40,
+        }
+    }
+
+    /// Entry `index` of the inline tree at `tree` (an offset from `gofunc`).
+    fn inlined_call(&self, gofunc: &GoFunc, tree: u32, index: usize) -> Option<InlinedCall> {
+        let size = match self.format {
+            Format::Go120 => 16,
+            Format::Go118 => 20,
+            Format::Go116 => return None,
+        };
+        let offset = (tree as usize).checked_add(index.checked_mul(size)?)?;
+        let (bytes, at) = match gofunc {
+            GoFunc::InTable(start) => (&self.data[..], start.checked_add(offset)?),
+            GoFunc::Bytes(bytes) => (&bytes[..], offset),
+        };
+        let entry = bytes.get(at..at.checked_add(size)?)?;
+        let i32_at = |o: usize| read_uint(&entry[o..o + 4], self.big_endian) as u32 as i32;
+        Some(match self.format {
+            Format::Go120 => InlinedCall {
+                name_off: i32_at(4),
+                parent_pc: i32_at(8),
+            },
+            _ => InlinedCall {
+                name_off: i32_at(12),
+                parent_pc: i32_at(16),
+            },
+        })
+    }
+
+    /// The function name at `name_off` in funcnametab, which must be the start of a name (the
+    /// names are NUL-terminated back to back): a misread tree gives no name, not a wrong one.
+    fn inlined_name(&self, name_off: i32) -> Option<&str> {
+        let at = self
+            .funcnametab
+            .checked_add(usize::try_from(name_off).ok()?)?;
+        if name_off > 0 && *self.data.get(at - 1)? != 0 {
+            return None;
+        }
+        self.cstr(at).filter(|name| !name.is_empty())
     }
 
     /// Index of the function containing `pc`, by binary search over the sorted entries.
@@ -454,13 +692,17 @@ fn read_uint(bytes: &[u8], big_endian: bool) -> u64 {
 }
 
 /// Where Go ≥ 1.18 function offsets start. In order of trust:
-/// 1. the runtime's `moduledata.text` (what the runtime itself uses), found as the data word
-///    that points at the pclntab header followed by the funcnametab slice;
+/// 1. the runtime's `moduledata.text` (what the runtime itself uses), see [`find_moduledata`];
 /// 2. the header's textStart word (Go 1.18–1.25; since Go 1.26 runtime/symtab.go says it is
 ///    "no longer stored", and it reads 0 in go1.27.3 binaries);
 /// 3. the `.text` section address (what `cmd/internal/objfile` uses).
-fn text_start(image: &Image, pcln_addr: u64, h: &Header) -> Result<(u64, TextSource), GoError> {
-    if let Some(text) = moduledata_text(image, pcln_addr, h)? {
+fn text_start(
+    image: &Image,
+    moduledata: Option<&[u64]>,
+    h: &Header,
+) -> Result<(u64, TextSource), GoError> {
+    let text = moduledata.and_then(|m| m.get(MODULEDATA_TEXT_WORD).copied());
+    if let Some(text) = text.filter(|&t| t != 0) {
         return Ok((text, TextSource::Moduledata));
     }
     let header_text = h.words[2];
@@ -476,11 +718,14 @@ fn text_start(image: &Image, pcln_addr: u64, h: &Header) -> Result<(u64, TextSou
         })
 }
 
-fn moduledata_text(image: &Image, pcln_addr: u64, h: &Header) -> Result<Option<u64>, GoError> {
+/// Words of the runtime's `moduledata` read from the file (as many as its section holds, up
+/// to [`MODULEDATA_MAX_WORDS`]), found as the data word that points at the pclntab header
+/// followed by the funcnametab slice.
+fn find_moduledata(image: &Image, pcln_addr: u64, h: &Header) -> Result<Option<Vec<u64>>, GoError> {
     // firstmoduledata is in .noptrdata up to Go 1.25 and in its own .go.module section since
     // Go 1.26 (measured here: go1.25.5 vs go1.26.6, go1.27.3). PIE binaries carry the
     // link-time values in the file too (plus a RELATIVE relocation); should a linker leave
-    // zeros there, the scan finds nothing and the next source is used.
+    // zeros there, the scan finds nothing (or zero words) and the next source is used.
     let funcnametab = pcln_addr.wrapping_add(h.words[3]);
     let ptr = h.ptr_size;
     for name in [".go.module", ".noptrdata", ".data.rel.ro", ".data"] {
@@ -493,22 +738,74 @@ fn moduledata_text(image: &Image, pcln_addr: u64, h: &Header) -> Result<Option<u
         let data = image.section_data(section)?;
         let words = data.len() / ptr;
         let need = MODULEDATA_TEXT_WORD + 1;
+        let word = |n: usize| read_uint(&data[n * ptr..(n + 1) * ptr], h.big_endian);
         for i in 0..words.saturating_sub(need) {
-            let at = i * ptr;
-            let word = |n: usize| read_uint(&data[at + n * ptr..at + (n + 1) * ptr], h.big_endian);
-            if word(0) == pcln_addr && word(MODULEDATA_FUNCNAMETAB_WORD) == funcnametab {
-                let text = word(MODULEDATA_TEXT_WORD);
-                if text != 0 {
-                    return Ok(Some(text));
-                }
+            if word(i) == pcln_addr && word(i + MODULEDATA_FUNCNAMETAB_WORD) == funcnametab {
+                let end = words.min(i + MODULEDATA_MAX_WORDS);
+                return Ok(Some((i..end).map(word).collect()));
             }
         }
     }
     Ok(None)
 }
 
+/// `moduledata` words read: past `gofunc` in every layout of [`moduledata_gofunc_word`].
+const MODULEDATA_MAX_WORDS: usize = 48;
+
+/// Where the inline trees of the table in `pcln` are, or why they cannot be read.
+fn gofunc(
+    image: &Image,
+    pcln: &super::image::Section,
+    h: &Header,
+    moduledata: Option<&[u64]>,
+) -> Result<GoFunc, String> {
+    if h.format == Format::Go116 {
+        return Err(GO116_INLINES.into());
+    }
+    // The moduledata layout depends on the Go version, which .go.buildinfo records.
+    let version = super::buildinfo::from_image(image)
+        .ok()
+        .flatten()
+        .and_then(|info| super::buildinfo::GoVersion::parse(&info.version))
+        .ok_or("no readable Go version in .go.buildinfo")?;
+    let formats_agree = match h.format {
+        Format::Go118 => !version.at_least(1, 20),
+        _ => version.at_least(1, 20),
+    };
+    if version.major != 1 || !formats_agree {
+        return Err(format!("Go {version} with a {:?} table", h.format));
+    }
+    let word = moduledata_gofunc_word(version.minor)
+        .ok_or_else(|| format!("the moduledata layout of Go {version} was not read"))?;
+    let moduledata = moduledata.ok_or("no moduledata found")?;
+    let gofunc = *moduledata
+        .get(word)
+        .ok_or("moduledata cut short by its section")?;
+    // rodata comes right before gofunc in every layout: a misplaced word shows here.
+    if gofunc == 0 || moduledata[word - 1] > gofunc {
+        return Err(format!("implausible moduledata.gofunc {gofunc:#x}"));
+    }
+    if let Some(off) = gofunc.checked_sub(pcln.addr).filter(|&o| o < pcln.size) {
+        return usize::try_from(off)
+            .map(GoFunc::InTable)
+            .map_err(|e| e.to_string());
+    }
+    let section = image
+        .sections
+        .iter()
+        .find(|s| s.in_file && s.addr != 0 && gofunc >= s.addr && gofunc - s.addr < s.size)
+        .ok_or_else(|| format!("moduledata.gofunc {gofunc:#x} is in no section"))?;
+    let skip = gofunc - section.addr;
+    image
+        .read_at(section.offset + skip, section.size - skip)
+        .map(GoFunc::Bytes)
+        .map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     /// A Go 1.20-format table with two functions, built by hand.
@@ -631,5 +928,383 @@ mod tests {
             Pclntab::parse(Path::new("x"), old, 0),
             Err(GoError::UnsupportedPclntab { .. })
         ));
+    }
+
+    /// Where a synthetic table's inline trees go.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Place {
+        /// After the table, found through [`GoFunc::InTable`] (Go 1.27's layout).
+        InTable,
+        /// In their own bytes (Go ≤ 1.26's `.rodata`).
+        Apart,
+    }
+
+    /// Zig-zag-encoded pc-value table: `(value, length)` runs from the entry, quantum 1.
+    fn pcvalues(runs: &[(i32, u8)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut prev = -1i32;
+        for &(value, len) in runs {
+            let delta = value - prev;
+            let zz = ((delta << 1) ^ (delta >> 31)) as u32;
+            assert!(zz < 0x80 && len < 0x80, "one-byte varints only");
+            out.extend_from_slice(&[zz as u8, len]);
+            prev = value;
+        }
+        out.push(0);
+        out
+    }
+
+    const TEXT: u64 = 0x40_1000;
+
+    /// A table in `format` with two functions: `main.outer` at [0, 0x40), into which
+    /// `main.mid` is inlined at [0x10, 0x30) (called from outer's line 11, at 0x08), and
+    /// `main.leaf` into mid at [0x10, 0x20) (called from mid's line 21, at 0x22); then
+    /// `main.other` at [0x40, 0x60) with no inline tree. Returns the table and its tree bytes
+    /// (the bytes at `gofunc`), which also follow the table when `place` is `InTable`.
+    /// `tree` rewrites the tree's (nameOff, parentPc) pairs to corrupt it.
+    fn inline_table(
+        format: Format,
+        place: Place,
+        tree: &[(i32, i32)],
+    ) -> (Vec<u8>, Vec<u8>, usize) {
+        let le32 = |v: u32| v.to_le_bytes();
+        let ptr = 8usize;
+        let nwords = if format == Format::Go116 { 7 } else { 8 };
+        let mut names = Vec::new();
+        let mut name_off = HashMap::new();
+        for n in ["main.outer", "main.other", "main.mid", "main.leaf"] {
+            name_off.insert(n, names.len() as u32);
+            names.extend_from_slice(n.as_bytes());
+            names.push(0);
+        }
+        let files = b"a.go\0b.go\0";
+        let cutab = [0u32, 5];
+        // pctab: a reserved byte, then outer's pcfile, pcln, inline index; other's pcfile,
+        // pcln.
+        let mut pctab = vec![0xee];
+        let table_at = |t: Vec<u8>, pctab: &mut Vec<u8>| {
+            let off = pctab.len() as u32;
+            pctab.extend_from_slice(&t);
+            off
+        };
+        let outer_file = table_at(pcvalues(&[(0, 0x10), (1, 0x20), (0, 0x10)]), &mut pctab);
+        let outer_line = table_at(
+            pcvalues(&[(10, 8), (11, 8), (30, 0x10), (21, 0x10), (12, 0x10)]),
+            &mut pctab,
+        );
+        let outer_inl = table_at(
+            pcvalues(&[(-1, 0x10), (1, 0x10), (0, 0x10), (-1, 0x10)]),
+            &mut pctab,
+        );
+        let other_file = table_at(pcvalues(&[(0, 0x20)]), &mut pctab);
+        let other_line = table_at(pcvalues(&[(40, 0x20)]), &mut pctab);
+
+        let header_len = 8 + nwords * ptr;
+        let funcname = header_len;
+        let cu = funcname + names.len();
+        let filetab = cu + 4 * cutab.len();
+        let pctab_at = filetab + files.len();
+        let pclntab = pctab_at + pctab.len();
+        let mut d = Vec::new();
+        let magic = match format {
+            Format::Go116 => MAGIC_GO116,
+            Format::Go118 => MAGIC_GO118,
+            Format::Go120 => MAGIC_GO120,
+        };
+        d.extend_from_slice(&le32(magic));
+        d.extend_from_slice(&[0, 0, 1, ptr as u8]);
+        let mut words = vec![2u64, 2];
+        if format != Format::Go116 {
+            words.push(TEXT);
+        }
+        words.extend([funcname, cu, filetab, pctab_at, pclntab].map(|w| w as u64));
+        for w in words {
+            d.extend_from_slice(&w.to_le_bytes());
+        }
+        d.extend_from_slice(&names);
+        for c in cutab {
+            d.extend_from_slice(&le32(c));
+        }
+        d.extend_from_slice(files);
+        d.extend_from_slice(&pctab);
+        assert_eq!(d.len(), pclntab);
+
+        // The function table, then each _func.
+        let field = if format == Format::Go116 { ptr } else { 4 };
+        let functab_len = 5 * field;
+        let put_field = |d: &mut Vec<u8>, v: u64| {
+            if field == 4 {
+                d.extend_from_slice(&le32(v as u32));
+            } else {
+                d.extend_from_slice(&v.to_le_bytes());
+            }
+        };
+        let entry_of = |off: u64| {
+            if format == Format::Go116 {
+                TEXT + off
+            } else {
+                off
+            }
+        };
+        let outer_at = functab_len;
+        let outer_size = 0x60; // room for every layout's fixed part, pcdata and funcdata
+        for (entry, at) in [(0u64, outer_at), (0x40, outer_at + outer_size)] {
+            put_field(&mut d, entry_of(entry));
+            put_field(&mut d, at as u64);
+        }
+        put_field(&mut d, entry_of(0x60));
+        let func =
+            |entry: u64, name: &str, pcfile: u32, pcln: u32, pcdata: &[u32], funcdata: &[u32]| {
+                let mut f = Vec::new();
+                if format == Format::Go116 {
+                    f.extend_from_slice(&entry_of(entry).to_le_bytes());
+                } else {
+                    f.extend_from_slice(&le32(entry as u32));
+                }
+                for v in [
+                    name_off[name],
+                    0,
+                    0,
+                    0,
+                    pcfile,
+                    pcln,
+                    pcdata.len() as u32,
+                    0,
+                ] {
+                    f.extend_from_slice(&le32(v));
+                }
+                if format == Format::Go120 {
+                    f.extend_from_slice(&le32(9)); // startLine
+                }
+                f.extend_from_slice(&[0, 0, 0, funcdata.len() as u8]);
+                for v in pcdata.iter().chain(funcdata) {
+                    f.extend_from_slice(&le32(*v));
+                }
+                f
+            };
+        let mut outer = func(
+            0,
+            "main.outer",
+            outer_file,
+            outer_line,
+            &[0, 0, outer_inl],
+            &[u32::MAX, u32::MAX, u32::MAX, 8],
+        );
+        assert!(outer.len() <= outer_size);
+        outer.resize(outer_size, 0);
+        d.extend_from_slice(&outer);
+        d.extend_from_slice(&func(0x40, "main.other", other_file, other_line, &[], &[]));
+
+        // The tree, 8 bytes into the funcdata area: [0] mid called at 0x08, [1] leaf at 0x22.
+        let mut calls = vec![
+            (name_off["main.mid"] as i32, 0x08),
+            (name_off["main.leaf"] as i32, 0x22),
+        ];
+        for (i, &c) in tree.iter().enumerate() {
+            calls[i] = c;
+        }
+        let mut gofunc = vec![0x55; 8];
+        for (i, (name, parent_pc)) in calls.into_iter().enumerate() {
+            if format == Format::Go120 {
+                gofunc.extend_from_slice(&[0, 0, 0, 0]);
+                gofunc.extend_from_slice(&name.to_le_bytes());
+                gofunc.extend_from_slice(&parent_pc.to_le_bytes());
+                gofunc.extend_from_slice(&9i32.to_le_bytes());
+            } else {
+                let parent = if i == 0 { -1i16 } else { 0 };
+                gofunc.extend_from_slice(&parent.to_le_bytes());
+                gofunc.extend_from_slice(&[0, 0]);
+                gofunc.extend_from_slice(&0i32.to_le_bytes()); // file
+                gofunc.extend_from_slice(&0i32.to_le_bytes()); // line
+                gofunc.extend_from_slice(&name.to_le_bytes());
+                gofunc.extend_from_slice(&parent_pc.to_le_bytes());
+            }
+        }
+        let in_table = d.len();
+        if place == Place::InTable {
+            d.extend_from_slice(&gofunc);
+        }
+        (d, gofunc, in_table)
+    }
+
+    fn parsed(format: Format, place: Place, tree: &[(i32, i32)]) -> Pclntab {
+        let (table, gofunc, in_table) = inline_table(format, place, tree);
+        let mut t = Pclntab::parse(Path::new("inline"), table, TEXT).unwrap();
+        t.set_gofunc(match place {
+            Place::InTable => GoFunc::InTable(in_table),
+            Place::Apart => GoFunc::Bytes(gofunc),
+        });
+        t
+    }
+
+    /// (function, file, line) of each frame at `pc`.
+    fn frames_at(t: &Pclntab, pc: u64) -> Vec<(String, String, u32)> {
+        t.frames(pc)
+            .into_iter()
+            .map(|l| {
+                assert_eq!(l.entry, if pc < TEXT + 0x40 { TEXT } else { TEXT + 0x40 });
+                (l.function, l.file.unwrap(), l.line.unwrap())
+            })
+            .collect()
+    }
+
+    fn owned(frames: &[(&str, &str, u32)]) -> Vec<(String, String, u32)> {
+        frames
+            .iter()
+            .map(|&(f, file, line)| (f.to_owned(), file.to_owned(), line))
+            .collect()
+    }
+
+    #[test]
+    fn expands_inlined_calls_innermost_first() {
+        for format in [Format::Go118, Format::Go120] {
+            for place in [Place::InTable, Place::Apart] {
+                let t = parsed(format, place, &[]);
+                assert_eq!(t.inlines(), Inlines::Expanded);
+                let at = |off: u64| frames_at(&t, TEXT + off);
+                // Outer's own code: one frame.
+                assert_eq!(at(0x00), owned(&[("main.outer", "a.go", 10)]));
+                assert_eq!(at(0x0f), owned(&[("main.outer", "a.go", 11)]));
+                assert_eq!(at(0x3f), owned(&[("main.outer", "a.go", 12)]));
+                // leaf inlined into mid inlined into outer: each frame at its call site.
+                let leaf = owned(&[
+                    ("main.leaf", "b.go", 30),
+                    ("main.mid", "b.go", 21),
+                    ("main.outer", "a.go", 11),
+                ]);
+                assert_eq!(at(0x10), leaf);
+                assert_eq!(at(0x1f), leaf);
+                let mid = owned(&[("main.mid", "b.go", 21), ("main.outer", "a.go", 11)]);
+                assert_eq!(at(0x20), mid);
+                assert_eq!(at(0x2f), mid);
+                // No tree: one frame. Outside every function: none.
+                assert_eq!(at(0x45), owned(&[("main.other", "a.go", 40)]));
+                assert!(t.frames(TEXT - 1).is_empty());
+                assert!(t.frames(TEXT + 0x60).is_empty());
+                // lookup keeps naming the physical function.
+                let l = t.lookup(TEXT + 0x10).unwrap();
+                assert_eq!((l.function.as_str(), l.line), ("main.outer", Some(30)));
+            }
+        }
+    }
+
+    /// The single-frame fallback: no tree known (a table parsed without `set_gofunc`, as for a
+    /// binary whose moduledata or Go version cannot be read) or a Go 1.16/1.17 table.
+    #[test]
+    fn without_inline_trees_frames_are_lookup() {
+        for format in [Format::Go116, Format::Go118, Format::Go120] {
+            let (table, gofunc, _) = inline_table(format, Place::Apart, &[]);
+            let mut t = Pclntab::parse(Path::new("inline"), table, TEXT).unwrap();
+            assert_eq!(t.format(), format);
+            assert!(matches!(t.inlines(), Inlines::Unavailable(_)));
+            if format == Format::Go116 {
+                t.set_gofunc(GoFunc::Bytes(gofunc));
+                assert_eq!(t.inlines(), Inlines::Unavailable(GO116_INLINES.to_owned()));
+            }
+            for off in 0..0x60 {
+                let pc = TEXT + off;
+                assert_eq!(t.frames(pc), t.lookup(pc).into_iter().collect::<Vec<_>>());
+            }
+            assert_eq!(
+                frames_at(&t, TEXT + 0x15),
+                owned(&[("main.outer", "b.go", 30)])
+            );
+        }
+    }
+
+    /// A tree that does not check out gives the physical function's one frame, never a frame
+    /// named from garbage.
+    #[test]
+    fn malformed_trees_fall_back_to_one_frame() {
+        let outer = owned(&[("main.outer", "b.go", 30)]);
+        let mid_name = 2 * 11; // "main.outer\0main.other\0" precede main.mid
+        let cases: &[(&str, &[(i32, i32)])] = &[
+            ("parent PC past the function", &[(mid_name, 0x40)]),
+            ("negative parent PC", &[(mid_name, -1)]),
+            ("name inside another name", &[(3, 0x08)]),
+            ("name past the table", &[(1 << 30, 0x08)]),
+            ("negative name", &[(-4, 0x08)]),
+            // mid's caller is inside leaf's range, whose caller is inside mid's: a loop.
+            ("parent PCs that loop", &[(mid_name, 0x10)]),
+        ];
+        for format in [Format::Go118, Format::Go120] {
+            for &(what, tree) in cases {
+                let t = parsed(format, Place::Apart, tree);
+                assert_eq!(frames_at(&t, TEXT + 0x15), outer, "{format:?}: {what}");
+            }
+            // Trees cut short, and trees beyond the end of the bytes.
+            let (table, gofunc, _) = inline_table(format, Place::Apart, &[]);
+            for len in 0..gofunc.len() {
+                let mut t = Pclntab::parse(Path::new("cut"), table.clone(), TEXT).unwrap();
+                t.set_gofunc(GoFunc::Bytes(gofunc[..len].to_vec()));
+                let frames = t.frames(TEXT + 0x15);
+                assert!(frames.len() == 3 || frames_at(&t, TEXT + 0x15) == outer);
+            }
+            let mut t = Pclntab::parse(Path::new("far"), table, TEXT).unwrap();
+            t.set_gofunc(GoFunc::InTable(usize::MAX - 4));
+            assert_eq!(frames_at(&t, TEXT + 0x15), outer);
+        }
+    }
+
+    #[test]
+    fn inline_tables_cut_or_flipped_never_panic() {
+        for format in [Format::Go118, Format::Go120] {
+            let (full, _, in_table) = inline_table(format, Place::InTable, &[]);
+            let check = |bytes: Vec<u8>| {
+                if let Ok(mut t) = Pclntab::parse(Path::new("x"), bytes, TEXT) {
+                    t.set_gofunc(GoFunc::InTable(in_table));
+                    for pc in TEXT - 2..TEXT + 0x62 {
+                        let _ = t.frames(pc);
+                    }
+                }
+            };
+            for len in 0..full.len() {
+                check(full[..len].to_vec());
+            }
+            for i in 0..full.len() {
+                for flip in [0x01, 0x80, 0xff] {
+                    let mut bad = full.clone();
+                    bad[i] ^= flip;
+                    check(bad);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gofunc_word_by_version() {
+        // 8-byte words: go1.19 38, go1.20–1.26 40, go1.27 43 (the go1.27.3 runtime's own
+        // offset of gofunc is 344 bytes).
+        assert_eq!(moduledata_gofunc_word(19), Some(38));
+        assert_eq!(moduledata_gofunc_word(20), Some(40));
+        assert_eq!(moduledata_gofunc_word(26), Some(40));
+        assert_eq!(moduledata_gofunc_word(27).map(|w| w * 8), Some(344));
+        for minor in [16, 17, 28, 99] {
+            assert_eq!(moduledata_gofunc_word(minor), None, "go1.{minor}");
+        }
+    }
+
+    /// The fuzz seeds are real tables in the fuzz target's input format (text start, gofunc
+    /// offset, table; fuzz/fuzz_targets/pclntab.rs), one per inline-tree layout: the fixture's
+    /// pushInlined, inlined into appendInlined, expands there.
+    #[test]
+    fn fuzz_seeds_expand_the_fixture_inlined_call() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/pclntab");
+        for (seed, format) in [("go1.19.8", Format::Go118), ("go1.27.3", Format::Go120)] {
+            let data = std::fs::read(dir.join(seed)).expect("seed");
+            let text = u64::from_le_bytes(data[..8].try_into().unwrap());
+            let gofunc = u32::from_le_bytes(data[8..12].try_into().unwrap());
+            let mut t = Pclntab::parse(Path::new(seed), data[12..].to_vec(), text).unwrap();
+            assert_eq!(t.format(), format, "{seed}");
+            t.set_gofunc(GoFunc::InTable(gofunc as usize));
+            let f = t
+                .find_function("main.appendInlined")
+                .expect("appendInlined");
+            let expanded = (f.entry..f.end).any(|pc| {
+                let names: Vec<String> = t.frames(pc).into_iter().map(|l| l.function).collect();
+                names == ["main.pushInlined", "main.appendInlined"]
+            });
+            assert!(expanded, "{seed}: no PC of appendInlined in pushInlined");
+        }
     }
 }

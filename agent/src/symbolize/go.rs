@@ -6,12 +6,14 @@
 //! so Go code is named from it in both cases: the same binary gives the same frames whether
 //! stripped or not. Addresses outside the table (cgo's C code) still go to blazesym.
 //!
-//! Inlining: the reader does not expand Go's inline trees (`FUNCDATA_InlTree`), so an address
-//! inside inlined code gives one frame, named after the function it was inlined into but with
-//! the inlined code's own file and line (what `go tool addr2line` prints). For unstripped
-//! binaries that gives up the inlined frames blazesym read from DWARF (measured: about half
-//! of `runtime.growslice`'s bytes are inlined code), the price of both builds agreeing until
-//! the reader expands the tree.
+//! Inlining: an address inside inlined code gives one frame per inlined call, innermost first,
+//! then the physical function, each with its own file and line, as the Go runtime's own
+//! tracebacks expand its inline tree (`FUNCDATA_InlTree`, see `gort/pclntab.rs`). That is what
+//! blazesym reads from DWARF for unstripped binaries (about half of `runtime.growslice`'s bytes
+//! are inlined code), and stripped builds get it too. Where a binary's tree cannot be read
+//! (Go 1.16/1.17, a Go version whose moduledata layout was not read) an address gives one frame
+//! named after the physical function, with the inlined code's file and line (what
+//! `go tool addr2line` prints).
 
 use std::fs::File;
 use std::path::Path;
@@ -48,10 +50,13 @@ impl GoFile {
         Ok(Some(Self { table, segments }))
     }
 
-    /// Function, file and line of the code at file offset `offset`; `None` outside the Go
-    /// text (e.g. cgo's C code) or in bytes no segment loads.
-    pub(super) fn lookup(&self, offset: u64) -> Option<Location> {
-        self.table.lookup(vaddr(&self.segments, offset)?)
+    /// The source frames (function, file and line) of the code at file offset `offset`,
+    /// innermost inlined call first; empty outside the Go text (e.g. cgo's C code) or in bytes
+    /// no segment loads.
+    pub(super) fn frames(&self, offset: u64) -> Vec<Location> {
+        vaddr(&self.segments, offset)
+            .map(|pc| self.table.frames(pc))
+            .unwrap_or_default()
     }
 }
 

@@ -587,15 +587,23 @@ fn resolve_in(
 ) -> Vec<Frame> {
     let frame = frame.clone();
     let addr = frame.address;
-    // Go code by the Go table first, for stripped and unstripped binaries alike; addresses
-    // outside it (cgo's C code) fall through to blazesym.
-    if let Some(loc) = elf.go(&mapping.module).and_then(|go| go.lookup(lookup)) {
-        return vec![Frame {
-            function: Some(loc.function),
-            file: loc.file,
-            line: loc.line,
-            ..frame
-        }];
+    // Go code by the Go table first, for stripped and unstripped binaries alike (inlined calls
+    // expanded from its inline trees); addresses outside it (cgo's C code) fall through to
+    // blazesym.
+    let go = elf
+        .go(&mapping.module)
+        .map(|go| go.frames(lookup))
+        .unwrap_or_default();
+    if !go.is_empty() {
+        return go
+            .into_iter()
+            .map(|loc| Frame {
+                function: Some(loc.function),
+                file: loc.file,
+                line: loc.line,
+                ..frame.clone()
+            })
+            .collect();
     }
     let source = Source::from(Elf::new(&elf.path));
     let input = Input::FileOffset(lookup);
