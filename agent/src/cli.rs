@@ -207,7 +207,8 @@ pub struct LeaksArgs {
 /// What to trace, for how long, and where the report goes.
 #[derive(Debug, Args)]
 pub struct CommonArgs {
-    /// Trace this running process.
+    /// Trace this running process, and the processes it starts after allocwatch attached
+    /// (unless --no-follow).
     #[arg(
         long,
         short = 'p',
@@ -216,9 +217,14 @@ pub struct CommonArgs {
         value_parser = values::pid
     )]
     pub pid: Option<NonZeroU32>,
-    /// Run this command and trace it from its first instruction.
+    /// Run this command and trace it from its first instruction, with every process it
+    /// starts (unless --no-follow).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
+    /// Trace only the process itself, not the processes it starts (its children are then
+    /// not counted; the libc probes are planted in that one process only).
+    #[arg(long)]
+    pub no_follow: bool,
     #[arg(
         long,
         value_name = "DURATION",
