@@ -33,7 +33,9 @@ use crate::target::{
 fn exit_has_group_dead() -> bool {
     ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
         .iter()
-        .filter_map(|t| std::fs::read_to_string(format!("{t}/events/sched/sched_process_exit/format")).ok())
+        .filter_map(|t| {
+            std::fs::read_to_string(format!("{t}/events/sched/sched_process_exit/format")).ok()
+        })
         .any(|f| f.contains("group_dead"))
 }
 

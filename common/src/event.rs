@@ -447,7 +447,10 @@ mod user {
                 Event::try_from(bytes_of(&fork).as_slice()),
                 Ok(Event::Fork(11, 10, true))
             );
-            let full = ForkEvent { followed: 0, ..fork };
+            let full = ForkEvent {
+                followed: 0,
+                ..fork
+            };
             assert_eq!(
                 Event::try_from(bytes_of(&full).as_slice()),
                 Ok(Event::Fork(11, 10, false))

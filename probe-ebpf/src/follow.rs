@@ -5,7 +5,7 @@
 
 use allocwatch_common::{
     config::FLAG_FOLLOW,
-    event::{EXIT_CODE_KNOWN, EventHeader, EventKind, ExitEvent, ForkEvent, Followed},
+    event::{EXIT_CODE_KNOWN, EventHeader, EventKind, ExitEvent, Followed, ForkEvent},
     loss::LossCause,
 };
 use aya_ebpf::{

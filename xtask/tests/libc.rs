@@ -159,7 +159,11 @@ fn follow_forked_children_exact_per_process() {
     let fixture = path_str(&env.fixture);
     let (_aw, pid, proc) = run_json(&env, "follow-fork", &["top"], &["--", fixture, "fork", "4"]);
     let followed = array(&proc, "followed");
-    assert_eq!(followed.len(), 5, "the fixture and its 4 children\n{proc:#}");
+    assert_eq!(
+        followed.len(),
+        5,
+        "the fixture and its 4 children\n{proc:#}"
+    );
     assert_eq!(u64_at(&followed[0], "pid"), u64::from(pid));
     assert_eq!(u64_at(&followed[0]["calls"], "malloc"), 0, "{proc:#}");
     let mut children: Vec<(u64, u64, u64, i64)> = followed[1..]
@@ -210,7 +214,10 @@ fn no_follow_traces_only_the_wrapper() {
     for api in ["posix_memalign", "valloc", "pvalloc", "calloc"] {
         assert_eq!(u64_at(&proc["calls"], api), 0, "calls.{api}\n{proc:#}");
     }
-    assert!(u64_at(&proc["calls"], "malloc") > 0, "the shell's own\n{proc:#}");
+    assert!(
+        u64_at(&proc["calls"], "malloc") > 0,
+        "the shell's own\n{proc:#}"
+    );
 }
 
 /// (b) `leaks --min-age 0s -- fixture run`: what stays live, grouped by the allocating function.

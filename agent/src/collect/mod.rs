@@ -154,14 +154,14 @@ pub fn overflow(probes: &impl MapSource) -> Result<[Overflow; API_COUNT], Collec
     Ok(out)
 }
 
-/// Following a tree: calls and bytes per API of each program a process ran, by (tgid, its
-/// exec count then), CPUs summed; and the calls the table had no room for.
-pub fn programs(
-    probes: &impl MapSource,
-) -> Result<(BTreeMap<(u32, u32), [Overflow; API_COUNT]>, u64), CollectError> {
+/// Calls and bytes per API of each program a followed process ran, by (tgid, its exec count).
+pub type ProgramCounts = BTreeMap<(u32, u32), [Overflow; API_COUNT]>;
+
+/// Following a tree: [`ProgramCounts`], CPUs summed; and the calls the table had no room for.
+pub fn programs(probes: &impl MapSource) -> Result<(ProgramCounts, u64), CollectError> {
     let name = map_names::PROGRAMS;
     let map = RawMap::of::<ProgramKey, Overflow>(map_ref(probes, name)?, name)?;
-    let mut out: BTreeMap<(u32, u32), [Overflow; API_COUNT]> = BTreeMap::new();
+    let mut out = ProgramCounts::new();
     map.scan(
         &mut Cursor::default(),
         usize::MAX,

@@ -15,10 +15,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use allocwatch_common::libc::{API_COUNT, Overflow, SiteKey, SiteStats};
+use allocwatch_common::libc::{API_COUNT, SiteKey, SiteStats};
 
 use crate::{
     aggregate::{self, Sampling, Totals},
+    collect::ProgramCounts,
     probes::Probes,
     procfs,
     report::{ProcessInfo, TreeProcess},
@@ -314,7 +315,7 @@ impl Tree {
         &mut self,
         root: &ProcessInfo,
         rows: &BTreeMap<SiteKey, SiteStats>,
-        programs: &BTreeMap<(u32, u32), [Overflow; API_COUNT]>,
+        programs: &ProgramCounts,
         sampling: Sampling,
     ) -> Vec<TreeProcess> {
         if !self.on {
@@ -431,6 +432,8 @@ fn maps_libc(m: &MapEntry) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use allocwatch_common::libc::Overflow;
+
     use super::*;
     fn tree() -> Tree {
         let set = GoProbeSet {

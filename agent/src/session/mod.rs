@@ -122,19 +122,19 @@ fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer,
     let capacity = Capacity::from(args.capacity);
     // Following, the probes go into every process that maps the files, and the kernel's
     // followed set narrows them to the tree; without, into the one process.
-    let follow = !args.no_follow;
-    let scope = (!follow).then_some(pid);
-    let mut probes = Probes::load_mode(
-        &ProbeConfig {
-            tgid: scope,
-            filter: if follow { Filter::Follow } else { Filter::None },
-            stacks: args.mode.stacks() && !args.no_stacks,
-            sample_bytes: args.sample_bytes,
-            capacity,
-        },
-        args.mode,
-    )
-    .map_err(|e| resolve::explain_load_error(e, &capacity))?;
+    let load = |follow: bool| {
+        Probes::load_mode(
+            &ProbeConfig {
+                tgid: (!follow).then_some(pid),
+                filter: if follow { Filter::Follow } else { Filter::None },
+                stacks: args.mode.stacks() && !args.no_stacks,
+                sample_bytes: args.sample_bytes,
+                capacity,
+            },
+            args.mode,
+        )
+        .map_err(|e| resolve::explain_load_error(e, &capacity))
+    };
     // A process that exits while the probes go in makes the attach fail with an errno that
     // names nothing the user did: say what happened instead.
     let exited = |e: anyhow::Error| {
@@ -144,9 +144,28 @@ fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer,
             resolve::exited_instead(pid.get(), e)
         }
     };
-    if follow {
-        probes.follow(pid).map_err(|e| exited(e.into()))?;
-    }
+    let (mut probes, follow) = if args.no_follow {
+        (load(false)?, false)
+    } else {
+        let mut probes = load(true)?;
+        match probes.follow(pid) {
+            Ok(()) => (probes, true),
+            Err(e) if !launched && procfs::has_exited(pid.get()) => {
+                return Err(exited(e.into()));
+            }
+            // The tracepoints need tracefs (absent, or not ours without root): the one
+            // process is still worth tracing, and the user is told what is missing.
+            Err(e) => {
+                eprintln!(
+                    "allocwatch: warning: cannot follow the processes pid {pid} starts ({e}): \
+                     tracing it alone, as with --no-follow"
+                );
+                drop(probes);
+                (load(false)?, false)
+            }
+        }
+    };
+    let scope = (!follow).then_some(pid);
     let targets = resolve::attach(&mut probes, &r, resolve::go_probes(args), scope)
         .map_err(|e| exited(e.into()))?;
     // Started before the command runs: the first snapshot of a short command must not wait
@@ -156,12 +175,7 @@ fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer,
     let exec_snapshots = if follow {
         collect::take_exec_notify(&mut pipe.parts.probes)
             .map_err(anyhow::Error::from)
-            .and_then(|ring| {
-                Ok(exec_snapshots::spawn(
-                    ring,
-                    pipe.parts.symbolizer.clone(),
-                )?)
-            })
+            .and_then(|ring| Ok(exec_snapshots::spawn(ring, pipe.parts.symbolizer.clone())?))
             .inspect_err(|e| eprintln!("allocwatch: warning: exec snapshots: {e}"))
             .ok()
     } else {
@@ -207,7 +221,13 @@ fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer,
         watched: Watched {
             info,
             go: r.go.as_deref().map(GoState::new),
-            tree: Tree::new(follow, pid.get(), launched, targets, resolve::go_probes(args)),
+            tree: Tree::new(
+                follow,
+                pid.get(),
+                launched,
+                targets,
+                resolve::go_probes(args),
+            ),
         },
         _exec_snapshots: exec_snapshots,
         go_target: r.go,

@@ -19,8 +19,8 @@ use super::follow::Tree;
 use crate::{
     aggregate,
     aggregate::Sampling,
-    daemon::exec_snapshots::ExecSnapshots,
     collect,
+    daemon::exec_snapshots::ExecSnapshots,
     gort::live::ProcessMemory,
     gort::versions::MapImpl,
     gostate::{GoSiteKey, GoState, Pauses, Verdict, Verdicts},
