@@ -831,14 +831,16 @@ fn pid_attach_survives_program_exit() {
         |_| true,
         |b| {
             // Enough repetitions of map_huge (tens of ms each, growth and GC all the way) to
-            // run ≈ 1.5 s untraced: allocwatch attaches in a fraction of that.
+            // run ≈ 3 s untraced: allocwatch attaches in a fraction of that (following the
+            // children too, its default, costs ≈ 0.5 s more than one process: 1.3-1.5 s vs
+            // 0.9 s measured on a busy 2-CPU machine, where 1.5 s was no longer enough).
             let once = {
                 let start = Instant::now();
                 let out = run_untraced(&b.path, &["map_huge"]);
                 assert_eq!(out.stdout, format!("{MAP_HUGE_LINE}\n"));
                 start.elapsed()
             };
-            let reps = (1500 / once.as_millis().max(1)).clamp(4, 100) as usize;
+            let reps = (3000 / once.as_millis().max(1)).clamp(4, 200) as usize;
             let modes = vec!["map_huge"; reps];
             let mut fixture = KillOnDrop(
                 Command::new(&b.path)
