@@ -1343,10 +1343,7 @@ fn runs_with_exactly_the_daemonset_capabilities() {
 
     // A Go program seen after the drop: its file gets uprobes of its own now. A hard link
     // (same inode) stopped right after exec is attached first; the measured run follows.
-    let warm = Fixture::spawn_quiet(&go_warm, &["gc"; 2000]);
-    signal(warm.pid, libc::SIGSTOP);
-    agent.discover(&Identity::of(&go_warm), "allocwatch_go_info", warm.started);
-    drop(warm);
+    attach_go_file(&agent, &go_warm);
     let go_id = Identity::of(&go);
     let out = Command::new(&go)
         .arg("map_big")
@@ -1354,25 +1351,7 @@ fn runs_with_exactly_the_daemonset_capabilities() {
         .output()
         .expect("the Go fixture");
     assert!(out.status.success(), "{}: {}", go.display(), out.status);
-    let want = if build.old_maps() {
-        ("double", OLD_MAP_BIG_DOUBLINGS)
-    } else {
-        ("grow", SWISS_MAP_BIG_GROWS)
-    };
-    agent.scrape_until(
-        &format!("allocwatch_go_map_grows_total of {go_id}"),
-        Duration::from_secs(10),
-        |m| m.has(&go_id, "allocwatch_go_map_grows_total"),
-    );
-    let m = agent.scrape_stable(&go_id);
-    assert_eq!(
-        m.counter(&go_id, "allocwatch_go_map_grows_total", &[("kind", want.0)]),
-        want.1,
-        "map_big's map growth ({}) counted by the unprivileged agent\n{}",
-        want.0,
-        m.lines_of(&go_id)
-    );
-    m.assert_conventions();
+    assert_map_big_growth(&agent, &go_id, &build, "counted by the unprivileged agent");
     agent.stop();
 }
 
@@ -1392,10 +1371,7 @@ fn go_program_gone_before_its_exec_is_read_keeps_its_growth() {
     let exe = format!("^{}/", scratch.path.display());
     let mut agent = Agent::start(&env, &["--exe", &exe]);
     // Its file attached first (see runs_with_exactly_the_daemonset_capabilities).
-    let warm = Fixture::spawn_quiet(&go_warm, &["gc"; 2000]);
-    signal(warm.pid, libc::SIGSTOP);
-    agent.discover(&Identity::of(&go_warm), "allocwatch_go_info", warm.started);
-    drop(warm);
+    attach_go_file(&agent, &go_warm);
     let go_id = Identity::of(&go);
     let agent_pid = agent.child.id();
     signal(agent_pid, libc::SIGSTOP);
@@ -1406,25 +1382,12 @@ fn go_program_gone_before_its_exec_is_read_keeps_its_growth() {
     signal(agent_pid, libc::SIGCONT);
     let out = out.expect("the Go fixture");
     assert!(out.status.success(), "{}: {}", go.display(), out.status);
-    let want = if build.old_maps() {
-        ("double", OLD_MAP_BIG_DOUBLINGS)
-    } else {
-        ("grow", SWISS_MAP_BIG_GROWS)
-    };
-    agent.scrape_until(
-        &format!("allocwatch_go_map_grows_total of {go_id}"),
-        Duration::from_secs(10),
-        |m| m.has(&go_id, "allocwatch_go_map_grows_total"),
+    assert_map_big_growth(
+        &agent,
+        &go_id,
+        &build,
+        "of a program gone before the agent read its exec",
     );
-    let m = agent.scrape_stable(&go_id);
-    assert_eq!(
-        m.counter(&go_id, "allocwatch_go_map_grows_total", &[("kind", want.0)]),
-        want.1,
-        "map_big's map growth ({}) of a program gone before the agent read its exec\n{}",
-        want.0,
-        m.lines_of(&go_id)
-    );
-    m.assert_conventions();
     agent.stop();
 }
 
@@ -1919,10 +1882,7 @@ fn go_map_gauges_and_verdicts() {
         let warm = scratch.path.join(format!("warm-{}", build.version));
         fs::hard_link(&path, &warm).expect("hard link of the fixture");
         // Attached to the file before the measured run starts (see go_growth_matches_top).
-        let w = Fixture::spawn_quiet(&warm, &["gc"; 2000]);
-        signal(w.pid, libc::SIGSTOP);
-        agent.discover(&Identity::of(&warm), "allocwatch_go_info", w.started);
-        drop(w);
+        attach_go_file(&agent, &warm);
         let id = Identity::of(&path);
         let mut fx = Fixture::spawn_quiet(&path, &["bloat", "dedup"]);
         let site_of = |m: &Metrics, family: &str, function: &str| -> Vec<(String, f64)> {
@@ -2422,6 +2382,37 @@ impl GoBuild {
     fn old_maps(&self) -> bool {
         version_key(&self.version).get(1).copied().unwrap_or(0) <= 23
     }
+}
+
+/// Attaches the agent to a Go file before a measured run: a process of `warm` (a hard link of
+/// the measured file, same inode) is stopped right after exec until the agent lists it.
+fn attach_go_file(agent: &Agent, warm: &Path) {
+    let w = Fixture::spawn_quiet(warm, &["gc"; 2000]);
+    signal(w.pid, libc::SIGSTOP);
+    agent.discover(&Identity::of(warm), "allocwatch_go_info", w.started);
+}
+
+/// `map_big`'s exact map growth under `id` (`what`: whose, for the message), once stable.
+fn assert_map_big_growth(agent: &Agent, id: &Identity, build: &GoBuild, what: &str) {
+    let want = if build.old_maps() {
+        ("double", OLD_MAP_BIG_DOUBLINGS)
+    } else {
+        ("grow", SWISS_MAP_BIG_GROWS)
+    };
+    agent.scrape_until(
+        &format!("allocwatch_go_map_grows_total of {id}"),
+        Duration::from_secs(10),
+        |m| m.has(id, "allocwatch_go_map_grows_total"),
+    );
+    let m = agent.scrape_stable(id);
+    assert_eq!(
+        m.counter(id, "allocwatch_go_map_grows_total", &[("kind", want.0)]),
+        want.1,
+        "map_big's map growth ({}) {what}\n{}",
+        want.0,
+        m.lines_of(id)
+    );
+    m.assert_conventions();
 }
 
 /// The newest old-map build and the newest build of all (swiss maps), plain (not stripped, not

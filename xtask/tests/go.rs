@@ -570,16 +570,7 @@ fn slice_growth_exact() {
             // 1.25× rule with size-class rounding up to 12,288).
             assert_eq!(caps.len(), 19, "ints caps printed by the fixture: {caps:?}");
             let sites = t.sites_at("slice_grow", "main.appendInts");
-            let count: u64 = sites.iter().map(|s| u64_at(s, "count")).sum();
-            let bytes: u64 = sites.iter().map(|s| u64_at(s, "bytes")).sum();
-            let want_bytes: u64 = caps.iter().map(|c| c * 8).sum();
-            assert_eq!(
-                (count, bytes),
-                (caps.len() as u64, want_bytes),
-                "slice_grow (count, bytes) at main.appendInts vs the fixture's capacities \
-                 {caps:?} × 8 bytes\n{}",
-                t.summary()
-            );
+            t.assert_int_slice_growth(&sites, "main.appendInts", &caps);
             let large: Vec<u64> = caps
                 .iter()
                 .map(|c| c * 8)
@@ -665,16 +656,7 @@ fn inlined_growth_site_names_the_inlined_function() {
             }
             // Every growth of the loop went through the inlined frame, none is left to the
             // caller alone.
-            let count: u64 = sites.iter().map(|s| u64_at(s, "count")).sum();
-            let bytes: u64 = sites.iter().map(|s| u64_at(s, "bytes")).sum();
-            let want_bytes: u64 = caps.iter().map(|c| c * 8).sum();
-            assert_eq!(
-                (count, bytes),
-                (caps.len() as u64, want_bytes),
-                "slice_grow (count, bytes) at main.pushInlined vs the fixture's capacities \
-                 {caps:?} × 8 bytes\n{}",
-                t.summary()
-            );
+            t.assert_int_slice_growth(&sites, "main.pushInlined", &caps);
             assert!(
                 t.sites_at("slice_grow", "main.appendInlined").is_empty(),
                 "a growth named after the caller without its inlined frame\n{}",
@@ -1835,6 +1817,21 @@ impl Traced {
 
     /// The report's `go` object without its long lists, and the fixture's own sites and maps
     /// (function names only): enough to see what went wrong.
+    /// The `[]int` growth at `sites` (of `function`) is the fixture's printed capacities: one
+    /// growth each, 8 bytes per element.
+    fn assert_int_slice_growth(&self, sites: &[&Value], function: &str, caps: &[u64]) {
+        let count: u64 = sites.iter().map(|s| u64_at(s, "count")).sum();
+        let bytes: u64 = sites.iter().map(|s| u64_at(s, "bytes")).sum();
+        let want_bytes: u64 = caps.iter().map(|c| c * 8).sum();
+        assert_eq!(
+            (count, bytes),
+            (caps.len() as u64, want_bytes),
+            "slice_grow (count, bytes) at {function} vs the fixture's capacities {caps:?} × 8 \
+             bytes\n{}",
+            self.summary()
+        );
+    }
+
     fn summary(&self) -> String {
         let go = self.go();
         let mut s = String::new();
