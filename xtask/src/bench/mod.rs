@@ -202,7 +202,9 @@ pub fn run(paths: &Paths, args: &Args) -> anyhow::Result<()> {
                 args.stream_secs,
             )
         }),
-        ("node", &|| node_section(paths, &bench, &out_dir, &node_opts)),
+        ("node", &|| {
+            node_section(paths, &bench, &out_dir, &node_opts)
+        }),
     ];
     for (name, section) in sections {
         if !want(name) {

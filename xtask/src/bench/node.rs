@@ -75,7 +75,10 @@ fn node_configs(libc: &str, with_bpftrace: bool) -> Vec<NodeConfig> {
         agent("agent, defaults (full, sample_bytes 512 KiB)", &[]),
         agent("agent --mode count-stacks", &["--mode", "count-stacks"]),
         agent("agent --mode count", &["--mode", "count"]),
-        agent("agent --sample-bytes 0 (full, exact)", &["--sample-bytes", "0"]),
+        agent(
+            "agent --sample-bytes 0 (full, exact)",
+            &["--sample-bytes", "0"],
+        ),
     ];
     if with_bpftrace
         && let Some(Tracer::Bpftrace(_, script)) = bpftrace_scripts(libc)
@@ -157,8 +160,8 @@ pub(super) fn node_section(
         );
     }
     let result = (|| {
-        let stats_were_on = fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
-            .is_ok_and(|s| s.trim() == "1");
+        let stats_were_on =
+            fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() == "1");
         let _stats = enable_bpf_stats()?;
         let mut background = KillOnDrop(Vec::new());
         eprintln!(
@@ -168,9 +171,7 @@ pub(super) fn node_section(
         for _ in 0..opts.idle {
             background.0.push(spawn_quiet(&mut Command::new(&idle))?);
         }
-        background
-            .0
-            .push(spawn_quiet(&mut Command::new(&steady))?);
+        background.0.push(spawn_quiet(&mut Command::new(&steady))?);
         let bg_pids: Vec<u32> = background.0.iter().map(Child::id).collect();
         let progs = Programs {
             libc_fixture: &libc_fixture,
@@ -209,7 +210,14 @@ pub(super) fn node_section(
             }
         }
         Ok(node_markdown(
-            &configs, &runs, opts, tc, reps, &loads, &notes, stats_were_on,
+            &configs,
+            &runs,
+            opts,
+            tc,
+            reps,
+            &loads,
+            &notes,
+            stats_were_on,
         ))
     })();
     for id in sig_ids {
@@ -447,7 +455,10 @@ fn start_tracer(
         }
         let log_text = || fs::read_to_string(&log).unwrap_or_default();
         if let Some(st) = started.child.0[0].try_wait()? {
-            bail!("the tracer exited before it was ready ({st}):\n{}", log_text());
+            bail!(
+                "the tracer exited before it was ready ({st}):\n{}",
+                log_text()
+            );
         }
         let ready = match port {
             // Ready once it reports every idle process (it found and attached them).
