@@ -97,7 +97,7 @@ pub struct Args {
     #[arg(long, default_value_t = 4.0)]
     pub stream_secs: f64,
     /// Rounds of the node section's batch (each: sh, python3, libc_fixture, gogrowth).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 30)]
     pub node_rounds: usize,
     /// Mostly idle processes alive throughout the node section.
     #[arg(long, default_value_t = 200)]
