@@ -40,6 +40,8 @@ const GO_ROUNDS: &str = "50";
 /// At most this many repetitions (every run starts a tracer; the default run stays ~10 min).
 const MAX_REPS: usize = 5;
 const MEMLEAK: &str = "live allocations (memleak-like)";
+/// How long the tracer is measured before the batch.
+const IDLE_WINDOW: Duration = Duration::from_secs(3);
 
 #[derive(Clone, Debug)]
 enum NodeTracer {
@@ -104,6 +106,9 @@ pub(super) struct NodeRun {
     pub(super) background: f64,
     /// The tracer's own CPU (utime + stime) over the batch, fraction of one core.
     pub(super) tracer: Option<f64>,
+    /// The tracer's CPU and its BPF programs' run time over [`IDLE_WINDOW`] before the batch
+    /// (the long-lived processes and the rest of the machine only), fractions of one core.
+    pub(super) before: Option<(f64, f64)>,
     /// Time spent in the tracer's BPF programs, fraction of one core, and runs per second.
     pub(super) bpf: Option<(f64, f64)>,
     /// Events the agent counted as lost since its start, by cause (non-zero only).
@@ -516,6 +521,16 @@ fn node_run(
     let jobs = batch(progs, opts.rounds);
     let ticks = clock_ticks();
 
+    // The tracer before the batch: what the long-lived processes and the rest of the machine
+    // cost it.
+    let idle = match tracer_pid {
+        Some(pid) => {
+            let at = (bpftool_progs()?, cpu_ticks(pid)?, Instant::now());
+            thread::sleep(IDLE_WINDOW);
+            Some(at)
+        }
+        None => None,
+    };
     // bpftool is a child too: read outside the rusage window.
     let bpf0 = tracer_pid.map(|_| bpftool_progs()).transpose()?;
     let tb0 = Instant::now();
@@ -549,6 +564,15 @@ fn node_run(
     {
         run.tracer = Some((tr1 - tr0) as f64 / ticks / wall);
         let ids = kernel::held_by(t.pid).progs;
+        if let Some((bpf_idle, tr_idle, since)) = &idle {
+            let secs = (tb0 - *since).as_secs_f64();
+            let (ns_idle, _) = bpf_run_totals(bpf_idle, &ids)?;
+            let (ns0, _) = bpf_run_totals(bpf0, &ids)?;
+            run.before = Some((
+                tr0.saturating_sub(*tr_idle) as f64 / ticks / secs,
+                ns0.saturating_sub(ns_idle) as f64 / 1e9 / secs,
+            ));
+        }
         let (ns0, n0) = bpf_run_totals(bpf0, &ids)?;
         let (ns1, n1) = bpf_run_totals(bpf1, &ids)?;
         run.bpf = Some((
@@ -598,7 +622,7 @@ pub(super) fn node_row(runs: &[NodeRun], base: &[NodeRun]) -> String {
     };
     let lost = lost_cell(runs.iter().filter_map(|r| r.lost.as_ref()));
     format!(
-        "| {:.2} ({}) | {} | {:.2} ({}) | {} | {:.1} | {} | {} | {} | {} | {} | {:.0} |",
+        "| {:.2} ({}) | {} | {:.2} ({}) | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
         median(&wall),
         spread(&wall, 2),
         ratio(median(&wall), base_col(|r| r.wall)),
@@ -606,6 +630,8 @@ pub(super) fn node_row(runs: &[NodeRun], base: &[NodeRun]) -> String {
         spread(&cpu, 2),
         ratio(median(&cpu), base_col(|r| r.cpu)),
         median(&col(|r| r.background)) * 100.0,
+        opt(|r| r.before.map(|b| b.0), 100.0, 1),
+        opt(|r| r.before.map(|b| b.1), 100.0, 1),
         opt(|r| r.tracer, 100.0, 1),
         opt(|r| r.bpf.map(|b| b.0), 100.0, 1),
         opt(|r| r.bpf.map(|b| b.1), 1e-3, 0),
@@ -659,7 +685,8 @@ fn node_markdown(
          RUSAGE_CHILDREN; the probes' traps and BPF programs run in the traced process and \
          count here); × = ratio of medians to no agent. *Background*: the long-lived \
          processes' CPU over the batch. *Tracer*: the agent's (or bpftrace's) utime + stime \
-         over the batch. *BPF*: `run_time_ns` and `run_cnt` of the tracer's programs (kernel \
+         over the batch. *Before the batch*: the same over {} s just before it (the long-lived \
+         processes and the rest of the machine only). *BPF*: `run_time_ns` and `run_cnt` of the tracer's programs (kernel \
          BPF statistics, on for the whole section{}), over the batch: the agent traces every \
          process of the machine, other users' included. *Rest of the machine*: busy CPU \
          (/proc/stat) over the batch minus the batch, the background and the tracer. CPU \
@@ -668,14 +695,15 @@ fn node_markdown(
         opts.rounds,
         tc.version,
         opts.parallel,
+        IDLE_WINDOW.as_secs(),
         if stats_were_on {
             "; already on before it"
         } else {
             ""
         },
     );
-    md += "| configuration | batch wall, s: median (min–max) | × | batch CPU, s: median (min–max) | × | background CPU, % | tracer CPU, % | BPF programs, % | BPF runs, k/s | events lost (all runs) | agent RSS, MiB | rest of the machine, % |\n";
-    md += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    md += "| configuration | batch wall, s: median (min–max) | × | batch CPU, s: median (min–max) | × | background CPU, % | before the batch: tracer CPU, % | before: BPF programs, % | tracer CPU, % | BPF programs, % | BPF runs, k/s | events lost (all runs) | agent RSS, MiB | rest of the machine, % |\n";
+    md += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
     for (c, r) in configs.iter().zip(runs) {
         md += &format!("| {} {}\n", c.name, node_row(r, &runs[0]));
     }
@@ -759,12 +787,13 @@ mod tests {
         let base = vec![run(10.0, 8.0), run(12.0, 9.0), run(11.0, 8.5)];
         assert_eq!(
             node_row(&base, &base),
-            "| 11.00 (10.00–12.00) | 1.00 | 8.50 (8.00–9.00) | 1.00 | 2.0 | — | — | — | — | — | 0 |"
+            "| 11.00 (10.00–12.00) | 1.00 | 8.50 (8.00–9.00) | 1.00 | 2.0 | — | — | — | — | — | — | — | 0 |"
         );
         let traced: Vec<NodeRun> = [(22.0, 17.0), (23.0, 18.0)]
             .iter()
             .map(|&(w, c)| NodeRun {
                 tracer: Some(0.25),
+                before: Some((0.1, 0.02)),
                 bpf: Some((0.05, 120_000.0)),
                 lost: Some(BTreeMap::new()),
                 other: 0.5,
@@ -774,7 +803,7 @@ mod tests {
             .collect();
         assert_eq!(
             node_row(&traced, &base),
-            "| 22.50 (22.00–23.00) | 2.05 | 17.50 (17.00–18.00) | 2.06 | 2.0 | 25.0 | 5.0 | 120 | 0 | 100 | 50 |"
+            "| 22.50 (22.00–23.00) | 2.05 | 17.50 (17.00–18.00) | 2.06 | 2.0 | 10.0 | 2.0 | 25.0 | 5.0 | 120 | 0 | 100 | 50 |"
         );
         let lost = |v: &[(&str, f64)]| -> BTreeMap<String, f64> {
             v.iter().map(|&(c, n)| (c.to_owned(), n)).collect()
