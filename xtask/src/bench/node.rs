@@ -165,6 +165,7 @@ pub(super) fn node_section(
         );
     }
     let result = (|| {
+        // Only the sysctl's own setting (other holders of BPF_ENABLE_STATS do not show).
         let stats_were_on =
             fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() == "1");
         let _stats = enable_bpf_stats()?;
@@ -319,8 +320,9 @@ fn run_batch(
 }
 
 /// The kernel's BPF run-time statistics (`run_time_ns`, `run_cnt`) while the returned fd is
-/// open (BPF_ENABLE_STATS: the same switch as `sysctl kernel.bpf_stats_enabled`, counted per
-/// holder, so it goes back to what it was however this process ends, SIGKILL included).
+/// open (BPF_ENABLE_STATS: the switch `sysctl kernel.bpf_stats_enabled` turns on, counted per
+/// holder, so it goes back to what it was however this process ends, SIGKILL included; the
+/// sysctl keeps showing only its own setting).
 fn enable_bpf_stats() -> anyhow::Result<OwnedFd> {
     const BPF_ENABLE_STATS: libc::c_long = 32;
     // union bpf_attr's enable_stats: { __u32 type }, BPF_STATS_RUN_TIME = 0.
