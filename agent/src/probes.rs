@@ -272,7 +272,11 @@ impl Probes {
             Filter::Deny => config::FLAG_DENYLIST,
             Filter::Follow => config::FLAG_FOLLOW,
         };
-        let group_dead = u32::from(exit_has_group_dead());
+        let follow = matches!(cfg.filter, Filter::Follow);
+        let group_dead = u32::from(follow && exit_has_group_dead());
+        // The tree's tables are sized only when following: PROGRAMS is per CPU and
+        // preallocated (megabytes on a large node, for an agent that never uses it).
+        let tree = |n: u32| if follow { n } else { 1 };
         let mut ebpf = EbpfLoader::new()
             .override_global(globals::TARGET_TGID, &tgid, true)
             .override_global(globals::FLAGS, &flags, true)
@@ -285,6 +289,8 @@ impl Probes {
             .map_max_entries(map_names::STACKS, cfg.capacity.max_stacks)
             .map_max_entries(map_names::PENDING, cfg.capacity.max_pending)
             .map_max_entries(map_names::LAST_ENTRY, cfg.capacity.max_pending)
+            .map_max_entries(map_names::FOLLOWED, tree(capacity::FOLLOWED))
+            .map_max_entries(map_names::PROGRAMS, tree(capacity::FOLLOWED * 4))
             .load(PROBE_OBJECT)?;
         let (entry, ret) = mode.libc_programs();
         for program in [Some(entry), ret, Some(mode.go_program())]

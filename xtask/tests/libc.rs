@@ -220,6 +220,57 @@ fn no_follow_traces_only_the_wrapper() {
     );
 }
 
+/// `top --pid P` and `top --pid P --follow` on a fixture that forks 3 children once
+/// allocwatch is attached: without `--follow` the one process (it allocates nothing itself),
+/// with it the children too, each with its exact counts and exit status (like `strace -p` and
+/// `strace -f -p`).
+#[test]
+fn pid_follows_children_only_with_follow() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    for follow in [false, true] {
+        let mut fixture = Fixture::spawn_args(&env.fixture, &["wait-fork", "3"], "ready");
+        let pid = fixture.pid;
+        let pid_arg = pid.to_string();
+        let mut args = vec!["top", "--pid", &pid_arg];
+        if follow {
+            args.push("--follow");
+        }
+        let (mut aw, out) = spawn_json(&env, "top-pid-follow", &["top"], &args[1..]);
+        assert_eq!(aw.wait_tracing_pid(Duration::from_secs(30)), pid);
+        signal(pid, libc::SIGUSR1);
+        let fixture_status = fixture.wait_exit(Duration::from_secs(30));
+        assert!(fixture_status.success(), "fixture: {fixture_status}");
+        let status = aw.wait_exit(Duration::from_secs(15));
+        aw.assert_success(status);
+        let report = read_json(&out);
+        let proc = process_by_pid(&report, pid);
+        if !follow {
+            assert!(proc["followed"].is_null(), "one process\n{proc:#}");
+            assert_eq!(u64_at(&proc["calls"], "malloc"), 0, "{proc:#}");
+            continue;
+        }
+        let followed = array(proc, "followed");
+        assert_eq!(followed.len(), 4, "the fixture and 3 children\n{proc:#}");
+        assert_eq!(u64_at(&followed[0], "pid"), u64::from(pid));
+        let mut children: Vec<(u64, u64, i64)> = followed[1..]
+            .iter()
+            .map(|c| {
+                assert_eq!(u64_at(c, "parent_pid"), u64::from(pid), "{c:#}");
+                (
+                    u64_at(&c["calls"], "malloc"),
+                    u64_at(&c["bytes"], "malloc"),
+                    c["exit_code"].as_i64().unwrap_or(-1),
+                )
+            })
+            .collect();
+        children.sort_unstable();
+        let want: Vec<(u64, u64, i64)> = (1..=3u64).map(|n| (n, n * n * 100, n as i64)).collect();
+        assert_eq!(children, want, "{proc:#}");
+        assert_eq!(u64_at(&proc["calls"], "malloc"), 1 + 2 + 3, "{proc:#}");
+    }
+}
+
 /// (b) `leaks --min-age 0s -- fixture run`: what stays live, grouped by the allocating function.
 /// The report goes to stdout here (no `-o`).
 #[test]
