@@ -521,12 +521,21 @@ impl Probes {
     /// Puts `tgid` on the denylist for the program of exec stamp `stamp`
     /// ([`Self::exec_stamp`]), or takes it off (`None`).
     pub fn set_listed(&mut self, tgid: u32, stamp: Option<u64>) -> Result<(), ProbeError> {
+        self.set_stamp(map_names::TGIDS, tgid, stamp)
+    }
+
+    /// Marks `tgid` admitted by the selection for the program of exec stamp `stamp`, which
+    /// lifts the undecided limit on its rows, or forgets it (`None`).
+    pub fn set_admitted(&mut self, tgid: u32, stamp: Option<u64>) -> Result<(), ProbeError> {
+        self.set_stamp(map_names::ADMITTED, tgid, stamp)
+    }
+
+    /// Sets (or removes) `tgid`'s exec stamp in the tgid → stamp map `name`.
+    fn set_stamp(&mut self, name: &str, tgid: u32, stamp: Option<u64>) -> Result<(), ProbeError> {
         let map = self
             .ebpf
-            .map_mut(map_names::TGIDS)
-            .ok_or(MapError::InvalidName {
-                name: map_names::TGIDS.into(),
-            })?;
+            .map_mut(name)
+            .ok_or(MapError::InvalidName { name: name.into() })?;
         let mut tgids: HashMap<_, u32, u64> = HashMap::try_from(map)?;
         if let Some(stamp) = stamp {
             tgids.insert(&tgid, &stamp, 0)?;
@@ -539,16 +548,17 @@ impl Probes {
         Ok(())
     }
 
-    /// Rows with a stack one process may create in the call-site table; 0 = no limit.
-    pub fn set_site_limit(&mut self, limit: u32) -> Result<(), ProbeError> {
+    /// Rows with a stack one process may create in the call-site table, in the given
+    /// [`site_limit`] slot; 0 = no limit.
+    pub fn set_site_limit(&mut self, slot: u32, limit: u32) -> Result<(), ProbeError> {
         let map = self
             .ebpf
             .map_mut(map_names::SITE_LIMIT)
             .ok_or(MapError::InvalidName {
                 name: map_names::SITE_LIMIT.into(),
             })?;
-        let mut slot: Array<_, u32> = Array::try_from(map)?;
-        slot.set(0, &limit, 0)?;
+        let mut slots: Array<_, u32> = Array::try_from(map)?;
+        slots.set(slot, &limit, 0)?;
         Ok(())
     }
 

@@ -29,6 +29,7 @@ pub mod map_names {
     pub const LIBC_FILES: &str = "LIBC_FILES";
     pub const SITE_BUDGET: &str = "SITE_BUDGET";
     pub const SITE_LIMIT: &str = "SITE_LIMIT";
+    pub const ADMITTED: &str = "ADMITTED";
     pub const SITE_ROWS: &str = "SITE_ROWS";
     pub const FOLLOWED: &str = "FOLLOWED";
     pub const PROGRAMS: &str = "PROGRAMS";
@@ -57,6 +58,18 @@ pub mod config {
     /// Only the processes in the `FOLLOWED` map are traced; a followed process's new children
     /// join it in the kernel as they are created (`top -- CMD` without `--no-follow`).
     pub const FLAG_FOLLOW: u32 = 1 << 3;
+}
+
+/// Slots of the `SITE_LIMIT` array: rows with a stack one process may create in `SITES`
+/// (0: no limit).
+pub mod site_limit {
+    /// Every process, while the table is under pressure (set and lifted by the agent).
+    pub const UNDER_PRESSURE: u32 = 0;
+    /// A process the agent has not admitted yet (`ADMITTED`), always, when its selection can
+    /// reject: until classified, a process the selection will reject fills the table like a
+    /// selected one.
+    pub const UNDECIDED: u32 = 1;
+    pub const SLOTS: u32 = 2;
 }
 
 /// Default capacities; each is overridable on the command line.

@@ -39,9 +39,13 @@ pub enum LossCause {
     /// stack. Keeps one process with endless distinct stacks (a program without frame pointers
     /// yields garbage chains) from filling the table for every other process.
     StackBudget = 9,
+    /// A process the agent had not classified yet (its selection can reject processes) already
+    /// had its rows with a stack: the call is counted exactly at its immediate caller. Keeps
+    /// processes the selection will reject from filling the table before the agent denies them.
+    StackUndecided = 10,
 }
 
-pub const LOSS_CAUSES: usize = 10;
+pub const LOSS_CAUSES: usize = 11;
 
 impl LossCause {
     /// Stable name used in JSON and metrics labels, and in the probes' debug log.
@@ -57,6 +61,7 @@ impl LossCause {
             LossCause::HistFull => "size_histogram_full",
             LossCause::StackMapFull => "stack_map_full",
             LossCause::StackBudget => "stack_budget",
+            LossCause::StackUndecided => "stack_undecided",
         }
     }
 }
@@ -77,6 +82,7 @@ mod user {
             LossCause::HistFull,
             LossCause::StackMapFull,
             LossCause::StackBudget,
+            LossCause::StackUndecided,
         ];
     }
 

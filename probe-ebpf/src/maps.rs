@@ -12,7 +12,7 @@ use allocwatch_common::{
         Pending, SiteKey, SiteStats,
     },
     loss::{LOSS_CAUSES, LossCause},
-    sample,
+    sample, site_limit,
 };
 use aya_ebpf::{
     EbpfContext, Global,
@@ -209,10 +209,15 @@ pub static SITES: PerCpuHashMap<SiteKey, SiteStats> =
 /// with its rows.
 #[map]
 pub static SITE_BUDGET: HashMap<u32, u32> = HashMap::with_max_entries(capacity::TGIDS, 0);
-/// Slot 0: rows with a stack one process may create in `SITES`; 0 = no limit. Set by the agent
-/// while the table is under pressure.
+/// Rows with a stack one process may create in `SITES`, by [`site_limit`] slot; 0 = no limit.
 #[map]
-pub static SITE_LIMIT: Array<u32> = Array::with_max_entries(1, 0);
+pub static SITE_LIMIT: Array<u32> = Array::with_max_entries(site_limit::SLOTS, 0);
+/// The agent's admissions: tgid → the exec stamp of the program it selected (see
+/// [`EXEC_STAMPS`]). A process without one, or that exec'd since, is undecided and held to
+/// the `UNDECIDED` limit. LRU: an evicted entry only makes a running process undecided again,
+/// which costs it stack detail, counted (`stack_undecided`).
+#[map]
+pub static ADMITTED: LruHashMap<u32, u64> = LruHashMap::with_max_entries(capacity::TGIDS, 0);
 /// Rows ever created in `SITES` (per CPU): with its own count of the rows it deleted, the agent
 /// follows the table's fill between its censuses without walking it.
 #[map]
@@ -424,8 +429,8 @@ pub fn site_row(key: &mut SiteKey) -> Option<*mut SiteStats> {
         return Some(row);
     }
     let with_stack = key.stack_id != NO_STACK;
-    if with_stack && over_budget(key.tgid) {
-        lost(LossCause::StackBudget);
+    if let Some(cause) = with_stack.then(|| over_budget(key.tgid)).flatten() {
+        lost(cause);
         key.stack_id = NO_STACK;
         if let Some(row) = SITES.get_ptr_mut(key) {
             return Some(row);
@@ -452,17 +457,26 @@ pub fn site_row(key: &mut SiteKey) -> Option<*mut SiteStats> {
     SITES.get_ptr_mut(key)
 }
 
-/// Whether `tgid` has created all the rows with a stack it may.
+/// Why `tgid` may create no more rows with a stack, if so: its share of a table under
+/// pressure is used up, or it has its rows as a process the agent has not admitted yet.
 #[inline(always)]
-fn over_budget(tgid: u32) -> bool {
-    let limit = SITE_LIMIT.get(0).copied().unwrap_or(0);
-    if limit == 0 {
-        return false;
+fn over_budget(tgid: u32) -> Option<LossCause> {
+    let limit = |slot| SITE_LIMIT.get(slot).copied().unwrap_or(0);
+    let (pressure, undecided) = (
+        limit(site_limit::UNDER_PRESSURE),
+        limit(site_limit::UNDECIDED),
+    );
+    if pressure == 0 && undecided == 0 {
+        return None;
     }
-    // SAFETY: map value pointer from a successful lookup.
-    SITE_BUDGET
-        .get_ptr(&tgid)
-        .is_some_and(|n| unsafe { *n } >= limit)
+    // SAFETY: a plain u32 value, read once.
+    let rows = unsafe { SITE_BUDGET.get(&tgid) }.copied().unwrap_or(0);
+    if pressure != 0 && rows >= pressure {
+        return Some(LossCause::StackBudget);
+    }
+    // SAFETY: a plain u64 value, read once.
+    let admitted = || unsafe { ADMITTED.get(&tgid) }.is_some_and(|&s| s == exec_stamp(tgid));
+    (undecided != 0 && rows >= undecided && !admitted()).then_some(LossCause::StackUndecided)
 }
 
 /// Counts a new row with a stack against `tgid`'s budget. Not atomic: two CPUs creating rows

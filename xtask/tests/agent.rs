@@ -544,6 +544,7 @@ fn site_cardinality_is_bounded() {
 /// with a stack (512 of 16,384): six processes holding 2,048 rows each bring the pressure, then
 /// another one's 1,024 distinct stacks (malloc + free each) go past its share, and every call is
 /// still counted exactly, the later ones at their immediate caller; `stack_budget` counts those.
+/// (Each process makes its stacks once the agent has admitted it.)
 #[test]
 fn site_share_under_pressure_keeps_counts_exact() {
     let env = TestEnv::get();
@@ -557,23 +558,27 @@ fn site_share_under_pressure_keeps_counts_exact() {
         &env,
         &["--comm", "^aw_budget$", "--config", path_str(&config)],
     );
-    let budget_lost = |m: &Metrics| {
-        m.samples
-            .iter()
-            .find(|s| {
-                s.metric == "allocwatch_events_lost_total"
-                    && s.labels.get("cause") == Some("stack_budget")
-            })
-            .map_or(0, |s| value(s) as u64)
-    };
     // Paths per fixture process (2^10), holders, and the share of 16,384.
     const N: u64 = 1024;
     const HOLDERS: u64 = 6;
     const SHARE: u64 = 512;
     const BLOCK: u64 = 32;
+    // Each let go once the agent lists it: rows made before a process is classified are held
+    // to the undecided limit (tested in selection_lag_holds_undecided_rows_to_their_limit).
+    let listed = |agent: &Agent, n: u64| {
+        agent.scrape_until("the fixtures listed", Duration::from_secs(10), |m| {
+            m.value(&id, "allocwatch_processes", &[]) == Some(n as f64)
+        });
+    };
+    let stack = |fx: &Fixture| {
+        signal(fx.pid, libc::SIGUSR1);
+        fx.wait_word("stacked", Duration::from_secs(30));
+    };
     let mut holders: Vec<Fixture> = (0..HOLDERS)
         .map(|_| Fixture::spawn(&fixture, "stacks-wait", "ready"))
         .collect();
+    listed(&agent, HOLDERS);
+    holders.iter().for_each(stack);
     let line = agent.stderr.wait_for(
         "allocwatch: warning: the call-site table holds",
         Duration::from_secs(10),
@@ -582,18 +587,16 @@ fn site_share_under_pressure_keeps_counts_exact() {
         line.contains("each process keeps at most 512 sites with their stack"),
         "{line}"
     );
-    let before = budget_lost(&agent.scrape());
-    let status = Command::new(&fixture)
-        .args(["stacks", &N.to_string()])
-        .stdin(Stdio::null())
-        .status()
-        .expect("run the fixture");
-    assert!(status.success(), "fixture stacks failed: {status}");
+    let before = agent.scrape().lost("stack_budget");
+    let last = Fixture::spawn(&fixture, "stacks-wait", "ready");
+    listed(&agent, HOLDERS + 1);
+    stack(&last);
     let all = (HOLDERS + 1) * N;
     let m = agent.scrape_until("every fixture's frees", Duration::from_secs(10), |m| {
         m.value(&id, "allocwatch_free_calls_total", &[]) == Some(all as f64)
     });
-    let during = budget_lost(&m) - before;
+    let during = m.lost("stack_budget") - before;
+    holders.push(last);
     for holder in &mut holders {
         signal(holder.pid, libc::SIGUSR1);
         let exit = holder.wait_exit(Duration::from_secs(10));
@@ -636,18 +639,86 @@ fn site_share_under_pressure_keeps_counts_exact() {
         2 * N - SHARE - 8,
         m.self_stats()
     );
-    let full = m
-        .samples
-        .iter()
-        .find(|s| {
-            s.metric == "allocwatch_events_lost_total"
-                && s.labels.get("cause") == Some("site_map_full")
-        })
-        .map_or(0.0, value);
     assert_eq!(
-        full,
-        0.0,
+        m.lost("site_map_full"),
+        0,
         "the table itself never filled ({})",
+        m.self_stats()
+    );
+    m.assert_conventions();
+    agent.stop();
+}
+
+/// While the agent lags (held with SIGSTOP), processes it has not classified yet may create only
+/// 1/128 of the call-site table's rows with a stack (32 of 4,096): three processes the
+/// selection will reject, 2,048 distinct stacks each, leave the table room, and a selected one
+/// run meanwhile is still counted exactly, its later stacks at their immediate caller
+/// (`stack_undecided`). Without the limit the three filled the table (`site_map_full`).
+#[test]
+fn selection_lag_holds_undecided_rows_to_their_limit() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let scratch = Scratch::new("undecided");
+    let selected = scratch.copy(&env.fixture, "aw_undecided");
+    let rejected = scratch.copy(&env.fixture, "aw_rejected");
+    let id = Identity::of(&selected);
+    let config = scratch.path.join("undecided.toml");
+    fs::write(&config, "[capacity]\nmax_sites = 4096\n").expect("write the config");
+    let mut agent = Agent::start(
+        &env,
+        &["--comm", "^aw_undecided$", "--config", path_str(&config)],
+    );
+    // Its libc attached and its file read first: a warm-up run.
+    agent.run_found(&selected, "wait-run");
+    const N: u64 = 1024;
+    const LIMIT: u64 = 4096 / 128;
+    let before = agent.scrape();
+    let agent_pid = agent.child.id();
+    signal(agent_pid, libc::SIGSTOP);
+    let run = |path: &Path| {
+        Command::new(path)
+            .args(["stacks", &N.to_string()])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", path.display()))
+    };
+    let mut children: Vec<_> = (0..3).map(|_| run(&rejected)).collect();
+    children.push(run(&selected));
+    let statuses: Vec<_> = children
+        .iter_mut()
+        .map(|c| wait_child(c, Duration::from_secs(30)))
+        .collect();
+    signal(agent_pid, libc::SIGCONT);
+    for status in statuses {
+        let status = status.expect("the stacks fixture ran within 30 s");
+        assert!(status.success(), "fixture stacks failed: {status}");
+    }
+    let warm = before.counter(&id, "allocwatch_free_calls_total", &[]);
+    let m = agent.scrape_until(
+        "the selected fixture's frees",
+        Duration::from_secs(10),
+        |m| m.value(&id, "allocwatch_free_calls_total", &[]) == Some((warm + N) as f64),
+    );
+    let warm_calls = before.counter(&id, "allocwatch_alloc_calls_total", &[("api", "malloc")]);
+    assert_eq!(
+        m.counter(&id, "allocwatch_alloc_calls_total", &[("api", "malloc")]) - warm_calls,
+        N,
+        "malloc calls of the selected fixture\n{}",
+        m.lines_of(&id)
+    );
+    // Four processes, 2N stacks each: at most LIMIT with a row of their own (a few more when
+    // two CPUs create rows at once).
+    let undecided = m.lost("stack_undecided") - before.lost("stack_undecided");
+    assert!(
+        undecided >= 4 * (2 * N - LIMIT - 8),
+        "stack_undecided rose by {undecided}, want at least {} ({})",
+        4 * (2 * N - LIMIT - 8),
+        m.self_stats()
+    );
+    assert_eq!(
+        m.lost("site_map_full"),
+        0,
+        "the table filled ({})",
         m.self_stats()
     );
     m.assert_conventions();

@@ -21,6 +21,8 @@
 //! | `stack_collision` | cannot be forced: needs two stacks with one 63-bit hash |
 //! | `stack_error` | cannot be forced: `bpf_get_stack` of a user task always yields at least the probed address |
 //! | `size_histogram_full` | cannot be forced from outside: 256 × 64 fixed rows, no flag |
+//! | `stack_budget` | agent.rs `site_share_under_pressure_keeps_counts_exact`: a table three quarters full, a process past its share | calls at stacks past the share = stack_budget; counts exact |
+//! | `stack_undecided` | agent.rs `selection_lag_holds_undecided_rows_to_their_limit`: the agent stopped (SIGSTOP) while four processes make 2,048 stacks each | stacks past the undecided limit = stack_undecided; counts exact |
 //!
 //! The agent's loss counters are global (one per cause for the node, like its kernel tables):
 //! another process recorded in the same window (on a shared machine, a compiler starting) can

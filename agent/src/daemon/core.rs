@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use allocwatch_common::{event::GoEvent, libc::SiteKey, loss::LossCause};
+use allocwatch_common::{event::GoEvent, libc::SiteKey, loss::LossCause, site_limit};
 use anyhow::Context as _;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -236,6 +236,12 @@ impl State {
             malloc: cfg.go.malloc,
             gc: cfg.go.gc,
         };
+        if selector.may_reject() {
+            probes.set_site_limit(
+                site_limit::UNDECIDED,
+                pressure::undecided_limit(capacity.max_sites),
+            )?;
+        }
         let mut registry = Registry::new(selector, go_probes, cfg.ttl, cfg.top_k);
         // exec events: identities change at exec, and short-lived programs get their path.
         if let Err(e) = probes.attach_exec() {
@@ -559,6 +565,14 @@ fn remedy(cause: LossCause, c: &Capacity) -> String {
              stay exact; raise capacity.max_sites in the config file for a larger share",
             c.max_sites / pressure::SHARE,
             pressure::SHARE
+        ),
+        LossCause::StackUndecided => format!(
+            "a process the agent had not classified yet made more distinct stacks than it may \
+             before its selection is known ({} rows, 1/{} of capacity.max_sites): its new sites \
+             keep only their immediate caller until it is admitted, counts stay exact; the agent \
+             is late classifying new processes (check its CPU limit)",
+            pressure::undecided_limit(c.max_sites),
+            pressure::UNDECIDED_SHARE
         ),
         LossCause::StackCollision => {
             "two stacks hashed to the same id; the site keeps only its caller".to_string()

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use allocwatch_common::{
     libc::{SiteKey, SiteStats},
     map_names::SITES,
+    site_limit,
 };
 
 use crate::{collect, probes::Probes};
@@ -21,6 +22,19 @@ const RECOUNT_EVERY: Duration = Duration::from_secs(1);
 
 /// Under pressure, one process may create this fraction of the table's rows with a stack.
 pub const SHARE: u32 = 32;
+
+/// While the selection can reject processes, one not classified yet may create this fraction
+/// of the table's rows with a stack, always (512 of the default 65,536). The agent classifies
+/// a new process at its exec, within milliseconds on a quiet node; under load it lags by
+/// seconds, and beside a build every compiler the selection was about to reject filled the
+/// table with its stacks in that time (the site-share test under two parallel builds).
+pub const UNDECIDED_SHARE: u32 = 128;
+
+/// Rows with a stack a process the agent has not admitted may create in a table of
+/// `capacity` rows.
+pub fn undecided_limit(capacity: u32) -> u32 {
+    (capacity / UNDECIDED_SHARE).max(1)
+}
 
 /// Fill (numerator / DENOM of the capacity) at which the shares start ...
 ///
@@ -97,7 +111,7 @@ impl SitePressure {
     fn decide(&mut self, rows: u64, probes: &mut Probes) -> anyhow::Result<Option<Change>> {
         match want(self.limited, rows, self.capacity) {
             Some(true) => {
-                probes.set_site_limit(self.per_process())?;
+                probes.set_site_limit(site_limit::UNDER_PRESSURE, self.per_process())?;
                 self.limited = true;
                 Ok(Some(Change::Limited {
                     rows,
@@ -105,7 +119,7 @@ impl SitePressure {
                 }))
             }
             Some(false) => {
-                probes.set_site_limit(0)?;
+                probes.set_site_limit(site_limit::UNDER_PRESSURE, 0)?;
                 self.limited = false;
                 Ok(Some(Change::Lifted { rows }))
             }

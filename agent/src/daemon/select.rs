@@ -87,6 +87,11 @@ impl Selector {
         })
     }
 
+    /// Whether some process may be rejected (any rule at all).
+    pub fn may_reject(&self) -> bool {
+        !(self.include.is_empty() && self.exclude.is_empty())
+    }
+
     pub fn selects(&self, c: &Candidate<'_>) -> bool {
         (self.include.is_empty() || self.include.any(c)) && !self.exclude.any(c)
     }
@@ -113,7 +118,9 @@ mod tests {
 
     #[test]
     fn empty_selects_everything_but_excludes() {
+        assert!(!sel(|_| {}).may_reject());
         let s = sel(|s| s.exclude_comm = vec!["^sshd$".into()]);
+        assert!(s.may_reject());
         assert!(s.selects(&cand("nginx", "/usr/sbin/nginx", None)));
         assert!(!s.selects(&cand("sshd", "/usr/sbin/sshd", None)));
     }

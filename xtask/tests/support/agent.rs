@@ -635,6 +635,16 @@ impl Metrics {
             .join("\n")
     }
 
+    /// `allocwatch_events_lost_total{cause}` (0 when absent).
+    pub fn lost(&self, cause: &str) -> u64 {
+        self.samples
+            .iter()
+            .find(|s| {
+                s.metric == "allocwatch_events_lost_total" && s.labels.get("cause") == Some(cause)
+            })
+            .map_or(0, |s| value(s) as u64)
+    }
+
     /// The agent's own counters (loss, symbolization, attach) in one line, for messages.
     pub fn self_stats(&self) -> String {
         self.text

@@ -500,7 +500,7 @@ pub struct Fixture {
     pub child: Child,
     pub pid: u32,
     pub started: Instant,
-    _stderr: Option<Lines>,
+    stderr: Option<Lines>,
 }
 
 impl Fixture {
@@ -526,7 +526,7 @@ impl Fixture {
             child,
             pid,
             started,
-            _stderr: Some(stderr),
+            stderr: Some(stderr),
         }
     }
 
@@ -544,8 +544,19 @@ impl Fixture {
             pid: child.id(),
             child,
             started,
-            _stderr: None,
+            stderr: None,
         }
+    }
+
+    /// Waits for its `WORD <pid>` line on stderr (after the one [`Self::spawn`] waited for).
+    pub fn wait_word(&self, word: &str, timeout: Duration) {
+        let stderr = self.stderr.as_ref().expect("a fixture started with spawn");
+        let line = stderr.wait_for(&format!("{word} "), timeout);
+        assert_eq!(
+            line,
+            format!("{word} {}", self.pid),
+            "fixture's {word} line"
+        );
     }
 
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {

@@ -63,7 +63,7 @@ impl Registry {
             return;
         };
         if self.selector.selects(&id.candidate()) {
-            self.register(pid, start_time, id, probes, symbolizer);
+            self.register(pid, start_time, stamp, id, probes, symbolizer);
         } else {
             self.reject(pid, start_time, stamp, id, probes);
         }
@@ -133,11 +133,14 @@ impl Registry {
         self.attach(pid, &comm, &maps, probes, false);
     }
 
-    /// A running process the selection takes: its files attached, registered.
+    /// A running process the selection takes: its files attached, registered, and admitted in
+    /// the kernel for the program of exec stamp `stamp` (its rows are no longer held to the
+    /// undecided limit).
     fn register(
         &mut self,
         pid: u32,
         start_time: u64,
+        stamp: Option<u64>,
         id: Identity,
         probes: &mut Probes,
         symbolizer: &SymbolizerHandle,
@@ -151,6 +154,12 @@ impl Registry {
         } = id;
         // A reused pid of a denied process that exited since the last scan.
         self.undeny(pid, probes);
+        // Without its stamp it stays undecided: stack detail past the limit is lost, counted.
+        if let Some(stamp) = stamp
+            && let Err(e) = probes.set_admitted(pid, Some(stamp))
+        {
+            log::debug!("admitting pid {pid}: {e}");
+        }
         // One read of the memory map serves the libc search, the Go load bias and the
         // symbolizer's snapshot.
         let maps = read_maps(pid).unwrap_or_default();

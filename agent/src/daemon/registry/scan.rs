@@ -32,7 +32,7 @@ impl Registry {
         let now = Instant::now();
         let seen = self.examine_running(probes, symbolizer);
         self.retry_libc(&seen, probes);
-        self.mark_exited(&seen, now);
+        self.mark_exited(&seen, now, probes);
         self.expire(now, frames, symbolizer);
         self.prune_gone(&seen);
         self.undeny_exited(&seen, probes);
@@ -63,10 +63,14 @@ impl Registry {
     }
 
     /// Registered processes no longer in /proc: exited now, their rows to be harvested.
-    fn mark_exited(&mut self, seen: &HashSet<u32>, now: Instant) {
+    fn mark_exited(&mut self, seen: &HashSet<u32>, now: Instant, probes: &mut Probes) {
         for (pid, p) in &mut self.procs {
             if p.exited_at.is_none() && !seen.contains(pid) {
                 p.exited_at = Some(now);
+                // A reused pid is a new process, undecided until classified (the LRU would
+                // drop the entry in time; its exec stamp may be the old process's until it
+                // execs).
+                let _ = probes.set_admitted(*pid, None);
                 log::debug!("pid {pid}: exited, its rows to be harvested");
                 // The keys stay noted: an exec read late still splits them off (`exec_seen`).
                 let keys = self.image_sites.get(pid).map(|s| s.keys.clone());
