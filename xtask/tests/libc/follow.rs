@@ -165,3 +165,39 @@ fn pid_follows_children_only_with_follow() {
         assert_eq!(u64_at(&proc["calls"], "malloc"), 1 + 2 + 3, "{proc:#}");
     }
 }
+
+/// SIGTERM to a following session (`top -- sh -c 'fixture fork 2; exec sleep 60'`): it is
+/// forwarded to the command, allocwatch exits 0 with the children's exact counts, and every
+/// BPF object it held, the follow tracepoints too, is freed; nothing is left in the kernel.
+#[test]
+fn following_session_frees_everything_on_sigterm() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let before = KernelState::snapshot();
+    let script = format!(
+        "{} fork 2; echo forked >&2; exec sleep 60",
+        path_str(&env.fixture)
+    );
+    let (mut aw, out) = spawn_json(&env, "follow-term", &["top"], &["--", "sh", "-c", &script]);
+    let pid = aw.wait_tracing_pid(Duration::from_secs(30));
+    aw.stderr.wait_for("forked", Duration::from_secs(30));
+    let held = BpfIds::held_by(aw.child.id());
+    assert!(!held.progs.is_empty(), "no BPF program held: {held:?}");
+    signal(aw.child.id(), libc::SIGTERM);
+    let status = aw.wait_exit(Duration::from_secs(5));
+    aw.assert_success(status);
+    let report = read_json(&out);
+    let proc = process_by_pid(&report, pid);
+    let children: Vec<&Value> = array(proc, "followed")
+        .iter()
+        .filter(|p| p["comm"] == "libc_fixture" && p["parent_pid"] != u64::from(pid))
+        .collect();
+    let mut calls: Vec<u64> = children
+        .iter()
+        .map(|c| u64_at(&c["calls"], "malloc"))
+        .collect();
+    calls.sort_unstable();
+    assert_eq!(calls, [1, 2], "the fixture's two children\n{proc:#}");
+    held.assert_all_gone("allocwatch", BPF_FREE_LIMIT);
+    KernelState::snapshot().assert_nothing_added(&before);
+}
