@@ -96,7 +96,10 @@ impl Pipeline {
                         site.stack_id,
                         stack,
                     )?;
-                    parts.frames.queue(site.tgid, site.stack_id, site.ret_addr);
+                    // A process's row of unknown sites has nothing to name.
+                    if !site.is_spill() {
+                        parts.frames.queue(site.tgid, site.stack_id, site.ret_addr);
+                    }
                     handler.new_site(parts, &site, &comm);
                 }
                 Event::Go(g) => {

@@ -245,6 +245,25 @@ pub struct SiteKey {
 /// `stack_id` when stacks are disabled or the capture failed (the loss is counted).
 pub const NO_STACK: i64 = -1;
 
+impl SiteKey {
+    /// The row of `tgid`'s calls of `api` whose site is not known: made with the process's
+    /// first row of that API, so that once the table is full its further new sites are still
+    /// counted in it (`site_spilled`); also where the agent folds sites away (`other`). A
+    /// caller at address 0 (an unreadable return address) is as unknown, and lands here too.
+    pub const fn spill(tgid: u32, api: u32) -> Self {
+        Self {
+            tgid,
+            api,
+            stack_id: NO_STACK,
+            ret_addr: 0,
+        }
+    }
+
+    pub const fn is_spill(&self) -> bool {
+        self.stack_id == NO_STACK && self.ret_addr == 0
+    }
+}
+
 /// Per-site counters, per CPU; the agent sums the CPUs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

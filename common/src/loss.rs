@@ -13,8 +13,9 @@ pub enum LossCause {
     /// The live-allocation table was full: the allocation is counted but cannot be matched with
     /// its free, so live bytes under-count.
     LiveFull = 1,
-    /// The call-site table was full: the call is counted in the per-API overflow row without a
-    /// site.
+    /// The call-site table was full, and its process had no row of unknown sites for the API
+    /// (see `SiteSpilled`): the call is counted in the node's per-API overflow row, without its
+    /// process.
     SitesFull = 2,
     /// Another stack already has this stack's id (a 31-bit hash of its frames): the site keeps
     /// only its immediate caller.
@@ -43,9 +44,12 @@ pub enum LossCause {
     /// had its rows with a stack: the call is counted exactly at its immediate caller. Keeps
     /// processes the selection will reject from filling the table before the agent denies them.
     StackUndecided = 10,
+    /// The call-site table was full: the call is counted exactly in its process's row of
+    /// unknown sites for its API (`SiteKey::spill`, exported as `other`), without its site.
+    SiteSpilled = 11,
 }
 
-pub const LOSS_CAUSES: usize = 11;
+pub const LOSS_CAUSES: usize = 12;
 
 impl LossCause {
     /// Stable name used in JSON and metrics labels, and in the probes' debug log.
@@ -62,6 +66,7 @@ impl LossCause {
             LossCause::StackMapFull => "stack_map_full",
             LossCause::StackBudget => "stack_budget",
             LossCause::StackUndecided => "stack_undecided",
+            LossCause::SiteSpilled => "site_spilled",
         }
     }
 }
@@ -83,6 +88,7 @@ mod user {
             LossCause::StackMapFull,
             LossCause::StackBudget,
             LossCause::StackUndecided,
+            LossCause::SiteSpilled,
         ];
     }
 

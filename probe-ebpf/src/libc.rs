@@ -283,8 +283,9 @@ fn on_entry(ctx: &ProbeContext) {
         entry_sp,
         size,
         arg_ptr,
-        ret_addr,
-        // The row counted in: without its stack when the process is past its budget.
+        // The row counted in: without its stack when the process is past its budget, its
+        // row of unknown sites when the table was full.
+        ret_addr: site.ret_addr,
         stack_id: site.stack_id,
         api: api_id,
         sampled: u32::from(sampled),

@@ -438,23 +438,46 @@ pub fn site_row(key: &mut SiteKey) -> Option<*mut SiteStats> {
     }
     match SITES.insert(key, &SiteStats::default(), BPF_NOEXIST as u64) {
         Ok(()) => {
-            if let Some(n) = SITE_ROWS.get_ptr_mut(0) {
-                // SAFETY: per-CPU slot of this CPU.
-                unsafe { *n += 1 };
+            created(key);
+            // The process's row of unknown sites for this API, made while there is room, so
+            // that a full table never loses the process's own counts (one more row per API
+            // a process uses).
+            let spill = SiteKey::spill(key.tgid, key.api);
+            if !key.is_spill()
+                && SITES
+                    .insert(&spill, &SiteStats::default(), BPF_NOEXIST as u64)
+                    .is_ok()
+            {
+                created(&spill);
             }
-            if key.stack_id != NO_STACK {
-                charge_budget(key.tgid);
-            }
-            announce(key)
         }
         // Another CPU created it between our lookup and insert: it announced it.
         Err(KEY_EXISTS) => {}
         Err(_) => {
-            lost(LossCause::SitesFull);
-            return None;
+            let spill = SiteKey::spill(key.tgid, key.api);
+            let Some(row) = SITES.get_ptr_mut(&spill) else {
+                lost(LossCause::SitesFull);
+                return None;
+            };
+            lost(LossCause::SiteSpilled);
+            *key = spill;
+            return Some(row);
         }
     }
     SITES.get_ptr_mut(key)
+}
+
+/// A row just made: counted, charged to its process's budget when it has a stack, announced.
+#[inline(always)]
+fn created(key: &SiteKey) {
+    if let Some(n) = SITE_ROWS.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot of this CPU.
+        unsafe { *n += 1 };
+    }
+    if key.stack_id != NO_STACK {
+        charge_budget(key.tgid);
+    }
+    announce(key);
 }
 
 /// Why `tgid` may create no more rows with a stack, if so: its share of a table under

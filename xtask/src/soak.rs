@@ -9,7 +9,8 @@
 //! panics, Ctrl-C): no agent or workload outlives the soak.
 
 mod http;
-mod kernel;
+// The node bench (xtask/src/bench/node.rs) reads the agent's programs the same way.
+pub(crate) mod kernel;
 mod metrics;
 mod report;
 
@@ -92,9 +93,9 @@ const START_LIMIT: Duration = Duration::from_secs(180);
 /// How long the soak waits for the agent to exit after SIGTERM before it sends SIGKILL.
 const SIGTERM_WAIT: Duration = Duration::from_secs(10);
 /// The steady allocator (fixtures/c/soak_steady.c): its comm finds its series.
-const STEADY_COMM: &str = "soak_steady";
+pub(crate) const STEADY_COMM: &str = "soak_steady";
 /// The python3 one-liner: a dict and a list of 20,000 strings.
-const PYTHON: &str = "d = {i: str(i) * 8 for i in range(20000)}; l = sorted(d.values()); \
+pub(crate) const PYTHON: &str = "d = {i: str(i) * 8 for i in range(20000)}; l = sorted(d.values()); \
                       assert len(l) == 20000";
 
 pub fn run(paths: &Paths, args: &Args) -> anyhow::Result<()> {

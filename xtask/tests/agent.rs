@@ -306,9 +306,13 @@ fn count_mode_exact_counters_without_live_series() {
     let id = Identity::of(&fixture);
     let mut agent = Agent::start(&env, &["--mode", "count", "--pprof"]);
     let fx = agent.run_found(&fixture, "wait-run");
-    let m = agent.scrape_until("the fixture's final counts", Duration::from_secs(3), |m| {
+    agent.scrape_until("the fixture's final counts", Duration::from_secs(3), |m| {
         m.value(&id, "allocwatch_free_calls_total", &[]) == Some(17.0)
     });
+    // Its sites are exported once named (a starved agent takes a few scrapes).
+    let m = agent
+        .try_scrape_until(SITES_NAMED, |m| m.sites_complete(&id))
+        .unwrap_or_else(|| agent.scrape());
     check_fixture_calls(&m, &id, &env.alias_groups);
     for family in [
         "allocwatch_live_bytes",

@@ -13,6 +13,7 @@
 //! | cause | forced by | produced = seen + lost |
 //! |---|---|---|
 //! | `site_map_full` | `--max-sites 4` | calls = calls at sites + site_map_full |
+//! | `site_spilled` | `--max-sites 4`, 16 distinct stacks | calls at the process's unknown sites = site_spilled; its counts exact |
 //! | `live_map_full` | `--max-live 5` | successful allocations = tracked + live_map_full |
 //! | `pending_full` | `--max-pending 1`, one thread stalled inside `realloc` | mallocs = tracked + pending_full |
 //! | `orphan_return` | a `realloc` left by `siglongjmp` | calls that never returned = orphan_return |
@@ -61,11 +62,13 @@ const RUN_CALLS: u64 = 49;
 const RUN_ALLOCATIONS: u64 = 32;
 /// `libc_fixture run`: frees.
 const RUN_FREES: u64 = 17;
-/// With `--max-sites 4`, the first four sites of `libc_fixture run` keep rows: fx_malloc's
-/// malloc (7 calls, 700 bytes), fx_calloc's calloc (5, 500) and fx_realloc's two realloc sites
-/// (3 × 64 + 3 × 256): 18 calls, 2160 bytes; everything else finds the table full.
-const FOUR_SITES_CALLS: u64 = 18;
-const FOUR_SITES_BYTES: u64 = 2160;
+/// With `--max-sites 4`, `libc_fixture run` makes fx_malloc's malloc row (7 calls, 700 bytes)
+/// and its process's row of unknown malloc sites, then fx_calloc's calloc row (5, 500) and the
+/// unknown calloc row; its other APIs find the table full with no row of their own.
+const NAMED_SITES: [(&str, &str, u64, u64); 2] = [
+    ("fx_malloc", "malloc", 7, 700),
+    ("fx_calloc", "calloc", 5, 500),
+];
 /// With `--max-live 5`, only the first five allocations of `libc_fixture run` are tracked:
 /// fx_malloc's first five blocks (100 bytes each); fx_free_some frees three of them.
 const FIVE_LIVE_TRACKED: u64 = 5;
@@ -286,27 +289,53 @@ fn top_counts_site_and_live_table_losses() {
     let _serial = serial();
     let proc = env.top_run(&["--max-sites", "4"]);
     env.check_run_totals_json(&proc);
-    let site_calls: u64 = array(&proc, "sites")
+    let named: Vec<(String, String, u64, u64)> = array(&proc, "sites")
         .iter()
-        .map(|s| u64_at(s, "calls"))
-        .sum();
-    let site_bytes: u64 = array(&proc, "sites")
+        .filter_map(|s| {
+            let f = array(s, "frames").first()?["function"]
+                .as_str()?
+                .to_string();
+            Some((
+                f,
+                str_at(s, "api").to_string(),
+                u64_at(s, "calls"),
+                u64_at(s, "bytes"),
+            ))
+        })
+        .collect();
+    let want: Vec<(String, String, u64, u64)> = NAMED_SITES
         .iter()
-        .map(|s| u64_at(s, "bytes"))
-        .sum();
-    let lost = u64_at(&proc["lost"], "site_map_full");
+        .map(|&(f, a, c, b)| (f.to_string(), a.to_string(), c, b))
+        .collect();
+    assert_eq!(named, want, "the named sites that fit\n{proc:#}");
+    let (site_calls, spilled_calls) = calls_at_sites(&proc);
+    let full = u64_at(&proc["lost"], "site_map_full");
     assert_eq!(
-        (site_calls, site_bytes),
-        (FOUR_SITES_CALLS, FOUR_SITES_BYTES),
-        "calls and bytes at the four sites that fit\n{proc:#}"
+        (site_calls + full, spilled_calls),
+        (RUN_CALLS, u64_at(&proc["lost"], "site_spilled")),
+        "calls at sites ({site_calls}) + site_map_full ({full}) = the calls the fixture made; \
+         calls at its unknown sites = site_spilled\n{proc:#}"
     );
+    assert_only_losses(&proc, &["site_map_full", "site_spilled"]);
+
+    // 16 distinct stacks of malloc(32) + free: the first of each makes its row and the
+    // process's row of unknown sites for the API; the other 15 of each are counted there.
+    let proc = env.top_fixture(&["--max-sites", "4"], &["stacks", "16"]);
+    let (site_calls, spilled_calls) = calls_at_sites(&proc);
     assert_eq!(
-        site_calls + lost,
-        RUN_CALLS,
-        "calls at sites ({site_calls}) + site_map_full ({lost}) = the calls the fixture made\n\
+        (
+            u64_at(&proc["calls"], "malloc"),
+            u64_at(&proc["bytes"], "malloc"),
+            u64_at(&proc["calls"], "free"),
+            site_calls,
+            spilled_calls,
+            u64_at(&proc["lost"], "site_spilled"),
+        ),
+        (16, 16 * 32, 16, 32, 30, 30),
+        "malloc calls and bytes, free calls, calls at sites, at unknown sites, site_spilled\n\
          {proc:#}"
     );
-    assert_only_losses(&proc, &["site_map_full"]);
+    assert_only_losses(&proc, &["site_spilled"]);
 
     let proc = env.top_run(&["--max-live", "5"]);
     env.check_run_totals_json(&proc);
@@ -514,7 +543,8 @@ fn agent_counts_site_and_live_table_losses() {
         let m = agent.scrape_until("the fixture's exit", Duration::from_secs(10), |m| {
             m.value(&sites_id, "allocwatch_processes", &[]) == Some(0.0)
         });
-        // Exactly FOUR_SITES_CALLS (top's test checks it) unless another process took a row.
+        // fx_malloc's and fx_calloc's calls, at their rows and their process's rows of unknown
+        // sites (top's test checks them), unless another process took a row.
         m.calls_of(&sites_id) - before
     });
 
@@ -1099,6 +1129,20 @@ fn assert_only_losses(proc: &Value, allowed: &[&str]) {
     }
 }
 
+/// Calls at every site of the report, and at its unknown sites (no frames: the process's rows
+/// that took the calls the full site table had no row for).
+fn calls_at_sites(proc: &Value) -> (u64, u64) {
+    let sites = array(proc, "sites");
+    let calls = |unknown: bool| {
+        sites
+            .iter()
+            .filter(|s| !unknown || array(s, "frames").is_empty())
+            .map(|s| u64_at(s, "calls"))
+            .sum()
+    };
+    (calls(false), calls(true))
+}
+
 /// (calls, bytes, live allocations, live bytes) summed over the sites of `api` whose frame 0 is
 /// `function`.
 fn sites_of(proc: &Value, function: &str, api: &str) -> (u64, u64, u64, u64) {
@@ -1465,17 +1509,23 @@ impl TestEnv {
 
     /// `top ARGS… --json -- libc_fixture run`: the process's report (exit code 0 checked).
     fn top_run(&self, args: &[&str]) -> Value {
+        self.top_fixture(args, &["run"])
+    }
+
+    /// `top --json ARGS -- libc_fixture FIXTURE_ARGS…`: the fixture's process in the report.
+    fn top_fixture(&self, args: &[&str], fixture_args: &[&str]) -> Value {
         let out = support::temp_file("top-run.json");
         let mut all = vec!["top", "--json", "-o", path_str(&out)];
         all.extend_from_slice(args);
-        all.extend(["--", path_str(&self.libc_fixture), "run"]);
+        all.extend(["--", path_str(&self.libc_fixture)]);
+        all.extend_from_slice(fixture_args);
         let mut aw = Allocwatch::spawn(self, &all);
         let pid = aw.wait_tracing_pid(Duration::from_secs(30));
         let status = aw.wait_exit(Duration::from_secs(60));
         aw.assert_success(status);
         let report = read_json(&out);
         let proc = process_by_pid(&report, pid).clone();
-        assert_eq!(proc["exit_code"], 0, "libc_fixture run's exit\n{proc:#}");
+        assert_eq!(proc["exit_code"], 0, "libc_fixture's exit\n{proc:#}");
         proc
     }
 

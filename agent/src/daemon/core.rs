@@ -548,9 +548,17 @@ fn remedy(cause: LossCause, c: &Capacity) -> String {
             c.max_live
         ),
         LossCause::SitesFull => format!(
-            "the call-site table is full; raise capacity.max_sites in the config file \
-             (now {}) or narrow the selection \
+            "the call-site table is full and a process had no row of unknown sites left for \
+             its calls: they are counted for the node only, not for their process; raise \
+             capacity.max_sites in the config file (now {}) or narrow the selection \
              (--comm, --exclude-comm, …)",
+            c.max_sites
+        ),
+        LossCause::SiteSpilled => format!(
+            "the call-site table is full: new sites are counted exactly in their process's \
+             `other` site, without their call chain; raise capacity.max_sites in the config \
+             file (now {}), narrow the selection (--comm, --exclude-comm, …), or sample \
+             (sample_bytes) for fewer rows",
             c.max_sites
         ),
         LossCause::StackMapFull => format!(

@@ -282,7 +282,7 @@ async fn process_snapshot(
     // With sampled stacks, the sampled rows scaled stand for their callers' other calls.
     let mut ranked: Vec<(SiteKey, SiteStats)> = rows
         .iter()
-        .filter(|(k, _)| sampling.shows(k))
+        .filter(|(k, _)| sampling.shows(k) && !k.is_spill())
         .map(|(k, s)| (*k, sampling.estimate(k, s)))
         .collect();
     ranked.sort_by_key(|(_, s)| std::cmp::Reverse(s.bytes));
@@ -299,12 +299,24 @@ async fn process_snapshot(
             ..ctx.named(naming, site)
         });
     }
-    // Sites of a gone process that were folded away (`retained.rs`): no stack, `other`.
-    for (key, stats) in &remainder_rows {
+    // Sites of a gone process that were folded away (`retained.rs`), and the calls counted
+    // in a process's row of unknown sites (`SiteKey::spill`: the table was full): `other`.
+    let mut other: BTreeMap<u32, SiteStats> = remainder.clone();
+    for (key, stats) in rows
+        .iter()
+        .filter(|(k, _)| k.is_spill() && sampling.shows(k))
+    {
+        let slot = other.entry(key.api).or_default();
+        *slot = aggregate::sum_stats([*slot, *stats].iter());
+    }
+    for (&api, stats) in other.iter().filter(|(_, s)| s.calls > 0) {
+        let (live_allocations, live_bytes) = live_of(stats);
         snap.sites.push(SiteSnapshot {
-            kind: Api::try_from(key.api).map_or("unknown", Api::symbol),
+            kind: Api::try_from(api).map_or("unknown", Api::symbol),
             calls: stats.calls,
             bytes: stats.bytes,
+            live_allocations,
+            live_bytes,
             remainder: true,
             ..SiteSnapshot::default()
         });

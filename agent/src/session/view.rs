@@ -110,6 +110,10 @@ async fn chain(
     stack_id: i64,
     ret_addr: u64,
 ) -> anyhow::Result<Vec<Frame>> {
+    // A process's row of unknown sites (`SiteKey::spill`): nothing to name.
+    if stack_id == NO_STACK && ret_addr == 0 {
+        return Ok(Vec::new());
+    }
     let Parts {
         probes,
         frames,
@@ -157,7 +161,9 @@ impl Tracer {
         let sampling = self.sampling;
         let totals = aggregate::totals(rows.iter(), &overflow, sampling);
         let mut chains = Vec::with_capacity(rows.len());
-        for (key, stats) in rows.iter().filter(|(k, _)| sampling.shows(k)) {
+        // A row of unknown sites is made before it is needed: empty until the table fills.
+        let used = |(k, s): &(&SiteKey, &SiteStats)| !k.is_spill() || s.calls > 0;
+        for (key, stats) in rows.iter().filter(|(k, _)| sampling.shows(k)).filter(used) {
             let estimated = sampling.on() && key.stack_id != NO_STACK;
             chains.push(Site {
                 api: Api::try_from(key.api)?,
@@ -223,7 +229,7 @@ impl Tracer {
     ) -> anyhow::Result<Vec<Caller>> {
         // By process too: a return address names code in its own process's program.
         let mut by_caller: BTreeMap<(u32, u32, u64), SiteStats> = BTreeMap::new();
-        for (key, stats) in rows {
+        for (key, stats) in rows.iter().filter(|(k, s)| !k.is_spill() || s.calls > 0) {
             let sum = by_caller
                 .entry((key.tgid, key.api, key.ret_addr))
                 .or_default();

@@ -20,6 +20,10 @@
 //!   with its defaults.
 //! - `stream`: Go events streamed through the ring buffer at controlled rates by
 //!   `fixtures/bench/gostream` into an agent: delivered, lost, agent CPU per million events.
+//! - `node`: the whole node (issue 15): a few hundred processes alive and a fixed batch of C,
+//!   shell, python3 and Go programs, without an agent, under the agent in several modes and
+//!   under bpftrace; the batch's slowdown, the tracer's CPU and its BPF programs' CPU. Not in
+//!   the default run (it loads probes for every process of the machine): `--only node`.
 
 mod agent_http;
 mod footprint;
@@ -28,6 +32,7 @@ mod internals;
 mod machine;
 mod measure;
 mod metrics;
+mod node;
 mod probe;
 mod stream;
 mod throughput;
@@ -56,7 +61,7 @@ use crate::{
 
 use self::{
     agent_http::*, footprint::*, go_growth::*, internals::*, machine::*, measure::*, metrics::*,
-    probe::*, stream::*, throughput::*,
+    node::*, probe::*, stream::*, throughput::*,
 };
 
 #[derive(Debug, clap::Args)]
@@ -67,8 +72,8 @@ pub struct Args {
     /// malloc/free pairs per run of the C workload (2 calls each).
     #[arg(long, default_value_t = 10_000)]
     pub pairs: u64,
-    /// Run only these sections: probe, go, throughput, footprint, internals, metrics, stream
-    /// (repeatable).
+    /// Run only these sections: probe, go, throughput, footprint, internals, metrics, stream,
+    /// node (repeatable; node runs only when named).
     #[arg(long, value_name = "SECTION")]
     pub only: Vec<String>,
     /// Use this allocwatch binary instead of building one.
@@ -91,6 +96,15 @@ pub struct Args {
     /// Seconds each streaming run lasts.
     #[arg(long, default_value_t = 4.0)]
     pub stream_secs: f64,
+    /// Rounds of the node section's batch (each: sh, python3, libc_fixture, gogrowth).
+    #[arg(long, default_value_t = 30)]
+    pub node_rounds: usize,
+    /// Mostly idle processes alive throughout the node section.
+    #[arg(long, default_value_t = 200)]
+    pub node_idle: usize,
+    /// Programs of the node section's batch running at once.
+    #[arg(long, default_value_t = 2)]
+    pub node_parallel: usize,
     /// Where the Markdown results go (also printed).
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
@@ -104,6 +118,7 @@ const SECTIONS: &[&str] = &[
     "internals",
     "metrics",
     "stream",
+    "node",
 ];
 
 /// The libc API as bpftrace names it (allocwatch probes the same functions).
@@ -133,7 +148,9 @@ pub fn run(paths: &Paths, args: &Args) -> anyhow::Result<()> {
     if !(args.stream_secs > 0.0 && args.stream_secs <= 600.0) {
         bail!("--stream-secs must be in (0, 600]");
     }
-    let want = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
+    let named = |s: &str| args.only.iter().any(|o| o == s);
+    // The node section loads probes for every process of the machine: only when named.
+    let want = |s: &str| named(s) || (args.only.is_empty() && s != "node");
     let bin = match &args.bin {
         Some(b) => b.clone(),
         None => build_allocwatch(paths)?,
@@ -162,7 +179,12 @@ pub fn run(paths: &Paths, args: &Args) -> anyhow::Result<()> {
     md += &machine_facts(&bench)?;
     let mut failed = Vec::new();
     type Section<'a> = &'a dyn Fn() -> anyhow::Result<String>;
-    let sections: [(&str, Section<'_>); 7] = [
+    let node_opts = NodeOpts {
+        rounds: args.node_rounds,
+        idle: args.node_idle,
+        parallel: args.node_parallel,
+    };
+    let sections: [(&str, Section<'_>); 8] = [
         ("probe", &|| probe_section(&bench, args.pairs)),
         ("go", &|| go_section(paths, &bench, &out_dir)),
         ("throughput", &|| throughput_section(&bench, args.pairs)),
@@ -179,6 +201,9 @@ pub fn run(paths: &Paths, args: &Args) -> anyhow::Result<()> {
                 &args.stream_rates,
                 args.stream_secs,
             )
+        }),
+        ("node", &|| {
+            node_section(paths, &bench, &out_dir, &node_opts)
         }),
     ];
     for (name, section) in sections {
@@ -210,6 +235,12 @@ fn bench_command(args: &Args) -> String {
     for o in &args.only {
         s += &format!(" --only {o}");
     }
+    if args.only.iter().any(|o| o == "node") {
+        s += &format!(
+            " --node-rounds {} --node-idle {} --node-parallel {}",
+            args.node_rounds, args.node_idle, args.node_parallel
+        );
+    }
     s
 }
 
@@ -234,10 +265,15 @@ fn build_allocwatch(paths: &Paths) -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
-/// The flags the issue asks for: -O1 with frame pointers (the workload defeats the optimizer).
 fn build_alloc_bench(paths: &Paths, out_dir: &Path) -> anyhow::Result<PathBuf> {
-    let src = paths.root.join("fixtures/bench/alloc_bench.c");
-    let out = out_dir.join("alloc_bench");
+    build_c_bench(paths, out_dir, "alloc_bench")
+}
+
+/// `fixtures/bench/NAME.c` -> `out_dir/NAME`, with the flags issue 5 asks for: -O1 with frame
+/// pointers (the workloads defeat the optimizer).
+fn build_c_bench(paths: &Paths, out_dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let src = paths.root.join(format!("fixtures/bench/{name}.c"));
+    let out = out_dir.join(name);
     cmd::run(
         Command::new("gcc")
             .args(["-O1", "-g", "-fno-omit-frame-pointer", "-Wall", "-Wextra"])
