@@ -207,7 +207,8 @@ pub struct LeaksArgs {
 /// What to trace, for how long, and where the report goes.
 #[derive(Debug, Args)]
 pub struct CommonArgs {
-    /// Trace this running process.
+    /// Trace this running process (with --follow, also the processes it starts after
+    /// allocwatch attached).
     #[arg(
         long,
         short = 'p',
@@ -216,9 +217,19 @@ pub struct CommonArgs {
         value_parser = values::pid
     )]
     pub pid: Option<NonZeroU32>,
-    /// Run this command and trace it from its first instruction.
+    /// Run this command and trace it from its first instruction, with every process it
+    /// starts (unless --no-follow).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
+    /// Trace only the command itself, not the processes it starts (its children are then
+    /// not counted; the libc probes are planted in that one process only).
+    #[arg(long, conflicts_with = "follow")]
+    pub no_follow: bool,
+    /// With --pid: also trace the processes it starts after allocwatch attached (the libc
+    /// probes are then planted in every process, filtered in the kernel). A command is
+    /// followed unless --no-follow.
+    #[arg(long)]
+    pub follow: bool,
     #[arg(
         long,
         value_name = "DURATION",

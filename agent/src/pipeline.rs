@@ -28,6 +28,11 @@ pub struct Parts {
 pub trait Handler {
     /// A process exec'd `path` (only the agent attaches the exec tracepoint).
     fn exec(&mut self, _parts: &mut Parts, _tgid: u32, _comm: &[u8; 16], _path: String) {}
+    /// A followed process created child process `child` (`followed`: the kernel follows it;
+    /// false: its followed-set map was full). Only a session that follows a tree sees these.
+    fn fork(&mut self, _parts: &mut Parts, _child: u32, _parent: u32, _followed: bool) {}
+    /// A followed process exited (its `exit_group` status, if it called it).
+    fn exit(&mut self, _parts: &mut Parts, _tgid: u32, _code: Option<u8>) {}
     /// A new call site of a libc allocator.
     fn new_site(&mut self, parts: &mut Parts, site: &SiteKey, comm: &[u8; 16]);
     /// A Go runtime event (a growth, a large allocation, a GC step).
@@ -80,6 +85,10 @@ impl Pipeline {
         for ev in self.events.drain(..) {
             match ev {
                 Event::Exec(tgid, comm, path) => handler.exec(parts, tgid, &comm, path),
+                Event::Fork(child, parent, followed) => {
+                    handler.fork(parts, child, parent, followed);
+                }
+                Event::Exit(tgid, code) => handler.exit(parts, tgid, code),
                 Event::NewSite(site, comm, stack) => {
                     parts.frames.remember_event_stack(
                         &parts.probes,

@@ -3,7 +3,9 @@
 use std::{num::NonZeroU32, path::Path};
 
 use allocwatch_common::{
-    capacity, config, globals,
+    capacity, config,
+    event::Followed,
+    globals,
     go::{self, GO_SPECS_MAX, GoProc, GoSpec},
     libc::{LIBC_FILES_MAX, LibcFile, cookie},
     map_names,
@@ -25,6 +27,17 @@ use crate::target::{
     registry::{AttachFailure, Attacher, Target},
     relays::Relays,
 };
+
+/// Whether this kernel's `sched:sched_process_exit` says which thread ends its process
+/// (`group_dead`, Linux ≥ 6.16); without it the leader's exit stands for the process's.
+fn exit_has_group_dead() -> bool {
+    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .iter()
+        .filter_map(|t| {
+            std::fs::read_to_string(format!("{t}/events/sched/sched_process_exit/format")).ok()
+        })
+        .any(|f| f.contains("group_dead"))
+}
 
 /// The compiled probe object, built by agent/build.rs.
 static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/allocwatch"));
@@ -177,6 +190,8 @@ pub enum ProbeError {
     Attach { path: String, source: ProgramError },
     #[error("cannot configure the Go probes: {0}")]
     GoConfig(#[from] MapError),
+    #[error("cannot set up following the process tree: {0}")]
+    Follow(MapError),
     #[error("more than {GO_SPECS_MAX} Go functions probed at once")]
     TooManyGoSpecs,
 }
@@ -227,6 +242,9 @@ pub enum Filter {
     None,
     /// All but the processes the agent added (itself, the processes its selection rejects).
     Deny,
+    /// The processes in the followed set: the roots put there with [`Probes::follow`], and
+    /// every process they create after that, as the kernel creates it.
+    Follow,
 }
 
 /// The loaded probe object and its attachments; dropping it detaches everything.
@@ -252,11 +270,18 @@ impl Probes {
         flags |= match cfg.filter {
             Filter::None => 0,
             Filter::Deny => config::FLAG_DENYLIST,
+            Filter::Follow => config::FLAG_FOLLOW,
         };
+        let follow = matches!(cfg.filter, Filter::Follow);
+        let group_dead = u32::from(follow && exit_has_group_dead());
+        // The tree's tables are sized only when following: PROGRAMS is per CPU and
+        // preallocated (megabytes on a large node, for an agent that never uses it).
+        let tree = |n: u32| if follow { n } else { 1 };
         let mut ebpf = EbpfLoader::new()
             .override_global(globals::TARGET_TGID, &tgid, true)
             .override_global(globals::FLAGS, &flags, true)
             .override_global(globals::SAMPLE_BYTES, &cfg.sample_bytes, true)
+            .override_global(globals::EXIT_HAS_GROUP_DEAD, &group_dead, true)
             // Below debug, the verifier drops the probes' logging paths.
             .override_global(aya_log::LEVEL, &crate::probe_log::level(), false)
             .map_max_entries(map_names::LIVE, cfg.capacity.max_live)
@@ -264,6 +289,8 @@ impl Probes {
             .map_max_entries(map_names::STACKS, cfg.capacity.max_stacks)
             .map_max_entries(map_names::PENDING, cfg.capacity.max_pending)
             .map_max_entries(map_names::LAST_ENTRY, cfg.capacity.max_pending)
+            .map_max_entries(map_names::FOLLOWED, tree(capacity::FOLLOWED))
+            .map_max_entries(map_names::PROGRAMS, tree(capacity::FOLLOWED * 4))
             .load(PROBE_OBJECT)?;
         let (entry, ret) = mode.libc_programs();
         for program in [Some(entry), ret, Some(mode.go_program())]
@@ -426,29 +453,50 @@ impl Probes {
 
     /// Attaches the `sched:sched_process_exec` tracepoint (the agent's exec events).
     pub fn attach_exec(&mut self) -> Result<(), ProbeError> {
-        const PROGRAM: &str = "sched_process_exec";
-        let program: &mut TracePoint = self
+        self.attach_tracepoint("sched_process_exec", "sched", "sched_process_exec")
+    }
+
+    /// Follows the process tree of `root` (loaded with [`Filter::Follow`]): the tracepoints
+    /// that add each new child to the followed set, note exit statuses and exits, and report
+    /// execs, then `root` itself. In that order, so no child of `root` is created unseen.
+    pub fn follow(&mut self, root: NonZeroU32) -> Result<(), ProbeError> {
+        self.attach_tracepoint("task_newtask", "task", "task_newtask")?;
+        self.attach_tracepoint("sys_enter_exit_group", "syscalls", "sys_enter_exit_group")?;
+        self.attach_tracepoint("sched_process_exit", "sched", "sched_process_exit")?;
+        self.attach_exec()?;
+        let map = self
             .ebpf
-            .program_mut(PROGRAM)
+            .map_mut(map_names::FOLLOWED)
+            .ok_or(ProbeError::Follow(MapError::InvalidName {
+                name: map_names::FOLLOWED.into(),
+            }))?;
+        let mut followed: HashMap<_, u32, Followed> =
+            HashMap::try_from(map).map_err(ProbeError::Follow)?;
+        followed
+            .insert(&root.get(), &Followed::default(), 0)
+            .map_err(ProbeError::Follow)?;
+        Ok(())
+    }
+
+    fn attach_tracepoint(
+        &mut self,
+        program: &'static str,
+        category: &str,
+        name: &str,
+    ) -> Result<(), ProbeError> {
+        let tp: &mut TracePoint = self
+            .ebpf
+            .program_mut(program)
             .ok_or(ProbeError::Program {
-                program: PROGRAM,
+                program,
                 error: ProgramError::UnexpectedProgramType,
             })?
             .try_into()
-            .map_err(|error| ProbeError::Program {
-                program: PROGRAM,
-                error,
-            })?;
-        program.load().map_err(|error| ProbeError::Program {
-            program: PROGRAM,
-            error,
-        })?;
-        program
-            .attach("sched", "sched_process_exec")
-            .map_err(|error| ProbeError::Program {
-                program: PROGRAM,
-                error,
-            })?;
+            .map_err(|error| ProbeError::Program { program, error })?;
+        tp.load()
+            .map_err(|error| ProbeError::Program { program, error })?;
+        tp.attach(category, name)
+            .map_err(|error| ProbeError::Program { program, error })?;
         Ok(())
     }
 

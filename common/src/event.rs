@@ -18,6 +18,10 @@ pub enum EventKind {
     Go = 2,
     /// A process called `exec` ([`ExecEvent`]).
     Exec = 3,
+    /// A followed process created a child process ([`ForkEvent`]; `header.tgid` = the child).
+    Fork = 4,
+    /// A followed process exited ([`ExitEvent`]).
+    Exit = 5,
 }
 
 impl EventKind {
@@ -27,6 +31,8 @@ impl EventKind {
             1 => Some(EventKind::NewSite),
             2 => Some(EventKind::Go),
             3 => Some(EventKind::Exec),
+            4 => Some(EventKind::Fork),
+            5 => Some(EventKind::Exit),
             _ => None,
         }
     }
@@ -53,6 +59,54 @@ pub struct ExecEvent {
     /// The path given to `execve`, NUL-terminated.
     pub filename: [u8; EXEC_PATH_MAX],
 }
+
+/// `task:task_newtask` of a followed process: its new child process (`header.tgid`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForkEvent {
+    pub header: EventHeader,
+    pub parent: u32,
+    /// 1: the child is followed; 0: the followed-set map was full, the child is not traced.
+    pub followed: u32,
+}
+
+/// `sched:sched_process_exit` of a followed process's last thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitEvent {
+    pub header: EventHeader,
+    /// The status passed to `exit_group` (low 8 bits), when `code_known` is 1; a process
+    /// killed by a signal never calls it.
+    pub code: u32,
+    pub code_known: u32,
+}
+
+/// A followed process, the value of the `FOLLOWED` map (key: its tgid).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Followed {
+    pub parent: u32,
+    /// Set by `exit_group`: `EXIT_CODE_KNOWN | status`.
+    pub exit: u32,
+    /// Execs since it was followed: which of its programs is running ([`ProgramKey::execs`]).
+    pub execs: u32,
+    pub _pad: u32,
+}
+
+/// Key of the `PROGRAMS` map: one API's calls (value: `libc::Overflow`, calls and bytes) in
+/// one program a followed process ran, so that the counts of a process that execs are split
+/// exactly between its programs (a shell's fork before it execs the command).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProgramKey {
+    pub tgid: u32,
+    pub execs: u32,
+    pub api: u32,
+    pub _pad: u32,
+}
+
+/// Marks [`Followed::exit`] as set.
+pub const EXIT_CODE_KNOWN: u32 = 1 << 31;
 
 /// A new site, followed in its record by `nframes` frames ([`NewSiteRecord`]): the record is
 /// as long as the stack, so a burst of new sites (a process starting) fits the ring buffer.
@@ -111,6 +165,10 @@ const _: () = {
     assert!(size_of::<ExecEvent>() == 280);
     assert!(offset_of!(ExecEvent, filename) == 24);
     assert!(size_of::<GoEvent>() == 96);
+    assert!(size_of::<ForkEvent>() == 16);
+    assert!(size_of::<ExitEvent>() == 16);
+    assert!(size_of::<Followed>() == 16);
+    assert!(size_of::<ProgramKey>() == 16);
     assert!(offset_of!(GoEvent, ts_ns) == 16);
     assert!(offset_of!(GoEvent, stack_id) == 40);
     assert!(offset_of!(GoEvent, values) == 48);
@@ -127,6 +185,10 @@ mod user {
     unsafe impl aya::Pod for NewSiteEvent {}
     unsafe impl aya::Pod for ExecEvent {}
     unsafe impl aya::Pod for GoEvent {}
+    unsafe impl aya::Pod for ForkEvent {}
+    unsafe impl aya::Pod for ExitEvent {}
+    unsafe impl aya::Pod for Followed {}
+    unsafe impl aya::Pod for ProgramKey {}
 
     #[derive(Debug, thiserror::Error, PartialEq, Eq)]
     pub enum DecodeError {
@@ -170,6 +232,10 @@ mod user {
         Go(GoEvent),
         /// (tgid, comm, the exec'd path).
         Exec(u32, [u8; 16], String),
+        /// (child tgid, parent tgid, whether the child is followed).
+        Fork(u32, u32, bool),
+        /// (tgid, its exit status when it called `exit_group`).
+        Exit(u32, Option<u8>),
     }
 
     impl TryFrom<&[u8]> for Event {
@@ -209,6 +275,15 @@ mod user {
                     let path = String::from_utf8_lossy(&ev.filename[..len]).into_owned();
                     Ok(Event::Exec(header.tgid, ev.comm, path))
                 }
+                EventKind::Fork => {
+                    let ev: ForkEvent = read(buf)?;
+                    Ok(Event::Fork(header.tgid, ev.parent, ev.followed != 0))
+                }
+                EventKind::Exit => {
+                    let ev: ExitEvent = read(buf)?;
+                    let code = (ev.code_known != 0).then_some(ev.code as u8);
+                    Ok(Event::Exit(header.tgid, code))
+                }
             }
         }
     }
@@ -247,7 +322,13 @@ mod user {
                 assert_eq!(GoRole::try_from(r as u32), Ok(r));
             }
             assert_eq!(GoRole::try_from(99), Err(DecodeError::UnknownRole(99)));
-            for k in [EventKind::NewSite, EventKind::Go, EventKind::Exec] {
+            for k in [
+                EventKind::NewSite,
+                EventKind::Go,
+                EventKind::Exec,
+                EventKind::Fork,
+                EventKind::Exit,
+            ] {
                 assert_eq!(EventKind::try_from(k as u32), Ok(k));
             }
             assert_eq!(EventKind::try_from(0), Err(DecodeError::UnknownKind(0)));
@@ -350,6 +431,54 @@ mod user {
                 Event::try_from(bytes_of(&exec).as_slice()),
                 Ok(Event::Exec(8, exec.comm, "/bin/true".into()))
             );
+        }
+
+        #[test]
+        fn decodes_fork_and_exit() {
+            let fork = ForkEvent {
+                header: EventHeader {
+                    kind: EventKind::Fork as u32,
+                    tgid: 11,
+                },
+                parent: 10,
+                followed: 1,
+            };
+            assert_eq!(
+                Event::try_from(bytes_of(&fork).as_slice()),
+                Ok(Event::Fork(11, 10, true))
+            );
+            let full = ForkEvent {
+                followed: 0,
+                ..fork
+            };
+            assert_eq!(
+                Event::try_from(bytes_of(&full).as_slice()),
+                Ok(Event::Fork(11, 10, false))
+            );
+            let exit = ExitEvent {
+                header: EventHeader {
+                    kind: EventKind::Exit as u32,
+                    tgid: 11,
+                },
+                code: 3,
+                code_known: 1,
+            };
+            assert_eq!(
+                Event::try_from(bytes_of(&exit).as_slice()),
+                Ok(Event::Exit(11, Some(3)))
+            );
+            let killed = ExitEvent {
+                code_known: 0,
+                ..exit
+            };
+            assert_eq!(
+                Event::try_from(bytes_of(&killed).as_slice()),
+                Ok(Event::Exit(11, None))
+            );
+            assert!(matches!(
+                Event::try_from(&bytes_of(&exit)[..12]),
+                Err(DecodeError::Short { got: 12, want: 16 })
+            ));
         }
     }
 }

@@ -31,6 +31,9 @@ pub mod map_names {
     pub const SITE_LIMIT: &str = "SITE_LIMIT";
     pub const ADMITTED: &str = "ADMITTED";
     pub const SITE_ROWS: &str = "SITE_ROWS";
+    pub const FOLLOWED: &str = "FOLLOWED";
+    pub const PROGRAMS: &str = "PROGRAMS";
+    pub const FOLLOW_LOST: &str = "FOLLOW_LOST";
 }
 
 /// Names of the probe's global configuration variables (set with `EbpfLoader::override_global`).
@@ -41,6 +44,8 @@ pub mod globals {
     pub const FLAGS: &str = "FLAGS";
     /// Mean bytes between sampled calls (u64; 0: every call is sampled, see [`crate::sample`]).
     pub const SAMPLE_BYTES: &str = "SAMPLE_BYTES";
+    /// 1 when `sched:sched_process_exit` has the `group_dead` field (Linux ≥ 6.16).
+    pub const EXIT_HAS_GROUP_DEAD: &str = "EXIT_HAS_GROUP_DEAD";
 }
 
 pub mod config {
@@ -50,6 +55,9 @@ pub mod config {
     /// they exec'd since they were listed (`EXEC_STAMPS`). (Bit 1 was an allowlist nobody
     /// used.)
     pub const FLAG_DENYLIST: u32 = 1 << 2;
+    /// Only the processes in the `FOLLOWED` map are traced; a followed process's new children
+    /// join it in the kernel as they are created (`top -- CMD` without `--no-follow`).
+    pub const FLAG_FOLLOW: u32 = 1 << 3;
 }
 
 /// Slots of the `SITE_LIMIT` array: rows with a stack one process may create in `SITES`
@@ -72,6 +80,9 @@ pub mod capacity {
     pub const LIVE: u32 = 1 << 20;
     pub const SITES: u32 = 65_536;
     pub const STACKS: u32 = 32_768;
+    /// Processes of one followed tree alive at once (a child that finds it full is reported
+    /// as not followed).
+    pub const FOLLOWED: u32 = 16_384;
     /// Ring buffer size in bytes (a power of two multiple of the page size). 4 MiB holds the
     /// new-site records of ~100 processes starting at once (~24,000 sites with their stacks)
     /// and ~40,000 Go events while the agent is not scheduled.

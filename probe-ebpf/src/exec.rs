@@ -1,8 +1,8 @@
 //! `sched:sched_process_exec`: tells the node agent which program each process became, as it
-//! happens (a process can exec and exit before the agent reads /proc). Attached by the agent only.
+//! happens (a process can exec and exit before the agent reads /proc). Attached by the agent, and by a session that follows a process tree.
 
 use allocwatch_common::{
-    config::FLAG_DENYLIST,
+    config::{FLAG_DENYLIST, FLAG_FOLLOW},
     event::{EventHeader, EventKind, ExecEvent},
     loss::LossCause,
 };
@@ -16,7 +16,7 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
-use crate::maps::{EVENTS, EXEC_NOTIFY, EXEC_STAMPS, FLAGS, TGIDS, lost};
+use crate::maps::{EVENTS, EXEC_NOTIFY, EXEC_STAMPS, FLAGS, FOLLOWED, TGIDS, lost};
 
 /// Offset of the `__data_loc char[] filename` field in the tracepoint's record
 /// (/sys/kernel/tracing/events/sched/sched_process_exec/format, stable since 3.x).
@@ -31,6 +31,16 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn on_exec(ctx: &TracePointContext) {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // A session following a tree hears only of its own processes' execs.
+    if FLAGS.load() & FLAG_FOLLOW != 0 {
+        let Some(f) = FOLLOWED.get_ptr_mut(&tgid) else {
+            return;
+        };
+        // Its calls from here on are the new program's (`PROGRAMS`). The exec record below
+        // tells the session, in order, which program that is.
+        // SAFETY: map value pointer from a successful lookup.
+        unsafe { (*f).execs += 1 };
+    }
     // A process denied for the program it ran is a new program now: traced from its first
     // call until the agent, told by this event, classifies it again.
     if FLAGS.load() & FLAG_DENYLIST != 0 {

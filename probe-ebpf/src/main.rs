@@ -4,6 +4,7 @@
 #![no_main]
 
 mod exec;
+mod follow;
 mod go;
 mod libc;
 mod maps;

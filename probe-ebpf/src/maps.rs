@@ -3,9 +3,9 @@
 
 use allocwatch_common::{
     MAX_STACK_DEPTH, capacity,
-    config::FLAG_DENYLIST,
+    config::{FLAG_DENYLIST, FLAG_FOLLOW},
     errno::EEXIST,
-    event::{EventHeader, EventKind, NEW_SITE_FIXED, NewSiteRecord},
+    event::{EventHeader, EventKind, Followed, NEW_SITE_FIXED, NewSiteRecord, ProgramKey},
     go::{GO_HIST_BUCKETS, GO_SPECS_MAX, GoHistKey, GoHistVal, GoProc, GoSpec, StwState},
     libc::{
         API_COUNT, LIBC_FILES_MAX, LastEntry, LibcFile, LiveAlloc, LiveKey, NO_STACK, Overflow,
@@ -112,10 +112,67 @@ pub fn exec_stamp(tgid: u32) -> u64 {
     unsafe { EXEC_STAMPS.get(&tgid) }.copied().unwrap_or(0)
 }
 
-/// Whether events of `tgid` are recorded: the one traced process, or every process the probes
-/// are attached to, narrowed by the agent's allow- or denylist.
+/// The followed process tree (`FLAG_FOLLOW`): tgid → its parent and exit status. The session
+/// puts its root in; `follow.rs` adds each child as the kernel creates it (before it runs an
+/// instruction) and removes a process when it exits, so a reused pid is not followed.
+#[map]
+pub static FOLLOWED: HashMap<u32, Followed> = HashMap::with_max_entries(capacity::FOLLOWED, 0);
+
+/// Calls and bytes per API of each program a followed process ran (tgid, its exec count).
+#[map]
+pub static PROGRAMS: PerCpuHashMap<ProgramKey, Overflow> =
+    PerCpuHashMap::with_max_entries(capacity::FOLLOWED * 4, 0);
+/// Slot 0: calls `PROGRAMS` had no room for (counted at their site as always).
+#[map]
+pub static FOLLOW_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Counts a call in the program `tgid` runs now (following a tree only).
+#[inline(always)]
+fn count_program(tgid: u32, api: u32, bytes: u64) {
+    if FLAGS.load() & FLAG_FOLLOW == 0 {
+        return;
+    }
+    let Some(f) = FOLLOWED.get_ptr(&tgid) else {
+        return;
+    };
+    let key = ProgramKey {
+        tgid,
+        // SAFETY: map value pointer from a successful lookup.
+        execs: unsafe { (*f).execs },
+        api,
+        _pad: 0,
+    };
+    if let Some(row) = PROGRAMS.get_ptr_mut(&key) {
+        // SAFETY: per-CPU value of this CPU.
+        unsafe {
+            (*row).calls += 1;
+            (*row).bytes += bytes;
+        }
+        return;
+    }
+    let init = Overflow { calls: 1, bytes };
+    // Per CPU: no other CPU writes this CPU's value, an existing key only means ours is 0.
+    if PROGRAMS.insert(&key, &init, 0).is_err()
+        && let Some(n) = FOLLOW_LOST.get_ptr_mut(0)
+    {
+        // SAFETY: per-CPU slot of this CPU.
+        unsafe { *n += 1 };
+    }
+}
+
+/// Whether `tgid` is in the followed tree.
+#[inline(always)]
+pub fn followed(tgid: u32) -> bool {
+    FOLLOWED.get_ptr(&tgid).is_some()
+}
+
+/// Whether events of `tgid` are recorded: the followed tree, the one traced process, or every
+/// process the probes are attached to, narrowed by the agent's allow- or denylist.
 #[inline(always)]
 pub fn traced(tgid: u32) -> bool {
+    if FLAGS.load() & FLAG_FOLLOW != 0 {
+        return followed(tgid);
+    }
     let target = TARGET_TGID.load();
     if target != 0 {
         return target == tgid;
@@ -463,6 +520,7 @@ fn charge_budget(tgid: u32) {
 /// left naming the row counted in (see [`site_row`]).
 #[inline(always)]
 pub fn count_call(key: &mut SiteKey, bytes: u64) {
+    count_program(key.tgid, key.api, bytes);
     match site_row(key) {
         // SAFETY: per-CPU value of this CPU.
         Some(row) => unsafe {

@@ -534,7 +534,8 @@ fn no_btf_and_no_tracefs() {
     );
     KernelState::snapshot().assert_nothing_added(&before);
 
-    // top and leaks attach uprobes through the perf PMU: no tracefs needed.
+    // top and leaks attach uprobes through the perf PMU: no tracefs needed (to follow children
+    // it is).
     let out = Command::new("unshare")
         .args(["--mount", "--propagation", "private", "sh", "-c"])
         .arg(format!(
@@ -549,6 +550,13 @@ fn no_btf_and_no_tracefs() {
         out.status.success(),
         "top without tracefs: {}\n{}",
         out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Following children needs tracepoints, which need tracefs: said, then the one process.
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("allocwatch: warning: cannot follow the processes pid "),
+        "top without tracefs says it does not follow\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     // The agent runs, and says what to do to see execs.

@@ -888,6 +888,60 @@ fn allocations_exact() {
     );
 }
 
+/// Following a shell that runs a Go program (a shim, a wrapper script): the Go runtime is traced
+/// for the command only, so the Go program is listed as `go_runtime: "not traced"` (and counted
+/// in `lost`), never silently reported as the shell's; the Go program traced as the command
+/// itself says `traced`.
+#[test]
+fn go_program_a_shell_starts_is_marked_not_traced() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let newest = minor(&env.newest().version);
+    env.for_each_build(
+        |b| !b.noswissmap && !b.stripped && minor(&b.version) == newest,
+        |b| {
+            let direct = trace(&env, &b.path, &["map_small"]);
+            let followed = array(&direct.process, "followed");
+            assert_eq!(followed.len(), 1, "{:#}", direct.process);
+            assert_eq!(followed[0]["go_runtime"], "traced", "{:#}", direct.process);
+
+            let out = temp_file("sh-go.json");
+            let script = format!("{} map_small; exit 0", path_str(&b.path));
+            let args = [
+                "top",
+                "--json",
+                "-o",
+                path_str(&out),
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ];
+            let mut aw = Allocwatch::spawn_with_stdout(&env, &args);
+            aw.wait_tracing_pid(Duration::from_secs(30));
+            let status = aw.wait_exit(Duration::from_secs(120));
+            aw.assert_success(status);
+            assert_eq!(aw.stdout(), direct.stdout, "the Go program's output");
+            let report = read_json(&out);
+            let proc = &array(&report, "processes")[0];
+            assert_eq!(proc["comm"], "sh", "{proc:#}");
+            assert!(proc["go"].is_null(), "no Go report for the shell\n{proc:#}");
+            let go: Vec<&Value> = array(proc, "followed")
+                .iter()
+                .filter(|p| !p["go_runtime"].is_null())
+                .collect();
+            assert_eq!(go.len(), 1, "one Go program\n{proc:#}");
+            assert_eq!(go[0]["go_runtime"], "not traced", "{proc:#}");
+            assert_eq!(go[0]["exit_code"], 0, "{proc:#}");
+            assert_eq!(
+                u64_at(&proc["lost"], "go_programs_not_traced"),
+                1,
+                "{proc:#}"
+            );
+        },
+    );
+}
+
 /// `--pid` on a running Go program: it keeps running while probes come and go, exits normally
 /// with unchanged output, and allocwatch then ends by itself with exit code 0.
 #[test]

@@ -28,6 +28,9 @@
 //! `nm -D`), so allocwatch reports them under one name and says so in `aliases`.
 
 mod support;
+// The tests of following what a command starts (kept apart: this file is long enough).
+#[path = "libc/follow.rs"]
+mod follow;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -839,6 +842,20 @@ fn spawn_json(env: &TestEnv, name: &str, args: &[&str], target: &[&str]) -> (All
     all.extend_from_slice(target);
     let aw = Allocwatch::spawn(env, &all);
     (aw, out)
+}
+
+/// One program's calls and bytes per API in a followed tree: the fixture's `run` work exactly.
+fn check_program_counts(p: &Value, aliases: &BTreeMap<String, String>) {
+    let mut want: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for &(api, calls, bytes) in API_TOTALS {
+        let e = want.entry(fold(aliases, api)).or_default();
+        e.0 += calls;
+        e.1 += bytes;
+    }
+    for (api, (calls, bytes)) in &want {
+        assert_eq!(u64_at(&p["calls"], api), *calls, "calls.{api}\n{p:#}");
+        assert_eq!(u64_at(&p["bytes"], api), *bytes, "bytes.{api}\n{p:#}");
+    }
 }
 
 fn assert_no_loss(proc: &Value) {

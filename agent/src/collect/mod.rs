@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use allocwatch_common::{
     Event, MAX_STACK_DEPTH,
+    event::ProgramKey,
     go::{GoHistKey, GoHistVal},
     libc::{API_COUNT, LiveAlloc, LiveKey, Overflow, SiteKey, SiteStats},
     loss::{LOSS_CAUSES, LossCause},
@@ -151,6 +152,34 @@ pub fn overflow(probes: &impl MapSource) -> Result<[Overflow; API_COUNT], Collec
         }
     }
     Ok(out)
+}
+
+/// Calls and bytes per API of each program a followed process ran, by (tgid, its exec count).
+pub type ProgramCounts = BTreeMap<(u32, u32), [Overflow; API_COUNT]>;
+
+/// Following a tree: [`ProgramCounts`], CPUs summed; and the calls the table had no room for.
+pub fn programs(probes: &impl MapSource) -> Result<(ProgramCounts, u64), CollectError> {
+    let name = map_names::PROGRAMS;
+    let map = RawMap::of::<ProgramKey, Overflow>(map_ref(probes, name)?, name)?;
+    let mut out = ProgramCounts::new();
+    map.scan(
+        &mut Cursor::default(),
+        usize::MAX,
+        |key: &ProgramKey, values: &[Overflow]| {
+            let row = out.entry((key.tgid, key.execs)).or_default();
+            if let Some(slot) = row.get_mut(key.api as usize) {
+                for v in values {
+                    slot.calls += v.calls;
+                    slot.bytes += v.bytes;
+                }
+            }
+        },
+    )?;
+    let name = map_names::FOLLOW_LOST;
+    let map = probes.map(name).ok_or(CollectError::MissingMap(name))?;
+    let map: PerCpuArray<_, u64> = PerCpuArray::try_from(map).map_err(map_err(name))?;
+    let lost = map.get(&0, 0).map_err(map_err(name))?.iter().sum();
+    Ok((out, lost))
 }
 
 /// A size histogram (`map_names::GO_HIST` or `LIBC_HIST`) of every process: (tgid, log2

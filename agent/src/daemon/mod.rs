@@ -12,7 +12,7 @@
 //!   of a process that exits: nothing is left behind).
 
 mod core;
-mod exec_snapshots;
+pub(crate) mod exec_snapshots;
 mod pressure;
 mod registry;
 mod retained;

@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use allocwatch_common::libc::Api;
 use serde::Serialize;
 
-use super::{Caller, GoReport, Leak, LeaksReport, PauseSummary, ProcessInfo, Site, TopReport};
+use super::{
+    Caller, GoReport, Leak, LeaksReport, PauseSummary, ProcessInfo, Site, TopReport, TreeProcess,
+};
 use crate::{
     aggregate::live_of,
     symbolize::{Frame, SymbolizeStats},
@@ -70,6 +72,51 @@ struct TopProcess<'a> {
     callers: Vec<JsonCaller<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     go: Option<JsonGo<'a>>,
+    /// Following a tree: every process traced, the root first (its figures are per process;
+    /// the totals above are the tree's). Absent with `--no-follow`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    followed: Vec<JsonTreeProcess<'a>>,
+}
+
+#[derive(Serialize)]
+struct JsonTreeProcess<'a> {
+    pid: u32,
+    parent_pid: Option<u32>,
+    comm: &'a str,
+    exe: &'a str,
+    exited: bool,
+    exit_code: Option<i32>,
+    replaced_by_exec: bool,
+    probes: &'static str,
+    /// A Go program only: `traced` (the command's runtime) or `not traced`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    go_runtime: Option<&'static str>,
+    calls: BTreeMap<&'static str, u64>,
+    bytes: BTreeMap<&'static str, u64>,
+    failed: BTreeMap<&'static str, u64>,
+    live_bytes: u64,
+    live_allocations: u64,
+}
+
+impl<'a> From<&'a TreeProcess> for JsonTreeProcess<'a> {
+    fn from(p: &'a TreeProcess) -> Self {
+        Self {
+            pid: p.pid,
+            parent_pid: p.parent_pid,
+            comm: &p.comm,
+            exe: &p.exe,
+            exited: p.exited,
+            exit_code: p.exit_code,
+            replaced_by_exec: p.replaced_by_exec,
+            probes: p.probes,
+            go_runtime: p.go,
+            calls: per_api(&p.totals.calls),
+            bytes: per_api(&p.totals.bytes),
+            failed: per_api(&p.totals.failed),
+            live_bytes: p.totals.live_bytes,
+            live_allocations: p.totals.live_allocations,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -347,6 +394,7 @@ pub fn top(reports: &[TopReport]) -> serde_json::Result<String> {
             sites: r.sites.iter().map(Into::into).collect(),
             callers: r.callers.iter().map(Into::into).collect(),
             go: r.go.as_ref().map(Into::into),
+            followed: r.tree.iter().map(Into::into).collect(),
         })
         .collect();
     serde_json::to_string_pretty(&Document {

@@ -31,6 +31,31 @@ pub struct ProcessInfo {
     pub aliases: Vec<(Api, Api)>,
 }
 
+/// One process of a followed tree: the session's command (or `--pid`) and every process it
+/// started while traced.
+#[derive(Clone, Debug, Default)]
+pub struct TreeProcess {
+    pub pid: u32,
+    /// The followed process that created it (`None` for the root).
+    pub parent_pid: Option<u32>,
+    /// As last seen (after an exec: the new program's).
+    pub comm: String,
+    pub exe: String,
+    pub exited: bool,
+    /// Its `exit_group` status (the root launched by allocwatch: also 128+signal).
+    pub exit_code: Option<i32>,
+    /// It exec'd while traced: its first program was replaced, and its counts hold both.
+    pub replaced_by_exec: bool,
+    /// How its program was probed: `attached` (before its first call), `late` (an exec'd
+    /// program whose files had to be probed after it started: its first calls are lost),
+    /// `none` (nothing allocwatch can probe).
+    pub probes: &'static str,
+    /// A Go program: `traced` (the root's runtime events) or `not traced` (any other Go
+    /// program of the tree: its libc calls only). `None`: not a Go program.
+    pub go: Option<&'static str>,
+    pub totals: Totals,
+}
+
 /// One call site: an API and the symbolized call chain that reached it.
 #[derive(Clone, Debug)]
 pub struct Site {
@@ -71,6 +96,9 @@ pub struct TopReport {
     /// Addresses the symbolizer could not name, by cause (all processes of the session).
     pub symbolization: SymbolizeStats,
     pub go: Option<GoReport>,
+    /// Following a tree: each process traced (the root first). Empty with `--no-follow`;
+    /// `totals`, `sites` and `callers` are then those of the whole tree.
+    pub tree: Vec<TreeProcess>,
 }
 
 /// A Go growth or large-allocation site.

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use allocwatch_common::libc::Api;
 
-use super::{GoReport, LeaksReport, PauseSummary, Site, TopReport, human_bytes};
+use super::{GoReport, LeaksReport, PauseSummary, Site, TopReport, TreeProcess, human_bytes};
 use crate::{aggregate::live_of, symbolize::Frame};
 
 /// How many caller frames are printed under a site.
@@ -147,6 +147,47 @@ fn lost_line(out: &mut String, lost: &std::collections::BTreeMap<&'static str, u
     }
 }
 
+/// The followed tree, when it was more than the one process: each process's own calls and
+/// bytes (the figures above are the tree's).
+fn processes(out: &mut String, tree: &[TreeProcess]) {
+    if tree.len() < 2 {
+        return;
+    }
+    let _ = writeln!(out, "\nPROCESSES ({})", tree.len());
+    let _ = writeln!(
+        out,
+        "{:>8} {:>8} {:>8} {:>10} {:<12} {:<9} PROGRAM",
+        "PID", "PARENT", "CALLS", "BYTES", "STATE", "PROBES"
+    );
+    for p in tree {
+        let calls: u64 = p.totals.calls.iter().sum();
+        let bytes: u64 = Api::ALL
+            .iter()
+            .filter(|a| **a != Api::Free)
+            .map(|a| p.totals.bytes[*a as usize])
+            .sum();
+        let state = match (p.replaced_by_exec, p.exited, p.exit_code) {
+            (true, _, _) => "exec'd".into(),
+            (_, true, Some(c)) => format!("exited ({c})"),
+            (_, true, None) => "exited".into(),
+            (_, false, _) => "running".into(),
+        };
+        let parent = p.parent_pid.map_or("-".into(), |n| n.to_string());
+        let program = if p.exe.is_empty() { &p.comm } else { &p.exe };
+        let go = match p.go {
+            Some(g) => format!(" (Go runtime {g})"),
+            None => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "{:>8} {parent:>8} {calls:>8} {:>10} {state:<12} {:<9} {program}{go}",
+            p.pid,
+            human_bytes(bytes),
+            p.probes,
+        );
+    }
+}
+
 fn table(out: &mut String, title: &str, sites: &[&Site]) {
     let _ = writeln!(out, "\n{title}");
     let _ = writeln!(
@@ -180,6 +221,7 @@ pub fn top(r: &TopReport, k: usize) -> String {
     by_calls.sort_by_key(|s| std::cmp::Reverse(s.stats.calls));
     by_calls.truncate(k);
     table(&mut out, "TOP SITES BY CALLS", &by_calls);
+    processes(&mut out, &r.tree);
     if let Some(go) = &r.go {
         go_section(&mut out, go, k);
     }
@@ -440,6 +482,49 @@ mod tests {
             out,
             "grow_inline (buf.c:7) (inlined)\n  <- make_buffer (buf.c:20)\n  <- main (buf.c:31)\n  \
              <- 0x3000\n  <- 0x3000\n"
+        );
+    }
+
+    /// One row per process of a followed tree, only when there is more than the root.
+    #[test]
+    fn processes_table_lists_the_tree() {
+        let mut root = TreeProcess {
+            pid: 10,
+            comm: "sh".into(),
+            exe: "/usr/bin/dash".into(),
+            exited: true,
+            exit_code: Some(0),
+            probes: "attached",
+            ..TreeProcess::default()
+        };
+        root.totals.calls[Api::Malloc as usize] = 3;
+        root.totals.bytes[Api::Malloc as usize] = 300;
+        root.totals.calls[Api::Free as usize] = 2;
+        root.totals.bytes[Api::Free as usize] = 200;
+        let mut out = String::new();
+        processes(&mut out, std::slice::from_ref(&root));
+        assert_eq!(out, "", "one process: no table");
+        let child = TreeProcess {
+            pid: 11,
+            parent_pid: Some(10),
+            comm: "libc_fixture".into(),
+            exe: "/f/libc_fixture".into(),
+            replaced_by_exec: true,
+            probes: "attached",
+            go: Some("not traced"),
+            ..TreeProcess::default()
+        };
+        processes(&mut out, &[root, child]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[1], "PROCESSES (2)");
+        assert_eq!(
+            lines[3],
+            "      10        -        5      300 B exited (0)   attached  /usr/bin/dash"
+        );
+        assert_eq!(
+            lines[4],
+            "      11       10        0        0 B exec'd       attached  /f/libc_fixture (Go \
+             runtime not traced)"
         );
     }
 }

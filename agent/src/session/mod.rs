@@ -2,10 +2,12 @@
 //! ends, or Ctrl-C/SIGTERM), then report. `top`, `leaks` and `maps` differ only in their views.
 //!
 //! - `resolve.rs`: the process and its files, attached through the target registry;
+//! - `follow.rs`: the processes it starts, followed in the kernel (unless `--no-follow`);
 //! - `view.rs`: the session's state and its reports.
 //!
 //! Records flow through the pipeline the agent uses too (`crate::pipeline`).
 
+mod follow;
 mod resolve;
 mod view;
 
@@ -23,10 +25,15 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
-use self::view::{Tracer, Watched, refresh_identity};
+use self::{
+    follow::Tree,
+    view::{Tracer, Watched, refresh_identity},
+};
 use crate::{
     aggregate::Sampling,
     cli::CommonArgs,
+    collect,
+    daemon::exec_snapshots,
     frames::FrameCache,
     gostate::GoState,
     model::SiteSnapshot,
@@ -113,17 +120,21 @@ fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer,
     let pidfd = procfs::pidfd_open(pid.get())
         .map_err(|_| TargetError::ExitedDuringAttach { pid: pid.get() })?;
     let capacity = Capacity::from(args.capacity);
-    let mut probes = Probes::load_mode(
-        &ProbeConfig {
-            tgid: Some(pid),
-            filter: Filter::None,
-            stacks: args.mode.stacks() && !args.no_stacks,
-            sample_bytes: args.sample_bytes,
-            capacity,
-        },
-        args.mode,
-    )
-    .map_err(|e| resolve::explain_load_error(e, &capacity))?;
+    // Following, the probes go into every process that maps the files, and the kernel's
+    // followed set narrows them to the tree; without, into the one process.
+    let load = |follow: bool| {
+        Probes::load_mode(
+            &ProbeConfig {
+                tgid: (!follow).then_some(pid),
+                filter: if follow { Filter::Follow } else { Filter::None },
+                stacks: args.mode.stacks() && !args.no_stacks,
+                sample_bytes: args.sample_bytes,
+                capacity,
+            },
+            args.mode,
+        )
+        .map_err(|e| resolve::explain_load_error(e, &capacity))
+    };
     // A process that exits while the probes go in makes the attach fail with an errno that
     // names nothing the user did: say what happened instead.
     let exited = |e: anyhow::Error| {
@@ -133,10 +144,51 @@ fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer,
             resolve::exited_instead(pid.get(), e)
         }
     };
-    resolve::attach(&mut probes, &r, resolve::go_probes(args)).map_err(|e| exited(e.into()))?;
+    // Like strace: a launched command is followed unless --no-follow; a running process
+    // only with --follow (following plants the libc probes machine-wide and adds tracepoints
+    // to the attach).
+    let want_follow = if launched {
+        !args.no_follow
+    } else {
+        args.follow
+    };
+    let (mut probes, follow) = if !want_follow {
+        (load(false)?, false)
+    } else {
+        let mut probes = load(true)?;
+        match probes.follow(pid) {
+            Ok(()) => (probes, true),
+            Err(e) if !launched && procfs::has_exited(pid.get()) => {
+                return Err(exited(e.into()));
+            }
+            // The tracepoints need tracefs (absent, or not ours without root): the one
+            // process is still worth tracing, and the user is told what is missing.
+            Err(e) => {
+                eprintln!(
+                    "allocwatch: warning: cannot follow the processes pid {pid} starts ({e}): \
+                     tracing it alone, as with --no-follow"
+                );
+                drop(probes);
+                (load(false)?, false)
+            }
+        }
+    };
+    let scope = (!follow).then_some(pid);
+    let targets = resolve::attach(&mut probes, &r, resolve::go_probes(args), scope)
+        .map_err(|e| exited(e.into()))?;
     // Started before the command runs: the first snapshot of a short command must not wait
     // for a thread to start.
     let mut pipe = Pipeline::new(probes, FrameCache::default(), SymbolizerHandle::spawn())?;
+    // The tree's programs' maps are read the moment they exec, as the agent reads them.
+    let exec_snapshots = if follow {
+        collect::take_exec_notify(&mut pipe.parts.probes)
+            .map_err(anyhow::Error::from)
+            .and_then(|ring| Ok(exec_snapshots::spawn(ring, pipe.parts.symbolizer.clone())?))
+            .inspect_err(|e| eprintln!("allocwatch: warning: exec snapshots: {e}"))
+            .ok()
+    } else {
+        None
+    };
     let mut info = ProcessInfo {
         pid: pid.get(),
         libc: r
@@ -177,7 +229,9 @@ fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer,
         watched: Watched {
             info,
             go: r.go.as_deref().map(GoState::new),
+            tree: Tree::new(follow, pid.get(), launched, targets, r.go.is_some()),
         },
+        _exec_snapshots: exec_snapshots,
         go_target: r.go,
         started: Instant::now(),
         top_k: args.top,
@@ -204,8 +258,13 @@ fn banner(tracer: &Tracer) {
             eprintln!("allocwatch: warning: {w}");
         }
     }
+    let children = if tracer.watched.tree.on {
+        " and the processes it starts"
+    } else {
+        ""
+    };
     eprintln!(
-        "allocwatch: tracing pid {} ({}): {} probes on {}",
+        "allocwatch: tracing pid {} ({}){children}: {} probes on {}",
         info.pid,
         info.comm,
         tracer.pipe.parts.probes.attached_points(),

@@ -157,17 +157,23 @@ fn libc_when_loaded(pid: u32) -> Result<LibcTarget, TargetError> {
     }
 }
 
-/// Attaches the resolved files for this process only, and does the per-process step of those
-/// whose addresses do not depend on where the process maps them.
-pub fn attach(probes: &mut Probes, r: &Resolved, go_probes: GoProbeSet) -> Result<(), ProbeError> {
-    let mut targets = Targets::new(go_probes, Some(r.pid));
+/// Attaches the resolved files (for this process only with `scope`, else for every process,
+/// which the followed set narrows), and does the per-process step of those whose addresses do
+/// not depend on where the process maps them. The registry, for the programs it execs later.
+pub fn attach(
+    probes: &mut Probes,
+    r: &Resolved,
+    go_probes: GoProbeSet,
+    scope: Option<NonZeroU32>,
+) -> Result<Targets, ProbeError> {
+    let mut targets = Targets::new(go_probes, scope);
     for f in &r.files {
         targets.attach(probes, f)?;
     }
     for f in r.files.iter().filter(|f| !f.target.needs_maps()) {
         f.in_process(probes, r.pid.get(), &[])?;
     }
-    Ok(())
+    Ok(targets)
 }
 
 /// The per-process step of the files whose addresses are known only once the process has

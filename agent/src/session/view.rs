@@ -15,10 +15,12 @@ use allocwatch_common::{
     map_names,
 };
 
+use super::follow::Tree;
 use crate::{
     aggregate,
     aggregate::Sampling,
     collect,
+    daemon::exec_snapshots::ExecSnapshots,
     gort::live::ProcessMemory,
     gort::versions::MapImpl,
     gostate::{GoSiteKey, GoState, Pauses, Verdict, Verdicts},
@@ -40,12 +42,17 @@ pub struct Tracer {
     pub started: Instant,
     pub top_k: usize,
     pub sampling: Sampling,
+    /// Reads the maps of the tree's programs at their exec (stops when dropped).
+    pub _exec_snapshots: Option<ExecSnapshots>,
 }
 
 /// What the records say about the traced process beyond its sites.
 pub struct Watched {
     pub info: ProcessInfo,
+    /// The root's Go runtime events (a Go program the tree execs is counted through its libc
+    /// calls only).
     pub go: Option<GoState>,
+    pub tree: Tree,
 }
 
 impl Watched {
@@ -60,12 +67,36 @@ impl Watched {
 }
 
 impl Handler for Watched {
+    fn exec(&mut self, parts: &mut Parts, tgid: u32, comm: &[u8; 16], path: String) {
+        let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+        let comm = String::from_utf8_lossy(&comm[..end]).into_owned();
+        self.tree.exec(&mut parts.probes, tgid, comm, path);
+    }
+
+    fn fork(&mut self, parts: &mut Parts, child: u32, parent: u32, followed: bool) {
+        self.tree.fork(child, parent, followed);
+        // A forked child maps what its parent did: noted now, its sites can be named even
+        // if it exits before its first new site is read.
+        if followed && parts.frames.noted.insert(child) {
+            parts.symbolizer.note_process(child);
+        }
+    }
+
+    fn exit(&mut self, _parts: &mut Parts, tgid: u32, code: Option<u8>) {
+        self.tree.exit(tgid, code);
+    }
+
     fn new_site(&mut self, parts: &mut Parts, site: &SiteKey, _comm: &[u8; 16]) {
+        if self.tree.on {
+            self.tree.seen(site.tgid);
+        }
         self.seen(parts, site.tgid);
     }
 
     fn go(&mut self, parts: &mut Parts, event: &GoEvent) {
-        if let Some(state) = &mut self.go {
+        if let Some(state) = &mut self.go
+            && event.header.tgid == self.info.pid
+        {
             state.record(event);
         }
         self.seen(parts, event.header.tgid);
@@ -114,12 +145,18 @@ impl Tracer {
         if let Some(go) = &self.watched.go {
             lost.insert("go_map_instances_untracked", go.maps_untracked);
         }
+        self.watched.tree.lost(&mut lost);
         Ok(lost)
     }
 
+    /// The process whose rows are read: the root, or (following) every process recorded.
+    fn scope(&self) -> Option<u32> {
+        (!self.watched.tree.on).then_some(self.watched.info.pid)
+    }
+
     pub async fn top_report(&mut self) -> anyhow::Result<TopReport> {
-        let pid = self.watched.info.pid;
-        let rows = collect::sites(&self.pipe.parts.probes, Some(pid))?;
+        // Following, every row is the tree's (the kernel records no other process).
+        let rows = collect::sites(&self.pipe.parts.probes, self.scope())?;
         let overflow = collect::overflow(&self.pipe.parts.probes)?;
         let sampling = self.sampling;
         let totals = aggregate::totals(rows.iter(), &overflow, sampling);
@@ -159,7 +196,19 @@ impl Tracer {
             Vec::new()
         };
         let go = self.go_report().await?;
+        let programs = if self.watched.tree.on {
+            let (programs, full) = collect::programs(&self.pipe.parts.probes)?;
+            self.watched.tree.programs_full = full;
+            programs
+        } else {
+            BTreeMap::new()
+        };
+        let tree = self
+            .watched
+            .tree
+            .report(&self.watched.info, &rows, &programs, sampling);
         Ok(TopReport {
+            tree,
             info: self.watched.info.clone(),
             elapsed_secs: self.started.elapsed().as_secs_f64(),
             totals,
@@ -178,14 +227,16 @@ impl Tracer {
         &mut self,
         rows: &BTreeMap<SiteKey, SiteStats>,
     ) -> anyhow::Result<Vec<Caller>> {
-        let mut by_caller: BTreeMap<(u32, u64), SiteStats> = BTreeMap::new();
+        // By process too: a return address names code in its own process's program.
+        let mut by_caller: BTreeMap<(u32, u32, u64), SiteStats> = BTreeMap::new();
         for (key, stats) in rows.iter().filter(|(k, s)| !k.is_spill() || s.calls > 0) {
-            let sum = by_caller.entry((key.api, key.ret_addr)).or_default();
+            let sum = by_caller
+                .entry((key.tgid, key.api, key.ret_addr))
+                .or_default();
             *sum = aggregate::sum_stats([*sum, *stats].iter());
         }
-        let pid = self.watched.info.pid;
         let mut out = Vec::with_capacity(by_caller.len());
-        for ((api, ret_addr), s) in by_caller {
+        for ((pid, api, ret_addr), s) in by_caller {
             out.push(Caller {
                 api: Api::try_from(api)?,
                 frames: chain(&mut self.pipe.parts, pid, NO_STACK, ret_addr).await?,
@@ -301,7 +352,7 @@ impl Tracer {
     }
 
     pub async fn leaks_report(&mut self, min_age: Duration) -> anyhow::Result<LeaksReport> {
-        let live = collect::live(&self.pipe.parts.probes, Some(self.watched.info.pid))?;
+        let live = collect::live(&self.pipe.parts.probes, self.scope())?;
         let now = monotonic_ns();
         let groups = aggregate::leaks(&live, now, min_age.as_nanos() as u64);
         let rate = self.sampling.bytes;

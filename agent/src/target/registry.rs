@@ -250,6 +250,11 @@ impl Targets {
         }
     }
 
+    /// Whether the file `id` of `kind` is probed already.
+    pub fn is_attached(&self, kind: Kind, id: DevInode) -> bool {
+        matches!(self.files.get(&(kind, id)), Some(FileState::Attached(_)))
+    }
+
     /// Counts a failure.
     pub fn failed(&mut self, why: AttachFailure) {
         *self.failures.entry(why).or_default() += 1;

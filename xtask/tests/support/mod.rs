@@ -506,9 +506,14 @@ pub struct Fixture {
 impl Fixture {
     /// Starts `FIXTURE MODE` and waits for its `WORD <pid>` line on stderr.
     pub fn spawn(path: &Path, mode: &str, word: &str) -> Self {
+        Self::spawn_args(path, &[mode], word)
+    }
+
+    /// Starts `FIXTURE ARGS…` and waits for its `WORD <pid>` line on stderr.
+    pub fn spawn_args(path: &Path, args: &[&str], word: &str) -> Self {
         let started = Instant::now();
         let mut child = Command::new(path)
-            .arg(mode)
+            .args(args)
             .stdin(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -138,7 +138,7 @@ pub(super) fn basename(path: &str) -> &str {
 
 /// glibc `libc.so.6`, musl `libc.musl-x86_64.so.1` (Alpine) / `ld-musl-x86_64.so.1` (musl's
 /// loader is its libc), and plain `libc.so` (musl's DT_NEEDED).
-pub(super) fn is_libc_name(name: &str) -> bool {
+pub fn is_libc_name(name: &str) -> bool {
     name == "libc.so"
         || name.starts_with("libc.so.")
         || name.starts_with("libc.musl-")
