@@ -109,7 +109,15 @@ fn build_split(src_dir: &Path, out: &Path) -> anyhow::Result<()> {
         &["-g", "-fomit-frame-pointer", "-DSPLIT_NO_FP"],
         &dir("nofp")?.join(bin),
     )?;
-    let strip = |to: &Path| cmd::run(Command::new("strip").arg("--strip-all").arg("-o").arg(to).arg(&full));
+    let strip = |to: &Path| {
+        cmd::run(
+            Command::new("strip")
+                .arg("--strip-all")
+                .arg("-o")
+                .arg(to)
+                .arg(&full),
+        )
+    };
     let keep_debug = |to: &Path| {
         cmd::run(
             Command::new("objcopy")
@@ -147,7 +155,8 @@ fn build_split(src_dir: &Path, out: &Path) -> anyhow::Result<()> {
             nm.arg("-D");
         }
         nm.args(["--format=posix", "--defined-only"]).arg(&full);
-        let text = cmd::stdout_if_ok(&mut nm).ok_or_else(|| anyhow!("`{}` failed", cmd::show(&nm)))?;
+        let text =
+            cmd::stdout_if_ok(&mut nm).ok_or_else(|| anyhow!("`{}` failed", cmd::show(&nm)))?;
         Ok(text
             .lines()
             .filter_map(|l| {
@@ -169,7 +178,13 @@ fn build_split(src_dir: &Path, out: &Path) -> anyhow::Result<()> {
     let mini = work.join("mini_debuginfo");
     cmd::run(
         Command::new("objcopy")
-            .args(["-S", "--remove-section", ".gdb_index", "--remove-section", ".comment"])
+            .args([
+                "-S",
+                "--remove-section",
+                ".gdb_index",
+                "--remove-section",
+                ".comment",
+            ])
             .arg(format!("--keep-symbols={}", keep_file.display()))
             .arg(&debug)
             .arg(&mini),
@@ -193,7 +208,8 @@ fn build_split(src_dir: &Path, out: &Path) -> anyhow::Result<()> {
 fn build_id(elf: &Path) -> anyhow::Result<String> {
     let mut readelf = Command::new("readelf");
     readelf.arg("-n").arg(elf);
-    let notes = cmd::stdout_if_ok(&mut readelf).ok_or_else(|| anyhow!("`{}` failed", cmd::show(&readelf)))?;
+    let notes = cmd::stdout_if_ok(&mut readelf)
+        .ok_or_else(|| anyhow!("`{}` failed", cmd::show(&readelf)))?;
     notes
         .lines()
         .find_map(|l| l.trim().strip_prefix("Build ID: "))

@@ -25,7 +25,12 @@ use support::{
 const SPLIT_BYTES: u64 = 4242;
 
 /// The fixture's frames of its site, with frame pointers all the way: innermost first.
-const FULL_STACK: &[&str] = &["fx_split_inner", "fx_split_middle", "fx_split_outer", "main"];
+const FULL_STACK: &[&str] = &[
+    "fx_split_inner",
+    "fx_split_middle",
+    "fx_split_outer",
+    "main",
+];
 
 struct TestEnv {
     bin: PathBuf,
@@ -61,7 +66,15 @@ impl AllocwatchBin for TestEnv {
 fn top(env: &TestEnv, extra: &[&str], fixture: &Path, mode: &str) -> Value {
     let out = support::temp_file("symbols.json");
     let mut args: Vec<&str> = extra.to_vec();
-    args.extend(["top", "--json", "-o", path_str(&out), "--", path_str(fixture), mode]);
+    args.extend([
+        "top",
+        "--json",
+        "-o",
+        path_str(&out),
+        "--",
+        path_str(fixture),
+        mode,
+    ]);
     let mut aw = Allocwatch::spawn(env, &args);
     aw.wait_tracing_pid(Duration::from_secs(30));
     let status = aw.wait_exit(Duration::from_secs(60));
@@ -87,7 +100,11 @@ fn split_site(proc: &Value) -> &Value {
 fn fixture_frames(site: &Value) -> Vec<(String, Option<String>, Option<u64>)> {
     array(site, "frames")
         .iter()
-        .filter(|f| f["module"].as_str().is_some_and(|m| m.ends_with("/split_fixture")))
+        .filter(|f| {
+            f["module"]
+                .as_str()
+                .is_some_and(|m| m.ends_with("/split_fixture"))
+        })
         .map(|f| {
             let file = f["file"]
                 .as_str()
@@ -108,7 +125,10 @@ fn functions(frames: &[(String, Option<String>, Option<u64>)]) -> Vec<&str> {
 /// Every frame has a module (a name or `module+offset`, never a bare address).
 fn assert_no_bare_frame(site: &Value) {
     for f in array(site, "frames") {
-        assert!(f["module"].is_string(), "a frame without a module\n{site:#}");
+        assert!(
+            f["module"].is_string(),
+            "a frame without a module\n{site:#}"
+        );
     }
 }
 
@@ -123,7 +143,8 @@ fn stripped_binaries_are_named_from_their_debug_files() {
     let want = fixture_frames(site);
     assert_eq!(functions(&want), FULL_STACK, "unstripped\n{site:#}");
     assert!(
-        want.iter().all(|f| f.1.as_deref() == Some("split_fixture.c") && f.2.is_some()),
+        want.iter()
+            .all(|f| f.1.as_deref() == Some("split_fixture.c") && f.2.is_some()),
         "file:line from DWARF\n{site:#}"
     );
     assert_no_bare_frame(site);
@@ -145,14 +166,21 @@ fn stripped_binaries_are_named_from_their_debug_files() {
             assert_eq!(functions(&got), FULL_STACK, "{variant}\n{site:#}");
         }
         assert_no_bare_frame(site);
-        assert_eq!(u64_at(&proc["lost"], "symbolize_stack_cut"), 0, "{variant}\n{proc:#}");
+        assert_eq!(
+            u64_at(&proc["lost"], "symbolize_stack_cut"),
+            0,
+            "{variant}\n{proc:#}"
+        );
     }
 
     // The build-id variant without its debug directory: unnamed, but `module+offset`.
     let proc = top(&env, &[], &env.variant("buildid"), "run");
     let site = split_site(&proc);
     let frames = array(site, "frames");
-    assert!(frames[0]["function"].is_null(), "no symbols without the debug file\n{site:#}");
+    assert!(
+        frames[0]["function"].is_null(),
+        "no symbols without the debug file\n{site:#}"
+    );
     assert!(frames[0]["offset"].is_u64(), "module+offset\n{site:#}");
     assert_no_bare_frame(site);
 }
@@ -168,8 +196,20 @@ fn walks_through_code_without_frame_pointers_are_cut() {
         let proc = top(&env, &[], &env.variant("nofp"), mode);
         let site = split_site(&proc);
         let frames = array(site, "frames");
-        assert_eq!(frames.len(), 1, "{mode}: cut after fx_split_inner\n{site:#}");
-        assert_eq!(str_at(&frames[0], "function"), "fx_split_inner", "{mode}\n{site:#}");
-        assert_eq!(u64_at(&proc["lost"], "symbolize_stack_cut"), 1, "{mode}\n{proc:#}");
+        assert_eq!(
+            frames.len(),
+            1,
+            "{mode}: cut after fx_split_inner\n{site:#}"
+        );
+        assert_eq!(
+            str_at(&frames[0], "function"),
+            "fx_split_inner",
+            "{mode}\n{site:#}"
+        );
+        assert_eq!(
+            u64_at(&proc["lost"], "symbolize_stack_cut"),
+            1,
+            "{mode}\n{proc:#}"
+        );
     }
 }

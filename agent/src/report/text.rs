@@ -4,8 +4,8 @@ use std::fmt::Write as _;
 
 use allocwatch_common::libc::Api;
 
-use super::{GoReport, LeaksReport, PauseSummary, Site, TopReport, human_bytes};
 use super::pprof::UNKNOWN;
+use super::{GoReport, LeaksReport, PauseSummary, Site, TopReport, human_bytes};
 use crate::{aggregate::live_of, symbolize::Frame};
 
 /// How many caller frames are printed under a site.

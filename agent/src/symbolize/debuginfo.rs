@@ -113,7 +113,10 @@ pub(super) fn candidates(
         let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
         let (first, rest) = hex.split_at(2);
         for dir in debug_dirs {
-            let path = dir.join(".build-id").join(first).join(format!("{rest}.debug"));
+            let path = dir
+                .join(".build-id")
+                .join(first)
+                .join(format!("{rest}.debug"));
             out.push((path, Check::BuildId(id.to_vec())));
         }
     }

@@ -38,16 +38,16 @@ pub(super) fn snapshot(pid: u32) -> Result<Vec<RawMapping>, TargetError> {
 pub(super) fn snapshot_of(pid: u32, maps: &[MapEntry]) -> Vec<RawMapping> {
     maps.iter()
         .filter(|m| m.perms.exec)
-        .filter_map(|m| {
+        .map(|m| {
             let module = m.path.clone().unwrap_or_else(|| ANON.to_owned());
             let file = m.is_file().then(|| open(pid, m, &module)).flatten();
-            Some(RawMapping {
+            RawMapping {
                 start: m.start,
                 end: m.end,
                 offset: m.offset,
                 module,
                 file,
-            })
+            }
         })
         .collect()
 }

@@ -610,7 +610,14 @@ impl Worker {
             if cut || find(&process.maps, addr).is_none() {
                 break;
             }
-            out.extend(resolve(symbolizer, files, &process.maps, pid, addr, counters));
+            out.extend(resolve(
+                symbolizer,
+                files,
+                &process.maps,
+                pid,
+                addr,
+                counters,
+            ));
         }
         Ok(out)
     }
@@ -632,12 +639,7 @@ fn slow(started: Instant, what: impl FnOnce() -> String) {
 /// take longer than that on a busy node, and the sites of a program that has already exited
 /// would then be exported in `other` for good (a counter's value cannot move to a site named
 /// later). Once per file: later lookups hit blazesym's cache.
-fn warm(
-    symbolizer: &Symbolizer,
-    files: &HashMap<FileKey, OpenFile>,
-    pid: u32,
-    maps: &[Mapping],
-) {
+fn warm(symbolizer: &Symbolizer, files: &HashMap<FileKey, OpenFile>, pid: u32, maps: &[Mapping]) {
     // The first file mapping is the executable (the kernel maps it first, at its lowest address
     // for a non-PIE and first in /proc/PID/maps order for a PIE's load segment).
     let Some(exe) = maps.iter().find(|m| m.elf.is_some()) else {
@@ -651,7 +653,14 @@ fn warm(
         .is_some_and(|f| f.frames.borrow().is_empty());
     if cold {
         // Not counted: a warm-up, not a request.
-        let _ = resolve(symbolizer, files, maps, pid, exe.start + 1, &Counters::default());
+        let _ = resolve(
+            symbolizer,
+            files,
+            maps,
+            pid,
+            exe.start + 1,
+            &Counters::default(),
+        );
     }
 }
 

@@ -132,13 +132,18 @@ fn chains_are_cut_at_an_address_that_follows_no_call() {
     let frames = s
         .symbolize_checked(pid, vec![after_call, mid_function, after_call])
         .unwrap();
-    assert_eq!(frames.iter().map(|f| f.address).collect::<Vec<_>>(), [after_call]);
+    assert_eq!(
+        frames.iter().map(|f| f.address).collect::<Vec<_>>(),
+        [after_call]
+    );
     assert_eq!(s.stats().stack_cut, 1);
     // Out of the checked path (tests naming arbitrary code) nothing is cut.
     let frames = s.symbolize(pid, vec![after_call, mid_function]).unwrap();
-    assert!(frames.iter().any(|f| f.address == mid_function), "{frames:?}");
+    assert!(
+        frames.iter().any(|f| f.address == mid_function),
+        "{frames:?}"
+    );
 }
-
 
 const CHILD_C: &str = r#"
 #include <unistd.h>
