@@ -718,6 +718,11 @@ fn return_address(
         // Nothing to read the code from ([vdso], JIT code): not cut on a guess.
         return ReturnAddress::Yes;
     };
+    // Go code keeps frame pointers, and every goroutine's outermost frame returns to
+    // `runtime.goexit+1`, which follows a NOP by design: not checked.
+    if elf.go(&mapping.module).is_some() {
+        return ReturnAddress::Yes;
+    }
     if elf.follows_call((addr - mapping.start).wrapping_add(mapping.offset)) {
         ReturnAddress::Yes
     } else {
