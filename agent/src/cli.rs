@@ -32,6 +32,11 @@ pub struct Cli {
     /// RUST_LOG says]; debug also says why a probe dropped or skipped an event.
     #[arg(long, global = true, value_name = "LEVEL", value_parser = values::log_level)]
     pub log_level: Option<log::LevelFilter>,
+    /// Where separate debug files are looked for, as gdb's debug-file-directory: DIR/.build-id/
+    /// by build-id, DIR/<binary's directory>/ by .gnu_debuglink (repeatable; inside a
+    /// container, under its root first) [default: /usr/lib/debug].
+    #[arg(long, global = true, value_name = "DIR")]
+    pub debug_dir: Vec<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

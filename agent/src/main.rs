@@ -93,6 +93,9 @@ fn main() -> ExitCode {
         }
     };
     init_logger(cli.log_level);
+    if !cli.debug_dir.is_empty() {
+        allocwatch::symbolize::set_debug_dirs(cli.debug_dir.clone());
+    }
     let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

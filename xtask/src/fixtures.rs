@@ -1,5 +1,7 @@
-//! Fixtures: fixtures/c/NAME.c -> target/fixtures/NAME, and fixtures/go/growth built by every
-//! Go toolchain (xtask/src/go.rs) -> target/gofixtures/growth-<version>[-noswissmap][-stripped].
+//! Fixtures: fixtures/c/NAME.c -> target/fixtures/NAME, fixtures/c/split_fixture.c also in the
+//! variants of target/fixtures/split/ (see [`build_split`]), and fixtures/go/growth built by
+//! every Go toolchain (xtask/src/go.rs) -> target/gofixtures/growth-<version>[-noswissmap]
+//! [-stripped].
 
 use std::{
     fs,
@@ -63,7 +65,157 @@ fn build_c(paths: &Paths) -> anyhow::Result<PathBuf> {
             )?;
         }
     }
+    build_split(&src_dir, &out_dir.join("split"))?;
     Ok(out_dir)
+}
+
+/// split_fixture's variants, each `DIR/split_fixture` in `out` (xtask/tests/symbols.rs):
+/// - `full`: -O2 -g with frame pointers, unstripped (the reference);
+/// - `buildid`: `full` stripped, its debug file at `buildid/debug/.build-id/xx/yyyy.debug`
+///   (`debug` is the test's `--debug-dir`);
+/// - `debuglink`: `full` stripped with a `.gnu_debuglink` to `debuglink/.debug/split_fixture.debug`;
+/// - `minidebug`: `full` stripped with a `.gnu_debugdata` section, made as Fedora's
+///   find-debuginfo makes it (the function symbols not in `.dynsym`, in an xz'd ELF);
+/// - `nofp`: -O2 -fomit-frame-pointer -DSPLIT_NO_FP (its fake-frame modes).
+fn build_split(src_dir: &Path, out: &Path) -> anyhow::Result<()> {
+    let src = src_dir.join("split_fixture.c");
+    let inputs = [src.clone(), src_dir.join("fixture.h")];
+    // Built last: every variant is there and newer than the sources.
+    if !is_stale(&inputs, &out.join("minidebug/split_fixture"))? {
+        return Ok(());
+    }
+    if out.exists() {
+        fs::remove_dir_all(out).with_context(|| format!("removing {}", out.display()))?;
+    }
+    let dir = |name: &str| -> anyhow::Result<PathBuf> {
+        let d = out.join(name);
+        fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+        Ok(d)
+    };
+    let gcc = |flags: &[&str], bin: &Path| {
+        cmd::run(
+            Command::new("gcc")
+                .args(["-O2", "-Wall", "-Wextra"])
+                .args(flags)
+                .arg("-o")
+                .arg(bin)
+                .arg(&src),
+        )
+    };
+    let bin = "split_fixture";
+    let full = dir("full")?.join(bin);
+    gcc(&["-g", "-fno-omit-frame-pointer"], &full)?;
+    gcc(
+        &["-g", "-fomit-frame-pointer", "-DSPLIT_NO_FP"],
+        &dir("nofp")?.join(bin),
+    )?;
+    let strip = |to: &Path| {
+        cmd::run(
+            Command::new("strip")
+                .arg("--strip-all")
+                .arg("-o")
+                .arg(to)
+                .arg(&full),
+        )
+    };
+    let keep_debug = |to: &Path| {
+        cmd::run(
+            Command::new("objcopy")
+                .arg("--only-keep-debug")
+                .arg(&full)
+                .arg(to),
+        )
+    };
+
+    // By build-id only: no debug link in the stripped binary.
+    let id = build_id(&full)?;
+    let by_id = dir("buildid/debug/.build-id")?.join(&id[..2]);
+    fs::create_dir_all(&by_id)?;
+    keep_debug(&by_id.join(format!("{}.debug", &id[2..])))?;
+    strip(&dir("buildid")?.join(bin))?;
+
+    // By debug link, in the binary's .debug/ directory (objcopy computes the CRC).
+    let link_dir = dir("debuglink")?;
+    let debug = dir("debuglink/.debug")?.join(format!("{bin}.debug"));
+    keep_debug(&debug)?;
+    let linked = link_dir.join(bin);
+    strip(&linked)?;
+    cmd::run(
+        Command::new("objcopy")
+            .arg(format!("--add-gnu-debuglink={}", debug.display()))
+            .arg(&linked),
+    )?;
+
+    // MiniDebugInfo.
+    let mini_dir = dir("minidebug")?;
+    let work = dir("minidebug/work")?;
+    let names = |dynamic: bool| -> anyhow::Result<Vec<String>> {
+        let mut nm = Command::new("nm");
+        if dynamic {
+            nm.arg("-D");
+        }
+        nm.args(["--format=posix", "--defined-only"]).arg(&full);
+        let text =
+            cmd::stdout_if_ok(&mut nm).ok_or_else(|| anyhow!("`{}` failed", cmd::show(&nm)))?;
+        Ok(text
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                let (name, kind) = (f.next()?, f.next()?);
+                (dynamic || matches!(kind, "T" | "t")).then(|| name.to_owned())
+            })
+            .collect())
+    };
+    let dynamic = names(true)?;
+    let keep: Vec<String> = names(false)?
+        .into_iter()
+        .filter(|n| !dynamic.contains(n))
+        .collect();
+    let keep_file = work.join("keep_symbols");
+    fs::write(&keep_file, keep.join("\n") + "\n")?;
+    let debug = work.join("debug");
+    keep_debug(&debug)?;
+    let mini = work.join("mini_debuginfo");
+    cmd::run(
+        Command::new("objcopy")
+            .args([
+                "-S",
+                "--remove-section",
+                ".gdb_index",
+                "--remove-section",
+                ".comment",
+            ])
+            .arg(format!("--keep-symbols={}", keep_file.display()))
+            .arg(&debug)
+            .arg(&mini),
+    )?;
+    cmd::run(Command::new("xz").arg("-f").arg(&mini))?;
+    let stripped = work.join(bin);
+    strip(&stripped)?;
+    cmd::run(
+        Command::new("objcopy")
+            .arg(format!(
+                "--add-section=.gnu_debugdata={}.xz",
+                mini.display()
+            ))
+            .arg(&stripped)
+            .arg(mini_dir.join(bin)),
+    )?;
+    Ok(())
+}
+
+/// The build-id of `elf` in hex (readelf's `Build ID:` line).
+fn build_id(elf: &Path) -> anyhow::Result<String> {
+    let mut readelf = Command::new("readelf");
+    readelf.arg("-n").arg(elf);
+    let notes = cmd::stdout_if_ok(&mut readelf)
+        .ok_or_else(|| anyhow!("`{}` failed", cmd::show(&readelf)))?;
+    notes
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Build ID: "))
+        .map(str::to_owned)
+        .filter(|id| id.len() > 2)
+        .ok_or_else(|| anyhow!("no build-id in {}", elf.display()))
 }
 
 /// The files of `dir` with extension `ext`, sorted.

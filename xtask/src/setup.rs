@@ -19,10 +19,11 @@ use crate::{
 /// bpf-linker release built into the cache. Its LLVM feature follows the pinned rustc.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Debian packages the build and tests use: gcc and binutils (`nm`) for the C fixtures,
-/// bpftrace as an independent peer that counts the fixture's libc calls, bpftool to list the
-/// BPF programs and links the soak checks for leftovers.
-const APT_PACKAGES: &[&str] = &["gcc", "binutils", "bpftrace", "bpftool"];
+/// Debian packages the build and tests use: gcc, binutils (`nm`, `objcopy`, `strip`) and
+/// xz-utils (MiniDebugInfo) for the C fixtures, bpftrace as an independent peer that counts the
+/// fixture's libc calls, bpftool to list the BPF programs and links the soak checks for
+/// leftovers.
+const APT_PACKAGES: &[&str] = &["gcc", "binutils", "xz-utils", "bpftrace", "bpftool"];
 
 const TRACEFS: &str = "/sys/kernel/tracing";
 

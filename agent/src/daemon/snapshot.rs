@@ -125,6 +125,9 @@ pub async fn build(
         .insert("no_symbol", sym.no_symbol);
     self_stats
         .symbolization_failures
+        .insert("stack_cut", sym.stack_cut);
+    self_stats
+        .symbolization_failures
         .insert("stack_evicted", frames.stacks_evicted);
     self_stats.map_fill.insert(
         map_names::TGIDS,

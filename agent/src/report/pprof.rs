@@ -132,14 +132,18 @@ fn values(s: &SiteSnapshot) -> Option<[i64; SAMPLE_TYPES.len()]> {
     Some(v)
 }
 
-/// A frame's function name: its symbol, else `module+0xoffset`, else its address.
+/// What a frame known only by its address is called (perf's word): the address differs in
+/// every process and names nothing.
+pub const UNKNOWN: &str = "[unknown]";
+
+/// A frame's function name: its symbol, else `module+0xoffset`, else [`UNKNOWN`].
 pub fn function_name(f: &Frame) -> String {
     if let Some(func) = &f.function {
         return func.clone();
     }
     match (&f.module, f.offset) {
         (Some(m), Some(off)) => format!("{}+{off:#x}", m.rsplit('/').next().unwrap_or(m)),
-        _ => format!("{:#x}", f.address),
+        _ => UNKNOWN.to_owned(),
     }
 }
 

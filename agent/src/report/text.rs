@@ -4,13 +4,15 @@ use std::fmt::Write as _;
 
 use allocwatch_common::libc::Api;
 
+use super::pprof::UNKNOWN;
 use super::{GoReport, LeaksReport, PauseSummary, Site, TopReport, TreeProcess, human_bytes};
 use crate::{aggregate::live_of, symbolize::Frame};
 
 /// How many caller frames are printed under a site.
 const CALLERS_SHOWN: usize = 4;
 
-/// `fx_malloc (libc_fixture.c:12)`, `libfoo.so+0x1a2b`, or the raw address.
+/// `fx_malloc (libc_fixture.c:12)`, `libfoo.so+0x1a2b`, or `[unknown]` (no module: the
+/// process was gone before it was named; a bare address would mean nothing to a reader).
 pub fn frame(f: &Frame) -> String {
     let file = f.file.as_deref().map(|p| p.rsplit('/').next().unwrap_or(p));
     match (&f.function, file, f.line) {
@@ -21,7 +23,7 @@ pub fn frame(f: &Frame) -> String {
         },
         (None, _, _) => match (&f.module, f.offset) {
             (Some(m), Some(off)) => format!("{}+{off:#x}", m.rsplit('/').next().unwrap_or(m)),
-            _ => format!("{:#x}", f.address),
+            _ => UNKNOWN.to_owned(),
         },
     }
 }
@@ -481,7 +483,7 @@ mod tests {
         assert_eq!(
             out,
             "grow_inline (buf.c:7) (inlined)\n  <- make_buffer (buf.c:20)\n  <- main (buf.c:31)\n  \
-             <- 0x3000\n  <- 0x3000\n"
+             <- [unknown]\n  <- [unknown]\n"
         );
     }
 

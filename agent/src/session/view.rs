@@ -142,6 +142,10 @@ impl Tracer {
             "symbolize_process_gone",
             self.pipe.parts.frames.process_gone,
         );
+        lost.insert(
+            "symbolize_stack_cut",
+            self.pipe.parts.symbolizer.stats().stack_cut,
+        );
         if let Some(go) = &self.watched.go {
             lost.insert("go_map_instances_untracked", go.maps_untracked);
         }

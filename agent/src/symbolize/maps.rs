@@ -12,6 +12,9 @@ use crate::target::{
     maps::{DevInode, MapEntry, read_maps},
 };
 
+/// The module name of anonymous executable memory.
+pub(super) const ANON: &str = "[anon]";
+
 /// One executable mapping of `/proc/<pid>/maps`.
 pub(super) struct RawMapping {
     pub start: u64,
@@ -25,7 +28,8 @@ pub(super) struct RawMapping {
 }
 
 /// Reads the executable mappings of `pid` and opens their files. Anonymous executable memory
-/// (JIT code) is skipped: without a backing file there is nothing to name.
+/// (JIT code) is kept as `[anon]`: nothing to name there, but its addresses are frames (a JIT
+/// keeps frame pointers), not a walk gone astray.
 pub(super) fn snapshot(pid: u32) -> Result<Vec<RawMapping>, TargetError> {
     Ok(snapshot_of(pid, &read_maps(pid)?))
 }
@@ -34,16 +38,16 @@ pub(super) fn snapshot(pid: u32) -> Result<Vec<RawMapping>, TargetError> {
 pub(super) fn snapshot_of(pid: u32, maps: &[MapEntry]) -> Vec<RawMapping> {
     maps.iter()
         .filter(|m| m.perms.exec)
-        .filter_map(|m| {
-            let module = m.path.clone()?;
+        .map(|m| {
+            let module = m.path.clone().unwrap_or_else(|| ANON.to_owned());
             let file = m.is_file().then(|| open(pid, m, &module)).flatten();
-            Some(RawMapping {
+            RawMapping {
                 start: m.start,
                 end: m.end,
                 offset: m.offset,
                 module,
                 file,
-            })
+            }
         })
         .collect()
 }

@@ -5,8 +5,16 @@
 //! our own snapshot of their executable mappings (see `maps.rs` for why blazesym's process
 //! cache is not enough), and each address is symbolized by file offset in the mapped ELF file,
 //! so addresses stay resolvable after the process exits. Go code is named from the binary's
-//! `.gopclntab` instead (see `go.rs`), which blazesym cannot read.
+//! `.gopclntab` instead (see `go.rs`), which blazesym cannot read. Symbols and lines of a
+//! stripped file come from its separate debug file when one is found (see `debuginfo.rs`).
+//!
+//! Frame-pointer stacks are checked before they are named: a "return address" outside every
+//! executable mapping, or not right after a call instruction, means the walk went through
+//! code without frame pointers and what follows is garbage; the chain is cut there (kept up to
+//! it) and the cut counted (`stack_cut`; see `calls.rs`).
 
+mod calls;
+mod debuginfo;
 mod go;
 mod maps;
 #[cfg(test)]
@@ -35,6 +43,8 @@ use blazesym::symbolize::{
 use serde::Serialize;
 
 use crate::target::maps::MapEntry;
+
+pub use debuginfo::{DEFAULT_DEBUG_DIR, set_debug_dirs};
 
 /// One source-level frame. An address inside inlined code yields several frames, innermost
 /// first, all with the same `address`/`module`/`offset`: that is how a reader expects the
@@ -71,10 +81,14 @@ impl Frame {
 pub struct SymbolizeStats {
     /// Maps unavailable (process exited before it was noted).
     pub process_gone: u64,
-    /// Address in no executable file mapping.
+    /// Address in no executable mapping: the chain ends there (counted in `stack_cut` too
+    /// unless the process exited before its maps could be re-read).
     pub unknown_address: u64,
     /// Address in a mapping, but no symbol found for it.
     pub no_symbol: u64,
+    /// Chains cut at an address that is no return address (in no executable mapping of the
+    /// current maps, or not right after a call instruction): the walk went astray there.
+    pub stack_cut: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +117,9 @@ enum Request {
     Symbolize {
         pid: u32,
         addrs: Vec<u64>,
+        /// Whether to cut the chain at the first address that is no return address (always,
+        /// but in the unit tests that name arbitrary code addresses).
+        checked: bool,
         reply: Reply,
     },
 }
@@ -112,6 +129,7 @@ struct Counters {
     process_gone: AtomicU64,
     unknown_address: AtomicU64,
     no_symbol: AtomicU64,
+    stack_cut: AtomicU64,
     /// Gauges: processes noted and files held open.
     processes: AtomicU64,
     files: AtomicU64,
@@ -206,17 +224,44 @@ impl SymbolizerHandle {
     }
 
     /// Symbolizes return addresses of `pid`, in order; each address gives one frame or, inside
-    /// inlined code, several (innermost first). Unresolvable addresses still give a frame
-    /// (module and offset when in a known mapping). Blocks (the agent uses the async variant).
+    /// inlined code, several (innermost first). Addresses without a symbol still give a frame
+    /// (module and offset); the chain ends before the first address that is no return address
+    /// (counted in `stack_cut`). Blocks (the agent uses the async variant).
+    #[cfg(test)]
+    pub fn symbolize_checked(
+        &self,
+        pid: u32,
+        addrs: Vec<u64>,
+    ) -> Result<Vec<Frame>, SymbolizeError> {
+        self.symbolize_with(pid, addrs, true)
+    }
+
+    /// [`Self::symbolize_checked`] for any code address (no return-address check).
     #[cfg(test)]
     pub fn symbolize(&self, pid: u32, addrs: Vec<u64>) -> Result<Vec<Frame>, SymbolizeError> {
+        self.symbolize_with(pid, addrs, false)
+    }
+
+    #[cfg(test)]
+    fn symbolize_with(
+        &self,
+        pid: u32,
+        addrs: Vec<u64>,
+        checked: bool,
+    ) -> Result<Vec<Frame>, SymbolizeError> {
         let (tx, rx) = mpsc::sync_channel(1);
         let reply: Reply = Box::new(move |frames| drop(tx.send(frames)));
-        self.send(Request::Symbolize { pid, addrs, reply })?;
+        self.send(Request::Symbolize {
+            pid,
+            addrs,
+            checked,
+            reply,
+        })?;
         rx.recv().map_err(|_| SymbolizeError::Stopped)?
     }
 
-    /// [`Self::symbolize`] without blocking the async runtime while a cold file is parsed.
+    /// [`Self::symbolize_checked`] without blocking the async runtime while a cold file is
+    /// parsed.
     pub async fn symbolize_async(
         &self,
         pid: u32,
@@ -224,7 +269,12 @@ impl SymbolizerHandle {
     ) -> Result<Vec<Frame>, SymbolizeError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let reply: Reply = Box::new(move |frames| drop(tx.send(frames)));
-        self.send(Request::Symbolize { pid, addrs, reply })?;
+        self.send(Request::Symbolize {
+            pid,
+            addrs,
+            checked: true,
+            reply,
+        })?;
         rx.await.map_err(|_| SymbolizeError::Stopped)?
     }
 
@@ -234,6 +284,7 @@ impl SymbolizerHandle {
             process_gone: c.process_gone.load(Ordering::Relaxed),
             unknown_address: c.unknown_address.load(Ordering::Relaxed),
             no_symbol: c.no_symbol.load(Ordering::Relaxed),
+            stack_cut: c.stack_cut.load(Ordering::Relaxed),
         }
     }
 }
@@ -263,19 +314,85 @@ struct OpenFile {
     /// Frames by file offset (of the call instruction), for every process that maps the file:
     /// a node's hundred `python3`s are named once, not once each.
     frames: std::cell::RefCell<HashMap<u64, Vec<Frame>>>,
+    /// Whether the code at a file offset follows a call instruction, by offset.
+    calls: std::cell::RefCell<HashMap<u64, bool>>,
+    /// Its (device, inode): its key in `Worker::files`.
+    key: FileKey,
+    /// Build-id, debug link, segments: read at the first address symbolized in it.
+    facts: OnceCell<Option<debuginfo::ElfFacts>>,
+    /// Its separate debug file, looked for once (see `debuginfo.rs`).
+    debug: OnceCell<Option<debuginfo::DebugFile>>,
 }
 
 /// Offsets whose frames a file keeps at most; past it the cache starts over.
 const MAX_CACHED_OFFSETS: usize = 500_000;
 
 impl OpenFile {
-    fn new(file: File) -> Self {
+    fn new(file: File, key: FileKey) -> Self {
         Self {
             path: PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())),
             _file: file,
             go: OnceCell::new(),
             frames: std::cell::RefCell::new(HashMap::new()),
+            calls: std::cell::RefCell::new(HashMap::new()),
+            key,
+            facts: OnceCell::new(),
+            debug: OnceCell::new(),
         }
+    }
+
+    fn facts(&self, module: &str) -> Option<&debuginfo::ElfFacts> {
+        self.facts
+            .get_or_init(|| {
+                // Untrusted input, as for the Go table: a bad file costs its symbols only.
+                let file = &self._file;
+                let read = panic::catch_unwind(|| debuginfo::ElfFacts::read(file));
+                match read {
+                    Ok(Ok(facts)) => Some(facts),
+                    Ok(Err(err)) => {
+                        log::debug!("{module}: {err}");
+                        None
+                    }
+                    Err(_) => {
+                        log::warn!("{module}: reading its ELF headers panicked");
+                        None
+                    }
+                }
+            })
+            .as_ref()
+    }
+
+    /// The separate debug file, looked for in the file system of `pid` (then in ours).
+    fn debug(&self, pid: u32, module: &str) -> Option<&debuginfo::DebugFile> {
+        self.debug
+            .get_or_init(|| {
+                let facts = self.facts(module)?;
+                let root = PathBuf::from(format!("/proc/{pid}/root"));
+                let dirs = debuginfo::debug_dirs();
+                let key = self.key;
+                let found =
+                    panic::catch_unwind(|| debuginfo::find(Some(&root), module, facts, key, dirs));
+                let found = found.ok().flatten();
+                if let Some(d) = &found {
+                    log::info!("{module}: symbols from {}", d.found.display());
+                }
+                found
+            })
+            .as_ref()
+    }
+
+    /// Whether the code at file offset `offset` follows a call (cached).
+    fn follows_call(&self, offset: u64) -> bool {
+        if let Some(&known) = self.calls.borrow().get(&offset) {
+            return known;
+        }
+        let known = calls::follows_call(&self._file, offset);
+        let mut cache = self.calls.borrow_mut();
+        if cache.len() >= MAX_CACHED_OFFSETS {
+            cache.clear();
+        }
+        cache.insert(offset, known);
+        known
     }
 
     fn go(&self, module: &str) -> Option<&go::GoFile> {
@@ -341,9 +458,14 @@ impl Worker {
                     self.note(pid, maps);
                     slow(started, || format!("noting pid {pid}"));
                 }
-                Request::Symbolize { pid, addrs, reply } => {
+                Request::Symbolize {
+                    pid,
+                    addrs,
+                    checked,
+                    reply,
+                } => {
                     let started = Instant::now();
-                    let result = self.symbolize(pid, &addrs);
+                    let result = self.symbolize(pid, &addrs, checked);
                     slow(started, || {
                         let module = result
                             .as_ref()
@@ -402,9 +524,12 @@ impl Worker {
         });
         for k in keys {
             if let Some(f) = self.files.remove(&k) {
-                let evict = Evict::from(evict::Elf::new(&f.path));
-                if let Err(e) = self.symbolizer.evict(&evict) {
-                    log::debug!("evicting {}: {e}", f.path.display());
+                let debug = f.debug.get().and_then(Option::as_ref).map(|d| &d.path);
+                for path in std::iter::once(&f.path).chain(debug) {
+                    let evict = Evict::from(evict::Elf::new(path));
+                    if let Err(e) = self.symbolizer.evict(&evict) {
+                        log::debug!("evicting {}: {e}", path.display());
+                    }
                 }
             }
         }
@@ -419,12 +544,17 @@ impl Worker {
                     maps,
                     noted_at: Instant::now(),
                 });
-                warm(&self.symbolizer, &self.files, &p.maps);
+                warm(&self.symbolizer, &self.files, pid, &p.maps);
             }
         }
     }
 
-    fn symbolize(&mut self, pid: u32, addrs: &[u64]) -> Result<Vec<Frame>, SymbolizeError> {
+    fn symbolize(
+        &mut self,
+        pid: u32,
+        addrs: &[u64],
+        checked: bool,
+    ) -> Result<Vec<Frame>, SymbolizeError> {
         let Self {
             symbolizer,
             processes,
@@ -449,17 +579,45 @@ impl Worker {
         // Libraries mapped after the snapshot (by ld.so after an early note, or dlopen) would
         // otherwise stay unknown: re-read the maps while the process is still there.
         let missed = |a: &u64| find(&process.maps, *a).is_none();
+        // Whether the maps are known to be complete: an address in none of them is then no
+        // return address; else it may be in a library mapped after the snapshot.
+        let mut current = true;
         // A process that has exited (a zombie) reads as no mappings at all: keep what was
         // noted while it lived rather than wiping it.
-        if addrs.iter().any(missed)
-            && let Ok(raw) = maps::snapshot(pid)
-            && !raw.is_empty()
-        {
-            process.update(mappings(raw, files));
+        if addrs.iter().any(missed) {
+            match maps::snapshot(pid) {
+                Ok(raw) if !raw.is_empty() => process.update(mappings(raw, files)),
+                _ => current = false,
+            }
         }
         let mut out = Vec::with_capacity(addrs.len());
         for &addr in addrs {
-            out.extend(resolve(symbolizer, files, &process.maps, addr, counters));
+            let cut = match return_address(files, &process.maps, addr) {
+                ReturnAddress::Yes => false,
+                ReturnAddress::NotAfterCall if !checked => false,
+                ReturnAddress::NoMapping => {
+                    bump(&counters.unknown_address, 1);
+                    current
+                }
+                ReturnAddress::NotAfterCall => true,
+            };
+            if cut {
+                log::debug!("pid {pid}: {addr:#x} is no return address: chain {addrs:x?} cut");
+                bump(&counters.stack_cut, 1);
+            }
+            // Past an unknown address nothing is named (it would be a bare address), whether
+            // the walk went astray or the process exited before its maps were complete.
+            if cut || find(&process.maps, addr).is_none() {
+                break;
+            }
+            out.extend(resolve(
+                symbolizer,
+                files,
+                &process.maps,
+                pid,
+                addr,
+                counters,
+            ));
         }
         Ok(out)
     }
@@ -481,7 +639,7 @@ fn slow(started: Instant, what: impl FnOnce() -> String) {
 /// take longer than that on a busy node, and the sites of a program that has already exited
 /// would then be exported in `other` for good (a counter's value cannot move to a site named
 /// later). Once per file: later lookups hit blazesym's cache.
-fn warm(symbolizer: &Symbolizer, files: &HashMap<FileKey, OpenFile>, maps: &[Mapping]) {
+fn warm(symbolizer: &Symbolizer, files: &HashMap<FileKey, OpenFile>, pid: u32, maps: &[Mapping]) {
     // The first file mapping is the executable (the kernel maps it first, at its lowest address
     // for a non-PIE and first in /proc/PID/maps order for a PIE's load segment).
     let Some(exe) = maps.iter().find(|m| m.elf.is_some()) else {
@@ -495,7 +653,14 @@ fn warm(symbolizer: &Symbolizer, files: &HashMap<FileKey, OpenFile>, maps: &[Map
         .is_some_and(|f| f.frames.borrow().is_empty());
     if cold {
         // Not counted: a warm-up, not a request.
-        let _ = resolve(symbolizer, files, maps, exe.start + 1, &Counters::default());
+        let _ = resolve(
+            symbolizer,
+            files,
+            maps,
+            pid,
+            exe.start + 1,
+            &Counters::default(),
+        );
     }
 }
 
@@ -522,7 +687,7 @@ fn adopt(files: &mut HashMap<FileKey, OpenFile>, file: File) -> Option<FileKey> 
         .inspect_err(|err| log::debug!("fstat of a mapped file: {err}"))
         .ok()?;
     let key = (meta.dev(), meta.ino());
-    files.entry(key).or_insert_with(|| OpenFile::new(file));
+    files.entry(key).or_insert_with(|| OpenFile::new(file, key));
     Some(key)
 }
 
@@ -533,16 +698,50 @@ fn find(maps: &[Mapping], addr: u64) -> Option<&Mapping> {
     maps.get(i).filter(|m| lookup < m.end)
 }
 
-/// Symbolizes one return address: the lookup uses `addr - 1` so that the line is the call's
-/// line, not the one after it.
+enum ReturnAddress {
+    Yes,
+    NoMapping,
+    NotAfterCall,
+}
+
+/// Whether `addr` can be a return address: in an executable mapping and, where its file can
+/// be read, right after a call instruction.
+fn return_address(
+    files: &HashMap<FileKey, OpenFile>,
+    maps: &[Mapping],
+    addr: u64,
+) -> ReturnAddress {
+    let Some(mapping) = find(maps, addr) else {
+        return ReturnAddress::NoMapping;
+    };
+    let Some(elf) = mapping.elf.and_then(|key| files.get(&key)) else {
+        // Nothing to read the code from ([vdso], JIT code): not cut on a guess.
+        return ReturnAddress::Yes;
+    };
+    // Go code keeps frame pointers, and every goroutine's outermost frame returns to
+    // `runtime.goexit+1`, which follows a NOP by design: not checked.
+    if elf.go(&mapping.module).is_some() {
+        return ReturnAddress::Yes;
+    }
+    if elf.follows_call((addr - mapping.start).wrapping_add(mapping.offset)) {
+        ReturnAddress::Yes
+    } else {
+        ReturnAddress::NotAfterCall
+    }
+}
+
+/// Symbolizes one return address of `pid`: the lookup uses `addr - 1` so that the line is the
+/// call's line, not the one after it.
 fn resolve(
     symbolizer: &Symbolizer,
     files: &HashMap<FileKey, OpenFile>,
     maps: &[Mapping],
+    pid: u32,
     addr: u64,
     counters: &Counters,
 ) -> Vec<Frame> {
     let Some(mapping) = find(maps, addr) else {
+        // Not reached from `Worker::symbolize` (the chain ends before such an address).
         bump(&counters.unknown_address, 1);
         return vec![Frame::unknown(addr)];
     };
@@ -567,7 +766,7 @@ fn resolve(
             })
             .collect();
     }
-    let frames = resolve_in(symbolizer, elf, mapping, &frame, lookup, counters);
+    let frames = resolve_in(symbolizer, elf, mapping, pid, &frame, lookup, counters);
     let mut cache = elf.frames.borrow_mut();
     if cache.len() >= MAX_CACHED_OFFSETS {
         cache.clear();
@@ -581,6 +780,7 @@ fn resolve_in(
     symbolizer: &Symbolizer,
     elf: &OpenFile,
     mapping: &Mapping,
+    pid: u32,
     frame: &Frame,
     lookup: u64,
     counters: &Counters,
@@ -605,21 +805,51 @@ fn resolve_in(
             })
             .collect();
     }
-    let source = Source::from(Elf::new(&elf.path));
-    let input = Input::FileOffset(lookup);
+    let facts = elf.facts(&mapping.module);
+    // The separate debug file first: it has the full symbol table and the lines. Its sections
+    // are not where the binary's are in the file, so it is asked by virtual address.
+    let vaddr = facts.and_then(|f| f.vaddr_of(lookup));
+    if let Some(vaddr) = vaddr
+        && let Some(debug) = elf.debug(pid, &mapping.module)
+    {
+        match symbolize_in(symbolizer, Elf::new(&debug.path), Input::VirtOffset(vaddr)) {
+            Ok(sym) => return frames_of(&sym, &frame),
+            Err(failure) => log::debug!("{addr:#x} in {}: {failure}", debug.found.display()),
+        }
+    }
+    // DWARF only where the file has it: blazesym would otherwise follow the debug link itself
+    // (see debuginfo.rs). `.symtab`, `.gnu_debugdata` and `.dynsym` are read either way.
+    let mut source = Elf::new(&elf.path);
+    source.debug_syms = facts.is_none_or(|f| f.has_dwarf);
+    let mut result = symbolize_in(symbolizer, source.clone(), Input::FileOffset(lookup));
+    if result.is_err() && source.debug_syms {
+        // A broken debug link or DWARF must not cost the ELF symbols.
+        source.debug_syms = false;
+        result = symbolize_in(symbolizer, source, Input::FileOffset(lookup)).or(result);
+    }
+    match result {
+        Ok(sym) => frames_of(&sym, &frame),
+        Err(failure) => {
+            log::debug!("{addr:#x} in {}: {failure}", mapping.module);
+            bump(&counters.no_symbol, 1);
+            vec![frame]
+        }
+    }
+}
+
+/// One lookup in one ELF file; the failure as text.
+fn symbolize_in(symbolizer: &Symbolizer, elf: Elf, input: Input<u64>) -> Result<Sym<'_>, String> {
+    let source = Source::from(elf);
     // A malformed file must cost one frame, not the thread every later request relies on.
     let result = panic::catch_unwind(AssertUnwindSafe(|| {
         symbolizer.symbolize_single(&source, input)
     }));
-    let failure = match result {
-        Ok(Ok(Symbolized::Sym(sym))) => return frames_of(&sym, &frame),
-        Ok(Ok(Symbolized::Unknown(reason))) => reason.to_string(),
-        Ok(Err(err)) => err.to_string(),
-        Err(_) => "blazesym panicked".to_owned(),
-    };
-    log::debug!("{addr:#x} in {}: {failure}", mapping.module);
-    bump(&counters.no_symbol, 1);
-    vec![frame]
+    match result {
+        Ok(Ok(Symbolized::Sym(sym))) => Ok(sym),
+        Ok(Ok(Symbolized::Unknown(reason))) => Err(reason.to_string()),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(_) => Err("blazesym panicked".to_owned()),
+    }
 }
 
 /// blazesym lists inlined callees outermost first, each with the location inside itself, and

@@ -87,13 +87,62 @@ fn libc_through_debug_link() {
 fn unknown_and_gone() {
     let s = SymbolizerHandle::spawn();
     let pid = std::process::id();
+    // An address in no mapping ends the chain: nothing after it is named, nothing is a bare
+    // address.
     let frames = s.symbolize(pid, vec![0, 0x10]).unwrap();
-    assert_eq!(frames, [Frame::unknown(0), Frame::unknown(0x10)]);
+    assert_eq!(frames, []);
     // Beyond any pid_max (4M), so never a live process.
     let err = s.symbolize(0x7fff_fff0, vec![0x1234]).unwrap_err();
     assert!(err.is_process_gone(), "{err}");
     let stats = s.stats();
-    assert_eq!((stats.unknown_address, stats.process_gone), (2, 1));
+    assert_eq!(
+        (stats.unknown_address, stats.process_gone, stats.stack_cut),
+        (1, 1, 1)
+    );
+}
+
+#[inline(never)]
+fn calls_the_target() -> u64 {
+    allocwatch_symbolize_test_target(std::hint::black_box(7)).wrapping_add(1)
+}
+
+/// A real return address: the instruction after the call to the test target in
+/// `calls_the_target`, found by decoding that function in our own memory.
+fn after_call() -> u64 {
+    let start = calls_the_target as fn() -> u64 as *const u8;
+    // SAFETY: our own code, mapped and readable for far more than 256 bytes from a function's
+    // start (the text segment).
+    let code = unsafe { std::slice::from_raw_parts(start, 256) };
+    let mut decoder =
+        iced_x86::Decoder::with_ip(64, code, start as u64, iced_x86::DecoderOptions::NONE);
+    decoder
+        .iter()
+        .find(|i| i.is_call_near() && i.near_branch_target() == target_addr())
+        .map(|i| i.next_ip())
+        .expect("calls_the_target calls the target")
+}
+
+#[test]
+fn chains_are_cut_at_an_address_that_follows_no_call() {
+    let s = SymbolizerHandle::spawn();
+    let pid = std::process::id();
+    assert_eq!(calls_the_target(), 22);
+    let after_call = after_call();
+    let mid_function = target_addr() + 1;
+    let frames = s
+        .symbolize_checked(pid, vec![after_call, mid_function, after_call])
+        .unwrap();
+    assert_eq!(
+        frames.iter().map(|f| f.address).collect::<Vec<_>>(),
+        [after_call]
+    );
+    assert_eq!(s.stats().stack_cut, 1);
+    // Out of the checked path (tests naming arbitrary code) nothing is cut.
+    let frames = s.symbolize(pid, vec![after_call, mid_function]).unwrap();
+    assert!(
+        frames.iter().any(|f| f.address == mid_function),
+        "{frames:?}"
+    );
 }
 
 const CHILD_C: &str = r#"
@@ -220,27 +269,23 @@ fn mappings_after_the_note_are_picked_up() {
     let mut worker = Worker::new(Arc::default());
     // As if noted before the loader mapped anything.
     worker.note(pid, Vec::new());
-    let frames = worker.symbolize(pid, &[child.main + 1]).unwrap();
+    let frames = worker.symbolize(pid, &[child.main + 1], false).unwrap();
     child.check_main(&frames[0]);
     // An exec (here: all mappings gone) invalidates what was cached for them.
     child.exit();
     worker.note(pid, Vec::new());
-    let frames = worker.symbolize(pid, &[child.main + 1]).unwrap();
-    assert_eq!(frames, [Frame::unknown(child.main + 1)]);
+    let frames = worker.symbolize(pid, &[child.main + 1], false).unwrap();
+    // Now in no known mapping: nothing named, nothing shown as a bare address.
+    assert_eq!(frames, []);
 }
 
 #[tokio::test]
 async fn async_variant_and_shutdown() {
     let s = SymbolizerHandle::spawn();
     let pid = std::process::id();
-    let frames = s
-        .symbolize_async(pid, vec![target_addr() + 1])
-        .await
-        .unwrap();
-    assert_eq!(
-        frames.last().unwrap().function.as_deref(),
-        Some("allocwatch_symbolize_test_target")
-    );
+    let frames = s.symbolize_async(pid, vec![after_call()]).await.unwrap();
+    let function = frames.last().unwrap().function.as_deref().unwrap();
+    assert!(function.ends_with("calls_the_target"), "{frames:?}");
     let clone = s.clone();
     drop(s);
     assert!(clone.symbolize(pid, vec![1]).is_ok());
