@@ -104,6 +104,105 @@ fn snapshots() {
         .case("tests/cli/*.trycmd");
 }
 
+/// The README's Usage section and the `--help` pages name the same flags: every flag the
+/// README mentions exists (in some subcommand's help), and every flag of the help pages is
+/// documented. On a command line, what follows ` -- ` is the traced program's; a dotted flag
+/// (`--web.config.file`) is another program's; `--exclude-*` stands for each `--exclude-` flag.
+#[test]
+fn readme_and_help_name_the_same_flags() {
+    let env = TestEnv::get();
+    let help = |args: &[&str]| -> String {
+        let out = Command::new(&env.bin)
+            .args(args)
+            .arg("--help")
+            .output()
+            .expect("running allocwatch --help");
+        assert!(
+            out.status.success(),
+            "allocwatch {args:?} --help: {}",
+            out.status
+        );
+        String::from_utf8(out.stdout).expect("UTF-8 help")
+    };
+    let commands = |text: &str| -> Vec<String> {
+        text.lines()
+            .skip_while(|l| !l.starts_with("Commands:"))
+            .skip(1)
+            .take_while(|l| !l.trim().is_empty())
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|c| *c != "help")
+            .map(str::to_owned)
+            .collect()
+    };
+    let mut pages = vec![help(&[])];
+    for c in commands(&pages[0]) {
+        let page = help(&[&c]);
+        for sub in commands(&page) {
+            pages.push(help(&[&c, &sub]));
+        }
+        pages.push(page);
+    }
+    let in_help: std::collections::BTreeSet<String> = pages
+        .iter()
+        .flat_map(|p| flags(p))
+        .filter(|f| f != "--help" && f != "--version")
+        .collect();
+
+    let readme = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+        .expect("reading README.md");
+    let usage: String = readme
+        .lines()
+        .skip_while(|l| !l.starts_with("## Usage"))
+        .take_while(|l| !l.starts_with("## How it works"))
+        .map(|l| l.split(" -- ").next().unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let in_readme: std::collections::BTreeSet<String> = flags(&usage)
+        .filter(|f| f != "--help" && f != "--version")
+        .collect();
+    let named = |f: &String| {
+        in_readme.contains(f) || (f.starts_with("--exclude-") && in_readme.contains("--exclude-*"))
+    };
+    let undocumented: Vec<&String> = in_help.iter().filter(|f| !named(f)).collect();
+    let unknown: Vec<&String> = in_readme
+        .iter()
+        .filter(|f| {
+            !in_help.contains(*f)
+                && !(f.as_str() == "--exclude-*"
+                    && in_help.iter().any(|h| h.starts_with("--exclude-")))
+        })
+        .collect();
+    assert!(
+        undocumented.is_empty() && unknown.is_empty(),
+        "in --help but not in the README's Usage: {undocumented:?}; in the README but in no \
+         --help: {unknown:?}"
+    );
+}
+
+/// The long flags in `text`: `--name` (and `--name-*`), not dotted ones.
+fn flags(text: &str) -> impl Iterator<Item = String> + '_ {
+    text.match_indices("--").filter_map(|(i, _)| {
+        let before = text[..i].chars().next_back();
+        if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return None;
+        }
+        let rest = &text[i + 2..];
+        let len = rest
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'))
+            .unwrap_or(rest.len());
+        let name = &rest[..len];
+        let next = rest[len..].chars().next();
+        if name.is_empty() || !name.starts_with(|c: char| c.is_ascii_lowercase()) {
+            return None;
+        }
+        match next {
+            Some('.') => None,
+            Some('*') => Some(format!("--{name}*")),
+            _ => Some(format!("--{name}")),
+        }
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Targets
 
