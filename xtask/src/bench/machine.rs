@@ -55,3 +55,12 @@ pub(super) fn machine_facts(b: &Bench) -> anyhow::Result<String> {
     writeln!(md, "| load average at start | {} |\n", load.trim())?;
     Ok(md)
 }
+
+/// The line under a table: the 1-minute load average at the start of each repetition.
+pub fn load_line(loads: &[f64]) -> String {
+    let loads: Vec<String> = loads.iter().map(|l| format!("{l:.2}")).collect();
+    format!(
+        "1-minute load average at the start of each repetition: {}.\n\n",
+        loads.join(", ")
+    )
+}

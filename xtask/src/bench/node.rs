@@ -710,14 +710,7 @@ fn node_markdown(
         md += &format!("| {} {}\n", c.name, node_row(r, &runs[0]));
     }
     md.push('\n');
-    md += &format!(
-        "1-minute load average at the start of each repetition: {}.\n\n",
-        loads
-            .iter()
-            .map(|l| format!("{l:.2}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    md += &load_line(loads);
     if !notes.is_empty() {
         md += &format!(
             "Other processes held BPF programs during: {}.\n\n",

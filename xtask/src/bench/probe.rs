@@ -291,14 +291,7 @@ pub(super) fn probe_section(b: &Bench, pairs: u64) -> anyhow::Result<String> {
             }
         }
         md += &probe_table(w, &rows);
-        md += &format!(
-            "1-minute load average at the start of each repetition: {}.\n\n",
-            loads
-                .iter()
-                .map(|l| format!("{l:.2}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+        md += &load_line(&loads);
     }
     Ok(md)
 }
