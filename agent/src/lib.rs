@@ -1,6 +1,9 @@
 //! allocwatch as a library: every module of the tool. The binary (`main.rs`) is the wiring; the
 //! fuzz targets (`fuzz/`) call the parsers of outside data directly.
 
+// Every stderr line goes through `say!` (whole lines beside a traced program's own output).
+#![cfg_attr(not(test), deny(clippy::print_stderr))]
+
 pub mod aggregate;
 #[cfg(test)]
 mod bench;
@@ -23,6 +26,7 @@ mod probe_tests;
 pub mod probes;
 pub mod procfs;
 pub mod report;
+pub mod say;
 pub mod serve;
 pub mod session;
 pub mod symbolize;

@@ -22,7 +22,7 @@ async fn agent(a: AgentArgs) -> anyhow::Result<()> {
     // Refusals first (not root, …); then what the agent can run without.
     preflight::check()?;
     for w in preflight::agent_warnings() {
-        eprintln!("allocwatch: warning: {w}");
+        allocwatch::say!("allocwatch: warning: {w}");
     }
     cfg.apply(config::Overrides {
         listen: a.listen,
@@ -81,14 +81,14 @@ fn init_logger(flag: Option<log::LevelFilter>) {
 fn main() -> ExitCode {
     // A bug must still end in one line, not a backtrace.
     std::panic::set_hook(Box::new(|info| {
-        eprintln!("allocwatch: internal error: {info}");
+        allocwatch::say!("allocwatch: internal error: {info}");
     }));
     let cli = match cli::parse_from(std::env::args_os()) {
         Ok(cli) => cli,
         // --help, --version, or a malformed command line: clap's message and code (0 or 2).
         Err(CliError::Clap(e)) => e.exit(),
         Err(CliError::Value(msg)) => {
-            eprintln!("allocwatch: error: {msg}");
+            allocwatch::say!("allocwatch: error: {msg}");
             return ExitCode::FAILURE;
         }
     };
@@ -137,13 +137,13 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let msg = format!("{e:#}").replace('\n', " ");
-            eprintln!("allocwatch: error: {msg}");
+            allocwatch::say!("allocwatch: error: {msg}");
             // A config file's error points at the offending line, under the one-line error.
             if let Some(pointer) = e
                 .downcast_ref::<config::ConfigError>()
                 .and_then(config::ConfigError::pointer)
             {
-                eprintln!("{pointer}");
+                allocwatch::say!("{pointer}");
             }
             ExitCode::FAILURE
         }

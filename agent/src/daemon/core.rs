@@ -108,7 +108,7 @@ impl Tracer {
                     state.pipe.parts.symbolizer.clone(),
                 )?)
             })
-            .inspect_err(|e| eprintln!("allocwatch: warning: exec snapshots: {e}"))
+            .inspect_err(|e| crate::say!("allocwatch: warning: exec snapshots: {e}"))
             .ok();
         state.scan();
         // Sampled figures are estimates: say so where the operator looks first.
@@ -171,7 +171,7 @@ impl Tracer {
         let t = Instant::now();
         drop(state);
         if std::env::var_os("ALLOCWATCH_DEBUG_TIMING").is_some() {
-            eprintln!(
+            crate::say!(
                 "allocwatch: debug: detaching took {:.1} ms",
                 t.elapsed().as_secs_f64() * 1e3
             );
@@ -245,7 +245,7 @@ impl State {
         let mut registry = Registry::new(selector, go_probes, cfg.ttl, cfg.top_k);
         // exec events: identities change at exec, and short-lived programs get their path.
         if let Err(e) = probes.attach_exec() {
-            eprintln!(
+            crate::say!(
                 "allocwatch: warning: {e}: processes are renamed after exec only by the /proc scan"
             );
             registry.targets.failed(AttachFailure::ExecTracepoint);
@@ -341,7 +341,7 @@ impl State {
             self.pressure.tick(&mut self.pipe.parts.probes, now)?
         };
         if let Some(change) = change {
-            eprintln!("allocwatch: warning: {change}");
+            crate::say!("allocwatch: warning: {change}");
         }
         sw.done();
         Ok(())
@@ -518,7 +518,7 @@ impl LossWatch {
                 .get(&cause)
                 .is_some_and(|t| t.elapsed() < LOSS_WARN_EVERY);
             if !recent {
-                eprintln!(
+                crate::say!(
                     "allocwatch: warning: {} events lost ({}) in the last {} s: {}",
                     n - before,
                     cause.name(),
@@ -634,7 +634,7 @@ impl Stopwatch {
                 .iter()
                 .map(|(n, d)| format!("{n} {:.1} ms", d.as_secs_f64() * 1e3))
                 .collect();
-            eprintln!(
+            crate::say!(
                 "allocwatch: debug: {} took {:.1} ms ({})",
                 self.what,
                 total.as_secs_f64() * 1e3,

@@ -212,7 +212,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     // Probes loaded and attached: from here on the agent runs as an unprivileged user.
     if let Some(plan) = privileges {
         let dropped = plan.apply().context("dropping privileges after startup")?;
-        eprintln!("allocwatch: {dropped}");
+        crate::say!("allocwatch: {dropped}");
     }
 
     if cfg.kubernetes.enabled && k8s::watch::in_cluster() {
@@ -234,7 +234,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     // Handlers first: whoever reads the line below may signal at once.
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    eprintln!(
+    crate::say!(
         "allocwatch: agent serving on http://{}/metrics: {banner}",
         cfg.listen
     );
@@ -267,20 +267,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .is_err()
     {
         {
-            eprintln!(
+            crate::say!(
                 "allocwatch: warning: the tracer did not stop within {} ms; exiting (the kernel \
                  detaches its probes)",
                 STOP_GRACE.as_millis()
             );
             let code = i32::from(result.is_err());
             if let Err(e) = &result {
-                eprintln!("allocwatch: error: agent: {e:#}");
+                crate::say!("allocwatch: error: agent: {e:#}");
             }
             std::process::exit(code);
         }
     }
     if debug {
-        eprintln!(
+        crate::say!(
             "allocwatch: debug: tracer stopped after {:?}",
             stopping.elapsed()
         );
@@ -289,7 +289,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(Duration::from_millis(300), &mut server).await;
     }
     if debug {
-        eprintln!(
+        crate::say!(
             "allocwatch: debug: server stopped after {:?}",
             stopping.elapsed()
         );

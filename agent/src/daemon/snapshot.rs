@@ -38,7 +38,7 @@ pub async fn build(
     let libc_hist = collect::hist(probes, map_names::LIBC_HIST)?;
     let go_hist = collect::hist(probes, map_names::GO_HIST)?;
     if std::env::var_os("ALLOCWATCH_DEBUG_TIMING").is_some() {
-        eprintln!(
+        crate::say!(
             "allocwatch: debug: reading {} site rows took {:.1} ms",
             sites.len(),
             t0.elapsed().as_secs_f64() * 1e3

@@ -305,7 +305,7 @@ impl Sweeper {
         if std::env::var_os("ALLOCWATCH_DEBUG_TIMING").is_some()
             && t0.elapsed() > Duration::from_millis(20)
         {
-            eprintln!(
+            crate::say!(
                 "allocwatch: debug: sweep: targeted {:.1} ms ({} queued), backstop {:.1} ms, live {:.1} ms, deleted {}",
                 (t1 - t0).as_secs_f64() * 1e3,
                 self.targets.iter().map(|t| t.keys.len()).sum::<usize>(),

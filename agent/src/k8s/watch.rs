@@ -31,7 +31,7 @@ pub async fn watch_pods(node: Option<String>, tx: mpsc::Sender<PodUpdate>) {
     let client = match Client::try_default().await {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("allocwatch: warning: no Kubernetes API ({e}); pod labels stay empty");
+            crate::say!("allocwatch: warning: no Kubernetes API ({e}); pod labels stay empty");
             return;
         }
     };
@@ -52,7 +52,7 @@ pub async fn watch_pods(node: Option<String>, tx: mpsc::Sender<PodUpdate>) {
             Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
             Err(e) => {
                 if !warned {
-                    eprintln!("allocwatch: warning: watching pods: {e} (retrying)");
+                    crate::say!("allocwatch: warning: watching pods: {e} (retrying)");
                     warned = true;
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;

@@ -44,7 +44,7 @@ pub fn write_flamegraph(
     match flame::write_sites_svg(sites, weight, title, std::io::BufWriter::new(file)) {
         Ok(()) => Ok(()),
         Err(FlameError::Empty(_)) => {
-            eprintln!(
+            crate::say!(
                 "allocwatch: warning: {nothing}: {} is empty",
                 path.display()
             );

@@ -298,7 +298,7 @@ impl Warnings {
         let entry = last.entry(kind).or_insert((None, 0));
         entry.1 += 1;
         if entry.0.is_none_or(|t| now.duration_since(t) >= WARN_EVERY) {
-            eprintln!("allocwatch: warning: {}", what(entry.1));
+            crate::say!("allocwatch: warning: {}", what(entry.1));
             *entry = (Some(now), 0);
         }
     }

@@ -144,7 +144,7 @@ pub fn load_web_config(cfg: &ServeConfig) -> Result<Option<WebConfigWatch>, Serv
         return Ok(None);
     };
     let web = WebConfigWatch::load(path)?;
-    eprintln!(
+    crate::say!(
         "allocwatch: web config {}: {}",
         path.display(),
         web.current().summary()

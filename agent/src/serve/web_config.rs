@@ -613,7 +613,7 @@ impl WebConfigWatch {
         }
         match WebConfig::load_with_files(&self.path) {
             Ok((cfg, files)) => {
-                eprintln!(
+                crate::say!(
                     "allocwatch: web config {} reloaded: {}",
                     self.path.display(),
                     cfg.summary()
@@ -628,7 +628,7 @@ impl WebConfigWatch {
                     msg = format!("{msg}: {s}");
                     src = s.source();
                 }
-                eprintln!("allocwatch: warning: {msg}; keeping the previous web config");
+                crate::say!("allocwatch: warning: {msg}; keeping the previous web config");
                 // Not read again until it changes again.
                 let files: Vec<PathBuf> = state.stamps.iter().map(|(p, _)| p.clone()).collect();
                 state.stamps = stamps(files);

@@ -104,7 +104,7 @@ pub async fn run(view: View, args: CommonArgs) -> anyhow::Result<()> {
     tracer.drain().await?;
     let bad_records = tracer.pipe.stats.malformed_records;
     if bad_records > 0 {
-        eprintln!("allocwatch: warning: {bad_records} malformed ring-buffer records ignored");
+        crate::say!("allocwatch: warning: {bad_records} malformed ring-buffer records ignored");
     }
     let rendered = render(&mut tracer, &view, &args).await?;
     // Detach before writing: the report must not wait on the traced process.
@@ -164,7 +164,7 @@ fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer,
             // The tracepoints need tracefs (absent, or not ours without root): the one
             // process is still worth tracing, and the user is told what is missing.
             Err(e) => {
-                eprintln!(
+                crate::say!(
                     "allocwatch: warning: cannot follow the processes pid {pid} starts ({e}): \
                      tracing it alone, as with --no-follow"
                 );
@@ -184,7 +184,7 @@ fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer,
         collect::take_exec_notify(&mut pipe.parts.probes)
             .map_err(anyhow::Error::from)
             .and_then(|ring| Ok(exec_snapshots::spawn(ring, pipe.parts.symbolizer.clone())?))
-            .inspect_err(|e| eprintln!("allocwatch: warning: exec snapshots: {e}"))
+            .inspect_err(|e| crate::say!("allocwatch: warning: exec snapshots: {e}"))
             .ok()
     } else {
         None
@@ -255,7 +255,7 @@ fn banner(tracer: &Tracer) {
     if let Some(g) = &tracer.go_target {
         what.push(format!("Go {} runtime", g.version.raw));
         for w in &g.warnings {
-            eprintln!("allocwatch: warning: {w}");
+            crate::say!("allocwatch: warning: {w}");
         }
     }
     let children = if tracer.watched.tree.on {
@@ -263,7 +263,7 @@ fn banner(tracer: &Tracer) {
     } else {
         ""
     };
-    eprintln!(
+    crate::say!(
         "allocwatch: tracing pid {} ({}){children}: {} probes on {}",
         info.pid,
         info.comm,

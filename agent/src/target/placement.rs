@@ -523,7 +523,7 @@ mod tests {
                 assert_eq!(got, *want, "{name} in {}", path.display());
             }
         }
-        eprintln!(
+        crate::say!(
             "{}: {same_build}/{} functions are the recorded Debian build",
             path.display(),
             DEBIAN_GLIBC.len()
