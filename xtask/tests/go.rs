@@ -46,7 +46,6 @@ use std::{
         atomic::{AtomicU32, Ordering},
         mpsc::RecvTimeoutError,
     },
-    thread,
     time::{Duration, Instant},
 };
 
@@ -1573,8 +1572,11 @@ impl Drop for UniqueCopy {
 struct Bpftrace {
     child: Child,
     stdout: Lines,
-    stderr: Option<thread::JoinHandle<String>>,
+    stderr: Lines,
 }
+
+/// bpftrace's runtime-test hook: set, it prints this word on stderr once all probes are attached.
+const ATTACHED_HOOK: &str = "__BPFTRACE_NOTIFY_PROBES_ATTACHED";
 
 /// bpftrace's maps (`@name[key] = value`, scalars under key "") and histograms at exit.
 struct PeerOutput {
@@ -1624,10 +1626,14 @@ impl PeerOutput {
 }
 
 impl Bpftrace {
-    /// Starts bpftrace and waits until its probes are attached.
+    /// Starts bpftrace and waits until its probes are attached. Its `attached_probes` record
+    /// comes *before* it attaches (0.17: measured, no perf event open yet), and a SIGINT that
+    /// arrives while it is still attaching is not acted on: under load the peer then missed the
+    /// program's first calls or hung at the end. bpftrace's own test hook
+    /// (`__BPFTRACE_NOTIFY_PROBES_ATTACHED`) prints a line on stderr once every probe is in.
     fn start(script: &str, by_offset: bool) -> Self {
         let mut cmd = Command::new("bpftrace");
-        cmd.args(["-f", "json"]);
+        cmd.args(["-f", "json"]).env(ATTACHED_HOOK, "1");
         if by_offset {
             // Offsets into stripped binaries: bpftrace cannot check them (each was checked
             // against the function's start above).
@@ -1641,47 +1647,39 @@ impl Bpftrace {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run bpftrace ({e}): ./x setup installs it"));
         let stdout = Lines::follow(child.stdout.take().unwrap());
-        let stderr = Some(read_all(child.stderr.take().unwrap()));
+        let stderr = Lines::follow(child.stderr.take().unwrap());
         let mut peer = Self {
             child,
             stdout,
             stderr,
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            match peer
-                .stdout
-                .rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok(line) if line.contains("\"attached_probes\"") => return peer,
-                Ok(_) => {}
-                Err(e) => {
-                    let _ = peer.child.kill();
-                    let _ = peer.child.wait();
-                    panic!(
-                        "bpftrace did not attach ({e:?}):\n{}\n{}\nscript:\n{script}",
-                        peer.stdout.text(),
-                        peer.stderr_text()
-                    );
-                }
-            }
+        if let Err(e) = peer
+            .stderr
+            .try_wait_for(ATTACHED_HOOK, Duration::from_secs(60))
+        {
+            let _ = peer.child.kill();
+            let _ = peer.child.wait();
+            panic!(
+                "bpftrace did not attach: {e}\nstdout:\n{}\nscript:\n{script}",
+                peer.stdout.text()
+            );
         }
-    }
-
-    fn stderr_text(&mut self) -> String {
-        self.stderr
-            .take()
-            .map(|h| h.join().unwrap_or_default())
-            .unwrap_or_default()
+        peer
     }
 
     /// SIGINT (bpftrace prints its maps), then the maps.
     fn finish(mut self) -> PeerOutput {
         signal(self.child.id(), libc::SIGINT);
-        let status = wait_child(&mut self.child, Duration::from_secs(30))
-            .unwrap_or_else(|| panic!("bpftrace did not exit after SIGINT"));
-        let stderr = self.stderr_text();
+        let status = wait_child(&mut self.child, Duration::from_secs(30)).unwrap_or_else(|| {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            panic!(
+                "bpftrace did not exit within 30 s of SIGINT\nstdout:\n{}\nstderr:\n{}",
+                self.stdout.text(),
+                self.stderr.text()
+            )
+        });
+        let stderr = self.stderr.text();
         // bpftrace has exited: read its stdout to the end (the reader disconnects at EOF).
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {

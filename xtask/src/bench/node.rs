@@ -436,7 +436,11 @@ fn start_tracer(
         }
         NodeTracer::Bpftrace(script) => {
             let mut c = Command::new("bpftrace");
-            c.env("BPFTRACE_MAP_KEYS_MAX", "65536").args(["-e", script]);
+            // bpftrace's runtime-test hook: a line once every probe is attached (its
+            // "Attaching N probes" comes before it attaches).
+            c.env("BPFTRACE_MAP_KEYS_MAX", "65536")
+                .env("__BPFTRACE_NOTIFY_PROBES_ATTACHED", "1")
+                .args(["-e", script]);
             (c, None)
         }
     };
@@ -473,8 +477,7 @@ fn start_tracer(
                 sum_where(&body, "allocwatch_processes", &idle)
                     .is_some_and(|n| n >= opts.idle as f64)
             }),
-            // bpftrace says so before it attaches; its probes then take well under a second.
-            None => log_text().contains("Attaching") && since.elapsed() > Duration::from_secs(2),
+            None => log_text().contains("__BPFTRACE_NOTIFY_PROBES_ATTACHED"),
         };
         if ready {
             break;
