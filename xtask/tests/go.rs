@@ -1669,12 +1669,27 @@ impl Bpftrace {
 
     /// SIGINT (bpftrace prints its maps), then the maps.
     fn finish(mut self) -> PeerOutput {
-        signal(self.child.id(), libc::SIGINT);
-        let status = wait_child(&mut self.child, Duration::from_secs(30)).unwrap_or_else(|| {
+        // bpftrace 0.17 can miss a SIGINT: its handler only sets a flag, which its poll loop
+        // reads only when epoll_wait (100 ms timeout) returns EINTR; a signal that comes
+        // between two waits (likely under load, when it is preempted there) is never acted on
+        // (seen: still running 30 s after one SIGINT, every probe attached). Another SIGINT
+        // interrupts a wait; its maps print once.
+        let pid = self.child.id();
+        let mut status = None;
+        for _ in 0..6 {
+            signal(pid, libc::SIGINT);
+            status = wait_child(&mut self.child, Duration::from_secs(5));
+            if status.is_some() {
+                break;
+            }
+        }
+        let status = status.unwrap_or_else(|| {
+            let state = fs::read_to_string(format!("/proc/{pid}/stack")).unwrap_or_default();
             let _ = self.child.kill();
             let _ = self.child.wait();
             panic!(
-                "bpftrace did not exit within 30 s of SIGINT\nstdout:\n{}\nstderr:\n{}",
+                "bpftrace did not exit within 30 s of six SIGINTs\nkernel stack:\n{state}\n\
+                 stdout:\n{}\nstderr:\n{}",
                 self.stdout.text(),
                 self.stderr.text()
             )
