@@ -495,9 +495,15 @@ fn start_tracer(
 /// SIGTERM (the agent) or SIGINT (bpftrace), then up to 30 s for it to exit; SIGKILL after.
 fn stop_tracer(mut t: Started) -> anyhow::Result<()> {
     let sig = if t.port.is_some() { "TERM" } else { "INT" };
-    signal(sig, &[t.pid])?;
     let since = Instant::now();
+    let mut sent = None::<Instant>;
     while since.elapsed() < Duration::from_secs(30) {
+        // Again every 5 s: bpftrace 0.17 ignores a SIGINT that comes between two of its
+        // epoll_waits (it reads its exit flag only when a wait is interrupted).
+        if sent.is_none_or(|at| at.elapsed() > Duration::from_secs(5)) {
+            signal(sig, &[t.pid])?;
+            sent = Some(Instant::now());
+        }
         if t.child.0[0].try_wait()?.is_some() {
             return Ok(());
         }
