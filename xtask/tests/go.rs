@@ -46,6 +46,7 @@ use std::{
         atomic::{AtomicU32, Ordering},
         mpsc::RecvTimeoutError,
     },
+    thread,
     time::{Duration, Instant},
 };
 
@@ -1676,11 +1677,16 @@ impl Bpftrace {
         // interrupts a wait; its maps print once.
         let pid = self.child.id();
         let mut status = None;
-        for _ in 0..6 {
+        'signals: for _ in 0..6 {
             signal(pid, libc::SIGINT);
-            status = wait_child(&mut self.child, Duration::from_secs(5));
-            if status.is_some() {
-                break;
+            // Not `wait_child`: it kills the child when its time is up.
+            let until = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < until {
+                status = self.child.try_wait().expect("waitpid");
+                if status.is_some() {
+                    break 'signals;
+                }
+                thread::sleep(Duration::from_millis(10));
             }
         }
         let status = status.unwrap_or_else(|| {
