@@ -6,7 +6,6 @@
 use allocwatch_common::{
     config::FLAG_FOLLOW,
     event::{EXIT_CODE_KNOWN, EventHeader, EventKind, ExitEvent, Followed, ForkEvent},
-    loss::LossCause,
 };
 use aya_ebpf::{
     Global,
@@ -16,7 +15,7 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
-use crate::maps::{EVENTS, FLAGS, FOLLOWED, current_tgid, lost};
+use crate::maps::{FLAGS, FOLLOWED, current_tgid, emit};
 
 /// `task:task_newtask` record offsets (/sys/kernel/tracing/events/task/task_newtask/format,
 /// unchanged since 3.x): the new task's pid and its clone flags.
@@ -63,19 +62,17 @@ fn on_newtask(ctx: &TracePointContext) {
         ..Followed::default()
     };
     let followed = FOLLOWED.insert(&child, &entry, BPF_NOEXIST as u64).is_ok();
-    let Some(mut rec) = EVENTS.reserve::<ForkEvent>(0) else {
-        lost(LossCause::RingbufFull);
-        return;
-    };
-    rec.write(ForkEvent {
-        header: EventHeader {
-            kind: EventKind::Fork as u32,
-            tgid: child,
+    emit(
+        &ForkEvent {
+            header: EventHeader {
+                kind: EventKind::Fork as u32,
+                tgid: child,
+            },
+            parent,
+            followed: followed as u32,
         },
-        parent,
-        followed: followed as u32,
-    });
-    rec.submit(0);
+        0,
+    );
 }
 
 #[tracepoint(category = "syscalls", name = "sys_enter_exit_group")]
@@ -121,18 +118,16 @@ fn on_exit(ctx: &TracePointContext) {
         return;
     };
     let _ = FOLLOWED.remove(&tgid);
-    let Some(mut rec) = EVENTS.reserve::<ExitEvent>(0) else {
-        lost(LossCause::RingbufFull);
-        return;
-    };
-    rec.write(ExitEvent {
-        header: EventHeader {
-            kind: EventKind::Exit as u32,
-            tgid,
-        },
-        code: f.exit & 0xff,
-        code_known: (f.exit & EXIT_CODE_KNOWN != 0) as u32,
-    });
     // Woken now: the session may be waiting for this process's end.
-    rec.submit(BPF_RB_FORCE_WAKEUP as u64);
+    emit(
+        &ExitEvent {
+            header: EventHeader {
+                kind: EventKind::Exit as u32,
+                tgid,
+            },
+            code: f.exit & 0xff,
+            code_known: (f.exit & EXIT_CODE_KNOWN != 0) as u32,
+        },
+        BPF_RB_FORCE_WAKEUP as u64,
+    );
 }

@@ -9,7 +9,6 @@ use allocwatch_common::{
     event::{EventHeader, EventKind, GoEvent},
     go::{GO_LARGE_ALLOC, GO_SPEC_STACK, GO_VALUES, GoRole, GoSpec, StwState, cookie, reg},
     libc::NO_STACK,
-    loss::LossCause,
 };
 use aya_ebpf::{
     EbpfContext as _,
@@ -22,9 +21,7 @@ use aya_ebpf::{
     programs::ProbeContext,
 };
 
-use crate::maps::{
-    EVENTS, GO_HIST, GO_PROCS, GO_SPECS, GO_STW, capture_stack, hist_add, lost, traced, why,
-};
+use crate::maps::{GO_HIST, GO_PROCS, GO_SPECS, GO_STW, capture_stack, hist_add, traced, why};
 
 #[uprobe(multi)]
 pub fn go_entry(ctx: ProbeContext) -> u32 {
@@ -183,9 +180,7 @@ fn emit(
         stack_id,
         values,
     };
-    if EVENTS.output(&ev, crate::maps::batched_wakeup()).is_err() {
-        lost(LossCause::RingbufFull);
-    }
+    crate::maps::emit(&ev, crate::maps::batched_wakeup());
 }
 
 /// The argument registers ABIInternal uses, loaded once with constant offsets: the verifier

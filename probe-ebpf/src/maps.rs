@@ -584,7 +584,14 @@ fn announce(key: &SiteKey) {
         return;
     };
     // Not the adaptive wakeup: it never fires after an unwoken record (Go events).
-    if EVENTS.output(record, batched_wakeup()).is_err() {
+    emit(record, batched_wakeup());
+}
+
+/// Sends `record` to the agent through `EVENTS` with the wakeup `flags`; a full ring buffer is
+/// counted (`ringbuf_full`), never silent.
+#[inline(always)]
+pub fn emit<T: ?Sized>(record: &T, flags: u64) {
+    if EVENTS.output(record, flags).is_err() {
         lost(LossCause::RingbufFull);
     }
 }

@@ -165,9 +165,10 @@ impl Tracer {
         let sampling = self.sampling;
         let totals = aggregate::totals(rows.iter(), &overflow, sampling);
         let mut chains = Vec::with_capacity(rows.len());
-        // A row of unknown sites is made before it is needed: empty until the table fills.
-        let used = |(k, s): &(&SiteKey, &SiteStats)| !k.is_spill() || s.calls > 0;
-        for (key, stats) in rows.iter().filter(|(k, _)| sampling.shows(k)).filter(used) {
+        for (key, stats) in rows
+            .iter()
+            .filter(|(k, s)| sampling.shows(k) && in_use(k, s))
+        {
             let estimated = sampling.on() && key.stack_id != NO_STACK;
             chains.push(Site {
                 api: Api::try_from(key.api)?,
@@ -233,7 +234,7 @@ impl Tracer {
     ) -> anyhow::Result<Vec<Caller>> {
         // By process too: a return address names code in its own process's program.
         let mut by_caller: BTreeMap<(u32, u32, u64), SiteStats> = BTreeMap::new();
-        for (key, stats) in rows.iter().filter(|(k, s)| !k.is_spill() || s.calls > 0) {
+        for (key, stats) in rows.iter().filter(|(k, s)| in_use(k, s)) {
             let sum = by_caller
                 .entry((key.tgid, key.api, key.ret_addr))
                 .or_default();
@@ -511,4 +512,10 @@ fn monotonic_ns() -> u64 {
     // SAFETY: valid timespec pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// False for a process's row of unknown sites while it is empty: that row is made before it is
+/// needed (`SiteKey::spill`) and holds calls only once the table is full.
+fn in_use(key: &SiteKey, stats: &SiteStats) -> bool {
+    !key.is_spill() || stats.calls > 0
 }
