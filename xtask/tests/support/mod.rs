@@ -385,6 +385,19 @@ impl Lines {
     pub fn text(&self) -> String {
         self.all.lock().unwrap().join("\n")
     }
+
+    /// Like [`Self::wait_for`], but a line already read (and passed over by an earlier wait)
+    /// counts too: a traced program's own lines on a shared stderr can come before ours.
+    pub fn wait_for_seen(&self, prefix: &str, timeout: Duration) -> String {
+        let seen = self
+            .all
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.starts_with(prefix))
+            .cloned();
+        seen.unwrap_or_else(|| self.wait_for(prefix, timeout))
+    }
 }
 
 /// All of a pipe, read on a thread.
