@@ -284,6 +284,14 @@ impl SymbolizerHandle {
         pid: u32,
         addrs: Vec<u64>,
     ) -> Result<Vec<Frame>, SymbolizeError> {
+        self.ask(pid, addrs)?.await
+    }
+
+    /// Sends the request of [`Self::symbolize_async`] now; the answer comes later. Several
+    /// requests in flight keep the thread busy between them instead of a wake-up and a reply's
+    /// wake-up per chain (issue 15: those round trips were a good part of the agent's CPU under
+    /// process churn).
+    pub fn ask(&self, pid: u32, addrs: Vec<u64>) -> Result<Answer, SymbolizeError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let reply: Reply = Box::new(move |frames| drop(tx.send(frames)));
         self.send(Request::Symbolize {
@@ -292,7 +300,12 @@ impl SymbolizerHandle {
             checked: true,
             reply,
         })?;
-        rx.await.map_err(|_| SymbolizeError::Stopped)?
+        Ok(Answer(rx))
+    }
+
+    /// Requests sent and not yet taken up by the thread.
+    pub fn queued(&self) -> u64 {
+        self.counters.queued.load(Ordering::Relaxed)
     }
 
     pub fn stats(&self) -> SymbolizeStats {
@@ -303,6 +316,22 @@ impl SymbolizerHandle {
             no_symbol: c.no_symbol.load(Ordering::Relaxed),
             stack_cut: c.stack_cut.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// The answer to [`SymbolizerHandle::ask`], awaited.
+pub struct Answer(tokio::sync::oneshot::Receiver<Result<Vec<Frame>, SymbolizeError>>);
+
+impl Future for Answer {
+    type Output = Result<Vec<Frame>, SymbolizeError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.map_err(|_| SymbolizeError::Stopped).and_then(|r| r))
     }
 }
 
