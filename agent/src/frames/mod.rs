@@ -131,7 +131,11 @@ impl FrameCache {
         while deadline.is_none_or(|d| Instant::now() < d) {
             // A busy symbolizer (a cold file being parsed) gets one site at a time, as sites
             // asked and then given up at the deadline are asked again.
-            let take = if symbolizer.queued() == 0 { PIPELINE } else { 1 };
+            let take = if symbolizer.queued() == 0 {
+                PIPELINE
+            } else {
+                1
+            };
             let mut batch = Vec::with_capacity(take);
             while batch.len() < take {
                 let Some(site) = self.queue.pop() else {

@@ -771,7 +771,9 @@ fn needs_reread(
             // Cut before any missed address: nothing past it is named.
             ReturnAddress::NotAfterCall => return false,
             ReturnAddress::NoMapping => {
-                return addr.checked_sub(1).is_some_and(|a| unmapped(a) != Some(true));
+                return addr
+                    .checked_sub(1)
+                    .is_some_and(|a| unmapped(a) != Some(true));
             }
         }
     }

@@ -321,14 +321,26 @@ fn files_are_opened_once_for_every_snapshot() {
     let held = Held::default();
     let mut worker = Worker::new(Arc::default(), Arc::clone(&held));
     let maps = crate::target::maps::read_maps(pid).unwrap();
-    let named = |w: &Worker| w.processes[&pid].maps.iter().filter(|m| m.elf.is_some()).count();
+    let named = |w: &Worker| {
+        w.processes[&pid]
+            .maps
+            .iter()
+            .filter(|m| m.elf.is_some())
+            .count()
+    };
     worker.note(pid, maps::snapshot_of(pid, &maps, |_| false));
     let (files, with_file) = (worker.files.len(), named(&worker));
-    assert!(files > 0 && with_file >= files, "{files} files, {with_file} mappings");
+    assert!(
+        files > 0 && with_file >= files,
+        "{files} files, {with_file} mappings"
+    );
     let known = lock(&held).clone();
     assert_eq!(known.len(), files, "one identity per file here");
     let again = maps::snapshot_of(pid, &maps, |id| known.contains(id));
-    assert!(again.iter().all(|m| m.file.is_none()), "held files opened again");
+    assert!(
+        again.iter().all(|m| m.file.is_none()),
+        "held files opened again"
+    );
     worker.note(pid, again);
     assert_eq!((worker.files.len(), named(&worker)), (files, with_file));
     // Let go of with its process; a snapshot taken before it knew still finds every file.
