@@ -9,6 +9,8 @@
 
 mod queue;
 
+pub use queue::Site;
+
 use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
@@ -54,6 +56,10 @@ pub struct FrameCache {
     /// Sites a scrape ran out of time to name, by process: since when (see [`Self::late_for`]).
     late: HashMap<u32, HashMap<(i64, u64), Instant>>,
 }
+
+/// Sites asked of the symbolizer at once by [`FrameCache::name_queued`]: enough to keep it
+/// busy between wake-ups, few enough that sites given up at a deadline are few.
+const PIPELINE: usize = 32;
 
 /// Sites waiting to be named at most; past it the oldest of the process with most waiting
 /// wait for a scrape or their process's exit instead.
@@ -113,7 +119,8 @@ impl FrameCache {
         self.queue.push_back(site, MAX_QUEUED);
     }
 
-    /// Names queued sites until `deadline` (all of them without); how many were named.
+    /// Names queued sites until `deadline` (all of them without); how many were named. Up to
+    /// [`PIPELINE`] sites are asked of the symbolizer at once while it has nothing else queued.
     pub async fn name_queued(
         &mut self,
         probes: &Probes,
@@ -122,22 +129,34 @@ impl FrameCache {
     ) -> anyhow::Result<usize> {
         let mut named = 0;
         while deadline.is_none_or(|d| Instant::now() < d) {
-            let Some(site) = self.queue.pop() else {
-                break;
+            // A busy symbolizer (a cold file being parsed) gets one site at a time, as sites
+            // asked and then given up at the deadline are asked again.
+            let take = if symbolizer.queued() == 0 {
+                PIPELINE
+            } else {
+                1
             };
-            if self.cached(site.0, site.1, site.2).is_some() {
-                continue;
-            }
-            match self
-                .frames_until(probes, symbolizer, site, deadline)
-                .await?
-            {
-                Some(_) => named += 1,
-                // Out of time: first in line next time.
-                None => {
-                    self.queue.push_front(site);
+            let mut batch = Vec::with_capacity(take);
+            while batch.len() < take {
+                let Some(site) = self.queue.pop() else {
                     break;
+                };
+                if self.cached(site.0, site.1, site.2).is_none() {
+                    batch.push(site);
                 }
+            }
+            if batch.is_empty() {
+                break;
+            }
+            let asked = batch.len();
+            let late = self.name_sites(probes, symbolizer, batch, deadline).await?;
+            named += asked - late.len();
+            if !late.is_empty() {
+                // Out of time: first in line next time, in their order.
+                for site in late.into_iter().rev() {
+                    self.queue.push_front(site);
+                }
+                break;
             }
         }
         Ok(named)
@@ -276,48 +295,76 @@ impl FrameCache {
         &mut self,
         probes: &Probes,
         symbolizer: &SymbolizerHandle,
-        (tgid, stack_id, ret_addr): (u32, i64, u64),
+        site @ (tgid, stack_id, ret_addr): (u32, i64, u64),
         deadline: Option<Instant>,
     ) -> anyhow::Result<Option<Arc<[Frame]>>> {
-        if let Some(f) = self.cached(tgid, stack_id, ret_addr) {
-            return Ok(Some(Arc::clone(f)));
-        }
-        let stack = match self.raw_of(tgid, stack_id) {
-            Some(s) => s.clone(),
-            None => collect::stack(probes, stack_id)?,
-        };
-        if stack_id >= 0 && stack.is_empty() {
-            self.stacks_evicted += 1;
-        }
-        let chain = call_chain(ret_addr, &stack);
-        let asked = symbolizer.symbolize_async(tgid, chain.clone());
-        let answer = match deadline {
-            None => asked.await,
-            Some(d) => match tokio::time::timeout_at(d.into(), asked).await {
-                Ok(a) => a,
-                Err(_) => return Ok(None),
-            },
-        };
-        let frames = match answer {
-            Ok(frames) => frames,
-            Err(e) if e.is_process_gone() => {
-                self.process_gone += 1;
-                chain.iter().map(|&a| Frame::unknown(a)).collect()
+        self.name_sites(probes, symbolizer, vec![site], deadline)
+            .await?;
+        Ok(self.cached(tgid, stack_id, ret_addr).map(Arc::clone))
+    }
+
+    /// Names and caches the call chains of `sites` (not cached yet are asked of the
+    /// symbolizer all at once, then awaited in order); returns those not answered by
+    /// `deadline`, in order.
+    pub async fn name_sites(
+        &mut self,
+        probes: &Probes,
+        symbolizer: &SymbolizerHandle,
+        sites: Vec<Site>,
+        deadline: Option<Instant>,
+    ) -> anyhow::Result<Vec<Site>> {
+        let mut asked = Vec::with_capacity(sites.len());
+        let mut seen = HashSet::with_capacity(sites.len());
+        for site @ (tgid, stack_id, ret_addr) in sites {
+            if self.cached(tgid, stack_id, ret_addr).is_some() || !seen.insert(site) {
+                continue;
             }
-            Err(e) => return Err(anyhow!("symbolizing pid {tgid}: {e}")),
-        };
-        let frames = self.intern(frames);
-        self.chains
-            .entry(tgid)
-            .or_default()
-            .insert((stack_id, ret_addr), Arc::clone(&frames));
-        if let Some(late) = self.late.get_mut(&tgid) {
-            late.remove(&(stack_id, ret_addr));
-            if late.is_empty() {
-                self.late.remove(&tgid);
+            let stack = match self.raw_of(tgid, stack_id) {
+                Some(s) => s.clone(),
+                None => collect::stack(probes, stack_id)?,
+            };
+            if stack_id >= 0 && stack.is_empty() {
+                self.stacks_evicted += 1;
+            }
+            let chain = call_chain(ret_addr, &stack);
+            let answer = symbolizer
+                .ask(tgid, chain.clone())
+                .map_err(|e| anyhow!("symbolizing pid {tgid}: {e}"))?;
+            asked.push((site, chain, answer));
+        }
+        let mut asked = asked.into_iter();
+        while let Some((site @ (tgid, stack_id, ret_addr), chain, answer)) = asked.next() {
+            let answer = match deadline {
+                None => answer.await,
+                Some(d) => match tokio::time::timeout_at(d.into(), answer).await {
+                    Ok(a) => a,
+                    Err(_) => {
+                        let late = std::iter::once(site).chain(asked.map(|(s, ..)| s));
+                        return Ok(late.collect());
+                    }
+                },
+            };
+            let frames = match answer {
+                Ok(frames) => frames,
+                Err(e) if e.is_process_gone() => {
+                    self.process_gone += 1;
+                    chain.iter().map(|&a| Frame::unknown(a)).collect()
+                }
+                Err(e) => return Err(anyhow!("symbolizing pid {tgid}: {e}")),
+            };
+            let frames = self.intern(frames);
+            self.chains
+                .entry(tgid)
+                .or_default()
+                .insert((stack_id, ret_addr), frames);
+            if let Some(late) = self.late.get_mut(&tgid) {
+                late.remove(&(stack_id, ret_addr));
+                if late.is_empty() {
+                    self.late.remove(&tgid);
+                }
             }
         }
-        Ok(Some(frames))
+        Ok(Vec::new())
     }
 }
 

@@ -42,7 +42,7 @@ use blazesym::symbolize::{
 };
 use serde::Serialize;
 
-use crate::target::maps::MapEntry;
+use crate::target::maps::{DevInode, MapEntry};
 
 pub use debuginfo::{DEFAULT_DEBUG_DIR, set_debug_dirs};
 
@@ -145,11 +145,16 @@ fn bump(counter: &AtomicU64, n: usize) {
     counter.fetch_add(n as u64, Ordering::Relaxed);
 }
 
+/// Files the symbolizer thread holds open, by their identity in the maps: a snapshot leaves
+/// them unopened (the thread finds them by identity, `Worker::identities`).
+type Held = Arc<std::sync::Mutex<HashSet<DevInode>>>;
+
 /// Handle to the symbolizer thread; the thread exits when the last handle is dropped.
 #[derive(Clone)]
 pub struct SymbolizerHandle {
     tx: mpsc::Sender<Request>,
     counters: Arc<Counters>,
+    held: Held,
 }
 
 impl SymbolizerHandle {
@@ -165,15 +170,26 @@ impl SymbolizerHandle {
     pub fn spawn() -> Self {
         let (tx, rx) = mpsc::channel();
         let counters = Arc::new(Counters::default());
+        let held = Held::default();
         let worker_counters = Arc::clone(&counters);
+        let worker_held = Arc::clone(&held);
         let spawned = std::thread::Builder::new()
             .name("symbolizer".into())
-            .spawn(move || Worker::new(worker_counters).run(rx));
+            .spawn(move || Worker::new(worker_counters, worker_held).run(rx));
         // Without the thread the receiver is gone and every request reports `Stopped`.
         if let Err(err) = spawned {
             log::error!("cannot start the symbolizer thread: {err}");
         }
-        Self { tx, counters }
+        Self { tx, counters, held }
+    }
+
+    /// Of the file identities in `maps`, those the symbolizer thread holds open now.
+    fn held_of(&self, maps: &[MapEntry]) -> HashSet<DevInode> {
+        let held = lock(&self.held);
+        maps.iter()
+            .map(|m| m.dev_inode)
+            .filter(|id| held.contains(id))
+            .collect()
     }
 
     /// Snapshots the executable mappings of `pid` and opens their files now, on the caller's
@@ -181,8 +197,8 @@ impl SymbolizerHandle {
     /// request waits behind a slow symbolization. Call it when a process is first seen and
     /// again after it execs; it replaces the earlier snapshot.
     pub fn note_process(&self, pid: u32) {
-        match maps::snapshot(pid) {
-            Ok(maps) => self.note(pid, maps),
+        match crate::target::maps::read_maps(pid) {
+            Ok(maps) => self.note_maps(pid, &maps),
             Err(err) => {
                 log::debug!("pid {pid}: cannot read maps: {err}")
             }
@@ -191,7 +207,8 @@ impl SymbolizerHandle {
 
     /// [`Self::note_process`] with `/proc/<pid>/maps` just read by the caller.
     pub fn note_maps(&self, pid: u32, maps: &[MapEntry]) {
-        self.note(pid, maps::snapshot_of(pid, maps));
+        let held = self.held_of(maps);
+        self.note(pid, maps::snapshot_of(pid, maps, |id| held.contains(id)));
     }
 
     /// Drops what is kept for `pid` (its mappings, cached frames, and the files only it maps).
@@ -267,6 +284,14 @@ impl SymbolizerHandle {
         pid: u32,
         addrs: Vec<u64>,
     ) -> Result<Vec<Frame>, SymbolizeError> {
+        self.ask(pid, addrs)?.await
+    }
+
+    /// Sends the request of [`Self::symbolize_async`] now; the answer comes later. Several
+    /// requests in flight keep the thread busy between them instead of a wake-up and a reply's
+    /// wake-up per chain (issue 15: those round trips were a good part of the agent's CPU under
+    /// process churn).
+    pub fn ask(&self, pid: u32, addrs: Vec<u64>) -> Result<Answer, SymbolizeError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let reply: Reply = Box::new(move |frames| drop(tx.send(frames)));
         self.send(Request::Symbolize {
@@ -275,7 +300,12 @@ impl SymbolizerHandle {
             checked: true,
             reply,
         })?;
-        rx.await.map_err(|_| SymbolizeError::Stopped)?
+        Ok(Answer(rx))
+    }
+
+    /// Requests sent and not yet taken up by the thread.
+    pub fn queued(&self) -> u64 {
+        self.counters.queued.load(Ordering::Relaxed)
     }
 
     pub fn stats(&self) -> SymbolizeStats {
@@ -286,6 +316,22 @@ impl SymbolizerHandle {
             no_symbol: c.no_symbol.load(Ordering::Relaxed),
             stack_cut: c.stack_cut.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// The answer to [`SymbolizerHandle::ask`], awaited.
+pub struct Answer(tokio::sync::oneshot::Receiver<Result<Vec<Frame>, SymbolizeError>>);
+
+impl Future for Answer {
+    type Output = Result<Vec<Frame>, SymbolizeError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.map_err(|_| SymbolizeError::Stopped).and_then(|r| r))
     }
 }
 
@@ -436,17 +482,69 @@ struct Worker {
     processes: HashMap<u32, Process>,
     /// One open descriptor per distinct file, shared by every process mapping it.
     files: HashMap<FileKey, OpenFile>,
+    /// The entry in `files` of each file identity the maps showed (the maps' device and inode
+    /// can differ from the open file's, e.g. on overlayfs).
+    identities: HashMap<DevInode, FileKey>,
+    /// The keys of `identities`, shared with the handles.
+    held: Held,
     counters: Arc<Counters>,
 }
 
 impl Worker {
-    fn new(counters: Arc<Counters>) -> Self {
+    fn new(counters: Arc<Counters>, held: Held) -> Self {
         Self {
             symbolizer: Symbolizer::new(),
             processes: HashMap::new(),
             files: HashMap::new(),
+            identities: HashMap::new(),
+            held,
             counters,
         }
+    }
+
+    /// Our view of a snapshot of `pid`, sorted by start address; files not opened by the
+    /// snapshot are found by their identity (or opened now, if let go of meanwhile).
+    fn mappings(&mut self, pid: u32, raw: Vec<maps::RawMapping>) -> Vec<Mapping> {
+        let mut maps: Vec<Mapping> = raw
+            .into_iter()
+            .map(|mut m| {
+                let known = m
+                    .identity
+                    .and_then(|id| self.identities.get(&id))
+                    .filter(|k| self.files.contains_key(k))
+                    .copied();
+                let elf = match known {
+                    Some(key) => Some(key),
+                    None => {
+                        let file = m.file.take().or_else(|| maps::reopen(pid, &m));
+                        let key = file.and_then(|f| adopt(&mut self.files, f));
+                        if let (Some(key), Some(id)) = (key, m.identity) {
+                            self.identities.insert(id, key);
+                            lock(&self.held).insert(id);
+                        }
+                        key
+                    }
+                };
+                Mapping {
+                    start: m.start,
+                    end: m.end,
+                    offset: m.offset,
+                    elf,
+                    module: m.module,
+                }
+            })
+            .collect();
+        maps.sort_unstable_by_key(|m| m.start);
+        maps
+    }
+
+    /// A fresh snapshot of `pid`, opening only the files not held already.
+    fn snapshot(&self, pid: u32) -> Result<Vec<maps::RawMapping>, crate::target::TargetError> {
+        maps::snapshot(pid, |id| {
+            self.identities
+                .get(id)
+                .is_some_and(|k| self.files.contains_key(k))
+        })
     }
 
     fn run(mut self, rx: mpsc::Receiver<Request>) {
@@ -522,6 +620,16 @@ impl Worker {
                 .values()
                 .any(|p| p.maps.iter().any(|m| m.elf == Some(*k)))
         });
+        if !keys.is_empty() {
+            let mut held = lock(&self.held);
+            self.identities.retain(|id, k| {
+                let keep = !keys.contains(k);
+                if !keep {
+                    held.remove(id);
+                }
+                keep
+            });
+        }
         for k in keys {
             if let Some(f) = self.files.remove(&k) {
                 let debug = f.debug.get().and_then(Option::as_ref).map(|d| &d.path);
@@ -536,7 +644,7 @@ impl Worker {
     }
 
     fn note(&mut self, pid: u32, raw: Vec<maps::RawMapping>) {
-        let maps = mappings(raw, &mut self.files);
+        let maps = self.mappings(pid, raw);
         match self.processes.entry(pid) {
             Entry::Occupied(entry) => entry.into_mut().update(maps),
             Entry::Vacant(entry) => {
@@ -555,41 +663,59 @@ impl Worker {
         addrs: &[u64],
         checked: bool,
     ) -> Result<Vec<Frame>, SymbolizeError> {
+        if !self.processes.contains_key(&pid) {
+            // Not noted: snapshot it now, if it still exists.
+            match self.snapshot(pid) {
+                Ok(raw) => {
+                    let maps = self.mappings(pid, raw);
+                    self.processes.insert(
+                        pid,
+                        Process {
+                            maps,
+                            noted_at: Instant::now(),
+                        },
+                    );
+                }
+                Err(err) => {
+                    log::debug!("pid {pid}: cannot read maps: {err}");
+                    bump(&self.counters.process_gone, addrs.len());
+                    return Err(SymbolizeError::ProcessGone(pid));
+                }
+            }
+        }
+        // Libraries mapped after the snapshot (by ld.so after an early note, or dlopen) would
+        // otherwise stay unknown: re-read the maps while the process is still there.
+        // Whether the maps are known to be complete: an address in none of them is then no
+        // return address; else it may be in a library mapped after the snapshot.
+        let mut current = true;
+        let reread = self.processes.get(&pid).is_some_and(|p| {
+            needs_reread(&self.files, &p.maps, addrs, checked, |a| {
+                maps::unmapped(pid, a)
+            })
+        });
+        if reread {
+            // A process that has exited (a zombie) reads as no mappings at all: keep what was
+            // noted while it lived rather than wiping it.
+            match self.snapshot(pid) {
+                Ok(raw) if !raw.is_empty() => {
+                    let maps = self.mappings(pid, raw);
+                    if let Some(p) = self.processes.get_mut(&pid) {
+                        p.update(maps);
+                    }
+                }
+                _ => current = false,
+            }
+        }
         let Self {
             symbolizer,
             processes,
             files,
             counters,
+            ..
         } = self;
-        let process = match processes.entry(pid) {
-            Entry::Occupied(entry) => entry.into_mut(),
-            // Not noted: snapshot it now, if it still exists.
-            Entry::Vacant(entry) => match maps::snapshot(pid) {
-                Ok(raw) => entry.insert(Process {
-                    maps: mappings(raw, files),
-                    noted_at: Instant::now(),
-                }),
-                Err(err) => {
-                    log::debug!("pid {pid}: cannot read maps: {err}");
-                    bump(&counters.process_gone, addrs.len());
-                    return Err(SymbolizeError::ProcessGone(pid));
-                }
-            },
+        let Some(process) = processes.get(&pid) else {
+            return Err(SymbolizeError::ProcessGone(pid));
         };
-        // Libraries mapped after the snapshot (by ld.so after an early note, or dlopen) would
-        // otherwise stay unknown: re-read the maps while the process is still there.
-        let missed = |a: &u64| find(&process.maps, *a).is_none();
-        // Whether the maps are known to be complete: an address in none of them is then no
-        // return address; else it may be in a library mapped after the snapshot.
-        let mut current = true;
-        // A process that has exited (a zombie) reads as no mappings at all: keep what was
-        // noted while it lived rather than wiping it.
-        if addrs.iter().any(missed) {
-            match maps::snapshot(pid) {
-                Ok(raw) if !raw.is_empty() => process.update(mappings(raw, files)),
-                _ => current = false,
-            }
-        }
         let mut out = Vec::with_capacity(addrs.len());
         for &addr in addrs {
             let cut = match return_address(files, &process.maps, addr) {
@@ -621,6 +747,37 @@ impl Worker {
         }
         Ok(out)
     }
+}
+
+/// Whether naming `addrs` needs the maps of their process read again: only when the chain
+/// reaches an address in none of `maps` (the loop in `Worker::symbolize` stops at the first
+/// address that is cut) and that address is mapped at all now (`unmapped` false or unknown).
+/// Without frame pointers (Debian's `sh`, `python3`, `ls`…) a walk yields garbage
+/// "return addresses", most of them in no mapping: re-reading the maps (and reopening every
+/// file) for each such chain was the symbolizer's largest cost under process churn (issue 15),
+/// and it could not find them anyway. An address mapped now may be in a library mapped since
+/// the snapshot: the maps are re-read as before.
+fn needs_reread(
+    files: &HashMap<FileKey, OpenFile>,
+    maps: &[Mapping],
+    addrs: &[u64],
+    checked: bool,
+    unmapped: impl FnOnce(u64) -> Option<bool>,
+) -> bool {
+    for &addr in addrs {
+        match return_address(files, maps, addr) {
+            ReturnAddress::Yes => {}
+            ReturnAddress::NotAfterCall if !checked => {}
+            // Cut before any missed address: nothing past it is named.
+            ReturnAddress::NotAfterCall => return false,
+            ReturnAddress::NoMapping => {
+                return addr
+                    .checked_sub(1)
+                    .is_some_and(|a| unmapped(a) != Some(true));
+            }
+        }
+    }
+    false
 }
 
 /// A request that held the thread this long delays every site queued behind it: worth a
@@ -662,22 +819,6 @@ fn warm(symbolizer: &Symbolizer, files: &HashMap<FileKey, OpenFile>, pid: u32, m
             &Counters::default(),
         );
     }
-}
-
-/// Our view of a snapshot, sorted by start address.
-fn mappings(raw: Vec<maps::RawMapping>, files: &mut HashMap<FileKey, OpenFile>) -> Vec<Mapping> {
-    let mut maps: Vec<Mapping> = raw
-        .into_iter()
-        .map(|m| Mapping {
-            start: m.start,
-            end: m.end,
-            offset: m.offset,
-            elf: m.file.and_then(|file| adopt(files, file)),
-            module: m.module,
-        })
-        .collect();
-    maps.sort_unstable_by_key(|m| m.start);
-    maps
 }
 
 /// Keeps `file` open unless the same file already is, and returns its key in `files`.
@@ -867,4 +1008,9 @@ fn frames_of(sym: &Sym<'_>, base: &Frame) -> Vec<Frame> {
         .map(|f| located(&f.name, f.code_info.as_ref()))
         .chain([located(&sym.name, sym.code_info.as_deref())])
         .collect()
+}
+
+/// A lock whose holder panicked is still usable: the set is replaced entry by entry.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -266,7 +266,7 @@ fn short_lived_process_after_exit() {
 fn mappings_after_the_note_are_picked_up() {
     let mut child = Child::start("late");
     let pid = child.pid();
-    let mut worker = Worker::new(Arc::default());
+    let mut worker = Worker::new(Arc::default(), Held::default());
     // As if noted before the loader mapped anything.
     worker.note(pid, Vec::new());
     let frames = worker.symbolize(pid, &[child.main + 1], false).unwrap();
@@ -277,6 +277,93 @@ fn mappings_after_the_note_are_picked_up() {
     let frames = worker.symbolize(pid, &[child.main + 1], false).unwrap();
     // Now in no known mapping: nothing named, nothing shown as a bare address.
     assert_eq!(frames, []);
+}
+
+/// The maps are re-read for a chain only where the first address in no known mapping could be
+/// in a library mapped since the snapshot (issue 15: garbage addresses of walks without frame
+/// pointers re-read them for every chain).
+#[test]
+fn maps_are_reread_only_for_an_address_mapped_now() {
+    let files = HashMap::new();
+    let maps = vec![Mapping {
+        start: 0x1000,
+        end: 0x2000,
+        offset: 0,
+        module: "[vdso]".into(),
+        elf: None,
+    }];
+    let never = |_: u64| -> Option<bool> { panic!("asked without a missed address") };
+    assert!(!needs_reread(&files, &maps, &[0x1001, 0x1fff], true, never));
+    assert!(!needs_reread(&files, &maps, &[], true, never));
+    // Address 0 (after the chain's end) is in no mapping and no address to look at.
+    assert!(!needs_reread(&files, &maps, &[0x1001, 0], true, never));
+    for (answer, reread) in [(Some(true), false), (Some(false), true), (None, true)] {
+        let mut asked = Vec::new();
+        let unmapped = |a: u64| {
+            asked.push(a);
+            answer
+        };
+        assert_eq!(
+            needs_reread(&files, &maps, &[0x1001, 0x5000, 0x6000], true, unmapped),
+            reread,
+            "{answer:?}"
+        );
+        // The first missed address only (the chain stops there), as the call's address.
+        assert_eq!(asked, [0x4fff]);
+    }
+}
+
+/// A file is opened once for all the snapshots that map it (issue 15: every exec is
+/// snapshotted four times); a file the worker let go of meanwhile is opened by the worker.
+#[test]
+fn files_are_opened_once_for_every_snapshot() {
+    let pid = std::process::id();
+    let held = Held::default();
+    let mut worker = Worker::new(Arc::default(), Arc::clone(&held));
+    let maps = crate::target::maps::read_maps(pid).unwrap();
+    let named = |w: &Worker| {
+        w.processes[&pid]
+            .maps
+            .iter()
+            .filter(|m| m.elf.is_some())
+            .count()
+    };
+    worker.note(pid, maps::snapshot_of(pid, &maps, |_| false));
+    let (files, with_file) = (worker.files.len(), named(&worker));
+    assert!(
+        files > 0 && with_file >= files,
+        "{files} files, {with_file} mappings"
+    );
+    let known = lock(&held).clone();
+    assert_eq!(known.len(), files, "one identity per file here");
+    let again = maps::snapshot_of(pid, &maps, |id| known.contains(id));
+    assert!(
+        again.iter().all(|m| m.file.is_none()),
+        "held files opened again"
+    );
+    worker.note(pid, again);
+    assert_eq!((worker.files.len(), named(&worker)), (files, with_file));
+    // Let go of with its process; a snapshot taken before it knew still finds every file.
+    let p = worker.processes.remove(&pid).unwrap();
+    worker.release(&p.maps);
+    assert!(worker.files.is_empty() && worker.identities.is_empty() && lock(&held).is_empty());
+    worker.note(pid, maps::snapshot_of(pid, &maps, |id| known.contains(id)));
+    assert_eq!((worker.files.len(), named(&worker)), (files, with_file));
+    let frames = worker.symbolize(pid, &[target_addr() + 1], false).unwrap();
+    assert_eq!(
+        frames.last().and_then(|f| f.function.as_deref()),
+        Some("allocwatch_symbolize_test_target")
+    );
+}
+
+#[test]
+fn unmapped_reads_one_byte_of_the_process() {
+    let pid = std::process::id();
+    let here = 7u64;
+    assert_eq!(maps::unmapped(pid, &here as *const u64 as u64), Some(false));
+    assert_eq!(maps::unmapped(pid, 0x10), Some(true));
+    // Beyond any pid_max (4M), so never a live process.
+    assert_eq!(maps::unmapped(0x7fff_fff0, 0x10), None);
 }
 
 #[tokio::test]

@@ -298,11 +298,10 @@ async fn name_chains(
     pid: u32,
     chains: impl Iterator<Item = (i64, u64)>,
 ) -> anyhow::Result<()> {
-    for (stack_id, ret_addr) in chains {
-        frames
-            .frames(probes, symbolizer, pid, stack_id, ret_addr)
-            .await?;
-    }
+    let sites = chains.map(|(stack_id, ret_addr)| (pid, stack_id, ret_addr));
+    frames
+        .name_sites(probes, symbolizer, sites.collect(), None)
+        .await?;
     Ok(())
 }
 
