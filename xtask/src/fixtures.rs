@@ -152,7 +152,10 @@ fn build_prefixed_jemalloc(src_dir: &Path, dir: &Path) -> anyhow::Result<()> {
     }
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let syms = dir.join("je.syms");
-    let renames: String = JEMALLOC_API.iter().map(|s| format!("{s} je_{s}\n")).collect();
+    let renames: String = JEMALLOC_API
+        .iter()
+        .map(|s| format!("{s} je_{s}\n"))
+        .collect();
     fs::write(&syms, renames).with_context(|| format!("writing {}", syms.display()))?;
     let lib = dir.join("libjemalloc_je.a");
     cmd::run(

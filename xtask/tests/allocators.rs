@@ -127,8 +127,16 @@ fn check_report(proc: &Value, variant: &str, allocator: &str, files: &[&str]) {
         aliases
     };
     for (api, (calls, bytes)) in expected(variant, &aliases) {
-        assert_eq!(count_at(&proc["calls"], &api), calls, "calls.{api}\n{proc:#}");
-        assert_eq!(count_at(&proc["bytes"], &api), bytes, "bytes.{api}\n{proc:#}");
+        assert_eq!(
+            count_at(&proc["calls"], &api),
+            calls,
+            "calls.{api}\n{proc:#}"
+        );
+        assert_eq!(
+            count_at(&proc["bytes"], &api),
+            bytes,
+            "bytes.{api}\n{proc:#}"
+        );
     }
     // Events lost (symbolization notes such as `symbolize_stack_cut` are not losses).
     for cause in LOSS_KEYS {
@@ -283,7 +291,10 @@ fn jemalloc_counts_match_bpftrace() {
     );
     assert_eq!(want["malloc"], 7, "the fixture's 7 malloc calls");
     assert_eq!(want["free"], 17, "the fixture's 17 free calls");
-    assert_eq!(want["reallocarray"], 2, "the fixture's 2 reallocarray calls");
+    assert_eq!(
+        want["reallocarray"], 2,
+        "the fixture's 2 reallocarray calls"
+    );
 }
 
 /// The text view names the allocator and its files.
@@ -317,7 +328,11 @@ fn agent_exports_the_allocator() {
         m.value(&id, "allocwatch_free_calls_total", &[]) == Some(17.0)
     });
     assert_eq!(
-        m.value(&id, "allocwatch_allocator_info", &[("allocator", "jemalloc")]),
+        m.value(
+            &id,
+            "allocwatch_allocator_info",
+            &[("allocator", "jemalloc")]
+        ),
         Some(1.0),
         "{}",
         m.lines_of(&id)
@@ -400,7 +415,11 @@ impl TestEnv {
 
     /// `target/fixtures/alloc/VARIANT/libc_fixture`.
     fn fixture(&self, variant: &str) -> PathBuf {
-        let path = self.fixtures.join("alloc").join(variant).join("libc_fixture");
+        let path = self
+            .fixtures
+            .join("alloc")
+            .join(variant)
+            .join("libc_fixture");
         assert!(
             path.exists(),
             "{} is missing: `./x fixtures` builds it (and `./x setup` installs the allocators)",

@@ -12,9 +12,9 @@ use allocwatch_common::libc::{Api, SiteStats};
 
 use crate::{
     aggregate::Totals,
-    target::libc::Allocator,
     gort::live::Live,
     symbolize::{Frame, SymbolizeStats},
+    target::libc::Allocator,
 };
 
 /// Identity and fate of a traced process.

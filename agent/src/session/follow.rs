@@ -296,8 +296,7 @@ impl Tree {
         // traced in a child either way, see `exec`).
         let verdict = match target::libc_for_command(path) {
             Ok(l)
-                if l
-                    .files()
+                if l.files()
                     .iter()
                     .all(|f| self.targets.is_attached(Kind::Libc, f.dev_inode)) =>
             {

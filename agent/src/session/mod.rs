@@ -219,7 +219,11 @@ fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer,
         if let Ok(meta) = fs::metadata(&r.exe) {
             files.push(DevInode::from_metadata(&meta));
         }
-        files.extend(r.libc.iter().flat_map(|l| l.files().iter().map(|f| f.dev_inode)));
+        files.extend(
+            r.libc
+                .iter()
+                .flat_map(|l| l.files().iter().map(|f| f.dev_inode)),
+        );
         resolve::note_when_mapped(&parts.symbolizer, pid.get(), &files);
     } else {
         parts.symbolizer.note_process(pid.get());

@@ -4,7 +4,6 @@
 
 use std::{collections::HashSet, fs, path::Path, sync::Arc, time::Instant};
 
-
 use super::{LIBC_RETRIES, Proc, Registry, comm_text};
 use crate::{
     daemon::{retained::Retained, select::Candidate, sweep::Fate},

@@ -133,7 +133,7 @@ impl Registry {
                     exited_at: Some(Instant::now()),
                     go: None,
                     libc_apis: None,
-                allocator: None,
+                    allocator: None,
                     retained: Retained::default(),
                 }
             }

@@ -92,13 +92,28 @@ mod tests {
             Allocator::from_symbols(|n| names.contains(&n), libc_named)
         };
         // tcmalloc and mimalloc define __libc_malloc too: it tells nothing.
-        assert_eq!(from(&["malloc", "__libc_malloc", "tc_malloc"], false), Allocator::Tcmalloc);
-        assert_eq!(from(&["malloc", "__libc_malloc", "mi_malloc"], false), Allocator::Mimalloc);
+        assert_eq!(
+            from(&["malloc", "__libc_malloc", "tc_malloc"], false),
+            Allocator::Tcmalloc
+        );
+        assert_eq!(
+            from(&["malloc", "__libc_malloc", "mi_malloc"], false),
+            Allocator::Mimalloc
+        );
         assert_eq!(from(&["malloc", "mallocx"], false), Allocator::Jemalloc);
-        assert_eq!(from(&["je_malloc", "je_mallocx"], false), Allocator::Jemalloc);
-        assert_eq!(from(&["malloc", "gnu_get_libc_version"], true), Allocator::Glibc);
+        assert_eq!(
+            from(&["je_malloc", "je_mallocx"], false),
+            Allocator::Jemalloc
+        );
+        assert_eq!(
+            from(&["malloc", "gnu_get_libc_version"], true),
+            Allocator::Glibc
+        );
         assert_eq!(from(&["malloc", "_int_malloc"], false), Allocator::Glibc);
-        assert_eq!(from(&["malloc", "__libc_malloc_impl"], false), Allocator::Musl);
+        assert_eq!(
+            from(&["malloc", "__libc_malloc_impl"], false),
+            Allocator::Musl
+        );
         assert_eq!(from(&["malloc"], true), Allocator::Musl);
         assert_eq!(from(&["malloc"], false), Allocator::Other);
         assert_eq!(

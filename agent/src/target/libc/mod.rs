@@ -124,14 +124,20 @@ impl Served {
         let mut kept: Vec<Arc<LibcTarget>> = Vec::new();
         let mut prefixed: Vec<Arc<LibcTarget>> = Vec::new();
         for f in files {
-            if kept.iter().chain(&prefixed).any(|k| k.dev_inode == f.dev_inode) {
+            if kept
+                .iter()
+                .chain(&prefixed)
+                .any(|k| k.dev_inode == f.dev_inode)
+            {
                 continue;
             }
             if !f.prefix.is_empty() {
                 prefixed.push(f);
                 continue;
             }
-            if f.apis().any(|api| !kept.iter().any(|k| k.apis().any(|a| a == api))) {
+            if f.apis()
+                .any(|api| !kept.iter().any(|k| k.apis().any(|a| a == api)))
+            {
                 kept.push(f);
             }
         }
@@ -200,7 +206,10 @@ impl Served {
             .iter()
             .filter_map(|&api| {
                 let file = self.served_by(api)?;
-                file.aliases.iter().find(|(alias, _)| *alias == api).copied()
+                file.aliases
+                    .iter()
+                    .find(|(alias, _)| *alias == api)
+                    .copied()
             })
             .collect();
         aliases.sort();

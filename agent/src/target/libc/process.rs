@@ -36,7 +36,10 @@ pub fn for_pid_cached(
     cache: &mut FileCache,
 ) -> Result<Served, TargetError> {
     let preload = preload_of(pid);
-    search(maps, exe_id, &preload, cache, |entry| examine(pid, comm, entry)).map_err(|e| {
+    search(maps, exe_id, &preload, cache, |entry| {
+        examine(pid, comm, entry)
+    })
+    .map_err(|e| {
         e.unwrap_or_else(|| TargetError::ProcessNoLibc {
             pid,
             comm: comm.to_owned(),

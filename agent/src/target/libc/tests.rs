@@ -313,7 +313,10 @@ fn search_follows_symbol_resolution_order() {
     assert_eq!(found.allocator(), Allocator::Glibc);
 
     // LD_PRELOAD comes before DT_NEEDED, by path or by name.
-    for preload in ["/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "libjemalloc.so.2"] {
+    for preload in [
+        "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+        "libjemalloc.so.2",
+    ] {
         let found = search(
             &maps,
             EXE,
@@ -349,7 +352,11 @@ fn served_apis_and_aliases() {
     let mut glibc = (*fake_file(
         200,
         "/lib/libc.so.6",
-        &Api::ALL[..7].iter().chain(&Api::ALL[8..]).copied().collect::<Vec<_>>(),
+        &Api::ALL[..7]
+            .iter()
+            .chain(&Api::ALL[8..])
+            .copied()
+            .collect::<Vec<_>>(),
         Allocator::Glibc,
     ))
     .clone();
@@ -405,7 +412,10 @@ fn child_process_and_missing_process() {
     child.kill().unwrap();
     child.wait().unwrap();
     let t = result.unwrap();
-    assert_eq!(t.dev_inode, pid_target(std::process::id()).unwrap().dev_inode);
+    assert_eq!(
+        t.dev_inode,
+        pid_target(std::process::id()).unwrap().dev_inode
+    );
     assert!(matches!(
         pid_target(u32::MAX),
         Err(TargetError::NoSuchProcess { .. })
@@ -555,8 +565,13 @@ fn command_errors_and_scripts() {
     let script = dir.0.join("script");
     fs::write(&script, b"#!/bin/sh -e\necho hi\n").unwrap();
     fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
-    let t = command_target(OsStr::new("script"), &env).map(|s| s.primary().clone()).unwrap();
-    assert_eq!(t.dev_inode, pid_target(std::process::id()).unwrap().dev_inode);
+    let t = command_target(OsStr::new("script"), &env)
+        .map(|s| s.primary().clone())
+        .unwrap();
+    assert_eq!(
+        t.dev_inode,
+        pid_target(std::process::id()).unwrap().dev_inode
+    );
 }
 
 /// gcc-built fixtures (gcc and a static libc: `./x setup` installs them).
@@ -619,7 +634,9 @@ fn compiled_fixtures() {
         ld_preload: None,
         ld_cache: LD_CACHE.into(),
     };
-    let t = command_target(dynamic.as_os_str(), &env).map(|s| s.primary().clone()).unwrap();
+    let t = command_target(dynamic.as_os_str(), &env)
+        .map(|s| s.primary().clone())
+        .unwrap();
     assert_eq!(t.path, sys.join(own.file_name().unwrap()));
 }
 
