@@ -19,6 +19,7 @@
 //! | musl | musl's libc.so | none (no `pvalloc` anywhere) |
 //! | musl-static, glibc-static | the executable | none |
 //! | jemalloc-prefixed | libc.so.6 (the program calls `je_malloc`) | + the executable's `je_*` |
+//! | glibc fixture, `LD_PRELOAD=libtcmalloc_minimal.so.4` | the preloaded tcmalloc | + libc.so.6 |
 
 mod support;
 
@@ -225,6 +226,52 @@ fn glibc_static_exact_counts() {
     check_variant("glibc-static", "glibc", &["exe"]);
 }
 
+/// The glibc-linked fixture with `LD_PRELOAD=libtcmalloc_minimal.so.4`: the preloaded file
+/// comes before the executable's DT_NEEDED libc in the resolution order (read from the
+/// process's environment), so tcmalloc serves malloc, with the same exact counts.
+#[test]
+fn ld_preload_decides_the_allocator() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let fixture = support::libc_fixture();
+    let mut child = KillOnDrop(
+        Command::new(&fixture)
+            .arg("wait-run")
+            .env("LD_PRELOAD", "libtcmalloc_minimal.so.4")
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", fixture.display())),
+    );
+    let pid = child.0.id();
+    let stderr = support::Lines::follow(child.0.stderr.take().unwrap());
+    let line = stderr.wait_for("ready ", Duration::from_secs(10));
+    assert_eq!(line, format!("ready {pid}"), "fixture's ready line");
+    let out = support::temp_file("allocators-preload.json");
+    let pid_arg = pid.to_string();
+    let mut aw = Allocwatch::spawn(
+        &env,
+        &["top", "--json", "-o", path_str(&out), "--pid", &pid_arg],
+    );
+    assert_eq!(
+        aw.wait_tracing_pid(Duration::from_secs(30)),
+        pid,
+        "traced pid"
+    );
+    signal(pid, libc::SIGUSR1);
+    let status = support::wait_child(&mut child.0, Duration::from_secs(30));
+    assert!(status.is_some_and(|s| s.success()), "fixture: {status:?}");
+    let status = aw.wait_exit(Duration::from_secs(15));
+    aw.assert_success(status);
+    let report = read_json(&out);
+    check_report(
+        process_by_pid(&report, pid),
+        "preload",
+        "tcmalloc",
+        &["libtcmalloc_minimal.so", "libc.so.6"],
+    );
+}
+
 /// bpftrace on jemalloc's own `malloc` and `free` (and glibc's `reallocarray`, which the
 /// process's calls reach in libc.so.6), attached after the fixture's start-up, in the same run
 /// as allocwatch: the raw entries agree with allocwatch's program-level counts.
@@ -396,6 +443,16 @@ fn mapped_file(prefix: &str) -> PathBuf {
                 .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
         })
         .unwrap_or_else(|| panic!("no {prefix} in `ldd {}`:\n{text}", fixture.display()))
+}
+
+/// A child killed and reaped when the test ends (also by a failed assertion).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 struct TestEnv {
