@@ -370,20 +370,23 @@ fn agent_exports_the_allocator() {
     let fixture = scratch.copy(&env.fixture("jemalloc"), "libc_fixture");
     let id = Identity::of(&fixture);
     let mut agent = Agent::start(&env, &[]);
-    agent.run_found(&fixture, "wait-run");
-    let m = agent.scrape_until("the fixture's final counts", Duration::from_secs(3), |m| {
+    let mut fx = Fixture::spawn(&fixture, "wait-run", "ready");
+    agent.wait_for_identity(&id, fx.started);
+    // Released only once the agent has found its allocator, which it says after attaching
+    // the new file's probes: a process is listed as soon as it execs, before ld.so maps
+    // libjemalloc, and the agent looks again every discovery pass (calls made before that
+    // are not counted: glibc's probes are attached already, a new allocator's are not).
+    let jemalloc = [("allocator", "jemalloc")];
+    agent.scrape_until("the fixture's allocator", Duration::from_secs(20), |m| {
+        m.value(&id, "allocwatch_allocator_info", &jemalloc) == Some(1.0)
+    });
+    signal(fx.pid, libc::SIGUSR1);
+    let status = fx.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "fixture wait-run failed: {status}");
+    // A bound, not a wait: under load the agent's drain and scrape take a few seconds.
+    let m = agent.scrape_until("the fixture's final counts", Duration::from_secs(20), |m| {
         m.value(&id, "allocwatch_free_calls_total", &[]) == Some(17.0)
     });
-    assert_eq!(
-        m.value(
-            &id,
-            "allocwatch_allocator_info",
-            &[("allocator", "jemalloc")]
-        ),
-        Some(1.0),
-        "{}",
-        m.lines_of(&id)
-    );
     assert_eq!(
         m.of(&id, "allocwatch_allocator_info").len(),
         1,
