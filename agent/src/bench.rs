@@ -77,6 +77,7 @@ fn process(i: usize) -> ProcessSnapshot {
             })
             .collect(),
         without_libc: false,
+        allocator: Some("glibc"),
         go: None,
         exited_at: None,
     }

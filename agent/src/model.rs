@@ -123,6 +123,8 @@ pub struct ProcessSnapshot {
     /// call: its libc series (`frees`, `live_*`, `alloc_sizes`) could only be zero and are
     /// not exported.
     pub without_libc: bool,
+    /// The allocator serving its `malloc` (`glibc`, `jemalloc`, …), once known.
+    pub allocator: Option<&'static str>,
     pub go: Option<GoSnapshot>,
     /// When the process exited; its series are dropped `ttl` after this.
     pub exited_at: Option<Instant>,

@@ -736,7 +736,7 @@ mod tests {
             return;
         };
         let elf = ElfFile::open(path).unwrap();
-        let (points, aliases) = probe_points(&elf).unwrap();
+        let (points, aliases) = probe_points(&elf, "").unwrap();
         let layout = CountLayout::of(&elf, &points, 0);
         assert_eq!(layout.slot, 0);
         let mask = |api: Api| layout.relays.masks[api as usize];

@@ -2,7 +2,10 @@
 //! headers, symbol tables, the dynamic section, and the entry blocks the probes are placed in.
 #![no_main]
 
-use allocwatch::target::{elf, libc::probe_points};
+use allocwatch::target::{
+    elf,
+    libc::{Allocator, probe_points},
+};
 use allocwatch_fuzz::scratch_file;
 use libfuzzer_sys::fuzz_target;
 
@@ -15,7 +18,9 @@ fuzz_target!(|data: &[u8]| {
     };
     let _ = (file.interpreter(), file.is_dynamic(), file.dynamic());
     // Symbols, their code and the placement of every probe of the malloc family.
-    let _ = probe_points(&file);
+    let _ = probe_points(&file, "");
+    let _ = probe_points(&file, "je_");
+    let _ = Allocator::of(&file, "libc.so.6");
     if let Some(sym) = file.symbol("malloc") {
         let _ = file.vaddr_to_file_offset(sym.address);
         let _ = file.function_code(sym, 64);

@@ -66,7 +66,116 @@ fn build_c(paths: &Paths) -> anyhow::Result<PathBuf> {
         }
     }
     build_split(&src_dir, &out_dir.join("split"))?;
+    build_allocators(&src_dir, &out_dir.join("alloc"))?;
     Ok(out_dir)
+}
+
+/// libc_fixture linked against each allocator Debian ships (xtask/tests/allocators.rs), each
+/// `alloc/VARIANT/libc_fixture` in `out` (the name kept, so that comm and exe read alike):
+/// (variant, compiler, flags after the source). `--no-as-needed`: the allocator's DT_NEEDED
+/// is kept before libc's even where the linker drops unneeded libraries by default.
+pub const ALLOCATOR_VARIANTS: &[(&str, &str, &[&str])] = &[
+    ("jemalloc", "gcc", &["-Wl,--no-as-needed", "-ljemalloc"]),
+    ("tcmalloc", "gcc", &["-Wl,--no-as-needed", "-ltcmalloc"]),
+    (
+        "tcmalloc_minimal",
+        "gcc",
+        &["-Wl,--no-as-needed", "-ltcmalloc_minimal"],
+    ),
+    ("mimalloc", "gcc", &["-Wl,--no-as-needed", "-lmimalloc"]),
+    // musl has no pvalloc.
+    ("musl", "musl-gcc", &["-DFX_NO_PVALLOC"]),
+    ("musl-static", "musl-gcc", &["-static", "-DFX_NO_PVALLOC"]),
+    ("glibc-static", "gcc", &["-static"]),
+];
+
+fn build_allocators(src_dir: &Path, out: &Path) -> anyhow::Result<()> {
+    let src = src_dir.join("libc_fixture.c");
+    let inputs = [src.clone(), src_dir.join("fixture.h")];
+    for (variant, cc, flags) in ALLOCATOR_VARIANTS {
+        let dir = out.join(variant);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let bin = dir.join("libc_fixture");
+        if !is_stale(&inputs, &bin)? {
+            continue;
+        }
+        cmd::run(
+            Command::new(cc)
+                .args(CFLAGS)
+                .arg("-o")
+                .arg(&bin)
+                .arg(&src)
+                .args(*flags),
+        )?;
+    }
+    build_prefixed_jemalloc(src_dir, &out.join("jemalloc-prefixed"))
+}
+
+/// Debian's static jemalloc (position-independent), for the `je_`-prefixed build.
+const JEMALLOC_PIC: &str = "/usr/lib/x86_64-linux-gnu/libjemalloc_pic.a";
+
+/// jemalloc's public API, renamed `je_NAME` for the prefixed build.
+const JEMALLOC_API: &[&str] = &[
+    "malloc",
+    "calloc",
+    "realloc",
+    "free",
+    "posix_memalign",
+    "aligned_alloc",
+    "memalign",
+    "valloc",
+    "malloc_usable_size",
+    "mallocx",
+    "rallocx",
+    "xallocx",
+    "sallocx",
+    "dallocx",
+    "sdallocx",
+    "nallocx",
+    "mallctl",
+    "mallctlnametomib",
+    "mallctlbymib",
+    "malloc_stats_print",
+    "malloc_conf",
+    "malloc_message",
+];
+
+/// `DIR/libc_fixture` calling a `je_`-prefixed jemalloc linked into it (as Redis bundles
+/// one): Debian ships no prefixed build, so its static library's API is renamed with
+/// `objcopy --redefine-syms` and the fixture compiled with fixtures/c/je_prefix.h.
+fn build_prefixed_jemalloc(src_dir: &Path, dir: &Path) -> anyhow::Result<()> {
+    let src = src_dir.join("libc_fixture.c");
+    let header = src_dir.join("je_prefix.h");
+    let bin = dir.join("libc_fixture");
+    if !is_stale(&[src.clone(), header.clone()], &bin)? {
+        return Ok(());
+    }
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let syms = dir.join("je.syms");
+    let renames: String = JEMALLOC_API
+        .iter()
+        .map(|s| format!("{s} je_{s}\n"))
+        .collect();
+    fs::write(&syms, renames).with_context(|| format!("writing {}", syms.display()))?;
+    let lib = dir.join("libjemalloc_je.a");
+    cmd::run(
+        Command::new("objcopy")
+            .arg(format!("--redefine-syms={}", syms.display()))
+            .arg(JEMALLOC_PIC)
+            .arg(&lib),
+    )
+    .with_context(|| format!("{JEMALLOC_PIC} (libjemalloc-dev: `./x setup` installs it)"))?;
+    cmd::run(
+        Command::new("gcc")
+            .args(CFLAGS)
+            .arg("-include")
+            .arg(&header)
+            .arg("-o")
+            .arg(&bin)
+            .arg(&src)
+            .arg(&lib)
+            .args(["-lpthread", "-lm", "-ldl"]),
+    )
 }
 
 /// split_fixture's variants, each `DIR/split_fixture` in `out` (xtask/tests/symbols.rs):

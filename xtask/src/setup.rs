@@ -23,7 +23,18 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// xz-utils (MiniDebugInfo) for the C fixtures, bpftrace as an independent peer that counts the
 /// fixture's libc calls, bpftool to list the BPF programs and links the soak checks for
 /// leftovers.
-const APT_PACKAGES: &[&str] = &["gcc", "binutils", "xz-utils", "bpftrace", "bpftool"];
+const APT_PACKAGES: &[&str] = &[
+    "gcc",
+    "binutils",
+    "xz-utils",
+    "bpftrace",
+    "bpftool",
+    // The allocator fixtures (xtask/src/fixtures.rs, build_allocators).
+    "libjemalloc-dev",
+    "libgoogle-perftools-dev",
+    "libmimalloc-dev",
+    "musl-tools",
+];
 
 const TRACEFS: &str = "/sys/kernel/tracing";
 

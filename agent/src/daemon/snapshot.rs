@@ -23,6 +23,7 @@ use crate::{
     probes::Probes,
     symbolize::Frame,
     symbolize::SymbolizerHandle,
+    target::libc::Allocator,
 };
 
 pub async fn build(
@@ -278,6 +279,7 @@ async fn process_snapshot(
             snap.bytes.insert(api.symbol(), totals.bytes[api as usize]);
         }
     }
+    snap.allocator = p.allocator.map(Allocator::name);
     snap.without_libc =
         p.libc_apis.is_none() && !Api::ALL.into_iter().any(called) && totals.live_allocations == 0;
     // Largest first: each process's likely series are always named (its own top-K, with

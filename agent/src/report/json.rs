@@ -31,6 +31,8 @@ struct Identity<'a> {
     exited: bool,
     exit_code: Option<i32>,
     libc: &'a str,
+    allocator: Option<&'static str>,
+    allocator_files: &'a [String],
     aliases: BTreeMap<&'static str, &'static str>,
 }
 
@@ -43,6 +45,8 @@ impl<'a> From<&'a ProcessInfo> for Identity<'a> {
             exited: i.exited,
             exit_code: i.exit_code,
             libc: &i.libc,
+            allocator: i.allocator.map(|a| a.name()),
+            allocator_files: &i.allocator_files,
             aliases: i
                 .aliases
                 .iter()

@@ -14,6 +14,7 @@ use crate::{
     aggregate::Totals,
     gort::live::Live,
     symbolize::{Frame, SymbolizeStats},
+    target::libc::Allocator,
 };
 
 /// Identity and fate of a traced process.
@@ -25,8 +26,14 @@ pub struct ProcessInfo {
     pub exited: bool,
     /// Exit status when the agent launched the process (or it was killed by a signal: 128+n).
     pub exit_code: Option<i32>,
-    /// The libc file probed, as the process sees it.
+    /// The file that serves `malloc` (a libc, an allocator library, a static executable), as
+    /// the process sees it.
     pub libc: String,
+    /// Which allocator that file is (`None`: no malloc family found).
+    pub allocator: Option<Allocator>,
+    /// Every file probed for the malloc family, that one first (the next ones serve APIs it
+    /// lacks: glibc's `reallocarray` under jemalloc).
+    pub allocator_files: Vec<String>,
     /// API symbols that are the same function as another: (alias, counted under).
     pub aliases: Vec<(Api, Api)>,
 }

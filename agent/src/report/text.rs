@@ -81,10 +81,15 @@ fn header(out: &mut String, r: &TopReport) {
     } else {
         "running".to_string()
     };
+    // The allocator and its files: `jemalloc (…/libjemalloc.so.2 + …/libc.so.6)`.
+    let allocator = match i.allocator {
+        Some(a) => format!("allocator {a} ({})", i.allocator_files.join(" + ")),
+        None => format!("libc {}", i.libc),
+    };
     let _ = writeln!(
         out,
-        "allocwatch top — pid {} ({}) {state}, {:.1}s traced, libc {}",
-        i.pid, i.comm, r.elapsed_secs, i.libc
+        "allocwatch top — pid {} ({}) {state}, {:.1}s traced, {allocator}",
+        i.pid, i.comm, r.elapsed_secs
     );
     let mut calls = String::new();
     for api in Api::ALL {
@@ -117,7 +122,7 @@ fn header(out: &mut String, r: &TopReport) {
     for (alias, canon) in &i.aliases {
         let _ = writeln!(
             out,
-            "note: {} is the same function as {} in this libc; counted as {}",
+            "note: {} is the same function as {} in this allocator; counted as {}",
             alias.symbol(),
             canon.symbol(),
             canon.symbol()

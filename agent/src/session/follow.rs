@@ -295,7 +295,13 @@ impl Tree {
         // Its libc calls were counted if its libc was probed (a Go program's runtime is not
         // traced in a child either way, see `exec`).
         let verdict = match target::libc_for_command(path) {
-            Ok(l) if self.targets.is_attached(Kind::Libc, l.dev_inode) => ATTACHED,
+            Ok(l)
+                if l.files()
+                    .iter()
+                    .all(|f| self.targets.is_attached(Kind::Libc, f.dev_inode)) =>
+            {
+                ATTACHED
+            }
             Ok(_) | Err(_) => NONE,
         };
         // Not remembered when not probed: a later run may find its files probed by then.

@@ -47,7 +47,7 @@ use crate::{
         flame::FlameWeight,
     },
     symbolize::SymbolizerHandle,
-    target::{TargetError, maps::DevInode},
+    target::{TargetError, libc::Served, maps::DevInode},
 };
 
 /// What the session shows.
@@ -194,12 +194,14 @@ fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer,
         libc: r
             .libc
             .as_ref()
-            .map_or_else(String::new, |l| l.display_path.clone()),
-        aliases: r
+            .map_or_else(String::new, |l| l.primary().display_path.clone()),
+        allocator: r.libc.as_ref().map(|l| l.allocator()),
+        allocator_files: r
             .libc
             .as_ref()
-            .map(|l| l.aliases.clone())
+            .map(|l| l.files().iter().map(|f| f.display_path.clone()).collect())
             .unwrap_or_default(),
+        aliases: r.libc.as_ref().map(Served::aliases).unwrap_or_default(),
         ..Default::default()
     };
     let parts = &mut pipe.parts;
@@ -217,7 +219,11 @@ fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer,
         if let Ok(meta) = fs::metadata(&r.exe) {
             files.push(DevInode::from_metadata(&meta));
         }
-        files.extend(r.libc.iter().map(|l| l.dev_inode));
+        files.extend(
+            r.libc
+                .iter()
+                .flat_map(|l| l.files().iter().map(|f| f.dev_inode)),
+        );
         resolve::note_when_mapped(&parts.symbolizer, pid.get(), &files);
     } else {
         parts.symbolizer.note_process(pid.get());

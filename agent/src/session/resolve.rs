@@ -21,7 +21,7 @@ use crate::{
     target::{
         self, TargetError,
         go::{GoProbeSet, GoTarget},
-        libc::LibcTarget,
+        libc::Served,
         maps::{DevInode, read_maps},
         registry::{Loaded, Target, Targets},
     },
@@ -33,7 +33,8 @@ pub struct Resolved {
     /// The executable (for a launched command: the resolved program).
     pub exe: PathBuf,
     pub parked: Option<Parked>,
-    pub libc: Option<Arc<LibcTarget>>,
+    /// The files serving its allocation API (the one serving `malloc` first).
+    pub libc: Option<Served>,
     pub go: Option<Arc<GoTarget>>,
     /// The files to attach: its libc, then its Go runtime.
     pub files: Vec<Loaded>,
@@ -93,10 +94,10 @@ pub fn resolve(args: &CommonArgs) -> anyhow::Result<Resolved> {
             (pid, exe, Some(parked), libc, go)
         }
     };
-    let libc = libc.map(Arc::new);
     let go = go.map(Arc::new);
     let mut files: Vec<Loaded> = libc
         .iter()
+        .flat_map(Served::files)
         .map(|l| Loaded {
             id: l.dev_inode,
             target: Target::Libc(Arc::clone(l)),
@@ -134,7 +135,7 @@ pub fn exited_instead(pid: u32, e: anyhow::Error) -> anyhow::Error {
 /// The libc of a running process. One that has just exec'd may not have mapped its libc yet
 /// (ld.so maps it within a few milliseconds): when its executable needs one, wait for it a
 /// little rather than call it a program without malloc.
-fn libc_when_loaded(pid: u32) -> Result<LibcTarget, TargetError> {
+fn libc_when_loaded(pid: u32) -> Result<Served, TargetError> {
     let first = target::libc_for_pid(pid);
     if !matches!(first, Err(TargetError::ProcessNoLibc { .. })) {
         return first;

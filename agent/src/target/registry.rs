@@ -1,11 +1,10 @@
-//! The target registry: one list of loaders, one per kind of file allocwatch probes (libc —
-//! glibc and musl —, the Go runtime). Each loader analyses a file once per file identity
+//! The target registry: one list of loaders, one per kind of file allocwatch probes (the
+//! malloc family — glibc, musl, jemalloc, tcmalloc, mimalloc —, the Go runtime). Each loader analyses a file once per file identity
 //! (device + inode) and the registry attaches its probes once per file; then a per-process
 //! step tells the probes where the file is loaded in each process (its load bias). The CLI
 //! session and the agent both attach through here.
 //!
-//! A new kind (jemalloc, tcmalloc, unwind tables) is a [`Kind`], a [`Target`] variant with
-//! its analysis, and its arms in [`Targets::find`], [`Attacher`] and [`Target::in_process`].
+//! A new kind (unwind tables) is a [`Kind`], a [`Target`] variant with its analysis, and its arms in [`Targets::find`], [`Attacher`] and [`Target::in_process`].
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -25,7 +24,8 @@ use super::{
 /// The kinds of target, in the order a process's files are looked at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
-    /// The file that provides `malloc` (libc, or a static executable).
+    /// The files that provide `malloc` and its family (libc, an allocator library, or a
+    /// static executable).
     Libc,
     /// A Go executable's runtime.
     Go,
@@ -286,34 +286,35 @@ impl Targets {
             .map(|m| DevInode::from_metadata(&m));
         let mut found = Vec::new();
         for &kind in kinds {
-            let Some(id) = self.find(probes, kind, proc, exe_id) else {
-                continue;
-            };
-            let Some(FileState::Attached(target)) = self.files.get(&(kind, id)) else {
-                continue;
-            };
-            let target = target.clone();
-            // The process may be gone already, or the probe's table full: it is then traced
-            // without the per-process detail (the kernel counts what it could not record).
-            let _ = target.in_process(probes, proc.pid, id, proc.maps);
-            found.push(target);
+            for id in self.find(probes, kind, proc, exe_id) {
+                let Some(FileState::Attached(target)) = self.files.get(&(kind, id)) else {
+                    continue;
+                };
+                let target = target.clone();
+                // The process may be gone already, or the probe's table full: it is then
+                // traced without the per-process detail (the kernel counts what it could not
+                // record).
+                let _ = target.in_process(probes, proc.pid, id, proc.maps);
+                found.push(target);
+            }
         }
         found
     }
 
-    /// The file of `kind` that `proc` runs, analysed and attached if it is new.
+    /// The files of `kind` that `proc` runs (libc: every file that serves its allocation
+    /// API, the one serving `malloc` first), each analysed and attached if it is new.
     fn find<A: Attacher>(
         &mut self,
         probes: &mut A,
         kind: Kind,
         proc: &ProcessFiles<'_>,
         exe_id: Option<DevInode>,
-    ) -> Option<DevInode> {
-        let (id, analysed) = match kind {
+    ) -> Vec<DevInode> {
+        let analysed: Vec<(DevInode, Result<Option<Target>, TargetError>)> = match kind {
             Kind::Libc => {
                 // A process without libc (a static Go program, a process gone meanwhile) is
                 // no failure: there is nothing of this kind to probe.
-                let libc = libc::for_pid_cached(
+                let served = libc::for_pid_cached(
                     proc.pid,
                     proc.comm,
                     proc.maps,
@@ -323,49 +324,61 @@ impl Targets {
                 .inspect_err(|e| log::debug!("pid {}: no libc: {e}", proc.pid));
                 // Only this look counts: an earlier one may have raced with an exit.
                 self.libc_unreachable.remove(&proc.pid);
-                if let Err(TargetError::MappedFileUnavailable { .. }) = &libc {
+                if let Err(TargetError::MappedFileUnavailable { .. }) = &served {
                     self.libc_unreachable.insert(proc.pid);
                 }
-                let libc = libc.ok()?;
-                if self.files.contains_key(&(kind, libc.dev_inode)) {
-                    return Some(libc.dev_inode);
-                }
-                (libc.dev_inode, Ok(Some(Target::Libc(libc))))
+                let Ok(served) = served else {
+                    return Vec::new();
+                };
+                served
+                    .files()
+                    .iter()
+                    .map(|l| (l.dev_inode, Ok(Some(Target::Libc(Arc::clone(l))))))
+                    .collect()
             }
             Kind::Go => {
-                let id = exe_id?;
+                let Some(id) = exe_id else {
+                    return Vec::new();
+                };
                 if self.files.contains_key(&(kind, id)) {
-                    return Some(id);
+                    return vec![id];
                 }
                 let exe = crate::procfs::exe_link(proc.pid);
                 let go = go::for_exe(&exe, self.go_probes)
                     // The kernel resolves the path to the inode at attach time: the probes
                     // stay when this pid exits, for every process running the same file.
                     .map(|g| g.map(|g| Target::Go(Arc::new(g))));
-                (id, go)
+                vec![(id, go)]
             }
         };
-        let state = match analysed {
-            Ok(Some(target)) => match probes.attach_file(&target, self.scope) {
-                Ok(n) => {
-                    self.points_attached += n as u64;
-                    FileState::Attached(target)
-                }
+        let mut ids = Vec::new();
+        for (id, analysed) in analysed {
+            ids.push(id);
+            if self.files.contains_key(&(kind, id)) {
+                continue;
+            }
+            let state = match analysed {
+                Ok(Some(target)) => match probes.attach_file(&target, self.scope) {
+                    Ok(n) => {
+                        self.points_attached += n as u64;
+                        FileState::Attached(target)
+                    }
+                    Err(e) => {
+                        log::warn!("attaching {}: {e}", target.path().display());
+                        self.failed(A::failure(&e));
+                        FileState::Failed
+                    }
+                },
+                Ok(None) => FileState::NotOfKind,
                 Err(e) => {
-                    log::warn!("attaching {}: {e}", target.path().display());
-                    self.failed(A::failure(&e));
+                    log::warn!("analysing pid {}'s {kind:?} file: {e}", proc.pid);
+                    self.failed(AttachFailure::of_target(&e));
                     FileState::Failed
                 }
-            },
-            Ok(None) => FileState::NotOfKind,
-            Err(e) => {
-                log::warn!("analysing pid {}'s {kind:?} file: {e}", proc.pid);
-                self.failed(AttachFailure::of_target(&e));
-                FileState::Failed
-            }
-        };
-        self.files.insert((kind, id), state);
-        Some(id)
+            };
+            self.files.insert((kind, id), state);
+        }
+        ids
     }
 }
 

@@ -4,8 +4,6 @@
 
 use std::{collections::HashSet, fs, path::Path, sync::Arc, time::Instant};
 
-use allocwatch_common::libc::Api;
-
 use super::{LIBC_RETRIES, Proc, Registry, comm_text};
 use crate::{
     daemon::{retained::Retained, select::Candidate, sweep::Fate},
@@ -17,6 +15,7 @@ use crate::{
     symbolize::SymbolizerHandle,
     target::{
         go::GoTarget,
+        libc::Served,
         maps::{DevInode, MapEntry, read_maps},
         registry::{AttachFailure, Attacher as _, Kind, LOADERS, ProcessFiles, Target},
     },
@@ -163,7 +162,7 @@ impl Registry {
         // One read of the memory map serves the libc search, the Go load bias and the
         // symbolizer's snapshot.
         let maps = read_maps(pid).unwrap_or_default();
-        let (go, libc_apis) = self.attach(pid, &comm, &maps, probes, true);
+        let (go, served) = self.attach(pid, &comm, &maps, probes, true);
         symbolizer.note_maps(pid, &maps);
         log::debug!("pid {pid}: selected (comm {comm:?}, exe {exe:?})");
         let labels = ProcessLabels {
@@ -179,7 +178,8 @@ impl Registry {
                 start_time,
                 exited_at: None,
                 go: go.as_deref().map(GoState::new),
-                libc_apis,
+                libc_apis: served.as_ref().map(Served::apis),
+                allocator: served.as_ref().map(Served::allocator),
                 retained: Retained::default(),
             },
         );
@@ -268,6 +268,7 @@ impl Registry {
                 exited_at: Some(Instant::now()),
                 go: go.as_deref().map(GoState::new),
                 libc_apis: None,
+                allocator: None,
                 retained: Retained::default(),
             },
         );
@@ -331,9 +332,10 @@ impl Registry {
         }
     }
 
-    /// Attaches the files `pid` runs that are not probed yet: its libc, and (with `go`) its
-    /// executable when it is a Go program. Returns its Go target and its libc's APIs, if any
-    /// (and notes the APIs on the process when it is registered already).
+    /// Attaches the files `pid` runs that are not probed yet: those serving its malloc family,
+    /// and (with `go`) its executable when it is a Go program. Returns its Go target and the
+    /// files serving its malloc family, if any (and notes their APIs and allocator on the
+    /// process when it is registered already).
     fn attach(
         &mut self,
         pid: u32,
@@ -341,20 +343,30 @@ impl Registry {
         maps: &[MapEntry],
         probes: &mut Probes,
         go: bool,
-    ) -> (Option<Arc<GoTarget>>, Option<Vec<Api>>) {
+    ) -> (Option<Arc<GoTarget>>, Option<Served>) {
         let kinds: &[Kind] = if go { &LOADERS } else { &[Kind::Libc] };
         let proc = ProcessFiles { pid, comm, maps };
         let found = self.targets.attach_process(probes, &proc, kinds);
-        let mut libc_apis = None;
-        if let Some(libc) = found.iter().find_map(|t| match t {
-            Target::Libc(l) => Some(l),
-            Target::Go(_) => None,
-        }) {
-            log::debug!("pid {pid}: libc {}", libc.path.display());
+        // In resolution order, the file serving malloc first (`Targets::attach_process`).
+        let served = Served::new(
+            found
+                .iter()
+                .filter_map(|t| match t {
+                    Target::Libc(l) => Some(Arc::clone(l)),
+                    Target::Go(_) => None,
+                })
+                .collect(),
+        );
+        if let Some(served) = &served {
+            log::debug!(
+                "pid {pid}: allocator {} ({})",
+                served.allocator(),
+                served.display_paths()
+            );
             self.libc_retry.remove(&pid);
-            libc_apis = Some(libc.probes.iter().map(|p| p.api).collect::<Vec<_>>());
             if let Some(p) = self.procs.get_mut(&pid) {
-                p.libc_apis.clone_from(&libc_apis);
+                p.libc_apis = Some(served.apis());
+                p.allocator = Some(served.allocator());
             }
         } else {
             let tries = self.libc_retry.entry(pid).or_default();
@@ -383,7 +395,7 @@ impl Registry {
             Target::Go(g) => Some(g),
             Target::Libc(_) => None,
         });
-        (go, libc_apis)
+        (go, served)
     }
 }
 

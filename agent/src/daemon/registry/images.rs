@@ -112,6 +112,7 @@ impl Registry {
                 exited_at: Some(Instant::now()),
                 go: None,
                 libc_apis: None,
+                allocator: None,
                 ..p
             },
             None => {
@@ -132,6 +133,7 @@ impl Registry {
                     exited_at: Some(Instant::now()),
                     go: None,
                     libc_apis: None,
+                    allocator: None,
                     retained: Retained::default(),
                 }
             }

@@ -36,7 +36,7 @@ use crate::{
     model::ProcessLabels,
     procfs,
     symbolize::SymbolizerHandle,
-    target::{go::GoProbeSet, registry::Targets},
+    target::{go::GoProbeSet, libc::Allocator, registry::Targets},
 };
 
 /// One traced process.
@@ -48,9 +48,11 @@ pub struct Proc {
     pub start_time: u64,
     pub exited_at: Option<Instant>,
     pub go: Option<GoState>,
-    /// The APIs its libc probes under their own address (not the aliases counted as another
-    /// API); `None` while no libc is known (a static Go program, or not mapped yet).
+    /// The APIs its malloc family's files serve under their own names (not the aliases counted
+    /// as another API); `None` while no libc is known (a static Go program, or not mapped yet).
     pub libc_apis: Option<Vec<Api>>,
+    /// The allocator serving its `malloc`, once its files are found.
+    pub allocator: Option<Allocator>,
     /// Its final rows once it is gone (harvested from the kernel maps).
     pub retained: Retained,
 }

@@ -332,6 +332,7 @@ mod tests {
                 exited_at: None,
                 go: None,
                 libc_apis: None,
+                allocator: None,
                 retained: Retained::default(),
             },
         )]);

@@ -133,6 +133,14 @@ pub const PROCESS_EVENTS_LOST: FamilySpec = spec(
     &["cause"],
     "Events of these processes lost, by cause (where the loss is attributable).",
 );
+pub const ALLOCATOR_INFO: FamilySpec = spec(
+    "allocwatch_allocator_info",
+    MetricKind::Gauge,
+    Scope::Process,
+    &["allocator"],
+    "Allocator serving malloc in traced processes: glibc, musl, jemalloc, tcmalloc, mimalloc or \
+     other (always 1).",
+);
 pub const GO_INFO: FamilySpec = spec(
     "allocwatch_go_info",
     MetricKind::Gauge,
@@ -326,7 +334,7 @@ pub const SCRAPE_DURATION: FamilySpec = spec(
 /// Every family, in exposition order: what the tests check deploy/README.md's table and the
 /// exposition against (the exporter names each family it renders directly).
 #[cfg(test)]
-pub const FAMILIES: [&FamilySpec; 35] = [
+pub const FAMILIES: [&FamilySpec; 36] = [
     &PROCESSES,
     &ALLOC_CALLS,
     &ALLOC_BYTES,
@@ -335,6 +343,7 @@ pub const FAMILIES: [&FamilySpec; 35] = [
     &LIVE_ALLOCATIONS,
     &ALLOC_SIZE,
     &PROCESS_EVENTS_LOST,
+    &ALLOCATOR_INFO,
     &GO_INFO,
     &GO_MAP_GROWS,
     &GO_MAP_GROW_BYTES,
@@ -420,6 +429,14 @@ impl Exporter {
             sizes.push_to(&mut out);
         }
         lost.push_to(&mut out);
+
+        let mut allocators = Family::new(&ALLOCATOR_INFO);
+        for (id, _) in &totals {
+            for a in &id.allocators {
+                allocators.gauge(&id.labels, &[a], 1.0);
+            }
+        }
+        allocators.push_to(&mut out);
 
         let mut info = Family::new(&GO_INFO);
         let mut grow_bytes = Family::new(&GO_MAP_GROW_BYTES);

@@ -316,6 +316,8 @@ pub(super) struct Identity {
     pub(super) running: u64,
     pub(super) has_present: bool,
     pub(super) go_versions: BTreeSet<String>,
+    /// The allocators serving `malloc` in its processes (a bounded set of names).
+    pub(super) allocators: BTreeSet<&'static str>,
     pub(super) sites: HashMap<SiteKey, SiteAgg>,
     pub(super) kinds: BTreeMap<&'static str, KindAgg>,
     pub(super) suppressed: bool,
@@ -342,6 +344,7 @@ impl Identity {
             running: 0,
             has_present: false,
             go_versions: BTreeSet::new(),
+            allocators: BTreeSet::new(),
             sites: HashMap::new(),
             kinds: BTreeMap::new(),
             suppressed: false,
@@ -357,6 +360,7 @@ impl Identity {
         self.running = 0;
         self.has_present = false;
         self.go_versions.clear();
+        self.allocators.clear();
         self.sites.clear();
         self.kinds.clear();
         self.suppressed = false;

@@ -315,6 +315,7 @@ impl Exporter {
                 bytes: p.live_bytes,
             });
         }
+        id.allocators.extend(p.allocator);
         if let Some(go) = &p.go {
             id.go_versions.insert(go.version.clone());
             // Maps of running processes only: an exited one holds none.

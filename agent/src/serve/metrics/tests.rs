@@ -1010,6 +1010,7 @@ fn exported_families_follow_their_specs() {
     let (mut procs, mut stats) = small_model();
     // Make every optional family appear.
     procs[0].lost.insert("pending_full", 0);
+    procs[0].allocator = Some("jemalloc");
     procs[2].go.as_mut().unwrap().alloc_sizes = Some(Histogram::default());
     stats.attach_failures.insert("EPERM".into(), 0);
     stats.held.insert("processes", 0);

@@ -1,5 +1,5 @@
-//! The libc (or static executable) a command not yet run will allocate through: `PATH` like
-//! `execvp`, `#!` scripts followed to their interpreter, and ld.so's library search.
+//! The files a command not yet run will allocate through ([`Served`]): `PATH` like `execvp`,
+//! `#!` scripts followed to their interpreter, and ld.so's library search in load order.
 
 use std::collections::{HashSet, VecDeque};
 use std::ffi::{OsStr, OsString};
@@ -8,17 +8,23 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use super::{LdCache, LibcTarget, basename, is_libc_name, target_from};
+use std::sync::Arc;
+
+use super::{
+    LdCache, LibcTarget, Served, basename, is_libc_name, prefix_of, process::split_preload,
+    target_from,
+};
 use crate::target::TargetError;
 use crate::target::elf::{self, ElfFile};
 use crate::target::maps::DevInode;
 
-/// The libc (or static executable) that `program` will allocate through once exec'd, with
-/// `PATH` and `LD_LIBRARY_PATH` taken from our environment (the child inherits it).
-pub fn for_command(program: impl AsRef<OsStr>) -> Result<LibcTarget, TargetError> {
+/// The files that `program` will allocate through once exec'd, with `PATH`, `LD_PRELOAD` and
+/// `LD_LIBRARY_PATH` taken from our environment (the child inherits it).
+pub fn for_command(program: impl AsRef<OsStr>) -> Result<Served, TargetError> {
     let env = SearchEnv {
         path: std::env::var_os("PATH"),
         ld_library_path: std::env::var_os("LD_LIBRARY_PATH"),
+        ld_preload: std::env::var_os("LD_PRELOAD"),
         ld_cache: PathBuf::from(LD_CACHE),
     };
     command_target(program.as_ref(), &env)
@@ -39,6 +45,7 @@ const DEFAULT_LIB_DIRS: [&str; 6] = [
 pub(super) struct SearchEnv {
     pub(super) path: Option<OsString>,
     pub(super) ld_library_path: Option<OsString>,
+    pub(super) ld_preload: Option<OsString>,
     pub(super) ld_cache: PathBuf,
 }
 
@@ -47,7 +54,7 @@ pub fn resolve_program(program: impl AsRef<OsStr>) -> Result<PathBuf, TargetErro
     find_executable(program.as_ref(), std::env::var_os("PATH").as_deref())
 }
 
-pub(super) fn command_target(program: &OsStr, env: &SearchEnv) -> Result<LibcTarget, TargetError> {
+pub(super) fn command_target(program: &OsStr, env: &SearchEnv) -> Result<Served, TargetError> {
     let mut exe = find_executable(program, env.path.as_deref())?;
     // `#!` scripts: the interpreter is what allocates (bounded like the kernel's recursion).
     for _ in 0..4 {
@@ -57,21 +64,37 @@ pub(super) fn command_target(program: &OsStr, env: &SearchEnv) -> Result<LibcTar
         }
     }
     let elf = ElfFile::open(&exe)?;
-    if elf.symbol("malloc").is_some() {
-        return target_from_path(&elf);
-    }
     if !elf.is_dynamic() {
-        return Err(TargetError::StaticNoMalloc { path: exe });
+        if prefix_of(&elf).is_none() {
+            return Err(TargetError::StaticNoMalloc { path: exe });
+        }
+        return served(vec![Arc::new(target_from_path(&elf)?)], &exe, "malloc");
     }
-    let libc = find_libc(&elf, env)?;
-    let libc_elf = ElfFile::open(&libc)?;
-    if libc_elf.symbol("malloc").is_none() {
-        return Err(TargetError::LibcNotFound {
-            path: exe,
-            wanted: format!("malloc in {}", libc.display()),
-        });
+    // The executable first, then the libraries in load order: the first definition wins.
+    let (order, wanted) = load_order(&elf, env);
+    let mut found = Vec::new();
+    if prefix_of(&elf).is_some() {
+        found.push(Arc::new(target_from_path(&elf)?));
     }
-    target_from_path(&libc_elf)
+    for path in order {
+        if Served::new(found.clone()).is_some_and(|s| s.complete()) {
+            break;
+        }
+        let Ok(lib) = ElfFile::open(&path) else {
+            continue;
+        };
+        if prefix_of(&lib).is_some() {
+            found.push(Arc::new(target_from_path(&lib)?));
+        }
+    }
+    served(found, &exe, &wanted)
+}
+
+fn served(found: Vec<Arc<LibcTarget>>, exe: &Path, wanted: &str) -> Result<Served, TargetError> {
+    Served::new(found).ok_or_else(|| TargetError::LibcNotFound {
+        path: exe.to_owned(),
+        wanted: wanted.to_owned(),
+    })
 }
 
 fn target_from_path(elf: &ElfFile) -> Result<LibcTarget, TargetError> {
@@ -159,17 +182,16 @@ impl Loader {
     }
 }
 
-/// Finds the libc a dynamic executable will load: musl's loader when that is the interpreter,
-/// else the first `DT_NEEDED` libc in breadth-first (load) order, each name searched the way
-/// ld.so does: `DT_RPATH` (of the needing object, then of the executable, when the needing
-/// object has no `DT_RUNPATH`), `LD_LIBRARY_PATH`, `DT_RUNPATH`, `/etc/ld.so.cache`, default
-/// directories.
-fn find_libc(exe: &ElfFile, env: &SearchEnv) -> Result<PathBuf, TargetError> {
-    if let Some(interp) = exe.interpreter()
-        && basename(interp).starts_with("ld-musl-")
-    {
-        return Ok(PathBuf::from(interp));
-    }
+/// The files a dynamic executable will load, in ld.so's order: `LD_PRELOAD`, then `DT_NEEDED`
+/// breadth-first, each name searched the way ld.so does: `DT_RPATH` (of the needing object,
+/// then of the executable, when the needing object has no `DT_RUNPATH`), `LD_LIBRARY_PATH`,
+/// `DT_RUNPATH`, `/etc/ld.so.cache`, default directories. musl's loader is its libc: it takes
+/// the place of the libc name. Also what to call a missing libc in an error.
+fn load_order(exe: &ElfFile, env: &SearchEnv) -> (Vec<PathBuf>, String) {
+    let musl = exe
+        .interpreter()
+        .filter(|interp| basename(interp).starts_with("ld-musl-"))
+        .map(PathBuf::from);
     // Like ld.so, carry on without a missing or unreadable cache: the default dirs remain.
     let cache = LdCache::read(&env.ld_cache)
         .inspect_err(|e| log::debug!("{e}"))
@@ -195,53 +217,68 @@ fn find_libc(exe: &ElfFile, env: &SearchEnv) -> Result<PathBuf, TargetError> {
         Vec::new()
     };
     let mut loaders = vec![exe_loader];
-    let mut queue: VecDeque<(String, usize)> = loaders[0]
-        .info
-        .needed
-        .iter()
-        .map(|n| (n.clone(), 0))
+    let mut order = Vec::new();
+    // Preloaded names are searched like the executable's own (index 0).
+    let preload = env
+        .ld_preload
+        .as_deref()
+        .map(|v| split_preload(&v.to_string_lossy()))
+        .unwrap_or_default();
+    let mut queue: VecDeque<(String, usize)> = preload
+        .into_iter()
+        .chain(loaders[0].info.needed.iter().cloned())
+        .map(|n| (n, 0))
         .collect();
     let mut seen: HashSet<String> = HashSet::new();
     let mut wanted = Vec::new();
+    let mut libc_found = false;
     while let Some((name, by)) = queue.pop_front() {
         if !seen.insert(name.clone()) || seen.len() > 512 {
             continue;
         }
-        let loader = &loaders[by];
-        let mut dirs = Vec::new();
-        if loader.info.runpath.is_empty() {
-            dirs.extend(loader.expand(&loader.info.rpath));
-            if by != 0 {
-                dirs.extend(exe_rpath.iter().cloned());
+        let found = if is_libc_name(&name)
+            && let Some(interp) = &musl
+        {
+            Some(interp.clone())
+        } else {
+            let loader = &loaders[by];
+            let mut dirs = Vec::new();
+            if loader.info.runpath.is_empty() {
+                dirs.extend(loader.expand(&loader.info.rpath));
+                if by != 0 {
+                    dirs.extend(exe_rpath.iter().cloned());
+                }
             }
-        }
-        dirs.extend(ld_library_path.iter().cloned());
-        dirs.extend(loader.expand(&loader.info.runpath));
-        let found = search_library(&name, &dirs, &cache);
+            dirs.extend(ld_library_path.iter().cloned());
+            dirs.extend(loader.expand(&loader.info.runpath));
+            search_library(&name, &dirs, &cache)
+        };
         if is_libc_name(&name) {
             wanted.push(name.clone());
-            if let Some(path) = found {
-                return Ok(path);
-            }
-            continue;
+            libc_found |= found.is_some();
         }
-        // Not libc: look through its own dependencies (libc may be needed only indirectly).
-        if let Some(path) = found
-            && let Ok(info) = elf::dynamic_info(&path)
-        {
+        let Some(path) = found else {
+            continue;
+        };
+        // Its own dependencies come after everything already queued (breadth-first).
+        if let Ok(info) = elf::dynamic_info(&path) {
             let index = loaders.len();
             queue.extend(info.needed.iter().map(|n| (n.clone(), index)));
             loaders.push(Loader::new(&path, info));
         }
+        order.push(path);
     }
-    Err(TargetError::LibcNotFound {
-        path: exe.path().to_owned(),
-        wanted: if wanted.is_empty() {
-            "a libc.so.* among its DT_NEEDED libraries".to_owned()
-        } else {
-            wanted.join(", ")
-        },
-    })
+    if let Some(interp) = musl.filter(|i| !order.contains(i)) {
+        order.push(interp);
+    }
+    let wanted = if libc_found {
+        "malloc in its libraries".to_owned()
+    } else if wanted.is_empty() {
+        "a libc.so.* among its DT_NEEDED libraries".to_owned()
+    } else {
+        wanted.join(", ")
+    };
+    (order, wanted)
 }
 
 fn search_library(name: &str, dirs: &[PathBuf], cache: &LdCache) -> Option<PathBuf> {

@@ -1,26 +1,33 @@
 //! "The libc to probe" for a running process or for a command about to be run, and its probe
 //! list.
 //!
-//! The file that provides `malloc` is the executable itself when it defines one (static
-//! binaries), otherwise its libc (glibc's `libc.so.6`, musl's `libc.musl-x86_64.so.1` /
-//! `ld-musl-x86_64.so.1`). Allocators interposed by `LD_PRELOAD` or linked as their own library
-//! (jemalloc, tcmalloc, mimalloc) are not looked for.
+//! The files that serve a process's allocation API follow the dynamic linker's symbol
+//! resolution: the executable first, then `LD_PRELOAD`, then the libraries in load order
+//! (breadth-first over `DT_NEEDED`). The first file that defines `malloc` serves it — the
+//! executable itself in static programs, a jemalloc, tcmalloc or mimalloc library linked in or
+//! preloaded, else the libc (glibc's `libc.so.6`, musl's `libc.so` / `ld-musl-x86_64.so.1`).
+//! An API that file lacks is served by the next file in the order that defines it (glibc's
+//! `reallocarray` and `pvalloc` under jemalloc): each such file is probed too ([`Served`]).
 //!
-//! Submodules: `process` (a running process's mapped files, searched in priority order, each
-//! file examined once for all processes: [`FileCache`]), `command` (a command not yet run:
-//! `PATH`, `#!` scripts, ld.so's library search), `ld_cache` (`/etc/ld.so.cache`).
+//! Submodules: `allocator` (which allocator a file is), `process` (a running process's mapped
+//! files, in resolution order, each file examined once for all processes: [`FileCache`]),
+//! `command` (a command not yet run: `PATH`, `#!` scripts, ld.so's library search),
+//! `ld_cache` (`/etc/ld.so.cache`).
 
+mod allocator;
 mod command;
 mod ld_cache;
 mod process;
 #[cfg(test)]
 mod tests;
 
+pub use allocator::Allocator;
 pub use command::{for_command, resolve_program};
 pub use ld_cache::LdCache;
 pub use process::{FileCache, for_pid, for_pid_cached};
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use allocwatch_common::libc::Api;
 
@@ -61,6 +68,159 @@ pub struct LibcTarget {
     /// `(alias, canonical)`: APIs that are the same function as an earlier one (Debian's glibc
     /// 2.36 has `memalign` at the address of `aligned_alloc`). Their calls report as canonical.
     pub aliases: Vec<Alias>,
+    /// Which allocator the file is.
+    pub allocator: Allocator,
+    /// What the file's API names start with: `""`, or `"je_"` for a jemalloc built with
+    /// `--with-jemalloc-prefix=je_` (it defines `je_malloc`, not `malloc`: the program calls
+    /// it by that name, next to the libc's `malloc` that everything else calls).
+    pub prefix: &'static str,
+}
+
+/// Prefixes of allocator builds whose API has its own names (see [`LibcTarget::prefix`]).
+const PREFIXES: [&str; 1] = ["je_"];
+
+/// The prefix of `elf`'s malloc family: `""` when it defines `malloc`, else a known prefix
+/// whose `malloc` and `free` it defines; `None`: no malloc family.
+pub fn prefix_of(elf: &ElfFile) -> Option<&'static str> {
+    if elf.symbol("malloc").is_some() {
+        return Some("");
+    }
+    PREFIXES.into_iter().find(|p| {
+        elf.symbol(&format!("{p}malloc")).is_some() && elf.symbol(&format!("{p}free")).is_some()
+    })
+}
+
+impl LibcTarget {
+    /// The APIs the file defines (probed, or an alias of one probed).
+    pub fn apis(&self) -> impl Iterator<Item = Api> + '_ {
+        self.probes
+            .iter()
+            .map(|p| p.api)
+            .chain(self.aliases.iter().map(|&(alias, _)| alias))
+    }
+}
+
+/// The files that serve one process's allocation API, in symbol-resolution order: the first
+/// serves `malloc` (its allocator is the process's); each later one defines an API no earlier
+/// one does. Every file is probed whole (probes are per file, shared by every process that
+/// maps it); a call reaches only the file that serves its API, and a relay from one file into
+/// another (glibc's `reallocarray` tail-jumping into jemalloc's `realloc` through the PLT)
+/// is nested in the outer call like a relay inside one file.
+///
+/// Files with a prefixed API (`je_malloc`, [`LibcTarget::prefix`]) serve no libc name: they
+/// are probed as well (after the others), their calls counted under the unprefixed names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Served {
+    /// The files serving the libc names, then the prefixed ones.
+    files: Vec<Arc<LibcTarget>>,
+    /// How many of `files` serve the libc names.
+    chain: usize,
+}
+
+impl Served {
+    /// `files` in resolution order; files that serve nothing (every API they define is served
+    /// earlier) are dropped. `None` when nothing is left.
+    pub fn new(files: Vec<Arc<LibcTarget>>) -> Option<Self> {
+        let mut kept: Vec<Arc<LibcTarget>> = Vec::new();
+        let mut prefixed: Vec<Arc<LibcTarget>> = Vec::new();
+        for f in files {
+            if kept
+                .iter()
+                .chain(&prefixed)
+                .any(|k| k.dev_inode == f.dev_inode)
+            {
+                continue;
+            }
+            if !f.prefix.is_empty() {
+                prefixed.push(f);
+                continue;
+            }
+            if f.apis()
+                .any(|api| !kept.iter().any(|k| k.apis().any(|a| a == api)))
+            {
+                kept.push(f);
+            }
+        }
+        let chain = kept.len();
+        kept.extend(prefixed);
+        (!kept.is_empty()).then_some(Self { files: kept, chain })
+    }
+
+    /// The file that serves `malloc` (a prefixed one if none does).
+    pub fn primary(&self) -> &Arc<LibcTarget> {
+        &self.files[0]
+    }
+
+    /// Every file to probe, the one serving `malloc` first.
+    pub fn files(&self) -> &[Arc<LibcTarget>] {
+        &self.files
+    }
+
+    /// The allocator the program allocates through: a prefixed one when it has one (it
+    /// calls `je_malloc` by name for its own allocations), else the one serving `malloc`.
+    pub fn allocator(&self) -> Allocator {
+        self.files
+            .get(self.chain)
+            .unwrap_or(self.primary())
+            .allocator
+    }
+
+    /// Whether every libc name is defined by some file (nothing more to look for).
+    pub fn complete(&self) -> bool {
+        Api::ALL.iter().all(|api| self.served_by(*api).is_some())
+    }
+
+    /// The file whose definition of `api` (the libc name) the process's calls reach.
+    pub fn served_by(&self, api: Api) -> Option<&Arc<LibcTarget>> {
+        self.files[..self.chain]
+            .iter()
+            .find(|f| f.apis().any(|a| a == api))
+    }
+
+    /// The APIs served (by libc name or prefixed), each under the name its calls are counted
+    /// as.
+    pub fn apis(&self) -> Vec<Api> {
+        let canonical = |file: &LibcTarget, api: Api| {
+            file.aliases
+                .iter()
+                .find(|(alias, _)| *alias == api)
+                .map_or(api, |&(_, canonical)| canonical)
+        };
+        let mut apis: Vec<Api> = Api::ALL
+            .iter()
+            .filter_map(|&api| Some(canonical(self.served_by(api)?, api)))
+            .chain(
+                self.files[self.chain..]
+                    .iter()
+                    .flat_map(|f| f.probes.iter().map(|p| p.api)),
+            )
+            .collect();
+        apis.sort();
+        apis.dedup();
+        apis
+    }
+
+    /// The aliases of the APIs as served: those of the file that serves the alias.
+    pub fn aliases(&self) -> Vec<Alias> {
+        let mut aliases: Vec<Alias> = Api::ALL
+            .iter()
+            .filter_map(|&api| {
+                let file = self.served_by(api)?;
+                file.aliases
+                    .iter()
+                    .find(|(alias, _)| *alias == api)
+                    .copied()
+            })
+            .collect();
+        aliases.sort();
+        aliases
+    }
+
+    /// The files as the process sees them, the primary first, joined by `+`.
+    pub fn display_paths(&self) -> String {
+        let paths: Vec<&str> = self.files.iter().map(|f| f.display_path.as_str()).collect();
+        paths.join(" + ")
+    }
 }
 
 /// `(alias, canonical)`.
@@ -69,11 +229,15 @@ pub type Alias = (Api, Api);
 /// Builds the probe list of an ELF file that defines `malloc`. Every API present is probed once
 /// per distinct address; missing optional APIs are skipped; missing `malloc` or `free` is an
 /// error.
-pub fn probe_points(elf: &ElfFile) -> Result<(Vec<ProbePoint>, Vec<Alias>), TargetError> {
+/// `prefix`: what the file's API names start with ([`LibcTarget::prefix`]).
+pub fn probe_points(
+    elf: &ElfFile,
+    prefix: &str,
+) -> Result<(Vec<ProbePoint>, Vec<Alias>), TargetError> {
     // Group by address first, so one site serves every API at it.
     let mut groups: Vec<(elf::Symbol, Vec<Api>)> = Vec::new();
     for api in Api::ALL {
-        let Some(sym) = elf.symbol(api.symbol()) else {
+        let Some(sym) = elf.symbol(&format!("{prefix}{}", api.symbol())) else {
             if matches!(api, Api::Malloc | Api::Free) {
                 return Err(TargetError::MissingSymbol {
                     path: elf.path().to_owned(),
@@ -122,9 +286,12 @@ pub(super) fn target_from(
     display_path: String,
     dev_inode: DevInode,
 ) -> Result<LibcTarget, TargetError> {
-    let (probes, aliases) = probe_points(elf)?;
+    let prefix = prefix_of(elf).unwrap_or_default();
+    let (probes, aliases) = probe_points(elf, prefix)?;
     Ok(LibcTarget {
+        prefix,
         path: elf.path().to_owned(),
+        allocator: Allocator::of(elf, &display_path),
         display_path,
         dev_inode,
         probes,

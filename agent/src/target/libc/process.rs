@@ -1,19 +1,20 @@
-//! The libc (or static executable) that provides `malloc` to a running process: its mapped
-//! files searched in priority order, opened as the process sees them, each examined once.
+//! The files that serve a running process's allocation API ([`Served`]): its mapped files
+//! taken in the dynamic linker's symbol-resolution order, opened as the process sees them,
+//! each examined once.
 
-use std::collections::{HashMap, HashSet, hash_map::Entry};
+use std::collections::{HashMap, HashSet, VecDeque, hash_map::Entry};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{LibcTarget, basename, is_libc_name, target_from};
+use super::{LibcTarget, Served, basename, is_libc_name, target_from};
 use crate::target::TargetError;
 use crate::target::elf::ElfFile;
 use crate::target::maps::{self, DevInode, MapEntry};
 
-/// The libc (or static executable) that provides `malloc` to process `pid`, opened through the
-/// process's own root so containers are traced through their own files.
-pub fn for_pid(pid: u32) -> Result<LibcTarget, TargetError> {
+/// The files that serve process `pid`'s allocation API, opened through the process's own root
+/// so containers are traced through their own files.
+pub fn for_pid(pid: u32) -> Result<Served, TargetError> {
     let maps = maps::read_maps(pid)?;
     let comm = fs::read_to_string(format!("/proc/{pid}/comm"))
         .map(|s| s.trim_end().to_owned())
@@ -21,8 +22,7 @@ pub fn for_pid(pid: u32) -> Result<LibcTarget, TargetError> {
     let exe_id = fs::metadata(format!("/proc/{pid}/exe"))
         .ok()
         .map(|m| DevInode::from_metadata(&m));
-    let target = for_pid_cached(pid, &comm, &maps, exe_id, &mut FileCache::default())?;
-    Ok(Arc::unwrap_or_clone(target))
+    for_pid_cached(pid, &comm, &maps, exe_id, &mut FileCache::default())
 }
 
 /// [`for_pid`] for many processes: `maps` and `exe_id` (the identity of `/proc/<pid>/exe`) are
@@ -34,8 +34,12 @@ pub fn for_pid_cached(
     maps: &[MapEntry],
     exe_id: Option<DevInode>,
     cache: &mut FileCache,
-) -> Result<Arc<LibcTarget>, TargetError> {
-    search(maps, exe_id, cache, |entry| examine(pid, comm, entry)).map_err(|e| {
+) -> Result<Served, TargetError> {
+    let preload = preload_of(pid);
+    search(maps, exe_id, &preload, cache, |entry| {
+        examine(pid, comm, entry)
+    })
+    .map_err(|e| {
         e.unwrap_or_else(|| TargetError::ProcessNoLibc {
             pid,
             comm: comm.to_owned(),
@@ -43,12 +47,54 @@ pub fn for_pid_cached(
     })
 }
 
+/// The process's `LD_PRELOAD` entries (empty when its environment cannot be read: preloaded
+/// files are then looked at after the `DT_NEEDED` ones).
+fn preload_of(pid: u32) -> Vec<String> {
+    let Ok(environ) = fs::read(format!("/proc/{pid}/environ")) else {
+        return Vec::new();
+    };
+    environ
+        .split(|&b| b == 0)
+        .find_map(|var| var.strip_prefix(b"LD_PRELOAD="))
+        .map(|v| split_preload(&String::from_utf8_lossy(v)))
+        .unwrap_or_default()
+}
+
+/// ld.so splits `LD_PRELOAD` at spaces and colons.
+pub(super) fn split_preload(value: &str) -> Vec<String> {
+    value
+        .split([' ', ':'])
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// What the files already examined turned out to be, by identity (device + inode). A verdict
 /// depends only on the file's content, and parsing glibc's symbol table took ~11 ms per process
 /// here, for hundreds of processes sharing one libc.
 #[derive(Debug, Default)]
 pub struct FileCache {
-    files: HashMap<DevInode, Verdict>,
+    files: HashMap<DevInode, Examined>,
+}
+
+/// One mapped file as the search sees it: what it is, and what the loader reads from it to
+/// order the others.
+#[derive(Debug)]
+pub(super) struct Examined {
+    pub(super) verdict: Verdict,
+    /// `DT_NEEDED`, in order.
+    pub(super) needed: Vec<String>,
+    pub(super) soname: Option<String>,
+}
+
+impl From<Verdict> for Examined {
+    fn from(verdict: Verdict) -> Self {
+        Self {
+            verdict,
+            needed: Vec::new(),
+            soname: None,
+        }
+    }
 }
 
 /// What one mapped file is to the search for `malloc`.
@@ -101,7 +147,7 @@ pub(super) enum Unexamined {
 }
 
 /// Opens `entry`'s file as `pid` sees it and decides what it is.
-fn examine(pid: u32, comm: &str, entry: &MapEntry) -> Result<Verdict, Unexamined> {
+fn examine(pid: u32, comm: &str, entry: &MapEntry) -> Result<Examined, Unexamined> {
     let display = entry.path.clone().unwrap_or_default();
     let path = open_mapped(pid, entry).map_err(|tried| {
         Unexamined::Path(TargetError::MappedFileUnavailable {
@@ -115,85 +161,182 @@ fn examine(pid: u32, comm: &str, entry: &MapEntry) -> Result<Verdict, Unexamined
         Ok(elf) => elf,
         Err(e) => {
             return FileError::try_from_error(e)
-                .map(Verdict::NotElf)
+                .map(|e| Verdict::NotElf(e).into())
                 .map_err(Unexamined::Read);
         }
     };
-    if elf.symbol("malloc").is_none() {
-        return Ok(Verdict::NoMalloc);
-    }
-    match target_from(&elf, display, entry.dev_inode) {
-        Ok(t) => Ok(Verdict::Malloc(Arc::new(t))),
-        Err(e) => FileError::try_from_error(e)
-            .map(Verdict::Unprobeable)
-            .map_err(Unexamined::Probes),
-    }
+    let verdict = if super::prefix_of(&elf).is_none() {
+        Verdict::NoMalloc
+    } else {
+        match target_from(&elf, display, entry.dev_inode) {
+            Ok(t) => Verdict::Malloc(Arc::new(t)),
+            Err(e) => FileError::try_from_error(e)
+                .map(Verdict::Unprobeable)
+                .map_err(Unexamined::Probes)?,
+        }
+    };
+    Ok(Examined {
+        verdict,
+        needed: elf.dynamic().needed.clone(),
+        soname: elf.dynamic().soname.clone(),
+    })
 }
 
-/// The search over a process's mapped files, in priority order: the executable, libc-named
-/// files, the others. `examine` is asked only about files not in `cache`. `Err(None)`: no file
-/// provides `malloc` and nothing failed that could have.
+/// glibc's loader: it has no public `malloc` and is never looked at.
+fn is_glibc_loader(name: &str) -> bool {
+    name.starts_with("ld-linux")
+}
+
+/// The search over a process's mapped files in the dynamic linker's symbol-resolution order:
+/// the executable, the `LD_PRELOAD` files, the `DT_NEEDED` libraries breadth-first (ld.so's
+/// load order), then the files nothing led to (dlopen'ed; libc-named ones first). Every file
+/// that defines `malloc` is collected until every API has a file ([`Served::complete`]).
+/// `examine` is asked only about files not in `cache`. `Err(None)`: no file provides `malloc`
+/// and nothing failed that could have.
 pub(super) fn search(
     maps: &[MapEntry],
     exe_id: Option<DevInode>,
+    preload: &[String],
     cache: &mut FileCache,
-    mut examine: impl FnMut(&MapEntry) -> Result<Verdict, Unexamined>,
-) -> Result<Arc<LibcTarget>, Option<TargetError>> {
+    examine: impl FnMut(&MapEntry) -> Result<Examined, Unexamined>,
+) -> Result<Served, Option<TargetError>> {
     // One entry per mapped file.
     let mut seen = HashSet::new();
-    let mut files: Vec<&MapEntry> = maps
+    let mut left: Vec<&MapEntry> = maps
         .iter()
         .filter(|m| m.is_file() && seen.insert(m.dev_inode))
+        .filter(|m| !is_glibc_loader(basename(path_of(m))))
         .collect();
-    let rank = |m: &MapEntry| {
-        if Some(m.dev_inode) == exe_id {
-            0
-        } else if m.path.as_deref().is_some_and(|p| is_libc_name(basename(p))) {
-            1
-        } else {
-            2
-        }
+    let mut search = Search {
+        cache,
+        examine,
+        found: Vec::new(),
+        first_error: None,
+        queue: VecDeque::new(),
+        stop: None,
     };
-    files.sort_by_key(|m| rank(m));
 
-    let mut first_error = None;
-    for entry in files {
-        let r = rank(entry);
-        // glibc's loader has no public malloc; skip it among the "others".
-        if r == 2 && basename(entry.path.as_deref().unwrap_or_default()).starts_with("ld-linux") {
+    if let Some(i) = left.iter().position(|m| Some(m.dev_inode) == exe_id) {
+        let exe = left.remove(i);
+        search.visit(exe, true);
+    }
+    let mut preload: VecDeque<&String> = preload.iter().collect();
+    while !search.done() {
+        // Preloaded names first, then what the visited files need, in the order they were
+        // visited (breadth-first).
+        let Some(name) = preload
+            .pop_front()
+            .cloned()
+            .or_else(|| search.queue.pop_front())
+        else {
+            break;
+        };
+        let base = basename(&name);
+        if is_glibc_loader(base) {
             continue;
         }
-        let verdict = match cache.files.entry(entry.dev_inode) {
-            Entry::Occupied(known) => known.into_mut(),
-            Entry::Vacant(new) => match examine(entry) {
-                Ok(v) => new.insert(v),
-                Err(Unexamined::Path(e)) => {
-                    if r < 2 {
-                        first_error.get_or_insert(e);
-                    }
-                    continue;
-                }
-                Err(Unexamined::Read(e)) => {
-                    if r == 1 {
-                        first_error.get_or_insert(e);
-                    }
-                    continue;
-                }
-                Err(Unexamined::Probes(e)) => return Err(Some(e)),
-            },
-        };
-        match verdict {
-            Verdict::Malloc(t) => return Ok(Arc::clone(t)),
-            Verdict::Unprobeable(e) => return Err(Some(e.to_error())),
-            Verdict::NoMalloc => {}
-            Verdict::NotElf(e) => {
-                if r == 1 {
-                    first_error.get_or_insert_with(|| e.to_error());
-                }
-            }
+        let by_name = left
+            .iter()
+            .position(|m| path_of(m) == name || basename(path_of(m)) == base);
+        // A library found through a symlink (libtcmalloc.so.4 → libtcmalloc.so.4.5.10) is
+        // mapped under its target's name: its DT_SONAME says which it is.
+        let index = by_name.or_else(|| {
+            left.iter().position(|m| {
+                search
+                    .examined(m)
+                    .is_ok_and(|x| x.soname.as_deref() == Some(base))
+            })
+        });
+        if let Some(i) = index {
+            let entry = left.remove(i);
+            search.visit(entry, true);
         }
     }
-    Err(first_error)
+    // What nothing led to: libc-named files first (no executable known), then the others.
+    left.sort_by_key(|m| !is_libc_name(basename(path_of(m))));
+    for entry in left {
+        if search.done() {
+            break;
+        }
+        search.visit(entry, false);
+    }
+    if search.found.is_empty()
+        && let Some(e) = search.stop.take()
+    {
+        return Err(Some(e));
+    }
+    Served::new(search.found).ok_or(search.first_error)
+}
+
+fn path_of(m: &MapEntry) -> &str {
+    m.path.as_deref().unwrap_or_default()
+}
+
+/// One process's search in progress.
+struct Search<'c, F> {
+    cache: &'c mut FileCache,
+    examine: F,
+    /// The files that define `malloc`, in resolution order.
+    found: Vec<Arc<LibcTarget>>,
+    /// The first failure that may have hidden the file serving `malloc`.
+    first_error: Option<TargetError>,
+    /// `DT_NEEDED` names of the files visited, in visiting order.
+    queue: VecDeque<String>,
+    /// A file that defines `malloc` but cannot be probed: the search ends there.
+    stop: Option<TargetError>,
+}
+
+impl<F: FnMut(&MapEntry) -> Result<Examined, Unexamined>> Search<'_, F> {
+    /// `entry`'s examination, from the cache or new (then remembered unless it failed).
+    fn examined(&mut self, entry: &MapEntry) -> Result<&Examined, Unexamined> {
+        Ok(match self.cache.files.entry(entry.dev_inode) {
+            Entry::Occupied(known) => known.into_mut(),
+            Entry::Vacant(new) => new.insert((self.examine)(entry)?),
+        })
+    }
+
+    /// Looks at `entry` in its turn; `linked`: the executable, or a file the loader was led
+    /// to (its failure may hide the allocator).
+    fn visit(&mut self, entry: &MapEntry, linked: bool) {
+        let libc_named = is_libc_name(basename(path_of(entry)));
+        let mut error = None;
+        match self.examined(entry) {
+            Ok(x) => {
+                let needed = x.needed.clone();
+                match &x.verdict {
+                    Verdict::Malloc(t) => {
+                        let t = Arc::clone(t);
+                        self.found.push(t);
+                    }
+                    Verdict::Unprobeable(e) => {
+                        let e = e.to_error();
+                        self.stop.get_or_insert(e);
+                    }
+                    Verdict::NoMalloc => {}
+                    Verdict::NotElf(e) => {
+                        if libc_named {
+                            error = Some(e.to_error());
+                        }
+                    }
+                }
+                self.queue.extend(needed);
+            }
+            Err(Unexamined::Path(e)) if linked || libc_named => error = Some(e),
+            Err(Unexamined::Read(e)) if libc_named => error = Some(e),
+            Err(Unexamined::Probes(e)) => {
+                self.stop.get_or_insert(e);
+            }
+            Err(_) => {}
+        }
+        if let Some(e) = error {
+            self.first_error.get_or_insert(e);
+        }
+    }
+
+    /// Every API has a file, or the search has to end.
+    fn done(&self) -> bool {
+        self.stop.is_some() || Served::new(self.found.clone()).is_some_and(|s| s.complete())
+    }
 }
 
 /// A path the agent can open that is the very file mapped in `entry` (same device and inode):

@@ -9,9 +9,19 @@ use std::sync::Arc;
 
 use super::command::{LD_CACHE, SearchEnv, command_target};
 use super::ld_cache::{CACHE_MAGIC_NEW, CACHE_MAGIC_OLD, CACHE_NEW_ENTRY, CACHE_NEW_HEADER};
-use super::process::{FileError, Unexamined, Verdict, search};
+use super::process::{self, FileError, Unexamined, Verdict, search};
 use super::*;
 use crate::target::maps::{self, MapEntry};
+
+/// The file serving `malloc` in process `pid`.
+fn pid_target(pid: u32) -> Result<Arc<LibcTarget>, TargetError> {
+    for_pid(pid).map(|s| s.primary().clone())
+}
+
+/// The file serving `malloc` for `program`.
+fn cmd_target(program: impl AsRef<OsStr>) -> Result<Arc<LibcTarget>, TargetError> {
+    for_command(program).map(|s| s.primary().clone())
+}
 
 fn is_glibc(elf: &ElfFile) -> bool {
     elf.symbol("gnu_get_libc_version").is_some()
@@ -67,18 +77,36 @@ fn entries(lines: &[&str]) -> Vec<MapEntry> {
     lines.iter().map(|l| maps::parse_line(l).unwrap()).collect()
 }
 
-fn fake_target(inode: u64) -> Arc<LibcTarget> {
+/// A file at `path` that defines `apis`.
+fn fake_file(inode: u64, path: &str, apis: &[Api], allocator: Allocator) -> Arc<LibcTarget> {
     Arc::new(LibcTarget {
-        path: PathBuf::from("/lib/libc.so.6"),
-        display_path: "/lib/libc.so.6".into(),
+        path: PathBuf::from(path),
+        display_path: path.into(),
         dev_inode: DevInode {
             major: 8,
             minor: 1,
             inode,
         },
-        probes: Vec::new(),
+        probes: apis
+            .iter()
+            .enumerate()
+            .map(|(i, &api)| ProbePoint {
+                api,
+                file_offset: 0x1000 * (i as u64 + 1),
+                sp_delta: 0,
+                emulated: true,
+                with_return: api.needs_return(),
+            })
+            .collect(),
         aliases: Vec::new(),
+        allocator,
+        prefix: "",
     })
+}
+
+/// A libc that defines every API.
+fn fake_target(inode: u64) -> Arc<LibcTarget> {
+    fake_file(inode, "/lib/libc.so.6", &Api::ALL, Allocator::Glibc)
 }
 
 /// A dynamically linked program: executable, libc (mapped several times), loader, a data
@@ -105,15 +133,16 @@ fn search_examines_each_file_once_for_all_processes() {
     let mut cache = FileCache::default();
     let mut examined = Vec::new();
     for _ in 0..3 {
-        let found = search(&maps, EXE, &mut cache, |e| {
+        let found = search(&maps, EXE, &[], &mut cache, |e| {
             examined.push(e.dev_inode.inode);
             Ok(match e.dev_inode.inode {
                 100 => Verdict::NoMalloc,
                 200 => Verdict::Malloc(Arc::clone(&libc)),
                 other => panic!("inode {other} examined"),
-            })
+            }
+            .into())
         });
-        assert!(Arc::ptr_eq(&found.unwrap(), &libc));
+        assert_eq!(found.unwrap().files(), [Arc::clone(&libc)]);
     }
     // The executable first, then libc; the search stops there.
     assert_eq!(examined, [100, 200]);
@@ -124,18 +153,18 @@ fn search_order_and_what_is_remembered() {
     // A static executable with malloc wins over everything else.
     let exe = fake_target(100);
     let mut cache = FileCache::default();
-    let found = search(&entries(&DYNAMIC), EXE, &mut cache, |e| {
+    let found = search(&entries(&DYNAMIC), EXE, &[], &mut cache, |e| {
         assert_eq!(e.dev_inode.inode, 100);
-        Ok(Verdict::Malloc(Arc::clone(&exe)))
+        Ok(Verdict::Malloc(Arc::clone(&exe)).into())
     });
-    assert!(Arc::ptr_eq(&found.unwrap(), &exe));
+    assert_eq!(found.unwrap().files(), [exe]);
 
     // No libc-named file: the others are tried, the loader is not.
     let maps = entries(&[DYNAMIC[0], DYNAMIC[4], DYNAMIC[5]]);
     let mut examined = Vec::new();
-    let found = search(&maps, EXE, &mut FileCache::default(), |e| {
+    let found = search(&maps, EXE, &[], &mut FileCache::default(), |e| {
         examined.push(e.dev_inode.inode);
-        Ok(Verdict::NoMalloc)
+        Ok(Verdict::NoMalloc.into())
     });
     assert!(matches!(found, Err(None)));
     assert_eq!(examined, [100, 400]);
@@ -146,15 +175,16 @@ fn search_order_and_what_is_remembered() {
     let mut cache = FileCache::default();
     let mut examined = Vec::new();
     for _ in 0..2 {
-        let found = search(&maps, EXE, &mut cache, |e| {
+        let found = search(&maps, EXE, &[], &mut cache, |e| {
             examined.push(e.dev_inode.inode);
             match e.dev_inode.inode {
                 100 => Err(Unexamined::Path(TargetError::NoSuchProcess { pid: 1 })),
                 200 => Ok(Verdict::NotElf(FileError::BadElf {
                     path: "/lib/libc.so.6".into(),
                     reason: "truncated".into(),
-                })),
-                _ => Ok(Verdict::NoMalloc),
+                })
+                .into()),
+                _ => Ok(Verdict::NoMalloc.into()),
             }
         });
         // The executable's error came first.
@@ -169,14 +199,15 @@ fn search_order_and_what_is_remembered() {
     // when it is remembered.
     let mut cache = FileCache::default();
     for _ in 0..2 {
-        let found = search(&maps, EXE, &mut cache, |e| {
+        let found = search(&maps, EXE, &[], &mut cache, |e| {
             Ok(match e.dev_inode.inode {
                 200 => Verdict::Unprobeable(FileError::MissingSymbol {
                     path: "/lib/libc.so.6".into(),
                     symbol: "free",
                 }),
                 _ => Verdict::NoMalloc,
-            })
+            }
+            .into())
         });
         let err = found.unwrap_err().unwrap();
         assert_eq!(
@@ -186,9 +217,181 @@ fn search_order_and_what_is_remembered() {
     }
 }
 
+/// A program linked with jemalloc (its DT_NEEDED before libc's), a font, the loader.
+const JEMALLOC: [&str; 5] = [
+    "55d000000000-55d000001000 r-xp 00000000 08:01 100 /usr/bin/app",
+    "7e0000000000-7e0000028000 r-xp 00000000 08:01 200 /usr/lib/x86_64-linux-gnu/libc.so.6",
+    "7f0000000000-7f0000001000 r-xp 00000000 08:01 500 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    "7f0000200000-7f0000201000 r--p 00000000 08:01 300 /usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+    "7f0000300000-7f0000301000 r--s 00000000 08:01 400 /usr/share/fonts/a.ttf",
+];
+
+/// jemalloc's APIs (Debian 12): no reallocarray, no pvalloc.
+const JEMALLOC_APIS: [Api; 8] = [
+    Api::Malloc,
+    Api::Calloc,
+    Api::Realloc,
+    Api::Free,
+    Api::PosixMemalign,
+    Api::AlignedAlloc,
+    Api::Memalign,
+    Api::Valloc,
+];
+
+/// `examine` for [`JEMALLOC`]: the executable needs `needed`, jemalloc needs libc.
+fn jemalloc_world(
+    needed: &[&str],
+    jemalloc: &Arc<LibcTarget>,
+    libc: &Arc<LibcTarget>,
+) -> impl FnMut(&MapEntry) -> Result<process::Examined, Unexamined> {
+    let needed: Vec<String> = needed.iter().map(|s| s.to_string()).collect();
+    let (jemalloc, libc) = (Arc::clone(jemalloc), Arc::clone(libc));
+    move |e| {
+        Ok(match e.dev_inode.inode {
+            100 => process::Examined {
+                verdict: Verdict::NoMalloc,
+                needed: needed.clone(),
+                soname: None,
+            },
+            200 => process::Examined {
+                verdict: Verdict::Malloc(Arc::clone(&libc)),
+                needed: vec!["ld-linux-x86-64.so.2".into()],
+                soname: Some("libc.so.6".into()),
+            },
+            // Found under its soname only (mapped as the symlink's target would be).
+            500 => process::Examined {
+                verdict: Verdict::Malloc(Arc::clone(&jemalloc)),
+                needed: vec!["libc.so.6".into()],
+                soname: Some("libjemalloc.so.2".into()),
+            },
+            _ => Verdict::NoMalloc.into(),
+        })
+    }
+}
+
+#[test]
+fn search_follows_symbol_resolution_order() {
+    let jemalloc = fake_file(
+        500,
+        "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+        &JEMALLOC_APIS,
+        Allocator::Jemalloc,
+    );
+    let libc = fake_target(200);
+    let maps = entries(&JEMALLOC);
+
+    // DT_NEEDED: jemalloc before libc. jemalloc serves malloc; libc serves what it lacks.
+    let found = search(
+        &maps,
+        EXE,
+        &[],
+        &mut FileCache::default(),
+        jemalloc_world(&["libjemalloc.so.2", "libc.so.6"], &jemalloc, &libc),
+    )
+    .unwrap();
+    assert_eq!(found.files(), [Arc::clone(&jemalloc), Arc::clone(&libc)]);
+    assert_eq!(found.allocator(), Allocator::Jemalloc);
+    assert_eq!(found.served_by(Api::Malloc), Some(&jemalloc));
+    assert_eq!(found.served_by(Api::Free), Some(&jemalloc));
+    assert_eq!(found.served_by(Api::Reallocarray), Some(&libc));
+    assert_eq!(found.served_by(Api::Pvalloc), Some(&libc));
+    let mut all = Api::ALL.to_vec();
+    all.sort();
+    assert_eq!(found.apis(), all);
+
+    // libc first in DT_NEEDED: libc serves everything, jemalloc is not probed (nothing of
+    // it would be called), though its address is higher and its name says jemalloc.
+    let found = search(
+        &maps,
+        EXE,
+        &[],
+        &mut FileCache::default(),
+        jemalloc_world(&["libc.so.6", "libjemalloc.so.2"], &jemalloc, &libc),
+    )
+    .unwrap();
+    assert_eq!(found.files(), [Arc::clone(&libc)]);
+    assert_eq!(found.allocator(), Allocator::Glibc);
+
+    // LD_PRELOAD comes before DT_NEEDED, by path or by name.
+    for preload in [
+        "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+        "libjemalloc.so.2",
+    ] {
+        let found = search(
+            &maps,
+            EXE,
+            &[preload.to_owned()],
+            &mut FileCache::default(),
+            jemalloc_world(&["libc.so.6"], &jemalloc, &libc),
+        )
+        .unwrap();
+        assert_eq!(found.allocator(), Allocator::Jemalloc, "{preload}");
+    }
+
+    // A library found through its soname (the mapped name differs).
+    let renamed: Vec<String> = JEMALLOC
+        .iter()
+        .map(|l| l.replace("libjemalloc.so.2", "libjemalloc.so.2.5.3"))
+        .collect();
+    let renamed: Vec<&str> = renamed.iter().map(String::as_str).collect();
+    let found = search(
+        &entries(&renamed),
+        EXE,
+        &[],
+        &mut FileCache::default(),
+        jemalloc_world(&["libjemalloc.so.2", "libc.so.6"], &jemalloc, &libc),
+    )
+    .unwrap();
+    assert_eq!(found.allocator(), Allocator::Jemalloc);
+}
+
+#[test]
+fn served_apis_and_aliases() {
+    // glibc 2.36: memalign is aligned_alloc. Under jemalloc it is jemalloc's own function,
+    // so glibc's alias does not apply.
+    let mut glibc = (*fake_file(
+        200,
+        "/lib/libc.so.6",
+        &Api::ALL[..7]
+            .iter()
+            .chain(&Api::ALL[8..])
+            .copied()
+            .collect::<Vec<_>>(),
+        Allocator::Glibc,
+    ))
+    .clone();
+    glibc.aliases = vec![(Api::Memalign, Api::AlignedAlloc)];
+    let glibc = Arc::new(glibc);
+    let alone = Served::new(vec![Arc::clone(&glibc)]).unwrap();
+    assert_eq!(alone.aliases(), [(Api::Memalign, Api::AlignedAlloc)]);
+    assert!(!alone.apis().contains(&Api::Memalign));
+    assert!(alone.complete());
+    let jemalloc = fake_file(500, "/j.so", &JEMALLOC_APIS, Allocator::Jemalloc);
+    let both = Served::new(vec![Arc::clone(&jemalloc), Arc::clone(&glibc)]).unwrap();
+    assert!(both.aliases().is_empty());
+    assert!(both.apis().contains(&Api::Memalign));
+    assert_eq!(both.display_paths(), "/j.so + /lib/libc.so.6");
+    // A file that serves nothing after the first is dropped; none at all is no Served.
+    let again = Served::new(vec![Arc::clone(&glibc), Arc::clone(&jemalloc)]).unwrap();
+    assert_eq!(again.files(), [Arc::clone(&glibc)]);
+    assert!(Served::new(Vec::new()).is_none());
+
+    // A je_-prefixed jemalloc in the executable: probed after the libc, which still serves
+    // every libc name; the program's allocator is jemalloc.
+    let mut prefixed = (*fake_file(100, "/app", &JEMALLOC_APIS, Allocator::Jemalloc)).clone();
+    prefixed.prefix = "je_";
+    let prefixed = Arc::new(prefixed);
+    let served = Served::new(vec![Arc::clone(&prefixed), Arc::clone(&glibc)]).unwrap();
+    assert_eq!(served.files(), [Arc::clone(&glibc), Arc::clone(&prefixed)]);
+    assert_eq!(served.served_by(Api::Malloc), Some(&glibc));
+    assert_eq!(served.allocator(), Allocator::Jemalloc);
+    assert!(served.complete());
+    assert!(served.apis().contains(&Api::Memalign), "je_memalign");
+}
+
 #[test]
 fn own_process() {
-    let t = for_pid(std::process::id()).unwrap();
+    let t = pid_target(std::process::id()).unwrap();
     check_own_libc(&t);
     // Same mount namespace: the plain path is used, not /proc/<pid>/root.
     assert_eq!(t.path, PathBuf::from(&t.display_path));
@@ -198,20 +401,23 @@ fn own_process() {
 fn child_process_and_missing_process() {
     let mut child = Command::new("sleep").arg("30").spawn().unwrap();
     // The child may still be in exec: wait until it maps its libc.
-    let mut result = for_pid(child.id());
+    let mut result = pid_target(child.id());
     for _ in 0..100 {
         if result.is_ok() {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
-        result = for_pid(child.id());
+        result = pid_target(child.id());
     }
     child.kill().unwrap();
     child.wait().unwrap();
     let t = result.unwrap();
-    assert_eq!(t.dev_inode, for_pid(std::process::id()).unwrap().dev_inode);
+    assert_eq!(
+        t.dev_inode,
+        pid_target(std::process::id()).unwrap().dev_inode
+    );
     assert!(matches!(
-        for_pid(u32::MAX),
+        pid_target(u32::MAX),
         Err(TargetError::NoSuchProcess { .. })
     ));
 }
@@ -238,7 +444,7 @@ fn other_mount_namespace_uses_its_own_libc() {
     let pid = child.id();
     let mut found = None;
     for _ in 0..300 {
-        if let Ok(t) = for_pid(pid)
+        if let Ok(t) = pid_target(pid)
             && t.path.starts_with("/proc")
         {
             found = Some(t);
@@ -263,7 +469,7 @@ fn other_mount_namespace_uses_its_own_libc() {
 
     // Deleted (as after an upgrade): only map_files still reaches the mapped file.
     fs::remove_file(&copy).unwrap();
-    let deleted = for_pid(pid);
+    let deleted = pid_target(pid);
     child.kill().unwrap();
     child.wait().unwrap();
     let deleted = deleted.unwrap();
@@ -289,12 +495,12 @@ fn process_without_libc() {
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run files from {} (noexec?): {e}", dir.0.display()));
     let pid = child.id();
-    let mut result = for_pid(pid);
+    let mut result = pid_target(pid);
     for _ in 0..100 {
         if fs::read_to_string(format!("/proc/{pid}/comm"))
             .is_ok_and(|c| c.trim() == "pause-forever")
         {
-            result = for_pid(pid);
+            result = pid_target(pid);
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
@@ -314,15 +520,15 @@ fn process_without_libc() {
     );
     // The same file as a command: static, no malloc.
     assert!(matches!(
-        for_command(&exe),
+        cmd_target(&exe),
         Err(TargetError::StaticNoMalloc { .. })
     ));
 }
 
 #[test]
 fn command_from_path() {
-    let t = for_command("sleep").unwrap();
-    let own = for_pid(std::process::id()).unwrap();
+    let t = cmd_target("sleep").unwrap();
+    let own = pid_target(std::process::id()).unwrap();
     assert_eq!(t.dev_inode, own.dev_inode);
     assert_eq!(t.probes, own.probes);
     assert_eq!(t.aliases, own.aliases);
@@ -331,35 +537,41 @@ fn command_from_path() {
 #[test]
 fn command_errors_and_scripts() {
     assert!(matches!(
-        for_command("allocwatch-no-such-command-xyz"),
+        cmd_target("allocwatch-no-such-command-xyz"),
         Err(TargetError::CommandNotFound { .. })
     ));
     assert!(matches!(
-        for_command("./no/such/file"),
+        cmd_target("./no/such/file"),
         Err(TargetError::CommandNotFound { .. })
     ));
     let dir = TempDir::new("cmd");
     let plain = dir.0.join("plain");
     fs::write(&plain, b"not executable").unwrap();
     assert!(matches!(
-        for_command(&plain),
+        cmd_target(&plain),
         Err(TargetError::NotExecutable { .. })
     ));
     let env = SearchEnv {
         path: Some(dir.0.as_os_str().to_owned()),
         ld_library_path: None,
+        ld_preload: None,
         ld_cache: LD_CACHE.into(),
     };
     assert!(matches!(
-        command_target(OsStr::new("plain"), &env),
+        command_target(OsStr::new("plain"), &env).map(|s| s.primary().clone()),
         Err(TargetError::NotExecutable { .. })
     ));
     // A script allocates through its interpreter.
     let script = dir.0.join("script");
     fs::write(&script, b"#!/bin/sh -e\necho hi\n").unwrap();
     fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
-    let t = command_target(OsStr::new("script"), &env).unwrap();
-    assert_eq!(t.dev_inode, for_pid(std::process::id()).unwrap().dev_inode);
+    let t = command_target(OsStr::new("script"), &env)
+        .map(|s| s.primary().clone())
+        .unwrap();
+    assert_eq!(
+        t.dev_inode,
+        pid_target(std::process::id()).unwrap().dev_inode
+    );
 }
 
 /// gcc-built fixtures (gcc and a static libc: `./x setup` installs them).
@@ -392,7 +604,7 @@ fn compiled_fixtures() {
         ]),
         "gcc -static failed (gcc and libc6-dev: `./x setup` installs them)"
     );
-    let t = for_command(&stat).unwrap();
+    let t = cmd_target(&stat).unwrap();
     assert_eq!(t.path, stat);
     assert!(t.probes.iter().any(|p| p.api == Api::Malloc));
     assert!(t.probes.iter().any(|p| p.api == Api::Free));
@@ -412,16 +624,19 @@ fn compiled_fixtures() {
         ]),
         "gcc failed (`./x setup` installs it)"
     );
-    let t = for_command(&dynamic).unwrap();
+    let t = cmd_target(&dynamic).unwrap();
     assert_eq!(t.path, lib.join(own.file_name().unwrap()));
     // LD_LIBRARY_PATH comes before DT_RUNPATH.
     let sys = own.parent().unwrap();
     let env = SearchEnv {
         path: None,
         ld_library_path: Some(sys.as_os_str().to_owned()),
+        ld_preload: None,
         ld_cache: LD_CACHE.into(),
     };
-    let t = command_target(dynamic.as_os_str(), &env).unwrap();
+    let t = command_target(dynamic.as_os_str(), &env)
+        .map(|s| s.primary().clone())
+        .unwrap();
     assert_eq!(t.path, sys.join(own.file_name().unwrap()));
 }
 
