@@ -309,6 +309,12 @@ impl Probes {
         {
             uprobe(&mut ebpf, program)?
                 .load()
+                .inspect_err(|e| {
+                    // The whole verifier log: the error keeps its last line only.
+                    if let ProgramError::LoadError { verifier_log, .. } = e {
+                        log::debug!("{program}: verifier log:\n{verifier_log}");
+                    }
+                })
                 .map_err(|error| ProbeError::Program { program, error })?;
         }
         // After the programs are loaded: the reader takes the log's ring buffer map.

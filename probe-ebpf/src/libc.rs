@@ -34,9 +34,12 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 
-use crate::maps::{
-    FLAGS, LAST_ENTRY, LIBC_FILES, LIBC_HIST, LIVE, PENDING, SITES, capture_libc_stack, count_call,
-    hist_add, lost, sampled, sampling, traced, why,
+use crate::{
+    maps::{
+        FLAGS, LAST_ENTRY, LIBC_FILES, LIBC_HIST, LIVE, PENDING, SITES, count_call, hist_add, lost,
+        sampled, sampling, traced, why,
+    },
+    unwind::capture_libc_stack,
 };
 
 #[uprobe(multi)]

@@ -3,7 +3,7 @@
 
 use allocwatch_common::{
     MAX_STACK_DEPTH, capacity,
-    config::{FLAG_DENYLIST, FLAG_FOLLOW, FLAG_UNWIND_TABLES},
+    config::{FLAG_DENYLIST, FLAG_FOLLOW},
     errno::EEXIST,
     event::{EventHeader, EventKind, Followed, NEW_SITE_FIXED, NewSiteRecord, ProgramKey},
     go::{GO_HIST_BUCKETS, GO_SPECS_MAX, GoHistKey, GoHistVal, GoProc, GoSpec, StwState},
@@ -25,7 +25,6 @@ use aya_ebpf::{
     },
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::ProbeContext,
 };
 
 /// Says why a probe dropped or skipped an event (aya-log, debug level; the agent prints it with
@@ -233,7 +232,7 @@ pub static STACKS: LruHashMap<u64, [u64; MAX_STACK_DEPTH]> =
     LruHashMap::with_max_entries(capacity::STACKS, 0);
 /// Scratch space for one stack per CPU (too large for the BPF stack).
 #[map]
-static STACK_SCRATCH: PerCpuArray<[u64; MAX_STACK_DEPTH]> = PerCpuArray::with_max_entries(1, 0);
+pub static STACK_SCRATCH: PerCpuArray<[u64; MAX_STACK_DEPTH]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Captures the current user stack (the kernel's frame-pointer walk) into `STACKS` and returns
 /// its id, or [`NO_STACK`] with the failure counted (collision, table full, unreadable stack).
@@ -265,35 +264,10 @@ pub fn capture_stack<C: EbpfContext>(ctx: &C) -> i64 {
     store_stack(unsafe { &*buf }, n as usize / size_of::<u64>())
 }
 
-/// A libc probe's user stack: walked with the unwind tables (`FLAG_UNWIND_TABLES`, see
-/// `unwind.rs`) from the registers at the probe, `entry_sp` (the stack pointer at the
-/// function's entry) and `ret_addr` (the return address there); else as [`capture_stack`].
-#[inline(always)]
-pub fn capture_libc_stack(ctx: &ProbeContext, entry_sp: u64, ret_addr: u64) -> i64 {
-    if FLAGS.load() & FLAG_UNWIND_TABLES == 0 {
-        return capture_stack(ctx);
-    }
-    let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
-        return NO_STACK;
-    };
-    // SAFETY: the scratch slot is ours on this CPU for the program's run; regs points at the
-    // probed task's saved registers.
-    let (frames, regs) = unsafe { (&mut *buf, &*ctx.regs) };
-    let n = crate::unwind::walk(
-        current_tgid(),
-        regs.rip,
-        regs.rbp,
-        entry_sp,
-        ret_addr,
-        frames,
-    );
-    store_stack(frames, n)
-}
-
 /// Stores the first `len` of `frames` (the rest zero) in `STACKS` under their hash; the id, or
 /// [`NO_STACK`] with the failure counted.
 #[inline(always)]
-fn store_stack(frames: &[u64; MAX_STACK_DEPTH], len: usize) -> i64 {
+pub fn store_stack(frames: &[u64; MAX_STACK_DEPTH], len: usize) -> i64 {
     // Only the frames the helper wrote (it zero-fills the rest): a stack is typically a handful
     // of frames, and hashing or comparing all MAX_STACK_DEPTH slots cost ~150 ns per call
     // (measured, BENCHMARKS.md).

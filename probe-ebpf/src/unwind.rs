@@ -6,19 +6,48 @@
 
 use allocwatch_common::{
     MAX_STACK_DEPTH,
+    config::FLAG_UNWIND_TABLES,
+    libc::NO_STACK,
     loss::LossCause,
     unwind::{
-        UNWIND_MAP_STEPS, UNWIND_MAPPINGS_MAX, UNWIND_PROCS_MAX, UNWIND_ROW_STEPS,
-        UNWIND_ROWS_MAX, UnwindProc, UnwindRow, kind,
+        UNWIND_MAP_STEPS, UNWIND_MAPPINGS_MAX, UNWIND_PROCS_MAX, UNWIND_ROW_STEPS, UNWIND_ROWS_MAX,
+        UnwindProc, UnwindRow, kind,
     },
 };
 use aya_ebpf::{
     helpers::bpf_probe_read_user,
     macros::map,
     maps::{Array, HashMap},
+    programs::ProbeContext,
 };
 
-use crate::maps::lost;
+use crate::maps::{FLAGS, STACK_SCRATCH, capture_stack, current_tgid, lost, store_stack};
+
+/// A libc probe's user stack: walked with the unwind tables (`FLAG_UNWIND_TABLES`) from the
+/// registers at the probe, `entry_sp` (the stack pointer at the function's entry) and
+/// `ret_addr` (the return address there); else the kernel's frame-pointer walk
+/// ([`capture_stack`]).
+#[inline(always)]
+pub fn capture_libc_stack(ctx: &ProbeContext, entry_sp: u64, ret_addr: u64) -> i64 {
+    if FLAGS.load() & FLAG_UNWIND_TABLES == 0 {
+        return capture_stack(ctx);
+    }
+    let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
+        return NO_STACK;
+    };
+    // SAFETY: the scratch slot is ours on this CPU for the program's run; regs points at the
+    // probed task's saved registers.
+    let (frames, regs) = unsafe { (&mut *buf, &*ctx.regs) };
+    let n = walk(
+        current_tgid(),
+        regs.rip,
+        regs.rbp,
+        entry_sp,
+        ret_addr,
+        frames,
+    );
+    store_stack(frames, n)
+}
 
 /// Every file's rows, each file's a contiguous run (the agent appends them).
 #[map]
@@ -26,35 +55,39 @@ pub static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(UNWIND_ROWS_M
 /// tgid → its mappings with a table.
 #[map]
 pub static UNWIND_PROCS: HashMap<u32, UnwindProc> = HashMap::with_max_entries(UNWIND_PROCS_MAX, 0);
+/// A process without tables (never written: no mappings). Walking with it rather than with an
+/// `Option` keeps LLVM from computing field addresses of a pointer the verifier still holds
+/// possibly null ("pointer arithmetic on map_value_or_null").
+#[map]
+static UNWIND_NO_PROC: Array<UnwindProc> = Array::with_max_entries(1, 0);
+
+/// 1 when `a <= b`, else 0, without a branch (both below 2^32). Binary searches without branches
+/// keep the verifier's work linear: with an `if` per step it explored every path of every
+/// step of every frame and gave up (a million instructions).
+#[inline(always)]
+fn le(a: u64, b: u64) -> u64 {
+    a.wrapping_sub(b).wrapping_sub(1) >> 63
+}
 
 /// The rule for code at `pc` as (kind, CFA offset, rbp words); `GAP` where no table covers it.
+/// Fixed-count steps (see [`le`]).
 #[inline(always)]
-fn rule_for(proc: Option<&UnwindProc>, pc: u64) -> (u8, u16, i8) {
+fn rule_for(proc: &UnwindProc, pc: u64) -> (u8, u16, i8) {
     const NONE: (u8, u16, i8) = (kind::GAP, 0, 0);
-    let Some(proc) = proc else {
-        return NONE;
-    };
-    // The last mapping starting at or before pc.
-    let (mut base, mut size) = (0usize, proc.len as usize);
-    if size == 0 || size > UNWIND_MAPPINGS_MAX {
+    let len = u64::from(proc.len);
+    if len == 0 || len > UNWIND_MAPPINGS_MAX as u64 {
         return NONE;
     }
+    // The last mapping starting at or before pc (sorted by start; 0 if none is).
+    let (mut base, mut size) = (0u64, len);
     for _ in 0..UNWIND_MAP_STEPS {
-        if size <= 1 {
-            break;
-        }
         let half = size / 2;
-        let mid = base + half;
-        match proc.maps.get(mid) {
-            Some(m) if m.start <= pc => base = mid,
-            Some(_) => {}
-            None => return NONE,
-        }
+        let mid = (base + half) as usize & (UNWIND_MAPPINGS_MAX - 1);
+        // Both below 2^47 (user addresses): `le` holds.
+        base += half * le(proc.maps[mid].start, pc);
         size -= half;
     }
-    let Some(m) = proc.maps.get(base) else {
-        return NONE;
-    };
+    let m = &proc.maps[base as usize & (UNWIND_MAPPINGS_MAX - 1)];
     if pc < m.start || pc >= m.end || m.len == 0 {
         return NONE;
     }
@@ -62,23 +95,17 @@ fn rule_for(proc: Option<&UnwindProc>, pc: u64) -> (u8, u16, i8) {
     if addr > u64::from(u32::MAX) {
         return NONE;
     }
-    let addr = addr as u32;
     let (first, mut base, mut size) = (m.first, 0u32, m.len);
     for _ in 0..UNWIND_ROW_STEPS {
-        if size <= 1 {
-            break;
-        }
         let half = size / 2;
-        let mid = base + half;
-        match UNWIND_ROWS.get(first.wrapping_add(mid)) {
-            Some(r) if r.pc <= addr => base = mid,
-            Some(_) => {}
-            None => return NONE,
-        }
+        let Some(r) = UNWIND_ROWS.get(first.wrapping_add(base + half)) else {
+            return NONE;
+        };
+        base += half * le(u64::from(r.pc), addr) as u32;
         size -= half;
     }
     match UNWIND_ROWS.get(first.wrapping_add(base)) {
-        Some(r) if r.pc <= addr => (r.kind, r.cfa_off, r.rbp_words),
+        Some(r) if u64::from(r.pc) <= addr => (r.kind, r.cfa_off, r.rbp_words),
         _ => NONE,
     }
 }
@@ -93,7 +120,7 @@ fn read(addr: u64) -> Option<u64> {
 /// `rip` and `rbp` are the registers at the probe, `entry_sp` the stack pointer at the
 /// function's entry (where `ret_addr`, the caller's return address, is).
 #[inline(always)]
-pub fn walk(
+fn walk(
     tgid: u32,
     rip: u64,
     rbp: u64,
@@ -101,9 +128,22 @@ pub fn walk(
     ret_addr: u64,
     frames: &mut [u64; MAX_STACK_DEPTH],
 ) -> usize {
-    // SAFETY: a plain value, read in place.
-    let proc = unsafe { UNWIND_PROCS.get(&tgid) };
+    // Zeroed first, word by word: volatile, so that LLVM does not make it a byte-wise memset
+    // after the walk, which the verifier then walked once per possible length (a million
+    // instructions).
+    for slot in frames.iter_mut() {
+        // SAFETY: a valid, aligned slot of the array.
+        unsafe { core::ptr::write_volatile(slot, 0) };
+    }
     frames[0] = rip;
+    // SAFETY: a plain value, read in place.
+    let proc = match unsafe { UNWIND_PROCS.get(&tgid) } {
+        Some(p) => p,
+        None => match UNWIND_NO_PROC.get(0) {
+            Some(p) => p,
+            None => return 1,
+        },
+    };
     let (mut pc, mut sp, mut bp) = (ret_addr, entry_sp + 8, rbp);
     // A prologue with a frame pointer may have set rbp before the probed instruction.
     if bp == entry_sp.wrapping_sub(8) {
@@ -122,9 +162,10 @@ pub fn walk(
         let (k, cfa_off, rbp_words) = rule_for(proc, pc - 1);
         let (cfa, saved_bp) = match k {
             kind::CFA_RSP | kind::CFA_RBP => {
-                let cfa = if k == kind::CFA_RSP { sp } else { bp } + u64::from(cfa_off);
-                let saved = (rbp_words != 0)
-                    .then(|| cfa.wrapping_add_signed(i64::from(rbp_words) * 8));
+                let base = if k == kind::CFA_RSP { sp } else { bp };
+                let cfa = base + u64::from(cfa_off);
+                let saved =
+                    (rbp_words != 0).then(|| cfa.wrapping_add_signed(i64::from(rbp_words) * 8));
                 (cfa, saved)
             }
             kind::GAP => {
@@ -170,9 +211,6 @@ pub fn walk(
     }
     if truncated && pc != 0 {
         lost(LossCause::UnwindTruncated);
-    }
-    for slot in frames.iter_mut().skip(n) {
-        *slot = 0;
     }
     n
 }

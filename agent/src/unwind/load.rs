@@ -198,7 +198,11 @@ mod tests {
     #[test]
     fn bias_maps_addresses_to_file_addresses() {
         // A PIE's text segment: file offset 0x1000 at address 0x1000, mapped at 0x5555_5555_5000.
-        let segs = [(0, 0, 0x6a8), (0x1000, 0x1000, 0x1b5), (0x2000, 0x2000, 0x100)];
+        let segs = [
+            (0, 0, 0x6a8),
+            (0x1000, 0x1000, 0x1b5),
+            (0x2000, 0x2000, 0x100),
+        ];
         let m = parse_line("555555555000-555555556000 r-xp 00001000 08:01 42 /bin/x").unwrap();
         let b = bias(&segs, &m).unwrap();
         assert_eq!(0x5555_5555_5123 - b, 0x1123);

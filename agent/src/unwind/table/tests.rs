@@ -146,7 +146,11 @@ fn assert_agrees(path: &Path) -> Vec<UnwindRow> {
     let data = std::fs::read(path).unwrap();
     let rows = compile(&data).unwrap();
     let interp = readelf_rows(path);
-    assert!(!interp.is_empty(), "readelf found rows in {}", path.display());
+    assert!(
+        !interp.is_empty(),
+        "readelf found rows in {}",
+        path.display()
+    );
     let mut kinds = [0usize; 5];
     for r in &interp {
         let got = lookup(&rows, r.loc)
@@ -206,7 +210,10 @@ int main(int argc, char **argv) { (void)argv; return (int)vla((size_t)argc + 64)
     }
     let rows = assert_agrees(&bin);
     // The variable-length array's function walks from rbp.
-    assert!(rows.iter().any(|r| r.kind == kind::CFA_RBP && r.rbp_words == -2));
+    assert!(
+        rows.iter()
+            .any(|r| r.kind == kind::CFA_RBP && r.rbp_words == -2)
+    );
     // _start: the outermost frame.
     assert!(rows.iter().any(|r| r.kind == kind::END));
     // The PLT's CFA is an expression.
@@ -223,5 +230,9 @@ fn tables_agree_with_readelf_on_the_system_libc() {
         return;
     }
     let rows = assert_agrees(libc);
-    assert!(rows.len() > 1000 && rows.len() < 200_000, "{} rows", rows.len());
+    assert!(
+        rows.len() > 1000 && rows.len() < 200_000,
+        "{} rows",
+        rows.len()
+    );
 }
