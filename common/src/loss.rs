@@ -54,8 +54,9 @@ pub enum LossCause {
     /// Table unwinding: the stack could not be read where a rule pointed (return address or
     /// saved rbp): the stack ends at that frame.
     UnwindReadError = 13,
-    /// Table unwinding: the walk reached its frame limit (`MAX_STACK_DEPTH`) before the
-    /// outermost frame: the stack keeps its innermost frames.
+    /// Table unwinding: the walk reached its frame limit (16, what the verifier accepts; see
+    /// probe-ebpf/src/unwind.rs) before the outermost frame: the stack keeps its innermost
+    /// frames.
     UnwindTruncated = 14,
 }
 

@@ -61,6 +61,10 @@ pub static UNWIND_PROCS: HashMap<u32, UnwindProc> = HashMap::with_max_entries(UN
 #[map]
 static UNWIND_NO_PROC: Array<UnwindProc> = Array::with_max_entries(1, 0);
 
+/// Frames a table walk follows (the verifier checks every step of every frame: at 64 frames
+/// it gave up at its million instructions).
+const UNWIND_FRAMES: usize = 16;
+
 /// 1 when `a <= b`, else 0, without a branch (both below 2^32). Binary searches without branches
 /// keep the verifier's work linear: with an `if` per step it explored every path of every
 /// step of every frame and gave up (a million instructions).
@@ -151,7 +155,7 @@ fn walk(
     }
     let mut n = 1;
     let mut truncated = true;
-    for slot in frames.iter_mut().skip(1) {
+    for slot in frames.iter_mut().skip(1).take(UNWIND_FRAMES - 1) {
         if pc == 0 {
             truncated = false;
             break;

@@ -157,14 +157,20 @@ fn dwarf_unwinding_names_every_frame_without_frame_pointers() {
         ],
     );
     aw.wait_tracing_pid(Duration::from_secs(30));
-    // The fixture waits for the go file: made once the library's and libc's tables are in.
-    loop {
-        let line = aw
-            .stderr
-            .wait_for("allocwatch: unwind tables for pid", Duration::from_secs(30));
-        if line.contains("libunwfix.so") && line.contains("libc.so.6") {
-            break;
-        }
+    // The fixture waits for the go file: made once the library's and libc's tables are in
+    // (said before or after the tracing line, as the exec stop or a later look found them).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !aw.stderr.text().lines().any(|l| {
+        l.starts_with("allocwatch: unwind tables for pid")
+            && l.contains("libunwfix.so")
+            && l.contains("libc.so.6")
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no unwind tables for the library and libc\n{}",
+            aw.stderr.text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
     std::fs::write(&go, b"").unwrap();
     let status = aw.wait_exit(Duration::from_secs(60));

@@ -116,9 +116,11 @@ impl Tables {
             .or_else(|_| std::fs::read(format!("/proc/{pid}/root{path}")))
         {
             Ok(d) => d,
+            // Not remembered: a library ld.so is still mapping reads as missing for a moment;
+            // the next look tries again.
             Err(e) => {
                 log::debug!("unwind: pid {pid}: cannot read {path}: {e}");
-                return Ok(slot.insert(None).clone());
+                return Ok(None);
             }
         };
         let rows = match table::compile(&data) {
