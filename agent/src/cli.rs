@@ -264,6 +264,12 @@ pub struct CommonArgs {
     /// Do not capture user stacks (sites are then identified by their immediate caller only).
     #[arg(long)]
     pub no_stacks: bool,
+    /// How user stacks are walked: `fp` (frame pointers, the kernel's walk) or `dwarf` (the
+    /// traced programs' `.eh_frame` call-frame information, loaded into the kernel as tables;
+    /// frame pointers where a file has none). Use `dwarf` for programs and libraries built
+    /// without frame pointers.
+    #[arg(long, value_enum, value_name = "HOW", default_value = "fp")]
+    pub unwind: crate::unwind::Unwind,
     /// Go programs: trace growth and GC only, not every heap allocation (`runtime.mallocgc`
     /// fires for each one; this mode costs the least).
     #[arg(long)]

@@ -31,4 +31,5 @@ pub mod serve;
 pub mod session;
 pub mod symbolize;
 pub mod target;
+pub mod unwind;
 pub mod values;

@@ -9,6 +9,7 @@ use allocwatch_common::{
     go::{self, GO_SPECS_MAX, GoProc, GoSpec},
     libc::{LIBC_FILES_MAX, LibcFile, cookie},
     map_names,
+    unwind::{UNWIND_PROCS_MAX, UNWIND_ROWS_MAX, UnwindProc, UnwindRow},
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -233,6 +234,8 @@ pub struct ProbeConfig {
     /// counted by API and immediate caller.
     pub sample_bytes: u64,
     pub capacity: Capacity,
+    /// Walk libc probes' stacks with the unwind tables the agent loads (`--unwind dwarf`).
+    pub unwind_tables: bool,
 }
 
 /// How the `TGIDS` map narrows tracing when no single process is targeted.
@@ -267,6 +270,11 @@ impl Probes {
     pub fn load_mode(cfg: &ProbeConfig, mode: Mode) -> Result<Self, ProbeError> {
         let tgid = cfg.tgid.map_or(0, NonZeroU32::get);
         let mut flags = if cfg.stacks { config::FLAG_STACKS } else { 0 };
+        if cfg.unwind_tables {
+            flags |= config::FLAG_UNWIND_TABLES;
+        }
+        // The tables are preallocated (8 MiB of rows): sized only when used.
+        let tables = |n: u32| if cfg.unwind_tables { n } else { 1 };
         flags |= match cfg.filter {
             Filter::None => 0,
             Filter::Deny => config::FLAG_DENYLIST,
@@ -291,6 +299,8 @@ impl Probes {
             .map_max_entries(map_names::LAST_ENTRY, cfg.capacity.max_pending)
             .map_max_entries(map_names::FOLLOWED, tree(capacity::FOLLOWED))
             .map_max_entries(map_names::PROGRAMS, tree(capacity::FOLLOWED * 4))
+            .map_max_entries(map_names::UNWIND_ROWS, tables(UNWIND_ROWS_MAX))
+            .map_max_entries(map_names::UNWIND_PROCS, tables(UNWIND_PROCS_MAX))
             .load(PROBE_OBJECT)?;
         let (entry, ret) = mode.libc_programs();
         for program in [Some(entry), ret, Some(mode.go_program())]
@@ -299,6 +309,12 @@ impl Probes {
         {
             uprobe(&mut ebpf, program)?
                 .load()
+                .inspect_err(|e| {
+                    // The whole verifier log: the error keeps its last line only.
+                    if let ProgramError::LoadError { verifier_log, .. } = e {
+                        log::debug!("{program}: verifier log:\n{verifier_log}");
+                    }
+                })
                 .map_err(|error| ProbeError::Program { program, error })?;
         }
         // After the programs are loaded: the reader takes the log's ring buffer map.
@@ -572,6 +588,44 @@ impl Probes {
             })?;
         let mut procs: HashMap<_, u32, GoProc> = HashMap::try_from(map)?;
         procs.insert(&tgid, &proc, 0)?;
+        Ok(())
+    }
+
+    /// Writes unwind-table rows from slot `first` of `UNWIND_ROWS` on.
+    pub fn set_unwind_rows(&mut self, first: u32, rows: &[UnwindRow]) -> Result<(), ProbeError> {
+        let map = self
+            .ebpf
+            .map_mut(map_names::UNWIND_ROWS)
+            .ok_or(MapError::InvalidName {
+                name: map_names::UNWIND_ROWS.into(),
+            })?;
+        let mut array: Array<_, UnwindRow> = Array::try_from(map)?;
+        for (i, row) in (first..).zip(rows) {
+            array.set(i, row, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Sets (or, with `None`, removes) the mappings with a table of process `tgid`.
+    pub fn set_unwind_proc(
+        &mut self,
+        tgid: u32,
+        proc: Option<&UnwindProc>,
+    ) -> Result<(), ProbeError> {
+        let map = self
+            .ebpf
+            .map_mut(map_names::UNWIND_PROCS)
+            .ok_or(MapError::InvalidName {
+                name: map_names::UNWIND_PROCS.into(),
+            })?;
+        let mut procs: HashMap<_, u32, UnwindProc> = HashMap::try_from(map)?;
+        match proc {
+            Some(p) => procs.insert(&tgid, p, 0)?,
+            None => match procs.remove(&tgid) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e.into()),
+            },
+        }
         Ok(())
     }
 

@@ -7,6 +7,7 @@ pub mod go;
 pub mod libc;
 pub mod loss;
 pub mod sample;
+pub mod unwind;
 
 /// Names of the maps the probe defines; the agent looks them up by these names.
 pub mod map_names {
@@ -34,6 +35,8 @@ pub mod map_names {
     pub const FOLLOWED: &str = "FOLLOWED";
     pub const PROGRAMS: &str = "PROGRAMS";
     pub const FOLLOW_LOST: &str = "FOLLOW_LOST";
+    pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
+    pub const UNWIND_PROCS: &str = "UNWIND_PROCS";
 }
 
 /// Names of the probe's global configuration variables (set with `EbpfLoader::override_global`).
@@ -58,6 +61,9 @@ pub mod config {
     /// Only the processes in the `FOLLOWED` map are traced; a followed process's new children
     /// join it in the kernel as they are created (`top -- CMD` without `--no-follow`).
     pub const FLAG_FOLLOW: u32 = 1 << 3;
+    /// libc probes walk user stacks with the agent's `.eh_frame` tables where a frame's code
+    /// has one, with frame pointers elsewhere (`--unwind dwarf`; `unwind.rs` in the probe).
+    pub const FLAG_UNWIND_TABLES: u32 = 1 << 4;
 }
 
 /// Slots of the `SITE_LIMIT` array: rows with a stack one process may create in `SITES`

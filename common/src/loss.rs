@@ -47,9 +47,20 @@ pub enum LossCause {
     /// The call-site table was full: the call is counted exactly in its process's row of
     /// unknown sites for its API (`SiteKey::spill`, exported as `other`), without its site.
     SiteSpilled = 11,
+    /// Table unwinding (`--unwind dwarf`): a frame's code had a rule the walker does not follow
+    /// (a CFA expression such as a PLT stub's, a return address not at CFA-8): the stack ends
+    /// at that frame.
+    UnwindUnsupported = 12,
+    /// Table unwinding: the stack could not be read where a rule pointed (return address or
+    /// saved rbp): the stack ends at that frame.
+    UnwindReadError = 13,
+    /// Table unwinding: the walk reached its frame limit (16, what the verifier accepts; see
+    /// probe-ebpf/src/unwind.rs) before the outermost frame: the stack keeps its innermost
+    /// frames.
+    UnwindTruncated = 14,
 }
 
-pub const LOSS_CAUSES: usize = 12;
+pub const LOSS_CAUSES: usize = 15;
 
 impl LossCause {
     /// Stable name used in JSON and metrics labels, and in the probes' debug log.
@@ -67,6 +78,9 @@ impl LossCause {
             LossCause::StackBudget => "stack_budget",
             LossCause::StackUndecided => "stack_undecided",
             LossCause::SiteSpilled => "site_spilled",
+            LossCause::UnwindUnsupported => "unwind_unsupported",
+            LossCause::UnwindReadError => "unwind_read_error",
+            LossCause::UnwindTruncated => "unwind_truncated",
         }
     }
 }
@@ -89,6 +103,9 @@ mod user {
             LossCause::StackBudget,
             LossCause::StackUndecided,
             LossCause::SiteSpilled,
+            LossCause::UnwindUnsupported,
+            LossCause::UnwindReadError,
+            LossCause::UnwindTruncated,
         ];
     }
 

@@ -34,9 +34,12 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 
-use crate::maps::{
-    FLAGS, LAST_ENTRY, LIBC_FILES, LIBC_HIST, LIVE, PENDING, SITES, capture_stack, count_call,
-    hist_add, lost, sampled, sampling, traced, why,
+use crate::{
+    maps::{
+        FLAGS, LAST_ENTRY, LIBC_FILES, LIBC_HIST, LIVE, PENDING, SITES, count_call, hist_add, lost,
+        sampled, sampling, traced, why,
+    },
+    unwind::capture_libc_stack,
 };
 
 #[uprobe(multi)]
@@ -164,7 +167,7 @@ fn on_count(ctx: &ProbeContext) {
     let (size, _) = request(ctx, api);
     // Nothing but the stack is sampled here: without stacks the draw is skipped.
     let stack_id = if stacks_on() && sampled(size, api != Api::Free) {
-        capture_stack(ctx)
+        capture_libc_stack(ctx, entry_sp, ret_addr)
     } else {
         NO_STACK
     };
@@ -186,11 +189,11 @@ fn stacks_on() -> bool {
 /// The user stack id of a sampled call when stacks are on (a failure is counted and yields
 /// [`NO_STACK`]).
 #[inline(always)]
-fn stack_id(ctx: &ProbeContext, sampled: bool) -> i64 {
+fn stack_id(ctx: &ProbeContext, sampled: bool, entry_sp: u64, ret_addr: u64) -> i64 {
     if !sampled || !stacks_on() {
         return NO_STACK;
     }
-    capture_stack(ctx)
+    capture_libc_stack(ctx, entry_sp, ret_addr)
 }
 
 /// (bytes requested, pointer argument) of a call of `api`: realloc's old block, free's block,
@@ -257,7 +260,7 @@ fn on_entry(ctx: &ProbeContext) {
     };
     let (size, arg_ptr) = request(ctx, api);
     let sampled = sampled(size, api != Api::Free);
-    let stack_id = stack_id(ctx, sampled);
+    let stack_id = stack_id(ctx, sampled, entry_sp, ret_addr);
     let mut site = SiteKey {
         tgid,
         api: api_id,

@@ -232,10 +232,10 @@ pub static STACKS: LruHashMap<u64, [u64; MAX_STACK_DEPTH]> =
     LruHashMap::with_max_entries(capacity::STACKS, 0);
 /// Scratch space for one stack per CPU (too large for the BPF stack).
 #[map]
-static STACK_SCRATCH: PerCpuArray<[u64; MAX_STACK_DEPTH]> = PerCpuArray::with_max_entries(1, 0);
+pub static STACK_SCRATCH: PerCpuArray<[u64; MAX_STACK_DEPTH]> = PerCpuArray::with_max_entries(1, 0);
 
-/// Captures the current user stack into `STACKS` and returns its id, or [`NO_STACK`] with the
-/// failure counted (collision, table full, unreadable stack).
+/// Captures the current user stack (the kernel's frame-pointer walk) into `STACKS` and returns
+/// its id, or [`NO_STACK`] with the failure counted (collision, table full, unreadable stack).
 #[inline(always)]
 pub fn capture_stack<C: EbpfContext>(ctx: &C) -> i64 {
     let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
@@ -261,11 +261,17 @@ pub fn capture_stack<C: EbpfContext>(ctx: &C) -> i64 {
         return NO_STACK;
     }
     // SAFETY: the scratch slot is ours on this CPU for the program's run.
-    let frames = unsafe { &*buf };
+    store_stack(unsafe { &*buf }, n as usize / size_of::<u64>())
+}
+
+/// Stores the first `len` of `frames` (the rest zero) in `STACKS` under their hash; the id, or
+/// [`NO_STACK`] with the failure counted.
+#[inline(always)]
+pub fn store_stack(frames: &[u64; MAX_STACK_DEPTH], len: usize) -> i64 {
     // Only the frames the helper wrote (it zero-fills the rest): a stack is typically a handful
     // of frames, and hashing or comparing all MAX_STACK_DEPTH slots cost ~150 ns per call
     // (measured, BENCHMARKS.md).
-    let len = (n as usize / size_of::<u64>()).min(MAX_STACK_DEPTH);
+    let len = len.min(MAX_STACK_DEPTH);
     // FNV-1a over the frames.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ len as u64;
     for (i, f) in frames.iter().enumerate() {

@@ -1,5 +1,6 @@
 //! Fixtures: fixtures/c/NAME.c -> target/fixtures/NAME, fixtures/c/split_fixture.c also in the
-//! variants of target/fixtures/split/ (see [`build_split`]), and fixtures/go/growth built by
+//! variants of target/fixtures/split/ (see [`build_split`]), fixtures/c/unwind/ -> target/fixtures/
+//! unwind/ (see [`build_unwind`]), and fixtures/go/growth built by
 //! every Go toolchain (xtask/src/go.rs) -> target/gofixtures/growth-<version>[-noswissmap]
 //! [-stripped].
 
@@ -67,6 +68,7 @@ fn build_c(paths: &Paths) -> anyhow::Result<PathBuf> {
     }
     build_split(&src_dir, &out_dir.join("split"))?;
     build_allocators(&src_dir, &out_dir.join("alloc"))?;
+    build_unwind(&src_dir, &out_dir.join("unwind"))?;
     Ok(out_dir)
 }
 
@@ -176,6 +178,53 @@ fn build_prefixed_jemalloc(src_dir: &Path, dir: &Path) -> anyhow::Result<()> {
             .arg(&lib)
             .args(["-lpthread", "-lm", "-ldl"]),
     )
+}
+
+/// fixtures/c/unwind/: `unwind_fixture` and its `libunwfix.so` (found through an `$ORIGIN`
+/// rpath) in `out/nofp` (-O2 -fomit-frame-pointer -DUW_NO_FP, as distributions build) and
+/// `out/fp` (-O2 with frame pointers), with -g for names and lines (xtask/tests/unwind.rs).
+fn build_unwind(src_dir: &Path, out: &Path) -> anyhow::Result<()> {
+    let dir = src_dir.join("unwind");
+    let exe_src = dir.join("unwind_fixture.c");
+    let lib_src = dir.join("unwind_lib.c");
+    let inputs = [
+        exe_src.clone(),
+        lib_src.clone(),
+        dir.join("unwind_lib.h"),
+        src_dir.join("fixture.h"),
+    ];
+    for (variant, flags) in [
+        ("nofp", &["-fomit-frame-pointer", "-DUW_NO_FP"][..]),
+        ("fp", &["-fno-omit-frame-pointer"][..]),
+    ] {
+        let vdir = out.join(variant);
+        let exe = vdir.join("unwind_fixture");
+        if !is_stale(&inputs, &exe)? {
+            continue;
+        }
+        fs::create_dir_all(&vdir).with_context(|| format!("creating {}", vdir.display()))?;
+        let gcc = || {
+            let mut c = Command::new("gcc");
+            c.args(["-O2", "-g", "-Wall", "-Wextra"]).args(flags);
+            c
+        };
+        cmd::run(
+            gcc()
+                .args(["-shared", "-fPIC", "-o"])
+                .arg(vdir.join("libunwfix.so"))
+                .arg(&lib_src),
+        )?;
+        cmd::run(
+            gcc()
+                .arg("-o")
+                .arg(&exe)
+                .arg(&exe_src)
+                .arg("-L")
+                .arg(&vdir)
+                .args(["-lunwfix", "-Wl,-rpath,$ORIGIN"]),
+        )?;
+    }
+    Ok(())
 }
 
 /// split_fixture's variants, each `DIR/split_fixture` in `out` (xtask/tests/symbols.rs):

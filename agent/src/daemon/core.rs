@@ -225,6 +225,8 @@ impl State {
                 stacks: cfg.mode.stacks(),
                 sample_bytes: cfg.sample_bytes(),
                 capacity,
+                // Node-wide table unwinding is not wired yet (issue 10): frame pointers.
+                unwind_tables: false,
             },
             cfg.mode,
         )?;
@@ -586,6 +588,16 @@ fn remedy(cause: LossCause, c: &Capacity) -> String {
             "two stacks hashed to the same id; the site keeps only its caller".to_string()
         }
         LossCause::StackError => "user stacks could not be read".to_string(),
+        LossCause::UnwindUnsupported => "a stack walked with unwind tables reached code whose \
+                                          rule the walker does not follow (a PLT stub, a CFA \
+                                          expression); those stacks end there"
+            .to_string(),
+        LossCause::UnwindReadError => "a stack walked with unwind tables could not be read \
+                                        where a rule pointed; those stacks end there"
+            .to_string(),
+        LossCause::UnwindTruncated => "stacks deeper than the walker's frame limit keep their \
+                                        innermost frames"
+            .to_string(),
         LossCause::RingbufFull => "the event ring buffer overflowed: the agent was not \
                                     scheduled in time (check its CPU limit)"
             .to_string(),

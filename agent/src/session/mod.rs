@@ -48,6 +48,7 @@ use crate::{
     },
     symbolize::SymbolizerHandle,
     target::{TargetError, libc::Served, maps::DevInode},
+    unwind::{Unwind, load::Tables},
 };
 
 /// What the session shows.
@@ -120,6 +121,8 @@ fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer,
     let pidfd = procfs::pidfd_open(pid.get())
         .map_err(|_| TargetError::ExitedDuringAttach { pid: pid.get() })?;
     let capacity = Capacity::from(args.capacity);
+    let unwind = args.unwind == Unwind::Dwarf && args.mode.stacks() && !args.no_stacks;
+    let mut tables = unwind.then(Tables::default);
     // Following, the probes go into every process that maps the files, and the kernel's
     // followed set narrows them to the tree; without, into the one process.
     let load = |follow: bool| {
@@ -130,6 +133,7 @@ fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer,
                 stacks: args.mode.stacks() && !args.no_stacks,
                 sample_bytes: args.sample_bytes,
                 capacity,
+                unwind_tables: unwind,
             },
             args.mode,
         )
@@ -211,6 +215,10 @@ fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer,
         let stopped = parked.release()?;
         parts.symbolizer.note_process(pid.get());
         refresh_identity(&mut info);
+        // The program and ld.so, before either runs.
+        if let Some(t) = &mut tables {
+            view::load_unwind(t, &mut parts.probes, pid.get());
+        }
         stopped.resume();
         // The command maps its libraries after exec; snapshot its mappings as soon as the
         // probed file is among them, so that even a command that exits within milliseconds
@@ -228,6 +236,9 @@ fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer,
     } else {
         parts.symbolizer.note_process(pid.get());
     }
+    if let Some(t) = &mut tables {
+        view::load_unwind(t, &mut parts.probes, pid.get());
+    }
     resolve::attach_mapped(&mut parts.probes, &r).map_err(exited)?;
     parts.frames.noted.insert(pid.get());
     let mut tracer = Tracer {
@@ -238,6 +249,7 @@ fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer,
             tree: Tree::new(follow, pid.get(), launched, targets, r.go.is_some()),
         },
         _exec_snapshots: exec_snapshots,
+        unwind: tables,
         go_target: r.go,
         started: Instant::now(),
         top_k: args.top,
@@ -280,6 +292,8 @@ fn banner(tracer: &Tracer) {
 
 /// How often a Go program's maps are read (`gort::live`).
 const MAP_READ_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the traced process's mappings are checked for files without unwind tables.
+const UNWIND_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Handles records until the process exits, the duration ends or a signal comes; `top` and
 /// `leaks` without `--json` or `--output` redraw their table every interval meanwhile.
@@ -307,6 +321,10 @@ async fn follow(
     let reads_maps = tracer.watched.go.is_some();
     let mut map_tick = tokio::time::interval(MAP_READ_INTERVAL);
     map_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Libraries mapped after the start (dlopen) get their tables within this interval.
+    let mut unwind_tick = tokio::time::interval(UNWIND_INTERVAL);
+    unwind_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let unwinds = tracer.unwind.is_some();
     loop {
         tokio::select! {
             ready = tracer.pipe.readable() => {
@@ -318,6 +336,7 @@ async fn follow(
             _ = sigint.recv() => return Ok(End::Signal(libc::SIGINT)),
             _ = sigterm.recv() => return Ok(End::Signal(libc::SIGTERM)),
             _ = map_tick.tick(), if reads_maps => tracer.refresh_maps(),
+            _ = unwind_tick.tick(), if unwinds => tracer.refresh_unwind(),
             _ = tick.tick(), if live_interval.is_some() => {
                 let text = match view {
                     View::Leaks { min_age, .. } => {

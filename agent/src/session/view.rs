@@ -44,6 +44,8 @@ pub struct Tracer {
     pub sampling: Sampling,
     /// Reads the maps of the tree's programs at their exec (stops when dropped).
     pub _exec_snapshots: Option<ExecSnapshots>,
+    /// The unwind tables loaded for the traced process (`--unwind dwarf`).
+    pub unwind: Option<crate::unwind::load::Tables>,
 }
 
 /// What the records say about the traced process beyond its sites.
@@ -270,6 +272,15 @@ impl Tracer {
     }
 
     /// Reads the length and size of the traced process's Go maps (see `gort::live`).
+    /// Loads the unwind tables of the traced process's mappings that have none yet (libraries
+    /// mapped since, dlopen), saying what it holds when that changed.
+    pub fn refresh_unwind(&mut self) {
+        let pid = self.watched.info.pid;
+        if let Some(tables) = &mut self.unwind {
+            load_unwind(tables, &mut self.pipe.parts.probes, pid);
+        }
+    }
+
     pub fn refresh_maps(&mut self) {
         let pid = self.watched.info.pid;
         if let Some(go) = &mut self.watched.go {
@@ -518,4 +529,24 @@ fn monotonic_ns() -> u64 {
 /// needed (`SiteKey::spill`) and holds calls only once the table is full.
 fn in_use(key: &SiteKey, stats: &SiteStats) -> bool {
     !key.is_spill() || stats.calls > 0
+}
+
+/// Loads `pid`'s unwind tables (see [`Tracer::refresh_unwind`]); a failure is said, not fatal:
+/// the process's stacks are then walked with frame pointers.
+pub fn load_unwind(
+    tables: &mut crate::unwind::load::Tables,
+    probes: &mut crate::probes::Probes,
+    pid: u32,
+) {
+    match tables.load_process(probes, pid) {
+        Ok(Some(loaded)) => crate::say!(
+            "allocwatch: unwind tables for pid {pid}: {} ({} rows in all, {} KiB of {} KiB)",
+            loaded.files.join(", "),
+            loaded.rows,
+            loaded.bytes.div_ceil(1024),
+            crate::unwind::load::Tables::CAPACITY_BYTES / 1024
+        ),
+        Ok(None) => {}
+        Err(e) => crate::say!("allocwatch: warning: unwind tables for pid {pid}: {e}"),
+    }
 }

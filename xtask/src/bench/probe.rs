@@ -9,6 +9,8 @@ pub(super) enum Tracer {
     Allocwatch(&'static str),
     /// `allocwatch top --mode MODE --sample-bytes N`.
     Sampled(&'static str, u64),
+    /// `allocwatch top --mode MODE --unwind dwarf`: stacks walked with unwind tables.
+    Dwarf(&'static str),
     /// A bpftrace script (its name in the table, the script).
     Bpftrace(&'static str, String),
 }
@@ -19,6 +21,7 @@ impl Tracer {
             Tracer::Untraced => "untraced".into(),
             Tracer::Allocwatch(m) => format!("allocwatch {m}"),
             Tracer::Sampled(m, n) => format!("allocwatch {m} --sample-bytes {n}"),
+            Tracer::Dwarf(m) => format!("allocwatch {m} --unwind dwarf"),
             Tracer::Bpftrace(n, _) => format!("bpftrace {n}"),
         }
     }
@@ -140,11 +143,14 @@ pub(super) fn run_alloc_bench(b: &Bench, tracer: &Tracer, w: &Workload) -> anyho
             c.args(&w.args);
             c
         }
-        Tracer::Allocwatch(mode) | Tracer::Sampled(mode, _) => {
+        Tracer::Allocwatch(mode) | Tracer::Sampled(mode, _) | Tracer::Dwarf(mode) => {
             let mut c = Command::new(&b.bin);
             c.args(["top", "--mode", mode, "--json", "-o"]).arg(&report);
             if let Tracer::Sampled(_, n) = tracer {
                 c.args(["--sample-bytes", &n.to_string()]);
+            }
+            if let Tracer::Dwarf(_) = tracer {
+                c.args(["--unwind", "dwarf"]);
             }
             c.arg("--").arg(&b.alloc_bench).args(&w.args);
             c
@@ -172,7 +178,7 @@ pub(super) fn run_alloc_bench(b: &Bench, tracer: &Tracer, w: &Workload) -> anyho
             done.stderr
         );
     }
-    if let Tracer::Allocwatch(_) | Tracer::Sampled(..) = tracer {
+    if let Tracer::Allocwatch(_) | Tracer::Sampled(..) | Tracer::Dwarf(_) = tracer {
         target_exited_ok(&report)?;
     }
     let f = fields(&done.stdout, "alloc_bench ")
@@ -184,7 +190,7 @@ pub(super) fn run_alloc_bench(b: &Bench, tracer: &Tracer, w: &Workload) -> anyho
             w.calls
         );
     }
-    if let Tracer::Allocwatch(mode) | Tracer::Sampled(mode, _) = tracer
+    if let Tracer::Allocwatch(mode) | Tracer::Sampled(mode, _) | Tracer::Dwarf(mode) = tracer
         && !mode.starts_with("floor")
     {
         check_exact(&report, mode, w)?;
@@ -244,6 +250,8 @@ pub(super) fn probe_section(b: &Bench, pairs: u64) -> anyhow::Result<String> {
         Tracer::Allocwatch("count-stacks"),
         Tracer::Allocwatch("stacks-off"),
         Tracer::Allocwatch("full"),
+        // The same stacks walked with the unwind tables instead of frame pointers.
+        Tracer::Dwarf("full"),
         // Go's default mean (512 KiB), and a mean that samples ~1 call in 30 of this workload.
         Tracer::Sampled("count-stacks", 512 << 10),
         Tracer::Sampled("full", 512 << 10),

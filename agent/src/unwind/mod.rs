@@ -1,0 +1,18 @@
+//! Unwinding without frame pointers (`--unwind`): each mapped file's `.eh_frame` compiled once
+//! into rows (`table.rs`), loaded into the probe's maps per file and per process (`load.rs`),
+//! walked by the libc probes (probe-ebpf/src/unwind.rs).
+
+pub mod load;
+pub mod table;
+
+/// How the libc probes walk user stacks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Unwind {
+    /// Frame pointers only (the kernel's walk): cheapest, but a stack through code built
+    /// without them (most distribution packages) is cut there.
+    #[default]
+    Fp,
+    /// Call-frame information (`.eh_frame`) compiled into tables where a frame's code has it,
+    /// frame pointers elsewhere.
+    Dwarf,
+}

@@ -1,0 +1,238 @@
+use std::{path::Path, process::Command};
+
+use allocwatch_common::unwind::{UnwindRow, kind};
+
+use super::{GAP, Rule, compile, lookup, rows_of};
+
+fn rule(kind: u8, cfa_off: u16, rbp_words: i8) -> Rule {
+    Rule {
+        kind,
+        cfa_off,
+        rbp_words,
+    }
+}
+
+#[test]
+fn rows_merge_equal_rules_and_mark_gaps() {
+    let a = rule(kind::CFA_RSP, 8, 0);
+    let b = rule(kind::CFA_RSP, 16, 0);
+    let rows = rows_of(vec![
+        (0x1010, 0x1020, a),
+        (0x1000, 0x1004, a),
+        (0x1004, 0x1010, b),
+        // A second function right after the first, starting with the same rule.
+        (0x1020, 0x1030, a),
+        (0x1040, 0x1050, a),
+    ]);
+    let pcs: Vec<(u32, u8, u16)> = rows.iter().map(|r| (r.pc, r.kind, r.cfa_off)).collect();
+    assert_eq!(
+        pcs,
+        [
+            (0x1000, kind::CFA_RSP, 8),
+            (0x1004, kind::CFA_RSP, 16),
+            (0x1010, kind::CFA_RSP, 8),
+            (0x1030, kind::GAP, 0),
+            (0x1040, kind::CFA_RSP, 8),
+            (0x1050, kind::GAP, 0),
+        ]
+    );
+    assert_eq!(lookup(&rows, 0xfff), None);
+    assert_eq!(lookup(&rows, 0x1007).map(|r| r.cfa_off), Some(16));
+    assert_eq!(lookup(&rows, 0x1035).map(|r| r.kind), Some(kind::GAP));
+    assert_eq!(lookup(&rows, 0x9999).map(|r| r.kind), Some(kind::GAP));
+    assert!(rows_of(Vec::new()).is_empty());
+    let _ = GAP;
+}
+
+#[test]
+fn not_an_elf_is_an_error() {
+    assert!(compile(b"not an elf").is_err());
+    assert!(compile(&[]).is_err());
+}
+
+/// One row of `readelf --debug-dump=frames-interp`: its address, CFA and rbp and ra columns.
+struct Interp {
+    loc: u64,
+    cfa: String,
+    rbp: String,
+    ra: String,
+}
+
+/// Every row of every FDE readelf interprets in `path`.
+fn readelf_rows(path: &Path) -> Vec<Interp> {
+    let out = Command::new("readelf")
+        .arg("--debug-dump=frames-interp")
+        .arg(path)
+        .output()
+        .expect("readelf runs (binutils)");
+    // Debian's readelf exits 1 on libc.so.6 (its debug link leads nowhere) after printing
+    // every frame: the rows are checked, not the status.
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut rows = Vec::new();
+    let mut columns: Vec<String> = Vec::new();
+    let mut in_fde = false;
+    for line in text.lines() {
+        // A register rule prints as `r10 (r10)`: one column, two words.
+        let words: Vec<&str> = line
+            .split_whitespace()
+            .filter(|w| !(w.starts_with('(') && w.ends_with(')')))
+            .collect();
+        if line.contains(" FDE ") {
+            in_fde = true;
+            continue;
+        }
+        if line.contains(" CIE") || line.contains("ZERO terminator") {
+            in_fde = false;
+            continue;
+        }
+        if words.first() == Some(&"LOC") {
+            columns = words.iter().map(|w| w.to_string()).collect();
+            continue;
+        }
+        if !in_fde || words.len() < 2 {
+            continue;
+        }
+        let Ok(loc) = u64::from_str_radix(words[0], 16) else {
+            continue;
+        };
+        let col = |name: &str| {
+            columns
+                .iter()
+                .position(|c| c == name)
+                .and_then(|i| words.get(i))
+                .map_or_else(|| "u".to_string(), |w| w.to_string())
+        };
+        rows.push(Interp {
+            loc,
+            cfa: words[1].to_string(),
+            rbp: col("rbp"),
+            ra: col("ra"),
+        });
+    }
+    rows
+}
+
+/// What our row should say for readelf's columns.
+fn expected(r: &Interp) -> (u8, u16, i8) {
+    let unsupported = (kind::UNSUPPORTED, 0, 0);
+    if r.ra == "u" {
+        return (kind::END, 0, 0);
+    }
+    if r.ra != "c-8" {
+        return unsupported;
+    }
+    let (k, off) = if let Some(off) = r.cfa.strip_prefix("rsp+") {
+        (kind::CFA_RSP, off)
+    } else if let Some(off) = r.cfa.strip_prefix("rbp+") {
+        (kind::CFA_RBP, off)
+    } else {
+        return unsupported;
+    };
+    let Ok(off) = off.parse::<u16>() else {
+        return unsupported;
+    };
+    let rbp = match r.rbp.as_str() {
+        "u" | "s" => 0,
+        c => match c.strip_prefix("c-").and_then(|n| n.parse::<i16>().ok()) {
+            Some(n) if n % 8 == 0 => -(n / 8) as i8,
+            _ => return unsupported,
+        },
+    };
+    (k, off, rbp)
+}
+
+/// Every row readelf prints is what our table says for its address.
+fn assert_agrees(path: &Path) -> Vec<UnwindRow> {
+    let data = std::fs::read(path).unwrap();
+    let rows = compile(&data).unwrap();
+    let interp = readelf_rows(path);
+    assert!(
+        !interp.is_empty(),
+        "readelf found rows in {}",
+        path.display()
+    );
+    let mut kinds = [0usize; 5];
+    for r in &interp {
+        let got = lookup(&rows, r.loc)
+            .unwrap_or_else(|| panic!("{}: no row for {:#x}", path.display(), r.loc));
+        let want = expected(r);
+        assert_eq!(
+            (got.kind, got.cfa_off, got.rbp_words),
+            want,
+            "{} at {:#x}: readelf says cfa {} rbp {} ra {}",
+            path.display(),
+            r.loc,
+            r.cfa,
+            r.rbp,
+            r.ra
+        );
+        kinds[usize::from(got.kind)] += 1;
+    }
+    assert!(rows.windows(2).all(|w| w[0].pc < w[1].pc), "sorted");
+    rows
+}
+
+/// A program and a shared library built here the way distributions build them: -O2 without
+/// frame pointers; one function keeps a frame pointer for its variable-length array (CFA from
+/// rbp).
+#[test]
+fn tables_agree_with_readelf_on_binaries_built_here() {
+    let dir = std::env::temp_dir().join(format!("allocwatch-unwind-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join("prog.c");
+    std::fs::write(
+        &src,
+        r#"
+#include <stdlib.h>
+#include <string.h>
+__attribute__((noinline)) void *leaf(size_t n) { return malloc(n); }
+__attribute__((noinline)) void *mid(size_t n) { void *p = leaf(n); memset(p, 1, n); return p; }
+__attribute__((noinline)) size_t vla(size_t n) {
+    char buf[n];
+    memset(buf, 0, n);
+    return (size_t)buf[n / 2] + (size_t)mid(n);
+}
+int main(int argc, char **argv) { (void)argv; return (int)vla((size_t)argc + 64); }
+"#,
+    )
+    .unwrap();
+    let bin = dir.join("prog");
+    let lib = dir.join("libprog.so");
+    for (out, extra) in [(&bin, &[][..]), (&lib, &["-shared", "-fPIC"][..])] {
+        let status = Command::new("gcc")
+            .args(["-O2", "-fomit-frame-pointer", "-o"])
+            .arg(out)
+            .args(extra)
+            .arg(&src)
+            .status()
+            .expect("gcc runs");
+        assert!(status.success());
+    }
+    let rows = assert_agrees(&bin);
+    // The variable-length array's function walks from rbp.
+    assert!(
+        rows.iter()
+            .any(|r| r.kind == kind::CFA_RBP && r.rbp_words == -2)
+    );
+    // _start: the outermost frame.
+    assert!(rows.iter().any(|r| r.kind == kind::END));
+    // The PLT's CFA is an expression.
+    assert!(rows.iter().any(|r| r.kind == kind::UNSUPPORTED));
+    assert_agrees(&lib);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The system's libc, built by its distribution: every row agrees, and the table is compact.
+#[test]
+fn tables_agree_with_readelf_on_the_system_libc() {
+    let libc = Path::new("/lib/x86_64-linux-gnu/libc.so.6");
+    if !libc.exists() {
+        return;
+    }
+    let rows = assert_agrees(libc);
+    assert!(
+        rows.len() > 1000 && rows.len() < 200_000,
+        "{} rows",
+        rows.len()
+    );
+}

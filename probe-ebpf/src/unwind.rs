@@ -1,0 +1,220 @@
+//! User stacks walked with the agent's unwind tables (`--unwind dwarf`,
+//! `allocwatch_common::unwind`): where a frame's code has a table, its row says where the CFA is
+//! (rsp or rbp plus an offset), where the caller's rbp was saved, and the return address is at
+//! CFA-8; elsewhere a frame-pointer step, as the kernel's walk does. Bounded: at most
+//! `MAX_STACK_DEPTH` frames, each a fixed number of binary-search steps.
+
+use allocwatch_common::{
+    MAX_STACK_DEPTH,
+    config::FLAG_UNWIND_TABLES,
+    libc::NO_STACK,
+    loss::LossCause,
+    unwind::{
+        UNWIND_MAP_STEPS, UNWIND_MAPPINGS_MAX, UNWIND_PROCS_MAX, UNWIND_ROW_STEPS, UNWIND_ROWS_MAX,
+        UnwindProc, UnwindRow, kind,
+    },
+};
+use aya_ebpf::{
+    helpers::bpf_probe_read_user,
+    macros::map,
+    maps::{Array, HashMap},
+    programs::ProbeContext,
+};
+
+use crate::maps::{FLAGS, STACK_SCRATCH, capture_stack, current_tgid, lost, store_stack};
+
+/// A libc probe's user stack: walked with the unwind tables (`FLAG_UNWIND_TABLES`) from the
+/// registers at the probe, `entry_sp` (the stack pointer at the function's entry) and
+/// `ret_addr` (the return address there); else the kernel's frame-pointer walk
+/// ([`capture_stack`]).
+#[inline(always)]
+pub fn capture_libc_stack(ctx: &ProbeContext, entry_sp: u64, ret_addr: u64) -> i64 {
+    if FLAGS.load() & FLAG_UNWIND_TABLES == 0 {
+        return capture_stack(ctx);
+    }
+    let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
+        return NO_STACK;
+    };
+    // SAFETY: the scratch slot is ours on this CPU for the program's run; regs points at the
+    // probed task's saved registers.
+    let (frames, regs) = unsafe { (&mut *buf, &*ctx.regs) };
+    let n = walk(
+        current_tgid(),
+        regs.rip,
+        regs.rbp,
+        entry_sp,
+        ret_addr,
+        frames,
+    );
+    store_stack(frames, n)
+}
+
+/// Every file's rows, each file's a contiguous run (the agent appends them).
+#[map]
+pub static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(UNWIND_ROWS_MAX, 0);
+/// tgid → its mappings with a table.
+#[map]
+pub static UNWIND_PROCS: HashMap<u32, UnwindProc> = HashMap::with_max_entries(UNWIND_PROCS_MAX, 0);
+/// A process without tables (never written: no mappings). Walking with it rather than with an
+/// `Option` keeps LLVM from computing field addresses of a pointer the verifier still holds
+/// possibly null ("pointer arithmetic on map_value_or_null").
+#[map]
+static UNWIND_NO_PROC: Array<UnwindProc> = Array::with_max_entries(1, 0);
+
+/// Frames a table walk follows (the verifier checks every step of every frame: at 64 frames
+/// it gave up at its million instructions).
+const UNWIND_FRAMES: usize = 16;
+
+/// 1 when `a <= b`, else 0, without a branch (both below 2^32). Binary searches without branches
+/// keep the verifier's work linear: with an `if` per step it explored every path of every
+/// step of every frame and gave up (a million instructions).
+#[inline(always)]
+fn le(a: u64, b: u64) -> u64 {
+    a.wrapping_sub(b).wrapping_sub(1) >> 63
+}
+
+/// The rule for code at `pc` as (kind, CFA offset, rbp words); `GAP` where no table covers it.
+/// Fixed-count steps (see [`le`]).
+#[inline(always)]
+fn rule_for(proc: &UnwindProc, pc: u64) -> (u8, u16, i8) {
+    const NONE: (u8, u16, i8) = (kind::GAP, 0, 0);
+    let len = u64::from(proc.len);
+    if len == 0 || len > UNWIND_MAPPINGS_MAX as u64 {
+        return NONE;
+    }
+    // The last mapping starting at or before pc (sorted by start; 0 if none is).
+    let (mut base, mut size) = (0u64, len);
+    for _ in 0..UNWIND_MAP_STEPS {
+        let half = size / 2;
+        let mid = (base + half) as usize & (UNWIND_MAPPINGS_MAX - 1);
+        // Both below 2^47 (user addresses): `le` holds.
+        base += half * le(proc.maps[mid].start, pc);
+        size -= half;
+    }
+    let m = &proc.maps[base as usize & (UNWIND_MAPPINGS_MAX - 1)];
+    if pc < m.start || pc >= m.end || m.len == 0 {
+        return NONE;
+    }
+    let addr = pc.wrapping_sub(m.bias);
+    if addr > u64::from(u32::MAX) {
+        return NONE;
+    }
+    let (first, mut base, mut size) = (m.first, 0u32, m.len);
+    for _ in 0..UNWIND_ROW_STEPS {
+        let half = size / 2;
+        let Some(r) = UNWIND_ROWS.get(first.wrapping_add(base + half)) else {
+            return NONE;
+        };
+        base += half * le(u64::from(r.pc), addr) as u32;
+        size -= half;
+    }
+    match UNWIND_ROWS.get(first.wrapping_add(base)) {
+        Some(r) if u64::from(r.pc) <= addr => (r.kind, r.cfa_off, r.rbp_words),
+        _ => NONE,
+    }
+}
+
+#[inline(always)]
+fn read(addr: u64) -> Option<u64> {
+    // SAFETY: reading the traced task's own stack; a fault is an error, not a crash.
+    unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
+}
+
+/// Walks the stack of a libc probe into `frames` (the rest zeroed); returns the frame count.
+/// `rip` and `rbp` are the registers at the probe, `entry_sp` the stack pointer at the
+/// function's entry (where `ret_addr`, the caller's return address, is).
+#[inline(always)]
+fn walk(
+    tgid: u32,
+    rip: u64,
+    rbp: u64,
+    entry_sp: u64,
+    ret_addr: u64,
+    frames: &mut [u64; MAX_STACK_DEPTH],
+) -> usize {
+    // Zeroed first, word by word: volatile, so that LLVM does not make it a byte-wise memset
+    // after the walk, which the verifier then walked once per possible length (a million
+    // instructions).
+    for slot in frames.iter_mut() {
+        // SAFETY: a valid, aligned slot of the array.
+        unsafe { core::ptr::write_volatile(slot, 0) };
+    }
+    frames[0] = rip;
+    // SAFETY: a plain value, read in place.
+    let proc = match unsafe { UNWIND_PROCS.get(&tgid) } {
+        Some(p) => p,
+        None => match UNWIND_NO_PROC.get(0) {
+            Some(p) => p,
+            None => return 1,
+        },
+    };
+    let (mut pc, mut sp, mut bp) = (ret_addr, entry_sp + 8, rbp);
+    // A prologue with a frame pointer may have set rbp before the probed instruction.
+    if bp == entry_sp.wrapping_sub(8) {
+        bp = read(bp).unwrap_or(0);
+    }
+    let mut n = 1;
+    let mut truncated = true;
+    for slot in frames.iter_mut().skip(1).take(UNWIND_FRAMES - 1) {
+        if pc == 0 {
+            truncated = false;
+            break;
+        }
+        *slot = pc;
+        n += 1;
+        // A return address: the call is the instruction before it.
+        let (k, cfa_off, rbp_words) = rule_for(proc, pc - 1);
+        let (cfa, saved_bp) = match k {
+            kind::CFA_RSP | kind::CFA_RBP => {
+                let base = if k == kind::CFA_RSP { sp } else { bp };
+                let cfa = base + u64::from(cfa_off);
+                let saved =
+                    (rbp_words != 0).then(|| cfa.wrapping_add_signed(i64::from(rbp_words) * 8));
+                (cfa, saved)
+            }
+            kind::GAP => {
+                // Frame pointers: [rbp] = the caller's rbp, [rbp+8] = the return address.
+                if bp == 0 {
+                    truncated = false;
+                    break;
+                }
+                (bp + 16, Some(bp))
+            }
+            kind::UNSUPPORTED => {
+                lost(LossCause::UnwindUnsupported);
+                truncated = false;
+                break;
+            }
+            _ => {
+                truncated = false;
+                break;
+            }
+        };
+        let Some(ra) = read(cfa - 8) else {
+            lost(LossCause::UnwindReadError);
+            truncated = false;
+            break;
+        };
+        if let Some(at) = saved_bp {
+            match read(at) {
+                Some(v) => bp = v,
+                None => {
+                    lost(LossCause::UnwindReadError);
+                    truncated = false;
+                    break;
+                }
+            }
+        }
+        // The stack grows down: a caller's frame is above its callee's.
+        if cfa <= sp && k != kind::GAP {
+            truncated = false;
+            break;
+        }
+        sp = cfa;
+        pc = ra;
+    }
+    if truncated && pc != 0 {
+        lost(LossCause::UnwindTruncated);
+    }
+    n
+}
