@@ -35,21 +35,9 @@ use std::{
 
 use serde_json::Value;
 use support::{
-    API_TOTALS, Allocwatch, AllocwatchBin, Fixture, agent::Agent, agent::Identity, allocwatch_bin,
-    env_path, path_str, process_by_pid, read_json, serial, signal, str_at,
+    API_TOTALS, Allocwatch, AllocwatchBin, Fixture, LOSS_KEYS, agent::Agent, agent::Identity,
+    allocwatch_bin, env_path, path_str, process_by_pid, read_json, serial, signal, str_at,
 };
-
-/// The `lost` keys that are events lost (as xtask/tests/libc.rs checks them).
-const LOSS_KEYS: &[&str] = &[
-    "pending_full",
-    "live_map_full",
-    "site_map_full",
-    "stack_collision",
-    "stack_error",
-    "ringbuf_full",
-    "orphan_return",
-    "symbolize_process_gone",
-];
 
 /// Runs `top --pid` (JSON, or the text view with `json` false) on the `variant` fixture's
 /// `wait-run`; the fixture's pid and the report (JSON) or the text.

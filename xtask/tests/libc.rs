@@ -43,24 +43,13 @@ use std::{
 use serde_json::Value;
 use support::{
     API_TOTALS, APIS, Allocwatch, AllocwatchBin, BPF_FREE_LIMIT, BpfIds, Fixture, KernelState,
-    LIVE_ALLOCATIONS, LIVE_BYTES, Lines, SAMPLE_RATE, SAMPLE_SITES, SITES, address_groups,
-    allocwatch_bin, array, assert_single_error, dead_pid, libc_fixture, libc_path, path_str,
-    process_by_pid, read_json, sample_bound, serial, signal, str_at, u64_at,
+    LIVE_ALLOCATIONS, LIVE_BYTES, LOSS_KEYS, Lines, SAMPLE_RATE, SAMPLE_SITES, SITES,
+    address_groups, allocwatch_bin, array, assert_single_error, dead_pid, libc_fixture, libc_path,
+    path_str, process_by_pid, read_json, sample_bound, serial, signal, str_at, u64_at,
 };
 
 /// The `loop` mode's block size: malloc(48) then free, every millisecond.
 const LOOP_BLOCK: u64 = 48;
-
-const LOSS_KEYS: &[&str] = &[
-    "pending_full",
-    "live_map_full",
-    "site_map_full",
-    "stack_collision",
-    "stack_error",
-    "ringbuf_full",
-    "orphan_return",
-    "symbolize_process_gone",
-];
 
 // ---------------------------------------------------------------------------------------------
 // Tests

@@ -162,6 +162,19 @@ pub struct BpfIds {
 /// CPUs of a 2-CPU machine saturated (load 5-8), a program and the maps of an exited `top` were
 /// still there when the rest of the one-second limit had passed. The process's exit (its fds closed, its probes detached) is what
 /// the signal tests time; this only checks that nothing stays held for good.
+/// The keys of a report's `lost` object that are events lost (checked zero by the libc and
+/// allocator tests).
+pub const LOSS_KEYS: &[&str] = &[
+    "pending_full",
+    "live_map_full",
+    "site_map_full",
+    "stack_collision",
+    "stack_error",
+    "ringbuf_full",
+    "orphan_return",
+    "symbolize_process_gone",
+];
+
 pub const BPF_FREE_LIMIT: Duration = Duration::from_secs(10);
 
 /// bpf(2) commands that open an object by id: they fail with ENOENT once it is freed.
