@@ -143,6 +143,11 @@ pub struct AgentArgs {
     /// [default: 524288 (512 KiB) in the modes with stacks or a live table, 0 in count]
     #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = values::sample_bytes)]
     pub sample_bytes: Option<u64>,
+    /// How sampled stacks are walked [default: fp]: `fp` (frame pointers) or `dwarf` (each
+    /// traced program's `.eh_frame` as tables in the kernel; for code built without frame
+    /// pointers).
+    #[arg(long, value_enum, value_name = "HOW")]
+    pub unwind: Option<crate::unwind::Unwind>,
     /// Serve /debug/pprof/allocs and /debug/pprof/heap.
     #[arg(long)]
     pub pprof: bool,

@@ -31,6 +31,7 @@ async fn agent(a: AgentArgs) -> anyhow::Result<()> {
         top_k: a.top_k,
         mode: a.mode,
         sample_bytes: a.sample_bytes,
+        unwind: a.unwind,
         comm: a.comm,
         exe: a.exe,
         cgroup: a.cgroup,

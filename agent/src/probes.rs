@@ -9,7 +9,7 @@ use allocwatch_common::{
     go::{self, GO_SPECS_MAX, GoProc, GoSpec},
     libc::{LIBC_FILES_MAX, LibcFile, cookie},
     map_names,
-    unwind::{UNWIND_PROCS_MAX, UNWIND_ROWS_MAX, UnwindProc, UnwindRow},
+    unwind::{UNWIND_PROCS_MAX, UNWIND_ROWS_MAX},
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -588,44 +588,6 @@ impl Probes {
             })?;
         let mut procs: HashMap<_, u32, GoProc> = HashMap::try_from(map)?;
         procs.insert(&tgid, &proc, 0)?;
-        Ok(())
-    }
-
-    /// Writes unwind-table rows from slot `first` of `UNWIND_ROWS` on.
-    pub fn set_unwind_rows(&mut self, first: u32, rows: &[UnwindRow]) -> Result<(), ProbeError> {
-        let map = self
-            .ebpf
-            .map_mut(map_names::UNWIND_ROWS)
-            .ok_or(MapError::InvalidName {
-                name: map_names::UNWIND_ROWS.into(),
-            })?;
-        let mut array: Array<_, UnwindRow> = Array::try_from(map)?;
-        for (i, row) in (first..).zip(rows) {
-            array.set(i, row, 0)?;
-        }
-        Ok(())
-    }
-
-    /// Sets (or, with `None`, removes) the mappings with a table of process `tgid`.
-    pub fn set_unwind_proc(
-        &mut self,
-        tgid: u32,
-        proc: Option<&UnwindProc>,
-    ) -> Result<(), ProbeError> {
-        let map = self
-            .ebpf
-            .map_mut(map_names::UNWIND_PROCS)
-            .ok_or(MapError::InvalidName {
-                name: map_names::UNWIND_PROCS.into(),
-            })?;
-        let mut procs: HashMap<_, u32, UnwindProc> = HashMap::try_from(map)?;
-        match proc {
-            Some(p) => procs.insert(&tgid, p, 0)?,
-            None => match procs.remove(&tgid) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(e.into()),
-            },
-        }
         Ok(())
     }
 

@@ -25,11 +25,18 @@ use crate::maps::{FLAGS, STACK_SCRATCH, capture_stack, current_tgid, lost, store
 
 /// A libc probe's user stack: walked with the unwind tables (`FLAG_UNWIND_TABLES`) from the
 /// registers at the probe, `entry_sp` (the stack pointer at the function's entry) and
-/// `ret_addr` (the return address there); else the kernel's frame-pointer walk
-/// ([`capture_stack`]).
+/// `ret_addr` (the return address there), for a process the agent gave tables; else the
+/// kernel's frame-pointer walk ([`capture_stack`]), which goes deeper than the table walk's
+/// frame limit and costs one lookup more here. On a node most processes have no table (their
+/// files have frame pointers, or the agent has not read them yet).
 #[inline(always)]
 pub fn capture_libc_stack(ctx: &ProbeContext, entry_sp: u64, ret_addr: u64) -> i64 {
     if FLAGS.load() & FLAG_UNWIND_TABLES == 0 {
+        return capture_stack(ctx);
+    }
+    let tgid = current_tgid();
+    // SAFETY: a plain value, read in place.
+    if unsafe { UNWIND_PROCS.get(&tgid) }.is_none() {
         return capture_stack(ctx);
     }
     let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
@@ -38,14 +45,7 @@ pub fn capture_libc_stack(ctx: &ProbeContext, entry_sp: u64, ret_addr: u64) -> i
     // SAFETY: the scratch slot is ours on this CPU for the program's run; regs points at the
     // probed task's saved registers.
     let (frames, regs) = unsafe { (&mut *buf, &*ctx.regs) };
-    let n = walk(
-        current_tgid(),
-        regs.rip,
-        regs.rbp,
-        entry_sp,
-        ret_addr,
-        frames,
-    );
+    let n = walk(tgid, regs.rip, regs.rbp, entry_sp, ret_addr, frames);
     store_stack(frames, n)
 }
 
@@ -155,6 +155,9 @@ fn walk(
     }
     let mut n = 1;
     let mut truncated = true;
+    // Counted once after the loop: a `lost` (with its debug log line) in each unrolled step
+    // multiplied the verifier's work past its limit when debug logging is on.
+    let mut loss: Option<LossCause> = None;
     for slot in frames.iter_mut().skip(1).take(UNWIND_FRAMES - 1) {
         if pc == 0 {
             truncated = false;
@@ -181,7 +184,7 @@ fn walk(
                 (bp + 16, Some(bp))
             }
             kind::UNSUPPORTED => {
-                lost(LossCause::UnwindUnsupported);
+                loss = Some(LossCause::UnwindUnsupported);
                 truncated = false;
                 break;
             }
@@ -190,20 +193,24 @@ fn walk(
                 break;
             }
         };
-        let Some(ra) = read(cfa - 8) else {
-            lost(LossCause::UnwindReadError);
+        // A frame-pointer step through code without frame pointers (no table for it yet, as
+        // libc in the first moments of a launched command) follows whatever rbp holds: its
+        // failed read ends the walk as it ends the kernel's walk, uncounted. A failed read
+        // where a table gave the rule is a loss.
+        let ra = read(cfa - 8);
+        let saved = match saved_bp {
+            Some(at) => read(at).map(Some),
+            None => Some(None),
+        };
+        let (Some(ra), Some(saved)) = (ra, saved) else {
+            if k != kind::GAP {
+                loss = Some(LossCause::UnwindReadError);
+            }
             truncated = false;
             break;
         };
-        if let Some(at) = saved_bp {
-            match read(at) {
-                Some(v) => bp = v,
-                None => {
-                    lost(LossCause::UnwindReadError);
-                    truncated = false;
-                    break;
-                }
-            }
+        if let Some(v) = saved {
+            bp = v;
         }
         // The stack grows down: a caller's frame is above its callee's.
         if cfa <= sp && k != kind::GAP {
@@ -214,7 +221,10 @@ fn walk(
         pc = ra;
     }
     if truncated && pc != 0 {
-        lost(LossCause::UnwindTruncated);
+        loss = Some(LossCause::UnwindTruncated);
+    }
+    if let Some(cause) = loss {
+        lost(cause);
     }
     n
 }

@@ -1861,6 +1861,81 @@ fn sites_are_named_after_the_fixture_functions() {
     );
 }
 
+/// `unwind = "dwarf"` on the node: a malloc made five calls deep in code built
+/// -fomit-frame-pointer, through a library built the same way (the fixture of unwind.rs), is in
+/// the agent's heap profile with every frame of its chain (a frame-pointer walk loses them
+/// past the first: the fixture points rbp at a fake frame), and its site series is named after
+/// the innermost two.
+#[test]
+fn agent_walks_stacks_with_unwind_tables() {
+    const BYTES: u64 = 5151;
+    const CHAIN: [&str; 5] = [
+        "fx_uw_leaf",
+        "fx_uw_callback",
+        "fx_uw_lib_inner",
+        "fx_uw_lib_outer",
+        "fx_uw_outer",
+    ];
+    let env = TestEnv::get();
+    let _serial = serial();
+    let go = newest_go_toolchain();
+    let scratch = Scratch::new("unwind");
+    let fixture = PathBuf::from(env::var_os("ALLOCWATCH_FIXTURES").expect("ALLOCWATCH_FIXTURES"))
+        .join("unwind/nofp/unwind_fixture");
+    let id = Identity::of(&fixture);
+    let gofile = scratch.path.join("go");
+    let mut agent = Agent::start(
+        &env,
+        &["--pprof", "--unwind", "dwarf", "--sample-bytes", "0"],
+    );
+    let mut fx = Fixture::spawn_quiet(&fixture, &[path_str(&gofile)]);
+    // The library is the fixture's alone: its table's line comes once the fixture's mappings
+    // with it are in the probe (the agent's table thread says it after setting them).
+    let lib = fs::canonicalize(fixture.with_file_name("libunwfix.so")).expect("libunwfix.so");
+    agent.stderr.wait_for(
+        &format!("allocwatch: unwind table of {}: ", lib.display()),
+        // Behind the tables of every file on the machine at the agent's start (a compiler's
+        // libLLVM takes seconds).
+        Duration::from_secs(60),
+    );
+    fs::write(&gofile, b"").expect("writing the go file");
+    let status = fx.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "unwind_fixture failed: {status}");
+
+    let file = scratch.path.join("allocs.pb.gz");
+    let deadline = Instant::now() + SITES_NAMED;
+    let space = loop {
+        let profile = agent.profile(&format!("/debug/pprof/allocs?pid={}", fx.pid));
+        fs::write(&file, &profile).expect("writing the profile");
+        let space = pprof_top(&go, &file, &["-sample_index=alloc_space", "-unit=B"]);
+        if space.flat(CHAIN[0]) == Some(BYTES) || Instant::now() >= deadline {
+            break space;
+        }
+        thread::sleep(Duration::from_millis(300));
+    };
+    let m = agent.scrape();
+    agent.stop();
+    assert_eq!(space.flat(CHAIN[0]), Some(BYTES), "{}", space.text);
+    for f in CHAIN {
+        assert_eq!(space.cum(f), Some(BYTES), "cum of {f}\n{}", space.text);
+    }
+    let site = m
+        .sites(&id)
+        .into_iter()
+        .find(|((api, _), v)| api == "malloc" && v.bytes == BYTES);
+    assert_eq!(
+        site.map(|((_, site), _)| site).as_deref(),
+        Some("fx_uw_leaf <- fx_uw_callback"),
+        "{}",
+        m.lines_of(&id)
+    );
+    assert!(
+        m.global_sum("allocwatch_map_fill_ratio", &[("map", "UNWIND_ROWS")]) > 0.0,
+        "the tables' fill is exported\n{}",
+        m.self_stats()
+    );
+}
+
 /// Go growth and GC of the newest Go (swiss maps) and the newest old-map build, `map_big ints
 /// gc`: map grows by kind and their bytes equal what `allocwatch top --json` reports for the
 /// same binary (deterministic for this fixture: fillMapBig's 14 doublings on old maps, 6 table

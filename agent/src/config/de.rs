@@ -7,6 +7,7 @@ use serde::{Deserialize, Deserializer};
 
 use crate::{
     probes::{Capacity, Mode},
+    unwind::Unwind,
     values::{self, CountLimit, ValueError},
 };
 
@@ -126,4 +127,10 @@ pub(super) fn regexes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D:
 /// A `--mode` value; the benchmark-only floor modes are refused.
 pub(super) fn probe_mode<'de, D: Deserializer<'de>>(d: D) -> Result<Mode, D::Error> {
     values::public_mode(&String::deserialize(d)?).map_err(custom)
+}
+
+pub(super) fn unwind<'de, D: Deserializer<'de>>(d: D) -> Result<Unwind, D::Error> {
+    String::deserialize(d)?
+        .parse()
+        .map_err(serde::de::Error::custom)
 }

@@ -21,6 +21,7 @@ pub use self::{error::ConfigError, print::print_default};
 use crate::{
     probes::{Capacity, Mode},
     serve::{ServeConfig, http::Limits, metrics::MetricsConfig, web_config::WebConfig},
+    unwind::Unwind,
 };
 
 /// All interfaces, port 9464: the port the DaemonSet exposes as `metrics` (also the port
@@ -61,6 +62,9 @@ pub struct Config {
     /// [`DEFAULT_SAMPLE_BYTES`] where the mode samples ([`Config::sample_bytes`]).
     #[serde(deserialize_with = "de::sample_bytes")]
     pub sample_bytes: Option<u64>,
+    /// How sampled stacks are walked: frame pointers, or the programs' `.eh_frame` tables.
+    #[serde(deserialize_with = "de::unwind")]
+    pub unwind: Unwind,
     pub select: Select,
     #[serde(deserialize_with = "de::capacity")]
     pub capacity: Capacity,
@@ -180,6 +184,7 @@ impl Default for Config {
             max_site_series: 5000,
             mode: Mode::Full,
             sample_bytes: None,
+            unwind: Unwind::Fp,
             select: Select::default(),
             capacity: Capacity::default(),
             go: Go::default(),
@@ -200,6 +205,7 @@ pub struct Overrides {
     pub max_site_series: Option<usize>,
     pub mode: Option<Mode>,
     pub sample_bytes: Option<u64>,
+    pub unwind: Option<Unwind>,
     pub comm: Vec<String>,
     pub exe: Vec<String>,
     pub cgroup: Vec<String>,
@@ -262,6 +268,7 @@ impl Config {
         if o.sample_bytes.is_some() {
             self.sample_bytes = o.sample_bytes;
         }
+        set(&mut self.unwind, o.unwind);
         let s = &mut self.select;
         list(&mut s.comm, o.comm);
         list(&mut s.exe, o.exe);

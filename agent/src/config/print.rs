@@ -60,6 +60,13 @@ mode = "{mode}"
 # stacks or a live table, 0 in count.
 {sample_bytes}
 
+# How the sampled stacks are walked: "fp" (frame pointers: the kernel's walk, up to 64
+# frames) or "dwarf" (each traced program's .eh_frame compiled into tables the probe walks,
+# frame pointers where a file has none, up to 16 frames): "dwarf" names the frames of
+# programs and libraries built without frame pointers (most distribution packages, release
+# C++ and Rust builds), for ~8 bytes of kernel memory per table row (libc: ~30,000 rows).
+unwind = "{unwind}"
+
 # Once its probes are attached, the agent becomes user and group 65532 and keeps only the
 # capabilities it still needs (CAP_SYS_PTRACE on Linux >= 6.6; deploy/README.md, "Required
 # capabilities"), with no_new_privs. true: keep the user and capabilities it started with.
@@ -127,6 +134,7 @@ enabled = {kubernetes}
         top_k = c.top_k,
         max_site_series = c.max_site_series,
         mode = c.mode.name(),
+        unwind = c.unwind.name(),
         sample_bytes = c.sample_bytes.map_or_else(
             || format!("# sample_bytes = {}", c.sample_bytes()),
             |n| format!("sample_bytes = {n}")

@@ -175,6 +175,11 @@ fn bad_input_is_an_error_not_a_panic() {
         ),
         // The benchmark's empty programs are not a way to run the agent.
         ("mode = \"floor\"", "unknown mode `floor`", "^"),
+        (
+            "unwind = \"frames\"",
+            "key unwind: unknown unwinder \"frames\" (fp, dwarf)",
+            "^",
+        ),
     ];
     for (text, want, pointer) in cases {
         let err = Config::parse(text).unwrap_err();
@@ -216,6 +221,21 @@ fn mode_from_file_and_flag() {
         let cfg = Config::parse(&format!("mode = \"{m}\"")).unwrap();
         assert_eq!(cfg.mode.name(), m);
     }
+}
+
+#[test]
+fn unwind_from_file_and_flag() {
+    assert_eq!(Config::default().unwind, Unwind::Fp);
+    let mut cfg = Config::parse("unwind = \"dwarf\"").unwrap();
+    assert_eq!(cfg.unwind, Unwind::Dwarf);
+    cfg.apply(Overrides::default()).unwrap();
+    assert_eq!(cfg.unwind, Unwind::Dwarf, "no flag keeps the file's value");
+    cfg.apply(Overrides {
+        unwind: Some(Unwind::Fp),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(cfg.unwind, Unwind::Fp);
 }
 
 #[test]

@@ -31,6 +31,11 @@ use crate::{
     serve::metrics::Exporter,
     symbolize::SymbolizerHandle,
     target::{go::GoProbeSet, registry::AttachFailure},
+    unwind::{
+        Unwind,
+        load::{Tables, UnwindMaps},
+        worker::TablesWorker,
+    },
 };
 
 /// New processes are found within this (the issue asks for one second).
@@ -218,6 +223,8 @@ impl State {
                 cfg.mode.name()
             );
         }
+        // Tables only where stacks are walked at all.
+        let unwind = cfg.unwind == Unwind::Dwarf && cfg.mode.stacks();
         let mut probes = Probes::load_mode(
             &ProbeConfig {
                 tgid: None,
@@ -225,8 +232,7 @@ impl State {
                 stacks: cfg.mode.stacks(),
                 sample_bytes: cfg.sample_bytes(),
                 capacity,
-                // Node-wide table unwinding is not wired yet (issue 10): frame pointers.
-                unwind_tables: false,
+                unwind_tables: unwind,
             },
             cfg.mode,
         )?;
@@ -245,6 +251,10 @@ impl State {
             )?;
         }
         let mut registry = Registry::new(selector, go_probes, cfg.ttl, cfg.top_k);
+        if unwind {
+            let maps = UnwindMaps::take(&mut probes)?;
+            registry.unwind = Some(TablesWorker::spawn(Tables::new(maps))?);
+        }
         // exec events: identities change at exec, and short-lived programs get their path.
         if let Err(e) = probes.attach_exec() {
             crate::say!(
@@ -477,6 +487,19 @@ fn census(probes: &Probes, registry: &Registry) -> anyhow::Result<BTreeMap<&'sta
         map_names::SITE_BUDGET,
         fill::<u32, u32>(probes, map_names::SITE_BUDGET)?,
     );
+    // Known without a walk: the agent appends rows and sets processes itself.
+    if let Some(tables) = &registry.unwind {
+        use allocwatch_common::unwind::{UNWIND_PROCS_MAX, UNWIND_ROWS_MAX};
+        let (rows, procs) = tables.usage();
+        out.insert(
+            map_names::UNWIND_ROWS,
+            f64::from(rows) / f64::from(UNWIND_ROWS_MAX),
+        );
+        out.insert(
+            map_names::UNWIND_PROCS,
+            procs as f64 / f64::from(UNWIND_PROCS_MAX),
+        );
+    }
     let live_max = collect::RawMap::of::<
         allocwatch_common::libc::LiveKey,
         allocwatch_common::libc::LiveAlloc,

@@ -48,7 +48,10 @@ use crate::{
     },
     symbolize::SymbolizerHandle,
     target::{TargetError, libc::Served, maps::DevInode},
-    unwind::{Unwind, load::Tables},
+    unwind::{
+        Unwind,
+        load::{Tables, UnwindMaps},
+    },
 };
 
 /// What the session shows.
@@ -122,7 +125,6 @@ fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer,
         .map_err(|_| TargetError::ExitedDuringAttach { pid: pid.get() })?;
     let capacity = Capacity::from(args.capacity);
     let unwind = args.unwind == Unwind::Dwarf && args.mode.stacks() && !args.no_stacks;
-    let mut tables = unwind.then(Tables::default);
     // Following, the probes go into every process that maps the files, and the kernel's
     // followed set narrows them to the tree; without, into the one process.
     let load = |follow: bool| {
@@ -177,6 +179,11 @@ fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer,
             }
         }
     };
+    let mut tables = if unwind {
+        Some(Tables::new(UnwindMaps::take(&mut probes)?))
+    } else {
+        None
+    };
     let scope = (!follow).then_some(pid);
     let targets = resolve::attach(&mut probes, &r, resolve::go_probes(args), scope)
         .map_err(|e| exited(e.into()))?;
@@ -217,7 +224,7 @@ fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer,
         refresh_identity(&mut info);
         // The program and ld.so, before either runs.
         if let Some(t) = &mut tables {
-            view::load_unwind(t, &mut parts.probes, pid.get());
+            view::load_unwind(t, pid.get());
         }
         stopped.resume();
         // The command maps its libraries after exec; snapshot its mappings as soon as the
@@ -237,7 +244,7 @@ fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer,
         parts.symbolizer.note_process(pid.get());
     }
     if let Some(t) = &mut tables {
-        view::load_unwind(t, &mut parts.probes, pid.get());
+        view::load_unwind(t, pid.get());
     }
     resolve::attach_mapped(&mut parts.probes, &r).map_err(exited)?;
     parts.frames.noted.insert(pid.get());

@@ -277,7 +277,7 @@ impl Tracer {
     pub fn refresh_unwind(&mut self) {
         let pid = self.watched.info.pid;
         if let Some(tables) = &mut self.unwind {
-            load_unwind(tables, &mut self.pipe.parts.probes, pid);
+            load_unwind(tables, pid);
         }
     }
 
@@ -533,12 +533,8 @@ fn in_use(key: &SiteKey, stats: &SiteStats) -> bool {
 
 /// Loads `pid`'s unwind tables (see [`Tracer::refresh_unwind`]); a failure is said, not fatal:
 /// the process's stacks are then walked with frame pointers.
-pub fn load_unwind(
-    tables: &mut crate::unwind::load::Tables,
-    probes: &mut crate::probes::Probes,
-    pid: u32,
-) {
-    match tables.load_process(probes, pid) {
+pub fn load_unwind(tables: &mut crate::unwind::load::Tables, pid: u32) {
+    match tables.load_process(pid) {
         Ok(Some(loaded)) => crate::say!(
             "allocwatch: unwind tables for pid {pid}: {} ({} rows in all, {} KiB of {} KiB)",
             loaded.files.join(", "),

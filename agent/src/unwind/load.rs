@@ -4,16 +4,56 @@
 
 use std::collections::{HashMap, hash_map::Entry};
 
-use allocwatch_common::unwind::{
-    UNWIND_MAPPINGS_MAX, UNWIND_ROWS_MAX, UnwindMapping, UnwindProc, UnwindRow,
+use allocwatch_common::{
+    map_names,
+    unwind::{UNWIND_MAPPINGS_MAX, UNWIND_ROWS_MAX, UnwindMapping, UnwindProc, UnwindRow},
 };
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError};
 use object::{Object as _, ObjectSegment as _};
 
 use super::table;
 use crate::{
-    probes::{ProbeError, Probes},
+    probes::Probes,
     target::maps::{DevInode, MapEntry, read_maps},
 };
+
+/// The probe's two unwind maps, taken out of the loaded probes so that the tables can be
+/// loaded away from the probes' owner (the agent does it on a thread of its own).
+pub struct UnwindMaps {
+    rows: Array<MapData, UnwindRow>,
+    procs: BpfHashMap<MapData, u32, UnwindProc>,
+}
+
+impl UnwindMaps {
+    pub fn take(probes: &mut Probes) -> Result<Self, MapError> {
+        let mut take = |name: &str| {
+            probes.take_map(name).ok_or_else(|| MapError::InvalidName {
+                name: name.to_owned(),
+            })
+        };
+        Ok(Self {
+            rows: Array::try_from(take(map_names::UNWIND_ROWS)?)?,
+            procs: BpfHashMap::try_from(take(map_names::UNWIND_PROCS)?)?,
+        })
+    }
+
+    fn set_rows(&mut self, first: u32, rows: &[UnwindRow]) -> Result<(), MapError> {
+        for (i, row) in (first..).zip(rows) {
+            self.rows.set(i, row, 0)?;
+        }
+        Ok(())
+    }
+
+    fn set_proc(&mut self, tgid: u32, proc: Option<&UnwindProc>) -> Result<(), MapError> {
+        match proc {
+            Some(p) => self.procs.insert(&tgid, p, 0),
+            None => match self.procs.remove(&tgid) {
+                Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(e),
+            },
+        }
+    }
+}
 
 /// A file's table in `UNWIND_ROWS` and its loadable segments (file offset, address, size).
 #[derive(Clone, Debug)]
@@ -25,13 +65,24 @@ struct FileTable {
 }
 
 /// What the probe holds: rows used, files and processes with tables.
-#[derive(Default)]
 pub struct Tables {
+    maps: UnwindMaps,
     /// Per file: its table, or `None` when it has none (no `.eh_frame`, unreadable, no room).
     files: HashMap<DevInode, Option<FileTable>>,
     next_row: u32,
     /// Per process: the mappings last loaded (to load again only when they change).
     procs: HashMap<u32, Vec<UnwindMapping>>,
+}
+
+impl Tables {
+    pub fn new(maps: UnwindMaps) -> Self {
+        Self {
+            maps,
+            files: HashMap::new(),
+            next_row: 0,
+            procs: HashMap::new(),
+        }
+    }
 }
 
 /// What one process has, for the line that reports it.
@@ -42,6 +93,8 @@ pub struct Loaded {
     /// Rows of every table loaded so far, and their bytes.
     pub rows: u32,
     pub bytes: u64,
+    /// Files whose table was compiled for this load (path, rows).
+    pub new_files: Vec<(String, u32)>,
 }
 
 impl Tables {
@@ -50,18 +103,21 @@ impl Tables {
 
     /// Loads the tables of `pid`'s executable mappings that have none yet and tells the probe
     /// the process's mappings; `Ok(None)` when they are as last loaded.
-    pub fn load_process(
-        &mut self,
-        probes: &mut Probes,
-        pid: u32,
-    ) -> Result<Option<Loaded>, ProbeError> {
+    pub fn load_process(&mut self, pid: u32) -> Result<Option<Loaded>, MapError> {
         let Ok(maps) = read_maps(pid) else {
             return Ok(None);
         };
+        self.load_maps(pid, &maps)
+    }
+
+    /// [`Self::load_process`] with `pid`'s memory map read already.
+    pub fn load_maps(&mut self, pid: u32, maps: &[MapEntry]) -> Result<Option<Loaded>, MapError> {
         let mut mappings = Vec::new();
         let mut names = Vec::new();
+        let mut new_files = Vec::new();
         for m in maps.iter().filter(|m| m.perms.exec && m.is_file()) {
-            let Some(file) = self.file(probes, pid, m)? else {
+            let known = self.files.contains_key(&m.dev_inode);
+            let Some(file) = self.file(pid, m)? else {
                 continue;
             };
             let Some(bias) = bias(&file.segments, m) else {
@@ -74,35 +130,45 @@ impl Tables {
                 first: file.first,
                 len: file.len,
             });
+            if !known {
+                new_files.push((m.path.clone().unwrap_or_default(), file.len));
+            }
             names.push(file.name.clone());
         }
         if self.procs.get(&pid) == Some(&mappings) {
             return Ok(None);
         }
-        probes.set_unwind_proc(pid, Some(&proc_of(&mappings)))?;
+        // Nothing with a table: the probe walks its stacks as without tables (the kernel's
+        // frame-pointer walk, and its deeper limit).
+        if mappings.is_empty() {
+            self.forget(pid)?;
+            return Ok(None);
+        }
+        self.maps.set_proc(pid, Some(&proc_of(&mappings)))?;
         self.procs.insert(pid, mappings);
         Ok(Some(Loaded {
             files: names,
             rows: self.next_row,
             bytes: u64::from(self.next_row) * size_of::<UnwindRow>() as u64,
+            new_files,
         }))
     }
 
+    /// Rows of every table loaded, and the processes with tables.
+    pub fn usage(&self) -> (u32, usize) {
+        (self.next_row, self.procs.len())
+    }
+
     /// Forgets an exited process (its files' rows stay for the next process that maps them).
-    pub fn forget(&mut self, probes: &mut Probes, pid: u32) -> Result<(), ProbeError> {
+    pub fn forget(&mut self, pid: u32) -> Result<(), MapError> {
         if self.procs.remove(&pid).is_some() {
-            probes.set_unwind_proc(pid, None)?;
+            self.maps.set_proc(pid, None)?;
         }
         Ok(())
     }
 
     /// The table of the file mapped at `m`, compiled and loaded on first sight.
-    fn file(
-        &mut self,
-        probes: &mut Probes,
-        pid: u32,
-        m: &MapEntry,
-    ) -> Result<Option<FileTable>, ProbeError> {
+    fn file(&mut self, pid: u32, m: &MapEntry) -> Result<Option<FileTable>, MapError> {
         let next_row = self.next_row;
         let slot = match self.files.entry(m.dev_inode) {
             Entry::Occupied(e) => return Ok(e.get().clone()),
@@ -152,7 +218,7 @@ impl Tables {
                     .collect()
             })
             .unwrap_or_default();
-        probes.set_unwind_rows(next_row, &rows)?;
+        self.maps.set_rows(next_row, &rows)?;
         self.next_row += len;
         Ok(slot
             .insert(Some(FileTable {

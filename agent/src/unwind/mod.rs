@@ -4,6 +4,7 @@
 
 pub mod load;
 pub mod table;
+pub mod worker;
 
 /// How the libc probes walk user stacks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -15,4 +16,26 @@ pub enum Unwind {
     /// Call-frame information (`.eh_frame`) compiled into tables where a frame's code has it,
     /// frame pointers elsewhere.
     Dwarf,
+}
+
+impl Unwind {
+    /// The name of the flag's and the config file's value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Unwind::Fp => "fp",
+            Unwind::Dwarf => "dwarf",
+        }
+    }
+}
+
+impl std::str::FromStr for Unwind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "fp" => Ok(Unwind::Fp),
+            "dwarf" => Ok(Unwind::Dwarf),
+            _ => Err(format!("unknown unwinder {s:?} (fp, dwarf)")),
+        }
+    }
 }

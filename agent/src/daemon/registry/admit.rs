@@ -163,6 +163,7 @@ impl Registry {
         // symbolizer's snapshot.
         let maps = read_maps(pid).unwrap_or_default();
         let (go, served) = self.attach(pid, &comm, &maps, probes, true);
+        self.load_unwind(pid, &maps);
         symbolizer.note_maps(pid, &maps);
         log::debug!("pid {pid}: selected (comm {comm:?}, exe {exe:?})");
         let labels = ProcessLabels {
@@ -329,6 +330,10 @@ impl Registry {
                 .unwrap_or_default();
             let maps = read_maps(pid).unwrap_or_default();
             self.attach(pid, &comm, &maps, probes, false);
+            // Read at its exec, it had no libraries yet: their tables now.
+            if self.procs.contains_key(&pid) {
+                self.load_unwind(pid, &maps);
+            }
         }
     }
 

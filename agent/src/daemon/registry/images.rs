@@ -83,6 +83,7 @@ impl Registry {
         self.ignored_pids.remove(&pid);
         // The probe took it off the denylist at exec already; this keeps the books.
         self.undeny(pid, probes);
+        self.forget_unwind(pid);
         self.ensure_seen(pid, comm, probes, symbolizer);
     }
 

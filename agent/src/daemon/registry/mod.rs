@@ -36,7 +36,8 @@ use crate::{
     model::ProcessLabels,
     procfs,
     symbolize::SymbolizerHandle,
-    target::{go::GoProbeSet, libc::Allocator, registry::Targets},
+    target::{go::GoProbeSet, libc::Allocator, maps::MapEntry, registry::Targets},
+    unwind::worker::TablesWorker,
 };
 
 /// One traced process.
@@ -127,6 +128,8 @@ pub struct Registry {
     /// Site rows kept per gone process ([`RETAINED_SITES`] × `top_k`).
     retain_sites: usize,
     self_pid: u32,
+    /// The unwind tables of the registered processes' files (`unwind = "dwarf"`).
+    pub unwind: Option<TablesWorker>,
 }
 
 impl Registry {
@@ -149,6 +152,23 @@ impl Registry {
             sweeper: Sweeper::default(),
             retain_sites: RETAINED_SITES * top_k.max(1),
             self_pid: std::process::id(),
+            unwind: None,
+        }
+    }
+
+    /// Loads the unwind tables of `pid`'s files that have none yet (with tables on), off the
+    /// loop; until they are in, its stacks are walked with frame pointers.
+    fn load_unwind(&self, pid: u32, maps: &[MapEntry]) {
+        if let Some(tables) = &self.unwind {
+            tables.load(pid, maps);
+        }
+    }
+
+    /// `pid`'s mappings leave the probe's tables (exited, or exec'd: the new image is loaded
+    /// when it is registered).
+    fn forget_unwind(&self, pid: u32) {
+        if let Some(tables) = &self.unwind {
+            tables.forget(pid);
         }
     }
 

@@ -64,8 +64,10 @@ impl Registry {
 
     /// Registered processes no longer in /proc: exited now, their rows to be harvested.
     fn mark_exited(&mut self, seen: &HashSet<u32>, now: Instant, probes: &mut Probes) {
+        let mut exited = Vec::new();
         for (pid, p) in &mut self.procs {
             if p.exited_at.is_none() && !seen.contains(pid) {
+                exited.push(*pid);
                 p.exited_at = Some(now);
                 // A reused pid is a new process, undecided until classified (the LRU would
                 // drop the entry in time; its exec stamp may be the old process's until it
@@ -77,6 +79,9 @@ impl Registry {
                 self.sweeper
                     .pid(*pid, Fate::Harvest, keys.unwrap_or_default());
             }
+        }
+        for pid in exited {
+            self.forget_unwind(pid);
         }
     }
 
