@@ -146,7 +146,7 @@ pub struct AgentArgs {
     /// How sampled stacks are walked [default: fp]: `fp` (frame pointers) or `dwarf` (each
     /// traced program's `.eh_frame` as tables in the kernel; for code built without frame
     /// pointers).
-    #[arg(long, value_enum, value_name = "HOW")]
+    #[arg(long, value_enum, value_name = "HOW", hide_possible_values = true)]
     pub unwind: Option<crate::unwind::Unwind>,
     /// Serve /debug/pprof/allocs and /debug/pprof/heap.
     #[arg(long)]
