@@ -483,12 +483,10 @@ impl Probes {
         }
         let program = uprobe(&mut self.ebpf, SYM_ENTRY)?;
         if program.fd().is_err() {
-            program
-                .load()
-                .map_err(|error| ProbeError::Program {
-                    program: SYM_ENTRY,
-                    error,
-                })?;
+            program.load().map_err(|error| ProbeError::Program {
+                program: SYM_ENTRY,
+                error,
+            })?;
         }
         for p in points {
             log::debug!(

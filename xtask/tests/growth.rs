@@ -235,8 +235,10 @@ fn cxx_growth_counts_exact() {
         d.contains("std::vector<") && d.contains("::_M_realloc_")
     });
     assert_eq!(realloc.len(), 2, "two vector instantiations: {realloc:?}");
-    let mut probes: Vec<(PathBuf, String)> =
-        realloc.iter().map(|s| (fixture.clone(), s.clone())).collect();
+    let mut probes: Vec<(PathBuf, String)> = realloc
+        .iter()
+        .map(|s| (fixture.clone(), s.clone()))
+        .collect();
     let next_bkt = "_ZNKSt8__detail20_Prime_rehash_policy11_M_next_bktEm".to_owned();
     probes.push((stdcxx, next_bkt.clone()));
     let bt = Bpftrace::start("cxx_growth", &probes);
@@ -244,10 +246,16 @@ fn cxx_growth_counts_exact() {
     let raw = bt.stop();
     let by_kind = kinds(&proc);
     let vector = counts["vector_grows"] + counts["string_vector_grows"];
-    assert_eq!(vector, 63, "the fixture's own count (3 × (11 + 10)): {counts:?}");
+    assert_eq!(
+        vector, 63,
+        "the fixture's own count (3 × (11 + 10)): {counts:?}"
+    );
     assert_eq!(counts["map_rehashes"], 21, "3 × 7 rehashes: {counts:?}");
     assert_eq!(by_kind["cxx_vector_grow"], vector, "{proc:#}");
-    assert_eq!(by_kind["cxx_hash_rehash"], counts["map_rehashes"], "{proc:#}");
+    assert_eq!(
+        by_kind["cxx_hash_rehash"], counts["map_rehashes"],
+        "{proc:#}"
+    );
     assert_eq!(
         site_calls(&proc, "cxx_vector_grow", "grow_vector"),
         counts["vector_grows"],
@@ -261,13 +269,24 @@ fn cxx_growth_counts_exact() {
     // Called by the policy in libstdc++, which keeps no frame pointers: the frame-pointer
     // walk skips `grow_map` (its caller), but frame 0 is always the real caller.
     assert_eq!(
-        site_calls(&proc, "cxx_hash_rehash", "_Prime_rehash_policy::_M_need_rehash"),
+        site_calls(
+            &proc,
+            "cxx_hash_rehash",
+            "_Prime_rehash_policy::_M_need_rehash"
+        ),
         counts["map_rehashes"],
         "{proc:#}"
     );
-    let bt_vector: u64 = realloc.iter().map(|s| raw.get(s).copied().unwrap_or(0)).sum();
+    let bt_vector: u64 = realloc
+        .iter()
+        .map(|s| raw.get(s).copied().unwrap_or(0))
+        .sum();
     assert_eq!(bt_vector, vector, "bpftrace {raw:?}");
-    assert_eq!(raw.get(&next_bkt).copied(), Some(counts["map_rehashes"]), "bpftrace {raw:?}");
+    assert_eq!(
+        raw.get(&next_bkt).copied(),
+        Some(counts["map_rehashes"]),
+        "bpftrace {raw:?}"
+    );
 }
 
 /// Rust: every `RawVec` growth (`finish_grow`) and hashbrown rehash (`reserve_rehash`), as the
@@ -278,7 +297,9 @@ fn rust_growth_counts_exact() {
     let env = TestEnv::get();
     let _serial = serial();
     let fixture = env.fixture("rust_growth");
-    let finish_grow = symbols(&fixture, |d| d.contains("raw_vec") && d.contains("finish_grow"));
+    let finish_grow = symbols(&fixture, |d| {
+        d.contains("raw_vec") && d.contains("finish_grow")
+    });
     let rehash = symbols(&fixture, |d| {
         d.contains("hashbrown") && d.contains("reserve_rehash")
     });
@@ -304,9 +325,18 @@ fn rust_growth_counts_exact() {
         counts["map_rehashes"],
         "{proc:#}"
     );
-    let sum = |syms: &[String]| -> u64 { syms.iter().map(|s| raw.get(s).copied().unwrap_or(0)).sum() };
-    assert_eq!(by_kind["rust_vec_grow"], sum(&finish_grow), "bpftrace {raw:?}\n{proc:#}");
-    assert_eq!(by_kind["rust_hash_rehash"], sum(&rehash), "bpftrace {raw:?}\n{proc:#}");
+    let sum =
+        |syms: &[String]| -> u64 { syms.iter().map(|s| raw.get(s).copied().unwrap_or(0)).sum() };
+    assert_eq!(
+        by_kind["rust_vec_grow"],
+        sum(&finish_grow),
+        "bpftrace {raw:?}\n{proc:#}"
+    );
+    assert_eq!(
+        by_kind["rust_hash_rehash"],
+        sum(&rehash),
+        "bpftrace {raw:?}\n{proc:#}"
+    );
 }
 
 /// `--probe` by demangled name with an argument summed: `_Prime_rehash_policy::_M_next_bkt(n)`
@@ -362,9 +392,17 @@ fn user_probe_counts_calls_and_sums_an_argument() {
         .and_then(|a| a.iter().find(|k| k["kind"] == kind))
         .unwrap_or_else(|| panic!("no kind {kind}\n{proc:#}"));
     assert_eq!(k["builtin"], false);
-    assert_eq!(k["calls"].as_u64(), Some(counts["map_rehashes"]), "{proc:#}");
+    assert_eq!(
+        k["calls"].as_u64(),
+        Some(counts["map_rehashes"]),
+        "{proc:#}"
+    );
     assert_eq!(k["calls"].as_u64(), calls, "bpftrace's calls");
-    assert_eq!(k["args"]["buckets"].as_u64(), sum, "bpftrace's sum of arg1\n{proc:#}");
+    assert_eq!(
+        k["args"]["buckets"].as_u64(),
+        sum,
+        "bpftrace's sum of arg1\n{proc:#}"
+    );
     assert_eq!(
         site_calls(&proc, kind, "_M_need_rehash"),
         counts["map_rehashes"],
@@ -379,7 +417,10 @@ fn user_probe_errors_are_one_line() {
     let _serial = serial();
     let fixture = env.fixture("cxx_growth");
     let missing_file = "/nonexistent/binary:foo";
-    let err = assert_single_error(&env, &["top", "--probe", missing_file, "--", path_str(&fixture)]);
+    let err = assert_single_error(
+        &env,
+        &["top", "--probe", missing_file, "--", path_str(&fixture)],
+    );
     assert_eq!(
         err,
         "allocwatch: error: --probe /nonexistent/binary: No such file or directory (os error 2)"

@@ -20,8 +20,8 @@ use crate::{
     symbolize::SymbolizerHandle,
     target::{
         self, TargetError,
-        go::{GoProbeSet, GoTarget},
         elf::ElfFile,
+        go::{GoProbeSet, GoTarget},
         libc::Served,
         maps::{DevInode, read_maps},
         registry::{Loaded, Target, Targets},

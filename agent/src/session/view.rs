@@ -241,7 +241,11 @@ impl Tracer {
         let rows = collect::probe_sites(&self.pipe.parts.probes, self.scope())?;
         let kinds = self.probe_kinds.clone();
         let named = |kind: &ProbeKind, sums: &[u64]| -> Vec<(String, u64)> {
-            kind.args.iter().cloned().zip(sums.iter().copied()).collect()
+            kind.args
+                .iter()
+                .cloned()
+                .zip(sums.iter().copied())
+                .collect()
         };
         let mut totals: Vec<ProbeTotal> = Vec::new();
         for (id, kind) in kinds.iter().enumerate() {

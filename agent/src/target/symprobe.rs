@@ -230,7 +230,10 @@ fn points_of(
     args: &[(u8, String)],
 ) -> Vec<SymPoint> {
     let mut seen = BTreeSet::new();
-    let needed: Vec<_> = args.iter().map(|(r, _)| ARG_REGS[usize::from(*r)]).collect();
+    let needed: Vec<_> = args
+        .iter()
+        .map(|(r, _)| ARG_REGS[usize::from(*r)])
+        .collect();
     let mut slots = [None; ARGS];
     for (slot, (reg, _)) in slots.iter_mut().zip(args) {
         *slot = Some(*reg);
@@ -412,10 +415,7 @@ mod tests {
             .parse()
             .unwrap();
         assert_eq!(s.symbol, "ns::Map<int>::grow");
-        assert_eq!(
-            s.args,
-            vec![(1, "size".to_owned()), (0, "self".to_owned())]
-        );
+        assert_eq!(s.args, vec![(1, "size".to_owned()), (0, "self".to_owned())]);
         for bad in [
             "",
             "/bin/x",
@@ -435,7 +435,9 @@ mod tests {
     #[test]
     fn cxx_names_without_signature() {
         assert_eq!(
-            cxx_bare("void std::vector<long, std::allocator<long> >::_M_realloc_insert<long const&>(__gnu_cxx::__normal_iterator<long*, std::vector<long, std::allocator<long> > >, long const&)"),
+            cxx_bare(
+                "void std::vector<long, std::allocator<long> >::_M_realloc_insert<long const&>(__gnu_cxx::__normal_iterator<long*, std::vector<long, std::allocator<long> > >, long const&)"
+            ),
             "std::vector<long, std::allocator<long> >::_M_realloc_insert<long const&>"
         );
         assert_eq!(cxx_bare("foo(int)"), "foo");
@@ -445,16 +447,22 @@ mod tests {
     #[test]
     fn builtin_kinds_by_name() {
         assert_eq!(
-            builtin_kind("_ZNSt6vectorIlSaIlEE17_M_realloc_insertIJRKlEEEvN9__gnu_cxx17__normal_iteratorIPlS1_EEDpOT_"),
+            builtin_kind(
+                "_ZNSt6vectorIlSaIlEE17_M_realloc_insertIJRKlEEEvN9__gnu_cxx17__normal_iteratorIPlS1_EEDpOT_"
+            ),
             Some(CXX_VECTOR_GROW)
         );
         assert_eq!(builtin_kind(PRIME_NEXT_BKT), Some(CXX_HASH_REHASH));
         assert_eq!(
-            builtin_kind("_RNvMs8_NtCs15659r05rDE_5alloc7raw_vecNtB5_11RawVecInner11finish_growCs4IfoOjSBTMP_11rust_growth"),
+            builtin_kind(
+                "_RNvMs8_NtCs15659r05rDE_5alloc7raw_vecNtB5_11RawVecInner11finish_growCs4IfoOjSBTMP_11rust_growth"
+            ),
             Some(RUST_VEC_GROW)
         );
         assert_eq!(
-            builtin_kind("_RINvMs6_NtCsh8YaJyklTqy_9hashbrown3rawINtB6_8RawTableTyyEE14reserve_rehashNCINvNtB8_3map11make_hasheryyNtNtNtCsasS9baBqQMk_3std4hash6random11RandomStateE0ECs4IfoOjSBTMP_11rust_growth"),
+            builtin_kind(
+                "_RINvMs6_NtCsh8YaJyklTqy_9hashbrown3rawINtB6_8RawTableTyyEE14reserve_rehashNCINvNtB8_3map11make_hasheryyNtNtNtCsasS9baBqQMk_3std4hash6random11RandomStateE0ECs4IfoOjSBTMP_11rust_growth"
+            ),
             Some(RUST_HASH_REHASH)
         );
         // Legacy Rust mangling.
