@@ -70,7 +70,8 @@ impl Bpftrace {
     fn start(comm: &str, probes: &[(PathBuf, String)]) -> Self {
         let list: Vec<String> = probes
             .iter()
-            .map(|(f, s)| format!("uprobe:{}:{s}", f.display()))
+            // Quoted: bpftrace's parser rejects `++` in a bare path (libstdc++).
+            .map(|(f, s)| format!("uprobe:\"{}\":{s}", f.display()))
             .collect();
         let script = format!(
             "BEGIN {{ printf(\"bpftrace-ready\\n\"); }} {} /comm == \"{comm}\"/ \
@@ -85,11 +86,7 @@ impl Bpftrace {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run bpftrace ({e}): ./x setup installs it"));
         let mut lines = BufReader::new(bt.stdout.take().unwrap()).lines();
-        for line in lines.by_ref() {
-            if line.unwrap_or_default().contains("bpftrace-ready") {
-                break;
-            }
-        }
+        wait_ready(&mut lines, &script);
         let (tx, rx) = mpsc::channel();
         let pid = bt.id();
         thread::spawn(move || {
@@ -124,6 +121,17 @@ impl Bpftrace {
         }
         calls
     }
+}
+
+/// Reads bpftrace's output until its BEGIN line (every probe attached); panics if it ends
+/// first (a script it refused).
+fn wait_ready(lines: &mut impl Iterator<Item = std::io::Result<String>>, script: &str) {
+    for line in lines {
+        if line.unwrap_or_default().contains("bpftrace-ready") {
+            return;
+        }
+    }
+    panic!("bpftrace ended before attaching: {script}");
 }
 
 thread_local! {
@@ -350,7 +358,7 @@ fn user_probe_counts_calls_and_sums_an_argument() {
     let stdcxx = libstdcxx(&fixture);
     let next_bkt = "_ZNKSt8__detail20_Prime_rehash_policy11_M_next_bktEm";
     let script = format!(
-        "BEGIN {{ printf(\"bpftrace-ready\\n\"); }} uprobe:{}:{next_bkt} \
+        "BEGIN {{ printf(\"bpftrace-ready\\n\"); }} uprobe:\"{}\":{next_bkt} \
          /comm == \"cxx_growth\"/ {{ @calls[probe] = count(); @sum[probe] = sum(arg1); }}",
         stdcxx.display()
     );
@@ -362,11 +370,7 @@ fn user_probe_counts_calls_and_sums_an_argument() {
         .spawn()
         .expect("bpftrace");
     let mut lines = BufReader::new(bt.stdout.take().unwrap()).lines();
-    for line in lines.by_ref() {
-        if line.unwrap_or_default().contains("bpftrace-ready") {
-            break;
-        }
-    }
+    wait_ready(&mut lines, &script);
     let spec = format!(
         "{}:std::__detail::_Prime_rehash_policy::_M_next_bkt:arg1 as buckets",
         stdcxx.display()
