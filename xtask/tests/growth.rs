@@ -15,13 +15,11 @@ use std::{
     process::{Command, Stdio},
     sync::mpsc,
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use serde_json::Value;
-use support::{
-    Allocwatch, AllocwatchBin, assert_single_error, path_str, read_json, serial, signal,
-};
+use support::{Allocwatch, AllocwatchBin, assert_single_error, path_str, read_json, serial};
 
 struct TestEnv {
     bin: PathBuf,
@@ -60,24 +58,29 @@ fn fixture_counts(stdout: &str) -> BTreeMap<String, u64> {
         .collect()
 }
 
-/// bpftrace counting the calls of `probes` (`FILE:SYMBOL`) made by processes named `comm`,
-/// started and ready: `stop` it once the traced program exited.
+/// bpftrace running a script whose BEGIN prints `bpftrace-ready`, started and attached:
+/// `stop` it once the traced program exited (killed if the test fails first).
 struct Bpftrace {
+    pid: u32,
     rx: mpsc::Receiver<Vec<String>>,
 }
 
 impl Bpftrace {
-    fn start(comm: &str, probes: &[(PathBuf, String)]) -> Self {
+    /// Counts the calls of `probes` (`FILE`, `SYMBOL`) made by processes named `comm`.
+    fn count_calls(comm: &str, probes: &[(PathBuf, String)]) -> Self {
         let list: Vec<String> = probes
             .iter()
             // Quoted: bpftrace's parser rejects `++` in a bare path (libstdc++).
             .map(|(f, s)| format!("uprobe:\"{}\":{s}", f.display()))
             .collect();
-        let script = format!(
-            "BEGIN {{ printf(\"bpftrace-ready\\n\"); }} {} /comm == \"{comm}\"/ \
-             {{ @calls[probe] = count(); }}",
+        Self::start(&format!(
+            "{} /comm == \"{comm}\"/ {{ @calls[probe] = count(); }}",
             list.join(",")
-        );
+        ))
+    }
+
+    fn start(probes: &str) -> Self {
+        let script = format!("BEGIN {{ printf(\"bpftrace-ready\\n\"); }} {probes}");
         let mut bt = Command::new("bpftrace")
             .args(["-f", "json", "-e", &script])
             .stdin(Stdio::null())
@@ -86,56 +89,71 @@ impl Bpftrace {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run bpftrace ({e}): ./x setup installs it"));
         let mut lines = BufReader::new(bt.stdout.take().unwrap()).lines();
-        wait_ready(&mut lines, &script);
-        let (tx, rx) = mpsc::channel();
         let pid = bt.id();
+        let ready = lines
+            .by_ref()
+            .any(|l| l.unwrap_or_default().contains("bpftrace-ready"));
+        if !ready {
+            let _ = bt.wait();
+            panic!("bpftrace ended before attaching: {script}");
+        }
+        let (tx, rx) = mpsc::channel();
         thread::spawn(move || {
             let out: Vec<String> = lines.map_while(Result::ok).collect();
             let _ = bt.wait();
             let _ = tx.send(out);
         });
-        PIDS.with(|p| p.borrow_mut().push(pid));
-        Self { rx }
+        Self { pid, rx }
     }
 
-    /// Stops it (SIGINT: it prints its map) and returns the calls per probed symbol.
-    fn stop(self) -> BTreeMap<String, u64> {
-        PIDS.with(|p| {
-            for pid in p.borrow_mut().drain(..) {
-                signal(pid, libc::SIGINT);
+    /// Stops it (SIGINT: it prints its maps and exits) and returns its JSON lines. SIGINT is
+    /// sent again every 2 s: under load one was seen lost (bpftrace ran on for minutes).
+    fn stop(mut self) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let out = loop {
+            // SAFETY: plain syscall on our child's pid (reaped only by the reader thread, after
+            // it exits: then the output is there and the loop ends).
+            unsafe { libc::kill(self.pid as i32, libc::SIGINT) };
+            match self.rx.recv_timeout(Duration::from_secs(2)) {
+                Ok(out) => break out,
+                Err(_) if Instant::now() < deadline => {}
+                Err(e) => panic!("bpftrace's output: {e}"),
             }
-        });
-        let out = self
-            .rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("bpftrace's output");
-        let mut calls = BTreeMap::new();
-        for line in out.iter().filter(|l| l.starts_with('{')) {
-            let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
-            if let Some(map) = v["data"]["@calls"].as_object() {
+        };
+        self.pid = 0;
+        out.iter()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+
+    /// Calls per probed symbol in `@calls`.
+    fn calls(out: &[Value]) -> BTreeMap<String, u64> {
+        Self::map(out, "@calls")
+    }
+
+    /// The values of map `name`, by probed symbol.
+    fn map(out: &[Value], name: &str) -> BTreeMap<String, u64> {
+        let mut values = BTreeMap::new();
+        for v in out {
+            if let Some(map) = v["data"][name].as_object() {
                 for (probe, n) in map {
                     let symbol = probe.rsplit(':').next().unwrap_or_default();
-                    *calls.entry(symbol.to_owned()).or_default() += n.as_u64().unwrap_or(0);
+                    *values.entry(symbol.to_owned()).or_default() += n.as_u64().unwrap_or(0);
                 }
             }
         }
-        calls
+        values
     }
 }
 
-/// Reads bpftrace's output until its BEGIN line (every probe attached); panics if it ends
-/// first (a script it refused).
-fn wait_ready(lines: &mut impl Iterator<Item = std::io::Result<String>>, script: &str) {
-    for line in lines {
-        if line.unwrap_or_default().contains("bpftrace-ready") {
-            return;
+impl Drop for Bpftrace {
+    fn drop(&mut self) {
+        if self.pid != 0 {
+            // SAFETY: plain syscall: a test that failed before `stop` leaves no bpftrace.
+            unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
         }
     }
-    panic!("bpftrace ended before attaching: {script}");
-}
-
-thread_local! {
-    static PIDS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `nm` symbols of `file` whose demangled name satisfies `keep` (mangled names).
@@ -249,9 +267,9 @@ fn cxx_growth_counts_exact() {
         .collect();
     let next_bkt = "_ZNKSt8__detail20_Prime_rehash_policy11_M_next_bktEm".to_owned();
     probes.push((stdcxx, next_bkt.clone()));
-    let bt = Bpftrace::start("cxx_growth", &probes);
+    let bt = Bpftrace::count_calls("cxx_growth", &probes);
     let (counts, proc) = trace(&env, &fixture, &[]);
-    let raw = bt.stop();
+    let raw = Bpftrace::calls(&bt.stop());
     let by_kind = kinds(&proc);
     let vector = counts["vector_grows"] + counts["string_vector_grows"];
     assert_eq!(
@@ -317,9 +335,9 @@ fn rust_growth_counts_exact() {
         .chain(&rehash)
         .map(|s| (fixture.clone(), s.clone()))
         .collect();
-    let bt = Bpftrace::start("rust_growth", &probes);
+    let bt = Bpftrace::count_calls("rust_growth", &probes);
     let (counts, proc) = trace(&env, &fixture, &[]);
-    let raw = bt.stop();
+    let raw = Bpftrace::calls(&bt.stop());
     let by_kind = kinds(&proc);
     assert_eq!(counts["vec_grows"], 27, "3 × 9 growths: {counts:?}");
     assert_eq!(counts["map_rehashes"], 30, "3 × 10 rehashes: {counts:?}");
@@ -357,39 +375,19 @@ fn user_probe_counts_calls_and_sums_an_argument() {
     let fixture = env.fixture("cxx_growth");
     let stdcxx = libstdcxx(&fixture);
     let next_bkt = "_ZNKSt8__detail20_Prime_rehash_policy11_M_next_bktEm";
-    let script = format!(
-        "BEGIN {{ printf(\"bpftrace-ready\\n\"); }} uprobe:\"{}\":{next_bkt} \
-         /comm == \"cxx_growth\"/ {{ @calls[probe] = count(); @sum[probe] = sum(arg1); }}",
+    let bt = Bpftrace::start(&format!(
+        "uprobe:\"{}\":{next_bkt} /comm == \"cxx_growth\"/ \
+         {{ @calls[probe] = count(); @sum[probe] = sum(arg1); }}",
         stdcxx.display()
-    );
-    let mut bt = Command::new("bpftrace")
-        .args(["-f", "json", "-e", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("bpftrace");
-    let mut lines = BufReader::new(bt.stdout.take().unwrap()).lines();
-    wait_ready(&mut lines, &script);
+    ));
     let spec = format!(
         "{}:std::__detail::_Prime_rehash_policy::_M_next_bkt:arg1 as buckets",
         stdcxx.display()
     );
     let (counts, proc) = trace(&env, &fixture, &["--probe", &spec]);
-    signal(bt.id(), libc::SIGINT);
-    let out: Vec<String> = lines.map_while(Result::ok).collect();
-    let _ = bt.wait();
-    let mut sum = None;
-    let mut calls = None;
-    for line in out.iter().filter(|l| l.starts_with('{')) {
-        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
-        if let Some(m) = v["data"]["@sum"].as_object() {
-            sum = m.values().next().and_then(Value::as_u64);
-        }
-        if let Some(m) = v["data"]["@calls"].as_object() {
-            calls = m.values().next().and_then(Value::as_u64);
-        }
-    }
+    let out = bt.stop();
+    let calls = Bpftrace::map(&out, "@calls").get(next_bkt).copied();
+    let sum = Bpftrace::map(&out, "@sum").get(next_bkt).copied();
     let kind = "std::__detail::_Prime_rehash_policy::_M_next_bkt";
     let k = proc["probes"]["kinds"]
         .as_array()
