@@ -426,7 +426,6 @@ mod tests {
             "/bin/x:foo:arg1 as ",
             "/bin/x:foo:arg1 as a-b",
             "/bin/x:foo:arg1 as a:arg2 as a",
-            "/bin/x:arg1 as a",
         ] {
             assert!(bad.parse::<ProbeSpec>().is_err(), "{bad:?}");
         }
