@@ -275,6 +275,12 @@ pub struct CommonArgs {
     /// without frame pointers.
     #[arg(long, value_enum, value_name = "HOW", default_value = "fp")]
     pub unwind: crate::unwind::Unwind,
+    /// Count the calls of any function: `BINARY:SYMBOL[:argN as NAME]…` (repeatable). SYMBOL
+    /// is its ELF symbol, mangled or demangled (C++, Rust); each `argN as NAME` (arg0 … arg5,
+    /// the integer arguments) is summed per call site. Reported by site with the built-in
+    /// C++ and Rust container-growth kinds, under the symbol's name as given.
+    #[arg(long = "probe", value_name = "SPEC")]
+    pub probes: Vec<crate::target::symprobe::ProbeSpec>,
     /// Go programs: trace growth and GC only, not every heap allocation (`runtime.mallocgc`
     /// fires for each one; this mode costs the least).
     #[arg(long)]

@@ -8,7 +8,7 @@ use allocwatch_common::{
     globals,
     go::{self, GO_SPECS_MAX, GoProc, GoSpec},
     libc::{LIBC_FILES_MAX, LibcFile, cookie},
-    map_names,
+    map_names, symprobe,
     unwind::{UNWIND_PROCS_MAX, UNWIND_ROWS_MAX},
 };
 use aya::{
@@ -27,6 +27,7 @@ use crate::target::{
     go::GoProbe,
     registry::{AttachFailure, Attacher, Target},
     relays::Relays,
+    symprobe::SymPoint,
 };
 
 /// Whether this kernel's `sched:sched_process_exit` says which thread ends its process
@@ -50,6 +51,8 @@ const LIBC_FLOOR: &str = "libc_floor";
 const LIBC_FLOOR_RETURN: &str = "libc_floor_return";
 const GO_ENTRY: &str = "go_entry";
 const GO_FLOOR: &str = "go_floor";
+/// Symbol probes (`--probe`, C++/Rust growth), loaded on first use.
+const SYM_ENTRY: &str = "sym_entry";
 
 /// What the libc probes record (`--mode`). Costs per call are measured in BENCHMARKS.md.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -467,6 +470,51 @@ impl Probes {
         Ok(())
     }
 
+    /// Attaches the symbol-probe program at each point of `file` (loaded on first use: a
+    /// session without symbol probes pays no verifier run for it).
+    pub fn attach_sym(
+        &mut self,
+        file: &Path,
+        points: &[SymPoint],
+        pid: Option<NonZeroU32>,
+    ) -> Result<(), ProbeError> {
+        if points.is_empty() {
+            return Ok(());
+        }
+        let program = uprobe(&mut self.ebpf, SYM_ENTRY)?;
+        if program.fd().is_err() {
+            program.load().map_err(|error| ProbeError::Program {
+                program: SYM_ENTRY,
+                error,
+            })?;
+        }
+        for p in points {
+            log::debug!(
+                "probe {} {}: offset {:#x}, sp delta {}",
+                p.probe,
+                p.symbol,
+                p.file_offset,
+                p.sp_delta
+            );
+        }
+        let attach: Vec<UProbeAttachPoint<'_>> = points
+            .iter()
+            .map(|p| UProbeAttachPoint {
+                location: UProbeAttachLocation::AbsoluteOffset(p.file_offset),
+                cookie: Some(symprobe::cookie::encode(p.probe, p.sp_delta, p.args)),
+            })
+            .collect();
+        let scope = pid.map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
+        program
+            .attach(attach, file, scope)
+            .map_err(|source| ProbeError::Attach {
+                path: file.display().to_string(),
+                source,
+            })?;
+        self.attached_points += points.len();
+        Ok(())
+    }
+
     /// Attaches the `sched:sched_process_exec` tracepoint (the agent's exec events).
     pub fn attach_exec(&mut self) -> Result<(), ProbeError> {
         self.attach_tracepoint("sched_process_exec", "sched", "sched_process_exec")
@@ -622,6 +670,10 @@ impl Attacher for Probes {
             Target::Go(t) => {
                 self.attach_go(&t.path, &t.probes, scope)?;
                 Ok(t.probes.len())
+            }
+            Target::Sym(t) => {
+                self.attach_sym(&t.path, &t.points, scope)?;
+                Ok(t.points.len())
             }
         }
     }

@@ -7,6 +7,7 @@ pub mod go;
 pub mod libc;
 pub mod loss;
 pub mod sample;
+pub mod symprobe;
 pub mod unwind;
 
 /// Names of the maps the probe defines; the agent looks them up by these names.
@@ -37,6 +38,7 @@ pub mod map_names {
     pub const FOLLOW_LOST: &str = "FOLLOW_LOST";
     pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
     pub const UNWIND_PROCS: &str = "UNWIND_PROCS";
+    pub const PROBE_SITES: &str = "PROBE_SITES";
 }
 
 /// Names of the probe's global configuration variables (set with `EbpfLoader::override_global`).

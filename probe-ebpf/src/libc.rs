@@ -182,7 +182,7 @@ fn on_count(ctx: &ProbeContext) {
 
 /// Whether user stacks are captured (`FLAG_STACKS`).
 #[inline(always)]
-fn stacks_on() -> bool {
+pub(crate) fn stacks_on() -> bool {
     FLAGS.load() & FLAG_STACKS != 0
 }
 
@@ -384,7 +384,7 @@ fn on_return(ctx: &RetProbeContext) {
 /// The return address at `entry_sp` (the caller that makes the site); 0, said in the debug
 /// log, when the traced task's stack cannot be read.
 #[inline(always)]
-fn return_address(tgid: u32, entry_sp: u64) -> u64 {
+pub(crate) fn return_address(tgid: u32, entry_sp: u64) -> u64 {
     // SAFETY: reading the traced task's own stack; a fault is an error, not a crash.
     match unsafe { bpf_probe_read_user(entry_sp as *const u64) } {
         Ok(addr) => addr,

@@ -8,6 +8,7 @@ mod follow;
 mod go;
 mod libc;
 mod maps;
+mod symprobe;
 mod unwind;
 
 #[cfg(not(test))]

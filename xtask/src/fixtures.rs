@@ -1,6 +1,7 @@
 //! Fixtures: fixtures/c/NAME.c -> target/fixtures/NAME, fixtures/c/split_fixture.c also in the
 //! variants of target/fixtures/split/ (see [`build_split`]), fixtures/c/unwind/ -> target/fixtures/
-//! unwind/ (see [`build_unwind`]), and fixtures/go/growth built by
+//! unwind/ (see [`build_unwind`]), fixtures/growth/ -> target/fixtures/growth/ (see
+//! [`build_growth`]), and fixtures/go/growth built by
 //! every Go toolchain (xtask/src/go.rs) -> target/gofixtures/growth-<version>[-noswissmap]
 //! [-stripped].
 
@@ -69,7 +70,37 @@ fn build_c(paths: &Paths) -> anyhow::Result<PathBuf> {
     build_split(&src_dir, &out_dir.join("split"))?;
     build_allocators(&src_dir, &out_dir.join("alloc"))?;
     build_unwind(&src_dir, &out_dir.join("unwind"))?;
+    build_growth(&paths.root.join("fixtures/growth"), &out_dir.join("growth"))?;
     Ok(out_dir)
+}
+
+/// The container-growth fixtures (xtask/tests/growth.rs), in `out`: `cxx_growth` (g++ -O2,
+/// libstdc++'s vector and unordered_map) and `rust_growth` (rustc -O, Vec and HashMap), both
+/// with frame pointers so the sites' stacks reach the fixture's functions.
+fn build_growth(src_dir: &Path, out: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let cxx_src = src_dir.join("cxx_growth.cpp");
+    let cxx = out.join("cxx_growth");
+    if is_stale([&cxx_src], &cxx)? {
+        cmd::run(
+            Command::new("g++")
+                .args(["-O2", "-g", "-fno-omit-frame-pointer", "-Wall", "-o"])
+                .arg(&cxx)
+                .arg(&cxx_src),
+        )?;
+    }
+    let rust_src = src_dir.join("rust_growth.rs");
+    let rust = out.join("rust_growth");
+    if is_stale([&rust_src], &rust)? {
+        let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+        cmd::run(
+            Command::new(rustc)
+                .args(["-O", "-g", "-C", "force-frame-pointers=yes", "-o"])
+                .arg(&rust)
+                .arg(&rust_src),
+        )?;
+    }
+    Ok(())
 }
 
 /// libc_fixture linked against each allocator Debian ships (xtask/tests/allocators.rs), each

@@ -11,6 +11,7 @@ use allocwatch_common::{
     libc::{API_COUNT, LiveAlloc, LiveKey, Overflow, SiteKey, SiteStats},
     loss::{LOSS_CAUSES, LossCause},
     map_names,
+    symprobe::{ProbeSiteKey, ProbeSiteStats},
 };
 use aya::{
     Ebpf,
@@ -81,6 +82,32 @@ pub fn sites(
         |key: &SiteKey, values: &[SiteStats]| {
             if tgid.is_none_or(|t| t == key.tgid) {
                 out.insert(*key, sum_stats(values.iter()));
+            }
+        },
+    )?;
+    Ok(out)
+}
+
+/// Symbol-probe rows of `tgid` (all processes when `None`), per-CPU values summed.
+pub fn probe_sites(
+    probes: &impl MapSource,
+    tgid: Option<u32>,
+) -> Result<BTreeMap<ProbeSiteKey, ProbeSiteStats>, CollectError> {
+    let name = map_names::PROBE_SITES;
+    let map = RawMap::of::<ProbeSiteKey, ProbeSiteStats>(map_ref(probes, name)?, name)?;
+    let mut out = BTreeMap::new();
+    map.scan(
+        &mut Cursor::default(),
+        usize::MAX,
+        |key: &ProbeSiteKey, values: &[ProbeSiteStats]| {
+            if tgid.is_none_or(|t| t == key.tgid) {
+                let sum: &mut ProbeSiteStats = out.entry(*key).or_default();
+                for v in values {
+                    sum.calls += v.calls;
+                    for (s, a) in sum.args.iter_mut().zip(v.args) {
+                        *s = s.wrapping_add(a);
+                    }
+                }
             }
         },
     )?;

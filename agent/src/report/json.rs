@@ -80,6 +80,62 @@ struct TopProcess<'a> {
     /// the totals above are the tree's). Absent with `--no-follow`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     followed: Vec<JsonTreeProcess<'a>>,
+    /// Symbol probes (built-in container growth, `--probe`): totals by kind and sites.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    probes: Option<JsonProbes<'a>>,
+}
+
+#[derive(Serialize)]
+struct JsonProbes<'a> {
+    kinds: Vec<JsonProbeKind<'a>>,
+    sites: Vec<JsonProbeSite<'a>>,
+}
+
+#[derive(Serialize)]
+struct JsonProbeKind<'a> {
+    kind: &'a str,
+    builtin: bool,
+    calls: u64,
+    /// Each named argument's sum over the calls.
+    args: BTreeMap<&'a str, u64>,
+}
+
+#[derive(Serialize)]
+struct JsonProbeSite<'a> {
+    kind: &'a str,
+    frames: &'a [Frame],
+    calls: u64,
+    args: BTreeMap<&'a str, u64>,
+}
+
+fn named_args(a: &[(String, u64)]) -> BTreeMap<&str, u64> {
+    a.iter().map(|(n, v)| (n.as_str(), *v)).collect()
+}
+
+fn json_probes(r: &TopReport) -> Option<JsonProbes<'_>> {
+    let args = named_args;
+    (!r.probes.is_empty()).then(|| JsonProbes {
+        kinds: r
+            .probes
+            .iter()
+            .map(|t| JsonProbeKind {
+                kind: &t.kind,
+                builtin: t.builtin,
+                calls: t.calls,
+                args: args(&t.args),
+            })
+            .collect(),
+        sites: r
+            .probe_sites
+            .iter()
+            .map(|s| JsonProbeSite {
+                kind: &s.kind,
+                frames: &s.frames,
+                calls: s.calls,
+                args: args(&s.args),
+            })
+            .collect(),
+    })
 }
 
 #[derive(Serialize)]
@@ -399,6 +455,7 @@ pub fn top(reports: &[TopReport]) -> serde_json::Result<String> {
             callers: r.callers.iter().map(Into::into).collect(),
             go: r.go.as_ref().map(Into::into),
             followed: r.tree.iter().map(Into::into).collect(),
+            probes: json_probes(r),
         })
         .collect();
     serde_json::to_string_pretty(&Document {

@@ -106,6 +106,28 @@ pub struct TopReport {
     /// Following a tree: each process traced (the root first). Empty with `--no-follow`;
     /// `totals`, `sites` and `callers` are then those of the whole tree.
     pub tree: Vec<TreeProcess>,
+    /// Symbol probes: each kind's totals, and its sites by calls.
+    pub probes: Vec<ProbeTotal>,
+    pub probe_sites: Vec<ProbeSite>,
+}
+
+/// The calls of a probed function (a built-in growth kind or a `--probe`) at one call site.
+#[derive(Clone, Debug)]
+pub struct ProbeSite {
+    pub kind: String,
+    pub frames: Vec<Frame>,
+    pub calls: u64,
+    /// Each named argument's sum over the calls.
+    pub args: Vec<(String, u64)>,
+}
+
+/// A probe kind's totals in the process (every `--probe`, and the built-in kinds found).
+#[derive(Clone, Debug)]
+pub struct ProbeTotal {
+    pub kind: String,
+    pub builtin: bool,
+    pub calls: u64,
+    pub args: Vec<(String, u64)>,
 }
 
 /// A Go growth or large-allocation site.

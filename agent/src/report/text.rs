@@ -232,7 +232,36 @@ pub fn top(r: &TopReport, k: usize) -> String {
     if let Some(go) = &r.go {
         go_section(&mut out, go, k);
     }
+    probes_section(&mut out, r, k);
     out
+}
+
+/// The symbol probes: built-in container growth and `--probe`s, totals then top sites.
+fn probes_section(out: &mut String, r: &TopReport, k: usize) {
+    if r.probes.is_empty() {
+        return;
+    }
+    let args = |a: &[(String, u64)]| {
+        a.iter()
+            .map(|(n, v)| format!(" {n}={v}"))
+            .collect::<String>()
+    };
+    let _ = writeln!(out, "\nPROBES (container growth and --probe)");
+    for t in &r.probes {
+        let _ = writeln!(out, "  {}: {} calls{}", t.kind, t.calls, args(&t.args));
+    }
+    if r.probe_sites.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "\nTOP PROBE SITES");
+    let _ = writeln!(out, "{:>8} {:<24} SITE", "CALLS", "KIND");
+    for s in r.probe_sites.iter().take(k) {
+        let _ = write!(out, "{:>8} {:<24} ", s.calls, s.kind);
+        if !s.args.is_empty() {
+            let _ = write!(out, "[{}] ", args(&s.args).trim_start());
+        }
+        site_lines(out, &s.frames, 34);
+    }
 }
 
 fn pauses(p: &PauseSummary) -> String {

@@ -257,6 +257,8 @@ fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer,
         },
         _exec_snapshots: exec_snapshots,
         unwind: tables,
+        probe_kinds: crate::target::symprobe::kinds(&args.probes),
+        probes_attached: probes_attached(&r),
         go_target: r.go,
         started: Instant::now(),
         top_k: args.top,
@@ -299,6 +301,18 @@ fn banner(tracer: &Tracer) {
 
 /// How often a Go program's maps are read (`gort::live`).
 const MAP_READ_INTERVAL: Duration = Duration::from_secs(1);
+/// The symbol-probe ids the resolved files attach.
+fn probes_attached(r: &resolve::Resolved) -> std::collections::BTreeSet<u32> {
+    r.files
+        .iter()
+        .filter_map(|f| match &f.target {
+            crate::target::registry::Target::Sym(t) => Some(t.points.iter().map(|p| p.probe)),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
 /// How often the traced process's mappings are checked for files without unwind tables.
 const UNWIND_INTERVAL: Duration = Duration::from_millis(100);
 

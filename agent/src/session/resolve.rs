@@ -20,10 +20,12 @@ use crate::{
     symbolize::SymbolizerHandle,
     target::{
         self, TargetError,
+        elf::ElfFile,
         go::{GoProbeSet, GoTarget},
         libc::Served,
         maps::{DevInode, read_maps},
         registry::{Loaded, Target, Targets},
+        symprobe::{self, SymTarget},
     },
 };
 
@@ -36,8 +38,29 @@ pub struct Resolved {
     /// The files serving its allocation API (the one serving `malloc` first).
     pub libc: Option<Served>,
     pub go: Option<Arc<GoTarget>>,
-    /// The files to attach: its libc, then its Go runtime.
+    /// The files to attach: its libc, then its Go runtime, then its symbol probes.
     pub files: Vec<Loaded>,
+}
+
+/// The symbol probes of a session: its `--probe`s and the built-in growth functions of the
+/// executable and its libstdc++ (`libraries`: what it loads, or has mapped).
+fn sym_targets(
+    args: &CommonArgs,
+    exe: &std::path::Path,
+    libraries: &[PathBuf],
+) -> anyhow::Result<Vec<Arc<SymTarget>>> {
+    Ok(symprobe::for_session(&args.probes, exe, libraries)?)
+}
+
+/// The files `pid` has mapped.
+fn mapped_files(pid: u32) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = read_maps(pid)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|m| m.path.filter(|p| p.starts_with('/')).map(PathBuf::from))
+        .collect();
+    files.dedup();
+    files
 }
 
 /// The probe set a session asks for.
@@ -61,7 +84,7 @@ pub fn resolve(args: &CommonArgs) -> anyhow::Result<Resolved> {
         )
     };
     let go_probes = go_probes(args);
-    let (pid, exe, parked, libc, go) = match args.pid {
+    let (pid, exe, parked, libc, go, sym) = match args.pid {
         Some(pid) => {
             target::check::process(pid.get())?;
             // A process that exits while it is being read fails in whatever read came next:
@@ -78,7 +101,8 @@ pub fn resolve(args: &CommonArgs) -> anyhow::Result<Resolved> {
                 Err(e) if go.is_some() && no_libc(&e) => None,
                 Err(e) => return Err(gone(e.into())),
             };
-            (pid, exe, None, libc, go)
+            let sym = sym_targets(args, &exe, &mapped_files(pid.get()))?;
+            (pid, exe, None, libc, go, sym)
         }
         None => {
             let exe = target::libc::resolve_program(&args.command[0])?;
@@ -89,9 +113,13 @@ pub fn resolve(args: &CommonArgs) -> anyhow::Result<Resolved> {
                 Err(e) if go.is_some() && no_libc(&e) => None,
                 Err(e) => return Err(e.into()),
             };
+            let libraries = ElfFile::open(&exe)
+                .map(|e| target::libc::libraries_of(&e))
+                .unwrap_or_default();
+            let sym = sym_targets(args, &exe, &libraries)?;
             let parked = launch::park(&args.command)?;
             let pid = NonZeroU32::new(parked.pid()).context("fork returned pid 0")?;
-            (pid, exe, Some(parked), libc, go)
+            (pid, exe, Some(parked), libc, go, sym)
         }
     };
     let go = go.map(Arc::new);
@@ -110,6 +138,15 @@ pub fn resolve(args: &CommonArgs) -> anyhow::Result<Resolved> {
         files.push(Loaded {
             id: DevInode::from_metadata(&meta),
             target: Target::Go(Arc::clone(g)),
+        });
+    }
+    for t in sym {
+        let meta = fs::metadata(&t.path)
+            .with_context(|| t.path.display().to_string())
+            .map_err(|e| exited_instead(pid.get(), e))?;
+        files.push(Loaded {
+            id: DevInode::from_metadata(&meta),
+            target: Target::Sym(t),
         });
     }
     Ok(Resolved {

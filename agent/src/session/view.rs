@@ -3,7 +3,7 @@
 //! call chains.
 
 use std::{
-    collections::{BTreeMap, HashMap, hash_map::Entry},
+    collections::{BTreeMap, BTreeSet, HashMap, hash_map::Entry},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -27,11 +27,11 @@ use crate::{
     pipeline::{Handler, Parts, Pipeline},
     procfs,
     report::{
-        Caller, GoMap, GoReport, GoSite, Leak, LeaksReport, PauseSummary, ProcessInfo, Site,
-        TopReport,
+        Caller, GoMap, GoReport, GoSite, Leak, LeaksReport, PauseSummary, ProbeSite, ProbeTotal,
+        ProcessInfo, Site, TopReport,
     },
     symbolize::Frame,
-    target::go::GoTarget,
+    target::{go::GoTarget, symprobe::ProbeKind},
 };
 
 /// The state of a session after attaching.
@@ -46,6 +46,10 @@ pub struct Tracer {
     pub _exec_snapshots: Option<ExecSnapshots>,
     /// The unwind tables loaded for the traced process (`--unwind dwarf`).
     pub unwind: Option<crate::unwind::load::Tables>,
+    /// What each symbol-probe id counts.
+    pub probe_kinds: Vec<ProbeKind>,
+    /// The probe ids attached somewhere (a built-in kind is reported only when found).
+    pub probes_attached: BTreeSet<u32>,
 }
 
 /// What the records say about the traced process beyond its sites.
@@ -214,7 +218,10 @@ impl Tracer {
             .watched
             .tree
             .report(&self.watched.info, &rows, &programs, sampling);
+        let (probes, probe_sites) = self.probe_report().await?;
         Ok(TopReport {
+            probes,
+            probe_sites,
             tree,
             info: self.watched.info.clone(),
             elapsed_secs: self.started.elapsed().as_secs_f64(),
@@ -226,6 +233,66 @@ impl Tracer {
             symbolization: self.pipe.parts.symbolizer.stats(),
             go,
         })
+    }
+
+    /// The symbol probes' totals per kind and their sites (named, merged by source line),
+    /// most calls first.
+    async fn probe_report(&mut self) -> anyhow::Result<(Vec<ProbeTotal>, Vec<ProbeSite>)> {
+        let rows = collect::probe_sites(&self.pipe.parts.probes, self.scope())?;
+        let kinds = self.probe_kinds.clone();
+        let named = |kind: &ProbeKind, sums: &[u64]| -> Vec<(String, u64)> {
+            kind.args
+                .iter()
+                .cloned()
+                .zip(sums.iter().copied())
+                .collect()
+        };
+        let mut totals: Vec<ProbeTotal> = Vec::new();
+        for (id, kind) in kinds.iter().enumerate() {
+            let id = id as u32;
+            let mut calls = 0;
+            let mut sums = [0u64; allocwatch_common::symprobe::ARGS];
+            for (_, s) in rows.iter().filter(|(k, _)| k.probe == id) {
+                calls += s.calls;
+                for (t, a) in sums.iter_mut().zip(s.args) {
+                    *t = t.wrapping_add(a);
+                }
+            }
+            if !kind.builtin || calls > 0 || self.probes_attached.contains(&id) {
+                totals.push(ProbeTotal {
+                    kind: kind.name.clone(),
+                    builtin: kind.builtin,
+                    calls,
+                    args: named(kind, &sums),
+                });
+            }
+        }
+        let mut sites = Vec::new();
+        for (key, s) in rows.iter().filter(|(_, s)| s.calls > 0) {
+            let Some(kind) = kinds.get(key.probe as usize) else {
+                continue;
+            };
+            sites.push(ProbeSite {
+                kind: kind.name.clone(),
+                frames: chain(&mut self.pipe.parts, key.tgid, key.stack_id, key.ret_addr).await?,
+                calls: s.calls,
+                args: named(kind, &s.args),
+            });
+        }
+        // Kinds are told apart by their id (names of `--probe`s may repeat a built-in's).
+        let id_of = |name: &str| kinds.iter().position(|k| k.name == name).unwrap_or(0) as u32;
+        let mut sites = merge_by_source(
+            sites,
+            |s| id_of(&s.kind),
+            |a, b| {
+                a.calls += b.calls;
+                for ((_, x), (_, y)) in a.args.iter_mut().zip(&b.args) {
+                    *x = x.wrapping_add(*y);
+                }
+            },
+        );
+        sites.sort_by(|a, b| b.calls.cmp(&a.calls).then(a.kind.cmp(&b.kind)));
+        Ok((totals, sites))
     }
 
     /// Exact calls and bytes per API and immediate caller: the sum of a caller's rows, the
@@ -456,6 +523,12 @@ fn merge_by_source<T: Clone + HasFrames>(
 
 trait HasFrames {
     fn frames(&self) -> &[Frame];
+}
+
+impl HasFrames for ProbeSite {
+    fn frames(&self) -> &[Frame] {
+        &self.frames
+    }
 }
 
 impl HasFrames for Site {

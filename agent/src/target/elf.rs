@@ -165,6 +165,11 @@ impl ElfFile {
         self.symbols.get(name).map(|(s, _)| *s)
     }
 
+    /// Every defined symbol name (versioned spellings too) with its symbol.
+    pub fn symbols(&self) -> impl Iterator<Item = (&str, Symbol)> {
+        self.symbols.iter().map(|(n, (s, _))| (n.as_str(), *s))
+    }
+
     /// `PT_INTERP`: the dynamic loader a dynamically linked executable asks for.
     pub fn interpreter(&self) -> Option<&str> {
         self.interpreter.as_deref()

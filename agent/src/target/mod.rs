@@ -8,6 +8,7 @@
 //! - [`go`]: the Go runtime functions of a binary to probe.
 //! - [`relays`]: count mode's view of a libc file (which allocator functions tail-jump into
 //!   which), by disassembly.
+//! - [`symprobe`]: `--probe` and the built-in C++/Rust container-growth functions, by symbol.
 //! - [`registry`]: every kind of target in one list; each file analysed and attached once, then
 //!   a per-process step with its load bias.
 
@@ -19,6 +20,7 @@ pub mod maps;
 pub mod placement;
 pub mod registry;
 pub mod relays;
+pub mod symprobe;
 
 pub use libc::{ProbePoint, for_command as libc_for_command, for_pid as libc_for_pid};
 

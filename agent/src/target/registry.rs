@@ -19,6 +19,7 @@ use super::{
     go::{self, GoProbeSet, GoTarget},
     libc::{self, LibcTarget},
     maps::{DevInode, MapEntry},
+    symprobe::SymTarget,
 };
 
 /// The kinds of target, in the order a process's files are looked at.
@@ -29,6 +30,8 @@ pub enum Kind {
     Libc,
     /// A Go executable's runtime.
     Go,
+    /// Functions probed by symbol (`--probe`, C++/Rust container growth); sessions only.
+    Sym,
 }
 
 /// Every loader, in order.
@@ -39,6 +42,7 @@ pub const LOADERS: [Kind; 2] = [Kind::Libc, Kind::Go];
 pub enum Target {
     Libc(Arc<LibcTarget>),
     Go(Arc<GoTarget>),
+    Sym(Arc<SymTarget>),
 }
 
 /// What the registry needs from the loaded probe object.
@@ -64,6 +68,7 @@ impl Target {
         match self {
             Target::Libc(_) => Kind::Libc,
             Target::Go(_) => Kind::Go,
+            Target::Sym(_) => Kind::Sym,
         }
     }
 
@@ -72,6 +77,7 @@ impl Target {
         match self {
             Target::Libc(t) => &t.path,
             Target::Go(t) => &t.path,
+            Target::Sym(t) => &t.path,
         }
     }
 
@@ -79,7 +85,7 @@ impl Target {
     /// only once the file is mapped (a position-independent Go binary's `mallocgc`).
     pub fn needs_maps(&self) -> bool {
         match self {
-            Target::Libc(_) => false,
+            Target::Libc(_) | Target::Sym(_) => false,
             Target::Go(g) => g.pie && g.mallocgc.is_some(),
         }
     }
@@ -95,7 +101,7 @@ impl Target {
         maps: &[MapEntry],
     ) -> Result<bool, A::Error> {
         match self {
-            Target::Libc(_) => Ok(true),
+            Target::Libc(_) | Target::Sym(_) => Ok(true),
             Target::Go(g) => {
                 let Some((start, end)) = g.mallocgc else {
                     return Ok(true);
@@ -350,6 +356,8 @@ impl Targets {
                     .map(|g| g.map(|g| Target::Go(Arc::new(g))));
                 vec![(id, go)]
             }
+            // Found by the session from its `--probe`s, never by discovery.
+            Kind::Sym => return Vec::new(),
         };
         let mut ids = Vec::new();
         for (id, analysed) in analysed {
@@ -447,6 +455,7 @@ mod tests {
             Ok(match target {
                 Target::Libc(t) => t.probes.len(),
                 Target::Go(t) => t.probes.len(),
+                Target::Sym(t) => t.points.len(),
             })
         }
 

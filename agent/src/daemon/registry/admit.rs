@@ -358,7 +358,7 @@ impl Registry {
                 .iter()
                 .filter_map(|t| match t {
                     Target::Libc(l) => Some(Arc::clone(l)),
-                    Target::Go(_) => None,
+                    Target::Go(_) | Target::Sym(_) => None,
                 })
                 .collect(),
         );
@@ -398,7 +398,7 @@ impl Registry {
         }
         let go = found.into_iter().find_map(|t| match t {
             Target::Go(g) => Some(g),
-            Target::Libc(_) => None,
+            Target::Libc(_) | Target::Sym(_) => None,
         });
         (go, served)
     }

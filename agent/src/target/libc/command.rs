@@ -182,6 +182,18 @@ impl Loader {
     }
 }
 
+/// The libraries the dynamic executable `exe` will load, in ld.so's order, searched with our
+/// environment (a command's child inherits it).
+pub fn libraries_of(exe: &ElfFile) -> Vec<PathBuf> {
+    let env = SearchEnv {
+        path: None,
+        ld_library_path: std::env::var_os("LD_LIBRARY_PATH"),
+        ld_preload: std::env::var_os("LD_PRELOAD"),
+        ld_cache: PathBuf::from(LD_CACHE),
+    };
+    load_order(exe, &env).0
+}
+
 /// The files a dynamic executable will load, in ld.so's order: `LD_PRELOAD`, then `DT_NEEDED`
 /// breadth-first, each name searched the way ld.so does: `DT_RPATH` (of the needing object,
 /// then of the executable, when the needing object has no `DT_RUNPATH`), `LD_LIBRARY_PATH`,

@@ -22,7 +22,7 @@ mod process;
 mod tests;
 
 pub use allocator::Allocator;
-pub use command::{for_command, resolve_program};
+pub use command::{for_command, libraries_of, resolve_program};
 pub use ld_cache::LdCache;
 pub use process::{FileCache, for_pid, for_pid_cached};
 

@@ -1,0 +1,116 @@
+//! Symbol probes (`--probe`, and the built-in C++/Rust container-growth patterns): one entry
+//! uprobe program for every probed function. The attach cookie names the probe and the
+//! argument registers it sums; calls are counted per (process, probe, stack, immediate
+//! caller) in a per-CPU table, as the libc sites are. A full table sends a new site to the
+//! process's row of unknown sites (made with its first row), and counts it.
+
+use allocwatch_common::{
+    libc::NO_STACK,
+    loss::LossCause,
+    symprobe::{ARGS, ProbeSiteKey, ProbeSiteStats, SITES_MAX, cookie},
+};
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_pid_tgid, generated::bpf_get_attach_cookie},
+    macros::{map, uprobe},
+    maps::PerCpuHashMap,
+    programs::ProbeContext,
+};
+
+use crate::{
+    libc::{return_address, stacks_on},
+    maps::{lost, traced},
+    unwind::capture_libc_stack,
+};
+
+#[map]
+pub static PROBE_SITES: PerCpuHashMap<ProbeSiteKey, ProbeSiteStats> =
+    PerCpuHashMap::with_max_entries(SITES_MAX, 0);
+
+#[uprobe(multi)]
+pub fn sym_entry(ctx: ProbeContext) -> u32 {
+    on_entry(&ctx);
+    0
+}
+
+#[inline(always)]
+fn on_entry(ctx: &ProbeContext) {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !traced(tgid) {
+        return;
+    }
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    // SAFETY: regs points at the probed task's saved registers.
+    let regs = unsafe { &*ctx.regs };
+    let entry_sp = regs.rsp + cookie::sp_delta(cookie);
+    let ret_addr = return_address(tgid, entry_sp);
+    let stack_id = if stacks_on() {
+        capture_libc_stack(ctx, entry_sp, ret_addr)
+    } else {
+        NO_STACK
+    };
+    let mut args = [0u64; ARGS];
+    for (slot, value) in args.iter_mut().enumerate() {
+        // A plain match: no variable index into the stack for the verifier to bound.
+        *value = match cookie::arg(cookie, slot) {
+            1 => regs.rdi,
+            2 => regs.rsi,
+            3 => regs.rdx,
+            4 => regs.rcx,
+            5 => regs.r8,
+            6 => regs.r9,
+            _ => 0,
+        };
+    }
+    let mut key = ProbeSiteKey {
+        tgid,
+        probe: cookie::probe(cookie),
+        stack_id,
+        ret_addr,
+    };
+    let Some(row) = row(&mut key) else {
+        return;
+    };
+    // SAFETY: per-CPU value of this CPU.
+    let row = unsafe { &mut *row };
+    row.calls += 1;
+    for (sum, v) in row.args.iter_mut().zip(args.iter()) {
+        *sum = sum.wrapping_add(*v);
+    }
+}
+
+/// The row of `key`, made if new (with the process's row of unknown sites for the probe, so
+/// that a full table still counts its calls); `None` (counted) when neither has room.
+#[inline(always)]
+fn row(key: &mut ProbeSiteKey) -> Option<*mut ProbeSiteStats> {
+    if let Some(row) = PROBE_SITES.get_ptr_mut(key) {
+        return Some(row);
+    }
+    let spill = ProbeSiteKey {
+        tgid: key.tgid,
+        probe: key.probe,
+        stack_id: NO_STACK,
+        ret_addr: 0,
+    };
+    let init = ProbeSiteStats::default();
+    // Another CPU may have made either row meanwhile: an existing key is no failure.
+    if PROBE_SITES.insert(key, &init, BPF_NOEXIST as u64).is_ok() {
+        let _ = PROBE_SITES.insert(&spill, &init, BPF_NOEXIST as u64);
+    }
+    if let Some(row) = PROBE_SITES.get_ptr_mut(key) {
+        return Some(row);
+    }
+    match PROBE_SITES.get_ptr_mut(&spill) {
+        Some(row) => {
+            lost(LossCause::SiteSpilled);
+            *key = spill;
+            Some(row)
+        }
+        None => {
+            lost(LossCause::SitesFull);
+            None
+        }
+    }
+}

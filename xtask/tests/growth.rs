@@ -1,0 +1,433 @@
+//! C++ and Rust container growth and `--probe`, end to end: `allocwatch top` runs the growth
+//! fixtures (fixtures/growth/, built by `./x fixtures` with g++ -O2 and rustc -O) and reports
+//! each built-in kind and each `--probe` with exact counts, compared with what the fixture
+//! counted itself (capacity() and bucket_count() changes in its own functions) and with
+//! bpftrace on the same functions in the same run.
+//!
+//! These tests fail (never skip) when `ALLOCWATCH_BIN` or `ALLOCWATCH_FIXTURES` is unset.
+
+mod support;
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use support::{Allocwatch, AllocwatchBin, assert_single_error, path_str, read_json, serial};
+
+struct TestEnv {
+    bin: PathBuf,
+    fixtures: PathBuf,
+}
+
+impl TestEnv {
+    fn get() -> Self {
+        Self {
+            bin: support::allocwatch_bin("root and the growth fixtures"),
+            fixtures: support::env_path("ALLOCWATCH_FIXTURES").join("growth"),
+        }
+    }
+
+    fn fixture(&self, name: &str) -> PathBuf {
+        let p = self.fixtures.join(name);
+        assert!(p.is_file(), "{} missing: run ./x fixtures", p.display());
+        p
+    }
+}
+
+impl AllocwatchBin for TestEnv {
+    fn bin(&self) -> &Path {
+        &self.bin
+    }
+}
+
+/// The fixture's own counts: `key=value` words of its one output line.
+fn fixture_counts(stdout: &str) -> BTreeMap<String, u64> {
+    stdout
+        .split_whitespace()
+        .filter_map(|w| {
+            let (k, v) = w.split_once('=')?;
+            Some((k.to_owned(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// bpftrace running a script whose BEGIN prints `bpftrace-ready`, started and attached:
+/// `stop` it once the traced program exited (killed if the test fails first).
+struct Bpftrace {
+    pid: u32,
+    rx: mpsc::Receiver<Vec<String>>,
+}
+
+impl Bpftrace {
+    /// Counts the calls of `probes` (`FILE`, `SYMBOL`) made by processes named `comm`.
+    fn count_calls(comm: &str, probes: &[(PathBuf, String)]) -> Self {
+        let list: Vec<String> = probes
+            .iter()
+            // Quoted: bpftrace's parser rejects `++` in a bare path (libstdc++).
+            .map(|(f, s)| format!("uprobe:\"{}\":{s}", f.display()))
+            .collect();
+        Self::start(&format!(
+            "{} /comm == \"{comm}\"/ {{ @calls[probe] = count(); }}",
+            list.join(",")
+        ))
+    }
+
+    fn start(probes: &str) -> Self {
+        let script = format!("BEGIN {{ printf(\"bpftrace-ready\\n\"); }} {probes}");
+        let mut bt = Command::new("bpftrace")
+            .args(["-f", "json", "-e", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run bpftrace ({e}): ./x setup installs it"));
+        let mut lines = BufReader::new(bt.stdout.take().unwrap()).lines();
+        let pid = bt.id();
+        let ready = lines
+            .by_ref()
+            .any(|l| l.unwrap_or_default().contains("bpftrace-ready"));
+        if !ready {
+            let _ = bt.wait();
+            panic!("bpftrace ended before attaching: {script}");
+        }
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let out: Vec<String> = lines.map_while(Result::ok).collect();
+            let _ = bt.wait();
+            let _ = tx.send(out);
+        });
+        Self { pid, rx }
+    }
+
+    /// Stops it (SIGINT: it prints its maps and exits) and returns its JSON lines. SIGINT is
+    /// sent again every 2 s: under load one was seen lost (bpftrace ran on for minutes).
+    fn stop(mut self) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let out = loop {
+            // SAFETY: plain syscall on our child's pid (reaped only by the reader thread, after
+            // it exits: then the output is there and the loop ends).
+            unsafe { libc::kill(self.pid as i32, libc::SIGINT) };
+            match self.rx.recv_timeout(Duration::from_secs(2)) {
+                Ok(out) => break out,
+                Err(_) if Instant::now() < deadline => {}
+                Err(e) => panic!("bpftrace's output: {e}"),
+            }
+        };
+        self.pid = 0;
+        out.iter()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+
+    /// Calls per probed symbol in `@calls`.
+    fn calls(out: &[Value]) -> BTreeMap<String, u64> {
+        Self::map(out, "@calls")
+    }
+
+    /// The values of map `name`, by probed symbol.
+    fn map(out: &[Value], name: &str) -> BTreeMap<String, u64> {
+        let mut values = BTreeMap::new();
+        for v in out {
+            if let Some(map) = v["data"][name].as_object() {
+                for (probe, n) in map {
+                    let symbol = probe.rsplit(':').next().unwrap_or_default();
+                    *values.entry(symbol.to_owned()).or_default() += n.as_u64().unwrap_or(0);
+                }
+            }
+        }
+        values
+    }
+}
+
+impl Drop for Bpftrace {
+    fn drop(&mut self) {
+        if self.pid != 0 {
+            // SAFETY: plain syscall: a test that failed before `stop` leaves no bpftrace.
+            unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+/// `nm` symbols of `file` whose demangled name satisfies `keep` (mangled names).
+fn symbols(file: &Path, keep: impl Fn(&str) -> bool) -> Vec<String> {
+    let out = Command::new("nm")
+        .args(["--defined-only"])
+        .arg(file)
+        .output()
+        .expect("nm");
+    let mangled: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2).map(str::to_owned))
+        .collect();
+    let out = Command::new("nm")
+        .args(["--defined-only", "-C"])
+        .arg(file)
+        .output()
+        .expect("nm -C");
+    let demangled: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.splitn(3, ' ').nth(2).unwrap_or_default().to_owned())
+        .collect();
+    mangled
+        .into_iter()
+        .zip(demangled)
+        .filter(|(_, d)| keep(d))
+        .map(|(m, _)| m)
+        .collect()
+}
+
+/// The libstdc++ the C++ fixture loads (`ldd`).
+fn libstdcxx(fixture: &Path) -> PathBuf {
+    let out = Command::new("ldd").arg(fixture).output().expect("ldd");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.contains("libstdc++.so"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .map(|p| std::fs::canonicalize(p).expect("libstdc++ path"))
+        .expect("the C++ fixture loads libstdc++")
+}
+
+/// Runs `allocwatch top --json ARGS -- fixture N ROUNDS` and returns (the fixture's counts,
+/// the report of its process).
+fn trace(env: &TestEnv, fixture: &Path, args: &[&str]) -> (BTreeMap<String, u64>, Value) {
+    let out = support::temp_file("growth.json");
+    let mut all = vec!["top", "--json", "-o", path_str(&out)];
+    all.extend(args);
+    all.extend(["--", path_str(fixture), "1000", "3"]);
+    let mut aw = Allocwatch::spawn_with_stdout(env, &all);
+    let status = aw.wait_exit(Duration::from_secs(60));
+    aw.assert_success(status);
+    let counts = fixture_counts(&aw.stdout());
+    let report = read_json(&out);
+    let proc = report["processes"][0].clone();
+    (counts, proc)
+}
+
+/// Calls by kind, from the report's `probes.kinds`.
+fn kinds(proc: &Value) -> BTreeMap<String, u64> {
+    proc["probes"]["kinds"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no probes in the report\n{proc:#}"))
+        .iter()
+        .map(|k| {
+            (
+                k["kind"].as_str().unwrap_or_default().to_owned(),
+                k["calls"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+/// Calls of `kind` at sites whose stack passes through a function whose name contains
+/// `function`.
+fn site_calls(proc: &Value, kind: &str, function: &str) -> u64 {
+    proc["probes"]["sites"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter(|s| s["kind"] == kind)
+        .filter(|s| {
+            s["frames"].as_array().is_some_and(|f| {
+                f.iter().any(|fr| {
+                    fr["function"]
+                        .as_str()
+                        .is_some_and(|n| n.contains(function))
+                })
+            })
+        })
+        .map(|s| s["calls"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// libstdc++: every `std::vector` reallocation and every rehash of `std::unordered_map`, as
+/// the fixture counted them (capacity and bucket-count changes), by site, and as bpftrace
+/// counted the same functions in the same run.
+#[test]
+fn cxx_growth_counts_exact() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let fixture = env.fixture("cxx_growth");
+    let stdcxx = libstdcxx(&fixture);
+    let realloc = symbols(&fixture, |d| {
+        d.contains("std::vector<") && d.contains("::_M_realloc_")
+    });
+    assert_eq!(realloc.len(), 2, "two vector instantiations: {realloc:?}");
+    let mut probes: Vec<(PathBuf, String)> = realloc
+        .iter()
+        .map(|s| (fixture.clone(), s.clone()))
+        .collect();
+    let next_bkt = "_ZNKSt8__detail20_Prime_rehash_policy11_M_next_bktEm".to_owned();
+    probes.push((stdcxx, next_bkt.clone()));
+    let bt = Bpftrace::count_calls("cxx_growth", &probes);
+    let (counts, proc) = trace(&env, &fixture, &[]);
+    let raw = Bpftrace::calls(&bt.stop());
+    let by_kind = kinds(&proc);
+    let vector = counts["vector_grows"] + counts["string_vector_grows"];
+    assert_eq!(
+        vector, 63,
+        "the fixture's own count (3 × (11 + 10)): {counts:?}"
+    );
+    assert_eq!(counts["map_rehashes"], 21, "3 × 7 rehashes: {counts:?}");
+    assert_eq!(by_kind["cxx_vector_grow"], vector, "{proc:#}");
+    assert_eq!(
+        by_kind["cxx_hash_rehash"], counts["map_rehashes"],
+        "{proc:#}"
+    );
+    assert_eq!(
+        site_calls(&proc, "cxx_vector_grow", "grow_vector"),
+        counts["vector_grows"],
+        "{proc:#}"
+    );
+    assert_eq!(
+        site_calls(&proc, "cxx_vector_grow", "grow_strings"),
+        counts["string_vector_grows"],
+        "{proc:#}"
+    );
+    // Called by the policy in libstdc++, which keeps no frame pointers: the frame-pointer
+    // walk skips `grow_map` (its caller), but frame 0 is always the real caller.
+    assert_eq!(
+        site_calls(
+            &proc,
+            "cxx_hash_rehash",
+            "_Prime_rehash_policy::_M_need_rehash"
+        ),
+        counts["map_rehashes"],
+        "{proc:#}"
+    );
+    let bt_vector: u64 = realloc
+        .iter()
+        .map(|s| raw.get(s).copied().unwrap_or(0))
+        .sum();
+    assert_eq!(bt_vector, vector, "bpftrace {raw:?}");
+    assert_eq!(
+        raw.get(&next_bkt).copied(),
+        Some(counts["map_rehashes"]),
+        "bpftrace {raw:?}"
+    );
+}
+
+/// Rust: every `RawVec` growth (`finish_grow`) and hashbrown rehash (`reserve_rehash`), as the
+/// fixture counted them in its functions, and every call in the program as bpftrace counted
+/// the same functions in the same run.
+#[test]
+fn rust_growth_counts_exact() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let fixture = env.fixture("rust_growth");
+    let finish_grow = symbols(&fixture, |d| {
+        d.contains("raw_vec") && d.contains("finish_grow")
+    });
+    let rehash = symbols(&fixture, |d| {
+        d.contains("hashbrown") && d.contains("reserve_rehash")
+    });
+    assert!(!finish_grow.is_empty() && !rehash.is_empty());
+    let probes: Vec<(PathBuf, String)> = finish_grow
+        .iter()
+        .chain(&rehash)
+        .map(|s| (fixture.clone(), s.clone()))
+        .collect();
+    let bt = Bpftrace::count_calls("rust_growth", &probes);
+    let (counts, proc) = trace(&env, &fixture, &[]);
+    let raw = Bpftrace::calls(&bt.stop());
+    let by_kind = kinds(&proc);
+    assert_eq!(counts["vec_grows"], 27, "3 × 9 growths: {counts:?}");
+    assert_eq!(counts["map_rehashes"], 30, "3 × 10 rehashes: {counts:?}");
+    assert_eq!(
+        site_calls(&proc, "rust_vec_grow", "grow_vec"),
+        counts["vec_grows"],
+        "{proc:#}"
+    );
+    assert_eq!(
+        site_calls(&proc, "rust_hash_rehash", "grow_map"),
+        counts["map_rehashes"],
+        "{proc:#}"
+    );
+    let sum =
+        |syms: &[String]| -> u64 { syms.iter().map(|s| raw.get(s).copied().unwrap_or(0)).sum() };
+    assert_eq!(
+        by_kind["rust_vec_grow"],
+        sum(&finish_grow),
+        "bpftrace {raw:?}\n{proc:#}"
+    );
+    assert_eq!(
+        by_kind["rust_hash_rehash"],
+        sum(&rehash),
+        "bpftrace {raw:?}\n{proc:#}"
+    );
+}
+
+/// `--probe` by demangled name with an argument summed: `_Prime_rehash_policy::_M_next_bkt(n)`
+/// in libstdc++, whose argument is the bucket count asked for: counted exactly, and the
+/// argument's sum equal to bpftrace's in the same run.
+#[test]
+fn user_probe_counts_calls_and_sums_an_argument() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let fixture = env.fixture("cxx_growth");
+    let stdcxx = libstdcxx(&fixture);
+    let next_bkt = "_ZNKSt8__detail20_Prime_rehash_policy11_M_next_bktEm";
+    let bt = Bpftrace::start(&format!(
+        "uprobe:\"{}\":{next_bkt} /comm == \"cxx_growth\"/ \
+         {{ @calls[probe] = count(); @sum[probe] = sum(arg1); }}",
+        stdcxx.display()
+    ));
+    let spec = format!(
+        "{}:std::__detail::_Prime_rehash_policy::_M_next_bkt:arg1 as buckets",
+        stdcxx.display()
+    );
+    let (counts, proc) = trace(&env, &fixture, &["--probe", &spec]);
+    let out = bt.stop();
+    let calls = Bpftrace::map(&out, "@calls").get(next_bkt).copied();
+    let sum = Bpftrace::map(&out, "@sum").get(next_bkt).copied();
+    let kind = "std::__detail::_Prime_rehash_policy::_M_next_bkt";
+    let k = proc["probes"]["kinds"]
+        .as_array()
+        .and_then(|a| a.iter().find(|k| k["kind"] == kind))
+        .unwrap_or_else(|| panic!("no kind {kind}\n{proc:#}"));
+    assert_eq!(k["builtin"], false);
+    assert_eq!(
+        k["calls"].as_u64(),
+        Some(counts["map_rehashes"]),
+        "{proc:#}"
+    );
+    assert_eq!(k["calls"].as_u64(), calls, "bpftrace's calls");
+    assert_eq!(
+        k["args"]["buckets"].as_u64(),
+        sum,
+        "bpftrace's sum of arg1\n{proc:#}"
+    );
+    assert_eq!(
+        site_calls(&proc, kind, "_M_need_rehash"),
+        counts["map_rehashes"],
+        "{proc:#}"
+    );
+}
+
+/// A binary or a symbol that does not exist: one line `allocwatch: error: …`, exit 1.
+#[test]
+fn user_probe_errors_are_one_line() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let fixture = env.fixture("cxx_growth");
+    let missing_file = "/nonexistent/binary:foo";
+    let err = assert_single_error(
+        &env,
+        &["top", "--probe", missing_file, "--", path_str(&fixture)],
+    );
+    assert_eq!(
+        err,
+        "allocwatch: error: --probe /nonexistent/binary: No such file or directory (os error 2)"
+    );
+    let spec = format!("{}:no_such_function", fixture.display());
+    let err = assert_single_error(&env, &["top", "--probe", &spec, "--", path_str(&fixture)]);
+    assert!(err.contains("no function no_such_function"), "{err}");
+}
