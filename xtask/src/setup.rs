@@ -34,6 +34,9 @@ const APT_PACKAGES: &[&str] = &[
     "libgoogle-perftools-dev",
     "libmimalloc-dev",
     "musl-tools",
+    // The C++ growth fixture (xtask/tests/growth.rs) and the unwinder's peer (unwind.rs).
+    "g++",
+    "gdb",
 ];
 
 const TRACEFS: &str = "/sys/kernel/tracing";
