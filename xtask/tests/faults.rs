@@ -554,12 +554,9 @@ fn agent_counts_site_and_live_table_losses() {
     let keep_id = Identity::of(&keep_fx);
     let produced = 20;
     lossy_window(&agent, "live_map_full", produced, |agent| {
-        // The sites window filled the 4-row site table; the gone fixture's rows leave with
-        // the sweep of exited processes. Until then the kept blocks' calls would be counted in
-        // its rows of unknown sites, without their site.
-        agent.scrape_until("room in the site table", Duration::from_secs(10), |m| {
-            m.global_sum("allocwatch_map_fill_ratio", &[("map", "SITES")]) < 1.0
-        });
+        // The sites window filled the 4-row site table (and a busy machine's processes that
+        // are not classified yet keep it full): the kept blocks may be counted in the
+        // process's rows of unknown sites, which track them the same way.
         let mut fx = Gated::spawn(
             &keep_fx,
             &["gate-keep".to_owned(), produced.to_string()],
