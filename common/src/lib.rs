@@ -15,6 +15,7 @@ pub mod map_names {
     pub const PENDING: &str = "PENDING";
     pub const LIVE: &str = "LIVE";
     pub const SITES: &str = "SITES";
+    pub const SPILL: &str = "SPILL";
     pub const STACKS: &str = "STACKS";
     pub const LOST: &str = "LOST";
     pub const OVERFLOW: &str = "OVERFLOW";
@@ -87,6 +88,9 @@ pub mod capacity {
     pub const TGIDS: u32 = 65_536;
     pub const LIVE: u32 = 1 << 20;
     pub const SITES: u32 = 65_536;
+    /// Rows of unknown sites (`SPILL`): one per API for every process the denylist can hold,
+    /// so that only processes, never sites, fill it.
+    pub const SPILL: u32 = TGIDS * crate::libc::API_COUNT as u32;
     pub const STACKS: u32 = 32_768;
     /// Processes of one followed tree alive at once (a child that finds it full is reported
     /// as not followed).

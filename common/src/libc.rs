@@ -246,10 +246,11 @@ pub struct SiteKey {
 pub const NO_STACK: i64 = -1;
 
 impl SiteKey {
-    /// The row of `tgid`'s calls of `api` whose site is not known: made with the process's
-    /// first row of that API, so that once the table is full its further new sites are still
-    /// counted in it (`site_spilled`); also where the agent folds sites away (`other`). A
-    /// caller at address 0 (an unreadable return address) is as unknown, and lands here too.
+    /// The row of `tgid`'s calls of `api` whose site is not known, in its own table (`SPILL`,
+    /// which site churn cannot fill): once the site table is full, a process's new sites are
+    /// counted in it (`site_spilled`), even a process that starts then; also where the agent
+    /// folds sites away (`other`). A caller at address 0 (an unreadable return address) is as
+    /// unknown, and lands here too.
     pub const fn spill(tgid: u32, api: u32) -> Self {
         Self {
             tgid,

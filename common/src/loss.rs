@@ -13,8 +13,9 @@ pub enum LossCause {
     /// The live-allocation table was full: the allocation is counted but cannot be matched with
     /// its free, so live bytes under-count.
     LiveFull = 1,
-    /// The call-site table was full, and its process had no row of unknown sites for the API
-    /// (see `SiteSpilled`): the call is counted in the node's per-API overflow row, without its
+    /// The call-site table was full and so was the table of rows of unknown sites (`SPILL`,
+    /// one row per process and API, sized for every process the agent can hold: see
+    /// `SiteSpilled`): the call is counted in the node's per-API overflow row, without its
     /// process.
     SitesFull = 2,
     /// Another stack already has this stack's id (a 31-bit hash of its frames): the site keeps
@@ -45,7 +46,9 @@ pub enum LossCause {
     /// processes the selection will reject from filling the table before the agent denies them.
     StackUndecided = 10,
     /// The call-site table was full: the call is counted exactly in its process's row of
-    /// unknown sites for its API (`SiteKey::spill`, exported as `other`), without its site.
+    /// unknown sites for its API (`SiteKey::spill` in the `SPILL` table, which site churn cannot
+    /// fill, so a process that starts while the site table is full keeps its counts; exported
+    /// as `other`), without its site.
     SiteSpilled = 11,
     /// Table unwinding (`--unwind dwarf`): a frame's code had a rule the walker does not follow
     /// (a CFA expression such as a PLT stub's, a return address not at CFA-8): the stack ends

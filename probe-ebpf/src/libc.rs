@@ -36,8 +36,8 @@ use aya_ebpf::{
 
 use crate::{
     maps::{
-        FLAGS, LAST_ENTRY, LIBC_FILES, LIBC_HIST, LIVE, PENDING, SITES, count_call, hist_add, lost,
-        sampled, sampling, traced, why,
+        FLAGS, LAST_ENTRY, LIBC_FILES, LIBC_HIST, LIVE, PENDING, count_call, hist_add, lost,
+        row_of, sampled, sampling, traced, why,
     },
     unwind::capture_libc_stack,
 };
@@ -347,7 +347,7 @@ fn on_return(ctx: &RetProbeContext) {
     // was full: the return only looks the row up, so one call is never lost twice.
     if new_ptr == 0 {
         let freed_by_realloc = is_realloc && p.arg_ptr != 0 && p.size == 0;
-        if !freed_by_realloc && let Some(row) = SITES.get_ptr_mut(&site) {
+        if !freed_by_realloc && let Some(row) = row_of(&site) {
             // SAFETY: per-CPU value of this CPU.
             unsafe { (*row).failed += 1 };
         }
@@ -372,7 +372,7 @@ fn on_return(ctx: &RetProbeContext) {
         lost(LossCause::LiveFull);
         return;
     }
-    if let Some(row) = SITES.get_ptr_mut(&site) {
+    if let Some(row) = row_of(&site) {
         // SAFETY: per-CPU value of this CPU.
         unsafe {
             (*row).tracked += 1;
@@ -433,7 +433,7 @@ fn untrack(tgid: u32, addr: u64) -> u64 {
         // A concurrent free of the same pointer already took it.
         return 0;
     }
-    if let Some(row) = SITES.get_ptr_mut(&a.site) {
+    if let Some(row) = row_of(&a.site) {
         // SAFETY: per-CPU value of this CPU.
         unsafe {
             (*row).freed += 1;

@@ -17,7 +17,8 @@ use allocwatch_common::{
 use aya_ebpf::{
     EbpfContext, Global,
     bindings::{
-        BPF_F_USER_STACK, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+        BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP,
+        BPF_RB_NO_WAKEUP,
     },
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns,
@@ -204,6 +205,15 @@ pub static LIVE: HashMap<LiveKey, LiveAlloc> = HashMap::with_max_entries(capacit
 #[map]
 pub static SITES: PerCpuHashMap<SiteKey, SiteStats> =
     PerCpuHashMap::with_max_entries(capacity::SITES, 0);
+/// Each process's rows of unknown sites, one per API it called ([`SiteKey::spill`]), kept
+/// apart from `SITES` so that no churn of sites can fill it: a process that starts while
+/// `SITES` is full still gets its rows here. Made on demand (a new site finding `SITES` full, or
+/// a call with an unreadable caller), and sized for every process of the denylist's capacity
+/// with every API; not preallocated, so only the rows in use take memory (the kernel's bucket
+/// array, 16 bytes per slot of the next power of two, is what it costs empty: 16 MiB).
+#[map]
+pub static SPILL: PerCpuHashMap<SiteKey, SiteStats> =
+    PerCpuHashMap::with_max_entries(capacity::SPILL, BPF_F_NO_PREALLOC);
 /// Rows with a stack created in `SITES` per process (tgid), counted always, so that a limit set
 /// later applies at once. Only touched when a site is new; the agent deletes a process's entry
 /// with its rows.
@@ -427,10 +437,16 @@ pub fn lost(cause: LossCause) {
 /// Finds or creates the row of `key`; a new row is announced on the ring buffer so the agent
 /// symbolizes it while the process is still alive. A process past its budget of rows with a
 /// stack gets a row for its immediate caller instead (`key.stack_id` becomes [`NO_STACK`], so
-/// that the caller records the row it really counted in). Returns `None` (counted) when the
-/// table is full; the call then lands in the per-API overflow row.
+/// that the caller records the row it really counted in). A new site that finds `SITES` full is
+/// counted in its process's row of unknown sites for the API (`SPILL`, `site_spilled`; `key`
+/// becomes [`SiteKey::spill`]). Returns `None` (counted, `site_map_full`) only when `SPILL`
+/// itself is full; the call then lands in the per-API overflow row.
 #[inline(always)]
 pub fn site_row(key: &mut SiteKey) -> Option<*mut SiteStats> {
+    if key.is_spill() {
+        // No caller to key it by (an unreadable return address): the unknown sites' row.
+        return spill_row(key);
+    }
     if let Some(row) = SITES.get_ptr_mut(key) {
         return Some(row);
     }
@@ -443,34 +459,48 @@ pub fn site_row(key: &mut SiteKey) -> Option<*mut SiteStats> {
         }
     }
     match SITES.insert(key, &SiteStats::default(), BPF_NOEXIST as u64) {
-        Ok(()) => {
-            created(key);
-            // The process's row of unknown sites for this API, made while there is room, so
-            // that a full table never loses the process's own counts (one more row per API
-            // a process uses).
-            let spill = SiteKey::spill(key.tgid, key.api);
-            if !key.is_spill()
-                && SITES
-                    .insert(&spill, &SiteStats::default(), BPF_NOEXIST as u64)
-                    .is_ok()
-            {
-                created(&spill);
-            }
-        }
+        Ok(()) => created(key),
         // Another CPU created it between our lookup and insert: it announced it.
         Err(KEY_EXISTS) => {}
         Err(_) => {
-            let spill = SiteKey::spill(key.tgid, key.api);
-            let Some(row) = SITES.get_ptr_mut(&spill) else {
-                lost(LossCause::SitesFull);
-                return None;
-            };
+            *key = SiteKey::spill(key.tgid, key.api);
+            let row = spill_row(key)?;
             lost(LossCause::SiteSpilled);
-            *key = spill;
             return Some(row);
         }
     }
     SITES.get_ptr_mut(key)
+}
+
+/// The row of `key`, a [`SiteKey::spill`] key, in `SPILL`: found, or made and announced (the
+/// agent may learn of the process from it). `None`, counted (`site_map_full`), when `SPILL` is
+/// full.
+#[inline(always)]
+fn spill_row(key: &SiteKey) -> Option<*mut SiteStats> {
+    if let Some(row) = SPILL.get_ptr_mut(key) {
+        return Some(row);
+    }
+    match SPILL.insert(key, &SiteStats::default(), BPF_NOEXIST as u64) {
+        Ok(()) => announce(key),
+        // Another CPU made it first and announced it.
+        Err(KEY_EXISTS) => {}
+        Err(_) => {
+            lost(LossCause::SitesFull);
+            return None;
+        }
+    }
+    SPILL.get_ptr_mut(key)
+}
+
+/// The existing row of `key` (no row is made): `SITES`, or `SPILL` for a row of unknown sites.
+/// For the return probe and `free`, which update the row their call's entry counted in.
+#[inline(always)]
+pub fn row_of(key: &SiteKey) -> Option<*mut SiteStats> {
+    if key.is_spill() {
+        SPILL.get_ptr_mut(key)
+    } else {
+        SITES.get_ptr_mut(key)
+    }
 }
 
 /// A row just made: counted, charged to its process's budget when it has a stack, announced.

@@ -653,6 +653,88 @@ fn site_share_under_pressure_keeps_counts_exact() {
     agent.stop();
 }
 
+/// A process that starts while the call-site table is full keeps its counts (issue 15, "defaults
+/// that survive a busy node"): a holder makes 1,024 distinct stacks (2,048 rows) in a table of
+/// 256 and stays, then `libc_fixture wait-run` starts and does its work. Its rows of unknown
+/// sites have their own table, which sites cannot fill: every call is counted exactly under its
+/// process (per API, its sites summed too), in `other` (`site_spilled` rises) and none as
+/// `site_map_full`. Before that table, such a process had no row at all and its calls were
+/// counted for the node only.
+#[test]
+fn process_starting_on_a_full_site_table_keeps_its_counts() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let scratch = Scratch::new("spill");
+    let holder_fx = scratch.copy(&env.fixture, "aw_spill_hold");
+    let run_fx = scratch.copy(&env.fixture, "aw_spill_run");
+    let (holder_id, id) = (Identity::of(&holder_fx), Identity::of(&run_fx));
+    let config = scratch.path.join("spill.toml");
+    fs::write(&config, "[capacity]\nmax_sites = 256\n").expect("write the config");
+    let mut agent = Agent::start(
+        &env,
+        &["--comm", "^aw_spill_", "--config", path_str(&config)],
+    );
+    // Admitted first (an undecided process keeps 2 rows with a stack), then let go.
+    let mut holder = Fixture::spawn(&holder_fx, "stacks-wait", "ready");
+    agent.wait_for_identity(&holder_id, holder.started);
+    signal(holder.pid, libc::SIGUSR1);
+    holder.wait_word("stacked", Duration::from_secs(30));
+    let full = agent.scrape_until("a full site table", Duration::from_secs(10), |m| {
+        m.global_sum("allocwatch_map_fill_ratio", &[("map", "SITES")]) >= 1.0
+    });
+    agent.run_found(&run_fx, "wait-run");
+    let m = agent.scrape_until("the fixture's final counts", SITES_NAMED, |m| {
+        m.value(&id, "allocwatch_free_calls_total", &[]) == Some(17.0) && m.sites_complete(&id)
+    });
+    check_fixture_totals(&m, &id, &env.alias_groups);
+    // Its site series (`other` holds the spilled calls) add up to its totals per API.
+    let mut want: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for &(api, calls, bytes) in API_TOTALS.iter().filter(|a| a.0 != "free") {
+        let e = want
+            .entry(canonical(&env.alias_groups, &m, &id, api))
+            .or_default();
+        e.0 += calls;
+        e.1 += bytes;
+    }
+    let got = m
+        .sites(&id)
+        .iter()
+        .fold(BTreeMap::new(), |mut acc, ((api, _), v)| {
+            let e: &mut (u64, u64) = acc.entry(api.clone()).or_default();
+            e.0 += v.calls;
+            e.1 += v.bytes;
+            acc
+        });
+    assert_eq!(
+        got,
+        want,
+        "Σ over site of the site series per api (calls, bytes) vs the fixture's totals\n{}",
+        m.lines_of(&id)
+    );
+    let spilled = m.lost("site_spilled") - full.lost("site_spilled");
+    assert!(
+        spilled > 0,
+        "site_spilled did not rise: the site table had room ({})",
+        m.self_stats()
+    );
+    assert_eq!(
+        m.lost("site_map_full"),
+        0,
+        "no call lost its process ({})",
+        m.self_stats()
+    );
+    assert!(
+        m.global_sum("allocwatch_map_fill_ratio", &[("map", "SPILL")]) > 0.0,
+        "the rows of unknown sites in their table\n{}",
+        m.self_stats()
+    );
+    signal(holder.pid, libc::SIGUSR1);
+    let exit = holder.wait_exit(Duration::from_secs(10));
+    assert!(exit.success(), "fixture stacks-wait failed: {exit}");
+    m.assert_conventions();
+    agent.stop();
+}
+
 /// While the agent lags (held with SIGSTOP), processes it has not classified yet may create only
 /// 1/128 of the call-site table's rows with a stack (32 of 4,096): three processes the
 /// selection will reject, 2,048 distinct stacks each, leave the table room, and a selected one

@@ -391,8 +391,8 @@ fn check_sampled(proc: &Value, live: bool) {
 }
 
 /// `--log-level debug` shows the probes' own log (aya-log): with a call-site table of one row,
-/// every call the probes could not give a site is one line saying so, exactly as many as the
-/// report's `lost.site_map_full`. At the default level the same run logs none of it (the
+/// every call the probes could not give a site of its own is one line saying so, exactly as
+/// many as the report's `lost.site_spilled` (each counted in its process's row of unknown sites). At the default level the same run logs none of it (the
 /// probes are loaded with their log off).
 #[test]
 fn probe_debug_log_says_why_events_were_lost() {
@@ -405,10 +405,10 @@ fn probe_debug_log_says_why_events_were_lost() {
         }
         let name = format!("top-log-debug-{debug}");
         let (aw, pid, proc) = run_json(&env, &name, &args, &["--", path_str(&env.fixture), "run"]);
-        let lost = u64_at(&proc["lost"], "site_map_full");
-        assert!(lost > 0, "a one-row site table must lose sites\n{proc:#}");
+        let lost = u64_at(&proc["lost"], "site_spilled");
+        assert!(lost > 0, "a one-row site table must spill sites\n{proc:#}");
         let stderr = aw.stderr.text();
-        let want = format!("allocwatch: debug: probe: pid {pid}: event lost: site_map_full");
+        let want = format!("allocwatch: debug: probe: pid {pid}: event lost: site_spilled");
         let said = stderr.lines().filter(|l| *l == want).count() as u64;
         let probe_lines = stderr.lines().filter(|l| l.contains(": probe: ")).count();
         if debug {

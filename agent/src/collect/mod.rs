@@ -68,23 +68,25 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> CollectError {
     move |source| CollectError::Map { name, source }
 }
 
-/// Site rows of `tgid` (all processes when `None`), per-CPU values summed.
+/// Site rows of `tgid` (all processes when `None`), per-CPU values summed: the site table's
+/// and the rows of unknown sites (`SPILL`, keys that are [`SiteKey::is_spill`]).
 pub fn sites(
     probes: &impl MapSource,
     tgid: Option<u32>,
 ) -> Result<BTreeMap<SiteKey, SiteStats>, CollectError> {
-    let name = map_names::SITES;
-    let map = RawMap::of::<SiteKey, SiteStats>(map_ref(probes, name)?, name)?;
     let mut out = BTreeMap::new();
-    map.scan(
-        &mut Cursor::default(),
-        usize::MAX,
-        |key: &SiteKey, values: &[SiteStats]| {
-            if tgid.is_none_or(|t| t == key.tgid) {
-                out.insert(*key, sum_stats(values.iter()));
-            }
-        },
-    )?;
+    for name in SITE_TABLES {
+        let map = RawMap::of::<SiteKey, SiteStats>(map_ref(probes, name)?, name)?;
+        map.scan(
+            &mut Cursor::default(),
+            usize::MAX,
+            |key: &SiteKey, values: &[SiteStats]| {
+                if tgid.is_none_or(|t| t == key.tgid) {
+                    out.insert(*key, sum_stats(values.iter()));
+                }
+            },
+        )?;
+    }
     Ok(out)
 }
 
@@ -112,6 +114,18 @@ pub fn probe_sites(
         },
     )?;
     Ok(out)
+}
+
+/// The tables of site rows: calls at known sites, and each process's rows of unknown sites.
+pub const SITE_TABLES: [&str; 2] = [map_names::SITES, map_names::SPILL];
+
+/// The table that holds the row of `key`.
+pub fn site_table(key: &SiteKey) -> &'static str {
+    if key.is_spill() {
+        map_names::SPILL
+    } else {
+        map_names::SITES
+    }
 }
 
 /// Outstanding allocations of `tgid` (all processes when `None`).

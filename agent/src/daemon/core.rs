@@ -573,10 +573,12 @@ fn remedy(cause: LossCause, c: &Capacity) -> String {
             c.max_live
         ),
         LossCause::SitesFull => format!(
-            "the call-site table is full and a process had no row of unknown sites left for \
-             its calls: they are counted for the node only, not for their process; raise \
-             capacity.max_sites in the config file (now {}) or narrow the selection \
-             (--comm, --exclude-comm, …)",
+            "the call-site table is full and so is the table of rows of unknown sites (SPILL, \
+             one row per process and API, {} rows: more processes than the agent can hold \
+             have rows at once): calls are counted for the node only, not for their process; \
+             narrow the selection (--comm, --exclude-comm, …), or raise capacity.max_sites in \
+             the config file (now {}) so that fewer processes need those rows",
+            allocwatch_common::capacity::SPILL,
             c.max_sites
         ),
         LossCause::SiteSpilled => format!(

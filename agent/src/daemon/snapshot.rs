@@ -111,9 +111,14 @@ pub async fn build(
         .insert("malformed_record", loop_stats.malformed_records);
     // Naming failures are not lost events (the counts are exact): they are symbolization
     // failures, below.
+    let spill_rows = sites.keys().filter(|k| k.is_spill()).count();
     self_stats.map_fill.insert(
         map_names::SITES,
-        sites.len() as f64 / f64::from(max_sites.max(1)),
+        (sites.len() - spill_rows) as f64 / f64::from(max_sites.max(1)),
+    );
+    self_stats.map_fill.insert(
+        map_names::SPILL,
+        spill_rows as f64 / f64::from(allocwatch_common::capacity::SPILL),
     );
     self_stats
         .symbolization_failures

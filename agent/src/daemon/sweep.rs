@@ -26,7 +26,7 @@ use std::{
 
 use allocwatch_common::{
     go::{GO_HIST_BUCKETS, GoHistKey, GoHistVal, GoProc, StwState},
-    libc::{LiveAlloc, LiveKey, Pending, SiteKey, SiteStats},
+    libc::{API_COUNT, LiveAlloc, LiveKey, Pending, SiteKey, SiteStats},
     map_names,
 };
 
@@ -285,7 +285,7 @@ impl Sweeper {
         let t1 = Instant::now();
         // Also with nothing queued: orphans are only found by these passes.
         if !self.backstop.running() && self.backstop.due(BACKSTOP_EVERY) {
-            self.backstop.start(5);
+            self.backstop.start(6);
         }
         let urgent = self.live_entries as f64 >= LIVE_URGENT_FILL * f64::from(max_live.max(1));
         // Without anything to delete, the pass still measures the table's fill.
@@ -331,34 +331,33 @@ impl Sweeper {
                 Owner::Pid(pid) => self.fates.get(&pid).copied(),
                 Owner::Image(_) => Some(Fate::Harvest),
             };
-            let name = map_names::SITES;
-            let map = RawMap::of::<SiteKey, SiteStats>(collect::map_ref(probes, name)?, name)?;
             let mut values = Vec::new();
-            let mut found = Vec::with_capacity(batch.len());
-            for key in &batch {
-                if map.lookup(key, &mut values)? {
-                    found.push(*key);
-                    // A key queued with its pid may have turned out to be an exec'd image's
-                    // (its exec read since): the image's.
-                    let (owner, fate) = match self.image_keys.get(key) {
-                        Some(&i) => (Owner::Image(i), Some(Fate::Harvest)),
-                        None => (t.owner, fate),
-                    };
-                    if fate == Some(Fate::Harvest) {
-                        out.harvest(owner)
-                            .rows
-                            .push((*key, sum_stats(values.iter())));
+            let mut found_all = 0;
+            for name in collect::SITE_TABLES {
+                let map = RawMap::of::<SiteKey, SiteStats>(collect::map_ref(probes, name)?, name)?;
+                let mut found = Vec::with_capacity(batch.len());
+                for key in batch.iter().filter(|k| collect::site_table(k) == name) {
+                    if map.lookup(key, &mut values)? {
+                        found.push(*key);
+                        // A key queued with its pid may have turned out to be an exec'd
+                        // image's (its exec read since): the image's.
+                        let (owner, fate) = match self.image_keys.get(key) {
+                            Some(&i) => (Owner::Image(i), Some(Fate::Harvest)),
+                            None => (t.owner, fate),
+                        };
+                        if fate == Some(Fate::Harvest) {
+                            out.harvest(owner)
+                                .rows
+                                .push((*key, sum_stats(values.iter())));
+                        }
                     }
                 }
+                found_all += found.len();
+                out.deleted += map.delete(&found)?;
             }
-            if !found.is_empty() {
-                log::debug!(
-                    "{:?}: {} announced rows out ({fate:?})",
-                    t.owner,
-                    found.len()
-                );
+            if found_all != 0 {
+                log::debug!("{:?}: {found_all} announced rows out ({fate:?})", t.owner);
             }
-            out.deleted += map.delete(&found)?;
             if !t.keys.is_empty() {
                 self.targets.push_front(t);
                 break;
@@ -366,7 +365,7 @@ impl Sweeper {
             // All its announced rows are out: the per-pid tables go now too.
             match t.owner {
                 Owner::Pid(pid) => {
-                    out.deleted += delete_per_pid(probes, pid, fate, out)?;
+                    out.deleted += delete_per_pid(probes, pid, fate, &self.image_keys, out)?;
                     if fate == Some(Fate::Reject) {
                         self.retire_pid(pid);
                         continue;
@@ -400,13 +399,13 @@ impl Sweeper {
         let Some(mut cursors) = self.backstop.cursors.take() else {
             return Ok(());
         };
-        {
-            let name = map_names::SITES;
+        // The site table and the rows of unknown sites (cursors 0 and 5).
+        for (slot, name) in [(0, map_names::SITES), (5, map_names::SPILL)] {
             let map = RawMap::of::<SiteKey, SiteStats>(collect::map_ref(probes, name)?, name)?;
             let mut doomed: Vec<SiteKey> = Vec::new();
             let mut others: Vec<SiteKey> = Vec::new();
             map.scan(
-                &mut cursors[0],
+                &mut cursors[slot],
                 PASS_BUDGET,
                 |k: &SiteKey, v: &[SiteStats]| {
                     let Some((owner, fate)) = self.owner(k) else {
@@ -430,7 +429,7 @@ impl Sweeper {
                     log::debug!("pid {}: orphan site row out", k.tgid);
                 }
                 for (pid, n) in by_pid {
-                    log::debug!("pid {pid}: {n} site rows out by the backstop pass");
+                    log::debug!("pid {pid}: {n} {name} rows out by the backstop pass");
                 }
             }
             doomed.extend(orphans);
@@ -604,15 +603,41 @@ enum Owner {
     Image((u32, u32)),
 }
 
-/// Rows keyed by the pid: its size-histogram buckets (harvested), the Go process table and
-/// stop-the-world state.
+/// Rows keyed by the pid: its rows of unknown sites and size-histogram buckets (harvested),
+/// the Go process table and stop-the-world state. The unknown sites' rows are looked up by
+/// every API, announced or not (one record lost to a full ring buffer would otherwise leave a
+/// row to the backstop pass); those taken already by their announced key are not found again.
 fn delete_per_pid(
     probes: &Probes,
     pid: u32,
     fate: Option<Fate>,
+    image_keys: &HashMap<SiteKey, (u32, u32)>,
     out: &mut StepResult,
 ) -> Result<usize, CollectError> {
     let mut n = 0;
+    {
+        let mut values = Vec::new();
+        let name = map_names::SPILL;
+        let map = RawMap::of::<SiteKey, SiteStats>(collect::map_ref(probes, name)?, name)?;
+        let mut found = Vec::new();
+        for api in 0..API_COUNT as u32 {
+            let key = SiteKey::spill(pid, api);
+            if map.lookup(&key, &mut values)? {
+                found.push(key);
+                // An exec'd image's row, if announced as its: the image's.
+                let (owner, fate) = match image_keys.get(&key) {
+                    Some(&i) => (Owner::Image(i), Some(Fate::Harvest)),
+                    None => (Owner::Pid(pid), fate),
+                };
+                if fate == Some(Fate::Harvest) {
+                    out.harvest(owner)
+                        .rows
+                        .push((key, sum_stats(values.iter())));
+                }
+            }
+        }
+        n += map.delete(&found)?;
+    }
     let mut values = Vec::new();
     for (libc, name) in [(true, map_names::LIBC_HIST), (false, map_names::GO_HIST)] {
         let map = RawMap::of::<GoHistKey, GoHistVal>(collect::map_ref(probes, name)?, name)?;

@@ -598,8 +598,8 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// False for a process's row of unknown sites while it is empty: that row is made before it is
-/// needed (`SiteKey::spill`) and holds calls only once the table is full.
+/// False for a process's row of unknown sites while it is empty (`SiteKey::spill`: made when
+/// first needed, and counted in right after).
 fn in_use(key: &SiteKey, stats: &SiteStats) -> bool {
     !key.is_spill() || stats.calls > 0
 }
