@@ -56,11 +56,17 @@ pub fn run(paths: &Paths, kernel: &str, extra: &[OsString]) -> anyhow::Result<()
         ("ALLOCWATCH_BIN", bin.as_os_str()),
         ("ALLOCWATCH_FIXTURES", fixtures.c.as_os_str()),
         ("ALLOCWATCH_GO_FIXTURES", fixtures.go.as_os_str()),
-        ("ALLOCWATCH_GO_TOOLCHAINS", fixtures.go_toolchains.as_os_str()),
+        (
+            "ALLOCWATCH_GO_TOOLCHAINS",
+            fixtures.go_toolchains.as_os_str(),
+        ),
     ];
     let script = out.join("run.sh");
-    fs::write(&script, guest_script(&env, &binaries, &split.binary, &rc_file))
-        .with_context(|| format!("writing {}", script.display()))?;
+    fs::write(
+        &script,
+        guest_script(&env, &binaries, &split.binary, &rc_file),
+    )
+    .with_context(|| format!("writing {}", script.display()))?;
 
     let accel = Accel::detect();
     if let Some(why) = accel.note() {
@@ -70,7 +76,10 @@ pub fn run(paths: &Paths, kernel: &str, extra: &[OsString]) -> anyhow::Result<()
     let shared = [paths.root.clone(), paths.cache.clone()];
     let mut qemu = qemu_command(accel, &unpacked.vmlinuz, &initramfs, &script, &shared)?;
     let summary = run_logged(&mut qemu, &log)?;
-    println!("\n==== test summary: kernel {} ({}) ====", unpacked.release, kernel.package);
+    println!(
+        "\n==== test summary: kernel {} ({}) ====",
+        unpacked.release, kernel.package
+    );
     for line in &summary {
         println!("{line}");
     }
@@ -84,7 +93,10 @@ pub fn run(paths: &Paths, kernel: &str, extra: &[OsString]) -> anyhow::Result<()
     })?;
     match rc.trim() {
         "0" => Ok(()),
-        rc => bail!("tests failed inside the VM on {} (exit {rc})", unpacked.release),
+        rc => bail!(
+            "tests failed inside the VM on {} (exit {rc})",
+            unpacked.release
+        ),
     }
 }
 
@@ -149,7 +161,12 @@ impl Kernel {
             };
             let _ = fs::remove_dir_all(dir.join("root"));
             fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            cmd::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(dir.join("root")))?;
+            cmd::run(
+                Command::new("dpkg-deb")
+                    .arg("-x")
+                    .arg(&deb)
+                    .arg(dir.join("root")),
+            )?;
             fs::write(&done, "").with_context(|| format!("writing {}", done.display()))?;
         }
         Unpacked::find(&dir.join("root"))
@@ -238,20 +255,31 @@ impl Apt {
     }
 
     fn download(&self, package: &str) -> anyhow::Result<PathBuf> {
-        fs::create_dir_all(&self.debs).with_context(|| format!("creating {}", self.debs.display()))?;
+        fs::create_dir_all(&self.debs)
+            .with_context(|| format!("creating {}", self.debs.display()))?;
         let before = debs_of(&self.debs, package);
         if let Some(deb) = before.first() {
             return Ok(deb.clone());
         }
         let mut download = self.command("apt-get");
-        download.args(["download", "-qq", package]).current_dir(&self.debs);
+        download
+            .args(["download", "-qq", package])
+            .current_dir(&self.debs);
         if cmd::run(&mut download).is_err() {
-            bail!("no kernel package {package} in Debian {}: --vm takes {KERNELS}", self.suite);
+            bail!(
+                "no kernel package {package} in Debian {}: --vm takes {KERNELS}",
+                self.suite
+            );
         }
         debs_of(&self.debs, package)
             .into_iter()
             .next()
-            .ok_or_else(|| anyhow!("apt-get download {package} left no .deb in {}", self.debs.display()))
+            .ok_or_else(|| {
+                anyhow!(
+                    "apt-get download {package} left no .deb in {}",
+                    self.debs.display()
+                )
+            })
     }
 }
 
@@ -283,7 +311,10 @@ impl Unpacked {
         let vmlinuz = fs::read_dir(&boot)
             .with_context(|| format!("listing {} (not a kernel package?)", boot.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+            })
             .ok_or_else(|| anyhow!("no vmlinuz-* in {}", boot.display()))?;
         let release = vmlinuz
             .file_name()
@@ -418,10 +449,7 @@ fn module_depends(ko: &[u8]) -> Vec<String> {
     let Ok(file) = object::File::parse(ko) else {
         return Vec::new();
     };
-    let Some(data) = file
-        .section_by_name(".modinfo")
-        .and_then(|s| s.data().ok())
-    else {
+    let Some(data) = file.section_by_name(".modinfo").and_then(|s| s.data().ok()) else {
         return Vec::new();
     };
     data.split(|&b| b == 0)
@@ -499,8 +527,19 @@ struct SplitArgs {
 
 fn split_args(args: &[OsString]) -> SplitArgs {
     const WITH_VALUE: &[&str] = &[
-        "--test", "-p", "--package", "--bin", "--example", "--bench", "--features", "-F",
-        "--exclude", "-j", "--jobs", "--profile", "--target",
+        "--test",
+        "-p",
+        "--package",
+        "--bin",
+        "--example",
+        "--bench",
+        "--features",
+        "-F",
+        "--exclude",
+        "-j",
+        "--jobs",
+        "--profile",
+        "--target",
     ];
     let mut split = SplitArgs {
         cargo: Vec::new(),
@@ -536,8 +575,18 @@ struct TestBinary {
 fn build_tests(paths: &Paths, selection: &[OsString]) -> anyhow::Result<Vec<TestBinary>> {
     let mut cargo = cmd::cargo(paths);
     cargo
-        .args(["test", "--no-run", "--message-format=json-render-diagnostics"])
-        .args(["--workspace", "--exclude", "probe-ebpf", "--exclude", "allocwatch-fuzz"]);
+        .args([
+            "test",
+            "--no-run",
+            "--message-format=json-render-diagnostics",
+        ])
+        .args([
+            "--workspace",
+            "--exclude",
+            "probe-ebpf",
+            "--exclude",
+            "allocwatch-fuzz",
+        ]);
     if selection.is_empty() {
         cargo.args(["--test", "*"]);
     }
@@ -665,30 +714,47 @@ fn qemu_command(
     for p in shared {
         let s = p.to_str().filter(|s| !s.contains([' ', ',', '\t', '\n']));
         rw.push(s.ok_or_else(|| {
-            anyhow!("{} cannot be shared with the VM (spaces or commas in the path)", p.display())
+            anyhow!(
+                "{} cannot be shared with the VM (spaces or commas in the path)",
+                p.display()
+            )
         })?);
     }
     let mut c = Command::new("timeout");
-    c.args(["-k", "10", &TIMEOUT_SECONDS.to_string(), "qemu-system-x86_64"]);
+    c.args([
+        "-k",
+        "10",
+        &TIMEOUT_SECONDS.to_string(),
+        "qemu-system-x86_64",
+    ]);
     match accel {
         Accel::Kvm => c.args(["-accel", "kvm", "-cpu", "host"]),
         Accel::Tcg => c.args(["-accel", "tcg,thread=multi", "-cpu", "max"]),
     };
-    c.args(["-smp", "2", "-m", "4G", "-nographic", "-no-reboot", "-nic", "none"])
-        .arg("-kernel")
-        .arg(vmlinuz)
-        .arg("-initrd")
-        .arg(initramfs)
-        .arg("-append")
-        .arg(format!(
-            "console=ttyS0 quiet panic=-1 rdinit=/init allocwatch.run={} allocwatch.rw={}",
-            script.display(),
-            rw.join(",")
-        ))
-        .args([
-            "-virtfs",
-            "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
-        ]);
+    c.args([
+        "-smp",
+        "2",
+        "-m",
+        "4G",
+        "-nographic",
+        "-no-reboot",
+        "-nic",
+        "none",
+    ])
+    .arg("-kernel")
+    .arg(vmlinuz)
+    .arg("-initrd")
+    .arg(initramfs)
+    .arg("-append")
+    .arg(format!(
+        "console=ttyS0 quiet panic=-1 rdinit=/init allocwatch.run={} allocwatch.rw={}",
+        script.display(),
+        rw.join(",")
+    ))
+    .args([
+        "-virtfs",
+        "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+    ]);
     for (i, p) in rw.iter().enumerate() {
         c.arg("-virtfs").arg(format!(
             "local,path={p},mount_tag=rw{i},security_model=none,multidevs=remap"
@@ -714,7 +780,11 @@ fn run_logged(qemu: &mut Command, log: &Path) -> anyhow::Result<Vec<String>> {
     let mut summary = Vec::new();
     let mut reader = BufReader::new(reader);
     let mut raw = Vec::new();
-    while reader.read_until(b'\n', &mut raw).context("reading the VM's console")? > 0 {
+    while reader
+        .read_until(b'\n', &mut raw)
+        .context("reading the VM's console")?
+        > 0
+    {
         let text = String::from_utf8_lossy(&raw);
         let line = text.trim_end_matches(['\n', '\r']);
         println!("{line}");
