@@ -161,23 +161,27 @@ pub fn check() -> Result<(), PreflightError> {
     if let Some(refusal) = features.refusal(&release) {
         return Err(refusal);
     }
-    if !features.uprobe_multi {
-        let why = if std::env::var_os("ALLOCWATCH_NO_UPROBE_MULTI").is_some() {
-            "ALLOCWATCH_NO_UPROBE_MULTI is set".to_owned()
-        } else {
-            format!("this kernel ({release}) has no uprobe multi-links (Linux ≥ 6.6)")
-        };
-        log::warn!(
-            "{why}: each probe site gets its own perf-event link (attaching takes longer, same \
-             counts)"
-        );
-    }
     Ok(())
 }
 
-/// Problems the agent can run with, each a warning line saying what to do about it.
+/// Problems the agent can run with, each a warning line saying what to do about it (the
+/// one-shot commands keep stderr to their one line; `--log-level info` shows the features).
 pub fn agent_warnings() -> Vec<String> {
     let mut out = Vec::new();
+    if !features().uprobe_multi {
+        let why = if std::env::var_os("ALLOCWATCH_NO_UPROBE_MULTI").is_some() {
+            "ALLOCWATCH_NO_UPROBE_MULTI is set".to_owned()
+        } else {
+            format!(
+                "this kernel ({}) has no uprobe multi-links (Linux ≥ 6.6)",
+                kernel_release()
+            )
+        };
+        out.push(format!(
+            "{why}: each probe site gets its own perf-event link (attaching takes longer, same \
+             counts)"
+        ));
+    }
     if !TRACEFS.iter().any(|d| Path::new(d).join("events").is_dir()) {
         out.push(format!(
             "tracefs is not mounted (no {}/events): the agent cannot see execs as they happen; \

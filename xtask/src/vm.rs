@@ -51,7 +51,10 @@ pub fn run(paths: &Paths, kernel: &str, extra: &[OsString]) -> anyhow::Result<()
     let out = paths.target().join("vm").join(&kernel.name);
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let rc_file = out.join("rc");
-    let _ = fs::remove_file(&rc_file);
+    let features = out.join("features");
+    for stale in [&rc_file, &features] {
+        let _ = fs::remove_file(stale);
+    }
     let env = [
         ("ALLOCWATCH_BIN", bin.as_os_str()),
         ("ALLOCWATCH_FIXTURES", fixtures.c.as_os_str()),
@@ -64,7 +67,7 @@ pub fn run(paths: &Paths, kernel: &str, extra: &[OsString]) -> anyhow::Result<()
     let script = out.join("run.sh");
     fs::write(
         &script,
-        guest_script(&env, &binaries, &split.binary, &rc_file),
+        guest_script(&env, &binaries, &split.binary, &rc_file, &features),
     )
     .with_context(|| format!("writing {}", script.display()))?;
 
@@ -82,6 +85,9 @@ pub fn run(paths: &Paths, kernel: &str, extra: &[OsString]) -> anyhow::Result<()
     );
     for line in &summary {
         println!("{line}");
+    }
+    if let Ok(line) = fs::read_to_string(&features) {
+        println!("{}", line.trim());
     }
     println!("log: {}", log.display());
     let rc = fs::read_to_string(&rc_file).map_err(|_| {
@@ -345,9 +351,9 @@ fn initramfs(kernel: &Unpacked) -> anyhow::Result<PathBuf> {
     for path in &modules {
         let name = path
             .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
+            .map(|n| n.to_string_lossy().trim_end_matches(".xz").to_owned())
             .unwrap_or_default();
-        let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let bytes = read_module(path)?;
         cpio.file(&format!("modules/{name}"), 0o644, &bytes);
         order.push_str(&name);
         order.push('\n');
@@ -412,10 +418,10 @@ fn index_modules(dir: &Path, files: &mut HashMap<String, PathBuf>) -> anyhow::Re
         let path = entry?.path();
         if path.is_dir() {
             index_modules(&path, files)?;
-        } else if let Some(name) = path
-            .file_name()
-            .and_then(|n| n.to_str()?.strip_suffix(".ko"))
-        {
+        } else if let Some(name) = path.file_name().and_then(|n| {
+            let n = n.to_str()?;
+            n.strip_suffix(".ko").or_else(|| n.strip_suffix(".ko.xz"))
+        }) {
             files.insert(name.replace('-', "_"), path);
         }
     }
@@ -435,12 +441,29 @@ fn visit_module(
     let Some(path) = files.get(&key) else {
         return Ok(());
     };
-    let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let bytes = read_module(path)?;
     for dep in module_depends(&bytes) {
         visit_module(&dep, files, seen, order)?;
     }
     order.push(path.clone());
     Ok(())
+}
+
+/// A module's bytes: Debian compresses them with xz from 6.x on (`.ko.xz`), which busybox's
+/// insmod cannot read, so they go into the initramfs decompressed.
+fn read_module(path: &Path) -> anyhow::Result<Vec<u8>> {
+    if path.extension().is_some_and(|e| e == "xz") {
+        let out = Command::new("xz")
+            .arg("-dc")
+            .arg(path)
+            .output()
+            .with_context(|| format!("starting xz -dc {}", path.display()))?;
+        if !out.status.success() {
+            bail!("xz -dc {} failed ({})", path.display(), out.status);
+        }
+        return Ok(out.stdout);
+    }
+    fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
 
 /// The `depends=a,b` entry of a module's `.modinfo` section.
@@ -631,6 +654,7 @@ fn guest_script(
     binaries: &[TestBinary],
     args: &[OsString],
     rc: &Path,
+    features: &Path,
 ) -> String {
     let q = |s: &std::ffi::OsStr| shell_quote(&s.to_string_lossy());
     let mut s = String::from(
@@ -648,7 +672,15 @@ fn guest_script(
     for (k, v) in env {
         s.push_str(&format!("export {k}={}\n", q(v)));
     }
-    s.push_str("echo \"kernel: $(uname -r)\"\nrc=0\n");
+    // The agent's `kernel features:` line (printed before it loads anything) for the README's
+    // kernel matrix; `top` is stopped as soon as the line is there.
+    s.push_str(&format!(
+        "echo \"kernel: $(uname -r)\"\n\
+         timeout 60 \"$ALLOCWATCH_BIN\" --log-level info top -- /bin/sleep 60 2>&1 \
+         | grep -m1 'kernel features' > {}\n\
+         rc=0\n",
+        q(features.as_os_str())
+    ));
     let mut args: Vec<String> = args.iter().map(|a| q(a)).collect();
     // The console is a terminal: without this the results are colored, and the summary's
     // `… FAILED` lines are not found.
