@@ -23,8 +23,8 @@ use anyhow::{Context as _, anyhow, bail};
 use crate::{agent, cmd, fixtures, paths::Paths, setup, test::SummaryFilter};
 
 /// What `--vm` accepts, for the one error line about a kernel it cannot find.
-const KERNELS: &str = "6.1 (Debian bookworm), 6.12 (bookworm-backports), a linux-image-* \
-                       package name or a path to a linux-image .deb";
+const KERNELS: &str = "5.10 (Debian bullseye), 6.1 (bookworm), 6.12 (bookworm-backports), a \
+                       linux-image-* package name (bookworm) or a path to a linux-image .deb";
 
 /// Modules the initramfs loads, in this order (with what they depend on first): PCI virtio and
 /// the 9p file system over it. Debian builds them as modules; a kernel with them built in
@@ -117,9 +117,9 @@ struct Kernel {
 }
 
 impl Kernel {
-    /// `6.1` and `6.12` are Debian's `linux-image-amd64` of bookworm and bookworm-backports
-    /// (whatever version that metapackage currently names); anything else must name a package or
-    /// a .deb.
+    /// `5.10`, `6.1` and `6.12` are Debian's `linux-image-amd64` of bullseye, bookworm and
+    /// bookworm-backports (whatever version that metapackage currently names); anything else
+    /// must name a package or a .deb.
     fn resolve(paths: &Paths, arg: &str) -> anyhow::Result<Self> {
         let deb = Path::new(arg);
         if arg.ends_with(".deb") {
@@ -138,6 +138,7 @@ impl Kernel {
             });
         }
         let (suite, package) = match arg {
+            "5.10" => ("bullseye", None),
             "6.1" => ("bookworm", None),
             "6.12" => ("bookworm-backports", None),
             p if p.starts_with("linux-image-") => ("bookworm", Some(p.to_owned())),
@@ -196,10 +197,10 @@ impl Apt {
         let sources = dir.join("sources.list");
         // bookworm's kernel is updated in bookworm-security (and -updates) between point
         // releases: without them the metapackage names an older kernel.
-        let suites: &[(&str, String)] = &if suite == "bookworm" {
+        let suites: &[(&str, String)] = &if matches!(suite, "bookworm" | "bullseye") {
             vec![
-                ("debian", "bookworm bookworm-updates".to_owned()),
-                ("debian-security", "bookworm-security".to_owned()),
+                ("debian", format!("{suite} {suite}-updates")),
+                ("debian-security", format!("{suite}-security")),
             ]
         } else {
             vec![("debian", suite.to_owned())]
