@@ -30,6 +30,98 @@ pub enum PreflightError {
          systemd unit), or grant CAP_SYS_RESOURCE so that allocwatch raises it itself"
     )]
     Memlock { limit_kib: u64, kernel: String },
+    #[error(
+        "this kernel ({kernel}) lacks {feature}, which allocwatch needs (Linux ≥ {since}; \
+         kernel features: {summary})"
+    )]
+    Lacks {
+        kernel: String,
+        feature: &'static str,
+        since: &'static str,
+        summary: String,
+    },
+}
+
+/// What this kernel offers of the BPF features allocwatch uses or could use, probed once (each
+/// probe loads a tiny program or map; they need the privileges checked first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Features {
+    /// BPF ring buffers (5.8): every event goes through one. Required.
+    pub ring_buffer: bool,
+    /// `bpf_get_attach_cookie` for uprobes (5.15): which function and site fired. Required.
+    pub cookies: bool,
+    /// Uprobe multi-links (6.6): one link per file; without them one perf-event link per
+    /// probe site (the probe's `_single` programs).
+    pub uprobe_multi: bool,
+    /// `bpf_loop` (5.17): not used by the probes (their loops are bounded), listed for the
+    /// kernel matrix.
+    pub bpf_loop: bool,
+    /// Kernel BTF at /sys/kernel/btf/vmlinux. Required.
+    pub btf: bool,
+}
+
+impl Features {
+    fn probe() -> Self {
+        use aya::{
+            maps::MapType,
+            programs::ProgramType,
+            sys::{BpfHelper, UProbeMultiFeature},
+        };
+        let helper = |h| aya::sys::is_helper_supported(ProgramType::KProbe, h).unwrap_or(false);
+        Self {
+            ring_buffer: aya::sys::is_map_supported(MapType::RingBuf).unwrap_or(false),
+            cookies: helper(BpfHelper::BPF_FUNC_get_attach_cookie),
+            // The variable lets a newer kernel run (and test) the per-site path of older ones.
+            uprobe_multi: std::env::var_os("ALLOCWATCH_NO_UPROBE_MULTI").is_none()
+                && aya::sys::is_uprobe_multi_supported(UProbeMultiFeature::LinkCreation)
+                    .unwrap_or(false),
+            bpf_loop: helper(BpfHelper::BPF_FUNC_loop),
+            btf: Path::new(VMLINUX_BTF).exists(),
+        }
+    }
+
+    /// `ring buffer yes, BPF cookies yes, …` (the `kernel features:` line at start).
+    pub fn summary(&self) -> String {
+        self.list()
+            .iter()
+            .map(|(name, _, has)| format!("{name} {}", if *has { "yes" } else { "no" }))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// (name, Linux version that brought it, present).
+    fn list(&self) -> [(&'static str, &'static str, bool); 5] {
+        [
+            ("ring buffer", "5.8", self.ring_buffer),
+            ("BPF cookies", "5.15", self.cookies),
+            ("bpf_loop", "5.17", self.bpf_loop),
+            ("uprobe multi-links", "6.6", self.uprobe_multi),
+            ("BTF", "CONFIG_DEBUG_INFO_BTF", self.btf),
+        ]
+    }
+
+    /// The first required feature missing, as the refusal.
+    fn refusal(&self, kernel: &str) -> Option<PreflightError> {
+        let (feature, since) = if !self.ring_buffer {
+            ("BPF ring buffers", "5.8")
+        } else if !self.cookies {
+            ("BPF cookies on uprobes (bpf_get_attach_cookie)", "5.15")
+        } else {
+            return None;
+        };
+        Some(PreflightError::Lacks {
+            kernel: kernel.to_owned(),
+            feature,
+            since,
+            summary: self.summary(),
+        })
+    }
+}
+
+/// This kernel's features (probed on first use).
+pub fn features() -> Features {
+    static FEATURES: std::sync::OnceLock<Features> = std::sync::OnceLock::new();
+    *FEATURES.get_or_init(Features::probe)
 }
 
 const UPROBE_PMU: &str = "/sys/bus/event_source/devices/uprobe/type";
@@ -63,12 +155,33 @@ pub fn check() -> Result<(), PreflightError> {
         unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
     }
     let release = kernel_release();
-    memlock(&release, has_sys_resource, memlock_limit())
+    memlock(&release, has_sys_resource, memlock_limit())?;
+    let features = features();
+    log::info!("kernel {release}: kernel features: {}", features.summary());
+    if let Some(refusal) = features.refusal(&release) {
+        return Err(refusal);
+    }
+    Ok(())
 }
 
-/// Problems the agent can run with, each a warning line saying what to do about it.
+/// Problems the agent can run with, each a warning line saying what to do about it (the
+/// one-shot commands keep stderr to their one line; `--log-level info` shows the features).
 pub fn agent_warnings() -> Vec<String> {
     let mut out = Vec::new();
+    if !features().uprobe_multi {
+        let why = if std::env::var_os("ALLOCWATCH_NO_UPROBE_MULTI").is_some() {
+            "ALLOCWATCH_NO_UPROBE_MULTI is set".to_owned()
+        } else {
+            format!(
+                "this kernel ({}) has no uprobe multi-links (Linux ≥ 6.6)",
+                kernel_release()
+            )
+        };
+        out.push(format!(
+            "{why}: each probe site gets its own perf-event link (attaching takes longer, same \
+             counts)"
+        ));
+    }
     if !TRACEFS.iter().any(|d| Path::new(d).join("events").is_dir()) {
         out.push(format!(
             "tracefs is not mounted (no {}/events): the agent cannot see execs as they happen; \
@@ -182,6 +295,38 @@ mod tests {
         let err = privileges(0).unwrap_err().to_string();
         assert!(
             err.contains("lacks CAP_BPF and CAP_PERFMON") && err.contains("sudo"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn missing_required_features_are_refused_by_name() {
+        let all = Features {
+            ring_buffer: true,
+            cookies: true,
+            uprobe_multi: true,
+            bpf_loop: true,
+            btf: true,
+        };
+        assert_eq!(all.refusal("6.18.0"), None);
+        let old = Features {
+            uprobe_multi: false,
+            ..all
+        };
+        assert_eq!(old.refusal("6.1.0"), None);
+        assert_eq!(
+            old.summary(),
+            "ring buffer yes, BPF cookies yes, bpf_loop yes, uprobe multi-links no, BTF yes"
+        );
+        let err = Features {
+            cookies: false,
+            ..old
+        }
+        .refusal("5.10.0-28-amd64")
+        .expect("refused")
+        .to_string();
+        assert!(
+            err.contains("lacks BPF cookies") && err.contains("Linux ≥ 5.15"),
             "{err}"
         );
     }

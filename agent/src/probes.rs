@@ -260,6 +260,9 @@ pub struct Probes {
     _log: Option<crate::probe_log::Reader>,
     ebpf: Ebpf,
     mode: Mode,
+    /// Whether the kernel has uprobe multi-links (6.6): one link per file and program, else
+    /// one perf-event link per probe site through the `_single` programs.
+    multi: bool,
     attached_points: usize,
     /// Next free slot of the GO_SPECS array.
     next_spec: u32,
@@ -305,12 +308,13 @@ impl Probes {
             .map_max_entries(map_names::UNWIND_ROWS, tables(UNWIND_ROWS_MAX))
             .map_max_entries(map_names::UNWIND_PROCS, tables(UNWIND_PROCS_MAX))
             .load(PROBE_OBJECT)?;
+        let multi = crate::preflight::features().uprobe_multi;
         let (entry, ret) = mode.libc_programs();
         for program in [Some(entry), ret, Some(mode.go_program())]
             .into_iter()
             .flatten()
         {
-            uprobe(&mut ebpf, program)?
+            uprobe(&mut ebpf, program, multi)?
                 .load()
                 .inspect_err(|e| {
                     // The whole verifier log: the error keeps its last line only.
@@ -326,6 +330,7 @@ impl Probes {
             _log: log,
             ebpf,
             mode,
+            multi,
             attached_points: 0,
             next_spec: 0,
             next_file: 0,
@@ -367,13 +372,13 @@ impl Probes {
             .filter(|p| p.with_return)
             .map(attach_point)
             .collect();
-        uprobe(&mut self.ebpf, entry_program)?
+        uprobe(&mut self.ebpf, entry_program, self.multi)?
             .attach(entry, file, scope)
             .map_err(attach_err)?;
         if let Some(ret_program) = ret_program
             && !ret.is_empty()
         {
-            uprobe(&mut self.ebpf, ret_program)?
+            uprobe(&mut self.ebpf, ret_program, self.multi)?
                 .attach(ret, file, scope)
                 .map_err(attach_err)?;
         }
@@ -460,7 +465,7 @@ impl Probes {
             })
             .collect();
         let scope = pid.map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
-        uprobe(&mut self.ebpf, self.mode.go_program())?
+        uprobe(&mut self.ebpf, self.mode.go_program(), self.multi)?
             .attach(points, file, scope)
             .map_err(|source| ProbeError::Attach {
                 path: file.display().to_string(),
@@ -775,7 +780,14 @@ fn attach_point(p: &ProbePoint) -> UProbeAttachPoint<'static> {
     }
 }
 
-fn uprobe<'a>(ebpf: &'a mut Ebpf, program: &'static str) -> Result<&'a mut UProbe, ProbeError> {
+/// The uprobe program `program`, or its per-site twin (`NAME_single`, probe-ebpf) where the
+/// kernel has no uprobe multi-links.
+fn uprobe<'a>(
+    ebpf: &'a mut Ebpf,
+    program: &'static str,
+    multi: bool,
+) -> Result<&'a mut UProbe, ProbeError> {
+    let program = if multi { program } else { single_twin(program) };
     let missing = || ProbeError::Program {
         program,
         error: ProgramError::UnexpectedProgramType,
@@ -784,6 +796,21 @@ fn uprobe<'a>(ebpf: &'a mut Ebpf, program: &'static str) -> Result<&'a mut UProb
         .ok_or_else(missing)?
         .try_into()
         .map_err(|error| ProbeError::Program { program, error })
+}
+
+/// The name of a multi-link program's twin for kernels before 6.6 (the same code in a plain
+/// `uprobe` section).
+fn single_twin(program: &'static str) -> &'static str {
+    match program {
+        LIBC_ENTRY => "libc_entry_single",
+        LIBC_RETURN => "libc_return_single",
+        LIBC_COUNT => "libc_count_single",
+        LIBC_FLOOR => "libc_floor_single",
+        LIBC_FLOOR_RETURN => "libc_floor_return_single",
+        GO_ENTRY => "go_entry_single",
+        GO_FLOOR => "go_floor_single",
+        other => other,
+    }
 }
 
 #[cfg(test)]

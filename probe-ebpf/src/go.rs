@@ -36,6 +36,18 @@ pub fn go_floor(_ctx: ProbeContext) -> u32 {
     0
 }
 
+/// `go_entry` and `go_floor` for kernels without uprobe multi-links (before 6.6).
+#[uprobe]
+pub fn go_entry_single(ctx: ProbeContext) -> u32 {
+    on_go(&ctx);
+    0
+}
+
+#[uprobe]
+pub fn go_floor_single(_ctx: ProbeContext) -> u32 {
+    0
+}
+
 #[inline(always)]
 fn on_go(ctx: &ProbeContext) {
     let pid_tgid = bpf_get_current_pid_tgid();

@@ -72,6 +72,37 @@ pub fn libc_floor_return(_ctx: RetProbeContext) -> u32 {
     0
 }
 
+// The same programs for kernels without uprobe multi-links (before 6.6): one perf-event link per
+// probe site (agent/src/probes.rs picks `NAME_single` there).
+
+#[uprobe]
+pub fn libc_entry_single(ctx: ProbeContext) -> u32 {
+    on_entry(&ctx);
+    0
+}
+
+#[uretprobe]
+pub fn libc_return_single(ctx: RetProbeContext) -> u32 {
+    on_return(&ctx);
+    0
+}
+
+#[uprobe]
+pub fn libc_count_single(ctx: ProbeContext) -> u32 {
+    on_count(&ctx);
+    0
+}
+
+#[uprobe]
+pub fn libc_floor_single(_ctx: ProbeContext) -> u32 {
+    0
+}
+
+#[uretprobe]
+pub fn libc_floor_return_single(_ctx: RetProbeContext) -> u32 {
+    0
+}
+
 /// Count mode: calls and bytes per (process, API, immediate caller[, stack]), from the entry
 /// probe alone. Without a return probe nothing says when a call ends, so libc's own relays are
 /// recognized by two rules instead of the in-flight marker:

@@ -18,6 +18,7 @@ mod promtext;
 mod setup;
 mod soak;
 mod test;
+mod vm;
 
 use std::{ffi::OsString, process::ExitCode};
 
@@ -67,8 +68,13 @@ enum Task {
         targets: Vec<String>,
     },
     /// The whole suite as root: setup, lint, cargo deny, build, fixtures, `cargo test
-    /// --workspace`, a short fuzzing run, the short soak.
+    /// --workspace`, a short fuzzing run, the short soak. With `--vm KERNEL`: only the tests
+    /// (every integration test, or those selected), inside a qemu VM booting that kernel.
     Test {
+        /// Run the tests inside a throw-away VM on this kernel: `6.1` (Debian bookworm), `6.12`
+        /// (bookworm-backports), a `linux-image-*` package or a .deb (xtask/src/vm.rs).
+        #[arg(long, value_name = "KERNEL")]
+        vm: Option<String>,
         /// Extra arguments for `cargo test`: `./x test -- NAME` filters tests,
         /// `./x test -- -- --nocapture` passes `--nocapture` to the test binaries.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -99,7 +105,11 @@ fn dispatch(paths: &paths::Paths, task: Task) -> anyhow::Result<()> {
             println!("{}", built.go.display());
         }),
         Task::Lint => lint::all(paths),
-        Task::Test { args } => test::all(paths, &args),
+        Task::Test { vm: None, args } => test::all(paths, &args),
+        Task::Test {
+            vm: Some(kernel),
+            args,
+        } => vm::run(paths, &kernel, &args),
         Task::Fuzz { seconds, targets } => match fuzz::run(paths, seconds, &targets)? {
             fuzz::Outcome::Passed { targets, seconds } => {
                 println!("fuzz: {targets} target(s), {seconds} s each: no crash");

@@ -39,6 +39,10 @@ const APT_PACKAGES: &[&str] = &[
     "gdb",
 ];
 
+/// `./x test --vm` (xtask/src/vm.rs): qemu, and busybox for the VM's initramfs. Installed
+/// without recommends (qemu's pull in a GUI stack).
+const VM_APT_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static"];
+
 const TRACEFS: &str = "/sys/kernel/tracing";
 
 /// cargo-fuzz: `./x test` runs the fuzz targets of fuzz/ with it (`./x fuzz` for longer).
@@ -57,6 +61,7 @@ pub fn all(paths: &Paths) -> anyhow::Result<()> {
     tracefs()?;
     // Before the Go toolchains: Debian's Go 1.19 then installs from a fresh package index.
     apt_packages()?;
+    install_missing(VM_APT_PACKAGES, &["--no-install-recommends"])?;
     crate::go::ensure_toolchains(&paths.cache)?;
     Ok(())
 }
@@ -190,9 +195,14 @@ pub fn tracefs() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Installs missing Debian packages (one `apt-get update` first, only if something is missing).
+/// Installs the missing ones of the build's and tests' Debian packages.
 pub fn apt_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    install_missing(APT_PACKAGES, &[])
+}
+
+/// Installs missing Debian packages (one `apt-get update` first, only if something is missing).
+fn install_missing(packages: &[&str], options: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| !dpkg_installed(p))
@@ -207,5 +217,10 @@ pub fn apt_packages() -> anyhow::Result<()> {
         c
     };
     cmd::run(apt().args(["update", "-qq"]))?;
-    cmd::run(apt().args(["install", "-y", "-qq"]).args(&missing))
+    cmd::run(
+        apt()
+            .args(["install", "-y", "-qq"])
+            .args(options)
+            .args(&missing),
+    )
 }

@@ -129,7 +129,7 @@ fn run_teeing(cmd: &mut Command) -> anyhow::Result<Summary> {
 /// each panic's message (CI shows only the summary's tail, and a failure that cannot be read there
 /// cannot be diagnosed).
 #[derive(Default)]
-struct SummaryFilter {
+pub struct SummaryFilter {
     /// Lines of the current panic's message still to keep.
     panic_left: usize,
 }
@@ -140,7 +140,7 @@ impl SummaryFilter {
     const PANIC_LINES: usize = 16;
     const CLIP: usize = 400;
 
-    fn keep(&mut self, line: &str) -> Option<String> {
+    pub fn keep(&mut self, line: &str) -> Option<String> {
         if line.contains("' panicked at ") {
             self.panic_left = Self::PANIC_LINES;
         } else if line.starts_with("stack backtrace:")
