@@ -486,7 +486,7 @@ impl Probes {
         if points.is_empty() {
             return Ok(());
         }
-        let program = uprobe(&mut self.ebpf, SYM_ENTRY)?;
+        let program = uprobe(&mut self.ebpf, SYM_ENTRY, self.multi)?;
         if program.fd().is_err() {
             program.load().map_err(|error| ProbeError::Program {
                 program: SYM_ENTRY,
@@ -809,6 +809,7 @@ fn single_twin(program: &'static str) -> &'static str {
         LIBC_FLOOR_RETURN => "libc_floor_return_single",
         GO_ENTRY => "go_entry_single",
         GO_FLOOR => "go_floor_single",
+        SYM_ENTRY => "sym_entry_single",
         other => other,
     }
 }

@@ -34,6 +34,13 @@ pub fn sym_entry(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// `sym_entry` for kernels without uprobe multi-links (before 6.6), as libc.rs's twins.
+#[uprobe]
+pub fn sym_entry_single(ctx: ProbeContext) -> u32 {
+    on_entry(&ctx);
+    0
+}
+
 #[inline(always)]
 fn on_entry(ctx: &ProbeContext) {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
