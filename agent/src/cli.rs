@@ -733,7 +733,8 @@ mod tests {
             for m in flag_re.find_iter(ours) {
                 let flag = m.as_str().trim_end_matches('-');
                 // Not ours: cargo's, bpftrace's, a toolchain's, node_exporter's
-                // (`--web.config.file`), the project's `./x soak` and `./x fuzz`.
+                // (`--web.config.file`), the project's `./x soak`, `./x fuzz` and
+                // `./x test --vm`.
                 if [
                     "--workspace",
                     "--exclude",
@@ -744,6 +745,7 @@ mod tests {
                     "--scrape-every",
                     "--out",
                     "--seconds",
+                    "--vm",
                 ]
                 .contains(&flag)
                     || line.contains("cargo ")

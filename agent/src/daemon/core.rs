@@ -405,6 +405,22 @@ impl State {
         for (map, fill) in &self.fills {
             snap.1.map_fill.entry(map).or_insert(*fill);
         }
+        // Known at every snapshot without a walk: the table thread counts what it loaded.
+        if let Some(tables) = &self.registry.unwind {
+            use allocwatch_common::{
+                map_names,
+                unwind::{UNWIND_PROCS_MAX, UNWIND_ROWS_MAX},
+            };
+            let (rows, procs) = tables.usage();
+            snap.1.map_fill.insert(
+                map_names::UNWIND_ROWS,
+                f64::from(rows) / f64::from(UNWIND_ROWS_MAX),
+            );
+            snap.1.map_fill.insert(
+                map_names::UNWIND_PROCS,
+                procs as f64 / f64::from(UNWIND_PROCS_MAX),
+            );
+        }
         let (chains, distinct, raw) = self.pipe.parts.frames.sizes();
         let (sym_procs, sym_files, sym_queued) = self.pipe.parts.symbolizer.held();
         let held = &mut snap.1.held;
@@ -487,19 +503,6 @@ fn census(probes: &Probes, registry: &Registry) -> anyhow::Result<BTreeMap<&'sta
         map_names::SITE_BUDGET,
         fill::<u32, u32>(probes, map_names::SITE_BUDGET)?,
     );
-    // Known without a walk: the agent appends rows and sets processes itself.
-    if let Some(tables) = &registry.unwind {
-        use allocwatch_common::unwind::{UNWIND_PROCS_MAX, UNWIND_ROWS_MAX};
-        let (rows, procs) = tables.usage();
-        out.insert(
-            map_names::UNWIND_ROWS,
-            f64::from(rows) / f64::from(UNWIND_ROWS_MAX),
-        );
-        out.insert(
-            map_names::UNWIND_PROCS,
-            procs as f64 / f64::from(UNWIND_PROCS_MAX),
-        );
-    }
     let live_max = collect::RawMap::of::<
         allocwatch_common::libc::LiveKey,
         allocwatch_common::libc::LiveAlloc,
