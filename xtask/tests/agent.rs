@@ -504,31 +504,7 @@ fn site_cardinality_is_bounded() {
     for m in [m, agent.scrape()] {
         check_site_bounds(&m, 3);
         let sites = m.sites(&id);
-        let mut want: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-        // `free` is no allocation: it has no site series.
-        for &(api, calls, bytes) in API_TOTALS.iter().filter(|a| a.0 != "free") {
-            let e = want
-                .entry(canonical(&env.alias_groups, &m, &id, api))
-                .or_default();
-            e.0 += calls;
-            e.1 += bytes;
-        }
-        let got: BTreeMap<String, (u64, u64)> =
-            sites
-                .iter()
-                .fold(BTreeMap::new(), |mut acc, ((api, _), v)| {
-                    let e: &mut (u64, u64) = acc.entry(api.clone()).or_default();
-                    e.0 += v.calls;
-                    e.1 += v.bytes;
-                    acc
-                });
-        assert_eq!(
-            got,
-            want,
-            "Σ over site of allocwatch_site_alloc_{{calls,bytes}}_total per api (calls, bytes) \
-             vs the fixture's totals\n{}",
-            m.lines_of(&id)
-        );
+        check_site_sums(&m, &id, &env.alias_groups);
         let named = sites.keys().filter(|(_, site)| site != "other").count();
         assert!(
             named <= 3,
@@ -688,29 +664,7 @@ fn process_starting_on_a_full_site_table_keeps_its_counts() {
     });
     check_fixture_totals(&m, &id, &env.alias_groups);
     // Its site series (`other` holds the spilled calls) add up to its totals per API.
-    let mut want: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for &(api, calls, bytes) in API_TOTALS.iter().filter(|a| a.0 != "free") {
-        let e = want
-            .entry(canonical(&env.alias_groups, &m, &id, api))
-            .or_default();
-        e.0 += calls;
-        e.1 += bytes;
-    }
-    let got = m
-        .sites(&id)
-        .iter()
-        .fold(BTreeMap::new(), |mut acc, ((api, _), v)| {
-            let e: &mut (u64, u64) = acc.entry(api.clone()).or_default();
-            e.0 += v.calls;
-            e.1 += v.bytes;
-            acc
-        });
-    assert_eq!(
-        got,
-        want,
-        "Σ over site of the site series per api (calls, bytes) vs the fixture's totals\n{}",
-        m.lines_of(&id)
-    );
+    check_site_sums(&m, &id, &env.alias_groups);
     let spilled = m.lost("site_spilled") - full.lost("site_spilled");
     assert!(
         spilled > 0,
@@ -2234,6 +2188,30 @@ fn go_program_is_picked_up_within_one_second() {
 // Checks shared by the tests
 
 /// Per-API counters, free calls and the size histogram of one `libc_fixture run`.
+/// `id`'s site series (`other` included) summed per API equal the fixture's totals (calls,
+/// bytes; `free` is no allocation and has no site series).
+fn check_site_sums(m: &Metrics, id: &Identity, groups: &[Vec<String>]) {
+    let mut want: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for &(api, calls, bytes) in API_TOTALS.iter().filter(|a| a.0 != "free") {
+        let e = want.entry(canonical(groups, m, id, api)).or_default();
+        e.0 += calls;
+        e.1 += bytes;
+    }
+    let mut got: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for ((api, _), v) in m.sites(id) {
+        let e = got.entry(api).or_default();
+        e.0 += v.calls;
+        e.1 += v.bytes;
+    }
+    assert_eq!(
+        got,
+        want,
+        "Σ over site of allocwatch_site_alloc_{{calls,bytes}}_total per api (calls, bytes) \
+         vs the fixture's totals\n{}",
+        m.lines_of(id)
+    );
+}
+
 fn check_fixture_totals(m: &Metrics, id: &Identity, groups: &[Vec<String>]) {
     check_fixture_calls(m, id, groups);
     // One observation per allocation call, of its requested size.
