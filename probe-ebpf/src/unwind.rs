@@ -34,18 +34,17 @@ pub fn capture_libc_stack(ctx: &ProbeContext, entry_sp: u64, ret_addr: u64) -> i
     if FLAGS.load() & FLAG_UNWIND_TABLES == 0 {
         return capture_stack(ctx);
     }
-    let tgid = current_tgid();
     // SAFETY: a plain value, read in place.
-    if unsafe { UNWIND_PROCS.get(&tgid) }.is_none() {
+    let Some(proc) = (unsafe { UNWIND_PROCS.get(&current_tgid()) }) else {
         return capture_stack(ctx);
-    }
+    };
     let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
         return NO_STACK;
     };
     // SAFETY: the scratch slot is ours on this CPU for the program's run; regs points at the
     // probed task's saved registers.
     let (frames, regs) = unsafe { (&mut *buf, &*ctx.regs) };
-    let n = walk(tgid, regs.rip, regs.rbp, entry_sp, ret_addr, frames);
+    let n = walk(proc, regs.rip, regs.rbp, entry_sp, ret_addr, frames);
     store_stack(frames, n)
 }
 
@@ -55,11 +54,6 @@ pub static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(UNWIND_ROWS_M
 /// tgid → its mappings with a table.
 #[map]
 pub static UNWIND_PROCS: HashMap<u32, UnwindProc> = HashMap::with_max_entries(UNWIND_PROCS_MAX, 0);
-/// A process without tables (never written: no mappings). Walking with it rather than with an
-/// `Option` keeps LLVM from computing field addresses of a pointer the verifier still holds
-/// possibly null ("pointer arithmetic on map_value_or_null").
-#[map]
-static UNWIND_NO_PROC: Array<UnwindProc> = Array::with_max_entries(1, 0);
 
 /// Frames a table walk follows (the verifier checks every step of every frame: at 64 frames
 /// it gave up at its million instructions).
@@ -125,7 +119,7 @@ fn read(addr: u64) -> Option<u64> {
 /// function's entry (where `ret_addr`, the caller's return address, is).
 #[inline(always)]
 fn walk(
-    tgid: u32,
+    proc: &UnwindProc,
     rip: u64,
     rbp: u64,
     entry_sp: u64,
@@ -140,14 +134,6 @@ fn walk(
         unsafe { core::ptr::write_volatile(slot, 0) };
     }
     frames[0] = rip;
-    // SAFETY: a plain value, read in place.
-    let proc = match unsafe { UNWIND_PROCS.get(&tgid) } {
-        Some(p) => p,
-        None => match UNWIND_NO_PROC.get(0) {
-            Some(p) => p,
-            None => return 1,
-        },
-    };
     let (mut pc, mut sp, mut bp) = (ret_addr, entry_sp + 8, rbp);
     // A prologue with a frame pointer may have set rbp before the probed instruction.
     if bp == entry_sp.wrapping_sub(8) {
