@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use allocwatch_common::{event::GoEvent, libc::SiteKey, loss::LossCause, site_limit};
+use allocwatch_common::{ImageHists, event::GoEvent, libc::SiteKey, loss::LossCause, site_limit};
 use anyhow::Context as _;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -450,6 +450,10 @@ impl State {
 impl Handler for Registry {
     fn exec(&mut self, parts: &mut Parts, tgid: u32, comm: &[u8; 16], path: String) {
         self.exec_seen(tgid, comm, path, &mut parts.probes, &parts.symbolizer);
+    }
+
+    fn image_hists(&mut self, _parts: &mut Parts, tgid: u32, hists: ImageHists) {
+        Registry::image_hists(self, tgid, hists);
     }
 
     fn new_site(&mut self, parts: &mut Parts, site: &SiteKey, comm: &[u8; 16]) {

@@ -40,10 +40,12 @@ impl Retained {
     /// Adds rows of a harvest step.
     pub fn absorb(&mut self, h: Harvest) {
         self.rows.extend(h.rows);
-        for (hist, add) in [
-            (&mut self.libc_hist, h.libc_hist),
-            (&mut self.go_hist, h.go_hist),
-        ] {
+        self.add_hists(h.libc_hist, h.go_hist);
+    }
+
+    /// Adds buckets to the size histograms.
+    pub fn add_hists(&mut self, libc: Vec<(u32, GoHistVal)>, go: Vec<(u32, GoHistVal)>) {
+        for (hist, add) in [(&mut self.libc_hist, libc), (&mut self.go_hist, go)] {
             for (bucket, v) in add {
                 let e = hist.entry(bucket).or_default();
                 e.count += v.count;

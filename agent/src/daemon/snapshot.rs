@@ -83,9 +83,12 @@ pub async fn build(
                 .map(|(k, v)| (*k, *v))
                 .collect();
             rows.extend_from_slice(&i.retained.rows);
-            // The size histograms are kept per pid, not per image: they stay with the
-            // current image.
-            let hists = (Histogram::default(), Histogram::default());
+            // Its size histograms left the maps at its exec (`ImageHist`).
+            let none = BTreeMap::new();
+            let hists = (
+                histogram(&none, &i.retained.libc_hist, pid, 1.0),
+                histogram(&none, &i.retained.go_hist, pid, 1.0),
+            );
             let image = (pid, i.image);
             let rows = (&rows[..], &i.retained.remainder);
             out.push(process_snapshot(&mut ctx, image, &i.proc, rows, hists).await?);
@@ -184,15 +187,11 @@ pub async fn departing(
             (&i.proc, &i.retained, n)
         }
     };
-    let hists = if image.is_none() {
-        let none = BTreeMap::new();
-        (
-            histogram(&none, &retained.libc_hist, pid, 1.0),
-            histogram(&none, &retained.go_hist, pid, 1.0),
-        )
-    } else {
-        (Histogram::default(), Histogram::default())
-    };
+    let none = BTreeMap::new();
+    let hists = (
+        histogram(&none, &retained.libc_hist, pid, 1.0),
+        histogram(&none, &retained.go_hist, pid, 1.0),
+    );
     let rows = (&retained.rows[..], &retained.remainder);
     let snap = process_snapshot(&mut ctx, (pid, number), proc, rows, hists).await?;
     Ok(Some(snap))

@@ -78,6 +78,9 @@ pub struct PastImage {
 struct ImageSites {
     comm: String,
     keys: HashSet<SiteKey>,
+    /// The size histograms the image left at its exec (`ImageHist` record), for its exec
+    /// record to hand to the past image.
+    hists: allocwatch_common::ImageHists,
 }
 
 /// A gone process (`image` `None`) or exec'd program image due to leave the registry.
