@@ -121,10 +121,15 @@ impl ChannelSource {
 
 impl SnapshotSource for ChannelSource {
     fn snapshot(&self) -> Snapshot {
+        self.snapshot_fresh().0
+    }
+
+    fn snapshot_fresh(&self) -> (Snapshot, bool) {
         let (reply, rx) = std_mpsc::sync_channel(1);
-        self.ask(Request::Snapshot(reply), rx)
-            .or_else(|| self.stale(&self.last.snapshot))
-            .unwrap_or_default()
+        match self.ask(Request::Snapshot(reply), rx) {
+            Some(s) => (s, true),
+            None => (self.stale(&self.last.snapshot).unwrap_or_default(), false),
+        }
     }
 
     fn metrics(&self, started: Instant) -> Option<Result<String, MetricsError>> {
