@@ -433,7 +433,22 @@ pub fn lost(cause: LossCause) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
         unsafe { *slot += 1 };
     }
-    why!("pid {}: event lost: {}", current_tgid(), cause.name());
+    // The same level test as `why!`: below debug the verifier drops the call as dead code.
+    if aya_log_ebpf::macro_support::level_enabled(aya_log_ebpf::macro_support::Level::Debug) {
+        log_lost(cause as u32);
+    }
+}
+
+/// The debug line of [`lost`], as a global BPF function: the verifier checks it once, on its
+/// own, where an inlined log line (hundreds of instructions) was checked again on every path
+/// that reached one of `lost`'s many call sites. With debug logging on, Linux 6.1's verifier
+/// gave up on `go_entry` and `libc_entry` at its million instructions.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn log_lost(cause: u32) -> u32 {
+    let name = LossCause::from_index(cause).map_or("unknown", LossCause::name);
+    why!("pid {}: event lost: {}", current_tgid(), name);
+    0
 }
 
 /// Finds or creates the row of `key`; a new row is announced on the ring buffer so the agent
