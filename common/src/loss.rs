@@ -150,7 +150,10 @@ mod user {
             for (i, c) in LossCause::ALL.iter().enumerate() {
                 assert_eq!(LossCause::from_index(i as u32), Some(*c));
             }
-            assert_eq!(LossCause::from_index(super::super::LOSS_CAUSES as u32), None);
+            assert_eq!(
+                LossCause::from_index(super::super::LOSS_CAUSES as u32),
+                None
+            );
         }
     }
 }
