@@ -19,11 +19,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// The agent: config file, then flags on top.
 async fn agent(a: AgentArgs) -> anyhow::Result<()> {
     let mut cfg = config::load(a.config.as_deref())?;
-    // Refusals first (not root, …); then what the agent can run without.
+    // Refusals first (not root, …); the warnings of what the agent can run without come once
+    // `daemon::run` has made its own checks.
     preflight::check()?;
-    for w in preflight::agent_warnings() {
-        allocwatch::say!("allocwatch: warning: {w}");
-    }
     cfg.apply(config::Overrides {
         listen: a.listen,
         web_config: a.web_config,

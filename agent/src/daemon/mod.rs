@@ -40,7 +40,7 @@ use crate::{
     config::Config,
     k8s,
     model::{ProcessSnapshot, SelfStats},
-    privilege,
+    preflight, privilege,
     serve::{self, SnapshotSource, metrics::MetricsError},
 };
 
@@ -163,6 +163,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .transpose()?;
     // Bind before loading anything: a taken port is a startup error, not a later one.
     let listener = serve::bind(cfg.listen).await?;
+    // After every refusal: a refusal stays one line (before 6.6 the multi-link warning came
+    // first, and a missing capability was two lines).
+    for w in preflight::agent_warnings() {
+        crate::say!("allocwatch: warning: {w}");
+    }
 
     let (tx, requests) = mpsc::channel::<Request>(8);
     let (stop_tx, stop_rx) = watch::channel(false);
