@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 
 use allocwatch_common::{
     go::GoHistVal,
-    libc::{SiteKey, SiteStats},
+    libc::{NO_STACK, SiteKey, SiteStats},
+    symprobe::{ProbeSiteKey, ProbeSiteStats},
 };
 
 use super::sweep::Harvest;
@@ -32,6 +33,9 @@ pub struct Retained {
     /// Request-size histograms by log2 bucket.
     pub libc_hist: BTreeMap<u32, GoHistVal>,
     pub go_hist: BTreeMap<u32, GoHistVal>,
+    /// Symbol-probe rows (the largest after [`Self::compact`], the rest folded into each
+    /// probe's row of unknown sites: no stack, no caller).
+    pub probe_rows: Vec<(ProbeSiteKey, ProbeSiteStats)>,
     /// The harvest is complete (no row of it is left in the kernel).
     pub complete: bool,
 }
@@ -40,6 +44,7 @@ impl Retained {
     /// Adds rows of a harvest step.
     pub fn absorb(&mut self, h: Harvest) {
         self.rows.extend(h.rows);
+        self.probe_rows.extend(h.probe_rows);
         for (hist, add) in [
             (&mut self.libc_hist, h.libc_hist),
             (&mut self.go_hist, h.go_hist),
@@ -56,6 +61,7 @@ impl Retained {
     /// per-API remainder; returns the keys of the rows folded away.
     pub fn compact(&mut self, keep: usize) -> Vec<SiteKey> {
         self.complete = true;
+        self.compact_probes(keep);
         if self.rows.len() <= keep {
             return Vec::new();
         }
@@ -70,6 +76,44 @@ impl Retained {
             keys.push(key);
         }
         keys
+    }
+}
+
+impl Retained {
+    /// Keeps the `keep` largest symbol-probe rows (by calls) and folds the rest into their
+    /// probe's row of unknown sites (exported as `site="other"`).
+    fn compact_probes(&mut self, keep: usize) {
+        if self.probe_rows.len() <= keep {
+            return;
+        }
+        self.probe_rows
+            .sort_by(|a, b| (b.1.calls, a.0).cmp(&(a.1.calls, b.0)));
+        let folded = self.probe_rows.split_off(keep);
+        let mut rest: BTreeMap<ProbeSiteKey, ProbeSiteStats> = BTreeMap::new();
+        for (key, stats) in folded {
+            let spill = ProbeSiteKey {
+                stack_id: NO_STACK,
+                ret_addr: 0,
+                ..key
+            };
+            add_probe(rest.entry(spill).or_default(), &stats);
+        }
+        // A kept row of unknown sites takes its folded part.
+        for (key, stats) in &mut self.probe_rows {
+            if let Some(r) = rest.remove(key) {
+                add_probe(stats, &r);
+            }
+        }
+        self.probe_rows.extend(rest);
+        self.probe_rows.shrink_to_fit();
+    }
+}
+
+/// `sum += v`, calls and every argument's sum.
+pub fn add_probe(sum: &mut ProbeSiteStats, v: &ProbeSiteStats) {
+    sum.calls += v.calls;
+    for (s, a) in sum.args.iter_mut().zip(v.args) {
+        *s = s.wrapping_add(a);
     }
 }
 

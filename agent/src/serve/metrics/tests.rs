@@ -24,6 +24,7 @@ fn site(kind: &'static str, stack: &[&str], calls: u64, bytes: u64) -> SiteSnaps
         live_bytes: 0,
         remainder: false,
         pending: false,
+        probe: false,
     }
 }
 
@@ -68,7 +69,18 @@ fn small_model() -> (Vec<ProcessSnapshot>, SelfStats) {
                 ..site("malloc", &["make_buf", "main"], 3, 300)
             },
             site("calloc", &["zero", "main"], 1, 64),
+            // Symbol probes: a built-in growth kind and a configured probe (calls only).
+            SiteSnapshot {
+                probe: true,
+                ..site("cxx_vector_grow", &["grow", "main"], 4, 0)
+            },
+            SiteSnapshot {
+                probe: true,
+                ..site("dictresize", &["insertdict", "main"], 2, 0)
+            },
         ],
+        probe_calls: BTreeMap::from([("cxx_vector_grow", 4), ("dictresize", 2)]),
+        probe_args: BTreeMap::from([(("dictresize", "log2_size"), 9)]),
         ..Default::default()
     };
     let b = ProcessSnapshot {
