@@ -377,9 +377,13 @@ impl Config {
             });
         }
         // Each binary read and each symbol found now, before anything is loaded.
-        symprobe::for_agent(&self.probe).map_err(|e| ConfigError::Invalid {
-            key: "probe",
-            reason: e.to_string(),
+        symprobe::for_agent(&self.probe).map_err(|e| {
+            let text = e.to_string();
+            ConfigError::Invalid {
+                key: "probe",
+                // The key says it already (the flag and the file share it).
+                reason: text.strip_prefix("--probe ").unwrap_or(&text).to_owned(),
+            }
         })?;
         Ok(())
     }

@@ -155,6 +155,7 @@ mod tests {
                 },
             )],
             go_hist: Vec::new(),
+            probe_rows: Vec::new(),
         });
         r.absorb(Harvest {
             libc_hist: vec![(

@@ -504,6 +504,7 @@ pub(crate) mod tests {
             live_bytes: live * 100,
             remainder: false,
             pending: false,
+            probe: false,
         }
     }
 
