@@ -507,9 +507,17 @@ fn agent_exports_growth_kinds_and_probes() {
         // One call per round.
         (&ci, "grow_vector", 3),
         (&ri, "rust_vec_grow", kinds(&rust_ref)["rust_vec_grow"]),
-        (&ri, "rust_hash_rehash", kinds(&rust_ref)["rust_hash_rehash"]),
+        (
+            &ri,
+            "rust_hash_rehash",
+            kinds(&rust_ref)["rust_hash_rehash"],
+        ),
     ];
-    assert_eq!(kinds(&cxx_ref)["cxx_vector_grow"], vector, "top's reference");
+    assert_eq!(
+        kinds(&cxx_ref)["cxx_vector_grow"],
+        vector,
+        "top's reference"
+    );
     let site_sum = |m: &Metrics, id: &Identity, kind: &str, function: &str| -> u64 {
         m.sites(id)
             .iter()
@@ -519,8 +527,7 @@ fn agent_exports_growth_kinds_and_probes() {
     };
     let complete = |m: &Metrics| {
         want.iter().all(|(id, kind, n)| {
-            m.sum(id, calls, &[("kind", kind)]) == *n
-                && site_sum(m, id, kind, "") == *n
+            m.sum(id, calls, &[("kind", kind)]) == *n && site_sum(m, id, kind, "") == *n
         })
     };
     let check = |m: &Metrics, when: &str| {
@@ -539,16 +546,35 @@ fn agent_exports_growth_kinds_and_probes() {
             );
         }
         assert_eq!(
-            m.counter(&ci, "allocwatch_probe_arg_sum_total", &[("kind", "grow_vector"), ("arg", "n")]),
+            m.counter(
+                &ci,
+                "allocwatch_probe_arg_sum_total",
+                &[("kind", "grow_vector"), ("arg", "n")]
+            ),
             3 * 1000,
             "{when}: grow_vector's n over its 3 calls\n{}",
             m.lines_of(&ci)
         );
         for (id, kind, function, n) in [
-            (&ci, "cxx_vector_grow", "grow_vector", cxx_counts["vector_grows"]),
-            (&ci, "cxx_vector_grow", "grow_strings", cxx_counts["string_vector_grows"]),
+            (
+                &ci,
+                "cxx_vector_grow",
+                "grow_vector",
+                cxx_counts["vector_grows"],
+            ),
+            (
+                &ci,
+                "cxx_vector_grow",
+                "grow_strings",
+                cxx_counts["string_vector_grows"],
+            ),
             (&ri, "rust_vec_grow", "grow_vec", rust_counts["vec_grows"]),
-            (&ri, "rust_hash_rehash", "grow_map", rust_counts["map_rehashes"]),
+            (
+                &ri,
+                "rust_hash_rehash",
+                "grow_map",
+                rust_counts["map_rehashes"],
+            ),
         ] {
             assert_eq!(
                 site_sum(m, id, kind, function),
@@ -600,9 +626,7 @@ fn probe_sites_map(pid: u32) -> u64 {
     let ids = support::BpfIds::held_by(pid);
     ids.maps
         .iter()
-        .find(|id| {
-            bpftool(&["map", "show", "id", &id.to_string()])["name"] == "PROBE_SITES"
-        })
+        .find(|id| bpftool(&["map", "show", "id", &id.to_string()])["name"] == "PROBE_SITES")
         .map(|id| u64::from(*id))
         .unwrap_or_else(|| panic!("pid {pid} holds no PROBE_SITES map: {ids:?}"))
 }

@@ -333,13 +333,24 @@ fn probes_from_file_and_flag() {
     .unwrap();
     assert!(c.probe[0].args.is_empty());
     // Syntax: refused while parsing, with the line.
-    let e = Config::parse("probe = [\"/bin/true\"]").unwrap_err().to_string();
-    assert!(e.contains("line 1, key probe: [0] \"/bin/true\": expected BINARY:SYMBOL"), "{e}");
+    let e = Config::parse("probe = [\"/bin/true\"]")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("line 1, key probe: [0] \"/bin/true\": expected BINARY:SYMBOL"),
+        "{e}"
+    );
     // A symbol that names no function, a missing file, a kind's name: refused by validate.
     for (spec, says) in [
-        (format!("{exe}:no_such_function_anywhere"), "no function no_such_function_anywhere"),
+        (
+            format!("{exe}:no_such_function_anywhere"),
+            "no function no_such_function_anywhere",
+        ),
         ("/nonexistent/x:f".to_owned(), "No such file or directory"),
-        (format!("{exe}:malloc"), "is the name of a kind the agent exports already"),
+        (
+            format!("{exe}:malloc"),
+            "is the name of a kind the agent exports already",
+        ),
         (format!("{exe}:cxx_vector_grow"), "is the name of a kind"),
     ] {
         let mut c = Config::default();
@@ -350,6 +361,9 @@ fn probes_from_file_and_flag() {
             })
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("config key probe: ") && e.contains(says), "{spec}: {e}");
+        assert!(
+            e.starts_with("config key probe: ") && e.contains(says),
+            "{spec}: {e}"
+        );
     }
 }
