@@ -184,4 +184,52 @@ mod tests {
         );
         assert!(r.complete);
     }
+
+    #[test]
+    fn probe_rows_compact_into_their_probes_unknown_sites() {
+        let row = |probe: u32, stack_id: i64, calls: u64| {
+            let key = ProbeSiteKey {
+                tgid: 7,
+                probe,
+                stack_id,
+                ret_addr: if stack_id == NO_STACK { 0 } else { 0x1000 },
+            };
+            let mut args = [0; allocwatch_common::symprobe::ARGS];
+            args[0] = 10 * calls;
+            (key, ProbeSiteStats { calls, args })
+        };
+        let mut r = Retained::default();
+        r.absorb(Harvest {
+            probe_rows: vec![
+                row(0, 1, 5),
+                row(0, 2, 1),
+                row(0, NO_STACK, 2),
+                row(4, 3, 4),
+                row(4, 5, 3),
+            ],
+            ..Harvest::default()
+        });
+        r.compact(2);
+        let mut rows: Vec<(u32, i64, u64, u64)> = r
+            .probe_rows
+            .iter()
+            .map(|(k, s)| (k.probe, k.stack_id, s.calls, s.args[0]))
+            .collect();
+        rows.sort_unstable();
+        // The two largest kept; the rest in their probe's row of unknown sites (probe 0's
+        // existing one took its share), every total and argument sum exact.
+        assert_eq!(
+            rows,
+            vec![
+                (0, NO_STACK, 3, 30),
+                (0, 1, 5, 50),
+                (4, 3, 4, 40),
+                (4, NO_STACK, 3, 30)
+            ]
+            .into_iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>()
+        );
+    }
 }
