@@ -497,7 +497,7 @@ fn agent_exports_growth_kinds_and_probes() {
         (pid, fixture_counts(&String::from_utf8_lossy(&out.stdout)))
     };
     let (cxx_pid, cxx_counts) = run(&cxx);
-    let (rust_pid, rust_counts) = run(&rust);
+    let (rust_pid, _) = run(&rust);
     let (ci, ri) = (Identity::of(&cxx), Identity::of(&rust));
     let vector = cxx_counts["vector_grows"] + cxx_counts["string_vector_grows"];
     assert_eq!(vector, 63, "the fixture's own count: {cxx_counts:?}");
@@ -568,13 +568,9 @@ fn agent_exports_growth_kinds_and_probes() {
                 "grow_strings",
                 cxx_counts["string_vector_grows"],
             ),
-            (&ri, "rust_vec_grow", "grow_vec", rust_counts["vec_grows"]),
-            (
-                &ri,
-                "rust_hash_rehash",
-                "grow_map",
-                rust_counts["map_rehashes"],
-            ),
+            // Rust's sites are not checked by function: a site label holds the two innermost
+            // frames, both inside std there (`grow_amortized <- grow_one`, `reserve <-
+            // find_or_find_insert_index`); the fixture's counts are checked by `top` above.
         ] {
             assert_eq!(
                 site_sum(m, id, kind, function),
