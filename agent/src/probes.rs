@@ -488,6 +488,20 @@ impl Probes {
         Ok(())
     }
 
+    /// Loads the symbol-probe program if it is not loaded yet. The agent loads it at start:
+    /// loading needs capabilities it drops once started, and it attaches growth functions as
+    /// it finds them.
+    pub fn load_sym(&mut self) -> Result<(), ProbeError> {
+        let program = uprobe(&mut self.ebpf, SYM_ENTRY, self.multi)?;
+        if program.fd().is_err() {
+            program.load().map_err(|error| ProbeError::Program {
+                program: SYM_ENTRY,
+                error,
+            })?;
+        }
+        Ok(())
+    }
+
     /// Attaches the symbol-probe program at each point of `file` (loaded on first use: a
     /// session without symbol probes pays no verifier run for it).
     pub fn attach_sym(
@@ -499,13 +513,8 @@ impl Probes {
         if points.is_empty() {
             return Ok(());
         }
+        self.load_sym()?;
         let program = uprobe(&mut self.ebpf, SYM_ENTRY, self.multi)?;
-        if program.fd().is_err() {
-            program.load().map_err(|error| ProbeError::Program {
-                program: SYM_ENTRY,
-                error,
-            })?;
-        }
         for p in points {
             log::debug!(
                 "probe {} {}: offset {:#x}, sp delta {}",

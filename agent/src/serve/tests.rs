@@ -61,6 +61,7 @@ pub(super) fn process(pid: u32, pod: &str, bytes: u64) -> ProcessSnapshot {
             live_bytes: 64,
             remainder: false,
             pending: false,
+            probe: false,
         }],
         ..Default::default()
     }

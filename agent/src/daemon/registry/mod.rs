@@ -36,7 +36,13 @@ use crate::{
     model::ProcessLabels,
     procfs,
     symbolize::SymbolizerHandle,
-    target::{go::GoProbeSet, libc::Allocator, maps::MapEntry, registry::Targets},
+    target::{
+        go::GoProbeSet,
+        libc::Allocator,
+        maps::MapEntry,
+        registry::Targets,
+        symprobe::{self, StaticKind},
+    },
     unwind::worker::TablesWorker,
 };
 
@@ -133,6 +139,8 @@ pub struct Registry {
     self_pid: u32,
     /// The unwind tables of the registered processes' files (`unwind = "dwarf"`).
     pub unwind: Option<TablesWorker>,
+    /// The symbol probes' kinds by probe id (built-in growth kinds, then the `probe`s).
+    pub probe_kinds: Vec<StaticKind>,
 }
 
 impl Registry {
@@ -156,6 +164,7 @@ impl Registry {
             retain_sites: RETAINED_SITES * top_k.max(1),
             self_pid: std::process::id(),
             unwind: None,
+            probe_kinds: symprobe::static_kinds(&[]),
         }
     }
 
