@@ -21,7 +21,8 @@ use std::{
 use serde_json::Value;
 use support::agent::{Agent, Identity, Metrics};
 use support::{
-    Allocwatch, AllocwatchBin, Fixture, Scratch, assert_single_error, path_str, read_json, serial,
+    Allocwatch, AllocwatchBin, Fixture, Scratch, assert_single_error, bpftool, path_str, read_json,
+    serial,
 };
 
 struct TestEnv {
@@ -648,20 +649,4 @@ fn probe_site_tgids(id: u64) -> Vec<u32> {
             u32::from_le_bytes(bytes.try_into().expect("4 key bytes"))
         })
         .collect()
-}
-
-/// `bpftool -j ARGS…`, parsed.
-fn bpftool(args: &[&str]) -> Value {
-    let out = Command::new("bpftool")
-        .arg("-j")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run bpftool ({e}): ./x setup installs it"));
-    assert!(out.status.success(), "bpftool {args:?}: {}", out.status);
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "bpftool {args:?}: not JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
 }

@@ -473,7 +473,8 @@ impl Sweeper {
             doomed.extend(orphans);
             out.deleted += map.delete(&doomed)?;
         }
-        // Size histograms are per pid (an exec'd image's stay with the pid).
+        // Size histograms are per pid (an exec'd image's left the maps at its exec, where the
+        // kernel has per-CPU lookups: `ImageHist`).
         for (slot, name) in [(1, map_names::LIBC_HIST), (2, map_names::GO_HIST)] {
             let map = RawMap::of::<GoHistKey, GoHistVal>(collect::map_ref(probes, name)?, name)?;
             let mut doomed: Vec<GoHistKey> = Vec::new();

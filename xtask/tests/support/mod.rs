@@ -724,6 +724,22 @@ pub fn path_str(p: &Path) -> &str {
 // JSON access with messages that show the document
 
 /// The JSON report at `path` (removed once read).
+/// `bpftool -j ARGS…`, parsed.
+pub fn bpftool(args: &[&str]) -> Value {
+    let out = Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run bpftool ({e}): ./x setup installs it"));
+    assert!(out.status.success(), "bpftool {args:?}: {}", out.status);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "bpftool {args:?}: not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
 pub fn read_json(path: &Path) -> Value {
     let text = fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("report {} not written: {e}", path.display()));
