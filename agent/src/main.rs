@@ -39,6 +39,7 @@ async fn agent(a: AgentArgs) -> anyhow::Result<()> {
         exclude_cgroup: a.exclude_cgroup,
         exclude_k8s_namespace: a.exclude_k8s_namespace,
         probe: a.probes,
+        native_growth: a.native_growth.then_some(true),
         go_malloc: a.go_malloc.then_some(true),
         pprof: a.pprof.then_some(true),
         keep_privileges: a.keep_privileges.then_some(true),

@@ -61,9 +61,16 @@ pub enum LossCause {
     /// probe-ebpf/src/unwind.rs) before the outermost frame: the stack keeps its innermost
     /// frames.
     UnwindTruncated = 14,
+    /// The symbol-probe site table (`PROBE_SITES`: growth kinds and `--probe`s) was full: the
+    /// call is counted exactly in its process's row of unknown sites for that probe (made with
+    /// the process's first row of the probe), without its call chain.
+    ProbeSiteSpilled = 15,
+    /// The symbol-probe site table had no row of unknown sites for the process either (it was
+    /// full before the process's first call of that probe): the call is not counted.
+    ProbeSitesFull = 16,
 }
 
-pub const LOSS_CAUSES: usize = 15;
+pub const LOSS_CAUSES: usize = 17;
 
 impl LossCause {
     /// The cause of a `LOST` index (`None` past the last).
@@ -84,6 +91,8 @@ impl LossCause {
             12 => LossCause::UnwindUnsupported,
             13 => LossCause::UnwindReadError,
             14 => LossCause::UnwindTruncated,
+            15 => LossCause::ProbeSiteSpilled,
+            16 => LossCause::ProbeSitesFull,
             _ => return None,
         })
     }
@@ -106,6 +115,8 @@ impl LossCause {
             LossCause::UnwindUnsupported => "unwind_unsupported",
             LossCause::UnwindReadError => "unwind_read_error",
             LossCause::UnwindTruncated => "unwind_truncated",
+            LossCause::ProbeSiteSpilled => "probe_site_spilled",
+            LossCause::ProbeSitesFull => "probe_site_map_full",
         }
     }
 }
@@ -131,6 +142,8 @@ mod user {
             LossCause::UnwindUnsupported,
             LossCause::UnwindReadError,
             LossCause::UnwindTruncated,
+            LossCause::ProbeSiteSpilled,
+            LossCause::ProbeSitesFull,
         ];
     }
 

@@ -111,12 +111,12 @@ fn row(key: &mut ProbeSiteKey) -> Option<*mut ProbeSiteStats> {
     }
     match PROBE_SITES.get_ptr_mut(&spill) {
         Some(row) => {
-            lost(LossCause::SiteSpilled);
+            lost(LossCause::ProbeSiteSpilled);
             *key = spill;
             Some(row)
         }
         None => {
-            lost(LossCause::SitesFull);
+            lost(LossCause::ProbeSitesFull);
             None
         }
     }

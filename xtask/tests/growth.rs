@@ -466,7 +466,10 @@ fn agent_exports_growth_kinds_and_probes() {
     let (cxx_warm, rust_warm) = (warm(&cxx, "cxx_warm"), warm(&rust, "rust_warm"));
     // A static function of the fixture, called once per round with n in rdi.
     let spec = format!("{}:grow_vector:arg0 as n", cxx.display());
-    let mut agent = Agent::start(&env, &["--probe", &spec, "--top-k", "100"]);
+    let mut agent = Agent::start(
+        &env,
+        &["--probe", &spec, "--native-growth", "--top-k", "100"],
+    );
     let calls = "allocwatch_probe_calls_total";
     {
         let _warmers = [

@@ -707,6 +707,11 @@ fn check_fixture_sites(proc: &Value, aliases: &BTreeMap<String, String>) {
     let mut got: BTreeMap<(String, String), Sum> = BTreeMap::new();
     for s in array(proc, "sites") {
         let api = str_at(s, "api");
+        assert!(
+            !array(s, "frames").is_empty(),
+            "site without frames\n{s:#}\nits process, sites left out:\n{:#}",
+            without_sites(proc)
+        );
         let e = got.entry((api.to_owned(), frame0_function(s))).or_default();
         e.calls += u64_at(s, "calls");
         e.bytes += u64_at(s, "bytes");
@@ -876,6 +881,15 @@ fn assert_frames_reach_main(site: &Value) {
         found,
         "no `main` in the frames (frame-pointer walk cut short?)\n{site:#}"
     );
+}
+
+/// A process of a report without its `sites` (loss counters, totals, diagnostics).
+fn without_sites(proc: &Value) -> Value {
+    let mut p = proc.clone();
+    if let Some(o) = p.as_object_mut() {
+        o.remove("sites");
+    }
+    p
 }
 
 fn frame0_function(site: &Value) -> String {

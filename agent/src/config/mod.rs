@@ -71,6 +71,10 @@ pub struct Config {
     /// function counted per site, exported with the built-in C++/Rust growth kinds.
     #[serde(deserialize_with = "de::probes")]
     pub probe: Vec<ProbeSpec>,
+    /// The built-in C++ (libstdc++) and Rust container-growth kinds in every selected program.
+    /// Off by default: a compiler or build tool grows vectors 10⁵ times a second, each a
+    /// uprobe hit, and their sites filled the probe-site table of a busy node in minutes.
+    pub native_growth: bool,
     #[serde(deserialize_with = "de::capacity")]
     pub capacity: Capacity,
     pub go: Go,
@@ -192,6 +196,7 @@ impl Default for Config {
             unwind: Unwind::Fp,
             select: Select::default(),
             probe: Vec::new(),
+            native_growth: false,
             capacity: Capacity::default(),
             go: Go::default(),
             pprof: Pprof::default(),
@@ -221,6 +226,7 @@ pub struct Overrides {
     pub exclude_cgroup: Vec<String>,
     pub exclude_k8s_namespace: Vec<String>,
     pub probe: Vec<ProbeSpec>,
+    pub native_growth: Option<bool>,
     pub go_growth: Option<bool>,
     pub go_malloc: Option<bool>,
     pub go_gc: Option<bool>,
@@ -294,6 +300,7 @@ impl Config {
         set(&mut self.pprof.enabled, o.pprof);
         set(&mut self.kubernetes.enabled, o.kubernetes);
         set(&mut self.keep_privileges, o.keep_privileges);
+        set(&mut self.native_growth, o.native_growth);
         self.validate()
     }
 

@@ -80,6 +80,12 @@ keep_privileges = {keep_privileges}
 #   probe = ["/usr/bin/python3.11:dictresize:arg1 as log2_size"]
 probe = {probe}
 
+# The built-in C++ (libstdc++ unordered_map rehash, vector reallocation) and Rust (hashbrown
+# rehash, Vec growth) container-growth kinds in every selected program. Each growth is a
+# probe hit (over a microsecond), and a compiler or build tool grows vectors 100,000 times a
+# second, so off by default: the files of the `probe`s above get them either way.
+native_growth = {native_growth}
+
 [select]
 # Regular expressions (matched anywhere unless anchored with ^ and $). Empty include lists
 # trace every process on the node; a process matching an exclude list is never traced. A
@@ -165,6 +171,7 @@ enabled = {kubernetes}
         pprof = c.pprof.enabled,
         kubernetes = c.kubernetes.enabled,
         keep_privileges = c.keep_privileges,
+        native_growth = c.native_growth,
         probe = toml_list(&c.probe.iter().map(ToString::to_string).collect::<Vec<_>>()),
     )
 }

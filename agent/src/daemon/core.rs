@@ -33,7 +33,7 @@ use crate::{
     target::{
         go::GoProbeSet,
         maps::DevInode,
-        registry::{AttachFailure, Loaded, Target},
+        registry::{AttachFailure, Loaded, Target, Targets},
         symprobe,
     },
     unwind::{
@@ -255,7 +255,11 @@ impl State {
                 pressure::undecided_limit(capacity.max_sites),
             )?;
         }
-        let mut registry = Registry::new(selector, go_probes, cfg.ttl, cfg.top_k);
+        let mut targets = Targets::new(go_probes, None);
+        if !cfg.native_growth {
+            targets = targets.without_native_growth();
+        }
+        let mut registry = Registry::new(selector, targets, cfg.ttl, cfg.top_k);
         // Symbol probes: the program now (its load needs the capabilities dropped after
         // start), the `probe`s' files for every process (validated with the configuration).
         probes.load_sym()?;
@@ -658,6 +662,20 @@ fn remedy(cause: LossCause, c: &Capacity) -> String {
         LossCause::OrphanReturn => {
             "returns without their entry (calls in flight when probes were attached)".to_string()
         }
+        LossCause::ProbeSiteSpilled => format!(
+            "the symbol-probe site table (growth kinds and probes, {} rows) is full: new sites \
+             are counted exactly in their process's `other` site, without their call chain; \
+             turn native_growth off (counts C++/Rust growth in every program), or narrow the \
+             selection or the probes",
+            allocwatch_common::symprobe::SITES_MAX
+        ),
+        LossCause::ProbeSitesFull => format!(
+            "the symbol-probe site table (growth kinds and probes, {} rows) is full, with no \
+             row for the process's other sites: those calls are not counted; turn \
+             native_growth off (counts C++/Rust growth in every program), or narrow the \
+             selection or the probes",
+            allocwatch_common::symprobe::SITES_MAX
+        ),
         LossCause::HistFull => "the size-histogram table is full (too many processes at \
                                  once); sizes of new processes are not histogrammed"
             .to_string(),

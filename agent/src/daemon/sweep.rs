@@ -31,6 +31,8 @@ use allocwatch_common::{
     symprobe::{ProbeSiteKey, ProbeSiteStats},
 };
 
+use aya::Pod;
+
 use super::retained::add_probe;
 use crate::{
     aggregate::sum_stats,
@@ -408,139 +410,14 @@ impl Sweeper {
         let Some(mut cursors) = self.backstop.cursors.take() else {
             return Ok(());
         };
-        // The site table and the rows of unknown sites (cursors 0 and 5).
-        for (slot, name) in [(0, map_names::SITES), (5, map_names::SPILL)] {
-            let map = RawMap::of::<SiteKey, SiteStats>(collect::map_ref(probes, name)?, name)?;
-            let mut doomed: Vec<SiteKey> = Vec::new();
-            let mut others: Vec<SiteKey> = Vec::new();
-            map.scan(
-                &mut cursors[slot],
-                PASS_BUDGET,
-                |k: &SiteKey, v: &[SiteStats]| {
-                    let Some((owner, fate)) = self.owner(k) else {
-                        others.push(*k);
-                        return;
-                    };
-                    doomed.push(*k);
-                    if fate == Fate::Harvest {
-                        out.harvest(owner).rows.push((*k, sum_stats(v.iter())));
-                    }
-                },
-            )?;
-            let orphans = self.orphans.of(&others, |k| k.tgid, known);
-            self.orphan_rows += orphans.len() as u64;
-            if log::log_enabled!(log::Level::Debug) {
-                let mut by_pid: HashMap<u32, usize> = HashMap::new();
-                for k in &doomed {
-                    *by_pid.entry(k.tgid).or_default() += 1;
-                }
-                for k in &orphans {
-                    log::debug!("pid {}: orphan site row out", k.tgid);
-                }
-                for (pid, n) in by_pid {
-                    log::debug!("pid {pid}: {n} {name} rows out by the backstop pass");
-                }
-            }
-            doomed.extend(orphans);
-            out.deleted += map.delete(&doomed)?;
-        }
-        // Symbol-probe rows (cursor 6): never announced, so only the targeted step's walk and
-        // this pass find them; they stay with the pid, like the histograms.
-        {
-            let name = map_names::PROBE_SITES;
-            let map =
-                RawMap::of::<ProbeSiteKey, ProbeSiteStats>(collect::map_ref(probes, name)?, name)?;
-            let mut doomed: Vec<ProbeSiteKey> = Vec::new();
-            let mut others: Vec<ProbeSiteKey> = Vec::new();
-            map.scan(
-                &mut cursors[6],
-                PASS_BUDGET,
-                |k: &ProbeSiteKey, v: &[ProbeSiteStats]| {
-                    let Some(fate) = self.swept(k.tgid) else {
-                        others.push(*k);
-                        return;
-                    };
-                    doomed.push(*k);
-                    if fate == Fate::Harvest {
-                        out.harvest(Owner::Pid(k.tgid))
-                            .probe_rows
-                            .push((*k, sum_probe(v)));
-                    }
-                },
-            )?;
-            let orphans = self.orphans.of(&others, |k| k.tgid, known);
-            self.orphan_rows += orphans.len() as u64;
-            doomed.extend(orphans);
-            out.deleted += map.delete(&doomed)?;
-        }
-        // Size histograms are per pid (an exec'd image's left the maps at its exec, where the
-        // kernel has per-CPU lookups: `ImageHist`).
-        for (slot, name) in [(1, map_names::LIBC_HIST), (2, map_names::GO_HIST)] {
-            let map = RawMap::of::<GoHistKey, GoHistVal>(collect::map_ref(probes, name)?, name)?;
-            let mut doomed: Vec<GoHistKey> = Vec::new();
-            let mut others: Vec<GoHistKey> = Vec::new();
-            map.scan(
-                &mut cursors[slot],
-                PASS_BUDGET,
-                |k: &GoHistKey, v: &[GoHistVal]| {
-                    let Some(fate) = self.swept(k.tgid) else {
-                        others.push(*k);
-                        return;
-                    };
-                    doomed.push(*k);
-                    if fate == Fate::Harvest {
-                        let h = out.harvest(Owner::Pid(k.tgid));
-                        let bucket = (k.bucket, collect::sum_hist(v));
-                        if slot == 1 {
-                            h.libc_hist.push(bucket);
-                        } else {
-                            h.go_hist.push(bucket);
-                        }
-                    }
-                },
-            )?;
-            let orphans = self.orphans.of(&others, |k| k.tgid, known);
-            self.orphan_rows += orphans.len() as u64;
-            doomed.extend(orphans);
-            out.deleted += map.delete(&doomed)?;
-        }
-        // Calls in flight when a process died never return (their threads are unknown to us:
-        // found by a walk).
-        {
-            let name = map_names::PENDING;
-            let map = RawMap::of::<u64, Pending>(collect::map_ref(probes, name)?, name)?;
-            let mut doomed: Vec<u64> = Vec::new();
-            let mut others: Vec<u64> = Vec::new();
-            map.scan(&mut cursors[3], PASS_BUDGET, |k: &u64, _: &[Pending]| {
-                let tgid = (*k >> 32) as u32;
-                match self.fates.get(&tgid) {
-                    Some(Fate::Reject) => {}
-                    Some(_) => doomed.push(*k),
-                    None => others.push(*k),
-                }
-            })?;
-            let orphans = self.orphans.of(&others, |k| (*k >> 32) as u32, known);
-            doomed.extend(orphans);
-            out.deleted += map.delete(&doomed)?;
-        }
-        // Site budgets of processes whose rows went without a targeted sweep.
-        {
-            let name = map_names::SITE_BUDGET;
-            let map = RawMap::of::<u32, u32>(collect::map_ref(probes, name)?, name)?;
-            let mut doomed: Vec<u32> = Vec::new();
-            let mut others: Vec<u32> = Vec::new();
-            map.scan(
-                &mut cursors[4],
-                PASS_BUDGET,
-                |k: &u32, _: &[u32]| match self.fates.get(k) {
-                    Some(Fate::Reject) => {}
-                    Some(_) => doomed.push(*k),
-                    None => others.push(*k),
-                },
-            )?;
-            doomed.extend(self.orphans.of(&others, |k| *k, known));
-            out.deleted += map.delete(&doomed)?;
-        }
+        // One cursor per table, in `Pass::start`'s order.
+        self.backstop_table(probes, &SITE_ROWS, &mut cursors[0], known, out)?;
+        self.backstop_table(probes, &LIBC_HIST, &mut cursors[1], known, out)?;
+        self.backstop_table(probes, &GO_HIST, &mut cursors[2], known, out)?;
+        self.backstop_table(probes, &PENDING, &mut cursors[3], known, out)?;
+        self.backstop_table(probes, &SITE_BUDGET, &mut cursors[4], known, out)?;
+        self.backstop_table(probes, &SPILL_ROWS, &mut cursors[5], known, out)?;
+        self.backstop_table(probes, &PROBE_ROWS, &mut cursors[6], known, out)?;
         if !cursors.iter().all(Cursor::done) {
             self.backstop.cursors = Some(cursors);
             return Ok(());
@@ -552,6 +429,53 @@ impl Sweeper {
         for image in std::mem::take(&mut self.backstop.images) {
             self.retire_image(image);
         }
+        Ok(())
+    }
+
+    /// One bounded slice of the backstop pass over one table: the rows of swept pids leave
+    /// (harvested first where their fate says so), the rows of orphans too.
+    fn backstop_table<K: Pod, V: Pod>(
+        &mut self,
+        probes: &Probes,
+        table: &PerPid<K, V>,
+        cursor: &mut Cursor,
+        known: Known<'_>,
+        out: &mut StepResult,
+    ) -> Result<(), CollectError> {
+        let name = table.name;
+        let map = RawMap::of::<K, V>(collect::map_ref(probes, name)?, name)?;
+        let mut doomed: Vec<K> = Vec::new();
+        let mut others: Vec<K> = Vec::new();
+        map.scan(cursor, PASS_BUDGET, |k: &K, v: &[V]| {
+            match (table.place)(self, k) {
+                Row::Unknown => others.push(*k),
+                Row::Stays => {}
+                Row::Leaves(owner) => {
+                    doomed.push(*k);
+                    if let Some(owner) = owner {
+                        (table.take)(out.harvest(owner), k, v);
+                    }
+                }
+            }
+        })?;
+        let orphans = self.orphans.of(&others, table.pid, known);
+        if table.orphans_counted {
+            self.orphan_rows += orphans.len() as u64;
+        }
+        if log::log_enabled!(log::Level::Debug) {
+            let mut by_pid: HashMap<u32, usize> = HashMap::new();
+            for k in &doomed {
+                *by_pid.entry((table.pid)(k)).or_default() += 1;
+            }
+            for (pid, n) in by_pid {
+                log::debug!("pid {pid}: {n} {name} rows out by the backstop pass");
+            }
+            for k in &orphans {
+                log::debug!("pid {}: orphan {name} row out", (table.pid)(k));
+            }
+        }
+        doomed.extend(orphans);
+        out.deleted += map.delete(&doomed)?;
         Ok(())
     }
 
@@ -626,6 +550,112 @@ impl Sweeper {
         }
     }
 }
+
+/// Where a backstop pass puts a row it meets.
+enum Row {
+    /// Of a pid the sweeper has no fate for: it leaves only if the pid is an orphan.
+    Unknown,
+    /// Of a rejected, running process: it stays (see [`Fate::Reject`]).
+    Stays,
+    /// Deleted; handed to this owner first when there is one.
+    Leaves(Option<Owner>),
+}
+
+/// A table keyed by pid (first), as the backstop pass sweeps it.
+struct PerPid<K, V> {
+    name: &'static str,
+    pid: fn(&K) -> u32,
+    place: fn(&Sweeper, &K) -> Row,
+    take: fn(&mut Harvest, &K, &[V]),
+    /// Whether its orphans count in [`Sweeper::orphan_rows`] (rows of data, not bookkeeping).
+    orphans_counted: bool,
+}
+
+/// A row of a swept pid leaves (harvested with the pid if exported); a rejected pid's stays
+/// until the pid is gone.
+fn with_pid(s: &Sweeper, pid: u32) -> Row {
+    match s.swept(pid) {
+        None => Row::Unknown,
+        Some(Fate::Harvest) => Row::Leaves(Some(Owner::Pid(pid))),
+        Some(_) => Row::Leaves(None),
+    }
+}
+
+/// Site rows: those of an ended program image go to it, and a rejected process's announced
+/// rows leave too.
+fn site_row(s: &Sweeper, k: &SiteKey) -> Row {
+    match s.owner(k) {
+        None => Row::Unknown,
+        Some((owner, Fate::Harvest)) => Row::Leaves(Some(owner)),
+        Some(_) => Row::Leaves(None),
+    }
+}
+
+/// Bookkeeping rows (calls in flight, site budgets): nothing to harvest.
+fn bookkeeping(s: &Sweeper, pid: u32) -> Row {
+    match s.fates.get(&pid) {
+        None => Row::Unknown,
+        Some(Fate::Reject) => Row::Stays,
+        Some(_) => Row::Leaves(None),
+    }
+}
+
+fn take_site(h: &mut Harvest, k: &SiteKey, v: &[SiteStats]) {
+    h.rows.push((*k, sum_stats(v.iter())));
+}
+
+const SITE_ROWS: PerPid<SiteKey, SiteStats> = PerPid {
+    name: map_names::SITES,
+    pid: |k| k.tgid,
+    place: site_row,
+    take: take_site,
+    orphans_counted: true,
+};
+/// Rows of unknown sites.
+const SPILL_ROWS: PerPid<SiteKey, SiteStats> = PerPid {
+    name: map_names::SPILL,
+    ..SITE_ROWS
+};
+/// Symbol-probe rows: never announced, so only the targeted step's walk and this pass find
+/// them; they stay with the pid, like the histograms.
+const PROBE_ROWS: PerPid<ProbeSiteKey, ProbeSiteStats> = PerPid {
+    name: map_names::PROBE_SITES,
+    pid: |k| k.tgid,
+    place: |s, k| with_pid(s, k.tgid),
+    take: |h, k, v| h.probe_rows.push((*k, sum_probe(v))),
+    orphans_counted: true,
+};
+/// Size histograms are per pid (an exec'd image's left the maps at its exec, where the kernel
+/// has per-CPU lookups: `ImageHist`).
+const LIBC_HIST: PerPid<GoHistKey, GoHistVal> = PerPid {
+    name: map_names::LIBC_HIST,
+    pid: |k| k.tgid,
+    place: |s, k| with_pid(s, k.tgid),
+    take: |h, k, v| h.libc_hist.push((k.bucket, collect::sum_hist(v))),
+    orphans_counted: true,
+};
+const GO_HIST: PerPid<GoHistKey, GoHistVal> = PerPid {
+    name: map_names::GO_HIST,
+    take: |h, k, v| h.go_hist.push((k.bucket, collect::sum_hist(v))),
+    ..LIBC_HIST
+};
+/// Calls in flight when a process died never return (their threads are unknown to us: found
+/// by a walk).
+const PENDING: PerPid<u64, Pending> = PerPid {
+    name: map_names::PENDING,
+    pid: |k| (*k >> 32) as u32,
+    place: |s, k| bookkeeping(s, (*k >> 32) as u32),
+    take: |_, _, _| {},
+    orphans_counted: false,
+};
+/// Site budgets of processes whose rows went without a targeted sweep.
+const SITE_BUDGET: PerPid<u32, u32> = PerPid {
+    name: map_names::SITE_BUDGET,
+    pid: |k| *k,
+    place: |s, k| bookkeeping(s, *k),
+    take: |_, _, _| {},
+    orphans_counted: false,
+};
 
 impl StepResult {
     fn harvest(&mut self, owner: Owner) -> &mut Harvest {

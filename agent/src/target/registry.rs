@@ -221,6 +221,9 @@ pub struct Targets {
     /// One process only (the CLI), or every process that maps a probed file (the agent).
     scope: Option<NonZeroU32>,
     go_probes: GoProbeSet,
+    /// Whether every process's files are searched for the built-in growth kinds (else only
+    /// files attached whole, the agent's `probe`s, are found).
+    native_growth: bool,
     /// What each mapped file is to the libc search, so each is parsed once for all processes.
     libc_search: libc::FileCache,
     files: HashMap<(Kind, DevInode), FileState>,
@@ -232,10 +235,18 @@ pub struct Targets {
 }
 
 impl Targets {
+    /// Only files attached whole are found for the built-in growth kinds (the agent without
+    /// `native_growth`).
+    pub fn without_native_growth(mut self) -> Self {
+        self.native_growth = false;
+        self
+    }
+
     pub fn new(go_probes: GoProbeSet, scope: Option<NonZeroU32>) -> Self {
         Self {
             scope,
             go_probes,
+            native_growth: true,
             libc_search: libc::FileCache::default(),
             files: HashMap::new(),
             points_attached: 0,
@@ -367,7 +378,7 @@ impl Targets {
                     let exe = crate::procfs::exe_link(proc.pid);
                     if self.files.contains_key(&(kind, id)) {
                         out.push((id, Ok(None)));
-                    } else {
+                    } else if self.native_growth {
                         match symprobe::builtins_in(&exe) {
                             // Gone meanwhile: no verdict on its file, which the next process
                             // running it brings back.
@@ -383,6 +394,9 @@ impl Targets {
                         || out.iter().any(|(id, _)| *id == m.dev_inode)
                     {
                         out.push((m.dev_inode, Ok(None)));
+                        continue;
+                    }
+                    if !self.native_growth {
                         continue;
                     }
                     let analysed = match libc::open_mapped(proc.pid, m) {
@@ -402,6 +416,10 @@ impl Targets {
             }
         };
         let mut ids = Vec::new();
+        // A process that exits while its files are read or attached (through /proc/PID/…)
+        // says nothing about the files: no verdict, so that the next process running them
+        // brings them back (a short-lived first run must not leave a program unprobed).
+        let gone = || std::fs::metadata(crate::procfs::exe_link(proc.pid)).is_err();
         for (id, analysed) in analysed {
             ids.push(id);
             if self.files.contains_key(&(kind, id)) {
@@ -413,6 +431,13 @@ impl Targets {
                         self.points_attached += n as u64;
                         FileState::Attached(target)
                     }
+                    Err(e) if gone() => {
+                        log::debug!(
+                            "attaching {}: {e} (the process is gone)",
+                            target.path().display()
+                        );
+                        continue;
+                    }
                     Err(e) => {
                         log::warn!("attaching {}: {e}", target.path().display());
                         self.failed(A::failure(&e));
@@ -420,6 +445,13 @@ impl Targets {
                     }
                 },
                 Ok(None) => FileState::NotOfKind,
+                Err(e) if gone() => {
+                    log::debug!(
+                        "analysing pid {}'s {kind:?} file: {e} (the process is gone)",
+                        proc.pid
+                    );
+                    continue;
+                }
                 Err(e) => {
                     log::warn!("analysing pid {}'s {kind:?} file: {e}", proc.pid);
                     self.failed(AttachFailure::of_target(&e));
@@ -559,6 +591,94 @@ mod tests {
             "the libc and the executable, once each"
         );
         assert_eq!(targets.points_attached, 0);
+    }
+
+    /// A process that is gone when its files fail to attach (the kernel resolves
+    /// /proc/PID/exe, or a file reached through the process, at attach time) leaves no verdict
+    /// on them: the next process mapping the same libc gets it attached.
+    #[test]
+    fn a_gone_process_leaves_its_files_undecided() {
+        let set = GoProbeSet {
+            growth: true,
+            malloc: false,
+            gc: false,
+        };
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        // Its maps once its exec is done (libc mapped).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let maps = loop {
+            let maps = super::super::maps::read_maps(pid).unwrap();
+            if maps
+                .iter()
+                .any(|m| m.path.as_deref().is_some_and(|p| p.contains("libc.so")))
+                || std::time::Instant::now() > deadline
+            {
+                break maps;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let gone = ProcessFiles {
+            pid,
+            comm: "sleep",
+            maps: &maps,
+        };
+        let mut targets = Targets::new(set, None);
+        let mut failing = Recorder {
+            errno: Some(::libc::ENOENT),
+            ..Recorder::default()
+        };
+        assert!(
+            targets
+                .attach_process(&mut failing, &gone, &LOADERS)
+                .is_empty()
+        );
+        assert!(targets.failures.is_empty(), "{:?}", targets.failures);
+        let mut probes = Recorder::default();
+        let me = std::process::id();
+        let my_maps = super::super::maps::read_maps(me).unwrap();
+        let alive = ProcessFiles {
+            pid: me,
+            comm: "test",
+            maps: &my_maps,
+        };
+        let kinds: Vec<Kind> = targets
+            .attach_process(&mut probes, &alive, &LOADERS)
+            .iter()
+            .map(Target::kind)
+            .collect();
+        assert!(kinds.contains(&Kind::Libc), "{kinds:?}");
+    }
+
+    /// The agent without `native_growth`: this Rust test program's `finish_grow`s are not
+    /// looked for.
+    #[test]
+    fn native_growth_off_finds_no_growth_kinds() {
+        let pid = std::process::id();
+        let maps = super::super::maps::read_maps(pid).unwrap();
+        let proc = ProcessFiles {
+            pid,
+            comm: "test",
+            maps: &maps,
+        };
+        let set = GoProbeSet {
+            growth: true,
+            malloc: false,
+            gc: false,
+        };
+        let mut targets = Targets::new(set, None).without_native_growth();
+        let mut probes = Recorder::default();
+        let kinds: Vec<Kind> = targets
+            .attach_process(&mut probes, &proc, &LOADERS)
+            .iter()
+            .map(Target::kind)
+            .collect();
+        assert_eq!(kinds, [Kind::Libc]);
     }
 
     fn mapping(start: u64, offset: u64, inode: u64) -> MapEntry {

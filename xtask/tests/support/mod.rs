@@ -723,7 +723,6 @@ pub fn path_str(p: &Path) -> &str {
 // ---------------------------------------------------------------------------------------------
 // JSON access with messages that show the document
 
-/// The JSON report at `path` (removed once read).
 /// `bpftool -j ARGS…`, parsed.
 pub fn bpftool(args: &[&str]) -> Value {
     let out = Command::new("bpftool")
@@ -740,12 +739,58 @@ pub fn bpftool(args: &[&str]) -> Value {
     })
 }
 
+/// The JSON report at `path`, moved to [`kept_reports`] so that a failure can be looked into
+/// after the run (a panic message shows one process or site; the report has the rest: loss
+/// counters, every site, the aliases).
 pub fn read_json(path: &Path) -> Value {
     let text = fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("report {} not written: {e}", path.display()));
-    let _ = fs::remove_file(path);
+    keep_report(path, &text);
     serde_json::from_str(&text)
         .unwrap_or_else(|e| panic!("report {} is not JSON ({e}):\n{text}", path.display()))
+}
+
+/// Where the reports a test read are kept: `target/tmp/reports/TEST/` (the last run's).
+pub fn kept_reports(test: &str) -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("reports")
+        .join(test.replace("::", "-"))
+}
+
+thread_local! {
+    /// Whether this test thread kept a report.
+    static KEPT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn keep_report(path: &Path, text: &str) {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    let _ = fs::remove_file(path);
+    let Some(test) = thread::current().name().map(str::to_owned) else {
+        return;
+    };
+    let dir = kept_reports(&test);
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    // temp_file's names carry the test process id and a counter: keep only the given name.
+    let name = name
+        .as_deref()
+        .and_then(|n| n.splitn(5, '-').nth(4))
+        .unwrap_or("report.json")
+        .to_owned();
+    if fs::create_dir_all(&dir).is_err() || fs::write(dir.join(&name), text).is_err() {
+        return;
+    }
+    KEPT.set(true);
+    // Say where they are when the test fails, after the default message.
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            default(info);
+            if let Some(test) = thread::current().name().filter(|_| KEPT.get()) {
+                let dir = kept_reports(test).display().to_string();
+                eprintln!("the JSON reports this test read are kept in {dir}");
+            }
+        }));
+    });
 }
 
 pub fn process_by_pid(report: &Value, pid: u32) -> &Value {

@@ -37,7 +37,6 @@ use crate::{
     procfs,
     symbolize::SymbolizerHandle,
     target::{
-        go::GoProbeSet,
         libc::Allocator,
         maps::MapEntry,
         registry::Targets,
@@ -144,14 +143,14 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn new(selector: Selector, go_probes: GoProbeSet, ttl: Duration, top_k: usize) -> Self {
+    pub fn new(selector: Selector, targets: Targets, ttl: Duration, top_k: usize) -> Self {
         Self {
             selector,
             ttl,
             procs: HashMap::new(),
             ignored: HashSet::new(),
             ignored_pids: HashSet::new(),
-            targets: Targets::new(go_probes, None),
+            targets,
             libc_retry: HashMap::new(),
             pods: PodCache::new(),
             exec_paths: HashMap::new(),
