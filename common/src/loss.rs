@@ -21,7 +21,8 @@ pub enum LossCause {
     /// Another stack already has this stack's id (a 31-bit hash of its frames): the site keeps
     /// only its immediate caller.
     StackCollision = 3,
-    /// The user stack could not be read.
+    /// The user stack could not be read (the walk, or the return address at the probe: a call
+    /// that is not sampled then lands in its process's row of unknown sites).
     StackError = 4,
     /// The ring buffer had no room for a new-site notification: that site is symbolized late,
     /// or not at all if the process is gone by then.

@@ -426,6 +426,9 @@ pub(crate) fn return_address(tgid: u32, entry_sp: u64) -> u64 {
                 entry_sp,
                 e
             );
+            // Counted: without a caller (and unsampled, without a stack) the call lands in
+            // its process's row of unknown sites, a site with no frames.
+            lost(LossCause::StackError);
             0
         }
     }

@@ -148,6 +148,12 @@ impl Tracer {
             "symbolize_process_gone",
             self.pipe.parts.frames.process_gone,
         );
+        // A stack the kernel's LRU table dropped before it was copied: the site keeps only
+        // its immediate caller.
+        lost.insert(
+            "symbolize_stack_evicted",
+            self.pipe.parts.frames.stacks_evicted,
+        );
         lost.insert(
             "symbolize_stack_cut",
             self.pipe.parts.symbolizer.stats().stack_cut,

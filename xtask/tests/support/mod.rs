@@ -184,7 +184,9 @@ pub const LOSS_KEYS: &[&str] = &[
     "stack_error",
     "ringbuf_full",
     "orphan_return",
+    "site_spilled",
     "symbolize_process_gone",
+    "symbolize_stack_evicted",
 ];
 
 pub const BPF_FREE_LIMIT: Duration = Duration::from_secs(10);
