@@ -86,6 +86,11 @@ pub mod site_limit {
     /// selected one.
     pub const UNDECIDED: u32 = 1;
     pub const SLOTS: u32 = 2;
+    /// Under pressure, a process's rows of any kind (with a stack or keyed by the immediate
+    /// caller) are bounded at this many times its share of rows with a stack: a compiler calls
+    /// malloc from tens of thousands of places, each a row (four `rustc`s filled 65,536 rows
+    /// with their callers alone).
+    pub const ROW_SHARES: u32 = 4;
 }
 
 /// Default capacities; each is overridable on the command line.

@@ -37,8 +37,8 @@ pub enum LossCause {
     HistFull = 7,
     /// The stack table was full: the site keeps only its immediate caller.
     StackMapFull = 8,
-    /// The process already had its share of the call-site table (rows with a stack, while the
-    /// table is under pressure): the call is counted exactly at its immediate caller, without the rest of its
+    /// The process already had its share of the call-site table (its rows, with a stack or
+    /// keyed by the caller, while the table is under pressure): the call is counted exactly at its immediate caller, without the rest of its
     /// stack. Keeps one process with endless distinct stacks (a program without frame pointers
     /// yields garbage chains) from filling the table for every other process.
     StackBudget = 9,
@@ -69,9 +69,15 @@ pub enum LossCause {
     /// The symbol-probe site table had no row of unknown sites for the process either (it was
     /// full before the process's first call of that probe): the call is not counted.
     ProbeSitesFull = 16,
+    /// The call-site table is under pressure and the process already holds
+    /// `site_limit::ROW_SHARES` times its share of it, rows with a stack and rows keyed by the
+    /// immediate caller together: the call is counted exactly in its process's row of unknown
+    /// sites for its API, without its site (as `SiteSpilled`), so that one process cannot fill
+    /// the table for every other.
+    SiteBudget = 17,
 }
 
-pub const LOSS_CAUSES: usize = 17;
+pub const LOSS_CAUSES: usize = 18;
 
 impl LossCause {
     /// The cause of a `LOST` index (`None` past the last).
@@ -94,6 +100,7 @@ impl LossCause {
             14 => LossCause::UnwindTruncated,
             15 => LossCause::ProbeSiteSpilled,
             16 => LossCause::ProbeSitesFull,
+            17 => LossCause::SiteBudget,
             _ => return None,
         })
     }
@@ -118,6 +125,7 @@ impl LossCause {
             LossCause::UnwindTruncated => "unwind_truncated",
             LossCause::ProbeSiteSpilled => "probe_site_spilled",
             LossCause::ProbeSitesFull => "probe_site_map_full",
+            LossCause::SiteBudget => "site_budget",
         }
     }
 }
@@ -145,6 +153,7 @@ mod user {
             LossCause::UnwindTruncated,
             LossCause::ProbeSiteSpilled,
             LossCause::ProbeSitesFull,
+            LossCause::SiteBudget,
         ];
     }
 

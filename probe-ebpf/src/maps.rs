@@ -214,7 +214,7 @@ pub static SITES: PerCpuHashMap<SiteKey, SiteStats> =
 #[map]
 pub static SPILL: PerCpuHashMap<SiteKey, SiteStats> =
     PerCpuHashMap::with_max_entries(capacity::SPILL, BPF_F_NO_PREALLOC);
-/// Rows with a stack created in `SITES` per process (tgid), counted always, so that a limit set
+/// Rows created in `SITES` per process (tgid), with a stack or keyed by the caller, counted always, so that a limit set
 /// later applies at once. Only touched when a site is new; the agent deletes a process's entry
 /// with its rows.
 #[map]
@@ -475,6 +475,12 @@ pub fn site_row(key: &mut SiteKey) -> Option<*mut SiteStats> {
             return Some(row);
         }
     }
+    if over_row_budget(key.tgid) {
+        *key = SiteKey::spill(key.tgid, key.api);
+        let row = spill_row(key)?;
+        lost(LossCause::SiteBudget);
+        return Some(row);
+    }
     match SITES.insert(key, &SiteStats::default(), BPF_NOEXIST as u64) {
         Ok(()) => created(key),
         // Another CPU created it between our lookup and insert: it announced it.
@@ -527,9 +533,8 @@ fn created(key: &SiteKey) {
         // SAFETY: per-CPU slot of this CPU.
         unsafe { *n += 1 };
     }
-    if key.stack_id != NO_STACK {
-        charge_budget(key.tgid);
-    }
+    // Every row: rows keyed by the caller fill the table too (see `over_row_budget`).
+    charge_budget(key.tgid);
     announce(key);
 }
 
@@ -555,7 +560,24 @@ fn over_budget(tgid: u32) -> Option<LossCause> {
     (undecided != 0 && rows >= undecided && !admitted()).then_some(LossCause::StackUndecided)
 }
 
-/// Counts a new row with a stack against `tgid`'s budget. Not atomic: two CPUs creating rows
+/// Whether `tgid` may create no more rows at all: under pressure, it holds
+/// [`site_limit::ROW_SHARES`] shares of the table (rows with a stack count against the share
+/// itself, see [`over_budget`]).
+#[inline(always)]
+fn over_row_budget(tgid: u32) -> bool {
+    let share = SITE_LIMIT
+        .get(site_limit::UNDER_PRESSURE)
+        .copied()
+        .unwrap_or(0);
+    if share == 0 {
+        return false;
+    }
+    // SAFETY: a plain u32 value, read once.
+    let rows = unsafe { SITE_BUDGET.get(&tgid) }.copied().unwrap_or(0);
+    rows >= share.saturating_mul(site_limit::ROW_SHARES)
+}
+
+/// Counts a new row against `tgid`'s budget. Not atomic: two CPUs creating rows
 /// at once may count one; the budget is a bound on the table's share, not an exact figure.
 #[inline(always)]
 fn charge_budget(tgid: u32) {

@@ -42,8 +42,8 @@ use support::agent::{Agent, DISCOVERY_LIMIT, Identity, Metrics, free_port, try_g
 use support::{
     API_TOTALS, APIS, AllocwatchBin, Fixture, GoToolchain, KernelState, SAMPLE_RATE, SAMPLE_SITES,
     SITES, Scratch, Site, address_groups, allocwatch_bin, assert_no_crash, assert_single_error,
-    go_toolchains, libc_fixture, libc_path, panic_text, path_str, sample_bound, serial, signal,
-    version_key, wait_child,
+    env_path, go_toolchains, libc_fixture, libc_path, panic_text, path_str, sample_bound, serial,
+    signal, version_key, wait_child,
 };
 
 /// The `loop` mode's block size: malloc(48) then free, every millisecond.
@@ -579,6 +579,57 @@ fn site_share_under_pressure_keeps_counts_exact() {
         m.value(&id, "allocwatch_free_calls_total", &[]) == Some(all as f64)
     });
     let during = m.lost("stack_budget") - before;
+
+    // A process with many more callers than ROW_SHARES shares (4 × 512 rows), as a compiler:
+    // 4,096 call instructions × (malloc, free) want 8,192 rows keyed by the caller (unsampled
+    // 16-byte calls have no stack). It gets 2,048 (a few more if two CPUs raced), its other sites
+    // go to its rows of unknown sites (`site_budget`), and every call is still counted.
+    let callers_dir = Scratch::new("budget-callers");
+    let callers = callers_dir.copy(
+        &env_path("ALLOCWATCH_FIXTURES").join("callers"),
+        "aw_budget",
+    );
+    let callers_id = Identity::of(&callers);
+    const CALLERS: u64 = 4096;
+    const ROWS: u64 = 4 * SHARE;
+    let before_rows = m.lost("site_budget");
+    let mut many = Fixture::spawn_args(&callers, &["wait", &CALLERS.to_string()], "ready");
+    agent.scrape_until("the callers fixture listed", Duration::from_secs(10), |m| {
+        m.value(&callers_id, "allocwatch_processes", &[]) == Some(1.0)
+    });
+    signal(many.pid, libc::SIGUSR1);
+    many.wait_word("called", Duration::from_secs(30));
+    let m = agent.scrape_until("the callers' frees", Duration::from_secs(10), |m| {
+        m.value(&callers_id, "allocwatch_free_calls_total", &[]) == Some(CALLERS as f64)
+    });
+    let spilled = m.lost("site_budget") - before_rows;
+    signal(many.pid, libc::SIGUSR1);
+    let exit = many.wait_exit(Duration::from_secs(10));
+    assert!(exit.success(), "fixture callers failed: {exit}");
+    assert!(
+        spilled >= 2 * CALLERS - ROWS - 8,
+        "site_budget rose by {spilled} while the callers fixture ran, want at least {} ({})",
+        2 * CALLERS - ROWS - 8,
+        m.self_stats()
+    );
+    assert_eq!(
+        (
+            m.counter(
+                &callers_id,
+                "allocwatch_alloc_calls_total",
+                &[("api", "malloc")]
+            ),
+            m.counter(
+                &callers_id,
+                "allocwatch_alloc_bytes_total",
+                &[("api", "malloc")]
+            ),
+            m.counter(&callers_id, "allocwatch_free_calls_total", &[]),
+        ),
+        (CALLERS, CALLERS * 16, CALLERS),
+        "the callers fixture's malloc calls and bytes, free calls\n{}",
+        m.lines_of(&callers_id)
+    );
     holders.push(last);
     for holder in &mut holders {
         signal(holder.pid, libc::SIGUSR1);

@@ -20,9 +20,11 @@
 //! | `ringbuf_full` | `top` stopped (SIGSTOP) while 8,192 new sites are made | new sites = records that fit + ringbuf_full |
 //! | `stack_map_full` | cannot be forced: STACKS is an LRU map, a full one evicts instead of failing; `--max-stacks 1` is tested to lose nothing |
 //! | `stack_collision` | cannot be forced: needs two stacks with one 63-bit hash |
-//! | `stack_error` | cannot be forced: `bpf_get_stack` of a user task always yields at least the probed address |
+//! | `stack_error` | cannot be forced: `bpf_get_stack` of a user task always yields at least the probed address, and the return address at the probe is on the page the call just wrote (it can fail only while the kernel migrates that page) |
 //! | `size_histogram_full` | cannot be forced from outside: 256 × 64 fixed rows, no flag |
 //! | `stack_budget` | agent.rs `site_share_under_pressure_keeps_counts_exact`: a table three quarters full, a process past its share | calls at stacks past the share = stack_budget; counts exact |
+//! | `site_budget` | agent.rs `site_share_under_pressure_keeps_counts_exact`: the same table, a process with 4,096 callers (8,192 rows wanted, 4 shares = 2,048 allowed) | calls at sites past the bound = site_budget; counts exact |
+//! | `probe_site_spilled`, `probe_site_map_full` | not forced: the symbol-probe table (16,384 rows) has no capacity flag yet |
 //! | `stack_undecided` | agent.rs `selection_lag_holds_undecided_rows_to_their_limit`: the agent stopped (SIGSTOP) while four processes make 2,048 stacks each | stacks past the undecided limit = stack_undecided; counts exact |
 //!
 //! The agent's loss counters are global (one per cause for the node, like its kernel tables):

@@ -642,6 +642,15 @@ fn remedy(cause: LossCause, c: &Capacity) -> String {
             pressure::undecided_limit(c.max_sites),
             pressure::UNDECIDED_SHARE
         ),
+        LossCause::SiteBudget => format!(
+            "the call-site table is three quarters full and a process made more sites than {} \
+             times its share ({} rows of capacity.max_sites; a compiler calls malloc from \
+             tens of thousands of places): its new sites are counted exactly in its `other` \
+             site, without their call chain; raise capacity.max_sites in the config file, or \
+             exclude such programs (--exclude-comm)",
+            site_limit::ROW_SHARES,
+            (c.max_sites / pressure::SHARE).saturating_mul(site_limit::ROW_SHARES)
+        ),
         LossCause::StackCollision => {
             "two stacks hashed to the same id; the site keeps only its caller".to_string()
         }

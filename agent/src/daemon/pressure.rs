@@ -1,10 +1,12 @@
 //! Sharing the call-site table among the node's processes. While the table is under three
 //! quarters full every process keeps every stack; past that, each may create at most
-//! 1/[`SHARE`] of its rows with a stack, and its further sites keep only their immediate caller
-//! (`stack_budget`). One
-//! long-running program without frame pointers (a shell, Debian's python3) makes endless
-//! garbage stacks: without a share it filled the table within a minute and every other process
-//! lost its per-site figures.
+//! 1/[`SHARE`] of the table's rows with a stack (all its rows count), and its further sites keep
+//! only their immediate caller (`stack_budget`); past `ROW_SHARES` shares, its further sites go
+//! to its row of unknown sites (`site_budget`). One long-running program without frame pointers
+//! (a shell, Debian's python3) makes endless garbage stacks: without a share it filled the table
+//! within a minute and every other process lost its per-site figures. A compiler calls malloc
+//! from tens of thousands of places, a row each even without stacks: four `rustc`s filled the
+//! default table with their callers alone.
 
 use std::time::{Duration, Instant};
 
@@ -146,7 +148,10 @@ impl std::fmt::Display for Change {
                 f,
                 "the call-site table holds {rows} rows (three quarters full or more): from now \
                  on each process keeps at most {per_process} sites with their stack, later \
-                 sites keep their immediate caller (lost cause stack_budget; counts stay exact)"
+                 sites keep their immediate caller (lost cause stack_budget), and at most {} \
+                 sites in all, later sites go to its row of unknown sites (site_budget); \
+                 counts stay exact",
+                per_process.saturating_mul(site_limit::ROW_SHARES)
             ),
             Change::Lifted { rows } => write!(
                 f,
