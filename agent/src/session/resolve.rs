@@ -162,7 +162,9 @@ pub fn resolve(args: &CommonArgs) -> anyhow::Result<Resolved> {
 /// `e`, or that `pid` exited when it did (a read of a process that exits fails in whatever
 /// read comes next, with an errno that names nothing the user did).
 pub fn exited_instead(pid: u32, e: anyhow::Error) -> anyhow::Error {
-    if procfs::has_exited(pid) {
+    // On its way out counts: an exiting process has lost its files (its exe link reads ENOENT)
+    // before its state turns Z.
+    if procfs::is_ending(pid) {
         TargetError::ExitedDuringAttach { pid }.into()
     } else {
         e
