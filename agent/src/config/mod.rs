@@ -184,7 +184,7 @@ impl Default for Config {
             max_site_series: 5000,
             mode: Mode::Full,
             sample_bytes: None,
-            unwind: Unwind::Fp,
+            unwind: Unwind::Auto,
             select: Select::default(),
             capacity: Capacity::default(),
             go: Go::default(),

@@ -48,10 +48,7 @@ use crate::{
     },
     symbolize::SymbolizerHandle,
     target::{TargetError, libc::Served, maps::DevInode},
-    unwind::{
-        Unwind,
-        load::{Tables, UnwindMaps},
-    },
+    unwind::load::{Tables, UnwindMaps},
 };
 
 /// What the session shows.
@@ -124,7 +121,7 @@ fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer,
     let pidfd = procfs::pidfd_open(pid.get())
         .map_err(|_| TargetError::ExitedDuringAttach { pid: pid.get() })?;
     let capacity = Capacity::from(args.capacity);
-    let unwind = args.unwind == Unwind::Dwarf && args.mode.stacks() && !args.no_stacks;
+    let unwind = args.unwind.tables() && args.mode.stacks() && !args.no_stacks;
     // Following, the probes go into every process that maps the files, and the kernel's
     // followed set narrows them to the tree; without, into the one process.
     let load = |follow: bool| {
@@ -180,7 +177,7 @@ fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer,
         }
     };
     let mut tables = if unwind {
-        Some(Tables::new(UnwindMaps::take(&mut probes)?))
+        Some(Tables::new(UnwindMaps::take(&mut probes)?, args.unwind))
     } else {
         None
     };
