@@ -311,7 +311,6 @@ impl Tree {
         verdict
     }
 
-    /// What the tree lost, added to the session's loss counters (all present when following).
     /// The tree's processes other than the root, and whether each still runs (empty with
     /// `--no-follow`).
     pub fn children(&self) -> impl Iterator<Item = (u32, bool)> + '_ {
@@ -321,6 +320,7 @@ impl Tree {
             .map(|(&pid, m)| (pid, !m.exited))
     }
 
+    /// What the tree lost, added to the session's loss counters (all present when following).
     pub fn lost(&self, lost: &mut BTreeMap<&'static str, u64>) {
         if !self.on {
             return;
