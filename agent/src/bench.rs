@@ -74,10 +74,13 @@ fn process(i: usize) -> ProcessSnapshot {
                 live_bytes: 100,
                 remainder: false,
                 pending: false,
+                probe: false,
             })
             .collect(),
         without_libc: false,
         allocator: Some("glibc"),
+        probe_calls: BTreeMap::new(),
+        probe_args: BTreeMap::new(),
         go: None,
         exited_at: None,
     }

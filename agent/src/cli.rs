@@ -129,6 +129,10 @@ pub struct AgentArgs {
     /// Never trace processes of pods in matching Kubernetes namespaces (regex; repeatable).
     #[arg(long, value_name = "REGEX", value_parser = values::regex)]
     pub exclude_k8s_namespace: Vec<String>,
+    /// Count the calls of any function: `BINARY:SYMBOL[:argN as NAME]…` (repeatable; as `top
+    /// --probe`), exported with the built-in C++ and Rust container-growth kinds.
+    #[arg(long = "probe", value_name = "SPEC")]
+    pub probes: Vec<crate::target::symprobe::ProbeSpec>,
     /// Trace every Go heap allocation (mallocgc) too: a probe hit per allocation.
     #[arg(long)]
     pub go_malloc: bool,

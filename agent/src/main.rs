@@ -19,11 +19,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// The agent: config file, then flags on top.
 async fn agent(a: AgentArgs) -> anyhow::Result<()> {
     let mut cfg = config::load(a.config.as_deref())?;
-    // Refusals first (not root, …); then what the agent can run without.
+    // Refusals first (not root, …); the warnings of what the agent can run without come once
+    // `daemon::run` has made its own checks.
     preflight::check()?;
-    for w in preflight::agent_warnings() {
-        allocwatch::say!("allocwatch: warning: {w}");
-    }
     cfg.apply(config::Overrides {
         listen: a.listen,
         web_config: a.web_config,
@@ -40,6 +38,7 @@ async fn agent(a: AgentArgs) -> anyhow::Result<()> {
         exclude_exe: a.exclude_exe,
         exclude_cgroup: a.exclude_cgroup,
         exclude_k8s_namespace: a.exclude_k8s_namespace,
+        probe: a.probes,
         go_malloc: a.go_malloc.then_some(true),
         pprof: a.pprof.then_some(true),
         keep_privileges: a.keep_privileges.then_some(true),

@@ -30,8 +30,11 @@ pub struct ProcessLabels {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SiteSnapshot {
     /// `"malloc"`, `"calloc"`, … or `"free"` for libc; `"map_grow"`, `"slice_grow"`,
-    /// `"large_alloc"` (mallocgc of 32 KiB or more) for Go.
+    /// `"large_alloc"` (mallocgc of 32 KiB or more) for Go; a symbol probe's kind
+    /// (`"cxx_vector_grow"`, …, or a `probe`'s symbol as given) with `probe` set.
     pub kind: &'static str,
+    /// A symbol probe's site: calls only (no bytes), not an allocation to the profiles.
+    pub probe: bool,
     /// Shared (`Arc`): the agent's chains are interned, and a snapshot copies none.
     pub frames: Arc<[Frame]>,
     pub calls: u64,
@@ -125,6 +128,11 @@ pub struct ProcessSnapshot {
     pub without_libc: bool,
     /// The allocator serving its `malloc` (`glibc`, `jemalloc`, …), once known.
     pub allocator: Option<&'static str>,
+    /// Symbol-probe calls by kind (the built-in C++/Rust growth kinds, each `probe` by its
+    /// symbol as given): only kinds with calls.
+    pub probe_calls: BTreeMap<&'static str, u64>,
+    /// Sums of the probes' named arguments, by (kind, argument name).
+    pub probe_args: BTreeMap<(&'static str, &'static str), u64>,
     pub go: Option<GoSnapshot>,
     /// When the process exited; its series are dropped `ttl` after this.
     pub exited_at: Option<Instant>,

@@ -4,7 +4,7 @@
 //! kernel's LRU table can evict it, and its site queued to be named while its process lives;
 //! what else a record means is the consumer's ([`Handler`]).
 
-use allocwatch_common::{Event, event::GoEvent, libc::SiteKey};
+use allocwatch_common::{Event, ImageHists, event::GoEvent, libc::SiteKey};
 use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 
@@ -28,6 +28,9 @@ pub struct Parts {
 pub trait Handler {
     /// A process exec'd `path` (only the agent attaches the exec tracepoint).
     fn exec(&mut self, _parts: &mut Parts, _tgid: u32, _comm: &[u8; 16], _path: String) {}
+    /// The size histograms a process's program left at its exec, just before that exec's
+    /// record (only the agent asks for them).
+    fn image_hists(&mut self, _parts: &mut Parts, _tgid: u32, _hists: ImageHists) {}
     /// A followed process created child process `child` (`followed`: the kernel follows it;
     /// false: its followed-set map was full). Only a session that follows a tree sees these.
     fn fork(&mut self, _parts: &mut Parts, _child: u32, _parent: u32, _followed: bool) {}
@@ -85,6 +88,7 @@ impl Pipeline {
         for ev in self.events.drain(..) {
             match ev {
                 Event::Exec(tgid, comm, path) => handler.exec(parts, tgid, &comm, path),
+                Event::ImageHist(tgid, hists) => handler.image_hists(parts, tgid, hists),
                 Event::Fork(child, parent, followed) => {
                     handler.fork(parts, child, parent, followed);
                 }

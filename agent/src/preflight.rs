@@ -56,6 +56,10 @@ pub struct Features {
     /// `bpf_loop` (5.17): not used by the probes (their loops are bounded), listed for the
     /// kernel matrix.
     pub bpf_loop: bool,
+    /// `bpf_map_lookup_percpu_elem` (5.19): the agent splits a process's size histograms at
+    /// exec with it (without, what a program ran before an exec stays with the pid's next
+    /// program).
+    pub percpu_lookup: bool,
     /// Kernel BTF at /sys/kernel/btf/vmlinux. Required.
     pub btf: bool,
 }
@@ -76,6 +80,7 @@ impl Features {
                 && aya::sys::is_uprobe_multi_supported(UProbeMultiFeature::LinkCreation)
                     .unwrap_or(false),
             bpf_loop: helper(BpfHelper::BPF_FUNC_loop),
+            percpu_lookup: helper(BpfHelper::BPF_FUNC_map_lookup_percpu_elem),
             btf: Path::new(VMLINUX_BTF).exists(),
         }
     }
@@ -90,11 +95,12 @@ impl Features {
     }
 
     /// (name, Linux version that brought it, present).
-    fn list(&self) -> [(&'static str, &'static str, bool); 5] {
+    fn list(&self) -> [(&'static str, &'static str, bool); 6] {
         [
             ("ring buffer", "5.8", self.ring_buffer),
             ("BPF cookies", "5.15", self.cookies),
             ("bpf_loop", "5.17", self.bpf_loop),
+            ("per-CPU lookup", "5.19", self.percpu_lookup),
             ("uprobe multi-links", "6.6", self.uprobe_multi),
             ("BTF", "CONFIG_DEBUG_INFO_BTF", self.btf),
         ]
@@ -306,6 +312,7 @@ mod tests {
             cookies: true,
             uprobe_multi: true,
             bpf_loop: true,
+            percpu_lookup: true,
             btf: true,
         };
         assert_eq!(all.refusal("6.18.0"), None);
@@ -316,7 +323,8 @@ mod tests {
         assert_eq!(old.refusal("6.1.0"), None);
         assert_eq!(
             old.summary(),
-            "ring buffer yes, BPF cookies yes, bpf_loop yes, uprobe multi-links no, BTF yes"
+            "ring buffer yes, BPF cookies yes, bpf_loop yes, per-CPU lookup yes, uprobe multi-links no, \
+             BTF yes"
         );
         let err = Features {
             cookies: false,

@@ -286,6 +286,14 @@ impl Probes {
             Filter::Deny => config::FLAG_DENYLIST,
             Filter::Follow => config::FLAG_FOLLOW,
         };
+        // The agent splits size histograms at exec where the kernel can sum per-CPU rows.
+        let nr_cpus = aya::util::nr_cpus().map_or(u32::MAX, u32::from);
+        if matches!(cfg.filter, Filter::Deny)
+            && crate::preflight::features().percpu_lookup
+            && nr_cpus <= capacity::EXEC_HIST_MAX_CPUS
+        {
+            flags |= config::FLAG_EXEC_HIST;
+        }
         let follow = matches!(cfg.filter, Filter::Follow);
         let group_dead = u32::from(follow && exit_has_group_dead());
         // The tree's tables are sized only when following: PROGRAMS is per CPU and
@@ -296,6 +304,11 @@ impl Probes {
             .override_global(globals::FLAGS, &flags, true)
             .override_global(globals::SAMPLE_BYTES, &cfg.sample_bytes, true)
             .override_global(globals::EXIT_HAS_GROUP_DEAD, &group_dead, true)
+            .override_global(
+                globals::NR_CPUS,
+                &nr_cpus.min(capacity::EXEC_HIST_MAX_CPUS),
+                true,
+            )
             // Below debug, the verifier drops the probes' logging paths.
             .override_global(aya_log::LEVEL, &crate::probe_log::level(), false)
             .map_max_entries(map_names::LIVE, cfg.capacity.max_live)
@@ -475,6 +488,20 @@ impl Probes {
         Ok(())
     }
 
+    /// Loads the symbol-probe program if it is not loaded yet. The agent loads it at start:
+    /// loading needs capabilities it drops once started, and it attaches growth functions as
+    /// it finds them.
+    pub fn load_sym(&mut self) -> Result<(), ProbeError> {
+        let program = uprobe(&mut self.ebpf, SYM_ENTRY, self.multi)?;
+        if program.fd().is_err() {
+            program.load().map_err(|error| ProbeError::Program {
+                program: SYM_ENTRY,
+                error,
+            })?;
+        }
+        Ok(())
+    }
+
     /// Attaches the symbol-probe program at each point of `file` (loaded on first use: a
     /// session without symbol probes pays no verifier run for it).
     pub fn attach_sym(
@@ -486,13 +513,8 @@ impl Probes {
         if points.is_empty() {
             return Ok(());
         }
+        self.load_sym()?;
         let program = uprobe(&mut self.ebpf, SYM_ENTRY, self.multi)?;
-        if program.fd().is_err() {
-            program.load().map_err(|error| ProbeError::Program {
-                program: SYM_ENTRY,
-                error,
-            })?;
-        }
         for p in points {
             log::debug!(
                 "probe {} {}: offset {:#x}, sp delta {}",

@@ -5,7 +5,7 @@
 //! Dependencies point one way: this module uses [`crate::libc`] and [`crate::go`], which use
 //! nothing of each other or of this module.
 
-use crate::go::GO_VALUES;
+use crate::go::{GO_HIST_BUCKETS, GO_VALUES, GoHistVal};
 use crate::libc::SiteKey;
 
 /// Kinds of ring-buffer records.
@@ -22,6 +22,9 @@ pub enum EventKind {
     Fork = 4,
     /// A followed process exited ([`ExitEvent`]).
     Exit = 5,
+    /// The size histograms of the program a process ran until its exec ([`ImageHistEvent`]):
+    /// sent just before that exec's record.
+    ImageHist = 6,
 }
 
 impl EventKind {
@@ -33,6 +36,7 @@ impl EventKind {
             3 => Some(EventKind::Exec),
             4 => Some(EventKind::Fork),
             5 => Some(EventKind::Exit),
+            6 => Some(EventKind::ImageHist),
             _ => None,
         }
     }
@@ -58,6 +62,21 @@ pub struct ExecEvent {
     pub comm: [u8; 16],
     /// The path given to `execve`, NUL-terminated.
     pub filename: [u8; EXEC_PATH_MAX],
+}
+
+/// Histogram rows (`LIBC_HIST`, `GO_HIST`): the map slots of [`ImageHistEvent::buckets`].
+pub const IMAGE_HIST_MAPS: usize = 2;
+
+/// The size histograms a program image left at its exec, summed over the CPUs and taken out of
+/// the maps (`config::FLAG_EXEC_HIST`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageHistEvent {
+    pub header: EventHeader,
+    /// Bit `b` of `present[m]`: `buckets[m][b]` holds bucket `b` of map `m` (0 `LIBC_HIST`,
+    /// 1 `GO_HIST`); the other slots are not written.
+    pub present: [u64; IMAGE_HIST_MAPS],
+    pub buckets: [[GoHistVal; GO_HIST_BUCKETS as usize]; IMAGE_HIST_MAPS],
 }
 
 /// `task:task_newtask` of a followed process: its new child process (`header.tgid`).
@@ -165,6 +184,10 @@ const _: () = {
     assert!(size_of::<ExecEvent>() == 280);
     assert!(offset_of!(ExecEvent, filename) == 24);
     assert!(size_of::<GoEvent>() == 96);
+    assert!(offset_of!(ImageHistEvent, present) == 8);
+    assert!(offset_of!(ImageHistEvent, buckets) == 24);
+    assert!(size_of::<ImageHistEvent>() == 24 + 16 * 2 * GO_HIST_BUCKETS as usize);
+    assert!(GO_HIST_BUCKETS <= 64);
     assert!(size_of::<ForkEvent>() == 16);
     assert!(size_of::<ExitEvent>() == 16);
     assert!(size_of::<Followed>() == 16);
@@ -184,6 +207,7 @@ mod user {
     unsafe impl aya::Pod for EventHeader {}
     unsafe impl aya::Pod for NewSiteEvent {}
     unsafe impl aya::Pod for ExecEvent {}
+    unsafe impl aya::Pod for ImageHistEvent {}
     unsafe impl aya::Pod for GoEvent {}
     unsafe impl aya::Pod for ForkEvent {}
     unsafe impl aya::Pod for ExitEvent {}
@@ -236,6 +260,30 @@ mod user {
         Fork(u32, u32, bool),
         /// (tgid, its exit status when it called `exit_group`).
         Exit(u32, Option<u8>),
+        /// (tgid, the histograms its program left at exec).
+        ImageHist(u32, ImageHists),
+    }
+
+    /// The size histograms of one program image: (log2 bucket, calls and bytes), by bucket.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct ImageHists {
+        pub libc: Vec<(u32, GoHistVal)>,
+        pub go: Vec<(u32, GoHistVal)>,
+    }
+
+    impl From<&ImageHistEvent> for ImageHists {
+        fn from(ev: &ImageHistEvent) -> Self {
+            let take = |m: usize| -> Vec<(u32, GoHistVal)> {
+                (0..GO_HIST_BUCKETS)
+                    .filter(|b| ev.present[m] & (1 << b) != 0)
+                    .map(|b| (b, ev.buckets[m][b as usize]))
+                    .collect()
+            };
+            Self {
+                libc: take(0),
+                go: take(1),
+            }
+        }
     }
 
     impl TryFrom<&[u8]> for Event {
@@ -274,6 +322,10 @@ mod user {
                         .unwrap_or(ev.filename.len());
                     let path = String::from_utf8_lossy(&ev.filename[..len]).into_owned();
                     Ok(Event::Exec(header.tgid, ev.comm, path))
+                }
+                EventKind::ImageHist => {
+                    let ev: ImageHistEvent = read(buf)?;
+                    Ok(Event::ImageHist(header.tgid, ImageHists::from(&ev)))
                 }
                 EventKind::Fork => {
                     let ev: ForkEvent = read(buf)?;
@@ -328,6 +380,7 @@ mod user {
                 EventKind::Exec,
                 EventKind::Fork,
                 EventKind::Exit,
+                EventKind::ImageHist,
             ] {
                 assert_eq!(EventKind::try_from(k as u32), Ok(k));
             }
@@ -434,6 +487,56 @@ mod user {
         }
 
         #[test]
+        fn decodes_image_hists_of_present_buckets_only() {
+            let mut ev = ImageHistEvent {
+                header: EventHeader {
+                    kind: EventKind::ImageHist as u32,
+                    tgid: 12,
+                },
+                present: [1 << 3 | 1 << 47, 1 << 0],
+                // Slots not marked present hold whatever the probe's scratch held.
+                buckets: [[GoHistVal { count: 9, bytes: 9 }; GO_HIST_BUCKETS as usize]; 2],
+            };
+            ev.buckets[0][3] = GoHistVal {
+                count: 2,
+                bytes: 20,
+            };
+            ev.buckets[0][47] = GoHistVal {
+                count: 1,
+                bytes: 1 << 47,
+            };
+            ev.buckets[1][0] = GoHistVal { count: 5, bytes: 5 };
+            let want = ImageHists {
+                libc: vec![
+                    (
+                        3,
+                        GoHistVal {
+                            count: 2,
+                            bytes: 20,
+                        },
+                    ),
+                    (
+                        47,
+                        GoHistVal {
+                            count: 1,
+                            bytes: 1 << 47,
+                        },
+                    ),
+                ],
+                go: vec![(0, GoHistVal { count: 5, bytes: 5 })],
+            };
+            assert_eq!(
+                Event::try_from(bytes_of(&ev).as_slice()),
+                Ok(Event::ImageHist(12, want))
+            );
+            let short = &bytes_of(&ev)[..100];
+            assert!(matches!(
+                Event::try_from(short),
+                Err(DecodeError::Short { .. })
+            ));
+        }
+
+        #[test]
         fn decodes_fork_and_exit() {
             let fork = ForkEvent {
                 header: EventHeader {
@@ -483,4 +586,4 @@ mod user {
     }
 }
 #[cfg(feature = "user")]
-pub use user::{DecodeError, Event};
+pub use user::{DecodeError, Event, ImageHists};

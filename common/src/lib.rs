@@ -52,6 +52,8 @@ pub mod globals {
     pub const SAMPLE_BYTES: &str = "SAMPLE_BYTES";
     /// 1 when `sched:sched_process_exit` has the `group_dead` field (Linux ≥ 6.16).
     pub const EXIT_HAS_GROUP_DEAD: &str = "EXIT_HAS_GROUP_DEAD";
+    /// Possible CPUs (u32), for the histogram sums at exec (`config::FLAG_EXEC_HIST`).
+    pub const NR_CPUS: &str = "NR_CPUS";
 }
 
 pub mod config {
@@ -67,6 +69,11 @@ pub mod config {
     /// libc probes walk user stacks with the agent's `.eh_frame` tables where a frame's code
     /// has one, with frame pointers elsewhere (`--unwind dwarf`; `unwind.rs` in the probe).
     pub const FLAG_UNWIND_TABLES: u32 = 1 << 4;
+    /// At exec, the old program's size histograms leave `LIBC_HIST`/`GO_HIST` in an
+    /// [`ImageHistEvent`](crate::event::ImageHistEvent) (the agent, on kernels with
+    /// `bpf_map_lookup_percpu_elem`, 5.19): the rows are keyed by pid, and what the program
+    /// ran before an exec is not the new program's.
+    pub const FLAG_EXEC_HIST: u32 = 1 << 5;
 }
 
 /// Slots of the `SITE_LIMIT` array: rows with a stack one process may create in `SITES`
@@ -99,6 +106,9 @@ pub mod capacity {
     /// new-site records of ~100 processes starting at once (~24,000 sites with their stacks)
     /// and ~40,000 Go events while the agent is not scheduled.
     pub const EVENTS_BYTES: u32 = 4 << 20;
+    /// The most possible CPUs whose histogram values are summed at exec
+    /// (`config::FLAG_EXEC_HIST`); the verifier walks the sum once per CPU and bucket.
+    pub const EXEC_HIST_MAX_CPUS: u32 = 256;
 }
 
 /// Kernel error numbers the probes test for (BPF helpers return them negated).
@@ -112,4 +122,4 @@ pub mod errno {
 pub const MAX_STACK_DEPTH: usize = 64;
 
 #[cfg(feature = "user")]
-pub use event::{DecodeError, Event};
+pub use event::{DecodeError, Event, ImageHists};

@@ -66,6 +66,28 @@ pub enum LossCause {
 pub const LOSS_CAUSES: usize = 15;
 
 impl LossCause {
+    /// The cause of a `LOST` index (`None` past the last).
+    pub const fn from_index(i: u32) -> Option<Self> {
+        Some(match i {
+            0 => LossCause::PendingFull,
+            1 => LossCause::LiveFull,
+            2 => LossCause::SitesFull,
+            3 => LossCause::StackCollision,
+            4 => LossCause::StackError,
+            5 => LossCause::RingbufFull,
+            6 => LossCause::OrphanReturn,
+            7 => LossCause::HistFull,
+            8 => LossCause::StackMapFull,
+            9 => LossCause::StackBudget,
+            10 => LossCause::StackUndecided,
+            11 => LossCause::SiteSpilled,
+            12 => LossCause::UnwindUnsupported,
+            13 => LossCause::UnwindReadError,
+            14 => LossCause::UnwindTruncated,
+            _ => return None,
+        })
+    }
+
     /// Stable name used in JSON and metrics labels, and in the probes' debug log.
     pub const fn name(self) -> &'static str {
         match self {
@@ -121,6 +143,17 @@ mod user {
             for (i, c) in LossCause::ALL.iter().enumerate() {
                 assert_eq!(*c as usize, i);
             }
+        }
+
+        #[test]
+        fn from_index_inverts_the_index() {
+            for (i, c) in LossCause::ALL.iter().enumerate() {
+                assert_eq!(LossCause::from_index(i as u32), Some(*c));
+            }
+            assert_eq!(
+                LossCause::from_index(super::super::LOSS_CAUSES as u32),
+                None
+            );
         }
     }
 }

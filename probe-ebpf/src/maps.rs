@@ -271,24 +271,27 @@ pub fn capture_stack<C: EbpfContext>(ctx: &C) -> i64 {
         return NO_STACK;
     }
     // SAFETY: the scratch slot is ours on this CPU for the program's run.
-    store_stack(unsafe { &*buf }, n as usize / size_of::<u64>())
+    store_stack(unsafe { &*buf })
 }
 
-/// Stores the first `len` of `frames` (the rest zero) in `STACKS` under their hash; the id, or
-/// [`NO_STACK`] with the failure counted.
+/// Stores `frames` in `STACKS` under the hash of its frames up to the first zero (a stack ends
+/// there: both walks zero-fill the slots they do not use, and the agent reads a stack up to its
+/// first zero); the id, or [`NO_STACK`] with the failure counted.
 #[inline(always)]
-pub fn store_stack(frames: &[u64; MAX_STACK_DEPTH], len: usize) -> i64 {
-    // Only the frames the helper wrote (it zero-fills the rest): a stack is typically a handful
-    // of frames, and hashing or comparing all MAX_STACK_DEPTH slots cost ~150 ns per call
-    // (measured, BENCHMARKS.md).
-    let len = len.min(MAX_STACK_DEPTH);
+pub fn store_stack(frames: &[u64; MAX_STACK_DEPTH]) -> i64 {
+    // Only the frames the walk wrote: a stack is typically a handful of frames, and hashing or
+    // comparing all MAX_STACK_DEPTH slots cost ~150 ns per call (measured, BENCHMARKS.md).
+    // Both loops end at a zero frame, not at a length: a loop bounded by the walk's length made
+    // the verifier check the rest of the program once per possible length, and the compare
+    // loop once per length again (Linux 6.1 gave up on `go_entry` at a million instructions);
+    // a zero read from the frames leaves nothing to tell the paths apart after the loop.
     // FNV-1a over the frames.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ len as u64;
-    for (i, f) in frames.iter().enumerate() {
-        if i >= len {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &f in frames {
+        if f == 0 {
             break;
         }
-        h = (h ^ *f).wrapping_mul(0x0100_0000_01b3);
+        h = (h ^ f).wrapping_mul(0x0100_0000_01b3);
     }
     // splitmix64's finalizer: FNV over whole words leaves the low bits poorly mixed.
     h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -298,15 +301,14 @@ pub fn store_stack(frames: &[u64; MAX_STACK_DEPTH], len: usize) -> i64 {
     if let Some(existing) = STACKS.get_ptr(&id) {
         // SAFETY: map value pointer from a successful lookup.
         let existing = unsafe { &*existing };
-        // Equal when the first `len` frames match and the stored stack ends there too.
+        // Equal when the frames match up to and including the first zero.
         let mut same = true;
-        for (i, (a, b)) in existing.iter().zip(frames.iter()).enumerate() {
-            if i >= len {
-                same = *a == 0;
-                break;
-            }
+        for (a, b) in existing.iter().zip(frames.iter()) {
             if a != b {
                 same = false;
+                break;
+            }
+            if *b == 0 {
                 break;
             }
         }
@@ -431,7 +433,22 @@ pub fn lost(cause: LossCause) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
         unsafe { *slot += 1 };
     }
-    why!("pid {}: event lost: {}", current_tgid(), cause.name());
+    // The same level test as `why!`: below debug the verifier drops the call as dead code.
+    if aya_log_ebpf::macro_support::level_enabled(aya_log_ebpf::macro_support::Level::Debug) {
+        log_lost(cause as u32);
+    }
+}
+
+/// The debug line of [`lost`], as a global BPF function: the verifier checks it once, on its
+/// own, where an inlined log line (hundreds of instructions) was checked again on every path
+/// that reached one of `lost`'s many call sites. With debug logging on, Linux 6.1's verifier
+/// gave up on `go_entry` and `libc_entry` at its million instructions.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn log_lost(cause: u32) -> u32 {
+    let name = LossCause::from_index(cause).map_or("unknown", LossCause::name);
+    why!("pid {}: event lost: {}", current_tgid(), name);
+    0
 }
 
 /// Finds or creates the row of `key`; a new row is announced on the ring buffer so the agent

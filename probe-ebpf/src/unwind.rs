@@ -44,8 +44,8 @@ pub fn capture_libc_stack(ctx: &ProbeContext, entry_sp: u64, ret_addr: u64) -> i
     // SAFETY: the scratch slot is ours on this CPU for the program's run; regs points at the
     // probed task's saved registers.
     let (frames, regs) = unsafe { (&mut *buf, &*ctx.regs) };
-    let n = walk(proc, regs.rip, regs.rbp, entry_sp, ret_addr, frames);
-    store_stack(frames, n)
+    walk(proc, regs.rip, regs.rbp, entry_sp, ret_addr, frames);
+    store_stack(frames)
 }
 
 /// Every file's rows, each file's a contiguous run (the agent appends them).
@@ -114,7 +114,7 @@ fn read(addr: u64) -> Option<u64> {
     unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
 }
 
-/// Walks the stack of a libc probe into `frames` (the rest zeroed); returns the frame count.
+/// Walks the stack of a libc probe into `frames` (the rest zeroed).
 /// `rip` and `rbp` are the registers at the probe, `entry_sp` the stack pointer at the
 /// function's entry (where `ret_addr`, the caller's return address, is).
 #[inline(always)]
@@ -125,7 +125,7 @@ fn walk(
     entry_sp: u64,
     ret_addr: u64,
     frames: &mut [u64; MAX_STACK_DEPTH],
-) -> usize {
+) {
     // Zeroed first, word by word: volatile, so that LLVM does not make it a byte-wise memset
     // after the walk, which the verifier then walked once per possible length (a million
     // instructions).
@@ -139,7 +139,6 @@ fn walk(
     if bp == entry_sp.wrapping_sub(8) {
         bp = read(bp).unwrap_or(0);
     }
-    let mut n = 1;
     let mut truncated = true;
     // Counted once after the loop: a `lost` (with its debug log line) in each unrolled step
     // multiplied the verifier's work past its limit when debug logging is on.
@@ -150,7 +149,6 @@ fn walk(
             break;
         }
         *slot = pc;
-        n += 1;
         // A return address: the call is the instruction before it.
         let (k, cfa_off, rbp_words) = rule_for(proc, pc - 1);
         let (cfa, saved_bp) = match k {
@@ -212,5 +210,4 @@ fn walk(
     if let Some(cause) = loss {
         lost(cause);
     }
-    n
 }

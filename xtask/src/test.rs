@@ -46,6 +46,9 @@ pub fn all(paths: &Paths, extra: &[OsString]) -> anyhow::Result<()> {
         .env("ALLOCWATCH_GO_FIXTURES", &fixtures.go)
         .env("ALLOCWATCH_GO_TOOLCHAINS", &fixtures.go_toolchains);
     let summary = run_teeing(&mut cargo)?;
+    if extra.is_empty() && std::env::var_os("CI").is_some() {
+        free_test_builds(paths);
+    }
     // A few seconds per fuzz target, after the tests; not with a test filter (as the soak).
     let fuzzed = extra
         .is_empty()
@@ -90,6 +93,21 @@ pub fn all(paths: &Paths, extra: &[OsString]) -> anyhow::Result<()> {
         bail!("failed: {}", failed.join(", "));
     }
     Ok(())
+}
+
+/// CI only (a clean clone, thrown away after): the test builds are done with once the tests
+/// ran, and the fuzz build that follows needs as much again. A clean run once filled a CI
+/// machine's disk; this keeps its peak near the test build's (about 4 GB with `target/`'s
+/// release agent and fixtures, measured 2026-12-04).
+fn free_test_builds(paths: &Paths) {
+    let build = paths.root.join("target/debug/build");
+    match std::fs::remove_dir_all(&build) {
+        Ok(()) => eprintln!(
+            "CI: removed {} (tests done) before fuzzing",
+            build.display()
+        ),
+        Err(e) => eprintln!("CI: could not remove {}: {e}", build.display()),
+    }
 }
 
 struct Summary {

@@ -49,8 +49,8 @@ use serde_json::Value;
 use support::agent::{Agent, Identity, Metrics};
 use support::{
     API_TOTALS, APIS, Allocwatch, AllocwatchBin, BPF_FREE_LIMIT, BpfIds, KernelState, Lines,
-    Scratch, address_groups, array, env_path, go_toolchains, libc_path, path_str, process_by_pid,
-    read_json, serial, signal, str_at, u64_at, version_key, wait_child,
+    Scratch, address_groups, array, bpftool, env_path, go_toolchains, libc_path, path_str,
+    process_by_pid, read_json, serial, signal, str_at, u64_at, version_key, wait_child,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1203,22 +1203,6 @@ fn lines(bytes: &[u8]) -> Vec<String> {
         .lines()
         .map(str::to_owned)
         .collect()
-}
-
-/// `bpftool -j ARGS…`, parsed.
-fn bpftool(args: &[&str]) -> Value {
-    let out = Command::new("bpftool")
-        .arg("-j")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run bpftool ({e}): ./x setup installs it"));
-    assert!(out.status.success(), "bpftool {args:?}: {}", out.status);
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "bpftool {args:?}: not JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
 }
 
 /// The `id`s `bpftool -j ARGS…` lists.

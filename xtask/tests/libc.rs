@@ -44,8 +44,9 @@ use serde_json::Value;
 use support::{
     API_TOTALS, APIS, Allocwatch, AllocwatchBin, BPF_FREE_LIMIT, BpfIds, Fixture, KernelState,
     LIVE_ALLOCATIONS, LIVE_BYTES, LOSS_KEYS, Lines, SAMPLE_RATE, SAMPLE_SITES, SITES,
-    address_groups, allocwatch_bin, array, assert_single_error, dead_pid, libc_fixture, libc_path,
-    path_str, process_by_pid, read_json, sample_bound, serial, signal, str_at, u64_at,
+    TRACING_PREFIX, address_groups, allocwatch_bin, array, assert_single_error, dead_pid,
+    libc_fixture, libc_path, path_str, process_by_pid, read_json, sample_bound, serial, signal,
+    startup, str_at, u64_at,
 };
 
 /// The `loop` mode's block size: malloc(48) then free, every millisecond.
@@ -446,7 +447,7 @@ fn leaks_shows_outstanding_allocations_as_it_goes() {
     );
     let stderr = Lines::follow(aw.0.stderr.take().unwrap());
     let mut stdout = Lines::follow(aw.0.stdout.take().unwrap());
-    stderr.wait_for("allocwatch: tracing pid ", Duration::from_secs(30));
+    stderr.wait_for(TRACING_PREFIX, startup(Duration::from_secs(30)));
     let header = format!("allocwatch leaks — pid {pid} (libc_fixture): ");
     // A table before the fixture works: nothing outstanding of its own yet.
     let before = stdout.wait_for(&header, Duration::from_secs(10));

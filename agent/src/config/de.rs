@@ -134,3 +134,18 @@ pub(super) fn unwind<'de, D: Deserializer<'de>>(d: D) -> Result<Unwind, D::Error
         .parse()
         .map_err(serde::de::Error::custom)
 }
+
+/// `probe = ["BINARY:SYMBOL[:argN as NAME]…", …]`: each parsed as its `--probe` flag is (that
+/// the binary and symbol exist is checked by [`super::Config::validate`]).
+pub(super) fn probes<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<crate::target::symprobe::ProbeSpec>, D::Error> {
+    let list = Vec::<String>::deserialize(d)?;
+    list.iter()
+        .enumerate()
+        .map(|(i, p)| {
+            p.parse()
+                .map_err(|e| custom::<D::Error>(ValueError::new(format!("[{i}] {p:?}: {e}"))))
+        })
+        .collect()
+}

@@ -21,6 +21,7 @@ pub use self::{error::ConfigError, print::print_default};
 use crate::{
     probes::{Capacity, Mode},
     serve::{ServeConfig, http::Limits, metrics::MetricsConfig, web_config::WebConfig},
+    target::symprobe::{self, ProbeSpec},
     unwind::Unwind,
 };
 
@@ -66,6 +67,10 @@ pub struct Config {
     #[serde(deserialize_with = "de::unwind")]
     pub unwind: Unwind,
     pub select: Select,
+    /// User-defined probes, `BINARY:SYMBOL[:argN as NAME]…` each (as `--probe`): calls of any
+    /// function counted per site, exported with the built-in C++/Rust growth kinds.
+    #[serde(deserialize_with = "de::probes")]
+    pub probe: Vec<ProbeSpec>,
     #[serde(deserialize_with = "de::capacity")]
     pub capacity: Capacity,
     pub go: Go,
@@ -186,6 +191,7 @@ impl Default for Config {
             sample_bytes: None,
             unwind: Unwind::Auto,
             select: Select::default(),
+            probe: Vec::new(),
             capacity: Capacity::default(),
             go: Go::default(),
             pprof: Pprof::default(),
@@ -214,6 +220,7 @@ pub struct Overrides {
     pub exclude_exe: Vec<String>,
     pub exclude_cgroup: Vec<String>,
     pub exclude_k8s_namespace: Vec<String>,
+    pub probe: Vec<ProbeSpec>,
     pub go_growth: Option<bool>,
     pub go_malloc: Option<bool>,
     pub go_gc: Option<bool>,
@@ -278,6 +285,9 @@ impl Config {
         list(&mut s.exclude_exe, o.exclude_exe);
         list(&mut s.exclude_cgroup, o.exclude_cgroup);
         list(&mut s.exclude_k8s_namespace, o.exclude_k8s_namespace);
+        if !o.probe.is_empty() {
+            self.probe = o.probe;
+        }
         set(&mut self.go.growth, o.go_growth);
         set(&mut self.go.malloc, o.go_malloc);
         set(&mut self.go.gc, o.go_gc);
@@ -347,6 +357,34 @@ impl Config {
         if let Some(path) = &self.web_config {
             WebConfig::load(path)?;
         }
+        // A probe's kind is its symbol: one named like a kind the agent exports already would
+        // be summed into that kind's series.
+        let taken = |k: &str| {
+            allocwatch_common::libc::Api::ALL
+                .iter()
+                .any(|a| a.symbol() == k)
+                || ["map_grow", "slice_grow", "large_alloc"].contains(&k)
+                || symprobe::BUILTINS.contains(&k)
+        };
+        if let Some(p) = self.probe.iter().find(|p| taken(&p.symbol)) {
+            return Err(ConfigError::Invalid {
+                key: "probe",
+                reason: format!(
+                    "{p}: {} is the name of a kind the agent exports already (the probe's calls \
+                     would be summed into that kind's series)",
+                    p.symbol
+                ),
+            });
+        }
+        // Each binary read and each symbol found now, before anything is loaded.
+        symprobe::for_agent(&self.probe).map_err(|e| {
+            let text = e.to_string();
+            ConfigError::Invalid {
+                key: "probe",
+                // The key says it already (the flag and the file share it).
+                reason: text.strip_prefix("--probe ").unwrap_or(&text).to_owned(),
+            }
+        })?;
         Ok(())
     }
 }

@@ -73,6 +73,14 @@ unwind = "{unwind}"
 # capabilities"), with no_new_privs. true: keep the user and capabilities it started with.
 keep_privileges = {keep_privileges}
 
+# User-defined probes: count the calls of any function, "BINARY:SYMBOL[:argN as NAME]...",
+# each exported like the built-in C++/Rust container-growth kinds (allocwatch_probe_calls_total
+# and the site series, kind = SYMBOL as given); arg0 ... arg5 (the integer arguments) are summed
+# (allocwatch_probe_arg_sum_total). SYMBOL is mangled or demangled (nm -C); a binary or symbol
+# that does not exist is refused at start. Example:
+#   probe = ["/usr/bin/python3.11:dictresize:arg1 as log2_size"]
+probe = {probe}
+
 [select]
 # Regular expressions (matched anywhere unless anchored with ^ and $). Empty include lists
 # trace every process on the node; a process matching an exclude list is never traced. A
@@ -158,5 +166,6 @@ enabled = {kubernetes}
         pprof = c.pprof.enabled,
         kubernetes = c.kubernetes.enabled,
         keep_privileges = c.keep_privileges,
+        probe = toml_list(&c.probe.iter().map(ToString::to_string).collect::<Vec<_>>()),
     )
 }

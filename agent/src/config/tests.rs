@@ -312,3 +312,58 @@ fn http_limits_and_web_config_from_file_and_flag() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn probes_from_file_and_flag() {
+    let exe = std::env::current_exe().unwrap();
+    let exe = exe.display();
+    // This test binary's own `main`: a file and a symbol that exist.
+    let c = Config::parse(&format!("probe = [\"{exe}:main:arg0 as argc\"]")).unwrap();
+    assert_eq!(c.probe.len(), 1);
+    assert_eq!(c.probe[0].symbol, "main");
+    assert_eq!(c.probe[0].args, vec![(0, "argc".to_owned())]);
+    assert_eq!(c.probe[0].to_string(), format!("{exe}:main:arg0 as argc"));
+    c.validate().unwrap();
+    // A flag replaces the file's list.
+    let mut c = c;
+    c.apply(Overrides {
+        probe: vec![format!("{exe}:main").parse().unwrap()],
+        ..Overrides::default()
+    })
+    .unwrap();
+    assert!(c.probe[0].args.is_empty());
+    // Syntax: refused while parsing, with the line.
+    let e = Config::parse("probe = [\"/bin/true\"]")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("line 1, key probe: [0] \"/bin/true\": expected BINARY:SYMBOL"),
+        "{e}"
+    );
+    // A symbol that names no function, a missing file, a kind's name: refused by validate.
+    for (spec, says) in [
+        (
+            format!("{exe}:no_such_function_anywhere"),
+            "no function no_such_function_anywhere",
+        ),
+        ("/nonexistent/x:f".to_owned(), "No such file or directory"),
+        (
+            format!("{exe}:malloc"),
+            "is the name of a kind the agent exports already",
+        ),
+        (format!("{exe}:cxx_vector_grow"), "is the name of a kind"),
+    ] {
+        let mut c = Config::default();
+        let e = c
+            .apply(Overrides {
+                probe: vec![spec.parse().unwrap()],
+                ..Overrides::default()
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("config key probe: ") && e.contains(says),
+            "{spec}: {e}"
+        );
+    }
+}

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use allocwatch_common::{event::GoEvent, libc::SiteKey, loss::LossCause, site_limit};
+use allocwatch_common::{ImageHists, event::GoEvent, libc::SiteKey, loss::LossCause, site_limit};
 use anyhow::Context as _;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -30,7 +30,12 @@ use crate::{
     probes::{Capacity, Filter, ProbeConfig, Probes},
     serve::metrics::Exporter,
     symbolize::SymbolizerHandle,
-    target::{go::GoProbeSet, registry::AttachFailure},
+    target::{
+        go::GoProbeSet,
+        maps::DevInode,
+        registry::{AttachFailure, Loaded, Target},
+        symprobe,
+    },
     unwind::{
         load::{Tables, UnwindMaps},
         worker::TablesWorker,
@@ -250,6 +255,23 @@ impl State {
             )?;
         }
         let mut registry = Registry::new(selector, go_probes, cfg.ttl, cfg.top_k);
+        // Symbol probes: the program now (its load needs the capabilities dropped after
+        // start), the `probe`s' files for every process (validated with the configuration).
+        probes.load_sym()?;
+        for t in symprobe::for_agent(&cfg.probe)? {
+            let id = std::fs::metadata(&t.path)
+                .map(|m| DevInode::from_metadata(&m))
+                .with_context(|| format!("probe {}", t.path.display()))?;
+            let file = Loaded {
+                id,
+                target: Target::Sym(Arc::new(t)),
+            };
+            registry
+                .targets
+                .attach(&mut probes, &file)
+                .with_context(|| format!("attaching probe {}", file.target.path().display()))?;
+        }
+        registry.probe_kinds = symprobe::static_kinds(&cfg.probe);
         if unwind {
             let maps = UnwindMaps::take(&mut probes)?;
             registry.unwind = Some(TablesWorker::spawn(Tables::new(maps, cfg.unwind))?);
@@ -449,6 +471,10 @@ impl State {
 impl Handler for Registry {
     fn exec(&mut self, parts: &mut Parts, tgid: u32, comm: &[u8; 16], path: String) {
         self.exec_seen(tgid, comm, path, &mut parts.probes, &parts.symbolizer);
+    }
+
+    fn image_hists(&mut self, _parts: &mut Parts, tgid: u32, hists: ImageHists) {
+        Registry::image_hists(self, tgid, hists);
     }
 
     fn new_site(&mut self, parts: &mut Parts, site: &SiteKey, comm: &[u8; 16]) {

@@ -40,7 +40,7 @@ use crate::{
     config::Config,
     k8s,
     model::{ProcessSnapshot, SelfStats},
-    privilege,
+    preflight, privilege,
     serve::{self, SnapshotSource, metrics::MetricsError},
 };
 
@@ -121,10 +121,15 @@ impl ChannelSource {
 
 impl SnapshotSource for ChannelSource {
     fn snapshot(&self) -> Snapshot {
+        self.snapshot_fresh().0
+    }
+
+    fn snapshot_fresh(&self) -> (Snapshot, bool) {
         let (reply, rx) = std_mpsc::sync_channel(1);
-        self.ask(Request::Snapshot(reply), rx)
-            .or_else(|| self.stale(&self.last.snapshot))
-            .unwrap_or_default()
+        match self.ask(Request::Snapshot(reply), rx) {
+            Some(s) => (s, true),
+            None => (self.stale(&self.last.snapshot).unwrap_or_default(), false),
+        }
     }
 
     fn metrics(&self, started: Instant) -> Option<Result<String, MetricsError>> {
@@ -158,6 +163,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .transpose()?;
     // Bind before loading anything: a taken port is a startup error, not a later one.
     let listener = serve::bind(cfg.listen).await?;
+    // After every refusal: a refusal stays one line (before 6.6 the multi-link warning came
+    // first, and a missing capability was two lines).
+    for w in preflight::agent_warnings() {
+        crate::say!("allocwatch: warning: {w}");
+    }
 
     let (tx, requests) = mpsc::channel::<Request>(8);
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -10,6 +10,7 @@ use allocwatch_common::{
     go::GoHistVal,
     libc::{API_COUNT, Api, NO_STACK, Overflow, SiteKey, SiteStats},
     map_names,
+    symprobe::{self, ProbeSiteKey, ProbeSiteStats},
 };
 
 use super::registry::{Proc, Registry};
@@ -23,7 +24,7 @@ use crate::{
     probes::Probes,
     symbolize::Frame,
     symbolize::SymbolizerHandle,
-    target::libc::Allocator,
+    target::{libc::Allocator, symprobe::StaticKind},
 };
 
 pub async fn build(
@@ -36,6 +37,7 @@ pub async fn build(
 ) -> anyhow::Result<((Vec<ProcessSnapshot>, SelfStats), Vec<u32>)> {
     let t0 = Instant::now();
     let sites = collect::sites(probes, None)?;
+    let probe_sites = collect::probe_sites(probes, None)?;
     let libc_hist = collect::hist(probes, map_names::LIBC_HIST)?;
     let go_hist = collect::hist(probes, map_names::GO_HIST)?;
     if std::env::var_os("ALLOCWATCH_DEBUG_TIMING").is_some() {
@@ -56,6 +58,7 @@ pub async fn build(
         deadline: Instant::now() + SYMBOLIZE_TIME,
         sampling,
         hold_back: true,
+        probe_kinds: &registry.probe_kinds,
     };
     // A process's rows are in the kernel maps while it runs and in `retained` once harvested
     // (a row is in one place or the other, never both), so a snapshot takes both.
@@ -73,7 +76,14 @@ pub async fn build(
         );
         let image = (pid, registry.image_of(pid));
         let rows = (&rows[..], &p.retained.remainder);
-        out.push(process_snapshot(&mut ctx, image, p, rows, hists).await?);
+        let mut probe_rows: Vec<(ProbeSiteKey, ProbeSiteStats)> = probe_sites
+            .range(probe_range(pid))
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        probe_rows.extend_from_slice(&p.retained.probe_rows);
+        let mut snap = process_snapshot(&mut ctx, image, p, rows, hists).await?;
+        probe_snapshot(&mut ctx, &mut snap, &probe_rows).await?;
+        out.push(snap);
     }
     for (&pid, images) in &registry.past {
         for i in images.iter().filter(|i| i.exported) {
@@ -83,9 +93,12 @@ pub async fn build(
                 .map(|(k, v)| (*k, *v))
                 .collect();
             rows.extend_from_slice(&i.retained.rows);
-            // The size histograms are kept per pid, not per image: they stay with the
-            // current image.
-            let hists = (Histogram::default(), Histogram::default());
+            // Its size histograms left the maps at its exec (`ImageHist`).
+            let none = BTreeMap::new();
+            let hists = (
+                histogram(&none, &i.retained.libc_hist, pid, 1.0),
+                histogram(&none, &i.retained.go_hist, pid, 1.0),
+            );
             let image = (pid, i.image);
             let rows = (&rows[..], &i.retained.remainder);
             out.push(process_snapshot(&mut ctx, image, &i.proc, rows, hists).await?);
@@ -115,6 +128,10 @@ pub async fn build(
     self_stats.map_fill.insert(
         map_names::SITES,
         (sites.len() - spill_rows) as f64 / f64::from(max_sites.max(1)),
+    );
+    self_stats.map_fill.insert(
+        map_names::PROBE_SITES,
+        probe_sites.len() as f64 / f64::from(symprobe::SITES_MAX),
     );
     self_stats.map_fill.insert(
         map_names::SPILL,
@@ -165,6 +182,7 @@ pub async fn departing(
         deadline: Instant::now() + SYMBOLIZE_TIME,
         sampling,
         hold_back: false,
+        probe_kinds: &registry.probe_kinds,
     };
     let (proc, retained, number) = match image {
         None => {
@@ -184,17 +202,17 @@ pub async fn departing(
             (&i.proc, &i.retained, n)
         }
     };
-    let hists = if image.is_none() {
-        let none = BTreeMap::new();
-        (
-            histogram(&none, &retained.libc_hist, pid, 1.0),
-            histogram(&none, &retained.go_hist, pid, 1.0),
-        )
-    } else {
-        (Histogram::default(), Histogram::default())
-    };
+    let none = BTreeMap::new();
+    let hists = (
+        histogram(&none, &retained.libc_hist, pid, 1.0),
+        histogram(&none, &retained.go_hist, pid, 1.0),
+    );
     let rows = (&retained.rows[..], &retained.remainder);
-    let snap = process_snapshot(&mut ctx, (pid, number), proc, rows, hists).await?;
+    let mut snap = process_snapshot(&mut ctx, (pid, number), proc, rows, hists).await?;
+    // Symbol-probe rows stay with the pid's current image.
+    if image.is_none() {
+        probe_snapshot(&mut ctx, &mut snap, &retained.probe_rows).await?;
+    }
     Ok(Some(snap))
 }
 
@@ -223,6 +241,8 @@ struct Symbolize<'a> {
     /// Whether a young site this scrape had no time to name is held back ([`HOLD_BACK`]);
     /// not in a process's final snapshot, which has no later scrape.
     hold_back: bool,
+    /// The symbol probes' kinds, by probe id.
+    probe_kinds: &'a [StaticKind],
 }
 
 /// What naming a site came to.
@@ -361,6 +381,68 @@ async fn process_snapshot(
         snap.go = Some(go_snap);
     }
     Ok(snap)
+}
+
+/// A process's symbol-probe rows (built-in growth kinds, `probe`s) into its snapshot: calls
+/// and argument sums per kind, and sites by kind (calls only), the largest named first; a
+/// probe's row of unknown sites (a full table, or folded away at exit) is its `other`.
+async fn probe_snapshot(
+    ctx: &mut Symbolize<'_>,
+    snap: &mut ProcessSnapshot,
+    rows: &[(ProbeSiteKey, ProbeSiteStats)],
+) -> anyhow::Result<()> {
+    let kinds = ctx.probe_kinds;
+    let mut ranked: Vec<&(ProbeSiteKey, ProbeSiteStats)> = rows
+        .iter()
+        .filter(|(k, s)| s.calls > 0 && kinds.get(k.probe as usize).is_some())
+        .collect();
+    ranked.sort_by_key(|(k, s)| (std::cmp::Reverse(s.calls), *k));
+    let mut other: BTreeMap<&'static str, u64> = BTreeMap::new();
+    for (i, (key, stats)) in ranked.into_iter().enumerate() {
+        let kind = &kinds[key.probe as usize];
+        *snap.probe_calls.entry(kind.name).or_default() += stats.calls;
+        for (slot, arg) in kind.args.iter().enumerate() {
+            let sum = snap.probe_args.entry((kind.name, arg)).or_default();
+            *sum = sum.wrapping_add(stats.args[slot]);
+        }
+        if key.stack_id == NO_STACK && key.ret_addr == 0 {
+            *other.entry(kind.name).or_default() += stats.calls;
+            continue;
+        }
+        let site = (snap.pid, key.stack_id, key.ret_addr);
+        let naming = site_frames(ctx, i, site).await?;
+        snap.sites.push(SiteSnapshot {
+            kind: kind.name,
+            probe: true,
+            calls: stats.calls,
+            ..ctx.named(naming, site)
+        });
+    }
+    for (kind, calls) in other {
+        snap.sites.push(SiteSnapshot {
+            kind,
+            probe: true,
+            calls,
+            remainder: true,
+            ..SiteSnapshot::default()
+        });
+    }
+    Ok(())
+}
+
+/// Symbol-probe keys sort by tgid first: the rows of one process are one range.
+fn probe_range(pid: u32) -> std::ops::RangeInclusive<ProbeSiteKey> {
+    ProbeSiteKey {
+        tgid: pid,
+        probe: 0,
+        stack_id: i64::MIN,
+        ret_addr: 0,
+    }..=ProbeSiteKey {
+        tgid: pid,
+        probe: u32::MAX,
+        stack_id: i64::MAX,
+        ret_addr: u64::MAX,
+    }
 }
 
 /// The maps read from `pid` at the last refresh, largest first, named by their first growth's

@@ -28,8 +28,10 @@ use allocwatch_common::{
     go::{GO_HIST_BUCKETS, GoHistKey, GoHistVal, GoProc, StwState},
     libc::{API_COUNT, LiveAlloc, LiveKey, Pending, SiteKey, SiteStats},
     map_names,
+    symprobe::{ProbeSiteKey, ProbeSiteStats},
 };
 
+use super::retained::add_probe;
 use crate::{
     aggregate::sum_stats,
     collect::{self, CollectError, Cursor, RawMap},
@@ -70,6 +72,9 @@ pub struct Harvest {
     /// (log2 bucket, count and bytes) of the libc and Go request-size histograms.
     pub libc_hist: Vec<(u32, GoHistVal)>,
     pub go_hist: Vec<(u32, GoHistVal)>,
+    /// Symbol-probe rows (C++/Rust growth, `probe`s): they stay with the pid's current
+    /// program image, like the histograms.
+    pub probe_rows: Vec<(ProbeSiteKey, ProbeSiteStats)>,
 }
 
 /// What one step found and finished.
@@ -285,7 +290,7 @@ impl Sweeper {
         let t1 = Instant::now();
         // Also with nothing queued: orphans are only found by these passes.
         if !self.backstop.running() && self.backstop.due(BACKSTOP_EVERY) {
-            self.backstop.start(6);
+            self.backstop.start(7);
         }
         let urgent = self.live_entries as f64 >= LIVE_URGENT_FILL * f64::from(max_live.max(1));
         // Without anything to delete, the pass still measures the table's fill.
@@ -320,6 +325,8 @@ impl Sweeper {
     /// Looks up, harvests and deletes queued keys, up to [`TARGET_BUDGET`].
     fn targeted(&mut self, probes: &Probes, out: &mut StepResult) -> Result<(), CollectError> {
         let mut budget = TARGET_BUDGET;
+        // Pids whose announced rows are all out: their symbol-probe rows go in one walk.
+        let mut finished: HashMap<u32, Option<Fate>> = HashMap::new();
         while budget > 0 {
             let Some(mut t) = self.targets.pop_front() else {
                 break;
@@ -366,6 +373,7 @@ impl Sweeper {
             match t.owner {
                 Owner::Pid(pid) => {
                     out.deleted += delete_per_pid(probes, pid, fate, &self.image_keys, out)?;
+                    finished.insert(pid, fate);
                     if fate == Some(Fate::Reject) {
                         self.retire_pid(pid);
                         continue;
@@ -377,6 +385,7 @@ impl Sweeper {
                 Owner::Image(image) => out.done_images.push(image),
             }
         }
+        out.deleted += sweep_probe_rows(probes, &finished, out)?;
         Ok(())
     }
 
@@ -435,7 +444,37 @@ impl Sweeper {
             doomed.extend(orphans);
             out.deleted += map.delete(&doomed)?;
         }
-        // Size histograms are per pid (an exec'd image's stay with the pid).
+        // Symbol-probe rows (cursor 6): never announced, so only the targeted step's walk and
+        // this pass find them; they stay with the pid, like the histograms.
+        {
+            let name = map_names::PROBE_SITES;
+            let map =
+                RawMap::of::<ProbeSiteKey, ProbeSiteStats>(collect::map_ref(probes, name)?, name)?;
+            let mut doomed: Vec<ProbeSiteKey> = Vec::new();
+            let mut others: Vec<ProbeSiteKey> = Vec::new();
+            map.scan(
+                &mut cursors[6],
+                PASS_BUDGET,
+                |k: &ProbeSiteKey, v: &[ProbeSiteStats]| {
+                    let Some(fate) = self.swept(k.tgid) else {
+                        others.push(*k);
+                        return;
+                    };
+                    doomed.push(*k);
+                    if fate == Fate::Harvest {
+                        out.harvest(Owner::Pid(k.tgid))
+                            .probe_rows
+                            .push((*k, sum_probe(v)));
+                    }
+                },
+            )?;
+            let orphans = self.orphans.of(&others, |k| k.tgid, known);
+            self.orphan_rows += orphans.len() as u64;
+            doomed.extend(orphans);
+            out.deleted += map.delete(&doomed)?;
+        }
+        // Size histograms are per pid (an exec'd image's left the maps at its exec, where the
+        // kernel has per-CPU lookups: `ImageHist`).
         for (slot, name) in [(1, map_names::LIBC_HIST), (2, map_names::GO_HIST)] {
             let map = RawMap::of::<GoHistKey, GoHistVal>(collect::map_ref(probes, name)?, name)?;
             let mut doomed: Vec<GoHistKey> = Vec::new();
@@ -601,6 +640,50 @@ impl StepResult {
 enum Owner {
     Pid(u32),
     Image((u32, u32)),
+}
+
+/// Per-CPU values of a symbol-probe row, summed.
+fn sum_probe(v: &[ProbeSiteStats]) -> ProbeSiteStats {
+    let mut sum = ProbeSiteStats::default();
+    for x in v {
+        add_probe(&mut sum, x);
+    }
+    sum
+}
+
+/// Takes the symbol-probe rows of `pids` (with their fates) out of their table in one walk:
+/// their keys (stacks, callers) are never announced. Those of exported processes are
+/// harvested, with the pid (a rejected process's are deleted: it is denied from now on).
+fn sweep_probe_rows(
+    probes: &Probes,
+    pids: &HashMap<u32, Option<Fate>>,
+    out: &mut StepResult,
+) -> Result<usize, CollectError> {
+    if pids.is_empty() {
+        return Ok(0);
+    }
+    let name = map_names::PROBE_SITES;
+    let map = RawMap::of::<ProbeSiteKey, ProbeSiteStats>(collect::map_ref(probes, name)?, name)?;
+    let mut doomed: Vec<ProbeSiteKey> = Vec::new();
+    map.scan(
+        &mut Cursor::default(),
+        usize::MAX,
+        |k: &ProbeSiteKey, v: &[ProbeSiteStats]| {
+            let Some(fate) = pids.get(&k.tgid) else {
+                return;
+            };
+            doomed.push(*k);
+            if *fate == Some(Fate::Harvest) {
+                out.harvest(Owner::Pid(k.tgid))
+                    .probe_rows
+                    .push((*k, sum_probe(v)));
+            }
+        },
+    )?;
+    if !doomed.is_empty() {
+        log::debug!("{} symbol-probe rows out", doomed.len());
+    }
+    Ok(map.delete(&doomed)?)
 }
 
 /// Rows keyed by the pid: its rows of unknown sites and size-histogram buckets (harvested),

@@ -138,6 +138,7 @@ mod tests {
             live_bytes: 0,
             remainder: false,
             pending: false,
+            probe: false,
         };
         vec![
             s(

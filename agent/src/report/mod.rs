@@ -277,6 +277,7 @@ pub fn snapshot_of(r: &TopReport) -> crate::model::ProcessSnapshot {
             live_bytes,
             remainder: false,
             pending: false,
+            probe: false,
         });
     }
     if let Some(go) = &r.go {
@@ -290,6 +291,7 @@ pub fn snapshot_of(r: &TopReport) -> crate::model::ProcessSnapshot {
                 live_bytes: 0,
                 remainder: false,
                 pending: false,
+                probe: false,
             });
         }
     }

@@ -107,6 +107,10 @@ impl ProfileOptions {
 fn values(s: &SiteSnapshot) -> Option<[i64; SAMPLE_TYPES.len()]> {
     let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     let mut v = [0i64; SAMPLE_TYPES.len()];
+    // Symbol probes count calls of functions, which are no allocation.
+    if s.probe {
+        return None;
+    }
     match s.kind {
         "free" => return None,
         "map_grow" => {
@@ -500,6 +504,7 @@ pub(crate) mod tests {
             live_bytes: live * 100,
             remainder: false,
             pending: false,
+            probe: false,
         }
     }
 

@@ -82,6 +82,12 @@ pub struct ServeConfig {
 pub trait SnapshotSource: Send + Sync + 'static {
     fn snapshot(&self) -> (Vec<ProcessSnapshot>, SelfStats);
 
+    /// [`Self::snapshot`], and whether it is current: false when the source did not answer in
+    /// time and this is an earlier answer (a process that started since is not in it).
+    fn snapshot_fresh(&self) -> ((Vec<ProcessSnapshot>, SelfStats), bool) {
+        (self.snapshot(), true)
+    }
+
     /// `/healthz`: whether the source is working; the error says why not. Must not block.
     fn health(&self) -> Result<(), String> {
         Ok(())
@@ -342,21 +348,39 @@ async fn heap_handler(
     profile(state, q, DefaultSample::InuseSpace).await
 }
 
-async fn snapshot(state: &Arc<AppState>, q: &Arc<ProfileQuery>) -> Option<Vec<ProcessSnapshot>> {
+/// The matching processes of a snapshot, and whether it is current.
+async fn snapshot(
+    state: &Arc<AppState>,
+    q: &Arc<ProfileQuery>,
+) -> Option<(Vec<ProcessSnapshot>, bool)> {
     let (state, q) = (Arc::clone(state), Arc::clone(q));
     tokio::task::spawn_blocking(move || {
-        let (procs, _) = state.source.snapshot();
-        procs.into_iter().filter(|p| q.matches(p)).collect()
+        let ((procs, _), fresh) = state.source.snapshot_fresh();
+        (procs.into_iter().filter(|p| q.matches(p)).collect(), fresh)
     })
     .await
     .ok()
 }
 
-fn no_match() -> Response {
-    text(
-        StatusCode::NOT_FOUND,
-        "no traced process matches the query\n".to_string(),
+/// No process matches: a 404 only when the answer is current. From an earlier answer (the
+/// tracer is behind: a busy node) the process may be one it has seen since, so the client is
+/// told to retry rather than that the process is unknown.
+fn no_match(fresh: bool) -> Response {
+    if fresh {
+        return text(
+            StatusCode::NOT_FOUND,
+            "no traced process matches the query\n".to_string(),
+        );
+    }
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+            (header::RETRY_AFTER, "1"),
+        ],
+        "the tracer is behind and its last answer has no process matching the query; retry\n",
     )
+        .into_response()
 }
 
 async fn profile(state: Arc<AppState>, q: ProfileQuery, default_sample: DefaultSample) -> Response {
@@ -368,14 +392,14 @@ async fn profile(state: Arc<AppState>, q: ProfileQuery, default_sample: DefaultS
         );
     }
     let q = Arc::new(q);
-    let Some(mut procs) = snapshot(&state, &q).await else {
+    let Some((mut procs, fresh)) = snapshot(&state, &q).await else {
         return text(
             StatusCode::INTERNAL_SERVER_ERROR,
             "taking a snapshot failed\n".to_string(),
         );
     };
     if procs.is_empty() {
-        return no_match();
+        return no_match(fresh);
     }
     let mut opts = ProfileOptions::new(default_sample);
     opts.sample_bytes = state.sample_bytes;
@@ -388,7 +412,7 @@ async fn profile(state: Arc<AppState>, q: ProfileQuery, default_sample: DefaultS
                 return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".to_string());
             }
         }
-        let Some(after) = snapshot(&state, &q).await else {
+        let Some((after, after_fresh)) = snapshot(&state, &q).await else {
             return text(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "taking a snapshot failed\n".to_string(),
@@ -396,10 +420,10 @@ async fn profile(state: Arc<AppState>, q: ProfileQuery, default_sample: DefaultS
         };
         procs = pprof::delta(&after, &procs);
         opts.duration = Some(window);
-    }
-    // Every matching process may have exited (and been forgotten) during the window.
-    if procs.is_empty() {
-        return no_match();
+        // Every matching process may have exited (and been forgotten) during the window.
+        if procs.is_empty() {
+            return no_match(after_fresh);
+        }
     }
     match tokio::task::spawn_blocking(move || pprof::encode(&procs, &opts)).await {
         Ok(Ok(body)) => (

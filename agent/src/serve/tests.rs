@@ -61,6 +61,7 @@ pub(super) fn process(pid: u32, pod: &str, bytes: u64) -> ProcessSnapshot {
             live_bytes: 64,
             remainder: false,
             pending: false,
+            probe: false,
         }],
         ..Default::default()
     }
@@ -248,6 +249,42 @@ async fn healthz_and_metrics() {
     assert_eq!(get(server.addr, "/debug/pprof/").await.status, 404);
     assert_eq!(get(server.addr, "/nope").await.status, 404);
     server.shutdown().await;
+}
+
+/// A source behind its requests: each answer is an earlier one, which has process 10 only.
+struct Behind;
+
+impl SnapshotSource for Behind {
+    fn snapshot(&self) -> (Vec<ProcessSnapshot>, SelfStats) {
+        (vec![process(10, "web-1", 4096)], SelfStats::default())
+    }
+
+    fn snapshot_fresh(&self) -> ((Vec<ProcessSnapshot>, SelfStats), bool) {
+        (self.snapshot(), false)
+    }
+}
+
+/// An earlier answer without the process is no proof it is unknown: 503 and Retry-After, not
+/// 404 (a client that gave up on the 404 missed a process the tracer had seen).
+#[tokio::test]
+async fn stale_answer_without_the_process_says_retry() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve_on(listener, Arc::new(Behind), config(true), async {
+        let _ = stopped.await;
+    }));
+    let r = get(addr, "/debug/pprof/allocs?pid=999").await;
+    assert_eq!(
+        (r.status, r.header("retry-after")),
+        (503, Some("1")),
+        "{}",
+        r.text()
+    );
+    // What the earlier answer has is served from it.
+    assert_eq!(get(addr, "/debug/pprof/allocs?pid=10").await.status, 200);
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
 }
 
 #[tokio::test]

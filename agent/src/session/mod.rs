@@ -481,6 +481,7 @@ fn leaks_flamegraph(r: &LeaksReport, path: &Path) -> anyhow::Result<()> {
             live_bytes: l.bytes,
             remainder: false,
             pending: false,
+            probe: false,
         })
         .collect();
     let title = format!(

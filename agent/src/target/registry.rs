@@ -19,7 +19,7 @@ use super::{
     go::{self, GoProbeSet, GoTarget},
     libc::{self, LibcTarget},
     maps::{DevInode, MapEntry},
-    symprobe::SymTarget,
+    symprobe::{self, SymTarget},
 };
 
 /// The kinds of target, in the order a process's files are looked at.
@@ -30,12 +30,14 @@ pub enum Kind {
     Libc,
     /// A Go executable's runtime.
     Go,
-    /// Functions probed by symbol (`--probe`, C++/Rust container growth); sessions only.
+    /// Functions probed by symbol: the built-in C++/Rust container-growth kinds in a
+    /// process's executable and libstdc++ (found by the agent's discovery), and `--probe`s
+    /// (attached by the caller from its configuration, [`Targets::attach`]).
     Sym,
 }
 
 /// Every loader, in order.
-pub const LOADERS: [Kind; 2] = [Kind::Libc, Kind::Go];
+pub const LOADERS: [Kind; 3] = [Kind::Libc, Kind::Go, Kind::Sym];
 
 /// One file's analysis by its loader: what to probe in it.
 #[derive(Clone, Debug)]
@@ -356,8 +358,48 @@ impl Targets {
                     .map(|g| g.map(|g| Target::Go(Arc::new(g))));
                 vec![(id, go)]
             }
-            // Found by the session from its `--probe`s, never by discovery.
-            Kind::Sym => return Vec::new(),
+            // The built-in growth kinds: templates are instantiated in the executable, the
+            // C++ rehash policy lives in libstdc++ (each file analysed once, for every process
+            // that maps it; one with `--probe`s was attached whole at start).
+            Kind::Sym => {
+                let mut out = Vec::new();
+                if let Some(id) = exe_id {
+                    let exe = crate::procfs::exe_link(proc.pid);
+                    if self.files.contains_key(&(kind, id)) {
+                        out.push((id, Ok(None)));
+                    } else {
+                        match symprobe::builtins_in(&exe) {
+                            // Gone meanwhile: no verdict on its file, which the next process
+                            // running it brings back.
+                            Err(TargetError::Io { .. }) => {}
+                            analysed => out.push((id, analysed)),
+                        }
+                    }
+                }
+                for m in proc.maps.iter().filter(|m| {
+                    m.offset == 0 && Some(m.dev_inode) != exe_id && symprobe::is_libstdcxx(m)
+                }) {
+                    if self.files.contains_key(&(kind, m.dev_inode))
+                        || out.iter().any(|(id, _)| *id == m.dev_inode)
+                    {
+                        out.push((m.dev_inode, Ok(None)));
+                        continue;
+                    }
+                    let analysed = match libc::open_mapped(proc.pid, m) {
+                        Ok(path) => symprobe::builtins_in(&path),
+                        Err(tried) => Err(TargetError::MappedFileUnavailable {
+                            pid: proc.pid,
+                            comm: proc.comm.to_owned(),
+                            display_path: m.path.clone().unwrap_or_default(),
+                            tried,
+                        }),
+                    };
+                    out.push((m.dev_inode, analysed));
+                }
+                out.into_iter()
+                    .map(|(id, t)| (id, t.map(|t| t.map(|t| Target::Sym(Arc::new(t))))))
+                    .collect()
+            }
         };
         let mut ids = Vec::new();
         for (id, analysed) in analysed {
@@ -484,14 +526,15 @@ mod tests {
         let mut targets = Targets::new(set, None);
         let mut probes = Recorder::default();
         let found = targets.attach_process(&mut probes, &proc, &LOADERS);
-        assert_eq!(found.len(), 1, "libc only: this test binary is not Go");
-        assert_eq!(found[0].kind(), Kind::Libc);
-        assert_eq!(probes.files.len(), 1);
+        // Its libc, and (a Rust program, not Go) its own `finish_grow`s: Rust growth.
+        let kinds: Vec<Kind> = found.iter().map(Target::kind).collect();
+        assert_eq!(kinds, [Kind::Libc, Kind::Sym]);
+        assert_eq!(probes.files.len(), 2);
         let points = targets.points_attached;
-        assert!(points >= 2, "at least malloc and free");
+        assert!(points >= 3, "at least malloc, free and one finish_grow");
         let again = targets.attach_process(&mut probes, &proc, &LOADERS);
-        assert_eq!(again.len(), 1);
-        assert_eq!(probes.files.len(), 1, "not attached twice");
+        assert_eq!(again.len(), 2);
+        assert_eq!(probes.files.len(), 2, "not attached twice");
         assert_eq!(targets.points_attached, points);
         assert!(targets.failures.is_empty());
 
@@ -512,7 +555,8 @@ mod tests {
         );
         assert_eq!(
             targets.failures,
-            BTreeMap::from([(AttachFailure::Os(::libc::EPERM), 1)])
+            BTreeMap::from([(AttachFailure::Os(::libc::EPERM), 2)]),
+            "the libc and the executable, once each"
         );
         assert_eq!(targets.points_attached, 0);
     }

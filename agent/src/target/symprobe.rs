@@ -27,6 +27,7 @@ use allocwatch_common::symprobe::ARGS;
 use super::{
     TargetError,
     elf::{ElfFile, Symbol},
+    maps::MapEntry,
     placement::{self, Request},
 };
 
@@ -102,6 +103,16 @@ impl std::str::FromStr for ProbeSpec {
     }
 }
 
+impl std::fmt::Display for ProbeSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.binary.display(), self.symbol)?;
+        for (reg, name) in &self.args {
+            write!(f, ":arg{reg} as {name}")?;
+        }
+        Ok(())
+    }
+}
+
 /// What one probe id counts: a built-in kind or a `--probe`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProbeKind {
@@ -142,6 +153,31 @@ pub fn kinds(specs: &[ProbeSpec]) -> Vec<ProbeKind> {
             args: s.args.iter().map(|(_, n)| n.clone()).collect(),
             builtin: false,
         }))
+        .collect()
+}
+
+/// A probe id's kind with `'static` names, for the agent's export model (made once at start
+/// from its configuration, so the names leaked are bounded by it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StaticKind {
+    pub name: &'static str,
+    /// Names of the summed arguments, by slot.
+    pub args: Vec<&'static str>,
+}
+
+/// [`kinds`] with `'static` names, by probe id.
+pub fn static_kinds(specs: &[ProbeSpec]) -> Vec<StaticKind> {
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    kinds(specs)
+        .into_iter()
+        .enumerate()
+        .map(|(i, k)| StaticKind {
+            name: match BUILTINS.get(i) {
+                Some(b) if k.builtin => b,
+                _ => leak(k.name),
+            },
+            args: k.args.into_iter().map(leak).collect(),
+        })
         .collect()
 }
 
@@ -362,6 +398,37 @@ pub fn builtins_in(path: &Path) -> Result<Option<SymTarget>, TargetError> {
         path: path.to_owned(),
         points,
     }))
+}
+
+/// Whether a mapping is (the start of) a libstdc++, where the C++ rehash policy lives.
+pub fn is_libstdcxx(m: &MapEntry) -> bool {
+    m.path.as_deref().is_some_and(|p| {
+        Path::new(p)
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("libstdc++.so"))
+    })
+}
+
+/// The agent's `probe`s (ids after the built-ins), each file with the built-in kinds it has
+/// too, merged per file: attached at start for every process, before discovery (which then
+/// finds these files probed already).
+pub fn for_agent(specs: &[ProbeSpec]) -> Result<Vec<SymTarget>, SymError> {
+    let mut targets: Vec<SymTarget> = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let t = for_spec(spec, (BUILTINS.len() + i) as u32)?;
+        match targets.iter_mut().find(|o| o.path == t.path) {
+            Some(o) => o.points.extend(t.points),
+            None => targets.push(t),
+        }
+    }
+    for t in &mut targets {
+        match builtins_in(&t.path) {
+            Ok(Some(b)) => t.points.extend(b.points),
+            Ok(None) => {}
+            Err(e) => log::debug!("growth functions of {}: {e}", t.path.display()),
+        }
+    }
+    Ok(targets)
 }
 
 /// Every file to probe for a session: each `--probe` (ids after the built-ins) and the

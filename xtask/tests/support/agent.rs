@@ -267,9 +267,15 @@ impl Agent {
         self.scrape()
     }
 
-    /// A profile endpoint's body: 200 and gzip.
+    /// A profile endpoint's body: 200 and gzip. A 503 (the agent's loop is behind, and its
+    /// last answer lacks the process: a busy machine) is retried for up to 30 s.
     pub fn profile(&self, path: &str) -> Vec<u8> {
-        let r = self.get(path);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut r = self.get(path);
+        while r.status == 503 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(250));
+            r = self.get(path);
+        }
         assert_eq!(
             r.status,
             200,

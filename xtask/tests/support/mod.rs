@@ -33,6 +33,18 @@ pub mod agent;
 
 /// The line `allocwatch top`/`leaks` prints once its probes are attached.
 pub const TRACING_PREFIX: &str = "allocwatch: tracing pid ";
+
+/// A deadline for allocwatch's start (loading the probes, attaching), times
+/// `ALLOCWATCH_TEST_STARTUP_FACTOR` when set: `./x test --vm` sets it in an emulated VM, where
+/// the verifier alone takes tens of seconds. Host runs keep their deadlines.
+pub fn startup(limit: Duration) -> Duration {
+    let factor = env::var("ALLOCWATCH_TEST_STARTUP_FACTOR")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|&f| f >= 1)
+        .unwrap_or(1);
+    limit * factor
+}
 /// The start of allocwatch's one error line.
 pub const ERROR_PREFIX: &str = "allocwatch: error: ";
 
@@ -475,7 +487,7 @@ impl Allocwatch {
 
     /// Like [`Self::wait_tracing_pid`], with the stderr so far when there was no such line.
     pub fn try_wait_tracing_pid(&mut self, timeout: Duration) -> Result<u32, String> {
-        let line = self.stderr.try_wait_for(TRACING_PREFIX, timeout)?;
+        let line = self.stderr.try_wait_for(TRACING_PREFIX, startup(timeout))?;
         let rest = &line[TRACING_PREFIX.len()..];
         let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
         digits
@@ -712,6 +724,22 @@ pub fn path_str(p: &Path) -> &str {
 // JSON access with messages that show the document
 
 /// The JSON report at `path` (removed once read).
+/// `bpftool -j ARGS…`, parsed.
+pub fn bpftool(args: &[&str]) -> Value {
+    let out = Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run bpftool ({e}): ./x setup installs it"));
+    assert!(out.status.success(), "bpftool {args:?}: {}", out.status);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "bpftool {args:?}: not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
 pub fn read_json(path: &Path) -> Value {
     let text = fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("report {} not written: {e}", path.display()));

@@ -129,7 +129,7 @@ impl Registry {
         // later with this libc is then recorded from its first call, however briefly it
         // lives. Denied processes still take the uprobe trap of each call, and nothing more.
         let maps = read_maps(pid).unwrap_or_default();
-        self.attach(pid, &comm, &maps, probes, false);
+        self.attach(pid, &comm, &maps, probes, &[Kind::Libc]);
     }
 
     /// A running process the selection takes: its files attached, registered, and admitted in
@@ -162,7 +162,7 @@ impl Registry {
         // One read of the memory map serves the libc search, the Go load bias and the
         // symbolizer's snapshot.
         let maps = read_maps(pid).unwrap_or_default();
-        let (go, served) = self.attach(pid, &comm, &maps, probes, true);
+        let (go, served) = self.attach(pid, &comm, &maps, probes, &LOADERS);
         self.load_unwind(pid, &maps);
         symbolizer.note_maps(pid, &maps);
         log::debug!("pid {pid}: selected (comm {comm:?}, exe {exe:?})");
@@ -329,7 +329,13 @@ impl Registry {
                 .map(|s| s.trim_end().to_string())
                 .unwrap_or_default();
             let maps = read_maps(pid).unwrap_or_default();
-            self.attach(pid, &comm, &maps, probes, false);
+            // A registered process's libstdc++ is mapped with its libc (growth probes).
+            let kinds: &[Kind] = if self.procs.contains_key(&pid) {
+                &[Kind::Libc, Kind::Sym]
+            } else {
+                &[Kind::Libc]
+            };
+            self.attach(pid, &comm, &maps, probes, kinds);
             // Read at its exec, it had no libraries yet: their tables now.
             if self.procs.contains_key(&pid) {
                 self.load_unwind(pid, &maps);
@@ -337,8 +343,9 @@ impl Registry {
         }
     }
 
-    /// Attaches the files `pid` runs that are not probed yet: those serving its malloc family,
-    /// and (with `go`) its executable when it is a Go program. Returns its Go target and the
+    /// Attaches the files `pid` runs that are not probed yet, of the `kinds` asked for: those
+    /// serving its malloc family, its executable when it is a Go program, and the files with
+    /// C++/Rust growth functions (its executable, libstdc++). Returns its Go target and the
     /// files serving its malloc family, if any (and notes their APIs and allocator on the
     /// process when it is registered already).
     fn attach(
@@ -347,9 +354,8 @@ impl Registry {
         comm: &str,
         maps: &[MapEntry],
         probes: &mut Probes,
-        go: bool,
+        kinds: &[Kind],
     ) -> (Option<Arc<GoTarget>>, Option<Served>) {
-        let kinds: &[Kind] = if go { &LOADERS } else { &[Kind::Libc] };
         let proc = ProcessFiles { pid, comm, maps };
         let found = self.targets.attach_process(probes, &proc, kinds);
         // In resolution order, the file serving malloc first (`Targets::attach_process`).

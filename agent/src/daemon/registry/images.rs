@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use allocwatch_common::libc::SiteKey;
+use allocwatch_common::{ImageHists, libc::SiteKey};
 
 use super::{ImageSites, PastImage, Proc, Registry, comm_text};
 use crate::{
@@ -30,6 +30,16 @@ impl Registry {
             image.comm = comm_text(comm);
         }
         image.keys.insert(*key);
+    }
+
+    /// The size histograms `pid`'s program left at the exec whose record follows.
+    pub fn image_hists(&mut self, pid: u32, hists: ImageHists) {
+        if pid == self.self_pid {
+            return;
+        }
+        let image = self.image_sites.entry(pid).or_default();
+        image.hists.libc.extend(hists.libc);
+        image.hists.go.extend(hists.go);
     }
 
     /// The number of `pid`'s current program image (0 before its first exec).
@@ -72,7 +82,11 @@ impl Registry {
         } else {
             None
         };
-        if let Some(sites) = self.image_sites.remove(&pid).filter(|s| !s.keys.is_empty()) {
+        if let Some(sites) = self
+            .image_sites
+            .remove(&pid)
+            .filter(|s| !s.keys.is_empty() || s.hists != ImageHists::default())
+        {
             self.end_image(pid, old, sites);
         }
         // What the new program records goes unless it is selected (the old image's stays,
@@ -92,10 +106,13 @@ impl Registry {
         let mut exported = true;
         // Rows harvested before the exec was read (the process was gone by then) were made
         // by this image: every record of the old image precedes the exec's in the ring.
-        let retained = old
+        let mut retained = old
             .as_mut()
             .map(|p| std::mem::take(&mut p.retained))
             .unwrap_or_default();
+        // Its size histograms, taken out of the maps at the exec (the rows left there are the
+        // new program's).
+        retained.add_hists(sites.hists.libc, sites.hists.go);
         let proc = match old {
             // Registered while the old program ran.
             Some(p) if p.labels.comm == sites.comm => Proc {

@@ -36,7 +36,13 @@ use crate::{
     model::ProcessLabels,
     procfs,
     symbolize::SymbolizerHandle,
-    target::{go::GoProbeSet, libc::Allocator, maps::MapEntry, registry::Targets},
+    target::{
+        go::GoProbeSet,
+        libc::Allocator,
+        maps::MapEntry,
+        registry::Targets,
+        symprobe::{self, StaticKind},
+    },
     unwind::worker::TablesWorker,
 };
 
@@ -78,6 +84,9 @@ pub struct PastImage {
 struct ImageSites {
     comm: String,
     keys: HashSet<SiteKey>,
+    /// The size histograms the image left at its exec (`ImageHist` record), for its exec
+    /// record to hand to the past image.
+    hists: allocwatch_common::ImageHists,
 }
 
 /// A gone process (`image` `None`) or exec'd program image due to leave the registry.
@@ -130,6 +139,8 @@ pub struct Registry {
     self_pid: u32,
     /// The unwind tables of the registered processes' files (`unwind = "dwarf"`).
     pub unwind: Option<TablesWorker>,
+    /// The symbol probes' kinds by probe id (built-in growth kinds, then the `probe`s).
+    pub probe_kinds: Vec<StaticKind>,
 }
 
 impl Registry {
@@ -153,6 +164,7 @@ impl Registry {
             retain_sites: RETAINED_SITES * top_k.max(1),
             self_pid: std::process::id(),
             unwind: None,
+            probe_kinds: symprobe::static_kinds(&[]),
         }
     }
 

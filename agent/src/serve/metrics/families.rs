@@ -197,6 +197,22 @@ pub const GO_ALLOC_SIZE: FamilySpec = spec(
     &[],
     "Go heap allocation sizes (runtime.mallocgc).",
 );
+pub const PROBE_CALLS: FamilySpec = spec(
+    "allocwatch_probe_calls_total",
+    MetricKind::Counter,
+    Scope::Process,
+    &["kind"],
+    "Calls of symbol-probed functions by kind: C++/Rust container growth (cxx_vector_grow, \
+     cxx_hash_rehash, rust_vec_grow, rust_hash_rehash) and each configured probe (kind = its \
+     symbol as given); by call site in allocwatch_site_alloc_calls_total{api=kind}.",
+);
+pub const PROBE_ARG_SUM: FamilySpec = spec(
+    "allocwatch_probe_arg_sum_total",
+    MetricKind::Counter,
+    Scope::Process,
+    &["kind", "arg"],
+    "Sum of a configured probe's named integer argument over its calls (`argN as NAME`).",
+);
 pub const GO_MAP_LEN: FamilySpec = spec(
     "allocwatch_go_map_len",
     MetricKind::Gauge,
@@ -334,7 +350,7 @@ pub const SCRAPE_DURATION: FamilySpec = spec(
 /// Every family, in exposition order: what the tests check deploy/README.md's table and the
 /// exposition against (the exporter names each family it renders directly).
 #[cfg(test)]
-pub const FAMILIES: [&FamilySpec; 36] = [
+pub const FAMILIES: [&FamilySpec; 38] = [
     &PROCESSES,
     &ALLOC_CALLS,
     &ALLOC_BYTES,
@@ -352,6 +368,8 @@ pub const FAMILIES: [&FamilySpec; 36] = [
     &GO_GC_CYCLES,
     &GO_GC_PAUSE,
     &GO_ALLOC_SIZE,
+    &PROBE_CALLS,
+    &PROBE_ARG_SUM,
     &GO_MAP_LEN,
     &GO_MAP_BYTES,
     &GO_MAP_LOAD,
@@ -476,6 +494,20 @@ impl Exporter {
         ] {
             f.push_to(&mut out);
         }
+
+        let mut probe_calls = Family::new(&PROBE_CALLS);
+        let mut probe_args = Family::new(&PROBE_ARG_SUM);
+        for (id, t) in &totals {
+            for (k, &v) in &t.ints {
+                match *k {
+                    Key::ProbeCalls(kind) => probe_calls.counter(&id.labels, &[kind], v),
+                    Key::ProbeArg(kind, arg) => probe_args.counter(&id.labels, &[kind, arg], v),
+                    _ => {}
+                }
+            }
+        }
+        probe_calls.push_to(&mut out);
+        probe_args.push_to(&mut out);
 
         // Maps: the identity's top sites by bytes held; a verdict's series only where a map
         // has it (an alert tests for presence).

@@ -38,6 +38,9 @@ pub(super) enum Key {
     SliceGrows,
     SliceGrowBytes,
     GcCycles,
+    /// Symbol-probe calls by kind, and argument sums by (kind, argument).
+    ProbeCalls(&'static str),
+    ProbeArg(&'static str, &'static str),
     Bucket(Hist, Bound),
     Count(Hist),
 }
@@ -65,6 +68,12 @@ impl Counters {
         }
         for (&cause, &n) in &p.lost {
             c.ints.insert(Key::Lost(cause), n);
+        }
+        for (&kind, &n) in &p.probe_calls {
+            c.ints.insert(Key::ProbeCalls(kind), n);
+        }
+        for (&(kind, arg), &n) in &p.probe_args {
+            c.ints.insert(Key::ProbeArg(kind, arg), n);
         }
         if let Some(go) = &p.go {
             for (&kind, &n) in &go.map_grows {

@@ -30,6 +30,9 @@
 //!   the sum may lag the total for a few scrapes. Under the cap, identities are served largest first (bytes allocated
 //!   through sites): one that does not fit loses its weakest sites, and those whose `other`
 //!   rows alone do not fit get no site series (their core series still count everything).
+//!   Go's growth events and the symbol probes' kinds (C++/Rust container growth, configured
+//!   probes: calls only, ranked after the sites that allocate bytes) are sites of their
+//!   `api` under the same rules.
 //!   The Go map gauges (`allocwatch_go_map_*`, `allocwatch_go_maps_flagged`, also by `site`)
 //!   count against the same cap, served after the call sites: at most `top_k` map sites per
 //!   identity, identities holding the most map bytes first, with what the call sites left.

@@ -24,6 +24,7 @@ fn site(kind: &'static str, stack: &[&str], calls: u64, bytes: u64) -> SiteSnaps
         live_bytes: 0,
         remainder: false,
         pending: false,
+        probe: false,
     }
 }
 
@@ -68,7 +69,18 @@ fn small_model() -> (Vec<ProcessSnapshot>, SelfStats) {
                 ..site("malloc", &["make_buf", "main"], 3, 300)
             },
             site("calloc", &["zero", "main"], 1, 64),
+            // Symbol probes: a built-in growth kind and a configured probe (calls only).
+            SiteSnapshot {
+                probe: true,
+                ..site("cxx_vector_grow", &["grow", "main"], 4, 0)
+            },
+            SiteSnapshot {
+                probe: true,
+                ..site("dictresize", &["insertdict", "main"], 2, 0)
+            },
         ],
+        probe_calls: BTreeMap::from([("cxx_vector_grow", 4), ("dictresize", 2)]),
+        probe_args: BTreeMap::from([(("dictresize", "log2_size"), 9)]),
         ..Default::default()
     };
     let b = ProcessSnapshot {
@@ -209,6 +221,13 @@ allocwatch_go_gc_pause_seconds_bucket{API,le="0.01"} 3
 allocwatch_go_gc_pause_seconds_bucket{API,le="+Inf"} 3
 allocwatch_go_gc_pause_seconds_sum{API} 0.0125
 allocwatch_go_gc_pause_seconds_count{API} 3
+# HELP allocwatch_probe_calls_total Calls of symbol-probed functions by kind: C++/Rust container growth (cxx_vector_grow, cxx_hash_rehash, rust_vec_grow, rust_hash_rehash) and each configured probe (kind = its symbol as given); by call site in allocwatch_site_alloc_calls_total{api=kind}.
+# TYPE allocwatch_probe_calls_total counter
+allocwatch_probe_calls_total{WEB,kind="cxx_vector_grow"} 4
+allocwatch_probe_calls_total{WEB,kind="dictresize"} 2
+# HELP allocwatch_probe_arg_sum_total Sum of a configured probe's named integer argument over its calls (`argN as NAME`).
+# TYPE allocwatch_probe_arg_sum_total counter
+allocwatch_probe_arg_sum_total{WEB,kind="dictresize",arg="log2_size"} 9
 # HELP allocwatch_go_map_len Elements in the live Go maps first grown at this call site (running processes; top sites by bytes held).
 # TYPE allocwatch_go_map_len gauge
 allocwatch_go_map_len{API,site="main.fill <- main.main"} 100
@@ -226,24 +245,32 @@ allocwatch_go_maps_flagged{API,site="main.fill <- main.main",verdict="bloated"} 
 allocwatch_site_alloc_calls_total{API,site="main.fill <- main.main",api="map_grow"} 2
 allocwatch_site_alloc_calls_total{API,site="main.fill <- main.main",api="slice_grow"} 5
 allocwatch_site_alloc_calls_total{WEB,site="zero <- main",api="calloc"} 1
+allocwatch_site_alloc_calls_total{WEB,site="grow <- main",api="cxx_vector_grow"} 4
+allocwatch_site_alloc_calls_total{WEB,site="insertdict <- main",api="dictresize"} 2
 allocwatch_site_alloc_calls_total{WEB,site="make_buf <- main",api="malloc"} 4
 # HELP allocwatch_site_alloc_bytes_total Bytes by call site (top sites per process identity; the rest in site="other").
 # TYPE allocwatch_site_alloc_bytes_total counter
 allocwatch_site_alloc_bytes_total{API,site="main.fill <- main.main",api="map_grow"} 4096
 allocwatch_site_alloc_bytes_total{API,site="main.fill <- main.main",api="slice_grow"} 2048
 allocwatch_site_alloc_bytes_total{WEB,site="zero <- main",api="calloc"} 64
+allocwatch_site_alloc_bytes_total{WEB,site="grow <- main",api="cxx_vector_grow"} 0
+allocwatch_site_alloc_bytes_total{WEB,site="insertdict <- main",api="dictresize"} 0
 allocwatch_site_alloc_bytes_total{WEB,site="make_buf <- main",api="malloc"} 1300
 # HELP allocwatch_site_live_allocations Outstanding allocations by call site.
 # TYPE allocwatch_site_live_allocations gauge
 allocwatch_site_live_allocations{API,site="main.fill <- main.main",api="map_grow"} 0
 allocwatch_site_live_allocations{API,site="main.fill <- main.main",api="slice_grow"} 0
 allocwatch_site_live_allocations{WEB,site="zero <- main",api="calloc"} 0
+allocwatch_site_live_allocations{WEB,site="grow <- main",api="cxx_vector_grow"} 0
+allocwatch_site_live_allocations{WEB,site="insertdict <- main",api="dictresize"} 0
 allocwatch_site_live_allocations{WEB,site="make_buf <- main",api="malloc"} 1
 # HELP allocwatch_site_live_bytes Bytes of outstanding allocations by call site.
 # TYPE allocwatch_site_live_bytes gauge
 allocwatch_site_live_bytes{API,site="main.fill <- main.main",api="map_grow"} 0
 allocwatch_site_live_bytes{API,site="main.fill <- main.main",api="slice_grow"} 0
 allocwatch_site_live_bytes{WEB,site="zero <- main",api="calloc"} 0
+allocwatch_site_live_bytes{WEB,site="grow <- main",api="cxx_vector_grow"} 0
+allocwatch_site_live_bytes{WEB,site="insertdict <- main",api="dictresize"} 0
 allocwatch_site_live_bytes{WEB,site="make_buf <- main",api="malloc"} 100
 # HELP allocwatch_probes_attached Probes (uprobe links) attached.
 # TYPE allocwatch_probes_attached gauge
@@ -269,7 +296,7 @@ allocwatch_symbolization_failures_total{cause="no_symbol"} 2
 allocwatch_stale_scrapes_total 0
 # HELP allocwatch_call_site_series Series labelled by call site exported at this scrape (allocwatch_site_*, allocwatch_go_map_* and allocwatch_go_maps_flagged).
 # TYPE allocwatch_call_site_series gauge
-allocwatch_call_site_series 20
+allocwatch_call_site_series 28
 # HELP allocwatch_call_site_series_limit Configured cap on the series labelled by call site (max_site_series).
 # TYPE allocwatch_call_site_series_limit gauge
 allocwatch_call_site_series_limit 1000

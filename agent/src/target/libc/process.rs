@@ -343,7 +343,7 @@ impl<F: FnMut(&MapEntry) -> Result<Examined, Unexamined>> Search<'_, F> {
 /// the plain path when the process shares our mount namespace (it outlives the process), else
 /// `/proc/<pid>/root/<path>`, else `/proc/<pid>/map_files/<range>` (deleted or replaced files,
 /// and filesystems whose paths do not stat to the mapped inode). Errors list what was tried.
-fn open_mapped(pid: u32, entry: &MapEntry) -> Result<PathBuf, Vec<PathBuf>> {
+pub fn open_mapped(pid: u32, entry: &MapEntry) -> Result<PathBuf, Vec<PathBuf>> {
     let mut tried = Vec::new();
     if let Some(path) = entry.path.as_deref().filter(|_| !entry.deleted) {
         let rooted = Path::new(&format!("/proc/{pid}/root")).join(path.trim_start_matches('/'));
