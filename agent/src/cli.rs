@@ -151,9 +151,9 @@ pub struct AgentArgs {
     /// [default: 524288 (512 KiB) in the modes with stacks or a live table, 0 in count]
     #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = values::sample_bytes)]
     pub sample_bytes: Option<u64>,
-    /// How sampled stacks are walked [default: fp]: `fp` (frame pointers) or `dwarf` (each
-    /// traced program's `.eh_frame` as tables in the kernel; for code built without frame
-    /// pointers).
+    /// How sampled stacks are walked [default: auto]: `auto` (`.eh_frame` as tables in the
+    /// kernel for the files built without frame pointers), `dwarf` (tables for every file) or
+    /// `fp` (frame pointers only).
     #[arg(long, value_enum, value_name = "HOW", hide_possible_values = true)]
     pub unwind: Option<crate::unwind::Unwind>,
     /// Serve /debug/pprof/allocs and /debug/pprof/heap.
@@ -277,11 +277,12 @@ pub struct CommonArgs {
     /// Do not capture user stacks (sites are then identified by their immediate caller only).
     #[arg(long)]
     pub no_stacks: bool,
-    /// How user stacks are walked: `fp` (frame pointers, the kernel's walk) or `dwarf` (the
-    /// traced programs' `.eh_frame` call-frame information, loaded into the kernel as tables;
-    /// frame pointers where a file has none). Use `dwarf` for programs and libraries built
-    /// without frame pointers.
-    #[arg(long, value_enum, value_name = "HOW", default_value = "fp")]
+    /// How user stacks are walked: `auto` (call-frame information, `.eh_frame`, loaded into
+    /// the kernel as tables for the files built without frame pointers, decided per file;
+    /// frame pointers elsewhere), `dwarf` (tables for every file that has call-frame
+    /// information) or `fp` (frame pointers only, the kernel's walk: the cheapest, cut at code
+    /// built without them).
+    #[arg(long, value_enum, value_name = "HOW", default_value = "auto")]
     pub unwind: crate::unwind::Unwind,
     /// Count the calls of any function: `BINARY:SYMBOL[:argN as NAME]…` (repeatable). SYMBOL
     /// is its ELF symbol, mangled or demangled (C++, Rust); each `argN as NAME` (arg0 … arg5,

@@ -159,6 +159,56 @@ impl Stopped {
         self.pid
     }
 
+    /// Lets the command run, stopped at each of its system calls, until `ready` holds (asked
+    /// before it runs and at each stop); at most [`MAX_SYSCALL_STOPS`] stops. ld.so maps the
+    /// libraries in system calls before any code of theirs or the program's runs, so this is
+    /// how a table of libc gets in before the program's first call into it. Returns whether
+    /// `ready` held; the command is then stopped, else it may have run on or exited (its exit
+    /// is left for the session to reap).
+    pub fn run_until(&mut self, mut ready: impl FnMut() -> bool) -> bool {
+        if ready() {
+            return true;
+        }
+        if !self.stopped {
+            return false;
+        }
+        let pid = self.pid as i32;
+        // SAFETY: ptrace on our own stopped tracee; syscall stops then carry SIGTRAP | 0x80.
+        unsafe {
+            libc::ptrace(
+                libc::PTRACE_SETOPTIONS,
+                pid,
+                0,
+                libc::PTRACE_O_TRACESYSGOOD as usize,
+            )
+        };
+        let mut signal = 0;
+        for _ in 0..MAX_SYSCALL_STOPS {
+            // SAFETY: as above; `signal` is one the command got while stopped, passed on.
+            if unsafe { libc::ptrace(libc::PTRACE_SYSCALL, pid, 0, signal as usize) } != 0 {
+                self.stopped = false;
+                return false;
+            }
+            signal = 0;
+            match next_stop(pid) {
+                Some(s) if s == libc::SIGTRAP | 0x80 => {
+                    if ready() {
+                        return true;
+                    }
+                }
+                // An exec's own SIGTRAP (the command runs another program) is not passed
+                // on: it would kill it.
+                Some(libc::SIGTRAP) => {}
+                Some(s) => signal = s,
+                None => {
+                    self.stopped = false;
+                    return false;
+                }
+            }
+        }
+        false
+    }
+
     /// Detaches (ptrace) and lets the command run.
     pub fn resume(mut self) {
         self.detach();
@@ -184,6 +234,43 @@ impl Drop for Parked {
         if self.go.take().is_some() {
             reap(self.pid);
         }
+    }
+}
+
+/// System-call stops [`Stopped::run_until`] waits at most (entry and exit count one each):
+/// ld.so maps a program's libraries in a few dozen system calls (about 30 for a C program
+/// linked to libc only).
+pub const MAX_SYSCALL_STOPS: usize = 2_000;
+
+/// Waits for the traced child's next ptrace stop: its signal, or `None` when it exited (the
+/// exit is not reaped: the session reads its code).
+fn next_stop(pid: i32) -> Option<i32> {
+    loop {
+        // SAFETY: a zeroed siginfo for waitid to fill.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // Peeked (WNOWAIT): an exit stays for the session to reap.
+        // SAFETY: waiting for our own child into a valid siginfo.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WSTOPPED | libc::WNOWAIT,
+            )
+        };
+        if r != 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return None;
+        }
+        if info.si_code != libc::CLD_TRAPPED && info.si_code != libc::CLD_STOPPED {
+            return None;
+        }
+        let mut status = 0;
+        // SAFETY: consuming the stop just seen, of our own child.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        return (r == pid && libc::WIFSTOPPED(status)).then(|| libc::WSTOPSIG(status));
     }
 }
 
@@ -221,6 +308,45 @@ mod tests {
         // SAFETY: our child.
         unsafe { libc::waitpid(pid as i32, &mut status, 0) };
         assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+    }
+
+    fn libc_text_mapped(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/maps"))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains("/libc.so") && l.split_whitespace().nth(1) == Some("r-xp"))
+    }
+
+    /// Stopped at exec, libc is not mapped yet; run to its mapping, it is, and the command
+    /// then runs to its end as usual.
+    #[test]
+    fn runs_until_libc_is_mapped() {
+        let parked = park(&["true".to_string()]).unwrap();
+        let pid = parked.pid();
+        let mut stopped = parked.release().unwrap();
+        assert!(!libc_text_mapped(pid), "not before ld.so runs");
+        assert!(stopped.run_until(|| libc_text_mapped(pid)));
+        assert!(libc_text_mapped(pid));
+        stopped.resume();
+        let mut status = 0;
+        // SAFETY: our child.
+        unsafe { libc::waitpid(pid as i32, &mut status, 0) };
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+    }
+
+    /// A condition that never holds: the command runs on (or exits) and its exit code is
+    /// still there to reap.
+    #[test]
+    fn run_until_leaves_the_exit_to_reap() {
+        let parked = park(&["false".to_string()]).unwrap();
+        let pid = parked.pid();
+        let mut stopped = parked.release().unwrap();
+        assert!(!stopped.run_until(|| false));
+        stopped.resume();
+        let mut status = 0;
+        // SAFETY: our child.
+        unsafe { libc::waitpid(pid as i32, &mut status, 0) };
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 1);
     }
 
     #[test]

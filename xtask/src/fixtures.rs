@@ -212,15 +212,17 @@ fn build_prefixed_jemalloc(src_dir: &Path, dir: &Path) -> anyhow::Result<()> {
 }
 
 /// fixtures/c/unwind/: `unwind_fixture` and its `libunwfix.so` (found through an `$ORIGIN`
-/// rpath) in `out/nofp` (-O2 -fomit-frame-pointer -DUW_NO_FP, as distributions build) and
+/// rpath), and `libunwdl.so` (opened by its `dlopen` mode, not linked) in `out/nofp` (-O2 -fomit-frame-pointer -DUW_NO_FP, as distributions build) and
 /// `out/fp` (-O2 with frame pointers), with -g for names and lines (xtask/tests/unwind.rs).
 fn build_unwind(src_dir: &Path, out: &Path) -> anyhow::Result<()> {
     let dir = src_dir.join("unwind");
     let exe_src = dir.join("unwind_fixture.c");
     let lib_src = dir.join("unwind_lib.c");
+    let dl_src = dir.join("unwind_dl.c");
     let inputs = [
         exe_src.clone(),
         lib_src.clone(),
+        dl_src.clone(),
         dir.join("unwind_lib.h"),
         src_dir.join("fixture.h"),
     ];
@@ -244,6 +246,12 @@ fn build_unwind(src_dir: &Path, out: &Path) -> anyhow::Result<()> {
                 .args(["-shared", "-fPIC", "-o"])
                 .arg(vdir.join("libunwfix.so"))
                 .arg(&lib_src),
+        )?;
+        cmd::run(
+            gcc()
+                .args(["-shared", "-fPIC", "-o"])
+                .arg(vdir.join("libunwdl.so"))
+                .arg(&dl_src),
         )?;
         cmd::run(
             gcc()

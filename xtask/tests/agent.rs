@@ -1951,11 +1951,11 @@ fn sites_are_named_after_the_fixture_functions() {
     );
 }
 
-/// `unwind = "dwarf"` on the node: a malloc made five calls deep in code built
-/// -fomit-frame-pointer, through a library built the same way (the fixture of unwind.rs), is in
-/// the agent's heap profile with every frame of its chain (a frame-pointer walk loses them
-/// past the first: the fixture points rbp at a fake frame), and its site series is named after
-/// the innermost two.
+/// The default unwinder (`unwind = "auto"`) on the node: a malloc made five calls deep in code
+/// built -fomit-frame-pointer, through a library built the same way (the fixture of
+/// unwind.rs), is in the agent's heap profile with every frame of its chain (a frame-pointer
+/// walk loses them past the first: the fixture points rbp at a fake frame), and its site
+/// series is named after the innermost two.
 #[test]
 fn agent_walks_stacks_with_unwind_tables() {
     const BYTES: u64 = 5151;
@@ -1974,10 +1974,9 @@ fn agent_walks_stacks_with_unwind_tables() {
         .join("unwind/nofp/unwind_fixture");
     let id = Identity::of(&fixture);
     let gofile = scratch.path.join("go");
-    let mut agent = Agent::start(
-        &env,
-        &["--pprof", "--unwind", "dwarf", "--sample-bytes", "0"],
-    );
+    // The default unwinder (`auto`): the fixture and its library are built without frame
+    // pointers, so they get tables.
+    let mut agent = Agent::start(&env, &["--pprof", "--sample-bytes", "0"]);
     let mut fx = Fixture::spawn_quiet(&fixture, &[path_str(&gofile)]);
     // The library is the fixture's alone: its table's line comes once the fixture's mappings
     // with it are in the probe (the agent's table thread says it after setting them).
@@ -2024,6 +2023,64 @@ fn agent_walks_stacks_with_unwind_tables() {
         "the tables' fill is exported\n{}",
         m.self_stats()
     );
+}
+
+/// A library a registered process opens later (dlopen) gets its table on the agent's node:
+/// the first call through it (cut at its first frame: no table yet, and its rbp holds no
+/// frame) makes the table thread read the process's mappings again, and the next call is in
+/// the heap profile with every frame of its chain.
+#[test]
+fn agent_loads_tables_for_a_library_opened_later() {
+    const BYTES: u64 = 5151;
+    const CHAIN: [&str; 5] = [
+        "fx_uw_leaf",
+        "fx_uw_callback",
+        "fx_uw_dl_inner",
+        "fx_uw_dl_outer",
+        "fx_uw_outer_dl",
+    ];
+    let env = TestEnv::get();
+    let _serial = serial();
+    let go = newest_go_toolchain();
+    let scratch = Scratch::new("unwind-dl");
+    let fixture = PathBuf::from(env::var_os("ALLOCWATCH_FIXTURES").expect("ALLOCWATCH_FIXTURES"))
+        .join("unwind/nofp/unwind_fixture");
+    let gofile = scratch.path.join("go");
+    let gofile2 = scratch.path.join("go2");
+    let mut agent = Agent::start(&env, &["--pprof", "--sample-bytes", "0"]);
+    let mut fx = Fixture::spawn_quiet(&fixture, &[path_str(&gofile), "dlopen", path_str(&gofile2)]);
+    let lib = fs::canonicalize(fixture.with_file_name("libunwfix.so")).expect("libunwfix.so");
+    agent.stderr.wait_for(
+        &format!("allocwatch: unwind table of {}: ", lib.display()),
+        Duration::from_secs(60),
+    );
+    fs::write(&gofile, b"").expect("writing the go file");
+    let dl = fs::canonicalize(fixture.with_file_name("libunwdl.so")).expect("libunwdl.so");
+    agent.stderr.wait_for(
+        &format!("allocwatch: unwind table of {}: ", dl.display()),
+        Duration::from_secs(30),
+    );
+    fs::write(&gofile2, b"").expect("writing the second go file");
+    let status = fx.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "unwind_fixture failed: {status}");
+
+    let file = scratch.path.join("allocs.pb.gz");
+    let deadline = Instant::now() + SITES_NAMED;
+    let space = loop {
+        let profile = agent.profile(&format!("/debug/pprof/allocs?pid={}", fx.pid));
+        fs::write(&file, &profile).expect("writing the profile");
+        let space = pprof_top(&go, &file, &["-sample_index=alloc_space", "-unit=B"]);
+        if space.cum(CHAIN[4]) == Some(BYTES) || Instant::now() >= deadline {
+            break space;
+        }
+        thread::sleep(Duration::from_millis(300));
+    };
+    agent.stop();
+    // Both calls: the first one's stack is cut in the library.
+    assert_eq!(space.flat(CHAIN[0]), Some(2 * BYTES), "{}", space.text);
+    for f in &CHAIN[3..] {
+        assert_eq!(space.cum(f), Some(BYTES), "cum of {f}\n{}", space.text);
+    }
 }
 
 /// Go growth and GC of the newest Go (swiss maps) and the newest old-map build, `map_big ints

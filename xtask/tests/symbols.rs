@@ -65,9 +65,9 @@ impl AllocwatchBin for TestEnv {
 /// `allocwatch [EXTRA…] top --json -- FIXTURE MODE`: the traced process's report.
 fn top(env: &TestEnv, extra: &[&str], fixture: &Path, mode: &str) -> Value {
     let out = support::temp_file("symbols.json");
-    let mut args: Vec<&str> = extra.to_vec();
+    let mut args = vec!["top"];
+    args.extend(extra);
     args.extend([
-        "top",
         "--json",
         "-o",
         path_str(&out),
@@ -186,14 +186,15 @@ fn stripped_binaries_are_named_from_their_debug_files() {
 }
 
 /// rbp pointing at a fake frame whose return address is in no mapping, or is code that follows
-/// no call: the chain ends at the last real frame (fx_split_inner, from the stack pointer) and
-/// the cut is counted once (one site).
+/// no call: the frame-pointer walk (`--unwind fp`; the default walks it with tables,
+/// unwind.rs) ends at the last real frame (fx_split_inner, from the stack pointer) and the cut
+/// is counted once (one site).
 #[test]
 fn walks_through_code_without_frame_pointers_are_cut() {
     let env = TestEnv::get();
     let _serial = serial();
     for mode in ["outside", "not-after-call"] {
-        let proc = top(&env, &[], &env.variant("nofp"), mode);
+        let proc = top(&env, &["--unwind", "fp"], &env.variant("nofp"), mode);
         let site = split_site(&proc);
         let frames = array(site, "frames");
         assert_eq!(

@@ -1,9 +1,11 @@
-//! Unwinding without frame pointers (`--unwind dwarf`), end to end with real uprobes:
+//! Unwinding without frame pointers (`--unwind auto`, the default, and `dwarf`), end to end
+//! with real uprobes:
 //! `allocwatch top` names every frame of a malloc made five calls deep in code built -O2
 //! -fomit-frame-pointer, through a shared library built the same way
 //! (fixtures/c/unwind/, target/fixtures/unwind/), and the chain is the one gdb's own unwinder
-//! walks at the same call in the same run. The split fixture's fake frame, which a frame-pointer
-//! walk cuts (symbols.rs), is walked through.
+//! walks at the same call in the same run; `auto` loads tables only for the files built without
+//! frame pointers. The split fixture's fake frame, which a frame-pointer walk cuts
+//! (symbols.rs), is walked through.
 
 mod support;
 
@@ -28,6 +30,16 @@ const UW_STACK: &[&str] = &[
     "fx_uw_lib_inner",
     "fx_uw_lib_outer",
     "fx_uw_outer",
+    "main",
+];
+
+/// The same malloc through `libunwdl.so`, opened with dlopen (the fixture's `dlopen` mode).
+const UW_DL_STACK: &[&str] = &[
+    "fx_uw_leaf",
+    "fx_uw_callback",
+    "fx_uw_dl_inner",
+    "fx_uw_dl_outer",
+    "fx_uw_outer_dl",
     "main",
 ];
 
@@ -133,45 +145,59 @@ fn gdb_backtrace(fixture: &Path, args: &[&str], function: &str) -> Vec<String> {
     names
 }
 
-/// Five calls deep through a library, all -fomit-frame-pointer: every frame named, in order,
-/// as gdb walks it; no unwind loss.
-#[test]
-fn dwarf_unwinding_names_every_frame_without_frame_pointers() {
-    let env = TestEnv::get();
-    let _serial = serial();
-    let fixture = env.unwind_fixture("nofp");
-    let go = support::temp_file("unwind-go");
-    let out = support::temp_file("unwind.json");
-    let mut aw = Allocwatch::spawn(
-        &env,
-        &[
-            "top",
-            "--json",
-            "--unwind",
-            "dwarf",
-            "-o",
-            path_str(&out),
-            "--",
-            path_str(&fixture),
-            path_str(&go),
-        ],
-    );
-    aw.wait_tracing_pid(Duration::from_secs(30));
-    // The fixture waits for the go file: made once the library's and libc's tables are in
-    // (said before or after the tracing line, as the exec stop or a later look found them).
+/// What `allocwatch top` saw of one run of the unwind fixture: the process's report and
+/// allocwatch's stderr.
+struct Traced {
+    proc: Value,
+    stderr: String,
+}
+
+/// The unwind tables lines of allocwatch's stderr: (files with a table, files walked with
+/// their frame pointers).
+fn table_lines(stderr: &str) -> Vec<(String, String)> {
+    stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("allocwatch: unwind tables for pid "))
+        .map(|l| {
+            let (tables, kept) = l.split_once("; frame pointers: ").unwrap_or((l, ""));
+            (tables.to_owned(), kept.to_owned())
+        })
+        .collect()
+}
+
+/// Waits up to 30 s until allocwatch's stderr says `what` (`said`).
+fn wait_stderr(aw: &Allocwatch, what: &str, said: impl Fn(&str) -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !aw.stderr.text().lines().any(|l| {
-        l.starts_with("allocwatch: unwind tables for pid")
-            && l.contains("libunwfix.so")
-            && l.contains("libc.so.6")
-    }) {
+    while !said(&aw.stderr.text()) {
         assert!(
             std::time::Instant::now() < deadline,
-            "no unwind tables for the library and libc\n{}",
+            "no {what}\n{}",
             aw.stderr.text()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// `allocwatch top [--unwind HOW] -- unwind_fixture GOFILE` for `variant`: the fixture makes
+/// its call once the tables line names `libc.so.6` and the fixture's library (with a table,
+/// or walked with its frame pointers).
+fn trace_fixture(env: &TestEnv, variant: &str, unwind: Option<&str>) -> Traced {
+    let fixture = env.unwind_fixture(variant);
+    let go = support::temp_file("unwind-go");
+    let out = support::temp_file("unwind.json");
+    let mut args = vec!["top", "--json", "-o", path_str(&out)];
+    if let Some(how) = unwind {
+        args.extend(["--unwind", how]);
+    }
+    args.extend(["--", path_str(&fixture), path_str(&go)]);
+    let mut aw = Allocwatch::spawn(env, &args);
+    aw.wait_tracing_pid(Duration::from_secs(30));
+    // Said before or after the tracing line, as the exec stop or a later look found them.
+    wait_stderr(&aw, "unwind tables for the library and libc", |text| {
+        table_lines(text).iter().any(|(t, k)| {
+            t.contains("libc.so.6") && (t.contains("libunwfix.so") || k.contains("libunwfix.so"))
+        })
+    });
     std::fs::write(&go, b"").unwrap();
     let status = aw.wait_exit(Duration::from_secs(60));
     aw.assert_success(status);
@@ -180,16 +206,204 @@ fn dwarf_unwinding_names_every_frame_without_frame_pointers() {
     let _ = std::fs::remove_file(&go);
     let processes = array(&report, "processes");
     assert_eq!(processes.len(), 1, "one process traced\n{report:#}");
-    let proc = &processes[0];
-    let site = site_of(proc, UW_BYTES);
+    let proc = processes[0].clone();
+    for cause in [
+        "unwind_unsupported",
+        "unwind_read_error",
+        "unwind_truncated",
+    ] {
+        let n = proc["lost"][cause].as_u64().unwrap_or(0);
+        assert_eq!(n, 0, "{cause}\n{proc:#}");
+    }
+    Traced {
+        proc,
+        stderr: aw.stderr.text(),
+    }
+}
+
+/// Five calls deep through a library, all -fomit-frame-pointer, with the default unwinder
+/// (`auto`): every frame named, in order, as gdb walks it; no unwind loss.
+#[test]
+fn dwarf_unwinding_names_every_frame_without_frame_pointers() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let traced = trace_fixture(&env, "nofp", None);
+    let site = site_of(&traced.proc, UW_BYTES);
     let got = functions_to_main(site);
     assert_eq!(got, UW_STACK, "allocwatch\n{site:#}");
 
     // The peer: gdb's unwinder at the allocating function's entry, same binary, same run.
+    let go = support::temp_file("unwind-go");
     std::fs::write(&go, b"").unwrap();
-    let peer = gdb_backtrace(&fixture, &[path_str(&go)], "fx_uw_leaf");
+    let peer = gdb_backtrace(&env.unwind_fixture("nofp"), &[path_str(&go)], "fx_uw_leaf");
     let _ = std::fs::remove_file(&go);
     assert_eq!(got, peer, "allocwatch vs gdb\n{site:#}");
+}
+
+/// `--unwind auto` decides per file: the fixture built without frame pointers gets the tables
+/// `dwarf` gives it and the same stack; built with them, the fixture and its library get no
+/// table (libc, built without, does) and its frames are walked with their frame pointers,
+/// every one named, no loss.
+#[test]
+fn auto_unwinding_loads_tables_only_where_frame_pointers_are_missing() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let dwarf = trace_fixture(&env, "nofp", Some("dwarf"));
+    let auto = trace_fixture(&env, "nofp", Some("auto"));
+    let dwarf_stack = functions_to_main(site_of(&dwarf.proc, UW_BYTES));
+    assert_eq!(dwarf_stack, UW_STACK, "dwarf\n{}", dwarf.stderr);
+    assert_eq!(
+        functions_to_main(site_of(&auto.proc, UW_BYTES)),
+        dwarf_stack,
+        "auto vs dwarf\n{}",
+        auto.stderr
+    );
+    let last = |t: &Traced| table_lines(&t.stderr).pop().expect("a tables line");
+    let (tables, kept) = last(&auto);
+    for file in ["unwind_fixture", "libunwfix.so", "libc.so.6"] {
+        assert!(
+            tables.contains(file),
+            "auto: a table for {file}\n{}",
+            auto.stderr
+        );
+    }
+    assert_eq!(
+        kept, "",
+        "auto: nothing walked with frame pointers\n{}",
+        auto.stderr
+    );
+
+    let fp = trace_fixture(&env, "fp", None);
+    assert_eq!(
+        functions_to_main(site_of(&fp.proc, UW_BYTES)),
+        UW_STACK,
+        "frame pointers\n{}",
+        fp.stderr
+    );
+    for (tables, _) in table_lines(&fp.stderr) {
+        for file in ["unwind_fixture", "libunwfix.so"] {
+            assert!(
+                !tables.contains(file),
+                "no table for the frame-pointer {file}\n{}",
+                fp.stderr
+            );
+        }
+    }
+    let (tables, kept) = last(&fp);
+    assert!(tables.contains("libc.so.6"), "{}", fp.stderr);
+    for file in ["unwind_fixture", "libunwfix.so"] {
+        assert!(
+            kept.contains(file),
+            "{file} walked with frame pointers\n{}",
+            fp.stderr
+        );
+    }
+}
+
+/// Tables for what a traced program maps later: a library it opens with dlopen after its
+/// tables were loaded gets one at the session's next look (its first call through it, made
+/// before, is cut there: that frame-pointer step reads no frame), and the next call is named
+/// frame by frame.
+#[test]
+fn tables_for_a_library_opened_later() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let fixture = env.unwind_fixture("nofp");
+    let go = support::temp_file("unwind-dl-go");
+    let go2 = support::temp_file("unwind-dl-go2");
+    let out = support::temp_file("unwind-dl.json");
+    let mut aw = Allocwatch::spawn(
+        &env,
+        &[
+            "top",
+            "--json",
+            "-o",
+            path_str(&out),
+            "--",
+            path_str(&fixture),
+            path_str(&go),
+            "dlopen",
+            path_str(&go2),
+        ],
+    );
+    aw.wait_tracing_pid(Duration::from_secs(30));
+    wait_stderr(&aw, "unwind tables for libc", |text| {
+        table_lines(text)
+            .iter()
+            .any(|(t, _)| t.contains("libc.so.6") && t.contains("libunwfix.so"))
+    });
+    assert!(
+        !aw.stderr.text().contains("libunwdl.so"),
+        "not opened yet\n{}",
+        aw.stderr.text()
+    );
+    std::fs::write(&go, b"").unwrap();
+    wait_stderr(&aw, "table for the library opened later", |text| {
+        table_lines(text)
+            .iter()
+            .any(|(t, _)| t.contains("libunwdl.so"))
+    });
+    std::fs::write(&go2, b"").unwrap();
+    let status = aw.wait_exit(Duration::from_secs(60));
+    aw.assert_success(status);
+    let report = read_json(&out);
+    for f in [&out, &go, &go2] {
+        let _ = std::fs::remove_file(f);
+    }
+    let proc = &array(&report, "processes")[0];
+    let chains: Vec<Vec<String>> = array(proc, "sites")
+        .iter()
+        .filter(|s| s["api"] == "malloc" && u64_at(s, "bytes") == UW_BYTES)
+        .map(functions_to_main)
+        .collect();
+    assert!(
+        chains.iter().any(|c| c == UW_DL_STACK),
+        "the call after the table came: {UW_DL_STACK:?}\n{chains:#?}\n{proc:#}"
+    );
+}
+
+/// `top -- sh -c 'unwind_fixture GOFILE; …'`: the fixture is the shell's child; its files
+/// get their tables as the session follows it, and its stack is named frame by frame.
+#[test]
+fn tables_for_the_children_of_a_launched_command() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let fixture = env.unwind_fixture("nofp");
+    let go = support::temp_file("unwind-child-go");
+    let out = support::temp_file("unwind-child.json");
+    // Not the shell's last command: it forks the fixture instead of becoming it.
+    let script = format!("{} {}; exit 0", path_str(&fixture), path_str(&go));
+    let mut aw = Allocwatch::spawn(
+        &env,
+        &[
+            "top",
+            "--json",
+            "-o",
+            path_str(&out),
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    aw.wait_tracing_pid(Duration::from_secs(30));
+    wait_stderr(&aw, "table for the child's library", |text| {
+        text.lines().any(|l| {
+            l.starts_with("allocwatch: unwind table of ")
+                && l.contains("/libunwfix.so: ")
+                && l.contains("(pid ")
+        })
+    });
+    std::fs::write(&go, b"").unwrap();
+    let status = aw.wait_exit(Duration::from_secs(60));
+    aw.assert_success(status);
+    let report = read_json(&out);
+    let _ = std::fs::remove_file(&out);
+    let _ = std::fs::remove_file(&go);
+    let proc = &array(&report, "processes")[0];
+    assert_eq!(proc["comm"], "sh", "the root is the shell\n{proc:#}");
+    let site = site_of(proc, UW_BYTES);
+    assert_eq!(functions_to_main(site), UW_STACK, "{site:#}");
     for cause in [
         "unwind_unsupported",
         "unwind_read_error",
@@ -208,13 +422,12 @@ fn dwarf_unwinding_walks_past_a_fake_frame_pointer() {
     let _serial = serial();
     let fixture = env.fixtures.join("split/nofp/split_fixture");
     let out = support::temp_file("unwind-split.json");
+    // The default unwinder (`auto`): the fixture is built without frame pointers.
     let mut aw = Allocwatch::spawn(
         &env,
         &[
             "top",
             "--json",
-            "--unwind",
-            "dwarf",
             "-o",
             path_str(&out),
             "--",

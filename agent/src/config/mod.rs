@@ -193,7 +193,7 @@ impl Default for Config {
             max_site_series: 5000,
             mode: Mode::Full,
             sample_bytes: None,
-            unwind: Unwind::Fp,
+            unwind: Unwind::Auto,
             select: Select::default(),
             probe: Vec::new(),
             native_growth: false,

@@ -60,11 +60,12 @@ mode = "{mode}"
 # stacks or a live table, 0 in count.
 {sample_bytes}
 
-# How the sampled stacks are walked: "fp" (frame pointers: the kernel's walk, up to 64
-# frames) or "dwarf" (each traced program's .eh_frame compiled into tables the probe walks,
-# frame pointers where a file has none, up to 16 frames): "dwarf" names the frames of
-# programs and libraries built without frame pointers (most distribution packages, release
-# C++ and Rust builds), for ~8 bytes of kernel memory per table row (libc: ~30,000 rows).
+# How the sampled stacks are walked: "auto" (the .eh_frame of each file built without frame
+# pointers, decided per file: most distribution packages, release C++ and Rust builds,
+# compiled into tables the probe walks, up to 16 frames; frame pointers elsewhere; a process
+# whose files all keep frame pointers gets the kernel's walk), "dwarf" (tables for every file
+# with .eh_frame) or "fp" (frame pointers only: the kernel's walk, up to 64 frames, cut at
+# code built without them). Tables: ~8 bytes of kernel memory per row (libc: ~30,000 rows).
 unwind = "{unwind}"
 
 # Once its probes are attached, the agent becomes user and group 65532 and keeps only the

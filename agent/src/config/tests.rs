@@ -177,7 +177,7 @@ fn bad_input_is_an_error_not_a_panic() {
         ("mode = \"floor\"", "unknown mode `floor`", "^"),
         (
             "unwind = \"frames\"",
-            "key unwind: unknown unwinder \"frames\" (fp, dwarf)",
+            "key unwind: unknown unwinder \"frames\" (fp, dwarf, auto)",
             "^",
         ),
     ];
@@ -225,7 +225,7 @@ fn mode_from_file_and_flag() {
 
 #[test]
 fn unwind_from_file_and_flag() {
-    assert_eq!(Config::default().unwind, Unwind::Fp);
+    assert_eq!(Config::default().unwind, Unwind::Auto);
     let mut cfg = Config::parse("unwind = \"dwarf\"").unwrap();
     assert_eq!(cfg.unwind, Unwind::Dwarf);
     cfg.apply(Overrides::default()).unwrap();

@@ -37,7 +37,6 @@ use crate::{
         symprobe,
     },
     unwind::{
-        Unwind,
         load::{Tables, UnwindMaps},
         worker::TablesWorker,
     },
@@ -229,7 +228,7 @@ impl State {
             );
         }
         // Tables only where stacks are walked at all.
-        let unwind = cfg.unwind == Unwind::Dwarf && cfg.mode.stacks();
+        let unwind = cfg.unwind.tables() && cfg.mode.stacks();
         let mut probes = Probes::load_mode(
             &ProbeConfig {
                 tgid: None,
@@ -279,7 +278,7 @@ impl State {
         registry.probe_kinds = symprobe::static_kinds(&cfg.probe);
         if unwind {
             let maps = UnwindMaps::take(&mut probes)?;
-            registry.unwind = Some(TablesWorker::spawn(Tables::new(maps))?);
+            registry.unwind = Some(TablesWorker::spawn(Tables::new(maps, cfg.unwind))?);
         }
         // exec events: identities change at exec, and short-lived programs get their path.
         if let Err(e) = probes.attach_exec() {
@@ -485,6 +484,13 @@ impl Handler for Registry {
     fn new_site(&mut self, parts: &mut Parts, site: &SiteKey, comm: &[u8; 16]) {
         self.note_site(site, comm);
         self.ensure_seen(site.tgid, comm, &mut parts.probes, &parts.symbolizer);
+        // A frame in a library mapped after the process was registered (dlopen) gets its
+        // table: the first new site through it makes the table thread read the map again.
+        if let Some(tables) = &self.unwind
+            && let Some(stack) = parts.frames.raw_stack(site.tgid, site.stack_id)
+        {
+            tables.check(site.tgid, stack);
+        }
     }
 
     fn go(&mut self, parts: &mut Parts, event: &GoEvent) {

@@ -250,6 +250,11 @@ impl FrameCache {
         Ok(())
     }
 
+    /// The frames of stack `id` of `tgid` kept from its event or read from the table.
+    pub fn raw_stack(&self, tgid: u32, id: i64) -> Option<&[u64]> {
+        self.raw_of(tgid, id).map(Vec::as_slice)
+    }
+
     fn raw_of(&self, tgid: u32, id: i64) -> Option<&Vec<u64>> {
         self.raw.get(&tgid)?.get(&id)
     }

@@ -311,6 +311,15 @@ impl Tree {
         verdict
     }
 
+    /// The tree's processes other than the root, and whether each still runs (empty with
+    /// `--no-follow`).
+    pub fn children(&self) -> impl Iterator<Item = (u32, bool)> + '_ {
+        self.members
+            .iter()
+            .filter(|&(&pid, _)| self.on && pid != self.root)
+            .map(|(&pid, m)| (pid, !m.exited))
+    }
+
     /// What the tree lost, added to the session's loss counters (all present when following).
     pub fn lost(&self, lost: &mut BTreeMap<&'static str, u64>) {
         if !self.on {

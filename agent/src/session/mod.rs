@@ -48,10 +48,7 @@ use crate::{
     },
     symbolize::SymbolizerHandle,
     target::{TargetError, libc::Served, maps::DevInode},
-    unwind::{
-        Unwind,
-        load::{Tables, UnwindMaps},
-    },
+    unwind::load::{Tables, UnwindMaps},
 };
 
 /// What the session shows.
@@ -124,7 +121,7 @@ fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer,
     let pidfd = procfs::pidfd_open(pid.get())
         .map_err(|_| TargetError::ExitedDuringAttach { pid: pid.get() })?;
     let capacity = Capacity::from(args.capacity);
-    let unwind = args.unwind == Unwind::Dwarf && args.mode.stacks() && !args.no_stacks;
+    let unwind = args.unwind.tables() && args.mode.stacks() && !args.no_stacks;
     // Following, the probes go into every process that maps the files, and the kernel's
     // followed set narrows them to the tree; without, into the one process.
     let load = |follow: bool| {
@@ -180,7 +177,7 @@ fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer,
         }
     };
     let mut tables = if unwind {
-        Some(Tables::new(UnwindMaps::take(&mut probes)?))
+        Some(Tables::new(UnwindMaps::take(&mut probes)?, args.unwind))
     } else {
         None
     };
@@ -219,12 +216,23 @@ fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer,
     if let Some(parked) = r.parked.take() {
         // Stopped right after exec: note its executable and identity before it can run (and
         // exit; /proc/PID/exe of an exited process cannot be read).
-        let stopped = parked.release()?;
+        let mut stopped = parked.release()?;
         parts.symbolizer.note_process(pid.get());
         refresh_identity(&mut info);
-        // The program and ld.so, before either runs.
+        // The program and ld.so, before either runs; then the libraries that serve the
+        // probed functions (libc), as ld.so maps them: a command that called into libc before
+        // its table was in would have its first stacks walked with frame pointers there (cut
+        // short, and split from the same stacks walked later).
         if let Some(t) = &mut tables {
             view::load_unwind(t, pid.get());
+            let libs: Vec<DevInode> = r
+                .libc
+                .iter()
+                .flat_map(|l| l.files().iter().map(|f| f.dev_inode))
+                .collect();
+            if !libs.is_empty() && stopped.run_until(|| exec_mapped(pid.get(), &libs)) {
+                view::load_unwind(t, pid.get());
+            }
         }
         stopped.resume();
         // The command maps its libraries after exec; snapshot its mappings as soon as the
@@ -270,6 +278,16 @@ fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer,
     refresh_identity(&mut tracer.watched.info);
     banner(&tracer);
     Ok((tracer, pidfd))
+}
+
+/// Whether every file of `files` has an executable mapping in `pid`.
+fn exec_mapped(pid: u32, files: &[DevInode]) -> bool {
+    let Ok(maps) = crate::target::maps::read_maps(pid) else {
+        return false;
+    };
+    files
+        .iter()
+        .all(|f| maps.iter().any(|m| m.perms.exec && m.dev_inode == *f))
 }
 
 /// What is traced, on stderr (and what is not, as warnings).

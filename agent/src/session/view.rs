@@ -344,16 +344,35 @@ impl Tracer {
         Ok(out)
     }
 
-    /// Reads the length and size of the traced process's Go maps (see `gort::live`).
     /// Loads the unwind tables of the traced process's mappings that have none yet (libraries
-    /// mapped since, dlopen), saying what it holds when that changed.
+    /// mapped since, dlopen), saying what it holds when that changed; the same for the
+    /// processes of the followed tree (their new files said once each), whose exited ones
+    /// leave the probe's tables.
     pub fn refresh_unwind(&mut self) {
         let pid = self.watched.info.pid;
-        if let Some(tables) = &mut self.unwind {
-            load_unwind(tables, pid);
+        let Some(tables) = &mut self.unwind else {
+            return;
+        };
+        load_unwind(tables, pid);
+        for (child, running) in self.watched.tree.children() {
+            let result = if running {
+                tables.load_process(child).map(|loaded| {
+                    for (path, rows) in loaded.map(|l| l.new_files).unwrap_or_default() {
+                        crate::say!(
+                            "allocwatch: unwind table of {path}: {rows} rows (pid {child})"
+                        );
+                    }
+                })
+            } else {
+                tables.forget(child)
+            };
+            if let Err(e) = result {
+                log::debug!("unwind tables for pid {child}: {e}");
+            }
         }
     }
 
+    /// Reads the length and size of the traced process's Go maps (see `gort::live`).
     pub fn refresh_maps(&mut self) {
         let pid = self.watched.info.pid;
         if let Some(go) = &mut self.watched.go {
@@ -614,13 +633,21 @@ fn in_use(key: &SiteKey, stats: &SiteStats) -> bool {
 /// the process's stacks are then walked with frame pointers.
 pub fn load_unwind(tables: &mut crate::unwind::load::Tables, pid: u32) {
     match tables.load_process(pid) {
-        Ok(Some(loaded)) => crate::say!(
-            "allocwatch: unwind tables for pid {pid}: {} ({} rows in all, {} KiB of {} KiB)",
-            loaded.files.join(", "),
-            loaded.rows,
-            loaded.bytes.div_ceil(1024),
-            crate::unwind::load::Tables::CAPACITY_BYTES / 1024
-        ),
+        Ok(Some(loaded)) => {
+            let kept = if loaded.frame_pointers.is_empty() {
+                String::new()
+            } else {
+                format!("; frame pointers: {}", loaded.frame_pointers.join(", "))
+            };
+            crate::say!(
+                "allocwatch: unwind tables for pid {pid}: {} ({} rows in all, {} KiB of {} \
+                 KiB){kept}",
+                loaded.files.join(", "),
+                loaded.rows,
+                loaded.bytes.div_ceil(1024),
+                crate::unwind::load::Tables::CAPACITY_BYTES / 1024
+            );
+        }
         Ok(None) => {}
         Err(e) => crate::say!("allocwatch: warning: unwind tables for pid {pid}: {e}"),
     }

@@ -2,7 +2,10 @@
 //! every process that maps the file shares them), then per process the mappings that have a
 //! table, with their load bias.
 
-use std::collections::{HashMap, hash_map::Entry};
+use std::{
+    collections::{HashMap, hash_map::Entry},
+    time::{Duration, Instant},
+};
 
 use allocwatch_common::{
     map_names,
@@ -67,20 +70,46 @@ struct FileTable {
 /// What the probe holds: rows used, files and processes with tables.
 pub struct Tables {
     maps: UnwindMaps,
-    /// Per file: its table, or `None` when it has none (no `.eh_frame`, unreadable, no room).
-    files: HashMap<DevInode, Option<FileTable>>,
+    /// `--unwind auto`: no table for a file that keeps frame pointers.
+    auto: bool,
+    /// Per file: its table, or why it has none.
+    files: HashMap<DevInode, FileState>,
     next_row: u32,
     /// Per process: the mappings last loaded (to load again only when they change).
     procs: HashMap<u32, Vec<UnwindMapping>>,
+    /// Per process: its executable mappings at the last read of its memory map.
+    seen: HashMap<u32, Seen>,
+}
+
+/// A process's executable mappings (start, end) at the last read of its memory map, sorted,
+/// and when a stack outside them last made it read again ([`Tables::check`]).
+#[derive(Default)]
+struct Seen {
+    exec: Vec<(u64, u64)>,
+    checked: Option<Instant>,
+}
+
+/// A file as the tables know it.
+#[derive(Clone, Debug)]
+enum FileState {
+    Table(FileTable),
+    /// Walked with frame pointers: it keeps them (`--unwind auto`); its name.
+    FramePointers(String),
+    /// No `.eh_frame`, unreadable as an ELF file, or no room left.
+    Without,
 }
 
 impl Tables {
-    pub fn new(maps: UnwindMaps) -> Self {
+    /// Tables for every file with call-frame information (`--unwind dwarf`), or with `auto`
+    /// only for those built without frame pointers.
+    pub fn new(maps: UnwindMaps, mode: super::Unwind) -> Self {
         Self {
             maps,
+            auto: mode == super::Unwind::Auto,
             files: HashMap::new(),
             next_row: 0,
             procs: HashMap::new(),
+            seen: HashMap::new(),
         }
     }
 }
@@ -90,6 +119,8 @@ impl Tables {
 pub struct Loaded {
     /// Names of the files whose mappings have a table.
     pub files: Vec<String>,
+    /// Names of the files walked with their frame pointers (`--unwind auto`).
+    pub frame_pointers: Vec<String>,
     /// Rows of every table loaded so far, and their bytes.
     pub rows: u32,
     pub bytes: u64,
@@ -112,13 +143,28 @@ impl Tables {
 
     /// [`Self::load_process`] with `pid`'s memory map read already.
     pub fn load_maps(&mut self, pid: u32, maps: &[MapEntry]) -> Result<Option<Loaded>, MapError> {
+        let mut exec: Vec<(u64, u64)> = maps
+            .iter()
+            .filter(|m| m.perms.exec)
+            .map(|m| (m.start, m.end))
+            .collect();
+        exec.sort_unstable();
+        self.seen.entry(pid).or_default().exec = exec;
         let mut mappings = Vec::new();
         let mut names = Vec::new();
+        let mut frame_pointers = Vec::new();
         let mut new_files = Vec::new();
         for m in maps.iter().filter(|m| m.perms.exec && m.is_file()) {
             let known = self.files.contains_key(&m.dev_inode);
-            let Some(file) = self.file(pid, m)? else {
-                continue;
+            let file = match self.file(pid, m)? {
+                Some(FileState::Table(t)) => t,
+                Some(FileState::FramePointers(name)) => {
+                    if !frame_pointers.contains(&name) {
+                        frame_pointers.push(name);
+                    }
+                    continue;
+                }
+                Some(FileState::Without) | None => continue,
             };
             let Some(bias) = bias(&file.segments, m) else {
                 continue;
@@ -138,16 +184,17 @@ impl Tables {
         if self.procs.get(&pid) == Some(&mappings) {
             return Ok(None);
         }
-        // Nothing with a table: the probe walks its stacks as without tables (the kernel's
-        // frame-pointer walk, and its deeper limit).
+        // Nothing with a table (with `auto`: every file keeps frame pointers): the probe walks
+        // its stacks as without tables (the kernel's frame-pointer walk, and its deeper limit).
         if mappings.is_empty() {
-            self.forget(pid)?;
+            self.drop_proc(pid)?;
             return Ok(None);
         }
         self.maps.set_proc(pid, Some(&proc_of(&mappings)))?;
         self.procs.insert(pid, mappings);
         Ok(Some(Loaded {
             files: names,
+            frame_pointers,
             rows: self.next_row,
             bytes: u64::from(self.next_row) * size_of::<UnwindRow>() as u64,
             new_files,
@@ -159,19 +206,42 @@ impl Tables {
         (self.next_row, self.procs.len())
     }
 
+    /// A stack of `pid` with an address outside the executable mappings it had when last
+    /// loaded (a library mapped since: dlopen) loads it again, at most once per
+    /// [`CHECK_INTERVAL`] (a JIT's fresh code would otherwise re-read it at every new site).
+    pub fn check(&mut self, pid: u32, stack: &[u64]) -> Result<Option<Loaded>, MapError> {
+        let Some(seen) = self.seen.get_mut(&pid) else {
+            return Ok(None);
+        };
+        if stack.iter().all(|&a| a == 0 || within(&seen.exec, a))
+            || seen.checked.is_some_and(|t| t.elapsed() < CHECK_INTERVAL)
+        {
+            return Ok(None);
+        }
+        seen.checked = Some(Instant::now());
+        self.load_process(pid)
+    }
+
     /// Forgets an exited process (its files' rows stay for the next process that maps them).
     pub fn forget(&mut self, pid: u32) -> Result<(), MapError> {
+        self.seen.remove(&pid);
+        self.drop_proc(pid)
+    }
+
+    /// Takes `pid`'s mappings out of the probe (its stacks: the kernel's walk).
+    fn drop_proc(&mut self, pid: u32) -> Result<(), MapError> {
         if self.procs.remove(&pid).is_some() {
             self.maps.set_proc(pid, None)?;
         }
         Ok(())
     }
 
-    /// The table of the file mapped at `m`, compiled and loaded on first sight.
-    fn file(&mut self, pid: u32, m: &MapEntry) -> Result<Option<FileTable>, MapError> {
+    /// The table of the file mapped at `m`, compiled and loaded on first sight (`None`: not
+    /// readable now, tried again at the next look).
+    fn file(&mut self, pid: u32, m: &MapEntry) -> Result<Option<FileState>, MapError> {
         let next_row = self.next_row;
         let slot = match self.files.entry(m.dev_inode) {
-            Entry::Occupied(e) => return Ok(e.get().clone()),
+            Entry::Occupied(e) => return Ok(Some(e.get().clone())),
             Entry::Vacant(e) => e,
         };
         let path = m.path.as_deref().unwrap_or_default();
@@ -190,15 +260,23 @@ impl Tables {
             }
         };
         let rows = match table::compile(&data) {
-            Ok(rows) if !rows.is_empty() => rows,
-            Ok(_) => return Ok(slot.insert(None).clone()),
+            // Classified as the table is compiled: the CFI is parsed once either way.
+            Ok(c) if self.auto && c.frame_pointers.kept() => {
+                log::debug!(
+                    "unwind: {path}: frame pointers kept ({:?}): no table",
+                    c.frame_pointers
+                );
+                return Ok(Some(slot.insert(FileState::FramePointers(name)).clone()));
+            }
+            Ok(c) if !c.rows.is_empty() => c.rows,
+            Ok(_) => return Ok(Some(slot.insert(FileState::Without).clone())),
             Err(e) => {
                 log::debug!("unwind: {path}: no table: {e}");
-                return Ok(slot.insert(None).clone());
+                return Ok(Some(slot.insert(FileState::Without).clone()));
             }
         };
         let Ok(len) = u32::try_from(rows.len()) else {
-            return Ok(slot.insert(None).clone());
+            return Ok(Some(slot.insert(FileState::Without).clone()));
         };
         if UNWIND_ROWS_MAX - next_row < len {
             crate::say!(
@@ -206,7 +284,7 @@ impl Tables {
                  {next_row} of {UNWIND_ROWS_MAX} used): its frames are walked with frame \
                  pointers"
             );
-            return Ok(slot.insert(None).clone());
+            return Ok(Some(slot.insert(FileState::Without).clone()));
         }
         let segments = object::File::parse(&*data)
             .map(|f| {
@@ -220,15 +298,25 @@ impl Tables {
             .unwrap_or_default();
         self.maps.set_rows(next_row, &rows)?;
         self.next_row += len;
-        Ok(slot
-            .insert(Some(FileTable {
+        Ok(Some(
+            slot.insert(FileState::Table(FileTable {
                 first: next_row,
                 len,
                 segments,
                 name,
             }))
-            .clone())
+            .clone(),
+        ))
     }
+}
+
+/// How often a process's memory map is read again for stacks outside it ([`Tables::check`]).
+pub const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Whether `addr` is in one of the sorted, disjoint `ranges` (start inclusive, end exclusive).
+fn within(ranges: &[(u64, u64)], addr: u64) -> bool {
+    let i = ranges.partition_point(|&(start, _)| start <= addr);
+    i > 0 && addr < ranges[i - 1].1
 }
 
 /// Address minus file virtual address for mapping `m`: from the loadable segment that holds
@@ -280,6 +368,23 @@ mod tests {
         assert_eq!(0x7f00_0000_1010 - bias(&segs, &m).unwrap(), 0x2010);
         let m = parse_line("7f0000001000-7f0000002000 r-xp 00009000 08:01 43 /lib/y.so").unwrap();
         assert_eq!(bias(&segs, &m), None);
+    }
+
+    #[test]
+    fn addresses_within_mappings() {
+        let ranges = [(0x1000, 0x2000), (0x5000, 0x6000)];
+        for (addr, inside) in [
+            (0xfff, false),
+            (0x1000, true),
+            (0x1fff, true),
+            (0x2000, false),
+            (0x4fff, false),
+            (0x5800, true),
+            (0x6000, false),
+        ] {
+            assert_eq!(within(&ranges, addr), inside, "{addr:#x}");
+        }
+        assert!(!within(&[], 0x1000));
     }
 
     #[test]

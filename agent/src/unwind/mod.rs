@@ -11,11 +11,14 @@ pub mod worker;
 pub enum Unwind {
     /// Frame pointers only (the kernel's walk): cheapest, but a stack through code built
     /// without them (most distribution packages) is cut there.
-    #[default]
     Fp,
     /// Call-frame information (`.eh_frame`) compiled into tables where a frame's code has it,
     /// frame pointers elsewhere.
     Dwarf,
+    /// Tables only for the files built without frame pointers (decided per file from its
+    /// call-frame information); a process whose files all keep them stays on the kernel's walk.
+    #[default]
+    Auto,
 }
 
 impl Unwind {
@@ -24,7 +27,13 @@ impl Unwind {
         match self {
             Unwind::Fp => "fp",
             Unwind::Dwarf => "dwarf",
+            Unwind::Auto => "auto",
         }
+    }
+
+    /// Whether the probes get unwind tables at all.
+    pub fn tables(self) -> bool {
+        self != Unwind::Fp
     }
 }
 
@@ -35,7 +44,8 @@ impl std::str::FromStr for Unwind {
         match s {
             "fp" => Ok(Unwind::Fp),
             "dwarf" => Ok(Unwind::Dwarf),
-            _ => Err(format!("unknown unwinder {s:?} (fp, dwarf)")),
+            "auto" => Ok(Unwind::Auto),
+            _ => Err(format!("unknown unwinder {s:?} (fp, dwarf, auto)")),
         }
     }
 }

@@ -82,15 +82,63 @@ fn rule(row: &gimli::UnwindTableRow<usize>) -> Rule {
     }
 }
 
+/// What a file's call-frame information says about its frame pointers (`--unwind auto`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FramePointers {
+    /// A Go binary: Go keeps frame pointers (and its own frame layout) in all its code.
+    pub go: bool,
+    /// Functions whose frame holds anything (a row's CFA other than rsp+8; the PLT's left
+    /// out): only those can be a caller's frame.
+    pub framed: u32,
+    /// Those of them that never set the CFA from rbp (built without frame pointers, or
+    /// hand-written).
+    pub without: u32,
+}
+
+impl FramePointers {
+    /// True when a frame-pointer walk gets through the file's code: a Go binary, or at most
+    /// one framed function in 50 without a frame pointer (measured: gcc -O2 with frame
+    /// pointers leaves none; Debian's libc has 2,155 of 2,249, libstdc++ 3,220 of 3,346,
+    /// python3.11 8,448 of 8,449, the fixtures built -fomit-frame-pointer all of theirs).
+    pub fn kept(&self) -> bool {
+        self.go || u64::from(self.without) * 50 <= u64::from(self.framed)
+    }
+}
+
+/// A file's rows and what they say about its frame pointers.
+#[derive(Debug, Default)]
+pub struct Compiled {
+    pub rows: Vec<UnwindRow>,
+    pub frame_pointers: FramePointers,
+}
+
+/// Go's own sections (a stripped binary keeps them).
+fn is_go(file: &object::File) -> bool {
+    [".gopclntab", ".go.buildinfo", ".note.go.buildid"]
+        .iter()
+        .any(|s| file.section_by_name(s).is_some())
+}
+
 /// Compiles the `.eh_frame` of the ELF file `data` into rows sorted by address: each row holds
 /// from its `pc` to the next row's; after a function's last byte, a `GAP` row (walked with the
 /// frame pointer) until the next function with call-frame information. Addresses past 4 GiB
-/// (not in any ordinary file) are left out.
-pub fn compile(data: &[u8]) -> Result<Vec<UnwindRow>, TableError> {
+/// (not in any ordinary file) are left out. A Go binary without `.eh_frame` (no cgo) has no
+/// rows and needs none.
+pub fn compile(data: &[u8]) -> Result<Compiled, TableError> {
     let file = object::File::parse(data)?;
-    let section = file
-        .section_by_name(".eh_frame")
-        .ok_or(TableError::NoEhFrame)?;
+    let go = is_go(&file);
+    let Some(section) = file.section_by_name(".eh_frame") else {
+        if go {
+            return Ok(Compiled {
+                rows: Vec::new(),
+                frame_pointers: FramePointers {
+                    go,
+                    ..FramePointers::default()
+                },
+            });
+        }
+        return Err(TableError::NoEhFrame);
+    };
     let bytes = section.data()?;
     let mut bases = BaseAddresses::default().set_eh_frame(section.address());
     if let Some(text) = file.section_by_name(".text") {
@@ -103,6 +151,10 @@ pub fn compile(data: &[u8]) -> Result<Vec<UnwindRow>, TableError> {
     eh.set_address_size(8);
     let mut ctx = Box::new(UnwindContext::new());
     let mut ranges: Vec<(u64, u64, Rule)> = Vec::new();
+    let mut fp = FramePointers {
+        go,
+        ..FramePointers::default()
+    };
     let mut entries = eh.entries(&bases);
     while let Some(entry) = entries.next()? {
         let CieOrFde::Fde(partial) = entry else {
@@ -110,13 +162,26 @@ pub fn compile(data: &[u8]) -> Result<Vec<UnwindRow>, TableError> {
         };
         let fde = partial.parse(|s, b, o| s.cie_from_offset(b, o))?;
         let mut table = fde.rows(&eh, &bases, &mut ctx)?;
+        let (mut framed, mut from_rbp, mut unsupported) = (false, false, false);
         while let Some(row) = table.next_row()? {
             if row.start_address() < row.end_address() {
-                ranges.push((row.start_address(), row.end_address(), rule(row)));
+                let r = rule(row);
+                framed |= r.kind == kind::CFA_RBP || (r.kind == kind::CFA_RSP && r.cfa_off != 8);
+                from_rbp |= r.kind == kind::CFA_RBP;
+                unsupported |= r.kind == kind::UNSUPPORTED;
+                ranges.push((row.start_address(), row.end_address(), r));
             }
         }
+        // The PLT (a CFA expression) is never a caller's frame.
+        if framed && !unsupported {
+            fp.framed += 1;
+            fp.without += u32::from(!from_rbp);
+        }
     }
-    Ok(rows_of(ranges))
+    Ok(Compiled {
+        rows: rows_of(ranges),
+        frame_pointers: fp,
+    })
 }
 
 /// The sorted rows of (start, end, rule) ranges: consecutive equal rules merged, a `GAP` row

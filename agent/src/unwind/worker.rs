@@ -18,6 +18,8 @@ use crate::target::maps::MapEntry;
 
 enum Request {
     Load(u32, Vec<MapEntry>),
+    /// A new site's stack: outside the process's known mappings, they are read again.
+    Check(u32, Vec<u64>),
     Forget(u32),
 }
 
@@ -38,15 +40,17 @@ impl TablesWorker {
             .spawn(move || {
                 let mut warned = false;
                 for req in rx {
-                    let result = match req {
-                        Request::Load(pid, maps) => tables.load_maps(pid, &maps).map(|loaded| {
-                            // Once per file, not per process: a node's log stays short.
-                            for (path, rows) in loaded.map(|l| l.new_files).unwrap_or_default() {
-                                crate::say!("allocwatch: unwind table of {path}: {rows} rows");
-                            }
-                        }),
-                        Request::Forget(pid) => tables.forget(pid),
+                    let loaded = match req {
+                        Request::Load(pid, maps) => tables.load_maps(pid, &maps),
+                        Request::Check(pid, stack) => tables.check(pid, &stack),
+                        Request::Forget(pid) => tables.forget(pid).map(|()| None),
                     };
+                    let result = loaded.map(|loaded| {
+                        // Once per file, not per process: a node's log stays short.
+                        for (path, rows) in loaded.map(|l| l.new_files).unwrap_or_default() {
+                            crate::say!("allocwatch: unwind table of {path}: {rows} rows");
+                        }
+                    });
                     match result {
                         Ok(()) => {}
                         Err(e) if !warned => {
@@ -72,6 +76,12 @@ impl TablesWorker {
     pub fn load(&self, pid: u32, maps: &[MapEntry]) {
         // The thread outlives the loop: a send fails only if it panicked (then: frame pointers).
         let _ = self.tx.send(Request::Load(pid, maps.to_vec()));
+    }
+
+    /// Loads `pid`'s tables again if `stack` has an address outside the mappings last read
+    /// (a library it mapped since, dlopen).
+    pub fn check(&self, pid: u32, stack: &[u64]) {
+        let _ = self.tx.send(Request::Check(pid, stack.to_vec()));
     }
 
     pub fn forget(&self, pid: u32) {

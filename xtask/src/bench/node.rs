@@ -74,12 +74,22 @@ fn node_configs(libc: &str, with_bpftrace: bool) -> Vec<NodeConfig> {
             name: "no agent".into(),
             tracer: NodeTracer::None,
         },
-        agent("agent, defaults (full, sample_bytes 512 KiB)", &[]),
+        agent(
+            "agent, defaults (full, sample_bytes 512 KiB, unwind auto)",
+            &[],
+        ),
+        // The default walks the sampled stacks of every process with a file built without
+        // frame pointers (Debian's libc: all C programs) with tables; this is the kernel's walk.
+        agent("agent --unwind fp", &["--unwind", "fp"]),
         agent("agent --mode count-stacks", &["--mode", "count-stacks"]),
         agent("agent --mode count", &["--mode", "count"]),
         agent(
             "agent --sample-bytes 0 (full, exact)",
             &["--sample-bytes", "0"],
+        ),
+        agent(
+            "agent --sample-bytes 0 --unwind fp",
+            &["--sample-bytes", "0", "--unwind", "fp"],
         ),
     ];
     if with_bpftrace

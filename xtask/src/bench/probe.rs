@@ -5,12 +5,13 @@ use super::*;
 #[derive(Clone, Debug)]
 pub(super) enum Tracer {
     Untraced,
-    /// `allocwatch top --mode MODE`.
+    /// `allocwatch top --mode MODE` (stacks walked as `--unwind auto`, the default).
     Allocwatch(&'static str),
     /// `allocwatch top --mode MODE --sample-bytes N`.
     Sampled(&'static str, u64),
-    /// `allocwatch top --mode MODE --unwind dwarf`: stacks walked with unwind tables.
-    Dwarf(&'static str),
+    /// `allocwatch top --mode MODE --unwind HOW`: stacks walked with frame pointers only
+    /// (`fp`) or with tables for every file (`dwarf`).
+    Unwind(&'static str, &'static str),
     /// A bpftrace script (its name in the table, the script).
     Bpftrace(&'static str, String),
 }
@@ -21,7 +22,7 @@ impl Tracer {
             Tracer::Untraced => "untraced".into(),
             Tracer::Allocwatch(m) => format!("allocwatch {m}"),
             Tracer::Sampled(m, n) => format!("allocwatch {m} --sample-bytes {n}"),
-            Tracer::Dwarf(m) => format!("allocwatch {m} --unwind dwarf"),
+            Tracer::Unwind(m, how) => format!("allocwatch {m} --unwind {how}"),
             Tracer::Bpftrace(n, _) => format!("bpftrace {n}"),
         }
     }
@@ -143,14 +144,14 @@ pub(super) fn run_alloc_bench(b: &Bench, tracer: &Tracer, w: &Workload) -> anyho
             c.args(&w.args);
             c
         }
-        Tracer::Allocwatch(mode) | Tracer::Sampled(mode, _) | Tracer::Dwarf(mode) => {
+        Tracer::Allocwatch(mode) | Tracer::Sampled(mode, _) | Tracer::Unwind(mode, _) => {
             let mut c = Command::new(&b.bin);
             c.args(["top", "--mode", mode, "--json", "-o"]).arg(&report);
             if let Tracer::Sampled(_, n) = tracer {
                 c.args(["--sample-bytes", &n.to_string()]);
             }
-            if let Tracer::Dwarf(_) = tracer {
-                c.args(["--unwind", "dwarf"]);
+            if let Tracer::Unwind(_, how) = tracer {
+                c.args(["--unwind", how]);
             }
             c.arg("--").arg(&b.alloc_bench).args(&w.args);
             c
@@ -178,7 +179,7 @@ pub(super) fn run_alloc_bench(b: &Bench, tracer: &Tracer, w: &Workload) -> anyho
             done.stderr
         );
     }
-    if let Tracer::Allocwatch(_) | Tracer::Sampled(..) | Tracer::Dwarf(_) = tracer {
+    if let Tracer::Allocwatch(_) | Tracer::Sampled(..) | Tracer::Unwind(..) = tracer {
         target_exited_ok(&report)?;
     }
     let f = fields(&done.stdout, "alloc_bench ")
@@ -190,7 +191,7 @@ pub(super) fn run_alloc_bench(b: &Bench, tracer: &Tracer, w: &Workload) -> anyho
             w.calls
         );
     }
-    if let Tracer::Allocwatch(mode) | Tracer::Sampled(mode, _) | Tracer::Dwarf(mode) = tracer
+    if let Tracer::Allocwatch(mode) | Tracer::Sampled(mode, _) | Tracer::Unwind(mode, _) = tracer
         && !mode.starts_with("floor")
     {
         check_exact(&report, mode, w)?;
@@ -250,8 +251,11 @@ pub(super) fn probe_section(b: &Bench, pairs: u64) -> anyhow::Result<String> {
         Tracer::Allocwatch("count-stacks"),
         Tracer::Allocwatch("stacks-off"),
         Tracer::Allocwatch("full"),
-        // The same stacks walked with the unwind tables instead of frame pointers.
-        Tracer::Dwarf("full"),
+        // The same stacks walked by the kernel with frame pointers only (`full` is `auto`: the
+        // workload keeps frame pointers, libc does not and gets a table), and with a table
+        // for every file.
+        Tracer::Unwind("full", "fp"),
+        Tracer::Unwind("full", "dwarf"),
         // Go's default mean (512 KiB), and a mean that samples ~1 call in 30 of this workload.
         Tracer::Sampled("count-stacks", 512 << 10),
         Tracer::Sampled("full", 512 << 10),

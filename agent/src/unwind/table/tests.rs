@@ -144,7 +144,7 @@ fn expected(r: &Interp) -> (u8, u16, i8) {
 /// Every row readelf prints is what our table says for its address.
 fn assert_agrees(path: &Path) -> Vec<UnwindRow> {
     let data = std::fs::read(path).unwrap();
-    let rows = compile(&data).unwrap();
+    let rows = compile(&data).unwrap().rows;
     let interp = readelf_rows(path);
     assert!(
         !interp.is_empty(),
@@ -235,4 +235,123 @@ fn tables_agree_with_readelf_on_the_system_libc() {
         "{} rows",
         rows.len()
     );
+}
+
+/// `prog.c` of [`tables_agree_with_readelf_on_binaries_built_here`] and a library, built -O2
+/// with `flag` into `dir`: (program, library).
+fn build_with(dir: &Path, flag: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let src = dir.join("fp.c");
+    std::fs::write(
+        &src,
+        r#"
+#include <stdlib.h>
+#include <string.h>
+__attribute__((noinline)) void *leaf(size_t n) { return malloc(n); }
+__attribute__((noinline)) void *mid(size_t n) { void *p = leaf(n); memset(p, 1, n); return p; }
+__attribute__((noinline)) void *outer(size_t n) { void *p = mid(n); return (char *)mid(n) + (p != 0); }
+int main(int argc, char **argv) { (void)argv; return outer((size_t)argc + 64) != 0; }
+"#,
+    )
+    .unwrap();
+    let bin = dir.join(format!("prog{flag}"));
+    let lib = dir.join(format!("libprog{flag}.so"));
+    for (out, extra) in [(&bin, &[][..]), (&lib, &["-shared", "-fPIC"][..])] {
+        let status = Command::new("gcc")
+            .args(["-O2", flag, "-o"])
+            .arg(out)
+            .args(extra)
+            .arg(&src)
+            .status()
+            .expect("gcc runs");
+        assert!(status.success());
+    }
+    (bin, lib)
+}
+
+fn frame_pointers(path: &Path) -> super::FramePointers {
+    compile(&std::fs::read(path).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .frame_pointers
+}
+
+/// `--unwind auto`'s choice: files built with frame pointers need no table, files built
+/// without them do, whichever way gcc is told.
+#[test]
+fn files_built_with_frame_pointers_need_no_table() {
+    let dir = std::env::temp_dir().join(format!("allocwatch-fp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (flag, kept) in [
+        ("-fno-omit-frame-pointer", true),
+        ("-fomit-frame-pointer", false),
+    ] {
+        let (bin, lib) = build_with(&dir, flag);
+        for file in [&bin, &lib] {
+            let fp = frame_pointers(file);
+            assert_eq!(fp.kept(), kept, "{flag} {}: {fp:?}", file.display());
+            assert!(!fp.go);
+            // leaf, mid, outer and main hold a frame (the PLT is not counted).
+            assert!(fp.framed >= 3, "{fp:?}");
+            if kept {
+                assert_eq!(fp.without, 0, "{fp:?}");
+            } else {
+                assert_eq!(fp.without, fp.framed, "{fp:?}");
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Debian builds its packages without frame pointers: libc, ld.so, libstdc++ and python3.11
+/// get tables (those installed here).
+#[test]
+fn distribution_packages_need_tables() {
+    let files = [
+        "/lib/x86_64-linux-gnu/libc.so.6",
+        "/lib64/ld-linux-x86-64.so.2",
+        "/usr/lib/x86_64-linux-gnu/libstdc++.so.6",
+        "/usr/bin/python3.11",
+    ];
+    let mut seen = 0;
+    for file in files.iter().map(Path::new).filter(|f| f.exists()) {
+        let fp = frame_pointers(file);
+        eprintln!("{}: {fp:?}", file.display());
+        assert!(!fp.kept(), "{}: {fp:?}", file.display());
+        assert!(
+            fp.framed > 100 && fp.without > fp.framed / 2,
+            "{}: {fp:?}",
+            file.display()
+        );
+        seen += 1;
+    }
+    assert!(seen > 0, "none of {files:?}");
+}
+
+/// Go keeps frame pointers: its binaries (no `.eh_frame` without cgo, stripped or not) need
+/// no table.
+#[test]
+fn go_binaries_need_no_table() {
+    let built = crate::gort::tests::fixtures();
+    assert!(!built.is_empty(), "no Go toolchain: run ./x setup");
+    for b in built {
+        for bin in [&b.plain, &b.stripped, &b.pie_stripped] {
+            let c = compile(&std::fs::read(bin).unwrap()).unwrap();
+            assert!(c.frame_pointers.go, "{}", bin.display());
+            assert!(c.frame_pointers.kept(), "{}", bin.display());
+        }
+    }
+}
+
+#[test]
+fn a_few_functions_without_frame_pointers_are_tolerated() {
+    use super::FramePointers;
+    let fp = |framed, without| FramePointers {
+        go: false,
+        framed,
+        without,
+    };
+    assert!(fp(0, 0).kept(), "nothing framed: no caller frame to walk");
+    assert!(fp(100, 2).kept());
+    assert!(!fp(100, 3).kept());
+    assert!(!fp(7, 7).kept());
+    assert!(!fp(1, 1).kept());
 }
