@@ -193,7 +193,10 @@ impl Default for Config {
             max_site_series: 5000,
             mode: Mode::Full,
             sample_bytes: None,
-            unwind: Unwind::Auto,
+            // Not `auto` yet: its cost on a node (a table walk for every C/C++ program over
+            // Debian's libc) is not measured, and in the busy-node soak deeper stacks meant
+            // more rows in an already full site table (BENCHMARKS.md).
+            unwind: Unwind::Fp,
             select: Select::default(),
             probe: Vec::new(),
             native_growth: false,
