@@ -52,6 +52,8 @@ pub struct ElfFile {
     segments: Vec<LoadSegment>,
     dynamic: DynamicInfo,
     symbols: HashMap<String, (Symbol, Rank)>,
+    /// A non-empty `.symtab`: the file was not stripped.
+    has_symtab: bool,
 }
 
 impl ElfFile {
@@ -98,11 +100,13 @@ impl ElfFile {
             None => DynamicInfo::default(),
         };
         let mut symbols = HashMap::new();
+        let mut has_symtab = false;
         if with_symbols {
             let sections = header.sections(endian, data).map_err(bad)?;
             let versions = sections.versions(endian, data).map_err(bad)?;
             for sh_type in [elf::SHT_DYNSYM, elf::SHT_SYMTAB] {
                 let table = sections.symbols(endian, data, sh_type).map_err(bad)?;
+                has_symtab |= sh_type == elf::SHT_SYMTAB && !table.is_empty();
                 for (index, sym) in table.enumerate() {
                     if sym.is_undefined(endian)
                         || matches!(
@@ -151,6 +155,7 @@ impl ElfFile {
             segments,
             dynamic,
             symbols,
+            has_symtab,
         })
     }
 
@@ -163,6 +168,12 @@ impl ElfFile {
     /// file's `.symtab` spells it so.
     pub fn symbol(&self, name: &str) -> Option<Symbol> {
         self.symbols.get(name).map(|(s, _)| *s)
+    }
+
+    /// Whether the file has its static symbol table (`.symtab`): a stripped one has only the
+    /// dynamic symbols (its static functions are in its separate debug file, if anywhere).
+    pub fn has_symtab(&self) -> bool {
+        self.has_symtab
     }
 
     /// Every defined symbol name (versioned spellings too) with its symbol.
