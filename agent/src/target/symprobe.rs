@@ -415,7 +415,7 @@ fn debug_symbols(elf: &ElfFile) -> Option<ElfFile> {
         return None;
     }
     let found = debuginfo::find_for(elf.path())?;
-    ElfFile::open(&found.path)
+    ElfFile::open_debug_file(&found.path)
         .inspect_err(|e| log::debug!("{}: {e}", found.found.display()))
         .ok()
 }
