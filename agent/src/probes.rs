@@ -528,7 +528,13 @@ impl Probes {
             .iter()
             .map(|p| UProbeAttachPoint {
                 location: UProbeAttachLocation::AbsoluteOffset(p.file_offset),
-                cookie: Some(symprobe::cookie::encode(p.probe, p.sp_delta, p.args)),
+                cookie: Some({
+                    let c = symprobe::cookie::encode(p.probe, p.sp_delta, p.args);
+                    match p.list_resize_check {
+                        Some(offset) => symprobe::cookie::with_list_resize_check(c, offset),
+                        None => c,
+                    }
+                }),
             })
             .collect();
         let scope = pid.map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);

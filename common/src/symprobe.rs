@@ -40,11 +40,17 @@ pub struct ProbeSiteStats {
 /// | 0–15 | probe id |
 /// | 16–23 | bytes RSP moved between the function's entry and the probed instruction |
 /// | 24–41 | per argument slot, 3 bits: 0 = unused, n = argument n-1 (`arg0` = rdi … `arg5` = r9) |
+/// | 42 | count only the calls that reallocate, by CPython's `list_resize` check ([`list_resize_check`]) |
+/// | 43–50 | for that check: the offset of `allocated` in the list object (rdi) |
+///
+/// [`list_resize_check`]: cookie::list_resize_check
 pub mod cookie {
     use super::ARGS;
 
     const SP_SHIFT: u32 = 16;
     const ARG_SHIFT: u32 = 24;
+    const CHECK_BIT: u64 = 1 << 42;
+    const CHECK_OFFSET_SHIFT: u32 = 43;
 
     /// `args[slot]`: the argument register index (0..6) summed in that slot, if any.
     pub const fn encode(probe: u32, sp_delta: u32, args: [Option<u8>; ARGS]) -> u64 {
@@ -70,6 +76,29 @@ pub mod cookie {
     /// The argument index summed in `slot` plus one (0: the slot is unused).
     pub const fn arg(cookie: u64, slot: usize) -> u64 {
         (cookie >> (ARG_SHIFT + 3 * slot as u32)) & 0x7
+    }
+
+    /// `cookie` counting only the calls of CPython's `list_resize(self, newsize)` that
+    /// reallocate: it returns early, without touching the allocation, when `allocated >=
+    /// newsize && newsize >= (allocated >> 1)`, `allocated` being the `Py_ssize_t` at
+    /// `allocated_offset` in `*self`.
+    pub const fn with_list_resize_check(cookie: u64, allocated_offset: u8) -> u64 {
+        cookie | CHECK_BIT | ((allocated_offset as u64) << CHECK_OFFSET_SHIFT)
+    }
+
+    /// The offset of `allocated` when the cookie asks for the `list_resize` check.
+    pub const fn list_resize_check(cookie: u64) -> Option<u64> {
+        if cookie & CHECK_BIT == 0 {
+            None
+        } else {
+            Some((cookie >> CHECK_OFFSET_SHIFT) & 0xff)
+        }
+    }
+
+    /// Whether `list_resize(self, newsize)` reallocates, `allocated` being `self->allocated`
+    /// (CPython 3.11 Objects/listobject.c: the early return's condition, negated).
+    pub const fn list_resize_reallocates(allocated: i64, newsize: i64) -> bool {
+        !(allocated >= newsize && newsize >= (allocated >> 1))
     }
 }
 
@@ -103,5 +132,28 @@ mod tests {
         assert_eq!(cookie::arg(c, 2), 6);
         assert_eq!(cookie::arg(c, 5), 1);
         assert_eq!(cookie::encode(3, 0, [None; ARGS]), 3);
+        assert_eq!(cookie::list_resize_check(c), None);
+        let checked = cookie::with_list_resize_check(c, 32);
+        assert_eq!(cookie::list_resize_check(checked), Some(32));
+        assert_eq!(cookie::probe(checked), 0xfffe);
+        assert_eq!(cookie::arg(checked, 5), 1);
+        assert_eq!(
+            cookie::list_resize_check(cookie::with_list_resize_check(0, 0xff)),
+            Some(0xff)
+        );
+    }
+
+    #[test]
+    fn list_resize_reallocates_as_cpython_decides() {
+        // Room left: no reallocation (appends within the over-allocation, pops down to half).
+        assert!(!cookie::list_resize_reallocates(8, 5));
+        assert!(!cookie::list_resize_reallocates(8, 8));
+        assert!(!cookie::list_resize_reallocates(8, 4));
+        // Growth past the allocation, a shrink below half, the first append to [].
+        assert!(cookie::list_resize_reallocates(8, 9));
+        assert!(cookie::list_resize_reallocates(8, 3));
+        assert!(cookie::list_resize_reallocates(0, 1));
+        // clear() of an empty list: 0 >= 0 && 0 >= 0.
+        assert!(!cookie::list_resize_reallocates(0, 0));
     }
 }

@@ -3,6 +3,9 @@
 //! argument registers it sums; calls are counted per (process, probe, stack, immediate
 //! caller) in a per-CPU table, as the libc sites are. A full table sends a new site to the
 //! process's row of unknown sites (made with its first row), and counts it.
+//!
+//! CPython's `list_resize` is probed at its entry with a check (cookie bit): only the calls
+//! that reallocate count (see `allocwatch_common::symprobe::cookie::list_resize_check`).
 
 use allocwatch_common::{
     libc::NO_STACK,
@@ -12,7 +15,7 @@ use allocwatch_common::{
 use aya_ebpf::{
     EbpfContext as _,
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, generated::bpf_get_attach_cookie},
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_get_attach_cookie},
     macros::{map, uprobe},
     maps::PerCpuHashMap,
     programs::ProbeContext,
@@ -51,6 +54,17 @@ fn on_entry(ctx: &ProbeContext) {
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
     // SAFETY: regs points at the probed task's saved registers.
     let regs = unsafe { &*ctx.regs };
+    if let Some(offset) = cookie::list_resize_check(cookie) {
+        // SAFETY: a user-space read; the helper fails rather than fault.
+        let allocated = unsafe { bpf_probe_read_user((regs.rdi + offset) as *const i64) };
+        // The list is live (the function reads the same field next): a failed read would mean
+        // a wrong layout, and is counted as a call, so that it shows rather than hides.
+        if let Ok(allocated) = allocated
+            && !cookie::list_resize_reallocates(allocated, regs.rsi as i64)
+        {
+            return;
+        }
+    }
     let entry_sp = regs.rsp + cookie::sp_delta(cookie);
     let ret_addr = return_address(tgid, entry_sp);
     let stack_id = if stacks_on() {

@@ -76,7 +76,8 @@ fn build_c(paths: &Paths) -> anyhow::Result<PathBuf> {
 
 /// The container-growth fixtures (xtask/tests/growth.rs), in `out`: `cxx_growth` (g++ -O2,
 /// libstdc++'s vector and unordered_map) and `rust_growth` (rustc -O, Vec and HashMap), both
-/// with frame pointers so the sites' stacks reach the fixture's functions.
+/// with frame pointers so the sites' stacks reach the fixture's functions, and the script
+/// `py_growth.py` (CPython's list and dict).
 fn build_growth(src_dir: &Path, out: &Path) -> anyhow::Result<()> {
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let cxx_src = src_dir.join("cxx_growth.cpp");
@@ -88,6 +89,14 @@ fn build_growth(src_dir: &Path, out: &Path) -> anyhow::Result<()> {
                 .arg(&cxx)
                 .arg(&cxx_src),
         )?;
+    }
+    // A script, not built: copied next to the others so the tests find every growth fixture
+    // in one place.
+    let py_src = src_dir.join("py_growth.py");
+    let py = out.join("py_growth.py");
+    if is_stale([&py_src], &py)? {
+        fs::copy(&py_src, &py)
+            .with_context(|| format!("copying {} to {}", py_src.display(), py.display()))?;
     }
     let rust_src = src_dir.join("rust_growth.rs");
     let rust = out.join("rust_growth");

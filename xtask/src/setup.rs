@@ -37,6 +37,9 @@ const APT_PACKAGES: &[&str] = &[
     // The C++ growth fixture (xtask/tests/growth.rs) and the unwinder's peer (unwind.rs).
     "g++",
     "gdb",
+    // The Python growth test (xtask/tests/growth.rs): Debian's python3.11 has its static
+    // functions (dictresize, list_resize) only in this package's build-id debug file.
+    "python3.11-dbg",
 ];
 
 /// `./x test --vm` (xtask/src/vm.rs): qemu, and busybox for the VM's initramfs. Installed

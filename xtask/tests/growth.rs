@@ -1,10 +1,12 @@
-//! C++ and Rust container growth and `--probe`, end to end: `allocwatch top` runs the growth
-//! fixtures (fixtures/growth/, built by `./x fixtures` with g++ -O2 and rustc -O) and reports
-//! each built-in kind and each `--probe` with exact counts, compared with what the fixture
-//! counted itself (capacity() and bucket_count() changes in its own functions) and with
-//! bpftrace on the same functions in the same run.
+//! C++, Rust and Python container growth and `--probe`, end to end: `allocwatch top` runs the
+//! growth fixtures (fixtures/growth/, built by `./x fixtures` with g++ -O2 and rustc -O, and a
+//! Python script run by Debian's python3.11) and reports each built-in kind and each `--probe`
+//! with exact counts, compared with what the fixture counted itself (capacity() and
+//! bucket_count() changes in its own functions, `sys.getsizeof` changes in the script) and
+//! with bpftrace on the same functions in the same run.
 //!
-//! These tests fail (never skip) when `ALLOCWATCH_BIN` or `ALLOCWATCH_FIXTURES` is unset.
+//! These tests fail (never skip) when `ALLOCWATCH_BIN` or `ALLOCWATCH_FIXTURES` is unset, and
+//! the Python one when python3.11 or its debug file (`python3.11-dbg`, `./x setup`) is missing.
 
 mod support;
 
@@ -215,6 +217,20 @@ fn trace(env: &TestEnv, fixture: &Path, args: &[&str]) -> (BTreeMap<String, u64>
     (counts, proc)
 }
 
+/// Runs `allocwatch top --json -- COMMAND…` and returns (the command's counts, the report of
+/// its process).
+fn trace_command(env: &TestEnv, command: &[&str]) -> (BTreeMap<String, u64>, Value) {
+    let out = support::temp_file("growth.json");
+    let mut all = vec!["top", "--json", "-o", path_str(&out), "--"];
+    all.extend(command);
+    let mut aw = Allocwatch::spawn_with_stdout(env, &all);
+    let status = aw.wait_exit(Duration::from_secs(60));
+    aw.assert_success(status);
+    let counts = fixture_counts(&aw.stdout());
+    let report = read_json(&out);
+    (counts, report["processes"][0].clone())
+}
+
 /// Calls by kind, from the report's `probes.kinds`.
 fn kinds(proc: &Value) -> BTreeMap<String, u64> {
     proc["probes"]["kinds"]
@@ -367,6 +383,185 @@ fn rust_growth_counts_exact() {
         sum(&rehash),
         "bpftrace {raw:?}\n{proc:#}"
     );
+}
+
+const PYTHON: &str = "/usr/bin/python3.11";
+
+/// The build-id debug file of `binary` (`readelf -n`), which must exist.
+fn build_id_debug_file(binary: &Path) -> PathBuf {
+    let out = Command::new("readelf")
+        .arg("-n")
+        .arg(binary)
+        .output()
+        .expect("readelf");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let id = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Build ID: "))
+        .unwrap_or_else(|| panic!("{} has no build-id note", binary.display()));
+    let path = PathBuf::from(format!(
+        "/usr/lib/debug/.build-id/{}/{}.debug",
+        &id[..2],
+        &id[2..]
+    ));
+    assert!(
+        path.is_file(),
+        "{} missing: the debug file of {} (Debian's python3.11-dbg, installed by ./x setup)",
+        path.display(),
+        binary.display()
+    );
+    path
+}
+
+/// The address of the function of `debug_file` named `name` or `name.lto_priv.N` (`nm`).
+fn c_function(debug_file: &Path, name: &str) -> u64 {
+    let out = Command::new("nm").arg(debug_file).output().expect("nm");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            let mut w = l.split_whitespace();
+            let (addr, kind, sym) = (w.next()?, w.next()?, w.next()?);
+            let base = sym.split_once(".lto_priv.").map_or(sym, |(b, _)| b);
+            (kind.eq_ignore_ascii_case("t") && base == name && !sym.ends_with(".cold"))
+                .then(|| u64::from_str_radix(addr, 16).ok())
+                .flatten()
+        })
+        .unwrap_or_else(|| panic!("no function {name} in {}", debug_file.display()))
+}
+
+/// CPython 3.11 (Debian's python3.11, its static functions named by python3.11-dbg's build-id
+/// debug file): `py_dict` counts every `dictresize`, `py_list` the `list_resize` calls that
+/// reallocate. The script counts its own growth from `sys.getsizeof` changes; the interpreter
+/// grows lists and dicts while it starts too, the same number of times on every start (the
+/// same program, `-I -S`: no environment, no site), so a run with N = 0 gives the start's
+/// share and the difference is the script's: exact. bpftrace in the same runs, on the same two
+/// functions' entries with the same 3.11 check (`allocated` at offset 32 of the list), counts
+/// every call of both processes. The interpreter runs as a copy under its own name, so no other
+/// python3.11 on the machine is traced or counted.
+#[test]
+fn python_growth_counts_exact() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let python = Path::new(PYTHON);
+    assert!(
+        python.is_file(),
+        "{PYTHON} missing: ./x setup installs python3.11-dbg, which needs it"
+    );
+    let debug = build_id_debug_file(python);
+    let scratch = Scratch::new("py-growth");
+    // The copy keeps the build-id: its debug file is the same one.
+    let copy = scratch.copy(python, "py_growth");
+    let script = env.fixture("py_growth.py");
+    let (dict_at, list_at) = (
+        c_function(&debug, "dictresize"),
+        c_function(&debug, "list_resize"),
+    );
+    let bt = Bpftrace::start(&format!(
+        "uprobe:\"{copy}\":{dict_at:#x} /comm == \"py_growth\"/ {{ @calls[\"py_dict\"] = count(); }} \
+         uprobe:\"{copy}\":{list_at:#x} /comm == \"py_growth\"/ {{ \
+           $allocated = *(int64 *)(arg0 + 32); $newsize = (int64)arg1; \
+           if (!($allocated >= $newsize && $newsize >= ($allocated >> 1))) {{ \
+             @calls[\"py_list\"] = count(); }} }}",
+        copy = copy.display()
+    ));
+    let run = |n: &str| trace_command(&env, &[path_str(&copy), "-I", "-S", path_str(&script), n]);
+    let (start_counts, start) = run("0");
+    let (counts, proc) = run("100000");
+    let raw = Bpftrace::calls(&bt.stop());
+    assert_eq!(
+        (start_counts["list_grows"], start_counts["dict_grows"]),
+        (0, 0),
+        "{start_counts:?}"
+    );
+    // CPython 3.11's growth rules: the list's capacity (n + n/8 + 6) & !3 reallocates 66 times
+    // on the way to 100,000 items, the dict's table doubles 15 times past its first 8 slots.
+    assert_eq!(
+        counts["list_grows"], 66,
+        "the script's own count: {counts:?}"
+    );
+    assert_eq!(
+        counts["dict_grows"], 15,
+        "the script's own count: {counts:?}"
+    );
+    let (k0, k1) = (kinds(&start), kinds(&proc));
+    for (kind, own) in [
+        ("py_list", counts["list_grows"]),
+        ("py_dict", counts["dict_grows"]),
+    ] {
+        let (at_start, total) = (k0[kind], k1[kind]);
+        assert!(
+            at_start > 0,
+            "the interpreter's start grows {kind} too\n{start:#}"
+        );
+        assert_eq!(
+            total - at_start,
+            own,
+            "{kind}: the script's run minus the start's ({total} - {at_start})\n{proc:#}"
+        );
+        assert_eq!(
+            raw.get(kind).copied(),
+            Some(at_start + total),
+            "{kind}: bpftrace's count of both runs: {raw:?}"
+        );
+    }
+}
+
+/// The node agent finds CPython's functions through the interpreter's debug file as `top`
+/// does: a copy of python3.11 (its own identity), attached when the agent first sees a hard
+/// link of it growing lists and dicts, then run with the script, has in `/metrics`
+/// `allocwatch_probe_calls_total{kind="py_dict"|"py_list"}` equal to `top`'s counts of the
+/// same run (the whole process: the interpreter's start grows the same each time).
+#[test]
+fn agent_exports_python_growth() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    build_id_debug_file(Path::new(PYTHON));
+    let scratch = Scratch::new("py-growth-agent");
+    let python = scratch.copy(Path::new(PYTHON), "py_growth");
+    let script = env.fixture("py_growth.py");
+    let args = ["-I", "-S", path_str(&script), "100000"];
+    let command: Vec<&str> = std::iter::once(path_str(&python)).chain(args).collect();
+    let (_, reference) = trace_command(&env, &command);
+    let want = kinds(&reference);
+    let warm = scratch.path.join("py_warm");
+    std::fs::hard_link(&python, &warm).expect("hard link of the interpreter");
+    let mut agent = Agent::start(&env, &[]);
+    let calls = "allocwatch_probe_calls_total";
+    {
+        let loop_forever = "import time\nwhile True:\n    d = {i: i for i in range(100)}\n    \
+                            l = [i for i in range(100)]\n    time.sleep(0.01)";
+        let _warmer = Fixture::spawn_quiet(&warm, &["-I", "-S", "-c", loop_forever]);
+        let w = Identity::of(&warm);
+        agent.scrape_until("growth of the warm-up run", Duration::from_secs(30), |m| {
+            ["py_dict", "py_list"]
+                .iter()
+                .all(|k| m.sum(&w, calls, &[("kind", k)]) > 0)
+        });
+    }
+    let out = Command::new(&python)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("the script's run");
+    assert!(out.status.success(), "{}: {}", python.display(), out.status);
+    let counts = fixture_counts(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(counts["list_grows"], 66, "{counts:?}");
+    let id = Identity::of(&python);
+    agent.scrape_until("the script's growth", Duration::from_secs(40), |m| {
+        ["py_dict", "py_list"]
+            .iter()
+            .all(|k| m.sum(&id, calls, &[("kind", k)]) > 0)
+    });
+    let m = agent.scrape_stable(&id);
+    for kind in ["py_dict", "py_list"] {
+        assert_eq!(
+            m.counter(&id, calls, &[("kind", kind)]),
+            want[kind],
+            "{kind}: top's count of the same run ({want:?})\n{}",
+            m.lines_of(&id)
+        );
+    }
+    agent.stop();
 }
 
 /// `--probe` by demangled name with an argument summed: `_Prime_rehash_policy::_M_next_bkt(n)`

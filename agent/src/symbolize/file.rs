@@ -11,7 +11,8 @@ use std::{
     path::PathBuf,
 };
 
-use super::{Frame, calls, debuginfo, go};
+use super::{Frame, calls, go};
+use crate::target::debuginfo;
 
 /// (device, inode): one file however many processes map it, under whatever path.
 pub(super) type FileKey = (u64, u64);

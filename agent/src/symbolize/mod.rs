@@ -6,7 +6,8 @@
 //! cache is not enough), and each address is symbolized by file offset in the mapped ELF file,
 //! so addresses stay resolvable after the process exits. Go code is named from the binary's
 //! `.gopclntab` instead (see `go.rs`), which blazesym cannot read. Symbols and lines of a
-//! stripped file come from its separate debug file when one is found (see `debuginfo.rs`).
+//! stripped file come from its separate debug file when one is found (see
+//! `target/debuginfo.rs`).
 //!
 //! Frame-pointer stacks are checked before they are named: a "return address" outside every
 //! executable mapping, or not right after a call instruction, means the walk went through
@@ -14,7 +15,6 @@
 //! it) and the cut counted (`stack_cut`; see `calls.rs`).
 
 mod calls;
-mod debuginfo;
 mod file;
 mod go;
 mod maps;
@@ -43,7 +43,7 @@ use crate::target::maps::{DevInode, MapEntry};
 
 use file::{FileKey, MAX_CACHED_OFFSETS, OpenFile, adopt};
 
-pub use debuginfo::{DEFAULT_DEBUG_DIR, set_debug_dirs};
+pub use crate::target::debuginfo::{DEFAULT_DEBUG_DIR, set_debug_dirs};
 
 /// One source-level frame. An address inside inlined code yields several frames, innermost
 /// first, all with the same `address`/`module`/`offset`: that is how a reader expects the

@@ -52,15 +52,25 @@ pub struct ElfFile {
     segments: Vec<LoadSegment>,
     dynamic: DynamicInfo,
     symbols: HashMap<String, (Symbol, Rank)>,
+    /// A non-empty `.symtab`: the file was not stripped.
+    has_symtab: bool,
 }
 
 impl ElfFile {
     /// Opens and parses `path`, including its static (`.symtab`) and dynamic symbols.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, TargetError> {
-        Self::parse(path.as_ref(), true)
+        Self::parse(path.as_ref(), true, false)
     }
 
-    fn parse(path: &Path, with_symbols: bool) -> Result<Self, TargetError> {
+    /// Opens a separate debug file for its `.symtab` only (names at the binary's own virtual
+    /// addresses). Its program headers describe the binary, whose contents (the interpreter
+    /// name, the dynamic section, `.dynsym`) it does not hold: they are not read, and its code
+    /// cannot be read either (no segments).
+    pub fn open_debug_file(path: impl AsRef<Path>) -> Result<Self, TargetError> {
+        Self::parse(path.as_ref(), true, true)
+    }
+
+    fn parse(path: &Path, with_symbols: bool, debug_file: bool) -> Result<Self, TargetError> {
         let file = File::open(path).map_err(|e| TargetError::io(path, e))?;
         let bad = |e: object::read::Error| TargetError::bad_elf(path, e);
         // Read lazily: a large executable only has its headers and symbol tables read.
@@ -75,7 +85,12 @@ impl ElfFile {
         let mut interpreter = None;
         let mut segments = Vec::new();
         let mut dyn_entries = None;
-        for ph in header.program_headers(endian, data).map_err(bad)? {
+        let headers = if debug_file {
+            &[]
+        } else {
+            header.program_headers(endian, data).map_err(bad)?
+        };
+        for ph in headers {
             match ph.p_type(endian) {
                 elf::PT_LOAD => segments.push(LoadSegment {
                     vaddr: ph.p_vaddr(endian),
@@ -98,11 +113,22 @@ impl ElfFile {
             None => DynamicInfo::default(),
         };
         let mut symbols = HashMap::new();
+        let mut has_symtab = false;
         if with_symbols {
             let sections = header.sections(endian, data).map_err(bad)?;
-            let versions = sections.versions(endian, data).map_err(bad)?;
-            for sh_type in [elf::SHT_DYNSYM, elf::SHT_SYMTAB] {
+            let versions = if debug_file {
+                None
+            } else {
+                sections.versions(endian, data).map_err(bad)?
+            };
+            let tables: &[u32] = if debug_file {
+                &[elf::SHT_SYMTAB]
+            } else {
+                &[elf::SHT_DYNSYM, elf::SHT_SYMTAB]
+            };
+            for &sh_type in tables {
                 let table = sections.symbols(endian, data, sh_type).map_err(bad)?;
+                has_symtab |= sh_type == elf::SHT_SYMTAB && !table.is_empty();
                 for (index, sym) in table.enumerate() {
                     if sym.is_undefined(endian)
                         || matches!(
@@ -151,6 +177,7 @@ impl ElfFile {
             segments,
             dynamic,
             symbols,
+            has_symtab,
         })
     }
 
@@ -163,6 +190,12 @@ impl ElfFile {
     /// file's `.symtab` spells it so.
     pub fn symbol(&self, name: &str) -> Option<Symbol> {
         self.symbols.get(name).map(|(s, _)| *s)
+    }
+
+    /// Whether the file has its static symbol table (`.symtab`): a stripped one has only the
+    /// dynamic symbols (its static functions are in its separate debug file, if anywhere).
+    pub fn has_symtab(&self) -> bool {
+        self.has_symtab
     }
 
     /// Every defined symbol name (versioned spellings too) with its symbol.
@@ -304,7 +337,7 @@ fn read_dynamic<'a>(
 
 /// `DT_NEEDED`, `DT_RUNPATH`, `DT_RPATH` and `DT_SONAME` of the file at `path`.
 pub fn dynamic_info(path: impl AsRef<Path>) -> Result<DynamicInfo, TargetError> {
-    Ok(ElfFile::parse(path.as_ref(), false)?.dynamic)
+    Ok(ElfFile::parse(path.as_ref(), false, false)?.dynamic)
 }
 
 /// Cheap check that `path` is a 64-bit little-endian x86-64 ELF file (the loader skips other

@@ -2,17 +2,21 @@
 //!
 //! - [`maps`]: `/proc/<pid>/maps` parsing.
 //! - [`elf`]: symbols, virtual address → file offset, function bytes, dynamic section.
+//! - [`debuginfo`]: a stripped file's separate debug file (build-id, debug link), for the
+//!   symbolizer's names and the growth probes' static functions.
 //! - [`placement`]: where in a function's entry block a uprobe is cheapest and still correct.
 //! - [`libc`]: the libc (or static executable) that provides `malloc` for a process or a
 //!   command, and the probe list for it.
 //! - [`go`]: the Go runtime functions of a binary to probe.
 //! - [`relays`]: count mode's view of a libc file (which allocator functions tail-jump into
 //!   which), by disassembly.
-//! - [`symprobe`]: `--probe` and the built-in C++/Rust container-growth functions, by symbol.
+//! - [`symprobe`]: `--probe` and the built-in C++/Rust/Python container-growth functions, by
+//!   symbol.
 //! - [`registry`]: every kind of target in one list; each file analysed and attached once, then
 //!   a per-process step with its load bias.
 
 pub mod check;
+pub mod debuginfo;
 pub mod elf;
 pub mod go;
 pub mod libc;

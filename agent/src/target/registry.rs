@@ -370,8 +370,9 @@ impl Targets {
                 vec![(id, go)]
             }
             // The built-in growth kinds: templates are instantiated in the executable, the
-            // C++ rehash policy lives in libstdc++ (each file analysed once, for every process
-            // that maps it; one with `--probe`s was attached whole at start).
+            // C++ rehash policy lives in libstdc++, CPython's functions in the interpreter or
+            // libpython (each file analysed once, for every process that maps it; one with
+            // `--probe`s was attached whole at start).
             Kind::Sym => {
                 let mut out = Vec::new();
                 if let Some(id) = exe_id {
@@ -388,7 +389,7 @@ impl Targets {
                     }
                 }
                 for m in proc.maps.iter().filter(|m| {
-                    m.offset == 0 && Some(m.dev_inode) != exe_id && symprobe::is_libstdcxx(m)
+                    m.offset == 0 && Some(m.dev_inode) != exe_id && symprobe::has_builtins(m)
                 }) {
                     if self.files.contains_key(&(kind, m.dev_inode))
                         || out.iter().any(|(id, _)| *id == m.dev_inode)

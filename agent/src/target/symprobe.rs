@@ -8,6 +8,8 @@
 //! | `cxx_hash_rehash` | `std::__detail::_Prime_rehash_policy::_M_next_bkt` | libstdc++ (or a static executable) |
 //! | `rust_vec_grow` | `alloc::raw_vec::…::finish_grow` | the executable |
 //! | `rust_hash_rehash` | `hashbrown::raw::RawTable<…>::reserve_rehash` | the executable |
+//! | `py_dict` | CPython's `dictresize` | the interpreter (or libpython), or its debug file |
+//! | `py_list` | CPython's `list_resize`, the calls that reallocate | the same |
 //!
 //! Why these functions: GCC inlines `_Hashtable::_M_rehash` into the insert at -O2 (no symbol
 //! left in the binary), while every growth decision of the prime rehash policy calls
@@ -15,6 +17,24 @@
 //! `RawVec` growth (`grow_one`, `reserve`, `try_reserve`) ends in the one out-of-line
 //! `finish_grow`, so it alone counts each growth once; `reserve_rehash` is hashbrown's cold
 //! out-of-line path of a full table.
+//!
+//! Python (CPython 3.11, the versions in [`CPYTHONS`]): `dictresize(PyDictObject *mp, uint8_t
+//! log2_newsize, int unicode)` builds a new keys table on every call (growth on insert, a
+//! presize in `dict.update`/`fromkeys`, a split table made combined), so every call counts.
+//! `list_resize(PyListObject *self, Py_ssize_t newsize)` is also called when the allocation
+//! already fits (every `list.pop`, an `extend` within the over-allocation) and returns early
+//! when `allocated >= newsize && newsize >= (allocated >> 1)`: the probe reads `allocated`
+//! from `self` (the offset is per version, below) and counts only the other calls, the ones
+//! that reallocate. Reading the arguments at the entry, rather than probing the first
+//! instruction past the check, keeps the rule independent of how a compiler laid the
+//! function out (in Debian's LTO build the realloc path is reached by two branches, one of
+//! them from a block placed after the function's return); the price is one trap (an emulated
+//! `push`) per early return as well. Both are static functions: Debian's stripped
+//! `/usr/bin/python3.11` has them only in its build-id debug file (`python3.11-dbg`), read
+//! when the binary has no `.symtab` (see `debuginfo.rs`). Debian's build also inlines copies
+//! of `list_resize` (into `PyList_Append` for C callers, `list.pop`, slice assignment);
+//! those have no symbol and are not counted. Python-level `append`, `extend`, `insert` and
+//! list comprehensions call the out-of-line function.
 
 use std::{
     collections::BTreeSet,
@@ -25,7 +45,7 @@ use std::{
 use allocwatch_common::symprobe::ARGS;
 
 use super::{
-    TargetError,
+    TargetError, debuginfo,
     elf::{ElfFile, Symbol},
     maps::MapEntry,
     placement::{self, Request},
@@ -125,16 +145,39 @@ pub struct ProbeKind {
 }
 
 /// The built-in kinds, ids 0.. in this order; `--probe`s follow.
-pub const BUILTINS: [&str; 4] = [
+pub const BUILTINS: [&str; 6] = [
     "cxx_vector_grow",
     "cxx_hash_rehash",
     "rust_vec_grow",
     "rust_hash_rehash",
+    "py_dict",
+    "py_list",
 ];
 const CXX_VECTOR_GROW: u32 = 0;
 const CXX_HASH_REHASH: u32 = 1;
 const RUST_VEC_GROW: u32 = 2;
 const RUST_HASH_REHASH: u32 = 3;
+const PY_DICT: u32 = 4;
+const PY_LIST: u32 = 5;
+
+/// A CPython version whose growth functions were checked in its sources.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CPython {
+    /// `(major, minor)`, as `Py_Version` (`PY_VERSION_HEX`, exported since 3.11) gives it.
+    pub version: (u8, u8),
+    /// Offset of `allocated` in `PyListObject`.
+    pub list_allocated: u8,
+}
+
+/// 3.11: Include/cpython/listobject.h, `PyObject_VAR_HEAD` (refcnt, type, size: 24 bytes),
+/// `ob_item`, `allocated` (the layout Debian's python3.11-dbg's DWARF gives too);
+/// Objects/listobject.c `list_resize`'s early return and Objects/dictobject.c `dictresize` as
+/// described above. Add a version only after reading its sources: 3.12 passes the
+/// interpreter state to `dictresize` first, free-threaded builds have a larger header.
+pub const CPYTHONS: &[CPython] = &[CPython {
+    version: (3, 11),
+    list_allocated: 32,
+}];
 
 /// The libstdc++ rehash policy's bucket-count choice (exact mangled name: a stable ABI).
 const PRIME_NEXT_BKT: &str = "_ZNKSt8__detail20_Prime_rehash_policy11_M_next_bktEm";
@@ -191,6 +234,9 @@ pub struct SymPoint {
     pub sp_delta: u32,
     /// Argument register index per slot.
     pub args: [Option<u8>; ARGS],
+    /// Count only the calls CPython's `list_resize` does not return early from; the offset of
+    /// `allocated` in the list (see the module's doc).
+    pub list_resize_check: Option<u8>,
 }
 
 /// One file's symbol probes.
@@ -208,7 +254,7 @@ pub enum SymError {
     Binary { binary: PathBuf, reason: String },
     #[error(
         "--probe {}:{symbol}: no function {symbol} in {} (neither its mangled nor its demangled \
-         name; `nm -C` lists them)", binary.display(), binary.display()
+         name, in it or its debug file; `nm -C` lists them)", binary.display(), binary.display()
     )]
     NoSymbol { binary: PathBuf, symbol: String },
 }
@@ -264,12 +310,17 @@ fn points_of(
     symbols: &[(String, Symbol)],
     probe: u32,
     args: &[(u8, String)],
+    list_resize_check: Option<u8>,
 ) -> Vec<SymPoint> {
     let mut seen = BTreeSet::new();
-    let needed: Vec<_> = args
+    let mut needed: Vec<_> = args
         .iter()
         .map(|(r, _)| ARG_REGS[usize::from(*r)])
         .collect();
+    if list_resize_check.is_some() {
+        // `self` and `newsize`.
+        needed.extend([iced_x86::Register::RDI, iced_x86::Register::RSI]);
+    }
     let mut slots = [None; ARGS];
     for (slot, (reg, _)) in slots.iter_mut().zip(args) {
         *slot = Some(*reg);
@@ -301,6 +352,7 @@ fn points_of(
             file_offset: offset + site.offset_in_function,
             sp_delta: site.sp_delta,
             args: slots,
+            list_resize_check,
         });
     }
     out
@@ -317,21 +369,15 @@ pub fn for_spec(spec: &ProbeSpec, probe: u32) -> Result<SymTarget, SymError> {
             e => e.to_string(),
         },
     })?;
-    let found: Vec<(String, Symbol)> = match elf.symbol(&spec.symbol) {
-        Some(sym) => vec![(spec.symbol.clone(), sym)],
-        None => {
-            let mut v: Vec<_> = elf
-                .symbols()
-                .filter(|(name, _)| {
-                    demangled(name).is_some_and(|d| d == spec.symbol || cxx_bare(&d) == spec.symbol)
-                })
-                .map(|(n, s)| (n.to_owned(), s))
-                .collect();
-            v.sort_by(|a, b| a.0.cmp(&b.0));
-            v
-        }
-    };
-    let points = points_of(&elf, &found, probe, &spec.args);
+    let mut found = named(&elf, &spec.symbol);
+    // A static function of a stripped binary: its debug file names it, at the binary's own
+    // addresses (which the binary's program headers turn into file offsets).
+    if found.is_empty()
+        && let Some(debug) = debug_symbols(&elf)
+    {
+        found = named(&debug, &spec.symbol);
+    }
+    let points = points_of(&elf, &found, probe, &spec.args, None);
     if points.is_empty() {
         return Err(SymError::NoSymbol {
             binary: spec.binary.clone(),
@@ -342,6 +388,70 @@ pub fn for_spec(spec: &ProbeSpec, probe: u32) -> Result<SymTarget, SymError> {
         path: spec.binary.clone(),
         points,
     })
+}
+
+/// The functions of `elf` named `symbol`: the exact symbol, else every function whose
+/// demangled name (C++: without parameters and return type, too), or whose name without a
+/// GCC clone suffix (`dictresize.lto_priv.0`), is the one given.
+fn named(elf: &ElfFile, symbol: &str) -> Vec<(String, Symbol)> {
+    if let Some(sym) = elf.symbol(symbol) {
+        return vec![(symbol.to_owned(), sym)];
+    }
+    let mut v: Vec<_> = elf
+        .symbols()
+        .filter(|(name, _)| {
+            gcc_base(name).is_some_and(|b| b != *name && b == symbol)
+                || demangled(name).is_some_and(|d| d == symbol || cxx_bare(&d) == symbol)
+        })
+        .map(|(n, s)| (n.to_owned(), s))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// The symbols of the separate debug file of a binary without `.symtab`, if it has one.
+fn debug_symbols(elf: &ElfFile) -> Option<ElfFile> {
+    if elf.has_symtab() {
+        return None;
+    }
+    let found = debuginfo::find_for(elf.path())?;
+    ElfFile::open_debug_file(&found.path)
+        .inspect_err(|e| log::debug!("{}: {e}", found.found.display()))
+        .ok()
+}
+
+/// A C function's name without the suffix GCC gives a copy that keeps its signature
+/// (`.lto_priv.N`: a static function renamed by link-time optimization). Other suffixes are
+/// not the function as written: `.part.N`/`.cold` are pieces of it, `.isra.N`/`.constprop.N`
+/// take other arguments.
+fn gcc_base(name: &str) -> Option<&str> {
+    match name.split_once('.') {
+        None => Some(name),
+        Some((base, "lto_priv")) => Some(base),
+        Some((base, rest)) => rest
+            .strip_prefix("lto_priv.")
+            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            .map(|_| base),
+    }
+}
+
+/// The CPython version a file is the interpreter (or libpython) of, from its `Py_Version`.
+fn cpython_version(elf: &ElfFile, debug: Option<&ElfFile>) -> Option<(u8, u8)> {
+    let sym = elf
+        .symbol("Py_Version")
+        .or_else(|| debug.and_then(|d| d.symbol("Py_Version")))?;
+    let bytes = elf.read_at_vaddr(sym.address, 4).ok()?;
+    let hex = u32::from_le_bytes(bytes.try_into().ok()?);
+    Some(((hex >> 24) as u8, (hex >> 16) as u8))
+}
+
+/// Which Python kind a C symbol is, in a CPython of known layout.
+fn py_kind(name: &str) -> Option<u32> {
+    match gcc_base(name)? {
+        "dictresize" => Some(PY_DICT),
+        "list_resize" => Some(PY_LIST),
+        _ => None,
+    }
 }
 
 /// Which built-in kind a mangled symbol is, if any. The mangled name is checked for the
@@ -380,9 +490,26 @@ pub fn builtin_kind(name: &str) -> Option<u32> {
 /// The built-in growth functions of one file; `None` when it has none.
 pub fn builtins_in(path: &Path) -> Result<Option<SymTarget>, TargetError> {
     let elf = ElfFile::open(path)?;
+    let debug = debug_symbols(&elf);
+    let cpython = cpython_version(&elf, debug.as_ref()).and_then(|v| {
+        let known = CPYTHONS.iter().find(|c| c.version == v).copied();
+        if known.is_none() {
+            log::debug!(
+                "{}: CPython {}.{}: its growth functions are not known",
+                path.display(),
+                v.0,
+                v.1
+            );
+        }
+        known
+    });
     let mut by_kind: Vec<(u32, String, Symbol)> = elf
         .symbols()
-        .filter_map(|(name, sym)| Some((builtin_kind(name)?, name.to_owned(), sym)))
+        .chain(debug.iter().flat_map(ElfFile::symbols))
+        .filter_map(|(name, sym)| {
+            let kind = builtin_kind(name).or_else(|| cpython.and_then(|_| py_kind(name)))?;
+            Some((kind, name.to_owned(), sym))
+        })
         .collect();
     by_kind.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
     let mut points = Vec::new();
@@ -392,7 +519,10 @@ pub fn builtins_in(path: &Path) -> Result<Option<SymTarget>, TargetError> {
             .filter(|(k, _, _)| *k == kind)
             .map(|(_, n, s)| (n.clone(), *s))
             .collect();
-        points.extend(points_of(&elf, &syms, kind, &[]));
+        let check = cpython
+            .filter(|_| kind == PY_LIST)
+            .map(|c| c.list_allocated);
+        points.extend(points_of(&elf, &syms, kind, &[], check));
     }
     Ok((!points.is_empty()).then(|| SymTarget {
         path: path.to_owned(),
@@ -400,12 +530,19 @@ pub fn builtins_in(path: &Path) -> Result<Option<SymTarget>, TargetError> {
     }))
 }
 
-/// Whether a mapping is (the start of) a libstdc++, where the C++ rehash policy lives.
-pub fn is_libstdcxx(m: &MapEntry) -> bool {
+/// Whether a library (its file name) may hold built-in growth functions of its own:
+/// libstdc++ (the C++ rehash policy) and libpython (CPython's, for programs that embed it).
+fn builtins_library(name: &str) -> bool {
+    name.starts_with("libstdc++.so") || name.starts_with("libpython3")
+}
+
+/// Whether a mapping is (the start of) a library with growth functions of its own: a
+/// libstdc++ (the C++ rehash policy) or a libpython.
+pub fn has_builtins(m: &MapEntry) -> bool {
     m.path.as_deref().is_some_and(|p| {
         Path::new(p)
             .file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with("libstdc++.so"))
+            .is_some_and(|n| builtins_library(&n.to_string_lossy()))
     })
 }
 
@@ -447,14 +584,14 @@ pub fn for_session(
     for (i, spec) in specs.iter().enumerate() {
         add(for_spec(spec, (BUILTINS.len() + i) as u32)?);
     }
-    // Only libstdc++ among the libraries: the other kinds are templates instantiated in the
-    // executable.
+    // Only libstdc++ and libpython among the libraries: the other kinds are templates
+    // instantiated in the executable.
     let files = std::iter::once(exe.to_owned()).chain(
         libraries
             .iter()
             .filter(|l| {
                 l.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("libstdc++.so"))
+                    .is_some_and(|n| builtins_library(&n.to_string_lossy()))
             })
             .cloned(),
     );
@@ -538,5 +675,68 @@ mod tests {
         );
         assert_eq!(builtin_kind("finish_grow"), None);
         assert_eq!(builtin_kind("malloc"), None);
+    }
+
+    #[test]
+    fn gcc_clone_suffixes() {
+        assert_eq!(gcc_base("dictresize"), Some("dictresize"));
+        assert_eq!(gcc_base("dictresize.lto_priv.0"), Some("dictresize"));
+        assert_eq!(gcc_base("list_resize.lto_priv.12"), Some("list_resize"));
+        // Pieces of a function, or copies with other arguments.
+        for other in [
+            "dictresize.lto_priv.0.cold",
+            "list_resize.part.0",
+            "list_resize.isra.0",
+            "list_resize.constprop.0",
+            "list_resize.lto_priv.",
+            "list_resize.cold",
+        ] {
+            assert_eq!(gcc_base(other), None, "{other}");
+        }
+        assert_eq!(py_kind("dictresize.lto_priv.0"), Some(PY_DICT));
+        assert_eq!(py_kind("list_resize"), Some(PY_LIST));
+        assert_eq!(py_kind("dictresize.lto_priv.0.cold"), None);
+        assert_eq!(py_kind("PyList_Append"), None);
+    }
+
+    /// Debian's stripped python3.11: its CPython kinds come from python3.11-dbg's debug file
+    /// (skipped where that package is not installed: `./x setup` installs it).
+    #[test]
+    fn python_kinds_from_the_debug_file() {
+        let python = Path::new("/usr/bin/python3.11");
+        let Ok(elf) = ElfFile::open(python) else {
+            eprintln!("skipped: no {}", python.display());
+            return;
+        };
+        assert!(!elf.has_symtab(), "Debian's python3.11 is stripped");
+        if debuginfo::find_for(python).is_none() {
+            eprintln!(
+                "skipped: no debug file for {} (python3.11-dbg)",
+                python.display()
+            );
+            return;
+        }
+        assert_eq!(cpython_version(&elf, None), Some((3, 11)));
+        let t = builtins_in(python)
+            .unwrap()
+            .expect("CPython's growth functions");
+        let of = |kind| -> Vec<&SymPoint> { t.points.iter().filter(|p| p.probe == kind).collect() };
+        let (dict, list) = (of(PY_DICT), of(PY_LIST));
+        assert_eq!(dict.len(), 1, "{:?}", t.points);
+        assert_eq!(list.len(), 1, "{:?}", t.points);
+        assert!(dict[0].symbol.starts_with("dictresize"));
+        assert_eq!(dict[0].list_resize_check, None);
+        assert!(list[0].symbol.starts_with("list_resize"));
+        assert_eq!(list[0].list_resize_check, Some(32));
+        // The file offset holds the function's first bytes (the binary's own program headers).
+        let sym = elf.symbol("PyList_Append").unwrap();
+        assert!(elf.vaddr_to_file_offset(sym.address).is_some());
+        // A `--probe` by a static function's name, without the LTO suffix.
+        let spec: ProbeSpec = "/usr/bin/python3.11:dictresize:arg1 as log2_size"
+            .parse()
+            .unwrap();
+        let t = for_spec(&spec, 9).unwrap();
+        assert_eq!(t.points.len(), 1);
+        assert_eq!(t.points[0].file_offset, dict[0].file_offset);
     }
 }

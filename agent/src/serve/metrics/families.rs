@@ -202,9 +202,10 @@ pub const PROBE_CALLS: FamilySpec = spec(
     MetricKind::Counter,
     Scope::Process,
     &["kind"],
-    "Calls of symbol-probed functions by kind: C++/Rust container growth (cxx_vector_grow, \
-     cxx_hash_rehash, rust_vec_grow, rust_hash_rehash) and each configured probe (kind = its \
-     symbol as given); by call site in allocwatch_site_alloc_calls_total{api=kind}.",
+    "Calls of symbol-probed functions by kind: C++/Rust/Python container growth \
+     (cxx_vector_grow, cxx_hash_rehash, rust_vec_grow, rust_hash_rehash, py_dict, py_list) and \
+     each configured probe (kind = its symbol as given); by call site in \
+     allocwatch_site_alloc_calls_total{api=kind}.",
 );
 pub const PROBE_ARG_SUM: FamilySpec = spec(
     "allocwatch_probe_arg_sum_total",

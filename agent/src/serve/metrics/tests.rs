@@ -221,7 +221,7 @@ allocwatch_go_gc_pause_seconds_bucket{API,le="0.01"} 3
 allocwatch_go_gc_pause_seconds_bucket{API,le="+Inf"} 3
 allocwatch_go_gc_pause_seconds_sum{API} 0.0125
 allocwatch_go_gc_pause_seconds_count{API} 3
-# HELP allocwatch_probe_calls_total Calls of symbol-probed functions by kind: C++/Rust container growth (cxx_vector_grow, cxx_hash_rehash, rust_vec_grow, rust_hash_rehash) and each configured probe (kind = its symbol as given); by call site in allocwatch_site_alloc_calls_total{api=kind}.
+# HELP allocwatch_probe_calls_total Calls of symbol-probed functions by kind: C++/Rust/Python container growth (cxx_vector_grow, cxx_hash_rehash, rust_vec_grow, rust_hash_rehash, py_dict, py_list) and each configured probe (kind = its symbol as given); by call site in allocwatch_site_alloc_calls_total{api=kind}.
 # TYPE allocwatch_probe_calls_total counter
 allocwatch_probe_calls_total{WEB,kind="cxx_vector_grow"} 4
 allocwatch_probe_calls_total{WEB,kind="dictresize"} 2

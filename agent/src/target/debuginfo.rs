@@ -8,6 +8,9 @@
 //! `/proc/self/fd/N`, so never inside a container's root), and a CRC mismatch at the first
 //! candidate fails the whole file, ELF symbols included. So the lookup is ours and blazesym
 //! reads the file found. `.gnu_debugdata` (MiniDebugInfo) is blazesym's (its `xz` feature).
+//!
+//! The growth probes read it too ([`find_for`]): a distribution's interpreter keeps its static
+//! functions (CPython's `dictresize`, `list_resize`) only in its debug file's `.symtab`.
 
 use std::{
     fs::File,
@@ -31,7 +34,7 @@ pub fn set_debug_dirs(dirs: Vec<PathBuf>) {
     }
 }
 
-pub(super) fn debug_dirs() -> &'static [PathBuf] {
+pub(crate) fn debug_dirs() -> &'static [PathBuf] {
     DEBUG_DIRS.get_or_init(|| vec![PathBuf::from(DEFAULT_DEBUG_DIR)])
 }
 
@@ -43,7 +46,7 @@ pub enum DebugInfoError {
 
 /// What the symbolizer needs to know about a mapped ELF file.
 #[derive(Debug, Default)]
-pub(super) struct ElfFacts {
+pub(crate) struct ElfFacts {
     pub build_id: Option<Vec<u8>>,
     /// `.gnu_debuglink`: file name and CRC-32 of the debug file.
     pub debuglink: Option<(String, u32)>,
@@ -96,14 +99,14 @@ impl ElfFacts {
 
 /// How a candidate is recognized as the binary's debug file.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) enum Check {
+pub(crate) enum Check {
     BuildId(Vec<u8>),
     Crc(u32),
 }
 
 /// The places a debug file of `module` (its path as the process sees it) may be, in gdb's
 /// order, each with how to check it.
-pub(super) fn candidates(
+pub(crate) fn candidates(
     module: &str,
     facts: &ElfFacts,
     debug_dirs: &[PathBuf],
@@ -137,7 +140,7 @@ pub(super) fn candidates(
 }
 
 /// A debug file found for a mapped file, kept open.
-pub(super) struct DebugFile {
+pub(crate) struct DebugFile {
     _file: File,
     /// `/proc/self/fd/…` of the open file: where blazesym reads it.
     pub path: PathBuf,
@@ -149,7 +152,7 @@ pub(super) struct DebugFile {
 /// tried under `root` (`/proc/PID/root`: the process's own file system, a container's
 /// included) and then as they are in ours; a file counts only if its build-id or CRC matches,
 /// so a wrong file under the same name is never used.
-pub(super) fn find(
+pub(crate) fn find(
     root: Option<&Path>,
     module: &str,
     facts: &ElfFacts,
@@ -173,6 +176,35 @@ pub(super) fn find(
         }
     }
     None
+}
+
+/// The debug file of `path`, if `path` is a stripped ELF file that has one: its `.symtab`
+/// names the file's static functions at the file's own virtual addresses. A process's
+/// `/proc/PID/exe` is looked up in that process's file system first (a container's), under
+/// the name the process sees, then in ours.
+pub(crate) fn find_for(path: &Path) -> Option<DebugFile> {
+    let file = File::open(path).ok()?;
+    let meta = file.metadata().ok()?;
+    let facts = ElfFacts::read(&file)
+        .inspect_err(|err| log::debug!("{}: {err}", path.display()))
+        .ok()?;
+    let pid_dir = path
+        .strip_prefix("/proc")
+        .ok()
+        .and_then(|rest| rest.iter().next())
+        .filter(|pid| pid.to_str().is_some_and(|p| p.parse::<u32>().is_ok()))
+        .map(|pid| Path::new("/proc").join(pid));
+    let root = pid_dir.as_ref().map(|d| d.join("root"));
+    let module = pid_dir
+        .and_then(|_| std::fs::read_link(path).ok())
+        .unwrap_or_else(|| path.to_owned());
+    find(
+        root.as_deref(),
+        &module.to_string_lossy(),
+        &facts,
+        (meta.dev(), meta.ino()),
+        debug_dirs(),
+    )
 }
 
 /// `root` and our own root, or ours alone when they are the same directory.
