@@ -133,8 +133,8 @@ pub struct AgentArgs {
     /// --probe`), exported with the built-in C++ and Rust container-growth kinds.
     #[arg(long = "probe", value_name = "SPEC")]
     pub probes: Vec<crate::target::symprobe::ProbeSpec>,
-    /// Count C++ and Rust container growth in every selected program (off: only in the files
-    /// of `--probe`s): a probe hit per growth, 10⁵ a second in a compiler.
+    /// Count C++, Rust and Python container growth in every selected program (off: only in
+    /// the files of `--probe`s): a probe hit per growth, 10⁵ a second in a compiler.
     #[arg(long)]
     pub native_growth: bool,
     /// Trace every Go heap allocation (mallocgc) too: a probe hit per allocation.

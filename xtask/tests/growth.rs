@@ -525,7 +525,7 @@ fn agent_exports_python_growth() {
     let want = kinds(&reference);
     let warm = scratch.path.join("py_warm");
     std::fs::hard_link(&python, &warm).expect("hard link of the interpreter");
-    let mut agent = Agent::start(&env, &[]);
+    let mut agent = Agent::start(&env, &["--native-growth"]);
     let calls = "allocwatch_probe_calls_total";
     {
         let loop_forever = "import time\nwhile True:\n    d = {i: i for i in range(100)}\n    \

@@ -71,7 +71,8 @@ pub struct Config {
     /// function counted per site, exported with the built-in C++/Rust growth kinds.
     #[serde(deserialize_with = "de::probes")]
     pub probe: Vec<ProbeSpec>,
-    /// The built-in C++ (libstdc++) and Rust container-growth kinds in every selected program.
+    /// The built-in C++ (libstdc++), Rust and Python (CPython 3.11) container-growth kinds in
+    /// every selected program.
     /// Off by default: a compiler or build tool grows vectors 10⁵ times a second, each a
     /// uprobe hit, and their sites filled the probe-site table of a busy node in minutes.
     pub native_growth: bool,

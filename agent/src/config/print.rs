@@ -81,8 +81,9 @@ keep_privileges = {keep_privileges}
 #   probe = ["/usr/bin/python3.11:dictresize:arg1 as log2_size"]
 probe = {probe}
 
-# The built-in C++ (libstdc++ unordered_map rehash, vector reallocation) and Rust (hashbrown
-# rehash, Vec growth) container-growth kinds in every selected program. Each growth is a
+# The built-in C++ (libstdc++ unordered_map rehash, vector reallocation), Rust (hashbrown
+# rehash, Vec growth) and Python (CPython 3.11 dictresize, list_resize) container-growth kinds
+# in every selected program. Each growth is a
 # probe hit (over a microsecond), and a compiler or build tool grows vectors 100,000 times a
 # second, so off by default: the files of the `probe`s above get them either way.
 native_growth = {native_growth}
