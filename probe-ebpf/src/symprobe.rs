@@ -19,6 +19,7 @@ use aya_ebpf::{
 };
 
 use crate::{
+    arch,
     libc::{return_address, stacks_on},
     maps::{lost, traced},
     unwind::capture_libc_stack,
@@ -51,8 +52,8 @@ fn on_entry(ctx: &ProbeContext) {
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
     // SAFETY: regs points at the probed task's saved registers.
     let regs = unsafe { &*ctx.regs };
-    let entry_sp = regs.rsp + cookie::sp_delta(cookie);
-    let ret_addr = return_address(tgid, entry_sp);
+    let entry_sp = arch::sp(regs) + cookie::sp_delta(cookie);
+    let ret_addr = return_address(tgid, regs, entry_sp);
     let stack_id = if stacks_on() {
         capture_libc_stack(ctx, entry_sp, ret_addr)
     } else {
@@ -60,16 +61,7 @@ fn on_entry(ctx: &ProbeContext) {
     };
     let mut args = [0u64; ARGS];
     for (slot, value) in args.iter_mut().enumerate() {
-        // A plain match: no variable index into the stack for the verifier to bound.
-        *value = match cookie::arg(cookie, slot) {
-            1 => regs.rdi,
-            2 => regs.rsi,
-            3 => regs.rdx,
-            4 => regs.rcx,
-            5 => regs.r8,
-            6 => regs.r9,
-            _ => 0,
-        };
+        *value = arch::c_arg(regs, cookie::arg(cookie, slot));
     }
     let mut key = ProbeSiteKey {
         tgid,
