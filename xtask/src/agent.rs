@@ -25,12 +25,10 @@ impl Arch {
     pub fn cross_triple(self) -> Option<&'static str> {
         match self {
             Arch::X86_64 => None,
-            Arch::Aarch64 => Some(AARCH64_TRIPLE),
+            Arch::Aarch64 => Some(setup::AARCH64_TRIPLE),
         }
     }
 }
-
-pub const AARCH64_TRIPLE: &str = "aarch64-unknown-linux-gnu";
 
 /// `cargo build --release -p allocwatch` (agent/build.rs builds the BPF probe through
 /// aya-build, which needs bpf-linker); returns the binary's path.

@@ -48,6 +48,9 @@ const VM_APT_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static"];
 
 const TRACEFS: &str = "/sys/kernel/tracing";
 
+/// The Rust target of `./x build --target aarch64` (xtask/src/agent.rs).
+pub const AARCH64_TRIPLE: &str = "aarch64-unknown-linux-gnu";
+
 /// cargo-fuzz: `./x test` runs the fuzz targets of fuzz/ with it (`./x fuzz` for longer).
 pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// cargo-deny: advisories, licenses, duplicate versions and sources (deny.toml) in `./x test`.
@@ -62,7 +65,7 @@ pub fn all(paths: &Paths) -> anyhow::Result<()> {
         eprintln!("x: warning: cargo-fuzz {CARGO_FUZZ_VERSION} could not be installed: {e:#}");
     }
     tracefs()?;
-    rust_target(paths, crate::agent::AARCH64_TRIPLE)?;
+    rust_target(paths, AARCH64_TRIPLE)?;
     // Before the Go toolchains: Debian's Go 1.19 then installs from a fresh package index.
     apt_packages()?;
     install_missing(VM_APT_PACKAGES, &["--no-install-recommends"])?;

@@ -229,7 +229,8 @@ impl State {
             );
         }
         // Tables only where stacks are walked at all.
-        let unwind = cfg.unwind == Unwind::Dwarf && cfg.mode.stacks() && crate::unwind::TABLES_SUPPORTED;
+        let unwind =
+            cfg.unwind == Unwind::Dwarf && cfg.mode.stacks() && crate::unwind::TABLES_SUPPORTED;
         let mut probes = Probes::load_mode(
             &ProbeConfig {
                 tgid: None,

@@ -156,11 +156,26 @@ mod tests {
     #[test]
     fn go_stack_checks() {
         // runtime.growslice: small frame.
-        let small = code(&[0xf940_0b90, 0xeb30_63ff, 0x5400_30a9, 0xf81a_0ffe, 0xf81f_83fd]);
+        let small = code(&[
+            0xf940_0b90,
+            0xeb30_63ff,
+            0x5400_30a9,
+            0xf81a_0ffe,
+            0xf81f_83fd,
+        ]);
         let p = place(&small, true);
-        assert_eq!((p.offset_in_function, p.sp_delta, p.emulated), (12, 0, false));
+        assert_eq!(
+            (p.offset_in_function, p.sp_delta, p.emulated),
+            (12, 0, false)
+        );
         // Large frame: SUB $16, RSP, R17; CMP R16, R17; BLS.
-        let large = code(&[0xf940_0b90, 0xd100_43f1, 0xeb10_023f, 0x5400_2509, 0xf817_0ffe]);
+        let large = code(&[
+            0xf940_0b90,
+            0xd100_43f1,
+            0xeb10_023f,
+            0x5400_2509,
+            0xf817_0ffe,
+        ]);
         assert_eq!(place(&large, true).offset_in_function, 16);
         // Huge frame: MOVD $65424, R27; SUBS R27, RSP, R17; BCC; CMP R16, R17; BLS.
         let huge = code(&[
@@ -191,7 +206,10 @@ mod tests {
         let small = code(&[0xf940_0b90, 0xeb30_63ff, 0x5400_30a9, 0xf81a_0ffe]);
         assert_eq!(place(&small, false).offset_in_function, 0);
         // A NOSPLIT function: MOVD.W R30, -32(RSP) first.
-        assert_eq!(place(&code(&[0xf81e_0ffe, RET]), true).offset_in_function, 0);
+        assert_eq!(
+            place(&code(&[0xf81e_0ffe, RET]), true).offset_in_function,
+            0
+        );
         // Something writes an argument register (x0) before the BLS: not Go's check.
         let odd = code(&[0xf940_0b90, 0xd100_43e0, 0xeb10_001f, 0x5400_2509, RET]);
         assert_eq!(place(&odd, true).offset_in_function, 0);

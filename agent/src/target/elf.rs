@@ -109,7 +109,10 @@ impl ElfFile {
         let header = elf::FileHeader64::<Endianness>::parse(data).map_err(bad)?;
         let endian = header.endian().map_err(bad)?;
         let Some(arch) = Arch::from_machine(header.e_machine(endian)) else {
-            return Err(TargetError::bad_elf(path, "neither an x86-64 nor an arm64 binary"));
+            return Err(TargetError::bad_elf(
+                path,
+                "neither an x86-64 nor an arm64 binary",
+            ));
         };
 
         let mut interpreter = None;

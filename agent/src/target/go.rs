@@ -461,20 +461,38 @@ mod tests {
             assert_eq!(elf.arch(), Arch::Aarch64);
             let native = for_exe(bin, all);
             if Arch::NATIVE != Arch::Aarch64 {
-                assert!(native.is_err(), "go {}: an arm64 program is refused", tc.version);
+                assert!(
+                    native.is_err(),
+                    "go {}: an arm64 program is refused",
+                    tc.version
+                );
             }
             let target = for_file(bin, all, false)
                 .expect("read arm64 fixture")
                 .expect("a Go binary");
-            assert!(target.warnings.is_empty(), "go {}: {:?}", tc.version, target.warnings);
+            assert!(
+                target.warnings.is_empty(),
+                "go {}: {:?}",
+                tc.version,
+                target.warnings
+            );
             let roles: Vec<GoRole> = target.probes.iter().map(|p| p.role).collect();
             let map_growth = if target.version.at_least(1, 24) {
                 GoRole::MapTableGrow
             } else {
                 GoRole::MapHashGrow
             };
-            for role in [GoRole::SliceGrow, GoRole::Malloc, map_growth, GoRole::StartTheWorld] {
-                assert!(roles.contains(&role), "go {}: no {role:?} probe", tc.version);
+            for role in [
+                GoRole::SliceGrow,
+                GoRole::Malloc,
+                map_growth,
+                GoRole::StartTheWorld,
+            ] {
+                assert!(
+                    roles.contains(&role),
+                    "go {}: no {role:?} probe",
+                    tc.version
+                );
             }
             let dump = objdump(tc, bin);
             let mut rets_seen = std::collections::HashMap::<&str, usize>::new();
@@ -482,7 +500,10 @@ mod tests {
                 let code = dump
                     .get(p.symbol.as_str())
                     .unwrap_or_else(|| panic!("go {}: objdump has no {}", tc.version, p.symbol));
-                let entry = code.first().map(|&(a, _)| a).expect("objdump lists the function");
+                let entry = code
+                    .first()
+                    .map(|&(a, _)| a)
+                    .expect("objdump lists the function");
                 let entry_off = elf.vaddr_to_file_offset(entry).expect("entry in a segment");
                 let vaddr = entry + (p.file_offset - entry_off);
                 let what = format!("go {} {} {:?}", tc.version, p.symbol, p.role);
@@ -493,7 +514,10 @@ mod tests {
                         .filter(|(_, asm)| asm == "RET")
                         .map(|&(a, _)| a)
                         .collect();
-                    assert!(rets.contains(&vaddr), "{what}: {vaddr:#x} is no RET of {rets:x?}");
+                    assert!(
+                        rets.contains(&vaddr),
+                        "{what}: {vaddr:#x} is no RET of {rets:x?}"
+                    );
                     *rets_seen.entry(&p.symbol).or_default() += 1;
                     assert!(rets_seen[p.symbol.as_str()] <= rets.len(), "{what}");
                     continue;
@@ -507,17 +531,17 @@ mod tests {
                         .map_or(entry, |&(a, _)| a + 4),
                     _ => entry,
                 };
-                assert_eq!(vaddr, expected, "{what}: probe at {vaddr:#x}, objdump says {expected:#x}");
+                assert_eq!(
+                    vaddr, expected,
+                    "{what}: probe at {vaddr:#x}, objdump says {expected:#x}"
+                );
                 if matches!(p.role, GoRole::SliceGrow | GoRole::Malloc) || p.role == map_growth {
                     assert_ne!(vaddr, entry, "{what}: these functions have a stack check");
                 }
             }
             // Every RET of the stop-the-world end has its probe.
             for (symbol, n) in rets_seen {
-                let rets = dump[symbol]
-                    .iter()
-                    .filter(|(_, asm)| asm == "RET")
-                    .count();
+                let rets = dump[symbol].iter().filter(|(_, asm)| asm == "RET").count();
                 assert_eq!(n, rets, "go {} {symbol}: RET probes", tc.version);
             }
         }
