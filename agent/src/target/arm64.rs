@@ -45,8 +45,10 @@ const COND_LS: u32 = 0x9;
 
 /// The 4-byte words of `code` (a trailing partial word is ignored).
 fn words(code: &[u8]) -> impl Iterator<Item = u32> + '_ {
-    code.chunks_exact(4)
-        .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+    code.as_chunks::<4>()
+        .0
+        .iter()
+        .map(|w| u32::from_le_bytes(*w))
 }
 
 /// Chooses the probe site in an arm64 function whose first bytes are `code`: just past Go's
