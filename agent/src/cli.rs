@@ -742,10 +742,12 @@ mod tests {
             for m in flag_re.find_iter(ours) {
                 let flag = m.as_str().trim_end_matches('-');
                 // Not ours: cargo's, bpftrace's, a toolchain's, node_exporter's
-                // (`--web.config.file`), the project's `./x soak`, `./x fuzz` and
-                // `./x test --vm`.
+                // (`--web.config.file`), rustc's (`--cfg`), the project's `./x soak`,
+                // `./x fuzz`, `./x test --vm` and `./x build --target`.
                 if [
                     "--workspace",
+                    "--cfg",
+                    "--target",
                     "--exclude",
                     "--no-fail-fast",
                     "--features",

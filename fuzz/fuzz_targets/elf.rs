@@ -11,7 +11,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let path = scratch_file("elf", data);
-    let _ = elf::is_x86_64_elf(&path);
+    let _ = elf::is_native_elf(&path);
     let _ = elf::dynamic_info(&path);
     let Ok(file) = elf::ElfFile::open(&path) else {
         return;

@@ -21,7 +21,10 @@ use aya_ebpf::{
     programs::ProbeContext,
 };
 
-use crate::maps::{GO_HIST, GO_PROCS, GO_SPECS, GO_STW, capture_stack, hist_add, traced, why};
+use crate::{
+    arch,
+    maps::{GO_HIST, GO_PROCS, GO_SPECS, GO_STW, capture_stack, hist_add, traced, why},
+};
 
 #[uprobe(multi)]
 pub fn go_entry(ctx: ProbeContext) -> u32 {
@@ -67,9 +70,8 @@ fn on_go(ctx: &ProbeContext) {
     };
     // SAFETY: regs points at the probed task's saved registers.
     let regs = unsafe { &*ctx.regs };
-    let sp = regs.rsp + cookie::sp_delta(cookie);
-    // SAFETY: reading the traced task's own stack; a fault is an error, not a crash.
-    let ret_addr = match unsafe { bpf_probe_read_user(sp as *const u64) } {
+    let sp = arch::sp(regs) + cookie::sp_delta(cookie);
+    let ret_addr = match arch::return_address(regs, sp) {
         Ok(addr) => addr,
         Err(e) => {
             why!(
@@ -95,7 +97,7 @@ fn on_go(ctx: &ProbeContext) {
             let state = StwState {
                 // SAFETY: plain helper call.
                 ts_ns: unsafe { bpf_ktime_get_ns() },
-                reason: capture(&arg_regs(regs), spec, 0),
+                reason: capture(&arch::go_args(regs), spec, 0),
                 ret_addr,
             };
             if GO_STW.insert(&tgid, &state, BPF_ANY as u64).is_err() {
@@ -123,7 +125,7 @@ fn on_go(ctx: &ProbeContext) {
             values[2] = stw.ret_addr;
         }
         _ => {
-            let args = arg_regs(regs);
+            let args = arch::go_args(regs);
             for (i, v) in values.iter_mut().enumerate() {
                 *v = capture(&args, spec, i);
             }
@@ -154,7 +156,7 @@ fn on_malloc(
             return;
         }
     }
-    let size = capture(&arg_regs(regs), spec, 0);
+    let size = capture(&arch::go_args(regs), spec, 0);
     hist_add(&GO_HIST, tgid, size);
     if size >= GO_LARGE_ALLOC {
         let mut values = [0u64; GO_VALUES];
@@ -187,7 +189,7 @@ fn emit(
         tid: pid_tgid as u32,
         // SAFETY: plain helper call.
         ts_ns: unsafe { bpf_ktime_get_ns() },
-        goroutine: regs.r14,
+        goroutine: arch::go_g(regs),
         ret_addr,
         stack_id,
         values,
@@ -195,29 +197,9 @@ fn emit(
     crate::maps::emit(&ev, crate::maps::batched_wakeup());
 }
 
-/// The argument registers ABIInternal uses, loaded once with constant offsets: the verifier
-/// rejects loads through a context pointer that was offset at run time.
-#[inline(always)]
-fn arg_regs(regs: &pt_regs) -> [u64; 9] {
-    // SAFETY: volatile reads of fields of the valid pt_regs snapshot.
-    unsafe {
-        [
-            core::ptr::read_volatile(&regs.rax),
-            core::ptr::read_volatile(&regs.rbx),
-            core::ptr::read_volatile(&regs.rcx),
-            core::ptr::read_volatile(&regs.rdi),
-            core::ptr::read_volatile(&regs.rsi),
-            core::ptr::read_volatile(&regs.r8),
-            core::ptr::read_volatile(&regs.r9),
-            core::ptr::read_volatile(&regs.r10),
-            core::ptr::read_volatile(&regs.r11),
-        ]
-    }
-}
-
 /// Value `i` of the spec: a register, or a field loaded through one.
 #[inline(always)]
-fn capture(args: &[u64; 9], spec: &GoSpec, i: usize) -> u64 {
+fn capture(args: &[u64; arch::GO_ARGS], spec: &GoSpec, i: usize) -> u64 {
     let Some(c) = spec.captures.get(i) else {
         return 0;
     };

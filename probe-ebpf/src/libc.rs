@@ -25,7 +25,7 @@ use allocwatch_common::{
 };
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::BPF_ANY,
+    bindings::{BPF_ANY, pt_regs},
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
         generated::bpf_get_attach_cookie,
@@ -35,6 +35,7 @@ use aya_ebpf::{
 };
 
 use crate::{
+    arch,
     maps::{
         FLAGS, LAST_ENTRY, LIBC_FILES, LIBC_HIST, LIVE, PENDING, count_call, hist_add, lost,
         row_of, sampled, sampling, traced, why,
@@ -127,13 +128,13 @@ fn on_count(ctx: &ProbeContext) {
     let api_id = cookie::api(cookie);
     // SAFETY: regs points at the probed task's saved registers.
     let regs = unsafe { &*ctx.regs };
-    let entry_sp = regs.rsp + cookie::sp_delta(cookie);
-    let ret_addr = return_address(tgid, entry_sp);
+    let entry_sp = arch::sp(regs) + cookie::sp_delta(cookie);
+    let ret_addr = return_address(tgid, regs, entry_sp);
 
     if let Some(file) = LIBC_FILES.get(cookie::file_slot(cookie)) {
-        // A uprobe reports the probed instruction's address in rip.
+        // A uprobe reports the probed instruction's address as the pc.
         let ret_off = ret_addr
-            .wrapping_sub(regs.rip)
+            .wrapping_sub(arch::pc(regs))
             .wrapping_add(cookie::probe_offset(cookie));
         for r in &file.ranges {
             if ret_off >= u64::from(r[0]) && ret_off < u64::from(r[1]) {
@@ -258,7 +259,7 @@ fn on_entry(ctx: &ProbeContext) {
     let api_id = cookie::api(cookie);
     // SAFETY: regs points at the probed task's saved registers.
     let regs = unsafe { &*ctx.regs };
-    let entry_sp = regs.rsp + cookie::sp_delta(cookie);
+    let entry_sp = arch::sp(regs) + cookie::sp_delta(cookie);
 
     if let Some(p) = PENDING.get_ptr(&pid_tgid) {
         // SAFETY: map value pointer from a successful lookup.
@@ -280,7 +281,7 @@ fn on_entry(ctx: &ProbeContext) {
         let _ = PENDING.remove(&pid_tgid);
     }
 
-    let ret_addr = return_address(tgid, entry_sp);
+    let ret_addr = return_address(tgid, regs, entry_sp);
     let Some(api) = Api::from_u32(api_id) else {
         why!(
             "pid {}: unknown API id {} in the attach cookie: call skipped",
@@ -343,13 +344,13 @@ fn on_return(ctx: &RetProbeContext) {
     let p: Pending = unsafe { *p };
     // SAFETY: regs points at the task's registers after the `ret`.
     let regs = unsafe { &*ctx.regs };
-    if regs.rsp != p.entry_sp + 8 {
+    if arch::sp(regs) != p.entry_sp + arch::RET_SP_DELTA {
         // A nested libc-internal call returning inside the outer call.
         return;
     }
     let _ = PENDING.remove(&pid_tgid);
 
-    let rv = regs.rax;
+    let rv = arch::ret_value(regs);
     let api = Api::from_u32(p.api);
     let new_ptr = if api == Some(Api::PosixMemalign) {
         if rv as u32 == 0 {
@@ -412,12 +413,12 @@ fn on_return(ctx: &RetProbeContext) {
     }
 }
 
-/// The return address at `entry_sp` (the caller that makes the site); 0, said in the debug
-/// log, when the traced task's stack cannot be read.
+/// The return address of the call that entered with stack pointer `entry_sp` (the caller that
+/// makes the site; `arch::return_address`); 0, said in the debug log, when the traced task's
+/// stack cannot be read.
 #[inline(always)]
-pub(crate) fn return_address(tgid: u32, entry_sp: u64) -> u64 {
-    // SAFETY: reading the traced task's own stack; a fault is an error, not a crash.
-    match unsafe { bpf_probe_read_user(entry_sp as *const u64) } {
+pub(crate) fn return_address(tgid: u32, regs: &pt_regs, entry_sp: u64) -> u64 {
+    match arch::return_address(regs, entry_sp) {
         Ok(addr) => addr,
         Err(e) => {
             why!(

@@ -22,6 +22,7 @@ use aya_ebpf::{
 };
 
 use crate::{
+    arch,
     libc::{return_address, stacks_on},
     maps::{lost, traced},
     unwind::capture_libc_stack,
@@ -56,17 +57,18 @@ fn on_entry(ctx: &ProbeContext) {
     let regs = unsafe { &*ctx.regs };
     if let Some(offset) = cookie::list_resize_check(cookie) {
         // SAFETY: a user-space read; the helper fails rather than fault.
-        let allocated = unsafe { bpf_probe_read_user((regs.rdi + offset) as *const i64) };
+        let allocated =
+            unsafe { bpf_probe_read_user((arch::c_arg(regs, 1) + offset) as *const i64) };
         // The list is live (the function reads the same field next): a failed read would mean
         // a wrong layout, and is counted as a call, so that it shows rather than hides.
         if let Ok(allocated) = allocated
-            && !cookie::list_resize_reallocates(allocated, regs.rsi as i64)
+            && !cookie::list_resize_reallocates(allocated, arch::c_arg(regs, 2) as i64)
         {
             return;
         }
     }
-    let entry_sp = regs.rsp + cookie::sp_delta(cookie);
-    let ret_addr = return_address(tgid, entry_sp);
+    let entry_sp = arch::sp(regs) + cookie::sp_delta(cookie);
+    let ret_addr = return_address(tgid, regs, entry_sp);
     let stack_id = if stacks_on() {
         capture_libc_stack(ctx, entry_sp, ret_addr)
     } else {
@@ -74,16 +76,7 @@ fn on_entry(ctx: &ProbeContext) {
     };
     let mut args = [0u64; ARGS];
     for (slot, value) in args.iter_mut().enumerate() {
-        // A plain match: no variable index into the stack for the verifier to bound.
-        *value = match cookie::arg(cookie, slot) {
-            1 => regs.rdi,
-            2 => regs.rsi,
-            3 => regs.rdx,
-            4 => regs.rcx,
-            5 => regs.r8,
-            6 => regs.r9,
-            _ => 0,
-        };
+        *value = arch::c_arg(regs, cookie::arg(cookie, slot));
     }
     let mut key = ProbeSiteKey {
         tgid,

@@ -21,7 +21,10 @@ use aya_ebpf::{
     programs::ProbeContext,
 };
 
-use crate::maps::{FLAGS, STACK_SCRATCH, capture_stack, current_tgid, lost, store_stack};
+use crate::{
+    arch,
+    maps::{FLAGS, STACK_SCRATCH, capture_stack, current_tgid, lost, store_stack},
+};
 
 /// A libc probe's user stack: walked with the unwind tables (`FLAG_UNWIND_TABLES`) from the
 /// registers at the probe, `entry_sp` (the stack pointer at the function's entry) and
@@ -44,7 +47,14 @@ pub fn capture_libc_stack(ctx: &ProbeContext, entry_sp: u64, ret_addr: u64) -> i
     // SAFETY: the scratch slot is ours on this CPU for the program's run; regs points at the
     // probed task's saved registers.
     let (frames, regs) = unsafe { (&mut *buf, &*ctx.regs) };
-    walk(proc, regs.rip, regs.rbp, entry_sp, ret_addr, frames);
+    walk(
+        proc,
+        arch::pc(regs),
+        arch::fp(regs),
+        entry_sp,
+        ret_addr,
+        frames,
+    );
     store_stack(frames)
 }
 
@@ -134,9 +144,9 @@ fn walk(
         unsafe { core::ptr::write_volatile(slot, 0) };
     }
     frames[0] = rip;
-    let (mut pc, mut sp, mut bp) = (ret_addr, entry_sp + 8, rbp);
+    let (mut pc, mut sp, mut bp) = (ret_addr, entry_sp + arch::RET_SP_DELTA, rbp);
     // A prologue with a frame pointer may have set rbp before the probed instruction.
-    if bp == entry_sp.wrapping_sub(8) {
+    if bp == entry_sp.wrapping_sub(arch::FP_BELOW_ENTRY_SP) {
         bp = read(bp).unwrap_or(0);
     }
     let mut truncated = true;

@@ -1,5 +1,6 @@
 //! Import cycles, formatting and clippy, warnings denied. The probe crate only builds for the
-//! BPF target, so it gets its own clippy run with `-Z build-std=core`.
+//! BPF target, so it gets its own clippy runs with `-Z build-std=core`: one per architecture
+//! whose registers it reads.
 
 use crate::{cmd, cycles, paths::Paths, setup};
 
@@ -19,16 +20,28 @@ pub fn all(paths: &Paths) -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
-    cmd::run(cmd::cargo(paths).args([
-        "clippy",
-        "-p",
-        "probe-ebpf",
-        "--target",
-        "bpfel-unknown-none",
-        "-Z",
-        "build-std=core",
-        "--",
-        "-D",
-        "warnings",
-    ]))
+    let probe_clippy = || {
+        let mut c = cmd::cargo(paths);
+        c.args([
+            "clippy",
+            "-p",
+            "probe-ebpf",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ]);
+        c
+    };
+    // The host's registers (probe-ebpf/build.rs: `bpf_target_arch` of the host), then arm64's
+    // (probe-ebpf/src/arch.rs) in a target dir of its own: switching the variable in one dir
+    // would rebuild the probe's dependencies each time.
+    cmd::run(probe_clippy().args(["--", "-D", "warnings"]))?;
+    cmd::run(
+        probe_clippy()
+            .arg("--target-dir")
+            .arg(paths.target().join("lint-aarch64"))
+            .env("AYA_BPF_TARGET_ARCH", "aarch64")
+            .args(["--", "-D", "warnings"]),
+    )
 }

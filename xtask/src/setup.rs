@@ -40,6 +40,9 @@ const APT_PACKAGES: &[&str] = &[
     // The Python growth test (xtask/tests/growth.rs): Debian's python3.11 has its static
     // functions (dictresize, list_resize) only in this package's build-id debug file.
     "python3.11-dbg",
+    // `./x build --target aarch64`: linker and C compiler of the cross build, and the arm64
+    // C fixture and glibc of the arm64 unit tests (agent/src/target/libc/tests.rs).
+    "gcc-aarch64-linux-gnu",
 ];
 
 /// `./x test --vm` (xtask/src/vm.rs): qemu, and busybox for the VM's initramfs. Installed
@@ -47,6 +50,9 @@ const APT_PACKAGES: &[&str] = &[
 const VM_APT_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static"];
 
 const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// The Rust target of `./x build --target aarch64` (xtask/src/agent.rs).
+pub const AARCH64_TRIPLE: &str = "aarch64-unknown-linux-gnu";
 
 /// cargo-fuzz: `./x test` runs the fuzz targets of fuzz/ with it (`./x fuzz` for longer).
 pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
@@ -62,6 +68,7 @@ pub fn all(paths: &Paths) -> anyhow::Result<()> {
         eprintln!("x: warning: cargo-fuzz {CARGO_FUZZ_VERSION} could not be installed: {e:#}");
     }
     tracefs()?;
+    rust_target(paths, AARCH64_TRIPLE)?;
     // Before the Go toolchains: Debian's Go 1.19 then installs from a fresh package index.
     apt_packages()?;
     install_missing(VM_APT_PACKAGES, &["--no-install-recommends"])?;
@@ -96,6 +103,28 @@ pub fn build_tools(paths: &Paths) -> anyhow::Result<()> {
         );
     }
     fs::write(&stamp_file, stamp).with_context(|| format!("writing {}", stamp_file.display()))
+}
+
+/// What a cross build for `triple` needs: the Rust standard library for it (rustup does not
+/// install targets on demand: RUSTUP_AUTO_INSTALL=0 here) and Debian's cross gcc.
+pub fn cross_tools(paths: &Paths, triple: &str) -> anyhow::Result<()> {
+    rust_target(paths, triple)?;
+    install_missing(&["gcc-aarch64-linux-gnu"], &[])
+}
+
+/// `rustup target add TRIPLE` for the pinned toolchain, unless it is installed.
+fn rust_target(paths: &Paths, triple: &str) -> anyhow::Result<()> {
+    let installed = cmd::stdout_if_ok(Command::new("rustup").args([
+        "target",
+        "list",
+        "--installed",
+        "--toolchain",
+        &paths.channel,
+    ]));
+    if installed.is_some_and(|list| list.lines().any(|l| l.trim() == triple)) {
+        return Ok(());
+    }
+    cmd::run(Command::new("rustup").args(["target", "add", "--toolchain", &paths.channel, triple]))
 }
 
 /// The pinned nightly's LLVM: major version and the shared library in its sysroot.

@@ -228,7 +228,7 @@ impl State {
             );
         }
         // Tables only where stacks are walked at all.
-        let unwind = cfg.unwind.tables() && cfg.mode.stacks();
+        let unwind = cfg.unwind.tables() && cfg.mode.stacks() && crate::unwind::TABLES_SUPPORTED;
         let mut probes = Probes::load_mode(
             &ProbeConfig {
                 tgid: None,

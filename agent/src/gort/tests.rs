@@ -119,6 +119,10 @@ fn newest_source(dir: &Path) -> SystemTime {
 }
 
 fn build(tc: &Toolchain, out: &Path, stripped: bool, pie: bool) {
+    build_for(tc, out, "amd64", stripped, pie);
+}
+
+fn build_for(tc: &Toolchain, out: &Path, goarch: &str, stripped: bool, pie: bool) {
     let src = repo().join("fixtures/go/growth");
     let fresh = fs::metadata(out)
         .and_then(|m| m.modified())
@@ -130,6 +134,7 @@ fn build(tc: &Toolchain, out: &Path, stripped: bool, pie: bool) {
     let tmp = out.with_extension("tmp");
     let mut cmd = go_command(tc);
     cmd.current_dir(&src)
+        .env("GOARCH", goarch)
         .args(["build", "-buildvcs=false", "-o"])
         .arg(&tmp);
     if stripped {
@@ -141,11 +146,29 @@ fn build(tc: &Toolchain, out: &Path, stripped: bool, pie: bool) {
     let status = cmd.arg(".").status().expect("run go build");
     assert!(
         status.success(),
-        "go {} build of {} failed",
+        "go {} build of {} for {goarch} failed",
         tc.version,
         src.display()
     );
     fs::rename(&tmp, out).expect("rename fixture");
+}
+
+/// Every toolchain's fixture cross-built for arm64 (`GOARCH=arm64`, plain), built once per
+/// test run: the arm64 placement tests read them (`target/go.rs`).
+pub(crate) fn arm64_fixtures() -> &'static [(Toolchain, PathBuf)] {
+    static BUILT: OnceLock<Vec<(Toolchain, PathBuf)>> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let dir = repo().join("target/gofixtures");
+        fs::create_dir_all(&dir).expect("create target/gofixtures");
+        toolchains()
+            .into_iter()
+            .map(|tc| {
+                let out = dir.join(format!("growth-{}-arm64", tc.version));
+                build_for(&tc, &out, "arm64", false, false);
+                (tc, out)
+            })
+            .collect()
+    })
 }
 
 /// Every toolchain's fixture, plain and stripped, PIE or not, built once per test run.

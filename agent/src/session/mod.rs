@@ -121,7 +121,10 @@ fn start(mut r: resolve::Resolved, args: &CommonArgs) -> anyhow::Result<(Tracer,
     let pidfd = procfs::pidfd_open(pid.get())
         .map_err(|_| TargetError::ExitedDuringAttach { pid: pid.get() })?;
     let capacity = Capacity::from(args.capacity);
-    let unwind = args.unwind.tables() && args.mode.stacks() && !args.no_stacks;
+    let unwind = args.unwind.tables()
+        && args.mode.stacks()
+        && !args.no_stacks
+        && crate::unwind::TABLES_SUPPORTED;
     // Following, the probes go into every process that maps the files, and the kernel's
     // followed set narrows them to the tree; without, into the one process.
     let load = |follow: bool| {

@@ -31,6 +31,45 @@ pub struct DynamicInfo {
     pub soname: Option<String>,
 }
 
+/// The instruction sets allocwatch can place probes in (the ELF header's `e_machine`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    X86_64,
+    Aarch64,
+}
+
+impl Arch {
+    /// The architecture this allocwatch was built for: its probes read this one's registers,
+    /// so only files of it are traced.
+    pub const NATIVE: Self = if cfg!(target_arch = "aarch64") {
+        Self::Aarch64
+    } else {
+        Self::X86_64
+    };
+
+    pub fn from_machine(e_machine: u16) -> Option<Self> {
+        match e_machine {
+            elf::EM_X86_64 => Some(Self::X86_64),
+            elf::EM_AARCH64 => Some(Self::Aarch64),
+            _ => None,
+        }
+    }
+
+    pub const fn machine(self) -> u16 {
+        match self {
+            Self::X86_64 => elf::EM_X86_64,
+            Self::Aarch64 => elf::EM_AARCH64,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::X86_64 => "x86-64",
+            Self::Aarch64 => "arm64",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct LoadSegment {
     vaddr: u64,
@@ -42,12 +81,13 @@ struct LoadSegment {
 /// over a hidden-version (`@`) one, global over weak over local, and a sized one over size 0.
 type Rank = (bool, u8, bool);
 
-/// A parsed x86-64 ELF file. Symbols, segments and dynamic entries are read once at open; code
+/// A parsed x86-64 or arm64 ELF file. Symbols, segments and dynamic entries are read once at open; code
 /// is read from the file on demand.
 #[derive(Debug)]
 pub struct ElfFile {
     path: PathBuf,
     file: File,
+    arch: Arch,
     interpreter: Option<String>,
     segments: Vec<LoadSegment>,
     dynamic: DynamicInfo,
@@ -78,9 +118,12 @@ impl ElfFile {
         let data = &cache;
         let header = elf::FileHeader64::<Endianness>::parse(data).map_err(bad)?;
         let endian = header.endian().map_err(bad)?;
-        if header.e_machine(endian) != elf::EM_X86_64 {
-            return Err(TargetError::bad_elf(path, "not an x86-64 binary"));
-        }
+        let Some(arch) = Arch::from_machine(header.e_machine(endian)) else {
+            return Err(TargetError::bad_elf(
+                path,
+                "neither an x86-64 nor an arm64 binary",
+            ));
+        };
 
         let mut interpreter = None;
         let mut segments = Vec::new();
@@ -173,6 +216,7 @@ impl ElfFile {
         Ok(ElfFile {
             path: path.to_owned(),
             file,
+            arch,
             interpreter,
             segments,
             dynamic,
@@ -183,6 +227,11 @@ impl ElfFile {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The instruction set of its code (placement and `ret` sites decode by it).
+    pub fn arch(&self) -> Arch {
+        self.arch
     }
 
     /// Looks up a defined symbol by name. Versioned names resolve to their default version
@@ -340,16 +389,17 @@ pub fn dynamic_info(path: impl AsRef<Path>) -> Result<DynamicInfo, TargetError> 
     Ok(ElfFile::parse(path.as_ref(), false, false)?.dynamic)
 }
 
-/// Cheap check that `path` is a 64-bit little-endian x86-64 ELF file (the loader skips other
-/// files found on its search path, e.g. 32-bit libraries in `/usr/lib`).
-pub fn is_x86_64_elf(path: impl AsRef<Path>) -> bool {
+/// Cheap check that `path` is a 64-bit little-endian ELF file of this allocwatch's own
+/// architecture (the loader skips other files found on its search path, e.g. 32-bit libraries
+/// in `/usr/lib`).
+pub fn is_native_elf(path: impl AsRef<Path>) -> bool {
     let mut ident = [0u8; 20];
     let ok = File::open(path).and_then(|mut f| f.read_exact(&mut ident));
     ok.is_ok()
         && ident[..4] == elf::ELFMAG
         && ident[4] == elf::ELFCLASS64
         && ident[5] == elf::ELFDATA2LSB
-        && u16::from_le_bytes([ident[18], ident[19]]) == elf::EM_X86_64
+        && u16::from_le_bytes([ident[18], ident[19]]) == Arch::NATIVE.machine()
 }
 
 #[cfg(test)]
@@ -424,7 +474,8 @@ pub(crate) mod tests {
         let f = ElfFile::open(&path).unwrap();
         assert_eq!(f.interpreter(), Some("/lib64/ld-linux-x86-64.so.2"));
         assert!(ElfFile::open(&path).unwrap().is_dynamic());
-        assert!(is_x86_64_elf(&path));
+        assert_eq!(f.arch(), Arch::X86_64);
+        assert!(is_native_elf(&path));
         assert_eq!(f.vaddr_to_file_offset(0x401000), Some(0x1000));
         assert_eq!(f.vaddr_to_file_offset(0x4010ff), Some(0x10ff));
         // Past filesz (bss) and outside any segment: no file offset.
@@ -446,7 +497,7 @@ pub(crate) mod tests {
             ElfFile::open(&garbage),
             Err(TargetError::BadElf { .. })
         ));
-        assert!(!is_x86_64_elf(&garbage));
+        assert!(!is_native_elf(&garbage));
         assert!(matches!(
             ElfFile::open(dir.join("missing")),
             Err(TargetError::Io { .. })

@@ -13,7 +13,7 @@ use iced_x86::{Decoder, DecoderOptions, FlowControl, Register};
 
 use super::{
     TargetError,
-    elf::{ElfFile, Symbol},
+    elf::{Arch, ElfFile, Symbol},
     placement::{self, Request},
 };
 use crate::gort::{
@@ -82,6 +82,16 @@ impl GoProbeSet {
 
 /// What the tracer needs from a Go binary, or `None` if `path` is not a Go program.
 pub fn for_exe(path: &Path, set: GoProbeSet) -> Result<Option<GoTarget>, TargetError> {
+    for_file(path, set, true)
+}
+
+/// [`for_exe`]; `native_only: false` also places probes in a binary of the other architecture
+/// (the unit tests read cross-built arm64 binaries on x86-64).
+fn for_file(
+    path: &Path,
+    set: GoProbeSet,
+    native_only: bool,
+) -> Result<Option<GoTarget>, TargetError> {
     let bad = |e: crate::gort::GoError| TargetError::BadElf {
         path: path.to_owned(),
         reason: e.to_string(),
@@ -89,6 +99,17 @@ pub fn for_exe(path: &Path, set: GoProbeSet) -> Result<Option<GoTarget>, TargetE
     let Some(version) = buildinfo::go_version(path).map_err(bad)? else {
         return Ok(None);
     };
+    if native_only && !super::elf::is_native_elf(path) {
+        // The probes read this build's registers (g, arguments): another architecture's
+        // program would be read wrong.
+        return Err(TargetError::bad_elf(
+            path,
+            format!(
+                "not an {} program, the architecture this allocwatch is built for",
+                Arch::NATIVE.name()
+            ),
+        ));
+    }
     let mut warnings = Vec::new();
     let lookup = match versions::lookup(&version) {
         Ok(l) => l,
@@ -203,13 +224,14 @@ fn place_function(elf: &ElfFile, r: &Resolved) -> Result<Vec<GoProbe>, TargetErr
     };
     let role = r.func.role;
     if role == GoRole::StartTheWorld {
-        return ret_addresses(&code, r.entry)
+        return ret_addresses(elf.arch(), &code, r.entry)
             .into_iter()
             .map(|a| probe(role, a, 0, false))
             .collect();
     }
     let needed: Vec<Register> = r.func.args.iter().map(|a| register(a.reg)).collect();
     let p = placement::place(
+        elf.arch(),
         &code,
         r.entry,
         &Request {
@@ -226,8 +248,11 @@ fn place_function(elf: &ElfFile, r: &Resolved) -> Result<Vec<GoProbe>, TargetErr
     )?])
 }
 
-/// Addresses of the `ret` instructions of a function body.
-pub fn ret_addresses(code: &[u8], address: u64) -> Vec<u64> {
+/// Addresses of the `ret` instructions of a function body of instruction set `arch`.
+pub fn ret_addresses(arch: Arch, code: &[u8], address: u64) -> Vec<u64> {
+    if arch == Arch::Aarch64 {
+        return super::arm64::ret_addresses(code, address);
+    }
     let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
     let mut out = Vec::new();
     while decoder.can_decode() {
@@ -381,7 +406,145 @@ mod tests {
     fn finds_rets() {
         // push rbp; mov rbp,rsp; ret; nop; pop rbp; ret
         let code = [0x55, 0x48, 0x89, 0xe5, 0xc3, 0x90, 0x5d, 0xc3];
-        assert_eq!(ret_addresses(&code, 0x1000), vec![0x1004, 0x1007]);
+        assert_eq!(
+            ret_addresses(Arch::X86_64, &code, 0x1000),
+            vec![0x1004, 0x1007]
+        );
+    }
+
+    /// `go tool objdump` of `bin`: each function's instructions as (address, mnemonic and
+    /// operands), in order, by symbol name.
+    fn objdump(
+        tc: &crate::gort::tests::Toolchain,
+        bin: &Path,
+    ) -> std::collections::HashMap<String, Vec<(u64, String)>> {
+        let out = crate::gort::tests::go_command(tc)
+            .args(["tool", "objdump"])
+            .arg(bin)
+            .output()
+            .expect("run go tool objdump");
+        assert!(out.status.success(), "go tool objdump {}", bin.display());
+        let mut funcs: Vec<(String, Vec<(u64, String)>)> = Vec::new();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            // `TEXT runtime.growslice(SB) /path/slice.go`
+            if let Some(rest) = line.strip_prefix("TEXT ") {
+                let name = rest.split("(SB)").next().unwrap_or(rest).to_owned();
+                funcs.push((name, Vec::new()));
+                continue;
+            }
+            // `  slice.go:177\t0x7ed70\t\tf9400b90\t\tMOVD 16(R28), R16\t`
+            let cols: Vec<&str> = line.split('\t').filter(|c| !c.is_empty()).collect();
+            let addr = cols
+                .get(1)
+                .and_then(|a| a.strip_prefix("0x"))
+                .and_then(|a| u64::from_str_radix(a, 16).ok());
+            if let (Some((_, f)), Some(addr), Some(asm)) = (funcs.last_mut(), addr, cols.get(3)) {
+                f.push((addr, asm.trim().to_owned()));
+            }
+        }
+        funcs.into_iter().collect()
+    }
+
+    /// Every probe the agent places in the growth fixture cross-built for arm64 by every Go
+    /// toolchain, against `go tool objdump` of the same binary: growth, map growth, mallocgc
+    /// and GC entries just past the stack check (`... BLS`), or at the entry of a function
+    /// without one; stop-the-world ends at exactly the `RET`s.
+    #[test]
+    fn arm64_probes_match_go_objdump() {
+        let all = GoProbeSet {
+            growth: true,
+            malloc: true,
+            gc: true,
+        };
+        for (tc, bin) in crate::gort::tests::arm64_fixtures() {
+            let elf = ElfFile::open(bin).expect("open arm64 fixture");
+            assert_eq!(elf.arch(), Arch::Aarch64);
+            let native = for_exe(bin, all);
+            if Arch::NATIVE != Arch::Aarch64 {
+                assert!(
+                    native.is_err(),
+                    "go {}: an arm64 program is refused",
+                    tc.version
+                );
+            }
+            let target = for_file(bin, all, false)
+                .expect("read arm64 fixture")
+                .expect("a Go binary");
+            assert!(
+                target.warnings.is_empty(),
+                "go {}: {:?}",
+                tc.version,
+                target.warnings
+            );
+            let roles: Vec<GoRole> = target.probes.iter().map(|p| p.role).collect();
+            let map_growth = if target.version.at_least(1, 24) {
+                GoRole::MapTableGrow
+            } else {
+                GoRole::MapHashGrow
+            };
+            for role in [
+                GoRole::SliceGrow,
+                GoRole::Malloc,
+                map_growth,
+                GoRole::StartTheWorld,
+            ] {
+                assert!(
+                    roles.contains(&role),
+                    "go {}: no {role:?} probe",
+                    tc.version
+                );
+            }
+            let dump = objdump(tc, bin);
+            let mut rets_seen = std::collections::HashMap::<&str, usize>::new();
+            for p in &target.probes {
+                let code = dump
+                    .get(p.symbol.as_str())
+                    .unwrap_or_else(|| panic!("go {}: objdump has no {}", tc.version, p.symbol));
+                let entry = code
+                    .first()
+                    .map(|&(a, _)| a)
+                    .expect("objdump lists the function");
+                let entry_off = elf.vaddr_to_file_offset(entry).expect("entry in a segment");
+                let vaddr = entry + (p.file_offset - entry_off);
+                let what = format!("go {} {} {:?}", tc.version, p.symbol, p.role);
+                assert_eq!(p.sp_delta, 0, "{what}");
+                if p.role == GoRole::StartTheWorld {
+                    let rets: Vec<u64> = code
+                        .iter()
+                        .filter(|(_, asm)| asm == "RET")
+                        .map(|&(a, _)| a)
+                        .collect();
+                    assert!(
+                        rets.contains(&vaddr),
+                        "{what}: {vaddr:#x} is no RET of {rets:x?}"
+                    );
+                    *rets_seen.entry(&p.symbol).or_default() += 1;
+                    assert!(rets_seen[p.symbol.as_str()] <= rets.len(), "{what}");
+                    continue;
+                }
+                // Just past the BLS of `MOVD 16(R28), R16; [...]; BLS`, else the entry.
+                let expected = match code.first() {
+                    Some((_, first)) if first == "MOVD 16(R28), R16" => code
+                        .iter()
+                        .take(8)
+                        .find(|(_, asm)| asm.starts_with("BLS "))
+                        .map_or(entry, |&(a, _)| a + 4),
+                    _ => entry,
+                };
+                assert_eq!(
+                    vaddr, expected,
+                    "{what}: probe at {vaddr:#x}, objdump says {expected:#x}"
+                );
+                if matches!(p.role, GoRole::SliceGrow | GoRole::Malloc) || p.role == map_growth {
+                    assert_ne!(vaddr, entry, "{what}: these functions have a stack check");
+                }
+            }
+            // Every RET of the stop-the-world end has its probe.
+            for (symbol, n) in rets_seen {
+                let rets = dump[symbol].iter().filter(|(_, asm)| asm == "RET").count();
+                assert_eq!(n, rets, "go {} {symbol}: RET probes", tc.version);
+            }
+        }
     }
 
     #[test]

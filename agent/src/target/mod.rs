@@ -4,7 +4,8 @@
 //! - [`elf`]: symbols, virtual address → file offset, function bytes, dynamic section.
 //! - [`debuginfo`]: a stripped file's separate debug file (build-id, debug link), for the
 //!   symbolizer's names and the growth probes' static functions.
-//! - [`placement`]: where in a function's entry block a uprobe is cheapest and still correct.
+//! - [`placement`]: where in a function's entry block a uprobe is cheapest and still correct
+//!   (x86-64 decoding there, arm64's in [`arm64`], chosen by the file's ELF machine).
 //! - [`libc`]: the libc (or static executable) that provides `malloc` for a process or a
 //!   command, and the probe list for it.
 //! - [`go`]: the Go runtime functions of a binary to probe.
@@ -15,6 +16,7 @@
 //! - [`registry`]: every kind of target in one list; each file analysed and attached once, then
 //!   a per-process step with its load bias.
 
+pub mod arm64;
 pub mod check;
 pub mod debuginfo;
 pub mod elf;
@@ -83,7 +85,7 @@ pub enum TargetError {
         line: usize,
         text: String,
     },
-    #[error("{}: not a usable x86-64 ELF file: {reason}", path.display())]
+    #[error("{}: not a usable ELF file: {reason}", path.display())]
     BadElf { path: PathBuf, reason: String },
     #[error("{}: {reason}", path.display())]
     BadLdCache { path: PathBuf, reason: String },

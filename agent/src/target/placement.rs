@@ -12,6 +12,7 @@
 //!
 //! Kernel reference: `arch/x86/kernel/uprobes.c` (`branch_setup_xol_ops`, `push_setup_xol_ops`).
 
+use super::elf::Arch;
 use iced_x86::{
     Code, Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic,
     OpAccess, OpKind, Register,
@@ -64,10 +65,20 @@ pub struct Placement {
     pub emulated: bool,
 }
 
-/// Chooses the probe site in a function whose first bytes are `code`, loaded at `address`
-/// (any consistent address: only offsets are returned). Never fails: without a better site the
-/// answer is offset 0.
-pub fn place(code: &[u8], address: u64, req: &Request<'_>) -> Placement {
+/// Chooses the probe site in a function of instruction set `arch` whose first bytes are
+/// `code`, loaded at `address` (any consistent address: only offsets are returned). Never
+/// fails: without a better site the answer is offset 0.
+pub fn place(arch: Arch, code: &[u8], address: u64, req: &Request<'_>) -> Placement {
+    match arch {
+        Arch::X86_64 => place_x86_64(code, address, req),
+        // arm64 has no push: the stack pointer only moves in the frame setup, after the sites
+        // `arm64::place` chooses, and the registers to keep are those the stack check spares.
+        Arch::Aarch64 => super::arm64::place(code, req.skip_stack_check),
+    }
+}
+
+/// [`place`] for x86-64 code.
+fn place_x86_64(code: &[u8], address: u64, req: &Request<'_>) -> Placement {
     let needed: Vec<Register> = req.needed.iter().map(|r| r.full_register()).collect();
     let mut info = InstructionInfoFactory::new();
     let mut sp_delta: u32 = 0;
@@ -234,7 +245,7 @@ mod tests {
     const BASE: u64 = 0x98930;
 
     fn libc_place(code: &[u8], with_return: bool) -> Placement {
-        place(code, BASE, &Request::libc(with_return))
+        place_x86_64(code, BASE, &Request::libc(with_return))
     }
 
     const fn at(offset_in_function: u64, sp_delta: u32, emulated: bool) -> Placement {
@@ -429,7 +440,7 @@ mod tests {
             with_return: false,
             skip_stack_check: true,
         };
-        place(code, 0x4a0000, &req)
+        place_x86_64(code, 0x4a0000, &req)
     }
 
     #[test]
@@ -441,7 +452,7 @@ mod tests {
         assert_eq!(go_place(&small), at(6, 0, true));
         // Without skip_stack_check the jbe itself is chosen (it runs twice on stack growth).
         assert_eq!(
-            place(
+            place_x86_64(
                 &small,
                 0,
                 &Request {
@@ -494,7 +505,7 @@ mod tests {
                         with_return,
                         skip_stack_check,
                     };
-                    let p = place(&code, address, &req);
+                    let p = place_x86_64(&code, address, &req);
                     assert!(
                         p.offset_in_function == 0 || (p.offset_in_function as usize) < code.len()
                     );

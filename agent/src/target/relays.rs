@@ -8,7 +8,10 @@ use std::path::Path;
 use allocwatch_common::libc::{API_COUNT, Api, LIBC_FILE_RANGES};
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind};
 
-use super::{ProbePoint, elf::ElfFile};
+use super::{
+    ProbePoint,
+    elf::{Arch, ElfFile},
+};
 
 /// Every API may relay to every other: what count mode assumes without the code.
 pub const ALL_APIS: u32 = (1 << API_COUNT) - 1;
@@ -58,7 +61,9 @@ impl Relays {
         let mut consistent = true;
         for &(api, sym) in &syms {
             let code = elf.function_code(sym, sym.size).unwrap_or_default();
-            if sym.size > 0 && code.len() as u64 == sym.size {
+            // Tail jumps are decoded in x86-64 code only: an arm64 file keeps "any API may
+            // relay to any other" (rule 1, the ranges, still applies).
+            if elf.arch() == Arch::X86_64 && sym.size > 0 && code.len() as u64 == sym.size {
                 // A jump back to its own entry is a loop, not a relay.
                 relays.masks[api as usize] =
                     tail_jump_targets(elf, &code, sym.address, &entries, got.as_deref())

@@ -339,7 +339,7 @@ fn points_of(
             skip_stack_check: false,
         };
         let site = match elf.function_code(*sym, 256) {
-            Ok(code) => placement::place(&code, sym.address, &req),
+            Ok(code) => placement::place(elf.arch(), &code, sym.address, &req),
             Err(_) => placement::Placement {
                 offset_in_function: 0,
                 sp_delta: 0,

@@ -6,6 +6,11 @@ pub mod load;
 pub mod table;
 pub mod worker;
 
+/// Whether this build can use the tables: their rows are x86-64 call-frame rules (CFA from
+/// rsp or rbp, return address at CFA-8). An arm64 build walks frame records only, and
+/// `--unwind dwarf` means `fp` there (README, "arm64").
+pub const TABLES_SUPPORTED: bool = cfg!(target_arch = "x86_64");
+
 /// How the libc probes walk user stacks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Unwind {

@@ -32,10 +32,17 @@ pub fn for_command(program: impl AsRef<OsStr>) -> Result<Served, TargetError> {
 
 pub(super) const LD_CACHE: &str = "/etc/ld.so.cache";
 
-/// Default library directories of the x86-64 loader (Debian multiarch first).
+/// Default library directories of the loader of this build's architecture (Debian multiarch
+/// first).
 const DEFAULT_LIB_DIRS: [&str; 6] = [
+    #[cfg(not(target_arch = "aarch64"))]
     "/lib/x86_64-linux-gnu",
+    #[cfg(not(target_arch = "aarch64"))]
     "/usr/lib/x86_64-linux-gnu",
+    #[cfg(target_arch = "aarch64")]
+    "/lib/aarch64-linux-gnu",
+    #[cfg(target_arch = "aarch64")]
+    "/usr/lib/aarch64-linux-gnu",
     "/lib64",
     "/usr/lib64",
     "/lib",
@@ -296,17 +303,17 @@ fn load_order(exe: &ElfFile, env: &SearchEnv) -> (Vec<PathBuf>, String) {
 fn search_library(name: &str, dirs: &[PathBuf], cache: &LdCache) -> Option<PathBuf> {
     if name.contains('/') {
         let p = PathBuf::from(name);
-        return elf::is_x86_64_elf(&p).then_some(p);
+        return elf::is_native_elf(&p).then_some(p);
     }
     let from_dirs = |dirs: &mut dyn Iterator<Item = &Path>| {
-        dirs.map(|d| d.join(name)).find(|p| elf::is_x86_64_elf(p))
+        dirs.map(|d| d.join(name)).find(|p| elf::is_native_elf(p))
     };
     from_dirs(&mut dirs.iter().map(PathBuf::as_path))
         .or_else(|| {
             cache
                 .lookup(name)
                 .map(PathBuf::from)
-                .filter(|p| elf::is_x86_64_elf(p))
+                .filter(|p| elf::is_native_elf(p))
         })
         .or_else(|| from_dirs(&mut DEFAULT_LIB_DIRS.iter().map(Path::new)))
 }

@@ -30,7 +30,13 @@ pub(super) const CACHE_MAGIC_NEW: &[u8] = b"glibc-ld.so.cache1.1";
 pub(super) const CACHE_NEW_HEADER: usize = 48;
 pub(super) const CACHE_NEW_ENTRY: usize = 24;
 const CACHE_OLD_ENTRY: usize = 12;
-const FLAG_X86_64_LIBC6: i32 = 0x0303;
+/// `FLAG_ELF_LIBC6 | FLAG_X8664_LIB64`, or `| FLAG_AARCH64_LIB64` (0x0a00) in an arm64 build
+/// (glibc's `elf/cache.c`): libraries of this build's own architecture.
+const FLAG_NATIVE_LIBC6: i32 = if cfg!(target_arch = "aarch64") {
+    0x0a03
+} else {
+    0x0303
+};
 
 impl LdCache {
     /// Reads and parses a cache file.
@@ -100,12 +106,12 @@ impl LdCache {
         Ok(LdCache { entries })
     }
 
-    /// Path of an x86-64 library by name, preferring the baseline (non-hwcaps) entry.
+    /// Path of a library of this build's architecture by name, preferring the baseline (non-hwcaps) entry.
     pub fn lookup(&self, name: &str) -> Option<&str> {
         let mut matching = self
             .entries
             .iter()
-            .filter(|e| e.name == name && e.flags == FLAG_X86_64_LIBC6);
+            .filter(|e| e.name == name && e.flags == FLAG_NATIVE_LIBC6);
         let first = matching.clone().next();
         matching
             .find(|e| e.hwcap == 0)

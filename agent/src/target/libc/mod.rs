@@ -258,7 +258,7 @@ pub fn probe_points(
         aliases.extend(apis[1..].iter().map(|&a| (a, canonical)));
         let with_return = apis.iter().any(|a| a.needs_return());
         let code = elf.function_code(sym, CODE_WINDOW)?;
-        let site = placement::place(&code, sym.address, &Request::libc(with_return));
+        let site = placement::place(elf.arch(), &code, sym.address, &Request::libc(with_return));
         let vaddr = sym.address.wrapping_add(site.offset_in_function);
         let file_offset = elf.vaddr_to_file_offset(vaddr).ok_or_else(|| {
             TargetError::bad_elf(

@@ -721,7 +721,7 @@ fn ld_cache_real() {
     let cache = LdCache::read(LD_CACHE).unwrap();
     assert!(!cache.entries.is_empty());
     let libc = cache.lookup("libc.so.6").expect("libc.so.6 in the cache");
-    assert!(elf::is_x86_64_elf(libc));
+    assert!(elf::is_native_elf(libc));
 }
 
 struct TempDir(PathBuf);
@@ -738,5 +738,113 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Debian's arm64 glibc (`libc6-arm64-cross`, with `gcc-aarch64-linux-gnu`).
+const ARM64_GLIBC: &str = "/usr/aarch64-linux-gnu/lib/libc.so.6";
+
+/// `fixtures/c/libc_fixture.c` cross-built static for arm64 with Debian's
+/// `aarch64-linux-gnu-gcc` into `target/fixtures/arm64/` (once per source change).
+fn arm64_c_fixture() -> PathBuf {
+    let repo = crate::gort::tests::repo();
+    let src = repo.join("fixtures/c/libc_fixture.c");
+    let dir = repo.join("target/fixtures/arm64");
+    let out = dir.join("libc_fixture-static");
+    let built = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
+    if built(&out) > built(&src) && built(&out) > built(&repo.join("fixtures/c/fixture.h")) {
+        return out;
+    }
+    fs::create_dir_all(&dir).unwrap();
+    let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+    let status = Command::new("aarch64-linux-gnu-gcc")
+        .args(["-O1", "-g", "-fno-omit-frame-pointer", "-static", "-o"])
+        .arg(&tmp)
+        .arg(&src)
+        .args(["-lpthread", "-lm", "-ldl"])
+        .status()
+        .expect("aarch64-linux-gnu-gcc (Debian's gcc-aarch64-linux-gnu: `./x setup` installs it)");
+    assert!(status.success(), "aarch64-linux-gnu-gcc {}", src.display());
+    fs::rename(&tmp, &out).unwrap();
+    out
+}
+
+/// `aarch64-linux-gnu-objdump -d` of `path`: the addresses of its `ret` instructions.
+fn arm64_objdump_rets(path: &Path) -> Vec<u64> {
+    let out = Command::new("aarch64-linux-gnu-objdump")
+        .arg("-d")
+        .arg(path)
+        .output()
+        .expect("aarch64-linux-gnu-objdump");
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            // `  400a78:\td65f03c0 \tret`
+            let cols: Vec<&str> = line.split('\t').collect();
+            let [addr, _, mnemonic, ..] = cols.as_slice() else {
+                return None;
+            };
+            (mnemonic.trim() == "ret")
+                .then(|| u64::from_str_radix(addr.trim().trim_end_matches(':'), 16).ok())
+                .flatten()
+        })
+        .collect()
+}
+
+/// arm64 C code: the allocation API of a static arm64 executable and of Debian's arm64 glibc
+/// is probed at each function's entry (where x30 holds the return address and SP is the
+/// entry's: no stack-pointer delta), and the `ret`s of the fixture's functions and of glibc's
+/// malloc family (each symbol's address range) are where `aarch64-linux-gnu-objdump` puts
+/// them.
+#[test]
+fn arm64_c_entries_and_rets() {
+    let fixture = arm64_c_fixture();
+    for path in [fixture.as_path(), Path::new(ARM64_GLIBC)] {
+        let elf = ElfFile::open(path).unwrap();
+        assert_eq!(elf.arch(), elf::Arch::Aarch64, "{}", path.display());
+        // A static executable keeps only what it calls of glibc.
+        assert_eq!(path == Path::new(ARM64_GLIBC), is_glibc(&elf));
+        let (points, _) = probe_points(&elf, "").unwrap();
+        for api in [Api::Malloc, Api::Free, Api::Calloc, Api::Realloc] {
+            assert!(
+                points.iter().any(|p| p.api == api),
+                "{}: no {api:?}",
+                path.display()
+            );
+        }
+        for p in &points {
+            let sym = elf.symbol(p.api.symbol()).unwrap();
+            assert_eq!(
+                Some(p.file_offset),
+                elf.vaddr_to_file_offset(sym.address),
+                "{} {:?}",
+                path.display(),
+                p.api
+            );
+            assert_eq!(p.sp_delta, 0);
+        }
+        let rets = arm64_objdump_rets(path);
+        let mut checked = 0;
+        for (name, sym) in elf.symbols() {
+            let wanted = name.starts_with("fx_") || Api::ALL.iter().any(|a| a.symbol() == name);
+            if !wanted || sym.size == 0 {
+                continue;
+            }
+            let code = elf.function_code(sym, sym.size).unwrap();
+            let found = crate::target::go::ret_addresses(elf::Arch::Aarch64, &code, sym.address);
+            let expected: Vec<u64> = rets
+                .iter()
+                .copied()
+                .filter(|&a| a >= sym.address && a < sym.address + sym.size)
+                .collect();
+            assert_eq!(found, expected, "{} {name}", path.display());
+            checked += 1;
+        }
+        assert!(
+            checked >= 5,
+            "{}: {checked} functions checked",
+            path.display()
+        );
     }
 }
