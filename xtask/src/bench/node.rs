@@ -75,21 +75,18 @@ fn node_configs(libc: &str, with_bpftrace: bool) -> Vec<NodeConfig> {
             tracer: NodeTracer::None,
         },
         agent(
-            "agent, defaults (full, sample_bytes 512 KiB, unwind auto)",
+            "agent, defaults (full, sample_bytes 512 KiB, unwind fp)",
             &[],
         ),
-        // The default walks the sampled stacks of every process with a file built without
-        // frame pointers (Debian's libc: all C programs) with tables; this is the kernel's walk.
-        agent("agent --unwind fp", &["--unwind", "fp"]),
+        // Walks the sampled stacks of every process with a file built without frame pointers
+        // (Debian's libc: all C programs) with tables: what it costs a node decides whether it
+        // can be the agent's default.
+        agent("agent --unwind auto", &["--unwind", "auto"]),
         agent("agent --mode count-stacks", &["--mode", "count-stacks"]),
         agent("agent --mode count", &["--mode", "count"]),
         agent(
             "agent --sample-bytes 0 (full, exact)",
             &["--sample-bytes", "0"],
-        ),
-        agent(
-            "agent --sample-bytes 0 --unwind fp",
-            &["--sample-bytes", "0", "--unwind", "fp"],
         ),
     ];
     if with_bpftrace
@@ -760,9 +757,9 @@ mod tests {
         assert!(wide.contains(&format!("uprobe:{libc}:free {{ delete(@live_size[arg0]);")));
         assert_eq!(wide.lines().count(), script.lines().count());
         let configs = node_configs(libc, true);
-        assert_eq!(configs.len(), 6);
-        assert!(matches!(&configs[5].tracer, NodeTracer::Bpftrace(s) if *s == wide));
-        assert_eq!(node_configs(libc, false).len(), 5);
+        assert_eq!(configs.len(), 7);
+        assert!(matches!(&configs[6].tracer, NodeTracer::Bpftrace(s) if *s == wide));
+        assert_eq!(node_configs(libc, false).len(), 6);
     }
 
     #[test]
