@@ -65,7 +65,10 @@ impl AllocwatchBin for TestEnv {
 /// `allocwatch [EXTRA…] top --json -- FIXTURE MODE`: the traced process's report.
 fn top(env: &TestEnv, extra: &[&str], fixture: &Path, mode: &str) -> Value {
     let out = support::temp_file("symbols.json");
-    let mut args = vec!["top"];
+    // Frame pointers: these tests are about names, and the frame-pointer walk ends in libc's
+    // start code the same way every time; a table walk (`auto`) goes on to `_start`, which a
+    // stripped file's debug file may or may not name.
+    let mut args = vec!["top", "--unwind", "fp"];
     args.extend(extra);
     args.extend([
         "--json",
