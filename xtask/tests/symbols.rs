@@ -197,7 +197,7 @@ fn walks_through_code_without_frame_pointers_are_cut() {
     let env = TestEnv::get();
     let _serial = serial();
     for mode in ["outside", "not-after-call"] {
-        let proc = top(&env, &["--unwind", "fp"], &env.variant("nofp"), mode);
+        let proc = top(&env, &[], &env.variant("nofp"), mode);
         let site = split_site(&proc);
         let frames = array(site, "frames");
         assert_eq!(
