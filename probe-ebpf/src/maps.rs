@@ -214,9 +214,9 @@ pub static SITES: PerCpuHashMap<SiteKey, SiteStats> =
 #[map]
 pub static SPILL: PerCpuHashMap<SiteKey, SiteStats> =
     PerCpuHashMap::with_max_entries(capacity::SPILL, BPF_F_NO_PREALLOC);
-/// Rows created in `SITES` per process (tgid), with a stack or keyed by the caller, counted always, so that a limit set
-/// later applies at once. Only touched when a site is new; the agent deletes a process's entry
-/// with its rows.
+/// Rows created in `SITES` per process (tgid), with a stack or keyed by the caller, counted
+/// always, so that a limit set later applies at once. Only touched when a site is new; the
+/// agent deletes a process's entry with its rows.
 #[map]
 pub static SITE_BUDGET: HashMap<u32, u32> = HashMap::with_max_entries(capacity::TGIDS, 0);
 /// Rows with a stack one process may create in `SITES`, by [`site_limit`] slot; 0 = no limit.
