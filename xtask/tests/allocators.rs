@@ -357,7 +357,8 @@ fn agent_exports_the_allocator() {
     let scratch = support::Scratch::new("alloc-agent");
     let fixture = scratch.copy(&env.fixture("jemalloc"), "libc_fixture");
     let id = Identity::of(&fixture);
-    let mut agent = Agent::start(&env, &[]);
+    // Every site its own series: the fixture's ten and any start-up ones (checked below).
+    let mut agent = Agent::start(&env, &["--top-k", "100"]);
     let mut fx = Fixture::spawn(&fixture, "wait-run", "ready");
     agent.wait_for_identity(&id, fx.started);
     // Released only once the agent has found its allocator, which it says after attaching
@@ -371,9 +372,10 @@ fn agent_exports_the_allocator() {
     signal(fx.pid, libc::SIGUSR1);
     let status = fx.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "fixture wait-run failed: {status}");
-    // A bound, not a wait: under load the agent's drain and scrape take a few seconds.
+    // A bound, not a wait: under load the agent's drain and scrape take a few seconds. Every
+    // site named too (a site not named yet is left out of the site series for a few scrapes).
     let m = agent.scrape_until("the fixture's final counts", Duration::from_secs(20), |m| {
-        m.value(&id, "allocwatch_free_calls_total", &[]) == Some(17.0)
+        m.value(&id, "allocwatch_free_calls_total", &[]) == Some(17.0) && m.sites_complete(&id)
     });
     assert_eq!(
         m.of(&id, "allocwatch_allocator_info").len(),
@@ -381,11 +383,40 @@ fn agent_exports_the_allocator() {
         "one allocator\n{}",
         m.lines_of(&id)
     );
-    for &(api, calls, _) in API_TOTALS.iter().filter(|(api, ..)| *api != "free") {
+    // The fixture's own calls, exactly, by its `fx_` sites. The totals may hold start-up calls
+    // as well: when the agent attaches libjemalloc's probes before libstdc++'s constructor has
+    // run (libjemalloc needs libstdc++), that constructor's malloc of its exception emergency
+    // pool (72,704 bytes) is counted too. Those are allowed only at sites outside the fixture's
+    // code, and only before `main` (no fixture frame on their stacks either).
+    let sites = m.sites(&id);
+    for &(api, calls, bytes) in API_TOTALS.iter().filter(|(api, ..)| *api != "free") {
+        let of_api = || sites.iter().filter(move |((a, _), _)| a == api);
+        let own = of_api()
+            .filter(|((_, site), _)| site.starts_with("fx_"))
+            .fold((0, 0), |(c, b), (_, v)| (c + v.calls, b + v.bytes));
         assert_eq!(
-            m.value(&id, "allocwatch_alloc_calls_total", &[("api", api)]),
-            Some(calls as f64),
-            "{api}\n{}",
+            own,
+            (calls, bytes),
+            "{api}: the fixture's sites\n{}",
+            m.lines_of(&id)
+        );
+        let startup: Vec<_> = of_api()
+            .filter(|((_, site), _)| !site.starts_with("fx_"))
+            .collect();
+        for ((_, site), _) in &startup {
+            let frames: Vec<&str> = site.split(" <- ").collect();
+            assert!(
+                site != "other" && !frames.iter().any(|f| f.starts_with("fx_") || *f == "main"),
+                "{api}: a call at {site:?} that is not start-up\n{}",
+                m.lines_of(&id)
+            );
+        }
+        let total = m.value(&id, "allocwatch_alloc_calls_total", &[("api", api)]);
+        let startup_calls: u64 = startup.iter().map(|(_, v)| v.calls).sum();
+        assert_eq!(
+            total,
+            Some((calls + startup_calls) as f64),
+            "{api}: totals = the fixture's calls + start-up calls\n{}",
             m.lines_of(&id)
         );
     }
