@@ -83,13 +83,13 @@ pub mod site_limit {
     pub const UNDER_PRESSURE: u32 = 0;
     /// A process the agent has not admitted yet (`ADMITTED`), always, when its selection can
     /// reject: until classified, a process the selection will reject fills the table like a
-    /// selected one.
+    /// selected one. Rows of any kind: its stacks, then its callers.
     pub const UNDECIDED: u32 = 1;
     pub const SLOTS: u32 = 2;
     /// Under pressure, a process's rows of any kind (with a stack or keyed by the immediate
     /// caller) are bounded at this many times its share of rows with a stack: a compiler calls
     /// malloc from tens of thousands of places, each a row (four `rustc`s filled 65,536 rows
-    /// with their callers alone).
+    /// with their callers alone). A process not admitted yet has `UNDECIDED` rows of any kind.
     pub const ROW_SHARES: u32 = 4;
 }
 

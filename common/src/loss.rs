@@ -75,9 +75,15 @@ pub enum LossCause {
     /// sites for its API, without its site (as `SiteSpilled`), so that one process cannot fill
     /// the table for every other.
     SiteBudget = 17,
+    /// A process the agent had not classified yet (while its selection can reject) already
+    /// holds its undecided limit of rows, of any kind: the call is counted exactly in its
+    /// process's row of unknown sites for its API (as `SiteBudget`).
+    /// Beside a build, every compiler the selection was about to reject made thousands of rows
+    /// keyed by its callers while the agent lagged.
+    SiteUndecided = 18,
 }
 
-pub const LOSS_CAUSES: usize = 18;
+pub const LOSS_CAUSES: usize = 19;
 
 impl LossCause {
     /// The cause of a `LOST` index (`None` past the last).
@@ -101,6 +107,7 @@ impl LossCause {
             15 => LossCause::ProbeSiteSpilled,
             16 => LossCause::ProbeSitesFull,
             17 => LossCause::SiteBudget,
+            18 => LossCause::SiteUndecided,
             _ => return None,
         })
     }
@@ -126,6 +133,7 @@ impl LossCause {
             LossCause::ProbeSiteSpilled => "probe_site_spilled",
             LossCause::ProbeSitesFull => "probe_site_map_full",
             LossCause::SiteBudget => "site_budget",
+            LossCause::SiteUndecided => "site_undecided",
         }
     }
 }
@@ -154,6 +162,7 @@ mod user {
             LossCause::ProbeSiteSpilled,
             LossCause::ProbeSitesFull,
             LossCause::SiteBudget,
+            LossCause::SiteUndecided,
         ];
     }
 

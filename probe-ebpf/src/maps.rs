@@ -467,18 +467,18 @@ pub fn site_row(key: &mut SiteKey) -> Option<*mut SiteStats> {
     if let Some(row) = SITES.get_ptr_mut(key) {
         return Some(row);
     }
-    let with_stack = key.stack_id != NO_STACK;
-    if let Some(cause) = with_stack.then(|| over_budget(key.tgid)).flatten() {
+    let budget = budget(key.tgid, key.stack_id != NO_STACK);
+    if let Some(cause) = budget.stack {
         lost(cause);
         key.stack_id = NO_STACK;
         if let Some(row) = SITES.get_ptr_mut(key) {
             return Some(row);
         }
     }
-    if over_row_budget(key.tgid) {
+    if let Some(cause) = budget.rows {
         *key = SiteKey::spill(key.tgid, key.api);
         let row = spill_row(key)?;
-        lost(LossCause::SiteBudget);
+        lost(cause);
         return Some(row);
     }
     match SITES.insert(key, &SiteStats::default(), BPF_NOEXIST as u64) {
@@ -533,48 +533,57 @@ fn created(key: &SiteKey) {
         // SAFETY: per-CPU slot of this CPU.
         unsafe { *n += 1 };
     }
-    // Every row: rows keyed by the caller fill the table too (see `over_row_budget`).
+    // Every row: rows keyed by the caller fill the table too (see `Budget::rows`).
     charge_budget(key.tgid);
     announce(key);
 }
 
-/// Why `tgid` may create no more rows with a stack, if so: its share of a table under
-/// pressure is used up, or it has its rows as a process the agent has not admitted yet.
+/// What `tgid`'s budget leaves a new row, from one read of the limits and of its count.
+#[derive(Default)]
+struct Budget {
+    /// Why the row may not have its stack, if so: its share of a table under pressure is used
+    /// up, or it has its rows as a process the agent has not admitted yet.
+    stack: Option<LossCause>,
+    /// Why it may have no new row at all, if so: under pressure, [`site_limit::ROW_SHARES`]
+    /// shares reached in rows of any kind (rows keyed by the caller fill the table too); not
+    /// admitted, its undecided limit reached (a process about to be rejected needs no rows).
+    rows: Option<LossCause>,
+}
+
+/// `tgid`'s [`Budget`] for a new row, with a stack or keyed by its caller.
 #[inline(always)]
-fn over_budget(tgid: u32) -> Option<LossCause> {
+fn budget(tgid: u32, with_stack: bool) -> Budget {
     let limit = |slot| SITE_LIMIT.get(slot).copied().unwrap_or(0);
     let (pressure, undecided) = (
         limit(site_limit::UNDER_PRESSURE),
         limit(site_limit::UNDECIDED),
     );
     if pressure == 0 && undecided == 0 {
-        return None;
+        return Budget::default();
     }
     // SAFETY: a plain u32 value, read once.
     let rows = unsafe { SITE_BUDGET.get(&tgid) }.copied().unwrap_or(0);
-    if pressure != 0 && rows >= pressure {
-        return Some(LossCause::StackBudget);
-    }
+    let under_pressure = pressure != 0 && rows >= pressure;
+    // Only a process past the undecided limit looks up whether it is admitted.
     // SAFETY: a plain u64 value, read once.
-    let admitted = || unsafe { ADMITTED.get(&tgid) }.is_some_and(|&s| s == exec_stamp(tgid));
-    (undecided != 0 && rows >= undecided && !admitted()).then_some(LossCause::StackUndecided)
-}
-
-/// Whether `tgid` may create no more rows at all: under pressure, it holds
-/// [`site_limit::ROW_SHARES`] shares of the table (rows with a stack count against the share
-/// itself, see [`over_budget`]).
-#[inline(always)]
-fn over_row_budget(tgid: u32) -> bool {
-    let share = SITE_LIMIT
-        .get(site_limit::UNDER_PRESSURE)
-        .copied()
-        .unwrap_or(0);
-    if share == 0 {
-        return false;
-    }
-    // SAFETY: a plain u32 value, read once.
-    let rows = unsafe { SITE_BUDGET.get(&tgid) }.copied().unwrap_or(0);
-    rows >= share.saturating_mul(site_limit::ROW_SHARES)
+    let unadmitted = undecided != 0
+        && rows >= undecided
+        && !unsafe { ADMITTED.get(&tgid) }.is_some_and(|&s| s == exec_stamp(tgid));
+    let stack = if !with_stack {
+        None
+    } else if under_pressure {
+        Some(LossCause::StackBudget)
+    } else {
+        unadmitted.then_some(LossCause::StackUndecided)
+    };
+    let rows = if under_pressure && rows >= pressure.saturating_mul(site_limit::ROW_SHARES) {
+        Some(LossCause::SiteBudget)
+    } else if unadmitted {
+        Some(LossCause::SiteUndecided)
+    } else {
+        None
+    };
+    Budget { stack, rows }
 }
 
 /// Counts a new row against `tgid`'s budget. Not atomic: two CPUs creating rows

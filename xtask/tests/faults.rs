@@ -26,6 +26,7 @@
 //! | `site_budget` | agent.rs `site_share_under_pressure_keeps_counts_exact`: the same table, a process with 4,096 callers (8,192 rows wanted, 4 shares = 2,048 allowed) | calls at sites past the bound = site_budget; counts exact |
 //! | `probe_site_spilled`, `probe_site_map_full` | not forced: the symbol-probe table (16,384 rows) has no capacity flag yet |
 //! | `stack_undecided` | agent.rs `selection_lag_holds_undecided_rows_to_their_limit`: the agent stopped (SIGSTOP) while four processes make 2,048 stacks each | stacks past the undecided limit = stack_undecided; counts exact |
+//! | `site_undecided` | agent.rs `selection_lag_holds_undecided_rows_to_their_limit`: the same lag, a rejected process with 4,096 callers (8,192 rows wanted, 32 allowed) | calls at sites past the bound = site_undecided |
 //!
 //! The agent's loss counters are global (one per cause for the node, like its kernel tables):
 //! another process recorded in the same window (on a shared machine, a compiler starting) can

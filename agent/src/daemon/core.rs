@@ -657,6 +657,14 @@ fn remedy(cause: LossCause, c: &Capacity) -> String {
             site_limit::ROW_SHARES,
             (c.max_sites / pressure::SHARE).saturating_mul(site_limit::ROW_SHARES)
         ),
+        LossCause::SiteUndecided => format!(
+            "a process the agent had not classified yet made more sites than it may before its \
+             selection is known ({} rows, 1/{} of capacity.max_sites): its new sites are \
+             counted exactly in its `other` site, without their call chain, until it is \
+             admitted; the agent is late classifying new processes (check its CPU limit)",
+            pressure::undecided_limit(c.max_sites),
+            pressure::UNDECIDED_SHARE
+        ),
         LossCause::StackCollision => {
             "two stacks hashed to the same id; the site keeps only its caller".to_string()
         }

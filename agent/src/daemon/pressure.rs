@@ -26,13 +26,14 @@ const RECOUNT_EVERY: Duration = Duration::from_secs(1);
 pub const SHARE: u32 = 32;
 
 /// While the selection can reject processes, one not classified yet may create this fraction
-/// of the table's rows with a stack, always (512 of the default 65,536). The agent classifies
+/// of the table's rows, always (512 of the default 65,536): its stacks, then its callers (a
+/// compiler's callers alone are thousands of rows). The agent classifies
 /// a new process at its exec, within milliseconds on a quiet node; under load it lags by
 /// seconds, and beside a build every compiler the selection was about to reject filled the
 /// table with its stacks in that time (the site-share test under two parallel builds).
 pub const UNDECIDED_SHARE: u32 = 128;
 
-/// Rows with a stack a process the agent has not admitted may create in a table of
+/// Rows a process the agent has not admitted may create in a table of
 /// `capacity` rows.
 pub fn undecided_limit(capacity: u32) -> u32 {
     (capacity / UNDECIDED_SHARE).max(1)
