@@ -593,11 +593,16 @@ fn site_share_under_pressure_keeps_counts_exact() {
     const CALLERS: u64 = 4096;
     const ROWS: u64 = 4 * SHARE;
     // The node's other processes share the table's last quarter: on a busy node (a build, the
-    // agent lagging) it can be full while the fixture runs, and then its sites spill
-    // (`site_spilled`) before its bound is reached. Such a window proves nothing about the
-    // bound: take another, up to three (counts must be exact in every one).
+    // agent lagging) it can be full while the fixture runs, and then its sites may spill
+    // (`site_spilled`) before its bound is reached. A window short of the bound's figure in
+    // which the table filled is taken again, up to three (counts must be exact in every one).
     let mut windows = Vec::new();
+    // Room for the fixture's rows and some: the rows of others that exited leave within seconds.
+    let room = 1.0 - (ROWS + SHARE) as f64 / 16_384.0;
     for run in 1..=3u64 {
+        let _ = agent.try_scrape_until(Duration::from_secs(15), |m| {
+            m.global_sum("allocwatch_map_fill_ratio", &[("map", "SITES")]) <= room
+        });
         let before = agent.scrape();
         let mut many = Fixture::spawn_args(&callers, &["wait", &CALLERS.to_string()], "ready");
         agent.scrape_until("the callers fixture listed", Duration::from_secs(10), |m| {
@@ -635,23 +640,20 @@ fn site_share_under_pressure_keeps_counts_exact() {
             "run {run}: site_budget +{budget}, site_spilled +{full} ({})",
             m.self_stats()
         ));
-        if full == 0 {
-            assert!(
-                budget >= 2 * CALLERS - ROWS - 8,
-                "site_budget rose by {budget} while the callers fixture ran, want at least {}\n{}",
-                2 * CALLERS - ROWS - 8,
-                windows.join("\n")
-            );
+        let want = 2 * CALLERS - ROWS - 8;
+        if budget >= want {
             break;
         }
+        // Short of the bound's figure: only a window in which the table filled (others' sites
+        // spilled too) may be taken again.
+        assert!(
+            full > 0 && run < 3,
+            "site_budget rose by {budget} while the callers fixture ran, want at least {want}\n{}",
+            windows.join("\n")
+        );
         eprintln!(
             "the table was full while the callers fixture ran: {}",
             windows[windows.len() - 1]
-        );
-        assert!(
-            run < 3,
-            "the call-site table was full in every window\n{}",
-            windows.join("\n")
         );
     }
     holders.push(last);
