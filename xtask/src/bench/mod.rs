@@ -273,7 +273,13 @@ fn build_alloc_bench(paths: &Paths, out_dir: &Path) -> anyhow::Result<PathBuf> {
 /// `alloc_bench` without frame pointers (`alloc_bench_nofp`), as distributions build C: the
 /// table walk's workload.
 fn build_alloc_bench_nofp(paths: &Paths, out_dir: &Path) -> anyhow::Result<PathBuf> {
-    build_c(paths, out_dir, "alloc_bench", "alloc_bench_nofp", "-fomit-frame-pointer")
+    build_c(
+        paths,
+        out_dir,
+        "alloc_bench",
+        "alloc_bench_nofp",
+        "-fomit-frame-pointer",
+    )
 }
 
 /// `fixtures/bench/NAME.c` -> `out_dir/NAME`, with the flags issue 5 asks for: -O1 with frame
