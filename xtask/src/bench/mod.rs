@@ -8,7 +8,8 @@
 //! Sections (`--only NAME`, repeatable; default all):
 //! - `probe`: the C workload `fixtures/bench/alloc_bench.c` untraced, under the empty floor
 //!   programs, under each allocwatch mode, and under bpftrace scripts that give the same
-//!   information; ns added per call and the ratio to the floor.
+//!   information; ns added per call and the ratio to the floor. Also `alloc_bench_nofp deep`
+//!   (no frame pointers, 45 frames) under the unwinders, for the table walk's cost.
 //! - `go`: the Go workload `fixtures/bench/gogrowth` untraced, growth-only, with mallocgc.
 //! - `throughput`: probe hits per second with several producer threads, checked exact.
 //! - `footprint`: `allocwatch agent` RSS/CPU and time to attach with N fixture processes, and

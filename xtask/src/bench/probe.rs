@@ -9,6 +9,9 @@ pub(super) enum Tracer {
     Allocwatch(&'static str),
     /// `allocwatch top --mode MODE --sample-bytes N`.
     Sampled(&'static str, u64),
+    /// `allocwatch top --mode MODE --sample-bytes N --unwind HOW`: the agent's default
+    /// (`full`, 512 KiB, `fp`) and its alternative.
+    SampledUnwind(&'static str, u64, &'static str),
     /// `allocwatch top --mode MODE --unwind HOW`: stacks walked with frame pointers only
     /// (`fp`) or with tables for every file (`dwarf`).
     Unwind(&'static str, &'static str),
@@ -22,6 +25,9 @@ impl Tracer {
             Tracer::Untraced => "untraced".into(),
             Tracer::Allocwatch(m) => format!("allocwatch {m}"),
             Tracer::Sampled(m, n) => format!("allocwatch {m} --sample-bytes {n}"),
+            Tracer::SampledUnwind(m, n, how) => {
+                format!("allocwatch {m} --sample-bytes {n} --unwind {how}")
+            }
             Tracer::Unwind(m, how) => format!("allocwatch {m} --unwind {how}"),
             Tracer::Bpftrace(n, _) => format!("bpftrace {n}"),
         }
@@ -151,13 +157,16 @@ pub(super) fn run_alloc_bench(b: &Bench, tracer: &Tracer, w: &Workload) -> anyho
             c.args(&w.args);
             c
         }
-        Tracer::Allocwatch(mode) | Tracer::Sampled(mode, _) | Tracer::Unwind(mode, _) => {
+        Tracer::Allocwatch(mode)
+        | Tracer::Sampled(mode, _)
+        | Tracer::Unwind(mode, _)
+        | Tracer::SampledUnwind(mode, ..) => {
             let mut c = Command::new(&b.bin);
             c.args(["top", "--mode", mode, "--json", "-o"]).arg(&report);
-            if let Tracer::Sampled(_, n) = tracer {
+            if let Tracer::Sampled(_, n) | Tracer::SampledUnwind(_, n, _) = tracer {
                 c.args(["--sample-bytes", &n.to_string()]);
             }
-            if let Tracer::Unwind(_, how) = tracer {
+            if let Tracer::Unwind(_, how) | Tracer::SampledUnwind(_, _, how) = tracer {
                 c.args(["--unwind", how]);
             }
             c.arg("--").arg(exe).args(&w.args);
@@ -186,7 +195,11 @@ pub(super) fn run_alloc_bench(b: &Bench, tracer: &Tracer, w: &Workload) -> anyho
             done.stderr
         );
     }
-    if let Tracer::Allocwatch(_) | Tracer::Sampled(..) | Tracer::Unwind(..) = tracer {
+    if let Tracer::Allocwatch(_)
+    | Tracer::Sampled(..)
+    | Tracer::Unwind(..)
+    | Tracer::SampledUnwind(..) = tracer
+    {
         target_exited_ok(&report)?;
     }
     let f = fields(&done.stdout, "alloc_bench ")
@@ -198,7 +211,10 @@ pub(super) fn run_alloc_bench(b: &Bench, tracer: &Tracer, w: &Workload) -> anyho
             w.calls
         );
     }
-    if let Tracer::Allocwatch(mode) | Tracer::Sampled(mode, _) | Tracer::Unwind(mode, _) = tracer
+    if let Tracer::Allocwatch(mode)
+    | Tracer::Sampled(mode, _)
+    | Tracer::Unwind(mode, _)
+    | Tracer::SampledUnwind(mode, ..) = tracer
         && !mode.starts_with("floor")
     {
         check_exact(&report, mode, w)?;
@@ -266,6 +282,7 @@ pub(super) fn probe_section(b: &Bench, pairs: u64) -> anyhow::Result<String> {
         // Go's default mean (512 KiB), and a mean that samples ~1 call in 30 of this workload.
         Tracer::Sampled("count-stacks", 512 << 10),
         Tracer::Sampled("full", 512 << 10),
+        Tracer::SampledUnwind("full", 512 << 10, "fp"),
         Tracer::Sampled("full", 4096),
     ];
     tracers.extend(bpftrace_scripts(&libc));
@@ -300,7 +317,7 @@ pub(super) fn probe_section(b: &Bench, pairs: u64) -> anyhow::Result<String> {
     let deep_row = |t: &Tracer| match t {
         Tracer::Untraced | Tracer::Unwind(..) => true,
         Tracer::Allocwatch(m) => ["floor", "count", "full"].contains(m),
-        Tracer::Sampled(m, n) => *m == "full" && *n == 512 << 10,
+        Tracer::Sampled(m, n) | Tracer::SampledUnwind(m, n, _) => *m == "full" && *n == 512 << 10,
         Tracer::Bpftrace(n, _) => n.contains("stack") || n.contains("memleak"),
     };
     let mut md = String::from("## 1. Probe cost on the traced program\n\n");
