@@ -53,8 +53,8 @@ pub struct Features {
     /// Uprobe multi-links (6.6): one link per file; without them one perf-event link per
     /// probe site (the probe's `_single` programs).
     pub uprobe_multi: bool,
-    /// `bpf_loop` (5.17): not used by the probes (their loops are bounded), listed for the
-    /// kernel matrix.
+    /// `bpf_loop` (5.17): the table walk (`--unwind dwarf|auto`) goes 64 frames deep with it,
+    /// 16 without.
     pub bpf_loop: bool,
     /// `bpf_map_lookup_percpu_elem` (5.19): the agent splits a process's size histograms at
     /// exec with it (without, what a program ran before an exec stays with the pid's next
@@ -79,7 +79,10 @@ impl Features {
             uprobe_multi: std::env::var_os("ALLOCWATCH_NO_UPROBE_MULTI").is_none()
                 && aya::sys::is_uprobe_multi_supported(UProbeMultiFeature::LinkCreation)
                     .unwrap_or(false),
-            bpf_loop: helper(BpfHelper::BPF_FUNC_loop),
+            // The variable lets a newer kernel run (and test) the 16-frame table walk of older
+            // ones.
+            bpf_loop: std::env::var_os("ALLOCWATCH_NO_BPF_LOOP").is_none()
+                && helper(BpfHelper::BPF_FUNC_loop),
             percpu_lookup: helper(BpfHelper::BPF_FUNC_map_lookup_percpu_elem),
             btf: Path::new(VMLINUX_BTF).exists(),
         }

@@ -278,6 +278,11 @@ impl Probes {
         let mut flags = if cfg.stacks { config::FLAG_STACKS } else { 0 };
         if cfg.unwind_tables {
             flags |= config::FLAG_UNWIND_TABLES;
+            // `MAX_STACK_DEPTH` frames deep where the kernel has `bpf_loop` (5.17); 16
+            // unrolled before (the verifier prunes the other walk: FLAGS is read-only data).
+            if crate::preflight::features().bpf_loop {
+                flags |= config::FLAG_UNWIND_LOOP;
+            }
         }
         // The tables are preallocated (8 MiB of rows): sized only when used.
         let tables = |n: u32| if cfg.unwind_tables { n } else { 1 };

@@ -74,6 +74,9 @@ pub mod config {
     /// `bpf_map_lookup_percpu_elem`, 5.19): the rows are keyed by pid, and what the program
     /// ran before an exec is not the new program's.
     pub const FLAG_EXEC_HIST: u32 = 1 << 5;
+    /// The table walk (`FLAG_UNWIND_TABLES`) goes `MAX_STACK_DEPTH` frames deep with `bpf_loop`
+    /// (the agent, on kernels with it, 5.17); without it, 16 frames unrolled.
+    pub const FLAG_UNWIND_LOOP: u32 = 1 << 6;
 }
 
 /// Slots of the `SITE_LIMIT` array: rows with a stack one process may create in `SITES`

@@ -2,11 +2,12 @@
 //! `allocwatch_common::unwind`): where a frame's code has a table, its row says where the CFA is
 //! (rsp or rbp plus an offset), where the caller's rbp was saved, and the return address is at
 //! CFA-8; elsewhere a frame-pointer step, as the kernel's walk does. Bounded: at most
-//! `MAX_STACK_DEPTH` frames, each a fixed number of binary-search steps.
+//! `MAX_STACK_DEPTH` frames with `bpf_loop` (Linux 5.17, `FLAG_UNWIND_LOOP`), else
+//! `UNWIND_FRAMES` unrolled; each frame a fixed number of binary-search steps.
 
 use allocwatch_common::{
     MAX_STACK_DEPTH,
-    config::FLAG_UNWIND_TABLES,
+    config::{FLAG_UNWIND_LOOP, FLAG_UNWIND_TABLES},
     libc::NO_STACK,
     loss::LossCause,
     unwind::{
@@ -15,7 +16,8 @@ use allocwatch_common::{
     },
 };
 use aya_ebpf::{
-    helpers::bpf_probe_read_user,
+    cty::c_void,
+    helpers::{bpf_loop, bpf_probe_read_user},
     macros::map,
     maps::{Array, HashMap},
     programs::ProbeContext,
@@ -29,8 +31,7 @@ use crate::{
 /// A libc probe's user stack: walked with the unwind tables (`FLAG_UNWIND_TABLES`) from the
 /// registers at the probe, `entry_sp` (the stack pointer at the function's entry) and
 /// `ret_addr` (the return address there), for a process the agent gave tables; else the
-/// kernel's frame-pointer walk ([`capture_stack`]), which goes deeper than the table walk's
-/// frame limit and costs one lookup more here. On a node most processes have no table (their
+/// kernel's frame-pointer walk ([`capture_stack`]), which costs one lookup more here. On a node most processes have no table (their
 /// files have frame pointers, or the agent has not read them yet).
 #[inline(always)]
 pub fn capture_libc_stack(ctx: &ProbeContext, entry_sp: u64, ret_addr: u64) -> i64 {
@@ -65,8 +66,8 @@ pub static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(UNWIND_ROWS_M
 #[map]
 pub static UNWIND_PROCS: HashMap<u32, UnwindProc> = HashMap::with_max_entries(UNWIND_PROCS_MAX, 0);
 
-/// Frames a table walk follows (the verifier checks every step of every frame: at 64 frames
-/// it gave up at its million instructions).
+/// Frames a table walk follows without `bpf_loop` (unrolled, the verifier checks every step of
+/// every frame: at 64 frames it gave up at its million instructions).
 const UNWIND_FRAMES: usize = 16;
 
 /// 1 when `a <= b`, else 0, without a branch (both below 2^32). Binary searches without branches
@@ -124,6 +125,112 @@ fn read(addr: u64) -> Option<u64> {
     unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
 }
 
+/// How one frame's step ended.
+#[derive(Clone, Copy)]
+enum Step {
+    /// `pc`, `sp`, `bp` are the caller's: go on.
+    Next,
+    /// The walk ended where a stack ends (or where a frame-pointer walk ends, uncounted).
+    End,
+    /// The walk ended with a loss.
+    Lost(LossCause),
+}
+
+/// One frame: from the return address `pc` in a frame whose stack pointer (before the call's
+/// push) is `sp`, with `bp` the value rbp had there, to the caller's.
+#[inline(always)]
+fn step(proc: &UnwindProc, pc: &mut u64, sp: &mut u64, bp: &mut u64) -> Step {
+    // A return address: the call is the instruction before it.
+    let (k, cfa_off, rbp_words) = rule_for(proc, *pc - 1);
+    let (cfa, saved_bp) = match k {
+        kind::CFA_RSP | kind::CFA_RBP => {
+            let base = if k == kind::CFA_RSP { *sp } else { *bp };
+            let cfa = base + u64::from(cfa_off);
+            let saved = (rbp_words != 0).then(|| cfa.wrapping_add_signed(i64::from(rbp_words) * 8));
+            (cfa, saved)
+        }
+        kind::GAP => {
+            // Frame pointers: [rbp] = the caller's rbp, [rbp+8] = the return address.
+            if *bp == 0 {
+                return Step::End;
+            }
+            (*bp + 16, Some(*bp))
+        }
+        kind::UNSUPPORTED => return Step::Lost(LossCause::UnwindUnsupported),
+        _ => return Step::End,
+    };
+    // A frame-pointer step through code without frame pointers (no table for it yet, as libc
+    // in the first moments of a launched command) follows whatever rbp holds: its failed read
+    // ends the walk as it ends the kernel's walk, uncounted. A failed read where a table gave
+    // the rule is a loss.
+    let ra = read(cfa - 8);
+    let saved = match saved_bp {
+        Some(at) => read(at).map(Some),
+        None => Some(None),
+    };
+    let (Some(ra), Some(saved)) = (ra, saved) else {
+        if k != kind::GAP {
+            return Step::Lost(LossCause::UnwindReadError);
+        }
+        return Step::End;
+    };
+    if let Some(v) = saved {
+        *bp = v;
+    }
+    // The stack grows down: a caller's frame is above its callee's.
+    if cfa <= *sp && k != kind::GAP {
+        return Step::End;
+    }
+    *sp = cfa;
+    *pc = ra;
+    Step::Next
+}
+
+/// The walk's state between `bpf_loop` callbacks (on the program's stack, handed to each).
+#[repr(C)]
+struct LoopWalk {
+    proc: *const UnwindProc,
+    frames: *mut [u64; MAX_STACK_DEPTH],
+    pc: u64,
+    sp: u64,
+    bp: u64,
+    /// The step's end: 0 while walking, 1 ended, 2 ended with `loss`.
+    end: u64,
+    loss: LossCause,
+}
+
+/// `bpf_loop`'s callback: frame `i + 1`. The verifier checks this body once, not once per
+/// frame, which is what lets the walk go `MAX_STACK_DEPTH` deep.
+#[inline(never)]
+extern "C" fn loop_step(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `LoopWalk` on the calling program's stack (`walk_loop`), whose
+    // pointers are a map value and the per-CPU scratch slot, both valid for the program's run.
+    let w = unsafe { &mut *ctx.cast::<LoopWalk>() };
+    let slot = (i as usize).wrapping_add(1);
+    if slot >= MAX_STACK_DEPTH {
+        return 1;
+    }
+    if w.pc == 0 {
+        w.end = 1;
+        return 1;
+    }
+    // SAFETY: as above.
+    let (proc, frames) = unsafe { (&*w.proc, &mut *w.frames) };
+    frames[slot] = w.pc;
+    match step(proc, &mut w.pc, &mut w.sp, &mut w.bp) {
+        Step::Next => 0,
+        Step::End => {
+            w.end = 1;
+            1
+        }
+        Step::Lost(cause) => {
+            w.loss = cause;
+            w.end = 2;
+            1
+        }
+    }
+}
+
 /// Walks the stack of a libc probe into `frames` (the rest zeroed).
 /// `rip` and `rbp` are the registers at the probe, `entry_sp` the stack pointer at the
 /// function's entry (where `ret_addr`, the caller's return address, is).
@@ -149,75 +256,59 @@ fn walk(
     if bp == entry_sp.wrapping_sub(arch::FP_BELOW_ENTRY_SP) {
         bp = read(bp).unwrap_or(0);
     }
-    let mut truncated = true;
-    // Counted once after the loop: a `lost` (with its debug log line) in each unrolled step
+    // Counted once after the walk: a `lost` (with its debug log line) in each unrolled step
     // multiplied the verifier's work past its limit when debug logging is on.
-    let mut loss: Option<LossCause> = None;
-    for slot in frames.iter_mut().skip(1).take(UNWIND_FRAMES - 1) {
-        if pc == 0 {
-            truncated = false;
-            break;
-        }
-        *slot = pc;
-        // A return address: the call is the instruction before it.
-        let (k, cfa_off, rbp_words) = rule_for(proc, pc - 1);
-        let (cfa, saved_bp) = match k {
-            kind::CFA_RSP | kind::CFA_RBP => {
-                let base = if k == kind::CFA_RSP { sp } else { bp };
-                let cfa = base + u64::from(cfa_off);
-                let saved =
-                    (rbp_words != 0).then(|| cfa.wrapping_add_signed(i64::from(rbp_words) * 8));
-                (cfa, saved)
-            }
-            kind::GAP => {
-                // Frame pointers: [rbp] = the caller's rbp, [rbp+8] = the return address.
-                if bp == 0 {
-                    truncated = false;
-                    break;
-                }
-                (bp + 16, Some(bp))
-            }
-            kind::UNSUPPORTED => {
-                loss = Some(LossCause::UnwindUnsupported);
-                truncated = false;
-                break;
-            }
-            _ => {
-                truncated = false;
-                break;
-            }
+    let loss = if FLAGS.load() & FLAG_UNWIND_LOOP != 0 {
+        let mut w = LoopWalk {
+            proc,
+            frames,
+            pc,
+            sp,
+            bp,
+            end: 0,
+            loss: LossCause::UnwindTruncated,
         };
-        // A frame-pointer step through code without frame pointers (no table for it yet, as
-        // libc in the first moments of a launched command) follows whatever rbp holds: its
-        // failed read ends the walk as it ends the kernel's walk, uncounted. A failed read
-        // where a table gave the rule is a loss.
-        let ra = read(cfa - 8);
-        let saved = match saved_bp {
-            Some(at) => read(at).map(Some),
-            None => Some(None),
+        // SAFETY: the helper calls `loop_step` with `&mut w`, which outlives the call.
+        unsafe {
+            bpf_loop(
+                (MAX_STACK_DEPTH - 1) as u32,
+                loop_step as *mut c_void,
+                (&raw mut w).cast(),
+                0,
+            )
         };
-        let (Some(ra), Some(saved)) = (ra, saved) else {
-            if k != kind::GAP {
-                loss = Some(LossCause::UnwindReadError);
-            }
-            truncated = false;
-            break;
-        };
-        if let Some(v) = saved {
-            bp = v;
+        match w.end {
+            0 if w.pc != 0 => Some(LossCause::UnwindTruncated),
+            2 => Some(w.loss),
+            _ => None,
         }
-        // The stack grows down: a caller's frame is above its callee's.
-        if cfa <= sp && k != kind::GAP {
-            truncated = false;
-            break;
-        }
-        sp = cfa;
-        pc = ra;
-    }
-    if truncated && pc != 0 {
-        loss = Some(LossCause::UnwindTruncated);
-    }
+    } else {
+        walk_inline(proc, &mut pc, &mut sp, &mut bp, frames)
+    };
     if let Some(cause) = loss {
         lost(cause);
     }
+}
+
+/// The walk without `bpf_loop` (kernels before 5.17): `UNWIND_FRAMES` frames, unrolled.
+#[inline(always)]
+fn walk_inline(
+    proc: &UnwindProc,
+    pc: &mut u64,
+    sp: &mut u64,
+    bp: &mut u64,
+    frames: &mut [u64; MAX_STACK_DEPTH],
+) -> Option<LossCause> {
+    for slot in frames.iter_mut().skip(1).take(UNWIND_FRAMES - 1) {
+        if *pc == 0 {
+            return None;
+        }
+        *slot = *pc;
+        match step(proc, pc, sp, bp) {
+            Step::Next => {}
+            Step::End => return None,
+            Step::Lost(cause) => return Some(cause),
+        }
+    }
+    (*pc != 0).then_some(LossCause::UnwindTruncated)
 }

@@ -446,7 +446,7 @@ fn top_counts_pending_and_orphan_losses() {
 /// 576-byte record: the 4 MiB ring buffer takes 7,281 of them, `ringbuf_full` counts the others,
 /// and no call is lost (the sites are read from the table). With frame pointers (`--unwind
 /// fp`): the tree's 8,192 paths are 64 frames deep, and a table walk (`auto`, which Debian's
-/// libc gets) keeps 16, where most paths look alike.
+/// libc gets) keeps 16 on kernels without `bpf_loop`, where most paths look alike.
 #[test]
 fn top_counts_ring_buffer_losses() {
     let env = TestEnv::get();

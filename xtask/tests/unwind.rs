@@ -5,7 +5,8 @@
 //! (fixtures/c/unwind/, target/fixtures/unwind/), and the chain is the one gdb's own unwinder
 //! walks at the same call in the same run; `auto` loads tables only for the files built without
 //! frame pointers. The split fixture's fake frame, which a frame-pointer walk cuts
-//! (symbols.rs), is walked through.
+//! (symbols.rs), is walked through. A malloc 43 frames deep is walked to `main` (`bpf_loop`),
+//! and to the 16-frame limit without it.
 
 mod support;
 
@@ -42,6 +43,19 @@ const UW_DL_STACK: &[&str] = &[
     "fx_uw_outer_dl",
     "main",
 ];
+
+/// The deep mode's one allocation and its recursion's depth below `main`
+/// (`UW_DEEP_BYTES`, `UW_DEEP_LEVELS` + 1 calls of `fx_uw_deep`).
+const UW_DEEP_BYTES: u64 = 6161;
+const UW_DEEP_CALLS: usize = 41;
+
+/// The deep mode's chain, innermost first.
+fn deep_stack() -> Vec<String> {
+    let mut names = vec!["fx_uw_deep_leaf".to_owned()];
+    names.extend(std::iter::repeat_n("fx_uw_deep".to_owned(), UW_DEEP_CALLS));
+    names.push("main".to_owned());
+    names
+}
 
 struct TestEnv {
     bin: PathBuf,
@@ -180,8 +194,29 @@ fn wait_stderr(aw: &Allocwatch, what: &str, said: impl Fn(&str) -> bool) {
 
 /// `allocwatch top [--unwind HOW] -- unwind_fixture GOFILE` for `variant`: the fixture makes
 /// its call once the tables line names `libc.so.6` and the fixture's library (with a table,
-/// or walked with its frame pointers).
+/// or walked with its frame pointers). No unwind loss.
 fn trace_fixture(env: &TestEnv, variant: &str, unwind: Option<&str>) -> Traced {
+    let traced = trace_mode(env, variant, unwind, &[], &[]);
+    for cause in [
+        "unwind_unsupported",
+        "unwind_read_error",
+        "unwind_truncated",
+    ] {
+        let n = traced.proc["lost"][cause].as_u64().unwrap_or(0);
+        assert_eq!(n, 0, "{cause}\n{:#}", traced.proc);
+    }
+    traced
+}
+
+/// [`trace_fixture`] with the fixture's `mode` arguments after GOFILE and `vars` in
+/// allocwatch's environment, losses not checked.
+fn trace_mode(
+    env: &TestEnv,
+    variant: &str,
+    unwind: Option<&str>,
+    mode: &[&str],
+    vars: &[(&str, &str)],
+) -> Traced {
     let fixture = env.unwind_fixture(variant);
     let go = support::temp_file("unwind-go");
     let out = support::temp_file("unwind.json");
@@ -190,7 +225,8 @@ fn trace_fixture(env: &TestEnv, variant: &str, unwind: Option<&str>) -> Traced {
         args.extend(["--unwind", how]);
     }
     args.extend(["--", path_str(&fixture), path_str(&go)]);
-    let mut aw = Allocwatch::spawn(env, &args);
+    args.extend(mode);
+    let mut aw = Allocwatch::spawn_env(env, &args, vars);
     aw.wait_tracing_pid(Duration::from_secs(30));
     // Said before or after the tracing line, as the exec stop or a later look found them.
     wait_stderr(&aw, "unwind tables for the library and libc", |text| {
@@ -207,14 +243,6 @@ fn trace_fixture(env: &TestEnv, variant: &str, unwind: Option<&str>) -> Traced {
     let processes = array(&report, "processes");
     assert_eq!(processes.len(), 1, "one process traced\n{report:#}");
     let proc = processes[0].clone();
-    for cause in [
-        "unwind_unsupported",
-        "unwind_read_error",
-        "unwind_truncated",
-    ] {
-        let n = proc["lost"][cause].as_u64().unwrap_or(0);
-        assert_eq!(n, 0, "{cause}\n{proc:#}");
-    }
     Traced {
         proc,
         stderr: aw.stderr.text(),
@@ -238,6 +266,68 @@ fn dwarf_unwinding_names_every_frame_without_frame_pointers() {
     let peer = gdb_backtrace(&env.unwind_fixture("nofp"), &[path_str(&go)], "fx_uw_leaf");
     let _ = std::fs::remove_file(&go);
     assert_eq!(got, peer, "allocwatch vs gdb\n{site:#}");
+}
+
+/// Four times the unwinder's frame limit without `bpf_loop`: the deep mode's malloc under
+/// 41 recursive calls (-O2 -fomit-frame-pointer), walked with the tables through `bpf_loop`:
+/// every frame named, in order, as gdb walks it; no unwind loss.
+#[test]
+fn table_walk_names_every_frame_of_a_deep_stack() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let traced = trace_mode(&env, "nofp", None, &["deep"], &[]);
+    for cause in [
+        "unwind_unsupported",
+        "unwind_read_error",
+        "unwind_truncated",
+    ] {
+        let n = traced.proc["lost"][cause].as_u64().unwrap_or(0);
+        assert_eq!(n, 0, "{cause}\n{:#}", traced.proc);
+    }
+    let site = site_of(&traced.proc, UW_DEEP_BYTES);
+    let got = functions_to_main(site);
+    assert_eq!(got, deep_stack(), "allocwatch\n{site:#}");
+
+    let go = support::temp_file("unwind-go");
+    std::fs::write(&go, b"").unwrap();
+    let peer = gdb_backtrace(
+        &env.unwind_fixture("nofp"),
+        &[path_str(&go), "deep"],
+        "fx_uw_deep_leaf",
+    );
+    let _ = std::fs::remove_file(&go);
+    assert_eq!(got, peer, "allocwatch vs gdb\n{site:#}");
+}
+
+/// Without `bpf_loop` (kernels before 5.17; `ALLOCWATCH_NO_BPF_LOOP=1` here) the table walk
+/// is unrolled to 16 frames: the deep stack's first 15 above malloc, and the cut counted.
+#[test]
+fn without_bpf_loop_the_table_walk_stops_at_16_frames() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let traced = trace_mode(
+        &env,
+        "nofp",
+        None,
+        &["deep"],
+        &[("ALLOCWATCH_NO_BPF_LOOP", "1")],
+    );
+    assert!(
+        traced
+            .stderr
+            .lines()
+            .all(|l| !l.contains("kernel features") || l.contains("bpf_loop no")),
+        "{}",
+        traced.stderr
+    );
+    let site = site_of(&traced.proc, UW_DEEP_BYTES);
+    let got: Vec<String> = array(site, "frames")
+        .iter()
+        .map(|f| f["function"].as_str().unwrap_or("?").to_owned())
+        .collect();
+    assert_eq!(got, deep_stack()[..15], "allocwatch\n{site:#}");
+    let lost = &traced.proc["lost"];
+    assert_eq!(lost["unwind_truncated"].as_u64(), Some(1), "{lost:#}");
 }
 
 /// `--unwind auto` decides per file: the fixture built without frame pointers gets the tables

@@ -8,7 +8,8 @@
 //! Sections (`--only NAME`, repeatable; default all):
 //! - `probe`: the C workload `fixtures/bench/alloc_bench.c` untraced, under the empty floor
 //!   programs, under each allocwatch mode, and under bpftrace scripts that give the same
-//!   information; ns added per call and the ratio to the floor.
+//!   information; ns added per call and the ratio to the floor. Also `alloc_bench_nofp deep`
+//!   (no frame pointers, 45 frames) under the unwinders, for the table walk's cost.
 //! - `go`: the Go workload `fixtures/bench/gogrowth` untraced, growth-only, with mallocgc.
 //! - `throughput`: probe hits per second with several producer threads, checked exact.
 //! - `footprint`: `allocwatch agent` RSS/CPU and time to attach with N fixture processes, and
@@ -161,6 +162,7 @@ pub fn run(paths: &Paths, args: &Args) -> anyhow::Result<()> {
     let bench = Bench {
         bin,
         alloc_bench: build_alloc_bench(paths, &out_dir)?,
+        alloc_bench_nofp: build_alloc_bench_nofp(paths, &out_dir)?,
         libc_fixture: paths.fixtures_out().join("libc_fixture"),
         tmp: out_dir.clone(),
         reps: args.reps,
@@ -269,14 +271,37 @@ fn build_alloc_bench(paths: &Paths, out_dir: &Path) -> anyhow::Result<PathBuf> {
     build_c_bench(paths, out_dir, "alloc_bench")
 }
 
+/// `alloc_bench` without frame pointers (`alloc_bench_nofp`), as distributions build C: the
+/// table walk's workload.
+fn build_alloc_bench_nofp(paths: &Paths, out_dir: &Path) -> anyhow::Result<PathBuf> {
+    build_c(
+        paths,
+        out_dir,
+        "alloc_bench",
+        "alloc_bench_nofp",
+        "-fomit-frame-pointer",
+    )
+}
+
 /// `fixtures/bench/NAME.c` -> `out_dir/NAME`, with the flags issue 5 asks for: -O1 with frame
 /// pointers (the workloads defeat the optimizer).
 fn build_c_bench(paths: &Paths, out_dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    build_c(paths, out_dir, name, name, "-fno-omit-frame-pointer")
+}
+
+/// `fixtures/bench/NAME.c` -> `out_dir/OUT`, -O1 with `fp` (frame pointers or not).
+fn build_c(
+    paths: &Paths,
+    out_dir: &Path,
+    name: &str,
+    out: &str,
+    fp: &str,
+) -> anyhow::Result<PathBuf> {
     let src = paths.root.join(format!("fixtures/bench/{name}.c"));
-    let out = out_dir.join(name);
+    let out = out_dir.join(out);
     cmd::run(
         Command::new("gcc")
-            .args(["-O1", "-g", "-fno-omit-frame-pointer", "-Wall", "-Wextra"])
+            .args(["-O1", "-g", fp, "-Wall", "-Wextra"])
             .args(["-pthread", "-o"])
             .arg(&out)
             .arg(&src),
@@ -287,6 +312,8 @@ fn build_c_bench(paths: &Paths, out_dir: &Path, name: &str) -> anyhow::Result<Pa
 struct Bench {
     bin: PathBuf,
     alloc_bench: PathBuf,
+    /// Built without frame pointers (the `deep` workload of section 1).
+    alloc_bench_nofp: PathBuf,
     libc_fixture: PathBuf,
     tmp: PathBuf,
     reps: usize,

@@ -9,6 +9,9 @@ pub(super) enum Tracer {
     Allocwatch(&'static str),
     /// `allocwatch top --mode MODE --sample-bytes N`.
     Sampled(&'static str, u64),
+    /// `allocwatch top --mode MODE --sample-bytes N --unwind HOW`: the agent's default
+    /// (`full`, 512 KiB, `fp`) and its alternative.
+    SampledUnwind(&'static str, u64, &'static str),
     /// `allocwatch top --mode MODE --unwind HOW`: stacks walked with frame pointers only
     /// (`fp`) or with tables for every file (`dwarf`).
     Unwind(&'static str, &'static str),
@@ -22,6 +25,9 @@ impl Tracer {
             Tracer::Untraced => "untraced".into(),
             Tracer::Allocwatch(m) => format!("allocwatch {m}"),
             Tracer::Sampled(m, n) => format!("allocwatch {m} --sample-bytes {n}"),
+            Tracer::SampledUnwind(m, n, how) => {
+                format!("allocwatch {m} --sample-bytes {n} --unwind {how}")
+            }
             Tracer::Unwind(m, how) => format!("allocwatch {m} --unwind {how}"),
             Tracer::Bpftrace(n, _) => format!("bpftrace {n}"),
         }
@@ -36,6 +42,8 @@ pub(super) struct Workload {
     /// Expected (malloc, free) calls seen by a tracer of the whole process: the timed calls,
     /// one untimed warm-up pair, and stdio's buffer after the timed loop.
     pub(super) expect: (u64, u64),
+    /// Runs `alloc_bench_nofp` (no frame pointers) instead of `alloc_bench`.
+    pub(super) nofp: bool,
 }
 
 /// bpftrace scripts giving the information of each allocwatch mode (uprobes at offset 0:
@@ -138,27 +146,35 @@ pub(super) fn bpftrace_scripts(libc: &str) -> Vec<Tracer> {
 pub(super) fn run_alloc_bench(b: &Bench, tracer: &Tracer, w: &Workload) -> anyhow::Result<f64> {
     wait_for_no_tracers();
     let report = b.tmp.join("report.json");
+    let exe = if w.nofp {
+        &b.alloc_bench_nofp
+    } else {
+        &b.alloc_bench
+    };
     let mut cmd = match tracer {
         Tracer::Untraced => {
-            let mut c = Command::new(&b.alloc_bench);
+            let mut c = Command::new(exe);
             c.args(&w.args);
             c
         }
-        Tracer::Allocwatch(mode) | Tracer::Sampled(mode, _) | Tracer::Unwind(mode, _) => {
+        Tracer::Allocwatch(mode)
+        | Tracer::Sampled(mode, _)
+        | Tracer::Unwind(mode, _)
+        | Tracer::SampledUnwind(mode, ..) => {
             let mut c = Command::new(&b.bin);
             c.args(["top", "--mode", mode, "--json", "-o"]).arg(&report);
-            if let Tracer::Sampled(_, n) = tracer {
+            if let Tracer::Sampled(_, n) | Tracer::SampledUnwind(_, n, _) = tracer {
                 c.args(["--sample-bytes", &n.to_string()]);
             }
-            if let Tracer::Unwind(_, how) = tracer {
+            if let Tracer::Unwind(_, how) | Tracer::SampledUnwind(_, _, how) = tracer {
                 c.args(["--unwind", how]);
             }
-            c.arg("--").arg(&b.alloc_bench).args(&w.args);
+            c.arg("--").arg(exe).args(&w.args);
             c
         }
         Tracer::Bpftrace(_, script) => {
             let mut c = Command::new("bpftrace");
-            let child = std::iter::once(b.alloc_bench.display().to_string())
+            let child = std::iter::once(exe.display().to_string())
                 .chain(w.args.iter().cloned())
                 .collect::<Vec<_>>()
                 .join(" ");
@@ -179,7 +195,11 @@ pub(super) fn run_alloc_bench(b: &Bench, tracer: &Tracer, w: &Workload) -> anyho
             done.stderr
         );
     }
-    if let Tracer::Allocwatch(_) | Tracer::Sampled(..) | Tracer::Unwind(..) = tracer {
+    if let Tracer::Allocwatch(_)
+    | Tracer::Sampled(..)
+    | Tracer::Unwind(..)
+    | Tracer::SampledUnwind(..) = tracer
+    {
         target_exited_ok(&report)?;
     }
     let f = fields(&done.stdout, "alloc_bench ")
@@ -191,7 +211,10 @@ pub(super) fn run_alloc_bench(b: &Bench, tracer: &Tracer, w: &Workload) -> anyho
             w.calls
         );
     }
-    if let Tracer::Allocwatch(mode) | Tracer::Sampled(mode, _) | Tracer::Unwind(mode, _) = tracer
+    if let Tracer::Allocwatch(mode)
+    | Tracer::Sampled(mode, _)
+    | Tracer::Unwind(mode, _)
+    | Tracer::SampledUnwind(mode, ..) = tracer
         && !mode.starts_with("floor")
     {
         check_exact(&report, mode, w)?;
@@ -259,6 +282,7 @@ pub(super) fn probe_section(b: &Bench, pairs: u64) -> anyhow::Result<String> {
         // Go's default mean (512 KiB), and a mean that samples ~1 call in 30 of this workload.
         Tracer::Sampled("count-stacks", 512 << 10),
         Tracer::Sampled("full", 512 << 10),
+        Tracer::SampledUnwind("full", 512 << 10, "fp"),
         Tracer::Sampled("full", 4096),
     ];
     tracers.extend(bpftrace_scripts(&libc));
@@ -268,17 +292,42 @@ pub(super) fn probe_section(b: &Bench, pairs: u64) -> anyhow::Result<String> {
             args: vec!["pairs".into(), pairs.to_string()],
             calls: 2 * pairs,
             expect: (pairs + 2, pairs + 1),
+            nofp: false,
         },
         Workload {
             name: "malloc",
             args: vec!["malloc".into(), (2 * pairs).to_string()],
             calls: 2 * pairs,
             expect: (2 * pairs + 2, 1),
+            nofp: false,
+        },
+        // The table walk at depth: `alloc_bench_nofp deep` (no frame pointers, as Debian
+        // builds C) makes its mallocs 40 calls below main, 45 frames with libc's: `full` is
+        // `auto` and walks all of them with the tables (`bpf_loop`), `--unwind fp` stops
+        // where the first frame without a frame pointer is.
+        Workload {
+            name: "deep",
+            args: vec!["deep".into(), (2 * pairs).to_string(), "40".into()],
+            calls: 2 * pairs,
+            expect: (2 * pairs + 2, 1),
+            nofp: true,
         },
     ];
+    // The deep workload's rows: the floor, the unwinders and the stack scripts.
+    let deep_row = |t: &Tracer| match t {
+        Tracer::Untraced | Tracer::Unwind(..) => true,
+        Tracer::Allocwatch(m) => ["floor", "count", "full"].contains(m),
+        Tracer::Sampled(m, n) | Tracer::SampledUnwind(m, n, _) => *m == "full" && *n == 512 << 10,
+        Tracer::Bpftrace(n, _) => n.contains("stack") || n.contains("memleak"),
+    };
     let mut md = String::from("## 1. Probe cost on the traced program\n\n");
     for w in &workloads {
         eprintln!("bench: probe cost, workload {} ({} calls)", w.name, w.calls);
+        let tracers: Vec<Tracer> = tracers
+            .iter()
+            .filter(|t| !w.nofp || deep_row(t))
+            .cloned()
+            .collect();
         let mut rows: Vec<Row> = tracers
             .iter()
             .map(|t| Row {
@@ -321,8 +370,13 @@ pub(super) fn probe_table(w: &Workload, rows: &[Row]) -> String {
         .find(|r| r.name == "allocwatch floor-return")
         .map(|r| median(&added(r)));
     let mut md = format!(
-        "### Workload `{}`: {} libc calls per run, {} runs per row\n\n",
+        "### Workload `{}`{}: {} libc calls per run, {} runs per row\n\n",
         w.name,
+        if w.nofp {
+            " (`alloc_bench_nofp`, no frame pointers)"
+        } else {
+            ""
+        },
         w.calls,
         rows[0].ns.len()
     );

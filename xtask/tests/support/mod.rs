@@ -458,10 +458,25 @@ impl Allocwatch {
         Self::start(env, args, true)
     }
 
+    /// With stdout inherited and `vars` added to its environment.
+    pub fn spawn_env(env: &impl AllocwatchBin, args: &[&str], vars: &[(&str, &str)]) -> Self {
+        Self::start_env(env, args, false, vars)
+    }
+
     fn start(env: &impl AllocwatchBin, args: &[&str], capture_stdout: bool) -> Self {
+        Self::start_env(env, args, capture_stdout, &[])
+    }
+
+    fn start_env(
+        env: &impl AllocwatchBin,
+        args: &[&str],
+        capture_stdout: bool,
+        vars: &[(&str, &str)],
+    ) -> Self {
         let bin = env.bin();
         let mut child = Command::new(bin)
             .args(args)
+            .envs(vars.iter().copied())
             .stdin(Stdio::null())
             .stdout(if capture_stdout {
                 Stdio::piped()
