@@ -47,7 +47,10 @@ impl Relays {
         // Entry address → the API its probe reports (the canonical one of an alias group).
         let mut entries: Vec<(u64, Api)> = Vec::new();
         let mut syms = Vec::new();
-        for api in Api::ALL {
+        // The C++ operators only where they are probed: a static program's libstdc++ `new`
+        // calls `malloc`, and taking its range for a relay would hide those calls.
+        let cxx = points.iter().any(|p| p.api.is_cxx());
+        for api in Api::ALL.into_iter().filter(|a| cxx || !a.is_cxx()) {
             let Some(sym) = elf.symbol(api.symbol()) else {
                 continue;
             };
