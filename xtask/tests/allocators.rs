@@ -1025,7 +1025,7 @@ fn mapped_file(prefix: &str) -> PathBuf {
 /// The library whose file name starts with `prefix`, as `fixture` maps it (`ldd`).
 fn mapped_file_of(fixture: &Path, prefix: &str) -> PathBuf {
     let out = Command::new("ldd")
-        .arg(&fixture)
+        .arg(fixture)
         .output()
         .unwrap_or_else(|e| panic!("ldd: {e}"));
     let text = String::from_utf8_lossy(&out.stdout);

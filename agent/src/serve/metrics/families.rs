@@ -358,7 +358,7 @@ pub const SCRAPE_DURATION: FamilySpec = spec(
 /// Every family, in exposition order: what the tests check deploy/README.md's table and the
 /// exposition against (the exporter names each family it renders directly).
 #[cfg(test)]
-pub const FAMILIES: [&FamilySpec; 38] = [
+pub const FAMILIES: [&FamilySpec; 39] = [
     &PROCESSES,
     &ALLOC_CALLS,
     &ALLOC_BYTES,
