@@ -850,11 +850,21 @@ fn start_bpftrace(script: &str) -> mpsc::Receiver<Vec<String>> {
     rx
 }
 
-/// bpftrace's `@calls` map (after SIGINT), by the probe's last `:` field (symbol).
+/// bpftrace's `@calls` map (after SIGINT), by the probe's last `:` field (symbol). SIGINT is
+/// repeated every 5 s: bpftrace 0.17 ignores one that arrives between two of its `epoll_wait`s
+/// (README, "Under load").
 fn bpftrace_counts(rx: mpsc::Receiver<Vec<String>>) -> BTreeMap<String, u64> {
-    let out = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("bpftrace's output");
+    let mut out = None;
+    for _ in 0..6 {
+        match rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(lines) => {
+                out = Some(lines);
+                break;
+            }
+            Err(_) => interrupt_bpftrace(),
+        }
+    }
+    let out = out.expect("bpftrace's output within 30 s of SIGINT");
     let mut raw: BTreeMap<String, u64> = BTreeMap::new();
     for line in out.iter().filter(|l| l.starts_with('{')) {
         let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
