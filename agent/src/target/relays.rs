@@ -59,6 +59,13 @@ impl Relays {
             }
             syms.push((api, sym));
         }
+        // A C++ operator the file does not define (or that is not probed) has no function to
+        // relay from: the libc APIs keep what they had.
+        for api in Api::ALL.into_iter().filter(|a| a.is_cxx()) {
+            if !syms.iter().any(|(a, _)| *a == api) {
+                relays.masks[api as usize] = 0;
+            }
+        }
         let mut ranges = Vec::new();
         let mut bias = None;
         let mut consistent = true;
