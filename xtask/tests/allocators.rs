@@ -685,6 +685,64 @@ fn check_cxx_live(proc: &Value, canonical: &dyn Fn(&str) -> String) {
     assert_eq!(count_at(proc, "live_bytes"), 928, "live_bytes\n{proc:#}");
 }
 
+/// The agent's `/metrics` for the C++ fixture on jemalloc (every overload at its own address):
+/// each `new` overload in `allocwatch_alloc_calls_total`, each `delete` in
+/// `allocwatch_delete_calls_total`, by name, with the fixture's exact numbers; `free` none.
+#[test]
+fn agent_exports_cxx_operators() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let scratch = support::Scratch::new("alloc-agent-cxx");
+    let fixture = scratch.copy(&env.cxx_fixture("jemalloc"), "cxx_new");
+    let id = Identity::of(&fixture);
+    let mut agent = Agent::start(&env, &[]);
+    let mut fx = Fixture::spawn(&fixture, "wait-run", "ready");
+    agent.wait_for_identity(&id, fx.started);
+    let jemalloc = [("allocator", "jemalloc")];
+    agent.scrape_until("the fixture's allocator", Duration::from_secs(20), |m| {
+        m.value(&id, "allocwatch_allocator_info", &jemalloc) == Some(1.0)
+    });
+    signal(fx.pid, libc::SIGUSR1);
+    let status = fx.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "cxx_new wait-run failed: {status}");
+    let last = CXX_CALLS.last().expect("overloads");
+    let m = agent.scrape_until("the fixture's final counts", Duration::from_secs(20), |m| {
+        m.value(&id, "allocwatch_delete_calls_total", &[("api", last.1)]) == Some(last.2 as f64)
+    });
+    for &(_, name, calls, bytes) in CXX_CALLS {
+        if name.starts_with("new") {
+            let api = [("api", name)];
+            assert_eq!(
+                m.value(&id, "allocwatch_alloc_calls_total", &api),
+                Some(calls as f64),
+                "{name}\n{}",
+                m.lines_of(&id)
+            );
+            assert_eq!(
+                m.value(&id, "allocwatch_alloc_bytes_total", &api),
+                Some(bytes as f64),
+                "{name} bytes\n{}",
+                m.lines_of(&id)
+            );
+        } else {
+            assert_eq!(
+                m.value(&id, "allocwatch_delete_calls_total", &[("api", name)]),
+                Some(calls as f64),
+                "{name}\n{}",
+                m.lines_of(&id)
+            );
+        }
+    }
+    assert_eq!(
+        m.value(&id, "allocwatch_free_calls_total", &[]),
+        Some(0.0),
+        "free: the deletes' own calls into jemalloc's free are theirs\n{}",
+        m.lines_of(&id)
+    );
+    support::agent::promtool_check_metrics(&m.text);
+    agent.stop();
+}
+
 #[test]
 fn cxx_new_tcmalloc() {
     check_cxx("tcmalloc", "libtcmalloc.so");
