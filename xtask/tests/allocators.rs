@@ -20,6 +20,10 @@
 //! | musl-static, glibc-static | the executable | none |
 //! | jemalloc-prefixed | libc.so.6 (the program calls `je_malloc`) | + the executable's `je_*` |
 //! | glibc fixture, `LD_PRELOAD=libtcmalloc_minimal.so.4` | the preloaded tcmalloc | + libc.so.6 |
+//!
+//! The C++ tests (`cxx_new_*`, `agent_exports_cxx_operators`) run fixtures/c/cxx_new.cpp (every
+//! `operator new`/`delete` overload) built with g++ against tcmalloc, mimalloc, jemalloc and
+//! plain glibc; `redis_server_on_jemalloc` traces Debian's redis-server.
 
 mod support;
 
