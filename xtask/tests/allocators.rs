@@ -747,6 +747,54 @@ fn agent_exports_cxx_operators() {
     agent.stop();
 }
 
+/// `leaks --min-age 0s -- cxx_new run` on jemalloc: the blocks left live by `new` overloads,
+/// per (overload, allocating function), exactly; a `new` freed by any `delete` is no leak.
+/// (Start-up allocations through `malloc`, libstdc++'s emergency pool, are left aside.)
+#[test]
+fn cxx_leaks_jemalloc() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let fixture = env.cxx_fixture("jemalloc");
+    let mut aw = Allocwatch::spawn_with_stdout(
+        &env,
+        &[
+            "leaks",
+            "--min-age",
+            "0s",
+            "--json",
+            "--",
+            path_str(&fixture),
+            "run",
+        ],
+    );
+    aw.wait_tracing_pid(Duration::from_secs(30));
+    let status = aw.wait_exit(Duration::from_secs(60));
+    aw.assert_success(status);
+    let stdout = aw.stdout();
+    let report: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("leaks --json stdout is not JSON ({e}):\n{stdout}"));
+    let proc = report["processes"]
+        .as_array()
+        .and_then(|p| p.first())
+        .unwrap_or_else(|| panic!("no process\n{report:#}"));
+    let mut got: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
+    for leak in proc["leaks"].as_array().into_iter().flatten() {
+        let api = str_at(leak, "api");
+        if !api.starts_with("new") && !api.starts_with("delete") {
+            continue;
+        }
+        let f = leak["frames"][0]["function"].as_str().unwrap_or_default();
+        let e = got.entry((api.to_owned(), f.to_owned())).or_default();
+        e.0 += count_at(leak, "count");
+        e.1 += count_at(leak, "bytes");
+    }
+    let want: BTreeMap<(String, String), (u64, u64)> = CXX_LIVE
+        .iter()
+        .map(|&(api, f, n, b)| ((api.to_owned(), f.to_owned()), (n, b)))
+        .collect();
+    assert_eq!(got, want, "C++ leaks per (api, frame 0)\n{proc:#}");
+}
+
 #[test]
 fn cxx_new_tcmalloc() {
     check_cxx("tcmalloc", "libtcmalloc.so");
