@@ -17,6 +17,11 @@ pub struct Sampling {
     pub stacks: bool,
 }
 
+/// Whether the API id frees a block (`free`, `operator delete`: never sampled, no bytes).
+fn is_free(api: u32) -> bool {
+    Api::try_from(api).is_ok_and(Api::is_free)
+}
+
 impl Sampling {
     pub fn on(self) -> bool {
         self.bytes > 0
@@ -25,9 +30,9 @@ impl Sampling {
     /// Whether a site row of `key` is shown as a site. With stacks sampled, an allocating
     /// caller's row without a stack holds the calls that were not sampled: they are in the
     /// exact totals (and the per-caller figures), and the sampled rows, scaled, stand for
-    /// them per stack. `free` is never sampled: its rows are exact, per caller.
+    /// them per stack. `free` (and `operator delete`) is never sampled: its rows are exact, per caller.
     pub fn shows(self, key: &SiteKey) -> bool {
-        !(self.on() && self.stacks && key.stack_id == NO_STACK && key.api != Api::Free as u32)
+        !(self.on() && self.stacks && key.stack_id == NO_STACK && !is_free(key.api))
     }
 
     /// A row's figures as reported: with sampling, a row with a stack holds samples, scaled

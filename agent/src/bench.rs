@@ -53,6 +53,7 @@ fn process(i: usize) -> ProcessSnapshot {
         calls: apis.iter().map(|a| (*a, 1000 + i as u64)).collect(),
         bytes: apis.iter().map(|a| (*a, 64_000 + i as u64)).collect(),
         frees: 900,
+        deletes: BTreeMap::new(),
         live_bytes: 12_345,
         live_allocations: 100,
         alloc_sizes: Histogram {

@@ -114,7 +114,11 @@ pub struct ProcessSnapshot {
     /// `aligned_alloc`, is not listed), and any API with calls.
     pub calls: BTreeMap<&'static str, u64>,
     pub bytes: BTreeMap<&'static str, u64>,
+    /// Calls to `free`.
     pub frees: u64,
+    /// Calls to the C++ `operator delete` overloads an allocator defines as its own, by name
+    /// (`delete`, `delete[](size)`, …): only those with calls.
+    pub deletes: BTreeMap<&'static str, u64>,
     pub live_bytes: u64,
     pub live_allocations: u64,
     /// libc malloc-family request sizes, bytes.

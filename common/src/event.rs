@@ -369,7 +369,7 @@ mod user {
             for api in Api::ALL {
                 assert_eq!(Api::try_from(api as u32), Ok(api));
             }
-            assert_eq!(Api::try_from(10), Err(DecodeError::UnknownApi(10)));
+            assert_eq!(Api::try_from(30), Err(DecodeError::UnknownApi(30)));
             for r in GoRole::ALL {
                 assert_eq!(GoRole::try_from(r as u32), Ok(r));
             }

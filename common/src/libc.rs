@@ -15,9 +15,53 @@ pub enum Api {
     Memalign = 7,
     Valloc = 8,
     Pvalloc = 9,
+    // C++ `operator new`/`delete` (Itanium ABI, 64-bit `size_t`), probed only in allocators
+    // that define them as their own with the fast path inlined (jemalloc, tcmalloc, mimalloc):
+    // there a program's `new` never reaches `malloc`. libstdc++'s are wrappers over `malloc`
+    // and `free`, already counted there.
+    /// `_Znwm`: `operator new`.
+    New = 10,
+    /// `_Znam`: `operator new[]`.
+    NewArray = 11,
+    /// `_ZnwmRKSt9nothrow_t`: `operator new(nothrow)`.
+    NewNothrow = 12,
+    /// `_ZnamRKSt9nothrow_t`: `operator new[](nothrow)`.
+    NewArrayNothrow = 13,
+    /// `_ZnwmSt11align_val_t`: `operator new(align)`.
+    NewAligned = 14,
+    /// `_ZnamSt11align_val_t`: `operator new[](align)`.
+    NewArrayAligned = 15,
+    /// `_ZnwmSt11align_val_tRKSt9nothrow_t`: `operator new(align,nothrow)`.
+    NewAlignedNothrow = 16,
+    /// `_ZnamSt11align_val_tRKSt9nothrow_t`: `operator new[](align,nothrow)`.
+    NewArrayAlignedNothrow = 17,
+    /// `_ZdlPv`: `operator delete`.
+    Delete = 18,
+    /// `_ZdaPv`: `operator delete[]`.
+    DeleteArray = 19,
+    /// `_ZdlPvm`: `operator delete(size)`.
+    DeleteSized = 20,
+    /// `_ZdaPvm`: `operator delete[](size)`.
+    DeleteArraySized = 21,
+    /// `_ZdlPvSt11align_val_t`: `operator delete(align)`.
+    DeleteAligned = 22,
+    /// `_ZdaPvSt11align_val_t`: `operator delete[](align)`.
+    DeleteArrayAligned = 23,
+    /// `_ZdlPvmSt11align_val_t`: `operator delete(size,align)`.
+    DeleteSizedAligned = 24,
+    /// `_ZdaPvmSt11align_val_t`: `operator delete[](size,align)`.
+    DeleteArraySizedAligned = 25,
+    /// `_ZdlPvRKSt9nothrow_t`: `operator delete(nothrow)`.
+    DeleteNothrow = 26,
+    /// `_ZdaPvRKSt9nothrow_t`: `operator delete[](nothrow)`.
+    DeleteArrayNothrow = 27,
+    /// `_ZdlPvSt11align_val_tRKSt9nothrow_t`: `operator delete(align,nothrow)`.
+    DeleteAlignedNothrow = 28,
+    /// `_ZdaPvSt11align_val_tRKSt9nothrow_t`: `operator delete[](align,nothrow)`.
+    DeleteArrayAlignedNothrow = 29,
 }
 
-pub const API_COUNT: usize = 10;
+pub const API_COUNT: usize = 30;
 
 impl Api {
     pub const ALL: [Api; API_COUNT] = [
@@ -31,6 +75,26 @@ impl Api {
         Api::Memalign,
         Api::Valloc,
         Api::Pvalloc,
+        Api::New,
+        Api::NewArray,
+        Api::NewNothrow,
+        Api::NewArrayNothrow,
+        Api::NewAligned,
+        Api::NewArrayAligned,
+        Api::NewAlignedNothrow,
+        Api::NewArrayAlignedNothrow,
+        Api::Delete,
+        Api::DeleteArray,
+        Api::DeleteSized,
+        Api::DeleteArraySized,
+        Api::DeleteAligned,
+        Api::DeleteArrayAligned,
+        Api::DeleteSizedAligned,
+        Api::DeleteArraySizedAligned,
+        Api::DeleteNothrow,
+        Api::DeleteArrayNothrow,
+        Api::DeleteAlignedNothrow,
+        Api::DeleteArrayAlignedNothrow,
     ];
 
     /// The API of a raw id (cookie, key), `None` for an unknown one (a plain match: no table
@@ -47,11 +111,31 @@ impl Api {
             7 => Api::Memalign,
             8 => Api::Valloc,
             9 => Api::Pvalloc,
+            10 => Api::New,
+            11 => Api::NewArray,
+            12 => Api::NewNothrow,
+            13 => Api::NewArrayNothrow,
+            14 => Api::NewAligned,
+            15 => Api::NewArrayAligned,
+            16 => Api::NewAlignedNothrow,
+            17 => Api::NewArrayAlignedNothrow,
+            18 => Api::Delete,
+            19 => Api::DeleteArray,
+            20 => Api::DeleteSized,
+            21 => Api::DeleteArraySized,
+            22 => Api::DeleteAligned,
+            23 => Api::DeleteArrayAligned,
+            24 => Api::DeleteSizedAligned,
+            25 => Api::DeleteArraySizedAligned,
+            26 => Api::DeleteNothrow,
+            27 => Api::DeleteArrayNothrow,
+            28 => Api::DeleteAlignedNothrow,
+            29 => Api::DeleteArrayAlignedNothrow,
             _ => return None,
         })
     }
 
-    /// The libc symbol, also the name used in JSON keys and metric labels.
+    /// The ELF symbol that defines the API (mangled for the C++ operators).
     pub const fn symbol(self) -> &'static str {
         match self {
             Api::Malloc => "malloc",
@@ -64,10 +148,70 @@ impl Api {
             Api::Memalign => "memalign",
             Api::Valloc => "valloc",
             Api::Pvalloc => "pvalloc",
+            Api::New => "_Znwm",
+            Api::NewArray => "_Znam",
+            Api::NewNothrow => "_ZnwmRKSt9nothrow_t",
+            Api::NewArrayNothrow => "_ZnamRKSt9nothrow_t",
+            Api::NewAligned => "_ZnwmSt11align_val_t",
+            Api::NewArrayAligned => "_ZnamSt11align_val_t",
+            Api::NewAlignedNothrow => "_ZnwmSt11align_val_tRKSt9nothrow_t",
+            Api::NewArrayAlignedNothrow => "_ZnamSt11align_val_tRKSt9nothrow_t",
+            Api::Delete => "_ZdlPv",
+            Api::DeleteArray => "_ZdaPv",
+            Api::DeleteSized => "_ZdlPvm",
+            Api::DeleteArraySized => "_ZdaPvm",
+            Api::DeleteAligned => "_ZdlPvSt11align_val_t",
+            Api::DeleteArrayAligned => "_ZdaPvSt11align_val_t",
+            Api::DeleteSizedAligned => "_ZdlPvmSt11align_val_t",
+            Api::DeleteArraySizedAligned => "_ZdaPvmSt11align_val_t",
+            Api::DeleteNothrow => "_ZdlPvRKSt9nothrow_t",
+            Api::DeleteArrayNothrow => "_ZdaPvRKSt9nothrow_t",
+            Api::DeleteAlignedNothrow => "_ZdlPvSt11align_val_tRKSt9nothrow_t",
+            Api::DeleteArrayAlignedNothrow => "_ZdaPvSt11align_val_tRKSt9nothrow_t",
         }
     }
 
-    /// Whether the probe needs the return value (the new pointer) of this call.
+    /// The name in reports, JSON keys and metric labels: the libc symbol, or the C++
+    /// operator with its overload (`new[]`, `delete(size,align)`, …).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Api::New => "new",
+            Api::NewArray => "new[]",
+            Api::NewNothrow => "new(nothrow)",
+            Api::NewArrayNothrow => "new[](nothrow)",
+            Api::NewAligned => "new(align)",
+            Api::NewArrayAligned => "new[](align)",
+            Api::NewAlignedNothrow => "new(align,nothrow)",
+            Api::NewArrayAlignedNothrow => "new[](align,nothrow)",
+            Api::Delete => "delete",
+            Api::DeleteArray => "delete[]",
+            Api::DeleteSized => "delete(size)",
+            Api::DeleteArraySized => "delete[](size)",
+            Api::DeleteAligned => "delete(align)",
+            Api::DeleteArrayAligned => "delete[](align)",
+            Api::DeleteSizedAligned => "delete(size,align)",
+            Api::DeleteArraySizedAligned => "delete[](size,align)",
+            Api::DeleteNothrow => "delete(nothrow)",
+            Api::DeleteArrayNothrow => "delete[](nothrow)",
+            Api::DeleteAlignedNothrow => "delete(align,nothrow)",
+            Api::DeleteArrayAlignedNothrow => "delete[](align,nothrow)",
+            other => other.symbol(),
+        }
+    }
+
+    /// A C++ `operator new` or `operator delete` overload.
+    pub const fn is_cxx(self) -> bool {
+        self as u32 >= Api::New as u32
+    }
+
+    /// Frees a block (`free`, every `operator delete`): no size requested, no pointer
+    /// returned; its argument 0 is the block.
+    pub const fn is_free(self) -> bool {
+        matches!(self, Api::Free) || self as u32 >= Api::Delete as u32
+    }
+
+    /// Whether the probe needs a return probe: the new pointer of an allocation, or the end
+    /// of an `operator delete` (its relays into `free` are its own until then).
     pub const fn needs_return(self) -> bool {
         !matches!(self, Api::Free)
     }
@@ -355,6 +499,29 @@ mod tests {
             assert_eq!(Api::from_u32(api as u32), Some(api));
         }
         assert_eq!(Api::from_u32(API_COUNT as u32), None);
+    }
+
+    #[test]
+    fn cxx_operators() {
+        let names: Vec<&str> = Api::ALL.iter().map(|a| a.name()).collect();
+        let mut distinct = names.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), API_COUNT, "names are distinct: {names:?}");
+        for api in Api::ALL {
+            assert_eq!(api.is_cxx(), api.symbol().starts_with("_Z"), "{api:?}");
+            let delete = api.symbol().starts_with("_Zd");
+            assert_eq!(api.is_free(), delete || api == Api::Free, "{api:?}");
+            assert_eq!(api.name().starts_with("delete"), delete, "{api:?}");
+            assert_eq!(api.needs_return(), api != Api::Free, "{api:?}");
+            if !api.is_cxx() {
+                assert_eq!(api.name(), api.symbol());
+            }
+        }
+        assert_eq!(Api::NewArrayAligned.symbol(), "_ZnamSt11align_val_t");
+        assert_eq!(Api::NewArrayAligned.name(), "new[](align)");
+        assert_eq!(Api::DeleteSizedAligned.symbol(), "_ZdlPvmSt11align_val_t");
+        assert_eq!(Api::DeleteSizedAligned.name(), "delete(size,align)");
     }
 
     #[test]

@@ -18,8 +18,8 @@ fuzz_target!(|data: &[u8]| {
     };
     let _ = (file.interpreter(), file.is_dynamic(), file.dynamic());
     // Symbols, their code and the placement of every probe of the malloc family.
-    let _ = probe_points(&file, "");
-    let _ = probe_points(&file, "je_");
+    let _ = probe_points(&file, "", true);
+    let _ = probe_points(&file, "je_", false);
     let _ = Allocator::of(&file, "libc.so.6");
     if let Some(sym) = file.symbol("malloc") {
         let _ = file.vaddr_to_file_offset(sym.address);

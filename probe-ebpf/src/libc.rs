@@ -198,7 +198,7 @@ fn on_count(ctx: &ProbeContext) {
     };
     let (size, _) = request(ctx, api);
     // Nothing but the stack is sampled here: without stacks the draw is skipped.
-    let stack_id = if stacks_on() && sampled(size, api != Api::Free) {
+    let stack_id = if stacks_on() && sampled(size, !api.is_free()) {
         capture_libc_stack(ctx, entry_sp, ret_addr)
     } else {
         NO_STACK
@@ -228,8 +228,8 @@ fn stack_id(ctx: &ProbeContext, sampled: bool, entry_sp: u64, ret_addr: u64) -> 
     capture_libc_stack(ctx, entry_sp, ret_addr)
 }
 
-/// (bytes requested, pointer argument) of a call of `api`: realloc's old block, free's block,
-/// posix_memalign's `memptr`.
+/// (bytes requested, pointer argument) of a call of `api`: realloc's old block, the block freed
+/// (free, operator delete), posix_memalign's `memptr`.
 #[inline(always)]
 fn request(ctx: &ProbeContext, api: Api) -> (u64, u64) {
     let a0: u64 = ctx.arg(0).unwrap_or(0);
@@ -244,6 +244,28 @@ fn request(ctx: &ProbeContext, api: Api) -> (u64, u64) {
         Api::PosixMemalign => (a2, a0),
         Api::AlignedAlloc | Api::Memalign => (a1, 0),
         Api::Valloc | Api::Pvalloc => (a0, 0),
+        // `operator new(size_t, …)`: the size first, whatever the overload.
+        Api::New
+        | Api::NewArray
+        | Api::NewNothrow
+        | Api::NewArrayNothrow
+        | Api::NewAligned
+        | Api::NewArrayAligned
+        | Api::NewAlignedNothrow
+        | Api::NewArrayAlignedNothrow => (a0, 0),
+        // `operator delete(void*, …)`: the block first.
+        Api::Delete
+        | Api::DeleteArray
+        | Api::DeleteSized
+        | Api::DeleteArraySized
+        | Api::DeleteAligned
+        | Api::DeleteArrayAligned
+        | Api::DeleteSizedAligned
+        | Api::DeleteArraySizedAligned
+        | Api::DeleteNothrow
+        | Api::DeleteArrayNothrow
+        | Api::DeleteAlignedNothrow
+        | Api::DeleteArrayAlignedNothrow => (0, a0),
     }
 }
 
@@ -291,7 +313,7 @@ fn on_entry(ctx: &ProbeContext) {
         return;
     };
     let (size, arg_ptr) = request(ctx, api);
-    let sampled = sampled(size, api != Api::Free);
+    let sampled = sampled(size, !api.is_free());
     let stack_id = stack_id(ctx, sampled, entry_sp, ret_addr);
     let mut site = SiteKey {
         tgid,
@@ -300,7 +322,7 @@ fn on_entry(ctx: &ProbeContext) {
         ret_addr,
     };
 
-    if api == Api::Free {
+    if api.is_free() {
         let freed = if arg_ptr != 0 {
             untrack(tgid, arg_ptr)
         } else {
@@ -309,6 +331,23 @@ fn on_entry(ctx: &ProbeContext) {
         // Sampling: only sampled blocks are in the live table, so the freed bytes would be a
         // sample's; free then counts calls without bytes (as count mode does).
         count_call(&mut site, if sampling() { 0 } else { freed });
+        if api.is_cxx() {
+            // An allocator's `operator delete` may call or tail-jump into its `free` or another
+            // overload (tcmalloc's aligned delete, jemalloc's sized one): in flight until its
+            // return probe, so those count as its own relay, not the program's call.
+            let pending = Pending {
+                entry_sp,
+                size: 0,
+                arg_ptr,
+                ret_addr: site.ret_addr,
+                stack_id: site.stack_id,
+                api: api_id,
+                sampled: 0,
+            };
+            if PENDING.insert(&pid_tgid, &pending, BPF_ANY as u64).is_err() {
+                lost(LossCause::PendingFull);
+            }
+        }
         return;
     }
 
@@ -350,8 +389,12 @@ fn on_return(ctx: &RetProbeContext) {
     }
     let _ = PENDING.remove(&pid_tgid);
 
-    let rv = arch::ret_value(regs);
     let api = Api::from_u32(p.api);
+    if api.is_some_and(Api::is_free) {
+        // `operator delete` in flight: its block left the live table at entry.
+        return;
+    }
+    let rv = arch::ret_value(regs);
     let new_ptr = if api == Some(Api::PosixMemalign) {
         if rv as u32 == 0 {
             // SAFETY: memptr was checked by libc before it returned 0.

@@ -150,7 +150,40 @@ fn build_allocators(src_dir: &Path, out: &Path) -> anyhow::Result<()> {
                 .args(*flags),
         )?;
     }
-    build_prefixed_jemalloc(src_dir, &out.join("jemalloc-prefixed"))
+    build_prefixed_jemalloc(src_dir, &out.join("jemalloc-prefixed"))?;
+    build_cxx_new(src_dir, &out.join("cxx"))
+}
+
+/// fixtures/c/cxx_new.cpp (every C++ `operator new`/`delete` overload, known counts) built with
+/// g++ against each allocator that defines the operators itself, and against plain glibc
+/// (libstdc++'s operators over `malloc`): `DIR/VARIANT/cxx_new`. g++ puts libstdc++ after the
+/// `-l` flags, so the allocator's operators come first in the resolution order.
+pub const CXX_VARIANTS: &[(&str, &[&str])] = &[
+    ("glibc", &[]),
+    ("jemalloc", &["-Wl,--no-as-needed", "-ljemalloc"]),
+    ("tcmalloc", &["-Wl,--no-as-needed", "-ltcmalloc"]),
+    ("mimalloc", &["-Wl,--no-as-needed", "-lmimalloc"]),
+];
+
+fn build_cxx_new(src_dir: &Path, out: &Path) -> anyhow::Result<()> {
+    let src = src_dir.join("cxx_new.cpp");
+    for (variant, flags) in CXX_VARIANTS {
+        let dir = out.join(variant);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let bin = dir.join("cxx_new");
+        if !is_stale([&src], &bin)? {
+            continue;
+        }
+        cmd::run(
+            Command::new("g++")
+                .args(CFLAGS)
+                .arg("-o")
+                .arg(&bin)
+                .arg(&src)
+                .args(*flags),
+        )?;
+    }
+    Ok(())
 }
 
 /// Debian's static jemalloc (position-independent), for the `je_`-prefixed build.

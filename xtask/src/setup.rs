@@ -34,6 +34,9 @@ const APT_PACKAGES: &[&str] = &[
     "libgoogle-perftools-dev",
     "libmimalloc-dev",
     "musl-tools",
+    // A real program on jemalloc (xtask/tests/allocators.rs, redis_server_on_jemalloc): Debian's
+    // redis-server links libjemalloc2; redis-cli (redis-tools) drives it.
+    "redis-server",
     // The C++ growth fixture (xtask/tests/growth.rs) and the unwinder's peer (unwind.rs).
     "g++",
     "gdb",

@@ -373,7 +373,7 @@ impl Config {
         let taken = |k: &str| {
             allocwatch_common::libc::Api::ALL
                 .iter()
-                .any(|a| a.symbol() == k)
+                .any(|a| a.name() == k || a.symbol() == k)
                 || ["map_grow", "slice_grow", "large_alloc"].contains(&k)
                 || symprobe::BUILTINS.contains(&k)
         };

@@ -288,6 +288,11 @@ async fn process_snapshot(
         image,
         labels: p.labels.clone(),
         frees: totals.calls[Api::Free as usize],
+        deletes: Api::ALL
+            .into_iter()
+            .filter(|a| a.is_cxx() && a.is_free() && totals.calls[*a as usize] > 0)
+            .map(|a| (a.name(), totals.calls[a as usize]))
+            .collect(),
         live_bytes: totals.live_bytes,
         live_allocations: totals.live_allocations,
         alloc_sizes,
@@ -299,9 +304,9 @@ async fn process_snapshot(
     let called = |api: Api| totals.calls[api as usize] > 0 || totals.bytes[api as usize] > 0;
     let probed = |api: Api| p.libc_apis.as_ref().is_some_and(|a| a.contains(&api));
     for api in Api::ALL {
-        if api != Api::Free && (probed(api) || called(api)) {
-            snap.calls.insert(api.symbol(), totals.calls[api as usize]);
-            snap.bytes.insert(api.symbol(), totals.bytes[api as usize]);
+        if !api.is_free() && (probed(api) || called(api)) {
+            snap.calls.insert(api.name(), totals.calls[api as usize]);
+            snap.bytes.insert(api.name(), totals.bytes[api as usize]);
         }
     }
     snap.allocator = p.allocator.map(Allocator::name);
@@ -321,7 +326,7 @@ async fn process_snapshot(
         let site = (pid, key.stack_id, key.ret_addr);
         let naming = site_frames(ctx, i, site).await?;
         snap.sites.push(SiteSnapshot {
-            kind: Api::try_from(key.api).map_or("unknown", Api::symbol),
+            kind: Api::try_from(key.api).map_or("unknown", Api::name),
             calls: stats.calls,
             bytes: stats.bytes,
             live_allocations,
@@ -342,7 +347,7 @@ async fn process_snapshot(
     for (&api, stats) in other.iter().filter(|(_, s)| s.calls > 0) {
         let (live_allocations, live_bytes) = live_of(stats);
         snap.sites.push(SiteSnapshot {
-            kind: Api::try_from(api).map_or("unknown", Api::symbol),
+            kind: Api::try_from(api).map_or("unknown", Api::name),
             calls: stats.calls,
             bytes: stats.bytes,
             live_allocations,

@@ -50,7 +50,7 @@ impl<'a> From<&'a ProcessInfo> for Identity<'a> {
             aliases: i
                 .aliases
                 .iter()
-                .map(|(alias, canon)| (alias.symbol(), canon.symbol()))
+                .map(|(alias, canon)| (alias.name(), canon.name()))
                 .collect(),
         }
     }
@@ -191,7 +191,7 @@ struct JsonCaller<'a> {
 impl<'a> From<&'a Caller> for JsonCaller<'a> {
     fn from(c: &'a Caller) -> Self {
         Self {
-            api: c.api.symbol(),
+            api: c.api.name(),
             frames: &c.frames,
             calls: c.calls,
             bytes: c.bytes,
@@ -383,7 +383,7 @@ impl<'a> From<&'a Site> for JsonSite<'a> {
     fn from(s: &'a Site) -> Self {
         let (live_allocations, live_bytes) = live_of(&s.stats);
         Self {
-            api: s.api.symbol(),
+            api: s.api.name(),
             frames: &s.frames,
             calls: s.stats.calls,
             bytes: s.stats.bytes,
@@ -421,7 +421,7 @@ struct JsonLeak<'a> {
 impl<'a> From<&'a Leak> for JsonLeak<'a> {
     fn from(l: &'a Leak) -> Self {
         Self {
-            api: l.api.symbol(),
+            api: l.api.name(),
             frames: &l.frames,
             count: l.count,
             bytes: l.bytes,
@@ -430,10 +430,12 @@ impl<'a> From<&'a Leak> for JsonLeak<'a> {
     }
 }
 
+/// Every libc API, and the C++ operators with calls (most processes have none to show).
 fn per_api(values: &[u64]) -> BTreeMap<&'static str, u64> {
     Api::ALL
         .iter()
-        .map(|a| (a.symbol(), values[*a as usize]))
+        .filter(|a| !a.is_cxx() || values[**a as usize] > 0)
+        .map(|a| (a.name(), values[*a as usize]))
         .collect()
 }
 

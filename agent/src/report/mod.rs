@@ -254,22 +254,25 @@ pub fn snapshot_of(r: &TopReport) -> crate::model::ProcessSnapshot {
             ..ProcessLabels::default()
         },
         frees: r.totals.calls[Api::Free as usize],
+        deletes: Api::ALL
+            .into_iter()
+            .filter(|a| a.is_cxx() && a.is_free() && r.totals.calls[*a as usize] > 0)
+            .map(|a| (a.name(), r.totals.calls[a as usize]))
+            .collect(),
         live_bytes: r.totals.live_bytes,
         live_allocations: r.totals.live_allocations,
         ..ProcessSnapshot::default()
     };
     for api in Api::ALL {
-        if api != Api::Free {
-            snap.calls
-                .insert(api.symbol(), r.totals.calls[api as usize]);
-            snap.bytes
-                .insert(api.symbol(), r.totals.bytes[api as usize]);
+        if !api.is_free() {
+            snap.calls.insert(api.name(), r.totals.calls[api as usize]);
+            snap.bytes.insert(api.name(), r.totals.bytes[api as usize]);
         }
     }
     for s in &r.sites {
         let (live_allocations, live_bytes) = crate::aggregate::live_of(&s.stats);
         snap.sites.push(SiteSnapshot {
-            kind: s.api.symbol(),
+            kind: s.api.name(),
             frames: s.frames.clone().into(),
             calls: s.stats.calls,
             bytes: s.stats.bytes,

@@ -98,7 +98,7 @@ fn header(out: &mut String, r: &TopReport) {
             let _ = write!(
                 calls,
                 " {} {n} ({})",
-                api.symbol(),
+                api.name(),
                 human_bytes(r.totals.bytes[api as usize])
             );
         }
@@ -123,9 +123,9 @@ fn header(out: &mut String, r: &TopReport) {
         let _ = writeln!(
             out,
             "note: {} is the same function as {} in this allocator; counted as {}",
-            alias.symbol(),
-            canon.symbol(),
-            canon.symbol()
+            alias.name(),
+            canon.name(),
+            canon.name()
         );
     }
     lost_line(out, &r.lost);
@@ -170,7 +170,7 @@ fn processes(out: &mut String, tree: &[TreeProcess]) {
         let calls: u64 = p.totals.calls.iter().sum();
         let bytes: u64 = Api::ALL
             .iter()
-            .filter(|a| **a != Api::Free)
+            .filter(|a| !a.is_free())
             .map(|a| p.totals.bytes[*a as usize])
             .sum();
         let state = match (p.replaced_by_exec, p.exited, p.exit_code) {
@@ -210,7 +210,7 @@ fn table(out: &mut String, title: &str, sites: &[&Site]) {
             human_bytes(s.stats.bytes),
             s.stats.calls,
             human_bytes(live),
-            s.api.symbol()
+            s.api.name()
         );
         site_lines(out, &s.frames, 45);
     }
@@ -219,7 +219,7 @@ fn table(out: &mut String, title: &str, sites: &[&Site]) {
 pub fn top(r: &TopReport, k: usize) -> String {
     let mut out = String::new();
     header(&mut out, r);
-    let allocs: Vec<&Site> = r.sites.iter().filter(|s| s.api != Api::Free).collect();
+    let allocs: Vec<&Site> = r.sites.iter().filter(|s| !s.api.is_free()).collect();
     let mut by_bytes = allocs.clone();
     by_bytes.sort_by_key(|s| std::cmp::Reverse(s.stats.bytes));
     by_bytes.truncate(k);
@@ -463,7 +463,7 @@ pub fn leaks(r: &LeaksReport, k: usize) -> String {
             human_bytes(l.bytes),
             l.count,
             l.oldest_age_secs,
-            l.api.symbol()
+            l.api.name()
         );
         site_lines(&mut out, &l.frames, 44);
     }

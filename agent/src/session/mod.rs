@@ -497,7 +497,7 @@ fn leaks_flamegraph(r: &LeaksReport, path: &Path) -> anyhow::Result<()> {
         .leaks
         .iter()
         .map(|l| SiteSnapshot {
-            kind: l.api.symbol(),
+            kind: l.api.name(),
             frames: l.frames.clone().into(),
             calls: l.count,
             bytes: l.bytes,

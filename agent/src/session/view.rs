@@ -202,7 +202,7 @@ impl Tracer {
         // Allocation sites by bytes first, then free sites by calls.
         sites.sort_by_key(|s| {
             (
-                s.api == Api::Free,
+                s.api.is_free(),
                 std::cmp::Reverse(s.stats.bytes),
                 std::cmp::Reverse(s.stats.calls),
             )
@@ -336,7 +336,7 @@ impl Tracer {
         );
         out.sort_by_key(|c| {
             (
-                c.api == Api::Free,
+                c.api.is_free(),
                 std::cmp::Reverse(c.bytes),
                 std::cmp::Reverse(c.calls),
             )

@@ -47,7 +47,10 @@ impl Relays {
         // Entry address → the API its probe reports (the canonical one of an alias group).
         let mut entries: Vec<(u64, Api)> = Vec::new();
         let mut syms = Vec::new();
-        for api in Api::ALL {
+        // The C++ operators only where they are probed: a static program's libstdc++ `new`
+        // calls `malloc`, and taking its range for a relay would hide those calls.
+        let cxx = points.iter().any(|p| p.api.is_cxx());
+        for api in Api::ALL.into_iter().filter(|a| cxx || !a.is_cxx()) {
             let Some(sym) = elf.symbol(api.symbol()) else {
                 continue;
             };
@@ -55,6 +58,13 @@ impl Relays {
                 entries.push((sym.address, api));
             }
             syms.push((api, sym));
+        }
+        // A C++ operator the file does not define (or that is not probed) has no function to
+        // relay from: the libc APIs keep what they had.
+        for api in Api::ALL.into_iter().filter(|a| a.is_cxx()) {
+            if !syms.iter().any(|(a, _)| *a == api) {
+                relays.masks[api as usize] = 0;
+            }
         }
         let mut ranges = Vec::new();
         let mut bias = None;

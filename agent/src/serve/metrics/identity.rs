@@ -32,6 +32,7 @@ pub(super) enum Key {
     Calls(&'static str),
     Bytes(&'static str),
     Frees,
+    Deletes(&'static str),
     Lost(&'static str),
     MapGrows(&'static str),
     MapGrowBytes,
@@ -64,6 +65,9 @@ impl Counters {
         }
         if !p.without_libc {
             c.ints.insert(Key::Frees, p.frees);
+            for (&api, &n) in &p.deletes {
+                c.ints.insert(Key::Deletes(api), n);
+            }
             c.histogram(Hist::AllocSize, &p.alloc_sizes);
         }
         for (&cause, &n) in &p.lost {

@@ -1038,6 +1038,7 @@ fn exported_families_follow_their_specs() {
     // Make every optional family appear.
     procs[0].lost.insert("pending_full", 0);
     procs[0].allocator = Some("jemalloc");
+    procs[0].deletes.insert("delete(size)", 0);
     procs[2].go.as_mut().unwrap().alloc_sizes = Some(Histogram::default());
     stats.attach_failures.insert("EPERM".into(), 0);
     stats.held.insert("processes", 0);

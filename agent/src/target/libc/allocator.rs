@@ -44,6 +44,17 @@ impl Allocator {
         }
     }
 
+    /// Whether the allocator defines C++ `operator new`/`delete` as its own, with its fast
+    /// path inlined (Debian 12: libjemalloc2, libtcmalloc*, libmimalloc2, `nm -D`): a
+    /// program's `new` there never reaches `malloc`, so they are probed. glibc's programs get
+    /// libstdc++'s, a wrapper over `malloc` counted there.
+    pub const fn defines_cxx(self) -> bool {
+        matches!(
+            self,
+            Allocator::Jemalloc | Allocator::Tcmalloc | Allocator::Mimalloc
+        )
+    }
+
     /// What the file `elf` (seen by the process as `display_path`) is, by its symbols; musl's
     /// shared libc exports none of its own, so its file name tells (`is_libc_name`).
     pub fn of(elf: &ElfFile, display_path: &str) -> Self {

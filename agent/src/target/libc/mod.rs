@@ -165,9 +165,14 @@ impl Served {
             .allocator
     }
 
-    /// Whether every libc name is defined by some file (nothing more to look for).
+    /// Whether every libc name is defined by some file (nothing more to look for). The C++
+    /// operators are left out: only an allocator file defines them here (libstdc++'s own,
+    /// over `malloc`, are not looked for), and most processes have none.
     pub fn complete(&self) -> bool {
-        Api::ALL.iter().all(|api| self.served_by(*api).is_some())
+        Api::ALL
+            .iter()
+            .filter(|api| !api.is_cxx())
+            .all(|api| self.served_by(*api).is_some())
     }
 
     /// The file whose definition of `api` (the libc name) the process's calls reach.
@@ -229,14 +234,16 @@ pub type Alias = (Api, Api);
 /// Builds the probe list of an ELF file that defines `malloc`. Every API present is probed once
 /// per distinct address; missing optional APIs are skipped; missing `malloc` or `free` is an
 /// error.
-/// `prefix`: what the file's API names start with ([`LibcTarget::prefix`]).
+/// `prefix`: what the file's API names start with ([`LibcTarget::prefix`]); `cxx`: the file's
+/// C++ `operator new`/`delete` are its own ([`Allocator::defines_cxx`]) and are probed too.
 pub fn probe_points(
     elf: &ElfFile,
     prefix: &str,
+    cxx: bool,
 ) -> Result<(Vec<ProbePoint>, Vec<Alias>), TargetError> {
     // Group by address first, so one site serves every API at it.
     let mut groups: Vec<(elf::Symbol, Vec<Api>)> = Vec::new();
-    for api in Api::ALL {
+    for api in Api::ALL.into_iter().filter(|a| cxx || !a.is_cxx()) {
         let Some(sym) = elf.symbol(&format!("{prefix}{}", api.symbol())) else {
             if matches!(api, Api::Malloc | Api::Free) {
                 return Err(TargetError::MissingSymbol {
@@ -256,7 +263,9 @@ pub fn probe_points(
     for (sym, apis) in groups {
         let canonical = apis[0];
         aliases.extend(apis[1..].iter().map(|&a| (a, canonical)));
-        let with_return = apis.iter().any(|a| a.needs_return());
+        // Calls at a shared address report as the canonical API: its needs decide (tcmalloc's
+        // `free` is its `operator delete` too, counted as `free`).
+        let with_return = canonical.needs_return();
         let code = elf.function_code(sym, CODE_WINDOW)?;
         let site = placement::place(elf.arch(), &code, sym.address, &Request::libc(with_return));
         let vaddr = sym.address.wrapping_add(site.offset_in_function);
@@ -287,11 +296,14 @@ pub(super) fn target_from(
     dev_inode: DevInode,
 ) -> Result<LibcTarget, TargetError> {
     let prefix = prefix_of(elf).unwrap_or_default();
-    let (probes, aliases) = probe_points(elf, prefix)?;
+    let allocator = Allocator::of(elf, &display_path);
+    // A prefixed build's operators (if any) would be the program's plain `new`, not its own.
+    let cxx = prefix.is_empty() && allocator.defines_cxx();
+    let (probes, aliases) = probe_points(elf, prefix, cxx)?;
     Ok(LibcTarget {
         prefix,
         path: elf.path().to_owned(),
-        allocator: Allocator::of(elf, &display_path),
+        allocator,
         display_path,
         dev_inode,
         probes,

@@ -805,7 +805,7 @@ fn arm64_c_entries_and_rets() {
         assert_eq!(elf.arch(), elf::Arch::Aarch64, "{}", path.display());
         // A static executable keeps only what it calls of glibc.
         assert_eq!(path == Path::new(ARM64_GLIBC), is_glibc(&elf));
-        let (points, _) = probe_points(&elf, "").unwrap();
+        let (points, _) = probe_points(&elf, "", false).unwrap();
         for api in [Api::Malloc, Api::Free, Api::Calloc, Api::Realloc] {
             assert!(
                 points.iter().any(|p| p.api == api),
