@@ -2083,8 +2083,6 @@ fn agent_walks_stacks_with_unwind_tables() {
 /// frame) makes the table thread read the process's mappings again, and the next call is in
 /// the heap profile with every frame of its chain.
 #[test]
-#[ignore = "fails under the test harness (the profile answers 404 for the fixture's pid; by hand \
-            the same steps answer 200): cause not found yet, see README \"Unwinding\""]
 fn agent_loads_tables_for_a_library_opened_later() {
     const BYTES: u64 = 5151;
     const CHAIN: [&str; 5] = [

@@ -395,9 +395,6 @@ fn auto_unwinding_loads_tables_only_where_frame_pointers_are_missing() {
 /// before, is cut there: that frame-pointer step reads no frame), and the next call is named
 /// frame by frame.
 #[test]
-#[ignore = "flaky, 1 run in 3 here (2026-12-05): both calls land in one site cut at \
-            fx_uw_callback, although libunwdl.so's table was loaded before the second call; \
-            no unwind loss is counted. Cause not found; see README \"Unwinding\""]
 fn tables_for_a_library_opened_later() {
     let env = TestEnv::get();
     let _serial = serial();

@@ -276,9 +276,13 @@ impl State {
                 .with_context(|| format!("attaching probe {}", file.target.path().display()))?;
         }
         registry.probe_kinds = symprobe::static_kinds(&cfg.probe);
+        let symbolizer = SymbolizerHandle::spawn();
         if unwind {
             let maps = UnwindMaps::take(&mut probes)?;
-            registry.unwind = Some(TablesWorker::spawn(Tables::new(maps, cfg.unwind))?);
+            registry.unwind = Some(TablesWorker::spawn(
+                Tables::new(maps, cfg.unwind),
+                symbolizer.clone(),
+            )?);
         }
         // exec events: identities change at exec, and short-lived programs get their path.
         if let Err(e) = probes.attach_exec() {
@@ -289,7 +293,7 @@ impl State {
         }
         let now = Instant::now();
         Ok(Self {
-            pipe: Pipeline::new(probes, FrameCache::interning(), SymbolizerHandle::spawn())?,
+            pipe: Pipeline::new(probes, FrameCache::interning(), symbolizer)?,
             registry,
             capacity,
             top_k: cfg.top_k,

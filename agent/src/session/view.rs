@@ -353,10 +353,18 @@ impl Tracer {
         let Some(tables) = &mut self.unwind else {
             return;
         };
-        load_unwind(tables, pid);
+        let symbolizer = &self.pipe.parts.symbolizer;
+        // Mappings the tables found changed (dlopen) are noted for the symbolizer too, while
+        // the process lives: a stack through the new library may be named after it exits.
+        if load_unwind(tables, pid) {
+            symbolizer.note_process(pid);
+        }
         for (child, running) in self.watched.tree.children() {
             let result = if running {
                 tables.load_process(child).map(|loaded| {
+                    if loaded.is_some() {
+                        symbolizer.note_process(child);
+                    }
                     for (path, rows) in loaded.map(|l| l.new_files).unwrap_or_default() {
                         crate::say!(
                             "allocwatch: unwind table of {path}: {rows} rows (pid {child})"
@@ -630,8 +638,8 @@ fn in_use(key: &SiteKey, stats: &SiteStats) -> bool {
 }
 
 /// Loads `pid`'s unwind tables (see [`Tracer::refresh_unwind`]); a failure is said, not fatal:
-/// the process's stacks are then walked with frame pointers.
-pub fn load_unwind(tables: &mut crate::unwind::load::Tables, pid: u32) {
+/// the process's stacks are then walked with frame pointers. Whether its mappings changed.
+pub fn load_unwind(tables: &mut crate::unwind::load::Tables, pid: u32) -> bool {
     match tables.load_process(pid) {
         Ok(Some(loaded)) => {
             let kept = if loaded.frame_pointers.is_empty() {
@@ -647,8 +655,12 @@ pub fn load_unwind(tables: &mut crate::unwind::load::Tables, pid: u32) {
                 loaded.bytes.div_ceil(1024),
                 crate::unwind::load::Tables::CAPACITY_BYTES / 1024
             );
+            true
         }
-        Ok(None) => {}
-        Err(e) => crate::say!("allocwatch: warning: unwind tables for pid {pid}: {e}"),
+        Ok(None) => false,
+        Err(e) => {
+            crate::say!("allocwatch: warning: unwind tables for pid {pid}: {e}");
+            false
+        }
     }
 }

@@ -14,7 +14,7 @@ use std::{
 };
 
 use super::load::Tables;
-use crate::target::maps::MapEntry;
+use crate::{symbolize::SymbolizerHandle, target::maps::MapEntry};
 
 enum Request {
     Load(u32, Vec<MapEntry>),
@@ -31,7 +31,9 @@ pub struct TablesWorker {
 }
 
 impl TablesWorker {
-    pub fn spawn(mut tables: Tables) -> std::io::Result<Self> {
+    /// `symbolizer` is told of a process whose mappings a stack showed changed (dlopen), so
+    /// that the new library is named even in stacks symbolized after the process exits.
+    pub fn spawn(mut tables: Tables, symbolizer: SymbolizerHandle) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
         let usage = Arc::new(AtomicU64::new(0));
         let shared = Arc::clone(&usage);
@@ -42,7 +44,13 @@ impl TablesWorker {
                 for req in rx {
                     let loaded = match req {
                         Request::Load(pid, maps) => tables.load_maps(pid, &maps),
-                        Request::Check(pid, stack) => tables.check(pid, &stack),
+                        Request::Check(pid, stack) => {
+                            let loaded = tables.check(pid, &stack);
+                            if matches!(loaded, Ok(Some(_))) {
+                                symbolizer.note_process(pid);
+                            }
+                            loaded
+                        }
                         Request::Forget(pid) => tables.forget(pid).map(|()| None),
                     };
                     let result = loaded.map(|loaded| {
