@@ -2045,16 +2045,9 @@ fn agent_walks_stacks_with_unwind_tables() {
     assert!(status.success(), "unwind_fixture failed: {status}");
 
     let file = scratch.path.join("allocs.pb.gz");
-    let deadline = Instant::now() + SITES_NAMED;
-    let space = loop {
-        let profile = agent.profile(&format!("/debug/pprof/allocs?pid={}", fx.pid));
-        fs::write(&file, &profile).expect("writing the profile");
-        let space = pprof_top(&go, &file, &["-sample_index=alloc_space", "-unit=B"]);
-        if space.flat(CHAIN[0]) == Some(BYTES) || Instant::now() >= deadline {
-            break space;
-        }
-        thread::sleep(Duration::from_millis(300));
-    };
+    let space = alloc_space_until(&agent, &go, &file, fx.pid, |space| {
+        space.flat(CHAIN[0]) == Some(BYTES)
+    });
     let m = agent.scrape();
     agent.stop();
     assert_eq!(space.flat(CHAIN[0]), Some(BYTES), "{}", space.text);
@@ -2121,16 +2114,9 @@ fn agent_loads_tables_for_a_library_opened_later() {
     assert!(status.success(), "unwind_fixture failed: {status}");
 
     let file = scratch.path.join("allocs.pb.gz");
-    let deadline = Instant::now() + SITES_NAMED;
-    let space = loop {
-        let profile = agent.profile(&format!("/debug/pprof/allocs?pid={}", fx.pid));
-        fs::write(&file, &profile).expect("writing the profile");
-        let space = pprof_top(&go, &file, &["-sample_index=alloc_space", "-unit=B"]);
-        if space.cum(CHAIN[4]) == Some(BYTES) || Instant::now() >= deadline {
-            break space;
-        }
-        thread::sleep(Duration::from_millis(300));
-    };
+    let space = alloc_space_until(&agent, &go, &file, fx.pid, |space| {
+        space.cum(CHAIN[4]) == Some(BYTES)
+    });
     agent.stop();
     // Both calls: the first one's stack is cut in the library.
     assert_eq!(space.flat(CHAIN[0]), Some(2 * BYTES), "{}", space.text);
@@ -2697,6 +2683,27 @@ impl PprofTop {
 }
 
 /// `go tool pprof -top` of a profile file.
+/// `pid`'s heap profile by bytes allocated (`alloc_space`), taken again until `done` holds: a
+/// site the agent had no time to name yet is at its caller's address (bounded by SITES_NAMED).
+fn alloc_space_until(
+    agent: &Agent,
+    go: &GoToolchain,
+    file: &Path,
+    pid: u32,
+    done: impl Fn(&PprofTop) -> bool,
+) -> PprofTop {
+    let deadline = Instant::now() + SITES_NAMED;
+    loop {
+        let profile = agent.profile(&format!("/debug/pprof/allocs?pid={pid}"));
+        fs::write(file, &profile).expect("writing the profile");
+        let space = pprof_top(go, file, &["-sample_index=alloc_space", "-unit=B"]);
+        if done(&space) || Instant::now() >= deadline {
+            return space;
+        }
+        thread::sleep(Duration::from_millis(300));
+    }
+}
+
 fn pprof_top(go: &GoToolchain, file: &Path, args: &[&str]) -> PprofTop {
     let out = go
         .tool("pprof")

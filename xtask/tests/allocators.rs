@@ -273,7 +273,7 @@ fn jemalloc_counts_match_bpftrace() {
     let _serial = serial();
     let jemalloc = mapped_file("libjemalloc.so");
     let libc = mapped_file("libc.so.6");
-    let (tx, rx) = mpsc::channel();
+    let mut bpftrace = None;
     let (_, proc, _) = trace_variant(&env, "jemalloc", true, |pid| {
         // BEGIN runs once every probe is attached ("attached_probes" comes before that).
         let script = format!(
@@ -283,42 +283,11 @@ fn jemalloc_counts_match_bpftrace() {
             j = jemalloc.display(),
             l = libc.display()
         );
-        let mut bt = Command::new("bpftrace")
-            .args(["-f", "json", "-e", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run bpftrace ({e}): ./x setup installs it"));
-        let mut lines = BufReader::new(bt.stdout.take().unwrap()).lines();
-        // Its probes are attached once it says so; only then may the fixture work.
-        for line in lines.by_ref() {
-            if line.unwrap_or_default().contains("bpftrace-ready") {
-                break;
-            }
-        }
-        thread::spawn(move || {
-            // Stopped by SIGINT once the fixture exited (below); it prints its maps then.
-            let out: Vec<String> = lines.map_while(Result::ok).collect();
-            let _ = bt.wait();
-            let _ = tx.send(out);
-        });
+        bpftrace = Some(start_bpftrace(&script));
     });
     // The fixture has exited: stop bpftrace (SIGINT: it prints its maps and exits).
     interrupt_bpftrace();
-    let out = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("bpftrace's output");
-    let mut raw: BTreeMap<String, u64> = BTreeMap::new();
-    for line in out.iter().filter(|l| l.starts_with('{')) {
-        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
-        if let Some(map) = v["data"]["@calls"].as_object() {
-            for (probe, n) in map {
-                let api = probe.rsplit(':').next().unwrap_or_default();
-                raw.insert(api.to_owned(), n.as_u64().unwrap_or_default());
-            }
-        }
-    }
+    let raw = bpftrace_counts(bpftrace.expect("bpftrace started"));
     let counted = |api: &str| count_at(&proc["calls"], api);
     let want: BTreeMap<String, u64> = ["malloc", "free", "reallocarray"]
         .iter()
@@ -326,7 +295,7 @@ fn jemalloc_counts_match_bpftrace() {
         .collect();
     assert_eq!(
         raw, want,
-        "bpftrace's raw entries vs allocwatch's counts\n{out:#?}\n{proc:#}"
+        "bpftrace's raw entries vs allocwatch's counts\n{proc:#}"
     );
     assert_eq!(want["malloc"], 7, "the fixture's 7 malloc calls");
     assert_eq!(want["free"], 17, "the fixture's 17 free calls");

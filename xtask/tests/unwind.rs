@@ -114,9 +114,11 @@ fn site_of(proc: &Value, bytes: u64) -> &Value {
     sites[0]
 }
 
-/// gdb's backtrace at `function`'s entry in `fixture ARGS…`: function names, innermost first,
-/// up to `main`.
-fn gdb_backtrace(fixture: &Path, args: &[&str], function: &str) -> Vec<String> {
+/// gdb's backtrace at `function`'s entry in `fixture GOFILE MODE…` (the go file written
+/// first, so the fixture runs at once): function names, innermost first, up to `main`.
+fn gdb_backtrace(fixture: &Path, mode: &[&str], function: &str) -> Vec<String> {
+    let go = support::temp_file("unwind-go");
+    std::fs::write(&go, b"").unwrap();
     let out = Command::new("gdb")
         .args([
             "-batch",
@@ -134,9 +136,11 @@ fn gdb_backtrace(fixture: &Path, args: &[&str], function: &str) -> Vec<String> {
             "--args",
         ])
         .arg(fixture)
-        .args(args)
+        .arg(&go)
+        .args(mode)
         .output()
         .expect("gdb runs");
+    let _ = std::fs::remove_file(&go);
     let text = String::from_utf8_lossy(&out.stdout);
     let mut names = Vec::new();
     for line in text.lines().filter(|l| l.starts_with('#')) {
@@ -261,10 +265,7 @@ fn dwarf_unwinding_names_every_frame_without_frame_pointers() {
     assert_eq!(got, UW_STACK, "allocwatch\n{site:#}");
 
     // The peer: gdb's unwinder at the allocating function's entry, same binary, same run.
-    let go = support::temp_file("unwind-go");
-    std::fs::write(&go, b"").unwrap();
-    let peer = gdb_backtrace(&env.unwind_fixture("nofp"), &[path_str(&go)], "fx_uw_leaf");
-    let _ = std::fs::remove_file(&go);
+    let peer = gdb_backtrace(&env.unwind_fixture("nofp"), &[], "fx_uw_leaf");
     assert_eq!(got, peer, "allocwatch vs gdb\n{site:#}");
 }
 
@@ -288,14 +289,7 @@ fn table_walk_names_every_frame_of_a_deep_stack() {
     let got = functions_to_main(site);
     assert_eq!(got, deep_stack(), "allocwatch\n{site:#}");
 
-    let go = support::temp_file("unwind-go");
-    std::fs::write(&go, b"").unwrap();
-    let peer = gdb_backtrace(
-        &env.unwind_fixture("nofp"),
-        &[path_str(&go), "deep"],
-        "fx_uw_deep_leaf",
-    );
-    let _ = std::fs::remove_file(&go);
+    let peer = gdb_backtrace(&env.unwind_fixture("nofp"), &["deep"], "fx_uw_deep_leaf");
     assert_eq!(got, peer, "allocwatch vs gdb\n{site:#}");
 }
 

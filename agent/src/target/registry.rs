@@ -469,6 +469,20 @@ impl Targets {
 mod tests {
     use super::*;
 
+    /// This test process's mappings.
+    fn own_maps() -> Vec<MapEntry> {
+        super::super::maps::read_maps(std::process::id()).unwrap()
+    }
+
+    /// This test process's files, from its `maps`.
+    fn own_files(maps: &[MapEntry]) -> ProcessFiles<'_> {
+        ProcessFiles {
+            pid: std::process::id(),
+            comm: "test",
+            maps,
+        }
+    }
+
     #[test]
     fn failure_kinds_from_error_chains() {
         #[derive(Debug)]
@@ -544,13 +558,8 @@ mod tests {
     /// processes run it; a failure is counted once and not retried for the same file.
     #[test]
     fn each_file_is_attached_once() {
-        let pid = std::process::id();
-        let maps = super::super::maps::read_maps(pid).unwrap();
-        let proc = ProcessFiles {
-            pid,
-            comm: "test",
-            maps: &maps,
-        };
+        let maps = own_maps();
+        let proc = own_files(&maps);
         let set = GoProbeSet {
             growth: true,
             malloc: true,
@@ -641,13 +650,8 @@ mod tests {
         );
         assert!(targets.failures.is_empty(), "{:?}", targets.failures);
         let mut probes = Recorder::default();
-        let me = std::process::id();
-        let my_maps = super::super::maps::read_maps(me).unwrap();
-        let alive = ProcessFiles {
-            pid: me,
-            comm: "test",
-            maps: &my_maps,
-        };
+        let my_maps = own_maps();
+        let alive = own_files(&my_maps);
         let kinds: Vec<Kind> = targets
             .attach_process(&mut probes, &alive, &LOADERS)
             .iter()
@@ -660,13 +664,8 @@ mod tests {
     /// looked for.
     #[test]
     fn native_growth_off_finds_no_growth_kinds() {
-        let pid = std::process::id();
-        let maps = super::super::maps::read_maps(pid).unwrap();
-        let proc = ProcessFiles {
-            pid,
-            comm: "test",
-            maps: &maps,
-        };
+        let maps = own_maps();
+        let proc = own_files(&maps);
         let set = GoProbeSet {
             growth: true,
             malloc: false,
