@@ -27,7 +27,7 @@ use crate::{
     frames::FrameCache,
     k8s::watch::PodUpdate,
     pipeline::{Handler, Parts, Pipeline},
-    probes::{Capacity, Filter, ProbeConfig, Probes},
+    probes::{Capacity, Filter, Links, ProbeConfig, Probes},
     serve::metrics::Exporter,
     symbolize::SymbolizerHandle,
     target::{
@@ -80,9 +80,9 @@ pub struct Tracer {
 }
 
 impl Tracer {
-    /// Runs the tracer on the calling thread until `stop`; `ready` gets the startup banner, or
-    /// the error that prevented startup.
-    pub fn run(self, ready: oneshot::Sender<anyhow::Result<String>>) -> anyhow::Result<()> {
+    /// Runs the tracer on the calling thread until `stop`; `ready` gets the startup banner and
+    /// the probes' links, or the error that prevented startup.
+    pub fn run(self, ready: oneshot::Sender<anyhow::Result<Ready>>) -> anyhow::Result<()> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -90,7 +90,7 @@ impl Tracer {
         rt.block_on(self.run_async(ready))
     }
 
-    async fn run_async(self, ready: oneshot::Sender<anyhow::Result<String>>) -> anyhow::Result<()> {
+    async fn run_async(self, ready: oneshot::Sender<anyhow::Result<Ready>>) -> anyhow::Result<()> {
         let Tracer {
             cfg,
             selector,
@@ -127,11 +127,14 @@ impl Tracer {
                 format!(", one call per {n} bytes allocated sampled (--sample-bytes 0: every call)")
             }
         };
-        let _ = ready.send(Ok(format!(
-            "{} processes, {} probes{sampling}",
-            state.registry.procs.len(),
-            state.registry.targets.points_attached
-        )));
+        let _ = ready.send(Ok(Ready {
+            banner: format!(
+                "{} processes, {} probes{sampling}",
+                state.registry.procs.len(),
+                state.registry.targets.points_attached
+            ),
+            links: state.pipe.parts.probes.links(),
+        }));
 
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -187,6 +190,15 @@ impl Tracer {
         }
         Ok(())
     }
+}
+
+/// What the tracer hands over once its probes are attached.
+pub struct Ready {
+    /// What the agent says it traces.
+    pub banner: String,
+    /// The probes' links: the signal handler detaches them itself, whatever the tracer is
+    /// doing then.
+    pub links: Links,
 }
 
 /// Everything the loop owns.

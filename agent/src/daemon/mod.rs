@@ -48,8 +48,9 @@ use crate::{
 const SNAPSHOT_WAIT: Duration = Duration::from_millis(800);
 /// `/healthz` fails once the tracer has not completed a loop iteration for this long.
 const STALL_LIMIT: Duration = Duration::from_secs(30);
-/// After SIGTERM/SIGINT, how long the tracer gets to detach before the process just exits.
-const STOP_GRACE: Duration = Duration::from_millis(1500);
+/// After SIGTERM/SIGINT, how long the links' detach and the tracer's stop get before the
+/// process just exits (the issue allows a second from the signal to the exit).
+const STOP_GRACE: Duration = Duration::from_millis(900);
 
 type Snapshot = (Vec<ProcessSnapshot>, SelfStats);
 
@@ -171,7 +172,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let (tx, requests) = mpsc::channel::<Request>(8);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (ready_tx, ready_rx) = oneshot::channel::<anyhow::Result<String>>();
+    let (ready_tx, ready_rx) = oneshot::channel::<anyhow::Result<core::Ready>>();
     let (done_tx, done_rx) = oneshot::channel::<anyhow::Result<()>>();
     let (pod_tx, pod_updates) = mpsc::channel(256);
     let heartbeat = Arc::new(Heartbeat::new());
@@ -205,8 +206,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             };
         }
     };
-    let banner = match banner {
-        Ok(Ok(banner)) => banner,
+    let core::Ready { banner, links } = match banner {
+        Ok(Ok(ready)) => ready,
         Ok(Err(e)) => return Err(e),
         Err(_) => {
             return match done_rx.await {
@@ -269,17 +270,30 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let debug = std::env::var_os("ALLOCWATCH_DEBUG_TIMING").is_some();
     let _ = stop_tx.send(true);
     let _ = server_stop.send(());
-    // The tracer detaches the probes as it stops; a stuck one is not waited for (exiting
-    // closes its descriptors, which detaches them all the same).
-    if !tracer_done
-        && tokio::time::timeout(STOP_GRACE, &mut done_rx)
-            .await
-            .is_err()
-    {
+    // Detached here, at once: the tracer stops only between its steps, and a step (a scan
+    // of a busy node) can outlast the second the probes are given.
+    let detach = tokio::task::spawn_blocking(move || {
+        let t = Instant::now();
+        (links.detach_all(), t.elapsed())
+    });
+    // A stuck tracer is not waited for: exiting closes its descriptors (the programs and
+    // maps; their links are gone).
+    let stopped = tokio::time::timeout(STOP_GRACE, async {
+        if let Ok((n, took)) = detach.await
+            && debug
+        {
+            crate::say!("allocwatch: debug: detaching {n} links took {took:?}");
+        }
+        if !tracer_done {
+            let _ = (&mut done_rx).await;
+        }
+    })
+    .await;
+    if stopped.is_err() {
         {
             crate::say!(
-                "allocwatch: warning: the tracer did not stop within {} ms; exiting (the kernel \
-                 detaches its probes)",
+                "allocwatch: warning: stopping took over {} ms; exiting (the kernel detaches \
+                 what is left)",
                 STOP_GRACE.as_millis()
             );
             let code = i32::from(result.is_err());

@@ -11,7 +11,7 @@ use super::{
 /// Issue 17's limits.
 pub const HEALTHZ_LIMIT: Duration = Duration::from_secs(1);
 pub const METRICS_LIMIT: Duration = Duration::from_secs(1);
-pub const SIGTERM_LIMIT: Duration = Duration::from_secs(2);
+pub const SIGTERM_LIMIT: Duration = Duration::from_secs(1);
 /// RSS at the end may differ from RSS after the first minute by this fraction of it.
 pub const RSS_TOLERANCE: f64 = 0.20;
 /// "After the first minute": the RSS baseline is the scrape planned at this time.
@@ -295,7 +295,7 @@ fn loss(run: &Run) -> Verdict {
 }
 
 fn sigterm(run: &Run) -> Verdict {
-    let criterion = "SIGTERM: the agent exits (status 0) within 2 s";
+    let criterion = "SIGTERM: the agent exits (status 0) within 1 s";
     let (pass, measured) = match &run.stop {
         Stop::Exited {
             after,

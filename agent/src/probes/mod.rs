@@ -1,5 +1,7 @@
 //! Loading the probe object and attaching it: the one place that talks to aya about programs.
 
+mod links;
+
 use std::{num::NonZeroU32, path::Path};
 
 use allocwatch_common::{
@@ -21,6 +23,7 @@ use aya::{
 };
 use thiserror::Error;
 
+pub use self::links::Links;
 use crate::target::{
     ProbePoint,
     elf::ElfFile,
@@ -264,6 +267,9 @@ pub struct Probes {
     /// one perf-event link per probe site through the `_single` programs.
     multi: bool,
     attached_points: usize,
+    /// Every link; dropping `Probes` detaches them (concurrently), and so does
+    /// [`Links::detach_all`] on a clone, from any thread.
+    links: Links,
     /// Next free slot of the GO_SPECS array.
     next_spec: u32,
     /// Next free slot of the LIBC_FILES array (count mode).
@@ -350,6 +356,7 @@ impl Probes {
             mode,
             multi,
             attached_points: 0,
+            links: Links::default(),
             next_spec: 0,
             next_file: 0,
         })
@@ -368,10 +375,6 @@ impl Probes {
         pid: Option<NonZeroU32>,
     ) -> Result<(), ProbeError> {
         let scope = pid.map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
-        let attach_err = |source| ProbeError::Attach {
-            path: file.display().to_string(),
-            source,
-        };
         let (entry_program, ret_program) = self.mode.libc_programs();
         let entry: Vec<UProbeAttachPoint<'_>> = if entry_program == LIBC_COUNT {
             let layout = self.count_layout(file, points)?;
@@ -390,15 +393,11 @@ impl Probes {
             .filter(|p| p.with_return)
             .map(attach_point)
             .collect();
-        uprobe(&mut self.ebpf, entry_program, self.multi)?
-            .attach(entry, file, scope)
-            .map_err(attach_err)?;
+        self.attach_uprobe(entry_program, entry, file, scope)?;
         if let Some(ret_program) = ret_program
             && !ret.is_empty()
         {
-            uprobe(&mut self.ebpf, ret_program, self.multi)?
-                .attach(ret, file, scope)
-                .map_err(attach_err)?;
+            self.attach_uprobe(ret_program, ret, file, scope)?;
         }
         self.attached_points += points.len();
         Ok(())
@@ -483,12 +482,7 @@ impl Probes {
             })
             .collect();
         let scope = pid.map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
-        uprobe(&mut self.ebpf, self.mode.go_program(), self.multi)?
-            .attach(points, file, scope)
-            .map_err(|source| ProbeError::Attach {
-                path: file.display().to_string(),
-                source,
-            })?;
+        self.attach_uprobe(self.mode.go_program(), points, file, scope)?;
         self.attached_points += probes.len();
         Ok(())
     }
@@ -519,7 +513,6 @@ impl Probes {
             return Ok(());
         }
         self.load_sym()?;
-        let program = uprobe(&mut self.ebpf, SYM_ENTRY, self.multi)?;
         for p in points {
             log::debug!(
                 "probe {} {}: offset {:#x}, sp delta {}",
@@ -543,12 +536,7 @@ impl Probes {
             })
             .collect();
         let scope = pid.map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
-        program
-            .attach(attach, file, scope)
-            .map_err(|source| ProbeError::Attach {
-                path: file.display().to_string(),
-                source,
-            })?;
+        self.attach_uprobe(SYM_ENTRY, attach, file, scope)?;
         self.attached_points += points.len();
         Ok(())
     }
@@ -597,9 +585,55 @@ impl Probes {
             .map_err(|error| ProbeError::Program { program, error })?;
         tp.load()
             .map_err(|error| ProbeError::Program { program, error })?;
-        tp.attach(category, name)
+        let id = tp
+            .attach(category, name)
             .map_err(|error| ProbeError::Program { program, error })?;
+        let link = tp
+            .take_link(id)
+            .map_err(|error| ProbeError::Program { program, error })?;
+        self.links.add(link);
         Ok(())
+    }
+
+    /// Attaches the uprobe `program` at `points` of `file`, its links kept in [`Links`].
+    /// Without multi-links, each point on its own: one perf-event link each, so that they
+    /// are detached concurrently too. All or nothing: on an error, what this call attached
+    /// is detached.
+    fn attach_uprobe(
+        &mut self,
+        program: &'static str,
+        points: Vec<UProbeAttachPoint<'_>>,
+        file: &Path,
+        scope: UProbeScope,
+    ) -> Result<(), ProbeError> {
+        let attach_err = |source| ProbeError::Attach {
+            path: file.display().to_string(),
+            source,
+        };
+        let groups: Vec<Vec<UProbeAttachPoint<'_>>> = if self.multi {
+            vec![points]
+        } else {
+            points.into_iter().map(|p| vec![p]).collect()
+        };
+        let uprobe = uprobe(&mut self.ebpf, program, self.multi)?;
+        let mut links = Vec::with_capacity(groups.len());
+        for group in groups {
+            let id = uprobe.attach(group, file, scope).map_err(attach_err)?;
+            links.push(
+                uprobe
+                    .take_link(id)
+                    .map_err(|error| ProbeError::Program { program, error })?,
+            );
+        }
+        for link in links {
+            self.links.add(link);
+        }
+        Ok(())
+    }
+
+    /// A handle on the links, to detach them from another thread.
+    pub fn links(&self) -> Links {
+        self.links.clone()
     }
 
     /// The exec stamp of `tgid` (0: no exec since the probes loaded). Read it *before* what
@@ -731,6 +765,13 @@ impl Attacher for Probes {
             ProbeError::TooManyGoSpecs => AttachFailure::TooManyGoFunctions,
             e => AttachFailure::of(e),
         }
+    }
+}
+
+impl Drop for Probes {
+    fn drop(&mut self) {
+        // Before the programs and maps go (fields drop after this): concurrently.
+        self.links.detach_all();
     }
 }
 
