@@ -151,9 +151,9 @@ pub struct AgentArgs {
     /// [default: 524288 (512 KiB) in the modes with stacks or a live table, 0 in count]
     #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = values::sample_bytes)]
     pub sample_bytes: Option<u64>,
-    /// How sampled stacks are walked [default: fp]: `fp` (frame pointers only), `auto`
-    /// (`.eh_frame` as tables in the kernel for the files built without frame pointers) or
-    /// `dwarf` (tables for every file).
+    /// How sampled stacks are walked [default: auto]: `auto` (`.eh_frame` as tables in the
+    /// kernel for the files built without frame pointers), `dwarf` (tables for every file) or
+    /// `fp` (frame pointers only: the cheapest, cut at code built without them).
     #[arg(long, value_enum, value_name = "HOW", hide_possible_values = true)]
     pub unwind: Option<crate::unwind::Unwind>,
     /// Serve /debug/pprof/allocs and /debug/pprof/heap.

@@ -194,10 +194,9 @@ impl Default for Config {
             max_site_series: 5000,
             mode: Mode::Full,
             sample_bytes: None,
-            // Not `auto` yet: its cost on a node (a table walk for every C/C++ program over
-            // Debian's libc) is not measured, and in the busy-node soak deeper stacks meant
-            // more rows in an already full site table (BENCHMARKS.md).
-            unwind: Unwind::Fp,
+            // True stacks through the code built without frame pointers (most distribution
+            // packages): on a node, 5 % more CPU than `fp` in the batch (BENCHMARKS.md §7).
+            unwind: Unwind::Auto,
             select: Select::default(),
             probe: Vec::new(),
             native_growth: false,

@@ -225,17 +225,17 @@ fn mode_from_file_and_flag() {
 
 #[test]
 fn unwind_from_file_and_flag() {
-    assert_eq!(Config::default().unwind, Unwind::Fp);
+    assert_eq!(Config::default().unwind, Unwind::Auto);
     let mut cfg = Config::parse("unwind = \"dwarf\"").unwrap();
     assert_eq!(cfg.unwind, Unwind::Dwarf);
     cfg.apply(Overrides::default()).unwrap();
     assert_eq!(cfg.unwind, Unwind::Dwarf, "no flag keeps the file's value");
     cfg.apply(Overrides {
-        unwind: Some(Unwind::Auto),
+        unwind: Some(Unwind::Fp),
         ..Default::default()
     })
     .unwrap();
-    assert_eq!(cfg.unwind, Unwind::Auto);
+    assert_eq!(cfg.unwind, Unwind::Fp);
 }
 
 #[test]

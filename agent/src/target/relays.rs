@@ -66,6 +66,16 @@ impl Relays {
                 relays.masks[api as usize] = 0;
             }
         }
+        let jumps = TailJumps {
+            elf,
+            entries: &entries,
+            got: got.as_deref(),
+            functions: elf
+                .symbols()
+                .filter(|(_, s)| s.size > 0)
+                .map(|(_, s)| (s.address, s.size))
+                .collect(),
+        };
         let mut ranges = Vec::new();
         let mut bias = None;
         let mut consistent = true;
@@ -76,8 +86,7 @@ impl Relays {
             if elf.arch() == Arch::X86_64 && sym.size > 0 && code.len() as u64 == sym.size {
                 // A jump back to its own entry is a loop, not a relay.
                 relays.masks[api as usize] =
-                    tail_jump_targets(elf, &code, sym.address, &entries, got.as_deref())
-                        & !(1 << api as u32);
+                    jumps.targets(&code, sym.address, 0) & !(1 << api as u32);
             }
             let Some(start) = elf.vaddr_to_file_offset(sym.address) else {
                 consistent = false;
@@ -109,51 +118,80 @@ impl Relays {
     }
 }
 
-/// The APIs a function (its whole `code`, loaded at `start`) may tail-jump into: a jump to an
-/// API's entry (`entries`), or to a PLT stub whose GOT slot is bound to one (`got`), names that
-/// API; an indirect jump, or any stub when the relocations are unknown, may reach any of them.
-fn tail_jump_targets(
-    elf: &ElfFile,
-    code: &[u8],
-    start: u64,
-    entries: &[(u64, Api)],
-    got: Option<&[(u64, u64)]>,
-) -> u32 {
-    let end = start + code.len() as u64;
-    let entry_api = |addr: u64| {
-        entries
-            .iter()
-            .find(|&&(a, _)| a == addr)
-            .map(|&(_, api)| api)
-    };
-    let mut mask = 0;
-    let mut decoder = Decoder::with_ip(64, code, start, DecoderOptions::NONE);
-    while decoder.can_decode() {
-        let instr = decoder.decode();
-        match instr.flow_control() {
-            FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch => {
-                let target = instr.near_branch_target();
-                if (start..end).contains(&target) {
-                    continue;
-                }
-                if let Some(api) = entry_api(target) {
-                    mask |= 1 << api as u32;
-                } else if let Some(slot) = jump_stub_slot(elf, target) {
-                    mask |= match got {
-                        None => ALL_APIS,
-                        Some(got) => got
-                            .iter()
-                            .find(|&&(s, _)| s == slot)
-                            .and_then(|&(_, addr)| entry_api(addr))
-                            .map_or(0, |api| 1 << api as u32),
+/// How deep [`TailJumps::targets`] follows tail jumps through functions that are not APIs.
+const MAX_HOPS: u32 = 3;
+
+/// What the tail jumps of a file's functions reach.
+struct TailJumps<'a> {
+    elf: &'a ElfFile,
+    /// Entry address → the API its probe reports.
+    entries: &'a [(u64, Api)],
+    /// GOT slot → the address of the symbol bound to it ([`got_slots`]); `None`: unknown.
+    got: Option<&'a [(u64, u64)]>,
+    /// Entry address → size of every sized symbol (the functions a jump may enter).
+    functions: std::collections::HashMap<u64, u64>,
+}
+
+impl TailJumps<'_> {
+    /// The APIs a function (its whole `code`, loaded at `start`) may tail-jump into: a jump
+    /// to an API's entry, or to a PLT stub whose GOT slot is bound to one, names that API; a
+    /// jump to another function of the file names what that one's tail jumps reach, `hops`
+    /// deep at most (mimalloc's sized aligned delete jumps through the PLT into
+    /// `mi_free_size_aligned`, which jumps into the sized delete, which jumps into `free`:
+    /// each re-enters with the outer call's frame); an indirect jump, or any stub when the
+    /// relocations are unknown, may reach any of them.
+    fn targets(&self, code: &[u8], start: u64, hops: u32) -> u32 {
+        let end = start + code.len() as u64;
+        let mut mask = 0;
+        let mut decoder = Decoder::with_ip(64, code, start, DecoderOptions::NONE);
+        while decoder.can_decode() {
+            let instr = decoder.decode();
+            match instr.flow_control() {
+                FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch => {
+                    let target = instr.near_branch_target();
+                    if (start..end).contains(&target) {
+                        continue;
+                    }
+                    let target = match jump_stub_slot(self.elf, target) {
+                        None => target,
+                        Some(slot) => match self.got {
+                            None => {
+                                mask |= ALL_APIS;
+                                continue;
+                            }
+                            Some(got) => match got.iter().find(|&&(s, _)| s == slot) {
+                                Some(&(_, addr)) => addr,
+                                // Bound to another file: not a relay inside this one.
+                                None => continue,
+                            },
+                        },
                     };
+                    mask |= self.reached(target, hops);
                 }
+                FlowControl::IndirectBranch => mask |= ALL_APIS,
+                _ => {}
             }
-            FlowControl::IndirectBranch => mask |= ALL_APIS,
-            _ => {}
+        }
+        mask
+    }
+
+    /// The APIs a tail jump to `addr` reaches: the API entered there, or what the function
+    /// there reaches in turn.
+    fn reached(&self, addr: u64, hops: u32) -> u32 {
+        if let Some(&(_, api)) = self.entries.iter().find(|&&(a, _)| a == addr) {
+            return 1 << api as u32;
+        }
+        let Some(&size) = self.functions.get(&addr) else {
+            return 0;
+        };
+        if hops >= MAX_HOPS {
+            return 0;
+        }
+        match self.elf.read_at_vaddr(addr, size) {
+            Ok(code) if code.len() as u64 == size => self.targets(&code, addr, hops + 1),
+            _ => 0,
         }
     }
-    mask
 }
 
 /// The GOT slot a stub at `vaddr` jumps through, when it starts (after an optional `endbr64`)
@@ -190,4 +228,45 @@ fn got_slots(path: &Path) -> Option<Vec<(u64, u64)>> {
             })
             .collect(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Debian 12's libmimalloc (`./x setup` installs `libmimalloc-dev`): its sized aligned
+    /// delete jumps through the PLT into `mi_free_size_aligned`, a function that is no API,
+    /// which jumps into the sized delete; its aligned delete through `mi_free_aligned` into
+    /// `free`. Both reach their API through the function in between.
+    #[test]
+    fn tail_jumps_through_functions_that_are_no_api() {
+        let path = "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2.0";
+        let elf = ElfFile::open(path).expect("libmimalloc (run ./x setup)");
+        let entries: Vec<(u64, Api)> = [Api::Free, Api::DeleteSized, Api::DeleteAligned]
+            .into_iter()
+            .map(|api| (elf.symbol(api.symbol()).expect("API symbol").address, api))
+            .collect();
+        let got = got_slots(elf.path());
+        let jumps = TailJumps {
+            elf: &elf,
+            entries: &entries,
+            got: got.as_deref(),
+            functions: elf
+                .symbols()
+                .filter(|(_, s)| s.size > 0)
+                .map(|(_, s)| (s.address, s.size))
+                .collect(),
+        };
+        let reach = |name: &str, hops: u32| {
+            let sym = elf.symbol(name).expect(name);
+            let code = elf.function_code(sym, sym.size).expect("code");
+            jumps.targets(&code, sym.address, hops)
+        };
+        let bit = |api: Api| 1u32 << api as u32;
+        assert_eq!(reach("_ZdlPvmSt11align_val_t", 0), bit(Api::DeleteSized));
+        assert_eq!(reach("_ZdlPvSt11align_val_t", 0), bit(Api::Free));
+        assert_eq!(reach("_ZdlPvm", 0), bit(Api::Free));
+        // No hop left: the function in between is not followed.
+        assert_eq!(reach("_ZdlPvmSt11align_val_t", MAX_HOPS), 0);
+    }
 }
