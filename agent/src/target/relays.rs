@@ -14,13 +14,13 @@ use super::{
 };
 
 /// Every API may relay to every other: what count mode assumes without the code.
-pub const ALL_APIS: u32 = (1 << API_COUNT) - 1;
+pub const ALL_APIS: u64 = (1 << API_COUNT) - 1;
 
 /// The relays between the API functions of one file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Relays {
     /// Per API id: the APIs its function may tail-jump into (bit = API id).
-    pub masks: [u32; API_COUNT],
+    pub masks: [u64; API_COUNT],
     /// File ranges of the API functions (sorted, distinct), when the probe can use them: one
     /// bias for all (one text segment), 32-bit offsets, few enough for its map entry.
     pub ranges: Option<Vec<[u32; 2]>>,
@@ -36,7 +36,7 @@ impl Relays {
     }
 
     /// The APIs some function may tail-jump into.
-    pub fn targets(&self) -> u32 {
+    pub fn targets(&self) -> u64 {
         self.masks.iter().fold(0, |acc, m| acc | m)
     }
 
@@ -50,8 +50,10 @@ impl Relays {
         // The C++ operators only where they are probed: a static program's libstdc++ `new`
         // calls `malloc`, and taking its range for a relay would hide those calls.
         let cxx = points.iter().any(|p| p.api.is_cxx());
+        // A prefixed build's names (`_rjem_malloc`, `mi_free`): the functions its probes are on.
+        let prefix = super::libc::prefix_of(elf).unwrap_or_default();
         for api in Api::ALL.into_iter().filter(|a| cxx || !a.is_cxx()) {
-            let Some(sym) = elf.symbol(api.symbol()) else {
+            let Some(sym) = elf.symbol(&super::libc::symbol_in(prefix, api)) else {
                 continue;
             };
             if !entries.iter().any(|&(a, _)| a == sym.address) {
@@ -59,9 +61,9 @@ impl Relays {
             }
             syms.push((api, sym));
         }
-        // A C++ operator the file does not define (or that is not probed) has no function to
-        // relay from: the libc APIs keep what they had.
-        for api in Api::ALL.into_iter().filter(|a| a.is_cxx()) {
+        // A C++ operator or allocator entry point the file does not define (or that is not
+        // probed) has no function to relay from: the libc APIs keep what they had.
+        for api in Api::ALL.into_iter().filter(|a| !a.is_libc()) {
             if !syms.iter().any(|(a, _)| *a == api) {
                 relays.masks[api as usize] = 0;
             }
@@ -77,7 +79,7 @@ impl Relays {
                 // A jump back to its own entry is a loop, not a relay.
                 relays.masks[api as usize] =
                     tail_jump_targets(elf, &code, sym.address, &entries, got.as_deref())
-                        & !(1 << api as u32);
+                        & !(1u64 << api as u32);
             }
             let Some(start) = elf.vaddr_to_file_offset(sym.address) else {
                 consistent = false;
@@ -118,7 +120,7 @@ fn tail_jump_targets(
     start: u64,
     entries: &[(u64, Api)],
     got: Option<&[(u64, u64)]>,
-) -> u32 {
+) -> u64 {
     let end = start + code.len() as u64;
     let entry_api = |addr: u64| {
         entries
@@ -137,7 +139,7 @@ fn tail_jump_targets(
                     continue;
                 }
                 if let Some(api) = entry_api(target) {
-                    mask |= 1 << api as u32;
+                    mask |= 1u64 << api as u32;
                 } else if let Some(slot) = jump_stub_slot(elf, target) {
                     mask |= match got {
                         None => ALL_APIS,
@@ -145,7 +147,7 @@ fn tail_jump_targets(
                             .iter()
                             .find(|&&(s, _)| s == slot)
                             .and_then(|&(_, addr)| entry_api(addr))
-                            .map_or(0, |api| 1 << api as u32),
+                            .map_or(0, |api| 1u64 << api as u32),
                     };
                 }
             }
