@@ -122,13 +122,26 @@ pub fn call_chain(ret_addr: u64, stack: &[u64]) -> Vec<u64> {
 }
 
 /// Per-API totals of one process.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Totals {
     pub calls: [u64; API_COUNT],
     pub bytes: [u64; API_COUNT],
     pub failed: [u64; API_COUNT],
     pub live_allocations: u64,
     pub live_bytes: u64,
+}
+
+// By hand: `Default` is derived for arrays of at most 32 elements.
+impl Default for Totals {
+    fn default() -> Self {
+        Self {
+            calls: [0; API_COUNT],
+            bytes: [0; API_COUNT],
+            failed: [0; API_COUNT],
+            live_allocations: 0,
+            live_bytes: 0,
+        }
+    }
 }
 
 /// Totals of the given site rows (one process) plus the rows that found the site table full:

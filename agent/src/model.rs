@@ -116,8 +116,9 @@ pub struct ProcessSnapshot {
     pub bytes: BTreeMap<&'static str, u64>,
     /// Calls to `free`.
     pub frees: u64,
-    /// Calls to the C++ `operator delete` overloads an allocator defines as its own, by name
-    /// (`delete`, `delete[](size)`, …): only those with calls.
+    /// Calls to the freeing APIs other than `free`, by name: the C++ `operator delete`
+    /// overloads an allocator defines as its own (`delete`, `delete[](size)`, …) and jemalloc's
+    /// `sdallocx` and `dallocx`; only those with calls.
     pub deletes: BTreeMap<&'static str, u64>,
     pub live_bytes: u64,
     pub live_allocations: u64,

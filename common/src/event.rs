@@ -369,7 +369,8 @@ mod user {
             for api in Api::ALL {
                 assert_eq!(Api::try_from(api as u32), Ok(api));
             }
-            assert_eq!(Api::try_from(30), Err(DecodeError::UnknownApi(30)));
+            let past = crate::libc::API_COUNT as u32;
+            assert_eq!(Api::try_from(past), Err(DecodeError::UnknownApi(past)));
             for r in GoRole::ALL {
                 assert_eq!(GoRole::try_from(r as u32), Ok(r));
             }

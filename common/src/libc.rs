@@ -59,9 +59,26 @@ pub enum Api {
     DeleteAlignedNothrow = 28,
     /// `_ZdaPvSt11align_val_tRKSt9nothrow_t`: `operator delete[](align,nothrow)`.
     DeleteArrayAlignedNothrow = 29,
+    // Allocators' own entry points that a program calls instead of the malloc family: a Rust
+    // program's `#[global_allocator]` (tikv-jemallocator, the mimalloc crate) or C code written
+    // for the allocator. Only those such programs reach are here, not the whole API.
+    /// jemalloc's `mallocx(size, flags)` (alignment, zeroing in `flags`).
+    Mallocx = 30,
+    /// jemalloc's `rallocx(ptr, size, flags)`.
+    Rallocx = 31,
+    /// jemalloc's `sdallocx(ptr, size, flags)`: a sized free.
+    Sdallocx = 32,
+    /// jemalloc's `dallocx(ptr, flags)`.
+    Dallocx = 33,
+    /// mimalloc's `mi_malloc_aligned(size, alignment)`.
+    MiMallocAligned = 34,
+    /// mimalloc's `mi_zalloc_aligned(size, alignment)`: zeroed.
+    MiZallocAligned = 35,
+    /// mimalloc's `mi_realloc_aligned(ptr, newsize, alignment)`.
+    MiReallocAligned = 36,
 }
 
-pub const API_COUNT: usize = 30;
+pub const API_COUNT: usize = 37;
 
 impl Api {
     pub const ALL: [Api; API_COUNT] = [
@@ -95,6 +112,13 @@ impl Api {
         Api::DeleteArrayNothrow,
         Api::DeleteAlignedNothrow,
         Api::DeleteArrayAlignedNothrow,
+        Api::Mallocx,
+        Api::Rallocx,
+        Api::Sdallocx,
+        Api::Dallocx,
+        Api::MiMallocAligned,
+        Api::MiZallocAligned,
+        Api::MiReallocAligned,
     ];
 
     /// The API of a raw id (cookie, key), `None` for an unknown one (a plain match: no table
@@ -131,11 +155,19 @@ impl Api {
             27 => Api::DeleteArrayNothrow,
             28 => Api::DeleteAlignedNothrow,
             29 => Api::DeleteArrayAlignedNothrow,
+            30 => Api::Mallocx,
+            31 => Api::Rallocx,
+            32 => Api::Sdallocx,
+            33 => Api::Dallocx,
+            34 => Api::MiMallocAligned,
+            35 => Api::MiZallocAligned,
+            36 => Api::MiReallocAligned,
             _ => return None,
         })
     }
 
-    /// The ELF symbol that defines the API (mangled for the C++ operators).
+    /// The ELF symbol that defines the API (mangled for the C++ operators), before the file's
+    /// prefix if it has one ([`Self::takes_prefix`]).
     pub const fn symbol(self) -> &'static str {
         match self {
             Api::Malloc => "malloc",
@@ -168,7 +200,28 @@ impl Api {
             Api::DeleteArrayNothrow => "_ZdaPvRKSt9nothrow_t",
             Api::DeleteAlignedNothrow => "_ZdlPvSt11align_val_tRKSt9nothrow_t",
             Api::DeleteArrayAlignedNothrow => "_ZdaPvSt11align_val_tRKSt9nothrow_t",
+            Api::Mallocx => "mallocx",
+            Api::Rallocx => "rallocx",
+            Api::Sdallocx => "sdallocx",
+            Api::Dallocx => "dallocx",
+            Api::MiMallocAligned => "mi_malloc_aligned",
+            Api::MiZallocAligned => "mi_zalloc_aligned",
+            Api::MiReallocAligned => "mi_realloc_aligned",
         }
+    }
+
+    /// Whether a prefixed build names the API `PREFIX` + [`Self::symbol`] (`je_mallocx`,
+    /// `_rjem_sdallocx`, `mi_free`); mimalloc's own names carry their `mi_` already.
+    pub const fn takes_prefix(self) -> bool {
+        !matches!(
+            self,
+            Api::MiMallocAligned | Api::MiZallocAligned | Api::MiReallocAligned
+        )
+    }
+
+    /// The libc malloc family (`malloc` … `pvalloc`): what every process has, from its libc.
+    pub const fn is_libc(self) -> bool {
+        self as u32 <= Api::Pvalloc as u32
     }
 
     /// The name in reports, JSON keys and metric labels: the libc symbol, or the C++
@@ -201,19 +254,31 @@ impl Api {
 
     /// A C++ `operator new` or `operator delete` overload.
     pub const fn is_cxx(self) -> bool {
-        self as u32 >= Api::New as u32
+        let id = self as u32;
+        id >= Api::New as u32 && id <= Api::DeleteArrayAlignedNothrow as u32
     }
 
-    /// Frees a block (`free`, every `operator delete`): no size requested, no pointer
-    /// returned; its argument 0 is the block.
+    /// Frees a block (`free`, every `operator delete`, jemalloc's `sdallocx` and `dallocx`):
+    /// no size requested, no pointer returned; its argument 0 is the block.
     pub const fn is_free(self) -> bool {
-        matches!(self, Api::Free) || self as u32 >= Api::Delete as u32
+        let id = self as u32;
+        matches!(self, Api::Free | Api::Sdallocx | Api::Dallocx)
+            || (id >= Api::Delete as u32 && id <= Api::DeleteArrayAlignedNothrow as u32)
+    }
+
+    /// Resizes a block (argument 0) to a new size; the old block is gone once it succeeds.
+    pub const fn is_realloc(self) -> bool {
+        matches!(
+            self,
+            Api::Realloc | Api::Reallocarray | Api::Rallocx | Api::MiReallocAligned
+        )
     }
 
     /// Whether the probe needs a return probe: the new pointer of an allocation, or the end
-    /// of an `operator delete` (its relays into `free` are its own until then).
+    /// of an `operator delete` (its relays into `free` are its own until then). jemalloc's
+    /// `sdallocx` and `dallocx`, like `free`, call no other API function.
     pub const fn needs_return(self) -> bool {
-        !matches!(self, Api::Free)
+        !matches!(self, Api::Free | Api::Sdallocx | Api::Dallocx)
     }
 }
 
@@ -335,9 +400,18 @@ pub const LIBC_FILE_RANGES: usize = API_COUNT;
 /// A call whose return address lies in one of them was made by the API itself (glibc's realloc
 /// calling malloc or free): libc's own relay, not the program's call. Unused slots are `[0, 0)`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LibcFile {
     pub ranges: [[u32; 2]; LIBC_FILE_RANGES],
+}
+
+// By hand: `Default` is derived for arrays of at most 32 elements.
+impl Default for LibcFile {
+    fn default() -> Self {
+        Self {
+            ranges: [[0; 2]; LIBC_FILE_RANGES],
+        }
+    }
 }
 
 /// Count mode: the last counted API entry of a thread (LRU map keyed by `pid_tgid`). A tail-jump
@@ -508,12 +582,25 @@ mod tests {
         distinct.sort();
         distinct.dedup();
         assert_eq!(distinct.len(), API_COUNT, "names are distinct: {names:?}");
+        let plain_free = [Api::Free, Api::Sdallocx, Api::Dallocx];
         for api in Api::ALL {
             assert_eq!(api.is_cxx(), api.symbol().starts_with("_Z"), "{api:?}");
             let delete = api.symbol().starts_with("_Zd");
-            assert_eq!(api.is_free(), delete || api == Api::Free, "{api:?}");
+            assert_eq!(
+                api.is_free(),
+                delete || plain_free.contains(&api),
+                "{api:?}"
+            );
             assert_eq!(api.name().starts_with("delete"), delete, "{api:?}");
-            assert_eq!(api.needs_return(), api != Api::Free, "{api:?}");
+            assert_eq!(api.needs_return(), !plain_free.contains(&api), "{api:?}");
+            let resizes = api.symbol().contains("realloc") || api == Api::Rallocx;
+            assert_eq!(api.is_realloc(), resizes, "{api:?}");
+            assert_eq!(
+                api.takes_prefix(),
+                !api.symbol().starts_with("mi_"),
+                "{api:?}"
+            );
+            assert_eq!(api.is_libc(), (api as u32) < Api::New as u32, "{api:?}");
             if !api.is_cxx() {
                 assert_eq!(api.name(), api.symbol());
             }

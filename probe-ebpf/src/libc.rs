@@ -266,6 +266,12 @@ fn request(ctx: &ProbeContext, api: Api) -> (u64, u64) {
         | Api::DeleteArrayNothrow
         | Api::DeleteAlignedNothrow
         | Api::DeleteArrayAlignedNothrow => (0, a0),
+        // jemalloc's `mallocx(size, flags)`, mimalloc's `mi_*alloc_aligned(size, alignment)`.
+        Api::Mallocx | Api::MiMallocAligned | Api::MiZallocAligned => (a0, 0),
+        // `rallocx(ptr, size, flags)`, `mi_realloc_aligned(ptr, newsize, alignment)`.
+        Api::Rallocx | Api::MiReallocAligned => (a1, a0),
+        // `sdallocx(ptr, size, flags)`, `dallocx(ptr, flags)`: the block first.
+        Api::Sdallocx | Api::Dallocx => (0, a0),
     }
 }
 
@@ -412,7 +418,7 @@ fn on_return(ctx: &RetProbeContext) {
         ret_addr: p.ret_addr,
     };
 
-    let is_realloc = matches!(api, Some(Api::Realloc | Api::Reallocarray));
+    let is_realloc = api.is_some_and(Api::is_realloc);
     if is_realloc && p.arg_ptr != 0 && (new_ptr != 0 || p.size == 0) {
         // The old block is gone: moved, resized in place (same address, re-entered below), or
         // freed by realloc(p, 0).

@@ -1,7 +1,8 @@
 //! Fixtures: fixtures/c/NAME.c -> target/fixtures/NAME, fixtures/c/split_fixture.c also in the
 //! variants of target/fixtures/split/ (see [`build_split`]), fixtures/c/unwind/ -> target/fixtures/
 //! unwind/ (see [`build_unwind`]), fixtures/growth/ -> target/fixtures/growth/ (see
-//! [`build_growth`]), and fixtures/go/growth built by
+//! [`build_growth`]), fixtures/rust/alloc -> target/fixtures/rust-alloc/release/ (see
+//! [`build_rust_alloc`]), and fixtures/go/growth built by
 //! every Go toolchain (xtask/src/go.rs) -> target/gofixtures/growth-<version>[-noswissmap]
 //! [-stripped].
 
@@ -30,6 +31,7 @@ pub struct Built {
 /// toolchains first when they are missing (idempotent: a no-op on the second run).
 pub fn build(paths: &Paths) -> anyhow::Result<Built> {
     let c = build_c(paths)?;
+    build_rust_alloc(paths, &c.join("rust-alloc"))?;
     let toolchains = go::ensure_toolchains(&paths.cache)?;
     let go_dir = paths.go_fixtures_out();
     go::build_fixtures(&toolchains, &paths.root.join("fixtures/go/growth"), &go_dir)?;
@@ -110,6 +112,26 @@ fn build_growth(src_dir: &Path, out: &Path) -> anyhow::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// The Rust global-allocator fixture (xtask/tests/allocators.rs, `rust_*`): fixtures/rust/alloc,
+/// its own crate outside the workspace with its Cargo.lock, built by cargo (`--locked`, release:
+/// fat LTO) into `out`, whose `release/` then holds `rust_alloc_system`, `rust_alloc_jemalloc`
+/// (tikv-jemallocator) and `rust_alloc_mimalloc`. Cargo decides what is stale (a no-op build
+/// takes a fraction of a second); tikv-jemalloc-sys's build script (jemalloc's configure and
+/// make) is most of a clean build: 75 s of 85 s on 2 CPUs (2026-12-05).
+fn build_rust_alloc(paths: &Paths, out: &Path) -> anyhow::Result<()> {
+    let crate_dir = paths.root.join("fixtures/rust/alloc");
+    cmd::run(
+        cmd::cargo(paths)
+            .current_dir(&crate_dir)
+            .args(["build", "--release", "--locked", "--bins", "--target-dir"])
+            .arg(out)
+            // Frame pointers, so that `--unwind fp` stacks reach the fixture's functions; the
+            // environment's own flags (a cargo that runs xtask may set them) do not apply.
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env("RUSTFLAGS", "-C force-frame-pointers=yes"),
+    )
 }
 
 /// libc_fixture linked against each allocator Debian ships (xtask/tests/allocators.rs), each

@@ -10,6 +10,13 @@ pub fn all(paths: &Paths) -> anyhow::Result<()> {
     // clippy runs agent/build.rs, which builds the probe with bpf-linker.
     setup::build_tools(paths)?;
     cmd::run(cmd::cargo(paths).args(["fmt", "--all", "--check"]))?;
+    // The Rust allocator fixture is a crate of its own, outside the workspace.
+    cmd::run(cmd::cargo(paths).args([
+        "fmt",
+        "--check",
+        "--manifest-path",
+        "fixtures/rust/alloc/Cargo.toml",
+    ]))?;
     cmd::run(cmd::cargo(paths).args([
         "clippy",
         "--workspace",

@@ -84,28 +84,7 @@ fn trace_variant(
 /// The exact calls and bytes per API (aliases folded as reported), no loss, the allocator and
 /// the files probed (`files`: the start of each file name, in order; `exe` for the executable).
 fn check_report(proc: &Value, variant: &str, allocator: &str, files: &[&str]) {
-    assert_eq!(proc["allocator"], allocator, "allocator\n{proc:#}");
-    let probed: Vec<&str> = proc["allocator_files"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no allocator_files\n{proc:#}"))
-        .iter()
-        .map(|f| f.as_str().unwrap_or_default())
-        .collect();
-    assert_eq!(probed.len(), files.len(), "allocator_files\n{proc:#}");
-    for (path, want) in probed.iter().zip(files) {
-        let name = path.rsplit('/').next().unwrap_or_default();
-        let ok = if *want == "exe" {
-            *path == str_at(proc, "exe")
-        } else {
-            name.starts_with(want)
-        };
-        assert!(ok, "{path}: expected {want}\n{proc:#}");
-    }
-    assert_eq!(
-        str_at(proc, "libc"),
-        probed[0],
-        "libc: the file serving malloc"
-    );
+    check_allocator_files(proc, allocator, files);
     let aliases: BTreeMap<String, String> = proc["aliases"]
         .as_object()
         .unwrap_or_else(|| panic!("no aliases\n{proc:#}"))
@@ -131,10 +110,41 @@ fn check_report(proc: &Value, variant: &str, allocator: &str, files: &[&str]) {
             "bytes.{api}\n{proc:#}"
         );
     }
-    // Events lost (symbolization notes such as `symbolize_stack_cut` are not losses).
+    check_no_loss(proc);
+}
+
+/// No event lost (symbolization notes such as `symbolize_stack_cut` are not losses).
+fn check_no_loss(proc: &Value) {
     for cause in LOSS_KEYS {
         assert_eq!(count_at(&proc["lost"], cause), 0, "lost.{cause}\n{proc:#}");
     }
+}
+
+/// The allocator and the files probed (`files`: the start of each file name, in order; `exe`
+/// for the executable); the first serves `malloc`.
+fn check_allocator_files(proc: &Value, allocator: &str, files: &[&str]) {
+    assert_eq!(proc["allocator"], allocator, "allocator\n{proc:#}");
+    let probed: Vec<&str> = proc["allocator_files"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no allocator_files\n{proc:#}"))
+        .iter()
+        .map(|f| f.as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(probed.len(), files.len(), "allocator_files\n{proc:#}");
+    for (path, want) in probed.iter().zip(files) {
+        let name = path.rsplit('/').next().unwrap_or_default();
+        let ok = if *want == "exe" {
+            *path == str_at(proc, "exe")
+        } else {
+            name.starts_with(want)
+        };
+        assert!(ok, "{path}: expected {want}\n{proc:#}");
+    }
+    assert_eq!(
+        str_at(proc, "libc"),
+        probed[0],
+        "libc: the file serving malloc"
+    );
 }
 
 /// The fixture's work per API (`support::API_TOTALS`; no pvalloc in the musl builds), aliases
@@ -476,20 +486,42 @@ const CXX_LIVE: &[(&str, &str, u64, u64)] = &[
 /// overloads call or tail-jump into one another (jemalloc's `new[]` into its `new`, mimalloc's
 /// sized delete into `free`), each program call is counted once.
 fn outermost_rule(lib: &Path, symbols: &[String], pid: u32) -> String {
-    let probes = |kind: &str| -> String {
+    nested_rule(lib, symbols, symbols, pid)
+}
+
+/// [`outermost_rule`] where only `nesting` (some of `symbols`) may call the others: only those
+/// get return probes. A return probe replaces the return address on the stack at the entry,
+/// before allocwatch's probe (placed past the entry) reads it: those calls' sites lose their
+/// caller.
+fn nested_rule(lib: &Path, symbols: &[String], nesting: &[String], pid: u32) -> String {
+    let probes = |kind: &str, symbols: &mut dyn Iterator<Item = &String>| -> String {
         symbols
-            .iter()
             .map(|s| format!("{kind}:\"{}\":{s}", lib.display()))
             .collect::<Vec<_>>()
             .join(",")
     };
-    format!(
-        "{} /pid == {pid}/ {{ if (@depth[tid] == 0) {{ @calls[probe] = count(); }} \
-         @depth[tid] = @depth[tid] + 1; }} \
+    let leaves: Vec<&String> = symbols.iter().filter(|s| !nesting.contains(s)).collect();
+    if nesting.is_empty() {
+        // No depth to track (bpftrace refuses a map that is read but never written).
+        return format!(
+            "{} /pid == {pid}/ {{ @calls[probe] = count(); }}",
+            probes("uprobe", &mut leaves.into_iter())
+        );
+    }
+    let count = "if (@depth[tid] == 0) { @calls[probe] = count(); }";
+    let mut rule = format!(
+        "{} /pid == {pid}/ {{ {count} @depth[tid] = @depth[tid] + 1; }} \
          {} /pid == {pid}/ {{ @depth[tid] = @depth[tid] - 1; }}",
-        probes("uprobe"),
-        probes("uretprobe")
-    )
+        probes("uprobe", &mut nesting.iter()),
+        probes("uretprobe", &mut nesting.iter())
+    );
+    if !leaves.is_empty() {
+        rule = format!(
+            "{rule} {} /pid == {pid}/ {{ {count} }}",
+            probes("uprobe", &mut leaves.into_iter())
+        );
+    }
+    rule
 }
 
 /// One traced run of `alloc/cxx/VARIANT/cxx_new wait-run`: `top --json --pid` (with `mode`'s
@@ -504,11 +536,40 @@ fn trace_cxx(
     lib: &Path,
     symbols: &[String],
 ) -> (Value, BTreeMap<String, u64>) {
+    let (proc, raw, _) = trace_outermost(
+        &TestEnv::get().cxx_fixture(variant),
+        mode,
+        lib,
+        symbols,
+        symbols,
+        None,
+    );
+    (proc, raw)
+}
+
+/// [`trace_cxx`] for any fixture with a `wait-run` mode, bpftrace's rule [`nested_rule`]; with
+/// `word`, also the rest of the fixture's stderr line that starts with it, written after its
+/// work.
+fn trace_outermost(
+    fixture: &Path,
+    mode: &[&str],
+    lib: &Path,
+    symbols: &[String],
+    nesting: &[String],
+    word: Option<&str>,
+) -> (Value, BTreeMap<String, u64>, String) {
     let env = TestEnv::get();
-    let fixture = env.cxx_fixture(variant);
-    let mut fx = Fixture::spawn(&fixture, "wait-run", "ready");
+    // `jemalloc-cxx_new`, `release-rust_alloc_jemalloc`: its directory and name.
+    let name = |p: Option<&Path>| {
+        p.and_then(Path::file_name)
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned()
+    };
+    let variant = format!("{}-{}", name(fixture.parent()), name(Some(fixture)));
+    let mut fx = Fixture::spawn(fixture, "wait-run", "ready");
     let pid = fx.pid;
-    let out = support::temp_file(&format!("allocators-cxx-{variant}.json"));
+    let out = support::temp_file(&format!("allocators-{variant}.json"));
     let pid_arg = pid.to_string();
     // Frame pointers (the fixture has them): the sites are checked by name, and with `auto`
     // an attached process's calls made before its unwind tables are loaded have no frames.
@@ -527,12 +588,13 @@ fn trace_cxx(
     let rx = peer.then(|| {
         start_bpftrace(&format!(
             "BEGIN {{ printf(\"bpftrace-ready\\n\"); }} {}",
-            outermost_rule(lib, symbols, pid)
+            nested_rule(lib, symbols, nesting, pid)
         ))
     });
     signal(pid, libc::SIGUSR1);
+    let said = word.map_or_else(String::new, |w| fx.wait_line(w, Duration::from_secs(30)));
     let status = fx.wait_exit(Duration::from_secs(30));
-    assert!(status.success(), "{variant} cxx_new failed: {status}");
+    assert!(status.success(), "{variant} failed: {status}");
     let status = aw.wait_exit(Duration::from_secs(15));
     aw.assert_success(status);
     let raw = rx.map_or_else(BTreeMap::new, |rx| {
@@ -540,7 +602,7 @@ fn trace_cxx(
         bpftrace_counts(rx)
     });
     let report = read_json(&out);
-    (process_by_pid(&report, pid).clone(), raw)
+    (process_by_pid(&report, pid).clone(), raw, said)
 }
 
 /// The C++ fixture under an allocator that defines the operators: exact calls and bytes per
@@ -980,6 +1042,278 @@ fn bpftrace_counts(rx: mpsc::Receiver<Vec<String>>) -> BTreeMap<String, u64> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Rust programs' `#[global_allocator]` (fixtures/rust/alloc)
+
+/// What the Rust fixture says it did (its `counts` line): `GlobalAlloc` method → (calls,
+/// bytes; a realloc's new sizes, a dealloc's freed sizes). Keep in sync with
+/// fixtures/rust/alloc/src/lib.rs.
+const RUST_FIXTURE: &[(&str, u64, u64)] = &[
+    ("alloc", 12, 1980),
+    ("alloc_zeroed", 7, 1184),
+    ("realloc", 6, 3248),
+    ("dealloc", 19, 5500),
+];
+
+/// One build of the Rust fixture: which allocator serves its `GlobalAlloc`, and what its calls
+/// reach there (the table in fixtures/rust/alloc/src/lib.rs).
+struct RustVariant {
+    bin: &'static str,
+    allocator: &'static str,
+    /// The files probed, as `check_allocator_files` takes them.
+    files: &'static [&'static str],
+    /// Whether the symbols below are libc.so.6's (else the executable's).
+    in_libc: bool,
+    /// (symbol, the API allocwatch counts its calls under, calls, bytes).
+    calls: &'static [(&'static str, &'static str, u64, u64)],
+    /// The symbols that call others of `calls` (bpftrace counts those inner calls as theirs).
+    nesting: &'static [&'static str],
+}
+
+/// Rust's `System` allocator: glibc's malloc family, each call counted once (the executable's
+/// `__rust_alloc` & co. are not probed). An over-aligned realloc is `posix_memalign` + copy +
+/// `free` in std (`realloc_fallback`): the 2 aligned growths are 2 more of each.
+const RUST_SYSTEM: RustVariant = RustVariant {
+    bin: "rust_alloc_system",
+    allocator: "glibc",
+    files: &["libc.so.6"],
+    in_libc: true,
+    calls: &[
+        ("malloc", "malloc", 7, 700),
+        ("calloc", "calloc", 4, 800),
+        ("realloc", "realloc", 4, 1200),
+        ("posix_memalign", "posix_memalign", 10, 3712),
+        ("free", "free", 21, 6012),
+    ],
+    nesting: &[],
+};
+
+/// tikv-jemallocator: `_rjem_`-prefixed jemalloc in the executable, counted under jemalloc's
+/// own names; glibc still serves `malloc` (probed first).
+const RUST_JEMALLOC: RustVariant = RustVariant {
+    bin: "rust_alloc_jemalloc",
+    allocator: "jemalloc",
+    files: &["libc.so.6", "exe"],
+    in_libc: false,
+    calls: &[
+        ("_rjem_malloc", "malloc", 7, 700),
+        ("_rjem_mallocx", "mallocx", 8, 1664),
+        ("_rjem_calloc", "calloc", 4, 800),
+        ("_rjem_realloc", "realloc", 4, 1200),
+        ("_rjem_rallocx", "rallocx", 2, 2048),
+        ("_rjem_sdallocx", "sdallocx", 19, 5500),
+    ],
+    nesting: &[],
+};
+
+/// The mimalloc crate: static mimalloc in the executable, `malloc` not overridden.
+/// `mi_realloc_aligned` frees the old block with `mi_free` itself: part of the realloc.
+const RUST_MIMALLOC: RustVariant = RustVariant {
+    bin: "rust_alloc_mimalloc",
+    allocator: "mimalloc",
+    files: &["libc.so.6", "exe"],
+    in_libc: false,
+    calls: &[
+        ("mi_malloc_aligned", "mi_malloc_aligned", 12, 1980),
+        ("mi_zalloc_aligned", "mi_zalloc_aligned", 7, 1184),
+        ("mi_realloc_aligned", "mi_realloc_aligned", 6, 3248),
+        ("mi_free", "free", 19, 5500),
+    ],
+    nesting: &["mi_realloc_aligned"],
+};
+
+/// Functions of the fixture whose calls reach the allocator (frame 0 of every site).
+const RUST_FIXTURE_FUNCTIONS: &[&str] = &[
+    "alloc_small",
+    "alloc_aligned",
+    "zeroed_small",
+    "zeroed_aligned",
+    "grow",
+    "free_all",
+];
+
+/// `top --json --unwind fp --pid` on the variant's `wait-run` and, in the same run, bpftrace on
+/// the same symbols (outermost calls): the fixture's own counts, allocwatch's exact calls and
+/// bytes per API equal to the variant's table and to bpftrace's, the same totals per
+/// `GlobalAlloc` method as the fixture's, every site in a fixture function, nothing lost.
+fn check_rust(v: &RustVariant) {
+    let _serial = serial();
+    let fixture = TestEnv::get().rust_fixture(v.bin);
+    let lib = if v.in_libc {
+        mapped_file_of(&fixture, "libc.so.6")
+    } else {
+        fixture.clone()
+    };
+    let symbols: Vec<String> = v.calls.iter().map(|c| c.0.to_owned()).collect();
+    let nesting: Vec<String> = v.nesting.iter().map(|s| s.to_string()).collect();
+    let (proc, raw, said) =
+        trace_outermost(&fixture, &[], &lib, &symbols, &nesting, Some("counts"));
+    let said: Value = serde_json::from_str(&said).unwrap_or_else(|e| panic!("{e}: {said}"));
+    let said_of = |method: &str| {
+        let pair = |i: usize| said[method][i].as_u64().unwrap_or_else(|| panic!("{said}"));
+        (pair(0), pair(1))
+    };
+    for &(method, calls, bytes) in RUST_FIXTURE {
+        assert_eq!(said_of(method), (calls, bytes), "the fixture's {method}");
+    }
+    check_allocator_files(&proc, v.allocator, v.files);
+    check_no_loss(&proc);
+    for &(sym, api, calls, bytes) in v.calls {
+        let got = (count_at(&proc["calls"], api), count_at(&proc["bytes"], api));
+        assert_eq!(got, (calls, bytes), "{api} ({sym}): calls, bytes\n{proc:#}");
+        assert_eq!(
+            raw.get(sym).copied().unwrap_or(0),
+            calls,
+            "bpftrace's outermost {sym} calls vs allocwatch's {api}\n{raw:?}"
+        );
+    }
+    // Nothing else counted: every API with calls is one of the table's.
+    for (api, n) in proc["calls"].as_object().expect("calls") {
+        assert!(
+            n.as_u64() == Some(0) || v.calls.iter().any(|c| c.1 == api),
+            "{api}: {n} calls the fixture did not make\n{proc:#}"
+        );
+    }
+    // The same work by `GlobalAlloc` method: allocations, resizes, frees. Under System, std's
+    // over-aligned realloc is an allocation and a free (of the old 256-byte blocks).
+    let kind = |api: &str| match api {
+        "realloc" | "rallocx" | "mi_realloc_aligned" => 1,
+        "free" | "sdallocx" => 2,
+        _ => 0,
+    };
+    let mut by_kind = [(0, 0); 3];
+    for &(_, api, calls, bytes) in v.calls {
+        let k = &mut by_kind[kind(api)];
+        *k = (k.0 + calls, k.1 + bytes);
+    }
+    let (alloc, zeroed) = (said_of("alloc"), said_of("alloc_zeroed"));
+    let (realloc, dealloc) = (said_of("realloc"), said_of("dealloc"));
+    let (moved, moved_new, moved_old) = if v.in_libc { (2, 2048, 512) } else { (0, 0, 0) };
+    assert_eq!(
+        by_kind,
+        [
+            (alloc.0 + zeroed.0 + moved, alloc.1 + zeroed.1 + moved_new),
+            (realloc.0 - moved, realloc.1 - moved_new),
+            (dealloc.0 + moved, dealloc.1 + moved_old),
+        ],
+        "allocations, reallocations, frees vs the fixture's {said}"
+    );
+    // Every site is in one of the fixture's functions (frame 0's inlined frames: the
+    // `GlobalAlloc` shims inlined by LTO, then the function), but where bpftrace's return probe
+    // took the return address first ([`nested_rule`]).
+    for site in proc["sites"].as_array().expect("sites") {
+        let api = site["api"].as_str().unwrap_or_default();
+        let frames = site["frames"].as_array().expect("frames");
+        let returned = v
+            .calls
+            .iter()
+            .any(|c| c.1 == api && v.nesting.contains(&c.0));
+        if frames.is_empty() && returned {
+            continue;
+        }
+        assert!(
+            frames
+                .iter()
+                .any(|f| RUST_FIXTURE_FUNCTIONS
+                    .contains(&f["function"].as_str().unwrap_or_default())),
+            "a site outside the fixture's functions: {site:#}"
+        );
+    }
+}
+
+/// The agent's `/metrics` for the Rust fixture under tikv-jemallocator and the mimalloc crate:
+/// `allocwatch_allocator_info` names the allocator, and the fixture's work adds exactly its
+/// calls and bytes per API. By differences: the agent counts a new process from its first
+/// call, and under load it may attach the executable's probes while the runtime still starts
+/// up (the same `__rust_alloc` sites as the fixture's), besides glibc's start-up calls under the
+/// names it shares (`malloc`, `free`). The fixture does nothing between its `ready` line and
+/// SIGUSR1: the series taken then, once stable, are the start-up's.
+#[test]
+fn agent_exports_rust_allocators() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let scratch = support::Scratch::new("rust-alloc-agent");
+    let mut agent = Agent::start(&env, &["--top-k", "100"]);
+    for v in [&RUST_JEMALLOC, &RUST_MIMALLOC] {
+        let fixture = scratch.copy(&env.rust_fixture(v.bin), v.bin);
+        let id = Identity::of(&fixture);
+        let mut fx = Fixture::spawn(&fixture, "wait-run", "ready");
+        agent.wait_for_identity(&id, fx.started);
+        // Released once the agent has attached the executable's probes (it names the
+        // allocator after that).
+        let label = [("allocator", v.allocator)];
+        agent.scrape_until("the fixture's allocator", Duration::from_secs(20), |m| {
+            m.value(&id, "allocwatch_allocator_info", &label) == Some(1.0)
+        });
+        // (calls, bytes) per API of the table: the frees' calls only (`free`, and `sdallocx`
+        // in the family of the other frees).
+        let counts = |m: &support::agent::Metrics| -> Vec<(u64, u64)> {
+            let of = |family: &str, api: &str| {
+                let labels: &[(&str, &str)] = if api == "free" { &[] } else { &[("api", api)] };
+                m.value(&id, family, labels).unwrap_or(0.0) as u64
+            };
+            v.calls
+                .iter()
+                .map(|&(_, api, ..)| match api {
+                    "free" => (of("allocwatch_free_calls_total", api), 0),
+                    "sdallocx" => (of("allocwatch_delete_calls_total", api), 0),
+                    _ => (
+                        of("allocwatch_alloc_calls_total", api),
+                        of("allocwatch_alloc_bytes_total", api),
+                    ),
+                })
+                .collect()
+        };
+        let before = counts(&agent.scrape_stable(&id));
+        signal(fx.pid, libc::SIGUSR1);
+        let status = fx.wait_exit(Duration::from_secs(10));
+        assert!(status.success(), "{} failed: {status}", v.bin);
+        let want: Vec<(u64, u64)> = v
+            .calls
+            .iter()
+            .zip(&before)
+            .map(|(&(_, api, calls, bytes), &(c, b))| {
+                let frees = matches!(api, "free" | "sdallocx");
+                (c + calls, if frees { 0 } else { b + bytes })
+            })
+            .collect();
+        // Until the counts are the expected ones (a bound, not a wait: the agent's drain and
+        // scrape take seconds under load), then stable: nothing more comes.
+        let _ = agent.try_scrape_until(Duration::from_secs(20), |m| counts(m) == want);
+        let m = agent.scrape_stable(&id);
+        let apis: Vec<&str> = v.calls.iter().map(|c| c.1).collect();
+        assert_eq!(
+            counts(&m),
+            want,
+            "{apis:?}: start-up {before:?} + the fixture's work\n{}",
+            m.lines_of(&id)
+        );
+        assert_eq!(
+            m.of(&id, "allocwatch_allocator_info").len(),
+            1,
+            "one allocator\n{}",
+            m.lines_of(&id)
+        );
+        support::agent::promtool_check_metrics(&m.text);
+    }
+    agent.stop();
+}
+
+#[test]
+fn rust_system_allocator_counted_once() {
+    check_rust(&RUST_SYSTEM);
+}
+
+#[test]
+fn rust_tikv_jemallocator_exact_counts() {
+    check_rust(&RUST_JEMALLOC);
+}
+
+#[test]
+fn rust_mimalloc_crate_exact_counts() {
+    check_rust(&RUST_MIMALLOC);
+}
+
+// ---------------------------------------------------------------------------------------------
 // A real program on jemalloc: Debian's redis-server (libjemalloc2)
 
 /// Debian's `redis-server` (linked against libjemalloc.so.2) on a free loopback port, driven
@@ -1216,6 +1550,17 @@ impl TestEnv {
             .join("alloc/cxx")
             .join(variant)
             .join("cxx_new");
+        assert!(
+            path.exists(),
+            "{} is missing: `./x fixtures` builds it",
+            path.display()
+        );
+        path
+    }
+
+    /// `target/fixtures/rust-alloc/release/BIN` (fixtures/rust/alloc).
+    fn rust_fixture(&self, bin: &str) -> PathBuf {
+        let path = self.fixtures.join("rust-alloc/release").join(bin);
         assert!(
             path.exists(),
             "{} is missing: `./x fixtures` builds it",

@@ -207,7 +207,9 @@ pub fn programs(probes: &impl MapSource) -> Result<(ProgramCounts, u64), Collect
         &mut Cursor::default(),
         usize::MAX,
         |key: &ProgramKey, values: &[Overflow]| {
-            let row = out.entry((key.tgid, key.execs)).or_default();
+            let row = out
+                .entry((key.tgid, key.execs))
+                .or_insert([Overflow::default(); API_COUNT]);
             if let Some(slot) = row.get_mut(key.api as usize) {
                 for v in values {
                     slot.calls += v.calls;

@@ -290,7 +290,7 @@ async fn process_snapshot(
         frees: totals.calls[Api::Free as usize],
         deletes: Api::ALL
             .into_iter()
-            .filter(|a| a.is_cxx() && a.is_free() && totals.calls[*a as usize] > 0)
+            .filter(|a| a.is_free() && *a != Api::Free && totals.calls[*a as usize] > 0)
             .map(|a| (a.name(), totals.calls[a as usize]))
             .collect(),
         live_bytes: totals.live_bytes,

@@ -430,11 +430,12 @@ impl<'a> From<&'a Leak> for JsonLeak<'a> {
     }
 }
 
-/// Every libc API, and the C++ operators with calls (most processes have none to show).
+/// Every libc API, and the C++ operators and allocators' own entry points with calls (most
+/// processes have none to show).
 fn per_api(values: &[u64]) -> BTreeMap<&'static str, u64> {
     Api::ALL
         .iter()
-        .filter(|a| !a.is_cxx() || values[**a as usize] > 0)
+        .filter(|a| a.is_libc() || values[**a as usize] > 0)
         .map(|a| (a.name(), values[*a as usize]))
         .collect()
 }

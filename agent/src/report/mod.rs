@@ -256,7 +256,7 @@ pub fn snapshot_of(r: &TopReport) -> crate::model::ProcessSnapshot {
         frees: r.totals.calls[Api::Free as usize],
         deletes: Api::ALL
             .into_iter()
-            .filter(|a| a.is_cxx() && a.is_free() && r.totals.calls[*a as usize] > 0)
+            .filter(|a| a.is_free() && *a != Api::Free && r.totals.calls[*a as usize] > 0)
             .map(|a| (a.name(), r.totals.calls[a as usize]))
             .collect(),
         live_bytes: r.totals.live_bytes,

@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use allocwatch_common::libc::{API_COUNT, SiteKey, SiteStats};
+use allocwatch_common::libc::{API_COUNT, Overflow, SiteKey, SiteStats};
 
 use crate::{
     aggregate::{self, Sampling, Totals},
@@ -393,7 +393,7 @@ impl Tree {
                 // program. Calls and bytes are the program's own.
                 let mut totals = match pid_rows {
                     Some(r) if execs == last => {
-                        aggregate::totals(r.iter(), &Default::default(), sampling)
+                        aggregate::totals(r.iter(), &[Overflow::default(); API_COUNT], sampling)
                     }
                     _ => Totals::default(),
                 };

@@ -14,13 +14,13 @@ use super::{
 };
 
 /// Every API may relay to every other: what count mode assumes without the code.
-pub const ALL_APIS: u32 = (1 << API_COUNT) - 1;
+pub const ALL_APIS: u64 = (1 << API_COUNT) - 1;
 
 /// The relays between the API functions of one file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Relays {
     /// Per API id: the APIs its function may tail-jump into (bit = API id).
-    pub masks: [u32; API_COUNT],
+    pub masks: [u64; API_COUNT],
     /// File ranges of the API functions (sorted, distinct), when the probe can use them: one
     /// bias for all (one text segment), 32-bit offsets, few enough for its map entry.
     pub ranges: Option<Vec<[u32; 2]>>,
@@ -36,7 +36,7 @@ impl Relays {
     }
 
     /// The APIs some function may tail-jump into.
-    pub fn targets(&self) -> u32 {
+    pub fn targets(&self) -> u64 {
         self.masks.iter().fold(0, |acc, m| acc | m)
     }
 
@@ -50,8 +50,10 @@ impl Relays {
         // The C++ operators only where they are probed: a static program's libstdc++ `new`
         // calls `malloc`, and taking its range for a relay would hide those calls.
         let cxx = points.iter().any(|p| p.api.is_cxx());
+        // A prefixed build's names (`_rjem_malloc`, `mi_free`): the functions its probes are on.
+        let prefix = super::libc::prefix_of(elf).unwrap_or_default();
         for api in Api::ALL.into_iter().filter(|a| cxx || !a.is_cxx()) {
-            let Some(sym) = elf.symbol(api.symbol()) else {
+            let Some(sym) = elf.symbol(&super::libc::symbol_in(prefix, api)) else {
                 continue;
             };
             if !entries.iter().any(|&(a, _)| a == sym.address) {
@@ -59,9 +61,9 @@ impl Relays {
             }
             syms.push((api, sym));
         }
-        // A C++ operator the file does not define (or that is not probed) has no function to
-        // relay from: the libc APIs keep what they had.
-        for api in Api::ALL.into_iter().filter(|a| a.is_cxx()) {
+        // A C++ operator or allocator entry point the file does not define (or that is not
+        // probed) has no function to relay from: the libc APIs keep what they had.
+        for api in Api::ALL.into_iter().filter(|a| !a.is_libc()) {
             if !syms.iter().any(|(a, _)| *a == api) {
                 relays.masks[api as usize] = 0;
             }
@@ -86,7 +88,7 @@ impl Relays {
             if elf.arch() == Arch::X86_64 && sym.size > 0 && code.len() as u64 == sym.size {
                 // A jump back to its own entry is a loop, not a relay.
                 relays.masks[api as usize] =
-                    jumps.targets(&code, sym.address, 0) & !(1 << api as u32);
+                    jumps.targets(&code, sym.address, 0) & !(1u64 << api as u32);
             }
             let Some(start) = elf.vaddr_to_file_offset(sym.address) else {
                 consistent = false;
@@ -140,7 +142,7 @@ impl TailJumps<'_> {
     /// `mi_free_size_aligned`, which jumps into the sized delete, which jumps into `free`:
     /// each re-enters with the outer call's frame); an indirect jump, or any stub when the
     /// relocations are unknown, may reach any of them.
-    fn targets(&self, code: &[u8], start: u64, hops: u32) -> u32 {
+    fn targets(&self, code: &[u8], start: u64, hops: u32) -> u64 {
         let end = start + code.len() as u64;
         let mut mask = 0;
         let mut decoder = Decoder::with_ip(64, code, start, DecoderOptions::NONE);
@@ -177,9 +179,9 @@ impl TailJumps<'_> {
 
     /// The APIs a tail jump to `addr` reaches: the API entered there, or what the function
     /// there reaches in turn.
-    fn reached(&self, addr: u64, hops: u32) -> u32 {
+    fn reached(&self, addr: u64, hops: u32) -> u64 {
         if let Some(&(_, api)) = self.entries.iter().find(|&&(a, _)| a == addr) {
-            return 1 << api as u32;
+            return 1u64 << api as u32;
         }
         let Some(&size) = self.functions.get(&addr) else {
             return 0;
@@ -262,7 +264,7 @@ mod tests {
             let code = elf.function_code(sym, sym.size).expect("code");
             jumps.targets(&code, sym.address, hops)
         };
-        let bit = |api: Api| 1u32 << api as u32;
+        let bit = |api: Api| 1u64 << api as u32;
         assert_eq!(reach("_ZdlPvmSt11align_val_t", 0), bit(Api::DeleteSized));
         assert_eq!(reach("_ZdlPvSt11align_val_t", 0), bit(Api::Free));
         assert_eq!(reach("_ZdlPvm", 0), bit(Api::Free));

@@ -614,6 +614,13 @@ impl Fixture {
         );
     }
 
+    /// Waits for its next stderr line starting with `WORD ` and returns the rest of it.
+    pub fn wait_line(&self, word: &str, timeout: Duration) -> String {
+        let stderr = self.stderr.as_ref().expect("a fixture started with spawn");
+        let line = stderr.wait_for(&format!("{word} "), timeout);
+        line[word.len() + 1..].to_owned()
+    }
+
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         wait_child(&mut self.child, timeout)
             .unwrap_or_else(|| panic!("fixture still running after {timeout:?} (killed)"))

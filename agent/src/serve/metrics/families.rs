@@ -110,7 +110,7 @@ pub const DELETE_CALLS: FamilySpec = spec(
     MetricKind::Counter,
     Scope::Process,
     &["api"],
-    "Calls to C++ operator delete by overload, where the allocator defines its own (jemalloc, tcmalloc, mimalloc).",
+    "Calls to freeing APIs other than free: C++ operator delete by overload where the allocator defines its own (jemalloc, tcmalloc, mimalloc), jemalloc's sdallocx and dallocx.",
 );
 pub const LIVE_BYTES: FamilySpec = spec(
     "allocwatch_live_bytes",

@@ -67,11 +67,20 @@ impl Allocator {
     /// [`Self::of`] over a symbol lookup.
     pub fn from_symbols(has: impl Fn(&str) -> bool, libc_named: bool) -> Self {
         let any = |names: &[&str]| names.iter().any(|n| has(n));
-        if any(&["mallocx", "je_mallocx", "je_malloc"]) {
+        // tikv-jemalloc-sys's `_rjem_` and the mimalloc crate's static copy: only what the
+        // program calls is linked (`_rjem_mallocx` and `mi_malloc_aligned` are what their
+        // `GlobalAlloc` calls first).
+        if any(&[
+            "mallocx",
+            "je_mallocx",
+            "je_malloc",
+            "_rjem_mallocx",
+            "_rjem_malloc",
+        ]) {
             Allocator::Jemalloc
         } else if any(&["tc_malloc"]) {
             Allocator::Tcmalloc
-        } else if any(&["mi_malloc"]) {
+        } else if any(&["mi_malloc", "mi_malloc_aligned"]) {
             Allocator::Mimalloc
         } else if any(&["gnu_get_libc_version", "_int_malloc", "main_arena"]) {
             // The first is exported by libc.so.6; the others are in a static glibc program's
@@ -115,6 +124,14 @@ mod tests {
         assert_eq!(
             from(&["je_malloc", "je_mallocx"], false),
             Allocator::Jemalloc
+        );
+        assert_eq!(
+            from(&["_rjem_malloc", "_rjem_sdallocx"], false),
+            Allocator::Jemalloc
+        );
+        assert_eq!(
+            from(&["mi_malloc_aligned", "mi_free"], false),
+            Allocator::Mimalloc
         );
         assert_eq!(
             from(&["malloc", "gnu_get_libc_version"], true),

@@ -70,23 +70,47 @@ pub struct LibcTarget {
     pub aliases: Vec<Alias>,
     /// Which allocator the file is.
     pub allocator: Allocator,
-    /// What the file's API names start with: `""`, or `"je_"` for a jemalloc built with
-    /// `--with-jemalloc-prefix=je_` (it defines `je_malloc`, not `malloc`: the program calls
-    /// it by that name, next to the libc's `malloc` that everything else calls).
+    /// What the file's API names start with: `""`, or a prefix of [`PREFIXES`] for an
+    /// allocator whose API has names of its own (`je_malloc`, not `malloc`): the program calls
+    /// it by those names, next to the libc's `malloc` that everything else calls.
     pub prefix: &'static str,
 }
 
-/// Prefixes of allocator builds whose API has its own names (see [`LibcTarget::prefix`]).
-const PREFIXES: [&str; 1] = ["je_"];
+/// Prefixes of allocator builds whose API has its own names (see [`LibcTarget::prefix`]):
+/// jemalloc built with `--with-jemalloc-prefix=je_` (Redis bundles one), tikv-jemalloc-sys's
+/// `_rjem_` (a Rust program's `#[global_allocator]`), and mimalloc's own `mi_` names (the
+/// mimalloc crate links it in without overriding `malloc`).
+const PREFIXES: [&str; 3] = ["je_", "_rjem_", "mi_"];
+
+/// The name of `api` in a file whose API names start with `prefix`.
+pub fn symbol_in(prefix: &str, api: Api) -> String {
+    if api.takes_prefix() {
+        format!("{prefix}{}", api.symbol())
+    } else {
+        api.symbol().to_owned()
+    }
+}
 
 /// The prefix of `elf`'s malloc family: `""` when it defines `malloc`, else a known prefix
-/// whose `malloc` and `free` it defines; `None`: no malloc family.
+/// under which it defines an allocating API and a freeing one; `None`: no malloc family. A
+/// program that links its allocator statically keeps only the functions it calls (the linker
+/// drops the rest): tikv-jemallocator's programs have `_rjem_sdallocx` and no `_rjem_free`,
+/// the mimalloc crate's have `mi_malloc_aligned` and no `mi_malloc`.
 pub fn prefix_of(elf: &ElfFile) -> Option<&'static str> {
     if elf.symbol("malloc").is_some() {
         return Some("");
     }
     PREFIXES.into_iter().find(|p| {
-        elf.symbol(&format!("{p}malloc")).is_some() && elf.symbol(&format!("{p}free")).is_some()
+        // mimalloc's own names count for `mi_` only.
+        let has = |api: &Api| {
+            let name = symbol_in(p, *api);
+            name.starts_with(p) && elf.symbol(&name).is_some()
+        };
+        let (frees, allocs): (Vec<Api>, Vec<Api>) = Api::ALL
+            .into_iter()
+            .filter(|a| !a.is_cxx())
+            .partition(|a| a.is_free());
+        allocs.iter().any(has) && frees.iter().any(has)
     })
 }
 
@@ -166,12 +190,13 @@ impl Served {
     }
 
     /// Whether every libc name is defined by some file (nothing more to look for). The C++
-    /// operators are left out: only an allocator file defines them here (libstdc++'s own,
-    /// over `malloc`, are not looked for), and most processes have none.
+    /// operators and the allocators' own entry points are left out: only an allocator file
+    /// defines them here (libstdc++'s own, over `malloc`, are not looked for), and most
+    /// processes have none.
     pub fn complete(&self) -> bool {
         Api::ALL
             .iter()
-            .filter(|api| !api.is_cxx())
+            .filter(|api| api.is_libc())
             .all(|api| self.served_by(*api).is_some())
     }
 
@@ -231,9 +256,10 @@ impl Served {
 /// `(alias, canonical)`.
 pub type Alias = (Api, Api);
 
-/// Builds the probe list of an ELF file that defines `malloc`. Every API present is probed once
-/// per distinct address; missing optional APIs are skipped; missing `malloc` or `free` is an
-/// error.
+/// Builds the probe list of an ELF file that defines `malloc` (or, with a `prefix`, its
+/// prefixed family). Every API present is probed once per distinct address; missing optional
+/// APIs are skipped; without a prefix, missing `malloc` or `free` is an error (a prefixed
+/// file has some of each kind: [`prefix_of`]).
 /// `prefix`: what the file's API names start with ([`LibcTarget::prefix`]); `cxx`: the file's
 /// C++ `operator new`/`delete` are its own ([`Allocator::defines_cxx`]) and are probed too.
 pub fn probe_points(
@@ -244,8 +270,8 @@ pub fn probe_points(
     // Group by address first, so one site serves every API at it.
     let mut groups: Vec<(elf::Symbol, Vec<Api>)> = Vec::new();
     for api in Api::ALL.into_iter().filter(|a| cxx || !a.is_cxx()) {
-        let Some(sym) = elf.symbol(&format!("{prefix}{}", api.symbol())) else {
-            if matches!(api, Api::Malloc | Api::Free) {
+        let Some(sym) = elf.symbol(&symbol_in(prefix, api)) else {
+            if prefix.is_empty() && matches!(api, Api::Malloc | Api::Free) {
                 return Err(TargetError::MissingSymbol {
                     path: elf.path().to_owned(),
                     symbol: api.symbol(),

@@ -640,6 +640,84 @@ fn compiled_fixtures() {
     assert_eq!(t.path, sys.join(own.file_name().unwrap()));
 }
 
+/// Allocators linked into a program under names of their own, only the functions it calls
+/// kept by the linker (as in a Rust program's `#[global_allocator]`): tikv-jemallocator's
+/// `_rjem_` jemalloc without `_rjem_free`, the mimalloc crate's without `mi_malloc`.
+#[test]
+fn prefixed_allocators_in_the_executable() {
+    let dir = TempDir::new("prefixed");
+    let build = |name: &str, functions: &[&str]| {
+        let mut code = String::from("#include <stddef.h>\nstatic char heap[4096];\n");
+        for f in functions {
+            code += &format!(
+                "__attribute__((noinline)) void *{f}(void *a, size_t b, size_t c) \
+                 {{ (void)b; (void)c; return a ? a : heap; }}\n"
+            );
+        }
+        code += "int main(void) { return 0; }\n";
+        let src = dir.0.join(format!("{name}.c"));
+        fs::write(&src, code).unwrap();
+        let out = dir.0.join(name);
+        let ok = Command::new("gcc")
+            .args(["-O1", "-fno-builtin", "-w"])
+            .arg(&src)
+            .arg("-o")
+            .arg(&out)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "gcc failed (`./x setup` installs it)");
+        ElfFile::open(&out).unwrap()
+    };
+    let apis = |elf: &ElfFile, prefix: &str| -> Vec<Api> {
+        let (points, _) = probe_points(elf, prefix, false).unwrap();
+        let mut apis: Vec<Api> = points.iter().map(|p| p.api).collect();
+        apis.sort();
+        apis
+    };
+
+    let rjem = build(
+        "rjem",
+        &[
+            "_rjem_malloc",
+            "_rjem_mallocx",
+            "_rjem_rallocx",
+            "_rjem_sdallocx",
+        ],
+    );
+    assert_eq!(prefix_of(&rjem), Some("_rjem_"));
+    assert_eq!(Allocator::of(&rjem, "/app/rjem"), Allocator::Jemalloc);
+    assert_eq!(
+        apis(&rjem, "_rjem_"),
+        [Api::Malloc, Api::Mallocx, Api::Rallocx, Api::Sdallocx]
+    );
+
+    let mi = build(
+        "mi",
+        &[
+            "mi_malloc_aligned",
+            "mi_zalloc_aligned",
+            "mi_realloc_aligned",
+            "mi_free",
+        ],
+    );
+    assert_eq!(prefix_of(&mi), Some("mi_"));
+    assert_eq!(Allocator::of(&mi, "/app/mi"), Allocator::Mimalloc);
+    assert_eq!(
+        apis(&mi, "mi_"),
+        [
+            Api::Free,
+            Api::MiMallocAligned,
+            Api::MiZallocAligned,
+            Api::MiReallocAligned
+        ]
+    );
+
+    // Allocating without freeing (or the reverse) is no allocator.
+    let half = build("half", &["_rjem_malloc", "mi_free"]);
+    assert_eq!(prefix_of(&half), None);
+}
+
 /// Builds a new-format cache: (flags, name, path, hwcap) entries.
 fn build_cache(entries: &[(i32, &str, &str, u64)]) -> Vec<u8> {
     let mut strings = Vec::new();
