@@ -580,9 +580,10 @@ const UWR_OWN: &[&str] = &[
 /// mangled one (C++ `_Z`, Rust v0 `_R`), else by gdb's frame name (the lambda's, `main`,
 /// libstdc++'s operator new from its dynamic symbols): gdb's own frame names are DWARF's
 /// (`uwx::leaf` without its parameters, Rust's `{impl#0}` for a trait impl), the linkage
-/// names are what allocwatch demangles. The one normalisation: gdb's Rust demangler writes
-/// each crate's disambiguator (`std[79e685616d8acb06]::…`, the hash), allocwatch's does not;
-/// it is removed. Which frames there are, and in which order, is gdb's unwinder's answer.
+/// names are what allocwatch demangles. The one normalisation, Rust's hashes, which gdb's
+/// demangler writes and allocwatch's does not: each crate's disambiguator of a v0 name
+/// (`std[79e685616d8acb06]::…`) and the `::h…` suffix of a legacy one (a stable rustc's own
+/// crate) are removed. Which frames there are, and in which order, is gdb's unwinder's answer.
 fn gdb_frames_above_malloc(program: &Path, function: &str) -> Vec<String> {
     let go = support::temp_file("unwind-lang-go");
     std::fs::write(&go, b"").unwrap();
@@ -596,7 +597,8 @@ while f is not None:
     ln = s.linkage_name if s is not None else None
     name = f.name()
     if ln and ln.startswith("_Z"):
-        name = gdb.execute("demangle -l c++ -- " + ln, to_string=True).strip()
+        name = gdb.execute("demangle -l auto -- " + ln, to_string=True).strip()
+        name = re.sub(r"::h[0-9a-f]{16}$", "", name)
     elif ln and ln.startswith("_R"):
         name = gdb.execute("demangle -l rust -- " + ln, to_string=True).strip()
         name = re.sub(r"\[[0-9a-f]+\]", "", name)
