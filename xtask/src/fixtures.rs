@@ -1,6 +1,7 @@
 //! Fixtures: fixtures/c/NAME.c -> target/fixtures/NAME, fixtures/c/split_fixture.c also in the
 //! variants of target/fixtures/split/ (see [`build_split`]), fixtures/c/unwind/ -> target/fixtures/
-//! unwind/ (see [`build_unwind`]), fixtures/growth/ -> target/fixtures/growth/ (see
+//! unwind/ (see [`build_unwind`], and [`build_unwind_cxx_rust`] for its C++ and Rust programs),
+//! fixtures/growth/ -> target/fixtures/growth/ (see
 //! [`build_growth`]), fixtures/rust/alloc -> target/fixtures/rust-alloc/release/ (see
 //! [`build_rust_alloc`]), and fixtures/go/growth built by
 //! every Go toolchain (xtask/src/go.rs) -> target/gofixtures/growth-<version>[-noswissmap]
@@ -72,6 +73,7 @@ fn build_c(paths: &Paths) -> anyhow::Result<PathBuf> {
     build_split(&src_dir, &out_dir.join("split"))?;
     build_allocators(&src_dir, &out_dir.join("alloc"))?;
     build_unwind(&src_dir, &out_dir.join("unwind"))?;
+    build_unwind_cxx_rust(&paths.root, &out_dir.join("unwind/nofp"))?;
     build_growth(&paths.root.join("fixtures/growth"), &out_dir.join("growth"))?;
     Ok(out_dir)
 }
@@ -325,6 +327,45 @@ fn build_unwind(src_dir: &Path, out: &Path) -> anyhow::Result<()> {
                 .arg("-L")
                 .arg(&vdir)
                 .args(["-lunwfix", "-Wl,-rpath,$ORIGIN"]),
+        )?;
+    }
+    Ok(())
+}
+
+/// The C++ and Rust programs of the unwinding tests (xtask/tests/unwind.rs), in `out`, both
+/// without frame pointers and with debug info for names and inlined frames:
+/// fixtures/c/unwind/unwind_cxx.cpp -> `unwind_cxx` (g++ -O2 -fomit-frame-pointer -g) and
+/// fixtures/rust/unwind_rust.rs -> `unwind_rust` (rustc, a release build: opt-level 2, no
+/// frame pointers, debuginfo 1; linked by rustc's default linker, lld on x86_64).
+fn build_unwind_cxx_rust(root: &Path, out: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let cxx_src = root.join("fixtures/c/unwind/unwind_cxx.cpp");
+    let cxx = out.join("unwind_cxx");
+    if is_stale([&cxx_src], &cxx)? {
+        cmd::run(
+            Command::new("g++")
+                .args([
+                    "-O2",
+                    "-g",
+                    "-fomit-frame-pointer",
+                    "-Wall",
+                    "-Wextra",
+                    "-o",
+                ])
+                .arg(&cxx)
+                .arg(&cxx_src),
+        )?;
+    }
+    let rust_src = root.join("fixtures/rust/unwind_rust.rs");
+    let rust = out.join("unwind_rust");
+    if is_stale([&rust_src], &rust)? {
+        let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+        cmd::run(
+            Command::new(rustc)
+                .args(["-C", "opt-level=2", "-C", "force-frame-pointers=no"])
+                .args(["-C", "debuginfo=1", "-o"])
+                .arg(&rust)
+                .arg(&rust_src),
         )?;
     }
     Ok(())

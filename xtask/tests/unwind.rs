@@ -542,3 +542,224 @@ fn dwarf_unwinding_walks_past_a_fake_frame_pointer() {
         "nothing cut\n{proc:#}"
     );
 }
+
+/// fixtures/c/unwind/unwind_cxx.cpp's one allocation (`::operator new`, libstdc++'s, which
+/// calls malloc).
+const UWX_BYTES: u64 = 5353;
+
+/// Its chain from malloc's caller, innermost first, as allocwatch names it (demangled): a
+/// virtual call, the lambda (`operator()`: g++'s debug info gives it no other name) behind
+/// a `std::function`, whose call operator is inlined into the function template.
+const UWX_STACK: &[&str] = &[
+    "operator new(unsigned long)",
+    "uwx::leaf()",
+    "uwx::Circle::grow(int)",
+    "operator()",
+    "std::function<void (uwx::Shape&)>::operator()(uwx::Shape&) const",
+    "void uwx::run<uwx::Shape>(std::function<void (uwx::Shape&)> const&, uwx::Shape&)",
+    "main",
+];
+
+/// fixtures/rust/unwind_rust.rs's one allocation (`Vec::with_capacity`).
+const UWR_BYTES: u64 = 5454;
+
+/// The fixture's own frames in that chain, innermost first: below them the standard
+/// library's inlined allocation path, above them its runtime's start (lang_start) up to the
+/// C `main`, both checked against gdb, not here (they change with the toolchain).
+const UWR_OWN: &[&str] = &[
+    "unwind_rust::leaf",
+    "<unwind_rust::Circle as unwind_rust::Shape>::grow",
+    "unwind_rust::main::{closure#0}",
+    "unwind_rust::run::<dyn unwind_rust::Shape>",
+    "unwind_rust::main",
+];
+
+/// gdb's names for the frames above malloc when `program GOFILE` first calls malloc in
+/// `function` (a breakpoint there, then one at malloc), innermost first, up to `main`.
+/// Each frame is named from its function's linkage name, demangled by gdb, when that is a
+/// mangled one (C++ `_Z`, Rust v0 `_R`), else by gdb's frame name (the lambda's, `main`,
+/// libstdc++'s operator new from its dynamic symbols): gdb's own frame names are DWARF's
+/// (`uwx::leaf` without its parameters, Rust's `{impl#0}` for a trait impl), the linkage
+/// names are what allocwatch demangles. The one normalisation, Rust's hashes, which gdb's
+/// demangler writes and allocwatch's does not: each crate's disambiguator of a v0 name
+/// (`std[79e685616d8acb06]::…`) and the `::h…` suffix of a legacy one (a stable rustc's own
+/// crate) are removed. Which frames there are, and in which order, is gdb's unwinder's answer.
+fn gdb_frames_above_malloc(program: &Path, function: &str) -> Vec<String> {
+    let go = support::temp_file("unwind-lang-go");
+    std::fs::write(&go, b"").unwrap();
+    let script = support::temp_file("unwind-gdb.py");
+    std::fs::write(
+        &script,
+        r#"import re
+f = gdb.newest_frame()
+while f is not None:
+    s = f.function()
+    ln = s.linkage_name if s is not None else None
+    name = f.name()
+    if ln and ln.startswith("_Z"):
+        name = gdb.execute("demangle -l auto -- " + ln, to_string=True).strip()
+        name = re.sub(r"::h[0-9a-f]{16}$", "", name)
+    elif ln and ln.startswith("_R"):
+        name = gdb.execute("demangle -l rust -- " + ln, to_string=True).strip()
+        name = re.sub(r"\[[0-9a-f]+\]", "", name)
+    print("FRAME " + str(name))
+    f = f.older()
+"#,
+    )
+    .unwrap();
+    let out = Command::new("gdb")
+        .args([
+            "-batch",
+            "-nx",
+            "-ex",
+            "set debuginfod enabled off",
+            "-ex",
+            &format!("break {function}"),
+            "-ex",
+            "run",
+            "-ex",
+            "tbreak malloc",
+            "-ex",
+            "continue",
+            "-ex",
+            "bt",
+            "-x",
+        ])
+        .arg(&script)
+        .args(["-ex", "kill", "--args"])
+        .arg(program)
+        .arg(&go)
+        .output()
+        .expect("gdb runs");
+    let _ = std::fs::remove_file(&go);
+    let _ = std::fs::remove_file(&script);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut names = Vec::new();
+    // The first frame is malloc's own.
+    for name in text
+        .lines()
+        .filter_map(|l| l.strip_prefix("FRAME "))
+        .skip(1)
+    {
+        names.push(name.to_owned());
+        if name == "main" {
+            break;
+        }
+    }
+    assert!(
+        names.last().is_some_and(|n| n == "main"),
+        "gdb's frames reach main\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    names
+}
+
+/// `allocwatch top --unwind HOW -- PROGRAM GOFILE`: the program allocates once the tables
+/// line names every one of `files` (with a table); no unwind loss, nothing cut.
+fn trace_program(env: &TestEnv, program: &Path, unwind: &str, files: &[&str]) -> Traced {
+    let go = support::temp_file("unwind-lang-go");
+    let out = support::temp_file("unwind-lang.json");
+    let args = [
+        "top",
+        "--json",
+        "-o",
+        path_str(&out),
+        "--unwind",
+        unwind,
+        "--",
+        path_str(program),
+        path_str(&go),
+    ];
+    let mut aw = Allocwatch::spawn(env, &args);
+    aw.wait_tracing_pid(Duration::from_secs(30));
+    wait_stderr(
+        &aw,
+        "unwind tables for the program and its libraries",
+        |text| {
+            table_lines(text)
+                .iter()
+                .any(|(t, _)| files.iter().all(|f| t.contains(f)))
+        },
+    );
+    std::fs::write(&go, b"").unwrap();
+    let status = aw.wait_exit(Duration::from_secs(60));
+    aw.assert_success(status);
+    let report = read_json(&out);
+    let _ = std::fs::remove_file(&out);
+    let _ = std::fs::remove_file(&go);
+    let processes = array(&report, "processes");
+    assert_eq!(processes.len(), 1, "one process traced\n{report:#}");
+    let proc = processes[0].clone();
+    for cause in [
+        "unwind_unsupported",
+        "unwind_read_error",
+        "unwind_truncated",
+        "symbolize_stack_cut",
+    ] {
+        let n = proc["lost"][cause].as_u64().unwrap_or(0);
+        assert_eq!(n, 0, "{unwind}: {cause}\n{proc:#}");
+    }
+    Traced {
+        proc,
+        stderr: aw.stderr.text(),
+    }
+}
+
+/// A C++ program built g++ -O2 -fomit-frame-pointer: its operator new five calls deep
+/// (a template, std::function, a lambda, a virtual call) is named frame by frame, demangled,
+/// in order, with `auto` and `dwarf`, as gdb unwinds the same call in the same run.
+#[test]
+fn cxx_program_without_frame_pointers_named_as_gdb_names_it() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let program = env.fixtures.join("unwind/nofp/unwind_cxx");
+    let peer = gdb_frames_above_malloc(&program, "uwx::leaf");
+    assert_eq!(peer, UWX_STACK, "gdb");
+    for unwind in ["auto", "dwarf"] {
+        let traced = trace_program(
+            &env,
+            &program,
+            unwind,
+            &["unwind_cxx", "libstdc++.so", "libc.so.6"],
+        );
+        let site = site_of(&traced.proc, UWX_BYTES);
+        let got = functions_to_main(site);
+        assert_eq!(
+            got, peer,
+            "{unwind}: allocwatch vs gdb\n{site:#}\n{}",
+            traced.stderr
+        );
+    }
+}
+
+/// A Rust release binary without frame pointers (rustc -C opt-level=2 -C
+/// force-frame-pointers=no, linked by lld): its Vec allocation five calls deep (a trait
+/// object's method, a closure, a generic function) is named frame by frame with the standard
+/// library's inlined frames below and its runtime's above, in order, with `auto` and `dwarf`,
+/// as gdb unwinds the same call in the same run. Before, every stack stopped at the first
+/// frame of such a binary: lld puts the text's first file page in the read-only segment too,
+/// and the table's bias was taken from that segment.
+#[test]
+fn rust_release_binary_without_frame_pointers_named_as_gdb_names_it() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let program = env.fixtures.join("unwind/nofp/unwind_rust");
+    let peer = gdb_frames_above_malloc(&program, "unwind_rust::leaf");
+    let own = |names: &[String]| -> Vec<String> {
+        let Some(i) = names.iter().position(|n| n == UWR_OWN[0]) else {
+            return Vec::new();
+        };
+        names[i..].iter().take(UWR_OWN.len()).cloned().collect()
+    };
+    assert_eq!(own(&peer), UWR_OWN, "gdb\n{peer:#?}");
+    for unwind in ["auto", "dwarf"] {
+        let traced = trace_program(&env, &program, unwind, &["unwind_rust", "libc.so.6"]);
+        let site = site_of(&traced.proc, UWR_BYTES);
+        let got = functions_to_main(site);
+        assert_eq!(
+            got, peer,
+            "{unwind}: allocwatch vs gdb\n{site:#}\n{}",
+            traced.stderr
+        );
+    }
+}

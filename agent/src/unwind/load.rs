@@ -58,7 +58,8 @@ impl UnwindMaps {
     }
 }
 
-/// A file's table in `UNWIND_ROWS` and its loadable segments (file offset, address, size).
+/// A file's table in `UNWIND_ROWS` and its executable loadable segments (file offset,
+/// address, size).
 #[derive(Clone, Debug)]
 struct FileTable {
     first: u32,
@@ -286,9 +287,16 @@ impl Tables {
             );
             return Ok(Some(slot.insert(FileState::Without).clone()));
         }
+        // Executable segments only: only executable mappings are walked, and with lld's layout
+        // (rustc's default linker) the read-only segment before the text shares the text's
+        // first file page, so matching on file offsets alone took it (bias off by a page).
         let segments = object::File::parse(&*data)
             .map(|f| {
                 f.segments()
+                    .filter(|s| {
+                        matches!(s.flags(), object::SegmentFlags::Elf { p_flags }
+                            if p_flags & object::elf::PF_X != 0)
+                    })
                     .map(|s| {
                         let (off, size) = s.file_range();
                         (off, s.address(), size)
@@ -368,6 +376,11 @@ mod tests {
         assert_eq!(0x7f00_0000_1010 - bias(&segs, &m).unwrap(), 0x2010);
         let m = parse_line("7f0000001000-7f0000002000 r-xp 00009000 08:01 43 /lib/y.so").unwrap();
         assert_eq!(bias(&segs, &m), None);
+        // lld's layout (a Rust binary): the text segment's first page is also the last of the
+        // read-only segment before it, which `segments` leaves out (executable segments only).
+        let segs = [(0x13fb0, 0x14fb0, 0x3b710)];
+        let m = parse_line("555555568000-5555555a4000 r-xp 00013000 08:01 44 /bin/r").unwrap();
+        assert_eq!(0x5555_5556_9280 - bias(&segs, &m).unwrap(), 0x15280);
     }
 
     #[test]
