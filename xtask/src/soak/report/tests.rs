@@ -160,7 +160,7 @@ fn the_issue_17_run_fails_every_agent_criterion() {
             "FAIL no event lost, of any cause: 61.3 M lost by t = 571 s: site_map_full 37.9 M, \
              live_map_full 22.6 M, ringbuf_full 806.0 k; unknown after that (later scrapes \
              unanswered)",
-            "FAIL SIGTERM: the agent exits (status 0) within 2 s: still running 10.0 s after \
+            "FAIL SIGTERM: the agent exits (status 0) within 1 s: still running 10.0 s after \
              SIGTERM: killed with SIGKILL",
             "FAIL workload: the steady allocator's calls (comm soak_steady) rose at every \
              scrape: not seen at t = 601 s (/metrics unanswered)",
@@ -279,7 +279,7 @@ fn an_early_death_a_slow_exit_leftovers_and_bad_churn_fail() {
     assert_eq!(
         lines,
         [
-            "FAIL SIGTERM: the agent exits (status 0) within 2 s: the agent ended by itself at \
+            "FAIL SIGTERM: the agent exits (status 0) within 1 s: the agent ended by itself at \
              t = 95 s (signal: 9 (SIGKILL)), before the SIGTERM",
             "FAIL nothing of the agent left in the kernel: left: programs {2}; 1 uprobe events \
              (first: `p:uprobes/aya_4242_p_x /x:0x1`) (1 new uprobe events of other tracers \
