@@ -715,21 +715,13 @@ fn cxx_program_without_frame_pointers_named_as_gdb_names_it() {
     let program = env.fixtures.join("unwind/nofp/unwind_cxx");
     let peer = gdb_frames_above_malloc(&program, "uwx::leaf");
     assert_eq!(peer, UWX_STACK, "gdb");
-    for unwind in ["auto", "dwarf"] {
-        let traced = trace_program(
-            &env,
-            &program,
-            unwind,
-            &["unwind_cxx", "libstdc++.so", "libc.so.6"],
-        );
-        let site = site_of(&traced.proc, UWX_BYTES);
-        let got = functions_to_main(site);
-        assert_eq!(
-            got, peer,
-            "{unwind}: allocwatch vs gdb\n{site:#}\n{}",
-            traced.stderr
-        );
-    }
+    assert_named_as_gdb(
+        &env,
+        &program,
+        &["unwind_cxx", "libstdc++.so", "libc.so.6"],
+        UWX_BYTES,
+        &peer,
+    );
 }
 
 /// A Rust release binary without frame pointers (rustc -C opt-level=2 -C
@@ -752,9 +744,21 @@ fn rust_release_binary_without_frame_pointers_named_as_gdb_names_it() {
         names[i..].iter().take(UWR_OWN.len()).cloned().collect()
     };
     assert_eq!(own(&peer), UWR_OWN, "gdb\n{peer:#?}");
+    assert_named_as_gdb(
+        &env,
+        &program,
+        &["unwind_rust", "libc.so.6"],
+        UWR_BYTES,
+        &peer,
+    );
+}
+
+/// `program` traced with `auto` and then `dwarf` (the tables of `files`): its site of `bytes`
+/// has gdb's frames `peer`, in order, up to `main`.
+fn assert_named_as_gdb(env: &TestEnv, program: &Path, files: &[&str], bytes: u64, peer: &[String]) {
     for unwind in ["auto", "dwarf"] {
-        let traced = trace_program(&env, &program, unwind, &["unwind_rust", "libc.so.6"]);
-        let site = site_of(&traced.proc, UWR_BYTES);
+        let traced = trace_program(env, program, unwind, files);
+        let site = site_of(&traced.proc, bytes);
         let got = functions_to_main(site);
         assert_eq!(
             got, peer,

@@ -68,16 +68,7 @@ impl Relays {
                 relays.masks[api as usize] = 0;
             }
         }
-        let jumps = TailJumps {
-            elf,
-            entries: &entries,
-            got: got.as_deref(),
-            functions: elf
-                .symbols()
-                .filter(|(_, s)| s.size > 0)
-                .map(|(_, s)| (s.address, s.size))
-                .collect(),
-        };
+        let jumps = TailJumps::new(elf, &entries, got.as_deref());
         let mut ranges = Vec::new();
         let mut bias = None;
         let mut consistent = true;
@@ -134,7 +125,20 @@ struct TailJumps<'a> {
     functions: std::collections::HashMap<u64, u64>,
 }
 
-impl TailJumps<'_> {
+impl<'a> TailJumps<'a> {
+    fn new(elf: &'a ElfFile, entries: &'a [(u64, Api)], got: Option<&'a [(u64, u64)]>) -> Self {
+        Self {
+            elf,
+            entries,
+            got,
+            functions: elf
+                .symbols()
+                .filter(|(_, s)| s.size > 0)
+                .map(|(_, s)| (s.address, s.size))
+                .collect(),
+        }
+    }
+
     /// The APIs a function (its whole `code`, loaded at `start`) may tail-jump into: a jump
     /// to an API's entry, or to a PLT stub whose GOT slot is bound to one, names that API; a
     /// jump to another function of the file names what that one's tail jumps reach, `hops`
@@ -249,16 +253,7 @@ mod tests {
             .map(|api| (elf.symbol(api.symbol()).expect("API symbol").address, api))
             .collect();
         let got = got_slots(elf.path());
-        let jumps = TailJumps {
-            elf: &elf,
-            entries: &entries,
-            got: got.as_deref(),
-            functions: elf
-                .symbols()
-                .filter(|(_, s)| s.size > 0)
-                .map(|(_, s)| (s.address, s.size))
-                .collect(),
-        };
+        let jumps = TailJumps::new(&elf, &entries, got.as_deref());
         let reach = |name: &str, hops: u32| {
             let sym = elf.symbol(name).expect(name);
             let code = elf.function_code(sym, sym.size).expect("code");
