@@ -32,6 +32,7 @@ pub mod map_names {
     pub const LIBC_FILES: &str = "LIBC_FILES";
     pub const SITE_BUDGET: &str = "SITE_BUDGET";
     pub const SITE_LIMIT: &str = "SITE_LIMIT";
+    pub const STOPPED: &str = "STOPPED";
     pub const ADMITTED: &str = "ADMITTED";
     pub const SITE_ROWS: &str = "SITE_ROWS";
     pub const FOLLOWED: &str = "FOLLOWED";

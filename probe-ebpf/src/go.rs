@@ -23,7 +23,7 @@ use aya_ebpf::{
 
 use crate::{
     arch,
-    maps::{GO_HIST, GO_PROCS, GO_SPECS, GO_STW, capture_stack, hist_add, traced, why},
+    maps::{GO_HIST, GO_PROCS, GO_SPECS, GO_STW, begins, capture_stack, hist_add, why},
 };
 
 #[uprobe(multi)]
@@ -55,7 +55,7 @@ pub fn go_floor_single(_ctx: ProbeContext) -> u32 {
 fn on_go(ctx: &ProbeContext) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    if !traced(tgid) {
+    if !begins(tgid) {
         return;
     }
     // SAFETY: the context pointer is valid for the program's lifetime.

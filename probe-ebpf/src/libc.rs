@@ -37,8 +37,8 @@ use aya_ebpf::{
 use crate::{
     arch,
     maps::{
-        FLAGS, LAST_ENTRY, LIBC_FILES, LIBC_HIST, LIVE, PENDING, count_call, hist_add, lost,
-        row_of, sampled, sampling, traced, why,
+        FLAGS, LAST_ENTRY, LIBC_FILES, LIBC_HIST, LIVE, PENDING, begins, count_call, hist_add,
+        lost, row_of, sampled, sampling, traced, why,
     },
     unwind::capture_libc_stack,
 };
@@ -120,7 +120,7 @@ pub fn libc_floor_return_single(_ctx: RetProbeContext) -> u32 {
 fn on_count(ctx: &ProbeContext) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    if !traced(tgid) {
+    if !begins(tgid) {
         return;
     }
     // SAFETY: the context pointer is valid for the program's lifetime.
@@ -279,7 +279,7 @@ fn request(ctx: &ProbeContext, api: Api) -> (u64, u64) {
 fn on_entry(ctx: &ProbeContext) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    if !traced(tgid) {
+    if !begins(tgid) {
         return;
     }
     // SAFETY: the context pointer is valid for the program's lifetime.

@@ -167,6 +167,20 @@ pub fn followed(tgid: u32) -> bool {
     FOLLOWED.get_ptr(&tgid).is_some()
 }
 
+/// Slot 0 set by the agent when a session ends (`top --pid` on a signal or at its duration):
+/// from then on no entry probe counts a call, so the report is cut at one instant for every
+/// API, although the links then detach some milliseconds apart. An array: its lookup is
+/// inlined by the verifier (a bounds check and a load, no helper call).
+#[map]
+pub static STOPPED: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Whether a call that begins now, in `tgid`, is recorded: the session has not stopped and the
+/// process is traced. Entry probes only; a return probe completes what its entry began.
+#[inline(always)]
+pub fn begins(tgid: u32) -> bool {
+    !matches!(STOPPED.get(0), Some(&s) if s != 0) && traced(tgid)
+}
+
 /// Whether events of `tgid` are recorded: the followed tree, the one traced process, or every
 /// process the probes are attached to, narrowed by the agent's allow- or denylist.
 #[inline(always)]

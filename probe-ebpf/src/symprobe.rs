@@ -24,7 +24,7 @@ use aya_ebpf::{
 use crate::{
     arch,
     libc::{return_address, stacks_on},
-    maps::{lost, traced},
+    maps::{begins, lost},
     unwind::capture_libc_stack,
 };
 
@@ -48,7 +48,7 @@ pub fn sym_entry_single(ctx: ProbeContext) -> u32 {
 #[inline(always)]
 fn on_entry(ctx: &ProbeContext) {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if !traced(tgid) {
+    if !begins(tgid) {
         return;
     }
     // SAFETY: the context pointer is valid for the program's lifetime.

@@ -53,7 +53,8 @@ use support::agent::{Agent, Identity, Metrics};
 use support::{
     API_TOTALS, APIS, Allocwatch, AllocwatchBin, BPF_FREE_LIMIT, BpfIds, KernelState, Lines,
     Scratch, address_groups, array, bpftool, env_path, go_toolchains, libc_path, path_str,
-    process_by_pid, read_json, serial, signal, str_at, u64_at, version_key, wait_child,
+    process_by_pid, read_json, serial, signal, str_at, u64_at, uprobe_breakpoints, version_key,
+    wait_child, wait_no_breakpoints,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -882,8 +883,9 @@ fn agent_sigkill_and_restart() {
     second.stop();
 }
 
-/// SIGTERM and SIGINT: the agent and `top --pid` exit 0 within a second of the signal, with
-/// every BPF object they held freed by then.
+/// SIGTERM and SIGINT: the agent exits 0 within a second of the signal, `top --pid` has
+/// detached every probe within a second (and exits 0 with its report after), and every BPF
+/// object they held is freed.
 #[test]
 fn signals_detach_within_one_second() {
     let env = TestEnv::get();
@@ -899,14 +901,21 @@ fn signals_detach_within_one_second() {
         thread::sleep(Duration::from_millis(300));
         let held = BpfIds::held_by(aw.child.id());
         assert!(!held.progs.is_empty(), "top holds no BPF program");
-        let t = Instant::now();
+        let traps = uprobe_breakpoints(fx.pid);
+        assert!(traps > 0, "no uprobe breakpoint in the traced process");
         signal(aw.child.id(), sig);
-        let status = aw.wait_exit(Duration::from_secs(5));
-        let took = t.elapsed();
+        // `top` lets the process go first, then drains and names its sites for the report,
+        // which may take longer on a loaded machine: the limit is on the process being free of
+        // the probes, seen in its own code.
+        let detached = wait_no_breakpoints(fx.pid, Duration::from_secs(5));
+        let status = aw.wait_exit(Duration::from_secs(15));
         aw.assert_success(status);
+        let took = detached.unwrap_or_else(|| {
+            panic!("{traps} breakpoints: some still in the traced process 5 s after signal {sig}")
+        });
         assert!(
             took <= DETACH_LIMIT,
-            "top took {took:.2?} to exit after signal {sig}"
+            "top took {took:.2?} to detach after signal {sig}"
         );
         held.assert_all_gone("top", BPF_FREE_LIMIT);
         assert!(

@@ -631,6 +631,28 @@ impl Probes {
         Ok(())
     }
 
+    /// Ends the session in the kernel: no entry probe counts a call from now on (one instant
+    /// for every API, where the links' detaches are milliseconds apart), then every link is
+    /// detached; the maps stay readable for the final report. The flag not set (a map error)
+    /// only loses that instant: the links still go.
+    pub fn stop(&mut self) -> Result<(), ProbeError> {
+        let flagged = self.set_stopped();
+        self.links.detach_all();
+        flagged
+    }
+
+    fn set_stopped(&mut self) -> Result<(), ProbeError> {
+        let map = self
+            .ebpf
+            .map_mut(map_names::STOPPED)
+            .ok_or(MapError::InvalidName {
+                name: map_names::STOPPED.into(),
+            })?;
+        let mut slot: Array<_, u32> = Array::try_from(map)?;
+        slot.set(0, &1, 0)?;
+        Ok(())
+    }
+
     /// A handle on the links, to detach them from another thread.
     pub fn links(&self) -> Links {
         self.links.clone()

@@ -100,15 +100,21 @@ pub async fn run(view: View, args: CommonArgs) -> anyhow::Result<()> {
     let mut pidfd = unsafe { AsyncFd::register(pidfd) }.map_err(std::io::Error::from)?;
     let end = follow(&mut tracer, &mut pidfd, &view, &args).await?;
     finish(&mut tracer.watched.info, &mut pidfd, end, launched, pid).await;
+    // The report ends here, for every API at once, and the traced process is let go before
+    // the final drain and the naming of its sites, which can take seconds on a loaded machine.
+    if let Err(e) = tracer.pipe.parts.probes.stop() {
+        crate::say!(
+            "allocwatch: warning: the probes' stop flag: {e} (the report may end a few milliseconds apart per function)"
+        );
+    }
 
-    // Final drain: records emitted just before the exit.
+    // Final drain: records emitted just before the stop.
     tracer.drain().await?;
     let bad_records = tracer.pipe.stats.malformed_records;
     if bad_records > 0 {
         crate::say!("allocwatch: warning: {bad_records} malformed ring-buffer records ignored");
     }
     let rendered = render(&mut tracer, &view, &args).await?;
-    // Detach before writing: the report must not wait on the traced process.
     drop(tracer);
     write_report(args.output.as_deref(), rendered)
 }

@@ -260,6 +260,68 @@ impl BpfIds {
     }
 }
 
+/// Uprobe breakpoints in `pid`'s code: bytes of its executable file mappings that read as
+/// `int3` (0xcc) in its memory but not in the file. The kernel writes them when a uprobe is
+/// registered for the process and restores the file's byte when it is unregistered, so this
+/// says, independently of the tracer, whether a process still traps into probes. (An `int3`
+/// written by a debugger counts too; none runs in the tests.)
+pub fn uprobe_breakpoints(pid: u32) -> usize {
+    use std::{
+        io::{Read as _, Seek as _, SeekFrom},
+        os::unix::fs::FileExt as _,
+    };
+    let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        return 0;
+    };
+    let Ok(mut mem) = fs::File::open(format!("/proc/{pid}/mem")) else {
+        return 0;
+    };
+    let mut n = 0;
+    for line in maps.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 6 || !f[1].contains('x') || !f[5].starts_with('/') {
+            continue;
+        }
+        let (Some((lo, hi)), Ok(offset)) = (f[0].split_once('-'), u64::from_str_radix(f[2], 16))
+        else {
+            continue;
+        };
+        let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) else {
+            continue;
+        };
+        let Ok(file) = fs::File::open(f[5]) else {
+            continue;
+        };
+        let len = (hi - lo) as usize;
+        let mut in_mem = vec![0u8; len];
+        let mut in_file = vec![0u8; len];
+        if mem.seek(SeekFrom::Start(lo)).is_err() || mem.read_exact(&mut in_mem).is_err() {
+            continue;
+        }
+        // Past the file's end the mapping reads zeros, as the buffer starts.
+        let _ = file.read_at(&mut in_file, offset);
+        n += in_mem
+            .iter()
+            .zip(&in_file)
+            .filter(|&(&m, &f)| m == 0xcc && f != 0xcc)
+            .count();
+    }
+    n
+}
+
+/// Waits until `pid` has no uprobe breakpoint left ([`uprobe_breakpoints`]); how long that
+/// took, or `None` after `within`.
+pub fn wait_no_breakpoints(pid: u32, within: Duration) -> Option<Duration> {
+    let t = Instant::now();
+    while t.elapsed() < within {
+        if uprobe_breakpoints(pid) == 0 {
+            return Some(t.elapsed());
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    None
+}
+
 fn bpf_object_exists(cmd: libc::c_long, id: u32) -> bool {
     // union bpf_attr for *_GET_FD_BY_ID: { u32 id; u32 next_id; u32 open_flags; }
     let mut attr = [id, 0, 0, 0];
