@@ -1,4 +1,4 @@
-//! Project tasks: `./x setup | build | run | fixtures | lint | test | bench | soak`. `./x`
+//! Project tasks: `./x setup | build | run | fixtures | lint | deny | test | bench | soak`. `./x`
 //! installs the pinned toolchain and then runs this binary; everything else a fresh machine
 //! needs is installed here.
 
@@ -57,6 +57,18 @@ enum Task {
     /// No import cycle between a crate's top-level modules (xtask/src/cycles.rs), rustfmt
     /// check, and clippy (host crates and the BPF probe) with warnings denied.
     Lint,
+    /// `cargo deny` as `./x test` runs it: bans, licenses and sources of the workspace, RustSec
+    /// advisories of every Cargo.lock (a fresh database, or the snapshot in deny/advisory-db/ when
+    /// github.com cannot be reached).
+    Deny {
+        /// Check advisories against the vendored snapshot without trying to fetch the database.
+        #[arg(long, conflicts_with = "refresh_advisories")]
+        offline: bool,
+        /// Rewrite deny/advisory-db/ from the HEAD commit of this clone of
+        /// github.com/rustsec/advisory-db (only the advisories of crates in our lock files).
+        #[arg(long, value_name = "ADVISORY_DB_CHECKOUT")]
+        refresh_advisories: Option<std::path::PathBuf>,
+    },
     /// Benchmarks (not part of `test`): tracing cost vs. an empty-probe floor and bpftrace, Go
     /// growth cost, throughput, agent footprint; writes target/bench/results.md (BENCHMARKS.md).
     Bench(bench::Args),
@@ -113,6 +125,21 @@ fn dispatch(paths: &paths::Paths, task: Task) -> anyhow::Result<()> {
             println!("{}", built.go.display());
         }),
         Task::Lint => lint::all(paths),
+        Task::Deny {
+            refresh_advisories: Some(checkout),
+            ..
+        } => deny::refresh(paths, &checkout),
+        Task::Deny {
+            offline,
+            refresh_advisories: None,
+        } => {
+            let source = if offline {
+                deny::Source::Vendored
+            } else {
+                deny::Source::FetchOrVendored
+            };
+            deny::check(paths, source).map(|line| println!("{line}"))
+        }
         Task::Test { vm: None, args } => test::all(paths, &args),
         Task::Test {
             vm: Some(kernel),

@@ -24,6 +24,14 @@ pub struct Paths {
 impl Paths {
     /// Locates the repository from this crate's manifest and puts the tool cache on PATH.
     pub fn discover() -> anyhow::Result<Self> {
+        let paths = Self::locate()?;
+        paths.put_tools_on_path()?;
+        Ok(paths)
+    }
+
+    /// The paths alone, PATH untouched (for unit tests: setting the environment of a process
+    /// whose tests run in threads is a data race).
+    pub fn locate() -> anyhow::Result<Self> {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"))
             .parent()
             .ok_or_else(|| anyhow!("xtask has no parent directory"))?
@@ -31,13 +39,11 @@ impl Paths {
         let channel = pinned_channel(&root.join("rust-toolchain.toml"))?;
         let home = env::var_os("HOME").ok_or_else(|| anyhow!("HOME is not set"))?;
         let cache = PathBuf::from(home).join(".cache/allocwatch");
-        let paths = Self {
+        Ok(Self {
             root,
             channel,
             cache,
-        };
-        paths.put_tools_on_path()?;
-        Ok(paths)
+        })
     }
 
     pub fn tools_bin(&self) -> PathBuf {

@@ -21,7 +21,7 @@ pub fn all(paths: &Paths, extra: &[OsString]) -> anyhow::Result<()> {
     }
     setup::all(paths)?;
     lint::all(paths)?;
-    let deny = deny::check(paths)?;
+    let deny = deny::check(paths, deny::Source::FetchOrVendored)?;
     // deploy/: manifests against the Kubernetes schemas, the DaemonSet's security posture,
     // alert rules (promtool check + unit tests), dashboard queries.
     cmd::run(Command::new("bash").arg(paths.root.join("deploy/check.sh")))
