@@ -23,8 +23,8 @@ use std::{
 use serde_json::Value;
 use support::agent::{Agent, Identity, Metrics};
 use support::{
-    Allocwatch, AllocwatchBin, Fixture, Scratch, assert_single_error, bpftool, path_str, read_json,
-    serial,
+    Allocwatch, AllocwatchBin, Fixture, Scratch, assert_single_error, bpftool, c_function,
+    path_str, python_and_debug_file, read_json, serial,
 };
 
 struct TestEnv {
@@ -385,50 +385,6 @@ fn rust_growth_counts_exact() {
     );
 }
 
-const PYTHON: &str = "/usr/bin/python3.11";
-
-/// The build-id debug file of `binary` (`readelf -n`), which must exist.
-fn build_id_debug_file(binary: &Path) -> PathBuf {
-    let out = Command::new("readelf")
-        .arg("-n")
-        .arg(binary)
-        .output()
-        .expect("readelf");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let id = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Build ID: "))
-        .unwrap_or_else(|| panic!("{} has no build-id note", binary.display()));
-    let path = PathBuf::from(format!(
-        "/usr/lib/debug/.build-id/{}/{}.debug",
-        &id[..2],
-        &id[2..]
-    ));
-    assert!(
-        path.is_file(),
-        "{} missing: the debug file of {} (Debian's python3.11-dbg, installed by ./x setup)",
-        path.display(),
-        binary.display()
-    );
-    path
-}
-
-/// The address of the function of `debug_file` named `name` or `name.lto_priv.N` (`nm`).
-fn c_function(debug_file: &Path, name: &str) -> u64 {
-    let out = Command::new("nm").arg(debug_file).output().expect("nm");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| {
-            let mut w = l.split_whitespace();
-            let (addr, kind, sym) = (w.next()?, w.next()?, w.next()?);
-            let base = sym.split_once(".lto_priv.").map_or(sym, |(b, _)| b);
-            (kind.eq_ignore_ascii_case("t") && base == name && !sym.ends_with(".cold"))
-                .then(|| u64::from_str_radix(addr, 16).ok())
-                .flatten()
-        })
-        .unwrap_or_else(|| panic!("no function {name} in {}", debug_file.display()))
-}
-
 /// CPython 3.11 (Debian's python3.11, its static functions named by python3.11-dbg's build-id
 /// debug file): `py_dict` counts every `dictresize`, `py_list` the `list_resize` calls that
 /// reallocate. The script counts its own growth from `sys.getsizeof` changes; the interpreter
@@ -442,15 +398,10 @@ fn c_function(debug_file: &Path, name: &str) -> u64 {
 fn python_growth_counts_exact() {
     let env = TestEnv::get();
     let _serial = serial();
-    let python = Path::new(PYTHON);
-    assert!(
-        python.is_file(),
-        "{PYTHON} missing: ./x setup installs python3.11-dbg, which needs it"
-    );
-    let debug = build_id_debug_file(python);
+    let (python, debug) = python_and_debug_file();
     let scratch = Scratch::new("py-growth");
     // The copy keeps the build-id: its debug file is the same one.
-    let copy = scratch.copy(python, "py_growth");
+    let copy = scratch.copy(&python, "py_growth");
     let script = env.fixture("py_growth.py");
     let (dict_at, list_at) = (
         c_function(&debug, "dictresize"),
@@ -515,9 +466,9 @@ fn python_growth_counts_exact() {
 fn agent_exports_python_growth() {
     let env = TestEnv::get();
     let _serial = serial();
-    build_id_debug_file(Path::new(PYTHON));
+    let (python, _) = python_and_debug_file();
     let scratch = Scratch::new("py-growth-agent");
-    let python = scratch.copy(Path::new(PYTHON), "py_growth");
+    let python = scratch.copy(&python, "py_growth");
     let script = env.fixture("py_growth.py");
     let args = ["-I", "-S", path_str(&script), "100000"];
     let command: Vec<&str> = std::iter::once(path_str(&python)).chain(args).collect();

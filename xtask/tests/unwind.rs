@@ -6,7 +6,9 @@
 //! walks at the same call in the same run; `auto` loads tables only for the files built without
 //! frame pointers. The split fixture's fake frame, which a frame-pointer walk cuts
 //! (symbols.rs), is walked through. A malloc 43 frames deep is walked to `main` (`bpf_loop`),
-//! and to the 16-frame limit without it.
+//! and to the 16-frame limit without it. A C++ program, a Rust release binary and Debian's
+//! python3.11 (named through python3.11-dbg's build-id debug file, inlined frames expanded) are
+//! named frame by frame as gdb names them.
 
 mod support;
 
@@ -18,7 +20,8 @@ use std::{
 
 use serde_json::Value;
 use support::{
-    Allocwatch, AllocwatchBin, allocwatch_bin, array, env_path, path_str, read_json, serial, u64_at,
+    Allocwatch, AllocwatchBin, allocwatch_bin, array, c_function, env_path, path_str,
+    python_and_debug_file, read_json, serial, u64_at,
 };
 
 /// fixtures/c/unwind/unwind_fixture.c's one allocation.
@@ -106,11 +109,16 @@ fn functions_to_main(site: &Value) -> Vec<String> {
 
 /// The one malloc site of `bytes` in the traced process's report.
 fn site_of(proc: &Value, bytes: u64) -> &Value {
+    api_site_of(proc, "malloc", bytes)
+}
+
+/// The one site of `api` (`malloc`, `realloc`, …) of `bytes` in the traced process's report.
+fn api_site_of<'a>(proc: &'a Value, api: &str, bytes: u64) -> &'a Value {
     let sites: Vec<&Value> = array(proc, "sites")
         .iter()
-        .filter(|s| s["api"] == "malloc" && u64_at(s, "bytes") == bytes)
+        .filter(|s| s["api"] == api && u64_at(s, "bytes") == bytes)
         .collect();
-    assert_eq!(sites.len(), 1, "one site of {bytes} bytes\n{proc:#}");
+    assert_eq!(sites.len(), 1, "one {api} site of {bytes} bytes\n{proc:#}");
     sites[0]
 }
 
@@ -654,12 +662,18 @@ while f is not None:
     names
 }
 
-/// `allocwatch top --unwind HOW -- PROGRAM GOFILE`: the program allocates once the tables
-/// line names every one of `files` (with a table); no unwind loss, nothing cut.
-fn trace_program(env: &TestEnv, program: &Path, unwind: &str, files: &[&str]) -> Traced {
+/// `allocwatch top --unwind HOW -- PROGRAM ARGS… GOFILE`: the program allocates once the
+/// tables line names every one of `files` (with a table); no unwind loss, nothing cut.
+fn trace_program(
+    env: &TestEnv,
+    program: &Path,
+    program_args: &[&str],
+    unwind: &str,
+    files: &[&str],
+) -> Traced {
     let go = support::temp_file("unwind-lang-go");
     let out = support::temp_file("unwind-lang.json");
-    let args = [
+    let mut args = vec![
         "top",
         "--json",
         "-o",
@@ -668,8 +682,9 @@ fn trace_program(env: &TestEnv, program: &Path, unwind: &str, files: &[&str]) ->
         unwind,
         "--",
         path_str(program),
-        path_str(&go),
     ];
+    args.extend(program_args);
+    args.push(path_str(&go));
     let mut aw = Allocwatch::spawn(env, &args);
     aw.wait_tracing_pid(Duration::from_secs(30));
     wait_stderr(
@@ -757,7 +772,7 @@ fn rust_release_binary_without_frame_pointers_named_as_gdb_names_it() {
 /// has gdb's frames `peer`, in order, up to `main`.
 fn assert_named_as_gdb(env: &TestEnv, program: &Path, files: &[&str], bytes: u64, peer: &[String]) {
     for unwind in ["auto", "dwarf"] {
-        let traced = trace_program(env, program, unwind, files);
+        let traced = trace_program(env, program, &[], unwind, files);
         let site = site_of(&traced.proc, bytes);
         let got = functions_to_main(site);
         assert_eq!(
@@ -766,4 +781,298 @@ fn assert_named_as_gdb(env: &TestEnv, program: &Path, files: &[&str], bytes: u64
             traced.stderr
         );
     }
+}
+
+/// The script Debian's python3.11 runs (`python3.11 -I -S SCRIPT GOFILE`): once GOFILE exists,
+/// two allocations of sizes nothing else in the run asks for, each made by CPython's C code
+/// several calls below the interpreter loop:
+/// - `x.extend(t)` on a one-item list: `list_resize` grows the item array pymalloc served to
+///   12,348 slots; pymalloc hands a block that large to `malloc`: 98,784 bytes;
+/// - `heapq.heappush` on `list(t)` (12,345 items in exactly 12,346 slots), twice: the second
+///   push's `PyList_Append` has `list_resize` ask `realloc` for 12,347 + 12,347/8 + 6 slots,
+///   rounded down to 4: 13,896, 111,168 bytes.
+const PY_SCRIPT: &str = r#"import heapq
+import os
+import sys
+import time
+
+go = sys.argv[1]
+deadline = time.monotonic() + 60
+while not os.path.exists(go):
+    if time.monotonic() > deadline:
+        sys.exit("unwind script: gave up waiting for the go file")
+    time.sleep(0.005)
+
+
+def grow(t):
+    x = [0]
+    x.extend(t)
+    heap = list(t)
+    heapq.heappush(heap, -1)
+    heapq.heappush(heap, -2)
+    return x, heap
+
+
+grow(tuple(range(12345)))
+"#;
+
+/// [`PY_SCRIPT`]'s malloc (`list_extend`) and realloc (`PyList_Append`).
+const PY_EXTEND_BYTES: u64 = 98_784;
+const PY_APPEND_BYTES: u64 = 111_168;
+
+/// Frames each of those stacks must have, in this order (the append's first), among them
+/// static functions and inlined ones, which only python3.11-dbg's debug file names.
+const PY_EXTEND_CHAIN: &[&str] = &["list_resize", "list_extend", "method_vectorcall_O"];
+const PY_APPEND_CHAIN: &[&str] = &[
+    "list_resize",
+    "_PyList_AppendTakeRefListResize",
+    "_PyList_AppendTakeRef",
+    "PyList_Append",
+    "_heapq_heappush_impl",
+    "_heapq_heappush",
+];
+
+/// The interpreter's outermost frame, where both stacks are compared up to: `main` tail-calls
+/// `Py_BytesMain`, so neither unwinder sees `main`; above it is libc's start code.
+const PY_OUTERMOST: &str = "Py_BytesMain";
+
+/// gdb's frames above libc's allocation functions in `python3.11 -I -S SCRIPT GOFILE` (the go
+/// file written first): a breakpoint on `malloc` for [`PY_EXTEND_BYTES`] and one on `realloc`
+/// for [`PY_APPEND_BYTES`] (their size arguments, rdi and rsi), set once `Py_RunMain` runs,
+/// when libc is mapped. Each frame is `function 0xPC` (an inlined frame has the pc of the frame
+/// it is inlined into), innermost first, up to [`PY_OUTERMOST`]: (the stopped function, its
+/// callers) for each stop, in the order they came.
+fn gdb_python_stacks(python: &Path, script: &Path) -> Vec<(String, Vec<String>)> {
+    let go = support::temp_file("unwind-py-go");
+    std::fs::write(&go, b"").unwrap();
+    let frames = support::temp_file("unwind-py-gdb.py");
+    std::fs::write(
+        &frames,
+        r#"f = gdb.newest_frame()
+print("STOP " + str(f.name()))
+f = f.older()
+while f is not None:
+    print("FRAME %s %#x" % (f.name(), f.pc()))
+    f = f.older()
+"#,
+    )
+    .unwrap();
+    let out = Command::new("gdb")
+        .args([
+            "-batch",
+            "-nx",
+            "-ex",
+            "set debuginfod enabled off",
+            "-ex",
+            "break Py_RunMain",
+            "-ex",
+            "run",
+            "-ex",
+            &format!("break malloc if $rdi == {PY_EXTEND_BYTES}"),
+            "-ex",
+            &format!("break realloc if $rsi == {PY_APPEND_BYTES}"),
+        ])
+        .args(["-ex", "continue", "-x"])
+        .arg(&frames)
+        .args(["-ex", "continue", "-x"])
+        .arg(&frames)
+        .args(["-ex", "kill", "--args"])
+        .arg(python)
+        .args(["-I", "-S"])
+        .arg(script)
+        .arg(&go)
+        .output()
+        .expect("gdb runs");
+    let _ = std::fs::remove_file(&go);
+    let _ = std::fs::remove_file(&frames);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let outermost = format!("{PY_OUTERMOST} ");
+    let mut stops: Vec<(String, Vec<String>)> = Vec::new();
+    for line in text.lines() {
+        if let Some(stopped) = line.strip_prefix("STOP ") {
+            stops.push((stopped.to_owned(), Vec::new()));
+        } else if let (Some(frame), Some((_, names))) =
+            (line.strip_prefix("FRAME "), stops.last_mut())
+            && names.last().is_none_or(|n| !n.starts_with(&outermost))
+        {
+            names.push(frame.to_owned());
+        }
+    }
+    let reached = stops
+        .iter()
+        .all(|(_, names)| names.last().is_some_and(|n| n.starts_with(&outermost)));
+    assert!(
+        stops.len() == 2 && reached,
+        "gdb stops twice, its frames reaching {PY_OUTERMOST}\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stops
+}
+
+/// A site's frames up to [`PY_OUTERMOST`], each as `function 0xADDRESS` ([`gdb_python_stacks`]'
+/// form) and as `function file:line` (the file's name without its directory).
+fn python_frames(site: &Value) -> (Vec<String>, Vec<String>) {
+    let (mut at, mut lines) = (Vec::new(), Vec::new());
+    for f in array(site, "frames") {
+        let function = f["function"].as_str().unwrap_or("?");
+        at.push(format!("{function} {:#x}", u64_at(f, "address")));
+        let file = f["file"].as_str().map_or("?", file_name);
+        let line = f["line"].as_u64().unwrap_or(0);
+        lines.push(format!("{function} {file}:{line}"));
+        if function == PY_OUTERMOST {
+            break;
+        }
+    }
+    (at, lines)
+}
+
+/// The last component of a path.
+fn file_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// binutils' addr2line's frames (`function file:line`, inlined ones expanded) for the calls
+/// that return to each of `addresses` in `debug_file` (for a non-PIE executable, whose
+/// addresses are its own), each looked up at the address before the return address, the
+/// call's last byte, as every unwinder does.
+fn addr2line_frames(debug_file: &Path, addresses: &[u64]) -> Vec<String> {
+    let out = Command::new("addr2line")
+        .args(["-a", "-f", "-i", "-e"])
+        .arg(debug_file)
+        .args(addresses.iter().map(|a| format!("{:#x}", a - 1)))
+        .output()
+        .expect("addr2line");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // After each `0x…` address line: (function, file:line) pairs, innermost first.
+    let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with("0x")).collect();
+    lines
+        .chunks(2)
+        .map(|pair| {
+            let function = pair[0];
+            let place = pair.get(1).copied().unwrap_or("?");
+            // `file:line (discriminator N)`
+            let place = place.split(" (").next().unwrap_or(place);
+            format!("{function} {}", file_name(place))
+        })
+        .collect()
+}
+
+/// Whether `chain` appears in `frames` (`function …`), consecutively.
+fn has_chain(frames: &[String], chain: &[&str]) -> bool {
+    let names: Vec<&str> = frames
+        .iter()
+        .map(|f| f.split_once(' ').map_or(f.as_str(), |(name, _)| name))
+        .collect();
+    names.windows(chain.len()).any(|w| w == chain)
+}
+
+/// The names python3.11's stacks are checked by come from its debug file alone: the binary has
+/// no `.symtab` and no DWARF, its dynamic symbols lack the static functions, and the debug
+/// file has them (`NAME.lto_priv.N`).
+fn assert_named_only_by_debug_file(python: &Path, debug: &Path, statics: &[&str]) {
+    let sections = Command::new("readelf")
+        .arg("-SW")
+        .arg(python)
+        .output()
+        .expect("readelf");
+    let sections = String::from_utf8_lossy(&sections.stdout);
+    for section in [" .symtab ", " .debug_info "] {
+        assert!(
+            !sections.contains(section),
+            "{} has no {section}\n{sections}",
+            python.display()
+        );
+    }
+    let dynsym = Command::new("nm")
+        .args(["-D", "--defined-only"])
+        .arg(python)
+        .output()
+        .expect("nm -D");
+    let dynsym = String::from_utf8_lossy(&dynsym.stdout);
+    for name in statics {
+        assert!(
+            dynsym
+                .lines()
+                .all(|l| l.split_whitespace().nth(2) != Some(*name)),
+            "{name} is not a dynamic symbol of {}",
+            python.display()
+        );
+        c_function(debug, name);
+    }
+}
+
+/// A real program nobody here wrote: Debian's python3.11 (LTO, -O2, no frame pointers,
+/// stripped; python3.11-dbg's debug file found by its build-id) runs a script whose list
+/// growth allocates at sizes of its own. Its malloc under `list_extend` (pymalloc moving a
+/// list's items out) and its realloc under `heapq.heappush` → `PyList_Append` →
+/// `list_resize`, each from the allocation's caller up to `Py_BytesMain` (26 and 23 frames),
+/// with `auto` and `dwarf` (python3.11 and libc get tables): every frame's function and
+/// address equal to gdb's at the same call of the same script (inlined frames expanded,
+/// `_PyList_AppendTakeRef`, `pymalloc_realloc`, … as gdb expands them), and its file:line
+/// equal to binutils' addr2line's reading of the debug file at that address. Not gdb's lines:
+/// where the line table has several rows at one address (location views), gdb shows the
+/// statement row, allocwatch and addr2line the last, which is the one for the instructions
+/// there: the call to `PyList_Append` is `_heapqmodule.c:133` (`if (PyList_Append(heap,
+/// item))`), where gdb says 130 (`_heapq_heappush_impl`'s declaration, the inlined body's
+/// entry row).
+#[test]
+fn python_interpreter_named_through_its_debug_file_as_gdb_names_it() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let (python, debug) = python_and_debug_file();
+    assert_named_only_by_debug_file(
+        &python,
+        &debug,
+        &["list_resize", "list_extend", "_heapq_heappush", "run_mod"],
+    );
+    let script = support::temp_file("unwind-py.py");
+    std::fs::write(&script, PY_SCRIPT).unwrap();
+    let peer = gdb_python_stacks(&python, &script);
+    let (stop_malloc, extend) = &peer[0];
+    let (stop_realloc, append) = &peer[1];
+    assert!(
+        stop_malloc.ends_with("malloc") && stop_realloc.ends_with("realloc"),
+        "gdb stops in malloc, then realloc: {stop_malloc}, {stop_realloc}"
+    );
+    assert!(
+        has_chain(extend, PY_EXTEND_CHAIN),
+        "gdb: {PY_EXTEND_CHAIN:?}\n{extend:#?}"
+    );
+    assert!(
+        has_chain(&append[..PY_APPEND_CHAIN.len()], PY_APPEND_CHAIN),
+        "gdb: {PY_APPEND_CHAIN:?} first\n{append:#?}"
+    );
+    for unwind in ["auto", "dwarf"] {
+        let traced = trace_program(
+            &env,
+            &python,
+            &["-I", "-S", path_str(&script)],
+            unwind,
+            &["python3.11", "libc.so.6"],
+        );
+        for (api, bytes, gdb) in [
+            ("malloc", PY_EXTEND_BYTES, extend),
+            ("realloc", PY_APPEND_BYTES, append),
+        ] {
+            let site = api_site_of(&traced.proc, api, bytes);
+            let (at, lines) = python_frames(site);
+            assert_eq!(
+                &at, gdb,
+                "{unwind}: allocwatch vs gdb, {api} of {bytes}\n{site:#}\n{}",
+                traced.stderr
+            );
+            // One return address per frame on the stack: inlined frames share theirs.
+            let mut returns: Vec<u64> = array(site, "frames")[..at.len()]
+                .iter()
+                .map(|f| u64_at(f, "address"))
+                .collect();
+            returns.dedup();
+            assert_eq!(
+                lines,
+                addr2line_frames(&debug, &returns),
+                "{unwind}: allocwatch vs addr2line, {api} of {bytes}\n{site:#}"
+            );
+        }
+    }
+    let _ = std::fs::remove_file(&script);
 }

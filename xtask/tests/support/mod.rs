@@ -1,4 +1,4 @@
-//! Helpers shared by the end-to-end tests xtask/tests/{libc,go,agent}.rs, each of which includes
+//! Helpers shared by the end-to-end tests xtask/tests/*.rs, each of which includes
 //! this file with `mod support;` (cargo builds no test crate of tests/support/mod.rs itself):
 //! finding the binary under test, running allocwatch and the fixtures, checking that a tracer
 //! left nothing behind in the kernel, and reading JSON reports with messages that show them.
@@ -1100,6 +1100,67 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.path);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Debian's python3.11 and its debug file (growth.rs, unwind.rs)
+
+/// Debian's CPython 3.11: stripped, built without frame pointers, LTO (its static functions
+/// are `NAME.lto_priv.N` in the debug file).
+pub const PYTHON: &str = "/usr/bin/python3.11";
+
+/// [`PYTHON`] and its build-id debug file (python3.11-dbg's), both of which must exist: a
+/// missing one fails the test, naming `./x setup`.
+pub fn python_and_debug_file() -> (PathBuf, PathBuf) {
+    let python = PathBuf::from(PYTHON);
+    assert!(
+        python.is_file(),
+        "{PYTHON} missing: ./x setup installs python3.11-dbg, which needs it"
+    );
+    let debug = build_id_debug_file(&python);
+    (python, debug)
+}
+
+/// The build-id debug file of `binary` (`readelf -n`), which must exist.
+pub fn build_id_debug_file(binary: &Path) -> PathBuf {
+    let out = Command::new("readelf")
+        .arg("-n")
+        .arg(binary)
+        .output()
+        .expect("readelf");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let id = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Build ID: "))
+        .unwrap_or_else(|| panic!("{} has no build-id note", binary.display()));
+    let path = PathBuf::from(format!(
+        "/usr/lib/debug/.build-id/{}/{}.debug",
+        &id[..2],
+        &id[2..]
+    ));
+    assert!(
+        path.is_file(),
+        "{} missing: the debug file of {} (Debian's python3.11-dbg, installed by ./x setup)",
+        path.display(),
+        binary.display()
+    );
+    path
+}
+
+/// The address of the function of `debug_file` named `name` or `name.lto_priv.N` (`nm`).
+pub fn c_function(debug_file: &Path, name: &str) -> u64 {
+    let out = Command::new("nm").arg(debug_file).output().expect("nm");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            let mut w = l.split_whitespace();
+            let (addr, kind, sym) = (w.next()?, w.next()?, w.next()?);
+            let base = sym.split_once(".lto_priv.").map_or(sym, |(b, _)| b);
+            (kind.eq_ignore_ascii_case("t") && base == name && !sym.ends_with(".cold"))
+                .then(|| u64::from_str_radix(addr, 16).ok())
+                .flatten()
+        })
+        .unwrap_or_else(|| panic!("no function {name} in {}", debug_file.display()))
 }
 
 // ---------------------------------------------------------------------------------------------
