@@ -262,8 +262,16 @@ impl TailJumps<'_> {
         out
     }
 
-    fn code_at(&self, addr: u64) -> Option<Vec<u8>> {
-        let &size = self.functions.get(&addr)?;
+    /// The code of the function at `addr`: its symbol's size, else (`fdes`: a stripped file's
+    /// static functions have no symbol) the `.eh_frame` entry that starts there.
+    fn code_at(&self, addr: u64, fdes: &[(u64, u64)]) -> Option<Vec<u8>> {
+        let size = match self.functions.get(&addr) {
+            Some(&size) => size,
+            None => {
+                let i = fdes.binary_search_by_key(&addr, |f| f.0).ok()?;
+                fdes[i].1
+            }
+        };
         self.elf
             .read_at_vaddr(addr, size)
             .ok()
@@ -289,10 +297,12 @@ impl TailJumps<'_> {
                 .find(|&&(a, _)| a == addr)
                 .map(|&(_, api)| api)
         };
+        let data = std::fs::read(self.elf.path()).ok();
+        let fdes = data.as_deref().map(fde_extents).unwrap_or_default();
         // (function, the API reaching it, how).
         let mut between: Vec<(u64, Api, Reach)> = Vec::new();
         for &(api, sym) in syms {
-            let Some(code) = self.code_at(sym.address) else {
+            let Some(code) = self.code_at(sym.address, &fdes) else {
                 continue;
             };
             let mut queue: Vec<(u64, Vec<u8>, Option<Reach>, u32)> =
@@ -313,7 +323,7 @@ impl TailJumps<'_> {
                     {
                         continue;
                     }
-                    let Some(code) = self.code_at(to) else {
+                    let Some(code) = self.code_at(to, &fdes) else {
                         continue;
                     };
                     between.push((to, api, reach));
@@ -321,10 +331,9 @@ impl TailJumps<'_> {
                 }
             }
         }
-        let mut data = None;
         let mut sites: Vec<RelaySite> = Vec::new();
         for &(start, api, reach) in &between {
-            let Some(code) = self.code_at(start) else {
+            let Some(code) = self.code_at(start, &fdes) else {
                 continue;
             };
             for (call, ip, ret, to) in self.branches(&code, start) {
@@ -338,7 +347,6 @@ impl TailJumps<'_> {
                     );
                     return sites;
                 }
-                let data = data.get_or_insert_with(|| std::fs::read(self.elf.path()).ok());
                 let Some((cfa_rbp, cfa_off)) = data.as_deref().and_then(|d| cfa_at(d, ip)) else {
                     continue;
                 };
@@ -379,6 +387,42 @@ impl TailJumps<'_> {
         }
         sites
     }
+}
+
+/// The `.eh_frame` entries of the ELF file `data`: (start, length), sorted.
+fn fde_extents(data: &[u8]) -> Vec<(u64, u64)> {
+    use gimli::{BaseAddresses, CieOrFde, EhFrame, LittleEndian, UnwindSection as _};
+    use object::{Object as _, ObjectSection as _};
+    let Ok(file) = object::File::parse(data) else {
+        return Vec::new();
+    };
+    let Some(section) = file.section_by_name(".eh_frame") else {
+        return Vec::new();
+    };
+    let Ok(bytes) = section.data() else {
+        return Vec::new();
+    };
+    let mut bases = BaseAddresses::default().set_eh_frame(section.address());
+    if let Some(text) = file.section_by_name(".text") {
+        bases = bases.set_text(text.address());
+    }
+    if let Some(got) = file.section_by_name(".got") {
+        bases = bases.set_got(got.address());
+    }
+    let mut eh = EhFrame::new(bytes, LittleEndian);
+    eh.set_address_size(8);
+    let mut out = Vec::new();
+    let mut entries = eh.entries(&bases);
+    while let Ok(Some(entry)) = entries.next() {
+        if let CieOrFde::Fde(partial) = entry
+            && let Ok(fde) = partial.parse(EhFrame::cie_from_offset)
+            && fde.len() > 0
+        {
+            out.push((fde.initial_address(), fde.len()));
+        }
+    }
+    out.sort_unstable();
+    out
 }
 
 /// The call-frame rule at `pc` of the ELF file `data`, when the CFA is rsp or rbp plus an
@@ -529,9 +573,10 @@ mod tests {
 
     /// Debian 12's libmimalloc: `posix_memalign` and the aligned nothrow `new`s tail-jump into
     /// `mi_posix_memalign` and `mi_new_aligned_nothrow` (no APIs), which call
-    /// `mi_malloc_aligned` through the PLT: two relay sites, each in one of those functions,
-    /// their return slot 32 bytes above the callee's entry stack pointer (CFA = rsp + 32 at the
-    /// call), and the jumping APIs may relay into `mi_malloc_aligned`.
+    /// `mi_malloc_aligned` through the PLT, their return slot 32 bytes above the callee's entry
+    /// stack pointer (CFA = rsp + 32 at the call); `realloc` reaches `mi_free` through
+    /// `mi_heap_realloc` and a static function without a symbol (stripped: its extent from
+    /// `.eh_frame`). The jumping APIs may relay into the called ones.
     #[test]
     fn calls_from_functions_in_between() {
         let path = "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2.0";
@@ -544,12 +589,26 @@ mod tests {
             start..start + sym.size
         };
         let (a, b) = (range("mi_posix_memalign"), range("mi_new_aligned_nothrow"));
-        assert_eq!(relays.sites.len(), 2, "{:?}", relays.sites);
-        for s in &relays.sites {
-            let ret = u64::from(s.ret_off);
-            assert!(a.contains(&ret) || b.contains(&ret), "{s:?}");
+        let in_named: Vec<&RelaySite> = relays
+            .sites
+            .iter()
+            .filter(|s| a.contains(&u64::from(s.ret_off)) || b.contains(&u64::from(s.ret_off)))
+            .collect();
+        assert_eq!(in_named.len(), 2, "{:?}", relays.sites);
+        for s in in_named {
             assert_eq!((s.kind, s.frame), (SITE_SP, 32), "{s:?}");
         }
+        // The unnamed function's call of `mi_free` (Debian's mimalloc 2.0.9: at 0x114b8).
+        let off = elf.vaddr_to_file_offset(0x114bd).expect("offset");
+        assert!(
+            relays.sites.iter().any(|s| u64::from(s.ret_off) == off),
+            "{:?}",
+            relays.sites
+        );
+        assert_ne!(
+            relays.masks[Api::Realloc as usize] & (1 << Api::Free as u32),
+            0
+        );
         let bit = 1u64 << Api::MiMallocAligned as u32;
         for api in [
             Api::PosixMemalign,
