@@ -396,6 +396,36 @@ pub const LIBC_FILES_MAX: u32 = cookie::NO_FILE;
 /// API functions per file in [`LibcFile`].
 pub const LIBC_FILE_RANGES: usize = API_COUNT;
 
+/// Relay call sites per file in [`LibcFile`].
+pub const LIBC_FILE_SITES: usize = 8;
+
+/// [`RelaySite::kind`]: unused slot.
+pub const SITE_NONE: u8 = 0;
+/// [`RelaySite::kind`]: the calling function's return slot is at the callee's entry stack
+/// pointer plus `frame`.
+pub const SITE_SP: u8 = 1;
+/// [`RelaySite::kind`]: the calling function's return slot is at its frame pointer (rbp) plus
+/// `frame` (the callee's probe runs before anything writes rbp).
+pub const SITE_FP: u8 = 2;
+
+/// Count mode: a direct call of an API from a function that is no API but that an API calls or
+/// tail-jumps into (mimalloc's `mi_realloc_aligned` jumps into `_mi_theap_realloc_zero`,
+/// which calls `mi_free`). The return address alone cannot tell (other code reaches that
+/// function too): the calling function's own return slot can. It holds a return address into
+/// an API (called from it), or it is the outer API's entry slot with its return address
+/// (tail-jumped into from it, the thread's last entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelaySite {
+    /// The call's return address as a file offset.
+    pub ret_off: u32,
+    /// Bytes from the base register ([`kind`](Self::kind)) to the calling function's return slot.
+    pub frame: u16,
+    /// [`SITE_NONE`], [`SITE_SP`] or [`SITE_FP`].
+    pub kind: u8,
+    pub _pad: u8,
+}
+
 /// Count mode: where a libc file's allocation-API functions are, as file offsets `[start, end)`.
 /// A call whose return address lies in one of them was made by the API itself (glibc's realloc
 /// calling malloc or free): libc's own relay, not the program's call. Unused slots are `[0, 0)`.
@@ -403,6 +433,9 @@ pub const LIBC_FILE_RANGES: usize = API_COUNT;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LibcFile {
     pub ranges: [[u32; 2]; LIBC_FILE_RANGES],
+    /// Calls of APIs from functions in between ([`RelaySite`]); unused slots have kind
+    /// [`SITE_NONE`].
+    pub sites: [RelaySite; LIBC_FILE_SITES],
 }
 
 // By hand: `Default` is derived for arrays of at most 32 elements.
@@ -410,6 +443,7 @@ impl Default for LibcFile {
     fn default() -> Self {
         Self {
             ranges: [[0; 2]; LIBC_FILE_RANGES],
+            sites: [RelaySite::default(); LIBC_FILE_SITES],
         }
     }
 }
@@ -543,7 +577,11 @@ const _: () = {
     assert!(size_of::<LiveAlloc>() == 40);
     assert!(offset_of!(LiveAlloc, site) == 16);
     assert!(size_of::<Overflow>() == 16);
-    assert!(size_of::<LibcFile>() == 8 * LIBC_FILE_RANGES);
+    assert!(size_of::<RelaySite>() == 8);
+    assert!(offset_of!(RelaySite, frame) == 4);
+    assert!(offset_of!(RelaySite, kind) == 6);
+    assert!(size_of::<LibcFile>() == 8 * LIBC_FILE_RANGES + 8 * LIBC_FILE_SITES);
+    assert!(offset_of!(LibcFile, sites) == 8 * LIBC_FILE_RANGES);
     assert!(size_of::<LastEntry>() == 24);
     assert!(offset_of!(LastEntry, api) == 16);
 };

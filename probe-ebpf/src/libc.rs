@@ -20,7 +20,10 @@
 
 use allocwatch_common::{
     config::FLAG_STACKS,
-    libc::{Api, LastEntry, LiveAlloc, LiveKey, NO_STACK, Pending, SiteKey, cookie},
+    libc::{
+        Api, LastEntry, LibcFile, LiveAlloc, LiveKey, NO_STACK, Pending, SITE_NONE, SITE_SP,
+        SiteKey, cookie,
+    },
     loss::LossCause,
 };
 use aya_ebpf::{
@@ -104,6 +107,17 @@ pub fn libc_floor_return_single(_ctx: RetProbeContext) -> u32 {
     0
 }
 
+/// Whether the file offset `off` lies in one of `file`'s API functions.
+#[inline(always)]
+fn in_api(file: &LibcFile, off: u64) -> bool {
+    for r in &file.ranges {
+        if off >= u64::from(r[0]) && off < u64::from(r[1]) {
+            return true;
+        }
+    }
+    false
+}
+
 /// Count mode: calls and bytes per (process, API, immediate caller[, stack]), from the entry
 /// probe alone. Without a return probe nothing says when a call ends, so libc's own relays are
 /// recognized by two rules instead of the in-flight marker:
@@ -116,6 +130,12 @@ pub fn libc_floor_return_single(_ctx: RetProbeContext) -> u32 {
 ///    counted entry, and that entry's function may tail-jump into this API (its relay mask,
 ///    found by disassembly: glibc's reallocarray → realloc → malloc re-enter with the outer
 ///    call's frame).
+///
+/// Rule 1 also looks one frame up when the return address is a known call of an API from a
+/// function in between (`RelaySite`: mimalloc's `mi_realloc_aligned` tail-jumps into
+/// `_mi_theap_realloc_zero`, which calls `mi_free`): that function's return slot holds a
+/// return address into an API (it was called from one), or it is the thread's last entry
+/// with its return address (an API tail-jumped into it).
 #[inline(always)]
 fn on_count(ctx: &ProbeContext) {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -136,10 +156,44 @@ fn on_count(ctx: &ProbeContext) {
         let ret_off = ret_addr
             .wrapping_sub(arch::pc(regs))
             .wrapping_add(cookie::probe_offset(cookie));
-        for r in &file.ranges {
-            if ret_off >= u64::from(r[0]) && ret_off < u64::from(r[1]) {
+        if in_api(file, ret_off) {
+            return;
+        }
+        // Rule 1 one frame up: a call from a function in between (`RelaySite`).
+        for site in &file.sites {
+            if site.kind == SITE_NONE {
+                break;
+            }
+            if ret_off != u64::from(site.ret_off) {
+                continue;
+            }
+            let base = if site.kind == SITE_SP {
+                entry_sp
+            } else {
+                arch::fp(regs)
+            };
+            let slot = base.wrapping_add(u64::from(site.frame));
+            // SAFETY: reading the traced task's own stack; a fault is an error, not a crash.
+            let Ok(outer_ret) = (unsafe { bpf_probe_read_user(slot as *const u64) }) else {
+                break;
+            };
+            // Called from an API function.
+            let outer_off = outer_ret
+                .wrapping_sub(arch::pc(regs))
+                .wrapping_add(cookie::probe_offset(cookie));
+            if in_api(file, outer_off) {
                 return;
             }
+            // Tail-jumped into from the thread's last counted entry, whose frame it took over.
+            // SAFETY: map value from a successful lookup; only this thread writes it.
+            if let Some(last) = unsafe { LAST_ENTRY.get(&pid_tgid) }
+                && last.entry_sp == slot
+                && last.ret_addr == outer_ret
+                && cookie::may_relay_to(last.relay_mask, cookie::target_index(cookie))
+            {
+                return;
+            }
+            break;
         }
     }
     // Rule 2 touches the thread's record only where it can matter: an API some function

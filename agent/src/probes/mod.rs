@@ -853,6 +853,9 @@ impl CountLayout {
             for (slot, r) in layout.file.ranges.iter_mut().zip(ranges) {
                 *slot = *r;
             }
+            for (slot, s) in layout.file.sites.iter_mut().zip(&layout.relays.sites) {
+                *slot = *s;
+            }
         }
         layout
     }
@@ -950,6 +953,8 @@ mod tests {
         let distinct = Api::ALL.iter().filter(|a| a.is_libc()).count() - aliases.len();
         let used = layout.file.ranges.iter().filter(|r| r[1] > r[0]).count();
         assert_eq!(used, distinct);
+        // Its API functions call no API from functions in between.
+        assert!(layout.relays.sites.is_empty(), "{:?}", layout.relays.sites);
         for p in &points {
             let off = u32::try_from(p.file_offset).unwrap();
             assert!(

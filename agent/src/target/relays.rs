@@ -5,12 +5,17 @@
 
 use std::path::Path;
 
-use allocwatch_common::libc::{API_COUNT, Api, LIBC_FILE_RANGES};
-use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind};
+use allocwatch_common::libc::{
+    API_COUNT, Api, LIBC_FILE_RANGES, LIBC_FILE_SITES, RelaySite, SITE_FP, SITE_SP,
+};
+use iced_x86::{
+    Decoder, DecoderOptions, FlowControl, InstructionInfoFactory, Mnemonic, OpAccess, OpKind,
+    Register,
+};
 
 use super::{
     ProbePoint,
-    elf::{Arch, ElfFile},
+    elf::{Arch, ElfFile, Symbol},
 };
 
 /// Every API may relay to every other: what count mode assumes without the code.
@@ -24,6 +29,9 @@ pub struct Relays {
     /// File ranges of the API functions (sorted, distinct), when the probe can use them: one
     /// bias for all (one text segment), 32-bit offsets, few enough for its map entry.
     pub ranges: Option<Vec<[u32; 2]>>,
+    /// Calls of APIs from functions that an API calls or tail-jumps into ([`RelaySite`]), at
+    /// most [`LIBC_FILE_SITES`]; only with `ranges`.
+    pub sites: Vec<RelaySite>,
 }
 
 impl Relays {
@@ -32,6 +40,7 @@ impl Relays {
         Self {
             masks: std::array::from_fn(|api| ALL_APIS & !(1 << api)),
             ranges: None,
+            sites: Vec::new(),
         }
     }
 
@@ -99,6 +108,10 @@ impl Relays {
         consistent &= ranges.len() <= LIBC_FILE_RANGES
             && points.iter().all(|p| u32::try_from(p.file_offset).is_ok());
         relays.ranges = consistent.then_some(ranges);
+        if relays.ranges.is_some() && elf.arch() == Arch::X86_64 {
+            let bias = bias.unwrap_or_default();
+            relays.sites = jumps.sites(&syms, points, bias, &mut relays.masks);
+        }
         for (api, mask) in Api::ALL.iter().zip(relays.masks) {
             if mask != 0 && syms.iter().any(|(a, _)| a == api) {
                 log::debug!(
@@ -200,6 +213,297 @@ impl<'a> TailJumps<'a> {
     }
 }
 
+/// How a function that is no API was reached from an API function.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reach {
+    /// Called (then maybe tail-jumped on): its return slot holds a return address into the API.
+    Called,
+    /// Tail-jumped into: its return slot is the API's own entry slot.
+    Jumped,
+}
+
+impl TailJumps<'_> {
+    /// Where a branch to `target` enters: through a PLT stub, the function its GOT slot is
+    /// bound to (`None`: another file, or unknown).
+    fn resolve(&self, target: u64) -> Option<u64> {
+        match jump_stub_slot(self.elf, target) {
+            None => Some(target),
+            Some(slot) => self.got?.iter().find(|&&(s, _)| s == slot).map(|&(_, a)| a),
+        }
+    }
+
+    /// The direct branches out of the function at `start` (whose code is `code`): (a call,
+    /// the instruction's address, its end, where it enters).
+    fn branches(&self, code: &[u8], start: u64) -> Vec<(bool, u64, u64, u64)> {
+        let end = start + code.len() as u64;
+        let mut out = Vec::new();
+        let mut decoder = Decoder::with_ip(64, code, start, DecoderOptions::NONE);
+        while decoder.can_decode() {
+            let instr = decoder.decode();
+            let call = match instr.flow_control() {
+                FlowControl::Call => true,
+                FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch => false,
+                _ => continue,
+            };
+            if !matches!(
+                instr.op0_kind(),
+                OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
+            ) {
+                continue;
+            }
+            let target = instr.near_branch_target();
+            if (start..end).contains(&target) {
+                continue;
+            }
+            if let Some(to) = self.resolve(target) {
+                out.push((call, instr.ip(), instr.next_ip(), to));
+            }
+        }
+        out
+    }
+
+    /// The code of the function at `addr`: its symbol's size, else (`fdes`: a stripped file's
+    /// static functions have no symbol) the `.eh_frame` entry that starts there.
+    fn code_at(&self, addr: u64, fdes: &[(u64, u64)]) -> Option<Vec<u8>> {
+        let size = match self.functions.get(&addr) {
+            Some(&size) => size,
+            None => {
+                let i = fdes.binary_search_by_key(&addr, |f| f.0).ok()?;
+                fdes[i].1
+            }
+        };
+        self.elf
+            .read_at_vaddr(addr, size)
+            .ok()
+            .filter(|c| c.len() as u64 == size)
+    }
+
+    /// Count mode's [`RelaySite`]s: the direct calls of APIs from functions that are no API
+    /// but that an API function reaches by a call or by tail jumps ([`MAX_HOPS`] deep,
+    /// through such functions). Each site's return slot of the calling function comes from
+    /// the file's call-frame information at the call. An API that tail-jumps into such a
+    /// function gets the called API in its relay mask (the probe checks the thread's last
+    /// entry against that slot). `bias`: vaddr − file offset of the API functions.
+    fn sites(
+        &self,
+        syms: &[(Api, Symbol)],
+        points: &[ProbePoint],
+        bias: u64,
+        masks: &mut [u64; API_COUNT],
+    ) -> Vec<RelaySite> {
+        let api_at = |addr: u64| {
+            self.entries
+                .iter()
+                .find(|&&(a, _)| a == addr)
+                .map(|&(_, api)| api)
+        };
+        let data = std::fs::read(self.elf.path()).ok();
+        let fdes = data.as_deref().map(fde_extents).unwrap_or_default();
+        // (function, the API reaching it, how).
+        let mut between: Vec<(u64, Api, Reach)> = Vec::new();
+        for &(api, sym) in syms {
+            let Some(code) = self.code_at(sym.address, &fdes) else {
+                continue;
+            };
+            let mut queue: Vec<(u64, Vec<u8>, Option<Reach>, u32)> =
+                vec![(sym.address, code, None, 0)];
+            while let Some((start, code, reach, hops)) = queue.pop() {
+                for (call, _, _, to) in self.branches(&code, start) {
+                    let reach = match (reach, call) {
+                        (None, true) => Reach::Called,
+                        (None, false) => Reach::Jumped,
+                        // A call from a function in between: its callee's return slot holds
+                        // no return address into the API (not followed).
+                        (Some(_), true) => continue,
+                        (Some(r), false) => r,
+                    };
+                    if api_at(to).is_some()
+                        || hops >= MAX_HOPS
+                        || between.contains(&(to, api, reach))
+                    {
+                        continue;
+                    }
+                    let Some(code) = self.code_at(to, &fdes) else {
+                        continue;
+                    };
+                    between.push((to, api, reach));
+                    queue.push((to, code, Some(reach), hops + 1));
+                }
+            }
+        }
+        let mut sites: Vec<RelaySite> = Vec::new();
+        for &(start, api, reach) in &between {
+            let Some(code) = self.code_at(start, &fdes) else {
+                continue;
+            };
+            for (call, ip, ret, to) in self.branches(&code, start) {
+                let Some(callee) = api_at(to).filter(|_| call) else {
+                    continue;
+                };
+                if sites.len() >= LIBC_FILE_SITES {
+                    log::debug!(
+                        "count mode: more than {LIBC_FILE_SITES} relay call sites in {}",
+                        self.elf.path().display()
+                    );
+                    return sites;
+                }
+                let Some((cfa_rbp, cfa_off)) = data.as_deref().and_then(|d| cfa_at(d, ip)) else {
+                    continue;
+                };
+                // The calling function's return slot is at CFA − 8: at the callee's entry the
+                // stack pointer is 8 below the call's (the return address pushed).
+                let (kind, frame) = if !cfa_rbp {
+                    (SITE_SP, cfa_off)
+                } else if !fp_written_before_probe(self.elf, syms, points, callee) && cfa_off >= 8 {
+                    (SITE_FP, cfa_off - 8)
+                } else {
+                    continue;
+                };
+                let Some(ret_off) = self
+                    .elf
+                    .vaddr_to_file_offset(ret)
+                    .filter(|&o| ret.wrapping_sub(o) == bias)
+                    .and_then(|o| u32::try_from(o).ok())
+                else {
+                    continue;
+                };
+                if reach == Reach::Jumped && callee != api {
+                    masks[api as usize] |= 1u64 << callee as u32;
+                }
+                if !sites.iter().any(|s| s.ret_off == ret_off) {
+                    log::debug!(
+                        "count mode: {} reaches a call of {} at {ret:#x} ({reach:?})",
+                        api.symbol(),
+                        callee.symbol()
+                    );
+                    sites.push(RelaySite {
+                        ret_off,
+                        frame,
+                        kind,
+                        _pad: 0,
+                    });
+                }
+            }
+        }
+        sites
+    }
+}
+
+/// The `.eh_frame` entries of the ELF file `data`: (start, length), sorted.
+fn fde_extents(data: &[u8]) -> Vec<(u64, u64)> {
+    use gimli::{BaseAddresses, CieOrFde, EhFrame, LittleEndian, UnwindSection as _};
+    use object::{Object as _, ObjectSection as _};
+    let Ok(file) = object::File::parse(data) else {
+        return Vec::new();
+    };
+    let Some(section) = file.section_by_name(".eh_frame") else {
+        return Vec::new();
+    };
+    let Ok(bytes) = section.data() else {
+        return Vec::new();
+    };
+    let mut bases = BaseAddresses::default().set_eh_frame(section.address());
+    if let Some(text) = file.section_by_name(".text") {
+        bases = bases.set_text(text.address());
+    }
+    if let Some(got) = file.section_by_name(".got") {
+        bases = bases.set_got(got.address());
+    }
+    let mut eh = EhFrame::new(bytes, LittleEndian);
+    eh.set_address_size(8);
+    let mut out = Vec::new();
+    let mut entries = eh.entries(&bases);
+    while let Ok(Some(entry)) = entries.next() {
+        if let CieOrFde::Fde(partial) = entry
+            && let Ok(fde) = partial.parse(EhFrame::cie_from_offset)
+            && fde.len() > 0
+        {
+            out.push((fde.initial_address(), fde.len()));
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// The call-frame rule at `pc` of the ELF file `data`, when the CFA is rsp or rbp plus an
+/// offset and the return address at CFA − 8: (from rbp, the offset).
+fn cfa_at(data: &[u8], pc: u64) -> Option<(bool, u16)> {
+    use gimli::{
+        BaseAddresses, CfaRule, EhFrame, LittleEndian, RegisterRule, UnwindContext,
+        UnwindSection as _, X86_64,
+    };
+    use object::{Object as _, ObjectSection as _};
+    let file = object::File::parse(data).ok()?;
+    let section = file.section_by_name(".eh_frame")?;
+    let mut bases = BaseAddresses::default().set_eh_frame(section.address());
+    if let Some(text) = file.section_by_name(".text") {
+        bases = bases.set_text(text.address());
+    }
+    if let Some(got) = file.section_by_name(".got") {
+        bases = bases.set_got(got.address());
+    }
+    let mut eh = EhFrame::new(section.data().ok()?, LittleEndian);
+    eh.set_address_size(8);
+    let mut ctx = Box::new(UnwindContext::new());
+    let row = eh
+        .unwind_info_for_address(&bases, &mut ctx, pc, EhFrame::cie_from_offset)
+        .ok()?;
+    if row.register(X86_64::RA) != Some(RegisterRule::Offset(-8)) {
+        return None;
+    }
+    match *row.cfa() {
+        CfaRule::RegisterAndOffset { register, offset } => {
+            let off = u16::try_from(offset).ok()?;
+            match register {
+                X86_64::RSP => Some((false, off)),
+                X86_64::RBP => Some((true, off)),
+                _ => None,
+            }
+        }
+        CfaRule::Expression(_) => None,
+    }
+}
+
+/// Whether the probe of `api` runs after an instruction of its function that writes the frame
+/// pointer (rbp): the probe then cannot read its caller's.
+fn fp_written_before_probe(
+    elf: &ElfFile,
+    syms: &[(Api, Symbol)],
+    points: &[ProbePoint],
+    api: Api,
+) -> bool {
+    let (Some(&(_, sym)), Some(point)) = (
+        syms.iter().find(|(a, _)| *a == api),
+        points.iter().find(|p| p.api == api),
+    ) else {
+        return true;
+    };
+    let Some(start) = elf.vaddr_to_file_offset(sym.address) else {
+        return true;
+    };
+    let Some(len) = point.file_offset.checked_sub(start) else {
+        return true;
+    };
+    if len == 0 {
+        return false;
+    }
+    let Ok(code) = elf.read_at_vaddr(sym.address, len) else {
+        return true;
+    };
+    let mut info = InstructionInfoFactory::new();
+    let mut decoder = Decoder::with_ip(64, &code, sym.address, DecoderOptions::NONE);
+    while decoder.can_decode() {
+        let instr = decoder.decode();
+        if info.info(&instr).used_registers().iter().any(|u| {
+            u.register().full_register() == Register::RBP
+                && !matches!(u.access(), OpAccess::Read | OpAccess::CondRead)
+        }) {
+            return true;
+        }
+    }
+    false
+}
+
 /// The GOT slot a stub at `vaddr` jumps through, when it starts (after an optional `endbr64`)
 /// with `jmp [rip + disp]`, as PLT entries do.
 fn jump_stub_slot(elf: &ElfFile, vaddr: u64) -> Option<u64> {
@@ -265,5 +569,54 @@ mod tests {
         assert_eq!(reach("_ZdlPvm", 0), bit(Api::Free));
         // No hop left: the function in between is not followed.
         assert_eq!(reach("_ZdlPvmSt11align_val_t", MAX_HOPS), 0);
+    }
+
+    /// Debian 12's libmimalloc: `posix_memalign` and the aligned nothrow `new`s tail-jump into
+    /// `mi_posix_memalign` and `mi_new_aligned_nothrow` (no APIs), which call
+    /// `mi_malloc_aligned` through the PLT, their return slot 32 bytes above the callee's entry
+    /// stack pointer (CFA = rsp + 32 at the call); `realloc` reaches `mi_free` through
+    /// `mi_heap_realloc` and a static function without a symbol (stripped: its extent from
+    /// `.eh_frame`). The jumping APIs may relay into the called ones.
+    #[test]
+    fn calls_from_functions_in_between() {
+        let path = "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2.0";
+        let elf = ElfFile::open(path).expect("libmimalloc (run ./x setup)");
+        let (points, _) = crate::target::libc::probe_points(&elf, "", true).expect("points");
+        let relays = Relays::of(&elf, &points);
+        let range = |name: &str| {
+            let sym = elf.symbol(name).expect(name);
+            let start = elf.vaddr_to_file_offset(sym.address).expect("offset");
+            start..start + sym.size
+        };
+        let (a, b) = (range("mi_posix_memalign"), range("mi_new_aligned_nothrow"));
+        let in_named: Vec<&RelaySite> = relays
+            .sites
+            .iter()
+            .filter(|s| a.contains(&u64::from(s.ret_off)) || b.contains(&u64::from(s.ret_off)))
+            .collect();
+        assert_eq!(in_named.len(), 2, "{:?}", relays.sites);
+        for s in in_named {
+            assert_eq!((s.kind, s.frame), (SITE_SP, 32), "{s:?}");
+        }
+        // The unnamed function's call of `mi_free` (Debian's mimalloc 2.0.9: at 0x114b8).
+        let off = elf.vaddr_to_file_offset(0x114bd).expect("offset");
+        assert!(
+            relays.sites.iter().any(|s| u64::from(s.ret_off) == off),
+            "{:?}",
+            relays.sites
+        );
+        assert_ne!(
+            relays.masks[Api::Realloc as usize] & (1 << Api::Free as u32),
+            0
+        );
+        let bit = 1u64 << Api::MiMallocAligned as u32;
+        for api in [
+            Api::PosixMemalign,
+            Api::NewAlignedNothrow,
+            Api::NewArrayAlignedNothrow,
+        ] {
+            assert_ne!(relays.masks[api as usize] & bit, 0, "{api:?}");
+        }
+        assert_eq!(relays.masks[Api::Free as usize], 0);
     }
 }
