@@ -743,7 +743,7 @@ mod tests {
                 let flag = m.as_str().trim_end_matches('-');
                 // Not ours: cargo's, bpftrace's, a toolchain's, node_exporter's
                 // (`--web.config.file`), rustc's (`--cfg`), the project's `./x soak`,
-                // `./x fuzz`, `./x test --vm` and `./x build --target`.
+                // `./x fuzz`, `./x test --vm`, `./x build --target` and `./x deny`.
                 if [
                     "--workspace",
                     "--cfg",
@@ -757,6 +757,8 @@ mod tests {
                     "--out",
                     "--seconds",
                     "--vm",
+                    "--offline",
+                    "--refresh-advisories",
                 ]
                 .contains(&flag)
                     || line.contains("cargo ")
