@@ -636,21 +636,9 @@ impl Probes {
     /// detached; the maps stay readable for the final report. The flag not set (a map error)
     /// only loses that instant: the links still go.
     pub fn stop(&mut self) -> Result<(), ProbeError> {
-        let flagged = self.set_stopped();
+        let flagged = self.set_slot(map_names::STOPPED, 0, 1);
         self.links.detach_all();
         flagged
-    }
-
-    fn set_stopped(&mut self) -> Result<(), ProbeError> {
-        let map = self
-            .ebpf
-            .map_mut(map_names::STOPPED)
-            .ok_or(MapError::InvalidName {
-                name: map_names::STOPPED.into(),
-            })?;
-        let mut slot: Array<_, u32> = Array::try_from(map)?;
-        slot.set(0, &1, 0)?;
-        Ok(())
     }
 
     /// A handle on the links, to detach them from another thread.
@@ -709,14 +697,17 @@ impl Probes {
     /// Rows with a stack one process may create in the call-site table, in the given
     /// [`site_limit`] slot; 0 = no limit.
     pub fn set_site_limit(&mut self, slot: u32, limit: u32) -> Result<(), ProbeError> {
+        self.set_slot(map_names::SITE_LIMIT, slot, limit)
+    }
+
+    /// Sets slot `slot` of the u32 array map `name`.
+    fn set_slot(&mut self, name: &str, slot: u32, value: u32) -> Result<(), ProbeError> {
         let map = self
             .ebpf
-            .map_mut(map_names::SITE_LIMIT)
-            .ok_or(MapError::InvalidName {
-                name: map_names::SITE_LIMIT.into(),
-            })?;
+            .map_mut(name)
+            .ok_or(MapError::InvalidName { name: name.into() })?;
         let mut slots: Array<_, u32> = Array::try_from(map)?;
-        slots.set(slot, &limit, 0)?;
+        slots.set(slot, &value, 0)?;
         Ok(())
     }
 
