@@ -17,6 +17,7 @@
 //!   a per-process step with its load bias.
 
 pub mod arm64;
+pub mod cfi;
 pub mod check;
 pub mod debuginfo;
 pub mod elf;

@@ -391,26 +391,13 @@ impl TailJumps<'_> {
 
 /// The `.eh_frame` entries of the ELF file `data`: (start, length), sorted.
 fn fde_extents(data: &[u8]) -> Vec<(u64, u64)> {
-    use gimli::{BaseAddresses, CieOrFde, EhFrame, LittleEndian, UnwindSection as _};
-    use object::{Object as _, ObjectSection as _};
+    use gimli::{CieOrFde, EhFrame, UnwindSection as _};
     let Ok(file) = object::File::parse(data) else {
         return Vec::new();
     };
-    let Some(section) = file.section_by_name(".eh_frame") else {
+    let Some(Ok((eh, bases))) = super::cfi::eh_frame(&file) else {
         return Vec::new();
     };
-    let Ok(bytes) = section.data() else {
-        return Vec::new();
-    };
-    let mut bases = BaseAddresses::default().set_eh_frame(section.address());
-    if let Some(text) = file.section_by_name(".text") {
-        bases = bases.set_text(text.address());
-    }
-    if let Some(got) = file.section_by_name(".got") {
-        bases = bases.set_got(got.address());
-    }
-    let mut eh = EhFrame::new(bytes, LittleEndian);
-    eh.set_address_size(8);
     let mut out = Vec::new();
     let mut entries = eh.entries(&bases);
     while let Ok(Some(entry)) = entries.next() {
@@ -428,40 +415,16 @@ fn fde_extents(data: &[u8]) -> Vec<(u64, u64)> {
 /// The call-frame rule at `pc` of the ELF file `data`, when the CFA is rsp or rbp plus an
 /// offset and the return address at CFA − 8: (from rbp, the offset).
 fn cfa_at(data: &[u8], pc: u64) -> Option<(bool, u16)> {
-    use gimli::{
-        BaseAddresses, CfaRule, EhFrame, LittleEndian, RegisterRule, UnwindContext,
-        UnwindSection as _, X86_64,
-    };
-    use object::{Object as _, ObjectSection as _};
+    use allocwatch_common::unwind::kind;
+    use gimli::{EhFrame, UnwindContext, UnwindSection as _};
     let file = object::File::parse(data).ok()?;
-    let section = file.section_by_name(".eh_frame")?;
-    let mut bases = BaseAddresses::default().set_eh_frame(section.address());
-    if let Some(text) = file.section_by_name(".text") {
-        bases = bases.set_text(text.address());
-    }
-    if let Some(got) = file.section_by_name(".got") {
-        bases = bases.set_got(got.address());
-    }
-    let mut eh = EhFrame::new(section.data().ok()?, LittleEndian);
-    eh.set_address_size(8);
+    let (eh, bases) = super::cfi::eh_frame(&file)?.ok()?;
     let mut ctx = Box::new(UnwindContext::new());
     let row = eh
         .unwind_info_for_address(&bases, &mut ctx, pc, EhFrame::cie_from_offset)
         .ok()?;
-    if row.register(X86_64::RA) != Some(RegisterRule::Offset(-8)) {
-        return None;
-    }
-    match *row.cfa() {
-        CfaRule::RegisterAndOffset { register, offset } => {
-            let off = u16::try_from(offset).ok()?;
-            match register {
-                X86_64::RSP => Some((false, off)),
-                X86_64::RBP => Some((true, off)),
-                _ => None,
-            }
-        }
-        CfaRule::Expression(_) => None,
-    }
+    let (cfa, off) = super::cfi::cfa_of(row)?;
+    Some((cfa == kind::CFA_RBP, off))
 }
 
 /// Whether the probe of `api` runs after an instruction of its function that writes the frame

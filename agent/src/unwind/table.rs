@@ -4,12 +4,11 @@
 //! rules the probe follows and marks the others.
 
 use allocwatch_common::unwind::{UnwindRow, kind};
-use gimli::{
-    BaseAddresses, CfaRule, CieOrFde, EhFrame, LittleEndian, RegisterRule, UnwindContext,
-    UnwindSection as _, X86_64,
-};
-use object::{Object as _, ObjectSection as _};
+use gimli::{CieOrFde, RegisterRule, UnwindContext, UnwindSection as _, X86_64};
+use object::Object as _;
 use thiserror::Error;
+
+use crate::target::cfi;
 
 #[derive(Debug, Error)]
 pub enum TableError {
@@ -42,28 +41,14 @@ fn rule(row: &gimli::UnwindTableRow<usize>) -> Rule {
         kind: kind::UNSUPPORTED,
         ..GAP
     };
-    match row.register(X86_64::RA) {
-        Some(RegisterRule::Offset(-8)) => {}
-        Some(RegisterRule::Undefined) => {
-            return Rule {
-                kind: kind::END,
-                ..GAP
-            };
-        }
-        _ => return unsupported,
+    if row.register(X86_64::RA) == Some(RegisterRule::Undefined) {
+        return Rule {
+            kind: kind::END,
+            ..GAP
+        };
     }
-    let (kind, cfa_off) = match *row.cfa() {
-        CfaRule::RegisterAndOffset { register, offset } => {
-            let Ok(off) = u16::try_from(offset) else {
-                return unsupported;
-            };
-            match register {
-                X86_64::RSP => (kind::CFA_RSP, off),
-                X86_64::RBP => (kind::CFA_RBP, off),
-                _ => return unsupported,
-            }
-        }
-        CfaRule::Expression(_) => return unsupported,
+    let Some((kind, cfa_off)) = cfi::cfa_of(row) else {
+        return unsupported;
     };
     let rbp_words = match row.register(X86_64::RBP) {
         None | Some(RegisterRule::Undefined | RegisterRule::SameValue) => 0,
@@ -127,7 +112,7 @@ fn is_go(file: &object::File) -> bool {
 pub fn compile(data: &[u8]) -> Result<Compiled, TableError> {
     let file = object::File::parse(data)?;
     let go = is_go(&file);
-    let Some(section) = file.section_by_name(".eh_frame") else {
+    let Some(eh) = cfi::eh_frame(&file) else {
         if go {
             return Ok(Compiled {
                 rows: Vec::new(),
@@ -139,16 +124,7 @@ pub fn compile(data: &[u8]) -> Result<Compiled, TableError> {
         }
         return Err(TableError::NoEhFrame);
     };
-    let bytes = section.data()?;
-    let mut bases = BaseAddresses::default().set_eh_frame(section.address());
-    if let Some(text) = file.section_by_name(".text") {
-        bases = bases.set_text(text.address());
-    }
-    if let Some(got) = file.section_by_name(".got") {
-        bases = bases.set_got(got.address());
-    }
-    let mut eh = EhFrame::new(bytes, LittleEndian);
-    eh.set_address_size(8);
+    let (eh, bases) = eh?;
     let mut ctx = Box::new(UnwindContext::new());
     let mut ranges: Vec<(u64, u64, Rule)> = Vec::new();
     let mut fp = FramePointers {
