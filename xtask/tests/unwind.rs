@@ -246,17 +246,22 @@ fn trace_mode(
             t.contains("libc.so.6") && (t.contains("libunwfix.so") || k.contains("libunwfix.so"))
         })
     });
-    std::fs::write(&go, b"").unwrap();
+    run_to_report(aw, &go, &out)
+}
+
+/// Writes GOFILE `go` (the traced program then allocates), waits for `aw`'s exit and reads its
+/// JSON report `out`: the one process traced.
+fn run_to_report(mut aw: Allocwatch, go: &Path, out: &Path) -> Traced {
+    std::fs::write(go, b"").unwrap();
     let status = aw.wait_exit(Duration::from_secs(60));
     aw.assert_success(status);
-    let report = read_json(&out);
-    let _ = std::fs::remove_file(&out);
-    let _ = std::fs::remove_file(&go);
+    let report = read_json(out);
+    let _ = std::fs::remove_file(out);
+    let _ = std::fs::remove_file(go);
     let processes = array(&report, "processes");
     assert_eq!(processes.len(), 1, "one process traced\n{report:#}");
-    let proc = processes[0].clone();
     Traced {
-        proc,
+        proc: processes[0].clone(),
         stderr: aw.stderr.text(),
     }
 }
@@ -696,28 +701,17 @@ fn trace_program(
                 .any(|(t, _)| files.iter().all(|f| t.contains(f)))
         },
     );
-    std::fs::write(&go, b"").unwrap();
-    let status = aw.wait_exit(Duration::from_secs(60));
-    aw.assert_success(status);
-    let report = read_json(&out);
-    let _ = std::fs::remove_file(&out);
-    let _ = std::fs::remove_file(&go);
-    let processes = array(&report, "processes");
-    assert_eq!(processes.len(), 1, "one process traced\n{report:#}");
-    let proc = processes[0].clone();
+    let traced = run_to_report(aw, &go, &out);
     for cause in [
         "unwind_unsupported",
         "unwind_read_error",
         "unwind_truncated",
         "symbolize_stack_cut",
     ] {
-        let n = proc["lost"][cause].as_u64().unwrap_or(0);
-        assert_eq!(n, 0, "{unwind}: {cause}\n{proc:#}");
+        let n = traced.proc["lost"][cause].as_u64().unwrap_or(0);
+        assert_eq!(n, 0, "{unwind}: {cause}\n{:#}", traced.proc);
     }
-    Traced {
-        proc,
-        stderr: aw.stderr.text(),
-    }
+    traced
 }
 
 /// A C++ program built g++ -O2 -fomit-frame-pointer: its operator new five calls deep
