@@ -517,7 +517,7 @@ fn config_errors_point_at_the_line() {
 /// The binary where an unprivileged user can run it (the build tree may not be reachable).
 fn world_runnable_bin(env: &TestEnv, dir: &Scratch) -> PathBuf {
     let bin = dir.0.join("allocwatch");
-    fs::copy(&env.bin, &bin).expect("copying the binary");
+    support::copy_program(&env.bin, &bin);
     fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
     bin
 }

@@ -986,7 +986,7 @@ fn binary_replaced_while_traced() {
         m.go_map_grows(&id) != before
     });
     let fresh = scratch.path.join("aw_replaced.new");
-    fs::copy(&env.go_fixture, &fresh).expect("copying the new file");
+    support::copy_program(&env.go_fixture, &fresh);
     fs::rename(&fresh, &path).expect("renaming the new file over the old");
     let status = wait_child(&mut old, Duration::from_secs(60)).expect("the old process's exit");
     assert!(status.success(), "the replaced program: {status}");

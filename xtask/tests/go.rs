@@ -1551,8 +1551,7 @@ impl UniqueCopy {
         let dir = env::temp_dir().join(format!("allocwatch-gotest-{}", std::process::id()));
         fs::create_dir_all(&dir).expect("creating the fixture copy directory");
         let path = dir.join(&comm);
-        fs::copy(&b.path, &path)
-            .unwrap_or_else(|e| panic!("copying {} to {}: {e}", b.path.display(), path.display()));
+        support::copy_program(&b.path, &path);
         Self { path, comm }
     }
 }

@@ -1090,10 +1090,29 @@ impl Scratch {
     pub fn copy(&self, src: &Path, name: &str) -> PathBuf {
         use std::os::unix::fs::PermissionsExt as _;
         let dst = self.path.join(name);
-        fs::copy(src, &dst).unwrap_or_else(|e| panic!("copying {}: {e}", src.display()));
+        copy_program(src, &dst);
         fs::set_permissions(&dst, fs::Permissions::from_mode(0o755)).expect("chmod");
         dst
     }
+}
+
+/// Copies a program that a test will run, by `cp` in a process of its own: a copy written by
+/// this process holds a writable descriptor that a child another test thread forks meanwhile
+/// inherits until its exec, and running the copy then fails with ETXTBSY ("Text file busy",
+/// seen in `faults::output_unchanged_under_the_agent`).
+pub fn copy_program(src: &Path, dst: &Path) {
+    let status = Command::new("cp")
+        .arg("--")
+        .arg(src)
+        .arg(dst)
+        .status()
+        .unwrap_or_else(|e| panic!("running cp: {e}"));
+    assert!(
+        status.success(),
+        "cp {} {}: {status}",
+        src.display(),
+        dst.display()
+    );
 }
 
 impl Drop for Scratch {
