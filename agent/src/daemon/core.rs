@@ -428,7 +428,7 @@ impl State {
     }
 
     async fn snapshot(&mut self) -> anyhow::Result<Snapshot> {
-        let sw = Stopwatch::new("snapshot");
+        let mut sw = Stopwatch::new("snapshot");
         let Parts {
             probes,
             frames,
@@ -443,6 +443,7 @@ impl State {
             (self.capacity.max_sites, self.top_k, self.sampling),
         )
         .await?;
+        sw.lap("build and name");
         for (map, fill) in &self.fills {
             snap.1.map_fill.entry(map).or_insert(*fill);
         }
@@ -721,8 +722,18 @@ fn remedy(cause: LossCause, c: &Capacity) -> String {
     }
 }
 
+/// A step of the loop this long delays every scrape behind it past the server's wait (it then
+/// answers with the last rendering, or "still starting" before the first): said on stderr with
+/// its parts, at most once per [`SLOW_STEP_EVERY`], so an operator (or a failed test's log)
+/// sees where the time went.
+const SLOW_STEP: Duration = Duration::from_secs(2);
+const SLOW_STEP_EVERY: Duration = Duration::from_secs(60);
+
+/// When a slow step was last said (the loop runs on one thread; the lock is never contended).
+static SLOW_STEP_SAID: Mutex<Option<Instant>> = Mutex::new(None);
+
 /// `ALLOCWATCH_DEBUG_TIMING=1`: steps of the loop that took long, with their parts, on
-/// stderr (how the soak's stalls are diagnosed).
+/// stderr (how the soak's stalls are diagnosed); a step past [`SLOW_STEP`] is said anyway.
 struct Stopwatch {
     what: &'static str,
     start: Instant,
@@ -749,20 +760,37 @@ impl Stopwatch {
 
     fn done(self) {
         let total = self.start.elapsed();
-        if total >= Duration::from_millis(20)
-            && std::env::var_os("ALLOCWATCH_DEBUG_TIMING").is_some()
-        {
-            let laps: Vec<String> = self
-                .laps
-                .iter()
-                .map(|(n, d)| format!("{n} {:.1} ms", d.as_secs_f64() * 1e3))
-                .collect();
+        let debug = total >= Duration::from_millis(20)
+            && std::env::var_os("ALLOCWATCH_DEBUG_TIMING").is_some();
+        let slow = total >= SLOW_STEP && {
+            let mut said = lock(&SLOW_STEP_SAID);
+            let due = said.is_none_or(|t| t.elapsed() >= SLOW_STEP_EVERY);
+            if due {
+                *said = Some(Instant::now());
+            }
+            due
+        };
+        if !debug && !slow {
+            return;
+        }
+        let laps: Vec<String> = self
+            .laps
+            .iter()
+            .map(|(n, d)| format!("{n} {:.1} ms", d.as_secs_f64() * 1e3))
+            .collect();
+        let line = format!(
+            "{} took {:.1} ms ({})",
+            self.what,
+            total.as_secs_f64() * 1e3,
+            laps.join(", ")
+        );
+        if slow {
             crate::say!(
-                "allocwatch: debug: {} took {:.1} ms ({})",
-                self.what,
-                total.as_secs_f64() * 1e3,
-                laps.join(", ")
+                "allocwatch: warning: the tracing loop's {line}: scrapes meanwhile got the \
+                 last rendering (at most one such line a minute)"
             );
+        } else {
+            crate::say!("allocwatch: debug: {line}");
         }
     }
 }

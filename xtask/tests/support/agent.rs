@@ -155,8 +155,9 @@ impl Agent {
         assert_eq!(
             r.status,
             200,
-            "/metrics: {}",
-            String::from_utf8_lossy(&r.body)
+            "/metrics: {}\nagent stderr:\n{}",
+            String::from_utf8_lossy(&r.body),
+            self.stderr.text()
         );
         let ct = r.header("content-type").unwrap_or_default();
         assert!(
