@@ -266,6 +266,16 @@ async fn metrics_handler(State(state): State<Arc<AppState>>) -> Response {
             body,
         )
             .into_response(),
+        // Transient, as Prometheus and load balancers understand it: not a server error.
+        Ok(Err(e @ MetricsError::NotReady)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [
+                (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+                (header::RETRY_AFTER, "1"),
+            ],
+            format!("{e}\n"),
+        )
+            .into_response(),
         Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
         Err(e) => text(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -360,6 +360,42 @@ async fn shutdown_cuts_a_delta_profile_short() {
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
+/// A tracer that has not rendered anything yet: "still starting" is transient (503 and
+/// Retry-After, which Prometheus and probes retry), not a server error.
+#[tokio::test]
+async fn metrics_before_the_first_rendering_is_503_with_retry_after() {
+    struct Starting;
+    impl SnapshotSource for Starting {
+        fn snapshot(&self) -> (Vec<ProcessSnapshot>, SelfStats) {
+            (Vec::new(), SelfStats::default())
+        }
+        fn metrics(&self, _started: Instant) -> Option<Result<String, MetricsError>> {
+            Some(Err(MetricsError::NotReady))
+        }
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve_on(
+        listener,
+        Arc::new(Starting),
+        config(false),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let r = get(addr, "/metrics").await;
+    assert_eq!(
+        (r.status, r.header("retry-after")),
+        (503, Some("1")),
+        "{}",
+        r.text()
+    );
+    assert!(r.text().contains("still starting"), "{}", r.text());
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn bind_failure_is_an_error() {
     let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
