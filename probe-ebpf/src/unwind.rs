@@ -142,14 +142,21 @@ enum Step {
 }
 
 /// One frame: from the return address `pc` in a frame whose stack pointer (before the call's
-/// push) is `sp`, with `bp` the value rbp had there, to the caller's. A `pc` marked
-/// [`FRAME_EXACT`] is the instruction a signal interrupted, `sp` and `bp` its registers.
+/// push) is `sp`, with `bp` the value rbp had there, to the caller's. With `SIGNALS`, a
+/// signal trampoline's frame leads to the interrupted code, and a `pc` marked [`FRAME_EXACT`]
+/// is the instruction a signal interrupted, `sp` and `bp` its registers; without (the
+/// unrolled walk, whose every frame the verifier checks: with the signal step, its 16 frames
+/// went past its million instructions with debug logging), a trampoline ends the walk.
 #[inline(always)]
-fn step(proc: &UnwindProc, pc: &mut u64, sp: &mut u64, bp: &mut u64) -> Step {
-    // A return address: the call is the instruction before it (glibc puts a nop before
-    // `__restore_rt`, inside its FDE, for this lookup). An interrupted instruction is its own.
-    let exact = *pc >> 63;
-    let (k, cfa_off, rbp_words) = rule_for(proc, (*pc & !FRAME_EXACT) - (exact ^ 1));
+fn step<const SIGNALS: bool>(proc: &UnwindProc, pc: &mut u64, sp: &mut u64, bp: &mut u64) -> Step {
+    // A return address: the call is the instruction before it (glibc starts `__restore_rt`'s
+    // FDE a byte before it for this lookup). An interrupted instruction is its own.
+    let at = if SIGNALS {
+        (*pc & !FRAME_EXACT) - ((*pc >> 63) ^ 1)
+    } else {
+        *pc - 1
+    };
+    let (k, cfa_off, rbp_words) = rule_for(proc, at);
     let (cfa, saved_bp) = match k {
         kind::CFA_RSP | kind::CFA_RBP => {
             let base = if k == kind::CFA_RSP { *sp } else { *bp };
@@ -165,7 +172,8 @@ fn step(proc: &UnwindProc, pc: &mut u64, sp: &mut u64, bp: &mut u64) -> Step {
             (*bp + 16, Some(*bp))
         }
         kind::UNSUPPORTED => return Step::Lost(LossCause::UnwindUnsupported),
-        kind::SIGNAL => return signal_step(pc, sp, bp),
+        kind::SIGNAL if SIGNALS => return signal_step(pc, sp, bp),
+        kind::SIGNAL => return Step::Lost(LossCause::UnwindUnsupported),
         _ => return Step::End,
     };
     // A frame-pointer step through code without frame pointers (no table for it yet, as libc
@@ -248,7 +256,7 @@ extern "C" fn loop_step(i: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: as above.
     let (proc, frames) = unsafe { (&*w.proc, &mut *w.frames) };
     frames[slot] = w.pc;
-    match step(proc, &mut w.pc, &mut w.sp, &mut w.bp) {
+    match step::<true>(proc, &mut w.pc, &mut w.sp, &mut w.bp) {
         Step::Next => 0,
         Step::Signal => {
             frames[slot] |= FRAME_EXACT;
@@ -325,7 +333,8 @@ fn walk(
     }
 }
 
-/// The walk without `bpf_loop` (kernels before 5.17): `UNWIND_FRAMES` frames, unrolled.
+/// The walk without `bpf_loop` (kernels before 5.17): `UNWIND_FRAMES` frames, unrolled; a
+/// signal frame ends it, counted (`unwind_unsupported`).
 #[inline(always)]
 fn walk_inline(
     proc: &UnwindProc,
@@ -339,9 +348,8 @@ fn walk_inline(
             return None;
         }
         *slot = *pc;
-        match step(proc, pc, sp, bp) {
-            Step::Next => {}
-            Step::Signal => *slot |= FRAME_EXACT,
+        match step::<false>(proc, pc, sp, bp) {
+            Step::Next | Step::Signal => {}
             Step::End => return None,
             Step::Lost(cause) => return Some(cause),
         }
