@@ -350,7 +350,7 @@ fn table_walk_names_every_frame_of_a_deep_stack() {
 /// `trap` mode's interrupted pc is the first byte of `fx_uw_sig_trap` (a ud2, stepped over by
 /// the handler): it is named at that byte, where a return address's lookup one byte before
 /// would be outside the function, and the frame's offset says so. No unwind loss, nothing
-/// cut.
+/// cut. Without `bpf_loop` the walk stops at the trampoline, counted (`unwind_unsupported`).
 #[test]
 fn table_walk_follows_a_signal_frame_into_the_interrupted_code() {
     let env = TestEnv::get();
@@ -389,6 +389,22 @@ fn table_walk_follows_a_signal_frame_into_the_interrupted_code() {
             }
         }
     }
+    // Without `bpf_loop` the trampoline ends the walk, counted: the handler's frames remain.
+    let traced = trace_mode(
+        &env,
+        "nofp",
+        Some("dwarf"),
+        &["signal"],
+        &[("ALLOCWATCH_NO_BPF_LOOP", "1")],
+    );
+    let site = site_of(&traced.proc, UW_SIG_BYTES);
+    let got: Vec<String> = array(site, "frames")
+        .iter()
+        .map(|f| f["function"].as_str().unwrap_or("?").to_owned())
+        .collect();
+    assert_eq!(got, signal_stack("")[..3], "no bpf_loop\n{site:#}");
+    let lost = &traced.proc["lost"];
+    assert_eq!(lost["unwind_unsupported"].as_u64(), Some(1), "{lost:#}");
 }
 
 /// Without `bpf_loop` (kernels before 5.17; `ALLOCWATCH_NO_BPF_LOOP=1` here) the table walk
