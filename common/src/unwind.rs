@@ -17,7 +17,36 @@ pub mod kind {
     pub const UNSUPPORTED: u8 = 3;
     /// The return address is undefined: the outermost frame (`_start`, thread entry).
     pub const END: u8 = 4;
+    /// A signal trampoline (glibc's `__restore_rt`: an FDE with the `S` augmentation whose CFA
+    /// is the `rsp` saved in the `ucontext` at rsp): the caller is the interrupted code, whose
+    /// registers are read from that `ucontext` ([`sigframe`]).
+    pub const SIGNAL: u8 = 5;
 }
+
+/// Where the kernel's x86-64 `struct rt_sigframe` keeps the interrupted registers, as offsets
+/// from the trampoline's rsp (which points at its `struct ucontext` once the handler has
+/// returned): `uc_flags` (8), `uc_link` (8), `uc_stack` (24), then `uc_mcontext` (`struct
+/// sigcontext`: r8..r15, rdi, rsi, rbp, rbx, rdx, rax, rcx, rsp, rip). glibc's CFI for
+/// `__restore_rt` says the same (`DW_OP_breg7 (rsp): 120` for rbp, 160 rsp, 168 rip); the agent
+/// marks a row [`kind::SIGNAL`] only where the FDE's rules are exactly these.
+pub mod sigframe {
+    pub const MCONTEXT: u64 = 8 + 8 + 24;
+    pub const RBP: u64 = MCONTEXT + 10 * 8;
+    pub const RSP: u64 = MCONTEXT + 15 * 8;
+    pub const RIP: u64 = MCONTEXT + 16 * 8;
+
+    const _: () = {
+        assert!(RBP == 120);
+        assert!(RSP == 160);
+        assert!(RIP == 168);
+    };
+}
+
+/// Set on a stack frame whose address is not a return address but the very instruction (the
+/// code a signal interrupted, and the signal trampoline itself): it is named at that address,
+/// not at the call before it, and not checked for following a call. User addresses are below
+/// 2^57, so the bit is free; the agent masks it off before using the address.
+pub const FRAME_EXACT: u64 = 1 << 63;
 
 /// One row of a file's table (8 bytes). `pc` is the file's own virtual address (as in its
 /// program headers), so one table serves every process whatever its load address.

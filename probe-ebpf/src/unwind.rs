@@ -1,7 +1,9 @@
 //! User stacks walked with the agent's unwind tables (`--unwind dwarf`,
 //! `allocwatch_common::unwind`): where a frame's code has a table, its row says where the CFA is
 //! (rsp or rbp plus an offset), where the caller's rbp was saved, and the return address is at
-//! CFA-8; elsewhere a frame-pointer step, as the kernel's walk does. Bounded: at most
+//! CFA-8; elsewhere a frame-pointer step, as the kernel's walk does. A signal trampoline's row
+//! (`kind::SIGNAL`) leads to the interrupted code, its registers read from the signal frame.
+//! Bounded: at most
 //! `MAX_STACK_DEPTH` frames with `bpf_loop` (Linux 5.17, `FLAG_UNWIND_LOOP`), else
 //! `UNWIND_FRAMES` unrolled; each frame a fixed number of binary-search steps.
 
@@ -11,8 +13,8 @@ use allocwatch_common::{
     libc::NO_STACK,
     loss::LossCause,
     unwind::{
-        UNWIND_MAP_STEPS, UNWIND_MAPPINGS_MAX, UNWIND_PROCS_MAX, UNWIND_ROW_STEPS, UNWIND_ROWS_MAX,
-        UnwindProc, UnwindRow, kind,
+        FRAME_EXACT, UNWIND_MAP_STEPS, UNWIND_MAPPINGS_MAX, UNWIND_PROCS_MAX, UNWIND_ROW_STEPS,
+        UNWIND_ROWS_MAX, UnwindProc, UnwindRow, kind, sigframe,
     },
 };
 use aya_ebpf::{
@@ -130,6 +132,9 @@ fn read(addr: u64) -> Option<u64> {
 enum Step {
     /// `pc`, `sp`, `bp` are the caller's: go on.
     Next,
+    /// The frame was a signal trampoline: `pc` (marked [`FRAME_EXACT`]), `sp`, `bp` are the
+    /// interrupted code's; the trampoline's own frame is marked too.
+    Signal,
     /// The walk ended where a stack ends (or where a frame-pointer walk ends, uncounted).
     End,
     /// The walk ended with a loss.
@@ -137,11 +142,21 @@ enum Step {
 }
 
 /// One frame: from the return address `pc` in a frame whose stack pointer (before the call's
-/// push) is `sp`, with `bp` the value rbp had there, to the caller's.
+/// push) is `sp`, with `bp` the value rbp had there, to the caller's. With `SIGNALS`, a
+/// signal trampoline's frame leads to the interrupted code, and a `pc` marked [`FRAME_EXACT`]
+/// is the instruction a signal interrupted, `sp` and `bp` its registers; without (the
+/// unrolled walk, whose every frame the verifier checks: with the signal step, its 16 frames
+/// went past its million instructions with debug logging), a trampoline ends the walk.
 #[inline(always)]
-fn step(proc: &UnwindProc, pc: &mut u64, sp: &mut u64, bp: &mut u64) -> Step {
-    // A return address: the call is the instruction before it.
-    let (k, cfa_off, rbp_words) = rule_for(proc, *pc - 1);
+fn step<const SIGNALS: bool>(proc: &UnwindProc, pc: &mut u64, sp: &mut u64, bp: &mut u64) -> Step {
+    // A return address: the call is the instruction before it (glibc starts `__restore_rt`'s
+    // FDE a byte before it for this lookup). An interrupted instruction is its own.
+    let at = if SIGNALS {
+        (*pc & !FRAME_EXACT) - ((*pc >> 63) ^ 1)
+    } else {
+        *pc - 1
+    };
+    let (k, cfa_off, rbp_words) = rule_for(proc, at);
     let (cfa, saved_bp) = match k {
         kind::CFA_RSP | kind::CFA_RBP => {
             let base = if k == kind::CFA_RSP { *sp } else { *bp };
@@ -157,6 +172,8 @@ fn step(proc: &UnwindProc, pc: &mut u64, sp: &mut u64, bp: &mut u64) -> Step {
             (*bp + 16, Some(*bp))
         }
         kind::UNSUPPORTED => return Step::Lost(LossCause::UnwindUnsupported),
+        kind::SIGNAL if SIGNALS => return signal_step(pc, sp, bp),
+        kind::SIGNAL => return Step::Lost(LossCause::UnwindUnsupported),
         _ => return Step::End,
     };
     // A frame-pointer step through code without frame pointers (no table for it yet, as libc
@@ -184,6 +201,28 @@ fn step(proc: &UnwindProc, pc: &mut u64, sp: &mut u64, bp: &mut u64) -> Step {
     *sp = cfa;
     *pc = ra;
     Step::Next
+}
+
+/// Out of a signal trampoline: after the handler's return `sp` points at the kernel's
+/// `struct ucontext`, which holds the interrupted registers ([`sigframe`]). The stack there may
+/// be anywhere (`sigaltstack`): no check that it is above.
+#[inline(always)]
+fn signal_step(pc: &mut u64, sp: &mut u64, bp: &mut u64) -> Step {
+    let uc = *sp;
+    let (Some(rip), Some(rsp), Some(rbp)) = (
+        read(uc + sigframe::RIP),
+        read(uc + sigframe::RSP),
+        read(uc + sigframe::RBP),
+    ) else {
+        return Step::Lost(LossCause::UnwindReadError);
+    };
+    if rip == 0 {
+        return Step::End;
+    }
+    *pc = rip | FRAME_EXACT;
+    *sp = rsp;
+    *bp = rbp;
+    Step::Signal
 }
 
 /// The walk's state between `bpf_loop` callbacks (on the program's stack, handed to each).
@@ -217,8 +256,12 @@ extern "C" fn loop_step(i: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: as above.
     let (proc, frames) = unsafe { (&*w.proc, &mut *w.frames) };
     frames[slot] = w.pc;
-    match step(proc, &mut w.pc, &mut w.sp, &mut w.bp) {
+    match step::<true>(proc, &mut w.pc, &mut w.sp, &mut w.bp) {
         Step::Next => 0,
+        Step::Signal => {
+            frames[slot] |= FRAME_EXACT;
+            0
+        }
         Step::End => {
             w.end = 1;
             1
@@ -290,7 +333,8 @@ fn walk(
     }
 }
 
-/// The walk without `bpf_loop` (kernels before 5.17): `UNWIND_FRAMES` frames, unrolled.
+/// The walk without `bpf_loop` (kernels before 5.17): `UNWIND_FRAMES` frames, unrolled; a
+/// signal frame ends it, counted (`unwind_unsupported`).
 #[inline(always)]
 fn walk_inline(
     proc: &UnwindProc,
@@ -304,8 +348,8 @@ fn walk_inline(
             return None;
         }
         *slot = *pc;
-        match step(proc, pc, sp, bp) {
-            Step::Next => {}
+        match step::<false>(proc, pc, sp, bp) {
+            Step::Next | Step::Signal => {}
             Step::End => return None,
             Step::Lost(cause) => return Some(cause),
         }

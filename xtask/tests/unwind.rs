@@ -6,7 +6,8 @@
 //! walks at the same call in the same run; `auto` loads tables only for the files built without
 //! frame pointers. The split fixture's fake frame, which a frame-pointer walk cuts
 //! (symbols.rs), is walked through. A malloc 43 frames deep is walked to `main` (`bpf_loop`),
-//! and to the 16-frame limit without it. A C++ program, a Rust release binary and Debian's
+//! and to the 16-frame limit without it. A malloc in a signal handler is walked through the
+//! signal frame into the interrupted code and on to `main`, as gdb walks it. A C++ program, a Rust release binary and Debian's
 //! python3.11 (named through python3.11-dbg's build-id debug file, inlined frames expanded) are
 //! named frame by frame as gdb names them.
 
@@ -58,6 +59,33 @@ fn deep_stack() -> Vec<String> {
     names.extend(std::iter::repeat_n("fx_uw_deep".to_owned(), UW_DEEP_CALLS));
     names.push("main".to_owned());
     names
+}
+
+/// The signal modes' one allocation, made in the handler.
+const UW_SIG_BYTES: u64 = 7171;
+
+/// gdb's line for a signal trampoline's frame (`#3  <signal handler called>`) and the name
+/// allocwatch gives the same frame: the trampoline's symbol, glibc's `__restore_rt`, which
+/// `sigaction` makes every handler's return address.
+const GDB_SIGNAL_FRAME: &str = "<signal handler called>";
+const SIGNAL_TRAMPOLINE: &str = "__restore_rt";
+
+/// The signal modes' chain, innermost first: the handler's frames, the trampoline, the
+/// interrupted function (`fx_uw_sig_kill` after its tgkill syscall, or `fx_uw_sig_trap` at its
+/// first instruction) and its callers.
+fn signal_stack(interrupted: &str) -> Vec<String> {
+    [
+        "fx_uw_sig_leaf",
+        "fx_uw_sig_handler_inner",
+        "fx_uw_sig_handler",
+        SIGNAL_TRAMPOLINE,
+        interrupted,
+        "fx_uw_sig_middle",
+        "fx_uw_sig_outer",
+        "main",
+    ]
+    .map(str::to_owned)
+    .to_vec()
 }
 
 struct TestEnv {
@@ -123,7 +151,9 @@ fn api_site_of<'a>(proc: &'a Value, api: &str, bytes: u64) -> &'a Value {
 }
 
 /// gdb's backtrace at `function`'s entry in `fixture GOFILE MODE…` (the go file written
-/// first, so the fixture runs at once): function names, innermost first, up to `main`.
+/// first, so the fixture runs at once): function names, innermost first, up to `main`; a
+/// signal trampoline's frame ([`GDB_SIGNAL_FRAME`]) as [`SIGNAL_TRAMPOLINE`]. The signals the
+/// signal modes send themselves are passed to the program without a stop.
 fn gdb_backtrace(fixture: &Path, mode: &[&str], function: &str) -> Vec<String> {
     let go = support::temp_file("unwind-go");
     std::fs::write(&go, b"").unwrap();
@@ -133,6 +163,8 @@ fn gdb_backtrace(fixture: &Path, mode: &[&str], function: &str) -> Vec<String> {
             "-nx",
             "-ex",
             "set debuginfod enabled off",
+            "-ex",
+            "handle SIGUSR1 SIGILL nostop noprint pass",
             "-ex",
             &format!("break {function}"),
             "-ex",
@@ -152,6 +184,10 @@ fn gdb_backtrace(fixture: &Path, mode: &[&str], function: &str) -> Vec<String> {
     let text = String::from_utf8_lossy(&out.stdout);
     let mut names = Vec::new();
     for line in text.lines().filter(|l| l.starts_with('#')) {
+        if line.ends_with(GDB_SIGNAL_FRAME) {
+            names.push(SIGNAL_TRAMPOLINE.to_owned());
+            continue;
+        }
         // `#0  fx_uw_leaf () at …` or `#1  0x… in fx_uw_callback () at …`
         let rest = line
             .split_once(" in ")
@@ -304,6 +340,71 @@ fn table_walk_names_every_frame_of_a_deep_stack() {
 
     let peer = gdb_backtrace(&env.unwind_fixture("nofp"), &["deep"], "fx_uw_deep_leaf");
     assert_eq!(got, peer, "allocwatch vs gdb\n{site:#}");
+}
+
+/// A signal handler (installed with sigaction) that allocates two calls deep, run by a signal
+/// the program sends itself three calls below `main` (-O2 -fomit-frame-pointer, rbp holding no
+/// frame): with `dwarf` and `auto`, every frame named in order as gdb walks the same call in
+/// the same run: the handler's, glibc's trampoline `__restore_rt` (gdb's `<signal handler
+/// called>`), then the interrupted function and its callers, read from the signal frame. The
+/// `trap` mode's interrupted pc is the first byte of `fx_uw_sig_trap` (a ud2, stepped over by
+/// the handler): it is named at that byte, where a return address's lookup one byte before
+/// would be outside the function, and the frame's offset says so. No unwind loss, nothing
+/// cut. Without `bpf_loop` the walk stops at the trampoline, counted (`unwind_unsupported`).
+#[test]
+fn table_walk_follows_a_signal_frame_into_the_interrupted_code() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let fixture = env.unwind_fixture("nofp");
+    for (mode, interrupted) in [("signal", "fx_uw_sig_kill"), ("trap", "fx_uw_sig_trap")] {
+        let peer = gdb_backtrace(&fixture, &[mode], "fx_uw_sig_leaf");
+        assert_eq!(peer, signal_stack(interrupted), "gdb, {mode}");
+        for unwind in ["dwarf", "auto"] {
+            let traced = trace_mode(&env, "nofp", Some(unwind), &[mode], &[]);
+            for cause in [
+                "unwind_unsupported",
+                "unwind_read_error",
+                "unwind_truncated",
+                "symbolize_stack_cut",
+            ] {
+                let n = traced.proc["lost"][cause].as_u64().unwrap_or(0);
+                assert_eq!(n, 0, "{mode}, {unwind}: {cause}\n{:#}", traced.proc);
+            }
+            let site = site_of(&traced.proc, UW_SIG_BYTES);
+            assert_eq!(
+                functions_to_main(site),
+                peer,
+                "{mode}, {unwind}: allocwatch vs gdb\n{site:#}\n{}",
+                traced.stderr
+            );
+            if mode == "trap" {
+                // The fixture's text is mapped at file offsets equal to its addresses (ld's
+                // layout for a PIE): the frame is the function's first byte.
+                let frame = &array(site, "frames")[4];
+                assert_eq!(
+                    u64_at(frame, "offset"),
+                    c_function(&fixture, interrupted),
+                    "{unwind}: {frame:#}"
+                );
+            }
+        }
+    }
+    // Without `bpf_loop` the trampoline ends the walk, counted: the handler's frames remain.
+    let traced = trace_mode(
+        &env,
+        "nofp",
+        Some("dwarf"),
+        &["signal"],
+        &[("ALLOCWATCH_NO_BPF_LOOP", "1")],
+    );
+    let site = site_of(&traced.proc, UW_SIG_BYTES);
+    let got: Vec<String> = array(site, "frames")
+        .iter()
+        .map(|f| f["function"].as_str().unwrap_or("?").to_owned())
+        .collect();
+    assert_eq!(got, signal_stack("")[..3], "no bpf_loop\n{site:#}");
+    let lost = &traced.proc["lost"];
+    assert_eq!(lost["unwind_unsupported"].as_u64(), Some(1), "{lost:#}");
 }
 
 /// Without `bpf_loop` (kernels before 5.17; `ALLOCWATCH_NO_BPF_LOOP=1` here) the table walk

@@ -17,6 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use allocwatch_common::unwind::FRAME_EXACT;
 use anyhow::anyhow;
 
 use crate::{
@@ -353,7 +354,10 @@ impl FrameCache {
                 Ok(frames) => frames,
                 Err(e) if e.is_process_gone() => {
                     self.process_gone += 1;
-                    chain.iter().map(|&a| Frame::unknown(a)).collect()
+                    chain
+                        .iter()
+                        .map(|&a| Frame::unknown(a & !FRAME_EXACT))
+                        .collect()
                 }
                 Err(e) => return Err(anyhow!("symbolizing pid {tgid}: {e}")),
             };

@@ -32,6 +32,7 @@ use std::{
     time::Instant,
 };
 
+use allocwatch_common::unwind::FRAME_EXACT;
 use blazesym::symbolize::{
     CodeInfo, Input, Sym, Symbolized, Symbolizer,
     evict::{self, Evict},
@@ -651,9 +652,7 @@ fn needs_reread(
             // Cut before any missed address: nothing past it is named.
             ReturnAddress::NotAfterCall => return false,
             ReturnAddress::NoMapping => {
-                return addr
-                    .checked_sub(1)
-                    .is_some_and(|a| unmapped(a) != Some(true));
+                return code_at(addr).is_some_and(|a| unmapped(a) != Some(true));
             }
         }
     }
@@ -701,9 +700,20 @@ fn warm(symbolizer: &Symbolizer, files: &HashMap<FileKey, OpenFile>, pid: u32, m
     }
 }
 
-/// The mapping holding return address `addr`, i.e. the call instruction before it.
+/// The instruction a stack's address stands for: the call before a return address, or the
+/// address itself where the walk marked it [`FRAME_EXACT`] (the code a signal interrupted,
+/// the signal trampoline: gdb too names those frames at their pc).
+fn code_at(addr: u64) -> Option<u64> {
+    if addr & FRAME_EXACT != 0 {
+        Some(addr & !FRAME_EXACT)
+    } else {
+        addr.checked_sub(1)
+    }
+}
+
+/// The mapping holding the instruction of a stack's address `addr` ([`code_at`]).
 fn find(maps: &[Mapping], addr: u64) -> Option<&Mapping> {
-    let lookup = addr.checked_sub(1)?;
+    let lookup = code_at(addr)?;
     let i = maps.partition_point(|m| m.start <= lookup).checked_sub(1)?;
     maps.get(i).filter(|m| lookup < m.end)
 }
@@ -715,7 +725,7 @@ enum ReturnAddress {
 }
 
 /// Whether `addr` can be a return address: in an executable mapping and, where its file can
-/// be read, right after a call instruction.
+/// be read, right after a call instruction (not asked of an address marked [`FRAME_EXACT`]).
 fn return_address(
     files: &HashMap<FileKey, OpenFile>,
     maps: &[Mapping],
@@ -724,6 +734,9 @@ fn return_address(
     let Some(mapping) = find(maps, addr) else {
         return ReturnAddress::NoMapping;
     };
+    if addr & FRAME_EXACT != 0 {
+        return ReturnAddress::Yes;
+    }
     let Some(elf) = mapping.elf.and_then(|key| files.get(&key)) else {
         // Nothing to read the code from ([vdso], JIT code): not cut on a guess.
         return ReturnAddress::Yes;
@@ -741,7 +754,7 @@ fn return_address(
 }
 
 /// Symbolizes one return address of `pid`: the lookup uses `addr - 1` so that the line is the
-/// call's line, not the one after it.
+/// call's line, not the one after it; an address marked [`FRAME_EXACT`] is looked up as is.
 fn resolve(
     symbolizer: &Symbolizer,
     files: &HashMap<FileKey, OpenFile>,
@@ -750,7 +763,9 @@ fn resolve(
     addr: u64,
     counters: &Counters,
 ) -> Vec<Frame> {
-    let Some(mapping) = find(maps, addr) else {
+    let found = find(maps, addr).zip(code_at(addr));
+    let addr = addr & !FRAME_EXACT;
+    let Some((mapping, code)) = found else {
         // Not reached from `Worker::symbolize` (the chain ends before such an address).
         bump(&counters.unknown_address, 1);
         return vec![Frame::unknown(addr)];
@@ -765,12 +780,15 @@ fn resolve(
         bump(&counters.no_symbol, 1);
         return vec![frame];
     };
-    let lookup = file_offset(addr - 1);
+    let lookup = file_offset(code);
     if let Some(cached) = elf.frames.borrow().get(&lookup) {
+        // The same instruction may be one address's call and another's exact pc: the frame's
+        // own address and offset.
         return cached
             .iter()
             .map(|f| Frame {
                 module: frame.module.clone(),
+                offset: frame.offset,
                 address: addr,
                 ..f.clone()
             })

@@ -145,6 +145,42 @@ fn chains_are_cut_at_an_address_that_follows_no_call() {
     );
 }
 
+/// An address the walk marked `FRAME_EXACT` (a signal interrupted that instruction, or the
+/// signal trampoline) is named at itself, not at the byte before, and is not cut for
+/// following no call: here the target's first byte, between two return addresses; the frame
+/// carries the address without the mark.
+#[test]
+fn exact_addresses_are_named_at_themselves() {
+    let s = SymbolizerHandle::spawn();
+    let pid = std::process::id();
+    assert_eq!(calls_the_target(), 22);
+    let after_call = after_call();
+    let first_byte = target_addr();
+    let frames = s
+        .symbolize_checked(pid, vec![after_call, first_byte | FRAME_EXACT, after_call])
+        .unwrap();
+    let named: Vec<(Option<&str>, u64)> = frames
+        .iter()
+        .map(|f| (f.function.as_deref(), f.address))
+        .collect();
+    let caller = frames[0].function.as_deref();
+    assert_eq!(
+        named,
+        [
+            (caller, after_call),
+            (Some("allocwatch_symbolize_test_target"), first_byte),
+            (caller, after_call),
+        ]
+    );
+    assert_eq!(s.stats().stack_cut, 0);
+    // Its offset is the first byte's, also when the byte before (a return address's lookup)
+    // was looked up first.
+    let plain = s.symbolize(pid, vec![first_byte + 1]).unwrap();
+    let exact = s.symbolize(pid, vec![first_byte | FRAME_EXACT]).unwrap();
+    assert_eq!(plain[0].function, exact[0].function);
+    assert_eq!(exact[0].offset.map(|o| o + 1), plain[0].offset);
+}
+
 const CHILD_C: &str = r#"
 #include <unistd.h>
 int main(void) {

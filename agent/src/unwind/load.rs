@@ -9,7 +9,9 @@ use std::{
 
 use allocwatch_common::{
     map_names,
-    unwind::{UNWIND_MAPPINGS_MAX, UNWIND_ROWS_MAX, UnwindMapping, UnwindProc, UnwindRow},
+    unwind::{
+        FRAME_EXACT, UNWIND_MAPPINGS_MAX, UNWIND_ROWS_MAX, UnwindMapping, UnwindProc, UnwindRow,
+    },
 };
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError};
 use object::{Object as _, ObjectSegment as _};
@@ -214,7 +216,9 @@ impl Tables {
         let Some(seen) = self.seen.get_mut(&pid) else {
             return Ok(None);
         };
-        if stack.iter().all(|&a| a == 0 || within(&seen.exec, a))
+        if stack
+            .iter()
+            .all(|&a| a == 0 || within(&seen.exec, a & !FRAME_EXACT))
             || seen.checked.is_some_and(|t| t.elapsed() < CHECK_INTERVAL)
         {
             return Ok(None);

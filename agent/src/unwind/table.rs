@@ -3,8 +3,11 @@
 //! address at CFA-8. gimli evaluates the call-frame instructions; this module only keeps the
 //! rules the probe follows and marks the others.
 
-use allocwatch_common::unwind::{UnwindRow, kind};
-use gimli::{CieOrFde, RegisterRule, UnwindContext, UnwindSection as _, X86_64};
+use allocwatch_common::unwind::{UnwindRow, kind, sigframe};
+use gimli::{
+    CfaRule, CieOrFde, EhFrame, EndianSlice, LittleEndian, Reader as _, RegisterRule,
+    UnwindContext, UnwindExpression, UnwindSection as _, X86_64,
+};
 use object::Object as _;
 use thiserror::Error;
 
@@ -65,6 +68,46 @@ fn rule(row: &gimli::UnwindTableRow<usize>) -> Rule {
         cfa_off,
         rbp_words,
     }
+}
+
+/// `DW_OP_breg7 (rsp): OFFSET` followed by exactly `then` (the opcodes), read from `expr`.
+fn is_rsp_plus(
+    eh: &EhFrame<EndianSlice<'_, LittleEndian>>,
+    expr: &UnwindExpression<usize>,
+    offset: u64,
+    then: &[u8],
+) -> bool {
+    let Ok(gimli::Expression(mut bytes)) = expr.get(eh) else {
+        return false;
+    };
+    bytes.read_u8().ok() == Some(gimli::constants::DW_OP_breg7.0)
+        && bytes.read_sleb128().ok() == i64::try_from(offset).ok()
+        && bytes.slice() == then
+}
+
+/// A row of a signal trampoline's FDE (the `S` augmentation): [`kind::SIGNAL`] when its rules
+/// read the interrupted registers where the walker reads them ([`sigframe`]: CFA = the saved
+/// rsp, rbp and rip saved beside it), else unsupported.
+fn signal_rule(
+    eh: &EhFrame<EndianSlice<'_, LittleEndian>>,
+    row: &gimli::UnwindTableRow<usize>,
+) -> Rule {
+    let saved = |reg, offset| match row.register(reg) {
+        Some(RegisterRule::Expression(e)) => is_rsp_plus(eh, &e, offset, &[]),
+        _ => false,
+    };
+    let cfa = match row.cfa() {
+        CfaRule::Expression(e) => {
+            is_rsp_plus(eh, e, sigframe::RSP, &[gimli::constants::DW_OP_deref.0])
+        }
+        CfaRule::RegisterAndOffset { .. } => false,
+    };
+    let kind = if cfa && saved(X86_64::RA, sigframe::RIP) && saved(X86_64::RBP, sigframe::RBP) {
+        kind::SIGNAL
+    } else {
+        kind::UNSUPPORTED
+    };
+    Rule { kind, ..GAP }
 }
 
 /// What a file's call-frame information says about its frame pointers (`--unwind auto`).
@@ -137,11 +180,16 @@ pub fn compile(data: &[u8]) -> Result<Compiled, TableError> {
             continue;
         };
         let fde = partial.parse(|s, b, o| s.cie_from_offset(b, o))?;
+        let signal = fde.is_signal_trampoline();
         let mut table = fde.rows(&eh, &bases, &mut ctx)?;
         let (mut framed, mut from_rbp, mut unsupported) = (false, false, false);
         while let Some(row) = table.next_row()? {
             if row.start_address() < row.end_address() {
-                let r = rule(row);
+                let r = if signal {
+                    signal_rule(&eh, row)
+                } else {
+                    rule(row)
+                };
                 framed |= r.kind == kind::CFA_RBP || (r.kind == kind::CFA_RSP && r.cfa_off != 8);
                 from_rbp |= r.kind == kind::CFA_RBP;
                 unsupported |= r.kind == kind::UNSUPPORTED;

@@ -50,12 +50,14 @@ fn not_an_elf_is_an_error() {
     assert!(compile(&[]).is_err());
 }
 
-/// One row of `readelf --debug-dump=frames-interp`: its address, CFA and rbp and ra columns.
+/// One row of `readelf --debug-dump=frames-interp`: its address, CFA and rbp and ra columns,
+/// and whether its FDE's CIE has the `S` augmentation (a signal trampoline).
 struct Interp {
     loc: u64,
     cfa: String,
     rbp: String,
     ra: String,
+    signal: bool,
 }
 
 /// Every row of every FDE readelf interprets in `path`.
@@ -71,6 +73,9 @@ fn readelf_rows(path: &Path) -> Vec<Interp> {
     let mut rows = Vec::new();
     let mut columns: Vec<String> = Vec::new();
     let mut in_fde = false;
+    // CIE offsets with the `S` augmentation, and whether the current FDE has one.
+    let mut signal_cies: Vec<String> = Vec::new();
+    let mut signal = false;
     for line in text.lines() {
         // A register rule prints as `r10 (r10)`: one column, two words.
         let words: Vec<&str> = line
@@ -79,7 +84,17 @@ fn readelf_rows(path: &Path) -> Vec<Interp> {
             .collect();
         if line.contains(" FDE ") {
             in_fde = true;
+            signal = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("cie="))
+                .is_some_and(|cie| signal_cies.iter().any(|c| c == cie));
             continue;
+        }
+        // `0000252c 0000000000000010 00000000 CIE "zRS" cf=1 df=-8 ra=16`
+        if let Some((_, aug)) = line.split_once(" CIE \"")
+            && aug.split('"').next().is_some_and(|a| a.contains('S'))
+        {
+            signal_cies.extend(line.split_whitespace().next().map(str::to_owned));
         }
         if line.contains(" CIE") || line.contains("ZERO terminator") {
             in_fde = false;
@@ -107,6 +122,7 @@ fn readelf_rows(path: &Path) -> Vec<Interp> {
             cfa: words[1].to_string(),
             rbp: col("rbp"),
             ra: col("ra"),
+            signal,
         });
     }
     rows
@@ -115,6 +131,11 @@ fn readelf_rows(path: &Path) -> Vec<Interp> {
 /// What our row should say for readelf's columns.
 fn expected(r: &Interp) -> (u8, u16, i8) {
     let unsupported = (kind::UNSUPPORTED, 0, 0);
+    // A signal trampoline's rules are expressions; which ones, readelf does not print here
+    // (`signal_frames_of_the_system_libc` checks glibc's).
+    if r.signal && [r.cfa.as_str(), &r.rbp, &r.ra] == ["exp"; 3] {
+        return (kind::SIGNAL, 0, 0);
+    }
     if r.ra == "u" {
         return (kind::END, 0, 0);
     }
@@ -151,7 +172,7 @@ fn assert_agrees(path: &Path) -> Vec<UnwindRow> {
         "readelf found rows in {}",
         path.display()
     );
-    let mut kinds = [0usize; 5];
+    let mut kinds = [0usize; 6];
     for r in &interp {
         let got = lookup(&rows, r.loc)
             .unwrap_or_else(|| panic!("{}: no row for {:#x}", path.display(), r.loc));
@@ -235,6 +256,44 @@ fn tables_agree_with_readelf_on_the_system_libc() {
         "{} rows",
         rows.len()
     );
+}
+
+/// glibc's signal trampoline, `__restore_rt` (`sigaction` makes it the return address of
+/// every handler): its FDE (the `S` augmentation) reads the interrupted registers from the
+/// `ucontext` at rsp where the walker reads them, so its rows are `SIGNAL`, from the byte
+/// before it (glibc starts the FDE there, in the padding before the trampoline, so that a
+/// return address's lookup, at the address before, lands in it); nothing else in libc is.
+#[test]
+fn signal_frames_of_the_system_libc() {
+    let libc = Path::new("/lib/x86_64-linux-gnu/libc.so.6");
+    if !libc.exists() {
+        return;
+    }
+    let rows = compile(&std::fs::read(libc).unwrap()).unwrap().rows;
+    let signal: Vec<&UnwindRow> = rows.iter().filter(|r| r.kind == kind::SIGNAL).collect();
+    assert_eq!(signal.len(), 1, "{signal:?}");
+    let at = u64::from(signal[0].pc);
+    let interp = readelf_rows(libc);
+    let fde = interp.iter().find(|r| r.loc == at).expect("readelf's row");
+    assert!(fde.signal, "an S FDE at {at:#x}");
+    // The trampoline after that byte: `mov $15, %rax` (rt_sigreturn); `syscall`.
+    let out = Command::new("objdump")
+        .args(["-d", "--start-address"])
+        .arg(format!("{:#x}", at + 1))
+        .arg("--stop-address")
+        .arg(format!("{:#x}", at + 10))
+        .arg(libc)
+        .output()
+        .expect("objdump runs (binutils)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let code: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split('\t').nth(2))
+        .map(str::trim)
+        .collect();
+    assert_eq!(code, ["mov    $0xf,%rax", "syscall"], "{text}");
+    // The row ends after the trampoline.
+    assert_ne!(lookup(&rows, at + 10).map(|r| r.kind), Some(kind::SIGNAL));
 }
 
 /// `prog.c` of [`tables_agree_with_readelf_on_binaries_built_here`] and a library, built -O2
