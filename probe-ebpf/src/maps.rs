@@ -284,21 +284,34 @@ pub fn capture_stack<C: EbpfContext>(ctx: &C) -> i64 {
         lost(LossCause::StackError);
         return NO_STACK;
     }
-    // SAFETY: the scratch slot is ours on this CPU for the program's run.
-    store_stack(unsafe { &*buf })
+    store_stack()
 }
 
-/// Stores `frames` in `STACKS` under the hash of its frames up to the first zero (a stack ends
-/// there: both walks zero-fill the slots they do not use, and the agent reads a stack up to its
-/// first zero); the id, or [`NO_STACK`] with the failure counted.
-#[inline(always)]
-pub fn store_stack(frames: &[u64; MAX_STACK_DEPTH]) -> i64 {
+/// Stores the frames in this CPU's `STACK_SCRATCH` slot (where both walks write them) in
+/// `STACKS` under the hash of its frames up to the first zero (a stack ends there: both walks
+/// zero-fill the slots they do not use, and the agent reads a stack up to its first zero); the
+/// id, or [`NO_STACK`] with the failure counted.
+///
+/// A global BPF function, as [`log_lost`]: the verifier checks its two 64-step loops once, on
+/// their own. Inlined, they were checked again for every distinct state that the paths before
+/// each call site left (the table walk's outcomes, the debug log's lines): with `--log-level
+/// debug`, Linux 6.1's verifier gave up on `libc_entry` at its million instructions. No
+/// argument: a global function's pointer arguments are checked against their BTF type, and
+/// every caller's frames are in the scratch slot anyway.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn store_stack() -> i64 {
+    let Some(frames) = STACK_SCRATCH.get_ptr(0) else {
+        return NO_STACK;
+    };
+    // SAFETY: the scratch slot is ours on this CPU for the program's run.
+    let frames = unsafe { &*frames };
     // Only the frames the walk wrote: a stack is typically a handful of frames, and hashing or
     // comparing all MAX_STACK_DEPTH slots cost ~150 ns per call (measured, BENCHMARKS.md).
     // Both loops end at a zero frame, not at a length: a loop bounded by the walk's length made
     // the verifier check the rest of the program once per possible length, and the compare
-    // loop once per length again (Linux 6.1 gave up on `go_entry` at a million instructions);
-    // a zero read from the frames leaves nothing to tell the paths apart after the loop.
+    // loop once per length again; a zero read from the frames leaves nothing to tell the paths
+    // apart after the loop.
     // FNV-1a over the frames.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &f in frames {
@@ -641,10 +654,28 @@ pub fn count_call(key: &mut SiteKey, bytes: u64) {
 #[map]
 static NEW_SITE_SCRATCH: PerCpuArray<NewSiteRecord> = PerCpuArray::with_max_entries(1, 0);
 
+/// Announces the new row of `key` to the agent (its record, with the stack's frames).
 #[inline(always)]
 fn announce(key: &SiteKey) {
+    announce_site(key.tgid, key.api, key.stack_id, key.ret_addr);
+}
+
+/// [`announce`]'s body, as a global BPF function (scalar arguments: a global function's pointer
+/// arguments are checked against their BTF type): the verifier checks it once, on its own.
+/// Inlined, its copy of the frames (one path per stack length, each to its own record size)
+/// was checked again for every distinct state that reached one of its call sites (Linux 6.1).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn announce_site(tgid: u32, api: u32, stack_id: i64, ret_addr: u64) -> u32 {
+    let key = SiteKey {
+        tgid,
+        api,
+        stack_id,
+        ret_addr,
+    };
+    let key = &key;
     let Some(rec) = NEW_SITE_SCRATCH.get_ptr_mut(0) else {
-        return;
+        return 0;
     };
     // SAFETY: this CPU's scratch slot, ours for the program's run.
     let rec = unsafe { &mut *rec };
@@ -679,10 +710,11 @@ fn announce(key: &SiteKey) {
         )
     };
     let Some(record) = bytes.get(..NEW_SITE_FIXED + 8 * n) else {
-        return;
+        return 0;
     };
     // Not the adaptive wakeup: it never fires after an unwoken record (Go events).
     emit(record, batched_wakeup());
+    0
 }
 
 /// Sends `record` to the agent through `EVENTS` with the wakeup `flags`; a full ring buffer is

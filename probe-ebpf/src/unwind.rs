@@ -58,7 +58,8 @@ pub fn capture_libc_stack(ctx: &ProbeContext, entry_sp: u64, ret_addr: u64) -> i
         ret_addr,
         frames,
     );
-    store_stack(frames)
+    // Reads the frames from the same scratch slot.
+    store_stack()
 }
 
 /// Every file's rows, each file's a contiguous run (the agent appends them).
