@@ -406,9 +406,13 @@ pub struct LibcFile {
     /// Per API id: the APIs (bit = API id) its function in this file may tail-jump into, in
     /// this file or, through a PLT slot that names one, in whichever file serves it in the
     /// process. What the thread's [`LastEntry`] carries, so that a probe in another file can
-    /// read it (the cookie's relay indices are per file).
-    pub relays: [u64; API_COUNT],
+    /// read it (the cookie has no room for it). [`RELAY_IDS`] entries, the unused ones 0.
+    pub relays: [u64; RELAY_IDS],
 }
+
+/// API ids that can take part in relays (a u64 mask names them): the entries of
+/// [`LibcFile::relays`].
+pub const RELAY_IDS: usize = 64;
 
 // By hand: `Default` is derived for arrays of at most 32 elements.
 impl Default for LibcFile {
@@ -416,7 +420,7 @@ impl Default for LibcFile {
         Self {
             ranges: [[0; 2]; LIBC_FILE_RANGES],
             sites: [RelaySite::default(); LIBC_FILE_SITES],
-            relays: [0; API_COUNT],
+            relays: [0; RELAY_IDS],
         }
     }
 }
@@ -431,8 +435,12 @@ pub const fn has_api(mask: u64, api: u32) -> bool {
 /// assumes any relay, as for a file whose code it cannot read).
 #[inline(always)]
 pub fn relay_apis(file: Option<&LibcFile>, api: u32) -> u64 {
+    // A volatile read: else the compiler indexes with a copy of `api` recomputed from the
+    // cookie, which the bounds check did not bound, and the verifier rejects the program.
+    // SAFETY: a read of a local.
+    let i = unsafe { core::ptr::read_volatile(&api) } as usize;
     match file {
-        Some(f) => f.relays.get(api as usize).copied().unwrap_or(0),
+        Some(f) => f.relays.get(i).copied().unwrap_or(0),
         None => u64::MAX,
     }
 }
@@ -584,7 +592,7 @@ const _: () = {
     assert!(size_of::<RelaySite>() == 8);
     assert!(offset_of!(RelaySite, frame) == 4);
     assert!(offset_of!(RelaySite, kind) == 6);
-    assert!(size_of::<LibcFile>() == 8 * LIBC_FILE_RANGES + 8 * LIBC_FILE_SITES + 8 * API_COUNT);
+    assert!(size_of::<LibcFile>() == 8 * LIBC_FILE_RANGES + 8 * LIBC_FILE_SITES + 8 * RELAY_IDS);
     assert!(offset_of!(LibcFile, sites) == 8 * LIBC_FILE_RANGES);
     assert!(offset_of!(LibcFile, relays) == 8 * LIBC_FILE_RANGES + 8 * LIBC_FILE_SITES);
     assert!(size_of::<LastEntry>() == 32);

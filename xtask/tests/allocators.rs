@@ -293,25 +293,26 @@ fn check_count_mode(variant: &str, allocator: &str, files: &[&str]) {
     );
 }
 
-/// (API, the caller's function) → (calls, bytes; 0 for frees), from a report's `callers`.
+/// (API, the immediate caller's function) → (calls, bytes; 0 for frees), summed over a
+/// report's `sites` (full mode's are whole stacks, count mode's immediate callers).
 fn callers_of(proc: &Value) -> BTreeMap<(String, String), (u64, u64)> {
     let mut out: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
-    for c in proc["callers"]
+    for site in proc["sites"]
         .as_array()
-        .unwrap_or_else(|| panic!("no callers\n{proc:#}"))
+        .unwrap_or_else(|| panic!("no sites\n{proc:#}"))
     {
-        let api = str_at(c, "api").to_owned();
-        let function = c["frames"][0]["function"]
+        let api = str_at(site, "api").to_owned();
+        let function = site["frames"][0]["function"]
             .as_str()
             .unwrap_or_default()
             .to_owned();
         let bytes = if api == "free" {
             0
         } else {
-            count_at(c, "bytes")
+            count_at(site, "bytes")
         };
         let e = out.entry((api, function)).or_default();
-        e.0 += count_at(c, "calls");
+        e.0 += count_at(site, "calls");
         e.1 += bytes;
     }
     out

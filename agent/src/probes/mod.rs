@@ -859,7 +859,9 @@ impl CountLayout {
             return layout;
         }
         layout.slot = next_slot;
-        layout.file.relays = layout.relays.masks;
+        for (slot, mask) in layout.file.relays.iter_mut().zip(layout.relays.masks) {
+            *slot = mask;
+        }
         if let Some(ranges) = &layout.relays.ranges {
             for (slot, r) in layout.file.ranges.iter_mut().zip(ranges) {
                 *slot = *r;
@@ -927,7 +929,7 @@ fn single_twin(program: &'static str) -> &'static str {
 
 #[cfg(test)]
 mod tests {
-    use allocwatch_common::libc::Api;
+    use allocwatch_common::libc::{API_COUNT, Api};
 
     use super::*;
     use crate::target::libc::probe_points;
@@ -965,7 +967,8 @@ mod tests {
         );
         assert_eq!(layout.relays.named, bit(Api::Realloc));
         // The probe reads the relays by API id from the file's entry.
-        assert_eq!(layout.file.relays, layout.relays.masks);
+        assert_eq!(layout.file.relays[..API_COUNT], layout.relays.masks);
+        assert!(layout.file.relays[API_COUNT..].iter().all(|&m| m == 0));
         let flags = |api: Api| {
             let p = points.iter().find(|p| p.api == api).expect("probed");
             let c = layout.cookie(p);

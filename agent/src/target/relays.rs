@@ -32,6 +32,9 @@ pub struct Relays {
     /// Calls of APIs from functions that an API calls or tail-jumps into ([`RelaySite`]), at
     /// most [`LIBC_FILE_SITES`]; only with `ranges`.
     pub sites: Vec<RelaySite>,
+    /// Relay call sites found beyond [`LIBC_FILE_SITES`]: not followed (their calls count
+    /// twice), said in a warning.
+    pub sites_beyond: usize,
     /// The APIs (bit = API id) some function may tail-jump into through a PLT slot that names
     /// them: a relay into whichever file serves that API in the process (glibc's
     /// `reallocarray` into jemalloc's `realloc`), so every file's probe of them must look.
@@ -45,6 +48,7 @@ impl Relays {
             masks: std::array::from_fn(|api| ALL_APIS & !(1 << api)),
             ranges: None,
             sites: Vec::new(),
+            sites_beyond: 0,
             named: 0,
         }
     }
@@ -116,7 +120,17 @@ impl Relays {
         relays.ranges = consistent.then_some(ranges);
         if relays.ranges.is_some() && elf.arch() == Arch::X86_64 {
             let bias = bias.unwrap_or_default();
-            relays.sites = jumps.sites(&syms, points, bias, &mut relays.masks);
+            (relays.sites, relays.sites_beyond) =
+                jumps.sites(&syms, points, bias, &mut relays.masks);
+            if relays.sites_beyond > 0 {
+                log::warn!(
+                    "count mode: {} has {} relay call sites, {LIBC_FILE_SITES} followed: calls \
+                     of an API from the other {} count twice",
+                    elf.path().display(),
+                    relays.sites.len() + relays.sites_beyond,
+                    relays.sites_beyond
+                );
+            }
         }
         for (api, mask) in Api::ALL.iter().zip(relays.masks) {
             if mask != 0 && syms.iter().any(|(a, _)| a == api) {
@@ -309,14 +323,15 @@ impl TailJumps<'_> {
     /// through such functions). Each site's return slot of the calling function comes from
     /// the file's call-frame information at the call. An API that tail-jumps into such a
     /// function gets the called API in its relay mask (the probe checks the thread's last
-    /// entry against that slot). `bias`: vaddr − file offset of the API functions.
+    /// entry against that slot). `bias`: vaddr − file offset of the API functions. Also how
+    /// many more sites there are than the file's entry holds ([`keep_site`]).
     fn sites(
         &self,
         syms: &[(Api, Symbol)],
         points: &[ProbePoint],
         bias: u64,
         masks: &mut [u64; API_COUNT],
-    ) -> Vec<RelaySite> {
+    ) -> (Vec<RelaySite>, usize) {
         let api_at = |addr: u64| {
             self.entries
                 .iter()
@@ -358,6 +373,8 @@ impl TailJumps<'_> {
             }
         }
         let mut sites: Vec<RelaySite> = Vec::new();
+        // Return offsets of the sites found beyond the entry's room.
+        let mut beyond: Vec<u32> = Vec::new();
         for &(start, api, reach) in &between {
             let Some(code) = self.code_at(start, &fdes) else {
                 continue;
@@ -366,13 +383,6 @@ impl TailJumps<'_> {
                 let Some(callee) = api_at(to).filter(|_| call) else {
                     continue;
                 };
-                if sites.len() >= LIBC_FILE_SITES {
-                    log::debug!(
-                        "count mode: more than {LIBC_FILE_SITES} relay call sites in {}",
-                        self.elf.path().display()
-                    );
-                    return sites;
-                }
                 let Some((cfa_rbp, cfa_off)) = data.as_deref().and_then(|d| cfa_at(d, ip)) else {
                     continue;
                 };
@@ -393,26 +403,44 @@ impl TailJumps<'_> {
                 else {
                     continue;
                 };
+                let site = RelaySite {
+                    ret_off,
+                    frame,
+                    kind,
+                    _pad: 0,
+                };
+                if !keep_site(&mut sites, &mut beyond, site) {
+                    continue;
+                }
                 if reach == Reach::Jumped && callee != api {
                     masks[api as usize] |= 1u64 << callee as u32;
                 }
-                if !sites.iter().any(|s| s.ret_off == ret_off) {
-                    log::debug!(
-                        "count mode: {} reaches a call of {} at {ret:#x} ({reach:?})",
-                        api.symbol(),
-                        callee.symbol()
-                    );
-                    sites.push(RelaySite {
-                        ret_off,
-                        frame,
-                        kind,
-                        _pad: 0,
-                    });
-                }
+                log::debug!(
+                    "count mode: {} reaches a call of {} at {ret:#x} ({reach:?})",
+                    api.symbol(),
+                    callee.symbol()
+                );
             }
         }
-        sites
+        (sites, beyond.len())
     }
+}
+
+/// Adds `site` to `sites` unless one with its return address is there already; beyond
+/// [`LIBC_FILE_SITES`] its return address goes to `beyond` instead (once). Whether the site is
+/// followed (new or already there).
+fn keep_site(sites: &mut Vec<RelaySite>, beyond: &mut Vec<u32>, site: RelaySite) -> bool {
+    if sites.iter().any(|s| s.ret_off == site.ret_off) {
+        return true;
+    }
+    if sites.len() < LIBC_FILE_SITES {
+        sites.push(site);
+        return true;
+    }
+    if !beyond.contains(&site.ret_off) {
+        beyond.push(site.ret_off);
+    }
+    false
 }
 
 /// The `.eh_frame` entries of the ELF file `data`: (start, length), sorted.
@@ -623,6 +651,31 @@ mod tests {
             assert_ne!(relays.masks[api as usize] & bit, 0, "{api:?}");
         }
         assert_eq!(relays.masks[Api::Free as usize], 0);
+    }
+
+    /// A file's entry holds [`LIBC_FILE_SITES`] relay call sites: the rest are counted once each
+    /// (by return address), not kept, and not followed; a site found again is kept once.
+    #[test]
+    fn sites_beyond_the_entry_are_counted() {
+        let site = |ret_off: u32| RelaySite {
+            ret_off,
+            frame: 16,
+            kind: SITE_SP,
+            _pad: 0,
+        };
+        let (mut sites, mut beyond) = (Vec::new(), Vec::new());
+        for off in 0..LIBC_FILE_SITES as u32 {
+            assert!(keep_site(&mut sites, &mut beyond, site(0x100 + off)));
+        }
+        assert!(
+            keep_site(&mut sites, &mut beyond, site(0x100)),
+            "already kept"
+        );
+        assert!(!keep_site(&mut sites, &mut beyond, site(0x900)));
+        assert!(!keep_site(&mut sites, &mut beyond, site(0x900)));
+        assert!(!keep_site(&mut sites, &mut beyond, site(0xa00)));
+        assert_eq!(sites.len(), LIBC_FILE_SITES);
+        assert_eq!(beyond, [0x900, 0xa00]);
     }
 
     /// A jump through a PLT slot that names an API enters that API in whichever file serves
