@@ -166,7 +166,14 @@ fn full_mode_counts_calls_bytes_and_live_allocations_exactly() {
 fn count_mode_counts_entries_exactly() {
     let _serial = serial();
     let mut ebpf = load();
-    let cookie = libc::cookie::encode_count(Api::Malloc as u32, 0, 0, 0, libc::cookie::NO_FILE, 0);
+    let cookie = libc::cookie::encode_count(
+        Api::Malloc as u32,
+        0,
+        false,
+        false,
+        libc::cookie::NO_FILE,
+        0,
+    );
     attach(&mut ebpf, "libc_count", "allocwatch_test_malloc", cookie);
     for size in 0..CALLS {
         allocwatch_test_malloc(black_box(size));

@@ -30,6 +30,7 @@ pub mod map_names {
     pub const EXEC_STAMPS: &str = "EXEC_STAMPS";
     pub const LAST_ENTRY: &str = "LAST_ENTRY";
     pub const LIBC_FILES: &str = "LIBC_FILES";
+    pub const RELAY_NAMED: &str = "RELAY_NAMED";
     pub const SITE_BUDGET: &str = "SITE_BUDGET";
     pub const SITE_LIMIT: &str = "SITE_LIMIT";
     pub const STOPPED: &str = "STOPPED";

@@ -290,30 +290,25 @@ impl Api {
 /// |---|---|---|
 /// | 0–7 | API id ([`Api`]; room for other allocators' entry points) | 256 ids |
 /// | 8–15 | bytes RSP moved between the function's entry and the probed instruction: the return address is at `[rsp + delta]` (`agent/src/target/placement.rs`) | 255 bytes |
-/// | 16–18 | this function's relay-target index in its file (0: no function of the file tail-jumps into it) | 7 indices |
-/// | 19–25 | relay mask: bit `index - 1` set, this function may tail-jump into relay target `index` | 7 indices |
+/// | 16 | relay target: a function of its file may tail-jump into this one (it reads the thread's [`LastEntry`]) | |
+/// | 17 | relays: this function may tail-jump into an API (it writes the thread's [`LastEntry`]) | |
+/// | 18–25 | unused | |
 /// | 26–31 | the file's slot in the `LIBC_FILES` array ([`NO_FILE`](cookie::NO_FILE): none) | 63 files |
 /// | 32–63 | the probed instruction's file offset: `ret - rip + offset` turns a return address into a file offset of the same file | 4 GiB |
 ///
-/// Relay targets are numbered per file (in API id order), not by API id, so an allocator with
-/// many entry points (jemalloc's `mallocx`, `rallocx`, `sdallocx`, …) fits as long as at most 7
-/// of them are jumped into; glibc has 2 (`malloc`, `realloc`). Beyond 7, the 7th index is
-/// shared by the rest: a relay into one of them is then also assumed into the others, which
-/// errs toward recognizing a relay, as count mode does for a file whose code it cannot read.
-/// The encoder takes the file's relay structure as masks over API ids (bit = id), so only API
-/// ids below 64 can take part in relays.
+/// Which APIs a function may tail-jump into is not in the cookie: the thread's record carries
+/// it as API ids (from the file's [`LibcFile::relays`]), so that the API entered may be served
+/// by another file (glibc's `reallocarray` into jemalloc's `realloc`). An API that some file
+/// enters through a PLT slot naming it reads the record too, in every file (the probe's
+/// `RELAY_NAMED`). Only API ids below 64 can take part in relays.
 pub mod cookie {
     /// File slot meaning "no `LIBC_FILES` entry": return addresses are not classified.
     pub const NO_FILE: u32 = 0x3f;
-    /// Relay-target indices a cookie can name; further targets share the last one.
-    pub const RELAY_INDICES: u32 = 7;
 
     const API_BITS: u64 = 0xff;
     const SP_SHIFT: u32 = 8;
-    const TARGET_SHIFT: u32 = 16;
-    const TARGET_BITS: u64 = 0x7;
-    const MASK_SHIFT: u32 = 19;
-    const MASK_BITS: u64 = 0x7f;
+    const TARGET_BIT: u64 = 1 << 16;
+    const RELAYS_BIT: u64 = 1 << 17;
     const FILE_SHIFT: u32 = 26;
     const OFFSET_SHIFT: u32 = 32;
 
@@ -322,43 +317,19 @@ pub mod cookie {
         (api as u64 & API_BITS) | ((sp_delta as u64 & 0xff) << SP_SHIFT)
     }
 
-    /// The relay-target index (1 ..= [`RELAY_INDICES`]) of API id `api` among the file's
-    /// relay targets `targets` (bit = API id), 0 when `api` is not one of them.
-    pub const fn relay_index(targets: u64, api: u32) -> u32 {
-        if api >= 64 || (targets >> api) & 1 == 0 {
-            return 0;
-        }
-        let rank = (targets & ((1u64 << api) - 1)).count_ones() + 1;
-        if rank > RELAY_INDICES {
-            RELAY_INDICES
-        } else {
-            rank
-        }
-    }
-
-    /// [`encode`] plus count mode's fields. `targets`: the APIs of the file that some API
-    /// function of it may tail-jump into; `relay_mask`: those this one may tail-jump into
-    /// (both bit = API id).
+    /// [`encode`] plus count mode's fields. `target`: a function of the file may tail-jump
+    /// into this API; `relays`: this API's function may tail-jump into one.
     pub const fn encode_count(
         api: u32,
         sp_delta: u32,
-        targets: u64,
-        relay_mask: u64,
+        target: bool,
+        relays: bool,
         file_slot: u32,
         probe_offset: u32,
     ) -> u64 {
-        let mut mask = 0u64;
-        let mut id = 0;
-        while id < 64 {
-            let index = relay_index(targets, id);
-            if (relay_mask >> id) & 1 != 0 && index != 0 {
-                mask |= 1 << (index - 1);
-            }
-            id += 1;
-        }
         encode(api, sp_delta)
-            | ((relay_index(targets, api) as u64 & TARGET_BITS) << TARGET_SHIFT)
-            | ((mask & MASK_BITS) << MASK_SHIFT)
+            | if target { TARGET_BIT } else { 0 }
+            | if relays { RELAYS_BIT } else { 0 }
             | ((file_slot as u64 & 0x3f) << FILE_SHIFT)
             | ((probe_offset as u64) << OFFSET_SHIFT)
     }
@@ -369,18 +340,13 @@ pub mod cookie {
     pub const fn sp_delta(cookie: u64) -> u64 {
         (cookie >> SP_SHIFT) & 0xff
     }
-    /// This function's relay-target index in its file (1 ..= [`RELAY_INDICES`]), 0 if nothing
-    /// tail-jumps into it.
-    pub const fn target_index(cookie: u64) -> u32 {
-        ((cookie >> TARGET_SHIFT) & TARGET_BITS) as u32
+    /// A function of this one's file may tail-jump into it.
+    pub const fn is_target(cookie: u64) -> bool {
+        cookie & TARGET_BIT != 0
     }
-    /// Bit `index - 1` set: this function may tail-jump into relay target `index`.
-    pub const fn relay_mask(cookie: u64) -> u32 {
-        ((cookie >> MASK_SHIFT) & MASK_BITS) as u32
-    }
-    /// Whether a function with `relay_mask` may tail-jump into the one with `target_index`.
-    pub const fn may_relay_to(relay_mask: u32, target_index: u32) -> bool {
-        target_index != 0 && (relay_mask >> (target_index - 1)) & 1 != 0
+    /// This function may tail-jump into an API.
+    pub const fn relays(cookie: u64) -> bool {
+        cookie & RELAYS_BIT != 0
     }
     pub const fn file_slot(cookie: u64) -> u32 {
         ((cookie >> FILE_SHIFT) & 0x3f) as u32
@@ -428,7 +394,8 @@ pub struct RelaySite {
 
 /// Count mode: where a libc file's allocation-API functions are, as file offsets `[start, end)`.
 /// A call whose return address lies in one of them was made by the API itself (glibc's realloc
-/// calling malloc or free): libc's own relay, not the program's call. Unused slots are `[0, 0)`.
+/// calling malloc or free): libc's own relay, not the program's call. Unused slots are `[0, 0)`
+/// (all of them when the file's ranges are not usable: rule 1 off).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LibcFile {
@@ -436,7 +403,16 @@ pub struct LibcFile {
     /// Calls of APIs from functions in between ([`RelaySite`]); unused slots have kind
     /// [`SITE_NONE`].
     pub sites: [RelaySite; LIBC_FILE_SITES],
+    /// Per API id: the APIs (bit = API id) its function in this file may tail-jump into, in
+    /// this file or, through a PLT slot that names one, in whichever file serves it in the
+    /// process. What the thread's [`LastEntry`] carries, so that a probe in another file can
+    /// read it (the cookie has no room for it). [`RELAY_IDS`] entries, the unused ones 0.
+    pub relays: [u64; RELAY_IDS],
 }
+
+/// API ids that can take part in relays (a u64 mask names them): the entries of
+/// [`LibcFile::relays`].
+pub const RELAY_IDS: usize = 64;
 
 // By hand: `Default` is derived for arrays of at most 32 elements.
 impl Default for LibcFile {
@@ -444,21 +420,57 @@ impl Default for LibcFile {
         Self {
             ranges: [[0; 2]; LIBC_FILE_RANGES],
             sites: [RelaySite::default(); LIBC_FILE_SITES],
+            relays: [0; RELAY_IDS],
         }
+    }
+}
+
+/// Whether the API set `mask` (bit = API id) holds API id `api` (ids ≥ 64 never).
+pub const fn has_api(mask: u64, api: u32) -> bool {
+    api < 64 && (mask >> api) & 1 != 0
+}
+
+/// The APIs a function of API id `api` may tail-jump into, for the thread's record: from its
+/// file's entry, or every API when its file has none (`LIBC_FILES` full: count mode then
+/// assumes any relay, as for a file whose code it cannot read).
+#[inline(always)]
+pub fn relay_apis(file: Option<&LibcFile>, api: u32) -> u64 {
+    // A volatile read: else the compiler indexes with a copy of `api` recomputed from the
+    // cookie, which the bounds check did not bound, and the verifier rejects the program.
+    // SAFETY: a read of a local.
+    let i = unsafe { core::ptr::read_volatile(&api) } as usize;
+    match file {
+        Some(f) => f.relays.get(i).copied().unwrap_or(0),
+        None => u64::MAX,
     }
 }
 
 /// Count mode: the last counted API entry of a thread (LRU map keyed by `pid_tgid`). A tail-jump
 /// relay (glibc's `reallocarray` → `realloc` → `malloc`) enters the next API with the stack
-/// pointer and return address of the outer call.
+/// pointer and return address of the outer call, in the same file or in another one (glibc's
+/// `reallocarray` → jemalloc's `realloc` through the PLT).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LastEntry {
     pub entry_sp: u64,
     pub ret_addr: u64,
+    /// The APIs (bit = API id, [`LibcFile::relays`]) the outer call may still tail-jump into:
+    /// by API id, not by the file's relay index, so a relay into another file is seen.
+    pub relay_apis: u64,
     pub api: u32,
-    /// The relay targets the outer API may tail-jump into ([`cookie::relay_mask`]).
-    pub relay_mask: u32,
+    pub _pad: u32,
+}
+
+impl LastEntry {
+    /// Whether an entry of API id `api` at this frame (its stack pointer at entry and return
+    /// address) re-enters the recorded call by a tail jump: the same frame, into another API
+    /// that call may relay to, whichever file serves it.
+    pub const fn relays_into(&self, entry_sp: u64, ret_addr: u64, api: u32) -> bool {
+        self.entry_sp == entry_sp
+            && self.ret_addr == ret_addr
+            && self.api != api
+            && has_api(self.relay_apis, api)
+    }
 }
 
 /// A call in flight on one thread, keyed by `pid_tgid`. Set at the outermost API entry; while it
@@ -580,10 +592,12 @@ const _: () = {
     assert!(size_of::<RelaySite>() == 8);
     assert!(offset_of!(RelaySite, frame) == 4);
     assert!(offset_of!(RelaySite, kind) == 6);
-    assert!(size_of::<LibcFile>() == 8 * LIBC_FILE_RANGES + 8 * LIBC_FILE_SITES);
+    assert!(size_of::<LibcFile>() == 8 * LIBC_FILE_RANGES + 8 * LIBC_FILE_SITES + 8 * RELAY_IDS);
     assert!(offset_of!(LibcFile, sites) == 8 * LIBC_FILE_RANGES);
-    assert!(size_of::<LastEntry>() == 24);
-    assert!(offset_of!(LastEntry, api) == 16);
+    assert!(offset_of!(LibcFile, relays) == 8 * LIBC_FILE_RANGES + 8 * LIBC_FILE_SITES);
+    assert!(size_of::<LastEntry>() == 32);
+    assert!(offset_of!(LastEntry, relay_apis) == 16);
+    assert!(offset_of!(LastEntry, api) == 24);
 };
 
 #[cfg(feature = "user")]
@@ -654,78 +668,65 @@ mod tests {
         let c = cookie::encode(Api::PosixMemalign as u32, 24);
         assert_eq!(cookie::api(c), 5);
         assert_eq!(cookie::sp_delta(c), 24);
-        assert_eq!(cookie::target_index(c), 0);
-        assert_eq!(cookie::relay_mask(c), 0);
+        assert!(!cookie::is_target(c));
+        assert!(!cookie::relays(c));
         // The widest values of every field, side by side.
-        let c = cookie::encode_count(0xff, 0xff, 1 << 63, 1 << 63, 62, 0xffff_ffff);
+        let c = cookie::encode_count(0xff, 0xff, true, true, 62, 0xffff_ffff);
         assert_eq!(cookie::api(c), 0xff);
         assert_eq!(cookie::sp_delta(c), 0xff);
-        assert_eq!(
-            cookie::target_index(c),
-            0,
-            "ids ≥ 64 take no part in relays"
-        );
+        assert!(cookie::is_target(c));
+        assert!(cookie::relays(c));
         assert_eq!(cookie::file_slot(c), 62);
         assert_eq!(cookie::probe_offset(c), 0xffff_ffff);
-        let c = cookie::encode_count(Api::Free as u32, 0, 0, 0, cookie::NO_FILE, 0x26030);
+        let c = cookie::encode_count(Api::Free as u32, 0, false, true, cookie::NO_FILE, 0x26030);
         assert_eq!(cookie::api(c), Api::Free as u32);
+        assert!(!cookie::is_target(c));
+        assert!(cookie::relays(c));
         assert_eq!(cookie::file_slot(c), cookie::NO_FILE);
         assert_eq!(cookie::probe_offset(c), 0x26030);
     }
 
-    /// glibc: reallocarray → realloc → malloc. Targets are malloc and realloc (indices 1 and
-    /// 2, in id order); each relay is recognized, nothing else is.
+    /// glibc: reallocarray → realloc → malloc, each by a tail jump with the outer call's
+    /// frame. The record is matched by API id, so the API entered may be another file's
+    /// (jemalloc's `realloc` after glibc's `reallocarray`); nothing else is a relay.
     #[test]
-    fn glibc_relays() {
+    fn relays_by_api_id() {
         let bit = |a: Api| 1u64 << a as u32;
-        let targets = bit(Api::Malloc) | bit(Api::Realloc);
-        let c = |a: Api, mask: u64| cookie::encode_count(a as u32, 8, targets, mask, 0, 0x1000);
-        let malloc = c(Api::Malloc, 0);
-        let realloc = c(Api::Realloc, bit(Api::Malloc));
-        let reallocarray = c(Api::Reallocarray, bit(Api::Realloc));
-        let free = c(Api::Free, 0);
-        assert_eq!(cookie::target_index(malloc), 1);
-        assert_eq!(cookie::target_index(realloc), 2);
-        assert_eq!(cookie::target_index(reallocarray), 0);
-        assert_eq!(cookie::target_index(free), 0);
-        let relays = |from: u64, to: u64| {
-            cookie::may_relay_to(cookie::relay_mask(from), cookie::target_index(to))
+        let mut glibc = LibcFile::default();
+        glibc.relays[Api::Realloc as usize] = bit(Api::Malloc);
+        glibc.relays[Api::Reallocarray as usize] = bit(Api::Realloc);
+        let record = |api: Api| LastEntry {
+            entry_sp: 0x7ffc_0000_1000,
+            ret_addr: 0x5555_0000_1234,
+            relay_apis: relay_apis(Some(&glibc), api as u32),
+            api: api as u32,
+            _pad: 0,
         };
-        assert!(relays(realloc, malloc));
-        assert!(relays(reallocarray, realloc));
-        assert!(!relays(reallocarray, malloc));
-        assert!(!relays(malloc, realloc));
-        assert!(!relays(free, malloc));
-        assert!(!relays(realloc, free));
-        assert_eq!(cookie::sp_delta(realloc), 8);
-    }
-
-    /// An allocator with more jump targets than indices (ids 10.. as another allocator's entry
-    /// points): the first six keep their own index, the rest share the seventh, so a relay
-    /// into any of them is assumed into all of them (never missed).
-    #[test]
-    fn more_targets_than_indices_share_the_last() {
-        let targets: u64 = (10..20).map(|id| 1u64 << id).sum();
-        for (i, id) in (10..16).enumerate() {
-            assert_eq!(cookie::relay_index(targets, id), i as u32 + 1);
-        }
-        for id in 16..20 {
-            assert_eq!(cookie::relay_index(targets, id), cookie::RELAY_INDICES);
-        }
-        assert_eq!(cookie::relay_index(targets, 9), 0);
-        let into_17 = cookie::encode_count(30, 0, targets, 1 << 17, 1, 0);
-        let c18 = cookie::encode_count(18, 0, targets, 0, 1, 0);
-        let c12 = cookie::encode_count(12, 0, targets, 0, 1, 0);
-        assert!(cookie::may_relay_to(
-            cookie::relay_mask(into_17),
-            cookie::target_index(c18)
-        ));
-        assert!(!cookie::may_relay_to(
-            cookie::relay_mask(into_17),
-            cookie::target_index(c12)
-        ));
-        // Every target at once (count mode's assumption for a file it cannot read).
-        let all = cookie::encode_count(30, 0, targets, targets, 1, 0);
-        assert_eq!(cookie::relay_mask(all), 0x7f);
+        let (sp, ret) = (0x7ffc_0000_1000, 0x5555_0000_1234);
+        let reallocarray = record(Api::Reallocarray);
+        assert!(reallocarray.relays_into(sp, ret, Api::Realloc as u32));
+        assert!(!reallocarray.relays_into(sp, ret, Api::Malloc as u32));
+        assert!(!reallocarray.relays_into(sp, ret, Api::Reallocarray as u32));
+        // Another frame: the program's own call.
+        assert!(!reallocarray.relays_into(sp - 8, ret, Api::Realloc as u32));
+        assert!(!reallocarray.relays_into(sp, ret + 5, Api::Realloc as u32));
+        let realloc = record(Api::Realloc);
+        assert!(realloc.relays_into(sp, ret, Api::Malloc as u32));
+        assert!(!realloc.relays_into(sp, ret, Api::Free as u32));
+        // A chain: what realloc adds once reallocarray's record matched it.
+        let mut chain = reallocarray;
+        chain.relay_apis |= relay_apis(Some(&glibc), Api::Realloc as u32);
+        assert!(chain.relays_into(sp, ret, Api::Malloc as u32));
+        // A leaf writes nothing to relay to.
+        assert_eq!(relay_apis(Some(&glibc), Api::Free as u32), 0);
+        // No file entry: every API; ids beyond the table or 64: none.
+        assert_eq!(relay_apis(None, Api::Free as u32), u64::MAX);
+        assert_eq!(relay_apis(Some(&glibc), 200), 0);
+        let all = LastEntry {
+            relay_apis: u64::MAX,
+            ..reallocarray
+        };
+        assert!(!all.relays_into(sp, ret, 64));
+        assert!(has_api(u64::MAX, 63) && !has_api(u64::MAX, 64));
     }
 }

@@ -22,7 +22,7 @@ use allocwatch_common::{
     config::FLAG_STACKS,
     libc::{
         Api, LastEntry, LibcFile, LiveAlloc, LiveKey, NO_STACK, Pending, SITE_NONE, SITE_SP,
-        SiteKey, cookie,
+        SiteKey, cookie, has_api, relay_apis,
     },
     loss::LossCause,
 };
@@ -40,8 +40,8 @@ use aya_ebpf::{
 use crate::{
     arch,
     maps::{
-        FLAGS, LAST_ENTRY, LIBC_FILES, LIBC_HIST, LIVE, PENDING, begins, count_call, hist_add,
-        lost, row_of, sampled, sampling, traced, why,
+        FLAGS, LAST_ENTRY, LIBC_FILES, LIBC_HIST, LIVE, PENDING, RELAY_NAMED, begins, count_call,
+        hist_add, lost, row_of, sampled, sampling, traced, why,
     },
     unwind::capture_libc_stack,
 };
@@ -127,9 +127,10 @@ fn in_api(file: &LibcFile, off: u64) -> bool {
 ///    probed instruction's file offset, so `ret - rip + offset` is the return address as a
 ///    file offset of the same file, compared with the file's API ranges (`LIBC_FILES`).
 /// 2. Tail jump: the entry has the stack pointer and return address of the thread's last
-///    counted entry, and that entry's function may tail-jump into this API (its relay mask,
-///    found by disassembly: glibc's reallocarray → realloc → malloc re-enter with the outer
-///    call's frame).
+///    counted entry, and that entry's function may tail-jump into this API (its file's
+///    relays, found by disassembly: glibc's reallocarray → realloc → malloc re-enter with the
+///    outer call's frame). The record names APIs by id, so the API entered may be served by
+///    another file: glibc's reallocarray jumps through its PLT into jemalloc's realloc.
 ///
 /// Rule 1 also looks one frame up when the return address is a known call of an API from a
 /// function in between (`RelaySite`: mimalloc's `mi_realloc_aligned` tail-jumps into
@@ -151,7 +152,8 @@ fn on_count(ctx: &ProbeContext) {
     let entry_sp = arch::sp(regs) + cookie::sp_delta(cookie);
     let ret_addr = return_address(tgid, regs, entry_sp);
 
-    if let Some(file) = LIBC_FILES.get(cookie::file_slot(cookie)) {
+    let file = LIBC_FILES.get(cookie::file_slot(cookie));
+    if let Some(file) = file {
         // A uprobe reports the probed instruction's address as the pc.
         let ret_off = ret_addr
             .wrapping_sub(arch::pc(regs))
@@ -187,9 +189,7 @@ fn on_count(ctx: &ProbeContext) {
             // Tail-jumped into from the thread's last counted entry, whose frame it took over.
             // SAFETY: map value from a successful lookup; only this thread writes it.
             if let Some(last) = unsafe { LAST_ENTRY.get(&pid_tgid) }
-                && last.entry_sp == slot
-                && last.ret_addr == outer_ret
-                && cookie::may_relay_to(last.relay_mask, cookie::target_index(cookie))
+                && last.relays_into(slot, outer_ret, api_id)
             {
                 return;
             }
@@ -197,36 +197,35 @@ fn on_count(ctx: &ProbeContext) {
         }
     }
     // Rule 2 touches the thread's record only where it can matter: an API some function
-    // tail-jumps into checks it, an API that may tail-jump writes it (leaves such as free do
+    // tail-jumps into checks it (in its own file, or through a PLT slot naming it in any
+    // file: `RELAY_NAMED`), an API that may tail-jump writes it (leaves such as free do
     // neither).
-    let relay_mask = cookie::relay_mask(cookie);
-    let target = cookie::target_index(cookie);
-    if target != 0 || relay_mask != 0 {
+    let writes = cookie::relays(cookie);
+    let reads = cookie::is_target(cookie)
+        || matches!(RELAY_NAMED.get(0), Some(&named) if has_api(named, api_id));
+    if reads || writes {
         let entry = LastEntry {
             entry_sp,
             ret_addr,
+            relay_apis: if writes { relay_apis(file, api_id) } else { 0 },
             api: api_id,
-            relay_mask,
+            _pad: 0,
         };
         match LAST_ENTRY.get_ptr_mut(&pid_tgid) {
             Some(last) => {
                 // SAFETY: map value pointer from a successful lookup; only this thread writes it.
                 unsafe {
-                    if (*last).entry_sp == entry_sp
-                        && (*last).ret_addr == ret_addr
-                        && (*last).api != api_id
-                        && cookie::may_relay_to((*last).relay_mask, target)
-                    {
+                    if (*last).relays_into(entry_sp, ret_addr, api_id) {
                         // Relays chain (reallocarray → realloc → malloc): the frame may now
                         // also reach what this API relays to.
-                        (*last).relay_mask |= relay_mask;
+                        (*last).relay_apis |= entry.relay_apis;
                         return;
                     }
                     // Replaced even by a non-relaying API: the record is the last entry.
                     *last = entry;
                 }
             }
-            None if relay_mask != 0 => {
+            None if writes => {
                 // An LRU map makes room; a failure only weakens rule 2 for this thread.
                 if LAST_ENTRY
                     .insert(&pid_tgid, &entry, BPF_ANY as u64)

@@ -214,6 +214,13 @@ pub static LAST_ENTRY: LruHashMap<u64, LastEntry> =
 /// Count mode: the API functions of each probed libc file (index = the cookie's file slot).
 #[map]
 pub static LIBC_FILES: Array<LibcFile> = Array::with_max_entries(LIBC_FILES_MAX, 0);
+/// Count mode, slot 0: the APIs (bit = API id) some probed file's function may tail-jump into
+/// through a PLT slot naming them ([`LibcFile::relays`]), so into whichever file serves them
+/// in the process (glibc's `reallocarray` into jemalloc's `realloc`). Their probes, in every
+/// file, read the thread's last entry. Only set bits are added, before the probes of the file
+/// that jumps are attached.
+#[map]
+pub static RELAY_NAMED: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
 pub static LIVE: HashMap<LiveKey, LiveAlloc> = HashMap::with_max_entries(capacity::LIVE, 0);
 #[map]

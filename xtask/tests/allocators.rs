@@ -245,15 +245,82 @@ fn mimalloc_exact_counts() {
 /// Count mode (entry probes only) on Debian's libmimalloc: its relays go through functions in
 /// between (`posix_memalign` → `mi_posix_memalign` → `mi_malloc_aligned`; `realloc` →
 /// `mi_heap_realloc` → a static function → `mi_free`), each call still counted once (relay
-/// call sites, `agent/src/target/relays.rs`). Not jemalloc's or tcmalloc's fixtures: there
-/// glibc's `reallocarray` calls the other library's `realloc`, a relay across files that count
-/// mode does not see (README, Limitations).
+/// call sites, `agent/src/target/relays.rs`). Not compared with full mode per caller: there
+/// `aligned_alloc`, `memalign`, `valloc` and `pvalloc` also count a `mi_malloc_aligned` call
+/// each (seen 2026-12-05, not followed yet: not a relay count mode finds).
 #[test]
 fn mimalloc_count_mode_exact_counts() {
     let env = TestEnv::get();
     let _serial = serial();
     let (_, proc, _) = trace_variant_with(&env, "mimalloc", &["--mode", "count"], true, |_| {});
     check_report_mode(&proc, "mimalloc", "mimalloc", &["libmimalloc.so"], true);
+}
+
+/// Count mode on the jemalloc fixture: glibc's `reallocarray` tail-jumps through its PLT into
+/// `realloc`, which libjemalloc serves, a relay across files: the fixture's 2 reallocarray
+/// calls count as reallocarray alone, its realloc calls 6 times, not 8 (the thread's record
+/// names APIs by id, and `realloc` is read in every file as a name some PLT jumps to).
+#[test]
+fn jemalloc_count_mode_exact_counts() {
+    check_count_mode("jemalloc", "jemalloc", &["libjemalloc.so", "libc.so.6"]);
+}
+
+/// [`jemalloc_count_mode_exact_counts`] with libtcmalloc (glibc's `reallocarray` into its
+/// `realloc`).
+#[test]
+fn tcmalloc_count_mode_exact_counts() {
+    check_count_mode("tcmalloc", "tcmalloc", &["libtcmalloc.so", "libc.so.6"]);
+}
+
+#[test]
+fn tcmalloc_minimal_count_mode_exact_counts() {
+    check_count_mode(
+        "tcmalloc_minimal",
+        "tcmalloc",
+        &["libtcmalloc_minimal.so", "libc.so.6"],
+    );
+}
+
+/// The `variant` fixture traced in full mode and then in `--mode count`: each exactly the
+/// fixture's own calls and bytes per API, and count mode the same calls and bytes as full
+/// mode per API and immediate caller (free bytes excepted: unknown without the live table).
+fn check_count_mode(variant: &str, allocator: &str, files: &[&str]) {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let (_, full, _) = trace_variant(&env, variant, true, |_| {});
+    check_report(&full, variant, allocator, files);
+    let (_, count, _) = trace_variant_with(&env, variant, &["--mode", "count"], true, |_| {});
+    check_report_mode(&count, variant, allocator, files, true);
+    assert_eq!(
+        callers_of(&count),
+        callers_of(&full),
+        "count mode's callers vs full mode's\ncount: {count:#}\nfull: {full:#}"
+    );
+}
+
+/// (API, the immediate caller's function) → (calls, bytes; 0 for frees), summed over a
+/// report's `sites` (full mode's are whole stacks, count mode's immediate callers).
+fn callers_of(proc: &Value) -> BTreeMap<(String, String), (u64, u64)> {
+    let mut out: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
+    for site in proc["sites"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no sites\n{proc:#}"))
+    {
+        let api = str_at(site, "api").to_owned();
+        let function = site["frames"][0]["function"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let bytes = if api == "free" {
+            0
+        } else {
+            count_at(site, "bytes")
+        };
+        let e = out.entry((api, function)).or_default();
+        e.0 += count_at(site, "calls");
+        e.1 += bytes;
+    }
+    out
 }
 
 #[test]
@@ -317,45 +384,57 @@ fn ld_preload_decides_the_allocator() {
     );
 }
 
-/// bpftrace on jemalloc's own `malloc` and `free` (and glibc's `reallocarray`, which the
-/// process's calls reach in libc.so.6), attached after the fixture's start-up, in the same run
-/// as allocwatch: the raw entries agree with allocwatch's program-level counts.
+/// bpftrace on jemalloc's own `malloc`, `free` and `realloc` (and glibc's `reallocarray`,
+/// which the process's calls reach in libc.so.6), entry probes only, attached after the
+/// fixture's start-up, in the same run as allocwatch, in full mode and in `--mode count`: the
+/// raw entries agree with allocwatch's program-level counts, `realloc`'s raw entries being
+/// the program's calls plus each `reallocarray`'s relay into it (glibc's tail jump through
+/// its PLT into libjemalloc), which allocwatch counts once, as `reallocarray`.
 #[test]
 fn jemalloc_counts_match_bpftrace() {
     let env = TestEnv::get();
     let _serial = serial();
     let jemalloc = mapped_file("libjemalloc.so");
     let libc = mapped_file("libc.so.6");
-    let mut bpftrace = None;
-    let (_, proc, _) = trace_variant(&env, "jemalloc", true, |pid| {
-        // BEGIN runs once every probe is attached ("attached_probes" comes before that).
-        let script = format!(
-            "BEGIN {{ printf(\"bpftrace-ready\\n\"); }} \
-             uprobe:{j}:malloc,uprobe:{j}:free,uprobe:{l}:reallocarray /pid == {pid}/ \
-             {{ @calls[probe] = count(); }}",
-            j = jemalloc.display(),
-            l = libc.display()
+    for mode in [&[][..], &["--mode", "count"][..]] {
+        let mut bpftrace = None;
+        let (_, proc, _) = trace_variant_with(&env, "jemalloc", mode, true, |pid| {
+            // BEGIN runs once every probe is attached ("attached_probes" comes before that).
+            let script = format!(
+                "BEGIN {{ printf(\"bpftrace-ready\\n\"); }} \
+                 uprobe:{j}:malloc,uprobe:{j}:free,uprobe:{j}:realloc,\
+                 uprobe:{l}:reallocarray /pid == {pid}/ \
+                 {{ @calls[probe] = count(); }}",
+                j = jemalloc.display(),
+                l = libc.display()
+            );
+            bpftrace = Some(start_bpftrace(&script));
+        });
+        // The fixture has exited: stop bpftrace (SIGINT: it prints its maps and exits).
+        interrupt_bpftrace();
+        let raw = bpftrace_counts(bpftrace.expect("bpftrace started"));
+        let counted = |api: &str| count_at(&proc["calls"], api);
+        let mut want: BTreeMap<String, u64> = ["malloc", "free", "reallocarray"]
+            .iter()
+            .map(|api| (api.to_string(), counted(api)))
+            .collect();
+        want.insert(
+            "realloc".into(),
+            counted("realloc") + counted("reallocarray"),
         );
-        bpftrace = Some(start_bpftrace(&script));
-    });
-    // The fixture has exited: stop bpftrace (SIGINT: it prints its maps and exits).
-    interrupt_bpftrace();
-    let raw = bpftrace_counts(bpftrace.expect("bpftrace started"));
-    let counted = |api: &str| count_at(&proc["calls"], api);
-    let want: BTreeMap<String, u64> = ["malloc", "free", "reallocarray"]
-        .iter()
-        .map(|api| (api.to_string(), counted(api)))
-        .collect();
-    assert_eq!(
-        raw, want,
-        "bpftrace's raw entries vs allocwatch's counts\n{proc:#}"
-    );
-    assert_eq!(want["malloc"], 7, "the fixture's 7 malloc calls");
-    assert_eq!(want["free"], 17, "the fixture's 17 free calls");
-    assert_eq!(
-        want["reallocarray"], 2,
-        "the fixture's 2 reallocarray calls"
-    );
+        assert_eq!(
+            raw, want,
+            "bpftrace's raw entries vs allocwatch's counts ({mode:?})\n{proc:#}"
+        );
+        assert_eq!(counted("malloc"), 7, "the fixture's 7 malloc calls");
+        assert_eq!(counted("free"), 17, "the fixture's 17 free calls");
+        assert_eq!(counted("realloc"), 6, "the fixture's 6 realloc calls");
+        assert_eq!(
+            counted("reallocarray"),
+            2,
+            "the fixture's 2 reallocarray calls"
+        );
+    }
 }
 
 /// The text view names the allocator and its files.

@@ -9,7 +9,7 @@ use allocwatch_common::{
     event::Followed,
     globals,
     go::{self, GO_SPECS_MAX, GoProc, GoSpec},
-    libc::{LIBC_FILES_MAX, LibcFile, cookie},
+    libc::{LIBC_FILES_MAX, LibcFile, cookie, has_api},
     map_names, symprobe,
     unwind::{UNWIND_PROCS_MAX, UNWIND_ROWS_MAX},
 };
@@ -274,6 +274,8 @@ pub struct Probes {
     next_spec: u32,
     /// Next free slot of the LIBC_FILES array (count mode).
     next_file: u32,
+    /// What the probe's `RELAY_NAMED` holds (count mode).
+    relay_named: u64,
 }
 
 impl Probes {
@@ -359,6 +361,7 @@ impl Probes {
             links: Links::default(),
             next_spec: 0,
             next_file: 0,
+            relay_named: 0,
         })
     }
 
@@ -403,10 +406,12 @@ impl Probes {
         Ok(())
     }
 
-    /// Count mode's view of `file`: which API functions may tail-jump, and (in a free
+    /// Count mode's view of `file`: which API functions may tail-jump where, and (in a free
     /// `LIBC_FILES` slot) where they all are, so the probe can tell libc's relays from the
     /// program's calls without a return probe. Without a slot or a readable ELF the rules
-    /// degrade (documented in BENCHMARKS.md / README), they never fail the attach.
+    /// degrade (documented in BENCHMARKS.md / README), they never fail the attach. The APIs
+    /// the file enters through a PLT slot naming them join `RELAY_NAMED` before its probes
+    /// attach: their probes in every file then look for the relay.
     fn count_layout(
         &mut self,
         file: &Path,
@@ -416,6 +421,17 @@ impl Probes {
             return Ok(CountLayout::unknown());
         };
         let layout = CountLayout::of(&elf, points, self.next_file);
+        if layout.relays.named & !self.relay_named != 0 {
+            let map = self
+                .ebpf
+                .map_mut(map_names::RELAY_NAMED)
+                .ok_or(MapError::InvalidName {
+                    name: map_names::RELAY_NAMED.into(),
+                })?;
+            let mut named: Array<_, u64> = Array::try_from(map)?;
+            named.set(0, &(self.relay_named | layout.relays.named), 0)?;
+            self.relay_named |= layout.relays.named;
+        }
         if layout.slot != cookie::NO_FILE {
             let map = self
                 .ebpf
@@ -832,15 +848,21 @@ impl CountLayout {
         }
     }
 
+    /// The file's entry takes the slot `next_slot` when there is one, with its API ranges
+    /// only where the probe can use them (else rule 1 is off, and the tail jumps still known).
     fn of(elf: &ElfFile, points: &[ProbePoint], next_slot: u32) -> Self {
         let mut layout = Self {
             relays: Relays::of(elf, points),
             ..Self::unknown()
         };
-        if let Some(ranges) = &layout.relays.ranges
-            && next_slot < LIBC_FILES_MAX
-        {
-            layout.slot = next_slot;
+        if next_slot >= LIBC_FILES_MAX {
+            return layout;
+        }
+        layout.slot = next_slot;
+        for (slot, mask) in layout.file.relays.iter_mut().zip(layout.relays.masks) {
+            *slot = mask;
+        }
+        if let Some(ranges) = &layout.relays.ranges {
             for (slot, r) in layout.file.ranges.iter_mut().zip(ranges) {
                 *slot = *r;
             }
@@ -852,11 +874,12 @@ impl CountLayout {
     }
 
     fn cookie(&self, p: &ProbePoint) -> u64 {
+        let api = p.api as u32;
         cookie::encode_count(
-            p.api as u32,
+            api,
             p.sp_delta,
-            self.relays.targets(),
-            self.relays.masks[p.api as usize],
+            has_api(self.relays.targets(), api),
+            self.relays.masks[p.api as usize] != 0,
             self.slot,
             u32::try_from(p.file_offset).unwrap_or(0),
         )
@@ -906,7 +929,7 @@ fn single_twin(program: &'static str) -> &'static str {
 
 #[cfg(test)]
 mod tests {
-    use allocwatch_common::libc::Api;
+    use allocwatch_common::libc::{API_COUNT, Api};
 
     use super::*;
     use crate::target::libc::probe_points;
@@ -934,13 +957,27 @@ mod tests {
             assert_eq!(mask(api) & bit(api), 0, "{api:?}");
         }
         // glibc 2.36: realloc(NULL, n) tail-jumps into malloc; reallocarray into realloc through
-        // the PLT (resolved through its GOT relocation); nothing else relays by a tail jump.
+        // the PLT (its GOT slot names `realloc`: whichever file serves it, jemalloc's under
+        // jemalloc); nothing else relays by a tail jump.
         assert_eq!(mask(Api::Realloc), bit(Api::Malloc));
         assert_eq!(mask(Api::Reallocarray), bit(Api::Realloc));
         assert_eq!(
             layout.relays.targets(),
             bit(Api::Malloc) | bit(Api::Realloc)
         );
+        assert_eq!(layout.relays.named, bit(Api::Realloc));
+        // The probe reads the relays by API id from the file's entry.
+        assert_eq!(layout.file.relays[..API_COUNT], layout.relays.masks);
+        assert!(layout.file.relays[API_COUNT..].iter().all(|&m| m == 0));
+        let flags = |api: Api| {
+            let p = points.iter().find(|p| p.api == api).expect("probed");
+            let c = layout.cookie(p);
+            (cookie::is_target(c), cookie::relays(c))
+        };
+        assert_eq!(flags(Api::Malloc), (true, false));
+        assert_eq!(flags(Api::Realloc), (true, true));
+        assert_eq!(flags(Api::Reallocarray), (false, true));
+        assert_eq!(flags(Api::Free), (false, false));
         let distinct = Api::ALL.iter().filter(|a| a.is_libc()).count() - aliases.len();
         let used = layout.file.ranges.iter().filter(|r| r[1] > r[0]).count();
         assert_eq!(used, distinct);

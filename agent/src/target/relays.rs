@@ -32,6 +32,13 @@ pub struct Relays {
     /// Calls of APIs from functions that an API calls or tail-jumps into ([`RelaySite`]), at
     /// most [`LIBC_FILE_SITES`]; only with `ranges`.
     pub sites: Vec<RelaySite>,
+    /// Relay call sites found beyond [`LIBC_FILE_SITES`]: not followed (their calls count
+    /// twice), said in a warning.
+    pub sites_beyond: usize,
+    /// The APIs (bit = API id) some function may tail-jump into through a PLT slot that names
+    /// them: a relay into whichever file serves that API in the process (glibc's
+    /// `reallocarray` into jemalloc's `realloc`), so every file's probe of them must look.
+    pub named: u64,
 }
 
 impl Relays {
@@ -41,6 +48,8 @@ impl Relays {
             masks: std::array::from_fn(|api| ALL_APIS & !(1 << api)),
             ranges: None,
             sites: Vec::new(),
+            sites_beyond: 0,
+            named: 0,
         }
     }
 
@@ -87,8 +96,9 @@ impl Relays {
             // relay to any other" (rule 1, the ranges, still applies).
             if elf.arch() == Arch::X86_64 && sym.size > 0 && code.len() as u64 == sym.size {
                 // A jump back to its own entry is a loop, not a relay.
-                relays.masks[api as usize] =
-                    jumps.targets(&code, sym.address, 0) & !(1u64 << api as u32);
+                let (mask, named) = jumps.targets(&code, sym.address, 0);
+                relays.masks[api as usize] = mask & !(1u64 << api as u32);
+                relays.named |= named & !(1u64 << api as u32);
             }
             let Some(start) = elf.vaddr_to_file_offset(sym.address) else {
                 consistent = false;
@@ -110,7 +120,17 @@ impl Relays {
         relays.ranges = consistent.then_some(ranges);
         if relays.ranges.is_some() && elf.arch() == Arch::X86_64 {
             let bias = bias.unwrap_or_default();
-            relays.sites = jumps.sites(&syms, points, bias, &mut relays.masks);
+            (relays.sites, relays.sites_beyond) =
+                jumps.sites(&syms, points, bias, &mut relays.masks);
+            if relays.sites_beyond > 0 {
+                log::warn!(
+                    "count mode: {} has {} relay call sites, {LIBC_FILE_SITES} followed: calls \
+                     of an API from the other {} count twice",
+                    elf.path().display(),
+                    relays.sites.len() + relays.sites_beyond,
+                    relays.sites_beyond
+                );
+            }
         }
         for (api, mask) in Api::ALL.iter().zip(relays.masks) {
             if mask != 0 && syms.iter().any(|(a, _)| a == api) {
@@ -119,6 +139,13 @@ impl Relays {
                     api.symbol()
                 );
             }
+        }
+        if relays.named != 0 {
+            log::debug!(
+                "count mode: {} jumps through its PLT into {:#05x} wherever served",
+                elf.path().display(),
+                relays.named
+            );
         }
         relays
     }
@@ -132,14 +159,14 @@ struct TailJumps<'a> {
     elf: &'a ElfFile,
     /// Entry address → the API its probe reports.
     entries: &'a [(u64, Api)],
-    /// GOT slot → the address of the symbol bound to it ([`got_slots`]); `None`: unknown.
-    got: Option<&'a [(u64, u64)]>,
+    /// The GOT's slots bound to symbols ([`got_slots`]); `None`: unknown.
+    got: Option<&'a [GotSlot]>,
     /// Entry address → size of every sized symbol (the functions a jump may enter).
     functions: std::collections::HashMap<u64, u64>,
 }
 
 impl<'a> TailJumps<'a> {
-    fn new(elf: &'a ElfFile, entries: &'a [(u64, Api)], got: Option<&'a [(u64, u64)]>) -> Self {
+    fn new(elf: &'a ElfFile, entries: &'a [(u64, Api)], got: Option<&'a [GotSlot]>) -> Self {
         Self {
             elf,
             entries,
@@ -152,16 +179,19 @@ impl<'a> TailJumps<'a> {
         }
     }
 
-    /// The APIs a function (its whole `code`, loaded at `start`) may tail-jump into: a jump
-    /// to an API's entry, or to a PLT stub whose GOT slot is bound to one, names that API; a
-    /// jump to another function of the file names what that one's tail jumps reach, `hops`
-    /// deep at most (mimalloc's sized aligned delete jumps through the PLT into
-    /// `mi_free_size_aligned`, which jumps into the sized delete, which jumps into `free`:
-    /// each re-enters with the outer call's frame); an indirect jump, or any stub when the
-    /// relocations are unknown, may reach any of them.
-    fn targets(&self, code: &[u8], start: u64, hops: u32) -> u64 {
+    /// The APIs a function (its whole `code`, loaded at `start`) may tail-jump into, and (the
+    /// second mask) those of them entered through a PLT slot naming them. A jump to an API's
+    /// entry names that API; a jump to a PLT stub whose GOT slot names an API enters it in
+    /// whichever file serves it in the process, this one or another (glibc's `reallocarray`
+    /// into jemalloc's `realloc`); a jump to another function of the file (directly or
+    /// through its slot) names what that one's tail jumps reach, `hops` deep at most
+    /// (mimalloc's sized aligned delete jumps through the PLT into `mi_free_size_aligned`,
+    /// which jumps into the sized delete, which jumps into `free`: each re-enters with the
+    /// outer call's frame); an indirect jump, or any stub when the relocations are unknown,
+    /// may reach any of them.
+    fn targets(&self, code: &[u8], start: u64, hops: u32) -> (u64, u64) {
         let end = start + code.len() as u64;
-        let mut mask = 0;
+        let (mut mask, mut named) = (0, 0);
         let mut decoder = Decoder::with_ip(64, code, start, DecoderOptions::NONE);
         while decoder.can_decode() {
             let instr = decoder.decode();
@@ -178,37 +208,47 @@ impl<'a> TailJumps<'a> {
                                 mask |= ALL_APIS;
                                 continue;
                             }
-                            Some(got) => match got.iter().find(|&&(s, _)| s == slot) {
-                                Some(&(_, addr)) => addr,
-                                // Bound to another file: not a relay inside this one.
-                                None => continue,
+                            Some(got) => match got.iter().find(|s| s.slot == slot) {
+                                Some(GotSlot { api: Some(api), .. }) => {
+                                    let bit = 1u64 << *api as u32;
+                                    mask |= bit;
+                                    named |= bit;
+                                    continue;
+                                }
+                                Some(GotSlot {
+                                    addr: Some(addr), ..
+                                }) => *addr,
+                                // Another file's function that is no API: not a relay.
+                                _ => continue,
                             },
                         },
                     };
-                    mask |= self.reached(target, hops);
+                    let (m, n) = self.reached(target, hops);
+                    mask |= m;
+                    named |= n;
                 }
                 FlowControl::IndirectBranch => mask |= ALL_APIS,
                 _ => {}
             }
         }
-        mask
+        (mask, named)
     }
 
     /// The APIs a tail jump to `addr` reaches: the API entered there, or what the function
-    /// there reaches in turn.
-    fn reached(&self, addr: u64, hops: u32) -> u64 {
+    /// there reaches in turn (as [`targets`](Self::targets)).
+    fn reached(&self, addr: u64, hops: u32) -> (u64, u64) {
         if let Some(&(_, api)) = self.entries.iter().find(|&&(a, _)| a == addr) {
-            return 1u64 << api as u32;
+            return (1u64 << api as u32, 0);
         }
         let Some(&size) = self.functions.get(&addr) else {
-            return 0;
+            return (0, 0);
         };
         if hops >= MAX_HOPS {
-            return 0;
+            return (0, 0);
         }
         match self.elf.read_at_vaddr(addr, size) {
             Ok(code) if code.len() as u64 == size => self.targets(&code, addr, hops + 1),
-            _ => 0,
+            _ => (0, 0),
         }
     }
 }
@@ -223,12 +263,12 @@ enum Reach {
 }
 
 impl TailJumps<'_> {
-    /// Where a branch to `target` enters: through a PLT stub, the function its GOT slot is
-    /// bound to (`None`: another file, or unknown).
+    /// Where a branch to `target` enters: through a PLT stub, the function of this file its
+    /// GOT slot is bound to (`None`: another file, or unknown).
     fn resolve(&self, target: u64) -> Option<u64> {
         match jump_stub_slot(self.elf, target) {
             None => Some(target),
-            Some(slot) => self.got?.iter().find(|&&(s, _)| s == slot).map(|&(_, a)| a),
+            Some(slot) => self.got?.iter().find(|s| s.slot == slot)?.addr,
         }
     }
 
@@ -283,14 +323,15 @@ impl TailJumps<'_> {
     /// through such functions). Each site's return slot of the calling function comes from
     /// the file's call-frame information at the call. An API that tail-jumps into such a
     /// function gets the called API in its relay mask (the probe checks the thread's last
-    /// entry against that slot). `bias`: vaddr − file offset of the API functions.
+    /// entry against that slot). `bias`: vaddr − file offset of the API functions. Also how
+    /// many more sites there are than the file's entry holds ([`keep_site`]).
     fn sites(
         &self,
         syms: &[(Api, Symbol)],
         points: &[ProbePoint],
         bias: u64,
         masks: &mut [u64; API_COUNT],
-    ) -> Vec<RelaySite> {
+    ) -> (Vec<RelaySite>, usize) {
         let api_at = |addr: u64| {
             self.entries
                 .iter()
@@ -332,6 +373,8 @@ impl TailJumps<'_> {
             }
         }
         let mut sites: Vec<RelaySite> = Vec::new();
+        // Return offsets of the sites found beyond the entry's room.
+        let mut beyond: Vec<u32> = Vec::new();
         for &(start, api, reach) in &between {
             let Some(code) = self.code_at(start, &fdes) else {
                 continue;
@@ -340,13 +383,6 @@ impl TailJumps<'_> {
                 let Some(callee) = api_at(to).filter(|_| call) else {
                     continue;
                 };
-                if sites.len() >= LIBC_FILE_SITES {
-                    log::debug!(
-                        "count mode: more than {LIBC_FILE_SITES} relay call sites in {}",
-                        self.elf.path().display()
-                    );
-                    return sites;
-                }
                 let Some((cfa_rbp, cfa_off)) = data.as_deref().and_then(|d| cfa_at(d, ip)) else {
                     continue;
                 };
@@ -367,26 +403,44 @@ impl TailJumps<'_> {
                 else {
                     continue;
                 };
+                let site = RelaySite {
+                    ret_off,
+                    frame,
+                    kind,
+                    _pad: 0,
+                };
+                if !keep_site(&mut sites, &mut beyond, site) {
+                    continue;
+                }
                 if reach == Reach::Jumped && callee != api {
                     masks[api as usize] |= 1u64 << callee as u32;
                 }
-                if !sites.iter().any(|s| s.ret_off == ret_off) {
-                    log::debug!(
-                        "count mode: {} reaches a call of {} at {ret:#x} ({reach:?})",
-                        api.symbol(),
-                        callee.symbol()
-                    );
-                    sites.push(RelaySite {
-                        ret_off,
-                        frame,
-                        kind,
-                        _pad: 0,
-                    });
-                }
+                log::debug!(
+                    "count mode: {} reaches a call of {} at {ret:#x} ({reach:?})",
+                    api.symbol(),
+                    callee.symbol()
+                );
             }
         }
-        sites
+        (sites, beyond.len())
     }
+}
+
+/// Adds `site` to `sites` unless one with its return address is there already; beyond
+/// [`LIBC_FILE_SITES`] its return address goes to `beyond` instead (once). Whether the site is
+/// followed (new or already there).
+fn keep_site(sites: &mut Vec<RelaySite>, beyond: &mut Vec<u32>, site: RelaySite) -> bool {
+    if sites.iter().any(|s| s.ret_off == site.ret_off) {
+        return true;
+    }
+    if sites.len() < LIBC_FILE_SITES {
+        sites.push(site);
+        return true;
+    }
+    if !beyond.contains(&site.ret_off) {
+        beyond.push(site.ret_off);
+    }
+    false
 }
 
 /// The `.eh_frame` entries of the ELF file `data`: (start, length), sorted.
@@ -482,9 +536,20 @@ fn jump_stub_slot(elf: &ElfFile, vaddr: u64) -> Option<u64> {
     .then(|| instr.ip_rel_memory_address())
 }
 
-/// Every GOT slot bound by a dynamic relocation to a symbol the file defines: (slot, the
-/// symbol's address). `None` when the file or its relocations cannot be read.
-fn got_slots(path: &Path) -> Option<Vec<(u64, u64)>> {
+/// A GOT slot bound by a dynamic relocation to a symbol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct GotSlot {
+    slot: u64,
+    /// The symbol's address when the file defines it.
+    addr: Option<u64>,
+    /// The API the symbol names ([`api_named`](super::libc::api_named)), defined here or not:
+    /// the loader binds the slot to whichever file serves that name in the process.
+    api: Option<Api>,
+}
+
+/// Every GOT slot bound by a dynamic relocation to a symbol that the file defines or that
+/// names an API. `None` when the file or its relocations cannot be read.
+fn got_slots(path: &Path) -> Option<Vec<GotSlot>> {
     use object::{Object as _, ObjectSymbol as _, ObjectSymbolTable as _, RelocationTarget};
     let data = std::fs::read(path).ok()?;
     let file = object::File::parse(&*data).ok()?;
@@ -495,7 +560,12 @@ fn got_slots(path: &Path) -> Option<Vec<(u64, u64)>> {
             .filter_map(|(slot, rel)| match rel.target() {
                 RelocationTarget::Symbol(index) => {
                     let sym = symbols.symbol_by_index(index).ok()?;
-                    (!sym.is_undefined()).then(|| (slot, sym.address()))
+                    let got = GotSlot {
+                        slot,
+                        addr: (!sym.is_undefined()).then(|| sym.address()),
+                        api: sym.name().ok().and_then(super::libc::api_named),
+                    };
+                    (got.addr.is_some() || got.api.is_some()).then_some(got)
                 }
                 _ => None,
             })
@@ -524,7 +594,7 @@ mod tests {
         let reach = |name: &str, hops: u32| {
             let sym = elf.symbol(name).expect(name);
             let code = elf.function_code(sym, sym.size).expect("code");
-            jumps.targets(&code, sym.address, hops)
+            jumps.targets(&code, sym.address, hops).0
         };
         let bit = |api: Api| 1u64 << api as u32;
         assert_eq!(reach("_ZdlPvmSt11align_val_t", 0), bit(Api::DeleteSized));
@@ -581,5 +651,89 @@ mod tests {
             assert_ne!(relays.masks[api as usize] & bit, 0, "{api:?}");
         }
         assert_eq!(relays.masks[Api::Free as usize], 0);
+    }
+
+    /// A file's entry holds [`LIBC_FILE_SITES`] relay call sites: the rest are counted once each
+    /// (by return address), not kept, and not followed; a site found again is kept once.
+    #[test]
+    fn sites_beyond_the_entry_are_counted() {
+        let site = |ret_off: u32| RelaySite {
+            ret_off,
+            frame: 16,
+            kind: SITE_SP,
+            _pad: 0,
+        };
+        let (mut sites, mut beyond) = (Vec::new(), Vec::new());
+        for off in 0..LIBC_FILE_SITES as u32 {
+            assert!(keep_site(&mut sites, &mut beyond, site(0x100 + off)));
+        }
+        assert!(
+            keep_site(&mut sites, &mut beyond, site(0x100)),
+            "already kept"
+        );
+        assert!(!keep_site(&mut sites, &mut beyond, site(0x900)));
+        assert!(!keep_site(&mut sites, &mut beyond, site(0x900)));
+        assert!(!keep_site(&mut sites, &mut beyond, site(0xa00)));
+        assert_eq!(sites.len(), LIBC_FILE_SITES);
+        assert_eq!(beyond, [0x900, 0xa00]);
+    }
+
+    /// A jump through a PLT slot that names an API enters that API in whichever file serves
+    /// it: Debian 12's libstdc++ `operator delete` jumps to `free@plt` (undefined there: glibc's,
+    /// or the allocator's that serves `free`), its sized and array deletes to `_ZdlPv@plt`
+    /// (defined there, and interposed by tcmalloc's or jemalloc's). Both are named relays; a
+    /// jump to another file's function that is no API is none.
+    #[test]
+    fn plt_slots_naming_an_api_relay_wherever_it_is_served() {
+        let path = "/usr/lib/x86_64-linux-gnu/libstdc++.so.6";
+        let elf = ElfFile::open(path).expect("libstdc++ (Debian's g++)");
+        let got = got_slots(elf.path());
+        let slots = got.as_deref().expect("relocations");
+        // `free` is undefined in libstdc++: its slot is kept for the name alone.
+        assert!(
+            slots
+                .iter()
+                .any(|s| s.api == Some(Api::Free) && s.addr.is_none()),
+            "{slots:?}"
+        );
+        let entries: Vec<(u64, Api)> = Vec::new();
+        let jumps = TailJumps::new(&elf, &entries, got.as_deref());
+        let reach = |name: &str| {
+            let sym = elf.symbol(name).expect(name);
+            let code = elf.function_code(sym, sym.size).expect("code");
+            jumps.targets(&code, sym.address, 0)
+        };
+        let bit = |api: Api| 1u64 << api as u32;
+        assert_eq!(reach("_ZdlPv"), (bit(Api::Free), bit(Api::Free)));
+        assert_eq!(reach("_ZdlPvm"), (bit(Api::Delete), bit(Api::Delete)));
+        assert_eq!(reach("_ZdaPv"), (bit(Api::Delete), bit(Api::Delete)));
+    }
+
+    /// Debian 12's jemalloc, tcmalloc and libmimalloc: the APIs their functions enter through
+    /// a PLT slot naming them (what every file's probes of those APIs then check), next to
+    /// glibc's `realloc` (`agent/src/probes`' glibc test).
+    #[test]
+    fn named_relays_of_debian_allocators() {
+        let bit = |api: Api| 1u64 << api as u32;
+        for (path, named) in [
+            (
+                "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+                bit(Api::Free) | bit(Api::Sdallocx),
+            ),
+            ("/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4", 0),
+            ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", 0),
+            (
+                "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2.0",
+                bit(Api::Free),
+            ),
+        ] {
+            let elf = ElfFile::open(path).expect("allocator (run ./x setup)");
+            let prefix = crate::target::libc::prefix_of(&elf).expect("malloc family");
+            let (points, _) = crate::target::libc::probe_points(&elf, prefix, true).expect(path);
+            let relays = Relays::of(&elf, &points);
+            assert_eq!(relays.named, named, "{path}");
+            // A named API is a target too: the relaying function writes the record.
+            assert_eq!(relays.targets() & named, named, "{path}");
+        }
     }
 }

@@ -91,6 +91,16 @@ pub fn symbol_in(prefix: &str, api: Api) -> String {
     }
 }
 
+/// The API a symbol named `name` is, under its libc name or a known prefix ([`PREFIXES`]):
+/// what a PLT slot naming it enters, in whichever file serves it.
+pub fn api_named(name: &str) -> Option<Api> {
+    Api::ALL.into_iter().find(|&api| {
+        std::iter::once("")
+            .chain(PREFIXES)
+            .any(|p| symbol_in(p, api) == name)
+    })
+}
+
 /// The prefix of `elf`'s malloc family: `""` when it defines `malloc`, else a known prefix
 /// under which it defines an allocating API and a freeing one; `None`: no malloc family. A
 /// program that links its allocator statically keeps only the functions it calls (the linker
