@@ -240,19 +240,34 @@ fn wait_stderr(aw: &Allocwatch, what: &str, said: impl Fn(&str) -> bool) {
     }
 }
 
+/// The unwinder's loss causes: a walk that follows every frame counts none of them.
+const UNWIND_LOSSES: [&str; 3] = [
+    "unwind_unsupported",
+    "unwind_read_error",
+    "unwind_truncated",
+];
+/// [`UNWIND_LOSSES`] and the symbolizer's cut: a stack walked and named to its end.
+const WHOLE_STACK: [&str; 4] = [
+    "unwind_unsupported",
+    "unwind_read_error",
+    "unwind_truncated",
+    "symbolize_stack_cut",
+];
+
+/// Each of `causes` is 0 in `proc`'s `lost` (absent counts as 0); `what` prefixes the message.
+fn assert_nothing_lost(proc: &Value, causes: &[&str], what: &str) {
+    for cause in causes {
+        let n = proc["lost"][cause].as_u64().unwrap_or(0);
+        assert_eq!(n, 0, "{what}{cause}\n{proc:#}");
+    }
+}
+
 /// `allocwatch top [--unwind HOW] -- unwind_fixture GOFILE` for `variant`: the fixture makes
 /// its call once the tables line names `libc.so.6` and the fixture's library (with a table,
 /// or walked with its frame pointers). No unwind loss.
 fn trace_fixture(env: &TestEnv, variant: &str, unwind: Option<&str>) -> Traced {
     let traced = trace_mode(env, variant, unwind, &[], &[]);
-    for cause in [
-        "unwind_unsupported",
-        "unwind_read_error",
-        "unwind_truncated",
-    ] {
-        let n = traced.proc["lost"][cause].as_u64().unwrap_or(0);
-        assert_eq!(n, 0, "{cause}\n{:#}", traced.proc);
-    }
+    assert_nothing_lost(&traced.proc, &UNWIND_LOSSES, "");
     traced
 }
 
@@ -326,14 +341,7 @@ fn table_walk_names_every_frame_of_a_deep_stack() {
     let env = TestEnv::get();
     let _serial = serial();
     let traced = trace_mode(&env, "nofp", None, &["deep"], &[]);
-    for cause in [
-        "unwind_unsupported",
-        "unwind_read_error",
-        "unwind_truncated",
-    ] {
-        let n = traced.proc["lost"][cause].as_u64().unwrap_or(0);
-        assert_eq!(n, 0, "{cause}\n{:#}", traced.proc);
-    }
+    assert_nothing_lost(&traced.proc, &UNWIND_LOSSES, "");
     let site = site_of(&traced.proc, UW_DEEP_BYTES);
     let got = functions_to_main(site);
     assert_eq!(got, deep_stack(), "allocwatch\n{site:#}");
@@ -361,15 +369,7 @@ fn table_walk_follows_a_signal_frame_into_the_interrupted_code() {
         assert_eq!(peer, signal_stack(interrupted), "gdb, {mode}");
         for unwind in ["dwarf", "auto"] {
             let traced = trace_mode(&env, "nofp", Some(unwind), &[mode], &[]);
-            for cause in [
-                "unwind_unsupported",
-                "unwind_read_error",
-                "unwind_truncated",
-                "symbolize_stack_cut",
-            ] {
-                let n = traced.proc["lost"][cause].as_u64().unwrap_or(0);
-                assert_eq!(n, 0, "{mode}, {unwind}: {cause}\n{:#}", traced.proc);
-            }
+            assert_nothing_lost(&traced.proc, &WHOLE_STACK, &format!("{mode}, {unwind}: "));
             let site = site_of(&traced.proc, UW_SIG_BYTES);
             assert_eq!(
                 functions_to_main(site),
@@ -602,14 +602,7 @@ fn tables_for_the_children_of_a_launched_command() {
     assert_eq!(proc["comm"], "sh", "the root is the shell\n{proc:#}");
     let site = site_of(proc, UW_BYTES);
     assert_eq!(functions_to_main(site), UW_STACK, "{site:#}");
-    for cause in [
-        "unwind_unsupported",
-        "unwind_read_error",
-        "unwind_truncated",
-    ] {
-        let n = proc["lost"][cause].as_u64().unwrap_or(0);
-        assert_eq!(n, 0, "{cause}\n{proc:#}");
-    }
+    assert_nothing_lost(proc, &UNWIND_LOSSES, "");
 }
 
 /// The split fixture's `outside` mode points rbp at a fake frame: the frame-pointer walk is
@@ -803,15 +796,7 @@ fn trace_program(
         },
     );
     let traced = run_to_report(aw, &go, &out);
-    for cause in [
-        "unwind_unsupported",
-        "unwind_read_error",
-        "unwind_truncated",
-        "symbolize_stack_cut",
-    ] {
-        let n = traced.proc["lost"][cause].as_u64().unwrap_or(0);
-        assert_eq!(n, 0, "{unwind}: {cause}\n{:#}", traced.proc);
-    }
+    assert_nothing_lost(&traced.proc, &WHOLE_STACK, &format!("{unwind}: "));
     traced
 }
 
