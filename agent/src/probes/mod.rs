@@ -422,25 +422,12 @@ impl Probes {
         };
         let layout = CountLayout::of(&elf, points, self.next_file);
         if layout.relays.named & !self.relay_named != 0 {
-            let map = self
-                .ebpf
-                .map_mut(map_names::RELAY_NAMED)
-                .ok_or(MapError::InvalidName {
-                    name: map_names::RELAY_NAMED.into(),
-                })?;
-            let mut named: Array<_, u64> = Array::try_from(map)?;
-            named.set(0, &(self.relay_named | layout.relays.named), 0)?;
-            self.relay_named |= layout.relays.named;
+            let named = self.relay_named | layout.relays.named;
+            self.set_slot(map_names::RELAY_NAMED, 0, named)?;
+            self.relay_named = named;
         }
         if layout.slot != cookie::NO_FILE {
-            let map = self
-                .ebpf
-                .map_mut(map_names::LIBC_FILES)
-                .ok_or(MapError::InvalidName {
-                    name: map_names::LIBC_FILES.into(),
-                })?;
-            let mut files: Array<_, LibcFile> = Array::try_from(map)?;
-            files.set(layout.slot, &layout.file, 0)?;
+            self.set_slot(map_names::LIBC_FILES, layout.slot, layout.file)?;
             self.next_file += 1;
         }
         Ok(layout)
@@ -652,7 +639,7 @@ impl Probes {
     /// detached; the maps stay readable for the final report. The flag not set (a map error)
     /// only loses that instant: the links still go.
     pub fn stop(&mut self) -> Result<(), ProbeError> {
-        let flagged = self.set_slot(map_names::STOPPED, 0, 1);
+        let flagged = self.set_slot(map_names::STOPPED, 0, 1u32);
         self.links.detach_all();
         flagged
     }
@@ -716,13 +703,13 @@ impl Probes {
         self.set_slot(map_names::SITE_LIMIT, slot, limit)
     }
 
-    /// Sets slot `slot` of the u32 array map `name`.
-    fn set_slot(&mut self, name: &str, slot: u32, value: u32) -> Result<(), ProbeError> {
+    /// Sets slot `slot` of the array map `name`, whose values are `T`s.
+    fn set_slot<T: aya::Pod>(&mut self, name: &str, slot: u32, value: T) -> Result<(), ProbeError> {
         let map = self
             .ebpf
             .map_mut(name)
             .ok_or(MapError::InvalidName { name: name.into() })?;
-        let mut slots: Array<_, u32> = Array::try_from(map)?;
+        let mut slots: Array<_, T> = Array::try_from(map)?;
         slots.set(slot, &value, 0)?;
         Ok(())
     }
