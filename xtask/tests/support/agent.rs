@@ -102,7 +102,8 @@ impl Agent {
 
     /// Until `healthz(port)` (a GET of /healthz) answers `ok`.
     pub fn wait_ready_with(&mut self, healthz: impl Fn(u16) -> std::io::Result<(u16, Vec<u8>)>) {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let limit = super::startup(Duration::from_secs(60));
+        let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().expect("waitpid") {
                 thread::sleep(Duration::from_millis(50));
@@ -122,7 +123,7 @@ impl Agent {
             }
             assert!(
                 Instant::now() < deadline,
-                "`allocwatch {}` does not answer /healthz after 60 s:\n{}",
+                "`allocwatch {}` does not answer /healthz after {limit:?}:\n{}",
                 self.what,
                 self.stderr.text()
             );
@@ -143,7 +144,7 @@ impl Agent {
     pub fn scrape(&self) -> Metrics {
         // A scrape the busy tracer cannot answer before it rendered anything is a 503 "still
         // starting": Prometheus would scrape again, and so does this.
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + super::startup(Duration::from_secs(15));
         let mut r = self.get("/metrics");
         while r.status != 200
             && String::from_utf8_lossy(&r.body).contains("still starting")
