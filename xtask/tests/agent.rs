@@ -444,6 +444,46 @@ fn back_to_back_scrapes_do_not_starve_the_scan() {
     agent.stop();
 }
 
+/// A tracing loop whose every step outlasts its 100 ms tick (a node busy enough, or
+/// `ALLOCWATCH_DEBUG_SLOW_STEP_MS`) still answers scrapes with fresh renderings: a step that is
+/// always due must not keep requests waiting until the server gives up (a "still starting"
+/// 503 before the first rendering, the last rendering after it).
+#[test]
+fn scrapes_are_answered_when_every_step_outlasts_the_tick() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let args = ["agent", "--listen", &listen, "--sample-bytes", "0"];
+    let mut cmd = Command::new(&env.bin);
+    cmd.args(args).env("ALLOCWATCH_DEBUG_SLOW_STEP_MS", "150");
+    let mut agent = Agent::spawn(cmd, port, &args.join(" "));
+    agent.wait_ready();
+    // The server waits 800 ms for the loop; a loop that takes requests between its steps
+    // answers within one step (150 ms and its work).
+    for i in 0..10 {
+        let started = Instant::now();
+        let r = agent.get("/metrics");
+        assert_eq!(
+            r.status,
+            200,
+            "scrape {i} after {:?}: {}\nagent stderr:\n{}",
+            started.elapsed(),
+            String::from_utf8_lossy(&r.body),
+            agent.stderr.text()
+        );
+    }
+    let m = agent.scrape();
+    let stale = m.global_sum("allocwatch_stale_scrapes_total", &[]);
+    assert_eq!(
+        stale,
+        0.0,
+        "scrapes answered with an old rendering\nagent stderr:\n{}",
+        agent.stderr.text()
+    );
+    agent.stop();
+}
+
 /// `--ttl 2s`: the series of an exited process stay (and do not go down) within the TTL, and
 /// every one of them is gone once it has passed.
 #[test]

@@ -6,7 +6,7 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    sync::{Arc, Mutex, MutexGuard, atomic::Ordering},
+    sync::{Arc, LazyLock, Mutex, MutexGuard, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -146,13 +146,19 @@ impl Tracer {
                 // Before requests and records: scrapes that each take longer than the time
                 // between them (a slow snapshot under load), or a ring that is never empty,
                 // must not starve the scan, the sweep, the naming and the map reads. The
-                // step is bounded, so a request waits at most one of them.
+                // step is bounded and the next is a tick after it, so a request waits at
+                // most one of them.
                 _ = tick.tick() => {
                     // The probe batches wakeups for frequent records (Go events): the last
                     // records of a burst wait for the next wakeup, so read them here at the
                     // latest.
                     state.drain()?;
                     state.housekeeping().await?;
+                    // A full tick from the step's end, not its start: a step that outlasts
+                    // the tick would otherwise find the next one due at once, and being first
+                    // in this select it would keep requests out for as long as the node is
+                    // that busy (scrapes then get "still starting" or the last rendering).
+                    tick.reset();
                 }
                 Some(req) = requests.recv() => {
                     state.drain()?;
@@ -344,6 +350,10 @@ impl State {
     async fn housekeeping(&mut self) -> anyhow::Result<()> {
         let now = Instant::now();
         let mut sw = Stopwatch::new("housekeeping");
+        if let Some(d) = *DEBUG_SLOW_STEP {
+            tokio::time::sleep(d).await;
+            sw.lap("debug delay");
+        }
         if now >= self.next_scan {
             self.scan();
             self.next_scan = now + SCAN_INTERVAL;
@@ -728,6 +738,17 @@ fn remedy(cause: LossCause, c: &Capacity) -> String {
 /// sees where the time went.
 const SLOW_STEP: Duration = Duration::from_secs(2);
 const SLOW_STEP_EVERY: Duration = Duration::from_secs(60);
+
+/// `ALLOCWATCH_DEBUG_SLOW_STEP_MS=N`: every housekeeping step takes N ms longer, as on a node
+/// busy enough that each step outlasts [`TICK`] (the agent suite's
+/// `scrapes_are_answered_when_every_step_outlasts_the_tick`).
+static DEBUG_SLOW_STEP: LazyLock<Option<Duration>> = LazyLock::new(|| {
+    std::env::var("ALLOCWATCH_DEBUG_SLOW_STEP_MS")
+        .ok()?
+        .parse()
+        .ok()
+        .map(Duration::from_millis)
+});
 
 /// When a slow step was last said (the loop runs on one thread; the lock is never contended).
 static SLOW_STEP_SAID: Mutex<Option<Instant>> = Mutex::new(None);
