@@ -244,16 +244,13 @@ fn mimalloc_exact_counts() {
 
 /// Count mode (entry probes only) on Debian's libmimalloc: its relays go through functions in
 /// between (`posix_memalign` → `mi_posix_memalign` → `mi_malloc_aligned`; `realloc` →
-/// `mi_heap_realloc` → a static function → `mi_free`), each call still counted once (relay
-/// call sites, `agent/src/target/relays.rs`). Not compared with full mode per caller: there
-/// `aligned_alloc`, `memalign`, `valloc` and `pvalloc` also count a `mi_malloc_aligned` call
-/// each (seen 2026-12-05, not followed yet: not a relay count mode finds).
+/// `mi_heap_realloc` → a static function → `mi_free`; `aligned_alloc` → `mi_aligned_alloc`
+/// and `valloc` → `mi_valloc` → `mi_memalign`, tail jumps through the PLT into
+/// `mi_malloc_aligned`), each call still counted once (`agent/src/target/relays.rs`): no
+/// `mi_malloc_aligned` call, which the fixture never makes itself.
 #[test]
 fn mimalloc_count_mode_exact_counts() {
-    let env = TestEnv::get();
-    let _serial = serial();
-    let (_, proc, _) = trace_variant_with(&env, "mimalloc", &["--mode", "count"], true, |_| {});
-    check_report_mode(&proc, "mimalloc", "mimalloc", &["libmimalloc.so"], true);
+    check_count_mode("mimalloc", "mimalloc", &["libmimalloc.so"]);
 }
 
 /// Count mode on the jemalloc fixture: glibc's `reallocarray` tail-jumps through its PLT into
@@ -289,13 +286,36 @@ fn check_count_mode(variant: &str, allocator: &str, files: &[&str]) {
     let _serial = serial();
     let (_, full, _) = trace_variant(&env, variant, true, |_| {});
     check_report(&full, variant, allocator, files);
+    check_only_fixture_apis(&full, variant);
     let (_, count, _) = trace_variant_with(&env, variant, &["--mode", "count"], true, |_| {});
     check_report_mode(&count, variant, allocator, files, true);
+    check_only_fixture_apis(&count, variant);
     assert_eq!(
         callers_of(&count),
         callers_of(&full),
         "count mode's callers vs full mode's\ncount: {count:#}\nfull: {full:#}"
     );
+}
+
+/// Every API the report counts calls or bytes of is one the fixture calls ([`expected`]): an
+/// allocator's relay into an API of its own (mimalloc's `aligned_alloc` into
+/// `mi_malloc_aligned`) counted as the program's call shows up here.
+fn check_only_fixture_apis(proc: &Value, variant: &str) {
+    let aliases: BTreeMap<String, String> = proc["aliases"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+        .collect();
+    let want = expected(variant, &aliases);
+    for key in ["calls", "bytes"] {
+        for (api, n) in proc[key].as_object().into_iter().flatten() {
+            assert!(
+                n.as_u64() == Some(0) || want.contains_key(api),
+                "{key}.{api}: {n}, an API the fixture does not call\n{proc:#}"
+            );
+        }
+    }
 }
 
 /// (API, the immediate caller's function) → (calls, bytes; 0 for frees), summed over a

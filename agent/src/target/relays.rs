@@ -61,15 +61,15 @@ impl Relays {
     /// Disassembles the API functions of `elf` (whose probes are `points`).
     pub fn of(elf: &ElfFile, points: &[ProbePoint]) -> Self {
         let mut relays = Self::unknown();
-        let got = got_slots(elf.path());
+        // A prefixed build's names (`_rjem_malloc`, `mi_free`): the functions its probes are on.
+        let prefix = super::libc::prefix_of(elf).unwrap_or_default();
+        let got = got_slots(elf.path(), prefix);
         // Entry address → the API its probe reports (the canonical one of an alias group).
         let mut entries: Vec<(u64, Api)> = Vec::new();
         let mut syms = Vec::new();
         // The C++ operators only where they are probed: a static program's libstdc++ `new`
         // calls `malloc`, and taking its range for a relay would hide those calls.
         let cxx = points.iter().any(|p| p.api.is_cxx());
-        // A prefixed build's names (`_rjem_malloc`, `mi_free`): the functions its probes are on.
-        let prefix = super::libc::prefix_of(elf).unwrap_or_default();
         for api in Api::ALL.into_iter().filter(|a| cxx || !a.is_cxx()) {
             let Some(sym) = elf.symbol(&super::libc::symbol_in(prefix, api)) else {
                 continue;
@@ -543,13 +543,18 @@ struct GotSlot {
     /// The symbol's address when the file defines it.
     addr: Option<u64>,
     /// The API the symbol names ([`api_named`](super::libc::api_named)), defined here or not:
-    /// the loader binds the slot to whichever file serves that name in the process.
+    /// the loader binds the slot to whichever file serves that name in the process. Not for a
+    /// name the file defines under another prefix than its own ([`got_slots`]).
     api: Option<Api>,
 }
 
 /// Every GOT slot bound by a dynamic relocation to a symbol that the file defines or that
-/// names an API. `None` when the file or its relocations cannot be read.
-fn got_slots(path: &Path) -> Option<Vec<GotSlot>> {
+/// names an API. `None` when the file or its relocations cannot be read. `prefix`: the file's
+/// own ([`prefix_of`](super::libc::prefix_of)). A symbol it defines that names an API only
+/// under another prefix is no API here but a function in between: Debian's libmimalloc
+/// (prefix `""`) has `aligned_alloc` jump through the PLT into its own `mi_aligned_alloc`
+/// (the mimalloc crate's `aligned_alloc` under `mi_`), which jumps into `mi_malloc_aligned`.
+fn got_slots(path: &Path, prefix: &str) -> Option<Vec<GotSlot>> {
     use object::{Object as _, ObjectSymbol as _, ObjectSymbolTable as _, RelocationTarget};
     let data = std::fs::read(path).ok()?;
     let file = object::File::parse(&*data).ok()?;
@@ -560,10 +565,13 @@ fn got_slots(path: &Path) -> Option<Vec<GotSlot>> {
             .filter_map(|(slot, rel)| match rel.target() {
                 RelocationTarget::Symbol(index) => {
                     let sym = symbols.symbol_by_index(index).ok()?;
+                    let name = sym.name().unwrap_or_default();
+                    let defined = !sym.is_undefined();
                     let got = GotSlot {
                         slot,
-                        addr: (!sym.is_undefined()).then(|| sym.address()),
-                        api: sym.name().ok().and_then(super::libc::api_named),
+                        addr: defined.then(|| sym.address()),
+                        api: super::libc::api_named(name)
+                            .filter(|&api| !defined || super::libc::symbol_in(prefix, api) == name),
                     };
                     (got.addr.is_some() || got.api.is_some()).then_some(got)
                 }
@@ -589,7 +597,7 @@ mod tests {
             .into_iter()
             .map(|api| (elf.symbol(api.symbol()).expect("API symbol").address, api))
             .collect();
-        let got = got_slots(elf.path());
+        let got = got_slots(elf.path(), "");
         let jumps = TailJumps::new(&elf, &entries, got.as_deref());
         let reach = |name: &str, hops: u32| {
             let sym = elf.symbol(name).expect(name);
@@ -653,6 +661,44 @@ mod tests {
         assert_eq!(relays.masks[Api::Free as usize], 0);
     }
 
+    /// Debian 12's libmimalloc: `aligned_alloc`, `memalign`, `valloc` and `pvalloc` jump
+    /// through the PLT into the file's own `mi_aligned_alloc`, `mi_memalign`, `mi_valloc` and
+    /// `mi_pvalloc` (named like the APIs of a `mi_`-prefixed build, but no APIs in this file),
+    /// which jump into `mi_malloc_aligned` (`valloc` two functions deep: `mi_valloc` jumps into
+    /// `mi_memalign`), each through its PLT slot: a relay into `mi_malloc_aligned` wherever it
+    /// is served. The slots are not taken for relays into the APIs themselves.
+    #[test]
+    fn prefixed_names_defined_here_are_functions_in_between() {
+        let path = "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2.0";
+        let elf = ElfFile::open(path).expect("libmimalloc (run ./x setup)");
+        let slots = got_slots(elf.path(), "").expect("relocations");
+        let slot = |name: &str| {
+            let addr = elf.symbol(name).expect(name).address;
+            *slots
+                .iter()
+                .find(|s| s.addr == Some(addr))
+                .unwrap_or_else(|| panic!("{name}: no slot in {slots:?}"))
+        };
+        assert_eq!(slot("mi_aligned_alloc").api, None);
+        assert_eq!(slot("mi_malloc_aligned").api, Some(Api::MiMallocAligned));
+        // Under the prefix `mi_` the name is the API (a file that defines `aligned_alloc` so).
+        let prefixed = got_slots(elf.path(), "mi_").expect("relocations");
+        assert!(
+            prefixed
+                .iter()
+                .any(|s| s.api == Some(Api::AlignedAlloc) && s.addr.is_some()),
+            "{prefixed:?}"
+        );
+
+        let (points, _) = crate::target::libc::probe_points(&elf, "", true).expect("points");
+        let relays = Relays::of(&elf, &points);
+        let bit = 1u64 << Api::MiMallocAligned as u32;
+        for api in [Api::AlignedAlloc, Api::Memalign, Api::Valloc, Api::Pvalloc] {
+            assert_eq!(relays.masks[api as usize], bit, "{api:?}");
+        }
+        assert_ne!(relays.named & bit, 0);
+    }
+
     /// A file's entry holds [`LIBC_FILE_SITES`] relay call sites: the rest are counted once each
     /// (by return address), not kept, and not followed; a site found again is kept once.
     #[test]
@@ -687,7 +733,7 @@ mod tests {
     fn plt_slots_naming_an_api_relay_wherever_it_is_served() {
         let path = "/usr/lib/x86_64-linux-gnu/libstdc++.so.6";
         let elf = ElfFile::open(path).expect("libstdc++ (Debian's g++)");
-        let got = got_slots(elf.path());
+        let got = got_slots(elf.path(), "");
         let slots = got.as_deref().expect("relocations");
         // `free` is undefined in libstdc++: its slot is kept for the name alone.
         assert!(
@@ -711,7 +757,9 @@ mod tests {
 
     /// Debian 12's jemalloc, tcmalloc and libmimalloc: the APIs their functions enter through
     /// a PLT slot naming them (what every file's probes of those APIs then check), next to
-    /// glibc's `realloc` (`agent/src/probes`' glibc test).
+    /// glibc's `realloc` (`agent/src/probes`' glibc test). libmimalloc's operators jump to
+    /// `mi_free@plt`, its own name of `free` (same address), not `free` under its prefix `""`:
+    /// a relay into its own `free`, not named.
     #[test]
     fn named_relays_of_debian_allocators() {
         let bit = |api: Api| 1u64 << api as u32;
@@ -724,7 +772,7 @@ mod tests {
             ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", 0),
             (
                 "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2.0",
-                bit(Api::Free),
+                bit(Api::MiMallocAligned),
             ),
         ] {
             let elf = ElfFile::open(path).expect("allocator (run ./x setup)");
