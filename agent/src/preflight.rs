@@ -163,6 +163,7 @@ pub fn check() -> Result<(), PreflightError> {
         // SAFETY: valid pointer to an rlimit struct.
         unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
     }
+    raise_nofile(has_sys_resource);
     let release = kernel_release();
     memlock(&release, has_sys_resource, memlock_limit())?;
     let features = features();
@@ -243,6 +244,45 @@ fn memlock(
     }
 }
 
+/// Kernels without uprobe multi-links (before 6.6) take one perf-event file descriptor per
+/// probe site: the agent's probes of every libc and Go program on a busy node can need
+/// thousands, beyond the usual soft limit of 1,024 (that of a VM's init, for one). The soft limit
+/// goes up to the hard one, as Go's runtime does for its programs; with CAP_SYS_RESOURCE the
+/// hard one goes up to `fs.nr_open` (at most 1 Mi) first. Best effort: a refusal leaves the
+/// limits as they were, and a failing attach says why.
+fn raise_nofile(has_sys_resource: bool) {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid pointer to an rlimit struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return;
+    }
+    if has_sys_resource {
+        let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
+            .unwrap_or(r.rlim_max)
+            .min(1 << 20);
+        if nr_open > r.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: nr_open,
+                rlim_max: nr_open,
+            };
+            // SAFETY: as above.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+                return;
+            }
+        }
+    }
+    if r.rlim_cur < r.rlim_max {
+        r.rlim_cur = r.rlim_max;
+        // SAFETY: as above.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) };
+    }
+}
+
 /// The soft RLIMIT_MEMLOCK in bytes; None when unlimited.
 fn memlock_limit() -> Option<u64> {
     let mut r = libc::rlimit {
@@ -282,6 +322,34 @@ fn parse_cap_eff(status: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A soft limit of 512 (the usual 1,024 of a shell or an init, lowered) goes up to the hard
+    /// limit, which needs no capability. Runs in the test process; raising is harmless there.
+    #[test]
+    fn the_soft_open_files_limit_goes_up_to_the_hard_one() {
+        let get = || {
+            let mut r = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: valid pointer to an rlimit struct.
+            assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) }, 0);
+            r
+        };
+        let hard = get().rlim_max;
+        if hard <= 512 {
+            return;
+        }
+        let low = libc::rlimit {
+            rlim_cur: 512,
+            rlim_max: hard,
+        };
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &low) }, 0);
+        raise_nofile(false);
+        let r = get();
+        assert_eq!((r.rlim_cur, r.rlim_max), (hard, hard));
+    }
 
     #[test]
     fn parses_cap_eff() {

@@ -161,7 +161,12 @@ impl SnapshotSource for ChannelSource {
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let selector = Selector::new(&cfg.select)?;
     // Whether privileges can be dropped after startup is checked before anything is loaded.
-    let privileges = (!cfg.keep_privileges)
+    // Without uprobe multi-links (before 6.6, or ALLOCWATCH_NO_UPROBE_MULTI) every later
+    // attachment is a perf event of the uprobe PMU, which the kernel refused to the dropped
+    // agent (EACCES on Debian's 6.1 with CAP_PERFMON kept, and on 6.18 with per-site links):
+    // programs started after the agent would go untraced, so it keeps its privileges there.
+    let multi_links = preflight::features().uprobe_multi;
+    let privileges = (!cfg.keep_privileges && multi_links)
         .then(privilege::Plan::check)
         .transpose()?;
     // Bind before loading anything: a taken port is a startup error, not a later one.
@@ -170,6 +175,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     // first, and a missing capability was two lines).
     for w in preflight::agent_warnings() {
         crate::say!("allocwatch: warning: {w}");
+    }
+    if !cfg.keep_privileges && !multi_links {
+        crate::say!(
+            "allocwatch: warning: the agent keeps the privileges it starts with: without uprobe \
+             multi-links, the kernel refuses the probes of programs started later to a process \
+             that has dropped them"
+        );
     }
 
     let (tx, requests) = mpsc::channel::<Request>(8);

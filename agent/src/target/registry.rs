@@ -166,6 +166,15 @@ pub enum AttachFailure {
     Other,
 }
 
+/// `: CAUSE` for the innermost error under `e` (an errno such as "Too many open files" that
+/// aya's "`perf_event_open` failed" keeps as its source), or nothing when `e` has none.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    match std::iter::successors(e.source(), |e| e.source()).last() {
+        Some(root) => format!(": {root}"),
+        None => String::new(),
+    }
+}
+
 impl AttachFailure {
     /// The errno anywhere in `e`'s chain of causes, else [`Self::Other`].
     pub fn of(e: &(dyn std::error::Error + 'static)) -> Self {
@@ -440,7 +449,11 @@ impl Targets {
                         continue;
                     }
                     Err(e) => {
-                        log::warn!("attaching {}: {e}", target.path().display());
+                        log::warn!(
+                            "attaching {}: {e}{}",
+                            target.path().display(),
+                            root_cause(&e)
+                        );
                         self.failed(A::failure(&e));
                         FileState::Failed
                     }
