@@ -31,6 +31,13 @@ pub enum PreflightError {
     )]
     Memlock { limit_kib: u64, kernel: String },
     #[error(
+        "kernel.perf_event_paranoid is {level} (a Debian/Ubuntu level above 2), at which the \
+         kernel refuses perf_event_open to a process without CAP_SYS_ADMIN, even with \
+         CAP_PERFMON; this kernel has no uprobe multi-links, so every probe would be one: grant \
+         CAP_SYS_ADMIN, or set `sysctl kernel.perf_event_paranoid=2`"
+    )]
+    PerfParanoid { level: i32 },
+    #[error(
         "this kernel ({kernel}) lacks {feature}, which allocwatch needs (Linux ≥ {since}; \
          kernel features: {summary})"
     )]
@@ -171,7 +178,29 @@ pub fn check() -> Result<(), PreflightError> {
     if let Some(refusal) = features.refusal(&release) {
         return Err(refusal);
     }
+    if paranoid_blocks_perf(perf_event_paranoid(), eff) && !features.uprobe_multi {
+        return Err(PreflightError::PerfParanoid {
+            level: perf_event_paranoid().unwrap_or_default(),
+        });
+    }
     Ok(())
+}
+
+/// `kernel.perf_event_paranoid`, if readable.
+fn perf_event_paranoid() -> Option<i32> {
+    std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether the kernel refuses `perf_event_open` to a process with the effective capabilities
+/// `eff`: Debian's and Ubuntu's out-of-tree levels 3 and 4 (their default,
+/// CONFIG_SECURITY_PERF_EVENTS_RESTRICT) check `capable(CAP_SYS_ADMIN)`, not CAP_PERFMON.
+/// Measured on Debian's 6.1: the agent with the DaemonSet's capabilities attached nothing.
+fn paranoid_blocks_perf(level: Option<i32>, eff: u64) -> bool {
+    level.is_some_and(|l| l > 2) && eff & (1 << CAP_SYS_ADMIN) == 0
 }
 
 /// Problems the agent can run with, each a warning line saying what to do about it (the
@@ -190,6 +219,15 @@ pub fn agent_warnings() -> Vec<String> {
         out.push(format!(
             "{why}: each probe site gets its own perf-event link (attaching takes longer, same \
              counts)"
+        ));
+    }
+    if features().uprobe_multi && paranoid_blocks_perf(perf_event_paranoid(), effective_caps()) {
+        out.push(format!(
+            "kernel.perf_event_paranoid is {} and this process lacks CAP_SYS_ADMIN: the kernel \
+             refuses the exec tracepoint (a perf event), so execs are seen only by the /proc \
+             scan and a program that lives a few milliseconds may go unnamed; grant \
+             CAP_SYS_ADMIN or set `sysctl kernel.perf_event_paranoid=2`",
+            perf_event_paranoid().unwrap_or_default()
         ));
     }
     if !TRACEFS.iter().any(|d| Path::new(d).join("events").is_dir()) {
@@ -322,6 +360,19 @@ fn parse_cap_eff(status: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn perf_paranoid_levels_above_two_want_sys_admin() {
+        let perfmon = (1 << CAP_BPF) | (1 << CAP_PERFMON);
+        assert!(paranoid_blocks_perf(Some(3), perfmon));
+        assert!(paranoid_blocks_perf(Some(4), perfmon));
+        assert!(!paranoid_blocks_perf(Some(2), perfmon));
+        assert!(!paranoid_blocks_perf(
+            Some(3),
+            perfmon | (1 << CAP_SYS_ADMIN)
+        ));
+        assert!(!paranoid_blocks_perf(None, perfmon));
+    }
 
     /// A soft limit of 512 (the usual 1,024 of a shell or an init, lowered) goes up to the hard
     /// limit, which needs no capability. Runs in the test process; raising is harmless there.

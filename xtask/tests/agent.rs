@@ -40,10 +40,10 @@ use std::{
 use serde_json::Value;
 use support::agent::{Agent, DISCOVERY_LIMIT, Identity, Metrics, free_port, try_get, value};
 use support::{
-    API_TOTALS, APIS, AllocwatchBin, Fixture, GoToolchain, KernelState, SAMPLE_RATE, SAMPLE_SITES,
-    SITES, Scratch, Site, address_groups, allocwatch_bin, assert_no_crash, assert_single_error,
-    env_path, go_toolchains, libc_fixture, libc_path, panic_text, path_str, sample_bound, serial,
-    signal, version_key, wait_child,
+    API_TOTALS, APIS, AllocwatchBin, ERROR_PREFIX, Fixture, GoToolchain, KernelState, SAMPLE_RATE,
+    SAMPLE_SITES, SITES, Scratch, Site, address_groups, allocwatch_bin, assert_no_crash,
+    assert_single_error, env_path, go_toolchains, libc_fixture, libc_path, panic_text, path_str,
+    sample_bound, serial, signal, version_key, wait_child,
 };
 
 /// The `loop` mode's block size: malloc(48) then free, every millisecond.
@@ -1518,6 +1518,27 @@ fn runs_with_exactly_the_daemonset_capabilities() {
     // an agent that keeps every process fills up (site_map_full), which is not what this tests.
     let exe = format!("^{}/", scratch.path.display());
     let args = ["agent", "--listen", &listen, "--exe", &exe];
+    if perf_events_need_sys_admin() {
+        // Debian's and Ubuntu's perf_event_paranoid above 2 without uprobe multi-links: every
+        // probe would be a perf event, refused without CAP_SYS_ADMIN. One line, exit 1.
+        let out = setpriv(&env, &caps, &args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("setpriv");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr
+            .lines()
+            .filter(|l| !l.starts_with("allocwatch: warning: "))
+            .collect();
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            lines.len() == 1
+                && lines[0].starts_with(ERROR_PREFIX)
+                && lines[0].contains("perf_event_paranoid"),
+            "{stderr}"
+        );
+        return;
+    }
     let mut agent = Agent::spawn(
         setpriv(&env, &caps, &args),
         port,
@@ -1564,6 +1585,25 @@ fn runs_with_exactly_the_daemonset_capabilities() {
     assert!(out.status.success(), "{}: {}", go.display(), out.status);
     assert_map_big_growth(&agent, &go_id, &build, "counted by the unprivileged agent");
     agent.stop();
+}
+
+/// Whether this kernel refuses the agent's probes without CAP_SYS_ADMIN: a
+/// `kernel.perf_event_paranoid` above 2 (Debian's and Ubuntu's own levels) and no uprobe
+/// multi-links (Linux < 6.6, or `ALLOCWATCH_NO_UPROBE_MULTI`), so every probe is a perf event.
+fn perf_events_need_sys_admin() -> bool {
+    let read = |p: &str| fs::read_to_string(p).unwrap_or_default();
+    let paranoid: i32 = read("/proc/sys/kernel/perf_event_paranoid")
+        .trim()
+        .parse()
+        .unwrap_or(2);
+    let release = read("/proc/sys/kernel/osrelease");
+    let mut v = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let version = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+    let multi = version >= (6, 6) && env::var_os("ALLOCWATCH_NO_UPROBE_MULTI").is_none();
+    paranoid > 2 && !multi
 }
 
 /// Every thread of `agent` runs as 65532 with only the steady state's capabilities, as its

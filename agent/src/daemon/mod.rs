@@ -163,8 +163,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     // Whether privileges can be dropped after startup is checked before anything is loaded.
     // Without uprobe multi-links (before 6.6, or ALLOCWATCH_NO_UPROBE_MULTI) every later
     // attachment is a perf event of the uprobe PMU, which the kernel refused to the dropped
-    // agent (EACCES on Debian's 6.1 with CAP_PERFMON kept, and on 6.18 with per-site links):
-    // programs started after the agent would go untraced, so it keeps its privileges there.
+    // agent: EACCES on Debian's 6.1, whose perf_event_paranoid level 3 wants CAP_SYS_ADMIN,
+    // and on 6.18 with per-site links, where the kept set (by kernel version) has no
+    // CAP_PERFMON. Programs started after the agent would go untraced: it keeps its
+    // privileges there.
     let multi_links = preflight::features().uprobe_multi;
     let privileges = (!cfg.keep_privileges && multi_links)
         .then(privilege::Plan::check)
