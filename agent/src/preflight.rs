@@ -178,9 +178,10 @@ pub fn check() -> Result<(), PreflightError> {
     if let Some(refusal) = features.refusal(&release) {
         return Err(refusal);
     }
-    if paranoid_blocks_perf(perf_event_paranoid(), eff) && !features.uprobe_multi {
+    let paranoid = perf_event_paranoid();
+    if paranoid_blocks_perf(paranoid, eff) && !features.uprobe_multi {
         return Err(PreflightError::PerfParanoid {
-            level: perf_event_paranoid().unwrap_or_default(),
+            level: paranoid.unwrap_or_default(),
         });
     }
     Ok(())
@@ -221,13 +222,14 @@ pub fn agent_warnings() -> Vec<String> {
              counts)"
         ));
     }
-    if features().uprobe_multi && paranoid_blocks_perf(perf_event_paranoid(), effective_caps()) {
+    let paranoid = perf_event_paranoid();
+    if features().uprobe_multi && paranoid_blocks_perf(paranoid, effective_caps()) {
         out.push(format!(
             "kernel.perf_event_paranoid is {} and this process lacks CAP_SYS_ADMIN: the kernel \
              refuses the exec tracepoint (a perf event), so execs are seen only by the /proc \
              scan and a program that lives a few milliseconds may go unnamed; grant \
              CAP_SYS_ADMIN or set `sysctl kernel.perf_event_paranoid=2`",
-            perf_event_paranoid().unwrap_or_default()
+            paranoid.unwrap_or_default()
         ));
     }
     if !TRACEFS.iter().any(|d| Path::new(d).join("events").is_dir()) {

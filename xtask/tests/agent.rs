@@ -1591,18 +1591,12 @@ fn runs_with_exactly_the_daemonset_capabilities() {
 /// `kernel.perf_event_paranoid` above 2 (Debian's and Ubuntu's own levels) and no uprobe
 /// multi-links (Linux < 6.6, or `ALLOCWATCH_NO_UPROBE_MULTI`), so every probe is a perf event.
 fn perf_events_need_sys_admin() -> bool {
-    let read = |p: &str| fs::read_to_string(p).unwrap_or_default();
-    let paranoid: i32 = read("/proc/sys/kernel/perf_event_paranoid")
+    let paranoid: i32 = fs::read_to_string("/proc/sys/kernel/perf_event_paranoid")
+        .unwrap_or_default()
         .trim()
         .parse()
         .unwrap_or(2);
-    let release = read("/proc/sys/kernel/osrelease");
-    let mut v = release
-        .trim()
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|p| p.parse::<u32>().unwrap_or(0));
-    let version = (v.next().unwrap_or(0), v.next().unwrap_or(0));
-    let multi = version >= (6, 6) && env::var_os("ALLOCWATCH_NO_UPROBE_MULTI").is_none();
+    let multi = kernel_version() >= (6, 6) && env::var_os("ALLOCWATCH_NO_UPROBE_MULTI").is_none();
     paranoid > 2 && !multi
 }
 
@@ -3045,12 +3039,7 @@ fn daemonset_capabilities() -> Vec<(String, u32)> {
 /// What the agent keeps after startup on this kernel (agent/src/privilege.rs): CAP_SYS_PTRACE,
 /// plus CAP_PERFMON before 6.6 (no uprobe_multi links) and CAP_BPF before 6.5.
 fn steady_state_capabilities() -> u64 {
-    let release = fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
-    let v = version_key(release.trim());
-    let version = (
-        v.first().copied().unwrap_or(0),
-        v.get(1).copied().unwrap_or(0),
-    );
+    let version = kernel_version();
     let mut keep = 1u64 << 19;
     if version < (6, 6) {
         keep |= 1 << 38;
@@ -3059,6 +3048,16 @@ fn steady_state_capabilities() -> u64 {
         keep |= 1 << 39;
     }
     keep
+}
+
+/// This kernel's (major, minor).
+fn kernel_version() -> (u32, u32) {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    let v = version_key(release.trim());
+    (
+        v.first().copied().unwrap_or(0),
+        v.get(1).copied().unwrap_or(0),
+    )
 }
 
 /// `+bpf,+perfmon,…` for setpriv: the capabilities this test process can grant at all (a note for

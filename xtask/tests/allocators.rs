@@ -109,12 +109,7 @@ fn check_report_mode(
     count_mode: bool,
 ) {
     check_allocator_files(proc, allocator, files);
-    let aliases: BTreeMap<String, String> = proc["aliases"]
-        .as_object()
-        .unwrap_or_else(|| panic!("no aliases\n{proc:#}"))
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
-        .collect();
+    let aliases = aliases_map(proc);
     // The prefixed build's own memalign is je_memalign, not glibc's alias of aligned_alloc
     // (which `aliases` names for the libc's memalign): nothing of the fixture's is folded.
     let aliases = if variant == "jemalloc-prefixed" {
@@ -301,13 +296,7 @@ fn check_count_mode(variant: &str, allocator: &str, files: &[&str]) {
 /// allocator's relay into an API of its own (mimalloc's `aligned_alloc` into
 /// `mi_malloc_aligned`) counted as the program's call shows up here.
 fn check_only_fixture_apis(proc: &Value, variant: &str) {
-    let aliases: BTreeMap<String, String> = proc["aliases"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
-        .collect();
-    let want = expected(variant, &aliases);
+    let want = expected(variant, &aliases_map(proc));
     for key in ["calls", "bytes"] {
         for (api, n) in proc[key].as_object().into_iter().flatten() {
             assert!(
