@@ -605,6 +605,127 @@ fn tables_for_the_children_of_a_launched_command() {
     assert_nothing_lost(proc, &UNWIND_LOSSES, "");
 }
 
+/// The rows of the `allocwatch: unwind table of PATH: N rows (pid …)` lines of `stderr` whose
+/// path ends with `/file`.
+fn child_table_rows(stderr: &str, file: &str) -> Vec<u64> {
+    stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("allocwatch: unwind table of "))
+        .filter_map(|l| l.split_once(": "))
+        .filter(|(path, _)| path.ends_with(&format!("/{file}")))
+        .filter_map(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+/// The rows of every table loaded for the shell (its `rows in all` line, the last one before
+/// any child's).
+fn shell_rows(stderr: &str) -> u64 {
+    stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("allocwatch: unwind tables for pid "))
+        .filter_map(|l| l.split_once(" rows in all").map(|(head, _)| head))
+        .filter_map(|head| head.rsplit('(').next()?.trim().parse().ok())
+        .next_back()
+        .unwrap_or_else(|| panic!("a tables line for the shell\n{stderr}"))
+}
+
+/// The rows table is fixed in size and a node keeps running new programs: the table of a
+/// program that has exited is given up for the next one's. With the table as large as a shell
+/// running the fixture needs (`ALLOCWATCH_DEBUG_UNWIND_ROWS`, a test hook), a copy of the
+/// fixture (another file, so another table) run after the fixture exits gets its table, and
+/// both runs' stacks are named frame by frame; no unwind loss. Before eviction, the copy
+/// found no room and its frames were walked with frame pointers (cut at its first frame).
+#[test]
+fn tables_of_exited_programs_make_room_for_new_ones() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let fixture = env.unwind_fixture("nofp");
+    // Beside the original (its library is found through $ORIGIN): another inode, same rows.
+    let copy = fixture.with_file_name(format!("unwind_fixture_copy{}", std::process::id()));
+    std::fs::copy(&fixture, &copy).expect("copy the fixture");
+    let run = |script: &str, vars: &[(&str, &str)], gos: &[&Path], wait: &[&str]| {
+        let out = support::temp_file("unwind-evict.json");
+        let mut aw = Allocwatch::spawn_env(
+            &env,
+            &[
+                "top",
+                "--json",
+                "-o",
+                path_str(&out),
+                "--",
+                "sh",
+                "-c",
+                script,
+            ],
+            vars,
+        );
+        aw.wait_tracing_pid(Duration::from_secs(30));
+        for (go, file) in gos.iter().zip(wait) {
+            wait_stderr(&aw, &format!("a table for {file}"), |text| {
+                !child_table_rows(text, file).is_empty()
+            });
+            std::fs::write(go, b"").unwrap();
+        }
+        let status = aw.wait_exit(Duration::from_secs(60));
+        aw.assert_success(status);
+        let report = read_json(&out);
+        let _ = std::fs::remove_file(&out);
+        (report, aw.stderr.text())
+    };
+    let name = |p: &Path| p.file_name().unwrap().to_str().unwrap().to_owned();
+    let (fixture_name, copy_name) = (name(&fixture), name(&copy));
+
+    // How many rows the shell and one run of the fixture take.
+    let go = support::temp_file("unwind-evict-go");
+    let script = format!("{} {}; exit 0", path_str(&fixture), path_str(&go));
+    let (_, stderr) = run(&script, &[], &[&go], &[&fixture_name]);
+    let _ = std::fs::remove_file(&go);
+    let needed = shell_rows(&stderr)
+        + child_table_rows(&stderr, &fixture_name)[0]
+        + child_table_rows(&stderr, "libunwfix.so")[0];
+
+    // The same with the copy after it, in a table that holds exactly one run.
+    let (go1, go2) = (
+        support::temp_file("unwind-evict-go1"),
+        support::temp_file("unwind-evict-go2"),
+    );
+    let script = format!(
+        "{} {}; {} {}; exit 0",
+        path_str(&fixture),
+        path_str(&go1),
+        path_str(&copy),
+        path_str(&go2)
+    );
+    let capacity = needed.to_string();
+    let (report, stderr) = run(
+        &script,
+        &[("ALLOCWATCH_DEBUG_UNWIND_ROWS", &capacity)],
+        &[&go1, &go2],
+        &[&fixture_name, &copy_name],
+    );
+    for f in [&go1, &go2, &copy] {
+        let _ = std::fs::remove_file(f);
+    }
+    // Both runs' calls at one site, named alike: a chain cut in the copy would be a site of
+    // its own.
+    let proc = &array(&report, "processes")[0];
+    let sites: Vec<&Value> = array(proc, "sites")
+        .iter()
+        .filter(|s| s["api"] == "malloc" && u64_at(s, "bytes").is_multiple_of(UW_BYTES))
+        .collect();
+    let got: Vec<(Vec<String>, u64, u64)> = sites
+        .iter()
+        .map(|s| (functions_to_main(s), u64_at(s, "calls"), u64_at(s, "bytes")))
+        .collect();
+    let stack: Vec<String> = UW_STACK.iter().map(|&f| f.to_owned()).collect();
+    assert_eq!(
+        got,
+        [(stack, 2, 2 * UW_BYTES)],
+        "both runs named (capacity {capacity} rows)\n{stderr}\n{proc:#}"
+    );
+    assert_nothing_lost(proc, &UNWIND_LOSSES, "");
+}
+
 /// The split fixture's `outside` mode points rbp at a fake frame: the frame-pointer walk is
 /// cut there (symbols.rs); the tables walk past it to main.
 #[test]

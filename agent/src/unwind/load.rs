@@ -1,9 +1,17 @@
 //! Loading the tables into the probe: each file's rows once (keyed by device and inode, so
 //! every process that maps the file shares them), then per process the mappings that have a
 //! table, with their load bias.
+//!
+//! The rows table is fixed in size (`UNWIND_ROWS_MAX`) and a node runs new files all the time
+//! (builds, deployments, jobs): a table stays while a process that maps its file is loaded,
+//! stays cached after the last one exits (the next run of the same program reuses it), and is
+//! evicted, least recently used first, when a new file needs its room. Without eviction the
+//! table filled within minutes beside a build and every later file was walked with frame
+//! pointers for the rest of the agent's life.
 
 use std::{
-    collections::{HashMap, hash_map::Entry},
+    collections::{BTreeMap, HashMap},
+    os::unix::fs::MetadataExt as _,
     time::{Duration, Instant},
 };
 
@@ -70,18 +78,58 @@ struct FileTable {
     name: String,
 }
 
-/// What the probe holds: rows used, files and processes with tables.
+/// What the tables hold: rows, files and processes with tables.
 pub struct Tables {
     maps: UnwindMaps,
     /// `--unwind auto`: no table for a file that keeps frame pointers.
     auto: bool,
     /// Per file: its table, or why it has none.
-    files: HashMap<DevInode, FileState>,
-    next_row: u32,
-    /// Per process: the mappings last loaded (to load again only when they change).
-    procs: HashMap<u32, Vec<UnwindMapping>>,
+    files: HashMap<DevInode, Cached>,
+    space: RowSpace,
+    /// Rows of the tables some loaded process uses (the rest are cached, evictable).
+    pinned: u32,
+    /// Ticks of use, for least-recently-used eviction.
+    clock: u64,
+    /// Per process: the mappings last loaded (to load again only when they change) and the
+    /// files whose tables they use.
+    procs: HashMap<u32, LoadedProc>,
     /// Per process: its executable mappings at the last read of its memory map.
     seen: HashMap<u32, Seen>,
+}
+
+struct LoadedProc {
+    mappings: Vec<UnwindMapping>,
+    files: Vec<DevInode>,
+}
+
+/// A file's verdict with what makes it current.
+struct Cached {
+    state: FileState,
+    /// The file when the verdict was made; an inode number is reused once its file is deleted
+    /// and unmapped, so a verdict no process holds is checked against it before reuse.
+    stamp: Option<Stamp>,
+    /// Loaded processes whose mappings use its table.
+    users: u32,
+    /// [`Tables::clock`] when the last user left.
+    idle_since: u64,
+}
+
+/// A file's size and modification and change times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(m: &std::fs::Metadata) -> Self {
+        Self {
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
 }
 
 /// A process's executable mappings (start, end) at the last read of its memory map, sorted,
@@ -98,8 +146,64 @@ enum FileState {
     Table(FileTable),
     /// Walked with frame pointers: it keeps them (`--unwind auto`); its name.
     FramePointers(String),
-    /// No `.eh_frame`, unreadable as an ELF file, or no room left.
+    /// No `.eh_frame`, or unreadable as an ELF file.
     Without,
+    /// Its table (`rows` long) did not fit beside the tables of running programs: tried again
+    /// once that much could be freed.
+    NoRoom {
+        rows: u32,
+    },
+}
+
+/// The free rows of the rows table: disjoint ranges, first row to length, merged with their
+/// neighbours when freed.
+#[derive(Debug)]
+struct RowSpace {
+    free: BTreeMap<u32, u32>,
+    capacity: u32,
+}
+
+impl RowSpace {
+    fn new(capacity: u32) -> Self {
+        Self {
+            free: BTreeMap::from([(0, capacity)]),
+            capacity,
+        }
+    }
+
+    /// The first free range of `len` rows (lowest first), taken.
+    fn alloc(&mut self, len: u32) -> Option<u32> {
+        let (&first, &have) = self.free.iter().find(|&(_, &have)| have >= len)?;
+        self.free.remove(&first);
+        if have > len {
+            self.free.insert(first + len, have - len);
+        }
+        Some(first)
+    }
+
+    /// Gives back `first..first + len`, merged with the free ranges it touches.
+    fn release(&mut self, first: u32, len: u32) {
+        let (mut start, mut end) = (first, first + len);
+        if let Some((&prev, &plen)) = self.free.range(..first).next_back()
+            && prev + plen == first
+        {
+            self.free.remove(&prev);
+            start = prev;
+        }
+        if let Some(&next_len) = self.free.get(&end) {
+            self.free.remove(&end);
+            end += next_len;
+        }
+        self.free.insert(start, end - start);
+    }
+
+    fn free_rows(&self) -> u32 {
+        self.free.values().sum()
+    }
+
+    fn used(&self) -> u32 {
+        self.capacity - self.free_rows()
+    }
 }
 
 impl Tables {
@@ -110,11 +214,22 @@ impl Tables {
             maps,
             auto: mode == super::Unwind::Auto,
             files: HashMap::new(),
-            next_row: 0,
+            space: RowSpace::new(rows_capacity()),
+            pinned: 0,
+            clock: 0,
             procs: HashMap::new(),
             seen: HashMap::new(),
         }
     }
+}
+
+/// `UNWIND_ROWS_MAX`, or fewer with `ALLOCWATCH_DEBUG_UNWIND_ROWS=N` (a test hook: a table
+/// that fills with two small programs).
+fn rows_capacity() -> u32 {
+    std::env::var("ALLOCWATCH_DEBUG_UNWIND_ROWS")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .map_or(UNWIND_ROWS_MAX, |n| n.min(UNWIND_ROWS_MAX))
 }
 
 /// What one process has, for the line that reports it.
@@ -157,17 +272,28 @@ impl Tables {
         let mut names = Vec::new();
         let mut frame_pointers = Vec::new();
         let mut new_files = Vec::new();
+        // Held as they are found, so that finding room for a later file of this process
+        // cannot evict an earlier one.
+        let mut used = Vec::new();
         for m in maps.iter().filter(|m| m.perms.exec && m.is_file()) {
-            let known = self.files.contains_key(&m.dev_inode);
-            let file = match self.file(pid, m)? {
-                Some(FileState::Table(t)) => t,
-                Some(FileState::FramePointers(name)) => {
+            // Said once per table compiled (again after an eviction or a refusal for room).
+            let known = self
+                .files
+                .get(&m.dev_inode)
+                .is_some_and(|c| matches!(c.state, FileState::Table(_)));
+            let file = match self.file(pid, m) {
+                Ok(Some(FileState::Table(t))) => t,
+                Ok(Some(FileState::FramePointers(name))) => {
                     if !frame_pointers.contains(&name) {
                         frame_pointers.push(name);
                     }
                     continue;
                 }
-                Some(FileState::Without) | None => continue,
+                Ok(Some(FileState::Without | FileState::NoRoom { .. }) | None) => continue,
+                Err(e) => {
+                    self.release(&used);
+                    return Err(e);
+                }
             };
             let Some(bias) = bias(&file.segments, m) else {
                 continue;
@@ -179,12 +305,17 @@ impl Tables {
                 first: file.first,
                 len: file.len,
             });
+            if !used.contains(&m.dev_inode) {
+                self.acquire(m.dev_inode);
+                used.push(m.dev_inode);
+            }
             if !known {
                 new_files.push((m.path.clone().unwrap_or_default(), file.len));
             }
             names.push(file.name.clone());
         }
-        if self.procs.get(&pid) == Some(&mappings) {
+        if self.procs.get(&pid).is_some_and(|p| p.mappings == mappings) {
+            self.release(&used);
             return Ok(None);
         }
         // Nothing with a table (with `auto`: every file keeps frame pointers): the probe walks
@@ -193,20 +324,36 @@ impl Tables {
             self.drop_proc(pid)?;
             return Ok(None);
         }
-        self.maps.set_proc(pid, Some(&proc_of(&mappings)))?;
-        self.procs.insert(pid, mappings);
+        if let Err(e) = self.maps.set_proc(pid, Some(&proc_of(&mappings))) {
+            self.release(&used);
+            return Err(e);
+        }
+        // The files of the mappings it had before are let go after the new ones are held
+        // (those of both stay held throughout).
+        if let Some(old) = self.procs.insert(
+            pid,
+            LoadedProc {
+                mappings,
+                files: used,
+            },
+        ) {
+            self.release(&old.files);
+        }
+        let rows = self.space.used();
         Ok(Some(Loaded {
             files: names,
             frame_pointers,
-            rows: self.next_row,
-            bytes: u64::from(self.next_row) * size_of::<UnwindRow>() as u64,
+            rows,
+            bytes: u64::from(rows) * size_of::<UnwindRow>() as u64,
             new_files,
         }))
     }
 
-    /// Rows of every table loaded, and the processes with tables.
+    /// Rows of the tables loaded processes use, and the processes with tables. Tables of
+    /// programs that have exited stay cached but are given up for a new file when needed, so
+    /// they do not count as used.
     pub fn usage(&self) -> (u32, usize) {
-        (self.next_row, self.procs.len())
+        (self.pinned, self.procs.len())
     }
 
     /// A stack of `pid` with an address outside the executable mappings it had when last
@@ -227,35 +374,129 @@ impl Tables {
         self.load_process(pid)
     }
 
-    /// Forgets an exited process (its files' rows stay for the next process that maps them).
+    /// Forgets an exited process (its files' tables stay cached for the next process that
+    /// maps them, until their room is needed).
     pub fn forget(&mut self, pid: u32) -> Result<(), MapError> {
         self.seen.remove(&pid);
         self.drop_proc(pid)
     }
 
-    /// Takes `pid`'s mappings out of the probe (its stacks: the kernel's walk).
+    /// Takes `pid`'s mappings out of the probe (its stacks: the kernel's walk), then lets go
+    /// of its files' tables.
     fn drop_proc(&mut self, pid: u32) -> Result<(), MapError> {
-        if self.procs.remove(&pid).is_some() {
-            self.maps.set_proc(pid, None)?;
+        if let Some(p) = self.procs.remove(&pid) {
+            let removed = self.maps.set_proc(pid, None);
+            // Kept held if the probe may still read them (the process's record stayed).
+            if removed.is_err() {
+                self.procs.insert(pid, p);
+                return removed;
+            }
+            self.release(&p.files);
         }
         Ok(())
+    }
+
+    /// One more loaded process uses each of `ids`' tables.
+    fn acquire(&mut self, id: DevInode) {
+        if let Some(c) = self.files.get_mut(&id) {
+            if c.users == 0
+                && let FileState::Table(t) = &c.state
+            {
+                self.pinned += t.len;
+            }
+            c.users += 1;
+        }
+    }
+
+    /// One process fewer uses each of `ids`' tables; a table without users is cached.
+    fn release(&mut self, ids: &[DevInode]) {
+        for id in ids {
+            let Some(c) = self.files.get_mut(id) else {
+                continue;
+            };
+            c.users = c.users.saturating_sub(1);
+            if c.users == 0 {
+                if let FileState::Table(t) = &c.state {
+                    self.pinned -= t.len;
+                }
+                self.clock += 1;
+                c.idle_since = self.clock;
+            }
+        }
+    }
+
+    /// Drops the verdict on `id` and frees its rows (no process uses them).
+    fn evict(&mut self, id: DevInode) {
+        if let Some(c) = self.files.remove(&id)
+            && let FileState::Table(t) = c.state
+        {
+            log::debug!("unwind: table of {} ({} rows) evicted", t.name, t.len);
+            self.space.release(t.first, t.len);
+        }
+    }
+
+    /// Rows of the cached tables no loaded process uses.
+    fn idle_rows(&self) -> u32 {
+        self.files
+            .values()
+            .filter(|c| c.users == 0)
+            .map(|c| match &c.state {
+                FileState::Table(t) => t.len,
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// `len` free rows, evicting cached tables no process uses, least recently used first.
+    fn room(&mut self, len: u32) -> Option<u32> {
+        loop {
+            if let Some(first) = self.space.alloc(len) {
+                return Some(first);
+            }
+            let lru = self
+                .files
+                .iter()
+                .filter(|(_, c)| c.users == 0 && matches!(c.state, FileState::Table(_)))
+                .min_by_key(|(_, c)| c.idle_since)
+                .map(|(id, _)| *id)?;
+            self.evict(lru);
+        }
     }
 
     /// The table of the file mapped at `m`, compiled and loaded on first sight (`None`: not
     /// readable now, tried again at the next look).
     fn file(&mut self, pid: u32, m: &MapEntry) -> Result<Option<FileState>, MapError> {
-        let next_row = self.next_row;
-        let slot = match self.files.entry(m.dev_inode) {
-            Entry::Occupied(e) => return Ok(Some(e.get().clone())),
-            Entry::Vacant(e) => e,
-        };
         let path = m.path.as_deref().unwrap_or_default();
-        let name = path.rsplit('/').next().unwrap_or(path).to_owned();
         // Through map_files: the mapped file itself, even in another mount namespace or
         // replaced on disk since.
-        let data = match std::fs::read(format!("/proc/{pid}/map_files/{}", m.map_files_name()))
-            .or_else(|_| std::fs::read(format!("/proc/{pid}/root{path}")))
-        {
+        let mapped = format!("/proc/{pid}/map_files/{}", m.map_files_name());
+        let rooted = format!("/proc/{pid}/root{path}");
+        if let Some(c) = self.files.get(&m.dev_inode) {
+            // A verdict nobody holds may be of a deleted file whose inode number came back.
+            let stale = c.users == 0
+                && c.stamp.is_some()
+                && std::fs::metadata(&mapped)
+                    .or_else(|_| std::fs::metadata(&rooted))
+                    .is_ok_and(|now| Some(Stamp::of(&now)) != c.stamp);
+            let retry = match c.state {
+                FileState::NoRoom { rows } => {
+                    self.space.free_rows().saturating_add(self.idle_rows()) >= rows
+                }
+                _ => false,
+            };
+            if !stale && !retry {
+                return Ok(Some(c.state.clone()));
+            }
+            self.evict(m.dev_inode);
+        }
+        let name = path.rsplit('/').next().unwrap_or(path).to_owned();
+        let opened = std::fs::File::open(&mapped).or_else(|_| std::fs::File::open(&rooted));
+        let read = opened.and_then(|mut f| {
+            let stamp = f.metadata().ok().map(|m| Stamp::of(&m));
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut f, &mut data).map(|_| (data, stamp))
+        });
+        let (data, stamp) = match read {
             Ok(d) => d,
             // Not remembered: a library ld.so is still mapping reads as missing for a moment;
             // the next look tries again.
@@ -264,6 +505,7 @@ impl Tables {
                 return Ok(None);
             }
         };
+        let id = m.dev_inode;
         let rows = match table::compile(&data) {
             // Classified as the table is compiled: the CFI is parsed once either way.
             Ok(c) if self.auto && c.frame_pointers.kept() => {
@@ -271,26 +513,35 @@ impl Tables {
                     "unwind: {path}: frame pointers kept ({:?}): no table",
                     c.frame_pointers
                 );
-                return Ok(Some(slot.insert(FileState::FramePointers(name)).clone()));
+                return Ok(Some(self.remember(
+                    id,
+                    FileState::FramePointers(name),
+                    stamp,
+                )));
             }
             Ok(c) if !c.rows.is_empty() => c.rows,
-            Ok(_) => return Ok(Some(slot.insert(FileState::Without).clone())),
+            Ok(_) => return Ok(Some(self.remember(id, FileState::Without, stamp))),
             Err(e) => {
                 log::debug!("unwind: {path}: no table: {e}");
-                return Ok(Some(slot.insert(FileState::Without).clone()));
+                return Ok(Some(self.remember(id, FileState::Without, stamp)));
             }
         };
         let Ok(len) = u32::try_from(rows.len()) else {
-            return Ok(Some(slot.insert(FileState::Without).clone()));
+            return Ok(Some(self.remember(id, FileState::Without, stamp)));
         };
-        if UNWIND_ROWS_MAX - next_row < len {
+        let Some(first) = self.room(len) else {
+            let (capacity, pinned) = (self.space.capacity, self.pinned);
             crate::say!(
                 "allocwatch: warning: no room for the unwind table of {path} ({len} rows; \
-                 {next_row} of {UNWIND_ROWS_MAX} used): its frames are walked with frame \
-                 pointers"
+                 {pinned} of {capacity} held by the tables of running programs): its frames \
+                 are walked with frame pointers"
             );
-            return Ok(Some(slot.insert(FileState::Without).clone()));
-        }
+            return Ok(Some(self.remember(
+                id,
+                FileState::NoRoom { rows: len },
+                stamp,
+            )));
+        };
         // Executable segments only: only executable mappings are walked, and with lld's layout
         // (rustc's default linker) the read-only segment before the text shares the text's
         // first file page, so matching on file offsets alone took it (bias off by a page).
@@ -308,17 +559,31 @@ impl Tables {
                     .collect()
             })
             .unwrap_or_default();
-        self.maps.set_rows(next_row, &rows)?;
-        self.next_row += len;
-        Ok(Some(
-            slot.insert(FileState::Table(FileTable {
-                first: next_row,
-                len,
-                segments,
-                name,
-            }))
-            .clone(),
-        ))
+        if let Err(e) = self.maps.set_rows(first, &rows) {
+            self.space.release(first, len);
+            return Err(e);
+        }
+        let table = FileTable {
+            first,
+            len,
+            segments,
+            name,
+        };
+        Ok(Some(self.remember(id, FileState::Table(table), stamp)))
+    }
+
+    /// Notes the verdict on file `id` (no process uses it yet).
+    fn remember(&mut self, id: DevInode, state: FileState, stamp: Option<Stamp>) -> FileState {
+        self.files.insert(
+            id,
+            Cached {
+                state: state.clone(),
+                stamp,
+                users: 0,
+                idle_since: self.clock,
+            },
+        );
+        state
     }
 }
 
@@ -402,6 +667,30 @@ mod tests {
             assert_eq!(within(&ranges, addr), inside, "{addr:#x}");
         }
         assert!(!within(&[], 0x1000));
+    }
+
+    #[test]
+    fn row_space_reuses_freed_ranges_and_merges_neighbours() {
+        let mut space = RowSpace::new(100);
+        let a = space.alloc(30).unwrap();
+        let b = space.alloc(30).unwrap();
+        let c = space.alloc(30).unwrap();
+        assert_eq!((a, b, c), (0, 30, 60));
+        assert_eq!(space.alloc(11), None, "10 rows left");
+        assert_eq!(space.used(), 90);
+        // A hole between two tables takes a table that fits it, lowest first.
+        space.release(b, 30);
+        assert_eq!(space.alloc(25), Some(30));
+        assert_eq!(space.free, BTreeMap::from([(55, 5), (90, 10)]));
+        // Freed neighbours on both sides make one range again.
+        space.release(a, 30);
+        space.release(c, 30);
+        assert_eq!(space.free, BTreeMap::from([(0, 30), (55, 45)]));
+        space.release(30, 25);
+        assert_eq!(space.free, BTreeMap::from([(0, 100)]));
+        assert_eq!(space.used(), 0);
+        assert_eq!(space.alloc(100), Some(0));
+        assert_eq!(space.free_rows(), 0);
     }
 
     #[test]
