@@ -29,6 +29,7 @@ pub mod report;
 pub mod say;
 pub mod serve;
 pub mod session;
+pub mod slots;
 pub mod symbolize;
 pub mod target;
 pub mod unwind;

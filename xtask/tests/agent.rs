@@ -2425,6 +2425,75 @@ fn go_program_is_picked_up_within_one_second() {
     );
 }
 
+/// The Go probes' capture specs are a table of fixed size and a node starts new Go programs for
+/// as long as the agent lives: the probes of a Go program no process runs any more are
+/// detached to make room for a new one's. With the table as large as one program's probes
+/// (`ALLOCWATCH_DEBUG_GO_SPECS`, a test hook), two copies of the newest build (two files), run
+/// one after the other, are both traced exactly (as `top` counts them). Before, the second
+/// was not traced at all (`too many Go functions`, about 85 Go 1.27 programs into an agent's
+/// life at the default size).
+#[test]
+fn go_programs_that_exited_make_room_for_new_ones() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let scratch = Scratch::new("goroom");
+    let build = go_builds().pop().expect("a Go build");
+    let modes = ["map_big", "ints", "gc"];
+    let paths = [
+        scratch.copy(&build.path, "goroom-one"),
+        scratch.copy(&build.path, "goroom-two"),
+    ];
+    let reference = top_json(&env, &scratch, &paths[0], &modes);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    // Only this test's programs: a Go toolchain run elsewhere on the machine takes no room.
+    let only = format!("^{}/", regex_escape(&scratch.path.display().to_string()));
+    let args = [
+        "agent",
+        "--listen",
+        &listen,
+        "--sample-bytes",
+        "0",
+        "--exe",
+        &only,
+        "--log-level",
+        "info",
+    ];
+    let mut cmd = Command::new(&env.bin);
+    // The agent's probes of a Go 1.27 program take 12 specs: one program fits, two do not.
+    cmd.args(args).env("ALLOCWATCH_DEBUG_GO_SPECS", "20");
+    let mut agent = Agent::spawn(cmd, port, &args.join(" "));
+    agent.wait_ready();
+    for (i, path) in paths.iter().enumerate() {
+        // Attached before the run (stopped at its start, as in `go_growth_matches_top`), so
+        // that the run is traced from its first instruction.
+        let warm = scratch.path.join(format!("goroom-warm{i}"));
+        fs::hard_link(path, &warm).expect("hard link of the fixture");
+        let w = Fixture::spawn_quiet(&warm, &["gc"; 2000]);
+        signal(w.pid, libc::SIGSTOP);
+        agent.discover(&Identity::of(&warm), "allocwatch_go_info", w.started);
+        drop(w);
+        check_go_run(&agent, path, &modes, &build, &reference);
+    }
+    let stderr = agent.stderr.text();
+    agent.stop();
+    assert!(
+        stderr.contains("detached the Go probes of file"),
+        "the first program's probes made room for the second's\n{stderr}"
+    );
+}
+
+/// `text` as a regex that matches it literally.
+fn regex_escape(text: &str) -> String {
+    text.chars().fold(String::new(), |mut out, c| {
+        if r".*+?()[]{}|^$\".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+        out
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Checks shared by the tests
 

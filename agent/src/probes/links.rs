@@ -16,22 +16,42 @@ pub struct Links(Arc<Mutex<Set>>);
 
 #[derive(Default)]
 struct Set {
-    links: Vec<Link>,
+    /// Each with its group: [`PERMANENT`], or a file's, detached with [`Links::detach_group`].
+    links: Vec<(u64, Link)>,
     /// Detached: a link added later (a file attached while the agent stops) is detached at
     /// once.
     closed: bool,
 }
 
+/// The group of the links kept until the end.
+pub const PERMANENT: u64 = 0;
+
 impl Links {
-    /// Keeps `link` until [`Links::detach_all`].
-    pub fn add(&self, link: impl Send + 'static) {
+    /// Keeps `link` of `group` until [`Links::detach_all`] or [`Links::detach_group`].
+    pub fn add(&self, group: u64, link: impl Send + 'static) {
         let mut set = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         if set.closed {
             drop(set);
             drop(link);
         } else {
-            set.links.push(Box::new(link));
+            set.links.push((group, Box::new(link)));
         }
+    }
+
+    /// Detaches the links of `group` (not [`PERMANENT`]), concurrently; returns how many there
+    /// were. When it returns, no probe of theirs runs any more.
+    pub fn detach_group(&self, group: u64) -> usize {
+        let taken: Vec<Link> = {
+            let mut set = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            let (taken, kept) = std::mem::take(&mut set.links)
+                .into_iter()
+                .partition(|(g, _)| *g == group && group != PERMANENT);
+            set.links = kept;
+            taken.into_iter().map(|(_, l)| l).collect()
+        };
+        let n = taken.len();
+        detach_concurrently(taken);
+        n
     }
 
     /// How many links are held.
@@ -52,6 +72,7 @@ impl Links {
             set.closed = true;
             std::mem::take(&mut set.links)
         };
+        let links: Vec<Link> = links.into_iter().map(|(_, l)| l).collect();
         let n = links.len();
         detach_concurrently(links);
         n
@@ -100,15 +121,20 @@ mod tests {
     fn detaches_each_link_once_and_later_ones_at_once() {
         let dropped = Arc::new(AtomicUsize::new(0));
         let links = Links::default();
-        for _ in 0..40 {
-            links.add(Probe(Arc::clone(&dropped)));
+        for i in 0..40 {
+            links.add(i % 3, Probe(Arc::clone(&dropped)));
         }
         let other = links.clone();
         assert_eq!(other.held(), 40);
         assert_eq!(dropped.load(Ordering::SeqCst), 0);
-        assert_eq!(other.detach_all(), 40);
+        // A file's group goes alone; the permanent one only with the rest.
+        assert_eq!(links.detach_group(2), 13);
+        assert_eq!(dropped.load(Ordering::SeqCst), 13);
+        assert_eq!(links.detach_group(PERMANENT), 0);
+        assert_eq!(other.held(), 27);
+        assert_eq!(other.detach_all(), 27);
         assert_eq!(dropped.load(Ordering::SeqCst), 40);
-        links.add(Probe(Arc::clone(&dropped)));
+        links.add(PERMANENT, Probe(Arc::clone(&dropped)));
         assert_eq!(
             dropped.load(Ordering::SeqCst),
             41,

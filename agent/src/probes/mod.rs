@@ -24,11 +24,12 @@ use aya::{
 use thiserror::Error;
 
 pub use self::links::Links;
+use crate::slots::Ranges;
 use crate::target::{
     ProbePoint,
     elf::ElfFile,
     go::GoProbe,
-    registry::{AttachFailure, Attacher, Target},
+    registry::{AttachFailure, Attached, Attacher, Target},
     relays::Relays,
     symprobe::SymPoint,
 };
@@ -270,8 +271,12 @@ pub struct Probes {
     /// Every link; dropping `Probes` detaches them (concurrently), and so does
     /// [`Links::detach_all`] on a clone, from any thread.
     links: Links,
-    /// Next free slot of the GO_SPECS array.
-    next_spec: u32,
+    /// Free slots of the GO_SPECS array.
+    go_specs: Ranges,
+    /// Each attached Go file's link group and its slots of GO_SPECS.
+    go_files: std::collections::HashMap<u64, (u32, u32)>,
+    /// The next link group of a file that can be detached on its own.
+    next_group: u64,
     /// Next free slot of the LIBC_FILES array (count mode).
     next_file: u32,
     /// What the probe's `RELAY_NAMED` holds (count mode).
@@ -359,7 +364,9 @@ impl Probes {
             multi,
             attached_points: 0,
             links: Links::default(),
-            next_spec: 0,
+            go_specs: Ranges::new(go_specs_capacity()),
+            go_files: std::collections::HashMap::new(),
+            next_group: links::PERMANENT + 1,
             next_file: 0,
             relay_named: 0,
         })
@@ -396,11 +403,11 @@ impl Probes {
             .filter(|p| p.with_return)
             .map(attach_point)
             .collect();
-        self.attach_uprobe(entry_program, entry, file, scope)?;
+        self.attach_uprobe(entry_program, entry, file, scope, links::PERMANENT)?;
         if let Some(ret_program) = ret_program
             && !ret.is_empty()
         {
-            self.attach_uprobe(ret_program, ret, file, scope)?;
+            self.attach_uprobe(ret_program, ret, file, scope, links::PERMANENT)?;
         }
         self.attached_points += points.len();
         Ok(())
@@ -440,16 +447,13 @@ impl Probes {
         file: &Path,
         probes: &[GoProbe],
         pid: Option<NonZeroU32>,
-    ) -> Result<(), ProbeError> {
+    ) -> Result<u64, ProbeError> {
         if probes.is_empty() {
-            return Ok(());
+            return Ok(links::PERMANENT);
         }
-        let first = self.next_spec;
-        let end = first
-            .checked_add(probes.len() as u32)
-            .filter(|&e| e <= GO_SPECS_MAX)
-            .ok_or(ProbeError::TooManyGoSpecs)?;
-        {
+        let len = u32::try_from(probes.len()).map_err(|_| ProbeError::TooManyGoSpecs)?;
+        let first = self.go_specs.alloc(len).ok_or(ProbeError::TooManyGoSpecs)?;
+        let written = (|| -> Result<(), ProbeError> {
             let map = self
                 .ebpf
                 .map_mut(map_names::GO_SPECS)
@@ -460,8 +464,12 @@ impl Probes {
             for (i, p) in probes.iter().enumerate() {
                 specs.set(first + i as u32, &p.spec, 0)?;
             }
+            Ok(())
+        })();
+        if let Err(e) = written {
+            self.go_specs.release(first, len);
+            return Err(e);
         }
-        self.next_spec = end;
         for p in probes {
             log::debug!(
                 "{} {:?}: offset {:#x}, sp delta {}, {}",
@@ -485,9 +493,28 @@ impl Probes {
             })
             .collect();
         let scope = pid.map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
-        self.attach_uprobe(self.mode.go_program(), points, file, scope)?;
+        let group = self.next_group;
+        if let Err(e) = self.attach_uprobe(self.mode.go_program(), points, file, scope, group) {
+            // Links of the file attached before the failure go with their slots.
+            self.links.detach_group(group);
+            self.go_specs.release(first, len);
+            return Err(e);
+        }
+        self.next_group += 1;
+        self.go_files.insert(group, (first, len));
         self.attached_points += probes.len();
-        Ok(())
+        Ok(group)
+    }
+
+    /// Detaches the Go probes of the file attached as `group` and frees its capture specs
+    /// for another file (once the links are gone no probe reads them).
+    pub fn detach_go(&mut self, group: u64) {
+        let links = self.links.detach_group(group);
+        if let Some((first, len)) = self.go_files.remove(&group) {
+            self.go_specs.release(first, len);
+            self.attached_points = self.attached_points.saturating_sub(len as usize);
+        }
+        log::debug!("Go file {group}: {links} links detached");
     }
 
     /// Loads the symbol-probe program if it is not loaded yet. The agent loads it at start:
@@ -539,7 +566,7 @@ impl Probes {
             })
             .collect();
         let scope = pid.map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
-        self.attach_uprobe(SYM_ENTRY, attach, file, scope)?;
+        self.attach_uprobe(SYM_ENTRY, attach, file, scope, links::PERMANENT)?;
         self.attached_points += points.len();
         Ok(())
     }
@@ -594,7 +621,7 @@ impl Probes {
         let link = tp
             .take_link(id)
             .map_err(|error| ProbeError::Program { program, error })?;
-        self.links.add(link);
+        self.links.add(links::PERMANENT, link);
         Ok(())
     }
 
@@ -608,6 +635,7 @@ impl Probes {
         points: Vec<UProbeAttachPoint<'_>>,
         file: &Path,
         scope: UProbeScope,
+        group: u64,
     ) -> Result<(), ProbeError> {
         let attach_err = |source| ProbeError::Attach {
             path: file.display().to_string(),
@@ -629,7 +657,7 @@ impl Probes {
             );
         }
         for link in links {
-            self.links.add(link);
+            self.links.add(group, link);
         }
         Ok(())
     }
@@ -742,6 +770,15 @@ impl Probes {
     }
 }
 
+/// `GO_SPECS_MAX`, or fewer with `ALLOCWATCH_DEBUG_GO_SPECS=N` (a test hook: a table that
+/// holds one Go program's probes).
+fn go_specs_capacity() -> u32 {
+    std::env::var("ALLOCWATCH_DEBUG_GO_SPECS")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .map_or(GO_SPECS_MAX, |n| n.min(GO_SPECS_MAX))
+}
+
 impl Attacher for Probes {
     type Error = ProbeError;
 
@@ -749,21 +786,28 @@ impl Attacher for Probes {
         &mut self,
         target: &Target,
         scope: Option<NonZeroU32>,
-    ) -> Result<usize, ProbeError> {
+    ) -> Result<Attached, ProbeError> {
         match target {
             Target::Libc(t) => {
                 self.attach_libc(&t.path, &t.probes, scope)?;
-                Ok(t.probes.len())
+                Ok(Attached::for_good(t.probes.len()))
             }
             Target::Go(t) => {
-                self.attach_go(&t.path, &t.probes, scope)?;
-                Ok(t.probes.len())
+                let group = self.attach_go(&t.path, &t.probes, scope)?;
+                Ok(Attached {
+                    points: t.probes.len(),
+                    handle: Some(group),
+                })
             }
             Target::Sym(t) => {
                 self.attach_sym(&t.path, &t.points, scope)?;
-                Ok(t.points.len())
+                Ok(Attached::for_good(t.points.len()))
             }
         }
+    }
+
+    fn detach_file(&mut self, handle: u64) {
+        self.detach_go(handle);
     }
 
     fn set_mallocgc(&mut self, pid: u32, (start, end): (u64, u64)) -> Result<(), ProbeError> {

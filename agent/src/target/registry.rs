@@ -12,6 +12,7 @@ use std::{
     num::NonZeroU32,
     path::Path,
     sync::Arc,
+    time::Instant,
 };
 
 use super::{
@@ -47,16 +48,37 @@ pub enum Target {
     Sym(Arc<SymTarget>),
 }
 
+/// A file's probes as attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attached {
+    /// Probe points.
+    pub points: usize,
+    /// What [`Attacher::detach_file`] takes, for probes that can be detached on their own (a
+    /// Go program's, which hold slots of a fixed-size table).
+    pub handle: Option<u64>,
+}
+
+impl Attached {
+    /// Probes kept until the end.
+    pub fn for_good(points: usize) -> Self {
+        Self {
+            points,
+            handle: None,
+        }
+    }
+}
+
 /// What the registry needs from the loaded probe object.
 pub trait Attacher {
     type Error: std::error::Error + 'static;
-    /// Attaches a file's probes (for one process only, or for every process that maps it);
-    /// the number of probe points.
+    /// Attaches a file's probes (for one process only, or for every process that maps it).
     fn attach_file(
         &mut self,
         target: &Target,
         scope: Option<NonZeroU32>,
-    ) -> Result<usize, Self::Error>;
+    ) -> Result<Attached, Self::Error>;
+    /// Detaches the probes of a file attached with a handle, and frees what they held.
+    fn detach_file(&mut self, handle: u64);
     /// Tells the Go probes where `runtime.mallocgc` runs in process `pid`.
     fn set_mallocgc(&mut self, pid: u32, range: (u64, u64)) -> Result<(), Self::Error>;
     /// What kind of failure `e` is.
@@ -236,6 +258,11 @@ pub struct Targets {
     /// What each mapped file is to the libc search, so each is parsed once for all processes.
     libc_search: libc::FileCache,
     files: HashMap<(Kind, DevInode), FileState>,
+    /// The Go executables attached: their probes' handle and when a process was last found
+    /// running them (least recently used first when a new one needs the room).
+    go_files: HashMap<DevInode, (u64, Instant)>,
+    /// Go files detached to make room for others.
+    pub go_files_detached: u64,
     /// Probe points attached.
     pub points_attached: u64,
     pub failures: BTreeMap<AttachFailure, u64>,
@@ -258,6 +285,8 @@ impl Targets {
             native_growth: true,
             libc_search: libc::FileCache::default(),
             files: HashMap::new(),
+            go_files: HashMap::new(),
+            go_files_detached: 0,
             points_attached: 0,
             failures: BTreeMap::new(),
             libc_unreachable: HashSet::new(),
@@ -291,7 +320,7 @@ impl Targets {
     /// Attaches a file the caller analysed (the CLI's resolved target); an error is the
     /// caller's to report.
     pub fn attach<A: Attacher>(&mut self, probes: &mut A, file: &Loaded) -> Result<(), A::Error> {
-        let n = probes.attach_file(&file.target, self.scope)?;
+        let n = probes.attach_file(&file.target, self.scope)?.points;
         self.points_attached += n as u64;
         self.files.insert(
             (file.target.kind(), file.id),
@@ -319,6 +348,9 @@ impl Targets {
                     continue;
                 };
                 let target = target.clone();
+                if let Some((_, seen)) = self.go_files.get_mut(&id) {
+                    *seen = Instant::now();
+                }
                 // The process may be gone already, or the probe's table full: it is then
                 // traced without the per-process detail (the kernel counts what it could not
                 // record).
@@ -327,6 +359,43 @@ impl Targets {
             }
         }
         found
+    }
+
+    /// Attaches `target`; when the probes' table has no room for a Go program's, detaches the
+    /// Go programs no process runs any more, least recently seen first, until it fits.
+    fn attach_making_room<A: Attacher>(
+        &mut self,
+        probes: &mut A,
+        target: &Target,
+    ) -> Result<Attached, A::Error> {
+        let mut running: Option<HashSet<DevInode>> = None;
+        loop {
+            let err = match probes.attach_file(target, self.scope) {
+                Ok(a) => return Ok(a),
+                Err(e) => e,
+            };
+            if A::failure(&err) != AttachFailure::TooManyGoFunctions {
+                return Err(err);
+            }
+            // Read once per attach, and only under pressure: every process's executable.
+            let running = running.get_or_insert_with(running_executables);
+            let Some((&id, &(handle, _))) = self
+                .go_files
+                .iter()
+                .filter(|(id, _)| !running.contains(id))
+                .min_by_key(|(_, (_, seen))| *seen)
+            else {
+                return Err(err);
+            };
+            probes.detach_file(handle);
+            self.go_files.remove(&id);
+            self.files.remove(&(Kind::Go, id));
+            self.go_files_detached += 1;
+            log::info!(
+                "detached the Go probes of file {id:?} (no process runs it) to make room for {}",
+                target.path().display()
+            );
+        }
     }
 
     /// The files of `kind` that `proc` runs (libc: every file that serves its allocation
@@ -436,9 +505,12 @@ impl Targets {
                 continue;
             }
             let state = match analysed {
-                Ok(Some(target)) => match probes.attach_file(&target, self.scope) {
-                    Ok(n) => {
-                        self.points_attached += n as u64;
+                Ok(Some(target)) => match self.attach_making_room(probes, &target) {
+                    Ok(attached) => {
+                        self.points_attached += attached.points as u64;
+                        if let Some(handle) = attached.handle {
+                            self.go_files.insert(id, (handle, Instant::now()));
+                        }
                         FileState::Attached(target)
                     }
                     Err(e) if gone() => {
@@ -476,6 +548,19 @@ impl Targets {
         }
         ids
     }
+}
+
+/// The executables of every process in /proc (a process whose executable cannot be read, a
+/// kernel thread or one exiting, runs none that matters here).
+fn running_executables() -> HashSet<DevInode> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return HashSet::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| std::fs::metadata(crate::procfs::exe_link(pid)).ok())
+        .map(|m| DevInode::from_metadata(&m))
+        .collect()
 }
 
 #[cfg(test)]
@@ -549,17 +634,19 @@ mod tests {
             &mut self,
             target: &Target,
             _scope: Option<NonZeroU32>,
-        ) -> Result<usize, io::Error> {
+        ) -> Result<Attached, io::Error> {
             if let Some(errno) = self.errno {
                 return Err(io::Error::from_raw_os_error(errno));
             }
             self.files.push(target.path().to_owned());
-            Ok(match target {
+            Ok(Attached::for_good(match target {
                 Target::Libc(t) => t.probes.len(),
                 Target::Go(t) => t.probes.len(),
                 Target::Sym(t) => t.points.len(),
-            })
+            }))
         }
+
+        fn detach_file(&mut self, _handle: u64) {}
 
         fn set_mallocgc(&mut self, pid: u32, range: (u64, u64)) -> Result<(), io::Error> {
             self.mallocgc.push((pid, range));
@@ -632,13 +719,13 @@ mod tests {
             .unwrap();
         let pid = child.id();
         // Its maps once its exec is done (libc mapped).
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
         let maps = loop {
             let maps = super::super::maps::read_maps(pid).unwrap();
             if maps
                 .iter()
                 .any(|m| m.path.as_deref().is_some_and(|p| p.contains("libc.so")))
-                || std::time::Instant::now() > deadline
+                || Instant::now() > deadline
             {
                 break maps;
             }

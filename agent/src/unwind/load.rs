@@ -10,7 +10,7 @@
 //! pointers for the rest of the agent's life.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     os::unix::fs::MetadataExt as _,
     time::{Duration, Instant},
 };
@@ -27,6 +27,7 @@ use object::{Object as _, ObjectSegment as _};
 use super::table;
 use crate::{
     probes::Probes,
+    slots::Ranges,
     target::maps::{DevInode, MapEntry, read_maps},
 };
 
@@ -85,7 +86,7 @@ pub struct Tables {
     auto: bool,
     /// Per file: its table, or why it has none.
     files: HashMap<DevInode, Cached>,
-    space: RowSpace,
+    space: Ranges,
     /// Rows of the tables some loaded process uses (the rest are cached, evictable).
     pinned: u32,
     /// Ticks of use, for least-recently-used eviction.
@@ -155,57 +156,6 @@ enum FileState {
     },
 }
 
-/// The free rows of the rows table: disjoint ranges, first row to length, merged with their
-/// neighbours when freed.
-#[derive(Debug)]
-struct RowSpace {
-    free: BTreeMap<u32, u32>,
-    capacity: u32,
-}
-
-impl RowSpace {
-    fn new(capacity: u32) -> Self {
-        Self {
-            free: BTreeMap::from([(0, capacity)]),
-            capacity,
-        }
-    }
-
-    /// The first free range of `len` rows (lowest first), taken.
-    fn alloc(&mut self, len: u32) -> Option<u32> {
-        let (&first, &have) = self.free.iter().find(|&(_, &have)| have >= len)?;
-        self.free.remove(&first);
-        if have > len {
-            self.free.insert(first + len, have - len);
-        }
-        Some(first)
-    }
-
-    /// Gives back `first..first + len`, merged with the free ranges it touches.
-    fn release(&mut self, first: u32, len: u32) {
-        let (mut start, mut end) = (first, first + len);
-        if let Some((&prev, &plen)) = self.free.range(..first).next_back()
-            && prev + plen == first
-        {
-            self.free.remove(&prev);
-            start = prev;
-        }
-        if let Some(&next_len) = self.free.get(&end) {
-            self.free.remove(&end);
-            end += next_len;
-        }
-        self.free.insert(start, end - start);
-    }
-
-    fn free_rows(&self) -> u32 {
-        self.free.values().sum()
-    }
-
-    fn used(&self) -> u32 {
-        self.capacity - self.free_rows()
-    }
-}
-
 impl Tables {
     /// Tables for every file with call-frame information (`--unwind dwarf`), or with `auto`
     /// only for those built without frame pointers.
@@ -214,7 +164,7 @@ impl Tables {
             maps,
             auto: mode == super::Unwind::Auto,
             files: HashMap::new(),
-            space: RowSpace::new(rows_capacity()),
+            space: Ranges::new(rows_capacity()),
             pinned: 0,
             clock: 0,
             procs: HashMap::new(),
@@ -530,7 +480,7 @@ impl Tables {
             return Ok(Some(self.remember(id, FileState::Without, stamp)));
         };
         let Some(first) = self.room(len) else {
-            let (capacity, pinned) = (self.space.capacity, self.pinned);
+            let (capacity, pinned) = (self.space.capacity(), self.pinned);
             crate::say!(
                 "allocwatch: warning: no room for the unwind table of {path} ({len} rows; \
                  {pinned} of {capacity} held by the tables of running programs): its frames \
@@ -667,30 +617,6 @@ mod tests {
             assert_eq!(within(&ranges, addr), inside, "{addr:#x}");
         }
         assert!(!within(&[], 0x1000));
-    }
-
-    #[test]
-    fn row_space_reuses_freed_ranges_and_merges_neighbours() {
-        let mut space = RowSpace::new(100);
-        let a = space.alloc(30).unwrap();
-        let b = space.alloc(30).unwrap();
-        let c = space.alloc(30).unwrap();
-        assert_eq!((a, b, c), (0, 30, 60));
-        assert_eq!(space.alloc(11), None, "10 rows left");
-        assert_eq!(space.used(), 90);
-        // A hole between two tables takes a table that fits it, lowest first.
-        space.release(b, 30);
-        assert_eq!(space.alloc(25), Some(30));
-        assert_eq!(space.free, BTreeMap::from([(55, 5), (90, 10)]));
-        // Freed neighbours on both sides make one range again.
-        space.release(a, 30);
-        space.release(c, 30);
-        assert_eq!(space.free, BTreeMap::from([(0, 30), (55, 45)]));
-        space.release(30, 25);
-        assert_eq!(space.free, BTreeMap::from([(0, 100)]));
-        assert_eq!(space.used(), 0);
-        assert_eq!(space.alloc(100), Some(0));
-        assert_eq!(space.free_rows(), 0);
     }
 
     #[test]
