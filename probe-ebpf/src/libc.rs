@@ -22,7 +22,7 @@ use allocwatch_common::{
     config::FLAG_STACKS,
     libc::{
         Api, LastEntry, LibcFile, LiveAlloc, LiveKey, NO_STACK, Pending, RELAY_FRAMES, RelaySite,
-        SITE_NONE, SITE_SP, SiteKey, cookie, has_api, relay_apis,
+        SITE_FP, SITE_NONE, SITE_UP, SiteKey, cookie, has_api, relay_apis,
     },
     loss::LossCause,
 };
@@ -118,14 +118,16 @@ fn in_api(file: &LibcFile, off: u64) -> bool {
     false
 }
 
-/// The relay site whose call returns to the file offset `off`, if one does.
+/// The relay site whose call returns to the file offset `off`, if one does: of the kinds
+/// [`SITE_SP`] and [`SITE_FP`] (`up` false: an entry's own return address), or [`SITE_UP`]
+/// (`up`: a return slot's), which follow the others.
 #[inline(always)]
-fn site_at(file: &LibcFile, off: u64) -> Option<RelaySite> {
+fn site_at(file: &LibcFile, off: u64, up: bool) -> Option<RelaySite> {
     for site in &file.sites {
-        if site.kind == SITE_NONE {
+        if site.kind == SITE_NONE || (!up && site.kind == SITE_UP) {
             break;
         }
-        if off == u64::from(site.ret_off) {
+        if off == u64::from(site.ret_off) && (site.kind == SITE_UP) == up {
             return Some(*site);
         }
     }
@@ -136,11 +138,11 @@ fn site_at(file: &LibcFile, off: u64) -> Option<RelaySite> {
 /// address is the file offset `ret_off` (the entry's stack pointer `entry_sp`) was made by a
 /// function in between on an API's behalf. A site's calling function's return slot holds a
 /// return address into an API, or it is the thread's last entry (tail-jumped into from it), or
-/// it is itself a site (a call from another function in between, Debian's libmimalloc's
-/// `mi_reallocarray` calling `mi_reallocn`): then that slot is the called function's entry
-/// stack pointer, and the next slot is read from it, [`RELAY_FRAMES`] slots at most. Only the
-/// first may be found from the frame pointer (the probe sees the innermost function's).
-/// The common case, a return address that is no site, costs the scan of the file's sites.
+/// it holds the return address of a [`SITE_UP`] site (a call from another function in between,
+/// Debian's libmimalloc's `mi_reallocarray` calling `mi_reallocn`): then that slot is the
+/// called function's entry stack pointer, and the next slot is read from it ([`RELAY_FRAMES`]
+/// slots at most). The common case, a return address that is no site, costs the scan of the
+/// file's first-frame sites, as before there were others.
 #[inline(always)]
 fn from_relay_site(
     file: &LibcFile,
@@ -155,13 +157,13 @@ fn from_relay_site(
     // The stack pointer at the entry of the function `off` returns from.
     let mut sp = entry_sp;
     for level in 0..RELAY_FRAMES {
-        let Some(site) = site_at(file, off) else {
+        let Some(site) = site_at(file, off, level > 0) else {
             return false;
         };
-        let base = match site.kind {
-            SITE_SP => sp,
-            _ if level == 0 => arch::fp(regs),
-            _ => return false,
+        let base = if site.kind == SITE_FP {
+            arch::fp(regs)
+        } else {
+            sp
         };
         let slot = base.wrapping_add(u64::from(site.frame));
         // SAFETY: reading the traced task's own stack; a fault is an error, not a crash.

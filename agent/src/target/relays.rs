@@ -10,6 +10,7 @@ use std::{
 
 use allocwatch_common::libc::{
     API_COUNT, Api, LIBC_FILE_RANGES, LIBC_FILE_SITES, RELAY_FRAMES, RelaySite, SITE_FP, SITE_SP,
+    SITE_UP,
 };
 use iced_x86::{
     Decoder, DecoderOptions, FlowControl, InstructionInfoFactory, Mnemonic, OpAccess, OpKind,
@@ -365,15 +366,19 @@ impl TailJumps<'_> {
                 })
                 .clone()
         };
-        let between = self.between(syms, &mut branches_of, &api_at);
-        // The site of a call at `ip` (returning to `ret`) of `callee` (`None`: a function in
-        // between, whose probe-side use is one frame up, from the stack pointer only).
+        let mut between = self.between(syms, &mut branches_of, &api_at);
+        // The entry's room goes to the sites one frame up first: a file's second-frame sites
+        // (11 in Debian's libtcmalloc_debug) must not crowd out the first (kept before them).
+        between.sort_by_key(|b| b.via.is_some());
+        // The site of a call at `ip` (returning to `ret`) of `callee` (`None`: of a function in
+        // between, a [`SITE_UP`] site, from the stack pointer only).
         let site_of = |ip: u64, ret: u64, callee: Option<Api>| {
             let (cfa_rbp, cfa_off) = data.as_deref().and_then(|d| cfa_at(d, ip))?;
             // The calling function's return slot is at CFA − 8: at the callee's entry the
             // stack pointer is 8 below the call's (the return address pushed).
             let (kind, frame) = match callee {
-                _ if !cfa_rbp => (SITE_SP, cfa_off),
+                None if !cfa_rbp => (SITE_UP, cfa_off),
+                Some(_) if !cfa_rbp => (SITE_SP, cfa_off),
                 Some(callee)
                     if !fp_written_before_probe(self.elf, syms, points, callee) && cfa_off >= 8 =>
                 {
@@ -395,7 +400,7 @@ impl TailJumps<'_> {
         };
         let mut sites: Vec<RelaySite> = Vec::new();
         // Return offsets of the sites found beyond the entry's room.
-        let mut beyond: Vec<u32> = Vec::new();
+        let mut beyond: Vec<(u32, bool)> = Vec::new();
         for b in &between {
             let Some(branches) = branches_of(b.start) else {
                 continue;
@@ -404,26 +409,24 @@ impl TailJumps<'_> {
                 let Some(callee) = api_at(to) else {
                     continue;
                 };
-                // The call of this function one frame up, when it is one ([`Between::via`]).
-                let via = match b.via {
-                    None => None,
-                    Some((ip, ret)) => match site_of(ip, ret, None) {
-                        Some(site) => Some(site),
+                // The call of this function one frame up, when it is one ([`Between::via`]):
+                // a [`SITE_UP`] site when this one calls the API.
+                let (site, up) = match (call, b.via) {
+                    (true, None) => (site_of(ip, ret, Some(callee)), None),
+                    (true, Some((vip, vret))) => match site_of(vip, vret, None) {
+                        Some(up) => (site_of(ip, ret, Some(callee)), Some(up)),
                         None => continue,
                     },
-                };
-                // A tail jump into an API from a function called from a function in between
-                // enters it with that call's return address: the call of the function is the
-                // site. One from a function reached from the API itself is rule 1 or 2.
-                let site = match (call, via) {
-                    (true, _) => site_of(ip, ret, Some(callee)),
-                    (false, Some(_)) => via,
-                    (false, None) => None,
+                    // A tail jump into an API from a function called from a function in
+                    // between enters it with that call's return address: that call is the
+                    // site. One from a function reached from the API itself is rule 1 or 2.
+                    (false, Some((vip, vret))) => (site_of(vip, vret, Some(callee)), None),
+                    (false, None) => (None, None),
                 };
                 let Some(site) = site else {
                     continue;
                 };
-                if via.is_some_and(|v| !keep_site(&mut sites, &mut beyond, v))
+                if up.is_some_and(|u| !keep_site(&mut sites, &mut beyond, u))
                     || !keep_site(&mut sites, &mut beyond, site)
                 {
                     continue;
@@ -443,6 +446,9 @@ impl TailJumps<'_> {
                 );
             }
         }
+        // The probe's scan for the entry's own return address stops at the first [`SITE_UP`]
+        // site: it costs what it did before them.
+        sites.sort_by_key(|s| s.kind == SITE_UP);
         (sites, beyond.len())
     }
 
@@ -522,16 +528,19 @@ struct Between {
 /// Adds `site` to `sites` unless one with its return address is there already; beyond
 /// [`LIBC_FILE_SITES`] its return address goes to `beyond` instead (once). Whether the site is
 /// followed (new or already there).
-fn keep_site(sites: &mut Vec<RelaySite>, beyond: &mut Vec<u32>, site: RelaySite) -> bool {
-    if sites.iter().any(|s| s.ret_off == site.ret_off) {
+fn keep_site(sites: &mut Vec<RelaySite>, beyond: &mut Vec<(u32, bool)>, site: RelaySite) -> bool {
+    // A return address may be a site of both kinds: a call of a function in between that
+    // tail-jumps into an API ([`SITE_SP`], [`SITE_FP`]) and calls one ([`SITE_UP`]).
+    let key = |s: &RelaySite| (s.ret_off, s.kind == SITE_UP);
+    if sites.iter().any(|s| key(s) == key(&site)) {
         return true;
     }
     if sites.len() < LIBC_FILE_SITES {
         sites.push(site);
         return true;
     }
-    if !beyond.contains(&site.ret_off) {
-        beyond.push(site.ret_off);
+    if !beyond.contains(&key(&site)) {
+        beyond.push(key(&site));
     }
     false
 }
@@ -814,7 +823,14 @@ mod tests {
         assert!(!keep_site(&mut sites, &mut beyond, site(0x900)));
         assert!(!keep_site(&mut sites, &mut beyond, site(0xa00)));
         assert_eq!(sites.len(), LIBC_FILE_SITES);
-        assert_eq!(beyond, [0x900, 0xa00]);
+        assert_eq!(beyond, [(0x900, false), (0xa00, false)]);
+        // The same return address as a site one frame up is another site.
+        let up = RelaySite {
+            kind: SITE_UP,
+            ..site(0x100)
+        };
+        assert!(!keep_site(&mut sites, &mut beyond, up));
+        assert_eq!(beyond.len(), 3);
     }
 
     /// A jump through a PLT slot that names an API enters that API in whichever file serves
@@ -898,7 +914,7 @@ mod tests {
             .filter(|s| (start..start + sym.size).contains(&u64::from(s.ret_off)))
             .collect();
         assert_eq!(in_between.len(), 1, "{:?}", relays.sites);
-        assert_eq!((in_between[0].kind, in_between[0].frame), (SITE_SP, 16));
+        assert_eq!((in_between[0].kind, in_between[0].frame), (SITE_UP, 16));
         // Its return address follows the call of `mi_reallocn` (through the PLT).
         let ret = in_between[0].ret_off as u64 + sym.address - start;
         let code = elf.function_code(sym, sym.size).expect("code");
@@ -947,16 +963,19 @@ mod tests {
         let prefix = crate::target::libc::prefix_of(&elf).expect("malloc family");
         let (points, _) = crate::target::libc::probe_points(&elf, prefix, true).expect("points");
         let relays = Relays::of(&elf, &points);
-        let site = |ret: u64, frame: u16| RelaySite {
+        let site = |ret: u64, frame: u16, kind: u8| RelaySite {
             ret_off: u32::try_from(elf.vaddr_to_file_offset(ret).expect("offset")).unwrap(),
             frame,
-            kind: SITE_SP,
+            kind,
             _pad: 0,
         };
         // Debian's jemalloc 5.3.0: the loop's call of `malloc` at 0xadd7d (below its entry
         // 0xadd50: four pushes and 8 bytes), the slow path's (0xade10) call of the loop at
         // 0xade28 (one push).
-        assert_eq!(relays.sites, [site(0xadd82, 48), site(0xade2d, 16)]);
+        assert_eq!(
+            relays.sites,
+            [site(0xadd82, 48, SITE_SP), site(0xade2d, 16, SITE_UP)]
+        );
         let bit = 1u64 << Api::Malloc as u32;
         assert_eq!(relays.masks[Api::New as usize], bit);
         assert_eq!(relays.masks[Api::NewNothrow as usize], bit);
