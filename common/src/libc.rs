@@ -368,7 +368,7 @@ pub const LIBC_FILE_SITES: usize = 8;
 /// Return slots count mode reads up from a relay call site ([`RelaySite`]): the function in
 /// between that made the call, and the one in between that called it (Debian's libmimalloc:
 /// `reallocarray` → `mi_reallocarray`, which calls `mi_reallocn`, whose tail jumps reach a
-/// static function that calls `mi_free`). Beyond the first, only [`SITE_UP`] sites.
+/// static function that calls `mi_free`). Beyond the first, only [`SITE_SP`] sites.
 pub const RELAY_FRAMES: usize = 2;
 
 /// [`RelaySite::kind`]: unused slot.
@@ -379,20 +379,17 @@ pub const SITE_SP: u8 = 1;
 /// [`RelaySite::kind`]: the calling function's return slot is at its frame pointer (rbp) plus
 /// `frame` (the callee's probe runs before anything writes rbp).
 pub const SITE_FP: u8 = 2;
-/// [`RelaySite::kind`]: a call of a function in between from another function in between
-/// (Debian's libmimalloc: `mi_reallocarray` calling `mi_reallocn`), matched only one frame up:
-/// where a [`SITE_SP`] or [`SITE_FP`] site's return slot holds its return address, the calling
-/// function's return slot is at that slot plus `frame`. These follow the other kinds in
-/// [`LibcFile::sites`], so that the scan for an entry's own return address stops before them.
-pub const SITE_UP: u8 = 3;
 
 /// Count mode: a direct call of an API from a function that is no API but that an API calls or
 /// tail-jumps into (mimalloc's `mi_realloc_aligned` jumps into `_mi_theap_realloc_zero`,
 /// which calls `mi_free`). The return address alone cannot tell (other code reaches that
 /// function too): the calling function's own return slot can. It holds a return address into
 /// an API (called from it), or it is the outer API's entry slot with its return address
-/// (tail-jumped into from it, the thread's last entry), or the return address of a
-/// [`SITE_UP`] site: then the probe reads one frame further up ([`RELAY_FRAMES`]).
+/// (tail-jumped into from it, the thread's last entry), or the return address of another site:
+/// a call of a function in between from another one (Debian's libmimalloc's `mi_reallocarray`
+/// calling `mi_reallocn`, which reaches a call of `mi_free`); then that slot is the called
+/// function's entry stack pointer, and the probe reads one frame further up from it plus that
+/// site's `frame` ([`RELAY_FRAMES`], [`SITE_SP`] sites only).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RelaySite {
@@ -400,7 +397,7 @@ pub struct RelaySite {
     pub ret_off: u32,
     /// Bytes from the base register ([`kind`](Self::kind)) to the calling function's return slot.
     pub frame: u16,
-    /// [`SITE_NONE`], [`SITE_SP`], [`SITE_FP`] or [`SITE_UP`].
+    /// [`SITE_NONE`], [`SITE_SP`] or [`SITE_FP`].
     pub kind: u8,
     pub _pad: u8,
 }

@@ -10,7 +10,6 @@ use std::{
 
 use allocwatch_common::libc::{
     API_COUNT, Api, LIBC_FILE_RANGES, LIBC_FILE_SITES, RELAY_FRAMES, RelaySite, SITE_FP, SITE_SP,
-    SITE_UP,
 };
 use iced_x86::{
     Decoder, DecoderOptions, FlowControl, InstructionInfoFactory, Mnemonic, OpAccess, OpKind,
@@ -371,14 +370,13 @@ impl TailJumps<'_> {
         // (11 in Debian's libtcmalloc_debug) must not crowd out the first (kept before them).
         between.sort_by_key(|b| b.via.is_some());
         // The site of a call at `ip` (returning to `ret`) of `callee` (`None`: of a function in
-        // between, a [`SITE_UP`] site, from the stack pointer only).
+        // between, whose site the probe reads one frame up: from the stack pointer only).
         let site_of = |ip: u64, ret: u64, callee: Option<Api>| {
             let (cfa_rbp, cfa_off) = data.as_deref().and_then(|d| cfa_at(d, ip))?;
             // The calling function's return slot is at CFA − 8: at the callee's entry the
             // stack pointer is 8 below the call's (the return address pushed).
             let (kind, frame) = match callee {
-                None if !cfa_rbp => (SITE_UP, cfa_off),
-                Some(_) if !cfa_rbp => (SITE_SP, cfa_off),
+                _ if !cfa_rbp => (SITE_SP, cfa_off),
                 Some(callee)
                     if !fp_written_before_probe(self.elf, syms, points, callee) && cfa_off >= 8 =>
                 {
@@ -400,7 +398,7 @@ impl TailJumps<'_> {
         };
         let mut sites: Vec<RelaySite> = Vec::new();
         // Return offsets of the sites found beyond the entry's room.
-        let mut beyond: Vec<(u32, bool)> = Vec::new();
+        let mut beyond: Vec<u32> = Vec::new();
         for b in &between {
             let Some(branches) = branches_of(b.start) else {
                 continue;
@@ -410,7 +408,7 @@ impl TailJumps<'_> {
                     continue;
                 };
                 // The call of this function one frame up, when it is one ([`Between::via`]):
-                // a [`SITE_UP`] site when this one calls the API.
+                // a site too when this one calls the API.
                 let (site, up) = match (call, b.via) {
                     (true, None) => (site_of(ip, ret, Some(callee)), None),
                     (true, Some((vip, vret))) => match site_of(vip, vret, None) {
@@ -446,9 +444,6 @@ impl TailJumps<'_> {
                 );
             }
         }
-        // The probe's scan for the entry's own return address stops at the first [`SITE_UP`]
-        // site: it costs what it did before them.
-        sites.sort_by_key(|s| s.kind == SITE_UP);
         (sites, beyond.len())
     }
 
@@ -528,19 +523,16 @@ struct Between {
 /// Adds `site` to `sites` unless one with its return address is there already; beyond
 /// [`LIBC_FILE_SITES`] its return address goes to `beyond` instead (once). Whether the site is
 /// followed (new or already there).
-fn keep_site(sites: &mut Vec<RelaySite>, beyond: &mut Vec<(u32, bool)>, site: RelaySite) -> bool {
-    // A return address may be a site of both kinds: a call of a function in between that
-    // tail-jumps into an API ([`SITE_SP`], [`SITE_FP`]) and calls one ([`SITE_UP`]).
-    let key = |s: &RelaySite| (s.ret_off, s.kind == SITE_UP);
-    if sites.iter().any(|s| key(s) == key(&site)) {
+fn keep_site(sites: &mut Vec<RelaySite>, beyond: &mut Vec<u32>, site: RelaySite) -> bool {
+    if sites.iter().any(|s| s.ret_off == site.ret_off) {
         return true;
     }
     if sites.len() < LIBC_FILE_SITES {
         sites.push(site);
         return true;
     }
-    if !beyond.contains(&key(&site)) {
-        beyond.push(key(&site));
+    if !beyond.contains(&site.ret_off) {
+        beyond.push(site.ret_off);
     }
     false
 }
@@ -823,14 +815,7 @@ mod tests {
         assert!(!keep_site(&mut sites, &mut beyond, site(0x900)));
         assert!(!keep_site(&mut sites, &mut beyond, site(0xa00)));
         assert_eq!(sites.len(), LIBC_FILE_SITES);
-        assert_eq!(beyond, [(0x900, false), (0xa00, false)]);
-        // The same return address as a site one frame up is another site.
-        let up = RelaySite {
-            kind: SITE_UP,
-            ..site(0x100)
-        };
-        assert!(!keep_site(&mut sites, &mut beyond, up));
-        assert_eq!(beyond.len(), 3);
+        assert_eq!(beyond, [0x900, 0xa00]);
     }
 
     /// A jump through a PLT slot that names an API enters that API in whichever file serves
@@ -914,7 +899,7 @@ mod tests {
             .filter(|s| (start..start + sym.size).contains(&u64::from(s.ret_off)))
             .collect();
         assert_eq!(in_between.len(), 1, "{:?}", relays.sites);
-        assert_eq!((in_between[0].kind, in_between[0].frame), (SITE_UP, 16));
+        assert_eq!((in_between[0].kind, in_between[0].frame), (SITE_SP, 16));
         // Its return address follows the call of `mi_reallocn` (through the PLT).
         let ret = in_between[0].ret_off as u64 + sym.address - start;
         let code = elf.function_code(sym, sym.size).expect("code");
@@ -963,19 +948,16 @@ mod tests {
         let prefix = crate::target::libc::prefix_of(&elf).expect("malloc family");
         let (points, _) = crate::target::libc::probe_points(&elf, prefix, true).expect("points");
         let relays = Relays::of(&elf, &points);
-        let site = |ret: u64, frame: u16, kind: u8| RelaySite {
+        let site = |ret: u64, frame: u16| RelaySite {
             ret_off: u32::try_from(elf.vaddr_to_file_offset(ret).expect("offset")).unwrap(),
             frame,
-            kind,
+            kind: SITE_SP,
             _pad: 0,
         };
         // Debian's jemalloc 5.3.0: the loop's call of `malloc` at 0xadd7d (below its entry
         // 0xadd50: four pushes and 8 bytes), the slow path's (0xade10) call of the loop at
         // 0xade28 (one push).
-        assert_eq!(
-            relays.sites,
-            [site(0xadd82, 48, SITE_SP), site(0xade2d, 16, SITE_UP)]
-        );
+        assert_eq!(relays.sites, [site(0xadd82, 48), site(0xade2d, 16)]);
         let bit = 1u64 << Api::Malloc as u32;
         assert_eq!(relays.masks[Api::New as usize], bit);
         assert_eq!(relays.masks[Api::NewNothrow as usize], bit);
