@@ -365,6 +365,12 @@ pub const LIBC_FILE_RANGES: usize = API_COUNT;
 /// Relay call sites per file in [`LibcFile`].
 pub const LIBC_FILE_SITES: usize = 8;
 
+/// Return slots count mode reads up from a relay call site ([`RelaySite`]): the function in
+/// between that made the call, and the one in between that called it (Debian's libmimalloc:
+/// `reallocarray` → `mi_reallocarray`, which calls `mi_reallocn`, whose tail jumps reach a
+/// static function that calls `mi_free`). Beyond the first, only [`SITE_SP`] sites.
+pub const RELAY_FRAMES: usize = 2;
+
 /// [`RelaySite::kind`]: unused slot.
 pub const SITE_NONE: u8 = 0;
 /// [`RelaySite::kind`]: the calling function's return slot is at the callee's entry stack
@@ -379,7 +385,11 @@ pub const SITE_FP: u8 = 2;
 /// which calls `mi_free`). The return address alone cannot tell (other code reaches that
 /// function too): the calling function's own return slot can. It holds a return address into
 /// an API (called from it), or it is the outer API's entry slot with its return address
-/// (tail-jumped into from it, the thread's last entry).
+/// (tail-jumped into from it, the thread's last entry), or the return address of another site:
+/// a call of a function in between from another one (Debian's libmimalloc's `mi_reallocarray`
+/// calling `mi_reallocn`, which reaches a call of `mi_free`); then that slot is the called
+/// function's entry stack pointer, and the probe reads one frame further up from it plus that
+/// site's `frame` ([`RELAY_FRAMES`], [`SITE_SP`] sites only).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RelaySite {

@@ -21,8 +21,8 @@
 use allocwatch_common::{
     config::FLAG_STACKS,
     libc::{
-        Api, LastEntry, LibcFile, LiveAlloc, LiveKey, NO_STACK, Pending, SITE_NONE, SITE_SP,
-        SiteKey, cookie, has_api, relay_apis,
+        Api, LastEntry, LibcFile, LiveAlloc, LiveKey, NO_STACK, Pending, RELAY_FRAMES, RelaySite,
+        SITE_NONE, SITE_SP, SiteKey, cookie, has_api, relay_apis,
     },
     loss::LossCause,
 };
@@ -118,6 +118,107 @@ fn in_api(file: &LibcFile, off: u64) -> bool {
     false
 }
 
+/// The relay site whose call returns to the file offset `off`, if one does.
+#[inline(always)]
+fn site_at(file: &LibcFile, off: u64) -> Option<RelaySite> {
+    for site in &file.sites {
+        if site.kind == SITE_NONE {
+            break;
+        }
+        if off == u64::from(site.ret_off) {
+            return Some(*site);
+        }
+    }
+    None
+}
+
+/// Count mode's rule 1 through functions in between: whether an entry of `api_id` whose return
+/// address is the file offset `ret_off` (the entry's stack pointer `entry_sp`) was made by a
+/// function in between on an API's behalf. A site's calling function's return slot holds a
+/// return address into an API, or it is the thread's last entry (tail-jumped into from it), or
+/// it holds the return address of another site (a call from another function in between,
+/// Debian's libmimalloc's `mi_reallocarray` calling `mi_reallocn`): then [`one_frame_up`].
+/// The common case, a return address that is no site, costs the scan of the file's sites, as
+/// it did with one frame.
+#[inline(always)]
+fn from_relay_site(
+    file: &LibcFile,
+    pid_tgid: u64,
+    api_id: u32,
+    ret_off: u64,
+    entry_sp: u64,
+    regs: &pt_regs,
+    cookie: u64,
+) -> bool {
+    let Some(site) = site_at(file, ret_off) else {
+        return false;
+    };
+    let base = if site.kind == SITE_SP {
+        entry_sp
+    } else {
+        arch::fp(regs)
+    };
+    let slot = base.wrapping_add(u64::from(site.frame));
+    // Return address − `bias` = its file offset (a uprobe reports the probed instruction's
+    // address as the pc).
+    let bias = arch::pc(regs).wrapping_sub(cookie::probe_offset(cookie));
+    match outer_relays(file, pid_tgid, api_id, slot, bias) {
+        Ok(relays) => relays,
+        Err(outer_off) => one_frame_up(file, api_id, outer_off, slot, bias),
+    }
+}
+
+/// Whether the return slot `slot` of a site's calling function shows a relay: it holds a
+/// return address into an API of `file`, or it is the thread's last entry, which may relay
+/// into `api_id`. `Err`: neither, with the file offset of the return address it holds
+/// (`bias`: return address − file offset).
+#[inline(always)]
+fn outer_relays(
+    file: &LibcFile,
+    pid_tgid: u64,
+    api_id: u32,
+    slot: u64,
+    bias: u64,
+) -> Result<bool, u64> {
+    // SAFETY: reading the traced task's own stack; a fault is an error, not a crash.
+    let Ok(outer_ret) = (unsafe { bpf_probe_read_user(slot as *const u64) }) else {
+        return Ok(false);
+    };
+    // Called from an API function.
+    let outer_off = outer_ret.wrapping_sub(bias);
+    if in_api(file, outer_off) {
+        return Ok(true);
+    }
+    // Tail-jumped into from the thread's last counted entry, whose frame it took over.
+    // SAFETY: map value from a successful lookup; only this thread writes it.
+    if let Some(last) = unsafe { LAST_ENTRY.get(&pid_tgid) }
+        && last.relays_into(slot, outer_ret, api_id)
+    {
+        return Ok(true);
+    }
+    Err(outer_off)
+}
+
+// [`one_frame_up`] is the second of them.
+const _: () = assert!(RELAY_FRAMES == 2);
+
+/// [`from_relay_site`] one frame further: the return slot `slot` holds a return address at the
+/// file offset `off`; when that is a site whose rule is the stack pointer's (the frame pointer
+/// the probe sees is the innermost function's), `slot` is the called function's entry stack
+/// pointer, and its caller's return slot shows the relay or not. A BPF subprogram: its code
+/// stays off the common path, whose registers it would otherwise take (the site scan's loads
+/// went to the stack when it was inlined).
+#[inline(never)]
+fn one_frame_up(file: &LibcFile, api_id: u32, off: u64, slot: u64, bias: u64) -> bool {
+    let Some(site) = site_at(file, off) else {
+        return false;
+    };
+    if site.kind != SITE_SP {
+        return false;
+    }
+    let slot = slot.wrapping_add(u64::from(site.frame));
+    outer_relays(file, bpf_get_current_pid_tgid(), api_id, slot, bias) == Ok(true)
+}
 /// Count mode: calls and bytes per (process, API, immediate caller[, stack]), from the entry
 /// probe alone. Without a return probe nothing says when a call ends, so libc's own relays are
 /// recognized by two rules instead of the in-flight marker:
@@ -136,7 +237,8 @@ fn in_api(file: &LibcFile, off: u64) -> bool {
 /// function in between (`RelaySite`: mimalloc's `mi_realloc_aligned` tail-jumps into
 /// `_mi_theap_realloc_zero`, which calls `mi_free`): that function's return slot holds a
 /// return address into an API (it was called from one), or it is the thread's last entry
-/// with its return address (an API tail-jumped into it).
+/// with its return address (an API tail-jumped into it). When it holds a known call of that
+/// function from another function in between, it looks one frame further ([`from_relay_site`]).
 #[inline(always)]
 fn on_count(ctx: &ProbeContext) {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -161,39 +263,9 @@ fn on_count(ctx: &ProbeContext) {
         if in_api(file, ret_off) {
             return;
         }
-        // Rule 1 one frame up: a call from a function in between (`RelaySite`).
-        for site in &file.sites {
-            if site.kind == SITE_NONE {
-                break;
-            }
-            if ret_off != u64::from(site.ret_off) {
-                continue;
-            }
-            let base = if site.kind == SITE_SP {
-                entry_sp
-            } else {
-                arch::fp(regs)
-            };
-            let slot = base.wrapping_add(u64::from(site.frame));
-            // SAFETY: reading the traced task's own stack; a fault is an error, not a crash.
-            let Ok(outer_ret) = (unsafe { bpf_probe_read_user(slot as *const u64) }) else {
-                break;
-            };
-            // Called from an API function.
-            let outer_off = outer_ret
-                .wrapping_sub(arch::pc(regs))
-                .wrapping_add(cookie::probe_offset(cookie));
-            if in_api(file, outer_off) {
-                return;
-            }
-            // Tail-jumped into from the thread's last counted entry, whose frame it took over.
-            // SAFETY: map value from a successful lookup; only this thread writes it.
-            if let Some(last) = unsafe { LAST_ENTRY.get(&pid_tgid) }
-                && last.relays_into(slot, outer_ret, api_id)
-            {
-                return;
-            }
-            break;
+        // Rule 1 up the frames of functions in between (`RelaySite`).
+        if from_relay_site(file, pid_tgid, api_id, ret_off, entry_sp, regs, cookie) {
+            return;
         }
     }
     // Rule 2 touches the thread's record only where it can matter: an API some function

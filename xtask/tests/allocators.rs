@@ -62,8 +62,21 @@ fn trace_variant_with(
     json: bool,
     during: impl FnOnce(u32),
 ) -> (u32, Value, String) {
+    trace_variant_mode(env, variant, "wait-run", extra, json, during)
+}
+
+/// [`trace_variant_with`] on the fixture's mode `mode` (one that waits for SIGUSR1 after
+/// `ready <pid>`).
+fn trace_variant_mode(
+    env: &TestEnv,
+    variant: &str,
+    mode: &str,
+    extra: &[&str],
+    json: bool,
+    during: impl FnOnce(u32),
+) -> (u32, Value, String) {
     let fixture = env.fixture(variant);
-    let mut fx = Fixture::spawn(&fixture, "wait-run", "ready");
+    let mut fx = Fixture::spawn(&fixture, mode, "ready");
     let pid = fx.pid;
     let out = support::temp_file(&format!("allocators-{variant}.json"));
     let pid_arg = pid.to_string();
@@ -242,10 +255,69 @@ fn mimalloc_exact_counts() {
 /// `mi_heap_realloc` → a static function → `mi_free`; `aligned_alloc` → `mi_aligned_alloc`
 /// and `valloc` → `mi_valloc` → `mi_memalign`, tail jumps through the PLT into
 /// `mi_malloc_aligned`), each call still counted once (`agent/src/target/relays.rs`): no
-/// `mi_malloc_aligned` call, which the fixture never makes itself.
+/// `mi_malloc_aligned` call, which the fixture never makes itself. Then the fixture's
+/// `wait-move` work: a `reallocarray` that moves its block reaches `mi_free` two functions
+/// deep (`reallocarray` → `mi_reallocarray`, which calls `mi_reallocn`, whose tail jumps reach
+/// the static function that calls `mi_free`): not counted as the program's `free`.
 #[test]
 fn mimalloc_count_mode_exact_counts() {
     check_count_mode("mimalloc", "mimalloc", &["libmimalloc.so"]);
+    check_count_mode_move("mimalloc", "mimalloc", &["libmimalloc.so"]);
+}
+
+/// The fixture's `wait-move` work (5 × `malloc(16)`, each block moved by `reallocarray(p, 64,
+/// 64)`, then freed) in full mode and in `--mode count`: each exactly those calls and bytes
+/// (count mode: no bytes for `free`), no other API, and the same calls per immediate caller.
+fn check_count_mode_move(variant: &str, allocator: &str, files: &[&str]) {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let want = [
+        ("malloc", 5, 5 * 16),
+        ("reallocarray", 5, 5 * 64 * 64),
+        ("free", 5, 5 * 64 * 64),
+    ];
+    let mut reports = Vec::new();
+    for extra in [&[][..], &["--mode", "count"]] {
+        let (_, proc, _) = trace_variant_mode(&env, variant, "wait-move", extra, true, |_| {});
+        let count_mode = !extra.is_empty();
+        check_allocator_files(&proc, allocator, files);
+        check_no_loss(&proc);
+        let aliases = aliases_map(&proc);
+        let name = |api: &str| aliases.get(api).cloned().unwrap_or_else(|| api.to_owned());
+        for (api, calls, bytes) in want {
+            let bytes = if count_mode && api == "free" {
+                0
+            } else {
+                bytes
+            };
+            let api = name(api);
+            assert_eq!(
+                (
+                    count_at(&proc["calls"], &api),
+                    count_at(&proc["bytes"], &api)
+                ),
+                (calls, bytes),
+                "{api} (count mode: {count_mode})\n{proc:#}"
+            );
+        }
+        for key in ["calls", "bytes"] {
+            for (api, n) in proc[key].as_object().into_iter().flatten() {
+                assert!(
+                    n.as_u64() == Some(0) || want.iter().any(|w| name(w.0) == *api),
+                    "{key}.{api}: {n}, an API the fixture does not call (count mode: \
+                     {count_mode})\n{proc:#}"
+                );
+            }
+        }
+        reports.push(proc);
+    }
+    assert_eq!(
+        callers_of(&reports[1]),
+        callers_of(&reports[0]),
+        "count mode's callers vs full mode's\ncount: {:#}\nfull: {:#}",
+        reports[1],
+        reports[0]
+    );
 }
 
 /// Count mode on the jemalloc fixture: glibc's `reallocarray` tail-jumps through its PLT into

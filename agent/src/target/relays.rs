@@ -3,10 +3,13 @@
 //! relocations), and the file ranges of those functions, so that the probe can tell libc's own
 //! relays from the program's calls without a return probe.
 
-use std::path::Path;
+use std::{
+    collections::{HashMap, HashSet},
+    path::Path,
+};
 
 use allocwatch_common::libc::{
-    API_COUNT, Api, LIBC_FILE_RANGES, LIBC_FILE_SITES, RelaySite, SITE_FP, SITE_SP,
+    API_COUNT, Api, LIBC_FILE_RANGES, LIBC_FILE_SITES, RELAY_FRAMES, RelaySite, SITE_FP, SITE_SP,
 };
 use iced_x86::{
     Decoder, DecoderOptions, FlowControl, InstructionInfoFactory, Mnemonic, OpAccess, OpKind,
@@ -154,6 +157,12 @@ impl Relays {
 /// How deep [`TailJumps::targets`] follows tail jumps through functions that are not APIs.
 const MAX_HOPS: u32 = 3;
 
+/// Calls count mode's relay sites follow from an API function: the API calls (or jumps into) a
+/// function in between, which calls another; the probe reads as many return slots up.
+/// [`Between::via`] holds the one call between the two.
+const MAX_FRAMES: usize = RELAY_FRAMES;
+const _: () = assert!(MAX_FRAMES == 2);
+
 /// What the tail jumps of a file's functions reach.
 struct TailJumps<'a> {
     elf: &'a ElfFile,
@@ -162,7 +171,7 @@ struct TailJumps<'a> {
     /// The GOT's slots bound to symbols ([`got_slots`]); `None`: unknown.
     got: Option<&'a [GotSlot]>,
     /// Entry address → size of every sized symbol (the functions a jump may enter).
-    functions: std::collections::HashMap<u64, u64>,
+    functions: HashMap<u64, u64>,
 }
 
 impl<'a> TailJumps<'a> {
@@ -254,7 +263,7 @@ impl<'a> TailJumps<'a> {
 }
 
 /// How a function that is no API was reached from an API function.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Reach {
     /// Called (then maybe tail-jumped on): its return slot holds a return address into the API.
     Called,
@@ -274,7 +283,7 @@ impl TailJumps<'_> {
 
     /// The direct branches out of the function at `start` (whose code is `code`): (a call,
     /// the instruction's address, its end, where it enters).
-    fn branches(&self, code: &[u8], start: u64) -> Vec<(bool, u64, u64, u64)> {
+    fn branches(&self, code: &[u8], start: u64) -> Vec<Branch> {
         let end = start + code.len() as u64;
         let mut out = Vec::new();
         let mut decoder = Decoder::with_ip(64, code, start, DecoderOptions::NONE);
@@ -320,11 +329,15 @@ impl TailJumps<'_> {
 
     /// Count mode's [`RelaySite`]s: the direct calls of APIs from functions that are no API
     /// but that an API function reaches by a call or by tail jumps ([`MAX_HOPS`] deep,
-    /// through such functions). Each site's return slot of the calling function comes from
-    /// the file's call-frame information at the call. An API that tail-jumps into such a
-    /// function gets the called API in its relay mask (the probe checks the thread's last
-    /// entry against that slot). `bias`: vaddr − file offset of the API functions. Also how
-    /// many more sites there are than the file's entry holds ([`keep_site`]).
+    /// through such functions), and, one call further ([`MAX_FRAMES`]), from the functions
+    /// those call: then the call of that function is a site too, so that the probe can go up
+    /// one more frame (Debian's libmimalloc: `reallocarray` jumps into `mi_reallocarray`,
+    /// which calls `mi_reallocn`, whose tail jumps reach a static function that calls
+    /// `mi_free`). Each site's return slot of the calling function comes from the file's
+    /// call-frame information at the call. An API that tail-jumps into such a function gets
+    /// the called API in its relay mask (the probe checks the thread's last entry against
+    /// that slot). `bias`: vaddr − file offset of the API functions. Also how many more sites
+    /// there are than the file's entry holds ([`keep_site`]).
     fn sites(
         &self,
         syms: &[(Api, Symbol)],
@@ -340,90 +353,171 @@ impl TailJumps<'_> {
         };
         let data = std::fs::read(self.elf.path()).ok();
         let fdes = data.as_deref().map(fde_extents).unwrap_or_default();
-        // (function, the API reaching it, how).
-        let mut between: Vec<(u64, Api, Reach)> = Vec::new();
-        for &(api, sym) in syms {
-            let Some(code) = self.code_at(sym.address, &fdes) else {
-                continue;
-            };
-            let mut queue: Vec<(u64, Vec<u8>, Option<Reach>, u32)> =
-                vec![(sym.address, code, None, 0)];
-            while let Some((start, code, reach, hops)) = queue.pop() {
-                for (call, _, _, to) in self.branches(&code, start) {
-                    let reach = match (reach, call) {
-                        (None, true) => Reach::Called,
-                        (None, false) => Reach::Jumped,
-                        // A call from a function in between: its callee's return slot holds
-                        // no return address into the API (not followed).
-                        (Some(_), true) => continue,
-                        (Some(r), false) => r,
-                    };
-                    if api_at(to).is_some()
-                        || hops >= MAX_HOPS
-                        || between.contains(&(to, api, reach))
-                    {
-                        continue;
-                    }
-                    let Some(code) = self.code_at(to, &fdes) else {
-                        continue;
-                    };
-                    between.push((to, api, reach));
-                    queue.push((to, code, Some(reach), hops + 1));
+        // The branches of each function decoded once: an API's functions in between are
+        // shared with others, and reached from many.
+        let mut decoded: HashMap<u64, Option<Vec<Branch>>> = HashMap::new();
+        let mut branches_of = |addr: u64| -> Option<Vec<Branch>> {
+            decoded
+                .entry(addr)
+                .or_insert_with(|| {
+                    self.code_at(addr, &fdes)
+                        .map(|code| self.branches(&code, addr))
+                })
+                .clone()
+        };
+        let mut between = self.between(syms, &mut branches_of, &api_at);
+        // The entry's room goes to the sites one frame up first: a file's second-frame sites
+        // (11 in Debian's libtcmalloc_debug) must not crowd out the first (kept before them).
+        between.sort_by_key(|b| b.via.is_some());
+        // The site of a call at `ip` (returning to `ret`) of `callee` (`None`: of a function in
+        // between, whose site the probe reads one frame up: from the stack pointer only).
+        let site_of = |ip: u64, ret: u64, callee: Option<Api>| {
+            let (cfa_rbp, cfa_off) = data.as_deref().and_then(|d| cfa_at(d, ip))?;
+            // The calling function's return slot is at CFA − 8: at the callee's entry the
+            // stack pointer is 8 below the call's (the return address pushed).
+            let (kind, frame) = match callee {
+                _ if !cfa_rbp => (SITE_SP, cfa_off),
+                Some(callee)
+                    if !fp_written_before_probe(self.elf, syms, points, callee) && cfa_off >= 8 =>
+                {
+                    (SITE_FP, cfa_off - 8)
                 }
-            }
-        }
+                _ => return None,
+            };
+            let ret_off = self
+                .elf
+                .vaddr_to_file_offset(ret)
+                .filter(|&o| ret.wrapping_sub(o) == bias)
+                .and_then(|o| u32::try_from(o).ok())?;
+            Some(RelaySite {
+                ret_off,
+                frame,
+                kind,
+                _pad: 0,
+            })
+        };
         let mut sites: Vec<RelaySite> = Vec::new();
         // Return offsets of the sites found beyond the entry's room.
         let mut beyond: Vec<u32> = Vec::new();
-        for &(start, api, reach) in &between {
-            let Some(code) = self.code_at(start, &fdes) else {
+        for b in &between {
+            let Some(branches) = branches_of(b.start) else {
                 continue;
             };
-            for (call, ip, ret, to) in self.branches(&code, start) {
-                let Some(callee) = api_at(to).filter(|_| call) else {
+            for (call, ip, ret, to) in branches {
+                let Some(callee) = api_at(to) else {
                     continue;
                 };
-                let Some((cfa_rbp, cfa_off)) = data.as_deref().and_then(|d| cfa_at(d, ip)) else {
+                // The call of this function one frame up, when it is one ([`Between::via`]):
+                // a site too when this one calls the API.
+                let (site, up) = match (call, b.via) {
+                    (true, None) => (site_of(ip, ret, Some(callee)), None),
+                    (true, Some((vip, vret))) => match site_of(vip, vret, None) {
+                        Some(up) => (site_of(ip, ret, Some(callee)), Some(up)),
+                        None => continue,
+                    },
+                    // A tail jump into an API from a function called from a function in
+                    // between enters it with that call's return address: that call is the
+                    // site. One from a function reached from the API itself is rule 1 or 2.
+                    (false, Some((vip, vret))) => (site_of(vip, vret, Some(callee)), None),
+                    (false, None) => (None, None),
+                };
+                let Some(site) = site else {
                     continue;
                 };
-                // The calling function's return slot is at CFA − 8: at the callee's entry the
-                // stack pointer is 8 below the call's (the return address pushed).
-                let (kind, frame) = if !cfa_rbp {
-                    (SITE_SP, cfa_off)
-                } else if !fp_written_before_probe(self.elf, syms, points, callee) && cfa_off >= 8 {
-                    (SITE_FP, cfa_off - 8)
-                } else {
-                    continue;
-                };
-                let Some(ret_off) = self
-                    .elf
-                    .vaddr_to_file_offset(ret)
-                    .filter(|&o| ret.wrapping_sub(o) == bias)
-                    .and_then(|o| u32::try_from(o).ok())
-                else {
-                    continue;
-                };
-                let site = RelaySite {
-                    ret_off,
-                    frame,
-                    kind,
-                    _pad: 0,
-                };
-                if !keep_site(&mut sites, &mut beyond, site) {
+                if up.is_some_and(|u| !keep_site(&mut sites, &mut beyond, u))
+                    || !keep_site(&mut sites, &mut beyond, site)
+                {
                     continue;
                 }
-                if reach == Reach::Jumped && callee != api {
-                    masks[api as usize] |= 1u64 << callee as u32;
+                if b.reach == Reach::Jumped && callee != b.api {
+                    masks[b.api as usize] |= 1u64 << callee as u32;
                 }
                 log::debug!(
-                    "count mode: {} reaches a call of {} at {ret:#x} ({reach:?})",
-                    api.symbol(),
-                    callee.symbol()
+                    "count mode: {} reaches a {} of {} at {ret:#x} ({:?}{})",
+                    b.api.symbol(),
+                    if call { "call" } else { "tail jump" },
+                    callee.symbol(),
+                    b.reach,
+                    b.via
+                        .map(|(_, r)| format!(", one frame up from {r:#x}"))
+                        .unwrap_or_default()
                 );
             }
         }
         (sites, beyond.len())
     }
+
+    /// The functions that are no API but that an API function reaches: by a call or by tail
+    /// jumps ([`MAX_HOPS`] deep), and by a call from one of those and its tail jumps
+    /// ([`MAX_FRAMES`] calls in all, [`MAX_HOPS`] jumps after each). `branches_of`: a
+    /// function's branches ([`branches`](Self::branches)), `None` without its code.
+    fn between(
+        &self,
+        syms: &[(Api, Symbol)],
+        branches_of: &mut dyn FnMut(u64) -> Option<Vec<Branch>>,
+        api_at: &dyn Fn(u64) -> Option<Api>,
+    ) -> Vec<Between> {
+        let mut between: Vec<Between> = Vec::new();
+        let mut seen: HashSet<Between> = HashSet::new();
+        for &(api, sym) in syms {
+            // (function, how the API reached it, the call one frame up, hops).
+            type Item = (u64, Option<Reach>, Option<(u64, u64)>, u32);
+            let mut queue: Vec<Item> = vec![(sym.address, None, None, 0)];
+            while let Some((start, reach, via, hops)) = queue.pop() {
+                let Some(branches) = branches_of(start) else {
+                    continue;
+                };
+                for (call, ip, ret, to) in branches {
+                    // `next`: the hops of the function entered.
+                    let (reach, via, next) = match (reach, via, call) {
+                        (None, _, true) => (Reach::Called, None, hops + 1),
+                        (None, _, false) => (Reach::Jumped, None, hops + 1),
+                        // A call from a function in between: one frame more (its return
+                        // slot holds a return address into that function: the probe reads
+                        // that function's slot next), its tail jumps counted anew.
+                        (Some(r), None, true) => (r, Some((ip, ret)), 0),
+                        // A call from a function [`MAX_FRAMES`] calls down: not followed.
+                        (Some(_), Some(_), true) => continue,
+                        (Some(r), via, false) => (r, via, hops + 1),
+                    };
+                    if api_at(to).is_some() || next > MAX_HOPS {
+                        continue;
+                    }
+                    let b = Between {
+                        start: to,
+                        api,
+                        reach,
+                        via,
+                    };
+                    if !seen.insert(b) {
+                        continue;
+                    }
+                    between.push(b);
+                    queue.push((to, Some(reach), via, next));
+                }
+            }
+        }
+        between
+    }
+}
+
+/// A direct branch out of a function ([`TailJumps::branches`]): (a call, the instruction's
+/// address, its end, where it enters).
+type Branch = (bool, u64, u64, u64);
+
+/// A function that is no API, reached from an API function ([`TailJumps::between`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Between {
+    /// Its entry address.
+    start: u64,
+    /// The API whose function reaches it.
+    api: Api,
+    /// How the API's function reached the first function in between.
+    reach: Reach,
+    /// The call of it (or of the function that tail-jumps into it) from a function in
+    /// between: (the call instruction's address, its return address). `None`: reached
+    /// directly from the API's function.
+    via: Option<(u64, u64)>,
 }
 
 /// Adds `site` to `sites` unless one with its return address is there already; beyond
@@ -783,5 +877,90 @@ mod tests {
             // A named API is a target too: the relaying function writes the record.
             assert_eq!(relays.targets() & named, named, "{path}");
         }
+    }
+
+    /// Debian 12's libmimalloc: `reallocarray` jumps through the PLT into `mi_reallocarray`,
+    /// which *calls* `mi_reallocn`, whose tail jumps (`mi_heap_reallocn`, `mi_heap_realloc`)
+    /// reach the static function that calls `mi_free` (a block that moves). That call of
+    /// `mi_reallocn` is a site (its return slot 16 bytes above `mi_reallocn`'s entry stack
+    /// pointer: `push rbx`), the call of `mi_free` is one already (`realloc`'s), and
+    /// `reallocarray`, which jumped into the first, may relay into `free`.
+    #[test]
+    fn calls_two_functions_deep() {
+        let path = "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2.0";
+        let elf = ElfFile::open(path).expect("libmimalloc (run ./x setup)");
+        let (points, _) = crate::target::libc::probe_points(&elf, "", true).expect("points");
+        let relays = Relays::of(&elf, &points);
+        let sym = elf.symbol("mi_reallocarray").expect("mi_reallocarray");
+        let start = elf.vaddr_to_file_offset(sym.address).expect("offset");
+        let in_between: Vec<&RelaySite> = relays
+            .sites
+            .iter()
+            .filter(|s| (start..start + sym.size).contains(&u64::from(s.ret_off)))
+            .collect();
+        assert_eq!(in_between.len(), 1, "{:?}", relays.sites);
+        assert_eq!((in_between[0].kind, in_between[0].frame), (SITE_SP, 16));
+        // Its return address follows the call of `mi_reallocn` (through the PLT).
+        let ret = in_between[0].ret_off as u64 + sym.address - start;
+        let code = elf.function_code(sym, sym.size).expect("code");
+        let mut decoder = Decoder::with_ip(64, &code, sym.address, DecoderOptions::NONE);
+        let call = std::iter::from_fn(|| decoder.can_decode().then(|| decoder.decode()))
+            .find(|i| i.next_ip() == ret)
+            .expect("an instruction ending at the site");
+        assert_eq!(call.flow_control(), FlowControl::Call);
+        let slot = jump_stub_slot(&elf, call.near_branch_target()).expect("a PLT stub");
+        let got = got_slots(elf.path(), "").expect("relocations");
+        let reallocn = elf.symbol("mi_reallocn").expect("mi_reallocn").address;
+        assert!(
+            got.iter()
+                .any(|s| s.slot == slot && s.addr == Some(reallocn)),
+            "{slot:#x}"
+        );
+        assert_eq!(
+            relays.masks[Api::Reallocarray as usize],
+            1 << Api::Free as u32
+        );
+        // The static function's call of `mi_free` (Debian's mimalloc 2.0.9: at 0x114b8).
+        let off = elf.vaddr_to_file_offset(0x114bd).expect("offset");
+        assert!(relays.sites.iter().any(|s| u64::from(s.ret_off) == off));
+        assert_eq!(relays.sites_beyond, 0);
+    }
+
+    /// The second frame finds no site where no API is reached through two calls: Debian 12's
+    /// glibc (its API functions call internal functions that call no API) has none at all.
+    /// In Debian 12's jemalloc it finds the one such chain there is: `operator new(size_t,
+    /// nothrow_t)` jumps into its slow path, which on failure calls the out-of-memory loop
+    /// that calls `malloc` after each new-handler (that call already a site: `operator new`'s
+    /// slow path jumps into the loop); the slow path's call of the loop is the new site.
+    #[test]
+    fn second_frame_without_false_sites() {
+        let elf = ElfFile::open("/usr/lib/x86_64-linux-gnu/libc.so.6").expect("glibc");
+        let (points, _) = crate::target::libc::probe_points(&elf, "", true).expect("points");
+        let relays = Relays::of(&elf, &points);
+        assert!(relays.sites.is_empty(), "{:?}", relays.sites);
+        assert_eq!(relays.masks[Api::Free as usize], 0);
+        assert_eq!(
+            relays.masks[Api::Reallocarray as usize],
+            1 << Api::Realloc as u32
+        );
+
+        let elf = ElfFile::open("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2").expect("jemalloc");
+        let prefix = crate::target::libc::prefix_of(&elf).expect("malloc family");
+        let (points, _) = crate::target::libc::probe_points(&elf, prefix, true).expect("points");
+        let relays = Relays::of(&elf, &points);
+        let site = |ret: u64, frame: u16| RelaySite {
+            ret_off: u32::try_from(elf.vaddr_to_file_offset(ret).expect("offset")).unwrap(),
+            frame,
+            kind: SITE_SP,
+            _pad: 0,
+        };
+        // Debian's jemalloc 5.3.0: the loop's call of `malloc` at 0xadd7d (below its entry
+        // 0xadd50: four pushes and 8 bytes), the slow path's (0xade10) call of the loop at
+        // 0xade28 (one push).
+        assert_eq!(relays.sites, [site(0xadd82, 48), site(0xade2d, 16)]);
+        let bit = 1u64 << Api::Malloc as u32;
+        assert_eq!(relays.masks[Api::New as usize], bit);
+        assert_eq!(relays.masks[Api::NewNothrow as usize], bit);
+        assert_eq!(relays.sites_beyond, 0);
     }
 }
