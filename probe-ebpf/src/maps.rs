@@ -629,7 +629,13 @@ fn charge_budget(tgid: u32) {
         Some(n) => unsafe { *n += 1 },
         // A full budget table leaves the process unbounded (SITES still bounds it).
         None => {
-            let _ = SITE_BUDGET.insert(&tgid, &1, BPF_NOEXIST as u64);
+            // From the stack: a `&1` is a constant in .rodata, which the compiler shared with
+            // the global NR_CPUS (also 1 at build time, the CPU count once loaded): every
+            // process's first row was charged as NR_CPUS rows.
+            let mut one = 0u32;
+            // SAFETY: a write to a local.
+            unsafe { core::ptr::write_volatile(&mut one, 1) };
+            let _ = SITE_BUDGET.insert(&tgid, &one, BPF_NOEXIST as u64);
         }
     }
 }

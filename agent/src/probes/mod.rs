@@ -965,6 +965,81 @@ mod tests {
     use super::*;
     use crate::target::libc::probe_points;
 
+    /// The loader writes the probes' globals (`globals`, aya-log's level) into the object's
+    /// .rodata. A pointer to a constant that the compiler shared with one of them hands a
+    /// helper the loaded value instead of the constant: `&1` was NR_CPUS's address (every
+    /// process's first row charged as NR_CPUS rows), `&0` SAMPLE_BYTES's (on the `goagg`
+    /// branch, every Go growth key started at 2^19). So every load of a global's address in
+    /// the probes must be read through before any helper call.
+    #[test]
+    fn no_helper_is_handed_the_address_of_a_loaded_global() {
+        use object::{
+            Object as _, ObjectSection as _, ObjectSymbol as _, RelocationTarget, SectionKind,
+            SymbolKind,
+        };
+        let obj = object::File::parse(PROBE_OBJECT).expect("the probe object parses");
+        let rodata = obj.section_by_name(".rodata").expect(".rodata").index();
+        let globals: std::collections::HashMap<_, String> = obj
+            .symbols()
+            .filter(|s| s.section_index() == Some(rodata) && s.kind() == SymbolKind::Data)
+            .filter_map(|s| Some((s.index(), s.name().ok()?.to_owned())))
+            .filter(|(_, name)| !name.is_empty())
+            .collect();
+        assert!(
+            globals.values().any(|n| n == globals::NR_CPUS),
+            "the globals are named symbols of .rodata: {globals:?}"
+        );
+        const LDDW: u8 = 0x18;
+        const CALL: u8 = 0x85;
+        let mut handed = Vec::new();
+        let mut read = 0;
+        for section in obj.sections().filter(|s| s.kind() == SectionKind::Text) {
+            let code = section.data().expect("code");
+            for (offset, reloc) in section.relocations() {
+                let RelocationTarget::Symbol(sym) = reloc.target() else {
+                    continue;
+                };
+                let Some(name) = globals.get(&sym) else {
+                    continue;
+                };
+                let at = offset as usize;
+                if code.get(at) != Some(&LDDW) {
+                    continue;
+                }
+                let dst = code[at + 1] & 0x0f;
+                // The next instructions, until a load through `dst` (class LDX, mode MEM) or
+                // a helper call.
+                let mut i = at + 16;
+                let mut through = false;
+                while i + 8 <= code.len() && i < at + 16 + 16 * 8 {
+                    let (op, src) = (code[i], code[i + 1] >> 4);
+                    if op & 0x07 == 0x01 && op & 0xe0 == 0x60 && src == dst {
+                        through = true;
+                        break;
+                    }
+                    if op == CALL {
+                        break;
+                    }
+                    i += if op == LDDW { 16 } else { 8 };
+                }
+                if through {
+                    read += 1;
+                } else {
+                    handed.push(format!(
+                        "{} +{at:#x}: {name}",
+                        section.name().unwrap_or("?")
+                    ));
+                }
+            }
+        }
+        assert!(read > 0, "no global read at all: the scan is wrong");
+        assert!(
+            handed.is_empty(),
+            "addresses of loaded globals not read through before a call:\n{}",
+            handed.join("\n")
+        );
+    }
+
     /// Count mode's view of the machine's glibc (skipped where there is none): the relays
     /// between API functions found by disassembly, and one range per distinct function.
     #[test]
