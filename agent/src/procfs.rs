@@ -115,6 +115,15 @@ pub fn cgroup(pid: u32) -> Option<String> {
 }
 
 /// `/proc/<pid>/exe`: the path of the process's executable, a link the agent can open.
+/// Every pid in /proc (none if it cannot be read).
+pub fn pids() -> impl Iterator<Item = u32> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+}
+
 pub fn exe_link(pid: u32) -> PathBuf {
     PathBuf::from(format!("/proc/{pid}/exe"))
 }

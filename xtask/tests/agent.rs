@@ -2447,7 +2447,7 @@ fn go_programs_that_exited_make_room_for_new_ones() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     // Only this test's programs: a Go toolchain run elsewhere on the machine takes no room.
-    let only = format!("^{}/", regex_escape(&scratch.path.display().to_string()));
+    let only = format!("^{}/", scratch.path.display());
     let args = [
         "agent",
         "--listen",
@@ -2469,10 +2469,7 @@ fn go_programs_that_exited_make_room_for_new_ones() {
         // that the run is traced from its first instruction.
         let warm = scratch.path.join(format!("goroom-warm{i}"));
         fs::hard_link(path, &warm).expect("hard link of the fixture");
-        let w = Fixture::spawn_quiet(&warm, &["gc"; 2000]);
-        signal(w.pid, libc::SIGSTOP);
-        agent.discover(&Identity::of(&warm), "allocwatch_go_info", w.started);
-        drop(w);
+        attach_go_file(&agent, &warm);
         check_go_run(&agent, path, &modes, &build, &reference);
     }
     let stderr = agent.stderr.text();
@@ -2481,17 +2478,6 @@ fn go_programs_that_exited_make_room_for_new_ones() {
         stderr.contains("detached the Go probes of file"),
         "the first program's probes made room for the second's\n{stderr}"
     );
-}
-
-/// `text` as a regex that matches it literally.
-fn regex_escape(text: &str) -> String {
-    text.chars().fold(String::new(), |mut out, c| {
-        if r".*+?()[]{}|^$\".contains(c) {
-            out.push('\\');
-        }
-        out.push(c);
-        out
-    })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -642,7 +642,7 @@ fn tables_of_exited_programs_make_room_for_new_ones() {
     let fixture = env.unwind_fixture("nofp");
     // Beside the original (its library is found through $ORIGIN): another inode, same rows.
     let copy = fixture.with_file_name(format!("unwind_fixture_copy{}", std::process::id()));
-    std::fs::copy(&fixture, &copy).expect("copy the fixture");
+    support::copy_program(&fixture, &copy);
     let run = |script: &str, vars: &[(&str, &str)], gos: &[&Path], wait: &[&str]| {
         let out = support::temp_file("unwind-evict.json");
         let mut aw = Allocwatch::spawn_env(

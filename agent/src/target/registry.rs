@@ -553,11 +553,7 @@ impl Targets {
 /// The executables of every process in /proc (a process whose executable cannot be read, a
 /// kernel thread or one exiting, runs none that matters here).
 fn running_executables() -> HashSet<DevInode> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return HashSet::new();
-    };
-    dir.filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+    crate::procfs::pids()
         .filter_map(|pid| std::fs::metadata(crate::procfs::exe_link(pid)).ok())
         .map(|m| DevInode::from_metadata(&m))
         .collect()

@@ -4,7 +4,6 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    fs,
     time::Instant,
 };
 
@@ -46,18 +45,9 @@ impl Registry {
         symbolizer: &SymbolizerHandle,
     ) -> HashSet<u32> {
         let mut seen = HashSet::new();
-        if let Ok(dir) = fs::read_dir("/proc") {
-            for entry in dir.flatten() {
-                let Some(pid) = entry
-                    .file_name()
-                    .to_str()
-                    .and_then(|s| s.parse::<u32>().ok())
-                else {
-                    continue;
-                };
-                seen.insert(pid);
-                self.ensure(pid, probes, symbolizer);
-            }
+        for pid in crate::procfs::pids() {
+            seen.insert(pid);
+            self.ensure(pid, probes, symbolizer);
         }
         seen
     }
