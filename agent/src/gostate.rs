@@ -221,6 +221,9 @@ pub struct GoState {
     pub maps_gone: u64,
     /// Events that could not be decoded for this Go version (should stay 0).
     pub unexpected: u64,
+    /// Growth events counted in the kernel (`GO_AGG`) rather than streamed, included in the
+    /// counts above with the stack of their key's first event.
+    pub aggregated: u64,
     /// `runtime.mallocgc` is probed (`--go-malloc`, and the version has the probe): without
     /// it there is no allocation-size histogram.
     pub malloc_probed: bool,
@@ -267,8 +270,23 @@ impl GoState {
     }
 
     pub fn record(&mut self, ev: &GoEvent) {
+        self.record_n(ev, 1);
+    }
+
+    /// `n` more growth events identical to `ev` but for their stack, counted in the kernel
+    /// (`GO_AGG`) after `ev`, the first of their key: counted as `n` records of `ev` would be.
+    pub fn record_repeats(&mut self, ev: &GoEvent, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.aggregated += n;
+        self.record_n(ev, n);
+    }
+
+    /// `ev` seen `n` times.
+    fn record_n(&mut self, ev: &GoEvent, n: u64) {
         let Ok(role) = GoRole::try_from(ev.role) else {
-            self.unexpected += 1;
+            self.unexpected += n;
             return;
         };
         let v = &ev.values;
@@ -294,6 +312,7 @@ impl GoState {
                     .is_some_and(|m| u64::from(b) < m.size_class);
                 let new_b = g.new_b;
                 self.map_grow(
+                    n,
                     ptr,
                     g.kind.as_str(),
                     g.heap.requested,
@@ -313,6 +332,7 @@ impl GoState {
                 };
                 // The first group: always a new map (or a cleared one starting over).
                 self.map_grow(
+                    n,
                     ptr,
                     g.kind.as_str(),
                     g.heap.requested,
@@ -331,6 +351,7 @@ impl GoState {
                     return;
                 };
                 self.map_grow(
+                    n,
                     ptr,
                     g.kind.as_str(),
                     g.heap.requested,
@@ -353,6 +374,7 @@ impl GoState {
                     return;
                 };
                 self.map_grow(
+                    n,
                     ptr,
                     g.kind.as_str(),
                     g.heap.requested,
@@ -371,6 +393,7 @@ impl GoState {
                     return;
                 };
                 self.map_grow(
+                    n,
                     ptr,
                     g.kind.as_str(),
                     g.heap.requested,
@@ -391,6 +414,7 @@ impl GoState {
                     return;
                 };
                 self.map_grow(
+                    n,
                     ptr,
                     g.kind.as_str(),
                     g.heap.requested,
@@ -411,11 +435,11 @@ impl GoState {
                 else {
                     return;
                 };
-                self.slice_grows += 1;
-                self.slice_grow_bytes += g.heap.requested;
+                self.slice_grows += n;
+                self.slice_grow_bytes += n * g.heap.requested;
                 let s = self.sites.entry(site(GoSiteKind::SliceGrow)).or_default();
-                s.count += 1;
-                s.bytes += g.heap.requested;
+                s.count += n;
+                s.bytes += n * g.heap.requested;
             }
             GoRole::SliceMoveToHeap => {
                 // NoCap variants have no cap argument (captured as 0); NoScan variants have
@@ -431,19 +455,20 @@ impl GoState {
                 let Some(g) = self.growth(|ver| growth::move_slice(len, cap, elem, ver)) else {
                     return;
                 };
-                self.slice_moves.count += 1;
-                self.slice_moves.bytes += g.heap.requested;
+                self.slice_moves.count += n;
+                self.slice_moves.bytes += n * g.heap.requested;
             }
             GoRole::Malloc | GoRole::MallocSpecialized => {
                 let size = v[0];
-                self.large_allocs.count += 1;
-                self.large_allocs.bytes += size;
+                self.large_allocs.count += n;
+                self.large_allocs.bytes += n * size;
                 let s = self.sites.entry(site(GoSiteKind::Alloc)).or_default();
-                s.count += 1;
-                s.bytes += size;
+                s.count += n;
+                s.bytes += n * size;
             }
-            GoRole::GcStart => self.gc_starts += 1,
-            GoRole::StopTheWorld => self.unexpected += 1,
+            GoRole::GcStart => self.gc_starts += n,
+            GoRole::StopTheWorld => self.unexpected += n,
+            // Timed per event: never aggregated (`agg_ignored`), one record each.
             GoRole::StartTheWorld => {
                 let (ns, reason, stop_ret) = (v[0], v[1], v[2]);
                 self.stw_pauses.add(ns);
@@ -484,8 +509,12 @@ impl GoState {
         r
     }
 
+    /// `n` growths of the map at `ptr`. Repeats (`n` > 1, from the kernel's counts) are
+    /// maps that lived at a reused address with the same growth: the instance sums them.
+    #[allow(clippy::too_many_arguments)]
     fn map_grow(
         &mut self,
+        n: u64,
         ptr: u64,
         kind: &'static str,
         bytes: u64,
@@ -493,16 +522,16 @@ impl GoState {
         fresh: bool,
         update: impl FnOnce(&mut MapInstance),
     ) {
-        *self.map_grows.entry(kind).or_default() += 1;
-        self.map_grow_bytes += bytes;
+        *self.map_grows.entry(kind).or_default() += n;
+        self.map_grow_bytes += n * bytes;
         let s = self.sites.entry(site).or_default();
-        s.count += 1;
-        s.bytes += bytes;
+        s.count += n;
+        s.bytes += n * bytes;
         if fresh {
             self.maps.remove(&ptr);
         }
         if !self.maps.contains_key(&ptr) && self.maps.len() >= MAX_MAP_INSTANCES {
-            self.maps_untracked += 1;
+            self.maps_untracked += n;
             return;
         }
         let m = self.maps.entry(ptr).or_insert_with(|| MapInstance {
@@ -510,9 +539,9 @@ impl GoState {
             first_site: Some(site),
             ..MapInstance::default()
         });
-        m.grows += 1;
-        *m.by_kind.entry(kind).or_default() += 1;
-        m.bytes += bytes;
+        m.grows += n;
+        *m.by_kind.entry(kind).or_default() += n;
+        m.bytes += n * bytes;
         update(m);
         m.len_max = m.len_max.max(m.len_at_last_grow);
     }

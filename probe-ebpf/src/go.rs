@@ -6,13 +6,17 @@
 //! function's `ret` instructions instead, as plain uprobes.
 
 use allocwatch_common::{
+    errno::EEXIST,
     event::{EventHeader, EventKind, GoEvent},
-    go::{GO_LARGE_ALLOC, GO_SPEC_STACK, GO_VALUES, GoRole, GoSpec, StwState, cookie, reg},
+    go::{
+        GO_LARGE_ALLOC, GO_SPEC_STACK, GO_VALUES, GoAggKey, GoRole, GoSpec, StwState, cookie, reg,
+    },
     libc::NO_STACK,
+    loss::LossCause,
 };
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_ANY, pt_regs},
+    bindings::{BPF_ANY, BPF_NOEXIST, pt_regs},
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
         generated::bpf_get_attach_cookie,
@@ -23,7 +27,10 @@ use aya_ebpf::{
 
 use crate::{
     arch,
-    maps::{GO_HIST, GO_PROCS, GO_SPECS, GO_STW, begins, capture_stack, hist_add, why},
+    maps::{
+        EVENTS, GO_AGG, GO_AGG_FULL, GO_HIST, GO_PROCS, GO_SPECS, GO_STW, begins, capture_stack,
+        hist_add, lost, why,
+    },
 };
 
 #[uprobe(multi)]
@@ -175,6 +182,16 @@ fn emit(
     ret_addr: u64,
     values: [u64; GO_VALUES],
 ) {
+    // A growth whose key was seen before is only counted: no stack walk, no record (the agent
+    // reads the counts and gives them the stack of the key's first record).
+    let key = GoAggKey::of(tgid, spec.role, ret_addr, &values);
+    if let Some(key) = &key
+        && let Some(n) = GO_AGG.get_ptr_mut(key)
+    {
+        // SAFETY: this CPU's value.
+        unsafe { *n += 1 };
+        return;
+    }
     let stack_id = if spec.flags & GO_SPEC_STACK != 0 {
         capture_stack(ctx)
     } else {
@@ -194,7 +211,25 @@ fn emit(
         stack_id,
         values,
     };
-    crate::maps::emit(&ev, crate::maps::batched_wakeup());
+    if EVENTS.output(&ev, crate::maps::batched_wakeup()).is_err() {
+        lost(LossCause::RingbufFull);
+        // No key without its record: the agent could not name its counts.
+        return;
+    }
+    // The key after its record: a count the agent reads always has a record before it in the
+    // ring. Another CPU may have inserted it meanwhile (its event went as a record too).
+    if let Some(key) = &key {
+        match GO_AGG.insert(key, &0, BPF_NOEXIST as u64) {
+            Ok(()) => {}
+            Err(e) if e == -EEXIST => {}
+            Err(_) => {
+                if let Some(n) = GO_AGG_FULL.get_ptr_mut(0) {
+                    // SAFETY: this CPU's slot.
+                    unsafe { *n += 1 };
+                }
+            }
+        }
+    }
 }
 
 /// Value `i` of the spec: a register, or a field loaded through one.
