@@ -2,8 +2,8 @@
 //! count belongs to, and how much of it has been handed on. Pure bookkeeping, no I/O
 //! (`pipeline.rs` reads and deletes the map); unit-tested without root.
 //!
-//! The probe streams the first growth event of a key (`GoAggKey`: process, role, immediate
-//! caller, the values the decoder reads) as a record with its stack, then inserts the key; a
+//! The probe streams the first growth event of a key (`GoAggKey`: process, role, the two
+//! innermost return addresses, the values the decoder reads) as a record with its stack, then inserts the key; a
 //! later event with the same key only adds one to its per-CPU count. Every event is thus
 //! either a record or one unit of a count, never both. The agent remembers the first record of
 //! each key ([`GoAgg::note`]) and, at each drain, hands on the growth of the count since the
@@ -48,7 +48,8 @@ pub struct GoAgg {
 impl GoAgg {
     /// A decoded Go record: the first of its key (if aggregated) names the key's counts.
     pub fn note(&mut self, ev: &GoEvent) {
-        let Some(key) = GoAggKey::of(ev.header.tgid, ev.role, ev.ret_addr, &ev.values) else {
+        let Some(key) = GoAggKey::of(ev.header.tgid, ev.role, ev.ret_addr, ev.caller, &ev.values)
+        else {
             return;
         };
         // Two CPUs may both stream the first event of a key: the first read stays.
@@ -130,6 +131,7 @@ fn after(tgid: u32) -> GoAggKey {
             tgid,
             role: u32::MAX,
             ret_addr: u64::MAX,
+            caller: u64::MAX,
             values: [u64::MAX; allocwatch_common::go::GO_VALUES],
         },
     }
@@ -157,11 +159,12 @@ mod tests {
             ret_addr: 0x4000,
             stack_id,
             values,
+            caller: 0x5000,
         }
     }
 
     fn key(ev: &GoEvent) -> GoAggKey {
-        GoAggKey::of(ev.header.tgid, ev.role, ev.ret_addr, &ev.values).unwrap()
+        GoAggKey::of(ev.header.tgid, ev.role, ev.ret_addr, ev.caller, &ev.values).unwrap()
     }
 
     #[test]

@@ -165,6 +165,10 @@ pub struct GoAggKey {
     pub tgid: u32,
     pub role: u32,
     pub ret_addr: u64,
+    /// One frame above `ret_addr`: growth functions are often called from the runtime
+    /// (`mapassign`, `growsliceBuf`), whose return address alone would not tell the program's
+    /// call sites apart.
+    pub caller: u64,
     pub values: [u64; GO_VALUES],
 }
 
@@ -200,12 +204,19 @@ pub const fn agg_ignored(role: u32) -> Option<u32> {
 impl GoAggKey {
     /// The aggregation key of an event, `None` for a role that is not aggregated.
     #[inline(always)]
-    pub fn of(tgid: u32, role: u32, ret_addr: u64, values: &[u64; GO_VALUES]) -> Option<Self> {
+    pub fn of(
+        tgid: u32,
+        role: u32,
+        ret_addr: u64,
+        caller: u64,
+        values: &[u64; GO_VALUES],
+    ) -> Option<Self> {
         let ignored = agg_ignored(role)?;
         let mut key = GoAggKey {
             tgid,
             role,
             ret_addr,
+            caller,
             values: *values,
         };
         let mut i = 0;
@@ -279,10 +290,11 @@ const _: () = {
     assert!(size_of::<StwState>() == 24);
     assert!(size_of::<GoHistKey>() == 8);
     assert!(size_of::<GoHistVal>() == 16);
-    assert!(size_of::<GoAggKey>() == 64);
+    assert!(size_of::<GoAggKey>() == 72);
     assert!(offset_of!(GoAggKey, role) == 4);
     assert!(offset_of!(GoAggKey, ret_addr) == 8);
-    assert!(offset_of!(GoAggKey, values) == 16);
+    assert!(offset_of!(GoAggKey, caller) == 16);
+    assert!(offset_of!(GoAggKey, values) == 24);
 };
 
 #[cfg(feature = "user")]
@@ -317,15 +329,15 @@ mod tests {
     #[test]
     fn agg_keys_leave_out_ignored_values_only() {
         let v = [1, 2, 3, 4, 5, 6];
-        let slice = GoAggKey::of(7, GoRole::SliceGrow as u32, 0x40, &v).unwrap();
+        let slice = GoAggKey::of(7, GoRole::SliceGrow as u32, 0x40, 0x50, &v).unwrap();
         assert_eq!(slice.values, [1, 2, 3, 4, 0, 6]);
-        assert_eq!((slice.tgid, slice.ret_addr), (7, 0x40));
-        let grow = GoAggKey::of(7, GoRole::MapTableGrow as u32, 0x40, &v).unwrap();
+        assert_eq!((slice.tgid, slice.ret_addr, slice.caller), (7, 0x40, 0x50));
+        let grow = GoAggKey::of(7, GoRole::MapTableGrow as u32, 0x40, 0x50, &v).unwrap();
         assert_eq!(grow.values, v);
         for r in [GoRole::Malloc, GoRole::GcStart, GoRole::StartTheWorld] {
-            assert_eq!(GoAggKey::of(7, r as u32, 0x40, &v), None);
+            assert_eq!(GoAggKey::of(7, r as u32, 0x40, 0, &v), None);
         }
-        assert_eq!(GoAggKey::of(7, GO_ROLES as u32, 0x40, &v), None);
+        assert_eq!(GoAggKey::of(7, GO_ROLES as u32, 0x40, 0, &v), None);
     }
 
     #[test]

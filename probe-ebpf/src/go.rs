@@ -9,7 +9,8 @@ use allocwatch_common::{
     errno::EEXIST,
     event::{EventHeader, EventKind, GoEvent},
     go::{
-        GO_LARGE_ALLOC, GO_SPEC_STACK, GO_VALUES, GoAggKey, GoRole, GoSpec, StwState, cookie, reg,
+        GO_LARGE_ALLOC, GO_SPEC_STACK, GO_VALUES, GoAggKey, GoRole, GoSpec, StwState, agg_ignored,
+        cookie, reg,
     },
     libc::NO_STACK,
     loss::LossCause,
@@ -184,7 +185,12 @@ fn emit(
 ) {
     // A growth whose key was seen before is only counted: no stack walk, no record (the agent
     // reads the counts and gives them the stack of the key's first record).
-    let key = GoAggKey::of(tgid, spec.role, ret_addr, &values);
+    let caller = if agg_ignored(spec.role).is_some() {
+        caller_return_address(regs, ret_addr)
+    } else {
+        0
+    };
+    let key = GoAggKey::of(tgid, spec.role, ret_addr, caller, &values);
     if let Some(key) = &key
         && let Some(n) = GO_AGG.get_ptr_mut(key)
     {
@@ -210,6 +216,7 @@ fn emit(
         ret_addr,
         stack_id,
         values,
+        caller,
     };
     if EVENTS.output(&ev, crate::maps::batched_wakeup()).is_err() {
         lost(LossCause::RingbufFull);
@@ -230,6 +237,28 @@ fn emit(
             }
         }
     }
+}
+
+/// The probed function's caller's own return address, through the frame pointer (Go keeps
+/// frame pointers; the caller calls, so it has a frame): at the entry the frame pointer is the
+/// caller's, its return address one word above. A probe placed past the callee's own
+/// `push rbp; mov rbp, rsp` finds its own return address there: one frame further. 0 when
+/// unreadable (the key is then only less specific).
+#[inline(always)]
+fn caller_return_address(regs: &pt_regs, ret_addr: u64) -> u64 {
+    let fp = arch::fp(regs);
+    // SAFETY: reading the traced task's memory; a fault yields 0.
+    let above = unsafe { bpf_probe_read_user((fp + 8) as *const u64) }.unwrap_or(0);
+    if above != ret_addr {
+        return above;
+    }
+    // SAFETY: as above.
+    let up = unsafe { bpf_probe_read_user(fp as *const u64) }.unwrap_or(0);
+    if up == 0 {
+        return 0;
+    }
+    // SAFETY: as above.
+    unsafe { bpf_probe_read_user((up + 8) as *const u64) }.unwrap_or(0)
 }
 
 /// Value `i` of the spec: a register, or a field loaded through one.
