@@ -509,8 +509,11 @@ impl GoState {
         r
     }
 
-    /// `n` growths of the map at `ptr`. Repeats (`n` > 1, from the kernel's counts) are
-    /// maps that lived at a reused address with the same growth: the instance sums them.
+    /// `n` growths of the map at `ptr`, counted `n` times in the totals and the site. Repeats
+    /// (`n` > 1, from the kernel's counts) have the same map pointer and the same counts at the
+    /// growth, which one map never has twice (its count and size only rise): they are maps
+    /// built the same way at a reused address, one after the other. As with records, the
+    /// instance is the latest of them: it counts the growth once.
     #[allow(clippy::too_many_arguments)]
     fn map_grow(
         &mut self,
@@ -539,9 +542,9 @@ impl GoState {
             first_site: Some(site),
             ..MapInstance::default()
         });
-        m.grows += n;
-        *m.by_kind.entry(kind).or_default() += n;
-        m.bytes += n * bytes;
+        m.grows += 1;
+        *m.by_kind.entry(kind).or_default() += 1;
+        m.bytes += bytes;
         update(m);
         m.len_max = m.len_max.max(m.len_at_last_grow);
     }
@@ -652,6 +655,132 @@ mod tests {
             },
         );
         s
+    }
+
+    fn state(version: &str) -> GoState {
+        let v = GoVersion::parse(version).unwrap();
+        GoState {
+            swiss: crate::gort::versions::map_impl(&v) == MapImpl::Swiss,
+            version_parsed: Some(v),
+            ..GoState::default()
+        }
+    }
+
+    fn go_event(role: GoRole, values: [u64; 6]) -> GoEvent {
+        GoEvent {
+            header: allocwatch_common::event::EventHeader {
+                kind: allocwatch_common::event::EventKind::Go as u32,
+                tgid: 10,
+            },
+            role: role as u32,
+            ret_addr: 0x4000,
+            stack_id: 3,
+            values,
+            caller: 0x5000,
+            ..GoEvent::default()
+        }
+    }
+
+    /// What the totals and sites say (the map instances are compared where it applies).
+    fn totals(s: &GoState) -> impl PartialEq + std::fmt::Debug {
+        (
+            s.map_grows.clone(),
+            s.map_grow_bytes,
+            s.slice_grows,
+            s.slice_grow_bytes,
+            s.slice_moves,
+            s.sites.clone(),
+            s.unexpected,
+        )
+    }
+
+    /// One realistic event of every aggregated role, per Go version (values in
+    /// `target::go::value_names` order).
+    fn aggregated_events() -> Vec<(&'static str, GoEvent)> {
+        vec![
+            (
+                "go1.19.8",
+                go_event(GoRole::MapHashGrow, [0x1000, 13, 1, 0, 144, 0]),
+            ),
+            (
+                "go1.19.8",
+                go_event(GoRole::SliceGrow, [5, 4, 8, 0, 0x9000, 0]),
+            ),
+            (
+                "go1.27.3",
+                go_event(GoRole::MapGrowToSmall, [0x2000, 0, 0, 0, 136, 0]),
+            ),
+            (
+                "go1.27.3",
+                go_event(GoRole::MapGrowToTable, [0x2000, 8, 0, 0, 136, 0]),
+            ),
+            (
+                "go1.27.3",
+                go_event(GoRole::MapTableGrow, [0x2000, 16, 32, 14, 136, 0]),
+            ),
+            (
+                "go1.27.3",
+                go_event(GoRole::MapTableSplit, [0x2000, 1024, 0, 136, 900, 0]),
+            ),
+            (
+                "go1.27.3",
+                go_event(GoRole::MapDirectoryGrow, [0x2000, 1, 2, 1, 0, 0]),
+            ),
+            (
+                "go1.27.3",
+                go_event(GoRole::SliceMoveToHeap, [3, 4, 8, 0, 0, 0]),
+            ),
+            (
+                "go1.27.3",
+                go_event(GoRole::SliceGrow, [5, 4, 24, 8, 0x9000, 0]),
+            ),
+        ]
+    }
+
+    #[test]
+    fn repeats_count_as_that_many_records() {
+        for (version, ev) in aggregated_events() {
+            let role = GoRole::try_from(ev.role).unwrap();
+            let mut records = state(version);
+            for _ in 0..6 {
+                records.record(&ev);
+            }
+            let mut repeats = state(version);
+            repeats.record(&ev);
+            repeats.record_repeats(&ev, 5);
+            assert_eq!(totals(&repeats), totals(&records), "{role:?}");
+            assert_eq!(repeats.unexpected, 0, "{role:?} decodes on {version}");
+            assert_eq!(repeats.aggregated, 5);
+            // A repeat of a map's growth is another map at that address: as records of a new
+            // map (its B went down, or its first group) the instance is the latest map.
+            if matches!(role, GoRole::MapHashGrow | GoRole::MapGrowToSmall) {
+                assert_eq!(repeats.maps, records.maps, "{role:?}");
+            }
+            if role == GoRole::MapHashGrow {
+                // Bucket maps see a new map only when B went down: mimic what follows it.
+                let m = &repeats.maps[&0x1000];
+                assert_eq!((m.grows, m.size_class), (1, 2));
+            }
+        }
+    }
+
+    #[test]
+    fn values_left_out_of_the_kernel_key_change_nothing_counted() {
+        for (version, ev) in aggregated_events() {
+            let ignored = allocwatch_common::go::agg_ignored(ev.role).unwrap();
+            let mut other = ev;
+            for (i, v) in other.values.iter_mut().enumerate() {
+                if ignored & (1 << i) != 0 {
+                    *v = v.wrapping_mul(7).wrapping_add(0x1234_5678);
+                }
+            }
+            let (mut a, mut b) = (state(version), state(version));
+            a.record(&ev);
+            b.record(&other);
+            assert_eq!(totals(&a), totals(&b), "{:?}", GoRole::try_from(ev.role));
+            let (ma, mb): (Vec<_>, Vec<_>) = (a.maps.values().collect(), b.maps.values().collect());
+            assert_eq!(ma, mb);
+        }
     }
 
     #[test]
