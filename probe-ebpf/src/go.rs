@@ -226,7 +226,13 @@ fn emit(
     // The key after its record: a count the agent reads always has a record before it in the
     // ring. Another CPU may have inserted it meanwhile (its event went as a record too).
     if let Some(key) = &key {
-        match GO_AGG.insert(key, &0, BPF_NOEXIST as u64) {
+        // From the stack: a `&0` is a constant in .rodata, which the compiler may share with
+        // a global of the same value that the loader overrides (SAMPLE_BYTES: with the
+        // agent's default sampling every key started at 2^19).
+        let mut zero = 0u64;
+        // SAFETY: a write to a local.
+        unsafe { core::ptr::write_volatile(&mut zero, 0) };
+        match GO_AGG.insert(key, &zero, BPF_NOEXIST as u64) {
             Ok(()) => {}
             Err(e) if e == -EEXIST => {}
             Err(_) => {
