@@ -221,6 +221,9 @@ pub struct GoState {
     pub maps_gone: u64,
     /// Events that could not be decoded for this Go version (should stay 0).
     pub unexpected: u64,
+    /// Growth events counted in the kernel (`GO_AGG`) rather than streamed, included in the
+    /// counts above with the stack of their key's first event.
+    pub aggregated: u64,
     /// `runtime.mallocgc` is probed (`--go-malloc`, and the version has the probe): without
     /// it there is no allocation-size histogram.
     pub malloc_probed: bool,
@@ -267,8 +270,23 @@ impl GoState {
     }
 
     pub fn record(&mut self, ev: &GoEvent) {
+        self.record_n(ev, 1);
+    }
+
+    /// `n` more growth events identical to `ev` but for their stack, counted in the kernel
+    /// (`GO_AGG`) after `ev`, the first of their key: counted as `n` records of `ev` would be.
+    pub fn record_repeats(&mut self, ev: &GoEvent, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.aggregated += n;
+        self.record_n(ev, n);
+    }
+
+    /// `ev` seen `n` times.
+    fn record_n(&mut self, ev: &GoEvent, n: u64) {
         let Ok(role) = GoRole::try_from(ev.role) else {
-            self.unexpected += 1;
+            self.unexpected += n;
             return;
         };
         let v = &ev.values;
@@ -294,6 +312,7 @@ impl GoState {
                     .is_some_and(|m| u64::from(b) < m.size_class);
                 let new_b = g.new_b;
                 self.map_grow(
+                    n,
                     ptr,
                     g.kind.as_str(),
                     g.heap.requested,
@@ -313,6 +332,7 @@ impl GoState {
                 };
                 // The first group: always a new map (or a cleared one starting over).
                 self.map_grow(
+                    n,
                     ptr,
                     g.kind.as_str(),
                     g.heap.requested,
@@ -331,6 +351,7 @@ impl GoState {
                     return;
                 };
                 self.map_grow(
+                    n,
                     ptr,
                     g.kind.as_str(),
                     g.heap.requested,
@@ -353,6 +374,7 @@ impl GoState {
                     return;
                 };
                 self.map_grow(
+                    n,
                     ptr,
                     g.kind.as_str(),
                     g.heap.requested,
@@ -371,6 +393,7 @@ impl GoState {
                     return;
                 };
                 self.map_grow(
+                    n,
                     ptr,
                     g.kind.as_str(),
                     g.heap.requested,
@@ -391,6 +414,7 @@ impl GoState {
                     return;
                 };
                 self.map_grow(
+                    n,
                     ptr,
                     g.kind.as_str(),
                     g.heap.requested,
@@ -411,11 +435,11 @@ impl GoState {
                 else {
                     return;
                 };
-                self.slice_grows += 1;
-                self.slice_grow_bytes += g.heap.requested;
+                self.slice_grows += n;
+                self.slice_grow_bytes += n * g.heap.requested;
                 let s = self.sites.entry(site(GoSiteKind::SliceGrow)).or_default();
-                s.count += 1;
-                s.bytes += g.heap.requested;
+                s.count += n;
+                s.bytes += n * g.heap.requested;
             }
             GoRole::SliceMoveToHeap => {
                 // NoCap variants have no cap argument (captured as 0); NoScan variants have
@@ -431,19 +455,20 @@ impl GoState {
                 let Some(g) = self.growth(|ver| growth::move_slice(len, cap, elem, ver)) else {
                     return;
                 };
-                self.slice_moves.count += 1;
-                self.slice_moves.bytes += g.heap.requested;
+                self.slice_moves.count += n;
+                self.slice_moves.bytes += n * g.heap.requested;
             }
             GoRole::Malloc | GoRole::MallocSpecialized => {
                 let size = v[0];
-                self.large_allocs.count += 1;
-                self.large_allocs.bytes += size;
+                self.large_allocs.count += n;
+                self.large_allocs.bytes += n * size;
                 let s = self.sites.entry(site(GoSiteKind::Alloc)).or_default();
-                s.count += 1;
-                s.bytes += size;
+                s.count += n;
+                s.bytes += n * size;
             }
-            GoRole::GcStart => self.gc_starts += 1,
-            GoRole::StopTheWorld => self.unexpected += 1,
+            GoRole::GcStart => self.gc_starts += n,
+            GoRole::StopTheWorld => self.unexpected += n,
+            // Timed per event: never aggregated (`agg_ignored`), one record each.
             GoRole::StartTheWorld => {
                 let (ns, reason, stop_ret) = (v[0], v[1], v[2]);
                 self.stw_pauses.add(ns);
@@ -484,8 +509,15 @@ impl GoState {
         r
     }
 
+    /// `n` growths of the map at `ptr`, counted `n` times in the totals and the site. Repeats
+    /// (`n` > 1, from the kernel's counts) have the same map pointer and the same counts at the
+    /// growth, which one map never has twice (its count and size only rise): they are maps
+    /// built the same way at a reused address, one after the other. As with records, the
+    /// instance is the latest of them: it counts the growth once.
+    #[allow(clippy::too_many_arguments)]
     fn map_grow(
         &mut self,
+        n: u64,
         ptr: u64,
         kind: &'static str,
         bytes: u64,
@@ -493,16 +525,16 @@ impl GoState {
         fresh: bool,
         update: impl FnOnce(&mut MapInstance),
     ) {
-        *self.map_grows.entry(kind).or_default() += 1;
-        self.map_grow_bytes += bytes;
+        *self.map_grows.entry(kind).or_default() += n;
+        self.map_grow_bytes += n * bytes;
         let s = self.sites.entry(site).or_default();
-        s.count += 1;
-        s.bytes += bytes;
+        s.count += n;
+        s.bytes += n * bytes;
         if fresh {
             self.maps.remove(&ptr);
         }
         if !self.maps.contains_key(&ptr) && self.maps.len() >= MAX_MAP_INSTANCES {
-            self.maps_untracked += 1;
+            self.maps_untracked += n;
             return;
         }
         let m = self.maps.entry(ptr).or_insert_with(|| MapInstance {
@@ -623,6 +655,132 @@ mod tests {
             },
         );
         s
+    }
+
+    fn state(version: &str) -> GoState {
+        let v = GoVersion::parse(version).unwrap();
+        GoState {
+            swiss: crate::gort::versions::map_impl(&v) == MapImpl::Swiss,
+            version_parsed: Some(v),
+            ..GoState::default()
+        }
+    }
+
+    fn go_event(role: GoRole, values: [u64; 6]) -> GoEvent {
+        GoEvent {
+            header: allocwatch_common::event::EventHeader {
+                kind: allocwatch_common::event::EventKind::Go as u32,
+                tgid: 10,
+            },
+            role: role as u32,
+            ret_addr: 0x4000,
+            stack_id: 3,
+            values,
+            caller: 0x5000,
+            ..GoEvent::default()
+        }
+    }
+
+    /// What the totals and sites say (the map instances are compared where it applies).
+    fn totals(s: &GoState) -> impl PartialEq + std::fmt::Debug {
+        (
+            s.map_grows.clone(),
+            s.map_grow_bytes,
+            s.slice_grows,
+            s.slice_grow_bytes,
+            s.slice_moves,
+            s.sites.clone(),
+            s.unexpected,
+        )
+    }
+
+    /// One realistic event of every aggregated role, per Go version (values in
+    /// `target::go::value_names` order).
+    fn aggregated_events() -> Vec<(&'static str, GoEvent)> {
+        vec![
+            (
+                "go1.19.8",
+                go_event(GoRole::MapHashGrow, [0x1000, 13, 1, 0, 144, 0]),
+            ),
+            (
+                "go1.19.8",
+                go_event(GoRole::SliceGrow, [5, 4, 8, 0, 0x9000, 0]),
+            ),
+            (
+                "go1.27.3",
+                go_event(GoRole::MapGrowToSmall, [0x2000, 0, 0, 0, 136, 0]),
+            ),
+            (
+                "go1.27.3",
+                go_event(GoRole::MapGrowToTable, [0x2000, 8, 0, 0, 136, 0]),
+            ),
+            (
+                "go1.27.3",
+                go_event(GoRole::MapTableGrow, [0x2000, 16, 32, 14, 136, 0]),
+            ),
+            (
+                "go1.27.3",
+                go_event(GoRole::MapTableSplit, [0x2000, 1024, 0, 136, 900, 0]),
+            ),
+            (
+                "go1.27.3",
+                go_event(GoRole::MapDirectoryGrow, [0x2000, 1, 2, 1, 0, 0]),
+            ),
+            (
+                "go1.27.3",
+                go_event(GoRole::SliceMoveToHeap, [3, 4, 8, 0, 0, 0]),
+            ),
+            (
+                "go1.27.3",
+                go_event(GoRole::SliceGrow, [5, 4, 24, 8, 0x9000, 0]),
+            ),
+        ]
+    }
+
+    #[test]
+    fn repeats_count_as_that_many_records() {
+        for (version, ev) in aggregated_events() {
+            let role = GoRole::try_from(ev.role).unwrap();
+            let mut records = state(version);
+            for _ in 0..6 {
+                records.record(&ev);
+            }
+            let mut repeats = state(version);
+            repeats.record(&ev);
+            repeats.record_repeats(&ev, 5);
+            assert_eq!(totals(&repeats), totals(&records), "{role:?}");
+            assert_eq!(repeats.unexpected, 0, "{role:?} decodes on {version}");
+            assert_eq!(repeats.aggregated, 5);
+            // A repeat of a map's growth is another map at that address: as records of a new
+            // map (its B went down, or its first group) the instance is the latest map.
+            if matches!(role, GoRole::MapHashGrow | GoRole::MapGrowToSmall) {
+                assert_eq!(repeats.maps, records.maps, "{role:?}");
+            }
+            if role == GoRole::MapHashGrow {
+                // Bucket maps see a new map only when B went down: mimic what follows it.
+                let m = &repeats.maps[&0x1000];
+                assert_eq!((m.grows, m.size_class), (1, 2));
+            }
+        }
+    }
+
+    #[test]
+    fn values_left_out_of_the_kernel_key_change_nothing_counted() {
+        for (version, ev) in aggregated_events() {
+            let ignored = allocwatch_common::go::agg_ignored(ev.role).unwrap();
+            let mut other = ev;
+            for (i, v) in other.values.iter_mut().enumerate() {
+                if ignored & (1 << i) != 0 {
+                    *v = v.wrapping_mul(7).wrapping_add(0x1234_5678);
+                }
+            }
+            let (mut a, mut b) = (state(version), state(version));
+            a.record(&ev);
+            b.record(&other);
+            assert_eq!(totals(&a), totals(&b), "{:?}", GoRole::try_from(ev.role));
+            let (ma, mb): (Vec<_>, Vec<_>) = (a.maps.values().collect(), b.maps.values().collect());
+            assert_eq!(ma, mb);
+        }
     }
 
     #[test]

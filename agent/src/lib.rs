@@ -12,6 +12,7 @@ pub mod collect;
 pub mod config;
 pub mod daemon;
 pub mod frames;
+pub mod goagg;
 pub mod gort;
 pub mod gostate;
 pub mod k8s;

@@ -160,4 +160,8 @@ pub struct SelfStats {
     pub stale_snapshots: u64,
     /// What the agent holds in memory, by kind (processes, chains, …), for its own bounds.
     pub held: BTreeMap<&'static str, u64>,
+    /// Go growth events by how the kernel passed them on other than as records:
+    /// `kernel_count`, counted by key (`GO_AGG`) and included in the Go counts; `table_full`,
+    /// sent as records because that table was full.
+    pub go_growth_aggregated: BTreeMap<&'static str, u64>,
 }

@@ -4,11 +4,19 @@
 //! kernel's LRU table can evict it, and its site queued to be named while its process lives;
 //! what else a record means is the consumer's ([`Handler`]).
 
-use allocwatch_common::{Event, ImageHists, event::GoEvent, libc::SiteKey};
-use aya::maps::{MapData, RingBuf};
+use allocwatch_common::{
+    Event, ImageHists, event::GoEvent, go::GoAggKey, libc::SiteKey, map_names,
+};
+use aya::maps::{MapData, PerCpuArray, RingBuf};
 use tokio::io::unix::AsyncFd;
 
-use crate::{collect, frames::FrameCache, probes::Probes, symbolize::SymbolizerHandle};
+use crate::{
+    collect::{self, Cursor, RawMap},
+    frames::FrameCache,
+    goagg::{GoAgg, Take},
+    probes::Probes,
+    symbolize::SymbolizerHandle,
+};
 
 /// Counters of the pipeline itself.
 #[derive(Clone, Copy, Debug, Default)]
@@ -40,6 +48,9 @@ pub trait Handler {
     fn new_site(&mut self, parts: &mut Parts, site: &SiteKey, comm: &[u8; 16]);
     /// A Go runtime event (a growth, a large allocation, a GC step).
     fn go(&mut self, parts: &mut Parts, event: &GoEvent);
+    /// `n` more Go growth events like `event` (the first of their key, already handed to
+    /// [`Self::go`]), counted in the kernel (`GO_AGG`).
+    fn go_repeats(&mut self, event: &GoEvent, n: u64);
 }
 
 /// The ring buffer and the parts it feeds.
@@ -48,6 +59,8 @@ pub struct Pipeline {
     ring: AsyncFd<RingBuf<MapData>>,
     events: Vec<Event>,
     pub stats: LoopStats,
+    /// The first record of each Go growth key counted in the kernel.
+    pub go_agg: GoAgg,
 }
 
 impl Pipeline {
@@ -69,6 +82,7 @@ impl Pipeline {
             ring,
             events: Vec::new(),
             stats: LoopStats::default(),
+            go_agg: GoAgg::default(),
         })
     }
 
@@ -87,7 +101,11 @@ impl Pipeline {
         let parts = &mut self.parts;
         for ev in self.events.drain(..) {
             match ev {
-                Event::Exec(tgid, comm, path) => handler.exec(parts, tgid, &comm, path),
+                Event::Exec(tgid, comm, path) => {
+                    // The old program's counts go to it, before its state becomes the past.
+                    flush_go_agg(parts, &mut self.go_agg, tgid, handler)?;
+                    handler.exec(parts, tgid, &comm, path);
+                }
                 Event::ImageHist(tgid, hists) => handler.image_hists(parts, tgid, hists),
                 Event::Fork(child, parent, followed) => {
                     handler.fork(parts, child, parent, followed);
@@ -112,11 +130,78 @@ impl Pipeline {
                         .frames
                         .remember_stack(&parts.probes, tgid, g.stack_id)?;
                     parts.frames.queue(tgid, g.stack_id, g.ret_addr);
+                    self.go_agg.note(&g);
                     handler.go(parts, &g);
                 }
             }
         }
         Ok(())
+    }
+
+    /// Hands on what the kernel counted in `GO_AGG` since the last drain (records first: a
+    /// count whose record is still in the ring waits for it), then takes the keys of gone
+    /// processes out of the kernel (their counts are final once read after they were gone).
+    pub fn drain_go_agg(&mut self, handler: &mut impl Handler) -> anyhow::Result<()> {
+        self.drain(handler)?;
+        let parts = &mut self.parts;
+        let name = map_names::GO_AGG;
+        let Some(map) = parts.probes.map(name) else {
+            // Probes without Go programs (the benchmark's floors) have no aggregate.
+            return Ok(());
+        };
+        let map = RawMap::of::<GoAggKey, u64>(map, name)?;
+        // Gone before the read: nothing adds to their keys any more.
+        let gone: Vec<u32> = self
+            .go_agg
+            .tgids()
+            .into_iter()
+            .filter(|&t| !process_exists(t))
+            .collect();
+        let mut counts: Vec<(GoAggKey, u64)> = Vec::new();
+        let mut cursor = Cursor::default();
+        map.scan(
+            &mut cursor,
+            map.max_entries() as usize,
+            |k: &GoAggKey, v: &[u64]| {
+                counts.push((*k, v.iter().sum()));
+            },
+        )?;
+        // Key order: a map's growths at a reused address in the order of its (count, B).
+        counts.sort_unstable();
+        let mut orphans = Vec::new();
+        for (key, total) in counts {
+            match self.go_agg.take(&key, total) {
+                Take::Repeat(first, n) => handler.go_repeats(&first, n),
+                Take::Nothing => {}
+                Take::Pending => {
+                    if !process_exists(key.tgid) && self.go_agg.orphan(key) {
+                        log::debug!(
+                            "GO_AGG: {} counts of pid {} without a record",
+                            total,
+                            key.tgid
+                        );
+                        orphans.push(key);
+                    }
+                }
+            }
+        }
+        let mut done: Vec<GoAggKey> = gone
+            .into_iter()
+            .flat_map(|t| self.go_agg.keys_of(t))
+            .collect();
+        done.extend(orphans);
+        map.delete(&done)?;
+        self.go_agg.forget(&done);
+        Ok(())
+    }
+
+    /// Growth events sent as records because `GO_AGG` was full (all CPUs).
+    pub fn go_agg_full(&self) -> anyhow::Result<u64> {
+        let Some(map) = self.parts.probes.map(map_names::GO_AGG_FULL) else {
+            return Ok(0);
+        };
+        let a = PerCpuArray::<_, u64>::try_from(map)?;
+        Ok(a.get(&0, 0)?.iter().sum())
     }
 
     /// Names the queued sites until `deadline` (every one without).
@@ -131,4 +216,38 @@ impl Pipeline {
         } = &mut self.parts;
         frames.name_queued(probes, symbolizer, deadline).await
     }
+}
+
+/// Hands on and deletes `tgid`'s keys now (its program is replaced at exec: its threads are
+/// gone, so their counts are final).
+fn flush_go_agg(
+    parts: &mut Parts,
+    agg: &mut GoAgg,
+    tgid: u32,
+    handler: &mut impl Handler,
+) -> anyhow::Result<()> {
+    let keys = agg.keys_of(tgid);
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let name = map_names::GO_AGG;
+    let Some(map) = parts.probes.map(name) else {
+        return Ok(());
+    };
+    let map = RawMap::of::<GoAggKey, u64>(map, name)?;
+    let mut values = Vec::new();
+    for key in &keys {
+        if map.lookup(key, &mut values)?
+            && let Take::Repeat(first, n) = agg.take(key, values.iter().sum())
+        {
+            handler.go_repeats(&first, n);
+        }
+    }
+    map.delete(&keys)?;
+    agg.forget(&keys);
+    Ok(())
+}
+
+fn process_exists(tgid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{tgid}")).exists()
 }

@@ -170,6 +170,10 @@ pub struct GoEvent {
     pub stack_id: i64,
     /// For `StartTheWorld`: [pause ns, stop reason, stop's return address, …].
     pub values: [u64; GO_VALUES],
+    /// Growth events: the caller's own return address (one frame above `ret_addr`, through
+    /// the frame pointer), part of the kernel's aggregation key (`crate::go::GoAggKey`); 0
+    /// for other events.
+    pub caller: u64,
 }
 
 const _: () = {
@@ -183,7 +187,8 @@ const _: () = {
     assert!(size_of::<NewSiteRecord>() == NEW_SITE_FIXED + 8 * crate::MAX_STACK_DEPTH);
     assert!(size_of::<ExecEvent>() == 280);
     assert!(offset_of!(ExecEvent, filename) == 24);
-    assert!(size_of::<GoEvent>() == 96);
+    assert!(size_of::<GoEvent>() == 104);
+    assert!(offset_of!(GoEvent, caller) == 96);
     assert!(offset_of!(ImageHistEvent, present) == 8);
     assert!(offset_of!(ImageHistEvent, buckets) == 24);
     assert!(size_of::<ImageHistEvent>() == 24 + 16 * 2 * GO_HIST_BUCKETS as usize);

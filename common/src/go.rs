@@ -149,6 +149,87 @@ pub struct GoSpec {
 /// Capture a user stack for each event of this function.
 pub const GO_SPEC_STACK: u32 = 1 << 0;
 
+/// Capacity of `GO_AGG`: growth keys counted in the kernel at once (a full table sends the
+/// event as a record, counted in `GO_AGG_FULL`).
+pub const GO_AGG_MAX: u32 = 16384;
+
+/// Key of the in-kernel growth aggregate (`GO_AGG`, per-CPU `u64` counts): everything the
+/// agent's arithmetic reads from a growth event, not its stack. The first event of a key is
+/// streamed as a record (its stack names the key's site) and then inserts the key; a later
+/// event with the same key only counts. Values the agent never reads are zeroed
+/// ([`agg_ignored`]) so that they do not split keys.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(PartialOrd, Ord))]
+pub struct GoAggKey {
+    pub tgid: u32,
+    pub role: u32,
+    pub ret_addr: u64,
+    /// One frame above `ret_addr`: growth functions are often called from the runtime
+    /// (`mapassign`, `growsliceBuf`), whose return address alone would not tell the program's
+    /// call sites apart.
+    pub caller: u64,
+    pub values: [u64; GO_VALUES],
+}
+
+/// Which events are counted in `GO_AGG`, and the values (bit `i`: value `i`) their key
+/// leaves out; `None`: never aggregated (allocations, GC events, whose values are summed or
+/// timed per event). The agent's decoder (`agent/src/gostate.rs`) reads every other value:
+/// the map pointer and the counts at a growth stay in the key, since the agent keeps them per
+/// map instance.
+pub const fn agg_ignored(role: u32) -> Option<u32> {
+    let Some(role) = GoRole::from_u32(role) else {
+        return None;
+    };
+    Some(match role {
+        // flags
+        GoRole::MapHashGrow => 1 << 3,
+        // used, dirLen, globalDepth
+        GoRole::MapGrowToSmall => (1 << 1) | (1 << 2) | (1 << 3),
+        // dirLen, globalDepth
+        GoRole::MapGrowToTable => (1 << 2) | (1 << 3),
+        GoRole::MapTableGrow | GoRole::MapDirectoryGrow | GoRole::SliceMoveToHeap => 0,
+        // capacity (always 1024), localDepth
+        GoRole::MapTableSplit => (1 << 1) | (1 << 2),
+        // oldPtr
+        GoRole::SliceGrow => 1 << 4,
+        GoRole::Malloc
+        | GoRole::MallocSpecialized
+        | GoRole::GcStart
+        | GoRole::StopTheWorld
+        | GoRole::StartTheWorld => return None,
+    })
+}
+
+impl GoAggKey {
+    /// The aggregation key of an event, `None` for a role that is not aggregated.
+    #[inline(always)]
+    pub fn of(
+        tgid: u32,
+        role: u32,
+        ret_addr: u64,
+        caller: u64,
+        values: &[u64; GO_VALUES],
+    ) -> Option<Self> {
+        let ignored = agg_ignored(role)?;
+        let mut key = GoAggKey {
+            tgid,
+            role,
+            ret_addr,
+            caller,
+            values: *values,
+        };
+        let mut i = 0;
+        while i < GO_VALUES {
+            if ignored & (1 << i) != 0 {
+                key.values[i] = 0;
+            }
+            i += 1;
+        }
+        Some(key)
+    }
+}
+
 /// Cookie of a Go probe: spec index in the low 16 bits, stack-pointer delta (see
 /// `crate::libc::cookie`) in bits 16..24.
 pub mod cookie {
@@ -209,6 +290,11 @@ const _: () = {
     assert!(size_of::<StwState>() == 24);
     assert!(size_of::<GoHistKey>() == 8);
     assert!(size_of::<GoHistVal>() == 16);
+    assert!(size_of::<GoAggKey>() == 72);
+    assert!(offset_of!(GoAggKey, role) == 4);
+    assert!(offset_of!(GoAggKey, ret_addr) == 8);
+    assert!(offset_of!(GoAggKey, caller) == 16);
+    assert!(offset_of!(GoAggKey, values) == 24);
 };
 
 #[cfg(feature = "user")]
@@ -222,6 +308,7 @@ mod user {
     unsafe impl aya::Pod for StwState {}
     unsafe impl aya::Pod for GoHistKey {}
     unsafe impl aya::Pod for GoHistVal {}
+    unsafe impl aya::Pod for GoAggKey {}
 }
 
 #[cfg(test)]
@@ -237,6 +324,20 @@ mod tests {
         assert_eq!(GoReg::Rax as u8, 1);
         assert_eq!(GoReg::R11.arg_index(), 8);
         assert_ne!(GoReg::Rax as u8, reg::NONE);
+    }
+
+    #[test]
+    fn agg_keys_leave_out_ignored_values_only() {
+        let v = [1, 2, 3, 4, 5, 6];
+        let slice = GoAggKey::of(7, GoRole::SliceGrow as u32, 0x40, 0x50, &v).unwrap();
+        assert_eq!(slice.values, [1, 2, 3, 4, 0, 6]);
+        assert_eq!((slice.tgid, slice.ret_addr, slice.caller), (7, 0x40, 0x50));
+        let grow = GoAggKey::of(7, GoRole::MapTableGrow as u32, 0x40, 0x50, &v).unwrap();
+        assert_eq!(grow.values, v);
+        for r in [GoRole::Malloc, GoRole::GcStart, GoRole::StartTheWorld] {
+            assert_eq!(GoAggKey::of(7, r as u32, 0x40, 0, &v), None);
+        }
+        assert_eq!(GoAggKey::of(7, GO_ROLES as u32, 0x40, 0, &v), None);
     }
 
     #[test]

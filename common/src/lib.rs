@@ -25,6 +25,8 @@ pub mod map_names {
     pub const GO_PROCS: &str = "GO_PROCS";
     pub const GO_STW: &str = "GO_STW";
     pub const GO_HIST: &str = "GO_HIST";
+    pub const GO_AGG: &str = "GO_AGG";
+    pub const GO_AGG_FULL: &str = "GO_AGG_FULL";
     pub const LIBC_HIST: &str = "LIBC_HIST";
     pub const TGIDS: &str = "TGIDS";
     pub const EXEC_STAMPS: &str = "EXEC_STAMPS";

@@ -6,13 +6,18 @@
 //! function's `ret` instructions instead, as plain uprobes.
 
 use allocwatch_common::{
+    errno::EEXIST,
     event::{EventHeader, EventKind, GoEvent},
-    go::{GO_LARGE_ALLOC, GO_SPEC_STACK, GO_VALUES, GoRole, GoSpec, StwState, cookie, reg},
+    go::{
+        GO_LARGE_ALLOC, GO_SPEC_STACK, GO_VALUES, GoAggKey, GoRole, GoSpec, StwState, agg_ignored,
+        cookie, reg,
+    },
     libc::NO_STACK,
+    loss::LossCause,
 };
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_ANY, pt_regs},
+    bindings::{BPF_ANY, BPF_NOEXIST, pt_regs},
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
         generated::bpf_get_attach_cookie,
@@ -23,7 +28,10 @@ use aya_ebpf::{
 
 use crate::{
     arch,
-    maps::{GO_HIST, GO_PROCS, GO_SPECS, GO_STW, begins, capture_stack, hist_add, why},
+    maps::{
+        EVENTS, GO_AGG, GO_AGG_FULL, GO_HIST, GO_PROCS, GO_SPECS, GO_STW, begins, capture_stack,
+        hist_add, lost, why,
+    },
 };
 
 #[uprobe(multi)]
@@ -175,6 +183,21 @@ fn emit(
     ret_addr: u64,
     values: [u64; GO_VALUES],
 ) {
+    // A growth whose key was seen before is only counted: no stack walk, no record (the agent
+    // reads the counts and gives them the stack of the key's first record).
+    let caller = if agg_ignored(spec.role).is_some() {
+        caller_return_address(regs, ret_addr)
+    } else {
+        0
+    };
+    let key = GoAggKey::of(tgid, spec.role, ret_addr, caller, &values);
+    if let Some(key) = &key
+        && let Some(n) = GO_AGG.get_ptr_mut(key)
+    {
+        // SAFETY: this CPU's value.
+        unsafe { *n += 1 };
+        return;
+    }
     let stack_id = if spec.flags & GO_SPEC_STACK != 0 {
         capture_stack(ctx)
     } else {
@@ -193,8 +216,55 @@ fn emit(
         ret_addr,
         stack_id,
         values,
+        caller,
     };
-    crate::maps::emit(&ev, crate::maps::batched_wakeup());
+    if EVENTS.output(&ev, crate::maps::batched_wakeup()).is_err() {
+        lost(LossCause::RingbufFull);
+        // No key without its record: the agent could not name its counts.
+        return;
+    }
+    // The key after its record: a count the agent reads always has a record before it in the
+    // ring. Another CPU may have inserted it meanwhile (its event went as a record too).
+    if let Some(key) = &key {
+        // From the stack: a `&0` is a constant in .rodata, which the compiler may share with
+        // a global of the same value that the loader overrides (SAMPLE_BYTES: with the
+        // agent's default sampling every key started at 2^19).
+        let mut zero = 0u64;
+        // SAFETY: a write to a local.
+        unsafe { core::ptr::write_volatile(&mut zero, 0) };
+        match GO_AGG.insert(key, &zero, BPF_NOEXIST as u64) {
+            Ok(()) => {}
+            Err(e) if e == -EEXIST => {}
+            Err(_) => {
+                if let Some(n) = GO_AGG_FULL.get_ptr_mut(0) {
+                    // SAFETY: this CPU's slot.
+                    unsafe { *n += 1 };
+                }
+            }
+        }
+    }
+}
+
+/// The probed function's caller's own return address, through the frame pointer (Go keeps
+/// frame pointers; the caller calls, so it has a frame): at the entry the frame pointer is the
+/// caller's, its return address one word above. A probe placed past the callee's own
+/// `push rbp; mov rbp, rsp` finds its own return address there: one frame further. 0 when
+/// unreadable (the key is then only less specific).
+#[inline(always)]
+fn caller_return_address(regs: &pt_regs, ret_addr: u64) -> u64 {
+    let fp = arch::fp(regs);
+    // SAFETY: reading the traced task's memory; a fault yields 0.
+    let above = unsafe { bpf_probe_read_user((fp + 8) as *const u64) }.unwrap_or(0);
+    if above != ret_addr {
+        return above;
+    }
+    // SAFETY: as above.
+    let up = unsafe { bpf_probe_read_user(fp as *const u64) }.unwrap_or(0);
+    if up == 0 {
+        return 0;
+    }
+    // SAFETY: as above.
+    unsafe { bpf_probe_read_user((up + 8) as *const u64) }.unwrap_or(0)
 }
 
 /// Value `i` of the spec: a register, or a field loaded through one.

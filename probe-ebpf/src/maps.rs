@@ -415,6 +415,13 @@ pub static GO_STW: HashMap<u32, StwState> = HashMap::with_max_entries(4096, 0);
 #[map]
 pub static GO_HIST: PerCpuHashMap<GoHistKey, GoHistVal> =
     PerCpuHashMap::with_max_entries(256 * GO_HIST_BUCKETS, 0);
+/// Go growth events counted in the kernel after their key's first record (`probe-ebpf/src/go.rs`).
+#[map]
+pub static GO_AGG: PerCpuHashMap<allocwatch_common::go::GoAggKey, u64> =
+    PerCpuHashMap::with_max_entries(allocwatch_common::go::GO_AGG_MAX, 0);
+/// Growth events sent as records because `GO_AGG` was full (nothing lost: shown, not a loss).
+#[map]
+pub static GO_AGG_FULL: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// Request sizes of the libc malloc family, same layout as `GO_HIST`.
 #[map]
 pub static LIBC_HIST: PerCpuHashMap<GoHistKey, GoHistVal> =

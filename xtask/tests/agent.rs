@@ -2214,10 +2214,12 @@ fn agent_loads_tables_for_a_library_opened_later() {
 }
 
 /// Go growth and GC of the newest Go (swiss maps) and the newest old-map build, `map_big ints
-/// gc`: map grows by kind and their bytes equal what `allocwatch top --json` reports for the
-/// same binary (deterministic for this fixture: fillMapBig's 14 doublings on old maps, 6 table
-/// grows then 127 splits on swiss maps), slice grows at least the capacities the fixture saw,
-/// GC cycles = the fixture's NumGC, two stop-the-world pauses per cycle.
+/// gc repeat`: map grows by kind and their bytes equal what `allocwatch top --json` reports for
+/// the same binary (deterministic for this fixture: fillMapBig's 14 doublings on old maps, 6
+/// table grows then 127 splits on swiss maps, and `repeat`'s 2,000 identical small maps), slice
+/// grows at least the capacities the fixture saw plus `repeat`'s, GC cycles = the fixture's
+/// NumGC, two stop-the-world pauses per cycle. `repeat` repeats the same growths 2,000 times:
+/// most of them reach the agent as kernel counts (`GO_AGG`), not records.
 ///
 /// Go programs are found by the /proc scan only (they do not call libc), and their probes are
 /// attached per file: a run that ends before the next scan (≈ 0.15 s here) is not traced at
@@ -2230,7 +2232,7 @@ fn go_growth_matches_top() {
     let _serial = serial();
     let scratch = Scratch::new("go");
     let builds = go_builds();
-    let modes = ["map_big", "ints", "gc"];
+    let modes = ["map_big", "ints", "gc", "repeat"];
     struct Run {
         build: GoBuild,
         path: PathBuf,
@@ -2717,6 +2719,14 @@ fn check_go_run(agent: &Agent, path: &Path, modes: &[&str], build: &GoBuild, ref
         .split(',')
         .count() as u64;
     assert!(caps >= 19, "appendInts saw {caps} capacities\n{stdout}");
+    let (repeat_grows, repeat_bytes) = if modes.contains(&"repeat") {
+        (
+            number_after(&stdout, "slice_grows="),
+            number_after(&stdout, "slice_bytes="),
+        )
+    } else {
+        (0, 0)
+    };
     // Go events reach the agent through its ring buffer: wait until the counts stop moving.
     agent.scrape_until(
         &format!("allocwatch_go_gc_cycles_total of {id}"),
@@ -2756,6 +2766,14 @@ fn check_go_run(agent: &Agent, path: &Path, modes: &[&str], build: &GoBuild, ref
             "old maps: {doubles} doublings, fillMapBig alone makes {OLD_MAP_BIG_DOUBLINGS}\n{}",
             summary()
         );
+    } else if repeat_grows > 0 {
+        // repeatMap's 2,000 maps grow their tables too (exact: equal to top's, above).
+        let grows = got_kinds.get("grow").copied().unwrap_or(0);
+        assert!(
+            grows > SWISS_MAP_BIG_GROWS,
+            "swiss maps: {grows} table grows, fillMapBig alone makes {SWISS_MAP_BIG_GROWS}\n{}",
+            summary()
+        );
     } else {
         assert_eq!(
             got_kinds.get("grow").copied(),
@@ -2772,15 +2790,28 @@ fn check_go_run(agent: &Agent, path: &Path, modes: &[&str], build: &GoBuild, ref
     );
     let slices = m.counter(&id, "allocwatch_go_slice_grows_total", &[]);
     assert!(
-        slices >= caps,
-        "allocwatch_go_slice_grows_total {slices}: appendInts alone grew {caps} times\n{}",
+        slices >= caps + repeat_grows,
+        "allocwatch_go_slice_grows_total {slices}: appendInts alone grew {caps} times, \
+         repeatSlice {repeat_grows}\n{}",
         summary()
     );
     assert!(
-        m.counter(&id, "allocwatch_go_slice_grow_bytes_total", &[]) > 0,
-        "allocwatch_go_slice_grow_bytes_total\n{}",
+        m.counter(&id, "allocwatch_go_slice_grow_bytes_total", &[]) > repeat_bytes.max(1),
+        "allocwatch_go_slice_grow_bytes_total (repeatSlice alone: {repeat_bytes})\n{}",
         summary()
     );
+    if repeat_grows > 0 {
+        let counted = m.global_sum(
+            "allocwatch_go_growth_aggregated_total",
+            &[("how", "kernel_count")],
+        );
+        assert!(
+            counted >= (repeat_grows / 2) as f64,
+            "allocwatch_go_growth_aggregated_total{{how=\"kernel_count\"}} {counted}: most of \
+             repeatSlice's {repeat_grows} growths repeat a key the kernel counts\n{}",
+            summary()
+        );
+    }
     assert_eq!(
         m.counter(&id, "allocwatch_go_gc_cycles_total", &[]),
         numgc,

@@ -591,6 +591,72 @@ fn slice_growth_exact() {
     );
 }
 
+/// `repeat`: 2,000 rounds each build the same 100-int slice (repeatSlice) and 100-key map
+/// (repeatMap) from empty. After the first round every growth repeats a key the kernel already
+/// counts (`GO_AGG`: the event is counted, not streamed). The totals stay exact: the slice's
+/// are the fixture's own count and bytes, the map's 2,000 × one round's (`repeat_once`, the
+/// same growths of a map built once); and most of the events came through the kernel's
+/// counts (`growth_aggregated`).
+#[test]
+fn repeated_growth_counted_in_the_kernel_is_exact() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    env.for_each_build(
+        |_| true,
+        |b| {
+            let once = trace(&env, &b.path, &["repeat_once"]);
+            let many = trace(&env, &b.path, &["repeat"]);
+            let mut per_run = Vec::new();
+            for t in [&once, &many] {
+                t.assert_no_loss();
+                let line = t
+                    .stdout
+                    .lines()
+                    .find(|l| l.starts_with("repeat "))
+                    .unwrap_or_else(|| panic!("no `repeat` line:\n{}", t.stdout));
+                let num = |k: &str| -> u64 { field(line, k).parse().expect("a number") };
+                let (rounds, grows, bytes) =
+                    (num("rounds"), num("slice_grows"), num("slice_bytes"));
+                let slices = t.sites_at("slice_grow", "main.repeatSlice");
+                assert_eq!(
+                    (
+                        slices.iter().map(|s| u64_at(s, "count")).sum::<u64>(),
+                        slices.iter().map(|s| u64_at(s, "bytes")).sum::<u64>()
+                    ),
+                    (grows, bytes),
+                    "slice growth (count, bytes) at main.repeatSlice: the fixture's own ({rounds} \
+                     rounds)\n{}",
+                    t.summary()
+                );
+                let maps = t.sites_through("map_grow", "main.repeatMap");
+                let map = (
+                    maps.iter().map(|s| u64_at(s, "count")).sum::<u64>(),
+                    maps.iter().map(|s| u64_at(s, "bytes")).sum::<u64>(),
+                );
+                per_run.push((rounds, grows, map, u64_at(t.go(), "growth_aggregated")));
+            }
+            let [(_, _, once_map, _), (rounds, grows, many_map, aggregated)] = per_run[..] else {
+                unreachable!("two runs")
+            };
+            assert!(once_map.0 > 0, "one round's map grows\n{}", once.summary());
+            assert_eq!(
+                many_map,
+                (rounds * once_map.0, rounds * once_map.1),
+                "map growth (count, bytes) through main.repeatMap: {rounds} × one round's \
+                 {once_map:?}\n{}",
+                many.summary()
+            );
+            let total = grows + many_map.0;
+            assert!(
+                aggregated * 2 > total,
+                "growth events counted in the kernel: {aggregated} of the fixture's {total} \
+                 (most, since every round repeats the first)\n{}",
+                many.summary()
+            );
+        },
+    );
+}
+
 /// `inlined`: appendInlined appends 10,000 ints through pushInlined, which the compiler inlines
 /// into it (every Go of the matrix: `go build -gcflags=-m` says "inlining call to
 /// pushInlined"). Each growth is a growslice call from appendInlined's code, inside the inlined

@@ -57,6 +57,8 @@ const NAMING_SLICE: Duration = Duration::from_millis(20);
 /// Go maps are read from their processes this often (the verdicts count reads: see
 /// `gostate::Verdicts`, whose thresholds assume about one read a second).
 const MAP_READ_EVERY: Duration = Duration::from_secs(1);
+/// How often the Go growth counted in the kernel (`GO_AGG`) is read (and at every scrape).
+const GO_AGG_EVERY: Duration = Duration::from_secs(1);
 /// Maps read per Go process at each read, the largest by their growth's bytes: what the
 /// exporter can show (its top sites) with room, at a few microseconds a map.
 const MAP_READS: usize = 64;
@@ -222,6 +224,7 @@ struct State {
     fills: BTreeMap<&'static str, f64>,
     next_census: Instant,
     next_map_read: Instant,
+    next_go_agg: Instant,
     /// `/metrics`: kept here, next to the processes, so that a gone process leaves its
     /// identity with its final values as soon as it departs.
     exporter: Exporter,
@@ -325,6 +328,7 @@ impl State {
             fills: BTreeMap::new(),
             next_census: now,
             next_map_read: now + MAP_READ_EVERY,
+            next_go_agg: now + GO_AGG_EVERY,
             exporter: Exporter::new(cfg.serve_config().metrics),
             keep_detail: cfg.ttl.min(DETAIL_KEPT),
             pressure: SitePressure::new(cfg.capacity.max_sites),
@@ -334,6 +338,11 @@ impl State {
     /// Reads every record ready in the ring and handles it.
     fn drain(&mut self) -> anyhow::Result<()> {
         self.pipe.drain(&mut self.registry)
+    }
+
+    /// Records, then the Go growth counted in the kernel since the last call.
+    fn drain_go_agg(&mut self) -> anyhow::Result<()> {
+        self.pipe.drain_go_agg(&mut self.registry)
     }
 
     /// One pass over /proc (`Registry::scan`).
@@ -360,6 +369,11 @@ impl State {
             sw.lap("scan");
             self.depart(now).await?;
             sw.lap("depart");
+        }
+        if now >= self.next_go_agg {
+            self.drain_go_agg()?;
+            self.next_go_agg = now + GO_AGG_EVERY;
+            sw.lap("go aggregate");
         }
         if now >= self.next_map_read {
             self.registry.read_go_maps(MAP_READS);
@@ -412,6 +426,10 @@ impl State {
 
     /// Gone processes whose detail has been kept long enough leave for their identity's sums.
     async fn depart(&mut self, now: Instant) -> anyhow::Result<()> {
+        if !self.registry.departures(now, self.keep_detail).is_empty() {
+            // Their last growth counted in the kernel, before their detail leaves.
+            self.drain_go_agg()?;
+        }
         let Parts {
             probes,
             frames,
@@ -439,6 +457,9 @@ impl State {
 
     async fn snapshot(&mut self) -> anyhow::Result<Snapshot> {
         let mut sw = Stopwatch::new("snapshot");
+        // A scrape sees the Go growth counted in the kernel up to now.
+        self.drain_go_agg()?;
+        sw.lap("go aggregate");
         let Parts {
             probes,
             frames,
@@ -473,6 +494,12 @@ impl State {
                 procs as f64 / f64::from(UNWIND_PROCS_MAX),
             );
         }
+        snap.1
+            .go_growth_aggregated
+            .insert("kernel_count", self.pipe.go_agg.repeats);
+        snap.1
+            .go_growth_aggregated
+            .insert("table_full", self.pipe.go_agg_full()?);
         let (chains, distinct, raw) = self.pipe.parts.frames.sizes();
         let (sym_procs, sym_files, sym_queued) = self.pipe.parts.symbolizer.held();
         let held = &mut snap.1.held;
@@ -529,6 +556,17 @@ impl Handler for Registry {
             go.record(event);
         }
     }
+
+    fn go_repeats(&mut self, event: &GoEvent, n: u64) {
+        // Its first record registered the process; one that departed has no state to count in.
+        if let Some(go) = self
+            .procs
+            .get_mut(&event.header.tgid)
+            .and_then(|p| p.go.as_mut())
+        {
+            go.record_repeats(event, n);
+        }
+    }
 }
 
 /// Fill levels of the kernel hash maps that a scrape does not read (entries / capacity). The
@@ -562,6 +600,11 @@ fn census(probes: &Probes, registry: &Registry) -> anyhow::Result<BTreeMap<&'sta
     for name in [map_names::LIBC_HIST, map_names::GO_HIST] {
         out.insert(name, fill::<GoHistKey, GoHistVal>(probes, name)?);
     }
+    // Without Go programs (`--no-go`) the map is there, empty.
+    out.insert(
+        map_names::GO_AGG,
+        fill::<allocwatch_common::go::GoAggKey, u64>(probes, map_names::GO_AGG)?,
+    );
     out.insert(
         map_names::SITE_BUDGET,
         fill::<u32, u32>(probes, map_names::SITE_BUDGET)?,

@@ -223,6 +223,9 @@ struct JsonGo<'a> {
     maps_untracked: u64,
     /// Map instances dropped because their memory no longer holds that map (freed and reused).
     maps_dropped: u64,
+    /// Growth events counted in the kernel by key (included above, with the stack of their
+    /// key's first event).
+    growth_aggregated: u64,
     /// Whether allocwatch's knowledge of this Go release was measured on real binaries.
     runtime_measured: bool,
     warnings: &'a [String],
@@ -356,6 +359,7 @@ impl<'a> From<&'a GoReport> for JsonGo<'a> {
             maps_tracked: g.maps_tracked,
             maps_untracked: g.maps_untracked,
             maps_dropped: g.maps_dropped,
+            growth_aggregated: g.growth_aggregated,
             runtime_measured: g.measured,
             warnings: &g.warnings,
         }

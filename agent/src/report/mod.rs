@@ -198,6 +198,8 @@ pub struct GoReport {
     pub maps_untracked: u64,
     /// Map instances read as no longer there (freed, their memory reused) and dropped.
     pub maps_dropped: u64,
+    /// Growth events counted in the kernel (`GO_AGG`), included in the counts above.
+    pub growth_aggregated: u64,
     /// Whether this Go release's runtime knowledge was measured on real binaries.
     pub measured: bool,
     pub warnings: Vec<String>,

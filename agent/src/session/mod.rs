@@ -108,8 +108,9 @@ pub async fn run(view: View, args: CommonArgs) -> anyhow::Result<()> {
         );
     }
 
-    // Final drain: records emitted just before the stop.
-    tracer.drain().await?;
+    // Final drain: records emitted just before the stop, and the Go growth counted in the
+    // kernel.
+    tracer.drain_go_agg().await?;
     let bad_records = tracer.pipe.stats.malformed_records;
     if bad_records > 0 {
         crate::say!("allocwatch: warning: {bad_records} malformed ring-buffer records ignored");
@@ -383,9 +384,13 @@ async fn follow(
             _ = sleep_until(deadline) => return Ok(End::Duration),
             _ = sigint.recv() => return Ok(End::Signal(libc::SIGINT)),
             _ = sigterm.recv() => return Ok(End::Signal(libc::SIGTERM)),
-            _ = map_tick.tick(), if reads_maps => tracer.refresh_maps(),
+            _ = map_tick.tick(), if reads_maps => {
+                tracer.drain_go_agg().await?;
+                tracer.refresh_maps();
+            }
             _ = unwind_tick.tick(), if unwinds => tracer.refresh_unwind(),
             _ = tick.tick(), if live_interval.is_some() => {
+                tracer.drain_go_agg().await?;
                 let text = match view {
                     View::Leaks { min_age, .. } => {
                         report::text::leaks(&tracer.leaks_report(*min_age).await?, args.top)

@@ -107,6 +107,14 @@ impl Handler for Watched {
         }
         self.seen(parts, event.header.tgid);
     }
+
+    fn go_repeats(&mut self, event: &GoEvent, n: u64) {
+        if let Some(state) = &mut self.go
+            && event.header.tgid == self.info.pid
+        {
+            state.record_repeats(event, n);
+        }
+    }
 }
 
 /// The named call chain of a site.
@@ -135,6 +143,13 @@ impl Tracer {
     /// process is alive.
     pub async fn drain(&mut self) -> anyhow::Result<()> {
         self.pipe.drain(&mut self.watched)?;
+        self.pipe.name_queued(None).await?;
+        Ok(())
+    }
+
+    /// [`Self::drain`], then the Go growth counted in the kernel since the last call.
+    pub async fn drain_go_agg(&mut self) -> anyhow::Result<()> {
+        self.pipe.drain_go_agg(&mut self.watched)?;
         self.pipe.name_queued(None).await?;
         Ok(())
     }
@@ -522,6 +537,7 @@ fn go_summary(state: &GoState, target: Option<&GoTarget>) -> GoReport {
         maps_tracked: state.maps.len() as u64,
         maps_untracked: state.maps_untracked,
         maps_dropped: state.maps_gone,
+        growth_aggregated: state.aggregated,
         measured: target.is_some_and(|g| g.measured),
         warnings: target.map(|g| g.warnings.clone()).unwrap_or_default(),
         ..GoReport::default()

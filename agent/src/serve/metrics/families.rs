@@ -305,6 +305,13 @@ pub const EVENTS_LOST: FamilySpec = spec(
     &["cause"],
     "Events lost by cause, all processes (counts are low while this rises).",
 );
+pub const GO_GROWTH_AGGREGATED: FamilySpec = spec(
+    "allocwatch_go_growth_aggregated_total",
+    MetricKind::Counter,
+    Scope::Agent,
+    &["how"],
+    "Go growth events not streamed one by one: counted in the kernel by key (kernel_count, included in the Go counts), or streamed because that table was full (table_full).",
+);
 pub const MAP_FILL: FamilySpec = spec(
     "allocwatch_map_fill_ratio",
     MetricKind::Gauge,
@@ -358,7 +365,7 @@ pub const SCRAPE_DURATION: FamilySpec = spec(
 /// Every family, in exposition order: what the tests check deploy/README.md's table and the
 /// exposition against (the exporter names each family it renders directly).
 #[cfg(test)]
-pub const FAMILIES: [&FamilySpec; 39] = [
+pub const FAMILIES: [&FamilySpec; 40] = [
     &PROCESSES,
     &ALLOC_CALLS,
     &ALLOC_BYTES,
@@ -391,6 +398,7 @@ pub const FAMILIES: [&FamilySpec; 39] = [
     &ATTACH_FAILURES,
     &EVENTS_PROCESSED,
     &EVENTS_LOST,
+    &GO_GROWTH_AGGREGATED,
     &MAP_FILL,
     &SYMBOLIZATION_FAILURES,
     &STALE_SCRAPES,
@@ -586,6 +594,12 @@ impl Exporter {
         let mut f = Family::new(&EVENTS_LOST);
         for (cause, &n) in &s.events_lost {
             f.counter(&[], &[cause], n);
+        }
+        f.push_to(&mut out);
+
+        let mut f = Family::new(&GO_GROWTH_AGGREGATED);
+        for (how, &n) in &s.go_growth_aggregated {
+            f.counter(&[], &[how], n);
         }
         f.push_to(&mut out);
 

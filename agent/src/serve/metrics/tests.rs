@@ -1042,6 +1042,7 @@ fn exported_families_follow_their_specs() {
     procs[2].go.as_mut().unwrap().alloc_sizes = Some(Histogram::default());
     stats.attach_failures.insert("EPERM".into(), 0);
     stats.held.insert("processes", 0);
+    stats.go_growth_aggregated.insert("kernel_count", 0);
     let mut e = Exporter::new(cfg());
     let text = e
         .render(&procs, &stats, Instant::now(), Instant::now())
