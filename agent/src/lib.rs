@@ -17,6 +17,7 @@ pub mod gort;
 pub mod gostate;
 pub mod k8s;
 pub mod launch;
+pub mod loss;
 pub mod model;
 pub mod pipeline;
 pub mod preflight;

@@ -85,6 +85,32 @@ pub enum LossCause {
 
 pub const LOSS_CAUSES: usize = 19;
 
+/// What a loss takes from the figures: an operator must tell "the counts are low" (alert)
+/// from "some stacks end early" (a node running deep or frame-pointer-less code lives with it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(PartialOrd, Ord))]
+pub enum LossEffect {
+    /// A call or event is missing from a count: a process's calls, a Go growth, a histogram.
+    Counts,
+    /// Every call is counted, but an allocation's return or free is not matched: live bytes
+    /// and outstanding allocations (`leaks`) are low, failures may be missed.
+    Live,
+    /// Every call is counted exactly; only where it came from is less precise (its stack ends
+    /// early or is missing, or it is counted in its process's `other` site).
+    Detail,
+}
+
+impl LossEffect {
+    /// Stable name: the `affects` label of the loss metrics and the JSON key.
+    pub const fn name(self) -> &'static str {
+        match self {
+            LossEffect::Counts => "counts",
+            LossEffect::Live => "live",
+            LossEffect::Detail => "detail",
+        }
+    }
+}
+
 impl LossCause {
     /// The cause of a `LOST` index (`None` past the last).
     pub const fn from_index(i: u32) -> Option<Self> {
@@ -110,6 +136,34 @@ impl LossCause {
             18 => LossCause::SiteUndecided,
             _ => return None,
         })
+    }
+
+    /// What this loss takes from the figures (see each cause).
+    pub const fn effect(self) -> LossEffect {
+        match self {
+            // The call is counted only for the node (SitesFull), a Go growth event or an exec
+            // record is dropped (RingbufFull), a probe call is not counted (ProbeSitesFull), an
+            // allocation is missing from its size histogram (HistFull).
+            LossCause::SitesFull
+            | LossCause::RingbufFull
+            | LossCause::ProbeSitesFull
+            | LossCause::HistFull => LossEffect::Counts,
+            LossCause::PendingFull | LossCause::LiveFull | LossCause::OrphanReturn => {
+                LossEffect::Live
+            }
+            LossCause::StackCollision
+            | LossCause::StackError
+            | LossCause::StackMapFull
+            | LossCause::StackBudget
+            | LossCause::StackUndecided
+            | LossCause::SiteSpilled
+            | LossCause::UnwindUnsupported
+            | LossCause::UnwindReadError
+            | LossCause::UnwindTruncated
+            | LossCause::ProbeSiteSpilled
+            | LossCause::SiteBudget
+            | LossCause::SiteUndecided => LossEffect::Detail,
+        }
     }
 
     /// Stable name used in JSON and metrics labels, and in the probes' debug log.
@@ -140,7 +194,11 @@ impl LossCause {
 
 #[cfg(feature = "user")]
 mod user {
-    use super::LossCause;
+    use super::{LossCause, LossEffect};
+
+    impl LossEffect {
+        pub const ALL: [LossEffect; 3] = [LossEffect::Counts, LossEffect::Live, LossEffect::Detail];
+    }
 
     impl LossCause {
         pub const ALL: [LossCause; super::LOSS_CAUSES] = [

@@ -49,7 +49,7 @@ use std::{
 };
 
 use serde_json::Value;
-use support::agent::{Agent, Identity, Metrics};
+use support::agent::{Agent, Identity, Metrics, value};
 use support::{
     API_TOTALS, APIS, Allocwatch, AllocwatchBin, BPF_FREE_LIMIT, BpfIds, KernelState, Lines,
     Scratch, address_groups, array, bpftool, env_path, go_toolchains, libc_path, path_str,
@@ -492,7 +492,7 @@ fn top_counts_ring_buffer_losses() {
     aw.assert_success(status);
     let text = fs::read_to_string(&out).expect("reading the report");
     let _ = fs::remove_file(&out);
-    // `calls: malloc N (…)` and `LOST: cause N, cause N`.
+    // `calls: malloc N (…)` and, one line per effect, `LOST (counts are low): cause N, …`.
     let calls_line = text
         .lines()
         .find_map(|l| l.strip_prefix("calls:"))
@@ -503,9 +503,16 @@ fn top_counts_ring_buffer_losses() {
     );
     let lost: BTreeMap<String, u64> = text
         .lines()
-        .find_map(|l| l.strip_prefix("LOST: "))
-        .unwrap_or_else(|| panic!("no LOST line in\n{text}"))
-        .split(", ")
+        .filter_map(|l| {
+            [
+                "LOST (counts are low): ",
+                "LOST (live bytes are low): ",
+                "LESS DETAIL (counts exact): ",
+            ]
+            .iter()
+            .find_map(|p| l.strip_prefix(p))
+        })
+        .flat_map(|l| l.split(", "))
         .map(|kv| {
             let (k, v) = kv.rsplit_once(' ').expect("cause N");
             (k.to_owned(), v.parse().expect("a count"))
@@ -602,8 +609,62 @@ fn agent_counts_site_and_live_table_losses() {
         assert!(live <= 5.0, "{live} tracked in a table of 5");
         live as u64
     });
+    assert_losses_are_said(&agent);
     let mut agent = agent;
     agent.stop();
+}
+
+/// Every loss cause the agent exports as risen has its warning on stderr, saying what the loss
+/// takes (by the metric's `affects` label) and, for the tables, the setting to change.
+fn assert_losses_are_said(agent: &Agent) {
+    let m = agent.scrape();
+    let risen: Vec<(String, String)> = m
+        .samples
+        .iter()
+        .filter(|s| s.metric == "allocwatch_events_lost_total" && value(s) > 0.0)
+        .map(|s| {
+            let label = |k: &str| s.labels.get(k).map(str::to_owned);
+            let cause = label("cause").expect("a cause label");
+            let affects = label("affects").unwrap_or_else(|| panic!("{cause} has no affects"));
+            (cause, affects)
+        })
+        .collect();
+    assert!(
+        risen
+            .iter()
+            .any(|(c, a)| c == "live_map_full" && a == "live"),
+        "live_map_full rose in the window, affects=\"live\": {}",
+        m.self_stats()
+    );
+    for (cause, affects) in &risen {
+        let said = match affects.as_str() {
+            "counts" => "counts are low",
+            "live" => "live bytes and outstanding allocations are low",
+            "detail" => "counts stay exact, only call sites are less detailed",
+            other => panic!("{cause}: affects={other:?}"),
+        };
+        // Checked every 5 s: the last rise may not be said yet.
+        let needle = format!("events lost ({cause}) in the last");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let line = loop {
+            let text = agent.stderr.text();
+            if let Some(l) = text.lines().find(|l| l.contains(&needle)) {
+                break l.to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no warning for {cause} on stderr:\n{text}"
+            );
+            thread::sleep(Duration::from_millis(200));
+        };
+        assert!(
+            line.starts_with("allocwatch: warning: ") && line.contains(said),
+            "{cause} ({affects}): {line}"
+        );
+        if cause == "live_map_full" {
+            assert!(line.contains("capacity.max_live"), "{line}");
+        }
+    }
 }
 
 /// Runs `window` (which returns what the agent saw of `produced` events) until the global

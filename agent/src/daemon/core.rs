@@ -653,10 +653,11 @@ impl LossWatch {
                 .is_some_and(|t| t.elapsed() < LOSS_WARN_EVERY);
             if !recent {
                 crate::say!(
-                    "allocwatch: warning: {} events lost ({}) in the last {} s: {}",
+                    "allocwatch: warning: {} events lost ({}) in the last {} s, {}: {}",
                     n - before,
                     cause.name(),
                     LOSS_CHECK.as_secs(),
+                    crate::loss::consequence(cause.effect()),
                     remedy(cause, capacity)
                 );
                 self.warned.insert(cause, Instant::now());

@@ -19,6 +19,7 @@ use crate::{
     collect,
     frames::FrameCache,
     gostate::{GoState, Pauses, Verdicts},
+    loss,
     model::{GoMapSnapshot, GoSnapshot, Histogram, ProcessSnapshot, SelfStats, SiteSnapshot},
     pipeline::LoopStats,
     probes::Probes,
@@ -121,7 +122,7 @@ pub async fn build(
     };
     self_stats
         .events_lost
-        .insert("malformed_record", loop_stats.malformed_records);
+        .insert(loss::MALFORMED_RECORD, loop_stats.malformed_records);
     // Naming failures are not lost events (the counts are exact): they are symbolization
     // failures, below.
     let spill_rows = sites.keys().filter(|k| k.is_spill()).count();

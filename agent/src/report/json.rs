@@ -67,6 +67,8 @@ struct TopProcess<'a> {
     live_bytes: u64,
     live_allocations: u64,
     lost: &'a BTreeMap<&'static str, u64>,
+    /// `lost` summed by what it takes: `counts`, `live`, `detail` (crate::loss).
+    lost_by_effect: BTreeMap<&'static str, u64>,
     symbolization: SymbolizeStats,
     /// Mean bytes between sampled calls; 0: every call recorded, nothing estimated.
     sample_bytes: u64,
@@ -407,6 +409,7 @@ struct LeaksProcess<'a> {
     live_bytes: u64,
     live_allocations: u64,
     lost: &'a BTreeMap<&'static str, u64>,
+    lost_by_effect: BTreeMap<&'static str, u64>,
     symbolization: SymbolizeStats,
     /// Mean bytes between sampled calls: counts and bytes are then estimates (0: exact).
     sample_bytes: u64,
@@ -456,6 +459,7 @@ pub fn top(reports: &[TopReport]) -> serde_json::Result<String> {
             live_bytes: r.totals.live_bytes,
             live_allocations: r.totals.live_allocations,
             lost: &r.lost,
+            lost_by_effect: crate::loss::by_effect(&r.lost),
             symbolization: r.symbolization,
             sample_bytes: r.sample_bytes,
             sites: r.sites.iter().map(Into::into).collect(),
@@ -481,6 +485,7 @@ pub fn leaks(reports: &[LeaksReport]) -> serde_json::Result<String> {
             live_bytes: r.live_bytes,
             live_allocations: r.live_allocations,
             lost: &r.lost,
+            lost_by_effect: crate::loss::by_effect(&r.lost),
             symbolization: r.symbolization,
             sample_bytes: r.sample_bytes,
             leaks: r.leaks.iter().map(Into::into).collect(),

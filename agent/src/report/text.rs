@@ -6,7 +6,11 @@ use allocwatch_common::libc::Api;
 
 use super::pprof::UNKNOWN;
 use super::{GoReport, LeaksReport, PauseSummary, Site, TopReport, TreeProcess, human_bytes};
-use crate::{aggregate::live_of, symbolize::Frame};
+use crate::{
+    aggregate::live_of,
+    loss::{self, LossEffect},
+    symbolize::Frame,
+};
 
 /// How many caller frames are printed under a site.
 const CALLERS_SHOWN: usize = 4;
@@ -143,14 +147,27 @@ fn sampling_note(out: &mut String, sample_bytes: u64) {
     }
 }
 
+/// One line per effect with a non-zero cause: what the loss takes comes first, so a reader
+/// tells low counts from stacks that end early.
 fn lost_line(out: &mut String, lost: &std::collections::BTreeMap<&'static str, u64>) {
-    let nonzero: Vec<String> = lost
-        .iter()
-        .filter(|(_, n)| **n > 0)
-        .map(|(k, n)| format!("{k} {n}"))
-        .collect();
-    if !nonzero.is_empty() {
-        let _ = writeln!(out, "LOST: {}", nonzero.join(", "));
+    for effect in LossEffect::ALL {
+        let nonzero: Vec<String> = lost
+            .iter()
+            .filter(|(k, n)| **n > 0 && loss::effect(k) == effect)
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        if !nonzero.is_empty() {
+            let _ = writeln!(out, "{}{}", lost_prefix(effect), nonzero.join(", "));
+        }
+    }
+}
+
+/// The text view's loss line for `effect` (tests read the lines by it).
+pub const fn lost_prefix(effect: LossEffect) -> &'static str {
+    match effect {
+        LossEffect::Counts => "LOST (counts are low): ",
+        LossEffect::Live => "LOST (live bytes are low): ",
+        LossEffect::Detail => "LESS DETAIL (counts exact): ",
     }
 }
 

@@ -25,6 +25,7 @@ use allocwatch_common::libc::{API_COUNT, Overflow, SiteKey, SiteStats};
 use crate::{
     aggregate::{self, Sampling, Totals},
     collect::ProgramCounts,
+    loss,
     probes::Probes,
     procfs,
     report::{ProcessInfo, TreeProcess},
@@ -325,14 +326,14 @@ impl Tree {
         if !self.on {
             return;
         }
-        lost.insert("processes_not_followed", self.not_followed);
-        lost.insert("processes_not_probed", self.not_probed);
-        lost.insert("processes_probed_late", self.probed_late);
-        lost.insert("processes_unchecked", self.unchecked);
-        lost.insert("program_table_full", self.programs_full);
+        lost.insert(loss::PROCESSES_NOT_FOLLOWED, self.not_followed);
+        lost.insert(loss::PROCESSES_NOT_PROBED, self.not_probed);
+        lost.insert(loss::PROCESSES_PROBED_LATE, self.probed_late);
+        lost.insert(loss::PROCESSES_UNCHECKED, self.unchecked);
+        lost.insert(loss::PROGRAM_TABLE_FULL, self.programs_full);
         let failures: u64 = self.targets.failures.values().sum();
-        lost.insert("attach_failures", failures);
-        lost.insert("go_programs_not_traced", self.go_not_traced);
+        lost.insert(loss::ATTACH_FAILURES, failures);
+        lost.insert(loss::GO_PROGRAMS_NOT_TRACED, self.go_not_traced);
     }
 
     /// Each program of each process of the tree with its own figures, the root first (its

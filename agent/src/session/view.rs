@@ -24,6 +24,7 @@ use crate::{
     gort::live::ProcessMemory,
     gort::versions::MapImpl,
     gostate::{GoSiteKey, GoState, Pauses, Verdict, Verdicts},
+    loss,
     pipeline::{Handler, Parts, Pipeline},
     procfs,
     report::{
@@ -160,21 +161,19 @@ impl Tracer {
             .map(|(cause, n): (LossCause, u64)| (cause.name(), n))
             .collect();
         lost.insert(
-            "symbolize_process_gone",
+            loss::SYMBOLIZE_PROCESS_GONE,
             self.pipe.parts.frames.process_gone,
         );
-        // A stack the kernel's LRU table dropped before it was copied: the site keeps only
-        // its immediate caller.
         lost.insert(
-            "symbolize_stack_evicted",
+            loss::SYMBOLIZE_STACK_EVICTED,
             self.pipe.parts.frames.stacks_evicted,
         );
         lost.insert(
-            "symbolize_stack_cut",
+            loss::SYMBOLIZE_STACK_CUT,
             self.pipe.parts.symbolizer.stats().stack_cut,
         );
         if let Some(go) = &self.watched.go {
-            lost.insert("go_map_instances_untracked", go.maps_untracked);
+            lost.insert(loss::GO_MAP_INSTANCES_UNTRACKED, go.maps_untracked);
         }
         self.watched.tree.lost(&mut lost);
         Ok(lost)

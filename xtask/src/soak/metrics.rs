@@ -1,7 +1,7 @@
 //! What the soak reads from one `/metrics` body: loss by cause, the number of sample lines,
 //! every map's fill ratio, and the steady allocator's call count.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::promtext::{Scrape, Value};
 use anyhow::bail;
@@ -11,6 +11,9 @@ use anyhow::bail;
 pub struct Reading {
     /// `allocwatch_events_lost_total` by `cause` (every cause the agent exports, zeros too).
     pub lost: BTreeMap<String, f64>,
+    /// The causes exported with `affects="detail"`: every call counted exactly, only its call
+    /// site less precise (a cause without the label counts as a loss of counts).
+    pub detail: BTreeSet<String>,
     /// Lines holding a sample (neither comments nor blank).
     pub sample_lines: usize,
     /// `allocwatch_map_fill_ratio` by `map`.
@@ -32,6 +35,11 @@ impl Reading {
             .iter()
             .filter(|(_, v)| **v != 0.0)
             .map(|(k, v)| (k.as_str(), *v))
+    }
+
+    /// Whether `cause` only takes call-site detail (counts stay exact).
+    pub fn is_detail(&self, cause: &str) -> bool {
+        self.detail.contains(cause)
     }
 }
 
@@ -58,6 +66,9 @@ pub fn read(body: &str, steady_comm: &str) -> anyhow::Result<Reading> {
                 saw_lost = true;
                 let cause = s.labels.get("cause").unwrap_or("(no cause label)");
                 *r.lost.entry(cause.to_owned()).or_default() += value;
+                if s.labels.get("affects") == Some("detail") {
+                    r.detail.insert(cause.to_owned());
+                }
             }
             "allocwatch_map_fill_ratio" => {
                 let map = s.labels.get("map").unwrap_or("(no map label)");
@@ -101,9 +112,10 @@ allocwatch_site_alloc_calls_total{comm="x",site="f<a, b>{}"} 3
 
 # HELP allocwatch_events_lost_total Events lost by cause, all processes (counts are low while this rises).
 # TYPE allocwatch_events_lost_total counter
-allocwatch_events_lost_total{cause="live_map_full"} 0
-allocwatch_events_lost_total{cause="ringbuf_full"} 103006
+allocwatch_events_lost_total{cause="live_map_full",affects="live"} 0
+allocwatch_events_lost_total{cause="ringbuf_full",affects="counts"} 103006
 allocwatch_events_lost_total{cause="symbolize_process_gone"} 445
+allocwatch_events_lost_total{cause="unwind_truncated",affects="detail"} 7
 # HELP allocwatch_map_fill_ratio Fill level of each kernel map (1 = full: new entries are dropped).
 # TYPE allocwatch_map_fill_ratio gauge
 allocwatch_map_fill_ratio{map="SITES"} 0.3671417236328125
@@ -113,16 +125,20 @@ allocwatch_map_fill_ratio{map="TGIDS"} 1
     #[test]
     fn reads_loss_fill_lines_and_the_steady_allocator() {
         let r = read(BODY, "soak_steady").expect("reads");
-        assert_eq!(r.sample_lines, 15);
-        assert_eq!(r.lost_total(), 103_451.0);
+        assert_eq!(r.sample_lines, 16);
+        assert_eq!(r.lost_total(), 103_458.0);
         assert_eq!(
             r.lost_causes().collect::<Vec<_>>(),
             [
                 ("ringbuf_full", 103_006.0),
-                ("symbolize_process_gone", 445.0)
+                ("symbolize_process_gone", 445.0),
+                ("unwind_truncated", 7.0)
             ]
         );
-        assert_eq!(r.lost.len(), 3);
+        assert_eq!(r.lost.len(), 4);
+        // Without the label (an older agent): taken as a loss of counts.
+        assert!(r.is_detail("unwind_truncated"));
+        assert!(!r.is_detail("ringbuf_full") && !r.is_detail("symbolize_process_gone"));
         assert_eq!(
             r.fill.into_iter().collect::<Vec<_>>(),
             [

@@ -273,25 +273,57 @@ fn last_reading(run: &Run) -> Option<(&Scrape, &Reading, bool)> {
     Some((s, reading, i + 1 < run.scrapes.len()))
 }
 
+/// Loss that counts or live bytes need, from the first answered scrape to the last: what
+/// happened while the probes attached (calls in flight then: `orphan_return`) and causes that
+/// only take call-site detail (`affects="detail"`: a node's deep or frame-pointer-less stacks,
+/// every call still counted) are said, not failed.
 fn loss(run: &Run) -> Verdict {
-    let criterion = "no event lost, of any cause";
+    let criterion = "no event lost that counts or live bytes need, after the first scrape";
     let Some((s, r, unread_after)) = last_reading(run) else {
         return verdict(criterion, false, "no /metrics was read".into());
     };
+    let first = run
+        .scrapes
+        .iter()
+        .find_map(|s| Some((s.at, s.reading.as_ref().ok()?)));
+    let (first_at, before) = match first {
+        Some((at, f)) if at < s.at => (at, Some(f)),
+        _ => (s.at, None),
+    };
+    let since =
+        |cause: &str, v: f64| v - before.map_or(0.0, |f| f.lost.get(cause).copied().unwrap_or(0.0));
+    let counting: Vec<(&str, f64)> = r
+        .lost_causes()
+        .filter(|(c, _)| !r.is_detail(c))
+        .map(|(c, v)| (c, since(c, v)))
+        .filter(|(_, v)| *v != 0.0)
+        .collect();
+    let total: f64 = counting.iter().map(|(_, v)| v).sum();
     let mut measured = format!(
-        "{} lost by t = {} s",
-        fmt_count(r.lost_total()),
+        "{} lost from t = {} s to t = {} s",
+        fmt_count(total),
+        first_at.as_secs(),
         s.at.as_secs()
     );
-    let causes = fmt_causes(r);
+    let causes = fmt_cause_list(counting);
     if !causes.is_empty() {
         write!(measured, ": {causes}").ok();
+    }
+    if let Some(f) = before {
+        let at_first = fmt_cause_list(f.lost_causes().filter(|(c, _)| !f.is_detail(c)).collect());
+        if !at_first.is_empty() {
+            write!(measured, "; by the first scrape: {at_first}").ok();
+        }
+    }
+    let detail = fmt_cause_list(r.lost_causes().filter(|(c, _)| r.is_detail(c)).collect());
+    if !detail.is_empty() {
+        write!(measured, "; call-site detail only, counts exact: {detail}").ok();
     }
     if unread_after {
         // Zero loss must be seen at the end, not assumed across unanswered scrapes.
         measured += "; unknown after that (later scrapes unanswered)";
     }
-    verdict(criterion, r.lost_total() == 0.0 && !unread_after, measured)
+    verdict(criterion, total == 0.0 && !unread_after, measured)
 }
 
 fn sigterm(run: &Run) -> Verdict {
@@ -582,7 +614,10 @@ pub fn fmt_count(v: f64) -> String {
 
 /// The non-zero loss causes, largest first: `ringbuf_full 103.0 k, symbolize_process_gone 445`.
 fn fmt_causes(r: &Reading) -> String {
-    let mut causes: Vec<(&str, f64)> = r.lost_causes().collect();
+    fmt_cause_list(r.lost_causes().collect())
+}
+
+fn fmt_cause_list(mut causes: Vec<(&str, f64)>) -> String {
     causes.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(b.0)));
     causes
         .iter()

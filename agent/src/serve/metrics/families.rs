@@ -10,7 +10,7 @@ use prometheus::proto::{self, LabelPair, Metric, MetricFamily, MetricType};
 use super::Exporter;
 use super::identity::{Counters, Hist, Identity, Key};
 use super::labels::label;
-use crate::{gostate::Verdict, model::SelfStats};
+use crate::{gostate::Verdict, loss, model::SelfStats};
 
 /// A family's Prometheus type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,8 +137,9 @@ pub const PROCESS_EVENTS_LOST: FamilySpec = spec(
     "allocwatch_process_events_lost_total",
     MetricKind::Counter,
     Scope::Process,
-    &["cause"],
-    "Events of these processes lost, by cause (where the loss is attributable).",
+    &["cause", "affects"],
+    "Events of these processes lost, by cause (where the loss is attributable) and what it \
+     takes from the figures (affects: counts, live, detail).",
 );
 pub const ALLOCATOR_INFO: FamilySpec = spec(
     "allocwatch_allocator_info",
@@ -302,8 +303,10 @@ pub const EVENTS_LOST: FamilySpec = spec(
     "allocwatch_events_lost_total",
     MetricKind::Counter,
     Scope::Agent,
-    &["cause"],
-    "Events lost by cause, all processes (counts are low while this rises).",
+    &["cause", "affects"],
+    "Events lost by cause, all processes, and what the loss takes: affects=\"counts\" (counts \
+     are low while it rises), \"live\" (live bytes and outstanding allocations are low), \
+     \"detail\" (every call counted exactly, its stack or site less precise).",
 );
 pub const GO_GROWTH_AGGREGATED: FamilySpec = spec(
     "allocwatch_go_growth_aggregated_total",
@@ -441,7 +444,9 @@ impl Exporter {
                     Key::Bytes(api) => bytes.counter(&id.labels, &[api], v),
                     Key::Frees => frees.counter(&id.labels, &[], v),
                     Key::Deletes(api) => deletes.counter(&id.labels, &[api], v),
-                    Key::Lost(cause) => lost.counter(&id.labels, &[cause], v),
+                    Key::Lost(cause) => {
+                        lost.counter(&id.labels, &[cause, loss::effect(cause).name()], v)
+                    }
                     Key::MapGrows(kind) => grows.counter(&id.labels, &[kind], v),
                     _ => {}
                 }
@@ -593,7 +598,7 @@ impl Exporter {
 
         let mut f = Family::new(&EVENTS_LOST);
         for (cause, &n) in &s.events_lost {
-            f.counter(&[], &[cause], n);
+            f.counter(&[], &[cause, loss::effect(cause).name()], n);
         }
         f.push_to(&mut out);
 

@@ -192,9 +192,9 @@ allocwatch_alloc_size_bytes_bucket{WEB,le="1024"} 5
 allocwatch_alloc_size_bytes_bucket{WEB,le="+Inf"} 5
 allocwatch_alloc_size_bytes_sum{WEB} 1364
 allocwatch_alloc_size_bytes_count{WEB} 5
-# HELP allocwatch_process_events_lost_total Events of these processes lost, by cause (where the loss is attributable).
+# HELP allocwatch_process_events_lost_total Events of these processes lost, by cause (where the loss is attributable) and what it takes from the figures (affects: counts, live, detail).
 # TYPE allocwatch_process_events_lost_total counter
-allocwatch_process_events_lost_total{API,cause="ringbuf_full"} 1
+allocwatch_process_events_lost_total{API,cause="ringbuf_full",affects="counts"} 1
 # HELP allocwatch_go_info Go version of traced Go processes (always 1).
 # TYPE allocwatch_go_info gauge
 allocwatch_go_info{API,version="go1.25.5"} 1
@@ -281,10 +281,10 @@ allocwatch_attach_failures_total{reason="ENOENT"} 1
 # HELP allocwatch_events_processed_total Events read from the kernel.
 # TYPE allocwatch_events_processed_total counter
 allocwatch_events_processed_total 100
-# HELP allocwatch_events_lost_total Events lost by cause, all processes (counts are low while this rises).
+# HELP allocwatch_events_lost_total Events lost by cause, all processes, and what the loss takes: affects="counts" (counts are low while it rises), "live" (live bytes and outstanding allocations are low), "detail" (every call counted exactly, its stack or site less precise).
 # TYPE allocwatch_events_lost_total counter
-allocwatch_events_lost_total{cause="live_map_full"} 0
-allocwatch_events_lost_total{cause="ringbuf_full"} 1
+allocwatch_events_lost_total{cause="live_map_full",affects="live"} 0
+allocwatch_events_lost_total{cause="ringbuf_full",affects="counts"} 1
 # HELP allocwatch_map_fill_ratio Fill level of each kernel map (1 = full: new entries are dropped).
 # TYPE allocwatch_map_fill_ratio gauge
 allocwatch_map_fill_ratio{map="live"} 0.25

@@ -9,6 +9,12 @@ const MS: fn(u64) -> Duration = Duration::from_millis;
 fn reading(lost: &[(&str, f64)], steady: f64) -> Reading {
     Reading {
         lost: lost.iter().map(|(c, v)| (c.to_string(), *v)).collect(),
+        // As the agent labels them (`affects="detail"`).
+        detail: lost
+            .iter()
+            .filter(|(c, _)| c.starts_with("unwind_") || c.starts_with("stack_"))
+            .map(|(c, _)| c.to_string())
+            .collect(),
         sample_lines: 6600,
         fill: [("SITES".to_owned(), 0.5), ("TGIDS".to_owned(), 0.01)].into(),
         steady_calls: Some(steady),
@@ -95,7 +101,7 @@ fn a_clean_run_passes_every_criterion() {
         v[2].measured,
         "106.0 MiB at t = 60 s, 112.0 MiB at t = 120 s (+5.7 %)"
     );
-    assert_eq!(v[3].measured, "0 lost by t = 120 s");
+    assert_eq!(v[3].measured, "0 lost from t = 0 s to t = 120 s");
     assert_eq!(
         v[4].measured,
         "exited (exit status: 0) 0.31 s after SIGTERM"
@@ -157,9 +163,10 @@ fn the_issue_17_run_fails_every_agent_criterion() {
              first failure at t = 60 s; 3 slower than 1.00 s; 1 unanswered within 20 s",
             "FAIL RSS at the end within 20 % of RSS after the first minute: 172.0 MiB at \
              t = 60 s, 324.0 MiB at t = 601 s (+88.4 %)",
-            "FAIL no event lost, of any cause: 61.3 M lost by t = 571 s: site_map_full 37.9 M, \
-             live_map_full 22.6 M, ringbuf_full 806.0 k; unknown after that (later scrapes \
-             unanswered)",
+            "FAIL no event lost that counts or live bytes need, after the first scrape: 61.2 M \
+             lost from t = 0 s to t = 571 s: site_map_full 37.9 M, live_map_full 22.6 M, \
+             ringbuf_full 805.4 k; by the first scrape: site_map_full 26.8 k, live_map_full \
+             16.0 k, ringbuf_full 570; unknown after that (later scrapes unanswered)",
             "FAIL SIGTERM: the agent exits (status 0) within 1 s: still running 10.0 s after \
              SIGTERM: killed with SIGKILL",
             "FAIL workload: the steady allocator's calls (comm soak_steady) rose at every \
@@ -237,7 +244,51 @@ fn any_loss_fails_and_names_its_causes() {
     ));
     let v = &verdicts(&run)[3];
     assert!(!v.pass);
-    assert_eq!(v.measured, "3 lost by t = 120 s: ringbuf_full 3");
+    assert_eq!(
+        v.measured,
+        "3 lost from t = 0 s to t = 120 s: ringbuf_full 3"
+    );
+}
+
+/// Calls in flight while the probes attached (before the first scrape) and causes that only
+/// take call-site detail are said, not failed; a count lost later still fails.
+#[test]
+fn attach_time_and_detail_only_loss_are_said_not_failed() {
+    let mut run = passing();
+    let n = run.scrapes.len();
+    for (i, sc) in run.scrapes.iter_mut().enumerate() {
+        let truncated = 1000.0 * i as f64;
+        sc.reading = Ok(reading(
+            &[
+                ("orphan_return", 2.0),
+                ("unwind_truncated", truncated),
+                ("live_map_full", 0.0),
+            ],
+            5e5,
+        ));
+    }
+    let v = &verdicts(&run)[3];
+    assert!(v.pass, "{}", v.measured);
+    assert_eq!(
+        v.measured,
+        format!(
+            "0 lost from t = 0 s to t = 120 s; by the first scrape: orphan_return 2; call-site \
+             detail only, counts exact: unwind_truncated {}",
+            fmt_count(1000.0 * (n - 1) as f64)
+        )
+    );
+    run.scrapes[n - 1].reading = Ok(reading(
+        &[("orphan_return", 3.0), ("unwind_truncated", 5.0)],
+        5e5,
+    ));
+    let v = &verdicts(&run)[3];
+    assert!(!v.pass);
+    assert!(
+        v.measured
+            .starts_with("1 lost from t = 0 s to t = 120 s: orphan_return 1;"),
+        "{}",
+        v.measured
+    );
 }
 
 #[test]
@@ -329,7 +380,7 @@ fn an_unanswered_last_scrape_leaves_loss_and_the_workload_unproven() {
     assert!(!v[3].pass);
     assert_eq!(
         v[3].measured,
-        "0 lost by t = 110 s; unknown after that (later scrapes unanswered)"
+        "0 lost from t = 0 s to t = 110 s; unknown after that (later scrapes unanswered)"
     );
     assert!(!v[6].pass);
     assert_eq!(v[6].measured, "not seen at t = 120 s (/metrics unanswered)");
