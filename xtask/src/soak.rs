@@ -55,6 +55,11 @@ pub struct Args {
     /// Soak this allocwatch binary instead of building one.
     #[arg(long, value_name = "PATH")]
     pub bin: Option<PathBuf>,
+    /// Also keep this many mostly idle processes alive throughout (`fixtures/bench/node_idle.c`,
+    /// as the node bench: each wakes every 200 ms for 4 malloc + 4 free): a node's few hundred
+    /// daemons (issue 15's hour: `--minutes 60 --idle 200`).
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=2000))]
+    pub idle: u32,
 }
 
 impl Args {
@@ -67,6 +72,7 @@ impl Args {
             scrape_every: Duration::from_secs(10),
             out: None,
             bin: Some(bin),
+            idle: 0,
         }
     }
 
@@ -76,7 +82,11 @@ impl Args {
         if let Some(ttl) = &self.ttl {
             s += &format!(" --ttl {ttl}");
         }
-        s + &format!(" --scrape-every {}s", self.scrape_every.as_secs_f64())
+        s += &format!(" --scrape-every {}s", self.scrape_every.as_secs_f64());
+        if self.idle > 0 {
+            s += &format!(" --idle {}", self.idle);
+        }
+        s
     }
 }
 
@@ -94,6 +104,8 @@ const START_LIMIT: Duration = Duration::from_secs(180);
 const SIGTERM_WAIT: Duration = Duration::from_secs(10);
 /// The steady allocator (fixtures/c/soak_steady.c): its comm finds its series.
 pub(crate) const STEADY_COMM: &str = "soak_steady";
+/// The mostly idle processes of `--idle` (fixtures/bench/node_idle.c).
+pub(crate) const IDLE_COMM: &str = "node_idle";
 /// The python3 one-liner: a dict and a list of 20,000 strings.
 pub(crate) const PYTHON: &str = "d = {i: str(i) * 8 for i in range(20000)}; l = sorted(d.values()); \
                       assert len(l) == 20000";
@@ -135,7 +147,22 @@ pub fn run(paths: &Paths, args: &Args) -> anyhow::Result<()> {
             .context("installing a signal handler")?;
     }
 
+    let idle_bin = match args.idle {
+        0 => None,
+        _ => Some(crate::bench::build_c_bench(paths, &out_dir, IDLE_COMM)?),
+    };
+
     let before = kernel::Snapshot::take()?;
+    let mut idle = Vec::new();
+    for _ in 0..args.idle {
+        let bin = idle_bin.as_ref().expect("built when idle > 0");
+        idle.push(Reaped::spawn(
+            Command::new(bin)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+            IDLE_COMM,
+        )?);
+    }
     let mut steady = Reaped::spawn(
         Command::new(&steady_bin)
             .stdout(Stdio::null())
@@ -186,6 +213,7 @@ pub fn run(paths: &Paths, args: &Args) -> anyhow::Result<()> {
     let end = end?;
     if let End::Interrupted = end {
         steady.kill_and_reap();
+        idle.iter_mut().for_each(Reaped::kill_and_reap);
         println!(
             "{}",
             report::table(&probes, &scrapes, CLIENT_TIMEOUT, STEADY_COMM)
@@ -202,6 +230,7 @@ pub fn run(paths: &Paths, args: &Args) -> anyhow::Result<()> {
         _ => stop_with_sigterm(&mut agent)?,
     };
     steady.kill_and_reap();
+    idle.iter_mut().for_each(Reaped::kill_and_reap);
     let leftovers = kernel::leftovers(&before, &held, agent_pid, Duration::from_secs(5))
         .map_err(|e| format!("{e:#}"));
 
@@ -664,13 +693,19 @@ fn header(paths: &Paths, args: &Args) -> String {
         .ttl
         .as_ref()
         .map_or(String::new(), |t| format!(" --ttl {t}"));
+    let idle = match args.idle {
+        0 => String::new(),
+        n => format!(
+            ", and {n} `{IDLE_COMM}` processes (each wakes every 200 ms for 4 malloc + 4 free)"
+        ),
+    };
     format!(
         "{date}, Linux {kernel}, {cpus} CPUs; allocwatch at {commit}{}. The agent: `allocwatch \
          agent --listen 127.0.0.1:PORT{ttl}`, defaults otherwise, with \
          `{}={}` as in the image. The workload: every {} s one of `sh -c 'ls /usr/bin | \
          sort'`, a python3 one-liner (a dict and a sorted list of 20,000 strings) and \
          `libc_fixture run` in turn; `{STEADY_COMM}` (≈ 1,000 malloc + 1,000 free a second) \
-         throughout. `/healthz` every second, `/metrics` at the times below, each timed from \
+         throughout{idle}. `/healthz` every second, `/metrics` at the times below, each timed from \
          connect to last byte with a {} s client timeout; RSS and CPU time from /proc just \
          before each scrape.",
         if dirty {

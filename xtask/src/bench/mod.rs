@@ -285,7 +285,7 @@ fn build_alloc_bench_nofp(paths: &Paths, out_dir: &Path) -> anyhow::Result<PathB
 
 /// `fixtures/bench/NAME.c` -> `out_dir/NAME`, with the flags issue 5 asks for: -O1 with frame
 /// pointers (the workloads defeat the optimizer).
-fn build_c_bench(paths: &Paths, out_dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+pub(crate) fn build_c_bench(paths: &Paths, out_dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     build_c(paths, out_dir, name, name, "-fno-omit-frame-pointer")
 }
 

@@ -21,7 +21,7 @@ use std::{
 use super::*;
 use crate::{
     fixtures,
-    soak::{PYTHON, STEADY_COMM, kernel},
+    soak::{IDLE_COMM, PYTHON, STEADY_COMM, kernel},
 };
 
 /// The section's knobs (`./x bench --node-*`).
@@ -34,7 +34,6 @@ pub(super) struct NodeOpts {
     pub(super) parallel: usize,
 }
 
-const IDLE_COMM: &str = "node_idle";
 /// `gogrowth ROUNDS`: about 50 ms untraced here.
 const GO_ROUNDS: &str = "50";
 /// At most this many repetitions (every run starts a tracer; the default run stays ~10 min).
