@@ -754,6 +754,7 @@ mod tests {
                     "--web",
                     "--minutes",
                     "--scrape-every",
+                    "--idle",
                     "--out",
                     "--seconds",
                     "--vm",

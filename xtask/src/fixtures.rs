@@ -549,3 +549,24 @@ fn is_stale<'a>(inputs: impl IntoIterator<Item = &'a PathBuf>, out: &Path) -> an
     }
     Ok(false)
 }
+
+/// `fixtures/bench/NAME.c` -> `out_dir/OUT`, -O1 with `fp` (frame pointers or not): the
+/// benchmarks' C programs, and the soak's idle processes.
+pub fn build_bench_c(
+    paths: &Paths,
+    out_dir: &Path,
+    name: &str,
+    out: &str,
+    fp: &str,
+) -> anyhow::Result<PathBuf> {
+    let src = paths.root.join(format!("fixtures/bench/{name}.c"));
+    let out = out_dir.join(out);
+    cmd::run(
+        Command::new("gcc")
+            .args(["-O1", "-g", fp, "-Wall", "-Wextra"])
+            .args(["-pthread", "-o"])
+            .arg(&out)
+            .arg(&src),
+    )?;
+    Ok(out)
+}

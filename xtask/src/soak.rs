@@ -149,7 +149,13 @@ pub fn run(paths: &Paths, args: &Args) -> anyhow::Result<()> {
 
     let idle_bin = match args.idle {
         0 => None,
-        _ => Some(crate::bench::build_c_bench(paths, &out_dir, IDLE_COMM)?),
+        _ => Some(fixtures::build_bench_c(
+            paths,
+            &out_dir,
+            IDLE_COMM,
+            IDLE_COMM,
+            "-fno-omit-frame-pointer",
+        )?),
     };
 
     let before = kernel::Snapshot::take()?;

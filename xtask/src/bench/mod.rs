@@ -285,11 +285,10 @@ fn build_alloc_bench_nofp(paths: &Paths, out_dir: &Path) -> anyhow::Result<PathB
 
 /// `fixtures/bench/NAME.c` -> `out_dir/NAME`, with the flags issue 5 asks for: -O1 with frame
 /// pointers (the workloads defeat the optimizer).
-pub(crate) fn build_c_bench(paths: &Paths, out_dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+fn build_c_bench(paths: &Paths, out_dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     build_c(paths, out_dir, name, name, "-fno-omit-frame-pointer")
 }
 
-/// `fixtures/bench/NAME.c` -> `out_dir/OUT`, -O1 with `fp` (frame pointers or not).
 fn build_c(
     paths: &Paths,
     out_dir: &Path,
@@ -297,16 +296,7 @@ fn build_c(
     out: &str,
     fp: &str,
 ) -> anyhow::Result<PathBuf> {
-    let src = paths.root.join(format!("fixtures/bench/{name}.c"));
-    let out = out_dir.join(out);
-    cmd::run(
-        Command::new("gcc")
-            .args(["-O1", "-g", fp, "-Wall", "-Wextra"])
-            .args(["-pthread", "-o"])
-            .arg(&out)
-            .arg(&src),
-    )?;
-    Ok(out)
+    crate::fixtures::build_bench_c(paths, out_dir, name, out, fp)
 }
 
 struct Bench {
