@@ -51,8 +51,8 @@ use std::{
 use serde_json::Value;
 use support::agent::{Agent, Identity, Metrics, value};
 use support::{
-    API_TOTALS, APIS, Allocwatch, AllocwatchBin, BPF_FREE_LIMIT, BpfIds, KernelState, Lines,
-    Scratch, address_groups, array, bpftool, env_path, go_toolchains, libc_path, path_str,
+    API_TOTALS, APIS, Allocwatch, AllocwatchBin, BPF_FREE_LIMIT, BpfIds, Fixture, KernelState,
+    Lines, Scratch, address_groups, array, bpftool, env_path, go_toolchains, libc_path, path_str,
     process_by_pid, read_json, serial, signal, str_at, u64_at, uprobe_breakpoints, version_key,
     wait_child, wait_no_breakpoints,
 };
@@ -1071,6 +1071,140 @@ fn binary_replaced_while_traced() {
         "map grows of a process of the new file (one map_big)"
     );
     agent.stop();
+}
+
+/// Programs deleted from disk (a redeployed binary, an upgraded library) after their last
+/// process exited: the agent lets go of their probes, and so of their inodes and disk space.
+/// Three kinds of file on a tmpfs of the test's own (its used space is the inodes still held):
+/// a static musl program (the allocator's probes on the executable), a C++ program (growth
+/// kinds on the executable) and a Go program (the Go runtime's probes). Each runs until the
+/// agent has attached it, then exits; once the three are deleted, the agent's probe count
+/// goes back to what it was and the tmpfs frees their space. Failed before (2026-12-05): the
+/// probes held the three inodes for the agent's life.
+#[test]
+fn agent_lets_go_of_deleted_files() {
+    let env = TestEnv::get();
+    let _serial = serial();
+    let scratch = Scratch::new("gone");
+    let fs_dir = scratch.path.join("tmpfs");
+    let tmpfs = Tmpfs::mount(&fs_dir);
+    let empty = tmpfs.used_bytes();
+    let c = env_path("ALLOCWATCH_FIXTURES");
+    let programs: [(PathBuf, Vec<&str>); 3] = [
+        (c.join("alloc/musl-static/libc_fixture"), vec!["wait-run"]),
+        (c.join("growth/cxx_growth"), vec!["1000", "1000000"]),
+        (env.go_fixture.clone(), vec!["map_huge"; 50]),
+    ];
+    let copies: Vec<(PathBuf, &Vec<&str>)> = programs
+        .iter()
+        .enumerate()
+        .map(|(i, (src, args))| {
+            let dst = fs_dir.join(format!("aw_gone_{i}"));
+            support::copy_program(src, &dst);
+            (dst, args)
+        })
+        .collect();
+    let only = format!("^{}/", scratch.path.display());
+    // The C++ growth kinds are off by default (`native_growth`).
+    let config = scratch.path.join("growth.toml");
+    fs::write(&config, "native_growth = true\n").expect("writing config");
+    let mut agent = Agent::start(&env, &["--exe", &only, "--config", path_str(&config)]);
+    let probes = |agent: &Agent| agent.scrape().global_sum("allocwatch_probes_attached", &[]);
+    // The system's libc (the C++ program's too) attached first, through a selected program
+    // off the tmpfs: what stays attached after the deletions.
+    let warm = scratch.copy(&env.libc_fixture, "aw_gone_warm");
+    let fx = Fixture::spawn_quiet(&warm, &["wait-run"]);
+    let warm_id = Identity::of(&warm);
+    agent.scrape_until("the warm-up program", Duration::from_secs(15), |m| {
+        m.value(&warm_id, "allocwatch_processes", &[]) == Some(1.0)
+    });
+    drop(fx);
+    let baseline = probes(&agent);
+    for (path, args) in &copies {
+        let before = probes(&agent);
+        let fx = Fixture::spawn_quiet(path, args);
+        agent.scrape_until(
+            &format!("the probes of {}", path.display()),
+            Duration::from_secs(20),
+            |m| m.global_sum("allocwatch_probes_attached", &[]) > before,
+        );
+        drop(fx);
+    }
+    let held = tmpfs.used_bytes();
+    assert!(
+        held > empty + (1 << 20),
+        "the three programs take space: {held} bytes"
+    );
+    for (path, _) in &copies {
+        fs::remove_file(path).expect("deleting a program");
+    }
+    // Checked every 10 s by the agent.
+    let deleted = Instant::now();
+    agent.scrape_until(
+        "the probe count of before the programs",
+        Duration::from_secs(30),
+        |m| m.global_sum("allocwatch_probes_attached", &[]) == baseline,
+    );
+    eprintln!(
+        "probes detached {:.1?} after the deletions",
+        deleted.elapsed()
+    );
+    // The agent's symbolizer keeps the files of an exited process mapped while it may still
+    // name its sites (30 s): the space comes back after that.
+    let deadline = deleted + Duration::from_secs(90);
+    loop {
+        let used = tmpfs.used_bytes();
+        if used == empty {
+            eprintln!("space freed {:.1?} after the deletions", deleted.elapsed());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "90 s after deleting them the tmpfs uses {used} bytes (empty: {empty}; with the \
+             three: {held})\n{}",
+            agent.stderr.text()
+        );
+        thread::sleep(Duration::from_millis(500));
+    }
+    agent.stop();
+    drop(tmpfs);
+}
+
+/// A tmpfs mounted for one test, unmounted (lazily) when dropped, also on a panic.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path) -> Self {
+        fs::create_dir_all(dir).expect("creating the mount point");
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=256m,mode=0755", "aw-gone"])
+            .arg(dir)
+            .status()
+            .expect("running mount");
+        assert!(
+            status.success(),
+            "mount -t tmpfs {}: {status}",
+            dir.display()
+        );
+        Self(dir.to_owned())
+    }
+
+    /// Bytes in use: the files, and the deleted inodes something still holds.
+    fn used_bytes(&self) -> u64 {
+        let path = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()).expect("a path");
+        // SAFETY: a struct of integers, for which all zeroes is a value.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: statvfs writes the struct it is given; the path is NUL-terminated.
+        let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
+        assert_eq!(rc, 0, "statvfs {}", self.0.display());
+        (st.f_blocks - st.f_bfree) * st.f_frsize
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
 }
 
 /// `want` with a 0 for every kind of `like` it lacks (diffs keep zero entries).

@@ -64,6 +64,9 @@ const GO_AGG_EVERY: Duration = Duration::from_secs(1);
 const MAP_READS: usize = 64;
 /// The symbolizer is told which processes still matter this often.
 const RETAIN_EVERY: Duration = Duration::from_secs(5);
+/// How often the files attached are checked for deletion (one fstat each; /proc is scanned
+/// only for a deleted file whose last known holders no longer map it).
+const RELEASE_EVERY: Duration = Duration::from_secs(10);
 /// A gone process's own detail (its snapshot, its profile) is kept at most this long after its
 /// exit (one or two scrapes); then it departs into its identity's sums, which `/metrics` keeps
 /// for the TTL.
@@ -225,6 +228,7 @@ struct State {
     next_census: Instant,
     next_map_read: Instant,
     next_go_agg: Instant,
+    next_release: Instant,
     /// `/metrics`: kept here, next to the processes, so that a gone process leaves its
     /// identity with its final values as soon as it departs.
     exporter: Exporter,
@@ -329,6 +333,7 @@ impl State {
             next_census: now,
             next_map_read: now + MAP_READ_EVERY,
             next_go_agg: now + GO_AGG_EVERY,
+            next_release: now + RELEASE_EVERY,
             exporter: Exporter::new(cfg.serve_config().metrics),
             keep_detail: cfg.ttl.min(DETAIL_KEPT),
             pressure: SitePressure::new(cfg.capacity.max_sites),
@@ -369,6 +374,13 @@ impl State {
             sw.lap("scan");
             self.depart(now).await?;
             sw.lap("depart");
+        }
+        if now >= self.next_release {
+            self.registry
+                .targets
+                .release_deleted(&mut self.pipe.parts.probes);
+            self.next_release = now + RELEASE_EVERY;
+            sw.lap("release deleted files");
         }
         if now >= self.next_go_agg {
             self.drain_go_agg()?;

@@ -200,7 +200,10 @@ pub enum ProbeError {
     GoConfig(#[from] MapError),
     #[error("cannot set up following the process tree: {0}")]
     Follow(MapError),
-    #[error("more than {GO_SPECS_MAX} Go functions probed at once")]
+    #[error(
+        "no room for this Go program's probes: the {GO_SPECS_MAX} Go function slots are held by \
+         Go programs that are running"
+    )]
     TooManyGoSpecs,
 }
 
@@ -275,6 +278,8 @@ pub struct Probes {
     go_specs: Ranges,
     /// Each attached Go file's link group and its slots of GO_SPECS.
     go_files: std::collections::HashMap<u64, (u32, u32)>,
+    /// Probe points of each file's link group (Go, libc and symbol files alike).
+    group_points: std::collections::HashMap<u64, usize>,
     /// The next link group of a file that can be detached on its own.
     next_group: u64,
     /// Next free slot of the LIBC_FILES array (count mode).
@@ -366,6 +371,7 @@ impl Probes {
             links: Links::default(),
             go_specs: Ranges::new(go_specs_capacity()),
             go_files: std::collections::HashMap::new(),
+            group_points: std::collections::HashMap::new(),
             next_group: links::PERMANENT + 1,
             next_file: 0,
             relay_named: 0,
@@ -378,12 +384,13 @@ impl Probes {
     ///
     /// Every mode uses the same sites (placed for a return probe: no earlier instruction moves
     /// RSP), so the floor and each mode are measured at identical addresses.
+    /// The link group of the file's probes comes back, for [`Self::detach_group`].
     pub fn attach_libc(
         &mut self,
         file: &Path,
         points: &[ProbePoint],
         pid: Option<NonZeroU32>,
-    ) -> Result<(), ProbeError> {
+    ) -> Result<u64, ProbeError> {
         let scope = pid.map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
         let (entry_program, ret_program) = self.mode.libc_programs();
         let entry: Vec<UProbeAttachPoint<'_>> = if entry_program == LIBC_COUNT {
@@ -403,14 +410,29 @@ impl Probes {
             .filter(|p| p.with_return)
             .map(attach_point)
             .collect();
-        self.attach_uprobe(entry_program, entry, file, scope, links::PERMANENT)?;
-        if let Some(ret_program) = ret_program
-            && !ret.is_empty()
-        {
-            self.attach_uprobe(ret_program, ret, file, scope, links::PERMANENT)?;
+        let group = self.next_group;
+        let attached = self
+            .attach_uprobe(entry_program, entry, file, scope, group)
+            .and_then(|()| match ret_program {
+                Some(ret_program) if !ret.is_empty() => {
+                    self.attach_uprobe(ret_program, ret, file, scope, group)
+                }
+                _ => Ok(()),
+            });
+        if let Err(e) = attached {
+            // The entry probes without their returns would leave every call in flight.
+            self.links.detach_group(group);
+            return Err(e);
         }
-        self.attached_points += points.len();
-        Ok(())
+        Ok(self.group_attached(group, points.len()))
+    }
+
+    /// Books a file's link group as attached with `points` probe points.
+    fn group_attached(&mut self, group: u64, points: usize) -> u64 {
+        self.next_group += 1;
+        self.group_points.insert(group, points);
+        self.attached_points += points;
+        group
     }
 
     /// Count mode's view of `file`: which API functions may tail-jump where, and (in a free
@@ -500,21 +522,21 @@ impl Probes {
             self.go_specs.release(first, len);
             return Err(e);
         }
-        self.next_group += 1;
         self.go_files.insert(group, (first, len));
-        self.attached_points += probes.len();
-        Ok(group)
+        Ok(self.group_attached(group, probes.len()))
     }
 
-    /// Detaches the Go probes of the file attached as `group` and frees its capture specs
-    /// for another file (once the links are gone no probe reads them).
-    pub fn detach_go(&mut self, group: u64) {
+    /// Detaches the probes of the file attached as `group` and, for a Go file, frees its
+    /// capture specs for another file (once the links are gone no probe reads them).
+    pub fn detach_group(&mut self, group: u64) {
         let links = self.links.detach_group(group);
         if let Some((first, len)) = self.go_files.remove(&group) {
             self.go_specs.release(first, len);
-            self.attached_points = self.attached_points.saturating_sub(len as usize);
         }
-        log::debug!("Go file {group}: {links} links detached");
+        if let Some(points) = self.group_points.remove(&group) {
+            self.attached_points = self.attached_points.saturating_sub(points);
+        }
+        log::debug!("file group {group}: {links} links detached");
     }
 
     /// Loads the symbol-probe program if it is not loaded yet. The agent loads it at start:
@@ -533,14 +555,15 @@ impl Probes {
 
     /// Attaches the symbol-probe program at each point of `file` (loaded on first use: a
     /// session without symbol probes pays no verifier run for it).
+    /// The link group of the file's probes comes back ([`links::PERMANENT`]: no points).
     pub fn attach_sym(
         &mut self,
         file: &Path,
         points: &[SymPoint],
         pid: Option<NonZeroU32>,
-    ) -> Result<(), ProbeError> {
+    ) -> Result<u64, ProbeError> {
         if points.is_empty() {
-            return Ok(());
+            return Ok(links::PERMANENT);
         }
         self.load_sym()?;
         for p in points {
@@ -566,9 +589,12 @@ impl Probes {
             })
             .collect();
         let scope = pid.map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
-        self.attach_uprobe(SYM_ENTRY, attach, file, scope, links::PERMANENT)?;
-        self.attached_points += points.len();
-        Ok(())
+        let group = self.next_group;
+        if let Err(e) = self.attach_uprobe(SYM_ENTRY, attach, file, scope, group) {
+            self.links.detach_group(group);
+            return Err(e);
+        }
+        Ok(self.group_attached(group, points.len()))
     }
 
     /// Attaches the `sched:sched_process_exec` tracepoint (the agent's exec events).
@@ -779,6 +805,15 @@ fn go_specs_capacity() -> u32 {
         .map_or(GO_SPECS_MAX, |n| n.min(GO_SPECS_MAX))
 }
 
+/// A file's probes as the registry keeps them: detachable by their group, unless there were
+/// none to attach.
+fn attached(points: usize, group: u64) -> Attached {
+    Attached {
+        points,
+        handle: (group != links::PERMANENT).then_some(group),
+    }
+}
+
 impl Attacher for Probes {
     type Error = ProbeError;
 
@@ -789,25 +824,22 @@ impl Attacher for Probes {
     ) -> Result<Attached, ProbeError> {
         match target {
             Target::Libc(t) => {
-                self.attach_libc(&t.path, &t.probes, scope)?;
-                Ok(Attached::for_good(t.probes.len()))
+                let group = self.attach_libc(&t.path, &t.probes, scope)?;
+                Ok(attached(t.probes.len(), group))
             }
             Target::Go(t) => {
                 let group = self.attach_go(&t.path, &t.probes, scope)?;
-                Ok(Attached {
-                    points: t.probes.len(),
-                    handle: Some(group),
-                })
+                Ok(attached(t.probes.len(), group))
             }
             Target::Sym(t) => {
-                self.attach_sym(&t.path, &t.points, scope)?;
-                Ok(Attached::for_good(t.points.len()))
+                let group = self.attach_sym(&t.path, &t.points, scope)?;
+                Ok(attached(t.points.len(), group))
             }
         }
     }
 
     fn detach_file(&mut self, handle: u64) {
-        self.detach_go(handle);
+        self.detach_group(handle);
     }
 
     fn set_mallocgc(&mut self, pid: u32, (start, end): (u64, u64)) -> Result<(), ProbeError> {

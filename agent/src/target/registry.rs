@@ -53,9 +53,33 @@ pub enum Target {
 pub struct Attached {
     /// Probe points.
     pub points: usize,
-    /// What [`Attacher::detach_file`] takes, for probes that can be detached on their own (a
-    /// Go program's, which hold slots of a fixed-size table).
+    /// What [`Attacher::detach_file`] takes, for probes that can be detached on their own
+    /// (a Go program's hold slots of a fixed-size table; any file's hold its inode).
     pub handle: Option<u64>,
+}
+
+/// A file whose probes can be detached on their own.
+#[derive(Debug)]
+struct Held {
+    handle: u64,
+    points: usize,
+    /// When a process was last found running it (the order Go files make room in).
+    seen: Instant,
+    /// The file, open without access (`O_PATH`), to tell when its last name is gone: the
+    /// probes then hold a deleted inode and its disk space.
+    file: Option<std::fs::File>,
+    /// Processes found mapping it once deleted: looked at again before /proc is scanned.
+    holders: Vec<u32>,
+}
+
+impl Held {
+    fn deleted(&self) -> bool {
+        use std::os::unix::fs::MetadataExt as _;
+        self.file
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .is_some_and(|m| m.nlink() == 0)
+    }
 }
 
 impl Attached {
@@ -258,11 +282,13 @@ pub struct Targets {
     /// What each mapped file is to the libc search, so each is parsed once for all processes.
     libc_search: libc::FileCache,
     files: HashMap<(Kind, DevInode), FileState>,
-    /// The Go executables attached: their probes' handle and when a process was last found
-    /// running them (least recently used first when a new one needs the room).
-    go_files: HashMap<DevInode, (u64, Instant)>,
+    /// The files attached with a handle (Go executables: least recently seen first when a new
+    /// one needs the room; any file once deleted and mapped by no process).
+    held: HashMap<(Kind, DevInode), Held>,
     /// Go files detached to make room for others.
     pub go_files_detached: u64,
+    /// Files detached because they were deleted and no process mapped them any more.
+    pub deleted_files_released: u64,
     /// Probe points attached.
     pub points_attached: u64,
     pub failures: BTreeMap<AttachFailure, u64>,
@@ -285,8 +311,9 @@ impl Targets {
             native_growth: true,
             libc_search: libc::FileCache::default(),
             files: HashMap::new(),
-            go_files: HashMap::new(),
+            held: HashMap::new(),
             go_files_detached: 0,
+            deleted_files_released: 0,
             points_attached: 0,
             failures: BTreeMap::new(),
             libc_unreachable: HashSet::new(),
@@ -348,8 +375,8 @@ impl Targets {
                     continue;
                 };
                 let target = target.clone();
-                if let Some((_, seen)) = self.go_files.get_mut(&id) {
-                    *seen = Instant::now();
+                if let Some(h) = self.held.get_mut(&(kind, id)) {
+                    h.seen = Instant::now();
                 }
                 // The process may be gone already, or the probe's table full: it is then
                 // traced without the per-process detail (the kernel counts what it could not
@@ -379,23 +406,75 @@ impl Targets {
             }
             // Read once per attach, and only under pressure: every process's executable.
             let running = running.get_or_insert_with(running_executables);
-            let Some((&id, &(handle, _))) = self
-                .go_files
+            let Some(key) = self
+                .held
                 .iter()
-                .filter(|(id, _)| !running.contains(id))
-                .min_by_key(|(_, (_, seen))| *seen)
+                .filter(|((kind, id), _)| *kind == Kind::Go && !running.contains(id))
+                .min_by_key(|(_, h)| h.seen)
+                .map(|(key, _)| *key)
             else {
                 return Err(err);
             };
-            probes.detach_file(handle);
-            self.go_files.remove(&id);
-            self.files.remove(&(Kind::Go, id));
+            let id = key.1;
+            self.detach(probes, key);
             self.go_files_detached += 1;
             log::info!(
                 "detached the Go probes of file {id:?} (no process runs it) to make room for {}",
                 target.path().display()
             );
         }
+    }
+
+    /// Detaches a held file's probes and forgets the file (a later process mapping the same
+    /// identity has it analysed and attached anew).
+    fn detach<A: Attacher>(&mut self, probes: &mut A, key: (Kind, DevInode)) {
+        if let Some(h) = self.held.remove(&key) {
+            probes.detach_file(h.handle);
+            self.points_attached = self.points_attached.saturating_sub(h.points as u64);
+        }
+        self.files.remove(&key);
+        if key.0 == Kind::Libc {
+            self.libc_search.forget(key.1);
+        }
+    }
+
+    /// Detaches the probes of files that are deleted (no name left: an upgraded library, a
+    /// redeployed binary) and mapped by no process: the probes would otherwise hold the inode,
+    /// and its disk space, for the agent's life. /proc is scanned only when such a file exists
+    /// and the processes last found mapping it no longer do. How many files were released.
+    pub fn release_deleted<A: Attacher>(&mut self, probes: &mut A) -> usize {
+        let deleted: Vec<(Kind, DevInode)> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.deleted())
+            .filter(|((_, id), h)| !h.holders.iter().any(|&pid| maps_file(pid, *id)))
+            .map(|(key, _)| *key)
+            .collect();
+        if deleted.is_empty() {
+            return 0;
+        }
+        let ids: HashSet<DevInode> = deleted.iter().map(|(_, id)| *id).collect();
+        let holders = processes_mapping(&ids);
+        let mut released = 0;
+        for key in deleted {
+            if let Some(pids) = holders.get(&key.1) {
+                if let Some(h) = self.held.get_mut(&key) {
+                    h.holders.clone_from(pids);
+                }
+                continue;
+            }
+            if let Some(FileState::Attached(t)) = self.files.get(&key) {
+                log::info!(
+                    "detached the {:?} probes of {} (deleted, no process maps it)",
+                    key.0,
+                    t.path().display()
+                );
+            }
+            self.detach(probes, key);
+            released += 1;
+        }
+        self.deleted_files_released += released as u64;
+        released
     }
 
     /// The files of `kind` that `proc` runs (libc: every file that serves its allocation
@@ -509,7 +588,15 @@ impl Targets {
                     Ok(attached) => {
                         self.points_attached += attached.points as u64;
                         if let Some(handle) = attached.handle {
-                            self.go_files.insert(id, (handle, Instant::now()));
+                            let file = open_path(target.path());
+                            let held = Held {
+                                handle,
+                                points: attached.points,
+                                seen: Instant::now(),
+                                file,
+                                holders: Vec::new(),
+                            };
+                            self.held.insert((kind, id), held);
                         }
                         FileState::Attached(target)
                     }
@@ -548,6 +635,49 @@ impl Targets {
         }
         ids
     }
+}
+
+/// The file at `path`, opened without access (`O_PATH`: no read permission needed, nothing
+/// read); `None` when it cannot be (its probes are then kept for the agent's life).
+fn open_path(path: &Path) -> Option<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(::libc::O_PATH | ::libc::O_CLOEXEC)
+        .open(path)
+        .inspect_err(|e| log::debug!("{}: {e} (kept attached for good)", path.display()))
+        .ok()
+}
+
+/// Whether process `pid` maps the file `id`.
+fn maps_file(pid: u32, id: DevInode) -> bool {
+    super::maps::read_maps(pid).is_ok_and(|m| m.iter().any(|e| e.dev_inode == id))
+}
+
+/// The processes in /proc that map each of `ids` (those mapped by none are absent). The agent
+/// itself is not one: its symbolizer maps the files of processes it still names, which need
+/// no probes.
+fn processes_mapping(ids: &HashSet<DevInode>) -> HashMap<DevInode, Vec<u32>> {
+    let mut out: HashMap<DevInode, Vec<u32>> = HashMap::new();
+    let me = std::process::id();
+    for pid in crate::procfs::pids().filter(|&pid| pid != me) {
+        let Ok(maps) = super::maps::read_maps(pid) else {
+            continue;
+        };
+        let mut seen: Vec<DevInode> = maps
+            .iter()
+            .map(|e| e.dev_inode)
+            .filter(|id| ids.contains(id))
+            .collect();
+        seen.dedup();
+        for id in seen {
+            let pids = out.entry(id).or_default();
+            if pids.last() != Some(&pid) {
+                pids.push(pid);
+            }
+        }
+    }
+    out
 }
 
 /// The executables of every process in /proc (a process whose executable cannot be read, a
@@ -621,6 +751,7 @@ mod tests {
         files: Vec<std::path::PathBuf>,
         mallocgc: Vec<(u32, (u64, u64))>,
         errno: Option<i32>,
+        detached: Vec<u64>,
     }
 
     impl Attacher for Recorder {
@@ -642,12 +773,73 @@ mod tests {
             }))
         }
 
-        fn detach_file(&mut self, _handle: u64) {}
+        fn detach_file(&mut self, handle: u64) {
+            self.detached.push(handle);
+        }
 
         fn set_mallocgc(&mut self, pid: u32, range: (u64, u64)) -> Result<(), io::Error> {
             self.mallocgc.push((pid, range));
             Ok(())
         }
+    }
+
+    /// A held file's probes are kept while it has a name, and while a process maps it once
+    /// deleted (that process is then remembered as its holder); detached once nothing maps it.
+    #[test]
+    fn deleted_files_are_released_once_no_process_maps_them() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("allocwatch-release-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A program of our own, so that a child maps it (this process does not count).
+        let path = dir.join("sleep");
+        std::fs::copy("/bin/sleep", &path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let id = DevInode::from_metadata(&std::fs::metadata(&path).unwrap());
+        let set = GoProbeSet {
+            growth: true,
+            malloc: true,
+            gc: true,
+        };
+        let mut targets = Targets::new(set, None);
+        let mut probes = Recorder::default();
+        let key = (Kind::Sym, id);
+        targets.files.insert(key, FileState::NotOfKind);
+        targets.points_attached = 5;
+        let held = Held {
+            handle: 7,
+            points: 3,
+            seen: Instant::now(),
+            file: open_path(&path),
+            holders: Vec::new(),
+        };
+        assert!(held.file.is_some());
+        targets.held.insert(key, held);
+        assert_eq!(targets.release_deleted(&mut probes), 0, "named: kept");
+
+        let mut child = std::process::Command::new(&path).arg("60").spawn().unwrap();
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while !maps_file(child.id(), id) {
+            assert!(
+                Instant::now() < deadline,
+                "the child never mapped its program"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        std::fs::remove_file(&path).unwrap();
+        assert!(targets.held[&key].deleted());
+        assert_eq!(targets.release_deleted(&mut probes), 0, "mapped: kept");
+        assert_eq!(targets.held[&key].holders, [child.id()]);
+        assert!(probes.detached.is_empty());
+
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(targets.release_deleted(&mut probes), 1);
+        assert_eq!(probes.detached, [7]);
+        assert_eq!(targets.points_attached, 2);
+        assert!(!targets.files.contains_key(&key) && !targets.held.contains_key(&key));
+        assert_eq!(targets.deleted_files_released, 1);
+        assert_eq!(targets.release_deleted(&mut probes), 0);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// This test process's own libc, found through the registry: attached once however many

@@ -77,6 +77,14 @@ pub struct FileCache {
     files: HashMap<DevInode, Examined>,
 }
 
+impl FileCache {
+    /// Forgets the verdict on `id`: once the file's probes let go of a deleted inode, its
+    /// number can come back for another file.
+    pub fn forget(&mut self, id: DevInode) {
+        self.files.remove(&id);
+    }
+}
+
 /// One mapped file as the search sees it: what it is, and what the loader reads from it to
 /// order the others.
 #[derive(Debug)]
