@@ -274,7 +274,7 @@ fn build_alloc_bench(paths: &Paths, out_dir: &Path) -> anyhow::Result<PathBuf> {
 /// `alloc_bench` without frame pointers (`alloc_bench_nofp`), as distributions build C: the
 /// table walk's workload.
 fn build_alloc_bench_nofp(paths: &Paths, out_dir: &Path) -> anyhow::Result<PathBuf> {
-    build_c(
+    crate::fixtures::build_bench_c(
         paths,
         out_dir,
         "alloc_bench",
@@ -286,17 +286,7 @@ fn build_alloc_bench_nofp(paths: &Paths, out_dir: &Path) -> anyhow::Result<PathB
 /// `fixtures/bench/NAME.c` -> `out_dir/NAME`, with the flags issue 5 asks for: -O1 with frame
 /// pointers (the workloads defeat the optimizer).
 fn build_c_bench(paths: &Paths, out_dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
-    build_c(paths, out_dir, name, name, "-fno-omit-frame-pointer")
-}
-
-fn build_c(
-    paths: &Paths,
-    out_dir: &Path,
-    name: &str,
-    out: &str,
-    fp: &str,
-) -> anyhow::Result<PathBuf> {
-    crate::fixtures::build_bench_c(paths, out_dir, name, out, fp)
+    crate::fixtures::build_bench_c(paths, out_dir, name, name, "-fno-omit-frame-pointer")
 }
 
 struct Bench {
