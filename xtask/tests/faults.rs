@@ -1110,25 +1110,35 @@ fn agent_lets_go_of_deleted_files() {
     fs::write(&config, "native_growth = true\n").expect("writing config");
     let mut agent = Agent::start(&env, &["--exe", &only, "--config", path_str(&config)]);
     let probes = |agent: &Agent| agent.scrape().global_sum("allocwatch_probes_attached", &[]);
-    // The system's libc (the C++ program's too) attached first, through a selected program
-    // off the tmpfs: what stays attached after the deletions.
-    let warm = scratch.copy(&env.libc_fixture, "aw_gone_warm");
-    let fx = Fixture::spawn_quiet(&warm, &["wait-run"]);
-    let warm_id = Identity::of(&warm);
-    agent.scrape_until("the warm-up program", Duration::from_secs(15), |m| {
-        m.value(&warm_id, "allocwatch_processes", &[]) == Some(1.0)
-    });
-    drop(fx);
-    let baseline = probes(&agent);
-    for (path, args) in &copies {
-        let before = probes(&agent);
+    // Runs `path` until the agent has attached what it will for it (the probe count rose and
+    // then held for a second), then kills it; the count then.
+    let attach = |agent: &Agent, path: &Path, args: &[&str]| {
+        let before = probes(agent);
         let fx = Fixture::spawn_quiet(path, args);
         agent.scrape_until(
             &format!("the probes of {}", path.display()),
             Duration::from_secs(20),
             |m| m.global_sum("allocwatch_probes_attached", &[]) > before,
         );
+        let mut last = probes(agent);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            thread::sleep(Duration::from_secs(1));
+            let now = probes(agent);
+            if now == last || Instant::now() > deadline {
+                break;
+            }
+            last = now;
+        }
         drop(fx);
+        last
+    };
+    // The C++ program's shared libraries (libc, libstdc++, …) attached first, through a copy of
+    // it off the tmpfs: what stays attached after the deletions.
+    let warm = scratch.copy(&c.join("growth/cxx_growth"), "aw_gone_warm");
+    let baseline = attach(&agent, &warm, &["1000", "1000000"]);
+    for (path, args) in &copies {
+        attach(&agent, path, args);
     }
     let held = tmpfs.used_bytes();
     assert!(
@@ -1140,10 +1150,16 @@ fn agent_lets_go_of_deleted_files() {
     }
     // Checked every 10 s by the agent.
     let deleted = Instant::now();
-    agent.scrape_until(
-        "the probe count of before the programs",
-        Duration::from_secs(30),
-        |m| m.global_sum("allocwatch_probes_attached", &[]) == baseline,
+    let attached = probes(&agent);
+    let back = agent.try_scrape_until(Duration::from_secs(30), |m| {
+        m.global_sum("allocwatch_probes_attached", &[]) == baseline
+    });
+    assert!(
+        back.is_some(),
+        "30 s after the deletions: {} probe points attached (before the three programs: \
+         {baseline}; with them: {attached})\n{}",
+        probes(&agent),
+        agent.stderr.text()
     );
     eprintln!(
         "probes detached {:.1?} after the deletions",
