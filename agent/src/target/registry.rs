@@ -82,16 +82,6 @@ impl Held {
     }
 }
 
-impl Attached {
-    /// Probes kept until the end.
-    pub fn for_good(points: usize) -> Self {
-        Self {
-            points,
-            handle: None,
-        }
-    }
-}
-
 /// What the registry needs from the loaded probe object.
 pub trait Attacher {
     type Error: std::error::Error + 'static;
@@ -664,13 +654,11 @@ fn processes_mapping(ids: &HashSet<DevInode>) -> HashMap<DevInode, Vec<u32>> {
         let Ok(maps) = super::maps::read_maps(pid) else {
             continue;
         };
-        let mut seen: Vec<DevInode> = maps
+        for id in maps
             .iter()
             .map(|e| e.dev_inode)
             .filter(|id| ids.contains(id))
-            .collect();
-        seen.dedup();
-        for id in seen {
+        {
             let pids = out.entry(id).or_default();
             if pids.last() != Some(&pid) {
                 pids.push(pid);
@@ -766,11 +754,14 @@ mod tests {
                 return Err(io::Error::from_raw_os_error(errno));
             }
             self.files.push(target.path().to_owned());
-            Ok(Attached::for_good(match target {
-                Target::Libc(t) => t.probes.len(),
-                Target::Go(t) => t.probes.len(),
-                Target::Sym(t) => t.points.len(),
-            }))
+            Ok(Attached {
+                points: match target {
+                    Target::Libc(t) => t.probes.len(),
+                    Target::Go(t) => t.probes.len(),
+                    Target::Sym(t) => t.points.len(),
+                },
+                handle: None,
+            })
         }
 
         fn detach_file(&mut self, handle: u64) {
