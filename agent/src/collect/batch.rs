@@ -150,8 +150,11 @@ impl<'a> RawMap<'a> {
                 ),
             });
         }
+        // Read once: the sweeper makes a `RawMap` per table and gone process, and aya reads
+        // and parses a sysfs file each time.
+        static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
         let cpus = if per_cpu {
-            aya::util::nr_cpus().map_or(1, |n| n.get() as usize)
+            *CPUS.get_or_init(|| aya::util::nr_cpus().map_or(1, |n| n.get() as usize))
         } else {
             1
         };

@@ -404,16 +404,12 @@ impl State {
             self.pipe.parts.frames.purge();
             self.next_retain = now + RETAIN_EVERY;
         }
-        let Parts {
-            probes,
-            frames,
-            symbolizer,
-        } = &mut self.pipe.parts;
+        let Parts { probes, frames, .. } = &mut self.pipe.parts;
         self.registry
-            .sweep(probes, frames, symbolizer, self.capacity.max_live)
-            .await?;
+            .sweep(probes, frames, self.capacity.max_live)?;
         sw.lap("sweep");
-        // New sites are named while their processes live, a slice of each tick.
+        // New sites are named while their processes live, a slice of each tick (gone
+        // processes' first).
         self.pipe
             .name_queued(Some(Instant::now() + NAMING_SLICE))
             .await?;

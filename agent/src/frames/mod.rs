@@ -56,6 +56,9 @@ pub struct FrameCache {
     queue: queue::NamingQueue,
     /// Sites a scrape ran out of time to name, by process: since when (see [`Self::late_for`]).
     late: HashMap<u32, HashMap<(i64, u64), Instant>>,
+    /// Gone processes (and ended program images) whose sites are named ahead of the others',
+    /// in the background: whether the process's raw stacks go once none is left waiting.
+    finishing: HashMap<u32, bool>,
 }
 
 /// Sites asked of the symbolizer at once by [`FrameCache::name_queued`]: enough to keep it
@@ -160,11 +163,49 @@ impl FrameCache {
                 break;
             }
         }
+        self.settle();
         Ok(named)
+    }
+
+    /// Names `sites` of `tgid`, a process that is gone (`forget_raw`: its raw stacks go once
+    /// they are named) or a program image that ended at exec, ahead of the living's, by
+    /// [`Self::name_queued`]: never awaited whole in the loop (a cold, large module took
+    /// seconds).
+    pub fn finish(
+        &mut self,
+        tgid: u32,
+        sites: impl IntoIterator<Item = (i64, u64)>,
+        forget_raw: bool,
+    ) {
+        for (stack_id, ret_addr) in sites {
+            self.queue(tgid, stack_id, ret_addr);
+        }
+        self.queue.hasten(tgid);
+        let f = self.finishing.entry(tgid).or_default();
+        *f |= forget_raw;
+        self.settle();
+    }
+
+    /// Processes whose finishing sites are all named (or dropped): their raw stacks go.
+    fn settle(&mut self) {
+        let done: Vec<(u32, bool)> = self
+            .finishing
+            .iter()
+            .filter(|(pid, _)| !self.queue.has_line(**pid))
+            .map(|(&pid, &f)| (pid, f))
+            .collect();
+        for (pid, forget_raw) in done {
+            self.finishing.remove(&pid);
+            self.queue.unhasten(pid);
+            if forget_raw {
+                self.forget_raw(pid);
+            }
+        }
     }
 
     /// Drops everything about a process that is gone for good.
     pub fn forget(&mut self, tgid: u32) {
+        self.finishing.remove(&tgid);
         self.chains.remove(&tgid);
         self.queue.forget(tgid);
         self.noted.remove(&tgid);
@@ -263,6 +304,10 @@ impl FrameCache {
     fn keep(&mut self, tgid: u32, id: i64, stack: Vec<u64>) {
         if stack.is_empty() {
             return;
+        }
+        // A new site under a finishing pid is a new process's (the pid reused): its stacks stay.
+        if let Some(forget_raw) = self.finishing.get_mut(&tgid) {
+            *forget_raw = false;
         }
         // Bounded: past this, stacks are re-read from the table as needed.
         if self.raw_count >= MAX_RAW_STACKS {
@@ -416,5 +461,38 @@ mod tests {
         let mut cli = FrameCache::default();
         let d = cli.intern(vec![frame("leaf", "/bin/app", 0x1010, 0x5555_0000_1010)]);
         assert_eq!(d[0].address, 0x5555_0000_1010);
+    }
+
+    /// A gone process's raw stacks stay while any of its sites waits to be named (its sites
+    /// served before a living process's), and go once none does; a new site under a finishing
+    /// pid (reused by a new process) keeps them.
+    #[test]
+    fn finishing_keeps_raw_stacks_until_named() {
+        let mut c = FrameCache::interning();
+        c.keep(7, 1, vec![0x10, 0x20]);
+        c.keep(8, 2, vec![0x30]);
+        c.queue(3, 5, 0x40);
+        c.finish(7, [(1, 0x11)], true);
+        c.finish(8, [], true);
+        assert!(c.raw_stack(7, 1).is_some());
+        assert!(c.raw_stack(8, 2).is_none(), "nothing to name: gone at once");
+        assert_eq!(c.queue.pop(), Some((7, 1, 0x11)), "the gone process first");
+        assert!(c.raw_stack(7, 1).is_some());
+        c.settle();
+        assert!(c.raw_stack(7, 1).is_none());
+        assert_eq!(c.queue.pop(), Some((3, 5, 0x40)));
+
+        c.keep(10, 4, vec![0x60]);
+        c.finish(10, [(4, 0x61)], true);
+        c.keep(10, 6, vec![0x70]);
+        assert_eq!(c.queue.pop(), Some((10, 4, 0x61)));
+        c.settle();
+        assert!(c.raw_stack(10, 4).is_some() && c.raw_stack(10, 6).is_some());
+        assert!(c.finishing.is_empty());
+        // An ended image's sites: named first, the process's stacks stay.
+        c.finish(10, [(6, 0x71)], false);
+        assert_eq!(c.queue.pop(), Some((10, 6, 0x71)));
+        c.settle();
+        assert!(c.raw_stack(10, 6).is_some());
     }
 }

@@ -177,11 +177,10 @@ impl Registry {
 
     /// One bounded step of the sweeper; the rows it harvested go to their processes, and
     /// those whose harvest is complete are cut down to what can be exported.
-    pub async fn sweep(
+    pub fn sweep(
         &mut self,
         probes: &mut Probes,
         frames: &mut FrameCache,
-        symbolizer: &SymbolizerHandle,
         max_live: u32,
     ) -> anyhow::Result<usize> {
         let StepResult {
@@ -212,64 +211,54 @@ impl Registry {
             }
         }
         for pid in done_pids {
-            self.finish_process(pid, probes, frames, symbolizer).await?;
+            self.finish_process(pid, frames);
         }
         for (pid, image) in done_images {
-            self.finish_image(pid, image, probes, frames, symbolizer)
-                .await?;
+            self.finish_image(pid, image, frames);
         }
         Ok(deleted)
     }
 
-    /// A gone process whose harvest is complete: cut down to the rows it keeps, named now
-    /// while the raw stacks are at hand (its earlier images' too: their raw stacks go with it).
-    async fn finish_process(
-        &mut self,
-        pid: u32,
-        probes: &Probes,
-        frames: &mut FrameCache,
-        symbolizer: &SymbolizerHandle,
-    ) -> anyhow::Result<()> {
+    /// A gone process whose harvest is complete: cut down to the rows it keeps, which are
+    /// named ahead of the living's sites in the background (its earlier images' too: their
+    /// raw stacks go with it).
+    fn finish_process(&mut self, pid: u32, frames: &mut FrameCache) {
         let keep = self.retain_sites;
         let Some(p) = self.procs.get_mut(&pid).filter(|p| p.exited_at.is_some()) else {
-            return Ok(());
+            return;
         };
         fold(&mut p.retained, keep, pid, frames);
         if let Some(go) = &mut p.go {
             let folded = go.compact(keep);
             frames.forget_chains(pid, folded.iter().map(|k| (k.stack_id, k.ret_addr)));
         }
-        name_chains(frames, probes, symbolizer, pid, chains(&p.retained)).await?;
-        if let Some(go) = &p.go {
-            let go = go.sites.keys().map(|k| (k.stack_id, k.ret_addr));
-            name_chains(frames, probes, symbolizer, pid, go).await?;
-        }
-        for i in self.past.get(&pid).into_iter().flatten() {
-            name_chains(frames, probes, symbolizer, pid, chains(&i.retained)).await?;
-        }
-        frames.forget_raw(pid);
-        Ok(())
+        let go = p.go.iter().flat_map(|go| go.sites.keys());
+        let sites: Vec<(i64, u64)> = chains(&p.retained)
+            .chain(go.map(|k| (k.stack_id, k.ret_addr)))
+            .chain(
+                self.past
+                    .get(&pid)
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|i| chains(&i.retained)),
+            )
+            .collect();
+        frames.finish(pid, sites, true);
     }
 
-    /// A past image whose harvest is complete: cut down to the rows it keeps, named now.
-    async fn finish_image(
-        &mut self,
-        pid: u32,
-        image: u32,
-        probes: &Probes,
-        frames: &mut FrameCache,
-        symbolizer: &SymbolizerHandle,
-    ) -> anyhow::Result<()> {
+    /// A past image whose harvest is complete: cut down to the rows it keeps, named ahead of
+    /// the living's sites.
+    fn finish_image(&mut self, pid: u32, image: u32, frames: &mut FrameCache) {
         let keep = self.retain_sites;
         let Some(i) = self.past_image_mut(pid, image) else {
-            return Ok(());
+            return;
         };
         fold(&mut i.retained, keep, pid, frames);
-        name_chains(frames, probes, symbolizer, pid, chains(&i.retained)).await?;
+        let sites: Vec<(i64, u64)> = chains(&i.retained).collect();
         // None of its rows is in the kernel any more: a row made at the same key from now on
         // is the running image's.
         i.keys = HashSet::new();
-        Ok(())
+        frames.finish(pid, sites, false);
     }
 }
 
@@ -283,21 +272,6 @@ fn fold(retained: &mut Retained, keep: usize, pid: u32, frames: &mut FrameCache)
 /// The (stack id, return address) of each row of `retained`.
 fn chains(retained: &Retained) -> impl Iterator<Item = (i64, u64)> + '_ {
     retained.rows.iter().map(|(k, _)| (k.stack_id, k.ret_addr))
-}
-
-/// Names (and caches) the call chains of `pid`'s rows, given as (stack id, return address).
-async fn name_chains(
-    frames: &mut FrameCache,
-    probes: &Probes,
-    symbolizer: &SymbolizerHandle,
-    pid: u32,
-    chains: impl Iterator<Item = (i64, u64)>,
-) -> anyhow::Result<()> {
-    let sites = chains.map(|(stack_id, ret_addr)| (pid, stack_id, ret_addr));
-    frames
-        .name_sites(probes, symbolizer, sites.collect(), None)
-        .await?;
-    Ok(())
 }
 
 /// Takes the pids to forget out of `to_forget`: all but the registered ones (a pid reused by a
