@@ -1,6 +1,8 @@
 //! Loading the probe object and attaching it: the one place that talks to aya about programs.
 
+mod count;
 mod links;
+mod mode;
 
 use std::{num::NonZeroU32, path::Path};
 
@@ -9,7 +11,7 @@ use allocwatch_common::{
     event::Followed,
     globals,
     go::{self, GO_SPECS_MAX, GoProc, GoSpec},
-    libc::{LIBC_FILES_MAX, LibcFile, cookie, has_api},
+    libc::{LIBC_FILES_MAX, cookie},
     map_names, symprobe,
     unwind::{UNWIND_PROCS_MAX, UNWIND_ROWS_MAX},
 };
@@ -23,14 +25,14 @@ use aya::{
 };
 use thiserror::Error;
 
-pub use self::links::Links;
+use self::{count::CountLayout, mode::*};
+pub use self::{links::Links, mode::Mode};
 use crate::slots::Ranges;
 use crate::target::{
     ProbePoint,
     elf::ElfFile,
     go::GoProbe,
     registry::{AttachFailure, Attached, Attacher, Target},
-    relays::Relays,
     symprobe::SymPoint,
 };
 
@@ -47,142 +49,6 @@ fn exit_has_group_dead() -> bool {
 
 /// The compiled probe object, built by agent/build.rs.
 static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/allocwatch"));
-
-const LIBC_ENTRY: &str = "libc_entry";
-const LIBC_RETURN: &str = "libc_return";
-const LIBC_COUNT: &str = "libc_count";
-const LIBC_FLOOR: &str = "libc_floor";
-const LIBC_FLOOR_RETURN: &str = "libc_floor_return";
-const GO_ENTRY: &str = "go_entry";
-const GO_FLOOR: &str = "go_floor";
-/// Symbol probes (`--probe`, C++/Rust growth), loaded on first use.
-const SYM_ENTRY: &str = "sym_entry";
-
-/// What the libc probes record (`--mode`). Costs per call are measured in BENCHMARKS.md.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Mode {
-    /// Entry and return probes: calls, bytes and failures per call site with its user stack,
-    /// and every outstanding allocation (`leaks`, live bytes).
-    #[default]
-    Full,
-    /// `full` without user stacks: sites are told apart by their immediate caller only.
-    StacksOff,
-    /// Entry probes only: calls and bytes requested per API and immediate caller. No return
-    /// probe, so no live table, no failed calls, and `free` counts calls but not bytes.
-    Count,
-    /// `count` with user stacks.
-    CountStacks,
-    /// Benchmark only: empty entry programs at the sites `count` uses (and at the Go probes'
-    /// sites).
-    Floor,
-    /// Benchmark only: empty entry and return programs at the sites `full` uses (and empty
-    /// entry programs at the Go probes' sites).
-    FloorReturn,
-}
-
-impl Mode {
-    /// Every mode, in the order `--help` lists them.
-    pub const ALL: [Mode; 6] = [
-        Mode::Full,
-        Mode::StacksOff,
-        Mode::Count,
-        Mode::CountStacks,
-        Mode::Floor,
-        Mode::FloorReturn,
-    ];
-
-    /// The mode `--mode` and the config file call `name`.
-    pub fn from_name(name: &str) -> Option<Mode> {
-        Self::ALL.into_iter().find(|m| m.name() == name)
-    }
-
-    /// What the mode records, for `--help`.
-    pub fn help(self) -> &'static str {
-        match self {
-            Mode::Full => {
-                "Entry and return probes: calls, bytes and failures per call site with its user \
-                 stack, and every outstanding allocation (`leaks`, live bytes)"
-            }
-            Mode::StacksOff => {
-                "`full` without user stacks: sites are told apart by their immediate caller only"
-            }
-            Mode::Count => {
-                "Entry probes only: calls and bytes requested per API and immediate caller. No \
-                 return probe, so no live table, no failed calls, and `free` counts calls but not \
-                 bytes"
-            }
-            Mode::CountStacks => "`count` with user stacks",
-            Mode::Floor => {
-                "Benchmark only: empty entry programs at the sites `count` uses (and at the Go \
-                 probes' sites)"
-            }
-            Mode::FloorReturn => {
-                "Benchmark only: empty entry and return programs at the sites `full` uses (and \
-                 empty entry programs at the Go probes' sites)"
-            }
-        }
-    }
-
-    /// The modes a user chooses from (the floors are the benchmark's).
-    pub fn is_public(self) -> bool {
-        !matches!(self, Mode::Floor | Mode::FloorReturn)
-    }
-
-    /// Names of the public modes, as `--mode` and the config file spell them.
-    pub fn public_names() -> Vec<&'static str> {
-        Self::ALL
-            .iter()
-            .filter(|m| m.is_public())
-            .map(|m| m.name())
-            .collect()
-    }
-
-    /// The name `--mode` and the config file use.
-    pub fn name(self) -> &'static str {
-        match self {
-            Mode::Full => "full",
-            Mode::StacksOff => "stacks-off",
-            Mode::Count => "count",
-            Mode::CountStacks => "count-stacks",
-            Mode::Floor => "floor",
-            Mode::FloorReturn => "floor-return",
-        }
-    }
-
-    /// Whether this mode captures user stacks (unless `--no-stacks`).
-    pub fn stacks(self) -> bool {
-        matches!(self, Mode::Full | Mode::CountStacks)
-    }
-
-    /// Whether `--sample-bytes` has anything to sample: stacks (when `stacks` allows them) or
-    /// outstanding allocations.
-    pub fn samples(self, stacks: bool) -> bool {
-        (self.stacks() && stacks) || self.tracks_live()
-    }
-
-    /// Whether outstanding allocations are tracked (a return probe reads the new pointer).
-    pub fn tracks_live(self) -> bool {
-        matches!(self, Mode::Full | Mode::StacksOff)
-    }
-
-    /// (entry program, return program) of the libc probes.
-    fn libc_programs(self) -> (&'static str, Option<&'static str>) {
-        match self {
-            Mode::Full | Mode::StacksOff => (LIBC_ENTRY, Some(LIBC_RETURN)),
-            Mode::Count | Mode::CountStacks => (LIBC_COUNT, None),
-            Mode::Floor => (LIBC_FLOOR, None),
-            Mode::FloorReturn => (LIBC_FLOOR, Some(LIBC_FLOOR_RETURN)),
-        }
-    }
-
-    /// The program at every Go probe site.
-    fn go_program(self) -> &'static str {
-        match self {
-            Mode::Floor | Mode::FloorReturn => GO_FLOOR,
-            _ => GO_ENTRY,
-        }
-    }
-}
 
 #[derive(Debug, Error)]
 pub enum ProbeError {
@@ -282,8 +148,10 @@ pub struct Probes {
     group_points: std::collections::HashMap<u64, usize>,
     /// The next link group of a file that can be detached on its own.
     next_group: u64,
-    /// Next free slot of the LIBC_FILES array (count mode).
-    next_file: u32,
+    /// Free slots of the LIBC_FILES array (count mode) ...
+    libc_files: Ranges,
+    /// ... and the slot of each file's link group, given back when the file is let go.
+    libc_file_slots: std::collections::HashMap<u64, u32>,
     /// What the probe's `RELAY_NAMED` holds (count mode).
     relay_named: u64,
 }
@@ -373,7 +241,8 @@ impl Probes {
             go_files: std::collections::HashMap::new(),
             group_points: std::collections::HashMap::new(),
             next_group: links::PERMANENT + 1,
-            next_file: 0,
+            libc_files: Ranges::new(LIBC_FILES_MAX),
+            libc_file_slots: std::collections::HashMap::new(),
             relay_named: 0,
         })
     }
@@ -421,7 +290,7 @@ impl Probes {
             });
         if let Err(e) = attached {
             // The entry probes without their returns would leave every call in flight.
-            self.links.detach_group(group);
+            self.detach_group(group);
             return Err(e);
         }
         Ok(self.group_attached(group, points.len()))
@@ -449,15 +318,18 @@ impl Probes {
         let Ok(elf) = ElfFile::open(file) else {
             return Ok(CountLayout::unknown());
         };
-        let layout = CountLayout::of(&elf, points, self.next_file);
+        let layout = CountLayout::of(&elf, points, self.libc_files.alloc(1));
         if layout.relays.named & !self.relay_named != 0 {
             let named = self.relay_named | layout.relays.named;
             self.set_slot(map_names::RELAY_NAMED, 0, named)?;
             self.relay_named = named;
         }
         if layout.slot != cookie::NO_FILE {
-            self.set_slot(map_names::LIBC_FILES, layout.slot, layout.file)?;
-            self.next_file += 1;
+            if let Err(e) = self.set_slot(map_names::LIBC_FILES, layout.slot, layout.file) {
+                self.libc_files.release(layout.slot, 1);
+                return Err(e);
+            }
+            self.libc_file_slots.insert(self.next_group, layout.slot);
         }
         Ok(layout)
     }
@@ -532,6 +404,10 @@ impl Probes {
         let links = self.links.detach_group(group);
         if let Some((first, len)) = self.go_files.remove(&group) {
             self.go_specs.release(first, len);
+        }
+        // No probe reads the slot once its links are gone: another file may take it.
+        if let Some(slot) = self.libc_file_slots.remove(&group) {
+            self.libc_files.release(slot, 1);
         }
         if let Some(points) = self.group_points.remove(&group) {
             self.attached_points = self.attached_points.saturating_sub(points);
@@ -894,61 +770,6 @@ fn brief(e: &ProgramError) -> String {
     }
 }
 
-/// What count mode knows about one probed libc file.
-struct CountLayout {
-    /// Slot in `LIBC_FILES`, or [`cookie::NO_FILE`].
-    slot: u32,
-    file: LibcFile,
-    relays: Relays,
-}
-
-impl CountLayout {
-    fn unknown() -> Self {
-        Self {
-            slot: cookie::NO_FILE,
-            file: LibcFile::default(),
-            relays: Relays::unknown(),
-        }
-    }
-
-    /// The file's entry takes the slot `next_slot` when there is one, with its API ranges
-    /// only where the probe can use them (else rule 1 is off, and the tail jumps still known).
-    fn of(elf: &ElfFile, points: &[ProbePoint], next_slot: u32) -> Self {
-        let mut layout = Self {
-            relays: Relays::of(elf, points),
-            ..Self::unknown()
-        };
-        if next_slot >= LIBC_FILES_MAX {
-            return layout;
-        }
-        layout.slot = next_slot;
-        for (slot, mask) in layout.file.relays.iter_mut().zip(layout.relays.masks) {
-            *slot = mask;
-        }
-        if let Some(ranges) = &layout.relays.ranges {
-            for (slot, r) in layout.file.ranges.iter_mut().zip(ranges) {
-                *slot = *r;
-            }
-            for (slot, s) in layout.file.sites.iter_mut().zip(&layout.relays.sites) {
-                *slot = *s;
-            }
-        }
-        layout
-    }
-
-    fn cookie(&self, p: &ProbePoint) -> u64 {
-        let api = p.api as u32;
-        cookie::encode_count(
-            api,
-            p.sp_delta,
-            has_api(self.relays.targets(), api),
-            self.relays.masks[p.api as usize] != 0,
-            self.slot,
-            u32::try_from(p.file_offset).unwrap_or(0),
-        )
-    }
-}
-
 fn attach_point(p: &ProbePoint) -> UProbeAttachPoint<'static> {
     UProbeAttachPoint {
         location: UProbeAttachLocation::AbsoluteOffset(p.file_offset),
@@ -974,28 +795,9 @@ fn uprobe<'a>(
         .map_err(|error| ProbeError::Program { program, error })
 }
 
-/// The name of a multi-link program's twin for kernels before 6.6 (the same code in a plain
-/// `uprobe` section).
-fn single_twin(program: &'static str) -> &'static str {
-    match program {
-        LIBC_ENTRY => "libc_entry_single",
-        LIBC_RETURN => "libc_return_single",
-        LIBC_COUNT => "libc_count_single",
-        LIBC_FLOOR => "libc_floor_single",
-        LIBC_FLOOR_RETURN => "libc_floor_return_single",
-        GO_ENTRY => "go_entry_single",
-        GO_FLOOR => "go_floor_single",
-        SYM_ENTRY => "sym_entry_single",
-        other => other,
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use allocwatch_common::libc::{API_COUNT, Api};
-
     use super::*;
-    use crate::target::libc::probe_points;
 
     /// The loader writes the probes' globals (`globals`, aya-log's level) into the object's
     /// .rodata. A pointer to a constant that the compiler shared with one of them hands a
@@ -1070,67 +872,5 @@ mod tests {
             "addresses of loaded globals not read through before a call:\n{}",
             handed.join("\n")
         );
-    }
-
-    /// Count mode's view of the machine's glibc (skipped where there is none): the relays
-    /// between API functions found by disassembly, and one range per distinct function.
-    #[test]
-    fn count_layout_of_system_glibc() {
-        let Some(path) = ["/usr/lib/x86_64-linux-gnu/libc.so.6", "/lib64/libc.so.6"]
-            .into_iter()
-            .find(|p| Path::new(p).is_file())
-        else {
-            return;
-        };
-        let elf = ElfFile::open(path).unwrap();
-        let (points, aliases) = probe_points(&elf, "", false).unwrap();
-        let layout = CountLayout::of(&elf, &points, 0);
-        assert_eq!(layout.slot, 0);
-        let mask = |api: Api| layout.relays.masks[api as usize];
-        let bit = |api: Api| 1u64 << api as u32;
-        // The leaves relay to nothing; no function relays to itself.
-        assert_eq!(mask(Api::Malloc), 0);
-        assert_eq!(mask(Api::Free), 0);
-        for api in Api::ALL {
-            assert_eq!(mask(api) & bit(api), 0, "{api:?}");
-        }
-        // glibc 2.36: realloc(NULL, n) tail-jumps into malloc; reallocarray into realloc through
-        // the PLT (its GOT slot names `realloc`: whichever file serves it, jemalloc's under
-        // jemalloc); nothing else relays by a tail jump.
-        assert_eq!(mask(Api::Realloc), bit(Api::Malloc));
-        assert_eq!(mask(Api::Reallocarray), bit(Api::Realloc));
-        assert_eq!(
-            layout.relays.targets(),
-            bit(Api::Malloc) | bit(Api::Realloc)
-        );
-        assert_eq!(layout.relays.named, bit(Api::Realloc));
-        // The probe reads the relays by API id from the file's entry.
-        assert_eq!(layout.file.relays[..API_COUNT], layout.relays.masks);
-        assert!(layout.file.relays[API_COUNT..].iter().all(|&m| m == 0));
-        let flags = |api: Api| {
-            let p = points.iter().find(|p| p.api == api).expect("probed");
-            let c = layout.cookie(p);
-            (cookie::is_target(c), cookie::relays(c))
-        };
-        assert_eq!(flags(Api::Malloc), (true, false));
-        assert_eq!(flags(Api::Realloc), (true, true));
-        assert_eq!(flags(Api::Reallocarray), (false, true));
-        assert_eq!(flags(Api::Free), (false, false));
-        let distinct = Api::ALL.iter().filter(|a| a.is_libc()).count() - aliases.len();
-        let used = layout.file.ranges.iter().filter(|r| r[1] > r[0]).count();
-        assert_eq!(used, distinct);
-        // Its API functions call no API from functions in between.
-        assert!(layout.relays.sites.is_empty(), "{:?}", layout.relays.sites);
-        for p in &points {
-            let off = u32::try_from(p.file_offset).unwrap();
-            assert!(
-                layout.file.ranges.iter().any(|r| r[0] <= off && off < r[1]),
-                "{:?} probe outside its function",
-                p.api
-            );
-        }
-        let c = layout.cookie(&points[0]);
-        assert_eq!(cookie::api(c), points[0].api as u32);
-        assert_eq!(cookie::probe_offset(c), points[0].file_offset);
     }
 }
