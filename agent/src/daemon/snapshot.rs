@@ -153,6 +153,9 @@ pub async fn build(
     self_stats
         .symbolization_failures
         .insert("stack_evicted", frames.stacks_evicted);
+    self_stats
+        .symbolization_failures
+        .insert("out_of_time", frames.out_of_time);
     self_stats.map_fill.insert(
         map_names::TGIDS,
         registry.denylist_len() as f64 / f64::from(allocwatch_common::capacity::TGIDS),
@@ -506,12 +509,19 @@ impl Symbolize<'_> {
                 frames,
                 ..SiteSnapshot::default()
             },
-            Naming::Late => SiteSnapshot {
-                frames: unnamed(),
-                remainder: true,
-                pending: self.hold_back && self.frames.late_for(site, Instant::now()) < HOLD_BACK,
-                ..SiteSnapshot::default()
-            },
+            Naming::Late => {
+                // Without hold-back (a departing process) this is the site's last chance.
+                if !self.hold_back {
+                    self.frames.out_of_time += 1;
+                }
+                SiteSnapshot {
+                    frames: unnamed(),
+                    remainder: true,
+                    pending: self.hold_back
+                        && self.frames.late_for(site, Instant::now()) < HOLD_BACK,
+                    ..SiteSnapshot::default()
+                }
+            }
             Naming::OverBudget => SiteSnapshot {
                 frames: unnamed(),
                 remainder: true,

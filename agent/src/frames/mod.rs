@@ -50,6 +50,9 @@ pub struct FrameCache {
     raw_count: usize,
     /// Stack ids no longer in the kernel table when read (evicted): the chain keeps its caller.
     pub stacks_evicted: u64,
+    /// Sites of a gone process not named yet when its detail left (a starved node): exported
+    /// in `other` for good.
+    pub out_of_time: u64,
     /// Sites to name, oldest first per process, processes in turn: named while their process
     /// lives (the agent's in the background, before a scrape needs them; a session's as soon
     /// as they come).

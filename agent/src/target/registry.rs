@@ -820,7 +820,16 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         assert!(targets.held[&key].deleted());
         assert_eq!(targets.release_deleted(&mut probes), 0, "mapped: kept");
-        assert_eq!(targets.held[&key].holders, [child.id()]);
+        // Another holder was seen once beside other sessions' tests (not reproduced): name it.
+        let holders = &targets.held[&key].holders;
+        let who: Vec<String> = holders
+            .iter()
+            .map(|p| {
+                let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                format!("{p}: {}", String::from_utf8_lossy(&cmd).replace('\0', " "))
+            })
+            .collect();
+        assert_eq!(holders, &[child.id()], "holders: {who:?}");
         assert!(probes.detached.is_empty());
 
         child.kill().unwrap();
