@@ -1186,6 +1186,122 @@ fn agent_lets_go_of_deleted_files() {
     drop(tmpfs);
 }
 
+/// A program redeployed at a deleted one's inode number (ext4 and overlayfs give a freed number
+/// to the next file created near it): the agent had looked at the old program, a dynamically
+/// linked `sleep` (its executable defines no `malloc`: the libc search's verdict on it), and the
+/// new program, the static musl fixture, gets its device and inode on an ext4 image of the
+/// test's own. Its calls are counted exactly. Failed before (2026-12-06): the verdict on the
+/// old file was the new one's, and the new program went untraced.
+#[test]
+fn agent_probes_a_new_program_at_a_reused_inode() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let env = TestEnv::get();
+    let _serial = serial();
+    let scratch = Scratch::new("reused");
+    let fs_dir = scratch.path.join("ext4");
+    let ext4 = Ext4Image::mount(&scratch.path.join("ext4.img"), &fs_dir);
+    let old = fs_dir.join("aw_old");
+    support::copy_program(Path::new("/bin/sleep"), &old);
+    let ino = fs::metadata(&old).expect("the old program").ino();
+    let mut agent = Agent::start(&env, SELECT_AW);
+    let mut sleep = Command::new(&old)
+        .arg("60")
+        .spawn()
+        .expect("starting the old program");
+    agent.wait_for_identity(&Identity::of(&old), Instant::now());
+    let _ = sleep.kill();
+    let _ = sleep.wait();
+    fs::remove_file(&old).expect("deleting the old program");
+    // The number is free once nothing holds the inode: the agent's symbolizer keeps an exited
+    // process's files mapped for 30 s.
+    let new = fs_dir.join("aw_reused");
+    let aside = fs_dir.join("aside");
+    fs::create_dir(&aside).expect("mkdir");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for i in 0.. {
+        let file = fs::File::create_new(&new).expect("creating the new program");
+        if file.metadata().expect("stat").ino() == ino {
+            break;
+        }
+        drop(file);
+        fs::rename(&new, aside.join(i.to_string())).expect("moving a file aside");
+        assert!(
+            Instant::now() < deadline,
+            "inode {ino} not given back to a new file on the ext4 image within 90 s\n{}",
+            agent.stderr.text()
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("inode {ino} given back");
+    // Written over the reserved file (the same inode).
+    let fixture = env_path("ALLOCWATCH_FIXTURES").join("alloc/musl-static/libc_fixture");
+    support::copy_program(&fixture, &new);
+    fs::set_permissions(&new, fs::Permissions::from_mode(0o755)).expect("chmod");
+    assert_eq!(fs::metadata(&new).expect("stat").ino(), ino);
+    let id = Identity::of(&new);
+    agent.run_found(&new, "wait-run");
+    let m = agent
+        .try_scrape_until(Duration::from_secs(10), |m| {
+            m.value(&id, "allocwatch_free_calls_total", &[]) == Some(RUN_FREES as f64)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "the new program's calls were not counted\n{}\n{}",
+                agent.scrape().lines_of(&id),
+                agent.stderr.text()
+            )
+        });
+    // Every call musl has (it has no pvalloc), exactly.
+    for &(api, calls, bytes) in API_TOTALS
+        .iter()
+        .filter(|a| !matches!(a.0, "pvalloc" | "free"))
+    {
+        let got = |family: &str| m.sum(&id, family, &[("api", api)]);
+        assert_eq!(
+            (
+                got("allocwatch_alloc_calls_total"),
+                got("allocwatch_alloc_bytes_total")
+            ),
+            (calls, bytes),
+            "{api} calls and bytes of the new program\n{}",
+            m.lines_of(&id)
+        );
+    }
+    agent.stop();
+    drop(ext4);
+}
+
+/// A small ext4 filesystem in an image file, mounted through a loop device for one test, and
+/// unmounted (lazily, which frees the loop device) when dropped, also on a panic.
+struct Ext4Image(PathBuf);
+
+impl Ext4Image {
+    fn mount(image: &Path, dir: &Path) -> Self {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::File::create(image)
+            .and_then(|f| f.set_len(64 << 20))
+            .expect("creating the image");
+        let run = |cmd: &mut Command| {
+            let status = cmd.status().expect("running mkfs/mount");
+            assert!(status.success(), "{cmd:?}: {status}");
+        };
+        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(image));
+        fs::create_dir_all(dir).expect("creating the mount point");
+        run(Command::new("mount")
+            .args(["-t", "ext4", "-o", "loop"])
+            .arg(image)
+            .arg(dir));
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).expect("chmod");
+        Self(dir.to_owned())
+    }
+}
+
+impl Drop for Ext4Image {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 /// A tmpfs mounted for one test, unmounted (lazily) when dropped, also on a panic.
 struct Tmpfs(PathBuf);
 

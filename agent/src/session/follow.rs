@@ -31,7 +31,7 @@ use crate::{
     report::{ProcessInfo, TreeProcess},
     target::{
         self, elf, libc,
-        maps::{DevInode, MapEntry, read_maps},
+        maps::{DevInode, MapEntry, Stamp, read_maps},
         registry::{Kind, ProcessFiles, Targets},
     },
 };
@@ -111,8 +111,9 @@ pub struct Tree {
     probed_late: u64,
     /// Processes that exited before their exec'd program could be checked.
     unchecked: u64,
-    /// Executables found to run with their files probed, by file.
-    judged: HashMap<DevInode, &'static str>,
+    /// Executables found to run with their files probed, by file, with the file judged (a
+    /// build deletes and rewrites its programs, and a new one can get the old inode number).
+    judged: HashMap<DevInode, (&'static str, Stamp)>,
     /// Calls the per-program table had no room for (`collect::programs`).
     pub programs_full: u64,
     /// Go programs in the tree whose runtime is not traced (not the root's).
@@ -290,7 +291,10 @@ impl Tree {
             return UNCHECKED;
         };
         let id = DevInode::from_metadata(&meta);
-        if let Some(&known) = self.judged.get(&id) {
+        let stamp = Stamp::of(&meta);
+        if let Some(&(known, then)) = self.judged.get(&id)
+            && then == stamp
+        {
             return known;
         }
         // Its libc calls were counted if its libc was probed (a Go program's runtime is not
@@ -307,7 +311,7 @@ impl Tree {
         };
         // Not remembered when not probed: a later run may find its files probed by then.
         if verdict == ATTACHED {
-            self.judged.insert(id, verdict);
+            self.judged.insert(id, (verdict, stamp));
         }
         verdict
     }

@@ -38,6 +38,36 @@ impl DevInode {
     }
 }
 
+/// What tells a file from a later one at the same [`DevInode`]: its size and modification and
+/// change times. An inode number is free again once its file is deleted and nothing holds it,
+/// and ext4 and overlayfs give it to the next file created (a redeployed binary often gets the
+/// old one), so a verdict about a file that nothing holds is checked against it before reuse.
+/// The change time is set when an inode is created, so a new file differs even with the old
+/// one's size and modification time (a `cp -p`, an image layer unpacked).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    pub fn of(m: &fs::Metadata) -> Self {
+        Self {
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+
+    /// Whether a verdict made when its file was `then` holds for the file at the same device
+    /// and inode now (`now`, asked only when `then` is known). Either unknown: it is taken to
+    /// hold (what could not be looked at cannot be told apart).
+    pub fn holds(then: Option<Stamp>, now: impl FnOnce() -> Option<Stamp>) -> bool {
+        then.is_none_or(|then| now().is_none_or(|now| now == then))
+    }
+}
+
 /// One line of `/proc/<pid>/maps`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MapEntry {
@@ -173,8 +203,97 @@ pub fn read_maps(pid: u32) -> Result<Vec<MapEntry>, TargetError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use std::path::Path;
+
+    /// Held by a test from the creation of a file to its [`recreate_at_same_inode`]: the tests'
+    /// files share inode numbers (the lowest free one is taken).
+    pub(crate) fn inode_reuse_lock() -> std::sync::MutexGuard<'static, ()> {
+        static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        ONE.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Deletes the file `path` and creates a new one there with the same inode number, as a
+    /// redeploy does on ext4 or overlayfs: files are created at `path`, and moved aside while
+    /// they get another number, until the filesystem gives the number back. `None` when it has
+    /// not within 2 s: tmpfs never gives a number back, and ext4 gives the lowest free number
+    /// of a group that the directories near this one share (a file created anywhere near, by
+    /// another test or another program, may take it first).
+    pub(crate) fn recreate_at_same_inode(path: &Path) -> Option<fs::File> {
+        use std::time::{Duration, Instant, SystemTime};
+        let ino = fs::metadata(path).unwrap().ino();
+        // ext4 without a journal keeps a number deleted in an earlier second from new files for
+        // 5-10 s: deleted early in a second, it is free again within that second.
+        let into_second = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .subsec_millis();
+        if into_second > 300 {
+            std::thread::sleep(Duration::from_millis(u64::from(1000 - into_second)));
+        }
+        fs::remove_file(path).unwrap();
+        let aside = path.with_extension("aside");
+        fs::create_dir_all(&aside).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut found = None;
+        for i in 0.. {
+            let f = fs::File::create_new(path).unwrap();
+            if f.metadata().unwrap().ino() == ino {
+                found = Some(f);
+                break;
+            }
+            fs::rename(path, aside.join(i.to_string())).unwrap();
+            if Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        fs::remove_dir_all(&aside).unwrap();
+        if found.is_none() {
+            eprintln!(
+                "{}: inode {ino} not given back to a new file (not checked here)",
+                path.display()
+            );
+        }
+        found
+    }
+
+    /// A file deleted and a new one of the same size and modification time (`cp -p`) at the
+    /// same device and inode: the stamps differ (the change time is the new file's). Checked
+    /// where the filesystem gives the inode number back (ext4 does).
+    #[test]
+    fn a_new_file_at_a_reused_inode_has_another_stamp() {
+        let dir = std::env::temp_dir().join(format!("allocwatch-stamp-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("program");
+        let _one = inode_reuse_lock();
+        fs::write(&path, b"old program").unwrap();
+        let old = fs::metadata(&path).unwrap();
+        let (id, then) = (DevInode::from_metadata(&old), Stamp::of(&old));
+        assert!(Stamp::holds(Some(then), || Some(then)));
+        // The change time has the kernel's coarse clock (a tick, 1-10 ms).
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        if let Some(new) = recreate_at_same_inode(&path) {
+            io::Write::write_all(&mut &new, b"new program").unwrap();
+            new.set_modified(old.modified().unwrap()).unwrap();
+            drop(new);
+            let meta = fs::metadata(&path).unwrap();
+            assert_eq!(DevInode::from_metadata(&meta), id);
+            assert_eq!(
+                (meta.size(), meta.modified().unwrap()),
+                (old.size(), old.modified().unwrap())
+            );
+            let now = Stamp::of(&meta);
+            assert_ne!(now, then);
+            assert!(!Stamp::holds(Some(then), || Some(now)));
+        }
+        // Unknown either way: the verdict is kept.
+        assert!(Stamp::holds(None, || panic!("not asked without a stamp")));
+        assert!(Stamp::holds(Some(then), || None));
+        let _ = fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn file_backed_line() {

@@ -19,7 +19,7 @@ use super::{
     TargetError,
     go::{self, GoProbeSet, GoTarget},
     libc::{self, LibcTarget},
-    maps::{DevInode, MapEntry},
+    maps::{DevInode, MapEntry, Stamp},
     symprobe::{self, SymTarget},
 };
 
@@ -246,12 +246,15 @@ impl AttachFailure {
     }
 }
 
-/// What one file turned out to be to one loader.
+/// What one file turned out to be to one loader. An attached file's inode is held by its
+/// probes, so its number cannot come back for another file; the other verdicts keep the file
+/// they were made about (`None`: unknown), and a verdict about an earlier file at the same
+/// device and inode is dropped ([`Targets::knows`]).
 enum FileState {
     Attached(Target),
     /// Not a file of this kind (remembered so it is not parsed again).
-    NotOfKind,
-    Failed,
+    NotOfKind(Option<Stamp>),
+    Failed(Option<Stamp>),
 }
 
 /// The files of one process, as the registry looks at them.
@@ -329,6 +332,23 @@ impl Targets {
         matches!(self.files.get(&(kind, id)), Some(FileState::Attached(_)))
     }
 
+    /// Whether `kind`'s verdict on the file `id` holds for the file that has that identity now
+    /// (`now`: its stamp, `None` when it could not be looked at: it is taken to). A verdict
+    /// about an earlier file (deleted, its inode number given to a new one: a redeployed
+    /// binary) is forgotten, so that the new file is analysed.
+    fn knows(&mut self, kind: Kind, id: DevInode, now: impl FnOnce() -> Option<Stamp>) -> bool {
+        let holds = match self.files.get(&(kind, id)) {
+            None => return false,
+            Some(FileState::Attached(_)) => true,
+            Some(FileState::NotOfKind(then) | FileState::Failed(then)) => Stamp::holds(*then, now),
+        };
+        if !holds {
+            log::debug!("{kind:?} file {id:?} is not the file of its verdict: looked at again");
+            self.files.remove(&(kind, id));
+        }
+        holds
+    }
+
     /// Counts a failure.
     pub fn failed(&mut self, why: AttachFailure) {
         *self.failures.entry(why).or_default() += 1;
@@ -355,12 +375,12 @@ impl Targets {
         proc: &ProcessFiles<'_>,
         kinds: &[Kind],
     ) -> Vec<Target> {
-        let exe_id = std::fs::metadata(crate::procfs::exe_link(proc.pid))
+        let exe = std::fs::metadata(crate::procfs::exe_link(proc.pid))
             .ok()
-            .map(|m| DevInode::from_metadata(&m));
+            .map(|m| (DevInode::from_metadata(&m), Stamp::of(&m)));
         let mut found = Vec::new();
         for &kind in kinds {
-            for id in self.find(probes, kind, proc, exe_id) {
+            for id in self.find(probes, kind, proc, exe) {
                 let Some(FileState::Attached(target)) = self.files.get(&(kind, id)) else {
                     continue;
                 };
@@ -474,9 +494,12 @@ impl Targets {
         probes: &mut A,
         kind: Kind,
         proc: &ProcessFiles<'_>,
-        exe_id: Option<DevInode>,
+        exe: Option<(DevInode, Stamp)>,
     ) -> Vec<DevInode> {
-        let analysed: Vec<(DevInode, Result<Option<Target>, TargetError>)> = match kind {
+        let exe_id = exe.map(|(id, _)| id);
+        // Each file with its stamp now (what its verdict is made about) and what it is.
+        type Analysed = (DevInode, Option<Stamp>, Result<Option<Target>, TargetError>);
+        let analysed: Vec<Analysed> = match kind {
             Kind::Libc => {
                 // A process without libc (a static Go program, a process gone meanwhile) is
                 // no failure: there is nothing of this kind to probe.
@@ -496,17 +519,21 @@ impl Targets {
                 let Ok(served) = served else {
                     return Vec::new();
                 };
+                // The search checked each file's stamp against its own verdict just now.
                 served
                     .files()
                     .iter()
-                    .map(|l| (l.dev_inode, Ok(Some(Target::Libc(Arc::clone(l))))))
+                    .map(|l| {
+                        let stamp = self.libc_search.stamp(l.dev_inode);
+                        (l.dev_inode, stamp, Ok(Some(Target::Libc(Arc::clone(l)))))
+                    })
                     .collect()
             }
             Kind::Go => {
-                let Some(id) = exe_id else {
+                let Some((id, stamp)) = exe else {
                     return Vec::new();
                 };
-                if self.files.contains_key(&(kind, id)) {
+                if self.knows(kind, id, || Some(stamp)) {
                     return vec![id];
                 }
                 let exe = crate::procfs::exe_link(proc.pid);
@@ -514,53 +541,57 @@ impl Targets {
                     // The kernel resolves the path to the inode at attach time: the probes
                     // stay when this pid exits, for every process running the same file.
                     .map(|g| g.map(|g| Target::Go(Arc::new(g))));
-                vec![(id, go)]
+                vec![(id, Some(stamp), go)]
             }
             // The built-in growth kinds: templates are instantiated in the executable, the
             // C++ rehash policy lives in libstdc++, CPython's functions in the interpreter or
             // libpython (each file analysed once, for every process that maps it; one with
             // `--probe`s was attached whole at start).
             Kind::Sym => {
-                let mut out = Vec::new();
-                if let Some(id) = exe_id {
+                let sym = |t: Result<Option<SymTarget>, TargetError>| {
+                    t.map(|t| t.map(|t| Target::Sym(Arc::new(t))))
+                };
+                let mut out: Vec<Analysed> = Vec::new();
+                if let Some((id, stamp)) = exe {
                     let exe = crate::procfs::exe_link(proc.pid);
-                    if self.files.contains_key(&(kind, id)) {
-                        out.push((id, Ok(None)));
+                    if self.knows(kind, id, || Some(stamp)) {
+                        out.push((id, None, Ok(None)));
                     } else if self.native_growth {
                         match symprobe::builtins_in(&exe) {
                             // Gone meanwhile: no verdict on its file, which the next process
                             // running it brings back.
                             Err(TargetError::Io { .. }) => {}
-                            analysed => out.push((id, analysed)),
+                            analysed => out.push((id, Some(stamp), sym(analysed))),
                         }
                     }
                 }
                 for m in proc.maps.iter().filter(|m| {
                     m.offset == 0 && Some(m.dev_inode) != exe_id && symprobe::has_builtins(m)
                 }) {
-                    if self.files.contains_key(&(kind, m.dev_inode))
-                        || out.iter().any(|(id, _)| *id == m.dev_inode)
+                    if out.iter().any(|(id, ..)| *id == m.dev_inode)
+                        || self.knows(kind, m.dev_inode, || libc::mapped_stamp(proc.pid, m))
                     {
-                        out.push((m.dev_inode, Ok(None)));
+                        out.push((m.dev_inode, None, Ok(None)));
                         continue;
                     }
                     if !self.native_growth {
                         continue;
                     }
-                    let analysed = match libc::open_mapped(proc.pid, m) {
-                        Ok(path) => symprobe::builtins_in(&path),
-                        Err(tried) => Err(TargetError::MappedFileUnavailable {
-                            pid: proc.pid,
-                            comm: proc.comm.to_owned(),
-                            display_path: m.path.clone().unwrap_or_default(),
-                            tried,
-                        }),
+                    let (stamp, analysed) = match libc::find_mapped(proc.pid, m) {
+                        Ok((path, meta)) => (Some(Stamp::of(&meta)), symprobe::builtins_in(&path)),
+                        Err(tried) => (
+                            None,
+                            Err(TargetError::MappedFileUnavailable {
+                                pid: proc.pid,
+                                comm: proc.comm.to_owned(),
+                                display_path: m.path.clone().unwrap_or_default(),
+                                tried,
+                            }),
+                        ),
                     };
-                    out.push((m.dev_inode, analysed));
+                    out.push((m.dev_inode, stamp, sym(analysed)));
                 }
-                out.into_iter()
-                    .map(|(id, t)| (id, t.map(|t| t.map(|t| Target::Sym(Arc::new(t))))))
-                    .collect()
+                out
             }
         };
         let mut ids = Vec::new();
@@ -568,9 +599,9 @@ impl Targets {
         // says nothing about the files: no verdict, so that the next process running them
         // brings them back (a short-lived first run must not leave a program unprobed).
         let gone = || std::fs::metadata(crate::procfs::exe_link(proc.pid)).is_err();
-        for (id, analysed) in analysed {
+        for (id, stamp, analysed) in analysed {
             ids.push(id);
-            if self.files.contains_key(&(kind, id)) {
+            if self.knows(kind, id, || stamp) {
                 continue;
             }
             let state = match analysed {
@@ -604,10 +635,10 @@ impl Targets {
                             root_cause(&e)
                         );
                         self.failed(A::failure(&e));
-                        FileState::Failed
+                        FileState::Failed(stamp)
                     }
                 },
-                Ok(None) => FileState::NotOfKind,
+                Ok(None) => FileState::NotOfKind(stamp),
                 Err(e) if gone() => {
                     log::debug!(
                         "analysing pid {}'s {kind:?} file: {e} (the process is gone)",
@@ -618,7 +649,7 @@ impl Targets {
                 Err(e) => {
                     log::warn!("analysing pid {}'s {kind:?} file: {e}", proc.pid);
                     self.failed(AttachFailure::of_target(&e));
-                    FileState::Failed
+                    FileState::Failed(stamp)
                 }
             };
             self.files.insert((kind, id), state);
@@ -795,7 +826,7 @@ mod tests {
         let mut targets = Targets::new(none, None);
         let mut probes = Recorder::default();
         let key = (Kind::Sym, id);
-        targets.files.insert(key, FileState::NotOfKind);
+        targets.files.insert(key, FileState::NotOfKind(None));
         targets.points_attached = 5;
         let held = Held {
             handle: 7,
@@ -840,6 +871,99 @@ mod tests {
         assert!(!targets.files.contains_key(&key) && !targets.held.contains_key(&key));
         assert_eq!(targets.deleted_files_released, 1);
         assert_eq!(targets.release_deleted(&mut probes), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The registry's verdicts that hold no inode (not of the kind, failed) are about the file
+    /// they were made with: another file at the same device and inode (another stamp: a
+    /// redeploy that got the old inode number) is analysed again; the same stamp, or an unknown
+    /// one, keeps the verdict. This test program (Rust: its `finish_grow`s) as the file.
+    #[test]
+    fn verdicts_hold_for_their_own_file_only() {
+        let maps = own_maps();
+        let proc = own_files(&maps);
+        let exe = std::fs::metadata("/proc/self/exe").unwrap();
+        let (id, same) = (DevInode::from_metadata(&exe), Some(Stamp::of(&exe)));
+        let other = Some(Stamp::of(&std::fs::metadata("/bin/true").unwrap()));
+        assert_ne!(same, other);
+        let set = GoProbeSet {
+            growth: true,
+            malloc: false,
+            gc: false,
+        };
+        let found = |state: FileState| {
+            let mut targets = Targets::new(set, None);
+            targets.files.insert((Kind::Sym, id), state);
+            let mut probes = Recorder::default();
+            let kinds: Vec<Kind> = targets
+                .attach_process(&mut probes, &proc, &[Kind::Sym])
+                .iter()
+                .map(Target::kind)
+                .collect();
+            assert_eq!(probes.files.len(), kinds.len());
+            kinds
+        };
+        for kept in [
+            FileState::NotOfKind(same),
+            FileState::NotOfKind(None),
+            FileState::Failed(same),
+        ] {
+            assert_eq!(found(kept), [], "kept");
+        }
+        for stale in [FileState::NotOfKind(other), FileState::Failed(other)] {
+            assert_eq!(found(stale), [Kind::Sym], "analysed again");
+        }
+    }
+
+    /// A program without an allocator of its own is deleted, and a libc is written to a file
+    /// that gets its device and inode (a redeploy on ext4): the libc search's verdict was about
+    /// the earlier file, so the new one is examined and attached. Checked where the filesystem
+    /// gives the inode number back (ext4 does).
+    #[test]
+    fn a_new_file_at_a_reused_inode_is_attached() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = std::env::temp_dir().join(format!("allocwatch-reuse-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("libaw.so");
+        let _one = super::super::maps::tests::inode_reuse_lock();
+        std::fs::copy("/bin/true", &path).unwrap();
+        let id = DevInode::from_metadata(&std::fs::metadata(&path).unwrap());
+        // Mapped by this process, as far as the registry is told.
+        let line = format!(
+            "7f0000000000-7f0000001000 r-xp 00000000 {:02x}:{:02x} {} {}",
+            id.major,
+            id.minor,
+            id.inode,
+            path.display()
+        );
+        let maps = [super::super::maps::parse_line(&line).unwrap()];
+        let proc = own_files(&maps);
+        let none = GoProbeSet {
+            growth: false,
+            malloc: false,
+            gc: false,
+        };
+        let mut targets = Targets::new(none, None);
+        let mut probes = Recorder::default();
+        for _ in 0..2 {
+            let found = targets.attach_process(&mut probes, &proc, &[Kind::Libc]);
+            assert!(found.is_empty(), "no malloc in /bin/true");
+        }
+        // The change time has the kernel's coarse clock (a tick, 1-10 ms).
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        if let Some(mut new) = super::super::maps::tests::recreate_at_same_inode(&path) {
+            let libc = crate::target::elf::tests::own_libc().unwrap();
+            io::copy(&mut std::fs::File::open(libc).unwrap(), &mut new).unwrap();
+            drop(new);
+            assert_eq!(std::fs::metadata(&path).unwrap().ino(), id.inode);
+            let kinds: Vec<Kind> = targets
+                .attach_process(&mut probes, &proc, &[Kind::Libc])
+                .iter()
+                .map(Target::kind)
+                .collect();
+            assert_eq!(kinds, [Kind::Libc]);
+            assert_eq!(probes.files, [path]);
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 

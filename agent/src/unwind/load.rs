@@ -11,7 +11,6 @@
 
 use std::{
     collections::HashMap,
-    os::unix::fs::MetadataExt as _,
     time::{Duration, Instant},
 };
 
@@ -28,7 +27,7 @@ use super::table;
 use crate::{
     probes::Probes,
     slots::Ranges,
-    target::maps::{DevInode, MapEntry, read_maps},
+    target::maps::{DevInode, MapEntry, Stamp, read_maps},
 };
 
 /// The probe's two unwind maps, taken out of the loaded probes so that the tables can be
@@ -113,24 +112,6 @@ struct Cached {
     users: u32,
     /// [`Tables::clock`] when the last user left.
     idle_since: u64,
-}
-
-/// A file's size and modification and change times.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Stamp {
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
-impl Stamp {
-    fn of(m: &std::fs::Metadata) -> Self {
-        Self {
-            size: m.size(),
-            mtime: (m.mtime(), m.mtime_nsec()),
-            ctime: (m.ctime(), m.ctime_nsec()),
-        }
-    }
 }
 
 /// A process's executable mappings (start, end) at the last read of its memory map, sorted,
@@ -424,10 +405,12 @@ impl Tables {
         if let Some(c) = self.files.get(&m.dev_inode) {
             // A verdict nobody holds may be of a deleted file whose inode number came back.
             let stale = c.users == 0
-                && c.stamp.is_some()
-                && std::fs::metadata(&mapped)
-                    .or_else(|_| std::fs::metadata(&rooted))
-                    .is_ok_and(|now| Some(Stamp::of(&now)) != c.stamp);
+                && !Stamp::holds(c.stamp, || {
+                    std::fs::metadata(&mapped)
+                        .or_else(|_| std::fs::metadata(&rooted))
+                        .ok()
+                        .map(|now| Stamp::of(&now))
+                });
             let retry = match c.state {
                 FileState::NoRoom { rows } => {
                     self.space.free_rows().saturating_add(self.idle_rows()) >= rows

@@ -24,7 +24,7 @@ mod tests;
 pub use allocator::Allocator;
 pub use command::{for_command, libraries_of, resolve_program};
 pub use ld_cache::LdCache;
-pub use process::{FileCache, for_pid, for_pid_cached, open_mapped};
+pub use process::{FileCache, find_mapped, for_pid, for_pid_cached, mapped_stamp, open_mapped};
 
 use std::path::PathBuf;
 use std::sync::Arc;

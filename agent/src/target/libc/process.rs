@@ -10,7 +10,7 @@ use std::sync::Arc;
 use super::{LibcTarget, Served, basename, is_libc_name, target_from};
 use crate::target::TargetError;
 use crate::target::elf::ElfFile;
-use crate::target::maps::{self, DevInode, MapEntry};
+use crate::target::maps::{self, DevInode, MapEntry, Stamp};
 
 /// The files that serve process `pid`'s allocation API, opened through the process's own root
 /// so containers are traced through their own files.
@@ -36,9 +36,14 @@ pub fn for_pid_cached(
     cache: &mut FileCache,
 ) -> Result<Served, TargetError> {
     let preload = preload_of(pid);
-    search(maps, exe_id, &preload, cache, |entry| {
-        examine(pid, comm, entry)
-    })
+    search(
+        maps,
+        exe_id,
+        &preload,
+        cache,
+        |entry| mapped_stamp(pid, entry),
+        |entry| examine(pid, comm, entry),
+    )
     .map_err(|e| {
         e.unwrap_or_else(|| TargetError::ProcessNoLibc {
             pid,
@@ -71,7 +76,9 @@ pub(super) fn split_preload(value: &str) -> Vec<String> {
 
 /// What the files already examined turned out to be, by identity (device + inode). A verdict
 /// depends only on the file's content, and parsing glibc's symbol table took ~11 ms per process
-/// here, for hundreds of processes sharing one libc.
+/// here, for hundreds of processes sharing one libc. Most files are held by nothing of the
+/// agent's (those without `malloc`), and their inode numbers come back for new files once they
+/// are deleted: each verdict is checked against the file's [`Stamp`] (one stat) before reuse.
 #[derive(Debug, Default)]
 pub struct FileCache {
     files: HashMap<DevInode, Examined>,
@@ -83,6 +90,12 @@ impl FileCache {
     pub fn forget(&mut self, id: DevInode) {
         self.files.remove(&id);
     }
+
+    /// The file `id` as its verdict was made (checked by the search that returned it), for
+    /// verdicts of the caller's own about the same file.
+    pub fn stamp(&self, id: DevInode) -> Option<Stamp> {
+        self.files.get(&id).and_then(|x| x.stamp)
+    }
 }
 
 /// One mapped file as the search sees it: what it is, and what the loader reads from it to
@@ -93,6 +106,8 @@ pub(super) struct Examined {
     /// `DT_NEEDED`, in order.
     pub(super) needed: Vec<String>,
     pub(super) soname: Option<String>,
+    /// The file when it was examined (`None`: unknown, the verdict is kept as it is).
+    pub(super) stamp: Option<Stamp>,
 }
 
 impl From<Verdict> for Examined {
@@ -101,6 +116,7 @@ impl From<Verdict> for Examined {
             verdict,
             needed: Vec::new(),
             soname: None,
+            stamp: None,
         }
     }
 }
@@ -157,7 +173,7 @@ pub(super) enum Unexamined {
 /// Opens `entry`'s file as `pid` sees it and decides what it is.
 fn examine(pid: u32, comm: &str, entry: &MapEntry) -> Result<Examined, Unexamined> {
     let display = entry.path.clone().unwrap_or_default();
-    let path = open_mapped(pid, entry).map_err(|tried| {
+    let (path, meta) = find_mapped(pid, entry).map_err(|tried| {
         Unexamined::Path(TargetError::MappedFileUnavailable {
             pid,
             comm: comm.to_owned(),
@@ -165,11 +181,15 @@ fn examine(pid: u32, comm: &str, entry: &MapEntry) -> Result<Examined, Unexamine
             tried,
         })
     })?;
+    let stamp = Some(Stamp::of(&meta));
     let elf = match ElfFile::open(&path) {
         Ok(elf) => elf,
         Err(e) => {
             return FileError::try_from_error(e)
-                .map(|e| Verdict::NotElf(e).into())
+                .map(|e| Examined {
+                    stamp,
+                    ..Verdict::NotElf(e).into()
+                })
                 .map_err(Unexamined::Read);
         }
     };
@@ -187,6 +207,7 @@ fn examine(pid: u32, comm: &str, entry: &MapEntry) -> Result<Examined, Unexamine
         verdict,
         needed: elf.dynamic().needed.clone(),
         soname: elf.dynamic().soname.clone(),
+        stamp,
     })
 }
 
@@ -199,13 +220,15 @@ fn is_glibc_loader(name: &str) -> bool {
 /// the executable, the `LD_PRELOAD` files, the `DT_NEEDED` libraries breadth-first (ld.so's
 /// load order), then the files nothing led to (dlopen'ed; libc-named ones first). Every file
 /// that defines `malloc` is collected until every API has a file ([`Served::complete`]).
-/// `examine` is asked only about files not in `cache`. `Err(None)`: no file provides `malloc`
-/// and nothing failed that could have.
+/// `examine` is asked only about files not in `cache`, or whose `stamp` now is not the one
+/// their verdict was made with. `Err(None)`: no file provides `malloc` and nothing failed that
+/// could have.
 pub(super) fn search(
     maps: &[MapEntry],
     exe_id: Option<DevInode>,
     preload: &[String],
     cache: &mut FileCache,
+    stamp: impl FnMut(&MapEntry) -> Option<Stamp>,
     examine: impl FnMut(&MapEntry) -> Result<Examined, Unexamined>,
 ) -> Result<Served, Option<TargetError>> {
     // One entry per mapped file.
@@ -217,7 +240,9 @@ pub(super) fn search(
         .collect();
     let mut search = Search {
         cache,
+        stamp,
         examine,
+        checked: HashSet::new(),
         found: Vec::new(),
         first_error: None,
         queue: VecDeque::new(),
@@ -281,9 +306,12 @@ fn path_of(m: &MapEntry) -> &str {
 }
 
 /// One process's search in progress.
-struct Search<'c, F> {
+struct Search<'c, S, F> {
     cache: &'c mut FileCache,
+    stamp: S,
     examine: F,
+    /// Files whose cached verdict this search has checked against the file already.
+    checked: HashSet<DevInode>,
     /// The files that define `malloc`, in resolution order.
     found: Vec<Arc<LibcTarget>>,
     /// The first failure that may have hidden the file serving `malloc`.
@@ -294,10 +322,28 @@ struct Search<'c, F> {
     stop: Option<TargetError>,
 }
 
-impl<F: FnMut(&MapEntry) -> Result<Examined, Unexamined>> Search<'_, F> {
-    /// `entry`'s examination, from the cache or new (then remembered unless it failed).
+impl<S, F> Search<'_, S, F>
+where
+    S: FnMut(&MapEntry) -> Option<Stamp>,
+    F: FnMut(&MapEntry) -> Result<Examined, Unexamined>,
+{
+    /// `entry`'s examination, from the cache or new (then remembered unless it failed). A
+    /// cached verdict about an earlier file at the same device and inode (deleted, its inode
+    /// number given to a new file) is a miss.
     fn examined(&mut self, entry: &MapEntry) -> Result<&Examined, Unexamined> {
-        Ok(match self.cache.files.entry(entry.dev_inode) {
+        let id = entry.dev_inode;
+        // Once per search: the soname lookup asks about the same files again.
+        if self.checked.insert(id)
+            && let Some(known) = self.cache.files.get(&id)
+            && !Stamp::holds(known.stamp, || (self.stamp)(entry))
+        {
+            log::debug!(
+                "{}: another file than the one examined at its device and inode: examined again",
+                path_of(entry)
+            );
+            self.cache.files.remove(&id);
+        }
+        Ok(match self.cache.files.entry(id) {
             Entry::Occupied(known) => known.into_mut(),
             Entry::Vacant(new) => new.insert((self.examine)(entry)?),
         })
@@ -352,22 +398,35 @@ impl<F: FnMut(&MapEntry) -> Result<Examined, Unexamined>> Search<'_, F> {
 /// `/proc/<pid>/root/<path>`, else `/proc/<pid>/map_files/<range>` (deleted or replaced files,
 /// and filesystems whose paths do not stat to the mapped inode). Errors list what was tried.
 pub fn open_mapped(pid: u32, entry: &MapEntry) -> Result<PathBuf, Vec<PathBuf>> {
+    find_mapped(pid, entry).map(|(path, _)| path)
+}
+
+/// The [`Stamp`] of the file mapped in `entry` now, found as [`open_mapped`] finds it (one
+/// stat in the common case); `None` when it cannot be reached.
+pub fn mapped_stamp(pid: u32, entry: &MapEntry) -> Option<Stamp> {
+    find_mapped(pid, entry).ok().map(|(_, m)| Stamp::of(&m))
+}
+
+/// [`open_mapped`], with the file's metadata.
+pub fn find_mapped(pid: u32, entry: &MapEntry) -> Result<(PathBuf, fs::Metadata), Vec<PathBuf>> {
     let mut tried = Vec::new();
     if let Some(path) = entry.path.as_deref().filter(|_| !entry.deleted) {
         let rooted = Path::new(&format!("/proc/{pid}/root")).join(path.trim_start_matches('/'));
         for candidate in [PathBuf::from(path), rooted] {
-            let same = fs::metadata(&candidate)
-                .is_ok_and(|m| DevInode::from_metadata(&m) == entry.dev_inode);
-            if same {
-                return Ok(candidate);
+            match fs::metadata(&candidate) {
+                Ok(m) if DevInode::from_metadata(&m) == entry.dev_inode => {
+                    return Ok((candidate, m));
+                }
+                _ => tried.push(candidate),
             }
-            tried.push(candidate);
         }
     }
     let map_file = PathBuf::from(format!("/proc/{pid}/map_files/{}", entry.map_files_name()));
-    if fs::metadata(&map_file).is_ok() {
-        return Ok(map_file);
+    match fs::metadata(&map_file) {
+        Ok(m) => Ok((map_file, m)),
+        Err(_) => {
+            tried.push(map_file);
+            Err(tried)
+        }
     }
-    tried.push(map_file);
-    Err(tried)
 }

@@ -11,7 +11,7 @@ use super::command::{LD_CACHE, SearchEnv, command_target};
 use super::ld_cache::{CACHE_MAGIC_NEW, CACHE_MAGIC_OLD, CACHE_NEW_ENTRY, CACHE_NEW_HEADER};
 use super::process::{self, FileError, Unexamined, Verdict, search};
 use super::*;
-use crate::target::maps::{self, MapEntry};
+use crate::target::maps::{self, MapEntry, Stamp};
 
 /// The file serving `malloc` in process `pid`.
 fn pid_target(pid: u32) -> Result<Arc<LibcTarget>, TargetError> {
@@ -133,7 +133,7 @@ fn search_examines_each_file_once_for_all_processes() {
     let mut cache = FileCache::default();
     let mut examined = Vec::new();
     for _ in 0..3 {
-        let found = search(&maps, EXE, &[], &mut cache, |e| {
+        let found = search(&maps, EXE, &[], &mut cache, no_stamp, |e| {
             examined.push(e.dev_inode.inode);
             Ok(match e.dev_inode.inode {
                 100 => Verdict::NoMalloc,
@@ -148,12 +148,68 @@ fn search_examines_each_file_once_for_all_processes() {
     assert_eq!(examined, [100, 200]);
 }
 
+/// The stamp of any file: unknown (a cached verdict is kept).
+fn no_stamp(_: &MapEntry) -> Option<Stamp> {
+    None
+}
+
+/// A static program without `malloc` deleted, and one with `malloc` given its device and inode
+/// (a redeploy on ext4): the cached verdict is about another file (the stamp differs), so the
+/// new file is examined and its `malloc` found. The same stamp, or an unknown one, keeps it.
+#[test]
+fn search_examines_a_file_again_once_another_has_its_inode() {
+    use std::cell::Cell;
+    let stamp_of = |path: &Path| Some(Stamp::of(&fs::metadata(path).unwrap()));
+    let old = stamp_of(Path::new("/proc/self/exe"));
+    let new = stamp_of(&elf::tests::own_libc().unwrap());
+    assert_ne!(old, new);
+    let static_exe = entries(&DYNAMIC[..2]);
+    let with_malloc = fake_target(100);
+    let (examined, asked) = (Cell::new(0), Cell::new(0));
+    // One process's search, the file at the executable's device and inode being `now` (with
+    // `malloc` or not).
+    let look = |cache: &mut FileCache, now: Option<Stamp>, malloc: bool| {
+        let stamp = |_: &MapEntry| {
+            asked.set(asked.get() + 1);
+            now
+        };
+        search(&static_exe, EXE, &[], cache, stamp, |_| {
+            examined.set(examined.get() + 1);
+            let verdict = if malloc {
+                Verdict::Malloc(Arc::clone(&with_malloc))
+            } else {
+                Verdict::NoMalloc
+            };
+            Ok(process::Examined {
+                stamp: now,
+                ..verdict.into()
+            })
+        })
+    };
+    let mut cache = FileCache::default();
+    assert!(matches!(look(&mut cache, old, false), Err(None)));
+    assert_eq!((examined.get(), asked.get()), (1, 0));
+    // The same file: its verdict (one stat).
+    assert!(matches!(look(&mut cache, old, false), Err(None)));
+    assert_eq!((examined.get(), asked.get()), (1, 1));
+    // Not reachable now: kept.
+    assert!(matches!(look(&mut cache, None, true), Err(None)));
+    assert_eq!(examined.get(), 1);
+    // Another file at the same identity: examined.
+    let found = look(&mut cache, new, true).unwrap();
+    assert_eq!(found.files(), [Arc::clone(&with_malloc)]);
+    assert_eq!(examined.get(), 2);
+    assert_eq!(cache.stamp(with_malloc.dev_inode), new);
+    assert!(look(&mut cache, new, true).is_ok());
+    assert_eq!(examined.get(), 2);
+}
+
 #[test]
 fn search_order_and_what_is_remembered() {
     // A static executable with malloc wins over everything else.
     let exe = fake_target(100);
     let mut cache = FileCache::default();
-    let found = search(&entries(&DYNAMIC), EXE, &[], &mut cache, |e| {
+    let found = search(&entries(&DYNAMIC), EXE, &[], &mut cache, no_stamp, |e| {
         assert_eq!(e.dev_inode.inode, 100);
         Ok(Verdict::Malloc(Arc::clone(&exe)).into())
     });
@@ -162,7 +218,7 @@ fn search_order_and_what_is_remembered() {
     // No libc-named file: the others are tried, the loader is not.
     let maps = entries(&[DYNAMIC[0], DYNAMIC[4], DYNAMIC[5]]);
     let mut examined = Vec::new();
-    let found = search(&maps, EXE, &[], &mut FileCache::default(), |e| {
+    let found = search(&maps, EXE, &[], &mut FileCache::default(), no_stamp, |e| {
         examined.push(e.dev_inode.inode);
         Ok(Verdict::NoMalloc.into())
     });
@@ -175,7 +231,7 @@ fn search_order_and_what_is_remembered() {
     let mut cache = FileCache::default();
     let mut examined = Vec::new();
     for _ in 0..2 {
-        let found = search(&maps, EXE, &[], &mut cache, |e| {
+        let found = search(&maps, EXE, &[], &mut cache, no_stamp, |e| {
             examined.push(e.dev_inode.inode);
             match e.dev_inode.inode {
                 100 => Err(Unexamined::Path(TargetError::NoSuchProcess { pid: 1 })),
@@ -199,7 +255,7 @@ fn search_order_and_what_is_remembered() {
     // when it is remembered.
     let mut cache = FileCache::default();
     for _ in 0..2 {
-        let found = search(&maps, EXE, &[], &mut cache, |e| {
+        let found = search(&maps, EXE, &[], &mut cache, no_stamp, |e| {
             Ok(match e.dev_inode.inode {
                 200 => Verdict::Unprobeable(FileError::MissingSymbol {
                     path: "/lib/libc.so.6".into(),
@@ -252,17 +308,20 @@ fn jemalloc_world(
                 verdict: Verdict::NoMalloc,
                 needed: needed.clone(),
                 soname: None,
+                stamp: None,
             },
             200 => process::Examined {
                 verdict: Verdict::Malloc(Arc::clone(&libc)),
                 needed: vec!["ld-linux-x86-64.so.2".into()],
                 soname: Some("libc.so.6".into()),
+                stamp: None,
             },
             // Found under its soname only (mapped as the symlink's target would be).
             500 => process::Examined {
                 verdict: Verdict::Malloc(Arc::clone(&jemalloc)),
                 needed: vec!["libc.so.6".into()],
                 soname: Some("libjemalloc.so.2".into()),
+                stamp: None,
             },
             _ => Verdict::NoMalloc.into(),
         })
@@ -286,6 +345,7 @@ fn search_follows_symbol_resolution_order() {
         EXE,
         &[],
         &mut FileCache::default(),
+        no_stamp,
         jemalloc_world(&["libjemalloc.so.2", "libc.so.6"], &jemalloc, &libc),
     )
     .unwrap();
@@ -306,6 +366,7 @@ fn search_follows_symbol_resolution_order() {
         EXE,
         &[],
         &mut FileCache::default(),
+        no_stamp,
         jemalloc_world(&["libc.so.6", "libjemalloc.so.2"], &jemalloc, &libc),
     )
     .unwrap();
@@ -322,6 +383,7 @@ fn search_follows_symbol_resolution_order() {
             EXE,
             &[preload.to_owned()],
             &mut FileCache::default(),
+            no_stamp,
             jemalloc_world(&["libc.so.6"], &jemalloc, &libc),
         )
         .unwrap();
@@ -339,6 +401,7 @@ fn search_follows_symbol_resolution_order() {
         EXE,
         &[],
         &mut FileCache::default(),
+        no_stamp,
         jemalloc_world(&["libjemalloc.so.2", "libc.so.6"], &jemalloc, &libc),
     )
     .unwrap();
