@@ -1021,6 +1021,8 @@ fn pid_attach_survives_program_exit() {
             // run ≈ 1.5 s untraced: allocwatch attaches in a fraction of that on a quiet
             // machine. Under load attaching can take longer than the program lives (allocwatch
             // then says so and exits 1, rightly): the attempt is repeated with a longer run.
+            // The lengths scale like the start deadline (`support::startup`): emulated, the
+            // attach alone outlasts every unscaled length.
             let once = {
                 let start = Instant::now();
                 let out = run_untraced(&b.path, &["map_huge"]);
@@ -1028,7 +1030,9 @@ fn pid_attach_survives_program_exit() {
                 start.elapsed()
             };
             let mut attempt = None;
-            for target_ms in [1_500u128, 4_000, 10_000, 25_000] {
+            for target_ms in [1_500u64, 4_000, 10_000, 25_000]
+                .map(|ms| support::startup(Duration::from_millis(ms)).as_millis())
+            {
                 let reps = (target_ms / once.as_millis().max(1)).clamp(4, 2_000) as usize;
                 let modes = vec!["map_huge"; reps];
                 let mut fixture = KillOnDrop(
@@ -1721,7 +1725,7 @@ impl Bpftrace {
         };
         if let Err(e) = peer
             .stderr
-            .try_wait_for(ATTACHED_HOOK, Duration::from_secs(60))
+            .try_wait_for(ATTACHED_HOOK, support::startup(Duration::from_secs(60)))
         {
             let _ = peer.child.kill();
             let _ = peer.child.wait();
