@@ -129,7 +129,46 @@ fn ensure_wheel(cache: &Path, version: &str) -> anyhow::Result<GoToolchain> {
         dir.display(),
         tc.version
     );
+    ensure_tools(&tc)?;
     Ok(tc)
+}
+
+/// The `go tool` programs the tests and the agent run (`nm`, `addr2line` and `objdump` for
+/// symbols and code, `pprof` for the agent's profiles).
+const TOOLS: &[&str] = &["nm", "addr2line", "objdump", "pprof"];
+
+/// Builds the [`TOOLS`] a toolchain does not ship into its tool directory. Since Go 1.25 the
+/// distribution leaves them out and `go tool X` builds them on first use into the caller's
+/// GOCACHE: in `./x test --vm` that is the guest's empty tmpfs `/root`, so every VM run compiled
+/// them again under emulation (minutes each, inside the tests' time). `go tool X` runs
+/// `$GOROOT/pkg/tool/GOOS_GOARCH/X` when it is there.
+fn ensure_tools(tc: &GoToolchain) -> anyhow::Result<()> {
+    let env = cmd::stdout_if_ok(tc.command().args(["env", "GOHOSTOS", "GOHOSTARCH"]))
+        .with_context(|| format!("`go env` of Go {} failed", tc.version))?;
+    let [os, arch] = env.split_whitespace().collect::<Vec<_>>()[..] else {
+        bail!(
+            "`go env GOHOSTOS GOHOSTARCH` of Go {} printed {env:?}",
+            tc.version
+        );
+    };
+    let dir = tc.goroot.join("pkg/tool").join(format!("{os}_{arch}"));
+    for tool in TOOLS {
+        let path = dir.join(tool);
+        if path.exists() {
+            continue;
+        }
+        // Built beside, renamed into place: a concurrent `go tool` never runs half a file.
+        let partial = dir.join(format!(".{tool}.{}", std::process::id()));
+        cmd::run(
+            tc.command()
+                .args(["build", "-o"])
+                .arg(&partial)
+                .arg(format!("cmd/{tool}")),
+        )?;
+        fs::rename(&partial, &path)
+            .with_context(|| format!("moving {} to {}", partial.display(), path.display()))?;
+    }
+    Ok(())
 }
 
 /// Downloads and unpacks one wheel into a staging directory, then renames it into place, so

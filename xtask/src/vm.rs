@@ -680,11 +680,20 @@ fn guest_script(
         s.push_str(&format!("export {k}={}\n", q(v)));
     }
     // The agent's `kernel features:` line (printed before it loads anything) for the README's
-    // kernel matrix; `top` is stopped as soon as the line is there.
+    // kernel matrix; `top` is stopped as soon as the line is there (a pipe into `grep -m1`
+    // would wait for `top` itself: the probes' load, then the whole `sleep`, a minute per run
+    // under TCG).
     s.push_str(&format!(
         "echo \"kernel: $(uname -r)\"\n\
-         timeout 60 \"$ALLOCWATCH_BIN\" --log-level info top -- /bin/sleep 60 2>&1 \
-         | grep -m1 'kernel features' > {}\n\
+         \"$ALLOCWATCH_BIN\" --log-level info top -- /bin/sleep 60 > /tmp/features.log 2>&1 &\n\
+         top=$!\n\
+         for _ in $(seq 600); do\n\
+         \x20   grep -q 'kernel features' /tmp/features.log && break\n\
+         \x20   kill -0 $top 2>/dev/null || break\n\
+         \x20   sleep 0.1\n\
+         done\n\
+         kill $top 2>/dev/null; wait $top\n\
+         grep -m1 'kernel features' /tmp/features.log > {}\n\
          rc=0\n",
         q(features.as_os_str())
     ));

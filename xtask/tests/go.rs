@@ -1021,6 +1021,8 @@ fn pid_attach_survives_program_exit() {
             // run ≈ 1.5 s untraced: allocwatch attaches in a fraction of that on a quiet
             // machine. Under load attaching can take longer than the program lives (allocwatch
             // then says so and exits 1, rightly): the attempt is repeated with a longer run.
+            // The lengths scale like the start deadline (`support::startup`): emulated, the
+            // attach alone outlasts every unscaled length.
             let once = {
                 let start = Instant::now();
                 let out = run_untraced(&b.path, &["map_huge"]);
@@ -1028,8 +1030,16 @@ fn pid_attach_survives_program_exit() {
                 start.elapsed()
             };
             let mut attempt = None;
-            for target_ms in [1_500u128, 4_000, 10_000, 25_000] {
-                let reps = (target_ms / once.as_millis().max(1)).clamp(4, 2_000) as usize;
+            let mut reps = 0;
+            for target_ms in [1_500u64, 4_000, 10_000, 25_000]
+                .map(|ms| support::startup(Duration::from_millis(ms)).as_millis())
+            {
+                // At least twice the last attempt's: `once` is one wall-clock sample, and a slow
+                // one (seen in a starved emulated VM: over 25 s for one map_huge, then 4 of them
+                // ran in a few seconds) kept every attempt at the minimum of 4.
+                reps = ((target_ms / once.as_millis().max(1)) as usize)
+                    .max(2 * reps)
+                    .clamp(4, 2_000);
                 let modes = vec!["map_huge"; reps];
                 let mut fixture = KillOnDrop(
                     Command::new(&b.path)
@@ -1063,12 +1073,26 @@ fn pid_attach_survives_program_exit() {
                             break;
                         }
                     }
-                    Err(e) if e.contains("exited while allocwatch was attaching") => {}
+                    Err(e) if e.contains("exited while allocwatch was attaching") => {
+                        // Ended by itself, its work done: one the attach killed is a failure,
+                        // not a reason to try again.
+                        let status = wait_child(&mut fixture.0, Duration::from_secs(10));
+                        let stdout = fixture_out.join().expect("stdout reader");
+                        let stderr = fixture_err.join().expect("stderr reader");
+                        assert!(
+                            status.is_some_and(|s| s.success())
+                                && stdout == format!("{MAP_HUGE_LINE}\n").repeat(reps),
+                            "{}: {reps} × map_huge ended ({status:?}, {} of {reps} lines) while \
+                             allocwatch was attaching: {e}\nits stderr:\n{stderr}",
+                            b.name,
+                            stdout.lines().count()
+                        );
+                    }
                     Err(e) => panic!("{e}"),
                 }
                 eprintln!(
-                    "{}: {reps} × map_huge ({target_ms} ms untraced) ended before allocwatch \
-                     attached: again, longer",
+                    "{}: {reps} × map_huge ({target_ms} ms untraced, one took {once:.1?}) ended \
+                     before allocwatch attached: again, longer",
                     b.name
                 );
             }
@@ -1721,7 +1745,7 @@ impl Bpftrace {
         };
         if let Err(e) = peer
             .stderr
-            .try_wait_for(ATTACHED_HOOK, Duration::from_secs(60))
+            .try_wait_for(ATTACHED_HOOK, support::startup(Duration::from_secs(60)))
         {
             let _ = peer.child.kill();
             let _ = peer.child.wait();
